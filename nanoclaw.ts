@@ -1,0 +1,2280 @@
+#!/usr/bin/env bun
+/**
+ * NanoClaw — the whole host in one file.
+ *
+ * A chat message arrives on a channel, is stored in SQLite, wakes the per-group queue,
+ * and is handed to the Kimi agent running in that group's own Docker container. The
+ * agent's answer streams back on stdout and goes out on the channel it came from; what
+ * the agent wants done besides answering (send a message, schedule a task, register a
+ * group) arrives as files in the group's IPC folder.
+ *
+ * Read it top to bottom; sections follow the data:
+ *   1. Config      environment, .env, paths, secrets kept out of process.env
+ *   2. Logging     pino to logs/nanoclaw.log, logs/nanoclaw.error.log and the terminal
+ *   3. Store       SQLite schema, migrations and every query
+ *   4. Router      which messages wake the agent, what it sees, what goes back
+ *   5. Channels    the Channel interface and the local terminal chat
+ *   6. Queue       one container per group, a global limit, retries with backoff
+ *   7. Container   mounts, docker arguments, the stdin/stdout contract, run logs
+ *   8. IPC         files from the agent, authorised by the folder they appear in
+ *   9. Scheduler   when a task runs next
+ *  10. Host        the pieces wired together: inbound → queue → container → outbound
+ *  11. CLI         commands, start-up checks and main()
+ *
+ * The host ⇄ container protocol is written down in container/CONTRACT.md.
+ */
+import { Database } from 'bun:sqlite';
+import { EventEmitter } from 'node:events';
+import {
+  appendFileSync, existsSync, mkdirSync, readdirSync, readFileSync, realpathSync, renameSync,
+  rmSync, statSync, unlinkSync, watch, writeFileSync, type FSWatcher,
+} from 'node:fs';
+import { homedir } from 'node:os';
+import { basename, dirname, isAbsolute, join, relative, resolve, sep } from 'node:path';
+import { createInterface } from 'node:readline';
+import { parseArgs } from 'node:util';
+import { Cron } from 'croner';
+import pino, { type Logger } from 'pino';
+import { prettyFactory } from 'pino-pretty';
+
+// ───────────────────────────── 1. Config: settings from the environment and .env ─────
+
+/** Keys that are secrets: never kept in process.env, never logged, only sent on stdin. */
+export const SECRET_KEYS = ['KIMI_API_KEY'] as const;
+export type SecretKey = (typeof SECRET_KEYS)[number];
+export type Secrets = Partial<Record<SecretKey, string>>;
+
+export interface Config {
+  projectRoot: string;
+  groupsDir: string;
+  dataDir: string;
+  storeDir: string;
+  logsDir: string;
+  dbPath: string;
+  ipcDir: string;
+  sessionsDir: string;
+  envFile: string;
+  mountAllowlistPath: string;
+  assistantName: string;
+  assistantHasOwnNumber: boolean;
+  containerImage: string;
+  containerRuntime: string;
+  /** A turn that produces nothing for this long is stopped. */
+  containerTimeoutMs: number;
+  /** After its last answer, a container waiting for follow-ups is closed after this long. */
+  idleTimeoutMs: number;
+  maxConcurrentContainers: number;
+  logLevel: string;
+  timezone: string;
+  /** Non-secret Kimi settings forwarded to the container's environment. */
+  kimi: { baseUrl?: string; modelName?: string; provider?: string };
+}
+
+export class ConfigError extends Error {}
+
+/** Parses dotenv text: `KEY=value`, optional `export`, quotes, `#` comments. */
+export function parseEnvFile(text: string): Record<string, string> {
+  const values: Record<string, string> = {};
+  for (const rawLine of text.split(/\r?\n/)) {
+    const line = rawLine.trim();
+    if (!line || line.startsWith('#')) continue;
+    const match = /^(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)\s*=\s*(.*)$/.exec(line);
+    if (!match) continue;
+    const key = match[1]!;
+    let value = match[2]!;
+    const quote = value[0];
+    if ((quote === '"' || quote === "'") && value.lastIndexOf(quote) > 0) {
+      value = value.slice(1, value.lastIndexOf(quote));
+      if (quote === '"') value = value.replace(/\\n/g, '\n').replace(/\\"/g, '"');
+    } else {
+      value = value.replace(/\s+#.*$/, '').trim();
+    }
+    values[key] = value;
+  }
+  return values;
+}
+
+function readEnvFile(path: string): Record<string, string> {
+  return existsSync(path) ? parseEnvFile(readFileSync(path, 'utf8')) : {};
+}
+
+function positiveInt(name: string, raw: string | undefined, fallback: number): number {
+  if (raw === undefined || raw === '') return fallback;
+  const value = Number(raw);
+  if (!Number.isInteger(value) || value <= 0) {
+    throw new ConfigError(`${name}=${JSON.stringify(raw)} is not valid: expected a whole number above 0.`);
+  }
+  return value;
+}
+
+function flag(raw: string | undefined): boolean {
+  return /^(1|true|yes|on)$/i.test(raw ?? '');
+}
+
+export function hostTimezone(): string {
+  return Intl.DateTimeFormat().resolvedOptions().timeZone || 'UTC';
+}
+
+export function isValidTimezone(tz: string): boolean {
+  try {
+    new Intl.DateTimeFormat('en-US', { timeZone: tz });
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+/**
+ * Builds the configuration from `env` (normally process.env) over the project's `.env`.
+ * Pure apart from reading `.env`; secrets are not part of it (see readSecrets).
+ */
+export function loadConfig(projectRoot: string, env: Record<string, string | undefined> = process.env): Config {
+  const root = resolve(projectRoot);
+  const envFile = join(root, '.env');
+  const merged: Record<string, string | undefined> = { ...readEnvFile(envFile), ...env };
+  const get = (key: string) => {
+    const value = merged[key]?.trim();
+    return value ? value : undefined;
+  };
+
+  const assistantName = get('ASSISTANT_NAME') ?? 'Andy';
+  if (!/^[\p{L}\p{N}_][\p{L}\p{N}_ -]{0,39}$/u.test(assistantName)) {
+    throw new ConfigError(`ASSISTANT_NAME=${JSON.stringify(assistantName)} is not valid: use letters, digits, spaces, - or _ (at most 40).`);
+  }
+  const timezone = get('TZ') ?? hostTimezone();
+  if (!isValidTimezone(timezone)) {
+    throw new ConfigError(`TZ=${JSON.stringify(timezone)} is not a known IANA timezone (e.g. Europe/Berlin, America/New_York).`);
+  }
+  const logLevel = get('LOG_LEVEL') ?? 'info';
+  if (!['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'].includes(logLevel)) {
+    throw new ConfigError(`LOG_LEVEL=${JSON.stringify(logLevel)} is not valid: use error, warn, info, debug or trace.`);
+  }
+  const dataDir = join(root, 'data');
+  const storeDir = join(root, 'store');
+  return {
+    projectRoot: root,
+    groupsDir: join(root, 'groups'),
+    dataDir,
+    storeDir,
+    logsDir: join(root, 'logs'),
+    dbPath: join(storeDir, 'messages.db'),
+    ipcDir: join(dataDir, 'ipc'),
+    sessionsDir: join(dataDir, 'sessions'),
+    envFile,
+    mountAllowlistPath: get('NANOCLAW_MOUNT_ALLOWLIST') ?? join(homedir(), '.config', 'nanoclaw', 'mount-allowlist.json'),
+    assistantName,
+    assistantHasOwnNumber: flag(get('ASSISTANT_HAS_OWN_NUMBER')),
+    containerImage: get('CONTAINER_IMAGE') ?? 'nanoclaw-agent:latest',
+    containerRuntime: get('CONTAINER_RUNTIME') ?? 'docker',
+    containerTimeoutMs: positiveInt('CONTAINER_TIMEOUT', get('CONTAINER_TIMEOUT'), 30 * 60_000),
+    idleTimeoutMs: positiveInt('IDLE_TIMEOUT', get('IDLE_TIMEOUT'), 10 * 60_000),
+    maxConcurrentContainers: positiveInt('MAX_CONCURRENT_CONTAINERS', get('MAX_CONCURRENT_CONTAINERS'), 3),
+    logLevel,
+    timezone,
+    kimi: { baseUrl: get('KIMI_BASE_URL'), modelName: get('KIMI_MODEL_NAME'), provider: get('KIMI_PROVIDER') },
+  };
+}
+
+/** Secrets found in process.env at start-up, moved here so no child process inherits them. */
+const secretsFromEnvironment: Secrets = {};
+
+/** Removes every secret from process.env (remembering it). Called once, first thing in main(). */
+export function takeSecretsOutOfEnvironment(env: Record<string, string | undefined> = process.env): void {
+  for (const key of SECRET_KEYS) {
+    const value = env[key];
+    if (value) secretsFromEnvironment[key] = value;
+    delete env[key];
+  }
+}
+
+/** Reads the secrets at the moment they are needed: the environment at start-up wins over .env. */
+export function readSecrets(config: Config): Secrets {
+  const fromFile = readEnvFile(config.envFile);
+  const secrets: Secrets = {};
+  for (const key of SECRET_KEYS) {
+    const value = secretsFromEnvironment[key] ?? fromFile[key];
+    if (value) secrets[key] = value;
+  }
+  return secrets;
+}
+
+/** The only environment variables a child process (docker) gets: nothing secret, nothing from .env. */
+export function childProcessEnv(env: Record<string, string | undefined> = process.env): Record<string, string> {
+  const passed = ['PATH', 'HOME', 'USER', 'LANG', 'TMPDIR', 'XDG_RUNTIME_DIR', 'DOCKER_HOST', 'DOCKER_CONFIG', 'DOCKER_CONTEXT', 'DOCKER_CERT_PATH', 'DOCKER_TLS_VERIFY'];
+  const childEnv: Record<string, string> = {};
+  for (const key of passed) {
+    const value = env[key];
+    if (value !== undefined) childEnv[key] = value;
+  }
+  return childEnv;
+}
+
+// ───────────────────────────── 2. Logging: files, terminal, and secrets masked ───────
+
+/** Replaces every occurrence of each secret (and its JSON-escaped form) with [REDACTED]. */
+export function maskSecrets(text: string, secretValues: readonly string[]): string {
+  let masked = text;
+  for (const secret of secretValues) {
+    if (secret.length < 4) continue;
+    masked = masked.split(secret).join('[REDACTED]');
+    const escaped = JSON.stringify(secret).slice(1, -1);
+    if (escaped !== secret) masked = masked.split(escaped).join('[REDACTED]');
+  }
+  return masked;
+}
+
+/** The logger every section uses; silent until setupLogging() runs. */
+export let log: Logger = pino({ level: 'silent' });
+
+export interface LoggingOptions {
+  /** Minimum level shown on the terminal (stderr); 'silent' for none. */
+  terminalLevel?: string;
+  /** Secret values to mask in every line; read at set-up from readSecrets(). */
+  secrets?: readonly string[];
+}
+
+export function setupLogging(config: Config, options: LoggingOptions = {}): Logger {
+  mkdirSync(config.logsDir, { recursive: true });
+  const secrets = options.secrets ?? [];
+  const textFormat = { singleLine: true, messageFormat: '{if group}[{group}] {end}{msg}', ignore: 'pid,hostname,group', translateTime: 'SYS:yyyy-mm-dd HH:MM:ss.l' };
+  const toFile = prettyFactory({ ...textFormat, colorize: false });
+  const toTerminal = prettyFactory({ ...textFormat, colorize: Boolean(process.stderr.isTTY) });
+  const fileStream = (path: string) => ({
+    write: (line: string) => appendFileSync(path, maskSecrets(toFile(line), secrets)),
+  });
+  const streams: pino.StreamEntry[] = [
+    { level: config.logLevel as pino.Level, stream: fileStream(join(config.logsDir, 'nanoclaw.log')) },
+    { level: 'error', stream: fileStream(join(config.logsDir, 'nanoclaw.error.log')) },
+  ];
+  const terminalLevel = options.terminalLevel ?? config.logLevel;
+  if (terminalLevel !== 'silent') {
+    streams.push({ level: terminalLevel as pino.Level, stream: { write: (line: string) => process.stderr.write(maskSecrets(toTerminal(line), secrets)) } });
+  }
+  const lowest = [config.logLevel, terminalLevel].includes('trace') ? 'trace' : [config.logLevel, terminalLevel].includes('debug') ? 'debug' : 'info';
+  log = pino(
+    {
+      level: config.logLevel === 'silent' && terminalLevel === 'silent' ? 'silent' : lowest,
+      // Belt and braces: structured secret fields are dropped before masking even runs.
+      redact: { paths: ['secrets', '*.secrets', 'KIMI_API_KEY', '*.KIMI_API_KEY'], censor: '[REDACTED]' },
+    },
+    pino.multistream(streams),
+  );
+  return log;
+}
+
+// ───────────────────────────── 3. Store: SQLite in store/messages.db ─────────────────
+
+export interface StoredMessage {
+  seq: number;
+  id: string;
+  chatJid: string;
+  sender: string;
+  senderName: string;
+  content: string;
+  /** ISO 8601, UTC. */
+  timestamp: string;
+  isFromMe: boolean;
+  isBotMessage: boolean;
+}
+export type NewMessage = Omit<StoredMessage, 'seq'>;
+
+export interface ContainerConfig {
+  additionalMounts?: { hostPath: string; containerPath?: string; readonly?: boolean }[];
+}
+
+export interface RegisteredGroup {
+  jid: string;
+  name: string;
+  folder: string;
+  /** The word that wakes the agent in this group, e.g. "@Andy". */
+  trigger: string;
+  requiresTrigger: boolean;
+  isMain: boolean;
+  containerConfig?: ContainerConfig;
+  addedAt: string;
+}
+
+export type ScheduleType = 'cron' | 'interval' | 'once';
+export type ContextMode = 'group' | 'isolated';
+export type TaskStatus = 'active' | 'paused' | 'completed';
+
+export interface ScheduledTask {
+  id: string;
+  groupFolder: string;
+  chatJid: string;
+  prompt: string;
+  scheduleType: ScheduleType;
+  scheduleValue: string;
+  contextMode: ContextMode;
+  nextRun: string | null;
+  lastRun: string | null;
+  lastResult: string | null;
+  status: TaskStatus;
+  createdAt: string;
+}
+
+export interface TaskRunLog {
+  taskId: string;
+  runAt: string;
+  durationMs: number;
+  status: 'success' | 'error';
+  result: string | null;
+  error: string | null;
+}
+
+export interface ChatInfo {
+  jid: string;
+  name: string | null;
+  channel: string | null;
+  isGroup: boolean;
+  lastMessageAt: string | null;
+}
+
+/** Schema history. Append only: a released migration is never edited. */
+const MIGRATIONS: string[] = [
+  `CREATE TABLE chats (
+     jid TEXT PRIMARY KEY,
+     name TEXT,
+     channel TEXT,
+     is_group INTEGER NOT NULL DEFAULT 0,
+     last_message_at TEXT
+   );
+   CREATE TABLE messages (
+     seq INTEGER PRIMARY KEY AUTOINCREMENT,
+     id TEXT NOT NULL,
+     chat_jid TEXT NOT NULL,
+     sender TEXT NOT NULL,
+     sender_name TEXT NOT NULL,
+     content TEXT NOT NULL,
+     timestamp TEXT NOT NULL,
+     is_from_me INTEGER NOT NULL DEFAULT 0,
+     is_bot_message INTEGER NOT NULL DEFAULT 0,
+     UNIQUE (chat_jid, id)
+   );
+   CREATE INDEX messages_by_chat ON messages (chat_jid, seq);
+   CREATE TABLE registered_groups (
+     jid TEXT PRIMARY KEY,
+     name TEXT NOT NULL,
+     folder TEXT NOT NULL UNIQUE,
+     trigger_word TEXT NOT NULL,
+     requires_trigger INTEGER NOT NULL DEFAULT 1,
+     is_main INTEGER NOT NULL DEFAULT 0,
+     container_config TEXT,
+     added_at TEXT NOT NULL
+   );
+   CREATE UNIQUE INDEX only_one_main ON registered_groups (is_main) WHERE is_main = 1;
+   CREATE TABLE sessions (
+     group_folder TEXT PRIMARY KEY,
+     session_id TEXT NOT NULL,
+     updated_at TEXT NOT NULL
+   );
+   CREATE TABLE scheduled_tasks (
+     id TEXT PRIMARY KEY,
+     group_folder TEXT NOT NULL,
+     chat_jid TEXT NOT NULL,
+     prompt TEXT NOT NULL,
+     schedule_type TEXT NOT NULL CHECK (schedule_type IN ('cron', 'interval', 'once')),
+     schedule_value TEXT NOT NULL,
+     context_mode TEXT NOT NULL DEFAULT 'isolated' CHECK (context_mode IN ('group', 'isolated')),
+     next_run TEXT,
+     last_run TEXT,
+     last_result TEXT,
+     status TEXT NOT NULL DEFAULT 'active' CHECK (status IN ('active', 'paused', 'completed')),
+     created_at TEXT NOT NULL
+   );
+   CREATE INDEX tasks_due ON scheduled_tasks (status, next_run);
+   CREATE INDEX tasks_by_group ON scheduled_tasks (group_folder);
+   CREATE TABLE task_run_logs (
+     id INTEGER PRIMARY KEY AUTOINCREMENT,
+     task_id TEXT NOT NULL REFERENCES scheduled_tasks (id) ON DELETE CASCADE,
+     run_at TEXT NOT NULL,
+     duration_ms INTEGER NOT NULL,
+     status TEXT NOT NULL CHECK (status IN ('success', 'error')),
+     result TEXT,
+     error TEXT
+   );
+   CREATE INDEX task_runs_by_task ON task_run_logs (task_id, run_at);
+   CREATE TABLE router_state (
+     key TEXT PRIMARY KEY,
+     value TEXT NOT NULL
+   );`,
+];
+
+export const SCHEMA_VERSION = MIGRATIONS.length;
+
+interface MessageRow {
+  seq: number; id: string; chat_jid: string; sender: string; sender_name: string;
+  content: string; timestamp: string; is_from_me: number; is_bot_message: number;
+}
+interface GroupRow {
+  jid: string; name: string; folder: string; trigger_word: string; requires_trigger: number;
+  is_main: number; container_config: string | null; added_at: string;
+}
+interface TaskRow {
+  id: string; group_folder: string; chat_jid: string; prompt: string; schedule_type: ScheduleType;
+  schedule_value: string; context_mode: ContextMode; next_run: string | null; last_run: string | null;
+  last_result: string | null; status: TaskStatus; created_at: string;
+}
+
+const toMessage = (row: MessageRow): StoredMessage => ({
+  seq: row.seq, id: row.id, chatJid: row.chat_jid, sender: row.sender, senderName: row.sender_name,
+  content: row.content, timestamp: row.timestamp, isFromMe: row.is_from_me === 1, isBotMessage: row.is_bot_message === 1,
+});
+const toGroup = (row: GroupRow): RegisteredGroup => ({
+  jid: row.jid, name: row.name, folder: row.folder, trigger: row.trigger_word,
+  requiresTrigger: row.requires_trigger === 1, isMain: row.is_main === 1,
+  containerConfig: row.container_config ? (JSON.parse(row.container_config) as ContainerConfig) : undefined,
+  addedAt: row.added_at,
+});
+const toTask = (row: TaskRow): ScheduledTask => ({
+  id: row.id, groupFolder: row.group_folder, chatJid: row.chat_jid, prompt: row.prompt,
+  scheduleType: row.schedule_type, scheduleValue: row.schedule_value, contextMode: row.context_mode,
+  nextRun: row.next_run, lastRun: row.last_run, lastResult: row.last_result, status: row.status, createdAt: row.created_at,
+});
+
+const cursorKey = (chatJid: string) => `cursor:${chatJid}`;
+
+export class Store {
+  readonly db: Database;
+
+  constructor(path: string) {
+    mkdirSync(dirname(path), { recursive: true });
+    this.db = new Database(path, { create: true, strict: true });
+    this.db.exec('PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA busy_timeout = 5000; PRAGMA foreign_keys = ON;');
+    this.migrate();
+  }
+
+  private migrate(): void {
+    const current = this.db.query<{ user_version: number }, []>('PRAGMA user_version').get()!.user_version;
+    if (current > MIGRATIONS.length) {
+      throw new Error(`store/messages.db has schema version ${current}, newer than this code knows (${MIGRATIONS.length}). Update NanoClaw.`);
+    }
+    for (let version = current; version < MIGRATIONS.length; version++) {
+      this.db.transaction(() => {
+        this.db.exec(MIGRATIONS[version]!);
+        this.db.exec(`PRAGMA user_version = ${version + 1}`);
+      })();
+    }
+  }
+
+  close(): void {
+    this.db.close();
+  }
+
+  // Chats and messages
+
+  upsertChat(chat: { jid: string; name?: string | null; channel: string; isGroup: boolean; lastMessageAt?: string }): void {
+    this.db
+      .query(
+        `INSERT INTO chats (jid, name, channel, is_group, last_message_at) VALUES ($jid, $name, $channel, $isGroup, $at)
+         ON CONFLICT (jid) DO UPDATE SET
+           name = COALESCE(excluded.name, chats.name),
+           channel = excluded.channel,
+           is_group = excluded.is_group,
+           last_message_at = MAX(COALESCE(chats.last_message_at, ''), COALESCE(excluded.last_message_at, ''))`,
+      )
+      .run({ jid: chat.jid, name: chat.name ?? null, channel: chat.channel, isGroup: chat.isGroup ? 1 : 0, at: chat.lastMessageAt ?? null });
+  }
+
+  listChats(): ChatInfo[] {
+    return this.db
+      .query<{ jid: string; name: string | null; channel: string | null; is_group: number; last_message_at: string | null }, []>(
+        'SELECT * FROM chats ORDER BY last_message_at DESC',
+      )
+      .all()
+      .map((row) => ({ jid: row.jid, name: row.name, channel: row.channel, isGroup: row.is_group === 1, lastMessageAt: row.last_message_at || null }));
+  }
+
+  /** Stores a message once; returns its seq, or null when (chat, id) was already stored. */
+  storeMessage(message: NewMessage): number | null {
+    const result = this.db
+      .query(
+        `INSERT OR IGNORE INTO messages (id, chat_jid, sender, sender_name, content, timestamp, is_from_me, is_bot_message)
+         VALUES ($id, $chatJid, $sender, $senderName, $content, $timestamp, $isFromMe, $isBotMessage)`,
+      )
+      .run({
+        id: message.id, chatJid: message.chatJid, sender: message.sender, senderName: message.senderName,
+        content: message.content, timestamp: message.timestamp, isFromMe: message.isFromMe ? 1 : 0, isBotMessage: message.isBotMessage ? 1 : 0,
+      });
+    return result.changes > 0 ? Number(result.lastInsertRowid) : null;
+  }
+
+  /** Messages from people (not the bot) after `afterSeq`, oldest first. */
+  messagesSince(chatJid: string, afterSeq: number, limit = 500): StoredMessage[] {
+    const rows = this.db
+      .query<MessageRow, { chatJid: string; afterSeq: number; limit: number }>(
+        `SELECT * FROM (
+           SELECT * FROM messages WHERE chat_jid = $chatJid AND seq > $afterSeq AND is_bot_message = 0
+           ORDER BY seq DESC LIMIT $limit
+         ) ORDER BY seq`,
+      )
+      .all({ chatJid, afterSeq, limit });
+    return rows.map(toMessage);
+  }
+
+  /** The router's position in a chat: every message up to this seq has been answered. */
+  getCursor(chatJid: string): number {
+    const row = this.db.query<{ value: string }, [string]>('SELECT value FROM router_state WHERE key = ?').get(cursorKey(chatJid));
+    return row ? Number(row.value) : 0;
+  }
+
+  setCursor(chatJid: string, seq: number): void {
+    this.db.query('INSERT INTO router_state (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value').run(cursorKey(chatJid), String(seq));
+  }
+
+  /** Latest stored seq of a chat (0 when empty); new groups start their cursor here. */
+  latestSeq(chatJid: string): number {
+    return this.db.query<{ seq: number | null }, [string]>('SELECT MAX(seq) AS seq FROM messages WHERE chat_jid = ?').get(chatJid)?.seq ?? 0;
+  }
+
+  // Registered groups
+
+  registerGroup(group: RegisteredGroup): void {
+    this.db
+      .query(
+        `INSERT INTO registered_groups (jid, name, folder, trigger_word, requires_trigger, is_main, container_config, added_at)
+         VALUES ($jid, $name, $folder, $trigger, $requiresTrigger, $isMain, $containerConfig, $addedAt)`,
+      )
+      .run({
+        jid: group.jid, name: group.name, folder: group.folder, trigger: group.trigger,
+        requiresTrigger: group.requiresTrigger ? 1 : 0, isMain: group.isMain ? 1 : 0,
+        containerConfig: group.containerConfig ? JSON.stringify(group.containerConfig) : null, addedAt: group.addedAt,
+      });
+  }
+
+  removeGroup(jid: string): boolean {
+    return this.db.query('DELETE FROM registered_groups WHERE jid = ?').run(jid).changes > 0;
+  }
+
+  listGroups(): RegisteredGroup[] {
+    return this.db.query<GroupRow, []>('SELECT * FROM registered_groups ORDER BY is_main DESC, added_at').all().map(toGroup);
+  }
+
+  groupByJid(jid: string): RegisteredGroup | null {
+    const row = this.db.query<GroupRow, [string]>('SELECT * FROM registered_groups WHERE jid = ?').get(jid);
+    return row ? toGroup(row) : null;
+  }
+
+  groupByFolder(folder: string): RegisteredGroup | null {
+    const row = this.db.query<GroupRow, [string]>('SELECT * FROM registered_groups WHERE folder = ?').get(folder);
+    return row ? toGroup(row) : null;
+  }
+
+  mainGroup(): RegisteredGroup | null {
+    const row = this.db.query<GroupRow, []>('SELECT * FROM registered_groups WHERE is_main = 1').get();
+    return row ? toGroup(row) : null;
+  }
+
+  // Sessions (the guide deletes rows by group_folder by hand: keep that column name)
+
+  getSession(folder: string): string | null {
+    return this.db.query<{ session_id: string }, [string]>('SELECT session_id FROM sessions WHERE group_folder = ?').get(folder)?.session_id ?? null;
+  }
+
+  setSession(folder: string, sessionId: string): void {
+    this.db
+      .query('INSERT INTO sessions (group_folder, session_id, updated_at) VALUES (?, ?, ?) ON CONFLICT (group_folder) DO UPDATE SET session_id = excluded.session_id, updated_at = excluded.updated_at')
+      .run(folder, sessionId, new Date().toISOString());
+  }
+
+  deleteSession(folder: string): boolean {
+    return this.db.query('DELETE FROM sessions WHERE group_folder = ?').run(folder).changes > 0;
+  }
+
+  listSessions(): { groupFolder: string; sessionId: string; updatedAt: string }[] {
+    return this.db
+      .query<{ group_folder: string; session_id: string; updated_at: string }, []>('SELECT * FROM sessions ORDER BY group_folder')
+      .all()
+      .map((row) => ({ groupFolder: row.group_folder, sessionId: row.session_id, updatedAt: row.updated_at }));
+  }
+
+  // Scheduled tasks
+
+  createTask(task: ScheduledTask): void {
+    this.db
+      .query(
+        `INSERT INTO scheduled_tasks (id, group_folder, chat_jid, prompt, schedule_type, schedule_value, context_mode, next_run, last_run, last_result, status, created_at)
+         VALUES ($id, $groupFolder, $chatJid, $prompt, $scheduleType, $scheduleValue, $contextMode, $nextRun, $lastRun, $lastResult, $status, $createdAt)`,
+      )
+      .run({ ...task });
+  }
+
+  getTask(id: string): ScheduledTask | null {
+    const row = this.db.query<TaskRow, [string]>('SELECT * FROM scheduled_tasks WHERE id = ?').get(id);
+    return row ? toTask(row) : null;
+  }
+
+  listTasks(groupFolder?: string): ScheduledTask[] {
+    const rows = groupFolder
+      ? this.db.query<TaskRow, [string]>('SELECT * FROM scheduled_tasks WHERE group_folder = ? ORDER BY created_at').all(groupFolder)
+      : this.db.query<TaskRow, []>('SELECT * FROM scheduled_tasks ORDER BY created_at').all();
+    return rows.map(toTask);
+  }
+
+  updateTask(id: string, patch: Partial<Omit<ScheduledTask, 'id' | 'createdAt'>>): boolean {
+    const columns: Record<string, string> = {
+      groupFolder: 'group_folder', chatJid: 'chat_jid', prompt: 'prompt', scheduleType: 'schedule_type',
+      scheduleValue: 'schedule_value', contextMode: 'context_mode', nextRun: 'next_run', lastRun: 'last_run',
+      lastResult: 'last_result', status: 'status',
+    };
+    const entries = Object.entries(patch).filter(([key, value]) => key in columns && value !== undefined);
+    if (entries.length === 0) return false;
+    const assignments = entries.map(([key]) => `${columns[key]} = $${key}`).join(', ');
+    const values = Object.fromEntries(entries) as Record<string, string | null>;
+    return this.db.query(`UPDATE scheduled_tasks SET ${assignments} WHERE id = $id`).run({ ...values, id }).changes > 0;
+  }
+
+  deleteTask(id: string): boolean {
+    return this.db.query('DELETE FROM scheduled_tasks WHERE id = ?').run(id).changes > 0;
+  }
+
+  /** Active tasks with a next run, soonest first. */
+  upcomingTasks(): ScheduledTask[] {
+    return this.db
+      .query<TaskRow, []>("SELECT * FROM scheduled_tasks WHERE status = 'active' AND next_run IS NOT NULL ORDER BY next_run")
+      .all()
+      .map(toTask);
+  }
+
+  logTaskRun(run: TaskRunLog): void {
+    this.db
+      .query('INSERT INTO task_run_logs (task_id, run_at, duration_ms, status, result, error) VALUES ($taskId, $runAt, $durationMs, $status, $result, $error)')
+      .run({ ...run });
+  }
+
+  taskRuns(taskId: string, limit = 10): TaskRunLog[] {
+    return this.db
+      .query<{ task_id: string; run_at: string; duration_ms: number; status: 'success' | 'error'; result: string | null; error: string | null }, [string, number]>(
+        'SELECT * FROM task_run_logs WHERE task_id = ? ORDER BY run_at DESC LIMIT ?',
+      )
+      .all(taskId, limit)
+      .map((row) => ({ taskId: row.task_id, runAt: row.run_at, durationMs: row.duration_ms, status: row.status, result: row.result, error: row.error }));
+  }
+}
+
+// ───────────────────────────── 4. Router: what wakes the agent, what it sees, what goes back
+
+export function escapeXml(text: string): string {
+  return text.replace(/&/g, '&amp;').replace(/</g, '&lt;').replace(/>/g, '&gt;').replace(/"/g, '&quot;');
+}
+
+function escapeRegExp(text: string): string {
+  return text.replace(/[.*+?^${}()|[\]\\]/g, '\\$&');
+}
+
+/** `@Andy` at the very start of a message, any case, as a whole word. */
+export function triggerPattern(assistantName: string): RegExp {
+  return new RegExp(`^@${escapeRegExp(assistantName)}(?![\\p{L}\\p{N}_])`, 'iu');
+}
+
+/** Main and trigger-free groups answer everything; the others only when someone says the trigger. */
+export function needsAgent(group: RegisteredGroup, messages: readonly StoredMessage[], trigger: RegExp): boolean {
+  if (messages.length === 0) return false;
+  if (group.isMain || !group.requiresTrigger) return true;
+  return messages.some((message) => trigger.test(message.content.trim()));
+}
+
+/** A message the bot itself sent from a shared number (its replies start with "Name:"). */
+export function isOwnReply(content: string, assistantName: string): boolean {
+  return content.startsWith(`${assistantName}:`);
+}
+
+/** Wall-clock time in the user's timezone, e.g. "2026-11-24 09:15". */
+export function formatLocalTime(iso: string, timezone: string): string {
+  const parts = new Intl.DateTimeFormat('en-CA', {
+    timeZone: timezone, year: 'numeric', month: '2-digit', day: '2-digit', hour: '2-digit', minute: '2-digit', hourCycle: 'h23',
+  }).formatToParts(new Date(iso));
+  const part = (type: string) => parts.find((p) => p.type === type)?.value ?? '';
+  return `${part('year')}-${part('month')}-${part('day')} ${part('hour')}:${part('minute')}`;
+}
+
+/**
+ * The prompt for a batch of messages. Every value is XML-escaped, so a message that
+ * contains "</message>" or a fake sender attribute stays text inside its own element.
+ */
+export function formatMessages(messages: readonly StoredMessage[], timezone: string): string {
+  const lines = messages.map(
+    (m) => `<message sender="${escapeXml(m.senderName)}" time="${formatLocalTime(m.timestamp, timezone)}">${escapeXml(m.content)}</message>`,
+  );
+  return `<messages>\n${lines.join('\n')}\n</messages>`;
+}
+
+/** Drops `<internal>…</internal>` (and an unclosed `<internal>` to the end): private reasoning never leaves. */
+export function stripInternal(text: string): string {
+  return text.replace(/<internal>[\s\S]*?(<\/internal>|$)/gi, '').trim();
+}
+
+/** The text to send for an agent result, or null when nothing is left to say. */
+export function formatOutbound(rawText: string, assistantName: string, hasOwnNumber: boolean): string | null {
+  const text = stripInternal(rawText);
+  if (!text) return null;
+  return hasOwnNumber ? text : `${assistantName}: ${text}`;
+}
+
+// ───────────────────────────── 5. Channels: where messages come from and go to ───────
+
+export interface ChatMeta {
+  name?: string | null;
+  isGroup: boolean;
+}
+
+export interface ChannelHandlers {
+  /** Every inbound message, for every chat; the host decides what to keep. */
+  onMessage(message: NewMessage, chat: ChatMeta): void;
+}
+
+/** A messaging surface: WhatsApp, the terminal. Replies find the channel that owns the chat. */
+export interface Channel {
+  readonly name: string;
+  ownsJid(jid: string): boolean;
+  connect(handlers: ChannelHandlers): Promise<void>;
+  sendMessage(jid: string, text: string): Promise<void>;
+  setTyping?(jid: string, typing: boolean): Promise<void>;
+  /** Re-reads group names from the platform (main group's refresh_groups). */
+  syncGroups?(): Promise<void>;
+  disconnect(): Promise<void>;
+}
+
+/** The chat id the terminal uses for the main group until WhatsApp gives it a real one. */
+export const LOCAL_MAIN_JID = 'main@local';
+
+/** The terminal as a channel: what the person types is an inbound message of the main chat. */
+export class LocalChannel implements Channel {
+  readonly name = 'local';
+  private handlers: ChannelHandlers | null = null;
+  private sent = 0;
+
+  constructor(
+    readonly chatJid: string,
+    private readonly print: (text: string) => void,
+    private readonly userName = process.env.USER || 'You',
+  ) {}
+
+  ownsJid(jid: string): boolean {
+    return jid === this.chatJid;
+  }
+
+  async connect(handlers: ChannelHandlers): Promise<void> {
+    this.handlers = handlers;
+  }
+
+  async sendMessage(_jid: string, text: string): Promise<void> {
+    this.print(text);
+  }
+
+  /** Hands one typed line to the host as a message from the user. */
+  submit(text: string): void {
+    if (!this.handlers) throw new Error('LocalChannel.submit() before connect()');
+    const now = new Date();
+    this.handlers.onMessage(
+      {
+        id: `local-${now.getTime()}-${++this.sent}`,
+        chatJid: this.chatJid,
+        sender: 'local:user',
+        senderName: this.userName,
+        content: text,
+        timestamp: now.toISOString(),
+        isFromMe: true,
+        isBotMessage: false,
+      },
+      { name: 'Terminal', isGroup: false },
+    );
+  }
+
+  async disconnect(): Promise<void> {
+    this.handlers = null;
+  }
+}
+
+// ───────────────────────────── 6. Queue: one container per group, a limit for all ────
+
+/** How the queue and the host reach a running container. */
+export interface LiveContainer {
+  /** False for scheduled tasks: their container never takes chat follow-ups. */
+  readonly acceptsFollowUps: boolean;
+  sendInput(text: string): void;
+  /** Asks the agent to finish its turn and exit. */
+  close(): void;
+  /** Stops the container now. */
+  kill(): Promise<void>;
+}
+
+interface GroupState {
+  running: boolean;
+  live: LiveContainer | null;
+  idleTimer: ReturnType<typeof setTimeout> | null;
+  messagesPending: boolean;
+  tasks: { id: string; run: () => Promise<void> }[];
+  retryCount: number;
+  retryTimer: ReturnType<typeof setTimeout> | null;
+}
+
+export interface QueueOptions {
+  maxConcurrent: number;
+  idleTimeoutMs: number;
+  retryBaseMs: number;
+  maxRetries: number;
+  /** Runs the agent on a group's pending messages; resolves false when the run must be retried. */
+  processMessages(chatJid: string): Promise<boolean>;
+}
+
+/** Exponential backoff: base, 2×base, 4×base… */
+export function retryDelay(baseMs: number, attempt: number): number {
+  return baseMs * 2 ** Math.max(0, attempt - 1);
+}
+
+export class GroupQueue {
+  private readonly groups = new Map<string, GroupState>();
+  private readonly waiting: string[] = [];
+  private active = 0;
+  private shuttingDown = false;
+
+  constructor(private readonly options: QueueOptions) {}
+
+  private state(jid: string): GroupState {
+    let state = this.groups.get(jid);
+    if (!state) {
+      state = { running: false, live: null, idleTimer: null, messagesPending: false, tasks: [], retryCount: 0, retryTimer: null };
+      this.groups.set(jid, state);
+    }
+    return state;
+  }
+
+  get activeCount(): number {
+    return this.active;
+  }
+
+  isRunning(jid: string): boolean {
+    return this.groups.get(jid)?.running ?? false;
+  }
+
+  /** There are messages to look at for this group. */
+  enqueueMessages(jid: string): void {
+    if (this.shuttingDown) return;
+    const state = this.state(jid);
+    state.messagesPending = true;
+    if (state.running) return;
+    this.startOrWait(jid);
+  }
+
+  /** A scheduled task for this group; runs after whatever the group is doing now. */
+  enqueueTask(jid: string, taskId: string, run: () => Promise<void>): void {
+    if (this.shuttingDown) return;
+    const state = this.state(jid);
+    if (state.tasks.some((task) => task.id === taskId)) return;
+    state.tasks.push({ id: taskId, run });
+    if (state.running) {
+      if (state.idleTimer) this.closeIdle(jid); // an idle chat container would hold the task up
+      return;
+    }
+    this.startOrWait(jid);
+  }
+
+  /** The container now running for this group. */
+  attach(jid: string, live: LiveContainer): void {
+    this.state(jid).live = live;
+  }
+
+  /** Hands a follow-up to the group's live container; false when there is none that takes it. */
+  sendFollowUp(jid: string, text: string): boolean {
+    const state = this.groups.get(jid);
+    if (!state?.running || !state.live?.acceptsFollowUps) return false;
+    this.clearIdleTimer(state);
+    state.live.sendInput(text);
+    return true;
+  }
+
+  /** The group's agent answered and now waits; close it after the idle timeout (or at once if others wait). */
+  markIdle(jid: string, idleTimeoutMs = this.options.idleTimeoutMs): void {
+    const state = this.groups.get(jid);
+    if (!state?.live) return;
+    this.clearIdleTimer(state);
+    if (state.tasks.length > 0 || this.waiting.length > 0) {
+      state.live.close();
+      return;
+    }
+    state.idleTimer = setTimeout(() => this.closeIdle(jid), idleTimeoutMs);
+  }
+
+  private closeIdle(jid: string): void {
+    const state = this.groups.get(jid);
+    if (!state) return;
+    this.clearIdleTimer(state);
+    state.live?.close();
+  }
+
+  private clearIdleTimer(state: GroupState): void {
+    if (state.idleTimer) clearTimeout(state.idleTimer);
+    state.idleTimer = null;
+  }
+
+  private startOrWait(jid: string): void {
+    if (this.active < this.options.maxConcurrent) {
+      this.start(jid);
+      return;
+    }
+    if (!this.waiting.includes(jid)) this.waiting.push(jid);
+    // Free a slot held by a container that is only waiting for follow-ups.
+    for (const [otherJid, other] of this.groups) {
+      if (other.running && other.idleTimer) {
+        this.closeIdle(otherJid);
+        break;
+      }
+    }
+  }
+
+  private start(jid: string): void {
+    const state = this.state(jid);
+    state.running = true;
+    this.active++;
+    const task = state.tasks.shift();
+    const work = task ? this.runTask(state, task) : this.runMessages(jid, state);
+    void work.finally(() => {
+      state.running = false;
+      state.live = null;
+      this.clearIdleTimer(state);
+      this.active--;
+      this.next(jid);
+    });
+  }
+
+  private async runTask(state: GroupState, task: { id: string; run: () => Promise<void> }): Promise<void> {
+    try {
+      await task.run();
+    } catch (err) {
+      log.error({ err, taskId: task.id }, 'Scheduled task failed');
+    }
+  }
+
+  private async runMessages(jid: string, state: GroupState): Promise<void> {
+    state.messagesPending = false;
+    let ok = false;
+    try {
+      ok = await this.options.processMessages(jid);
+    } catch (err) {
+      log.error({ err, chatJid: jid }, 'Processing messages failed');
+    }
+    if (ok) {
+      state.retryCount = 0;
+    } else {
+      this.scheduleRetry(jid, state);
+    }
+  }
+
+  private scheduleRetry(jid: string, state: GroupState): void {
+    if (this.shuttingDown) return;
+    state.retryCount++;
+    if (state.retryCount > this.options.maxRetries) {
+      log.error({ chatJid: jid, attempts: state.retryCount - 1 }, 'Giving up on these messages for now; the next message in this chat will try again');
+      state.retryCount = 0;
+      return;
+    }
+    const delayMs = retryDelay(this.options.retryBaseMs, state.retryCount);
+    log.warn({ chatJid: jid, attempt: state.retryCount, delayMs }, 'Agent run failed; retrying with backoff');
+    if (state.retryTimer) clearTimeout(state.retryTimer);
+    state.retryTimer = setTimeout(() => {
+      state.retryTimer = null;
+      this.enqueueMessages(jid);
+    }, delayMs);
+  }
+
+  /** After a run: the same group again if it has work (behind anyone waiting), then the waiting line. */
+  private next(finishedJid: string): void {
+    if (this.shuttingDown) return;
+    const finished = this.state(finishedJid);
+    if (finished.tasks.length > 0 || finished.messagesPending) {
+      if (!this.waiting.includes(finishedJid)) this.waiting.push(finishedJid);
+    }
+    while (this.active < this.options.maxConcurrent && this.waiting.length > 0) {
+      const jid = this.waiting.shift()!;
+      const state = this.state(jid);
+      if (!state.running && (state.tasks.length > 0 || state.messagesPending)) this.start(jid);
+    }
+  }
+
+  /** Closes every container, waits up to graceMs for them to exit, then stops the rest. */
+  async shutdown(graceMs: number): Promise<void> {
+    this.shuttingDown = true;
+    for (const state of this.groups.values()) {
+      if (state.retryTimer) clearTimeout(state.retryTimer);
+      this.clearIdleTimer(state);
+      state.live?.close();
+    }
+    const deadline = Date.now() + graceMs;
+    while (this.active > 0 && Date.now() < deadline) await Bun.sleep(50);
+    if (this.active > 0) {
+      await Promise.all([...this.groups.values()].map((state) => state.live?.kill()));
+      const hardDeadline = Date.now() + 10_000;
+      while (this.active > 0 && Date.now() < hardDeadline) await Bun.sleep(50);
+    }
+  }
+}
+
+// ───────────────────────────── 7. Container: mounts, docker run, results, run logs ───
+
+export interface Mount {
+  hostPath: string;
+  containerPath: string;
+  readonly: boolean;
+}
+
+/** Where a group's things live on the host. */
+export function groupPaths(config: Config, folder: string) {
+  const ipc = join(config.ipcDir, folder);
+  return {
+    group: join(config.groupsDir, folder),
+    logs: join(config.groupsDir, folder, 'logs'),
+    ipc,
+    ipcInput: join(ipc, 'input'),
+    ipcMessages: join(ipc, 'messages'),
+    ipcTasks: join(ipc, 'tasks'),
+    kimiHome: join(config.sessionsDir, folder, '.kimi'),
+  };
+}
+
+/** Folder names become paths and container names: keep them boring. */
+export function isValidFolder(folder: string): boolean {
+  return /^[a-z0-9][a-z0-9_-]{0,63}$/.test(folder) && folder !== 'global';
+}
+
+/** The mounts of container/CONTRACT.md, in that order, plus validated extra mounts. */
+export function buildMounts(config: Config, group: RegisteredGroup, extra: readonly Mount[] = []): Mount[] {
+  const paths = groupPaths(config, group.folder);
+  const mounts: Mount[] = [{ hostPath: paths.group, containerPath: '/workspace/group', readonly: false }];
+  if (group.isMain) {
+    mounts.push({ hostPath: config.projectRoot, containerPath: '/workspace/project', readonly: false });
+  } else {
+    mounts.push({ hostPath: join(config.groupsDir, 'global'), containerPath: '/workspace/global', readonly: true });
+  }
+  mounts.push({ hostPath: paths.ipc, containerPath: '/workspace/ipc', readonly: false });
+  // Kimi sessions: HOME is /home/node in the image, so this is where the CLI looks.
+  mounts.push({ hostPath: paths.kimiHome, containerPath: '/home/node/.kimi', readonly: false });
+  return [...mounts, ...extra];
+}
+
+export interface MountAllowlist {
+  allowedRoots: { path: string; allowReadWrite?: boolean; description?: string }[];
+  blockedPatterns?: string[];
+  /** When true, non-main groups get every extra mount read-only. */
+  nonMainReadOnly?: boolean;
+}
+
+/** Never mounted, whatever the allowlist says: credentials and keys. */
+export const BLOCKED_MOUNT_PATTERNS = [
+  '.ssh', '.gnupg', '.gpg', '.aws', '.azure', '.gcloud', '.config/gcloud', '.kube', '.docker', '.env',
+  '.netrc', '.npmrc', '.pypirc', '.git-credentials', 'credentials', 'id_rsa', 'id_ed25519', 'id_ecdsa',
+  'private_key', '.pem', '.key', '.p12', '.pfx', 'secrets', '.password-store', '.config/nanoclaw',
+];
+
+function expandHome(path: string): string {
+  return path === '~' ? homedir() : path.startsWith('~/') ? join(homedir(), path.slice(2)) : path;
+}
+
+export function loadMountAllowlist(path: string): MountAllowlist | null {
+  if (!existsSync(path)) return null;
+  const parsed = JSON.parse(readFileSync(path, 'utf8')) as MountAllowlist;
+  if (!Array.isArray(parsed.allowedRoots)) throw new Error(`${path}: "allowedRoots" must be a list of {"path": …}`);
+  return parsed;
+}
+
+function matchesBlockedPattern(realPath: string, patterns: readonly string[]): string | null {
+  const components = realPath.split(sep).filter(Boolean);
+  for (const pattern of patterns) {
+    if (pattern.includes('/')) {
+      if (realPath.includes(`/${pattern}`)) return pattern;
+    } else if (components.some((component) => component === pattern || (pattern.startsWith('.') && component.endsWith(pattern)))) {
+      return pattern;
+    }
+  }
+  return null;
+}
+
+/**
+ * Checks a group's requested extra mounts against the allowlist kept outside the project
+ * (so an agent that can write the project cannot widen its own reach). Symlinks are
+ * resolved before any check; everything refused is reported with the reason.
+ */
+export function validateExtraMounts(
+  requested: ContainerConfig['additionalMounts'],
+  allowlist: MountAllowlist | null,
+  isMain: boolean,
+): { mounts: Mount[]; rejected: { hostPath: string; reason: string }[] } {
+  const mounts: Mount[] = [];
+  const rejected: { hostPath: string; reason: string }[] = [];
+  for (const request of requested ?? []) {
+    const refuse = (reason: string) => rejected.push({ hostPath: request.hostPath, reason });
+    if (!allowlist) {
+      refuse('no mount allowlist (~/.config/nanoclaw/mount-allowlist.json)');
+      continue;
+    }
+    let realPath: string;
+    try {
+      realPath = realpathSync(expandHome(request.hostPath));
+    } catch {
+      refuse('path does not exist');
+      continue;
+    }
+    const blocked = matchesBlockedPattern(realPath, [...BLOCKED_MOUNT_PATTERNS, ...(allowlist.blockedPatterns ?? [])]);
+    if (blocked) {
+      refuse(`matches blocked pattern "${blocked}"`);
+      continue;
+    }
+    const root = allowlist.allowedRoots.find((candidate) => {
+      try {
+        const realRoot = realpathSync(expandHome(candidate.path));
+        const rel = relative(realRoot, realPath);
+        return rel === '' || (!rel.startsWith('..') && !isAbsolute(rel));
+      } catch {
+        return false;
+      }
+    });
+    if (!root) {
+      refuse('not under any allowed root');
+      continue;
+    }
+    const name = request.containerPath ?? basename(realPath);
+    if (!/^[A-Za-z0-9][A-Za-z0-9._-]*$/.test(name)) {
+      refuse(`container name "${name}" must be a plain folder name`);
+      continue;
+    }
+    const forcedReadOnly = !root.allowReadWrite || (!isMain && allowlist.nonMainReadOnly === true);
+    mounts.push({ hostPath: realPath, containerPath: `/workspace/extra/${name}`, readonly: forcedReadOnly || request.readonly !== false });
+  }
+  return { mounts, rejected };
+}
+
+export function containerName(folder: string, now = Date.now()): string {
+  return `nanoclaw-${folder}-${now}`;
+}
+
+/** Non-secret settings the container needs; secrets travel on stdin only. */
+export function containerEnvironment(config: Config): Record<string, string> {
+  const env: Record<string, string> = { TZ: config.timezone, ASSISTANT_NAME: config.assistantName };
+  if (config.kimi.baseUrl) env.KIMI_BASE_URL = config.kimi.baseUrl;
+  if (config.kimi.modelName) env.KIMI_MODEL_NAME = config.kimi.modelName;
+  if (config.kimi.provider) env.KIMI_PROVIDER = config.kimi.provider;
+  return env;
+}
+
+export function buildDockerArgs(name: string, image: string, mounts: readonly Mount[], env: Record<string, string>): string[] {
+  const args = ['run', '-i', '--rm', '--name', name];
+  for (const [key, value] of Object.entries(env)) args.push('-e', `${key}=${value}`);
+  for (const mount of mounts) args.push('-v', `${mount.hostPath}:${mount.containerPath}${mount.readonly ? ':ro' : ''}`);
+  args.push(image);
+  return args;
+}
+
+export interface ContainerInput {
+  prompt: string;
+  groupFolder: string;
+  chatJid: string;
+  isMain: boolean;
+  sessionId?: string;
+  isScheduledTask?: boolean;
+  assistantName?: string;
+  secrets?: Secrets;
+}
+
+export interface ContainerResult {
+  status: 'success' | 'error';
+  result: string | null;
+  sessionId?: string;
+  error?: string;
+}
+
+export const RESULT_START = '---NANOCLAW_RESULT_START---';
+export const RESULT_END = '---NANOCLAW_RESULT_END---';
+
+/** Pulls results out of the container's stdout as it streams, whatever the chunking. */
+export class ResultParser {
+  private buffer = '';
+  private inside = false;
+  private body: string[] = [];
+  /** Lines outside the markers (kept for the run log). */
+  readonly otherLines: string[] = [];
+
+  push(chunk: string): ContainerResult[] {
+    this.buffer += chunk;
+    const results: ContainerResult[] = [];
+    let newline: number;
+    while ((newline = this.buffer.indexOf('\n')) >= 0) {
+      const line = this.buffer.slice(0, newline).replace(/\r$/, '');
+      this.buffer = this.buffer.slice(newline + 1);
+      const result = this.line(line);
+      if (result) results.push(result);
+    }
+    return results;
+  }
+
+  private line(line: string): ContainerResult | null {
+    if (line === RESULT_START) {
+      this.inside = true;
+      this.body = [];
+      return null;
+    }
+    if (line === RESULT_END && this.inside) {
+      this.inside = false;
+      return parseResult(this.body.join('\n'));
+    }
+    if (this.inside) this.body.push(line);
+    else if (line.trim()) this.otherLines.push(line);
+    return null;
+  }
+}
+
+function parseResult(json: string): ContainerResult {
+  try {
+    const value = JSON.parse(json) as Partial<ContainerResult>;
+    if (value.status !== 'success' && value.status !== 'error') throw new Error('no status');
+    return {
+      status: value.status,
+      result: typeof value.result === 'string' ? value.result : null,
+      ...(typeof value.sessionId === 'string' ? { sessionId: value.sessionId } : {}),
+      ...(typeof value.error === 'string' ? { error: value.error } : {}),
+    };
+  } catch {
+    return { status: 'error', result: null, error: `Unreadable result from the container: ${json.slice(0, 200)}` };
+  }
+}
+
+/** Writes JSON so a reader never sees half a file: temp name (dot-prefixed), then rename. */
+export function writeJsonAtomic(path: string, data: unknown): void {
+  mkdirSync(dirname(path), { recursive: true });
+  const temp = join(dirname(path), `.${basename(path)}.${process.pid}.${Math.random().toString(36).slice(2)}.tmp`);
+  writeFileSync(temp, JSON.stringify(data, null, 2));
+  renameSync(temp, path);
+}
+
+export function uniqueFileName(now = Date.now()): string {
+  return `${now}-${Math.random().toString(36).slice(2, 8)}.json`;
+}
+
+export interface RunOutcome {
+  exitCode: number | null;
+  timedOut: boolean;
+  results: number;
+  lastError?: string;
+  sessionId?: string;
+  durationMs: number;
+  logFile: string;
+}
+
+export interface RunContainerOptions {
+  config: Config;
+  group: RegisteredGroup;
+  input: ContainerInput;
+  mounts: Mount[];
+  acceptsFollowUps: boolean;
+  onResult(result: ContainerResult): Promise<void>;
+  onStart?(live: LiveContainer): void;
+}
+
+const SESSION_LINE = /Session initialized: (\S+)/;
+const KEEP_OUTPUT_BYTES = 256 * 1024;
+
+function keepTail(text: string): string {
+  return text.length > KEEP_OUTPUT_BYTES ? `…(${text.length - KEEP_OUTPUT_BYTES} bytes cut)\n${text.slice(-KEEP_OUTPUT_BYTES)}` : text;
+}
+
+export function renderRunLog(details: {
+  name: string; image: string; group: RegisteredGroup; input: ContainerInput; mounts: readonly Mount[]; args: readonly string[];
+  startedAt: Date; outcome: Omit<RunOutcome, 'logFile'>; stderr: string; stdout: string; verbose: boolean;
+}): string {
+  const { input, outcome } = details;
+  const failed = outcome.exitCode !== 0 || outcome.timedOut || outcome.lastError !== undefined;
+  const lines = [
+    '=== NanoClaw container run ===',
+    `Started:    ${details.startedAt.toISOString()}`,
+    `Container:  ${details.name}`,
+    `Image:      ${details.image}`,
+    `Group:      ${details.group.folder} (${details.group.isMain ? 'main' : 'not main'}), chat ${input.chatJid}`,
+    `Duration:   ${outcome.durationMs} ms`,
+    `Exit code:  ${outcome.exitCode ?? 'none (killed)'}${outcome.timedOut ? ' — timed out' : ''}`,
+    `Results:    ${outcome.results}${outcome.lastError ? ` (last error: ${outcome.lastError})` : ''}`,
+    `Session:    ${outcome.sessionId ?? input.sessionId ?? 'new'}`,
+    '',
+    '--- Input ---',
+    `prompt: ${input.prompt.length} characters${input.isScheduledTask ? ' (scheduled task)' : ''}`,
+    `sessionId: ${input.sessionId ?? '(none: new session)'}`,
+    `secrets: ${Object.keys(input.secrets ?? {}).join(', ') || '(none)'} (values never logged)`,
+    ...(details.verbose ? ['', input.prompt] : []),
+    '',
+    '--- Mounts ---',
+    ...details.mounts.map((m) => `${m.hostPath} -> ${m.containerPath}${m.readonly ? ' (ro)' : ''}`),
+  ];
+  if (failed || details.verbose) {
+    lines.push('', '--- Command ---', `docker ${details.args.join(' ')}`, '', '--- Stderr ---', details.stderr.trimEnd(), '', '--- Stdout ---', details.stdout.trimEnd());
+  }
+  return `${lines.join('\n')}\n`;
+}
+
+/** Reads a stream line by line as it arrives. */
+async function forEachChunk(stream: ReadableStream<Uint8Array>, onText: (text: string) => void | Promise<void>): Promise<void> {
+  const decoder = new TextDecoder();
+  for await (const chunk of stream) await onText(decoder.decode(chunk, { stream: true }));
+}
+
+/** Runs one agent container to the end, streaming its results to onResult as they come. */
+export async function runContainer(options: RunContainerOptions): Promise<RunOutcome> {
+  const { config, group, input } = options;
+  const paths = groupPaths(config, group.folder);
+  for (const dir of [paths.group, paths.logs, paths.ipcInput, paths.ipcMessages, paths.ipcTasks, paths.kimiHome]) mkdirSync(dir, { recursive: true });
+  // Leftovers from a run that died belong to messages the new prompt already carries.
+  for (const leftover of readdirSync(paths.ipcInput)) rmSync(join(paths.ipcInput, leftover), { force: true });
+
+  const startedAt = new Date();
+  const name = containerName(group.folder, startedAt.getTime());
+  const args = buildDockerArgs(name, config.containerImage, options.mounts, containerEnvironment(config));
+  const secretValues = Object.values(input.secrets ?? {}).filter((v): v is string => Boolean(v));
+  const groupLog = log.child({ group: group.folder });
+  groupLog.debug({ mounts: options.mounts.map((m) => `${m.hostPath} -> ${m.containerPath}${m.readonly ? ' (ro)' : ''}`) }, 'Container mounts');
+  groupLog.debug({ args: [config.containerRuntime, ...args] }, 'Container command');
+  groupLog.info({ container: name, sessionId: input.sessionId ?? null, promptChars: input.prompt.length }, 'Starting agent container');
+
+  const proc = Bun.spawn([config.containerRuntime, ...args], {
+    stdin: 'pipe', stdout: 'pipe', stderr: 'pipe', env: childProcessEnv(), cwd: config.projectRoot,
+  });
+  proc.stdin.write(JSON.stringify(input));
+  await proc.stdin.end();
+
+  let timedOut = false;
+  let stopping: Promise<void> | null = null;
+  const stop = () => {
+    stopping ??= (async () => {
+      await Bun.spawn([config.containerRuntime, 'stop', '-t', '2', name], { stdout: 'ignore', stderr: 'ignore', env: childProcessEnv() }).exited;
+      proc.kill();
+    })();
+    return stopping;
+  };
+  let hardTimer: ReturnType<typeof setTimeout> | undefined;
+  const armTimeout = () => {
+    clearTimeout(hardTimer);
+    hardTimer = setTimeout(() => {
+      timedOut = true;
+      groupLog.error({ container: name, timeoutMs: config.containerTimeoutMs }, 'Container produced nothing within CONTAINER_TIMEOUT; stopping it');
+      void stop();
+    }, config.containerTimeoutMs);
+  };
+  armTimeout();
+
+  options.onStart?.({
+    acceptsFollowUps: options.acceptsFollowUps,
+    sendInput: (text) => writeJsonAtomic(join(paths.ipcInput, uniqueFileName()), { type: 'message', text }),
+    close: () => writeFileSync(join(paths.ipcInput, '_close'), ''),
+    kill: stop,
+  });
+
+  const parser = new ResultParser();
+  let stdout = '';
+  let stderr = '';
+  let results = 0;
+  let lastError: string | undefined;
+  let sessionId: string | undefined;
+
+  const readStdout = forEachChunk(proc.stdout, async (text) => {
+    stdout = keepTail(stdout + text);
+    for (const result of parser.push(text)) {
+      results++;
+      armTimeout();
+      if (result.sessionId) sessionId = result.sessionId;
+      if (result.status === 'error') lastError = result.error ?? 'unknown error';
+      await options.onResult(result);
+    }
+  });
+  let stderrLine = '';
+  const readStderr = forEachChunk(proc.stderr, (text) => {
+    stderr = keepTail(stderr + text);
+    stderrLine += text;
+    const lines = stderrLine.split('\n');
+    stderrLine = lines.pop() ?? '';
+    for (const line of lines) {
+      const session = SESSION_LINE.exec(line);
+      if (session) groupLog.info(`Session initialized: ${session[1]}`);
+      else if (line.trim()) groupLog.debug({ container: name }, `stderr: ${maskSecrets(line, secretValues)}`);
+    }
+  });
+
+  const exitCode = await proc.exited;
+  await Promise.all([readStdout, readStderr]);
+  clearTimeout(hardTimer);
+  await stopping;
+
+  const durationMs = Date.now() - startedAt.getTime();
+  const outcome = { exitCode: timedOut ? null : exitCode, timedOut, results, lastError, sessionId, durationMs };
+  const logFile = join(paths.logs, `container-${startedAt.toISOString().replace(/[:.]/g, '-')}.log`);
+  const verbose = config.logLevel === 'debug' || config.logLevel === 'trace';
+  writeFileSync(logFile, maskSecrets(renderRunLog({ name, image: config.containerImage, group, input, mounts: options.mounts, args, startedAt, outcome, stderr, stdout, verbose }), secretValues));
+  const summary = { container: name, exitCode: outcome.exitCode, durationMs, results, logFile };
+  if (exitCode !== 0 || timedOut) groupLog.error({ ...summary, error: lastError }, 'Agent container failed');
+  else groupLog.info(summary, 'Agent container finished');
+  return { ...outcome, logFile };
+}
+
+// ───────────────────────────── 8. IPC: files from the agent, authorised by their folder
+
+export type IpcMessage = { type: 'message'; chatJid: string; text: string };
+export type IpcTask =
+  | { type: 'schedule_task'; prompt: string; schedule_type: ScheduleType; schedule_value: string; context_mode: ContextMode; targetJid?: string }
+  | { type: 'pause_task' | 'resume_task' | 'cancel_task'; taskId: string }
+  | { type: 'update_task'; taskId: string; prompt?: string; schedule_type?: ScheduleType; schedule_value?: string }
+  | { type: 'refresh_groups' }
+  | { type: 'register_group'; jid: string; name: string; folder: string; trigger?: string };
+
+export class IpcFormatError extends Error {}
+
+type Json = Record<string, unknown>;
+
+function requireString(data: Json, key: string): string {
+  const value = data[key];
+  if (typeof value !== 'string' || value.trim() === '') throw new IpcFormatError(`"${key}" must be a non-empty string`);
+  return value;
+}
+
+function optionalString(data: Json, key: string): string | undefined {
+  if (data[key] === undefined || data[key] === null) return undefined;
+  return requireString(data, key);
+}
+
+function requireOneOf<T extends string>(data: Json, key: string, allowed: readonly T[], fallback?: T): T {
+  const value = data[key] ?? fallback;
+  if (typeof value !== 'string' || !allowed.includes(value as T)) throw new IpcFormatError(`"${key}" must be one of ${allowed.join(', ')}`);
+  return value as T;
+}
+
+function asObject(raw: unknown): Json {
+  if (typeof raw !== 'object' || raw === null || Array.isArray(raw)) throw new IpcFormatError('expected a JSON object');
+  return raw as Json;
+}
+
+export function parseIpcMessage(raw: unknown): IpcMessage {
+  const data = asObject(raw);
+  if (data.type !== 'message') throw new IpcFormatError('"type" must be "message"');
+  return { type: 'message', chatJid: requireString(data, 'chatJid'), text: requireString(data, 'text') };
+}
+
+const SCHEDULE_TYPES = ['cron', 'interval', 'once'] as const;
+
+export function parseIpcTask(raw: unknown): IpcTask {
+  const data = asObject(raw);
+  switch (data.type) {
+    case 'schedule_task':
+      return {
+        type: 'schedule_task', prompt: requireString(data, 'prompt'),
+        schedule_type: requireOneOf(data, 'schedule_type', SCHEDULE_TYPES), schedule_value: requireString(data, 'schedule_value'),
+        context_mode: requireOneOf(data, 'context_mode', ['group', 'isolated'] as const, 'isolated'), targetJid: optionalString(data, 'targetJid'),
+      };
+    case 'pause_task':
+    case 'resume_task':
+    case 'cancel_task':
+      return { type: data.type, taskId: requireString(data, 'taskId') };
+    case 'update_task':
+      return {
+        type: 'update_task', taskId: requireString(data, 'taskId'), prompt: optionalString(data, 'prompt'),
+        schedule_type: data.schedule_type === undefined ? undefined : requireOneOf(data, 'schedule_type', SCHEDULE_TYPES),
+        schedule_value: optionalString(data, 'schedule_value'),
+      };
+    case 'refresh_groups':
+      return { type: 'refresh_groups' };
+    case 'register_group':
+      return { type: 'register_group', jid: requireString(data, 'jid'), name: requireString(data, 'name'), folder: requireString(data, 'folder'), trigger: optionalString(data, 'trigger') };
+    default:
+      throw new IpcFormatError(`unknown task type ${JSON.stringify(data.type)}`);
+  }
+}
+
+/**
+ * May the group whose IPC folder a file appeared in do this? Non-main groups act only
+ * on their own chat and their own tasks; main may act on any registered group.
+ * Returns null when allowed, otherwise the reason for refusing.
+ */
+export function refusal(source: RegisteredGroup, request: IpcMessage | IpcTask, store: Store): string | null {
+  const isRegisteredJid = (jid: string) => store.groupByJid(jid) !== null;
+  switch (request.type) {
+    case 'message':
+      if (source.isMain) return isRegisteredJid(request.chatJid) ? null : `${request.chatJid} is not a registered chat`;
+      return request.chatJid === source.jid ? null : `group "${source.folder}" may only message its own chat`;
+    case 'schedule_task': {
+      const target = request.targetJid ?? source.jid;
+      if (!source.isMain && target !== source.jid) return `group "${source.folder}" may only schedule tasks for its own chat`;
+      return isRegisteredJid(target) ? null : `${target} is not a registered chat`;
+    }
+    case 'pause_task':
+    case 'resume_task':
+    case 'cancel_task':
+    case 'update_task': {
+      const task = store.getTask(request.taskId);
+      if (!task) return `no task with id ${request.taskId}`;
+      return source.isMain || task.groupFolder === source.folder ? null : `group "${source.folder}" may only manage its own tasks`;
+    }
+    case 'refresh_groups':
+    case 'register_group':
+      return source.isMain ? null : `${request.type} is only allowed from the main group`;
+  }
+}
+
+export function tasksSnapshot(store: Store, group: RegisteredGroup) {
+  return store.listTasks(group.isMain ? undefined : group.folder).map((task) => ({
+    id: task.id, groupFolder: task.groupFolder, chatJid: task.chatJid, prompt: task.prompt,
+    schedule_type: task.scheduleType, schedule_value: task.scheduleValue, context_mode: task.contextMode,
+    status: task.status, next_run: task.nextRun, last_run: task.lastRun, last_result: task.lastResult,
+  }));
+}
+
+export function groupsSnapshot(store: Store, group: RegisteredGroup) {
+  if (!group.isMain) return { groups: [], lastSync: null };
+  const registered = new Set(store.listGroups().map((g) => g.jid));
+  const groups = store
+    .listChats()
+    .filter((chat) => chat.isGroup || registered.has(chat.jid))
+    .map((chat) => ({ jid: chat.jid, name: chat.name ?? chat.jid, lastActivity: chat.lastMessageAt, isRegistered: registered.has(chat.jid) }));
+  return { groups, lastSync: store.db.query<{ value: string }, []>("SELECT value FROM router_state WHERE key = 'groups_synced_at'").get()?.value ?? null };
+}
+
+/** The host → agent snapshots, written before every run (and after every task change). */
+export function writeSnapshots(config: Config, store: Store, group: RegisteredGroup): void {
+  const paths = groupPaths(config, group.folder);
+  writeJsonAtomic(join(paths.ipc, 'current_tasks.json'), tasksSnapshot(store, group));
+  writeJsonAtomic(join(paths.ipc, 'available_groups.json'), groupsSnapshot(store, group));
+}
+
+export interface IpcHandlers {
+  /** Resolves once the file's request is done; throwing IpcFormatError files it under errors/. */
+  handle(folder: string, kind: 'messages' | 'tasks', data: unknown): Promise<void>;
+}
+
+/**
+ * Watches data/ipc/<folder>/{messages,tasks}/ and hands each new JSON file to the host
+ * exactly once: a file is claimed by renaming it (a second claimer gets ENOENT), and is
+ * deleted only after its request was handled.
+ */
+export class IpcWatcher {
+  private watcher: FSWatcher | null = null;
+  private sweepTimer: ReturnType<typeof setInterval> | null = null;
+  private scanning: Promise<void> = Promise.resolve();
+  private rescan = false;
+
+  constructor(
+    private readonly ipcDir: string,
+    private readonly handlers: IpcHandlers,
+    private readonly sweepIntervalMs = 30_000,
+  ) {}
+
+  start(): void {
+    mkdirSync(this.ipcDir, { recursive: true });
+    this.watcher = watch(this.ipcDir, { recursive: true }, (_event, file) => {
+      if (file && /(^|[/\\])(messages|tasks)[/\\][^/\\.][^/\\]*\.json$/.test(String(file))) this.scan();
+    });
+    this.sweepTimer = setInterval(() => this.scan(), this.sweepIntervalMs);
+    this.scan();
+  }
+
+  stop(): Promise<void> {
+    this.watcher?.close();
+    if (this.sweepTimer) clearInterval(this.sweepTimer);
+    this.watcher = null;
+    return this.scanning;
+  }
+
+  /** Processes everything pending; overlapping calls collapse into one more pass. */
+  scan(): Promise<void> {
+    if (this.rescan) return this.scanning;
+    this.rescan = true;
+    this.scanning = this.scanning.then(async () => {
+      this.rescan = false;
+      await this.processAll();
+    });
+    return this.scanning;
+  }
+
+  private async processAll(): Promise<void> {
+    if (!existsSync(this.ipcDir)) return;
+    for (const folder of readdirSync(this.ipcDir)) {
+      if (folder === 'errors') continue;
+      for (const kind of ['messages', 'tasks'] as const) {
+        const dir = join(this.ipcDir, folder, kind);
+        if (!existsSync(dir)) continue;
+        for (const file of readdirSync(dir).filter((f) => f.endsWith('.json') && !f.startsWith('.')).sort()) {
+          await this.processFile(folder, kind, join(dir, file));
+        }
+      }
+    }
+  }
+
+  private async processFile(folder: string, kind: 'messages' | 'tasks', path: string): Promise<void> {
+    const claimed = join(dirname(path), `.processing-${basename(path)}`);
+    try {
+      renameSync(path, claimed);
+    } catch {
+      return; // someone else took it
+    }
+    let data: unknown;
+    try {
+      data = JSON.parse(readFileSync(claimed, 'utf8'));
+      await this.handlers.handle(folder, kind, data);
+      unlinkSync(claimed);
+    } catch (err) {
+      const errorsDir = join(this.ipcDir, 'errors');
+      mkdirSync(errorsDir, { recursive: true });
+      const target = join(errorsDir, `${folder}-${kind}-${basename(path)}`);
+      renameSync(claimed, target);
+      log.warn({ group: folder, file: basename(path), movedTo: target, reason: err instanceof Error ? err.message : String(err) }, 'IPC file rejected');
+    }
+  }
+}
+
+// ───────────────────────────── 9. Scheduler: when a task runs next ───────────────────
+
+export class ScheduleError extends Error {}
+
+/** Offset of `timezone` from UTC at `date`, in minutes (e.g. +60 for Berlin in winter). */
+function timezoneOffsetMinutes(date: Date, timezone: string): number {
+  const parts = new Intl.DateTimeFormat('en-US', {
+    timeZone: timezone, hourCycle: 'h23', year: 'numeric', month: 'numeric', day: 'numeric', hour: 'numeric', minute: 'numeric', second: 'numeric',
+  }).formatToParts(date);
+  const get = (type: string) => Number(parts.find((p) => p.type === type)?.value);
+  const asUtc = Date.UTC(get('year'), get('month') - 1, get('day'), get('hour'), get('minute'), get('second'));
+  return Math.round((asUtc - Math.floor(date.getTime() / 1000) * 1000) / 60_000);
+}
+
+/** "2026-12-01 17:00" in the user's timezone; an explicit offset or Z is respected as given. */
+export function parseOnceTime(value: string, timezone: string): Date {
+  const text = value.trim();
+  if (/(Z|[+-]\d{2}:?\d{2})$/i.test(text)) {
+    const date = new Date(text);
+    if (Number.isNaN(date.getTime())) throw new ScheduleError(`"${value}" is not a valid date-time`);
+    return date;
+  }
+  const match = /^(\d{4})-(\d{2})-(\d{2})[T ](\d{2}):(\d{2})(?::(\d{2}))?$/.exec(text);
+  if (!match) throw new ScheduleError(`"${value}" is not a date-time; use YYYY-MM-DD HH:MM (your time, ${timezone}) or ISO 8601 with an offset`);
+  const [, y, mo, d, h, mi, s] = match.map(Number) as number[];
+  const wallClockAsUtc = Date.UTC(y!, mo! - 1, d!, h!, mi!, s ?? 0);
+  // Two passes settle the offset even next to a DST change.
+  let guess = wallClockAsUtc - timezoneOffsetMinutes(new Date(wallClockAsUtc), timezone) * 60_000;
+  guess = wallClockAsUtc - timezoneOffsetMinutes(new Date(guess), timezone) * 60_000;
+  return new Date(guess);
+}
+
+/** The next run after `from`, or null when a once-task has nothing left. Throws ScheduleError on bad input. */
+export function computeNextRun(type: ScheduleType, value: string, timezone: string, from = new Date()): Date | null {
+  switch (type) {
+    case 'cron': {
+      let job: Cron;
+      try {
+        job = new Cron(value, { timezone, paused: true });
+      } catch (err) {
+        throw new ScheduleError(`"${value}" is not a valid cron expression (${err instanceof Error ? err.message : err}); e.g. "0 9 * * 1-5" = weekdays at 09:00`);
+      }
+      return job.nextRun(from);
+    }
+    case 'interval': {
+      const ms = Number(value);
+      if (!Number.isInteger(ms) || ms < 1000) throw new ScheduleError(`interval "${value}" must be a whole number of milliseconds, at least 1000 (e.g. 3600000 = hourly)`);
+      return new Date(from.getTime() + ms);
+    }
+    case 'once': {
+      const at = parseOnceTime(value, timezone);
+      return at.getTime() > from.getTime() ? at : null;
+    }
+  }
+}
+
+// ───────────────────────────── 10. Host: inbound → queue → container → outbound ──────
+
+export interface TurnEvent {
+  chatJid: string;
+  status: 'success' | 'error';
+  /** What was sent to the chat, if anything. */
+  sent: string | null;
+  error?: string;
+}
+
+export interface HostOptions {
+  retryBaseMs?: number;
+  maxRetries?: number;
+  /** How often the safety sweep looks for messages and IPC files that slipped past the events. */
+  sweepIntervalMs?: number;
+  shutdownGraceMs?: number;
+}
+
+/**
+ * The running assistant. Emits 'turn' (TurnEvent) whenever a group's agent finishes a
+ * turn, successfully or not, and 'run' ({chatJid, outcome}) when a container exits.
+ */
+export class Host extends EventEmitter {
+  readonly queue: GroupQueue;
+  readonly ipc: IpcWatcher;
+  private readonly trigger: RegExp;
+  /** Highest message seq handed to each group's live container (the persisted cursor trails it until answered). */
+  private readonly delivered = new Map<string, number>();
+  private sweepTimer: ReturnType<typeof setInterval> | null = null;
+  private stopped = false;
+
+  constructor(
+    readonly config: Config,
+    readonly store: Store,
+    readonly channels: Channel[],
+    private readonly options: HostOptions = {},
+  ) {
+    super();
+    this.trigger = triggerPattern(config.assistantName);
+    this.queue = new GroupQueue({
+      maxConcurrent: config.maxConcurrentContainers,
+      idleTimeoutMs: config.idleTimeoutMs,
+      retryBaseMs: options.retryBaseMs ?? 5_000,
+      maxRetries: options.maxRetries ?? 5,
+      processMessages: (jid) => this.processMessages(jid),
+    });
+    this.ipc = new IpcWatcher(config.ipcDir, { handle: (folder, kind, data) => this.handleIpc(folder, kind, data) }, options.sweepIntervalMs ?? 30_000);
+  }
+
+  async start(): Promise<void> {
+    const handlers: ChannelHandlers = { onMessage: (message, chat) => this.handleInbound(message, chat) };
+    for (const channel of this.channels) await channel.connect(handlers);
+    this.ipc.start();
+    this.recover();
+    this.sweepTimer = setInterval(() => this.recover(), this.options.sweepIntervalMs ?? 60_000);
+    log.info({ groups: this.store.listGroups().length, channels: this.channels.map((c) => c.name) }, 'NanoClaw is running');
+  }
+
+  async stop(): Promise<void> {
+    if (this.stopped) return;
+    this.stopped = true;
+    if (this.sweepTimer) clearInterval(this.sweepTimer);
+    await this.queue.shutdown(this.options.shutdownGraceMs ?? 10_000);
+    await this.ipc.stop();
+    for (const channel of this.channels) await channel.disconnect();
+    log.info('NanoClaw stopped');
+  }
+
+  /** Every inbound message of every channel comes through here. */
+  handleInbound(message: NewMessage, chat: ChatMeta): void {
+    const channel = this.channels.find((c) => c.ownsJid(message.chatJid));
+    this.store.upsertChat({ jid: message.chatJid, name: chat.name, channel: channel?.name ?? 'unknown', isGroup: chat.isGroup, lastMessageAt: message.timestamp });
+    const group = this.store.groupByJid(message.chatJid);
+    if (!group) return; // only metadata for chats the user has not registered
+    const isBot = message.isBotMessage || isOwnReply(message.content, this.config.assistantName);
+    const seq = this.store.storeMessage({ ...message, isBotMessage: isBot });
+    if (seq === null || isBot || this.stopped) return;
+    if (!this.forwardToLiveContainer(group)) this.queue.enqueueMessages(group.jid);
+  }
+
+  /** New messages for a group whose container is alive go to that container. */
+  private forwardToLiveContainer(group: RegisteredGroup): boolean {
+    const deliveredSeq = this.delivered.get(group.jid);
+    if (deliveredSeq === undefined) return false;
+    const messages = this.store.messagesSince(group.jid, deliveredSeq);
+    if (!needsAgent(group, messages, this.trigger)) return true; // kept for the next batch
+    if (!this.queue.sendFollowUp(group.jid, formatMessages(messages, this.config.timezone))) return false;
+    this.delivered.set(group.jid, messages.at(-1)!.seq);
+    log.debug({ group: group.folder, count: messages.length }, 'Follow-up handed to the running container');
+    return true;
+  }
+
+  /** Start-up recovery and the safety sweep: any group with unanswered messages gets queued. */
+  recover(): void {
+    for (const group of this.store.listGroups()) {
+      if (this.queue.isRunning(group.jid)) continue;
+      const pending = this.store.messagesSince(group.jid, this.store.getCursor(group.jid));
+      if (needsAgent(group, pending, this.trigger)) {
+        log.info({ group: group.folder, pending: pending.length }, 'Unanswered messages found; queueing');
+        this.queue.enqueueMessages(group.jid);
+      }
+    }
+  }
+
+  /**
+   * One container run for a group's unanswered messages. The persisted cursor moves only
+   * when the agent answers, so a failed run leaves the messages to be retried (nothing
+   * lost) while anything already answered and sent is never sent again.
+   */
+  async processMessages(chatJid: string): Promise<boolean> {
+    const group = this.store.groupByJid(chatJid);
+    if (!group) return true;
+    const messages = this.store.messagesSince(chatJid, this.store.getCursor(chatJid));
+    if (!needsAgent(group, messages, this.trigger)) return true;
+    this.delivered.set(chatJid, messages.at(-1)!.seq);
+    const channel = this.channels.find((c) => c.ownsJid(chatJid));
+    await channel?.setTyping?.(chatJid, true).catch(() => {});
+    let outcome: RunOutcome;
+    try {
+      outcome = await this.runAgent(group, formatMessages(messages, this.config.timezone), {
+        isScheduledTask: false,
+        acceptsFollowUps: true,
+        onResult: async (result) => {
+          if (result.status === 'success') {
+            const sent = result.result ? formatOutbound(result.result, this.config.assistantName, this.config.assistantHasOwnNumber) : null;
+            if (sent) await this.sendToChat(chatJid, sent);
+            this.store.setCursor(chatJid, this.delivered.get(chatJid) ?? 0);
+            this.queue.markIdle(chatJid);
+            this.emit('turn', { chatJid, status: 'success', sent } satisfies TurnEvent);
+          } else {
+            this.emit('turn', { chatJid, status: 'error', sent: null, error: result.error } satisfies TurnEvent);
+          }
+        },
+      });
+    } catch (err) {
+      const error = err instanceof Error ? err.message : String(err);
+      log.error({ group: group.folder, error }, 'Could not run the agent container');
+      this.emit('turn', { chatJid, status: 'error', sent: null, error } satisfies TurnEvent);
+      return this.stopped;
+    } finally {
+      this.delivered.delete(chatJid);
+      await channel?.setTyping?.(chatJid, false).catch(() => {});
+    }
+    const failed = outcome.exitCode !== 0 || outcome.timedOut;
+    const unanswered = this.store.messagesSince(chatJid, this.store.getCursor(chatJid)).length;
+    if (failed && outcome.results === 0) {
+      const error = outcome.timedOut ? 'the agent timed out' : `the agent container exited with code ${outcome.exitCode}`;
+      this.emit('turn', { chatJid, status: 'error', sent: null, error } satisfies TurnEvent);
+    }
+    if ((failed || outcome.lastError) && unanswered > 0 && !this.stopped) {
+      log.warn({ group: group.folder, unanswered, logFile: outcome.logFile }, 'Run failed; cursor left before the unanswered messages, will retry');
+      return false;
+    }
+    return true;
+  }
+
+  /** Launches the group's container with its mounts, session and the secrets on stdin. */
+  async runAgent(
+    group: RegisteredGroup,
+    prompt: string,
+    run: { isScheduledTask: boolean; acceptsFollowUps: boolean; sessionId?: string | null; onResult(result: ContainerResult): Promise<void> },
+  ): Promise<RunOutcome> {
+    writeSnapshots(this.config, this.store, group);
+    const allowlist = group.containerConfig?.additionalMounts?.length ? loadMountAllowlist(this.config.mountAllowlistPath) : null;
+    const extra = validateExtraMounts(group.containerConfig?.additionalMounts, allowlist, group.isMain);
+    for (const rejected of extra.rejected) log.warn({ group: group.folder, ...rejected }, 'Extra mount refused');
+    const sessionId = run.sessionId === undefined ? this.store.getSession(group.folder) : run.sessionId;
+    const input: ContainerInput = {
+      prompt,
+      groupFolder: group.folder,
+      chatJid: group.jid,
+      isMain: group.isMain,
+      ...(sessionId ? { sessionId } : {}),
+      isScheduledTask: run.isScheduledTask,
+      assistantName: this.config.assistantName,
+      secrets: readSecrets(this.config),
+    };
+    return runContainer({
+      config: this.config,
+      group,
+      input,
+      mounts: buildMounts(this.config, group, extra.mounts),
+      acceptsFollowUps: run.acceptsFollowUps,
+      onStart: (live) => this.queue.attach(group.jid, live),
+      onResult: async (result) => {
+        if (result.sessionId && !run.isScheduledTask) this.store.setSession(group.folder, result.sessionId);
+        if (result.status === 'error') log.error({ group: group.folder, error: result.error }, 'Agent reported an error');
+        await run.onResult(result);
+      },
+    });
+  }
+
+  /** Sends on the channel that owns the chat and records the bot's message. */
+  async sendToChat(chatJid: string, text: string): Promise<void> {
+    const channel = this.channels.find((c) => c.ownsJid(chatJid));
+    if (!channel) {
+      log.error({ chatJid }, 'No channel owns this chat; message not sent');
+      return;
+    }
+    await channel.sendMessage(chatJid, text);
+    const now = new Date();
+    this.store.storeMessage({
+      id: `out-${now.getTime()}-${Math.random().toString(36).slice(2, 8)}`, chatJid, sender: 'bot', senderName: this.config.assistantName,
+      content: text, timestamp: now.toISOString(), isFromMe: true, isBotMessage: true,
+    });
+  }
+
+  /** Requests from an agent, authorised by the IPC folder they were written to. */
+  async handleIpc(folder: string, kind: 'messages' | 'tasks', data: unknown): Promise<void> {
+    const source = this.store.groupByFolder(folder);
+    if (!source) throw new IpcFormatError(`no registered group uses the folder "${folder}"`);
+    const request = kind === 'messages' ? parseIpcMessage(data) : parseIpcTask(data);
+    const refused = refusal(source, request, this.store);
+    if (refused) {
+      log.warn({ group: folder, type: request.type, reason: refused }, 'IPC request refused');
+      return;
+    }
+    if (request.type === 'message') {
+      await this.sendToChat(request.chatJid, request.text);
+      log.info({ group: folder, chatJid: request.chatJid }, 'Message sent for the agent');
+      return;
+    }
+    this.applyTaskRequest(source, request);
+    writeSnapshots(this.config, this.store, source);
+  }
+
+  private applyTaskRequest(source: RegisteredGroup, request: IpcTask): void {
+    const tz = this.config.timezone;
+    switch (request.type) {
+      case 'schedule_task': {
+        const target = this.store.groupByJid(request.targetJid ?? source.jid)!;
+        const nextRun = computeNextRun(request.schedule_type, request.schedule_value, tz);
+        if (!nextRun) throw new ScheduleError(`"${request.schedule_value}" is in the past`);
+        const id = `task-${Date.now()}-${Math.random().toString(36).slice(2, 8)}`;
+        this.store.createTask({
+          id, groupFolder: target.folder, chatJid: target.jid, prompt: request.prompt, scheduleType: request.schedule_type,
+          scheduleValue: request.schedule_value, contextMode: request.context_mode, nextRun: nextRun.toISOString(),
+          lastRun: null, lastResult: null, status: 'active', createdAt: new Date().toISOString(),
+        });
+        log.info({ group: source.folder, taskId: id, target: target.folder, nextRun: nextRun.toISOString() }, 'Task scheduled');
+        break;
+      }
+      case 'pause_task':
+        this.store.updateTask(request.taskId, { status: 'paused' });
+        log.info({ group: source.folder, taskId: request.taskId }, 'Task paused');
+        break;
+      case 'resume_task': {
+        const task = this.store.getTask(request.taskId)!;
+        const nextRun = computeNextRun(task.scheduleType, task.scheduleValue, tz);
+        this.store.updateTask(task.id, { status: nextRun ? 'active' : 'completed', nextRun: nextRun?.toISOString() ?? null });
+        log.info({ group: source.folder, taskId: task.id }, 'Task resumed');
+        break;
+      }
+      case 'cancel_task':
+        this.store.deleteTask(request.taskId);
+        log.info({ group: source.folder, taskId: request.taskId }, 'Task cancelled');
+        break;
+      case 'update_task': {
+        const task = this.store.getTask(request.taskId)!;
+        const scheduleType = request.schedule_type ?? task.scheduleType;
+        const scheduleValue = request.schedule_value ?? task.scheduleValue;
+        const scheduleChanged = scheduleType !== task.scheduleType || scheduleValue !== task.scheduleValue;
+        const nextRun = scheduleChanged ? computeNextRun(scheduleType, scheduleValue, tz) : undefined;
+        if (scheduleChanged && !nextRun) throw new ScheduleError(`"${scheduleValue}" is in the past`);
+        this.store.updateTask(task.id, { prompt: request.prompt, scheduleType, scheduleValue, ...(nextRun ? { nextRun: nextRun.toISOString() } : {}) });
+        log.info({ group: source.folder, taskId: task.id }, 'Task updated');
+        break;
+      }
+      case 'refresh_groups':
+        void Promise.all(this.channels.map((channel) => channel.syncGroups?.())).then(() => {
+          this.store.db.query("INSERT INTO router_state (key, value) VALUES ('groups_synced_at', ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value").run(new Date().toISOString());
+          writeSnapshots(this.config, this.store, source);
+        });
+        log.info({ group: source.folder }, 'Group list refresh requested');
+        break;
+      case 'register_group':
+        registerGroup(this.config, this.store, { jid: request.jid, name: request.name, folder: request.folder, trigger: request.trigger });
+        break;
+    }
+  }
+}
+
+/** Registers a chat: validates, creates its folder (with a starter CLAUDE.md) and starts its cursor at "now". */
+export function registerGroup(
+  config: Config,
+  store: Store,
+  request: { jid: string; name: string; folder: string; trigger?: string; requiresTrigger?: boolean; isMain?: boolean; containerConfig?: ContainerConfig },
+): RegisteredGroup {
+  if (!isValidFolder(request.folder)) throw new IpcFormatError(`folder "${request.folder}" must be lowercase letters, digits, - or _ (not "global")`);
+  if (store.groupByJid(request.jid)) throw new IpcFormatError(`${request.jid} is already registered`);
+  if (store.groupByFolder(request.folder)) throw new IpcFormatError(`folder "${request.folder}" is already used by another group`);
+  if (request.isMain && store.mainGroup()) throw new IpcFormatError('there is already a main group');
+  const group: RegisteredGroup = {
+    jid: request.jid, name: request.name, folder: request.folder, trigger: request.trigger ?? `@${config.assistantName}`,
+    requiresTrigger: request.requiresTrigger ?? !request.isMain, isMain: request.isMain ?? false,
+    containerConfig: request.containerConfig, addedAt: new Date().toISOString(),
+  };
+  const dir = join(config.groupsDir, group.folder);
+  mkdirSync(join(dir, 'logs'), { recursive: true });
+  const memory = join(dir, 'CLAUDE.md');
+  if (!existsSync(memory)) writeFileSync(memory, `# ${group.name}\n\nMemory for this group. The assistant reads this file before every conversation.\n`);
+  store.db.transaction(() => {
+    store.registerGroup(group);
+    store.setCursor(group.jid, store.latestSeq(group.jid));
+  })();
+  log.info({ group: group.folder, jid: group.jid, isMain: group.isMain }, 'Group registered');
+  return group;
+}
+
+// ───────────────────────────── 11. CLI: commands, start-up checks, main() ────────────
+
+export const USAGE = `NanoClaw — your assistant in WhatsApp, one container per group.
+
+Usage: bun nanoclaw.ts [command]
+
+Commands:
+  (none), start                 run the assistant service
+  chat                          talk to the main group's agent from this terminal
+                                (piped stdin: one message per line, replies on stdout)
+  groups list                   registered groups
+  groups register <jid> <folder> [--name N] [--trigger @Word] [--no-trigger] [--main]
+  groups remove <jid|folder>    unregister (its folder and memory stay on disk)
+  sessions list                 the Kimi session of each group
+  sessions clear <folder>       forget a group's session (files and database row)
+  help, --help                  this text
+
+Settings come from the environment and .env (see .env.example).`;
+
+export class UsageError extends Error {}
+
+/** Runs a command to completion; never throws for a missing binary. */
+function runQuietly(cmd: string[], timeoutMs = 15_000): { ok: boolean; output: string } {
+  try {
+    const result = Bun.spawnSync(cmd, { env: childProcessEnv(), timeout: timeoutMs, stdout: 'pipe', stderr: 'pipe' });
+    return { ok: result.exitCode === 0, output: `${result.stdout.toString()}${result.stderr.toString()}`.trim() };
+  } catch (err) {
+    return { ok: false, output: err instanceof Error ? err.message : String(err) };
+  }
+}
+
+/** Everything the service needs before it starts; each problem comes with the command that fixes it. */
+export function preflight(config: Config): string[] {
+  const problems: string[] = [];
+  const runtime = config.containerRuntime;
+  const info = runQuietly([runtime, 'info']);
+  if (!info.ok) {
+    const cause = info.output.split('\n').find((line) => line.trim()) ?? 'no output';
+    problems.push(
+      `The container engine is not reachable (${runtime} info: ${cause}).\n` +
+        `  Fix: start Docker — open Docker Desktop on macOS, or run \`sudo systemctl start docker\` on Linux.`,
+    );
+  } else if (!runQuietly([runtime, 'image', 'inspect', config.containerImage]).ok) {
+    problems.push(`The agent image ${config.containerImage} does not exist.\n  Fix: ./container/build.sh`);
+  }
+  const usesKimiProvider = !config.kimi.provider || config.kimi.provider === 'kimi';
+  if (usesKimiProvider && !readSecrets(config).KIMI_API_KEY) {
+    problems.push(`KIMI_API_KEY is not set.\n  Fix: cp .env.example .env, then put your key on its line: KIMI_API_KEY=sk-…`);
+  }
+  return problems;
+}
+
+/** Stops containers a previous host left behind (it died without closing them). */
+export function stopOrphanContainers(config: Config): string[] {
+  const listed = runQuietly([config.containerRuntime, 'ps', '--filter', 'name=^nanoclaw-', '--format', '{{.Names}}']);
+  const names = listed.ok ? listed.output.split('\n').map((n) => n.trim()).filter(Boolean) : [];
+  for (const name of names) runQuietly([config.containerRuntime, 'stop', '-t', '2', name], 30_000);
+  if (names.length) log.warn({ containers: names }, 'Stopped containers left over from a previous run');
+  return names;
+}
+
+/** One host per project: two would answer the same messages. Returns a release function. */
+export function acquireHostLock(config: Config): () => void {
+  const lockFile = join(config.dataDir, 'nanoclaw.pid');
+  mkdirSync(config.dataDir, { recursive: true });
+  if (existsSync(lockFile)) {
+    const pid = Number(readFileSync(lockFile, 'utf8').trim());
+    let alive = false;
+    try {
+      alive = Number.isInteger(pid) && pid > 0 && pid !== process.pid && process.kill(pid, 0);
+    } catch {
+      alive = false;
+    }
+    if (alive) throw new UsageError(`NanoClaw is already running here (pid ${pid}). Stop it first, or talk to it through its channel.`);
+  }
+  writeFileSync(lockFile, String(process.pid));
+  return () => {
+    if (existsSync(lockFile) && readFileSync(lockFile, 'utf8').trim() === String(process.pid)) unlinkSync(lockFile);
+  };
+}
+
+/** The main group, registered for the terminal when nothing else registered it yet. */
+export function ensureMainGroup(config: Config, store: Store): RegisteredGroup {
+  return store.mainGroup() ?? registerGroup(config, store, { jid: LOCAL_MAIN_JID, name: 'Main', folder: 'main', isMain: true, requiresTrigger: false });
+}
+
+function waitForTurn(host: Host, chatJid: string): Promise<TurnEvent> {
+  return new Promise((resolveTurn) => {
+    const listener = (event: TurnEvent) => {
+      if (event.chatJid !== chatJid) return;
+      host.off('turn', listener);
+      resolveTurn(event);
+    };
+    host.on('turn', listener);
+  });
+}
+
+async function startHost(config: Config, channels: Channel[]): Promise<{ host: Host; store: Store; release: () => void }> {
+  const problems = preflight(config);
+  if (problems.length) throw new UsageError(`NanoClaw cannot start yet:\n\n${problems.map((p) => `• ${p}`).join('\n\n')}`);
+  const release = acquireHostLock(config);
+  const store = new Store(config.dbPath);
+  stopOrphanContainers(config);
+  const host = new Host(config, store, channels);
+  return { host, store, release };
+}
+
+function onShutdownSignal(stop: () => Promise<void>): void {
+  let stopping = false;
+  const handler = (signal: string) => {
+    if (stopping) process.exit(130); // second Ctrl-C: leave now
+    stopping = true;
+    log.info({ signal }, 'Shutting down');
+    void stop().then(() => process.exit(0));
+  };
+  process.once('SIGINT', () => handler('SIGINT'));
+  process.on('SIGINT', () => handler('SIGINT'));
+  process.on('SIGTERM', () => handler('SIGTERM'));
+}
+
+/** `chat`: the terminal as the main group's channel. */
+export async function runChat(config: Config): Promise<number> {
+  const interactive = Boolean(process.stdin.isTTY);
+  const setupStore = new Store(config.dbPath);
+  const main = ensureMainGroup(config, setupStore);
+  setupStore.close();
+  const local = new LocalChannel(main.jid, (text) => process.stdout.write(`${text}\n`));
+  const { host, store, release } = await startHost(config, [local]);
+  const finish = async () => {
+    await host.stop();
+    store.close();
+    release();
+  };
+  onShutdownSignal(finish);
+  await host.start();
+
+  let failures = 0;
+  host.on('turn', (event: TurnEvent) => {
+    if (event.chatJid === main.jid && event.status === 'error') {
+      failures++;
+      process.stderr.write(`${interactive ? '\x1b[31m' : ''}The agent failed: ${event.error ?? 'unknown error'} (details: groups/${main.folder}/logs/)${interactive ? '\x1b[0m' : ''}\n`);
+    }
+  });
+
+  const lines = createInterface({ input: process.stdin, terminal: interactive, ...(interactive ? { output: process.stdout, prompt: 'you › ' } : {}) });
+  if (interactive) {
+    process.stdout.write(`Talking to ${config.assistantName} (main group, folder groups/${main.folder}). Ctrl-D to leave.\n`);
+    lines.prompt();
+    host.on('turn', (event: TurnEvent) => event.chatJid === main.jid && lines.prompt());
+    for await (const line of lines) {
+      if (line.trim()) local.submit(line.trim());
+      else lines.prompt();
+    }
+  } else {
+    for await (const line of lines) {
+      if (!line.trim()) continue;
+      const turn = waitForTurn(host, main.jid);
+      local.submit(line.trim());
+      await turn;
+    }
+  }
+  await finish();
+  return failures > 0 ? 1 : 0;
+}
+
+/** The service: every channel that is set up, until a signal stops it. */
+export async function runService(config: Config): Promise<number> {
+  const channels: Channel[] = [];
+  if (channels.length === 0) {
+    throw new UsageError(
+      'No messaging channel is set up yet: WhatsApp is not connected on this machine.\n' +
+        '  To talk to your assistant from this terminal now: bun nanoclaw.ts chat',
+    );
+  }
+  const { host, store, release } = await startHost(config, channels);
+  onShutdownSignal(async () => {
+    await host.stop();
+    store.close();
+    release();
+  });
+  await host.start();
+  await new Promise(() => {}); // runs until a signal
+  return 0;
+}
+
+function groupsCommand(config: Config, args: string[]): number {
+  const store = new Store(config.dbPath);
+  try {
+    const [action, ...rest] = args;
+    if (action === 'list' || action === undefined) {
+      const groups = store.listGroups();
+      if (groups.length === 0) console.log('No groups registered. `bun nanoclaw.ts chat` registers the main group for the terminal.');
+      for (const g of groups) {
+        console.log(`${g.folder.padEnd(16)} ${g.jid.padEnd(32)} ${g.isMain ? 'main' : g.requiresTrigger ? `trigger ${g.trigger}` : 'no trigger'}  ${g.name}`);
+      }
+      return 0;
+    }
+    if (action === 'register') {
+      const { values, positionals } = parseArgs({
+        args: rest, allowPositionals: true,
+        options: { name: { type: 'string' }, trigger: { type: 'string' }, 'no-trigger': { type: 'boolean' }, main: { type: 'boolean' } },
+      });
+      const [jid, folder] = positionals;
+      if (!jid || !folder || positionals.length > 2) throw new UsageError('Usage: groups register <jid> <folder> [--name N] [--trigger @Word] [--no-trigger] [--main]');
+      const group = registerGroup(config, store, {
+        jid, folder, name: values.name ?? folder, trigger: values.trigger, isMain: values.main,
+        requiresTrigger: values['no-trigger'] ? false : undefined,
+      });
+      console.log(`Registered ${group.jid} as groups/${group.folder}${group.isMain ? ' (main)' : ''}.`);
+      return 0;
+    }
+    if (action === 'remove') {
+      const [key] = rest;
+      if (!key || rest.length > 1) throw new UsageError('Usage: groups remove <jid|folder>');
+      const group = store.groupByJid(key) ?? store.groupByFolder(key);
+      if (!group) throw new UsageError(`No registered group with jid or folder "${key}".`);
+      store.removeGroup(group.jid);
+      console.log(`Removed ${group.jid}. Its folder groups/${group.folder} was kept.`);
+      return 0;
+    }
+    throw new UsageError(`Unknown groups command "${action}".\n\n${USAGE}`);
+  } finally {
+    store.close();
+  }
+}
+
+function sessionsCommand(config: Config, args: string[]): number {
+  const store = new Store(config.dbPath);
+  try {
+    const [action, folder, ...extra] = args;
+    if (action === 'list' || action === undefined) {
+      const sessions = store.listSessions();
+      if (sessions.length === 0) console.log('No sessions yet.');
+      for (const s of sessions) console.log(`${s.groupFolder.padEnd(16)} ${s.sessionId}  (updated ${s.updatedAt})`);
+      return 0;
+    }
+    if (action === 'clear') {
+      if (!folder || extra.length) throw new UsageError('Usage: sessions clear <folder>');
+      if (!isValidFolder(folder)) throw new UsageError(`"${folder}" is not a group folder name.`);
+      const sessionFiles = join(groupPaths(config, folder).kimiHome, 'sessions');
+      const hadFiles = existsSync(sessionFiles);
+      rmSync(sessionFiles, { recursive: true, force: true });
+      const hadRow = store.deleteSession(folder);
+      console.log(hadFiles || hadRow ? `Cleared the session of "${folder}": the next message starts a new one.` : `"${folder}" had no session.`);
+      return 0;
+    }
+    throw new UsageError(`Unknown sessions command "${action}".\n\n${USAGE}`);
+  } finally {
+    store.close();
+  }
+}
+
+export async function main(argv: string[], projectRoot = import.meta.dir): Promise<number> {
+  takeSecretsOutOfEnvironment();
+  const [command = 'start', ...args] = argv;
+  if (command === 'help' || command === '--help' || command === '-h') {
+    console.log(USAGE);
+    return 0;
+  }
+  try {
+    const config = loadConfig(projectRoot);
+    const interactiveChat = command === 'chat';
+    setupLogging(config, { terminalLevel: interactiveChat ? (config.logLevel === 'debug' || config.logLevel === 'trace' ? config.logLevel : 'warn') : config.logLevel, secrets: Object.values(readSecrets(config)).filter((v): v is string => Boolean(v)) });
+    switch (command) {
+      case 'start':
+        if (args.length) throw new UsageError(`start takes no arguments.\n\n${USAGE}`);
+        return await runService(config);
+      case 'chat':
+        if (args.length) throw new UsageError(`chat takes no arguments.\n\n${USAGE}`);
+        return await runChat(config);
+      case 'groups':
+        return groupsCommand(config, args);
+      case 'sessions':
+        return sessionsCommand(config, args);
+      default:
+        throw new UsageError(`Unknown command "${command}".\n\n${USAGE}`);
+    }
+  } catch (err) {
+    if (err instanceof UsageError || err instanceof ConfigError || err instanceof IpcFormatError) {
+      console.error(err.message);
+      return 2;
+    }
+    log.fatal({ err }, 'NanoClaw crashed');
+    console.error(err);
+    return 1;
+  }
+}
+
+if (import.meta.main) {
+  process.exit(await main(process.argv.slice(2)));
+}
