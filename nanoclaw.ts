@@ -32,6 +32,7 @@ import {
 import { homedir } from 'node:os';
 import { basename, dirname, isAbsolute, join, relative, resolve, sep } from 'node:path';
 import { createInterface } from 'node:readline';
+import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 import { Cron } from 'croner';
 import pino, { type Logger } from 'pino';
@@ -1686,6 +1687,8 @@ export interface TurnEvent {
   /** What was sent to the chat, if anything. */
   sent: string | null;
   error?: string;
+  /** The turn covered the chat's messages up to this seq. */
+  upToSeq: number;
 }
 
 export interface HostOptions {
@@ -1796,6 +1799,7 @@ export class Host extends EventEmitter {
     const channel = this.channels.find((c) => c.ownsJid(chatJid));
     await channel?.setTyping?.(chatJid, true).catch(() => {});
     let outcome: RunOutcome;
+    let upToSeq = 0;
     try {
       outcome = await this.runAgent(group, formatMessages(messages, this.config.timezone), {
         isScheduledTask: false,
@@ -1804,20 +1808,22 @@ export class Host extends EventEmitter {
           if (result.status === 'success') {
             const sent = result.result ? formatOutbound(result.result, this.config.assistantName, this.config.assistantHasOwnNumber) : null;
             if (sent) await this.sendToChat(chatJid, sent);
-            this.store.setCursor(chatJid, this.delivered.get(chatJid) ?? 0);
+            const upToSeq = this.delivered.get(chatJid) ?? 0;
+            this.store.setCursor(chatJid, upToSeq);
             this.queue.markIdle(chatJid);
-            this.emit('turn', { chatJid, status: 'success', sent } satisfies TurnEvent);
+            this.emit('turn', { chatJid, status: 'success', sent, upToSeq } satisfies TurnEvent);
           } else {
-            this.emit('turn', { chatJid, status: 'error', sent: null, error: result.error } satisfies TurnEvent);
+            this.emit('turn', { chatJid, status: 'error', sent: null, error: result.error, upToSeq: this.delivered.get(chatJid) ?? 0 } satisfies TurnEvent);
           }
         },
       });
     } catch (err) {
       const error = err instanceof Error ? err.message : String(err);
       log.error({ group: group.folder, error }, 'Could not run the agent container');
-      this.emit('turn', { chatJid, status: 'error', sent: null, error } satisfies TurnEvent);
+      this.emit('turn', { chatJid, status: 'error', sent: null, error, upToSeq: this.delivered.get(chatJid) ?? 0 } satisfies TurnEvent);
       return this.stopped;
     } finally {
+      upToSeq = this.delivered.get(chatJid) ?? 0;
       this.delivered.delete(chatJid);
       await channel?.setTyping?.(chatJid, false).catch(() => {});
     }
@@ -1825,7 +1831,7 @@ export class Host extends EventEmitter {
     const unanswered = this.store.messagesSince(chatJid, this.store.getCursor(chatJid)).length;
     if (failed && outcome.results === 0) {
       const error = outcome.timedOut ? 'the agent timed out' : `the agent container exited with code ${outcome.exitCode}`;
-      this.emit('turn', { chatJid, status: 'error', sent: null, error } satisfies TurnEvent);
+      this.emit('turn', { chatJid, status: 'error', sent: null, error, upToSeq } satisfies TurnEvent);
     }
     if ((failed || outcome.lastError) && unanswered > 0 && !this.stopped) {
       log.warn({ group: group.folder, unanswered, logFile: outcome.logFile }, 'Run failed; cursor left before the unanswered messages, will retry');
@@ -2073,10 +2079,11 @@ export function ensureMainGroup(config: Config, store: Store): RegisteredGroup {
   return store.mainGroup() ?? registerGroup(config, store, { jid: LOCAL_MAIN_JID, name: 'Main', folder: 'main', isMain: true, requiresTrigger: false });
 }
 
-function waitForTurn(host: Host, chatJid: string): Promise<TurnEvent> {
+/** Resolves with the first turn of the chat that covers message `seq`. */
+function waitForTurn(host: Host, chatJid: string, seq: number): Promise<TurnEvent> {
   return new Promise((resolveTurn) => {
     const listener = (event: TurnEvent) => {
-      if (event.chatJid !== chatJid) return;
+      if (event.chatJid !== chatJid || event.upToSeq < seq) return;
       host.off('turn', listener);
       resolveTurn(event);
     };
@@ -2143,9 +2150,8 @@ export async function runChat(config: Config): Promise<number> {
   } else {
     for await (const line of lines) {
       if (!line.trim()) continue;
-      const turn = waitForTurn(host, main.jid);
       local.submit(line.trim());
-      await turn;
+      await waitForTurn(host, main.jid, store.latestSeq(main.jid));
     }
   }
   await finish();
@@ -2239,7 +2245,8 @@ function sessionsCommand(config: Config, args: string[]): number {
   }
 }
 
-export async function main(argv: string[], projectRoot = import.meta.dir): Promise<number> {
+/** NANOCLAW_ROOT points the CLI at another project directory (tests, several assistants on one machine). */
+export async function main(argv: string[], projectRoot = process.env.NANOCLAW_ROOT || dirname(fileURLToPath(import.meta.url))): Promise<number> {
   takeSecretsOutOfEnvironment();
   const [command = 'start', ...args] = argv;
   if (command === 'help' || command === '--help' || command === '-h') {

@@ -1,0 +1,181 @@
+import { copyFileSync, existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { beforeEach, describe, expect, it } from 'vitest';
+import { Store } from '../nanoclaw.ts';
+import { fakeDocker, tempProject, type FakeDocker } from './helpers.ts';
+
+const REPO = fileURLToPath(new URL('..', import.meta.url));
+const ENTRY = join(REPO, 'nanoclaw.ts');
+const SECRET = 'sk-cli-test-zyxwvutsrqponmlk';
+
+let docker: FakeDocker;
+let root: string;
+
+beforeEach(() => {
+  docker = fakeDocker();
+  root = tempProject().projectRoot;
+  copyFileSync(join(REPO, 'bunfig.toml'), join(root, 'bunfig.toml'));
+  writeFileSync(join(root, '.env'), `KIMI_API_KEY=${SECRET}\nTZ=UTC\n`);
+});
+
+/** Runs `bun nanoclaw.ts …` the way a user does, from the project directory. */
+async function cli(args: string[], stdin = '', env: Record<string, string> = {}) {
+  const proc = Bun.spawn([process.execPath, ENTRY, ...args], {
+    cwd: root,
+    stdin: new Blob([stdin]),
+    stdout: 'pipe',
+    stderr: 'pipe',
+    env: { PATH: process.env.PATH!, HOME: process.env.HOME!, NANOCLAW_ROOT: root, CONTAINER_RUNTIME: docker.path, ...env },
+  });
+  const [stdout, stderr, code] = await Promise.all([new Response(proc.stdout).text(), new Response(proc.stderr).text(), proc.exited]);
+  return { stdout, stderr, code };
+}
+
+describe('bun nanoclaw.ts', () => {
+  it('--help lists the commands', async () => {
+    const { stdout, code } = await cli(['--help']);
+    expect(code).toBe(0);
+    for (const command of ['chat', 'groups list', 'groups register', 'sessions clear', 'start']) expect(stdout).toContain(command);
+  });
+
+  it('wrong usage gives a message and a non-zero exit', async () => {
+    for (const args of [['frobnicate'], ['groups', 'explode'], ['sessions', 'clear'], ['chat', 'extra']]) {
+      const { stderr, code } = await cli(args);
+      expect(code, args.join(' ')).toBe(2);
+      expect(stderr.length, args.join(' ')).toBeGreaterThan(10);
+    }
+  });
+
+  it('invalid settings name the variable', async () => {
+    const { stderr, code } = await cli(['groups', 'list'], '', { MAX_CONCURRENT_CONTAINERS: 'lots' });
+    expect(code).toBe(2);
+    expect(stderr).toContain('MAX_CONCURRENT_CONTAINERS');
+  });
+
+  it('registers, lists and removes groups', async () => {
+    expect((await cli(['groups', 'register', 'fam@g.us', 'family', '--name', 'Family'])).code).toBe(0);
+    const listed = await cli(['groups', 'list']);
+    expect(listed.stdout).toMatch(/family\s+fam@g\.us\s+trigger @Andy\s+Family/);
+    expect(existsSync(join(root, 'groups', 'family', 'CLAUDE.md'))).toBe(true);
+    const duplicate = await cli(['groups', 'register', 'other@g.us', 'family']);
+    expect(duplicate.code).toBe(2);
+    expect(duplicate.stderr).toContain('already used');
+    const bad = await cli(['groups', 'register', 'x@g.us', '../escape']);
+    expect(bad.code).toBe(2);
+    expect((await cli(['groups', 'remove', 'family'])).code).toBe(0);
+    expect((await cli(['groups', 'list'])).stdout).not.toContain('fam@g.us');
+  });
+
+  it('sessions clear removes the session files and the database row together', async () => {
+    const store = new Store(join(root, 'store', 'messages.db'));
+    store.setSession('main', 'sess-123');
+    store.setSession('family', 'sess-456');
+    store.close();
+    const sessionFiles = join(root, 'data', 'sessions', 'main', '.kimi', 'sessions', 'abc', 'sess-123');
+    mkdirSync(sessionFiles, { recursive: true });
+    writeFileSync(join(sessionFiles, 'history.jsonl'), '{}\n');
+    expect((await cli(['sessions', 'list'])).stdout).toContain('sess-123');
+    const { code, stdout } = await cli(['sessions', 'clear', 'main']);
+    expect(code).toBe(0);
+    expect(stdout).toContain('main');
+    expect(existsSync(join(root, 'data', 'sessions', 'main', '.kimi', 'sessions'))).toBe(false);
+    const after = new Store(join(root, 'store', 'messages.db'));
+    expect(after.getSession('main')).toBeNull();
+    expect(after.getSession('family')).toBe('sess-456');
+    after.close();
+  });
+
+  it('start without any messaging channel says how to talk from the terminal', async () => {
+    const { stderr, code } = await cli([]);
+    expect(code).not.toBe(0);
+    expect(stderr).toContain('bun nanoclaw.ts chat');
+  });
+});
+
+describe('bun nanoclaw.ts chat (piped)', () => {
+  it('sends each line, prints each reply, exits after the last; the next chat resumes the session', async () => {
+    const { stdout, stderr, code } = await cli(['chat'], 'hello\nhow are you\n');
+    expect(stderr).toBe('');
+    expect(code).toBe(0);
+    expect(stdout).toBe('Andy: echo: hello\nAndy: echo: how are you\n');
+    const firstSession = JSON.parse(docker.runs()[0]!.stdin!).sessionId;
+    expect(firstSession).toBeUndefined();
+
+    const again = await cli(['chat'], 'still there?\n');
+    expect(again.stdout).toBe('Andy: echo: still there?\n');
+    const runs = docker.runs();
+    const resumed = JSON.parse(runs.at(-1)!.stdin!).sessionId;
+    expect(resumed).toMatch(/^fake-session-/);
+    const store = new Store(join(root, 'store', 'messages.db'));
+    expect(store.getSession('main')).toBe(resumed);
+    store.close();
+    const log = readFileSync(join(root, 'logs', 'nanoclaw.log'), 'utf8');
+    const ids = [...log.matchAll(/Session initialized: (\S+)$/gm)].map((m) => m[1]);
+    expect(ids.at(-1)).toBe(resumed);
+  });
+
+  it('keeps the key out of docker’s environment and arguments, and out of the logs', async () => {
+    await cli(['chat'], 'hi\n', { LOG_LEVEL: 'debug' });
+    const run = docker.runs()[0]!;
+    expect(JSON.parse(run.stdin!).secrets.KIMI_API_KEY).toBe(SECRET);
+    expect(JSON.stringify(run.env)).not.toContain(SECRET);
+    expect(run.argv.join(' ')).not.toContain(SECRET);
+    for (const file of ['nanoclaw.log', 'nanoclaw.error.log']) {
+      const path = join(root, 'logs', file);
+      if (existsSync(path)) expect(readFileSync(path, 'utf8')).not.toContain(SECRET);
+    }
+    expect(readFileSync(join(root, 'logs', 'nanoclaw.log'), 'utf8')).toContain('Container command');
+  });
+
+  it('reports an agent error on stderr with a non-zero exit, and the message is retried later', async () => {
+    const failed = await cli(['chat'], '!failonce LLM is not set\n');
+    expect(failed.code).toBe(1);
+    expect(failed.stderr).toContain('LLM is not set');
+    const next = await cli(['chat'], 'anyone?\n');
+    const retried = JSON.parse(docker.runs().at(-1)!.stdin!).prompt as string;
+    expect(retried).toContain('!failonce LLM is not set'); // the cursor was not moved past it
+    expect(next.stdout).toBe('Andy: echo: !failonce LLM is not set\nAndy: echo: anyone?\n');
+    expect(next.code).toBe(0);
+  });
+
+  it('stops with one clear message when the engine, the image or the key is missing', async () => {
+    docker.set('engine-down');
+    const down = await cli(['chat'], 'hi\n');
+    expect(down.code).toBe(2);
+    expect(down.stderr).toContain('sudo systemctl start docker');
+    docker.set('engine-down', false);
+    docker.set('no-image');
+    const noImage = await cli(['chat'], 'hi\n');
+    expect(noImage.stderr).toContain('./container/build.sh');
+    docker.set('no-image', false);
+    writeFileSync(join(root, '.env'), 'TZ=UTC\n');
+    const noKey = await cli(['chat'], 'hi\n');
+    expect(noKey.code).toBe(2);
+    expect(noKey.stderr).toContain('KIMI_API_KEY');
+    expect(docker.runs()).toHaveLength(0);
+  });
+
+  it('refuses to run next to another live host on the same project', async () => {
+    mkdirSync(join(root, 'data'), { recursive: true });
+    const other = Bun.spawn(['sleep', '30']);
+    writeFileSync(join(root, 'data', 'nanoclaw.pid'), String(other.pid));
+    try {
+      const { code, stderr } = await cli(['chat'], 'hi\n');
+      expect(code).toBe(2);
+      expect(stderr).toContain(`already running here (pid ${other.pid})`);
+    } finally {
+      other.kill();
+    }
+  });
+
+  it('leaves a store the guide’s sqlite3 recipe can edit', async () => {
+    await cli(['chat'], 'hi\n');
+    const db = join(root, 'store', 'messages.db');
+    const sqlite = Bun.spawnSync(['sqlite3', db, "DELETE FROM sessions WHERE group_folder = 'main'"]);
+    expect(sqlite.exitCode, sqlite.stderr.toString()).toBe(0);
+    const store = new Store(db);
+    expect(store.getSession('main')).toBeNull();
+    store.close();
+  });
+});

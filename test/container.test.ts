@@ -1,0 +1,185 @@
+import { existsSync, mkdirSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { afterEach, beforeEach, describe, expect, it } from 'vitest';
+import {
+  buildMounts, preflight, runContainer, setupLogging, stopOrphanContainers, Store, registerGroup,
+  type Config, type ContainerInput, type ContainerResult, type RegisteredGroup,
+} from '../nanoclaw.ts';
+import { fakeDocker, tempProject, type FakeDocker } from './helpers.ts';
+
+const SECRET = 'sk-container-test-0123456789';
+
+let docker: FakeDocker;
+let config: Config;
+let store: Store;
+let group: RegisteredGroup;
+
+function input(prompt: string, extra: Partial<ContainerInput> = {}): ContainerInput {
+  return { prompt, groupFolder: group.folder, chatJid: group.jid, isMain: group.isMain, isScheduledTask: false, assistantName: 'Andy', secrets: { KIMI_API_KEY: SECRET }, ...extra };
+}
+
+const message = (text: string) => `<messages>\n<message sender="Alice" time="2026-01-01 10:00">${text}</message>\n</messages>`;
+
+async function run(prompt: string, extra: Partial<ContainerInput> = {}, onStart?: Parameters<typeof runContainer>[0]['onStart']) {
+  const results: ContainerResult[] = [];
+  const outcome = await runContainer({
+    config, group, input: input(prompt, extra), mounts: buildMounts(config, group), acceptsFollowUps: true,
+    onResult: async (result) => {
+      results.push(result);
+    },
+    onStart,
+  });
+  return { outcome, results };
+}
+
+beforeEach(() => {
+  docker = fakeDocker();
+  config = tempProject({ CONTAINER_RUNTIME: docker.path, CONTAINER_TIMEOUT: '60000' });
+  setupLogging(config, { terminalLevel: 'silent', secrets: [SECRET] });
+  store = new Store(config.dbPath);
+  group = registerGroup(config, store, { jid: 'fam@g.us', name: 'Family', folder: 'family' });
+});
+
+afterEach(() => store.close());
+
+describe('runContainer with a fake docker', () => {
+  it('runs docker with the exact flags and mounts of the contract', async () => {
+    await run(message('hi'), {}, (live) => live.close());
+    const [call] = docker.runs();
+    const argv = call!.argv;
+    expect(argv.slice(0, 4)).toEqual(['run', '-i', '--rm', '--name']);
+    expect(argv[4]).toMatch(/^nanoclaw-family-\d{13}$/);
+    expect(argv.at(-1)).toBe('nanoclaw-agent:latest');
+    const volumes = argv.flatMap((arg, i) => (argv[i - 1] === '-v' ? [arg] : []));
+    const root = config.projectRoot;
+    expect(volumes).toEqual([
+      `${root}/groups/family:/workspace/group`,
+      `${root}/groups/global:/workspace/global:ro`,
+      `${root}/data/ipc/family:/workspace/ipc`,
+      `${root}/data/sessions/family/.kimi:/home/node/.kimi`,
+    ]);
+    const envFlags = argv.flatMap((arg, i) => (argv[i - 1] === '-e' ? [arg] : []));
+    expect(envFlags).toContain('TZ=UTC');
+    expect(envFlags.join(' ')).not.toContain(SECRET);
+    for (const dir of ['groups/family/logs', 'data/ipc/family/input', 'data/ipc/family/messages', 'data/ipc/family/tasks', 'data/sessions/family/.kimi']) {
+      expect(existsSync(join(root, dir))).toBe(true);
+    }
+  });
+
+  it('sends the stdin contract, with the key only there and never in docker’s environment', async () => {
+    process.env.KIMI_API_KEY = 'sk-from-process-env-should-not-leak';
+    try {
+      await run(message('hi'), { sessionId: 'sess-1', isScheduledTask: true }, (live) => live.close());
+    } finally {
+      delete process.env.KIMI_API_KEY;
+    }
+    const [call] = docker.runs();
+    const stdin = JSON.parse(call!.stdin!);
+    expect(stdin).toEqual({
+      prompt: message('hi'), groupFolder: 'family', chatJid: 'fam@g.us', isMain: false, sessionId: 'sess-1',
+      isScheduledTask: true, assistantName: 'Andy', secrets: { KIMI_API_KEY: SECRET },
+    });
+    expect(Object.keys(call!.env)).not.toContain('KIMI_API_KEY');
+    expect(JSON.stringify(call!.env)).not.toContain('sk-from-process-env');
+  });
+
+  it('streams results as they come and reports the session', async () => {
+    const { outcome, results } = await run(message('hello'), {}, (live) => {
+      setTimeout(() => live.sendInput(message('second')), 50);
+      setTimeout(() => live.close(), 300);
+    });
+    expect(results.map((r) => r.result)).toEqual(['echo: hello', 'echo: second']);
+    expect(outcome.exitCode).toBe(0);
+    expect(outcome.results).toBe(2);
+    expect(outcome.sessionId).toMatch(/^fake-session-/);
+  });
+
+  it('writes a run log with input summary, mounts and exit code, and stderr on error — never the key', async () => {
+    const { outcome } = await run(message('!fail the model is down'));
+    expect(outcome.exitCode).toBe(1);
+    expect(outcome.lastError).toBe('the model is down');
+    const logs = readdirSync(join(config.groupsDir, 'family', 'logs')).filter((f) => /^container-.*\.log$/.test(f));
+    expect(logs).toHaveLength(1);
+    const text = readFileSync(join(config.groupsDir, 'family', 'logs', logs[0]!), 'utf8');
+    expect(text).toContain('Exit code:  1');
+    expect(text).toContain(`${config.projectRoot}/groups/global -> /workspace/global (ro)`);
+    expect(text).toContain('--- Stderr ---');
+    expect(text).toContain('Session initialized');
+    expect(text).toContain('secrets: KIMI_API_KEY');
+    expect(text).not.toContain(SECRET);
+  });
+
+  it('keeps stderr out of the run log of a clean run unless LOG_LEVEL=debug', async () => {
+    await run(message('quiet'), {}, (live) => live.close());
+    const dir = join(config.groupsDir, 'family', 'logs');
+    const first = readFileSync(join(dir, readdirSync(dir)[0]!), 'utf8');
+    expect(first).not.toContain('--- Stderr ---');
+
+    config = { ...config, logLevel: 'debug' };
+    setupLogging(config, { terminalLevel: 'silent', secrets: [SECRET] });
+    await Bun.sleep(5); // distinct log file name
+    await run(message('loud'), {}, (live) => live.close());
+    const newest = readdirSync(dir).sort().at(-1)!;
+    expect(readFileSync(join(dir, newest), 'utf8')).toContain('--- Stderr ---');
+    const hostLog = readFileSync(join(config.logsDir, 'nanoclaw.log'), 'utf8');
+    expect(hostLog).toContain('Container mounts');
+    expect(hostLog).toContain('Container command');
+    expect(hostLog).toContain('stderr:');
+    expect(hostLog).not.toContain(SECRET);
+  });
+
+  it('stops a container that produces nothing within CONTAINER_TIMEOUT', async () => {
+    config = { ...config, containerTimeoutMs: 300 };
+    const { outcome, results } = await run(message('!sleep 20000'));
+    expect(outcome.timedOut).toBe(true);
+    expect(results).toEqual([]);
+    expect(docker.calls().some((c) => c.command === 'stop' && c.name === docker.runs()[0]!.argv[4])).toBe(true);
+  });
+
+  it('removes follow-up files left by a dead run before starting', async () => {
+    const inputDir = join(config.ipcDir, 'family', 'input');
+    mkdirSync(inputDir, { recursive: true });
+    writeFileSync(join(inputDir, '_close'), '');
+    writeFileSync(join(inputDir, '1-old.json'), JSON.stringify({ type: 'message', text: message('stale') }));
+    const { results } = await run(message('fresh'), {}, (live) => setTimeout(() => live.close(), 200));
+    expect(results.map((r) => r.result)).toEqual(['echo: fresh']);
+  });
+});
+
+describe('start-up checks', () => {
+  it('passes when engine, image and key are there', () => {
+    writeFileSync(config.envFile, `KIMI_API_KEY=${SECRET}\n`);
+    expect(preflight(config)).toEqual([]);
+  });
+
+  it('names a stopped engine and how to start it', () => {
+    writeFileSync(config.envFile, `KIMI_API_KEY=${SECRET}\n`);
+    docker.set('engine-down');
+    const problems = preflight(config);
+    expect(problems).toHaveLength(1);
+    expect(problems[0]).toContain('Cannot connect to the Docker daemon');
+    expect(problems[0]).toContain('sudo systemctl start docker');
+  });
+
+  it('names a missing image and ./container/build.sh', () => {
+    writeFileSync(config.envFile, `KIMI_API_KEY=${SECRET}\n`);
+    docker.set('no-image');
+    expect(preflight(config)).toEqual([expect.stringContaining('./container/build.sh')]);
+  });
+
+  it('names a missing key, and a missing runtime binary', () => {
+    expect(preflight(config)).toEqual([expect.stringContaining('KIMI_API_KEY is not set')]);
+    const problems = preflight({ ...config, containerRuntime: join(docker.dir, 'no-such-docker') });
+    expect(problems[0]).toContain('not reachable');
+  });
+
+  it('does not ask for a Kimi key when a local OpenAI-compatible provider is configured', () => {
+    expect(preflight({ ...config, kimi: { provider: 'openai_legacy', baseUrl: 'http://localhost:11434/v1' } })).toEqual([]);
+  });
+
+  it('stops leftover nanoclaw containers', () => {
+    docker.setRunning(['nanoclaw-main-1', 'nanoclaw-family-2']);
+    expect(stopOrphanContainers(config)).toEqual(['nanoclaw-main-1', 'nanoclaw-family-2']);
+    expect(docker.calls().filter((c) => c.command === 'stop').map((c) => c.name)).toEqual(['nanoclaw-main-1', 'nanoclaw-family-2']);
+  });
+});

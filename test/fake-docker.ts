@@ -1,0 +1,163 @@
+/**
+ * A stand-in for the `docker` CLI, for host tests that must not depend on an engine.
+ *
+ * Installed by test/helpers.ts as `<dir>/docker` (a shell wrapper). Everything it sees
+ * is appended to `<dir>/calls.jsonl` (argv, its own environment, the stdin of `run`),
+ * so tests can assert the exact command line and stdin contract. `docker run` plays a
+ * scripted container that follows container/CONTRACT.md: it answers each prompt by the
+ * last <message> in it, then waits for follow-ups in the IPC input folder it was given
+ * with -v, until `_close`.
+ *
+ * Behaviour switches are files in <dir> (the host hands children no custom environment):
+ *   engine-down      `docker info` fails like a stopped daemon
+ *   no-image         `docker image inspect` fails
+ *   running          names printed by `docker ps`
+ *
+ * The "model", by the text of the last message (after an optional @Name trigger):
+ *   anything        → "echo: <text>"
+ *   !fail TEXT      → error result TEXT, exit 1
+ *   !crash          → exit 2 with no result
+ *   !sleep MS       → wait, then "slept MS"
+ *   !internal       → "<internal>hidden</internal>visible"
+ *   !silent         → success with a null result
+ *   !failonce TEXT  → error the first time this exact prompt text is seen, echo after
+ */
+import { appendFileSync, existsSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+
+const START = '---NANOCLAW_RESULT_START---';
+const END = '---NANOCLAW_RESULT_END---';
+
+const [, , wrapperPath, ...argv] = process.argv;
+const stateDir = join(wrapperPath!, '..');
+
+function record(entry: Record<string, unknown>): void {
+  appendFileSync(join(stateDir, 'calls.jsonl'), `${JSON.stringify({ argv, env: process.env, pid: process.pid, ...entry })}\n`);
+}
+
+function unescapeXml(text: string): string {
+  return text.replace(/&lt;/g, '<').replace(/&gt;/g, '>').replace(/&quot;/g, '"').replace(/&amp;/g, '&');
+}
+
+function lastMessageText(prompt: string): string {
+  const all = [...prompt.matchAll(/<message [^>]*>([\s\S]*?)<\/message>/g)];
+  const text = all.length ? unescapeXml(all.at(-1)![1]!) : prompt;
+  return text.replace(/^@\S+\s+/, '').trim();
+}
+
+function emit(result: Record<string, unknown>): void {
+  process.stdout.write(`${START}\n${JSON.stringify(result)}\n${END}\n`);
+}
+
+async function answer(prompt: string, sessionId: string): Promise<void> {
+  const text = lastMessageText(prompt);
+  const [command, ...rest] = text.split(' ');
+  const arg = rest.join(' ');
+  switch (command) {
+    case '!fail':
+      emit({ status: 'error', result: null, error: arg || 'failed', sessionId });
+      process.exit(1);
+    case '!crash':
+      process.stderr.write('fake container crashing\n');
+      process.exit(2);
+    case '!sleep':
+      await Bun.sleep(Number(arg));
+      emit({ status: 'success', result: `slept ${arg}`, sessionId });
+      return;
+    case '!internal':
+      emit({ status: 'success', result: '<internal>hidden</internal>visible', sessionId });
+      return;
+    case '!silent':
+      emit({ status: 'success', result: null, sessionId });
+      return;
+    case '!failonce': {
+      const seen = join(stateDir, `seen-${Bun.hash(prompt)}`);
+      if (!existsSync(seen)) {
+        writeFileSync(seen, '');
+        emit({ status: 'error', result: null, error: arg || 'failed once', sessionId });
+        process.exit(1);
+      }
+      emit({ status: 'success', result: `echo: ${text}`, sessionId });
+      return;
+    }
+    default:
+      emit({ status: 'success', result: `echo: ${text}`, sessionId });
+  }
+}
+
+function mountedHostPath(containerPath: string): string | null {
+  for (let i = 0; i < argv.length - 1; i++) {
+    if (argv[i] !== '-v') continue;
+    const [host, inside] = argv[i + 1]!.split(':');
+    if (inside === containerPath) return host!;
+  }
+  return null;
+}
+
+async function run(): Promise<never> {
+  const stdin = await new Response(Bun.stdin.stream()).text();
+  record({ command: 'run', stdin });
+  const input = JSON.parse(stdin) as { prompt: string; sessionId?: string };
+  const sessionId = input.sessionId ?? `fake-session-${process.pid}`;
+  process.stderr.write('fake agent: reading the prompt\n');
+  process.stderr.write(`Session initialized: ${sessionId}\n`);
+  await answer(input.prompt, sessionId);
+
+  const ipc = mountedHostPath('/workspace/ipc');
+  const inputDir = ipc ? join(ipc, 'input') : null;
+  const name = argv[argv.indexOf('--name') + 1]!;
+  for (;;) {
+    if (existsSync(join(stateDir, `stop-${name}`))) process.exit(137);
+    if (inputDir && existsSync(inputDir)) {
+      for (const file of readdirSync(inputDir).filter((f) => !f.startsWith('.')).sort()) {
+        const path = join(inputDir, file);
+        if (file === '_close') {
+          rmSync(path, { force: true });
+          record({ command: 'closed', name });
+          process.exit(0);
+        }
+        const followUp = JSON.parse(readFileSync(path, 'utf8')) as { text: string };
+        rmSync(path, { force: true });
+        record({ command: 'follow-up', name, text: followUp.text });
+        await answer(followUp.text, sessionId);
+      }
+    }
+    await Bun.sleep(20);
+  }
+}
+
+const [command] = argv;
+switch (command) {
+  case 'info':
+    record({ command });
+    if (existsSync(join(stateDir, 'engine-down'))) {
+      process.stderr.write('Cannot connect to the Docker daemon at unix:///var/run/docker.sock. Is the docker daemon running?\n');
+      process.exit(1);
+    }
+    console.log('Server Version: fake');
+    break;
+  case 'image':
+    record({ command });
+    if (existsSync(join(stateDir, 'no-image'))) {
+      process.stderr.write(`Error: No such image: ${argv.at(-1)}\n`);
+      process.exit(1);
+    }
+    console.log('[{}]');
+    break;
+  case 'ps': {
+    record({ command });
+    const running = join(stateDir, 'running');
+    if (existsSync(running)) process.stdout.write(readFileSync(running, 'utf8'));
+    break;
+  }
+  case 'stop':
+    record({ command, name: argv.at(-1) });
+    writeFileSync(join(stateDir, `stop-${argv.at(-1)}`), '');
+    break;
+  case 'run':
+    await run();
+    break;
+  default:
+    process.stderr.write(`fake docker: unsupported command ${command}\n`);
+    process.exit(64);
+}

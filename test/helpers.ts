@@ -1,0 +1,120 @@
+/** Shared set-up for host tests: temp projects, the fake docker, a recording channel. */
+import { chmodSync, existsSync, mkdirSync, mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { loadConfig, type Channel, type ChannelHandlers, type Config, type NewMessage } from '../nanoclaw.ts';
+
+export function tempDir(prefix = 'nanoclaw-test-'): string {
+  return mkdtempSync(join(tmpdir(), prefix));
+}
+
+export interface FakeDockerCall {
+  argv: string[];
+  env: Record<string, string>;
+  pid: number;
+  command: string;
+  stdin?: string;
+  name?: string;
+  text?: string;
+}
+
+export interface FakeDocker {
+  dir: string;
+  /** Absolute path of the `docker` executable. */
+  path: string;
+  calls(): FakeDockerCall[];
+  runs(): FakeDockerCall[];
+  set(flag: 'engine-down' | 'no-image', on?: boolean): void;
+  setRunning(names: string[]): void;
+}
+
+/** Installs test/fake-docker.ts as an executable named `docker` in a fresh directory. */
+export function fakeDocker(): FakeDocker {
+  const dir = tempDir('nanoclaw-fake-docker-');
+  const path = join(dir, 'docker');
+  const script = fileURLToPath(new URL('./fake-docker.ts', import.meta.url));
+  writeFileSync(path, `#!/bin/sh\nexec "${process.execPath}" --no-env-file "${script}" "$0" "$@"\n`);
+  chmodSync(path, 0o755);
+  const calls = () => {
+    const file = join(dir, 'calls.jsonl');
+    if (!existsSync(file)) return [];
+    return readFileSync(file, 'utf8').trim().split('\n').filter(Boolean).map((line) => JSON.parse(line) as FakeDockerCall);
+  };
+  return {
+    dir,
+    path,
+    calls,
+    runs: () => calls().filter((call) => call.command === 'run'),
+    set: (flag, on = true) => {
+      const file = join(dir, flag);
+      if (on) writeFileSync(file, '');
+      else if (existsSync(file)) Bun.spawnSync(['rm', '-f', file]);
+    },
+    setRunning: (names) => writeFileSync(join(dir, 'running'), names.map((n) => `${n}\n`).join('')),
+  };
+}
+
+/** A temp project root laid out like the repository, with its config. */
+export function tempProject(env: Record<string, string> = {}, dotEnv = ''): Config {
+  const root = tempDir();
+  mkdirSync(join(root, 'groups', 'global'), { recursive: true });
+  mkdirSync(join(root, 'groups', 'main'), { recursive: true });
+  writeFileSync(join(root, 'groups', 'global', 'CLAUDE.md'), '# global memory\n');
+  if (dotEnv) writeFileSync(join(root, '.env'), dotEnv);
+  return loadConfig(root, { TZ: 'UTC', LOG_LEVEL: 'info', NANOCLAW_MOUNT_ALLOWLIST: join(root, 'no-allowlist.json'), ...env });
+}
+
+/** A real Channel implementation that keeps what it was asked to send. */
+export class RecordingChannel implements Channel {
+  readonly name = 'recording';
+  readonly sent: { jid: string; text: string }[] = [];
+  handlers: ChannelHandlers | null = null;
+  private counter = 0;
+
+  constructor(private readonly jids: string[]) {}
+
+  ownsJid(jid: string): boolean {
+    return this.jids.includes(jid);
+  }
+
+  async connect(handlers: ChannelHandlers): Promise<void> {
+    this.handlers = handlers;
+  }
+
+  async sendMessage(jid: string, text: string): Promise<void> {
+    this.sent.push({ jid, text });
+  }
+
+  async disconnect(): Promise<void> {
+    this.handlers = null;
+  }
+
+  /** Delivers an inbound message as a platform would. */
+  receive(chatJid: string, content: string, extra: Partial<NewMessage> = {}): NewMessage {
+    const message: NewMessage = {
+      id: `m${++this.counter}-${Date.now()}`,
+      chatJid,
+      sender: 'alice@s.whatsapp.net',
+      senderName: 'Alice',
+      content,
+      timestamp: new Date().toISOString(),
+      isFromMe: false,
+      isBotMessage: false,
+      ...extra,
+    };
+    this.handlers!.onMessage(message, { name: `chat ${chatJid}`, isGroup: chatJid.endsWith('@g.us') });
+    return message;
+  }
+}
+
+/** Polls until `check` returns a truthy value (or fails after timeoutMs). */
+export async function waitFor<T>(check: () => T | undefined | null | false, timeoutMs = 10_000, what = 'condition'): Promise<T> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const value = check();
+    if (value) return value;
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+    await Bun.sleep(20);
+  }
+}

@@ -1,0 +1,302 @@
+import { existsSync, mkdirSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { afterEach, describe, expect, it } from 'vitest';
+import { Host, registerGroup, setupLogging, Store, writeJsonAtomic, type Config, type HostOptions } from '../nanoclaw.ts';
+import { fakeDocker, RecordingChannel, tempProject, waitFor, type FakeDocker } from './helpers.ts';
+
+const SECRET = 'sk-host-test-abcdefghijklmnop';
+const MAIN = 'me@s.whatsapp.net';
+const FAMILY = 'family@g.us';
+const WORK = 'work@g.us';
+
+interface World {
+  docker: FakeDocker;
+  config: Config;
+  store: Store;
+  channel: RecordingChannel;
+  host: Host;
+}
+
+const worlds: World[] = [];
+
+async function world(env: Record<string, string> = {}, options: HostOptions = {}, reuse?: { docker: FakeDocker; config: Config }): Promise<World> {
+  const docker = reuse?.docker ?? fakeDocker();
+  const config = reuse?.config ?? tempProject({ CONTAINER_RUNTIME: docker.path, ...env }, `KIMI_API_KEY=${SECRET}\n`);
+  setupLogging(config, { terminalLevel: 'silent', secrets: [SECRET] });
+  const store = new Store(config.dbPath);
+  if (!reuse) {
+    registerGroup(config, store, { jid: MAIN, name: 'Me', folder: 'main', isMain: true });
+    registerGroup(config, store, { jid: FAMILY, name: 'Family', folder: 'family' });
+    registerGroup(config, store, { jid: WORK, name: 'Work', folder: 'work' });
+  }
+  const channel = new RecordingChannel([MAIN, FAMILY, WORK, 'stranger@g.us']);
+  const host = new Host(config, store, [channel], { retryBaseMs: 50, sweepIntervalMs: 60_000, shutdownGraceMs: 2000, ...options });
+  await host.start();
+  const w = { docker, config, store, channel, host };
+  worlds.push(w);
+  return w;
+}
+
+async function shutDown(w: World): Promise<void> {
+  await w.host.stop();
+  w.store.close();
+  worlds.splice(worlds.indexOf(w), 1);
+}
+
+afterEach(async () => {
+  for (const w of [...worlds]) await shutDown(w);
+});
+
+const texts = (w: World, jid?: string) => w.channel.sent.filter((s) => !jid || s.jid === jid).map((s) => s.text);
+const stdinOf = (w: World, i: number) => JSON.parse(w.docker.runs()[i]!.stdin!) as { prompt: string; sessionId?: string; chatJid: string };
+
+describe('routing', () => {
+  it('answers the main group without a trigger, prefixed with the assistant name', async () => {
+    const w = await world();
+    w.channel.receive(MAIN, 'hello');
+    await waitFor(() => texts(w).length === 1, 10_000, 'reply');
+    expect(texts(w)).toEqual(['Andy: echo: hello']);
+    expect(stdinOf(w, 0).chatJid).toBe(MAIN);
+  });
+
+  it('sends no prefix when the assistant has its own number', async () => {
+    const w = await world({ ASSISTANT_HAS_OWN_NUMBER: 'true' });
+    w.channel.receive(MAIN, 'hello');
+    await waitFor(() => texts(w).length === 1, 10_000, 'reply');
+    expect(texts(w)).toEqual(['echo: hello']);
+  });
+
+  it('waits for the trigger in other groups, then hands over everything since the last answer', async () => {
+    const w = await world();
+    w.channel.receive(FAMILY, 'are we meeting on sunday?', { senderName: 'Bob' });
+    w.channel.receive(FAMILY, 'I think so');
+    await Bun.sleep(300);
+    expect(w.docker.runs()).toHaveLength(0);
+    w.channel.receive(FAMILY, '@andy what time works?');
+    await waitFor(() => texts(w).length === 1, 10_000, 'reply');
+    const prompt = stdinOf(w, 0).prompt;
+    expect(prompt).toContain('sender="Bob"');
+    expect(prompt).toContain('are we meeting on sunday?');
+    expect(prompt).toContain('I think so');
+    expect(texts(w, FAMILY)).toEqual(['Andy: echo: what time works?']);
+  });
+
+  it('keeps <internal> text private and sends nothing for a silent answer', async () => {
+    const w = await world();
+    w.channel.receive(MAIN, '!internal');
+    await waitFor(() => texts(w).length === 1, 10_000, 'reply');
+    expect(texts(w)).toEqual(['Andy: visible']);
+    w.channel.receive(MAIN, '!silent');
+    await waitFor(() => w.docker.calls().some((c) => c.command === 'follow-up'), 10_000, 'follow-up');
+    await Bun.sleep(200);
+    expect(texts(w)).toEqual(['Andy: visible']);
+  });
+
+  it('stores only metadata for unregistered chats and never runs for them', async () => {
+    const w = await world();
+    w.channel.receive('stranger@g.us', '@Andy hi');
+    await Bun.sleep(200);
+    expect(w.docker.runs()).toHaveLength(0);
+    expect(w.store.listChats().map((c) => c.jid)).toContain('stranger@g.us');
+    expect(w.store.db.query("SELECT COUNT(*) AS n FROM messages WHERE chat_jid = 'stranger@g.us'").get()).toEqual({ n: 0 });
+  });
+
+  it('never triggers on the bot’s own messages, and ignores a message delivered twice', async () => {
+    const w = await world();
+    w.channel.receive(MAIN, 'Andy: an earlier reply of mine', { isFromMe: true });
+    w.channel.receive(MAIN, 'flagged by the channel', { isBotMessage: true });
+    await Bun.sleep(300);
+    expect(w.docker.runs()).toHaveLength(0);
+    const msg = w.channel.receive(FAMILY, '@Andy once');
+    w.channel.handlers!.onMessage(msg, { name: 'Family', isGroup: true });
+    await waitFor(() => texts(w).length === 1, 10_000, 'reply');
+    await Bun.sleep(200);
+    expect(w.docker.runs()).toHaveLength(1);
+    expect(stdinOf(w, 0).prompt.match(/<message /g)).toHaveLength(1);
+  });
+});
+
+describe('containers per group', () => {
+  it('hands new messages to the live container instead of starting another', async () => {
+    const w = await world();
+    w.channel.receive(MAIN, 'first');
+    await waitFor(() => texts(w).length === 1, 10_000, 'first reply');
+    w.channel.receive(MAIN, 'second');
+    await waitFor(() => texts(w).length === 2, 10_000, 'second reply');
+    expect(texts(w)).toEqual(['Andy: echo: first', 'Andy: echo: second']);
+    expect(w.docker.runs()).toHaveLength(1);
+  });
+
+  it('closes an idle container after IDLE_TIMEOUT; the next message starts a new one resuming the session', async () => {
+    const w = await world({ IDLE_TIMEOUT: '200' });
+    w.channel.receive(MAIN, 'first');
+    await waitFor(() => w.docker.calls().some((c) => c.command === 'closed'), 10_000, 'idle close');
+    const session = w.store.getSession('main');
+    expect(session).toMatch(/^fake-session-/);
+    w.channel.receive(MAIN, 'again');
+    await waitFor(() => texts(w).length === 2, 10_000, 'second reply');
+    expect(w.docker.runs()).toHaveLength(2);
+    expect(stdinOf(w, 1).sessionId).toBe(session);
+    const log = readFileSync(join(w.config.logsDir, 'nanoclaw.log'), 'utf8');
+    expect(log).toContain(`Session initialized: ${session}`);
+  });
+
+  it('respects MAX_CONCURRENT_CONTAINERS and still answers every group', async () => {
+    const w = await world({ MAX_CONCURRENT_CONTAINERS: '1' });
+    w.channel.receive(FAMILY, '@Andy one');
+    w.channel.receive(WORK, '@Andy two');
+    await waitFor(() => texts(w).length === 2, 15_000, 'both replies');
+    const order = w.docker.calls().filter((c) => c.command === 'run' || c.command === 'closed').map((c) => c.command);
+    expect(order).toEqual(['run', 'closed', 'run']); // the first closed (someone waited) before the second ran
+  });
+
+  it('writes the task and group snapshots before a run', async () => {
+    const w = await world();
+    w.channel.receive(FAMILY, '@Andy hi');
+    await waitFor(() => texts(w).length === 1, 10_000, 'reply');
+    const ipc = join(w.config.ipcDir, 'family');
+    expect(JSON.parse(readFileSync(join(ipc, 'current_tasks.json'), 'utf8'))).toEqual([]);
+    expect(JSON.parse(readFileSync(join(ipc, 'available_groups.json'), 'utf8')).groups).toEqual([]);
+  });
+});
+
+describe('failures', () => {
+  it('retries a failed run with the same messages and sends the answer once', async () => {
+    const w = await world();
+    w.channel.receive(MAIN, '!failonce provider hiccup');
+    await waitFor(() => texts(w).length === 1, 10_000, 'reply after retry');
+    expect(w.docker.runs()).toHaveLength(2);
+    expect(stdinOf(w, 1).prompt).toBe(stdinOf(w, 0).prompt);
+    await Bun.sleep(300);
+    expect(texts(w)).toEqual(['Andy: echo: !failonce provider hiccup']);
+  });
+
+  it('after a crash mid-conversation, retries only what was not answered and never resends a reply', async () => {
+    const w = await world();
+    w.channel.receive(MAIN, 'answered');
+    await waitFor(() => texts(w).length === 1, 10_000, 'first reply');
+    w.channel.receive(MAIN, '!crash');
+    await waitFor(() => w.docker.runs().length >= 2, 10_000, 'retry run');
+    const retried = stdinOf(w, 1).prompt;
+    expect(retried).toContain('!crash');
+    expect(retried).not.toContain('answered');
+    await Bun.sleep(300);
+    expect(texts(w)).toEqual(['Andy: echo: answered']);
+  });
+
+  it('emits an error turn so a waiting user hears about it', async () => {
+    const w = await world({}, { maxRetries: 0 });
+    const turns: unknown[] = [];
+    w.host.on('turn', (t) => turns.push(t));
+    w.channel.receive(MAIN, '!fail LLM is not set');
+    await waitFor(() => turns.length >= 1, 10_000, 'turn');
+    expect(turns[0]).toMatchObject({ chatJid: MAIN, status: 'error', sent: null, error: 'LLM is not set' });
+  });
+
+  it('processes messages stored before a crash when the host starts again', async () => {
+    const docker = fakeDocker();
+    const config = tempProject({ CONTAINER_RUNTIME: docker.path }, `KIMI_API_KEY=${SECRET}\n`);
+    const setup = new Store(config.dbPath);
+    registerGroup(config, setup, { jid: MAIN, name: 'Me', folder: 'main', isMain: true });
+    // The previous host stored this, then died before running the agent.
+    setup.storeMessage({ id: 'lost-1', chatJid: MAIN, sender: 'me', senderName: 'Me', content: 'did you get this?', timestamp: new Date().toISOString(), isFromMe: true, isBotMessage: false });
+    setup.close();
+    const w = await world({}, {}, { docker, config });
+    await waitFor(() => texts(w).length === 1, 10_000, 'recovered reply');
+    expect(texts(w)).toEqual(['Andy: echo: did you get this?']);
+  });
+
+  it('a run cut short by shutdown is answered after restart', async () => {
+    const first = await world();
+    first.channel.receive(MAIN, '!sleep 3000');
+    await waitFor(() => first.docker.runs().length === 1, 10_000, 'run started');
+    await shutDown(first);
+    expect(texts(first)).toEqual([]);
+    const second = await world({}, {}, { docker: first.docker, config: first.config });
+    await waitFor(() => texts(second).length === 1, 15_000, 'answer after restart');
+    expect(texts(second)).toEqual(['Andy: slept 3000']);
+  });
+});
+
+describe('IPC from the agent', () => {
+  const drop = (w: World, folder: string, kind: 'messages' | 'tasks', data: unknown) =>
+    writeJsonAtomic(join(w.config.ipcDir, folder, kind, `${Date.now()}-${Math.random().toString(36).slice(2)}.json`), data);
+
+  it('sends a message to the group’s own chat, and refuses another group’s chat', async () => {
+    const w = await world();
+    drop(w, 'family', 'messages', { type: 'message', chatJid: WORK, text: 'sneaky' });
+    drop(w, 'family', 'messages', { type: 'message', chatJid: FAMILY, text: 'dinner at 7' });
+    await waitFor(() => texts(w).length === 1, 5000, 'ipc message');
+    await Bun.sleep(200);
+    expect(w.channel.sent).toEqual([{ jid: FAMILY, text: 'dinner at 7' }]);
+    expect(readFileSync(join(w.config.logsDir, 'nanoclaw.log'), 'utf8')).toContain('IPC request refused');
+  });
+
+  it('lets main message any registered group', async () => {
+    const w = await world();
+    drop(w, 'main', 'messages', { type: 'message', chatJid: WORK, text: 'from main' });
+    await waitFor(() => texts(w).length === 1, 5000, 'ipc message');
+    expect(w.channel.sent).toEqual([{ jid: WORK, text: 'from main' }]);
+  });
+
+  it('moves a malformed file to data/ipc/errors and keeps going', async () => {
+    const w = await world();
+    mkdirSync(join(w.config.ipcDir, 'work', 'messages'), { recursive: true });
+    writeFileSync(join(w.config.ipcDir, 'work', 'messages', '1-broken.json'), '{"type": "message", "chatJid":');
+    drop(w, 'work', 'messages', { type: 'message', chatJid: WORK, text: 'after the broken one' });
+    await waitFor(() => texts(w).length === 1, 5000, 'good message');
+    const errors = readdirSync(join(w.config.ipcDir, 'errors'));
+    expect(errors).toEqual(['work-messages-1-broken.json']);
+    expect(readFileSync(join(w.config.ipcDir, 'errors', errors[0]!), 'utf8')).toBe('{"type": "message", "chatJid":');
+  });
+
+  it('schedules tasks for its own chat only, and only main registers groups', async () => {
+    const w = await world();
+    drop(w, 'family', 'tasks', { type: 'schedule_task', prompt: 'water the plants', schedule_type: 'cron', schedule_value: '0 9 * * *', context_mode: 'group' });
+    drop(w, 'family', 'tasks', { type: 'schedule_task', prompt: 'meddle', schedule_type: 'interval', schedule_value: '60000', context_mode: 'isolated', targetJid: WORK });
+    drop(w, 'family', 'tasks', { type: 'register_group', jid: 'new@g.us', name: 'New', folder: 'new' });
+    drop(w, 'main', 'tasks', { type: 'register_group', jid: 'club@g.us', name: 'Club', folder: 'club' });
+    await waitFor(() => w.store.groupByJid('club@g.us'), 5000, 'club registered');
+    await waitFor(() => w.store.listTasks().length === 1, 5000, 'task stored');
+    await Bun.sleep(200);
+    const [task] = w.store.listTasks();
+    expect(task).toMatchObject({ groupFolder: 'family', chatJid: FAMILY, prompt: 'water the plants', status: 'active', contextMode: 'group' });
+    expect(new Date(task!.nextRun!).getUTCHours()).toBe(9); // TZ=UTC in tests
+    expect(w.store.groupByJid('new@g.us')).toBeNull();
+    expect(existsSync(join(w.config.groupsDir, 'club', 'CLAUDE.md'))).toBe(true);
+    const snapshot = JSON.parse(readFileSync(join(w.config.ipcDir, 'family', 'current_tasks.json'), 'utf8'));
+    expect(snapshot.map((t: { prompt: string }) => t.prompt)).toEqual(['water the plants']);
+  });
+
+  it('lets a group pause and cancel its own task but not another group’s', async () => {
+    const w = await world();
+    drop(w, 'work', 'tasks', { type: 'schedule_task', prompt: 'standup', schedule_type: 'interval', schedule_value: '3600000', context_mode: 'isolated' });
+    const task = await waitFor(() => w.store.listTasks()[0], 5000, 'task');
+    drop(w, 'family', 'tasks', { type: 'cancel_task', taskId: task.id });
+    drop(w, 'work', 'tasks', { type: 'pause_task', taskId: task.id });
+    await waitFor(() => w.store.getTask(task.id)?.status === 'paused', 5000, 'paused');
+    expect(w.store.getTask(task.id)).not.toBeNull();
+    drop(w, 'work', 'tasks', { type: 'cancel_task', taskId: task.id });
+    await waitFor(() => w.store.getTask(task.id) === null, 5000, 'cancelled');
+  });
+});
+
+describe('secrets', () => {
+  it('reaches the container only on stdin and never appears in any log', async () => {
+    const w = await world({ LOG_LEVEL: 'debug' });
+    w.channel.receive(MAIN, `please remember ${SECRET}`); // even when someone pastes it
+    await waitFor(() => texts(w).length === 1, 10_000, 'reply');
+    await shutDown(w);
+    const run = w.docker.runs()[0]!;
+    expect(JSON.parse(run.stdin!).secrets).toEqual({ KIMI_API_KEY: SECRET });
+    expect(JSON.stringify(run.env)).not.toContain(SECRET);
+    expect(run.argv.join(' ')).not.toContain(SECRET);
+    const logFiles = [
+      join(w.config.logsDir, 'nanoclaw.log'),
+      join(w.config.logsDir, 'nanoclaw.error.log'),
+      ...readdirSync(join(w.config.groupsDir, 'main', 'logs')).map((f) => join(w.config.groupsDir, 'main', 'logs', f)),
+    ].filter(existsSync);
+    expect(logFiles.length).toBeGreaterThanOrEqual(2);
+    for (const file of logFiles) expect(readFileSync(file, 'utf8')).not.toContain(SECRET);
+  });
+});

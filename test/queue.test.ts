@@ -1,0 +1,232 @@
+import { describe, expect, it } from 'vitest';
+import { GroupQueue, retryDelay, type LiveContainer, type QueueOptions } from '../nanoclaw.ts';
+import { waitFor } from './helpers.ts';
+
+/** A processMessages whose runs the test finishes by hand, one group at a time. */
+function controlledRuns() {
+  const running = new Map<string, (ok: boolean) => void>();
+  const started: string[] = [];
+  let concurrent = 0;
+  let maxConcurrent = 0;
+  const perGroupConcurrent = new Map<string, number>();
+  let maxPerGroup = 0;
+  const processMessages = (jid: string) =>
+    new Promise<boolean>((resolve) => {
+      started.push(jid);
+      concurrent++;
+      maxConcurrent = Math.max(maxConcurrent, concurrent);
+      perGroupConcurrent.set(jid, (perGroupConcurrent.get(jid) ?? 0) + 1);
+      maxPerGroup = Math.max(maxPerGroup, perGroupConcurrent.get(jid)!);
+      running.set(jid, (ok) => {
+        concurrent--;
+        perGroupConcurrent.set(jid, perGroupConcurrent.get(jid)! - 1);
+        running.delete(jid);
+        resolve(ok);
+      });
+    });
+  return {
+    processMessages,
+    started,
+    running,
+    finish: (jid: string, ok = true) => running.get(jid)!(ok),
+    get maxConcurrent() { return maxConcurrent; },
+    get maxPerGroup() { return maxPerGroup; },
+  };
+}
+
+function queueWith(runs: ReturnType<typeof controlledRuns>, overrides: Partial<QueueOptions> = {}) {
+  return new GroupQueue({ maxConcurrent: 2, idleTimeoutMs: 60_000, retryBaseMs: 10, maxRetries: 3, processMessages: runs.processMessages, ...overrides });
+}
+
+/** A live container double that records what the queue asks of it. */
+function liveContainer(acceptsFollowUps = true) {
+  const inputs: string[] = [];
+  const calls = { close: 0, kill: 0 };
+  const live: LiveContainer = {
+    acceptsFollowUps,
+    sendInput: (text) => inputs.push(text),
+    close: () => calls.close++,
+    kill: async () => {
+      calls.kill++;
+    },
+  };
+  return { live, inputs, calls };
+}
+
+describe('retryDelay', () => {
+  it('doubles from the base', () => {
+    expect([1, 2, 3, 4].map((n) => retryDelay(5000, n))).toEqual([5000, 10000, 20000, 40000]);
+  });
+});
+
+describe('GroupQueue', () => {
+  it('never runs more containers than the limit, and starts the next when one finishes', async () => {
+    const runs = controlledRuns();
+    const queue = queueWith(runs);
+    for (const jid of ['a', 'b', 'c', 'd']) queue.enqueueMessages(jid);
+    expect(runs.started).toEqual(['a', 'b']);
+    expect(queue.activeCount).toBe(2);
+    runs.finish('a');
+    await waitFor(() => runs.started.length === 3, 2000, 'third start');
+    expect(runs.started[2]).toBe('c');
+    runs.finish('b');
+    runs.finish('c');
+    await waitFor(() => runs.started.length === 4, 2000, 'fourth start');
+    runs.finish('d');
+    await waitFor(() => queue.activeCount === 0, 2000, 'idle queue');
+    expect(runs.maxConcurrent).toBe(2);
+  });
+
+  it('runs one container per group: new work for a running group waits for it, then runs once', async () => {
+    const runs = controlledRuns();
+    const queue = queueWith(runs);
+    queue.enqueueMessages('a');
+    queue.enqueueMessages('a');
+    queue.enqueueMessages('a');
+    expect(runs.started).toEqual(['a']);
+    runs.finish('a');
+    await waitFor(() => runs.started.length === 2, 2000, 'second run');
+    runs.finish('a');
+    await waitFor(() => queue.activeCount === 0, 2000, 'idle');
+    expect(runs.started).toEqual(['a', 'a']);
+    expect(runs.maxPerGroup).toBe(1);
+  });
+
+  it('serves waiting groups in order before a group that has more work again', async () => {
+    const runs = controlledRuns();
+    const queue = queueWith(runs, { maxConcurrent: 1 });
+    queue.enqueueMessages('a');
+    queue.enqueueMessages('b');
+    queue.enqueueMessages('c');
+    queue.enqueueMessages('a'); // more for a while it runs
+    runs.finish('a');
+    await waitFor(() => runs.started.length === 2, 2000, 'b');
+    runs.finish('b');
+    await waitFor(() => runs.started.length === 3, 2000, 'c');
+    runs.finish('c');
+    await waitFor(() => runs.started.length === 4, 2000, 'a again');
+    runs.finish('a');
+    expect(runs.started).toEqual(['a', 'b', 'c', 'a']);
+  });
+
+  it('retries a failed run with backoff and gives up after maxRetries', async () => {
+    const attempts: number[] = [];
+    const queue = new GroupQueue({
+      maxConcurrent: 1, idleTimeoutMs: 60_000, retryBaseMs: 5, maxRetries: 3,
+      processMessages: async () => {
+        attempts.push(Date.now());
+        return false;
+      },
+    });
+    queue.enqueueMessages('a');
+    await waitFor(() => attempts.length === 4, 5000, 'four attempts');
+    await Bun.sleep(200);
+    expect(attempts.length).toBe(4); // the first run and three retries, then it stops
+  });
+
+  it('resets the retry count after a success', async () => {
+    const results = [false, true, false, false, false, false];
+    let calls = 0;
+    const queue = new GroupQueue({
+      maxConcurrent: 1, idleTimeoutMs: 60_000, retryBaseMs: 5, maxRetries: 3,
+      processMessages: async () => results[calls++] ?? true,
+    });
+    queue.enqueueMessages('a'); // fail, succeed
+    await waitFor(() => calls === 2, 2000, 'success');
+    queue.enqueueMessages('a'); // fail ×4 → 1 run + 3 retries, a full budget again
+    await waitFor(() => calls === 6, 5000, 'full retry budget');
+    await Bun.sleep(150);
+    expect(calls).toBe(6);
+  });
+
+  it('hands follow-ups to the live container only while it runs and accepts them', async () => {
+    const runs = controlledRuns();
+    const queue = queueWith(runs);
+    expect(queue.sendFollowUp('a', 'early')).toBe(false);
+    queue.enqueueMessages('a');
+    const { live, inputs } = liveContainer();
+    queue.attach('a', live);
+    expect(queue.sendFollowUp('a', 'one')).toBe(true);
+    expect(inputs).toEqual(['one']);
+    runs.finish('a');
+    await waitFor(() => queue.activeCount === 0, 2000, 'finished');
+    expect(queue.sendFollowUp('a', 'late')).toBe(false);
+
+    queue.enqueueMessages('b');
+    queue.attach('b', liveContainer(false).live);
+    expect(queue.sendFollowUp('b', 'to a task container')).toBe(false);
+    runs.finish('b');
+  });
+
+  it('closes an idle container after the idle timeout, and a follow-up resets the timer', async () => {
+    const runs = controlledRuns();
+    const queue = queueWith(runs, { idleTimeoutMs: 80 });
+    queue.enqueueMessages('a');
+    const { live, calls } = liveContainer();
+    queue.attach('a', live);
+    queue.markIdle('a');
+    await Bun.sleep(40);
+    queue.sendFollowUp('a', 'more'); // clears the idle timer
+    await Bun.sleep(80);
+    expect(calls.close).toBe(0);
+    queue.markIdle('a');
+    await waitFor(() => calls.close === 1, 2000, 'idle close');
+    runs.finish('a');
+  });
+
+  it('closes an idle container at once when another group waits for a slot', async () => {
+    const runs = controlledRuns();
+    const queue = queueWith(runs, { maxConcurrent: 1, idleTimeoutMs: 60_000 });
+    queue.enqueueMessages('a');
+    const { live, calls } = liveContainer();
+    queue.attach('a', live);
+    queue.markIdle('a');
+    expect(calls.close).toBe(0);
+    queue.enqueueMessages('b');
+    expect(calls.close).toBe(1);
+    runs.finish('a');
+    await waitFor(() => runs.started.includes('b'), 2000, 'b starts');
+    runs.finish('b');
+  });
+
+  it('runs a scheduled task after the group finishes, closing an idle chat container for it', async () => {
+    const runs = controlledRuns();
+    const queue = queueWith(runs);
+    const taskRuns: string[] = [];
+    queue.enqueueMessages('a');
+    const { live, calls } = liveContainer();
+    queue.attach('a', live);
+    queue.markIdle('a');
+    queue.enqueueTask('a', 't1', async () => {
+      taskRuns.push('t1');
+    });
+    queue.enqueueTask('a', 't1', async () => {
+      taskRuns.push('t1 again');
+    });
+    expect(calls.close).toBe(1);
+    expect(taskRuns).toEqual([]);
+    runs.finish('a');
+    await waitFor(() => taskRuns.length === 1, 2000, 'task ran');
+    expect(taskRuns).toEqual(['t1']);
+  });
+
+  it('shutdown closes live containers, then kills what did not exit in the grace period', async () => {
+    const runs = controlledRuns();
+    const queue = queueWith(runs);
+    queue.enqueueMessages('a');
+    const { live, calls } = liveContainer();
+    queue.attach('a', {
+      ...live,
+      kill: async () => {
+        calls.kill++;
+        runs.finish('a');
+      },
+    });
+    await queue.shutdown(100);
+    expect(calls.close).toBe(1);
+    expect(calls.kill).toBe(1);
+    expect(queue.activeCount).toBe(0);
+    queue.enqueueMessages('b');
+    expect(runs.started).toEqual(['a']); // nothing new after shutdown
+  });
+});
