@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# `npm test` (and CI): installs everything the tests need, then type-checks and runs them all.
+# The end-to-end tests use a real Docker engine and the test image built from
+# container/Dockerfile (scripts/ensure-docker.sh and container/build.sh --test prepare them).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+step() { printf '\033[1m==> %s\033[0m\n' "$*"; }
+
+bash scripts/setup.sh
+[ -d .tools/node_modules/.bin ] && export PATH="$PWD/.tools/node_modules/.bin:$PATH"
+
+if ! command -v sqlite3 >/dev/null; then
+  step "Installing sqlite3 (the guide's recipes use it; so do the tests)"
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq sqlite3 >/dev/null
+  else
+    echo "Install sqlite3 (e.g. 'brew install sqlite' or 'sudo apt-get install sqlite3') and run again." >&2
+    exit 1
+  fi
+fi
+
+bash scripts/ensure-docker.sh
+if [ -x container/build.sh ]; then
+  step "Building the test image nanoclaw-agent:test"
+  ./container/build.sh --test
+fi
+
+step "Type-checking"
+bunx tsc --noEmit
+if [ -f container/agent-runner/tsconfig.json ]; then (cd container/agent-runner && bunx tsc --noEmit); fi
+
+step "Running the tests"
+bun --bun vitest run
