@@ -2109,7 +2109,6 @@ function onShutdownSignal(stop: () => Promise<void>): void {
     log.info({ signal }, 'Shutting down');
     void stop().then(() => process.exit(0));
   };
-  process.once('SIGINT', () => handler('SIGINT'));
   process.on('SIGINT', () => handler('SIGINT'));
   process.on('SIGTERM', () => handler('SIGTERM'));
 }
@@ -2255,8 +2254,10 @@ export async function main(argv: string[], projectRoot = process.env.NANOCLAW_RO
   }
   try {
     const config = loadConfig(projectRoot);
-    const interactiveChat = command === 'chat';
-    setupLogging(config, { terminalLevel: interactiveChat ? (config.logLevel === 'debug' || config.logLevel === 'trace' ? config.logLevel : 'warn') : config.logLevel, secrets: Object.values(readSecrets(config)).filter((v): v is string => Boolean(v)) });
+    // In `chat` the terminal belongs to the conversation: logs go to logs/ unless debugging.
+    const verbose = config.logLevel === 'debug' || config.logLevel === 'trace';
+    const terminalLevel = command === 'chat' && !verbose ? 'silent' : config.logLevel;
+    setupLogging(config, { terminalLevel, secrets: Object.values(readSecrets(config)).filter((v): v is string => Boolean(v)) });
     switch (command) {
       case 'start':
         if (args.length) throw new UsageError(`start takes no arguments.\n\n${USAGE}`);

@@ -169,6 +169,25 @@ describe('bun nanoclaw.ts chat (piped)', () => {
     }
   });
 
+  it('on SIGTERM mid-answer lets the turn finish, delivers it, and exits cleanly', async () => {
+    const proc = Bun.spawn([process.execPath, ENTRY, 'chat'], {
+      cwd: root, stdin: 'pipe', stdout: 'pipe', stderr: 'pipe',
+      env: { PATH: process.env.PATH!, HOME: process.env.HOME!, NANOCLAW_ROOT: root, CONTAINER_RUNTIME: docker.path },
+    });
+    proc.stdin.write('!sleep 4000\n');
+    await proc.stdin.flush();
+    const deadline = Date.now() + 10_000;
+    while (docker.runs().length === 0 && Date.now() < deadline) await Bun.sleep(20);
+    proc.kill('SIGTERM');
+    expect(await proc.exited).toBe(0);
+    expect(await new Response(proc.stdout).text()).toBe('Andy: slept 4000\n');
+    expect(docker.calls().some((c) => c.command === 'closed')).toBe(true);
+    expect(existsSync(join(root, 'data', 'nanoclaw.pid'))).toBe(false);
+    const next = await cli(['chat'], '');
+    expect(next.code).toBe(0);
+    expect(docker.runs()).toHaveLength(1); // answered, so nothing to redo
+  });
+
   it('leaves a store the guide’s sqlite3 recipe can edit', async () => {
     await cli(['chat'], 'hi\n');
     const db = join(root, 'store', 'messages.db');
