@@ -30,4 +30,13 @@ bunx tsc --noEmit
 if [ -f container/agent-runner/tsconfig.json ]; then (cd container/agent-runner && bunx tsc --noEmit); fi
 
 step "Running the tests"
-bun --bun vitest run
+results=$(mktemp)
+status=0
+bun --bun vitest run --reporter=default --reporter=json --outputFile="$results" || status=$?
+# One plain summary line that any CI log reader understands.
+bun -e '
+  const r = JSON.parse(require("fs").readFileSync(process.argv[1], "utf8"));
+  console.log(`tests: ${r.numPassedTests} passed, ${r.numFailedTests} failed` + (r.numPendingTests ? `, ${r.numPendingTests} skipped` : ""));
+' "$results" || true
+rm -f "$results"
+exit "$status"
