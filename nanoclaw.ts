@@ -897,6 +897,11 @@ export class GroupQueue {
     state.idleTimer = setTimeout(() => this.closeIdle(jid), idleTimeoutMs);
   }
 
+  /** Asks the group's container to finish and exit (a scheduled task's, once it answered). */
+  closeContainer(jid: string): void {
+    this.closeIdle(jid);
+  }
+
   private closeIdle(jid: string): void {
     const state = this.groups.get(jid);
     if (!state) return;
@@ -1679,6 +1684,77 @@ export function computeNextRun(type: ScheduleType, value: string, timezone: stri
   }
 }
 
+/**
+ * When a due task runs again: cron and once follow their definition; an interval counts
+ * from the due time so it does not drift, except after downtime, when it counts from now
+ * (a missed task runs once, not once per missed occurrence).
+ */
+export function nextRunAfterFiring(task: ScheduledTask, timezone: string, now: Date): Date | null {
+  if (task.scheduleType === 'once') return null;
+  if (task.scheduleType === 'interval' && task.nextRun) {
+    const next = new Date(new Date(task.nextRun).getTime() + Number(task.scheduleValue));
+    if (next.getTime() > now.getTime()) return next;
+  }
+  return computeNextRun(task.scheduleType, task.scheduleValue, timezone, now);
+}
+
+/**
+ * Fires due tasks on time. One timer, armed for the soonest next_run; it never sleeps
+ * longer than `recheckMs`, so changes made to the database by another process (the
+ * `tasks` command) are seen within that time. next_run is advanced before the task is
+ * handed over, so a task never fires twice for one due time.
+ */
+export class Scheduler {
+  private timer: ReturnType<typeof setTimeout> | null = null;
+  private running = false;
+
+  constructor(
+    private readonly store: Store,
+    private readonly timezone: string,
+    private readonly onDue: (task: ScheduledTask) => void,
+    private readonly recheckMs = 1000,
+  ) {}
+
+  start(): void {
+    this.running = true;
+    this.arm();
+  }
+
+  stop(): void {
+    this.running = false;
+    if (this.timer) clearTimeout(this.timer);
+    this.timer = null;
+  }
+
+  /** Re-reads the soonest task; call after any change to tasks. */
+  arm(): void {
+    if (!this.running) return;
+    if (this.timer) clearTimeout(this.timer);
+    const soonest = this.store.upcomingTasks()[0];
+    const delay = soonest ? Math.max(0, new Date(soonest.nextRun!).getTime() - Date.now()) : this.recheckMs;
+    this.timer = setTimeout(() => this.fireDue(), Math.min(delay, this.recheckMs));
+  }
+
+  private fireDue(): void {
+    const now = new Date();
+    for (const task of this.store.upcomingTasks()) {
+      if (new Date(task.nextRun!).getTime() > now.getTime()) break;
+      let next: Date | null = null;
+      try {
+        next = nextRunAfterFiring(task, this.timezone, now);
+      } catch (err) {
+        log.error({ taskId: task.id, err }, 'Task has an invalid schedule; pausing it');
+        this.store.updateTask(task.id, { status: 'paused', nextRun: null });
+        continue;
+      }
+      this.store.updateTask(task.id, { nextRun: next?.toISOString() ?? null });
+      log.info({ group: task.groupFolder, taskId: task.id, dueAt: task.nextRun, lateMs: now.getTime() - new Date(task.nextRun!).getTime() }, 'Task due');
+      this.onDue(task);
+    }
+    this.arm();
+  }
+}
+
 // ───────────────────────────── 10. Host: inbound → queue → container → outbound ──────
 
 export interface TurnEvent {
@@ -1706,6 +1782,7 @@ export interface HostOptions {
 export class Host extends EventEmitter {
   readonly queue: GroupQueue;
   readonly ipc: IpcWatcher;
+  readonly scheduler: Scheduler;
   private readonly trigger: RegExp;
   /** Highest message seq handed to each group's live container (the persisted cursor trails it until answered). */
   private readonly delivered = new Map<string, number>();
@@ -1728,12 +1805,14 @@ export class Host extends EventEmitter {
       processMessages: (jid) => this.processMessages(jid),
     });
     this.ipc = new IpcWatcher(config.ipcDir, { handle: (folder, kind, data) => this.handleIpc(folder, kind, data) }, options.sweepIntervalMs ?? 30_000);
+    this.scheduler = new Scheduler(store, config.timezone, (task) => this.queue.enqueueTask(task.chatJid, task.id, () => this.runTask(task.id).then(() => {})));
   }
 
   async start(): Promise<void> {
     const handlers: ChannelHandlers = { onMessage: (message, chat) => this.handleInbound(message, chat) };
     for (const channel of this.channels) await channel.connect(handlers);
     this.ipc.start();
+    this.scheduler.start();
     this.recover();
     this.sweepTimer = setInterval(() => this.recover(), this.options.sweepIntervalMs ?? 60_000);
     log.info({ groups: this.store.listGroups().length, channels: this.channels.map((c) => c.name) }, 'NanoClaw is running');
@@ -1743,6 +1822,7 @@ export class Host extends EventEmitter {
     if (this.stopped) return;
     this.stopped = true;
     if (this.sweepTimer) clearInterval(this.sweepTimer);
+    this.scheduler.stop();
     await this.queue.shutdown(this.options.shutdownGraceMs ?? 10_000);
     await this.ipc.stop();
     for (const channel of this.channels) await channel.disconnect();
@@ -1804,6 +1884,7 @@ export class Host extends EventEmitter {
       outcome = await this.runAgent(group, formatMessages(messages, this.config.timezone), {
         isScheduledTask: false,
         acceptsFollowUps: true,
+        saveSession: true,
         onResult: async (result) => {
           if (result.status === 'success') {
             const sent = result.result ? formatOutbound(result.result, this.config.assistantName, this.config.assistantHasOwnNumber) : null;
@@ -1844,7 +1925,15 @@ export class Host extends EventEmitter {
   async runAgent(
     group: RegisteredGroup,
     prompt: string,
-    run: { isScheduledTask: boolean; acceptsFollowUps: boolean; sessionId?: string | null; onResult(result: ContainerResult): Promise<void> },
+    run: {
+      isScheduledTask: boolean;
+      acceptsFollowUps: boolean;
+      /** undefined: resume the group's session; null: start a fresh one (isolated tasks). */
+      sessionId?: string | null;
+      /** Remember the session the run ends in as the group's session. */
+      saveSession: boolean;
+      onResult(result: ContainerResult): Promise<void>;
+    },
   ): Promise<RunOutcome> {
     writeSnapshots(this.config, this.store, group);
     const allowlist = group.containerConfig?.additionalMounts?.length ? loadMountAllowlist(this.config.mountAllowlistPath) : null;
@@ -1869,11 +1958,66 @@ export class Host extends EventEmitter {
       acceptsFollowUps: run.acceptsFollowUps,
       onStart: (live) => this.queue.attach(group.jid, live),
       onResult: async (result) => {
-        if (result.sessionId && !run.isScheduledTask) this.store.setSession(group.folder, result.sessionId);
+        if (result.sessionId && run.saveSession) this.store.setSession(group.folder, result.sessionId);
         if (result.status === 'error') log.error({ group: group.folder, error: result.error }, 'Agent reported an error');
         await run.onResult(result);
       },
     });
+  }
+
+  /**
+   * Runs a scheduled task now in its group's container: the answer goes to the group's
+   * chat (minus <internal> text), the container closes right after it, and the run is
+   * logged in task_run_logs. Paused or deleted tasks are skipped unless `force`.
+   */
+  async runTask(taskId: string, force = false): Promise<TaskRunLog | null> {
+    const task = this.store.getTask(taskId);
+    if (!task || (!force && task.status !== 'active')) {
+      log.info({ taskId, status: task?.status ?? 'deleted' }, 'Task skipped');
+      return null;
+    }
+    const group = this.store.groupByFolder(task.groupFolder);
+    const startedAt = new Date();
+    let result: string | null = null;
+    let error: string | null = group ? null : `group "${task.groupFolder}" is no longer registered`;
+    if (group) {
+      try {
+        const outcome = await this.runAgent(group, task.prompt, {
+          isScheduledTask: true,
+          acceptsFollowUps: false,
+          sessionId: task.contextMode === 'group' ? undefined : null,
+          saveSession: task.contextMode === 'group',
+          onResult: async (answer) => {
+            if (answer.status === 'success') {
+              result = answer.result;
+              const text = answer.result ? formatOutbound(answer.result, this.config.assistantName, this.config.assistantHasOwnNumber) : null;
+              if (text) await this.sendToChat(task.chatJid, text);
+            } else {
+              error = answer.error ?? 'unknown error';
+            }
+            this.queue.closeContainer(task.chatJid);
+          },
+        });
+        if (!error && outcome.results === 0) error = outcome.timedOut ? 'the agent timed out' : `the agent container exited with code ${outcome.exitCode}`;
+      } catch (err) {
+        error = err instanceof Error ? err.message : String(err);
+      }
+    }
+    const run: TaskRunLog = {
+      taskId: task.id, runAt: startedAt.toISOString(), durationMs: Date.now() - startedAt.getTime(),
+      status: error ? 'error' : 'success', result, error,
+    };
+    if (this.store.getTask(task.id)) {
+      this.store.logTaskRun(run);
+      this.store.updateTask(task.id, {
+        lastRun: run.runAt,
+        lastResult: error ? `Error: ${error}` : (result ?? '(nothing to say)'),
+        ...(task.scheduleType === 'once' ? { status: 'completed' as const, nextRun: null } : {}),
+      });
+    }
+    if (error) log.error({ group: task.groupFolder, taskId: task.id, error }, 'Scheduled task failed');
+    else log.info({ group: task.groupFolder, taskId: task.id, durationMs: run.durationMs }, 'Scheduled task finished');
+    return run;
   }
 
   /** Sends on the channel that owns the chat and records the bot's message. */
@@ -1907,6 +2051,7 @@ export class Host extends EventEmitter {
       return;
     }
     this.applyTaskRequest(source, request);
+    this.scheduler.arm();
     writeSnapshots(this.config, this.store, source);
   }
 
@@ -2006,6 +2151,10 @@ Commands:
   groups list                   registered groups
   groups register <jid> <folder> [--name N] [--trigger @Word] [--no-trigger] [--main]
   groups remove <jid|folder>    unregister (its folder and memory stay on disk)
+  tasks list [--json]           scheduled tasks, next runs in your timezone
+  tasks show <id>               one task and its recent runs
+  tasks run <id>                run a task now, in the foreground; prints what it sent
+  tasks pause|resume|cancel <id>
   sessions list                 the Kimi session of each group
   sessions clear <folder>       forget a group's session (files and database row)
   help, --help                  this text
@@ -2218,6 +2367,96 @@ function groupsCommand(config: Config, args: string[]): number {
   }
 }
 
+/** Prints what a `tasks run` sends, whichever chat it is for. */
+class PrintingChannel implements Channel {
+  readonly name = 'terminal';
+  ownsJid(): boolean {
+    return true;
+  }
+  async connect(): Promise<void> {}
+  async sendMessage(jid: string, text: string): Promise<void> {
+    process.stdout.write(`→ ${jid}: ${text}\n`);
+  }
+  async disconnect(): Promise<void> {}
+}
+
+function describeSchedule(task: ScheduledTask): string {
+  if (task.scheduleType === 'interval') return `every ${Number(task.scheduleValue) / 1000} s`;
+  return `${task.scheduleType} ${task.scheduleValue}`;
+}
+
+async function tasksCommand(config: Config, args: string[]): Promise<number> {
+  const [action = 'list', ...rest] = args;
+  const { values, positionals } = parseArgs({ args: rest, allowPositionals: true, options: { json: { type: 'boolean' } } });
+  const store = new Store(config.dbPath);
+  const when = (iso: string | null) => (iso ? `${formatLocalTime(iso, config.timezone)} ${config.timezone}` : '—');
+  try {
+    if (action === 'list') {
+      const tasks = store.listTasks();
+      if (values.json) {
+        console.log(JSON.stringify(tasks, null, 2));
+        return 0;
+      }
+      if (tasks.length === 0) console.log('No scheduled tasks. Ask your assistant: "remind me every weekday at 9 to …"');
+      for (const t of tasks) {
+        console.log(`${t.id}  ${t.groupFolder.padEnd(12)} ${t.status.padEnd(9)} next ${when(t.nextRun).padEnd(34)} ${describeSchedule(t).padEnd(22)} ${t.prompt.slice(0, 50)}`);
+      }
+      return 0;
+    }
+    const [id] = positionals;
+    if (!id || positionals.length > 1) throw new UsageError(`Usage: tasks ${action} <id>`);
+    const task = store.getTask(id);
+    if (!task) throw new UsageError(`No task with id "${id}" (see: bun nanoclaw.ts tasks list).`);
+    switch (action) {
+      case 'show': {
+        if (values.json) {
+          console.log(JSON.stringify({ ...task, runs: store.taskRuns(id) }, null, 2));
+          return 0;
+        }
+        console.log(`Task ${task.id} (${task.status})\n  group:    ${task.groupFolder} (${task.chatJid})\n  schedule: ${describeSchedule(task)}, context ${task.contextMode}`);
+        console.log(`  next run: ${when(task.nextRun)}\n  last run: ${when(task.lastRun)}\n  prompt:   ${task.prompt}\n  last:     ${task.lastResult ?? '—'}`);
+        const runs = store.taskRuns(id);
+        if (runs.length) console.log('  recent runs:');
+        for (const r of runs) console.log(`    ${when(r.runAt)}  ${r.status.padEnd(7)} ${r.durationMs} ms  ${(r.error ?? r.result ?? '').slice(0, 60)}`);
+        return 0;
+      }
+      case 'pause':
+        store.updateTask(id, { status: 'paused' });
+        console.log(`Paused ${id}.`);
+        return 0;
+      case 'resume': {
+        const next = computeNextRun(task.scheduleType, task.scheduleValue, config.timezone);
+        if (!next) throw new UsageError(`Task ${id} has no future run left (once, ${task.scheduleValue}).`);
+        store.updateTask(id, { status: 'active', nextRun: next.toISOString() });
+        console.log(`Resumed ${id}; next run ${when(next.toISOString())}.`);
+        return 0;
+      }
+      case 'cancel':
+        store.deleteTask(id);
+        console.log(`Cancelled ${id}.`);
+        return 0;
+      case 'run': {
+        const { host, store: hostStore, release } = await startHost(config, [new PrintingChannel()]);
+        try {
+          host.ipc.start(); // the task's agent may use send_message
+          const run = await host.runTask(id, true);
+          await host.ipc.scan();
+          if (run?.status === 'error') console.error(`The task failed: ${run.error}`);
+          return run?.status === 'success' ? 0 : 1;
+        } finally {
+          await host.ipc.stop();
+          hostStore.close();
+          release();
+        }
+      }
+      default:
+        throw new UsageError(`Unknown tasks command "${action}".\n\n${USAGE}`);
+    }
+  } finally {
+    store.close();
+  }
+}
+
 function sessionsCommand(config: Config, args: string[]): number {
   const store = new Store(config.dbPath);
   try {
@@ -2269,6 +2508,8 @@ export async function main(argv: string[], projectRoot = process.env.NANOCLAW_RO
         return groupsCommand(config, args);
       case 'sessions':
         return sessionsCommand(config, args);
+      case 'tasks':
+        return await tasksCommand(config, args);
       default:
         throw new UsageError(`Unknown command "${command}".\n\n${USAGE}`);
     }

@@ -1,0 +1,225 @@
+import { copyFileSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { afterEach, describe, expect, it } from 'vitest';
+import {
+  Host, nextRunAfterFiring, registerGroup, Scheduler, setupLogging, Store,
+  type Config, type ScheduledTask,
+} from '../nanoclaw.ts';
+import { fakeDocker, RecordingChannel, tempProject, waitFor, type FakeDocker } from './helpers.ts';
+
+const MAIN = 'me@s.whatsapp.net';
+const FAMILY = 'family@g.us';
+const HOUR = 3_600_000;
+
+function task(overrides: Partial<ScheduledTask>): ScheduledTask {
+  return {
+    id: `t-${Math.random().toString(36).slice(2)}`, groupFolder: 'family', chatJid: FAMILY, prompt: 'water the plants',
+    scheduleType: 'interval', scheduleValue: String(HOUR), contextMode: 'isolated', nextRun: new Date().toISOString(),
+    lastRun: null, lastResult: null, status: 'active', createdAt: new Date().toISOString(), ...overrides,
+  };
+}
+
+describe('nextRunAfterFiring', () => {
+  const now = new Date('2026-06-01T12:00:00.000Z');
+  it('keeps an interval on its grid when on time', () => {
+    const t = task({ nextRun: '2026-06-01T11:59:59.500Z' });
+    expect(nextRunAfterFiring(t, 'UTC', now)!.toISOString()).toBe('2026-06-01T12:59:59.500Z');
+  });
+  it('after downtime an interval counts from now: one run, not one per missed interval', () => {
+    const t = task({ nextRun: '2026-06-01T08:00:00.000Z' });
+    expect(nextRunAfterFiring(t, 'UTC', now)!.toISOString()).toBe('2026-06-01T13:00:00.000Z');
+  });
+  it('a missed cron runs once and then follows its schedule in the user’s timezone', () => {
+    const t = task({ scheduleType: 'cron', scheduleValue: '0 9 * * *', nextRun: '2026-05-30T07:00:00.000Z' });
+    // 09:00 in Berlin (UTC+2 in June) after 12:00 UTC on June 1 is June 2, 07:00 UTC.
+    expect(nextRunAfterFiring(t, 'Europe/Berlin', now)!.toISOString()).toBe('2026-06-02T07:00:00.000Z');
+  });
+  it('a once task has nothing after it', () => {
+    expect(nextRunAfterFiring(task({ scheduleType: 'once', scheduleValue: '2026-06-01 11:00' }), 'UTC', now)).toBeNull();
+  });
+});
+
+describe('Scheduler', () => {
+  let store: Store;
+  let scheduler: Scheduler | null = null;
+  afterEach(() => {
+    scheduler?.stop();
+    store?.close();
+  });
+
+  function setup(): { fired: { id: string; at: number }[] } {
+    const config = tempProject();
+    store = new Store(config.dbPath);
+    const fired: { id: string; at: number }[] = [];
+    scheduler = new Scheduler(store, 'UTC', (t) => fired.push({ id: t.id, at: Date.now() }), 200);
+    return { fired };
+  }
+
+  it('fires a task at its due time, once, and moves next_run on', async () => {
+    const { fired } = setup();
+    const due = Date.now() + 300;
+    const t = task({ nextRun: new Date(due).toISOString(), scheduleValue: '60000' });
+    store.createTask(t);
+    scheduler!.start();
+    await waitFor(() => fired.length === 1, 3000, 'fire');
+    expect(fired[0]!.at).toBeGreaterThanOrEqual(due);
+    await Bun.sleep(400);
+    expect(fired).toHaveLength(1);
+    expect(store.getTask(t.id)!.nextRun).toBe(new Date(due + 60_000).toISOString());
+  });
+
+  it('runs a task missed during downtime once at start', async () => {
+    const { fired } = setup();
+    const t = task({ nextRun: new Date(Date.now() - 5 * HOUR).toISOString() });
+    store.createTask(t);
+    scheduler!.start();
+    await waitFor(() => fired.length === 1, 3000, 'catch-up run');
+    await Bun.sleep(500);
+    expect(fired).toHaveLength(1);
+    expect(new Date(store.getTask(t.id)!.nextRun!).getTime()).toBeGreaterThan(Date.now() + HOUR - 5000);
+  });
+
+  it('does not fire paused or cancelled tasks, and sees a change made by another process', async () => {
+    const { fired } = setup();
+    const paused = task({ nextRun: new Date(Date.now() + 200).toISOString() });
+    const cancelled = task({ nextRun: new Date(Date.now() + 200).toISOString() });
+    store.createTask(paused);
+    store.createTask(cancelled);
+    scheduler!.start();
+    // Another connection (like the `tasks` command) changes them just before they are due.
+    const other = new Store(join(store.db.filename, '..', 'messages.db'));
+    other.updateTask(paused.id, { status: 'paused' });
+    other.deleteTask(cancelled.id);
+    const later = task({ nextRun: new Date(Date.now() + 500).toISOString() });
+    other.createTask(later);
+    other.close();
+    await waitFor(() => fired.length === 1, 3000, 'the task added meanwhile');
+    await Bun.sleep(300);
+    expect(fired.map((f) => f.id)).toEqual([later.id]);
+  });
+
+  it('pauses a task whose stored schedule became invalid instead of failing every second', async () => {
+    const { fired } = setup();
+    const broken = task({ scheduleType: 'cron', scheduleValue: 'not a cron', nextRun: new Date(Date.now() - 1000).toISOString() });
+    store.createTask(broken);
+    scheduler!.start();
+    await waitFor(() => store.getTask(broken.id)!.status === 'paused', 3000, 'paused');
+    expect(fired).toHaveLength(0);
+  });
+});
+
+describe('tasks through the host (fake docker)', () => {
+  let docker: FakeDocker;
+  let config: Config;
+  let store: Store;
+  let host: Host;
+  let channel: RecordingChannel;
+
+  async function start(env: Record<string, string> = {}) {
+    docker = fakeDocker();
+    config = tempProject({ CONTAINER_RUNTIME: docker.path, ...env }, 'KIMI_API_KEY=sk-tasks-test-123456\n');
+    setupLogging(config, { terminalLevel: 'silent' });
+    store = new Store(config.dbPath);
+    registerGroup(config, store, { jid: MAIN, name: 'Me', folder: 'main', isMain: true });
+    registerGroup(config, store, { jid: FAMILY, name: 'Family', folder: 'family' });
+    channel = new RecordingChannel([MAIN, FAMILY]);
+    host = new Host(config, store, [channel], { retryBaseMs: 50, sweepIntervalMs: 60_000, shutdownGraceMs: 2000 });
+    await host.start();
+  }
+  afterEach(async () => {
+    await host?.stop();
+    store?.close();
+  });
+
+  it('an interval task answers in its chat, closes its container at once, and is logged', async () => {
+    await start({ IDLE_TIMEOUT: '600000' });
+    const t = task({ nextRun: new Date(Date.now() + 100).toISOString(), scheduleValue: '600000' });
+    store.createTask(t);
+    host.scheduler.arm();
+    await waitFor(() => channel.sent.length === 1, 10_000, 'task reply');
+    expect(channel.sent).toEqual([{ jid: FAMILY, text: 'Andy: echo: water the plants' }]);
+    await waitFor(() => docker.calls().some((c) => c.command === 'closed'), 5000, 'prompt close');
+    await waitFor(() => store.taskRuns(t.id).length === 1, 5000, 'run log');
+    const [run] = store.taskRuns(t.id);
+    expect(run).toMatchObject({ status: 'success', result: 'echo: water the plants', error: null });
+    expect(store.getTask(t.id)).toMatchObject({ lastResult: 'echo: water the plants', status: 'active' });
+    const stdin = JSON.parse(docker.runs()[0]!.stdin!);
+    expect(stdin.isScheduledTask).toBe(true);
+    expect(stdin.sessionId).toBeUndefined(); // isolated: a fresh session
+  });
+
+  it('a group-context task resumes the group’s session; a once task ends completed', async () => {
+    await start();
+    store.setSession('family', 'family-session-1');
+    const t = task({ scheduleType: 'once', scheduleValue: new Date(Date.now() + 100).toISOString(), nextRun: new Date(Date.now() + 100).toISOString(), contextMode: 'group' });
+    store.createTask(t);
+    host.scheduler.arm();
+    await waitFor(() => store.getTask(t.id)?.status === 'completed', 10_000, 'completed');
+    expect(JSON.parse(docker.runs()[0]!.stdin!).sessionId).toBe('family-session-1');
+    expect(store.getTask(t.id)!.nextRun).toBeNull();
+  });
+
+  it('keeps <internal> task output private and records failures', async () => {
+    await start();
+    const quiet = task({ prompt: '!internal', nextRun: new Date(Date.now() + 50).toISOString() });
+    const failing = task({ prompt: '!fail quota exceeded', groupFolder: 'main', chatJid: MAIN, nextRun: new Date(Date.now() + 50).toISOString() });
+    store.createTask(quiet);
+    store.createTask(failing);
+    host.scheduler.arm();
+    await waitFor(() => store.taskRuns(failing.id).length === 1 && store.taskRuns(quiet.id).length === 1, 10_000, 'both runs');
+    expect(channel.sent).toEqual([{ jid: FAMILY, text: 'Andy: visible' }]);
+    expect(store.taskRuns(failing.id)[0]).toMatchObject({ status: 'error', error: 'quota exceeded' });
+    expect(store.getTask(failing.id)!.lastResult).toBe('Error: quota exceeded');
+  });
+
+  it('never runs a task container beside the group’s chat container', async () => {
+    await start({ IDLE_TIMEOUT: '600000' });
+    channel.receive(FAMILY, '@Andy !sleep 800');
+    await waitFor(() => docker.runs().length === 1, 5000, 'chat run');
+    store.createTask(task({ nextRun: new Date().toISOString() }));
+    host.scheduler.arm();
+    await waitFor(() => docker.runs().length === 2, 10_000, 'task run');
+    const events = docker.calls().filter((c) => ['run', 'closed'].includes(c.command)).map((c) => c.command);
+    expect(events.slice(0, 3)).toEqual(['run', 'closed', 'run']);
+  });
+});
+
+describe('bun nanoclaw.ts tasks', () => {
+  const REPO = fileURLToPath(new URL('..', import.meta.url));
+  it('lists, shows, pauses, resumes, runs and cancels', async () => {
+    const docker = fakeDocker();
+    const config = tempProject({}, '');
+    copyFileSync(join(REPO, 'bunfig.toml'), join(config.projectRoot, 'bunfig.toml'));
+    writeFileSync(join(config.projectRoot, '.env'), 'KIMI_API_KEY=sk-tasks-cli-123456\nTZ=Asia/Tokyo\n');
+    const store = new Store(config.dbPath);
+    registerGroup(config, store, { jid: FAMILY, name: 'Family', folder: 'family' });
+    const t = task({ scheduleType: 'cron', scheduleValue: '0 9 * * *', nextRun: '2030-01-01T00:00:00.000Z' });
+    store.createTask(t);
+    store.close();
+    const cli = async (...args: string[]) => {
+      const proc = Bun.spawn([process.execPath, join(REPO, 'nanoclaw.ts'), 'tasks', ...args], {
+        cwd: config.projectRoot, stdout: 'pipe', stderr: 'pipe',
+        env: { PATH: process.env.PATH!, HOME: process.env.HOME!, NANOCLAW_ROOT: config.projectRoot, CONTAINER_RUNTIME: docker.path },
+      });
+      const [stdout, stderr, code] = await Promise.all([new Response(proc.stdout).text(), new Response(proc.stderr).text(), proc.exited]);
+      return { stdout, stderr, code };
+    };
+    const list = await cli('list');
+    expect(list.stdout).toContain(t.id);
+    expect(list.stdout).toContain('2030-01-01 09:00 Asia/Tokyo'); // shown in the user's timezone
+    const json = JSON.parse((await cli('list', '--json')).stdout);
+    expect(json[0]).toMatchObject({ id: t.id, scheduleValue: '0 9 * * *' });
+    expect((await cli('pause', t.id)).code).toBe(0);
+    expect((await cli('show', t.id)).stdout).toContain('(paused)');
+    const resumed = await cli('resume', t.id);
+    expect(resumed.stdout).toMatch(/next run \d{4}-\d{2}-\d{2} 09:00 Asia\/Tokyo/);
+    const run = await cli('run', t.id);
+    expect(run.code).toBe(0);
+    expect(run.stdout).toBe(`→ ${FAMILY}: Andy: echo: water the plants\n`);
+    expect((await cli('show', t.id)).stdout).toMatch(/recent runs:\n.*success/);
+    expect((await cli('cancel', t.id)).code).toBe(0);
+    expect((await cli('show', t.id)).code).toBe(2);
+    expect((await cli('run', 'no-such-task')).stderr).toContain('No task with id');
+  });
+});
