@@ -34,6 +34,12 @@ import { basename, dirname, isAbsolute, join, relative, resolve, sep } from 'nod
 import { createInterface } from 'node:readline';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
+import makeWASocket, {
+  DisconnectReason, downloadMediaMessage, isJidBroadcast, isJidGroup, isJidStatusBroadcast, isLidUser, isPnUser,
+  jidNormalizedUser, normalizeMessageContent, proto, useMultiFileAuthState,
+  type ConnectionState, type WAMessage, type WAMessageKey, type WASocket,
+} from '@whiskeysockets/baileys';
+import type { ILogger } from '@whiskeysockets/baileys/lib/Utils/logger.js';
 import { Cron } from 'croner';
 import pino, { type Logger } from 'pino';
 import { prettyFactory } from 'pino-pretty';
@@ -515,12 +521,19 @@ export class Store {
 
   /** The router's position in a chat: every message up to this seq has been answered. */
   getCursor(chatJid: string): number {
-    const row = this.db.query<{ value: string }, [string]>('SELECT value FROM router_state WHERE key = ?').get(cursorKey(chatJid));
-    return row ? Number(row.value) : 0;
+    return Number(this.getState(cursorKey(chatJid)) ?? 0);
   }
 
   setCursor(chatJid: string, seq: number): void {
-    this.db.query('INSERT INTO router_state (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value').run(cursorKey(chatJid), String(seq));
+    this.setState(cursorKey(chatJid), String(seq));
+  }
+
+  getState(key: string): string | null {
+    return this.db.query<{ value: string }, [string]>('SELECT value FROM router_state WHERE key = ?').get(key)?.value ?? null;
+  }
+
+  setState(key: string, value: string): void {
+    this.db.query('INSERT INTO router_state (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value').run(key, value);
   }
 
   /** Latest stored seq of a chat (0 when empty); new groups start their cursor here. */
@@ -541,6 +554,15 @@ export class Store {
         requiresTrigger: group.requiresTrigger ? 1 : 0, isMain: group.isMain ? 1 : 0,
         containerConfig: group.containerConfig ? JSON.stringify(group.containerConfig) : null, addedAt: group.addedAt,
       });
+  }
+
+  /** Moves a group to another chat id (the terminal's main group once WhatsApp gives it the self-chat). */
+  changeGroupJid(oldJid: string, newJid: string): void {
+    this.db.transaction(() => {
+      this.db.query('UPDATE registered_groups SET jid = ? WHERE jid = ?').run(newJid, oldJid);
+      this.db.query('UPDATE scheduled_tasks SET chat_jid = ? WHERE chat_jid = ?').run(newJid, oldJid);
+      this.setCursor(newJid, this.latestSeq(newJid));
+    })();
   }
 
   removeGroup(jid: string): boolean {
@@ -722,6 +744,8 @@ export interface ChatMeta {
 export interface ChannelHandlers {
   /** Every inbound message, for every chat; the host decides what to keep. */
   onMessage(message: NewMessage, chat: ChatMeta): void;
+  /** A chat's name learned without a message (group sync). */
+  onChatMetadata?(chat: { jid: string; name: string; isGroup: boolean }): void;
 }
 
 /** A messaging surface: WhatsApp, the terminal. Replies find the channel that owns the chat. */
@@ -784,6 +808,441 @@ export class LocalChannel implements Channel {
 
   async disconnect(): Promise<void> {
     this.handlers = null;
+  }
+}
+
+// WhatsApp (baileys 7). Pure translation first, then the socket that uses it.
+
+/** The longest text WhatsApp takes in one message, with room to spare. */
+export const WHATSAPP_MAX_CHARS = 4000;
+/** Media larger than this is not downloaded; the agent is told it exists. */
+export const MAX_MEDIA_BYTES = 25 * 1024 * 1024;
+
+export type MediaKind = 'image' | 'video' | 'audio' | 'voice note' | 'document' | 'sticker';
+
+export interface WhatsAppInbound {
+  message: NewMessage;
+  isGroup: boolean;
+  media?: { kind: MediaKind; mimetype: string; fileName?: string; bytes?: number; caption: string };
+}
+
+export interface WhatsAppIdentity {
+  /** Our own JIDs (phone and LID forms), for recognising the self-chat and our messages. */
+  ownJids: ReadonlySet<string>;
+  assistantName: string;
+  hasOwnNumber: boolean;
+  /** Phone-number JID for a LID JID, when baileys knows the mapping. */
+  phoneForLid(lid: string): string | undefined;
+}
+
+/** A chat or sender JID in phone form: device suffix dropped, LID translated when known. */
+export function canonicalJid(jid: string, alt: string | null | undefined, identity: WhatsAppIdentity): string {
+  if (isJidGroup(jid)) return jid;
+  if (isLidUser(jid)) {
+    const phone = (alt && isPnUser(alt) ? alt : undefined) ?? identity.phoneForLid(jidNormalizedUser(jid));
+    if (phone) return jidNormalizedUser(phone);
+  }
+  return jidNormalizedUser(jid);
+}
+
+function mediaOf(content: proto.IMessage): WhatsAppInbound['media'] | undefined {
+  const bytes = (length: number | Long | null | undefined) => (length == null ? undefined : Number(length));
+  if (content.imageMessage) return { kind: 'image', mimetype: content.imageMessage.mimetype ?? 'image/jpeg', bytes: bytes(content.imageMessage.fileLength), caption: content.imageMessage.caption ?? '' };
+  if (content.videoMessage) return { kind: 'video', mimetype: content.videoMessage.mimetype ?? 'video/mp4', bytes: bytes(content.videoMessage.fileLength), caption: content.videoMessage.caption ?? '' };
+  if (content.audioMessage) return { kind: content.audioMessage.ptt ? 'voice note' : 'audio', mimetype: content.audioMessage.mimetype ?? 'audio/ogg', bytes: bytes(content.audioMessage.fileLength), caption: '' };
+  if (content.documentMessage) {
+    const doc = content.documentMessage;
+    return { kind: 'document', mimetype: doc.mimetype ?? 'application/octet-stream', fileName: doc.fileName ?? undefined, bytes: bytes(doc.fileLength), caption: doc.caption ?? '' };
+  }
+  if (content.stickerMessage) return { kind: 'sticker', mimetype: content.stickerMessage.mimetype ?? 'image/webp', bytes: bytes(content.stickerMessage.fileLength), caption: '' };
+  return undefined;
+}
+
+function textOf(content: proto.IMessage): string {
+  return content.conversation ?? content.extendedTextMessage?.text ?? '';
+}
+
+/**
+ * Turns a baileys message into what the host stores, or null for what it ignores
+ * (status broadcasts, reactions, protocol messages, empty messages). Media is described
+ * here and downloaded by the channel.
+ */
+export function parseWhatsAppMessage(raw: WAMessage, identity: WhatsAppIdentity): WhatsAppInbound | null {
+  const key = raw.key as WAMessageKey;
+  if (!key?.remoteJid || !key.id || isJidStatusBroadcast(key.remoteJid) || isJidBroadcast(key.remoteJid)) return null;
+  const content = normalizeMessageContent(raw.message);
+  if (!content || content.protocolMessage || content.reactionMessage) return null;
+  const media = mediaOf(content);
+  let text = (media ? media.caption : textOf(content)).trim();
+  const quoted = content.extendedTextMessage?.contextInfo ?? content.imageMessage?.contextInfo ?? content.videoMessage?.contextInfo;
+  if (quoted?.quotedMessage) {
+    const quotedContent = normalizeMessageContent(quoted.quotedMessage);
+    const quotedText = quotedContent ? (textOf(quotedContent) || mediaOf(quotedContent)?.caption || `[${mediaOf(quotedContent)?.kind ?? 'message'}]`) : '';
+    if (quotedText) text = `[replying to: "${quotedText.slice(0, 500)}"]\n${text}`;
+  }
+  if (!text && !media) return null;
+
+  const chatJid = canonicalJid(key.remoteJid, key.remoteJidAlt, identity);
+  const isGroup = Boolean(isJidGroup(chatJid));
+  const fromMe = Boolean(key.fromMe);
+  const ownPhone = [...identity.ownJids].find((jid) => isPnUser(jid)) ?? '';
+  const sender = fromMe ? ownPhone : isGroup ? canonicalJid(key.participant ?? '', key.participantAlt, identity) : chatJid;
+  const seconds = Number(raw.messageTimestamp ?? Math.floor(Date.now() / 1000));
+  const isBotMessage = identity.hasOwnNumber ? fromMe : isOwnReply(text, identity.assistantName);
+  return {
+    isGroup,
+    media,
+    message: {
+      id: key.id,
+      chatJid,
+      sender,
+      senderName: raw.pushName || (fromMe ? 'Me' : sender.split('@')[0]!),
+      content: text,
+      timestamp: new Date(seconds * 1000).toISOString(),
+      isFromMe: fromMe,
+      isBotMessage,
+    },
+  };
+}
+
+/** A file name that is safe on every filesystem and unique enough per message. */
+export function safeMediaFileName(messageId: string, kind: MediaKind, mimetype: string, original?: string): string {
+  const extension = (original?.match(/\.([A-Za-z0-9]{1,8})$/)?.[1] ?? mimetype.split('/')[1]?.split(';')[0] ?? 'bin').toLowerCase().replace(/[^a-z0-9]/g, '');
+  const stem = (original ? original.replace(/\.[^.]*$/, '') : kind).normalize('NFKD').replace(/[^A-Za-z0-9_-]+/g, '-').replace(/^-+|-+$/g, '').slice(0, 40) || 'file';
+  return `${messageId.replace(/[^A-Za-z0-9]/g, '').slice(0, 24)}-${stem}.${extension || 'bin'}`;
+}
+
+/** Markdown from the model in WhatsApp's own style: *bold*, _italic_, ~strike~, ```mono```, • lists. */
+export function toWhatsAppFormat(markdown: string): string {
+  const blocks = markdown.split(/(```[\s\S]*?```)/g);
+  return blocks
+    .map((block, i) => {
+      if (i % 2 === 1) return block.replace(/^```[a-zA-Z0-9_-]*\n/, '```'); // code block: keep, drop the language tag
+      return block
+        .replace(/^#{1,6}\s+(.+)$/gm, '*$1*')
+        .replace(/\*\*(.+?)\*\*/g, '\u0000$1\u0000')
+        .replace(/__(.+?)__/g, '\u0000$1\u0000')
+        .replace(/(?<![*\w])\*(?!\s)([^*\n]+?)(?<!\s)\*(?![*\w])/g, '_$1_')
+        .replace(/\u0000/g, '*')
+        .replace(/~~(.+?)~~/g, '~$1~')
+        .replace(/^(\s*)[-*+]\s+/gm, '$1• ')
+        .replace(/\[([^\]]+)\]\((https?:\/\/[^)]+)\)/g, '$1 ($2)');
+    })
+    .join('');
+}
+
+/** Splits a long reply at paragraph, then line, then sentence, then word boundaries. */
+export function splitForWhatsApp(text: string, limit = WHATSAPP_MAX_CHARS): string[] {
+  const parts: string[] = [];
+  let rest = text.trim();
+  while (rest.length > limit) {
+    const window = rest.slice(0, limit);
+    const cut = [window.lastIndexOf('\n\n'), window.lastIndexOf('\n'), Math.max(window.lastIndexOf('. '), window.lastIndexOf('! '), window.lastIndexOf('? ')) + 1, window.lastIndexOf(' ')]
+      .find((index) => index > limit * 0.3) ?? limit;
+    parts.push(rest.slice(0, cut).trim());
+    rest = rest.slice(cut).trim();
+  }
+  if (rest) parts.push(rest);
+  return parts;
+}
+
+/** Reconnect delay: exponential, capped, with jitter so many clients do not retry in step. */
+export function reconnectDelay(attempt: number, baseMs = 1000, capMs = 60_000, random = Math.random): number {
+  const ceiling = Math.min(capMs, baseMs * 2 ** Math.max(0, attempt - 1));
+  return Math.round(ceiling / 2 + random() * (ceiling / 2));
+}
+
+/** Sliding-window limit per chat and overall, so a chatty agent cannot get the number banned. */
+export class RateLimiter {
+  private readonly sent = new Map<string, number[]>();
+  private readonly all: number[] = [];
+
+  constructor(
+    readonly perChat = { count: 20, windowMs: 60_000 },
+    readonly overall = { count: 60, windowMs: 60_000 },
+  ) {}
+
+  /** How long to wait before the next message to `jid` may go (0 = now). */
+  delayFor(jid: string, now = Date.now()): number {
+    const chat = (this.sent.get(jid) ?? []).filter((t) => t > now - this.perChat.windowMs);
+    this.sent.set(jid, chat);
+    while (this.all.length && this.all[0]! <= now - this.overall.windowMs) this.all.shift();
+    const chatWait = chat.length >= this.perChat.count ? chat[chat.length - this.perChat.count]! + this.perChat.windowMs - now : 0;
+    const allWait = this.all.length >= this.overall.count ? this.all[this.all.length - this.overall.count]! + this.overall.windowMs - now : 0;
+    return Math.max(0, chatWait, allWait);
+  }
+
+  record(jid: string, now = Date.now()): void {
+    this.sent.get(jid)?.push(now) ?? this.sent.set(jid, [now]);
+    this.all.push(now);
+  }
+}
+
+export class WhatsAppNotLinked extends Error {}
+
+export interface WhatsAppOptions {
+  authDir: string;
+  assistantName: string;
+  hasOwnNumber: boolean;
+  /** Where a registered chat's media goes (groups/<folder>/media), or null when the chat is not registered. */
+  mediaDirFor(chatJid: string): string | null;
+  /** Re-sync group names when the last sync is older than this. */
+  groupSyncMaxAgeMs?: number;
+  lastGroupSync?(): string | null;
+  markGroupSync?(): void;
+  waWebSocketUrl?: string;
+  reconnectBaseMs?: number;
+  reconnectCapMs?: number;
+  rateLimiter?: RateLimiter;
+  /** Called once when WhatsApp says this device was logged out. */
+  onLoggedOut?(): void;
+}
+
+const WHATSAPP_EVENTS = ['connection.update', 'creds.update', 'messages.upsert', 'groups.update'] as const;
+
+/**
+ * WhatsApp through one live baileys socket. A socket that closes is retired (listeners
+ * removed, ended) before the next one opens, with backoff; replies made while offline
+ * wait in order in the outbox and go out once the connection is back.
+ */
+export class WhatsAppChannel implements Channel {
+  readonly name = 'whatsapp';
+  private handlers: ChannelHandlers | null = null;
+  private sock: WASocket | null = null;
+  private connected = false;
+  private closed = false;
+  private attempt = 0;
+  private reconnectTimer: ReturnType<typeof setTimeout> | null = null;
+  private dailySync: ReturnType<typeof setInterval> | null = null;
+  private readonly outbox: { jid: string; text: string }[] = [];
+  private flushing = false;
+  private ownJids = new Set<string>();
+  private readonly rateLimiter: RateLimiter;
+  /** Every socket this channel created, oldest first (for diagnostics and tests). */
+  readonly sockets: WASocket[] = [];
+  /** Delays used for each reconnect, in order. */
+  readonly reconnectDelays: number[] = [];
+
+  constructor(private readonly options: WhatsAppOptions) {
+    this.rateLimiter = options.rateLimiter ?? new RateLimiter();
+  }
+
+  static isLinked(authDir: string): boolean {
+    return existsSync(join(authDir, 'creds.json'));
+  }
+
+  ownsJid(jid: string): boolean {
+    return /@(s\.whatsapp\.net|g\.us|lid)$/.test(jid);
+  }
+
+  get isConnected(): boolean {
+    return this.connected;
+  }
+
+  get pendingOutbound(): number {
+    return this.outbox.length;
+  }
+
+  async connect(handlers: ChannelHandlers): Promise<void> {
+    if (!WhatsAppChannel.isLinked(this.options.authDir)) {
+      throw new WhatsAppNotLinked('WhatsApp is not linked on this machine yet.\n  Fix: bun nanoclaw.ts auth   (or: bun nanoclaw.ts auth --pairing-code <your phone number>)');
+    }
+    this.handlers = handlers;
+    this.closed = false;
+    await this.openSocket();
+    this.dailySync = setInterval(() => void this.syncGroups().catch(() => {}), 24 * 60 * 60_000);
+  }
+
+  private async openSocket(): Promise<void> {
+    const { state, saveCreds } = await useMultiFileAuthState(this.options.authDir);
+    const sock = makeWASocket({
+      auth: state,
+      // baileys wants its own pino; ours is pino too, just quieter for its chatter.
+      logger: log.child({ module: 'baileys' }, { level: log.level === 'trace' ? 'debug' : 'warn' }) as unknown as ILogger,
+      markOnlineOnConnect: false,
+      syncFullHistory: false,
+      ...(this.options.waWebSocketUrl ? { waWebSocketUrl: this.options.waWebSocketUrl } : {}),
+    });
+    this.sock = sock;
+    this.sockets.push(sock);
+    sock.ev.on('creds.update', saveCreds);
+    sock.ev.on('connection.update', (update) => this.onConnectionUpdate(sock, update));
+    sock.ev.on('messages.upsert', ({ messages }) => {
+      if (sock === this.sock) for (const message of messages) void this.onMessage(message);
+    });
+    sock.ev.on('groups.update', (updates) => {
+      if (sock !== this.sock) return;
+      for (const group of updates) if (group.id && group.subject) this.handlers?.onChatMetadata?.({ jid: group.id, name: group.subject, isGroup: true });
+    });
+  }
+
+  /** A socket that will never be used again: no listener left, connection ended. */
+  private retire(sock: WASocket | null): void {
+    if (!sock) return;
+    for (const event of WHATSAPP_EVENTS) sock.ev.removeAllListeners(event);
+    try {
+      void sock.end(undefined);
+    } catch {
+      // already closed
+    }
+  }
+
+  private onConnectionUpdate(sock: WASocket, update: Partial<ConnectionState>): void {
+    if (sock !== this.sock) return; // a retired socket's last words
+    if (update.connection === 'open') {
+      this.connected = true;
+      this.attempt = 0;
+      this.ownJids = new Set([sock.user?.id, sock.user?.lid].filter((j): j is string => Boolean(j)).map((j) => jidNormalizedUser(j)));
+      log.info({ me: [...this.ownJids] }, 'WhatsApp connected');
+      void this.flush();
+      const last = this.options.lastGroupSync?.();
+      const maxAge = this.options.groupSyncMaxAgeMs ?? 24 * 60 * 60_000;
+      if (!last || Date.now() - new Date(last).getTime() > maxAge) void this.syncGroups().catch((err) => log.warn({ err }, 'Group sync failed'));
+    }
+    if (update.connection === 'close') {
+      this.connected = false;
+      const status = (update.lastDisconnect?.error as { output?: { statusCode?: number } } | undefined)?.output?.statusCode;
+      if (status === DisconnectReason.loggedOut) {
+        log.error('WhatsApp logged this device out. The credentials in store/auth/ no longer work: remove that folder, then run `bun nanoclaw.ts auth`.');
+        this.closed = true;
+        this.retire(sock);
+        this.options.onLoggedOut?.();
+        return;
+      }
+      log.warn({ status, reason: String(update.lastDisconnect?.error ?? 'unknown') }, 'WhatsApp disconnected');
+      this.scheduleReconnect();
+    }
+  }
+
+  private scheduleReconnect(): void {
+    if (this.closed || this.reconnectTimer) return;
+    this.attempt++;
+    const delay = reconnectDelay(this.attempt, this.options.reconnectBaseMs, this.options.reconnectCapMs);
+    this.reconnectDelays.push(delay);
+    log.info({ attempt: this.attempt, delayMs: delay }, 'Reconnecting to WhatsApp');
+    this.reconnectTimer = setTimeout(() => {
+      this.reconnectTimer = null;
+      if (this.closed) return;
+      this.retire(this.sock);
+      this.sock = null;
+      this.openSocket().catch((err) => {
+        log.error({ err }, 'Could not open a WhatsApp connection');
+        this.scheduleReconnect();
+      });
+    }, delay);
+  }
+
+  private identity(): WhatsAppIdentity {
+    const sock = this.sock;
+    return {
+      ownJids: this.ownJids,
+      assistantName: this.options.assistantName,
+      hasOwnNumber: this.options.hasOwnNumber,
+      phoneForLid: (lid) => {
+        const own = sock?.user?.lid && jidNormalizedUser(sock.user.lid) === lid ? sock.user.id : undefined;
+        return own ?? this.lidCache.get(lid);
+      },
+    };
+  }
+
+  private readonly lidCache = new Map<string, string>();
+
+  /** Inbound: translate, download media for registered chats, hand to the host. */
+  async onMessage(raw: WAMessage): Promise<void> {
+    const sock = this.sock;
+    const key = raw.key as WAMessageKey;
+    if (sock && key?.remoteJid && isLidUser(key.remoteJid) && !this.lidCache.has(jidNormalizedUser(key.remoteJid))) {
+      const phone = await sock.signalRepository.lidMapping.getPNForLID(key.remoteJid).catch(() => null);
+      if (phone) this.lidCache.set(jidNormalizedUser(key.remoteJid), jidNormalizedUser(phone));
+    }
+    const inbound = parseWhatsAppMessage(raw, this.identity());
+    if (!inbound) return;
+    const mediaDir = inbound.media ? this.options.mediaDirFor(inbound.message.chatJid) : null;
+    if (inbound.media && mediaDir) inbound.message.content = await this.saveMedia(raw, inbound, mediaDir);
+    else if (inbound.media) inbound.message.content = `[${inbound.media.kind}]${inbound.message.content ? ` ${inbound.message.content}` : ''}`;
+    this.handlers?.onMessage(inbound.message, { name: inbound.isGroup ? undefined : raw.pushName, isGroup: inbound.isGroup });
+  }
+
+  private async saveMedia(raw: WAMessage, inbound: WhatsAppInbound, mediaDir: string): Promise<string> {
+    const media = inbound.media!;
+    const caption = inbound.message.content;
+    if ((media.bytes ?? 0) > MAX_MEDIA_BYTES) {
+      return `[${media.kind} not downloaded: ${Math.round(media.bytes! / 1024 / 1024)} MB is over the ${MAX_MEDIA_BYTES / 1024 / 1024} MB limit]${caption ? ` ${caption}` : ''}`;
+    }
+    try {
+      const data = await downloadMediaMessage(raw, 'buffer', {});
+      if (data.length > MAX_MEDIA_BYTES) throw new Error('file over the size limit');
+      const fileName = safeMediaFileName(inbound.message.id, media.kind, media.mimetype, media.fileName);
+      mkdirSync(mediaDir, { recursive: true });
+      writeFileSync(join(mediaDir, fileName), data);
+      return `[${media.kind}: /workspace/group/media/${fileName}${media.fileName ? ` (${media.fileName})` : ''}]${caption ? ` ${caption}` : ''}`;
+    } catch (err) {
+      log.warn({ err, messageId: inbound.message.id }, 'Could not download media');
+      return `[${media.kind} could not be downloaded]${caption ? ` ${caption}` : ''}`;
+    }
+  }
+
+  async sendMessage(jid: string, text: string): Promise<void> {
+    for (const part of splitForWhatsApp(toWhatsAppFormat(text))) this.outbox.push({ jid, text: part });
+    void this.flush();
+  }
+
+  /** Sends what waits in the outbox, in order, while connected; stops at the first failure. */
+  private async flush(): Promise<void> {
+    if (this.flushing) return;
+    this.flushing = true;
+    try {
+      while (this.connected && this.outbox.length > 0) {
+        const next = this.outbox[0]!;
+        const wait = this.rateLimiter.delayFor(next.jid);
+        if (wait > 0) await Bun.sleep(wait);
+        if (!this.connected) break;
+        try {
+          await this.deliver(next.jid, next.text);
+        } catch (err) {
+          log.warn({ err, chatJid: next.jid }, 'Sending failed; it stays queued until the connection is back');
+          break;
+        }
+        this.rateLimiter.record(next.jid);
+        this.outbox.shift();
+      }
+    } finally {
+      this.flushing = false;
+    }
+  }
+
+  /** The one place a message leaves for WhatsApp. */
+  protected async deliver(jid: string, text: string): Promise<void> {
+    if (!this.sock) throw new Error('no WhatsApp connection');
+    await this.sock.sendMessage(jid, { text });
+  }
+
+  async setTyping(jid: string, typing: boolean): Promise<void> {
+    if (this.connected) await this.sock?.sendPresenceUpdate(typing ? 'composing' : 'paused', jid);
+  }
+
+  async syncGroups(): Promise<void> {
+    if (!this.sock || !this.connected) return;
+    const groups = await this.sock.groupFetchAllParticipating();
+    for (const group of Object.values(groups)) this.handlers?.onChatMetadata?.({ jid: group.id, name: group.subject, isGroup: true });
+    this.options.markGroupSync?.();
+    log.info({ groups: Object.keys(groups).length }, 'WhatsApp group names synced');
+  }
+
+  async disconnect(): Promise<void> {
+    this.closed = true;
+    if (this.reconnectTimer) clearTimeout(this.reconnectTimer);
+    if (this.dailySync) clearInterval(this.dailySync);
+    this.reconnectTimer = null;
+    this.connected = false;
+    this.retire(this.sock);
+    this.sock = null;
+    if (this.outbox.length) log.warn({ unsent: this.outbox.length }, 'Stopping with WhatsApp replies still unsent');
+  }
+
+  /** Test and diagnostics hook: the live socket. */
+  get socket(): WASocket | null {
+    return this.sock;
   }
 }
 
@@ -1518,6 +1977,8 @@ export function refusal(source: RegisteredGroup, request: IpcMessage | IpcTask, 
   }
 }
 
+export const GROUPS_SYNCED_AT = 'groups_synced_at';
+
 export function tasksSnapshot(store: Store, group: RegisteredGroup) {
   return store.listTasks(group.isMain ? undefined : group.folder).map((task) => ({
     id: task.id, groupFolder: task.groupFolder, chatJid: task.chatJid, prompt: task.prompt,
@@ -1533,7 +1994,7 @@ export function groupsSnapshot(store: Store, group: RegisteredGroup) {
     .listChats()
     .filter((chat) => chat.isGroup || registered.has(chat.jid))
     .map((chat) => ({ jid: chat.jid, name: chat.name ?? chat.jid, lastActivity: chat.lastMessageAt, isRegistered: registered.has(chat.jid) }));
-  return { groups, lastSync: store.db.query<{ value: string }, []>("SELECT value FROM router_state WHERE key = 'groups_synced_at'").get()?.value ?? null };
+  return { groups, lastSync: store.getState(GROUPS_SYNCED_AT) };
 }
 
 /** The host → agent snapshots, written before every run (and after every task change). */
@@ -1809,7 +2270,13 @@ export class Host extends EventEmitter {
   }
 
   async start(): Promise<void> {
-    const handlers: ChannelHandlers = { onMessage: (message, chat) => this.handleInbound(message, chat) };
+    const handlers: ChannelHandlers = {
+      onMessage: (message, chat) => this.handleInbound(message, chat),
+      onChatMetadata: (chat) => {
+        const channel = this.channels.find((c) => c.ownsJid(chat.jid));
+        this.store.upsertChat({ jid: chat.jid, name: chat.name, channel: channel?.name ?? 'unknown', isGroup: chat.isGroup });
+      },
+    };
     for (const channel of this.channels) await channel.connect(handlers);
     this.ipc.start();
     this.scheduler.start();
@@ -2098,10 +2565,12 @@ export class Host extends EventEmitter {
         break;
       }
       case 'refresh_groups':
-        void Promise.all(this.channels.map((channel) => channel.syncGroups?.())).then(() => {
-          this.store.db.query("INSERT INTO router_state (key, value) VALUES ('groups_synced_at', ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value").run(new Date().toISOString());
-          writeSnapshots(this.config, this.store, source);
-        });
+        void Promise.all(this.channels.map((channel) => channel.syncGroups?.()))
+          .then(() => {
+            this.store.setState(GROUPS_SYNCED_AT, new Date().toISOString());
+            writeSnapshots(this.config, this.store, source);
+          })
+          .catch((err) => log.warn({ err }, 'Group refresh failed'));
         log.info({ group: source.folder }, 'Group list refresh requested');
         break;
       case 'register_group':
@@ -2145,7 +2614,8 @@ export const USAGE = `NanoClaw — your assistant in WhatsApp, one container per
 Usage: bun nanoclaw.ts [command]
 
 Commands:
-  (none), start                 run the assistant service
+  (none), start                 run the assistant service (WhatsApp)
+  auth [--pairing-code <phone>] link this machine to your WhatsApp (QR code or pairing code)
   chat                          talk to the main group's agent from this terminal
                                 (piped stdin: one message per line, replies on stdout)
   groups list                   registered groups
@@ -2240,14 +2710,44 @@ function waitForTurn(host: Host, chatJid: string, seq: number): Promise<TurnEven
   });
 }
 
-async function startHost(config: Config, channels: Channel[]): Promise<{ host: Host; store: Store; release: () => void }> {
+async function startHost(config: Config, makeChannels: (store: Store) => Channel[]): Promise<{ host: Host; store: Store; release: () => void }> {
   const problems = preflight(config);
   if (problems.length) throw new UsageError(`NanoClaw cannot start yet:\n\n${problems.map((p) => `• ${p}`).join('\n\n')}`);
   const release = acquireHostLock(config);
   const store = new Store(config.dbPath);
   stopOrphanContainers(config);
-  const host = new Host(config, store, channels);
+  const host = new Host(config, store, makeChannels(store));
   return { host, store, release };
+}
+
+export function whatsAppAuthDir(config: Config): string {
+  return join(config.storeDir, 'auth');
+}
+
+export function whatsAppChannel(config: Config, store: Store, extra: Partial<WhatsAppOptions> = {}): WhatsAppChannel {
+  return new WhatsAppChannel({
+    authDir: whatsAppAuthDir(config),
+    assistantName: config.assistantName,
+    hasOwnNumber: config.assistantHasOwnNumber,
+    mediaDirFor: (jid) => {
+      const group = store.groupByJid(jid);
+      return group ? join(config.groupsDir, group.folder, 'media') : null;
+    },
+    lastGroupSync: () => store.getState(GROUPS_SYNCED_AT),
+    markGroupSync: () => store.setState(GROUPS_SYNCED_AT, new Date().toISOString()),
+    ...extra,
+  });
+}
+
+/** After linking: the self-chat is the main group (taking over the terminal's placeholder). */
+export function makeSelfChatMain(config: Config, store: Store, selfJid: string): RegisteredGroup {
+  const main = store.mainGroup();
+  if (!main) return registerGroup(config, store, { jid: selfJid, name: 'Main', folder: 'main', isMain: true, requiresTrigger: false });
+  if (main.jid === LOCAL_MAIN_JID) {
+    store.changeGroupJid(LOCAL_MAIN_JID, selfJid);
+    log.info({ jid: selfJid }, 'Main group moved to the WhatsApp self-chat');
+  }
+  return store.mainGroup()!;
 }
 
 function onShutdownSignal(stop: () => Promise<void>): void {
@@ -2269,7 +2769,7 @@ export async function runChat(config: Config): Promise<number> {
   const main = ensureMainGroup(config, setupStore);
   setupStore.close();
   const local = new LocalChannel(main.jid, (text) => process.stdout.write(`${text}\n`));
-  const { host, store, release } = await startHost(config, [local]);
+  const { host, store, release } = await startHost(config, () => [local]);
   const finish = async () => {
     await host.stop();
     store.close();
@@ -2306,24 +2806,83 @@ export async function runChat(config: Config): Promise<number> {
   return failures > 0 ? 1 : 0;
 }
 
-/** The service: every channel that is set up, until a signal stops it. */
+/** The service: WhatsApp (and whatever channels come later) until a signal stops it. */
 export async function runService(config: Config): Promise<number> {
-  const channels: Channel[] = [];
-  if (channels.length === 0) {
+  if (!WhatsAppChannel.isLinked(whatsAppAuthDir(config))) {
     throw new UsageError(
-      'No messaging channel is set up yet: WhatsApp is not connected on this machine.\n' +
-        '  To talk to your assistant from this terminal now: bun nanoclaw.ts chat',
+      'WhatsApp is not linked on this machine yet.\n' +
+        '  Fix: bun nanoclaw.ts auth   (shows a QR code; or: bun nanoclaw.ts auth --pairing-code <your phone number>)\n' +
+        '  Meanwhile you can talk to your assistant from this terminal: bun nanoclaw.ts chat',
     );
   }
-  const { host, store, release } = await startHost(config, channels);
-  onShutdownSignal(async () => {
+  let loggedOut: () => void = () => {};
+  const whenLoggedOut = new Promise<void>((resolve) => (loggedOut = resolve));
+  const { host, store, release } = await startHost(config, (store) => [whatsAppChannel(config, store, { onLoggedOut: () => loggedOut() })]);
+  const finish = async () => {
     await host.stop();
     store.close();
     release();
-  });
+  };
+  onShutdownSignal(finish);
   await host.start();
-  await new Promise(() => {}); // runs until a signal
+  await whenLoggedOut; // otherwise runs until a signal
+  console.error('WhatsApp logged this device out. Remove store/auth/ and run `bun nanoclaw.ts auth` to link again.');
+  await finish();
   return 0;
+}
+
+/** `auth`: links this machine to WhatsApp (QR code, or a pairing code for headless machines). */
+export async function authCommand(config: Config, args: string[]): Promise<number> {
+  const { values } = parseArgs({ args, options: { 'pairing-code': { type: 'string' } } });
+  const authDir = whatsAppAuthDir(config);
+  if (WhatsAppChannel.isLinked(authDir)) {
+    console.log('WhatsApp is already linked (store/auth/). To link another number, stop NanoClaw, remove store/auth/ and run auth again.');
+    return 0;
+  }
+  const phone = values['pairing-code']?.replace(/[^0-9]/g, '');
+  if (values['pairing-code'] !== undefined && !/^\d{8,15}$/.test(phone ?? '')) {
+    throw new UsageError('--pairing-code takes your phone number with its country code, digits only, e.g. --pairing-code 4915123456789');
+  }
+  mkdirSync(authDir, { recursive: true });
+  const { generate } = await import('qrcode-terminal');
+  return new Promise<number>((resolveAuth) => {
+    let pairingRequested = false;
+    const open = async () => {
+      const { state, saveCreds } = await useMultiFileAuthState(authDir);
+      const sock = makeWASocket({ auth: state, logger: pino({ level: 'silent' }) as unknown as ILogger, markOnlineOnConnect: false });
+      sock.ev.on('creds.update', saveCreds);
+      sock.ev.on('connection.update', async (update) => {
+        if (update.qr && !phone) {
+          generate(update.qr, { small: true }, (qr) => console.log(`\nOn your phone: WhatsApp → Settings → Linked devices → Link a device, then scan:\n\n${qr}`));
+        }
+        if (update.qr && phone && !pairingRequested) {
+          pairingRequested = true;
+          const code = await sock.requestPairingCode(phone);
+          console.log(`\nPairing code: ${code}\nOn your phone: WhatsApp → Settings → Linked devices → Link a device → "Link with phone number instead", then type the code.`);
+        }
+        if (update.connection === 'open') {
+          const me = jidNormalizedUser(sock.user!.id);
+          const store = new Store(config.dbPath);
+          const main = makeSelfChatMain(config, store, me);
+          store.close();
+          console.log(`Linked as ${me.split('@')[0]}. Your own chat ("Message yourself") is the main group (groups/${main.folder}).\nStart the assistant: bun nanoclaw.ts`);
+          for (const event of WHATSAPP_EVENTS) sock.ev.removeAllListeners(event);
+          await sock.end(undefined);
+          resolveAuth(0);
+        }
+        if (update.connection === 'close') {
+          const status = (update.lastDisconnect?.error as { output?: { statusCode?: number } } | undefined)?.output?.statusCode;
+          if (status === DisconnectReason.restartRequired) {
+            void open(); // WhatsApp asks for a fresh connection right after pairing
+            return;
+          }
+          console.error(`WhatsApp closed the connection (${status ?? 'no status'}: ${String(update.lastDisconnect?.error ?? '')}). Run auth again; if it keeps failing, remove store/auth/ first.`);
+          resolveAuth(1);
+        }
+      });
+    };
+    void open();
+  });
 }
 
 function groupsCommand(config: Config, args: string[]): number {
@@ -2436,7 +2995,7 @@ async function tasksCommand(config: Config, args: string[]): Promise<number> {
         console.log(`Cancelled ${id}.`);
         return 0;
       case 'run': {
-        const { host, store: hostStore, release } = await startHost(config, [new PrintingChannel()]);
+        const { host, store: hostStore, release } = await startHost(config, () => [new PrintingChannel()]);
         try {
           host.ipc.start(); // the task's agent may use send_message
           const run = await host.runTask(id, true);
@@ -2510,11 +3069,13 @@ export async function main(argv: string[], projectRoot = process.env.NANOCLAW_RO
         return sessionsCommand(config, args);
       case 'tasks':
         return await tasksCommand(config, args);
+      case 'auth':
+        return await authCommand(config, args);
       default:
         throw new UsageError(`Unknown command "${command}".\n\n${USAGE}`);
     }
   } catch (err) {
-    if (err instanceof UsageError || err instanceof ConfigError || err instanceof IpcFormatError) {
+    if (err instanceof UsageError || err instanceof ConfigError || err instanceof IpcFormatError || err instanceof WhatsAppNotLinked) {
       console.error(err.message);
       return 2;
     }

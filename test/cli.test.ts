@@ -86,9 +86,10 @@ describe('bun nanoclaw.ts', () => {
     after.close();
   });
 
-  it('start without any messaging channel says how to talk from the terminal', async () => {
+  it('start without linked WhatsApp says how to link it, and how to talk from the terminal', async () => {
     const { stderr, code } = await cli([]);
     expect(code).not.toBe(0);
+    expect(stderr).toContain('bun nanoclaw.ts auth');
     expect(stderr).toContain('bun nanoclaw.ts chat');
   });
 });
