@@ -919,7 +919,7 @@ export function toWhatsAppFormat(markdown: string): string {
     .map((block, i) => {
       if (i % 2 === 1) return block.replace(/^```[a-zA-Z0-9_-]*\n/, '```'); // code block: keep, drop the language tag
       return block
-        .replace(/^#{1,6}\s+(.+)$/gm, '*$1*')
+        .replace(/^#{1,6}\s+(.+)$/gm, '\u0000$1\u0000')
         .replace(/\*\*(.+?)\*\*/g, '\u0000$1\u0000')
         .replace(/__(.+?)__/g, '\u0000$1\u0000')
         .replace(/(?<![*\w])\*(?!\s)([^*\n]+?)(?<!\s)\*(?![*\w])/g, '_$1_')
