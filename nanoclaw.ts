@@ -1984,6 +1984,7 @@ export function tasksSnapshot(store: Store, group: RegisteredGroup) {
     id: task.id, groupFolder: task.groupFolder, chatJid: task.chatJid, prompt: task.prompt,
     schedule_type: task.scheduleType, schedule_value: task.scheduleValue, context_mode: task.contextMode,
     status: task.status, next_run: task.nextRun, last_run: task.lastRun, last_result: task.lastResult,
+    recent_runs: store.taskRuns(task.id, 5).map((run) => ({ run_at: run.runAt, duration_ms: run.durationMs, status: run.status, result: run.result, error: run.error })),
   }));
 }
 
