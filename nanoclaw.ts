@@ -2626,6 +2626,10 @@ Commands:
   tasks show <id>               one task and its recent runs
   tasks run <id>                run a task now, in the foreground; prints what it sent
   tasks pause|resume|cancel <id>
+  logs [--group <folder>] [--lines N]   recent host log, or a group's latest container runs
+  mounts <folder> [--docker-args]       what a group's container gets mounted where
+  service install|uninstall|status [--dry-run] [--platform linux|macos]
+                                run NanoClaw in the background (systemd user unit / launchd agent)
   sessions list                 the Kimi session of each group
   sessions clear <folder>       forget a group's session (files and database row)
   help, --help                  this text
@@ -3017,6 +3021,154 @@ async function tasksCommand(config: Config, args: string[]): Promise<number> {
   }
 }
 
+function mountsCommand(config: Config, args: string[]): number {
+  const { values, positionals } = parseArgs({ args, allowPositionals: true, options: { 'docker-args': { type: 'boolean' } } });
+  const [folder] = positionals;
+  if (!folder || positionals.length > 1) throw new UsageError('Usage: mounts <folder> [--docker-args]');
+  const store = new Store(config.dbPath);
+  try {
+    const group = store.groupByFolder(folder);
+    if (!group) throw new UsageError(`No registered group uses the folder "${folder}" (see: bun nanoclaw.ts groups list).`);
+    const allowlist = group.containerConfig?.additionalMounts?.length ? loadMountAllowlist(config.mountAllowlistPath) : null;
+    const extra = validateExtraMounts(group.containerConfig?.additionalMounts, allowlist, group.isMain);
+    const paths = groupPaths(config, folder);
+    for (const dir of [paths.group, paths.ipcInput, paths.ipcMessages, paths.ipcTasks, paths.kimiHome]) mkdirSync(dir, { recursive: true });
+    const mounts = buildMounts(config, group, extra.mounts);
+    if (values['docker-args']) {
+      for (const m of mounts) console.log(`-v\n${m.hostPath}:${m.containerPath}${m.readonly ? ':ro' : ''}`);
+      return 0;
+    }
+    for (const m of mounts) console.log(`${m.hostPath} -> ${m.containerPath} (${m.readonly ? 'read-only' : 'read-write'})`);
+    for (const r of extra.rejected) console.log(`refused: ${r.hostPath} (${r.reason})`);
+    return 0;
+  } finally {
+    store.close();
+  }
+}
+
+function lastLines(path: string, count: number): string {
+  if (!existsSync(path)) return '';
+  const lines = readFileSync(path, 'utf8').split('\n');
+  if (lines.at(-1) === '') lines.pop();
+  return lines.slice(-count).join('\n');
+}
+
+function logsCommand(config: Config, args: string[]): number {
+  const { values } = parseArgs({ args, options: { group: { type: 'string' }, lines: { type: 'string', default: '40' } } });
+  const count = Number(values.lines);
+  if (!Number.isInteger(count) || count <= 0) throw new UsageError('--lines takes a whole number above 0');
+  if (values.group) {
+    if (!isValidFolder(values.group)) throw new UsageError(`"${values.group}" is not a group folder name.`);
+    const dir = groupPaths(config, values.group).logs;
+    const runs = existsSync(dir) ? readdirSync(dir).filter((f) => /^container-.*\.log$/.test(f)).sort() : [];
+    if (runs.length === 0) {
+      console.log(`No container runs logged for "${values.group}" yet (${relative(config.projectRoot, dir)}/).`);
+      return 0;
+    }
+    console.log(`Recent runs of ${values.group}:\n${runs.slice(-5).map((f) => `  ${relative(config.projectRoot, join(dir, f))}`).join('\n')}\n`);
+    console.log(lastLines(join(dir, runs.at(-1)!), count));
+    return 0;
+  }
+  const main = join(config.logsDir, 'nanoclaw.log');
+  const errors = join(config.logsDir, 'nanoclaw.error.log');
+  if (!existsSync(main)) {
+    console.log('No host log yet (logs/nanoclaw.log appears once NanoClaw has run).');
+    return 0;
+  }
+  console.log(`== logs/nanoclaw.log (last ${count} lines) ==\n${lastLines(main, count)}`);
+  const recentErrors = lastLines(errors, Math.min(count, 10));
+  if (recentErrors) console.log(`\n== logs/nanoclaw.error.log (latest) ==\n${recentErrors}`);
+  return 0;
+}
+
+export type ServicePlatform = 'linux' | 'macos';
+
+/** The systemd user unit or launchd agent that runs the service with its output in logs/. */
+export function serviceDefinition(config: Config, platform: ServicePlatform, bunPath: string, pathEnv: string): { file: string; content: string; install: string[][]; uninstall: string[][]; status: string[] } {
+  const entry = join(config.projectRoot, 'nanoclaw.ts');
+  const out = join(config.logsDir, 'nanoclaw.log');
+  const err = join(config.logsDir, 'nanoclaw.error.log');
+  if (platform === 'linux') {
+    const file = join(homedir(), '.config', 'systemd', 'user', 'nanoclaw.service');
+    return {
+      file,
+      content: [
+        '[Unit]', 'Description=NanoClaw personal assistant', 'After=network-online.target', '',
+        '[Service]', 'Type=simple', `WorkingDirectory=${config.projectRoot}`, `ExecStart=${bunPath} ${entry}`,
+        `Environment=PATH=${pathEnv}`, 'Restart=on-failure', 'RestartSec=10',
+        `StandardOutput=append:${out}`, `StandardError=append:${err}`, '',
+        '[Install]', 'WantedBy=default.target', '',
+      ].join('\n'),
+      install: [['systemctl', '--user', 'daemon-reload'], ['systemctl', '--user', 'enable', '--now', 'nanoclaw']],
+      uninstall: [['systemctl', '--user', 'disable', '--now', 'nanoclaw'], ['systemctl', '--user', 'daemon-reload']],
+      status: ['systemctl', '--user', 'status', 'nanoclaw', '--no-pager'],
+    };
+  }
+  const file = join(homedir(), 'Library', 'LaunchAgents', 'com.nanoclaw.plist');
+  const xml = (text: string) => escapeXml(text);
+  return {
+    file,
+    content: `<?xml version="1.0" encoding="UTF-8"?>
+<!DOCTYPE plist PUBLIC "-//Apple//DTD PLIST 1.0//EN" "http://www.apple.com/DTDs/PropertyList-1.0.dtd">
+<plist version="1.0">
+<dict>
+  <key>Label</key><string>com.nanoclaw</string>
+  <key>ProgramArguments</key>
+  <array><string>${xml(bunPath)}</string><string>${xml(entry)}</string></array>
+  <key>WorkingDirectory</key><string>${xml(config.projectRoot)}</string>
+  <key>EnvironmentVariables</key>
+  <dict><key>PATH</key><string>${xml(pathEnv)}</string></dict>
+  <key>RunAtLoad</key><true/>
+  <key>KeepAlive</key><true/>
+  <key>StandardOutPath</key><string>${xml(out)}</string>
+  <key>StandardErrorPath</key><string>${xml(err)}</string>
+</dict>
+</plist>
+`,
+    install: [['launchctl', 'load', '-w', file]],
+    uninstall: [['launchctl', 'unload', '-w', file]],
+    status: ['launchctl', 'list', 'com.nanoclaw'],
+  };
+}
+
+function serviceCommand(config: Config, args: string[]): number {
+  const { values, positionals } = parseArgs({ args, allowPositionals: true, options: { 'dry-run': { type: 'boolean' }, platform: { type: 'string' } } });
+  const [action] = positionals;
+  const platform = (values.platform ?? (process.platform === 'darwin' ? 'macos' : 'linux')) as ServicePlatform;
+  if (!['linux', 'macos'].includes(platform)) throw new UsageError('--platform is linux or macos');
+  if (!action || !['install', 'uninstall', 'status'].includes(action) || positionals.length > 1) {
+    throw new UsageError('Usage: service install|uninstall|status [--dry-run] [--platform linux|macos]');
+  }
+  const service = serviceDefinition(config, platform, process.execPath, process.env.PATH ?? '/usr/local/bin:/usr/bin:/bin');
+  const commands = action === 'install' ? service.install : action === 'uninstall' ? service.uninstall : [service.status];
+  if (values['dry-run']) {
+    if (action === 'install') console.log(`# ${service.file}\n${service.content}`);
+    if (action === 'uninstall') console.log(`# would remove ${service.file}`);
+    for (const command of commands) console.log(`$ ${command.join(' ')}`);
+    return 0;
+  }
+  if (action === 'install') {
+    mkdirSync(dirname(service.file), { recursive: true });
+    mkdirSync(config.logsDir, { recursive: true });
+    writeFileSync(service.file, service.content);
+    console.log(`Wrote ${service.file}`);
+  }
+  for (const command of commands) {
+    const result = runQuietly(command, 30_000);
+    if (result.output) console.log(result.output);
+    if (!result.ok && action !== 'status') {
+      console.error(`\`${command.join(' ')}\` failed. ${platform === 'linux' ? 'Is systemd running for your user (loginctl enable-linger $USER)?' : ''}`.trim());
+      return 1;
+    }
+    if (!result.ok) return 3;
+  }
+  if (action === 'uninstall' && existsSync(service.file)) {
+    unlinkSync(service.file);
+    console.log(`Removed ${service.file}`);
+  }
+  return 0;
+}
+
 function sessionsCommand(config: Config, args: string[]): number {
   const store = new Store(config.dbPath);
   try {
@@ -3053,9 +3205,11 @@ export async function main(argv: string[], projectRoot = process.env.NANOCLAW_RO
   }
   try {
     const config = loadConfig(projectRoot);
-    // In `chat` the terminal belongs to the conversation: logs go to logs/ unless debugging.
     const verbose = config.logLevel === 'debug' || config.logLevel === 'trace';
-    const terminalLevel = command === 'chat' && !verbose ? 'silent' : config.logLevel;
+    // In `chat` the terminal belongs to the conversation; under a service manager (no TTY)
+    // stdout/stderr already go to the log files, so the terminal copy would double them.
+    const quietTerminal = (command === 'chat' && !verbose) || (command === 'start' && !process.stderr.isTTY);
+    const terminalLevel = quietTerminal ? 'silent' : config.logLevel;
     setupLogging(config, { terminalLevel, secrets: Object.values(readSecrets(config)).filter((v): v is string => Boolean(v)) });
     switch (command) {
       case 'start':
@@ -3072,6 +3226,12 @@ export async function main(argv: string[], projectRoot = process.env.NANOCLAW_RO
         return await tasksCommand(config, args);
       case 'auth':
         return await authCommand(config, args);
+      case 'logs':
+        return logsCommand(config, args);
+      case 'mounts':
+        return mountsCommand(config, args);
+      case 'service':
+        return serviceCommand(config, args);
       default:
         throw new UsageError(`Unknown command "${command}".\n\n${USAGE}`);
     }
