@@ -119,12 +119,18 @@ else
 fi
 
 # 7. Recent container logs, and the last error in them
-RECENT=$(ls -t "$ROOT"/groups/*/logs/container-*.log 2>/dev/null | head -n 3)
+# Newest first by the timestamp in the file name (mtimes can tie).
+runs_newest_first() {
+  for log in "$ROOT"/groups/*/logs/container-*.log; do
+    [ -f "$log" ] && printf '%s %s\n' "$(basename "$log")" "$log"
+  done | sort -r | cut -d' ' -f2-
+}
+RECENT=$(runs_newest_first | head -n 3)
 if [ -z "$RECENT" ]; then
   report info "Container logs" "no container runs yet"
 else
   LAST_FAILED=""
-  for log in $(ls -t "$ROOT"/groups/*/logs/container-*.log 2>/dev/null | head -n 20); do
+  for log in $(runs_newest_first | head -n 20); do
     if ! grep -q '^Exit code:  0' "$log"; then LAST_FAILED=$log; break; fi
   done
   NEWEST=${RECENT%%$'\n'*}

@@ -12,6 +12,7 @@
  *   engine-down      `docker info` fails like a stopped daemon
  *   no-image         `docker image inspect` fails
  *   running          names printed by `docker ps`
+ *   no-kimi          `docker run --entrypoint kimi IMAGE --version` fails
  *
  * The "model", by the text of the last message (after an optional @Name trigger):
  *   anything        → "echo: <text>"
@@ -95,6 +96,17 @@ function mountedHostPath(containerPath: string): string | null {
 }
 
 async function run(): Promise<never> {
+  const entrypoint = argv.indexOf('--entrypoint');
+  if (entrypoint >= 0) {
+    // `docker run --rm --entrypoint kimi IMAGE --version` (diagnostics): answer like the image would.
+    record({ command: 'run-entrypoint' });
+    if (argv[entrypoint + 1] === 'kimi' && argv.at(-1) === '--version') {
+      if (existsSync(join(stateDir, 'no-kimi'))) process.exit(127);
+      console.log('0.0.0-fake');
+      process.exit(0);
+    }
+    process.exit(64);
+  }
   const stdin = await new Response(Bun.stdin.stream()).text();
   record({ command: 'run', stdin });
   const input = JSON.parse(stdin) as { prompt: string; sessionId?: string };

@@ -25,7 +25,7 @@ export interface FakeDocker {
   path: string;
   calls(): FakeDockerCall[];
   runs(): FakeDockerCall[];
-  set(flag: 'engine-down' | 'no-image', on?: boolean): void;
+  set(flag: 'engine-down' | 'no-image' | 'no-kimi', on?: boolean): void;
   setRunning(names: string[]): void;
 }
 
