@@ -26,7 +26,7 @@
 import { Database } from 'bun:sqlite';
 import { EventEmitter } from 'node:events';
 import {
-  appendFileSync, existsSync, mkdirSync, readdirSync, readFileSync, realpathSync, renameSync,
+  appendFileSync, chownSync, existsSync, mkdirSync, readdirSync, readFileSync, realpathSync, renameSync,
   rmSync, statSync, unlinkSync, watch, writeFileSync, type FSWatcher,
 } from 'node:fs';
 import { homedir } from 'node:os';
@@ -1608,6 +1608,29 @@ export function validateExtraMounts(
   return { mounts, rejected };
 }
 
+/** The image's user (node). */
+export const CONTAINER_UID = 1000;
+
+/**
+ * How the container's user gets write access to its mounts. A host running as root hands
+ * the group's writable folders to uid 1000 (the image's node user); a host user other
+ * than 1000 runs the container as itself (still HOME=/home/node), so files stay theirs.
+ */
+export function containerUserArgs(uid = process.getuid?.() ?? CONTAINER_UID, gid = process.getgid?.() ?? CONTAINER_UID): string[] {
+  return uid === 0 || uid === CONTAINER_UID ? [] : ['--user', `${uid}:${gid}`, '-e', 'HOME=/home/node'];
+}
+
+/** chown -R to the container user, for a root host; skips what already belongs to it. */
+export function handToContainerUser(dir: string): void {
+  if (process.getuid?.() !== 0 || !existsSync(dir)) return;
+  const visit = (path: string) => {
+    const stats = statSync(path);
+    if (stats.uid !== CONTAINER_UID) chownSync(path, CONTAINER_UID, CONTAINER_UID);
+    if (stats.isDirectory()) for (const entry of readdirSync(path)) visit(join(path, entry));
+  };
+  visit(dir);
+}
+
 export function containerName(folder: string, now = Date.now()): string {
   return `nanoclaw-${folder}-${now}`;
 }
@@ -1621,8 +1644,8 @@ export function containerEnvironment(config: Config): Record<string, string> {
   return env;
 }
 
-export function buildDockerArgs(name: string, image: string, mounts: readonly Mount[], env: Record<string, string>): string[] {
-  const args = ['run', '-i', '--rm', '--name', name];
+export function buildDockerArgs(name: string, image: string, mounts: readonly Mount[], env: Record<string, string>, userArgs: string[] = []): string[] {
+  const args = ['run', '-i', '--rm', '--name', name, ...userArgs];
   for (const [key, value] of Object.entries(env)) args.push('-e', `${key}=${value}`);
   for (const mount of mounts) args.push('-v', `${mount.hostPath}:${mount.containerPath}${mount.readonly ? ':ro' : ''}`);
   args.push(image);
@@ -1786,10 +1809,12 @@ export async function runContainer(options: RunContainerOptions): Promise<RunOut
   for (const dir of [paths.group, paths.logs, paths.ipcInput, paths.ipcMessages, paths.ipcTasks, paths.kimiHome]) mkdirSync(dir, { recursive: true });
   // Leftovers from a run that died belong to messages the new prompt already carries.
   for (const leftover of readdirSync(paths.ipcInput)) rmSync(join(paths.ipcInput, leftover), { force: true });
+  for (const mount of options.mounts) if (!mount.readonly && mount.hostPath !== config.projectRoot) handToContainerUser(mount.hostPath);
+  if (group.isMain) handToContainerUser(join(config.groupsDir, 'global'));
 
   const startedAt = new Date();
   const name = containerName(group.folder, startedAt.getTime());
-  const args = buildDockerArgs(name, config.containerImage, options.mounts, containerEnvironment(config));
+  const args = buildDockerArgs(name, config.containerImage, options.mounts, containerEnvironment(config), containerUserArgs());
   const secretValues = Object.values(input.secrets ?? {}).filter((v): v is string => Boolean(v));
   const groupLog = log.child({ group: group.folder });
   groupLog.debug({ mounts: options.mounts.map((m) => `${m.hostPath} -> ${m.containerPath}${m.readonly ? ' (ro)' : ''}`) }, 'Container mounts');

@@ -20,10 +20,13 @@ if ! command -v sqlite3 >/dev/null; then
 fi
 
 bash scripts/ensure-docker.sh
-if [ -x container/build.sh ]; then
-  step "Building the test image nanoclaw-agent:test"
-  ./container/build.sh --test
-fi
+# Behind a TLS-inspecting proxy (its CA in NODE_EXTRA_CA_CERTS / SSL_CERT_FILE), the image
+# build needs that CA too.
+for ca in "${BUILD_CA_CERT:-}" "${NODE_EXTRA_CA_CERTS:-}" "${SSL_CERT_FILE:-}"; do
+  if [ -n "$ca" ] && [ -f "$ca" ]; then export BUILD_CA_CERT=$ca; break; fi
+done
+step "Building the test image nanoclaw-agent:test"
+./container/build.sh --test
 
 step "Type-checking"
 bunx tsc --noEmit

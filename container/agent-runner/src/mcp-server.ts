@@ -1,0 +1,233 @@
+#!/usr/bin/env bun
+/**
+ * The nanoclaw MCP server (stdio): the agent's tools for acting beyond its answer.
+ *
+ * Every tool writes one JSON file into the group's IPC folder (temp file, then rename, so
+ * the host never reads half a file); the host authorises it by the folder it appears in.
+ * Checks made here (schedule syntax, main-only tools, own-chat-only for other groups)
+ * give the model a clear answer at once; the host checks again and has the last word.
+ */
+import { McpServer } from '@modelcontextprotocol/sdk/server/mcp.js';
+import { StdioServerTransport } from '@modelcontextprotocol/sdk/server/stdio.js';
+import { Cron } from 'croner';
+import { existsSync, mkdirSync, readFileSync, renameSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { z } from 'zod';
+
+export interface ServerIdentity {
+  chatJid: string;
+  groupFolder: string;
+  isMain: boolean;
+  ipcDir: string;
+  timezone: string;
+}
+
+export function identityFromEnv(env: Record<string, string | undefined> = process.env): ServerIdentity {
+  const chatJid = env.NANOCLAW_CHAT_JID;
+  const groupFolder = env.NANOCLAW_GROUP_FOLDER;
+  if (!chatJid || !groupFolder) throw new Error('NANOCLAW_CHAT_JID and NANOCLAW_GROUP_FOLDER must be set');
+  return { chatJid, groupFolder, isMain: env.NANOCLAW_IS_MAIN === '1', ipcDir: env.NANOCLAW_IPC_DIR ?? '/workspace/ipc', timezone: env.TZ || 'UTC' };
+}
+
+/** Writes an IPC request so the host sees it whole or not at all. Returns the file name. */
+export function writeIpcFile(dir: string, data: Record<string, unknown>): string {
+  mkdirSync(dir, { recursive: true });
+  const name = `${Date.now()}-${Math.random().toString(36).slice(2, 8)}.json`;
+  const temp = join(dir, `.${name}.tmp`);
+  writeFileSync(temp, JSON.stringify({ ...data, timestamp: new Date().toISOString() }, null, 2));
+  renameSync(temp, join(dir, name));
+  return name;
+}
+
+export type ScheduleType = 'cron' | 'interval' | 'once';
+
+/** Null when the schedule is valid; otherwise a sentence the model can act on. */
+export function scheduleProblem(type: ScheduleType, value: string, timezone: string, now = new Date()): string | null {
+  if (type === 'cron') {
+    try {
+      const next = new Cron(value, { timezone, paused: true }).nextRun(now);
+      return next ? null : `cron "${value}" never runs again`;
+    } catch (err) {
+      return `"${value}" is not a valid cron expression (${err instanceof Error ? err.message : err}). Use 5 fields: minute hour day-of-month month day-of-week, e.g. "0 9 * * 1-5" for weekdays at 09:00.`;
+    }
+  }
+  if (type === 'interval') {
+    const ms = Number(value);
+    return Number.isInteger(ms) && ms >= 1000 ? null : `interval "${value}" must be a whole number of milliseconds, at least 1000 (e.g. "3600000" for hourly).`;
+  }
+  const text = value.trim();
+  const hasOffset = /(Z|[+-]\d{2}:?\d{2})$/i.test(text);
+  if (!hasOffset && !/^\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}(:\d{2})?$/.test(text)) {
+    return `"${value}" is not a date-time. Use "YYYY-MM-DD HH:MM" in the user's timezone (${timezone}), or ISO 8601 with an offset.`;
+  }
+  if (hasOffset) {
+    const at = new Date(text);
+    if (Number.isNaN(at.getTime())) return `"${value}" is not a valid date-time.`;
+    if (at.getTime() <= now.getTime()) return `"${value}" is in the past (now is ${now.toISOString()}).`;
+  }
+  return null;
+}
+
+interface TaskSnapshot {
+  id: string;
+  groupFolder: string;
+  chatJid: string;
+  prompt: string;
+  schedule_type: string;
+  schedule_value: string;
+  context_mode: string;
+  status: string;
+  next_run: string | null;
+  last_run: string | null;
+  last_result: string | null;
+  recent_runs?: { run_at: string; duration_ms: number; status: string; result: string | null; error: string | null }[];
+}
+
+function readTasks(identity: ServerIdentity): TaskSnapshot[] {
+  const file = join(identity.ipcDir, 'current_tasks.json');
+  if (!existsSync(file)) return [];
+  try {
+    return JSON.parse(readFileSync(file, 'utf8')) as TaskSnapshot[];
+  } catch {
+    return [];
+  }
+}
+
+const text = (message: string, isError = false) => ({ content: [{ type: 'text' as const, text: message }], ...(isError ? { isError: true } : {}) });
+
+export function createServer(identity: ServerIdentity): McpServer {
+  const server = new McpServer({ name: 'nanoclaw', version: '0.1.0' });
+  const messagesDir = join(identity.ipcDir, 'messages');
+  const tasksDir = join(identity.ipcDir, 'tasks');
+  const mainOnly = (tool: string) => text(`${tool} is only available in the main chat.`, true);
+  const ownTask = (taskId: string) => readTasks(identity).find((t) => t.id === taskId);
+  const checkTask = (taskId: string) => {
+    const task = ownTask(taskId);
+    if (!task && !identity.isMain) return `No task "${taskId}" in this group. Use list_tasks to see the ids.`;
+    return null;
+  };
+
+  server.registerTool(
+    'send_message',
+    {
+      description:
+        'Send a WhatsApp message to this chat right away, while you keep working (progress updates, or several separate messages). ' +
+        'Your final answer is sent anyway; do not repeat it here. From the main chat you may give chatJid to message another registered group.',
+      inputSchema: { text: z.string().min(1).describe('The message text (WhatsApp formatting).'), chatJid: z.string().optional().describe('Main chat only: the JID of another registered group.') },
+    },
+    async ({ text: body, chatJid }) => {
+      const target = chatJid ?? identity.chatJid;
+      if (target !== identity.chatJid && !identity.isMain) return text('This group can only send messages to its own chat.', true);
+      writeIpcFile(messagesDir, { type: 'message', chatJid: target, text: body });
+      return text(`Message queued for ${target === identity.chatJid ? 'this chat' : target}.`);
+    },
+  );
+
+  server.registerTool(
+    'schedule_task',
+    {
+      description:
+        `Schedule a prompt to run later, as you, in this chat. Times are in the user's timezone (${identity.timezone}). ` +
+        'schedule_type: "cron" (e.g. "0 9 * * 1-5" = weekdays 09:00), "interval" (milliseconds, e.g. "3600000" = hourly), ' +
+        '"once" (e.g. "2026-12-24 17:00"). context_mode "group" continues this conversation; "isolated" starts fresh (best for self-contained jobs). ' +
+        'Write the prompt so it makes sense on its own when it runs.',
+      inputSchema: {
+        prompt: z.string().min(1),
+        schedule_type: z.enum(['cron', 'interval', 'once']),
+        schedule_value: z.string().min(1),
+        context_mode: z.enum(['group', 'isolated']).default('group'),
+        targetJid: z.string().optional().describe('Main chat only: schedule for another registered group.'),
+      },
+    },
+    async ({ prompt, schedule_type, schedule_value, context_mode, targetJid }) => {
+      if (targetJid && targetJid !== identity.chatJid && !identity.isMain) return text('This group can only schedule tasks for its own chat.', true);
+      const problem = scheduleProblem(schedule_type, schedule_value, identity.timezone);
+      if (problem) return text(problem, true);
+      writeIpcFile(tasksDir, { type: 'schedule_task', prompt, schedule_type, schedule_value, context_mode, ...(targetJid ? { targetJid } : {}) });
+      return text(`Scheduled (${schedule_type} ${schedule_value}, ${identity.timezone}). It appears in list_tasks at your next turn.`);
+    },
+  );
+
+  server.registerTool(
+    'list_tasks',
+    { description: 'List scheduled tasks (this group\'s; every group\'s from the main chat) with their ids, schedules and next runs.' },
+    async () => {
+      const tasks = readTasks(identity);
+      if (tasks.length === 0) return text('No scheduled tasks.');
+      return text(tasks.map((t) => `${t.id} [${t.status}] ${t.schedule_type} ${t.schedule_value} next ${t.next_run ?? '—'} (${t.groupFolder}): ${t.prompt}`).join('\n'));
+    },
+  );
+
+  server.registerTool(
+    'get_task',
+    { description: 'Details of one scheduled task and its recent runs (time, duration, result or error).', inputSchema: { task_id: z.string() } },
+    async ({ task_id }) => {
+      const task = ownTask(task_id);
+      if (!task) return text(`No task "${task_id}". Use list_tasks to see the ids.`, true);
+      const runs = (task.recent_runs ?? []).map((r) => `  ${r.run_at} ${r.status} ${r.duration_ms} ms: ${r.error ?? r.result ?? ''}`);
+      return text([`${task.id} [${task.status}] ${task.schedule_type} ${task.schedule_value} (${task.context_mode})`, `prompt: ${task.prompt}`, `next run: ${task.next_run ?? '—'}`, `last result: ${task.last_result ?? '—'}`, runs.length ? `recent runs:\n${runs.join('\n')}` : 'no runs yet'].join('\n'));
+    },
+  );
+
+  for (const [tool, verb] of [['pause_task', 'Pause'], ['resume_task', 'Resume'], ['cancel_task', 'Cancel (delete)']] as const) {
+    server.registerTool(tool, { description: `${verb} a scheduled task by id (see list_tasks).`, inputSchema: { task_id: z.string() } }, async ({ task_id }) => {
+      const problem = checkTask(task_id);
+      if (problem) return text(problem, true);
+      writeIpcFile(tasksDir, { type: tool, taskId: task_id });
+      return text(`${verb} requested for ${task_id}.`);
+    });
+  }
+
+  server.registerTool(
+    'update_task',
+    {
+      description: 'Change a scheduled task\'s prompt and/or schedule (same formats as schedule_task).',
+      inputSchema: { task_id: z.string(), prompt: z.string().min(1).optional(), schedule_type: z.enum(['cron', 'interval', 'once']).optional(), schedule_value: z.string().min(1).optional() },
+    },
+    async ({ task_id, prompt, schedule_type, schedule_value }) => {
+      const problem = checkTask(task_id);
+      if (problem) return text(problem, true);
+      const current = ownTask(task_id);
+      const type = (schedule_type ?? current?.schedule_type) as ScheduleType | undefined;
+      if (schedule_value !== undefined || schedule_type !== undefined) {
+        if (!type || schedule_value === undefined) return text('Give schedule_value (and schedule_type when it changes).', true);
+        const bad = scheduleProblem(type, schedule_value, identity.timezone);
+        if (bad) return text(bad, true);
+      }
+      writeIpcFile(tasksDir, { type: 'update_task', taskId: task_id, ...(prompt ? { prompt } : {}), ...(schedule_type ? { schedule_type } : {}), ...(schedule_value ? { schedule_value } : {}) });
+      return text(`Update requested for ${task_id}.`);
+    },
+  );
+
+  server.registerTool(
+    'register_group',
+    {
+      description:
+        'Main chat only. Start answering in a WhatsApp group: give its JID (from /workspace/ipc/available_groups.json), a name, and a folder ' +
+        '(lowercase letters, digits, - or _; becomes groups/<folder>). In that group people wake you with the trigger (default @<your name>).',
+      inputSchema: { jid: z.string().min(1), name: z.string().min(1), folder: z.string().regex(/^[a-z0-9][a-z0-9_-]{0,63}$/), trigger: z.string().optional() },
+    },
+    async ({ jid, name, folder, trigger }) => {
+      if (!identity.isMain) return mainOnly('register_group');
+      writeIpcFile(tasksDir, { type: 'register_group', jid, name, folder, ...(trigger ? { trigger } : {}) });
+      return text(`Registration of ${name} (${jid}) as groups/${folder} requested.`);
+    },
+  );
+
+  server.registerTool(
+    'refresh_groups',
+    { description: 'Main chat only. Re-read the WhatsApp group list; /workspace/ipc/available_groups.json is updated shortly after.' },
+    async () => {
+      if (!identity.isMain) return mainOnly('refresh_groups');
+      writeIpcFile(tasksDir, { type: 'refresh_groups' });
+      return text('Group list refresh requested.');
+    },
+  );
+
+  return server;
+}
+
+if (import.meta.main) {
+  const server = createServer(identityFromEnv());
+  await server.connect(new StdioServerTransport());
+}

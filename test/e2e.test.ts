@@ -1,0 +1,218 @@
+/**
+ * End to end on a real Docker engine with the real test image (nanoclaw-agent:test, built
+ * from container/Dockerfile by `container/build.sh --test`): the real agent-runner, the
+ * real Kimi Agent SDK and MCP SDK inside; only the model behind `kimi` is the stub.
+ * `npm test` builds the image before running this file.
+ */
+import { chmodSync, existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { afterEach, beforeAll, describe, expect, it } from 'vitest';
+import {
+  buildDockerArgs, buildMounts, containerUserArgs, handToContainerUser, Host, RESULT_END, RESULT_START, registerGroup, setupLogging, Store,
+  type Config, type RegisteredGroup,
+} from '../nanoclaw.ts';
+import { RecordingChannel, tempDir, tempProject, waitFor } from './helpers.ts';
+
+const IMAGE = process.env.NANOCLAW_TEST_IMAGE ?? 'nanoclaw-agent:test';
+const REPO = fileURLToPath(new URL('..', import.meta.url));
+const KEY = 'sk-e2e-test-key-0123456789';
+const MAIN = 'me@s.whatsapp.net';
+const FAMILY = 'family@g.us';
+const WORK = 'work@g.us';
+
+/** The real docker, wrapped so the test can count `docker run`s. */
+function recordingDocker(): { path: string; runs(): number } {
+  const dir = tempDir('nanoclaw-e2e-docker-');
+  const path = join(dir, 'docker');
+  const log = join(dir, 'calls');
+  writeFileSync(path, `#!/bin/sh\necho "$1" >> "${log}"\nexec docker "$@"\n`);
+  chmodSync(path, 0o755);
+  return { path, runs: () => (existsSync(log) ? readFileSync(log, 'utf8').split('\n').filter((l) => l === 'run').length : 0) };
+}
+
+beforeAll(() => {
+  const inspect = Bun.spawnSync(['docker', 'image', 'inspect', IMAGE]);
+  if (inspect.exitCode !== 0) {
+    throw new Error(`The image ${IMAGE} is missing: run ./container/build.sh --test (npm test does this first).`);
+  }
+});
+
+interface World {
+  config: Config;
+  store: Store;
+  channel: RecordingChannel;
+  host: Host;
+  docker: ReturnType<typeof recordingDocker>;
+  groups: Record<'main' | 'family' | 'work', RegisteredGroup>;
+}
+const open: World[] = [];
+
+async function world(env: Record<string, string> = {}, dotEnv = `KIMI_API_KEY=${KEY}\n`, reuse?: World): Promise<World> {
+  const docker = reuse?.docker ?? recordingDocker();
+  const config = reuse?.config ?? tempProject({ CONTAINER_RUNTIME: docker.path, CONTAINER_IMAGE: IMAGE, IDLE_TIMEOUT: '60000', ...env }, dotEnv);
+  setupLogging(config, { terminalLevel: 'silent', secrets: [KEY] });
+  const store = new Store(config.dbPath);
+  const groups = reuse?.groups ?? {
+    main: registerGroup(config, store, { jid: MAIN, name: 'Me', folder: 'main', isMain: true }),
+    family: registerGroup(config, store, { jid: FAMILY, name: 'Family', folder: 'family' }),
+    work: registerGroup(config, store, { jid: WORK, name: 'Work', folder: 'work' }),
+  };
+  if (!reuse) {
+    writeFileSync(join(config.groupsDir, 'global', 'CLAUDE.md'), 'GLOBAL-MEMORY-MARKER: the user likes tea.\n');
+    writeFileSync(join(config.groupsDir, 'family', 'CLAUDE.md'), 'FAMILY-MEMORY-MARKER: dinner is at 7.\n');
+  }
+  const channel = new RecordingChannel([MAIN, FAMILY, WORK]);
+  const host = new Host(config, store, [channel], { retryBaseMs: 200, sweepIntervalMs: 60_000, shutdownGraceMs: 5000 });
+  await host.start();
+  const w = { config, store, channel, host, docker, groups };
+  open.push(w);
+  return w;
+}
+
+async function close(w: World): Promise<void> {
+  await w.host.stop();
+  w.store.close();
+  open.splice(open.indexOf(w), 1);
+}
+
+afterEach(async () => {
+  for (const w of [...open]) await close(w);
+});
+
+const texts = (w: World, jid?: string) => w.channel.sent.filter((s) => !jid || s.jid === jid).map((s) => s.text);
+
+describe('the image on its own', () => {
+  it('answers the guide’s manual test JSON piped into docker run -i', async () => {
+    const input = { prompt: 'test', groupFolder: 'test', chatJid: 'test@g.us', isMain: false, secrets: { KIMI_API_KEY: KEY } };
+    const proc = Bun.spawn(['docker', 'run', '-i', '--rm', IMAGE], { stdin: new Blob([JSON.stringify(input)]), stdout: 'pipe', stderr: 'pipe' });
+    const stdout = await new Response(proc.stdout).text();
+    await proc.exited;
+    const start = stdout.indexOf(RESULT_START);
+    const end = stdout.indexOf(RESULT_END);
+    expect(start).toBeGreaterThanOrEqual(0);
+    const result = JSON.parse(stdout.slice(start + RESULT_START.length, end).trim());
+    expect(result).toMatchObject({ status: 'success', result: '[stub] test' });
+  });
+
+  it('runs as node (uid 1000, HOME=/home/node) with exactly the contract’s mounts', async () => {
+    const w = await world();
+    const mountsFor = (group: RegisteredGroup) => buildMounts(w.config, group);
+    for (const folder of ['main', 'family', 'work']) mkdirSync(join(w.config.sessionsDir, folder, '.kimi'), { recursive: true });
+    mkdirSync(join(w.config.ipcDir, 'family'), { recursive: true });
+    mkdirSync(join(w.config.ipcDir, 'main'), { recursive: true });
+    const probe = (group: RegisteredGroup, script: string) => {
+      // Prepared as runContainer prepares them: writable mounts belong to the container user.
+      for (const m of mountsFor(group)) if (!m.readonly && m.hostPath !== w.config.projectRoot) handToContainerUser(m.hostPath);
+      const args = buildDockerArgs(`nanoclaw-e2e-probe-${Date.now()}`, IMAGE, mountsFor(group), {}, containerUserArgs());
+      args.splice(args.indexOf(IMAGE), 0, '--entrypoint', '/bin/bash');
+      const run = Bun.spawnSync(['docker', ...args, '-c', script]);
+      return run.stdout.toString().trim();
+    };
+    expect(probe(w.groups.family, 'id -u; echo $HOME; whoami')).toBe('1000\n/home/node\nnode');
+    const family = probe(
+      w.groups.family,
+      'touch /workspace/global/x 2>/dev/null && echo global-writable || echo global-ro; ' +
+        'test -d /workspace/project && echo has-project || echo no-project; ' +
+        'touch /workspace/group/ok && echo group-rw; ls /home/node/.kimi/../.kimi >/dev/null && echo kimi-ok; ' +
+        'ls /workspace; cat /workspace/group/CLAUDE.md',
+    );
+    expect(family).toContain('global-ro');
+    expect(family).toContain('no-project');
+    expect(family).toContain('group-rw');
+    expect(family).toContain('FAMILY-MEMORY-MARKER');
+    expect(family).not.toContain('main'); // no other group's folder in sight
+    chmodSync(w.config.projectRoot, 0o755); // a checkout is world-readable; mkdtemp's 0700 is not
+    const mountPoints = (group: RegisteredGroup) =>
+      probe(group, "awk '{print $2}' /proc/mounts | grep -E '^/(workspace|home/node)' | sort").split('\n');
+    expect(mountPoints(w.groups.main)).toEqual(['/home/node/.kimi', '/workspace/group', '/workspace/ipc', '/workspace/project']);
+    expect(mountPoints(w.groups.family)).toEqual(['/home/node/.kimi', '/workspace/global', '/workspace/group', '/workspace/ipc']);
+    const main = probe(w.groups.main, 'ls /workspace/project/groups');
+    expect(main.split('\n')).toEqual(expect.arrayContaining(['family', 'global', 'main', 'work']));
+  });
+});
+
+describe('host and real container together', () => {
+  it('chat: a message in, the stub’s reply out; the next run resumes the same session', async () => {
+    const w = await world({ IDLE_TIMEOUT: '500' });
+    w.channel.receive(MAIN, 'hello there');
+    await waitFor(() => texts(w).length === 1, 60_000, 'first reply');
+    expect(texts(w)).toEqual(['Andy: [stub] hello there']);
+    const session = w.store.getSession('main');
+    expect(session).toBeTruthy();
+    await waitFor(() => !w.host.queue.isRunning(MAIN), 30_000, 'idle close');
+    w.channel.receive(MAIN, '!session');
+    await waitFor(() => texts(w).length === 2, 60_000, 'second reply');
+    expect(texts(w)[1]).toBe(`Andy: [stub] ${session}`);
+    expect(w.docker.runs()).toBe(2);
+    expect(w.store.getSession('main')).toBe(session);
+    const ids = [...readFileSync(join(w.config.logsDir, 'nanoclaw.log'), 'utf8').matchAll(/Session initialized: (\S+)$/gm)].map((m) => m[1]);
+    expect(ids).toEqual([session, session]);
+  });
+
+  it('hands a follow-up to the live container (no second docker run) and _close ends it', async () => {
+    const w = await world();
+    w.channel.receive(MAIN, 'one');
+    await waitFor(() => texts(w).length === 1, 60_000, 'first reply');
+    w.channel.receive(MAIN, 'two');
+    await waitFor(() => texts(w).length === 2, 60_000, 'follow-up reply');
+    expect(texts(w)).toEqual(['Andy: [stub] one', 'Andy: [stub] two']);
+    expect(w.docker.runs()).toBe(1);
+    writeFileSync(join(w.config.ipcDir, 'main', 'input', '_close'), '');
+    await waitFor(() => !w.host.queue.isRunning(MAIN), 30_000, 'container closed');
+  });
+
+  it('!context shows both memories reached the agent', async () => {
+    const w = await world();
+    w.channel.receive(FAMILY, '@Andy !context');
+    await waitFor(() => texts(w).length === 1, 60_000, 'reply');
+    expect(texts(w)[0]).toContain('GLOBAL-MEMORY-MARKER');
+    expect(texts(w)[0]).toContain('FAMILY-MEMORY-MARKER');
+  });
+
+  it('send_message reaches the group’s chat; a non-main group cannot message another chat', async () => {
+    const w = await world();
+    w.channel.receive(FAMILY, '@Andy !tool send_message {"text":"hello family"}');
+    await waitFor(() => texts(w, FAMILY).includes('hello family'), 60_000, 'tool message');
+    w.channel.receive(FAMILY, `@Andy !tool send_message {"text":"psst","chatJid":"${WORK}"}`);
+    await waitFor(() => texts(w, FAMILY).length >= 3, 60_000, 'second tool reply');
+    await Bun.sleep(500);
+    expect(texts(w, WORK)).toEqual([]);
+  });
+
+  it('schedule_task, register_group and refresh_groups by role', async () => {
+    const w = await world();
+    w.channel.receive(FAMILY, '@Andy !tool schedule_task {"prompt":"water the plants","schedule_type":"cron","schedule_value":"0 9 * * *","context_mode":"group"}');
+    await waitFor(() => w.store.listTasks('family').length === 1, 60_000, 'task stored');
+    w.channel.receive(FAMILY, '@Andy !tool register_group {"jid":"club@g.us","name":"Club","folder":"club"}');
+    await waitFor(() => texts(w, FAMILY).length >= 2, 60_000, 'refusal reply');
+    expect(w.store.groupByJid('club@g.us')).toBeNull();
+    w.channel.receive(MAIN, '!tool register_group {"jid":"club@g.us","name":"Club","folder":"club"}');
+    await waitFor(() => w.store.groupByJid('club@g.us'), 60_000, 'club registered by main');
+    w.channel.receive(MAIN, '!tool refresh_groups {}');
+    await waitFor(() => texts(w, MAIN).length >= 2, 60_000, 'refresh reply');
+  });
+
+  it('no key → a clear error, nothing lost; with the key back, the same message is answered', async () => {
+    const w = await world({}, '');
+    const errors: string[] = [];
+    w.host.on('turn', (t: { status: string; error?: string }) => t.status === 'error' && errors.push(t.error ?? ''));
+    w.channel.receive(MAIN, 'are you there?');
+    await waitFor(() => errors.length >= 1, 60_000, 'error turn');
+    expect(errors[0]).toContain('LLM is not set');
+    expect(texts(w)).toEqual([]);
+    writeFileSync(w.config.envFile, `KIMI_API_KEY=${KEY}\n`);
+    await waitFor(() => texts(w).length === 1, 90_000, 'answer after the key came back');
+    expect(texts(w)).toEqual(['Andy: [stub] are you there?']);
+  });
+
+  it('!crash → error, retried with backoff, and no reply is sent twice', async () => {
+    const w = await world();
+    w.channel.receive(MAIN, 'before the crash');
+    await waitFor(() => texts(w).length === 1, 60_000, 'first reply');
+    w.channel.receive(MAIN, '!crash');
+    await waitFor(() => w.docker.runs() >= 2, 60_000, 'a retry');
+    await Bun.sleep(1000);
+    expect(texts(w).filter((t) => t === 'Andy: [stub] before the crash')).toHaveLength(1);
+  });
+});
