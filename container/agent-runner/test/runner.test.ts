@@ -1,0 +1,291 @@
+/**
+ * The agent-runner outside Docker: the real runner, the real Kimi Agent SDK, the real MCP
+ * server and client, with the kimi wire-protocol stub as the CLI. HOME and the workspace
+ * live in temp dirs.
+ */
+import { Client } from '@modelcontextprotocol/sdk/client/index.js';
+import { StdioClientTransport } from '@modelcontextprotocol/sdk/client/stdio.js';
+import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, statSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { describe, expect, it } from 'vitest';
+import { buildAgentFile, buildConfigToml, buildMcpConfig, buildRole, keyFromEnvFile, scheduledTaskPrompt } from '../src/config.ts';
+import { scheduleProblem } from '../src/mcp-server.ts';
+import { parseInput, RESULT_END, RESULT_START } from '../src/runner.ts';
+
+const RUNNER_DIR = fileURLToPath(new URL('..', import.meta.url));
+const STUB = join(RUNNER_DIR, 'kimi-stub', 'kimi');
+const KEY = 'sk-runner-test-abcdef';
+
+/** A workspace; with `inbox` the runner stays for follow-ups (as under the host), else it answers once. */
+function workspace(memories: { global?: string; group?: string } = {}, inbox = false) {
+  const root = mkdtempSync(join(tmpdir(), 'nanoclaw-runner-'));
+  const ws = join(root, 'workspace');
+  for (const dir of ['group', 'global', 'ipc/messages', 'ipc/tasks', ...(inbox ? ['ipc/input'] : [])]) mkdirSync(join(ws, dir), { recursive: true });
+  mkdirSync(join(root, 'home'));
+  if (memories.global) writeFileSync(join(ws, 'global', 'CLAUDE.md'), memories.global);
+  if (memories.group) writeFileSync(join(ws, 'group', 'CLAUDE.md'), memories.group);
+  return { root, ws, home: join(root, 'home') };
+}
+
+const messages = (...texts: string[]) => `<messages>\n${texts.map((t) => `<message sender="Ann" time="2026-01-01 10:00">${t}</message>`).join('\n')}\n</messages>`;
+
+interface RunResult {
+  results: { status: string; result: string | null; sessionId?: string; error?: string }[];
+  stderr: string;
+  code: number;
+}
+
+/** Runs the runner as the container would; `during` can drop follow-up files while it runs. */
+async function runRunner(ws: ReturnType<typeof workspace>, input: unknown, during?: () => Promise<void>, env: Record<string, string> = {}): Promise<RunResult> {
+  const proc = Bun.spawn([process.execPath, join(RUNNER_DIR, 'src', 'runner.ts')], {
+    stdin: new Blob([typeof input === 'string' ? input : JSON.stringify(input)]),
+    stdout: 'pipe',
+    stderr: 'pipe',
+    env: { PATH: process.env.PATH!, HOME: ws.home, NANOCLAW_WORKSPACE: ws.ws, KIMI_EXECUTABLE: STUB, TZ: 'Europe/Berlin', ...env },
+  });
+  const stdout = new Response(proc.stdout).text();
+  const stderr = new Response(proc.stderr).text();
+  await during?.();
+  const [out, err, code] = await Promise.all([stdout, stderr, proc.exited]);
+  const results = [...out.matchAll(new RegExp(`${RESULT_START}\\n(.*)\\n${RESULT_END}`, 'g'))].map((m) => JSON.parse(m[1]!));
+  return { results, stderr: err, code };
+}
+
+const input = (prompt: string, extra: Record<string, unknown> = {}) => ({ prompt, groupFolder: 'family', chatJid: 'family@g.us', isMain: false, secrets: { KIMI_API_KEY: KEY }, ...extra });
+const close = (ws: ReturnType<typeof workspace>) => writeFileSync(join(ws.ws, 'ipc', 'input', '_close'), '');
+const followUp = (ws: ReturnType<typeof workspace>, text: string) => {
+  const name = `${Date.now()}-${Math.random().toString(36).slice(2)}.json`;
+  writeFileSync(join(ws.ws, 'ipc', 'input', `.${name}`), JSON.stringify({ type: 'message', text }));
+  Bun.spawnSync(['mv', join(ws.ws, 'ipc', 'input', `.${name}`), join(ws.ws, 'ipc', 'input', name)]);
+};
+
+describe('config builders', () => {
+  it('config.toml names the k25 alias, the provider and the key, with TOML-safe strings', () => {
+    const toml = buildConfigToml({ apiKey: 'sk-"quoted"\\x', baseUrl: 'http://localhost:11434/v1', modelName: 'qwen3', providerType: 'openai_legacy' });
+    const parsed = Bun.TOML.parse(toml) as Record<string, any>; // any: a parsed TOML document
+    expect(parsed.default_model).toBe('k25');
+    expect(parsed.models.k25).toMatchObject({ provider: 'nanoclaw', model: 'qwen3' });
+    expect(parsed.providers.nanoclaw).toEqual({ type: 'openai_legacy', base_url: 'http://localhost:11434/v1', api_key: 'sk-"quoted"\\x' });
+    const defaults = Bun.TOML.parse(buildConfigToml({})) as Record<string, any>; // any: a parsed TOML document
+    expect(defaults.providers.nanoclaw.type).toBe('kimi');
+    expect(defaults.providers.nanoclaw.api_key).toBe('');
+  });
+
+  it('mcp.json starts the nanoclaw server with the group’s identity', () => {
+    const config = JSON.parse(buildMcpConfig({ chatJid: 'g@g.us', groupFolder: 'g', isMain: false, ipcDir: '/workspace/ipc', timezone: 'Asia/Tokyo' }, '/app/src/mcp-server.ts', '/usr/local/bin/bun'));
+    expect(config.mcpServers.nanoclaw).toEqual({
+      command: '/usr/local/bin/bun', args: ['/app/src/mcp-server.ts'],
+      env: { NANOCLAW_CHAT_JID: 'g@g.us', NANOCLAW_GROUP_FOLDER: 'g', NANOCLAW_IS_MAIN: '0', NANOCLAW_IPC_DIR: '/workspace/ipc', TZ: 'Asia/Tokyo' },
+    });
+  });
+
+  it('the agent file extends the default agent with the role and both memories', () => {
+    const role = buildRole({ assistantName: 'Bob', isMain: false, timezone: 'UTC', globalMemory: 'likes tea', groupMemory: 'dinner at 7' });
+    const spec = Bun.YAML.parse(buildAgentFile(role)) as { version: number; agent: { extend: string; system_prompt_args: { ROLE_ADDITIONAL: string } } };
+    expect(spec.version).toBe(1);
+    expect(spec.agent.extend).toBe('default');
+    const text = spec.agent.system_prompt_args.ROLE_ADDITIONAL;
+    for (const part of ['You are Bob', '<internal>', 'send_message', 'schedule_task', 'likes tea', 'dinner at 7']) expect(text).toContain(part);
+    expect(text).not.toContain('register_group');
+    expect(buildRole({ assistantName: 'Bob', isMain: true, timezone: 'UTC' })).toContain('register_group');
+  });
+
+  it('scheduled prompts say no person sent them; the env-file key is found', () => {
+    expect(scheduledTaskPrompt('check the build')).toMatch(/^\[Scheduled task: [^\n]*not sent by a person[^\n]*\]\n\ncheck the build$/);
+    expect(keyFromEnvFile('# x\nOTHER=1\nKIMI_API_KEY="sk-abc"\n')).toBe('sk-abc');
+    expect(keyFromEnvFile('KIMI_API_KEY=\n')).toBeUndefined();
+  });
+
+  it('rejects broken input with the field’s name', () => {
+    expect(() => parseInput('')).toThrow('no input');
+    expect(() => parseInput('{"prompt": ')).toThrow('not JSON');
+    expect(() => parseInput('[]')).toThrow('JSON object');
+    expect(() => parseInput('{"prompt":"x","groupFolder":"g","chatJid":"c"}')).toThrow('"isMain"');
+    expect(() => parseInput('{"prompt":"","groupFolder":"g","chatJid":"c","isMain":false}')).toThrow('"prompt"');
+    expect(() => parseInput('{"prompt":"x","groupFolder":"g","chatJid":"c","isMain":false,"sessionId":"../x"}')).toThrow('"sessionId"');
+  });
+
+  it('validates schedules the way the host will', () => {
+    const now = new Date('2026-06-01T12:00:00Z');
+    expect(scheduleProblem('cron', '0 9 * * 1-5', 'Europe/Berlin', now)).toBeNull();
+    expect(scheduleProblem('cron', 'every morning', 'UTC', now)).toContain('e.g. "0 9 * * 1-5"');
+    expect(scheduleProblem('interval', '999', 'UTC', now)).toContain('at least 1000');
+    expect(scheduleProblem('interval', '3600000', 'UTC', now)).toBeNull();
+    expect(scheduleProblem('once', '2026-12-24 17:00', 'UTC', now)).toBeNull();
+    expect(scheduleProblem('once', '2020-01-01T00:00:00Z', 'UTC', now)).toContain('in the past');
+    expect(scheduleProblem('once', 'tomorrow', 'UTC', now)).toContain('YYYY-MM-DD HH:MM');
+  });
+});
+
+describe('the runner with the real SDK and the kimi stub', () => {
+  it('answers, logs the session, resumes it next time, and leaves no key behind', async () => {
+    const ws = workspace();
+    const first = await runRunner(ws, input(messages('hello', '@Andy how are you &amp; the kids?')));
+    expect(first.code).toBe(0);
+    expect(first.results).toHaveLength(1);
+    expect(first.results[0]).toMatchObject({ status: 'success', result: '[stub] how are you & the kids?' });
+    const sessionId = first.results[0]!.sessionId!;
+    expect(first.stderr).toContain(`Session initialized: ${sessionId}`);
+    const config = join(ws.home, '.kimi', 'config.toml');
+    expect(statSync(config).mode & 0o777).toBe(0o600);
+    expect(readFileSync(config, 'utf8')).not.toContain(KEY);
+    expect(readdirSync(join(ws.home, '.kimi', 'sessions'))).toHaveLength(1);
+
+    const second = await runRunner(ws, input(messages('!session'), { sessionId }));
+    expect(second.results[0]!.result).toBe(`[stub] ${sessionId}`);
+  });
+
+  it('puts the global and group memory into the agent’s system prompt (global only for non-main)', async () => {
+    const ws = workspace({ global: 'GLOBAL-NOTE', group: 'GROUP-NOTE' });
+    const other = await runRunner(ws, input(messages('!context')));
+    expect(other.results[0]!.result).toContain('GLOBAL-NOTE');
+    expect(other.results[0]!.result).toContain('GROUP-NOTE');
+    const main = await runRunner(ws, input(messages('!context'), { isMain: true }));
+    expect(main.results[0]!.result).not.toContain('GLOBAL-NOTE');
+    expect(main.results[0]!.result).toContain('GROUP-NOTE');
+  });
+
+  it('no key → an error result saying "LLM is not set", exit 1', async () => {
+    const ws = workspace();
+    const run = await runRunner(ws, input(messages('hi'), { secrets: {} }));
+    expect(run.code).toBe(1);
+    expect(run.results).toEqual([expect.objectContaining({ status: 'error', result: null, error: expect.stringContaining('LLM is not set') })]);
+  });
+
+  it('takes the key from /workspace/env-dir/env when stdin has none (the guide’s manual test)', async () => {
+    const ws = workspace();
+    mkdirSync(join(ws.ws, 'env-dir'));
+    writeFileSync(join(ws.ws, 'env-dir', 'env'), `KIMI_API_KEY=${KEY}\n`);
+    const run = await runRunner(ws, { prompt: 'What is 2+2?', groupFolder: 'test', chatJid: 'test@g.us', isMain: false });
+    expect(run.results[0]).toMatchObject({ status: 'success', result: '[stub] What is 2+2?' });
+  });
+
+  it('provider errors and crashes come back as error results', async () => {
+    const ws = workspace();
+    const failed = await runRunner(ws, input(messages('!fail rate limited by provider')));
+    expect(failed.results[0]).toMatchObject({ status: 'error', error: expect.stringContaining('rate limited by provider') });
+    expect(failed.code).toBe(1);
+    const crashed = await runRunner(ws, input(messages('!crash')));
+    expect(crashed.code).toBe(1);
+    expect(crashed.results[0]).toMatchObject({ status: 'error' });
+  });
+
+  it('broken stdin gives an error result, not a hang', async () => {
+    const ws = workspace();
+    const run = await runRunner(ws, '{"prompt": "unterminated');
+    expect(run.code).toBe(1);
+    expect(run.results[0]).toMatchObject({ status: 'error', error: expect.stringContaining('not JSON') });
+  });
+
+  it('follow-ups: steered into a running turn, or the next turn; _close ends with exit 0', async () => {
+    const ws = workspace({}, true);
+    const run = await runRunner(ws, input(messages('!sleep 1500')), async () => {
+      await Bun.sleep(700);
+      followUp(ws, messages('also this')); // arrives while the stub sleeps
+      await Bun.sleep(2000);
+      followUp(ws, messages('and then this'));
+      await Bun.sleep(1000);
+      close(ws);
+    });
+    expect(run.code).toBe(0);
+    expect(run.results.map((r) => r.result)).toEqual(['[stub] slept 1500 [steered: also this]', '[stub] and then this']);
+    expect(readdirSync(join(ws.ws, 'ipc', 'input'))).toEqual([]);
+  });
+
+  it('a scheduled task is told nobody sent it', async () => {
+    const ws = workspace();
+    const run = await runRunner(ws, input('water the plants', { isScheduledTask: true }));
+    expect(run.results[0]!.result).toBe('[stub] water the plants');
+    const history = readdirSync(join(ws.home, '.kimi', 'sessions')).flatMap((dir) => readdirSync(join(ws.home, '.kimi', 'sessions', dir)).map((s) => join(ws.home, '.kimi', 'sessions', dir, s, 'context.jsonl')));
+    expect(readFileSync(history[0]!, 'utf8')).toContain('Scheduled task');
+  });
+
+  it('send_message through the real MCP server writes an IPC file; a non-main group cannot register groups', async () => {
+    const ws = workspace({}, true);
+    const run = await runRunner(ws, input(messages('!tool send_message {"text":"dinner is ready"}')), async () => {
+      await Bun.sleep(1500);
+      followUp(ws, messages('!tool register_group {"jid":"x@g.us","name":"X","folder":"x"}'));
+      await Bun.sleep(1500);
+      close(ws);
+    });
+    expect(run.results.map((r) => r.result)).toEqual(['Message queued for this chat.', 'tool error: register_group is only available in the main chat.']);
+    const files = readdirSync(join(ws.ws, 'ipc', 'messages'));
+    expect(files).toHaveLength(1);
+    expect(JSON.parse(readFileSync(join(ws.ws, 'ipc', 'messages', files[0]!), 'utf8'))).toMatchObject({ type: 'message', chatJid: 'family@g.us', text: 'dinner is ready' });
+    expect(readdirSync(join(ws.ws, 'ipc', 'tasks'))).toEqual([]);
+  });
+});
+
+describe('the nanoclaw MCP server over stdio', () => {
+  async function connect(isMain: boolean, ipcDir: string, tasks: unknown[] = []) {
+    writeFileSync(join(ipcDir, 'current_tasks.json'), JSON.stringify(tasks));
+    const client = new Client({ name: 'test', version: '1' });
+    await client.connect(new StdioClientTransport({
+      command: process.execPath, args: [join(RUNNER_DIR, 'src', 'mcp-server.ts')],
+      env: { PATH: process.env.PATH!, NANOCLAW_CHAT_JID: 'me@g.us', NANOCLAW_GROUP_FOLDER: 'me', NANOCLAW_IS_MAIN: isMain ? '1' : '0', NANOCLAW_IPC_DIR: ipcDir, TZ: 'Europe/Berlin' },
+    }));
+    const call = async (name: string, args: Record<string, unknown> = {}) => {
+      const result = (await client.callTool({ name, arguments: args })) as { content: { text: string }[]; isError?: boolean };
+      return { text: result.content.map((c) => c.text).join('\n'), isError: Boolean(result.isError) };
+    };
+    return { client, call };
+  }
+  const ipc = () => {
+    const dir = mkdtempSync(join(tmpdir(), 'nanoclaw-mcp-'));
+    mkdirSync(join(dir, 'tasks'));
+    mkdirSync(join(dir, 'messages'));
+    return dir;
+  };
+  const written = (dir: string, kind: string) => readdirSync(join(dir, kind)).map((f) => JSON.parse(readFileSync(join(dir, kind, f), 'utf8')));
+
+  it('offers the tools with descriptions', async () => {
+    const dir = ipc();
+    const { client } = await connect(false, dir);
+    const { tools } = await client.listTools();
+    expect(tools.map((t) => t.name).sort()).toEqual(['cancel_task', 'get_task', 'list_tasks', 'pause_task', 'refresh_groups', 'register_group', 'resume_task', 'schedule_task', 'send_message', 'update_task']);
+    for (const tool of tools) expect(tool.description!.length).toBeGreaterThan(20);
+    await client.close();
+  });
+
+  it('validates schedules before writing anything', async () => {
+    const dir = ipc();
+    const { client, call } = await connect(false, dir);
+    const bad = await call('schedule_task', { prompt: 'x', schedule_type: 'cron', schedule_value: '61 * * * *' });
+    expect(bad.isError).toBe(true);
+    expect(bad.text).toContain('not a valid cron expression');
+    expect(written(dir, 'tasks')).toEqual([]);
+    const good = await call('schedule_task', { prompt: 'stretch', schedule_type: 'cron', schedule_value: '0 9 * * 1-5' });
+    expect(good.isError).toBe(false);
+    expect(written(dir, 'tasks')).toEqual([expect.objectContaining({ type: 'schedule_task', prompt: 'stretch', schedule_type: 'cron', schedule_value: '0 9 * * 1-5', context_mode: 'group' })]);
+    expect(readdirSync(join(dir, 'tasks')).some((f) => f.startsWith('.'))).toBe(false); // no temp file left behind
+    await client.close();
+  });
+
+  it('keeps a non-main group to its own chat and tasks; main may do everything', async () => {
+    const tasks = [{ id: 'task-1', groupFolder: 'me', chatJid: 'me@g.us', prompt: 'p', schedule_type: 'interval', schedule_value: '60000', context_mode: 'group', status: 'active', next_run: null, last_run: null, last_result: null, recent_runs: [{ run_at: '2026-01-01T00:00:00Z', duration_ms: 12, status: 'success', result: 'done', error: null }] }];
+    const dir = ipc();
+    const member = await connect(false, dir, tasks);
+    expect((await member.call('send_message', { text: 'hi', chatJid: 'other@g.us' })).isError).toBe(true);
+    expect((await member.call('schedule_task', { prompt: 'x', schedule_type: 'interval', schedule_value: '60000', targetJid: 'other@g.us' })).isError).toBe(true);
+    expect((await member.call('refresh_groups')).isError).toBe(true);
+    expect((await member.call('pause_task', { task_id: 'not-mine' })).isError).toBe(true);
+    expect((await member.call('pause_task', { task_id: 'task-1' })).isError).toBe(false);
+    expect((await member.call('get_task', { task_id: 'task-1' })).text).toContain('done');
+    expect((await member.call('list_tasks')).text).toContain('task-1');
+    await member.client.close();
+    expect(written(dir, 'tasks')).toEqual([expect.objectContaining({ type: 'pause_task', taskId: 'task-1' })]);
+    expect(written(dir, 'messages')).toEqual([]);
+
+    const mainDir = ipc();
+    const main = await connect(true, mainDir);
+    expect((await main.call('send_message', { text: 'hello', chatJid: 'other@g.us' })).isError).toBe(false);
+    expect((await main.call('register_group', { jid: 'new@g.us', name: 'New', folder: 'new' })).isError).toBe(false);
+    expect((await main.call('refresh_groups')).isError).toBe(false);
+    await main.client.close();
+    expect(written(mainDir, 'messages')).toEqual([expect.objectContaining({ type: 'message', chatJid: 'other@g.us', text: 'hello' })]);
+    expect(written(mainDir, 'tasks').map((t) => t.type).sort()).toEqual(['refresh_groups', 'register_group']);
+    expect(existsSync(join(mainDir, 'current_tasks.json'))).toBe(true);
+  });
+});
