@@ -10,6 +10,8 @@
  *           spawning the CLI, one turn). With the test image the "model" is the stub.
  * Prints medians and the ratio.
  */
+export {}; // a module, for top-level await
+
 const image = process.argv[2] ?? 'nanoclaw-agent:test';
 const runs = Number(process.argv[3] ?? 7);
 const input = JSON.stringify({ prompt: 'What is 2+2?', groupFolder: 'bench', chatJid: 'bench@g.us', isMain: false, secrets: { KIMI_API_KEY: 'bench' } });
