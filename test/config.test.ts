@@ -1,0 +1,118 @@
+import { copyFileSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { isAbsolute, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { describe, expect, it } from 'vitest';
+import * as nc from '../nanoclaw.ts';
+import { childProcessEnv, ConfigError, loadConfig, maskSecrets, parseEnvFile, readSecrets, setupLogging, takeSecretsOutOfEnvironment } from '../nanoclaw.ts';
+import { tempDir, tempProject } from './helpers.ts';
+
+const REPO = fileURLToPath(new URL('..', import.meta.url));
+
+describe('parseEnvFile', () => {
+  it('reads KEY=value lines with quotes, export and comments', () => {
+    const text = [
+      '# a comment', '', 'PLAIN=value', 'export EXPORTED=yes', 'DOUBLE="with spaces # not a comment"', "SINGLE='it''s'",
+      'TRAILING=abc # comment', 'EMPTY=', 'ESCAPED="line\\nnext"', 'not a line', '1BAD=x',
+    ].join('\n');
+    expect(parseEnvFile(text)).toEqual({
+      PLAIN: 'value', EXPORTED: 'yes', DOUBLE: 'with spaces # not a comment', SINGLE: "it''s", TRAILING: 'abc', EMPTY: '', ESCAPED: 'line\nnext',
+    });
+  });
+});
+
+describe('loadConfig', () => {
+  it('has the documented defaults and absolute paths', () => {
+    const root = tempDir();
+    const config = loadConfig(root, { TZ: 'UTC' });
+    expect(config).toMatchObject({
+      assistantName: 'Andy', assistantHasOwnNumber: false, containerImage: 'nanoclaw-agent:latest', containerRuntime: 'docker',
+      containerTimeoutMs: 1_800_000, idleTimeoutMs: 600_000, maxConcurrentContainers: 3, logLevel: 'info', timezone: 'UTC',
+    });
+    for (const key of ['projectRoot', 'groupsDir', 'dataDir', 'storeDir', 'logsDir', 'dbPath', 'ipcDir', 'sessionsDir', 'envFile'] as const) {
+      expect(isAbsolute(config[key]), key).toBe(true);
+    }
+    expect(config.dbPath).toBe(join(root, 'store', 'messages.db'));
+    expect(loadConfig('relative/path', {}).projectRoot).toBe(join(process.cwd(), 'relative/path'));
+  });
+
+  it('takes .env, and the environment wins over it', () => {
+    const root = tempDir();
+    writeFileSync(join(root, '.env'), 'ASSISTANT_NAME=Bea\nMAX_CONCURRENT_CONTAINERS=5\nASSISTANT_HAS_OWN_NUMBER=true\nKIMI_MODEL_NAME=m1\n');
+    const config = loadConfig(root, { MAX_CONCURRENT_CONTAINERS: '2', TZ: 'Asia/Tokyo' });
+    expect(config).toMatchObject({ assistantName: 'Bea', maxConcurrentContainers: 2, assistantHasOwnNumber: true, timezone: 'Asia/Tokyo' });
+    expect(config.kimi).toEqual({ modelName: 'm1', baseUrl: undefined, provider: undefined });
+  });
+
+  it('refuses bad values, naming the variable', () => {
+    const root = tempDir();
+    const bad: [Record<string, string>, string][] = [
+      [{ CONTAINER_TIMEOUT: 'soon' }, 'CONTAINER_TIMEOUT'], [{ IDLE_TIMEOUT: '-5' }, 'IDLE_TIMEOUT'], [{ MAX_CONCURRENT_CONTAINERS: '1.5' }, 'MAX_CONCURRENT_CONTAINERS'],
+      [{ TZ: 'Mars/Olympus' }, 'TZ'], [{ LOG_LEVEL: 'loud' }, 'LOG_LEVEL'], [{ ASSISTANT_NAME: 'a(b)' }, 'ASSISTANT_NAME'],
+    ];
+    for (const [env, name] of bad) {
+      expect(() => loadConfig(root, env), name).toThrow(ConfigError);
+      expect(() => loadConfig(root, env), name).toThrow(name);
+    }
+  });
+});
+
+describe('secrets', () => {
+  it('leave the environment object, stay readable, and never reach a child environment', () => {
+    const root = tempDir();
+    writeFileSync(join(root, '.env'), 'KIMI_API_KEY=sk-from-dotenv-123\nOTHER_FROM_DOTENV=1\n');
+    const config = loadConfig(root, {});
+    expect(readSecrets(config)).toEqual({ KIMI_API_KEY: 'sk-from-dotenv-123' });
+    const env: Record<string, string | undefined> = { KIMI_API_KEY: 'sk-from-env-456', PATH: '/usr/bin', HOME: '/home/x', RANDOM_VAR: 'x' };
+    takeSecretsOutOfEnvironment(env);
+    expect(env.KIMI_API_KEY).toBeUndefined();
+    expect(readSecrets(config)).toEqual({ KIMI_API_KEY: 'sk-from-env-456' }); // the environment wins over .env
+    expect(childProcessEnv({ ...env, KIMI_API_KEY: 'sk-again' })).toEqual({ PATH: '/usr/bin', HOME: '/home/x' });
+  });
+
+  it('bunfig.toml keeps Bun from loading .env into process.env (and without it Bun would)', () => {
+    const dir = tempDir();
+    writeFileSync(join(dir, '.env'), 'KIMI_API_KEY=sk-dotenv-leak-check\n');
+    writeFileSync(join(dir, 'probe.ts'), 'console.log(process.env.KIMI_API_KEY ?? "absent")');
+    const run = () => Bun.spawnSync([process.execPath, 'probe.ts'], { cwd: dir, env: { PATH: process.env.PATH! } }).stdout.toString().trim();
+    expect(run()).toBe('sk-dotenv-leak-check');
+    copyFileSync(join(REPO, 'bunfig.toml'), join(dir, 'bunfig.toml'));
+    expect(run()).toBe('absent');
+  });
+
+  it('are masked in text, raw and JSON-escaped', () => {
+    expect(maskSecrets('key=sk-abc123 and "sk-abc123"', ['sk-abc123'])).toBe('key=[REDACTED] and "[REDACTED]"');
+    expect(maskSecrets('{"k":"a\\"b-secret"}', ['a"b-secret'])).toBe('{"k":"[REDACTED]"}');
+    expect(maskSecrets('short ab stays', ['ab'])).toBe('short ab stays'); // too short to be a key
+  });
+});
+
+describe('logging', () => {
+  it('writes everything at LOG_LEVEL to nanoclaw.log and only errors to nanoclaw.error.log, secrets masked', () => {
+    const config = tempProject({ LOG_LEVEL: 'info' });
+    const secret = 'sk-logging-test-987654';
+    setupLogging(config, { terminalLevel: 'silent', secrets: [secret] });
+    nc.log.debug('a debug line');
+    nc.log.info({ group: 'family' }, `Session initialized: abc-123`);
+    nc.log.info({ nested: { token: secret }, secrets: { KIMI_API_KEY: secret } }, `the key is ${secret}`);
+    nc.log.error({ group: 'main' }, 'something broke');
+    const main = readFileSync(join(config.logsDir, 'nanoclaw.log'), 'utf8');
+    const errors = readFileSync(join(config.logsDir, 'nanoclaw.error.log'), 'utf8');
+    expect(main).not.toContain('a debug line');
+    expect(main).toContain('[family] Session initialized: abc-123\n');
+    expect(main).not.toContain(secret);
+    expect(main).toContain('[REDACTED]');
+    expect(errors).toContain('[main] something broke');
+    expect(errors).not.toContain('Session initialized');
+    // The guide's check: grep "Session initialized" logs/nanoclaw.log | awk '{print $NF}'
+    const ids = Bun.spawnSync(['sh', '-c', `grep "Session initialized" "${join(config.logsDir, 'nanoclaw.log')}" | awk '{print $NF}'`]).stdout.toString().trim();
+    expect(ids).toBe('abc-123');
+  });
+
+  it('shows debug lines at LOG_LEVEL=debug', () => {
+    const config = tempProject({ LOG_LEVEL: 'debug' });
+    mkdirSync(config.logsDir, { recursive: true });
+    setupLogging(config, { terminalLevel: 'silent' });
+    nc.log.debug('a debug line');
+    expect(readFileSync(join(config.logsDir, 'nanoclaw.log'), 'utf8')).toContain('a debug line');
+  });
+});

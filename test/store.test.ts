@@ -1,0 +1,140 @@
+import { Database } from 'bun:sqlite';
+import { join } from 'node:path';
+import { describe, expect, it } from 'vitest';
+import { registerGroup, SCHEMA_VERSION, Store, type NewMessage, type ScheduledTask } from '../nanoclaw.ts';
+import { tempDir, tempProject } from './helpers.ts';
+
+const message = (id: string, chatJid: string, extra: Partial<NewMessage> = {}): NewMessage => ({
+  id, chatJid, sender: 'a@s.whatsapp.net', senderName: 'A', content: `text ${id}`, timestamp: '2026-01-01T10:00:00.000Z', isFromMe: false, isBotMessage: false, ...extra,
+});
+
+const task = (id: string, groupFolder: string, nextRun: string | null, status: ScheduledTask['status'] = 'active'): ScheduledTask => ({
+  id, groupFolder, chatJid: `${groupFolder}@g.us`, prompt: 'p', scheduleType: 'interval', scheduleValue: '60000', contextMode: 'isolated',
+  nextRun, lastRun: null, lastResult: null, status, createdAt: '2026-01-01T00:00:00.000Z',
+});
+
+describe('Store schema', () => {
+  it('creates every table at the current version, in WAL mode, and reopens without change', () => {
+    const path = join(tempDir(), 'messages.db');
+    const store = new Store(path);
+    expect(store.db.query('PRAGMA user_version').get()).toEqual({ user_version: SCHEMA_VERSION });
+    expect(store.db.query('PRAGMA journal_mode').get()).toEqual({ journal_mode: 'wal' });
+    const tables = store.db.query<{ name: string }, []>("SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' ORDER BY name").all().map((t) => t.name);
+    expect(tables).toEqual(['chats', 'messages', 'registered_groups', 'router_state', 'scheduled_tasks', 'sessions', 'task_run_logs']);
+    const sessionColumns = store.db.query<{ name: string; pk: number }, []>('PRAGMA table_info(sessions)').all();
+    expect(sessionColumns.find((c) => c.name === 'group_folder')?.pk).toBe(1);
+    expect(sessionColumns.map((c) => c.name)).toContain('session_id');
+    store.setSession('main', 's1');
+    store.close();
+    const again = new Store(path);
+    expect(again.getSession('main')).toBe('s1');
+    again.close();
+  });
+
+  it('refuses a database from a newer version instead of damaging it', () => {
+    const path = join(tempDir(), 'messages.db');
+    const db = new Database(path);
+    db.exec(`PRAGMA user_version = ${SCHEMA_VERSION + 1}`);
+    db.close();
+    expect(() => new Store(path)).toThrow('newer than this code knows');
+  });
+
+  it('answers the per-chat query from the messages_by_chat index', () => {
+    const store = new Store(join(tempDir(), 'messages.db'));
+    const plan = store.db
+      .query<{ detail: string }, []>("EXPLAIN QUERY PLAN SELECT * FROM messages WHERE chat_jid = 'x' AND seq > 5 AND is_bot_message = 0 ORDER BY seq DESC LIMIT 500")
+      .all()
+      .map((row) => row.detail)
+      .join(' | ');
+    expect(plan).toContain('USING INDEX messages_by_chat');
+    store.close();
+  });
+});
+
+describe('messages and cursors', () => {
+  it('stores a message once per chat and id', () => {
+    const store = new Store(join(tempDir(), 'messages.db'));
+    expect(store.storeMessage(message('m1', 'a@g.us'))).toBe(1);
+    expect(store.storeMessage(message('m1', 'a@g.us', { content: 'replayed' }))).toBeNull();
+    expect(store.storeMessage(message('m1', 'b@g.us'))).toBeGreaterThan(1); // same id in another chat is another message
+    expect(store.messagesSince('a@g.us', 0).map((m) => m.content)).toEqual(['text m1']);
+    store.close();
+  });
+
+  it('returns what came after the cursor in this chat, oldest first, without the bot’s own', () => {
+    const store = new Store(join(tempDir(), 'messages.db'));
+    store.storeMessage(message('1', 'a@g.us'));
+    store.storeMessage(message('2', 'b@g.us'));
+    store.storeMessage(message('3', 'a@g.us', { isBotMessage: true }));
+    store.storeMessage(message('4', 'a@g.us', { isFromMe: true }));
+    store.storeMessage(message('5', 'a@g.us'));
+    expect(store.messagesSince('a@g.us', 0).map((m) => m.id)).toEqual(['1', '4', '5']);
+    expect(store.messagesSince('a@g.us', 1).map((m) => m.id)).toEqual(['4', '5']);
+    expect(store.messagesSince('a@g.us', 0, 2).map((m) => m.id)).toEqual(['4', '5']); // the newest within the limit
+    expect(store.messagesSince('a@g.us', 0)[1]).toMatchObject({ isFromMe: true, isBotMessage: false, seq: 4 });
+    expect(store.latestSeq('a@g.us')).toBe(5);
+    expect(store.getCursor('a@g.us')).toBe(0);
+    store.setCursor('a@g.us', 4);
+    expect(store.getCursor('a@g.us')).toBe(4);
+    expect(store.getCursor('b@g.us')).toBe(0);
+    store.close();
+  });
+
+  it('keeps chat metadata, and a newer message time only moves forward', () => {
+    const store = new Store(join(tempDir(), 'messages.db'));
+    store.upsertChat({ jid: 'a@g.us', name: 'Family', channel: 'whatsapp', isGroup: true, lastMessageAt: '2026-01-02T00:00:00.000Z' });
+    store.upsertChat({ jid: 'a@g.us', name: null, channel: 'whatsapp', isGroup: true, lastMessageAt: '2026-01-01T00:00:00.000Z' });
+    expect(store.listChats()).toEqual([{ jid: 'a@g.us', name: 'Family', channel: 'whatsapp', isGroup: true, lastMessageAt: '2026-01-02T00:00:00.000Z' }]);
+    store.close();
+  });
+});
+
+describe('groups, sessions, tasks', () => {
+  it('registers groups with one main and unique folders; a new group starts its cursor at the latest message', () => {
+    const config = tempProject();
+    const store = new Store(config.dbPath);
+    store.storeMessage(message('old', 'fam@g.us'));
+    const family = registerGroup(config, store, { jid: 'fam@g.us', name: 'Family', folder: 'family' });
+    expect(family).toMatchObject({ trigger: '@Andy', requiresTrigger: true, isMain: false });
+    expect(store.getCursor('fam@g.us')).toBe(1); // history before registration is not replayed
+    registerGroup(config, store, { jid: 'me@s.whatsapp.net', name: 'Me', folder: 'main', isMain: true });
+    expect(store.mainGroup()?.requiresTrigger).toBe(false);
+    expect(() => registerGroup(config, store, { jid: 'x@g.us', name: 'X', folder: 'family' })).toThrow('already used');
+    expect(() => registerGroup(config, store, { jid: 'y@g.us', name: 'Y', folder: 'other', isMain: true })).toThrow('already a main group');
+    expect(() => registerGroup(config, store, { jid: 'z@g.us', name: 'Z', folder: 'Bad Name' })).toThrow('lowercase');
+    expect(() => registerGroup(config, store, { jid: 'z@g.us', name: 'Z', folder: 'global' })).toThrow();
+    expect(() => store.db.query("UPDATE registered_groups SET is_main = 1 WHERE folder = 'family'").run()).toThrow();
+    expect(store.listGroups().map((g) => g.folder)).toEqual(['main', 'family']);
+    store.close();
+  });
+
+  it('keeps one session per group folder', () => {
+    const store = new Store(join(tempDir(), 'messages.db'));
+    store.setSession('main', 'a');
+    store.setSession('main', 'b');
+    store.setSession('family', 'c');
+    expect(store.listSessions().map((s) => [s.groupFolder, s.sessionId])).toEqual([['family', 'c'], ['main', 'b']]);
+    expect(store.deleteSession('main')).toBe(true);
+    expect(store.getSession('main')).toBeNull();
+    store.close();
+  });
+
+  it('lists upcoming active tasks soonest first, logs runs, and drops the logs with the task', () => {
+    const store = new Store(join(tempDir(), 'messages.db'));
+    store.createTask(task('late', 'a', '2026-01-03T00:00:00.000Z'));
+    store.createTask(task('soon', 'b', '2026-01-01T00:00:00.000Z'));
+    store.createTask(task('paused', 'a', '2026-01-02T00:00:00.000Z', 'paused'));
+    store.createTask(task('done', 'a', null, 'completed'));
+    expect(store.upcomingTasks().map((t) => t.id)).toEqual(['soon', 'late']);
+    expect(store.listTasks('a').map((t) => t.id).sort()).toEqual(['done', 'late', 'paused']);
+    expect(store.updateTask('late', { status: 'paused', lastResult: 'ok' })).toBe(true);
+    expect(store.getTask('late')).toMatchObject({ status: 'paused', lastResult: 'ok' });
+    store.logTaskRun({ taskId: 'soon', runAt: '2026-01-01T00:00:01.000Z', durationMs: 900, status: 'success', result: 'done', error: null });
+    store.logTaskRun({ taskId: 'soon', runAt: '2026-01-02T00:00:01.000Z', durationMs: 800, status: 'error', result: null, error: 'boom' });
+    expect(store.taskRuns('soon').map((r) => r.status)).toEqual(['error', 'success']);
+    expect(() => store.logTaskRun({ taskId: 'ghost', runAt: 'x', durationMs: 1, status: 'success', result: null, error: null })).toThrow();
+    store.deleteTask('soon');
+    expect(store.db.query('SELECT COUNT(*) AS n FROM task_run_logs').get()).toEqual({ n: 0 });
+    store.close();
+  });
+});
