@@ -2139,8 +2139,10 @@ export function parseOnceTime(value: string, timezone: string): Date {
   }
   const match = /^(\d{4})-(\d{2})-(\d{2})[T ](\d{2}):(\d{2})(?::(\d{2}))?$/.exec(text);
   if (!match) throw new ScheduleError(`"${value}" is not a date-time; use YYYY-MM-DD HH:MM (your time, ${timezone}) or ISO 8601 with an offset`);
-  const [, y, mo, d, h, mi, s] = match.map(Number) as number[];
-  const wallClockAsUtc = Date.UTC(y!, mo! - 1, d!, h!, mi!, s ?? 0);
+  const [y, mo, d, h, mi, s] = match.slice(1).map((part) => Number(part ?? 0)) as [number, number, number, number, number, number];
+  const wallClockAsUtc = Date.UTC(y, mo - 1, d, h, mi, s);
+  const check = new Date(wallClockAsUtc);
+  if (check.getUTCMonth() !== mo - 1 || check.getUTCDate() !== d || h > 23 || mi > 59 || s > 59) throw new ScheduleError(`"${value}" is not a real date and time`);
   // Two passes settle the offset even next to a DST change.
   let guess = wallClockAsUtc - timezoneOffsetMinutes(new Date(wallClockAsUtc), timezone) * 60_000;
   guess = wallClockAsUtc - timezoneOffsetMinutes(new Date(guess), timezone) * 60_000;

@@ -1,0 +1,166 @@
+import { existsSync, mkdirSync, readdirSync, readFileSync, renameSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { afterEach, describe, expect, it } from 'vitest';
+import {
+  groupsSnapshot, IpcFormatError, IpcWatcher, parseIpcMessage, parseIpcTask, refusal, registerGroup, Store, tasksSnapshot, writeSnapshots,
+  type RegisteredGroup,
+} from '../nanoclaw.ts';
+import { tempDir, tempProject, waitFor } from './helpers.ts';
+
+describe('parsing IPC files', () => {
+  it('accepts every request of the contract', () => {
+    expect(parseIpcMessage({ type: 'message', chatJid: 'a@g.us', text: 'hi' })).toEqual({ type: 'message', chatJid: 'a@g.us', text: 'hi' });
+    expect(parseIpcTask({ type: 'schedule_task', prompt: 'p', schedule_type: 'cron', schedule_value: '0 9 * * *' })).toEqual({
+      type: 'schedule_task', prompt: 'p', schedule_type: 'cron', schedule_value: '0 9 * * *', context_mode: 'isolated', targetJid: undefined,
+    });
+    for (const type of ['pause_task', 'resume_task', 'cancel_task'] as const) expect(parseIpcTask({ type, taskId: 't1' })).toEqual({ type, taskId: 't1' });
+    expect(parseIpcTask({ type: 'update_task', taskId: 't1', schedule_type: 'interval', schedule_value: '60000' })).toMatchObject({ type: 'update_task', schedule_type: 'interval' });
+    expect(parseIpcTask({ type: 'refresh_groups' })).toEqual({ type: 'refresh_groups' });
+    expect(parseIpcTask({ type: 'register_group', jid: 'x@g.us', name: 'X', folder: 'x' })).toMatchObject({ type: 'register_group', folder: 'x' });
+  });
+
+  it('rejects malformed requests, naming the field', () => {
+    const cases: [() => unknown, string][] = [
+      [() => parseIpcMessage([]), 'JSON object'],
+      [() => parseIpcMessage({ type: 'message', chatJid: 'a@g.us' }), '"text"'],
+      [() => parseIpcMessage({ type: 'note', chatJid: 'a', text: 'b' }), '"type"'],
+      [() => parseIpcTask({ type: 'schedule_task', prompt: 'p', schedule_type: 'weekly', schedule_value: 'x' }), '"schedule_type"'],
+      [() => parseIpcTask({ type: 'schedule_task', prompt: 'p', schedule_type: 'cron', schedule_value: 'x', context_mode: 'shared' }), '"context_mode"'],
+      [() => parseIpcTask({ type: 'pause_task' }), '"taskId"'],
+      [() => parseIpcTask({ type: 'launch_rockets' }), 'unknown task type'],
+    ];
+    for (const [parse, mention] of cases) {
+      expect(parse, mention).toThrow(IpcFormatError);
+      expect(parse, mention).toThrow(mention);
+    }
+  });
+});
+
+describe('authorisation by folder', () => {
+  function groups() {
+    const config = tempProject();
+    const store = new Store(config.dbPath);
+    const main = registerGroup(config, store, { jid: 'me@s.whatsapp.net', name: 'Me', folder: 'main', isMain: true });
+    const family = registerGroup(config, store, { jid: 'fam@g.us', name: 'Family', folder: 'family' });
+    const work = registerGroup(config, store, { jid: 'work@g.us', name: 'Work', folder: 'work' });
+    const base = { prompt: 'p', schedule_type: 'interval', schedule_value: '60000', context_mode: 'isolated', nextRun: null };
+    store.createTask({ id: 'fam-task', groupFolder: 'family', chatJid: 'fam@g.us', prompt: 'p', scheduleType: 'interval', scheduleValue: '60000', contextMode: 'isolated', nextRun: null, lastRun: null, lastResult: null, status: 'active', createdAt: 'x' });
+    store.createTask({ id: 'work-task', groupFolder: 'work', chatJid: 'work@g.us', prompt: 'p', scheduleType: 'interval', scheduleValue: '60000', contextMode: 'isolated', nextRun: null, lastRun: null, lastResult: null, status: 'active', createdAt: 'x' });
+    void base;
+    return { config, store, main, family, work };
+  }
+  const allowed = (g: RegisteredGroup, request: Parameters<typeof refusal>[1], store: Store) => refusal(g, request, store) === null;
+
+  it('a group acts only on its own chat and tasks, never on groups', () => {
+    const { store, family } = groups();
+    expect(allowed(family, { type: 'message', chatJid: 'fam@g.us', text: 'x' }, store)).toBe(true);
+    expect(allowed(family, { type: 'message', chatJid: 'work@g.us', text: 'x' }, store)).toBe(false);
+    expect(allowed(family, { type: 'schedule_task', prompt: 'p', schedule_type: 'cron', schedule_value: '0 9 * * *', context_mode: 'group' }, store)).toBe(true);
+    expect(allowed(family, { type: 'schedule_task', prompt: 'p', schedule_type: 'cron', schedule_value: '0 9 * * *', context_mode: 'group', targetJid: 'work@g.us' }, store)).toBe(false);
+    expect(allowed(family, { type: 'pause_task', taskId: 'fam-task' }, store)).toBe(true);
+    expect(allowed(family, { type: 'cancel_task', taskId: 'work-task' }, store)).toBe(false);
+    expect(allowed(family, { type: 'update_task', taskId: 'work-task', prompt: 'mine now' }, store)).toBe(false);
+    expect(allowed(family, { type: 'refresh_groups' }, store)).toBe(false);
+    expect(allowed(family, { type: 'register_group', jid: 'n@g.us', name: 'N', folder: 'n' }, store)).toBe(false);
+    expect(refusal(family, { type: 'pause_task', taskId: 'nope' }, store)).toContain('no task');
+    store.close();
+  });
+
+  it('main acts for every registered group, but not for unknown chats', () => {
+    const { store, main } = groups();
+    expect(allowed(main, { type: 'message', chatJid: 'work@g.us', text: 'x' }, store)).toBe(true);
+    expect(allowed(main, { type: 'message', chatJid: 'stranger@g.us', text: 'x' }, store)).toBe(false);
+    expect(allowed(main, { type: 'schedule_task', prompt: 'p', schedule_type: 'once', schedule_value: '2030-01-01 10:00', context_mode: 'isolated', targetJid: 'fam@g.us' }, store)).toBe(true);
+    expect(allowed(main, { type: 'cancel_task', taskId: 'work-task' }, store)).toBe(true);
+    expect(allowed(main, { type: 'refresh_groups' }, store)).toBe(true);
+    expect(allowed(main, { type: 'register_group', jid: 'n@g.us', name: 'N', folder: 'n' }, store)).toBe(true);
+    store.close();
+  });
+
+  it('snapshots: main sees all tasks and the group list, others only their own tasks and no groups', () => {
+    const { config, store, main, family } = groups();
+    store.upsertChat({ jid: 'fam@g.us', name: 'Family', channel: 'whatsapp', isGroup: true, lastMessageAt: '2026-01-01T00:00:00.000Z' });
+    store.upsertChat({ jid: 'other@g.us', name: 'Other', channel: 'whatsapp', isGroup: true });
+    store.upsertChat({ jid: 'someone@s.whatsapp.net', name: 'Someone', channel: 'whatsapp', isGroup: false });
+    expect(tasksSnapshot(store, main).map((t) => t.id).sort()).toEqual(['fam-task', 'work-task']);
+    expect(tasksSnapshot(store, family).map((t) => t.id)).toEqual(['fam-task']);
+    expect(groupsSnapshot(store, main).groups).toEqual(expect.arrayContaining([
+      { jid: 'fam@g.us', name: 'Family', lastActivity: '2026-01-01T00:00:00.000Z', isRegistered: true },
+      { jid: 'other@g.us', name: 'Other', lastActivity: null, isRegistered: false },
+    ]));
+    expect(groupsSnapshot(store, main).groups.map((g) => g.jid)).not.toContain('someone@s.whatsapp.net');
+    expect(groupsSnapshot(store, family)).toEqual({ groups: [], lastSync: null });
+    writeSnapshots(config, store, family);
+    const dir = join(config.ipcDir, 'family');
+    expect(readdirSync(dir).sort()).toEqual(['available_groups.json', 'current_tasks.json']);
+    expect(JSON.parse(readFileSync(join(dir, 'current_tasks.json'), 'utf8'))[0].id).toBe('fam-task');
+    store.close();
+  });
+});
+
+describe('IpcWatcher', () => {
+  const watchers: IpcWatcher[] = [];
+  afterEach(async () => {
+    for (const w of watchers.splice(0)) await w.stop();
+  });
+
+  function watched(handle: (folder: string, kind: string, data: unknown) => Promise<void>) {
+    const dir = tempDir();
+    const watcher = new IpcWatcher(dir, { handle }, 3_600_000); // no sweep: anything seen is the watch's doing
+    watchers.push(watcher);
+    return { dir, watcher };
+  }
+  const drop = (dir: string, folder: string, kind: string, name: string, content: string) => {
+    mkdirSync(join(dir, folder, kind), { recursive: true });
+    writeFileSync(join(dir, folder, kind, `.${name}.tmp`), content);
+    renameSync(join(dir, folder, kind, `.${name}.tmp`), join(dir, folder, kind, name));
+  };
+
+  it('handles files present at start and new ones as they appear, each exactly once, then deletes them', async () => {
+    const seen: string[] = [];
+    const { dir, watcher } = watched(async (folder, kind, data) => {
+      seen.push(`${folder}/${kind}/${(data as { n: number }).n}`);
+    });
+    drop(dir, 'family', 'messages', '1.json', '{"n":1}');
+    watcher.start();
+    await waitFor(() => seen.length === 1, 3000, 'file present at start');
+    drop(dir, 'family', 'tasks', '2.json', '{"n":2}');
+    drop(dir, 'work', 'messages', '3.json', '{"n":3}');
+    await waitFor(() => seen.length === 3, 3000, 'new files');
+    await Promise.all(Array.from({ length: 20 }, () => watcher.scan()));
+    expect(seen.sort()).toEqual(['family/messages/1', 'family/tasks/2', 'work/messages/3']);
+    expect(readdirSync(join(dir, 'family', 'messages'))).toEqual([]);
+  });
+
+  it('ignores temp files until they are renamed into place', async () => {
+    const seen: unknown[] = [];
+    const { dir, watcher } = watched(async (_f, _k, data) => {
+      seen.push(data);
+    });
+    watcher.start();
+    mkdirSync(join(dir, 'g', 'messages'), { recursive: true });
+    writeFileSync(join(dir, 'g', 'messages', '.half.json.tmp'), '{"n":');
+    await Bun.sleep(200);
+    expect(seen).toEqual([]);
+    writeFileSync(join(dir, 'g', 'messages', '.half.json.tmp'), '{"n":1}');
+    renameSync(join(dir, 'g', 'messages', '.half.json.tmp'), join(dir, 'g', 'messages', 'half.json'));
+    await waitFor(() => seen.length === 1, 3000, 'renamed file');
+    expect(seen).toEqual([{ n: 1 }]);
+  });
+
+  it('moves malformed JSON and rejected requests to errors/, content intact, and never retries them', async () => {
+    let calls = 0;
+    const { dir, watcher } = watched(async (_f, _k, data) => {
+      calls++;
+      if ((data as { bad?: boolean }).bad) throw new IpcFormatError('not allowed');
+    });
+    watcher.start();
+    drop(dir, 'g', 'messages', 'broken.json', '{"n": 1,');
+    drop(dir, 'g', 'tasks', 'refused.json', '{"bad": true}');
+    await waitFor(() => existsSync(join(dir, 'errors')) && readdirSync(join(dir, 'errors')).length === 2, 3000, 'errors/');
+    expect(readdirSync(join(dir, 'errors')).sort()).toEqual(['g-messages-broken.json', 'g-tasks-refused.json']);
+    expect(readFileSync(join(dir, 'errors', 'g-messages-broken.json'), 'utf8')).toBe('{"n": 1,');
+    await watcher.scan();
+    expect(calls).toBe(1); // the broken one never reached the handler; the refused one once
+  });
+});
