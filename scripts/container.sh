@@ -35,6 +35,8 @@ case "${1:-}" in
     jid=$(sqlite3 store/messages.db "SELECT jid FROM registered_groups WHERE folder = '$folder'" 2>/dev/null || echo "$folder@g.us")
     is_main=$(sqlite3 store/messages.db "SELECT CASE is_main WHEN 1 THEN 'true' ELSE 'false' END FROM registered_groups WHERE folder = '$folder'" 2>/dev/null || echo false)
     key=$(env_value KIMI_API_KEY)
+    # One answer, then exit: the close request is waiting in the group's IPC input folder.
+    mkdir -p "data/ipc/$folder/input" && : > "data/ipc/$folder/input/_close"
     echo "Running the agent for groups/$folder with: $prompt" >&2
     printf '{"prompt":"%s","groupFolder":"%s","chatJid":"%s","isMain":%s,"secrets":{"KIMI_API_KEY":"%s"}}' \
       "$(json_string "$prompt")" "$folder" "$jid" "${is_main:-false}" "$(json_string "$key")" \
