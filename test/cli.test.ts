@@ -86,6 +86,24 @@ describe('bun nanoclaw.ts', () => {
     after.close();
   });
 
+  it('mounts shows a group’s mount table; logs shows the host log and a group’s latest run', async () => {
+    expect((await cli(['logs'])).stdout).toContain('No host log yet');
+    await cli(['groups', 'register', 'fam@g.us', 'family']);
+    const mounts = await cli(['mounts', 'family']);
+    expect(mounts.stdout).toContain(`${root}/groups/global -> /workspace/global (read-only)`);
+    expect(mounts.stdout).toContain(`${root}/data/sessions/family/.kimi -> /home/node/.kimi (read-write)`);
+    expect((await cli(['mounts', 'family', '--docker-args'])).stdout.split('\n')).toContain(`${root}/groups/family:/workspace/group`);
+    expect((await cli(['mounts', 'nobody'])).code).toBe(2);
+    await cli(['chat'], '!fail the model is down\n');
+    const hostLog = await cli(['logs', '--lines', '5']);
+    expect(hostLog.stdout).toContain('== logs/nanoclaw.log (last 5 lines) ==');
+    expect(hostLog.stdout).toContain('nanoclaw.error.log');
+    const groupLog = await cli(['logs', '--group', 'main']);
+    expect(groupLog.stdout).toMatch(/Recent runs of main:\n {2}groups\/main\/logs\/container-.*\.log/);
+    expect(groupLog.stdout).toContain('the model is down');
+    expect((await cli(['logs', '--lines', 'many'])).code).toBe(2);
+  });
+
   it('start without linked WhatsApp says how to link it, and how to talk from the terminal', async () => {
     const { stderr, code } = await cli([]);
     expect(code).not.toBe(0);

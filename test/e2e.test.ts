@@ -12,7 +12,8 @@ import {
   buildDockerArgs, buildMounts, containerUserArgs, handToContainerUser, Host, RESULT_END, RESULT_START, registerGroup, setupLogging, Store,
   type Config, type RegisteredGroup,
 } from '../nanoclaw.ts';
-import { RecordingChannel, tempDir, tempProject, waitFor } from './helpers.ts';
+import { proto, type WAMessage } from '@whiskeysockets/baileys';
+import { flakyServer, linkedAuthDir, RecordingChannel, RecordingWhatsApp, tempDir, tempProject, waitFor } from './helpers.ts';
 
 const IMAGE = process.env.NANOCLAW_TEST_IMAGE ?? 'nanoclaw-agent:test';
 const REPO = fileURLToPath(new URL('..', import.meta.url));
@@ -214,5 +215,52 @@ describe('host and real container together', () => {
     await waitFor(() => w.docker.runs() >= 2, 60_000, 'a retry');
     await Bun.sleep(1000);
     expect(texts(w).filter((t) => t === 'Andy: [stub] before the crash')).toHaveLength(1);
+  });
+});
+
+describe('WhatsApp and scheduled tasks with the real container', () => {
+  it('a WhatsApp message through the channel’s handler → exactly one reply through its send path', async () => {
+    const config = tempProject({ CONTAINER_IMAGE: IMAGE, IDLE_TIMEOUT: '60000' }, `KIMI_API_KEY=${KEY}\n`);
+    setupLogging(config, { terminalLevel: 'silent', secrets: [KEY] });
+    const store = new Store(config.dbPath);
+    registerGroup(config, store, { jid: FAMILY, name: 'Family', folder: 'family' });
+    const server = flakyServer(60_000);
+    const whatsapp = new RecordingWhatsApp({
+      authDir: await linkedAuthDir(), assistantName: 'Andy', hasOwnNumber: false, waWebSocketUrl: server.url, mediaDirFor: () => null,
+    });
+    const host = new Host(config, store, [whatsapp], { sweepIntervalMs: 60_000 });
+    try {
+      await host.start();
+      whatsapp.socket!.ev.emit('connection.update', { connection: 'open' });
+      const inbound = proto.WebMessageInfo.fromObject({
+        key: { remoteJid: FAMILY, participant: '4915100000002@s.whatsapp.net', fromMe: false, id: '3EB0E2E0001' },
+        message: { extendedTextMessage: { text: '@Andy are we on for sunday?' } },
+        messageTimestamp: Math.floor(Date.now() / 1000),
+        pushName: 'Alice',
+      }) as WAMessage;
+      whatsapp.socket!.ev.emit('messages.upsert', { messages: [inbound], type: 'notify' });
+      whatsapp.socket!.ev.emit('messages.upsert', { messages: [inbound], type: 'append' }); // delivered twice
+      await waitFor(() => whatsapp.delivered.length === 1, 60_000, 'reply');
+      await Bun.sleep(1000);
+      expect(whatsapp.delivered).toEqual([{ jid: FAMILY, text: 'Andy: [stub] are we on for sunday?' }]);
+    } finally {
+      await host.stop();
+      store.close();
+      server.stop();
+    }
+  });
+
+  it('an interval task whose agent calls send_message: the message reaches the chat', async () => {
+    const w = await world();
+    w.store.createTask({
+      id: 'e2e-interval', groupFolder: 'family', chatJid: FAMILY, prompt: '!tool send_message {"text":"time to water the plants"}',
+      scheduleType: 'interval', scheduleValue: '600000', contextMode: 'isolated', nextRun: new Date(Date.now() + 200).toISOString(),
+      lastRun: null, lastResult: null, status: 'active', createdAt: new Date().toISOString(),
+    });
+    w.host.scheduler.arm();
+    await waitFor(() => texts(w, FAMILY).includes('time to water the plants'), 60_000, 'task message');
+    await waitFor(() => w.store.taskRuns('e2e-interval').length === 1, 30_000, 'run logged');
+    expect(w.store.taskRuns('e2e-interval')[0]).toMatchObject({ status: 'success' });
+    expect(new Date(w.store.getTask('e2e-interval')!.nextRun!).getTime()).toBeGreaterThan(Date.now() + 500_000);
   });
 });

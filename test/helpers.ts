@@ -3,7 +3,8 @@ import { chmodSync, existsSync, mkdirSync, mkdtempSync, readFileSync, writeFileS
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { loadConfig, type Channel, type ChannelHandlers, type Config, type NewMessage } from '../nanoclaw.ts';
+import { initAuthCreds } from '@whiskeysockets/baileys';
+import { loadConfig, WhatsAppChannel, type Channel, type ChannelHandlers, type Config, type NewMessage } from '../nanoclaw.ts';
 
 export function tempDir(prefix = 'nanoclaw-test-'): string {
   return mkdtempSync(join(tmpdir(), prefix));
@@ -118,3 +119,43 @@ export async function waitFor<T>(check: () => T | undefined | null | false, time
     await Bun.sleep(20);
   }
 }
+
+/** A WhatsApp channel whose last step (the send to WhatsApp's servers) is recorded instead. */
+export class RecordingWhatsApp extends WhatsAppChannel {
+  readonly delivered: { jid: string; text: string }[] = [];
+  protected override async deliver(jid: string, text: string): Promise<void> {
+    if (!this.isConnected) throw new Error('offline');
+    this.delivered.push({ jid, text });
+  }
+}
+
+/** A local WebSocket server that accepts connections and drops each after `holdMs`. */
+export function flakyServer(holdMs: number | ((connection: number) => number)) {
+  let open = 0;
+  let maxOpen = 0;
+  const connectedAt: number[] = [];
+  const server = Bun.serve({
+    port: 0,
+    fetch: (req, srv) => (srv.upgrade(req) ? undefined : new Response('websocket only', { status: 400 })),
+    websocket: {
+      open(ws) {
+        open++;
+        maxOpen = Math.max(maxOpen, open);
+        connectedAt.push(Date.now());
+        setTimeout(() => ws.close(), typeof holdMs === 'number' ? holdMs : holdMs(connectedAt.length));
+      },
+      close() {
+        open--;
+      },
+      message() {},
+    },
+  });
+  return { url: `ws://127.0.0.1:${server.port}/ws/chat`, connectedAt, get maxOpen() { return maxOpen; }, stop: () => server.stop(true) };
+}
+
+export async function linkedAuthDir(): Promise<string> {
+  const dir = tempDir('nanoclaw-wa-auth-');
+  writeFileSync(join(dir, 'creds.json'), JSON.stringify(initAuthCreds(), (_, value) => (value?.type === 'Buffer' ? { type: 'Buffer', data: Buffer.from(value.data).toString('base64') } : value)));
+  return dir;
+}
+

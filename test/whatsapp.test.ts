@@ -4,7 +4,7 @@
  * (WhatsApp's servers cannot be reached here, so the handshake never completes; where a
  * test needs an open connection it emits `connection.update` on the real socket).
  */
-import { encryptedStream, initAuthCreds, proto, type WAMessage } from '@whiskeysockets/baileys';
+import { encryptedStream, proto, type WAMessage } from '@whiskeysockets/baileys';
 import { mkdirSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
@@ -13,7 +13,7 @@ import {
   Store, toWhatsAppFormat, WhatsAppChannel, whatsAppChannel, makeSelfChatMain, LOCAL_MAIN_JID,
   type ChannelHandlers, type NewMessage, type WhatsAppIdentity, type WhatsAppOptions,
 } from '../nanoclaw.ts';
-import { fakeDocker, tempDir, tempProject, waitFor } from './helpers.ts';
+import { fakeDocker, flakyServer, linkedAuthDir, RecordingWhatsApp, tempDir, tempProject, waitFor } from './helpers.ts';
 
 const ME = '4915100000001@s.whatsapp.net';
 const ME_LID = '99887766@lid';
@@ -155,45 +155,6 @@ describe('reconnect backoff and rate limit', () => {
     expect(limiter.delayFor('a', t + 1100)).toBe(0);
   });
 });
-
-/** A WhatsApp channel whose last step (the send to WhatsApp's servers) is recorded instead. */
-class RecordingWhatsApp extends WhatsAppChannel {
-  readonly delivered: { jid: string; text: string }[] = [];
-  protected override async deliver(jid: string, text: string): Promise<void> {
-    if (!this.isConnected) throw new Error('offline');
-    this.delivered.push({ jid, text });
-  }
-}
-
-/** A local WebSocket server that accepts connections and drops each after `holdMs`. */
-function flakyServer(holdMs: number | ((connection: number) => number)) {
-  let open = 0;
-  let maxOpen = 0;
-  const connectedAt: number[] = [];
-  const server = Bun.serve({
-    port: 0,
-    fetch: (req, srv) => (srv.upgrade(req) ? undefined : new Response('websocket only', { status: 400 })),
-    websocket: {
-      open(ws) {
-        open++;
-        maxOpen = Math.max(maxOpen, open);
-        connectedAt.push(Date.now());
-        setTimeout(() => ws.close(), typeof holdMs === 'number' ? holdMs : holdMs(connectedAt.length));
-      },
-      close() {
-        open--;
-      },
-      message() {},
-    },
-  });
-  return { url: `ws://127.0.0.1:${server.port}/ws/chat`, connectedAt, get maxOpen() { return maxOpen; }, stop: () => server.stop(true) };
-}
-
-async function linkedAuthDir(): Promise<string> {
-  const dir = tempDir('nanoclaw-wa-auth-');
-  writeFileSync(join(dir, 'creds.json'), JSON.stringify(initAuthCreds(), (_, value) => (value?.type === 'Buffer' ? { type: 'Buffer', data: Buffer.from(value.data).toString('base64') } : value)));
-  return dir;
-}
 
 const stops: (() => unknown)[] = [];
 afterEach(async () => {
