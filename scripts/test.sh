@@ -22,7 +22,8 @@ fi
 bash scripts/ensure-docker.sh
 # Behind a TLS-inspecting proxy (its CA in NODE_EXTRA_CA_CERTS / SSL_CERT_FILE), the image
 # build needs that CA too.
-for ca in "${BUILD_CA_CERT:-}" "${NODE_EXTRA_CA_CERTS:-}" "${SSL_CERT_FILE:-}"; do
+# The host's own bundle is the fallback: harmless when it holds only the usual CAs.
+for ca in "${BUILD_CA_CERT:-}" "${NODE_EXTRA_CA_CERTS:-}" "${SSL_CERT_FILE:-}" /etc/ssl/certs/ca-certificates.crt; do
   if [ -n "$ca" ] && [ -f "$ca" ]; then export BUILD_CA_CERT=$ca; break; fi
 done
 step "Building the test image nanoclaw-agent:test"
