@@ -1252,6 +1252,8 @@ export class WhatsAppChannel implements Channel {
 export interface LiveContainer {
   /** False for scheduled tasks: their container never takes chat follow-ups. */
   readonly acceptsFollowUps: boolean;
+  /** True once it was asked to close or has exited: nothing more may be sent to it. */
+  readonly closing: boolean;
   sendInput(text: string): void;
   /** Asks the agent to finish its turn and exit. */
   close(): void;
@@ -1338,7 +1340,7 @@ export class GroupQueue {
   /** Hands a follow-up to the group's live container; false when there is none that takes it. */
   sendFollowUp(jid: string, text: string): boolean {
     const state = this.groups.get(jid);
-    if (!state?.running || !state.live?.acceptsFollowUps) return false;
+    if (!state?.running || !state.live?.acceptsFollowUps || state.live.closing) return false;
     this.clearIdleTimer(state);
     state.live.sendInput(text);
     return true;
@@ -1847,10 +1849,18 @@ export async function runContainer(options: RunContainerOptions): Promise<RunOut
   };
   armTimeout();
 
+  let closing = false;
+  void proc.exited.then(() => (closing = true));
   options.onStart?.({
     acceptsFollowUps: options.acceptsFollowUps,
+    get closing() {
+      return closing;
+    },
     sendInput: (text) => writeJsonAtomic(join(paths.ipcInput, uniqueFileName()), { type: 'message', text }),
-    close: () => writeFileSync(join(paths.ipcInput, '_close'), ''),
+    close: () => {
+      closing = true;
+      writeFileSync(join(paths.ipcInput, '_close'), '');
+    },
     kill: stop,
   });
 
@@ -2413,6 +2423,8 @@ export class Host extends EventEmitter {
       log.warn({ group: group.folder, unanswered, logFile: outcome.logFile }, 'Run failed; cursor left before the unanswered messages, will retry');
       return false;
     }
+    // Messages that came in as the container was closing go into the next run.
+    if (unanswered > 0 && !this.stopped) this.queue.enqueueMessages(chatJid);
     return true;
   }
 

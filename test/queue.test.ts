@@ -44,6 +44,9 @@ function liveContainer(acceptsFollowUps = true) {
   const calls = { close: 0, kill: 0 };
   const live: LiveContainer = {
     acceptsFollowUps,
+    get closing() {
+      return calls.close > 0;
+    },
     sendInput: (text) => inputs.push(text),
     close: () => calls.close++,
     kill: async () => {
@@ -156,6 +159,22 @@ describe('GroupQueue', () => {
     queue.attach('b', liveContainer(false).live);
     expect(queue.sendFollowUp('b', 'to a task container')).toBe(false);
     runs.finish('b');
+  });
+
+  it('sends nothing to a container that was asked to close; the message waits for the next run', async () => {
+    const runs = controlledRuns();
+    const queue = queueWith(runs, { idleTimeoutMs: 10 });
+    queue.enqueueMessages('a');
+    const { live, inputs, calls } = liveContainer();
+    queue.attach('a', live);
+    queue.markIdle('a');
+    await waitFor(() => calls.close === 1, 2000, 'idle close');
+    expect(queue.sendFollowUp('a', 'too late for this one')).toBe(false);
+    expect(inputs).toEqual([]);
+    queue.enqueueMessages('a');
+    runs.finish('a');
+    await waitFor(() => runs.started.length === 2, 2000, 'next run');
+    runs.finish('a');
   });
 
   it('closes an idle container after the idle timeout, and a follow-up resets the timer', async () => {
