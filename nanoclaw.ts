@@ -1811,7 +1811,8 @@ export async function runContainer(options: RunContainerOptions): Promise<RunOut
   for (const dir of [paths.group, paths.logs, paths.ipcInput, paths.ipcMessages, paths.ipcTasks, paths.kimiHome]) mkdirSync(dir, { recursive: true });
   // Leftovers from a run that died belong to messages the new prompt already carries.
   for (const leftover of readdirSync(paths.ipcInput)) rmSync(join(paths.ipcInput, leftover), { force: true });
-  for (const mount of options.mounts) if (!mount.readonly && mount.hostPath !== config.projectRoot) handToContainerUser(mount.hostPath);
+  // Only NanoClaw's own per-group folders change owner; the project and extra mounts never do.
+  for (const dir of [paths.group, paths.ipc, paths.kimiHome]) handToContainerUser(dir);
   if (group.isMain) handToContainerUser(join(config.groupsDir, 'global'));
 
   const startedAt = new Date();
