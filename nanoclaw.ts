@@ -2704,7 +2704,8 @@ export function preflight(config: Config): string[] {
   }
   const usesKimiProvider = !config.kimi.provider || config.kimi.provider === 'kimi';
   if (usesKimiProvider && !readSecrets(config).KIMI_API_KEY) {
-    problems.push(`KIMI_API_KEY is not set.\n  Fix: cp .env.example .env, then put your key on its line: KIMI_API_KEY=sk-…`);
+    const fix = existsSync(config.envFile) ? 'put your key in .env on its line' : 'cp .env.example .env, then put your key on its line';
+    problems.push(`KIMI_API_KEY is not set.\n  Fix: ${fix}: KIMI_API_KEY=sk-…`);
   }
   return problems;
 }
