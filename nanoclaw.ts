@@ -329,6 +329,12 @@ export interface TaskRunLog {
   error: string | null;
 }
 
+export interface OutboundMessage {
+  id: number;
+  jid: string;
+  text: string;
+}
+
 export interface ChatInfo {
   jid: string;
   name: string | null;
@@ -405,6 +411,15 @@ const MIGRATIONS: string[] = [
      key TEXT PRIMARY KEY,
      value TEXT NOT NULL
    );`,
+  // 2: replies waiting for a channel to come back survive a restart.
+  `CREATE TABLE outbox (
+     id INTEGER PRIMARY KEY AUTOINCREMENT,
+     channel TEXT NOT NULL,
+     chat_jid TEXT NOT NULL,
+     text TEXT NOT NULL,
+     created_at TEXT NOT NULL
+   );
+   CREATE INDEX outbox_by_channel ON outbox (channel, id);`,
 ];
 
 export const SCHEMA_VERSION = MIGRATIONS.length;
@@ -539,6 +554,25 @@ export class Store {
   /** Latest stored seq of a chat (0 when empty); new groups start their cursor here. */
   latestSeq(chatJid: string): number {
     return this.db.query<{ seq: number | null }, [string]>('SELECT MAX(seq) AS seq FROM messages WHERE chat_jid = ?').get(chatJid)?.seq ?? 0;
+  }
+
+  // Outbox: messages a channel could not deliver yet, oldest first
+
+  addOutbound(channel: string, chatJid: string, text: string): void {
+    this.db.query('INSERT INTO outbox (channel, chat_jid, text, created_at) VALUES (?, ?, ?, ?)').run(channel, chatJid, text, new Date().toISOString());
+  }
+
+  nextOutbound(channel: string): OutboundMessage | undefined {
+    const row = this.db.query<{ id: number; chat_jid: string; text: string }, [string]>('SELECT id, chat_jid, text FROM outbox WHERE channel = ? ORDER BY id LIMIT 1').get(channel);
+    return row ? { id: row.id, jid: row.chat_jid, text: row.text } : undefined;
+  }
+
+  removeOutbound(id: number): void {
+    this.db.query('DELETE FROM outbox WHERE id = ?').run(id);
+  }
+
+  countOutbound(channel: string): number {
+    return this.db.query<{ n: number }, [string]>('SELECT COUNT(*) AS n FROM outbox WHERE channel = ?').get(channel)!.n;
   }
 
   // Registered groups
@@ -980,6 +1014,43 @@ export class RateLimiter {
 
 export class WhatsAppNotLinked extends Error {}
 
+/** Where replies wait until they are delivered, in order. */
+export interface Outbox {
+  add(jid: string, text: string): void;
+  next(): OutboundMessage | undefined;
+  remove(id: number): void;
+  size(): number;
+}
+
+/** An outbox for tests and one-off use: gone with the process. */
+export class MemoryOutbox implements Outbox {
+  private readonly items: OutboundMessage[] = [];
+  private lastId = 0;
+  add(jid: string, text: string): void {
+    this.items.push({ id: ++this.lastId, jid, text });
+  }
+  next(): OutboundMessage | undefined {
+    return this.items[0];
+  }
+  remove(id: number): void {
+    const index = this.items.findIndex((item) => item.id === id);
+    if (index >= 0) this.items.splice(index, 1);
+  }
+  size(): number {
+    return this.items.length;
+  }
+}
+
+/** The store's outbox table: what was not sent before a restart is sent after it. */
+export function storeOutbox(store: Store, channel: string): Outbox {
+  return {
+    add: (jid, text) => store.addOutbound(channel, jid, text),
+    next: () => store.nextOutbound(channel),
+    remove: (id) => store.removeOutbound(id),
+    size: () => store.countOutbound(channel),
+  };
+}
+
 export interface WhatsAppOptions {
   authDir: string;
   assistantName: string;
@@ -994,6 +1065,8 @@ export interface WhatsAppOptions {
   reconnectBaseMs?: number;
   reconnectCapMs?: number;
   rateLimiter?: RateLimiter;
+  /** Where replies wait while offline (default: in memory). */
+  outbox?: Outbox;
   /** Called once when WhatsApp says this device was logged out. */
   onLoggedOut?(): void;
 }
@@ -1014,7 +1087,7 @@ export class WhatsAppChannel implements Channel {
   private attempt = 0;
   private reconnectTimer: ReturnType<typeof setTimeout> | null = null;
   private dailySync: ReturnType<typeof setInterval> | null = null;
-  private readonly outbox: { jid: string; text: string }[] = [];
+  private readonly outbox: Outbox;
   private flushing = false;
   private ownJids = new Set<string>();
   private readonly rateLimiter: RateLimiter;
@@ -1025,6 +1098,7 @@ export class WhatsAppChannel implements Channel {
 
   constructor(private readonly options: WhatsAppOptions) {
     this.rateLimiter = options.rateLimiter ?? new RateLimiter();
+    this.outbox = options.outbox ?? new MemoryOutbox();
   }
 
   static isLinked(authDir: string): boolean {
@@ -1040,7 +1114,7 @@ export class WhatsAppChannel implements Channel {
   }
 
   get pendingOutbound(): number {
-    return this.outbox.length;
+    return this.outbox.size();
   }
 
   async connect(handlers: ChannelHandlers): Promise<void> {
@@ -1183,7 +1257,7 @@ export class WhatsAppChannel implements Channel {
   }
 
   async sendMessage(jid: string, text: string): Promise<void> {
-    for (const part of splitForWhatsApp(toWhatsAppFormat(text))) this.outbox.push({ jid, text: part });
+    for (const part of splitForWhatsApp(toWhatsAppFormat(text))) this.outbox.add(jid, part);
     void this.flush();
   }
 
@@ -1192,8 +1266,7 @@ export class WhatsAppChannel implements Channel {
     if (this.flushing) return;
     this.flushing = true;
     try {
-      while (this.connected && this.outbox.length > 0) {
-        const next = this.outbox[0]!;
+      for (let next = this.outbox.next(); this.connected && next; next = this.outbox.next()) {
         const wait = this.rateLimiter.delayFor(next.jid);
         if (wait > 0) await Bun.sleep(wait);
         if (!this.connected) break;
@@ -1204,7 +1277,7 @@ export class WhatsAppChannel implements Channel {
           break;
         }
         this.rateLimiter.record(next.jid);
-        this.outbox.shift();
+        this.outbox.remove(next.id);
       }
     } finally {
       this.flushing = false;
@@ -1237,7 +1310,8 @@ export class WhatsAppChannel implements Channel {
     this.connected = false;
     this.retire(this.sock);
     this.sock = null;
-    if (this.outbox.length) log.warn({ unsent: this.outbox.length }, 'Stopping with WhatsApp replies still unsent');
+    const unsent = this.outbox.size();
+    if (unsent) log.warn({ unsent }, 'Stopping with WhatsApp replies still unsent; they go out after the next connect');
   }
 
   /** Test and diagnostics hook: the live socket. */
@@ -2779,6 +2853,7 @@ export function whatsAppChannel(config: Config, store: Store, extra: Partial<Wha
       const group = store.groupByJid(jid);
       return group ? join(config.groupsDir, group.folder, 'media') : null;
     },
+    outbox: storeOutbox(store, 'whatsapp'),
     lastGroupSync: () => store.getState(GROUPS_SYNCED_AT),
     markGroupSync: () => store.setState(GROUPS_SYNCED_AT, new Date().toISOString()),
     ...extra,

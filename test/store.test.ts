@@ -20,7 +20,7 @@ describe('Store schema', () => {
     expect(store.db.query('PRAGMA user_version').get()).toEqual({ user_version: SCHEMA_VERSION });
     expect(store.db.query('PRAGMA journal_mode').get()).toEqual({ journal_mode: 'wal' });
     const tables = store.db.query<{ name: string }, []>("SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' ORDER BY name").all().map((t) => t.name);
-    expect(tables).toEqual(['chats', 'messages', 'registered_groups', 'router_state', 'scheduled_tasks', 'sessions', 'task_run_logs']);
+    expect(tables).toEqual(['chats', 'messages', 'outbox', 'registered_groups', 'router_state', 'scheduled_tasks', 'sessions', 'task_run_logs']);
     const sessionColumns = store.db.query<{ name: string; pk: number }, []>('PRAGMA table_info(sessions)').all();
     expect(sessionColumns.find((c) => c.name === 'group_folder')?.pk).toBe(1);
     expect(sessionColumns.map((c) => c.name)).toContain('session_id');
@@ -29,6 +29,20 @@ describe('Store schema', () => {
     const again = new Store(path);
     expect(again.getSession('main')).toBe('s1');
     again.close();
+  });
+
+  it('migrates a database from schema 1 without losing data', () => {
+    const path = join(tempDir(), 'messages.db');
+    const store = new Store(path);
+    store.setSession('main', 'kept');
+    store.db.exec('DROP TABLE outbox; PRAGMA user_version = 1'); // as the first release left it
+    store.close();
+    const upgraded = new Store(path);
+    expect(upgraded.db.query('PRAGMA user_version').get()).toEqual({ user_version: SCHEMA_VERSION });
+    expect(upgraded.getSession('main')).toBe('kept');
+    upgraded.addOutbound('whatsapp', 'a@g.us', 'hello');
+    expect(upgraded.nextOutbound('whatsapp')).toMatchObject({ jid: 'a@g.us', text: 'hello' });
+    upgraded.close();
   });
 
   it('refuses a database from a newer version instead of damaging it', () => {

@@ -10,7 +10,7 @@ import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import {
   Host, parseWhatsAppMessage, RateLimiter, reconnectDelay, registerGroup, safeMediaFileName, setupLogging, splitForWhatsApp,
-  Store, toWhatsAppFormat, WhatsAppChannel, whatsAppChannel, makeSelfChatMain, LOCAL_MAIN_JID,
+  Store, storeOutbox, toWhatsAppFormat, WhatsAppChannel, whatsAppChannel, makeSelfChatMain, LOCAL_MAIN_JID,
   type ChannelHandlers, type NewMessage, type WhatsAppIdentity, type WhatsAppOptions,
 } from '../nanoclaw.ts';
 import { fakeDocker, flakyServer, linkedAuthDir, RecordingWhatsApp, tempDir, tempProject, waitFor } from './helpers.ts';
@@ -239,6 +239,29 @@ describe('WhatsAppChannel connection', () => {
     expect(channel.delivered).toEqual([{ jid: GROUP, text: 'one' }, { jid: GROUP, text: 'two' }, { jid: ALICE, text: 'three' }]);
   });
 
+  it('replies still waiting when the process stops are sent after the next connect (stored outbox)', async () => {
+    const config = tempProject();
+    setupLogging(config, { terminalLevel: 'silent' });
+    const store = new Store(config.dbPath);
+    const server = flakyServer(60_000);
+    stops.push(server.stop);
+    const authDir = await linkedAuthDir();
+    const first = new RecordingWhatsApp(channelOptions(authDir, server.url, { outbox: storeOutbox(store, 'whatsapp') }));
+    await first.connect(noHandlers);
+    await first.sendMessage(GROUP, 'written while offline');
+    await first.sendMessage(ALICE, 'and this too');
+    await first.disconnect(); // the process stops before WhatsApp came back
+    expect(store.countOutbound('whatsapp')).toBe(2);
+    const second = new RecordingWhatsApp(channelOptions(authDir, server.url, { outbox: storeOutbox(store, 'whatsapp') }));
+    stops.push(() => second.disconnect());
+    await second.connect(noHandlers);
+    second.socket!.ev.emit('connection.update', { connection: 'open' });
+    await waitFor(() => second.delivered.length === 2, 3000, 'stored replies');
+    expect(second.delivered).toEqual([{ jid: GROUP, text: 'written while offline' }, { jid: ALICE, text: 'and this too' }]);
+    expect(store.countOutbound('whatsapp')).toBe(0);
+    stops.push(() => store.close()); // after the channel's disconnect
+  });
+
   it('stops for good when WhatsApp logs the device out, leaving the credentials in place', async () => {
     setupLogging(tempProject(), { terminalLevel: 'silent' });
     const server = flakyServer(60_000);
@@ -321,7 +344,7 @@ describe('WhatsApp through the host (fake docker)', () => {
     ]);
     expect(readFileSync(join(config.groupsDir, 'family', 'media', 'PHOTO1-image.jpeg'))).toEqual(photo);
     expect(readdirSync(join(config.groupsDir, 'family', 'media'))).toEqual(['PHOTO1-image.jpeg']);
-    store.close();
+    stops.push(() => store.close()); // after the channel's disconnect
   });
 
   it('linking makes the self-chat the main group, taking over the terminal’s placeholder', () => {
