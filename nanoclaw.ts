@@ -2415,7 +2415,8 @@ export class Host extends EventEmitter {
     this.store.upsertChat({ jid: message.chatJid, name: chat.name, channel: channel?.name ?? 'unknown', isGroup: chat.isGroup, lastMessageAt: message.timestamp });
     const group = this.store.groupByJid(message.chatJid);
     if (!group) return; // only metadata for chats the user has not registered
-    const isBot = message.isBotMessage || isOwnReply(message.content, this.config.assistantName);
+    // With its own number the channel knows the bot's messages; on a shared number the prefix tells.
+    const isBot = message.isBotMessage || (!this.config.assistantHasOwnNumber && isOwnReply(message.content, this.config.assistantName));
     const seq = this.store.storeMessage({ ...message, isBotMessage: isBot });
     if (seq === null || isBot || this.stopped) return;
     if (!this.forwardToLiveContainer(group)) this.queue.enqueueMessages(group.jid);
