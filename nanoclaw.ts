@@ -3325,8 +3325,9 @@ export async function main(argv: string[], projectRoot = process.env.NANOCLAW_RO
     const verbose = config.logLevel === 'debug' || config.logLevel === 'trace';
     // In `chat` the terminal belongs to the conversation; under a service manager (no TTY)
     // stdout/stderr already go to the log files, so the terminal copy would double them.
+    // Other commands print their own results; their log lines go to the files unless something is wrong.
     const quietTerminal = (command === 'chat' && !verbose) || (command === 'start' && !process.stderr.isTTY);
-    const terminalLevel = quietTerminal ? 'silent' : config.logLevel;
+    const terminalLevel = quietTerminal ? 'silent' : command === 'start' || verbose ? config.logLevel : 'warn';
     setupLogging(config, { terminalLevel, secrets: Object.values(readSecrets(config)).filter((v): v is string => Boolean(v)) });
     switch (command) {
       case 'start':
