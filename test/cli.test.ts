@@ -104,6 +104,17 @@ describe('bun nanoclaw.ts', () => {
     expect((await cli(['logs', '--lines', 'many'])).code).toBe(2);
   });
 
+  it('auth checks the pairing-code number, and leaves an existing link alone', async () => {
+    const bad = await cli(['auth', '--pairing-code', '12-ab']);
+    expect(bad.code).toBe(2);
+    expect(bad.stderr).toContain('country code, digits only');
+    mkdirSync(join(root, 'store', 'auth'), { recursive: true });
+    writeFileSync(join(root, 'store', 'auth', 'creds.json'), '{}');
+    const again = await cli(['auth']);
+    expect(again.code).toBe(0);
+    expect(again.stdout).toContain('already linked');
+  });
+
   it('start without linked WhatsApp says how to link it, and how to talk from the terminal', async () => {
     const { stderr, code } = await cli([]);
     expect(code).not.toBe(0);
