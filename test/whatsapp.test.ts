@@ -10,7 +10,7 @@ import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import {
   Host, parseWhatsAppMessage, RateLimiter, reconnectDelay, registerGroup, safeMediaFileName, setupLogging, splitForWhatsApp,
-  Store, storeOutbox, toWhatsAppFormat, WhatsAppChannel, whatsAppChannel, makeSelfChatMain, LOCAL_MAIN_JID,
+  Store, storeOutbox, toWhatsAppFormat, writeJsonAtomic, WhatsAppChannel, whatsAppChannel, makeSelfChatMain, LOCAL_MAIN_JID,
   type ChannelHandlers, type NewMessage, type WhatsAppIdentity, type WhatsAppOptions,
 } from '../nanoclaw.ts';
 import { fakeDocker, flakyServer, linkedAuthDir, RecordingWhatsApp, tempDir, tempProject, waitFor } from './helpers.ts';
@@ -345,6 +345,43 @@ describe('WhatsApp through the host (fake docker)', () => {
     expect(readFileSync(join(config.groupsDir, 'family', 'media', 'PHOTO1-image.jpeg'))).toEqual(photo);
     expect(readdirSync(join(config.groupsDir, 'family', 'media'))).toEqual(['PHOTO1-image.jpeg']);
     stops.push(() => store.close()); // after the channel's disconnect
+  });
+
+  it('syncs group names at connect when older than a day, not again when fresh, and when main asks', async () => {
+    const docker = fakeDocker();
+    const config = tempProject({ CONTAINER_RUNTIME: docker.path }, 'KIMI_API_KEY=sk-wa-test-12345678\n');
+    setupLogging(config, { terminalLevel: 'silent' });
+    const store = new Store(config.dbPath);
+    registerGroup(config, store, { jid: ME, name: 'Me', folder: 'main', isMain: true });
+    const server = flakyServer(60_000);
+    stops.push(server.stop);
+    const channel = whatsAppChannel(config, store, { authDir: await linkedAuthDir(), waWebSocketUrl: server.url });
+    const host = new Host(config, store, [channel], { sweepIntervalMs: 60_000 });
+    stops.push(async () => {
+      await host.stop();
+      store.close();
+    });
+    await host.start();
+    let fetches = 0;
+    // WhatsApp's answer to the group query, which only its servers can give.
+    const serverGroups = () => {
+      fetches++;
+      return Promise.resolve({ [GROUP]: { id: GROUP, subject: `Family (${fetches})` } } as unknown as Awaited<ReturnType<NonNullable<typeof channel.socket>['groupFetchAllParticipating']>>);
+    };
+    channel.socket!.groupFetchAllParticipating = serverGroups;
+    channel.socket!.ev.emit('connection.update', { connection: 'open' });
+    await waitFor(() => store.listChats().some((c) => c.jid === GROUP), 3000, 'group synced');
+    expect(store.listChats().find((c) => c.jid === GROUP)).toMatchObject({ name: 'Family (1)', isGroup: true });
+    expect(store.getState('groups_synced_at')).not.toBeNull();
+    channel.socket!.ev.emit('connection.update', { connection: 'close', lastDisconnect: { error: new Error('drop'), date: new Date() } });
+    await waitFor(() => channel.sockets.length === 2, 5000, 'reconnect');
+    channel.socket!.groupFetchAllParticipating = serverGroups;
+    channel.socket!.ev.emit('connection.update', { connection: 'open' });
+    await Bun.sleep(200);
+    expect(fetches).toBe(1); // synced less than a day ago: not again
+    writeJsonAtomic(join(config.ipcDir, 'main', 'tasks', '1-refresh.json'), { type: 'refresh_groups' });
+    await waitFor(() => fetches === 2, 3000, 'refresh from main');
+    await waitFor(() => JSON.parse(readFileSync(join(config.ipcDir, 'main', 'available_groups.json'), 'utf8')).groups.some((g: { name: string }) => g.name === 'Family (2)'), 3000, 'snapshot');
   });
 
   it('linking makes the self-chat the main group, taking over the terminal’s placeholder', () => {
