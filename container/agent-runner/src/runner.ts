@@ -90,7 +90,12 @@ function log(message: string): void {
   process.stderr.write(`[agent-runner] ${message}\n`);
 }
 
-/** Follow-up messages and the close request, read from the IPC input folder. */
+/**
+ * Follow-up messages and the close request, read from the IPC input folder. It polls
+ * (150 ms) rather than watching: file events on bind mounts are not delivered reliably by
+ * every Docker setup (Docker Desktop on macOS among them), and a missed event would stall
+ * the conversation.
+ */
 export class Inbox {
   private readonly queued: string[] = [];
   private timer: ReturnType<typeof setInterval> | null = null;
