@@ -686,10 +686,10 @@ export class Store {
   }
 
   /** Active tasks with a next run, soonest first. */
-  upcomingTasks(): ScheduledTask[] {
+  upcomingTasks(limit = -1): ScheduledTask[] {
     return this.db
-      .query<TaskRow, []>("SELECT * FROM scheduled_tasks WHERE status = 'active' AND next_run IS NOT NULL ORDER BY next_run")
-      .all()
+      .query<TaskRow, [number]>("SELECT * FROM scheduled_tasks WHERE status = 'active' AND next_run IS NOT NULL ORDER BY next_run LIMIT ?")
+      .all(limit)
       .map(toTask);
   }
 
@@ -2304,7 +2304,7 @@ export class Scheduler {
   arm(): void {
     if (!this.running) return;
     if (this.timer) clearTimeout(this.timer);
-    const soonest = this.store.upcomingTasks()[0];
+    const [soonest] = this.store.upcomingTasks(1);
     const delay = soonest ? Math.max(0, new Date(soonest.nextRun!).getTime() - Date.now()) : this.recheckMs;
     this.timer = setTimeout(() => this.fireDue(), Math.min(delay, this.recheckMs));
   }
