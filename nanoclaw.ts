@@ -25,11 +25,13 @@
  */
 import { Database } from 'bun:sqlite';
 import { EventEmitter } from 'node:events';
+import { randomUUID } from 'node:crypto';
 import {
-  appendFileSync, chownSync, existsSync, mkdirSync, readdirSync, readFileSync, realpathSync, renameSync,
-  rmSync, statSync, unlinkSync, watch, writeFileSync, type FSWatcher,
+  appendFileSync, chmodSync, closeSync, existsSync, fchownSync, constants as fsConstants, fstatSync, lchownSync, lstatSync,
+  mkdirSync, openSync, readdirSync, readFileSync, readSync, realpathSync, renameSync, rmdirSync, rmSync, unlinkSync, watch,
+  writeFileSync, type FSWatcher,
 } from 'node:fs';
-import { homedir } from 'node:os';
+import { availableParallelism, homedir } from 'node:os';
 import { basename, dirname, isAbsolute, join, relative, resolve, sep } from 'node:path';
 import { createInterface } from 'node:readline';
 import { fileURLToPath } from 'node:url';
@@ -73,11 +75,19 @@ export interface Config {
   maxConcurrentContainers: number;
   logLevel: string;
   timezone: string;
-  /** Non-secret Kimi settings forwarded to the container's environment. */
+  /** Non-secret Kimi settings: the endpoint (used by the host's model proxy), the model and provider (sent to the container). */
   kimi: { baseUrl?: string; modelName?: string; provider?: string };
+  /** How containers reach the model proxy: a per-run unix socket, or a loopback port (Docker Desktop). */
+  modelProxy: 'unix' | 'tcp';
+  /** Limits every container runs under. */
+  container: { memory: string; cpus: string; pids: number; network: string; closeGraceMs: number };
+  /** Limits on what one group can schedule; main is exempt when limitMain is false. */
+  tasks: { maxActive: number; minIntervalMs: number; limitMain: boolean };
 }
 
 export class ConfigError extends Error {}
+
+export const errorText = (err: unknown): string => (err instanceof Error ? err.message : String(err));
 
 /** Parses dotenv text: `KEY=value`, optional `export`, quotes, `#` comments. */
 export function parseEnvFile(text: string): Record<string, string> {
@@ -156,6 +166,16 @@ export function loadConfig(projectRoot: string, env: Record<string, string | und
   if (!['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'].includes(logLevel)) {
     throw new ConfigError(`LOG_LEVEL=${JSON.stringify(logLevel)} is not valid: use error, warn, info, debug or trace.`);
   }
+  const modelProxy = get('MODEL_PROXY') ?? (process.platform === 'darwin' ? 'tcp' : 'unix');
+  if (modelProxy !== 'unix' && modelProxy !== 'tcp') {
+    throw new ConfigError(`MODEL_PROXY=${JSON.stringify(modelProxy)} is not valid: use unix (Linux) or tcp (Docker Desktop).`);
+  }
+  const memory = get('CONTAINER_MEMORY') ?? '2g';
+  if (!/^\d+(\.\d+)?[kmg]?$/i.test(memory)) throw new ConfigError(`CONTAINER_MEMORY=${JSON.stringify(memory)} is not valid: e.g. 2g or 1536m.`);
+  const cpus = get('CONTAINER_CPUS') ?? String(defaultContainerCpus());
+  if (!/^\d+(\.\d+)?$/.test(cpus) || Number(cpus) <= 0) throw new ConfigError(`CONTAINER_CPUS=${JSON.stringify(cpus)} is not valid: a number of CPUs above 0, e.g. 1 or 1.5.`);
+  const network = get('CONTAINER_NETWORK') ?? 'bridge';
+  if (!isValidNetwork(network)) throw new ConfigError(`CONTAINER_NETWORK=${JSON.stringify(network)} is not valid: bridge, none, or the name of a Docker network.`);
   const dataDir = join(root, 'data');
   const storeDir = join(root, 'store');
   return {
@@ -179,7 +199,30 @@ export function loadConfig(projectRoot: string, env: Record<string, string | und
     logLevel,
     timezone,
     kimi: { baseUrl: get('KIMI_BASE_URL'), modelName: get('KIMI_MODEL_NAME'), provider: get('KIMI_PROVIDER') },
+    modelProxy,
+    container: {
+      memory,
+      cpus,
+      pids: positiveInt('CONTAINER_PIDS', get('CONTAINER_PIDS'), 512),
+      network,
+      closeGraceMs: positiveInt('CONTAINER_CLOSE_GRACE', get('CONTAINER_CLOSE_GRACE'), 30_000),
+    },
+    tasks: {
+      maxActive: positiveInt('TASK_MAX_ACTIVE', get('TASK_MAX_ACTIVE'), 25),
+      minIntervalMs: positiveInt('TASK_MIN_INTERVAL', get('TASK_MIN_INTERVAL'), 5 * 60_000),
+      limitMain: !/^(0|false|no|off)$/i.test(get('TASK_LIMITS_MAIN') ?? ''),
+    },
   };
+}
+
+/** Half the machine's CPUs (at least one): one busy container cannot take the whole machine. */
+export function defaultContainerCpus(cores = availableParallelism()): number {
+  return Math.max(1, Math.floor(cores / 2));
+}
+
+/** bridge, none, or a user-defined Docker network name; never host (it would undo the isolation). */
+export function isValidNetwork(network: string): boolean {
+  return network !== 'host' && /^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$/.test(network) && !network.startsWith('container:');
 }
 
 /** Secrets found in process.env at start-up, moved here so no child process inherits them. */
@@ -269,6 +312,315 @@ export function setupLogging(config: Config, options: LoggingOptions = {}): Logg
   return log;
 }
 
+// ───────────────────────────── 3. Agent trees: folders an agent can write, touched safely ─
+
+/** A path inside an agent tree that is a link, a FIFO or device, too big, or outside its folder. */
+export class UnsafePathError extends Error {}
+
+/** The most the host reads of one file from an agent tree (an IPC request, a run log it shows). */
+export const MAX_AGENT_FILE_BYTES = 1024 * 1024;
+
+const DIR_FLAGS = fsConstants.O_RDONLY | fsConstants.O_DIRECTORY | fsConstants.O_NOFOLLOW;
+const READ_FLAGS = fsConstants.O_RDONLY | fsConstants.O_NOFOLLOW | fsConstants.O_NONBLOCK;
+const CREATE_FLAGS = fsConstants.O_WRONLY | fsConstants.O_CREAT | fsConstants.O_EXCL | fsConstants.O_NOFOLLOW;
+
+/**
+ * On Linux every step is taken from an open directory (`/proc/self/fd/N/name`, the
+ * equivalent of openat), so a folder swapped for a link halfway through changes nothing.
+ * Elsewhere each step is checked with lstat just before it is used.
+ */
+const FD_PATHS = existsSync('/proc/self/fd/0') ? '/proc/self/fd' : null;
+
+const errorCode = (err: unknown) => (err as NodeJS.ErrnoException | null)?.code;
+
+/** A directory opened inside a tree: `at(name)` names an entry of it without following links. */
+interface OpenDir {
+  readonly shown: string;
+  at(name: string): string;
+  close(): void;
+}
+
+/** Splits "a/b/c" into names; nothing absolute, nothing that climbs out. */
+function treeNames(rel: string): string[] {
+  const names = rel.split('/').filter((name) => name !== '' && name !== '.');
+  if (isAbsolute(rel) || names.includes('..')) throw new UnsafePathError(`"${rel}" is not a path inside its folder`);
+  return names;
+}
+
+/** Opens a file for reading and checks it is a regular file of at most maxBytes; never blocks. */
+function openRegular(path: string, shown: string, maxBytes: number): { fd: number; size: number } {
+  let fd: number;
+  try {
+    fd = openSync(path, READ_FLAGS);
+  } catch (err) {
+    if (errorCode(err) === 'ELOOP') throw new UnsafePathError(`${shown} is a link: refused`);
+    throw err;
+  }
+  const stats = fstatSync(fd);
+  const problem = !stats.isFile() ? 'is not a regular file' : stats.size > maxBytes ? `is ${stats.size} bytes, over the ${maxBytes}-byte limit` : null;
+  if (problem) {
+    closeSync(fd);
+    throw new UnsafePathError(`${shown} ${problem}: refused without reading it`);
+  }
+  return { fd, size: stats.size };
+}
+
+function readFd(fd: number, size: number, position = 0): Buffer {
+  const buffer = Buffer.alloc(size);
+  let done = 0;
+  while (done < size) {
+    const n = readSync(fd, buffer, done, size - done, position + done);
+    if (n === 0) break;
+    done += n;
+  }
+  return buffer.subarray(0, done);
+}
+
+/** Reads a regular file (not a link, FIFO or device) of at most maxBytes, in a host-only folder. */
+export function readRegularFile(path: string, maxBytes = MAX_AGENT_FILE_BYTES): string {
+  const { fd, size } = openRegular(path, path, maxBytes);
+  try {
+    return readFd(fd, size).toString('utf8');
+  } finally {
+    closeSync(fd);
+  }
+}
+
+/**
+ * A folder an agent can write to: its group folder, its IPC folder, its Kimi home. The host
+ * works beneath it only through these methods: no step may be a link or anything but a
+ * folder, files must be regular files, nothing that could block is opened, and new files
+ * never replace or pass through an existing name. The root itself is the host's (its
+ * parents are host-only folders). When the host runs as root, what it creates here belongs
+ * to the container's user.
+ */
+export class AgentTree {
+  constructor(
+    readonly root: string,
+    private readonly owner: { uid: number; gid: number } | null = null,
+  ) {}
+
+  private openDir(names: readonly string[], create: boolean): OpenDir {
+    mkdirSync(this.root, { recursive: true });
+    const real = realpathSync(this.root);
+    if (!FD_PATHS) return this.checkedDir(real, names, create);
+    let fd = openSync(real, fsConstants.O_RDONLY | fsConstants.O_DIRECTORY);
+    let shown = real;
+    try {
+      for (const name of names) {
+        const at = `${FD_PATHS}/${fd}/${name}`;
+        shown = join(shown, name);
+        let next: number;
+        try {
+          next = openSync(at, DIR_FLAGS);
+        } catch (err) {
+          if (errorCode(err) === 'ENOENT' && create) {
+            this.makeDir(at);
+            next = openSync(at, DIR_FLAGS);
+          } else if (errorCode(err) === 'ENOTDIR' || errorCode(err) === 'ELOOP') {
+            throw new UnsafePathError(`${shown} is not a plain folder (a link or a file): refused`);
+          } else {
+            throw err;
+          }
+        }
+        closeSync(fd);
+        fd = next;
+      }
+    } catch (err) {
+      closeSync(fd);
+      throw err;
+    }
+    const dirFd = fd;
+    return { shown, at: (name) => `${FD_PATHS}/${dirFd}/${name}`, close: () => closeSync(dirFd) };
+  }
+
+  /** Without /proc (macOS): lstat each step; a swap between check and use stays possible. */
+  private checkedDir(real: string, names: readonly string[], create: boolean): OpenDir {
+    let path = real;
+    for (const name of names) {
+      path = join(path, name);
+      let stats = lstatSync(path, { throwIfNoEntry: false });
+      if (!stats && create) {
+        this.makeDir(path);
+        stats = lstatSync(path);
+      }
+      if (!stats) throw Object.assign(new Error(`ENOENT: ${path}`), { code: 'ENOENT' });
+      if (!stats.isDirectory()) throw new UnsafePathError(`${path} is not a plain folder (a link or a file): refused`);
+    }
+    const dir = path;
+    return { shown: dir, at: (name) => join(dir, name), close: () => {} };
+  }
+
+  private makeDir(at: string): void {
+    mkdirSync(at, { mode: 0o755 });
+    if (this.owner) lchownSync(at, this.owner.uid, this.owner.gid);
+  }
+
+  /** Runs `use` on the folder holding `rel`'s last name. Missing folders: created, or ENOENT. */
+  private withParent<T>(rel: string, create: boolean, use: (dir: OpenDir, name: string) => T): T {
+    const names = treeNames(rel);
+    const name = names.pop();
+    if (!name) throw new UnsafePathError(`"${rel}" names no file`);
+    const dir = this.openDir(names, create);
+    try {
+      return use(dir, name);
+    } finally {
+      dir.close();
+    }
+  }
+
+  /** The absolute path of `rel` (for showing and for docker mounts; not for opening). */
+  path(rel = ''): string {
+    return join(this.root, ...treeNames(rel));
+  }
+
+  /** Makes sure a folder exists as a plain folder (creating what is missing). */
+  ensureDir(rel: string): void {
+    this.openDir(treeNames(rel), true).close();
+  }
+
+  /** Reads a regular file of at most maxBytes; links, FIFOs, devices and larger files are refused unread. */
+  read(rel: string, maxBytes = MAX_AGENT_FILE_BYTES): string {
+    return this.withParent(rel, false, (dir, name) => {
+      const { fd, size } = openRegular(dir.at(name), join(dir.shown, name), maxBytes);
+      try {
+        return readFd(fd, size).toString('utf8');
+      } finally {
+        closeSync(fd);
+      }
+    });
+  }
+
+  /** The last maxBytes of a regular file (to show a log of any size). */
+  tail(rel: string, maxBytes: number): string {
+    return this.withParent(rel, false, (dir, name) => {
+      const { fd, size } = openRegular(dir.at(name), join(dir.shown, name), Number.MAX_SAFE_INTEGER);
+      try {
+        const length = Math.min(size, maxBytes);
+        return readFd(fd, length, size - length).toString('utf8');
+      } finally {
+        closeSync(fd);
+      }
+    });
+  }
+
+  /** Creates a new file; an existing name (file, link, anything) is never replaced or followed. */
+  create(rel: string, data: string | Uint8Array): void {
+    this.withParent(rel, true, (dir, name) => this.createIn(dir, name, data));
+  }
+
+  private createIn(dir: OpenDir, name: string, data: string | Uint8Array): void {
+    const fd = openSync(dir.at(name), CREATE_FLAGS, 0o644);
+    try {
+      writeFileSync(fd, data);
+      if (this.owner) fchownSync(fd, this.owner.uid, this.owner.gid);
+    } finally {
+      closeSync(fd);
+    }
+  }
+
+  /** Replaces a file at once: a new dot-named temp file renamed over the name (a link there is replaced, not followed). */
+  replace(rel: string, data: string | Uint8Array): void {
+    this.withParent(rel, true, (dir, name) => {
+      const temp = `.${name}.${randomUUID()}.tmp`;
+      this.createIn(dir, temp, data);
+      try {
+        renameSync(dir.at(temp), dir.at(name));
+      } catch (err) {
+        rmSync(dir.at(temp), { force: true });
+        throw new UnsafePathError(`${join(dir.shown, name)} could not be replaced (${errorCode(err) ?? err}): refused`);
+      }
+    });
+  }
+
+  /** What a folder holds, without following anything; empty when the folder does not exist. */
+  entries(rel = ''): { name: string; kind: 'file' | 'dir' | 'other' }[] {
+    let dir: OpenDir;
+    try {
+      dir = this.openDir(treeNames(rel), false);
+    } catch (err) {
+      if (errorCode(err) === 'ENOENT') return [];
+      throw err;
+    }
+    try {
+      return readdirSync(FD_PATHS ? dir.at('.') : dir.shown, { withFileTypes: true }).map((entry) => ({
+        name: entry.name,
+        kind: entry.isFile() ? 'file' : entry.isDirectory() ? 'dir' : 'other',
+      }));
+    } finally {
+      dir.close();
+    }
+  }
+
+  /** Deletes a name: a file, a link (never what it points to), or a folder and all in it. False when absent. */
+  remove(rel: string): boolean {
+    try {
+      return this.withParent(rel, false, (dir, name) => this.removeIn(dir, name));
+    } catch (err) {
+      if (errorCode(err) === 'ENOENT') return false;
+      throw err;
+    }
+  }
+
+  private removeIn(dir: OpenDir, name: string): boolean {
+    const stats = lstatSync(dir.at(name), { throwIfNoEntry: false });
+    if (!stats) return false;
+    if (!stats.isDirectory()) {
+      unlinkSync(dir.at(name));
+      return true;
+    }
+    if (!FD_PATHS) {
+      rmSync(dir.at(name), { recursive: true, force: true });
+      return true;
+    }
+    let fd: number;
+    try {
+      fd = openSync(dir.at(name), DIR_FLAGS);
+    } catch {
+      unlinkSync(dir.at(name)); // swapped for a link meanwhile: the link goes
+      return true;
+    }
+    const inner: OpenDir = { shown: join(dir.shown, name), at: (child) => `${FD_PATHS}/${fd}/${child}`, close: () => closeSync(fd) };
+    try {
+      for (const child of readdirSync(inner.at('.'))) this.removeIn(inner, child);
+    } finally {
+      inner.close();
+    }
+    rmdirSync(dir.at(name));
+    return true;
+  }
+
+  /** Moves an entry out of the tree by renaming it (whatever it is), so the agent can no longer change it. */
+  moveOut(rel: string, destination: string): boolean {
+    try {
+      return this.withParent(rel, false, (dir, name) => {
+        renameSync(dir.at(name), destination);
+        return true;
+      });
+    } catch (err) {
+      if (errorCode(err) === 'ENOENT') return false;
+      throw err;
+    }
+  }
+
+  /** Gives the root and the named entries (never through a link) to the container's user. */
+  handOver(...names: string[]): void {
+    if (!this.owner) return;
+    mkdirSync(this.root, { recursive: true });
+    lchownSync(realpathSync(this.root), this.owner.uid, this.owner.gid);
+    for (const rel of names) {
+      try {
+        this.withParent(rel, false, (dir, name) => {
+          const stats = lstatSync(dir.at(name), { throwIfNoEntry: false });
+          if (stats && (stats.isFile() || stats.isDirectory())) lchownSync(dir.at(name), this.owner!.uid, this.owner!.gid);
+        });
+      } catch (err) {
+        if (!(err instanceof UnsafePathError) && errorCode(err) !== 'ENOENT') throw err;
+      }
+    }
+  }
+}
+
 // ───────────────────────────── 3. Store: SQLite in store/messages.db ─────────────────
 
 export interface StoredMessage {
@@ -287,6 +639,8 @@ export type NewMessage = Omit<StoredMessage, 'seq'>;
 
 export interface ContainerConfig {
   additionalMounts?: { hostPath: string; containerPath?: string; readonly?: boolean }[];
+  /** The Docker network for this group's containers (default CONTAINER_NETWORK); `none` for no network at all. */
+  network?: string;
 }
 
 export interface RegisteredGroup {
@@ -333,6 +687,15 @@ export interface OutboundMessage {
   id: number;
   jid: string;
   text: string;
+}
+
+export interface UsageRow {
+  day: string;
+  groupFolder: string;
+  requests: number;
+  failed: number;
+  promptTokens: number;
+  completionTokens: number;
 }
 
 export interface ChatInfo {
@@ -420,6 +783,16 @@ const MIGRATIONS: string[] = [
      created_at TEXT NOT NULL
    );
    CREATE INDEX outbox_by_channel ON outbox (channel, id);`,
+  // 3: what each group's agent asked of the model, by day (counted by the model proxy).
+  `CREATE TABLE model_usage (
+     day TEXT NOT NULL,
+     group_folder TEXT NOT NULL,
+     requests INTEGER NOT NULL DEFAULT 0,
+     failed INTEGER NOT NULL DEFAULT 0,
+     prompt_tokens INTEGER NOT NULL DEFAULT 0,
+     completion_tokens INTEGER NOT NULL DEFAULT 0,
+     PRIMARY KEY (day, group_folder)
+   );`,
 ];
 
 export const SCHEMA_VERSION = MIGRATIONS.length;
@@ -573,6 +946,28 @@ export class Store {
 
   countOutbound(channel: string): number {
     return this.db.query<{ n: number }, [string]>('SELECT COUNT(*) AS n FROM outbox WHERE channel = ?').get(channel)!.n;
+  }
+
+  // Model usage, counted by the proxy
+
+  addModelUsage(day: string, groupFolder: string, entry: { ok: boolean; promptTokens: number; completionTokens: number }): void {
+    this.db
+      .query(
+        `INSERT INTO model_usage (day, group_folder, requests, failed, prompt_tokens, completion_tokens) VALUES ($day, $folder, 1, $failed, $prompt, $completion)
+         ON CONFLICT (day, group_folder) DO UPDATE SET
+           requests = requests + 1, failed = failed + excluded.failed,
+           prompt_tokens = prompt_tokens + excluded.prompt_tokens, completion_tokens = completion_tokens + excluded.completion_tokens`,
+      )
+      .run({ day, folder: groupFolder, failed: entry.ok ? 0 : 1, prompt: entry.promptTokens, completion: entry.completionTokens });
+  }
+
+  modelUsage(sinceDay: string, groupFolder?: string): UsageRow[] {
+    return this.db
+      .query<{ day: string; group_folder: string; requests: number; failed: number; prompt_tokens: number; completion_tokens: number }, { since: string; folder: string | null }>(
+        'SELECT * FROM model_usage WHERE day >= $since AND ($folder IS NULL OR group_folder = $folder) ORDER BY day, group_folder',
+      )
+      .all({ since: sinceDay, folder: groupFolder ?? null })
+      .map((row) => ({ day: row.day, groupFolder: row.group_folder, requests: row.requests, failed: row.failed, promptTokens: row.prompt_tokens, completionTokens: row.completion_tokens }));
   }
 
   // Registered groups
@@ -1055,8 +1450,8 @@ export interface WhatsAppOptions {
   authDir: string;
   assistantName: string;
   hasOwnNumber: boolean;
-  /** Where a registered chat's media goes (groups/<folder>/media), or null when the chat is not registered. */
-  mediaDirFor(chatJid: string): string | null;
+  /** A registered chat's group folder (media goes to its media/), or null when the chat is not registered. */
+  mediaTreeFor(chatJid: string): AgentTree | null;
   /** Re-sync group names when the last sync is older than this. */
   groupSyncMaxAgeMs?: number;
   lastGroupSync?(): string | null;
@@ -1231,13 +1626,13 @@ export class WhatsAppChannel implements Channel {
     }
     const inbound = parseWhatsAppMessage(raw, this.identity());
     if (!inbound) return;
-    const mediaDir = inbound.media ? this.options.mediaDirFor(inbound.message.chatJid) : null;
-    if (inbound.media && mediaDir) inbound.message.content = await this.saveMedia(raw, inbound, mediaDir);
+    const tree = inbound.media ? this.options.mediaTreeFor(inbound.message.chatJid) : null;
+    if (inbound.media && tree) inbound.message.content = await this.saveMedia(raw, inbound, tree);
     else if (inbound.media) inbound.message.content = `[${inbound.media.kind}]${inbound.message.content ? ` ${inbound.message.content}` : ''}`;
     this.handlers?.onMessage(inbound.message, { name: inbound.isGroup ? undefined : raw.pushName, isGroup: inbound.isGroup });
   }
 
-  private async saveMedia(raw: WAMessage, inbound: WhatsAppInbound, mediaDir: string): Promise<string> {
+  private async saveMedia(raw: WAMessage, inbound: WhatsAppInbound, tree: AgentTree): Promise<string> {
     const media = inbound.media!;
     const caption = inbound.message.content;
     if ((media.bytes ?? 0) > MAX_MEDIA_BYTES) {
@@ -1247,8 +1642,11 @@ export class WhatsAppChannel implements Channel {
       const data = await downloadMediaMessage(raw, 'buffer', {});
       if (data.length > MAX_MEDIA_BYTES) throw new Error('file over the size limit');
       const fileName = safeMediaFileName(inbound.message.id, media.kind, media.mimetype, media.fileName);
-      mkdirSync(mediaDir, { recursive: true });
-      writeFileSync(join(mediaDir, fileName), data);
+      try {
+        tree.create(`media/${fileName}`, data);
+      } catch (err) {
+        if (errorCode(err) !== 'EEXIST') throw err; // the same message delivered again: already saved
+      }
       return `[${media.kind}: /workspace/group/media/${fileName}${media.fileName ? ` (${media.fileName})` : ''}]${caption ? ` ${caption}` : ''}`;
     } catch (err) {
       log.warn({ err, messageId: inbound.message.id }, 'Could not download media');
@@ -1551,6 +1949,211 @@ export class GroupQueue {
   }
 }
 
+// ───────────────────────────── 7. Model proxy: the key stays on the host ─────────────
+
+/** Where model requests go without KIMI_BASE_URL: Moonshot's Open Platform. */
+export const DEFAULT_KIMI_BASE_URL = 'https://api.moonshot.ai/v1';
+/** Where a container finds its run's proxy socket. */
+export const MODEL_SOCKET_IN_CONTAINER = '/run/nanoclaw/model.sock';
+/** The largest request body the proxy passes on (images travel inline as base64). */
+const MAX_MODEL_REQUEST_BYTES = 32 * 1024 * 1024;
+/** Request headers that describe the hop, not the request, or that the proxy sets itself. */
+const HOP_HEADERS = new Set(['host', 'authorization', 'x-api-key', 'connection', 'keep-alive', 'content-length', 'transfer-encoding', 'accept-encoding', 'proxy-authorization']);
+/**
+ * A model may think for longer than Bun's default 10 s idle limit between two chunks.
+ * bun-types 1.4.5 declares idleTimeout for ports only, though Bun honours it on unix sockets.
+ */
+const NO_IDLE_TIMEOUT = { idleTimeout: 0 } as {};
+/** Response headers that stop being true once Bun has decoded the body. */
+const DECODED_HEADERS = new Set(['content-encoding', 'content-length', 'transfer-encoding', 'connection', 'keep-alive']);
+
+export interface ModelUsage {
+  promptTokens: number;
+  completionTokens: number;
+}
+
+/** Token counts in an OpenAI-style body or stream chunk: `usage` at the top, or (Moonshot's streams) in a choice. */
+export function usageOf(data: unknown): ModelUsage | null {
+  const record = data as { usage?: unknown; choices?: { usage?: unknown }[] } | null;
+  const usage = (record?.usage ?? record?.choices?.find((choice) => choice?.usage)?.usage) as
+    | { prompt_tokens?: unknown; completion_tokens?: unknown }
+    | undefined;
+  if (!usage || typeof usage !== 'object') return null;
+  const count = (value: unknown) => (typeof value === 'number' && Number.isFinite(value) ? value : 0);
+  return { promptTokens: count(usage.prompt_tokens), completionTokens: count(usage.completion_tokens) };
+}
+
+/**
+ * Watches a response body go by (server-sent events or one JSON document) and keeps the
+ * last usage it reports. It never holds more than one unfinished line, or, for plain
+ * JSON, the first MAX_MODEL_REQUEST_BYTES.
+ */
+export class UsageCounter {
+  private pending = '';
+  private whole = '';
+  private usage: ModelUsage | null = null;
+  private readonly decoder = new TextDecoder();
+
+  constructor(private readonly streaming: boolean) {}
+
+  push(chunk: Uint8Array): void {
+    const text = this.decoder.decode(chunk, { stream: true });
+    if (!this.streaming) {
+      if (this.whole.length < MAX_MODEL_REQUEST_BYTES) this.whole += text;
+      return;
+    }
+    const lines = (this.pending + text).split('\n');
+    this.pending = lines.pop() ?? '';
+    for (const line of lines) this.line(line);
+  }
+
+  private line(line: string): void {
+    const data = /^data:\s*(.*)$/.exec(line.trim())?.[1];
+    if (!data || data === '[DONE]') return;
+    try {
+      this.usage = usageOf(JSON.parse(data)) ?? this.usage;
+    } catch {
+      // not JSON: nothing to count
+    }
+  }
+
+  end(): ModelUsage | null {
+    if (this.streaming) {
+      this.line(this.pending);
+    } else {
+      try {
+        this.usage = usageOf(JSON.parse(this.whole));
+      } catch {
+        this.usage = null;
+      }
+    }
+    return this.usage;
+  }
+}
+
+/** An OpenAI-style error body, which the Kimi CLI shows to the agent (and the runner to the user). */
+function proxyError(status: number, message: string): Response {
+  return Response.json({ error: { type: 'nanoclaw_proxy', message } }, { status });
+}
+
+export interface ProxyRun {
+  /** The run's credential: worthless without a live run and outside the proxy. */
+  readonly token: string;
+  /** Unix mode: the host path of the run's socket, mounted at MODEL_SOCKET_IN_CONTAINER. */
+  readonly socketPath?: string;
+  /** TCP mode (Docker Desktop): the base URL the container uses. */
+  readonly url?: string;
+  close(): void;
+}
+
+export interface ModelProxyOptions {
+  /** unix: one socket per run, mounted into the container; tcp: one loopback port (Docker Desktop). */
+  mode: 'unix' | 'tcp';
+  /** A host-only folder for the sockets (data/proxy). */
+  dir: string;
+  /** The real endpoint (KIMI_BASE_URL or the default). */
+  upstream: string;
+  /** Read at each request, so a key put in .env works at once. */
+  apiKey(): string | undefined;
+  /** One entry per request that reached the proxy with a live token. */
+  record(groupFolder: string, entry: { ok: boolean; status: number; usage: ModelUsage | null }): void;
+}
+
+/**
+ * The host's side of every model request. A container gets a per-run token instead of the
+ * key; the proxy accepts only tokens of live runs, puts the real key on the request, sends
+ * it to the upstream and streams the answer back as it comes. Unix sockets are reachable
+ * only by what they are mounted into (and the host); in tcp mode the port listens on
+ * loopback only.
+ */
+export class ModelProxy {
+  private readonly live = new Map<string, { folder: string }>();
+  private tcp: ReturnType<typeof Bun.serve> | null = null;
+
+  constructor(private readonly options: ModelProxyOptions) {}
+
+  open(groupFolder: string, runId: string): ProxyRun {
+    const token = `ncp-${randomUUID().replace(/-/g, '')}`;
+    this.live.set(token, { folder: groupFolder });
+    const forget = () => this.live.delete(token);
+    if (this.options.mode === 'tcp') {
+      this.tcp ??= Bun.serve({ hostname: '127.0.0.1', port: 0, idleTimeout: 0, fetch: (req) => this.forward(req, null) });
+      return { token, url: `http://host.docker.internal:${this.tcp.port}`, close: forget };
+    }
+    mkdirSync(this.options.dir, { recursive: true, mode: 0o700 });
+    chmodSync(this.options.dir, 0o700);
+    const socketPath = join(this.options.dir, `${runId}.sock`);
+    rmSync(socketPath, { force: true });
+    const server = Bun.serve({ unix: socketPath, fetch: (req) => this.forward(req, token), ...NO_IDLE_TIMEOUT });
+    // The container's user must be able to connect; the folder (0700) keeps everyone else out.
+    chmodSync(socketPath, 0o666);
+    return {
+      token,
+      socketPath,
+      close: () => {
+        forget();
+        void server.stop(true);
+        rmSync(socketPath, { force: true });
+      },
+    };
+  }
+
+  /** `ownToken`: the only token a per-run socket accepts (null in tcp mode: any live one). */
+  private async forward(req: Request, ownToken: string | null): Promise<Response> {
+    const given = (req.headers.get('authorization') ?? '').replace(/^Bearer\s+/i, '') || req.headers.get('x-api-key') || '';
+    const run = (ownToken === null || given === ownToken) ? this.live.get(given) : undefined;
+    if (!run) return proxyError(401, 'NanoClaw model proxy: this token does not belong to a running container.');
+    const key = this.options.apiKey();
+    if (!key) {
+      this.options.record(run.folder, { ok: false, status: 401, usage: null });
+      return proxyError(401, 'NanoClaw has no KIMI_API_KEY: put it in the .env file of the NanoClaw project.');
+    }
+    const url = new URL(req.url);
+    const target = `${this.options.upstream.replace(/\/+$/, '')}${url.pathname}${url.search}`;
+    const headers = new Headers();
+    req.headers.forEach((value, name) => {
+      if (!HOP_HEADERS.has(name.toLowerCase())) headers.set(name, value);
+    });
+    headers.set('authorization', `Bearer ${key}`);
+    let body: ArrayBuffer | undefined;
+    if (req.method !== 'GET' && req.method !== 'HEAD') {
+      body = await req.arrayBuffer();
+      if (body.byteLength > MAX_MODEL_REQUEST_BYTES) return proxyError(413, `NanoClaw model proxy: request over ${MAX_MODEL_REQUEST_BYTES} bytes`);
+    }
+    let upstream: Response;
+    try {
+      upstream = await fetch(target, { method: req.method, headers, body, redirect: 'manual' });
+    } catch (err) {
+      this.options.record(run.folder, { ok: false, status: 502, usage: null });
+      return proxyError(502, `NanoClaw model proxy could not reach ${new URL(target).origin}: ${errorText(err)}`);
+    }
+    const responseHeaders = new Headers();
+    upstream.headers.forEach((value, name) => {
+      if (!DECODED_HEADERS.has(name.toLowerCase())) responseHeaders.set(name, value);
+    });
+    const counter = new UsageCounter((upstream.headers.get('content-type') ?? '').includes('text/event-stream'));
+    const record = (usage: ModelUsage | null) => this.options.record(run.folder, { ok: upstream.ok, status: upstream.status, usage });
+    if (!upstream.body) {
+      record(null);
+      return new Response(null, { status: upstream.status, headers: responseHeaders });
+    }
+    const tap = new TransformStream<Uint8Array, Uint8Array>({
+      transform(chunk, controller) {
+        counter.push(chunk);
+        controller.enqueue(chunk);
+      },
+      flush: () => record(counter.end()),
+    });
+    return new Response(upstream.body.pipeThrough(tap), { status: upstream.status, headers: responseHeaders });
+  }
+
+  stop(): void {
+    this.live.clear();
+    void this.tcp?.stop(true);
+    this.tcp = null;
+  }
+}
+
 // ───────────────────────────── 7. Container: mounts, docker run, results, run logs ───
 
 export interface Mount {
@@ -1559,38 +2162,105 @@ export interface Mount {
   readonly: boolean;
 }
 
-/** Where a group's things live on the host. */
+/** Where a group's things live on the host. The three roots are what its agent can write. */
 export function groupPaths(config: Config, folder: string) {
-  const ipc = join(config.ipcDir, folder);
   return {
     group: join(config.groupsDir, folder),
-    logs: join(config.groupsDir, folder, 'logs'),
-    ipc,
-    ipcInput: join(ipc, 'input'),
-    ipcMessages: join(ipc, 'messages'),
-    ipcTasks: join(ipc, 'tasks'),
+    ipc: join(config.ipcDir, folder),
     kimiHome: join(config.sessionsDir, folder, '.kimi'),
   };
 }
 
-/** Folder names become paths and container names: keep them boring. */
-export function isValidFolder(folder: string): boolean {
-  return /^[a-z0-9][a-z0-9_-]{0,63}$/.test(folder) && folder !== 'global';
+/** The image's user (node). */
+export const CONTAINER_UID = 1000;
+
+/**
+ * Who owns what the host creates in agent trees: the container's user when the host runs
+ * as root (so the agent can write there), nobody special otherwise (the container then runs
+ * as the host's own user, see containerUserArgs).
+ */
+export function containerOwner(uid = process.getuid?.() ?? CONTAINER_UID): { uid: number; gid: number } | null {
+  return uid === 0 ? { uid: CONTAINER_UID, gid: CONTAINER_UID } : null;
 }
 
-/** The mounts of container/CONTRACT.md, in that order, plus validated extra mounts. */
-export function buildMounts(config: Config, group: RegisteredGroup, extra: readonly Mount[] = []): Mount[] {
+/** A group's agent-writable trees; the host touches them only through these. */
+export function groupTrees(config: Config, folder: string) {
+  const paths = groupPaths(config, folder);
+  const owner = containerOwner();
+  return { group: new AgentTree(paths.group, owner), ipc: new AgentTree(paths.ipc, owner), kimi: new AgentTree(paths.kimiHome, owner) };
+}
+
+/** Names NanoClaw uses itself inside groups/ or data/ipc/: no group may take them. */
+export const RESERVED_FOLDERS = ['global', 'errors', 'claimed'] as const;
+
+/** Folder names become paths and container names: keep them boring, and clear of NanoClaw's own. */
+export function isValidFolder(folder: string): boolean {
+  return /^[a-z0-9][a-z0-9_-]{0,63}$/.test(folder) && !(RESERVED_FOLDERS as readonly string[]).includes(folder);
+}
+
+/** Project paths main's agent must not see: the key, WhatsApp's credentials and the database, other groups' sessions. */
+export const HIDDEN_FROM_MAIN = ['.env', 'store', 'data'] as const;
+
+/** A host-only empty file and folder that hide HIDDEN_FROM_MAIN inside /workspace/project. */
+export function maskPaths(config: Config) {
+  return { file: join(config.dataDir, 'mask', 'empty'), dir: join(config.dataDir, 'mask', 'empty-dir') };
+}
+
+/**
+ * The mounts of container/CONTRACT.md, in that order, plus validated extra mounts. Main
+ * sees the project read-only with its secrets hidden, and may write only the shared
+ * memory (groups/global) besides its own folders.
+ */
+export function groupMounts(config: Config, group: RegisteredGroup, extra: readonly Mount[] = []): Mount[] {
   const paths = groupPaths(config, group.folder);
+  const global = join(config.groupsDir, 'global');
   const mounts: Mount[] = [{ hostPath: paths.group, containerPath: '/workspace/group', readonly: false }];
   if (group.isMain) {
-    mounts.push({ hostPath: config.projectRoot, containerPath: '/workspace/project', readonly: false });
+    mounts.push({ hostPath: config.projectRoot, containerPath: '/workspace/project', readonly: true });
+    mounts.push({ hostPath: global, containerPath: '/workspace/project/groups/global', readonly: false });
+    const masks = maskPaths(config);
+    for (const hidden of HIDDEN_FROM_MAIN) {
+      const stats = lstatSync(join(config.projectRoot, hidden), { throwIfNoEntry: false });
+      if (!stats) continue; // nothing to hide, and the read-only project cannot gain it
+      mounts.push({ hostPath: stats.isDirectory() ? masks.dir : masks.file, containerPath: `/workspace/project/${hidden}`, readonly: true });
+    }
   } else {
-    mounts.push({ hostPath: join(config.groupsDir, 'global'), containerPath: '/workspace/global', readonly: true });
+    mounts.push({ hostPath: global, containerPath: '/workspace/global', readonly: true });
   }
   mounts.push({ hostPath: paths.ipc, containerPath: '/workspace/ipc', readonly: false });
   // Kimi sessions: HOME is /home/node in the image, so this is where the CLI looks.
   mounts.push({ hostPath: paths.kimiHome, containerPath: '/home/node/.kimi', readonly: false });
   return [...mounts, ...extra];
+}
+
+/** One way to write a mount, used by docker, the run log and the mounts command. */
+export function formatMount(mount: Mount, style: 'docker' | 'human'): string {
+  if (style === 'docker') return `${mount.hostPath}:${mount.containerPath}${mount.readonly ? ':ro' : ''}`;
+  return `${mount.hostPath} -> ${mount.containerPath} (${mount.readonly ? 'ro' : 'rw'})`;
+}
+
+/**
+ * Creates what a run needs, safely: the group's trees and IPC folders (never through a
+ * link), main's masks, and on a root host hands the roots and memory files to the
+ * container's user. Returns the group's trees.
+ */
+export function prepareGroupFolders(config: Config, group: RegisteredGroup): ReturnType<typeof groupTrees> {
+  const trees = groupTrees(config, group.folder);
+  for (const dir of ['input', 'messages', 'tasks']) trees.ipc.ensureDir(dir);
+  trees.kimi.ensureDir('.');
+  trees.group.ensureDir('.');
+  trees.group.handOver('CLAUDE.md');
+  trees.ipc.handOver('input', 'messages', 'tasks');
+  trees.kimi.handOver();
+  const global = new AgentTree(join(config.groupsDir, 'global'), containerOwner());
+  global.ensureDir('.');
+  if (group.isMain) {
+    global.handOver('CLAUDE.md');
+    const masks = maskPaths(config);
+    mkdirSync(masks.dir, { recursive: true });
+    if (!existsSync(masks.file)) writeFileSync(masks.file, '');
+  }
+  return trees;
 }
 
 export interface MountAllowlist {
@@ -1684,9 +2354,6 @@ export function validateExtraMounts(
   return { mounts, rejected };
 }
 
-/** The image's user (node). */
-export const CONTAINER_UID = 1000;
-
 /**
  * How the container's user gets write access to its mounts. A host running as root hands
  * the group's writable folders to uid 1000 (the image's node user); a host user other
@@ -1696,34 +2363,70 @@ export function containerUserArgs(uid = process.getuid?.() ?? CONTAINER_UID, gid
   return uid === 0 || uid === CONTAINER_UID ? [] : ['--user', `${uid}:${gid}`, '-e', 'HOME=/home/node'];
 }
 
-/** chown -R to the container user, for a root host; skips what already belongs to it. */
-export function handToContainerUser(dir: string): void {
-  if (process.getuid?.() !== 0 || !existsSync(dir)) return;
-  const visit = (path: string) => {
-    const stats = statSync(path);
-    if (stats.uid !== CONTAINER_UID) chownSync(path, CONTAINER_UID, CONTAINER_UID);
-    if (stats.isDirectory()) for (const entry of readdirSync(path)) visit(join(path, entry));
-  };
-  visit(dir);
+/** This project directory's id: its containers carry it, so no install touches another's. */
+export function installId(config: Config): string {
+  let root = config.projectRoot;
+  try {
+    root = realpathSync(root);
+  } catch {
+    // not created yet: the configured path is the identity
+  }
+  return new Bun.CryptoHasher('sha256').update(root).digest('hex').slice(0, 12);
 }
 
-export function containerName(folder: string, now = Date.now()): string {
-  return `nanoclaw-${folder}-${now}`;
+export const INSTALL_LABEL = 'nanoclaw.install';
+
+/** A run's id: names the container (nanoclaw-<id>) and its proxy socket. */
+export function runId(config: Config, folder: string, now = Date.now()): string {
+  return `${installId(config)}-${folder}-${now}`;
 }
 
-/** Non-secret settings the container needs; secrets travel on stdin only. */
-export function containerEnvironment(config: Config): Record<string, string> {
+/** Non-secret settings the container needs; the model is reached through the proxy. */
+export function containerEnvironment(config: Config, proxy: Pick<ProxyRun, 'url'> | null): Record<string, string> {
   const env: Record<string, string> = { TZ: config.timezone, ASSISTANT_NAME: config.assistantName };
-  if (config.kimi.baseUrl) env.KIMI_BASE_URL = config.kimi.baseUrl;
   if (config.kimi.modelName) env.KIMI_MODEL_NAME = config.kimi.modelName;
   if (config.kimi.provider) env.KIMI_PROVIDER = config.kimi.provider;
+  if (proxy?.url) env.NANOCLAW_MODEL_URL = proxy.url;
+  else if (proxy) env.NANOCLAW_MODEL_SOCKET = MODEL_SOCKET_IN_CONTAINER;
   return env;
 }
 
-export function buildDockerArgs(name: string, image: string, mounts: readonly Mount[], env: Record<string, string>, userArgs: string[] = []): string[] {
-  const args = ['run', '-i', '--rm', '--name', name, ...userArgs];
+/** The group's network: its own setting, else CONTAINER_NETWORK. */
+export function groupNetwork(config: Config, group: RegisteredGroup): string {
+  return group.containerConfig?.network ?? config.container.network;
+}
+
+/**
+ * What every container runs under: an init that reaps orphans (Bun as PID 1 does not, and
+ * zombies would use up the pids limit), no capabilities, no privilege gain, bounded
+ * processes, memory and CPU, a read-only image with small writable scratch space (tmpfs
+ * pages count against the memory limit), the group's network, and this install's label.
+ */
+export function hardeningArgs(config: Config, group: RegisteredGroup, uid = process.getuid?.() ?? CONTAINER_UID, gid = process.getgid?.() ?? CONTAINER_UID): string[] {
+  const home = uid === 0 ? CONTAINER_UID : uid;
+  const homeGid = uid === 0 ? CONTAINER_UID : gid;
+  const { memory, cpus, pids } = config.container;
+  return [
+    '--init',
+    '--cap-drop', 'ALL',
+    '--security-opt', 'no-new-privileges',
+    '--pids-limit', String(pids),
+    '--memory', memory,
+    '--memory-swap', memory,
+    '--cpus', cpus,
+    '--read-only',
+    '--tmpfs', '/tmp:rw,exec,nosuid,nodev,size=1g',
+    '--tmpfs', `/home/node:rw,exec,nosuid,nodev,uid=${home},gid=${homeGid},size=512m`,
+    '--network', groupNetwork(config, group),
+    '--label', `${INSTALL_LABEL}=${installId(config)}`,
+    '--label', `nanoclaw.group=${group.folder}`,
+  ];
+}
+
+export function buildDockerArgs(name: string, image: string, mounts: readonly Mount[], env: Record<string, string>, extraArgs: string[] = []): string[] {
+  const args = ['run', '-i', '--rm', '--name', name, ...extraArgs];
   for (const [key, value] of Object.entries(env)) args.push('-e', `${key}=${value}`);
-  for (const mount of mounts) args.push('-v', `${mount.hostPath}:${mount.containerPath}${mount.readonly ? ':ro' : ''}`);
+  for (const mount of mounts) args.push('-v', formatMount(mount, 'docker'));
   args.push(image);
   return args;
 }
@@ -1736,6 +2439,7 @@ export interface ContainerInput {
   sessionId?: string;
   isScheduledTask?: boolean;
   assistantName?: string;
+  /** Under the host, KIMI_API_KEY holds the run's proxy token, never the real key. */
   secrets?: Secrets;
 }
 
@@ -1801,16 +2505,16 @@ function parseResult(json: string): ContainerResult {
   }
 }
 
-/** Writes JSON so a reader never sees half a file: temp name (dot-prefixed), then rename. */
+/** Writes JSON so a reader never sees half a file: temp name (dot-prefixed), then rename. Host-only folders. */
 export function writeJsonAtomic(path: string, data: unknown): void {
   mkdirSync(dirname(path), { recursive: true });
-  const temp = join(dirname(path), `.${basename(path)}.${process.pid}.${Math.random().toString(36).slice(2)}.tmp`);
+  const temp = join(dirname(path), `.${basename(path)}.${randomUUID()}.tmp`);
   writeFileSync(temp, JSON.stringify(data, null, 2));
   renameSync(temp, path);
 }
 
 export function uniqueFileName(now = Date.now()): string {
-  return `${now}-${Math.random().toString(36).slice(2, 8)}.json`;
+  return `${now}-${randomUUID().slice(0, 8)}.json`;
 }
 
 export interface RunOutcome {
@@ -1829,6 +2533,8 @@ export interface RunContainerOptions {
   input: ContainerInput;
   mounts: Mount[];
   acceptsFollowUps: boolean;
+  /** The model proxy; without one (or without a key) the container gets no credential at all. */
+  proxy?: ModelProxy | null;
   onResult(result: ContainerResult): Promise<void>;
   onStart?(live: LiveContainer): void;
 }
@@ -1842,7 +2548,7 @@ function keepTail(text: string): string {
 
 export function renderRunLog(details: {
   name: string; image: string; group: RegisteredGroup; input: ContainerInput; mounts: readonly Mount[]; args: readonly string[];
-  startedAt: Date; outcome: Omit<RunOutcome, 'logFile'>; stderr: string; stdout: string; verbose: boolean;
+  startedAt: Date; outcome: Omit<RunOutcome, 'logFile'>; stderr: string; stdout: string; verbose: boolean; viaProxy: boolean;
 }): string {
   const { input, outcome } = details;
   const failed = outcome.exitCode !== 0 || outcome.timedOut || outcome.lastError !== undefined;
@@ -1860,11 +2566,11 @@ export function renderRunLog(details: {
     '--- Input ---',
     `prompt: ${input.prompt.length} characters${input.isScheduledTask ? ' (scheduled task)' : ''}`,
     `sessionId: ${input.sessionId ?? '(none: new session)'}`,
-    `secrets: ${Object.keys(input.secrets ?? {}).join(', ') || '(none)'} (values never logged)`,
+    `model: ${details.viaProxy ? 'through the host’s model proxy (a per-run token; the key stays on the host)' : 'no model proxy: no credential given'}`,
     ...(details.verbose ? ['', input.prompt] : []),
     '',
     '--- Mounts ---',
-    ...details.mounts.map((m) => `${m.hostPath} -> ${m.containerPath}${m.readonly ? ' (ro)' : ''}`),
+    ...details.mounts.map((m) => formatMount(m, 'human')),
   ];
   if (failed || details.verbose) {
     lines.push('', '--- Command ---', `docker ${details.args.join(' ')}`, '', '--- Stderr ---', details.stderr.trimEnd(), '', '--- Stdout ---', details.stdout.trimEnd());
@@ -1872,35 +2578,63 @@ export function renderRunLog(details: {
   return `${lines.join('\n')}\n`;
 }
 
-/** Reads a stream line by line as it arrives. */
+/** Reads a stream as it arrives. */
 async function forEachChunk(stream: ReadableStream<Uint8Array>, onText: (text: string) => void | Promise<void>): Promise<void> {
   const decoder = new TextDecoder();
   for await (const chunk of stream) await onText(decoder.decode(chunk, { stream: true }));
 }
 
+/** Everything decided before `docker run`: folders ready, leftovers gone, the credential and the command line. */
+interface RunPlan {
+  name: string;
+  args: string[];
+  trees: ReturnType<typeof groupTrees>;
+  input: ContainerInput;
+  mounts: Mount[];
+  proxyRun: ProxyRun | null;
+  secretValues: string[];
+}
+
+function prepareRun(options: RunContainerOptions, startedAt: Date): RunPlan {
+  const { config, group } = options;
+  const trees = prepareGroupFolders(config, group);
+  // Leftovers from a run that died belong to messages the new prompt already carries.
+  for (const leftover of trees.ipc.entries('input')) trees.ipc.remove(`input/${leftover.name}`);
+  const id = runId(config, group.folder, startedAt.getTime());
+  const hostKey = readSecrets(config).KIMI_API_KEY;
+  // Even without a key the run gets a token: the proxy then answers with what to put in .env.
+  const proxyRun = options.proxy ? options.proxy.open(group.folder, id) : null;
+  const input: ContainerInput = { ...options.input, secrets: proxyRun ? { KIMI_API_KEY: proxyRun.token } : {} };
+  const mounts = proxyRun?.socketPath
+    ? [...options.mounts, { hostPath: proxyRun.socketPath, containerPath: MODEL_SOCKET_IN_CONTAINER, readonly: false }]
+    : options.mounts;
+  const name = `nanoclaw-${id}`;
+  const args = buildDockerArgs(name, config.containerImage, mounts, containerEnvironment(config, proxyRun), [
+    ...containerUserArgs(),
+    ...hardeningArgs(config, group),
+  ]);
+  const secretValues = [hostKey, proxyRun?.token].filter((v): v is string => Boolean(v));
+  return { name, args, trees, input, mounts, proxyRun, secretValues };
+}
+
 /** Runs one agent container to the end, streaming its results to onResult as they come. */
 export async function runContainer(options: RunContainerOptions): Promise<RunOutcome> {
-  const { config, group, input } = options;
-  const paths = groupPaths(config, group.folder);
-  for (const dir of [paths.group, paths.logs, paths.ipcInput, paths.ipcMessages, paths.ipcTasks, paths.kimiHome]) mkdirSync(dir, { recursive: true });
-  // Leftovers from a run that died belong to messages the new prompt already carries.
-  for (const leftover of readdirSync(paths.ipcInput)) rmSync(join(paths.ipcInput, leftover), { force: true });
-  // Only NanoClaw's own per-group folders change owner; the project and extra mounts never do.
-  for (const dir of [paths.group, paths.ipc, paths.kimiHome]) handToContainerUser(dir);
-  if (group.isMain) handToContainerUser(join(config.groupsDir, 'global'));
-
+  const { config, group } = options;
   const startedAt = new Date();
-  const name = containerName(group.folder, startedAt.getTime());
-  const args = buildDockerArgs(name, config.containerImage, options.mounts, containerEnvironment(config), containerUserArgs());
-  const secretValues = Object.values(input.secrets ?? {}).filter((v): v is string => Boolean(v));
+  const plan = prepareRun(options, startedAt);
+  const { name, args, trees, input } = plan;
   const groupLog = log.child({ group: group.folder });
-  groupLog.debug({ mounts: options.mounts.map((m) => `${m.hostPath} -> ${m.containerPath}${m.readonly ? ' (ro)' : ''}`) }, 'Container mounts');
+  groupLog.debug({ mounts: plan.mounts.map((m) => formatMount(m, 'human')) }, 'Container mounts');
   groupLog.debug({ args: [config.containerRuntime, ...args] }, 'Container command');
   groupLog.info({ container: name, sessionId: input.sessionId ?? null, promptChars: input.prompt.length }, 'Starting agent container');
 
-  const proc = Bun.spawn([config.containerRuntime, ...args], {
-    stdin: 'pipe', stdout: 'pipe', stderr: 'pipe', env: childProcessEnv(), cwd: config.projectRoot,
-  });
+  let proc: ReturnType<typeof Bun.spawn<'pipe', 'pipe', 'pipe'>>;
+  try {
+    proc = Bun.spawn([config.containerRuntime, ...args], { stdin: 'pipe', stdout: 'pipe', stderr: 'pipe', env: childProcessEnv(), cwd: config.projectRoot });
+  } catch (err) {
+    plan.proxyRun?.close();
+    throw err;
+  }
   proc.stdin.write(JSON.stringify(input));
   await proc.stdin.end();
 
@@ -1925,16 +2659,31 @@ export async function runContainer(options: RunContainerOptions): Promise<RunOut
   armTimeout();
 
   let closing = false;
-  void proc.exited.then(() => (closing = true));
+  let exited = false;
+  let graceTimer: ReturnType<typeof setTimeout> | undefined;
+  void proc.exited.then(() => {
+    closing = true;
+    exited = true;
+  });
   options.onStart?.({
     acceptsFollowUps: options.acceptsFollowUps,
     get closing() {
       return closing;
     },
-    sendInput: (text) => writeJsonAtomic(join(paths.ipcInput, uniqueFileName()), { type: 'message', text }),
+    sendInput: (text) => trees.ipc.replace(`input/${uniqueFileName()}`, JSON.stringify({ type: 'message', text })),
     close: () => {
+      if (closing) return;
       closing = true;
-      writeFileSync(join(paths.ipcInput, '_close'), '');
+      try {
+        trees.ipc.create('input/_close', '');
+      } catch (err) {
+        if (errorCode(err) !== 'EEXIST') groupLog.warn({ err: errorText(err) }, 'Could not ask the container to close; stopping it');
+      }
+      graceTimer = setTimeout(() => {
+        if (exited) return;
+        groupLog.warn({ container: name, graceMs: config.container.closeGraceMs }, 'Container ignored the close request; stopping it');
+        void stop();
+      }, config.container.closeGraceMs);
     },
     kill: stop,
   });
@@ -1965,20 +2714,29 @@ export async function runContainer(options: RunContainerOptions): Promise<RunOut
     for (const line of lines) {
       const session = SESSION_LINE.exec(line);
       if (session) groupLog.info(`Session initialized: ${session[1]}`);
-      else if (line.trim()) groupLog.debug({ container: name }, `stderr: ${maskSecrets(line, secretValues)}`);
+      else if (line.trim()) groupLog.debug({ container: name }, `stderr: ${maskSecrets(line, plan.secretValues)}`);
     }
   });
 
   const exitCode = await proc.exited;
   await Promise.all([readStdout, readStderr]);
   clearTimeout(hardTimer);
+  clearTimeout(graceTimer);
   await stopping;
+  plan.proxyRun?.close(); // the token dies with the container
 
   const durationMs = Date.now() - startedAt.getTime();
   const outcome = { exitCode: timedOut ? null : exitCode, timedOut, results, lastError, sessionId, durationMs };
-  const logFile = join(paths.logs, `container-${startedAt.toISOString().replace(/[:.]/g, '-')}.log`);
+  const logName = `container-${startedAt.toISOString().replace(/[:.]/g, '-')}.log`;
   const verbose = config.logLevel === 'debug' || config.logLevel === 'trace';
-  writeFileSync(logFile, maskSecrets(renderRunLog({ name, image: config.containerImage, group, input, mounts: options.mounts, args, startedAt, outcome, stderr, stdout, verbose }), secretValues));
+  const text = renderRunLog({ name, image: config.containerImage, group, input, mounts: plan.mounts, args, startedAt, outcome, stderr, stdout, verbose, viaProxy: plan.proxyRun !== null });
+  let logFile = join(trees.group.path('logs'), logName);
+  try {
+    trees.group.create(`logs/${logName}`, maskSecrets(text, plan.secretValues));
+  } catch (err) {
+    logFile = '(not written)';
+    groupLog.warn({ reason: errorText(err) }, 'Could not write the run log');
+  }
   const summary = { container: name, exitCode: outcome.exitCode, durationMs, results, logFile };
   if (exitCode !== 0 || timedOut) groupLog.error({ ...summary, error: lastError }, 'Agent container failed');
   else groupLog.info(summary, 'Agent container finished');
@@ -2087,6 +2845,54 @@ export function refusal(source: RegisteredGroup, request: IpcMessage | IpcTask, 
   }
 }
 
+/** The shortest gap between runs of a schedule, looking at its next few runs (null: runs at most once). */
+export function shortestGap(type: ScheduleType, value: string, timezone: string, from = new Date()): number | null {
+  if (type === 'interval') return Number(value);
+  if (type === 'once') return null;
+  const runs = new Cron(value, { timezone, paused: true }).nextRuns(12, from);
+  let gap: number | null = null;
+  for (let i = 1; i < runs.length; i++) gap = Math.min(gap ?? Infinity, runs[i]!.getTime() - runs[i - 1]!.getTime());
+  return gap;
+}
+
+/**
+ * Abuse limits on scheduling (TASK_MAX_ACTIVE, TASK_MIN_INTERVAL): a group may keep only so
+ * many active tasks, none running more often than the minimum interval. Main is held to
+ * them too unless TASK_LIMITS_MAIN=false. Null when within limits.
+ */
+export function limitRefusal(limits: Config['tasks'], source: RegisteredGroup, request: IpcTask, store: Store, timezone: string): string | null {
+  if (source.isMain && !limits.limitMain) return null;
+  let schedule: { type: ScheduleType; value: string } | null = null;
+  let folder = source.folder;
+  if (request.type === 'schedule_task') {
+    folder = store.groupByJid(request.targetJid ?? source.jid)?.folder ?? source.folder;
+    const active = store.listTasks(folder).filter((task) => task.status === 'active').length;
+    if (active >= limits.maxActive) return `group "${folder}" already has ${active} active tasks (TASK_MAX_ACTIVE=${limits.maxActive})`;
+    schedule = { type: request.schedule_type, value: request.schedule_value };
+  } else if (request.type === 'update_task' && (request.schedule_type || request.schedule_value)) {
+    const task = store.getTask(request.taskId);
+    if (task) schedule = { type: request.schedule_type ?? task.scheduleType, value: request.schedule_value ?? task.scheduleValue };
+  } else if (request.type === 'resume_task') {
+    const task = store.getTask(request.taskId);
+    if (task) {
+      const active = store.listTasks(task.groupFolder).filter((t) => t.status === 'active').length;
+      if (active >= limits.maxActive) return `group "${task.groupFolder}" already has ${active} active tasks (TASK_MAX_ACTIVE=${limits.maxActive})`;
+      schedule = { type: task.scheduleType, value: task.scheduleValue };
+    }
+  }
+  if (!schedule) return null;
+  let gap: number | null;
+  try {
+    gap = shortestGap(schedule.type, schedule.value, timezone);
+  } catch {
+    return null; // an invalid schedule is refused with its own message when applied
+  }
+  if (gap !== null && gap < limits.minIntervalMs) {
+    return `runs every ${Math.round(gap / 1000)} s, more often than allowed (TASK_MIN_INTERVAL=${limits.minIntervalMs} ms)`;
+  }
+  return null;
+}
+
 export const GROUPS_SYNCED_AT = 'groups_synced_at';
 
 export function tasksSnapshot(store: Store, group: RegisteredGroup) {
@@ -2110,35 +2916,66 @@ export function groupsSnapshot(store: Store, group: RegisteredGroup) {
 
 /** The host → agent snapshots, written before every run (and after every task change). */
 export function writeSnapshots(config: Config, store: Store, group: RegisteredGroup): void {
-  const paths = groupPaths(config, group.folder);
-  writeJsonAtomic(join(paths.ipc, 'current_tasks.json'), tasksSnapshot(store, group));
-  writeJsonAtomic(join(paths.ipc, 'available_groups.json'), groupsSnapshot(store, group));
+  const { ipc } = groupTrees(config, group.folder);
+  try {
+    ipc.replace('current_tasks.json', JSON.stringify(tasksSnapshot(store, group), null, 2));
+    ipc.replace('available_groups.json', JSON.stringify(groupsSnapshot(store, group), null, 2));
+  } catch (err) {
+    if (!(err instanceof UnsafePathError)) throw err;
+    log.warn({ group: group.folder, reason: err.message }, 'Could not write the IPC snapshots');
+  }
 }
 
 export interface IpcHandlers {
-  /** Resolves once the file's request is done; throwing IpcFormatError files it under errors/. */
-  handle(folder: string, kind: 'messages' | 'tasks', data: unknown): Promise<void>;
+  /** Resolves once the file's request is done; throwing files it under errors/. */
+  handle(folder: string, kind: IpcKind, data: unknown): Promise<void>;
+}
+
+export type IpcKind = 'messages' | 'tasks';
+const IPC_KINDS: readonly IpcKind[] = ['messages', 'tasks'];
+
+/** Rejected IPC files kept in data/ipc/errors/ for a look; older ones are deleted. */
+export const IPC_ERRORS_KEPT = 100;
+/** Files taken from one folder per pass, so a flooding group cannot hold up the others. */
+export const IPC_FILES_PER_PASS = 25;
+
+/** claimed/<folder>.<kind>.<name>: folder names and kinds contain no dot, so this splits back. */
+function claimedName(folder: string, kind: IpcKind, name: string): string {
+  return `${folder}.${kind}.${name}`;
+}
+
+function parseClaimedName(file: string): { folder: string; kind: IpcKind; name: string } | null {
+  const match = /^([a-z0-9][a-z0-9_-]*)\.(messages|tasks)\.(.+)$/.exec(file);
+  return match ? { folder: match[1]!, kind: match[2] as IpcKind, name: match[3]! } : null;
 }
 
 /**
  * Watches data/ipc/<folder>/{messages,tasks}/ and hands each new JSON file to the host
- * exactly once: a file is claimed by renaming it (a second claimer gets ENOENT), and is
- * deleted only after its request was handled.
+ * once. A file is claimed by renaming it out of the agent's reach into data/ipc/claimed/
+ * before it is read, so the agent cannot change or swap it afterwards; what is not a
+ * regular file (a link, a FIFO, a folder) is removed unread, and files over
+ * MAX_AGENT_FILE_BYTES are refused without being read. Claimed files left by a host that
+ * died are handled at the next start.
  */
 export class IpcWatcher {
   private watcher: FSWatcher | null = null;
   private sweepTimer: ReturnType<typeof setInterval> | null = null;
   private scanning: Promise<void> = Promise.resolve();
   private rescan = false;
+  private readonly claimedDir: string;
+  private readonly errorsDir: string;
 
   constructor(
     private readonly ipcDir: string,
     private readonly handlers: IpcHandlers,
     private readonly sweepIntervalMs = 30_000,
-  ) {}
+  ) {
+    this.claimedDir = join(ipcDir, 'claimed');
+    this.errorsDir = join(ipcDir, 'errors');
+  }
 
   start(): void {
-    mkdirSync(this.ipcDir, { recursive: true });
+    mkdirSync(this.claimedDir, { recursive: true });
     this.watcher = watch(this.ipcDir, { recursive: true }, (_event, file) => {
       if (file && /(^|[/\\])(messages|tasks)[/\\][^/\\.][^/\\]*\.json$/.test(String(file))) this.scan();
     });
@@ -2159,44 +2996,90 @@ export class IpcWatcher {
     this.rescan = true;
     this.scanning = this.scanning.then(async () => {
       this.rescan = false;
-      await this.processAll();
+      try {
+        if (await this.processAll()) this.scan(); // more than one pass's share was waiting
+      } catch (err) {
+        log.error({ err: errorText(err) }, 'IPC scan failed; the next pass tries again');
+      }
     });
     return this.scanning;
   }
 
-  private async processAll(): Promise<void> {
-    if (!existsSync(this.ipcDir)) return;
-    for (const folder of readdirSync(this.ipcDir)) {
-      if (folder === 'errors') continue;
-      for (const kind of ['messages', 'tasks'] as const) {
-        const dir = join(this.ipcDir, folder, kind);
-        if (!existsSync(dir)) continue;
-        for (const file of readdirSync(dir).filter((f) => f.endsWith('.json') && !f.startsWith('.')).sort()) {
-          await this.processFile(folder, kind, join(dir, file));
+  /** One pass; true when some folder still has files waiting. */
+  private async processAll(): Promise<boolean> {
+    mkdirSync(this.claimedDir, { recursive: true });
+    for (const file of readdirSync(this.claimedDir).sort()) await this.handleClaimed(file);
+    let more = false;
+    for (const entry of readdirSync(this.ipcDir, { withFileTypes: true })) {
+      if (!entry.isDirectory() || !isValidFolder(entry.name)) continue;
+      const tree = new AgentTree(join(this.ipcDir, entry.name));
+      for (const kind of IPC_KINDS) {
+        let taken = 0;
+        for (const name of this.pending(tree, entry.name, kind)) {
+          if (taken++ >= IPC_FILES_PER_PASS) {
+            more = true;
+            break;
+          }
+          const claimed = claimedName(entry.name, kind, name);
+          if (tree.moveOut(`${kind}/${name}`, join(this.claimedDir, claimed))) await this.handleClaimed(claimed);
         }
       }
     }
+    return more;
   }
 
-  private async processFile(folder: string, kind: 'messages' | 'tasks', path: string): Promise<void> {
-    const claimed = join(dirname(path), `.processing-${basename(path)}`);
+  /** Request files waiting in one folder, in name order; anything that is not a plain file is removed. */
+  private pending(tree: AgentTree, folder: string, kind: IpcKind): string[] {
+    let entries: ReturnType<AgentTree['entries']>;
     try {
-      renameSync(path, claimed);
-    } catch {
-      return; // someone else took it
-    }
-    let data: unknown;
-    try {
-      data = JSON.parse(readFileSync(claimed, 'utf8'));
-      await this.handlers.handle(folder, kind, data);
-      unlinkSync(claimed);
+      entries = tree.entries(kind);
     } catch (err) {
-      const errorsDir = join(this.ipcDir, 'errors');
-      mkdirSync(errorsDir, { recursive: true });
-      const target = join(errorsDir, `${folder}-${kind}-${basename(path)}`);
-      renameSync(claimed, target);
-      log.warn({ group: folder, file: basename(path), movedTo: target, reason: err instanceof Error ? err.message : String(err) }, 'IPC file rejected');
+      if (!(err instanceof UnsafePathError)) throw err;
+      tree.remove(kind); // a link in place of the folder: the link goes, never what it points to
+      log.warn({ group: folder, reason: err.message }, 'IPC folder was not a plain folder; removed');
+      return [];
     }
+    const names: string[] = [];
+    for (const entry of entries) {
+      if (entry.name.startsWith('.') || !entry.name.endsWith('.json')) continue;
+      if (entry.kind === 'file') {
+        names.push(entry.name);
+      } else {
+        tree.remove(`${kind}/${entry.name}`);
+        log.warn({ group: folder, file: entry.name }, 'IPC file refused: not a regular file (a link, FIFO or folder); removed unread');
+      }
+    }
+    return names.sort();
+  }
+
+  private async handleClaimed(file: string): Promise<void> {
+    const path = join(this.claimedDir, file);
+    const source = parseClaimedName(file);
+    try {
+      if (!source) throw new IpcFormatError('not a claimed IPC file name');
+      const data = JSON.parse(readRegularFile(path)) as unknown;
+      await this.handlers.handle(source.folder, source.kind, data);
+      rmSync(path, { force: true });
+    } catch (err) {
+      const reason = errorText(err);
+      if (err instanceof UnsafePathError) {
+        rmSync(path, { force: true, recursive: true });
+        log.warn({ group: source?.folder, file: source?.name ?? file, reason }, 'IPC file refused');
+        return;
+      }
+      mkdirSync(this.errorsDir, { recursive: true });
+      const target = join(this.errorsDir, file);
+      renameSync(path, target);
+      this.pruneErrors();
+      log.warn({ group: source?.folder, file: source?.name ?? file, movedTo: target, reason }, 'IPC file rejected');
+    }
+  }
+
+  private pruneErrors(): void {
+    const files = readdirSync(this.errorsDir)
+      .map((name) => ({ name, at: lstatSync(join(this.errorsDir, name)).mtimeMs }))
+      .sort((a, b) => a.at - b.at || a.name.localeCompare(b.name));
+    for (const old of files.slice(0, Math.max(0, files.length - IPC_ERRORS_KEPT))) rmSync(join(this.errorsDir, old.name), { force: true, recursive: true });
   }
 }
 
@@ -2357,6 +3240,7 @@ export class Host extends EventEmitter {
   readonly queue: GroupQueue;
   readonly ipc: IpcWatcher;
   readonly scheduler: Scheduler;
+  readonly proxy: ModelProxy;
   private readonly trigger: RegExp;
   /** Highest message seq handed to each group's live container (the persisted cursor trails it until answered). */
   private readonly delivered = new Map<string, number>();
@@ -2380,6 +3264,17 @@ export class Host extends EventEmitter {
     });
     this.ipc = new IpcWatcher(config.ipcDir, { handle: (folder, kind, data) => this.handleIpc(folder, kind, data) }, options.sweepIntervalMs ?? 30_000);
     this.scheduler = new Scheduler(store, config.timezone, (task) => this.queue.enqueueTask(task.chatJid, task.id, () => this.runTask(task.id).then(() => {})));
+    this.proxy = new ModelProxy({
+      mode: config.modelProxy,
+      dir: join(config.dataDir, 'proxy'),
+      upstream: config.kimi.baseUrl ?? DEFAULT_KIMI_BASE_URL,
+      apiKey: () => readSecrets(config).KIMI_API_KEY,
+      record: (folder, entry) => {
+        const day = formatLocalTime(new Date().toISOString(), config.timezone).slice(0, 10);
+        this.store.addModelUsage(day, folder, { ok: entry.ok, promptTokens: entry.usage?.promptTokens ?? 0, completionTokens: entry.usage?.completionTokens ?? 0 });
+        if (!entry.ok) log.warn({ group: folder, status: entry.status }, 'The model answered with an error');
+      },
+    });
   }
 
   async start(): Promise<void> {
@@ -2405,6 +3300,7 @@ export class Host extends EventEmitter {
     this.scheduler.stop();
     await this.queue.shutdown(this.options.shutdownGraceMs ?? 10_000);
     await this.ipc.stop();
+    this.proxy.stop();
     for (const channel of this.channels) await channel.disconnect();
     log.info('NanoClaw stopped');
   }
@@ -2504,7 +3400,7 @@ export class Host extends EventEmitter {
     return true;
   }
 
-  /** Launches the group's container with its mounts, session and the secrets on stdin. */
+  /** Launches the group's container with its mounts, its session and a proxy token on stdin. */
   async runAgent(
     group: RegisteredGroup,
     prompt: string,
@@ -2531,14 +3427,14 @@ export class Host extends EventEmitter {
       ...(sessionId ? { sessionId } : {}),
       isScheduledTask: run.isScheduledTask,
       assistantName: this.config.assistantName,
-      secrets: readSecrets(this.config),
     };
     return runContainer({
       config: this.config,
       group,
       input,
-      mounts: buildMounts(this.config, group, extra.mounts),
+      mounts: groupMounts(this.config, group, extra.mounts),
       acceptsFollowUps: run.acceptsFollowUps,
+      proxy: this.proxy,
       onStart: (live) => this.queue.attach(group.jid, live),
       onResult: async (result) => {
         if (result.sessionId && run.saveSession) this.store.setSession(group.folder, result.sessionId);
@@ -2623,7 +3519,7 @@ export class Host extends EventEmitter {
     const source = this.store.groupByFolder(folder);
     if (!source) throw new IpcFormatError(`no registered group uses the folder "${folder}"`);
     const request = kind === 'messages' ? parseIpcMessage(data) : parseIpcTask(data);
-    const refused = refusal(source, request, this.store);
+    const refused = refusal(source, request, this.store) ?? (request.type === 'message' ? null : limitRefusal(this.config.tasks, source, request, this.store, this.config.timezone));
     if (refused) {
       log.warn({ group: folder, type: request.type, reason: refused }, 'IPC request refused');
       return;
@@ -2702,7 +3598,9 @@ export function registerGroup(
   store: Store,
   request: { jid: string; name: string; folder: string; trigger?: string; requiresTrigger?: boolean; isMain?: boolean; containerConfig?: ContainerConfig },
 ): RegisteredGroup {
-  if (!isValidFolder(request.folder)) throw new IpcFormatError(`folder "${request.folder}" must be lowercase letters, digits, - or _ (not "global")`);
+  if (!isValidFolder(request.folder)) {
+    throw new IpcFormatError(`folder "${request.folder}" must be lowercase letters, digits, - or _ (at most 64), and not one of NanoClaw's own: ${RESERVED_FOLDERS.join(', ')}`);
+  }
   if (store.groupByJid(request.jid)) throw new IpcFormatError(`${request.jid} is already registered`);
   if (store.groupByFolder(request.folder)) throw new IpcFormatError(`folder "${request.folder}" is already used by another group`);
   if (request.isMain && store.mainGroup()) throw new IpcFormatError('there is already a main group');
@@ -2711,10 +3609,12 @@ export function registerGroup(
     requiresTrigger: request.requiresTrigger ?? !request.isMain, isMain: request.isMain ?? false,
     containerConfig: request.containerConfig, addedAt: new Date().toISOString(),
   };
-  const dir = join(config.groupsDir, group.folder);
-  mkdirSync(join(dir, 'logs'), { recursive: true });
-  const memory = join(dir, 'CLAUDE.md');
-  if (!existsSync(memory)) writeFileSync(memory, `# ${group.name}\n\nMemory for this group. The assistant reads this file before every conversation.\n`);
+  const { group: tree } = groupTrees(config, group.folder);
+  try {
+    tree.create('CLAUDE.md', `# ${group.name}\n\nMemory for this group. The assistant reads this file before every conversation.\n`);
+  } catch (err) {
+    if (errorCode(err) !== 'EEXIST') throw err; // a memory that is already there stays as it is
+  }
   store.db.transaction(() => {
     store.registerGroup(group);
     store.setCursor(group.jid, store.latestSeq(group.jid));
@@ -2735,7 +3635,7 @@ Commands:
   chat                          talk to the main group's agent from this terminal
                                 (piped stdin: one message per line, replies on stdout)
   groups list                   registered groups
-  groups register <jid> <folder> [--name N] [--trigger @Word] [--no-trigger] [--main]
+  groups register <jid> <folder> [--name N] [--trigger @Word] [--no-trigger] [--main] [--network none|bridge|NAME]
   groups remove <jid|folder>    unregister (its folder and memory stay on disk)
   tasks list [--json]           scheduled tasks, next runs in your timezone
   tasks show <id>               one task and its recent runs
@@ -2747,6 +3647,7 @@ Commands:
                                 run NanoClaw in the background (systemd user unit / launchd agent)
   sessions list                 the Kimi session of each group
   sessions clear <folder>       forget a group's session (files and database row)
+  usage [--days N] [--group F]  model requests and tokens by group and day (counted by the model proxy)
   help, --help                  this text
 
 Settings come from the environment and .env (see .env.example).`;
@@ -2785,12 +3686,17 @@ export function preflight(config: Config): string[] {
   return problems;
 }
 
-/** Stops containers a previous host left behind (it died without closing them). */
-export function stopOrphanContainers(config: Config): string[] {
-  const listed = runQuietly([config.containerRuntime, 'ps', '--filter', 'name=^nanoclaw-', '--format', '{{.Names}}']);
+/**
+ * Removes every container this install left behind (running, created or exited: a host
+ * that died may have left any of them), and only those: other installs' carry another label.
+ */
+export function removeLeftoverContainers(config: Config): string[] {
+  const listed = runQuietly([config.containerRuntime, 'ps', '-a', '--filter', `label=${INSTALL_LABEL}=${installId(config)}`, '--format', '{{.Names}}']);
   const names = listed.ok ? listed.output.split('\n').map((n) => n.trim()).filter(Boolean) : [];
-  for (const name of names) runQuietly([config.containerRuntime, 'stop', '-t', '2', name], 30_000);
-  if (names.length) log.warn({ containers: names }, 'Stopped containers left over from a previous run');
+  if (names.length) {
+    runQuietly([config.containerRuntime, 'rm', '-f', ...names], 60_000);
+    log.warn({ containers: names }, 'Removed containers left over from a previous run');
+  }
   return names;
 }
 
@@ -2836,7 +3742,7 @@ async function startHost(config: Config, makeChannels: (store: Store) => Channel
   if (problems.length) throw new UsageError(`NanoClaw cannot start yet:\n\n${problems.map((p) => `• ${p}`).join('\n\n')}`);
   const release = acquireHostLock(config);
   const store = new Store(config.dbPath);
-  stopOrphanContainers(config);
+  removeLeftoverContainers(config);
   const host = new Host(config, store, makeChannels(store));
   return { host, store, release };
 }
@@ -2850,9 +3756,9 @@ export function whatsAppChannel(config: Config, store: Store, extra: Partial<Wha
     authDir: whatsAppAuthDir(config),
     assistantName: config.assistantName,
     hasOwnNumber: config.assistantHasOwnNumber,
-    mediaDirFor: (jid) => {
+    mediaTreeFor: (jid) => {
       const group = store.groupByJid(jid);
-      return group ? join(config.groupsDir, group.folder, 'media') : null;
+      return group ? groupTrees(config, group.folder).group : null;
     },
     outbox: storeOutbox(store, 'whatsapp'),
     lastGroupSync: () => store.getState(GROUPS_SYNCED_AT),
@@ -3022,13 +3928,15 @@ function groupsCommand(config: Config, args: string[]): number {
     if (action === 'register') {
       const { values, positionals } = parseArgs({
         args: rest, allowPositionals: true,
-        options: { name: { type: 'string' }, trigger: { type: 'string' }, 'no-trigger': { type: 'boolean' }, main: { type: 'boolean' } },
+        options: { name: { type: 'string' }, trigger: { type: 'string' }, 'no-trigger': { type: 'boolean' }, main: { type: 'boolean' }, network: { type: 'string' } },
       });
       const [jid, folder] = positionals;
-      if (!jid || !folder || positionals.length > 2) throw new UsageError('Usage: groups register <jid> <folder> [--name N] [--trigger @Word] [--no-trigger] [--main]');
+      if (!jid || !folder || positionals.length > 2) throw new UsageError('Usage: groups register <jid> <folder> [--name N] [--trigger @Word] [--no-trigger] [--main] [--network none|bridge|NAME]');
+      if (values.network !== undefined && !isValidNetwork(values.network)) throw new UsageError(`--network ${values.network}: use bridge, none or the name of a Docker network (never host).`);
       const group = registerGroup(config, store, {
         jid, folder, name: values.name ?? folder, trigger: values.trigger, isMain: values.main,
         requiresTrigger: values['no-trigger'] ? false : undefined,
+        containerConfig: values.network ? { network: values.network } : undefined,
       });
       console.log(`Registered ${group.jid} as groups/${group.folder}${group.isMain ? ' (main)' : ''}.`);
       return 0;
@@ -3148,14 +4056,16 @@ function mountsCommand(config: Config, args: string[]): number {
     if (!group) throw new UsageError(`No registered group uses the folder "${folder}" (see: bun nanoclaw.ts groups list).`);
     const allowlist = group.containerConfig?.additionalMounts?.length ? loadMountAllowlist(config.mountAllowlistPath) : null;
     const extra = validateExtraMounts(group.containerConfig?.additionalMounts, allowlist, group.isMain);
-    const paths = groupPaths(config, folder);
-    for (const dir of [paths.group, paths.ipcInput, paths.ipcMessages, paths.ipcTasks, paths.kimiHome]) mkdirSync(dir, { recursive: true });
-    const mounts = buildMounts(config, group, extra.mounts);
+    prepareGroupFolders(config, group);
+    const mounts = groupMounts(config, group, extra.mounts);
     if (values['docker-args']) {
-      for (const m of mounts) console.log(`-v\n${m.hostPath}:${m.containerPath}${m.readonly ? ':ro' : ''}`);
+      for (const m of mounts) console.log(`-v\n${formatMount(m, 'docker')}`);
       return 0;
     }
-    for (const m of mounts) console.log(`${m.hostPath} -> ${m.containerPath} (${m.readonly ? 'read-only' : 'read-write'})`);
+    for (const m of mounts) console.log(formatMount(m, 'human'));
+    const proxy = config.modelProxy === 'unix' ? `data/proxy/<run>.sock -> ${MODEL_SOCKET_IN_CONTAINER} (the model proxy, one socket per run)` : 'model proxy: host.docker.internal:<port> (tcp mode)';
+    console.log(proxy);
+    console.log(`network: ${groupNetwork(config, group)}`);
     for (const r of extra.rejected) console.log(`refused: ${r.hostPath} (${r.reason})`);
     return 0;
   } finally {
@@ -3176,14 +4086,17 @@ function logsCommand(config: Config, args: string[]): number {
   if (!Number.isInteger(count) || count <= 0) throw new UsageError('--lines takes a whole number above 0');
   if (values.group) {
     if (!isValidFolder(values.group)) throw new UsageError(`"${values.group}" is not a group folder name.`);
-    const dir = groupPaths(config, values.group).logs;
-    const runs = existsSync(dir) ? readdirSync(dir).filter((f) => /^container-.*\.log$/.test(f)).sort() : [];
+    const { group: tree } = groupTrees(config, values.group);
+    const dir = relative(config.projectRoot, tree.path('logs'));
+    const runs = tree.entries('logs').filter((e) => e.kind === 'file' && /^container-.*\.log$/.test(e.name)).map((e) => e.name).sort();
     if (runs.length === 0) {
-      console.log(`No container runs logged for "${values.group}" yet (${relative(config.projectRoot, dir)}/).`);
+      console.log(`No container runs logged for "${values.group}" yet (${dir}/).`);
       return 0;
     }
-    console.log(`Recent runs of ${values.group}:\n${runs.slice(-5).map((f) => `  ${relative(config.projectRoot, join(dir, f))}`).join('\n')}\n`);
-    console.log(lastLines(join(dir, runs.at(-1)!), count));
+    console.log(`Recent runs of ${values.group}:\n${runs.slice(-5).map((f) => `  ${dir}/${f}`).join('\n')}\n`);
+    const lines = tree.tail(`logs/${runs.at(-1)!}`, 256 * 1024).split('\n');
+    if (lines.at(-1) === '') lines.pop();
+    console.log(lines.slice(-count).join('\n'));
     return 0;
   }
   const main = join(config.logsDir, 'nanoclaw.log');
@@ -3299,14 +4212,40 @@ function sessionsCommand(config: Config, args: string[]): number {
     if (action === 'clear') {
       if (!folder || extra.length) throw new UsageError('Usage: sessions clear <folder>');
       if (!isValidFolder(folder)) throw new UsageError(`"${folder}" is not a group folder name.`);
-      const sessionFiles = join(groupPaths(config, folder).kimiHome, 'sessions');
-      const hadFiles = existsSync(sessionFiles);
-      rmSync(sessionFiles, { recursive: true, force: true });
+      const hadFiles = groupTrees(config, folder).kimi.remove('sessions');
       const hadRow = store.deleteSession(folder);
       console.log(hadFiles || hadRow ? `Cleared the session of "${folder}": the next message starts a new one.` : `"${folder}" had no session.`);
       return 0;
     }
     throw new UsageError(`Unknown sessions command "${action}".\n\n${USAGE}`);
+  } finally {
+    store.close();
+  }
+}
+
+function usageCommand(config: Config, args: string[]): number {
+  const { values } = parseArgs({ args, options: { days: { type: 'string', default: '30' }, group: { type: 'string' }, json: { type: 'boolean' } } });
+  const days = Number(values.days);
+  if (!Number.isInteger(days) || days <= 0) throw new UsageError('--days takes a whole number above 0');
+  const store = new Store(config.dbPath);
+  try {
+    const since = formatLocalTime(new Date(Date.now() - (days - 1) * 86_400_000).toISOString(), config.timezone).slice(0, 10);
+    const rows = store.modelUsage(since, values.group);
+    if (values.json) {
+      console.log(JSON.stringify(rows, null, 2));
+      return 0;
+    }
+    if (rows.length === 0) {
+      console.log(`No model requests in the last ${days} days${values.group ? ` for "${values.group}"` : ''}.`);
+      return 0;
+    }
+    console.log(`${'day'.padEnd(11)} ${'group'.padEnd(16)} ${'requests'.padStart(8)} ${'failed'.padStart(6)} ${'prompt tokens'.padStart(14)} ${'output tokens'.padStart(14)}`);
+    for (const r of rows) {
+      console.log(`${r.day.padEnd(11)} ${r.groupFolder.padEnd(16)} ${String(r.requests).padStart(8)} ${String(r.failed).padStart(6)} ${String(r.promptTokens).padStart(14)} ${String(r.completionTokens).padStart(14)}`);
+    }
+    const total = rows.reduce((sum, r) => ({ requests: sum.requests + r.requests, prompt: sum.prompt + r.promptTokens, output: sum.output + r.completionTokens }), { requests: 0, prompt: 0, output: 0 });
+    console.log(`${'total'.padEnd(28)} ${String(total.requests).padStart(8)} ${''.padStart(6)} ${String(total.prompt).padStart(14)} ${String(total.output).padStart(14)}`);
+    return 0;
   } finally {
     store.close();
   }
@@ -3350,6 +4289,8 @@ export async function main(argv: string[], projectRoot = process.env.NANOCLAW_RO
         return mountsCommand(config, args);
       case 'service':
         return serviceCommand(config, args);
+      case 'usage':
+        return usageCommand(config, args);
       default:
         throw new UsageError(`Unknown command "${command}".\n\n${USAGE}`);
     }

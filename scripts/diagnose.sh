@@ -59,14 +59,14 @@ else
 fi
 
 # 2. How the key reaches the container
-if ! grep -q 'secrets: readSecrets(' "$CODE_DIR/nanoclaw.ts" 2>/dev/null; then
-  report fail "Key delivery" "nanoclaw.ts no longer sends the key in the container's stdin" "restore 'secrets: readSecrets(this.config)' in Host.runAgent (see container/CONTRACT.md)"
+if ! grep -q 'proxy: this.proxy' "$CODE_DIR/nanoclaw.ts" 2>/dev/null; then
+  report fail "Key delivery" "nanoclaw.ts no longer runs containers through its model proxy, so the key could reach them" "restore 'proxy: this.proxy' in Host.runAgent (see SECURITY.md)"
 elif ! grep -Eq '^[[:space:]]*env[[:space:]]*=[[:space:]]*false' "$CODE_DIR/bunfig.toml" 2>/dev/null; then
   report fail "Key delivery" "bunfig.toml lets Bun load .env into process.env, so child processes could inherit the key" "put 'env = false' at the top of bunfig.toml"
 elif [ -f "$ROOT/data/env/env" ]; then
-  report fail "Key delivery" "data/env/env holds a copy of your key on disk; NanoClaw does not use it" "rm data/env/env (the key travels on the container's stdin only)"
+  report fail "Key delivery" "data/env/env holds a copy of your key on disk; NanoClaw does not use it" "rm data/env/env (the key stays on the host: containers reach the model through NanoClaw's proxy)"
 else
-  report ok "Key delivery" "stdin JSON of each container run (never an environment variable, argument or mounted file)"
+  report ok "Key delivery" "the key stays on the host; each container gets a per-run token for NanoClaw's model proxy"
 fi
 
 # 3. Docker engine

@@ -3,7 +3,7 @@ import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { beforeEach, describe, expect, it } from 'vitest';
 import { Store } from '../nanoclaw.ts';
-import { fakeDocker, tempProject, type FakeDocker } from './helpers.ts';
+import { fakeDocker, NO_MODEL_URL, tempProject, type FakeDocker } from './helpers.ts';
 
 const REPO = fileURLToPath(new URL('..', import.meta.url));
 const ENTRY = join(REPO, 'nanoclaw.ts');
@@ -26,7 +26,7 @@ async function cli(args: string[], stdin = '', env: Record<string, string> = {})
     stdin: new Blob([stdin]),
     stdout: 'pipe',
     stderr: 'pipe',
-    env: { PATH: process.env.PATH!, HOME: process.env.HOME!, NANOCLAW_ROOT: root, CONTAINER_RUNTIME: docker.path, ...env },
+    env: { PATH: process.env.PATH!, HOME: process.env.HOME!, NANOCLAW_ROOT: root, CONTAINER_RUNTIME: docker.path, KIMI_BASE_URL: NO_MODEL_URL, ...env },
   });
   const [stdout, stderr, code] = await Promise.all([new Response(proc.stdout).text(), new Response(proc.stderr).text(), proc.exited]);
   return { stdout, stderr, code };
@@ -90,8 +90,10 @@ describe('bun nanoclaw.ts', () => {
     expect((await cli(['logs'])).stdout).toContain('No host log yet');
     await cli(['groups', 'register', 'fam@g.us', 'family']);
     const mounts = await cli(['mounts', 'family']);
-    expect(mounts.stdout).toContain(`${root}/groups/global -> /workspace/global (read-only)`);
-    expect(mounts.stdout).toContain(`${root}/data/sessions/family/.kimi -> /home/node/.kimi (read-write)`);
+    expect(mounts.stdout).toContain(`${root}/groups/global -> /workspace/global (ro)`);
+    expect(mounts.stdout).toContain(`${root}/data/sessions/family/.kimi -> /home/node/.kimi (rw)`);
+    expect(mounts.stdout).toContain('-> /run/nanoclaw/model.sock (the model proxy, one socket per run)');
+    expect(mounts.stdout).toContain('network: bridge');
     expect((await cli(['mounts', 'family', '--docker-args'])).stdout.split('\n')).toContain(`${root}/groups/family:/workspace/group`);
     expect((await cli(['mounts', 'nobody'])).code).toBe(2);
     await cli(['chat'], '!fail the model is down\n');
@@ -145,10 +147,11 @@ describe('bun nanoclaw.ts chat (piped)', () => {
     expect(ids.at(-1)).toBe(resumed);
   });
 
-  it('keeps the key out of docker’s environment and arguments, and out of the logs', async () => {
+  it('keeps the key out of the container (a per-run token instead), docker’s environment and arguments, and the logs', async () => {
     await cli(['chat'], 'hi\n', { LOG_LEVEL: 'debug' });
     const run = docker.runs()[0]!;
-    expect(JSON.parse(run.stdin!).secrets.KIMI_API_KEY).toBe(SECRET);
+    expect(JSON.parse(run.stdin!).secrets.KIMI_API_KEY).toMatch(/^ncp-[0-9a-f]{32}$/);
+    expect(run.stdin).not.toContain(SECRET);
     expect(JSON.stringify(run.env)).not.toContain(SECRET);
     expect(run.argv.join(' ')).not.toContain(SECRET);
     for (const file of ['nanoclaw.log', 'nanoclaw.error.log']) {
@@ -202,7 +205,7 @@ describe('bun nanoclaw.ts chat (piped)', () => {
   it('on SIGTERM mid-answer lets the turn finish, delivers it, and exits cleanly', async () => {
     const proc = Bun.spawn([process.execPath, ENTRY, 'chat'], {
       cwd: root, stdin: 'pipe', stdout: 'pipe', stderr: 'pipe',
-      env: { PATH: process.env.PATH!, HOME: process.env.HOME!, NANOCLAW_ROOT: root, CONTAINER_RUNTIME: docker.path },
+      env: { PATH: process.env.PATH!, HOME: process.env.HOME!, NANOCLAW_ROOT: root, CONTAINER_RUNTIME: docker.path, KIMI_BASE_URL: NO_MODEL_URL },
     });
     proc.stdin.write('!sleep 4000\n');
     await proc.stdin.flush();

@@ -2,7 +2,7 @@ import { existsSync, mkdirSync, readdirSync, readFileSync, writeFileSync } from 
 import { join } from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import {
-  buildMounts, preflight, runContainer, setupLogging, stopOrphanContainers, Store, registerGroup,
+  groupMounts, installId, ModelProxy, preflight, removeLeftoverContainers, runContainer, setupLogging, Store, registerGroup,
   type Config, type ContainerInput, type ContainerResult, type RegisteredGroup,
 } from '../nanoclaw.ts';
 import { fakeDocker, tempProject, type FakeDocker } from './helpers.ts';
@@ -20,16 +20,30 @@ function input(prompt: string, extra: Partial<ContainerInput> = {}): ContainerIn
 
 const message = (text: string) => `<messages>\n<message sender="Alice" time="2026-01-01 10:00">${text}</message>\n</messages>`;
 
-async function run(prompt: string, extra: Partial<ContainerInput> = {}, onStart?: Parameters<typeof runContainer>[0]['onStart']) {
+async function run(prompt: string, extra: Partial<ContainerInput> = {}, onStart?: Parameters<typeof runContainer>[0]['onStart'], proxy?: ModelProxy) {
   const results: ContainerResult[] = [];
   const outcome = await runContainer({
-    config, group, input: input(prompt, extra), mounts: buildMounts(config, group), acceptsFollowUps: true,
+    config, group, input: input(prompt, extra), mounts: groupMounts(config, group), acceptsFollowUps: true, proxy,
     onResult: async (result) => {
       results.push(result);
     },
     onStart,
   });
   return { outcome, results };
+}
+
+/** A stand-in for Moonshot on loopback that checks the key and records what reached it. */
+function fakeUpstream() {
+  const seen: { path: string; auth: string | null; body: string }[] = [];
+  const server = Bun.serve({
+    hostname: '127.0.0.1', port: 0,
+    async fetch(req) {
+      seen.push({ path: new URL(req.url).pathname, auth: req.headers.get('authorization'), body: await req.text() });
+      if (req.headers.get('authorization') !== `Bearer ${SECRET}`) return Response.json({ error: { message: 'Invalid Authentication' } }, { status: 401 });
+      return Response.json({ choices: [{ message: { role: 'assistant', content: 'hello from upstream' } }], usage: { prompt_tokens: 11, completion_tokens: 3 } });
+    },
+  });
+  return { url: `http://127.0.0.1:${server.port}/v1`, seen, stop: () => server.stop(true) };
 }
 
 beforeEach(() => {
@@ -48,7 +62,10 @@ describe('runContainer with a fake docker', () => {
     const [call] = docker.runs();
     const argv = call!.argv;
     expect(argv.slice(0, 4)).toEqual(['run', '-i', '--rm', '--name']);
-    expect(argv[4]).toMatch(/^nanoclaw-family-\d{13}$/);
+    expect(argv[4]).toBe(`nanoclaw-${installId(config)}-family-${argv[4]!.split('-').at(-1)}`);
+    expect(argv[4]).toMatch(/-\d{13}$/);
+    for (const flag of ['--cap-drop', '--security-opt', '--pids-limit', '--memory', '--cpus', '--read-only', '--network']) expect(argv).toContain(flag);
+    expect(argv).toContain(`nanoclaw.install=${installId(config)}`);
     expect(argv.at(-1)).toBe('nanoclaw-agent:latest');
     const volumes = argv.flatMap((arg, i) => (argv[i - 1] === '-v' ? [arg] : []));
     const root = config.projectRoot;
@@ -75,12 +92,60 @@ describe('runContainer with a fake docker', () => {
     }
     const [call] = docker.runs();
     const stdin = JSON.parse(call!.stdin!);
+    // Without a model proxy the container gets no credential at all.
     expect(stdin).toEqual({
       prompt: message('hi'), groupFolder: 'family', chatJid: 'fam@g.us', isMain: false, sessionId: 'sess-1',
-      isScheduledTask: true, assistantName: 'Andy', secrets: { KIMI_API_KEY: SECRET },
+      isScheduledTask: true, assistantName: 'Andy', secrets: {},
     });
     expect(Object.keys(call!.env)).not.toContain('KIMI_API_KEY');
     expect(JSON.stringify(call!.env)).not.toContain('sk-from-process-env');
+    expect(call!.argv.join(' ')).not.toContain(SECRET);
+  });
+
+  it('gives the container a per-run token and its socket, never the key; the proxy swaps in the key; the token dies with the run', async () => {
+    writeFileSync(config.envFile, `KIMI_API_KEY=${SECRET}\n`);
+    const upstream = fakeUpstream();
+    const usage: { folder: string; ok: boolean; tokens: number }[] = [];
+    const proxy = new ModelProxy({
+      mode: 'unix', dir: join(config.dataDir, 'proxy'), upstream: upstream.url, apiKey: () => SECRET,
+      record: (folder, entry) => usage.push({ folder, ok: entry.ok, tokens: (entry.usage?.promptTokens ?? 0) + (entry.usage?.completionTokens ?? 0) }),
+    });
+    try {
+      const { results } = await run(message('!model hi'), {}, (live) => setTimeout(() => live.close(), 100), proxy);
+      const [call] = docker.runs();
+      const token = JSON.parse(call!.stdin!).secrets.KIMI_API_KEY as string;
+      expect(token).toMatch(/^ncp-[0-9a-f]{32}$/);
+      expect(call!.stdin).not.toContain(SECRET);
+      const socketMount = call!.argv.find((arg) => arg.endsWith(':/run/nanoclaw/model.sock'))!;
+      expect(socketMount).toMatch(new RegExp(`^${config.dataDir}/proxy/.*\\.sock:/run/nanoclaw/model\\.sock$`));
+      expect(call!.argv).toContain('NANOCLAW_MODEL_SOCKET=/run/nanoclaw/model.sock');
+      expect(results[0]!.result).toBe('model 200: {"choices":[{"message":{"role":"assistant","content":"hello from upstream"}}],"usage":{"prompt_tokens":11,"completion_tokens":3}}');
+      expect(upstream.seen).toEqual([{ path: '/v1/chat/completions', auth: `Bearer ${SECRET}`, body: expect.stringContaining('"hi"') }]);
+      expect(usage).toEqual([{ folder: 'family', ok: true, tokens: 14 }]);
+      // After the run: socket gone, token refused even on a new run's proxy.
+      expect(existsSync(socketMount.split(':')[0]!)).toBe(false);
+      const next = proxy.open('family', 'probe');
+      try {
+        const response = await fetch('http://x/chat/completions', { unix: next.socketPath, method: 'POST', headers: { authorization: `Bearer ${token}` }, body: '{}' } as RequestInit);
+        expect(response.status).toBe(401);
+        const ok = await fetch('http://x/chat/completions', { unix: next.socketPath, method: 'POST', headers: { authorization: `Bearer ${next.token}` }, body: '{}' } as RequestInit);
+        expect(ok.status).toBe(200);
+      } finally {
+        next.close();
+      }
+      expect(upstream.seen).toHaveLength(2); // the refused token never reached the upstream
+    } finally {
+      proxy.stop();
+      upstream.stop();
+    }
+  });
+
+  it('stops a container that ignores the close request after the grace period', async () => {
+    config = { ...config, container: { ...config.container, closeGraceMs: 300 } };
+    const { outcome, results } = await run(message('!deaf'), {}, (live) => setTimeout(() => live.close(), 50));
+    expect(results.map((r) => r.result)).toEqual(['not listening']);
+    expect(docker.calls().some((c) => c.command === 'stop' && c.name === docker.runs()[0]!.argv[4])).toBe(true);
+    expect(outcome.exitCode).not.toBe(0);
   });
 
   it('streams results as they come and reports the session', async () => {
@@ -105,7 +170,7 @@ describe('runContainer with a fake docker', () => {
     expect(text).toContain(`${config.projectRoot}/groups/global -> /workspace/global (ro)`);
     expect(text).toContain('--- Stderr ---');
     expect(text).toContain('Session initialized');
-    expect(text).toContain('secrets: KIMI_API_KEY');
+    expect(text).toContain('model: no model proxy');
     expect(text).not.toContain(SECRET);
   });
 
@@ -177,9 +242,13 @@ describe('start-up checks', () => {
     expect(preflight({ ...config, kimi: { provider: 'openai_legacy', baseUrl: 'http://localhost:11434/v1' } })).toEqual([]);
   });
 
-  it('stops leftover nanoclaw containers', () => {
-    docker.setRunning(['nanoclaw-main-1', 'nanoclaw-family-2']);
-    expect(stopOrphanContainers(config)).toEqual(['nanoclaw-main-1', 'nanoclaw-family-2']);
-    expect(docker.calls().filter((c) => c.command === 'stop').map((c) => c.name)).toEqual(['nanoclaw-main-1', 'nanoclaw-family-2']);
+  it('removes this install’s leftover containers, whatever their state, asking the engine by install label', () => {
+    docker.setRunning(['nanoclaw-a-main-1', 'nanoclaw-a-family-2']);
+    expect(removeLeftoverContainers(config)).toEqual(['nanoclaw-a-main-1', 'nanoclaw-a-family-2']);
+    const ps = docker.calls().find((c) => c.command === 'ps')!;
+    expect(ps.argv).toEqual(['ps', '-a', '--filter', `label=nanoclaw.install=${installId(config)}`, '--format', '{{.Names}}']);
+    expect(docker.calls().filter((c) => c.command === 'rm').map((c) => c.names)).toEqual([['nanoclaw-a-main-1', 'nanoclaw-a-family-2']]);
+    expect(docker.calls().find((c) => c.command === 'rm')!.argv.slice(0, 2)).toEqual(['rm', '-f']);
+    expect(removeLeftoverContainers(config)).toEqual([]);
   });
 });

@@ -1,15 +1,17 @@
 /**
  * End to end on a real Docker engine with the real test image (nanoclaw-agent:test, built
  * from container/Dockerfile by `container/build.sh --test`): the real agent-runner, the
- * real Kimi Agent SDK and MCP SDK inside; only the model behind `kimi` is the stub.
- * `npm test` builds the image before running this file.
+ * real Kimi Agent SDK and MCP SDK and the kimi CLI double inside, the host's real model
+ * proxy outside; only the model is scripted (kimi-stub/fake-model.ts, on loopback, checking
+ * the key). `npm test` builds the image before running this file.
  */
 import { chmodSync, existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { startFakeModel, type FakeModel } from '../container/agent-runner/kimi-stub/fake-model.ts';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterEach, beforeAll, describe, expect, it } from 'vitest';
 import {
-  buildDockerArgs, buildMounts, containerUserArgs, handToContainerUser, Host, RESULT_END, RESULT_START, registerGroup, setupLogging, Store,
+  buildDockerArgs, containerUserArgs, groupMounts, hardeningArgs, Host, prepareGroupFolders, RESULT_END, RESULT_START, registerGroup, setupLogging, Store,
   type Config, type RegisteredGroup,
 } from '../nanoclaw.ts';
 import { proto, type WAMessage } from '@whiskeysockets/baileys';
@@ -32,11 +34,15 @@ function recordingDocker(): { path: string; runs(): number } {
   return { path, runs: () => (existsSync(log) ? readFileSync(log, 'utf8').split('\n').filter((l) => l === 'run').length : 0) };
 }
 
+/** The scripted model: the host's proxy forwards to it, with the real key, which it checks. */
+let model: FakeModel;
 beforeAll(() => {
   const inspect = Bun.spawnSync(['docker', 'image', 'inspect', IMAGE]);
   if (inspect.exitCode !== 0) {
     throw new Error(`The image ${IMAGE} is missing: run ./container/build.sh --test (npm test does this first).`);
   }
+  model = startFakeModel({ key: KEY });
+  return () => model.stop();
 });
 
 interface World {
@@ -51,7 +57,7 @@ const open: World[] = [];
 
 async function world(env: Record<string, string> = {}, dotEnv = `KIMI_API_KEY=${KEY}\n`, reuse?: World): Promise<World> {
   const docker = reuse?.docker ?? recordingDocker();
-  const config = reuse?.config ?? tempProject({ CONTAINER_RUNTIME: docker.path, CONTAINER_IMAGE: IMAGE, IDLE_TIMEOUT: '60000', ...env }, dotEnv);
+  const config = reuse?.config ?? tempProject({ CONTAINER_RUNTIME: docker.path, CONTAINER_IMAGE: IMAGE, IDLE_TIMEOUT: '60000', KIMI_BASE_URL: model.url, ...env }, dotEnv);
   setupLogging(config, { terminalLevel: 'silent', secrets: [KEY] });
   const store = new Store(config.dbPath);
   const groups = reuse?.groups ?? {
@@ -84,9 +90,15 @@ afterEach(async () => {
 const texts = (w: World, jid?: string) => w.channel.sent.filter((s) => !jid || s.jid === jid).map((s) => s.text);
 
 describe('the image on its own', () => {
-  it('answers the guide’s manual test JSON piped into docker run -i', async () => {
+  it('answers the guide’s manual test JSON piped into docker run -i (the model on a mounted socket)', async () => {
+    const dir = tempDir('nanoclaw-e2e-model-');
+    chmodSync(dir, 0o755);
+    const socketModel = startFakeModel({ key: KEY, unix: join(dir, 'model.sock') });
     const input = { prompt: 'test', groupFolder: 'test', chatJid: 'test@g.us', isMain: false, secrets: { KIMI_API_KEY: KEY } };
-    const proc = Bun.spawn(['docker', 'run', '-i', '--rm', IMAGE], { stdin: new Blob([JSON.stringify(input)]), stdout: 'pipe', stderr: 'pipe' });
+    const proc = Bun.spawn(['docker', 'run', '-i', '--rm', '--network', 'none', '-v', `${socketModel.url}:/run/nanoclaw/model.sock`, '-e', 'NANOCLAW_MODEL_SOCKET=/run/nanoclaw/model.sock', IMAGE], {
+      stdin: new Blob([JSON.stringify(input)]), stdout: 'pipe', stderr: 'pipe',
+    });
+    setTimeout(() => socketModel.stop(), 60_000);
     const stdout = await new Response(proc.stdout).text();
     await proc.exited;
     const start = stdout.indexOf(RESULT_START);
@@ -96,16 +108,12 @@ describe('the image on its own', () => {
     expect(result).toMatchObject({ status: 'success', result: '[stub] test' });
   });
 
-  it('runs as node (uid 1000, HOME=/home/node) with exactly the contract’s mounts', async () => {
+  it('runs as node (uid 1000, HOME=/home/node) with exactly the contract’s mounts, hardened', async () => {
     const w = await world();
-    const mountsFor = (group: RegisteredGroup) => buildMounts(w.config, group);
-    for (const folder of ['main', 'family', 'work']) mkdirSync(join(w.config.sessionsDir, folder, '.kimi'), { recursive: true });
-    mkdirSync(join(w.config.ipcDir, 'family'), { recursive: true });
-    mkdirSync(join(w.config.ipcDir, 'main'), { recursive: true });
+    const mountsFor = (group: RegisteredGroup) => groupMounts(w.config, group);
     const probe = (group: RegisteredGroup, script: string) => {
-      // Prepared as runContainer prepares them: writable mounts belong to the container user.
-      for (const m of mountsFor(group)) if (!m.readonly && m.hostPath !== w.config.projectRoot) handToContainerUser(m.hostPath);
-      const args = buildDockerArgs(`nanoclaw-e2e-probe-${Date.now()}`, IMAGE, mountsFor(group), {}, containerUserArgs());
+      prepareGroupFolders(w.config, group); // as runContainer prepares them
+      const args = buildDockerArgs(`nanoclaw-e2e-probe-${Date.now()}`, IMAGE, mountsFor(group), {}, [...containerUserArgs(), ...hardeningArgs(w.config, group)]);
       args.splice(args.indexOf(IMAGE), 0, '--entrypoint', '/bin/bash');
       const run = Bun.spawnSync(['docker', ...args, '-c', script]);
       return run.stdout.toString().trim();
@@ -126,10 +134,17 @@ describe('the image on its own', () => {
     chmodSync(w.config.projectRoot, 0o755); // a checkout is world-readable; mkdtemp's 0700 is not
     const mountPoints = (group: RegisteredGroup) =>
       probe(group, "awk '{print $2}' /proc/mounts | grep -E '^/(workspace|home/node)' | sort").split('\n');
-    expect(mountPoints(w.groups.main)).toEqual(['/home/node/.kimi', '/workspace/group', '/workspace/ipc', '/workspace/project']);
-    expect(mountPoints(w.groups.family)).toEqual(['/home/node/.kimi', '/workspace/global', '/workspace/group', '/workspace/ipc']);
-    const main = probe(w.groups.main, 'ls /workspace/project/groups');
-    expect(main.split('\n')).toEqual(expect.arrayContaining(['family', 'global', 'main', 'work']));
+    expect(mountPoints(w.groups.main)).toEqual([
+      '/home/node', '/home/node/.kimi', '/workspace/group', '/workspace/ipc', '/workspace/project', '/workspace/project/.env', '/workspace/project/data',
+      '/workspace/project/groups/global', '/workspace/project/store',
+    ]);
+    expect(mountPoints(w.groups.family)).toEqual(['/home/node', '/home/node/.kimi', '/workspace/global', '/workspace/group', '/workspace/ipc']);
+    const main = probe(w.groups.main, 'ls /workspace/project/groups; cat /workspace/project/.env; find /workspace/project/store /workspace/project/data -mindepth 1 | wc -l; ' +
+      'touch /workspace/project/x 2>/dev/null && echo project-writable || echo project-ro; ' +
+      'echo edited >> /workspace/project/groups/global/CLAUDE.md && echo global-writable');
+    expect(main.split('\n')).toEqual(expect.arrayContaining(['family', 'global', 'main', 'work', '0', 'project-ro', 'global-writable']));
+    expect(main).not.toContain(KEY);
+    expect(readFileSync(join(w.config.groupsDir, 'global', 'CLAUDE.md'), 'utf8')).toContain('edited');
   });
 });
 
@@ -200,7 +215,7 @@ describe('host and real container together', () => {
     w.host.on('turn', (t: { status: string; error?: string }) => t.status === 'error' && errors.push(t.error ?? ''));
     w.channel.receive(MAIN, 'are you there?');
     await waitFor(() => errors.length >= 1, 60_000, 'error turn');
-    expect(errors[0]).toContain('LLM is not set');
+    expect(errors[0]).toContain('NanoClaw has no KIMI_API_KEY');
     expect(texts(w)).toEqual([]);
     writeFileSync(w.config.envFile, `KIMI_API_KEY=${KEY}\n`);
     await waitFor(() => texts(w).length === 1, 90_000, 'answer after the key came back');
@@ -220,13 +235,13 @@ describe('host and real container together', () => {
 
 describe('WhatsApp and scheduled tasks with the real container', () => {
   it('a WhatsApp message through the channel’s handler → exactly one reply through its send path', async () => {
-    const config = tempProject({ CONTAINER_IMAGE: IMAGE, IDLE_TIMEOUT: '60000' }, `KIMI_API_KEY=${KEY}\n`);
+    const config = tempProject({ CONTAINER_IMAGE: IMAGE, IDLE_TIMEOUT: '60000', KIMI_BASE_URL: model.url }, `KIMI_API_KEY=${KEY}\n`);
     setupLogging(config, { terminalLevel: 'silent', secrets: [KEY] });
     const store = new Store(config.dbPath);
     registerGroup(config, store, { jid: FAMILY, name: 'Family', folder: 'family' });
     const server = flakyServer(60_000);
     const whatsapp = new RecordingWhatsApp({
-      authDir: await linkedAuthDir(), assistantName: 'Andy', hasOwnNumber: false, waWebSocketUrl: server.url, mediaDirFor: () => null,
+      authDir: await linkedAuthDir(), assistantName: 'Andy', hasOwnNumber: false, waWebSocketUrl: server.url, mediaTreeFor: () => null,
     });
     const host = new Host(config, store, [whatsapp], { sweepIntervalMs: 60_000 });
     try {

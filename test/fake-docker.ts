@@ -11,7 +11,7 @@
  * Behaviour switches are files in <dir> (the host hands children no custom environment):
  *   engine-down      `docker info` fails like a stopped daemon
  *   no-image         `docker image inspect` fails
- *   running          names printed by `docker ps`
+ *   running          names printed by `docker ps` (`rm -f` takes them away)
  *   no-kimi          `docker run --entrypoint kimi IMAGE --version` fails
  *
  * The "model", by the text of the last message (after an optional @Name trigger):
@@ -22,6 +22,10 @@
  *   !internal       → "<internal>hidden</internal>visible"
  *   !silent         → success with a null result
  *   !failonce TEXT  → error the first time this exact prompt text is seen, echo after
+ *   !model TEXT     → asks the model through the run's proxy socket (the -v onto
+ *                     /run/nanoclaw/model.sock) with the token from stdin; answers
+ *                     "model <status>: <body>"
+ *   !deaf           → answers, then ignores _close (the host must stop it)
  */
 import { appendFileSync, existsSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
@@ -50,6 +54,9 @@ function emit(result: Record<string, unknown>): void {
   process.stdout.write(`${START}\n${JSON.stringify(result)}\n${END}\n`);
 }
 
+let deaf = false;
+let token = '';
+
 async function answer(prompt: string, sessionId: string): Promise<void> {
   const text = lastMessageText(prompt);
   const [command, ...rest] = text.split(' ');
@@ -71,6 +78,23 @@ async function answer(prompt: string, sessionId: string): Promise<void> {
     case '!silent':
       emit({ status: 'success', result: null, sessionId });
       return;
+    case '!deaf':
+      deaf = true;
+      emit({ status: 'success', result: 'not listening', sessionId });
+      return;
+    case '!model': {
+      const socket = mountedHostPath('/run/nanoclaw/model.sock');
+      if (!socket) {
+        emit({ status: 'error', result: null, error: 'no model socket mounted', sessionId });
+        return;
+      }
+      const response = await fetch('http://model/chat/completions', {
+        unix: socket, method: 'POST', headers: { authorization: `Bearer ${token}`, 'content-type': 'application/json' },
+        body: JSON.stringify({ model: 'k25', messages: [{ role: 'user', content: arg }] }),
+      } as RequestInit);
+      emit({ status: 'success', result: `model ${response.status}: ${await response.text()}`, sessionId });
+      return;
+    }
     case '!failonce': {
       const seen = join(stateDir, `seen-${Bun.hash(prompt)}`);
       if (!existsSync(seen)) {
@@ -109,7 +133,8 @@ async function run(): Promise<never> {
   }
   const stdin = await new Response(Bun.stdin.stream()).text();
   record({ command: 'run', stdin });
-  const input = JSON.parse(stdin) as { prompt: string; sessionId?: string };
+  const input = JSON.parse(stdin) as { prompt: string; sessionId?: string; secrets?: { KIMI_API_KEY?: string } };
+  token = input.secrets?.KIMI_API_KEY ?? '';
   const sessionId = input.sessionId ?? `fake-session-${process.pid}`;
   process.stderr.write('fake agent: reading the prompt\n');
   process.stderr.write(`Session initialized: ${sessionId}\n`);
@@ -124,6 +149,7 @@ async function run(): Promise<never> {
       for (const file of readdirSync(inputDir).filter((f) => !f.startsWith('.')).sort()) {
         const path = join(inputDir, file);
         if (file === '_close') {
+          if (deaf) continue;
           rmSync(path, { force: true });
           record({ command: 'closed', name });
           process.exit(0);
@@ -166,6 +192,14 @@ switch (command) {
     record({ command, name: argv.at(-1) });
     writeFileSync(join(stateDir, `stop-${argv.at(-1)}`), '');
     break;
+  case 'rm': {
+    const names = argv.slice(1).filter((arg) => !arg.startsWith('-'));
+    record({ command, names });
+    for (const name of names) writeFileSync(join(stateDir, `stop-${name}`), '');
+    const running = join(stateDir, 'running');
+    if (existsSync(running)) writeFileSync(running, readFileSync(running, 'utf8').split('\n').filter((n) => n && !names.includes(n)).map((n) => `${n}\n`).join(''));
+    break;
+  }
   case 'run':
     await run();
     break;

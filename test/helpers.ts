@@ -17,6 +17,7 @@ export interface FakeDockerCall {
   command: string;
   stdin?: string;
   name?: string;
+  names?: string[];
   text?: string;
 }
 
@@ -56,6 +57,12 @@ export function fakeDocker(): FakeDocker {
   };
 }
 
+/**
+ * Where model requests go unless a test starts a model of its own: a loopback port nothing
+ * listens on (9, discard), so no test can ever reach the real Moonshot endpoint by mistake.
+ */
+export const NO_MODEL_URL = 'http://127.0.0.1:9/v1';
+
 /** A temp project root laid out like the repository, with its config. */
 export function tempProject(env: Record<string, string> = {}, dotEnv = ''): Config {
   const root = tempDir();
@@ -63,7 +70,7 @@ export function tempProject(env: Record<string, string> = {}, dotEnv = ''): Conf
   mkdirSync(join(root, 'groups', 'main'), { recursive: true });
   writeFileSync(join(root, 'groups', 'global', 'CLAUDE.md'), '# global memory\n');
   if (dotEnv) writeFileSync(join(root, '.env'), dotEnv);
-  return loadConfig(root, { TZ: 'UTC', LOG_LEVEL: 'info', NANOCLAW_MOUNT_ALLOWLIST: join(root, 'no-allowlist.json'), ...env });
+  return loadConfig(root, { TZ: 'UTC', LOG_LEVEL: 'info', NANOCLAW_MOUNT_ALLOWLIST: join(root, 'no-allowlist.json'), KIMI_BASE_URL: NO_MODEL_URL, ...env });
 }
 
 /** A real Channel implementation that keeps what it was asked to send. */

@@ -246,7 +246,7 @@ describe('IPC from the agent', () => {
     drop(w, 'work', 'messages', { type: 'message', chatJid: WORK, text: 'after the broken one' });
     await waitFor(() => texts(w).length === 1, 5000, 'good message');
     const errors = readdirSync(join(w.config.ipcDir, 'errors'));
-    expect(errors).toEqual(['work-messages-1-broken.json']);
+    expect(errors).toEqual(['work.messages.1-broken.json']);
     expect(readFileSync(join(w.config.ipcDir, 'errors', errors[0]!), 'utf8')).toBe('{"type": "message", "chatJid":');
   });
 
@@ -282,13 +282,13 @@ describe('IPC from the agent', () => {
 });
 
 describe('secrets', () => {
-  it('reaches the container only on stdin and never appears in any log', async () => {
+  it('never reaches the container (a per-run proxy token goes on stdin) and never appears in any log', async () => {
     const w = await world({ LOG_LEVEL: 'debug' });
     w.channel.receive(MAIN, `please remember ${SECRET}`); // even when someone pastes it
     await waitFor(() => texts(w).length === 1, 10_000, 'reply');
     await shutDown(w);
     const run = w.docker.runs()[0]!;
-    expect(JSON.parse(run.stdin!).secrets).toEqual({ KIMI_API_KEY: SECRET });
+    expect(JSON.parse(run.stdin!).secrets).toEqual({ KIMI_API_KEY: expect.stringMatching(/^ncp-[0-9a-f]{32}$/) });
     expect(JSON.stringify(run.env)).not.toContain(SECRET);
     expect(run.argv.join(' ')).not.toContain(SECRET);
     const logFiles = [

@@ -1,8 +1,9 @@
-import { existsSync, mkdirSync, readdirSync, readFileSync, renameSync, writeFileSync } from 'node:fs';
+import { execFileSync } from 'node:child_process';
+import { existsSync, mkdirSync, readdirSync, readFileSync, renameSync, symlinkSync, truncateSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import {
-  groupsSnapshot, IpcFormatError, IpcWatcher, parseIpcMessage, parseIpcTask, refusal, registerGroup, Store, tasksSnapshot, writeSnapshots,
+  groupsSnapshot, IPC_ERRORS_KEPT, IPC_FILES_PER_PASS, IpcFormatError, IpcWatcher, parseIpcMessage, parseIpcTask, refusal, registerGroup, Store, tasksSnapshot, writeSnapshots,
   type RegisteredGroup,
 } from '../nanoclaw.ts';
 import { tempDir, tempProject, waitFor } from './helpers.ts';
@@ -158,9 +159,71 @@ describe('IpcWatcher', () => {
     drop(dir, 'g', 'messages', 'broken.json', '{"n": 1,');
     drop(dir, 'g', 'tasks', 'refused.json', '{"bad": true}');
     await waitFor(() => existsSync(join(dir, 'errors')) && readdirSync(join(dir, 'errors')).length === 2, 3000, 'errors/');
-    expect(readdirSync(join(dir, 'errors')).sort()).toEqual(['g-messages-broken.json', 'g-tasks-refused.json']);
-    expect(readFileSync(join(dir, 'errors', 'g-messages-broken.json'), 'utf8')).toBe('{"n": 1,');
+    expect(readdirSync(join(dir, 'errors')).sort()).toEqual(['g.messages.broken.json', 'g.tasks.refused.json']);
+    expect(readFileSync(join(dir, 'errors', 'g.messages.broken.json'), 'utf8')).toBe('{"n": 1,');
     await watcher.scan();
     expect(calls).toBe(1); // the broken one never reached the handler; the refused one once
+  });
+
+  it('never reads through a link, never blocks on a FIFO, never reads an oversized file, and keeps serving others', async () => {
+    const seen: unknown[] = [];
+    const { dir, watcher } = watched(async (folder, _k, data) => {
+      seen.push({ folder, data });
+    });
+    const outside = tempDir('nanoclaw-host-');
+    writeFileSync(join(outside, 'secret.json'), '{"type":"message","chatJid":"x@g.us","text":"stolen"}');
+    writeFileSync(join(outside, 'other.json'), '{"n":"outside"}');
+    mkdirSync(join(dir, 'evil', 'messages'), { recursive: true });
+    symlinkSync(join(outside, 'secret.json'), join(dir, 'evil', 'messages', '1-link.json'));
+    execFileSync('mkfifo', [join(dir, 'evil', 'messages', '2-fifo.json')]);
+    writeFileSync(join(dir, 'evil', 'messages', '3-big.json'), '');
+    truncateSync(join(dir, 'evil', 'messages', '3-big.json'), 5 * 1024 * 1024);
+    mkdirSync(join(dir, 'evil', 'messages', '4-dir.json'));
+    symlinkSync(outside, join(dir, 'evil', 'tasks')); // the whole tasks folder is a link to a host folder
+    drop(dir, 'family', 'messages', '1.json', '{"n":"family"}');
+    watcher.start();
+    await waitFor(() => seen.length === 1, 5000, 'the other group’s file');
+    await watcher.scan();
+    expect(seen).toEqual([{ folder: 'family', data: { n: 'family' } }]);
+    expect(readdirSync(outside).sort()).toEqual(['other.json', 'secret.json']); // nothing moved out of the host folder
+    expect(readdirSync(join(dir, 'evil', 'messages'))).toEqual([]); // link, FIFO, folder removed; big file refused and deleted
+    expect(existsSync(join(dir, 'evil', 'tasks'))).toBe(false); // the link went, its target stayed
+    expect(existsSync(join(dir, 'errors'))).toBe(false);
+  });
+
+  it('keeps at most IPC_ERRORS_KEPT rejected files', async () => {
+    const { dir, watcher } = watched(async () => {});
+    for (let i = 0; i < IPC_ERRORS_KEPT + 7; i++) drop(dir, 'g', 'messages', `${String(i).padStart(4, '0')}.json`, '{broken');
+    watcher.start();
+    await waitFor(() => existsSync(join(dir, 'errors')) && readdirSync(join(dir, 'g', 'messages')).length === 0, 10_000, 'all processed');
+    await watcher.scan();
+    const kept = readdirSync(join(dir, 'errors')).sort();
+    expect(kept).toHaveLength(IPC_ERRORS_KEPT);
+    expect(kept.at(-1)).toBe(`g.messages.${String(IPC_ERRORS_KEPT + 6).padStart(4, '0')}.json`);
+  });
+
+  it('a group flooding its folder does not hold up another group’s request', async () => {
+    const order: string[] = [];
+    const { dir, watcher } = watched(async (folder) => {
+      order.push(folder);
+    });
+    for (let i = 0; i < IPC_FILES_PER_PASS * 4; i++) drop(dir, 'aaa-flood', 'messages', `${String(i).padStart(4, '0')}.json`, '{}');
+    drop(dir, 'zzz-quiet', 'messages', '1.json', '{}');
+    watcher.start();
+    await waitFor(() => order.length === IPC_FILES_PER_PASS * 4 + 1, 10_000, 'everything');
+    expect(order.indexOf('zzz-quiet')).toBe(IPC_FILES_PER_PASS);
+  });
+
+  it('handles a request claimed by a host that died before handling it, at the next start', async () => {
+    const seen: unknown[] = [];
+    const { dir, watcher } = watched(async (folder, kind, data) => {
+      seen.push({ folder, kind, data });
+    });
+    mkdirSync(join(dir, 'claimed'), { recursive: true });
+    writeFileSync(join(dir, 'claimed', 'family.tasks.1700000000000-abc.json'), '{"n":1}');
+    watcher.start();
+    await waitFor(() => seen.length === 1, 3000, 'claimed file');
+    expect(seen).toEqual([{ folder: 'family', kind: 'tasks', data: { n: 1 } }]);
+    expect(readdirSync(join(dir, 'claimed'))).toEqual([]);
   });
 });

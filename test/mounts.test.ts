@@ -2,8 +2,8 @@ import { mkdirSync, realpathSync, symlinkSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import {
-  buildDockerArgs, buildMounts, containerEnvironment, containerUserArgs, loadMountAllowlist, ResultParser, RESULT_END, RESULT_START,
-  validateExtraMounts, type RegisteredGroup,
+  buildDockerArgs, containerEnvironment, containerUserArgs, defaultContainerCpus, groupMounts, hardeningArgs, installId, isValidFolder, loadConfig,
+  loadMountAllowlist, MODEL_SOCKET_IN_CONTAINER, ResultParser, RESULT_END, RESULT_START, validateExtraMounts, type RegisteredGroup,
 } from '../nanoclaw.ts';
 import { tempDir, tempProject } from './helpers.ts';
 
@@ -11,22 +11,33 @@ const group = (folder: string, isMain = false): RegisteredGroup => ({
   jid: `${folder}@g.us`, name: folder, folder, trigger: '@Andy', requiresTrigger: !isMain, isMain, addedAt: '',
 });
 
-describe('buildMounts', () => {
-  it('main: its folder, the project, its IPC and its Kimi home — never the global folder', () => {
+describe('groupMounts', () => {
+  it('main: its folder, the project read-only with the shared memory writable and the secrets hidden, its IPC and Kimi home', () => {
     const config = tempProject();
     const root = config.projectRoot;
-    expect(buildMounts(config, group('main', true))).toEqual([
+    expect(groupMounts(config, group('main', true))).toEqual([
       { hostPath: `${root}/groups/main`, containerPath: '/workspace/group', readonly: false },
-      { hostPath: root, containerPath: '/workspace/project', readonly: false },
+      { hostPath: root, containerPath: '/workspace/project', readonly: true },
+      { hostPath: `${root}/groups/global`, containerPath: '/workspace/project/groups/global', readonly: false },
       { hostPath: `${root}/data/ipc/main`, containerPath: '/workspace/ipc', readonly: false },
       { hostPath: `${root}/data/sessions/main/.kimi`, containerPath: '/home/node/.kimi', readonly: false },
+    ]);
+    // Once they exist, .env, store/ and data/ are covered by host-only empty stand-ins.
+    writeFileSync(join(root, '.env'), 'KIMI_API_KEY=sk-hidden-0001\n');
+    mkdirSync(join(root, 'store', 'auth'), { recursive: true });
+    mkdirSync(join(root, 'data'), { recursive: true });
+    const masks = groupMounts(config, group('main', true)).filter((m) => /\/workspace\/project\/(\.env|store|data)$/.test(m.containerPath));
+    expect(masks).toEqual([
+      { hostPath: `${root}/data/mask/empty`, containerPath: '/workspace/project/.env', readonly: true },
+      { hostPath: `${root}/data/mask/empty-dir`, containerPath: '/workspace/project/store', readonly: true },
+      { hostPath: `${root}/data/mask/empty-dir`, containerPath: '/workspace/project/data', readonly: true },
     ]);
   });
 
   it('other groups: the global folder read-only, never the project', () => {
     const config = tempProject();
     const root = config.projectRoot;
-    expect(buildMounts(config, group('family'))).toEqual([
+    expect(groupMounts(config, group('family'))).toEqual([
       { hostPath: `${root}/groups/family`, containerPath: '/workspace/group', readonly: false },
       { hostPath: `${root}/groups/global`, containerPath: '/workspace/global', readonly: true },
       { hostPath: `${root}/data/ipc/family`, containerPath: '/workspace/ipc', readonly: false },
@@ -50,9 +61,58 @@ describe('docker arguments', () => {
     expect(containerUserArgs(501, 20)).toEqual(['--user', '501:20', '-e', 'HOME=/home/node']);
   });
 
-  it('passes settings but never the key', () => {
+  it('passes settings and where the proxy is, but never the key nor the real endpoint', () => {
     const config = tempProject({ KIMI_BASE_URL: 'http://localhost:8000/v1', KIMI_MODEL_NAME: 'm', KIMI_PROVIDER: 'openai_legacy', KIMI_API_KEY: 'sk-not-here-123' });
-    expect(containerEnvironment(config)).toEqual({ TZ: 'UTC', ASSISTANT_NAME: 'Andy', KIMI_BASE_URL: 'http://localhost:8000/v1', KIMI_MODEL_NAME: 'm', KIMI_PROVIDER: 'openai_legacy' });
+    expect(containerEnvironment(config, { url: undefined })).toEqual({
+      TZ: 'UTC', ASSISTANT_NAME: 'Andy', KIMI_MODEL_NAME: 'm', KIMI_PROVIDER: 'openai_legacy', NANOCLAW_MODEL_SOCKET: MODEL_SOCKET_IN_CONTAINER,
+    });
+    expect(containerEnvironment(config, { url: 'http://host.docker.internal:4321' })).toMatchObject({ NANOCLAW_MODEL_URL: 'http://host.docker.internal:4321' });
+    expect(containerEnvironment(config, null)).not.toHaveProperty('NANOCLAW_MODEL_SOCKET');
+  });
+
+  it('hardens every container: no capabilities, no privilege gain, limits, read-only image, network, install label', () => {
+    const config = tempProject({ CONTAINER_MEMORY: '1g', CONTAINER_CPUS: '1.5', CONTAINER_PIDS: '300' });
+    const args = hardeningArgs(config, group('family'), 0, 0);
+    const pairs = (flag: string) => args.flatMap((arg, i) => (args[i - 1] === flag ? [arg] : []));
+    expect(pairs('--cap-drop')).toEqual(['ALL']);
+    expect(pairs('--security-opt')).toEqual(['no-new-privileges']);
+    expect(pairs('--pids-limit')).toEqual(['300']);
+    expect(pairs('--memory')).toEqual(['1g']);
+    expect(pairs('--memory-swap')).toEqual(['1g']);
+    expect(pairs('--cpus')).toEqual(['1.5']);
+    expect(args).toContain('--read-only');
+    expect(args[0]).toBe('--init');
+    expect(pairs('--tmpfs').find((t) => t.startsWith('/home/node:'))).toContain('uid=1000,gid=1000');
+    expect(pairs('--network')).toEqual(['bridge']);
+    expect(pairs('--label')).toEqual([`nanoclaw.install=${installId(config)}`, 'nanoclaw.group=family']);
+    // A host user other than root owns its container's home; a group can have no network at all.
+    const own = hardeningArgs(config, { ...group('family'), containerConfig: { network: 'none' } }, 501, 20);
+    expect(own.flatMap((arg, i) => (own[i - 1] === '--tmpfs' ? [arg] : [])).find((t) => t.startsWith('/home/node:'))).toContain('uid=501,gid=20');
+    expect(own[own.indexOf('--network') + 1]).toBe('none');
+  });
+
+  it('limits default to half the CPUs and refuse a bad value or the host network', () => {
+    expect(defaultContainerCpus(2)).toBe(1);
+    expect(defaultContainerCpus(1)).toBe(1);
+    expect(defaultContainerCpus(16)).toBe(8);
+    const root = tempDir();
+    expect(() => loadConfig(root, { CONTAINER_NETWORK: 'host' })).toThrow('CONTAINER_NETWORK');
+    expect(() => loadConfig(root, { CONTAINER_MEMORY: 'lots' })).toThrow('CONTAINER_MEMORY');
+    expect(() => loadConfig(root, { CONTAINER_CPUS: '0' })).toThrow('CONTAINER_CPUS');
+    expect(() => loadConfig(root, { MODEL_PROXY: 'off' })).toThrow('MODEL_PROXY');
+    expect(loadConfig(root, { CONTAINER_NETWORK: 'none' }).container.network).toBe('none');
+  });
+
+  it('two project directories are two installs', () => {
+    expect(installId(tempProject())).not.toBe(installId(tempProject()));
+    const config = tempProject();
+    expect(installId(config)).toBe(installId(loadConfig(config.projectRoot, { TZ: 'UTC' })));
+    expect(installId(config)).toMatch(/^[0-9a-f]{12}$/);
+  });
+
+  it('refuses folder names that NanoClaw uses itself, or that could climb out', () => {
+    for (const bad of ['global', 'errors', 'claimed', '../x', 'a/b', '.hidden', 'Family', '']) expect(isValidFolder(bad), bad).toBe(false);
+    for (const good of ['family', 'main', 'work-2', 'a_b']) expect(isValidFolder(good), good).toBe(true);
   });
 });
 

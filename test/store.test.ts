@@ -20,7 +20,7 @@ describe('Store schema', () => {
     expect(store.db.query('PRAGMA user_version').get()).toEqual({ user_version: SCHEMA_VERSION });
     expect(store.db.query('PRAGMA journal_mode').get()).toEqual({ journal_mode: 'wal' });
     const tables = store.db.query<{ name: string }, []>("SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' ORDER BY name").all().map((t) => t.name);
-    expect(tables).toEqual(['chats', 'messages', 'outbox', 'registered_groups', 'router_state', 'scheduled_tasks', 'sessions', 'task_run_logs']);
+    expect(tables).toEqual(['chats', 'messages', 'model_usage', 'outbox', 'registered_groups', 'router_state', 'scheduled_tasks', 'sessions', 'task_run_logs']);
     const sessionColumns = store.db.query<{ name: string; pk: number }, []>('PRAGMA table_info(sessions)').all();
     expect(sessionColumns.find((c) => c.name === 'group_folder')?.pk).toBe(1);
     expect(sessionColumns.map((c) => c.name)).toContain('session_id');
@@ -35,13 +35,21 @@ describe('Store schema', () => {
     const path = join(tempDir(), 'messages.db');
     const store = new Store(path);
     store.setSession('main', 'kept');
-    store.db.exec('DROP TABLE outbox; PRAGMA user_version = 1'); // as the first release left it
+    store.db.exec('DROP TABLE outbox; DROP TABLE model_usage; PRAGMA user_version = 1'); // as the first release left it
     store.close();
     const upgraded = new Store(path);
     expect(upgraded.db.query('PRAGMA user_version').get()).toEqual({ user_version: SCHEMA_VERSION });
     expect(upgraded.getSession('main')).toBe('kept');
     upgraded.addOutbound('whatsapp', 'a@g.us', 'hello');
     expect(upgraded.nextOutbound('whatsapp')).toMatchObject({ jid: 'a@g.us', text: 'hello' });
+    upgraded.addModelUsage('2026-12-01', 'main', { ok: true, promptTokens: 10, completionTokens: 2 });
+    upgraded.addModelUsage('2026-12-01', 'main', { ok: false, promptTokens: 0, completionTokens: 0 });
+    upgraded.addModelUsage('2026-12-02', 'family', { ok: true, promptTokens: 5, completionTokens: 1 });
+    expect(upgraded.modelUsage('2026-12-01')).toEqual([
+      { day: '2026-12-01', groupFolder: 'main', requests: 2, failed: 1, promptTokens: 10, completionTokens: 2 },
+      { day: '2026-12-02', groupFolder: 'family', requests: 1, failed: 0, promptTokens: 5, completionTokens: 1 },
+    ]);
+    expect(upgraded.modelUsage('2026-12-02', 'main')).toEqual([]);
     upgraded.close();
   });
 

@@ -9,6 +9,7 @@ import { mkdirSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import {
+  AgentTree,
   Host, parseWhatsAppMessage, RateLimiter, reconnectDelay, registerGroup, safeMediaFileName, setupLogging, splitForWhatsApp,
   Store, storeOutbox, toWhatsAppFormat, writeJsonAtomic, WhatsAppChannel, whatsAppChannel, makeSelfChatMain, LOCAL_MAIN_JID,
   type ChannelHandlers, type NewMessage, type WhatsAppIdentity, type WhatsAppOptions,
@@ -163,7 +164,7 @@ afterEach(async () => {
 
 describe('WhatsAppChannel connection', () => {
   function channelOptions(authDir: string, url: string, extra: Partial<WhatsAppOptions> = {}): WhatsAppOptions {
-    return { authDir, assistantName: 'Andy', hasOwnNumber: false, mediaDirFor: () => null, waWebSocketUrl: url, reconnectBaseMs: 40, reconnectCapMs: 400, ...extra };
+    return { authDir, assistantName: 'Andy', hasOwnNumber: false, mediaTreeFor: () => null, waWebSocketUrl: url, reconnectBaseMs: 40, reconnectCapMs: 400, ...extra };
   }
   const noHandlers: ChannelHandlers = { onMessage: () => {} };
 
@@ -291,7 +292,7 @@ describe('WhatsApp through the host (fake docker)', () => {
     stops.push(server.stop);
     const channel = new RecordingWhatsApp({
       authDir: await linkedAuthDir(), assistantName: 'Andy', hasOwnNumber: false, waWebSocketUrl: server.url, reconnectBaseMs: 30, reconnectCapMs: 100,
-      mediaDirFor: (jid) => (store.groupByJid(jid) ? join(config.groupsDir, 'family', 'media') : null),
+      mediaTreeFor: (jid) => (store.groupByJid(jid) ? new AgentTree(join(config.groupsDir, 'family')) : null),
     });
     const host = new Host(config, store, [channel], { sweepIntervalMs: 60_000 });
     stops.push(async () => {

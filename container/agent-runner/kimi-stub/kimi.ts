@@ -1,82 +1,481 @@
 #!/usr/bin/env bun
 /**
- * A stand-in for the `kimi` CLI that speaks its wire protocol (JSON-RPC 2.0, one JSON
- * object per line on stdin/stdout) so the real Kimi Agent SDK can drive it in tests.
- * Only the model is fake; the rest behaves like the CLI:
+ * A test double of the `kimi` CLI, as strict as the real one where NanoClaw meets it.
  *
- *  - flags: --session ID --work-dir DIR --wire [--model M] [--thinking|--no-thinking]
- *    [--yolo] [--agent-file F] [--skills-dir D]; also `kimi --version` and `kimi info`;
- *  - reads ~/.kimi/config.toml: without an API key for the model's provider (or
- *    KIMI_API_KEY in the environment) a prompt fails with -32001 "LLM is not set";
- *  - reads the agent file (YAML) and takes ROLE_ADDITIONAL as its system prompt;
- *  - reads ~/.kimi/mcp.json and starts those servers as a real MCP client;
- *  - keeps each session's history in ~/.kimi/sessions/<md5 of work dir>/<session id>/.
+ * Modelled on kimi-cli 1.49.0 (MoonshotAI/kimi-cli, tag 1.49.0; wire protocol 1.10), read in:
+ *   src/kimi_cli/cli/__init__.py      flags, `--version`, `info`, exit codes
+ *   src/kimi_cli/wire/server.py       the stdio JSON-RPC server, initialize, prompt/steer/cancel
+ *   src/kimi_cli/wire/jsonrpc.py      message shapes, string ids, error codes
+ *   src/kimi_cli/wire/types.py        event payloads
+ *   src/kimi_cli/wire/protocol.py     WIRE_PROTOCOL_VERSION
+ *   src/kimi_cli/soul/kimisoul.py     the turn loop: steps, tool calls, steer, errors
+ *   src/kimi_cli/soul/context.py      context.jsonl and the persisted system prompt
+ *   src/kimi_cli/soul/agent.py        agent file, system prompt arguments, AGENTS.md
+ *   src/kimi_cli/config.py, llm.py    config.toml, model selection, KIMI_* overrides
+ *   src/kimi_cli/tools/shell/         the Shell tool and its result messages
+ *   packages/kosong/src/kosong/chat_provider/kimi.py   the HTTP call and stream parsing
  *
- * The "model" answers the user text: the last <message> of the prompt (its @Name trigger
- * dropped), or else the prompt without leading "[…]" note lines:
- *   anything            → "[stub] <text>"
- *   !tool NAME {json}   → calls that MCP tool, answers with its text result
- *   !fail TEXT          → the prompt fails with JSON-RPC error -32003 TEXT
- *   !sleep MS           → waits, then "[stub] slept MS" (+ " [steered: …]" for steered input)
- *   !crash              → exits 1 in the middle of the turn
- *   !context            → answers with the system prompt it received
- *   !session            → answers with its session id
+ * Like the real CLI, it makes every model call over HTTP: POST {base_url}/chat/completions
+ * with `Authorization: Bearer <api_key>`, streamed. Only the model is fake (see
+ * fake-model.ts, which tests run; under the host, requests reach it through NanoClaw's
+ * model proxy). One directive is the CLI's own, for tests: a user message "!crash" makes
+ * it exit 1 in the middle of the turn, as a crashed CLI would.
  */
 import { Client } from '@modelcontextprotocol/sdk/client/index.js';
 import { StdioClientTransport } from '@modelcontextprotocol/sdk/client/stdio.js';
-import { createHash } from 'node:crypto';
-import { appendFileSync, existsSync, mkdirSync, readFileSync } from 'node:fs';
+import { createHash, randomUUID } from 'node:crypto';
+import { appendFileSync, existsSync, mkdirSync, readFileSync, statSync, writeFileSync } from 'node:fs';
 import { homedir } from 'node:os';
-import { join } from 'node:path';
+import { dirname, isAbsolute, join, resolve } from 'node:path';
 import { createInterface } from 'node:readline';
 
-export const STUB_VERSION = '0.0.0-stub';
+/** The CLI version this double stands for; the Dockerfile pins the same (a test checks). */
+export const KIMI_CLI_VERSION = '1.49.0';
+export const WIRE_PROTOCOL_VERSION = '1.10';
+
+// ───────────────────────────── flags ─────────────────────────────
 
 export interface CliArgs {
   session?: string;
   workDir: string;
   wire: boolean;
   model?: string;
-  agentFile?: string;
+  thinking?: boolean;
   yolo: boolean;
+  agentFile?: string;
+  skillsDirs: string[];
+  mcpConfigFiles: string[];
 }
 
-export function parseArgs(argv: string[]): CliArgs {
-  const args: CliArgs = { workDir: process.cwd(), wire: false, yolo: false };
+export class UsageError extends Error {}
+
+/** The flags the real CLI has that matter here; anything else is a usage error (exit 2), as Typer does. */
+export function parseArgs(argv: readonly string[], cwd = process.cwd()): CliArgs {
+  const args: CliArgs = { workDir: cwd, wire: false, yolo: false, skillsDirs: [], mcpConfigFiles: [] };
   for (let i = 0; i < argv.length; i++) {
-    const flag = argv[i];
-    const value = () => argv[++i];
-    if (flag === '--session') args.session = value();
-    else if (flag === '--work-dir') args.workDir = value()!;
-    else if (flag === '--wire') args.wire = true;
-    else if (flag === '--model') args.model = value();
-    else if (flag === '--agent-file') args.agentFile = value();
-    else if (flag === '--skills-dir') value();
-    else if (flag === '--yolo') args.yolo = true;
+    const flag = argv[i]!;
+    const value = () => {
+      const next = argv[++i];
+      if (next === undefined) throw new UsageError(`Option '${flag}' requires an argument.`);
+      return next;
+    };
+    switch (flag) {
+      case '--session': case '--resume': case '-S': case '-r': args.session = value(); break;
+      case '--work-dir': case '-w': args.workDir = value(); break;
+      case '--wire': args.wire = true; break;
+      case '--model': case '-m': args.model = value(); break;
+      case '--thinking': args.thinking = true; break;
+      case '--no-thinking': args.thinking = false; break;
+      case '--yolo': case '--yes': case '-y': case '--auto-approve': args.yolo = true; break;
+      case '--agent-file': args.agentFile = value(); break;
+      case '--skills-dir': args.skillsDirs.push(value()); break;
+      case '--mcp-config-file': args.mcpConfigFiles.push(value()); break;
+      default: throw new UsageError(`No such option: ${flag}`);
+    }
   }
+  args.workDir = resolve(cwd, args.workDir);
+  if (!existsSync(args.workDir) || !statSync(args.workDir).isDirectory()) throw new UsageError(`Invalid value for '--work-dir' / '-w': Directory '${args.workDir}' does not exist.`);
+  if (args.agentFile !== undefined && !existsSync(args.agentFile)) throw new UsageError(`Invalid value for '--agent-file': File '${args.agentFile}' does not exist.`);
   return args;
 }
 
-/** The text the stub's "model" reacts to. */
-export function userText(prompt: string): string {
-  const messages = [...prompt.matchAll(/<message\b[^>]*>([\s\S]*?)<\/message>/g)];
-  if (messages.length) {
-    const last = messages.at(-1)![1]!.replace(/&lt;/g, '<').replace(/&gt;/g, '>').replace(/&quot;/g, '"').replace(/&amp;/g, '&');
-    return last.trim().replace(/^@\S+\s+/, '');
+// ───────────────────────────── configuration ─────────────────────────────
+
+export type Capability = 'image_in' | 'video_in' | 'thinking' | 'always_thinking';
+
+export interface Llm {
+  baseUrl: string;
+  apiKey: string;
+  model: string;
+  maxContextSize: number;
+  capabilities: Set<Capability>;
+}
+
+interface ConfigFile {
+  default_model?: string;
+  providers?: Record<string, { type?: string; base_url?: string; api_key?: string }>;
+  models?: Record<string, { provider?: string; model?: string; max_context_size?: number; capabilities?: string[] }>;
+}
+
+export const shareDir = (env: Record<string, string | undefined> = process.env) => env.KIMI_SHARE_DIR || join(env.HOME || homedir(), '.kimi');
+
+/** Capabilities the CLI adds by model name (llm.py derive_model_capabilities). */
+export function derivedCapabilities(model: string): Capability[] {
+  const name = model.toLowerCase();
+  if (name.includes('thinking') || name.includes('reason')) return ['thinking', 'always_thinking'];
+  if (name === 'kimi-for-coding' || name === 'kimi-code') return ['thinking', 'image_in', 'video_in'];
+  return [];
+}
+
+/**
+ * The model this run uses, or null ("LLM is not set"): --model must name a [models] key
+ * (an unknown alias selects nothing), else default_model. For `kimi` providers the KIMI_*
+ * variables override the file. An empty api_key still makes an LLM (requests then go
+ * without a key and the server refuses them).
+ */
+export function selectLlm(config: ConfigFile, alias: string | undefined, env: Record<string, string | undefined>): Llm | null {
+  const chosen = alias !== undefined ? (config.models?.[alias] ? alias : undefined) : config.default_model || undefined;
+  const model = chosen ? config.models?.[chosen] : undefined;
+  const provider = model?.provider ? config.providers?.[model.provider] : undefined;
+  let baseUrl = provider?.base_url ?? '';
+  let apiKey = provider?.api_key ?? '';
+  let name = model?.model ?? '';
+  let maxContextSize = model?.max_context_size ?? 100_000;
+  let configured = (model?.capabilities ?? []) as Capability[];
+  if ((provider?.type ?? 'kimi') === 'kimi') {
+    baseUrl = env.KIMI_BASE_URL ?? baseUrl;
+    apiKey = env.KIMI_API_KEY ?? apiKey;
+    name = env.KIMI_MODEL_NAME ?? name;
+    if (env.KIMI_MODEL_MAX_CONTEXT_SIZE) maxContextSize = Number(env.KIMI_MODEL_MAX_CONTEXT_SIZE);
+    if (env.KIMI_MODEL_CAPABILITIES !== undefined) configured = env.KIMI_MODEL_CAPABILITIES.split(',').map((c) => c.trim()).filter(Boolean) as Capability[];
   }
-  const lines = prompt.trim().split('\n');
-  while (lines.length > 1 && (lines[0]!.startsWith('[') || lines[0]!.trim() === '')) lines.shift();
-  return lines.join('\n').trim();
+  if (!baseUrl || !name) return null;
+  return { baseUrl, apiKey, model: name, maxContextSize, capabilities: new Set([...configured, ...derivedCapabilities(name)]) };
 }
 
-type Config = { default_model?: string; providers?: Record<string, { api_key?: string }>; models?: Record<string, { provider?: string }> };
-
-export function hasLlm(config: Config, model: string | undefined, env: Record<string, string | undefined>): boolean {
-  if (env.KIMI_API_KEY) return true;
-  const alias = model ?? config.default_model;
-  const provider = alias ? config.models?.[alias]?.provider : undefined;
-  return Boolean(provider && config.providers?.[provider]?.api_key);
+function readConfig(share: string): ConfigFile {
+  const file = join(share, 'config.toml');
+  if (!existsSync(file)) return {};
+  try {
+    return Bun.TOML.parse(readFileSync(file, 'utf8')) as ConfigFile;
+  } catch (err) {
+    throw new Error(`Invalid configuration file ${file}: ${err instanceof Error ? err.message : err}`);
+  }
 }
+
+// ───────────────────────────── the system prompt ─────────────────────────────
+
+/** AGENTS.md files from the project root (nearest .git, else the work dir) down to the work dir. */
+export function agentsMd(workDir: string): string {
+  let root = workDir;
+  for (let dir = workDir; ; dir = dirname(dir)) {
+    if (existsSync(join(dir, '.git'))) {
+      root = dir;
+      break;
+    }
+    if (dirname(dir) === dir) break;
+  }
+  const dirs: string[] = [];
+  for (let dir = workDir; ; dir = dirname(dir)) {
+    dirs.unshift(dir);
+    if (dir === root || dirname(dir) === dir) break;
+  }
+  const parts: string[] = [];
+  for (const dir of dirs) {
+    for (const name of ['.kimi/AGENTS.md', existsSync(join(dir, 'AGENTS.md')) ? 'AGENTS.md' : 'agents.md']) {
+      const path = join(dir, name);
+      if (!existsSync(path)) continue;
+      const text = readFileSync(path, 'utf8').trim();
+      if (text) parts.push(`<!-- From: ${path} -->\n${text}`);
+    }
+  }
+  return parts.join('\n\n').slice(0, 32 * 1024);
+}
+
+/** The default agent's prompt with the agent file's arguments, rendered when the process starts. */
+export function renderSystemPrompt(agentFile: string | undefined, workDir: string, now = new Date()): string {
+  let role = '';
+  if (agentFile) {
+    const spec = Bun.YAML.parse(readFileSync(agentFile, 'utf8')) as { version?: unknown; agent?: { extend?: string; system_prompt_args?: Record<string, string> } };
+    if (String(spec?.version) !== '1') throw new Error(`Unsupported agent spec version: ${String(spec?.version)}`);
+    role = spec.agent?.system_prompt_args?.ROLE_ADDITIONAL ?? '';
+  }
+  return [
+    'You are Kimi Code CLI, an interactive general AI agent running on a user\'s computer. (kimi-stub: a test double)',
+    role,
+    `The current date and time is ${now.toISOString()}. The current working directory is ${workDir}.`,
+    agentsMd(workDir),
+  ].filter(Boolean).join('\n\n');
+}
+
+// ───────────────────────────── the session on disk ─────────────────────────────
+
+export const sessionDir = (share: string, workDir: string, sessionId: string) =>
+  join(share, 'sessions', createHash('md5').update(workDir).digest('hex'), sessionId);
+
+/**
+ * The session's files: context.jsonl (first line `_system_prompt`, then the history),
+ * wire.jsonl (a metadata line, then events) and state.json. As in CLI ≥ 1.21, the system
+ * prompt is written once, when the session is created, and reused as stored whenever the
+ * session is opened again — later changes to the agent file or AGENTS.md do not reach it.
+ */
+export class SessionFiles {
+  readonly dir: string;
+  readonly systemPrompt: string;
+
+  constructor(share: string, workDir: string, readonly id: string, freshPrompt: string, yolo: boolean) {
+    this.dir = sessionDir(share, workDir, id);
+    mkdirSync(this.dir, { recursive: true });
+    const stored = this.records().filter((r) => r.role === '_system_prompt').at(-1);
+    this.systemPrompt = typeof stored?.content === 'string' ? stored.content : freshPrompt;
+    if (!stored) appendFileSync(this.context, `${JSON.stringify({ role: '_system_prompt', content: freshPrompt })}\n`);
+    if (!existsSync(this.wire)) writeFileSync(this.wire, `${JSON.stringify({ type: 'metadata', protocol_version: WIRE_PROTOCOL_VERSION })}\n`);
+    if (!existsSync(join(this.dir, 'state.json'))) {
+      writeFileSync(join(this.dir, 'state.json'), JSON.stringify({ version: 1, approval: { yolo, afk: false, auto_approve_actions: [] }, additional_dirs: [], plan_mode: false, todos: [] }, null, 2));
+    }
+    const registry = join(share, 'kimi.json');
+    const known = existsSync(registry) ? (JSON.parse(readFileSync(registry, 'utf8')) as { work_dirs?: { path: string; kaos: string; last_session_id: string | null }[] }) : {};
+    const workDirs = (known.work_dirs ?? []).filter((w) => w.path !== workDir);
+    writeFileSync(registry, JSON.stringify({ ...known, work_dirs: [...workDirs, { path: workDir, kaos: 'local', last_session_id: id }] }, null, 2));
+  }
+
+  get context(): string {
+    return join(this.dir, 'context.jsonl');
+  }
+
+  get wire(): string {
+    return join(this.dir, 'wire.jsonl');
+  }
+
+  records(): { role?: string; content?: unknown; [key: string]: unknown }[] {
+    if (!existsSync(this.context)) return [];
+    return readFileSync(this.context, 'utf8').split('\n').filter(Boolean).map((line) => JSON.parse(line));
+  }
+
+  /** The conversation so far, as chat messages (the model's view). */
+  history(): ChatMessage[] {
+    return this.records().filter((r) => r.role === 'user' || r.role === 'assistant' || r.role === 'tool') as ChatMessage[];
+  }
+
+  append(...messages: ChatMessage[]): void {
+    for (const message of messages) appendFileSync(this.context, `${JSON.stringify(message)}\n`);
+  }
+
+  recordEvent(type: string, payload: unknown): void {
+    appendFileSync(this.wire, `${JSON.stringify({ timestamp: Date.now() / 1000, message: { type, payload } })}\n`);
+  }
+}
+
+// ───────────────────────────── tools ─────────────────────────────
+
+export interface ChatMessage {
+  role: 'user' | 'assistant' | 'tool' | 'system';
+  content?: unknown;
+  tool_calls?: ToolCall[];
+  tool_call_id?: string;
+}
+
+export interface ToolCall {
+  type: 'function';
+  id: string;
+  function: { name: string; arguments: string };
+}
+
+interface ToolReturn {
+  isError: boolean;
+  output: string;
+  message: string;
+}
+
+interface Tool {
+  name: string;
+  description: string;
+  parameters: Record<string, unknown>;
+  run(args: Record<string, unknown>): Promise<ToolReturn>;
+}
+
+/** How a tool's result reaches the model (soul/message.py). */
+export function toolResultContent(result: ToolReturn): string {
+  const head = result.isError ? `<system>ERROR: ${result.message}</system>` : result.message ? `<system>${result.message}</system>` : '';
+  if (!head && !result.output) return '<system>Tool output is empty.</system>';
+  return [head, result.output].filter(Boolean).join('\n');
+}
+
+function builtinTools(workDir: string): Tool[] {
+  const inWorkDir = (path: unknown) => (typeof path === 'string' ? (isAbsolute(path) ? path : join(workDir, path)) : '');
+  return [
+    {
+      name: 'Shell',
+      description: 'Execute a bash command. Use it to run programs, inspect files and the system.',
+      parameters: { type: 'object', properties: { command: { type: 'string' }, timeout: { type: 'integer', default: 60 } }, required: ['command'] },
+      async run(args) {
+        const command = String(args.command ?? '');
+        const timeoutS = Math.min(Math.max(Number(args.timeout) || 60, 1), 300);
+        const proc = Bun.spawn(['bash', '-c', 'exec 2>&1; eval "$KIMI_STUB_COMMAND"'], { cwd: workDir, env: { ...process.env, KIMI_STUB_COMMAND: command }, stdout: 'pipe', stderr: 'pipe' });
+        const timer = setTimeout(() => proc.kill(), timeoutS * 1000);
+        const output = await new Response(proc.stdout).text();
+        const code = await proc.exited;
+        clearTimeout(timer);
+        return code === 0
+          ? { isError: false, output, message: 'Command executed successfully.' }
+          : { isError: true, output, message: `Command failed with exit code: ${code}.` };
+      },
+    },
+    {
+      name: 'ReadFile',
+      description: 'Read a text file.',
+      parameters: { type: 'object', properties: { path: { type: 'string' } }, required: ['path'] },
+      async run(args) {
+        try {
+          return { isError: false, output: readFileSync(inWorkDir(args.path), 'utf8'), message: '' };
+        } catch (err) {
+          return { isError: true, output: '', message: `Failed to read ${String(args.path)}: ${err instanceof Error ? err.message : err}` };
+        }
+      },
+    },
+    {
+      name: 'WriteFile',
+      description: 'Write a text file.',
+      parameters: { type: 'object', properties: { path: { type: 'string' }, content: { type: 'string' } }, required: ['path', 'content'] },
+      async run(args) {
+        try {
+          writeFileSync(inWorkDir(args.path), String(args.content ?? ''));
+          return { isError: false, output: '', message: `File successfully overwritten. Current size: ${String(args.content ?? '').length} bytes.` };
+        } catch (err) {
+          return { isError: true, output: '', message: `Failed to write ${String(args.path)}: ${err instanceof Error ? err.message : err}` };
+        }
+      },
+    },
+  ];
+}
+
+/** MCP servers from mcp.json, connected when the process starts (wire mode does not defer them). */
+class McpTools {
+  private readonly clients: Client[] = [];
+  readonly tools: Tool[] = [];
+  readonly ready: Promise<void>;
+
+  constructor(configFiles: readonly string[]) {
+    this.ready = this.connect(configFiles);
+    this.ready.catch(() => {}); // reported by the first prompt
+  }
+
+  private async connect(configFiles: readonly string[]): Promise<void> {
+    const failures: Record<string, string> = {};
+    for (const file of configFiles) {
+      if (!existsSync(file)) continue;
+      const { mcpServers = {} } = JSON.parse(readFileSync(file, 'utf8')) as { mcpServers?: Record<string, { command: string; args?: string[]; env?: Record<string, string> }> };
+      for (const [server, spec] of Object.entries(mcpServers)) {
+        try {
+          const client = new Client({ name: 'kimi-cli', version: KIMI_CLI_VERSION });
+          await client.connect(new StdioClientTransport({ command: spec.command, args: spec.args ?? [], env: { PATH: process.env.PATH ?? '', HOME: process.env.HOME ?? '', ...spec.env } }));
+          this.clients.push(client);
+          const { tools } = await client.listTools();
+          for (const tool of tools) {
+            this.tools.push({
+              name: tool.name,
+              description: `This is an MCP (Model Context Protocol) tool from MCP server \`${server}\`.\n\n${tool.description ?? ''}`,
+              parameters: tool.inputSchema as Record<string, unknown>,
+              run: async (args) => {
+                const result = (await client.callTool({ name: tool.name, arguments: args })) as { content?: { type: string; text?: string }[]; isError?: boolean };
+                const output = (result.content ?? []).filter((c) => c.type === 'text').map((c) => c.text).join('\n');
+                return { isError: Boolean(result.isError), output, message: result.isError ? 'Tool execution failed.' : '' };
+              },
+            });
+          }
+        } catch (err) {
+          failures[server] = err instanceof Error ? err.message : String(err);
+        }
+      }
+    }
+    if (Object.keys(failures).length) throw new Error(`MCPRuntimeError: Failed to connect MCP servers: ${JSON.stringify(failures)}`);
+  }
+
+  async close(): Promise<void> {
+    await Promise.all(this.clients.map((c) => c.close().catch(() => {})));
+  }
+}
+
+// ───────────────────────────── the model call ─────────────────────────────
+
+/** A JSON value as Python's repr() shows it: what openai-python puts into "Error code: N - …". */
+export function pythonRepr(value: unknown): string {
+  if (value === null || value === undefined) return 'None';
+  if (value === true) return 'True';
+  if (value === false) return 'False';
+  if (typeof value === 'number') return String(value);
+  if (typeof value === 'string') {
+    const quote = value.includes("'") && !value.includes('"') ? '"' : "'";
+    return `${quote}${value.replace(/\\/g, '\\\\').replace(new RegExp(quote, 'g'), `\\${quote}`).replace(/\n/g, '\\n')}${quote}`;
+  }
+  if (Array.isArray(value)) return `[${value.map(pythonRepr).join(', ')}]`;
+  return `{${Object.entries(value as Record<string, unknown>).map(([k, v]) => `${pythonRepr(k)}: ${pythonRepr(v)}`).join(', ')}}`;
+}
+
+export class ProviderError extends Error {
+  constructor(message: string, readonly status: number | null) {
+    super(message);
+  }
+}
+
+/** openai-python's message for an HTTP error: "Error code: 429 - {'error': …}". */
+export async function statusErrorMessage(response: Response): Promise<string> {
+  const text = await response.text();
+  if (!text) return `Error code: ${response.status}`;
+  try {
+    return `Error code: ${response.status} - ${pythonRepr(JSON.parse(text))}`;
+  } catch {
+    return `Error code: ${response.status} - ${text}`;
+  }
+}
+
+interface StepOutput {
+  text: string;
+  toolCalls: ToolCall[];
+  usage: { prompt_tokens?: number; completion_tokens?: number; cached_tokens?: number } | null;
+  messageId: string | null;
+}
+
+/** One streamed completion; every delta becomes its own event, as on the real wire. */
+async function streamCompletion(llm: Llm, body: Record<string, unknown>, emit: (type: string, payload: unknown) => void, signal: AbortSignal): Promise<StepOutput> {
+  const headers: Record<string, string> = { 'content-type': 'application/json', 'user-agent': `KimiCLI/${KIMI_CLI_VERSION}` };
+  if (llm.apiKey) headers.authorization = `Bearer ${llm.apiKey}`; // an empty key sends none
+  let response: Response;
+  try {
+    response = await fetch(`${llm.baseUrl.replace(/\/+$/, '')}/chat/completions`, { method: 'POST', headers, body: JSON.stringify(body), signal });
+  } catch (err) {
+    if (signal.aborted) throw err;
+    throw new ProviderError('Connection error.', null);
+  }
+  if (!response.ok) throw new ProviderError(await statusErrorMessage(response), response.status);
+  const out: StepOutput = { text: '', toolCalls: [], usage: null, messageId: null };
+  const decoder = new TextDecoder();
+  let buffer = '';
+  for await (const chunk of response.body!) {
+    buffer += decoder.decode(chunk, { stream: true });
+    let newline: number;
+    while ((newline = buffer.indexOf('\n')) >= 0) {
+      const line = buffer.slice(0, newline).trim();
+      buffer = buffer.slice(newline + 1);
+      const data = /^data:\s*(.*)$/.exec(line)?.[1];
+      if (!data || data === '[DONE]') continue;
+      const parsed = JSON.parse(data) as {
+        id?: string; error?: { message?: string }; usage?: StepOutput['usage'];
+        choices?: { delta?: { content?: string; reasoning_content?: string; tool_calls?: { id?: string; function?: { name?: string; arguments?: string } }[] }; usage?: StepOutput['usage'] }[];
+      };
+      if (parsed.error) throw new ProviderError(`Error: ${parsed.error.message ?? JSON.stringify(parsed.error)}`, null);
+      if (parsed.id) out.messageId = parsed.id;
+      out.usage = parsed.usage ?? parsed.choices?.[0]?.usage ?? out.usage;
+      const delta = parsed.choices?.[0]?.delta;
+      if (!delta) continue;
+      if (typeof delta.reasoning_content === 'string') emit('ContentPart', { type: 'think', think: delta.reasoning_content, encrypted: null });
+      if (delta.content) {
+        out.text += delta.content;
+        emit('ContentPart', { type: 'text', text: delta.content });
+      }
+      for (const call of delta.tool_calls ?? []) {
+        if (call.function?.name) {
+          const toolCall: ToolCall = { type: 'function', id: call.id ?? randomUUID(), function: { name: call.function.name, arguments: call.function.arguments ?? '' } };
+          out.toolCalls.push(toolCall);
+          emit('ToolCall', { ...toolCall, extras: null });
+        } else if (call.function?.arguments && out.toolCalls.length) {
+          out.toolCalls.at(-1)!.function.arguments += call.function.arguments;
+          emit('ToolCallPart', { arguments_part: call.function.arguments });
+        }
+      }
+    }
+  }
+  if (!out.text && out.toolCalls.length === 0) throw new ProviderError('The API returned an empty response.', null);
+  return out;
+}
+
+// ───────────────────────────── the wire server ─────────────────────────────
+
+/** JSON-RPC errors as the real server sends them (wire/jsonrpc.py). */
+export const ErrorCode = {
+  PARSE_ERROR: -32700, INVALID_REQUEST: -32600, METHOD_NOT_FOUND: -32601, INVALID_PARAMS: -32602, INTERNAL_ERROR: -32603,
+  INVALID_STATE: -32000, LLM_NOT_SET: -32001, LLM_NOT_SUPPORTED: -32002, CHAT_PROVIDER_ERROR: -32003,
+} as const;
 
 class RpcError extends Error {
   constructor(readonly code: number, message: string) {
@@ -84,159 +483,189 @@ class RpcError extends Error {
   }
 }
 
-const kimiHome = () => join(process.env.KIMI_SHARE_DIR ?? join(process.env.HOME ?? homedir(), '.kimi'));
+const SLASH_COMMANDS = [
+  { name: 'init', description: 'Analyze the codebase and generate an `AGENTS.md` file', aliases: [] },
+  { name: 'compact', description: 'Compact the context', aliases: [] },
+  { name: 'clear', description: 'Clear the context', aliases: ['reset'] },
+  { name: 'yolo', description: 'Toggle YOLO mode (auto-approve all actions)', aliases: [] },
+];
 
-function readConfig(): Config {
-  const file = join(kimiHome(), 'config.toml');
-  return existsSync(file) ? (Bun.TOML.parse(readFileSync(file, 'utf8')) as Config) : {};
+interface Turn {
+  steers: string[];
+  abort: AbortController;
 }
 
-function readSystemPrompt(agentFile: string | undefined): string {
-  if (!agentFile || !existsSync(agentFile)) return '';
-  const spec = Bun.YAML.parse(readFileSync(agentFile, 'utf8')) as { agent?: { system_prompt_args?: { ROLE_ADDITIONAL?: string } } };
-  return spec?.agent?.system_prompt_args?.ROLE_ADDITIONAL ?? '';
-}
+export async function serveWire(args: CliArgs, env: Record<string, string | undefined> = process.env): Promise<void> {
+  const share = shareDir(env);
+  mkdirSync(share, { recursive: true });
+  const llm = selectLlm(readConfig(share), args.model, env);
+  const sessionId = args.session ?? randomUUID();
+  const session = new SessionFiles(share, args.workDir, sessionId, renderSystemPrompt(args.agentFile, args.workDir), args.yolo);
+  const mcpFiles = args.mcpConfigFiles.length ? args.mcpConfigFiles : [join(share, 'mcp.json')];
+  const mcp = new McpTools(mcpFiles);
+  const tools = () => [...builtinTools(args.workDir), ...mcp.tools];
 
-/** MCP servers from mcp.json, started on first use and kept for the session. */
-class McpServers {
-  private readonly clients = new Map<string, Client>();
-
-  async call(tool: string, args: Record<string, unknown>): Promise<string> {
-    await this.connectAll();
-    for (const client of this.clients.values()) {
-      const { tools } = await client.listTools();
-      if (!tools.some((t) => t.name === tool)) continue;
-      const result = (await client.callTool({ name: tool, arguments: args })) as { content?: { type: string; text?: string }[]; isError?: boolean };
-      const body = (result.content ?? []).filter((c) => c.type === 'text').map((c) => c.text).join('\n');
-      return result.isError ? `tool error: ${body}` : body;
-    }
-    return `tool error: no MCP server offers "${tool}"`;
-  }
-
-  private async connectAll(): Promise<void> {
-    if (this.clients.size) return;
-    const file = join(kimiHome(), 'mcp.json');
-    if (!existsSync(file)) return;
-    const { mcpServers = {} } = JSON.parse(readFileSync(file, 'utf8')) as { mcpServers?: Record<string, { command: string; args?: string[]; env?: Record<string, string> }> };
-    for (const [name, spec] of Object.entries(mcpServers)) {
-      const client = new Client({ name: 'kimi-stub', version: STUB_VERSION });
-      await client.connect(new StdioClientTransport({ command: spec.command, args: spec.args ?? [], env: { PATH: process.env.PATH ?? '', HOME: process.env.HOME ?? '', ...spec.env } }));
-      this.clients.set(name, client);
-    }
-  }
-
-  async close(): Promise<void> {
-    await Promise.all([...this.clients.values()].map((c) => c.close().catch(() => {})));
-  }
-}
-
-async function wire(args: CliArgs): Promise<void> {
-  const sessionId = args.session ?? crypto.randomUUID();
-  const sessionDir = join(kimiHome(), 'sessions', createHash('md5').update(args.workDir).digest('hex'), sessionId);
-  mkdirSync(sessionDir, { recursive: true });
-  const history = join(sessionDir, 'context.jsonl');
-  const systemPrompt = readSystemPrompt(args.agentFile);
-  const mcp = new McpServers();
   const send = (message: Record<string, unknown>) => process.stdout.write(`${JSON.stringify({ jsonrpc: '2.0', ...message })}\n`);
-  const event = (type: string, payload: Record<string, unknown>) => send({ method: 'event', params: { type, payload } });
-  let steered: string[] = [];
-  let cancel: (() => void) | null = null;
+  const emit = (type: string, payload: unknown) => {
+    send({ method: 'event', params: { type, payload } });
+    session.recordEvent(type, payload);
+  };
+  const fail = (id: string | null, code: number, message: string) => send({ id, error: { code, message, data: null } });
+  let turn: Turn | null = null;
 
-  async function think(text: string): Promise<string> {
-    const [command = '', ...rest] = text.split(' ');
-    const argText = rest.join(' ').trim();
-    switch (command) {
-      case '!fail':
-        throw new RpcError(-32003, argText || 'provider error');
-      case '!crash':
+  async function runTurn(userInput: unknown, current: Turn): Promise<Record<string, unknown>> {
+    emit('TurnBegin', { user_input: userInput });
+    try {
+      if (!llm) throw new RpcError(ErrorCode.LLM_NOT_SET, 'LLM is not set');
+      try {
+        await mcp.ready;
+      } catch (err) {
+        throw new RpcError(ErrorCode.INTERNAL_ERROR, err instanceof Error ? err.message : String(err));
+      }
+      const inputText = typeof userInput === 'string' ? userInput : JSON.stringify(userInput);
+      if (/(^|\n)\s*(<message[^>]*>)?(@\S+\s+)?!crash\b/.test(inputText)) {
         process.stderr.write('kimi-stub: crashing as asked\n');
         process.exit(1);
-      case '!sleep': {
-        await new Promise<void>((resolve) => {
-          const timer = setTimeout(resolve, Number(argText) || 0);
-          cancel = () => {
-            clearTimeout(timer);
-            resolve();
-          };
-        });
-        cancel = null;
-        return `[stub] slept ${argText}${steered.length ? ` [steered: ${steered.join(' | ')}]` : ''}`;
       }
-      case '!context':
-        return systemPrompt || '(no system prompt)';
-      case '!session':
-        return `[stub] ${sessionId}`;
-      case '!tool': {
-        const name = rest[0] ?? '';
-        const json = rest.slice(1).join(' ').trim();
-        let toolArgs: Record<string, unknown> = {};
+      session.append({ role: 'user', content: userInput });
+      for (let step = 1; ; step++) {
+        emit('StepBegin', { n: step });
+        const body = {
+          model: llm.model,
+          messages: [{ role: 'system', content: session.systemPrompt }, ...session.history()],
+          tools: tools().map((t) => ({ type: 'function', function: { name: t.name, description: t.description, parameters: t.parameters } })),
+          stream: true,
+          stream_options: { include_usage: true },
+          prompt_cache_key: sessionId,
+          max_completion_tokens: llm.maxContextSize,
+          thinking: { type: args.thinking && llm.capabilities.has('thinking') ? 'enabled' : 'disabled' },
+        };
+        let output: StepOutput;
         try {
-          toolArgs = json ? (JSON.parse(json) as Record<string, unknown>) : {};
-        } catch {
-          return `tool error: arguments are not JSON: ${json}`;
+          output = await streamCompletion(llm, body, emit, current.abort.signal);
+        } catch (err) {
+          if (current.abort.signal.aborted) return { status: 'cancelled' };
+          emit('StepInterrupted', {});
+          throw new RpcError(ErrorCode.CHAT_PROVIDER_ERROR, err instanceof Error ? err.message : String(err));
         }
-        const callId = `call_${Date.now()}`;
-        event('ToolCall', { type: 'function', id: callId, function: { name, arguments: JSON.stringify(toolArgs) } });
-        const output = await mcp.call(name, toolArgs);
-        event('ToolResult', { tool_call_id: callId, return_value: { is_error: output.startsWith('tool error'), output, message: '', display: [] } });
-        return output;
+        const input = output.usage?.prompt_tokens ?? null;
+        const cached = output.usage?.cached_tokens ?? 0;
+        emit('StatusUpdate', {
+          context_usage: input === null ? null : input / llm.maxContextSize,
+          context_tokens: input,
+          max_context_tokens: input === null ? null : llm.maxContextSize,
+          token_usage: output.usage ? { input_other: (input ?? 0) - cached, output: output.usage.completion_tokens ?? 0, input_cache_read: cached, input_cache_creation: 0 } : null,
+          message_id: output.messageId,
+          plan_mode: false,
+          mcp_status: null,
+        });
+        const assistant: ChatMessage = { role: 'assistant', content: output.text, ...(output.toolCalls.length ? { tool_calls: output.toolCalls } : {}) };
+        const results: ChatMessage[] = [];
+        for (const call of output.toolCalls) {
+          const tool = tools().find((t) => t.name === call.function.name);
+          let result: ToolReturn;
+          if (!tool) {
+            result = { isError: true, output: '', message: `Tool \`${call.function.name}\` not found` };
+          } else {
+            let parsed: Record<string, unknown> = {};
+            try {
+              parsed = call.function.arguments ? (JSON.parse(call.function.arguments) as Record<string, unknown>) : {};
+              result = await tool.run(parsed);
+            } catch (err) {
+              result = { isError: true, output: '', message: `Error parsing or running the tool: ${err instanceof Error ? err.message : err}` };
+            }
+          }
+          emit('ToolResult', { tool_call_id: call.id, return_value: { is_error: result.isError, output: result.output, message: result.message, display: [], extras: null } });
+          results.push({ role: 'tool', content: toolResultContent(result), tool_call_id: call.id });
+        }
+        session.append(assistant, ...results);
+        if (current.abort.signal.aborted) return { status: 'cancelled' };
+        const steered = current.steers.splice(0);
+        for (const text of steered) {
+          session.append({ role: 'user', content: text });
+          emit('SteerInput', { user_input: text });
+        }
+        if (output.toolCalls.length === 0 && steered.length === 0) return { status: 'finished' };
       }
-      default:
-        return `[stub] ${text}`;
+    } finally {
+      emit('TurnEnd', {});
     }
-  }
-
-  async function prompt(userInput: unknown): Promise<Record<string, unknown>> {
-    if (!hasLlm(readConfig(), args.model, process.env)) throw new RpcError(-32001, 'LLM is not set');
-    const input = typeof userInput === 'string' ? userInput : JSON.stringify(userInput);
-    steered = [];
-    event('TurnBegin', { user_input: input });
-    event('StepBegin', { n: 1 });
-    const reply = await think(userText(input));
-    appendFileSync(history, `${JSON.stringify({ role: 'user', content: input })}\n${JSON.stringify({ role: 'assistant', content: reply })}\n`);
-    event('ContentPart', { type: 'text', text: reply });
-    event('StatusUpdate', { context_usage: 0.01 });
-    event('TurnEnd', {});
-    return { status: 'finished' };
   }
 
   const lines = createInterface({ input: process.stdin });
   for await (const line of lines) {
     if (!line.trim()) continue;
-    let request: { id?: string | number; method?: string; params?: Record<string, unknown> };
+    let message: { jsonrpc?: unknown; id?: unknown; method?: unknown; params?: Record<string, unknown> };
     try {
-      request = JSON.parse(line);
+      message = JSON.parse(line);
     } catch {
-      send({ id: null, error: { code: -32700, message: 'Parse error' } });
+      fail(null, ErrorCode.PARSE_ERROR, 'Invalid JSON format');
       continue;
     }
-    const { id, method, params = {} } = request;
-    if (!method) continue; // a response to a request of ours: the stub makes none
-    const reply = (work: Promise<unknown> | unknown) =>
-      Promise.resolve(work).then(
-        (result) => send({ id, result }),
-        (err) => send({ id, error: { code: err instanceof RpcError ? err.code : -32603, message: err instanceof Error ? err.message : String(err) } }),
-      );
-    switch (method) {
+    if (message === null || typeof message !== 'object' || message.jsonrpc !== '2.0' || (message.id !== undefined && typeof message.id !== 'string')) {
+      fail(null, ErrorCode.INVALID_REQUEST, 'Invalid request');
+      continue;
+    }
+    if (message.method === undefined) continue; // a response to one of our requests
+    const id = (message.id as string | undefined) ?? null;
+    const params = message.params ?? {};
+    const reply = (work: () => Promise<unknown> | unknown) => {
+      void (async () => {
+        try {
+          const result = await work();
+          if (id !== null) send({ id, result });
+        } catch (err) {
+          const code = err instanceof RpcError ? err.code : ErrorCode.INTERNAL_ERROR;
+          if (id !== null) fail(id, code, err instanceof RpcError ? err.message : `${err instanceof Error ? err.name : 'Error'}: ${err instanceof Error ? err.message : err}`);
+        }
+      })();
+    };
+    switch (message.method) {
       case 'initialize':
-        void reply({ protocol_version: String(params.protocol_version ?? '1.7'), server: { name: 'kimi-stub', version: STUB_VERSION }, slash_commands: [] });
+        reply(() => {
+          if (typeof params.protocol_version !== 'string') throw new RpcError(ErrorCode.INVALID_PARAMS, 'Invalid parameters for method `initialize`');
+          if (turn) throw new RpcError(ErrorCode.INVALID_STATE, 'An agent turn is already in progress');
+          return {
+            protocol_version: WIRE_PROTOCOL_VERSION,
+            server: { name: 'Kimi Code CLI', version: KIMI_CLI_VERSION },
+            slash_commands: SLASH_COMMANDS,
+            hooks: { supported_events: [], configured: {} },
+            capabilities: { supports_question: true },
+          };
+        });
         break;
       case 'prompt':
-        void reply(prompt(params.user_input));
+        reply(async () => {
+          if (params.user_input === undefined) throw new RpcError(ErrorCode.INVALID_PARAMS, 'Invalid parameters for method `prompt`');
+          if (turn) throw new RpcError(ErrorCode.INVALID_STATE, 'An agent turn is already in progress');
+          const current: Turn = { steers: [], abort: new AbortController() };
+          turn = current;
+          try {
+            return await runTurn(params.user_input, current);
+          } finally {
+            turn = null;
+          }
+        });
         break;
-      case 'steer': {
-        const text = typeof params.user_input === 'string' ? params.user_input : JSON.stringify(params.user_input);
-        steered.push(userText(text));
-        event('SteerInput', { user_input: text });
-        void reply({});
+      case 'steer':
+        reply(() => {
+          if (!turn) throw new RpcError(ErrorCode.INVALID_STATE, 'No agent turn is in progress');
+          turn.steers.push(typeof params.user_input === 'string' ? params.user_input : JSON.stringify(params.user_input));
+          return { status: 'steered' };
+        });
         break;
-      }
       case 'cancel':
-        (cancel as (() => void) | null)?.();
-        void reply({});
+        reply(() => {
+          if (!turn) throw new RpcError(ErrorCode.INVALID_STATE, 'No agent turn is in progress');
+          turn.abort.abort();
+          return {};
+        });
+        break;
+      case 'set_plan_mode':
+        reply(() => ({ status: 'ok', plan_mode: Boolean(params.enabled) }));
         break;
       default:
-        void reply(Promise.reject(new RpcError(-32601, `Method not found: ${method}`)));
+        if (id !== null) fail(id, ErrorCode.METHOD_NOT_FOUND, `Unexpected method received: ${String(message.method)}`);
     }
   }
   await mcp.close();
@@ -244,16 +673,24 @@ async function wire(args: CliArgs): Promise<void> {
 
 if (import.meta.main) {
   const argv = process.argv.slice(2);
-  if (argv.includes('--version') || argv[0] === '-V') {
-    console.log(STUB_VERSION);
+  if (argv.includes('--version') || argv.includes('-V')) {
+    console.log(`kimi, version ${KIMI_CLI_VERSION}`);
   } else if (argv[0] === 'info') {
-    console.log(`kimi-stub ${STUB_VERSION} (wire protocol 1.7; a test double of the Kimi CLI, no model)`);
+    console.log(`kimi-cli version: ${KIMI_CLI_VERSION}\nagent spec versions: 1\nwire protocol: ${WIRE_PROTOCOL_VERSION}\npython version: (none: kimi-stub, a test double on Bun ${Bun.version})`);
   } else {
-    const args = parseArgs(argv);
-    if (!args.wire) {
-      console.error('kimi-stub only speaks the wire protocol (--wire)');
+    let args: CliArgs;
+    try {
+      args = parseArgs(argv);
+      if (!args.wire) throw new UsageError('kimi-stub only serves the wire protocol (--wire)');
+    } catch (err) {
+      process.stderr.write(`Usage: kimi [OPTIONS] COMMAND [ARGS]...\nTry 'kimi -h' for help.\n\nError: ${err instanceof Error ? err.message : err}\n`);
       process.exit(2);
     }
-    await wire(args);
+    try {
+      await serveWire(args);
+    } catch (err) {
+      process.stderr.write(`${err instanceof Error ? err.message : err}\nSee logs: ${join(shareDir(), 'logs', 'kimi.log')}\n`);
+      process.exit(1);
+    }
   }
 }

@@ -8,9 +8,10 @@
  * Then it waits for follow-ups in /workspace/ipc/input/ — steering them into a running
  * turn, or starting the next turn — until `_close` arrives. Logs go to stderr.
  */
-import { createSession, type Session } from '@moonshot-ai/kimi-agent-sdk';
+import { createSession, type Session, type StreamEvent } from '@moonshot-ai/kimi-agent-sdk';
 import { randomUUID } from 'node:crypto';
 import { chmodSync, existsSync, mkdirSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { createServer, connect, type AddressInfo } from 'node:net';
 import { homedir, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import {
@@ -80,6 +81,44 @@ export function runnerPaths(env: Record<string, string | undefined> = process.en
     configToml: join(kimiHome, 'config.toml'),
     mcpJson: join(kimiHome, 'mcp.json'),
   };
+}
+
+/**
+ * Under the host the model is reached through the host's proxy, a unix socket mounted at
+ * NANOCLAW_MODEL_SOCKET (the key never enters the container). The Kimi CLI speaks HTTP to
+ * a base URL, so this forwarder listens on the container's loopback — there even with
+ * --network none — and passes each connection to the socket byte for byte.
+ */
+export async function startModelForwarder(socketPath: string): Promise<{ url: string; close(): void }> {
+  const server = createServer((client) => {
+    const upstream = connect(socketPath);
+    const end = () => {
+      client.destroy();
+      upstream.destroy();
+    };
+    client.pipe(upstream);
+    upstream.pipe(client);
+    for (const side of [client, upstream]) {
+      side.on('error', end);
+      side.on('close', end);
+    }
+  });
+  await new Promise<void>((resolve, reject) => {
+    server.once('error', reject);
+    server.listen(0, '127.0.0.1', () => resolve());
+  });
+  const { port } = server.address() as AddressInfo;
+  return { url: `http://127.0.0.1:${port}`, close: () => server.close() };
+}
+
+/** Where the CLI sends model requests: the host's proxy when there is one, else KIMI_BASE_URL or the default. */
+export async function modelEndpoint(env: Record<string, string | undefined>): Promise<{ baseUrl?: string; close(): void }> {
+  if (env.NANOCLAW_MODEL_SOCKET) {
+    if (!existsSync(env.NANOCLAW_MODEL_SOCKET)) throw new Error(`the model proxy socket ${env.NANOCLAW_MODEL_SOCKET} is missing`);
+    const forwarder = await startModelForwarder(env.NANOCLAW_MODEL_SOCKET);
+    return { baseUrl: forwarder.url, close: forwarder.close };
+  }
+  return { baseUrl: env.NANOCLAW_MODEL_URL || env.KIMI_BASE_URL, close: () => {} };
 }
 
 function readIfExists(path: string): string | null {
@@ -154,7 +193,21 @@ export class Inbox {
   }
 }
 
-/** One turn: the prompt in, the assistant's text out; steered follow-ups join the same turn. */
+/**
+ * What the model means as its answer: the text of the turn's last step. Earlier steps are
+ * its working aloud ("Let me check…" before a tool call); gluing them on would send
+ * "Let me check.Here is…" to the chat.
+ */
+export function replyFrom(events: readonly StreamEvent[]): string | null {
+  let step = '';
+  for (const event of events) {
+    if (event.type === 'StepBegin') step = '';
+    else if (event.type === 'ContentPart' && event.payload.type === 'text') step += event.payload.text;
+  }
+  return step.trim() || null;
+}
+
+/** One turn: the prompt in, the answer out; steered follow-ups join the same turn. */
 export async function runTurn(session: Session, prompt: string, inbox: Inbox): Promise<RunnerResult> {
   const turn = session.prompt(prompt);
   inbox.onMessage = (text) => {
@@ -163,14 +216,12 @@ export async function runTurn(session: Session, prompt: string, inbox: Inbox): P
       inbox.requeue(text);
     });
   };
-  let reply = '';
+  const events: StreamEvent[] = [];
   try {
-    for await (const event of turn) {
-      if (event.type === 'ContentPart' && event.payload.type === 'text') reply += event.payload.text;
-    }
+    for await (const event of turn) events.push(event);
     const outcome = await turn.result;
     if (outcome && outcome.status !== 'finished') log(`turn ended: ${outcome.status}`);
-    return { status: 'success', result: reply.trim() ? reply.trim() : null, sessionId: session.sessionId };
+    return { status: 'success', result: replyFrom(events), sessionId: session.sessionId };
   } catch (err) {
     return { status: 'error', result: null, sessionId: session.sessionId, error: err instanceof Error ? err.message : String(err) };
   } finally {
@@ -190,11 +241,15 @@ async function readStdin(timeoutMs: number): Promise<string> {
   }
 }
 
-/** Writes the Kimi CLI's files. The key sits in config.toml (mode 0600) only while the runner lives. */
-export function writeKimiFiles(input: RunnerInput, paths: ReturnType<typeof runnerPaths>, env: Record<string, string | undefined>): string {
+/**
+ * Writes the Kimi CLI's files. Under the host, config.toml holds the run's proxy token (it
+ * dies with the container), never the key; run by hand (the guide's manual test) it holds
+ * the key given on stdin, and only until the runner exits.
+ */
+export function writeKimiFiles(input: RunnerInput, paths: ReturnType<typeof runnerPaths>, env: Record<string, string | undefined>, baseUrl?: string): string {
   mkdirSync(paths.kimiHome, { recursive: true });
   const apiKey = input.secrets?.KIMI_API_KEY ?? keyFromEnvFile(readIfExists(paths.envFile) ?? '');
-  writeFileSync(paths.configToml, buildConfigToml({ apiKey, baseUrl: env.KIMI_BASE_URL, modelName: env.KIMI_MODEL_NAME, providerType: env.KIMI_PROVIDER }), { mode: 0o600 });
+  writeFileSync(paths.configToml, buildConfigToml({ apiKey, baseUrl, modelName: env.KIMI_MODEL_NAME, providerType: env.KIMI_PROVIDER }), { mode: 0o600 });
   chmodSync(paths.configToml, 0o600);
   const timezone = env.TZ || Intl.DateTimeFormat().resolvedOptions().timeZone || 'UTC';
   const identity = { chatJid: input.chatJid, groupFolder: input.groupFolder, isMain: input.isMain, ipcDir: paths.ipc, timezone };
@@ -211,10 +266,10 @@ export function writeKimiFiles(input: RunnerInput, paths: ReturnType<typeof runn
   return agentFile;
 }
 
-/** Leaves no key behind in the group's .kimi folder (a host bind mount). */
+/** Leaves no credential behind in the group's .kimi folder (a host bind mount). */
 export function removeKey(paths: ReturnType<typeof runnerPaths>, env: Record<string, string | undefined>): void {
   if (existsSync(paths.configToml)) {
-    writeFileSync(paths.configToml, buildConfigToml({ baseUrl: env.KIMI_BASE_URL, modelName: env.KIMI_MODEL_NAME, providerType: env.KIMI_PROVIDER }), { mode: 0o600 });
+    writeFileSync(paths.configToml, buildConfigToml({ modelName: env.KIMI_MODEL_NAME, providerType: env.KIMI_PROVIDER }), { mode: 0o600 });
   }
 }
 
@@ -228,7 +283,17 @@ export async function main(env: Record<string, string | undefined> = process.env
     return 1;
   }
 
-  const agentFile = writeKimiFiles(input, paths, env);
+  let endpoint: Awaited<ReturnType<typeof modelEndpoint>>;
+  try {
+    endpoint = await modelEndpoint(env);
+  } catch (err) {
+    process.stdout.write(formatResult({ status: 'error', result: null, error: err instanceof Error ? err.message : String(err) }));
+    return 1;
+  }
+  // The CLI inherits this environment; its KIMI_* overrides would bypass config.toml (and the proxy).
+  delete process.env.KIMI_API_KEY;
+  delete process.env.KIMI_BASE_URL;
+  const agentFile = writeKimiFiles(input, paths, env, endpoint.baseUrl);
   const sessionId = input.sessionId ?? randomUUID();
   const session = createSession({
     workDir: paths.group,
@@ -249,6 +314,7 @@ export async function main(env: Record<string, string | undefined> = process.env
   const finish = async () => {
     inbox.stop();
     await session.close().catch(() => {});
+    endpoint.close();
     removeKey(paths, env);
     rmSync(agentFile, { force: true });
   };

@@ -9,7 +9,8 @@ import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, statSync
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { describe, expect, it } from 'vitest';
+import { afterAll, describe, expect, it } from 'vitest';
+import { startFakeModel } from '../kimi-stub/fake-model.ts';
 import { buildAgentFile, buildConfigToml, buildMcpConfig, buildRole, keyFromEnvFile, scheduledTaskPrompt } from '../src/config.ts';
 import { scheduleProblem } from '../src/mcp-server.ts';
 import { parseInput, RESULT_END, RESULT_START } from '../src/runner.ts';
@@ -17,6 +18,9 @@ import { parseInput, RESULT_END, RESULT_START } from '../src/runner.ts';
 const RUNNER_DIR = fileURLToPath(new URL('..', import.meta.url));
 const STUB = join(RUNNER_DIR, 'kimi-stub', 'kimi');
 const KEY = 'sk-runner-test-abcdef';
+/** The scripted model the stub calls over HTTP, like the real CLI calls Moonshot; it checks the key. */
+const model = startFakeModel({ key: KEY });
+afterAll(() => model.stop());
 
 /** A workspace; with `inbox` the runner stays for follow-ups (as under the host), else it answers once. */
 function workspace(memories: { global?: string; group?: string } = {}, inbox = false) {
@@ -43,7 +47,7 @@ async function runRunner(ws: ReturnType<typeof workspace>, input: unknown, durin
     stdin: new Blob([typeof input === 'string' ? input : JSON.stringify(input)]),
     stdout: 'pipe',
     stderr: 'pipe',
-    env: { PATH: process.env.PATH!, HOME: ws.home, NANOCLAW_WORKSPACE: ws.ws, KIMI_EXECUTABLE: STUB, TZ: 'Europe/Berlin', ...env },
+    env: { PATH: process.env.PATH!, HOME: ws.home, NANOCLAW_WORKSPACE: ws.ws, KIMI_EXECUTABLE: STUB, KIMI_BASE_URL: model.url, TZ: 'Europe/Berlin', ...env },
   });
   const stdout = new Response(proc.stdout).text();
   const stderr = new Response(proc.stderr).text();
@@ -147,11 +151,13 @@ describe('the runner with the real SDK and the kimi stub', () => {
     expect(main.results[0]!.result).toContain('GROUP-NOTE');
   });
 
-  it('no key → an error result saying "LLM is not set", exit 1', async () => {
+  it('no key → the model refuses the keyless request (401, as Moonshot does) and the error result says so, exit 1', async () => {
     const ws = workspace();
+    const before = model.requests.length;
     const run = await runRunner(ws, input(messages('hi'), { secrets: {} }));
     expect(run.code).toBe(1);
-    expect(run.results).toEqual([expect.objectContaining({ status: 'error', result: null, error: expect.stringContaining('LLM is not set') })]);
+    expect(run.results).toEqual([expect.objectContaining({ status: 'error', result: null, error: expect.stringContaining('Error code: 401') })]);
+    expect(model.requests.slice(before).map((r) => r.authorization)).toEqual([null]);
   });
 
   it('takes the key from /workspace/env-dir/env when stdin has none (the guide’s manual test)', async () => {
@@ -190,7 +196,8 @@ describe('the runner with the real SDK and the kimi stub', () => {
       close(ws);
     });
     expect(run.code).toBe(0);
-    expect(run.results.map((r) => r.result)).toEqual(['[stub] slept 1500 [steered: also this]', '[stub] and then this']);
+    // The steered message joins the running turn; its answer (the last step) is the turn's reply.
+    expect(run.results.map((r) => r.result)).toEqual(['[stub] also this', '[stub] and then this']);
     expect(readdirSync(join(ws.ws, 'ipc', 'input'))).toEqual([]);
   });
 

@@ -1,0 +1,197 @@
+/**
+ * A scripted stand-in for Moonshot's chat-completions endpoint, for tests: the only fake
+ * in an agent run (the Kimi CLI double, the SDK, the runner, the MCP server and the host's
+ * model proxy are all real). It speaks the OpenAI-compatible protocol the Kimi CLI's
+ * `kimi` provider uses (POST {base_url}/chat/completions, `Authorization: Bearer <key>`,
+ * server-sent events when `stream` is true, usage in the last chunk's choice as Moonshot
+ * sends it), checks the key when given one, and records every request.
+ *
+ * What it answers depends on the newest user message (the last <message> of a NanoClaw
+ * prompt, its @Name trigger dropped; or else the text without leading "[…]" note lines):
+ *   anything             → "[stub] <text>"
+ *   !tool NAME {json}    → calls the tool NAME with those arguments; after its result,
+ *                          answers with the result's text ("tool error: …" for errors)
+ *   !shell COMMAND       → calls the CLI's Shell tool; then answers with its output
+ *   !fail TEXT           → HTTP 400 with TEXT as the error message (not retried)
+ *   !status CODE [TEXT]  → HTTP CODE with an OpenAI-style error body
+ *   !sleep MS            → waits MS before answering "[stub] slept MS"
+ *   !context             → answers with the system prompt it was sent
+ *   !session             → answers with the request's prompt_cache_key (the CLI's session id)
+ */
+import { chmodSync, rmSync } from 'node:fs';
+
+export interface ChatMessage {
+  role: string;
+  content?: unknown;
+  tool_calls?: { id: string; function: { name: string; arguments: string } }[];
+  tool_call_id?: string;
+}
+
+export interface ChatRequest {
+  model?: string;
+  messages?: ChatMessage[];
+  tools?: { type: string; function: { name: string; description?: string; parameters?: unknown } }[];
+  stream?: boolean;
+  prompt_cache_key?: string;
+}
+
+export type ScriptedReply =
+  | { kind: 'text'; text: string; delayMs?: number }
+  | { kind: 'tool'; name: string; args: Record<string, unknown> }
+  | { kind: 'error'; status: number; message: string };
+
+export interface RecordedRequest {
+  path: string;
+  authorization: string | null;
+  body: ChatRequest;
+}
+
+const unescapeXml = (text: string) => text.replace(/&lt;/g, '<').replace(/&gt;/g, '>').replace(/&quot;/g, '"').replace(/&amp;/g, '&');
+
+/** The text of a message's content: a string, or the text parts of a part list. */
+export function contentText(content: unknown): string {
+  if (typeof content === 'string') return content;
+  if (Array.isArray(content)) return content.map((part) => (part && typeof part === 'object' && 'text' in part ? String((part as { text: unknown }).text) : '')).join('');
+  return '';
+}
+
+/** The text the "model" reacts to. */
+export function userText(prompt: string): string {
+  const messages = [...prompt.matchAll(/<message\b[^>]*>([\s\S]*?)<\/message>/g)];
+  if (messages.length) return unescapeXml(messages.at(-1)![1]!).trim().replace(/^@\S+\s+/, '');
+  const lines = prompt.trim().split('\n');
+  while (lines.length > 1 && (lines[0]!.startsWith('[') || lines[0]!.trim() === '')) lines.shift();
+  return lines.join('\n').trim();
+}
+
+/** A tool result as the CLI hands it over: "<system>…</system>" then the output. */
+function toolOutput(content: unknown): string {
+  const text = contentText(content);
+  const error = /^<system>ERROR: ([\s\S]*?)<\/system>\n?/.exec(text);
+  if (error) return `tool error: ${text.slice(error[0].length) || error[1]}`;
+  return text.replace(/^<system>[\s\S]*?<\/system>\n?/, '');
+}
+
+/** What the scripted model answers to a request. */
+export function scriptedReply(request: ChatRequest): ScriptedReply {
+  const messages = request.messages ?? [];
+  const lastUser = messages.map((m) => m.role).lastIndexOf('user');
+  const text = lastUser >= 0 ? userText(contentText(messages[lastUser]!.content)) : '';
+  const toolResult = messages.slice(lastUser + 1).filter((m) => m.role === 'tool').at(-1);
+  const [command = '', ...rest] = text.split(' ');
+  const argText = rest.join(' ').trim();
+  switch (command) {
+    case '!tool':
+    case '!shell': {
+      if (toolResult) return { kind: 'text', text: toolOutput(toolResult.content) };
+      if (command === '!shell') return { kind: 'tool', name: 'Shell', args: { command: argText } };
+      const [name = '', ...json] = rest;
+      try {
+        return { kind: 'tool', name, args: json.join(' ').trim() ? (JSON.parse(json.join(' ')) as Record<string, unknown>) : {} };
+      } catch {
+        return { kind: 'text', text: `tool error: arguments are not JSON: ${json.join(' ')}` };
+      }
+    }
+    case '!fail':
+      return { kind: 'error', status: 400, message: argText || 'provider error' };
+    case '!status': {
+      const [code, ...message] = rest;
+      return { kind: 'error', status: Number(code) || 500, message: message.join(' ') || `scripted ${code}` };
+    }
+    case '!sleep':
+      return { kind: 'text', text: `[stub] slept ${argText}`, delayMs: Number(argText) || 0 };
+    case '!context':
+      return { kind: 'text', text: contentText(messages.find((m) => m.role === 'system')?.content) || '(no system prompt)' };
+    case '!session':
+      return { kind: 'text', text: `[stub] ${request.prompt_cache_key ?? '(no prompt_cache_key)'}` };
+    default:
+      return { kind: 'text', text: `[stub] ${text}` };
+  }
+}
+
+const roughTokens = (text: string) => Math.max(1, Math.ceil(text.length / 4));
+
+/** Chunks of a streamed completion, as Moonshot sends them (usage inside the last choice). */
+function completionChunks(reply: Exclude<ScriptedReply, { kind: 'error' }>, request: ChatRequest, id: string): unknown[] {
+  const model = request.model ?? 'kimi-k2.5';
+  const base = { id, object: 'chat.completion.chunk', created: Math.floor(Date.now() / 1000), model };
+  const promptTokens = roughTokens(JSON.stringify(request.messages ?? []));
+  const chunks: unknown[] = [{ ...base, choices: [{ index: 0, delta: { role: 'assistant', content: '' }, finish_reason: null }] }];
+  let output = '';
+  if (reply.kind === 'text') {
+    for (let i = 0; i < reply.text.length; i += 12) {
+      chunks.push({ ...base, choices: [{ index: 0, delta: { content: reply.text.slice(i, i + 12) }, finish_reason: null }] });
+    }
+    output = reply.text;
+  } else {
+    const args = JSON.stringify(reply.args);
+    const callId = `${reply.name}:${Math.random().toString(36).slice(2, 10)}`;
+    chunks.push({ ...base, choices: [{ index: 0, delta: { tool_calls: [{ index: 0, id: callId, type: 'function', function: { name: reply.name, arguments: '' } }] }, finish_reason: null }] });
+    for (let i = 0; i < args.length; i += 16) {
+      chunks.push({ ...base, choices: [{ index: 0, delta: { tool_calls: [{ index: 0, function: { arguments: args.slice(i, i + 16) } }] }, finish_reason: null }] });
+    }
+    output = args;
+  }
+  const usage = { prompt_tokens: promptTokens, completion_tokens: roughTokens(output), total_tokens: promptTokens + roughTokens(output), cached_tokens: 0 };
+  chunks.push({ ...base, choices: [{ index: 0, delta: {}, finish_reason: reply.kind === 'tool' ? 'tool_calls' : 'stop', usage }] });
+  return chunks;
+}
+
+export interface FakeModel {
+  /** The base URL to configure (…/v1), or for a unix socket the socket's path. */
+  readonly url: string;
+  readonly socketPath?: string;
+  readonly requests: RecordedRequest[];
+  stop(): void;
+}
+
+/** Starts the scripted model on loopback (a port) or on a unix socket (mode 0666, for containers). */
+export function startFakeModel(options: { key?: string; unix?: string } = {}): FakeModel {
+  const requests: RecordedRequest[] = [];
+  let counter = 0;
+  const fetch = async (req: Request): Promise<Response> => {
+    const path = new URL(req.url).pathname;
+    let body: ChatRequest = {};
+    try {
+      body = (await req.json()) as ChatRequest;
+    } catch {
+      // recorded as an empty request; answered below
+    }
+    requests.push({ path, authorization: req.headers.get('authorization'), body });
+    if (req.method !== 'POST' || !path.endsWith('/chat/completions')) return Response.json({ error: { message: `no route ${req.method} ${path}`, type: 'not_found' } }, { status: 404 });
+    if (options.key !== undefined && req.headers.get('authorization') !== `Bearer ${options.key}`) {
+      return Response.json({ error: { message: 'Invalid Authentication', type: 'invalid_authentication_error' } }, { status: 401 });
+    }
+    const reply = scriptedReply(body);
+    if (reply.kind === 'error') {
+      return Response.json({ error: { message: reply.message, type: reply.status === 429 ? 'rate_limit_reached_error' : 'invalid_request_error' } }, { status: reply.status });
+    }
+    if (reply.kind === 'text' && reply.delayMs) await Bun.sleep(reply.delayMs);
+    const id = `chatcmpl-fake-${++counter}`;
+    const chunks = completionChunks(reply, body, id);
+    if (!body.stream) {
+      const message = reply.kind === 'text'
+        ? { role: 'assistant', content: reply.text }
+        : { role: 'assistant', content: '', tool_calls: [{ id: `${reply.name}:0`, type: 'function', function: { name: reply.name, arguments: JSON.stringify(reply.args) } }] };
+      const last = chunks.at(-1) as { choices: { usage: unknown }[] };
+      return Response.json({ id, object: 'chat.completion', model: body.model, choices: [{ index: 0, message, finish_reason: 'stop' }], usage: last.choices[0]!.usage });
+    }
+    const encoder = new TextEncoder();
+    const stream = new ReadableStream<Uint8Array>({
+      start(controller) {
+        for (const chunk of chunks) controller.enqueue(encoder.encode(`data: ${JSON.stringify(chunk)}\n\n`));
+        controller.enqueue(encoder.encode('data: [DONE]\n\n'));
+        controller.close();
+      },
+    });
+    return new Response(stream, { headers: { 'content-type': 'text/event-stream' } });
+  };
+  if (options.unix) {
+    rmSync(options.unix, { force: true });
+    const server = Bun.serve({ unix: options.unix, fetch });
+    chmodSync(options.unix, 0o666);
+    return { url: options.unix, socketPath: options.unix, requests, stop: () => void server.stop(true) };
+  }
+  const server = Bun.serve({ hostname: '127.0.0.1', port: 0, fetch });
+  return { url: `http://127.0.0.1:${server.port}/v1`, requests, stop: () => void server.stop(true) };
+}
