@@ -9,19 +9,22 @@
  * group) arrives as files in the group's IPC folder.
  *
  * Read it top to bottom; sections follow the data:
- *   1. Config      environment, .env, paths, secrets kept out of process.env
- *   2. Logging     pino to logs/nanoclaw.log, logs/nanoclaw.error.log and the terminal
- *   3. Store       SQLite schema, migrations and every query
- *   4. Router      which messages wake the agent, what it sees, what goes back
- *   5. Channels    the Channel interface and the local terminal chat
- *   6. Queue       one container per group, a global limit, retries with backoff
- *   7. Container   mounts, docker arguments, the stdin/stdout contract, run logs
- *   8. IPC         files from the agent, authorised by the folder they appear in
- *   9. Scheduler   when a task runs next
- *  10. Host        the pieces wired together: inbound → queue → container → outbound
- *  11. CLI         commands, start-up checks and main()
+ *   1. Config       environment, .env, paths, secrets kept out of process.env
+ *   2. Logging      pino to logs/nanoclaw.log, logs/nanoclaw.error.log and the terminal
+ *   3. Agent trees  the only way the host touches folders an agent can write
+ *   4. Store        SQLite schema, migrations and every query
+ *   5. Router       which messages wake the agent, what it sees, what goes back
+ *   6. Channels     the Channel interface, the local terminal chat, WhatsApp
+ *   7. Queue        one container per group, a global limit, retries with backoff
+ *   8. Model proxy  the key stays on the host; containers get a per-run token
+ *   9. Container    mounts, hardened docker arguments, the stdin/stdout contract, run logs
+ *  10. IPC          files from the agent, authorised by the folder they appear in
+ *  11. Scheduler    when a task runs next
+ *  12. Host         the pieces wired together: inbound → queue → container → outbound
+ *  13. CLI          commands, start-up checks and main()
  *
- * The host ⇄ container protocol is written down in container/CONTRACT.md.
+ * The host ⇄ container protocol is written down in container/CONTRACT.md, what the
+ * containment guarantees (and does not) in SECURITY.md.
  */
 import { Database } from 'bun:sqlite';
 import { EventEmitter } from 'node:events';
@@ -621,7 +624,7 @@ export class AgentTree {
   }
 }
 
-// ───────────────────────────── 3. Store: SQLite in store/messages.db ─────────────────
+// ───────────────────────────── 4. Store: SQLite in store/messages.db ─────────────────
 
 export interface StoredMessage {
   seq: number;
@@ -1104,7 +1107,7 @@ export class Store {
   }
 }
 
-// ───────────────────────────── 4. Router: what wakes the agent, what it sees, what goes back
+// ───────────────────────────── 5. Router: what wakes the agent, what it sees, what goes back
 
 export function escapeXml(text: string): string {
   return text.replace(/&/g, '&amp;').replace(/</g, '&lt;').replace(/>/g, '&gt;').replace(/"/g, '&quot;');
@@ -1163,7 +1166,7 @@ export function formatOutbound(rawText: string, assistantName: string, hasOwnNum
   return hasOwnNumber ? text : `${assistantName}: ${text}`;
 }
 
-// ───────────────────────────── 5. Channels: where messages come from and go to ───────
+// ───────────────────────────── 6. Channels: where messages come from and go to ───────
 
 export interface ChatMeta {
   name?: string | null;
@@ -1718,7 +1721,7 @@ export class WhatsAppChannel implements Channel {
   }
 }
 
-// ───────────────────────────── 6. Queue: one container per group, a limit for all ────
+// ───────────────────────────── 7. Queue: one container per group, a limit for all ────
 
 /** How the queue and the host reach a running container. */
 export interface LiveContainer {
@@ -1726,7 +1729,8 @@ export interface LiveContainer {
   readonly acceptsFollowUps: boolean;
   /** True once it was asked to close or has exited: nothing more may be sent to it. */
   readonly closing: boolean;
-  sendInput(text: string): void;
+  /** False when it could not be handed over (the container is then being stopped). */
+  sendInput(text: string): boolean;
   /** Asks the agent to finish its turn and exit. */
   close(): void;
   /** Stops the container now. */
@@ -1814,8 +1818,7 @@ export class GroupQueue {
     const state = this.groups.get(jid);
     if (!state?.running || !state.live?.acceptsFollowUps || state.live.closing) return false;
     this.clearIdleTimer(state);
-    state.live.sendInput(text);
-    return true;
+    return state.live.sendInput(text);
   }
 
   /** The group's agent answered and now waits; close it after the idle timeout (or at once if others wait). */
@@ -1949,7 +1952,7 @@ export class GroupQueue {
   }
 }
 
-// ───────────────────────────── 7. Model proxy: the key stays on the host ─────────────
+// ───────────────────────────── 8. Model proxy: the key stays on the host ─────────────
 
 /** Where model requests go without KIMI_BASE_URL: Moonshot's Open Platform. */
 export const DEFAULT_KIMI_BASE_URL = 'https://api.moonshot.ai/v1';
@@ -2154,7 +2157,7 @@ export class ModelProxy {
   }
 }
 
-// ───────────────────────────── 7. Container: mounts, docker run, results, run logs ───
+// ───────────────────────────── 9. Container: mounts, docker run, results, run logs ───
 
 export interface Mount {
   hostPath: string;
@@ -2239,6 +2242,18 @@ export function formatMount(mount: Mount, style: 'docker' | 'human'): string {
   return `${mount.hostPath} -> ${mount.containerPath} (${mount.readonly ? 'ro' : 'rw'})`;
 }
 
+/** A folder NanoClaw needs in an agent tree; a link or file planted in its place is removed (never followed). */
+function ensurePlainDir(tree: AgentTree, dir: string): void {
+  try {
+    tree.ensureDir(dir);
+  } catch (err) {
+    if (!(err instanceof UnsafePathError)) throw err;
+    tree.remove(dir);
+    tree.ensureDir(dir);
+    log.warn({ path: tree.path(dir), reason: err.message }, 'Replaced a link or file planted where NanoClaw keeps a folder');
+  }
+}
+
 /**
  * Creates what a run needs, safely: the group's trees and IPC folders (never through a
  * link), main's masks, and on a root host hands the roots and memory files to the
@@ -2246,9 +2261,9 @@ export function formatMount(mount: Mount, style: 'docker' | 'human'): string {
  */
 export function prepareGroupFolders(config: Config, group: RegisteredGroup): ReturnType<typeof groupTrees> {
   const trees = groupTrees(config, group.folder);
-  for (const dir of ['input', 'messages', 'tasks']) trees.ipc.ensureDir(dir);
+  for (const dir of ['input', 'messages', 'tasks']) ensurePlainDir(trees.ipc, dir);
+  ensurePlainDir(trees.group, 'logs');
   trees.kimi.ensureDir('.');
-  trees.group.ensureDir('.');
   trees.group.handOver('CLAUDE.md');
   trees.ipc.handOver('input', 'messages', 'tasks');
   trees.kimi.handOver();
@@ -2670,14 +2685,27 @@ export async function runContainer(options: RunContainerOptions): Promise<RunOut
     get closing() {
       return closing;
     },
-    sendInput: (text) => trees.ipc.replace(`input/${uniqueFileName()}`, JSON.stringify({ type: 'message', text })),
+    sendInput: (text) => {
+      try {
+        trees.ipc.replace(`input/${uniqueFileName()}`, JSON.stringify({ type: 'message', text }));
+        return true;
+      } catch (err) {
+        groupLog.warn({ reason: errorText(err) }, 'Could not hand a follow-up to the container (its input folder is not a plain folder); stopping it, the message goes to the next run');
+        closing = true;
+        void stop();
+        return false;
+      }
+    },
     close: () => {
       if (closing) return;
       closing = true;
       try {
         trees.ipc.create('input/_close', '');
       } catch (err) {
-        if (errorCode(err) !== 'EEXIST') groupLog.warn({ err: errorText(err) }, 'Could not ask the container to close; stopping it');
+        if (errorCode(err) !== 'EEXIST') {
+          groupLog.warn({ reason: errorText(err) }, 'Could not ask the container to close; stopping it');
+          void stop();
+        }
       }
       graceTimer = setTimeout(() => {
         if (exited) return;
@@ -2743,7 +2771,7 @@ export async function runContainer(options: RunContainerOptions): Promise<RunOut
   return { ...outcome, logFile };
 }
 
-// ───────────────────────────── 8. IPC: files from the agent, authorised by their folder
+// ───────────────────────────── 10. IPC: files from the agent, authorised by their folder
 
 export type IpcMessage = { type: 'message'; chatJid: string; text: string };
 export type IpcTask =
@@ -3083,7 +3111,7 @@ export class IpcWatcher {
   }
 }
 
-// ───────────────────────────── 9. Scheduler: when a task runs next ───────────────────
+// ───────────────────────────── 11. Scheduler: when a task runs next ───────────────────
 
 export class ScheduleError extends Error {}
 
@@ -3212,7 +3240,7 @@ export class Scheduler {
   }
 }
 
-// ───────────────────────────── 10. Host: inbound → queue → container → outbound ──────
+// ───────────────────────────── 12. Host: inbound → queue → container → outbound ──────
 
 export interface TurnEvent {
   chatJid: string;
@@ -3623,7 +3651,7 @@ export function registerGroup(
   return group;
 }
 
-// ───────────────────────────── 11. CLI: commands, start-up checks, main() ────────────
+// ───────────────────────────── 13. CLI: commands, start-up checks, main() ────────────
 
 export const USAGE = `NanoClaw — your assistant in WhatsApp, one container per group.
 

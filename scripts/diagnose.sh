@@ -119,10 +119,11 @@ else
 fi
 
 # 7. Recent container logs, and the last error in them
-# Newest first by the timestamp in the file name (mtimes can tie).
+# Newest first by the timestamp in the file name (mtimes can tie). Agents can write in
+# groups/: only regular files that are not links, in folders that are not links, are read.
 runs_newest_first() {
   for log in "$ROOT"/groups/*/logs/container-*.log; do
-    [ -f "$log" ] && printf '%s %s\n' "$(basename "$log")" "$log"
+    [ -f "$log" ] && [ ! -L "$log" ] && [ ! -L "$(dirname "$log")" ] && printf '%s %s\n' "$(basename "$log")" "$log"
   done | sort -r | cut -d' ' -f2-
 }
 RECENT=$(runs_newest_first | head -n 3)

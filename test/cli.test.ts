@@ -67,6 +67,40 @@ describe('bun nanoclaw.ts', () => {
     expect((await cli(['groups', 'list'])).stdout).not.toContain('fam@g.us');
   });
 
+  it('groups register --network sets a group’s network; host is refused', async () => {
+    expect((await cli(['groups', 'register', 'off@g.us', 'offline', '--network', 'none'])).code).toBe(0);
+    const store = new Store(join(root, 'store', 'messages.db'));
+    expect(store.groupByFolder('offline')!.containerConfig).toEqual({ network: 'none' });
+    store.close();
+    expect((await cli(['mounts', 'offline'])).stdout).toContain('network: none');
+    const host = await cli(['groups', 'register', 'h@g.us', 'hostnet', '--network', 'host']);
+    expect(host.code).toBe(2);
+    expect(host.stderr).toContain('never host');
+  });
+
+  it('usage shows model requests and tokens by group and day', async () => {
+    expect((await cli(['usage'])).stdout).toContain('No model requests in the last 30 days');
+    const store = new Store(join(root, 'store', 'messages.db'));
+    const today = new Date().toISOString().slice(0, 10);
+    store.addModelUsage(today, 'main', { ok: true, promptTokens: 1200, completionTokens: 80 });
+    store.addModelUsage(today, 'main', { ok: false, promptTokens: 0, completionTokens: 0 });
+    store.addModelUsage(today, 'family', { ok: true, promptTokens: 300, completionTokens: 20 });
+    store.addModelUsage('2020-01-01', 'family', { ok: true, promptTokens: 999, completionTokens: 9 });
+    store.close();
+    const { code, stdout } = await cli(['usage'], '', { TZ: 'UTC' });
+    expect(code).toBe(0);
+    const lines = stdout.trim().split('\n').map((l) => l.split(/\s+/));
+    expect(lines).toEqual([
+      ['day', 'group', 'requests', 'failed', 'prompt', 'tokens', 'output', 'tokens'],
+      [today, 'family', '1', '0', '300', '20'],
+      [today, 'main', '2', '1', '1200', '80'],
+      ['total', '3', '1500', '100'],
+    ]);
+    const json = JSON.parse((await cli(['usage', '--group', 'main', '--json'], '', { TZ: 'UTC' })).stdout);
+    expect(json).toEqual([{ day: today, groupFolder: 'main', requests: 2, failed: 1, promptTokens: 1200, completionTokens: 80 }]);
+    expect((await cli(['usage', '--days', 'lots'])).code).toBe(2);
+  });
+
   it('sessions clear removes the session files and the database row together', async () => {
     const store = new Store(join(root, 'store', 'messages.db'));
     store.setSession('main', 'sess-123');

@@ -3,7 +3,7 @@ import { existsSync, mkdirSync, readdirSync, readFileSync, renameSync, symlinkSy
 import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import {
-  groupsSnapshot, IPC_ERRORS_KEPT, IPC_FILES_PER_PASS, IpcFormatError, IpcWatcher, parseIpcMessage, parseIpcTask, refusal, registerGroup, Store, tasksSnapshot, writeSnapshots,
+  groupsSnapshot, IPC_ERRORS_KEPT, IPC_FILES_PER_PASS, IpcFormatError, IpcWatcher, limitRefusal, shortestGap, parseIpcMessage, parseIpcTask, refusal, registerGroup, Store, tasksSnapshot, writeSnapshots,
   type RegisteredGroup,
 } from '../nanoclaw.ts';
 import { tempDir, tempProject, waitFor } from './helpers.ts';
@@ -225,5 +225,55 @@ describe('IpcWatcher', () => {
     await waitFor(() => seen.length === 1, 3000, 'claimed file');
     expect(seen).toEqual([{ folder: 'family', kind: 'tasks', data: { n: 1 } }]);
     expect(readdirSync(join(dir, 'claimed'))).toEqual([]);
+  });
+});
+
+describe('scheduling limits', () => {
+  function setup(env: Record<string, string> = {}) {
+    const config = tempProject({ TASK_MAX_ACTIVE: '2', TASK_MIN_INTERVAL: '300000', ...env });
+    const store = new Store(config.dbPath);
+    const main = registerGroup(config, store, { jid: 'me@s.whatsapp.net', name: 'Me', folder: 'main', isMain: true });
+    const family = registerGroup(config, store, { jid: 'fam@g.us', name: 'Family', folder: 'family' });
+    return { config, store, main, family };
+  }
+  const schedule = (schedule_type: 'cron' | 'interval' | 'once', schedule_value: string) =>
+    ({ type: 'schedule_task', prompt: 'p', schedule_type, schedule_value, context_mode: 'isolated' }) as const;
+
+  it('measures the shortest gap between runs of a schedule', () => {
+    const from = new Date('2026-06-01T00:00:00Z');
+    expect(shortestGap('interval', '60000', 'UTC', from)).toBe(60_000);
+    expect(shortestGap('cron', '*/5 * * * *', 'UTC', from)).toBe(300_000);
+    expect(shortestGap('cron', '0 9 * * *', 'UTC', from)).toBe(86_400_000);
+    expect(shortestGap('cron', '0,1 9 * * *', 'UTC', from)).toBe(60_000); // two runs a minute apart, once a day: still too close
+    expect(shortestGap('once', '2030-01-01 10:00', 'UTC', from)).toBeNull();
+  });
+
+  it('refuses schedules more frequent than TASK_MIN_INTERVAL and more than TASK_MAX_ACTIVE active tasks per group', () => {
+    const { config, store, family } = setup();
+    const refusal = (request: Parameters<typeof limitRefusal>[2]) => limitRefusal(config.tasks, family, request, store, 'UTC');
+    expect(refusal(schedule('interval', '1000'))).toContain('TASK_MIN_INTERVAL=300000');
+    expect(refusal(schedule('cron', '* * * * *'))).toContain('runs every 60 s');
+    expect(refusal(schedule('interval', '300000'))).toBeNull();
+    for (const id of ['t1', 't2']) {
+      store.createTask({ id, groupFolder: 'family', chatJid: 'fam@g.us', prompt: 'p', scheduleType: 'interval', scheduleValue: '600000', contextMode: 'isolated', nextRun: null, lastRun: null, lastResult: null, status: 'active', createdAt: 'x' });
+    }
+    expect(refusal(schedule('once', '2030-01-01 10:00'))).toContain('already has 2 active tasks (TASK_MAX_ACTIVE=2)');
+    store.updateTask('t2', { status: 'paused' });
+    expect(refusal(schedule('once', '2030-01-01 10:00'))).toBeNull();
+    expect(refusal({ type: 'update_task', taskId: 't1', schedule_value: '2000' })).toContain('TASK_MIN_INTERVAL');
+    expect(refusal({ type: 'update_task', taskId: 't1', prompt: 'only the words' })).toBeNull();
+    store.createTask({ id: 't3', groupFolder: 'family', chatJid: 'fam@g.us', prompt: 'p', scheduleType: 'interval', scheduleValue: '600000', contextMode: 'isolated', nextRun: null, lastRun: null, lastResult: null, status: 'active', createdAt: 'x' });
+    expect(refusal({ type: 'resume_task', taskId: 't2' })).toContain('already has 2 active tasks');
+    store.close();
+  });
+
+  it('holds main to the limits too, unless TASK_LIMITS_MAIN=false', () => {
+    const held = setup();
+    expect(limitRefusal(held.config.tasks, held.main, schedule('interval', '1000'), held.store, 'UTC')).toContain('TASK_MIN_INTERVAL');
+    held.store.close();
+    const free = setup({ TASK_LIMITS_MAIN: 'false' });
+    expect(limitRefusal(free.config.tasks, free.main, schedule('interval', '1000'), free.store, 'UTC')).toBeNull();
+    expect(limitRefusal(free.config.tasks, free.family, schedule('interval', '1000'), free.store, 'UTC')).toContain('TASK_MIN_INTERVAL');
+    free.store.close();
   });
 });

@@ -47,7 +47,7 @@ function liveContainer(acceptsFollowUps = true) {
     get closing() {
       return calls.close > 0;
     },
-    sendInput: (text) => inputs.push(text),
+    sendInput: (text) => inputs.push(text) > 0,
     close: () => calls.close++,
     kill: async () => {
       calls.kill++;

@@ -113,7 +113,7 @@ export function buildRole(input: RoleInput): string {
       'Your files:',
       '- /workspace/group is your working folder for this chat; its CLAUDE.md is your memory here: update it when you learn something worth keeping.',
       input.isMain
-        ? '- /workspace/project is the NanoClaw project; the memory every group reads is /workspace/project/groups/global/CLAUDE.md.'
+        ? '- /workspace/project is the NanoClaw project, read-only (its secrets are hidden). You can change the memory every group reads: /workspace/project/groups/global/CLAUDE.md.'
         : '- /workspace/global holds the memory shared by all groups (read-only here).',
       '- Media people send are saved under /workspace/group/media/.',
     ].join('\n'),

@@ -1,0 +1,171 @@
+/**
+ * The model proxy on its own: real unix sockets and loopback ports, a stand-in upstream on
+ * loopback that records what reached it. What the container sends is all it controls.
+ */
+import { existsSync } from 'node:fs';
+import { join } from 'node:path';
+import { afterEach, describe, expect, it } from 'vitest';
+import { ModelProxy, UsageCounter, usageOf, type ModelProxyOptions } from '../nanoclaw.ts';
+import { tempDir } from './helpers.ts';
+
+const KEY = 'sk-proxy-test-0123456789abcdef';
+
+function upstream(answer: (req: Request) => Response | Promise<Response> = () => Response.json({ ok: true, usage: { prompt_tokens: 3, completion_tokens: 4 } })) {
+  const seen: { path: string; headers: Record<string, string>; body: string }[] = [];
+  const server = Bun.serve({
+    hostname: '127.0.0.1', port: 0,
+    async fetch(req) {
+      seen.push({ path: new URL(req.url).pathname + new URL(req.url).search, headers: Object.fromEntries(req.headers), body: await req.clone().text() });
+      return answer(req);
+    },
+  });
+  return { url: `http://127.0.0.1:${server.port}/v1`, seen, stop: () => server.stop(true) };
+}
+
+const cleanups: (() => void)[] = [];
+afterEach(() => {
+  for (const cleanup of cleanups.splice(0)) cleanup();
+});
+
+function proxy(upstreamUrl: string, extra: Partial<ModelProxyOptions> = {}) {
+  const records: { folder: string; ok: boolean; status: number; usage: unknown }[] = [];
+  const p = new ModelProxy({
+    mode: 'unix', dir: join(tempDir(), 'proxy'), upstream: upstreamUrl, apiKey: () => KEY,
+    record: (folder, entry) => records.push({ folder, ...entry }),
+    ...extra,
+  });
+  cleanups.push(() => p.stop());
+  return { p, records };
+}
+
+const call = (socket: string | undefined, token: string, body = '{"model":"k25"}', path = '/chat/completions', headers: Record<string, string> = {}) =>
+  fetch(`http://proxy${path}`, { unix: socket, method: 'POST', headers: { authorization: `Bearer ${token}`, 'content-type': 'application/json', ...headers }, body } as RequestInit);
+
+describe('ModelProxy', () => {
+  it('forwards a live run’s request with the real key in place of its token, and nothing else of the hop', async () => {
+    const up = upstream();
+    cleanups.push(up.stop);
+    const { p, records } = proxy(up.url);
+    const run = p.open('family', 'run-1');
+    const response = await call(run.socketPath, run.token, '{"model":"k25"}', '/chat/completions?x=1', { 'x-api-key': 'ignored', 'accept-encoding': 'br', 'user-agent': 'KimiCLI/1.49.0' });
+    expect(response.status).toBe(200);
+    expect(await response.json()).toEqual({ ok: true, usage: { prompt_tokens: 3, completion_tokens: 4 } });
+    expect(up.seen).toHaveLength(1);
+    expect(up.seen[0]!.path).toBe('/v1/chat/completions?x=1');
+    expect(up.seen[0]!.headers.authorization).toBe(`Bearer ${KEY}`);
+    expect(up.seen[0]!.headers['x-api-key']).toBeUndefined();
+    expect(up.seen[0]!.headers['user-agent']).toBe('KimiCLI/1.49.0');
+    expect(up.seen[0]!.body).toBe('{"model":"k25"}');
+    expect(JSON.stringify(up.seen)).not.toContain(run.token);
+    expect(records).toEqual([{ folder: 'family', ok: true, status: 200, usage: { promptTokens: 3, completionTokens: 4 } }]);
+    run.close();
+    expect(existsSync(run.socketPath!)).toBe(false);
+  });
+
+  it('accepts only the token of the run whose socket it is, and no token once the run is over', async () => {
+    const up = upstream();
+    cleanups.push(up.stop);
+    const { p, records } = proxy(up.url);
+    const a = p.open('family', 'run-a');
+    const b = p.open('work', 'run-b');
+    for (const [socket, token] of [[a.socketPath, b.token], [a.socketPath, 'ncp-guess'], [a.socketPath, '']] as const) {
+      const refused = await call(socket, token);
+      expect(refused.status).toBe(401);
+      expect(((await refused.json()) as { error: { message: string } }).error.message).toContain('does not belong to a running container');
+    }
+    a.close();
+    const ok = await call(b.socketPath, b.token);
+    expect(ok.status).toBe(200);
+    b.close();
+    expect(up.seen).toHaveLength(1);
+    expect(records.map((r) => r.folder)).toEqual(['work']);
+  });
+
+  it('without a key on the host: a clear 401 naming the fix, and nothing sent upstream', async () => {
+    const up = upstream();
+    cleanups.push(up.stop);
+    const { p, records } = proxy(up.url, { apiKey: () => undefined });
+    const run = p.open('main', 'run-1');
+    const response = await call(run.socketPath, run.token);
+    expect(response.status).toBe(401);
+    expect(((await response.json()) as { error: { message: string } }).error.message).toBe('NanoClaw has no KIMI_API_KEY: put it in the .env file of the NanoClaw project.');
+    expect(up.seen).toEqual([]);
+    expect(records).toEqual([{ folder: 'main', ok: false, status: 401, usage: null }]);
+    run.close();
+  });
+
+  it('an unreachable upstream is a 502 that names the host, never the key; a huge request is refused', async () => {
+    const { p } = proxy('http://127.0.0.1:9/v1');
+    const run = p.open('main', 'run-1');
+    const response = await call(run.socketPath, run.token);
+    expect(response.status).toBe(502);
+    const text = await response.text();
+    expect(text).toContain('could not reach http://127.0.0.1:9');
+    expect(text).not.toContain(KEY);
+    const huge = await call(run.socketPath, run.token, 'x'.repeat(33 * 1024 * 1024));
+    expect(huge.status).toBe(413);
+    run.close();
+  });
+
+  it('streams server-sent events as they come, and counts the usage of the last chunk', async () => {
+    const encoder = new TextEncoder();
+    // The upstream sends the rest only once the client has the first chunk: a proxy that
+    // buffered the answer would never deliver it, and this test would time out.
+    let clientHasFirst: () => void = () => {};
+    const firstDelivered = new Promise<void>((resolve) => (clientHasFirst = resolve));
+    const up = upstream(() => new Response(new ReadableStream({
+      async start(controller) {
+        controller.enqueue(encoder.encode('data: {"choices":[{"delta":{"content":"Hel"}}]}\n\n'));
+        await firstDelivered;
+        controller.enqueue(encoder.encode('data: {"choices":[{"delta":{"content":"lo"}}]}\n\ndata: {"choices":[{"delta":{},"usage":{"prompt_tokens":12,"completion_tokens":2}}]}\n\ndata: [DONE]\n\n'));
+        controller.close();
+      },
+    }), { headers: { 'content-type': 'text/event-stream' } }));
+    cleanups.push(up.stop);
+    const { p, records } = proxy(up.url);
+    const run = p.open('family', 'run-1');
+    const response = await call(run.socketPath, run.token, '{"stream":true}');
+    const reader = response.body!.getReader();
+    const first = new TextDecoder().decode((await reader.read()).value);
+    expect(first).toContain('"Hel"');
+    expect(first).not.toContain('[DONE]');
+    clientHasFirst();
+    let rest = '';
+    for (let chunk = await reader.read(); !chunk.done; chunk = await reader.read()) rest += new TextDecoder().decode(chunk.value);
+    expect(rest).toContain('[DONE]');
+    await Bun.sleep(20);
+    expect(records).toEqual([{ folder: 'family', ok: true, status: 200, usage: { promptTokens: 12, completionTokens: 2 } }]);
+    run.close();
+  });
+
+  it('tcp mode (Docker Desktop) listens on loopback, one port for all runs, tokens still per run', async () => {
+    const up = upstream();
+    cleanups.push(up.stop);
+    const { p } = proxy(up.url, { mode: 'tcp' });
+    const run = p.open('main', 'run-1');
+    expect(run.url).toMatch(/^http:\/\/host\.docker\.internal:\d+$/);
+    const port = new URL(run.url!).port;
+    const local = (token: string) => fetch(`http://127.0.0.1:${port}/chat/completions`, { method: 'POST', headers: { authorization: `Bearer ${token}` }, body: '{}' });
+    expect((await local(run.token)).status).toBe(200);
+    expect((await local('ncp-other')).status).toBe(401);
+    run.close();
+    expect((await local(run.token)).status).toBe(401);
+  });
+});
+
+describe('usage counting', () => {
+  it('reads usage at the top level or in a choice, and ignores what is not JSON', () => {
+    expect(usageOf({ usage: { prompt_tokens: 1, completion_tokens: 2 } })).toEqual({ promptTokens: 1, completionTokens: 2 });
+    expect(usageOf({ choices: [{ delta: {} }, { usage: { prompt_tokens: 5 } }] })).toEqual({ promptTokens: 5, completionTokens: 0 });
+    expect(usageOf({ choices: [] })).toBeNull();
+    const counter = new UsageCounter(true);
+    const enc = new TextEncoder();
+    counter.push(enc.encode('data: not json\n\ndata: {"usage":{"prompt_tokens":7,"comple'));
+    counter.push(enc.encode('tion_tokens":1}}\n\n'));
+    counter.push(enc.encode('data: [DONE]'));
+    expect(counter.end()).toEqual({ promptTokens: 7, completionTokens: 1 });
+    const whole = new UsageCounter(false);
+    whole.push(enc.encode('{"usage":{"prompt_tokens":2,"completion_tokens":9}}'));
+    expect(whole.end()).toEqual({ promptTokens: 2, completionTokens: 9 });
+  });
+});
