@@ -28,7 +28,7 @@
  */
 import { Database } from 'bun:sqlite';
 import { EventEmitter } from 'node:events';
-import { randomUUID } from 'node:crypto';
+import { randomBytes, randomUUID } from 'node:crypto';
 import {
   appendFileSync, chmodSync, closeSync, existsSync, fchownSync, constants as fsConstants, fstatSync, lchownSync, lstatSync,
   mkdirSync, openSync, readdirSync, readFileSync, readSync, realpathSync, renameSync, rmdirSync, rmSync, unlinkSync, watch,
@@ -91,6 +91,14 @@ export interface Config {
 export class ConfigError extends Error {}
 
 export const errorText = (err: unknown): string => (err instanceof Error ? err.message : String(err));
+
+/**
+ * The crash drills (drills/crash.ts) name a point here to kill the host at, exactly as
+ * `kill -9` would at that instant. Unset (always, outside the drills) it does nothing.
+ */
+export function crashPoint(point: string): void {
+  if (process.env.NANOCLAW_CRASH_AT === point) process.kill(process.pid, 'SIGKILL');
+}
 
 /** Parses dotenv text: `KEY=value`, optional `export`, quotes, `#` comments. */
 export function parseEnvFile(text: string): Record<string, string> {
@@ -286,15 +294,40 @@ export interface LoggingOptions {
   secrets?: readonly string[];
 }
 
+/**
+ * A log file that cannot be written (a full disk, a read-only folder) never stops the
+ * host: its lines go to stderr instead, which is said once, and the file is tried again
+ * with every line, so logging returns there once it can.
+ */
+function logFileStream(path: string, render: (line: string) => string): { write(line: string): void } {
+  let failing = false;
+  return {
+    write(line: string) {
+      const text = render(line);
+      try {
+        appendFileSync(path, text);
+        if (failing) process.stderr.write(`NanoClaw: ${path} can be written again; logging there.\n`);
+        failing = false;
+      } catch (err) {
+        if (!failing) process.stderr.write(`NanoClaw: cannot write ${path} (${errorCode(err) ?? errorText(err)}); log lines go to stderr until it can.\n`);
+        failing = true;
+        process.stderr.write(text);
+      }
+    },
+  };
+}
+
 export function setupLogging(config: Config, options: LoggingOptions = {}): Logger {
-  mkdirSync(config.logsDir, { recursive: true });
+  try {
+    mkdirSync(config.logsDir, { recursive: true });
+  } catch {
+    // reported by the first line that cannot be written
+  }
   const secrets = options.secrets ?? [];
   const textFormat = { singleLine: true, messageFormat: '{if group}[{group}] {end}{msg}', ignore: 'pid,hostname,group', translateTime: 'SYS:yyyy-mm-dd HH:MM:ss.l' };
   const toFile = prettyFactory({ ...textFormat, colorize: false });
   const toTerminal = prettyFactory({ ...textFormat, colorize: Boolean(process.stderr.isTTY) });
-  const fileStream = (path: string) => ({
-    write: (line: string) => appendFileSync(path, maskSecrets(toFile(line), secrets)),
-  });
+  const fileStream = (path: string) => logFileStream(path, (line) => maskSecrets(toFile(line), secrets));
   const streams: pino.StreamEntry[] = [
     { level: config.logLevel as pino.Level, stream: fileStream(join(config.logsDir, 'nanoclaw.log')) },
     { level: 'error', stream: fileStream(join(config.logsDir, 'nanoclaw.error.log')) },
@@ -690,6 +723,9 @@ export interface OutboundMessage {
   id: number;
   jid: string;
   text: string;
+  /** Stable across resends: the platform's id for this message. */
+  messageId: string;
+  attempts: number;
 }
 
 export interface UsageRow {
@@ -796,6 +832,26 @@ const MIGRATIONS: string[] = [
      completion_tokens INTEGER NOT NULL DEFAULT 0,
      PRIMARY KEY (day, group_folder)
    );`,
+  // 4: exactly once under crashes. Outbox parts keep a stable message id (a resend after a
+  // crash reuses it) and are marked sent rather than deleted (WhatsApp may ask for a resend);
+  // IPC requests and task runs leave a durable mark of what was done or started.
+  `ALTER TABLE outbox ADD COLUMN message_id TEXT;
+   ALTER TABLE outbox ADD COLUMN sent_at TEXT;
+   ALTER TABLE outbox ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0;
+   ALTER TABLE outbox ADD COLUMN error TEXT;
+   UPDATE outbox SET message_id = printf('3EB0NC%016X', id) WHERE message_id IS NULL;
+   CREATE UNIQUE INDEX outbox_by_message ON outbox (message_id);
+   CREATE INDEX outbox_unsent ON outbox (channel, sent_at, id);
+   CREATE TABLE ipc_done (
+     claim_id TEXT PRIMARY KEY,
+     done_at TEXT NOT NULL
+   );
+   CREATE TABLE task_claims (
+     task_id TEXT PRIMARY KEY REFERENCES scheduled_tasks (id) ON DELETE CASCADE,
+     due_at TEXT,
+     started_at TEXT NOT NULL,
+     attempt INTEGER NOT NULL DEFAULT 1
+   );`,
 ];
 
 export const SCHEMA_VERSION = MIGRATIONS.length;
@@ -832,13 +888,19 @@ const toTask = (row: TaskRow): ScheduledTask => ({
 
 const cursorKey = (chatJid: string) => `cursor:${chatJid}`;
 
+/** Errors that mean "the database cannot take this now" (locked, read-only, I/O, full): worth retrying. */
+export function isStoreUnavailable(err: unknown): boolean {
+  return /^SQLITE_(BUSY|LOCKED|READONLY|IOERR|CANTOPEN|FULL|PROTOCOL)/.test(String((err as { code?: unknown })?.code ?? ''));
+}
+
 export class Store {
   readonly db: Database;
 
   constructor(path: string) {
     mkdirSync(dirname(path), { recursive: true });
     this.db = new Database(path, { create: true, strict: true });
-    this.db.exec('PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA busy_timeout = 5000; PRAGMA foreign_keys = ON;');
+    // busy_timeout first: a database another process holds for a moment is waited for, not an error.
+    this.db.exec('PRAGMA busy_timeout = 5000; PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;');
     this.migrate();
   }
 
@@ -932,23 +994,84 @@ export class Store {
     return this.db.query<{ seq: number | null }, [string]>('SELECT MAX(seq) AS seq FROM messages WHERE chat_jid = ?').get(chatJid)?.seq ?? 0;
   }
 
-  // Outbox: messages a channel could not deliver yet, oldest first
-
-  addOutbound(channel: string, chatJid: string, text: string): void {
-    this.db.query('INSERT INTO outbox (channel, chat_jid, text, created_at) VALUES (?, ?, ?, ?)').run(channel, chatJid, text, new Date().toISOString());
+  /** Runs `work` as one transaction: all of it is stored, or none. */
+  transaction<T>(work: () => T): T {
+    return this.db.transaction(work)();
   }
 
-  nextOutbound(channel: string): OutboundMessage | undefined {
-    const row = this.db.query<{ id: number; chat_jid: string; text: string }, [string]>('SELECT id, chat_jid, text FROM outbox WHERE channel = ? ORDER BY id LIMIT 1').get(channel);
-    return row ? { id: row.id, jid: row.chat_jid, text: row.text } : undefined;
+  // Outbox: every part the bot says, oldest first; unsent until its channel took it
+
+  addOutbound(channel: string, chatJid: string, text: string, messageId: string): void {
+    this.db
+      .query('INSERT INTO outbox (channel, chat_jid, text, created_at, message_id) VALUES (?, ?, ?, ?, ?)')
+      .run(channel, chatJid, text, new Date().toISOString(), messageId);
   }
 
-  removeOutbound(id: number): void {
-    this.db.query('DELETE FROM outbox WHERE id = ?').run(id);
+  nextUnsent(channel: string): OutboundMessage | undefined {
+    const row = this.db
+      .query<{ id: number; chat_jid: string; text: string; message_id: string; attempts: number }, [string]>(
+        'SELECT id, chat_jid, text, message_id, attempts FROM outbox WHERE channel = ? AND sent_at IS NULL ORDER BY id LIMIT 1',
+      )
+      .get(channel);
+    return row ? { id: row.id, jid: row.chat_jid, text: row.text, messageId: row.message_id, attempts: row.attempts } : undefined;
   }
 
-  countOutbound(channel: string): number {
-    return this.db.query<{ n: number }, [string]>('SELECT COUNT(*) AS n FROM outbox WHERE channel = ?').get(channel)!.n;
+  markSent(id: number): void {
+    this.db.query('UPDATE outbox SET sent_at = ? WHERE id = ?').run(new Date().toISOString(), id);
+  }
+
+  /** A failed attempt; after too many, the part is given up (kept, with the error, so it shows). */
+  markSendFailed(id: number, error: string, giveUp: boolean): void {
+    this.db
+      .query('UPDATE outbox SET attempts = attempts + 1, error = ?, sent_at = CASE WHEN ? THEN ? ELSE sent_at END WHERE id = ?')
+      .run(error, giveUp ? 1 : 0, new Date().toISOString(), id);
+  }
+
+  countUnsent(channel: string): number {
+    return this.db.query<{ n: number }, [string]>('SELECT COUNT(*) AS n FROM outbox WHERE channel = ? AND sent_at IS NULL').get(channel)!.n;
+  }
+
+  /** What the bot sent under a message id (to answer a recipient's request to send it again). */
+  outboundByMessageId(messageId: string): { chatJid: string; text: string } | null {
+    const row = this.db.query<{ chat_jid: string; text: string }, [string]>('SELECT chat_jid, text FROM outbox WHERE message_id = ?').get(messageId);
+    return row ? { chatJid: row.chat_jid, text: row.text } : null;
+  }
+
+  /** Sent parts older than `before` are no longer needed. */
+  pruneOutbox(before: string): number {
+    return this.db.query('DELETE FROM outbox WHERE sent_at IS NOT NULL AND sent_at < ?').run(before).changes;
+  }
+
+  // What was done for IPC requests, and which task runs started
+
+  isIpcDone(claimId: string): boolean {
+    return this.db.query('SELECT 1 FROM ipc_done WHERE claim_id = ?').get(claimId) !== null;
+  }
+
+  markIpcDone(claimId: string): void {
+    this.db.query('INSERT OR IGNORE INTO ipc_done (claim_id, done_at) VALUES (?, ?)').run(claimId, new Date().toISOString());
+  }
+
+  pruneIpcDone(before: string): void {
+    this.db.query('DELETE FROM ipc_done WHERE done_at < ?').run(before);
+  }
+
+  /** Records that a task's run starts; false when a run of it is already claimed. */
+  claimTask(taskId: string, dueAt: string | null, attempt = 1): boolean {
+    return this.db
+      .query('INSERT OR IGNORE INTO task_claims (task_id, due_at, started_at, attempt) VALUES (?, ?, ?, ?)')
+      .run(taskId, dueAt, new Date().toISOString(), attempt).changes > 0;
+  }
+
+  taskClaims(): { taskId: string; dueAt: string | null; startedAt: string; attempt: number }[] {
+    return this.db
+      .query<{ task_id: string; due_at: string | null; started_at: string; attempt: number }, []>('SELECT * FROM task_claims ORDER BY started_at')
+      .all()
+      .map((row) => ({ taskId: row.task_id, dueAt: row.due_at, startedAt: row.started_at, attempt: row.attempt }));
+  }
+
+  releaseTask(taskId: string): void {
+    this.db.query('DELETE FROM task_claims WHERE task_id = ?').run(taskId);
   }
 
   // Model usage, counted by the proxy
@@ -1178,18 +1301,126 @@ export interface ChannelHandlers {
   onMessage(message: NewMessage, chat: ChatMeta): void;
   /** A chat's name learned without a message (group sync). */
   onChatMetadata?(chat: { jid: string; name: string; isGroup: boolean }): void;
+  /** The channel can deliver again (e.g. reconnected): its outbox resumes. */
+  onReady?(): void;
 }
 
-/** A messaging surface: WhatsApp, the terminal. Replies find the channel that owns the chat. */
+/**
+ * A messaging surface: WhatsApp, the terminal. What the bot says is recorded in the
+ * store's outbox first and handed to the channel by its OutboxSender; replies find the
+ * channel that owns the chat.
+ */
 export interface Channel {
   readonly name: string;
   ownsJid(jid: string): boolean;
   connect(handlers: ChannelHandlers): Promise<void>;
-  sendMessage(jid: string, text: string): Promise<void>;
+  /** The parts a text becomes on this platform (its formatting, its length limit), in order. */
+  layout(text: string): string[];
+  /**
+   * Sends one part now; throws when it cannot (the part stays in the outbox). A part sent
+   * again after a crash keeps its messageId, so a platform with message ids shows it once.
+   */
+  deliver(jid: string, text: string, messageId: string): Promise<void>;
+  /** Whether deliver can work now. */
+  readonly ready: boolean;
   setTyping?(jid: string, typing: boolean): Promise<void>;
   /** Re-reads group names from the platform (main group's refresh_groups). */
   syncGroups?(): Promise<void>;
   disconnect(): Promise<void>;
+}
+
+/** A new message id in WhatsApp Web's own format (3EB0 + 36 hex digits). */
+export function newMessageId(): string {
+  return `3EB0${randomBytes(18).toString('hex').toUpperCase()}`;
+}
+
+/** A part given up after this many failed sends while its channel was up (it stays in the outbox, with the error). */
+export const MAX_SEND_ATTEMPTS = 10;
+
+/**
+ * Sends what a channel's outbox holds, oldest first, whenever the channel can. A part is
+ * marked sent only after the channel took it: a crash in between sends it again, with the
+ * same message id, never loses it.
+ */
+export class OutboxSender {
+  private draining: Promise<void> | null = null;
+  private again = false;
+  private retryTimer: ReturnType<typeof setTimeout> | null = null;
+  private stopped = false;
+
+  constructor(
+    private readonly store: Store,
+    private readonly channel: Channel,
+    private readonly retryMs = 5_000,
+  ) {}
+
+  /** Starts sending (or sends again once the current pass ends). */
+  kick(): void {
+    if (this.stopped) return;
+    if (this.draining) {
+      this.again = true;
+      return;
+    }
+    this.draining = this.drain().finally(() => {
+      this.draining = null;
+      if (this.again) {
+        this.again = false;
+        this.kick();
+      }
+    });
+  }
+
+  /** Resolves when the current pass ends (everything sendable is sent). */
+  async settle(): Promise<void> {
+    while (this.draining) await this.draining;
+  }
+
+  stop(): void {
+    this.stopped = true;
+    if (this.retryTimer) clearTimeout(this.retryTimer);
+  }
+
+  private async drain(): Promise<void> {
+    while (this.channel.ready && !this.stopped) {
+      let next: OutboundMessage | undefined;
+      try {
+        next = this.store.nextUnsent(this.channel.name);
+      } catch (err) {
+        return this.retryLater(`the database is not readable (${errorText(err)})`);
+      }
+      if (!next) return;
+      try {
+        await this.channel.deliver(next.jid, next.text, next.messageId);
+      } catch (err) {
+        const giveUp = this.channel.ready && next.attempts + 1 >= MAX_SEND_ATTEMPTS;
+        try {
+          this.store.markSendFailed(next.id, errorText(err), giveUp);
+        } catch {
+          // the database is down too: the next pass tries again
+        }
+        if (giveUp) {
+          log.error({ chatJid: next.jid, messageId: next.messageId, attempts: MAX_SEND_ATTEMPTS, err: errorText(err) }, 'Could not send a message; giving up on it (it stays in the outbox table)');
+          continue;
+        }
+        return this.retryLater(errorText(err), next.jid);
+      }
+      crashPoint('outbox-delivered');
+      try {
+        this.store.markSent(next.id);
+      } catch (err) {
+        return this.retryLater(`sent, but not marked sent (${errorText(err)}); it goes again with the same id`);
+      }
+    }
+  }
+
+  private retryLater(reason: string, chatJid?: string): void {
+    log.warn({ channel: this.channel.name, chatJid, reason }, 'Sending paused; the outbox keeps the message');
+    if (this.retryTimer || this.stopped) return;
+    this.retryTimer = setTimeout(() => {
+      this.retryTimer = null;
+      this.kick();
+    }, this.retryMs);
+  }
 }
 
 /** The chat id the terminal uses for the main group until WhatsApp gives it a real one. */
@@ -1198,6 +1429,7 @@ export const LOCAL_MAIN_JID = 'main@local';
 /** The terminal as a channel: what the person types is an inbound message of the main chat. */
 export class LocalChannel implements Channel {
   readonly name = 'local';
+  readonly ready = true;
   private handlers: ChannelHandlers | null = null;
   private sent = 0;
 
@@ -1215,7 +1447,11 @@ export class LocalChannel implements Channel {
     this.handlers = handlers;
   }
 
-  async sendMessage(_jid: string, text: string): Promise<void> {
+  layout(text: string): string[] {
+    return [text];
+  }
+
+  async deliver(_jid: string, text: string): Promise<void> {
     this.print(text);
   }
 
@@ -1412,43 +1648,6 @@ export class RateLimiter {
 
 export class WhatsAppNotLinked extends Error {}
 
-/** Where replies wait until they are delivered, in order. */
-export interface Outbox {
-  add(jid: string, text: string): void;
-  next(): OutboundMessage | undefined;
-  remove(id: number): void;
-  size(): number;
-}
-
-/** An outbox for tests and one-off use: gone with the process. */
-export class MemoryOutbox implements Outbox {
-  private readonly items: OutboundMessage[] = [];
-  private lastId = 0;
-  add(jid: string, text: string): void {
-    this.items.push({ id: ++this.lastId, jid, text });
-  }
-  next(): OutboundMessage | undefined {
-    return this.items[0];
-  }
-  remove(id: number): void {
-    const index = this.items.findIndex((item) => item.id === id);
-    if (index >= 0) this.items.splice(index, 1);
-  }
-  size(): number {
-    return this.items.length;
-  }
-}
-
-/** The store's outbox table: what was not sent before a restart is sent after it. */
-export function storeOutbox(store: Store, channel: string): Outbox {
-  return {
-    add: (jid, text) => store.addOutbound(channel, jid, text),
-    next: () => store.nextOutbound(channel),
-    remove: (id) => store.removeOutbound(id),
-    size: () => store.countOutbound(channel),
-  };
-}
-
 export interface WhatsAppOptions {
   authDir: string;
   assistantName: string;
@@ -1463,8 +1662,6 @@ export interface WhatsAppOptions {
   reconnectBaseMs?: number;
   reconnectCapMs?: number;
   rateLimiter?: RateLimiter;
-  /** Where replies wait while offline (default: in memory). */
-  outbox?: Outbox;
   /** Called once when WhatsApp says this device was logged out. */
   onLoggedOut?(): void;
 }
@@ -1474,7 +1671,7 @@ const WHATSAPP_EVENTS = ['connection.update', 'creds.update', 'messages.upsert',
 /**
  * WhatsApp through one live baileys socket. A socket that closes is retired (listeners
  * removed, ended) before the next one opens, with backoff; replies made while offline
- * wait in order in the outbox and go out once the connection is back.
+ * wait in the store's outbox and go out once the connection is back (onReady).
  */
 export class WhatsAppChannel implements Channel {
   readonly name = 'whatsapp';
@@ -1485,8 +1682,6 @@ export class WhatsAppChannel implements Channel {
   private attempt = 0;
   private reconnectTimer: ReturnType<typeof setTimeout> | null = null;
   private dailySync: ReturnType<typeof setInterval> | null = null;
-  private readonly outbox: Outbox;
-  private flushing = false;
   private ownJids = new Set<string>();
   private readonly rateLimiter: RateLimiter;
   /** Every socket this channel created, oldest first (for diagnostics and tests). */
@@ -1496,7 +1691,6 @@ export class WhatsAppChannel implements Channel {
 
   constructor(private readonly options: WhatsAppOptions) {
     this.rateLimiter = options.rateLimiter ?? new RateLimiter();
-    this.outbox = options.outbox ?? new MemoryOutbox();
   }
 
   static isLinked(authDir: string): boolean {
@@ -1511,8 +1705,8 @@ export class WhatsAppChannel implements Channel {
     return this.connected;
   }
 
-  get pendingOutbound(): number {
-    return this.outbox.size();
+  get ready(): boolean {
+    return this.connected;
   }
 
   async connect(handlers: ChannelHandlers): Promise<void> {
@@ -1540,7 +1734,10 @@ export class WhatsAppChannel implements Channel {
     sock.ev.on('creds.update', saveCreds);
     sock.ev.on('connection.update', (update) => this.onConnectionUpdate(sock, update));
     sock.ev.on('messages.upsert', ({ messages }) => {
-      if (sock === this.sock) for (const message of messages) void this.onMessage(message);
+      if (sock !== this.sock) return;
+      for (const message of messages) {
+        this.onMessage(message).catch((err) => log.error({ err: errorText(err), messageId: message.key?.id }, 'Could not take an inbound WhatsApp message'));
+      }
     });
     sock.ev.on('groups.update', (updates) => {
       if (sock !== this.sock) return;
@@ -1566,7 +1763,7 @@ export class WhatsAppChannel implements Channel {
       this.attempt = 0;
       this.ownJids = new Set([sock.user?.id, sock.user?.lid].filter((j): j is string => Boolean(j)).map((j) => jidNormalizedUser(j)));
       log.info({ me: [...this.ownJids] }, 'WhatsApp connected');
-      void this.flush();
+      this.handlers?.onReady?.();
       const last = this.options.lastGroupSync?.();
       const maxAge = this.options.groupSyncMaxAgeMs ?? 24 * 60 * 60_000;
       if (!last || Date.now() - new Date(last).getTime() > maxAge) void this.syncGroups().catch((err) => log.warn({ err }, 'Group sync failed'));
@@ -1657,38 +1854,23 @@ export class WhatsAppChannel implements Channel {
     }
   }
 
-  async sendMessage(jid: string, text: string): Promise<void> {
-    for (const part of splitForWhatsApp(toWhatsAppFormat(text))) this.outbox.add(jid, part);
-    void this.flush();
+  layout(text: string): string[] {
+    return splitForWhatsApp(toWhatsAppFormat(text));
   }
 
-  /** Sends what waits in the outbox, in order, while connected; stops at the first failure. */
-  private async flush(): Promise<void> {
-    if (this.flushing) return;
-    this.flushing = true;
-    try {
-      for (let next = this.outbox.next(); this.connected && next; next = this.outbox.next()) {
-        const wait = this.rateLimiter.delayFor(next.jid);
-        if (wait > 0) await Bun.sleep(wait);
-        if (!this.connected) break;
-        try {
-          await this.deliver(next.jid, next.text);
-        } catch (err) {
-          log.warn({ err, chatJid: next.jid }, 'Sending failed; it stays queued until the connection is back');
-          break;
-        }
-        this.rateLimiter.record(next.jid);
-        this.outbox.remove(next.id);
-      }
-    } finally {
-      this.flushing = false;
-    }
+  /** Sends one part, within the rate limits, under its stable message id. */
+  async deliver(jid: string, text: string, messageId: string): Promise<void> {
+    const wait = this.rateLimiter.delayFor(jid);
+    if (wait > 0) await Bun.sleep(wait);
+    if (!this.connected) throw new Error('WhatsApp is not connected');
+    await this.send(jid, text, messageId);
+    this.rateLimiter.record(jid);
   }
 
   /** The one place a message leaves for WhatsApp. */
-  protected async deliver(jid: string, text: string): Promise<void> {
+  protected async send(jid: string, text: string, messageId: string): Promise<void> {
     if (!this.sock) throw new Error('no WhatsApp connection');
-    await this.sock.sendMessage(jid, { text });
+    await this.sock.sendMessage(jid, { text }, { messageId });
   }
 
   async setTyping(jid: string, typing: boolean): Promise<void> {
@@ -1711,8 +1893,6 @@ export class WhatsAppChannel implements Channel {
     this.connected = false;
     this.retire(this.sock);
     this.sock = null;
-    const unsent = this.outbox.size();
-    if (unsent) log.warn({ unsent }, 'Stopping with WhatsApp replies still unsent; they go out after the next connect');
   }
 
   /** Test and diagnostics hook: the live socket. */
@@ -1754,6 +1934,8 @@ export interface QueueOptions {
   maxRetries: number;
   /** Runs the agent on a group's pending messages; resolves false when the run must be retried. */
   processMessages(chatJid: string): Promise<boolean>;
+  /** The retries are used up: the group's pending messages must be given up. */
+  onGiveUp?(chatJid: string): void;
 }
 
 /** Exponential backoff: base, 2×base, 4×base… */
@@ -1784,6 +1966,12 @@ export class GroupQueue {
 
   isRunning(jid: string): boolean {
     return this.groups.get(jid)?.running ?? false;
+  }
+
+  /** Running, or waiting out a retry backoff: either way the group needs nothing from a sweep. */
+  isBusy(jid: string): boolean {
+    const state = this.groups.get(jid);
+    return Boolean(state && (state.running || state.retryTimer));
   }
 
   /** There are messages to look at for this group. */
@@ -1907,8 +2095,9 @@ export class GroupQueue {
     if (this.shuttingDown) return;
     state.retryCount++;
     if (state.retryCount > this.options.maxRetries) {
-      log.error({ chatJid: jid, attempts: state.retryCount - 1 }, 'Giving up on these messages for now; the next message in this chat will try again');
+      log.error({ chatJid: jid, attempts: state.retryCount - 1 }, 'Giving up on these messages; the next message in this chat starts fresh');
       state.retryCount = 0;
+      this.options.onGiveUp?.(jid);
       return;
     }
     const delayMs = retryDelay(this.options.retryBaseMs, state.retryCount);
@@ -2599,11 +2788,16 @@ async function forEachChunk(stream: ReadableStream<Uint8Array>, onText: (text: s
   for await (const chunk of stream) await onText(decoder.decode(chunk, { stream: true }));
 }
 
-/** Everything decided before `docker run`: folders ready, leftovers gone, the credential and the command line. */
+/** Where each run's follow-ups go: data/input/<run>/, mounted at /workspace/ipc/input for that run only. */
+export const inboxRoot = (config: Config) => join(config.dataDir, 'input');
+
+/** Everything decided before `docker run`: folders ready, the run's own inbox, the credential and the command line. */
 interface RunPlan {
+  id: string;
   name: string;
   args: string[];
   trees: ReturnType<typeof groupTrees>;
+  inbox: AgentTree;
   input: ContainerInput;
   mounts: Mount[];
   proxyRun: ProxyRun | null;
@@ -2613,23 +2807,24 @@ interface RunPlan {
 function prepareRun(options: RunContainerOptions, startedAt: Date): RunPlan {
   const { config, group } = options;
   const trees = prepareGroupFolders(config, group);
-  // Leftovers from a run that died belong to messages the new prompt already carries.
-  for (const leftover of trees.ipc.entries('input')) trees.ipc.remove(`input/${leftover.name}`);
   const id = runId(config, group.folder, startedAt.getTime());
+  // The run's own inbox: no container left from an earlier run (or host) can read its follow-ups.
+  const inbox = new AgentTree(join(inboxRoot(config), id), containerOwner());
+  inbox.ensureDir('.');
+  inbox.handOver();
   const hostKey = readSecrets(config).KIMI_API_KEY;
   // Even without a key the run gets a token: the proxy then answers with what to put in .env.
   const proxyRun = options.proxy ? options.proxy.open(group.folder, id) : null;
   const input: ContainerInput = { ...options.input, secrets: proxyRun ? { KIMI_API_KEY: proxyRun.token } : {} };
-  const mounts = proxyRun?.socketPath
-    ? [...options.mounts, { hostPath: proxyRun.socketPath, containerPath: MODEL_SOCKET_IN_CONTAINER, readonly: false }]
-    : options.mounts;
+  const mounts = [...options.mounts, { hostPath: inbox.root, containerPath: '/workspace/ipc/input', readonly: false }];
+  if (proxyRun?.socketPath) mounts.push({ hostPath: proxyRun.socketPath, containerPath: MODEL_SOCKET_IN_CONTAINER, readonly: false });
   const name = `nanoclaw-${id}`;
   const args = buildDockerArgs(name, config.containerImage, mounts, containerEnvironment(config, proxyRun), [
     ...containerUserArgs(),
     ...hardeningArgs(config, group),
   ]);
   const secretValues = [hostKey, proxyRun?.token].filter((v): v is string => Boolean(v));
-  return { name, args, trees, input, mounts, proxyRun, secretValues };
+  return { id, name, args, trees, inbox, input, mounts, proxyRun, secretValues };
 }
 
 /** Runs one agent container to the end, streaming its results to onResult as they come. */
@@ -2637,7 +2832,7 @@ export async function runContainer(options: RunContainerOptions): Promise<RunOut
   const { config, group } = options;
   const startedAt = new Date();
   const plan = prepareRun(options, startedAt);
-  const { name, args, trees, input } = plan;
+  const { name, args, trees, inbox, input } = plan;
   const groupLog = log.child({ group: group.folder });
   groupLog.debug({ mounts: plan.mounts.map((m) => formatMount(m, 'human')) }, 'Container mounts');
   groupLog.debug({ args: [config.containerRuntime, ...args] }, 'Container command');
@@ -2687,7 +2882,7 @@ export async function runContainer(options: RunContainerOptions): Promise<RunOut
     },
     sendInput: (text) => {
       try {
-        trees.ipc.replace(`input/${uniqueFileName()}`, JSON.stringify({ type: 'message', text }));
+        inbox.replace(uniqueFileName(), JSON.stringify({ type: 'message', text }));
         return true;
       } catch (err) {
         groupLog.warn({ reason: errorText(err) }, 'Could not hand a follow-up to the container (its input folder is not a plain folder); stopping it, the message goes to the next run');
@@ -2700,7 +2895,7 @@ export async function runContainer(options: RunContainerOptions): Promise<RunOut
       if (closing) return;
       closing = true;
       try {
-        trees.ipc.create('input/_close', '');
+        inbox.create('_close', '');
       } catch (err) {
         if (errorCode(err) !== 'EEXIST') {
           groupLog.warn({ reason: errorText(err) }, 'Could not ask the container to close; stopping it');
@@ -2752,6 +2947,11 @@ export async function runContainer(options: RunContainerOptions): Promise<RunOut
   clearTimeout(graceTimer);
   await stopping;
   plan.proxyRun?.close(); // the token dies with the container
+  try {
+    new AgentTree(inboxRoot(config)).remove(plan.id);
+  } catch (err) {
+    groupLog.warn({ reason: errorText(err) }, 'Could not remove the run’s inbox; the next start does');
+  }
 
   const durationMs = Date.now() - startedAt.getTime();
   const outcome = { exitCode: timedOut ? null : exitCode, timedOut, results, lastError, sessionId, durationMs };
@@ -2955,8 +3155,12 @@ export function writeSnapshots(config: Config, store: Store, group: RegisteredGr
 }
 
 export interface IpcHandlers {
-  /** Resolves once the file's request is done; throwing files it under errors/. */
-  handle(folder: string, kind: IpcKind, data: unknown): Promise<void>;
+  /**
+   * Resolves once the file's request is done. `claimId` is the file's own, unique id: the
+   * same after a crash, so a request done before the crash can be recognised. Throwing
+   * files it under errors/, unless the database was only unavailable (then it is retried).
+   */
+  handle(folder: string, kind: IpcKind, data: unknown, claimId: string): Promise<void>;
 }
 
 export type IpcKind = 'messages' | 'tasks';
@@ -2967,14 +3171,14 @@ export const IPC_ERRORS_KEPT = 100;
 /** Files taken from one folder per pass, so a flooding group cannot hold up the others. */
 export const IPC_FILES_PER_PASS = 25;
 
-/** claimed/<folder>.<kind>.<name>: folder names and kinds contain no dot, so this splits back. */
+/** claimed/<folder>.<kind>.<claim id>.<name>: folder names, kinds and ids contain no dot, so this splits back. */
 function claimedName(folder: string, kind: IpcKind, name: string): string {
-  return `${folder}.${kind}.${name}`;
+  return `${folder}.${kind}.${randomUUID()}.${name}`;
 }
 
-function parseClaimedName(file: string): { folder: string; kind: IpcKind; name: string } | null {
-  const match = /^([a-z0-9][a-z0-9_-]*)\.(messages|tasks)\.(.+)$/.exec(file);
-  return match ? { folder: match[1]!, kind: match[2] as IpcKind, name: match[3]! } : null;
+function parseClaimedName(file: string): { folder: string; kind: IpcKind; claimId: string; name: string } | null {
+  const match = /^([a-z0-9][a-z0-9_-]*)\.(messages|tasks)\.([0-9a-f-]{36})\.(.+)$/.exec(file);
+  return match ? { folder: match[1]!, kind: match[2] as IpcKind, claimId: match[3]!, name: match[4]! } : null;
 }
 
 /**
@@ -3036,7 +3240,10 @@ export class IpcWatcher {
   /** One pass; true when some folder still has files waiting. */
   private async processAll(): Promise<boolean> {
     mkdirSync(this.claimedDir, { recursive: true });
-    for (const file of readdirSync(this.claimedDir).sort()) await this.handleClaimed(file);
+    // First what was claimed but not finished (a crash, or a database that was unavailable).
+    for (const file of readdirSync(this.claimedDir).sort()) {
+      if (!(await this.handleClaimed(file))) return false;
+    }
     let more = false;
     for (const entry of readdirSync(this.ipcDir, { withFileTypes: true })) {
       if (!entry.isDirectory() || !isValidFolder(entry.name)) continue;
@@ -3049,7 +3256,10 @@ export class IpcWatcher {
             break;
           }
           const claimed = claimedName(entry.name, kind, name);
-          if (tree.moveOut(`${kind}/${name}`, join(this.claimedDir, claimed))) await this.handleClaimed(claimed);
+          if (tree.moveOut(`${kind}/${name}`, join(this.claimedDir, claimed))) {
+            crashPoint('ipc-claimed');
+            if (!(await this.handleClaimed(claimed))) return false;
+          }
         }
       }
     }
@@ -3080,26 +3290,34 @@ export class IpcWatcher {
     return names.sort();
   }
 
-  private async handleClaimed(file: string): Promise<void> {
+  /** Handles one claimed file; false when the database was unavailable (the file stays for the next pass). */
+  private async handleClaimed(file: string): Promise<boolean> {
     const path = join(this.claimedDir, file);
     const source = parseClaimedName(file);
     try {
       if (!source) throw new IpcFormatError('not a claimed IPC file name');
       const data = JSON.parse(readRegularFile(path)) as unknown;
-      await this.handlers.handle(source.folder, source.kind, data);
+      await this.handlers.handle(source.folder, source.kind, data, source.claimId);
       rmSync(path, { force: true });
+      return true;
     } catch (err) {
       const reason = errorText(err);
+      if (isStoreUnavailable(err)) {
+        log.warn({ group: source?.folder, file: source?.name, reason }, 'The database is unavailable; the IPC request waits for the next pass');
+        setTimeout(() => this.scan(), 1_000);
+        return false;
+      }
       if (err instanceof UnsafePathError) {
         rmSync(path, { force: true, recursive: true });
         log.warn({ group: source?.folder, file: source?.name ?? file, reason }, 'IPC file refused');
-        return;
+        return true;
       }
       mkdirSync(this.errorsDir, { recursive: true });
       const target = join(this.errorsDir, file);
       renameSync(path, target);
       this.pruneErrors();
       log.warn({ group: source?.folder, file: source?.name ?? file, movedTo: target, reason }, 'IPC file rejected');
+      return true;
     }
   }
 
@@ -3186,8 +3404,9 @@ export function nextRunAfterFiring(task: ScheduledTask, timezone: string, now: D
 /**
  * Fires due tasks on time. One timer, armed for the soonest next_run; it never sleeps
  * longer than `recheckMs`, so changes made to the database by another process (the
- * `tasks` command) are seen within that time. next_run is advanced before the task is
- * handed over, so a task never fires twice for one due time.
+ * `tasks` command) are seen within that time. In one transaction next_run is advanced
+ * and the run is claimed (task_claims), so a task never fires twice for one due time and
+ * a run cut short by a crash is found again at the next start (Host.recoverTaskRuns).
  */
 export class Scheduler {
   private timer: ReturnType<typeof setTimeout> | null = null;
@@ -3215,26 +3434,42 @@ export class Scheduler {
   arm(): void {
     if (!this.running) return;
     if (this.timer) clearTimeout(this.timer);
-    const [soonest] = this.store.upcomingTasks(1);
-    const delay = soonest ? Math.max(0, new Date(soonest.nextRun!).getTime() - Date.now()) : this.recheckMs;
+    let delay = this.recheckMs;
+    try {
+      const [soonest] = this.store.upcomingTasks(1);
+      if (soonest) delay = Math.max(0, new Date(soonest.nextRun!).getTime() - Date.now());
+    } catch (err) {
+      log.warn({ err: errorText(err) }, 'Could not read the task schedule; trying again shortly');
+    }
     this.timer = setTimeout(() => this.fireDue(), Math.min(delay, this.recheckMs));
   }
 
   private fireDue(): void {
     const now = new Date();
-    for (const task of this.store.upcomingTasks()) {
-      if (new Date(task.nextRun!).getTime() > now.getTime()) break;
-      let next: Date | null = null;
-      try {
-        next = nextRunAfterFiring(task, this.timezone, now);
-      } catch (err) {
-        log.error({ taskId: task.id, err }, 'Task has an invalid schedule; pausing it');
-        this.store.updateTask(task.id, { status: 'paused', nextRun: null });
-        continue;
+    try {
+      for (const task of this.store.upcomingTasks()) {
+        if (new Date(task.nextRun!).getTime() > now.getTime()) break;
+        let next: Date | null = null;
+        try {
+          next = nextRunAfterFiring(task, this.timezone, now);
+        } catch (err) {
+          log.error({ taskId: task.id, err }, 'Task has an invalid schedule; pausing it');
+          this.store.updateTask(task.id, { status: 'paused', nextRun: null });
+          continue;
+        }
+        const claimed = this.store.transaction(() => {
+          this.store.updateTask(task.id, { nextRun: next?.toISOString() ?? null });
+          return this.store.claimTask(task.id, task.nextRun);
+        });
+        if (!claimed) {
+          log.warn({ group: task.groupFolder, taskId: task.id, dueAt: task.nextRun }, 'Task due while its previous run is still going; this occurrence is skipped');
+          continue;
+        }
+        log.info({ group: task.groupFolder, taskId: task.id, dueAt: task.nextRun, lateMs: now.getTime() - new Date(task.nextRun!).getTime() }, 'Task due');
+        this.onDue(task);
       }
-      this.store.updateTask(task.id, { nextRun: next?.toISOString() ?? null });
-      log.info({ group: task.groupFolder, taskId: task.id, dueAt: task.nextRun, lateMs: now.getTime() - new Date(task.nextRun!).getTime() }, 'Task due');
-      this.onDue(task);
+    } catch (err) {
+      log.warn({ err: errorText(err) }, 'Could not fire due tasks; trying again shortly');
     }
     this.arm();
   }
@@ -3245,7 +3480,7 @@ export class Scheduler {
 export interface TurnEvent {
   chatJid: string;
   status: 'success' | 'error';
-  /** What was sent to the chat, if anything. */
+  /** What the bot said in the chat (recorded in the outbox), if anything. */
   sent: string | null;
   error?: string;
   /** The turn covered the chat's messages up to this seq. */
@@ -3258,20 +3493,37 @@ export interface HostOptions {
   /** How often the safety sweep looks for messages and IPC files that slipped past the events. */
   sweepIntervalMs?: number;
   shutdownGraceMs?: number;
+  /** How soon the outbox tries again after a failed send. */
+  sendRetryMs?: number;
 }
+
+/** What the user is told, once, when their message could not be answered after every retry. */
+export const GIVE_UP_TEXT = 'Sorry, I could not answer that: something went wrong on my side (the details are in the logs). Send it again, or something new, and I will start fresh.';
 
 /**
  * The running assistant. Emits 'turn' (TurnEvent) whenever a group's agent finishes a
- * turn, successfully or not, and 'run' ({chatJid, outcome}) when a container exits.
+ * turn, successfully or not.
+ *
+ * Exactly once, under crashes: whatever the bot says is recorded in the outbox in the
+ * same transaction as the state that made it say so (the chat's cursor, the IPC request's
+ * done-mark, the task run's completion), and only then sent (OutboxSender). A crash before
+ * the transaction redoes the work; after it, the outbox sends what is left, with the same
+ * message ids.
  */
 export class Host extends EventEmitter {
   readonly queue: GroupQueue;
   readonly ipc: IpcWatcher;
   readonly scheduler: Scheduler;
   readonly proxy: ModelProxy;
+  private readonly senders = new Map<string, OutboxSender>();
   private readonly trigger: RegExp;
   /** Highest message seq handed to each group's live container (the persisted cursor trails it until answered). */
   private readonly delivered = new Map<string, number>();
+  /** Task runs this process has queued or runs (their claims are not leftovers). */
+  private readonly tasksInHand = new Set<string>();
+  /** Inbound messages the database could not take yet, oldest first (also in data/spill.jsonl). */
+  private readonly spill: { message: NewMessage; chat: ChatMeta }[] = [];
+  private spillTimer: ReturnType<typeof setTimeout> | null = null;
   private sweepTimer: ReturnType<typeof setInterval> | null = null;
   private stopped = false;
 
@@ -3289,9 +3541,11 @@ export class Host extends EventEmitter {
       retryBaseMs: options.retryBaseMs ?? 5_000,
       maxRetries: options.maxRetries ?? 5,
       processMessages: (jid) => this.processMessages(jid),
+      onGiveUp: (jid) => this.giveUp(jid),
     });
-    this.ipc = new IpcWatcher(config.ipcDir, { handle: (folder, kind, data) => this.handleIpc(folder, kind, data) }, options.sweepIntervalMs ?? 30_000);
-    this.scheduler = new Scheduler(store, config.timezone, (task) => this.queue.enqueueTask(task.chatJid, task.id, () => this.runTask(task.id).then(() => {})));
+    this.ipc = new IpcWatcher(config.ipcDir, { handle: (folder, kind, data, claimId) => this.handleIpc(folder, kind, data, claimId) }, options.sweepIntervalMs ?? 30_000);
+    this.scheduler = new Scheduler(store, config.timezone, (task) => this.queueTaskRun(task));
+    for (const channel of channels) this.senders.set(channel.name, new OutboxSender(store, channel, options.sendRetryMs));
     this.proxy = new ModelProxy({
       mode: config.modelProxy,
       dir: join(config.dataDir, 'proxy'),
@@ -3299,21 +3553,35 @@ export class Host extends EventEmitter {
       apiKey: () => readSecrets(config).KIMI_API_KEY,
       record: (folder, entry) => {
         const day = formatLocalTime(new Date().toISOString(), config.timezone).slice(0, 10);
-        this.store.addModelUsage(day, folder, { ok: entry.ok, promptTokens: entry.usage?.promptTokens ?? 0, completionTokens: entry.usage?.completionTokens ?? 0 });
+        try {
+          this.store.addModelUsage(day, folder, { ok: entry.ok, promptTokens: entry.usage?.promptTokens ?? 0, completionTokens: entry.usage?.completionTokens ?? 0 });
+        } catch (err) {
+          log.warn({ err: errorText(err) }, 'Could not count model usage');
+        }
         if (!entry.ok) log.warn({ group: folder, status: entry.status }, 'The model answered with an error');
       },
     });
   }
 
+  private channelFor(jid: string): Channel | undefined {
+    return this.channels.find((c) => c.ownsJid(jid));
+  }
+
   async start(): Promise<void> {
-    const handlers: ChannelHandlers = {
+    const handlers = (channel: Channel): ChannelHandlers => ({
       onMessage: (message, chat) => this.handleInbound(message, chat),
       onChatMetadata: (chat) => {
-        const channel = this.channels.find((c) => c.ownsJid(chat.jid));
-        this.store.upsertChat({ jid: chat.jid, name: chat.name, channel: channel?.name ?? 'unknown', isGroup: chat.isGroup });
+        try {
+          this.store.upsertChat({ jid: chat.jid, name: chat.name, channel: this.channelFor(chat.jid)?.name ?? 'unknown', isGroup: chat.isGroup });
+        } catch (err) {
+          log.warn({ err: errorText(err) }, 'Could not store a chat name');
+        }
       },
-    };
-    for (const channel of this.channels) await channel.connect(handlers);
+      onReady: () => this.senders.get(channel.name)?.kick(),
+    });
+    this.replaySpillFile();
+    for (const channel of this.channels) await channel.connect(handlers(channel));
+    for (const sender of this.senders.values()) sender.kick(); // what a previous run left unsent
     this.ipc.start();
     this.scheduler.start();
     this.recover();
@@ -3325,18 +3593,40 @@ export class Host extends EventEmitter {
     if (this.stopped) return;
     this.stopped = true;
     if (this.sweepTimer) clearInterval(this.sweepTimer);
+    if (this.spillTimer) clearTimeout(this.spillTimer);
     this.scheduler.stop();
     await this.queue.shutdown(this.options.shutdownGraceMs ?? 10_000);
     await this.ipc.stop();
     this.proxy.stop();
+    // What can go out now goes; the rest stays in the outbox for the next start.
+    await Promise.race([Promise.all([...this.senders.values()].map((s) => s.settle())), Bun.sleep(5_000)]);
+    for (const sender of this.senders.values()) sender.stop();
     for (const channel of this.channels) await channel.disconnect();
     log.info('NanoClaw stopped');
   }
 
-  /** Every inbound message of every channel comes through here. */
+  /** Waits until every channel's outbox has sent what it can (tests, `tasks run`). */
+  async settleOutbox(): Promise<void> {
+    await Promise.all([...this.senders.values()].map((s) => s.settle()));
+  }
+
+  /** Every inbound message of every channel comes through here; a database that cannot take it spills it. */
   handleInbound(message: NewMessage, chat: ChatMeta): void {
-    const channel = this.channels.find((c) => c.ownsJid(message.chatJid));
-    this.store.upsertChat({ jid: message.chatJid, name: chat.name, channel: channel?.name ?? 'unknown', isGroup: chat.isGroup, lastMessageAt: message.timestamp });
+    if (this.spill.length > 0) {
+      this.spillMessage(message, chat); // keep the order: behind what is already waiting
+      return;
+    }
+    try {
+      this.storeInbound(message, chat);
+    } catch (err) {
+      if (!isStoreUnavailable(err)) throw err;
+      log.error({ err: errorText(err) }, 'The database cannot take messages right now; keeping them in data/spill.jsonl until it can');
+      this.spillMessage(message, chat);
+    }
+  }
+
+  private storeInbound(message: NewMessage, chat: ChatMeta): void {
+    this.store.upsertChat({ jid: message.chatJid, name: chat.name, channel: this.channelFor(message.chatJid)?.name ?? 'unknown', isGroup: chat.isGroup, lastMessageAt: message.timestamp });
     const group = this.store.groupByJid(message.chatJid);
     if (!group) return; // only metadata for chats the user has not registered
     // With its own number the channel knows the bot's messages; on a shared number the prefix tells.
@@ -3344,6 +3634,54 @@ export class Host extends EventEmitter {
     const seq = this.store.storeMessage({ ...message, isBotMessage: isBot });
     if (seq === null || isBot || this.stopped) return;
     if (!this.forwardToLiveContainer(group)) this.queue.enqueueMessages(group.jid);
+  }
+
+  private get spillFile(): string {
+    return join(this.config.dataDir, 'spill.jsonl');
+  }
+
+  private spillMessage(message: NewMessage, chat: ChatMeta): void {
+    this.spill.push({ message, chat });
+    try {
+      mkdirSync(this.config.dataDir, { recursive: true });
+      appendFileSync(this.spillFile, `${JSON.stringify({ message, chat })}\n`);
+    } catch {
+      // the disk is the trouble: memory holds it until the database is back
+    }
+    this.spillTimer ??= setTimeout(() => this.drainSpill(), 1_000);
+  }
+
+  /** Stores what was spilled, in order, once the database takes it again. */
+  private drainSpill(): void {
+    this.spillTimer = null;
+    while (this.spill.length > 0) {
+      try {
+        this.storeInbound(this.spill[0]!.message, this.spill[0]!.chat);
+      } catch (err) {
+        if (!isStoreUnavailable(err)) throw err;
+        this.spillTimer = setTimeout(() => this.drainSpill(), 1_000);
+        return;
+      }
+      this.spill.shift();
+    }
+    rmSync(this.spillFile, { force: true });
+    log.info('The database takes messages again; every spilled message is stored');
+  }
+
+  /** Messages spilled by a host that stopped before the database came back. */
+  private replaySpillFile(): void {
+    if (!existsSync(this.spillFile)) return;
+    const lines = readFileSync(this.spillFile, 'utf8').split('\n').filter(Boolean);
+    for (const line of lines) {
+      try {
+        const { message, chat } = JSON.parse(line) as { message: NewMessage; chat: ChatMeta };
+        this.spill.push({ message, chat });
+      } catch {
+        log.warn('Skipped an unreadable line of data/spill.jsonl');
+      }
+    }
+    log.info({ messages: this.spill.length }, 'Storing messages spilled while the database was unavailable');
+    this.drainSpill();
   }
 
   /** New messages for a group whose container is alive go to that container. */
@@ -3358,22 +3696,51 @@ export class Host extends EventEmitter {
     return true;
   }
 
-  /** Start-up recovery and the safety sweep: any group with unanswered messages gets queued. */
+  /** Start-up recovery and the safety sweep: unanswered messages and interrupted task runs get queued. */
   recover(): void {
-    for (const group of this.store.listGroups()) {
-      if (this.queue.isRunning(group.jid)) continue;
-      const pending = this.store.messagesSince(group.jid, this.store.getCursor(group.jid));
-      if (needsAgent(group, pending, this.trigger)) {
-        log.info({ group: group.folder, pending: pending.length }, 'Unanswered messages found; queueing');
-        this.queue.enqueueMessages(group.jid);
+    try {
+      for (const group of this.store.listGroups()) {
+        if (this.queue.isBusy(group.jid)) continue;
+        const pending = this.store.messagesSince(group.jid, this.store.getCursor(group.jid));
+        if (needsAgent(group, pending, this.trigger)) {
+          log.info({ group: group.folder, pending: pending.length }, 'Unanswered messages found; queueing');
+          this.queue.enqueueMessages(group.jid);
+        }
       }
+      this.recoverTaskRuns();
+      const day = new Date(Date.now() - 86_400_000).toISOString();
+      this.store.pruneIpcDone(day);
+      this.store.pruneOutbox(new Date(Date.now() - 7 * 86_400_000).toISOString());
+    } catch (err) {
+      log.warn({ err: errorText(err) }, 'The safety sweep could not read the database; it tries again at the next sweep');
     }
   }
 
+  /** The bot's words for a chat, into the outbox (and the chat's history); call inside the transaction that says why. */
+  private say(chatJid: string, text: string): void {
+    const channel = this.channelFor(chatJid);
+    if (!channel) {
+      log.error({ chatJid }, 'No channel owns this chat; message not sent');
+      return;
+    }
+    const now = new Date().toISOString();
+    for (const part of channel.layout(text)) {
+      const messageId = newMessageId();
+      this.store.addOutbound(channel.name, chatJid, part, messageId);
+      // The bot's message has the id it is sent under, so WhatsApp's echo of it is no second copy.
+      this.store.storeMessage({ id: messageId, chatJid, sender: 'bot', senderName: this.config.assistantName, content: part, timestamp: now, isFromMe: true, isBotMessage: true });
+    }
+  }
+
+  private sendSoon(chatJid: string): void {
+    const channel = this.channelFor(chatJid);
+    if (channel) this.senders.get(channel.name)?.kick();
+  }
+
   /**
-   * One container run for a group's unanswered messages. The persisted cursor moves only
-   * when the agent answers, so a failed run leaves the messages to be retried (nothing
-   * lost) while anything already answered and sent is never sent again.
+   * One container run for a group's unanswered messages. The cursor moves, in the same
+   * transaction as the reply is recorded, only when the agent answers: a failed run leaves
+   * the messages to be retried (nothing lost) and an answer recorded is never made again.
    */
   async processMessages(chatJid: string): Promise<boolean> {
     const group = this.store.groupByJid(chatJid);
@@ -3381,7 +3748,7 @@ export class Host extends EventEmitter {
     const messages = this.store.messagesSince(chatJid, this.store.getCursor(chatJid));
     if (!needsAgent(group, messages, this.trigger)) return true;
     this.delivered.set(chatJid, messages.at(-1)!.seq);
-    const channel = this.channels.find((c) => c.ownsJid(chatJid));
+    const channel = this.channelFor(chatJid);
     await channel?.setTyping?.(chatJid, true).catch(() => {});
     let outcome: RunOutcome;
     let upToSeq = 0;
@@ -3391,20 +3758,24 @@ export class Host extends EventEmitter {
         acceptsFollowUps: true,
         saveSession: true,
         onResult: async (result) => {
+          const upToSeq = this.delivered.get(chatJid) ?? 0;
           if (result.status === 'success') {
             const sent = result.result ? formatOutbound(result.result, this.config.assistantName, this.config.assistantHasOwnNumber) : null;
-            if (sent) await this.sendToChat(chatJid, sent);
-            const upToSeq = this.delivered.get(chatJid) ?? 0;
-            this.store.setCursor(chatJid, upToSeq);
+            this.store.transaction(() => {
+              if (sent) this.say(chatJid, sent);
+              this.store.setCursor(chatJid, upToSeq);
+            });
+            crashPoint('reply-recorded');
+            this.sendSoon(chatJid);
             this.queue.markIdle(chatJid);
             this.emit('turn', { chatJid, status: 'success', sent, upToSeq } satisfies TurnEvent);
           } else {
-            this.emit('turn', { chatJid, status: 'error', sent: null, error: result.error, upToSeq: this.delivered.get(chatJid) ?? 0 } satisfies TurnEvent);
+            this.emit('turn', { chatJid, status: 'error', sent: null, error: result.error, upToSeq } satisfies TurnEvent);
           }
         },
       });
     } catch (err) {
-      const error = err instanceof Error ? err.message : String(err);
+      const error = errorText(err);
       log.error({ group: group.folder, error }, 'Could not run the agent container');
       this.emit('turn', { chatJid, status: 'error', sent: null, error, upToSeq: this.delivered.get(chatJid) ?? 0 } satisfies TurnEvent);
       return this.stopped;
@@ -3426,6 +3797,20 @@ export class Host extends EventEmitter {
     // Messages that came in as the container was closing go into the next run.
     if (unanswered > 0 && !this.stopped) this.queue.enqueueMessages(chatJid);
     return true;
+  }
+
+  /** Every retry failed: the pending messages are marked answered and the user is told once. */
+  private giveUp(chatJid: string): void {
+    const group = this.store.groupByJid(chatJid);
+    if (!group) return;
+    const pending = this.store.messagesSince(chatJid, this.store.getCursor(chatJid));
+    if (pending.length === 0) return;
+    this.store.transaction(() => {
+      this.store.setCursor(chatJid, pending.at(-1)!.seq);
+      this.say(chatJid, formatOutbound(GIVE_UP_TEXT, this.config.assistantName, this.config.assistantHasOwnNumber)!);
+    });
+    this.sendSoon(chatJid);
+    log.error({ group: group.folder, messages: pending.length }, 'Gave up on messages after every retry failed; told the chat');
   }
 
   /** Launches the group's container with its mounts, its session and a proxy token on stdin. */
@@ -3472,15 +3857,50 @@ export class Host extends EventEmitter {
     });
   }
 
+  /** A claimed task run goes into its group's queue. */
+  private queueTaskRun(task: ScheduledTask): void {
+    this.tasksInHand.add(task.id);
+    this.queue.enqueueTask(task.chatJid, task.id, () => this.runTask(task.id).then(() => {}));
+  }
+
+  /**
+   * Task runs that were claimed but never finished (the host died during them): each is
+   * logged as interrupted and run once more; one interrupted twice is given up (a `once`
+   * task is then completed with the error), never left stranded.
+   */
+  recoverTaskRuns(): void {
+    for (const claim of this.store.taskClaims()) {
+      if (this.tasksInHand.has(claim.taskId)) continue;
+      const task = this.store.getTask(claim.taskId);
+      if (!task) {
+        this.store.releaseTask(claim.taskId);
+        continue;
+      }
+      const error = `interrupted: NanoClaw stopped during the run that started ${claim.startedAt}`;
+      const again = claim.attempt < 2 && task.status === 'active';
+      this.store.transaction(() => {
+        this.store.logTaskRun({ taskId: task.id, runAt: claim.startedAt, durationMs: 0, status: 'error', result: null, error });
+        this.store.releaseTask(task.id);
+        if (again) this.store.claimTask(task.id, claim.dueAt, claim.attempt + 1);
+        else if (task.scheduleType === 'once') this.store.updateTask(task.id, { status: 'completed', nextRun: null, lastResult: `Error: ${error} (twice; not run again)` });
+      });
+      log.warn({ group: task.groupFolder, taskId: task.id, runAgain: again }, again ? 'A task run was interrupted; running it again' : 'A task run was interrupted twice; giving up on it');
+      if (again) this.queueTaskRun(task);
+    }
+  }
+
   /**
    * Runs a scheduled task now in its group's container: the answer goes to the group's
    * chat (minus <internal> text), the container closes right after it, and the run is
-   * logged in task_run_logs. Paused or deleted tasks are skipped unless `force`.
+   * logged in task_run_logs, all in one transaction with the claim's release. Paused or
+   * deleted tasks are skipped unless `force`.
    */
   async runTask(taskId: string, force = false): Promise<TaskRunLog | null> {
     const task = this.store.getTask(taskId);
     if (!task || (!force && task.status !== 'active')) {
       log.info({ taskId, status: task?.status ?? 'deleted' }, 'Task skipped');
+      if (task) this.store.releaseTask(task.id);
+      this.tasksInHand.delete(taskId);
       return null;
     }
     const group = this.store.groupByFolder(task.groupFolder);
@@ -3495,55 +3915,48 @@ export class Host extends EventEmitter {
           sessionId: task.contextMode === 'group' ? undefined : null,
           saveSession: task.contextMode === 'group',
           onResult: async (answer) => {
-            if (answer.status === 'success') {
-              result = answer.result;
-              const text = answer.result ? formatOutbound(answer.result, this.config.assistantName, this.config.assistantHasOwnNumber) : null;
-              if (text) await this.sendToChat(task.chatJid, text);
-            } else {
-              error = answer.error ?? 'unknown error';
-            }
+            if (answer.status === 'success') result = answer.result;
+            else error = answer.error ?? 'unknown error';
             this.queue.closeContainer(task.chatJid);
           },
         });
         if (!error && outcome.results === 0) error = outcome.timedOut ? 'the agent timed out' : `the agent container exited with code ${outcome.exitCode}`;
       } catch (err) {
-        error = err instanceof Error ? err.message : String(err);
+        error = errorText(err);
       }
     }
     const run: TaskRunLog = {
       taskId: task.id, runAt: startedAt.toISOString(), durationMs: Date.now() - startedAt.getTime(),
       status: error ? 'error' : 'success', result, error,
     };
-    if (this.store.getTask(task.id)) {
-      this.store.logTaskRun(run);
-      this.store.updateTask(task.id, {
-        lastRun: run.runAt,
-        lastResult: error ? `Error: ${error}` : (result ?? '(nothing to say)'),
-        ...(task.scheduleType === 'once' ? { status: 'completed' as const, nextRun: null } : {}),
-      });
-    }
+    const text = !error && result ? formatOutbound(result, this.config.assistantName, this.config.assistantHasOwnNumber) : null;
+    this.store.transaction(() => {
+      if (this.store.getTask(task.id)) {
+        this.store.logTaskRun(run);
+        this.store.updateTask(task.id, {
+          lastRun: run.runAt,
+          lastResult: error ? `Error: ${error}` : (result ?? '(nothing to say)'),
+          ...(task.scheduleType === 'once' ? { status: 'completed' as const, nextRun: null } : {}),
+        });
+      }
+      if (text) this.say(task.chatJid, text);
+      this.store.releaseTask(task.id);
+    });
+    this.tasksInHand.delete(task.id);
+    crashPoint('task-recorded');
+    if (text) this.sendSoon(task.chatJid);
     if (error) log.error({ group: task.groupFolder, taskId: task.id, error }, 'Scheduled task failed');
     else log.info({ group: task.groupFolder, taskId: task.id, durationMs: run.durationMs }, 'Scheduled task finished');
     return run;
   }
 
-  /** Sends on the channel that owns the chat and records the bot's message. */
-  async sendToChat(chatJid: string, text: string): Promise<void> {
-    const channel = this.channels.find((c) => c.ownsJid(chatJid));
-    if (!channel) {
-      log.error({ chatJid }, 'No channel owns this chat; message not sent');
-      return;
-    }
-    await channel.sendMessage(chatJid, text);
-    const now = new Date();
-    this.store.storeMessage({
-      id: `out-${now.getTime()}-${Math.random().toString(36).slice(2, 8)}`, chatJid, sender: 'bot', senderName: this.config.assistantName,
-      content: text, timestamp: now.toISOString(), isFromMe: true, isBotMessage: true,
-    });
-  }
-
-  /** Requests from an agent, authorised by the IPC folder they were written to. */
-  async handleIpc(folder: string, kind: 'messages' | 'tasks', data: unknown): Promise<void> {
+  /**
+   * Requests from an agent, authorised by the IPC folder they were written to. Each is
+   * done in one transaction with its done-mark (claimId), so a request claimed again
+   * after a crash is recognised and not done twice.
+   */
+  async handleIpc(folder: string, kind: IpcKind, data: unknown, claimId: string): Promise<void> {
+    if (this.store.isIpcDone(claimId)) return;
     const source = this.store.groupByFolder(folder);
     if (!source) throw new IpcFormatError(`no registered group uses the folder "${folder}"`);
     const request = kind === 'messages' ? parseIpcMessage(data) : parseIpcTask(data);
@@ -3552,12 +3965,22 @@ export class Host extends EventEmitter {
       log.warn({ group: folder, type: request.type, reason: refused }, 'IPC request refused');
       return;
     }
+    crashPoint('ipc-handling');
     if (request.type === 'message') {
-      await this.sendToChat(request.chatJid, request.text);
+      this.store.transaction(() => {
+        this.say(request.chatJid, request.text);
+        this.store.markIpcDone(claimId);
+      });
+      crashPoint('ipc-recorded');
+      this.sendSoon(request.chatJid);
       log.info({ group: folder, chatJid: request.chatJid }, 'Message sent for the agent');
       return;
     }
-    this.applyTaskRequest(source, request);
+    this.store.transaction(() => {
+      this.applyTaskRequest(source, request);
+      this.store.markIpcDone(claimId);
+    });
+    crashPoint('ipc-recorded');
     this.scheduler.arm();
     writeSnapshots(this.config, this.store, source);
   }
@@ -3569,7 +3992,7 @@ export class Host extends EventEmitter {
         const target = this.store.groupByJid(request.targetJid ?? source.jid)!;
         const nextRun = computeNextRun(request.schedule_type, request.schedule_value, tz);
         if (!nextRun) throw new ScheduleError(`"${request.schedule_value}" is in the past`);
-        const id = `task-${Date.now()}-${Math.random().toString(36).slice(2, 8)}`;
+        const id = `task-${Date.now()}-${randomUUID().slice(0, 8)}`;
         this.store.createTask({
           id, groupFolder: target.folder, chatJid: target.jid, prompt: request.prompt, scheduleType: request.schedule_type,
           scheduleValue: request.schedule_value, contextMode: request.context_mode, nextRun: nextRun.toISOString(),
@@ -3728,6 +4151,12 @@ export function removeLeftoverContainers(config: Config): string[] {
   return names;
 }
 
+/** Inboxes of runs that a host which died never cleaned up (their containers are gone too). */
+export function removeLeftoverInboxes(config: Config): void {
+  const root = new AgentTree(inboxRoot(config));
+  for (const entry of root.entries()) root.remove(entry.name);
+}
+
 /** One host per project: two would answer the same messages. Returns a release function. */
 export function acquireHostLock(config: Config): () => void {
   const lockFile = join(config.dataDir, 'nanoclaw.pid');
@@ -3765,12 +4194,48 @@ function waitForTurn(host: Host, chatJid: string, seq: number): Promise<TurnEven
   });
 }
 
+/** Opens the store, waiting (up to a minute) while another process holds the database. */
+export async function openStoreWhenFree(path: string, waitMs = 60_000): Promise<Store> {
+  const deadline = Date.now() + waitMs;
+  for (let attempt = 1; ; attempt++) {
+    try {
+      return new Store(path);
+    } catch (err) {
+      if (!isStoreUnavailable(err) || Date.now() > deadline) throw err;
+      if (attempt === 1) log.warn({ err: errorText(err) }, 'The database is locked or unavailable; waiting for it');
+      await Bun.sleep(1_000);
+    }
+  }
+}
+
+/**
+ * The service stays up through unexpected errors (each is logged with its stack): its
+ * state is in SQLite, so carrying on is safe. Twenty in a minute means something is
+ * broken for good: it stops with a clear message rather than spin.
+ */
+function keepRunningThroughErrors(): void {
+  const recent: number[] = [];
+  const onError = (kind: string) => (err: unknown) => {
+    log.error({ err: errorText(err), stack: err instanceof Error ? err.stack : undefined }, `Unexpected ${kind}; NanoClaw keeps running`);
+    const now = Date.now();
+    recent.push(now);
+    while (recent[0]! < now - 60_000) recent.shift();
+    if (recent.length > 20) {
+      console.error('NanoClaw stops: more than 20 unexpected errors within a minute. See logs/nanoclaw.error.log.');
+      process.exit(1);
+    }
+  };
+  process.on('unhandledRejection', onError('rejection'));
+  process.on('uncaughtException', onError('error'));
+}
+
 async function startHost(config: Config, makeChannels: (store: Store) => Channel[]): Promise<{ host: Host; store: Store; release: () => void }> {
   const problems = preflight(config);
   if (problems.length) throw new UsageError(`NanoClaw cannot start yet:\n\n${problems.map((p) => `• ${p}`).join('\n\n')}`);
   const release = acquireHostLock(config);
-  const store = new Store(config.dbPath);
+  const store = await openStoreWhenFree(config.dbPath);
   removeLeftoverContainers(config);
+  removeLeftoverInboxes(config);
   const host = new Host(config, store, makeChannels(store));
   return { host, store, release };
 }
@@ -3788,7 +4253,6 @@ export function whatsAppChannel(config: Config, store: Store, extra: Partial<Wha
       const group = store.groupByJid(jid);
       return group ? groupTrees(config, group.folder).group : null;
     },
-    outbox: storeOutbox(store, 'whatsapp'),
     lastGroupSync: () => store.getState(GROUPS_SYNCED_AT),
     markGroupSync: () => store.setState(GROUPS_SYNCED_AT, new Date().toISOString()),
     ...extra,
@@ -3821,7 +4285,8 @@ function onShutdownSignal(stop: () => Promise<void>): void {
 /** `chat`: the terminal as the main group's channel. */
 export async function runChat(config: Config): Promise<number> {
   const interactive = Boolean(process.stdin.isTTY);
-  const setupStore = new Store(config.dbPath);
+  keepRunningThroughErrors();
+  const setupStore = await openStoreWhenFree(config.dbPath);
   const main = ensureMainGroup(config, setupStore);
   setupStore.close();
   const local = new LocalChannel(main.jid, (text) => process.stdout.write(`${text}\n`));
@@ -3871,6 +4336,7 @@ export async function runService(config: Config): Promise<number> {
         '  Meanwhile you can talk to your assistant from this terminal: bun nanoclaw.ts chat',
     );
   }
+  keepRunningThroughErrors();
   let loggedOut: () => void = () => {};
   const whenLoggedOut = new Promise<void>((resolve) => (loggedOut = resolve));
   const { host, store, release } = await startHost(config, (store) => [whatsAppChannel(config, store, { onLoggedOut: () => loggedOut() })]);
@@ -3987,11 +4453,15 @@ function groupsCommand(config: Config, args: string[]): number {
 /** Prints what a `tasks run` sends, whichever chat it is for. */
 class PrintingChannel implements Channel {
   readonly name = 'terminal';
+  readonly ready = true;
   ownsJid(): boolean {
     return true;
   }
   async connect(): Promise<void> {}
-  async sendMessage(jid: string, text: string): Promise<void> {
+  layout(text: string): string[] {
+    return [text];
+  }
+  async deliver(jid: string, text: string): Promise<void> {
     process.stdout.write(`→ ${jid}: ${text}\n`);
   }
   async disconnect(): Promise<void> {}
@@ -4058,6 +4528,7 @@ async function tasksCommand(config: Config, args: string[]): Promise<number> {
           host.ipc.start(); // the task's agent may use send_message
           const run = await host.runTask(id, true);
           await host.ipc.scan();
+          await host.settleOutbox();
           if (run?.status === 'error') console.error(`The task failed: ${run.error}`);
           return run?.status === 'success' ? 0 : 1;
         } finally {
@@ -4326,6 +4797,10 @@ export async function main(argv: string[], projectRoot = process.env.NANOCLAW_RO
     if (err instanceof UsageError || err instanceof ConfigError || err instanceof IpcFormatError || err instanceof WhatsAppNotLinked) {
       console.error(err.message);
       return 2;
+    }
+    if (isStoreUnavailable(err)) {
+      console.error(`The database store/messages.db cannot be used right now (${errorText(err)}): another process may hold it, or it is read-only. Try again, or check its permissions.`);
+      return 1;
     }
     log.fatal({ err }, 'NanoClaw crashed');
     console.error(err);

@@ -74,6 +74,7 @@ describe('runContainer with a fake docker', () => {
       `${root}/groups/global:/workspace/global:ro`,
       `${root}/data/ipc/family:/workspace/ipc`,
       `${root}/data/sessions/family/.kimi:/home/node/.kimi`,
+      `${root}/data/input/${argv[4]!.replace(/^nanoclaw-/, '')}:/workspace/ipc/input`, // the run's own inbox
     ]);
     const envFlags = argv.flatMap((arg, i) => (argv[i - 1] === '-e' ? [arg] : []));
     expect(envFlags).toContain('TZ=UTC');
@@ -201,13 +202,17 @@ describe('runContainer with a fake docker', () => {
     expect(docker.calls().some((c) => c.command === 'stop' && c.name === docker.runs()[0]!.argv[4])).toBe(true);
   });
 
-  it('removes follow-up files left by a dead run before starting', async () => {
-    const inputDir = join(config.ipcDir, 'family', 'input');
-    mkdirSync(inputDir, { recursive: true });
-    writeFileSync(join(inputDir, '_close'), '');
-    writeFileSync(join(inputDir, '1-old.json'), JSON.stringify({ type: 'message', text: message('stale') }));
-    const { results } = await run(message('fresh'), {}, (live) => setTimeout(() => live.close(), 200));
-    expect(results.map((r) => r.result)).toEqual(['echo: fresh']);
+  it('gives each run its own inbox: what an earlier run left (or an old container reads) never meets a new run', async () => {
+    const oldInbox = join(config.ipcDir, 'family', 'input');
+    mkdirSync(oldInbox, { recursive: true });
+    writeFileSync(join(oldInbox, '_close'), '');
+    writeFileSync(join(oldInbox, '1-old.json'), JSON.stringify({ type: 'message', text: message('stale') }));
+    const { results } = await run(message('fresh'), {}, (live) => {
+      setTimeout(() => live.sendInput(message('second')), 100);
+      setTimeout(() => live.close(), 300);
+    });
+    expect(results.map((r) => r.result)).toEqual(['echo: fresh', 'echo: second']);
+    expect(readdirSync(join(config.dataDir, 'input'))).toEqual([]); // removed after the run
   });
 });
 

@@ -140,8 +140,9 @@ async function run(): Promise<never> {
   process.stderr.write(`Session initialized: ${sessionId}\n`);
   await answer(input.prompt, sessionId);
 
+  // The run's own inbox is mounted over /workspace/ipc/input.
   const ipc = mountedHostPath('/workspace/ipc');
-  const inputDir = ipc ? join(ipc, 'input') : null;
+  const inputDir = mountedHostPath('/workspace/ipc/input') ?? (ipc ? join(ipc, 'input') : null);
   const name = argv[argv.indexOf('--name') + 1]!;
   for (;;) {
     if (existsSync(join(stateDir, `stop-${name}`))) process.exit(137);

@@ -76,7 +76,8 @@ export function tempProject(env: Record<string, string> = {}, dotEnv = ''): Conf
 /** A real Channel implementation that keeps what it was asked to send. */
 export class RecordingChannel implements Channel {
   readonly name = 'recording';
-  readonly sent: { jid: string; text: string }[] = [];
+  readonly ready = true;
+  readonly sent: { jid: string; text: string; messageId: string }[] = [];
   handlers: ChannelHandlers | null = null;
   private counter = 0;
 
@@ -90,8 +91,12 @@ export class RecordingChannel implements Channel {
     this.handlers = handlers;
   }
 
-  async sendMessage(jid: string, text: string): Promise<void> {
-    this.sent.push({ jid, text });
+  layout(text: string): string[] {
+    return [text];
+  }
+
+  async deliver(jid: string, text: string, messageId: string): Promise<void> {
+    this.sent.push({ jid, text, messageId });
   }
 
   async disconnect(): Promise<void> {
@@ -129,10 +134,10 @@ export async function waitFor<T>(check: () => T | undefined | null | false, time
 
 /** A WhatsApp channel whose last step (the send to WhatsApp's servers) is recorded instead. */
 export class RecordingWhatsApp extends WhatsAppChannel {
-  readonly delivered: { jid: string; text: string }[] = [];
-  protected override async deliver(jid: string, text: string): Promise<void> {
+  readonly delivered: { jid: string; text: string; messageId: string }[] = [];
+  protected override async send(jid: string, text: string, messageId: string): Promise<void> {
     if (!this.isConnected) throw new Error('offline');
-    this.delivered.push({ jid, text });
+    this.delivered.push({ jid, text, messageId });
   }
 }
 

@@ -119,7 +119,9 @@ describe('a hostile agent', () => {
     const plant = [
       'rm -rf /workspace/group/logs && ln -s ' + c + ' /workspace/group/logs',
       'ln -sf ' + join(c, 'owned.txt') + ' /workspace/group/CLAUDE.md',
-      'rm -rf /workspace/ipc/input && ln -s ' + c + ' /workspace/ipc/input',
+      'rm -rf /workspace/ipc/input && ln -s ' + c + ' /workspace/ipc/input', // a mount point: refused by the kernel
+      'ln -s ' + c + ' /workspace/ipc/input/planted-in-inbox', // the run's inbox, which the host deletes after the run
+      'ln -s ' + c + ' /workspace/ipc/input-old', // where follow-ups lived before runs had their own inbox
       'rm -f /workspace/ipc/current_tasks.json && ln -s ' + join(c, 'keep.txt') + ' /workspace/ipc/current_tasks.json',
       'ln -s ' + join(c, 'secret.json') + ' /workspace/ipc/messages/1-secret.json',
       'rm -rf /workspace/ipc/tasks && ln -s ' + c + ' /workspace/ipc/tasks',

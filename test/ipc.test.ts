@@ -159,8 +159,9 @@ describe('IpcWatcher', () => {
     drop(dir, 'g', 'messages', 'broken.json', '{"n": 1,');
     drop(dir, 'g', 'tasks', 'refused.json', '{"bad": true}');
     await waitFor(() => existsSync(join(dir, 'errors')) && readdirSync(join(dir, 'errors')).length === 2, 3000, 'errors/');
-    expect(readdirSync(join(dir, 'errors')).sort()).toEqual(['g.messages.broken.json', 'g.tasks.refused.json']);
-    expect(readFileSync(join(dir, 'errors', 'g.messages.broken.json'), 'utf8')).toBe('{"n": 1,');
+    const rejected = readdirSync(join(dir, 'errors')).sort();
+    expect(rejected).toEqual([expect.stringMatching(/^g\.messages\.[0-9a-f-]{36}\.broken\.json$/), expect.stringMatching(/^g\.tasks\.[0-9a-f-]{36}\.refused\.json$/)]);
+    expect(readFileSync(join(dir, 'errors', rejected[0]!), 'utf8')).toBe('{"n": 1,');
     await watcher.scan();
     expect(calls).toBe(1); // the broken one never reached the handler; the refused one once
   });
@@ -197,9 +198,10 @@ describe('IpcWatcher', () => {
     watcher.start();
     await waitFor(() => existsSync(join(dir, 'errors')) && readdirSync(join(dir, 'g', 'messages')).length === 0, 10_000, 'all processed');
     await watcher.scan();
-    const kept = readdirSync(join(dir, 'errors')).sort();
+    const kept = readdirSync(join(dir, 'errors')).map((name) => name.replace(/^g\.messages\.[0-9a-f-]{36}\./, '')).sort();
     expect(kept).toHaveLength(IPC_ERRORS_KEPT);
-    expect(kept.at(-1)).toBe(`g.messages.${String(IPC_ERRORS_KEPT + 6).padStart(4, '0')}.json`);
+    expect(kept).toContain(`${String(IPC_ERRORS_KEPT + 6).padStart(4, '0')}.json`); // the newest stay
+    expect(kept).not.toContain('0000.json'); // the oldest went
   });
 
   it('a group flooding its folder does not hold up another group’s request', async () => {
@@ -220,7 +222,7 @@ describe('IpcWatcher', () => {
       seen.push({ folder, kind, data });
     });
     mkdirSync(join(dir, 'claimed'), { recursive: true });
-    writeFileSync(join(dir, 'claimed', 'family.tasks.1700000000000-abc.json'), '{"n":1}');
+    writeFileSync(join(dir, 'claimed', 'family.tasks.0c1a1d2e-3f40-4a5b-8c6d-7e8f90a1b2c3.1700000000000-abc.json'), '{"n":1}');
     watcher.start();
     await waitFor(() => seen.length === 1, 3000, 'claimed file');
     expect(seen).toEqual([{ folder: 'family', kind: 'tasks', data: { n: 1 } }]);

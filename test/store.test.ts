@@ -20,7 +20,7 @@ describe('Store schema', () => {
     expect(store.db.query('PRAGMA user_version').get()).toEqual({ user_version: SCHEMA_VERSION });
     expect(store.db.query('PRAGMA journal_mode').get()).toEqual({ journal_mode: 'wal' });
     const tables = store.db.query<{ name: string }, []>("SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' ORDER BY name").all().map((t) => t.name);
-    expect(tables).toEqual(['chats', 'messages', 'model_usage', 'outbox', 'registered_groups', 'router_state', 'scheduled_tasks', 'sessions', 'task_run_logs']);
+    expect(tables).toEqual(['chats', 'ipc_done', 'messages', 'model_usage', 'outbox', 'registered_groups', 'router_state', 'scheduled_tasks', 'sessions', 'task_claims', 'task_run_logs']);
     const sessionColumns = store.db.query<{ name: string; pk: number }, []>('PRAGMA table_info(sessions)').all();
     expect(sessionColumns.find((c) => c.name === 'group_folder')?.pk).toBe(1);
     expect(sessionColumns.map((c) => c.name)).toContain('session_id');
@@ -35,13 +35,13 @@ describe('Store schema', () => {
     const path = join(tempDir(), 'messages.db');
     const store = new Store(path);
     store.setSession('main', 'kept');
-    store.db.exec('DROP TABLE outbox; DROP TABLE model_usage; PRAGMA user_version = 1'); // as the first release left it
+    store.db.exec('DROP TABLE task_claims; DROP TABLE ipc_done; DROP TABLE outbox; DROP TABLE model_usage; PRAGMA user_version = 1'); // as the first release left it
     store.close();
     const upgraded = new Store(path);
     expect(upgraded.db.query('PRAGMA user_version').get()).toEqual({ user_version: SCHEMA_VERSION });
     expect(upgraded.getSession('main')).toBe('kept');
-    upgraded.addOutbound('whatsapp', 'a@g.us', 'hello');
-    expect(upgraded.nextOutbound('whatsapp')).toMatchObject({ jid: 'a@g.us', text: 'hello' });
+    upgraded.addOutbound('whatsapp', 'a@g.us', 'hello', '3EB0TEST1');
+    expect(upgraded.nextUnsent('whatsapp')).toMatchObject({ jid: 'a@g.us', text: 'hello', messageId: '3EB0TEST1', attempts: 0 });
     upgraded.addModelUsage('2026-12-01', 'main', { ok: true, promptTokens: 10, completionTokens: 2 });
     upgraded.addModelUsage('2026-12-01', 'main', { ok: false, promptTokens: 0, completionTokens: 0 });
     upgraded.addModelUsage('2026-12-02', 'family', { ok: true, promptTokens: 5, completionTokens: 1 });
@@ -51,6 +51,54 @@ describe('Store schema', () => {
     ]);
     expect(upgraded.modelUsage('2026-12-02', 'main')).toEqual([]);
     upgraded.close();
+  });
+
+  it('migration 4 gives replies left in the outbox by an older version a message id, and keeps them unsent', () => {
+    const path = join(tempDir(), 'messages.db');
+    const old = new Store(path);
+    old.db.exec(`DROP TABLE task_claims; DROP TABLE ipc_done; DROP INDEX outbox_by_message; DROP INDEX outbox_unsent;
+      ALTER TABLE outbox DROP COLUMN message_id; ALTER TABLE outbox DROP COLUMN sent_at; ALTER TABLE outbox DROP COLUMN attempts; ALTER TABLE outbox DROP COLUMN error;
+      PRAGMA user_version = 3`);
+    old.db.query("INSERT INTO outbox (channel, chat_jid, text, created_at) VALUES ('whatsapp', 'a@g.us', 'from before', '2026-01-01')").run();
+    old.close();
+    const store = new Store(path);
+    expect(store.nextUnsent('whatsapp')).toMatchObject({ text: 'from before', messageId: '3EB0NC0000000000000001' });
+    store.close();
+  });
+
+  it('outbox parts are sent once marked, given up after failing, and found by message id', () => {
+    const store = new Store(join(tempDir(), 'messages.db'));
+    store.addOutbound('whatsapp', 'a@g.us', 'first', 'ID1');
+    store.addOutbound('whatsapp', 'a@g.us', 'second', 'ID2');
+    store.addOutbound('local', 'main@local', 'elsewhere', 'ID3');
+    expect(store.nextUnsent('whatsapp')!.messageId).toBe('ID1');
+    store.markSendFailed(store.nextUnsent('whatsapp')!.id, 'offline', false);
+    expect(store.nextUnsent('whatsapp')).toMatchObject({ messageId: 'ID1', attempts: 1 });
+    store.markSent(store.nextUnsent('whatsapp')!.id);
+    expect(store.nextUnsent('whatsapp')!.messageId).toBe('ID2');
+    store.markSendFailed(store.nextUnsent('whatsapp')!.id, 'bad jid', true);
+    expect(store.nextUnsent('whatsapp')).toBeUndefined();
+    expect(store.countUnsent('local')).toBe(1);
+    expect(store.outboundByMessageId('ID1')).toEqual({ chatJid: 'a@g.us', text: 'first' });
+    expect(store.pruneOutbox(new Date(Date.now() + 1000).toISOString())).toBe(2);
+    expect(store.outboundByMessageId('ID1')).toBeNull();
+    expect(store.countUnsent('local')).toBe(1); // never pruned while unsent
+    store.close();
+  });
+
+  it('task claims: one per task at a time; IPC done-marks', () => {
+    const store = new Store(join(tempDir(), 'messages.db'));
+    store.createTask({ id: 't1', groupFolder: 'g', chatJid: 'g@g.us', prompt: 'p', scheduleType: 'interval', scheduleValue: '60000', contextMode: 'isolated', nextRun: null, lastRun: null, lastResult: null, status: 'active', createdAt: 'x' });
+    expect(store.claimTask('t1', '2026-01-01T00:00:00.000Z')).toBe(true);
+    expect(store.claimTask('t1', '2026-01-01T00:01:00.000Z')).toBe(false);
+    expect(store.taskClaims()).toEqual([expect.objectContaining({ taskId: 't1', dueAt: '2026-01-01T00:00:00.000Z', attempt: 1 })]);
+    store.releaseTask('t1');
+    expect(store.taskClaims()).toEqual([]);
+    expect(store.isIpcDone('c1')).toBe(false);
+    store.markIpcDone('c1');
+    store.markIpcDone('c1');
+    expect(store.isIpcDone('c1')).toBe(true);
+    store.close();
   });
 
   it('refuses a database from a newer version instead of damaging it', () => {

@@ -138,7 +138,7 @@ describe('tasks through the host (fake docker)', () => {
     store.createTask(t);
     host.scheduler.arm();
     await waitFor(() => channel.sent.length === 1, 10_000, 'task reply');
-    expect(channel.sent).toEqual([{ jid: FAMILY, text: 'Andy: echo: water the plants' }]);
+    expect(channel.sent.map(({ jid, text }) => ({ jid, text }))).toEqual([{ jid: FAMILY, text: 'Andy: echo: water the plants' }]);
     await waitFor(() => docker.calls().some((c) => c.command === 'closed'), 5000, 'prompt close');
     await waitFor(() => store.taskRuns(t.id).length === 1, 5000, 'run log');
     const [run] = store.taskRuns(t.id);
@@ -168,7 +168,7 @@ describe('tasks through the host (fake docker)', () => {
     store.createTask(failing);
     host.scheduler.arm();
     await waitFor(() => store.taskRuns(failing.id).length === 1 && store.taskRuns(quiet.id).length === 1, 10_000, 'both runs');
-    expect(channel.sent).toEqual([{ jid: FAMILY, text: 'Andy: visible' }]);
+    expect(channel.sent.map(({ jid, text }) => ({ jid, text }))).toEqual([{ jid: FAMILY, text: 'Andy: visible' }]);
     expect(store.taskRuns(failing.id)[0]).toMatchObject({ status: 'error', error: 'quota exceeded' });
     expect(store.getTask(failing.id)!.lastResult).toBe('Error: quota exceeded');
   });

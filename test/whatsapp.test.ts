@@ -11,7 +11,7 @@ import { afterEach, describe, expect, it } from 'vitest';
 import {
   AgentTree,
   Host, parseWhatsAppMessage, RateLimiter, reconnectDelay, registerGroup, safeMediaFileName, setupLogging, splitForWhatsApp,
-  Store, storeOutbox, toWhatsAppFormat, writeJsonAtomic, WhatsAppChannel, whatsAppChannel, makeSelfChatMain, LOCAL_MAIN_JID,
+  Store, OutboxSender, newMessageId, toWhatsAppFormat, writeJsonAtomic, WhatsAppChannel, whatsAppChannel, makeSelfChatMain, LOCAL_MAIN_JID,
   type ChannelHandlers, type NewMessage, type WhatsAppIdentity, type WhatsAppOptions,
 } from '../nanoclaw.ts';
 import { fakeDocker, flakyServer, linkedAuthDir, RecordingWhatsApp, tempDir, tempProject, waitFor } from './helpers.ts';
@@ -217,50 +217,77 @@ describe('WhatsAppChannel connection', () => {
     expect(channel.reconnectDelays.at(-1)!).toBeLessThanOrEqual(40); // attempt 1 again after a good connection
   });
 
-  it('queues replies while offline and delivers them in order once, after reconnecting', async () => {
-    setupLogging(tempProject(), { terminalLevel: 'silent' });
+  /** What the host does when the bot speaks: the parts go into the store's outbox, then the sender sends them. */
+  const say = (store: Store, channel: WhatsAppChannel, sender: OutboxSender, jid: string, text: string) => {
+    for (const part of channel.layout(text)) store.addOutbound('whatsapp', jid, part, newMessageId());
+    sender.kick();
+  };
+
+  it('queues replies while offline and delivers them in order once, after reconnecting, each under its own id', async () => {
+    const config = tempProject();
+    setupLogging(config, { terminalLevel: 'silent' });
+    const store = new Store(config.dbPath);
     const server = flakyServer(60_000);
     stops.push(server.stop);
     const channel = new RecordingWhatsApp(channelOptions(await linkedAuthDir(), server.url));
-    stops.push(() => channel.disconnect());
-    await channel.connect(noHandlers);
+    const sender = new OutboxSender(store, channel, 50);
+    stops.push(async () => {
+      sender.stop();
+      await channel.disconnect();
+      store.close();
+    });
+    await channel.connect({ ...noHandlers, onReady: () => sender.kick() });
     await waitFor(() => server.connectedAt.length === 1, 5000, 'connection');
     channel.socket!.ev.emit('connection.update', { connection: 'open' });
-    await channel.sendMessage(GROUP, 'one');
+    say(store, channel, sender, GROUP, 'one');
     await waitFor(() => channel.delivered.length === 1, 2000, 'first delivery');
     channel.socket!.ev.emit('connection.update', { connection: 'close', lastDisconnect: { error: new Error('network down'), date: new Date() } });
-    await channel.sendMessage(GROUP, 'two');
-    await channel.sendMessage(ALICE, 'three');
-    await Bun.sleep(100);
-    expect(channel.pendingOutbound).toBe(2);
+    say(store, channel, sender, GROUP, 'two');
+    say(store, channel, sender, ALICE, 'three');
+    await sender.settle();
+    expect(store.countUnsent('whatsapp')).toBe(2);
     await waitFor(() => channel.sockets.length === 2, 5000, 'reconnect');
     channel.socket!.ev.emit('connection.update', { connection: 'open' });
     await waitFor(() => channel.delivered.length === 3, 2000, 'queued deliveries');
-    await Bun.sleep(100);
-    expect(channel.delivered).toEqual([{ jid: GROUP, text: 'one' }, { jid: GROUP, text: 'two' }, { jid: ALICE, text: 'three' }]);
+    await sender.settle();
+    expect(channel.delivered.map(({ jid, text }) => ({ jid, text }))).toEqual([{ jid: GROUP, text: 'one' }, { jid: GROUP, text: 'two' }, { jid: ALICE, text: 'three' }]);
+    expect(new Set(channel.delivered.map((d) => d.messageId)).size).toBe(3);
+    expect(store.countUnsent('whatsapp')).toBe(0);
   });
 
-  it('replies still waiting when the process stops are sent after the next connect (stored outbox)', async () => {
+  it('replies still waiting when the process stops go out after the next connect; one sent but not marked goes again under the same id', async () => {
     const config = tempProject();
     setupLogging(config, { terminalLevel: 'silent' });
     const store = new Store(config.dbPath);
     const server = flakyServer(60_000);
     stops.push(server.stop);
     const authDir = await linkedAuthDir();
-    const first = new RecordingWhatsApp(channelOptions(authDir, server.url, { outbox: storeOutbox(store, 'whatsapp') }));
+    const first = new RecordingWhatsApp(channelOptions(authDir, server.url));
+    const firstSender = new OutboxSender(store, first, 50);
     await first.connect(noHandlers);
-    await first.sendMessage(GROUP, 'written while offline');
-    await first.sendMessage(ALICE, 'and this too');
+    say(store, first, firstSender, GROUP, 'written while offline');
+    say(store, first, firstSender, ALICE, 'and this too');
+    await firstSender.settle();
+    firstSender.stop();
     await first.disconnect(); // the process stops before WhatsApp came back
-    expect(store.countOutbound('whatsapp')).toBe(2);
-    const second = new RecordingWhatsApp(channelOptions(authDir, server.url, { outbox: storeOutbox(store, 'whatsapp') }));
-    stops.push(() => second.disconnect());
-    await second.connect(noHandlers);
+    expect(store.countUnsent('whatsapp')).toBe(2);
+    // As if a crash came after a part reached WhatsApp but before it was marked sent:
+    const unsentId = store.nextUnsent('whatsapp')!.messageId;
+    const second = new RecordingWhatsApp(channelOptions(authDir, server.url));
+    const secondSender = new OutboxSender(store, second, 50);
+    stops.push(async () => {
+      secondSender.stop();
+      await second.disconnect();
+      store.close();
+    });
+    await second.connect({ ...noHandlers, onReady: () => secondSender.kick() });
     second.socket!.ev.emit('connection.update', { connection: 'open' });
     await waitFor(() => second.delivered.length === 2, 3000, 'stored replies');
-    expect(second.delivered).toEqual([{ jid: GROUP, text: 'written while offline' }, { jid: ALICE, text: 'and this too' }]);
-    expect(store.countOutbound('whatsapp')).toBe(0);
-    stops.push(() => store.close()); // after the channel's disconnect
+    expect(second.delivered.map(({ jid, text }) => ({ jid, text }))).toEqual([{ jid: GROUP, text: 'written while offline' }, { jid: ALICE, text: 'and this too' }]);
+    expect(second.delivered[0]!.messageId).toBe(unsentId); // a resend is the same WhatsApp message
+    await secondSender.settle();
+    expect(store.countUnsent('whatsapp')).toBe(0);
+    expect(store.outboundByMessageId(unsentId)).toEqual({ chatJid: GROUP, text: 'written while offline' });
   });
 
   it('stops for good when WhatsApp logs the device out, leaving the credentials in place', async () => {
@@ -311,7 +338,7 @@ describe('WhatsApp through the host (fake docker)', () => {
       channel.socket!.ev.emit('messages.upsert', { messages: [inbound], type: 'append' });
     }
     await Bun.sleep(500);
-    expect(channel.delivered).toEqual([{ jid: GROUP, text: 'Andy: echo: what is for dinner?' }]);
+    expect(channel.delivered.map(({ jid, text }) => ({ jid, text }))).toEqual([{ jid: GROUP, text: 'Andy: echo: what is for dinner?' }]);
     expect(docker.runs()).toHaveLength(1);
   });
 
