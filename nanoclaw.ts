@@ -849,7 +849,8 @@ const MIGRATIONS: string[] = [
    CREATE TABLE task_claims (
      task_id TEXT PRIMARY KEY REFERENCES scheduled_tasks (id) ON DELETE CASCADE,
      due_at TEXT,
-     started_at TEXT NOT NULL,
+     claimed_at TEXT NOT NULL,
+     started_at TEXT,
      attempt INTEGER NOT NULL DEFAULT 1
    );`,
 ];
@@ -888,6 +889,9 @@ const toTask = (row: TaskRow): ScheduledTask => ({
 
 const cursorKey = (chatJid: string) => `cursor:${chatJid}`;
 
+/** How long a write waits for another process's lock before it counts as "unavailable". */
+const BUSY_TIMEOUT_MS = 1_000;
+
 /** Errors that mean "the database cannot take this now" (locked, read-only, I/O, full): worth retrying. */
 export function isStoreUnavailable(err: unknown): boolean {
   return /^SQLITE_(BUSY|LOCKED|READONLY|IOERR|CANTOPEN|FULL|PROTOCOL)/.test(String((err as { code?: unknown })?.code ?? ''));
@@ -899,8 +903,9 @@ export class Store {
   constructor(path: string) {
     mkdirSync(dirname(path), { recursive: true });
     this.db = new Database(path, { create: true, strict: true });
-    // busy_timeout first: a database another process holds for a moment is waited for, not an error.
-    this.db.exec('PRAGMA busy_timeout = 5000; PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;');
+    // busy_timeout first: a database another process holds for a moment is waited for, not
+    // an error. Short, because bun:sqlite waits on the event loop: everything else waits too.
+    this.db.exec(`PRAGMA busy_timeout = ${BUSY_TIMEOUT_MS}; PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;`);
     this.migrate();
   }
 
@@ -994,6 +999,20 @@ export class Store {
     return this.db.query<{ seq: number | null }, [string]>('SELECT MAX(seq) AS seq FROM messages WHERE chat_jid = ?').get(chatJid)?.seq ?? 0;
   }
 
+  /** Whether a write could start now, asked without waiting (so a held lock costs nothing). */
+  canWrite(): boolean {
+    this.db.exec('PRAGMA busy_timeout = 0');
+    try {
+      this.db.exec('BEGIN IMMEDIATE');
+      this.db.exec('ROLLBACK');
+      return true;
+    } catch {
+      return false;
+    } finally {
+      this.db.exec(`PRAGMA busy_timeout = ${BUSY_TIMEOUT_MS}`);
+    }
+  }
+
   /** Runs `work` as one transaction: all of it is stored, or none. */
   transaction<T>(work: () => T): T {
     return this.db.transaction(work)();
@@ -1056,16 +1075,21 @@ export class Store {
     this.db.query('DELETE FROM ipc_done WHERE done_at < ?').run(before);
   }
 
-  /** Records that a task's run starts; false when a run of it is already claimed. */
+  /** Records that a task's run is owed (it is due); false when a run of it is already claimed. */
   claimTask(taskId: string, dueAt: string | null, attempt = 1): boolean {
     return this.db
-      .query('INSERT OR IGNORE INTO task_claims (task_id, due_at, started_at, attempt) VALUES (?, ?, ?, ?)')
+      .query('INSERT OR IGNORE INTO task_claims (task_id, due_at, claimed_at, attempt) VALUES (?, ?, ?, ?)')
       .run(taskId, dueAt, new Date().toISOString(), attempt).changes > 0;
   }
 
-  taskClaims(): { taskId: string; dueAt: string | null; startedAt: string; attempt: number }[] {
+  /** The claimed run has really started (its container is about to run). */
+  markTaskStarted(taskId: string): void {
+    this.db.query('UPDATE task_claims SET started_at = ? WHERE task_id = ?').run(new Date().toISOString(), taskId);
+  }
+
+  taskClaims(): { taskId: string; dueAt: string | null; startedAt: string | null; attempt: number }[] {
     return this.db
-      .query<{ task_id: string; due_at: string | null; started_at: string; attempt: number }, []>('SELECT * FROM task_claims ORDER BY started_at')
+      .query<{ task_id: string; due_at: string | null; started_at: string | null; attempt: number }, []>('SELECT * FROM task_claims ORDER BY claimed_at')
       .all()
       .map((row) => ({ taskId: row.task_id, dueAt: row.due_at, startedAt: row.started_at, attempt: row.attempt }));
   }
@@ -2650,6 +2674,8 @@ export interface ContainerInput {
 export interface ContainerResult {
   status: 'success' | 'error';
   result: string | null;
+  /** What earlier steps of the turn said, each its own message before `result` (never glued to it). */
+  earlier?: string[];
   sessionId?: string;
   error?: string;
 }
@@ -2701,6 +2727,7 @@ function parseResult(json: string): ContainerResult {
     return {
       status: value.status,
       result: typeof value.result === 'string' ? value.result : null,
+      ...(Array.isArray(value.earlier) && value.earlier.every((t) => typeof t === 'string') ? { earlier: value.earlier } : {}),
       ...(typeof value.sessionId === 'string' ? { sessionId: value.sessionId } : {}),
       ...(typeof value.error === 'string' ? { error: value.error } : {}),
     };
@@ -2925,7 +2952,14 @@ export async function runContainer(options: RunContainerOptions): Promise<RunOut
       armTimeout();
       if (result.sessionId) sessionId = result.sessionId;
       if (result.status === 'error') lastError = result.error ?? 'unknown error';
-      await options.onResult(result);
+      try {
+        await options.onResult(result);
+      } catch (err) {
+        // What the host does with a result must not break the stream; the run ends instead.
+        lastError = `the host could not take this result: ${errorText(err)}`;
+        groupLog.error({ container: name, err: errorText(err) }, 'Could not handle a result; stopping the container');
+        void stop();
+      }
     }
   });
   let stderrLine = '';
@@ -3654,6 +3688,10 @@ export class Host extends EventEmitter {
   /** Stores what was spilled, in order, once the database takes it again. */
   private drainSpill(): void {
     this.spillTimer = null;
+    if (!this.store.canWrite()) {
+      this.spillTimer = setTimeout(() => this.drainSpill(), 1_000);
+      return;
+    }
     while (this.spill.length > 0) {
       try {
         this.storeInbound(this.spill[0]!.message, this.spill[0]!.chat);
@@ -3716,6 +3754,13 @@ export class Host extends EventEmitter {
     }
   }
 
+  /** What a result says in the chat, message by message (earlier steps first), each without <internal> and prefixed. */
+  private wordsOf(result: ContainerResult): string[] {
+    return [...(result.earlier ?? []), ...(result.result ? [result.result] : [])]
+      .map((text) => formatOutbound(text, this.config.assistantName, this.config.assistantHasOwnNumber))
+      .filter((text): text is string => text !== null);
+  }
+
   /** The bot's words for a chat, into the outbox (and the chat's history); call inside the transaction that says why. */
   private say(chatJid: string, text: string): void {
     const channel = this.channelFor(chatJid);
@@ -3760,11 +3805,20 @@ export class Host extends EventEmitter {
         onResult: async (result) => {
           const upToSeq = this.delivered.get(chatJid) ?? 0;
           if (result.status === 'success') {
-            const sent = result.result ? formatOutbound(result.result, this.config.assistantName, this.config.assistantHasOwnNumber) : null;
-            this.store.transaction(() => {
-              if (sent) this.say(chatJid, sent);
-              this.store.setCursor(chatJid, upToSeq);
-            });
+            const said = this.wordsOf(result);
+            const sent = said.at(-1) ?? null;
+            try {
+              this.store.transaction(() => {
+                for (const words of said) this.say(chatJid, words);
+                this.store.setCursor(chatJid, upToSeq);
+              });
+            } catch (err) {
+              // Not recorded, so not sent: the run ends and the retry answers (once) when the database is back.
+              log.error({ group: group.folder, err: errorText(err) }, 'Could not record the answer; the messages will be answered again');
+              this.queue.closeContainer(chatJid);
+              this.emit('turn', { chatJid, status: 'error', sent: null, error: `could not record the answer (${errorText(err)})`, upToSeq } satisfies TurnEvent);
+              return;
+            }
             crashPoint('reply-recorded');
             this.sendSoon(chatJid);
             this.queue.markIdle(chatJid);
@@ -3850,7 +3904,13 @@ export class Host extends EventEmitter {
       proxy: this.proxy,
       onStart: (live) => this.queue.attach(group.jid, live),
       onResult: async (result) => {
-        if (result.sessionId && run.saveSession) this.store.setSession(group.folder, result.sessionId);
+        if (result.sessionId && run.saveSession) {
+          try {
+            this.store.setSession(group.folder, result.sessionId);
+          } catch (err) {
+            log.warn({ group: group.folder, err: errorText(err) }, 'Could not save the session id; the next run may start a new session');
+          }
+        }
         if (result.status === 'error') log.error({ group: group.folder, error: result.error }, 'Agent reported an error');
         await run.onResult(result);
       },
@@ -3876,10 +3936,16 @@ export class Host extends EventEmitter {
         this.store.releaseTask(claim.taskId);
         continue;
       }
-      const error = `interrupted: NanoClaw stopped during the run that started ${claim.startedAt}`;
+      if (claim.startedAt === null) {
+        // Owed but never started (it waited in the queue when the host stopped): just run it.
+        this.queueTaskRun(task);
+        continue;
+      }
+      const startedAt = claim.startedAt;
+      const error = `interrupted: NanoClaw stopped during the run that started ${startedAt}`;
       const again = claim.attempt < 2 && task.status === 'active';
       this.store.transaction(() => {
-        this.store.logTaskRun({ taskId: task.id, runAt: claim.startedAt, durationMs: 0, status: 'error', result: null, error });
+        this.store.logTaskRun({ taskId: task.id, runAt: startedAt, durationMs: 0, status: 'error', result: null, error });
         this.store.releaseTask(task.id);
         if (again) this.store.claimTask(task.id, claim.dueAt, claim.attempt + 1);
         else if (task.scheduleType === 'once') this.store.updateTask(task.id, { status: 'completed', nextRun: null, lastResult: `Error: ${error} (twice; not run again)` });
@@ -3905,7 +3971,9 @@ export class Host extends EventEmitter {
     }
     const group = this.store.groupByFolder(task.groupFolder);
     const startedAt = new Date();
+    this.store.markTaskStarted(task.id);
     let result: string | null = null;
+    let said: string[] = [];
     let error: string | null = group ? null : `group "${task.groupFolder}" is no longer registered`;
     if (group) {
       try {
@@ -3915,8 +3983,12 @@ export class Host extends EventEmitter {
           sessionId: task.contextMode === 'group' ? undefined : null,
           saveSession: task.contextMode === 'group',
           onResult: async (answer) => {
-            if (answer.status === 'success') result = answer.result;
-            else error = answer.error ?? 'unknown error';
+            if (answer.status === 'success') {
+              result = answer.result;
+              said = this.wordsOf(answer);
+            } else {
+              error = answer.error ?? 'unknown error';
+            }
             this.queue.closeContainer(task.chatJid);
           },
         });
@@ -3929,7 +4001,8 @@ export class Host extends EventEmitter {
       taskId: task.id, runAt: startedAt.toISOString(), durationMs: Date.now() - startedAt.getTime(),
       status: error ? 'error' : 'success', result, error,
     };
-    const text = !error && result ? formatOutbound(result, this.config.assistantName, this.config.assistantHasOwnNumber) : null;
+    const words = error ? [] : said;
+    this.tasksInHand.delete(task.id); // from here on, a claim left behind is the sweep's to recover
     this.store.transaction(() => {
       if (this.store.getTask(task.id)) {
         this.store.logTaskRun(run);
@@ -3939,12 +4012,11 @@ export class Host extends EventEmitter {
           ...(task.scheduleType === 'once' ? { status: 'completed' as const, nextRun: null } : {}),
         });
       }
-      if (text) this.say(task.chatJid, text);
+      for (const part of words) this.say(task.chatJid, part);
       this.store.releaseTask(task.id);
     });
-    this.tasksInHand.delete(task.id);
     crashPoint('task-recorded');
-    if (text) this.sendSoon(task.chatJid);
+    if (words.length) this.sendSoon(task.chatJid);
     if (error) log.error({ group: task.groupFolder, taskId: task.id, error }, 'Scheduled task failed');
     else log.info({ group: task.groupFolder, taskId: task.id, durationMs: run.durationMs }, 'Scheduled task finished');
     return run;
@@ -4213,7 +4285,7 @@ export async function openStoreWhenFree(path: string, waitMs = 60_000): Promise<
  * state is in SQLite, so carrying on is safe. Twenty in a minute means something is
  * broken for good: it stops with a clear message rather than spin.
  */
-function keepRunningThroughErrors(): void {
+export function keepRunningThroughErrors(): void {
   const recent: number[] = [];
   const onError = (kind: string) => (err: unknown) => {
     log.error({ err: errorText(err), stack: err instanceof Error ? err.stack : undefined }, `Unexpected ${kind}; NanoClaw keeps running`);
@@ -4229,7 +4301,8 @@ function keepRunningThroughErrors(): void {
   process.on('uncaughtException', onError('error'));
 }
 
-async function startHost(config: Config, makeChannels: (store: Store) => Channel[]): Promise<{ host: Host; store: Store; release: () => void }> {
+/** Everything a host needs before it starts: the checks, the lock, the store, no leftovers of an earlier host. */
+export async function startHost(config: Config, makeChannels: (store: Store) => Channel[]): Promise<{ host: Host; store: Store; release: () => void }> {
   const problems = preflight(config);
   if (problems.length) throw new UsageError(`NanoClaw cannot start yet:\n\n${problems.map((p) => `• ${p}`).join('\n\n')}`);
   const release = acquireHostLock(config);

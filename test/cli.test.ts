@@ -101,6 +101,36 @@ describe('bun nanoclaw.ts', () => {
     expect((await cli(['usage', '--days', 'lots'])).code).toBe(2);
   });
 
+  it('the service logs an unexpected error or rejection and keeps running; twenty in a minute stop it with a clear message', async () => {
+    const script = `
+      import { keepRunningThroughErrors, loadConfig, setupLogging } from ${JSON.stringify(ENTRY)};
+      const config = loadConfig(${JSON.stringify(root)}, { TZ: 'UTC' });
+      setupLogging(config, { terminalLevel: 'silent' });
+      keepRunningThroughErrors();
+      Promise.reject(new Error('a forgotten promise'));
+      setTimeout(() => { throw new Error('a throwing timer'); }, 10);
+      setTimeout(() => {
+        console.log('still running');
+        if (process.argv.includes('--storm')) for (let i = 0; i < 25; i++) Promise.reject(new Error('storm ' + i));
+        else process.exit(0);
+      }, 100);
+      setTimeout(() => console.log('outlived the storm'), 600);
+    `;
+    const file = join(root, 'keep-running.ts');
+    writeFileSync(file, script);
+    const calm = Bun.spawnSync([process.execPath, file], { env: { PATH: process.env.PATH! } });
+    expect(calm.stdout.toString().trim()).toBe('still running');
+    expect(calm.exitCode).toBe(0);
+    const errors = readFileSync(join(root, 'logs', 'nanoclaw.error.log'), 'utf8');
+    expect(errors).toContain('Unexpected rejection; NanoClaw keeps running');
+    expect(errors).toContain('a forgotten promise');
+    expect(errors).toContain('Unexpected error; NanoClaw keeps running');
+    const storm = Bun.spawnSync([process.execPath, file, '--storm'], { env: { PATH: process.env.PATH! } });
+    expect(storm.exitCode).toBe(1);
+    expect(storm.stderr.toString()).toContain('more than 20 unexpected errors within a minute');
+    expect(storm.stdout.toString()).not.toContain('outlived the storm');
+  });
+
   it('sessions clear removes the session files and the database row together', async () => {
     const store = new Store(join(root, 'store', 'messages.db'));
     store.setSession('main', 'sess-123');

@@ -76,7 +76,8 @@ export function tempProject(env: Record<string, string> = {}, dotEnv = ''): Conf
 /** A real Channel implementation that keeps what it was asked to send. */
 export class RecordingChannel implements Channel {
   readonly name = 'recording';
-  readonly ready = true;
+  /** Whether it can deliver; a test may take it down. */
+  ready = true;
   readonly sent: { jid: string; text: string; messageId: string }[] = [];
   handlers: ChannelHandlers | null = null;
   private counter = 0;

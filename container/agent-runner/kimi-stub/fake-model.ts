@@ -17,6 +17,10 @@
  *   !sleep MS            → waits MS before answering "[stub] slept MS"
  *   !context             → answers with the system prompt it was sent
  *   !session             → answers with the request's prompt_cache_key (the CLI's session id)
+ *
+ * In drill mode (the crash drills) it answers "[drill] " and the text of every message in
+ * the prompt, so a message the host feeds twice shows up twice; `delayMs` can make it
+ * think for a while, so a kill can land mid-run.
  */
 import { chmodSync, rmSync } from 'node:fs';
 
@@ -73,6 +77,15 @@ function toolOutput(content: unknown): string {
 }
 
 /** What the scripted model answers to a request. */
+/** Drill mode: every message of the newest prompt, named. */
+export function drillReply(request: ChatRequest): ScriptedReply {
+  const messages = request.messages ?? [];
+  const lastUser = messages.map((m) => m.role).lastIndexOf('user');
+  const prompt = lastUser >= 0 ? contentText(messages[lastUser]!.content) : '';
+  const each = [...prompt.matchAll(/<message\b[^>]*>([\s\S]*?)<\/message>/g)].map((m) => unescapeXml(m[1]!).trim());
+  return { kind: 'text', text: `[drill] ${(each.length ? each : [userText(prompt)]).join(' ')}` };
+}
+
 export function scriptedReply(request: ChatRequest): ScriptedReply {
   const messages = request.messages ?? [];
   const lastUser = messages.map((m) => m.role).lastIndexOf('user');
@@ -146,7 +159,7 @@ export interface FakeModel {
 }
 
 /** Starts the scripted model on loopback (a port) or on a unix socket (mode 0666, for containers). */
-export function startFakeModel(options: { key?: string; unix?: string } = {}): FakeModel {
+export function startFakeModel(options: { key?: string; unix?: string; drill?: boolean; delayMs?: () => number } = {}): FakeModel {
   const requests: RecordedRequest[] = [];
   let counter = 0;
   const fetch = async (req: Request): Promise<Response> => {
@@ -162,7 +175,9 @@ export function startFakeModel(options: { key?: string; unix?: string } = {}): F
     if (options.key !== undefined && req.headers.get('authorization') !== `Bearer ${options.key}`) {
       return Response.json({ error: { message: 'Invalid Authentication', type: 'invalid_authentication_error' } }, { status: 401 });
     }
-    const reply = scriptedReply(body);
+    const reply = options.drill ? drillReply(body) : scriptedReply(body);
+    const think = options.delayMs?.() ?? 0;
+    if (think > 0) await Bun.sleep(think);
     if (reply.kind === 'error') {
       return Response.json({ error: { message: reply.message, type: reply.status === 429 ? 'rate_limit_reached_error' : 'invalid_request_error' } }, { status: reply.status });
     }

@@ -8,7 +8,7 @@
  * Then it waits for follow-ups in /workspace/ipc/input/ — steering them into a running
  * turn, or starting the next turn — until `_close` arrives. Logs go to stderr.
  */
-import { createSession, type Session, type StreamEvent } from '@moonshot-ai/kimi-agent-sdk';
+import { createSession, type Session } from '@moonshot-ai/kimi-agent-sdk';
 import { randomUUID } from 'node:crypto';
 import { chmodSync, existsSync, mkdirSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { createServer, connect, type AddressInfo } from 'node:net';
@@ -35,6 +35,8 @@ export interface RunnerInput {
 export interface RunnerResult {
   status: 'success' | 'error';
   result: string | null;
+  /** What earlier steps of the turn said (e.g. "Let me check."), each its own message, in order, before `result`. */
+  earlier?: string[];
   sessionId?: string;
   error?: string;
 }
@@ -194,20 +196,12 @@ export class Inbox {
 }
 
 /**
- * What the model means as its answer: the text of the turn's last step. Earlier steps are
- * its working aloud ("Let me check…" before a tool call); gluing them on would send
- * "Let me check.Here is…" to the chat.
+ * One turn: the prompt in, the answer out; steered follow-ups join the same turn. Each
+ * step's text is its own message, never glued to the next ("Let me check.Here is…"), and
+ * none is dropped (a message steered in mid-turn is answered in a later step): `result`
+ * is the last step's, `earlier` the others'. They come together, at the end of the turn,
+ * so the host records them in one go with what they answered.
  */
-export function replyFrom(events: readonly StreamEvent[]): string | null {
-  let step = '';
-  for (const event of events) {
-    if (event.type === 'StepBegin') step = '';
-    else if (event.type === 'ContentPart' && event.payload.type === 'text') step += event.payload.text;
-  }
-  return step.trim() || null;
-}
-
-/** One turn: the prompt in, the answer out; steered follow-ups join the same turn. */
 export async function runTurn(session: Session, prompt: string, inbox: Inbox): Promise<RunnerResult> {
   const turn = session.prompt(prompt);
   inbox.onMessage = (text) => {
@@ -216,12 +210,17 @@ export async function runTurn(session: Session, prompt: string, inbox: Inbox): P
       inbox.requeue(text);
     });
   };
-  const events: StreamEvent[] = [];
+  const steps: string[] = [''];
   try {
-    for await (const event of turn) events.push(event);
+    for await (const event of turn) {
+      if (event.type === 'StepBegin') steps.push('');
+      else if (event.type === 'ContentPart' && event.payload.type === 'text') steps[steps.length - 1] += event.payload.text;
+    }
     const outcome = await turn.result;
     if (outcome && outcome.status !== 'finished') log(`turn ended: ${outcome.status}`);
-    return { status: 'success', result: replyFrom(events), sessionId: session.sessionId };
+    const said = steps.map((text) => text.trim()).filter(Boolean);
+    const result = said.pop() ?? null;
+    return { status: 'success', result, ...(said.length ? { earlier: said } : {}), sessionId: session.sessionId };
   } catch (err) {
     return { status: 'error', result: null, sessionId: session.sessionId, error: err instanceof Error ? err.message : String(err) };
   } finally {

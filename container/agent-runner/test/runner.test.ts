@@ -196,8 +196,12 @@ describe('the runner with the real SDK and the kimi stub', () => {
       close(ws);
     });
     expect(run.code).toBe(0);
-    // The steered message joins the running turn; its answer (the last step) is the turn's reply.
-    expect(run.results.map((r) => r.result)).toEqual(['[stub] also this', '[stub] and then this']);
+    // The steered message joins the running turn and is answered in its next step: the
+    // first step's answer comes along as `earlier`, never glued to (or dropped for) the next.
+    expect(run.results.map((r) => [(r as { earlier?: string[] }).earlier ?? [], r.result])).toEqual([
+      [['[stub] slept 1500'], '[stub] also this'],
+      [[], '[stub] and then this'],
+    ]);
     expect(readdirSync(join(ws.ws, 'ipc', 'input'))).toEqual([]);
   });
 
