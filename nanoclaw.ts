@@ -78,8 +78,11 @@ export interface Config {
   maxConcurrentContainers: number;
   logLevel: string;
   timezone: string;
-  /** Non-secret Kimi settings: the endpoint (used by the host's model proxy), the model and provider (sent to the container). */
-  kimi: { baseUrl?: string; modelName?: string; provider?: string };
+  /**
+   * Non-secret Kimi settings: which platform the key is for, the endpoint (the model proxy
+   * sends there), the model and provider (the container's CLI uses them).
+   */
+  kimi: { platform: KimiPlatform; baseUrl: string; modelName: string; provider?: string; capabilities?: string; questionTimeoutMs: number };
   /** How containers reach the model proxy: a per-run unix socket, or a loopback port (Docker Desktop). */
   modelProxy: 'unix' | 'tcp';
   /** Limits every container runs under. */
@@ -89,6 +92,18 @@ export interface Config {
 }
 
 export class ConfigError extends Error {}
+
+/**
+ * Where a Kimi key works, and the model to ask there: each kind of key belongs to one
+ * platform (kimi-cli 1.49.0 auth/platforms.py lists the same three). KIMI_BASE_URL and
+ * KIMI_MODEL_NAME still override.
+ */
+export const KIMI_PLATFORMS = {
+  'moonshot-ai': { baseUrl: 'https://api.moonshot.ai/v1', model: 'kimi-k2.5', keys: 'Moonshot AI Open Platform keys (platform.moonshot.ai)' },
+  'moonshot-cn': { baseUrl: 'https://api.moonshot.cn/v1', model: 'kimi-k2.5', keys: 'keys from the mainland-China platform (platform.moonshot.cn)' },
+  'kimi-code': { baseUrl: 'https://api.kimi.com/coding/v1', model: 'kimi-for-coding', keys: 'Kimi Code subscription keys (kimi.com)' },
+} as const;
+export type KimiPlatform = keyof typeof KIMI_PLATFORMS;
 
 export const errorText = (err: unknown): string => (err instanceof Error ? err.message : String(err));
 
@@ -185,6 +200,10 @@ export function loadConfig(projectRoot: string, env: Record<string, string | und
   if (!/^\d+(\.\d+)?[kmg]?$/i.test(memory)) throw new ConfigError(`CONTAINER_MEMORY=${JSON.stringify(memory)} is not valid: e.g. 2g or 1536m.`);
   const cpus = get('CONTAINER_CPUS') ?? String(defaultContainerCpus());
   if (!/^\d+(\.\d+)?$/.test(cpus) || Number(cpus) <= 0) throw new ConfigError(`CONTAINER_CPUS=${JSON.stringify(cpus)} is not valid: a number of CPUs above 0, e.g. 1 or 1.5.`);
+  const platform = (get('KIMI_PLATFORM') ?? 'moonshot-ai') as KimiPlatform;
+  if (!(platform in KIMI_PLATFORMS)) {
+    throw new ConfigError(`KIMI_PLATFORM=${JSON.stringify(platform)} is not valid: use ${Object.keys(KIMI_PLATFORMS).join(', ')}.`);
+  }
   const network = get('CONTAINER_NETWORK') ?? 'bridge';
   if (!isValidNetwork(network)) throw new ConfigError(`CONTAINER_NETWORK=${JSON.stringify(network)} is not valid: bridge, none, or the name of a Docker network.`);
   const dataDir = join(root, 'data');
@@ -209,7 +228,14 @@ export function loadConfig(projectRoot: string, env: Record<string, string | und
     maxConcurrentContainers: positiveInt('MAX_CONCURRENT_CONTAINERS', get('MAX_CONCURRENT_CONTAINERS'), 3),
     logLevel,
     timezone,
-    kimi: { baseUrl: get('KIMI_BASE_URL'), modelName: get('KIMI_MODEL_NAME'), provider: get('KIMI_PROVIDER') },
+    kimi: {
+      platform,
+      baseUrl: get('KIMI_BASE_URL') ?? KIMI_PLATFORMS[platform].baseUrl,
+      modelName: get('KIMI_MODEL_NAME') ?? KIMI_PLATFORMS[platform].model,
+      provider: get('KIMI_PROVIDER'),
+      capabilities: get('KIMI_MODEL_CAPABILITIES'),
+      questionTimeoutMs: positiveInt('QUESTION_TIMEOUT', get('QUESTION_TIMEOUT'), 10 * 60_000),
+    },
     modelProxy,
     container: {
       memory,
@@ -1269,11 +1295,23 @@ export function triggerPattern(assistantName: string): RegExp {
   return new RegExp(`^@${escapeRegExp(assistantName)}(?![\\p{L}\\p{N}_])`, 'iu');
 }
 
+/**
+ * What a person typed, without the notes the channel puts before it: "[replying to: …]"
+ * for a quoted reply, "[image: …]" and the like for media (the caption follows). A trigger
+ * at the start of the caption or reply counts.
+ */
+export function typedText(content: string): string {
+  return content
+    .replace(/^\[replying to: "[\s\S]*?"\]\n/, '')
+    .replace(/^\[(image|video|audio|voice note|document|sticker)\b[^\]\n]*\]\s*/, '')
+    .trim();
+}
+
 /** Main and trigger-free groups answer everything; the others only when someone says the trigger. */
 export function needsAgent(group: RegisteredGroup, messages: readonly StoredMessage[], trigger: RegExp): boolean {
   if (messages.length === 0) return false;
   if (group.isMain || !group.requiresTrigger) return true;
-  return messages.some((message) => trigger.test(message.content.trim()));
+  return messages.some((message) => trigger.test(typedText(message.content)));
 }
 
 /** A message the bot itself sent from a shared number (its replies start with "Name:"). */
@@ -2167,8 +2205,6 @@ export class GroupQueue {
 
 // ───────────────────────────── 8. Model proxy: the key stays on the host ─────────────
 
-/** Where model requests go without KIMI_BASE_URL: Moonshot's Open Platform. */
-export const DEFAULT_KIMI_BASE_URL = 'https://api.moonshot.ai/v1';
 /** Where a container finds its run's proxy socket. */
 export const MODEL_SOCKET_IN_CONTAINER = '/run/nanoclaw/model.sock';
 /** The largest request body the proxy passes on (images travel inline as base64). */
@@ -2611,9 +2647,12 @@ export function runId(config: Config, folder: string, now = Date.now()): string 
 
 /** Non-secret settings the container needs; the model is reached through the proxy. */
 export function containerEnvironment(config: Config, proxy: Pick<ProxyRun, 'url'> | null): Record<string, string> {
-  const env: Record<string, string> = { TZ: config.timezone, ASSISTANT_NAME: config.assistantName };
-  if (config.kimi.modelName) env.KIMI_MODEL_NAME = config.kimi.modelName;
+  const env: Record<string, string> = {
+    TZ: config.timezone, ASSISTANT_NAME: config.assistantName, KIMI_MODEL_NAME: config.kimi.modelName,
+    NANOCLAW_QUESTION_TIMEOUT_MS: String(Math.min(config.kimi.questionTimeoutMs, config.containerTimeoutMs - 60_000)),
+  };
   if (config.kimi.provider) env.KIMI_PROVIDER = config.kimi.provider;
+  if (config.kimi.capabilities !== undefined) env.KIMI_MODEL_CAPABILITIES = config.kimi.capabilities;
   if (proxy?.url) env.NANOCLAW_MODEL_URL = proxy.url;
   else if (proxy) env.NANOCLAW_MODEL_SOCKET = MODEL_SOCKET_IN_CONTAINER;
   return env;
@@ -2676,6 +2715,8 @@ export interface ContainerResult {
   result: string | null;
   /** What earlier steps of the turn said, each its own message before `result` (never glued to it). */
   earlier?: string[];
+  /** For errors, the runner's reading of what failed: `auth` (a refused key) is not retried. */
+  errorKind?: string;
   sessionId?: string;
   error?: string;
 }
@@ -2728,6 +2769,7 @@ function parseResult(json: string): ContainerResult {
       status: value.status,
       result: typeof value.result === 'string' ? value.result : null,
       ...(Array.isArray(value.earlier) && value.earlier.every((t) => typeof t === 'string') ? { earlier: value.earlier } : {}),
+      ...(typeof value.errorKind === 'string' ? { errorKind: value.errorKind } : {}),
       ...(typeof value.sessionId === 'string' ? { sessionId: value.sessionId } : {}),
       ...(typeof value.error === 'string' ? { error: value.error } : {}),
     };
@@ -2753,6 +2795,7 @@ export interface RunOutcome {
   timedOut: boolean;
   results: number;
   lastError?: string;
+  lastErrorKind?: string;
   sessionId?: string;
   durationMs: number;
   logFile: string;
@@ -2943,6 +2986,7 @@ export async function runContainer(options: RunContainerOptions): Promise<RunOut
   let stderr = '';
   let results = 0;
   let lastError: string | undefined;
+  let lastErrorKind: string | undefined;
   let sessionId: string | undefined;
 
   const readStdout = forEachChunk(proc.stdout, async (text) => {
@@ -2951,7 +2995,10 @@ export async function runContainer(options: RunContainerOptions): Promise<RunOut
       results++;
       armTimeout();
       if (result.sessionId) sessionId = result.sessionId;
-      if (result.status === 'error') lastError = result.error ?? 'unknown error';
+      if (result.status === 'error') {
+        lastError = result.error ?? 'unknown error';
+        lastErrorKind = result.errorKind;
+      }
       try {
         await options.onResult(result);
       } catch (err) {
@@ -2988,7 +3035,7 @@ export async function runContainer(options: RunContainerOptions): Promise<RunOut
   }
 
   const durationMs = Date.now() - startedAt.getTime();
-  const outcome = { exitCode: timedOut ? null : exitCode, timedOut, results, lastError, sessionId, durationMs };
+  const outcome = { exitCode: timedOut ? null : exitCode, timedOut, results, lastError, lastErrorKind, sessionId, durationMs };
   const logName = `container-${startedAt.toISOString().replace(/[:.]/g, '-')}.log`;
   const verbose = config.logLevel === 'debug' || config.logLevel === 'trace';
   const text = renderRunLog({ name, image: config.containerImage, group, input, mounts: plan.mounts, args, startedAt, outcome, stderr, stdout, verbose, viaProxy: plan.proxyRun !== null });
@@ -3007,7 +3054,8 @@ export async function runContainer(options: RunContainerOptions): Promise<RunOut
 
 // ───────────────────────────── 10. IPC: files from the agent, authorised by their folder
 
-export type IpcMessage = { type: 'message'; chatJid: string; text: string };
+/** `expectsReply`: the agent asked the chat something; the next message goes to it, trigger or not. */
+export type IpcMessage = { type: 'message'; chatJid: string; text: string; expectsReply?: boolean };
 export type IpcTask =
   | { type: 'schedule_task'; prompt: string; schedule_type: ScheduleType; schedule_value: string; context_mode: ContextMode; targetJid?: string }
   | { type: 'pause_task' | 'resume_task' | 'cancel_task'; taskId: string }
@@ -3044,7 +3092,7 @@ function asObject(raw: unknown): Json {
 export function parseIpcMessage(raw: unknown): IpcMessage {
   const data = asObject(raw);
   if (data.type !== 'message') throw new IpcFormatError('"type" must be "message"');
-  return { type: 'message', chatJid: requireString(data, 'chatJid'), text: requireString(data, 'text') };
+  return { type: 'message', chatJid: requireString(data, 'chatJid'), text: requireString(data, 'text'), ...(data.expectsReply === true ? { expectsReply: true } : {}) };
 }
 
 const SCHEDULE_TYPES = ['cron', 'interval', 'once'] as const;
@@ -3531,6 +3579,13 @@ export interface HostOptions {
   sendRetryMs?: number;
 }
 
+/** What the chat is told when the model refuses the key: what to put where, for each kind of key. */
+export function keyRefusedNotice(config: Config, error: string): string {
+  if (/NanoClaw has no KIMI_API_KEY/.test(error)) return 'I cannot answer yet: NanoClaw has no Kimi key. Put KIMI_API_KEY=… in the .env file of the NanoClaw project.';
+  const others = Object.entries(KIMI_PLATFORMS).filter(([name]) => name !== config.kimi.platform).map(([name, p]) => `${p.keys}: KIMI_PLATFORM=${name}`);
+  return `I cannot answer: ${config.kimi.baseUrl} refused the Kimi key (${/Error code: (\d+)/.exec(error)?.[1] ?? '401'}). Check KIMI_API_KEY in .env; ${others.join('; ')}.`;
+}
+
 /** What the user is told, once, when their message could not be answered after every retry. */
 export const GIVE_UP_TEXT = 'Sorry, I could not answer that: something went wrong on my side (the details are in the logs). Send it again, or something new, and I will start fresh.';
 
@@ -3553,6 +3608,8 @@ export class Host extends EventEmitter {
   private readonly trigger: RegExp;
   /** Highest message seq handed to each group's live container (the persisted cursor trails it until answered). */
   private readonly delivered = new Map<string, number>();
+  /** Chats whose running agent asked a question: their next message goes to it without the trigger. */
+  private readonly awaitingAnswer = new Set<string>();
   /** Task runs this process has queued or runs (their claims are not leftovers). */
   private readonly tasksInHand = new Set<string>();
   /** Inbound messages the database could not take yet, oldest first (also in data/spill.jsonl). */
@@ -3583,7 +3640,7 @@ export class Host extends EventEmitter {
     this.proxy = new ModelProxy({
       mode: config.modelProxy,
       dir: join(config.dataDir, 'proxy'),
-      upstream: config.kimi.baseUrl ?? DEFAULT_KIMI_BASE_URL,
+      upstream: config.kimi.baseUrl,
       apiKey: () => readSecrets(config).KIMI_API_KEY,
       record: (folder, entry) => {
         const day = formatLocalTime(new Date().toISOString(), config.timezone).slice(0, 10);
@@ -3727,8 +3784,10 @@ export class Host extends EventEmitter {
     const deliveredSeq = this.delivered.get(group.jid);
     if (deliveredSeq === undefined) return false;
     const messages = this.store.messagesSince(group.jid, deliveredSeq);
-    if (!needsAgent(group, messages, this.trigger)) return true; // kept for the next batch
+    const answering = this.awaitingAnswer.has(group.jid) && messages.length > 0;
+    if (!answering && !needsAgent(group, messages, this.trigger)) return true; // kept for the next batch
     if (!this.queue.sendFollowUp(group.jid, formatMessages(messages, this.config.timezone))) return false;
+    this.awaitingAnswer.delete(group.jid);
     this.delivered.set(group.jid, messages.at(-1)!.seq);
     log.debug({ group: group.folder, count: messages.length }, 'Follow-up handed to the running container');
     return true;
@@ -3836,6 +3895,7 @@ export class Host extends EventEmitter {
     } finally {
       upToSeq = this.delivered.get(chatJid) ?? 0;
       this.delivered.delete(chatJid);
+      this.awaitingAnswer.delete(chatJid);
       await channel?.setTyping?.(chatJid, false).catch(() => {});
     }
     const failed = outcome.exitCode !== 0 || outcome.timedOut;
@@ -3843,6 +3903,11 @@ export class Host extends EventEmitter {
     if (failed && outcome.results === 0) {
       const error = outcome.timedOut ? 'the agent timed out' : `the agent container exited with code ${outcome.exitCode}`;
       this.emit('turn', { chatJid, status: 'error', sent: null, error, upToSeq } satisfies TurnEvent);
+    }
+    if (outcome.lastErrorKind === 'auth' && unanswered > 0 && !this.stopped) {
+      // A refused key fails every retry alike: say once what to fix, and do not retry.
+      this.giveUp(chatJid, keyRefusedNotice(this.config, outcome.lastError ?? ''), `notice:key-refused:${chatJid}`);
+      return true;
     }
     if ((failed || outcome.lastError) && unanswered > 0 && !this.stopped) {
       log.warn({ group: group.folder, unanswered, logFile: outcome.logFile }, 'Run failed; cursor left before the unanswered messages, will retry');
@@ -3853,15 +3918,22 @@ export class Host extends EventEmitter {
     return true;
   }
 
-  /** Every retry failed: the pending messages are marked answered and the user is told once. */
-  private giveUp(chatJid: string): void {
+  /**
+   * The pending messages cannot be answered (every retry failed, or the key is refused):
+   * they are marked answered and the chat is told — with `onceKey`, at most once in six
+   * hours (the logs keep saying it).
+   */
+  private giveUp(chatJid: string, notice = GIVE_UP_TEXT, onceKey?: string): void {
     const group = this.store.groupByJid(chatJid);
     if (!group) return;
     const pending = this.store.messagesSince(chatJid, this.store.getCursor(chatJid));
     if (pending.length === 0) return;
+    const toldAt = onceKey ? Number(this.store.getState(onceKey) ?? 0) : 0;
+    const tell = !onceKey || Date.now() - toldAt > 6 * 3_600_000;
     this.store.transaction(() => {
       this.store.setCursor(chatJid, pending.at(-1)!.seq);
-      this.say(chatJid, formatOutbound(GIVE_UP_TEXT, this.config.assistantName, this.config.assistantHasOwnNumber)!);
+      if (tell) this.say(chatJid, formatOutbound(notice, this.config.assistantName, this.config.assistantHasOwnNumber)!);
+      if (tell && onceKey) this.store.setState(onceKey, String(Date.now()));
     });
     this.sendSoon(chatJid);
     log.error({ group: group.folder, messages: pending.length }, 'Gave up on messages after every retry failed; told the chat');
@@ -4039,13 +4111,15 @@ export class Host extends EventEmitter {
     }
     crashPoint('ipc-handling');
     if (request.type === 'message') {
+      const words = formatOutbound(request.text, this.config.assistantName, this.config.assistantHasOwnNumber);
       this.store.transaction(() => {
-        this.say(request.chatJid, request.text);
+        if (words) this.say(request.chatJid, words);
         this.store.markIpcDone(claimId);
       });
       crashPoint('ipc-recorded');
       this.sendSoon(request.chatJid);
-      log.info({ group: folder, chatJid: request.chatJid }, 'Message sent for the agent');
+      if (request.expectsReply && this.delivered.has(request.chatJid)) this.awaitingAnswer.add(request.chatJid);
+      log.info({ group: folder, chatJid: request.chatJid, expectsReply: request.expectsReply ?? false }, 'Message sent for the agent');
       return;
     }
     this.store.transaction(() => {
@@ -4171,6 +4245,7 @@ Commands:
   sessions list                 the Kimi session of each group
   sessions clear <folder>       forget a group's session (files and database row)
   usage [--days N] [--group F]  model requests and tokens by group and day (counted by the model proxy)
+  model check [--json]          does the endpoint take the key? (one cheap request through the proxy)
   help, --help                  this text
 
 Settings come from the environment and .env (see .env.example).`;
@@ -4795,6 +4870,46 @@ function sessionsCommand(config: Config, args: string[]): number {
   }
 }
 
+export interface ModelCheck {
+  status: 'ok' | 'refused' | 'offline' | 'error';
+  detail: string;
+}
+
+/**
+ * One cheap authenticated request (GET {KIMI_BASE_URL}/models) the way a container's go:
+ * through a model proxy run, so the key, the endpoint and the proxy are all checked.
+ */
+export async function checkModel(config: Config, timeoutMs = 15_000): Promise<ModelCheck> {
+  const proxy = new ModelProxy({ mode: 'unix', dir: join(config.dataDir, 'proxy'), upstream: config.kimi.baseUrl, apiKey: () => readSecrets(config).KIMI_API_KEY, record: () => {} });
+  const run = proxy.open('check', `check-${process.pid}-${Date.now()}`);
+  try {
+    const response = await fetch('http://proxy/models', { unix: run.socketPath, headers: { authorization: `Bearer ${run.token}` }, signal: AbortSignal.timeout(timeoutMs) } as RequestInit);
+    const body = await response.text();
+    if (response.ok) {
+      const ids = ((JSON.parse(body) as { data?: { id?: string }[] }).data ?? []).map((m) => m.id).filter(Boolean);
+      const listed = ids.includes(config.kimi.modelName);
+      return { status: 'ok', detail: `${config.kimi.baseUrl} accepts the key; ${config.kimi.modelName} ${listed ? 'is listed' : `is not among its models (${ids.slice(0, 6).join(', ')})`}` };
+    }
+    if (response.status === 401 || response.status === 403) return { status: 'refused', detail: keyRefusedNotice(config, `Error code: ${response.status} - ${body}`) };
+    if (response.status === 502) return { status: 'offline', detail: `no network to ${config.kimi.baseUrl} (${JSON.parse(body).error?.message ?? body})` };
+    return { status: 'error', detail: `${config.kimi.baseUrl} answered ${response.status}: ${body.slice(0, 200)}` };
+  } catch (err) {
+    return { status: 'offline', detail: `no answer from ${config.kimi.baseUrl} within ${timeoutMs / 1000} s (${errorText(err)})` };
+  } finally {
+    run.close();
+    proxy.stop();
+  }
+}
+
+async function modelCommand(config: Config, args: string[]): Promise<number> {
+  const { values, positionals } = parseArgs({ args, allowPositionals: true, options: { json: { type: 'boolean' } } });
+  if (positionals.join(' ') !== 'check') throw new UsageError('Usage: model check [--json]');
+  const check = await checkModel(config);
+  if (values.json) console.log(JSON.stringify({ ...check, platform: config.kimi.platform, baseUrl: config.kimi.baseUrl, model: config.kimi.modelName }));
+  else console.log(`${check.status === 'ok' ? 'OK' : check.status === 'offline' ? 'NOT CHECKED' : 'FAIL'}: ${check.detail}`);
+  return { ok: 0, refused: 1, error: 1, offline: 3 }[check.status];
+}
+
 function usageCommand(config: Config, args: string[]): number {
   const { values } = parseArgs({ args, options: { days: { type: 'string', default: '30' }, group: { type: 'string' }, json: { type: 'boolean' } } });
   const days = Number(values.days);
@@ -4863,6 +4978,8 @@ export async function main(argv: string[], projectRoot = process.env.NANOCLAW_RO
         return serviceCommand(config, args);
       case 'usage':
         return usageCommand(config, args);
+      case 'model':
+        return await modelCommand(config, args);
       default:
         throw new UsageError(`Unknown command "${command}".\n\n${USAGE}`);
     }

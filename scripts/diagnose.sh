@@ -216,6 +216,19 @@ else
   report fail "Service" "NanoClaw is not running" "bun nanoclaw.ts service install (runs it in the background), or bun nanoclaw.ts"
 fi
 
+# 15. The model endpoint: one cheap authenticated request through NanoClaw's own proxy
+if [ -z "$KEY" ] || ! have bun; then
+  report info "Model endpoint" "not checked (needs a key and bun)"
+else
+  CHECK=$(NANOCLAW_ROOT="$ROOT" bun "$CODE_DIR/nanoclaw.ts" model check 2>&1 | tail -n 1)
+  case $CHECK in
+    OK:*) report ok "Model endpoint" "${CHECK#OK: }" ;;
+    "NOT CHECKED:"*) report info "Model endpoint" "not checked: ${CHECK#NOT CHECKED: }" ;;
+    FAIL:*) report fail "Model endpoint" "${CHECK#FAIL: }" "set KIMI_PLATFORM for your kind of key (README → Configuration), or put a valid KIMI_API_KEY in .env; then: bun nanoclaw.ts model check" ;;
+    *) report fail "Model endpoint" "bun nanoclaw.ts model check did not run: $CHECK" "cd $CODE_DIR && bun install" ;;
+  esac
+fi
+
 if [ $JSON = 1 ]; then
   printf '[%s]\n' "$(IFS=,; echo "${RESULTS[*]}")"
 else

@@ -131,6 +131,31 @@ describe('bun nanoclaw.ts', () => {
     expect(storm.stdout.toString()).not.toContain('outlived the storm');
   });
 
+  it('model check asks the endpoint through the proxy: accepted, refused (with the fix), or no network', async () => {
+    const { startFakeModel } = await import('../container/agent-runner/kimi-stub/fake-model.ts');
+    const model = startFakeModel({ key: SECRET });
+    try {
+      writeFileSync(join(root, '.env'), `KIMI_API_KEY=${SECRET}\n`);
+      // Spawned without blocking: this process serves the model.
+      const check = async (env: Record<string, string>) => {
+        const proc = Bun.spawn(['bun', ENTRY, 'model', 'check'], { stdout: 'pipe', env: { PATH: process.env.PATH!, HOME: process.env.HOME!, NANOCLAW_ROOT: root, ...env } });
+        return { stdout: await new Response(proc.stdout).text(), code: await proc.exited };
+      };
+      expect(await check({ KIMI_BASE_URL: model.url })).toEqual({ code: 0, stdout: `OK: ${model.url} accepts the key; kimi-k2.5 is listed\n` });
+      expect(model.requests.at(-1)).toMatchObject({ path: '/v1/models', authorization: `Bearer ${SECRET}` });
+      writeFileSync(join(root, '.env'), 'KIMI_API_KEY=sk-wrong-key-123456\n');
+      const refused = await check({ KIMI_BASE_URL: model.url });
+      expect(refused.code).toBe(1);
+      expect(refused.stdout).toContain('refused the Kimi key (401)');
+      const offline = await check({ KIMI_BASE_URL: NO_MODEL_URL });
+      expect(offline.code).toBe(3);
+      expect(offline.stdout).toMatch(/^NOT CHECKED: no network to http:\/\/127\.0\.0\.1:9\/v1/);
+      expect((await cli(['model', 'chek'])).code).toBe(2);
+    } finally {
+      model.stop();
+    }
+  });
+
   it('sessions clear removes the session files and the database row together', async () => {
     const store = new Store(join(root, 'store', 'messages.db'));
     store.setSession('main', 'sess-123');

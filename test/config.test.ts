@@ -3,7 +3,7 @@ import { isAbsolute, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { describe, expect, it } from 'vitest';
 import * as nc from '../nanoclaw.ts';
-import { childProcessEnv, ConfigError, loadConfig, maskSecrets, parseEnvFile, readSecrets, setupLogging, takeSecretsOutOfEnvironment } from '../nanoclaw.ts';
+import { childProcessEnv, ConfigError, keyRefusedNotice, loadConfig, maskSecrets, parseEnvFile, readSecrets, setupLogging, takeSecretsOutOfEnvironment } from '../nanoclaw.ts';
 import { tempDir, tempProject } from './helpers.ts';
 
 const REPO = fileURLToPath(new URL('..', import.meta.url));
@@ -40,7 +40,7 @@ describe('loadConfig', () => {
     writeFileSync(join(root, '.env'), 'ASSISTANT_NAME=Bea\nMAX_CONCURRENT_CONTAINERS=5\nASSISTANT_HAS_OWN_NUMBER=true\nKIMI_MODEL_NAME=m1\n');
     const config = loadConfig(root, { MAX_CONCURRENT_CONTAINERS: '2', TZ: 'Asia/Tokyo' });
     expect(config).toMatchObject({ assistantName: 'Bea', maxConcurrentContainers: 2, assistantHasOwnNumber: true, timezone: 'Asia/Tokyo' });
-    expect(config.kimi).toEqual({ modelName: 'm1', baseUrl: undefined, provider: undefined });
+    expect(config.kimi).toEqual({ platform: 'moonshot-ai', modelName: 'm1', baseUrl: 'https://api.moonshot.ai/v1', provider: undefined, capabilities: undefined, questionTimeoutMs: 600_000 });
   });
 
   it('refuses bad values, naming the variable', () => {
@@ -114,5 +114,24 @@ describe('logging', () => {
     setupLogging(config, { terminalLevel: 'silent' });
     nc.log.debug('a debug line');
     expect(readFileSync(join(config.logsDir, 'nanoclaw.log'), 'utf8')).toContain('a debug line');
+  });
+});
+
+describe('Kimi endpoints by key kind', () => {
+  it('KIMI_PLATFORM picks the base URL and model of each kind of key; KIMI_BASE_URL and KIMI_MODEL_NAME still win', () => {
+    const root = tempDir();
+    expect(loadConfig(root, {}).kimi).toMatchObject({ platform: 'moonshot-ai', baseUrl: 'https://api.moonshot.ai/v1', modelName: 'kimi-k2.5' });
+    expect(loadConfig(root, { KIMI_PLATFORM: 'moonshot-cn' }).kimi).toMatchObject({ baseUrl: 'https://api.moonshot.cn/v1', modelName: 'kimi-k2.5' });
+    expect(loadConfig(root, { KIMI_PLATFORM: 'kimi-code' }).kimi).toMatchObject({ baseUrl: 'https://api.kimi.com/coding/v1', modelName: 'kimi-for-coding' });
+    expect(loadConfig(root, { KIMI_PLATFORM: 'kimi-code', KIMI_MODEL_NAME: 'x', KIMI_BASE_URL: 'http://127.0.0.1:1/v1' }).kimi).toMatchObject({ baseUrl: 'http://127.0.0.1:1/v1', modelName: 'x' });
+    expect(() => loadConfig(root, { KIMI_PLATFORM: 'openai' })).toThrow('KIMI_PLATFORM="openai" is not valid: use moonshot-ai, moonshot-cn, kimi-code');
+  });
+
+  it('a refused key is explained in one line naming the settings for the other kinds of key', () => {
+    const config = loadConfig(tempDir(), {});
+    const notice = keyRefusedNotice(config, "Error code: 401 - {'error': {'message': 'Invalid Authentication'}}");
+    expect(notice).toBe('I cannot answer: https://api.moonshot.ai/v1 refused the Kimi key (401). Check KIMI_API_KEY in .env; keys from the mainland-China platform (platform.moonshot.cn): KIMI_PLATFORM=moonshot-cn; Kimi Code subscription keys (kimi.com): KIMI_PLATFORM=kimi-code.');
+    expect(notice).not.toContain('\n');
+    expect(keyRefusedNotice(config, 'NanoClaw has no KIMI_API_KEY: put it in the .env file')).toContain('Put KIMI_API_KEY=… in the .env file');
   });
 });

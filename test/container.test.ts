@@ -244,7 +244,7 @@ describe('start-up checks', () => {
   });
 
   it('does not ask for a Kimi key when a local OpenAI-compatible provider is configured', () => {
-    expect(preflight({ ...config, kimi: { provider: 'openai_legacy', baseUrl: 'http://localhost:11434/v1' } })).toEqual([]);
+    expect(preflight({ ...config, kimi: { ...config.kimi, provider: 'openai_legacy', baseUrl: 'http://localhost:11434/v1' } })).toEqual([]);
   });
 
   it('removes this install’s leftover containers, whatever their state, asking the engine by install label', () => {

@@ -3,12 +3,13 @@
  * Each fixture is a real project layout (real SQLite store, real files) with the fake
  * docker as CONTAINER_RUNTIME, and the script runs as a user runs it.
  */
-import { copyFileSync, mkdirSync, readFileSync, utimesSync, writeFileSync } from 'node:fs';
+import { copyFileSync, mkdirSync, readFileSync, symlinkSync, utimesSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterEach, describe, expect, it } from 'vitest';
 import { registerGroup, serviceDefinition, Store, type Config } from '../nanoclaw.ts';
-import { fakeDocker, tempDir, tempProject, type FakeDocker } from './helpers.ts';
+import { startFakeModel } from '../container/agent-runner/kimi-stub/fake-model.ts';
+import { fakeDocker, NO_MODEL_URL, tempDir, tempProject, type FakeDocker } from './helpers.ts';
 
 const REPO = fileURLToPath(new URL('..', import.meta.url));
 
@@ -31,6 +32,7 @@ function healthyProject(): Fixture {
   const codeDir = tempDir('nanoclaw-code-');
   mkdirSync(join(codeDir, 'scripts'));
   for (const file of ['nanoclaw.ts', 'bunfig.toml', 'scripts/diagnose.sh']) copyFileSync(join(REPO, file), join(codeDir, file));
+  symlinkSync(join(REPO, 'node_modules'), join(codeDir, 'node_modules'));
   const store = new Store(config.dbPath);
   registerGroup(config, store, { jid: 'me@s.whatsapp.net', name: 'Me', folder: 'main', isMain: true });
   store.close();
@@ -48,7 +50,7 @@ function healthyProject(): Fixture {
   mkdirSync(config.dataDir, { recursive: true });
   writeFileSync(join(config.dataDir, 'nanoclaw.pid'), String(sleeper.pid));
   const bunDir = join(process.execPath, '..');
-  return { config, codeDir, docker, env: { PATH: `${bunDir}:${process.env.PATH}`, HOME: process.env.HOME!, NANOCLAW_ROOT: config.projectRoot, CONTAINER_RUNTIME: docker.path } };
+  return { config, codeDir, docker, env: { PATH: `${bunDir}:${process.env.PATH}`, HOME: process.env.HOME!, NANOCLAW_ROOT: config.projectRoot, CONTAINER_RUNTIME: docker.path, KIMI_BASE_URL: NO_MODEL_URL } };
 }
 
 interface Check {
@@ -63,7 +65,10 @@ async function diagnose(f: Fixture): Promise<{ checks: Record<string, Check>; co
   const json = Bun.spawn(['bash', script, '--json'], { cwd: tempDir(), env: f.env, stdout: 'pipe', stderr: 'pipe' });
   const [out, code] = await Promise.all([new Response(json.stdout).text(), json.exited]);
   const list = JSON.parse(out) as Check[];
-  const text = Bun.spawnSync(['bash', script], { cwd: '/', env: f.env }).stdout.toString();
+  // Not spawnSync: the model check may talk to a fake model served by this very process.
+  const human = Bun.spawn(['bash', script], { cwd: '/', env: f.env, stdout: 'pipe', stderr: 'pipe' });
+  const text = await new Response(human.stdout).text();
+  await human.exited;
   return { checks: Object.fromEntries(list.map((c) => [c.check, c])), code, text };
 }
 
@@ -76,8 +81,10 @@ describe('scripts/diagnose.sh', () => {
     expect(code).toBe(0);
     expect(Object.keys(checks)).toEqual([
       'API key', 'Key delivery', 'Container engine', 'Agent image', 'Session mount', 'Groups', 'Container logs',
-      'Session continuity', 'Bun', 'WhatsApp', 'Database', 'IPC', 'Disk', 'Service',
+      'Session continuity', 'Bun', 'WhatsApp', 'Database', 'IPC', 'Disk', 'Service', 'Model endpoint',
     ]);
+    // No network in the fixture (KIMI_BASE_URL is a closed loopback port): a note, not a failure.
+    expect(checks['Model endpoint']).toMatchObject({ status: 'info', detail: expect.stringContaining('not checked: no network') });
     expect(checks['Agent image']!.detail).toContain('kimi 0.0.0-fake');
     expect(checks.Groups!.detail).toContain('main is main (me@s.whatsapp.net)');
     expect(text).toContain('All checks passed.');
@@ -127,6 +134,26 @@ describe('scripts/diagnose.sh', () => {
       expect(text).toContain('1 check(s) failed.');
     });
   }
+
+  it('the model endpoint is asked through the proxy: a key it accepts is OK, a refused key fails naming the fix', async () => {
+    const model = startFakeModel({ key: 'sk-diagnose-1234567890' });
+    try {
+      const fixture = healthyProject();
+      fixture.env.KIMI_BASE_URL = model.url;
+      fixture.env.KIMI_MODEL_NAME = 'kimi-k2.5';
+      const accepted = await diagnose(fixture);
+      expect(accepted.checks['Model endpoint']).toMatchObject({ status: 'ok', detail: expect.stringContaining('accepts the key') });
+      expect(model.requests.some((r) => r.path === '/v1/models' && r.authorization === 'Bearer sk-diagnose-1234567890')).toBe(true);
+      writeFileSync(fixture.config.envFile, 'KIMI_API_KEY=sk-wrong-key\n');
+      const refused = await diagnose(fixture);
+      expect(failing(refused.checks)).toEqual(['Model endpoint']);
+      expect(refused.checks['Model endpoint']!.detail).toContain('401');
+      expect(refused.checks['Model endpoint']!.fix).toContain('KIMI_PLATFORM');
+      expect(refused.text).toContain('FAIL  Model endpoint:');
+    } finally {
+      model.stop();
+    }
+  });
 
   it('a stopped engine fails the engine check and the image check that depends on it', async () => {
     const fixture = healthyProject();

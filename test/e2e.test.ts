@@ -11,10 +11,10 @@ import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterEach, beforeAll, describe, expect, it } from 'vitest';
 import {
-  buildDockerArgs, containerUserArgs, groupMounts, hardeningArgs, Host, prepareGroupFolders, RESULT_END, RESULT_START, registerGroup, setupLogging, Store,
+  buildDockerArgs, containerUserArgs, groupMounts, groupTrees, hardeningArgs, Host, prepareGroupFolders, RESULT_END, RESULT_START, registerGroup, setupLogging, Store,
   type Config, type RegisteredGroup,
 } from '../nanoclaw.ts';
-import { proto, type WAMessage } from '@whiskeysockets/baileys';
+import { encryptedStream, proto, type WAMessage } from '@whiskeysockets/baileys';
 import { flakyServer, linkedAuthDir, RecordingChannel, RecordingWhatsApp, tempDir, tempProject, waitFor } from './helpers.ts';
 
 const IMAGE = process.env.NANOCLAW_TEST_IMAGE ?? 'nanoclaw-agent:test';
@@ -189,7 +189,7 @@ describe('host and real container together', () => {
   it('send_message reaches the group’s chat; a non-main group cannot message another chat', async () => {
     const w = await world();
     w.channel.receive(FAMILY, '@Andy !tool send_message {"text":"hello family"}');
-    await waitFor(() => texts(w, FAMILY).includes('hello family'), 60_000, 'tool message');
+    await waitFor(() => texts(w, FAMILY).includes('Andy: hello family'), 60_000, 'tool message');
     w.channel.receive(FAMILY, `@Andy !tool send_message {"text":"psst","chatJid":"${WORK}"}`);
     await waitFor(() => texts(w, FAMILY).length >= 3, 60_000, 'second tool reply');
     await Bun.sleep(500);
@@ -209,17 +209,21 @@ describe('host and real container together', () => {
     await waitFor(() => texts(w, MAIN).length >= 2, 60_000, 'refresh reply');
   });
 
-  it('no key → a clear error, nothing lost; with the key back, the same message is answered', async () => {
+  it('no key → the chat is told once what to fix, nothing retried; with the key back, a new message is answered', async () => {
     const w = await world({}, '');
-    const errors: string[] = [];
-    w.host.on('turn', (t: { status: string; error?: string }) => t.status === 'error' && errors.push(t.error ?? ''));
     w.channel.receive(MAIN, 'are you there?');
-    await waitFor(() => errors.length >= 1, 60_000, 'error turn');
-    expect(errors[0]).toContain('NanoClaw has no KIMI_API_KEY');
-    expect(texts(w)).toEqual([]);
+    await waitFor(() => texts(w).length === 1, 60_000, 'the notice');
+    expect(texts(w)[0]).toContain('NanoClaw has no Kimi key');
+    expect(texts(w)[0]).toContain('KIMI_API_KEY');
+    const runsAfterNotice = w.docker.runs();
+    w.channel.receive(MAIN, 'still there?');
+    await waitFor(() => w.docker.runs() > runsAfterNotice, 60_000, 'a run for the second message');
+    await Bun.sleep(1_000);
+    expect(texts(w)).toHaveLength(1); // told once, not once per message
     writeFileSync(w.config.envFile, `KIMI_API_KEY=${KEY}\n`);
-    await waitFor(() => texts(w).length === 1, 90_000, 'answer after the key came back');
-    expect(texts(w)).toEqual(['Andy: [stub] are you there?']);
+    w.channel.receive(MAIN, 'and now?');
+    await waitFor(() => texts(w).length === 2, 90_000, 'answer after the key came back');
+    expect(texts(w)[1]).toBe('Andy: [stub] and now?');
   });
 
   it('!crash → error, retried with backoff, and no reply is sent twice', async () => {
@@ -273,9 +277,103 @@ describe('WhatsApp and scheduled tasks with the real container', () => {
       lastRun: null, lastResult: null, status: 'active', createdAt: new Date().toISOString(),
     });
     w.host.scheduler.arm();
-    await waitFor(() => texts(w, FAMILY).includes('time to water the plants'), 60_000, 'task message');
+    await waitFor(() => texts(w, FAMILY).includes('Andy: time to water the plants'), 60_000, 'task message');
     await waitFor(() => w.store.taskRuns('e2e-interval').length === 1, 30_000, 'run logged');
     expect(w.store.taskRuns('e2e-interval')[0]).toMatchObject({ status: 'success' });
     expect(new Date(w.store.getTask('e2e-interval')!.nextRun!).getTime()).toBeGreaterThan(Date.now() + 500_000);
+  });
+});
+
+describe('what the real Kimi CLI does, through the host and the real image', () => {
+  it('a question goes to the group with numbered options; the answer needs no trigger; the agent goes on with it', async () => {
+    const w = await world();
+    w.channel.receive(FAMILY, '@Andy !ask Which day? | Saturday | Sunday');
+    const question = await waitFor(() => texts(w, FAMILY).find((t) => t.includes('Which day?')), 60_000, 'the question');
+    expect(question).toBe('Andy: ❓ Which day?\n1. Saturday\n2. Sunday\n_Reply with a number, or in your own words._');
+    w.channel.receive(FAMILY, '2');
+    await waitFor(() => texts(w, FAMILY).length === 2, 60_000, 'the answer');
+    expect(texts(w, FAMILY)[1]).toBe('Andy: [stub] answered: {"Which day?":"Sunday"}');
+    expect(w.docker.runs()).toBe(1);
+  });
+
+  it('a turn of several steps reaches the chat as separate messages, never glued', async () => {
+    const w = await world();
+    w.channel.receive(MAIN, '!steps');
+    await waitFor(() => texts(w, MAIN).length === 2, 60_000, 'both steps');
+    expect(texts(w, MAIN)).toEqual(['Andy: Let me check.', 'Andy: Here is the answer.']);
+  });
+
+  it('memory edited between two containers of one session reaches the model (the CLI would keep the old system prompt)', async () => {
+    const w = await world({ IDLE_TIMEOUT: '300' });
+    w.channel.receive(FAMILY, '@Andy !context');
+    await waitFor(() => texts(w, FAMILY).length === 1, 60_000, 'first context');
+    expect(texts(w, FAMILY)[0]).toContain('FAMILY-MEMORY-MARKER');
+    const session = w.store.getSession('family');
+    await waitFor(() => !w.host.queue.isRunning(FAMILY), 30_000, 'container closed');
+    writeFileSync(join(w.config.groupsDir, 'family', 'CLAUDE.md'), 'FAMILY-MEMORY-EDITED: dinner is at 8 now.\n');
+    w.channel.receive(FAMILY, '@Andy !context');
+    await waitFor(() => texts(w, FAMILY).length === 2, 60_000, 'second context');
+    expect(texts(w, FAMILY)[1]).toContain('FAMILY-MEMORY-EDITED');
+    expect(texts(w, FAMILY)[1]).not.toContain('FAMILY-MEMORY-MARKER');
+    expect(w.store.getSession('family')).toBe(session);
+    expect(w.docker.runs()).toBe(2);
+  });
+
+  it('a context too long for the model: the chat is told, the conversation goes on in a fresh session', async () => {
+    const w = await world();
+    w.channel.receive(MAIN, 'hello');
+    await waitFor(() => texts(w, MAIN).length === 1, 60_000, 'first answer');
+    const before = w.store.getSession('main');
+    w.channel.receive(MAIN, '!context-full');
+    await waitFor(() => texts(w, MAIN).length === 3, 60_000, 'note and answer');
+    expect(texts(w, MAIN).slice(1)).toEqual([expect.stringContaining('started a fresh one'), 'Andy: [stub] fits in a fresh session']);
+    expect(w.store.getSession('main')).not.toBe(before);
+  });
+
+  it('a refused key: the chat hears once what to fix, and the run is not retried', async () => {
+    const w = await world({}, 'KIMI_API_KEY=sk-not-the-right-key-0000\n');
+    w.channel.receive(MAIN, 'hello?');
+    await waitFor(() => texts(w, MAIN).length === 1, 60_000, 'the notice');
+    expect(texts(w, MAIN)[0]).toMatch(/^Andy: I cannot answer: http:\/\/127\.0\.0\.1:\d+\/v1 refused the Kimi key \(401\)\. Check KIMI_API_KEY in \.env; /);
+    await Bun.sleep(1500);
+    expect(w.docker.runs()).toBe(1);
+  });
+
+  it('a photo sent to a group reaches the model as a picture: downloaded by the host, read by the CLI’s ReadMediaFile', async () => {
+    const config = tempProject({ CONTAINER_IMAGE: IMAGE, IDLE_TIMEOUT: '60000', KIMI_BASE_URL: model.url }, `KIMI_API_KEY=${KEY}\n`);
+    chmodSync(config.projectRoot, 0o755);
+    setupLogging(config, { terminalLevel: 'silent', secrets: [KEY] });
+    const store = new Store(config.dbPath);
+    registerGroup(config, store, { jid: FAMILY, name: 'Family', folder: 'family' });
+    const photo = Buffer.from('ffd8ffe000104a46494600010100000100010000ffdb004300', 'hex');
+    const encrypted = await encryptedStream(photo, 'image');
+    const media = Bun.serve({ port: 0, fetch: () => new Response(Bun.file(encrypted.encFilePath)) });
+    const server = flakyServer(60_000);
+    const whatsapp = new RecordingWhatsApp({
+      authDir: await linkedAuthDir(), assistantName: 'Andy', hasOwnNumber: false, waWebSocketUrl: server.url,
+      mediaTreeFor: (jid) => (store.groupByJid(jid) ? groupTrees(config, 'family').group : null),
+    });
+    const host = new Host(config, store, [whatsapp], { sweepIntervalMs: 60_000 });
+    try {
+      await host.start();
+      whatsapp.socket!.ev.emit('connection.update', { connection: 'open' });
+      const imageMessage = {
+        url: `http://127.0.0.1:${media.port}/media/cat.enc`, mimetype: 'image/jpeg', caption: '@Andy !image what is this?',
+        mediaKey: encrypted.mediaKey, fileSha256: encrypted.fileSha256, fileEncSha256: encrypted.fileEncSha256, fileLength: photo.length,
+      };
+      const inbound = proto.WebMessageInfo.fromObject({
+        key: { remoteJid: FAMILY, participant: '4915100000002@s.whatsapp.net', fromMe: false, id: '3EB0PHOTO0001' },
+        message: { imageMessage }, messageTimestamp: Math.floor(Date.now() / 1000), pushName: 'Alice',
+      }) as WAMessage;
+      whatsapp.socket!.ev.emit('messages.upsert', { messages: [inbound], type: 'notify' });
+      await waitFor(() => whatsapp.delivered.length === 1, 60_000, 'reply');
+      const hash = new Bun.CryptoHasher('sha256').update(photo).digest('hex').slice(0, 12);
+      expect(whatsapp.delivered[0]!.text).toBe(`Andy: [stub] I see image/jpeg, ${photo.length} bytes, sha256 ${hash}`);
+    } finally {
+      await host.stop();
+      store.close();
+      server.stop();
+      media.stop(true);
+    }
   });
 });

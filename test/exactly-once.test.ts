@@ -139,7 +139,7 @@ describe('IPC requests', () => {
     await waitFor(() => texts(w, FAMILY).length === 1, 5000, 'the undone request');
     await w.host.ipc.scan();
     await w.host.settleOutbox();
-    expect(texts(w, FAMILY)).toEqual(['claimed, not handled']);
+    expect(texts(w, FAMILY)).toEqual(['Andy: claimed, not handled']);
     expect(readdirSync(claimed)).toEqual([]);
   });
 });
@@ -217,6 +217,22 @@ describe('poison messages', () => {
     await waitFor(() => texts(w).length === 2, 10_000, 'the next answer');
     expect(texts(w)[1]).toBe('Andy: echo: fresh start');
     expect(JSON.parse(w.docker.runs()[3]!.stdin!).prompt).not.toContain('always broken');
+  });
+});
+
+describe('a refused key', () => {
+  it('is told to the chat once, in one line naming the fix, and never retried', async () => {
+    const w = await start(project(), { maxRetries: 5, retryBaseMs: 20 });
+    w.channel.receive(MAIN, '!refused');
+    await waitFor(() => texts(w).length === 1, 10_000, 'the notice');
+    await Bun.sleep(300);
+    expect(texts(w)).toEqual([expect.stringMatching(/^Andy: I cannot answer: http\S+ refused the Kimi key \(401\)\. Check KIMI_API_KEY in \.env; .*KIMI_PLATFORM=kimi-code\.$/)]);
+    expect(w.docker.runs()).toHaveLength(1); // not five retries of the same refusal
+    w.channel.receive(MAIN, '!refused');
+    await waitFor(() => w.docker.runs().length === 2, 10_000, 'the next message tried');
+    await Bun.sleep(300);
+    expect(texts(w)).toHaveLength(1); // told once
+    expect(w.store.messagesSince(MAIN, w.store.getCursor(MAIN))).toEqual([]);
   });
 });
 

@@ -26,6 +26,7 @@
  *                     /run/nanoclaw/model.sock) with the token from stdin; answers
  *                     "model <status>: <body>"
  *   !deaf           → answers, then ignores _close (the host must stop it)
+ *   !refused        → the model refused the key: an error result of kind auth, exit 1
  */
 import { appendFileSync, existsSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
@@ -78,6 +79,9 @@ async function answer(prompt: string, sessionId: string): Promise<void> {
     case '!silent':
       emit({ status: 'success', result: null, sessionId });
       return;
+    case '!refused':
+      emit({ status: 'error', result: null, error: "Error code: 401 - {'error': {'message': 'Invalid Authentication'}}", errorKind: 'auth', sessionId });
+      process.exit(1);
     case '!deaf':
       deaf = true;
       emit({ status: 'success', result: 'not listening', sessionId });

@@ -228,7 +228,7 @@ describe('IPC from the agent', () => {
     drop(w, 'family', 'messages', { type: 'message', chatJid: FAMILY, text: 'dinner at 7' });
     await waitFor(() => texts(w).length === 1, 5000, 'ipc message');
     await Bun.sleep(200);
-    expect(w.channel.sent.map(({ jid, text }) => ({ jid, text }))).toEqual([{ jid: FAMILY, text: 'dinner at 7' }]);
+    expect(w.channel.sent.map(({ jid, text }) => ({ jid, text }))).toEqual([{ jid: FAMILY, text: 'Andy: dinner at 7' }]); // said like an answer
     expect(readFileSync(join(w.config.logsDir, 'nanoclaw.log'), 'utf8')).toContain('IPC request refused');
   });
 
@@ -236,7 +236,7 @@ describe('IPC from the agent', () => {
     const w = await world();
     drop(w, 'main', 'messages', { type: 'message', chatJid: WORK, text: 'from main' });
     await waitFor(() => texts(w).length === 1, 5000, 'ipc message');
-    expect(w.channel.sent.map(({ jid, text }) => ({ jid, text }))).toEqual([{ jid: WORK, text: 'from main' }]);
+    expect(w.channel.sent.map(({ jid, text }) => ({ jid, text }))).toEqual([{ jid: WORK, text: 'Andy: from main' }]);
   });
 
   it('moves a malformed file to data/ipc/errors and keeps going', async () => {

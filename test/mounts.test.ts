@@ -65,6 +65,7 @@ describe('docker arguments', () => {
     const config = tempProject({ KIMI_BASE_URL: 'http://localhost:8000/v1', KIMI_MODEL_NAME: 'm', KIMI_PROVIDER: 'openai_legacy', KIMI_API_KEY: 'sk-not-here-123' });
     expect(containerEnvironment(config, { url: undefined })).toEqual({
       TZ: 'UTC', ASSISTANT_NAME: 'Andy', KIMI_MODEL_NAME: 'm', KIMI_PROVIDER: 'openai_legacy', NANOCLAW_MODEL_SOCKET: MODEL_SOCKET_IN_CONTAINER,
+      NANOCLAW_QUESTION_TIMEOUT_MS: '600000',
     });
     expect(containerEnvironment(config, { url: 'http://host.docker.internal:4321' })).toMatchObject({ NANOCLAW_MODEL_URL: 'http://host.docker.internal:4321' });
     expect(containerEnvironment(config, null)).not.toHaveProperty('NANOCLAW_MODEL_SOCKET');

@@ -1,5 +1,6 @@
 import { describe, expect, it } from 'vitest';
 import {
+  typedText,
   formatLocalTime, formatMessages, formatOutbound, isOwnReply, needsAgent, stripInternal, triggerPattern,
   type RegisteredGroup, type StoredMessage,
 } from '../nanoclaw.ts';
@@ -69,5 +70,18 @@ describe('what goes back', () => {
     expect(formatOutbound('Hi!', 'Andy', true)).toBe('Hi!');
     expect(formatOutbound('<internal>only thoughts</internal>', 'Andy', false)).toBeNull();
     expect(formatOutbound('   ', 'Andy', false)).toBeNull();
+  });
+});
+
+describe('the trigger past what the channel notes', () => {
+  const group = { jid: 'g@g.us', name: 'G', folder: 'g', trigger: '@Andy', requiresTrigger: true, isMain: false, addedAt: '' };
+  const message = (content: string) => ({ seq: 1, id: 'x', chatJid: 'g@g.us', sender: 's', senderName: 'S', content, timestamp: new Date().toISOString(), isFromMe: false, isBotMessage: false });
+  it('counts a trigger at the start of a photo’s caption or of a quoted reply, not one inside them', () => {
+    const trigger = triggerPattern('Andy');
+    expect(needsAgent(group, [message('[image: /workspace/group/media/a.jpg] @Andy what is this?')], trigger)).toBe(true);
+    expect(needsAgent(group, [message('[replying to: "when is dinner?"]\n@Andy at 7?')], trigger)).toBe(true);
+    expect(needsAgent(group, [message('[replying to: "@Andy said so"]\nno')], trigger)).toBe(false);
+    expect(needsAgent(group, [message('[image: /workspace/group/media/a.jpg] nice @Andy')], trigger)).toBe(false);
+    expect(typedText('[voice note: /workspace/group/media/v.ogg]')).toBe('');
   });
 });

@@ -15,8 +15,19 @@
  *   !fail TEXT           → HTTP 400 with TEXT as the error message (not retried)
  *   !status CODE [TEXT]  → HTTP CODE with an OpenAI-style error body
  *   !sleep MS            → waits MS before answering "[stub] slept MS"
- *   !context             → answers with the system prompt it was sent
+ *   !context             → answers with the system prompt it was sent (and any <memory-update>)
  *   !session             → answers with the request's prompt_cache_key (the CLI's session id)
+ *   !steps               → "Let me check." with a Shell call, then (after its result) "Here is the answer."
+ *   !ask Q | A | B …     → calls AskUserQuestion (question Q, options A, B…); then
+ *                          "[stub] answered: <answers>" or "[stub] no answer: <note>"
+ *   !image               → calls ReadMediaFile on the "[image: PATH]" the prompt names; once
+ *                          the tool result carries the picture, describes it:
+ *                          "[stub] I see <mime>, <bytes> bytes, sha256 <first 12 hex>"
+ *   !context-full        → HTTP 400 as Moonshot answers a request over the model's token limit,
+ *                          while the conversation has earlier turns; answers in a fresh one
+ *   !flaky CODE N        → HTTP CODE for the first N requests of this prompt, then "[stub] recovered"
+ *
+ * GET …/models lists kimi-k2.5, as the platforms do (auth/platforms.py reads it).
  *
  * In drill mode (the crash drills) it answers "[drill] " and the text of every message in
  * the prompt, so a message the host feeds twice shows up twice; `delayMs` can make it
@@ -41,7 +52,7 @@ export interface ChatRequest {
 
 export type ScriptedReply =
   | { kind: 'text'; text: string; delayMs?: number }
-  | { kind: 'tool'; name: string; args: Record<string, unknown> }
+  | { kind: 'tool'; name: string; args: Record<string, unknown>; /** said before the call, in the same step */ text?: string }
   | { kind: 'error'; status: number; message: string };
 
 export interface RecordedRequest {
@@ -49,6 +60,9 @@ export interface RecordedRequest {
   authorization: string | null;
   body: ChatRequest;
 }
+
+/** Requests seen per prompt text (for !flaky). */
+const seenPrompts = new Map<string, number>();
 
 const unescapeXml = (text: string) => text.replace(/&lt;/g, '<').replace(/&gt;/g, '>').replace(/&quot;/g, '"').replace(/&amp;/g, '&');
 
@@ -76,7 +90,6 @@ function toolOutput(content: unknown): string {
   return text.replace(/^<system>[\s\S]*?<\/system>\n?/, '');
 }
 
-/** What the scripted model answers to a request. */
 /** Drill mode: every message of the newest prompt, named. */
 export function drillReply(request: ChatRequest): ScriptedReply {
   const messages = request.messages ?? [];
@@ -86,14 +99,56 @@ export function drillReply(request: ChatRequest): ScriptedReply {
   return { kind: 'text', text: `[drill] ${(each.length ? each : [userText(prompt)]).join(' ')}` };
 }
 
+/** The first image a tool result carries, described by its bytes. */
+function describeImage(content: unknown): string | null {
+  if (!Array.isArray(content)) return null;
+  for (const part of content as { type?: string; image_url?: { url?: string } }[]) {
+    const match = part?.type === 'image_url' ? /^data:([^;]+);base64,(.*)$/.exec(part.image_url?.url ?? '') : null;
+    if (!match) continue;
+    const bytes = Buffer.from(match[2]!, 'base64');
+    return `${match[1]}, ${bytes.length} bytes, sha256 ${new Bun.CryptoHasher('sha256').update(bytes).digest('hex').slice(0, 12)}`;
+  }
+  return null;
+}
+
+/** What the scripted model answers to a request. */
 export function scriptedReply(request: ChatRequest): ScriptedReply {
   const messages = request.messages ?? [];
   const lastUser = messages.map((m) => m.role).lastIndexOf('user');
-  const text = lastUser >= 0 ? userText(contentText(messages[lastUser]!.content)) : '';
+  const raw = lastUser >= 0 ? contentText(messages[lastUser]!.content) : '';
+  const text = userText(raw);
   const toolResult = messages.slice(lastUser + 1).filter((m) => m.role === 'tool').at(-1);
-  const [command = '', ...rest] = text.split(' ');
+  // A media message reads "[image: PATH] caption": the directive may follow the picture.
+  const [first = '', ...rest] = text.split(' ');
+  const command = /(^|\s)!image\b/.test(text) ? '!image' : first;
   const argText = rest.join(' ').trim();
   switch (command) {
+    case '!steps':
+      return toolResult ? { kind: 'text', text: 'Here is the answer.' } : { kind: 'tool', name: 'Shell', args: { command: 'echo checked' }, text: 'Let me check.' };
+    case '!ask': {
+      if (toolResult) {
+        const output = JSON.parse(contentText(toolResult.content).replace(/^<system>[\s\S]*?<\/system>\n?/, '')) as { answers: Record<string, string>; note?: string };
+        return { kind: 'text', text: Object.keys(output.answers).length ? `[stub] answered: ${JSON.stringify(output.answers)}` : `[stub] no answer: ${output.note}` };
+      }
+      const [question = '', ...options] = argText.split('|').map((part) => part.trim());
+      return { kind: 'tool', name: 'AskUserQuestion', args: { questions: [{ question, header: '', options: options.map((label) => ({ label, description: '' })), multi_select: false }] } };
+    }
+    case '!image': {
+      if (toolResult) return { kind: 'text', text: `[stub] I see ${describeImage(toolResult.content) ?? `no image (${contentText(toolResult.content).slice(0, 200)})`}` };
+      const path = /\[(?:image|sticker): (\/[^\]\s]+)/.exec(raw)?.[1];
+      return path ? { kind: 'tool', name: 'ReadMediaFile', args: { path } } : { kind: 'text', text: '[stub] no image in the prompt' };
+    }
+    case '!context-full':
+      // Over the limit while the conversation has earlier turns; a fresh session fits.
+      return messages.some((m) => m.role === 'assistant')
+        ? { kind: 'error', status: 400, message: 'Invalid request: Your request exceeded model token limit: 262144' }
+        : { kind: 'text', text: '[stub] fits in a fresh session' };
+    case '!flaky': {
+      const [code, times] = rest;
+      const seen = (seenPrompts.get(raw) ?? 0) + 1;
+      seenPrompts.set(raw, seen);
+      return seen <= (Number(times) || 1) ? { kind: 'error', status: Number(code) || 503, message: `scripted ${code}, ${seen} of ${times}` } : { kind: 'text', text: '[stub] recovered' };
+    }
     case '!tool':
     case '!shell': {
       if (toolResult) return { kind: 'text', text: toolOutput(toolResult.content) };
@@ -113,8 +168,11 @@ export function scriptedReply(request: ChatRequest): ScriptedReply {
     }
     case '!sleep':
       return { kind: 'text', text: `[stub] slept ${argText}`, delayMs: Number(argText) || 0 };
-    case '!context':
-      return { kind: 'text', text: contentText(messages.find((m) => m.role === 'system')?.content) || '(no system prompt)' };
+    case '!context': {
+      // What the model is told about itself: the system prompt, and any memory update since.
+      const updates = messages.filter((m) => m.role === 'user').map((m) => /<memory-update>[\s\S]*?<\/memory-update>/.exec(contentText(m.content))?.[0]).filter(Boolean);
+      return { kind: 'text', text: [contentText(messages.find((m) => m.role === 'system')?.content) || '(no system prompt)', ...updates].join('\n') };
+    }
     case '!session':
       return { kind: 'text', text: `[stub] ${request.prompt_cache_key ?? '(no prompt_cache_key)'}` };
     default:
@@ -138,6 +196,7 @@ function completionChunks(reply: Exclude<ScriptedReply, { kind: 'error' }>, requ
     output = reply.text;
   } else {
     const args = JSON.stringify(reply.args);
+    if (reply.text) chunks.push({ ...base, choices: [{ index: 0, delta: { content: reply.text }, finish_reason: null }] });
     const callId = `${reply.name}:${Math.random().toString(36).slice(2, 10)}`;
     chunks.push({ ...base, choices: [{ index: 0, delta: { tool_calls: [{ index: 0, id: callId, type: 'function', function: { name: reply.name, arguments: '' } }] }, finish_reason: null }] });
     for (let i = 0; i < args.length; i += 16) {
@@ -171,6 +230,11 @@ export function startFakeModel(options: { key?: string; unix?: string; drill?: b
       // recorded as an empty request; answered below
     }
     requests.push({ path, authorization: req.headers.get('authorization'), body });
+    const authorized = options.key === undefined || req.headers.get('authorization') === `Bearer ${options.key}`;
+    if (req.method === 'GET' && path.endsWith('/models')) {
+      if (!authorized) return Response.json({ error: { message: 'Invalid Authentication', type: 'invalid_authentication_error' } }, { status: 401 });
+      return Response.json({ object: 'list', data: [{ id: 'kimi-k2.5', object: 'model', context_length: 262144, supports_image_in: true, supports_video_in: true, supports_reasoning: true }] });
+    }
     if (req.method !== 'POST' || !path.endsWith('/chat/completions')) return Response.json({ error: { message: `no route ${req.method} ${path}`, type: 'not_found' } }, { status: 404 });
     if (options.key !== undefined && req.headers.get('authorization') !== `Bearer ${options.key}`) {
       return Response.json({ error: { message: 'Invalid Authentication', type: 'invalid_authentication_error' } }, { status: 401 });

@@ -2,36 +2,52 @@
 /**
  * A test double of the `kimi` CLI, as strict as the real one where NanoClaw meets it.
  *
- * Modelled on kimi-cli 1.49.0 (MoonshotAI/kimi-cli, tag 1.49.0; wire protocol 1.10), read in:
- *   src/kimi_cli/cli/__init__.py      flags, `--version`, `info`, exit codes
- *   src/kimi_cli/wire/server.py       the stdio JSON-RPC server, initialize, prompt/steer/cancel
- *   src/kimi_cli/wire/jsonrpc.py      message shapes, string ids, error codes
- *   src/kimi_cli/wire/types.py        event payloads
- *   src/kimi_cli/wire/protocol.py     WIRE_PROTOCOL_VERSION
- *   src/kimi_cli/soul/kimisoul.py     the turn loop: steps, tool calls, steer, errors
- *   src/kimi_cli/soul/context.py      context.jsonl and the persisted system prompt
- *   src/kimi_cli/soul/agent.py        agent file, system prompt arguments, AGENTS.md
- *   src/kimi_cli/config.py, llm.py    config.toml, model selection, KIMI_* overrides
- *   src/kimi_cli/tools/shell/         the Shell tool and its result messages
+ * Modelled on kimi-cli 1.49.0 (MoonshotAI/kimi-cli at tag 1.49.0, wire protocol 1.10;
+ * the version the Dockerfile pins — test/kimi-stub.test.ts checks they agree), read in:
+ *   src/kimi_cli/cli/__init__.py       flags, `--version`, `info`, usage errors (exit 2)
+ *   src/kimi_cli/wire/server.py        the stdio JSON-RPC server: initialize (any client
+ *                                      protocol_version is accepted, 1.10 answered), prompt,
+ *                                      steer, cancel, requests to the client and their replies
+ *   src/kimi_cli/wire/jsonrpc.py       message shapes, string ids, error codes -32700…-32003
+ *   src/kimi_cli/wire/types.py         event and request payloads (StepRetry, QuestionRequest…)
+ *   src/kimi_cli/soul/kimisoul.py      the turn loop: steps, tool calls, steer at step ends,
+ *                                      3 attempts per step for 429/5xx/empty with StepRetry
+ *   src/kimi_cli/soul/context.py       context.jsonl; the system prompt written first, once,
+ *                                      and reused on resume (prepended to a legacy history)
+ *   src/kimi_cli/soul/agent.py         agent file, ROLE_ADDITIONAL, AGENTS.md discovery
+ *   src/kimi_cli/soul/approval.py      approvals: none under --yolo, else ApprovalRequest
+ *   src/kimi_cli/config.py, llm.py     config.toml, model selection, KIMI_* overrides,
+ *                                      capabilities (configured ∪ derived from the name)
+ *   src/kimi_cli/tools/shell/          the Shell tool and its result messages
+ *   src/kimi_cli/tools/file/read_media.py   ReadMediaFile, only with image_in or video_in
+ *   src/kimi_cli/tools/ask_user/       AskUserQuestion: a QuestionRequest, then wait
  *   packages/kosong/src/kosong/chat_provider/kimi.py   the HTTP call and stream parsing
+ *   openai-python _base_client.py      two client retries (408/409/429/5xx, connection),
+ *                                      x-should-retry, "Error code: N - {…}" messages
  *
  * Like the real CLI, it makes every model call over HTTP: POST {base_url}/chat/completions
  * with `Authorization: Bearer <api_key>`, streamed. Only the model is fake (see
  * fake-model.ts, which tests run; under the host, requests reach it through NanoClaw's
- * model proxy). One directive is the CLI's own, for tests: a user message "!crash" makes
- * it exit 1 in the middle of the turn, as a crashed CLI would.
+ * model proxy). Not modelled: auto-compaction, subagents, slash commands, hooks, plan
+ * mode tools. Test knobs: a user message "!crash" makes it exit 1 mid-turn, as a crashed
+ * CLI would; KIMI_STUB_WIRE_PROTOCOL makes it report another protocol version.
  */
 import { Client } from '@modelcontextprotocol/sdk/client/index.js';
 import { StdioClientTransport } from '@modelcontextprotocol/sdk/client/stdio.js';
 import { createHash, randomUUID } from 'node:crypto';
-import { appendFileSync, existsSync, mkdirSync, readFileSync, statSync, writeFileSync } from 'node:fs';
+import { appendFileSync, existsSync, mkdirSync, readFileSync, renameSync, statSync, writeFileSync } from 'node:fs';
 import { homedir } from 'node:os';
 import { dirname, isAbsolute, join, resolve } from 'node:path';
 import { createInterface } from 'node:readline';
 
 /** The CLI version this double stands for; the Dockerfile pins the same (a test checks). */
 export const KIMI_CLI_VERSION = '1.49.0';
-export const WIRE_PROTOCOL_VERSION = '1.10';
+/**
+ * What 1.49.0 answers in initialize, whatever the client sent: the real CLI never compares
+ * versions (wire/server.py _handle_initialize), and neither does this double. For tests
+ * of a client's own check, KIMI_STUB_WIRE_PROTOCOL makes it report another.
+ */
+export const WIRE_PROTOCOL_VERSION = process.env.KIMI_STUB_WIRE_PROTOCOL || '1.10';
 
 // ───────────────────────────── flags ─────────────────────────────
 
@@ -208,7 +224,12 @@ export class SessionFiles {
     mkdirSync(this.dir, { recursive: true });
     const stored = this.records().filter((r) => r.role === '_system_prompt').at(-1);
     this.systemPrompt = typeof stored?.content === 'string' ? stored.content : freshPrompt;
-    if (!stored) appendFileSync(this.context, `${JSON.stringify({ role: '_system_prompt', content: freshPrompt })}\n`);
+    // write_system_prompt: the first record; a history without one (a legacy session) gets it prepended.
+    if (!stored) {
+      const rest = existsSync(this.context) ? readFileSync(this.context, 'utf8') : '';
+      writeFileSync(`${this.context}.tmp`, `${JSON.stringify({ role: '_system_prompt', content: freshPrompt })}\n${rest}`);
+      renameSync(`${this.context}.tmp`, this.context);
+    }
     if (!existsSync(this.wire)) writeFileSync(this.wire, `${JSON.stringify({ type: 'metadata', protocol_version: WIRE_PROTOCOL_VERSION })}\n`);
     if (!existsSync(join(this.dir, 'state.json'))) {
       writeFileSync(join(this.dir, 'state.json'), JSON.stringify({ version: 1, approval: { yolo, afk: false, auto_approve_actions: [] }, additional_dirs: [], plan_mode: false, todos: [] }, null, 2));
@@ -261,35 +282,54 @@ export interface ToolCall {
   function: { name: string; arguments: string };
 }
 
+/** A content part as kosong sends it: text, or media by URL (a data URL for local files). */
+export type Part = { type: 'text'; text: string } | { type: 'image_url'; image_url: { url: string } } | { type: 'video_url'; video_url: { url: string } };
+
 interface ToolReturn {
   isError: boolean;
-  output: string;
+  output: string | Part[];
   message: string;
+}
+
+/** What a tool may ask of the client mid-call: an approval (unless yolo) or an answer to a question. */
+interface ToolContext {
+  callId: string;
+  approve(action: string, description: string, display: unknown[]): Promise<boolean>;
+  ask(questions: unknown[]): Promise<Record<string, string> | null>;
 }
 
 interface Tool {
   name: string;
   description: string;
   parameters: Record<string, unknown>;
-  run(args: Record<string, unknown>): Promise<ToolReturn>;
+  run(args: Record<string, unknown>, ctx: ToolContext): Promise<ToolReturn>;
 }
 
-/** How a tool's result reaches the model (soul/message.py). */
-export function toolResultContent(result: ToolReturn): string {
+/** How a tool's result reaches the model (soul/message.py): "<system>…</system>", then the output. */
+export function toolResultContent(result: ToolReturn): string | Part[] {
   const head = result.isError ? `<system>ERROR: ${result.message}</system>` : result.message ? `<system>${result.message}</system>` : '';
+  if (typeof result.output !== 'string') return [...(head ? [{ type: 'text' as const, text: head }] : []), ...result.output];
   if (!head && !result.output) return '<system>Tool output is empty.</system>';
   return [head, result.output].filter(Boolean).join('\n');
 }
 
-function builtinTools(workDir: string): Tool[] {
+const REJECTED = 'The tool call is rejected by the user. Stop what you are doing and wait for the user to tell you how to proceed.';
+
+const MEDIA_TYPES: Record<string, { kind: 'image' | 'video'; mime: string }> = {
+  jpg: { kind: 'image', mime: 'image/jpeg' }, jpeg: { kind: 'image', mime: 'image/jpeg' }, png: { kind: 'image', mime: 'image/png' },
+  gif: { kind: 'image', mime: 'image/gif' }, webp: { kind: 'image', mime: 'image/webp' }, mp4: { kind: 'video', mime: 'video/mp4' },
+};
+
+function builtinTools(workDir: string, capabilities: ReadonlySet<Capability>, canAsk: boolean): Tool[] {
   const inWorkDir = (path: unknown) => (typeof path === 'string' ? (isAbsolute(path) ? path : join(workDir, path)) : '');
-  return [
+  const tools: Tool[] = [
     {
       name: 'Shell',
       description: 'Execute a bash command. Use it to run programs, inspect files and the system.',
       parameters: { type: 'object', properties: { command: { type: 'string' }, timeout: { type: 'integer', default: 60 } }, required: ['command'] },
-      async run(args) {
+      async run(args, ctx) {
         const command = String(args.command ?? '');
+        if (!(await ctx.approve('run command', `Run command \`${command}\``, [{ type: 'shell', language: 'bash', command }]))) return { isError: true, output: '', message: REJECTED };
         const timeoutS = Math.min(Math.max(Number(args.timeout) || 60, 1), 300);
         const proc = Bun.spawn(['bash', '-c', 'exec 2>&1; eval "$KIMI_STUB_COMMAND"'], { cwd: workDir, env: { ...process.env, KIMI_STUB_COMMAND: command }, stdout: 'pipe', stderr: 'pipe' });
         const timer = setTimeout(() => proc.kill(), timeoutS * 1000);
@@ -317,7 +357,8 @@ function builtinTools(workDir: string): Tool[] {
       name: 'WriteFile',
       description: 'Write a text file.',
       parameters: { type: 'object', properties: { path: { type: 'string' }, content: { type: 'string' } }, required: ['path', 'content'] },
-      async run(args) {
+      async run(args, ctx) {
+        if (!(await ctx.approve('edit file', `Write file \`${String(args.path)}\``, []))) return { isError: true, output: '', message: REJECTED };
         try {
           writeFileSync(inWorkDir(args.path), String(args.content ?? ''));
           return { isError: false, output: '', message: `File successfully overwritten. Current size: ${String(args.content ?? '').length} bytes.` };
@@ -327,6 +368,58 @@ function builtinTools(workDir: string): Tool[] {
       },
     },
   ];
+  // tools/file/read_media.py: skipped (SkipThisTool) when the model has neither image_in nor video_in.
+  if (capabilities.has('image_in') || capabilities.has('video_in')) {
+    tools.push({
+      name: 'ReadMediaFile',
+      description: 'Read an image or video file so you can see it.',
+      parameters: { type: 'object', properties: { path: { type: 'string' } }, required: ['path'] },
+      async run(args) {
+        const path = inWorkDir(args.path);
+        const type = MEDIA_TYPES[path.split('.').pop()?.toLowerCase() ?? ''];
+        if (!existsSync(path)) return { isError: true, output: '', message: `\`${String(args.path)}\` does not exist.` };
+        if (!type) return { isError: true, output: '', message: `\`${String(args.path)}\` is not an image or video file.` };
+        if (!capabilities.has(type.kind === 'image' ? 'image_in' : 'video_in')) {
+          return { isError: true, output: '', message: `The current model does not support ${type.kind} input.` };
+        }
+        const data = readFileSync(path);
+        const url = `data:${type.mime};base64,${data.toString('base64')}`;
+        const media: Part = type.kind === 'image' ? { type: 'image_url', image_url: { url } } : { type: 'video_url', video_url: { url } };
+        return {
+          isError: false,
+          output: [{ type: 'text', text: `<${type.kind} path="${path}">` }, media, { type: 'text', text: `</${type.kind}>` }],
+          message: `Loaded ${type.kind} file \`${path}\` (${type.mime}, ${data.length} bytes).`,
+        };
+      },
+    });
+  }
+  // tools/ask_user: offered only when the client said it can answer (initialize capabilities).
+  if (canAsk) {
+    tools.push({
+      name: 'AskUserQuestion',
+      description: 'Ask the user 1-4 questions with 2-4 options each, and wait for the answers.',
+      parameters: {
+        type: 'object', required: ['questions'],
+        properties: { questions: { type: 'array', items: { type: 'object', properties: { question: { type: 'string' }, header: { type: 'string' }, options: { type: 'array' }, multi_select: { type: 'boolean' } } } } },
+      },
+      async run(args, ctx) {
+        const questions = (Array.isArray(args.questions) ? args.questions : []).map((q: { question?: string; header?: string; options?: { label?: string; description?: string }[]; multi_select?: boolean }) => ({
+          question: String(q.question ?? ''), header: String(q.header ?? ''),
+          options: (q.options ?? []).map((o) => ({ label: String(o.label ?? ''), description: String(o.description ?? '') })),
+          multi_select: Boolean(q.multi_select), body: null, other_label: null, other_description: null,
+        }));
+        if (questions.length < 1 || questions.length > 4 || questions.some((q) => q.options.length < 2 || q.options.length > 4)) {
+          return { isError: true, output: '', message: 'questions: 1-4 questions with 2-4 options each' };
+        }
+        const answers = await ctx.ask(questions);
+        if (!answers || Object.keys(answers).length === 0) {
+          return { isError: false, output: '{"answers": {}, "note": "User dismissed the question without answering."}', message: 'User dismissed the question without answering.' };
+        }
+        return { isError: false, output: JSON.stringify({ answers }), message: 'User has answered.' };
+      },
+    });
+  }
+  return tools;
 }
 
 /** MCP servers from mcp.json, connected when the process starts (wire mode does not defer them). */
@@ -356,7 +449,8 @@ class McpTools {
               name: tool.name,
               description: `This is an MCP (Model Context Protocol) tool from MCP server \`${server}\`.\n\n${tool.description ?? ''}`,
               parameters: tool.inputSchema as Record<string, unknown>,
-              run: async (args) => {
+              run: async (args, ctx) => {
+                if (!(await ctx.approve(`mcp:${tool.name}`, `Call MCP tool \`${tool.name}\`.`, []))) return { isError: true, output: '', message: REJECTED };
                 const result = (await client.callTool({ name: tool.name, arguments: args })) as { content?: { type: string; text?: string }[]; isError?: boolean };
                 const output = (result.content ?? []).filter((c) => c.type === 'text').map((c) => c.text).join('\n');
                 return { isError: Boolean(result.isError), output, message: result.isError ? 'Tool execution failed.' : '' };
@@ -392,9 +486,51 @@ export function pythonRepr(value: unknown): string {
   return `{${Object.entries(value as Record<string, unknown>).map(([k, v]) => `${pythonRepr(k)}: ${pythonRepr(v)}`).join(', ')}}`;
 }
 
+/** A failed model call; `retryable` as the CLI's own retry loop decides (429, 500, 502, 503, 504, empty, connection). */
 export class ProviderError extends Error {
-  constructor(message: string, readonly status: number | null) {
+  constructor(
+    message: string,
+    readonly status: number | null,
+    readonly retryable: boolean,
+    readonly errorType: 'APIStatusError' | 'APIConnectionError' | 'APIEmptyResponseError' | 'ChatProviderError',
+  ) {
     super(message);
+  }
+}
+
+/** Attempts of the CLI's loop per step (loop_control.max_retries_per_step), and openai-python's own retries inside each. */
+export const MAX_ATTEMPTS_PER_STEP = 3;
+export const CLIENT_RETRIES = 2;
+
+/**
+ * One HTTP request the way openai-python makes it: 408, 409, 429, 5xx and connection
+ * errors are retried twice (backoff 0.5·2ⁿ s, at most 8, minus up to a quarter; a
+ * retry-after of up to 60 s is honoured), unless the server says `x-should-retry: false`.
+ */
+async function postWithClientRetries(url: string, init: RequestInit, signal: AbortSignal): Promise<Response> {
+  for (let retry = 0; ; retry++) {
+    let response: Response;
+    try {
+      response = await fetch(url, { ...init, signal });
+    } catch (err) {
+      if (signal.aborted) throw err;
+      if (retry < CLIENT_RETRIES) {
+        await Bun.sleep(Math.min(0.5 * 2 ** retry, 8) * (1 - 0.25 * Math.random()) * 1000);
+        continue;
+      }
+      throw new ProviderError('Connection error.', null, true, 'APIConnectionError');
+    }
+    if (response.ok) return response;
+    const header = response.headers.get('x-should-retry');
+    const status = response.status;
+    const clientRetries = header === 'true' || (header !== 'false' && (status === 408 || status === 409 || status === 429 || status >= 500));
+    if (clientRetries && retry < CLIENT_RETRIES) {
+      const after = Number(response.headers.get('retry-after-ms')) || Number(response.headers.get('retry-after')) * 1000 || 0;
+      await response.body?.cancel();
+      await Bun.sleep(after > 0 && after <= 60_000 ? after : Math.min(0.5 * 2 ** retry, 8) * (1 - 0.25 * Math.random()) * 1000);
+      continue;
+    }
+    throw new ProviderError(await statusErrorMessage(response), status, [429, 500, 502, 503, 504].includes(status), 'APIStatusError');
   }
 }
 
@@ -420,14 +556,7 @@ interface StepOutput {
 async function streamCompletion(llm: Llm, body: Record<string, unknown>, emit: (type: string, payload: unknown) => void, signal: AbortSignal): Promise<StepOutput> {
   const headers: Record<string, string> = { 'content-type': 'application/json', 'user-agent': `KimiCLI/${KIMI_CLI_VERSION}` };
   if (llm.apiKey) headers.authorization = `Bearer ${llm.apiKey}`; // an empty key sends none
-  let response: Response;
-  try {
-    response = await fetch(`${llm.baseUrl.replace(/\/+$/, '')}/chat/completions`, { method: 'POST', headers, body: JSON.stringify(body), signal });
-  } catch (err) {
-    if (signal.aborted) throw err;
-    throw new ProviderError('Connection error.', null);
-  }
-  if (!response.ok) throw new ProviderError(await statusErrorMessage(response), response.status);
+  const response = await postWithClientRetries(`${llm.baseUrl.replace(/\/+$/, '')}/chat/completions`, { method: 'POST', headers, body: JSON.stringify(body) }, signal);
   const out: StepOutput = { text: '', toolCalls: [], usage: null, messageId: null };
   const decoder = new TextDecoder();
   let buffer = '';
@@ -443,7 +572,7 @@ async function streamCompletion(llm: Llm, body: Record<string, unknown>, emit: (
         id?: string; error?: { message?: string }; usage?: StepOutput['usage'];
         choices?: { delta?: { content?: string; reasoning_content?: string; tool_calls?: { id?: string; function?: { name?: string; arguments?: string } }[] }; usage?: StepOutput['usage'] }[];
       };
-      if (parsed.error) throw new ProviderError(`Error: ${parsed.error.message ?? JSON.stringify(parsed.error)}`, null);
+      if (parsed.error) throw new ProviderError(`Error: ${parsed.error.message ?? JSON.stringify(parsed.error)}`, null, false, 'ChatProviderError');
       if (parsed.id) out.messageId = parsed.id;
       out.usage = parsed.usage ?? parsed.choices?.[0]?.usage ?? out.usage;
       const delta = parsed.choices?.[0]?.delta;
@@ -465,7 +594,7 @@ async function streamCompletion(llm: Llm, body: Record<string, unknown>, emit: (
       }
     }
   }
-  if (!out.text && out.toolCalls.length === 0) throw new ProviderError('The API returned an empty response.', null);
+  if (!out.text && out.toolCalls.length === 0) throw new ProviderError('The API returned an empty response.', null, true, 'APIEmptyResponseError');
   return out;
 }
 
@@ -493,6 +622,20 @@ const SLASH_COMMANDS = [
 interface Turn {
   steers: string[];
   abort: AbortController;
+  /** A tool call was rejected without feedback: the root turn ends after this step. */
+  stop: boolean;
+}
+
+/** Media parts a prompt carries (user input may be a part list). */
+function mediaKinds(input: unknown): Set<'image' | 'video'> {
+  const kinds = new Set<'image' | 'video'>();
+  if (Array.isArray(input)) {
+    for (const part of input as { type?: string }[]) {
+      if (part?.type === 'image_url') kinds.add('image');
+      if (part?.type === 'video_url') kinds.add('video');
+    }
+  }
+  return kinds;
 }
 
 export async function serveWire(args: CliArgs, env: Record<string, string | undefined> = process.env): Promise<void> {
@@ -503,7 +646,12 @@ export async function serveWire(args: CliArgs, env: Record<string, string | unde
   const session = new SessionFiles(share, args.workDir, sessionId, renderSystemPrompt(args.agentFile, args.workDir), args.yolo);
   const mcpFiles = args.mcpConfigFiles.length ? args.mcpConfigFiles : [join(share, 'mcp.json')];
   const mcp = new McpTools(mcpFiles);
-  const tools = () => [...builtinTools(args.workDir), ...mcp.tools];
+  let initialized = false;
+  let supportsQuestion = false;
+  const tools = () => [...builtinTools(args.workDir, llm?.capabilities ?? new Set(), supportsQuestion), ...mcp.tools];
+  /** Requests to the client (approvals, questions), answered by its responses, matched by id. */
+  const pending = new Map<string, (response: { result?: unknown; error?: unknown }) => void>();
+  const approvedForSession = new Set<string>();
 
   const send = (message: Record<string, unknown>) => process.stdout.write(`${JSON.stringify({ jsonrpc: '2.0', ...message })}\n`);
   const emit = (type: string, payload: unknown) => {
@@ -513,10 +661,46 @@ export async function serveWire(args: CliArgs, env: Record<string, string | unde
   const fail = (id: string | null, code: number, message: string) => send({ id, error: { code, message, data: null } });
   let turn: Turn | null = null;
 
+  /** Sends a request and waits (forever, as the CLI does) for the client's response. */
+  const request = (type: string, payload: { id: string }) =>
+    new Promise<{ result?: unknown; error?: unknown }>((resolve) => {
+      pending.set(payload.id, resolve);
+      // Before initialize the CLI drops approval requests (server.py _root_hub_loop): nothing answers them.
+      if (initialized || type !== 'ApprovalRequest') send({ method: 'request', id: payload.id, params: { type, payload } });
+    });
+
+  const contextFor = (call: ToolCall, current: Turn): ToolContext => ({
+    callId: call.id,
+    approve: async (action, description, display) => {
+      if (args.yolo || approvedForSession.has(action)) return true; // yolo: no request at all (soul/approval.py)
+      const id = randomUUID();
+      const { result } = await request('ApprovalRequest', {
+        id, tool_call_id: call.id, sender: call.function.name, action, description, source_kind: 'foreground_turn', source_id: null,
+        agent_id: null, subagent_type: null, source_description: null, display,
+      } as { id: string });
+      const answer = result as { response?: string; feedback?: string } | undefined;
+      const response = answer?.response === 'approve' || answer?.response === 'approve_for_session' ? answer.response : 'reject';
+      emit('ApprovalResponse', { request_id: id, response, feedback: answer?.feedback ?? null });
+      if (response === 'approve_for_session') approvedForSession.add(action);
+      if (response === 'reject' && !answer?.feedback) current.stop = true;
+      return response !== 'reject';
+    },
+    ask: async (questions) => {
+      const id = randomUUID();
+      const { result } = await request('QuestionRequest', { id, tool_call_id: call.id, questions } as { id: string });
+      const answers = (result as { answers?: Record<string, string> } | undefined)?.answers;
+      return answers && typeof answers === 'object' ? answers : null;
+    },
+  });
+
   async function runTurn(userInput: unknown, current: Turn): Promise<Record<string, unknown>> {
     emit('TurnBegin', { user_input: userInput });
     try {
       if (!llm) throw new RpcError(ErrorCode.LLM_NOT_SET, 'LLM is not set');
+      for (const kind of mediaKinds(userInput)) {
+        const needed = kind === 'image' ? 'image_in' : 'video_in';
+        if (!llm.capabilities.has(needed)) throw new RpcError(ErrorCode.LLM_NOT_SUPPORTED, `LLM model '${llm.model}' does not support required capability: ${needed}.`);
+      }
       try {
         await mcp.ready;
       } catch (err) {
@@ -540,13 +724,23 @@ export async function serveWire(args: CliArgs, env: Record<string, string | unde
           max_completion_tokens: llm.maxContextSize,
           thinking: { type: args.thinking && llm.capabilities.has('thinking') ? 'enabled' : 'disabled' },
         };
-        let output: StepOutput;
-        try {
-          output = await streamCompletion(llm, body, emit, current.abort.signal);
-        } catch (err) {
-          if (current.abort.signal.aborted) return { status: 'cancelled' };
-          emit('StepInterrupted', {});
-          throw new RpcError(ErrorCode.CHAT_PROVIDER_ERROR, err instanceof Error ? err.message : String(err));
+        let output: StepOutput | null = null;
+        for (let attempt = 1; !output; attempt++) {
+          try {
+            output = await streamCompletion(llm, body, emit, current.abort.signal);
+          } catch (err) {
+            if (current.abort.signal.aborted) return { status: 'cancelled' };
+            const retry = err instanceof ProviderError && err.retryable && attempt < MAX_ATTEMPTS_PER_STEP;
+            if (retry) {
+              // tenacity wait_exponential_jitter(initial=0.3, max=5, jitter=0.5), announced by StepRetry
+              const waitS = Math.min(5, 0.3 * 2 ** (attempt - 1) + Math.random() * 0.5);
+              emit('StepRetry', { n: step, next_attempt: attempt + 1, max_attempts: MAX_ATTEMPTS_PER_STEP, wait_s: waitS, error_type: err.errorType, status_code: err.status });
+              await Bun.sleep(waitS * 1000);
+              continue;
+            }
+            emit('StepInterrupted', {});
+            throw new RpcError(ErrorCode.CHAT_PROVIDER_ERROR, err instanceof Error ? err.message : String(err));
+          }
         }
         const input = output.usage?.prompt_tokens ?? null;
         const cached = output.usage?.cached_tokens ?? 0;
@@ -570,16 +764,18 @@ export async function serveWire(args: CliArgs, env: Record<string, string | unde
             let parsed: Record<string, unknown> = {};
             try {
               parsed = call.function.arguments ? (JSON.parse(call.function.arguments) as Record<string, unknown>) : {};
-              result = await tool.run(parsed);
+              result = await tool.run(parsed, contextFor(call, current));
             } catch (err) {
               result = { isError: true, output: '', message: `Error parsing or running the tool: ${err instanceof Error ? err.message : err}` };
             }
           }
           emit('ToolResult', { tool_call_id: call.id, return_value: { is_error: result.isError, output: result.output, message: result.message, display: [], extras: null } });
+          if (current.stop) break;
           results.push({ role: 'tool', content: toolResultContent(result), tool_call_id: call.id });
         }
         session.append(assistant, ...results);
         if (current.abort.signal.aborted) return { status: 'cancelled' };
+        if (current.stop) return { status: 'finished' };
         const steered = current.steers.splice(0);
         for (const text of steered) {
           session.append({ role: 'user', content: text });
@@ -606,7 +802,15 @@ export async function serveWire(args: CliArgs, env: Record<string, string | unde
       fail(null, ErrorCode.INVALID_REQUEST, 'Invalid request');
       continue;
     }
-    if (message.method === undefined) continue; // a response to one of our requests
+    if (message.method === undefined) {
+      // A response to one of our requests: its id is the request's.
+      const answer = typeof message.id === 'string' ? pending.get(message.id) : undefined;
+      if (answer) {
+        pending.delete(message.id as string);
+        answer({ result: (message as { result?: unknown }).result, error: (message as { error?: unknown }).error });
+      }
+      continue;
+    }
     const id = (message.id as string | undefined) ?? null;
     const params = message.params ?? {};
     const reply = (work: () => Promise<unknown> | unknown) => {
@@ -625,6 +829,8 @@ export async function serveWire(args: CliArgs, env: Record<string, string | unde
         reply(() => {
           if (typeof params.protocol_version !== 'string') throw new RpcError(ErrorCode.INVALID_PARAMS, 'Invalid parameters for method `initialize`');
           if (turn) throw new RpcError(ErrorCode.INVALID_STATE, 'An agent turn is already in progress');
+          initialized = true;
+          supportsQuestion = (params.capabilities as { supports_question?: unknown } | undefined)?.supports_question === true;
           return {
             protocol_version: WIRE_PROTOCOL_VERSION,
             server: { name: 'Kimi Code CLI', version: KIMI_CLI_VERSION },
@@ -638,7 +844,7 @@ export async function serveWire(args: CliArgs, env: Record<string, string | unde
         reply(async () => {
           if (params.user_input === undefined) throw new RpcError(ErrorCode.INVALID_PARAMS, 'Invalid parameters for method `prompt`');
           if (turn) throw new RpcError(ErrorCode.INVALID_STATE, 'An agent turn is already in progress');
-          const current: Turn = { steers: [], abort: new AbortController() };
+          const current: Turn = { steers: [], abort: new AbortController(), stop: false };
           turn = current;
           try {
             return await runTurn(params.user_input, current);

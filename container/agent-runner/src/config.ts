@@ -16,6 +16,20 @@ export interface KimiSettings {
   modelName?: string;
   /** KIMI_PROVIDER: the Kimi CLI provider type; `kimi` unless a local model is used. */
   providerType?: string;
+  /** What the model takes in (KIMI_MODEL_CAPABILITIES); by default from its name (modelCapabilities). */
+  capabilities?: string[];
+}
+
+/**
+ * What a model can take in, as kimi-cli 1.49.0 decides it for models from the platforms'
+ * lists (auth/platforms.py: ids starting kimi-k2 get thinking, image_in and video_in;
+ * llm.py: kimi-for-coding and kimi-code the same). Without image_in the CLI drops its
+ * ReadMediaFile tool and refuses pictures, so the agent could not look at a photo.
+ */
+export function modelCapabilities(model: string): string[] {
+  const name = model.toLowerCase();
+  if (name.startsWith('kimi-k2') || name === 'kimi-for-coding' || name === 'kimi-code') return ['thinking', 'image_in', 'video_in'];
+  return [];
 }
 
 export const DEFAULTS = {
@@ -32,6 +46,8 @@ export function tomlString(value: string): string {
 
 export function buildConfigToml(settings: KimiSettings): string {
   const provider = settings.providerType || DEFAULTS.providerType;
+  const model = settings.modelName || DEFAULTS.modelName;
+  const capabilities = settings.capabilities ?? modelCapabilities(model);
   const lines = [
     '# Written by the NanoClaw agent-runner at every start; edits here are overwritten.',
     `default_model = ${tomlString(MODEL_ALIAS)}`,
@@ -43,8 +59,9 @@ export function buildConfigToml(settings: KimiSettings): string {
     '',
     `[models.${MODEL_ALIAS}]`,
     'provider = "nanoclaw"',
-    `model = ${tomlString(settings.modelName || DEFAULTS.modelName)}`,
+    `model = ${tomlString(model)}`,
     `max_context_size = ${DEFAULTS.maxContextSize}`,
+    `capabilities = [${capabilities.map(tomlString).join(', ')}]`,
     '',
   ];
   return lines.join('\n');

@@ -8,12 +8,13 @@
  * Then it waits for follow-ups in /workspace/ipc/input/ — steering them into a running
  * turn, or starting the next turn — until `_close` arrives. Logs go to stderr.
  */
-import { createSession, type Session } from '@moonshot-ai/kimi-agent-sdk';
-import { randomUUID } from 'node:crypto';
-import { chmodSync, existsSync, mkdirSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { createSession, type QuestionItem, type Session, type Turn } from '@moonshot-ai/kimi-agent-sdk';
+import { createHash, randomUUID } from 'node:crypto';
+import { chmodSync, existsSync, mkdirSync, readdirSync, readFileSync, renameSync, rmSync, writeFileSync } from 'node:fs';
 import { createServer, connect, type AddressInfo } from 'node:net';
 import { homedir, tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { writeIpcFile } from './mcp-server.ts';
 import {
   buildAgentFile, buildConfigToml, buildMcpConfig, buildRole, keyFromEnvFile, MODEL_ALIAS, scheduledTaskPrompt,
 } from './config.ts';
@@ -37,11 +38,82 @@ export interface RunnerResult {
   result: string | null;
   /** What earlier steps of the turn said (e.g. "Let me check."), each its own message, in order, before `result`. */
   earlier?: string[];
+  /** For errors: what kind, so the host can decide (a refused key is not retried). */
+  errorKind?: ErrorKind;
   sessionId?: string;
   error?: string;
 }
 
 export class InputError extends Error {}
+
+export type ErrorKind = 'auth' | 'rate-limit' | 'unavailable' | 'context' | 'other';
+
+/**
+ * What kind of failure a CLI error is, from the messages kimi-cli 1.49.0 sends: provider
+ * errors carry openai-python's "Error code: <status> - …", OAuth 401s are -32004, a full
+ * context is a 400 saying so (Moonshot: "exceeded model token limit").
+ */
+export function errorKind(message: string): ErrorKind {
+  if (/exceeded model token limit|context[ _-]length|context window|maximum context|too many tokens/i.test(message)) return 'context';
+  if (/Error code: (401|403)\b|Authentication failed|invalid_authentication|Invalid Authentication|NanoClaw has no KIMI_API_KEY/i.test(message)) return 'auth';
+  if (/Error code: 429\b/.test(message)) return 'rate-limit';
+  if (/Error code: 5\d\d\b|Connection error|Request timed out|could not reach|empty response/i.test(message)) return 'unavailable';
+  return 'other';
+}
+
+/** A question from the agent, as one WhatsApp message: numbered options, and how to answer. */
+export function questionText(question: QuestionItem, index: number, total: number): string {
+  const head = `❓ ${total > 1 ? `(${index + 1}/${total}) ` : ''}${question.header ? `*${question.header}*: ` : ''}${question.question}`;
+  const options = question.options.map((o, i) => `${i + 1}. ${o.label}${o.description ? ` — ${o.description}` : ''}`);
+  const how = question.multi_select ? 'Reply with the numbers (e.g. 1, 3), or in your own words.' : 'Reply with a number, or in your own words.';
+  return [head, ...options, `_${how}_`].join('\n');
+}
+
+/** The answer a chat reply gives to a question: option numbers or a label become labels; anything else is the user's own answer. */
+export function answerFor(question: QuestionItem, reply: string): string {
+  const text = reply.trim();
+  const numbers = /^\d+(\s*[,;\s]\s*\d+)*\.?$/.test(text) ? text.split(/[^\d]+/).filter(Boolean).map(Number) : [];
+  const chosen = numbers.map((n) => question.options[n - 1]?.label).filter((label): label is string => Boolean(label));
+  if (chosen.length && chosen.length === numbers.length) return question.multi_select ? chosen.join(', ') : chosen[0]!;
+  const byLabel = question.options.find((o) => o.label.toLowerCase() === text.toLowerCase());
+  return byLabel?.label ?? text;
+}
+
+/** The text of a follow-up as the host formats it (<messages><message …>text</message>…), or the follow-up itself. */
+export function followUpText(prompt: string): string {
+  const unescape = (t: string) => t.replace(/&lt;/g, '<').replace(/&gt;/g, '>').replace(/&quot;/g, '"').replace(/&amp;/g, '&');
+  const messages = [...prompt.matchAll(/<message\b[^>]*>([\s\S]*?)<\/message>/g)].map((m) => unescape(m[1]!).trim());
+  return messages.length ? messages.join('\n') : prompt.trim();
+}
+
+/** The CLI's record of a session's history: <share>/sessions/<md5 of the work dir>/<id>/context.jsonl. */
+export function sessionContextFile(kimiHome: string, workDir: string, sessionId: string): string {
+  return join(kimiHome, 'sessions', createHash('md5').update(workDir).digest('hex'), sessionId, 'context.jsonl');
+}
+
+/**
+ * The CLI keeps the system prompt a session began with (context.jsonl's `_system_prompt`)
+ * and reuses it on every resume, so memory edited since then would never reach the model.
+ * When the stored prompt lacks the current role (which holds the memories), its record is
+ * removed: the CLI then treats the session as one without a prompt and writes the fresh
+ * one first (soul/context.py write_system_prompt). True when it was refreshed.
+ */
+export function refreshSystemPrompt(contextFile: string, role: string): boolean {
+  if (!existsSync(contextFile)) return false;
+  const lines = readFileSync(contextFile, 'utf8').split('\n').filter(Boolean);
+  const isPrompt = (line: string) => {
+    try {
+      return (JSON.parse(line) as { role?: string }).role === '_system_prompt';
+    } catch {
+      return false;
+    }
+  };
+  const stored = lines.filter(isPrompt).at(-1);
+  if (!stored || (JSON.parse(stored) as { content?: string }).content?.includes(role)) return false;
+  writeFileSync(`${contextFile}.refresh`, lines.filter((line) => !isPrompt(line)).map((line) => `${line}\n`).join(''));
+  renameSync(`${contextFile}.refresh`, contextFile);
+  return true;
+}
 
 /** Validates the stdin JSON; every problem names the field. */
 export function parseInput(text: string): RunnerInput {
@@ -143,6 +215,7 @@ export class Inbox {
   closeRequested = false;
   /** Set while a turn runs: follow-ups go straight into it. */
   onMessage: ((text: string) => void) | null = null;
+  private answerWaiter: ((text: string | null) => void) | null = null;
 
   constructor(private readonly dir: string, private readonly pollMs = 150) {}
 
@@ -167,6 +240,7 @@ export class Inbox {
       if (file === '_close') {
         rmSync(path, { force: true });
         this.closeRequested = true;
+        this.answerWaiter?.(null);
         continue;
       }
       let text: string | null = null;
@@ -179,9 +253,23 @@ export class Inbox {
       }
       rmSync(path, { force: true });
       if (text === null) continue;
-      if (this.onMessage) this.onMessage(text);
+      if (this.answerWaiter) this.answerWaiter(text);
+      else if (this.onMessage) this.onMessage(text);
       else this.queued.push(text);
     }
+  }
+
+  /** The next message to arrive, taken as an answer (not steered); null after timeoutMs or on _close. */
+  nextAnswer(timeoutMs: number): Promise<string | null> {
+    return new Promise((resolve) => {
+      const done = (text: string | null) => {
+        clearTimeout(timer);
+        this.answerWaiter = null;
+        resolve(text);
+      };
+      const timer = setTimeout(() => done(null), timeoutMs);
+      this.answerWaiter = done;
+    });
   }
 
   /** Everything that arrived between turns, as one next prompt. */
@@ -195,14 +283,47 @@ export class Inbox {
   }
 }
 
+/** How the agent reaches the people in the chat mid-turn: for its questions. */
+export interface ChatLine {
+  /** Sends a message to the chat now (an IPC message the host delivers), or false when there is no chat to send to. */
+  say(text: string): boolean;
+  /** Whether follow-ups can arrive (not in a scheduled task's container, not run by hand). */
+  canHear: boolean;
+  questionTimeoutMs: number;
+}
+
+/**
+ * A question the agent asks (the CLI's AskUserQuestion sends a QuestionRequest and waits
+ * for the answer forever): each question goes to the chat with numbered options and the
+ * next message is its answer. With nobody to ask, or no answer in time, the agent is told
+ * so and decides itself.
+ */
+async function answerQuestions(turn: Turn, request: { id: string; questions: QuestionItem[] }, inbox: Inbox, chat: ChatLine): Promise<void> {
+  const answers: Record<string, string> = {};
+  const minutes = Math.round(chat.questionTimeoutMs / 60_000);
+  for (const [i, question] of request.questions.entries()) {
+    if (!chat.canHear || !chat.say(questionText(question, i, request.questions.length))) {
+      answers[question.question] = '(Nobody can answer here: this run takes no replies. Decide yourself, and say what you chose.)';
+      continue;
+    }
+    const reply = await inbox.nextAnswer(chat.questionTimeoutMs);
+    answers[question.question] = reply === null
+      ? `(No answer came within ${minutes} minute${minutes === 1 ? '' : 's'}. Decide yourself, and say what you chose.)`
+      : answerFor(question, followUpText(reply));
+  }
+  log(`answered question ${request.id}: ${JSON.stringify(answers)}`);
+  await turn.respondQuestion(request.id, request.id, answers);
+}
+
 /**
  * One turn: the prompt in, the answer out; steered follow-ups join the same turn. Each
  * step's text is its own message, never glued to the next ("Let me check.Here is…"), and
  * none is dropped (a message steered in mid-turn is answered in a later step): `result`
  * is the last step's, `earlier` the others'. They come together, at the end of the turn,
- * so the host records them in one go with what they answered.
+ * so the host records them in one go with what they answered. What the CLI asks mid-turn
+ * is answered: questions through the chat, approvals by policy (the runner is yolo).
  */
-export async function runTurn(session: Session, prompt: string, inbox: Inbox): Promise<RunnerResult> {
+export async function runTurn(session: Session, prompt: string, inbox: Inbox, chat: ChatLine = { say: () => false, canHear: false, questionTimeoutMs: 0 }): Promise<RunnerResult> {
   const turn = session.prompt(prompt);
   inbox.onMessage = (text) => {
     turn.steer(text).catch((err) => {
@@ -211,18 +332,30 @@ export async function runTurn(session: Session, prompt: string, inbox: Inbox): P
     });
   };
   const steps: string[] = [''];
+  const answering: Promise<void>[] = [];
   try {
     for await (const event of turn) {
       if (event.type === 'StepBegin') steps.push('');
       else if (event.type === 'ContentPart' && event.payload.type === 'text') steps[steps.length - 1] += event.payload.text;
+      else if (event.type === 'QuestionRequest') {
+        answering.push(answerQuestions(turn, event.payload, inbox, chat).catch((err) => log(`could not answer question: ${err instanceof Error ? err.message : err}`)));
+      } else if (event.type === 'ApprovalRequest') {
+        // Unreachable under --yolo with 1.49.0; a newer CLI or a subagent might still ask.
+        log(`approved "${event.payload.action}" (${event.payload.description}): NanoClaw runs the agent with every action approved`);
+        void turn.approve(event.payload.id, 'approve').catch((err) => log(`approval failed: ${err instanceof Error ? err.message : err}`));
+      } else if (event.type === 'error') {
+        log(`the CLI sent something this SDK does not know (${event.code}): ${event.message}`);
+      }
     }
+    await Promise.all(answering);
     const outcome = await turn.result;
     if (outcome && outcome.status !== 'finished') log(`turn ended: ${outcome.status}`);
     const said = steps.map((text) => text.trim()).filter(Boolean);
     const result = said.pop() ?? null;
     return { status: 'success', result, ...(said.length ? { earlier: said } : {}), sessionId: session.sessionId };
   } catch (err) {
-    return { status: 'error', result: null, sessionId: session.sessionId, error: err instanceof Error ? err.message : String(err) };
+    const error = err instanceof Error ? err.message : String(err);
+    return { status: 'error', result: null, sessionId: session.sessionId, error, errorKind: errorKind(error) };
   } finally {
     inbox.onMessage = null;
   }
@@ -245,10 +378,10 @@ async function readStdin(timeoutMs: number): Promise<string> {
  * dies with the container), never the key; run by hand (the guide's manual test) it holds
  * the key given on stdin, and only until the runner exits.
  */
-export function writeKimiFiles(input: RunnerInput, paths: ReturnType<typeof runnerPaths>, env: Record<string, string | undefined>, baseUrl?: string): string {
+export function writeKimiFiles(input: RunnerInput, paths: ReturnType<typeof runnerPaths>, env: Record<string, string | undefined>, baseUrl?: string): { agentFile: string; role: string } {
   mkdirSync(paths.kimiHome, { recursive: true });
   const apiKey = input.secrets?.KIMI_API_KEY ?? keyFromEnvFile(readIfExists(paths.envFile) ?? '');
-  writeFileSync(paths.configToml, buildConfigToml({ apiKey, baseUrl, modelName: env.KIMI_MODEL_NAME, providerType: env.KIMI_PROVIDER }), { mode: 0o600 });
+  writeFileSync(paths.configToml, buildConfigToml({ apiKey, baseUrl, ...kimiModel(env) }), { mode: 0o600 });
   chmodSync(paths.configToml, 0o600);
   const timezone = env.TZ || Intl.DateTimeFormat().resolvedOptions().timeZone || 'UTC';
   const identity = { chatJid: input.chatJid, groupFolder: input.groupFolder, isMain: input.isMain, ipcDir: paths.ipc, timezone };
@@ -257,18 +390,37 @@ export function writeKimiFiles(input: RunnerInput, paths: ReturnType<typeof runn
     assistantName: input.assistantName || env.ASSISTANT_NAME || 'Andy',
     isMain: input.isMain,
     timezone,
-    globalMemory: input.isMain ? null : readIfExists(join(paths.global, 'CLAUDE.md')),
-    groupMemory: readIfExists(join(paths.group, 'CLAUDE.md')),
+    ...memories(input, paths),
   });
   const agentFile = join(tmpdir(), `nanoclaw-agent-${process.pid}.yaml`);
   writeFileSync(agentFile, buildAgentFile(role));
-  return agentFile;
+  return { agentFile, role };
+}
+
+/** The model settings for config.toml: name, provider type and what the model can take in. */
+export function kimiModel(env: Record<string, string | undefined>) {
+  const modelName = env.KIMI_MODEL_NAME;
+  const capabilities = env.KIMI_MODEL_CAPABILITIES !== undefined ? env.KIMI_MODEL_CAPABILITIES.split(',').map((c) => c.trim()).filter(Boolean) : undefined;
+  return { modelName, providerType: env.KIMI_PROVIDER, capabilities };
+}
+
+/** The two memories as they are now: the shared one (not for main, which edits it) and the group's. */
+export function memories(input: RunnerInput, paths: ReturnType<typeof runnerPaths>) {
+  return { globalMemory: input.isMain ? null : readIfExists(join(paths.global, 'CLAUDE.md')), groupMemory: readIfExists(join(paths.group, 'CLAUDE.md')) };
+}
+
+/** A turn's prompt with the memories that changed since the container started (its CLI holds the older ones). */
+export function withMemoryUpdate(prompt: string, before: ReturnType<typeof memories>, now: ReturnType<typeof memories>): string {
+  const changed: string[] = [];
+  if ((before.globalMemory ?? '') !== (now.globalMemory ?? '')) changed.push(`Shared memory (CLAUDE.md of all groups), as it is now:\n${now.globalMemory?.trim() || '(empty)'}`);
+  if ((before.groupMemory ?? '') !== (now.groupMemory ?? '')) changed.push(`This group's memory (CLAUDE.md), as it is now:\n${now.groupMemory?.trim() || '(empty)'}`);
+  return changed.length ? `<memory-update>\n${changed.join('\n\n')}\n</memory-update>\n\n${prompt}` : prompt;
 }
 
 /** Leaves no credential behind in the group's .kimi folder (a host bind mount). */
 export function removeKey(paths: ReturnType<typeof runnerPaths>, env: Record<string, string | undefined>): void {
   if (existsSync(paths.configToml)) {
-    writeFileSync(paths.configToml, buildConfigToml({ modelName: env.KIMI_MODEL_NAME, providerType: env.KIMI_PROVIDER }), { mode: 0o600 });
+    writeFileSync(paths.configToml, buildConfigToml(kimiModel(env)), { mode: 0o600 });
   }
 }
 
@@ -292,16 +444,14 @@ export async function main(env: Record<string, string | undefined> = process.env
   // The CLI inherits this environment; its KIMI_* overrides would bypass config.toml (and the proxy).
   delete process.env.KIMI_API_KEY;
   delete process.env.KIMI_BASE_URL;
-  const agentFile = writeKimiFiles(input, paths, env, endpoint.baseUrl);
+  const { agentFile, role } = writeKimiFiles(input, paths, env, endpoint.baseUrl);
+  const executable = env.KIMI_EXECUTABLE || 'kimi';
+  const open = (sessionId: string) => createSession({ workDir: paths.group, sessionId, model: MODEL_ALIAS, yoloMode: true, agentFile, executable });
   const sessionId = input.sessionId ?? randomUUID();
-  const session = createSession({
-    workDir: paths.group,
-    sessionId,
-    model: MODEL_ALIAS,
-    yoloMode: true,
-    agentFile,
-    executable: env.KIMI_EXECUTABLE || 'kimi',
-  });
+  if (input.sessionId && refreshSystemPrompt(sessionContextFile(paths.kimiHome, paths.group, sessionId), role)) {
+    log('the memory or role changed since this session began: its system prompt is renewed');
+  }
+  let session = open(sessionId);
   process.stderr.write(`Session initialized: ${sessionId}\n`);
 
   // The host creates ipc/input/ before it starts a container it will talk to; without it
@@ -309,6 +459,17 @@ export async function main(env: Record<string, string | undefined> = process.env
   const takesFollowUps = existsSync(paths.input);
   const idleLimitMs = Number(env.NANOCLAW_RUNNER_IDLE_MS ?? 30 * 60_000);
   const inbox = new Inbox(paths.input);
+  const chat: ChatLine = {
+    canHear: takesFollowUps && !input.isScheduledTask,
+    questionTimeoutMs: Number(env.NANOCLAW_QUESTION_TIMEOUT_MS) || 10 * 60_000,
+    say: (text) => {
+      if (!existsSync(paths.ipc)) return false;
+      // expectsReply: in a group that needs the trigger, the answer comes without one.
+      writeIpcFile(join(paths.ipc, 'messages'), { type: 'message', chatJid: input.chatJid, text, expectsReply: true });
+      return true;
+    },
+  };
+  const memoriesAtStart = memories(input, paths);
   let exitCode = 0;
   const finish = async () => {
     inbox.stop();
@@ -323,11 +484,23 @@ export async function main(env: Record<string, string | undefined> = process.env
 
   inbox.start();
   let prompt: string | null = input.isScheduledTask ? scheduledTaskPrompt(input.prompt) : input.prompt;
+  let firstTurn = true;
   while (prompt !== null) {
-    const result = await runTurn(session, prompt, inbox);
+    const turnPrompt: string = firstTurn ? prompt : withMemoryUpdate(prompt, memoriesAtStart, memories(input, paths));
+    firstTurn = false;
+    let result = await runTurn(session, turnPrompt, inbox, chat);
+    if (result.status === 'error' && result.errorKind === 'context') {
+      // The conversation outgrew the model: go on in a fresh session, and say so.
+      log(`the session's context is full (${result.error}); starting a fresh session`);
+      await session.close().catch(() => {});
+      session = open(randomUUID());
+      process.stderr.write(`Session initialized: ${session.sessionId}\n`);
+      result = await runTurn(session, prompt, inbox, chat);
+      if (result.status === 'success') result = { ...result, earlier: [FRESH_SESSION_NOTE, ...(result.earlier ?? [])] };
+    }
     process.stdout.write(formatResult(result));
     if (result.status === 'error') {
-      log(`turn failed: ${result.error}`);
+      log(`turn failed (${result.errorKind}): ${result.error}`);
       exitCode = 1;
       break;
     }
@@ -349,6 +522,9 @@ export async function main(env: Record<string, string | undefined> = process.env
   await finish();
   return exitCode;
 }
+
+/** Said in the chat when the runner had to start the conversation over. */
+export const FRESH_SESSION_NOTE = '(Our conversation here had grown too long for me, so I started a fresh one: I still have my notes, but not what was said before.)';
 
 if (import.meta.main) {
   process.exit(await main());

@@ -13,7 +13,7 @@ import { afterAll, describe, expect, it } from 'vitest';
 import { startFakeModel } from '../kimi-stub/fake-model.ts';
 import { buildAgentFile, buildConfigToml, buildMcpConfig, buildRole, keyFromEnvFile, scheduledTaskPrompt } from '../src/config.ts';
 import { scheduleProblem } from '../src/mcp-server.ts';
-import { parseInput, RESULT_END, RESULT_START } from '../src/runner.ts';
+import { answerFor, errorKind, FRESH_SESSION_NOTE, parseInput, questionText, refreshSystemPrompt, RESULT_END, RESULT_START, sessionContextFile, withMemoryUpdate } from '../src/runner.ts';
 
 const RUNNER_DIR = fileURLToPath(new URL('..', import.meta.url));
 const STUB = join(RUNNER_DIR, 'kimi-stub', 'kimi');
@@ -36,7 +36,7 @@ function workspace(memories: { global?: string; group?: string } = {}, inbox = f
 const messages = (...texts: string[]) => `<messages>\n${texts.map((t) => `<message sender="Ann" time="2026-01-01 10:00">${t}</message>`).join('\n')}\n</messages>`;
 
 interface RunResult {
-  results: { status: string; result: string | null; sessionId?: string; error?: string }[];
+  results: { status: string; result: string | null; sessionId?: string; error?: string; earlier?: string[]; errorKind?: string }[];
   stderr: string;
   code: number;
 }
@@ -298,5 +298,148 @@ describe('the nanoclaw MCP server over stdio', () => {
     expect(written(mainDir, 'messages')).toEqual([expect.objectContaining({ type: 'message', chatJid: 'other@g.us', text: 'hello' })]);
     expect(written(mainDir, 'tasks').map((t) => t.type).sort()).toEqual(['refresh_groups', 'register_group']);
     expect(existsSync(join(mainDir, 'current_tasks.json'))).toBe(true);
+  });
+});
+
+describe('what the real CLI does that the runner must handle', () => {
+  /** The question the runner relayed to the chat, once it is there. */
+  const relayed = async (ws: ReturnType<typeof workspace>) => {
+    const dir = join(ws.ws, 'ipc', 'messages');
+    for (let i = 0; i < 100; i++) {
+      const files = readdirSync(dir);
+      if (files.length) return JSON.parse(readFileSync(join(dir, files[0]!), 'utf8')) as { chatJid: string; text: string };
+      await Bun.sleep(50);
+    }
+    throw new Error('no question reached the chat');
+  };
+
+  it('a question (AskUserQuestion) goes to the chat with numbered options; the next message answers it', async () => {
+    const ws = workspace({}, true);
+    let question: { chatJid: string; text: string } | undefined;
+    const run = await runRunner(ws, input(messages('!ask Which day? | Saturday | Sunday')), async () => {
+      question = await relayed(ws);
+      followUp(ws, messages('2'));
+      await Bun.sleep(800);
+      close(ws);
+    });
+    expect(question).toMatchObject({ type: 'message', chatJid: 'family@g.us', text: expect.stringContaining('Which day?\n1. Saturday\n2. Sunday') });
+    expect(run.results.map((r) => r.result)).toEqual(['[stub] answered: {"Which day?":"Sunday"}']);
+  });
+
+  it('no answer in time, or nobody to ask (a scheduled task): the agent is told so and decides itself', async () => {
+    const ws = workspace({}, true);
+    const late = await runRunner(ws, input(messages('!ask Tea? | Yes | No')), async () => {
+      await relayed(ws);
+      await Bun.sleep(1500);
+      close(ws);
+    }, { NANOCLAW_QUESTION_TIMEOUT_MS: '500' });
+    expect(late.results[0]!.result).toContain('No answer came within');
+    expect(late.results[0]!.result).toContain('Decide yourself');
+    const taskWs = workspace({}, true);
+    const task = await runRunner(taskWs, input('!ask Tea? | Yes | No', { isScheduledTask: true }), async () => {
+      await Bun.sleep(1500);
+      close(taskWs);
+    });
+    expect(readdirSync(join(taskWs.ws, 'ipc', 'messages'))).toEqual([]); // nothing was asked in the chat
+    expect(task.results[0]!.result).toContain('Nobody can answer here');
+  });
+
+  it('a turn of several steps: each step’s words are their own message, never glued', async () => {
+    const run = await runRunner(workspace(), input(messages('!steps')));
+    expect(run.results).toEqual([expect.objectContaining({ status: 'success', earlier: ['Let me check.'], result: 'Here is the answer.' })]);
+  });
+
+  it('provider errors: the CLI’s own retries (client and step) absorb a short outage; what remains is classified', async () => {
+    const ws = workspace();
+    const recovered = await runRunner(ws, input(messages('!flaky 503 2')));
+    expect(recovered.results[0]!.result).toBe('[stub] recovered');
+    const before = model.requests.length;
+    const limited = await runRunner(ws, input(messages('!status 429 slow down')));
+    expect(limited.results[0]).toMatchObject({ status: 'error', errorKind: 'rate-limit', error: expect.stringContaining('Error code: 429') });
+    expect(model.requests.length - before).toBe(9); // 3 attempts of the step, each with openai-python's 2 retries
+    const refused = await runRunner(ws, input(messages('!status 401 Invalid Authentication')));
+    expect(refused.results[0]).toMatchObject({ status: 'error', errorKind: 'auth' });
+  }, 60_000);
+
+  it('a context that is too long: the turn goes on in a fresh session, and says so', async () => {
+    const ws = workspace();
+    const first = await runRunner(ws, input(messages('hello')));
+    const sessionId = first.results[0]!.sessionId!;
+    const full = await runRunner(ws, input(messages('!context-full'), { sessionId }));
+    expect(full.results[0]).toMatchObject({ status: 'success', result: '[stub] fits in a fresh session', earlier: [FRESH_SESSION_NOTE] });
+    expect(full.results[0]!.sessionId).not.toBe(sessionId);
+    expect(full.stderr).toContain(`Session initialized: ${full.results[0]!.sessionId}`);
+  });
+
+  it('memory is current on a resumed session (the CLI would reuse the old system prompt) and within one container', async () => {
+    const ws = workspace({ group: 'MEMORY-ONE' }, true);
+    const first = await runRunner(ws, input(messages('!context')), async () => {
+      await Bun.sleep(1500);
+      writeFileSync(join(ws.ws, 'group', 'CLAUDE.md'), 'MEMORY-LATER');
+      followUp(ws, messages('!context')); // the same container, a later turn
+      await Bun.sleep(1500);
+      close(ws);
+    });
+    expect(first.results[0]!.result).toContain('MEMORY-ONE');
+    expect(first.results[1]!.result).toContain('<memory-update>');
+    expect(first.results[1]!.result).toContain('MEMORY-LATER');
+    writeFileSync(join(ws.ws, 'group', 'CLAUDE.md'), 'MEMORY-TWO');
+    const second = await runRunner(ws, input(messages('!context'), { sessionId: first.results[0]!.sessionId }), async () => {
+      await Bun.sleep(1500);
+      close(ws);
+    });
+    expect(second.results[0]!.result).toContain('MEMORY-TWO');
+    expect(second.results[0]!.result).not.toContain('MEMORY-ONE');
+    expect(second.results[0]!.sessionId).toBe(first.results[0]!.sessionId);
+  });
+
+  it('the model sees a picture: ReadMediaFile exists (config.toml declares image_in) and hands it over as an image', async () => {
+    const ws = workspace();
+    mkdirSync(join(ws.ws, 'group', 'media'));
+    const picture = join(ws.ws, 'group', 'media', 'cat.png');
+    const bytes = Buffer.from('89504e470d0a1a0a0000000d4948445200000001000000010806000000', 'hex');
+    writeFileSync(picture, bytes);
+    const hash = new Bun.CryptoHasher('sha256').update(bytes).digest('hex').slice(0, 12);
+    const seen = await runRunner(ws, input(messages(`[image: ${picture}] !image`)));
+    expect(seen.results[0]!.result).toBe(`[stub] I see image/png, ${bytes.length} bytes, sha256 ${hash}`);
+    const toml = Bun.TOML.parse(readFileSync(join(ws.home, '.kimi', 'config.toml'), 'utf8')) as { models: { k25: { capabilities: string[] } } };
+    expect(toml.models.k25.capabilities).toEqual(['thinking', 'image_in', 'video_in']);
+    const blind = await runRunner(ws, input(messages(`[image: ${picture}] !image`)), undefined, { KIMI_MODEL_CAPABILITIES: '' });
+    expect(blind.results[0]!.result).toContain('ReadMediaFile` not found');
+  });
+});
+
+describe('the runner’s pure parts for these', () => {
+  const question = { question: 'Which day?', header: 'Plan', options: [{ label: 'Saturday', description: 'the market is open' }, { label: 'Sunday', description: '' }, { label: 'Monday', description: '' }], multi_select: false, body: null, other_label: null, other_description: null };
+  it('writes a question for WhatsApp and reads the answer: a number, a label or words of one’s own', () => {
+    expect(questionText(question, 0, 2)).toBe('❓ (1/2) *Plan*: Which day?\n1. Saturday — the market is open\n2. Sunday\n3. Monday\n_Reply with a number, or in your own words._');
+    expect(answerFor(question, ' 2 ')).toBe('Sunday');
+    expect(answerFor(question, 'monday')).toBe('Monday');
+    expect(answerFor(question, '7')).toBe('7');
+    expect(answerFor(question, 'whenever it does not rain')).toBe('whenever it does not rain');
+    expect(answerFor({ ...question, multi_select: true }, '1, 3')).toBe('Saturday, Monday');
+  });
+
+  it('classifies the CLI’s errors as the host needs them', () => {
+    expect(errorKind("Error code: 401 - {'error': {'message': 'Invalid Authentication'}}")).toBe('auth');
+    expect(errorKind("Error code: 429 - {'error': {}}")).toBe('rate-limit');
+    expect(errorKind('Error code: 503 - x')).toBe('unavailable');
+    expect(errorKind('Connection error.')).toBe('unavailable');
+    expect(errorKind("Error code: 400 - {'error': {'message': 'Invalid request: Your request exceeded model token limit: 262144'}}")).toBe('context');
+    expect(errorKind('LLM is not set')).toBe('other');
+  });
+
+  it('renews a stored system prompt only when it lacks the current role, keeping the history', () => {
+    const dir = mkdtempSync(join(tmpdir(), 'nanoclaw-ctx-'));
+    const file = sessionContextFile(dir, '/workspace/group', 's1');
+    expect(file).toMatch(/sessions\/[0-9a-f]{32}\/s1\/context\.jsonl$/);
+    mkdirSync(join(file, '..'), { recursive: true });
+    const history = [{ role: '_system_prompt', content: 'base ROLE-A' }, { role: '_checkpoint', id: 0 }, { role: 'user', content: 'hi' }];
+    writeFileSync(file, history.map((r) => `${JSON.stringify(r)}\n`).join(''));
+    expect(refreshSystemPrompt(file, 'ROLE-A')).toBe(false);
+    expect(refreshSystemPrompt(file, 'ROLE-B')).toBe(true);
+    expect(readFileSync(file, 'utf8').split('\n').filter(Boolean).map((l) => JSON.parse(l).role)).toEqual(['_checkpoint', 'user']);
+    expect(withMemoryUpdate('p', { globalMemory: 'g', groupMemory: 'a' }, { globalMemory: 'g', groupMemory: 'a' })).toBe('p');
+    expect(withMemoryUpdate('p', { globalMemory: 'g', groupMemory: 'a' }, { globalMemory: 'g', groupMemory: 'b' })).toMatch(/^<memory-update>\nThis group's memory \(CLAUDE\.md\), as it is now:\nb\n<\/memory-update>\n\np$/);
   });
 });
