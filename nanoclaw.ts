@@ -40,9 +40,9 @@ import { createInterface } from 'node:readline';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 import makeWASocket, {
-  DisconnectReason, downloadMediaMessage, isJidBroadcast, isJidGroup, isJidStatusBroadcast, isLidUser, isPnUser,
+  DisconnectReason, downloadMediaMessage, fetchLatestWaWebVersion, isJidBroadcast, isJidGroup, isJidStatusBroadcast, isLidUser, isPnUser,
   jidNormalizedUser, normalizeMessageContent, proto, useMultiFileAuthState,
-  type ConnectionState, type WAMessage, type WAMessageKey, type WASocket,
+  type ConnectionState, type GroupMetadata, type WAMessage, type WAMessageKey, type WASocket, type WAVersion,
 } from '@whiskeysockets/baileys';
 import type { ILogger } from '@whiskeysockets/baileys/lib/Utils/logger.js';
 import { Cron } from 'croner';
@@ -89,6 +89,8 @@ export interface Config {
   container: { memory: string; cpus: string; pids: number; network: string; closeGraceMs: number };
   /** Limits on what one group can schedule; main is exempt when limitMain is false. */
   tasks: { maxActive: number; minIntervalMs: number; limitMain: boolean };
+  /** Another WhatsApp Web socket than WhatsApp's own (a relay, a test server); no version lookup then. */
+  whatsappServerUrl?: string;
 }
 
 export class ConfigError extends Error {}
@@ -249,8 +251,42 @@ export function loadConfig(projectRoot: string, env: Record<string, string | und
       minIntervalMs: positiveInt('TASK_MIN_INTERVAL', get('TASK_MIN_INTERVAL'), 5 * 60_000),
       limitMain: !/^(0|false|no|off)$/i.test(get('TASK_LIMITS_MAIN') ?? ''),
     },
+    whatsappServerUrl: get('WHATSAPP_SERVER_URL'),
   };
 }
+
+/**
+ * Every setting by its variable name, as the host uses it once defaults are applied: what
+ * `config get` and `config list` print, so the shell scripts never parse `.env` themselves.
+ */
+export const SETTINGS: Record<string, (config: Config) => string | number | boolean | undefined> = {
+  ASSISTANT_NAME: (c) => c.assistantName,
+  ASSISTANT_HAS_OWN_NUMBER: (c) => c.assistantHasOwnNumber,
+  TZ: (c) => c.timezone,
+  LOG_LEVEL: (c) => c.logLevel,
+  CONTAINER_IMAGE: (c) => c.containerImage,
+  CONTAINER_RUNTIME: (c) => c.containerRuntime,
+  CONTAINER_TIMEOUT: (c) => c.containerTimeoutMs,
+  IDLE_TIMEOUT: (c) => c.idleTimeoutMs,
+  MAX_CONCURRENT_CONTAINERS: (c) => c.maxConcurrentContainers,
+  CONTAINER_MEMORY: (c) => c.container.memory,
+  CONTAINER_CPUS: (c) => c.container.cpus,
+  CONTAINER_PIDS: (c) => c.container.pids,
+  CONTAINER_NETWORK: (c) => c.container.network,
+  CONTAINER_CLOSE_GRACE: (c) => c.container.closeGraceMs,
+  MODEL_PROXY: (c) => c.modelProxy,
+  KIMI_PLATFORM: (c) => c.kimi.platform,
+  KIMI_BASE_URL: (c) => c.kimi.baseUrl,
+  KIMI_MODEL_NAME: (c) => c.kimi.modelName,
+  KIMI_PROVIDER: (c) => c.kimi.provider ?? 'kimi',
+  KIMI_MODEL_CAPABILITIES: (c) => c.kimi.capabilities,
+  QUESTION_TIMEOUT: (c) => c.kimi.questionTimeoutMs,
+  TASK_MAX_ACTIVE: (c) => c.tasks.maxActive,
+  TASK_MIN_INTERVAL: (c) => c.tasks.minIntervalMs,
+  TASK_LIMITS_MAIN: (c) => c.tasks.limitMain,
+  NANOCLAW_MOUNT_ALLOWLIST: (c) => c.mountAllowlistPath,
+  WHATSAPP_SERVER_URL: (c) => c.whatsappServerUrl,
+};
 
 /** Half the machine's CPUs (at least one): one busy container cannot take the whole machine. */
 export function defaultContainerCpus(cores = availableParallelism()): number {
@@ -879,6 +915,9 @@ const MIGRATIONS: string[] = [
      started_at TEXT,
      attempt INTEGER NOT NULL DEFAULT 1
    );`,
+  // 5: what WhatsApp was given for each part (its protobuf), so a recipient's phone that
+  // asks for a message again gets exactly that message.
+  `ALTER TABLE outbox ADD COLUMN sent_content BLOB;`,
 ];
 
 export const SCHEMA_VERSION = MIGRATIONS.length;
@@ -1072,14 +1111,31 @@ export class Store {
       .run(error, giveUp ? 1 : 0, new Date().toISOString(), id);
   }
 
+  /** Every part still waiting for its channel, oldest first. */
+  unsent(channel: string): OutboundMessage[] {
+    return this.db
+      .query<{ id: number; chat_jid: string; text: string; message_id: string; attempts: number }, [string]>(
+        'SELECT id, chat_jid, text, message_id, attempts FROM outbox WHERE channel = ? AND sent_at IS NULL ORDER BY id',
+      )
+      .all(channel)
+      .map((row) => ({ id: row.id, jid: row.chat_jid, text: row.text, messageId: row.message_id, attempts: row.attempts }));
+  }
+
   countUnsent(channel: string): number {
     return this.db.query<{ n: number }, [string]>('SELECT COUNT(*) AS n FROM outbox WHERE channel = ? AND sent_at IS NULL').get(channel)!.n;
   }
 
   /** What the bot sent under a message id (to answer a recipient's request to send it again). */
-  outboundByMessageId(messageId: string): { chatJid: string; text: string } | null {
-    const row = this.db.query<{ chat_jid: string; text: string }, [string]>('SELECT chat_jid, text FROM outbox WHERE message_id = ?').get(messageId);
-    return row ? { chatJid: row.chat_jid, text: row.text } : null;
+  outboundByMessageId(messageId: string): { chatJid: string; text: string; sentContent: Uint8Array | null } | null {
+    const row = this.db
+      .query<{ chat_jid: string; text: string; sent_content: Uint8Array | null }, [string]>('SELECT chat_jid, text, sent_content FROM outbox WHERE message_id = ?')
+      .get(messageId);
+    return row ? { chatJid: row.chat_jid, text: row.text, sentContent: row.sent_content } : null;
+  }
+
+  /** The platform's own encoding of what was sent under a message id. */
+  recordSentContent(messageId: string, content: Uint8Array): void {
+    this.db.query('UPDATE outbox SET sent_content = ? WHERE message_id = ?').run(content, messageId);
   }
 
   /** Sent parts older than `before` are no longer needed. */
@@ -1290,9 +1346,14 @@ function escapeRegExp(text: string): string {
   return text.replace(/[.*+?^${}()|[\]\\]/g, '\\$&');
 }
 
-/** `@Andy` at the very start of a message, any case, as a whole word. */
-export function triggerPattern(assistantName: string): RegExp {
-  return new RegExp(`^@${escapeRegExp(assistantName)}(?![\\p{L}\\p{N}_])`, 'iu');
+/** A group's trigger (`@Andy`, or the name alone) at the very start of a message, any case, as a whole word. */
+export function triggerPattern(trigger: string): RegExp {
+  return new RegExp(`^@${escapeRegExp(trigger.replace(/^@/, ''))}(?![\\p{L}\\p{N}_])`, 'iu');
+}
+
+/** What `groups register --trigger` and register_group take: @ and one word. */
+export function isValidTrigger(trigger: string): boolean {
+  return /^@[\p{L}\p{N}_][\p{L}\p{N}_-]{0,39}$/u.test(trigger);
 }
 
 /**
@@ -1307,10 +1368,11 @@ export function typedText(content: string): string {
     .trim();
 }
 
-/** Main and trigger-free groups answer everything; the others only when someone says the trigger. */
-export function needsAgent(group: RegisteredGroup, messages: readonly StoredMessage[], trigger: RegExp): boolean {
+/** Main and trigger-free groups answer everything; the others only when someone says the group's trigger. */
+export function needsAgent(group: RegisteredGroup, messages: readonly StoredMessage[]): boolean {
   if (messages.length === 0) return false;
   if (group.isMain || !group.requiresTrigger) return true;
+  const trigger = triggerPattern(group.trigger);
   return messages.some((message) => trigger.test(typedText(message.content)));
 }
 
@@ -1389,6 +1451,11 @@ export interface Channel {
   /** Re-reads group names from the platform (main group's refresh_groups). */
   syncGroups?(): Promise<void>;
   disconnect(): Promise<void>;
+}
+
+/** What a WhatsApp chat id looks like: a person, a group, a LID; or the terminal's own. */
+export function isValidJid(jid: string): boolean {
+  return /^\d{5,20}@s\.whatsapp\.net$|^\d{5,20}(-\d{5,20})?@g\.us$|^\d{5,20}@lid$|^[a-z][a-z0-9-]{0,30}@local$/.test(jid);
 }
 
 /** A new message id in WhatsApp Web's own format (3EB0 + 36 hex digits). */
@@ -1499,10 +1566,16 @@ export class LocalChannel implements Channel {
     readonly chatJid: string,
     private readonly print: (text: string) => void,
     private readonly userName = process.env.USER || 'You',
+    /** The agent started or stopped working on this chat (the terminal shows it). */
+    private readonly onTyping?: (typing: boolean) => void,
   ) {}
 
   ownsJid(jid: string): boolean {
     return jid === this.chatJid;
+  }
+
+  async setTyping(_jid: string, typing: boolean): Promise<void> {
+    this.onTyping?.(typing);
   }
 
   async connect(handlers: ChannelHandlers): Promise<void> {
@@ -1563,6 +1636,8 @@ export interface WhatsAppIdentity {
   hasOwnNumber: boolean;
   /** Phone-number JID for a LID JID, when baileys knows the mapping. */
   phoneForLid(lid: string): string | undefined;
+  /** The chat's trigger (`@Andy`), which an @mention of the bot's own number stands for. */
+  triggerFor?(chatJid: string): string;
 }
 
 /** A chat or sender JID in phone form: device suffix dropped, LID translated when known. */
@@ -1592,6 +1667,24 @@ function textOf(content: proto.IMessage): string {
   return content.conversation ?? content.extendedTextMessage?.text ?? '';
 }
 
+function contextInfoOf(content: proto.IMessage): proto.IContextInfo | null | undefined {
+  return content.extendedTextMessage?.contextInfo ?? content.imageMessage?.contextInfo ?? content.videoMessage?.contextInfo ?? content.documentMessage?.contextInfo;
+}
+
+/**
+ * With its own number, the bot is @mentioned like a person: the text says `@<digits>` (its
+ * phone number or its LID) and contextInfo.mentionedJid lists its JID. That mention is
+ * the chat's trigger, so it reads as `@Andy` to the router and the agent alike.
+ */
+export function withMentionsAsTrigger(text: string, mentioned: readonly string[], ownJids: ReadonlySet<string>, trigger: string): string {
+  const ownUsers = new Set([...ownJids].map((jid) => jid.split('@')[0]!.split(':')[0]!));
+  const mentionedUsers = mentioned.map((jid) => jid.split('@')[0]!.split(':')[0]!).filter((user) => ownUsers.has(user));
+  if (mentionedUsers.length === 0) return text;
+  let rewritten = text;
+  for (const user of new Set(mentionedUsers)) rewritten = rewritten.replace(new RegExp(`@${user}(?!\\d)`, 'g'), trigger);
+  return rewritten === text ? `${trigger} ${text}` : rewritten;
+}
+
 /**
  * Turns a baileys message into what the host stores, or null for what it ignores
  * (status broadcasts, reactions, protocol messages, empty messages). Media is described
@@ -1604,7 +1697,12 @@ export function parseWhatsAppMessage(raw: WAMessage, identity: WhatsAppIdentity)
   if (!content || content.protocolMessage || content.reactionMessage) return null;
   const media = mediaOf(content);
   let text = (media ? media.caption : textOf(content)).trim();
-  const quoted = content.extendedTextMessage?.contextInfo ?? content.imageMessage?.contextInfo ?? content.videoMessage?.contextInfo;
+  const context = contextInfoOf(content);
+  const chatJid = canonicalJid(key.remoteJid, key.remoteJidAlt, identity);
+  if (identity.hasOwnNumber && context?.mentionedJid?.length) {
+    text = withMentionsAsTrigger(text, context.mentionedJid, identity.ownJids, identity.triggerFor?.(chatJid) ?? `@${identity.assistantName}`);
+  }
+  const quoted = context;
   if (quoted?.quotedMessage) {
     const quotedContent = normalizeMessageContent(quoted.quotedMessage);
     const quotedText = quotedContent ? (textOf(quotedContent) || mediaOf(quotedContent)?.caption || `[${mediaOf(quotedContent)?.kind ?? 'message'}]`) : '';
@@ -1612,7 +1710,6 @@ export function parseWhatsAppMessage(raw: WAMessage, identity: WhatsAppIdentity)
   }
   if (!text && !media) return null;
 
-  const chatJid = canonicalJid(key.remoteJid, key.remoteJidAlt, identity);
   const isGroup = Boolean(isJidGroup(chatJid));
   const fromMe = Boolean(key.fromMe);
   const ownPhone = [...identity.ownJids].find((jid) => isPnUser(jid)) ?? '';
@@ -1708,6 +1805,82 @@ export class RateLimiter {
   }
 }
 
+/** Entries that expire; the shape of baileys' CacheStore (retry counts), also used for group metadata. */
+export class TtlCache<V = unknown> {
+  private readonly entries = new Map<string, { value: V; expiresAt: number }>();
+
+  constructor(
+    private readonly ttlMs: number,
+    private readonly maxEntries = 1000,
+    private readonly now: () => number = Date.now,
+  ) {}
+
+  get<T = V>(key: string): T | undefined {
+    const entry = this.entries.get(key);
+    if (!entry) return undefined;
+    if (entry.expiresAt <= this.now()) {
+      this.entries.delete(key);
+      return undefined;
+    }
+    return entry.value as unknown as T; // CacheStore's get is generic; what was set is what comes back
+  }
+
+  set<T = V>(key: string, value: T): void {
+    this.entries.delete(key);
+    this.entries.set(key, { value: value as unknown as V, expiresAt: this.now() + this.ttlMs });
+    if (this.entries.size > this.maxEntries) this.entries.delete(this.entries.keys().next().value!); // the oldest
+  }
+
+  del(key: string): void {
+    this.entries.delete(key);
+  }
+
+  flushAll(): void {
+    this.entries.clear();
+  }
+}
+
+/**
+ * What a closed WhatsApp connection means (baileys 7 Types/index.d.ts DisconnectReason;
+ * 405 is the server's refusal of the client version, which baileys closes with as is).
+ */
+export type DisconnectKind = 'logged-out' | 'version-refused' | 'restart' | 'replaced' | 'qr-expired' | 'network' | 'other';
+
+export function disconnectKind(error: unknown): { kind: DisconnectKind; status?: number; detail: string } {
+  const boom = error as { output?: { statusCode?: number }; data?: { code?: string } } | undefined;
+  const status = boom?.output?.statusCode;
+  const detail = error === undefined ? 'no reason given' : errorText(error);
+  const kind: DisconnectKind =
+    status === DisconnectReason.loggedOut ? 'logged-out'
+    : status === 405 ? 'version-refused'
+    : status === DisconnectReason.restartRequired ? 'restart'
+    : status === DisconnectReason.connectionReplaced ? 'replaced'
+    : /QR refs attempts ended/.test(detail) ? 'qr-expired'
+    : status === DisconnectReason.timedOut || status === DisconnectReason.connectionClosed || /^E[A-Z]+$/.test(boom?.data?.code ?? '') ? 'network'
+    : 'other';
+  return { kind, status, detail };
+}
+
+export type LinkState = 'linked' | 'pending' | 'none';
+
+/**
+ * Linked = WhatsApp confirmed this device. baileys writes creds.json as soon as a pairing
+ * code is asked for (`me` only); only a finished pairing, QR or code, adds `account`, the
+ * signed device identity (baileys 7 Utils/validate-connection.js configureSuccessfulPairing).
+ */
+export function linkStateOf(creds: { me?: { id?: string } | null; account?: unknown } | null | undefined): LinkState {
+  if (!creds) return 'none';
+  return creds.me?.id && creds.account ? 'linked' : 'pending';
+}
+
+/** Where the last WhatsApp Web version that was looked up is kept (state table). */
+const WHATSAPP_VERSION_STATE = 'whatsapp_web_version';
+
+export function parseWaVersion(text: string | null | undefined): WAVersion | null {
+  const parts = (text ?? '').split('.').map(Number);
+  return parts.length === 3 && parts.every((n) => Number.isInteger(n) && n >= 0) ? (parts as WAVersion) : null;
+}
+
 export class WhatsAppNotLinked extends Error {}
 
 export interface WhatsAppOptions {
@@ -1716,19 +1889,39 @@ export interface WhatsAppOptions {
   hasOwnNumber: boolean;
   /** A registered chat's group folder (media goes to its media/), or null when the chat is not registered. */
   mediaTreeFor(chatJid: string): AgentTree | null;
+  /** The trigger of a registered chat (an @mention of the bot becomes it); defaults to @<assistant name>. */
+  triggerFor?(chatJid: string): string | undefined;
   /** Re-sync group names when the last sync is older than this. */
   groupSyncMaxAgeMs?: number;
   lastGroupSync?(): string | null;
   markGroupSync?(): void;
+  /** Another WhatsApp Web socket than WhatsApp's own; no version lookup then unless lookupVersion is given. */
   waWebSocketUrl?: string;
+  /** WhatsApp Web's current version (baileys' fetchLatestWaWebVersion by default). */
+  lookupVersion?(): Promise<{ version: WAVersion; isLatest: boolean }>;
+  /** The version that last worked, kept across restarts for when the lookup cannot be made. */
+  knownVersion?(): WAVersion | null;
+  rememberVersion?(version: WAVersion): void;
+  /** Keeps what WhatsApp was given for a message id, and gives it back for a resend. */
+  rememberSent?(messageId: string, content: Uint8Array): void;
+  recallSent?(messageId: string): Uint8Array | null;
   reconnectBaseMs?: number;
   reconnectCapMs?: number;
+  /** How long to wait for a sender's phone to upload expired media again. */
+  mediaReuploadTimeoutMs?: number;
   rateLimiter?: RateLimiter;
   /** Called once when WhatsApp says this device was logged out. */
   onLoggedOut?(): void;
+  /** Called once when WhatsApp offers a QR code: these credentials are not a linked device. */
+  onNotLinked?(): void;
 }
 
-const WHATSAPP_EVENTS = ['connection.update', 'creds.update', 'messages.upsert', 'groups.update'] as const;
+const WHATSAPP_EVENTS = [
+  'connection.update', 'creds.update', 'messages.upsert', 'groups.update', 'groups.upsert', 'group-participants.update', 'lid-mapping.update',
+] as const;
+
+/** Group metadata is good for this long (baileys' README suggests five minutes). */
+const GROUP_METADATA_TTL_MS = 5 * 60_000;
 
 /**
  * WhatsApp through one live baileys socket. A socket that closes is retired (listeners
@@ -1746,8 +1939,19 @@ export class WhatsAppChannel implements Channel {
   private dailySync: ReturnType<typeof setInterval> | null = null;
   private ownJids = new Set<string>();
   private readonly rateLimiter: RateLimiter;
-  /** Every socket this channel created, oldest first (for diagnostics and tests). */
-  readonly sockets: WASocket[] = [];
+  /** Outlives sockets, as baileys asks, so a message is not retried without end across reconnects. */
+  private readonly retryCounts = new TtlCache(60 * 60_000, 10_000);
+  /** Raw metadata of our groups, for sends (baileys' cachedGroupMetadata), kept current by group events. */
+  readonly groupMetadata = new TtlCache<GroupMetadata>(GROUP_METADATA_TTL_MS, 500);
+  /** LID → phone JIDs WhatsApp told us (lid-mapping.update) or baileys knew. */
+  private readonly lidToPhone = new Map<string, string>();
+  /** The WhatsApp Web version the sockets announce; undefined: baileys' own. */
+  private waVersion: WAVersion | undefined;
+  private lookUpVersion = true;
+  /** The version refusal is logged once per outage, not once per attempt. */
+  private versionRefusalLogged = false;
+  /** How many sockets this channel opened (diagnostics and tests). */
+  socketsOpened = 0;
   /** Delays used for each reconnect, in order. */
   readonly reconnectDelays: number[] = [];
 
@@ -1755,8 +1959,19 @@ export class WhatsAppChannel implements Channel {
     this.rateLimiter = options.rateLimiter ?? new RateLimiter();
   }
 
+  /** Whether store/auth holds a linked device, a pairing never finished, or nothing. */
+  static linkState(authDir: string): LinkState {
+    const file = join(authDir, 'creds.json');
+    if (!existsSync(file)) return 'none';
+    try {
+      return linkStateOf(JSON.parse(readFileSync(file, 'utf8')));
+    } catch {
+      return 'pending'; // unreadable: not a device that can log in
+    }
+  }
+
   static isLinked(authDir: string): boolean {
-    return existsSync(join(authDir, 'creds.json'));
+    return WhatsAppChannel.linkState(authDir) === 'linked';
   }
 
   ownsJid(jid: string): boolean {
@@ -1771,6 +1986,11 @@ export class WhatsAppChannel implements Channel {
     return this.connected;
   }
 
+  /** The WhatsApp Web version announced, or undefined for baileys' built-in one. */
+  get version(): WAVersion | undefined {
+    return this.waVersion;
+  }
+
   async connect(handlers: ChannelHandlers): Promise<void> {
     if (!WhatsAppChannel.isLinked(this.options.authDir)) {
       throw new WhatsAppNotLinked('WhatsApp is not linked on this machine yet.\n  Fix: bun nanoclaw.ts auth   (or: bun nanoclaw.ts auth --pairing-code <your phone number>)');
@@ -1781,7 +2001,28 @@ export class WhatsAppChannel implements Channel {
     this.dailySync = setInterval(() => void this.syncGroups().catch(() => {}), 24 * 60 * 60_000);
   }
 
+  /**
+   * The version to announce: WhatsApp Web's current one when it can be looked up (servers
+   * refuse a stale one), else the last that was looked up, else baileys' own.
+   */
+  async resolveVersion(): Promise<void> {
+    if (!this.lookUpVersion) return;
+    this.lookUpVersion = false;
+    const lookup = this.options.lookupVersion ?? (this.options.waWebSocketUrl ? undefined : () => fetchLatestWaWebVersion({ signal: AbortSignal.timeout(10_000) }));
+    // fetchLatestWaWebVersion never throws: isLatest false means it fell back to baileys' own.
+    const found = lookup ? await lookup().catch(() => null) : null;
+    if (found?.isLatest) {
+      this.waVersion = found.version;
+      this.options.rememberVersion?.(found.version);
+      log.info({ version: found.version.join('.') }, 'WhatsApp Web version looked up');
+      return;
+    }
+    this.waVersion = this.options.knownVersion?.() ?? this.waVersion;
+    log.info({ version: this.waVersion?.join('.') ?? 'built in' }, lookup ? 'Could not look up the WhatsApp Web version; using the last known one' : 'WhatsApp Web version');
+  }
+
   private async openSocket(): Promise<void> {
+    await this.resolveVersion();
     const { state, saveCreds } = await useMultiFileAuthState(this.options.authDir);
     const sock = makeWASocket({
       auth: state,
@@ -1789,10 +2030,14 @@ export class WhatsAppChannel implements Channel {
       logger: log.child({ module: 'baileys' }, { level: log.level === 'trace' ? 'debug' : 'warn' }) as unknown as ILogger,
       markOnlineOnConnect: false,
       syncFullHistory: false,
+      msgRetryCounterCache: this.retryCounts,
+      getMessage: (key) => this.getMessage(key),
+      cachedGroupMetadata: async (jid) => this.groupMetadata.get(jid),
+      ...(this.waVersion ? { version: this.waVersion } : {}), // never version: undefined, which would replace baileys' default
       ...(this.options.waWebSocketUrl ? { waWebSocketUrl: this.options.waWebSocketUrl } : {}),
     });
     this.sock = sock;
-    this.sockets.push(sock);
+    this.socketsOpened++;
     sock.ev.on('creds.update', saveCreds);
     sock.ev.on('connection.update', (update) => this.onConnectionUpdate(sock, update));
     sock.ev.on('messages.upsert', ({ messages }) => {
@@ -1801,10 +2046,43 @@ export class WhatsAppChannel implements Channel {
         this.onMessage(message).catch((err) => log.error({ err: errorText(err), messageId: message.key?.id }, 'Could not take an inbound WhatsApp message'));
       }
     });
+    sock.ev.on('groups.upsert', (groups) => {
+      if (sock !== this.sock) return;
+      for (const group of groups) {
+        this.groupMetadata.set(group.id, group);
+        this.learnGroupName(group.id, group.subject);
+      }
+    });
     sock.ev.on('groups.update', (updates) => {
       if (sock !== this.sock) return;
-      for (const group of updates) if (group.id && group.subject) this.handlers?.onChatMetadata?.({ jid: group.id, name: group.subject, isGroup: true });
+      for (const group of updates) {
+        if (!group.id) continue;
+        // Full metadata (a group sync) replaces the entry; a one-field change makes it stale.
+        if (group.subject !== undefined && Array.isArray(group.participants)) this.groupMetadata.set(group.id, group as GroupMetadata);
+        else this.groupMetadata.del(group.id);
+        this.learnGroupName(group.id, group.subject);
+      }
     });
+    sock.ev.on('group-participants.update', ({ id }) => {
+      if (sock !== this.sock) return;
+      this.groupMetadata.del(id);
+      sock.groupMetadata(id).then((metadata) => this.groupMetadata.set(id, metadata), () => {});
+    });
+    sock.ev.on('lid-mapping.update', ({ lid, pn }) => {
+      if (sock !== this.sock || !lid || !pn) return;
+      this.lidToPhone.set(jidNormalizedUser(lid), jidNormalizedUser(pn));
+    });
+  }
+
+  /** A group name from WhatsApp, unless it is empty (a change of something else carries no subject). */
+  private learnGroupName(jid: string, subject: string | undefined | null): void {
+    if (typeof subject === 'string' && subject.trim()) this.handlers?.onChatMetadata?.({ jid, name: subject.trim(), isGroup: true });
+  }
+
+  /** baileys' getMessage: what we sent under this id, exactly as sent, for a recipient's retry; never a placeholder. */
+  async getMessage(key: WAMessageKey): Promise<proto.IMessage | undefined> {
+    const content = key.id ? this.options.recallSent?.(key.id) : null;
+    return content ? proto.Message.decode(content) : undefined;
   }
 
   /** A socket that will never be used again: no listener left, connection ended. */
@@ -1818,11 +2096,25 @@ export class WhatsAppChannel implements Channel {
     }
   }
 
+  private stopFor(sock: WASocket): void {
+    this.closed = true;
+    this.connected = false;
+    this.retire(sock);
+    if (this.reconnectTimer) clearTimeout(this.reconnectTimer);
+  }
+
   private onConnectionUpdate(sock: WASocket, update: Partial<ConnectionState>): void {
     if (sock !== this.sock) return; // a retired socket's last words
+    if (update.qr) {
+      log.error('WhatsApp offers a QR code: store/auth/ holds no linked device. Run `bun nanoclaw.ts auth` to link this machine.');
+      this.stopFor(sock);
+      this.options.onNotLinked?.();
+      return;
+    }
     if (update.connection === 'open') {
       this.connected = true;
       this.attempt = 0;
+      this.versionRefusalLogged = false;
       this.ownJids = new Set([sock.user?.id, sock.user?.lid].filter((j): j is string => Boolean(j)).map((j) => jidNormalizedUser(j)));
       log.info({ me: [...this.ownJids] }, 'WhatsApp connected');
       this.handlers?.onReady?.();
@@ -1832,23 +2124,33 @@ export class WhatsAppChannel implements Channel {
     }
     if (update.connection === 'close') {
       this.connected = false;
-      const status = (update.lastDisconnect?.error as { output?: { statusCode?: number } } | undefined)?.output?.statusCode;
-      if (status === DisconnectReason.loggedOut) {
+      const { kind, status, detail } = disconnectKind(update.lastDisconnect?.error);
+      if (kind === 'logged-out') {
         log.error('WhatsApp logged this device out. The credentials in store/auth/ no longer work: remove that folder, then run `bun nanoclaw.ts auth`.');
-        this.closed = true;
-        this.retire(sock);
+        this.stopFor(sock);
         this.options.onLoggedOut?.();
         return;
       }
-      log.warn({ status, reason: String(update.lastDisconnect?.error ?? 'unknown') }, 'WhatsApp disconnected');
-      this.scheduleReconnect();
+      if (kind === 'version-refused') {
+        this.lookUpVersion = true;
+        if (!this.versionRefusalLogged) {
+          log.error(
+            { version: this.waVersion?.join('.') ?? 'built in' },
+            'WhatsApp refused this client version (405). NanoClaw looks the current version up and keeps trying; if this goes on, update NanoClaw (bun update @whiskeysockets/baileys).',
+          );
+        }
+        this.versionRefusalLogged = true;
+      } else {
+        log.warn({ status, kind, reason: detail }, 'WhatsApp disconnected');
+      }
+      this.scheduleReconnect(kind === 'restart');
     }
   }
 
-  private scheduleReconnect(): void {
+  private scheduleReconnect(now = false): void {
     if (this.closed || this.reconnectTimer) return;
     this.attempt++;
-    const delay = reconnectDelay(this.attempt, this.options.reconnectBaseMs, this.options.reconnectCapMs);
+    const delay = now ? 0 : reconnectDelay(this.attempt, this.options.reconnectBaseMs, this.options.reconnectCapMs);
     this.reconnectDelays.push(delay);
     log.info({ attempt: this.attempt, delayMs: delay }, 'Reconnecting to WhatsApp');
     this.reconnectTimer = setTimeout(() => {
@@ -1869,29 +2171,56 @@ export class WhatsAppChannel implements Channel {
       ownJids: this.ownJids,
       assistantName: this.options.assistantName,
       hasOwnNumber: this.options.hasOwnNumber,
+      triggerFor: (chatJid) => this.options.triggerFor?.(chatJid) ?? `@${this.options.assistantName}`,
       phoneForLid: (lid) => {
         const own = sock?.user?.lid && jidNormalizedUser(sock.user.lid) === lid ? sock.user.id : undefined;
-        return own ?? this.lidCache.get(lid);
+        return own ?? this.lidToPhone.get(lid);
       },
     };
   }
 
-  private readonly lidCache = new Map<string, string>();
+  /** Phone forms baileys knows (locally) for the LIDs of a message's chat and sender. */
+  private async learnPhonesFor(key: WAMessageKey): Promise<void> {
+    const sock = this.sock;
+    for (const jid of [key.remoteJid, key.participant]) {
+      if (!sock || !jid || !isLidUser(jid) || this.lidToPhone.has(jidNormalizedUser(jid))) continue;
+      const phone = await sock.signalRepository.lidMapping.getPNForLID(jid).catch(() => null);
+      if (phone) this.lidToPhone.set(jidNormalizedUser(jid), jidNormalizedUser(phone));
+    }
+  }
 
   /** Inbound: translate, download media for registered chats, hand to the host. */
   async onMessage(raw: WAMessage): Promise<void> {
-    const sock = this.sock;
-    const key = raw.key as WAMessageKey;
-    if (sock && key?.remoteJid && isLidUser(key.remoteJid) && !this.lidCache.has(jidNormalizedUser(key.remoteJid))) {
-      const phone = await sock.signalRepository.lidMapping.getPNForLID(key.remoteJid).catch(() => null);
-      if (phone) this.lidCache.set(jidNormalizedUser(key.remoteJid), jidNormalizedUser(phone));
-    }
+    await this.learnPhonesFor(raw.key as WAMessageKey);
     const inbound = parseWhatsAppMessage(raw, this.identity());
     if (!inbound) return;
     const tree = inbound.media ? this.options.mediaTreeFor(inbound.message.chatJid) : null;
     if (inbound.media && tree) inbound.message.content = await this.saveMedia(raw, inbound, tree);
     else if (inbound.media) inbound.message.content = `[${inbound.media.kind}]${inbound.message.content ? ` ${inbound.message.content}` : ''}`;
     this.handlers?.onMessage(inbound.message, { name: inbound.isGroup ? undefined : raw.pushName, isGroup: inbound.isGroup });
+  }
+
+  /**
+   * Downloads a message's media. Media older than WhatsApp keeps on its servers (404/410)
+   * is asked of the sender's phone again, then fetched once more. (baileys 7.0.0-rc14 would
+   * do this itself through reuploadRequest, but it looks for the status in the wrong field.)
+   */
+  private async download(raw: WAMessage): Promise<Buffer> {
+    try {
+      return await downloadMediaMessage(raw, 'buffer', {});
+    } catch (err) {
+      const status = (err as { output?: { statusCode?: number } }).output?.statusCode;
+      const sock = this.sock;
+      if ((status !== 404 && status !== 410) || !sock) throw err;
+      log.info({ messageId: raw.key?.id, status }, 'Media expired on WhatsApp’s servers; asking the sender’s phone to upload it again');
+      const timeoutMs = this.options.mediaReuploadTimeoutMs ?? 30_000;
+      let timer: ReturnType<typeof setTimeout> | undefined;
+      const fresh = await Promise.race([
+        sock.updateMediaMessage(raw),
+        new Promise<never>((_, reject) => (timer = setTimeout(() => reject(new Error(`the sender’s phone did not upload it again within ${timeoutMs / 1000} s`)), timeoutMs))),
+      ]).finally(() => clearTimeout(timer));
+      return await downloadMediaMessage(fresh, 'buffer', {});
+    }
   }
 
   private async saveMedia(raw: WAMessage, inbound: WhatsAppInbound, tree: AgentTree): Promise<string> {
@@ -1901,7 +2230,7 @@ export class WhatsAppChannel implements Channel {
       return `[${media.kind} not downloaded: ${Math.round(media.bytes! / 1024 / 1024)} MB is over the ${MAX_MEDIA_BYTES / 1024 / 1024} MB limit]${caption ? ` ${caption}` : ''}`;
     }
     try {
-      const data = await downloadMediaMessage(raw, 'buffer', {});
+      const data = await this.download(raw);
       if (data.length > MAX_MEDIA_BYTES) throw new Error('file over the size limit');
       const fileName = safeMediaFileName(inbound.message.id, media.kind, media.mimetype, media.fileName);
       try {
@@ -1911,7 +2240,7 @@ export class WhatsAppChannel implements Channel {
       }
       return `[${media.kind}: /workspace/group/media/${fileName}${media.fileName ? ` (${media.fileName})` : ''}]${caption ? ` ${caption}` : ''}`;
     } catch (err) {
-      log.warn({ err, messageId: inbound.message.id }, 'Could not download media');
+      log.warn({ err: errorText(err), messageId: inbound.message.id }, 'Could not download media');
       return `[${media.kind} could not be downloaded]${caption ? ` ${caption}` : ''}`;
     }
   }
@@ -1920,19 +2249,27 @@ export class WhatsAppChannel implements Channel {
     return splitForWhatsApp(toWhatsAppFormat(text));
   }
 
-  /** Sends one part, within the rate limits, under its stable message id. */
+  /** Sends one part, within the rate limits, under its stable message id, and keeps what was sent for resends. */
   async deliver(jid: string, text: string, messageId: string): Promise<void> {
     const wait = this.rateLimiter.delayFor(jid);
     if (wait > 0) await Bun.sleep(wait);
     if (!this.connected) throw new Error('WhatsApp is not connected');
-    await this.send(jid, text, messageId);
+    const sent = await this.send(jid, text, messageId);
     this.rateLimiter.record(jid);
+    if (sent) {
+      try {
+        this.options.rememberSent?.(messageId, proto.Message.encode(sent).finish());
+      } catch (err) {
+        log.warn({ err: errorText(err), messageId }, 'Sent, but could not keep a copy for resends');
+      }
+    }
   }
 
-  /** The one place a message leaves for WhatsApp. */
-  protected async send(jid: string, text: string, messageId: string): Promise<void> {
+  /** The one place a message leaves for WhatsApp; returns the message as WhatsApp was given it. */
+  protected async send(jid: string, text: string, messageId: string): Promise<proto.IMessage | undefined> {
     if (!this.sock) throw new Error('no WhatsApp connection');
-    await this.sock.sendMessage(jid, { text }, { messageId });
+    const sent = await this.sock.sendMessage(jid, { text }, { messageId });
+    return sent?.message ?? undefined;
   }
 
   async setTyping(jid: string, typing: boolean): Promise<void> {
@@ -1942,7 +2279,10 @@ export class WhatsAppChannel implements Channel {
   async syncGroups(): Promise<void> {
     if (!this.sock || !this.connected) return;
     const groups = await this.sock.groupFetchAllParticipating();
-    for (const group of Object.values(groups)) this.handlers?.onChatMetadata?.({ jid: group.id, name: group.subject, isGroup: true });
+    for (const group of Object.values(groups)) {
+      this.groupMetadata.set(group.id, group);
+      this.learnGroupName(group.id, group.subject);
+    }
     this.options.markGroupSync?.();
     log.info({ groups: Object.keys(groups).length }, 'WhatsApp group names synced');
   }
@@ -1998,6 +2338,8 @@ export interface QueueOptions {
   processMessages(chatJid: string): Promise<boolean>;
   /** The retries are used up: the group's pending messages must be given up. */
   onGiveUp?(chatJid: string): void;
+  /** A failed run will be tried again after delayMs. */
+  onRetry?(chatJid: string, attempt: number, delayMs: number): void;
 }
 
 /** Exponential backoff: base, 2×base, 4×base… */
@@ -2088,6 +2430,16 @@ export class GroupQueue {
     this.closeIdle(jid);
   }
 
+  /** Stops the group's container now, and any retry it was waiting for. */
+  async kill(jid: string): Promise<void> {
+    const state = this.groups.get(jid);
+    if (!state) return;
+    if (state.retryTimer) clearTimeout(state.retryTimer);
+    state.retryTimer = null;
+    state.messagesPending = false;
+    await state.live?.kill();
+  }
+
   private closeIdle(jid: string): void {
     const state = this.groups.get(jid);
     if (!state) return;
@@ -2164,6 +2516,7 @@ export class GroupQueue {
     }
     const delayMs = retryDelay(this.options.retryBaseMs, state.retryCount);
     log.warn({ chatJid: jid, attempt: state.retryCount, delayMs }, 'Agent run failed; retrying with backoff');
+    this.options.onRetry?.(jid, state.retryCount, delayMs);
     if (state.retryTimer) clearTimeout(state.retryTimer);
     state.retryTimer = setTimeout(() => {
       state.retryTimer = null;
@@ -3559,6 +3912,14 @@ export class Scheduler {
 
 // ───────────────────────────── 12. Host: inbound → queue → container → outbound ──────
 
+/** A failed turn will be tried again (the host's 'retry' event). */
+export interface RetryEvent {
+  chatJid: string;
+  attempt: number;
+  maxRetries: number;
+  delayMs: number;
+}
+
 export interface TurnEvent {
   chatJid: string;
   status: 'success' | 'error';
@@ -3605,7 +3966,6 @@ export class Host extends EventEmitter {
   readonly scheduler: Scheduler;
   readonly proxy: ModelProxy;
   private readonly senders = new Map<string, OutboxSender>();
-  private readonly trigger: RegExp;
   /** Highest message seq handed to each group's live container (the persisted cursor trails it until answered). */
   private readonly delivered = new Map<string, number>();
   /** Chats whose running agent asked a question: their next message goes to it without the trigger. */
@@ -3625,7 +3985,6 @@ export class Host extends EventEmitter {
     private readonly options: HostOptions = {},
   ) {
     super();
-    this.trigger = triggerPattern(config.assistantName);
     this.queue = new GroupQueue({
       maxConcurrent: config.maxConcurrentContainers,
       idleTimeoutMs: config.idleTimeoutMs,
@@ -3633,6 +3992,7 @@ export class Host extends EventEmitter {
       maxRetries: options.maxRetries ?? 5,
       processMessages: (jid) => this.processMessages(jid),
       onGiveUp: (jid) => this.giveUp(jid),
+      onRetry: (chatJid, attempt, delayMs) => this.emit('retry', { chatJid, attempt, delayMs, maxRetries: options.maxRetries ?? 5 } satisfies RetryEvent),
     });
     this.ipc = new IpcWatcher(config.ipcDir, { handle: (folder, kind, data, claimId) => this.handleIpc(folder, kind, data, claimId) }, options.sweepIntervalMs ?? 30_000);
     this.scheduler = new Scheduler(store, config.timezone, (task) => this.queueTaskRun(task));
@@ -3694,6 +4054,16 @@ export class Host extends EventEmitter {
     for (const sender of this.senders.values()) sender.stop();
     for (const channel of this.channels) await channel.disconnect();
     log.info('NanoClaw stopped');
+  }
+
+  /**
+   * The person walked away from a turn (Ctrl-C in `chat`): its container stops now, and the
+   * messages it was answering count as answered, so the next start does not answer them
+   * behind their back.
+   */
+  async abandon(chatJid: string): Promise<void> {
+    this.store.setCursor(chatJid, this.store.latestSeq(chatJid));
+    await this.queue.kill(chatJid);
   }
 
   /** Waits until every channel's outbox has sent what it can (tests, `tasks run`). */
@@ -3785,7 +4155,7 @@ export class Host extends EventEmitter {
     if (deliveredSeq === undefined) return false;
     const messages = this.store.messagesSince(group.jid, deliveredSeq);
     const answering = this.awaitingAnswer.has(group.jid) && messages.length > 0;
-    if (!answering && !needsAgent(group, messages, this.trigger)) return true; // kept for the next batch
+    if (!answering && !needsAgent(group, messages)) return true; // kept for the next batch
     if (!this.queue.sendFollowUp(group.jid, formatMessages(messages, this.config.timezone))) return false;
     this.awaitingAnswer.delete(group.jid);
     this.delivered.set(group.jid, messages.at(-1)!.seq);
@@ -3799,7 +4169,7 @@ export class Host extends EventEmitter {
       for (const group of this.store.listGroups()) {
         if (this.queue.isBusy(group.jid)) continue;
         const pending = this.store.messagesSince(group.jid, this.store.getCursor(group.jid));
-        if (needsAgent(group, pending, this.trigger)) {
+        if (needsAgent(group, pending)) {
           log.info({ group: group.folder, pending: pending.length }, 'Unanswered messages found; queueing');
           this.queue.enqueueMessages(group.jid);
         }
@@ -3850,7 +4220,7 @@ export class Host extends EventEmitter {
     const group = this.store.groupByJid(chatJid);
     if (!group) return true;
     const messages = this.store.messagesSince(chatJid, this.store.getCursor(chatJid));
-    if (!needsAgent(group, messages, this.trigger)) return true;
+    if (!needsAgent(group, messages)) return true;
     this.delivered.set(chatJid, messages.at(-1)!.seq);
     const channel = this.channelFor(chatJid);
     await channel?.setTyping?.(chatJid, true).catch(() => {});
@@ -4195,6 +4565,7 @@ export function registerGroup(
   store: Store,
   request: { jid: string; name: string; folder: string; trigger?: string; requiresTrigger?: boolean; isMain?: boolean; containerConfig?: ContainerConfig },
 ): RegisteredGroup {
+  if (request.trigger !== undefined && !isValidTrigger(request.trigger)) throw new IpcFormatError(`trigger "${request.trigger}" must be @ and one word, e.g. @${config.assistantName}`);
   if (!isValidFolder(request.folder)) {
     throw new IpcFormatError(`folder "${request.folder}" must be lowercase letters, digits, - or _ (at most 64), and not one of NanoClaw's own: ${RESERVED_FOLDERS.join(', ')}`);
   }
@@ -4222,35 +4593,124 @@ export function registerGroup(
 
 // ───────────────────────────── 13. CLI: commands, start-up checks, main() ────────────
 
+/** Each command's own lines of usage: printed with its mistakes, for `<command> --help`, and all together as USAGE. */
+export const COMMAND_USAGE = {
+  start: [['(none), start', 'run the assistant service (WhatsApp)']],
+  auth: [
+    ['auth [--pairing-code <phone>]', 'link this machine to your WhatsApp (QR code, or a code typed on the phone)'],
+    ['auth --check', 'is this machine linked? (exit 0 linked, 3 not linked, 4 a pairing left unfinished)'],
+  ],
+  chat: [['chat', "talk to the main group's agent from this terminal (piped stdin: one message per line)"]],
+  groups: [
+    ['groups list', 'registered groups'],
+    ['groups register <jid> <folder> [--name N] [--trigger @Word] [--no-trigger] [--main] [--network none|bridge|NAME]', ''],
+    ['groups remove <jid|folder>', 'unregister (its folder and memory stay on disk)'],
+  ],
+  tasks: [
+    ['tasks list [--json]', 'scheduled tasks, next runs in your timezone'],
+    ['tasks show <id> [--json]', 'one task and its recent runs'],
+    ['tasks run <id>', 'run a task now; what it sends goes to its chat (WhatsApp: through the outbox)'],
+    ['tasks pause|resume|cancel <id>', ''],
+  ],
+  logs: [['logs [--group <folder>] [--lines N]', "recent host log, or a group's latest container runs"]],
+  mounts: [['mounts <folder> [--docker-args]', "what a group's container gets mounted where"]],
+  service: [['service install|uninstall|status [--dry-run] [--platform linux|macos]', 'run NanoClaw in the background (systemd user unit / launchd agent)']],
+  sessions: [
+    ['sessions list', 'the Kimi session of each group'],
+    ['sessions clear <folder>', "forget a group's session (files and database row)"],
+  ],
+  usage: [['usage [--days N] [--group F] [--json]', 'model requests and tokens by group and day (counted by the model proxy)']],
+  model: [['model check [--json]', 'does the endpoint take the key? (one cheap request through the proxy)']],
+  config: [
+    ['config get <KEY>…', 'the value NanoClaw uses for each setting (one per line; the key only as "set")'],
+    ['config list', 'every setting, its value, and where it comes from'],
+  ],
+  diagnose: [['diagnose [--json]', 'check the whole setup (runs scripts/diagnose.sh)']],
+  help: [['help [command], --help', 'this text, or one command\'s']],
+} satisfies Record<string, [string, string][]>;
+export type CommandName = keyof typeof COMMAND_USAGE;
+
+function usageLines(lines: [string, string][]): string {
+  return lines.map(([synopsis, what]) => `  ${what && synopsis.length < 36 ? `${synopsis.padEnd(36)}${what}` : `${synopsis}${what ? `\n  ${''.padEnd(36)}${what}` : ''}`}`).join('\n');
+}
+
+/** One command's usage, as shown after its mistakes and for `--help`. */
+export function commandUsage(command: CommandName): string {
+  return `Usage: bun nanoclaw.ts …\n${usageLines(COMMAND_USAGE[command])}`;
+}
+
 export const USAGE = `NanoClaw — your assistant in WhatsApp, one container per group.
 
 Usage: bun nanoclaw.ts [command]
 
 Commands:
-  (none), start                 run the assistant service (WhatsApp)
-  auth [--pairing-code <phone>] link this machine to your WhatsApp (QR code or pairing code)
-  chat                          talk to the main group's agent from this terminal
-                                (piped stdin: one message per line, replies on stdout)
-  groups list                   registered groups
-  groups register <jid> <folder> [--name N] [--trigger @Word] [--no-trigger] [--main] [--network none|bridge|NAME]
-  groups remove <jid|folder>    unregister (its folder and memory stay on disk)
-  tasks list [--json]           scheduled tasks, next runs in your timezone
-  tasks show <id>               one task and its recent runs
-  tasks run <id>                run a task now, in the foreground; prints what it sent
-  tasks pause|resume|cancel <id>
-  logs [--group <folder>] [--lines N]   recent host log, or a group's latest container runs
-  mounts <folder> [--docker-args]       what a group's container gets mounted where
-  service install|uninstall|status [--dry-run] [--platform linux|macos]
-                                run NanoClaw in the background (systemd user unit / launchd agent)
-  sessions list                 the Kimi session of each group
-  sessions clear <folder>       forget a group's session (files and database row)
-  usage [--days N] [--group F]  model requests and tokens by group and day (counted by the model proxy)
-  model check [--json]          does the endpoint take the key? (one cheap request through the proxy)
-  help, --help                  this text
+${Object.values(COMMAND_USAGE).map(usageLines).join('\n')}
 
 Settings come from the environment and .env (see .env.example).`;
 
-export class UsageError extends Error {}
+/** A mistake in how a command was called: one line, then that command's usage; exit 2. */
+export class UsageError extends Error {
+  constructor(
+    message: string,
+    readonly command?: CommandName,
+  ) {
+    super(message);
+  }
+}
+
+/** `<command> --help`: that command's usage on stdout, exit 0. */
+class HelpRequested extends Error {
+  constructor(readonly command: CommandName) {
+    super(`help for ${command}`);
+  }
+}
+
+/** node:util parseArgs' own messages, made into one short line. */
+export function parseArgsMistake(err: unknown): string {
+  const code = (err as { code?: string }).code;
+  const message = errorText(err);
+  const quoted = /'([^']+)'/.exec(message)?.[1] ?? '';
+  switch (code) {
+    case 'ERR_PARSE_ARGS_UNKNOWN_OPTION':
+      return `Unknown option ${quoted}.`;
+    case 'ERR_PARSE_ARGS_UNEXPECTED_POSITIONAL':
+      return `Unexpected argument "${quoted}".`;
+    case 'ERR_PARSE_ARGS_INVALID_OPTION_VALUE': {
+      const option = quoted.split(' ')[0]!;
+      if (/does not take an argument/.test(message)) return `${option} takes no value.`;
+      if (/ambiguous/.test(message)) return `${option} needs a value (one that starts with "-" goes as ${option}=-…).`;
+      return `${option} needs a value.`;
+    }
+    default:
+      return message;
+  }
+}
+
+type CommandOptions = Record<string, { type: 'string' | 'boolean'; short?: string; default?: string | boolean }>;
+
+/**
+ * parseArgs for one command, strict: a mistake becomes a UsageError naming that command,
+ * and `--help`/`-h` anywhere shows its usage instead of running it.
+ */
+export function commandArgs(command: CommandName, args: string[], options: CommandOptions = {}): { values: Record<string, string | boolean | undefined>; positionals: string[] } {
+  let parsed: { values: Record<string, string | boolean | undefined>; positionals: string[] };
+  try {
+    parsed = parseArgs({ args, allowPositionals: true, strict: true, options: { ...options, help: { type: 'boolean', short: 'h' } } });
+  } catch (err) {
+    if (args.includes('--help') || args.includes('-h')) throw new HelpRequested(command);
+    throw new UsageError(parseArgsMistake(err), command);
+  }
+  if (parsed.values.help) throw new HelpRequested(command);
+  return parsed;
+}
+
+/** A whole number above 0 from an option, or a UsageError naming it. */
+function positiveOption(command: CommandName, name: string, raw: string | boolean | undefined, fallback: number): number {
+  if (raw === undefined) return fallback;
+  const value = Number(raw);
+  if (typeof raw !== 'string' || !/^\d+$/.test(raw.trim()) || value <= 0) throw new UsageError(`--${name} takes a whole number above 0, not "${raw}".`, command);
+  return value;
+}
 
 /** Runs a command to completion; never throws for a missing binary. */
 function runQuietly(cmd: string[], timeoutMs = 15_000): { ok: boolean; output: string } {
@@ -4304,20 +4764,24 @@ export function removeLeftoverInboxes(config: Config): void {
   for (const entry of root.entries()) root.remove(entry.name);
 }
 
+/** The pid of a live host of this project (its lock file names it), or null. */
+export function runningHostPid(config: Config): number | null {
+  const lockFile = join(config.dataDir, 'nanoclaw.pid');
+  if (!existsSync(lockFile)) return null;
+  const pid = Number(readFileSync(lockFile, 'utf8').trim());
+  try {
+    return Number.isInteger(pid) && pid > 0 && pid !== process.pid && process.kill(pid, 0) ? pid : null;
+  } catch {
+    return null;
+  }
+}
+
 /** One host per project: two would answer the same messages. Returns a release function. */
 export function acquireHostLock(config: Config): () => void {
   const lockFile = join(config.dataDir, 'nanoclaw.pid');
   mkdirSync(config.dataDir, { recursive: true });
-  if (existsSync(lockFile)) {
-    const pid = Number(readFileSync(lockFile, 'utf8').trim());
-    let alive = false;
-    try {
-      alive = Number.isInteger(pid) && pid > 0 && pid !== process.pid && process.kill(pid, 0);
-    } catch {
-      alive = false;
-    }
-    if (alive) throw new UsageError(`NanoClaw is already running here (pid ${pid}). Stop it first, or talk to it through its channel.`);
-  }
+  const pid = runningHostPid(config);
+  if (pid) throw new UsageError(`NanoClaw is already running here (pid ${pid}). Stop it first, or talk to it through its channel.`);
   writeFileSync(lockFile, String(process.pid));
   return () => {
     if (existsSync(lockFile) && readFileSync(lockFile, 'utf8').trim() === String(process.pid)) unlinkSync(lockFile);
@@ -4401,8 +4865,14 @@ export function whatsAppChannel(config: Config, store: Store, extra: Partial<Wha
       const group = store.groupByJid(jid);
       return group ? groupTrees(config, group.folder).group : null;
     },
+    triggerFor: (jid) => store.groupByJid(jid)?.trigger,
     lastGroupSync: () => store.getState(GROUPS_SYNCED_AT),
     markGroupSync: () => store.setState(GROUPS_SYNCED_AT, new Date().toISOString()),
+    knownVersion: () => parseWaVersion(store.getState(WHATSAPP_VERSION_STATE)),
+    rememberVersion: (version) => store.setState(WHATSAPP_VERSION_STATE, version.join('.')),
+    rememberSent: (messageId, content) => store.recordSentContent(messageId, content),
+    recallSent: (messageId) => store.outboundByMessageId(messageId)?.sentContent ?? null,
+    ...(config.whatsappServerUrl ? { waWebSocketUrl: config.whatsappServerUrl } : {}),
     ...extra,
   });
 }
@@ -4418,76 +4888,178 @@ export function makeSelfChatMain(config: Config, store: Store, selfJid: string):
   return store.mainGroup()!;
 }
 
-function onShutdownSignal(stop: () => Promise<void>): void {
+/**
+ * SIGTERM (a service manager) lets running turns finish and delivers them. SIGINT does the
+ * same, unless `interrupt` is given (the terminal chat: Ctrl-C stops the turn at once).
+ */
+function onShutdownSignal(stop: () => Promise<void>, interrupt?: () => void): void {
   let stopping = false;
   const handler = (signal: string) => {
-    if (stopping) process.exit(130); // second Ctrl-C: leave now
+    if (stopping) process.exit(130); // a second signal: leave now
     stopping = true;
     log.info({ signal }, 'Shutting down');
     void stop().then(() => process.exit(0));
   };
-  process.on('SIGINT', () => handler('SIGINT'));
+  process.on('SIGINT', () => (interrupt ? interrupt() : handler('SIGINT')));
   process.on('SIGTERM', () => handler('SIGTERM'));
+}
+
+/** What the terminal shows while the agent works: a spinner in the prompt. */
+export const SPINNER_FRAMES = ['⠋', '⠙', '⠹', '⠸', '⠼', '⠴', '⠦', '⠧', '⠇', '⠏'];
+
+/**
+ * The terminal side of `chat`. On a terminal: a prompt that shows a spinner while the
+ * agent works, and output that never lands in the middle of what the person is typing.
+ * Piped: replies on stdout, problems on stderr, nothing else.
+ */
+class ChatTerminal {
+  readonly lines: ReturnType<typeof createInterface>;
+  private spinner: ReturnType<typeof setInterval> | null = null;
+  private frame = 0;
+  private readonly prompt = 'you › ';
+
+  constructor(
+    readonly interactive: boolean,
+    private readonly assistantName: string,
+  ) {
+    this.lines = createInterface({ input: process.stdin, terminal: interactive, ...(interactive ? { output: process.stdout, prompt: this.prompt } : {}) });
+  }
+
+  /** A line from the agent (or a note): above the prompt, which is drawn again with what was typed. */
+  print(text: string, stream: NodeJS.WriteStream = process.stdout): void {
+    if (!this.interactive) {
+      stream.write(`${text}\n`);
+      return;
+    }
+    process.stdout.write('\r\x1b[2K');
+    stream.write(`${text}\n`);
+    this.lines.prompt(true);
+  }
+
+  problem(text: string): void {
+    this.print(this.interactive ? `\x1b[31m${text}\x1b[0m` : text, process.stderr);
+  }
+
+  working(busy: boolean): void {
+    if (!this.interactive) return;
+    if (busy && !this.spinner) {
+      this.spinner = setInterval(() => {
+        this.frame = (this.frame + 1) % SPINNER_FRAMES.length;
+        this.lines.setPrompt(`${SPINNER_FRAMES[this.frame]} ${this.assistantName} is working… ${this.prompt}`);
+        this.lines.prompt(true);
+      }, 120);
+    }
+    if (!busy && this.spinner) {
+      clearInterval(this.spinner);
+      this.spinner = null;
+      this.lines.setPrompt(this.prompt);
+      process.stdout.write('\r\x1b[2K');
+      this.lines.prompt(true);
+    }
+  }
+
+  get busy(): boolean {
+    return this.spinner !== null;
+  }
+
+  close(): void {
+    this.working(false);
+    this.lines.close();
+  }
 }
 
 /** `chat`: the terminal as the main group's channel. */
 export async function runChat(config: Config): Promise<number> {
-  const interactive = Boolean(process.stdin.isTTY);
+  const interactive = Boolean(process.stdin.isTTY && process.stdout.isTTY);
   keepRunningThroughErrors();
   const setupStore = await openStoreWhenFree(config.dbPath);
   const main = ensureMainGroup(config, setupStore);
   setupStore.close();
-  const local = new LocalChannel(main.jid, (text) => process.stdout.write(`${text}\n`));
+  const terminal = new ChatTerminal(interactive, config.assistantName);
+  let busy = false;
+  const local = new LocalChannel(main.jid, (text) => terminal.print(text), undefined, (typing) => {
+    busy = typing;
+    terminal.working(typing);
+  });
   const { host, store, release } = await startHost(config, () => [local]);
-  const finish = async () => {
-    await host.stop();
-    store.close();
-    release();
+  let finished: Promise<void> | null = null;
+  const finish = () =>
+    (finished ??= (async () => {
+      terminal.close();
+      await host.stop();
+      store.close();
+      release();
+    })());
+  // Ctrl-C: the turn in progress stops now and is not answered later; exit 130. A second one leaves at once.
+  let interruption: Promise<number> | null = null;
+  const interrupt = () => {
+    if (interruption) process.exit(130);
+    interruption = (async () => {
+      if (busy) {
+        terminal.print('Stopped. That message will not be answered; send it again if you still want an answer.');
+        await host.abandon(main.jid);
+      }
+      await finish();
+      return 130;
+    })();
   };
-  onShutdownSignal(finish);
+  onShutdownSignal(finish, interrupt);
+  terminal.lines.on('SIGINT', interrupt); // a terminal's Ctrl-C reaches readline, not the process
   await host.start();
 
   let failures = 0;
   host.on('turn', (event: TurnEvent) => {
     if (event.chatJid === main.jid && event.status === 'error') {
       failures++;
-      process.stderr.write(`${interactive ? '\x1b[31m' : ''}The agent failed: ${event.error ?? 'unknown error'} (details: groups/${main.folder}/logs/)${interactive ? '\x1b[0m' : ''}\n`);
+      terminal.problem(`The agent failed: ${event.error ?? 'unknown error'} (details: groups/${main.folder}/logs/)`);
     }
   });
+  host.on('retry', (event: RetryEvent) => {
+    if (event.chatJid === main.jid) terminal.problem(`Retrying in ${Math.round(event.delayMs / 1000)} s (attempt ${event.attempt} of ${event.maxRetries}).`);
+  });
 
-  const lines = createInterface({ input: process.stdin, terminal: interactive, ...(interactive ? { output: process.stdout, prompt: 'you › ' } : {}) });
   if (interactive) {
-    process.stdout.write(`Talking to ${config.assistantName} (main group, folder groups/${main.folder}). Ctrl-D to leave.\n`);
-    lines.prompt();
-    host.on('turn', (event: TurnEvent) => event.chatJid === main.jid && lines.prompt());
-    for await (const line of lines) {
+    process.stdout.write(`Talking to ${config.assistantName} (main group, folder groups/${main.folder}). Ctrl-D to leave, Ctrl-C to stop.\n`);
+    terminal.lines.prompt();
+    for await (const line of terminal.lines) {
+      if (interruption) break;
       if (line.trim()) local.submit(line.trim());
-      else lines.prompt();
+      terminal.lines.prompt(true);
     }
   } else {
-    for await (const line of lines) {
+    for await (const line of terminal.lines) {
+      if (interruption) break;
       if (!line.trim()) continue;
       local.submit(line.trim());
-      await waitForTurn(host, main.jid, store.latestSeq(main.jid));
+      const turn = await waitForTurn(host, main.jid, store.latestSeq(main.jid));
+      // A failed run is still ending: let it say whether it will be retried before the next line (or the end).
+      while (turn.status === 'error' && host.queue.isRunning(main.jid) && !interruption) await Bun.sleep(20);
     }
   }
+  if (interruption) return await interruption;
   await finish();
   return failures > 0 ? 1 : 0;
 }
 
 /** The service: WhatsApp (and whatever channels come later) until a signal stops it. */
 export async function runService(config: Config): Promise<number> {
-  if (!WhatsAppChannel.isLinked(whatsAppAuthDir(config))) {
+  const link = WhatsAppChannel.linkState(whatsAppAuthDir(config));
+  if (link !== 'linked') {
     throw new UsageError(
-      'WhatsApp is not linked on this machine yet.\n' +
+      `WhatsApp is not linked on this machine yet${link === 'pending' ? ' (a pairing was started but never finished)' : ''}.\n` +
         '  Fix: bun nanoclaw.ts auth   (shows a QR code; or: bun nanoclaw.ts auth --pairing-code <your phone number>)\n' +
         '  Meanwhile you can talk to your assistant from this terminal: bun nanoclaw.ts chat',
     );
   }
   keepRunningThroughErrors();
-  let loggedOut: () => void = () => {};
-  const whenLoggedOut = new Promise<void>((resolve) => (loggedOut = resolve));
-  const { host, store, release } = await startHost(config, (store) => [whatsAppChannel(config, store, { onLoggedOut: () => loggedOut() })]);
+  let unlinked: (why: string) => void = () => {};
+  const whenUnlinked = new Promise<string>((resolve) => (unlinked = resolve));
+  const { host, store, release } = await startHost(config, (store) => [
+    whatsAppChannel(config, store, {
+      onLoggedOut: () => unlinked('WhatsApp logged this device out. Remove store/auth/ and run `bun nanoclaw.ts auth` to link again.'),
+      onNotLinked: () => unlinked('Not linked: WhatsApp does not know the device in store/auth/. Run `bun nanoclaw.ts auth`, then start NanoClaw again.'),
+    }),
+  ]);
   const finish = async () => {
     await host.stop();
     store.close();
@@ -4495,71 +5067,129 @@ export async function runService(config: Config): Promise<number> {
   };
   onShutdownSignal(finish);
   await host.start();
-  await whenLoggedOut; // otherwise runs until a signal
-  console.error('WhatsApp logged this device out. Remove store/auth/ and run `bun nanoclaw.ts auth` to link again.');
+  const why = await whenUnlinked; // otherwise runs until a signal
+  console.error(why);
   await finish();
-  return 0;
+  return 2; // the user must act: the service unit does not restart on 2
+}
+
+/** What `auth` says when WhatsApp closes the linking connection, and whether to try again at once. */
+export function authCloseMessage(error: unknown): { retry: boolean; message: string } {
+  const { kind, status, detail } = disconnectKind(error);
+  switch (kind) {
+    case 'restart':
+      return { retry: true, message: '' }; // WhatsApp asks for a fresh connection right after pairing
+    case 'network':
+      return { retry: false, message: `No network: WhatsApp cannot be reached (${detail}). Check this machine's internet connection, then run auth again.` };
+    case 'qr-expired':
+      return { retry: false, message: 'The code expired before it was used. Run auth again and scan (or type) the new one within a minute.' };
+    case 'version-refused':
+      return { retry: false, message: 'WhatsApp refused this client version (405). Run auth again (it looks the current version up); if it keeps failing, update NanoClaw (bun update @whiskeysockets/baileys).' };
+    case 'logged-out':
+      return { retry: false, message: 'WhatsApp refused the link (401). On your phone, remove this device under Linked devices if it is listed, then run auth again.' };
+    default:
+      return { retry: false, message: `WhatsApp closed the connection (${status ?? 'no status'}: ${detail}). Run auth again.` };
+  }
 }
 
 /** `auth`: links this machine to WhatsApp (QR code, or a pairing code for headless machines). */
 export async function authCommand(config: Config, args: string[]): Promise<number> {
-  const { values } = parseArgs({ args, options: { 'pairing-code': { type: 'string' } } });
+  const { values, positionals } = commandArgs('auth', args, { 'pairing-code': { type: 'string' }, check: { type: 'boolean' } });
+  if (positionals.length) throw new UsageError(`Unexpected argument "${positionals[0]}".`, 'auth');
   const authDir = whatsAppAuthDir(config);
-  if (WhatsAppChannel.isLinked(authDir)) {
+  const state = WhatsAppChannel.linkState(authDir);
+  if (values.check) {
+    if (values['pairing-code'] !== undefined) throw new UsageError('--check takes no other option.', 'auth');
+    console.log({ linked: 'linked: store/auth/ holds a linked WhatsApp device', pending: 'not linked: a pairing was started but never finished (run auth)', none: 'not linked (run auth to link WhatsApp)' }[state]);
+    return { linked: 0, none: 3, pending: 4 }[state];
+  }
+  if (state === 'linked') {
     console.log('WhatsApp is already linked (store/auth/). To link another number, stop NanoClaw, remove store/auth/ and run auth again.');
     return 0;
   }
-  const phone = values['pairing-code']?.replace(/[^0-9]/g, '');
-  if (values['pairing-code'] !== undefined && !/^\d{8,15}$/.test(phone ?? '')) {
-    throw new UsageError('--pairing-code takes your phone number with its country code, digits only, e.g. --pairing-code 4915123456789');
+  const rawPhone = values['pairing-code'] as string | undefined;
+  const phone = rawPhone?.replace(/[\s+()-]/g, '');
+  if (rawPhone !== undefined && !/^\d{8,15}$/.test(phone ?? '')) {
+    throw new UsageError('--pairing-code takes your phone number with its country code, digits only, e.g. --pairing-code 4915123456789', 'auth');
+  }
+  if (state === 'pending') {
+    // Credentials of a pairing that never finished would make WhatsApp treat us as a device it does not know.
+    console.log('An earlier link was started but never finished; starting over.');
+    rmSync(authDir, { recursive: true, force: true });
   }
   mkdirSync(authDir, { recursive: true });
   const { generate } = await import('qrcode-terminal');
-  return new Promise<number>((resolveAuth) => {
-    let pairingRequested = false;
+  const store = new Store(config.dbPath);
+  const versions = whatsAppChannel(config, store); // never connected: its version lookup, as the service's
+  const code = await new Promise<number>((resolveAuth) => {
     const open = async () => {
-      const { state, saveCreds } = await useMultiFileAuthState(authDir);
-      const sock = makeWASocket({ auth: state, logger: pino({ level: 'silent' }) as unknown as ILogger, markOnlineOnConnect: false });
+      await versions.resolveVersion();
+      const { state: auth, saveCreds } = await useMultiFileAuthState(authDir);
+      const version = versions.version;
+      const sock = makeWASocket({
+        auth, logger: pino({ level: 'silent' }) as unknown as ILogger, markOnlineOnConnect: false, syncFullHistory: false,
+        ...(version ? { version } : {}),
+        ...(config.whatsappServerUrl ? { waWebSocketUrl: config.whatsappServerUrl } : {}),
+      });
+      let codeRequested = false; // a pairing code belongs to the socket that asked for it
       sock.ev.on('creds.update', saveCreds);
       sock.ev.on('connection.update', async (update) => {
         if (update.qr && !phone) {
           generate(update.qr, { small: true }, (qr) => console.log(`\nOn your phone: WhatsApp → Settings → Linked devices → Link a device, then scan:\n\n${qr}`));
         }
-        if (update.qr && phone && !pairingRequested) {
-          pairingRequested = true;
+        if (update.qr && phone && !codeRequested) {
+          codeRequested = true;
           const code = await sock.requestPairingCode(phone);
           console.log(`\nPairing code: ${code}\nOn your phone: WhatsApp → Settings → Linked devices → Link a device → "Link with phone number instead", then type the code.`);
         }
         if (update.connection === 'open') {
           const me = jidNormalizedUser(sock.user!.id);
-          const store = new Store(config.dbPath);
           const main = makeSelfChatMain(config, store, me);
-          store.close();
           console.log(`Linked as ${me.split('@')[0]}. Your own chat ("Message yourself") is the main group (groups/${main.folder}).\nStart the assistant: bun nanoclaw.ts`);
           for (const event of WHATSAPP_EVENTS) sock.ev.removeAllListeners(event);
           await sock.end(undefined);
           resolveAuth(0);
         }
         if (update.connection === 'close') {
-          const status = (update.lastDisconnect?.error as { output?: { statusCode?: number } } | undefined)?.output?.statusCode;
-          if (status === DisconnectReason.restartRequired) {
-            void open(); // WhatsApp asks for a fresh connection right after pairing
-            return;
-          }
-          console.error(`WhatsApp closed the connection (${status ?? 'no status'}: ${String(update.lastDisconnect?.error ?? '')}). Run auth again; if it keeps failing, remove store/auth/ first.`);
+          for (const event of WHATSAPP_EVENTS) sock.ev.removeAllListeners(event);
+          const { retry, message } = authCloseMessage(update.lastDisconnect?.error);
+          if (retry) return void open();
+          // What an unfinished attempt left behind is no link; the next auth starts clean.
+          if (WhatsAppChannel.linkState(authDir) !== 'linked') rmSync(authDir, { recursive: true, force: true });
+          console.error(message);
           resolveAuth(1);
         }
       });
     };
-    void open();
+    open().catch((err) => {
+      console.error(`Could not start linking: ${errorText(err)}`);
+      resolveAuth(1);
+    });
   });
+  store.close();
+  return code;
 }
 
 function groupsCommand(config: Config, args: string[]): number {
+  const { values, positionals } = commandArgs('groups', args, {
+    name: { type: 'string' }, trigger: { type: 'string' }, 'no-trigger': { type: 'boolean' }, main: { type: 'boolean' }, network: { type: 'string' },
+  });
+  const [action = 'list', ...rest] = positionals;
+  const registerOnly = ['name', 'trigger', 'no-trigger', 'main', 'network'].filter((option) => values[option] !== undefined);
+  if (action !== 'register' && registerOnly.length) throw new UsageError(`--${registerOnly[0]} belongs to groups register.`, 'groups');
+  if (action === 'register') {
+    const [jid, folder] = rest;
+    if (!jid || !folder || rest.length > 2) throw new UsageError('groups register needs a chat id and a folder name.', 'groups');
+    if (!isValidJid(jid)) throw new UsageError(`"${jid}" is not a WhatsApp chat id: a group is <digits>@g.us, a person <phone digits>@s.whatsapp.net (see the log or \`groups list\`).`, 'groups');
+    const trigger = values.trigger as string | undefined;
+    if (trigger !== undefined && !isValidTrigger(trigger)) throw new UsageError(`--trigger ${trigger}: a trigger is @ and a word, e.g. --trigger @${config.assistantName}.`, 'groups');
+    const network = values.network as string | undefined;
+    if (network !== undefined && !isValidNetwork(network)) throw new UsageError(`--network ${network}: use bridge, none or the name of a Docker network (never host).`, 'groups');
+  }
   const store = new Store(config.dbPath);
   try {
-    const [action, ...rest] = args;
-    if (action === 'list' || action === undefined) {
+    if (action === 'list') {
+      if (rest.length) throw new UsageError(`groups list takes no arguments.`, 'groups');
       const groups = store.listGroups();
       if (groups.length === 0) console.log('No groups registered. `bun nanoclaw.ts chat` registers the main group for the terminal.');
       for (const g of groups) {
@@ -4568,42 +5198,37 @@ function groupsCommand(config: Config, args: string[]): number {
       return 0;
     }
     if (action === 'register') {
-      const { values, positionals } = parseArgs({
-        args: rest, allowPositionals: true,
-        options: { name: { type: 'string' }, trigger: { type: 'string' }, 'no-trigger': { type: 'boolean' }, main: { type: 'boolean' }, network: { type: 'string' } },
-      });
-      const [jid, folder] = positionals;
-      if (!jid || !folder || positionals.length > 2) throw new UsageError('Usage: groups register <jid> <folder> [--name N] [--trigger @Word] [--no-trigger] [--main] [--network none|bridge|NAME]');
-      if (values.network !== undefined && !isValidNetwork(values.network)) throw new UsageError(`--network ${values.network}: use bridge, none or the name of a Docker network (never host).`);
+      const [jid, folder] = rest as [string, string];
+      const network = values.network as string | undefined;
       const group = registerGroup(config, store, {
-        jid, folder, name: values.name ?? folder, trigger: values.trigger, isMain: values.main,
+        jid, folder, name: (values.name as string | undefined) ?? folder, trigger: values.trigger as string | undefined, isMain: values.main === true,
         requiresTrigger: values['no-trigger'] ? false : undefined,
-        containerConfig: values.network ? { network: values.network } : undefined,
+        containerConfig: network ? { network } : undefined,
       });
-      console.log(`Registered ${group.jid} as groups/${group.folder}${group.isMain ? ' (main)' : ''}.`);
+      console.log(`Registered ${group.jid} as groups/${group.folder}${group.isMain ? ' (main)' : ''}${group.requiresTrigger && !group.isMain ? `; it answers messages that start with ${group.trigger}` : ''}.`);
       return 0;
     }
     if (action === 'remove') {
       const [key] = rest;
-      if (!key || rest.length > 1) throw new UsageError('Usage: groups remove <jid|folder>');
+      if (!key || rest.length > 1) throw new UsageError('groups remove needs one chat id or folder.', 'groups');
       const group = store.groupByJid(key) ?? store.groupByFolder(key);
-      if (!group) throw new UsageError(`No registered group with jid or folder "${key}".`);
+      if (!group) throw new UsageError(`No registered group with chat id or folder "${key}" (see: bun nanoclaw.ts groups list).`);
       store.removeGroup(group.jid);
       console.log(`Removed ${group.jid}. Its folder groups/${group.folder} was kept.`);
       return 0;
     }
-    throw new UsageError(`Unknown groups command "${action}".\n\n${USAGE}`);
+    throw new UsageError(`Unknown groups command "${action}".`, 'groups');
   } finally {
     store.close();
   }
 }
 
-/** Prints what a `tasks run` sends, whichever chat it is for. */
+/** `tasks run` prints what it says to the terminal's own chat; WhatsApp chats get it through the outbox. */
 class PrintingChannel implements Channel {
   readonly name = 'terminal';
   readonly ready = true;
-  ownsJid(): boolean {
-    return true;
+  ownsJid(jid: string): boolean {
+    return jid.endsWith('@local');
   }
   async connect(): Promise<void> {}
   layout(text: string): string[] {
@@ -4620,11 +5245,59 @@ function describeSchedule(task: ScheduledTask): string {
   return `${task.scheduleType} ${task.scheduleValue}`;
 }
 
+/**
+ * `tasks run`: with the service running, it asks the service (the task is due now); else
+ * it runs here. WhatsApp chats are not connected here: what the task says waits in the
+ * durable outbox, and the service sends it (under the same message ids) when it runs.
+ */
+async function runTaskNow(config: Config, task: ScheduledTask): Promise<number> {
+  const servicePid = runningHostPid(config);
+  if (servicePid) {
+    if (task.status !== 'active') throw new UsageError(`Task ${task.id} is ${task.status}; the running NanoClaw (pid ${servicePid}) runs active tasks only. Resume it first: bun nanoclaw.ts tasks resume ${task.id}`);
+    const store = new Store(config.dbPath);
+    try {
+      store.updateTask(task.id, { nextRun: new Date().toISOString() });
+    } finally {
+      store.close();
+    }
+    console.log(`NanoClaw is running (pid ${servicePid}): it runs ${task.id} within a second or two, and sends what it says to ${task.chatJid}.`);
+    return 0;
+  }
+  const { host, store, release } = await startHost(config, (s) => [new PrintingChannel(), whatsAppChannel(config, s)]);
+  try {
+    const queuedBefore = store.unsent('whatsapp').map((m) => m.id);
+    host.ipc.start(); // the task's agent may use send_message
+    const run = await host.runTask(task.id, true);
+    await host.ipc.scan();
+    await host.settleOutbox();
+    const queued = store.unsent('whatsapp').filter((m) => !queuedBefore.includes(m.id));
+    for (const message of queued) console.log(`→ ${message.jid} (queued for WhatsApp): ${message.text}`);
+    if (queued.length) {
+      console.log(
+        WhatsAppChannel.linkState(whatsAppAuthDir(config)) === 'linked'
+          ? `${queued.length === 1 ? 'It waits' : 'They wait'} in the outbox: NanoClaw sends ${queued.length === 1 ? 'it' : 'them'} to WhatsApp as soon as the service runs (bun nanoclaw.ts, or service install).`
+          : `WhatsApp is not linked on this machine: ${queued.length === 1 ? 'it waits' : 'they wait'} in the outbox until you link it (bun nanoclaw.ts auth) and start NanoClaw.`,
+      );
+    }
+    if (run?.status === 'error') console.error(`The task failed: ${run.error}`);
+    return run?.status === 'success' ? 0 : 1;
+  } finally {
+    await host.ipc.stop();
+    store.close();
+    release();
+  }
+}
+
 async function tasksCommand(config: Config, args: string[]): Promise<number> {
-  const [action = 'list', ...rest] = args;
-  const { values, positionals } = parseArgs({ args: rest, allowPositionals: true, options: { json: { type: 'boolean' } } });
-  const store = new Store(config.dbPath);
+  const { values, positionals } = commandArgs('tasks', args, { json: { type: 'boolean' } });
+  const [action = 'list', ...rest] = positionals;
   const when = (iso: string | null) => (iso ? `${formatLocalTime(iso, config.timezone)} ${config.timezone}` : '—');
+  if (!['list', 'show', 'run', 'pause', 'resume', 'cancel'].includes(action)) throw new UsageError(`Unknown tasks command "${action}".`, 'tasks');
+  if (values.json && !['list', 'show'].includes(action)) throw new UsageError(`--json belongs to tasks list and tasks show.`, 'tasks');
+  if (action === 'list' && rest.length) throw new UsageError('tasks list takes no arguments.', 'tasks');
+  if (action !== 'list' && (rest.length !== 1 || !rest[0])) throw new UsageError(`tasks ${action} needs one task id (see: bun nanoclaw.ts tasks list).`, 'tasks');
+  const store = new Store(config.dbPath);
+  let task: ScheduledTask | null = null;
   try {
     if (action === 'list') {
       const tasks = store.listTasks();
@@ -4638,9 +5311,8 @@ async function tasksCommand(config: Config, args: string[]): Promise<number> {
       }
       return 0;
     }
-    const [id] = positionals;
-    if (!id || positionals.length > 1) throw new UsageError(`Usage: tasks ${action} <id>`);
-    const task = store.getTask(id);
+    const id = rest[0]!;
+    task = store.getTask(id);
     if (!task) throw new UsageError(`No task with id "${id}" (see: bun nanoclaw.ts tasks list).`);
     switch (action) {
       case 'show': {
@@ -4670,37 +5342,21 @@ async function tasksCommand(config: Config, args: string[]): Promise<number> {
         store.deleteTask(id);
         console.log(`Cancelled ${id}.`);
         return 0;
-      case 'run': {
-        const { host, store: hostStore, release } = await startHost(config, () => [new PrintingChannel()]);
-        try {
-          host.ipc.start(); // the task's agent may use send_message
-          const run = await host.runTask(id, true);
-          await host.ipc.scan();
-          await host.settleOutbox();
-          if (run?.status === 'error') console.error(`The task failed: ${run.error}`);
-          return run?.status === 'success' ? 0 : 1;
-        } finally {
-          await host.ipc.stop();
-          hostStore.close();
-          release();
-        }
-      }
-      default:
-        throw new UsageError(`Unknown tasks command "${action}".\n\n${USAGE}`);
     }
   } finally {
     store.close();
   }
+  return runTaskNow(config, task!);
 }
 
 function mountsCommand(config: Config, args: string[]): number {
-  const { values, positionals } = parseArgs({ args, allowPositionals: true, options: { 'docker-args': { type: 'boolean' } } });
+  const { values, positionals } = commandArgs('mounts', args, { 'docker-args': { type: 'boolean' } });
   const [folder] = positionals;
-  if (!folder || positionals.length > 1) throw new UsageError('Usage: mounts <folder> [--docker-args]');
+  if (!folder || positionals.length > 1) throw new UsageError('mounts needs one group folder (see: bun nanoclaw.ts groups list).', 'mounts');
   const store = new Store(config.dbPath);
   try {
     const group = store.groupByFolder(folder);
-    if (!group) throw new UsageError(`No registered group uses the folder "${folder}" (see: bun nanoclaw.ts groups list).`);
+    if (!group) throw new UsageError(`No registered group uses the folder "${folder}" (see: bun nanoclaw.ts groups list).`, 'mounts');
     const allowlist = group.containerConfig?.additionalMounts?.length ? loadMountAllowlist(config.mountAllowlistPath) : null;
     const extra = validateExtraMounts(group.containerConfig?.additionalMounts, allowlist, group.isMain);
     prepareGroupFolders(config, group);
@@ -4728,11 +5384,11 @@ function lastLines(path: string, count: number): string {
 }
 
 function logsCommand(config: Config, args: string[]): number {
-  const { values } = parseArgs({ args, options: { group: { type: 'string' }, lines: { type: 'string', default: '40' } } });
-  const count = Number(values.lines);
-  if (!Number.isInteger(count) || count <= 0) throw new UsageError('--lines takes a whole number above 0');
-  if (values.group) {
-    if (!isValidFolder(values.group)) throw new UsageError(`"${values.group}" is not a group folder name.`);
+  const { values, positionals } = commandArgs('logs', args, { group: { type: 'string' }, lines: { type: 'string' } });
+  if (positionals.length) throw new UsageError(`Unexpected argument "${positionals[0]}".`, 'logs');
+  const count = positiveOption('logs', 'lines', values.lines, 40);
+  if (typeof values.group === 'string') {
+    if (!isValidFolder(values.group)) throw new UsageError(`"${values.group}" is not a group folder name.`, 'logs');
     const { group: tree } = groupTrees(config, values.group);
     const dir = relative(config.projectRoot, tree.path('logs'));
     const runs = tree.entries('logs').filter((e) => e.kind === 'file' && /^container-.*\.log$/.test(e.name)).map((e) => e.name).sort();
@@ -4772,7 +5428,7 @@ export function serviceDefinition(config: Config, platform: ServicePlatform, bun
       content: [
         '[Unit]', 'Description=NanoClaw personal assistant', 'After=network-online.target', '',
         '[Service]', 'Type=simple', `WorkingDirectory=${config.projectRoot}`, `ExecStart=${bunPath} ${entry}`,
-        `Environment=PATH=${pathEnv}`, 'Restart=on-failure', 'RestartSec=10',
+        `Environment=PATH=${pathEnv}`, 'Restart=on-failure', 'RestartSec=10', 'RestartPreventExitStatus=2',
         `StandardOutput=append:${out}`, `StandardError=append:${err}`, '',
         '[Install]', 'WantedBy=default.target', '',
       ].join('\n'),
@@ -4809,13 +5465,12 @@ export function serviceDefinition(config: Config, platform: ServicePlatform, bun
 }
 
 function serviceCommand(config: Config, args: string[]): number {
-  const { values, positionals } = parseArgs({ args, allowPositionals: true, options: { 'dry-run': { type: 'boolean' }, platform: { type: 'string' } } });
+  const { values, positionals } = commandArgs('service', args, { 'dry-run': { type: 'boolean' }, platform: { type: 'string' } });
   const [action] = positionals;
   const platform = (values.platform ?? (process.platform === 'darwin' ? 'macos' : 'linux')) as ServicePlatform;
-  if (!['linux', 'macos'].includes(platform)) throw new UsageError('--platform is linux or macos');
-  if (!action || !['install', 'uninstall', 'status'].includes(action) || positionals.length > 1) {
-    throw new UsageError('Usage: service install|uninstall|status [--dry-run] [--platform linux|macos]');
-  }
+  if (!['linux', 'macos'].includes(platform)) throw new UsageError(`--platform ${values.platform}: use linux or macos.`, 'service');
+  if (!action || positionals.length > 1) throw new UsageError('service needs one of install, uninstall, status.', 'service');
+  if (!['install', 'uninstall', 'status'].includes(action)) throw new UsageError(`Unknown service command "${action}".`, 'service');
   const service = serviceDefinition(config, platform, process.execPath, process.env.PATH ?? '/usr/local/bin:/usr/bin:/bin');
   const commands = action === 'install' ? service.install : action === 'uninstall' ? service.uninstall : [service.status];
   if (values['dry-run']) {
@@ -4830,41 +5485,60 @@ function serviceCommand(config: Config, args: string[]): number {
     writeFileSync(service.file, service.content);
     console.log(`Wrote ${service.file}`);
   }
+  const manager = platform === 'linux' ? 'systemd (your user instance)' : 'launchd';
   for (const command of commands) {
     const result = runQuietly(command, 30_000);
-    if (result.output) console.log(result.output);
-    if (!result.ok && action !== 'status') {
-      console.error(`\`${command.join(' ')}\` failed. ${platform === 'linux' ? 'Is systemd running for your user (loginctl enable-linger $USER)?' : ''}`.trim());
+    const why = result.output.split('\n').find((line) => line.trim()) ?? 'no output';
+    if (result.ok) {
+      if (result.output) console.log(result.output);
+      continue;
+    }
+    if (action === 'install') {
+      console.error(`${service.file} is written, but \`${command.join(' ')}\` failed: ${why}. ${platform === 'linux' ? 'Is systemd running for your user (loginctl enable-linger $USER)?' : ''}`.trim());
       return 1;
     }
-    if (!result.ok) return 3;
+    if (action === 'status') {
+      const unreachable = /Failed to connect to bus|not been booted with systemd|No such file or directory|not found/i.test(result.output);
+      if (!unreachable && result.output) console.log(result.output);
+      console.log(unreachable
+        ? `${manager} cannot be reached (${why}); the unit file is ${existsSync(service.file) ? `installed at ${service.file}` : 'not installed'}.`
+        : `NanoClaw is not running as a service${existsSync(service.file) ? '' : ' (not installed: bun nanoclaw.ts service install)'}.`);
+      return 3;
+    }
+    // uninstall: the file goes anyway; say why nothing could be stopped.
+    console.log(`${manager} could not be asked to stop NanoClaw (${why}).`);
+    break;
   }
-  if (action === 'uninstall' && existsSync(service.file)) {
-    unlinkSync(service.file);
-    console.log(`Removed ${service.file}`);
+  if (action === 'uninstall') {
+    if (existsSync(service.file)) {
+      unlinkSync(service.file);
+      console.log(`Removed ${service.file}`);
+    } else {
+      console.log(`No service file at ${service.file}; nothing to remove.`);
+    }
   }
   return 0;
 }
 
 function sessionsCommand(config: Config, args: string[]): number {
+  const { positionals } = commandArgs('sessions', args);
+  const [action = 'list', folder, ...extra] = positionals;
+  if (action !== 'list' && action !== 'clear') throw new UsageError(`Unknown sessions command "${action}".`, 'sessions');
+  if (action === 'list' && folder) throw new UsageError('sessions list takes no arguments.', 'sessions');
+  if (action === 'clear' && (!folder || extra.length)) throw new UsageError('sessions clear needs one group folder.', 'sessions');
+  if (action === 'clear' && !isValidFolder(folder!)) throw new UsageError(`"${folder}" is not a group folder name.`, 'sessions');
   const store = new Store(config.dbPath);
   try {
-    const [action, folder, ...extra] = args;
-    if (action === 'list' || action === undefined) {
+    if (action === 'list') {
       const sessions = store.listSessions();
       if (sessions.length === 0) console.log('No sessions yet.');
       for (const s of sessions) console.log(`${s.groupFolder.padEnd(16)} ${s.sessionId}  (updated ${s.updatedAt})`);
       return 0;
     }
-    if (action === 'clear') {
-      if (!folder || extra.length) throw new UsageError('Usage: sessions clear <folder>');
-      if (!isValidFolder(folder)) throw new UsageError(`"${folder}" is not a group folder name.`);
-      const hadFiles = groupTrees(config, folder).kimi.remove('sessions');
-      const hadRow = store.deleteSession(folder);
-      console.log(hadFiles || hadRow ? `Cleared the session of "${folder}": the next message starts a new one.` : `"${folder}" had no session.`);
-      return 0;
-    }
-    throw new UsageError(`Unknown sessions command "${action}".\n\n${USAGE}`);
+    const hadFiles = groupTrees(config, folder!).kimi.remove('sessions');
+    const hadRow = store.deleteSession(folder!);
+    console.log(hadFiles || hadRow ? `Cleared the session of "${folder}": the next message starts a new one.` : `"${folder}" had no session.`);
+    return 0;
   } finally {
     store.close();
   }
@@ -4902,8 +5576,8 @@ export async function checkModel(config: Config, timeoutMs = 15_000): Promise<Mo
 }
 
 async function modelCommand(config: Config, args: string[]): Promise<number> {
-  const { values, positionals } = parseArgs({ args, allowPositionals: true, options: { json: { type: 'boolean' } } });
-  if (positionals.join(' ') !== 'check') throw new UsageError('Usage: model check [--json]');
+  const { values, positionals } = commandArgs('model', args, { json: { type: 'boolean' } });
+  if (positionals.join(' ') !== 'check') throw new UsageError(positionals.length ? `Unknown model command "${positionals.join(' ')}".` : 'model needs a command: check.', 'model');
   const check = await checkModel(config);
   if (values.json) console.log(JSON.stringify({ ...check, platform: config.kimi.platform, baseUrl: config.kimi.baseUrl, model: config.kimi.modelName }));
   else console.log(`${check.status === 'ok' ? 'OK' : check.status === 'offline' ? 'NOT CHECKED' : 'FAIL'}: ${check.detail}`);
@@ -4911,19 +5585,20 @@ async function modelCommand(config: Config, args: string[]): Promise<number> {
 }
 
 function usageCommand(config: Config, args: string[]): number {
-  const { values } = parseArgs({ args, options: { days: { type: 'string', default: '30' }, group: { type: 'string' }, json: { type: 'boolean' } } });
-  const days = Number(values.days);
-  if (!Number.isInteger(days) || days <= 0) throw new UsageError('--days takes a whole number above 0');
+  const { values, positionals } = commandArgs('usage', args, { days: { type: 'string' }, group: { type: 'string' }, json: { type: 'boolean' } });
+  if (positionals.length) throw new UsageError(`Unexpected argument "${positionals[0]}".`, 'usage');
+  const days = positiveOption('usage', 'days', values.days, 30);
+  const groupFilter = values.group as string | undefined;
   const store = new Store(config.dbPath);
   try {
     const since = formatLocalTime(new Date(Date.now() - (days - 1) * 86_400_000).toISOString(), config.timezone).slice(0, 10);
-    const rows = store.modelUsage(since, values.group);
+    const rows = store.modelUsage(since, groupFilter);
     if (values.json) {
       console.log(JSON.stringify(rows, null, 2));
       return 0;
     }
     if (rows.length === 0) {
-      console.log(`No model requests in the last ${days} days${values.group ? ` for "${values.group}"` : ''}.`);
+      console.log(`No model requests in the last ${days} days${groupFilter ? ` for "${groupFilter}"` : ''}.`);
       return 0;
     }
     console.log(`${'day'.padEnd(11)} ${'group'.padEnd(16)} ${'requests'.padStart(8)} ${'failed'.padStart(6)} ${'prompt tokens'.padStart(14)} ${'output tokens'.padStart(14)}`);
@@ -4938,12 +5613,61 @@ function usageCommand(config: Config, args: string[]): number {
   }
 }
 
+/** Where a setting's value comes from, as loadConfig reads it: the environment wins over .env. */
+function settingSource(config: Config, key: string, env: Record<string, string | undefined> = process.env): 'environment' | '.env' | 'default' {
+  if (env[key]?.trim() || (SECRET_KEYS as readonly string[]).includes(key) && secretsFromEnvironment[key as SecretKey]) return 'environment';
+  return readEnvFile(config.envFile)[key]?.trim() ? '.env' : 'default';
+}
+
+/** A setting as `config` prints it; the key itself never, only whether it is set. */
+function settingValue(config: Config, key: string): string {
+  if ((SECRET_KEYS as readonly string[]).includes(key)) {
+    const secret = readSecrets(config)[key as SecretKey];
+    return secret ? `set (${secret.length} characters)` : '';
+  }
+  const value = SETTINGS[key]!(config);
+  return value === undefined ? '' : String(value);
+}
+
+function configCommand(config: Config, args: string[]): number {
+  const { positionals } = commandArgs('config', args);
+  const [action, ...keys] = positionals;
+  const known = [...Object.keys(SETTINGS), ...SECRET_KEYS];
+  if (action === 'get') {
+    if (keys.length === 0) throw new UsageError('config get needs at least one setting name, e.g. config get CONTAINER_IMAGE.', 'config');
+    const unknown = keys.find((key) => !known.includes(key));
+    if (unknown) throw new UsageError(`"${unknown}" is not a NanoClaw setting (see: bun nanoclaw.ts config list).`, 'config');
+    for (const key of keys) console.log(settingValue(config, key).replace(/\n/g, '\\n')); // one line per key, always
+    return 0;
+  }
+  if (action === 'list') {
+    if (keys.length) throw new UsageError('config list takes no arguments.', 'config');
+    for (const key of known) console.log(`${key.padEnd(26)} ${settingValue(config, key).padEnd(40)} (${settingSource(config, key)})`);
+    return 0;
+  }
+  throw new UsageError(action ? `Unknown config command "${action}".` : 'config needs a command: get or list.', 'config');
+}
+
+/** `diagnose`: scripts/diagnose.sh, for this project, with its output and exit status. */
+function diagnoseCommand(config: Config, args: string[]): number {
+  const { values, positionals } = commandArgs('diagnose', args, { json: { type: 'boolean' } });
+  if (positionals.length) throw new UsageError(`Unexpected argument "${positionals[0]}".`, 'diagnose');
+  const script = join(dirname(fileURLToPath(import.meta.url)), 'scripts', 'diagnose.sh');
+  const env = { ...childProcessEnv(), NANOCLAW_ROOT: config.projectRoot, ...Object.fromEntries(Object.keys(SETTINGS).filter((k) => process.env[k] !== undefined).map((k) => [k, process.env[k]!])) };
+  // A key the user put in the environment is for the script's host commands (it keeps it from everything else it starts).
+  const fromEnvironment = secretsFromEnvironment.KIMI_API_KEY ? { KIMI_API_KEY: secretsFromEnvironment.KIMI_API_KEY } : {};
+  const run = Bun.spawnSync(['bash', script, ...(values.json ? ['--json'] : [])], { env: { ...env, ...fromEnvironment }, stdin: 'inherit', stdout: 'inherit', stderr: 'inherit' });
+  return run.exitCode ?? 1;
+}
+
 /** NANOCLAW_ROOT points the CLI at another project directory (tests, several assistants on one machine). */
 export async function main(argv: string[], projectRoot = process.env.NANOCLAW_ROOT || dirname(fileURLToPath(import.meta.url))): Promise<number> {
   takeSecretsOutOfEnvironment();
   const [command = 'start', ...args] = argv;
   if (command === 'help' || command === '--help' || command === '-h') {
-    console.log(USAGE);
+    const about = args[0];
+    if (about && about in COMMAND_USAGE) console.log(commandUsage(about as CommandName));
+    else console.log(USAGE);
     return 0;
   }
   try {
@@ -4957,10 +5681,10 @@ export async function main(argv: string[], projectRoot = process.env.NANOCLAW_RO
     setupLogging(config, { terminalLevel, secrets: Object.values(readSecrets(config)).filter((v): v is string => Boolean(v)) });
     switch (command) {
       case 'start':
-        if (args.length) throw new UsageError(`start takes no arguments.\n\n${USAGE}`);
+        if (commandArgs('start', args).positionals.length) throw new UsageError('start takes no arguments.', 'start');
         return await runService(config);
       case 'chat':
-        if (args.length) throw new UsageError(`chat takes no arguments.\n\n${USAGE}`);
+        if (commandArgs('chat', args).positionals.length) throw new UsageError('chat takes no arguments.', 'chat');
         return await runChat(config);
       case 'groups':
         return groupsCommand(config, args);
@@ -4980,11 +5704,23 @@ export async function main(argv: string[], projectRoot = process.env.NANOCLAW_RO
         return usageCommand(config, args);
       case 'model':
         return await modelCommand(config, args);
+      case 'config':
+        return configCommand(config, args);
+      case 'diagnose':
+        return diagnoseCommand(config, args);
       default:
-        throw new UsageError(`Unknown command "${command}".\n\n${USAGE}`);
+        throw new UsageError(`Unknown command "${command}".${command.startsWith('-') ? '' : ' The commands are below.'}\n\n${USAGE}`);
     }
   } catch (err) {
-    if (err instanceof UsageError || err instanceof ConfigError || err instanceof IpcFormatError || err instanceof WhatsAppNotLinked) {
+    if (err instanceof HelpRequested) {
+      console.log(commandUsage(err.command));
+      return 0;
+    }
+    if (err instanceof UsageError) {
+      console.error(err.command ? `${err.message}\n\n${commandUsage(err.command)}` : err.message);
+      return 2;
+    }
+    if (err instanceof ConfigError || err instanceof IpcFormatError || err instanceof WhatsAppNotLinked) {
       console.error(err.message);
       return 2;
     }

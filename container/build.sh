@@ -1,26 +1,60 @@
 #!/usr/bin/env bash
-# Builds the NanoClaw agent image.
+# Builds the NanoClaw agent image (./container/build.sh --help for the options).
 #
-#   ./container/build.sh              nanoclaw-agent:latest, with the real Kimi CLI
-#   ./container/build.sh --test       nanoclaw-agent:test, with the kimi wire-protocol stub
-#   ./container/build.sh --no-cache   rebuild every layer (combine with --test if wanted)
-#
-# BUILD_CA_CERT=/path/ca.pem adds a CA for the build (behind a TLS-inspecting proxy).
+# Behind a TLS-inspecting proxy the build needs the proxy's CA. It is taken from the same
+# variables `npm test` uses, the first one that is set: BUILD_CA_CERT, NODE_EXTRA_CA_CERTS,
+# SSL_CERT_FILE. With none set, no extra CA is added (none is needed without a proxy).
 # Uses $CONTAINER_RUNTIME (default docker). Works from any directory.
 set -euo pipefail
 cd "$(dirname "$0")"
 RUNTIME=${CONTAINER_RUNTIME:-docker}
+
+usage() {
+  cat <<'USAGE'
+Usage: ./container/build.sh [--test] [--no-cache] [--tag NAME[:TAG]]
+
+  (no option)            nanoclaw-agent:latest, with the real Kimi CLI
+  --test                 nanoclaw-agent:test, with the kimi wire-protocol stub
+  --no-cache             rebuild every layer (combines with the other options)
+  -t, --tag NAME[:TAG]   build under this name instead, e.g. --tag my-agent:dev
+                         (then set CONTAINER_IMAGE=my-agent:dev in .env)
+  -h, --help             this text
+
+CA for a TLS-inspecting proxy: BUILD_CA_CERT, else NODE_EXTRA_CA_CERTS, else SSL_CERT_FILE.
+Engine: $CONTAINER_RUNTIME (default docker).
+USAGE
+}
+bad_usage() { echo "build.sh: $1" >&2; usage >&2; exit 2; }
+
+# An image reference docker accepts: [registry[:port]/]name[/name…][:tag], names in lower case.
+valid_tag() {
+  local component='[a-z0-9]+(([._]|__|-+)[a-z0-9]+)*'
+  local label='[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?'
+  local registry="(localhost(:[0-9]+)?|$label(\\.$label)+(:[0-9]+)?|$label:[0-9]+)/"
+  [ ${#1} -le 255 ] && [[ $1 =~ ^($registry)?$component(/$component)*(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?$ ]]
+}
+
 TAG=nanoclaw-agent:latest
+CUSTOM_TAG="" TAG_GIVEN=0
 KIMI_CLI=real
 EXTRA=()
-for arg in "$@"; do
-  case $arg in
+while [ $# -gt 0 ]; do
+  case $1 in
     --test) TAG=nanoclaw-agent:test; KIMI_CLI=stub ;;
     --no-cache) EXTRA+=(--no-cache) ;;
-    -h|--help) sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
-    *) echo "Unknown option '$arg' (try --help)" >&2; exit 2 ;;
+    -t|--tag)
+      [ $# -ge 2 ] || bad_usage "$1 needs an image name, e.g. $1 nanoclaw-agent:dev"
+      CUSTOM_TAG=$2 TAG_GIVEN=1; shift ;;
+    --tag=*) CUSTOM_TAG=${1#--tag=} TAG_GIVEN=1 ;;
+    -h|--help) usage; exit 0 ;;
+    *) bad_usage "unknown option '$1'" ;;
   esac
+  shift
 done
+if [ $TAG_GIVEN = 1 ]; then
+  valid_tag "$CUSTOM_TAG" || bad_usage "'$CUSTOM_TAG' is not a valid image name (lower-case name[:tag], e.g. nanoclaw-agent:dev)"
+  TAG=$CUSTOM_TAG
+fi
 
 if ! command -v "$RUNTIME" >/dev/null 2>&1; then
   echo "'$RUNTIME' is not installed. Install Docker (Docker Desktop on macOS, 'sudo apt-get install docker.io' on Linux)." >&2
@@ -31,17 +65,47 @@ if ! "$RUNTIME" info >/dev/null 2>&1; then
   exit 1
 fi
 
-# A proxy's CA for the build, when there is one (e.g. a company network).
+# A proxy's CA for the build, when there is one (e.g. a company network): the first of
+# BUILD_CA_CERT, NODE_EXTRA_CA_CERTS, SSL_CERT_FILE that is set. BUILD_CA_CERT is asked for
+# by name, so it must be a file; the other two are skipped (with a note) when they are not.
 rm -f .build-ca.crt
+LOG=$(mktemp "${TMPDIR:-/tmp}/nanoclaw-build.XXXXXX")
+trap 'rm -f .build-ca.crt "$LOG"' EXIT
+CA="" CA_FROM=""
 if [ -n "${BUILD_CA_CERT:-}" ]; then
   [ -f "$BUILD_CA_CERT" ] || { echo "BUILD_CA_CERT=$BUILD_CA_CERT is not a file" >&2; exit 1; }
-  cp "$BUILD_CA_CERT" .build-ca.crt
-  trap 'rm -f .build-ca.crt' EXIT
+  CA=$BUILD_CA_CERT CA_FROM=BUILD_CA_CERT
+else
+  for var in NODE_EXTRA_CA_CERTS SSL_CERT_FILE; do
+    value=${!var:-}
+    [ -n "$value" ] || continue
+    if [ -f "$value" ]; then CA=$value CA_FROM=$var; break; fi
+    echo "==> $var=$value is not a file; not using it for the build"
+  done
+fi
+if [ -n "$CA" ]; then
+  cp "$CA" .build-ca.crt
+  echo "==> CA for the build: $CA (from $CA_FROM)"
+else
+  echo "==> No extra CA for the build (behind a TLS-inspecting proxy: BUILD_CA_CERT=/path/ca.pem)"
 fi
 
 echo "==> Building $TAG (kimi: $KIMI_CLI) with $RUNTIME"
 started=$(date +%s)
-"$RUNTIME" build ${EXTRA[@]+"${EXTRA[@]}"} --build-arg KIMI_CLI="$KIMI_CLI" -t "$TAG" .
+status=0
+"$RUNTIME" build ${EXTRA[@]+"${EXTRA[@]}"} --build-arg KIMI_CLI="$KIMI_CLI" -t "$TAG" . 2>&1 | tee "$LOG" || status=$?
+if [ $status != 0 ]; then
+  # The real CLI comes from the network (its installer, then PyPI): say so in one line,
+  # whatever the step that noticed first (curl, the installer, or a missing uv).
+  if [ "$KIMI_CLI" = real ] && grep -Eq 'no network to install the Kimi CLI|could not install kimi-cli|uv: (command )?not found|astral\.sh.*(Could not resolve|Failed to connect|SSL certificate)' "$LOG"; then
+    echo "==> Build of $TAG failed: no network to install the Kimi CLI (its installer at https://astral.sh, or PyPI, could not be reached)." >&2
+    echo "    Behind a proxy: set BUILD_CA_CERT=/path/to/proxy-ca.pem (or NODE_EXTRA_CA_CERTS) and build again." >&2
+    echo "    Without network: ./container/build.sh --test builds the image with the kimi stub (for tests only)." >&2
+  else
+    echo "==> Build of $TAG failed (exit $status); the build output above says which step." >&2
+  fi
+  exit "$status"
+fi
 echo "==> Built $TAG in $(( $(date +%s) - started )) s"
 cat <<MSG
 
@@ -51,3 +115,6 @@ Try it:
   scripts/container.sh kimi      # kimi --version and kimi info inside the image
   scripts/diagnose.sh            # the whole setup
 MSG
+if [ "$TAG" != nanoclaw-agent:latest ] && [ "$TAG" != nanoclaw-agent:test ]; then
+  echo "  NanoClaw uses nanoclaw-agent:latest unless .env says CONTAINER_IMAGE=$TAG"
+fi

@@ -15,7 +15,7 @@ import { join } from 'node:path';
 import { proto, type WAMessage } from '@whiskeysockets/baileys';
 import { startFakeModel } from '../container/agent-runner/kimi-stub/fake-model.ts';
 import { Host, installId, RateLimiter, registerGroup, setupLogging, Store, type Config } from '../nanoclaw.ts';
-import { flakyServer, linkedAuthDir, RecordingWhatsApp, tempProject } from '../test/helpers.ts';
+import { flakyServer, linkedAuthDir, openAsWhatsAppWould, RecordingWhatsApp, tempProject } from '../test/helpers.ts';
 import { DrillHost, deliveries, drillProject, IMAGE, named, printTable, stuck, tally, until, type Row } from './harness.ts';
 
 /** Messages sent while `fault` holds; then all must be answered exactly once by the same, still running host. */
@@ -124,7 +124,7 @@ export async function whatsappDrops(drops = 50): Promise<Row> {
   const coin = () => ((seed = (seed * 1103515245 + 12345) % 2 ** 31) / 2 ** 31) < 0.5;
   class DroppingWhatsApp extends RecordingWhatsApp {
     inFlight = 0;
-    protected override async send(jid: string, text: string, messageId: string): Promise<void> {
+    protected override async send(jid: string, text: string, messageId: string): Promise<proto.IMessage | undefined> {
       if (!this.isConnected) throw new Error('offline');
       this.inFlight++;
       await Bun.sleep(150); // in flight
@@ -134,6 +134,7 @@ export async function whatsappDrops(drops = 50): Promise<Row> {
         throw new Error('connection dropped while sending');
       }
       this.delivered.push({ jid, text, messageId });
+      return { extendedTextMessage: { text } };
     }
   }
   // The drill is about drops, not WhatsApp's pace: a limiter that never makes a send wait.
@@ -146,7 +147,7 @@ export async function whatsappDrops(drops = 50): Promise<Row> {
   const items: string[] = [];
   try {
     await host.start();
-    whatsapp.socket!.ev.emit('connection.update', { connection: 'open' });
+    openAsWhatsAppWould(whatsapp.socket!);
     for (let i = 0; i < drops; i++) {
       const item = `w${i}`;
       items.push(item);
@@ -157,10 +158,10 @@ export async function whatsappDrops(drops = 50): Promise<Row> {
       whatsapp.socket!.ev.emit('messages.upsert', { messages: [inbound], type: 'notify' });
       // Drop the connection while the reply is on its way (or after a while, if none is).
       await until(() => whatsapp.inFlight > 0, 5_000);
-      const before = whatsapp.sockets.length;
+      const before = whatsapp.socketsOpened;
       whatsapp.socket!.ev.emit('connection.update', { connection: 'close', lastDisconnect: { error: new Error('drill drop'), date: new Date() } });
-      await until(() => whatsapp.sockets.length > before, 5_000);
-      whatsapp.socket!.ev.emit('connection.update', { connection: 'open' });
+      await until(() => whatsapp.socketsOpened > before, 5_000);
+      openAsWhatsAppWould(whatsapp.socket!);
       whatsapp.socket!.ev.emit('messages.upsert', { messages: [inbound], type: 'append' }); // WhatsApp delivers it again after a reconnect
     }
     const reached = () => whatsapp.delivered.map((d) => ({ messageId: d.messageId, jid: d.jid, text: d.text.replace(/^Andy: /, '') }));

@@ -1,13 +1,14 @@
-import { copyFileSync, existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { copyFileSync, existsSync, mkdirSync, readFileSync, renameSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { beforeEach, describe, expect, it } from 'vitest';
-import { Store } from '../nanoclaw.ts';
-import { fakeDocker, NO_MODEL_URL, tempProject, type FakeDocker } from './helpers.ts';
+import { OutboxSender, setupLogging, Store } from '../nanoclaw.ts';
+import { fakeDocker, flakyServer, linkedAuthDir, NO_MODEL_URL, openAsWhatsAppWould, pendingPairingAuthDir, RecordingWhatsApp, tempDir, tempProject, waitFor, type FakeDocker } from './helpers.ts';
 
 const REPO = fileURLToPath(new URL('..', import.meta.url));
 const ENTRY = join(REPO, 'nanoclaw.ts');
 const SECRET = 'sk-cli-test-zyxwvutsrqponmlk';
+const FAMILY = '120363000000000101@g.us';
 
 let docker: FakeDocker;
 let root: string;
@@ -54,26 +55,26 @@ describe('bun nanoclaw.ts', () => {
   });
 
   it('registers, lists and removes groups', async () => {
-    expect((await cli(['groups', 'register', 'fam@g.us', 'family', '--name', 'Family'])).code).toBe(0);
+    expect((await cli(['groups', 'register', FAMILY, 'family', '--name', 'Family'])).code).toBe(0);
     const listed = await cli(['groups', 'list']);
-    expect(listed.stdout).toMatch(/family\s+fam@g\.us\s+trigger @Andy\s+Family/);
+    expect(listed.stdout).toMatch(/family\s+120363000000000101@g\.us\s+trigger @Andy\s+Family/);
     expect(existsSync(join(root, 'groups', 'family', 'CLAUDE.md'))).toBe(true);
-    const duplicate = await cli(['groups', 'register', 'other@g.us', 'family']);
+    const duplicate = await cli(['groups', 'register', '120363000000000102@g.us', 'family']);
     expect(duplicate.code).toBe(2);
     expect(duplicate.stderr).toContain('already used');
-    const bad = await cli(['groups', 'register', 'x@g.us', '../escape']);
+    const bad = await cli(['groups', 'register', '120363000000000103@g.us', '../escape']);
     expect(bad.code).toBe(2);
     expect((await cli(['groups', 'remove', 'family'])).code).toBe(0);
-    expect((await cli(['groups', 'list'])).stdout).not.toContain('fam@g.us');
+    expect((await cli(['groups', 'list'])).stdout).not.toContain(FAMILY);
   });
 
   it('groups register --network sets a group’s network; host is refused', async () => {
-    expect((await cli(['groups', 'register', 'off@g.us', 'offline', '--network', 'none'])).code).toBe(0);
+    expect((await cli(['groups', 'register', '120363000000000104@g.us', 'offline', '--network', 'none'])).code).toBe(0);
     const store = new Store(join(root, 'store', 'messages.db'));
     expect(store.groupByFolder('offline')!.containerConfig).toEqual({ network: 'none' });
     store.close();
     expect((await cli(['mounts', 'offline'])).stdout).toContain('network: none');
-    const host = await cli(['groups', 'register', 'h@g.us', 'hostnet', '--network', 'host']);
+    const host = await cli(['groups', 'register', '120363000000000105@g.us', 'hostnet', '--network', 'host']);
     expect(host.code).toBe(2);
     expect(host.stderr).toContain('never host');
   });
@@ -177,7 +178,7 @@ describe('bun nanoclaw.ts', () => {
 
   it('mounts shows a group’s mount table; logs shows the host log and a group’s latest run', async () => {
     expect((await cli(['logs'])).stdout).toContain('No host log yet');
-    await cli(['groups', 'register', 'fam@g.us', 'family']);
+    await cli(['groups', 'register', FAMILY, 'family']);
     const mounts = await cli(['mounts', 'family']);
     expect(mounts.stdout).toContain(`${root}/groups/global -> /workspace/global (ro)`);
     expect(mounts.stdout).toContain(`${root}/data/sessions/family/.kimi -> /home/node/.kimi (rw)`);
@@ -199,8 +200,8 @@ describe('bun nanoclaw.ts', () => {
     const bad = await cli(['auth', '--pairing-code', '12-ab']);
     expect(bad.code).toBe(2);
     expect(bad.stderr).toContain('country code, digits only');
-    mkdirSync(join(root, 'store', 'auth'), { recursive: true });
-    writeFileSync(join(root, 'store', 'auth', 'creds.json'), '{}');
+    mkdirSync(join(root, 'store'), { recursive: true });
+    renameSync(await linkedAuthDir(), join(root, 'store', 'auth'));
     const again = await cli(['auth']);
     expect(again.code).toBe(0);
     expect(again.stdout).toContain('already linked');
@@ -318,5 +319,227 @@ describe('bun nanoclaw.ts chat (piped)', () => {
     const store = new Store(db);
     expect(store.getSession('main')).toBeNull();
     store.close();
+  });
+});
+
+/** Every mistake a new user makes on day one: one line, the command's usage, exit 2, nothing in the error log. */
+describe('bun nanoclaw.ts never crashes on a typo', () => {
+  const mistakes: [string[], string][] = [
+    [['auth', '--bogus'], 'Unknown option --bogus.'],
+    [['auth', '--pairing-code'], '--pairing-code needs a value.'],
+    [['auth', 'now'], 'Unexpected argument "now".'],
+    [['tasks', 'list', '--jsn'], 'Unknown option --jsn.'],
+    [['tasks', 'frob'], 'Unknown tasks command "frob".'],
+    [['tasks', 'run'], 'tasks run needs one task id'],
+    [['logs', '--lines', '-5'], '--lines needs a value (one that starts with "-" goes as --lines=-…).'],
+    [['logs', '--lines=-5'], '--lines takes a whole number above 0, not "-5".'],
+    [['usage', '--days', '0'], '--days takes a whole number above 0, not "0".'],
+    [['usage', '--json=yes'], '--json takes no value.'],
+    [['groups', 'register', 'family-chat', 'family'], '"family-chat" is not a WhatsApp chat id'],
+    [['groups', 'register', FAMILY, 'family', '--trigger', 'Bot'], '--trigger Bot: a trigger is @ and a word, e.g. --trigger @Andy.'],
+    [['groups', 'list', '--main'], '--main belongs to groups register.'],
+    [['mounts'], 'mounts needs one group folder'],
+    [['service', 'restart'], 'Unknown service command "restart".'],
+    [['service', 'install', '--platform', 'windows'], '--platform windows: use linux or macos.'],
+    [['sessions', 'clear'], 'sessions clear needs one group folder.'],
+    [['config', 'get', 'NOPE'], '"NOPE" is not a NanoClaw setting'],
+    [['model', 'status'], 'Unknown model command "status".'],
+    [['chat', '--fast'], 'Unknown option --fast.'],
+    [['start', 'now'], 'start takes no arguments.'],
+    [['diagnose', '--verbose'], 'Unknown option --verbose.'],
+  ];
+  it('answers each mistake with one line saying what is wrong, then that command’s usage, exit 2', async () => {
+    const results = await Promise.all(mistakes.map(([args]) => cli(args)));
+    results.forEach(({ stdout, stderr, code }, i) => {
+      const [args, message] = mistakes[i]!;
+      const what = args.join(' ');
+      expect(code, what).toBe(2);
+      expect(stderr.split('\n')[0], what).toContain(message);
+      expect(stderr, what).toContain(`Usage: bun nanoclaw.ts …\n  ${args[0] === 'start' ? '(none), start' : args[0]}`);
+      expect(stderr, what).not.toMatch(/^\s+at |Error:|TypeError/m);
+      expect(stdout, what).toBe('');
+    });
+    const errorLog = join(root, 'logs', 'nanoclaw.error.log');
+    expect(existsSync(errorLog) ? readFileSync(errorLog, 'utf8') : '').toBe('');
+  });
+
+  it('--help on any command shows that command’s usage and exits 0', async () => {
+    const asks = [['auth', '--help'], ['mounts', '--help'], ['tasks', '--help'], ['tasks', 'run', '-h'], ['groups', 'register', '--help'], ['service', '-h'], ['config', '--help'],
+      ['usage', '--help'], ['logs', '--help'], ['sessions', '--help'], ['model', '--help'], ['chat', '--help'], ['start', '--help'], ['diagnose', '--help'], ['help', 'tasks']];
+    const results = await Promise.all(asks.map((args) => cli(args)));
+    results.forEach(({ stdout, stderr, code }, i) => {
+      const command = asks[i]![0] === 'help' ? asks[i]![1]! : asks[i]![0]!;
+      expect(code, asks[i]!.join(' ')).toBe(0);
+      expect(stdout, asks[i]!.join(' ')).toContain(`Usage: bun nanoclaw.ts …\n  ${command === 'start' ? '(none), start' : command}`);
+      expect(stderr, asks[i]!.join(' ')).toBe('');
+    });
+  });
+});
+
+describe('settings, linking and tasks as a user meets them', () => {
+  it('config get prints what the host uses: the environment over .env, comments stripped, the key only as "set"', async () => {
+    writeFileSync(join(root, '.env'), `KIMI_API_KEY=${SECRET}   # from the console\nCONTAINER_IMAGE=my-agent:2 # the image\nTZ=UTC\n`);
+    const got = await cli(['config', 'get', 'CONTAINER_IMAGE', 'CONTAINER_RUNTIME', 'KIMI_API_KEY', 'MAX_CONCURRENT_CONTAINERS', 'KIMI_BASE_URL'], '', { KIMI_BASE_URL: 'http://127.0.0.1:9/v1' });
+    expect(got.code).toBe(0);
+    expect(got.stdout.split('\n')).toEqual(['my-agent:2', docker.path, `set (${SECRET.length} characters)`, '3', 'http://127.0.0.1:9/v1', '']);
+    const list = await cli(['config', 'list']);
+    expect(list.stdout).toMatch(/CONTAINER_IMAGE\s+my-agent:2\s+\(\.env\)/);
+    expect(list.stdout).toMatch(/CONTAINER_RUNTIME\s+\S+\s+\(environment\)/);
+    expect(list.stdout).toMatch(/IDLE_TIMEOUT\s+600000\s+\(default\)/);
+    expect(got.stdout + list.stdout).not.toContain(SECRET);
+  });
+
+  it('auth --check tells linked from a pairing left unfinished from nothing', async () => {
+    expect((await cli(['auth', '--check'])).code).toBe(3);
+    mkdirSync(join(root, 'store'), { recursive: true });
+    renameSync(pendingPairingAuthDir(), join(root, 'store', 'auth'));
+    const pending = await cli(['auth', '--check']);
+    expect(pending.code).toBe(4);
+    expect(pending.stdout).toContain('never finished');
+    const start = await cli([]);
+    expect(start.code).toBe(2);
+    expect(start.stderr).toContain('a pairing was started but never finished');
+  });
+
+  it('auth without a network says so (not “remove store/auth”), and clears what an unfinished pairing left', async () => {
+    mkdirSync(join(root, 'store'), { recursive: true });
+    renameSync(pendingPairingAuthDir(), join(root, 'store', 'auth'));
+    const offline = await cli(['auth'], '', { WHATSAPP_SERVER_URL: 'ws://127.0.0.1:9/ws/chat' }); // a closed port: no network
+    expect(offline.code).toBe(1);
+    expect(offline.stdout).toContain('never finished; starting over');
+    expect(offline.stderr).toContain('No network: WhatsApp cannot be reached');
+    expect(offline.stderr).not.toContain('remove store/auth');
+    expect(existsSync(join(root, 'store', 'auth', 'creds.json'))).toBe(false);
+  });
+
+  it('tasks run puts what a WhatsApp task says in the outbox and says so; the service then sends it under the same id', async () => {
+    await cli(['groups', 'register', FAMILY, 'family', '--name', 'Family']);
+    const store = new Store(join(root, 'store', 'messages.db'));
+    store.createTask({
+      id: 'water', groupFolder: 'family', chatJid: FAMILY, prompt: 'water the plants', scheduleType: 'cron', scheduleValue: '0 9 * * *',
+      contextMode: 'isolated', nextRun: new Date(Date.now() + 86_400_000).toISOString(), lastRun: null, lastResult: null, status: 'active', createdAt: new Date().toISOString(),
+    });
+    store.close();
+    const unlinked = await cli(['tasks', 'run', 'water']);
+    expect(unlinked.code).toBe(0);
+    expect(unlinked.stdout).toContain(`→ ${FAMILY} (queued for WhatsApp): Andy: echo: water the plants`);
+    expect(unlinked.stdout).toContain('WhatsApp is not linked on this machine');
+    renameSync(await linkedAuthDir(), join(root, 'store', 'auth'));
+    const linked = await cli(['tasks', 'run', 'water']);
+    expect(linked.stdout).toContain('It waits in the outbox: NanoClaw sends it to WhatsApp as soon as the service runs');
+    const service = new Store(join(root, 'store', 'messages.db'));
+    const queued = service.unsent('whatsapp');
+    expect(queued.map((m) => m.text)).toEqual(['Andy: echo: water the plants', 'Andy: echo: water the plants']);
+    setupLogging(tempProject(), { terminalLevel: 'silent' }); // baileys logs through ours
+    const server = flakyServer(60_000);
+    const whatsapp = new RecordingWhatsApp({ authDir: join(root, 'store', 'auth'), assistantName: 'Andy', hasOwnNumber: false, mediaTreeFor: () => null, waWebSocketUrl: server.url });
+    const sender = new OutboxSender(service, whatsapp, 50);
+    try {
+      await whatsapp.connect({ onMessage: () => {}, onReady: () => sender.kick() });
+      openAsWhatsAppWould(whatsapp.socket!);
+      await waitFor(() => whatsapp.delivered.length === 2, 5000, 'the queued task messages');
+      await sender.settle();
+      expect(whatsapp.delivered.map((d) => d.messageId)).toEqual(queued.map((m) => m.messageId));
+      expect(service.countUnsent('whatsapp')).toBe(0);
+    } finally {
+      sender.stop();
+      await whatsapp.disconnect();
+      server.stop();
+      service.close();
+    }
+  });
+
+  it('tasks run while the service runs asks the service (the task is due now) instead of refusing', async () => {
+    await cli(['groups', 'register', FAMILY, 'family']);
+    const store = new Store(join(root, 'store', 'messages.db'));
+    const task = { groupFolder: 'family', chatJid: FAMILY, prompt: 'p', scheduleType: 'cron' as const, scheduleValue: '0 9 * * *', contextMode: 'isolated' as const, nextRun: new Date(Date.now() + 86_400_000).toISOString(), lastRun: null, lastResult: null, createdAt: new Date().toISOString() };
+    store.createTask({ ...task, id: 'active', status: 'active' });
+    store.createTask({ ...task, id: 'resting', status: 'paused' });
+    store.close();
+    const service = Bun.spawn(['sleep', '30']);
+    mkdirSync(join(root, 'data'), { recursive: true });
+    writeFileSync(join(root, 'data', 'nanoclaw.pid'), String(service.pid));
+    try {
+      const asked = await cli(['tasks', 'run', 'active']);
+      expect(asked.code).toBe(0);
+      expect(asked.stdout).toContain(`NanoClaw is running (pid ${service.pid}): it runs active`);
+      const after = new Store(join(root, 'store', 'messages.db'));
+      expect(Math.abs(new Date(after.getTask('active')!.nextRun!).getTime() - Date.now())).toBeLessThan(10_000);
+      after.close();
+      const paused = await cli(['tasks', 'run', 'resting']);
+      expect(paused.code).toBe(2);
+      expect(paused.stderr).toContain('tasks resume resting');
+      expect(docker.runs()).toHaveLength(0);
+    } finally {
+      service.kill();
+    }
+  });
+
+  it('service uninstall without a user systemd removes the unit file anyway and says in one line why; status says it cannot tell', async () => {
+    const home = tempDir();
+    const bin = tempDir();
+    writeFileSync(join(bin, 'systemctl'), '#!/bin/sh\necho "Failed to connect to bus: No medium found" >&2\nexit 1\n', { mode: 0o755 });
+    const unit = join(home, '.config', 'systemd', 'user', 'nanoclaw.service');
+    mkdirSync(join(unit, '..'), { recursive: true });
+    writeFileSync(unit, '[Unit]\n');
+    const env = { HOME: home, PATH: `${bin}:${process.env.PATH}` };
+    const status = await cli(['service', 'status', '--platform', 'linux'], '', env);
+    expect(status.code).toBe(3);
+    expect(status.stdout.trim().split('\n')).toEqual([`systemd (your user instance) cannot be reached (Failed to connect to bus: No medium found); the unit file is installed at ${unit}.`]);
+    const removed = await cli(['service', 'uninstall', '--platform', 'linux'], '', env);
+    expect(removed.code).toBe(0);
+    expect(removed.stdout).toContain('systemd (your user instance) could not be asked to stop NanoClaw (Failed to connect to bus: No medium found).');
+    expect(removed.stdout).toContain(`Removed ${unit}`);
+    expect(existsSync(unit)).toBe(false);
+  });
+});
+
+/** `chat` on a real terminal (a pty from util-linux `script`), as a person types into it. */
+describe('chat manners on a terminal', () => {
+  function onTerminal(env: Record<string, string> = {}) {
+    const proc = Bun.spawn(['script', '-qfec', `${process.execPath} ${ENTRY} chat`, '/dev/null'], {
+      cwd: root, stdin: 'pipe', stdout: 'pipe', stderr: 'pipe',
+      env: { PATH: process.env.PATH!, HOME: process.env.HOME!, TERM: 'xterm', NANOCLAW_ROOT: root, CONTAINER_RUNTIME: docker.path, KIMI_BASE_URL: NO_MODEL_URL, ...env },
+    });
+    let screen = '';
+    void (async () => {
+      for await (const chunk of proc.stdout) screen += new TextDecoder().decode(chunk);
+    })();
+    return {
+      proc,
+      screen: () => screen,
+      type: async (keys: string) => {
+        proc.stdin.write(keys);
+        await proc.stdin.flush();
+      },
+    };
+  }
+
+  it('shows a spinner while the agent works, the reply above the prompt; Ctrl-C mid-turn stops it at once, exits 130, and the next start does not answer it behind the user’s back', async () => {
+    const term = onTerminal();
+    await waitFor(() => term.screen().includes('you › '), 10_000, 'the prompt');
+    await term.type('hello there\r');
+    await waitFor(() => term.screen().includes('Andy: echo: hello there'), 10_000, 'the reply');
+    await term.type('!sleep 20000\r');
+    await waitFor(() => /[⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏] Andy is working… you › /.test(term.screen()), 10_000, 'the spinner');
+    const pressed = Date.now();
+    await term.type('\x03');
+    expect(await term.proc.exited).toBe(130);
+    expect(Date.now() - pressed).toBeLessThan(8_000); // not the 20 s the turn would take
+    expect(term.screen()).toContain('Stopped. That message will not be answered');
+    expect(term.screen()).toMatch(/\r\x1b\[2KAndy: echo: hello there\r?\n/); // printed on a cleared line, not after the prompt
+    expect(docker.calls().some((c) => c.argv[0] === 'stop')).toBe(true);
+    const runs = docker.runs().length;
+    const next = await cli(['chat'], '');
+    expect(next.code).toBe(0);
+    expect(docker.runs()).toHaveLength(runs); // the abandoned message was not run again
+  });
+
+  it('piped, it prints replies only; a failed turn says when it is retried', async () => {
+    const failed = await cli(['chat'], '!fail the model is down\n');
+    expect(failed.stdout).toBe('');
+    expect(failed.stderr).toContain('The agent failed: the model is down');
+    expect(failed.stderr).toContain('Retrying in 5 s (attempt 1 of 5).');
+    expect(failed.stderr).not.toMatch(/[⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏]|\x1b\[/);
   });
 });

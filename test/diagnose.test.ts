@@ -1,17 +1,22 @@
 /**
  * scripts/diagnose.sh against a healthy project and against projects broken one way each.
- * Each fixture is a real project layout (real SQLite store, real files) with the fake
- * docker as CONTAINER_RUNTIME, and the script runs as a user runs it.
+ * Each fixture is a real project layout (real SQLite store, real files, real WhatsApp
+ * credentials as baileys writes them) with the fake docker as CONTAINER_RUNTIME, and the
+ * script runs as a user runs it. The script asks the host (config get, auth --check,
+ * mounts, model check), so the fixture's code directory holds a copy of nanoclaw.ts that a
+ * test may break to see the behaviour checks catch it.
  */
-import { copyFileSync, mkdirSync, readFileSync, symlinkSync, utimesSync, writeFileSync } from 'node:fs';
+import { chmodSync, copyFileSync, mkdirSync, readFileSync, rmSync, symlinkSync, utimesSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterEach, describe, expect, it } from 'vitest';
 import { registerGroup, serviceDefinition, Store, type Config } from '../nanoclaw.ts';
 import { startFakeModel } from '../container/agent-runner/kimi-stub/fake-model.ts';
-import { fakeDocker, NO_MODEL_URL, tempDir, tempProject, type FakeDocker } from './helpers.ts';
+import { fakeDocker, linkedAuthDir, NO_MODEL_URL, pendingPairingAuthDir, tempDir, tempProject, type FakeDocker } from './helpers.ts';
 
 const REPO = fileURLToPath(new URL('..', import.meta.url));
+/** The user's own number, as linkedAuthDir() links it: a WhatsApp user's main chat. */
+const OWN_JID = '4915100000001@s.whatsapp.net';
 
 interface Fixture {
   config: Config;
@@ -25,8 +30,23 @@ afterEach(() => {
   for (const s of sleepers.splice(0)) s.kill();
 });
 
-/** A project in which every check passes. */
-function healthyProject(): Fixture {
+/** Replaces text in a file of the fixture, failing loudly when the text is not there (any more). */
+function edit(file: string, from: string, to: string): void {
+  const text = readFileSync(file, 'utf8');
+  if (!text.includes(from)) throw new Error(`${file} no longer contains ${JSON.stringify(from)}: update this test`);
+  writeFileSync(file, text.replaceAll(from, to));
+}
+
+/** Moves the credentials baileys left in `dir` into the project's store/auth/. */
+function useAuth(f: Fixture, dir: string): void {
+  const auth = join(f.config.storeDir, 'auth');
+  rmSync(auth, { recursive: true, force: true });
+  mkdirSync(auth, { recursive: true });
+  copyFileSync(join(dir, 'creds.json'), join(auth, 'creds.json'));
+}
+
+/** A project on which every check passes: a WhatsApp user, linked, with the service running. */
+async function healthyProject(): Promise<Fixture> {
   const docker = fakeDocker();
   const config = tempProject({}, 'KIMI_API_KEY=sk-diagnose-1234567890\n');
   const codeDir = tempDir('nanoclaw-code-');
@@ -34,10 +54,8 @@ function healthyProject(): Fixture {
   for (const file of ['nanoclaw.ts', 'bunfig.toml', 'scripts/diagnose.sh']) copyFileSync(join(REPO, file), join(codeDir, file));
   symlinkSync(join(REPO, 'node_modules'), join(codeDir, 'node_modules'));
   const store = new Store(config.dbPath);
-  registerGroup(config, store, { jid: 'me@s.whatsapp.net', name: 'Me', folder: 'main', isMain: true });
+  registerGroup(config, store, { jid: OWN_JID, name: 'Me', folder: 'main', isMain: true });
   store.close();
-  mkdirSync(join(config.storeDir, 'auth'), { recursive: true });
-  writeFileSync(join(config.storeDir, 'auth', 'creds.json'), '{}');
   mkdirSync(join(config.groupsDir, 'main', 'logs'), { recursive: true });
   writeFileSync(join(config.groupsDir, 'main', 'logs', 'container-2026-01-01T10-00-00-000Z.log'), 'Exit code:  0\nResults:    1\n');
   mkdirSync(config.logsDir, { recursive: true });
@@ -50,7 +68,18 @@ function healthyProject(): Fixture {
   mkdirSync(config.dataDir, { recursive: true });
   writeFileSync(join(config.dataDir, 'nanoclaw.pid'), String(sleeper.pid));
   const bunDir = join(process.execPath, '..');
-  return { config, codeDir, docker, env: { PATH: `${bunDir}:${process.env.PATH}`, HOME: process.env.HOME!, NANOCLAW_ROOT: config.projectRoot, CONTAINER_RUNTIME: docker.path, KIMI_BASE_URL: NO_MODEL_URL } };
+  const fixture = { config, codeDir, docker, env: { PATH: `${bunDir}:${process.env.PATH}`, HOME: process.env.HOME!, NANOCLAW_ROOT: config.projectRoot, CONTAINER_RUNTIME: docker.path, KIMI_BASE_URL: NO_MODEL_URL } };
+  useAuth(fixture, await linkedAuthDir());
+  return fixture;
+}
+
+/** Someone who only ever used `bun nanoclaw.ts chat`: main is main@local, no WhatsApp, no service. */
+async function terminalProject(): Promise<Fixture> {
+  const fixture = await healthyProject();
+  rmSync(join(fixture.config.storeDir, 'auth'), { recursive: true, force: true });
+  rmSync(join(fixture.config.dataDir, 'nanoclaw.pid'));
+  Bun.spawnSync(['sqlite3', fixture.config.dbPath, "UPDATE registered_groups SET jid = 'main@local' WHERE is_main = 1"]);
+  return fixture;
 }
 
 interface Check {
@@ -60,45 +89,58 @@ interface Check {
   fix: string;
 }
 
-async function diagnose(f: Fixture): Promise<{ checks: Record<string, Check>; code: number; text: string }> {
-  const script = join(f.codeDir, 'scripts', 'diagnose.sh');
-  const json = Bun.spawn(['bash', script, '--json'], { cwd: tempDir(), env: f.env, stdout: 'pipe', stderr: 'pipe' });
-  const [out, code] = await Promise.all([new Response(json.stdout).text(), json.exited]);
-  const list = JSON.parse(out) as Check[];
+async function run(argv: string[], f: Fixture, cwd = tempDir()): Promise<{ out: string; err: string; code: number }> {
   // Not spawnSync: the model check may talk to a fake model served by this very process.
-  const human = Bun.spawn(['bash', script], { cwd: '/', env: f.env, stdout: 'pipe', stderr: 'pipe' });
-  const text = await new Response(human.stdout).text();
-  await human.exited;
-  return { checks: Object.fromEntries(list.map((c) => [c.check, c])), code, text };
+  const proc = Bun.spawn(argv, { cwd, env: f.env, stdout: 'pipe', stderr: 'pipe' });
+  const [out, err, code] = await Promise.all([new Response(proc.stdout).text(), new Response(proc.stderr).text(), proc.exited]);
+  return { out, err, code };
+}
+
+async function diagnose(f: Fixture): Promise<{ checks: Record<string, Check>; list: Check[]; code: number; text: string }> {
+  const script = join(f.codeDir, 'scripts', 'diagnose.sh');
+  const json = await run(['bash', script, '--json'], f);
+  const list = JSON.parse(json.out) as Check[];
+  const human = await run(['bash', script], f, '/');
+  expect(human.code).toBe(json.code);
+  return { checks: Object.fromEntries(list.map((c) => [c.check, c])), list, code: json.code, text: human.out };
 }
 
 const failing = (checks: Record<string, Check>) => Object.values(checks).filter((c) => c.status === 'fail').map((c) => c.check);
 
 describe('scripts/diagnose.sh', () => {
   it('passes every check on a healthy project, in the documented order, from any directory', async () => {
-    const { checks, code, text } = await diagnose(healthyProject());
+    const { checks, code, text } = await diagnose(await healthyProject());
     expect(failing(checks)).toEqual([]);
     expect(code).toBe(0);
     expect(Object.keys(checks)).toEqual([
-      'API key', 'Key delivery', 'Container engine', 'Agent image', 'Session mount', 'Groups', 'Container logs',
+      'Settings', 'API key', 'Key delivery', 'data/env/env', 'Container engine', 'Agent image', 'Session mount', 'Groups', 'Container logs',
       'Session continuity', 'Bun', 'WhatsApp', 'Database', 'IPC', 'Disk', 'Service', 'Model endpoint',
     ]);
     // No network in the fixture (KIMI_BASE_URL is a closed loopback port): a note, not a failure.
     expect(checks['Model endpoint']).toMatchObject({ status: 'info', detail: expect.stringContaining('not checked: no network') });
-    expect(checks['Agent image']!.detail).toContain('kimi 0.0.0-fake');
-    expect(checks.Groups!.detail).toContain('main is main (me@s.whatsapp.net)');
+    expect(checks['API key']!.detail).toBe('KIMI_API_KEY is set (22 characters)');
+    expect(checks['Agent image']!.detail).toBe('nanoclaw-agent:latest, kimi 0.0.0-fake');
+    expect(checks.Groups!.detail).toContain(`main is main (${OWN_JID})`);
+    expect(checks.WhatsApp).toMatchObject({ status: 'ok', detail: expect.stringContaining('linked') });
+    expect(checks['Session mount']).toMatchObject({ status: 'ok', detail: 'data/sessions/main/.kimi -> /home/node/.kimi (rw)' });
+    expect(checks['Key delivery']!.detail).toContain("NanoClaw's model proxy");
+    // The guide's checklist says data/env/env is "created on first run"; NanoClaw never needs it.
+    expect(checks['data/env/env']).toMatchObject({ status: 'info', detail: expect.stringContaining('cp .env data/env/env') });
     expect(text).toContain('All checks passed.');
+    expect(text).not.toContain('sk-diagnose-1234567890');
   });
 
   const brokenOneWay: [string, (f: Fixture) => void, string, string][] = [
     ['no key', (f) => writeFileSync(f.config.envFile, 'TZ=UTC\n'), 'API key', 'KIMI_API_KEY='],
     ['no image', (f) => f.docker.set('no-image'), 'Agent image', './container/build.sh'],
     ['no kimi in the image', (f) => f.docker.set('no-kimi'), 'Agent image', '--no-cache'],
-    ['wrong session mount path', (f) => {
-      const file = join(f.codeDir, 'nanoclaw.ts');
-      writeFileSync(file, readFileSync(file, 'utf8').replaceAll("'/home/node/.kimi'", "'/root/.kimi'"));
-    }, 'Session mount', '/home/node/.kimi'],
+    // The host itself mounts the sessions elsewhere: the check reads its mount table, not its source.
+    ['wrong session mount path', (f) => edit(join(f.codeDir, 'nanoclaw.ts'), "'/home/node/.kimi'", "'/root/.kimi'"), 'Session mount', '/home/node/.kimi'],
     ['.env loading left on', (f) => writeFileSync(join(f.codeDir, 'bunfig.toml'), '[install]\nexact = true\n'), 'Key delivery', 'env = false'],
+    ['bunfig.toml missing', (f) => rmSync(join(f.codeDir, 'bunfig.toml')), 'Key delivery', 'env = false'],
+    ['the main group sees .env', (f) => edit(join(f.codeDir, 'nanoclaw.ts'), "HIDDEN_FROM_MAIN = ['.env', ", 'HIDDEN_FROM_MAIN = ['), 'Key delivery', 'HIDDEN_FROM_MAIN'],
+    ['a bad setting in .env', (f) => writeFileSync(f.config.envFile, 'KIMI_API_KEY=sk-diagnose-1234567890\nLOG_LEVEL=loud\n'), 'Settings', '.env'],
+    ['the host cannot load its packages', (f) => rmSync(join(f.codeDir, 'node_modules')), 'Settings', 'bun install'],
     ['stuck IPC file', (f) => {
       const dir = join(f.config.ipcDir, 'main', 'messages');
       mkdirSync(dir, { recursive: true });
@@ -109,7 +151,15 @@ describe('scripts/diagnose.sh', () => {
       mkdirSync(join(f.config.ipcDir, 'errors'), { recursive: true });
       writeFileSync(join(f.config.ipcDir, 'errors', 'main-messages-1.json'), '{');
     }, 'IPC', 'IPC file rejected'],
-    ['not linked to WhatsApp', (f) => Bun.spawnSync(['rm', '-rf', join(f.config.storeDir, 'auth')]), 'WhatsApp', 'bun nanoclaw.ts auth'],
+    ['not linked to WhatsApp', (f) => rmSync(join(f.config.storeDir, 'auth'), { recursive: true }), 'WhatsApp', 'bun nanoclaw.ts auth'],
+    // What the old check took for a link: the file exists, but WhatsApp never confirmed a device.
+    ['creds.json without a device', (f) => writeFileSync(join(f.config.storeDir, 'auth', 'creds.json'), '{}'), 'WhatsApp', 'bun nanoclaw.ts auth'],
+    ['a pairing never finished', (f) => useAuth(f, pendingPairingAuthDir()), 'WhatsApp', 'bun nanoclaw.ts auth'],
+    ['a readable copy of the key in data/env/env', (f) => {
+      mkdirSync(join(f.config.dataDir, 'env'), { recursive: true });
+      copyFileSync(f.config.envFile, join(f.config.dataDir, 'env', 'env'));
+      chmodSync(join(f.config.dataDir, 'env', 'env'), 0o644);
+    }, 'data/env/env', 'chmod 600'],
     ['service not running', (f) => writeFileSync(join(f.config.dataDir, 'nanoclaw.pid'), '999999'), 'Service', 'service install'],
     ['latest container run failed', (f) => writeFileSync(
       join(f.config.groupsDir, 'main', 'logs', 'container-2026-01-02T10-00-00-000Z.log'),
@@ -124,7 +174,7 @@ describe('scripts/diagnose.sh', () => {
 
   for (const [name, breakIt, check, fixMentions] of brokenOneWay) {
     it(`names the one broken piece and its fix: ${name}`, async () => {
-      const fixture = healthyProject();
+      const fixture = await healthyProject();
       breakIt(fixture);
       const { checks, code, text } = await diagnose(fixture);
       expect(failing(checks)).toEqual([check]);
@@ -135,10 +185,134 @@ describe('scripts/diagnose.sh', () => {
     });
   }
 
+  it('the behaviour checks say what the host really does: where it mounts the sessions, which file it shows', async () => {
+    const moved = await healthyProject();
+    edit(join(moved.codeDir, 'nanoclaw.ts'), "'/home/node/.kimi'", "'/root/.kimi'");
+    expect((await diagnose(moved)).checks['Session mount']!.detail).toContain('at /root/.kimi');
+    const shown = await healthyProject();
+    edit(join(shown.codeDir, 'nanoclaw.ts'), "HIDDEN_FROM_MAIN = ['.env', ", 'HIDDEN_FROM_MAIN = [');
+    expect((await diagnose(shown)).checks['Key delivery']!.detail).toContain('.env (seen at /workspace/project/.env)');
+    const badSetting = await healthyProject();
+    writeFileSync(badSetting.config.envFile, 'KIMI_API_KEY=sk-diagnose-1234567890\nLOG_LEVEL=loud\n');
+    const refused = await diagnose(badSetting);
+    expect(refused.checks.Settings!.detail).toContain('LOG_LEVEL="loud" is not valid');
+    // The other checks still ran, on the environment and the defaults.
+    expect(refused.checks['Container engine']!.status).toBe('ok');
+    expect(refused.checks['Agent image']!.detail).toBe('nanoclaw-agent:latest, kimi 0.0.0-fake');
+  });
+
+  it('reads settings as the host does: a trailing comment in .env is not part of the value', async () => {
+    const fixture = await healthyProject();
+    writeFileSync(fixture.config.envFile, 'KIMI_API_KEY=sk-diagnose-1234567890   # my key\nCONTAINER_IMAGE=nanoclaw-agent:latest # the image\n');
+    const { checks, code } = await diagnose(fixture);
+    expect(failing(checks)).toEqual([]);
+    expect(code).toBe(0);
+    expect(checks['API key']!.detail).toBe('KIMI_API_KEY is set (22 characters)');
+    expect(checks['Agent image']!.detail).toBe('nanoclaw-agent:latest, kimi 0.0.0-fake');
+    const inspected = fixture.docker.calls().filter((c) => c.command === 'image').map((c) => c.argv.at(-1));
+    expect(inspected.length).toBeGreaterThan(0);
+    expect(new Set(inspected)).toEqual(new Set(['nanoclaw-agent:latest']));
+  });
+
+  it('the environment wins over .env, for the key too', async () => {
+    const fixture = await healthyProject();
+    writeFileSync(fixture.config.envFile, 'CONTAINER_IMAGE=from-dotenv:1\nCONTAINER_RUNTIME=/nowhere/docker\n');
+    fixture.env.CONTAINER_IMAGE = 'from-env:2';
+    fixture.env.KIMI_API_KEY = 'sk-from-the-environment';
+    const { checks, code } = await diagnose(fixture);
+    expect(failing(checks)).toEqual([]);
+    expect(code).toBe(0);
+    expect(checks['Agent image']!.detail).toBe('from-env:2, kimi 0.0.0-fake');
+    expect(checks.Settings!.detail).toContain(`runtime ${fixture.docker.path}, image from-env:2`);
+    expect(checks['API key']!.detail).toBe('KIMI_API_KEY is set (23 characters)');
+  });
+
+  it('a terminal-only user (main@local, never linked, no service) passes, with notes on WhatsApp and the service', async () => {
+    const { checks, code, text } = await diagnose(await terminalProject());
+    expect(failing(checks)).toEqual([]);
+    expect(code).toBe(0);
+    expect(checks.Groups!.detail).toContain('main is main (main@local)');
+    expect(checks.WhatsApp).toMatchObject({ status: 'info', detail: expect.stringContaining('bun nanoclaw.ts chat') });
+    expect(checks.WhatsApp!.detail).toContain('to add WhatsApp: bun nanoclaw.ts auth');
+    expect(checks.Service).toMatchObject({ status: 'info', detail: expect.stringContaining('not running') });
+    expect(text).toContain('INFO  WhatsApp: not linked: you use the terminal');
+    expect(text).toContain('All checks passed.');
+  });
+
+  it('a terminal user whose pairing never finished: WhatsApp fails, the service stays a note', async () => {
+    const fixture = await terminalProject();
+    useAuth(fixture, pendingPairingAuthDir());
+    const { checks, code } = await diagnose(fixture);
+    expect(failing(checks)).toEqual(['WhatsApp']);
+    expect(checks.WhatsApp!.detail).toContain('never finished');
+    expect(checks.WhatsApp!.fix).toContain('bun nanoclaw.ts auth');
+    expect(checks.Service!.status).toBe('info');
+    expect(code).toBe(1);
+  });
+
+  it('data/env/env made by hand for the manual test: a note when only its owner can read it', async () => {
+    const fixture = await healthyProject();
+    const copy = join(fixture.config.dataDir, 'env', 'env');
+    mkdirSync(join(fixture.config.dataDir, 'env'), { recursive: true });
+    copyFileSync(fixture.config.envFile, copy);
+    chmodSync(copy, 0o600);
+    const quiet = await diagnose(fixture);
+    expect(failing(quiet.checks)).toEqual([]);
+    expect(quiet.code).toBe(0);
+    expect(quiet.checks['data/env/env']).toMatchObject({ status: 'info', detail: expect.stringContaining('NanoClaw does not use it') });
+    // NanoClaw's mounts hide it from the main group (data/ is masked).
+    expect(quiet.checks['Key delivery']!.status).toBe('ok');
+    chmodSync(copy, 0o640);
+    const loud = await diagnose(fixture);
+    expect(failing(loud.checks)).toEqual(['data/env/env']);
+    expect(loud.checks['data/env/env']!.fix).toContain('chmod 600 data/env/env');
+  });
+
+  it('--help prints the usage and exits 0; an unknown option is one line and the usage, exit 2', async () => {
+    const fixture = await healthyProject();
+    const script = join(fixture.codeDir, 'scripts', 'diagnose.sh');
+    for (const flag of ['--help', '-h']) {
+      const help = await run(['bash', script, flag], fixture);
+      expect(help.code).toBe(0);
+      expect(help.out).toContain('Usage: scripts/diagnose.sh [--json]');
+      expect(help.out).toContain('Exit status');
+    }
+    const wrong = await run(['bash', script, '--jsno'], fixture);
+    expect(wrong.code).toBe(2);
+    expect(wrong.out).toBe('');
+    expect(wrong.err.split('\n')[0]).toBe("diagnose.sh: unknown option '--jsno'");
+    expect(wrong.err).toContain('Usage: scripts/diagnose.sh');
+    expect(fixture.docker.calls()).toEqual([]); // rejected before any check ran
+  });
+
+  it('bun nanoclaw.ts diagnose --json, run as a user runs it, gives the checks the script gives', async () => {
+    const fixture = await healthyProject();
+    fixture.docker.set('no-image');
+    const direct = await diagnose(fixture);
+    const viaHost = await run([process.execPath, join(fixture.codeDir, 'nanoclaw.ts'), 'diagnose', '--json'], fixture);
+    const list = JSON.parse(viaHost.out) as Check[];
+    expect(list.map((c) => [c.check, c.status])).toEqual(direct.list.map((c) => [c.check, c.status]));
+    expect(list.find((c) => c.check === 'Agent image')!.fix).toBe('./container/build.sh');
+    expect(viaHost.code).toBe(1);
+    expect(direct.code).toBe(1);
+  });
+
+  it('bun nanoclaw.ts diagnose sees a key given only in the environment, and keeps it from docker', async () => {
+    const fixture = await healthyProject();
+    writeFileSync(fixture.config.envFile, 'TZ=UTC\n');
+    fixture.env.KIMI_API_KEY = 'sk-only-in-the-environment';
+    const viaHost = await run([process.execPath, join(fixture.codeDir, 'nanoclaw.ts'), 'diagnose', '--json'], fixture);
+    const list = JSON.parse(viaHost.out) as Check[];
+    expect(list.find((c) => c.check === 'API key')).toMatchObject({ status: 'ok', detail: 'KIMI_API_KEY is set (26 characters)' });
+    expect(viaHost.code).toBe(0);
+    expect(fixture.docker.calls().length).toBeGreaterThan(0);
+    for (const call of fixture.docker.calls()) expect(JSON.stringify(call.env)).not.toContain('sk-only-in-the-environment');
+  });
+
   it('the model endpoint is asked through the proxy: a key it accepts is OK, a refused key fails naming the fix', async () => {
     const model = startFakeModel({ key: 'sk-diagnose-1234567890' });
     try {
-      const fixture = healthyProject();
+      const fixture = await healthyProject();
       fixture.env.KIMI_BASE_URL = model.url;
       fixture.env.KIMI_MODEL_NAME = 'kimi-k2.5';
       const accepted = await diagnose(fixture);
@@ -156,7 +330,7 @@ describe('scripts/diagnose.sh', () => {
   });
 
   it('a stopped engine fails the engine check and the image check that depends on it', async () => {
-    const fixture = healthyProject();
+    const fixture = await healthyProject();
     fixture.docker.set('engine-down');
     const { checks, code } = await diagnose(fixture);
     expect(failing(checks)).toEqual(['Container engine', 'Agent image']);
@@ -166,7 +340,7 @@ describe('scripts/diagnose.sh', () => {
   });
 
   it('a corrupted database fails the integrity check', async () => {
-    const fixture = healthyProject();
+    const fixture = await healthyProject();
     const db = readFileSync(fixture.config.dbPath);
     for (let i = 4096; i < Math.min(db.length, 16384); i++) db[i] = 0x5a; // scribble over the first table pages
     writeFileSync(fixture.config.dbPath, db);

@@ -15,7 +15,7 @@ import {
   type Config, type RegisteredGroup,
 } from '../nanoclaw.ts';
 import { encryptedStream, proto, type WAMessage } from '@whiskeysockets/baileys';
-import { flakyServer, linkedAuthDir, RecordingChannel, RecordingWhatsApp, tempDir, tempProject, waitFor } from './helpers.ts';
+import { flakyServer, linkedAuthDir, openAsWhatsAppWould, RecordingChannel, RecordingWhatsApp, tempDir, tempProject, waitFor } from './helpers.ts';
 
 const IMAGE = process.env.NANOCLAW_TEST_IMAGE ?? 'nanoclaw-agent:test';
 const REPO = fileURLToPath(new URL('..', import.meta.url));
@@ -250,7 +250,7 @@ describe('WhatsApp and scheduled tasks with the real container', () => {
     const host = new Host(config, store, [whatsapp], { sweepIntervalMs: 60_000 });
     try {
       await host.start();
-      whatsapp.socket!.ev.emit('connection.update', { connection: 'open' });
+      openAsWhatsAppWould(whatsapp.socket!);
       const inbound = proto.WebMessageInfo.fromObject({
         key: { remoteJid: FAMILY, participant: '4915100000002@s.whatsapp.net', fromMe: false, id: '3EB0E2E0001' },
         message: { extendedTextMessage: { text: '@Andy are we on for sunday?' } },
@@ -356,7 +356,7 @@ describe('what the real Kimi CLI does, through the host and the real image', () 
     const host = new Host(config, store, [whatsapp], { sweepIntervalMs: 60_000 });
     try {
       await host.start();
-      whatsapp.socket!.ev.emit('connection.update', { connection: 'open' });
+      openAsWhatsAppWould(whatsapp.socket!);
       const imageMessage = {
         url: `http://127.0.0.1:${media.port}/media/cat.enc`, mimetype: 'image/jpeg', caption: '@Andy !image what is this?',
         mediaKey: encrypted.mediaKey, fileSha256: encrypted.fileSha256, fileEncSha256: encrypted.fileEncSha256, fileLength: photo.length,

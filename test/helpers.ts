@@ -3,7 +3,7 @@ import { chmodSync, existsSync, mkdirSync, mkdtempSync, readFileSync, writeFileS
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { initAuthCreds } from '@whiskeysockets/baileys';
+import { BufferJSON, generateWAMessageContent, initAuthCreds, proto, type WASocket } from '@whiskeysockets/baileys';
 import { loadConfig, WhatsAppChannel, type Channel, type ChannelHandlers, type Config, type NewMessage } from '../nanoclaw.ts';
 
 export function tempDir(prefix = 'nanoclaw-test-'): string {
@@ -133,12 +133,18 @@ export async function waitFor<T>(check: () => T | undefined | null | false, time
   }
 }
 
-/** A WhatsApp channel whose last step (the send to WhatsApp's servers) is recorded instead. */
+/**
+ * A WhatsApp channel whose last step (the send to WhatsApp's servers) is recorded instead;
+ * it returns the message content baileys' own generateWAMessageContent builds for the text,
+ * as sendMessage would.
+ */
 export class RecordingWhatsApp extends WhatsAppChannel {
-  readonly delivered: { jid: string; text: string; messageId: string }[] = [];
-  protected override async send(jid: string, text: string, messageId: string): Promise<void> {
+  readonly delivered: { jid: string; text: string; messageId: string; content?: proto.IMessage }[] = [];
+  protected override async send(jid: string, text: string, messageId: string): Promise<proto.IMessage | undefined> {
     if (!this.isConnected) throw new Error('offline');
-    this.delivered.push({ jid, text, messageId });
+    const content = await generateWAMessageContent({ text }, { upload: () => Promise.reject(new Error('a text needs no upload')) });
+    this.delivered.push({ jid, text, messageId, content });
+    return content;
   }
 }
 
@@ -166,9 +172,37 @@ export function flakyServer(holdMs: number | ((connection: number) => number)) {
   return { url: `ws://127.0.0.1:${server.port}/ws/chat`, connectedAt, get maxOpen() { return maxOpen; }, stop: () => server.stop(true) };
 }
 
+/** creds.json as baileys' useMultiFileAuthState writes it (BufferJSON). */
+export function writeCreds(dir: string, creds: object): void {
+  writeFileSync(join(dir, 'creds.json'), JSON.stringify(creds, BufferJSON.replacer));
+}
+
+/**
+ * Credentials of a linked device: what a finished pairing leaves (baileys 7
+ * configureSuccessfulPairing adds `me` with its device suffix and the signed `account`).
+ */
 export async function linkedAuthDir(): Promise<string> {
   const dir = tempDir('nanoclaw-wa-auth-');
-  writeFileSync(join(dir, 'creds.json'), JSON.stringify(initAuthCreds(), (_, value) => (value?.type === 'Buffer' ? { type: 'Buffer', data: Buffer.from(value.data).toString('base64') } : value)));
+  const account = proto.ADVSignedDeviceIdentity.fromObject({ details: Buffer.alloc(32, 1), accountSignatureKey: Buffer.alloc(32, 2), accountSignature: Buffer.alloc(64, 3), deviceSignature: Buffer.alloc(64, 4) });
+  writeCreds(dir, { ...initAuthCreds(), me: { id: '4915100000001:7@s.whatsapp.net', lid: '99887766:7@lid', name: 'Me' }, account, platform: 'android', registered: false });
   return dir;
 }
 
+/** What baileys leaves after `requestPairingCode` when the phone never confirmed: `me` without `account`. */
+export function pendingPairingAuthDir(): string {
+  const dir = tempDir('nanoclaw-wa-auth-');
+  writeCreds(dir, { ...initAuthCreds(), me: { id: '4915100000001@s.whatsapp.net', name: '~' }, pairingCode: 'RDXVVHVB', registered: false });
+  return dir;
+}
+
+
+/**
+ * What WhatsApp's servers do once a linked device logs in, which the local server cannot:
+ * the connection opens, then the offline backlog is done ("ib offline"), and baileys
+ * releases the events it held back until then (baileys 7 Socket/socket.js buffers them
+ * from the start for a linked device).
+ */
+export function openAsWhatsAppWould(sock: WASocket): void {
+  sock.ev.emit('connection.update', { connection: 'open' });
+  sock.ev.flush();
+}

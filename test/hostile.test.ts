@@ -177,9 +177,13 @@ describe('a hostile agent', () => {
       { type: 'schedule_task', prompt: 'for quiet', schedule_type: 'interval', schedule_value: '600000', context_mode: 'isolated', targetJid: QUIET },
       ...Array.from({ length: 8 }, (_, i) => ({ type: 'schedule_task', prompt: `slow ${i}`, schedule_type: 'interval', schedule_value: '600000', context_mode: 'isolated' })),
     ];
-    const write = requests.map((r, i) => `printf '%s' '${JSON.stringify(r)}' > /workspace/ipc/tasks/${String(i).padStart(2, '0')}.json`).join('; ');
+    // Each written aside and renamed in, as a whole (one written in place may be claimed half-written: then it is only malformed).
+    const put = (r: object, name: string) => `printf '%s' '${JSON.stringify(r)}' > /workspace/ipc/tasks/.${name} && mv /workspace/ipc/tasks/.${name} /workspace/ipc/tasks/${name}.json`;
+    const write = requests.map((r, i) => put(r, String(i).padStart(2, '0'))).join('; ');
     expect(await ask(w, EVIL, `!shell ${write}; echo written`)).toContain('written');
-    await waitFor(() => readdirSync(join(w.config.ipcDir, 'evil', 'tasks')).length === 0, 10_000, 'requests handled');
+    // Handled = gone from its folder and from the host's claimed/ (where a file waits while it is handled).
+    const inHand = (folder: string) => readdirSync(join(w.config.ipcDir, folder, 'tasks')).length + (existsSync(join(w.config.ipcDir, 'claimed')) ? readdirSync(join(w.config.ipcDir, 'claimed')).filter((n) => n.startsWith(`${folder}.`)).length : 0);
+    await waitFor(() => inHand('evil') === 0, 20_000, 'requests handled');
     await w.host.ipc.scan();
     expect(w.store.groupByFolder('errors')).toBeNull();
     expect(w.store.listGroups().map((g) => g.folder).sort()).toEqual(['evil', 'main', 'offline', 'quiet']);
@@ -187,9 +191,9 @@ describe('a hostile agent', () => {
     expect(w.store.listTasks('evil').map((t) => t.scheduleValue)).toEqual(Array(5).fill('600000')); // TASK_MAX_ACTIVE=5, none faster than TASK_MIN_INTERVAL
     // Main may register groups, but never under a name NanoClaw uses itself or one that climbs out.
     const names = ['errors', 'global', 'claimed', '../../etc', 'a/b'].map((folder, i) => ({ type: 'register_group', jid: `n${i}@g.us`, name: 'N', folder }));
-    const mainWrite = names.map((r, i) => `printf '%s' '${JSON.stringify(r)}' > /workspace/ipc/tasks/${i}.json`).join('; ');
+    const mainWrite = names.map((r, i) => put(r, String(i))).join('; ');
     expect(await ask(w, MAIN, `!shell ${mainWrite}; echo written`)).toContain('written');
-    await waitFor(() => readdirSync(join(w.config.ipcDir, 'main', 'tasks')).length === 0, 10_000, 'main requests handled');
+    await waitFor(() => inHand('main') === 0, 20_000, 'main requests handled');
     await w.host.ipc.scan();
     expect(w.store.listGroups().map((g) => g.folder).sort()).toEqual(['evil', 'main', 'offline', 'quiet']);
     expect(existsSync(join(w.config.groupsDir, '..', '..', 'etc', 'CLAUDE.md'))).toBe(false);

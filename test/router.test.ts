@@ -1,7 +1,7 @@
 import { describe, expect, it } from 'vitest';
 import {
   typedText,
-  formatLocalTime, formatMessages, formatOutbound, isOwnReply, needsAgent, stripInternal, triggerPattern,
+  formatLocalTime, formatMessages, formatOutbound, isOwnReply, isValidTrigger, needsAgent, stripInternal, triggerPattern,
   type RegisteredGroup, type StoredMessage,
 } from '../nanoclaw.ts';
 
@@ -22,12 +22,20 @@ describe('trigger', () => {
   });
 
   it('wakes main and trigger-free groups for anything, others only with the trigger', () => {
-    const trigger = triggerPattern('Andy');
-    expect(needsAgent(group({ isMain: true }), [msg('hello')], trigger)).toBe(true);
-    expect(needsAgent(group({ requiresTrigger: false }), [msg('hello')], trigger)).toBe(true);
-    expect(needsAgent(group({}), [msg('hello'), msg('how are you')], trigger)).toBe(false);
-    expect(needsAgent(group({}), [msg('hello'), msg('  @andy what now')], trigger)).toBe(true);
-    expect(needsAgent(group({ isMain: true }), [], trigger)).toBe(false);
+    expect(needsAgent(group({ isMain: true }), [msg('hello')])).toBe(true);
+    expect(needsAgent(group({ requiresTrigger: false }), [msg('hello')])).toBe(true);
+    expect(needsAgent(group({}), [msg('hello'), msg('how are you')])).toBe(false);
+    expect(needsAgent(group({}), [msg('hello'), msg('  @andy what now')])).toBe(true);
+    expect(needsAgent(group({ isMain: true }), [])).toBe(false);
+  });
+
+  it('honours the trigger each group was registered with, not the assistant’s name', () => {
+    const club = group({ trigger: '@Bot' });
+    expect(needsAgent(club, [msg('@Bot what time is it?')])).toBe(true);
+    expect(needsAgent(club, [msg('@Andy what time is it?')])).toBe(false);
+    expect(triggerPattern('@Bot').test('@bot hi')).toBe(true); // with or without its @
+    expect(isValidTrigger('@Bot')).toBe(true);
+    for (const bad of ['Bot', '@', '@two words', '@@x']) expect(isValidTrigger(bad), bad).toBe(false);
   });
 
   it('recognises the bot’s own replies on a shared number', () => {
@@ -77,11 +85,10 @@ describe('the trigger past what the channel notes', () => {
   const group = { jid: 'g@g.us', name: 'G', folder: 'g', trigger: '@Andy', requiresTrigger: true, isMain: false, addedAt: '' };
   const message = (content: string) => ({ seq: 1, id: 'x', chatJid: 'g@g.us', sender: 's', senderName: 'S', content, timestamp: new Date().toISOString(), isFromMe: false, isBotMessage: false });
   it('counts a trigger at the start of a photo’s caption or of a quoted reply, not one inside them', () => {
-    const trigger = triggerPattern('Andy');
-    expect(needsAgent(group, [message('[image: /workspace/group/media/a.jpg] @Andy what is this?')], trigger)).toBe(true);
-    expect(needsAgent(group, [message('[replying to: "when is dinner?"]\n@Andy at 7?')], trigger)).toBe(true);
-    expect(needsAgent(group, [message('[replying to: "@Andy said so"]\nno')], trigger)).toBe(false);
-    expect(needsAgent(group, [message('[image: /workspace/group/media/a.jpg] nice @Andy')], trigger)).toBe(false);
+    expect(needsAgent(group, [message('[image: /workspace/group/media/a.jpg] @Andy what is this?')])).toBe(true);
+    expect(needsAgent(group, [message('[replying to: "when is dinner?"]\n@Andy at 7?')])).toBe(true);
+    expect(needsAgent(group, [message('[replying to: "@Andy said so"]\nno')])).toBe(false);
+    expect(needsAgent(group, [message('[image: /workspace/group/media/a.jpg] nice @Andy')])).toBe(false);
     expect(typedText('[voice note: /workspace/group/media/v.ogg]')).toBe('');
   });
 });

@@ -58,7 +58,7 @@ describe('Store schema', () => {
     const old = new Store(path);
     old.db.exec(`DROP TABLE task_claims; DROP TABLE ipc_done; DROP INDEX outbox_by_message; DROP INDEX outbox_unsent;
       ALTER TABLE outbox DROP COLUMN message_id; ALTER TABLE outbox DROP COLUMN sent_at; ALTER TABLE outbox DROP COLUMN attempts; ALTER TABLE outbox DROP COLUMN error;
-      PRAGMA user_version = 3`);
+      ALTER TABLE outbox DROP COLUMN sent_content; PRAGMA user_version = 3`);
     old.db.query("INSERT INTO outbox (channel, chat_jid, text, created_at) VALUES ('whatsapp', 'a@g.us', 'from before', '2026-01-01')").run();
     old.close();
     const store = new Store(path);
@@ -79,7 +79,9 @@ describe('Store schema', () => {
     store.markSendFailed(store.nextUnsent('whatsapp')!.id, 'bad jid', true);
     expect(store.nextUnsent('whatsapp')).toBeUndefined();
     expect(store.countUnsent('local')).toBe(1);
-    expect(store.outboundByMessageId('ID1')).toEqual({ chatJid: 'a@g.us', text: 'first' });
+    expect(store.outboundByMessageId('ID1')).toEqual({ chatJid: 'a@g.us', text: 'first', sentContent: null });
+    store.recordSentContent('ID1', new Uint8Array([0x0a, 0x02, 0x68, 0x69]));
+    expect(store.outboundByMessageId('ID1')!.sentContent).toEqual(new Uint8Array([0x0a, 0x02, 0x68, 0x69]));
     expect(store.pruneOutbox(new Date(Date.now() + 1000).toISOString())).toBe(2);
     expect(store.outboundByMessageId('ID1')).toBeNull();
     expect(store.countUnsent('local')).toBe(1); // never pruned while unsent

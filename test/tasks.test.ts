@@ -216,7 +216,7 @@ describe('bun nanoclaw.ts tasks', () => {
     expect(resumed.stdout).toMatch(/next run \d{4}-\d{2}-\d{2} 09:00 Asia\/Tokyo/);
     const run = await cli('run', t.id);
     expect(run.code).toBe(0);
-    expect(run.stdout).toBe(`→ ${FAMILY}: Andy: echo: water the plants\n`);
+    expect(run.stdout).toBe(`→ ${FAMILY} (queued for WhatsApp): Andy: echo: water the plants\nWhatsApp is not linked on this machine: it waits in the outbox until you link it (bun nanoclaw.ts auth) and start NanoClaw.\n`);
     expect((await cli('show', t.id)).stdout).toMatch(/recent runs:\n.*success/);
     expect((await cli('cancel', t.id)).code).toBe(0);
     expect((await cli('show', t.id)).code).toBe(2);

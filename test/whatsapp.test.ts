@@ -4,7 +4,7 @@
  * (WhatsApp's servers cannot be reached here, so the handshake never completes; where a
  * test needs an open connection it emits `connection.update` on the real socket).
  */
-import { encryptedStream, proto, type WAMessage } from '@whiskeysockets/baileys';
+import { encryptedStream, proto, WAMessageAddressingMode, type GroupMetadata, type WAMessage } from '@whiskeysockets/baileys';
 import { mkdirSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
@@ -14,7 +14,7 @@ import {
   Store, OutboxSender, newMessageId, toWhatsAppFormat, writeJsonAtomic, WhatsAppChannel, whatsAppChannel, makeSelfChatMain, LOCAL_MAIN_JID,
   type ChannelHandlers, type NewMessage, type WhatsAppIdentity, type WhatsAppOptions,
 } from '../nanoclaw.ts';
-import { fakeDocker, flakyServer, linkedAuthDir, RecordingWhatsApp, tempDir, tempProject, waitFor } from './helpers.ts';
+import { fakeDocker, flakyServer, linkedAuthDir, openAsWhatsAppWould, pendingPairingAuthDir, RecordingWhatsApp, tempDir, tempProject, waitFor } from './helpers.ts';
 
 const ME = '4915100000001@s.whatsapp.net';
 const ME_LID = '99887766@lid';
@@ -182,7 +182,7 @@ describe('WhatsAppChannel connection', () => {
     await channel.connect(noHandlers);
     await waitFor(() => server.connectedAt.length >= 6, 20_000, 'six connections');
     expect(server.maxOpen).toBe(1);
-    expect(channel.sockets.length).toBeGreaterThanOrEqual(6);
+    expect(channel.socketsOpened).toBeGreaterThanOrEqual(6);
     const ceilings = channel.reconnectDelays.slice(0, 5).map((_, i) => Math.min(400, 40 * 2 ** i));
     channel.reconnectDelays.slice(0, 5).forEach((delay, i) => {
       expect(delay).toBeGreaterThanOrEqual(ceilings[i]! / 2);
@@ -200,15 +200,15 @@ describe('WhatsAppChannel connection', () => {
     const channel = new RecordingWhatsApp(channelOptions(await linkedAuthDir(), server.url));
     stops.push(() => channel.disconnect());
     await channel.connect({ onMessage: (m) => received.push(m) });
-    await waitFor(() => channel.sockets.length >= 3, 20_000, 'three sockets');
-    const retired = channel.sockets[0]!;
+    const retired = channel.socket!;
+    await waitFor(() => channel.socketsOpened >= 3, 20_000, 'three sockets');
     retired.ev.emit('messages.upsert', { messages: [waMessage({ remoteJid: ALICE, message: { conversation: 'from the past' } })], type: 'notify' });
     retired.ev.emit('connection.update', { connection: 'open' });
     await Bun.sleep(50);
     expect(received).toEqual([]);
     expect(channel.isConnected).toBe(false);
     const live = channel.socket!;
-    live.ev.emit('connection.update', { connection: 'open' });
+    openAsWhatsAppWould(live);
     expect(channel.isConnected).toBe(true);
     live.ev.emit('messages.upsert', { messages: [waMessage({ remoteJid: ALICE, message: { conversation: 'now' } })], type: 'notify' });
     await waitFor(() => received.length === 1, 2000, 'live message');
@@ -238,7 +238,7 @@ describe('WhatsAppChannel connection', () => {
     });
     await channel.connect({ ...noHandlers, onReady: () => sender.kick() });
     await waitFor(() => server.connectedAt.length === 1, 5000, 'connection');
-    channel.socket!.ev.emit('connection.update', { connection: 'open' });
+    openAsWhatsAppWould(channel.socket!);
     say(store, channel, sender, GROUP, 'one');
     await waitFor(() => channel.delivered.length === 1, 2000, 'first delivery');
     channel.socket!.ev.emit('connection.update', { connection: 'close', lastDisconnect: { error: new Error('network down'), date: new Date() } });
@@ -246,8 +246,8 @@ describe('WhatsAppChannel connection', () => {
     say(store, channel, sender, ALICE, 'three');
     await sender.settle();
     expect(store.countUnsent('whatsapp')).toBe(2);
-    await waitFor(() => channel.sockets.length === 2, 5000, 'reconnect');
-    channel.socket!.ev.emit('connection.update', { connection: 'open' });
+    await waitFor(() => channel.socketsOpened === 2, 5000, 'reconnect');
+    openAsWhatsAppWould(channel.socket!);
     await waitFor(() => channel.delivered.length === 3, 2000, 'queued deliveries');
     await sender.settle();
     expect(channel.delivered.map(({ jid, text }) => ({ jid, text }))).toEqual([{ jid: GROUP, text: 'one' }, { jid: GROUP, text: 'two' }, { jid: ALICE, text: 'three' }]);
@@ -281,13 +281,13 @@ describe('WhatsAppChannel connection', () => {
       store.close();
     });
     await second.connect({ ...noHandlers, onReady: () => secondSender.kick() });
-    second.socket!.ev.emit('connection.update', { connection: 'open' });
+    openAsWhatsAppWould(second.socket!);
     await waitFor(() => second.delivered.length === 2, 3000, 'stored replies');
     expect(second.delivered.map(({ jid, text }) => ({ jid, text }))).toEqual([{ jid: GROUP, text: 'written while offline' }, { jid: ALICE, text: 'and this too' }]);
     expect(second.delivered[0]!.messageId).toBe(unsentId); // a resend is the same WhatsApp message
     await secondSender.settle();
     expect(store.countUnsent('whatsapp')).toBe(0);
-    expect(store.outboundByMessageId(unsentId)).toEqual({ chatJid: GROUP, text: 'written while offline' });
+    expect(store.outboundByMessageId(unsentId)).toMatchObject({ chatJid: GROUP, text: 'written while offline' });
   });
 
   it('stops for good when WhatsApp logs the device out, leaving the credentials in place', async () => {
@@ -303,7 +303,7 @@ describe('WhatsAppChannel connection', () => {
     channel.socket!.ev.emit('connection.update', { connection: 'close', lastDisconnect: { error, date: new Date() } });
     await Bun.sleep(300);
     expect(loggedOut).toBe(1);
-    expect(channel.sockets).toHaveLength(1);
+    expect(channel.socketsOpened).toBe(1);
     expect(readdirSync(authDir)).toContain('creds.json');
   });
 });
@@ -327,14 +327,14 @@ describe('WhatsApp through the host (fake docker)', () => {
       store.close();
     });
     await host.start();
-    channel.socket!.ev.emit('connection.update', { connection: 'open' });
+    openAsWhatsAppWould(channel.socket!);
     const inbound = waMessage({ remoteJid: GROUP, participant: ALICE, id: 'REPLAYED1', message: { conversation: '@Andy what is for dinner?' } });
     channel.socket!.ev.emit('messages.upsert', { messages: [inbound], type: 'notify' });
     await waitFor(() => channel.delivered.length === 1, 10_000, 'reply');
     for (let i = 0; i < 2; i++) {
       channel.socket!.ev.emit('connection.update', { connection: 'close', lastDisconnect: { error: new Error('drop'), date: new Date() } });
-      await waitFor(() => channel.sockets.length === i + 2, 5000, 'reconnect');
-      channel.socket!.ev.emit('connection.update', { connection: 'open' });
+      await waitFor(() => channel.socketsOpened === i + 2, 5000, 'reconnect');
+      openAsWhatsAppWould(channel.socket!);
       channel.socket!.ev.emit('messages.upsert', { messages: [inbound], type: 'append' });
     }
     await Bun.sleep(500);
@@ -397,14 +397,14 @@ describe('WhatsApp through the host (fake docker)', () => {
       return Promise.resolve({ [GROUP]: { id: GROUP, subject: `Family (${fetches})` } } as unknown as Awaited<ReturnType<NonNullable<typeof channel.socket>['groupFetchAllParticipating']>>);
     };
     channel.socket!.groupFetchAllParticipating = serverGroups;
-    channel.socket!.ev.emit('connection.update', { connection: 'open' });
+    openAsWhatsAppWould(channel.socket!);
     await waitFor(() => store.listChats().some((c) => c.jid === GROUP), 3000, 'group synced');
     expect(store.listChats().find((c) => c.jid === GROUP)).toMatchObject({ name: 'Family (1)', isGroup: true });
     expect(store.getState('groups_synced_at')).not.toBeNull();
     channel.socket!.ev.emit('connection.update', { connection: 'close', lastDisconnect: { error: new Error('drop'), date: new Date() } });
-    await waitFor(() => channel.sockets.length === 2, 5000, 'reconnect');
+    await waitFor(() => channel.socketsOpened === 2, 5000, 'reconnect');
     channel.socket!.groupFetchAllParticipating = serverGroups;
-    channel.socket!.ev.emit('connection.update', { connection: 'open' });
+    openAsWhatsAppWould(channel.socket!);
     await Bun.sleep(200);
     expect(fetches).toBe(1); // synced less than a day ago: not again
     writeJsonAtomic(join(config.ipcDir, 'main', 'tasks', '1-refresh.json'), { type: 'refresh_groups' });
@@ -423,5 +423,266 @@ describe('WhatsApp through the host (fake docker)', () => {
     expect(store.groupByJid(LOCAL_MAIN_JID)).toBeNull();
     expect(store.getSession('main')).toBe('kept-session');
     store.close();
+  });
+});
+
+/**
+ * What WhatsApp's real servers need of a client, from baileys 7.0.0-rc14's typings and
+ * sources (named per test). The servers' side — a resend request, a QR offer, a 405 —
+ * arrives as baileys itself would surface it: as events on the real socket.
+ */
+describe('what real WhatsApp needs (baileys 7)', () => {
+  const options = (authDir: string, url: string, extra: Partial<WhatsAppOptions> = {}): WhatsAppOptions => ({
+    authDir, assistantName: 'Andy', hasOwnNumber: false, mediaTreeFor: () => null, waWebSocketUrl: url, reconnectBaseMs: 20, reconnectCapMs: 60, ...extra,
+  });
+  const closeWith = (sock: NonNullable<WhatsAppChannel['socket']>, statusCode: number, message = 'Connection Failure') =>
+    sock.ev.emit('connection.update', { connection: 'close', lastDisconnect: { error: Object.assign(new Error(message), { output: { statusCode } }), date: new Date() } });
+
+  it('announces the WhatsApp Web version it looked up, keeps it for when the lookup fails, and looks again after a 405 refusal, logging it once', async () => {
+    const config = tempProject();
+    setupLogging(config, { terminalLevel: 'silent' });
+    const store = new Store(config.dbPath);
+    const server = flakyServer(60_000);
+    const lookups: string[] = [];
+    let answer: { version: [number, number, number]; isLatest: boolean } = { version: [2, 3000, 1111111111], isLatest: true };
+    const lookupVersion = async () => {
+      lookups.push(answer.version.join('.'));
+      return answer;
+    };
+    const channel = whatsAppChannel(config, store, { authDir: await linkedAuthDir(), waWebSocketUrl: server.url, lookupVersion, reconnectBaseMs: 20, reconnectCapMs: 60 });
+    stops.push(async () => {
+      await channel.disconnect();
+      server.stop();
+      store.close();
+    });
+    await channel.connect({ onMessage: () => {} });
+    expect(channel.version).toEqual([2, 3000, 1111111111]);
+    expect(store.getState('whatsapp_web_version')).toBe('2.3000.1111111111');
+    // The servers refuse the version; the lookup finds a newer one; refused once more, then it fails.
+    answer = { version: [2, 3000, 2222222222], isLatest: true };
+    closeWith(channel.socket!, 405);
+    await waitFor(() => channel.socketsOpened === 2, 3000, 'reconnect after 405');
+    expect(channel.version).toEqual([2, 3000, 2222222222]);
+    answer = { version: [2, 3000, 1], isLatest: false }; // baileys' own, as fetchLatestWaWebVersion gives it offline
+    closeWith(channel.socket!, 405);
+    await waitFor(() => channel.socketsOpened === 3, 3000, 'second reconnect');
+    expect(lookups).toHaveLength(3);
+    expect(channel.version).toEqual([2, 3000, 2222222222]); // the last one that was looked up, from the store
+    const refusals = readFileSync(join(config.logsDir, 'nanoclaw.log'), 'utf8').split('\n').filter((l) => l.includes('refused this client version (405)'));
+    expect(refusals).toHaveLength(1); // one clear line per outage, not one per attempt
+    // A channel started while the lookup is impossible uses what the store kept.
+    const later = whatsAppChannel(config, store, { authDir: await linkedAuthDir(), waWebSocketUrl: server.url, lookupVersion: async () => ({ version: [2, 3000, 5], isLatest: false }) });
+    stops.push(() => later.disconnect());
+    await later.connect({ onMessage: () => {} });
+    expect(later.version).toEqual([2, 3000, 2222222222]);
+  });
+
+  it('answers a recipient’s resend request (getMessage) with exactly what was sent, from SQLite, after a restart too; nothing for an unknown id', async () => {
+    const config = tempProject();
+    setupLogging(config, { terminalLevel: 'silent' });
+    const store = new Store(config.dbPath);
+    const server = flakyServer(60_000);
+    const authDir = await linkedAuthDir();
+    const channel = new RecordingWhatsApp({ ...options(authDir, server.url), rememberSent: (id, c) => store.recordSentContent(id, c), recallSent: (id) => store.outboundByMessageId(id)?.sentContent ?? null });
+    const sender = new OutboxSender(store, channel, 50);
+    stops.push(async () => {
+      sender.stop();
+      await channel.disconnect();
+      server.stop();
+      store.close();
+    });
+    await channel.connect({ onMessage: () => {}, onReady: () => sender.kick() });
+    openAsWhatsAppWould(channel.socket!);
+    const id = newMessageId();
+    store.addOutbound('whatsapp', GROUP, 'Andy: the *plan* for Sunday', id);
+    sender.kick();
+    await waitFor(() => channel.delivered.length === 1, 3000, 'sent');
+    await sender.settle();
+    // baileys builds the key of a retry receipt from the stanza: it may carry the LID form and a device.
+    const asked = await channel.getMessage({ remoteJid: '1234567890@lid', id, fromMe: true, participant: '11223344:3@lid' });
+    const expected = channel.delivered[0]!.content!; // what baileys built for sendMessage (a random messageSecret included)
+    expect(expected.extendedTextMessage?.text).toBe('Andy: the *plan* for Sunday');
+    const bytes = (m: proto.IMessage) => Buffer.from(proto.Message.encode(m).finish()).toString('hex');
+    expect(bytes(asked!)).toBe(bytes(expected));
+    expect(await channel.getMessage({ remoteJid: GROUP, id: '3EB0UNKNOWN', fromMe: true })).toBeUndefined();
+    const restarted = whatsAppChannel(config, store, { authDir, waWebSocketUrl: server.url });
+    expect(bytes((await restarted.getMessage({ remoteJid: GROUP, id, fromMe: true }))!)).toBe(bytes(expected));
+  });
+
+  it('linked means WhatsApp confirmed the device: a pairing left unfinished is not linked, a QR link (registered false) is', async () => {
+    expect(WhatsAppChannel.linkState(tempDir())).toBe('none');
+    expect(WhatsAppChannel.linkState(pendingPairingAuthDir())).toBe('pending');
+    expect(WhatsAppChannel.linkState(await linkedAuthDir())).toBe('linked'); // its creds say registered: false, as a QR link leaves them
+    const garbled = tempDir();
+    writeFileSync(join(garbled, 'creds.json'), '{"me": {"id": "49151@s.wh');
+    expect(WhatsAppChannel.linkState(garbled)).toBe('pending');
+    const channel = new WhatsAppChannel(options(pendingPairingAuthDir(), 'ws://127.0.0.1:9/none'));
+    await expect(channel.connect({ onMessage: () => {} })).rejects.toThrow('not linked');
+  });
+
+  it('a QR code offered to the running service means these credentials are no device: it stops, saying to run auth', async () => {
+    const config = tempProject();
+    setupLogging(config, { terminalLevel: 'silent' });
+    const server = flakyServer(60_000);
+    let notLinked = 0;
+    const channel = new RecordingWhatsApp(options(await linkedAuthDir(), server.url, { onNotLinked: () => notLinked++ }));
+    stops.push(async () => {
+      await channel.disconnect();
+      server.stop();
+    });
+    await channel.connect({ onMessage: () => {} });
+    channel.socket!.ev.emit('connection.update', { qr: '2@AbCdEf,GhIj,KlMn' });
+    await Bun.sleep(200);
+    expect(notLinked).toBe(1);
+    expect(channel.socketsOpened).toBe(1); // no reconnect loop
+    expect(readFileSync(join(config.logsDir, 'nanoclaw.log'), 'utf8')).toContain('Run `bun nanoclaw.ts auth`');
+  });
+
+  it('own number: an @mention of the bot (its LID or its phone number) is the chat’s trigger; on a shared number it is the user’s own', () => {
+    const mention = (text: string, mentionedJid: string[], extra: Partial<WhatsAppIdentity> = {}) =>
+      parseWhatsAppMessage(
+        waMessage({ remoteJid: GROUP, participant: ALICE, message: { extendedTextMessage: { text, contextInfo: { mentionedJid } } } }),
+        identity({ hasOwnNumber: true, ...extra }),
+      )!.message.content;
+    expect(mention('@99887766 what time is it?', [ME_LID])).toBe('@Andy what time is it?');
+    expect(mention('@4915100000001 and you?', ['4915100000001@s.whatsapp.net'])).toBe('@Andy and you?');
+    expect(mention('@99887766 hi', [`99887766:4@lid`], { triggerFor: () => '@Bot' })).toBe('@Bot hi'); // the group's own trigger
+    expect(mention('@11223344 can you check?', [ALICE_LID])).toBe('@11223344 can you check?'); // someone else
+    expect(mention('@99887766 hi', [ME_LID], { hasOwnNumber: false })).toBe('@99887766 hi');
+    const caption = parseWhatsAppMessage(
+      waMessage({ remoteJid: GROUP, participant: ALICE, message: { imageMessage: { caption: '@99887766 what is this?', mimetype: 'image/jpeg', contextInfo: { mentionedJid: [ME_LID] } } } }),
+      identity({ hasOwnNumber: true }),
+    )!;
+    expect(caption.message.content).toBe('@Andy what is this?');
+  });
+
+  it('keeps raw group metadata for sends (cachedGroupMetadata) current with group events, and never names a group with an empty subject', async () => {
+    const config = tempProject();
+    setupLogging(config, { terminalLevel: 'silent' });
+    const server = flakyServer(60_000);
+    const names: { jid: string; name: string }[] = [];
+    const channel = new RecordingWhatsApp(options(await linkedAuthDir(), server.url));
+    stops.push(async () => {
+      await channel.disconnect();
+      server.stop();
+    });
+    await channel.connect({ onMessage: () => {}, onChatMetadata: (c) => names.push(c) });
+    const sock = channel.socket!;
+    const full = (subject: string, members: string[]): GroupMetadata => ({ id: GROUP, subject, owner: undefined, addressingMode: WAMessageAddressingMode.LID, participants: members.map((id) => ({ id })) });
+    let fetched = 0;
+    sock.groupFetchAllParticipating = async () => ({ [GROUP]: full('Family', [ALICE_LID]) });
+    sock.groupMetadata = async (jid: string) => {
+      fetched++;
+      return { ...full('Family', [ALICE_LID, '55555@lid']), id: jid };
+    };
+    openAsWhatsAppWould(sock);
+    await waitFor(() => channel.groupMetadata.get(GROUP), 2000, 'metadata at connect');
+    expect(channel.groupMetadata.get(GROUP)).toMatchObject({ subject: 'Family', addressingMode: 'lid', participants: [{ id: ALICE_LID }] });
+    sock.ev.emit('group-participants.update', { id: GROUP, author: ALICE, participants: [{ id: '55555@lid' }], action: 'add' });
+    await waitFor(() => channel.groupMetadata.get(GROUP)?.participants.length === 2, 2000, 'refetched after a member joined');
+    expect(fetched).toBe(1);
+    sock.ev.emit('groups.update', [{ id: GROUP, announce: true }]); // a one-field change: the cached copy is stale
+    sock.ev.flush();
+    await waitFor(() => channel.groupMetadata.get(GROUP) === undefined, 2000, 'stale entry dropped');
+    sock.ev.emit('groups.update', [{ id: GROUP, subject: '' }]);
+    sock.ev.emit('groups.update', [{ id: GROUP, subject: 'Family 🏡' }]);
+    sock.ev.flush();
+    await waitFor(() => names.some((n) => n.name === 'Family 🏡'), 2000, 'renamed');
+    expect(names.map((n) => n.name)).toEqual(['Family', 'Family 🏡']);
+    sock.ev.emit('groups.upsert', [full('New group', [ALICE_LID])]);
+    sock.ev.flush();
+    await waitFor(() => channel.groupMetadata.get(GROUP)?.subject === 'New group', 2000, 'a new group');
+  });
+
+  it('group senders by LID get their phone number from lid-mapping.update', async () => {
+    setupLogging(tempProject(), { terminalLevel: 'silent' });
+    const server = flakyServer(60_000);
+    const received: NewMessage[] = [];
+    const channel = new RecordingWhatsApp(options(await linkedAuthDir(), server.url));
+    stops.push(async () => {
+      await channel.disconnect();
+      server.stop();
+    });
+    await channel.connect({ onMessage: (m) => received.push(m) });
+    const stranger = '777000111@lid';
+    await channel.onMessage(waMessage({ remoteJid: GROUP, participant: stranger, id: 'BEFORE', message: { conversation: 'hi' } }));
+    channel.socket!.ev.emit('lid-mapping.update', { lid: stranger, pn: '4915100000077@s.whatsapp.net' });
+    await channel.onMessage(waMessage({ remoteJid: GROUP, participant: `777000111:2@lid`, id: 'AFTER', message: { conversation: 'hi again' } }));
+    expect(received.map((m) => m.sender)).toEqual([stranger, '4915100000077@s.whatsapp.net']);
+  });
+
+  it('media gone from WhatsApp’s servers (410) is asked of the sender’s phone again, then downloaded; a phone that never answers times out', async () => {
+    const config = tempProject();
+    setupLogging(config, { terminalLevel: 'silent' });
+    const store = new Store(config.dbPath);
+    registerGroup(config, store, { jid: GROUP, name: 'Family', folder: 'family' });
+    const photo = Buffer.from('pretend this is an old JPEG');
+    const encrypted = await encryptedStream(photo, 'image');
+    const media = Bun.serve({ port: 0, fetch: (req) => (new URL(req.url).pathname === '/fresh.enc' ? new Response(Bun.file(encrypted.encFilePath)) : new Response('gone', { status: 410 })) });
+    const server = flakyServer(60_000);
+    const channel = whatsAppChannel(config, store, { authDir: await linkedAuthDir(), waWebSocketUrl: server.url, mediaReuploadTimeoutMs: 300 });
+    stops.push(async () => {
+      await channel.disconnect();
+      media.stop(true);
+      server.stop();
+      store.close();
+    });
+    const received: NewMessage[] = [];
+    await channel.connect({ onMessage: (m) => received.push(m) });
+    const imageMessage = () => ({
+      url: `http://127.0.0.1:${media.port}/expired.enc`, mimetype: 'image/jpeg', caption: 'remember this?',
+      mediaKey: encrypted.mediaKey, fileSha256: encrypted.fileSha256, fileEncSha256: encrypted.fileEncSha256, fileLength: photo.length,
+    });
+    const reuploads: string[] = [];
+    // The phone's answer to the media-retry request, which only WhatsApp can relay: the message now points at fresh media.
+    channel.socket!.updateMediaMessage = async (message: WAMessage) => {
+      reuploads.push(message.key.id!);
+      message.message!.imageMessage!.url = `http://127.0.0.1:${media.port}/fresh.enc`;
+      return message;
+    };
+    await channel.onMessage(waMessage({ remoteJid: GROUP, participant: ALICE, id: 'OLDPHOTO', message: { imageMessage: imageMessage() } }));
+    channel.socket!.updateMediaMessage = () => new Promise<WAMessage>(() => {}); // a phone that is off
+    await channel.onMessage(waMessage({ remoteJid: GROUP, participant: ALICE, id: 'LOSTPHOTO', message: { imageMessage: imageMessage() } }));
+    expect(reuploads).toEqual(['OLDPHOTO']);
+    expect(received.map((m) => m.content)).toEqual(['[image: /workspace/group/media/OLDPHOTO-image.jpeg] remember this?', '[image could not be downloaded] remember this?']);
+    expect(readFileSync(join(config.groupsDir, 'family', 'media', 'OLDPHOTO-image.jpeg'))).toEqual(photo);
+  });
+});
+
+describe('WhatsApp mentions and triggers through the host (fake docker)', () => {
+  it('a group registered with its own trigger answers to it, and to an @mention of the bot’s own number', async () => {
+    const docker = fakeDocker();
+    const config = tempProject({ CONTAINER_RUNTIME: docker.path, ASSISTANT_HAS_OWN_NUMBER: 'true' }, 'KIMI_API_KEY=sk-wa-test-12345678\n');
+    setupLogging(config, { terminalLevel: 'silent' });
+    const store = new Store(config.dbPath);
+    registerGroup(config, store, { jid: GROUP, name: 'Club', folder: 'club', trigger: '@Bot' });
+    const server = flakyServer(60_000);
+    const channel = new RecordingWhatsApp({
+      authDir: await linkedAuthDir(), assistantName: 'Andy', hasOwnNumber: true, waWebSocketUrl: server.url,
+      mediaTreeFor: () => null, triggerFor: (jid) => store.groupByJid(jid)?.trigger,
+    });
+    const host = new Host(config, store, [channel], { sweepIntervalMs: 60_000 });
+    stops.push(async () => {
+      await host.stop();
+      server.stop();
+      store.close();
+    });
+    await host.start();
+    const sock = channel.socket!;
+    Object.defineProperty(sock, 'user', { value: { id: '4915100000001:7@s.whatsapp.net', lid: '99887766:7@lid' } }); // what login tells baileys
+    openAsWhatsAppWould(sock);
+    // As baileys hands over a message node: emitted, then its event buffer flushed (Socket/messages-recv.js processNodeWithBuffer).
+    const say = (id: string, message: proto.IMessage) => {
+      sock.ev.emit('messages.upsert', { messages: [waMessage({ remoteJid: GROUP, participant: ALICE, id, message })], type: 'notify' });
+      sock.ev.flush();
+    };
+    say('T1', { conversation: '@Andy are you there?' }); // the assistant's name is not this group's trigger
+    await Bun.sleep(300);
+    expect(docker.runs()).toHaveLength(0);
+    say('T2', { conversation: '@Bot are you there?' });
+    await waitFor(() => channel.delivered.length === 1, 10_000, 'reply to the trigger');
+    say('T3', { extendedTextMessage: { text: '@99887766 and now?', contextInfo: { mentionedJid: [ME_LID] } } });
+    await waitFor(() => channel.delivered.length === 2, 10_000, 'reply to the mention');
+    expect(channel.delivered.map((d) => d.text)).toEqual(['echo: are you there?', 'echo: and now?']);
   });
 });
