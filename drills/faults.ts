@@ -10,7 +10,7 @@
  * filesystems): root ignores permission bits, so chmod would not fault anything.
  */
 import { Database } from 'bun:sqlite';
-import { existsSync, writeFileSync } from 'node:fs';
+import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { proto, type WAMessage } from '@whiskeysockets/baileys';
 import { startFakeModel } from '../container/agent-runner/kimi-stub/fake-model.ts';
@@ -39,7 +39,11 @@ async function underFault(drill: string, note: string, fault: { start(p: ReturnT
     const alive = await Promise.race([host.exited.then(() => false), Bun.sleep(10).then(() => true)]);
     const t = tally(items, deliveries(project), named);
     const left = Object.values(stuck(project)).reduce((a, b) => a + b, 0);
-    return { drill, kills: 0, items: t.items, lost: t.lost, doubled: t.doubled, stuck: left, note: `${note}${alive ? '' : '; THE HOST DIED'}` };
+    const died = alive ? '' : `; THE HOST DIED (exit ${host.proc.exitCode}): ${host.lastWords()}`;
+    const errorLog = join(project.config.logsDir, 'nanoclaw.error.log');
+    const caught = existsSync(errorLog) ? readFileSync(errorLog, 'utf8').split('\n').filter((l) => l.includes('NanoClaw keeps running')).length : 0;
+    const unexpected = caught ? `; ${caught} unexpected error(s) caught by the process handler` : '';
+    return { drill, kills: 0, items: t.items, lost: t.lost, doubled: t.doubled, stuck: left, note: `${note}${unexpected}${died}` };
   } finally {
     await fault.stop(project);
     await host.close();

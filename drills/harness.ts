@@ -62,6 +62,11 @@ export class DrillHost {
   readonly ready: Promise<boolean>;
   private stderr = '';
 
+  /** The last lines the host wrote to stderr (why it died, when it did). */
+  lastWords(lines = 5): string {
+    return this.stderr.trim().split('\n').slice(-lines).join(' | ');
+  }
+
   constructor(project: DrillProject, crashAt?: string) {
     const proc = Bun.spawn(['bun', HOST_SCRIPT], {
       stdin: 'pipe', stdout: 'pipe', stderr: 'pipe',

@@ -14,7 +14,7 @@
 import { appendFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { createInterface } from 'node:readline';
-import { loadConfig, setupLogging, startHost, takeSecretsOutOfEnvironment, type Channel, type ChannelHandlers } from '../nanoclaw.ts';
+import { keepRunningThroughErrors, loadConfig, setupLogging, startHost, takeSecretsOutOfEnvironment, type Channel, type ChannelHandlers } from '../nanoclaw.ts';
 
 /** The drills' one chat: the main group. */
 export const DRILL_CHAT = 'main@drill';
@@ -66,6 +66,7 @@ if (import.meta.main) {
   if (!root) throw new Error('NANOCLAW_ROOT must name the drill project');
   const config = loadConfig(root);
   setupLogging(config, { terminalLevel: 'silent' });
+  keepRunningThroughErrors(); // as the service does; the drills count what it had to catch (logs/nanoclaw.error.log)
   const channel = new DrillChannel(join(config.projectRoot, 'deliveries.jsonl'));
   const { host, store, release } = await startHost(config, () => [channel]);
   await host.start();
