@@ -48,6 +48,7 @@ import type { ILogger } from '@whiskeysockets/baileys/lib/Utils/logger.js';
 import { Cron } from 'croner';
 import pino, { type Logger } from 'pino';
 import { prettyFactory } from 'pino-pretty';
+import * as z from 'zod';
 
 // ───────────────────────────── 1. Config: settings from the environment and .env ─────
 
@@ -1204,7 +1205,7 @@ export class Store {
 
   // Registered groups
 
-  registerGroup(group: RegisteredGroup): void {
+  insertGroup(group: RegisteredGroup): void {
     this.db
       .query(
         `INSERT INTO registered_groups (jid, name, folder, trigger_word, requires_trigger, is_main, container_config, added_at)
@@ -3407,105 +3408,253 @@ export async function runContainer(options: RunContainerOptions): Promise<RunOut
 
 // ───────────────────────────── 10. IPC: files from the agent, authorised by their folder
 
-/** `expectsReply`: the agent asked the chat something; the next message goes to it, trigger or not. */
-export type IpcMessage = { type: 'message'; chatJid: string; text: string; expectsReply?: boolean };
-export type IpcTask =
-  | { type: 'schedule_task'; prompt: string; schedule_type: ScheduleType; schedule_value: string; context_mode: ContextMode; targetJid?: string }
-  | { type: 'pause_task' | 'resume_task' | 'cancel_task'; taskId: string }
-  | { type: 'update_task'; taskId: string; prompt?: string; schedule_type?: ScheduleType; schedule_value?: string }
-  | { type: 'refresh_groups' }
-  | { type: 'register_group'; jid: string; name: string; folder: string; trigger?: string };
-
 export class IpcFormatError extends Error {}
 
-type Json = Record<string, unknown>;
+// Each request an agent can make is one entry of IPC_ACTIONS: the shape of its file (zod,
+// mirroring the MCP tool that writes it in container/agent-runner/src/mcp-server.ts, which
+// test/ipc.test.ts checks), who may make it, and what it does. A new action is one entry
+// here and one MCP tool there.
 
-function requireString(data: Json, key: string): string {
-  const value = data[key];
-  if (typeof value !== 'string' || value.trim() === '') throw new IpcFormatError(`"${key}" must be a non-empty string`);
-  return value;
+const nonEmpty = z.string().refine((text) => text.trim() !== '', 'must be a non-empty string');
+const scheduleTypes = z.enum(['cron', 'interval', 'once']);
+const taskRef = { taskId: nonEmpty };
+
+/** What an action may do besides writing the store (inside the request's transaction). */
+export interface IpcEffects {
+  /** Records what the bot says in a chat (in the same transaction). */
+  say(chatJid: string, text: string): void;
+  /** After the transaction: what must happen once the request is durably done. */
+  afterwards(effect: () => void): void;
+  /** The chat's running agent asked a question: its next message goes to it, trigger or not. */
+  awaitAnswer(chatJid: string): void;
+  sendSoon(chatJid: string): void;
+  /** Re-reads group names from the channels (async; the request does not wait). */
+  syncGroups(): Promise<void>;
+  /** Tasks changed: the scheduler looks again. */
+  tasksChanged(): void;
 }
 
-function optionalString(data: Json, key: string): string | undefined {
-  if (data[key] === undefined || data[key] === null) return undefined;
-  return requireString(data, key);
+export interface IpcActionContext {
+  config: Config;
+  store: Store;
+  /** The group whose IPC folder the file appeared in (for the CLI: the task's own group). */
+  source: RegisteredGroup;
+  effects: IpcEffects;
 }
 
-function requireOneOf<T extends string>(data: Json, key: string, allowed: readonly T[], fallback?: T): T {
-  const value = data[key] ?? fallback;
-  if (typeof value !== 'string' || !allowed.includes(value as T)) throw new IpcFormatError(`"${key}" must be one of ${allowed.join(', ')}`);
-  return value as T;
+interface IpcAction<S extends z.ZodType<object>> {
+  /** The IPC folder the file is written to. */
+  kind: IpcKind;
+  schema: S;
+  /** Null when `source` may do this; otherwise why not. */
+  refusal(request: z.infer<S>, source: RegisteredGroup, store: Store): string | null;
+  /** The scheduling limits (TASK_MAX_ACTIVE, TASK_MIN_INTERVAL) this request would break, if any. */
+  limit?(request: z.infer<S>, source: RegisteredGroup, store: Store, config: Config): string | null;
+  /** Does it, inside the transaction that marks the request done. Throws to refuse it (IpcFormatError, ScheduleError). */
+  apply(request: z.infer<S>, ctx: IpcActionContext): void;
 }
 
-function asObject(raw: unknown): Json {
-  if (typeof raw !== 'object' || raw === null || Array.isArray(raw)) throw new IpcFormatError('expected a JSON object');
-  return raw as Json;
-}
+/** Keeps each entry's own request type (a plain object literal would widen them all). */
+const ipcAction = <S extends z.ZodType<object>>(action: IpcAction<S>) => action;
 
-export function parseIpcMessage(raw: unknown): IpcMessage {
-  const data = asObject(raw);
-  if (data.type !== 'message') throw new IpcFormatError('"type" must be "message"');
-  return { type: 'message', chatJid: requireString(data, 'chatJid'), text: requireString(data, 'text'), ...(data.expectsReply === true ? { expectsReply: true } : {}) };
-}
+const ownChatOnly = (source: RegisteredGroup, chatJid: string, store: Store, what: string): string | null => {
+  if (!source.isMain && chatJid !== source.jid) return `group "${source.folder}" may only ${what} its own chat`;
+  return store.groupByJid(chatJid) ? null : `${chatJid} is not a registered chat`;
+};
 
-const SCHEDULE_TYPES = ['cron', 'interval', 'once'] as const;
+const ownTaskOnly = (source: RegisteredGroup, taskId: string, store: Store): string | null => {
+  const task = store.getTask(taskId);
+  if (!task) return `no task with id ${taskId}`;
+  return source.isMain || task.groupFolder === source.folder ? null : `group "${source.folder}" may only manage its own tasks`;
+};
 
-export function parseIpcTask(raw: unknown): IpcTask {
-  const data = asObject(raw);
-  switch (data.type) {
-    case 'schedule_task':
-      return {
-        type: 'schedule_task', prompt: requireString(data, 'prompt'),
-        schedule_type: requireOneOf(data, 'schedule_type', SCHEDULE_TYPES), schedule_value: requireString(data, 'schedule_value'),
-        context_mode: requireOneOf(data, 'context_mode', ['group', 'isolated'] as const, 'isolated'), targetJid: optionalString(data, 'targetJid'),
-      };
-    case 'pause_task':
-    case 'resume_task':
-    case 'cancel_task':
-      return { type: data.type, taskId: requireString(data, 'taskId') };
-    case 'update_task':
-      return {
-        type: 'update_task', taskId: requireString(data, 'taskId'), prompt: optionalString(data, 'prompt'),
-        schedule_type: data.schedule_type === undefined ? undefined : requireOneOf(data, 'schedule_type', SCHEDULE_TYPES),
-        schedule_value: optionalString(data, 'schedule_value'),
-      };
-    case 'refresh_groups':
-      return { type: 'refresh_groups' };
-    case 'register_group':
-      return { type: 'register_group', jid: requireString(data, 'jid'), name: requireString(data, 'name'), folder: requireString(data, 'folder'), trigger: optionalString(data, 'trigger') };
-    default:
-      throw new IpcFormatError(`unknown task type ${JSON.stringify(data.type)}`);
+const mainOnly = (type: string) => (_request: object, source: RegisteredGroup) => (source.isMain ? null : `${type} is only allowed from the main group`);
+
+const activeTasks = (store: Store, folder: string) => store.listTasks(folder).filter((task) => task.status === 'active').length;
+
+/** The limits a schedule breaks for a group (null when within them, or when the group is exempt). */
+function scheduleLimit(config: Config, source: RegisteredGroup, folder: string, schedule: { type: ScheduleType; value: string } | null, addsActive: boolean, store: Store): string | null {
+  const limits = config.tasks;
+  if (source.isMain && !limits.limitMain) return null;
+  if (addsActive) {
+    const active = activeTasks(store, folder);
+    if (active >= limits.maxActive) return `group "${folder}" already has ${active} active tasks (TASK_MAX_ACTIVE=${limits.maxActive})`;
   }
+  if (!schedule) return null;
+  let gap: number | null;
+  try {
+    gap = shortestGap(schedule.type, schedule.value, config.timezone);
+  } catch {
+    return null; // an invalid schedule is refused with its own message when applied
+  }
+  return gap !== null && gap < limits.minIntervalMs ? `runs every ${Math.round(gap / 1000)} s, more often than allowed (TASK_MIN_INTERVAL=${limits.minIntervalMs} ms)` : null;
 }
 
-/**
- * May the group whose IPC folder a file appeared in do this? Non-main groups act only
- * on their own chat and their own tasks; main may act on any registered group.
- * Returns null when allowed, otherwise the reason for refusing.
- */
-export function refusal(source: RegisteredGroup, request: IpcMessage | IpcTask, store: Store): string | null {
-  const isRegisteredJid = (jid: string) => store.groupByJid(jid) !== null;
-  switch (request.type) {
-    case 'message':
-      if (source.isMain) return isRegisteredJid(request.chatJid) ? null : `${request.chatJid} is not a registered chat`;
-      return request.chatJid === source.jid ? null : `group "${source.folder}" may only message its own chat`;
-    case 'schedule_task': {
-      const target = request.targetJid ?? source.jid;
-      if (!source.isMain && target !== source.jid) return `group "${source.folder}" may only schedule tasks for its own chat`;
-      return isRegisteredJid(target) ? null : `${target} is not a registered chat`;
-    }
-    case 'pause_task':
-    case 'resume_task':
-    case 'cancel_task':
-    case 'update_task': {
+/** A task's next run once it is active again; a one-off whose time has passed cannot be resumed. */
+export function resumedNextRun(task: ScheduledTask, timezone: string): Date {
+  const next = computeNextRun(task.scheduleType, task.scheduleValue, timezone);
+  if (!next) throw new ScheduleError(`task ${task.id} has no future run left (once, ${task.scheduleValue})`);
+  return next;
+}
+
+export const IPC_ACTIONS = {
+  message: ipcAction({
+    kind: 'messages',
+    // expectsReply: the runner relays a question of the agent's; the chat's next message answers it.
+    schema: z.object({ type: z.literal('message'), chatJid: nonEmpty, text: nonEmpty, expectsReply: z.boolean().optional() }),
+    refusal: (request, source, store) => ownChatOnly(source, request.chatJid, store, 'message'),
+    apply: (request, { config, effects, source }) => {
+      const words = formatOutbound(request.text, config.assistantName, config.assistantHasOwnNumber);
+      if (words) effects.say(request.chatJid, words);
+      effects.afterwards(() => {
+        effects.sendSoon(request.chatJid);
+        if (request.expectsReply) effects.awaitAnswer(request.chatJid);
+        log.info({ group: source.folder, chatJid: request.chatJid, expectsReply: request.expectsReply ?? false }, 'Message sent for the agent');
+      });
+    },
+  }),
+  schedule_task: ipcAction({
+    kind: 'tasks',
+    schema: z.object({
+      type: z.literal('schedule_task'), prompt: nonEmpty, schedule_type: scheduleTypes, schedule_value: nonEmpty,
+      context_mode: z.enum(['group', 'isolated']).default('group'), targetJid: nonEmpty.nullish(),
+    }),
+    refusal: (request, source, store) => ownChatOnly(source, request.targetJid ?? source.jid, store, 'schedule tasks for'),
+    limit: (request, source, store, config) => {
+      const folder = store.groupByJid(request.targetJid ?? source.jid)?.folder ?? source.folder;
+      return scheduleLimit(config, source, folder, { type: request.schedule_type, value: request.schedule_value }, true, store);
+    },
+    apply: (request, { config, store, source, effects }) => {
+      const target = store.groupByJid(request.targetJid ?? source.jid)!;
+      const nextRun = computeNextRun(request.schedule_type, request.schedule_value, config.timezone);
+      if (!nextRun) throw new ScheduleError(`"${request.schedule_value}" is in the past`);
+      const id = `task-${randomUUID()}`;
+      store.createTask({
+        id, groupFolder: target.folder, chatJid: target.jid, prompt: request.prompt, scheduleType: request.schedule_type,
+        scheduleValue: request.schedule_value, contextMode: request.context_mode, nextRun: nextRun.toISOString(),
+        lastRun: null, lastResult: null, status: 'active', createdAt: new Date().toISOString(),
+      });
+      effects.afterwards(effects.tasksChanged);
+      log.info({ group: source.folder, taskId: id, target: target.folder, nextRun: nextRun.toISOString() }, 'Task scheduled');
+    },
+  }),
+  pause_task: ipcAction({
+    kind: 'tasks',
+    schema: z.object({ type: z.literal('pause_task'), ...taskRef }),
+    refusal: (request, source, store) => ownTaskOnly(source, request.taskId, store),
+    apply: (request, { store, source, effects }) => {
+      store.updateTask(request.taskId, { status: 'paused' });
+      effects.afterwards(effects.tasksChanged);
+      log.info({ group: source.folder, taskId: request.taskId }, 'Task paused');
+    },
+  }),
+  resume_task: ipcAction({
+    kind: 'tasks',
+    schema: z.object({ type: z.literal('resume_task'), ...taskRef }),
+    refusal: (request, source, store) => ownTaskOnly(source, request.taskId, store),
+    limit: (request, source, store, config) => {
       const task = store.getTask(request.taskId);
-      if (!task) return `no task with id ${request.taskId}`;
-      return source.isMain || task.groupFolder === source.folder ? null : `group "${source.folder}" may only manage its own tasks`;
-    }
-    case 'refresh_groups':
-    case 'register_group':
-      return source.isMain ? null : `${request.type} is only allowed from the main group`;
+      return task ? scheduleLimit(config, source, task.groupFolder, { type: task.scheduleType, value: task.scheduleValue }, task.status !== 'active', store) : null;
+    },
+    apply: (request, { config, store, source, effects }) => {
+      const task = store.getTask(request.taskId)!;
+      const nextRun = resumedNextRun(task, config.timezone);
+      store.updateTask(task.id, { status: 'active', nextRun: nextRun.toISOString() });
+      effects.afterwards(effects.tasksChanged);
+      log.info({ group: source.folder, taskId: task.id, nextRun: nextRun.toISOString() }, 'Task resumed');
+    },
+  }),
+  cancel_task: ipcAction({
+    kind: 'tasks',
+    schema: z.object({ type: z.literal('cancel_task'), ...taskRef }),
+    refusal: (request, source, store) => ownTaskOnly(source, request.taskId, store),
+    apply: (request, { store, source, effects }) => {
+      store.deleteTask(request.taskId);
+      effects.afterwards(effects.tasksChanged);
+      log.info({ group: source.folder, taskId: request.taskId }, 'Task cancelled');
+    },
+  }),
+  update_task: ipcAction({
+    kind: 'tasks',
+    schema: z.object({ type: z.literal('update_task'), ...taskRef, prompt: nonEmpty.optional(), schedule_type: scheduleTypes.optional(), schedule_value: nonEmpty.optional() }),
+    refusal: (request, source, store) => ownTaskOnly(source, request.taskId, store),
+    limit: (request, source, store, config) => {
+      const task = store.getTask(request.taskId);
+      if (!task || (!request.schedule_type && !request.schedule_value)) return null;
+      return scheduleLimit(config, source, task.groupFolder, { type: request.schedule_type ?? task.scheduleType, value: request.schedule_value ?? task.scheduleValue }, false, store);
+    },
+    apply: (request, { config, store, source, effects }) => {
+      const task = store.getTask(request.taskId)!;
+      const scheduleType = request.schedule_type ?? task.scheduleType;
+      const scheduleValue = request.schedule_value ?? task.scheduleValue;
+      const scheduleChanged = scheduleType !== task.scheduleType || scheduleValue !== task.scheduleValue;
+      const nextRun = scheduleChanged ? computeNextRun(scheduleType, scheduleValue, config.timezone) : undefined;
+      if (scheduleChanged && !nextRun) throw new ScheduleError(`"${scheduleValue}" is in the past`);
+      store.updateTask(task.id, { prompt: request.prompt, scheduleType, scheduleValue, ...(nextRun ? { nextRun: nextRun.toISOString() } : {}) });
+      effects.afterwards(effects.tasksChanged);
+      log.info({ group: source.folder, taskId: task.id }, 'Task updated');
+    },
+  }),
+  refresh_groups: ipcAction({
+    kind: 'tasks',
+    schema: z.object({ type: z.literal('refresh_groups') }),
+    refusal: mainOnly('refresh_groups'),
+    apply: (_request, { config, store, source, effects }) => {
+      effects.afterwards(() => {
+        effects
+          .syncGroups()
+          .then(() => {
+            store.setState(GROUPS_SYNCED_AT, new Date().toISOString());
+            writeSnapshots(config, store, source);
+          })
+          .catch((err) => log.warn({ err: errorText(err) }, 'Group refresh failed'));
+      });
+      log.info({ group: source.folder }, 'Group list refresh requested');
+    },
+  }),
+  register_group: ipcAction({
+    kind: 'tasks',
+    schema: z.object({ type: z.literal('register_group'), jid: nonEmpty, name: nonEmpty, folder: nonEmpty, trigger: nonEmpty.optional() }),
+    refusal: mainOnly('register_group'),
+    apply: (request, { config, store }) => {
+      addGroup(config, store, { jid: request.jid, name: request.name, folder: request.folder, trigger: request.trigger });
+    },
+  }),
+} as const;
+
+export type IpcActionName = keyof typeof IPC_ACTIONS;
+/** A parsed request: one of IPC_ACTIONS' shapes. */
+export type IpcRequest = { [K in IpcActionName]: z.infer<(typeof IPC_ACTIONS)[K]['schema']> }[IpcActionName];
+/** The table entry for a request, typed loosely: each entry's functions take what its own schema produced. */
+const actionFor = (type: IpcActionName) => IPC_ACTIONS[type] as unknown as IpcAction<z.ZodType<object>>;
+
+function zodProblem(error: z.ZodError): string {
+  return error.issues.map((issue) => (issue.path.length ? `"${issue.path.join('.')}" ${issue.message}` : issue.message)).join('; ');
+}
+
+/** A request file's JSON, checked against its action's schema (and against the folder it came in). */
+export function parseIpcRequest(kind: IpcKind, raw: unknown): IpcRequest {
+  if (typeof raw !== 'object' || raw === null || Array.isArray(raw)) throw new IpcFormatError('expected a JSON object');
+  const type = (raw as { type?: unknown }).type;
+  const entry = typeof type === 'string' && Object.hasOwn(IPC_ACTIONS, type) ? actionFor(type as IpcActionName) : null;
+  if (!entry || entry.kind !== kind) {
+    const known = Object.entries(IPC_ACTIONS).filter(([, a]) => a.kind === kind).map(([name]) => name);
+    throw new IpcFormatError(`"type" ${JSON.stringify(type)} is unknown in ${kind}/; use one of ${known.join(', ')}`);
   }
+  const parsed = entry.schema.safeParse(raw);
+  if (!parsed.success) throw new IpcFormatError(zodProblem(parsed.error));
+  return parsed.data as IpcRequest;
+}
+
+/** Null when `source` may make this request; otherwise why not (the scheduling limits included). */
+export function refusal(source: RegisteredGroup, request: IpcRequest, store: Store, config?: Config): string | null {
+  const entry = actionFor(request.type);
+  return entry.refusal(request, source, store) ?? (config && entry.limit ? entry.limit(request, source, store, config) : null);
+}
+
+/** Does a request (already parsed and allowed); call inside a transaction. */
+export function applyIpcRequest(request: IpcRequest, ctx: IpcActionContext): void {
+  actionFor(request.type).apply(request, ctx);
 }
 
 /** The shortest gap between runs of a schedule, looking at its next few runs (null: runs at most once). */
@@ -3516,44 +3665,6 @@ export function shortestGap(type: ScheduleType, value: string, timezone: string,
   let gap: number | null = null;
   for (let i = 1; i < runs.length; i++) gap = Math.min(gap ?? Infinity, runs[i]!.getTime() - runs[i - 1]!.getTime());
   return gap;
-}
-
-/**
- * Abuse limits on scheduling (TASK_MAX_ACTIVE, TASK_MIN_INTERVAL): a group may keep only so
- * many active tasks, none running more often than the minimum interval. Main is held to
- * them too unless TASK_LIMITS_MAIN=false. Null when within limits.
- */
-export function limitRefusal(limits: Config['tasks'], source: RegisteredGroup, request: IpcTask, store: Store, timezone: string): string | null {
-  if (source.isMain && !limits.limitMain) return null;
-  let schedule: { type: ScheduleType; value: string } | null = null;
-  let folder = source.folder;
-  if (request.type === 'schedule_task') {
-    folder = store.groupByJid(request.targetJid ?? source.jid)?.folder ?? source.folder;
-    const active = store.listTasks(folder).filter((task) => task.status === 'active').length;
-    if (active >= limits.maxActive) return `group "${folder}" already has ${active} active tasks (TASK_MAX_ACTIVE=${limits.maxActive})`;
-    schedule = { type: request.schedule_type, value: request.schedule_value };
-  } else if (request.type === 'update_task' && (request.schedule_type || request.schedule_value)) {
-    const task = store.getTask(request.taskId);
-    if (task) schedule = { type: request.schedule_type ?? task.scheduleType, value: request.schedule_value ?? task.scheduleValue };
-  } else if (request.type === 'resume_task') {
-    const task = store.getTask(request.taskId);
-    if (task) {
-      const active = store.listTasks(task.groupFolder).filter((t) => t.status === 'active').length;
-      if (active >= limits.maxActive) return `group "${task.groupFolder}" already has ${active} active tasks (TASK_MAX_ACTIVE=${limits.maxActive})`;
-      schedule = { type: task.scheduleType, value: task.scheduleValue };
-    }
-  }
-  if (!schedule) return null;
-  let gap: number | null;
-  try {
-    gap = shortestGap(schedule.type, schedule.value, timezone);
-  } catch {
-    return null; // an invalid schedule is refused with its own message when applied
-  }
-  if (gap !== null && gap < limits.minIntervalMs) {
-    return `runs every ${Math.round(gap / 1000)} s, more often than allowed (TASK_MIN_INTERVAL=${limits.minIntervalMs} ms)`;
-  }
-  return null;
 }
 
 export const GROUPS_SYNCED_AT = 'groups_synced_at';
@@ -4473,94 +4584,40 @@ export class Host extends EventEmitter {
     if (this.store.isIpcDone(claimId)) return;
     const source = this.store.groupByFolder(folder);
     if (!source) throw new IpcFormatError(`no registered group uses the folder "${folder}"`);
-    const request = kind === 'messages' ? parseIpcMessage(data) : parseIpcTask(data);
-    const refused = refusal(source, request, this.store) ?? (request.type === 'message' ? null : limitRefusal(this.config.tasks, source, request, this.store, this.config.timezone));
+    const request = parseIpcRequest(kind, data);
+    const refused = refusal(source, request, this.store, this.config);
     if (refused) {
       log.warn({ group: folder, type: request.type, reason: refused }, 'IPC request refused');
       return;
     }
     crashPoint('ipc-handling');
-    if (request.type === 'message') {
-      const words = formatOutbound(request.text, this.config.assistantName, this.config.assistantHasOwnNumber);
-      this.store.transaction(() => {
-        if (words) this.say(request.chatJid, words);
-        this.store.markIpcDone(claimId);
-      });
-      crashPoint('ipc-recorded');
-      this.sendSoon(request.chatJid);
-      if (request.expectsReply && this.delivered.has(request.chatJid)) this.awaitingAnswer.add(request.chatJid);
-      log.info({ group: folder, chatJid: request.chatJid, expectsReply: request.expectsReply ?? false }, 'Message sent for the agent');
-      return;
-    }
+    const afterwards: (() => void)[] = [];
     this.store.transaction(() => {
-      this.applyTaskRequest(source, request);
+      applyIpcRequest(request, { config: this.config, store: this.store, source, effects: this.ipcEffects(afterwards) });
       this.store.markIpcDone(claimId);
     });
     crashPoint('ipc-recorded');
-    this.scheduler.arm();
-    writeSnapshots(this.config, this.store, source);
+    for (const effect of afterwards) effect();
+    if (kind === 'tasks') writeSnapshots(this.config, this.store, source);
   }
 
-  private applyTaskRequest(source: RegisteredGroup, request: IpcTask): void {
-    const tz = this.config.timezone;
-    switch (request.type) {
-      case 'schedule_task': {
-        const target = this.store.groupByJid(request.targetJid ?? source.jid)!;
-        const nextRun = computeNextRun(request.schedule_type, request.schedule_value, tz);
-        if (!nextRun) throw new ScheduleError(`"${request.schedule_value}" is in the past`);
-        const id = `task-${Date.now()}-${randomUUID().slice(0, 8)}`;
-        this.store.createTask({
-          id, groupFolder: target.folder, chatJid: target.jid, prompt: request.prompt, scheduleType: request.schedule_type,
-          scheduleValue: request.schedule_value, contextMode: request.context_mode, nextRun: nextRun.toISOString(),
-          lastRun: null, lastResult: null, status: 'active', createdAt: new Date().toISOString(),
-        });
-        log.info({ group: source.folder, taskId: id, target: target.folder, nextRun: nextRun.toISOString() }, 'Task scheduled');
-        break;
-      }
-      case 'pause_task':
-        this.store.updateTask(request.taskId, { status: 'paused' });
-        log.info({ group: source.folder, taskId: request.taskId }, 'Task paused');
-        break;
-      case 'resume_task': {
-        const task = this.store.getTask(request.taskId)!;
-        const nextRun = computeNextRun(task.scheduleType, task.scheduleValue, tz);
-        this.store.updateTask(task.id, { status: nextRun ? 'active' : 'completed', nextRun: nextRun?.toISOString() ?? null });
-        log.info({ group: source.folder, taskId: task.id }, 'Task resumed');
-        break;
-      }
-      case 'cancel_task':
-        this.store.deleteTask(request.taskId);
-        log.info({ group: source.folder, taskId: request.taskId }, 'Task cancelled');
-        break;
-      case 'update_task': {
-        const task = this.store.getTask(request.taskId)!;
-        const scheduleType = request.schedule_type ?? task.scheduleType;
-        const scheduleValue = request.schedule_value ?? task.scheduleValue;
-        const scheduleChanged = scheduleType !== task.scheduleType || scheduleValue !== task.scheduleValue;
-        const nextRun = scheduleChanged ? computeNextRun(scheduleType, scheduleValue, tz) : undefined;
-        if (scheduleChanged && !nextRun) throw new ScheduleError(`"${scheduleValue}" is in the past`);
-        this.store.updateTask(task.id, { prompt: request.prompt, scheduleType, scheduleValue, ...(nextRun ? { nextRun: nextRun.toISOString() } : {}) });
-        log.info({ group: source.folder, taskId: task.id }, 'Task updated');
-        break;
-      }
-      case 'refresh_groups':
-        void Promise.all(this.channels.map((channel) => channel.syncGroups?.()))
-          .then(() => {
-            this.store.setState(GROUPS_SYNCED_AT, new Date().toISOString());
-            writeSnapshots(this.config, this.store, source);
-          })
-          .catch((err) => log.warn({ err }, 'Group refresh failed'));
-        log.info({ group: source.folder }, 'Group list refresh requested');
-        break;
-      case 'register_group':
-        registerGroup(this.config, this.store, { jid: request.jid, name: request.name, folder: request.folder, trigger: request.trigger });
-        break;
-    }
+  /** What an IPC action may make the host do (see IPC_ACTIONS). */
+  private ipcEffects(afterwards: (() => void)[]): IpcEffects {
+    return {
+      say: (chatJid, text) => this.say(chatJid, text),
+      afterwards: (effect) => afterwards.push(effect),
+      awaitAnswer: (chatJid) => this.delivered.has(chatJid) && this.awaitingAnswer.add(chatJid),
+      sendSoon: (chatJid) => this.sendSoon(chatJid),
+      syncGroups: async () => {
+        await Promise.all(this.channels.map((channel) => channel.syncGroups?.()));
+      },
+      tasksChanged: () => this.scheduler.arm(),
+    };
   }
 }
 
-/** Registers a chat: validates, creates its folder (with a starter CLAUDE.md) and starts its cursor at "now". */
-export function registerGroup(
+/** Adds a chat as a registered group: validates, creates its folder (with a starter CLAUDE.md) and starts its cursor at "now". */
+export function addGroup(
   config: Config,
   store: Store,
   request: { jid: string; name: string; folder: string; trigger?: string; requiresTrigger?: boolean; isMain?: boolean; containerConfig?: ContainerConfig },
@@ -4584,7 +4641,7 @@ export function registerGroup(
     if (errorCode(err) !== 'EEXIST') throw err; // a memory that is already there stays as it is
   }
   store.db.transaction(() => {
-    store.registerGroup(group);
+    store.insertGroup(group);
     store.setCursor(group.jid, store.latestSeq(group.jid));
   })();
   log.info({ group: group.folder, jid: group.jid, isMain: group.isMain }, 'Group registered');
@@ -4790,7 +4847,7 @@ export function acquireHostLock(config: Config): () => void {
 
 /** The main group, registered for the terminal when nothing else registered it yet. */
 export function ensureMainGroup(config: Config, store: Store): RegisteredGroup {
-  return store.mainGroup() ?? registerGroup(config, store, { jid: LOCAL_MAIN_JID, name: 'Main', folder: 'main', isMain: true, requiresTrigger: false });
+  return store.mainGroup() ?? addGroup(config, store, { jid: LOCAL_MAIN_JID, name: 'Main', folder: 'main', isMain: true, requiresTrigger: false });
 }
 
 /** Resolves with the first turn of the chat that covers message `seq`. */
@@ -4880,7 +4937,7 @@ export function whatsAppChannel(config: Config, store: Store, extra: Partial<Wha
 /** After linking: the self-chat is the main group (taking over the terminal's placeholder). */
 export function makeSelfChatMain(config: Config, store: Store, selfJid: string): RegisteredGroup {
   const main = store.mainGroup();
-  if (!main) return registerGroup(config, store, { jid: selfJid, name: 'Main', folder: 'main', isMain: true, requiresTrigger: false });
+  if (!main) return addGroup(config, store, { jid: selfJid, name: 'Main', folder: 'main', isMain: true, requiresTrigger: false });
   if (main.jid === LOCAL_MAIN_JID) {
     store.changeGroupJid(LOCAL_MAIN_JID, selfJid);
     log.info({ jid: selfJid }, 'Main group moved to the WhatsApp self-chat');
@@ -5200,7 +5257,7 @@ function groupsCommand(config: Config, args: string[]): number {
     if (action === 'register') {
       const [jid, folder] = rest as [string, string];
       const network = values.network as string | undefined;
-      const group = registerGroup(config, store, {
+      const group = addGroup(config, store, {
         jid, folder, name: (values.name as string | undefined) ?? folder, trigger: values.trigger as string | undefined, isMain: values.main === true,
         requiresTrigger: values['no-trigger'] ? false : undefined,
         containerConfig: network ? { network } : undefined,
@@ -5288,6 +5345,24 @@ async function runTaskNow(config: Config, task: ScheduledTask): Promise<number> 
   }
 }
 
+/**
+ * The CLI's task commands do exactly what the agent's requests do (IPC_ACTIONS), as the
+ * task's own group. The scheduling limits hold agents back, not you. A running service
+ * sees the change within a second (its scheduler re-reads the tasks).
+ */
+function applyTaskCommand(config: Config, store: Store, task: ScheduledTask, request: IpcRequest): void {
+  const source = store.groupByFolder(task.groupFolder) ?? { jid: task.chatJid, name: task.groupFolder, folder: task.groupFolder, trigger: '', requiresTrigger: true, isMain: false, addedAt: '' };
+  const afterwards: (() => void)[] = [];
+  const effects: IpcEffects = { say: () => {}, afterwards: (e) => afterwards.push(e), awaitAnswer: () => {}, sendSoon: () => {}, syncGroups: async () => {}, tasksChanged: () => {} };
+  try {
+    store.transaction(() => applyIpcRequest(request, { config, store, source, effects }));
+  } catch (err) {
+    if (err instanceof ScheduleError) throw new UsageError(`${err.message.replace(/^task/, 'Task')}.`);
+    throw err;
+  }
+  for (const effect of afterwards) effect();
+}
+
 async function tasksCommand(config: Config, args: string[]): Promise<number> {
   const { values, positionals } = commandArgs('tasks', args, { json: { type: 'boolean' } });
   const [action = 'list', ...rest] = positionals;
@@ -5328,18 +5403,15 @@ async function tasksCommand(config: Config, args: string[]): Promise<number> {
         return 0;
       }
       case 'pause':
-        store.updateTask(id, { status: 'paused' });
+        applyTaskCommand(config, store, task, { type: 'pause_task', taskId: id });
         console.log(`Paused ${id}.`);
         return 0;
-      case 'resume': {
-        const next = computeNextRun(task.scheduleType, task.scheduleValue, config.timezone);
-        if (!next) throw new UsageError(`Task ${id} has no future run left (once, ${task.scheduleValue}).`);
-        store.updateTask(id, { status: 'active', nextRun: next.toISOString() });
-        console.log(`Resumed ${id}; next run ${when(next.toISOString())}.`);
+      case 'resume':
+        applyTaskCommand(config, store, task, { type: 'resume_task', taskId: id });
+        console.log(`Resumed ${id}; next run ${when(store.getTask(id)!.nextRun)}.`);
         return 0;
-      }
       case 'cancel':
-        store.deleteTask(id);
+        applyTaskCommand(config, store, task, { type: 'cancel_task', taskId: id });
         console.log(`Cancelled ${id}.`);
         return 0;
     }

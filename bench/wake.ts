@@ -11,7 +11,7 @@
  */
 import { chmodSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { Host, registerGroup, setupLogging, Store } from '../nanoclaw.ts';
+import { Host, addGroup, setupLogging, Store } from '../nanoclaw.ts';
 import { RecordingChannel, tempDir, tempProject, waitFor } from '../test/helpers.ts';
 
 const count = Number(process.argv[2] ?? 20);
@@ -27,7 +27,7 @@ writeFileSync(stamps, '');
 const config = tempProject({ CONTAINER_RUNTIME: runtime }, 'KIMI_API_KEY=sk-bench-wake-000\n');
 setupLogging(config, { terminalLevel: 'silent' });
 const store = new Store(config.dbPath);
-registerGroup(config, store, { jid: 'me@s.whatsapp.net', name: 'Me', folder: 'main', isMain: true });
+addGroup(config, store, { jid: 'me@s.whatsapp.net', name: 'Me', folder: 'main', isMain: true });
 const channel = new RecordingChannel(['me@s.whatsapp.net']);
 const host = new Host(config, store, [channel], { sweepIntervalMs: 3_600_000 });
 await host.start();

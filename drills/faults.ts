@@ -14,7 +14,7 @@ import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { proto, type WAMessage } from '@whiskeysockets/baileys';
 import { startFakeModel } from '../container/agent-runner/kimi-stub/fake-model.ts';
-import { Host, installId, RateLimiter, registerGroup, setupLogging, Store, type Config } from '../nanoclaw.ts';
+import { Host, installId, RateLimiter, addGroup, setupLogging, Store, type Config } from '../nanoclaw.ts';
 import { flakyServer, linkedAuthDir, openAsWhatsAppWould, RecordingWhatsApp, tempProject } from '../test/helpers.ts';
 import { DrillHost, deliveries, drillProject, IMAGE, named, printTable, stuck, tally, until, type Row } from './harness.ts';
 
@@ -122,7 +122,7 @@ export async function whatsappDrops(drops = 50): Promise<Row> {
   setupLogging(config, { terminalLevel: 'silent', secrets: [key] });
   const store = new Store(config.dbPath);
   const chat = '120363000000000001@g.us';
-  registerGroup(config, store, { jid: chat, name: 'Drill', folder: 'drill', requiresTrigger: false });
+  addGroup(config, store, { jid: chat, name: 'Drill', folder: 'drill', requiresTrigger: false });
   const server = flakyServer(60_000);
   let seed = 7;
   const coin = () => ((seed = (seed * 1103515245 + 12345) % 2 ** 31) / 2 ** 31) < 0.5;

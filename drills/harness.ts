@@ -11,7 +11,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { startFakeModel, type FakeModel } from '../container/agent-runner/kimi-stub/fake-model.ts';
-import { registerGroup, Store, type Config, loadConfig } from '../nanoclaw.ts';
+import { addGroup, Store, type Config, loadConfig } from '../nanoclaw.ts';
 import { DRILL_CHAT, type Delivery } from './host.ts';
 
 export const IMAGE = process.env.NANOCLAW_TEST_IMAGE ?? 'nanoclaw-agent:test';
@@ -49,7 +49,7 @@ export function drillProject(options: { think?: () => number; env?: Record<strin
   };
   const config = loadConfig(root, env);
   const store = new Store(config.dbPath);
-  registerGroup(config, store, { jid: DRILL_CHAT, name: 'Drill', folder: 'main', isMain: true });
+  addGroup(config, store, { jid: DRILL_CHAT, name: 'Drill', folder: 'main', isMain: true });
   store.close();
   return { root, config, model, env, stop: () => model.stop() };
 }

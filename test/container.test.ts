@@ -2,7 +2,7 @@ import { existsSync, mkdirSync, readdirSync, readFileSync, writeFileSync } from 
 import { join } from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import {
-  groupMounts, installId, ModelProxy, preflight, removeLeftoverContainers, runContainer, setupLogging, Store, registerGroup,
+  groupMounts, installId, ModelProxy, preflight, removeLeftoverContainers, runContainer, setupLogging, Store, addGroup,
   type Config, type ContainerInput, type ContainerResult, type RegisteredGroup,
 } from '../nanoclaw.ts';
 import { fakeDocker, tempProject, type FakeDocker } from './helpers.ts';
@@ -51,7 +51,7 @@ beforeEach(() => {
   config = tempProject({ CONTAINER_RUNTIME: docker.path, CONTAINER_TIMEOUT: '60000' });
   setupLogging(config, { terminalLevel: 'silent', secrets: [SECRET] });
   store = new Store(config.dbPath);
-  group = registerGroup(config, store, { jid: 'fam@g.us', name: 'Family', folder: 'family' });
+  group = addGroup(config, store, { jid: 'fam@g.us', name: 'Family', folder: 'family' });
 });
 
 afterEach(() => store.close());

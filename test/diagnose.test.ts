@@ -10,7 +10,7 @@ import { chmodSync, copyFileSync, mkdirSync, readFileSync, rmSync, symlinkSync, 
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterEach, describe, expect, it } from 'vitest';
-import { registerGroup, serviceDefinition, Store, type Config } from '../nanoclaw.ts';
+import { addGroup, serviceDefinition, Store, type Config } from '../nanoclaw.ts';
 import { startFakeModel } from '../container/agent-runner/kimi-stub/fake-model.ts';
 import { fakeDocker, linkedAuthDir, NO_MODEL_URL, pendingPairingAuthDir, tempDir, tempProject, type FakeDocker } from './helpers.ts';
 
@@ -54,7 +54,7 @@ async function healthyProject(): Promise<Fixture> {
   for (const file of ['nanoclaw.ts', 'bunfig.toml', 'scripts/diagnose.sh']) copyFileSync(join(REPO, file), join(codeDir, file));
   symlinkSync(join(REPO, 'node_modules'), join(codeDir, 'node_modules'));
   const store = new Store(config.dbPath);
-  registerGroup(config, store, { jid: OWN_JID, name: 'Me', folder: 'main', isMain: true });
+  addGroup(config, store, { jid: OWN_JID, name: 'Me', folder: 'main', isMain: true });
   store.close();
   mkdirSync(join(config.groupsDir, 'main', 'logs'), { recursive: true });
   writeFileSync(join(config.groupsDir, 'main', 'logs', 'container-2026-01-01T10-00-00-000Z.log'), 'Exit code:  0\nResults:    1\n');

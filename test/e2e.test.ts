@@ -11,7 +11,7 @@ import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterEach, beforeAll, describe, expect, it } from 'vitest';
 import {
-  buildDockerArgs, containerUserArgs, groupMounts, groupTrees, hardeningArgs, Host, prepareGroupFolders, RESULT_END, RESULT_START, registerGroup, setupLogging, Store,
+  buildDockerArgs, containerUserArgs, groupMounts, groupTrees, hardeningArgs, Host, prepareGroupFolders, RESULT_END, RESULT_START, addGroup, setupLogging, Store,
   type Config, type RegisteredGroup,
 } from '../nanoclaw.ts';
 import { encryptedStream, proto, type WAMessage } from '@whiskeysockets/baileys';
@@ -61,9 +61,9 @@ async function world(env: Record<string, string> = {}, dotEnv = `KIMI_API_KEY=${
   setupLogging(config, { terminalLevel: 'silent', secrets: [KEY] });
   const store = new Store(config.dbPath);
   const groups = reuse?.groups ?? {
-    main: registerGroup(config, store, { jid: MAIN, name: 'Me', folder: 'main', isMain: true }),
-    family: registerGroup(config, store, { jid: FAMILY, name: 'Family', folder: 'family' }),
-    work: registerGroup(config, store, { jid: WORK, name: 'Work', folder: 'work' }),
+    main: addGroup(config, store, { jid: MAIN, name: 'Me', folder: 'main', isMain: true }),
+    family: addGroup(config, store, { jid: FAMILY, name: 'Family', folder: 'family' }),
+    work: addGroup(config, store, { jid: WORK, name: 'Work', folder: 'work' }),
   };
   if (!reuse) {
     writeFileSync(join(config.groupsDir, 'global', 'CLAUDE.md'), 'GLOBAL-MEMORY-MARKER: the user likes tea.\n');
@@ -242,7 +242,7 @@ describe('WhatsApp and scheduled tasks with the real container', () => {
     const config = tempProject({ CONTAINER_IMAGE: IMAGE, IDLE_TIMEOUT: '60000', KIMI_BASE_URL: model.url }, `KIMI_API_KEY=${KEY}\n`);
     setupLogging(config, { terminalLevel: 'silent', secrets: [KEY] });
     const store = new Store(config.dbPath);
-    registerGroup(config, store, { jid: FAMILY, name: 'Family', folder: 'family' });
+    addGroup(config, store, { jid: FAMILY, name: 'Family', folder: 'family' });
     const server = flakyServer(60_000);
     const whatsapp = new RecordingWhatsApp({
       authDir: await linkedAuthDir(), assistantName: 'Andy', hasOwnNumber: false, waWebSocketUrl: server.url, mediaTreeFor: () => null,
@@ -344,7 +344,7 @@ describe('what the real Kimi CLI does, through the host and the real image', () 
     chmodSync(config.projectRoot, 0o755);
     setupLogging(config, { terminalLevel: 'silent', secrets: [KEY] });
     const store = new Store(config.dbPath);
-    registerGroup(config, store, { jid: FAMILY, name: 'Family', folder: 'family' });
+    addGroup(config, store, { jid: FAMILY, name: 'Family', folder: 'family' });
     const photo = Buffer.from('ffd8ffe000104a46494600010100000100010000ffdb004300', 'hex');
     const encrypted = await encryptedStream(photo, 'image');
     const media = Bun.serve({ port: 0, fetch: () => new Response(Bun.file(encrypted.encFilePath)) });

@@ -8,7 +8,7 @@ import { Database } from 'bun:sqlite';
 import { existsSync, mkdirSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
-import { GIVE_UP_TEXT, Host, registerGroup, setupLogging, Store, type ChannelHandlers, type Config, type HostOptions } from '../nanoclaw.ts';
+import { GIVE_UP_TEXT, Host, addGroup, setupLogging, Store, type ChannelHandlers, type Config, type HostOptions } from '../nanoclaw.ts';
 import { fakeDocker, RecordingChannel, tempProject, waitFor, type FakeDocker } from './helpers.ts';
 
 const SECRET = 'sk-once-test-abcdefghijklmnop';
@@ -45,8 +45,8 @@ function project(env: Record<string, string> = {}) {
   const config = tempProject({ CONTAINER_RUNTIME: docker.path, ...env }, `KIMI_API_KEY=${SECRET}\n`);
   setupLogging(config, { terminalLevel: 'silent', secrets: [SECRET] });
   const store = new Store(config.dbPath);
-  registerGroup(config, store, { jid: MAIN, name: 'Me', folder: 'main', isMain: true });
-  registerGroup(config, store, { jid: FAMILY, name: 'Family', folder: 'family' });
+  addGroup(config, store, { jid: MAIN, name: 'Me', folder: 'main', isMain: true });
+  addGroup(config, store, { jid: FAMILY, name: 'Family', folder: 'family' });
   store.close();
   return { docker, config };
 }

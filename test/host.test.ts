@@ -1,8 +1,11 @@
 import { existsSync, mkdirSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
 import { afterEach, describe, expect, it } from 'vitest';
-import { Host, registerGroup, setupLogging, Store, writeJsonAtomic, type Config, type HostOptions } from '../nanoclaw.ts';
+import { Host, addGroup, setupLogging, Store, writeJsonAtomic, type Config, type HostOptions } from '../nanoclaw.ts';
 import { fakeDocker, RecordingChannel, tempProject, waitFor, type FakeDocker } from './helpers.ts';
+
+const REPO = fileURLToPath(new URL('..', import.meta.url));
 
 const SECRET = 'sk-host-test-abcdefghijklmnop';
 const MAIN = 'me@s.whatsapp.net';
@@ -25,9 +28,9 @@ async function world(env: Record<string, string> = {}, options: HostOptions = {}
   setupLogging(config, { terminalLevel: 'silent', secrets: [SECRET] });
   const store = new Store(config.dbPath);
   if (!reuse) {
-    registerGroup(config, store, { jid: MAIN, name: 'Me', folder: 'main', isMain: true });
-    registerGroup(config, store, { jid: FAMILY, name: 'Family', folder: 'family' });
-    registerGroup(config, store, { jid: WORK, name: 'Work', folder: 'work' });
+    addGroup(config, store, { jid: MAIN, name: 'Me', folder: 'main', isMain: true });
+    addGroup(config, store, { jid: FAMILY, name: 'Family', folder: 'family' });
+    addGroup(config, store, { jid: WORK, name: 'Work', folder: 'work' });
   }
   const channel = new RecordingChannel([MAIN, FAMILY, WORK, 'stranger@g.us']);
   const host = new Host(config, store, [channel], { retryBaseMs: 50, sweepIntervalMs: 60_000, shutdownGraceMs: 2000, ...options });
@@ -197,7 +200,7 @@ describe('failures', () => {
     const docker = fakeDocker();
     const config = tempProject({ CONTAINER_RUNTIME: docker.path }, `KIMI_API_KEY=${SECRET}\n`);
     const setup = new Store(config.dbPath);
-    registerGroup(config, setup, { jid: MAIN, name: 'Me', folder: 'main', isMain: true });
+    addGroup(config, setup, { jid: MAIN, name: 'Me', folder: 'main', isMain: true });
     // The previous host stored this, then died before running the agent.
     setup.storeMessage({ id: 'lost-1', chatJid: MAIN, sender: 'me', senderName: 'Me', content: 'did you get this?', timestamp: new Date().toISOString(), isFromMe: true, isBotMessage: false });
     setup.close();
@@ -266,6 +269,25 @@ describe('IPC from the agent', () => {
     expect(existsSync(join(w.config.groupsDir, 'club', 'CLAUDE.md'))).toBe(true);
     const snapshot = JSON.parse(readFileSync(join(w.config.ipcDir, 'family', 'current_tasks.json'), 'utf8'));
     expect(snapshot.map((t: { prompt: string }) => t.prompt)).toEqual(['water the plants']);
+  });
+
+  it('resuming a one-off whose time has passed is refused alike from the agent and from the CLI; the task stays paused', async () => {
+    const w = await world();
+    w.store.createTask({
+      id: 'past-once', groupFolder: 'family', chatJid: FAMILY, prompt: 'p', scheduleType: 'once', scheduleValue: '2020-01-01 09:00', contextMode: 'group',
+      nextRun: null, lastRun: null, lastResult: null, status: 'paused', createdAt: new Date().toISOString(),
+    });
+    drop(w, 'family', 'tasks', { type: 'resume_task', taskId: 'past-once' });
+    await waitFor(() => existsSync(join(w.config.ipcDir, 'errors')) && readdirSync(join(w.config.ipcDir, 'errors')).length === 1, 5000, 'refused');
+    expect(w.store.getTask('past-once')).toMatchObject({ status: 'paused', nextRun: null });
+    expect(readFileSync(join(w.config.logsDir, 'nanoclaw.log'), 'utf8')).toContain('has no future run left');
+    const cli = Bun.spawn([process.execPath, join(REPO, 'nanoclaw.ts'), 'tasks', 'resume', 'past-once'], {
+      stdout: 'pipe', stderr: 'pipe', env: { PATH: process.env.PATH!, HOME: process.env.HOME!, NANOCLAW_ROOT: w.config.projectRoot, CONTAINER_RUNTIME: w.docker.path },
+    });
+    const [stderr, code] = await Promise.all([new Response(cli.stderr).text(), cli.exited]);
+    expect(code).toBe(2);
+    expect(stderr.trim()).toBe('Task past-once has no future run left (once, 2020-01-01 09:00).');
+    expect(w.store.getTask('past-once')).toMatchObject({ status: 'paused' });
   });
 
   it('lets a group pause and cancel its own task but not another group’s', async () => {

@@ -11,7 +11,7 @@ import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { startFakeModel, type FakeModel } from '../container/agent-runner/kimi-stub/fake-model.ts';
-import { Host, INSTALL_LABEL, installId, registerGroup, setupLogging, Store, type Config } from '../nanoclaw.ts';
+import { Host, INSTALL_LABEL, installId, addGroup, setupLogging, Store, type Config } from '../nanoclaw.ts';
 import { RecordingChannel, tempDir, tempProject, waitFor } from './helpers.ts';
 
 const IMAGE = process.env.NANOCLAW_TEST_IMAGE ?? 'nanoclaw-agent:test';
@@ -47,10 +47,10 @@ async function world(): Promise<World> {
   chmodSync(config.projectRoot, 0o755);
   setupLogging(config, { terminalLevel: 'silent', secrets: [KEY] });
   const store = new Store(config.dbPath);
-  registerGroup(config, store, { jid: MAIN, name: 'Me', folder: 'main', isMain: true });
-  registerGroup(config, store, { jid: EVIL, name: 'Evil', folder: 'evil' });
-  registerGroup(config, store, { jid: QUIET, name: 'Quiet', folder: 'quiet' });
-  registerGroup(config, store, { jid: OFFLINE, name: 'Offline', folder: 'offline', containerConfig: { network: 'none' } });
+  addGroup(config, store, { jid: MAIN, name: 'Me', folder: 'main', isMain: true });
+  addGroup(config, store, { jid: EVIL, name: 'Evil', folder: 'evil' });
+  addGroup(config, store, { jid: QUIET, name: 'Quiet', folder: 'quiet' });
+  addGroup(config, store, { jid: OFFLINE, name: 'Offline', folder: 'offline', containerConfig: { network: 'none' } });
   const canary = tempDir('nanoclaw-canary-');
   writeFileSync(join(canary, 'keep.txt'), 'keep me');
   writeFileSync(join(canary, 'a.json'), JSON.stringify({ type: 'message', chatJid: EVIL, text: 'moved out of a host folder' }));
@@ -237,7 +237,7 @@ describe('installs', () => {
       docker('create', '--label', `${INSTALL_LABEL}=${ours}`, '--name', names.created, '--entrypoint', 'sleep', IMAGE, '300');
       docker('run', '-d', '--label', `${INSTALL_LABEL}=other0install`, '--name', names.other, '--entrypoint', 'sleep', IMAGE, '300');
       const store = new Store(config.dbPath);
-      registerGroup(config, store, { jid: MAIN, name: 'Me', folder: 'main', isMain: true });
+      addGroup(config, store, { jid: MAIN, name: 'Me', folder: 'main', isMain: true });
       store.close();
       // Spawned without blocking: this process serves the model the chat's container calls.
       const chat = Bun.spawn(['bun', join(REPO, 'nanoclaw.ts'), 'chat'], {

@@ -3,16 +3,21 @@ import { existsSync, mkdirSync, readdirSync, readFileSync, renameSync, symlinkSy
 import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import {
-  groupsSnapshot, IPC_ERRORS_KEPT, IPC_FILES_PER_PASS, IpcFormatError, IpcWatcher, limitRefusal, shortestGap, parseIpcMessage, parseIpcTask, refusal, registerGroup, Store, tasksSnapshot, writeSnapshots,
-  type RegisteredGroup,
+  groupsSnapshot, IPC_ERRORS_KEPT, IPC_FILES_PER_PASS, IpcFormatError, IpcWatcher, shortestGap, parseIpcRequest, refusal, addGroup, Store, tasksSnapshot, writeSnapshots,
+  type Config, type IpcRequest, type RegisteredGroup,
 } from '../nanoclaw.ts';
 import { tempDir, tempProject, waitFor } from './helpers.ts';
+
+const parseIpcMessage = (raw: unknown) => parseIpcRequest('messages', raw);
+const parseIpcTask = (raw: unknown) => parseIpcRequest('tasks', raw);
+/** The scheduling limits part of a refusal (the groups here are allowed the requests themselves). */
+const limitRefusal = (config: Config, source: RegisteredGroup, request: IpcRequest, store: Store) => refusal(source, request, store, config);
 
 describe('parsing IPC files', () => {
   it('accepts every request of the contract', () => {
     expect(parseIpcMessage({ type: 'message', chatJid: 'a@g.us', text: 'hi' })).toEqual({ type: 'message', chatJid: 'a@g.us', text: 'hi' });
     expect(parseIpcTask({ type: 'schedule_task', prompt: 'p', schedule_type: 'cron', schedule_value: '0 9 * * *' })).toEqual({
-      type: 'schedule_task', prompt: 'p', schedule_type: 'cron', schedule_value: '0 9 * * *', context_mode: 'isolated', targetJid: undefined,
+      type: 'schedule_task', prompt: 'p', schedule_type: 'cron', schedule_value: '0 9 * * *', context_mode: 'group', // as the MCP tool defaults it
     });
     for (const type of ['pause_task', 'resume_task', 'cancel_task'] as const) expect(parseIpcTask({ type, taskId: 't1' })).toEqual({ type, taskId: 't1' });
     expect(parseIpcTask({ type: 'update_task', taskId: 't1', schedule_type: 'interval', schedule_value: '60000' })).toMatchObject({ type: 'update_task', schedule_type: 'interval' });
@@ -28,7 +33,9 @@ describe('parsing IPC files', () => {
       [() => parseIpcTask({ type: 'schedule_task', prompt: 'p', schedule_type: 'weekly', schedule_value: 'x' }), '"schedule_type"'],
       [() => parseIpcTask({ type: 'schedule_task', prompt: 'p', schedule_type: 'cron', schedule_value: 'x', context_mode: 'shared' }), '"context_mode"'],
       [() => parseIpcTask({ type: 'pause_task' }), '"taskId"'],
-      [() => parseIpcTask({ type: 'launch_rockets' }), 'unknown task type'],
+      [() => parseIpcTask({ type: 'launch_rockets' }), 'is unknown in tasks/'],
+      [() => parseIpcTask({ type: 'message', chatJid: 'a@g.us', text: 'b' }), 'is unknown in tasks/'], // a message belongs in messages/
+      [() => parseIpcMessage({ type: 'message', chatJid: 'a@g.us', text: 'b', expectsReply: 'yes' }), '"expectsReply"'],
     ];
     for (const [parse, mention] of cases) {
       expect(parse, mention).toThrow(IpcFormatError);
@@ -41,9 +48,9 @@ describe('authorisation by folder', () => {
   function groups() {
     const config = tempProject();
     const store = new Store(config.dbPath);
-    const main = registerGroup(config, store, { jid: 'me@s.whatsapp.net', name: 'Me', folder: 'main', isMain: true });
-    const family = registerGroup(config, store, { jid: 'fam@g.us', name: 'Family', folder: 'family' });
-    const work = registerGroup(config, store, { jid: 'work@g.us', name: 'Work', folder: 'work' });
+    const main = addGroup(config, store, { jid: 'me@s.whatsapp.net', name: 'Me', folder: 'main', isMain: true });
+    const family = addGroup(config, store, { jid: 'fam@g.us', name: 'Family', folder: 'family' });
+    const work = addGroup(config, store, { jid: 'work@g.us', name: 'Work', folder: 'work' });
     const base = { prompt: 'p', schedule_type: 'interval', schedule_value: '60000', context_mode: 'isolated', nextRun: null };
     store.createTask({ id: 'fam-task', groupFolder: 'family', chatJid: 'fam@g.us', prompt: 'p', scheduleType: 'interval', scheduleValue: '60000', contextMode: 'isolated', nextRun: null, lastRun: null, lastResult: null, status: 'active', createdAt: 'x' });
     store.createTask({ id: 'work-task', groupFolder: 'work', chatJid: 'work@g.us', prompt: 'p', scheduleType: 'interval', scheduleValue: '60000', contextMode: 'isolated', nextRun: null, lastRun: null, lastResult: null, status: 'active', createdAt: 'x' });
@@ -234,8 +241,8 @@ describe('scheduling limits', () => {
   function setup(env: Record<string, string> = {}) {
     const config = tempProject({ TASK_MAX_ACTIVE: '2', TASK_MIN_INTERVAL: '300000', ...env });
     const store = new Store(config.dbPath);
-    const main = registerGroup(config, store, { jid: 'me@s.whatsapp.net', name: 'Me', folder: 'main', isMain: true });
-    const family = registerGroup(config, store, { jid: 'fam@g.us', name: 'Family', folder: 'family' });
+    const main = addGroup(config, store, { jid: 'me@s.whatsapp.net', name: 'Me', folder: 'main', isMain: true });
+    const family = addGroup(config, store, { jid: 'fam@g.us', name: 'Family', folder: 'family' });
     return { config, store, main, family };
   }
   const schedule = (schedule_type: 'cron' | 'interval' | 'once', schedule_value: string) =>
@@ -252,7 +259,7 @@ describe('scheduling limits', () => {
 
   it('refuses schedules more frequent than TASK_MIN_INTERVAL and more than TASK_MAX_ACTIVE active tasks per group', () => {
     const { config, store, family } = setup();
-    const refusal = (request: Parameters<typeof limitRefusal>[2]) => limitRefusal(config.tasks, family, request, store, 'UTC');
+    const refusal = (request: IpcRequest) => limitRefusal(config, family, request, store);
     expect(refusal(schedule('interval', '1000'))).toContain('TASK_MIN_INTERVAL=300000');
     expect(refusal(schedule('cron', '* * * * *'))).toContain('runs every 60 s');
     expect(refusal(schedule('interval', '300000'))).toBeNull();
@@ -271,11 +278,11 @@ describe('scheduling limits', () => {
 
   it('holds main to the limits too, unless TASK_LIMITS_MAIN=false', () => {
     const held = setup();
-    expect(limitRefusal(held.config.tasks, held.main, schedule('interval', '1000'), held.store, 'UTC')).toContain('TASK_MIN_INTERVAL');
+    expect(limitRefusal(held.config, held.main, schedule('interval', '1000'), held.store)).toContain('TASK_MIN_INTERVAL');
     held.store.close();
     const free = setup({ TASK_LIMITS_MAIN: 'false' });
-    expect(limitRefusal(free.config.tasks, free.main, schedule('interval', '1000'), free.store, 'UTC')).toBeNull();
-    expect(limitRefusal(free.config.tasks, free.family, schedule('interval', '1000'), free.store, 'UTC')).toContain('TASK_MIN_INTERVAL');
+    expect(limitRefusal(free.config, free.main, schedule('interval', '1000'), free.store)).toBeNull();
+    expect(limitRefusal(free.config, free.family, schedule('interval', '1000'), free.store)).toContain('TASK_MIN_INTERVAL');
     free.store.close();
   });
 });

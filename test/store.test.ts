@@ -1,7 +1,7 @@
 import { Database } from 'bun:sqlite';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { registerGroup, SCHEMA_VERSION, Store, type NewMessage, type ScheduledTask } from '../nanoclaw.ts';
+import { addGroup, SCHEMA_VERSION, Store, type NewMessage, type ScheduledTask } from '../nanoclaw.ts';
 import { tempDir, tempProject } from './helpers.ts';
 
 const message = (id: string, chatJid: string, extra: Partial<NewMessage> = {}): NewMessage => ({
@@ -166,15 +166,15 @@ describe('groups, sessions, tasks', () => {
     const config = tempProject();
     const store = new Store(config.dbPath);
     store.storeMessage(message('old', 'fam@g.us'));
-    const family = registerGroup(config, store, { jid: 'fam@g.us', name: 'Family', folder: 'family' });
+    const family = addGroup(config, store, { jid: 'fam@g.us', name: 'Family', folder: 'family' });
     expect(family).toMatchObject({ trigger: '@Andy', requiresTrigger: true, isMain: false });
     expect(store.getCursor('fam@g.us')).toBe(1); // history before registration is not replayed
-    registerGroup(config, store, { jid: 'me@s.whatsapp.net', name: 'Me', folder: 'main', isMain: true });
+    addGroup(config, store, { jid: 'me@s.whatsapp.net', name: 'Me', folder: 'main', isMain: true });
     expect(store.mainGroup()?.requiresTrigger).toBe(false);
-    expect(() => registerGroup(config, store, { jid: 'x@g.us', name: 'X', folder: 'family' })).toThrow('already used');
-    expect(() => registerGroup(config, store, { jid: 'y@g.us', name: 'Y', folder: 'other', isMain: true })).toThrow('already a main group');
-    expect(() => registerGroup(config, store, { jid: 'z@g.us', name: 'Z', folder: 'Bad Name' })).toThrow('lowercase');
-    expect(() => registerGroup(config, store, { jid: 'z@g.us', name: 'Z', folder: 'global' })).toThrow();
+    expect(() => addGroup(config, store, { jid: 'x@g.us', name: 'X', folder: 'family' })).toThrow('already used');
+    expect(() => addGroup(config, store, { jid: 'y@g.us', name: 'Y', folder: 'other', isMain: true })).toThrow('already a main group');
+    expect(() => addGroup(config, store, { jid: 'z@g.us', name: 'Z', folder: 'Bad Name' })).toThrow('lowercase');
+    expect(() => addGroup(config, store, { jid: 'z@g.us', name: 'Z', folder: 'global' })).toThrow();
     expect(() => store.db.query("UPDATE registered_groups SET is_main = 1 WHERE folder = 'family'").run()).toThrow();
     expect(store.listGroups().map((g) => g.folder)).toEqual(['main', 'family']);
     store.close();

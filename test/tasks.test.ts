@@ -3,7 +3,7 @@ import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterEach, describe, expect, it } from 'vitest';
 import {
-  Host, nextRunAfterFiring, registerGroup, Scheduler, setupLogging, Store,
+  Host, nextRunAfterFiring, addGroup, Scheduler, setupLogging, Store,
   type Config, type ScheduledTask,
 } from '../nanoclaw.ts';
 import { fakeDocker, RecordingChannel, tempProject, waitFor, type FakeDocker } from './helpers.ts';
@@ -121,8 +121,8 @@ describe('tasks through the host (fake docker)', () => {
     config = tempProject({ CONTAINER_RUNTIME: docker.path, ...env }, 'KIMI_API_KEY=sk-tasks-test-123456\n');
     setupLogging(config, { terminalLevel: 'silent' });
     store = new Store(config.dbPath);
-    registerGroup(config, store, { jid: MAIN, name: 'Me', folder: 'main', isMain: true });
-    registerGroup(config, store, { jid: FAMILY, name: 'Family', folder: 'family' });
+    addGroup(config, store, { jid: MAIN, name: 'Me', folder: 'main', isMain: true });
+    addGroup(config, store, { jid: FAMILY, name: 'Family', folder: 'family' });
     channel = new RecordingChannel([MAIN, FAMILY]);
     host = new Host(config, store, [channel], { retryBaseMs: 50, sweepIntervalMs: 60_000, shutdownGraceMs: 2000 });
     await host.start();
@@ -193,7 +193,7 @@ describe('bun nanoclaw.ts tasks', () => {
     copyFileSync(join(REPO, 'bunfig.toml'), join(config.projectRoot, 'bunfig.toml'));
     writeFileSync(join(config.projectRoot, '.env'), 'KIMI_API_KEY=sk-tasks-cli-123456\nTZ=Asia/Tokyo\n');
     const store = new Store(config.dbPath);
-    registerGroup(config, store, { jid: FAMILY, name: 'Family', folder: 'family' });
+    addGroup(config, store, { jid: FAMILY, name: 'Family', folder: 'family' });
     const t = task({ scheduleType: 'cron', scheduleValue: '0 9 * * *', nextRun: '2030-01-01T00:00:00.000Z' });
     store.createTask(t);
     store.close();

@@ -10,7 +10,7 @@ import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import {
   AgentTree,
-  Host, parseWhatsAppMessage, RateLimiter, reconnectDelay, registerGroup, safeMediaFileName, setupLogging, splitForWhatsApp,
+  Host, parseWhatsAppMessage, RateLimiter, reconnectDelay, addGroup, safeMediaFileName, setupLogging, splitForWhatsApp,
   Store, OutboxSender, newMessageId, toWhatsAppFormat, writeJsonAtomic, WhatsAppChannel, whatsAppChannel, makeSelfChatMain, LOCAL_MAIN_JID,
   type ChannelHandlers, type NewMessage, type WhatsAppIdentity, type WhatsAppOptions,
 } from '../nanoclaw.ts';
@@ -314,7 +314,7 @@ describe('WhatsApp through the host (fake docker)', () => {
     const config = tempProject({ CONTAINER_RUNTIME: docker.path }, 'KIMI_API_KEY=sk-wa-test-12345678\n');
     setupLogging(config, { terminalLevel: 'silent' });
     const store = new Store(config.dbPath);
-    registerGroup(config, store, { jid: GROUP, name: 'Family', folder: 'family' });
+    addGroup(config, store, { jid: GROUP, name: 'Family', folder: 'family' });
     const server = flakyServer(60_000);
     stops.push(server.stop);
     const channel = new RecordingWhatsApp({
@@ -347,7 +347,7 @@ describe('WhatsApp through the host (fake docker)', () => {
     const config = tempProject({ CONTAINER_RUNTIME: docker.path }, 'KIMI_API_KEY=sk-wa-test-12345678\n');
     setupLogging(config, { terminalLevel: 'silent' });
     const store = new Store(config.dbPath);
-    registerGroup(config, store, { jid: GROUP, name: 'Family', folder: 'family' });
+    addGroup(config, store, { jid: GROUP, name: 'Family', folder: 'family' });
     const photo = Buffer.from('pretend this is a JPEG of a cat');
     const encrypted = await encryptedStream(photo, 'image');
     const media = Bun.serve({ port: 0, fetch: () => new Response(Bun.file(encrypted.encFilePath)) });
@@ -380,7 +380,7 @@ describe('WhatsApp through the host (fake docker)', () => {
     const config = tempProject({ CONTAINER_RUNTIME: docker.path }, 'KIMI_API_KEY=sk-wa-test-12345678\n');
     setupLogging(config, { terminalLevel: 'silent' });
     const store = new Store(config.dbPath);
-    registerGroup(config, store, { jid: ME, name: 'Me', folder: 'main', isMain: true });
+    addGroup(config, store, { jid: ME, name: 'Me', folder: 'main', isMain: true });
     const server = flakyServer(60_000);
     stops.push(server.stop);
     const channel = whatsAppChannel(config, store, { authDir: await linkedAuthDir(), waWebSocketUrl: server.url });
@@ -416,7 +416,7 @@ describe('WhatsApp through the host (fake docker)', () => {
     const config = tempProject();
     const store = new Store(config.dbPath);
     mkdirSync(join(config.groupsDir, 'main'), { recursive: true });
-    registerGroup(config, store, { jid: LOCAL_MAIN_JID, name: 'Main', folder: 'main', isMain: true, requiresTrigger: false });
+    addGroup(config, store, { jid: LOCAL_MAIN_JID, name: 'Main', folder: 'main', isMain: true, requiresTrigger: false });
     store.setSession('main', 'kept-session');
     const main = makeSelfChatMain(config, store, ME);
     expect(main).toMatchObject({ jid: ME, folder: 'main', isMain: true });
@@ -615,7 +615,7 @@ describe('what real WhatsApp needs (baileys 7)', () => {
     const config = tempProject();
     setupLogging(config, { terminalLevel: 'silent' });
     const store = new Store(config.dbPath);
-    registerGroup(config, store, { jid: GROUP, name: 'Family', folder: 'family' });
+    addGroup(config, store, { jid: GROUP, name: 'Family', folder: 'family' });
     const photo = Buffer.from('pretend this is an old JPEG');
     const encrypted = await encryptedStream(photo, 'image');
     const media = Bun.serve({ port: 0, fetch: (req) => (new URL(req.url).pathname === '/fresh.enc' ? new Response(Bun.file(encrypted.encFilePath)) : new Response('gone', { status: 410 })) });
@@ -655,7 +655,7 @@ describe('WhatsApp mentions and triggers through the host (fake docker)', () => 
     const config = tempProject({ CONTAINER_RUNTIME: docker.path, ASSISTANT_HAS_OWN_NUMBER: 'true' }, 'KIMI_API_KEY=sk-wa-test-12345678\n');
     setupLogging(config, { terminalLevel: 'silent' });
     const store = new Store(config.dbPath);
-    registerGroup(config, store, { jid: GROUP, name: 'Club', folder: 'club', trigger: '@Bot' });
+    addGroup(config, store, { jid: GROUP, name: 'Club', folder: 'club', trigger: '@Bot' });
     const server = flakyServer(60_000);
     const channel = new RecordingWhatsApp({
       authDir: await linkedAuthDir(), assistantName: 'Andy', hasOwnNumber: true, waWebSocketUrl: server.url,

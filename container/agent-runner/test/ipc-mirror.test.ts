@@ -1,0 +1,68 @@
+/**
+ * The agent's side of IPC and the host's, side by side: every file the real nanoclaw MCP
+ * server (and the runner, for questions) writes is one the host's IPC_ACTIONS table accepts,
+ * in the folder it was written to, and every action in the table has a tool that writes it.
+ * This is what keeps the MCP tools' schemas and the host's mirrored.
+ */
+import { Client } from '@modelcontextprotocol/sdk/client/index.js';
+import { StdioClientTransport } from '@modelcontextprotocol/sdk/client/stdio.js';
+import { mkdirSync, mkdtempSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { describe, expect, it } from 'vitest';
+import { IPC_ACTIONS, parseIpcRequest, type IpcKind } from '../../../nanoclaw.ts';
+import { writeIpcFile } from '../src/mcp-server.ts';
+
+const RUNNER_DIR = fileURLToPath(new URL('..', import.meta.url));
+
+describe('IPC: the MCP tools and the host’s table agree', () => {
+  it('every file the tools write parses on the host, in its folder, and every host action has a writer', async () => {
+    const ipcDir = mkdtempSync(join(tmpdir(), 'nanoclaw-mirror-'));
+    for (const kind of ['messages', 'tasks']) mkdirSync(join(ipcDir, kind));
+    const task = { id: 't1', groupFolder: 'main', chatJid: 'me@s.whatsapp.net', prompt: 'p', schedule_type: 'cron', schedule_value: '0 9 * * *', context_mode: 'group', status: 'active', next_run: null, last_run: null, last_result: null, recent_runs: [] };
+    writeFileSync(join(ipcDir, 'current_tasks.json'), JSON.stringify([task]));
+    const client = new Client({ name: 'mirror', version: '1' });
+    await client.connect(new StdioClientTransport({
+      command: process.execPath, args: [join(RUNNER_DIR, 'src', 'mcp-server.ts')],
+      env: { PATH: process.env.PATH!, NANOCLAW_CHAT_JID: 'me@s.whatsapp.net', NANOCLAW_GROUP_FOLDER: 'main', NANOCLAW_IS_MAIN: '1', NANOCLAW_IPC_DIR: ipcDir, TZ: 'Europe/Berlin' },
+    }));
+    const calls: [string, Record<string, unknown>][] = [
+      ['send_message', { text: 'hello' }],
+      ['schedule_task', { prompt: 'water the plants', schedule_type: 'cron', schedule_value: '0 9 * * *' }],
+      ['schedule_task', { prompt: 'once', schedule_type: 'once', schedule_value: '2030-01-01 10:00', context_mode: 'isolated', targetJid: 'fam@g.us' }],
+      ['pause_task', { task_id: 't1' }],
+      ['resume_task', { task_id: 't1' }],
+      ['cancel_task', { task_id: 't1' }],
+      ['update_task', { task_id: 't1', prompt: 'new words', schedule_type: 'interval', schedule_value: '3600000' }],
+      ['register_group', { jid: '120363000000000001@g.us', name: 'Family', folder: 'family', trigger: '@Andy' }],
+      ['refresh_groups', {}],
+    ];
+    try {
+      for (const [name, args] of calls) {
+        const result = (await client.callTool({ name, arguments: args })) as { isError?: boolean; content: { text: string }[] };
+        expect(result.isError, `${name}: ${result.content.map((c) => c.text).join(' ')}`).toBeFalsy();
+      }
+    } finally {
+      await client.close();
+    }
+    // The runner's own writer: a question relayed to the chat.
+    writeIpcFile(join(ipcDir, 'messages'), { type: 'message', chatJid: 'me@s.whatsapp.net', text: '❓ Which one?\n1. A\n2. B', expectsReply: true });
+    const written: { kind: IpcKind; data: Record<string, unknown> }[] = [];
+    for (const kind of ['messages', 'tasks'] as const) {
+      for (const file of readdirSync(join(ipcDir, kind))) written.push({ kind, data: JSON.parse(readFileSync(join(ipcDir, kind, file), 'utf8')) });
+    }
+    expect(written).toHaveLength(calls.length + 1);
+    const types = new Set<string>();
+    for (const { kind, data } of written) {
+      const parsed = parseIpcRequest(kind, data); // throws on any disagreement
+      expect(parsed.type).toBe(data.type);
+      types.add(parsed.type);
+    }
+    expect([...types].sort()).toEqual(Object.keys(IPC_ACTIONS).sort());
+    // The MCP tool's defaults are the host's: a task scheduled without context_mode runs in the group's context.
+    const scheduled = written.map((w) => parseIpcRequest(w.kind, w.data)).find((r) => r.type === 'schedule_task' && r.prompt === 'water the plants');
+    expect(scheduled).toMatchObject({ context_mode: 'group' });
+    expect(parseIpcRequest('tasks', { type: 'schedule_task', prompt: 'p', schedule_type: 'cron', schedule_value: '0 9 * * *' })).toMatchObject({ context_mode: 'group' });
+  });
+});
