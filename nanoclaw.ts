@@ -27,7 +27,6 @@
  * containment guarantees (and does not) in SECURITY.md.
  */
 import { Database } from 'bun:sqlite';
-import { EventEmitter } from 'node:events';
 import { randomBytes, randomUUID } from 'node:crypto';
 import {
   appendFileSync, chmodSync, closeSync, existsSync, fchownSync, constants as fsConstants, fstatSync, lchownSync, lstatSync,
@@ -116,6 +115,46 @@ export const errorText = (err: unknown): string => (err instanceof Error ? err.m
  */
 export function crashPoint(point: string): void {
   if (process.env.NANOCLAW_CRASH_AT === point) process.kill(process.pid, 'SIGKILL');
+}
+
+/**
+ * Time as the queue, the scheduler, the outbox and the host see it: the real one, or a
+ * test's (test/helpers.ts FakeClock), so backoff, idle closing and sweeps are tested exactly.
+ */
+export interface Clock {
+  now(): number;
+  /** Runs `fn` once, `ms` from now; returns what cancels it. */
+  after(ms: number, fn: () => void): () => void;
+}
+
+export const systemClock: Clock = {
+  now: () => Date.now(),
+  after: (ms, fn) => {
+    const timer = setTimeout(fn, ms);
+    return () => clearTimeout(timer);
+  },
+};
+
+/** Runs `fn` every `ms` on a clock until the returned function is called. */
+export function every(clock: Clock, ms: number, fn: () => void): () => void {
+  let cancel = () => {};
+  const arm = () => {
+    cancel = clock.after(ms, () => {
+      arm();
+      fn();
+    });
+  };
+  arm();
+  return () => cancel();
+}
+
+/**
+ * Exponential backoff: base, 2×base, 4×base… up to `capMs`. With `jitter`, a random point
+ * in the upper half of that, so many clients that failed together do not retry in step.
+ */
+export function backoff(attempt: number, options: { baseMs: number; capMs?: number; jitter?: boolean }, random = Math.random): number {
+  const ceiling = Math.min(options.capMs ?? Infinity, options.baseMs * 2 ** Math.max(0, attempt - 1));
+  return options.jitter ? Math.round(ceiling / 2 + random() * (ceiling / 2)) : ceiling;
 }
 
 /** Parses dotenv text: `KEY=value`, optional `export`, quotes, `#` comments. */
@@ -1475,13 +1514,14 @@ export const MAX_SEND_ATTEMPTS = 10;
 export class OutboxSender {
   private draining: Promise<void> | null = null;
   private again = false;
-  private retryTimer: ReturnType<typeof setTimeout> | null = null;
+  private cancelRetry: (() => void) | null = null;
   private stopped = false;
 
   constructor(
     private readonly store: Store,
     private readonly channel: Channel,
     private readonly retryMs = 5_000,
+    private readonly clock: Clock = systemClock,
   ) {}
 
   /** Starts sending (or sends again once the current pass ends). */
@@ -1507,7 +1547,7 @@ export class OutboxSender {
 
   stop(): void {
     this.stopped = true;
-    if (this.retryTimer) clearTimeout(this.retryTimer);
+    this.cancelRetry?.();
   }
 
   private async drain(): Promise<void> {
@@ -1545,11 +1585,11 @@ export class OutboxSender {
 
   private retryLater(reason: string, chatJid?: string): void {
     log.warn({ channel: this.channel.name, chatJid, reason }, 'Sending paused; the outbox keeps the message');
-    if (this.retryTimer || this.stopped) return;
-    this.retryTimer = setTimeout(() => {
-      this.retryTimer = null;
+    if (this.cancelRetry || this.stopped) return;
+    this.cancelRetry = this.clock.after(this.retryMs, () => {
+      this.cancelRetry = null;
       this.kick();
-    }, this.retryMs);
+    });
   }
 }
 
@@ -1772,12 +1812,6 @@ export function splitForWhatsApp(text: string, limit = WHATSAPP_MAX_CHARS): stri
   }
   if (rest) parts.push(rest);
   return parts;
-}
-
-/** Reconnect delay: exponential, capped, with jitter so many clients do not retry in step. */
-export function reconnectDelay(attempt: number, baseMs = 1000, capMs = 60_000, random = Math.random): number {
-  const ceiling = Math.min(capMs, baseMs * 2 ** Math.max(0, attempt - 1));
-  return Math.round(ceiling / 2 + random() * (ceiling / 2));
 }
 
 /** Sliding-window limit per chat and overall, so a chatty agent cannot get the number banned. */
@@ -2151,7 +2185,7 @@ export class WhatsAppChannel implements Channel {
   private scheduleReconnect(now = false): void {
     if (this.closed || this.reconnectTimer) return;
     this.attempt++;
-    const delay = now ? 0 : reconnectDelay(this.attempt, this.options.reconnectBaseMs, this.options.reconnectCapMs);
+    const delay = now ? 0 : backoff(this.attempt, { baseMs: this.options.reconnectBaseMs ?? 1000, capMs: this.options.reconnectCapMs ?? 60_000, jitter: true });
     this.reconnectDelays.push(delay);
     log.info({ attempt: this.attempt, delayMs: delay }, 'Reconnecting to WhatsApp');
     this.reconnectTimer = setTimeout(() => {
@@ -2323,11 +2357,17 @@ export interface LiveContainer {
 interface GroupState {
   running: boolean;
   live: LiveContainer | null;
-  idleTimer: ReturnType<typeof setTimeout> | null;
+  /** Cancels the idle close, while one is pending. */
+  idleTimer: (() => void) | null;
   messagesPending: boolean;
   tasks: { id: string; run: () => Promise<void> }[];
   retryCount: number;
-  retryTimer: ReturnType<typeof setTimeout> | null;
+  /** Cancels the pending retry, while one is. */
+  retryTimer: (() => void) | null;
+  /** The highest message seq the running message run was given (null: none is running). */
+  givenUpTo: number | null;
+  /** That run's agent asked the chat a question: the chat's next message is the answer. */
+  answerExpected: boolean;
 }
 
 export interface QueueOptions {
@@ -2341,11 +2381,7 @@ export interface QueueOptions {
   onGiveUp?(chatJid: string): void;
   /** A failed run will be tried again after delayMs. */
   onRetry?(chatJid: string, attempt: number, delayMs: number): void;
-}
-
-/** Exponential backoff: base, 2×base, 4×base… */
-export function retryDelay(baseMs: number, attempt: number): number {
-  return baseMs * 2 ** Math.max(0, attempt - 1);
+  clock?: Clock;
 }
 
 export class GroupQueue {
@@ -2354,12 +2390,16 @@ export class GroupQueue {
   private active = 0;
   private shuttingDown = false;
 
-  constructor(private readonly options: QueueOptions) {}
+  private readonly clock: Clock;
+
+  constructor(private readonly options: QueueOptions) {
+    this.clock = options.clock ?? systemClock;
+  }
 
   private state(jid: string): GroupState {
     let state = this.groups.get(jid);
     if (!state) {
-      state = { running: false, live: null, idleTimer: null, messagesPending: false, tasks: [], retryCount: 0, retryTimer: null };
+      state = { running: false, live: null, idleTimer: null, messagesPending: false, tasks: [], retryCount: 0, retryTimer: null, givenUpTo: null, answerExpected: false };
       this.groups.set(jid, state);
     }
     return state;
@@ -2406,6 +2446,29 @@ export class GroupQueue {
     this.state(jid).live = live;
   }
 
+  /** The group's running message run now has its messages up to `seq` (null: that run is over); an expected answer is among them. */
+  give(jid: string, seq: number | null): void {
+    const state = this.state(jid);
+    state.givenUpTo = seq;
+    state.answerExpected = false;
+  }
+
+  /** The highest message seq the group's running message run was given, or null when none runs. */
+  givenUpTo(jid: string): number | null {
+    return this.groups.get(jid)?.givenUpTo ?? null;
+  }
+
+  /** The running agent asked the chat a question (only a message run can be answered). */
+  expectAnswer(jid: string): void {
+    const state = this.groups.get(jid);
+    if (state?.givenUpTo != null) state.answerExpected = true;
+  }
+
+  /** Whether the chat's next message answers the running agent's question. */
+  answerExpected(jid: string): boolean {
+    return this.groups.get(jid)?.answerExpected ?? false;
+  }
+
   /** Hands a follow-up to the group's live container; false when there is none that takes it. */
   sendFollowUp(jid: string, text: string): boolean {
     const state = this.groups.get(jid);
@@ -2423,7 +2486,7 @@ export class GroupQueue {
       state.live.close();
       return;
     }
-    state.idleTimer = setTimeout(() => this.closeIdle(jid), idleTimeoutMs);
+    state.idleTimer = this.clock.after(idleTimeoutMs, () => this.closeIdle(jid));
   }
 
   /** Asks the group's container to finish and exit (a scheduled task's, once it answered). */
@@ -2435,7 +2498,7 @@ export class GroupQueue {
   async kill(jid: string): Promise<void> {
     const state = this.groups.get(jid);
     if (!state) return;
-    if (state.retryTimer) clearTimeout(state.retryTimer);
+    state.retryTimer?.();
     state.retryTimer = null;
     state.messagesPending = false;
     await state.live?.kill();
@@ -2449,7 +2512,7 @@ export class GroupQueue {
   }
 
   private clearIdleTimer(state: GroupState): void {
-    if (state.idleTimer) clearTimeout(state.idleTimer);
+    state.idleTimer?.();
     state.idleTimer = null;
   }
 
@@ -2515,14 +2578,14 @@ export class GroupQueue {
       this.options.onGiveUp?.(jid);
       return;
     }
-    const delayMs = retryDelay(this.options.retryBaseMs, state.retryCount);
+    const delayMs = backoff(state.retryCount, { baseMs: this.options.retryBaseMs });
     log.warn({ chatJid: jid, attempt: state.retryCount, delayMs }, 'Agent run failed; retrying with backoff');
     this.options.onRetry?.(jid, state.retryCount, delayMs);
-    if (state.retryTimer) clearTimeout(state.retryTimer);
-    state.retryTimer = setTimeout(() => {
+    state.retryTimer?.();
+    state.retryTimer = this.clock.after(delayMs, () => {
       state.retryTimer = null;
       this.enqueueMessages(jid);
-    }, delayMs);
+    });
   }
 
   /** After a run: the same group again if it has work (behind anyone waiting), then the waiting line. */
@@ -2543,7 +2606,8 @@ export class GroupQueue {
   async shutdown(graceMs: number): Promise<void> {
     this.shuttingDown = true;
     for (const state of this.groups.values()) {
-      if (state.retryTimer) clearTimeout(state.retryTimer);
+      state.retryTimer?.();
+      state.retryTimer = null;
       this.clearIdleTimer(state);
       state.live?.close();
     }
@@ -3737,7 +3801,7 @@ function parseClaimedName(file: string): { folder: string; kind: IpcKind; claimI
  */
 export class IpcWatcher {
   private watcher: FSWatcher | null = null;
-  private sweepTimer: ReturnType<typeof setInterval> | null = null;
+  private stopSweep: (() => void) | null = null;
   private scanning: Promise<void> = Promise.resolve();
   private rescan = false;
   private readonly claimedDir: string;
@@ -3746,7 +3810,9 @@ export class IpcWatcher {
   constructor(
     private readonly ipcDir: string,
     private readonly handlers: IpcHandlers,
+    /** The safety sweep: files a missed watch event left are found at least this often. */
     private readonly sweepIntervalMs = 30_000,
+    private readonly clock: Clock = systemClock,
   ) {
     this.claimedDir = join(ipcDir, 'claimed');
     this.errorsDir = join(ipcDir, 'errors');
@@ -3757,13 +3823,13 @@ export class IpcWatcher {
     this.watcher = watch(this.ipcDir, { recursive: true }, (_event, file) => {
       if (file && /(^|[/\\])(messages|tasks)[/\\][^/\\.][^/\\]*\.json$/.test(String(file))) this.scan();
     });
-    this.sweepTimer = setInterval(() => this.scan(), this.sweepIntervalMs);
+    this.stopSweep = every(this.clock, this.sweepIntervalMs, () => void this.scan());
     this.scan();
   }
 
   stop(): Promise<void> {
     this.watcher?.close();
-    if (this.sweepTimer) clearInterval(this.sweepTimer);
+    this.stopSweep?.();
     this.watcher = null;
     return this.scanning;
   }
@@ -3850,7 +3916,7 @@ export class IpcWatcher {
       const reason = errorText(err);
       if (isStoreUnavailable(err)) {
         log.warn({ group: source?.folder, file: source?.name, reason }, 'The database is unavailable; the IPC request waits for the next pass');
-        setTimeout(() => this.scan(), 1_000);
+        this.clock.after(1_000, () => void this.scan());
         return false;
       }
       if (err instanceof UnsafePathError) {
@@ -3879,17 +3945,7 @@ export class IpcWatcher {
 
 export class ScheduleError extends Error {}
 
-/** Offset of `timezone` from UTC at `date`, in minutes (e.g. +60 for Berlin in winter). */
-function timezoneOffsetMinutes(date: Date, timezone: string): number {
-  const parts = new Intl.DateTimeFormat('en-US', {
-    timeZone: timezone, hourCycle: 'h23', year: 'numeric', month: 'numeric', day: 'numeric', hour: 'numeric', minute: 'numeric', second: 'numeric',
-  }).formatToParts(date);
-  const get = (type: string) => Number(parts.find((p) => p.type === type)?.value);
-  const asUtc = Date.UTC(get('year'), get('month') - 1, get('day'), get('hour'), get('minute'), get('second'));
-  return Math.round((asUtc - Math.floor(date.getTime() / 1000) * 1000) / 60_000);
-}
-
-/** "2026-12-01 17:00" in the user's timezone; an explicit offset or Z is respected as given. */
+/** "2026-12-01 17:00" in the user's timezone (croner places it, DST included); an explicit offset or Z is respected as given. */
 export function parseOnceTime(value: string, timezone: string): Date {
   const text = value.trim();
   if (/(Z|[+-]\d{2}:?\d{2})$/i.test(text)) {
@@ -3900,13 +3956,11 @@ export function parseOnceTime(value: string, timezone: string): Date {
   const match = /^(\d{4})-(\d{2})-(\d{2})[T ](\d{2}):(\d{2})(?::(\d{2}))?$/.exec(text);
   if (!match) throw new ScheduleError(`"${value}" is not a date-time; use YYYY-MM-DD HH:MM (your time, ${timezone}) or ISO 8601 with an offset`);
   const [y, mo, d, h, mi, s] = match.slice(1).map((part) => Number(part ?? 0)) as [number, number, number, number, number, number];
-  const wallClockAsUtc = Date.UTC(y, mo - 1, d, h, mi, s);
-  const check = new Date(wallClockAsUtc);
-  if (check.getUTCMonth() !== mo - 1 || check.getUTCDate() !== d || h > 23 || mi > 59 || s > 59) throw new ScheduleError(`"${value}" is not a real date and time`);
-  // Two passes settle the offset even next to a DST change.
-  let guess = wallClockAsUtc - timezoneOffsetMinutes(new Date(wallClockAsUtc), timezone) * 60_000;
-  guess = wallClockAsUtc - timezoneOffsetMinutes(new Date(guess), timezone) * 60_000;
-  return new Date(guess);
+  const calendar = new Date(Date.UTC(y, mo - 1, d));
+  if (calendar.getUTCMonth() !== mo - 1 || calendar.getUTCDate() !== d || h > 23 || mi > 59 || s > 59) throw new ScheduleError(`"${value}" is not a real date and time`);
+  const at = new Cron(`${match[1]}-${match[2]}-${match[3]}T${match[4]}:${match[5]}:${match[6] ?? '00'}`, { timezone, paused: true }).nextRun(new Date(0));
+  if (!at) throw new ScheduleError(`"${value}" is not a date-time NanoClaw can place in ${timezone}`);
+  return at;
 }
 
 /** The next run after `from`, or null when a once-task has nothing left. Throws ScheduleError on bad input. */
@@ -3955,14 +4009,16 @@ export function nextRunAfterFiring(task: ScheduledTask, timezone: string, now: D
  * a run cut short by a crash is found again at the next start (Host.recoverTaskRuns).
  */
 export class Scheduler {
-  private timer: ReturnType<typeof setTimeout> | null = null;
+  private cancelTimer: (() => void) | null = null;
   private running = false;
 
   constructor(
     private readonly store: Store,
     private readonly timezone: string,
     private readonly onDue: (task: ScheduledTask) => void,
+    /** Tasks changed by another process (the CLI) are seen at least this often. */
     private readonly recheckMs = 1000,
+    private readonly clock: Clock = systemClock,
   ) {}
 
   start(): void {
@@ -3972,26 +4028,26 @@ export class Scheduler {
 
   stop(): void {
     this.running = false;
-    if (this.timer) clearTimeout(this.timer);
-    this.timer = null;
+    this.cancelTimer?.();
+    this.cancelTimer = null;
   }
 
   /** Re-reads the soonest task; call after any change to tasks. */
   arm(): void {
     if (!this.running) return;
-    if (this.timer) clearTimeout(this.timer);
+    this.cancelTimer?.();
     let delay = this.recheckMs;
     try {
       const [soonest] = this.store.upcomingTasks(1);
-      if (soonest) delay = Math.max(0, new Date(soonest.nextRun!).getTime() - Date.now());
+      if (soonest) delay = Math.max(0, new Date(soonest.nextRun!).getTime() - this.clock.now());
     } catch (err) {
       log.warn({ err: errorText(err) }, 'Could not read the task schedule; trying again shortly');
     }
-    this.timer = setTimeout(() => this.fireDue(), Math.min(delay, this.recheckMs));
+    this.cancelTimer = this.clock.after(Math.min(delay, this.recheckMs), () => this.fireDue());
   }
 
   private fireDue(): void {
-    const now = new Date();
+    const now = new Date(this.clock.now());
     try {
       for (const task of this.store.upcomingTasks()) {
         if (new Date(task.nextRun!).getTime() > now.getTime()) break;
@@ -4031,6 +4087,12 @@ export interface RetryEvent {
   delayMs: number;
 }
 
+/** What the host tells its listeners (onTurn, onRetry). */
+interface HostEvents {
+  turn: TurnEvent;
+  retry: RetryEvent;
+}
+
 export interface TurnEvent {
   chatJid: string;
   status: 'success' | 'error';
@@ -4042,13 +4104,17 @@ export interface TurnEvent {
 }
 
 export interface HostOptions {
+  /** The first retry of a failed run comes this long after it; each next one twice as long. */
   retryBaseMs?: number;
   maxRetries?: number;
-  /** How often the safety sweep looks for messages and IPC files that slipped past the events. */
-  sweepIntervalMs?: number;
+  /** How often the recovery sweep looks for unanswered messages and interrupted task runs (default 60 s). */
+  recoverySweepMs?: number;
+  /** How often the IPC watcher rescans for files a missed watch event left (default 30 s). */
+  ipcSweepMs?: number;
   shutdownGraceMs?: number;
   /** How soon the outbox tries again after a failed send. */
   sendRetryMs?: number;
+  clock?: Clock;
 }
 
 /** What the chat is told when the model refuses the key: what to put where, for each kind of key. */
@@ -4062,8 +4128,8 @@ export function keyRefusedNotice(config: Config, error: string): string {
 export const GIVE_UP_TEXT = 'Sorry, I could not answer that: something went wrong on my side (the details are in the logs). Send it again, or something new, and I will start fresh.';
 
 /**
- * The running assistant. Emits 'turn' (TurnEvent) whenever a group's agent finishes a
- * turn, successfully or not.
+ * The running assistant. Tells onTurn listeners whenever a group's agent finishes a turn,
+ * successfully or not, and onRetry listeners when a failed run will be tried again.
  *
  * Exactly once, under crashes: whatever the bot says is recorded in the outbox in the
  * same transaction as the state that made it say so (the chat's cursor, the IPC request's
@@ -4071,22 +4137,20 @@ export const GIVE_UP_TEXT = 'Sorry, I could not answer that: something went wron
  * the transaction redoes the work; after it, the outbox sends what is left, with the same
  * message ids.
  */
-export class Host extends EventEmitter {
+export class Host {
   readonly queue: GroupQueue;
   readonly ipc: IpcWatcher;
   readonly scheduler: Scheduler;
   readonly proxy: ModelProxy;
   private readonly senders = new Map<string, OutboxSender>();
-  /** Highest message seq handed to each group's live container (the persisted cursor trails it until answered). */
-  private readonly delivered = new Map<string, number>();
-  /** Chats whose running agent asked a question: their next message goes to it without the trigger. */
-  private readonly awaitingAnswer = new Set<string>();
   /** Task runs this process has queued or runs (their claims are not leftovers). */
   private readonly tasksInHand = new Set<string>();
   /** Inbound messages the database could not take yet, oldest first (also in data/spill.jsonl). */
   private readonly spill: { message: NewMessage; chat: ChatMeta }[] = [];
-  private spillTimer: ReturnType<typeof setTimeout> | null = null;
-  private sweepTimer: ReturnType<typeof setInterval> | null = null;
+  private readonly clock: Clock;
+  private readonly listeners: { [K in keyof HostEvents]: Set<(event: HostEvents[K]) => void> } = { turn: new Set(), retry: new Set() };
+  private spillTimer: (() => void) | null = null;
+  private stopSweep: (() => void) | null = null;
   private stopped = false;
 
   constructor(
@@ -4095,7 +4159,7 @@ export class Host extends EventEmitter {
     readonly channels: Channel[],
     private readonly options: HostOptions = {},
   ) {
-    super();
+    this.clock = options.clock ?? systemClock;
     this.queue = new GroupQueue({
       maxConcurrent: config.maxConcurrentContainers,
       idleTimeoutMs: config.idleTimeoutMs,
@@ -4103,11 +4167,12 @@ export class Host extends EventEmitter {
       maxRetries: options.maxRetries ?? 5,
       processMessages: (jid) => this.processMessages(jid),
       onGiveUp: (jid) => this.giveUp(jid),
-      onRetry: (chatJid, attempt, delayMs) => this.emit('retry', { chatJid, attempt, delayMs, maxRetries: options.maxRetries ?? 5 } satisfies RetryEvent),
+      onRetry: (chatJid, attempt, delayMs) => this.tell('retry', { chatJid, attempt, delayMs, maxRetries: options.maxRetries ?? 5 } satisfies RetryEvent),
+      clock: this.clock,
     });
-    this.ipc = new IpcWatcher(config.ipcDir, { handle: (folder, kind, data, claimId) => this.handleIpc(folder, kind, data, claimId) }, options.sweepIntervalMs ?? 30_000);
-    this.scheduler = new Scheduler(store, config.timezone, (task) => this.queueTaskRun(task));
-    for (const channel of channels) this.senders.set(channel.name, new OutboxSender(store, channel, options.sendRetryMs));
+    this.ipc = new IpcWatcher(config.ipcDir, { handle: (folder, kind, data, claimId) => this.handleIpc(folder, kind, data, claimId) }, options.ipcSweepMs ?? 30_000, this.clock);
+    this.scheduler = new Scheduler(store, config.timezone, (task) => this.queueTaskRun(task), 1000, this.clock);
+    for (const channel of channels) this.senders.set(channel.name, new OutboxSender(store, channel, options.sendRetryMs, this.clock));
     this.proxy = new ModelProxy({
       mode: config.modelProxy,
       dir: join(config.dataDir, 'proxy'),
@@ -4123,6 +4188,22 @@ export class Host extends EventEmitter {
         if (!entry.ok) log.warn({ group: folder, status: entry.status }, 'The model answered with an error');
       },
     });
+  }
+
+  /** Calls `listener` after every turn of an agent (success or error); returns what unsubscribes it. */
+  onTurn(listener: (event: TurnEvent) => void): () => void {
+    this.listeners.turn.add(listener);
+    return () => this.listeners.turn.delete(listener);
+  }
+
+  /** Calls `listener` when a failed run is to be retried; returns what unsubscribes it. */
+  onRetry(listener: (event: RetryEvent) => void): () => void {
+    this.listeners.retry.add(listener);
+    return () => this.listeners.retry.delete(listener);
+  }
+
+  private tell<K extends keyof HostEvents>(kind: K, event: HostEvents[K]): void {
+    for (const listener of this.listeners[kind]) listener(event);
   }
 
   private channelFor(jid: string): Channel | undefined {
@@ -4147,15 +4228,15 @@ export class Host extends EventEmitter {
     this.ipc.start();
     this.scheduler.start();
     this.recover();
-    this.sweepTimer = setInterval(() => this.recover(), this.options.sweepIntervalMs ?? 60_000);
+    this.stopSweep = every(this.clock, this.options.recoverySweepMs ?? 60_000, () => this.recover());
     log.info({ groups: this.store.listGroups().length, channels: this.channels.map((c) => c.name) }, 'NanoClaw is running');
   }
 
   async stop(): Promise<void> {
     if (this.stopped) return;
     this.stopped = true;
-    if (this.sweepTimer) clearInterval(this.sweepTimer);
-    if (this.spillTimer) clearTimeout(this.spillTimer);
+    this.stopSweep?.();
+    this.spillTimer?.();
     this.scheduler.stop();
     await this.queue.shutdown(this.options.shutdownGraceMs ?? 10_000);
     await this.ipc.stop();
@@ -4220,22 +4301,23 @@ export class Host extends EventEmitter {
     } catch {
       // the disk is the trouble: memory holds it until the database is back
     }
-    this.spillTimer ??= setTimeout(() => this.drainSpill(), 1_000);
+    this.spillTimer ??= this.clock.after(1_000, () => this.drainSpill());
   }
 
   /** Stores what was spilled, in order, once the database takes it again. */
   private drainSpill(): void {
     this.spillTimer = null;
     if (!this.store.canWrite()) {
-      this.spillTimer = setTimeout(() => this.drainSpill(), 1_000);
+      this.spillTimer = this.clock.after(1_000, () => this.drainSpill());
       return;
     }
     while (this.spill.length > 0) {
       try {
         this.storeInbound(this.spill[0]!.message, this.spill[0]!.chat);
       } catch (err) {
-        if (!isStoreUnavailable(err)) throw err;
-        this.spillTimer = setTimeout(() => this.drainSpill(), 1_000);
+        // Whatever the database says, the message stays spilled and is tried again: nothing is dropped.
+        if (!isStoreUnavailable(err)) log.error({ err: errorText(err) }, 'Could not store a spilled message; trying again in a second');
+        this.spillTimer = this.clock.after(1_000, () => this.drainSpill());
         return;
       }
       this.spill.shift();
@@ -4262,14 +4344,13 @@ export class Host extends EventEmitter {
 
   /** New messages for a group whose container is alive go to that container. */
   private forwardToLiveContainer(group: RegisteredGroup): boolean {
-    const deliveredSeq = this.delivered.get(group.jid);
-    if (deliveredSeq === undefined) return false;
-    const messages = this.store.messagesSince(group.jid, deliveredSeq);
-    const answering = this.awaitingAnswer.has(group.jid) && messages.length > 0;
-    if (!answering && !needsAgent(group, messages)) return true; // kept for the next batch
+    const givenUpTo = this.queue.givenUpTo(group.jid);
+    if (givenUpTo === null) return false;
+    const messages = this.store.messagesSince(group.jid, givenUpTo);
+    if (messages.length === 0) return true;
+    if (!this.queue.answerExpected(group.jid) && !needsAgent(group, messages)) return true; // kept for the next batch
     if (!this.queue.sendFollowUp(group.jid, formatMessages(messages, this.config.timezone))) return false;
-    this.awaitingAnswer.delete(group.jid);
-    this.delivered.set(group.jid, messages.at(-1)!.seq);
+    this.queue.give(group.jid, messages.at(-1)!.seq);
     log.debug({ group: group.folder, count: messages.length }, 'Follow-up handed to the running container');
     return true;
   }
@@ -4286,9 +4367,9 @@ export class Host extends EventEmitter {
         }
       }
       this.recoverTaskRuns();
-      const day = new Date(Date.now() - 86_400_000).toISOString();
-      this.store.pruneIpcDone(day);
-      this.store.pruneOutbox(new Date(Date.now() - 7 * 86_400_000).toISOString());
+      const now = this.clock.now();
+      this.store.pruneIpcDone(new Date(now - 86_400_000).toISOString());
+      this.store.pruneOutbox(new Date(now - 7 * 86_400_000).toISOString());
     } catch (err) {
       log.warn({ err: errorText(err) }, 'The safety sweep could not read the database; it tries again at the next sweep');
     }
@@ -4332,7 +4413,7 @@ export class Host extends EventEmitter {
     if (!group) return true;
     const messages = this.store.messagesSince(chatJid, this.store.getCursor(chatJid));
     if (!needsAgent(group, messages)) return true;
-    this.delivered.set(chatJid, messages.at(-1)!.seq);
+    this.queue.give(chatJid, messages.at(-1)!.seq);
     const channel = this.channelFor(chatJid);
     await channel?.setTyping?.(chatJid, true).catch(() => {});
     let outcome: RunOutcome;
@@ -4343,7 +4424,7 @@ export class Host extends EventEmitter {
         acceptsFollowUps: true,
         saveSession: true,
         onResult: async (result) => {
-          const upToSeq = this.delivered.get(chatJid) ?? 0;
+          const upToSeq = this.queue.givenUpTo(chatJid) ?? 0;
           if (result.status === 'success') {
             const said = this.wordsOf(result);
             const sent = said.at(-1) ?? null;
@@ -4356,34 +4437,33 @@ export class Host extends EventEmitter {
               // Not recorded, so not sent: the run ends and the retry answers (once) when the database is back.
               log.error({ group: group.folder, err: errorText(err) }, 'Could not record the answer; the messages will be answered again');
               this.queue.closeContainer(chatJid);
-              this.emit('turn', { chatJid, status: 'error', sent: null, error: `could not record the answer (${errorText(err)})`, upToSeq } satisfies TurnEvent);
+              this.tell('turn', { chatJid, status: 'error', sent: null, error: `could not record the answer (${errorText(err)})`, upToSeq } satisfies TurnEvent);
               return;
             }
             crashPoint('reply-recorded');
             this.sendSoon(chatJid);
             this.queue.markIdle(chatJid);
-            this.emit('turn', { chatJid, status: 'success', sent, upToSeq } satisfies TurnEvent);
+            this.tell('turn', { chatJid, status: 'success', sent, upToSeq } satisfies TurnEvent);
           } else {
-            this.emit('turn', { chatJid, status: 'error', sent: null, error: result.error, upToSeq } satisfies TurnEvent);
+            this.tell('turn', { chatJid, status: 'error', sent: null, error: result.error, upToSeq } satisfies TurnEvent);
           }
         },
       });
     } catch (err) {
       const error = errorText(err);
       log.error({ group: group.folder, error }, 'Could not run the agent container');
-      this.emit('turn', { chatJid, status: 'error', sent: null, error, upToSeq: this.delivered.get(chatJid) ?? 0 } satisfies TurnEvent);
+      this.tell('turn', { chatJid, status: 'error', sent: null, error, upToSeq: this.queue.givenUpTo(chatJid) ?? 0 } satisfies TurnEvent);
       return this.stopped;
     } finally {
-      upToSeq = this.delivered.get(chatJid) ?? 0;
-      this.delivered.delete(chatJid);
-      this.awaitingAnswer.delete(chatJid);
+      upToSeq = this.queue.givenUpTo(chatJid) ?? 0;
+      this.queue.give(chatJid, null);
       await channel?.setTyping?.(chatJid, false).catch(() => {});
     }
     const failed = outcome.exitCode !== 0 || outcome.timedOut;
     const unanswered = this.store.messagesSince(chatJid, this.store.getCursor(chatJid)).length;
     if (failed && outcome.results === 0) {
       const error = outcome.timedOut ? 'the agent timed out' : `the agent container exited with code ${outcome.exitCode}`;
-      this.emit('turn', { chatJid, status: 'error', sent: null, error, upToSeq } satisfies TurnEvent);
+      this.tell('turn', { chatJid, status: 'error', sent: null, error, upToSeq } satisfies TurnEvent);
     }
     if (outcome.lastErrorKind === 'auth' && unanswered > 0 && !this.stopped) {
       // A refused key fails every retry alike: say once what to fix, and do not retry.
@@ -4410,11 +4490,11 @@ export class Host extends EventEmitter {
     const pending = this.store.messagesSince(chatJid, this.store.getCursor(chatJid));
     if (pending.length === 0) return;
     const toldAt = onceKey ? Number(this.store.getState(onceKey) ?? 0) : 0;
-    const tell = !onceKey || Date.now() - toldAt > 6 * 3_600_000;
+    const tell = !onceKey || this.clock.now() - toldAt > 6 * 3_600_000;
     this.store.transaction(() => {
       this.store.setCursor(chatJid, pending.at(-1)!.seq);
       if (tell) this.say(chatJid, formatOutbound(notice, this.config.assistantName, this.config.assistantHasOwnNumber)!);
-      if (tell && onceKey) this.store.setState(onceKey, String(Date.now()));
+      if (tell && onceKey) this.store.setState(onceKey, String(this.clock.now()));
     });
     this.sendSoon(chatJid);
     log.error({ group: group.folder, messages: pending.length }, 'Gave up on messages after every retry failed; told the chat');
@@ -4514,6 +4594,23 @@ export class Host extends EventEmitter {
    * logged in task_run_logs, all in one transaction with the claim's release. Paused or
    * deleted tasks are skipped unless `force`.
    */
+  /**
+   * Runs one task now, whatever its schedule or status, without the service around it
+   * (`tasks run`): what its agent asks of the host (send_message…) is done, and what it
+   * says is sent where the channels can (the rest waits in the outbox).
+   */
+  async runTaskNow(taskId: string): Promise<TaskRunLog | null> {
+    this.ipc.start();
+    try {
+      const run = await this.runTask(taskId, true);
+      await this.ipc.scan();
+      await this.settleOutbox();
+      return run;
+    } finally {
+      await this.ipc.stop();
+    }
+  }
+
   async runTask(taskId: string, force = false): Promise<TaskRunLog | null> {
     const task = this.store.getTask(taskId);
     if (!task || (!force && task.status !== 'active')) {
@@ -4606,7 +4703,7 @@ export class Host extends EventEmitter {
     return {
       say: (chatJid, text) => this.say(chatJid, text),
       afterwards: (effect) => afterwards.push(effect),
-      awaitAnswer: (chatJid) => this.delivered.has(chatJid) && this.awaitingAnswer.add(chatJid),
+      awaitAnswer: (chatJid) => this.queue.expectAnswer(chatJid),
       sendSoon: (chatJid) => this.sendSoon(chatJid),
       syncGroups: async () => {
         await Promise.all(this.channels.map((channel) => channel.syncGroups?.()));
@@ -4853,12 +4950,11 @@ export function ensureMainGroup(config: Config, store: Store): RegisteredGroup {
 /** Resolves with the first turn of the chat that covers message `seq`. */
 function waitForTurn(host: Host, chatJid: string, seq: number): Promise<TurnEvent> {
   return new Promise((resolveTurn) => {
-    const listener = (event: TurnEvent) => {
+    const stop = host.onTurn((event) => {
       if (event.chatJid !== chatJid || event.upToSeq < seq) return;
-      host.off('turn', listener);
+      stop();
       resolveTurn(event);
-    };
-    host.on('turn', listener);
+    });
   });
 }
 
@@ -5065,13 +5161,13 @@ export async function runChat(config: Config): Promise<number> {
   await host.start();
 
   let failures = 0;
-  host.on('turn', (event: TurnEvent) => {
+  host.onTurn((event) => {
     if (event.chatJid === main.jid && event.status === 'error') {
       failures++;
       terminal.problem(`The agent failed: ${event.error ?? 'unknown error'} (details: groups/${main.folder}/logs/)`);
     }
   });
-  host.on('retry', (event: RetryEvent) => {
+  host.onRetry((event) => {
     if (event.chatJid === main.jid) terminal.problem(`Retrying in ${Math.round(event.delayMs / 1000)} s (attempt ${event.attempt} of ${event.maxRetries}).`);
   });
 
@@ -5323,10 +5419,7 @@ async function runTaskNow(config: Config, task: ScheduledTask): Promise<number> 
   const { host, store, release } = await startHost(config, (s) => [new PrintingChannel(), whatsAppChannel(config, s)]);
   try {
     const queuedBefore = store.unsent('whatsapp').map((m) => m.id);
-    host.ipc.start(); // the task's agent may use send_message
-    const run = await host.runTask(task.id, true);
-    await host.ipc.scan();
-    await host.settleOutbox();
+    const run = await host.runTaskNow(task.id);
     const queued = store.unsent('whatsapp').filter((m) => !queuedBefore.includes(m.id));
     for (const message of queued) console.log(`→ ${message.jid} (queued for WhatsApp): ${message.text}`);
     if (queued.length) {
@@ -5339,7 +5432,6 @@ async function runTaskNow(config: Config, task: ScheduledTask): Promise<number> 
     if (run?.status === 'error') console.error(`The task failed: ${run.error}`);
     return run?.status === 'success' ? 0 : 1;
   } finally {
-    await host.ipc.stop();
     store.close();
     release();
   }

@@ -29,7 +29,7 @@ setupLogging(config, { terminalLevel: 'silent' });
 const store = new Store(config.dbPath);
 addGroup(config, store, { jid: 'me@s.whatsapp.net', name: 'Me', folder: 'main', isMain: true });
 const channel = new RecordingChannel(['me@s.whatsapp.net']);
-const host = new Host(config, store, [channel], { sweepIntervalMs: 3_600_000 });
+const host = new Host(config, store, [channel], { recoverySweepMs: 3_600_000, ipcSweepMs: 3_600_000 });
 await host.start();
 
 const latencies: number[] = [];

@@ -147,7 +147,7 @@ export async function whatsappDrops(drops = 50): Promise<Row> {
     authDir: await linkedAuthDir(), assistantName: 'Andy', hasOwnNumber: false, waWebSocketUrl: server.url, mediaTreeFor: () => null,
     reconnectBaseMs: 20, reconnectCapMs: 60, rateLimiter: unlimited,
   });
-  const host = new Host(config, store, [whatsapp], { sweepIntervalMs: 60_000, sendRetryMs: 50 });
+  const host = new Host(config, store, [whatsapp], { recoverySweepMs: 60_000, ipcSweepMs: 60_000, sendRetryMs: 50 });
   const items: string[] = [];
   try {
     await host.start();

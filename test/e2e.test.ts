@@ -70,7 +70,7 @@ async function world(env: Record<string, string> = {}, dotEnv = `KIMI_API_KEY=${
     writeFileSync(join(config.groupsDir, 'family', 'CLAUDE.md'), 'FAMILY-MEMORY-MARKER: dinner is at 7.\n');
   }
   const channel = new RecordingChannel([MAIN, FAMILY, WORK]);
-  const host = new Host(config, store, [channel], { retryBaseMs: 200, sweepIntervalMs: 60_000, shutdownGraceMs: 5000 });
+  const host = new Host(config, store, [channel], { retryBaseMs: 200, recoverySweepMs: 60_000, ipcSweepMs: 60_000, shutdownGraceMs: 5000 });
   await host.start();
   const w = { config, store, channel, host, docker, groups };
   open.push(w);
@@ -247,7 +247,7 @@ describe('WhatsApp and scheduled tasks with the real container', () => {
     const whatsapp = new RecordingWhatsApp({
       authDir: await linkedAuthDir(), assistantName: 'Andy', hasOwnNumber: false, waWebSocketUrl: server.url, mediaTreeFor: () => null,
     });
-    const host = new Host(config, store, [whatsapp], { sweepIntervalMs: 60_000 });
+    const host = new Host(config, store, [whatsapp], { recoverySweepMs: 60_000, ipcSweepMs: 60_000 });
     try {
       await host.start();
       openAsWhatsAppWould(whatsapp.socket!);
@@ -353,7 +353,7 @@ describe('what the real Kimi CLI does, through the host and the real image', () 
       authDir: await linkedAuthDir(), assistantName: 'Andy', hasOwnNumber: false, waWebSocketUrl: server.url,
       mediaTreeFor: (jid) => (store.groupByJid(jid) ? groupTrees(config, 'family').group : null),
     });
-    const host = new Host(config, store, [whatsapp], { sweepIntervalMs: 60_000 });
+    const host = new Host(config, store, [whatsapp], { recoverySweepMs: 60_000, ipcSweepMs: 60_000 });
     try {
       await host.start();
       openAsWhatsAppWould(whatsapp.socket!);

@@ -54,7 +54,7 @@ function project(env: Record<string, string> = {}) {
 async function start(p: { docker: FakeDocker; config: Config }, options: HostOptions = {}, up = true): Promise<World> {
   const store = new Store(p.config.dbPath);
   const channel = new GatedChannel([MAIN, FAMILY], up);
-  const host = new Host(p.config, store, [channel], { retryBaseMs: 20, sweepIntervalMs: 60_000, shutdownGraceMs: 2000, sendRetryMs: 50, ...options });
+  const host = new Host(p.config, store, [channel], { retryBaseMs: 20, recoverySweepMs: 60_000, ipcSweepMs: 60_000, shutdownGraceMs: 2000, sendRetryMs: 50, ...options });
   await host.start();
   const w = { ...p, store, channel, host };
   worlds.push(w);

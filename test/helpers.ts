@@ -4,7 +4,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { BufferJSON, generateWAMessageContent, initAuthCreds, proto, type WASocket } from '@whiskeysockets/baileys';
-import { loadConfig, WhatsAppChannel, type Channel, type ChannelHandlers, type Config, type NewMessage } from '../nanoclaw.ts';
+import { loadConfig, WhatsAppChannel, type Channel, type ChannelHandlers, type Clock, type Config, type NewMessage } from '../nanoclaw.ts';
 
 export function tempDir(prefix = 'nanoclaw-test-'): string {
   return mkdtempSync(join(tmpdir(), prefix));
@@ -205,4 +205,56 @@ export function pendingPairingAuthDir(): string {
 export function openAsWhatsAppWould(sock: WASocket): void {
   sock.ev.emit('connection.update', { connection: 'open' });
   sock.ev.flush();
+}
+
+/**
+ * A clock the test moves by hand: timers fire only when advance() passes their time, in
+ * time order, and whatever they start (promises, callbacks) settles before the next one.
+ */
+export class FakeClock implements Clock {
+  private time: number;
+  private timers: { at: number; order: number; fn: () => void }[] = [];
+  private created = 0;
+
+  constructor(start = Date.parse('2026-12-01T09:00:00.000Z')) {
+    this.time = start;
+  }
+
+  now(): number {
+    return this.time;
+  }
+
+  after(ms: number, fn: () => void): () => void {
+    const timer = { at: this.time + Math.max(0, ms), order: ++this.created, fn };
+    this.timers.push(timer);
+    return () => {
+      this.timers = this.timers.filter((t) => t !== timer);
+    };
+  }
+
+  /** Milliseconds from now of every pending timer, soonest first. */
+  get pending(): number[] {
+    return this.timers.map((t) => t.at - this.time).sort((a, b) => a - b);
+  }
+
+  async advance(ms: number): Promise<void> {
+    const end = this.time + ms;
+    await settle();
+    for (;;) {
+      this.timers.sort((a, b) => a.at - b.at || a.order - b.order);
+      const next = this.timers[0];
+      if (!next || next.at > end) break;
+      this.timers.shift();
+      this.time = next.at;
+      next.fn();
+      await settle();
+    }
+    this.time = end;
+    await settle();
+  }
+}
+
+/** Lets every promise and callback already started run to its next real wait. */
+export async function settle(): Promise<void> {
+  for (let i = 0; i < 3; i++) await new Promise((resolve) => setImmediate(resolve));
 }

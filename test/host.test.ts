@@ -3,7 +3,7 @@ import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterEach, describe, expect, it } from 'vitest';
 import { Host, addGroup, setupLogging, Store, writeJsonAtomic, type Config, type HostOptions } from '../nanoclaw.ts';
-import { fakeDocker, RecordingChannel, tempProject, waitFor, type FakeDocker } from './helpers.ts';
+import { FakeClock, fakeDocker, RecordingChannel, tempProject, waitFor, type FakeDocker } from './helpers.ts';
 
 const REPO = fileURLToPath(new URL('..', import.meta.url));
 
@@ -33,7 +33,7 @@ async function world(env: Record<string, string> = {}, options: HostOptions = {}
     addGroup(config, store, { jid: WORK, name: 'Work', folder: 'work' });
   }
   const channel = new RecordingChannel([MAIN, FAMILY, WORK, 'stranger@g.us']);
-  const host = new Host(config, store, [channel], { retryBaseMs: 50, sweepIntervalMs: 60_000, shutdownGraceMs: 2000, ...options });
+  const host = new Host(config, store, [channel], { retryBaseMs: 50, recoverySweepMs: 60_000, ipcSweepMs: 60_000, shutdownGraceMs: 2000, ...options });
   await host.start();
   const w = { docker, config, store, channel, host };
   worlds.push(w);
@@ -52,6 +52,20 @@ afterEach(async () => {
 
 const texts = (w: World, jid?: string) => w.channel.sent.filter((s) => !jid || s.jid === jid).map((s) => s.text);
 const stdinOf = (w: World, i: number) => JSON.parse(w.docker.runs()[i]!.stdin!) as { prompt: string; sessionId?: string; chatJid: string };
+
+describe('timers the host keeps, on a clock the test moves', () => {
+  it('the recovery sweep finds a message that came in without an event, exactly every recoverySweepMs', async () => {
+    const clock = new FakeClock();
+    const w = await world({}, { clock, recoverySweepMs: 60_000 });
+    // Stored behind the host's back (as by a crash between storing and queueing): only the sweep can see it.
+    w.store.storeMessage({ id: 'quiet-1', chatJid: MAIN, sender: 'u', senderName: 'U', content: 'anyone?', timestamp: new Date().toISOString(), isFromMe: false, isBotMessage: false });
+    await clock.advance(59_999);
+    expect(w.docker.runs()).toHaveLength(0);
+    await clock.advance(1);
+    await waitFor(() => texts(w).length === 1, 10_000, 'answered after the sweep');
+    expect(texts(w)).toEqual(['Andy: echo: anyone?']);
+  });
+});
 
 describe('routing', () => {
   it('answers the main group without a trigger, prefixed with the assistant name', async () => {
@@ -190,7 +204,7 @@ describe('failures', () => {
   it('emits an error turn so a waiting user hears about it', async () => {
     const w = await world({}, { maxRetries: 0 });
     const turns: unknown[] = [];
-    w.host.on('turn', (t) => turns.push(t));
+    w.host.onTurn((t) => turns.push(t));
     w.channel.receive(MAIN, '!fail LLM is not set');
     await waitFor(() => turns.length >= 1, 10_000, 'turn');
     expect(turns[0]).toMatchObject({ chatJid: MAIN, status: 'error', sent: null, error: 'LLM is not set' });

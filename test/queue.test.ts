@@ -1,6 +1,6 @@
 import { describe, expect, it } from 'vitest';
-import { GroupQueue, retryDelay, type LiveContainer, type QueueOptions } from '../nanoclaw.ts';
-import { waitFor } from './helpers.ts';
+import { backoff, GroupQueue, type LiveContainer, type QueueOptions } from '../nanoclaw.ts';
+import { FakeClock, settle, waitFor } from './helpers.ts';
 
 /** A processMessages whose runs the test finishes by hand, one group at a time. */
 function controlledRuns() {
@@ -56,9 +56,12 @@ function liveContainer(acceptsFollowUps = true) {
   return { live, inputs, calls };
 }
 
-describe('retryDelay', () => {
-  it('doubles from the base', () => {
-    expect([1, 2, 3, 4].map((n) => retryDelay(5000, n))).toEqual([5000, 10000, 20000, 40000]);
+describe('backoff', () => {
+  it('doubles from the base, up to the cap; with jitter, somewhere in the upper half', () => {
+    expect([1, 2, 3, 4].map((n) => backoff(n, { baseMs: 5000 }))).toEqual([5000, 10000, 20000, 40000]);
+    expect([1, 5, 10].map((n) => backoff(n, { baseMs: 1000, capMs: 8000 }))).toEqual([1000, 8000, 8000]);
+    expect(backoff(3, { baseMs: 1000, jitter: true }, () => 0)).toBe(2000);
+    expect(backoff(3, { baseMs: 1000, jitter: true }, () => 1)).toBe(4000);
   });
 });
 
@@ -112,33 +115,45 @@ describe('GroupQueue', () => {
     expect(runs.started).toEqual(['a', 'b', 'c', 'a']);
   });
 
-  it('retries a failed run with backoff and gives up after maxRetries', async () => {
+  it('retries a failed run after 1, 2, 4 × the base, then gives up: exactly, on a clock the test moves', async () => {
+    const clock = new FakeClock();
+    const start = clock.now();
     const attempts: number[] = [];
+    const gaveUp: number[] = [];
     const queue = new GroupQueue({
-      maxConcurrent: 1, idleTimeoutMs: 60_000, retryBaseMs: 5, maxRetries: 3,
+      maxConcurrent: 1, idleTimeoutMs: 60_000, retryBaseMs: 1000, maxRetries: 3, clock,
       processMessages: async () => {
-        attempts.push(Date.now());
+        attempts.push(clock.now() - start);
         return false;
       },
+      onGiveUp: () => gaveUp.push(clock.now() - start),
     });
     queue.enqueueMessages('a');
-    await waitFor(() => attempts.length === 4, 5000, 'four attempts');
-    await Bun.sleep(200);
-    expect(attempts.length).toBe(4); // the first run and three retries, then it stops
+    await clock.advance(999);
+    expect(attempts).toEqual([0]); // not a moment early
+    await clock.advance(1);
+    expect(attempts).toEqual([0, 1000]);
+    await clock.advance(60_000);
+    expect(attempts).toEqual([0, 1000, 3000, 7000]); // each gap twice the last
+    expect(gaveUp).toEqual([7000]);
+    expect(clock.pending).toEqual([]); // and nothing more is planned
   });
 
   it('resets the retry count after a success', async () => {
+    const clock = new FakeClock();
     const results = [false, true, false, false, false, false];
     let calls = 0;
     const queue = new GroupQueue({
-      maxConcurrent: 1, idleTimeoutMs: 60_000, retryBaseMs: 5, maxRetries: 3,
+      maxConcurrent: 1, idleTimeoutMs: 60_000, retryBaseMs: 5, maxRetries: 3, clock,
       processMessages: async () => results[calls++] ?? true,
     });
     queue.enqueueMessages('a'); // fail, succeed
-    await waitFor(() => calls === 2, 2000, 'success');
+    await clock.advance(5);
+    expect(calls).toBe(2);
     queue.enqueueMessages('a'); // fail ×4 → 1 run + 3 retries, a full budget again
-    await waitFor(() => calls === 6, 5000, 'full retry budget');
-    await Bun.sleep(150);
+    await clock.advance(5 + 10 + 20);
+    expect(calls).toBe(6);
+    await clock.advance(3_600_000);
     expect(calls).toBe(6);
   });
 
@@ -162,13 +177,15 @@ describe('GroupQueue', () => {
   });
 
   it('sends nothing to a container that was asked to close; the message waits for the next run', async () => {
+    const clock = new FakeClock();
     const runs = controlledRuns();
-    const queue = queueWith(runs, { idleTimeoutMs: 10 });
+    const queue = queueWith(runs, { idleTimeoutMs: 10, clock });
     queue.enqueueMessages('a');
     const { live, inputs, calls } = liveContainer();
     queue.attach('a', live);
     queue.markIdle('a');
-    await waitFor(() => calls.close === 1, 2000, 'idle close');
+    await clock.advance(10);
+    expect(calls.close).toBe(1);
     expect(queue.sendFollowUp('a', 'too late for this one')).toBe(false);
     expect(inputs).toEqual([]);
     queue.enqueueMessages('a');
@@ -177,20 +194,25 @@ describe('GroupQueue', () => {
     runs.finish('a');
   });
 
-  it('closes an idle container after the idle timeout, and a follow-up resets the timer', async () => {
+  it('closes an idle container exactly after the idle timeout; a follow-up starts the wait again', async () => {
+    const clock = new FakeClock();
     const runs = controlledRuns();
-    const queue = queueWith(runs, { idleTimeoutMs: 80 });
+    const queue = queueWith(runs, { idleTimeoutMs: 80, clock });
     queue.enqueueMessages('a');
     const { live, calls } = liveContainer();
     queue.attach('a', live);
     queue.markIdle('a');
-    await Bun.sleep(40);
+    await clock.advance(40);
     queue.sendFollowUp('a', 'more'); // clears the idle timer
-    await Bun.sleep(80);
-    expect(calls.close).toBe(0);
+    await clock.advance(200);
+    expect(calls.close).toBe(0); // busy with the follow-up: no idle close
     queue.markIdle('a');
-    await waitFor(() => calls.close === 1, 2000, 'idle close');
+    await clock.advance(79);
+    expect(calls.close).toBe(0);
+    await clock.advance(1);
+    expect(calls.close).toBe(1);
     runs.finish('a');
+    await settle();
   });
 
   it('closes an idle container at once when another group waits for a slot', async () => {

@@ -6,7 +6,7 @@ import {
   Host, nextRunAfterFiring, addGroup, Scheduler, setupLogging, Store,
   type Config, type ScheduledTask,
 } from '../nanoclaw.ts';
-import { fakeDocker, RecordingChannel, tempProject, waitFor, type FakeDocker } from './helpers.ts';
+import { FakeClock, fakeDocker, RecordingChannel, tempProject, waitFor, type FakeDocker } from './helpers.ts';
 
 const MAIN = 'me@s.whatsapp.net';
 const FAMILY = 'family@g.us';
@@ -48,42 +48,47 @@ describe('Scheduler', () => {
     store?.close();
   });
 
+  let clock: FakeClock;
   function setup(): { fired: { id: string; at: number }[] } {
     const config = tempProject();
     store = new Store(config.dbPath);
+    clock = new FakeClock(Date.now());
     const fired: { id: string; at: number }[] = [];
-    scheduler = new Scheduler(store, 'UTC', (t) => fired.push({ id: t.id, at: Date.now() }), 200);
+    scheduler = new Scheduler(store, 'UTC', (t) => fired.push({ id: t.id, at: clock.now() }), 200, clock);
     return { fired };
   }
 
-  it('fires a task at its due time, once, and moves next_run on', async () => {
+  it('fires a task exactly at its due time, once, and moves next_run on', async () => {
     const { fired } = setup();
-    const due = Date.now() + 300;
+    const due = clock.now() + 300;
     const t = task({ nextRun: new Date(due).toISOString(), scheduleValue: '60000' });
     store.createTask(t);
     scheduler!.start();
-    await waitFor(() => fired.length === 1, 3000, 'fire');
-    expect(fired[0]!.at).toBeGreaterThanOrEqual(due);
-    await Bun.sleep(400);
+    await clock.advance(299);
+    expect(fired).toEqual([]);
+    await clock.advance(1);
+    expect(fired).toEqual([{ id: t.id, at: due }]);
+    await clock.advance(30_000);
     expect(fired).toHaveLength(1);
     expect(store.getTask(t.id)!.nextRun).toBe(new Date(due + 60_000).toISOString());
   });
 
   it('runs a task missed during downtime once at start', async () => {
     const { fired } = setup();
-    const t = task({ nextRun: new Date(Date.now() - 5 * HOUR).toISOString() });
+    const t = task({ nextRun: new Date(clock.now() - 5 * HOUR).toISOString() });
     store.createTask(t);
     scheduler!.start();
-    await waitFor(() => fired.length === 1, 3000, 'catch-up run');
-    await Bun.sleep(500);
+    await clock.advance(0);
     expect(fired).toHaveLength(1);
-    expect(new Date(store.getTask(t.id)!.nextRun!).getTime()).toBeGreaterThan(Date.now() + HOUR - 5000);
+    await clock.advance(10 * 60_000);
+    expect(fired).toHaveLength(1);
+    expect(store.getTask(t.id)!.nextRun).toBe(new Date(fired[0]!.at + HOUR).toISOString());
   });
 
-  it('does not fire paused or cancelled tasks, and sees a change made by another process', async () => {
+  it('does not fire paused or cancelled tasks, and sees a change made by another process within its recheck', async () => {
     const { fired } = setup();
-    const paused = task({ nextRun: new Date(Date.now() + 200).toISOString() });
-    const cancelled = task({ nextRun: new Date(Date.now() + 200).toISOString() });
+    const paused = task({ nextRun: new Date(clock.now() + 200).toISOString() });
+    const cancelled = task({ nextRun: new Date(clock.now() + 200).toISOString() });
     store.createTask(paused);
     store.createTask(cancelled);
     scheduler!.start();
@@ -91,20 +96,25 @@ describe('Scheduler', () => {
     const other = new Store(join(store.db.filename, '..', 'messages.db'));
     other.updateTask(paused.id, { status: 'paused' });
     other.deleteTask(cancelled.id);
-    const later = task({ nextRun: new Date(Date.now() + 500).toISOString() });
+    const later = task({ nextRun: new Date(clock.now() + 500).toISOString() });
     other.createTask(later);
     other.close();
-    await waitFor(() => fired.length === 1, 3000, 'the task added meanwhile');
-    await Bun.sleep(300);
+    await clock.advance(499);
+    expect(fired).toEqual([]);
+    await clock.advance(1);
     expect(fired.map((f) => f.id)).toEqual([later.id]);
+    await clock.advance(5_000);
+    expect(fired).toHaveLength(1);
   });
 
   it('pauses a task whose stored schedule became invalid instead of failing every second', async () => {
     const { fired } = setup();
-    const broken = task({ scheduleType: 'cron', scheduleValue: 'not a cron', nextRun: new Date(Date.now() - 1000).toISOString() });
+    const broken = task({ scheduleType: 'cron', scheduleValue: 'not a cron', nextRun: new Date(clock.now() - 1000).toISOString() });
     store.createTask(broken);
     scheduler!.start();
-    await waitFor(() => store.getTask(broken.id)!.status === 'paused', 3000, 'paused');
+    await clock.advance(0);
+    expect(store.getTask(broken.id)!.status).toBe('paused');
+    await clock.advance(5_000);
     expect(fired).toHaveLength(0);
   });
 });
@@ -124,7 +134,7 @@ describe('tasks through the host (fake docker)', () => {
     addGroup(config, store, { jid: MAIN, name: 'Me', folder: 'main', isMain: true });
     addGroup(config, store, { jid: FAMILY, name: 'Family', folder: 'family' });
     channel = new RecordingChannel([MAIN, FAMILY]);
-    host = new Host(config, store, [channel], { retryBaseMs: 50, sweepIntervalMs: 60_000, shutdownGraceMs: 2000 });
+    host = new Host(config, store, [channel], { retryBaseMs: 50, recoverySweepMs: 60_000, ipcSweepMs: 60_000, shutdownGraceMs: 2000 });
     await host.start();
   }
   afterEach(async () => {

@@ -10,7 +10,7 @@ import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import {
   AgentTree,
-  Host, parseWhatsAppMessage, RateLimiter, reconnectDelay, addGroup, safeMediaFileName, setupLogging, splitForWhatsApp,
+  Host, backoff, parseWhatsAppMessage, RateLimiter, addGroup, safeMediaFileName, setupLogging, splitForWhatsApp,
   Store, OutboxSender, newMessageId, toWhatsAppFormat, writeJsonAtomic, WhatsAppChannel, whatsAppChannel, makeSelfChatMain, LOCAL_MAIN_JID,
   type ChannelHandlers, type NewMessage, type WhatsAppIdentity, type WhatsAppOptions,
 } from '../nanoclaw.ts';
@@ -137,8 +137,9 @@ describe('outbound formatting', () => {
 
 describe('reconnect backoff and rate limit', () => {
   it('grows exponentially, is capped, and is jittered', () => {
-    const low = [1, 2, 3, 4, 5, 10].map((n) => reconnectDelay(n, 1000, 30_000, () => 0));
-    const high = [1, 2, 3, 4, 5, 10].map((n) => reconnectDelay(n, 1000, 30_000, () => 1));
+    const reconnect = { baseMs: 1000, capMs: 30_000, jitter: true };
+    const low = [1, 2, 3, 4, 5, 10].map((n) => backoff(n, reconnect, () => 0));
+    const high = [1, 2, 3, 4, 5, 10].map((n) => backoff(n, reconnect, () => 1));
     expect(low).toEqual([500, 1000, 2000, 4000, 8000, 15000]);
     expect(high).toEqual([1000, 2000, 4000, 8000, 16000, 30000]);
   });
@@ -321,7 +322,7 @@ describe('WhatsApp through the host (fake docker)', () => {
       authDir: await linkedAuthDir(), assistantName: 'Andy', hasOwnNumber: false, waWebSocketUrl: server.url, reconnectBaseMs: 30, reconnectCapMs: 100,
       mediaTreeFor: (jid) => (store.groupByJid(jid) ? new AgentTree(join(config.groupsDir, 'family')) : null),
     });
-    const host = new Host(config, store, [channel], { sweepIntervalMs: 60_000 });
+    const host = new Host(config, store, [channel], { recoverySweepMs: 60_000, ipcSweepMs: 60_000 });
     stops.push(async () => {
       await host.stop();
       store.close();
@@ -384,7 +385,7 @@ describe('WhatsApp through the host (fake docker)', () => {
     const server = flakyServer(60_000);
     stops.push(server.stop);
     const channel = whatsAppChannel(config, store, { authDir: await linkedAuthDir(), waWebSocketUrl: server.url });
-    const host = new Host(config, store, [channel], { sweepIntervalMs: 60_000 });
+    const host = new Host(config, store, [channel], { recoverySweepMs: 60_000, ipcSweepMs: 60_000 });
     stops.push(async () => {
       await host.stop();
       store.close();
@@ -661,7 +662,7 @@ describe('WhatsApp mentions and triggers through the host (fake docker)', () => 
       authDir: await linkedAuthDir(), assistantName: 'Andy', hasOwnNumber: true, waWebSocketUrl: server.url,
       mediaTreeFor: () => null, triggerFor: (jid) => store.groupByJid(jid)?.trigger,
     });
-    const host = new Host(config, store, [channel], { sweepIntervalMs: 60_000 });
+    const host = new Host(config, store, [channel], { recoverySweepMs: 60_000, ipcSweepMs: 60_000 });
     stops.push(async () => {
       await host.stop();
       server.stop();
