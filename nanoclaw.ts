@@ -2903,6 +2903,14 @@ export function groupMounts(config: Config, group: RegisteredGroup, extra: reado
   return [...mounts, ...extra];
 }
 
+/** A run's own mounts, besides the group's: its inbox, and its model proxy socket (unix mode). */
+export function runMounts(inboxDir: string, proxySocket: string | null): Mount[] {
+  return [
+    { hostPath: inboxDir, containerPath: '/workspace/ipc/input', readonly: false },
+    ...(proxySocket ? [{ hostPath: proxySocket, containerPath: MODEL_SOCKET_IN_CONTAINER, readonly: false }] : []),
+  ];
+}
+
 /** One way to write a mount, used by docker, the run log and the mounts command. */
 export function formatMount(mount: Mount, style: 'docker' | 'human'): string {
   if (style === 'docker') return `${mount.hostPath}:${mount.containerPath}${mount.readonly ? ':ro' : ''}`;
@@ -3304,8 +3312,7 @@ function prepareRun(options: RunContainerOptions, startedAt: Date): RunPlan {
   // Even without a key the run gets a token: the proxy then answers with what to put in .env.
   const proxyRun = options.proxy ? options.proxy.open(group.folder, id) : null;
   const input: ContainerInput = { ...options.input, secrets: proxyRun ? { KIMI_API_KEY: proxyRun.token } : {} };
-  const mounts = [...options.mounts, { hostPath: inbox.root, containerPath: '/workspace/ipc/input', readonly: false }];
-  if (proxyRun?.socketPath) mounts.push({ hostPath: proxyRun.socketPath, containerPath: MODEL_SOCKET_IN_CONTAINER, readonly: false });
+  const mounts = [...options.mounts, ...runMounts(inbox.root, proxyRun?.socketPath ?? null)];
   const name = `nanoclaw-${id}`;
   const args = buildDockerArgs(name, config.containerImage, mounts, containerEnvironment(config, proxyRun), [
     ...containerUserArgs(),
@@ -3315,25 +3322,28 @@ function prepareRun(options: RunContainerOptions, startedAt: Date): RunPlan {
   return { id, name, args, trees, inbox, input, mounts, proxyRun, secretValues };
 }
 
-/** Runs one agent container to the end, streaming its results to onResult as they come. */
-export async function runContainer(options: RunContainerOptions): Promise<RunOutcome> {
-  const { config, group } = options;
-  const startedAt = new Date();
-  const plan = prepareRun(options, startedAt);
-  const { name, args, trees, inbox, input } = plan;
-  const groupLog = log.child({ group: group.folder });
-  groupLog.debug({ mounts: plan.mounts.map((m) => formatMount(m, 'human')) }, 'Container mounts');
-  groupLog.debug({ args: [config.containerRuntime, ...args] }, 'Container command');
-  groupLog.info({ container: name, sessionId: input.sessionId ?? null, promptChars: input.prompt.length }, 'Starting agent container');
+/** What a container run produced, before the run log is written. */
+interface RunResult extends Omit<RunOutcome, 'logFile' | 'durationMs'> {
+  stdout: string;
+  stderr: string;
+}
 
+/**
+ * Starts the planned container and streams it to the end: results go to onResult as they
+ * come, follow-ups and _close through its inbox (the LiveContainer given to onStart), and
+ * it is stopped when it goes quiet for CONTAINER_TIMEOUT or ignores a close.
+ */
+async function streamContainer(plan: RunPlan, options: RunContainerOptions, groupLog: Logger): Promise<RunResult> {
+  const { config } = options;
+  const { name, inbox } = plan;
   let proc: ReturnType<typeof Bun.spawn<'pipe', 'pipe', 'pipe'>>;
   try {
-    proc = Bun.spawn([config.containerRuntime, ...args], { stdin: 'pipe', stdout: 'pipe', stderr: 'pipe', env: childProcessEnv(), cwd: config.projectRoot });
+    proc = Bun.spawn([config.containerRuntime, ...plan.args], { stdin: 'pipe', stdout: 'pipe', stderr: 'pipe', env: childProcessEnv(), cwd: config.projectRoot });
   } catch (err) {
     plan.proxyRun?.close();
     throw err;
   }
-  proc.stdin.write(JSON.stringify(input));
+  proc.stdin.write(JSON.stringify(plan.input));
   await proc.stdin.end();
 
   let timedOut = false;
@@ -3400,28 +3410,22 @@ export async function runContainer(options: RunContainerOptions): Promise<RunOut
   });
 
   const parser = new ResultParser();
-  let stdout = '';
-  let stderr = '';
-  let results = 0;
-  let lastError: string | undefined;
-  let lastErrorKind: string | undefined;
-  let sessionId: string | undefined;
-
+  const result: RunResult = { exitCode: null, timedOut: false, results: 0, stdout: '', stderr: '' };
   const readStdout = forEachChunk(proc.stdout, async (text) => {
-    stdout = keepTail(stdout + text);
-    for (const result of parser.push(text)) {
-      results++;
+    result.stdout = keepTail(result.stdout + text);
+    for (const parsed of parser.push(text)) {
+      result.results++;
       armTimeout();
-      if (result.sessionId) sessionId = result.sessionId;
-      if (result.status === 'error') {
-        lastError = result.error ?? 'unknown error';
-        lastErrorKind = result.errorKind;
+      if (parsed.sessionId) result.sessionId = parsed.sessionId;
+      if (parsed.status === 'error') {
+        result.lastError = parsed.error ?? 'unknown error';
+        result.lastErrorKind = parsed.errorKind;
       }
       try {
-        await options.onResult(result);
+        await options.onResult(parsed);
       } catch (err) {
         // What the host does with a result must not break the stream; the run ends instead.
-        lastError = `the host could not take this result: ${errorText(err)}`;
+        result.lastError = `the host could not take this result: ${errorText(err)}`;
         groupLog.error({ container: name, err: errorText(err) }, 'Could not handle a result; stopping the container');
         void stop();
       }
@@ -3429,7 +3433,7 @@ export async function runContainer(options: RunContainerOptions): Promise<RunOut
   });
   let stderrLine = '';
   const readStderr = forEachChunk(proc.stderr, (text) => {
-    stderr = keepTail(stderr + text);
+    result.stderr = keepTail(result.stderr + text);
     stderrLine += text;
     const lines = stderrLine.split('\n');
     stderrLine = lines.pop() ?? '';
@@ -3445,29 +3449,52 @@ export async function runContainer(options: RunContainerOptions): Promise<RunOut
   clearTimeout(hardTimer);
   clearTimeout(graceTimer);
   await stopping;
+  return { ...result, exitCode: timedOut ? null : exitCode, timedOut };
+}
+
+/** groups/<folder>/logs/container-<time>.log, secrets masked; returns its path, or "(not written)". */
+function writeRunLog(plan: RunPlan, options: RunContainerOptions, result: RunResult, startedAt: Date, durationMs: number, groupLog: Logger): string {
+  const { config, group } = options;
+  const logName = `container-${startedAt.toISOString().replace(/[:.]/g, '-')}.log`;
+  const verbose = config.logLevel === 'debug' || config.logLevel === 'trace';
+  const { stdout, stderr, ...outcome } = result;
+  const text = renderRunLog({
+    name: plan.name, image: config.containerImage, group, input: plan.input, mounts: plan.mounts, args: plan.args, startedAt,
+    outcome: { ...outcome, durationMs }, stderr, stdout, verbose, viaProxy: plan.proxyRun !== null,
+  });
+  try {
+    plan.trees.group.create(`logs/${logName}`, maskSecrets(text, plan.secretValues));
+    return join(plan.trees.group.path('logs'), logName);
+  } catch (err) {
+    groupLog.warn({ reason: errorText(err) }, 'Could not write the run log');
+    return '(not written)';
+  }
+}
+
+/** Runs one agent container to the end: plan it, stream it, clean up after it, log it. */
+export async function runContainer(options: RunContainerOptions): Promise<RunOutcome> {
+  const { config, group } = options;
+  const startedAt = new Date();
+  const plan = prepareRun(options, startedAt);
+  const groupLog = log.child({ group: group.folder });
+  groupLog.debug({ mounts: plan.mounts.map((m) => formatMount(m, 'human')) }, 'Container mounts');
+  groupLog.debug({ args: [config.containerRuntime, ...plan.args] }, 'Container command');
+  groupLog.info({ container: plan.name, sessionId: plan.input.sessionId ?? null, promptChars: plan.input.prompt.length }, 'Starting agent container');
+
+  const result = await streamContainer(plan, options, groupLog);
   plan.proxyRun?.close(); // the token dies with the container
   try {
     new AgentTree(inboxRoot(config)).remove(plan.id);
   } catch (err) {
     groupLog.warn({ reason: errorText(err) }, 'Could not remove the run’s inbox; the next start does');
   }
-
   const durationMs = Date.now() - startedAt.getTime();
-  const outcome = { exitCode: timedOut ? null : exitCode, timedOut, results, lastError, lastErrorKind, sessionId, durationMs };
-  const logName = `container-${startedAt.toISOString().replace(/[:.]/g, '-')}.log`;
-  const verbose = config.logLevel === 'debug' || config.logLevel === 'trace';
-  const text = renderRunLog({ name, image: config.containerImage, group, input, mounts: plan.mounts, args, startedAt, outcome, stderr, stdout, verbose, viaProxy: plan.proxyRun !== null });
-  let logFile = join(trees.group.path('logs'), logName);
-  try {
-    trees.group.create(`logs/${logName}`, maskSecrets(text, plan.secretValues));
-  } catch (err) {
-    logFile = '(not written)';
-    groupLog.warn({ reason: errorText(err) }, 'Could not write the run log');
-  }
-  const summary = { container: name, exitCode: outcome.exitCode, durationMs, results, logFile };
-  if (exitCode !== 0 || timedOut) groupLog.error({ ...summary, error: lastError }, 'Agent container failed');
+  const logFile = writeRunLog(plan, options, result, startedAt, durationMs, groupLog);
+  const { stdout: _stdout, stderr: _stderr, ...outcome } = result;
+  const summary = { container: plan.name, exitCode: outcome.exitCode, durationMs, results: outcome.results, logFile };
+  if (outcome.exitCode !== 0 || outcome.timedOut) groupLog.error({ ...summary, error: outcome.lastError }, 'Agent container failed');
   else groupLog.info(summary, 'Agent container finished');
-  return { ...outcome, logFile };
+  return { ...outcome, durationMs, logFile };
 }
 
 // ───────────────────────────── 10. IPC: files from the agent, authorised by their folder
@@ -5523,15 +5550,15 @@ function mountsCommand(config: Config, args: string[]): number {
     if (!group) throw new UsageError(`No registered group uses the folder "${folder}" (see: bun nanoclaw.ts groups list).`, 'mounts');
     const allowlist = group.containerConfig?.additionalMounts?.length ? loadMountAllowlist(config.mountAllowlistPath) : null;
     const extra = validateExtraMounts(group.containerConfig?.additionalMounts, allowlist, group.isMain);
-    prepareGroupFolders(config, group);
-    const mounts = groupMounts(config, group, extra.mounts);
+    // Exactly what a run mounts (the run's own paths shown as <run>); nothing is created or changed.
+    const proxySocket = config.modelProxy === 'unix' ? join(config.dataDir, 'proxy', '<run>.sock') : null;
+    const mounts = [...groupMounts(config, group, extra.mounts), ...runMounts(join(inboxRoot(config), '<run>'), proxySocket)];
     if (values['docker-args']) {
       for (const m of mounts) console.log(`-v\n${formatMount(m, 'docker')}`);
       return 0;
     }
-    for (const m of mounts) console.log(formatMount(m, 'human'));
-    const proxy = config.modelProxy === 'unix' ? `data/proxy/<run>.sock -> ${MODEL_SOCKET_IN_CONTAINER} (the model proxy, one socket per run)` : 'model proxy: host.docker.internal:<port> (tcp mode)';
-    console.log(proxy);
+    for (const m of mounts) console.log(`${formatMount(m, 'human')}${m.containerPath === MODEL_SOCKET_IN_CONTAINER ? ' — the model proxy, one socket per run' : ''}`);
+    if (!proxySocket) console.log('model proxy: host.docker.internal:<port> (tcp mode)');
     console.log(`network: ${groupNetwork(config, group)}`);
     for (const r of extra.rejected) console.log(`refused: ${r.hostPath} (${r.reason})`);
     return 0;

@@ -182,7 +182,9 @@ describe('bun nanoclaw.ts', () => {
     const mounts = await cli(['mounts', 'family']);
     expect(mounts.stdout).toContain(`${root}/groups/global -> /workspace/global (ro)`);
     expect(mounts.stdout).toContain(`${root}/data/sessions/family/.kimi -> /home/node/.kimi (rw)`);
-    expect(mounts.stdout).toContain('-> /run/nanoclaw/model.sock (the model proxy, one socket per run)');
+    expect(mounts.stdout).toContain(`${root}/data/proxy/<run>.sock -> /run/nanoclaw/model.sock (rw) — the model proxy, one socket per run`);
+    expect(mounts.stdout).toContain(`${root}/data/input/<run> -> /workspace/ipc/input (rw)`);
+    expect(existsSync(join(root, 'data', 'ipc', 'family'))).toBe(false); // shown, not made
     expect(mounts.stdout).toContain('network: bridge');
     expect((await cli(['mounts', 'family', '--docker-args'])).stdout.split('\n')).toContain(`${root}/groups/family:/workspace/group`);
     expect((await cli(['mounts', 'nobody'])).code).toBe(2);
