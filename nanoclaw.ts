@@ -33,21 +33,23 @@ import {
   mkdirSync, openSync, readdirSync, readFileSync, readSync, realpathSync, renameSync, rmdirSync, rmSync, unlinkSync, watch,
   writeFileSync, type FSWatcher,
 } from 'node:fs';
+import { createRequire } from 'node:module';
 import { availableParallelism, homedir } from 'node:os';
 import { basename, dirname, isAbsolute, join, relative, resolve, sep } from 'node:path';
 import { createInterface } from 'node:readline';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
-import makeWASocket, {
-  DisconnectReason, downloadMediaMessage, fetchLatestWaWebVersion, isJidBroadcast, isJidGroup, isJidStatusBroadcast, isLidUser, isPnUser,
-  jidNormalizedUser, normalizeMessageContent, proto, useMultiFileAuthState,
-  type ConnectionState, type GroupMetadata, type WAMessage, type WAMessageKey, type WASocket, type WAVersion,
+import type {
+  ConnectionState, GroupMetadata, proto, WAMessage, WAMessageKey, WASocket, WAVersion,
 } from '@whiskeysockets/baileys';
 import type { ILogger } from '@whiskeysockets/baileys/lib/Utils/logger.js';
 import { Cron } from 'croner';
-import pino, { type Logger } from 'pino';
-import { prettyFactory } from 'pino-pretty';
-import * as z from 'zod';
+import type { default as Pino, Logger, StreamEntry, Level } from 'pino';
+import type * as z from 'zod';
+
+// The heavy libraries (baileys ~0.2 s, pino, pino-pretty, zod) load on first use, so a
+// CLI command that needs none of them starts in milliseconds.
+const load = createRequire(import.meta.url);
 
 // ───────────────────────────── 1. Config: settings from the environment and .env ─────
 
@@ -386,8 +388,26 @@ export function maskSecrets(text: string, secretValues: readonly string[]): stri
   return masked;
 }
 
+const pino = () => load('pino') as typeof Pino;
+
+/** A logger made by `create` at its first use: a command that never logs never loads pino. */
+function loggerOnFirstUse(create: () => Logger): Logger {
+  let real: Logger | null = null;
+  return new Proxy({} as Logger, {
+    get(_target, key) {
+      real ??= create();
+      const value: unknown = Reflect.get(real, key, real);
+      return typeof value === 'function' ? value.bind(real) : value;
+    },
+    set(_target, key, value) {
+      real ??= create();
+      return Reflect.set(real, key, value, real);
+    },
+  });
+}
+
 /** The logger every section uses; silent until setupLogging() runs. */
-export let log: Logger = pino({ level: 'silent' });
+export let log: Logger = loggerOnFirstUse(() => pino()({ level: 'silent' }));
 
 export interface LoggingOptions {
   /** Minimum level shown on the terminal (stderr); 'silent' for none. */
@@ -425,28 +445,31 @@ export function setupLogging(config: Config, options: LoggingOptions = {}): Logg
   } catch {
     // reported by the first line that cannot be written
   }
-  const secrets = options.secrets ?? [];
-  const textFormat = { singleLine: true, messageFormat: '{if group}[{group}] {end}{msg}', ignore: 'pid,hostname,group', translateTime: 'SYS:yyyy-mm-dd HH:MM:ss.l' };
-  const toFile = prettyFactory({ ...textFormat, colorize: false });
-  const toTerminal = prettyFactory({ ...textFormat, colorize: Boolean(process.stderr.isTTY) });
-  const fileStream = (path: string) => logFileStream(path, (line) => maskSecrets(toFile(line), secrets));
-  const streams: pino.StreamEntry[] = [
-    { level: config.logLevel as pino.Level, stream: fileStream(join(config.logsDir, 'nanoclaw.log')) },
-    { level: 'error', stream: fileStream(join(config.logsDir, 'nanoclaw.error.log')) },
-  ];
-  const terminalLevel = options.terminalLevel ?? config.logLevel;
-  if (terminalLevel !== 'silent') {
-    streams.push({ level: terminalLevel as pino.Level, stream: { write: (line: string) => process.stderr.write(maskSecrets(toTerminal(line), secrets)) } });
-  }
-  const lowest = [config.logLevel, terminalLevel].includes('trace') ? 'trace' : [config.logLevel, terminalLevel].includes('debug') ? 'debug' : 'info';
-  log = pino(
-    {
-      level: config.logLevel === 'silent' && terminalLevel === 'silent' ? 'silent' : lowest,
-      // Belt and braces: structured secret fields are dropped before masking even runs.
-      redact: { paths: ['secrets', '*.secrets', 'KIMI_API_KEY', '*.KIMI_API_KEY'], censor: '[REDACTED]' },
-    },
-    pino.multistream(streams),
-  );
+  log = loggerOnFirstUse(() => {
+    const secrets = options.secrets ?? [];
+    const textFormat = { singleLine: true, messageFormat: '{if group}[{group}] {end}{msg}', ignore: 'pid,hostname,group', translateTime: 'SYS:yyyy-mm-dd HH:MM:ss.l' };
+    const { prettyFactory } = load('pino-pretty') as typeof import('pino-pretty');
+    const toFile = prettyFactory({ ...textFormat, colorize: false });
+    const toTerminal = prettyFactory({ ...textFormat, colorize: Boolean(process.stderr.isTTY) });
+    const fileStream = (path: string) => logFileStream(path, (line) => maskSecrets(toFile(line), secrets));
+    const streams: StreamEntry[] = [
+      { level: config.logLevel as Level, stream: fileStream(join(config.logsDir, 'nanoclaw.log')) },
+      { level: 'error', stream: fileStream(join(config.logsDir, 'nanoclaw.error.log')) },
+    ];
+    const terminalLevel = options.terminalLevel ?? config.logLevel;
+    if (terminalLevel !== 'silent') {
+      streams.push({ level: terminalLevel as Level, stream: { write: (line: string) => process.stderr.write(maskSecrets(toTerminal(line), secrets)) } });
+    }
+    const lowest = [config.logLevel, terminalLevel].includes('trace') ? 'trace' : [config.logLevel, terminalLevel].includes('debug') ? 'debug' : 'info';
+    return pino()(
+      {
+        level: config.logLevel === 'silent' && terminalLevel === 'silent' ? 'silent' : lowest,
+        // Belt and braces: structured secret fields are dropped before masking even runs.
+        redact: { paths: ['secrets', '*.secrets', 'KIMI_API_KEY', '*.KIMI_API_KEY'], censor: '[REDACTED]' },
+      },
+      pino().multistream(streams),
+    );
+  });
   return log;
 }
 
@@ -1657,6 +1680,14 @@ export class LocalChannel implements Channel {
 
 // WhatsApp (baileys 7). Pure translation first, then the socket that uses it.
 
+type Baileys = typeof import('@whiskeysockets/baileys');
+let baileysModule: Baileys | null = null;
+/** baileys, loaded on first use: importing it costs ~0.2 s and ~60 MB, which no command but WhatsApp's should pay. */
+function baileys(): Baileys {
+  baileysModule ??= load('@whiskeysockets/baileys') as Baileys;
+  return baileysModule;
+}
+
 /** The longest text WhatsApp takes in one message, with room to spare. */
 export const WHATSAPP_MAX_CHARS = 4000;
 /** Media larger than this is not downloaded; the agent is told it exists. */
@@ -1683,12 +1714,12 @@ export interface WhatsAppIdentity {
 
 /** A chat or sender JID in phone form: device suffix dropped, LID translated when known. */
 export function canonicalJid(jid: string, alt: string | null | undefined, identity: WhatsAppIdentity): string {
-  if (isJidGroup(jid)) return jid;
-  if (isLidUser(jid)) {
-    const phone = (alt && isPnUser(alt) ? alt : undefined) ?? identity.phoneForLid(jidNormalizedUser(jid));
-    if (phone) return jidNormalizedUser(phone);
+  if (baileys().isJidGroup(jid)) return jid;
+  if (baileys().isLidUser(jid)) {
+    const phone = (alt && baileys().isPnUser(alt) ? alt : undefined) ?? identity.phoneForLid(baileys().jidNormalizedUser(jid));
+    if (phone) return baileys().jidNormalizedUser(phone);
   }
-  return jidNormalizedUser(jid);
+  return baileys().jidNormalizedUser(jid);
 }
 
 function mediaOf(content: proto.IMessage): WhatsAppInbound['media'] | undefined {
@@ -1733,8 +1764,8 @@ export function withMentionsAsTrigger(text: string, mentioned: readonly string[]
  */
 export function parseWhatsAppMessage(raw: WAMessage, identity: WhatsAppIdentity): WhatsAppInbound | null {
   const key = raw.key as WAMessageKey;
-  if (!key?.remoteJid || !key.id || isJidStatusBroadcast(key.remoteJid) || isJidBroadcast(key.remoteJid)) return null;
-  const content = normalizeMessageContent(raw.message);
+  if (!key?.remoteJid || !key.id || baileys().isJidStatusBroadcast(key.remoteJid) || baileys().isJidBroadcast(key.remoteJid)) return null;
+  const content = baileys().normalizeMessageContent(raw.message);
   if (!content || content.protocolMessage || content.reactionMessage) return null;
   const media = mediaOf(content);
   let text = (media ? media.caption : textOf(content)).trim();
@@ -1745,15 +1776,15 @@ export function parseWhatsAppMessage(raw: WAMessage, identity: WhatsAppIdentity)
   }
   const quoted = context;
   if (quoted?.quotedMessage) {
-    const quotedContent = normalizeMessageContent(quoted.quotedMessage);
+    const quotedContent = baileys().normalizeMessageContent(quoted.quotedMessage);
     const quotedText = quotedContent ? (textOf(quotedContent) || mediaOf(quotedContent)?.caption || `[${mediaOf(quotedContent)?.kind ?? 'message'}]`) : '';
     if (quotedText) text = `[replying to: "${quotedText.slice(0, 500)}"]\n${text}`;
   }
   if (!text && !media) return null;
 
-  const isGroup = Boolean(isJidGroup(chatJid));
+  const isGroup = Boolean(baileys().isJidGroup(chatJid));
   const fromMe = Boolean(key.fromMe);
-  const ownPhone = [...identity.ownJids].find((jid) => isPnUser(jid)) ?? '';
+  const ownPhone = [...identity.ownJids].find((jid) => baileys().isPnUser(jid)) ?? '';
   const sender = fromMe ? ownPhone : isGroup ? canonicalJid(key.participant ?? '', key.participantAlt, identity) : chatJid;
   const seconds = Number(raw.messageTimestamp ?? Math.floor(Date.now() / 1000));
   const isBotMessage = identity.hasOwnNumber ? fromMe : isOwnReply(text, identity.assistantName);
@@ -1886,12 +1917,12 @@ export function disconnectKind(error: unknown): { kind: DisconnectKind; status?:
   const status = boom?.output?.statusCode;
   const detail = error === undefined ? 'no reason given' : errorText(error);
   const kind: DisconnectKind =
-    status === DisconnectReason.loggedOut ? 'logged-out'
+    status === baileys().DisconnectReason.loggedOut ? 'logged-out'
     : status === 405 ? 'version-refused'
-    : status === DisconnectReason.restartRequired ? 'restart'
-    : status === DisconnectReason.connectionReplaced ? 'replaced'
+    : status === baileys().DisconnectReason.restartRequired ? 'restart'
+    : status === baileys().DisconnectReason.connectionReplaced ? 'replaced'
     : /QR refs attempts ended/.test(detail) ? 'qr-expired'
-    : status === DisconnectReason.timedOut || status === DisconnectReason.connectionClosed || /^E[A-Z]+$/.test(boom?.data?.code ?? '') ? 'network'
+    : status === baileys().DisconnectReason.timedOut || status === baileys().DisconnectReason.connectionClosed || /^E[A-Z]+$/.test(boom?.data?.code ?? '') ? 'network'
     : 'other';
   return { kind, status, detail };
 }
@@ -2043,7 +2074,7 @@ export class WhatsAppChannel implements Channel {
   async resolveVersion(): Promise<void> {
     if (!this.lookUpVersion) return;
     this.lookUpVersion = false;
-    const lookup = this.options.lookupVersion ?? (this.options.waWebSocketUrl ? undefined : () => fetchLatestWaWebVersion({ signal: AbortSignal.timeout(10_000) }));
+    const lookup = this.options.lookupVersion ?? (this.options.waWebSocketUrl ? undefined : () => baileys().fetchLatestWaWebVersion({ signal: AbortSignal.timeout(10_000) }));
     // fetchLatestWaWebVersion never throws: isLatest false means it fell back to baileys' own.
     const found = lookup ? await lookup().catch(() => null) : null;
     if (found?.isLatest) {
@@ -2058,8 +2089,8 @@ export class WhatsAppChannel implements Channel {
 
   private async openSocket(): Promise<void> {
     await this.resolveVersion();
-    const { state, saveCreds } = await useMultiFileAuthState(this.options.authDir);
-    const sock = makeWASocket({
+    const { state, saveCreds } = await baileys().useMultiFileAuthState(this.options.authDir);
+    const sock = baileys().default({
       auth: state,
       // baileys wants its own pino; ours is pino too, just quieter for its chatter.
       logger: log.child({ module: 'baileys' }, { level: log.level === 'trace' ? 'debug' : 'warn' }) as unknown as ILogger,
@@ -2105,7 +2136,7 @@ export class WhatsAppChannel implements Channel {
     });
     sock.ev.on('lid-mapping.update', ({ lid, pn }) => {
       if (sock !== this.sock || !lid || !pn) return;
-      this.lidToPhone.set(jidNormalizedUser(lid), jidNormalizedUser(pn));
+      this.lidToPhone.set(baileys().jidNormalizedUser(lid), baileys().jidNormalizedUser(pn));
     });
   }
 
@@ -2117,7 +2148,7 @@ export class WhatsAppChannel implements Channel {
   /** baileys' getMessage: what we sent under this id, exactly as sent, for a recipient's retry; never a placeholder. */
   async getMessage(key: WAMessageKey): Promise<proto.IMessage | undefined> {
     const content = key.id ? this.options.recallSent?.(key.id) : null;
-    return content ? proto.Message.decode(content) : undefined;
+    return content ? baileys().proto.Message.decode(content) : undefined;
   }
 
   /** A socket that will never be used again: no listener left, connection ended. */
@@ -2150,7 +2181,7 @@ export class WhatsAppChannel implements Channel {
       this.connected = true;
       this.attempt = 0;
       this.versionRefusalLogged = false;
-      this.ownJids = new Set([sock.user?.id, sock.user?.lid].filter((j): j is string => Boolean(j)).map((j) => jidNormalizedUser(j)));
+      this.ownJids = new Set([sock.user?.id, sock.user?.lid].filter((j): j is string => Boolean(j)).map((j) => baileys().jidNormalizedUser(j)));
       log.info({ me: [...this.ownJids] }, 'WhatsApp connected');
       this.handlers?.onReady?.();
       const last = this.options.lastGroupSync?.();
@@ -2208,7 +2239,7 @@ export class WhatsAppChannel implements Channel {
       hasOwnNumber: this.options.hasOwnNumber,
       triggerFor: (chatJid) => this.options.triggerFor?.(chatJid) ?? `@${this.options.assistantName}`,
       phoneForLid: (lid) => {
-        const own = sock?.user?.lid && jidNormalizedUser(sock.user.lid) === lid ? sock.user.id : undefined;
+        const own = sock?.user?.lid && baileys().jidNormalizedUser(sock.user.lid) === lid ? sock.user.id : undefined;
         return own ?? this.lidToPhone.get(lid);
       },
     };
@@ -2218,9 +2249,9 @@ export class WhatsAppChannel implements Channel {
   private async learnPhonesFor(key: WAMessageKey): Promise<void> {
     const sock = this.sock;
     for (const jid of [key.remoteJid, key.participant]) {
-      if (!sock || !jid || !isLidUser(jid) || this.lidToPhone.has(jidNormalizedUser(jid))) continue;
+      if (!sock || !jid || !baileys().isLidUser(jid) || this.lidToPhone.has(baileys().jidNormalizedUser(jid))) continue;
       const phone = await sock.signalRepository.lidMapping.getPNForLID(jid).catch(() => null);
-      if (phone) this.lidToPhone.set(jidNormalizedUser(jid), jidNormalizedUser(phone));
+      if (phone) this.lidToPhone.set(baileys().jidNormalizedUser(jid), baileys().jidNormalizedUser(phone));
     }
   }
 
@@ -2242,7 +2273,7 @@ export class WhatsAppChannel implements Channel {
    */
   private async download(raw: WAMessage): Promise<Buffer> {
     try {
-      return await downloadMediaMessage(raw, 'buffer', {});
+      return await baileys().downloadMediaMessage(raw, 'buffer', {});
     } catch (err) {
       const status = (err as { output?: { statusCode?: number } }).output?.statusCode;
       const sock = this.sock;
@@ -2254,7 +2285,7 @@ export class WhatsAppChannel implements Channel {
         sock.updateMediaMessage(raw),
         new Promise<never>((_, reject) => (timer = setTimeout(() => reject(new Error(`the sender’s phone did not upload it again within ${timeoutMs / 1000} s`)), timeoutMs))),
       ]).finally(() => clearTimeout(timer));
-      return await downloadMediaMessage(fresh, 'buffer', {});
+      return await baileys().downloadMediaMessage(fresh, 'buffer', {});
     }
   }
 
@@ -2293,7 +2324,7 @@ export class WhatsAppChannel implements Channel {
     this.rateLimiter.record(jid);
     if (sent) {
       try {
-        this.options.rememberSent?.(messageId, proto.Message.encode(sent).finish());
+        this.options.rememberSent?.(messageId, baileys().proto.Message.encode(sent).finish());
       } catch (err) {
         log.warn({ err: errorText(err), messageId }, 'Sent, but could not keep a copy for resends');
       }
@@ -3501,14 +3532,10 @@ export async function runContainer(options: RunContainerOptions): Promise<RunOut
 
 export class IpcFormatError extends Error {}
 
-// Each request an agent can make is one entry of IPC_ACTIONS: the shape of its file (zod,
+// Each request an agent can make is one entry of ipcActions(): the shape of its file (zod,
 // mirroring the MCP tool that writes it in container/agent-runner/src/mcp-server.ts, which
 // test/ipc.test.ts checks), who may make it, and what it does. A new action is one entry
 // here and one MCP tool there.
-
-const nonEmpty = z.string().refine((text) => text.trim() !== '', 'must be a non-empty string');
-const scheduleTypes = z.enum(['cron', 'interval', 'once']);
-const taskRef = { taskId: nonEmpty };
 
 /** What an action may do besides writing the store (inside the request's transaction). */
 export interface IpcEffects {
@@ -3588,136 +3615,150 @@ export function resumedNextRun(task: ScheduledTask, timezone: string): Date {
   return next;
 }
 
-export const IPC_ACTIONS = {
-  message: ipcAction({
-    kind: 'messages',
-    // expectsReply: the runner relays a question of the agent's; the chat's next message answers it.
-    schema: z.object({ type: z.literal('message'), chatJid: nonEmpty, text: nonEmpty, expectsReply: z.boolean().optional() }),
-    refusal: (request, source, store) => ownChatOnly(source, request.chatJid, store, 'message'),
-    apply: (request, { config, effects, source }) => {
-      const words = formatOutbound(request.text, config.assistantName, config.assistantHasOwnNumber);
-      if (words) effects.say(request.chatJid, words);
-      effects.afterwards(() => {
-        effects.sendSoon(request.chatJid);
-        if (request.expectsReply) effects.awaitAnswer(request.chatJid);
-        log.info({ group: source.folder, chatJid: request.chatJid, expectsReply: request.expectsReply ?? false }, 'Message sent for the agent');
-      });
-    },
-  }),
-  schedule_task: ipcAction({
-    kind: 'tasks',
-    schema: z.object({
-      type: z.literal('schedule_task'), prompt: nonEmpty, schedule_type: scheduleTypes, schedule_value: nonEmpty,
-      context_mode: z.enum(['group', 'isolated']).default('group'), targetJid: nonEmpty.nullish(),
+/** The table of actions; built on first use, since loading zod costs every CLI command ~18 ms. */
+function defineIpcActions(z: Zod) {
+  const nonEmpty = z.string().refine((text) => text.trim() !== '', 'must be a non-empty string');
+  const scheduleTypes = z.enum(['cron', 'interval', 'once']);
+  const taskRef = { taskId: nonEmpty };
+  return {
+    message: ipcAction({
+      kind: 'messages',
+      // expectsReply: the runner relays a question of the agent's; the chat's next message answers it.
+      schema: z.object({ type: z.literal('message'), chatJid: nonEmpty, text: nonEmpty, expectsReply: z.boolean().optional() }),
+      refusal: (request, source, store) => ownChatOnly(source, request.chatJid, store, 'message'),
+      apply: (request, { config, effects, source }) => {
+        const words = formatOutbound(request.text, config.assistantName, config.assistantHasOwnNumber);
+        if (words) effects.say(request.chatJid, words);
+        effects.afterwards(() => {
+          effects.sendSoon(request.chatJid);
+          if (request.expectsReply) effects.awaitAnswer(request.chatJid);
+          log.info({ group: source.folder, chatJid: request.chatJid, expectsReply: request.expectsReply ?? false }, 'Message sent for the agent');
+        });
+      },
     }),
-    refusal: (request, source, store) => ownChatOnly(source, request.targetJid ?? source.jid, store, 'schedule tasks for'),
-    limit: (request, source, store, config) => {
-      const folder = store.groupByJid(request.targetJid ?? source.jid)?.folder ?? source.folder;
-      return scheduleLimit(config, source, folder, { type: request.schedule_type, value: request.schedule_value }, true, store);
-    },
-    apply: (request, { config, store, source, effects }) => {
-      const target = store.groupByJid(request.targetJid ?? source.jid)!;
-      const nextRun = computeNextRun(request.schedule_type, request.schedule_value, config.timezone);
-      if (!nextRun) throw new ScheduleError(`"${request.schedule_value}" is in the past`);
-      const id = `task-${randomUUID()}`;
-      store.createTask({
-        id, groupFolder: target.folder, chatJid: target.jid, prompt: request.prompt, scheduleType: request.schedule_type,
-        scheduleValue: request.schedule_value, contextMode: request.context_mode, nextRun: nextRun.toISOString(),
-        lastRun: null, lastResult: null, status: 'active', createdAt: new Date().toISOString(),
-      });
-      effects.afterwards(effects.tasksChanged);
-      log.info({ group: source.folder, taskId: id, target: target.folder, nextRun: nextRun.toISOString() }, 'Task scheduled');
-    },
-  }),
-  pause_task: ipcAction({
-    kind: 'tasks',
-    schema: z.object({ type: z.literal('pause_task'), ...taskRef }),
-    refusal: (request, source, store) => ownTaskOnly(source, request.taskId, store),
-    apply: (request, { store, source, effects }) => {
-      store.updateTask(request.taskId, { status: 'paused' });
-      effects.afterwards(effects.tasksChanged);
-      log.info({ group: source.folder, taskId: request.taskId }, 'Task paused');
-    },
-  }),
-  resume_task: ipcAction({
-    kind: 'tasks',
-    schema: z.object({ type: z.literal('resume_task'), ...taskRef }),
-    refusal: (request, source, store) => ownTaskOnly(source, request.taskId, store),
-    limit: (request, source, store, config) => {
-      const task = store.getTask(request.taskId);
-      return task ? scheduleLimit(config, source, task.groupFolder, { type: task.scheduleType, value: task.scheduleValue }, task.status !== 'active', store) : null;
-    },
-    apply: (request, { config, store, source, effects }) => {
-      const task = store.getTask(request.taskId)!;
-      const nextRun = resumedNextRun(task, config.timezone);
-      store.updateTask(task.id, { status: 'active', nextRun: nextRun.toISOString() });
-      effects.afterwards(effects.tasksChanged);
-      log.info({ group: source.folder, taskId: task.id, nextRun: nextRun.toISOString() }, 'Task resumed');
-    },
-  }),
-  cancel_task: ipcAction({
-    kind: 'tasks',
-    schema: z.object({ type: z.literal('cancel_task'), ...taskRef }),
-    refusal: (request, source, store) => ownTaskOnly(source, request.taskId, store),
-    apply: (request, { store, source, effects }) => {
-      store.deleteTask(request.taskId);
-      effects.afterwards(effects.tasksChanged);
-      log.info({ group: source.folder, taskId: request.taskId }, 'Task cancelled');
-    },
-  }),
-  update_task: ipcAction({
-    kind: 'tasks',
-    schema: z.object({ type: z.literal('update_task'), ...taskRef, prompt: nonEmpty.optional(), schedule_type: scheduleTypes.optional(), schedule_value: nonEmpty.optional() }),
-    refusal: (request, source, store) => ownTaskOnly(source, request.taskId, store),
-    limit: (request, source, store, config) => {
-      const task = store.getTask(request.taskId);
-      if (!task || (!request.schedule_type && !request.schedule_value)) return null;
-      return scheduleLimit(config, source, task.groupFolder, { type: request.schedule_type ?? task.scheduleType, value: request.schedule_value ?? task.scheduleValue }, false, store);
-    },
-    apply: (request, { config, store, source, effects }) => {
-      const task = store.getTask(request.taskId)!;
-      const scheduleType = request.schedule_type ?? task.scheduleType;
-      const scheduleValue = request.schedule_value ?? task.scheduleValue;
-      const scheduleChanged = scheduleType !== task.scheduleType || scheduleValue !== task.scheduleValue;
-      const nextRun = scheduleChanged ? computeNextRun(scheduleType, scheduleValue, config.timezone) : undefined;
-      if (scheduleChanged && !nextRun) throw new ScheduleError(`"${scheduleValue}" is in the past`);
-      store.updateTask(task.id, { prompt: request.prompt, scheduleType, scheduleValue, ...(nextRun ? { nextRun: nextRun.toISOString() } : {}) });
-      effects.afterwards(effects.tasksChanged);
-      log.info({ group: source.folder, taskId: task.id }, 'Task updated');
-    },
-  }),
-  refresh_groups: ipcAction({
-    kind: 'tasks',
-    schema: z.object({ type: z.literal('refresh_groups') }),
-    refusal: mainOnly('refresh_groups'),
-    apply: (_request, { config, store, source, effects }) => {
-      effects.afterwards(() => {
-        effects
-          .syncGroups()
-          .then(() => {
-            store.setState(GROUPS_SYNCED_AT, new Date().toISOString());
-            writeSnapshots(config, store, source);
-          })
-          .catch((err) => log.warn({ err: errorText(err) }, 'Group refresh failed'));
-      });
-      log.info({ group: source.folder }, 'Group list refresh requested');
-    },
-  }),
-  register_group: ipcAction({
-    kind: 'tasks',
-    schema: z.object({ type: z.literal('register_group'), jid: nonEmpty, name: nonEmpty, folder: nonEmpty, trigger: nonEmpty.optional() }),
-    refusal: mainOnly('register_group'),
-    apply: (request, { config, store }) => {
-      addGroup(config, store, { jid: request.jid, name: request.name, folder: request.folder, trigger: request.trigger });
-    },
-  }),
-} as const;
+    schedule_task: ipcAction({
+      kind: 'tasks',
+      schema: z.object({
+        type: z.literal('schedule_task'), prompt: nonEmpty, schedule_type: scheduleTypes, schedule_value: nonEmpty,
+        context_mode: z.enum(['group', 'isolated']).default('group'), targetJid: nonEmpty.nullish(),
+      }),
+      refusal: (request, source, store) => ownChatOnly(source, request.targetJid ?? source.jid, store, 'schedule tasks for'),
+      limit: (request, source, store, config) => {
+        const folder = store.groupByJid(request.targetJid ?? source.jid)?.folder ?? source.folder;
+        return scheduleLimit(config, source, folder, { type: request.schedule_type, value: request.schedule_value }, true, store);
+      },
+      apply: (request, { config, store, source, effects }) => {
+        const target = store.groupByJid(request.targetJid ?? source.jid)!;
+        const nextRun = computeNextRun(request.schedule_type, request.schedule_value, config.timezone);
+        if (!nextRun) throw new ScheduleError(`"${request.schedule_value}" is in the past`);
+        const id = `task-${randomUUID()}`;
+        store.createTask({
+          id, groupFolder: target.folder, chatJid: target.jid, prompt: request.prompt, scheduleType: request.schedule_type,
+          scheduleValue: request.schedule_value, contextMode: request.context_mode, nextRun: nextRun.toISOString(),
+          lastRun: null, lastResult: null, status: 'active', createdAt: new Date().toISOString(),
+        });
+        effects.afterwards(effects.tasksChanged);
+        log.info({ group: source.folder, taskId: id, target: target.folder, nextRun: nextRun.toISOString() }, 'Task scheduled');
+      },
+    }),
+    pause_task: ipcAction({
+      kind: 'tasks',
+      schema: z.object({ type: z.literal('pause_task'), ...taskRef }),
+      refusal: (request, source, store) => ownTaskOnly(source, request.taskId, store),
+      apply: (request, { store, source, effects }) => {
+        store.updateTask(request.taskId, { status: 'paused' });
+        effects.afterwards(effects.tasksChanged);
+        log.info({ group: source.folder, taskId: request.taskId }, 'Task paused');
+      },
+    }),
+    resume_task: ipcAction({
+      kind: 'tasks',
+      schema: z.object({ type: z.literal('resume_task'), ...taskRef }),
+      refusal: (request, source, store) => ownTaskOnly(source, request.taskId, store),
+      limit: (request, source, store, config) => {
+        const task = store.getTask(request.taskId);
+        return task ? scheduleLimit(config, source, task.groupFolder, { type: task.scheduleType, value: task.scheduleValue }, task.status !== 'active', store) : null;
+      },
+      apply: (request, { config, store, source, effects }) => {
+        const task = store.getTask(request.taskId)!;
+        const nextRun = resumedNextRun(task, config.timezone);
+        store.updateTask(task.id, { status: 'active', nextRun: nextRun.toISOString() });
+        effects.afterwards(effects.tasksChanged);
+        log.info({ group: source.folder, taskId: task.id, nextRun: nextRun.toISOString() }, 'Task resumed');
+      },
+    }),
+    cancel_task: ipcAction({
+      kind: 'tasks',
+      schema: z.object({ type: z.literal('cancel_task'), ...taskRef }),
+      refusal: (request, source, store) => ownTaskOnly(source, request.taskId, store),
+      apply: (request, { store, source, effects }) => {
+        store.deleteTask(request.taskId);
+        effects.afterwards(effects.tasksChanged);
+        log.info({ group: source.folder, taskId: request.taskId }, 'Task cancelled');
+      },
+    }),
+    update_task: ipcAction({
+      kind: 'tasks',
+      schema: z.object({ type: z.literal('update_task'), ...taskRef, prompt: nonEmpty.optional(), schedule_type: scheduleTypes.optional(), schedule_value: nonEmpty.optional() }),
+      refusal: (request, source, store) => ownTaskOnly(source, request.taskId, store),
+      limit: (request, source, store, config) => {
+        const task = store.getTask(request.taskId);
+        if (!task || (!request.schedule_type && !request.schedule_value)) return null;
+        return scheduleLimit(config, source, task.groupFolder, { type: request.schedule_type ?? task.scheduleType, value: request.schedule_value ?? task.scheduleValue }, false, store);
+      },
+      apply: (request, { config, store, source, effects }) => {
+        const task = store.getTask(request.taskId)!;
+        const scheduleType = request.schedule_type ?? task.scheduleType;
+        const scheduleValue = request.schedule_value ?? task.scheduleValue;
+        const scheduleChanged = scheduleType !== task.scheduleType || scheduleValue !== task.scheduleValue;
+        const nextRun = scheduleChanged ? computeNextRun(scheduleType, scheduleValue, config.timezone) : undefined;
+        if (scheduleChanged && !nextRun) throw new ScheduleError(`"${scheduleValue}" is in the past`);
+        store.updateTask(task.id, { prompt: request.prompt, scheduleType, scheduleValue, ...(nextRun ? { nextRun: nextRun.toISOString() } : {}) });
+        effects.afterwards(effects.tasksChanged);
+        log.info({ group: source.folder, taskId: task.id }, 'Task updated');
+      },
+    }),
+    refresh_groups: ipcAction({
+      kind: 'tasks',
+      schema: z.object({ type: z.literal('refresh_groups') }),
+      refusal: mainOnly('refresh_groups'),
+      apply: (_request, { config, store, source, effects }) => {
+        effects.afterwards(() => {
+          effects
+            .syncGroups()
+            .then(() => {
+              store.setState(GROUPS_SYNCED_AT, new Date().toISOString());
+              writeSnapshots(config, store, source);
+            })
+            .catch((err) => log.warn({ err: errorText(err) }, 'Group refresh failed'));
+        });
+        log.info({ group: source.folder }, 'Group list refresh requested');
+      },
+    }),
+    register_group: ipcAction({
+      kind: 'tasks',
+      schema: z.object({ type: z.literal('register_group'), jid: nonEmpty, name: nonEmpty, folder: nonEmpty, trigger: nonEmpty.optional() }),
+      refusal: mainOnly('register_group'),
+      apply: (request, { config, store }) => {
+        addGroup(config, store, { jid: request.jid, name: request.name, folder: request.folder, trigger: request.trigger });
+      },
+    }),
+  } as const;
+}
 
-export type IpcActionName = keyof typeof IPC_ACTIONS;
-/** A parsed request: one of IPC_ACTIONS' shapes. */
-export type IpcRequest = { [K in IpcActionName]: z.infer<(typeof IPC_ACTIONS)[K]['schema']> }[IpcActionName];
+type Zod = typeof import('zod');
+let ipcActionTable: ReturnType<typeof defineIpcActions> | null = null;
+/** Every IPC action: its file's schema, who may make it, and what it does. */
+export function ipcActions(): ReturnType<typeof defineIpcActions> {
+  ipcActionTable ??= defineIpcActions(load('zod') as Zod);
+  return ipcActionTable;
+}
+
+export type IpcActionName = keyof ReturnType<typeof ipcActions>;
+/** A parsed request: one of ipcActions()' shapes. */
+export type IpcRequest = { [K in IpcActionName]: z.infer<ReturnType<typeof ipcActions>[K]['schema']> }[IpcActionName];
 /** The table entry for a request, typed loosely: each entry's functions take what its own schema produced. */
-const actionFor = (type: IpcActionName) => IPC_ACTIONS[type] as unknown as IpcAction<z.ZodType<object>>;
+const actionFor = (type: IpcActionName) => ipcActions()[type] as unknown as IpcAction<z.ZodType<object>>;
 
 function zodProblem(error: z.ZodError): string {
   return error.issues.map((issue) => (issue.path.length ? `"${issue.path.join('.')}" ${issue.message}` : issue.message)).join('; ');
@@ -3727,9 +3768,9 @@ function zodProblem(error: z.ZodError): string {
 export function parseIpcRequest(kind: IpcKind, raw: unknown): IpcRequest {
   if (typeof raw !== 'object' || raw === null || Array.isArray(raw)) throw new IpcFormatError('expected a JSON object');
   const type = (raw as { type?: unknown }).type;
-  const entry = typeof type === 'string' && Object.hasOwn(IPC_ACTIONS, type) ? actionFor(type as IpcActionName) : null;
+  const entry = typeof type === 'string' && Object.hasOwn(ipcActions(), type) ? actionFor(type as IpcActionName) : null;
   if (!entry || entry.kind !== kind) {
-    const known = Object.entries(IPC_ACTIONS).filter(([, a]) => a.kind === kind).map(([name]) => name);
+    const known = Object.entries(ipcActions()).filter(([, a]) => a.kind === kind).map(([name]) => name);
     throw new IpcFormatError(`"type" ${JSON.stringify(type)} is unknown in ${kind}/; use one of ${known.join(', ')}`);
   }
   const parsed = entry.schema.safeParse(raw);
@@ -4725,7 +4766,7 @@ export class Host {
     if (kind === 'tasks') writeSnapshots(this.config, this.store, source);
   }
 
-  /** What an IPC action may make the host do (see IPC_ACTIONS). */
+  /** What an IPC action may make the host do (see ipcActions()). */
   private ipcEffects(afterwards: (() => void)[]): IpcEffects {
     return {
       say: (chatJid, text) => this.say(chatJid, text),
@@ -5304,10 +5345,10 @@ export async function authCommand(config: Config, args: string[]): Promise<numbe
   const code = await new Promise<number>((resolveAuth) => {
     const open = async () => {
       await versions.resolveVersion();
-      const { state: auth, saveCreds } = await useMultiFileAuthState(authDir);
+      const { state: auth, saveCreds } = await baileys().useMultiFileAuthState(authDir);
       const version = versions.version;
-      const sock = makeWASocket({
-        auth, logger: pino({ level: 'silent' }) as unknown as ILogger, markOnlineOnConnect: false, syncFullHistory: false,
+      const sock = baileys().default({
+        auth, logger: pino()({ level: 'silent' }) as unknown as ILogger, markOnlineOnConnect: false, syncFullHistory: false,
         ...(version ? { version } : {}),
         ...(config.whatsappServerUrl ? { waWebSocketUrl: config.whatsappServerUrl } : {}),
       });
@@ -5323,7 +5364,7 @@ export async function authCommand(config: Config, args: string[]): Promise<numbe
           console.log(`\nPairing code: ${code}\nOn your phone: WhatsApp → Settings → Linked devices → Link a device → "Link with phone number instead", then type the code.`);
         }
         if (update.connection === 'open') {
-          const me = jidNormalizedUser(sock.user!.id);
+          const me = baileys().jidNormalizedUser(sock.user!.id);
           const main = makeSelfChatMain(config, store, me);
           console.log(`Linked as ${me.split('@')[0]}. Your own chat ("Message yourself") is the main group (groups/${main.folder}).\nStart the assistant: bun nanoclaw.ts`);
           for (const event of WHATSAPP_EVENTS) sock.ev.removeAllListeners(event);
@@ -5465,7 +5506,7 @@ async function runTaskNow(config: Config, task: ScheduledTask): Promise<number> 
 }
 
 /**
- * The CLI's task commands do exactly what the agent's requests do (IPC_ACTIONS), as the
+ * The CLI's task commands do exactly what the agent's requests do (ipcActions()), as the
  * task's own group. The scheduling limits hold agents back, not you. A running service
  * sees the change within a second (its scheduler re-reads the tasks).
  */

@@ -1,6 +1,6 @@
 /**
  * The agent's side of IPC and the host's, side by side: every file the real nanoclaw MCP
- * server (and the runner, for questions) writes is one the host's IPC_ACTIONS table accepts,
+ * server (and the runner, for questions) writes is one the host's ipcActions() table accepts,
  * in the folder it was written to, and every action in the table has a tool that writes it.
  * This is what keeps the MCP tools' schemas and the host's mirrored.
  */
@@ -11,7 +11,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { describe, expect, it } from 'vitest';
-import { IPC_ACTIONS, parseIpcRequest, type IpcKind } from '../../../nanoclaw.ts';
+import { ipcActions, parseIpcRequest, type IpcKind } from '../../../nanoclaw.ts';
 import { writeIpcFile } from '../src/mcp-server.ts';
 
 const RUNNER_DIR = fileURLToPath(new URL('..', import.meta.url));
@@ -59,7 +59,7 @@ describe('IPC: the MCP tools and the host’s table agree', () => {
       expect(parsed.type).toBe(data.type);
       types.add(parsed.type);
     }
-    expect([...types].sort()).toEqual(Object.keys(IPC_ACTIONS).sort());
+    expect([...types].sort()).toEqual(Object.keys(ipcActions()).sort());
     // The MCP tool's defaults are the host's: a task scheduled without context_mode runs in the group's context.
     const scheduled = written.map((w) => parseIpcRequest(w.kind, w.data)).find((r) => r.type === 'schedule_task' && r.prompt === 'water the plants');
     expect(scheduled).toMatchObject({ context_mode: 'group' });
