@@ -269,7 +269,7 @@ export function loadConfig(projectRoot: string, env: Record<string, string | und
     containerRuntime: get('CONTAINER_RUNTIME') ?? 'docker',
     containerTimeoutMs: positiveInt('CONTAINER_TIMEOUT', get('CONTAINER_TIMEOUT'), 30 * 60_000),
     idleTimeoutMs: positiveInt('IDLE_TIMEOUT', get('IDLE_TIMEOUT'), 10 * 60_000),
-    maxConcurrentContainers: positiveInt('MAX_CONCURRENT_CONTAINERS', get('MAX_CONCURRENT_CONTAINERS'), 3),
+    maxConcurrentContainers: positiveInt('MAX_CONCURRENT_CONTAINERS', get('MAX_CONCURRENT_CONTAINERS'), defaultConcurrency()),
     logLevel,
     timezone,
     kimi: {
@@ -329,6 +329,14 @@ export const SETTINGS: Record<string, (config: Config) => string | number | bool
   NANOCLAW_MOUNT_ALLOWLIST: (c) => c.mountAllowlistPath,
   WHATSAPP_SERVER_URL: (c) => c.whatsappServerUrl,
 };
+
+/**
+ * As many containers at once as the machine has CPUs (at least two): starting an agent is
+ * CPU-bound, so more would only slow every first reply down; waiting chats are served in turn.
+ */
+export function defaultConcurrency(cores = availableParallelism()): number {
+  return Math.max(2, cores);
+}
 
 /** Half the machine's CPUs (at least one): one busy container cannot take the whole machine. */
 export function defaultContainerCpus(cores = availableParallelism()): number {
@@ -1490,6 +1498,10 @@ export interface ChannelHandlers {
   onChatMetadata?(chat: { jid: string; name: string; isGroup: boolean }): void;
   /** The channel can deliver again (e.g. reconnected): its outbox resumes. */
   onReady?(): void;
+  /** Someone is typing in this chat: a message is probably coming (the host may start its container). */
+  onActivity?(chatJid: string): void;
+  /** The chats whose activity matters (the registered ones). */
+  watchedChats?(): string[];
 }
 
 /**
@@ -1652,6 +1664,11 @@ export class LocalChannel implements Channel {
 
   async deliver(_jid: string, text: string): Promise<void> {
     this.print(text);
+  }
+
+  /** The person started typing: the host may start the agent now. */
+  typing(): void {
+    this.handlers?.onActivity?.(this.chatJid);
   }
 
   /** Hands one typed line to the host as a message from the user. */
@@ -1984,7 +2001,16 @@ export interface WhatsAppOptions {
 
 const WHATSAPP_EVENTS = [
   'connection.update', 'creds.update', 'messages.upsert', 'groups.update', 'groups.upsert', 'group-participants.update', 'lid-mapping.update',
+  'presence.update',
 ] as const;
+
+/** Whether a presence update (baileys' presence.update) says someone other than us is typing or recording. */
+export function someoneTyping(presences: Record<string, { lastKnownPresence?: string }>, ownJids: ReadonlySet<string>): boolean {
+  return Object.entries(presences).some(([who, presence]) => {
+    const typing = presence.lastKnownPresence === 'composing' || presence.lastKnownPresence === 'recording';
+    return typing && !ownJids.has(baileys().jidNormalizedUser(who));
+  });
+}
 
 /** Group metadata is good for this long (baileys' README suggests five minutes). */
 const GROUP_METADATA_TTL_MS = 5 * 60_000;
@@ -2138,6 +2164,11 @@ export class WhatsAppChannel implements Channel {
       if (sock !== this.sock || !lid || !pn) return;
       this.lidToPhone.set(baileys().jidNormalizedUser(lid), baileys().jidNormalizedUser(pn));
     });
+    // Typing (a "chatstate" from WhatsApp): the host may start the chat's agent before the message.
+    sock.ev.on('presence.update', ({ id, presences }) => {
+      if (sock !== this.sock || !someoneTyping(presences, this.ownJids)) return;
+      this.handlers?.onActivity?.(canonicalJid(id, null, this.identity()));
+    });
   }
 
   /** A group name from WhatsApp, unless it is empty (a change of something else carries no subject). */
@@ -2184,6 +2215,8 @@ export class WhatsAppChannel implements Channel {
       this.ownJids = new Set([sock.user?.id, sock.user?.lid].filter((j): j is string => Boolean(j)).map((j) => baileys().jidNormalizedUser(j)));
       log.info({ me: [...this.ownJids] }, 'WhatsApp connected');
       this.handlers?.onReady?.();
+      // WhatsApp tells who is typing only in chats we subscribed to.
+      for (const jid of this.handlers?.watchedChats?.() ?? []) void sock.presenceSubscribe(jid).catch(() => {});
       const last = this.options.lastGroupSync?.();
       const maxAge = this.options.groupSyncMaxAgeMs ?? 24 * 60 * 60_000;
       if (!last || Date.now() - new Date(last).getTime() > maxAge) void this.syncGroups().catch((err) => log.warn({ err }, 'Group sync failed'));
@@ -2371,27 +2404,41 @@ export class WhatsAppChannel implements Channel {
 
 // ───────────────────────────── 7. Queue: one container per group, a limit for all ────
 
+/** The queue entry of a chat's isolated task runs: their own container, beside the chat's. */
+export function isolatedLane(chatJid: string): string {
+  return `${chatJid}#isolated`;
+}
+
 /** How the queue and the host reach a running container. */
 export interface LiveContainer {
   /** False for scheduled tasks: their container never takes chat follow-ups. */
   readonly acceptsFollowUps: boolean;
   /** True once it was asked to close or has exited: nothing more may be sent to it. */
   readonly closing: boolean;
-  /** False when it could not be handed over (the container is then being stopped). */
-  sendInput(text: string): boolean;
+  /** Hands over a chat follow-up, or a scheduled task as the next turn; false when it could not (the container is then being stopped). */
+  sendInput(text: string, kind?: 'message' | 'task'): boolean;
   /** Asks the agent to finish its turn and exit. */
   close(): void;
   /** Stops the container now. */
   kill(): Promise<void>;
 }
 
+/** A scheduled task waiting for its group; `inLive` (group-context tasks) runs it as a turn of the chat's live container instead. */
+interface QueuedTask {
+  id: string;
+  run: () => Promise<void>;
+  inLive?: () => void;
+}
+
 interface GroupState {
   running: boolean;
+  /** The run counts against maxConcurrent; false once its container answered and was told to close. */
+  holdsSlot: boolean;
   live: LiveContainer | null;
   /** Cancels the idle close, while one is pending. */
   idleTimer: (() => void) | null;
   messagesPending: boolean;
-  tasks: { id: string; run: () => Promise<void> }[];
+  tasks: QueuedTask[];
   retryCount: number;
   /** Cancels the pending retry, while one is. */
   retryTimer: (() => void) | null;
@@ -2406,8 +2453,8 @@ export interface QueueOptions {
   idleTimeoutMs: number;
   retryBaseMs: number;
   maxRetries: number;
-  /** Runs the agent on a group's pending messages; resolves false when the run must be retried. */
-  processMessages(chatJid: string): Promise<boolean>;
+  /** Runs the agent on a group's pending messages (warm: start it even with none, to wait for the next); resolves false when the run must be retried. */
+  processMessages(chatJid: string, warm: boolean): Promise<boolean>;
   /** The retries are used up: the group's pending messages must be given up. */
   onGiveUp?(chatJid: string): void;
   /** A failed run will be tried again after delayMs. */
@@ -2430,7 +2477,7 @@ export class GroupQueue {
   private state(jid: string): GroupState {
     let state = this.groups.get(jid);
     if (!state) {
-      state = { running: false, live: null, idleTimer: null, messagesPending: false, tasks: [], retryCount: 0, retryTimer: null, givenUpTo: null, answerExpected: false };
+      state = { running: false, holdsSlot: false, live: null, idleTimer: null, messagesPending: false, tasks: [], retryCount: 0, retryTimer: null, givenUpTo: null, answerExpected: false };
       this.groups.set(jid, state);
     }
     return state;
@@ -2459,17 +2506,39 @@ export class GroupQueue {
     this.startOrWait(jid);
   }
 
-  /** A scheduled task for this group; runs after whatever the group is doing now. */
-  enqueueTask(jid: string, taskId: string, run: () => Promise<void>): void {
+  /**
+   * A scheduled task for this group. With `inLive`, a chat container that is alive takes it
+   * as its next turn (now if it waits, else once it answered): nothing is closed for it.
+   * Otherwise it runs in its own container, after whatever the group is doing now.
+   */
+  enqueueTask(jid: string, taskId: string, run: () => Promise<void>, inLive?: () => void): void {
     if (this.shuttingDown) return;
     const state = this.state(jid);
     if (state.tasks.some((task) => task.id === taskId)) return;
-    state.tasks.push({ id: taskId, run });
+    const liveTakesIt = Boolean(inLive && state.running && state.live?.acceptsFollowUps && !state.live.closing);
+    if (liveTakesIt && state.idleTimer) {
+      this.clearIdleTimer(state);
+      inLive!();
+      return;
+    }
+    state.tasks.push({ id: taskId, run, ...(liveTakesIt ? { inLive } : {}) });
     if (state.running) {
-      if (state.idleTimer) this.closeIdle(jid); // an idle chat container would hold the task up
+      if (!liveTakesIt && state.idleTimer) this.closeIdle(jid); // an idle chat container would hold the task up
       return;
     }
     this.startOrWait(jid);
+  }
+
+  /**
+   * Starts a group's container before its message, when activity says one is coming: only
+   * into a free slot nobody waits for, and only when the group has no container yet.
+   */
+  prewarm(jid: string): boolean {
+    if (this.shuttingDown || this.active >= this.options.maxConcurrent || this.waiting.length > 0) return false;
+    const state = this.state(jid);
+    if (state.running || state.retryTimer || state.tasks.length > 0) return false;
+    this.start(jid, true);
+    return true;
   }
 
   /** The container now running for this group. */
@@ -2500,21 +2569,30 @@ export class GroupQueue {
     return this.groups.get(jid)?.answerExpected ?? false;
   }
 
-  /** Hands a follow-up to the group's live container; false when there is none that takes it. */
-  sendFollowUp(jid: string, text: string): boolean {
+  /** Hands a follow-up (or a task, as the next turn) to the group's live container; false when there is none that takes it. */
+  sendFollowUp(jid: string, text: string, kind: 'message' | 'task' = 'message'): boolean {
     const state = this.groups.get(jid);
     if (!state?.running || !state.live?.acceptsFollowUps || state.live.closing) return false;
     this.clearIdleTimer(state);
-    return state.live.sendInput(text);
+    return state.live.sendInput(text, kind);
   }
 
-  /** The group's agent answered and now waits; close it after the idle timeout (or at once if others wait). */
+  /**
+   * The group's agent answered and now waits: a task queued for this container runs as its
+   * next turn; otherwise it is closed after the idle timeout (at once if others wait).
+   */
   markIdle(jid: string, idleTimeoutMs = this.options.idleTimeoutMs): void {
     const state = this.groups.get(jid);
     if (!state?.live) return;
     this.clearIdleTimer(state);
+    const next = state.tasks[0];
+    if (next?.inLive && !state.live.closing) {
+      state.tasks.shift();
+      next.inLive();
+      return;
+    }
     if (state.tasks.length > 0 || this.waiting.length > 0) {
-      state.live.close();
+      this.closeIdle(jid);
       return;
     }
     state.idleTimer = this.clock.after(idleTimeoutMs, () => this.closeIdle(jid));
@@ -2535,11 +2613,20 @@ export class GroupQueue {
     await state.live?.kill();
   }
 
+  /** Closes a container that has answered: its slot is free at once, not when docker is done with it. */
   private closeIdle(jid: string): void {
     const state = this.groups.get(jid);
     if (!state) return;
     this.clearIdleTimer(state);
     state.live?.close();
+    if (state.live) this.releaseSlot(state);
+  }
+
+  private releaseSlot(state: GroupState): void {
+    if (!state.holdsSlot) return;
+    state.holdsSlot = false;
+    this.active--;
+    this.startWaiting();
   }
 
   private clearIdleTimer(state: GroupState): void {
@@ -2562,22 +2649,26 @@ export class GroupQueue {
     }
   }
 
-  private start(jid: string): void {
+  private start(jid: string, warm = false): void {
     const state = this.state(jid);
     state.running = true;
+    state.holdsSlot = true;
     this.active++;
     const task = state.tasks.shift();
-    const work = task ? this.runTask(state, task) : this.runMessages(jid, state);
+    const work = task ? this.runTask(state, task) : this.runMessages(jid, state, warm);
     void work.finally(() => {
       state.running = false;
       state.live = null;
       this.clearIdleTimer(state);
-      this.active--;
+      if (state.holdsSlot) {
+        state.holdsSlot = false;
+        this.active--;
+      }
       this.next(jid);
     });
   }
 
-  private async runTask(state: GroupState, task: { id: string; run: () => Promise<void> }): Promise<void> {
+  private async runTask(state: GroupState, task: QueuedTask): Promise<void> {
     try {
       await task.run();
     } catch (err) {
@@ -2585,11 +2676,11 @@ export class GroupQueue {
     }
   }
 
-  private async runMessages(jid: string, state: GroupState): Promise<void> {
+  private async runMessages(jid: string, state: GroupState, warm: boolean): Promise<void> {
     state.messagesPending = false;
     let ok = false;
     try {
-      ok = await this.options.processMessages(jid);
+      ok = await this.options.processMessages(jid, warm);
     } catch (err) {
       log.error({ err, chatJid: jid }, 'Processing messages failed');
     }
@@ -2623,9 +2714,16 @@ export class GroupQueue {
   private next(finishedJid: string): void {
     if (this.shuttingDown) return;
     const finished = this.state(finishedJid);
+    for (const task of finished.tasks) delete task.inLive; // the container they were waiting for is gone
     if (finished.tasks.length > 0 || finished.messagesPending) {
       if (!this.waiting.includes(finishedJid)) this.waiting.push(finishedJid);
     }
+    this.startWaiting();
+  }
+
+  /** Starts waiting groups, in the order they came, while there are free slots. */
+  private startWaiting(): void {
+    if (this.shuttingDown) return;
     while (this.active < this.options.maxConcurrent && this.waiting.length > 0) {
       const jid = this.waiting.shift()!;
       const state = this.state(jid);
@@ -2642,12 +2740,13 @@ export class GroupQueue {
       this.clearIdleTimer(state);
       state.live?.close();
     }
+    const running = () => [...this.groups.values()].some((state) => state.running);
     const deadline = Date.now() + graceMs;
-    while (this.active > 0 && Date.now() < deadline) await Bun.sleep(50);
-    if (this.active > 0) {
+    while (running() && Date.now() < deadline) await Bun.sleep(50);
+    if (running()) {
       await Promise.all([...this.groups.values()].map((state) => state.live?.kill()));
       const hardDeadline = Date.now() + 10_000;
-      while (this.active > 0 && Date.now() < hardDeadline) await Bun.sleep(50);
+      while (running() && Date.now() < hardDeadline) await Bun.sleep(50);
     }
   }
 }
@@ -3162,6 +3261,8 @@ export interface ContainerInput {
   isMain: boolean;
   sessionId?: string;
   isScheduledTask?: boolean;
+  /** Started ahead of a message (prompt ""): the agent starts, then waits for its first follow-up. */
+  warm?: boolean;
   assistantName?: string;
   /** Under the host, KIMI_API_KEY holds the run's proxy token, never the real key. */
   secrets?: Secrets;
@@ -3409,9 +3510,9 @@ async function streamContainer(plan: RunPlan, options: RunContainerOptions, grou
     get closing() {
       return closing;
     },
-    sendInput: (text) => {
+    sendInput: (text, kind = 'message') => {
       try {
-        inbox.replace(uniqueFileName(), JSON.stringify({ type: 'message', text }));
+        inbox.replace(uniqueFileName(), JSON.stringify({ type: kind, text }));
         return true;
       } catch (err) {
         groupLog.warn({ reason: errorText(err) }, 'Could not hand a follow-up to the container (its input folder is not a plain folder); stopping it, the message goes to the next run');
@@ -4182,6 +4283,8 @@ export interface HostOptions {
   shutdownGraceMs?: number;
   /** How soon the outbox tries again after a failed send. */
   sendRetryMs?: number;
+  /** A container started ahead of a message closes when none came within this (default 2 min). */
+  warmIdleMs?: number;
   clock?: Clock;
 }
 
@@ -4213,6 +4316,8 @@ export class Host {
   private readonly senders = new Map<string, OutboxSender>();
   /** Task runs this process has queued or runs (their claims are not leftovers). */
   private readonly tasksInHand = new Set<string>();
+  /** Group-context tasks running as a turn of their chat's live container, by chat. */
+  private readonly taskTurns = new Map<string, { task: ScheduledTask; startedAt: Date }>();
   /** Inbound messages the database could not take yet, oldest first (also in data/spill.jsonl). */
   private readonly spill: { message: NewMessage; chat: ChatMeta }[] = [];
   private readonly clock: Clock;
@@ -4233,7 +4338,7 @@ export class Host {
       idleTimeoutMs: config.idleTimeoutMs,
       retryBaseMs: options.retryBaseMs ?? 5_000,
       maxRetries: options.maxRetries ?? 5,
-      processMessages: (jid) => this.processMessages(jid),
+      processMessages: (jid, warm) => this.processMessages(jid, warm),
       onGiveUp: (jid) => this.giveUp(jid),
       onRetry: (chatJid, attempt, delayMs) => this.tell('retry', { chatJid, attempt, delayMs, maxRetries: options.maxRetries ?? 5 } satisfies RetryEvent),
       clock: this.clock,
@@ -4289,6 +4394,14 @@ export class Host {
         }
       },
       onReady: () => this.senders.get(channel.name)?.kick(),
+      onActivity: (chatJid) => this.prewarm(chatJid),
+      watchedChats: () => {
+        try {
+          return this.store.listGroups().map((group) => group.jid);
+        } catch {
+          return [];
+        }
+      },
     });
     this.replaySpillFile();
     for (const channel of this.channels) await channel.connect(handlers(channel));
@@ -4331,6 +4444,22 @@ export class Host {
     await Promise.all([...this.senders.values()].map((s) => s.settle()));
   }
 
+  /**
+   * Someone is typing in a registered chat: start its container now, so the agent is up by
+   * the time the message arrives. Only into a free slot; false when nothing was started.
+   */
+  prewarm(chatJid: string): boolean {
+    if (this.stopped) return false;
+    try {
+      if (!this.store.groupByJid(chatJid)) return false;
+    } catch {
+      return false; // a database that cannot answer now: the message itself will wake the agent
+    }
+    const started = this.queue.prewarm(chatJid);
+    if (started) log.debug({ chatJid }, 'Activity in the chat; starting its container ahead of the message');
+    return started;
+  }
+
   /** Every inbound message of every channel comes through here; a database that cannot take it spills it. */
   handleInbound(message: NewMessage, chat: ChatMeta): void {
     if (this.spill.length > 0) {
@@ -4347,14 +4476,18 @@ export class Host {
   }
 
   private storeInbound(message: NewMessage, chat: ChatMeta): void {
-    this.store.upsertChat({ jid: message.chatJid, name: chat.name, channel: this.channelFor(message.chatJid)?.name ?? 'unknown', isGroup: chat.isGroup, lastMessageAt: message.timestamp });
-    const group = this.store.groupByJid(message.chatJid);
-    if (!group) return; // only metadata for chats the user has not registered
-    // With its own number the channel knows the bot's messages; on a shared number the prefix tells.
-    const isBot = message.isBotMessage || (!this.config.assistantHasOwnNumber && isOwnReply(message.content, this.config.assistantName));
-    const seq = this.store.storeMessage({ ...message, isBotMessage: isBot });
-    if (seq === null || isBot || this.stopped) return;
-    if (!this.forwardToLiveContainer(group)) this.queue.enqueueMessages(group.jid);
+    // One transaction, one commit: the chat's metadata and the message together.
+    const stored = this.store.transaction(() => {
+      this.store.upsertChat({ jid: message.chatJid, name: chat.name, channel: this.channelFor(message.chatJid)?.name ?? 'unknown', isGroup: chat.isGroup, lastMessageAt: message.timestamp });
+      const group = this.store.groupByJid(message.chatJid);
+      if (!group) return null; // only metadata for chats the user has not registered
+      // With its own number the channel knows the bot's messages; on a shared number the prefix tells.
+      const isBot = message.isBotMessage || (!this.config.assistantHasOwnNumber && isOwnReply(message.content, this.config.assistantName));
+      const seq = this.store.storeMessage({ ...message, isBotMessage: isBot });
+      return seq === null || isBot ? null : { group, message: { ...message, seq, isBotMessage: false } };
+    });
+    if (!stored || this.stopped) return;
+    if (!this.forwardToLiveContainer(stored.group, stored.message)) this.queue.enqueueMessages(stored.group.jid);
   }
 
   private get spillFile(): string {
@@ -4410,15 +4543,23 @@ export class Host {
     this.drainSpill();
   }
 
-  /** New messages for a group whose container is alive go to that container. */
-  private forwardToLiveContainer(group: RegisteredGroup): boolean {
+  /**
+   * New messages for a group whose container is alive go to that container. Given the
+   * message that just arrived, only it is checked for the trigger (the ones kept before it
+   * did not wake the agent), so a busy chat costs one check per message, not a re-read.
+   */
+  private forwardToLiveContainer(group: RegisteredGroup, arrived?: StoredMessage): boolean {
     const givenUpTo = this.queue.givenUpTo(group.jid);
     if (givenUpTo === null) return false;
+    // A scheduled task is the container's turn now: the chat's messages follow once it answered.
+    if (this.taskTurns.has(group.jid) && !this.queue.answerExpected(group.jid)) return true;
+    if (arrived && !this.queue.answerExpected(group.jid) && !needsAgent(group, [arrived])) return true; // kept for the next batch
     const messages = this.store.messagesSince(group.jid, givenUpTo);
     if (messages.length === 0) return true;
     if (!this.queue.answerExpected(group.jid) && !needsAgent(group, messages)) return true; // kept for the next batch
     if (!this.queue.sendFollowUp(group.jid, formatMessages(messages, this.config.timezone))) return false;
     this.queue.give(group.jid, messages.at(-1)!.seq);
+    void this.channelFor(group.jid)?.setTyping?.(group.jid, true).catch(() => {});
     log.debug({ group: group.folder, count: messages.length }, 'Follow-up handed to the running container');
     return true;
   }
@@ -4476,22 +4617,33 @@ export class Host {
    * transaction as the reply is recorded, only when the agent answers: a failed run leaves
    * the messages to be retried (nothing lost) and an answer recorded is never made again.
    */
-  async processMessages(chatJid: string): Promise<boolean> {
+  async processMessages(chatJid: string, warm = false): Promise<boolean> {
     const group = this.store.groupByJid(chatJid);
     if (!group) return true;
-    const messages = this.store.messagesSince(chatJid, this.store.getCursor(chatJid));
-    if (!needsAgent(group, messages)) return true;
-    this.queue.give(chatJid, messages.at(-1)!.seq);
+    const cursor = this.store.getCursor(chatJid);
+    const messages = this.store.messagesSince(chatJid, cursor);
+    const asked = needsAgent(group, messages);
+    if (!asked && !warm) return true;
+    // Warm (nothing asked yet): the container starts with no prompt and takes the chat's next message as a follow-up.
+    this.queue.give(chatJid, asked ? messages.at(-1)!.seq : cursor);
     const channel = this.channelFor(chatJid);
-    await channel?.setTyping?.(chatJid, true).catch(() => {});
+    if (asked) await channel?.setTyping?.(chatJid, true).catch(() => {});
     let outcome: RunOutcome;
     let upToSeq = 0;
     try {
-      outcome = await this.runAgent(group, formatMessages(messages, this.config.timezone), {
+      outcome = await this.runAgent(group, asked ? formatMessages(messages, this.config.timezone) : '', {
         isScheduledTask: false,
         acceptsFollowUps: true,
         saveSession: true,
+        warm: !asked,
         onResult: async (result) => {
+          const taskTurn = this.taskTurns.get(chatJid);
+          if (taskTurn) {
+            this.taskTurns.delete(chatJid);
+            this.finishTaskTurn(group, taskTurn, result);
+            return;
+          }
+          void channel?.setTyping?.(chatJid, false).catch(() => {}); // the turn is over; a follow-up sets it again
           const upToSeq = this.queue.givenUpTo(chatJid) ?? 0;
           if (result.status === 'success') {
             const said = this.wordsOf(result);
@@ -4525,6 +4677,11 @@ export class Host {
     } finally {
       upToSeq = this.queue.givenUpTo(chatJid) ?? 0;
       this.queue.give(chatJid, null);
+      const orphan = this.taskTurns.get(chatJid);
+      if (orphan) {
+        this.taskTurns.delete(chatJid);
+        this.recordTaskTurn(orphan, { result: null, said: [], error: 'the container stopped before the task was answered' });
+      }
       await channel?.setTyping?.(chatJid, false).catch(() => {});
     }
     const failed = outcome.exitCode !== 0 || outcome.timedOut;
@@ -4579,6 +4736,10 @@ export class Host {
       sessionId?: string | null;
       /** Remember the session the run ends in as the group's session. */
       saveSession: boolean;
+      /** Started ahead of a message: no prompt yet, closed after warmIdleMs if none comes. */
+      warm?: boolean;
+      /** The queue entry the container belongs to (default: the group's chat). */
+      lane?: string;
       onResult(result: ContainerResult): Promise<void>;
     },
   ): Promise<RunOutcome> {
@@ -4594,6 +4755,7 @@ export class Host {
       isMain: group.isMain,
       ...(sessionId ? { sessionId } : {}),
       isScheduledTask: run.isScheduledTask,
+      ...(run.warm ? { warm: true } : {}),
       assistantName: this.config.assistantName,
     };
     return runContainer({
@@ -4603,7 +4765,11 @@ export class Host {
       mounts: groupMounts(this.config, group, extra.mounts),
       acceptsFollowUps: run.acceptsFollowUps,
       proxy: this.proxy,
-      onStart: (live) => this.queue.attach(group.jid, live),
+      onStart: (live) => {
+        const lane = run.lane ?? group.jid;
+        this.queue.attach(lane, live);
+        if (run.warm) this.queue.markIdle(lane, this.options.warmIdleMs ?? 120_000);
+      },
       onResult: async (result) => {
         if (result.sessionId && run.saveSession) {
           try {
@@ -4618,10 +4784,45 @@ export class Host {
     });
   }
 
-  /** A claimed task run goes into its group's queue. */
+  /**
+   * A claimed task run goes into its group's queue. A group-context task is a turn of the
+   * chat's container when one is alive (nothing is closed for it); an isolated task gets
+   * its own container in its own lane, beside the chat's.
+   */
   private queueTaskRun(task: ScheduledTask): void {
     this.tasksInHand.add(task.id);
-    this.queue.enqueueTask(task.chatJid, task.id, () => this.runTask(task.id).then(() => {}));
+    const run = () => this.runTask(task.id).then(() => {});
+    if (task.contextMode === 'isolated') this.queue.enqueueTask(isolatedLane(task.chatJid), task.id, run);
+    else this.queue.enqueueTask(task.chatJid, task.id, run, () => this.runTaskInLive(task.id, task.chatJid));
+  }
+
+  /** Hands a task to its chat's live container as the next turn; its answer comes back through processMessages. */
+  private runTaskInLive(taskId: string, chatJid: string): void {
+    const task = this.store.getTask(taskId);
+    if (!task || task.status !== 'active') {
+      log.info({ taskId, status: task?.status ?? 'deleted' }, 'Task skipped');
+      if (task) this.store.releaseTask(task.id);
+      this.tasksInHand.delete(taskId);
+      this.queue.markIdle(chatJid);
+      return;
+    }
+    this.store.markTaskStarted(task.id);
+    this.taskTurns.set(task.chatJid, { task, startedAt: new Date() });
+    if (!this.queue.sendFollowUp(task.chatJid, task.prompt, 'task')) {
+      // The container is going away after all: the task gets a container of its own.
+      this.taskTurns.delete(task.chatJid);
+      this.queue.enqueueTask(task.chatJid, task.id, () => this.runTask(task.id).then(() => {}));
+      return;
+    }
+    log.info({ group: task.groupFolder, taskId: task.id }, 'Scheduled task handed to the chat’s running container');
+  }
+
+  /** A task turn answered: recorded like any task run, then the chat's held messages (or the next task) follow. */
+  private finishTaskTurn(group: RegisteredGroup, turn: { task: ScheduledTask; startedAt: Date }, answer: ContainerResult): void {
+    const ok = answer.status === 'success';
+    this.recordTaskTurn(turn, { result: ok ? answer.result : null, said: ok ? this.wordsOf(answer) : [], error: ok ? null : (answer.error ?? 'unknown error') });
+    this.queue.markIdle(group.jid);
+    if (!this.forwardToLiveContainer(group)) this.queue.enqueueMessages(group.jid);
   }
 
   /**
@@ -4688,6 +4889,7 @@ export class Host {
       return null;
     }
     const group = this.store.groupByFolder(task.groupFolder);
+    const lane = task.contextMode === 'isolated' ? isolatedLane(task.chatJid) : task.chatJid;
     const startedAt = new Date();
     this.store.markTaskStarted(task.id);
     let result: string | null = null;
@@ -4700,6 +4902,7 @@ export class Host {
           acceptsFollowUps: false,
           sessionId: task.contextMode === 'group' ? undefined : null,
           saveSession: task.contextMode === 'group',
+          lane,
           onResult: async (answer) => {
             if (answer.status === 'success') {
               result = answer.result;
@@ -4707,7 +4910,7 @@ export class Host {
             } else {
               error = answer.error ?? 'unknown error';
             }
-            this.queue.closeContainer(task.chatJid);
+            this.queue.closeContainer(lane);
           },
         });
         if (!error && outcome.results === 0) error = outcome.timedOut ? 'the agent timed out' : `the agent container exited with code ${outcome.exitCode}`;
@@ -4715,11 +4918,26 @@ export class Host {
         error = errorText(err);
       }
     }
+    return this.recordTaskRun(task, startedAt, { result, said, error });
+  }
+
+  /** recordTaskRun for a task turn: a database that cannot take it leaves the claim, which the sweep recovers. */
+  private recordTaskTurn(turn: { task: ScheduledTask; startedAt: Date }, outcome: { result: string | null; said: string[]; error: string | null }): void {
+    try {
+      this.recordTaskRun(turn.task, turn.startedAt, outcome);
+    } catch (err) {
+      log.error({ group: turn.task.groupFolder, taskId: turn.task.id, err: errorText(err) }, 'Could not record a task run; it is run again once the database is back');
+    }
+  }
+
+  /** A task run's end, in one transaction: its log, the task's state, what it said, the claim released. */
+  private recordTaskRun(task: ScheduledTask, startedAt: Date, outcome: { result: string | null; said: string[]; error: string | null }): TaskRunLog {
+    const { result, error } = outcome;
     const run: TaskRunLog = {
       taskId: task.id, runAt: startedAt.toISOString(), durationMs: Date.now() - startedAt.getTime(),
       status: error ? 'error' : 'success', result, error,
     };
-    const words = error ? [] : said;
+    const words = error ? [] : outcome.said;
     this.tasksInHand.delete(task.id); // from here on, a claim left behind is the sweep's to recover
     this.store.transaction(() => {
       if (this.store.getTask(task.id)) {
@@ -5183,6 +5401,15 @@ class ChatTerminal {
     return this.spinner !== null;
   }
 
+  /** Calls `begun` at the first keystroke of each line (on a terminal; piped input has none). */
+  onLineBegun(begun: () => void): void {
+    if (!this.interactive) return;
+    // readline handles the key first (its listener came first), so a line one long has just begun.
+    process.stdin.on('keypress', () => {
+      if (this.lines.line.length === 1) begun();
+    });
+  }
+
   close(): void {
     this.working(false);
     this.lines.close();
@@ -5203,6 +5430,7 @@ export async function runChat(config: Config): Promise<number> {
     terminal.working(typing);
   });
   const { host, store, release } = await startHost(config, () => [local]);
+  terminal.onLineBegun(() => local.typing()); // the agent starts while the person types
   let finished: Promise<void> | null = null;
   const finish = () =>
     (finished ??= (async () => {

@@ -1,4 +1,5 @@
 import { copyFileSync, existsSync, mkdirSync, readFileSync, renameSync, writeFileSync } from 'node:fs';
+import { availableParallelism } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { beforeEach, describe, expect, it } from 'vitest';
@@ -383,7 +384,7 @@ describe('settings, linking and tasks as a user meets them', () => {
     writeFileSync(join(root, '.env'), `KIMI_API_KEY=${SECRET}   # from the console\nCONTAINER_IMAGE=my-agent:2 # the image\nTZ=UTC\n`);
     const got = await cli(['config', 'get', 'CONTAINER_IMAGE', 'CONTAINER_RUNTIME', 'KIMI_API_KEY', 'MAX_CONCURRENT_CONTAINERS', 'KIMI_BASE_URL'], '', { KIMI_BASE_URL: 'http://127.0.0.1:9/v1' });
     expect(got.code).toBe(0);
-    expect(got.stdout.split('\n')).toEqual(['my-agent:2', docker.path, `set (${SECRET.length} characters)`, '3', 'http://127.0.0.1:9/v1', '']);
+    expect(got.stdout.split('\n')).toEqual(['my-agent:2', docker.path, `set (${SECRET.length} characters)`, String(Math.max(2, availableParallelism())), 'http://127.0.0.1:9/v1', '']);
     const list = await cli(['config', 'list']);
     expect(list.stdout).toMatch(/CONTAINER_IMAGE\s+my-agent:2\s+\(\.env\)/);
     expect(list.stdout).toMatch(/CONTAINER_RUNTIME\s+\S+\s+\(environment\)/);
@@ -535,6 +536,19 @@ describe('chat manners on a terminal', () => {
     const next = await cli(['chat'], '');
     expect(next.code).toBe(0);
     expect(docker.runs()).toHaveLength(runs); // the abandoned message was not run again
+  });
+
+  it('starts the agent at the first keystroke, so the typed line goes into a running container', async () => {
+    const term = onTerminal();
+    await waitFor(() => term.screen().includes('you › '), 10_000, 'the prompt');
+    await term.type('h');
+    await waitFor(() => docker.calls().some((c) => c.command === 'warm-start'), 10_000, 'a container started while typing');
+    await term.type('ello\r');
+    await waitFor(() => term.screen().includes('Andy: echo: hello'), 10_000, 'the reply');
+    expect(docker.runs()).toHaveLength(1);
+    expect(docker.calls().filter((c) => c.command === 'follow-up')).toHaveLength(1);
+    await term.type('\x04');
+    expect(await term.proc.exited).toBe(0);
   });
 
   it('piped, it prints replies only; a failed turn says when it is retried', async () => {

@@ -1,9 +1,10 @@
 import { copyFileSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { availableParallelism } from 'node:os';
 import { isAbsolute, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { describe, expect, it } from 'vitest';
 import * as nc from '../nanoclaw.ts';
-import { childProcessEnv, ConfigError, keyRefusedNotice, loadConfig, maskSecrets, parseEnvFile, readSecrets, setupLogging, takeSecretsOutOfEnvironment } from '../nanoclaw.ts';
+import { childProcessEnv, ConfigError, defaultConcurrency, keyRefusedNotice, loadConfig, maskSecrets, parseEnvFile, readSecrets, setupLogging, takeSecretsOutOfEnvironment } from '../nanoclaw.ts';
 import { tempDir, tempProject } from './helpers.ts';
 
 const REPO = fileURLToPath(new URL('..', import.meta.url));
@@ -26,13 +27,17 @@ describe('loadConfig', () => {
     const config = loadConfig(root, { TZ: 'UTC' });
     expect(config).toMatchObject({
       assistantName: 'Andy', assistantHasOwnNumber: false, containerImage: 'nanoclaw-agent:latest', containerRuntime: 'docker',
-      containerTimeoutMs: 1_800_000, idleTimeoutMs: 600_000, maxConcurrentContainers: 3, logLevel: 'info', timezone: 'UTC',
+      containerTimeoutMs: 1_800_000, idleTimeoutMs: 600_000, maxConcurrentContainers: Math.max(2, availableParallelism()), logLevel: 'info', timezone: 'UTC',
     });
     for (const key of ['projectRoot', 'groupsDir', 'dataDir', 'storeDir', 'logsDir', 'dbPath', 'ipcDir', 'sessionsDir', 'envFile'] as const) {
       expect(isAbsolute(config[key]), key).toBe(true);
     }
     expect(config.dbPath).toBe(join(root, 'store', 'messages.db'));
     expect(loadConfig('relative/path', {}).projectRoot).toBe(join(process.cwd(), 'relative/path'));
+  });
+
+  it('runs as many containers at once as the machine has CPUs, at least two', () => {
+    expect([1, 2, 3, 8, 64].map((cores) => defaultConcurrency(cores))).toEqual([2, 2, 3, 8, 64]);
   });
 
   it('takes .env, and the environment wins over it', () => {

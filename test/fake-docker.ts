@@ -5,8 +5,10 @@
  * is appended to `<dir>/calls.jsonl` (argv, its own environment, the stdin of `run`),
  * so tests can assert the exact command line and stdin contract. `docker run` plays a
  * scripted container that follows container/CONTRACT.md: it answers each prompt by the
- * last <message> in it, then waits for follow-ups in the IPC input folder it was given
- * with -v, until `_close`.
+ * last <message> in it, then waits for follow-ups ({"type":"message"} or, a scheduled
+ * task as the next turn, {"type":"task"}) in the IPC input folder it was given with -v,
+ * until `_close`. A warm start (`"warm": true`, empty prompt) answers nothing until the
+ * first follow-up.
  *
  * Behaviour switches are files in <dir> (the host hands children no custom environment):
  *   engine-down      `docker info` fails like a stopped daemon
@@ -30,9 +32,7 @@
  */
 import { appendFileSync, existsSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-
-const START = '---NANOCLAW_RESULT_START---';
-const END = '---NANOCLAW_RESULT_END---';
+import { RESULT_END as END, RESULT_START as START } from '../nanoclaw.ts';
 
 const [, , wrapperPath, ...argv] = process.argv;
 const stateDir = join(wrapperPath!, '..');
@@ -137,12 +137,18 @@ async function run(): Promise<never> {
   }
   const stdin = await new Response(Bun.stdin.stream()).text();
   record({ command: 'run', stdin });
-  const input = JSON.parse(stdin) as { prompt: string; sessionId?: string; secrets?: { KIMI_API_KEY?: string } };
+  const input = JSON.parse(stdin) as { prompt: string; warm?: boolean; sessionId?: string; secrets?: { KIMI_API_KEY?: string } };
   token = input.secrets?.KIMI_API_KEY ?? '';
   const sessionId = input.sessionId ?? `fake-session-${process.pid}`;
   process.stderr.write('fake agent: reading the prompt\n');
   process.stderr.write(`Session initialized: ${sessionId}\n`);
-  await answer(input.prompt, sessionId);
+  // Warm (CONTRACT.md): no prompt; the first follow-up is the first turn.
+  if (input.warm && input.prompt !== '') {
+    emit({ status: 'error', result: null, error: 'a warm start carries no prompt' });
+    process.exit(1);
+  }
+  if (input.warm) record({ command: 'warm-start' });
+  else await answer(input.prompt, sessionId);
 
   // The run's own inbox is mounted over /workspace/ipc/input.
   const ipc = mountedHostPath('/workspace/ipc');
@@ -159,9 +165,9 @@ async function run(): Promise<never> {
           record({ command: 'closed', name });
           process.exit(0);
         }
-        const followUp = JSON.parse(readFileSync(path, 'utf8')) as { text: string };
+        const followUp = JSON.parse(readFileSync(path, 'utf8')) as { type: string; text: string };
         rmSync(path, { force: true });
-        record({ command: 'follow-up', name, text: followUp.text });
+        record({ command: followUp.type === 'task' ? 'task-turn' : 'follow-up', name, text: followUp.text });
         await answer(followUp.text, sessionId);
       }
     }

@@ -104,6 +104,11 @@ export class RecordingChannel implements Channel {
     this.handlers = null;
   }
 
+  /** Someone starts typing in a chat (WhatsApp's "composing", the terminal's first keystroke). */
+  typing(chatJid: string): void {
+    this.handlers?.onActivity?.(chatJid);
+  }
+
   /** Delivers an inbound message as a platform would. */
   receive(chatJid: string, content: string, extra: Partial<NewMessage> = {}): NewMessage {
     const message: NewMessage = {

@@ -67,6 +67,79 @@ describe('timers the host keeps, on a clock the test moves', () => {
   });
 });
 
+describe('warm when it matters', () => {
+  it('typing in a registered chat starts its container with no prompt; the message then goes into it as a follow-up', async () => {
+    const w = await world();
+    w.channel.typing(MAIN);
+    await waitFor(() => w.docker.calls().some((c) => c.command === 'warm-start'), 10_000, 'warm start');
+    expect(stdinOf(w, 0)).toMatchObject({ prompt: '', warm: true, chatJid: MAIN });
+    expect(w.channel.sent).toEqual([]);
+    w.channel.receive(MAIN, 'hello');
+    await waitFor(() => texts(w).length === 1, 10_000, 'reply');
+    expect(texts(w)).toEqual(['Andy: echo: hello']);
+    expect(w.docker.runs()).toHaveLength(1);
+    expect(w.docker.calls().filter((c) => c.command === 'follow-up').map((c) => c.text)).toHaveLength(1);
+    // The cursor moved with the answer: a restart would not answer it again.
+    expect(w.store.messagesSince(MAIN, w.store.getCursor(MAIN))).toEqual([]);
+  });
+
+  it('typing starts nothing in an unregistered chat, or for a chat whose container is up', async () => {
+    const w = await world();
+    expect(w.host.prewarm('stranger@g.us')).toBe(false);
+    w.channel.receive(MAIN, 'hello');
+    await waitFor(() => texts(w).length === 1, 10_000, 'reply');
+    expect(w.host.prewarm(MAIN)).toBe(false);
+    expect(w.docker.runs()).toHaveLength(1);
+  });
+
+  it('a warm container no message comes to is closed after warmIdleMs, on a clock the test moves', async () => {
+    const clock = new FakeClock();
+    const w = await world({}, { clock, warmIdleMs: 5_000 });
+    expect(w.host.prewarm(FAMILY)).toBe(true);
+    await waitFor(() => w.docker.calls().some((c) => c.command === 'warm-start'), 10_000, 'warm start');
+    await clock.advance(4_999);
+    expect(w.docker.calls().some((c) => c.command === 'closed')).toBe(false);
+    await clock.advance(1);
+    await waitFor(() => w.docker.calls().some((c) => c.command === 'closed'), 10_000, 'closed');
+    expect(w.channel.sent).toEqual([]);
+  });
+
+  it('in a group that needs the trigger, a warm container takes only a message that has it', async () => {
+    const w = await world();
+    w.channel.typing(FAMILY);
+    await waitFor(() => w.docker.calls().some((c) => c.command === 'warm-start'), 10_000, 'warm start');
+    w.channel.receive(FAMILY, 'just chatting');
+    await Bun.sleep(100);
+    expect(w.docker.calls().some((c) => c.command === 'follow-up')).toBe(false);
+    w.channel.receive(FAMILY, '@Andy now you');
+    await waitFor(() => texts(w).length === 1, 10_000, 'reply');
+    const handed = w.docker.calls().filter((c) => c.command === 'follow-up').map((c) => String(c.text));
+    expect(handed).toHaveLength(1);
+    expect(handed[0]).toContain('just chatting'); // the context since the last answer comes with it
+    expect(texts(w)).toEqual(['Andy: echo: now you']);
+  });
+});
+
+describe('routing into a live container', () => {
+  it('checks only the message that arrived: messages without the trigger cost no re-read of the pending ones', async () => {
+    const w = await world();
+    w.channel.receive(FAMILY, '@Andy first');
+    await waitFor(() => texts(w).length === 1, 10_000, 'reply');
+    const reads: number[] = [];
+    const original = w.store.messagesSince.bind(w.store);
+    w.store.messagesSince = (jid, after, limit) => {
+      const rows = original(jid, after, limit);
+      reads.push(rows.length);
+      return rows;
+    };
+    for (let i = 0; i < 50; i++) w.channel.receive(FAMILY, `chatter ${i}`);
+    expect(reads).toEqual([]);
+    w.channel.receive(FAMILY, '@Andy sum it up');
+    expect(reads).toEqual([51]); // once, for the batch handed over
+    await waitFor(() => texts(w).length === 2, 10_000, 'second reply');
+  });
+});
+
 describe('routing', () => {
   it('answers the main group without a trigger, prefixed with the assistant name', async () => {
     const w = await world();

@@ -10,9 +10,11 @@ function controlledRuns() {
   let maxConcurrent = 0;
   const perGroupConcurrent = new Map<string, number>();
   let maxPerGroup = 0;
-  const processMessages = (jid: string) =>
+  const warmStarts: string[] = [];
+  const processMessages = (jid: string, warm: boolean) =>
     new Promise<boolean>((resolve) => {
       started.push(jid);
+      if (warm) warmStarts.push(jid);
       concurrent++;
       maxConcurrent = Math.max(maxConcurrent, concurrent);
       perGroupConcurrent.set(jid, (perGroupConcurrent.get(jid) ?? 0) + 1);
@@ -27,6 +29,7 @@ function controlledRuns() {
   return {
     processMessages,
     started,
+    warmStarts,
     running,
     finish: (jid: string, ok = true) => running.get(jid)!(ok),
     get maxConcurrent() { return maxConcurrent; },
@@ -225,9 +228,70 @@ describe('GroupQueue', () => {
     expect(calls.close).toBe(0);
     queue.enqueueMessages('b');
     expect(calls.close).toBe(1);
-    runs.finish('a');
-    await waitFor(() => runs.started.includes('b'), 2000, 'b starts');
+    // The slot is free as soon as a's container answered and was told to close, not when it exits.
+    expect(runs.started).toEqual(['a', 'b']);
+    expect(queue.activeCount).toBe(1);
+    // a itself gets no second container while its first is still going away.
+    queue.enqueueMessages('a');
     runs.finish('b');
+    await settle();
+    expect(runs.started).toEqual(['a', 'b']);
+    runs.finish('a');
+    await waitFor(() => runs.started.length === 3, 2000, 'a again, once its container exited');
+    expect(runs.maxPerGroup).toBe(1);
+    runs.finish('a');
+  });
+
+  it('a group-context task goes into the live chat container as a turn: at once when it waits, after its answer when busy; it is never closed for it', async () => {
+    const runs = controlledRuns();
+    const queue = queueWith(runs);
+    const turns: string[] = [];
+    const ownContainer: string[] = [];
+    queue.enqueueMessages('a');
+    const { live, calls } = liveContainer();
+    queue.attach('a', live);
+    queue.markIdle('a');
+    queue.enqueueTask('a', 't1', async () => void ownContainer.push('t1'), () => turns.push('t1'));
+    expect(turns).toEqual(['t1']);
+    // Busy with t1 now: t2 waits for the answer, then is the next turn.
+    queue.enqueueTask('a', 't2', async () => void ownContainer.push('t2'), () => turns.push('t2'));
+    expect(turns).toEqual(['t1']);
+    queue.markIdle('a');
+    expect(turns).toEqual(['t1', 't2']);
+    expect(calls.close).toBe(0);
+    expect(ownContainer).toEqual([]);
+    runs.finish('a');
+  });
+
+  it('a task waiting for a live container that then exits runs in its own container', async () => {
+    const runs = controlledRuns();
+    const queue = queueWith(runs);
+    const ran: string[] = [];
+    queue.enqueueMessages('a');
+    queue.attach('a', liveContainer().live); // busy: never marked idle
+    queue.enqueueTask('a', 't1', async () => void ran.push('own container'), () => ran.push('turn'));
+    runs.finish('a');
+    await waitFor(() => ran.length === 1, 2000, 'task ran');
+    expect(ran).toEqual(['own container']);
+  });
+
+  it('prewarm starts a group’s container only into a free slot nobody waits for, and only when it has none', async () => {
+    const runs = controlledRuns();
+    const queue = queueWith(runs, { maxConcurrent: 2 });
+    expect(queue.prewarm('a')).toBe(true);
+    expect(queue.prewarm('a')).toBe(false); // already running
+    expect(runs.started).toEqual(['a']);
+    expect(runs.warmStarts).toEqual(['a']);
+    queue.enqueueMessages('b');
+    expect(queue.prewarm('c')).toBe(false); // the last slot is b's
+    queue.enqueueMessages('c'); // waits
+    expect(queue.prewarm('d')).toBe(false); // someone waits: warming would jump the line
+    expect(runs.started).toEqual(['a', 'b']);
+    runs.finish('a');
+    await waitFor(() => runs.started.length === 3, 2000, 'c gets the slot');
+    expect(runs.started).toEqual(['a', 'b', 'c']);
+    runs.finish('b');
+    runs.finish('c');
   });
 
   it('runs a scheduled task after the group finishes, closing an idle chat container for it', async () => {

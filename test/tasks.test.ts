@@ -183,15 +183,70 @@ describe('tasks through the host (fake docker)', () => {
     expect(store.getTask(failing.id)!.lastResult).toBe('Error: quota exceeded');
   });
 
-  it('never runs a task container beside the group’s chat container', async () => {
+  const events = () => docker.calls().filter((c) => ['run', 'warm-start', 'closed', 'follow-up', 'task-turn'].includes(c.command)).map((c) => c.command);
+
+  it('a group-context task in a chat whose container waits is that container’s next turn: no new container, nothing closed', async () => {
     await start({ IDLE_TIMEOUT: '600000' });
-    channel.receive(FAMILY, '@Andy !sleep 800');
-    await waitFor(() => docker.runs().length === 1, 5000, 'chat run');
-    store.createTask(task({ nextRun: new Date().toISOString() }));
+    channel.receive(FAMILY, '@Andy hello');
+    await waitFor(() => channel.sent.length === 1, 10_000, 'chat reply');
+    const t = task({ contextMode: 'group', nextRun: new Date().toISOString() });
+    store.createTask(t);
     host.scheduler.arm();
-    await waitFor(() => docker.runs().length === 2, 10_000, 'task run');
-    const events = docker.calls().filter((c) => ['run', 'closed'].includes(c.command)).map((c) => c.command);
-    expect(events.slice(0, 3)).toEqual(['run', 'closed', 'run']);
+    await waitFor(() => store.taskRuns(t.id).length === 1, 10_000, 'task run');
+    expect(store.taskRuns(t.id)[0]).toMatchObject({ status: 'success', result: 'echo: water the plants' });
+    expect(channel.sent.map((m) => m.text)).toEqual(['Andy: echo: hello', 'Andy: echo: water the plants']);
+    // The chat's next message is a follow-up into the same, still warm container.
+    channel.receive(FAMILY, '@Andy and now?');
+    await waitFor(() => channel.sent.length === 3, 10_000, 'reply after the task');
+    expect(channel.sent[2]!.text).toBe('Andy: echo: and now?');
+    expect(events()).toEqual(['run', 'task-turn', 'follow-up']);
+    expect(store.getTask(t.id)!.lastResult).toBe('echo: water the plants');
+  });
+
+  it('a group-context task due while the chat’s agent is busy waits for its answer, then is the next turn; messages meanwhile follow it', async () => {
+    await start({ IDLE_TIMEOUT: '600000' });
+    channel.receive(FAMILY, '@Andy !sleep 600');
+    await waitFor(() => docker.runs().length === 1, 5000, 'chat run');
+    const t = task({ contextMode: 'group', nextRun: new Date().toISOString() });
+    store.createTask(t);
+    host.scheduler.arm();
+    await waitFor(() => docker.calls().some((c) => c.command === 'task-turn'), 10_000, 'task turn');
+    channel.receive(FAMILY, '@Andy during the task'); // held while the task has the container
+    await waitFor(() => channel.sent.length === 3, 10_000, 'all three answers');
+    expect(channel.sent.map((m) => m.text)).toEqual(['Andy: slept 600', 'Andy: echo: water the plants', 'Andy: echo: during the task']);
+    expect(events()).toEqual(['run', 'task-turn', 'follow-up']);
+    expect(docker.runs()).toHaveLength(1);
+  });
+
+  it('an isolated task gets its own container beside the chat’s, which stays open for the chat', async () => {
+    await start({ IDLE_TIMEOUT: '600000' });
+    channel.receive(FAMILY, '@Andy hello');
+    await waitFor(() => channel.sent.length === 1, 10_000, 'chat reply');
+    const t = task({ contextMode: 'isolated', nextRun: new Date().toISOString() });
+    store.createTask(t);
+    host.scheduler.arm();
+    await waitFor(() => store.taskRuns(t.id).length === 1, 10_000, 'task run');
+    expect(JSON.parse(docker.runs()[1]!.stdin!)).toMatchObject({ isScheduledTask: true, prompt: 'water the plants' });
+    expect(JSON.parse(docker.runs()[1]!.stdin!).sessionId).toBeUndefined();
+    channel.receive(FAMILY, '@Andy still there?');
+    await waitFor(() => channel.sent.length === 3, 10_000, 'reply after the task');
+    // The task's container closed after its answer; the chat's never did.
+    expect(events()).toEqual(['run', 'run', 'closed', 'follow-up']);
+  });
+
+  it('a task turn whose container dies is recorded as failed, and the chat goes on in a new container', async () => {
+    await start({ IDLE_TIMEOUT: '600000' });
+    channel.receive(FAMILY, '@Andy hello');
+    await waitFor(() => channel.sent.length === 1, 10_000, 'chat reply');
+    const t = task({ contextMode: 'group', prompt: '!crash', nextRun: new Date().toISOString() });
+    store.createTask(t);
+    host.scheduler.arm();
+    await waitFor(() => store.taskRuns(t.id).length === 1, 10_000, 'task run');
+    expect(store.taskRuns(t.id)[0]).toMatchObject({ status: 'error', error: 'the container stopped before the task was answered' });
+    expect(store.taskClaims()).toEqual([]);
+    channel.receive(FAMILY, '@Andy back?');
+    await waitFor(() => channel.sent.length === 2, 10_000, 'reply in a new container');
+    expect(docker.runs()).toHaveLength(2);
   });
 });
 

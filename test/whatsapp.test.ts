@@ -10,7 +10,7 @@ import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import {
   AgentTree,
-  Host, backoff, parseWhatsAppMessage, RateLimiter, addGroup, safeMediaFileName, setupLogging, splitForWhatsApp,
+  Host, backoff, parseWhatsAppMessage, someoneTyping, RateLimiter, addGroup, safeMediaFileName, setupLogging, splitForWhatsApp,
   Store, OutboxSender, newMessageId, toWhatsAppFormat, writeJsonAtomic, WhatsAppChannel, whatsAppChannel, makeSelfChatMain, LOCAL_MAIN_JID,
   type ChannelHandlers, type NewMessage, type WhatsAppIdentity, type WhatsAppOptions,
 } from '../nanoclaw.ts';
@@ -610,6 +610,33 @@ describe('what real WhatsApp needs (baileys 7)', () => {
     channel.socket!.ev.emit('lid-mapping.update', { lid: stranger, pn: '4915100000077@s.whatsapp.net' });
     await channel.onMessage(waMessage({ remoteJid: GROUP, participant: `777000111:2@lid`, id: 'AFTER', message: { conversation: 'hi again' } }));
     expect(received.map((m) => m.sender)).toEqual([stranger, '4915100000077@s.whatsapp.net']);
+  });
+
+  it('someone typing in a watched chat (a chatstate, as baileys parses it) is activity; our own typing is not; watched chats are subscribed at open', async () => {
+    setupLogging(tempProject(), { terminalLevel: 'silent' });
+    const server = flakyServer(60_000);
+    const channel = new RecordingWhatsApp(options(await linkedAuthDir(), server.url));
+    stops.push(async () => {
+      await channel.disconnect();
+      server.stop();
+    });
+    const activity: string[] = [];
+    await channel.connect({ onMessage: () => {}, onActivity: (jid) => activity.push(jid), watchedChats: () => [GROUP, ALICE] });
+    const sock = channel.socket!;
+    const subscribed: string[] = [];
+    sock.presenceSubscribe = async (jid: string) => void subscribed.push(jid);
+    openAsWhatsAppWould(sock);
+    expect(subscribed).toEqual([GROUP, ALICE]);
+    const own = sock.user!.id; // as the phone knows us: with its device suffix
+    const chatstate = (from: string, participant: string, state: string) =>
+      sock.ws.emit('CB:chatstate', { tag: 'chatstate', attrs: { from, participant }, content: [{ tag: state, attrs: {} }] });
+    chatstate(GROUP, ALICE, 'paused');
+    chatstate(GROUP, own, 'composing');
+    expect(activity).toEqual([]);
+    chatstate(GROUP, ALICE, 'composing');
+    sock.ev.flush();
+    expect(activity).toEqual([GROUP]);
+    expect(someoneTyping({ [ALICE]: { lastKnownPresence: 'recording' } }, new Set())).toBe(true);
   });
 
   it('media gone from WhatsApp’s servers (410) is asked of the sender’s phone again, then downloaded; a phone that never answers times out', async () => {
