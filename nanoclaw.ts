@@ -3596,11 +3596,27 @@ function writeRunLog(plan: RunPlan, options: RunContainerOptions, result: RunRes
   });
   try {
     plan.trees.group.create(`logs/${logName}`, maskSecrets(text, plan.secretValues));
+    pruneRunLogs(plan.trees.group, RUN_LOGS_KEPT);
     return join(plan.trees.group.path('logs'), logName);
   } catch (err) {
     groupLog.warn({ reason: errorText(err) }, 'Could not write the run log');
     return '(not written)';
   }
+}
+
+/** How many run logs a group keeps in groups/<folder>/logs/ (the newest; older ones are deleted). */
+export const RUN_LOGS_KEPT = 100;
+
+/** The run logs beyond the newest `keep`, oldest first (their names sort by start time). */
+export function runLogsToPrune(names: readonly string[], keep: number): string[] {
+  const logs = names.filter((name) => /^container-.*\.log$/.test(name)).sort();
+  return logs.slice(0, Math.max(0, logs.length - keep));
+}
+
+/** Deletes the oldest run logs of a group (through its AgentTree: the folder is the agent's too). */
+function pruneRunLogs(tree: AgentTree, keep: number): void {
+  const files = tree.entries('logs').filter((entry) => entry.kind === 'file').map((entry) => entry.name);
+  for (const name of runLogsToPrune(files, keep)) tree.remove(`logs/${name}`);
 }
 
 /** Runs one agent container to the end: plan it, stream it, clean up after it, log it. */

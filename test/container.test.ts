@@ -1,8 +1,8 @@
-import { existsSync, mkdirSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, readdirSync, readFileSync, symlinkSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import {
-  groupMounts, installId, ModelProxy, preflight, removeLeftoverContainers, runContainer, setupLogging, Store, addGroup,
+  groupMounts, installId, ModelProxy, preflight, removeLeftoverContainers, RUN_LOGS_KEPT, runContainer, runLogsToPrune, setupLogging, Store, addGroup,
   type Config, type ContainerInput, type ContainerResult, type RegisteredGroup,
 } from '../nanoclaw.ts';
 import { fakeDocker, tempProject, type FakeDocker } from './helpers.ts';
@@ -173,6 +173,22 @@ describe('runContainer with a fake docker', () => {
     expect(text).toContain('Session initialized');
     expect(text).toContain('model: no model proxy');
     expect(text).not.toContain(SECRET);
+  });
+
+  it('keeps the newest RUN_LOGS_KEPT run logs of a group and deletes older ones; what is not a run log stays', async () => {
+    const dir = join(config.groupsDir, 'family', 'logs');
+    mkdirSync(dir, { recursive: true });
+    for (let i = 0; i < RUN_LOGS_KEPT; i++) writeFileSync(join(dir, `container-2020-01-01T00-00-${String(i).padStart(3, '0')}Z.log`), 'old');
+    writeFileSync(join(dir, 'notes.txt'), 'the agent’s own');
+    symlinkSync('/etc/passwd', join(dir, 'container-2000-planted.log')); // a link is never followed or removed through
+    await run(message('one more'), {}, (live) => live.close());
+    const logs = readdirSync(dir).filter((f) => /^container-.*\.log$/.test(f) && !f.includes('planted'));
+    expect(logs).toHaveLength(RUN_LOGS_KEPT);
+    expect(logs).not.toContain('container-2020-01-01T00-00-000Z.log');
+    expect(logs).toContain('container-2020-01-01T00-00-001Z.log');
+    expect(readdirSync(dir)).toContain('notes.txt');
+    expect(readdirSync(dir)).toContain('container-2000-planted.log');
+    expect(runLogsToPrune(['container-b.log', 'x.txt', 'container-a.log', 'container-c.log'], 2)).toEqual(['container-a.log']);
   });
 
   it('keeps stderr out of the run log of a clean run unless LOG_LEVEL=debug', async () => {
