@@ -14,7 +14,16 @@
  *                                      3 attempts per step for 429/5xx/empty with StepRetry
  *   src/kimi_cli/soul/context.py       context.jsonl; the system prompt written first, once,
  *                                      and reused on resume (prepended to a legacy history)
- *   src/kimi_cli/soul/agent.py         agent file, ROLE_ADDITIONAL, AGENTS.md discovery
+ *   src/kimi_cli/soul/agent.py         agent file, ROLE_ADDITIONAL, AGENTS.md discovery;
+ *                                      load_agent starts MCP loading (start_mcp_loading)
+ *   src/kimi_cli/cli/__init__.py, app.py   MCP servers are deferred only for the
+ *                                      interactive shell; with --wire they connect as the
+ *                                      process starts, before initialize is served
+ *   src/kimi_cli/soul/toolset.py       load_mcp_tools(in_background=True): connecting in a
+ *                                      background task; mcp_status_snapshot
+ *   src/kimi_cli/soul/kimisoul.py      _agent_loop: a turn first waits for that task,
+ *                                      announced by StatusUpdate(mcp_status), MCPLoadingBegin/End
+ *   src/kimi_cli/wire/types.py         MCPLoadingBegin, MCPLoadingEnd, MCPStatusSnapshot
  *   src/kimi_cli/soul/approval.py      approvals: none under --yolo, else ApprovalRequest
  *   src/kimi_cli/config.py, llm.py     config.toml, model selection, KIMI_* overrides,
  *                                      capabilities (configured ∪ derived from the name)
@@ -30,7 +39,11 @@
  * fake-model.ts, which tests run; under the host, requests reach it through NanoClaw's
  * model proxy). Not modelled: auto-compaction, subagents, slash commands, hooks, plan
  * mode tools. Test knobs: a user message "!crash" makes it exit 1 mid-turn, as a crashed
- * CLI would; KIMI_STUB_WIRE_PROTOCOL makes it report another protocol version.
+ * CLI would; KIMI_STUB_WIRE_PROTOCOL makes it report another protocol version;
+ * KIMI_STUB_RETRY_WAIT_SCALE=<factor> shortens the waits between retries (not the
+ * announced wait_s) for tests that only count attempts; KIMI_STUB_TRACE=<file> makes it append `<what> <epoch-ms>` lines as it starts (`start`),
+ * answers `initialize`, has its MCP servers connected (`mcp-connected`) and takes a
+ * `prompt`, so tests can see when the CLI started relative to the first prompt.
  */
 import { Client } from '@modelcontextprotocol/sdk/client/index.js';
 import { StdioClientTransport } from '@modelcontextprotocol/sdk/client/stdio.js';
@@ -48,6 +61,17 @@ export const KIMI_CLI_VERSION = '1.49.0';
  * of a client's own check, KIMI_STUB_WIRE_PROTOCOL makes it report another.
  */
 export const WIRE_PROTOCOL_VERSION = process.env.KIMI_STUB_WIRE_PROTOCOL || '1.10';
+
+/** A retry's wait; KIMI_STUB_RETRY_WAIT_SCALE (a test knob) shortens every one by that factor, announcements unchanged. */
+function retryWait(ms: number): Promise<void> {
+  const scale = Number(process.env.KIMI_STUB_RETRY_WAIT_SCALE ?? 1);
+  return Bun.sleep(ms * (scale >= 0 ? scale : 1));
+}
+
+/** The KIMI_STUB_TRACE knob: one `<what> <epoch-ms>` line per step of the CLI's life a test asks about. */
+function trace(what: string): void {
+  if (process.env.KIMI_STUB_TRACE) appendFileSync(process.env.KIMI_STUB_TRACE, `${what} ${Date.now()}\n`);
+}
 
 // ───────────────────────────── flags ─────────────────────────────
 
@@ -422,46 +446,82 @@ function builtinTools(workDir: string, capabilities: ReadonlySet<Capability>, ca
   return tools;
 }
 
-/** MCP servers from mcp.json, connected when the process starts (wire mode does not defer them). */
+type McpServerStatus = 'pending' | 'connecting' | 'connected' | 'failed';
+
+/**
+ * MCP servers from mcp.json, connected in the background from the moment the process
+ * starts — before initialize is even answered — as kimi-cli does outside its interactive
+ * shell (load_agent → load_mcp_tools(in_background=True)); a turn waits for them first.
+ */
 class McpTools {
   private readonly clients: Client[] = [];
   readonly tools: Tool[] = [];
   readonly ready: Promise<void>;
+  private loading = true;
+  private readonly servers = new Map<string, { status: McpServerStatus; tools: string[] }>();
 
   constructor(configFiles: readonly string[]) {
-    this.ready = this.connect(configFiles);
-    this.ready.catch(() => {}); // reported by the first prompt
+    this.ready = this.connect(configFiles).finally(() => {
+      this.loading = false;
+    });
+    this.ready.then(() => trace('mcp-connected'), () => {}); // a failure is reported by the first prompt
+  }
+
+  /** Still connecting (toolset.py has_pending_mcp_tools). */
+  get isLoading(): boolean {
+    return this.loading;
+  }
+
+  /** toolset.py mcp_status_snapshot: null without servers. */
+  snapshot(): { loading: boolean; connected: number; total: number; tools: number; servers: { name: string; status: McpServerStatus; tools: string[] }[] } | null {
+    if (this.servers.size === 0) return null;
+    const servers = [...this.servers].map(([name, info]) => ({ name, status: info.status, tools: [...info.tools] }));
+    return {
+      loading: this.loading, connected: servers.filter((s) => s.status === 'connected').length, total: servers.length,
+      tools: servers.reduce((n, s) => n + s.tools.length, 0), servers,
+    };
   }
 
   private async connect(configFiles: readonly string[]): Promise<void> {
     const failures: Record<string, string> = {};
+    const specs: [string, { command: string; args?: string[]; env?: Record<string, string> }][] = [];
     for (const file of configFiles) {
       if (!existsSync(file)) continue;
       const { mcpServers = {} } = JSON.parse(readFileSync(file, 'utf8')) as { mcpServers?: Record<string, { command: string; args?: string[]; env?: Record<string, string> }> };
-      for (const [server, spec] of Object.entries(mcpServers)) {
-        try {
-          const client = new Client({ name: 'kimi-cli', version: KIMI_CLI_VERSION });
-          await client.connect(new StdioClientTransport({ command: spec.command, args: spec.args ?? [], env: { PATH: process.env.PATH ?? '', HOME: process.env.HOME ?? '', ...spec.env } }));
-          this.clients.push(client);
-          const { tools } = await client.listTools();
-          for (const tool of tools) {
-            this.tools.push({
-              name: tool.name,
-              description: `This is an MCP (Model Context Protocol) tool from MCP server \`${server}\`.\n\n${tool.description ?? ''}`,
-              parameters: tool.inputSchema as Record<string, unknown>,
-              run: async (args, ctx) => {
-                if (!(await ctx.approve(`mcp:${tool.name}`, `Call MCP tool \`${tool.name}\`.`, []))) return { isError: true, output: '', message: REJECTED };
-                const result = (await client.callTool({ name: tool.name, arguments: args })) as { content?: { type: string; text?: string }[]; isError?: boolean };
-                const output = (result.content ?? []).filter((c) => c.type === 'text').map((c) => c.text).join('\n');
-                return { isError: Boolean(result.isError), output, message: result.isError ? 'Tool execution failed.' : '' };
-              },
-            });
-          }
-        } catch (err) {
-          failures[server] = err instanceof Error ? err.message : String(err);
-        }
+      for (const entry of Object.entries(mcpServers)) {
+        specs.push(entry);
+        this.servers.set(entry[0], { status: 'pending', tools: [] });
       }
     }
+    // All servers at once, as the CLI gathers them.
+    await Promise.all(specs.map(async ([server, spec]) => {
+      const info = this.servers.get(server)!;
+      info.status = 'connecting';
+      try {
+        const client = new Client({ name: 'kimi-cli', version: KIMI_CLI_VERSION });
+        await client.connect(new StdioClientTransport({ command: spec.command, args: spec.args ?? [], env: { PATH: process.env.PATH ?? '', HOME: process.env.HOME ?? '', ...spec.env } }));
+        this.clients.push(client);
+        const { tools } = await client.listTools();
+        for (const tool of tools) {
+          info.tools.push(tool.name);
+          this.tools.push({
+            name: tool.name,
+            description: `This is an MCP (Model Context Protocol) tool from MCP server \`${server}\`.\n\n${tool.description ?? ''}`,
+            parameters: tool.inputSchema as Record<string, unknown>,
+            run: async (args, ctx) => {
+              if (!(await ctx.approve(`mcp:${tool.name}`, `Call MCP tool \`${tool.name}\`.`, []))) return { isError: true, output: '', message: REJECTED };
+              const result = (await client.callTool({ name: tool.name, arguments: args })) as { content?: { type: string; text?: string }[]; isError?: boolean };
+              const output = (result.content ?? []).filter((c) => c.type === 'text').map((c) => c.text).join('\n');
+              return { isError: Boolean(result.isError), output, message: result.isError ? 'Tool execution failed.' : '' };
+            },
+          });
+        }
+        info.status = 'connected';
+      } catch (err) {
+        info.status = 'failed';
+        failures[server] = err instanceof Error ? err.message : String(err);
+      }
+    }));
     if (Object.keys(failures).length) throw new Error(`MCPRuntimeError: Failed to connect MCP servers: ${JSON.stringify(failures)}`);
   }
 
@@ -515,7 +575,7 @@ async function postWithClientRetries(url: string, init: RequestInit, signal: Abo
     } catch (err) {
       if (signal.aborted) throw err;
       if (retry < CLIENT_RETRIES) {
-        await Bun.sleep(Math.min(0.5 * 2 ** retry, 8) * (1 - 0.25 * Math.random()) * 1000);
+        await retryWait(Math.min(0.5 * 2 ** retry, 8) * (1 - 0.25 * Math.random()) * 1000);
         continue;
       }
       throw new ProviderError('Connection error.', null, true, 'APIConnectionError');
@@ -527,7 +587,7 @@ async function postWithClientRetries(url: string, init: RequestInit, signal: Abo
     if (clientRetries && retry < CLIENT_RETRIES) {
       const after = Number(response.headers.get('retry-after-ms')) || Number(response.headers.get('retry-after')) * 1000 || 0;
       await response.body?.cancel();
-      await Bun.sleep(after > 0 && after <= 60_000 ? after : Math.min(0.5 * 2 ** retry, 8) * (1 - 0.25 * Math.random()) * 1000);
+      await retryWait(after > 0 && after <= 60_000 ? after : Math.min(0.5 * 2 ** retry, 8) * (1 - 0.25 * Math.random()) * 1000);
       continue;
     }
     throw new ProviderError(await statusErrorMessage(response), status, [429, 500, 502, 503, 504].includes(status), 'APIStatusError');
@@ -645,6 +705,7 @@ export async function serveWire(args: CliArgs, env: Record<string, string | unde
   const sessionId = args.session ?? randomUUID();
   const session = new SessionFiles(share, args.workDir, sessionId, renderSystemPrompt(args.agentFile, args.workDir), args.yolo);
   const mcpFiles = args.mcpConfigFiles.length ? args.mcpConfigFiles : [join(share, 'mcp.json')];
+  trace('start');
   const mcp = new McpTools(mcpFiles);
   let initialized = false;
   let supportsQuestion = false;
@@ -701,10 +762,21 @@ export async function serveWire(args: CliArgs, env: Record<string, string | unde
         const needed = kind === 'image' ? 'image_in' : 'video_in';
         if (!llm.capabilities.has(needed)) throw new RpcError(ErrorCode.LLM_NOT_SUPPORTED, `LLM model '${llm.model}' does not support required capability: ${needed}.`);
       }
+      // kimisoul.py _agent_loop: MCP servers still connecting are waited for, and announced.
+      const loading = mcp.isLoading && mcp.snapshot() !== null;
+      if (loading) {
+        emit('StatusUpdate', { mcp_status: mcp.snapshot() });
+        emit('MCPLoadingBegin', {});
+      }
       try {
         await mcp.ready;
       } catch (err) {
         throw new RpcError(ErrorCode.INTERNAL_ERROR, err instanceof Error ? err.message : String(err));
+      } finally {
+        if (loading) {
+          emit('StatusUpdate', { mcp_status: mcp.snapshot() });
+          emit('MCPLoadingEnd', {});
+        }
       }
       const inputText = typeof userInput === 'string' ? userInput : JSON.stringify(userInput);
       if (/(^|\n)\s*(<message[^>]*>)?(@\S+\s+)?!crash\b/.test(inputText)) {
@@ -735,7 +807,7 @@ export async function serveWire(args: CliArgs, env: Record<string, string | unde
               // tenacity wait_exponential_jitter(initial=0.3, max=5, jitter=0.5), announced by StepRetry
               const waitS = Math.min(5, 0.3 * 2 ** (attempt - 1) + Math.random() * 0.5);
               emit('StepRetry', { n: step, next_attempt: attempt + 1, max_attempts: MAX_ATTEMPTS_PER_STEP, wait_s: waitS, error_type: err.errorType, status_code: err.status });
-              await Bun.sleep(waitS * 1000);
+              await retryWait(waitS * 1000);
               continue;
             }
             emit('StepInterrupted', {});
@@ -830,6 +902,7 @@ export async function serveWire(args: CliArgs, env: Record<string, string | unde
           if (typeof params.protocol_version !== 'string') throw new RpcError(ErrorCode.INVALID_PARAMS, 'Invalid parameters for method `initialize`');
           if (turn) throw new RpcError(ErrorCode.INVALID_STATE, 'An agent turn is already in progress');
           initialized = true;
+          trace('initialize');
           supportsQuestion = (params.capabilities as { supports_question?: unknown } | undefined)?.supports_question === true;
           return {
             protocol_version: WIRE_PROTOCOL_VERSION,
@@ -844,6 +917,7 @@ export async function serveWire(args: CliArgs, env: Record<string, string | unde
         reply(async () => {
           if (params.user_input === undefined) throw new RpcError(ErrorCode.INVALID_PARAMS, 'Invalid parameters for method `prompt`');
           if (turn) throw new RpcError(ErrorCode.INVALID_STATE, 'An agent turn is already in progress');
+          trace('prompt');
           const current: Turn = { steers: [], abort: new AbortController(), stop: false };
           turn = current;
           try {

@@ -6,11 +6,13 @@
  * configuration, opens (or resumes) the group's Kimi session through the Kimi Agent SDK,
  * and answers: each finished turn becomes one result between the markers on stdout.
  * Then it waits for follow-ups in /workspace/ipc/input/ — steering them into a running
- * turn, or starting the next turn — until `_close` arrives. Logs go to stderr.
+ * turn, or starting the next turn — until `_close` arrives. A warm start (`"warm": true`)
+ * opens the session and starts the CLI with no prompt; the first follow-up is the first
+ * prompt. Logs go to stderr.
  */
 import { createSession, type QuestionItem, type Session, type Turn } from '@moonshot-ai/kimi-agent-sdk';
 import { createHash, randomUUID } from 'node:crypto';
-import { chmodSync, existsSync, mkdirSync, readdirSync, readFileSync, renameSync, rmSync, writeFileSync } from 'node:fs';
+import { chmodSync, existsSync, mkdirSync, readdirSync, readFileSync, renameSync, rmSync, watch, writeFileSync, type FSWatcher } from 'node:fs';
 import { createServer, connect, type AddressInfo } from 'node:net';
 import { homedir, tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -18,6 +20,9 @@ import { writeIpcFile } from './mcp-server.ts';
 import {
   buildAgentFile, buildConfigToml, buildMcpConfig, buildRole, keyFromEnvFile, MODEL_ALIAS, scheduledTaskPrompt,
 } from './config.ts';
+
+/** When this module began to load: the `start` timing mark. */
+const MODULE_START = Date.now();
 
 export const RESULT_START = '---NANOCLAW_RESULT_START---';
 export const RESULT_END = '---NANOCLAW_RESULT_END---';
@@ -31,6 +36,8 @@ export interface RunnerInput {
   isScheduledTask?: boolean;
   assistantName?: string;
   secrets?: { KIMI_API_KEY?: string };
+  /** Start the session and the CLI now, with no prompt (`prompt` is ""): the first follow-up in the inbox is the first prompt. */
+  warm?: boolean;
 }
 
 export interface RunnerResult {
@@ -126,7 +133,12 @@ export function parseInput(text: string): RunnerInput {
   }
   if (typeof data !== 'object' || data === null || Array.isArray(data)) throw new InputError('input must be a JSON object');
   const input = data as Record<string, unknown>;
-  for (const key of ['prompt', 'groupFolder', 'chatJid'] as const) {
+  if (input.warm !== undefined && typeof input.warm !== 'boolean') throw new InputError('input field "warm" must be true or false');
+  if (input.warm === true && input.prompt !== '') {
+    throw new InputError('input field "prompt" must be "" when "warm" is true: the first prompt of a warm start comes from the inbox');
+  }
+  const required = input.warm === true ? (['groupFolder', 'chatJid'] as const) : (['prompt', 'groupFolder', 'chatJid'] as const);
+  for (const key of required) {
     if (typeof input[key] !== 'string' || !(input[key] as string).trim()) throw new InputError(`input field "${key}" must be a non-empty string`);
   }
   if (typeof input.isMain !== 'boolean') throw new InputError('input field "isMain" must be true or false');
@@ -204,30 +216,96 @@ function log(message: string): void {
 }
 
 /**
- * Follow-up messages and the close request, read from the IPC input folder. It polls
- * (150 ms) rather than watching: file events on bind mounts are not delivered reliably by
- * every Docker setup (Docker Desktop on macOS among them), and a missed event would stall
- * the conversation.
+ * The benchmark marks: with NANOCLAW_TIMING=1, `[agent-runner] timing <phase> <epoch-ms>`
+ * on stderr, each phase once (the first time it is reached); otherwise nothing.
+ */
+export type TimingPhase = 'start' | 'input' | 'cli-ready' | 'prompt' | 'first-event' | 'result';
+export type Mark = (phase: TimingPhase, at?: number) => void;
+
+export function timingMarks(env: Record<string, string | undefined>, write: (line: string) => void = (line) => process.stderr.write(line)): Mark {
+  if (env.NANOCLAW_TIMING !== '1') return () => {};
+  const seen = new Set<TimingPhase>();
+  return (phase, at = Date.now()) => {
+    if (seen.has(phase)) return;
+    seen.add(phase);
+    write(`[agent-runner] timing ${phase} ${at}\n`);
+  };
+}
+
+export interface InboxOptions {
+  /** The safety poll's period, ms (NANOCLAW_INBOX_POLL_MS; default 1000). */
+  pollMs?: number;
+  /** Watch the folder for file events (default true; NANOCLAW_INBOX_WATCH=0 turns it off, leaving the poll alone). */
+  watch?: boolean;
+}
+
+/** The inbox settings from the environment (for tests; the host sets neither). */
+export function inboxOptions(env: Record<string, string | undefined>): InboxOptions {
+  const pollMs = Number(env.NANOCLAW_INBOX_POLL_MS);
+  return { pollMs: pollMs > 0 ? pollMs : 1000, watch: env.NANOCLAW_INBOX_WATCH !== '0' };
+}
+
+/** What the wait between turns ends with. */
+export type NextInput = { kind: 'message'; text: string } | { kind: 'close' } | { kind: 'idle' };
+
+/**
+ * Follow-up messages and the close request, read from the IPC input folder. Two ways in,
+ * both ending in the same read of the folder: a watch (fs.watch) reads it on every file
+ * event, so a message or `_close` is acted on as soon as it lands; and a slow safety poll
+ * (1 s) reads it anyway, because file events on bind mounts are not delivered reliably by
+ * every Docker setup (Docker Desktop on macOS among them: a file the host writes may raise
+ * no event in the container). A missed event thus costs at most one poll period, never a
+ * stalled conversation; where the folder cannot be watched at all, the poll alone serves.
  */
 export class Inbox {
   private readonly queued: string[] = [];
   private timer: ReturnType<typeof setInterval> | null = null;
+  private watcher: FSWatcher | null = null;
+  private readonly pollMs: number;
+  private readonly watchFolder: boolean;
   closeRequested = false;
   /** Set while a turn runs: follow-ups go straight into it. */
   onMessage: ((text: string) => void) | null = null;
   private answerWaiter: ((text: string | null) => void) | null = null;
+  /** Set while nextInput waits: called once a message is queued or _close has come. */
+  private wake: (() => void) | null = null;
 
-  constructor(private readonly dir: string, private readonly pollMs = 150) {}
+  constructor(private readonly dir: string, options: InboxOptions = {}) {
+    this.pollMs = options.pollMs ?? 1000;
+    this.watchFolder = options.watch ?? true;
+  }
+
+  /** Whether file events are being watched (else only the safety poll reads the folder). */
+  get watching(): boolean {
+    return this.watcher !== null;
+  }
 
   start(): void {
+    if (this.watchFolder) {
+      try {
+        const watcher = watch(this.dir, () => this.poll());
+        watcher.on('error', (err) => {
+          log(`stopped watching ${this.dir} (${err instanceof Error ? err.message : err}); reading it every ${this.pollMs} ms`);
+          watcher.close();
+          if (this.watcher === watcher) this.watcher = null;
+        });
+        this.watcher = watcher;
+      } catch (err) {
+        log(`cannot watch ${this.dir} (${err instanceof Error ? err.message : err}); reading it every ${this.pollMs} ms`);
+      }
+    }
     this.timer = setInterval(() => this.poll(), this.pollMs);
+    this.poll(); // what came before the watch began
   }
 
   stop(): void {
     if (this.timer) clearInterval(this.timer);
+    this.timer = null;
+    this.watcher?.close();
+    this.watcher = null;
   }
 
-  /** Picks up new files in name order; each is deleted once read. */
+  /** Picks up new files in name order; each is deleted once read. Called by the watch, the poll and the waits. */
   poll(): void {
     let files: string[];
     try {
@@ -257,6 +335,7 @@ export class Inbox {
       else if (this.onMessage) this.onMessage(text);
       else this.queued.push(text);
     }
+    if (this.queued.length || this.closeRequested) this.wake?.();
   }
 
   /** The next message to arrive, taken as an answer (not steered); null after timeoutMs or on _close. */
@@ -272,6 +351,33 @@ export class Inbox {
     });
   }
 
+  /**
+   * The wait between turns, woken by the inbox itself (no sleeping): everything queued,
+   * joined as one prompt, as soon as there is something; `close` once `_close` came and
+   * nothing is queued; `idle` after timeoutMs with neither.
+   */
+  async nextInput(timeoutMs: number): Promise<NextInput> {
+    this.poll();
+    let timedOut = false;
+    if (this.queued.length === 0 && !this.closeRequested) {
+      await new Promise<void>((resolve) => {
+        const done = () => {
+          clearTimeout(timer);
+          this.wake = null;
+          resolve();
+        };
+        const timer = setTimeout(() => {
+          timedOut = true;
+          done();
+        }, timeoutMs);
+        this.wake = done;
+      });
+    }
+    const text = this.takeQueued();
+    if (text !== null) return { kind: 'message', text };
+    return timedOut ? { kind: 'idle' } : { kind: 'close' };
+  }
+
   /** Everything that arrived between turns, as one next prompt. */
   takeQueued(): string | null {
     if (this.queued.length === 0) return null;
@@ -280,7 +386,30 @@ export class Inbox {
 
   requeue(text: string): void {
     this.queued.push(text);
+    this.wake?.();
   }
+}
+
+/**
+ * Starts the session's CLI now — spawn, then the wire `initialize` — instead of at the
+ * first prompt; the CLI then also connects its MCP servers, which kimi-cli does as it
+ * starts (in the background; its first turn waits for them). @moonshot-ai/kimi-agent-sdk
+ * 0.1.8 has no public way to do this: its SessionImpl starts the ProtocolClient lazily in
+ * the internal getClientWithConfigCheck() when a turn first needs it, and every later turn
+ * reuses that client while the session's settings stay as they are. Calling the method
+ * early does exactly what the first prompt would. Where it is missing (another SDK
+ * version) nothing happens and the first prompt starts the CLI, as before. Resolves true
+ * once the CLI has answered initialize, false when it was not started here.
+ *
+ * Await it before the session's first prompt: a turn that begins while it runs finds a
+ * client without settings yet, takes that for a change of settings and starts another CLI.
+ */
+export async function startCli(session: Session): Promise<boolean> {
+  // SessionImpl's internal method (not in the SDK's types), looked up at run time.
+  const start = (session as Session & { getClientWithConfigCheck?: unknown }).getClientWithConfigCheck;
+  if (typeof start !== 'function') return false;
+  await (start as (this: Session) => Promise<unknown>).call(session);
+  return true;
 }
 
 /** How the agent reaches the people in the chat mid-turn: for its questions. */
@@ -323,7 +452,8 @@ async function answerQuestions(turn: Turn, request: { id: string; questions: Que
  * so the host records them in one go with what they answered. What the CLI asks mid-turn
  * is answered: questions through the chat, approvals by policy (the runner is yolo).
  */
-export async function runTurn(session: Session, prompt: string, inbox: Inbox, chat: ChatLine = { say: () => false, canHear: false, questionTimeoutMs: 0 }): Promise<RunnerResult> {
+export async function runTurn(session: Session, prompt: string, inbox: Inbox, chat: ChatLine = { say: () => false, canHear: false, questionTimeoutMs: 0 }, mark: Mark = () => {}): Promise<RunnerResult> {
+  mark('prompt');
   const turn = session.prompt(prompt);
   inbox.onMessage = (text) => {
     turn.steer(text).catch((err) => {
@@ -335,6 +465,7 @@ export async function runTurn(session: Session, prompt: string, inbox: Inbox, ch
   const answering: Promise<void>[] = [];
   try {
     for await (const event of turn) {
+      mark('first-event');
       if (event.type === 'StepBegin') steps.push('');
       else if (event.type === 'ContentPart' && event.payload.type === 'text') steps[steps.length - 1] += event.payload.text;
       else if (event.type === 'QuestionRequest') {
@@ -344,7 +475,8 @@ export async function runTurn(session: Session, prompt: string, inbox: Inbox, ch
         log(`approved "${event.payload.action}" (${event.payload.description}): NanoClaw runs the agent with every action approved`);
         void turn.approve(event.payload.id, 'approve').catch((err) => log(`approval failed: ${err instanceof Error ? err.message : err}`));
       } else if (event.type === 'error') {
-        log(`the CLI sent something this SDK does not know (${event.code}): ${event.message}`);
+        // kimi-cli announces MCP start-up it is still waiting for (MCPLoadingBegin/End): nothing to act on.
+        if (!/^Unknown event type: MCPLoading(Begin|End)$/.test(event.message)) log(`the CLI sent something this SDK does not know (${event.code}): ${event.message}`);
       }
     }
     await Promise.all(answering);
@@ -426,19 +558,30 @@ export function removeKey(paths: ReturnType<typeof runnerPaths>, env: Record<str
 
 export async function main(env: Record<string, string | undefined> = process.env): Promise<number> {
   const paths = runnerPaths(env);
+  const mark = timingMarks(env);
+  mark('start', MODULE_START);
+  const writeResult = (result: RunnerResult) => {
+    process.stdout.write(formatResult(result));
+    mark('result');
+  };
+  // The host creates ipc/input/ before it starts a container it will talk to; without it
+  // (e.g. the guide's manual test) the runner answers once and exits.
+  const takesFollowUps = existsSync(paths.input);
   let input: RunnerInput;
   try {
     input = parseInput(await readStdin(Number(env.NANOCLAW_STDIN_TIMEOUT_MS ?? 60_000)));
+    if (input.warm && !takesFollowUps) throw new InputError(`a warm start ("warm": true) needs the inbox ${paths.input}: its first message is the first prompt`);
   } catch (err) {
-    process.stdout.write(formatResult({ status: 'error', result: null, error: err instanceof Error ? err.message : String(err) }));
+    writeResult({ status: 'error', result: null, error: err instanceof Error ? err.message : String(err) });
     return 1;
   }
+  mark('input');
 
   let endpoint: Awaited<ReturnType<typeof modelEndpoint>>;
   try {
     endpoint = await modelEndpoint(env);
   } catch (err) {
-    process.stdout.write(formatResult({ status: 'error', result: null, error: err instanceof Error ? err.message : String(err) }));
+    writeResult({ status: 'error', result: null, error: err instanceof Error ? err.message : String(err) });
     return 1;
   }
   // The CLI inherits this environment; its KIMI_* overrides would bypass config.toml (and the proxy).
@@ -447,18 +590,24 @@ export async function main(env: Record<string, string | undefined> = process.env
   const { agentFile, role } = writeKimiFiles(input, paths, env, endpoint.baseUrl);
   const executable = env.KIMI_EXECUTABLE || 'kimi';
   const open = (sessionId: string) => createSession({ workDir: paths.group, sessionId, model: MODEL_ALIAS, yoloMode: true, agentFile, executable });
+  // The CLI starts as soon as its session is opened, while the runner sets up the rest (and,
+  // in a warm start, while it waits for the first message): the first prompt finds it running.
+  const startNow = (opened: Session) => startCli(opened).then(
+    (started) => {
+      if (started) mark('cli-ready');
+    },
+    (err) => log(`the CLI did not start ahead of the prompt (${err instanceof Error ? err.message : err}); the prompt starts it`),
+  );
   const sessionId = input.sessionId ?? randomUUID();
   if (input.sessionId && refreshSystemPrompt(sessionContextFile(paths.kimiHome, paths.group, sessionId), role)) {
     log('the memory or role changed since this session began: its system prompt is renewed');
   }
   let session = open(sessionId);
+  let cliStarted = startNow(session);
   process.stderr.write(`Session initialized: ${sessionId}\n`);
 
-  // The host creates ipc/input/ before it starts a container it will talk to; without it
-  // (e.g. the guide's manual test) the runner answers once and exits.
-  const takesFollowUps = existsSync(paths.input);
   const idleLimitMs = Number(env.NANOCLAW_RUNNER_IDLE_MS ?? 30 * 60_000);
-  const inbox = new Inbox(paths.input);
+  const inbox = new Inbox(paths.input, inboxOptions(env));
   const chat: ChatLine = {
     canHear: takesFollowUps && !input.isScheduledTask,
     questionTimeoutMs: Number(env.NANOCLAW_QUESTION_TIMEOUT_MS) || 10 * 60_000,
@@ -482,23 +631,35 @@ export async function main(env: Record<string, string | undefined> = process.env
   process.once('SIGTERM', onSignal);
   process.once('SIGINT', onSignal);
 
-  inbox.start();
-  let prompt: string | null = input.isScheduledTask ? scheduledTaskPrompt(input.prompt) : input.prompt;
+  if (takesFollowUps) inbox.start();
+  let prompt: string | null;
+  if (input.warm) {
+    // A warm start: no prompt yet and no result; the first message is the first turn.
+    const first = await inbox.nextInput(idleLimitMs);
+    if (first.kind === 'idle') log(`no message for ${Math.round(idleLimitMs / 1000)} s after a warm start; closing`);
+    else if (first.kind === 'close') log('closed before the first message of a warm start');
+    prompt = first.kind === 'message' ? first.text : null;
+  } else {
+    prompt = input.isScheduledTask ? scheduledTaskPrompt(input.prompt) : input.prompt;
+  }
   let firstTurn = true;
   while (prompt !== null) {
     const turnPrompt: string = firstTurn ? prompt : withMemoryUpdate(prompt, memoriesAtStart, memories(input, paths));
     firstTurn = false;
-    let result = await runTurn(session, turnPrompt, inbox, chat);
+    await cliStarted;
+    let result = await runTurn(session, turnPrompt, inbox, chat, mark);
     if (result.status === 'error' && result.errorKind === 'context') {
       // The conversation outgrew the model: go on in a fresh session, and say so.
       log(`the session's context is full (${result.error}); starting a fresh session`);
       await session.close().catch(() => {});
       session = open(randomUUID());
+      cliStarted = startNow(session);
       process.stderr.write(`Session initialized: ${session.sessionId}\n`);
-      result = await runTurn(session, prompt, inbox, chat);
+      await cliStarted;
+      result = await runTurn(session, prompt, inbox, chat, mark);
       if (result.status === 'success') result = { ...result, earlier: [FRESH_SESSION_NOTE, ...(result.earlier ?? [])] };
     }
-    process.stdout.write(formatResult(result));
+    writeResult(result);
     if (result.status === 'error') {
       log(`turn failed (${result.errorKind}): ${result.error}`);
       exitCode = 1;
@@ -507,17 +668,9 @@ export async function main(env: Record<string, string | undefined> = process.env
     if (!takesFollowUps) break;
     // Wait for the next message; a close request (or a host gone quiet for too long) ends
     // the session once nothing is queued.
-    const idleSince = Date.now();
-    for (;;) {
-      inbox.poll();
-      prompt = inbox.takeQueued();
-      if (prompt !== null || inbox.closeRequested) break;
-      if (Date.now() - idleSince > idleLimitMs) {
-        log(`no follow-up for ${Math.round(idleLimitMs / 1000)} s; closing`);
-        break;
-      }
-      await Bun.sleep(100);
-    }
+    const next = await inbox.nextInput(idleLimitMs);
+    if (next.kind === 'idle') log(`no follow-up for ${Math.round(idleLimitMs / 1000)} s; closing`);
+    prompt = next.kind === 'message' ? next.text : null;
   }
   await finish();
   return exitCode;

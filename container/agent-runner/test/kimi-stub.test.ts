@@ -4,14 +4,15 @@
  * lines where a strict peer is tested with what a careless client might send.
  */
 import { createSession } from '@moonshot-ai/kimi-agent-sdk';
-import { existsSync, mkdirSync, mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterAll, describe, expect, it } from 'vitest';
 import { startFakeModel } from '../kimi-stub/fake-model.ts';
 import { KIMI_CLI_VERSION, sessionDir } from '../kimi-stub/kimi.ts';
-import { buildAgentFile, buildConfigToml } from '../src/config.ts';
+import { buildAgentFile, buildConfigToml, buildMcpConfig } from '../src/config.ts';
+import { startCli } from '../src/runner.ts';
 
 const RUNNER_DIR = fileURLToPath(new URL('..', import.meta.url));
 const STUB = join(RUNNER_DIR, 'kimi-stub', 'kimi');
@@ -199,4 +200,40 @@ describe('the kimi double', () => {
     expect(model.requests.length - at).toBe(1);
     await s.close();
   }, 30_000);
+
+  it('connects its MCP servers as it starts, prompt or not; a prompt that comes first waits for them, announced as kimi-cli does', async () => {
+    const h = home();
+    const ipc = join(h.root, 'ipc');
+    for (const dir of ['messages', 'tasks']) mkdirSync(join(ipc, dir), { recursive: true });
+    const config = JSON.parse(buildMcpConfig({ chatJid: 'g@g.us', groupFolder: 'g', isMain: false, ipcDir: ipc, timezone: 'UTC' }, join(RUNNER_DIR, 'src', 'mcp-server.ts'), process.execPath));
+    const server = config.mcpServers.nanoclaw as { command: string; args: string[] };
+    // A server slow to start (0.3 s), so the prompt surely comes while it is still connecting.
+    config.mcpServers.nanoclaw = { ...server, command: 'sh', args: ['-c', 'sleep 0.3; exec "$0" "$@"', server.command, ...server.args] };
+    writeFileSync(join(h.share, 'mcp.json'), JSON.stringify(config));
+    const trace = join(h.root, 'trace');
+    const traced = () => (existsSync(trace) ? readFileSync(trace, 'utf8').split('\n').filter(Boolean).map((line) => line.split(' ')[0]) : []);
+    const open = (id: string) => createSession({ workDir: h.work, sessionId: id, model: 'k25', yoloMode: true, agentFile: h.agentFile, executable: STUB, env: { ...h.env, KIMI_STUB_TRACE: trace } });
+
+    const early = open('mcp-1');
+    const first = await turn(early, 'hello');
+    const second = await turn(early, 'again');
+    await early.close();
+    expect(traced()).toEqual(['start', 'initialize', 'prompt', 'mcp-connected', 'prompt']);
+    // SDK 0.1.8 does not know MCPLoadingBegin/End: it hands them on as non-fatal "unknown event" items.
+    expect(first.events.filter((e) => e.type === 'error').map((e) => (e as { message?: string }).message)).toEqual(['Unknown event type: MCPLoadingBegin', 'Unknown event type: MCPLoadingEnd']);
+    expect(second.events.filter((e) => e.type === 'error')).toEqual([]);
+    const wire = readFileSync(join(sessionDir(h.share, h.work, 'mcp-1'), 'wire.jsonl'), 'utf8').split('\n').filter(Boolean).map((l) => JSON.parse(l));
+    const statuses = wire.filter((r) => r.message?.type === 'StatusUpdate' && r.message.payload.mcp_status).map((r) => r.message.payload.mcp_status);
+    expect(statuses).toEqual([
+      expect.objectContaining({ loading: true, connected: 0, total: 1, tools: 0 }),
+      expect.objectContaining({ loading: false, connected: 1, total: 1, servers: [expect.objectContaining({ name: 'nanoclaw', status: 'connected', tools: expect.arrayContaining(['send_message']) })] }),
+    ]);
+
+    rmSync(trace);
+    const idle = open('mcp-2');
+    expect(await startCli(idle)).toBe(true); // spawn and initialize, no prompt
+    for (let i = 0; i < 500 && !traced().includes('mcp-connected'); i++) await Bun.sleep(10);
+    await idle.close();
+    expect(traced()).toEqual(['start', 'initialize', 'mcp-connected']);
+  });
 });

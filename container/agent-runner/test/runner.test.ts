@@ -5,7 +5,7 @@
  */
 import { Client } from '@modelcontextprotocol/sdk/client/index.js';
 import { StdioClientTransport } from '@modelcontextprotocol/sdk/client/stdio.js';
-import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, statSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, renameSync, statSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -13,7 +13,11 @@ import { afterAll, describe, expect, it } from 'vitest';
 import { startFakeModel } from '../kimi-stub/fake-model.ts';
 import { buildAgentFile, buildConfigToml, buildMcpConfig, buildRole, keyFromEnvFile, scheduledTaskPrompt } from '../src/config.ts';
 import { scheduleProblem } from '../src/mcp-server.ts';
-import { answerFor, errorKind, FRESH_SESSION_NOTE, parseInput, questionText, refreshSystemPrompt, RESULT_END, RESULT_START, sessionContextFile, withMemoryUpdate } from '../src/runner.ts';
+import type { Session } from '@moonshot-ai/kimi-agent-sdk';
+import {
+  answerFor, errorKind, FRESH_SESSION_NOTE, Inbox, parseInput, questionText, refreshSystemPrompt, RESULT_END, RESULT_START, sessionContextFile,
+  startCli, timingMarks, withMemoryUpdate,
+} from '../src/runner.ts';
 
 const RUNNER_DIR = fileURLToPath(new URL('..', import.meta.url));
 const STUB = join(RUNNER_DIR, 'kimi-stub', 'kimi');
@@ -35,26 +39,53 @@ function workspace(memories: { global?: string; group?: string } = {}, inbox = f
 
 const messages = (...texts: string[]) => `<messages>\n${texts.map((t) => `<message sender="Ann" time="2026-01-01 10:00">${t}</message>`).join('\n')}\n</messages>`;
 
+type Result = { status: string; result: string | null; sessionId?: string; error?: string; earlier?: string[]; errorKind?: string };
+
 interface RunResult {
-  results: { status: string; result: string | null; sessionId?: string; error?: string; earlier?: string[]; errorKind?: string }[];
+  results: Result[];
+  stdout: string;
   stderr: string;
   code: number;
 }
 
-/** Runs the runner as the container would; `during` can drop follow-up files while it runs. */
-async function runRunner(ws: ReturnType<typeof workspace>, input: unknown, during?: () => Promise<void>, env: Record<string, string> = {}): Promise<RunResult> {
+const parseResults = (out: string): Result[] => [...out.matchAll(new RegExp(`${RESULT_START}\\n(.*)\\n${RESULT_END}`, 'g'))].map((m) => JSON.parse(m[1]!) as Result);
+
+/** Waits until check() holds, looking every 10 ms; fails (naming what) after 15 s. */
+async function until(check: () => boolean, what: string): Promise<void> {
+  for (const started = Date.now(); !check(); await Bun.sleep(10)) {
+    if (Date.now() - started > 15_000) throw new Error(`still waiting for ${what}`);
+  }
+}
+
+/** The runner while it runs: what it has said so far. */
+interface Live {
+  results(): Result[];
+  stderr(): string;
+}
+
+/** Runs the runner as the container would; `during` can watch it and drop follow-up files while it runs. */
+async function runRunner(ws: ReturnType<typeof workspace>, input: unknown, during?: (live: Live) => Promise<void>, env: Record<string, string> = {}): Promise<RunResult> {
   const proc = Bun.spawn([process.execPath, join(RUNNER_DIR, 'src', 'runner.ts')], {
     stdin: new Blob([typeof input === 'string' ? input : JSON.stringify(input)]),
     stdout: 'pipe',
     stderr: 'pipe',
     env: { PATH: process.env.PATH!, HOME: ws.home, NANOCLAW_WORKSPACE: ws.ws, KIMI_EXECUTABLE: STUB, KIMI_BASE_URL: model.url, TZ: 'Europe/Berlin', ...env },
   });
-  const stdout = new Response(proc.stdout).text();
-  const stderr = new Response(proc.stderr).text();
-  await during?.();
-  const [out, err, code] = await Promise.all([stdout, stderr, proc.exited]);
-  const results = [...out.matchAll(new RegExp(`${RESULT_START}\\n(.*)\\n${RESULT_END}`, 'g'))].map((m) => JSON.parse(m[1]!));
-  return { results, stderr: err, code };
+  let out = '';
+  let err = '';
+  const pump = async (stream: ReadableStream<Uint8Array>, add: (text: string) => void) => {
+    const decoder = new TextDecoder();
+    for await (const chunk of stream) add(decoder.decode(chunk, { stream: true }));
+  };
+  const reading = Promise.all([pump(proc.stdout, (t) => (out += t)), pump(proc.stderr, (t) => (err += t))]);
+  try {
+    await during?.({ results: () => parseResults(out), stderr: () => err });
+  } catch (error) {
+    proc.kill();
+    throw error;
+  }
+  const [, code] = await Promise.all([reading, proc.exited]);
+  return { results: parseResults(out), stdout: out, stderr: err, code };
 }
 
 const input = (prompt: string, extra: Record<string, unknown> = {}) => ({ prompt, groupFolder: 'family', chatJid: 'family@g.us', isMain: false, secrets: { KIMI_API_KEY: KEY }, ...extra });
@@ -185,24 +216,37 @@ describe('the runner with the real SDK and the kimi stub', () => {
     expect(run.results[0]).toMatchObject({ status: 'error', error: expect.stringContaining('not JSON') });
   });
 
-  it('follow-ups: steered into a running turn, or the next turn; _close ends with exit 0', async () => {
+  it('follow-ups: steered into a running turn, or the next turn; _close ends with exit 0 (all through the watch: the safety poll is an hour)', async () => {
     const ws = workspace({}, true);
-    const run = await runRunner(ws, input(messages('!sleep 1500')), async () => {
-      await Bun.sleep(700);
-      followUp(ws, messages('also this')); // arrives while the stub sleeps
-      await Bun.sleep(2000);
+    const asked = model.requests.length;
+    const run = await runRunner(ws, input(messages('!sleep 1000')), async (live) => {
+      await until(() => model.requests.length > asked, 'the model to be asked');
+      followUp(ws, messages('also this')); // arrives while the model "thinks"
+      await until(() => live.results().length === 1, 'the first answer');
       followUp(ws, messages('and then this'));
-      await Bun.sleep(1000);
+      await until(() => live.results().length === 2, 'the second answer');
       close(ws);
-    });
+    }, { NANOCLAW_INBOX_POLL_MS: '3600000' });
     expect(run.code).toBe(0);
     // The steered message joins the running turn and is answered in its next step: the
     // first step's answer comes along as `earlier`, never glued to (or dropped for) the next.
-    expect(run.results.map((r) => [(r as { earlier?: string[] }).earlier ?? [], r.result])).toEqual([
-      [['[stub] slept 1500'], '[stub] also this'],
+    expect(run.results.map((r) => [r.earlier ?? [], r.result])).toEqual([
+      [['[stub] slept 1000'], '[stub] also this'],
       [[], '[stub] and then this'],
     ]);
     expect(readdirSync(join(ws.ws, 'ipc', 'input'))).toEqual([]);
+  });
+
+  it('follow-ups and _close still arrive when file events do not (watching off: the safety poll alone)', async () => {
+    const ws = workspace({}, true);
+    const run = await runRunner(ws, input(messages('one')), async (live) => {
+      await until(() => live.results().length === 1, 'the first answer');
+      followUp(ws, messages('two'));
+      await until(() => live.results().length === 2, 'the second answer');
+      close(ws);
+    }, { NANOCLAW_INBOX_WATCH: '0', NANOCLAW_INBOX_POLL_MS: '100' });
+    expect(run.code).toBe(0);
+    expect(run.results.map((r) => r.result)).toEqual(['[stub] one', '[stub] two']);
   });
 
   it('a scheduled task is told nobody sent it', async () => {
@@ -215,10 +259,10 @@ describe('the runner with the real SDK and the kimi stub', () => {
 
   it('send_message through the real MCP server writes an IPC file; a non-main group cannot register groups', async () => {
     const ws = workspace({}, true);
-    const run = await runRunner(ws, input(messages('!tool send_message {"text":"dinner is ready"}')), async () => {
-      await Bun.sleep(1500);
+    const run = await runRunner(ws, input(messages('!tool send_message {"text":"dinner is ready"}')), async (live) => {
+      await until(() => live.results().length === 1, 'the first answer');
       followUp(ws, messages('!tool register_group {"jid":"x@g.us","name":"X","folder":"x"}'));
-      await Bun.sleep(1500);
+      await until(() => live.results().length === 2, 'the second answer');
       close(ws);
     });
     expect(run.results.map((r) => r.result)).toEqual(['Message queued for this chat.', 'tool error: register_group is only available in the main chat.']);
@@ -316,10 +360,10 @@ describe('what the real CLI does that the runner must handle', () => {
   it('a question (AskUserQuestion) goes to the chat with numbered options; the next message answers it', async () => {
     const ws = workspace({}, true);
     let question: { chatJid: string; text: string } | undefined;
-    const run = await runRunner(ws, input(messages('!ask Which day? | Saturday | Sunday')), async () => {
+    const run = await runRunner(ws, input(messages('!ask Which day? | Saturday | Sunday')), async (live) => {
       question = await relayed(ws);
       followUp(ws, messages('2'));
-      await Bun.sleep(800);
+      await until(() => live.results().length === 1, 'the answer');
       close(ws);
     });
     expect(question).toMatchObject({ type: 'message', chatJid: 'family@g.us', text: expect.stringContaining('Which day?\n1. Saturday\n2. Sunday') });
@@ -328,16 +372,16 @@ describe('what the real CLI does that the runner must handle', () => {
 
   it('no answer in time, or nobody to ask (a scheduled task): the agent is told so and decides itself', async () => {
     const ws = workspace({}, true);
-    const late = await runRunner(ws, input(messages('!ask Tea? | Yes | No')), async () => {
+    const late = await runRunner(ws, input(messages('!ask Tea? | Yes | No')), async (live) => {
       await relayed(ws);
-      await Bun.sleep(1500);
+      await until(() => live.results().length === 1, 'the answer');
       close(ws);
     }, { NANOCLAW_QUESTION_TIMEOUT_MS: '500' });
     expect(late.results[0]!.result).toContain('No answer came within');
     expect(late.results[0]!.result).toContain('Decide yourself');
     const taskWs = workspace({}, true);
-    const task = await runRunner(taskWs, input('!ask Tea? | Yes | No', { isScheduledTask: true }), async () => {
-      await Bun.sleep(1500);
+    const task = await runRunner(taskWs, input('!ask Tea? | Yes | No', { isScheduledTask: true }), async (live) => {
+      await until(() => live.results().length === 1, 'the answer');
       close(taskWs);
     });
     expect(readdirSync(join(taskWs.ws, 'ipc', 'messages'))).toEqual([]); // nothing was asked in the chat
@@ -351,15 +395,17 @@ describe('what the real CLI does that the runner must handle', () => {
 
   it('provider errors: the CLI’s own retries (client and step) absorb a short outage; what remains is classified', async () => {
     const ws = workspace();
-    const recovered = await runRunner(ws, input(messages('!flaky 503 2')));
+    // The double's retry waits (openai-python's backoff, the CLI's StepRetry) shortened a hundredfold: attempts are what counts here.
+    const fast = { KIMI_STUB_RETRY_WAIT_SCALE: '0.01' };
+    const recovered = await runRunner(ws, input(messages('!flaky 503 2')), undefined, fast);
     expect(recovered.results[0]!.result).toBe('[stub] recovered');
     const before = model.requests.length;
-    const limited = await runRunner(ws, input(messages('!status 429 slow down')));
+    const limited = await runRunner(ws, input(messages('!status 429 slow down')), undefined, fast);
     expect(limited.results[0]).toMatchObject({ status: 'error', errorKind: 'rate-limit', error: expect.stringContaining('Error code: 429') });
     expect(model.requests.length - before).toBe(9); // 3 attempts of the step, each with openai-python's 2 retries
-    const refused = await runRunner(ws, input(messages('!status 401 Invalid Authentication')));
+    const refused = await runRunner(ws, input(messages('!status 401 Invalid Authentication')), undefined, fast);
     expect(refused.results[0]).toMatchObject({ status: 'error', errorKind: 'auth' });
-  }, 60_000);
+  });
 
   it('a context that is too long: the turn goes on in a fresh session, and says so', async () => {
     const ws = workspace();
@@ -373,19 +419,19 @@ describe('what the real CLI does that the runner must handle', () => {
 
   it('memory is current on a resumed session (the CLI would reuse the old system prompt) and within one container', async () => {
     const ws = workspace({ group: 'MEMORY-ONE' }, true);
-    const first = await runRunner(ws, input(messages('!context')), async () => {
-      await Bun.sleep(1500);
+    const first = await runRunner(ws, input(messages('!context')), async (live) => {
+      await until(() => live.results().length === 1, 'the first answer');
       writeFileSync(join(ws.ws, 'group', 'CLAUDE.md'), 'MEMORY-LATER');
       followUp(ws, messages('!context')); // the same container, a later turn
-      await Bun.sleep(1500);
+      await until(() => live.results().length === 2, 'the second answer');
       close(ws);
     });
     expect(first.results[0]!.result).toContain('MEMORY-ONE');
     expect(first.results[1]!.result).toContain('<memory-update>');
     expect(first.results[1]!.result).toContain('MEMORY-LATER');
     writeFileSync(join(ws.ws, 'group', 'CLAUDE.md'), 'MEMORY-TWO');
-    const second = await runRunner(ws, input(messages('!context'), { sessionId: first.results[0]!.sessionId }), async () => {
-      await Bun.sleep(1500);
+    const second = await runRunner(ws, input(messages('!context'), { sessionId: first.results[0]!.sessionId }), async (live) => {
+      await until(() => live.results().length === 1, 'the answer');
       close(ws);
     });
     expect(second.results[0]!.result).toContain('MEMORY-TWO');
@@ -441,5 +487,176 @@ describe('the runner’s pure parts for these', () => {
     expect(readFileSync(file, 'utf8').split('\n').filter(Boolean).map((l) => JSON.parse(l).role)).toEqual(['_checkpoint', 'user']);
     expect(withMemoryUpdate('p', { globalMemory: 'g', groupMemory: 'a' }, { globalMemory: 'g', groupMemory: 'a' })).toBe('p');
     expect(withMemoryUpdate('p', { globalMemory: 'g', groupMemory: 'a' }, { globalMemory: 'g', groupMemory: 'b' })).toMatch(/^<memory-update>\nThis group's memory \(CLAUDE\.md\), as it is now:\nb\n<\/memory-update>\n\np$/);
+  });
+});
+
+describe('the inbox: a watch, and a safety poll for when file events do not come', () => {
+  const folder = () => mkdtempSync(join(tmpdir(), 'nanoclaw-inbox-'));
+  /** Written as the host writes it: a dot-named temp file, renamed into place. */
+  const drop = (dir: string, name: string, text: string) => {
+    writeFileSync(join(dir, `.${name}`), JSON.stringify({ type: 'message', text }));
+    renameSync(join(dir, `.${name}`), join(dir, name));
+  };
+  const inboxes: Inbox[] = [];
+  const open = (dir: string, options: ConstructorParameters<typeof Inbox>[1]) => {
+    const inbox = new Inbox(dir, options);
+    inboxes.push(inbox);
+    inbox.start();
+    return inbox;
+  };
+  afterAll(() => inboxes.forEach((inbox) => inbox.stop()));
+
+  it('a file event wakes the wait between turns: nothing else could within the test (the safety poll is an hour)', async () => {
+    const dir = folder();
+    const inbox = open(dir, { pollMs: 3_600_000 });
+    expect(inbox.watching).toBe(true);
+    const waiting = inbox.nextInput(3_600_000);
+    drop(dir, '1-a.json', 'hello');
+    expect(await waiting).toEqual({ kind: 'message', text: 'hello' });
+    expect(readdirSync(dir)).toEqual([]);
+  });
+
+  it('_close ends the wait at once, through the watch', async () => {
+    const dir = folder();
+    const inbox = open(dir, { pollMs: 3_600_000 });
+    const waiting = inbox.nextInput(3_600_000);
+    writeFileSync(join(dir, '_close'), '');
+    expect(await waiting).toEqual({ kind: 'close' });
+    expect(inbox.closeRequested).toBe(true);
+  });
+
+  it('the safety poll alone finds files: with watching off, and where the folder cannot be watched', async () => {
+    const dir = folder();
+    const unwatched = open(dir, { pollMs: 30, watch: false });
+    expect(unwatched.watching).toBe(false);
+    const waiting = unwatched.nextInput(3_600_000);
+    drop(dir, '1-a.json', 'polled');
+    expect(await waiting).toEqual({ kind: 'message', text: 'polled' });
+
+    const later = join(folder(), 'input'); // not there yet when the inbox starts: no watch can be set up
+    const polled = open(later, { pollMs: 30 });
+    expect(polled.watching).toBe(false);
+    const closing = polled.nextInput(3_600_000);
+    mkdirSync(later);
+    writeFileSync(join(later, '_close'), '');
+    expect(await closing).toEqual({ kind: 'close' });
+  });
+
+  it('reads in name order, joins what queued up into one prompt, skips dotfiles and bad JSON; _close waits for the queue', async () => {
+    const dir = folder();
+    const inbox = open(dir, { pollMs: 3_600_000, watch: false });
+    drop(dir, '2-b.json', 'second');
+    drop(dir, '1-a.json', 'first');
+    writeFileSync(join(dir, '3-c.json'), '{"type":');
+    writeFileSync(join(dir, '.4-d.json'), JSON.stringify({ type: 'message', text: 'not yet' }));
+    writeFileSync(join(dir, '_close'), '');
+    expect(await inbox.nextInput(3_600_000)).toEqual({ kind: 'message', text: 'first\nsecond' });
+    expect(await inbox.nextInput(3_600_000)).toEqual({ kind: 'close' });
+    expect(readdirSync(dir)).toEqual(['.4-d.json']);
+    const idle = open(folder(), { pollMs: 3_600_000 });
+    expect(await idle.nextInput(20)).toEqual({ kind: 'idle' });
+  });
+
+  it('a message goes to a waiting answer first, else into the running turn', async () => {
+    const dir = folder();
+    const inbox = open(dir, { pollMs: 3_600_000 });
+    const steered: string[] = [];
+    inbox.onMessage = (text) => steered.push(text);
+    const answer = inbox.nextAnswer(3_600_000);
+    drop(dir, '1-a.json', 'the answer');
+    expect(await answer).toBe('the answer');
+    drop(dir, '2-b.json', 'steer me');
+    await until(() => steered.length === 1, 'the steered message');
+    expect(steered).toEqual(['steer me']);
+    expect(inbox.takeQueued()).toBeNull();
+  });
+});
+
+describe('the CLI starts with the session; a warm start waits for its first prompt', () => {
+  /** The kimi double's KIMI_STUB_TRACE lines: what it did, when. */
+  const traced = (file: string) => (existsSync(file) ? readFileSync(file, 'utf8').split('\n').filter(Boolean).map((line) => {
+    const [what, at] = line.split(' ');
+    return { what: what!, at: Number(at) };
+  }) : []);
+  const timings = (stderr: string) => Object.fromEntries([...stderr.matchAll(/^\[agent-runner\] timing (\S+) (\d+)$/gm)].map((m) => [m[1]!, Number(m[2])]));
+
+  it('the CLI is started (spawned and initialized) before the first prompt; timing lines mark each phase once, in order', async () => {
+    const ws = workspace();
+    const trace = join(ws.root, 'kimi-trace');
+    const run = await runRunner(ws, input(messages('hello')), undefined, { KIMI_STUB_TRACE: trace, NANOCLAW_TIMING: '1' });
+    expect(run.results).toEqual([expect.objectContaining({ status: 'success', result: '[stub] hello' })]);
+    const marks = timings(run.stderr);
+    const phases = ['start', 'input', 'cli-ready', 'prompt', 'first-event', 'result'];
+    expect(Object.keys(marks)).toEqual(phases);
+    expect(run.stderr.match(/ timing /g)).toHaveLength(phases.length);
+    for (let i = 1; i < phases.length; i++) expect(marks[phases[i]!]).toBeGreaterThanOrEqual(marks[phases[i - 1]!]!);
+    const cli = traced(trace);
+    expect(cli.map((t) => t.what).filter((w) => w !== 'mcp-connected')).toEqual(['start', 'initialize', 'prompt']); // one CLI, not a second at the prompt
+    expect(cli.find((t) => t.what === 'initialize')!.at).toBeLessThanOrEqual(marks.prompt!);
+    expect(run.stderr).not.toContain('does not know'); // kimi-cli's MCPLoadingBegin/End are expected, not news
+  });
+
+  it('no timing lines without NANOCLAW_TIMING=1; without the SDK’s internal method the CLI starts at the first prompt, silently', async () => {
+    const run = await runRunner(workspace(), input(messages('hello')));
+    expect(run.stderr).not.toContain('timing');
+    expect(await startCli({} as unknown as Session)).toBe(false); // e.g. another SDK version
+    const lines: string[] = [];
+    const mark = timingMarks({ NANOCLAW_TIMING: '1' }, (line) => lines.push(line));
+    mark('prompt', 5);
+    mark('prompt', 6);
+    expect(lines).toEqual(['[agent-runner] timing prompt 5\n']);
+    timingMarks({}, (line) => lines.push(line))('start');
+    expect(lines).toHaveLength(1);
+  });
+
+  it('warm: session, CLI and its MCP servers start with no prompt and no result; the first message is the first turn', async () => {
+    const ws = workspace({}, true);
+    const trace = join(ws.root, 'kimi-trace');
+    let sentAt = 0;
+    const run = await runRunner(ws, input('', { warm: true }), async (live) => {
+      await until(() => traced(trace).some((t) => t.what === 'mcp-connected') && /timing cli-ready/.test(live.stderr()), 'the CLI and its MCP servers');
+      expect(live.results()).toEqual([]);
+      expect(traced(trace).map((t) => t.what)).not.toContain('prompt');
+      sentAt = Date.now();
+      followUp(ws, messages('good morning'));
+      await until(() => live.results().length === 1, 'the answer');
+      followUp(ws, messages('and now?'));
+      await until(() => live.results().length === 2, 'the second answer');
+      close(ws);
+    }, { KIMI_STUB_TRACE: trace, NANOCLAW_TIMING: '1' });
+    expect(run.code).toBe(0);
+    expect(run.results.map((r) => [r.status, r.result])).toEqual([['success', '[stub] good morning'], ['success', '[stub] and now?']]);
+    expect(run.stderr).toContain(`Session initialized: ${run.results[0]!.sessionId}`);
+    const cli = traced(trace);
+    expect(cli.filter((t) => t.what === 'start')).toHaveLength(1);
+    expect(cli.find((t) => t.what === 'initialize')!.at).toBeLessThanOrEqual(sentAt);
+    expect(cli.find((t) => t.what === 'prompt')!.at).toBeGreaterThanOrEqual(sentAt);
+    expect(timings(run.stderr).prompt).toBeGreaterThanOrEqual(sentAt);
+  });
+
+  it('warm, then _close or the idle limit before any message: exit 0 and nothing on stdout', async () => {
+    const ws = workspace({}, true);
+    const closed = await runRunner(ws, input('', { warm: true }), async (live) => {
+      await until(() => /timing cli-ready/.test(live.stderr()), 'the CLI');
+      close(ws);
+    }, { NANOCLAW_TIMING: '1', NANOCLAW_INBOX_POLL_MS: '3600000' });
+    expect(closed.code).toBe(0);
+    expect(closed.stdout).toBe('');
+    const idle = await runRunner(workspace({}, true), input('', { warm: true }), undefined, { NANOCLAW_RUNNER_IDLE_MS: '300' });
+    expect(idle.code).toBe(0);
+    expect(idle.stdout).toBe('');
+    expect(idle.stderr).toContain('after a warm start');
+  });
+
+  it('a warm input with a prompt, with a "warm" that is no boolean, or without an inbox is refused', async () => {
+    const base = { groupFolder: 'g', chatJid: 'c', isMain: false };
+    expect(parseInput(JSON.stringify({ ...base, prompt: '', warm: true }))).toMatchObject({ prompt: '', warm: true });
+    expect(() => parseInput(JSON.stringify({ ...base, prompt: 'hi', warm: true }))).toThrow(/"prompt" must be "" when "warm" is true/);
+    expect(() => parseInput(JSON.stringify({ ...base, warm: true }))).toThrow('"prompt"');
+    expect(() => parseInput(JSON.stringify({ ...base, prompt: 'hi', warm: 'yes' }))).toThrow('"warm" must be true or false');
+    expect(() => parseInput(JSON.stringify({ ...base, prompt: '', warm: false }))).toThrow('"prompt"');
+    const run = await runRunner(workspace(), input('', { warm: true }));
+    expect(run.code).toBe(1);
+    expect(run.results).toEqual([expect.objectContaining({ status: 'error', error: expect.stringContaining('needs the inbox') })]);
   });
 });
