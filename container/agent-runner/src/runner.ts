@@ -322,14 +322,18 @@ export class Inbox {
         continue;
       }
       let text: string | null = null;
+      let task: string | null = null;
       try {
         const data = JSON.parse(readFileSync(path, 'utf8')) as { type?: string; text?: unknown };
         if (data.type === 'message' && typeof data.text === 'string') text = data.text;
-        else log(`ignoring ${file}: not {"type":"message","text":…}`);
+        else if (data.type === 'task' && typeof data.text === 'string') task = data.text;
+        else log(`ignoring ${file}: not {"type":"message"|"task","text":…}`);
       } catch (err) {
         log(`ignoring ${file}: ${err instanceof Error ? err.message : err}`);
       }
       rmSync(path, { force: true });
+      // A scheduled task is a turn of its own: never steered into a turn, never taken as an answer.
+      if (task !== null) this.queued.push(scheduledTaskPrompt(task));
       if (text === null) continue;
       if (this.answerWaiter) this.answerWaiter(text);
       else if (this.onMessage) this.onMessage(text);
@@ -642,7 +646,8 @@ export async function main(env: Record<string, string | undefined> = process.env
   } else {
     prompt = input.isScheduledTask ? scheduledTaskPrompt(input.prompt) : input.prompt;
   }
-  let firstTurn = true;
+  // A warm container may have waited a while: its first turn, too, is told of memory changed since it started.
+  let firstTurn = !input.warm;
   while (prompt !== null) {
     const turnPrompt: string = firstTurn ? prompt : withMemoryUpdate(prompt, memoriesAtStart, memories(input, paths));
     firstTurn = false;

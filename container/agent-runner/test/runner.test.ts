@@ -249,6 +249,23 @@ describe('the runner with the real SDK and the kimi stub', () => {
     expect(run.results.map((r) => r.result)).toEqual(['[stub] one', '[stub] two']);
   });
 
+  it('a task handed to a waiting container is its next turn, in the same session, told nobody sent it', async () => {
+    const ws = workspace({}, true);
+    const run = await runRunner(ws, input(messages('hello')), async (live) => {
+      await until(() => live.results().length === 1, 'the first answer');
+      const name = `${Date.now()}-task.json`;
+      writeFileSync(join(ws.ws, 'ipc', 'input', `.${name}`), JSON.stringify({ type: 'task', text: 'water the plants' }));
+      renameSync(join(ws.ws, 'ipc', 'input', `.${name}`), join(ws.ws, 'ipc', 'input', name));
+      await until(() => live.results().length === 2, 'the task’s answer');
+      close(ws);
+    });
+    expect(run.code).toBe(0);
+    expect(run.results.map((r) => r.result)).toEqual(['[stub] hello', '[stub] water the plants']);
+    expect(new Set(run.results.map((r) => r.sessionId)).size).toBe(1);
+    const history = readdirSync(join(ws.home, '.kimi', 'sessions')).flatMap((dir) => readdirSync(join(ws.home, '.kimi', 'sessions', dir)).map((s) => join(ws.home, '.kimi', 'sessions', dir, s, 'context.jsonl')));
+    expect(readFileSync(history[0]!, 'utf8')).toContain('Scheduled task');
+  });
+
   it('a scheduled task is told nobody sent it', async () => {
     const ws = workspace();
     const run = await runRunner(ws, input('water the plants', { isScheduledTask: true }));
@@ -555,6 +572,20 @@ describe('the inbox: a watch, and a safety poll for when file events do not come
     expect(readdirSync(dir)).toEqual(['.4-d.json']);
     const idle = open(folder(), { pollMs: 3_600_000 });
     expect(await idle.nextInput(20)).toEqual({ kind: 'idle' });
+  });
+
+  it('a scheduled task ({"type":"task"}) is a turn of its own, told nobody sent it: never steered into a turn, never taken as an answer', async () => {
+    const dir = folder();
+    const inbox = open(dir, { pollMs: 3_600_000 });
+    const steered: string[] = [];
+    inbox.onMessage = (text) => steered.push(text);
+    const answer = inbox.nextAnswer(50);
+    writeFileSync(join(dir, '.1-t.json'), JSON.stringify({ type: 'task', text: 'water the plants' }));
+    renameSync(join(dir, '.1-t.json'), join(dir, '1-t.json'));
+    expect(await answer).toBeNull();
+    expect(steered).toEqual([]);
+    inbox.onMessage = null;
+    expect(await inbox.nextInput(3_600_000)).toEqual({ kind: 'message', text: scheduledTaskPrompt('water the plants') });
   });
 
   it('a message goes to a waiting answer first, else into the running turn', async () => {
