@@ -178,6 +178,38 @@ describe('host and real container together', () => {
     await waitFor(() => !w.host.queue.isRunning(MAIN), 30_000, 'container closed');
   });
 
+  it('typing starts the real container with no prompt; the message then goes into it and is answered, one docker run', async () => {
+    const w = await world();
+    expect(w.host.prewarm(MAIN)).toBe(true);
+    await Bun.sleep(1500); // the container, its runner and the CLI come up with nothing to answer
+    expect(texts(w)).toEqual([]);
+    w.channel.receive(MAIN, 'warm hello');
+    await waitFor(() => texts(w).length === 1, 60_000, 'reply');
+    expect(texts(w)).toEqual(['Andy: [stub] warm hello']);
+    expect(w.docker.runs()).toBe(1);
+    expect(w.store.messagesSince(MAIN, w.store.getCursor(MAIN))).toEqual([]);
+  });
+
+  it('a group-context task in a chat with a live container is a turn of it: same container, same session, chat container not closed', async () => {
+    const w = await world();
+    w.channel.receive(FAMILY, '@Andy hello');
+    await waitFor(() => texts(w).length === 1, 60_000, 'reply');
+    const session = w.store.getSession('family');
+    w.store.createTask({
+      id: 'e2e-turn', groupFolder: 'family', chatJid: FAMILY, prompt: 'water the plants',
+      scheduleType: 'interval', scheduleValue: '600000', contextMode: 'group', nextRun: new Date().toISOString(),
+      lastRun: null, lastResult: null, status: 'active', createdAt: new Date().toISOString(),
+    });
+    w.host.scheduler.arm();
+    await waitFor(() => w.store.taskRuns('e2e-turn').length === 1, 60_000, 'task run');
+    expect(w.store.taskRuns('e2e-turn')[0]).toMatchObject({ status: 'success', result: '[stub] water the plants' });
+    expect(texts(w, FAMILY)).toEqual(['Andy: [stub] hello', 'Andy: [stub] water the plants']);
+    w.channel.receive(FAMILY, '@Andy still here?');
+    await waitFor(() => texts(w).length === 3, 60_000, 'reply after the task');
+    expect(w.docker.runs()).toBe(1);
+    expect(w.store.getSession('family')).toBe(session);
+  });
+
   it('!context shows both memories reached the agent', async () => {
     const w = await world();
     w.channel.receive(FAMILY, '@Andy !context');
