@@ -29,9 +29,28 @@
 import { Database } from 'bun:sqlite';
 import { randomBytes, randomUUID } from 'node:crypto';
 import {
-  appendFileSync, chmodSync, closeSync, existsSync, fchownSync, constants as fsConstants, fstatSync, lchownSync, lstatSync,
-  mkdirSync, openSync, readdirSync, readFileSync, readSync, realpathSync, renameSync, rmdirSync, rmSync, unlinkSync, watch,
-  writeFileSync, type FSWatcher,
+  appendFileSync,
+  chmodSync,
+  closeSync,
+  existsSync,
+  fchownSync,
+  constants as fsConstants,
+  fstatSync,
+  lchownSync,
+  lstatSync,
+  mkdirSync,
+  openSync,
+  readdirSync,
+  readFileSync,
+  readSync,
+  realpathSync,
+  renameSync,
+  rmdirSync,
+  rmSync,
+  unlinkSync,
+  watch,
+  writeFileSync,
+  type FSWatcher,
 } from 'node:fs';
 import { createRequire } from 'node:module';
 import { availableParallelism, homedir } from 'node:os';
@@ -40,7 +59,13 @@ import { createInterface } from 'node:readline';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 import type {
-  ConnectionState, GroupMetadata, proto, WAMessage, WAMessageKey, WASocket, WAVersion,
+  ConnectionState,
+  GroupMetadata,
+  proto,
+  WAMessage,
+  WAMessageKey,
+  WASocket,
+  WAVersion,
 } from '@whiskeysockets/baileys';
 import type { ILogger } from '@whiskeysockets/baileys/lib/Utils/logger.js';
 import { Cron } from 'croner';
@@ -84,7 +109,14 @@ export interface Config {
    * Non-secret Kimi settings: which platform the key is for, the endpoint (the model proxy
    * sends there), the model and provider (the container's CLI uses them).
    */
-  kimi: { platform: KimiPlatform; baseUrl: string; modelName: string; provider?: string; capabilities?: string; questionTimeoutMs: number };
+  kimi: {
+    platform: KimiPlatform;
+    baseUrl: string;
+    modelName: string;
+    provider?: string;
+    capabilities?: string;
+    questionTimeoutMs: number;
+  };
   /** How containers reach the model proxy: a per-run unix socket, or a loopback port (Docker Desktop). */
   modelProxy: 'unix' | 'tcp';
   /** Limits every container runs under. */
@@ -103,9 +135,21 @@ export class ConfigError extends Error {}
  * KIMI_MODEL_NAME still override.
  */
 export const KIMI_PLATFORMS = {
-  'moonshot-ai': { baseUrl: 'https://api.moonshot.ai/v1', model: 'kimi-k2.5', keys: 'Moonshot AI Open Platform keys (platform.moonshot.ai)' },
-  'moonshot-cn': { baseUrl: 'https://api.moonshot.cn/v1', model: 'kimi-k2.5', keys: 'keys from the mainland-China platform (platform.moonshot.cn)' },
-  'kimi-code': { baseUrl: 'https://api.kimi.com/coding/v1', model: 'kimi-for-coding', keys: 'Kimi Code subscription keys (kimi.com)' },
+  'moonshot-ai': {
+    baseUrl: 'https://api.moonshot.ai/v1',
+    model: 'kimi-k2.5',
+    keys: 'Moonshot AI Open Platform keys (platform.moonshot.ai)',
+  },
+  'moonshot-cn': {
+    baseUrl: 'https://api.moonshot.cn/v1',
+    model: 'kimi-k2.5',
+    keys: 'keys from the mainland-China platform (platform.moonshot.cn)',
+  },
+  'kimi-code': {
+    baseUrl: 'https://api.kimi.com/coding/v1',
+    model: 'kimi-for-coding',
+    keys: 'Kimi Code subscription keys (kimi.com)',
+  },
 } as const;
 export type KimiPlatform = keyof typeof KIMI_PLATFORMS;
 
@@ -154,7 +198,11 @@ export function every(clock: Clock, ms: number, fn: () => void): () => void {
  * Exponential backoff: base, 2×base, 4×base… up to `capMs`. With `jitter`, a random point
  * in the upper half of that, so many clients that failed together do not retry in step.
  */
-export function backoff(attempt: number, options: { baseMs: number; capMs?: number; jitter?: boolean }, random = Math.random): number {
+export function backoff(
+  attempt: number,
+  options: { baseMs: number; capMs?: number; jitter?: boolean },
+  random = Math.random,
+): number {
   const ceiling = Math.min(options.capMs ?? Infinity, options.baseMs * 2 ** Math.max(0, attempt - 1));
   return options.jitter ? Math.round(ceiling / 2 + random() * (ceiling / 2)) : ceiling;
 }
@@ -226,11 +274,15 @@ export function loadConfig(projectRoot: string, env: Record<string, string | und
 
   const assistantName = get('ASSISTANT_NAME') ?? 'Andy';
   if (!/^[\p{L}\p{N}_][\p{L}\p{N}_ -]{0,39}$/u.test(assistantName)) {
-    throw new ConfigError(`ASSISTANT_NAME=${JSON.stringify(assistantName)} is not valid: use letters, digits, spaces, - or _ (at most 40).`);
+    throw new ConfigError(
+      `ASSISTANT_NAME=${JSON.stringify(assistantName)} is not valid: use letters, digits, spaces, - or _ (at most 40).`,
+    );
   }
   const timezone = get('TZ') ?? hostTimezone();
   if (!isValidTimezone(timezone)) {
-    throw new ConfigError(`TZ=${JSON.stringify(timezone)} is not a known IANA timezone (e.g. Europe/Berlin, America/New_York).`);
+    throw new ConfigError(
+      `TZ=${JSON.stringify(timezone)} is not a known IANA timezone (e.g. Europe/Berlin, America/New_York).`,
+    );
   }
   const logLevel = get('LOG_LEVEL') ?? 'info';
   if (!['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'].includes(logLevel)) {
@@ -238,18 +290,29 @@ export function loadConfig(projectRoot: string, env: Record<string, string | und
   }
   const modelProxy = get('MODEL_PROXY') ?? (process.platform === 'darwin' ? 'tcp' : 'unix');
   if (modelProxy !== 'unix' && modelProxy !== 'tcp') {
-    throw new ConfigError(`MODEL_PROXY=${JSON.stringify(modelProxy)} is not valid: use unix (Linux) or tcp (Docker Desktop).`);
+    throw new ConfigError(
+      `MODEL_PROXY=${JSON.stringify(modelProxy)} is not valid: use unix (Linux) or tcp (Docker Desktop).`,
+    );
   }
   const memory = get('CONTAINER_MEMORY') ?? '2g';
-  if (!/^\d+(\.\d+)?[kmg]?$/i.test(memory)) throw new ConfigError(`CONTAINER_MEMORY=${JSON.stringify(memory)} is not valid: e.g. 2g or 1536m.`);
+  if (!/^\d+(\.\d+)?[kmg]?$/i.test(memory))
+    throw new ConfigError(`CONTAINER_MEMORY=${JSON.stringify(memory)} is not valid: e.g. 2g or 1536m.`);
   const cpus = get('CONTAINER_CPUS') ?? String(defaultContainerCpus());
-  if (!/^\d+(\.\d+)?$/.test(cpus) || Number(cpus) <= 0) throw new ConfigError(`CONTAINER_CPUS=${JSON.stringify(cpus)} is not valid: a number of CPUs above 0, e.g. 1 or 1.5.`);
+  if (!/^\d+(\.\d+)?$/.test(cpus) || Number(cpus) <= 0)
+    throw new ConfigError(
+      `CONTAINER_CPUS=${JSON.stringify(cpus)} is not valid: a number of CPUs above 0, e.g. 1 or 1.5.`,
+    );
   const platform = (get('KIMI_PLATFORM') ?? 'moonshot-ai') as KimiPlatform;
   if (!(platform in KIMI_PLATFORMS)) {
-    throw new ConfigError(`KIMI_PLATFORM=${JSON.stringify(platform)} is not valid: use ${Object.keys(KIMI_PLATFORMS).join(', ')}.`);
+    throw new ConfigError(
+      `KIMI_PLATFORM=${JSON.stringify(platform)} is not valid: use ${Object.keys(KIMI_PLATFORMS).join(', ')}.`,
+    );
   }
   const network = get('CONTAINER_NETWORK') ?? 'bridge';
-  if (!isValidNetwork(network)) throw new ConfigError(`CONTAINER_NETWORK=${JSON.stringify(network)} is not valid: bridge, none, or the name of a Docker network.`);
+  if (!isValidNetwork(network))
+    throw new ConfigError(
+      `CONTAINER_NETWORK=${JSON.stringify(network)} is not valid: bridge, none, or the name of a Docker network.`,
+    );
   const dataDir = join(root, 'data');
   const storeDir = join(root, 'store');
   return {
@@ -262,14 +325,19 @@ export function loadConfig(projectRoot: string, env: Record<string, string | und
     ipcDir: join(dataDir, 'ipc'),
     sessionsDir: join(dataDir, 'sessions'),
     envFile,
-    mountAllowlistPath: get('NANOCLAW_MOUNT_ALLOWLIST') ?? join(homedir(), '.config', 'nanoclaw', 'mount-allowlist.json'),
+    mountAllowlistPath:
+      get('NANOCLAW_MOUNT_ALLOWLIST') ?? join(homedir(), '.config', 'nanoclaw', 'mount-allowlist.json'),
     assistantName,
     assistantHasOwnNumber: flag(get('ASSISTANT_HAS_OWN_NUMBER')),
     containerImage: get('CONTAINER_IMAGE') ?? 'nanoclaw-agent:latest',
     containerRuntime: get('CONTAINER_RUNTIME') ?? 'docker',
     containerTimeoutMs: positiveInt('CONTAINER_TIMEOUT', get('CONTAINER_TIMEOUT'), 30 * 60_000),
     idleTimeoutMs: positiveInt('IDLE_TIMEOUT', get('IDLE_TIMEOUT'), 10 * 60_000),
-    maxConcurrentContainers: positiveInt('MAX_CONCURRENT_CONTAINERS', get('MAX_CONCURRENT_CONTAINERS'), defaultConcurrency()),
+    maxConcurrentContainers: positiveInt(
+      'MAX_CONCURRENT_CONTAINERS',
+      get('MAX_CONCURRENT_CONTAINERS'),
+      defaultConcurrency(),
+    ),
     logLevel,
     timezone,
     kimi: {
@@ -373,7 +441,19 @@ export function readSecrets(config: Config): Secrets {
 
 /** The only environment variables a child process (docker) gets: nothing secret, nothing from .env. */
 export function childProcessEnv(env: Record<string, string | undefined> = process.env): Record<string, string> {
-  const passed = ['PATH', 'HOME', 'USER', 'LANG', 'TMPDIR', 'XDG_RUNTIME_DIR', 'DOCKER_HOST', 'DOCKER_CONFIG', 'DOCKER_CONTEXT', 'DOCKER_CERT_PATH', 'DOCKER_TLS_VERIFY'];
+  const passed = [
+    'PATH',
+    'HOME',
+    'USER',
+    'LANG',
+    'TMPDIR',
+    'XDG_RUNTIME_DIR',
+    'DOCKER_HOST',
+    'DOCKER_CONFIG',
+    'DOCKER_CONTEXT',
+    'DOCKER_CERT_PATH',
+    'DOCKER_TLS_VERIFY',
+  ];
   const childEnv: Record<string, string> = {};
   for (const key of passed) {
     const value = env[key];
@@ -439,7 +519,10 @@ function logFileStream(path: string, render: (line: string) => string): { write(
         if (failing) process.stderr.write(`NanoClaw: ${path} can be written again; logging there.\n`);
         failing = false;
       } catch (err) {
-        if (!failing) process.stderr.write(`NanoClaw: cannot write ${path} (${errorCode(err) ?? errorText(err)}); log lines go to stderr until it can.\n`);
+        if (!failing)
+          process.stderr.write(
+            `NanoClaw: cannot write ${path} (${errorCode(err) ?? errorText(err)}); log lines go to stderr until it can.\n`,
+          );
         failing = true;
         process.stderr.write(text);
       }
@@ -455,7 +538,12 @@ export function setupLogging(config: Config, options: LoggingOptions = {}): Logg
   }
   log = loggerOnFirstUse(() => {
     const secrets = options.secrets ?? [];
-    const textFormat = { singleLine: true, messageFormat: '{if group}[{group}] {end}{msg}', ignore: 'pid,hostname,group', translateTime: 'SYS:yyyy-mm-dd HH:MM:ss.l' };
+    const textFormat = {
+      singleLine: true,
+      messageFormat: '{if group}[{group}] {end}{msg}',
+      ignore: 'pid,hostname,group',
+      translateTime: 'SYS:yyyy-mm-dd HH:MM:ss.l',
+    };
     const { prettyFactory } = load('pino-pretty') as typeof import('pino-pretty');
     const toFile = prettyFactory({ ...textFormat, colorize: false });
     const toTerminal = prettyFactory({ ...textFormat, colorize: Boolean(process.stderr.isTTY) });
@@ -466,9 +554,16 @@ export function setupLogging(config: Config, options: LoggingOptions = {}): Logg
     ];
     const terminalLevel = options.terminalLevel ?? config.logLevel;
     if (terminalLevel !== 'silent') {
-      streams.push({ level: terminalLevel as Level, stream: { write: (line: string) => process.stderr.write(maskSecrets(toTerminal(line), secrets)) } });
+      streams.push({
+        level: terminalLevel as Level,
+        stream: { write: (line: string) => process.stderr.write(maskSecrets(toTerminal(line), secrets)) },
+      });
     }
-    const lowest = [config.logLevel, terminalLevel].includes('trace') ? 'trace' : [config.logLevel, terminalLevel].includes('debug') ? 'debug' : 'info';
+    const lowest = [config.logLevel, terminalLevel].includes('trace')
+      ? 'trace'
+      : [config.logLevel, terminalLevel].includes('debug')
+        ? 'debug'
+        : 'info';
     return pino()(
       {
         level: config.logLevel === 'silent' && terminalLevel === 'silent' ? 'silent' : lowest,
@@ -526,7 +621,11 @@ function openRegular(path: string, shown: string, maxBytes: number): { fd: numbe
     throw err;
   }
   const stats = fstatSync(fd);
-  const problem = !stats.isFile() ? 'is not a regular file' : stats.size > maxBytes ? `is ${stats.size} bytes, over the ${maxBytes}-byte limit` : null;
+  const problem = !stats.isFile()
+    ? 'is not a regular file'
+    : stats.size > maxBytes
+      ? `is ${stats.size} bytes, over the ${maxBytes}-byte limit`
+      : null;
   if (problem) {
     closeSync(fd);
     throw new UnsafePathError(`${shown} ${problem}: refused without reading it`);
@@ -749,7 +848,11 @@ export class AgentTree {
       unlinkSync(dir.at(name)); // swapped for a link meanwhile: the link goes
       return true;
     }
-    const inner: OpenDir = { shown: join(dir.shown, name), at: (child) => `${FD_PATHS}/${fd}/${child}`, close: () => closeSync(fd) };
+    const inner: OpenDir = {
+      shown: join(dir.shown, name),
+      at: (child) => `${FD_PATHS}/${fd}/${child}`,
+      close: () => closeSync(fd),
+    };
     try {
       for (const child of readdirSync(inner.at('.'))) this.removeIn(inner, child);
     } finally {
@@ -781,7 +884,8 @@ export class AgentTree {
       try {
         this.withParent(rel, false, (dir, name) => {
           const stats = lstatSync(dir.at(name), { throwIfNoEntry: false });
-          if (stats && (stats.isFile() || stats.isDirectory())) lchownSync(dir.at(name), this.owner!.uid, this.owner!.gid);
+          if (stats && (stats.isFile() || stats.isDirectory()))
+            lchownSync(dir.at(name), this.owner!.uid, this.owner!.gid);
         });
       } catch (err) {
         if (!(err instanceof UnsafePathError) && errorCode(err) !== 'ENOENT') throw err;
@@ -994,33 +1098,75 @@ const MIGRATIONS: string[] = [
 export const SCHEMA_VERSION = MIGRATIONS.length;
 
 interface MessageRow {
-  seq: number; id: string; chat_jid: string; sender: string; sender_name: string;
-  content: string; timestamp: string; is_from_me: number; is_bot_message: number;
+  seq: number;
+  id: string;
+  chat_jid: string;
+  sender: string;
+  sender_name: string;
+  content: string;
+  timestamp: string;
+  is_from_me: number;
+  is_bot_message: number;
 }
 interface GroupRow {
-  jid: string; name: string; folder: string; trigger_word: string; requires_trigger: number;
-  is_main: number; container_config: string | null; added_at: string;
+  jid: string;
+  name: string;
+  folder: string;
+  trigger_word: string;
+  requires_trigger: number;
+  is_main: number;
+  container_config: string | null;
+  added_at: string;
 }
 interface TaskRow {
-  id: string; group_folder: string; chat_jid: string; prompt: string; schedule_type: ScheduleType;
-  schedule_value: string; context_mode: ContextMode; next_run: string | null; last_run: string | null;
-  last_result: string | null; status: TaskStatus; created_at: string;
+  id: string;
+  group_folder: string;
+  chat_jid: string;
+  prompt: string;
+  schedule_type: ScheduleType;
+  schedule_value: string;
+  context_mode: ContextMode;
+  next_run: string | null;
+  last_run: string | null;
+  last_result: string | null;
+  status: TaskStatus;
+  created_at: string;
 }
 
 const toMessage = (row: MessageRow): StoredMessage => ({
-  seq: row.seq, id: row.id, chatJid: row.chat_jid, sender: row.sender, senderName: row.sender_name,
-  content: row.content, timestamp: row.timestamp, isFromMe: row.is_from_me === 1, isBotMessage: row.is_bot_message === 1,
+  seq: row.seq,
+  id: row.id,
+  chatJid: row.chat_jid,
+  sender: row.sender,
+  senderName: row.sender_name,
+  content: row.content,
+  timestamp: row.timestamp,
+  isFromMe: row.is_from_me === 1,
+  isBotMessage: row.is_bot_message === 1,
 });
 const toGroup = (row: GroupRow): RegisteredGroup => ({
-  jid: row.jid, name: row.name, folder: row.folder, trigger: row.trigger_word,
-  requiresTrigger: row.requires_trigger === 1, isMain: row.is_main === 1,
+  jid: row.jid,
+  name: row.name,
+  folder: row.folder,
+  trigger: row.trigger_word,
+  requiresTrigger: row.requires_trigger === 1,
+  isMain: row.is_main === 1,
   containerConfig: row.container_config ? (JSON.parse(row.container_config) as ContainerConfig) : undefined,
   addedAt: row.added_at,
 });
 const toTask = (row: TaskRow): ScheduledTask => ({
-  id: row.id, groupFolder: row.group_folder, chatJid: row.chat_jid, prompt: row.prompt,
-  scheduleType: row.schedule_type, scheduleValue: row.schedule_value, contextMode: row.context_mode,
-  nextRun: row.next_run, lastRun: row.last_run, lastResult: row.last_result, status: row.status, createdAt: row.created_at,
+  id: row.id,
+  groupFolder: row.group_folder,
+  chatJid: row.chat_jid,
+  prompt: row.prompt,
+  scheduleType: row.schedule_type,
+  scheduleValue: row.schedule_value,
+  contextMode: row.context_mode,
+  nextRun: row.next_run,
+  lastRun: row.last_run,
+  lastResult: row.last_result,
+  status: row.status,
+  createdAt: row.created_at,
 });
 
 const cursorKey = (chatJid: string) => `cursor:${chatJid}`;
@@ -1030,7 +1176,9 @@ const BUSY_TIMEOUT_MS = 1_000;
 
 /** Errors that mean "the database cannot take this now" (locked, read-only, I/O, full): worth retrying. */
 export function isStoreUnavailable(err: unknown): boolean {
-  return /^SQLITE_(BUSY|LOCKED|READONLY|IOERR|CANTOPEN|FULL|PROTOCOL)/.test(String((err as { code?: unknown })?.code ?? ''));
+  return /^SQLITE_(BUSY|LOCKED|READONLY|IOERR|CANTOPEN|FULL|PROTOCOL)/.test(
+    String((err as { code?: unknown })?.code ?? ''),
+  );
 }
 
 export class Store {
@@ -1041,14 +1189,18 @@ export class Store {
     this.db = new Database(path, { create: true, strict: true });
     // busy_timeout first: a database another process holds for a moment is waited for, not
     // an error. Short, because bun:sqlite waits on the event loop: everything else waits too.
-    this.db.exec(`PRAGMA busy_timeout = ${BUSY_TIMEOUT_MS}; PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;`);
+    this.db.exec(
+      `PRAGMA busy_timeout = ${BUSY_TIMEOUT_MS}; PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;`,
+    );
     this.migrate();
   }
 
   private migrate(): void {
     const current = this.db.query<{ user_version: number }, []>('PRAGMA user_version').get()!.user_version;
     if (current > MIGRATIONS.length) {
-      throw new Error(`store/messages.db has schema version ${current}, newer than this code knows (${MIGRATIONS.length}). Update NanoClaw.`);
+      throw new Error(
+        `store/messages.db has schema version ${current}, newer than this code knows (${MIGRATIONS.length}). Update NanoClaw.`,
+      );
     }
     for (let version = current; version < MIGRATIONS.length; version++) {
       this.db.transaction(() => {
@@ -1064,7 +1216,13 @@ export class Store {
 
   // Chats and messages
 
-  upsertChat(chat: { jid: string; name?: string | null; channel: string; isGroup: boolean; lastMessageAt?: string }): void {
+  upsertChat(chat: {
+    jid: string;
+    name?: string | null;
+    channel: string;
+    isGroup: boolean;
+    lastMessageAt?: string;
+  }): void {
     this.db
       .query(
         `INSERT INTO chats (jid, name, channel, is_group, last_message_at) VALUES ($jid, $name, $channel, $isGroup, $at)
@@ -1074,16 +1232,29 @@ export class Store {
            is_group = excluded.is_group,
            last_message_at = MAX(COALESCE(chats.last_message_at, ''), COALESCE(excluded.last_message_at, ''))`,
       )
-      .run({ jid: chat.jid, name: chat.name ?? null, channel: chat.channel, isGroup: chat.isGroup ? 1 : 0, at: chat.lastMessageAt ?? null });
+      .run({
+        jid: chat.jid,
+        name: chat.name ?? null,
+        channel: chat.channel,
+        isGroup: chat.isGroup ? 1 : 0,
+        at: chat.lastMessageAt ?? null,
+      });
   }
 
   listChats(): ChatInfo[] {
     return this.db
-      .query<{ jid: string; name: string | null; channel: string | null; is_group: number; last_message_at: string | null }, []>(
-        'SELECT * FROM chats ORDER BY last_message_at DESC',
-      )
+      .query<
+        { jid: string; name: string | null; channel: string | null; is_group: number; last_message_at: string | null },
+        []
+      >('SELECT * FROM chats ORDER BY last_message_at DESC')
       .all()
-      .map((row) => ({ jid: row.jid, name: row.name, channel: row.channel, isGroup: row.is_group === 1, lastMessageAt: row.last_message_at || null }));
+      .map((row) => ({
+        jid: row.jid,
+        name: row.name,
+        channel: row.channel,
+        isGroup: row.is_group === 1,
+        lastMessageAt: row.last_message_at || null,
+      }));
   }
 
   /** Stores a message once; returns its seq, or null when (chat, id) was already stored. */
@@ -1094,8 +1265,14 @@ export class Store {
          VALUES ($id, $chatJid, $sender, $senderName, $content, $timestamp, $isFromMe, $isBotMessage)`,
       )
       .run({
-        id: message.id, chatJid: message.chatJid, sender: message.sender, senderName: message.senderName,
-        content: message.content, timestamp: message.timestamp, isFromMe: message.isFromMe ? 1 : 0, isBotMessage: message.isBotMessage ? 1 : 0,
+        id: message.id,
+        chatJid: message.chatJid,
+        sender: message.sender,
+        senderName: message.senderName,
+        content: message.content,
+        timestamp: message.timestamp,
+        isFromMe: message.isFromMe ? 1 : 0,
+        isBotMessage: message.isBotMessage ? 1 : 0,
       });
     return result.changes > 0 ? Number(result.lastInsertRowid) : null;
   }
@@ -1123,16 +1300,26 @@ export class Store {
   }
 
   getState(key: string): string | null {
-    return this.db.query<{ value: string }, [string]>('SELECT value FROM router_state WHERE key = ?').get(key)?.value ?? null;
+    return (
+      this.db.query<{ value: string }, [string]>('SELECT value FROM router_state WHERE key = ?').get(key)?.value ?? null
+    );
   }
 
   setState(key: string, value: string): void {
-    this.db.query('INSERT INTO router_state (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value').run(key, value);
+    this.db
+      .query(
+        'INSERT INTO router_state (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value',
+      )
+      .run(key, value);
   }
 
   /** Latest stored seq of a chat (0 when empty); new groups start their cursor here. */
   latestSeq(chatJid: string): number {
-    return this.db.query<{ seq: number | null }, [string]>('SELECT MAX(seq) AS seq FROM messages WHERE chat_jid = ?').get(chatJid)?.seq ?? 0;
+    return (
+      this.db
+        .query<{ seq: number | null }, [string]>('SELECT MAX(seq) AS seq FROM messages WHERE chat_jid = ?')
+        .get(chatJid)?.seq ?? 0
+    );
   }
 
   /** Whether a write could start now, asked without waiting (so a held lock costs nothing). */
@@ -1168,7 +1355,9 @@ export class Store {
         'SELECT id, chat_jid, text, message_id, attempts FROM outbox WHERE channel = ? AND sent_at IS NULL ORDER BY id LIMIT 1',
       )
       .get(channel);
-    return row ? { id: row.id, jid: row.chat_jid, text: row.text, messageId: row.message_id, attempts: row.attempts } : undefined;
+    return row
+      ? { id: row.id, jid: row.chat_jid, text: row.text, messageId: row.message_id, attempts: row.attempts }
+      : undefined;
   }
 
   markSent(id: number): void {
@@ -1178,7 +1367,9 @@ export class Store {
   /** A failed attempt; after too many, the part is given up (kept, with the error, so it shows). */
   markSendFailed(id: number, error: string, giveUp: boolean): void {
     this.db
-      .query('UPDATE outbox SET attempts = attempts + 1, error = ?, sent_at = CASE WHEN ? THEN ? ELSE sent_at END WHERE id = ?')
+      .query(
+        'UPDATE outbox SET attempts = attempts + 1, error = ?, sent_at = CASE WHEN ? THEN ? ELSE sent_at END WHERE id = ?',
+      )
       .run(error, giveUp ? 1 : 0, new Date().toISOString(), id);
   }
 
@@ -1189,17 +1380,27 @@ export class Store {
         'SELECT id, chat_jid, text, message_id, attempts FROM outbox WHERE channel = ? AND sent_at IS NULL ORDER BY id',
       )
       .all(channel)
-      .map((row) => ({ id: row.id, jid: row.chat_jid, text: row.text, messageId: row.message_id, attempts: row.attempts }));
+      .map((row) => ({
+        id: row.id,
+        jid: row.chat_jid,
+        text: row.text,
+        messageId: row.message_id,
+        attempts: row.attempts,
+      }));
   }
 
   countUnsent(channel: string): number {
-    return this.db.query<{ n: number }, [string]>('SELECT COUNT(*) AS n FROM outbox WHERE channel = ? AND sent_at IS NULL').get(channel)!.n;
+    return this.db
+      .query<{ n: number }, [string]>('SELECT COUNT(*) AS n FROM outbox WHERE channel = ? AND sent_at IS NULL')
+      .get(channel)!.n;
   }
 
   /** What the bot sent under a message id (to answer a recipient's request to send it again). */
   outboundByMessageId(messageId: string): { chatJid: string; text: string; sentContent: Uint8Array | null } | null {
     const row = this.db
-      .query<{ chat_jid: string; text: string; sent_content: Uint8Array | null }, [string]>('SELECT chat_jid, text, sent_content FROM outbox WHERE message_id = ?')
+      .query<{ chat_jid: string; text: string; sent_content: Uint8Array | null }, [string]>(
+        'SELECT chat_jid, text, sent_content FROM outbox WHERE message_id = ?',
+      )
       .get(messageId);
     return row ? { chatJid: row.chat_jid, text: row.text, sentContent: row.sent_content } : null;
   }
@@ -1221,7 +1422,9 @@ export class Store {
   }
 
   markIpcDone(claimId: string): void {
-    this.db.query('INSERT OR IGNORE INTO ipc_done (claim_id, done_at) VALUES (?, ?)').run(claimId, new Date().toISOString());
+    this.db
+      .query('INSERT OR IGNORE INTO ipc_done (claim_id, done_at) VALUES (?, ?)')
+      .run(claimId, new Date().toISOString());
   }
 
   pruneIpcDone(before: string): void {
@@ -1230,9 +1433,11 @@ export class Store {
 
   /** Records that a task's run is owed (it is due); false when a run of it is already claimed. */
   claimTask(taskId: string, dueAt: string | null, attempt = 1): boolean {
-    return this.db
-      .query('INSERT OR IGNORE INTO task_claims (task_id, due_at, claimed_at, attempt) VALUES (?, ?, ?, ?)')
-      .run(taskId, dueAt, new Date().toISOString(), attempt).changes > 0;
+    return (
+      this.db
+        .query('INSERT OR IGNORE INTO task_claims (task_id, due_at, claimed_at, attempt) VALUES (?, ?, ?, ?)')
+        .run(taskId, dueAt, new Date().toISOString(), attempt).changes > 0
+    );
   }
 
   /** The claimed run has really started (its container is about to run). */
@@ -1242,7 +1447,9 @@ export class Store {
 
   taskClaims(): { taskId: string; dueAt: string | null; startedAt: string | null; attempt: number }[] {
     return this.db
-      .query<{ task_id: string; due_at: string | null; started_at: string | null; attempt: number }, []>('SELECT * FROM task_claims ORDER BY claimed_at')
+      .query<{ task_id: string; due_at: string | null; started_at: string | null; attempt: number }, []>(
+        'SELECT * FROM task_claims ORDER BY claimed_at',
+      )
       .all()
       .map((row) => ({ taskId: row.task_id, dueAt: row.due_at, startedAt: row.started_at, attempt: row.attempt }));
   }
@@ -1253,7 +1460,11 @@ export class Store {
 
   // Model usage, counted by the proxy
 
-  addModelUsage(day: string, groupFolder: string, entry: { ok: boolean; promptTokens: number; completionTokens: number }): void {
+  addModelUsage(
+    day: string,
+    groupFolder: string,
+    entry: { ok: boolean; promptTokens: number; completionTokens: number },
+  ): void {
     this.db
       .query(
         `INSERT INTO model_usage (day, group_folder, requests, failed, prompt_tokens, completion_tokens) VALUES ($day, $folder, 1, $failed, $prompt, $completion)
@@ -1261,16 +1472,39 @@ export class Store {
            requests = requests + 1, failed = failed + excluded.failed,
            prompt_tokens = prompt_tokens + excluded.prompt_tokens, completion_tokens = completion_tokens + excluded.completion_tokens`,
       )
-      .run({ day, folder: groupFolder, failed: entry.ok ? 0 : 1, prompt: entry.promptTokens, completion: entry.completionTokens });
+      .run({
+        day,
+        folder: groupFolder,
+        failed: entry.ok ? 0 : 1,
+        prompt: entry.promptTokens,
+        completion: entry.completionTokens,
+      });
   }
 
   modelUsage(sinceDay: string, groupFolder?: string): UsageRow[] {
     return this.db
-      .query<{ day: string; group_folder: string; requests: number; failed: number; prompt_tokens: number; completion_tokens: number }, { since: string; folder: string | null }>(
+      .query<
+        {
+          day: string;
+          group_folder: string;
+          requests: number;
+          failed: number;
+          prompt_tokens: number;
+          completion_tokens: number;
+        },
+        { since: string; folder: string | null }
+      >(
         'SELECT * FROM model_usage WHERE day >= $since AND ($folder IS NULL OR group_folder = $folder) ORDER BY day, group_folder',
       )
       .all({ since: sinceDay, folder: groupFolder ?? null })
-      .map((row) => ({ day: row.day, groupFolder: row.group_folder, requests: row.requests, failed: row.failed, promptTokens: row.prompt_tokens, completionTokens: row.completion_tokens }));
+      .map((row) => ({
+        day: row.day,
+        groupFolder: row.group_folder,
+        requests: row.requests,
+        failed: row.failed,
+        promptTokens: row.prompt_tokens,
+        completionTokens: row.completion_tokens,
+      }));
   }
 
   // Registered groups
@@ -1282,9 +1516,14 @@ export class Store {
          VALUES ($jid, $name, $folder, $trigger, $requiresTrigger, $isMain, $containerConfig, $addedAt)`,
       )
       .run({
-        jid: group.jid, name: group.name, folder: group.folder, trigger: group.trigger,
-        requiresTrigger: group.requiresTrigger ? 1 : 0, isMain: group.isMain ? 1 : 0,
-        containerConfig: group.containerConfig ? JSON.stringify(group.containerConfig) : null, addedAt: group.addedAt,
+        jid: group.jid,
+        name: group.name,
+        folder: group.folder,
+        trigger: group.trigger,
+        requiresTrigger: group.requiresTrigger ? 1 : 0,
+        isMain: group.isMain ? 1 : 0,
+        containerConfig: group.containerConfig ? JSON.stringify(group.containerConfig) : null,
+        addedAt: group.addedAt,
       });
   }
 
@@ -1302,7 +1541,10 @@ export class Store {
   }
 
   listGroups(): RegisteredGroup[] {
-    return this.db.query<GroupRow, []>('SELECT * FROM registered_groups ORDER BY is_main DESC, added_at').all().map(toGroup);
+    return this.db
+      .query<GroupRow, []>('SELECT * FROM registered_groups ORDER BY is_main DESC, added_at')
+      .all()
+      .map(toGroup);
   }
 
   groupByJid(jid: string): RegisteredGroup | null {
@@ -1323,12 +1565,18 @@ export class Store {
   // Sessions (the guide deletes rows by group_folder by hand: keep that column name)
 
   getSession(folder: string): string | null {
-    return this.db.query<{ session_id: string }, [string]>('SELECT session_id FROM sessions WHERE group_folder = ?').get(folder)?.session_id ?? null;
+    return (
+      this.db
+        .query<{ session_id: string }, [string]>('SELECT session_id FROM sessions WHERE group_folder = ?')
+        .get(folder)?.session_id ?? null
+    );
   }
 
   setSession(folder: string, sessionId: string): void {
     this.db
-      .query('INSERT INTO sessions (group_folder, session_id, updated_at) VALUES (?, ?, ?) ON CONFLICT (group_folder) DO UPDATE SET session_id = excluded.session_id, updated_at = excluded.updated_at')
+      .query(
+        'INSERT INTO sessions (group_folder, session_id, updated_at) VALUES (?, ?, ?) ON CONFLICT (group_folder) DO UPDATE SET session_id = excluded.session_id, updated_at = excluded.updated_at',
+      )
       .run(folder, sessionId, new Date().toISOString());
   }
 
@@ -1338,7 +1586,9 @@ export class Store {
 
   listSessions(): { groupFolder: string; sessionId: string; updatedAt: string }[] {
     return this.db
-      .query<{ group_folder: string; session_id: string; updated_at: string }, []>('SELECT * FROM sessions ORDER BY group_folder')
+      .query<{ group_folder: string; session_id: string; updated_at: string }, []>(
+        'SELECT * FROM sessions ORDER BY group_folder',
+      )
       .all()
       .map((row) => ({ groupFolder: row.group_folder, sessionId: row.session_id, updatedAt: row.updated_at }));
   }
@@ -1361,16 +1611,25 @@ export class Store {
 
   listTasks(groupFolder?: string): ScheduledTask[] {
     const rows = groupFolder
-      ? this.db.query<TaskRow, [string]>('SELECT * FROM scheduled_tasks WHERE group_folder = ? ORDER BY created_at').all(groupFolder)
+      ? this.db
+          .query<TaskRow, [string]>('SELECT * FROM scheduled_tasks WHERE group_folder = ? ORDER BY created_at')
+          .all(groupFolder)
       : this.db.query<TaskRow, []>('SELECT * FROM scheduled_tasks ORDER BY created_at').all();
     return rows.map(toTask);
   }
 
   updateTask(id: string, patch: Partial<Omit<ScheduledTask, 'id' | 'createdAt'>>): boolean {
     const columns: Record<string, string> = {
-      groupFolder: 'group_folder', chatJid: 'chat_jid', prompt: 'prompt', scheduleType: 'schedule_type',
-      scheduleValue: 'schedule_value', contextMode: 'context_mode', nextRun: 'next_run', lastRun: 'last_run',
-      lastResult: 'last_result', status: 'status',
+      groupFolder: 'group_folder',
+      chatJid: 'chat_jid',
+      prompt: 'prompt',
+      scheduleType: 'schedule_type',
+      scheduleValue: 'schedule_value',
+      contextMode: 'context_mode',
+      nextRun: 'next_run',
+      lastRun: 'last_run',
+      lastResult: 'last_result',
+      status: 'status',
     };
     const entries = Object.entries(patch).filter(([key, value]) => key in columns && value !== undefined);
     if (entries.length === 0) return false;
@@ -1386,24 +1645,43 @@ export class Store {
   /** Active tasks with a next run, soonest first. */
   upcomingTasks(limit = -1): ScheduledTask[] {
     return this.db
-      .query<TaskRow, [number]>("SELECT * FROM scheduled_tasks WHERE status = 'active' AND next_run IS NOT NULL ORDER BY next_run LIMIT ?")
+      .query<TaskRow, [number]>(
+        "SELECT * FROM scheduled_tasks WHERE status = 'active' AND next_run IS NOT NULL ORDER BY next_run LIMIT ?",
+      )
       .all(limit)
       .map(toTask);
   }
 
   logTaskRun(run: TaskRunLog): void {
     this.db
-      .query('INSERT INTO task_run_logs (task_id, run_at, duration_ms, status, result, error) VALUES ($taskId, $runAt, $durationMs, $status, $result, $error)')
+      .query(
+        'INSERT INTO task_run_logs (task_id, run_at, duration_ms, status, result, error) VALUES ($taskId, $runAt, $durationMs, $status, $result, $error)',
+      )
       .run({ ...run });
   }
 
   taskRuns(taskId: string, limit = 10): TaskRunLog[] {
     return this.db
-      .query<{ task_id: string; run_at: string; duration_ms: number; status: 'success' | 'error'; result: string | null; error: string | null }, [string, number]>(
-        'SELECT * FROM task_run_logs WHERE task_id = ? ORDER BY run_at DESC LIMIT ?',
-      )
+      .query<
+        {
+          task_id: string;
+          run_at: string;
+          duration_ms: number;
+          status: 'success' | 'error';
+          result: string | null;
+          error: string | null;
+        },
+        [string, number]
+      >('SELECT * FROM task_run_logs WHERE task_id = ? ORDER BY run_at DESC LIMIT ?')
       .all(taskId, limit)
-      .map((row) => ({ taskId: row.task_id, runAt: row.run_at, durationMs: row.duration_ms, status: row.status, result: row.result, error: row.error }));
+      .map((row) => ({
+        taskId: row.task_id,
+        runAt: row.run_at,
+        durationMs: row.duration_ms,
+        status: row.status,
+        result: row.result,
+        error: row.error,
+      }));
   }
 }
 
@@ -1455,7 +1733,13 @@ export function isOwnReply(content: string, assistantName: string): boolean {
 /** Wall-clock time in the user's timezone, e.g. "2026-11-24 09:15". */
 export function formatLocalTime(iso: string, timezone: string): string {
   const parts = new Intl.DateTimeFormat('en-CA', {
-    timeZone: timezone, year: 'numeric', month: '2-digit', day: '2-digit', hour: '2-digit', minute: '2-digit', hourCycle: 'h23',
+    timeZone: timezone,
+    year: 'numeric',
+    month: '2-digit',
+    day: '2-digit',
+    hour: '2-digit',
+    minute: '2-digit',
+    hourCycle: 'h23',
   }).formatToParts(new Date(iso));
   const part = (type: string) => parts.find((p) => p.type === type)?.value ?? '';
   return `${part('year')}-${part('month')}-${part('day')} ${part('hour')}:${part('minute')}`;
@@ -1467,7 +1751,8 @@ export function formatLocalTime(iso: string, timezone: string): string {
  */
 export function formatMessages(messages: readonly StoredMessage[], timezone: string): string {
   const lines = messages.map(
-    (m) => `<message sender="${escapeXml(m.senderName)}" time="${formatLocalTime(m.timestamp, timezone)}">${escapeXml(m.content)}</message>`,
+    (m) =>
+      `<message sender="${escapeXml(m.senderName)}" time="${formatLocalTime(m.timestamp, timezone)}">${escapeXml(m.content)}</message>`,
   );
   return `<messages>\n${lines.join('\n')}\n</messages>`;
 }
@@ -1530,7 +1815,9 @@ export interface Channel {
 
 /** What a WhatsApp chat id looks like: a person, a group, a LID; or the terminal's own. */
 export function isValidJid(jid: string): boolean {
-  return /^\d{5,20}@s\.whatsapp\.net$|^\d{5,20}(-\d{5,20})?@g\.us$|^\d{5,20}@lid$|^[a-z][a-z0-9-]{0,30}@local$/.test(jid);
+  return /^\d{5,20}@s\.whatsapp\.net$|^\d{5,20}(-\d{5,20})?@g\.us$|^\d{5,20}@lid$|^[a-z][a-z0-9-]{0,30}@local$/.test(
+    jid,
+  );
 }
 
 /** A new message id in WhatsApp Web's own format (3EB0 + 36 hex digits). */
@@ -1604,7 +1891,10 @@ export class OutboxSender {
           // the database is down too: the next pass tries again
         }
         if (giveUp) {
-          log.error({ chatJid: next.jid, messageId: next.messageId, attempts: MAX_SEND_ATTEMPTS, err: errorText(err) }, 'Could not send a message; giving up on it (it stays in the outbox table)');
+          log.error(
+            { chatJid: next.jid, messageId: next.messageId, attempts: MAX_SEND_ATTEMPTS, err: errorText(err) },
+            'Could not send a message; giving up on it (it stays in the outbox table)',
+          );
           continue;
         }
         return this.retryLater(errorText(err), next.jid);
@@ -1733,7 +2023,8 @@ export interface WhatsAppIdentity {
 export function canonicalJid(jid: string, alt: string | null | undefined, identity: WhatsAppIdentity): string {
   if (baileys().isJidGroup(jid)) return jid;
   if (baileys().isLidUser(jid)) {
-    const phone = (alt && baileys().isPnUser(alt) ? alt : undefined) ?? identity.phoneForLid(baileys().jidNormalizedUser(jid));
+    const phone =
+      (alt && baileys().isPnUser(alt) ? alt : undefined) ?? identity.phoneForLid(baileys().jidNormalizedUser(jid));
     if (phone) return baileys().jidNormalizedUser(phone);
   }
   return baileys().jidNormalizedUser(jid);
@@ -1741,14 +2032,44 @@ export function canonicalJid(jid: string, alt: string | null | undefined, identi
 
 function mediaOf(content: proto.IMessage): WhatsAppInbound['media'] | undefined {
   const bytes = (length: number | Long | null | undefined) => (length == null ? undefined : Number(length));
-  if (content.imageMessage) return { kind: 'image', mimetype: content.imageMessage.mimetype ?? 'image/jpeg', bytes: bytes(content.imageMessage.fileLength), caption: content.imageMessage.caption ?? '' };
-  if (content.videoMessage) return { kind: 'video', mimetype: content.videoMessage.mimetype ?? 'video/mp4', bytes: bytes(content.videoMessage.fileLength), caption: content.videoMessage.caption ?? '' };
-  if (content.audioMessage) return { kind: content.audioMessage.ptt ? 'voice note' : 'audio', mimetype: content.audioMessage.mimetype ?? 'audio/ogg', bytes: bytes(content.audioMessage.fileLength), caption: '' };
+  if (content.imageMessage)
+    return {
+      kind: 'image',
+      mimetype: content.imageMessage.mimetype ?? 'image/jpeg',
+      bytes: bytes(content.imageMessage.fileLength),
+      caption: content.imageMessage.caption ?? '',
+    };
+  if (content.videoMessage)
+    return {
+      kind: 'video',
+      mimetype: content.videoMessage.mimetype ?? 'video/mp4',
+      bytes: bytes(content.videoMessage.fileLength),
+      caption: content.videoMessage.caption ?? '',
+    };
+  if (content.audioMessage)
+    return {
+      kind: content.audioMessage.ptt ? 'voice note' : 'audio',
+      mimetype: content.audioMessage.mimetype ?? 'audio/ogg',
+      bytes: bytes(content.audioMessage.fileLength),
+      caption: '',
+    };
   if (content.documentMessage) {
     const doc = content.documentMessage;
-    return { kind: 'document', mimetype: doc.mimetype ?? 'application/octet-stream', fileName: doc.fileName ?? undefined, bytes: bytes(doc.fileLength), caption: doc.caption ?? '' };
+    return {
+      kind: 'document',
+      mimetype: doc.mimetype ?? 'application/octet-stream',
+      fileName: doc.fileName ?? undefined,
+      bytes: bytes(doc.fileLength),
+      caption: doc.caption ?? '',
+    };
   }
-  if (content.stickerMessage) return { kind: 'sticker', mimetype: content.stickerMessage.mimetype ?? 'image/webp', bytes: bytes(content.stickerMessage.fileLength), caption: '' };
+  if (content.stickerMessage)
+    return {
+      kind: 'sticker',
+      mimetype: content.stickerMessage.mimetype ?? 'image/webp',
+      bytes: bytes(content.stickerMessage.fileLength),
+      caption: '',
+    };
   return undefined;
 }
 
@@ -1757,7 +2078,12 @@ function textOf(content: proto.IMessage): string {
 }
 
 function contextInfoOf(content: proto.IMessage): proto.IContextInfo | null | undefined {
-  return content.extendedTextMessage?.contextInfo ?? content.imageMessage?.contextInfo ?? content.videoMessage?.contextInfo ?? content.documentMessage?.contextInfo;
+  return (
+    content.extendedTextMessage?.contextInfo ??
+    content.imageMessage?.contextInfo ??
+    content.videoMessage?.contextInfo ??
+    content.documentMessage?.contextInfo
+  );
 }
 
 /**
@@ -1765,12 +2091,18 @@ function contextInfoOf(content: proto.IMessage): proto.IContextInfo | null | und
  * phone number or its LID) and contextInfo.mentionedJid lists its JID. That mention is
  * the chat's trigger, so it reads as `@Andy` to the router and the agent alike.
  */
-export function withMentionsAsTrigger(text: string, mentioned: readonly string[], ownJids: ReadonlySet<string>, trigger: string): string {
+export function withMentionsAsTrigger(
+  text: string,
+  mentioned: readonly string[],
+  ownJids: ReadonlySet<string>,
+  trigger: string,
+): string {
   const ownUsers = new Set([...ownJids].map((jid) => jid.split('@')[0]!.split(':')[0]!));
   const mentionedUsers = mentioned.map((jid) => jid.split('@')[0]!.split(':')[0]!).filter((user) => ownUsers.has(user));
   if (mentionedUsers.length === 0) return text;
   let rewritten = text;
-  for (const user of new Set(mentionedUsers)) rewritten = rewritten.replace(new RegExp(`@${user}(?!\\d)`, 'g'), trigger);
+  for (const user of new Set(mentionedUsers))
+    rewritten = rewritten.replace(new RegExp(`@${user}(?!\\d)`, 'g'), trigger);
   return rewritten === text ? `${trigger} ${text}` : rewritten;
 }
 
@@ -1781,7 +2113,13 @@ export function withMentionsAsTrigger(text: string, mentioned: readonly string[]
  */
 export function parseWhatsAppMessage(raw: WAMessage, identity: WhatsAppIdentity): WhatsAppInbound | null {
   const key = raw.key as WAMessageKey;
-  if (!key?.remoteJid || !key.id || baileys().isJidStatusBroadcast(key.remoteJid) || baileys().isJidBroadcast(key.remoteJid)) return null;
+  if (
+    !key?.remoteJid ||
+    !key.id ||
+    baileys().isJidStatusBroadcast(key.remoteJid) ||
+    baileys().isJidBroadcast(key.remoteJid)
+  )
+    return null;
   const content = baileys().normalizeMessageContent(raw.message);
   if (!content || content.protocolMessage || content.reactionMessage) return null;
   const media = mediaOf(content);
@@ -1789,12 +2127,19 @@ export function parseWhatsAppMessage(raw: WAMessage, identity: WhatsAppIdentity)
   const context = contextInfoOf(content);
   const chatJid = canonicalJid(key.remoteJid, key.remoteJidAlt, identity);
   if (identity.hasOwnNumber && context?.mentionedJid?.length) {
-    text = withMentionsAsTrigger(text, context.mentionedJid, identity.ownJids, identity.triggerFor?.(chatJid) ?? `@${identity.assistantName}`);
+    text = withMentionsAsTrigger(
+      text,
+      context.mentionedJid,
+      identity.ownJids,
+      identity.triggerFor?.(chatJid) ?? `@${identity.assistantName}`,
+    );
   }
   const quoted = context;
   if (quoted?.quotedMessage) {
     const quotedContent = baileys().normalizeMessageContent(quoted.quotedMessage);
-    const quotedText = quotedContent ? (textOf(quotedContent) || mediaOf(quotedContent)?.caption || `[${mediaOf(quotedContent)?.kind ?? 'message'}]`) : '';
+    const quotedText = quotedContent
+      ? textOf(quotedContent) || mediaOf(quotedContent)?.caption || `[${mediaOf(quotedContent)?.kind ?? 'message'}]`
+      : '';
     if (quotedText) text = `[replying to: "${quotedText.slice(0, 500)}"]\n${text}`;
   }
   if (!text && !media) return null;
@@ -1802,7 +2147,11 @@ export function parseWhatsAppMessage(raw: WAMessage, identity: WhatsAppIdentity)
   const isGroup = Boolean(baileys().isJidGroup(chatJid));
   const fromMe = Boolean(key.fromMe);
   const ownPhone = [...identity.ownJids].find((jid) => baileys().isPnUser(jid)) ?? '';
-  const sender = fromMe ? ownPhone : isGroup ? canonicalJid(key.participant ?? '', key.participantAlt, identity) : chatJid;
+  const sender = fromMe
+    ? ownPhone
+    : isGroup
+      ? canonicalJid(key.participant ?? '', key.participantAlt, identity)
+      : chatJid;
   const seconds = Number(raw.messageTimestamp ?? Math.floor(Date.now() / 1000));
   const isBotMessage = identity.hasOwnNumber ? fromMe : isOwnReply(text, identity.assistantName);
   return {
@@ -1823,8 +2172,15 @@ export function parseWhatsAppMessage(raw: WAMessage, identity: WhatsAppIdentity)
 
 /** A file name that is safe on every filesystem and unique enough per message. */
 export function safeMediaFileName(messageId: string, kind: MediaKind, mimetype: string, original?: string): string {
-  const extension = (original?.match(/\.([A-Za-z0-9]{1,8})$/)?.[1] ?? mimetype.split('/')[1]?.split(';')[0] ?? 'bin').toLowerCase().replace(/[^a-z0-9]/g, '');
-  const stem = (original ? original.replace(/\.[^.]*$/, '') : kind).normalize('NFKD').replace(/[^A-Za-z0-9_-]+/g, '-').replace(/^-+|-+$/g, '').slice(0, 40) || 'file';
+  const extension = (original?.match(/\.([A-Za-z0-9]{1,8})$/)?.[1] ?? mimetype.split('/')[1]?.split(';')[0] ?? 'bin')
+    .toLowerCase()
+    .replace(/[^a-z0-9]/g, '');
+  const stem =
+    (original ? original.replace(/\.[^.]*$/, '') : kind)
+      .normalize('NFKD')
+      .replace(/[^A-Za-z0-9_-]+/g, '-')
+      .replace(/^-+|-+$/g, '')
+      .slice(0, 40) || 'file';
   return `${messageId.replace(/[^A-Za-z0-9]/g, '').slice(0, 24)}-${stem}.${extension || 'bin'}`;
 }
 
@@ -1839,7 +2195,7 @@ export function toWhatsAppFormat(markdown: string): string {
         .replace(/\*\*(.+?)\*\*/g, '\u0000$1\u0000')
         .replace(/__(.+?)__/g, '\u0000$1\u0000')
         .replace(/(?<![*\w])\*(?!\s)([^*\n]+?)(?<!\s)\*(?![*\w])/g, '_$1_')
-        .replace(/\u0000/g, '*')
+        .replaceAll('\u0000', '*')
         .replace(/~~(.+?)~~/g, '~$1~')
         .replace(/^(\s*)[-*+]\s+/gm, '$1• ')
         .replace(/\[([^\]]+)\]\((https?:\/\/[^)]+)\)/g, '$1 ($2)');
@@ -1853,8 +2209,13 @@ export function splitForWhatsApp(text: string, limit = WHATSAPP_MAX_CHARS): stri
   let rest = text.trim();
   while (rest.length > limit) {
     const window = rest.slice(0, limit);
-    const cut = [window.lastIndexOf('\n\n'), window.lastIndexOf('\n'), Math.max(window.lastIndexOf('. '), window.lastIndexOf('! '), window.lastIndexOf('? ')) + 1, window.lastIndexOf(' ')]
-      .find((index) => index > limit * 0.3) ?? limit;
+    const cut =
+      [
+        window.lastIndexOf('\n\n'),
+        window.lastIndexOf('\n'),
+        Math.max(window.lastIndexOf('. '), window.lastIndexOf('! '), window.lastIndexOf('? ')) + 1,
+        window.lastIndexOf(' '),
+      ].find((index) => index > limit * 0.3) ?? limit;
     parts.push(rest.slice(0, cut).trim());
     rest = rest.slice(cut).trim();
   }
@@ -1877,8 +2238,12 @@ export class RateLimiter {
     const chat = (this.sent.get(jid) ?? []).filter((t) => t > now - this.perChat.windowMs);
     this.sent.set(jid, chat);
     while (this.all.length && this.all[0]! <= now - this.overall.windowMs) this.all.shift();
-    const chatWait = chat.length >= this.perChat.count ? chat[chat.length - this.perChat.count]! + this.perChat.windowMs - now : 0;
-    const allWait = this.all.length >= this.overall.count ? this.all[this.all.length - this.overall.count]! + this.overall.windowMs - now : 0;
+    const chatWait =
+      chat.length >= this.perChat.count ? chat[chat.length - this.perChat.count]! + this.perChat.windowMs - now : 0;
+    const allWait =
+      this.all.length >= this.overall.count
+        ? this.all[this.all.length - this.overall.count]! + this.overall.windowMs - now
+        : 0;
     return Math.max(0, chatWait, allWait);
   }
 
@@ -1927,20 +2292,35 @@ export class TtlCache<V = unknown> {
  * What a closed WhatsApp connection means (baileys 7 Types/index.d.ts DisconnectReason;
  * 405 is the server's refusal of the client version, which baileys closes with as is).
  */
-export type DisconnectKind = 'logged-out' | 'version-refused' | 'restart' | 'replaced' | 'qr-expired' | 'network' | 'other';
+export type DisconnectKind =
+  | 'logged-out'
+  | 'version-refused'
+  | 'restart'
+  | 'replaced'
+  | 'qr-expired'
+  | 'network'
+  | 'other';
 
 export function disconnectKind(error: unknown): { kind: DisconnectKind; status?: number; detail: string } {
   const boom = error as { output?: { statusCode?: number }; data?: { code?: string } } | undefined;
   const status = boom?.output?.statusCode;
   const detail = error === undefined ? 'no reason given' : errorText(error);
   const kind: DisconnectKind =
-    status === baileys().DisconnectReason.loggedOut ? 'logged-out'
-    : status === 405 ? 'version-refused'
-    : status === baileys().DisconnectReason.restartRequired ? 'restart'
-    : status === baileys().DisconnectReason.connectionReplaced ? 'replaced'
-    : /QR refs attempts ended/.test(detail) ? 'qr-expired'
-    : status === baileys().DisconnectReason.timedOut || status === baileys().DisconnectReason.connectionClosed || /^E[A-Z]+$/.test(boom?.data?.code ?? '') ? 'network'
-    : 'other';
+    status === baileys().DisconnectReason.loggedOut
+      ? 'logged-out'
+      : status === 405
+        ? 'version-refused'
+        : status === baileys().DisconnectReason.restartRequired
+          ? 'restart'
+          : status === baileys().DisconnectReason.connectionReplaced
+            ? 'replaced'
+            : /QR refs attempts ended/.test(detail)
+              ? 'qr-expired'
+              : status === baileys().DisconnectReason.timedOut ||
+                  status === baileys().DisconnectReason.connectionClosed ||
+                  /^E[A-Z]+$/.test(boom?.data?.code ?? '')
+                ? 'network'
+                : 'other';
   return { kind, status, detail };
 }
 
@@ -2000,12 +2380,21 @@ export interface WhatsAppOptions {
 }
 
 const WHATSAPP_EVENTS = [
-  'connection.update', 'creds.update', 'messages.upsert', 'groups.update', 'groups.upsert', 'group-participants.update', 'lid-mapping.update',
+  'connection.update',
+  'creds.update',
+  'messages.upsert',
+  'groups.update',
+  'groups.upsert',
+  'group-participants.update',
+  'lid-mapping.update',
   'presence.update',
 ] as const;
 
 /** Whether a presence update (baileys' presence.update) says someone other than us is typing or recording. */
-export function someoneTyping(presences: Record<string, { lastKnownPresence?: string }>, ownJids: ReadonlySet<string>): boolean {
+export function someoneTyping(
+  presences: Record<string, { lastKnownPresence?: string }>,
+  ownJids: ReadonlySet<string>,
+): boolean {
   return Object.entries(presences).some(([who, presence]) => {
     const typing = presence.lastKnownPresence === 'composing' || presence.lastKnownPresence === 'recording';
     return typing && !ownJids.has(baileys().jidNormalizedUser(who));
@@ -2085,7 +2474,9 @@ export class WhatsAppChannel implements Channel {
 
   async connect(handlers: ChannelHandlers): Promise<void> {
     if (!WhatsAppChannel.isLinked(this.options.authDir)) {
-      throw new WhatsAppNotLinked('WhatsApp is not linked on this machine yet.\n  Fix: bun nanoclaw.ts auth   (or: bun nanoclaw.ts auth --pairing-code <your phone number>)');
+      throw new WhatsAppNotLinked(
+        'WhatsApp is not linked on this machine yet.\n  Fix: bun nanoclaw.ts auth   (or: bun nanoclaw.ts auth --pairing-code <your phone number>)',
+      );
     }
     this.handlers = handlers;
     this.closed = false;
@@ -2100,7 +2491,11 @@ export class WhatsAppChannel implements Channel {
   async resolveVersion(): Promise<void> {
     if (!this.lookUpVersion) return;
     this.lookUpVersion = false;
-    const lookup = this.options.lookupVersion ?? (this.options.waWebSocketUrl ? undefined : () => baileys().fetchLatestWaWebVersion({ signal: AbortSignal.timeout(10_000) }));
+    const lookup =
+      this.options.lookupVersion ??
+      (this.options.waWebSocketUrl
+        ? undefined
+        : () => baileys().fetchLatestWaWebVersion({ signal: AbortSignal.timeout(10_000) }));
     // fetchLatestWaWebVersion never throws: isLatest false means it fell back to baileys' own.
     const found = lookup ? await lookup().catch(() => null) : null;
     if (found?.isLatest) {
@@ -2110,7 +2505,10 @@ export class WhatsAppChannel implements Channel {
       return;
     }
     this.waVersion = this.options.knownVersion?.() ?? this.waVersion;
-    log.info({ version: this.waVersion?.join('.') ?? 'built in' }, lookup ? 'Could not look up the WhatsApp Web version; using the last known one' : 'WhatsApp Web version');
+    log.info(
+      { version: this.waVersion?.join('.') ?? 'built in' },
+      lookup ? 'Could not look up the WhatsApp Web version; using the last known one' : 'WhatsApp Web version',
+    );
   }
 
   private async openSocket(): Promise<void> {
@@ -2119,7 +2517,10 @@ export class WhatsAppChannel implements Channel {
     const sock = baileys().default({
       auth: state,
       // baileys wants its own pino; ours is pino too, just quieter for its chatter.
-      logger: log.child({ module: 'baileys' }, { level: log.level === 'trace' ? 'debug' : 'warn' }) as unknown as ILogger,
+      logger: log.child(
+        { module: 'baileys' },
+        { level: log.level === 'trace' ? 'debug' : 'warn' },
+      ) as unknown as ILogger,
       markOnlineOnConnect: false,
       syncFullHistory: false,
       msgRetryCounterCache: this.retryCounts,
@@ -2135,7 +2536,9 @@ export class WhatsAppChannel implements Channel {
     sock.ev.on('messages.upsert', ({ messages }) => {
       if (sock !== this.sock) return;
       for (const message of messages) {
-        this.onMessage(message).catch((err) => log.error({ err: errorText(err), messageId: message.key?.id }, 'Could not take an inbound WhatsApp message'));
+        this.onMessage(message).catch((err) =>
+          log.error({ err: errorText(err), messageId: message.key?.id }, 'Could not take an inbound WhatsApp message'),
+        );
       }
     });
     sock.ev.on('groups.upsert', (groups) => {
@@ -2150,7 +2553,8 @@ export class WhatsAppChannel implements Channel {
       for (const group of updates) {
         if (!group.id) continue;
         // Full metadata (a group sync) replaces the entry; a one-field change makes it stale.
-        if (group.subject !== undefined && Array.isArray(group.participants)) this.groupMetadata.set(group.id, group as GroupMetadata);
+        if (group.subject !== undefined && Array.isArray(group.participants))
+          this.groupMetadata.set(group.id, group as GroupMetadata);
         else this.groupMetadata.del(group.id);
         this.learnGroupName(group.id, group.subject);
       }
@@ -2158,7 +2562,10 @@ export class WhatsAppChannel implements Channel {
     sock.ev.on('group-participants.update', ({ id }) => {
       if (sock !== this.sock) return;
       this.groupMetadata.del(id);
-      sock.groupMetadata(id).then((metadata) => this.groupMetadata.set(id, metadata), () => {});
+      sock.groupMetadata(id).then(
+        (metadata) => this.groupMetadata.set(id, metadata),
+        () => {},
+      );
     });
     sock.ev.on('lid-mapping.update', ({ lid, pn }) => {
       if (sock !== this.sock || !lid || !pn) return;
@@ -2173,7 +2580,8 @@ export class WhatsAppChannel implements Channel {
 
   /** A group name from WhatsApp, unless it is empty (a change of something else carries no subject). */
   private learnGroupName(jid: string, subject: string | undefined | null): void {
-    if (typeof subject === 'string' && subject.trim()) this.handlers?.onChatMetadata?.({ jid, name: subject.trim(), isGroup: true });
+    if (typeof subject === 'string' && subject.trim())
+      this.handlers?.onChatMetadata?.({ jid, name: subject.trim(), isGroup: true });
   }
 
   /** baileys' getMessage: what we sent under this id, exactly as sent, for a recipient's retry; never a placeholder. */
@@ -2203,7 +2611,9 @@ export class WhatsAppChannel implements Channel {
   private onConnectionUpdate(sock: WASocket, update: Partial<ConnectionState>): void {
     if (sock !== this.sock) return; // a retired socket's last words
     if (update.qr) {
-      log.error('WhatsApp offers a QR code: store/auth/ holds no linked device. Run `bun nanoclaw.ts auth` to link this machine.');
+      log.error(
+        'WhatsApp offers a QR code: store/auth/ holds no linked device. Run `bun nanoclaw.ts auth` to link this machine.',
+      );
       this.stopFor(sock);
       this.options.onNotLinked?.();
       return;
@@ -2212,20 +2622,27 @@ export class WhatsAppChannel implements Channel {
       this.connected = true;
       this.attempt = 0;
       this.versionRefusalLogged = false;
-      this.ownJids = new Set([sock.user?.id, sock.user?.lid].filter((j): j is string => Boolean(j)).map((j) => baileys().jidNormalizedUser(j)));
+      this.ownJids = new Set(
+        [sock.user?.id, sock.user?.lid]
+          .filter((j): j is string => Boolean(j))
+          .map((j) => baileys().jidNormalizedUser(j)),
+      );
       log.info({ me: [...this.ownJids] }, 'WhatsApp connected');
       this.handlers?.onReady?.();
       // WhatsApp tells who is typing only in chats we subscribed to.
       for (const jid of this.handlers?.watchedChats?.() ?? []) void sock.presenceSubscribe(jid).catch(() => {});
       const last = this.options.lastGroupSync?.();
       const maxAge = this.options.groupSyncMaxAgeMs ?? 24 * 60 * 60_000;
-      if (!last || Date.now() - new Date(last).getTime() > maxAge) void this.syncGroups().catch((err) => log.warn({ err }, 'Group sync failed'));
+      if (!last || Date.now() - new Date(last).getTime() > maxAge)
+        void this.syncGroups().catch((err) => log.warn({ err }, 'Group sync failed'));
     }
     if (update.connection === 'close') {
       this.connected = false;
       const { kind, status, detail } = disconnectKind(update.lastDisconnect?.error);
       if (kind === 'logged-out') {
-        log.error('WhatsApp logged this device out. The credentials in store/auth/ no longer work: remove that folder, then run `bun nanoclaw.ts auth`.');
+        log.error(
+          'WhatsApp logged this device out. The credentials in store/auth/ no longer work: remove that folder, then run `bun nanoclaw.ts auth`.',
+        );
         this.stopFor(sock);
         this.options.onLoggedOut?.();
         return;
@@ -2249,7 +2666,13 @@ export class WhatsAppChannel implements Channel {
   private scheduleReconnect(now = false): void {
     if (this.closed || this.reconnectTimer) return;
     this.attempt++;
-    const delay = now ? 0 : backoff(this.attempt, { baseMs: this.options.reconnectBaseMs ?? 1000, capMs: this.options.reconnectCapMs ?? 60_000, jitter: true });
+    const delay = now
+      ? 0
+      : backoff(this.attempt, {
+          baseMs: this.options.reconnectBaseMs ?? 1000,
+          capMs: this.options.reconnectCapMs ?? 60_000,
+          jitter: true,
+        });
     this.reconnectDelays.push(delay);
     log.info({ attempt: this.attempt, delayMs: delay }, 'Reconnecting to WhatsApp');
     this.reconnectTimer = setTimeout(() => {
@@ -2295,8 +2718,12 @@ export class WhatsAppChannel implements Channel {
     if (!inbound) return;
     const tree = inbound.media ? this.options.mediaTreeFor(inbound.message.chatJid) : null;
     if (inbound.media && tree) inbound.message.content = await this.saveMedia(raw, inbound, tree);
-    else if (inbound.media) inbound.message.content = `[${inbound.media.kind}]${inbound.message.content ? ` ${inbound.message.content}` : ''}`;
-    this.handlers?.onMessage(inbound.message, { name: inbound.isGroup ? undefined : raw.pushName, isGroup: inbound.isGroup });
+    else if (inbound.media)
+      inbound.message.content = `[${inbound.media.kind}]${inbound.message.content ? ` ${inbound.message.content}` : ''}`;
+    this.handlers?.onMessage(inbound.message, {
+      name: inbound.isGroup ? undefined : raw.pushName,
+      isGroup: inbound.isGroup,
+    });
   }
 
   /**
@@ -2311,12 +2738,21 @@ export class WhatsAppChannel implements Channel {
       const status = (err as { output?: { statusCode?: number } }).output?.statusCode;
       const sock = this.sock;
       if ((status !== 404 && status !== 410) || !sock) throw err;
-      log.info({ messageId: raw.key?.id, status }, 'Media expired on WhatsApp’s servers; asking the sender’s phone to upload it again');
+      log.info(
+        { messageId: raw.key?.id, status },
+        'Media expired on WhatsApp’s servers; asking the sender’s phone to upload it again',
+      );
       const timeoutMs = this.options.mediaReuploadTimeoutMs ?? 30_000;
       let timer: ReturnType<typeof setTimeout> | undefined;
       const fresh = await Promise.race([
         sock.updateMediaMessage(raw),
-        new Promise<never>((_, reject) => (timer = setTimeout(() => reject(new Error(`the sender’s phone did not upload it again within ${timeoutMs / 1000} s`)), timeoutMs))),
+        new Promise<never>(
+          (_, reject) =>
+            (timer = setTimeout(
+              () => reject(new Error(`the sender’s phone did not upload it again within ${timeoutMs / 1000} s`)),
+              timeoutMs,
+            )),
+        ),
       ]).finally(() => clearTimeout(timer));
       return await baileys().downloadMediaMessage(fresh, 'buffer', {});
     }
@@ -2477,7 +2913,18 @@ export class GroupQueue {
   private state(jid: string): GroupState {
     let state = this.groups.get(jid);
     if (!state) {
-      state = { running: false, holdsSlot: false, live: null, idleTimer: null, messagesPending: false, tasks: [], retryCount: 0, retryTimer: null, givenUpTo: null, answerExpected: false };
+      state = {
+        running: false,
+        holdsSlot: false,
+        live: null,
+        idleTimer: null,
+        messagesPending: false,
+        tasks: [],
+        retryCount: 0,
+        retryTimer: null,
+        givenUpTo: null,
+        answerExpected: false,
+      };
       this.groups.set(jid, state);
     }
     return state;
@@ -2655,7 +3102,7 @@ export class GroupQueue {
     state.holdsSlot = true;
     this.active++;
     const task = state.tasks.shift();
-    const work = task ? this.runTask(state, task) : this.runMessages(jid, state, warm);
+    const work = task ? this.runTask(task) : this.runMessages(jid, state, warm);
     void work.finally(() => {
       state.running = false;
       state.live = null;
@@ -2668,7 +3115,7 @@ export class GroupQueue {
     });
   }
 
-  private async runTask(state: GroupState, task: QueuedTask): Promise<void> {
+  private async runTask(task: QueuedTask): Promise<void> {
     try {
       await task.run();
     } catch (err) {
@@ -2695,7 +3142,10 @@ export class GroupQueue {
     if (this.shuttingDown) return;
     state.retryCount++;
     if (state.retryCount > this.options.maxRetries) {
-      log.error({ chatJid: jid, attempts: state.retryCount - 1 }, 'Giving up on these messages; the next message in this chat starts fresh');
+      log.error(
+        { chatJid: jid, attempts: state.retryCount - 1 },
+        'Giving up on these messages; the next message in this chat starts fresh',
+      );
       state.retryCount = 0;
       this.options.onGiveUp?.(jid);
       return;
@@ -2758,14 +3208,31 @@ export const MODEL_SOCKET_IN_CONTAINER = '/run/nanoclaw/model.sock';
 /** The largest request body the proxy passes on (images travel inline as base64). */
 const MAX_MODEL_REQUEST_BYTES = 32 * 1024 * 1024;
 /** Request headers that describe the hop, not the request, or that the proxy sets itself. */
-const HOP_HEADERS = new Set(['host', 'authorization', 'x-api-key', 'connection', 'keep-alive', 'content-length', 'transfer-encoding', 'accept-encoding', 'proxy-authorization']);
+const HOP_HEADERS = new Set([
+  'host',
+  'authorization',
+  'x-api-key',
+  'connection',
+  'keep-alive',
+  'content-length',
+  'transfer-encoding',
+  'accept-encoding',
+  'proxy-authorization',
+]);
 /**
  * A model may think for longer than Bun's default 10 s idle limit between two chunks.
  * bun-types 1.4.5 declares idleTimeout for ports only, though Bun honours it on unix sockets.
  */
+// biome-ignore lint/complexity/noBannedTypes: an option bun-types does not declare for unix sockets (above)
 const NO_IDLE_TIMEOUT = { idleTimeout: 0 } as {};
 /** Response headers that stop being true once Bun has decoded the body. */
-const DECODED_HEADERS = new Set(['content-encoding', 'content-length', 'transfer-encoding', 'connection', 'keep-alive']);
+const DECODED_HEADERS = new Set([
+  'content-encoding',
+  'content-length',
+  'transfer-encoding',
+  'connection',
+  'keep-alive',
+]);
 
 export interface ModelUsage {
   promptTokens: number;
@@ -2877,7 +3344,12 @@ export class ModelProxy {
     this.live.set(token, { folder: groupFolder });
     const forget = () => this.live.delete(token);
     if (this.options.mode === 'tcp') {
-      this.tcp ??= Bun.serve({ hostname: '127.0.0.1', port: 0, idleTimeout: 0, fetch: (req) => this.forward(req, null) });
+      this.tcp ??= Bun.serve({
+        hostname: '127.0.0.1',
+        port: 0,
+        idleTimeout: 0,
+        fetch: (req) => this.forward(req, null),
+      });
       return { token, url: `http://host.docker.internal:${this.tcp.port}`, close: forget };
     }
     mkdirSync(this.options.dir, { recursive: true, mode: 0o700 });
@@ -2900,8 +3372,9 @@ export class ModelProxy {
 
   /** `ownToken`: the only token a per-run socket accepts (null in tcp mode: any live one). */
   private async forward(req: Request, ownToken: string | null): Promise<Response> {
-    const given = (req.headers.get('authorization') ?? '').replace(/^Bearer\s+/i, '') || req.headers.get('x-api-key') || '';
-    const run = (ownToken === null || given === ownToken) ? this.live.get(given) : undefined;
+    const given =
+      (req.headers.get('authorization') ?? '').replace(/^Bearer\s+/i, '') || req.headers.get('x-api-key') || '';
+    const run = ownToken === null || given === ownToken ? this.live.get(given) : undefined;
     if (!run) return proxyError(401, 'NanoClaw model proxy: this token does not belong to a running container.');
     const key = this.options.apiKey();
     if (!key) {
@@ -2918,7 +3391,8 @@ export class ModelProxy {
     let body: ArrayBuffer | undefined;
     if (req.method !== 'GET' && req.method !== 'HEAD') {
       body = await req.arrayBuffer();
-      if (body.byteLength > MAX_MODEL_REQUEST_BYTES) return proxyError(413, `NanoClaw model proxy: request over ${MAX_MODEL_REQUEST_BYTES} bytes`);
+      if (body.byteLength > MAX_MODEL_REQUEST_BYTES)
+        return proxyError(413, `NanoClaw model proxy: request over ${MAX_MODEL_REQUEST_BYTES} bytes`);
     }
     let upstream: Response;
     try {
@@ -2932,7 +3406,8 @@ export class ModelProxy {
       if (!DECODED_HEADERS.has(name.toLowerCase())) responseHeaders.set(name, value);
     });
     const counter = new UsageCounter((upstream.headers.get('content-type') ?? '').includes('text/event-stream'));
-    const record = (usage: ModelUsage | null) => this.options.record(run.folder, { ok: upstream.ok, status: upstream.status, usage });
+    const record = (usage: ModelUsage | null) =>
+      this.options.record(run.folder, { ok: upstream.ok, status: upstream.status, usage });
     if (!upstream.body) {
       record(null);
       return new Response(null, { status: upstream.status, headers: responseHeaders });
@@ -2987,7 +3462,11 @@ export function containerOwner(uid = process.getuid?.() ?? CONTAINER_UID): { uid
 export function groupTrees(config: Config, folder: string) {
   const paths = groupPaths(config, folder);
   const owner = containerOwner();
-  return { group: new AgentTree(paths.group, owner), ipc: new AgentTree(paths.ipc, owner), kimi: new AgentTree(paths.kimiHome, owner) };
+  return {
+    group: new AgentTree(paths.group, owner),
+    ipc: new AgentTree(paths.ipc, owner),
+    kimi: new AgentTree(paths.kimiHome, owner),
+  };
 }
 
 /** Names NanoClaw uses itself inside groups/ or data/ipc/: no group may take them. */
@@ -3022,7 +3501,11 @@ export function groupMounts(config: Config, group: RegisteredGroup, extra: reado
     for (const hidden of HIDDEN_FROM_MAIN) {
       const stats = lstatSync(join(config.projectRoot, hidden), { throwIfNoEntry: false });
       if (!stats) continue; // nothing to hide, and the read-only project cannot gain it
-      mounts.push({ hostPath: stats.isDirectory() ? masks.dir : masks.file, containerPath: `/workspace/project/${hidden}`, readonly: true });
+      mounts.push({
+        hostPath: stats.isDirectory() ? masks.dir : masks.file,
+        containerPath: `/workspace/project/${hidden}`,
+        readonly: true,
+      });
     }
   } else {
     mounts.push({ hostPath: global, containerPath: '/workspace/global', readonly: true });
@@ -3055,7 +3538,10 @@ function ensurePlainDir(tree: AgentTree, dir: string): void {
     if (!(err instanceof UnsafePathError)) throw err;
     tree.remove(dir);
     tree.ensureDir(dir);
-    log.warn({ path: tree.path(dir), reason: err.message }, 'Replaced a link or file planted where NanoClaw keeps a folder');
+    log.warn(
+      { path: tree.path(dir), reason: err.message },
+      'Replaced a link or file planted where NanoClaw keeps a folder',
+    );
   }
 }
 
@@ -3092,9 +3578,32 @@ export interface MountAllowlist {
 
 /** Never mounted, whatever the allowlist says: credentials and keys. */
 export const BLOCKED_MOUNT_PATTERNS = [
-  '.ssh', '.gnupg', '.gpg', '.aws', '.azure', '.gcloud', '.config/gcloud', '.kube', '.docker', '.env',
-  '.netrc', '.npmrc', '.pypirc', '.git-credentials', 'credentials', 'id_rsa', 'id_ed25519', 'id_ecdsa',
-  'private_key', '.pem', '.key', '.p12', '.pfx', 'secrets', '.password-store', '.config/nanoclaw',
+  '.ssh',
+  '.gnupg',
+  '.gpg',
+  '.aws',
+  '.azure',
+  '.gcloud',
+  '.config/gcloud',
+  '.kube',
+  '.docker',
+  '.env',
+  '.netrc',
+  '.npmrc',
+  '.pypirc',
+  '.git-credentials',
+  'credentials',
+  'id_rsa',
+  'id_ed25519',
+  'id_ecdsa',
+  'private_key',
+  '.pem',
+  '.key',
+  '.p12',
+  '.pfx',
+  'secrets',
+  '.password-store',
+  '.config/nanoclaw',
 ];
 
 function expandHome(path: string): string {
@@ -3113,7 +3622,9 @@ function matchesBlockedPattern(realPath: string, patterns: readonly string[]): s
   for (const pattern of patterns) {
     if (pattern.includes('/')) {
       if (realPath.includes(`/${pattern}`)) return pattern;
-    } else if (components.some((component) => component === pattern || (pattern.startsWith('.') && component.endsWith(pattern)))) {
+    } else if (
+      components.some((component) => component === pattern || (pattern.startsWith('.') && component.endsWith(pattern)))
+    ) {
       return pattern;
     }
   }
@@ -3169,7 +3680,11 @@ export function validateExtraMounts(
       continue;
     }
     const forcedReadOnly = !root.allowReadWrite || (!isMain && allowlist.nonMainReadOnly === true);
-    mounts.push({ hostPath: realPath, containerPath: `/workspace/extra/${name}`, readonly: forcedReadOnly || request.readonly !== false });
+    mounts.push({
+      hostPath: realPath,
+      containerPath: `/workspace/extra/${name}`,
+      readonly: forcedReadOnly || request.readonly !== false,
+    });
   }
   return { mounts, rejected };
 }
@@ -3179,7 +3694,10 @@ export function validateExtraMounts(
  * the group's writable folders to uid 1000 (the image's node user); a host user other
  * than 1000 runs the container as itself (still HOME=/home/node), so files stay theirs.
  */
-export function containerUserArgs(uid = process.getuid?.() ?? CONTAINER_UID, gid = process.getgid?.() ?? CONTAINER_UID): string[] {
+export function containerUserArgs(
+  uid = process.getuid?.() ?? CONTAINER_UID,
+  gid = process.getgid?.() ?? CONTAINER_UID,
+): string[] {
   return uid === 0 || uid === CONTAINER_UID ? [] : ['--user', `${uid}:${gid}`, '-e', 'HOME=/home/node'];
 }
 
@@ -3204,7 +3722,9 @@ export function runId(config: Config, folder: string, now = Date.now()): string 
 /** Non-secret settings the container needs; the model is reached through the proxy. */
 export function containerEnvironment(config: Config, proxy: Pick<ProxyRun, 'url'> | null): Record<string, string> {
   const env: Record<string, string> = {
-    TZ: config.timezone, ASSISTANT_NAME: config.assistantName, KIMI_MODEL_NAME: config.kimi.modelName,
+    TZ: config.timezone,
+    ASSISTANT_NAME: config.assistantName,
+    KIMI_MODEL_NAME: config.kimi.modelName,
     NANOCLAW_QUESTION_TIMEOUT_MS: String(Math.min(config.kimi.questionTimeoutMs, config.containerTimeoutMs - 60_000)),
   };
   if (config.kimi.provider) env.KIMI_PROVIDER = config.kimi.provider;
@@ -3225,28 +3745,50 @@ export function groupNetwork(config: Config, group: RegisteredGroup): string {
  * processes, memory and CPU, a read-only image with small writable scratch space (tmpfs
  * pages count against the memory limit), the group's network, and this install's label.
  */
-export function hardeningArgs(config: Config, group: RegisteredGroup, uid = process.getuid?.() ?? CONTAINER_UID, gid = process.getgid?.() ?? CONTAINER_UID): string[] {
+export function hardeningArgs(
+  config: Config,
+  group: RegisteredGroup,
+  uid = process.getuid?.() ?? CONTAINER_UID,
+  gid = process.getgid?.() ?? CONTAINER_UID,
+): string[] {
   const home = uid === 0 ? CONTAINER_UID : uid;
   const homeGid = uid === 0 ? CONTAINER_UID : gid;
   const { memory, cpus, pids } = config.container;
   return [
     '--init',
-    '--cap-drop', 'ALL',
-    '--security-opt', 'no-new-privileges',
-    '--pids-limit', String(pids),
-    '--memory', memory,
-    '--memory-swap', memory,
-    '--cpus', cpus,
+    '--cap-drop',
+    'ALL',
+    '--security-opt',
+    'no-new-privileges',
+    '--pids-limit',
+    String(pids),
+    '--memory',
+    memory,
+    '--memory-swap',
+    memory,
+    '--cpus',
+    cpus,
     '--read-only',
-    '--tmpfs', '/tmp:rw,exec,nosuid,nodev,size=1g',
-    '--tmpfs', `/home/node:rw,exec,nosuid,nodev,uid=${home},gid=${homeGid},size=512m`,
-    '--network', groupNetwork(config, group),
-    '--label', `${INSTALL_LABEL}=${installId(config)}`,
-    '--label', `nanoclaw.group=${group.folder}`,
+    '--tmpfs',
+    '/tmp:rw,exec,nosuid,nodev,size=1g',
+    '--tmpfs',
+    `/home/node:rw,exec,nosuid,nodev,uid=${home},gid=${homeGid},size=512m`,
+    '--network',
+    groupNetwork(config, group),
+    '--label',
+    `${INSTALL_LABEL}=${installId(config)}`,
+    '--label',
+    `nanoclaw.group=${group.folder}`,
   ];
 }
 
-export function buildDockerArgs(name: string, image: string, mounts: readonly Mount[], env: Record<string, string>, extraArgs: string[] = []): string[] {
+export function buildDockerArgs(
+  name: string,
+  image: string,
+  mounts: readonly Mount[],
+  env: Record<string, string>,
+  extraArgs: string[] = [],
+): string[] {
   const args = ['run', '-i', '--rm', '--name', name, ...extraArgs];
   for (const [key, value] of Object.entries(env)) args.push('-e', `${key}=${value}`);
   for (const mount of mounts) args.push('-v', formatMount(mount, 'docker'));
@@ -3293,8 +3835,7 @@ export class ResultParser {
   push(chunk: string): ContainerResult[] {
     this.buffer += chunk;
     const results: ContainerResult[] = [];
-    let newline: number;
-    while ((newline = this.buffer.indexOf('\n')) >= 0) {
+    for (let newline = this.buffer.indexOf('\n'); newline >= 0; newline = this.buffer.indexOf('\n')) {
       const line = this.buffer.slice(0, newline).replace(/\r$/, '');
       this.buffer = this.buffer.slice(newline + 1);
       const result = this.line(line);
@@ -3326,7 +3867,9 @@ function parseResult(json: string): ContainerResult {
     return {
       status: value.status,
       result: typeof value.result === 'string' ? value.result : null,
-      ...(Array.isArray(value.earlier) && value.earlier.every((t) => typeof t === 'string') ? { earlier: value.earlier } : {}),
+      ...(Array.isArray(value.earlier) && value.earlier.every((t) => typeof t === 'string')
+        ? { earlier: value.earlier }
+        : {}),
       ...(typeof value.errorKind === 'string' ? { errorKind: value.errorKind } : {}),
       ...(typeof value.sessionId === 'string' ? { sessionId: value.sessionId } : {}),
       ...(typeof value.error === 'string' ? { error: value.error } : {}),
@@ -3375,12 +3918,24 @@ const SESSION_LINE = /Session initialized: (\S+)/;
 const KEEP_OUTPUT_BYTES = 256 * 1024;
 
 function keepTail(text: string): string {
-  return text.length > KEEP_OUTPUT_BYTES ? `…(${text.length - KEEP_OUTPUT_BYTES} bytes cut)\n${text.slice(-KEEP_OUTPUT_BYTES)}` : text;
+  return text.length > KEEP_OUTPUT_BYTES
+    ? `…(${text.length - KEEP_OUTPUT_BYTES} bytes cut)\n${text.slice(-KEEP_OUTPUT_BYTES)}`
+    : text;
 }
 
 export function renderRunLog(details: {
-  name: string; image: string; group: RegisteredGroup; input: ContainerInput; mounts: readonly Mount[]; args: readonly string[];
-  startedAt: Date; outcome: Omit<RunOutcome, 'logFile'>; stderr: string; stdout: string; verbose: boolean; viaProxy: boolean;
+  name: string;
+  image: string;
+  group: RegisteredGroup;
+  input: ContainerInput;
+  mounts: readonly Mount[];
+  args: readonly string[];
+  startedAt: Date;
+  outcome: Omit<RunOutcome, 'logFile'>;
+  stderr: string;
+  stdout: string;
+  verbose: boolean;
+  viaProxy: boolean;
 }): string {
   const { input, outcome } = details;
   const failed = outcome.exitCode !== 0 || outcome.timedOut || outcome.lastError !== undefined;
@@ -3405,13 +3960,26 @@ export function renderRunLog(details: {
     ...details.mounts.map((m) => formatMount(m, 'human')),
   ];
   if (failed || details.verbose) {
-    lines.push('', '--- Command ---', `docker ${details.args.join(' ')}`, '', '--- Stderr ---', details.stderr.trimEnd(), '', '--- Stdout ---', details.stdout.trimEnd());
+    lines.push(
+      '',
+      '--- Command ---',
+      `docker ${details.args.join(' ')}`,
+      '',
+      '--- Stderr ---',
+      details.stderr.trimEnd(),
+      '',
+      '--- Stdout ---',
+      details.stdout.trimEnd(),
+    );
   }
   return `${lines.join('\n')}\n`;
 }
 
 /** Reads a stream as it arrives. */
-async function forEachChunk(stream: ReadableStream<Uint8Array>, onText: (text: string) => void | Promise<void>): Promise<void> {
+async function forEachChunk(
+  stream: ReadableStream<Uint8Array>,
+  onText: (text: string) => void | Promise<void>,
+): Promise<void> {
   const decoder = new TextDecoder();
   for await (const chunk of stream) await onText(decoder.decode(chunk, { stream: true }));
 }
@@ -3470,7 +4038,13 @@ async function streamContainer(plan: RunPlan, options: RunContainerOptions, grou
   const { name, inbox } = plan;
   let proc: ReturnType<typeof Bun.spawn<'pipe', 'pipe', 'pipe'>>;
   try {
-    proc = Bun.spawn([config.containerRuntime, ...plan.args], { stdin: 'pipe', stdout: 'pipe', stderr: 'pipe', env: childProcessEnv(), cwd: config.projectRoot });
+    proc = Bun.spawn([config.containerRuntime, ...plan.args], {
+      stdin: 'pipe',
+      stdout: 'pipe',
+      stderr: 'pipe',
+      env: childProcessEnv(),
+      cwd: config.projectRoot,
+    });
   } catch (err) {
     plan.proxyRun?.close();
     throw err;
@@ -3482,7 +4056,11 @@ async function streamContainer(plan: RunPlan, options: RunContainerOptions, grou
   let stopping: Promise<void> | null = null;
   const stop = () => {
     stopping ??= (async () => {
-      await Bun.spawn([config.containerRuntime, 'stop', '-t', '2', name], { stdout: 'ignore', stderr: 'ignore', env: childProcessEnv() }).exited;
+      await Bun.spawn([config.containerRuntime, 'stop', '-t', '2', name], {
+        stdout: 'ignore',
+        stderr: 'ignore',
+        env: childProcessEnv(),
+      }).exited;
       proc.kill();
     })();
     return stopping;
@@ -3492,7 +4070,10 @@ async function streamContainer(plan: RunPlan, options: RunContainerOptions, grou
     clearTimeout(hardTimer);
     hardTimer = setTimeout(() => {
       timedOut = true;
-      groupLog.error({ container: name, timeoutMs: config.containerTimeoutMs }, 'Container produced nothing within CONTAINER_TIMEOUT; stopping it');
+      groupLog.error(
+        { container: name, timeoutMs: config.containerTimeoutMs },
+        'Container produced nothing within CONTAINER_TIMEOUT; stopping it',
+      );
       void stop();
     }, config.containerTimeoutMs);
   };
@@ -3515,7 +4096,10 @@ async function streamContainer(plan: RunPlan, options: RunContainerOptions, grou
         inbox.replace(uniqueFileName(), JSON.stringify({ type: kind, text }));
         return true;
       } catch (err) {
-        groupLog.warn({ reason: errorText(err) }, 'Could not hand a follow-up to the container (its input folder is not a plain folder); stopping it, the message goes to the next run');
+        groupLog.warn(
+          { reason: errorText(err) },
+          'Could not hand a follow-up to the container (its input folder is not a plain folder); stopping it, the message goes to the next run',
+        );
         closing = true;
         void stop();
         return false;
@@ -3534,7 +4118,10 @@ async function streamContainer(plan: RunPlan, options: RunContainerOptions, grou
       }
       graceTimer = setTimeout(() => {
         if (exited) return;
-        groupLog.warn({ container: name, graceMs: config.container.closeGraceMs }, 'Container ignored the close request; stopping it');
+        groupLog.warn(
+          { container: name, graceMs: config.container.closeGraceMs },
+          'Container ignored the close request; stopping it',
+        );
         void stop();
       }, config.container.closeGraceMs);
     },
@@ -3585,14 +4172,31 @@ async function streamContainer(plan: RunPlan, options: RunContainerOptions, grou
 }
 
 /** groups/<folder>/logs/container-<time>.log, secrets masked; returns its path, or "(not written)". */
-function writeRunLog(plan: RunPlan, options: RunContainerOptions, result: RunResult, startedAt: Date, durationMs: number, groupLog: Logger): string {
+function writeRunLog(
+  plan: RunPlan,
+  options: RunContainerOptions,
+  result: RunResult,
+  startedAt: Date,
+  durationMs: number,
+  groupLog: Logger,
+): string {
   const { config, group } = options;
   const logName = `container-${startedAt.toISOString().replace(/[:.]/g, '-')}.log`;
   const verbose = config.logLevel === 'debug' || config.logLevel === 'trace';
   const { stdout, stderr, ...outcome } = result;
   const text = renderRunLog({
-    name: plan.name, image: config.containerImage, group, input: plan.input, mounts: plan.mounts, args: plan.args, startedAt,
-    outcome: { ...outcome, durationMs }, stderr, stdout, verbose, viaProxy: plan.proxyRun !== null,
+    name: plan.name,
+    image: config.containerImage,
+    group,
+    input: plan.input,
+    mounts: plan.mounts,
+    args: plan.args,
+    startedAt,
+    outcome: { ...outcome, durationMs },
+    stderr,
+    stdout,
+    verbose,
+    viaProxy: plan.proxyRun !== null,
   });
   try {
     plan.trees.group.create(`logs/${logName}`, maskSecrets(text, plan.secretValues));
@@ -3615,7 +4219,10 @@ export function runLogsToPrune(names: readonly string[], keep: number): string[]
 
 /** Deletes the oldest run logs of a group (through its AgentTree: the folder is the agent's too). */
 function pruneRunLogs(tree: AgentTree, keep: number): void {
-  const files = tree.entries('logs').filter((entry) => entry.kind === 'file').map((entry) => entry.name);
+  const files = tree
+    .entries('logs')
+    .filter((entry) => entry.kind === 'file')
+    .map((entry) => entry.name);
   for (const name of runLogsToPrune(files, keep)) tree.remove(`logs/${name}`);
 }
 
@@ -3627,7 +4234,10 @@ export async function runContainer(options: RunContainerOptions): Promise<RunOut
   const groupLog = log.child({ group: group.folder });
   groupLog.debug({ mounts: plan.mounts.map((m) => formatMount(m, 'human')) }, 'Container mounts');
   groupLog.debug({ args: [config.containerRuntime, ...plan.args] }, 'Container command');
-  groupLog.info({ container: plan.name, sessionId: plan.input.sessionId ?? null, promptChars: plan.input.prompt.length }, 'Starting agent container');
+  groupLog.info(
+    { container: plan.name, sessionId: plan.input.sessionId ?? null, promptChars: plan.input.prompt.length },
+    'Starting agent container',
+  );
 
   const result = await streamContainer(plan, options, groupLog);
   plan.proxyRun?.close(); // the token dies with the container
@@ -3640,7 +4250,8 @@ export async function runContainer(options: RunContainerOptions): Promise<RunOut
   const logFile = writeRunLog(plan, options, result, startedAt, durationMs, groupLog);
   const { stdout: _stdout, stderr: _stderr, ...outcome } = result;
   const summary = { container: plan.name, exitCode: outcome.exitCode, durationMs, results: outcome.results, logFile };
-  if (outcome.exitCode !== 0 || outcome.timedOut) groupLog.error({ ...summary, error: outcome.lastError }, 'Agent container failed');
+  if (outcome.exitCode !== 0 || outcome.timedOut)
+    groupLog.error({ ...summary, error: outcome.lastError }, 'Agent container failed');
   else groupLog.info(summary, 'Agent container finished');
   return { ...outcome, durationMs, logFile };
 }
@@ -3700,20 +4311,32 @@ const ownChatOnly = (source: RegisteredGroup, chatJid: string, store: Store, wha
 const ownTaskOnly = (source: RegisteredGroup, taskId: string, store: Store): string | null => {
   const task = store.getTask(taskId);
   if (!task) return `no task with id ${taskId}`;
-  return source.isMain || task.groupFolder === source.folder ? null : `group "${source.folder}" may only manage its own tasks`;
+  return source.isMain || task.groupFolder === source.folder
+    ? null
+    : `group "${source.folder}" may only manage its own tasks`;
 };
 
-const mainOnly = (type: string) => (_request: object, source: RegisteredGroup) => (source.isMain ? null : `${type} is only allowed from the main group`);
+const mainOnly = (type: string) => (_request: object, source: RegisteredGroup) =>
+  source.isMain ? null : `${type} is only allowed from the main group`;
 
-const activeTasks = (store: Store, folder: string) => store.listTasks(folder).filter((task) => task.status === 'active').length;
+const activeTasks = (store: Store, folder: string) =>
+  store.listTasks(folder).filter((task) => task.status === 'active').length;
 
 /** The limits a schedule breaks for a group (null when within them, or when the group is exempt). */
-function scheduleLimit(config: Config, source: RegisteredGroup, folder: string, schedule: { type: ScheduleType; value: string } | null, addsActive: boolean, store: Store): string | null {
+function scheduleLimit(
+  config: Config,
+  source: RegisteredGroup,
+  folder: string,
+  schedule: { type: ScheduleType; value: string } | null,
+  addsActive: boolean,
+  store: Store,
+): string | null {
   const limits = config.tasks;
   if (source.isMain && !limits.limitMain) return null;
   if (addsActive) {
     const active = activeTasks(store, folder);
-    if (active >= limits.maxActive) return `group "${folder}" already has ${active} active tasks (TASK_MAX_ACTIVE=${limits.maxActive})`;
+    if (active >= limits.maxActive)
+      return `group "${folder}" already has ${active} active tasks (TASK_MAX_ACTIVE=${limits.maxActive})`;
   }
   if (!schedule) return null;
   let gap: number | null;
@@ -3722,7 +4345,9 @@ function scheduleLimit(config: Config, source: RegisteredGroup, folder: string, 
   } catch {
     return null; // an invalid schedule is refused with its own message when applied
   }
-  return gap !== null && gap < limits.minIntervalMs ? `runs every ${Math.round(gap / 1000)} s, more often than allowed (TASK_MIN_INTERVAL=${limits.minIntervalMs} ms)` : null;
+  return gap !== null && gap < limits.minIntervalMs
+    ? `runs every ${Math.round(gap / 1000)} s, more often than allowed (TASK_MIN_INTERVAL=${limits.minIntervalMs} ms)`
+    : null;
 }
 
 /** A task's next run once it is active again; a one-off whose time has passed cannot be resumed. */
@@ -3741,7 +4366,12 @@ function defineIpcActions(z: Zod) {
     message: ipcAction({
       kind: 'messages',
       // expectsReply: the runner relays a question of the agent's; the chat's next message answers it.
-      schema: z.object({ type: z.literal('message'), chatJid: nonEmpty, text: nonEmpty, expectsReply: z.boolean().optional() }),
+      schema: z.object({
+        type: z.literal('message'),
+        chatJid: nonEmpty,
+        text: nonEmpty,
+        expectsReply: z.boolean().optional(),
+      }),
       refusal: (request, source, store) => ownChatOnly(source, request.chatJid, store, 'message'),
       apply: (request, { config, effects, source }) => {
         const words = formatOutbound(request.text, config.assistantName, config.assistantHasOwnNumber);
@@ -3749,20 +4379,35 @@ function defineIpcActions(z: Zod) {
         effects.afterwards(() => {
           effects.sendSoon(request.chatJid);
           if (request.expectsReply) effects.awaitAnswer(request.chatJid);
-          log.info({ group: source.folder, chatJid: request.chatJid, expectsReply: request.expectsReply ?? false }, 'Message sent for the agent');
+          log.info(
+            { group: source.folder, chatJid: request.chatJid, expectsReply: request.expectsReply ?? false },
+            'Message sent for the agent',
+          );
         });
       },
     }),
     schedule_task: ipcAction({
       kind: 'tasks',
       schema: z.object({
-        type: z.literal('schedule_task'), prompt: nonEmpty, schedule_type: scheduleTypes, schedule_value: nonEmpty,
-        context_mode: z.enum(['group', 'isolated']).default('group'), targetJid: nonEmpty.nullish(),
+        type: z.literal('schedule_task'),
+        prompt: nonEmpty,
+        schedule_type: scheduleTypes,
+        schedule_value: nonEmpty,
+        context_mode: z.enum(['group', 'isolated']).default('group'),
+        targetJid: nonEmpty.nullish(),
       }),
-      refusal: (request, source, store) => ownChatOnly(source, request.targetJid ?? source.jid, store, 'schedule tasks for'),
+      refusal: (request, source, store) =>
+        ownChatOnly(source, request.targetJid ?? source.jid, store, 'schedule tasks for'),
       limit: (request, source, store, config) => {
         const folder = store.groupByJid(request.targetJid ?? source.jid)?.folder ?? source.folder;
-        return scheduleLimit(config, source, folder, { type: request.schedule_type, value: request.schedule_value }, true, store);
+        return scheduleLimit(
+          config,
+          source,
+          folder,
+          { type: request.schedule_type, value: request.schedule_value },
+          true,
+          store,
+        );
       },
       apply: (request, { config, store, source, effects }) => {
         const target = store.groupByJid(request.targetJid ?? source.jid)!;
@@ -3770,12 +4415,24 @@ function defineIpcActions(z: Zod) {
         if (!nextRun) throw new ScheduleError(`"${request.schedule_value}" is in the past`);
         const id = `task-${randomUUID()}`;
         store.createTask({
-          id, groupFolder: target.folder, chatJid: target.jid, prompt: request.prompt, scheduleType: request.schedule_type,
-          scheduleValue: request.schedule_value, contextMode: request.context_mode, nextRun: nextRun.toISOString(),
-          lastRun: null, lastResult: null, status: 'active', createdAt: new Date().toISOString(),
+          id,
+          groupFolder: target.folder,
+          chatJid: target.jid,
+          prompt: request.prompt,
+          scheduleType: request.schedule_type,
+          scheduleValue: request.schedule_value,
+          contextMode: request.context_mode,
+          nextRun: nextRun.toISOString(),
+          lastRun: null,
+          lastResult: null,
+          status: 'active',
+          createdAt: new Date().toISOString(),
         });
         effects.afterwards(effects.tasksChanged);
-        log.info({ group: source.folder, taskId: id, target: target.folder, nextRun: nextRun.toISOString() }, 'Task scheduled');
+        log.info(
+          { group: source.folder, taskId: id, target: target.folder, nextRun: nextRun.toISOString() },
+          'Task scheduled',
+        );
       },
     }),
     pause_task: ipcAction({
@@ -3794,7 +4451,16 @@ function defineIpcActions(z: Zod) {
       refusal: (request, source, store) => ownTaskOnly(source, request.taskId, store),
       limit: (request, source, store, config) => {
         const task = store.getTask(request.taskId);
-        return task ? scheduleLimit(config, source, task.groupFolder, { type: task.scheduleType, value: task.scheduleValue }, task.status !== 'active', store) : null;
+        return task
+          ? scheduleLimit(
+              config,
+              source,
+              task.groupFolder,
+              { type: task.scheduleType, value: task.scheduleValue },
+              task.status !== 'active',
+              store,
+            )
+          : null;
       },
       apply: (request, { config, store, source, effects }) => {
         const task = store.getTask(request.taskId)!;
@@ -3816,12 +4482,25 @@ function defineIpcActions(z: Zod) {
     }),
     update_task: ipcAction({
       kind: 'tasks',
-      schema: z.object({ type: z.literal('update_task'), ...taskRef, prompt: nonEmpty.optional(), schedule_type: scheduleTypes.optional(), schedule_value: nonEmpty.optional() }),
+      schema: z.object({
+        type: z.literal('update_task'),
+        ...taskRef,
+        prompt: nonEmpty.optional(),
+        schedule_type: scheduleTypes.optional(),
+        schedule_value: nonEmpty.optional(),
+      }),
       refusal: (request, source, store) => ownTaskOnly(source, request.taskId, store),
       limit: (request, source, store, config) => {
         const task = store.getTask(request.taskId);
         if (!task || (!request.schedule_type && !request.schedule_value)) return null;
-        return scheduleLimit(config, source, task.groupFolder, { type: request.schedule_type ?? task.scheduleType, value: request.schedule_value ?? task.scheduleValue }, false, store);
+        return scheduleLimit(
+          config,
+          source,
+          task.groupFolder,
+          { type: request.schedule_type ?? task.scheduleType, value: request.schedule_value ?? task.scheduleValue },
+          false,
+          store,
+        );
       },
       apply: (request, { config, store, source, effects }) => {
         const task = store.getTask(request.taskId)!;
@@ -3830,7 +4509,12 @@ function defineIpcActions(z: Zod) {
         const scheduleChanged = scheduleType !== task.scheduleType || scheduleValue !== task.scheduleValue;
         const nextRun = scheduleChanged ? computeNextRun(scheduleType, scheduleValue, config.timezone) : undefined;
         if (scheduleChanged && !nextRun) throw new ScheduleError(`"${scheduleValue}" is in the past`);
-        store.updateTask(task.id, { prompt: request.prompt, scheduleType, scheduleValue, ...(nextRun ? { nextRun: nextRun.toISOString() } : {}) });
+        store.updateTask(task.id, {
+          prompt: request.prompt,
+          scheduleType,
+          scheduleValue,
+          ...(nextRun ? { nextRun: nextRun.toISOString() } : {}),
+        });
         effects.afterwards(effects.tasksChanged);
         log.info({ group: source.folder, taskId: task.id }, 'Task updated');
       },
@@ -3854,10 +4538,21 @@ function defineIpcActions(z: Zod) {
     }),
     register_group: ipcAction({
       kind: 'tasks',
-      schema: z.object({ type: z.literal('register_group'), jid: nonEmpty, name: nonEmpty, folder: nonEmpty, trigger: nonEmpty.optional() }),
+      schema: z.object({
+        type: z.literal('register_group'),
+        jid: nonEmpty,
+        name: nonEmpty,
+        folder: nonEmpty,
+        trigger: nonEmpty.optional(),
+      }),
       refusal: mainOnly('register_group'),
       apply: (request, { config, store }) => {
-        addGroup(config, store, { jid: request.jid, name: request.name, folder: request.folder, trigger: request.trigger });
+        addGroup(config, store, {
+          jid: request.jid,
+          name: request.name,
+          folder: request.folder,
+          trigger: request.trigger,
+        });
       },
     }),
   } as const;
@@ -3878,7 +4573,9 @@ export type IpcRequest = { [K in IpcActionName]: z.infer<ReturnType<typeof ipcAc
 const actionFor = (type: IpcActionName) => ipcActions()[type] as unknown as IpcAction<z.ZodType<object>>;
 
 function zodProblem(error: z.ZodError): string {
-  return error.issues.map((issue) => (issue.path.length ? `"${issue.path.join('.')}" ${issue.message}` : issue.message)).join('; ');
+  return error.issues
+    .map((issue) => (issue.path.length ? `"${issue.path.join('.')}" ${issue.message}` : issue.message))
+    .join('; ');
 }
 
 /** A request file's JSON, checked against its action's schema (and against the folder it came in). */
@@ -3887,7 +4584,9 @@ export function parseIpcRequest(kind: IpcKind, raw: unknown): IpcRequest {
   const type = (raw as { type?: unknown }).type;
   const entry = typeof type === 'string' && Object.hasOwn(ipcActions(), type) ? actionFor(type as IpcActionName) : null;
   if (!entry || entry.kind !== kind) {
-    const known = Object.entries(ipcActions()).filter(([, a]) => a.kind === kind).map(([name]) => name);
+    const known = Object.entries(ipcActions())
+      .filter(([, a]) => a.kind === kind)
+      .map(([name]) => name);
     throw new IpcFormatError(`"type" ${JSON.stringify(type)} is unknown in ${kind}/; use one of ${known.join(', ')}`);
   }
   const parsed = entry.schema.safeParse(raw);
@@ -3898,7 +4597,10 @@ export function parseIpcRequest(kind: IpcKind, raw: unknown): IpcRequest {
 /** Null when `source` may make this request; otherwise why not (the scheduling limits included). */
 export function refusal(source: RegisteredGroup, request: IpcRequest, store: Store, config?: Config): string | null {
   const entry = actionFor(request.type);
-  return entry.refusal(request, source, store) ?? (config && entry.limit ? entry.limit(request, source, store, config) : null);
+  return (
+    entry.refusal(request, source, store) ??
+    (config && entry.limit ? entry.limit(request, source, store, config) : null)
+  );
 }
 
 /** Does a request (already parsed and allowed); call inside a transaction. */
@@ -3920,10 +4622,24 @@ export const GROUPS_SYNCED_AT = 'groups_synced_at';
 
 export function tasksSnapshot(store: Store, group: RegisteredGroup) {
   return store.listTasks(group.isMain ? undefined : group.folder).map((task) => ({
-    id: task.id, groupFolder: task.groupFolder, chatJid: task.chatJid, prompt: task.prompt,
-    schedule_type: task.scheduleType, schedule_value: task.scheduleValue, context_mode: task.contextMode,
-    status: task.status, next_run: task.nextRun, last_run: task.lastRun, last_result: task.lastResult,
-    recent_runs: store.taskRuns(task.id, 5).map((run) => ({ run_at: run.runAt, duration_ms: run.durationMs, status: run.status, result: run.result, error: run.error })),
+    id: task.id,
+    groupFolder: task.groupFolder,
+    chatJid: task.chatJid,
+    prompt: task.prompt,
+    schedule_type: task.scheduleType,
+    schedule_value: task.scheduleValue,
+    context_mode: task.contextMode,
+    status: task.status,
+    next_run: task.nextRun,
+    last_run: task.lastRun,
+    last_result: task.lastResult,
+    recent_runs: store.taskRuns(task.id, 5).map((run) => ({
+      run_at: run.runAt,
+      duration_ms: run.durationMs,
+      status: run.status,
+      result: run.result,
+      error: run.error,
+    })),
   }));
 }
 
@@ -3933,7 +4649,12 @@ export function groupsSnapshot(store: Store, group: RegisteredGroup) {
   const groups = store
     .listChats()
     .filter((chat) => chat.isGroup || registered.has(chat.jid))
-    .map((chat) => ({ jid: chat.jid, name: chat.name ?? chat.jid, lastActivity: chat.lastMessageAt, isRegistered: registered.has(chat.jid) }));
+    .map((chat) => ({
+      jid: chat.jid,
+      name: chat.name ?? chat.jid,
+      lastActivity: chat.lastMessageAt,
+      isRegistered: registered.has(chat.jid),
+    }));
   return { groups, lastSync: store.getState(GROUPS_SYNCED_AT) };
 }
 
@@ -4081,7 +4802,10 @@ export class IpcWatcher {
         names.push(entry.name);
       } else {
         tree.remove(`${kind}/${entry.name}`);
-        log.warn({ group: folder, file: entry.name }, 'IPC file refused: not a regular file (a link, FIFO or folder); removed unread');
+        log.warn(
+          { group: folder, file: entry.name },
+          'IPC file refused: not a regular file (a link, FIFO or folder); removed unread',
+        );
       }
     }
     return names.sort();
@@ -4100,7 +4824,10 @@ export class IpcWatcher {
     } catch (err) {
       const reason = errorText(err);
       if (isStoreUnavailable(err)) {
-        log.warn({ group: source?.folder, file: source?.name, reason }, 'The database is unavailable; the IPC request waits for the next pass');
+        log.warn(
+          { group: source?.folder, file: source?.name, reason },
+          'The database is unavailable; the IPC request waits for the next pass',
+        );
         this.clock.after(1_000, () => void this.scan());
         return false;
       }
@@ -4122,7 +4849,8 @@ export class IpcWatcher {
     const files = readdirSync(this.errorsDir)
       .map((name) => ({ name, at: lstatSync(join(this.errorsDir, name)).mtimeMs }))
       .sort((a, b) => a.at - b.at || a.name.localeCompare(b.name));
-    for (const old of files.slice(0, Math.max(0, files.length - IPC_ERRORS_KEPT))) rmSync(join(this.errorsDir, old.name), { force: true, recursive: true });
+    for (const old of files.slice(0, Math.max(0, files.length - IPC_ERRORS_KEPT)))
+      rmSync(join(this.errorsDir, old.name), { force: true, recursive: true });
   }
 }
 
@@ -4139,11 +4867,25 @@ export function parseOnceTime(value: string, timezone: string): Date {
     return date;
   }
   const match = /^(\d{4})-(\d{2})-(\d{2})[T ](\d{2}):(\d{2})(?::(\d{2}))?$/.exec(text);
-  if (!match) throw new ScheduleError(`"${value}" is not a date-time; use YYYY-MM-DD HH:MM (your time, ${timezone}) or ISO 8601 with an offset`);
-  const [y, mo, d, h, mi, s] = match.slice(1).map((part) => Number(part ?? 0)) as [number, number, number, number, number, number];
+  if (!match)
+    throw new ScheduleError(
+      `"${value}" is not a date-time; use YYYY-MM-DD HH:MM (your time, ${timezone}) or ISO 8601 with an offset`,
+    );
+  const [y, mo, d, h, mi, s] = match.slice(1).map((part) => Number(part ?? 0)) as [
+    number,
+    number,
+    number,
+    number,
+    number,
+    number,
+  ];
   const calendar = new Date(Date.UTC(y, mo - 1, d));
-  if (calendar.getUTCMonth() !== mo - 1 || calendar.getUTCDate() !== d || h > 23 || mi > 59 || s > 59) throw new ScheduleError(`"${value}" is not a real date and time`);
-  const at = new Cron(`${match[1]}-${match[2]}-${match[3]}T${match[4]}:${match[5]}:${match[6] ?? '00'}`, { timezone, paused: true }).nextRun(new Date(0));
+  if (calendar.getUTCMonth() !== mo - 1 || calendar.getUTCDate() !== d || h > 23 || mi > 59 || s > 59)
+    throw new ScheduleError(`"${value}" is not a real date and time`);
+  const at = new Cron(`${match[1]}-${match[2]}-${match[3]}T${match[4]}:${match[5]}:${match[6] ?? '00'}`, {
+    timezone,
+    paused: true,
+  }).nextRun(new Date(0));
   if (!at) throw new ScheduleError(`"${value}" is not a date-time NanoClaw can place in ${timezone}`);
   return at;
 }
@@ -4156,13 +4898,18 @@ export function computeNextRun(type: ScheduleType, value: string, timezone: stri
       try {
         job = new Cron(value, { timezone, paused: true });
       } catch (err) {
-        throw new ScheduleError(`"${value}" is not a valid cron expression (${err instanceof Error ? err.message : err}); e.g. "0 9 * * 1-5" = weekdays at 09:00`);
+        throw new ScheduleError(
+          `"${value}" is not a valid cron expression (${err instanceof Error ? err.message : err}); e.g. "0 9 * * 1-5" = weekdays at 09:00`,
+        );
       }
       return job.nextRun(from);
     }
     case 'interval': {
       const ms = Number(value);
-      if (!Number.isInteger(ms) || ms < 1000) throw new ScheduleError(`interval "${value}" must be a whole number of milliseconds, at least 1000 (e.g. 3600000 = hourly)`);
+      if (!Number.isInteger(ms) || ms < 1000)
+        throw new ScheduleError(
+          `interval "${value}" must be a whole number of milliseconds, at least 1000 (e.g. 3600000 = hourly)`,
+        );
       return new Date(from.getTime() + ms);
     }
     case 'once': {
@@ -4249,10 +4996,21 @@ export class Scheduler {
           return this.store.claimTask(task.id, task.nextRun);
         });
         if (!claimed) {
-          log.warn({ group: task.groupFolder, taskId: task.id, dueAt: task.nextRun }, 'Task due while its previous run is still going; this occurrence is skipped');
+          log.warn(
+            { group: task.groupFolder, taskId: task.id, dueAt: task.nextRun },
+            'Task due while its previous run is still going; this occurrence is skipped',
+          );
           continue;
         }
-        log.info({ group: task.groupFolder, taskId: task.id, dueAt: task.nextRun, lateMs: now.getTime() - new Date(task.nextRun!).getTime() }, 'Task due');
+        log.info(
+          {
+            group: task.groupFolder,
+            taskId: task.id,
+            dueAt: task.nextRun,
+            lateMs: now.getTime() - new Date(task.nextRun!).getTime(),
+          },
+          'Task due',
+        );
         this.onDue(task);
       }
     } catch (err) {
@@ -4306,13 +5064,17 @@ export interface HostOptions {
 
 /** What the chat is told when the model refuses the key: what to put where, for each kind of key. */
 export function keyRefusedNotice(config: Config, error: string): string {
-  if (/NanoClaw has no KIMI_API_KEY/.test(error)) return 'I cannot answer yet: NanoClaw has no Kimi key. Put KIMI_API_KEY=… in the .env file of the NanoClaw project.';
-  const others = Object.entries(KIMI_PLATFORMS).filter(([name]) => name !== config.kimi.platform).map(([name, p]) => `${p.keys}: KIMI_PLATFORM=${name}`);
+  if (/NanoClaw has no KIMI_API_KEY/.test(error))
+    return 'I cannot answer yet: NanoClaw has no Kimi key. Put KIMI_API_KEY=… in the .env file of the NanoClaw project.';
+  const others = Object.entries(KIMI_PLATFORMS)
+    .filter(([name]) => name !== config.kimi.platform)
+    .map(([name, p]) => `${p.keys}: KIMI_PLATFORM=${name}`);
   return `I cannot answer: ${config.kimi.baseUrl} refused the Kimi key (${/Error code: (\d+)/.exec(error)?.[1] ?? '401'}). Check KIMI_API_KEY in .env; ${others.join('; ')}.`;
 }
 
 /** What the user is told, once, when their message could not be answered after every retry. */
-export const GIVE_UP_TEXT = 'Sorry, I could not answer that: something went wrong on my side (the details are in the logs). Send it again, or something new, and I will start fresh.';
+export const GIVE_UP_TEXT =
+  'Sorry, I could not answer that: something went wrong on my side (the details are in the logs). Send it again, or something new, and I will start fresh.';
 
 /**
  * The running assistant. Tells onTurn listeners whenever a group's agent finishes a turn,
@@ -4337,7 +5099,10 @@ export class Host {
   /** Inbound messages the database could not take yet, oldest first (also in data/spill.jsonl). */
   private readonly spill: { message: NewMessage; chat: ChatMeta }[] = [];
   private readonly clock: Clock;
-  private readonly listeners: { [K in keyof HostEvents]: Set<(event: HostEvents[K]) => void> } = { turn: new Set(), retry: new Set() };
+  private readonly listeners: { [K in keyof HostEvents]: Set<(event: HostEvents[K]) => void> } = {
+    turn: new Set(),
+    retry: new Set(),
+  };
   private spillTimer: (() => void) | null = null;
   private stopSweep: (() => void) | null = null;
   private stopped = false;
@@ -4356,12 +5121,19 @@ export class Host {
       maxRetries: options.maxRetries ?? 5,
       processMessages: (jid, warm) => this.processMessages(jid, warm),
       onGiveUp: (jid) => this.giveUp(jid),
-      onRetry: (chatJid, attempt, delayMs) => this.tell('retry', { chatJid, attempt, delayMs, maxRetries: options.maxRetries ?? 5 } satisfies RetryEvent),
+      onRetry: (chatJid, attempt, delayMs) =>
+        this.tell('retry', { chatJid, attempt, delayMs, maxRetries: options.maxRetries ?? 5 } satisfies RetryEvent),
       clock: this.clock,
     });
-    this.ipc = new IpcWatcher(config.ipcDir, { handle: (folder, kind, data, claimId) => this.handleIpc(folder, kind, data, claimId) }, options.ipcSweepMs ?? 30_000, this.clock);
+    this.ipc = new IpcWatcher(
+      config.ipcDir,
+      { handle: (folder, kind, data, claimId) => this.handleIpc(folder, kind, data, claimId) },
+      options.ipcSweepMs ?? 30_000,
+      this.clock,
+    );
     this.scheduler = new Scheduler(store, config.timezone, (task) => this.queueTaskRun(task), 1000, this.clock);
-    for (const channel of channels) this.senders.set(channel.name, new OutboxSender(store, channel, options.sendRetryMs, this.clock));
+    for (const channel of channels)
+      this.senders.set(channel.name, new OutboxSender(store, channel, options.sendRetryMs, this.clock));
     this.proxy = new ModelProxy({
       mode: config.modelProxy,
       dir: join(config.dataDir, 'proxy'),
@@ -4370,7 +5142,11 @@ export class Host {
       record: (folder, entry) => {
         const day = formatLocalTime(new Date().toISOString(), config.timezone).slice(0, 10);
         try {
-          this.store.addModelUsage(day, folder, { ok: entry.ok, promptTokens: entry.usage?.promptTokens ?? 0, completionTokens: entry.usage?.completionTokens ?? 0 });
+          this.store.addModelUsage(day, folder, {
+            ok: entry.ok,
+            promptTokens: entry.usage?.promptTokens ?? 0,
+            completionTokens: entry.usage?.completionTokens ?? 0,
+          });
         } catch (err) {
           log.warn({ err: errorText(err) }, 'Could not count model usage');
         }
@@ -4404,7 +5180,12 @@ export class Host {
       onMessage: (message, chat) => this.handleInbound(message, chat),
       onChatMetadata: (chat) => {
         try {
-          this.store.upsertChat({ jid: chat.jid, name: chat.name, channel: this.channelFor(chat.jid)?.name ?? 'unknown', isGroup: chat.isGroup });
+          this.store.upsertChat({
+            jid: chat.jid,
+            name: chat.name,
+            channel: this.channelFor(chat.jid)?.name ?? 'unknown',
+            isGroup: chat.isGroup,
+          });
         } catch (err) {
           log.warn({ err: errorText(err) }, 'Could not store a chat name');
         }
@@ -4426,7 +5207,10 @@ export class Host {
     this.scheduler.start();
     this.recover();
     this.stopSweep = every(this.clock, this.options.recoverySweepMs ?? 60_000, () => this.recover());
-    log.info({ groups: this.store.listGroups().length, channels: this.channels.map((c) => c.name) }, 'NanoClaw is running');
+    log.info(
+      { groups: this.store.listGroups().length, channels: this.channels.map((c) => c.name) },
+      'NanoClaw is running',
+    );
   }
 
   async stop(): Promise<void> {
@@ -4486,7 +5270,10 @@ export class Host {
       this.storeInbound(message, chat);
     } catch (err) {
       if (!isStoreUnavailable(err)) throw err;
-      log.error({ err: errorText(err) }, 'The database cannot take messages right now; keeping them in data/spill.jsonl until it can');
+      log.error(
+        { err: errorText(err) },
+        'The database cannot take messages right now; keeping them in data/spill.jsonl until it can',
+      );
       this.spillMessage(message, chat);
     }
   }
@@ -4494,11 +5281,19 @@ export class Host {
   private storeInbound(message: NewMessage, chat: ChatMeta): void {
     // One transaction, one commit: the chat's metadata and the message together.
     const stored = this.store.transaction(() => {
-      this.store.upsertChat({ jid: message.chatJid, name: chat.name, channel: this.channelFor(message.chatJid)?.name ?? 'unknown', isGroup: chat.isGroup, lastMessageAt: message.timestamp });
+      this.store.upsertChat({
+        jid: message.chatJid,
+        name: chat.name,
+        channel: this.channelFor(message.chatJid)?.name ?? 'unknown',
+        isGroup: chat.isGroup,
+        lastMessageAt: message.timestamp,
+      });
       const group = this.store.groupByJid(message.chatJid);
       if (!group) return null; // only metadata for chats the user has not registered
       // With its own number the channel knows the bot's messages; on a shared number the prefix tells.
-      const isBot = message.isBotMessage || (!this.config.assistantHasOwnNumber && isOwnReply(message.content, this.config.assistantName));
+      const isBot =
+        message.isBotMessage ||
+        (!this.config.assistantHasOwnNumber && isOwnReply(message.content, this.config.assistantName));
       const seq = this.store.storeMessage({ ...message, isBotMessage: isBot });
       return seq === null || isBot ? null : { group, message: { ...message, seq, isBotMessage: false } };
     });
@@ -4533,7 +5328,8 @@ export class Host {
         this.storeInbound(this.spill[0]!.message, this.spill[0]!.chat);
       } catch (err) {
         // Whatever the database says, the message stays spilled and is tried again: nothing is dropped.
-        if (!isStoreUnavailable(err)) log.error({ err: errorText(err) }, 'Could not store a spilled message; trying again in a second');
+        if (!isStoreUnavailable(err))
+          log.error({ err: errorText(err) }, 'Could not store a spilled message; trying again in a second');
         this.spillTimer = this.clock.after(1_000, () => this.drainSpill());
         return;
       }
@@ -4575,7 +5371,9 @@ export class Host {
     if (!this.queue.answerExpected(group.jid) && !needsAgent(group, messages)) return true; // kept for the next batch
     if (!this.queue.sendFollowUp(group.jid, formatMessages(messages, this.config.timezone))) return false;
     this.queue.give(group.jid, messages.at(-1)!.seq);
-    void this.channelFor(group.jid)?.setTyping?.(group.jid, true).catch(() => {});
+    void this.channelFor(group.jid)
+      ?.setTyping?.(group.jid, true)
+      .catch(() => {});
     log.debug({ group: group.folder, count: messages.length }, 'Follow-up handed to the running container');
     return true;
   }
@@ -4596,7 +5394,10 @@ export class Host {
       this.store.pruneIpcDone(new Date(now - 86_400_000).toISOString());
       this.store.pruneOutbox(new Date(now - 7 * 86_400_000).toISOString());
     } catch (err) {
-      log.warn({ err: errorText(err) }, 'The safety sweep could not read the database; it tries again at the next sweep');
+      log.warn(
+        { err: errorText(err) },
+        'The safety sweep could not read the database; it tries again at the next sweep',
+      );
     }
   }
 
@@ -4619,7 +5420,16 @@ export class Host {
       const messageId = newMessageId();
       this.store.addOutbound(channel.name, chatJid, part, messageId);
       // The bot's message has the id it is sent under, so WhatsApp's echo of it is no second copy.
-      this.store.storeMessage({ id: messageId, chatJid, sender: 'bot', senderName: this.config.assistantName, content: part, timestamp: now, isFromMe: true, isBotMessage: true });
+      this.store.storeMessage({
+        id: messageId,
+        chatJid,
+        sender: 'bot',
+        senderName: this.config.assistantName,
+        content: part,
+        timestamp: now,
+        isFromMe: true,
+        isBotMessage: true,
+      });
     }
   }
 
@@ -4671,9 +5481,18 @@ export class Host {
               });
             } catch (err) {
               // Not recorded, so not sent: the run ends and the retry answers (once) when the database is back.
-              log.error({ group: group.folder, err: errorText(err) }, 'Could not record the answer; the messages will be answered again');
+              log.error(
+                { group: group.folder, err: errorText(err) },
+                'Could not record the answer; the messages will be answered again',
+              );
               this.queue.closeContainer(chatJid);
-              this.tell('turn', { chatJid, status: 'error', sent: null, error: `could not record the answer (${errorText(err)})`, upToSeq } satisfies TurnEvent);
+              this.tell('turn', {
+                chatJid,
+                status: 'error',
+                sent: null,
+                error: `could not record the answer (${errorText(err)})`,
+                upToSeq,
+              } satisfies TurnEvent);
               return;
             }
             crashPoint('reply-recorded');
@@ -4681,14 +5500,26 @@ export class Host {
             this.queue.markIdle(chatJid);
             this.tell('turn', { chatJid, status: 'success', sent, upToSeq } satisfies TurnEvent);
           } else {
-            this.tell('turn', { chatJid, status: 'error', sent: null, error: result.error, upToSeq } satisfies TurnEvent);
+            this.tell('turn', {
+              chatJid,
+              status: 'error',
+              sent: null,
+              error: result.error,
+              upToSeq,
+            } satisfies TurnEvent);
           }
         },
       });
     } catch (err) {
       const error = errorText(err);
       log.error({ group: group.folder, error }, 'Could not run the agent container');
-      this.tell('turn', { chatJid, status: 'error', sent: null, error, upToSeq: this.queue.givenUpTo(chatJid) ?? 0 } satisfies TurnEvent);
+      this.tell('turn', {
+        chatJid,
+        status: 'error',
+        sent: null,
+        error,
+        upToSeq: this.queue.givenUpTo(chatJid) ?? 0,
+      } satisfies TurnEvent);
       return this.stopped;
     } finally {
       upToSeq = this.queue.givenUpTo(chatJid) ?? 0;
@@ -4696,14 +5527,20 @@ export class Host {
       const orphan = this.taskTurns.get(chatJid);
       if (orphan) {
         this.taskTurns.delete(chatJid);
-        this.recordTaskTurn(orphan, { result: null, said: [], error: 'the container stopped before the task was answered' });
+        this.recordTaskTurn(orphan, {
+          result: null,
+          said: [],
+          error: 'the container stopped before the task was answered',
+        });
       }
       await channel?.setTyping?.(chatJid, false).catch(() => {});
     }
     const failed = outcome.exitCode !== 0 || outcome.timedOut;
     const unanswered = this.store.messagesSince(chatJid, this.store.getCursor(chatJid)).length;
     if (failed && outcome.results === 0) {
-      const error = outcome.timedOut ? 'the agent timed out' : `the agent container exited with code ${outcome.exitCode}`;
+      const error = outcome.timedOut
+        ? 'the agent timed out'
+        : `the agent container exited with code ${outcome.exitCode}`;
       this.tell('turn', { chatJid, status: 'error', sent: null, error, upToSeq } satisfies TurnEvent);
     }
     if (outcome.lastErrorKind === 'auth' && unanswered > 0 && !this.stopped) {
@@ -4712,7 +5549,10 @@ export class Host {
       return true;
     }
     if ((failed || outcome.lastError) && unanswered > 0 && !this.stopped) {
-      log.warn({ group: group.folder, unanswered, logFile: outcome.logFile }, 'Run failed; cursor left before the unanswered messages, will retry');
+      log.warn(
+        { group: group.folder, unanswered, logFile: outcome.logFile },
+        'Run failed; cursor left before the unanswered messages, will retry',
+      );
       return false;
     }
     // Messages that came in as the container was closing go into the next run.
@@ -4734,11 +5574,15 @@ export class Host {
     const tell = !onceKey || this.clock.now() - toldAt > 6 * 3_600_000;
     this.store.transaction(() => {
       this.store.setCursor(chatJid, pending.at(-1)!.seq);
-      if (tell) this.say(chatJid, formatOutbound(notice, this.config.assistantName, this.config.assistantHasOwnNumber)!);
+      if (tell)
+        this.say(chatJid, formatOutbound(notice, this.config.assistantName, this.config.assistantHasOwnNumber)!);
       if (tell && onceKey) this.store.setState(onceKey, String(this.clock.now()));
     });
     this.sendSoon(chatJid);
-    log.error({ group: group.folder, messages: pending.length }, 'Gave up on messages after every retry failed; told the chat');
+    log.error(
+      { group: group.folder, messages: pending.length },
+      'Gave up on messages after every retry failed; told the chat',
+    );
   }
 
   /** Launches the group's container with its mounts, its session and a proxy token on stdin. */
@@ -4760,7 +5604,9 @@ export class Host {
     },
   ): Promise<RunOutcome> {
     writeSnapshots(this.config, this.store, group);
-    const allowlist = group.containerConfig?.additionalMounts?.length ? loadMountAllowlist(this.config.mountAllowlistPath) : null;
+    const allowlist = group.containerConfig?.additionalMounts?.length
+      ? loadMountAllowlist(this.config.mountAllowlistPath)
+      : null;
     const extra = validateExtraMounts(group.containerConfig?.additionalMounts, allowlist, group.isMain);
     for (const rejected of extra.rejected) log.warn({ group: group.folder, ...rejected }, 'Extra mount refused');
     const sessionId = run.sessionId === undefined ? this.store.getSession(group.folder) : run.sessionId;
@@ -4791,10 +5637,14 @@ export class Host {
           try {
             this.store.setSession(group.folder, result.sessionId);
           } catch (err) {
-            log.warn({ group: group.folder, err: errorText(err) }, 'Could not save the session id; the next run may start a new session');
+            log.warn(
+              { group: group.folder, err: errorText(err) },
+              'Could not save the session id; the next run may start a new session',
+            );
           }
         }
-        if (result.status === 'error') log.error({ group: group.folder, error: result.error }, 'Agent reported an error');
+        if (result.status === 'error')
+          log.error({ group: group.folder, error: result.error }, 'Agent reported an error');
         await run.onResult(result);
       },
     });
@@ -4815,7 +5665,7 @@ export class Host {
   /** Hands a task to its chat's live container as the next turn; its answer comes back through processMessages. */
   private runTaskInLive(taskId: string, chatJid: string): void {
     const task = this.store.getTask(taskId);
-    if (!task || task.status !== 'active') {
+    if (task?.status !== 'active') {
       log.info({ taskId, status: task?.status ?? 'deleted' }, 'Task skipped');
       if (task) this.store.releaseTask(task.id);
       this.tasksInHand.delete(taskId);
@@ -4834,9 +5684,17 @@ export class Host {
   }
 
   /** A task turn answered: recorded like any task run, then the chat's held messages (or the next task) follow. */
-  private finishTaskTurn(group: RegisteredGroup, turn: { task: ScheduledTask; startedAt: Date }, answer: ContainerResult): void {
+  private finishTaskTurn(
+    group: RegisteredGroup,
+    turn: { task: ScheduledTask; startedAt: Date },
+    answer: ContainerResult,
+  ): void {
     const ok = answer.status === 'success';
-    this.recordTaskTurn(turn, { result: ok ? answer.result : null, said: ok ? this.wordsOf(answer) : [], error: ok ? null : (answer.error ?? 'unknown error') });
+    this.recordTaskTurn(turn, {
+      result: ok ? answer.result : null,
+      said: ok ? this.wordsOf(answer) : [],
+      error: ok ? null : (answer.error ?? 'unknown error'),
+    });
     this.queue.markIdle(group.jid);
     if (!this.forwardToLiveContainer(group)) this.queue.enqueueMessages(group.jid);
   }
@@ -4863,12 +5721,27 @@ export class Host {
       const error = `interrupted: NanoClaw stopped during the run that started ${startedAt}`;
       const again = claim.attempt < 2 && task.status === 'active';
       this.store.transaction(() => {
-        this.store.logTaskRun({ taskId: task.id, runAt: startedAt, durationMs: 0, status: 'error', result: null, error });
+        this.store.logTaskRun({
+          taskId: task.id,
+          runAt: startedAt,
+          durationMs: 0,
+          status: 'error',
+          result: null,
+          error,
+        });
         this.store.releaseTask(task.id);
         if (again) this.store.claimTask(task.id, claim.dueAt, claim.attempt + 1);
-        else if (task.scheduleType === 'once') this.store.updateTask(task.id, { status: 'completed', nextRun: null, lastResult: `Error: ${error} (twice; not run again)` });
+        else if (task.scheduleType === 'once')
+          this.store.updateTask(task.id, {
+            status: 'completed',
+            nextRun: null,
+            lastResult: `Error: ${error} (twice; not run again)`,
+          });
       });
-      log.warn({ group: task.groupFolder, taskId: task.id, runAgain: again }, again ? 'A task run was interrupted; running it again' : 'A task run was interrupted twice; giving up on it');
+      log.warn(
+        { group: task.groupFolder, taskId: task.id, runAgain: again },
+        again ? 'A task run was interrupted; running it again' : 'A task run was interrupted twice; giving up on it',
+      );
       if (again) this.queueTaskRun(task);
     }
   }
@@ -4929,7 +5802,8 @@ export class Host {
             this.queue.closeContainer(lane);
           },
         });
-        if (!error && outcome.results === 0) error = outcome.timedOut ? 'the agent timed out' : `the agent container exited with code ${outcome.exitCode}`;
+        if (!error && outcome.results === 0)
+          error = outcome.timedOut ? 'the agent timed out' : `the agent container exited with code ${outcome.exitCode}`;
       } catch (err) {
         error = errorText(err);
       }
@@ -4938,20 +5812,34 @@ export class Host {
   }
 
   /** recordTaskRun for a task turn: a database that cannot take it leaves the claim, which the sweep recovers. */
-  private recordTaskTurn(turn: { task: ScheduledTask; startedAt: Date }, outcome: { result: string | null; said: string[]; error: string | null }): void {
+  private recordTaskTurn(
+    turn: { task: ScheduledTask; startedAt: Date },
+    outcome: { result: string | null; said: string[]; error: string | null },
+  ): void {
     try {
       this.recordTaskRun(turn.task, turn.startedAt, outcome);
     } catch (err) {
-      log.error({ group: turn.task.groupFolder, taskId: turn.task.id, err: errorText(err) }, 'Could not record a task run; it is run again once the database is back');
+      log.error(
+        { group: turn.task.groupFolder, taskId: turn.task.id, err: errorText(err) },
+        'Could not record a task run; it is run again once the database is back',
+      );
     }
   }
 
   /** A task run's end, in one transaction: its log, the task's state, what it said, the claim released. */
-  private recordTaskRun(task: ScheduledTask, startedAt: Date, outcome: { result: string | null; said: string[]; error: string | null }): TaskRunLog {
+  private recordTaskRun(
+    task: ScheduledTask,
+    startedAt: Date,
+    outcome: { result: string | null; said: string[]; error: string | null },
+  ): TaskRunLog {
     const { result, error } = outcome;
     const run: TaskRunLog = {
-      taskId: task.id, runAt: startedAt.toISOString(), durationMs: Date.now() - startedAt.getTime(),
-      status: error ? 'error' : 'success', result, error,
+      taskId: task.id,
+      runAt: startedAt.toISOString(),
+      durationMs: Date.now() - startedAt.getTime(),
+      status: error ? 'error' : 'success',
+      result,
+      error,
     };
     const words = error ? [] : outcome.said;
     this.tasksInHand.delete(task.id); // from here on, a claim left behind is the sweep's to recover
@@ -4992,7 +5880,12 @@ export class Host {
     crashPoint('ipc-handling');
     const afterwards: (() => void)[] = [];
     this.store.transaction(() => {
-      applyIpcRequest(request, { config: this.config, store: this.store, source, effects: this.ipcEffects(afterwards) });
+      applyIpcRequest(request, {
+        config: this.config,
+        store: this.store,
+        source,
+        effects: this.ipcEffects(afterwards),
+      });
       this.store.markIpcDone(claimId);
     });
     crashPoint('ipc-recorded');
@@ -5019,23 +5912,43 @@ export class Host {
 export function addGroup(
   config: Config,
   store: Store,
-  request: { jid: string; name: string; folder: string; trigger?: string; requiresTrigger?: boolean; isMain?: boolean; containerConfig?: ContainerConfig },
+  request: {
+    jid: string;
+    name: string;
+    folder: string;
+    trigger?: string;
+    requiresTrigger?: boolean;
+    isMain?: boolean;
+    containerConfig?: ContainerConfig;
+  },
 ): RegisteredGroup {
-  if (request.trigger !== undefined && !isValidTrigger(request.trigger)) throw new IpcFormatError(`trigger "${request.trigger}" must be @ and one word, e.g. @${config.assistantName}`);
+  if (request.trigger !== undefined && !isValidTrigger(request.trigger))
+    throw new IpcFormatError(`trigger "${request.trigger}" must be @ and one word, e.g. @${config.assistantName}`);
   if (!isValidFolder(request.folder)) {
-    throw new IpcFormatError(`folder "${request.folder}" must be lowercase letters, digits, - or _ (at most 64), and not one of NanoClaw's own: ${RESERVED_FOLDERS.join(', ')}`);
+    throw new IpcFormatError(
+      `folder "${request.folder}" must be lowercase letters, digits, - or _ (at most 64), and not one of NanoClaw's own: ${RESERVED_FOLDERS.join(', ')}`,
+    );
   }
   if (store.groupByJid(request.jid)) throw new IpcFormatError(`${request.jid} is already registered`);
-  if (store.groupByFolder(request.folder)) throw new IpcFormatError(`folder "${request.folder}" is already used by another group`);
+  if (store.groupByFolder(request.folder))
+    throw new IpcFormatError(`folder "${request.folder}" is already used by another group`);
   if (request.isMain && store.mainGroup()) throw new IpcFormatError('there is already a main group');
   const group: RegisteredGroup = {
-    jid: request.jid, name: request.name, folder: request.folder, trigger: request.trigger ?? `@${config.assistantName}`,
-    requiresTrigger: request.requiresTrigger ?? !request.isMain, isMain: request.isMain ?? false,
-    containerConfig: request.containerConfig, addedAt: new Date().toISOString(),
+    jid: request.jid,
+    name: request.name,
+    folder: request.folder,
+    trigger: request.trigger ?? `@${config.assistantName}`,
+    requiresTrigger: request.requiresTrigger ?? !request.isMain,
+    isMain: request.isMain ?? false,
+    containerConfig: request.containerConfig,
+    addedAt: new Date().toISOString(),
   };
   const { group: tree } = groupTrees(config, group.folder);
   try {
-    tree.create('CLAUDE.md', `# ${group.name}\n\nMemory for this group. The assistant reads this file before every conversation.\n`);
+    tree.create(
+      'CLAUDE.md',
+      `# ${group.name}\n\nMemory for this group. The assistant reads this file before every conversation.\n`,
+    );
   } catch (err) {
     if (errorCode(err) !== 'EEXIST') throw err; // a memory that is already there stays as it is
   }
@@ -5059,7 +5972,10 @@ export const COMMAND_USAGE = {
   chat: [['chat', "talk to the main group's agent from this terminal (piped stdin: one message per line)"]],
   groups: [
     ['groups list', 'registered groups'],
-    ['groups register <jid> <folder> [--name N] [--trigger @Word] [--no-trigger] [--main] [--network none|bridge|NAME]', ''],
+    [
+      'groups register <jid> <folder> [--name N] [--trigger @Word] [--no-trigger] [--main] [--network none|bridge|NAME]',
+      '',
+    ],
     ['groups remove <jid|folder>', 'unregister (its folder and memory stay on disk)'],
   ],
   tasks: [
@@ -5070,24 +5986,39 @@ export const COMMAND_USAGE = {
   ],
   logs: [['logs [--group <folder>] [--lines N]', "recent host log, or a group's latest container runs"]],
   mounts: [['mounts <folder> [--docker-args]', "what a group's container gets mounted where"]],
-  service: [['service install|uninstall|status [--dry-run] [--platform linux|macos]', 'run NanoClaw in the background (systemd user unit / launchd agent)']],
+  service: [
+    [
+      'service install|uninstall|status [--dry-run] [--platform linux|macos]',
+      'run NanoClaw in the background (systemd user unit / launchd agent)',
+    ],
+  ],
   sessions: [
     ['sessions list', 'the Kimi session of each group'],
     ['sessions clear <folder>', "forget a group's session (files and database row)"],
   ],
-  usage: [['usage [--days N] [--group F] [--json]', 'model requests and tokens by group and day (counted by the model proxy)']],
+  usage: [
+    [
+      'usage [--days N] [--group F] [--json]',
+      'model requests and tokens by group and day (counted by the model proxy)',
+    ],
+  ],
   model: [['model check [--json]', 'does the endpoint take the key? (one cheap request through the proxy)']],
   config: [
     ['config get <KEY>…', 'the value NanoClaw uses for each setting (one per line; the key only as "set")'],
     ['config list', 'every setting, its value, and where it comes from'],
   ],
   diagnose: [['diagnose [--json]', 'check the whole setup (runs scripts/diagnose.sh)']],
-  help: [['help [command], --help', 'this text, or one command\'s']],
+  help: [['help [command], --help', "this text, or one command's"]],
 } satisfies Record<string, [string, string][]>;
 export type CommandName = keyof typeof COMMAND_USAGE;
 
 function usageLines(lines: [string, string][]): string {
-  return lines.map(([synopsis, what]) => `  ${what && synopsis.length < 36 ? `${synopsis.padEnd(36)}${what}` : `${synopsis}${what ? `\n  ${''.padEnd(36)}${what}` : ''}`}`).join('\n');
+  return lines
+    .map(
+      ([synopsis, what]) =>
+        `  ${what && synopsis.length < 36 ? `${synopsis.padEnd(36)}${what}` : `${synopsis}${what ? `\n  ${''.padEnd(36)}${what}` : ''}`}`,
+    )
+    .join('\n');
 }
 
 /** One command's usage, as shown after its mistakes and for `--help`. */
@@ -5148,10 +6079,19 @@ type CommandOptions = Record<string, { type: 'string' | 'boolean'; short?: strin
  * parseArgs for one command, strict: a mistake becomes a UsageError naming that command,
  * and `--help`/`-h` anywhere shows its usage instead of running it.
  */
-export function commandArgs(command: CommandName, args: string[], options: CommandOptions = {}): { values: Record<string, string | boolean | undefined>; positionals: string[] } {
+export function commandArgs(
+  command: CommandName,
+  args: string[],
+  options: CommandOptions = {},
+): { values: Record<string, string | boolean | undefined>; positionals: string[] } {
   let parsed: { values: Record<string, string | boolean | undefined>; positionals: string[] };
   try {
-    parsed = parseArgs({ args, allowPositionals: true, strict: true, options: { ...options, help: { type: 'boolean', short: 'h' } } });
+    parsed = parseArgs({
+      args,
+      allowPositionals: true,
+      strict: true,
+      options: { ...options, help: { type: 'boolean', short: 'h' } },
+    });
   } catch (err) {
     if (args.includes('--help') || args.includes('-h')) throw new HelpRequested(command);
     throw new UsageError(parseArgsMistake(err), command);
@@ -5161,10 +6101,16 @@ export function commandArgs(command: CommandName, args: string[], options: Comma
 }
 
 /** A whole number above 0 from an option, or a UsageError naming it. */
-function positiveOption(command: CommandName, name: string, raw: string | boolean | undefined, fallback: number): number {
+function positiveOption(
+  command: CommandName,
+  name: string,
+  raw: string | boolean | undefined,
+  fallback: number,
+): number {
   if (raw === undefined) return fallback;
   const value = Number(raw);
-  if (typeof raw !== 'string' || !/^\d+$/.test(raw.trim()) || value <= 0) throw new UsageError(`--${name} takes a whole number above 0, not "${raw}".`, command);
+  if (typeof raw !== 'string' || !/^\d+$/.test(raw.trim()) || value <= 0)
+    throw new UsageError(`--${name} takes a whole number above 0, not "${raw}".`, command);
   return value;
 }
 
@@ -5194,7 +6140,9 @@ export function preflight(config: Config): string[] {
   }
   const usesKimiProvider = !config.kimi.provider || config.kimi.provider === 'kimi';
   if (usesKimiProvider && !readSecrets(config).KIMI_API_KEY) {
-    const fix = existsSync(config.envFile) ? 'put your key in .env on its line' : 'cp .env.example .env, then put your key on its line';
+    const fix = existsSync(config.envFile)
+      ? 'put your key in .env on its line'
+      : 'cp .env.example .env, then put your key on its line';
     problems.push(`KIMI_API_KEY is not set.\n  Fix: ${fix}: KIMI_API_KEY=sk-…`);
   }
   return problems;
@@ -5205,8 +6153,21 @@ export function preflight(config: Config): string[] {
  * that died may have left any of them), and only those: other installs' carry another label.
  */
 export function removeLeftoverContainers(config: Config): string[] {
-  const listed = runQuietly([config.containerRuntime, 'ps', '-a', '--filter', `label=${INSTALL_LABEL}=${installId(config)}`, '--format', '{{.Names}}']);
-  const names = listed.ok ? listed.output.split('\n').map((n) => n.trim()).filter(Boolean) : [];
+  const listed = runQuietly([
+    config.containerRuntime,
+    'ps',
+    '-a',
+    '--filter',
+    `label=${INSTALL_LABEL}=${installId(config)}`,
+    '--format',
+    '{{.Names}}',
+  ]);
+  const names = listed.ok
+    ? listed.output
+        .split('\n')
+        .map((n) => n.trim())
+        .filter(Boolean)
+    : [];
   if (names.length) {
     runQuietly([config.containerRuntime, 'rm', '-f', ...names], 60_000);
     log.warn({ containers: names }, 'Removed containers left over from a previous run');
@@ -5237,7 +6198,10 @@ export function acquireHostLock(config: Config): () => void {
   const lockFile = join(config.dataDir, 'nanoclaw.pid');
   mkdirSync(config.dataDir, { recursive: true });
   const pid = runningHostPid(config);
-  if (pid) throw new UsageError(`NanoClaw is already running here (pid ${pid}). Stop it first, or talk to it through its channel.`);
+  if (pid)
+    throw new UsageError(
+      `NanoClaw is already running here (pid ${pid}). Stop it first, or talk to it through its channel.`,
+    );
   writeFileSync(lockFile, String(process.pid));
   return () => {
     if (existsSync(lockFile) && readFileSync(lockFile, 'utf8').trim() === String(process.pid)) unlinkSync(lockFile);
@@ -5246,7 +6210,10 @@ export function acquireHostLock(config: Config): () => void {
 
 /** The main group, registered for the terminal when nothing else registered it yet. */
 export function ensureMainGroup(config: Config, store: Store): RegisteredGroup {
-  return store.mainGroup() ?? addGroup(config, store, { jid: LOCAL_MAIN_JID, name: 'Main', folder: 'main', isMain: true, requiresTrigger: false });
+  return (
+    store.mainGroup() ??
+    addGroup(config, store, { jid: LOCAL_MAIN_JID, name: 'Main', folder: 'main', isMain: true, requiresTrigger: false })
+  );
 }
 
 /** Resolves with the first turn of the chat that covers message `seq`. */
@@ -5282,7 +6249,10 @@ export async function openStoreWhenFree(path: string, waitMs = 60_000): Promise<
 export function keepRunningThroughErrors(): void {
   const recent: number[] = [];
   const onError = (kind: string) => (err: unknown) => {
-    log.error({ err: errorText(err), stack: err instanceof Error ? err.stack : undefined }, `Unexpected ${kind}; NanoClaw keeps running`);
+    log.error(
+      { err: errorText(err), stack: err instanceof Error ? err.stack : undefined },
+      `Unexpected ${kind}; NanoClaw keeps running`,
+    );
     const now = Date.now();
     recent.push(now);
     while (recent[0]! < now - 60_000) recent.shift();
@@ -5296,9 +6266,13 @@ export function keepRunningThroughErrors(): void {
 }
 
 /** Everything a host needs before it starts: the checks, the lock, the store, no leftovers of an earlier host. */
-export async function startHost(config: Config, makeChannels: (store: Store) => Channel[]): Promise<{ host: Host; store: Store; release: () => void }> {
+export async function startHost(
+  config: Config,
+  makeChannels: (store: Store) => Channel[],
+): Promise<{ host: Host; store: Store; release: () => void }> {
   const problems = preflight(config);
-  if (problems.length) throw new UsageError(`NanoClaw cannot start yet:\n\n${problems.map((p) => `• ${p}`).join('\n\n')}`);
+  if (problems.length)
+    throw new UsageError(`NanoClaw cannot start yet:\n\n${problems.map((p) => `• ${p}`).join('\n\n')}`);
   const release = acquireHostLock(config);
   const store = await openStoreWhenFree(config.dbPath);
   removeLeftoverContainers(config);
@@ -5335,7 +6309,14 @@ export function whatsAppChannel(config: Config, store: Store, extra: Partial<Wha
 /** After linking: the self-chat is the main group (taking over the terminal's placeholder). */
 export function makeSelfChatMain(config: Config, store: Store, selfJid: string): RegisteredGroup {
   const main = store.mainGroup();
-  if (!main) return addGroup(config, store, { jid: selfJid, name: 'Main', folder: 'main', isMain: true, requiresTrigger: false });
+  if (!main)
+    return addGroup(config, store, {
+      jid: selfJid,
+      name: 'Main',
+      folder: 'main',
+      isMain: true,
+      requiresTrigger: false,
+    });
   if (main.jid === LOCAL_MAIN_JID) {
     store.changeGroupJid(LOCAL_MAIN_JID, selfJid);
     log.info({ jid: selfJid }, 'Main group moved to the WhatsApp self-chat');
@@ -5377,7 +6358,11 @@ class ChatTerminal {
     readonly interactive: boolean,
     private readonly assistantName: string,
   ) {
-    this.lines = createInterface({ input: process.stdin, terminal: interactive, ...(interactive ? { output: process.stdout, prompt: this.prompt } : {}) });
+    this.lines = createInterface({
+      input: process.stdin,
+      terminal: interactive,
+      ...(interactive ? { output: process.stdout, prompt: this.prompt } : {}),
+    });
   }
 
   /** A line from the agent (or a note): above the prompt, which is drawn again with what was typed. */
@@ -5441,10 +6426,15 @@ export async function runChat(config: Config): Promise<number> {
   setupStore.close();
   const terminal = new ChatTerminal(interactive, config.assistantName);
   let busy = false;
-  const local = new LocalChannel(main.jid, (text) => terminal.print(text), undefined, (typing) => {
-    busy = typing;
-    terminal.working(typing);
-  });
+  const local = new LocalChannel(
+    main.jid,
+    (text) => terminal.print(text),
+    undefined,
+    (typing) => {
+      busy = typing;
+      terminal.working(typing);
+    },
+  );
   const { host, store, release } = await startHost(config, () => [local]);
   terminal.onLineBegun(() => local.typing()); // the agent starts while the person types
   let finished: Promise<void> | null = null;
@@ -5480,11 +6470,16 @@ export async function runChat(config: Config): Promise<number> {
     }
   });
   host.onRetry((event) => {
-    if (event.chatJid === main.jid) terminal.problem(`Retrying in ${Math.round(event.delayMs / 1000)} s (attempt ${event.attempt} of ${event.maxRetries}).`);
+    if (event.chatJid === main.jid)
+      terminal.problem(
+        `Retrying in ${Math.round(event.delayMs / 1000)} s (attempt ${event.attempt} of ${event.maxRetries}).`,
+      );
   });
 
   if (interactive) {
-    process.stdout.write(`Talking to ${config.assistantName} (main group, folder groups/${main.folder}). Ctrl-D to leave, Ctrl-C to stop.\n`);
+    process.stdout.write(
+      `Talking to ${config.assistantName} (main group, folder groups/${main.folder}). Ctrl-D to leave, Ctrl-C to stop.\n`,
+    );
     terminal.lines.prompt();
     for await (const line of terminal.lines) {
       if (interruption) break;
@@ -5521,8 +6516,12 @@ export async function runService(config: Config): Promise<number> {
   const whenUnlinked = new Promise<string>((resolve) => (unlinked = resolve));
   const { host, store, release } = await startHost(config, (store) => [
     whatsAppChannel(config, store, {
-      onLoggedOut: () => unlinked('WhatsApp logged this device out. Remove store/auth/ and run `bun nanoclaw.ts auth` to link again.'),
-      onNotLinked: () => unlinked('Not linked: WhatsApp does not know the device in store/auth/. Run `bun nanoclaw.ts auth`, then start NanoClaw again.'),
+      onLoggedOut: () =>
+        unlinked('WhatsApp logged this device out. Remove store/auth/ and run `bun nanoclaw.ts auth` to link again.'),
+      onNotLinked: () =>
+        unlinked(
+          'Not linked: WhatsApp does not know the device in store/auth/. Run `bun nanoclaw.ts auth`, then start NanoClaw again.',
+        ),
     }),
   ]);
   const finish = async () => {
@@ -5545,37 +6544,68 @@ export function authCloseMessage(error: unknown): { retry: boolean; message: str
     case 'restart':
       return { retry: true, message: '' }; // WhatsApp asks for a fresh connection right after pairing
     case 'network':
-      return { retry: false, message: `No network: WhatsApp cannot be reached (${detail}). Check this machine's internet connection, then run auth again.` };
+      return {
+        retry: false,
+        message: `No network: WhatsApp cannot be reached (${detail}). Check this machine's internet connection, then run auth again.`,
+      };
     case 'qr-expired':
-      return { retry: false, message: 'The code expired before it was used. Run auth again and scan (or type) the new one within a minute.' };
+      return {
+        retry: false,
+        message: 'The code expired before it was used. Run auth again and scan (or type) the new one within a minute.',
+      };
     case 'version-refused':
-      return { retry: false, message: 'WhatsApp refused this client version (405). Run auth again (it looks the current version up); if it keeps failing, update NanoClaw (bun update @whiskeysockets/baileys).' };
+      return {
+        retry: false,
+        message:
+          'WhatsApp refused this client version (405). Run auth again (it looks the current version up); if it keeps failing, update NanoClaw (bun update @whiskeysockets/baileys).',
+      };
     case 'logged-out':
-      return { retry: false, message: 'WhatsApp refused the link (401). On your phone, remove this device under Linked devices if it is listed, then run auth again.' };
+      return {
+        retry: false,
+        message:
+          'WhatsApp refused the link (401). On your phone, remove this device under Linked devices if it is listed, then run auth again.',
+      };
     default:
-      return { retry: false, message: `WhatsApp closed the connection (${status ?? 'no status'}: ${detail}). Run auth again.` };
+      return {
+        retry: false,
+        message: `WhatsApp closed the connection (${status ?? 'no status'}: ${detail}). Run auth again.`,
+      };
   }
 }
 
 /** `auth`: links this machine to WhatsApp (QR code, or a pairing code for headless machines). */
 export async function authCommand(config: Config, args: string[]): Promise<number> {
-  const { values, positionals } = commandArgs('auth', args, { 'pairing-code': { type: 'string' }, check: { type: 'boolean' } });
+  const { values, positionals } = commandArgs('auth', args, {
+    'pairing-code': { type: 'string' },
+    check: { type: 'boolean' },
+  });
   if (positionals.length) throw new UsageError(`Unexpected argument "${positionals[0]}".`, 'auth');
   const authDir = whatsAppAuthDir(config);
   const state = WhatsAppChannel.linkState(authDir);
   if (values.check) {
     if (values['pairing-code'] !== undefined) throw new UsageError('--check takes no other option.', 'auth');
-    console.log({ linked: 'linked: store/auth/ holds a linked WhatsApp device', pending: 'not linked: a pairing was started but never finished (run auth)', none: 'not linked (run auth to link WhatsApp)' }[state]);
+    console.log(
+      {
+        linked: 'linked: store/auth/ holds a linked WhatsApp device',
+        pending: 'not linked: a pairing was started but never finished (run auth)',
+        none: 'not linked (run auth to link WhatsApp)',
+      }[state],
+    );
     return { linked: 0, none: 3, pending: 4 }[state];
   }
   if (state === 'linked') {
-    console.log('WhatsApp is already linked (store/auth/). To link another number, stop NanoClaw, remove store/auth/ and run auth again.');
+    console.log(
+      'WhatsApp is already linked (store/auth/). To link another number, stop NanoClaw, remove store/auth/ and run auth again.',
+    );
     return 0;
   }
   const rawPhone = values['pairing-code'] as string | undefined;
   const phone = rawPhone?.replace(/[\s+()-]/g, '');
   if (rawPhone !== undefined && !/^\d{8,15}$/.test(phone ?? '')) {
-    throw new UsageError('--pairing-code takes your phone number with its country code, digits only, e.g. --pairing-code 4915123456789', 'auth');
+    throw new UsageError(
+      '--pairing-code takes your phone number with its country code, digits only, e.g. --pairing-code 4915123456789',
+      'auth',
+    );
   }
   if (state === 'pending') {
     // Credentials of a pairing that never finished would make WhatsApp treat us as a device it does not know.
@@ -5592,7 +6622,10 @@ export async function authCommand(config: Config, args: string[]): Promise<numbe
       const { state: auth, saveCreds } = await baileys().useMultiFileAuthState(authDir);
       const version = versions.version;
       const sock = baileys().default({
-        auth, logger: pino()({ level: 'silent' }) as unknown as ILogger, markOnlineOnConnect: false, syncFullHistory: false,
+        auth,
+        logger: pino()({ level: 'silent' }) as unknown as ILogger,
+        markOnlineOnConnect: false,
+        syncFullHistory: false,
         ...(version ? { version } : {}),
         ...(config.whatsappServerUrl ? { waWebSocketUrl: config.whatsappServerUrl } : {}),
       });
@@ -5600,17 +6633,23 @@ export async function authCommand(config: Config, args: string[]): Promise<numbe
       sock.ev.on('creds.update', saveCreds);
       sock.ev.on('connection.update', async (update) => {
         if (update.qr && !phone) {
-          generate(update.qr, { small: true }, (qr) => console.log(`\nOn your phone: WhatsApp → Settings → Linked devices → Link a device, then scan:\n\n${qr}`));
+          generate(update.qr, { small: true }, (qr) =>
+            console.log(`\nOn your phone: WhatsApp → Settings → Linked devices → Link a device, then scan:\n\n${qr}`),
+          );
         }
         if (update.qr && phone && !codeRequested) {
           codeRequested = true;
           const code = await sock.requestPairingCode(phone);
-          console.log(`\nPairing code: ${code}\nOn your phone: WhatsApp → Settings → Linked devices → Link a device → "Link with phone number instead", then type the code.`);
+          console.log(
+            `\nPairing code: ${code}\nOn your phone: WhatsApp → Settings → Linked devices → Link a device → "Link with phone number instead", then type the code.`,
+          );
         }
         if (update.connection === 'open') {
           const me = baileys().jidNormalizedUser(sock.user!.id);
           const main = makeSelfChatMain(config, store, me);
-          console.log(`Linked as ${me.split('@')[0]}. Your own chat ("Message yourself") is the main group (groups/${main.folder}).\nStart the assistant: bun nanoclaw.ts`);
+          console.log(
+            `Linked as ${me.split('@')[0]}. Your own chat ("Message yourself") is the main group (groups/${main.folder}).\nStart the assistant: bun nanoclaw.ts`,
+          );
           for (const event of WHATSAPP_EVENTS) sock.ev.removeAllListeners(event);
           await sock.end(undefined);
           resolveAuth(0);
@@ -5637,28 +6676,51 @@ export async function authCommand(config: Config, args: string[]): Promise<numbe
 
 function groupsCommand(config: Config, args: string[]): number {
   const { values, positionals } = commandArgs('groups', args, {
-    name: { type: 'string' }, trigger: { type: 'string' }, 'no-trigger': { type: 'boolean' }, main: { type: 'boolean' }, network: { type: 'string' },
+    name: { type: 'string' },
+    trigger: { type: 'string' },
+    'no-trigger': { type: 'boolean' },
+    main: { type: 'boolean' },
+    network: { type: 'string' },
   });
   const [action = 'list', ...rest] = positionals;
-  const registerOnly = ['name', 'trigger', 'no-trigger', 'main', 'network'].filter((option) => values[option] !== undefined);
-  if (action !== 'register' && registerOnly.length) throw new UsageError(`--${registerOnly[0]} belongs to groups register.`, 'groups');
+  const registerOnly = ['name', 'trigger', 'no-trigger', 'main', 'network'].filter(
+    (option) => values[option] !== undefined,
+  );
+  if (action !== 'register' && registerOnly.length)
+    throw new UsageError(`--${registerOnly[0]} belongs to groups register.`, 'groups');
   if (action === 'register') {
     const [jid, folder] = rest;
-    if (!jid || !folder || rest.length > 2) throw new UsageError('groups register needs a chat id and a folder name.', 'groups');
-    if (!isValidJid(jid)) throw new UsageError(`"${jid}" is not a WhatsApp chat id: a group is <digits>@g.us, a person <phone digits>@s.whatsapp.net (see the log or \`groups list\`).`, 'groups');
+    if (!jid || !folder || rest.length > 2)
+      throw new UsageError('groups register needs a chat id and a folder name.', 'groups');
+    if (!isValidJid(jid))
+      throw new UsageError(
+        `"${jid}" is not a WhatsApp chat id: a group is <digits>@g.us, a person <phone digits>@s.whatsapp.net (see the log or \`groups list\`).`,
+        'groups',
+      );
     const trigger = values.trigger as string | undefined;
-    if (trigger !== undefined && !isValidTrigger(trigger)) throw new UsageError(`--trigger ${trigger}: a trigger is @ and a word, e.g. --trigger @${config.assistantName}.`, 'groups');
+    if (trigger !== undefined && !isValidTrigger(trigger))
+      throw new UsageError(
+        `--trigger ${trigger}: a trigger is @ and a word, e.g. --trigger @${config.assistantName}.`,
+        'groups',
+      );
     const network = values.network as string | undefined;
-    if (network !== undefined && !isValidNetwork(network)) throw new UsageError(`--network ${network}: use bridge, none or the name of a Docker network (never host).`, 'groups');
+    if (network !== undefined && !isValidNetwork(network))
+      throw new UsageError(
+        `--network ${network}: use bridge, none or the name of a Docker network (never host).`,
+        'groups',
+      );
   }
   const store = new Store(config.dbPath);
   try {
     if (action === 'list') {
       if (rest.length) throw new UsageError(`groups list takes no arguments.`, 'groups');
       const groups = store.listGroups();
-      if (groups.length === 0) console.log('No groups registered. `bun nanoclaw.ts chat` registers the main group for the terminal.');
+      if (groups.length === 0)
+        console.log('No groups registered. `bun nanoclaw.ts chat` registers the main group for the terminal.');
       for (const g of groups) {
-        console.log(`${g.folder.padEnd(16)} ${g.jid.padEnd(32)} ${g.isMain ? 'main' : g.requiresTrigger ? `trigger ${g.trigger}` : 'no trigger'}  ${g.name}`);
+        console.log(
+          `${g.folder.padEnd(16)} ${g.jid.padEnd(32)} ${g.isMain ? 'main' : g.requiresTrigger ? `trigger ${g.trigger}` : 'no trigger'}  ${g.name}`,
+        );
       }
       return 0;
     }
@@ -5666,18 +6728,25 @@ function groupsCommand(config: Config, args: string[]): number {
       const [jid, folder] = rest as [string, string];
       const network = values.network as string | undefined;
       const group = addGroup(config, store, {
-        jid, folder, name: (values.name as string | undefined) ?? folder, trigger: values.trigger as string | undefined, isMain: values.main === true,
+        jid,
+        folder,
+        name: (values.name as string | undefined) ?? folder,
+        trigger: values.trigger as string | undefined,
+        isMain: values.main === true,
         requiresTrigger: values['no-trigger'] ? false : undefined,
         containerConfig: network ? { network } : undefined,
       });
-      console.log(`Registered ${group.jid} as groups/${group.folder}${group.isMain ? ' (main)' : ''}${group.requiresTrigger && !group.isMain ? `; it answers messages that start with ${group.trigger}` : ''}.`);
+      console.log(
+        `Registered ${group.jid} as groups/${group.folder}${group.isMain ? ' (main)' : ''}${group.requiresTrigger && !group.isMain ? `; it answers messages that start with ${group.trigger}` : ''}.`,
+      );
       return 0;
     }
     if (action === 'remove') {
       const [key] = rest;
       if (!key || rest.length > 1) throw new UsageError('groups remove needs one chat id or folder.', 'groups');
       const group = store.groupByJid(key) ?? store.groupByFolder(key);
-      if (!group) throw new UsageError(`No registered group with chat id or folder "${key}" (see: bun nanoclaw.ts groups list).`);
+      if (!group)
+        throw new UsageError(`No registered group with chat id or folder "${key}" (see: bun nanoclaw.ts groups list).`);
       store.removeGroup(group.jid);
       console.log(`Removed ${group.jid}. Its folder groups/${group.folder} was kept.`);
       return 0;
@@ -5718,14 +6787,19 @@ function describeSchedule(task: ScheduledTask): string {
 async function runTaskNow(config: Config, task: ScheduledTask): Promise<number> {
   const servicePid = runningHostPid(config);
   if (servicePid) {
-    if (task.status !== 'active') throw new UsageError(`Task ${task.id} is ${task.status}; the running NanoClaw (pid ${servicePid}) runs active tasks only. Resume it first: bun nanoclaw.ts tasks resume ${task.id}`);
+    if (task.status !== 'active')
+      throw new UsageError(
+        `Task ${task.id} is ${task.status}; the running NanoClaw (pid ${servicePid}) runs active tasks only. Resume it first: bun nanoclaw.ts tasks resume ${task.id}`,
+      );
     const store = new Store(config.dbPath);
     try {
       store.updateTask(task.id, { nextRun: new Date().toISOString() });
     } finally {
       store.close();
     }
-    console.log(`NanoClaw is running (pid ${servicePid}): it runs ${task.id} within a second or two, and sends what it says to ${task.chatJid}.`);
+    console.log(
+      `NanoClaw is running (pid ${servicePid}): it runs ${task.id} within a second or two, and sends what it says to ${task.chatJid}.`,
+    );
     return 0;
   }
   const { host, store, release } = await startHost(config, (s) => [new PrintingChannel(), whatsAppChannel(config, s)]);
@@ -5755,9 +6829,24 @@ async function runTaskNow(config: Config, task: ScheduledTask): Promise<number> 
  * sees the change within a second (its scheduler re-reads the tasks).
  */
 function applyTaskCommand(config: Config, store: Store, task: ScheduledTask, request: IpcRequest): void {
-  const source = store.groupByFolder(task.groupFolder) ?? { jid: task.chatJid, name: task.groupFolder, folder: task.groupFolder, trigger: '', requiresTrigger: true, isMain: false, addedAt: '' };
+  const source = store.groupByFolder(task.groupFolder) ?? {
+    jid: task.chatJid,
+    name: task.groupFolder,
+    folder: task.groupFolder,
+    trigger: '',
+    requiresTrigger: true,
+    isMain: false,
+    addedAt: '',
+  };
   const afterwards: (() => void)[] = [];
-  const effects: IpcEffects = { say: () => {}, afterwards: (e) => afterwards.push(e), awaitAnswer: () => {}, sendSoon: () => {}, syncGroups: async () => {}, tasksChanged: () => {} };
+  const effects: IpcEffects = {
+    say: () => {},
+    afterwards: (e) => afterwards.push(e),
+    awaitAnswer: () => {},
+    sendSoon: () => {},
+    syncGroups: async () => {},
+    tasksChanged: () => {},
+  };
   try {
     store.transaction(() => applyIpcRequest(request, { config, store, source, effects }));
   } catch (err) {
@@ -5771,10 +6860,13 @@ async function tasksCommand(config: Config, args: string[]): Promise<number> {
   const { values, positionals } = commandArgs('tasks', args, { json: { type: 'boolean' } });
   const [action = 'list', ...rest] = positionals;
   const when = (iso: string | null) => (iso ? `${formatLocalTime(iso, config.timezone)} ${config.timezone}` : '—');
-  if (!['list', 'show', 'run', 'pause', 'resume', 'cancel'].includes(action)) throw new UsageError(`Unknown tasks command "${action}".`, 'tasks');
-  if (values.json && !['list', 'show'].includes(action)) throw new UsageError(`--json belongs to tasks list and tasks show.`, 'tasks');
+  if (!['list', 'show', 'run', 'pause', 'resume', 'cancel'].includes(action))
+    throw new UsageError(`Unknown tasks command "${action}".`, 'tasks');
+  if (values.json && !['list', 'show'].includes(action))
+    throw new UsageError(`--json belongs to tasks list and tasks show.`, 'tasks');
   if (action === 'list' && rest.length) throw new UsageError('tasks list takes no arguments.', 'tasks');
-  if (action !== 'list' && (rest.length !== 1 || !rest[0])) throw new UsageError(`tasks ${action} needs one task id (see: bun nanoclaw.ts tasks list).`, 'tasks');
+  if (action !== 'list' && (rest.length !== 1 || !rest[0]))
+    throw new UsageError(`tasks ${action} needs one task id (see: bun nanoclaw.ts tasks list).`, 'tasks');
   const store = new Store(config.dbPath);
   let task: ScheduledTask | null = null;
   try {
@@ -5784,9 +6876,12 @@ async function tasksCommand(config: Config, args: string[]): Promise<number> {
         console.log(JSON.stringify(tasks, null, 2));
         return 0;
       }
-      if (tasks.length === 0) console.log('No scheduled tasks. Ask your assistant: "remind me every weekday at 9 to …"');
+      if (tasks.length === 0)
+        console.log('No scheduled tasks. Ask your assistant: "remind me every weekday at 9 to …"');
       for (const t of tasks) {
-        console.log(`${t.id}  ${t.groupFolder.padEnd(12)} ${t.status.padEnd(9)} next ${when(t.nextRun).padEnd(34)} ${describeSchedule(t).padEnd(22)} ${t.prompt.slice(0, 50)}`);
+        console.log(
+          `${t.id}  ${t.groupFolder.padEnd(12)} ${t.status.padEnd(9)} next ${when(t.nextRun).padEnd(34)} ${describeSchedule(t).padEnd(22)} ${t.prompt.slice(0, 50)}`,
+        );
       }
       return 0;
     }
@@ -5799,11 +6894,18 @@ async function tasksCommand(config: Config, args: string[]): Promise<number> {
           console.log(JSON.stringify({ ...task, runs: store.taskRuns(id) }, null, 2));
           return 0;
         }
-        console.log(`Task ${task.id} (${task.status})\n  group:    ${task.groupFolder} (${task.chatJid})\n  schedule: ${describeSchedule(task)}, context ${task.contextMode}`);
-        console.log(`  next run: ${when(task.nextRun)}\n  last run: ${when(task.lastRun)}\n  prompt:   ${task.prompt}\n  last:     ${task.lastResult ?? '—'}`);
+        console.log(
+          `Task ${task.id} (${task.status})\n  group:    ${task.groupFolder} (${task.chatJid})\n  schedule: ${describeSchedule(task)}, context ${task.contextMode}`,
+        );
+        console.log(
+          `  next run: ${when(task.nextRun)}\n  last run: ${when(task.lastRun)}\n  prompt:   ${task.prompt}\n  last:     ${task.lastResult ?? '—'}`,
+        );
         const runs = store.taskRuns(id);
         if (runs.length) console.log('  recent runs:');
-        for (const r of runs) console.log(`    ${when(r.runAt)}  ${r.status.padEnd(7)} ${r.durationMs} ms  ${(r.error ?? r.result ?? '').slice(0, 60)}`);
+        for (const r of runs)
+          console.log(
+            `    ${when(r.runAt)}  ${r.status.padEnd(7)} ${r.durationMs} ms  ${(r.error ?? r.result ?? '').slice(0, 60)}`,
+          );
         return 0;
       }
       case 'pause':
@@ -5828,21 +6930,34 @@ async function tasksCommand(config: Config, args: string[]): Promise<number> {
 function mountsCommand(config: Config, args: string[]): number {
   const { values, positionals } = commandArgs('mounts', args, { 'docker-args': { type: 'boolean' } });
   const [folder] = positionals;
-  if (!folder || positionals.length > 1) throw new UsageError('mounts needs one group folder (see: bun nanoclaw.ts groups list).', 'mounts');
+  if (!folder || positionals.length > 1)
+    throw new UsageError('mounts needs one group folder (see: bun nanoclaw.ts groups list).', 'mounts');
   const store = new Store(config.dbPath);
   try {
     const group = store.groupByFolder(folder);
-    if (!group) throw new UsageError(`No registered group uses the folder "${folder}" (see: bun nanoclaw.ts groups list).`, 'mounts');
-    const allowlist = group.containerConfig?.additionalMounts?.length ? loadMountAllowlist(config.mountAllowlistPath) : null;
+    if (!group)
+      throw new UsageError(
+        `No registered group uses the folder "${folder}" (see: bun nanoclaw.ts groups list).`,
+        'mounts',
+      );
+    const allowlist = group.containerConfig?.additionalMounts?.length
+      ? loadMountAllowlist(config.mountAllowlistPath)
+      : null;
     const extra = validateExtraMounts(group.containerConfig?.additionalMounts, allowlist, group.isMain);
     // Exactly what a run mounts (the run's own paths shown as <run>); nothing is created or changed.
     const proxySocket = config.modelProxy === 'unix' ? join(config.dataDir, 'proxy', '<run>.sock') : null;
-    const mounts = [...groupMounts(config, group, extra.mounts), ...runMounts(join(inboxRoot(config), '<run>'), proxySocket)];
+    const mounts = [
+      ...groupMounts(config, group, extra.mounts),
+      ...runMounts(join(inboxRoot(config), '<run>'), proxySocket),
+    ];
     if (values['docker-args']) {
       for (const m of mounts) console.log(`-v\n${formatMount(m, 'docker')}`);
       return 0;
     }
-    for (const m of mounts) console.log(`${formatMount(m, 'human')}${m.containerPath === MODEL_SOCKET_IN_CONTAINER ? ' — the model proxy, one socket per run' : ''}`);
+    for (const m of mounts)
+      console.log(
+        `${formatMount(m, 'human')}${m.containerPath === MODEL_SOCKET_IN_CONTAINER ? ' — the model proxy, one socket per run' : ''}`,
+      );
     if (!proxySocket) console.log('model proxy: host.docker.internal:<port> (tcp mode)');
     console.log(`network: ${groupNetwork(config, group)}`);
     for (const r of extra.rejected) console.log(`refused: ${r.hostPath} (${r.reason})`);
@@ -5867,12 +6982,21 @@ function logsCommand(config: Config, args: string[]): number {
     if (!isValidFolder(values.group)) throw new UsageError(`"${values.group}" is not a group folder name.`, 'logs');
     const { group: tree } = groupTrees(config, values.group);
     const dir = relative(config.projectRoot, tree.path('logs'));
-    const runs = tree.entries('logs').filter((e) => e.kind === 'file' && /^container-.*\.log$/.test(e.name)).map((e) => e.name).sort();
+    const runs = tree
+      .entries('logs')
+      .filter((e) => e.kind === 'file' && /^container-.*\.log$/.test(e.name))
+      .map((e) => e.name)
+      .sort();
     if (runs.length === 0) {
       console.log(`No container runs logged for "${values.group}" yet (${dir}/).`);
       return 0;
     }
-    console.log(`Recent runs of ${values.group}:\n${runs.slice(-5).map((f) => `  ${dir}/${f}`).join('\n')}\n`);
+    console.log(
+      `Recent runs of ${values.group}:\n${runs
+        .slice(-5)
+        .map((f) => `  ${dir}/${f}`)
+        .join('\n')}\n`,
+    );
     const lines = tree.tail(`logs/${runs.at(-1)!}`, 256 * 1024).split('\n');
     if (lines.at(-1) === '') lines.pop();
     console.log(lines.slice(-count).join('\n'));
@@ -5893,7 +7017,12 @@ function logsCommand(config: Config, args: string[]): number {
 export type ServicePlatform = 'linux' | 'macos';
 
 /** The systemd user unit or launchd agent that runs the service with its output in logs/. */
-export function serviceDefinition(config: Config, platform: ServicePlatform, bunPath: string, pathEnv: string): { file: string; content: string; install: string[][]; uninstall: string[][]; status: string[] } {
+export function serviceDefinition(
+  config: Config,
+  platform: ServicePlatform,
+  bunPath: string,
+  pathEnv: string,
+): { file: string; content: string; install: string[][]; uninstall: string[][]; status: string[] } {
   const entry = join(config.projectRoot, 'nanoclaw.ts');
   const out = join(config.logsDir, 'nanoclaw.log');
   const err = join(config.logsDir, 'nanoclaw.error.log');
@@ -5902,14 +7031,33 @@ export function serviceDefinition(config: Config, platform: ServicePlatform, bun
     return {
       file,
       content: [
-        '[Unit]', 'Description=NanoClaw personal assistant', 'After=network-online.target', '',
-        '[Service]', 'Type=simple', `WorkingDirectory=${config.projectRoot}`, `ExecStart=${bunPath} ${entry}`,
-        `Environment=PATH=${pathEnv}`, 'Restart=on-failure', 'RestartSec=10', 'RestartPreventExitStatus=2',
-        `StandardOutput=append:${out}`, `StandardError=append:${err}`, '',
-        '[Install]', 'WantedBy=default.target', '',
+        '[Unit]',
+        'Description=NanoClaw personal assistant',
+        'After=network-online.target',
+        '',
+        '[Service]',
+        'Type=simple',
+        `WorkingDirectory=${config.projectRoot}`,
+        `ExecStart=${bunPath} ${entry}`,
+        `Environment=PATH=${pathEnv}`,
+        'Restart=on-failure',
+        'RestartSec=10',
+        'RestartPreventExitStatus=2',
+        `StandardOutput=append:${out}`,
+        `StandardError=append:${err}`,
+        '',
+        '[Install]',
+        'WantedBy=default.target',
+        '',
       ].join('\n'),
-      install: [['systemctl', '--user', 'daemon-reload'], ['systemctl', '--user', 'enable', '--now', 'nanoclaw']],
-      uninstall: [['systemctl', '--user', 'disable', '--now', 'nanoclaw'], ['systemctl', '--user', 'daemon-reload']],
+      install: [
+        ['systemctl', '--user', 'daemon-reload'],
+        ['systemctl', '--user', 'enable', '--now', 'nanoclaw'],
+      ],
+      uninstall: [
+        ['systemctl', '--user', 'disable', '--now', 'nanoclaw'],
+        ['systemctl', '--user', 'daemon-reload'],
+      ],
       status: ['systemctl', '--user', 'status', 'nanoclaw', '--no-pager'],
     };
   }
@@ -5941,14 +7089,26 @@ export function serviceDefinition(config: Config, platform: ServicePlatform, bun
 }
 
 function serviceCommand(config: Config, args: string[]): number {
-  const { values, positionals } = commandArgs('service', args, { 'dry-run': { type: 'boolean' }, platform: { type: 'string' } });
+  const { values, positionals } = commandArgs('service', args, {
+    'dry-run': { type: 'boolean' },
+    platform: { type: 'string' },
+  });
   const [action] = positionals;
   const platform = (values.platform ?? (process.platform === 'darwin' ? 'macos' : 'linux')) as ServicePlatform;
-  if (!['linux', 'macos'].includes(platform)) throw new UsageError(`--platform ${values.platform}: use linux or macos.`, 'service');
-  if (!action || positionals.length > 1) throw new UsageError('service needs one of install, uninstall, status.', 'service');
-  if (!['install', 'uninstall', 'status'].includes(action)) throw new UsageError(`Unknown service command "${action}".`, 'service');
-  const service = serviceDefinition(config, platform, process.execPath, process.env.PATH ?? '/usr/local/bin:/usr/bin:/bin');
-  const commands = action === 'install' ? service.install : action === 'uninstall' ? service.uninstall : [service.status];
+  if (!['linux', 'macos'].includes(platform))
+    throw new UsageError(`--platform ${values.platform}: use linux or macos.`, 'service');
+  if (!action || positionals.length > 1)
+    throw new UsageError('service needs one of install, uninstall, status.', 'service');
+  if (!['install', 'uninstall', 'status'].includes(action))
+    throw new UsageError(`Unknown service command "${action}".`, 'service');
+  const service = serviceDefinition(
+    config,
+    platform,
+    process.execPath,
+    process.env.PATH ?? '/usr/local/bin:/usr/bin:/bin',
+  );
+  const commands =
+    action === 'install' ? service.install : action === 'uninstall' ? service.uninstall : [service.status];
   if (values['dry-run']) {
     if (action === 'install') console.log(`# ${service.file}\n${service.content}`);
     if (action === 'uninstall') console.log(`# would remove ${service.file}`);
@@ -5970,15 +7130,22 @@ function serviceCommand(config: Config, args: string[]): number {
       continue;
     }
     if (action === 'install') {
-      console.error(`${service.file} is written, but \`${command.join(' ')}\` failed: ${why}. ${platform === 'linux' ? 'Is systemd running for your user (loginctl enable-linger $USER)?' : ''}`.trim());
+      console.error(
+        `${service.file} is written, but \`${command.join(' ')}\` failed: ${why}. ${platform === 'linux' ? 'Is systemd running for your user (loginctl enable-linger $USER)?' : ''}`.trim(),
+      );
       return 1;
     }
     if (action === 'status') {
-      const unreachable = /Failed to connect to bus|not been booted with systemd|No such file or directory|not found/i.test(result.output);
+      const unreachable =
+        /Failed to connect to bus|not been booted with systemd|No such file or directory|not found/i.test(
+          result.output,
+        );
       if (!unreachable && result.output) console.log(result.output);
-      console.log(unreachable
-        ? `${manager} cannot be reached (${why}); the unit file is ${existsSync(service.file) ? `installed at ${service.file}` : 'not installed'}.`
-        : `NanoClaw is not running as a service${existsSync(service.file) ? '' : ' (not installed: bun nanoclaw.ts service install)'}.`);
+      console.log(
+        unreachable
+          ? `${manager} cannot be reached (${why}); the unit file is ${existsSync(service.file) ? `installed at ${service.file}` : 'not installed'}.`
+          : `NanoClaw is not running as a service${existsSync(service.file) ? '' : ' (not installed: bun nanoclaw.ts service install)'}.`,
+      );
       return 3;
     }
     // uninstall: the file goes anyway; say why nothing could be stopped.
@@ -5999,10 +7166,13 @@ function serviceCommand(config: Config, args: string[]): number {
 function sessionsCommand(config: Config, args: string[]): number {
   const { positionals } = commandArgs('sessions', args);
   const [action = 'list', folder, ...extra] = positionals;
-  if (action !== 'list' && action !== 'clear') throw new UsageError(`Unknown sessions command "${action}".`, 'sessions');
+  if (action !== 'list' && action !== 'clear')
+    throw new UsageError(`Unknown sessions command "${action}".`, 'sessions');
   if (action === 'list' && folder) throw new UsageError('sessions list takes no arguments.', 'sessions');
-  if (action === 'clear' && (!folder || extra.length)) throw new UsageError('sessions clear needs one group folder.', 'sessions');
-  if (action === 'clear' && !isValidFolder(folder!)) throw new UsageError(`"${folder}" is not a group folder name.`, 'sessions');
+  if (action === 'clear' && (!folder || extra.length))
+    throw new UsageError('sessions clear needs one group folder.', 'sessions');
+  if (action === 'clear' && !isValidFolder(folder!))
+    throw new UsageError(`"${folder}" is not a group folder name.`, 'sessions');
   const store = new Store(config.dbPath);
   try {
     if (action === 'list') {
@@ -6013,7 +7183,11 @@ function sessionsCommand(config: Config, args: string[]): number {
     }
     const hadFiles = groupTrees(config, folder!).kimi.remove('sessions');
     const hadRow = store.deleteSession(folder!);
-    console.log(hadFiles || hadRow ? `Cleared the session of "${folder}": the next message starts a new one.` : `"${folder}" had no session.`);
+    console.log(
+      hadFiles || hadRow
+        ? `Cleared the session of "${folder}": the next message starts a new one.`
+        : `"${folder}" had no session.`,
+    );
     return 0;
   } finally {
     store.close();
@@ -6030,21 +7204,42 @@ export interface ModelCheck {
  * through a model proxy run, so the key, the endpoint and the proxy are all checked.
  */
 export async function checkModel(config: Config, timeoutMs = 15_000): Promise<ModelCheck> {
-  const proxy = new ModelProxy({ mode: 'unix', dir: join(config.dataDir, 'proxy'), upstream: config.kimi.baseUrl, apiKey: () => readSecrets(config).KIMI_API_KEY, record: () => {} });
+  const proxy = new ModelProxy({
+    mode: 'unix',
+    dir: join(config.dataDir, 'proxy'),
+    upstream: config.kimi.baseUrl,
+    apiKey: () => readSecrets(config).KIMI_API_KEY,
+    record: () => {},
+  });
   const run = proxy.open('check', `check-${process.pid}-${Date.now()}`);
   try {
-    const response = await fetch('http://proxy/models', { unix: run.socketPath, headers: { authorization: `Bearer ${run.token}` }, signal: AbortSignal.timeout(timeoutMs) } as RequestInit);
+    const response = await fetch('http://proxy/models', {
+      unix: run.socketPath,
+      headers: { authorization: `Bearer ${run.token}` },
+      signal: AbortSignal.timeout(timeoutMs),
+    } as RequestInit);
     const body = await response.text();
     if (response.ok) {
       const ids = ((JSON.parse(body) as { data?: { id?: string }[] }).data ?? []).map((m) => m.id).filter(Boolean);
       const listed = ids.includes(config.kimi.modelName);
-      return { status: 'ok', detail: `${config.kimi.baseUrl} accepts the key; ${config.kimi.modelName} ${listed ? 'is listed' : `is not among its models (${ids.slice(0, 6).join(', ')})`}` };
+      return {
+        status: 'ok',
+        detail: `${config.kimi.baseUrl} accepts the key; ${config.kimi.modelName} ${listed ? 'is listed' : `is not among its models (${ids.slice(0, 6).join(', ')})`}`,
+      };
     }
-    if (response.status === 401 || response.status === 403) return { status: 'refused', detail: keyRefusedNotice(config, `Error code: ${response.status} - ${body}`) };
-    if (response.status === 502) return { status: 'offline', detail: `no network to ${config.kimi.baseUrl} (${JSON.parse(body).error?.message ?? body})` };
+    if (response.status === 401 || response.status === 403)
+      return { status: 'refused', detail: keyRefusedNotice(config, `Error code: ${response.status} - ${body}`) };
+    if (response.status === 502)
+      return {
+        status: 'offline',
+        detail: `no network to ${config.kimi.baseUrl} (${JSON.parse(body).error?.message ?? body})`,
+      };
     return { status: 'error', detail: `${config.kimi.baseUrl} answered ${response.status}: ${body.slice(0, 200)}` };
   } catch (err) {
-    return { status: 'offline', detail: `no answer from ${config.kimi.baseUrl} within ${timeoutMs / 1000} s (${errorText(err)})` };
+    return {
+      status: 'offline',
+      detail: `no answer from ${config.kimi.baseUrl} within ${timeoutMs / 1000} s (${errorText(err)})`,
+    };
   } finally {
     run.close();
     proxy.stop();
@@ -6053,21 +7248,43 @@ export async function checkModel(config: Config, timeoutMs = 15_000): Promise<Mo
 
 async function modelCommand(config: Config, args: string[]): Promise<number> {
   const { values, positionals } = commandArgs('model', args, { json: { type: 'boolean' } });
-  if (positionals.join(' ') !== 'check') throw new UsageError(positionals.length ? `Unknown model command "${positionals.join(' ')}".` : 'model needs a command: check.', 'model');
+  if (positionals.join(' ') !== 'check')
+    throw new UsageError(
+      positionals.length ? `Unknown model command "${positionals.join(' ')}".` : 'model needs a command: check.',
+      'model',
+    );
   const check = await checkModel(config);
-  if (values.json) console.log(JSON.stringify({ ...check, platform: config.kimi.platform, baseUrl: config.kimi.baseUrl, model: config.kimi.modelName }));
-  else console.log(`${check.status === 'ok' ? 'OK' : check.status === 'offline' ? 'NOT CHECKED' : 'FAIL'}: ${check.detail}`);
+  if (values.json)
+    console.log(
+      JSON.stringify({
+        ...check,
+        platform: config.kimi.platform,
+        baseUrl: config.kimi.baseUrl,
+        model: config.kimi.modelName,
+      }),
+    );
+  else
+    console.log(
+      `${check.status === 'ok' ? 'OK' : check.status === 'offline' ? 'NOT CHECKED' : 'FAIL'}: ${check.detail}`,
+    );
   return { ok: 0, refused: 1, error: 1, offline: 3 }[check.status];
 }
 
 function usageCommand(config: Config, args: string[]): number {
-  const { values, positionals } = commandArgs('usage', args, { days: { type: 'string' }, group: { type: 'string' }, json: { type: 'boolean' } });
+  const { values, positionals } = commandArgs('usage', args, {
+    days: { type: 'string' },
+    group: { type: 'string' },
+    json: { type: 'boolean' },
+  });
   if (positionals.length) throw new UsageError(`Unexpected argument "${positionals[0]}".`, 'usage');
   const days = positiveOption('usage', 'days', values.days, 30);
   const groupFilter = values.group as string | undefined;
   const store = new Store(config.dbPath);
   try {
-    const since = formatLocalTime(new Date(Date.now() - (days - 1) * 86_400_000).toISOString(), config.timezone).slice(0, 10);
+    const since = formatLocalTime(new Date(Date.now() - (days - 1) * 86_400_000).toISOString(), config.timezone).slice(
+      0,
+      10,
+    );
     const rows = store.modelUsage(since, groupFilter);
     if (values.json) {
       console.log(JSON.stringify(rows, null, 2));
@@ -6077,12 +7294,25 @@ function usageCommand(config: Config, args: string[]): number {
       console.log(`No model requests in the last ${days} days${groupFilter ? ` for "${groupFilter}"` : ''}.`);
       return 0;
     }
-    console.log(`${'day'.padEnd(11)} ${'group'.padEnd(16)} ${'requests'.padStart(8)} ${'failed'.padStart(6)} ${'prompt tokens'.padStart(14)} ${'output tokens'.padStart(14)}`);
+    console.log(
+      `${'day'.padEnd(11)} ${'group'.padEnd(16)} ${'requests'.padStart(8)} ${'failed'.padStart(6)} ${'prompt tokens'.padStart(14)} ${'output tokens'.padStart(14)}`,
+    );
     for (const r of rows) {
-      console.log(`${r.day.padEnd(11)} ${r.groupFolder.padEnd(16)} ${String(r.requests).padStart(8)} ${String(r.failed).padStart(6)} ${String(r.promptTokens).padStart(14)} ${String(r.completionTokens).padStart(14)}`);
+      console.log(
+        `${r.day.padEnd(11)} ${r.groupFolder.padEnd(16)} ${String(r.requests).padStart(8)} ${String(r.failed).padStart(6)} ${String(r.promptTokens).padStart(14)} ${String(r.completionTokens).padStart(14)}`,
+      );
     }
-    const total = rows.reduce((sum, r) => ({ requests: sum.requests + r.requests, prompt: sum.prompt + r.promptTokens, output: sum.output + r.completionTokens }), { requests: 0, prompt: 0, output: 0 });
-    console.log(`${'total'.padEnd(28)} ${String(total.requests).padStart(8)} ${''.padStart(6)} ${String(total.prompt).padStart(14)} ${String(total.output).padStart(14)}`);
+    const total = rows.reduce(
+      (sum, r) => ({
+        requests: sum.requests + r.requests,
+        prompt: sum.prompt + r.promptTokens,
+        output: sum.output + r.completionTokens,
+      }),
+      { requests: 0, prompt: 0, output: 0 },
+    );
+    console.log(
+      `${'total'.padEnd(28)} ${String(total.requests).padStart(8)} ${''.padStart(6)} ${String(total.prompt).padStart(14)} ${String(total.output).padStart(14)}`,
+    );
     return 0;
   } finally {
     store.close();
@@ -6090,8 +7320,16 @@ function usageCommand(config: Config, args: string[]): number {
 }
 
 /** Where a setting's value comes from, as loadConfig reads it: the environment wins over .env. */
-function settingSource(config: Config, key: string, env: Record<string, string | undefined> = process.env): 'environment' | '.env' | 'default' {
-  if (env[key]?.trim() || (SECRET_KEYS as readonly string[]).includes(key) && secretsFromEnvironment[key as SecretKey]) return 'environment';
+function settingSource(
+  config: Config,
+  key: string,
+  env: Record<string, string | undefined> = process.env,
+): 'environment' | '.env' | 'default' {
+  if (
+    env[key]?.trim() ||
+    ((SECRET_KEYS as readonly string[]).includes(key) && secretsFromEnvironment[key as SecretKey])
+  )
+    return 'environment';
   return readEnvFile(config.envFile)[key]?.trim() ? '.env' : 'default';
 }
 
@@ -6110,18 +7348,24 @@ function configCommand(config: Config, args: string[]): number {
   const [action, ...keys] = positionals;
   const known = [...Object.keys(SETTINGS), ...SECRET_KEYS];
   if (action === 'get') {
-    if (keys.length === 0) throw new UsageError('config get needs at least one setting name, e.g. config get CONTAINER_IMAGE.', 'config');
+    if (keys.length === 0)
+      throw new UsageError('config get needs at least one setting name, e.g. config get CONTAINER_IMAGE.', 'config');
     const unknown = keys.find((key) => !known.includes(key));
-    if (unknown) throw new UsageError(`"${unknown}" is not a NanoClaw setting (see: bun nanoclaw.ts config list).`, 'config');
+    if (unknown)
+      throw new UsageError(`"${unknown}" is not a NanoClaw setting (see: bun nanoclaw.ts config list).`, 'config');
     for (const key of keys) console.log(settingValue(config, key).replace(/\n/g, '\\n')); // one line per key, always
     return 0;
   }
   if (action === 'list') {
     if (keys.length) throw new UsageError('config list takes no arguments.', 'config');
-    for (const key of known) console.log(`${key.padEnd(26)} ${settingValue(config, key).padEnd(40)} (${settingSource(config, key)})`);
+    for (const key of known)
+      console.log(`${key.padEnd(26)} ${settingValue(config, key).padEnd(40)} (${settingSource(config, key)})`);
     return 0;
   }
-  throw new UsageError(action ? `Unknown config command "${action}".` : 'config needs a command: get or list.', 'config');
+  throw new UsageError(
+    action ? `Unknown config command "${action}".` : 'config needs a command: get or list.',
+    'config',
+  );
 }
 
 /** `diagnose`: scripts/diagnose.sh, for this project, with its output and exit status. */
@@ -6129,15 +7373,33 @@ function diagnoseCommand(config: Config, args: string[]): number {
   const { values, positionals } = commandArgs('diagnose', args, { json: { type: 'boolean' } });
   if (positionals.length) throw new UsageError(`Unexpected argument "${positionals[0]}".`, 'diagnose');
   const script = join(dirname(fileURLToPath(import.meta.url)), 'scripts', 'diagnose.sh');
-  const env = { ...childProcessEnv(), NANOCLAW_ROOT: config.projectRoot, ...Object.fromEntries(Object.keys(SETTINGS).filter((k) => process.env[k] !== undefined).map((k) => [k, process.env[k]!])) };
+  const env = {
+    ...childProcessEnv(),
+    NANOCLAW_ROOT: config.projectRoot,
+    ...Object.fromEntries(
+      Object.keys(SETTINGS)
+        .filter((k) => process.env[k] !== undefined)
+        .map((k) => [k, process.env[k]!]),
+    ),
+  };
   // A key the user put in the environment is for the script's host commands (it keeps it from everything else it starts).
-  const fromEnvironment = secretsFromEnvironment.KIMI_API_KEY ? { KIMI_API_KEY: secretsFromEnvironment.KIMI_API_KEY } : {};
-  const run = Bun.spawnSync(['bash', script, ...(values.json ? ['--json'] : [])], { env: { ...env, ...fromEnvironment }, stdin: 'inherit', stdout: 'inherit', stderr: 'inherit' });
+  const fromEnvironment = secretsFromEnvironment.KIMI_API_KEY
+    ? { KIMI_API_KEY: secretsFromEnvironment.KIMI_API_KEY }
+    : {};
+  const run = Bun.spawnSync(['bash', script, ...(values.json ? ['--json'] : [])], {
+    env: { ...env, ...fromEnvironment },
+    stdin: 'inherit',
+    stdout: 'inherit',
+    stderr: 'inherit',
+  });
   return run.exitCode ?? 1;
 }
 
 /** NANOCLAW_ROOT points the CLI at another project directory (tests, several assistants on one machine). */
-export async function main(argv: string[], projectRoot = process.env.NANOCLAW_ROOT || dirname(fileURLToPath(import.meta.url))): Promise<number> {
+export async function main(
+  argv: string[],
+  projectRoot = process.env.NANOCLAW_ROOT || dirname(fileURLToPath(import.meta.url)),
+): Promise<number> {
   takeSecretsOutOfEnvironment();
   const [command = 'start', ...args] = argv;
   if (command === 'help' || command === '--help' || command === '-h') {
@@ -6154,7 +7416,10 @@ export async function main(argv: string[], projectRoot = process.env.NANOCLAW_RO
     // Other commands print their own results; their log lines go to the files unless something is wrong.
     const quietTerminal = (command === 'chat' && !verbose) || (command === 'start' && !process.stderr.isTTY);
     const terminalLevel = quietTerminal ? 'silent' : command === 'start' || verbose ? config.logLevel : 'warn';
-    setupLogging(config, { terminalLevel, secrets: Object.values(readSecrets(config)).filter((v): v is string => Boolean(v)) });
+    setupLogging(config, {
+      terminalLevel,
+      secrets: Object.values(readSecrets(config)).filter((v): v is string => Boolean(v)),
+    });
     switch (command) {
       case 'start':
         if (commandArgs('start', args).positionals.length) throw new UsageError('start takes no arguments.', 'start');
@@ -6185,7 +7450,9 @@ export async function main(argv: string[], projectRoot = process.env.NANOCLAW_RO
       case 'diagnose':
         return diagnoseCommand(config, args);
       default:
-        throw new UsageError(`Unknown command "${command}".${command.startsWith('-') ? '' : ' The commands are below.'}\n\n${USAGE}`);
+        throw new UsageError(
+          `Unknown command "${command}".${command.startsWith('-') ? '' : ' The commands are below.'}\n\n${USAGE}`,
+        );
     }
   } catch (err) {
     if (err instanceof HelpRequested) {
@@ -6201,7 +7468,9 @@ export async function main(argv: string[], projectRoot = process.env.NANOCLAW_RO
       return 2;
     }
     if (isStoreUnavailable(err)) {
-      console.error(`The database store/messages.db cannot be used right now (${errorText(err)}): another process may hold it, or it is read-only. Try again, or check its permissions.`);
+      console.error(
+        `The database store/messages.db cannot be used right now (${errorText(err)}): another process may hold it, or it is read-only. Try again, or check its permissions.`,
+      );
       return 1;
     }
     log.fatal({ err }, 'NanoClaw crashed');

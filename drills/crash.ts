@@ -10,8 +10,20 @@
  */
 import { parseArgs } from 'node:util';
 import {
-  DrillHost, deliveries, drillProject, dropIpcMessage, dueTask, named, printTable, random, storedIds, stuck, tally, until,
-  type DrillProject, type Row,
+  DrillHost,
+  deliveries,
+  drillProject,
+  dropIpcMessage,
+  dueTask,
+  named,
+  printTable,
+  random,
+  storedIds,
+  stuck,
+  tally,
+  until,
+  type DrillProject,
+  type Row,
 } from './harness.ts';
 
 type Work = 'message' | 'ipc' | 'task';
@@ -42,7 +54,11 @@ export interface CrashDrillResult {
   seed: number;
 }
 
-export async function runCrashDrill(options: { kills: number; seed?: number; progress?: (line: string) => void }): Promise<CrashDrillResult> {
+export async function runCrashDrill(options: {
+  kills: number;
+  seed?: number;
+  progress?: (line: string) => void;
+}): Promise<CrashDrillResult> {
   const seed = options.seed ?? Math.floor(Math.random() * 2 ** 31);
   const rand = random(seed);
   const between = ([low, high]: [number, number]) => low + Math.floor(rand() * (high - low));
@@ -102,11 +118,24 @@ export async function runCrashDrill(options: { kills: number; seed?: number; pro
     const stuckCount = Object.values(left).reduce((a, b) => a + b, 0);
     const rows: Row[] = KINDS.map((kind) => {
       const t = tally(items.get(kind)!, delivered, named);
-      return { drill: kind.drill, kills: kills.get(kind) ?? 0, items: t.items, lost: t.lost, doubled: t.doubled, stuck: 0, note: kind.crashAt ? `at ${kind.crashAt}` : `kill -9 after ${kind.killAfter!.join('–')} ms` };
+      return {
+        drill: kind.drill,
+        kills: kills.get(kind) ?? 0,
+        items: t.items,
+        lost: t.lost,
+        doubled: t.doubled,
+        stuck: 0,
+        note: kind.crashAt ? `at ${kind.crashAt}` : `kill -9 after ${kind.killAfter!.join('–')} ms`,
+      };
     });
     const all2 = tally(all, delivered, named);
     const total: Row = {
-      drill: 'all', kills: options.kills, items: all2.items, lost: all2.lost, doubled: all2.doubled, stuck: stuckCount,
+      drill: 'all',
+      kills: options.kills,
+      items: all2.items,
+      lost: all2.lost,
+      doubled: all2.doubled,
+      stuck: stuckCount,
       note: `${all2.resentSameId} part(s) sent again under the same id; seed ${seed}${stuckCount ? `; stuck: ${JSON.stringify(left)}` : ''}`,
     };
     return { rows, total, seed };
@@ -116,15 +145,25 @@ export async function runCrashDrill(options: { kills: number; seed?: number; pro
 }
 
 if (import.meta.main) {
-  const { values } = parseArgs({ args: process.argv.slice(2), options: { kills: { type: 'string', default: String(KINDS.length * 12) }, seed: { type: 'string' } } });
+  const { values } = parseArgs({
+    args: process.argv.slice(2),
+    options: { kills: { type: 'string', default: String(KINDS.length * 12) }, seed: { type: 'string' } },
+  });
   const kills = Number(values.kills);
   if (!Number.isInteger(kills) || kills <= 0) {
     console.error('--kills takes a whole number above 0\nUsage: bun drills/crash.ts [--kills N] [--seed N]');
     process.exit(2);
   }
   const started = Date.now();
-  const result = await runCrashDrill({ kills, seed: values.seed ? Number(values.seed) : undefined, progress: (line) => process.stderr.write(`${line}\n`) });
-  printTable(`Crash drill: ${kills} kills in ${Math.round((Date.now() - started) / 1000)} s (the real host and image)`, [...result.rows, result.total]);
+  const result = await runCrashDrill({
+    kills,
+    seed: values.seed ? Number(values.seed) : undefined,
+    progress: (line) => process.stderr.write(`${line}\n`),
+  });
+  printTable(
+    `Crash drill: ${kills} kills in ${Math.round((Date.now() - started) / 1000)} s (the real host and image)`,
+    [...result.rows, result.total],
+  );
   const bad = result.total.lost + result.total.doubled + result.total.stuck;
   process.exit(bad ? 1 : 0);
 }

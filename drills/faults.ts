@@ -10,16 +10,35 @@
  * filesystems): root ignores permission bits, so chmod would not fault anything.
  */
 import { Database } from 'bun:sqlite';
-import { existsSync, readFileSync, writeFileSync } from 'node:fs';
+import { existsSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { proto, type WAMessage } from '@whiskeysockets/baileys';
 import { startFakeModel } from '../container/agent-runner/kimi-stub/fake-model.ts';
 import { Host, installId, RateLimiter, addGroup, setupLogging, Store, type Config } from '../nanoclaw.ts';
 import { flakyServer, linkedAuthDir, openAsWhatsAppWould, RecordingWhatsApp, tempProject } from '../test/helpers.ts';
-import { DrillHost, deliveries, drillProject, IMAGE, named, printTable, stuck, tally, until, type Row } from './harness.ts';
+import {
+  DrillHost,
+  deliveries,
+  drillProject,
+  IMAGE,
+  named,
+  printTable,
+  stuck,
+  tally,
+  until,
+  type Row,
+} from './harness.ts';
 
 /** Messages sent while `fault` holds; then all must be answered exactly once by the same, still running host. */
-async function underFault(drill: string, note: string, fault: { start(p: ReturnType<typeof drillProject>): void | Promise<void>; stop(p: ReturnType<typeof drillProject>): void | Promise<void> }, count = 5): Promise<Row> {
+async function underFault(
+  drill: string,
+  note: string,
+  fault: {
+    start(p: ReturnType<typeof drillProject>): void | Promise<void>;
+    stop(p: ReturnType<typeof drillProject>): void | Promise<void>;
+  },
+  count = 5,
+): Promise<Row> {
   const project = drillProject({ think: () => 150 });
   const host = new DrillHost(project);
   try {
@@ -41,9 +60,21 @@ async function underFault(drill: string, note: string, fault: { start(p: ReturnT
     const left = Object.values(stuck(project)).reduce((a, b) => a + b, 0);
     const died = alive ? '' : `; THE HOST DIED (exit ${host.proc.exitCode}): ${host.lastWords()}`;
     const errorLog = join(project.config.logsDir, 'nanoclaw.error.log');
-    const caught = existsSync(errorLog) ? readFileSync(errorLog, 'utf8').split('\n').filter((l) => l.includes('NanoClaw keeps running')).length : 0;
+    const caught = existsSync(errorLog)
+      ? readFileSync(errorLog, 'utf8')
+          .split('\n')
+          .filter((l) => l.includes('NanoClaw keeps running')).length
+      : 0;
     const unexpected = caught ? `; ${caught} unexpected error(s) caught by the process handler` : '';
-    return { drill, kills: 0, items: t.items, lost: t.lost, doubled: t.doubled, stuck: left, note: `${note}${unexpected}${died}` };
+    return {
+      drill,
+      kills: 0,
+      items: t.items,
+      lost: t.lost,
+      doubled: t.doubled,
+      stuck: left,
+      note: `${note}${unexpected}${died}`,
+    };
   } finally {
     await fault.stop(project);
     await host.close();
@@ -73,8 +104,12 @@ export async function dbLocked(): Promise<Row> {
 export async function walReadOnly(): Promise<Row> {
   const files = (p: { config: Config }) => [`${p.config.dbPath}-wal`, `${p.config.dbPath}-shm`];
   return underFault('WAL read-only (4 s)', 'chattr +i on messages.db-wal and -shm', {
-    start: (p) => files(p).forEach((f) => chattr('+i', f)),
-    stop: (p) => files(p).forEach((f) => chattr('-i', f)),
+    start: (p) => {
+      for (const f of files(p)) chattr('+i', f);
+    },
+    stop: (p) => {
+      for (const f of files(p)) chattr('-i', f);
+    },
   });
 }
 
@@ -95,14 +130,33 @@ export async function containerKilled(): Promise<Row> {
     for (const item of items) {
       host.send(item, item);
       // Find the run's container and kill it from outside, mid-run.
-      const name = await until(() => Bun.spawnSync(['docker', 'ps', '-q', '--filter', `label=nanoclaw.install=${installId(project.config)}`]).stdout.toString().trim() !== '', 30_000);
-      if (name) Bun.spawnSync(['sh', '-c', `docker kill $(docker ps -q --filter label=nanoclaw.install=${installId(project.config)}) >/dev/null`]);
+      const name = await until(
+        () =>
+          Bun.spawnSync(['docker', 'ps', '-q', '--filter', `label=nanoclaw.install=${installId(project.config)}`])
+            .stdout.toString()
+            .trim() !== '',
+        30_000,
+      );
+      if (name)
+        Bun.spawnSync([
+          'sh',
+          '-c',
+          `docker kill $(docker ps -q --filter label=nanoclaw.install=${installId(project.config)}) >/dev/null`,
+        ]);
       await until(() => tally([item], deliveries(project), named).lost === 0, 90_000);
     }
     await until(() => Object.values(stuck(project)).every((n) => n === 0), 30_000);
     const t = tally(items, deliveries(project), named);
     const left = Object.values(stuck(project)).reduce((a, b) => a + b, 0);
-    return { drill: 'container killed from outside, mid-run (3 times)', kills: 3, items: t.items, lost: t.lost, doubled: t.doubled, stuck: left, note: 'docker kill; the run is retried' };
+    return {
+      drill: 'container killed from outside, mid-run (3 times)',
+      kills: 3,
+      items: t.items,
+      lost: t.lost,
+      doubled: t.doubled,
+      stuck: left,
+      note: 'docker kill; the run is retried',
+    };
   } finally {
     await host.close();
     project.stop();
@@ -118,14 +172,20 @@ export async function containerKilled(): Promise<Row> {
 export async function whatsappDrops(drops = 50): Promise<Row> {
   const key = 'sk-drill-wa-0123456789';
   const model = startFakeModel({ key, drill: true });
-  const config = tempProject({ CONTAINER_IMAGE: IMAGE, IDLE_TIMEOUT: '60000', KIMI_BASE_URL: model.url }, `KIMI_API_KEY=${key}\n`);
+  const config = tempProject(
+    { CONTAINER_IMAGE: IMAGE, IDLE_TIMEOUT: '60000', KIMI_BASE_URL: model.url },
+    `KIMI_API_KEY=${key}\n`,
+  );
   setupLogging(config, { terminalLevel: 'silent', secrets: [key] });
   const store = new Store(config.dbPath);
   const chat = '120363000000000001@g.us';
   addGroup(config, store, { jid: chat, name: 'Drill', folder: 'drill', requiresTrigger: false });
   const server = flakyServer(60_000);
   let seed = 7;
-  const coin = () => ((seed = (seed * 1103515245 + 12345) % 2 ** 31) / 2 ** 31) < 0.5;
+  const coin = () => {
+    seed = (seed * 1103515245 + 12345) % 2 ** 31;
+    return seed / 2 ** 31 < 0.5;
+  };
   class DroppingWhatsApp extends RecordingWhatsApp {
     inFlight = 0;
     protected override async send(jid: string, text: string, messageId: string): Promise<proto.IMessage | undefined> {
@@ -144,8 +204,14 @@ export async function whatsappDrops(drops = 50): Promise<Row> {
   // The drill is about drops, not WhatsApp's pace: a limiter that never makes a send wait.
   const unlimited = new RateLimiter({ count: 10_000, windowMs: 60_000 }, { count: 10_000, windowMs: 60_000 });
   const whatsapp = new DroppingWhatsApp({
-    authDir: await linkedAuthDir(), assistantName: 'Andy', hasOwnNumber: false, waWebSocketUrl: server.url, mediaTreeFor: () => null,
-    reconnectBaseMs: 20, reconnectCapMs: 60, rateLimiter: unlimited,
+    authDir: await linkedAuthDir(),
+    assistantName: 'Andy',
+    hasOwnNumber: false,
+    waWebSocketUrl: server.url,
+    mediaTreeFor: () => null,
+    reconnectBaseMs: 20,
+    reconnectCapMs: 60,
+    rateLimiter: unlimited,
   });
   const host = new Host(config, store, [whatsapp], { recoverySweepMs: 60_000, ipcSweepMs: 60_000, sendRetryMs: 50 });
   const items: string[] = [];
@@ -157,23 +223,37 @@ export async function whatsappDrops(drops = 50): Promise<Row> {
       items.push(item);
       const inbound = proto.WebMessageInfo.fromObject({
         key: { remoteJid: chat, participant: '4915100000002@s.whatsapp.net', fromMe: false, id: `3EB0DRILL${i}` },
-        message: { conversation: item }, messageTimestamp: Math.floor(Date.now() / 1000), pushName: 'Alice',
+        message: { conversation: item },
+        messageTimestamp: Math.floor(Date.now() / 1000),
+        pushName: 'Alice',
       }) as WAMessage;
       whatsapp.socket!.ev.emit('messages.upsert', { messages: [inbound], type: 'notify' });
       // Drop the connection while the reply is on its way (or after a while, if none is).
       await until(() => whatsapp.inFlight > 0, 5_000);
       const before = whatsapp.socketsOpened;
-      whatsapp.socket!.ev.emit('connection.update', { connection: 'close', lastDisconnect: { error: new Error('drill drop'), date: new Date() } });
+      whatsapp.socket!.ev.emit('connection.update', {
+        connection: 'close',
+        lastDisconnect: { error: new Error('drill drop'), date: new Date() },
+      });
       await until(() => whatsapp.socketsOpened > before, 5_000);
       openAsWhatsAppWould(whatsapp.socket!);
       whatsapp.socket!.ev.emit('messages.upsert', { messages: [inbound], type: 'append' }); // WhatsApp delivers it again after a reconnect
     }
-    const reached = () => whatsapp.delivered.map((d) => ({ messageId: d.messageId, jid: d.jid, text: d.text.replace(/^Andy: /, '') }));
+    const reached = () =>
+      whatsapp.delivered.map((d) => ({ messageId: d.messageId, jid: d.jid, text: d.text.replace(/^Andy: /, '') }));
     await until(() => tally(items, reached(), named).lost === 0, 120_000);
     await host.settleOutbox();
     const t = tally(items, reached(), named);
     const unsent = store.countUnsent('whatsapp');
-    return { drill: `WhatsApp socket dropped ${drops} times, sends in flight`, kills: 0, items: t.items, lost: t.lost, doubled: t.doubled, stuck: unsent, note: `${t.resentSameId} sent again under the same id after a lost ack` };
+    return {
+      drill: `WhatsApp socket dropped ${drops} times, sends in flight`,
+      kills: 0,
+      items: t.items,
+      lost: t.lost,
+      doubled: t.doubled,
+      stuck: unsent,
+      note: `${t.resentSameId} sent again under the same id after a lost ack`,
+    };
   } finally {
     await host.stop();
     store.close();
@@ -189,7 +269,9 @@ if (import.meta.main) {
   const only = process.argv.slice(2);
   const unknown = only.filter((name) => !(name in FAULT_DRILLS));
   if (unknown.length) {
-    console.error(`Unknown drill ${unknown.join(', ')}.\nUsage: bun drills/faults.ts [${Object.keys(FAULT_DRILLS).join('|')} …]`);
+    console.error(
+      `Unknown drill ${unknown.join(', ')}.\nUsage: bun drills/faults.ts [${Object.keys(FAULT_DRILLS).join('|')} …]`,
+    );
     process.exit(2);
   }
   for (const drill of Object.values(FAULT_DRILLS).filter((d) => only.length === 0 || only.includes(d.name))) {

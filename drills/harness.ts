@@ -6,7 +6,16 @@
  * and what is left undone in the store at the end (stuck).
  */
 import { Database } from 'bun:sqlite';
-import { chmodSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, renameSync, writeFileSync } from 'node:fs';
+import {
+  chmodSync,
+  existsSync,
+  mkdirSync,
+  mkdtempSync,
+  readdirSync,
+  readFileSync,
+  renameSync,
+  writeFileSync,
+} from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -44,8 +53,16 @@ export function drillProject(options: { think?: () => number; env?: Record<strin
   writeFileSync(join(root, '.env'), `KIMI_API_KEY=${KEY}\n`);
   const model = startFakeModel({ key: KEY, drill: true, delayMs: options.think });
   const env = {
-    PATH: process.env.PATH ?? '', HOME: process.env.HOME ?? '', NANOCLAW_ROOT: root, CONTAINER_IMAGE: IMAGE, KIMI_BASE_URL: model.url,
-    TZ: 'UTC', LOG_LEVEL: 'info', IDLE_TIMEOUT: '1500', CONTAINER_CLOSE_GRACE: '5000', ...options.env,
+    PATH: process.env.PATH ?? '',
+    HOME: process.env.HOME ?? '',
+    NANOCLAW_ROOT: root,
+    CONTAINER_IMAGE: IMAGE,
+    KIMI_BASE_URL: model.url,
+    TZ: 'UTC',
+    LOG_LEVEL: 'info',
+    IDLE_TIMEOUT: '1500',
+    CONTAINER_CLOSE_GRACE: '5000',
+    ...options.env,
   };
   const config = loadConfig(root, env);
   const store = new Store(config.dbPath);
@@ -69,7 +86,9 @@ export class DrillHost {
 
   constructor(project: DrillProject, crashAt?: string) {
     const proc = Bun.spawn(['bun', HOST_SCRIPT], {
-      stdin: 'pipe', stdout: 'pipe', stderr: 'pipe',
+      stdin: 'pipe',
+      stdout: 'pipe',
+      stderr: 'pipe',
       env: { ...project.env, ...(crashAt ? { NANOCLAW_CRASH_AT: crashAt } : {}) },
     });
     this.proc = proc;
@@ -80,7 +99,8 @@ export class DrillHost {
       reader.releaseLock();
       if (value && new TextDecoder().decode(value).includes('ready')) return true;
       const code = await proc.exited;
-      if (code !== 137 && crashAt === undefined) throw new Error(`the drill host did not start (exit ${code}): ${this.stderr}`);
+      if (code !== 137 && crashAt === undefined)
+        throw new Error(`the drill host did not start (exit ${code}): ${this.stderr}`);
       return false;
     })();
     void (async () => {
@@ -134,14 +154,22 @@ export function dueTask(project: DrillProject, id: string, prompt: string): void
 export function deliveries(project: DrillProject): Delivery[] {
   const file = join(project.root, 'deliveries.jsonl');
   if (!existsSync(file)) return [];
-  return readFileSync(file, 'utf8').split('\n').filter(Boolean).map((line) => JSON.parse(line) as Delivery);
+  return readFileSync(file, 'utf8')
+    .split('\n')
+    .filter(Boolean)
+    .map((line) => JSON.parse(line) as Delivery);
 }
 
 /** Message ids stored by the host (what it has taken responsibility for). */
 export function storedIds(project: DrillProject): Set<string> {
   const db = new Database(project.config.dbPath, { readonly: true });
   try {
-    return new Set(db.query<{ id: string }, []>('SELECT id FROM messages WHERE is_bot_message = 0').all().map((r) => r.id));
+    return new Set(
+      db
+        .query<{ id: string }, []>('SELECT id FROM messages WHERE is_bot_message = 0')
+        .all()
+        .map((r) => r.id),
+    );
   } finally {
     db.close();
   }
@@ -156,7 +184,11 @@ export interface Tally {
 }
 
 /** How often each item reached the chat, counted by distinct message id. `appearsIn` says whether a text carries the item. */
-export function tally(items: readonly string[], delivered: readonly Delivery[], appearsIn: (item: string, text: string) => boolean): Tally {
+export function tally(
+  items: readonly string[],
+  delivered: readonly Delivery[],
+  appearsIn: (item: string, text: string) => boolean,
+): Tally {
   const byId = new Map<string, Delivery>();
   let resentSameId = 0;
   for (const d of delivered) {
@@ -174,10 +206,17 @@ export function tally(items: readonly string[], delivered: readonly Delivery[], 
 }
 
 /** A reply names its messages after "[drill]"; this finds a whole word among them. */
-export const named = (item: string, text: string) => new RegExp(`(^|\\s)${item}(\\s|$)`).test(text.replace(/^.*?\[drill\]/, ''));
+export const named = (item: string, text: string) =>
+  new RegExp(`(^|\\s)${item}(\\s|$)`).test(text.replace(/^.*?\[drill\]/, ''));
 
 /** What is left undone at the end: unanswered messages, unsent parts, open task claims, unhandled IPC files. */
-export function stuck(project: DrillProject): { unanswered: number; unsent: number; claims: number; ipcFiles: number; dueTasks: number } {
+export function stuck(project: DrillProject): {
+  unanswered: number;
+  unsent: number;
+  claims: number;
+  ipcFiles: number;
+  dueTasks: number;
+} {
   const store = new Store(project.config.dbPath);
   try {
     const unanswered = store.messagesSince(DRILL_CHAT, store.getCursor(DRILL_CHAT)).length;
@@ -215,8 +254,18 @@ export interface Row {
 
 export function printTable(title: string, rows: readonly Row[]): void {
   const header = ['drill', 'kills', 'items', 'lost', 'doubled', 'stuck', 'note'];
-  const cells = rows.map((r) => [r.drill, String(r.kills), String(r.items), String(r.lost), String(r.doubled), String(r.stuck), r.note ?? '']);
+  const cells = rows.map((r) => [
+    r.drill,
+    String(r.kills),
+    String(r.items),
+    String(r.lost),
+    String(r.doubled),
+    String(r.stuck),
+    r.note ?? '',
+  ]);
   const widths = header.map((h, i) => Math.max(h.length, ...cells.map((c) => c[i]!.length)));
   const line = (c: string[]) => `| ${c.map((v, i) => v.padEnd(widths[i]!)).join(' | ')} |`;
-  console.log(`\n${title}\n${line(header)}\n|${widths.map((w) => '-'.repeat(w + 2)).join('|')}|\n${cells.map(line).join('\n')}`);
+  console.log(
+    `\n${title}\n${line(header)}\n|${widths.map((w) => '-'.repeat(w + 2)).join('|')}|\n${cells.map(line).join('\n')}`,
+  );
 }

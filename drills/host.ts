@@ -14,7 +14,15 @@
 import { appendFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { createInterface } from 'node:readline';
-import { keepRunningThroughErrors, loadConfig, setupLogging, startHost, takeSecretsOutOfEnvironment, type Channel, type ChannelHandlers } from '../nanoclaw.ts';
+import {
+  keepRunningThroughErrors,
+  loadConfig,
+  setupLogging,
+  startHost,
+  takeSecretsOutOfEnvironment,
+  type Channel,
+  type ChannelHandlers,
+} from '../nanoclaw.ts';
 
 /** The drills' one chat: the main group. */
 export const DRILL_CHAT = 'main@drill';
@@ -50,7 +58,16 @@ class DrillChannel implements Channel {
 
   receive(id: string, text: string): void {
     this.handlers?.onMessage(
-      { id, chatJid: DRILL_CHAT, sender: 'user@drill', senderName: 'User', content: text, timestamp: new Date().toISOString(), isFromMe: false, isBotMessage: false },
+      {
+        id,
+        chatJid: DRILL_CHAT,
+        sender: 'user@drill',
+        senderName: 'User',
+        content: text,
+        timestamp: new Date().toISOString(),
+        isFromMe: false,
+        isBotMessage: false,
+      },
       { name: 'Drill', isGroup: false },
     );
   }

@@ -33,6 +33,9 @@ step "Type-checking"
 bunx tsc --noEmit
 if [ -f container/agent-runner/tsconfig.json ]; then (cd container/agent-runner && bunx tsc --noEmit); fi
 
+step "Formatting and lint (Biome; 'npx biome check --write .' fixes what it can)"
+bunx biome check .
+
 step "Running the tests"
 results=$(mktemp)
 status=0

@@ -4,7 +4,17 @@
  * host refuses, never blocks, and leaves everything outside the tree as it was.
  */
 import { execFileSync } from 'node:child_process';
-import { existsSync, lstatSync, mkdirSync, readdirSync, readFileSync, statSync, symlinkSync, truncateSync, writeFileSync } from 'node:fs';
+import {
+  existsSync,
+  lstatSync,
+  mkdirSync,
+  readdirSync,
+  readFileSync,
+  statSync,
+  symlinkSync,
+  truncateSync,
+  writeFileSync,
+} from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { AgentTree, MAX_AGENT_FILE_BYTES, readRegularFile, UnsafePathError } from '../nanoclaw.ts';
@@ -78,12 +88,18 @@ describe('AgentTree', () => {
     expect(() => tree.read('fifo.json')).toThrow(/not a regular file/); // with a blocking open this would hang forever
     expect(() => tree.read('big.json')).toThrow(/over the 1048576-byte limit/);
     expect(() => readRegularFile(join(root, 'fifo.json'))).toThrow(UnsafePathError);
-    expect(tree.entries().map((e) => `${e.name}:${e.kind}`).sort()).toEqual(['big.json:file', 'fifo.json:other', 'link.json:other']);
+    expect(
+      tree
+        .entries()
+        .map((e) => `${e.name}:${e.kind}`)
+        .sort(),
+    ).toEqual(['big.json:file', 'fifo.json:other', 'link.json:other']);
   });
 
   it('refuses paths that climb out', () => {
     const { tree } = layout();
-    for (const bad of ['../host-secrets/keep.txt', 'a/../../x', '/etc/passwd']) expect(() => tree.read(bad), bad).toThrow(UnsafePathError);
+    for (const bad of ['../host-secrets/keep.txt', 'a/../../x', '/etc/passwd'])
+      expect(() => tree.read(bad), bad).toThrow(UnsafePathError);
   });
 
   it('removes links themselves and whole folders, never anything a link points to', () => {

@@ -29,22 +29,26 @@ function buildSetup(): Build {
   const docker = fakeDocker();
   const context = join(tempDir('nanoclaw-build-'), 'container');
   mkdirSync(context);
-  for (const file of ['build.sh', 'Dockerfile', '.dockerignore']) copyFileSync(join(CONTAINER, file), join(context, file));
+  for (const file of ['build.sh', 'Dockerfile', '.dockerignore'])
+    copyFileSync(join(CONTAINER, file), join(context, file));
   const state = tempDir('nanoclaw-build-state-');
   const runtime = join(state, 'docker');
-  writeFileSync(runtime, [
-    '#!/bin/sh',
-    `state='${state}'`,
-    'if [ "$1" = build ]; then',
-    '  printf "%s\\n" "$@" > "$state/build-argv"',
-    '  pwd > "$state/build-cwd"',
-    '  if [ -f .build-ca.crt ]; then cp .build-ca.crt "$state/build-ca"; fi',
-    '  if [ -f "$state/build-output" ]; then cat "$state/build-output"; fi',
-    '  exit "$(cat "$state/build-exit" 2>/dev/null || echo 0)"',
-    'fi',
-    `exec '${docker.path}' "$@"`,
-    '',
-  ].join('\n'));
+  writeFileSync(
+    runtime,
+    [
+      '#!/bin/sh',
+      `state='${state}'`,
+      'if [ "$1" = build ]; then',
+      '  printf "%s\\n" "$@" > "$state/build-argv"',
+      '  pwd > "$state/build-cwd"',
+      '  if [ -f .build-ca.crt ]; then cp .build-ca.crt "$state/build-ca"; fi',
+      '  if [ -f "$state/build-output" ]; then cat "$state/build-output"; fi',
+      '  exit "$(cat "$state/build-exit" 2>/dev/null || echo 0)"',
+      'fi',
+      `exec '${docker.path}' "$@"`,
+      '',
+    ].join('\n'),
+  );
   chmodSync(runtime, 0o755);
   return {
     context,
@@ -74,7 +78,11 @@ async function build(b: Build, args: string[] = [], env: Record<string, string> 
     stdout: 'pipe',
     stderr: 'pipe',
   });
-  const [out, err, code] = await Promise.all([new Response(proc.stdout).text(), new Response(proc.stderr).text(), proc.exited]);
+  const [out, err, code] = await Promise.all([
+    new Response(proc.stdout).text(),
+    new Response(proc.stderr).text(),
+    proc.exited,
+  ]);
   return { out, err, code };
 }
 
@@ -85,7 +93,7 @@ function caFile(name: string): string {
 }
 
 /** The value after `flag` in an argv. */
-const after = (argv: string[], flag: string) => argv[argv.indexOf(flag) + 1];
+const valueAfter = (argv: string[], flag: string) => argv[argv.indexOf(flag) + 1];
 
 describe('container/build.sh: the CA behind a proxy', () => {
   for (const variable of ['NODE_EXTRA_CA_CERTS', 'SSL_CERT_FILE', 'BUILD_CA_CERT']) {
@@ -141,12 +149,12 @@ describe('container/build.sh: options', () => {
   it('builds nanoclaw-agent:latest with the real CLI by default, nanoclaw-agent:test with the stub for --test', async () => {
     const real = buildSetup();
     expect((await build(real)).code).toBe(0);
-    expect(after(real.recorded()!.argv, '-t')).toBe('nanoclaw-agent:latest');
+    expect(valueAfter(real.recorded()!.argv, '-t')).toBe('nanoclaw-agent:latest');
     expect(real.recorded()!.argv).toContain('KIMI_CLI=real');
     expect(real.recorded()!.argv.at(-1)).toBe('.');
     const stub = buildSetup();
     expect((await build(stub, ['--test', '--no-cache'])).code).toBe(0);
-    expect(after(stub.recorded()!.argv, '-t')).toBe('nanoclaw-agent:test');
+    expect(valueAfter(stub.recorded()!.argv, '-t')).toBe('nanoclaw-agent:test');
     expect(stub.recorded()!.argv).toContain('KIMI_CLI=stub');
     expect(stub.recorded()!.argv).toContain('--no-cache');
   });
@@ -162,7 +170,7 @@ describe('container/build.sh: options', () => {
       const b = buildSetup();
       const { out, code } = await build(b, args);
       expect(code).toBe(0);
-      expect(after(b.recorded()!.argv, '-t')).toBe(tag);
+      expect(valueAfter(b.recorded()!.argv, '-t')).toBe(tag);
       expect(b.recorded()!.argv).toContain(args.includes('--test') ? 'KIMI_CLI=stub' : 'KIMI_CLI=real');
       expect(out).toContain(`==> Built ${tag} in`);
       expect(out).toContain(`CONTAINER_IMAGE=${tag}`);
@@ -214,8 +222,14 @@ describe('container/build.sh: options', () => {
 
 describe('container/build.sh: no network for the real CLI', () => {
   const failures: [string, string][] = [
-    ['the Dockerfile says so itself', 'no network to install the Kimi CLI: https://astral.sh is unreachable (behind a proxy? see README, Troubleshooting)\n'],
-    ['the installer ran but left no uv', '#12 0.4 /bin/sh: 1: uv: not found\n#12 ERROR: process "/bin/sh -c ..." did not complete successfully: exit code: 127\n'],
+    [
+      'the Dockerfile says so itself',
+      'no network to install the Kimi CLI: https://astral.sh is unreachable (behind a proxy? see README, Troubleshooting)\n',
+    ],
+    [
+      'the installer ran but left no uv',
+      '#12 0.4 /bin/sh: 1: uv: not found\n#12 ERROR: process "/bin/sh -c ..." did not complete successfully: exit code: 127\n',
+    ],
     ['uv could not reach PyPI', 'could not install kimi-cli 1.49.0: no network to PyPI or python-build-standalone?\n'],
   ];
   for (const [name, output] of failures) {

@@ -4,7 +4,19 @@ import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { beforeEach, describe, expect, it } from 'vitest';
 import { OutboxSender, setupLogging, Store } from '../nanoclaw.ts';
-import { fakeDocker, flakyServer, linkedAuthDir, NO_MODEL_URL, openAsWhatsAppWould, pendingPairingAuthDir, RecordingWhatsApp, tempDir, tempProject, waitFor, type FakeDocker } from './helpers.ts';
+import {
+  fakeDocker,
+  flakyServer,
+  linkedAuthDir,
+  NO_MODEL_URL,
+  openAsWhatsAppWould,
+  pendingPairingAuthDir,
+  RecordingWhatsApp,
+  tempDir,
+  tempProject,
+  waitFor,
+  type FakeDocker,
+} from './helpers.ts';
 
 const REPO = fileURLToPath(new URL('..', import.meta.url));
 const ENTRY = join(REPO, 'nanoclaw.ts');
@@ -28,9 +40,20 @@ async function cli(args: string[], stdin = '', env: Record<string, string> = {})
     stdin: new Blob([stdin]),
     stdout: 'pipe',
     stderr: 'pipe',
-    env: { PATH: process.env.PATH!, HOME: process.env.HOME!, NANOCLAW_ROOT: root, CONTAINER_RUNTIME: docker.path, KIMI_BASE_URL: NO_MODEL_URL, ...env },
+    env: {
+      PATH: process.env.PATH!,
+      HOME: process.env.HOME!,
+      NANOCLAW_ROOT: root,
+      CONTAINER_RUNTIME: docker.path,
+      KIMI_BASE_URL: NO_MODEL_URL,
+      ...env,
+    },
   });
-  const [stdout, stderr, code] = await Promise.all([new Response(proc.stdout).text(), new Response(proc.stderr).text(), proc.exited]);
+  const [stdout, stderr, code] = await Promise.all([
+    new Response(proc.stdout).text(),
+    new Response(proc.stderr).text(),
+    proc.exited,
+  ]);
   return { stdout, stderr, code };
 }
 
@@ -38,7 +61,8 @@ describe('bun nanoclaw.ts', () => {
   it('--help lists the commands', async () => {
     const { stdout, code } = await cli(['--help']);
     expect(code).toBe(0);
-    for (const command of ['chat', 'groups list', 'groups register', 'sessions clear', 'start']) expect(stdout).toContain(command);
+    for (const command of ['chat', 'groups list', 'groups register', 'sessions clear', 'start'])
+      expect(stdout).toContain(command);
   });
 
   it('wrong usage gives a message and a non-zero exit', async () => {
@@ -91,7 +115,10 @@ describe('bun nanoclaw.ts', () => {
     store.close();
     const { code, stdout } = await cli(['usage'], '', { TZ: 'UTC' });
     expect(code).toBe(0);
-    const lines = stdout.trim().split('\n').map((l) => l.split(/\s+/));
+    const lines = stdout
+      .trim()
+      .split('\n')
+      .map((l) => l.split(/\s+/));
     expect(lines).toEqual([
       ['day', 'group', 'requests', 'failed', 'prompt', 'tokens', 'output', 'tokens'],
       [today, 'family', '1', '0', '300', '20'],
@@ -99,7 +126,9 @@ describe('bun nanoclaw.ts', () => {
       ['total', '3', '1500', '100'],
     ]);
     const json = JSON.parse((await cli(['usage', '--group', 'main', '--json'], '', { TZ: 'UTC' })).stdout);
-    expect(json).toEqual([{ day: today, groupFolder: 'main', requests: 2, failed: 1, promptTokens: 1200, completionTokens: 80 }]);
+    expect(json).toEqual([
+      { day: today, groupFolder: 'main', requests: 2, failed: 1, promptTokens: 1200, completionTokens: 80 },
+    ]);
     expect((await cli(['usage', '--days', 'lots'])).code).toBe(2);
   });
 
@@ -140,10 +169,16 @@ describe('bun nanoclaw.ts', () => {
       writeFileSync(join(root, '.env'), `KIMI_API_KEY=${SECRET}\n`);
       // Spawned without blocking: this process serves the model.
       const check = async (env: Record<string, string>) => {
-        const proc = Bun.spawn(['bun', ENTRY, 'model', 'check'], { stdout: 'pipe', env: { PATH: process.env.PATH!, HOME: process.env.HOME!, NANOCLAW_ROOT: root, ...env } });
+        const proc = Bun.spawn(['bun', ENTRY, 'model', 'check'], {
+          stdout: 'pipe',
+          env: { PATH: process.env.PATH!, HOME: process.env.HOME!, NANOCLAW_ROOT: root, ...env },
+        });
         return { stdout: await new Response(proc.stdout).text(), code: await proc.exited };
       };
-      expect(await check({ KIMI_BASE_URL: model.url })).toEqual({ code: 0, stdout: `OK: ${model.url} accepts the key; kimi-k2.5 is listed\n` });
+      expect(await check({ KIMI_BASE_URL: model.url })).toEqual({
+        code: 0,
+        stdout: `OK: ${model.url} accepts the key; kimi-k2.5 is listed\n`,
+      });
       expect(model.requests.at(-1)).toMatchObject({ path: '/v1/models', authorization: `Bearer ${SECRET}` });
       writeFileSync(join(root, '.env'), 'KIMI_API_KEY=sk-wrong-key-123456\n');
       const refused = await check({ KIMI_BASE_URL: model.url });
@@ -183,11 +218,15 @@ describe('bun nanoclaw.ts', () => {
     const mounts = await cli(['mounts', 'family']);
     expect(mounts.stdout).toContain(`${root}/groups/global -> /workspace/global (ro)`);
     expect(mounts.stdout).toContain(`${root}/data/sessions/family/.kimi -> /home/node/.kimi (rw)`);
-    expect(mounts.stdout).toContain(`${root}/data/proxy/<run>.sock -> /run/nanoclaw/model.sock (rw) — the model proxy, one socket per run`);
+    expect(mounts.stdout).toContain(
+      `${root}/data/proxy/<run>.sock -> /run/nanoclaw/model.sock (rw) — the model proxy, one socket per run`,
+    );
     expect(mounts.stdout).toContain(`${root}/data/input/<run> -> /workspace/ipc/input (rw)`);
     expect(existsSync(join(root, 'data', 'ipc', 'family'))).toBe(false); // shown, not made
     expect(mounts.stdout).toContain('network: bridge');
-    expect((await cli(['mounts', 'family', '--docker-args'])).stdout.split('\n')).toContain(`${root}/groups/family:/workspace/group`);
+    expect((await cli(['mounts', 'family', '--docker-args'])).stdout.split('\n')).toContain(
+      `${root}/groups/family:/workspace/group`,
+    );
     expect((await cli(['mounts', 'nobody'])).code).toBe(2);
     await cli(['chat'], '!fail the model is down\n');
     const hostLog = await cli(['logs', '--lines', '5']);
@@ -297,8 +336,17 @@ describe('bun nanoclaw.ts chat (piped)', () => {
 
   it('on SIGTERM mid-answer lets the turn finish, delivers it, and exits cleanly', async () => {
     const proc = Bun.spawn([process.execPath, ENTRY, 'chat'], {
-      cwd: root, stdin: 'pipe', stdout: 'pipe', stderr: 'pipe',
-      env: { PATH: process.env.PATH!, HOME: process.env.HOME!, NANOCLAW_ROOT: root, CONTAINER_RUNTIME: docker.path, KIMI_BASE_URL: NO_MODEL_URL },
+      cwd: root,
+      stdin: 'pipe',
+      stdout: 'pipe',
+      stderr: 'pipe',
+      env: {
+        PATH: process.env.PATH!,
+        HOME: process.env.HOME!,
+        NANOCLAW_ROOT: root,
+        CONTAINER_RUNTIME: docker.path,
+        KIMI_BASE_URL: NO_MODEL_URL,
+      },
     });
     proc.stdin.write('!sleep 4000\n');
     await proc.stdin.flush();
@@ -339,7 +387,10 @@ describe('bun nanoclaw.ts never crashes on a typo', () => {
     [['usage', '--days', '0'], '--days takes a whole number above 0, not "0".'],
     [['usage', '--json=yes'], '--json takes no value.'],
     [['groups', 'register', 'family-chat', 'family'], '"family-chat" is not a WhatsApp chat id'],
-    [['groups', 'register', FAMILY, 'family', '--trigger', 'Bot'], '--trigger Bot: a trigger is @ and a word, e.g. --trigger @Andy.'],
+    [
+      ['groups', 'register', FAMILY, 'family', '--trigger', 'Bot'],
+      '--trigger Bot: a trigger is @ and a word, e.g. --trigger @Andy.',
+    ],
     [['groups', 'list', '--main'], '--main belongs to groups register.'],
     [['mounts'], 'mounts needs one group folder'],
     [['service', 'restart'], 'Unknown service command "restart".'],
@@ -367,13 +418,30 @@ describe('bun nanoclaw.ts never crashes on a typo', () => {
   });
 
   it('--help on any command shows that command’s usage and exits 0', async () => {
-    const asks = [['auth', '--help'], ['mounts', '--help'], ['tasks', '--help'], ['tasks', 'run', '-h'], ['groups', 'register', '--help'], ['service', '-h'], ['config', '--help'],
-      ['usage', '--help'], ['logs', '--help'], ['sessions', '--help'], ['model', '--help'], ['chat', '--help'], ['start', '--help'], ['diagnose', '--help'], ['help', 'tasks']];
+    const asks = [
+      ['auth', '--help'],
+      ['mounts', '--help'],
+      ['tasks', '--help'],
+      ['tasks', 'run', '-h'],
+      ['groups', 'register', '--help'],
+      ['service', '-h'],
+      ['config', '--help'],
+      ['usage', '--help'],
+      ['logs', '--help'],
+      ['sessions', '--help'],
+      ['model', '--help'],
+      ['chat', '--help'],
+      ['start', '--help'],
+      ['diagnose', '--help'],
+      ['help', 'tasks'],
+    ];
     const results = await Promise.all(asks.map((args) => cli(args)));
     results.forEach(({ stdout, stderr, code }, i) => {
       const command = asks[i]![0] === 'help' ? asks[i]![1]! : asks[i]![0]!;
       expect(code, asks[i]!.join(' ')).toBe(0);
-      expect(stdout, asks[i]!.join(' ')).toContain(`Usage: bun nanoclaw.ts …\n  ${command === 'start' ? '(none), start' : command}`);
+      expect(stdout, asks[i]!.join(' ')).toContain(
+        `Usage: bun nanoclaw.ts …\n  ${command === 'start' ? '(none), start' : command}`,
+      );
       expect(stderr, asks[i]!.join(' ')).toBe('');
     });
   });
@@ -381,10 +449,32 @@ describe('bun nanoclaw.ts never crashes on a typo', () => {
 
 describe('settings, linking and tasks as a user meets them', () => {
   it('config get prints what the host uses: the environment over .env, comments stripped, the key only as "set"', async () => {
-    writeFileSync(join(root, '.env'), `KIMI_API_KEY=${SECRET}   # from the console\nCONTAINER_IMAGE=my-agent:2 # the image\nTZ=UTC\n`);
-    const got = await cli(['config', 'get', 'CONTAINER_IMAGE', 'CONTAINER_RUNTIME', 'KIMI_API_KEY', 'MAX_CONCURRENT_CONTAINERS', 'KIMI_BASE_URL'], '', { KIMI_BASE_URL: 'http://127.0.0.1:9/v1' });
+    writeFileSync(
+      join(root, '.env'),
+      `KIMI_API_KEY=${SECRET}   # from the console\nCONTAINER_IMAGE=my-agent:2 # the image\nTZ=UTC\n`,
+    );
+    const got = await cli(
+      [
+        'config',
+        'get',
+        'CONTAINER_IMAGE',
+        'CONTAINER_RUNTIME',
+        'KIMI_API_KEY',
+        'MAX_CONCURRENT_CONTAINERS',
+        'KIMI_BASE_URL',
+      ],
+      '',
+      { KIMI_BASE_URL: 'http://127.0.0.1:9/v1' },
+    );
     expect(got.code).toBe(0);
-    expect(got.stdout.split('\n')).toEqual(['my-agent:2', docker.path, `set (${SECRET.length} characters)`, String(Math.max(2, availableParallelism())), 'http://127.0.0.1:9/v1', '']);
+    expect(got.stdout.split('\n')).toEqual([
+      'my-agent:2',
+      docker.path,
+      `set (${SECRET.length} characters)`,
+      String(Math.max(2, availableParallelism())),
+      'http://127.0.0.1:9/v1',
+      '',
+    ]);
     const list = await cli(['config', 'list']);
     expect(list.stdout).toMatch(/CONTAINER_IMAGE\s+my-agent:2\s+\(\.env\)/);
     expect(list.stdout).toMatch(/CONTAINER_RUNTIME\s+\S+\s+\(environment\)/);
@@ -419,8 +509,18 @@ describe('settings, linking and tasks as a user meets them', () => {
     await cli(['groups', 'register', FAMILY, 'family', '--name', 'Family']);
     const store = new Store(join(root, 'store', 'messages.db'));
     store.createTask({
-      id: 'water', groupFolder: 'family', chatJid: FAMILY, prompt: 'water the plants', scheduleType: 'cron', scheduleValue: '0 9 * * *',
-      contextMode: 'isolated', nextRun: new Date(Date.now() + 86_400_000).toISOString(), lastRun: null, lastResult: null, status: 'active', createdAt: new Date().toISOString(),
+      id: 'water',
+      groupFolder: 'family',
+      chatJid: FAMILY,
+      prompt: 'water the plants',
+      scheduleType: 'cron',
+      scheduleValue: '0 9 * * *',
+      contextMode: 'isolated',
+      nextRun: new Date(Date.now() + 86_400_000).toISOString(),
+      lastRun: null,
+      lastResult: null,
+      status: 'active',
+      createdAt: new Date().toISOString(),
     });
     store.close();
     const unlinked = await cli(['tasks', 'run', 'water']);
@@ -429,13 +529,21 @@ describe('settings, linking and tasks as a user meets them', () => {
     expect(unlinked.stdout).toContain('WhatsApp is not linked on this machine');
     renameSync(await linkedAuthDir(), join(root, 'store', 'auth'));
     const linked = await cli(['tasks', 'run', 'water']);
-    expect(linked.stdout).toContain('It waits in the outbox: NanoClaw sends it to WhatsApp as soon as the service runs');
+    expect(linked.stdout).toContain(
+      'It waits in the outbox: NanoClaw sends it to WhatsApp as soon as the service runs',
+    );
     const service = new Store(join(root, 'store', 'messages.db'));
     const queued = service.unsent('whatsapp');
     expect(queued.map((m) => m.text)).toEqual(['Andy: echo: water the plants', 'Andy: echo: water the plants']);
     setupLogging(tempProject(), { terminalLevel: 'silent' }); // baileys logs through ours
     const server = flakyServer(60_000);
-    const whatsapp = new RecordingWhatsApp({ authDir: join(root, 'store', 'auth'), assistantName: 'Andy', hasOwnNumber: false, mediaTreeFor: () => null, waWebSocketUrl: server.url });
+    const whatsapp = new RecordingWhatsApp({
+      authDir: join(root, 'store', 'auth'),
+      assistantName: 'Andy',
+      hasOwnNumber: false,
+      mediaTreeFor: () => null,
+      waWebSocketUrl: server.url,
+    });
     const sender = new OutboxSender(service, whatsapp, 50);
     try {
       await whatsapp.connect({ onMessage: () => {}, onReady: () => sender.kick() });
@@ -455,7 +563,18 @@ describe('settings, linking and tasks as a user meets them', () => {
   it('tasks run while the service runs asks the service (the task is due now) instead of refusing', async () => {
     await cli(['groups', 'register', FAMILY, 'family']);
     const store = new Store(join(root, 'store', 'messages.db'));
-    const task = { groupFolder: 'family', chatJid: FAMILY, prompt: 'p', scheduleType: 'cron' as const, scheduleValue: '0 9 * * *', contextMode: 'isolated' as const, nextRun: new Date(Date.now() + 86_400_000).toISOString(), lastRun: null, lastResult: null, createdAt: new Date().toISOString() };
+    const task = {
+      groupFolder: 'family',
+      chatJid: FAMILY,
+      prompt: 'p',
+      scheduleType: 'cron' as const,
+      scheduleValue: '0 9 * * *',
+      contextMode: 'isolated' as const,
+      nextRun: new Date(Date.now() + 86_400_000).toISOString(),
+      lastRun: null,
+      lastResult: null,
+      createdAt: new Date().toISOString(),
+    };
     store.createTask({ ...task, id: 'active', status: 'active' });
     store.createTask({ ...task, id: 'resting', status: 'paused' });
     store.close();
@@ -481,17 +600,23 @@ describe('settings, linking and tasks as a user meets them', () => {
   it('service uninstall without a user systemd removes the unit file anyway and says in one line why; status says it cannot tell', async () => {
     const home = tempDir();
     const bin = tempDir();
-    writeFileSync(join(bin, 'systemctl'), '#!/bin/sh\necho "Failed to connect to bus: No medium found" >&2\nexit 1\n', { mode: 0o755 });
+    writeFileSync(join(bin, 'systemctl'), '#!/bin/sh\necho "Failed to connect to bus: No medium found" >&2\nexit 1\n', {
+      mode: 0o755,
+    });
     const unit = join(home, '.config', 'systemd', 'user', 'nanoclaw.service');
     mkdirSync(join(unit, '..'), { recursive: true });
     writeFileSync(unit, '[Unit]\n');
     const env = { HOME: home, PATH: `${bin}:${process.env.PATH}` };
     const status = await cli(['service', 'status', '--platform', 'linux'], '', env);
     expect(status.code).toBe(3);
-    expect(status.stdout.trim().split('\n')).toEqual([`systemd (your user instance) cannot be reached (Failed to connect to bus: No medium found); the unit file is installed at ${unit}.`]);
+    expect(status.stdout.trim().split('\n')).toEqual([
+      `systemd (your user instance) cannot be reached (Failed to connect to bus: No medium found); the unit file is installed at ${unit}.`,
+    ]);
     const removed = await cli(['service', 'uninstall', '--platform', 'linux'], '', env);
     expect(removed.code).toBe(0);
-    expect(removed.stdout).toContain('systemd (your user instance) could not be asked to stop NanoClaw (Failed to connect to bus: No medium found).');
+    expect(removed.stdout).toContain(
+      'systemd (your user instance) could not be asked to stop NanoClaw (Failed to connect to bus: No medium found).',
+    );
     expect(removed.stdout).toContain(`Removed ${unit}`);
     expect(existsSync(unit)).toBe(false);
   });
@@ -501,8 +626,19 @@ describe('settings, linking and tasks as a user meets them', () => {
 describe('chat manners on a terminal', () => {
   function onTerminal(env: Record<string, string> = {}) {
     const proc = Bun.spawn(['script', '-qfec', `${process.execPath} ${ENTRY} chat`, '/dev/null'], {
-      cwd: root, stdin: 'pipe', stdout: 'pipe', stderr: 'pipe',
-      env: { PATH: process.env.PATH!, HOME: process.env.HOME!, TERM: 'xterm', NANOCLAW_ROOT: root, CONTAINER_RUNTIME: docker.path, KIMI_BASE_URL: NO_MODEL_URL, ...env },
+      cwd: root,
+      stdin: 'pipe',
+      stdout: 'pipe',
+      stderr: 'pipe',
+      env: {
+        PATH: process.env.PATH!,
+        HOME: process.env.HOME!,
+        TERM: 'xterm',
+        NANOCLAW_ROOT: root,
+        CONTAINER_RUNTIME: docker.path,
+        KIMI_BASE_URL: NO_MODEL_URL,
+        ...env,
+      },
     });
     let screen = '';
     void (async () => {
@@ -530,6 +666,7 @@ describe('chat manners on a terminal', () => {
     expect(await term.proc.exited).toBe(130);
     expect(Date.now() - pressed).toBeLessThan(8_000); // not the 20 s the turn would take
     expect(term.screen()).toContain('Stopped. That message will not be answered');
+    // biome-ignore lint/suspicious/noControlCharactersInRegex: the terminal's erase-line escape is what is checked
     expect(term.screen()).toMatch(/\r\x1b\[2KAndy: echo: hello there\r?\n/); // printed on a cleared line, not after the prompt
     expect(docker.calls().some((c) => c.argv[0] === 'stop')).toBe(true);
     const runs = docker.runs().length;
@@ -542,7 +679,11 @@ describe('chat manners on a terminal', () => {
     const term = onTerminal();
     await waitFor(() => term.screen().includes('you › '), 10_000, 'the prompt');
     await term.type('h');
-    await waitFor(() => docker.calls().some((c) => c.command === 'warm-start'), 10_000, 'a container started while typing');
+    await waitFor(
+      () => docker.calls().some((c) => c.command === 'warm-start'),
+      10_000,
+      'a container started while typing',
+    );
     await term.type('ello\r');
     await waitFor(() => term.screen().includes('Andy: echo: hello'), 10_000, 'the reply');
     expect(docker.runs()).toHaveLength(1);
@@ -556,6 +697,7 @@ describe('chat manners on a terminal', () => {
     expect(failed.stdout).toBe('');
     expect(failed.stderr).toContain('The agent failed: the model is down');
     expect(failed.stderr).toContain('Retrying in 5 s (attempt 1 of 5).');
+    // biome-ignore lint/suspicious/noControlCharactersInRegex: no terminal escapes may reach a pipe
     expect(failed.stderr).not.toMatch(/[⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏]|\x1b\[/);
   });
 });

@@ -4,7 +4,18 @@ import { isAbsolute, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { describe, expect, it } from 'vitest';
 import * as nc from '../nanoclaw.ts';
-import { childProcessEnv, ConfigError, defaultConcurrency, keyRefusedNotice, loadConfig, maskSecrets, parseEnvFile, readSecrets, setupLogging, takeSecretsOutOfEnvironment } from '../nanoclaw.ts';
+import {
+  childProcessEnv,
+  ConfigError,
+  defaultConcurrency,
+  keyRefusedNotice,
+  loadConfig,
+  maskSecrets,
+  parseEnvFile,
+  readSecrets,
+  setupLogging,
+  takeSecretsOutOfEnvironment,
+} from '../nanoclaw.ts';
 import { tempDir, tempProject } from './helpers.ts';
 
 const REPO = fileURLToPath(new URL('..', import.meta.url));
@@ -12,11 +23,26 @@ const REPO = fileURLToPath(new URL('..', import.meta.url));
 describe('parseEnvFile', () => {
   it('reads KEY=value lines with quotes, export and comments', () => {
     const text = [
-      '# a comment', '', 'PLAIN=value', 'export EXPORTED=yes', 'DOUBLE="with spaces # not a comment"', "SINGLE='it''s'",
-      'TRAILING=abc # comment', 'EMPTY=', 'ESCAPED="line\\nnext"', 'not a line', '1BAD=x',
+      '# a comment',
+      '',
+      'PLAIN=value',
+      'export EXPORTED=yes',
+      'DOUBLE="with spaces # not a comment"',
+      "SINGLE='it''s'",
+      'TRAILING=abc # comment',
+      'EMPTY=',
+      'ESCAPED="line\\nnext"',
+      'not a line',
+      '1BAD=x',
     ].join('\n');
     expect(parseEnvFile(text)).toEqual({
-      PLAIN: 'value', EXPORTED: 'yes', DOUBLE: 'with spaces # not a comment', SINGLE: "it''s", TRAILING: 'abc', EMPTY: '', ESCAPED: 'line\nnext',
+      PLAIN: 'value',
+      EXPORTED: 'yes',
+      DOUBLE: 'with spaces # not a comment',
+      SINGLE: "it''s",
+      TRAILING: 'abc',
+      EMPTY: '',
+      ESCAPED: 'line\nnext',
     });
   });
 });
@@ -26,10 +52,27 @@ describe('loadConfig', () => {
     const root = tempDir();
     const config = loadConfig(root, { TZ: 'UTC' });
     expect(config).toMatchObject({
-      assistantName: 'Andy', assistantHasOwnNumber: false, containerImage: 'nanoclaw-agent:latest', containerRuntime: 'docker',
-      containerTimeoutMs: 1_800_000, idleTimeoutMs: 600_000, maxConcurrentContainers: Math.max(2, availableParallelism()), logLevel: 'info', timezone: 'UTC',
+      assistantName: 'Andy',
+      assistantHasOwnNumber: false,
+      containerImage: 'nanoclaw-agent:latest',
+      containerRuntime: 'docker',
+      containerTimeoutMs: 1_800_000,
+      idleTimeoutMs: 600_000,
+      maxConcurrentContainers: Math.max(2, availableParallelism()),
+      logLevel: 'info',
+      timezone: 'UTC',
     });
-    for (const key of ['projectRoot', 'groupsDir', 'dataDir', 'storeDir', 'logsDir', 'dbPath', 'ipcDir', 'sessionsDir', 'envFile'] as const) {
+    for (const key of [
+      'projectRoot',
+      'groupsDir',
+      'dataDir',
+      'storeDir',
+      'logsDir',
+      'dbPath',
+      'ipcDir',
+      'sessionsDir',
+      'envFile',
+    ] as const) {
       expect(isAbsolute(config[key]), key).toBe(true);
     }
     expect(config.dbPath).toBe(join(root, 'store', 'messages.db'));
@@ -42,17 +85,36 @@ describe('loadConfig', () => {
 
   it('takes .env, and the environment wins over it', () => {
     const root = tempDir();
-    writeFileSync(join(root, '.env'), 'ASSISTANT_NAME=Bea\nMAX_CONCURRENT_CONTAINERS=5\nASSISTANT_HAS_OWN_NUMBER=true\nKIMI_MODEL_NAME=m1\n');
+    writeFileSync(
+      join(root, '.env'),
+      'ASSISTANT_NAME=Bea\nMAX_CONCURRENT_CONTAINERS=5\nASSISTANT_HAS_OWN_NUMBER=true\nKIMI_MODEL_NAME=m1\n',
+    );
     const config = loadConfig(root, { MAX_CONCURRENT_CONTAINERS: '2', TZ: 'Asia/Tokyo' });
-    expect(config).toMatchObject({ assistantName: 'Bea', maxConcurrentContainers: 2, assistantHasOwnNumber: true, timezone: 'Asia/Tokyo' });
-    expect(config.kimi).toEqual({ platform: 'moonshot-ai', modelName: 'm1', baseUrl: 'https://api.moonshot.ai/v1', provider: undefined, capabilities: undefined, questionTimeoutMs: 600_000 });
+    expect(config).toMatchObject({
+      assistantName: 'Bea',
+      maxConcurrentContainers: 2,
+      assistantHasOwnNumber: true,
+      timezone: 'Asia/Tokyo',
+    });
+    expect(config.kimi).toEqual({
+      platform: 'moonshot-ai',
+      modelName: 'm1',
+      baseUrl: 'https://api.moonshot.ai/v1',
+      provider: undefined,
+      capabilities: undefined,
+      questionTimeoutMs: 600_000,
+    });
   });
 
   it('refuses bad values, naming the variable', () => {
     const root = tempDir();
     const bad: [Record<string, string>, string][] = [
-      [{ CONTAINER_TIMEOUT: 'soon' }, 'CONTAINER_TIMEOUT'], [{ IDLE_TIMEOUT: '-5' }, 'IDLE_TIMEOUT'], [{ MAX_CONCURRENT_CONTAINERS: '1.5' }, 'MAX_CONCURRENT_CONTAINERS'],
-      [{ TZ: 'Mars/Olympus' }, 'TZ'], [{ LOG_LEVEL: 'loud' }, 'LOG_LEVEL'], [{ ASSISTANT_NAME: 'a(b)' }, 'ASSISTANT_NAME'],
+      [{ CONTAINER_TIMEOUT: 'soon' }, 'CONTAINER_TIMEOUT'],
+      [{ IDLE_TIMEOUT: '-5' }, 'IDLE_TIMEOUT'],
+      [{ MAX_CONCURRENT_CONTAINERS: '1.5' }, 'MAX_CONCURRENT_CONTAINERS'],
+      [{ TZ: 'Mars/Olympus' }, 'TZ'],
+      [{ LOG_LEVEL: 'loud' }, 'LOG_LEVEL'],
+      [{ ASSISTANT_NAME: 'a(b)' }, 'ASSISTANT_NAME'],
     ];
     for (const [env, name] of bad) {
       expect(() => loadConfig(root, env), name).toThrow(ConfigError);
@@ -67,7 +129,12 @@ describe('secrets', () => {
     writeFileSync(join(root, '.env'), 'KIMI_API_KEY=sk-from-dotenv-123\nOTHER_FROM_DOTENV=1\n');
     const config = loadConfig(root, {});
     expect(readSecrets(config)).toEqual({ KIMI_API_KEY: 'sk-from-dotenv-123' });
-    const env: Record<string, string | undefined> = { KIMI_API_KEY: 'sk-from-env-456', PATH: '/usr/bin', HOME: '/home/x', RANDOM_VAR: 'x' };
+    const env: Record<string, string | undefined> = {
+      KIMI_API_KEY: 'sk-from-env-456',
+      PATH: '/usr/bin',
+      HOME: '/home/x',
+      RANDOM_VAR: 'x',
+    };
     takeSecretsOutOfEnvironment(env);
     expect(env.KIMI_API_KEY).toBeUndefined();
     expect(readSecrets(config)).toEqual({ KIMI_API_KEY: 'sk-from-env-456' }); // the environment wins over .env
@@ -78,7 +145,10 @@ describe('secrets', () => {
     const dir = tempDir();
     writeFileSync(join(dir, '.env'), 'KIMI_API_KEY=sk-dotenv-leak-check\n');
     writeFileSync(join(dir, 'probe.ts'), 'console.log(process.env.KIMI_API_KEY ?? "absent")');
-    const run = () => Bun.spawnSync([process.execPath, 'probe.ts'], { cwd: dir, env: { PATH: process.env.PATH! } }).stdout.toString().trim();
+    const run = () =>
+      Bun.spawnSync([process.execPath, 'probe.ts'], { cwd: dir, env: { PATH: process.env.PATH! } })
+        .stdout.toString()
+        .trim();
     expect(run()).toBe('sk-dotenv-leak-check');
     copyFileSync(join(REPO, 'bunfig.toml'), join(dir, 'bunfig.toml'));
     expect(run()).toBe('absent');
@@ -109,7 +179,13 @@ describe('logging', () => {
     expect(errors).toContain('[main] something broke');
     expect(errors).not.toContain('Session initialized');
     // The guide's check: grep "Session initialized" logs/nanoclaw.log | awk '{print $NF}'
-    const ids = Bun.spawnSync(['sh', '-c', `grep "Session initialized" "${join(config.logsDir, 'nanoclaw.log')}" | awk '{print $NF}'`]).stdout.toString().trim();
+    const ids = Bun.spawnSync([
+      'sh',
+      '-c',
+      `grep "Session initialized" "${join(config.logsDir, 'nanoclaw.log')}" | awk '{print $NF}'`,
+    ])
+      .stdout.toString()
+      .trim();
     expect(ids).toBe('abc-123');
   });
 
@@ -125,18 +201,37 @@ describe('logging', () => {
 describe('Kimi endpoints by key kind', () => {
   it('KIMI_PLATFORM picks the base URL and model of each kind of key; KIMI_BASE_URL and KIMI_MODEL_NAME still win', () => {
     const root = tempDir();
-    expect(loadConfig(root, {}).kimi).toMatchObject({ platform: 'moonshot-ai', baseUrl: 'https://api.moonshot.ai/v1', modelName: 'kimi-k2.5' });
-    expect(loadConfig(root, { KIMI_PLATFORM: 'moonshot-cn' }).kimi).toMatchObject({ baseUrl: 'https://api.moonshot.cn/v1', modelName: 'kimi-k2.5' });
-    expect(loadConfig(root, { KIMI_PLATFORM: 'kimi-code' }).kimi).toMatchObject({ baseUrl: 'https://api.kimi.com/coding/v1', modelName: 'kimi-for-coding' });
-    expect(loadConfig(root, { KIMI_PLATFORM: 'kimi-code', KIMI_MODEL_NAME: 'x', KIMI_BASE_URL: 'http://127.0.0.1:1/v1' }).kimi).toMatchObject({ baseUrl: 'http://127.0.0.1:1/v1', modelName: 'x' });
-    expect(() => loadConfig(root, { KIMI_PLATFORM: 'openai' })).toThrow('KIMI_PLATFORM="openai" is not valid: use moonshot-ai, moonshot-cn, kimi-code');
+    expect(loadConfig(root, {}).kimi).toMatchObject({
+      platform: 'moonshot-ai',
+      baseUrl: 'https://api.moonshot.ai/v1',
+      modelName: 'kimi-k2.5',
+    });
+    expect(loadConfig(root, { KIMI_PLATFORM: 'moonshot-cn' }).kimi).toMatchObject({
+      baseUrl: 'https://api.moonshot.cn/v1',
+      modelName: 'kimi-k2.5',
+    });
+    expect(loadConfig(root, { KIMI_PLATFORM: 'kimi-code' }).kimi).toMatchObject({
+      baseUrl: 'https://api.kimi.com/coding/v1',
+      modelName: 'kimi-for-coding',
+    });
+    expect(
+      loadConfig(root, { KIMI_PLATFORM: 'kimi-code', KIMI_MODEL_NAME: 'x', KIMI_BASE_URL: 'http://127.0.0.1:1/v1' })
+        .kimi,
+    ).toMatchObject({ baseUrl: 'http://127.0.0.1:1/v1', modelName: 'x' });
+    expect(() => loadConfig(root, { KIMI_PLATFORM: 'openai' })).toThrow(
+      'KIMI_PLATFORM="openai" is not valid: use moonshot-ai, moonshot-cn, kimi-code',
+    );
   });
 
   it('a refused key is explained in one line naming the settings for the other kinds of key', () => {
     const config = loadConfig(tempDir(), {});
     const notice = keyRefusedNotice(config, "Error code: 401 - {'error': {'message': 'Invalid Authentication'}}");
-    expect(notice).toBe('I cannot answer: https://api.moonshot.ai/v1 refused the Kimi key (401). Check KIMI_API_KEY in .env; keys from the mainland-China platform (platform.moonshot.cn): KIMI_PLATFORM=moonshot-cn; Kimi Code subscription keys (kimi.com): KIMI_PLATFORM=kimi-code.');
+    expect(notice).toBe(
+      'I cannot answer: https://api.moonshot.ai/v1 refused the Kimi key (401). Check KIMI_API_KEY in .env; keys from the mainland-China platform (platform.moonshot.cn): KIMI_PLATFORM=moonshot-cn; Kimi Code subscription keys (kimi.com): KIMI_PLATFORM=kimi-code.',
+    );
     expect(notice).not.toContain('\n');
-    expect(keyRefusedNotice(config, 'NanoClaw has no KIMI_API_KEY: put it in the .env file')).toContain('Put KIMI_API_KEY=… in the .env file');
+    expect(keyRefusedNotice(config, 'NanoClaw has no KIMI_API_KEY: put it in the .env file')).toContain(
+      'Put KIMI_API_KEY=… in the .env file',
+    );
   });
 });

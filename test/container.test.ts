@@ -2,8 +2,21 @@ import { existsSync, mkdirSync, readdirSync, readFileSync, symlinkSync, writeFil
 import { join } from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import {
-  groupMounts, installId, ModelProxy, preflight, removeLeftoverContainers, RUN_LOGS_KEPT, runContainer, runLogsToPrune, setupLogging, Store, addGroup,
-  type Config, type ContainerInput, type ContainerResult, type RegisteredGroup,
+  groupMounts,
+  installId,
+  ModelProxy,
+  preflight,
+  removeLeftoverContainers,
+  RUN_LOGS_KEPT,
+  runContainer,
+  runLogsToPrune,
+  setupLogging,
+  Store,
+  addGroup,
+  type Config,
+  type ContainerInput,
+  type ContainerResult,
+  type RegisteredGroup,
 } from '../nanoclaw.ts';
 import { fakeDocker, tempProject, type FakeDocker } from './helpers.ts';
 
@@ -15,15 +28,35 @@ let store: Store;
 let group: RegisteredGroup;
 
 function input(prompt: string, extra: Partial<ContainerInput> = {}): ContainerInput {
-  return { prompt, groupFolder: group.folder, chatJid: group.jid, isMain: group.isMain, isScheduledTask: false, assistantName: 'Andy', secrets: { KIMI_API_KEY: SECRET }, ...extra };
+  return {
+    prompt,
+    groupFolder: group.folder,
+    chatJid: group.jid,
+    isMain: group.isMain,
+    isScheduledTask: false,
+    assistantName: 'Andy',
+    secrets: { KIMI_API_KEY: SECRET },
+    ...extra,
+  };
 }
 
-const message = (text: string) => `<messages>\n<message sender="Alice" time="2026-01-01 10:00">${text}</message>\n</messages>`;
+const message = (text: string) =>
+  `<messages>\n<message sender="Alice" time="2026-01-01 10:00">${text}</message>\n</messages>`;
 
-async function run(prompt: string, extra: Partial<ContainerInput> = {}, onStart?: Parameters<typeof runContainer>[0]['onStart'], proxy?: ModelProxy) {
+async function run(
+  prompt: string,
+  extra: Partial<ContainerInput> = {},
+  onStart?: Parameters<typeof runContainer>[0]['onStart'],
+  proxy?: ModelProxy,
+) {
   const results: ContainerResult[] = [];
   const outcome = await runContainer({
-    config, group, input: input(prompt, extra), mounts: groupMounts(config, group), acceptsFollowUps: true, proxy,
+    config,
+    group,
+    input: input(prompt, extra),
+    mounts: groupMounts(config, group),
+    acceptsFollowUps: true,
+    proxy,
     onResult: async (result) => {
       results.push(result);
     },
@@ -36,11 +69,16 @@ async function run(prompt: string, extra: Partial<ContainerInput> = {}, onStart?
 function fakeUpstream() {
   const seen: { path: string; auth: string | null; body: string }[] = [];
   const server = Bun.serve({
-    hostname: '127.0.0.1', port: 0,
+    hostname: '127.0.0.1',
+    port: 0,
     async fetch(req) {
       seen.push({ path: new URL(req.url).pathname, auth: req.headers.get('authorization'), body: await req.text() });
-      if (req.headers.get('authorization') !== `Bearer ${SECRET}`) return Response.json({ error: { message: 'Invalid Authentication' } }, { status: 401 });
-      return Response.json({ choices: [{ message: { role: 'assistant', content: 'hello from upstream' } }], usage: { prompt_tokens: 11, completion_tokens: 3 } });
+      if (req.headers.get('authorization') !== `Bearer ${SECRET}`)
+        return Response.json({ error: { message: 'Invalid Authentication' } }, { status: 401 });
+      return Response.json({
+        choices: [{ message: { role: 'assistant', content: 'hello from upstream' } }],
+        usage: { prompt_tokens: 11, completion_tokens: 3 },
+      });
     },
   });
   return { url: `http://127.0.0.1:${server.port}/v1`, seen, stop: () => server.stop(true) };
@@ -64,7 +102,16 @@ describe('runContainer with a fake docker', () => {
     expect(argv.slice(0, 4)).toEqual(['run', '-i', '--rm', '--name']);
     expect(argv[4]).toBe(`nanoclaw-${installId(config)}-family-${argv[4]!.split('-').at(-1)}`);
     expect(argv[4]).toMatch(/-\d{13}$/);
-    for (const flag of ['--cap-drop', '--security-opt', '--pids-limit', '--memory', '--cpus', '--read-only', '--network']) expect(argv).toContain(flag);
+    for (const flag of [
+      '--cap-drop',
+      '--security-opt',
+      '--pids-limit',
+      '--memory',
+      '--cpus',
+      '--read-only',
+      '--network',
+    ])
+      expect(argv).toContain(flag);
     expect(argv).toContain(`nanoclaw.install=${installId(config)}`);
     expect(argv.at(-1)).toBe('nanoclaw-agent:latest');
     const volumes = argv.flatMap((arg, i) => (argv[i - 1] === '-v' ? [arg] : []));
@@ -79,7 +126,13 @@ describe('runContainer with a fake docker', () => {
     const envFlags = argv.flatMap((arg, i) => (argv[i - 1] === '-e' ? [arg] : []));
     expect(envFlags).toContain('TZ=UTC');
     expect(envFlags.join(' ')).not.toContain(SECRET);
-    for (const dir of ['groups/family/logs', 'data/ipc/family/input', 'data/ipc/family/messages', 'data/ipc/family/tasks', 'data/sessions/family/.kimi']) {
+    for (const dir of [
+      'groups/family/logs',
+      'data/ipc/family/input',
+      'data/ipc/family/messages',
+      'data/ipc/family/tasks',
+      'data/sessions/family/.kimi',
+    ]) {
       expect(existsSync(join(root, dir))).toBe(true);
     }
   });
@@ -95,8 +148,14 @@ describe('runContainer with a fake docker', () => {
     const stdin = JSON.parse(call!.stdin!);
     // Without a model proxy the container gets no credential at all.
     expect(stdin).toEqual({
-      prompt: message('hi'), groupFolder: 'family', chatJid: 'fam@g.us', isMain: false, sessionId: 'sess-1',
-      isScheduledTask: true, assistantName: 'Andy', secrets: {},
+      prompt: message('hi'),
+      groupFolder: 'family',
+      chatJid: 'fam@g.us',
+      isMain: false,
+      sessionId: 'sess-1',
+      isScheduledTask: true,
+      assistantName: 'Andy',
+      secrets: {},
     });
     expect(Object.keys(call!.env)).not.toContain('KIMI_API_KEY');
     expect(JSON.stringify(call!.env)).not.toContain('sk-from-process-env');
@@ -108,8 +167,16 @@ describe('runContainer with a fake docker', () => {
     const upstream = fakeUpstream();
     const usage: { folder: string; ok: boolean; tokens: number }[] = [];
     const proxy = new ModelProxy({
-      mode: 'unix', dir: join(config.dataDir, 'proxy'), upstream: upstream.url, apiKey: () => SECRET,
-      record: (folder, entry) => usage.push({ folder, ok: entry.ok, tokens: (entry.usage?.promptTokens ?? 0) + (entry.usage?.completionTokens ?? 0) }),
+      mode: 'unix',
+      dir: join(config.dataDir, 'proxy'),
+      upstream: upstream.url,
+      apiKey: () => SECRET,
+      record: (folder, entry) =>
+        usage.push({
+          folder,
+          ok: entry.ok,
+          tokens: (entry.usage?.promptTokens ?? 0) + (entry.usage?.completionTokens ?? 0),
+        }),
     });
     try {
       const { results } = await run(message('!model hi'), {}, (live) => setTimeout(() => live.close(), 100), proxy);
@@ -120,16 +187,30 @@ describe('runContainer with a fake docker', () => {
       const socketMount = call!.argv.find((arg) => arg.endsWith(':/run/nanoclaw/model.sock'))!;
       expect(socketMount).toMatch(new RegExp(`^${config.dataDir}/proxy/.*\\.sock:/run/nanoclaw/model\\.sock$`));
       expect(call!.argv).toContain('NANOCLAW_MODEL_SOCKET=/run/nanoclaw/model.sock');
-      expect(results[0]!.result).toBe('model 200: {"choices":[{"message":{"role":"assistant","content":"hello from upstream"}}],"usage":{"prompt_tokens":11,"completion_tokens":3}}');
-      expect(upstream.seen).toEqual([{ path: '/v1/chat/completions', auth: `Bearer ${SECRET}`, body: expect.stringContaining('"hi"') }]);
+      expect(results[0]!.result).toBe(
+        'model 200: {"choices":[{"message":{"role":"assistant","content":"hello from upstream"}}],"usage":{"prompt_tokens":11,"completion_tokens":3}}',
+      );
+      expect(upstream.seen).toEqual([
+        { path: '/v1/chat/completions', auth: `Bearer ${SECRET}`, body: expect.stringContaining('"hi"') },
+      ]);
       expect(usage).toEqual([{ folder: 'family', ok: true, tokens: 14 }]);
       // After the run: socket gone, token refused even on a new run's proxy.
       expect(existsSync(socketMount.split(':')[0]!)).toBe(false);
       const next = proxy.open('family', 'probe');
       try {
-        const response = await fetch('http://x/chat/completions', { unix: next.socketPath, method: 'POST', headers: { authorization: `Bearer ${token}` }, body: '{}' } as RequestInit);
+        const response = await fetch('http://x/chat/completions', {
+          unix: next.socketPath,
+          method: 'POST',
+          headers: { authorization: `Bearer ${token}` },
+          body: '{}',
+        } as RequestInit);
         expect(response.status).toBe(401);
-        const ok = await fetch('http://x/chat/completions', { unix: next.socketPath, method: 'POST', headers: { authorization: `Bearer ${next.token}` }, body: '{}' } as RequestInit);
+        const ok = await fetch('http://x/chat/completions', {
+          unix: next.socketPath,
+          method: 'POST',
+          headers: { authorization: `Bearer ${next.token}` },
+          body: '{}',
+        } as RequestInit);
         expect(ok.status).toBe(200);
       } finally {
         next.close();
@@ -178,7 +259,8 @@ describe('runContainer with a fake docker', () => {
   it('keeps the newest RUN_LOGS_KEPT run logs of a group and deletes older ones; what is not a run log stays', async () => {
     const dir = join(config.groupsDir, 'family', 'logs');
     mkdirSync(dir, { recursive: true });
-    for (let i = 0; i < RUN_LOGS_KEPT; i++) writeFileSync(join(dir, `container-2020-01-01T00-00-${String(i).padStart(3, '0')}Z.log`), 'old');
+    for (let i = 0; i < RUN_LOGS_KEPT; i++)
+      writeFileSync(join(dir, `container-2020-01-01T00-00-${String(i).padStart(3, '0')}Z.log`), 'old');
     writeFileSync(join(dir, 'notes.txt'), 'the agent’s own');
     symlinkSync('/etc/passwd', join(dir, 'container-2000-planted.log')); // a link is never followed or removed through
     await run(message('one more'), {}, (live) => live.close());
@@ -188,7 +270,9 @@ describe('runContainer with a fake docker', () => {
     expect(logs).toContain('container-2020-01-01T00-00-001Z.log');
     expect(readdirSync(dir)).toContain('notes.txt');
     expect(readdirSync(dir)).toContain('container-2000-planted.log');
-    expect(runLogsToPrune(['container-b.log', 'x.txt', 'container-a.log', 'container-c.log'], 2)).toEqual(['container-a.log']);
+    expect(runLogsToPrune(['container-b.log', 'x.txt', 'container-a.log', 'container-c.log'], 2)).toEqual([
+      'container-a.log',
+    ]);
   });
 
   it('keeps stderr out of the run log of a clean run unless LOG_LEVEL=debug', async () => {
@@ -260,16 +344,38 @@ describe('start-up checks', () => {
   });
 
   it('does not ask for a Kimi key when a local OpenAI-compatible provider is configured', () => {
-    expect(preflight({ ...config, kimi: { ...config.kimi, provider: 'openai_legacy', baseUrl: 'http://localhost:11434/v1' } })).toEqual([]);
+    expect(
+      preflight({
+        ...config,
+        kimi: { ...config.kimi, provider: 'openai_legacy', baseUrl: 'http://localhost:11434/v1' },
+      }),
+    ).toEqual([]);
   });
 
   it('removes this install’s leftover containers, whatever their state, asking the engine by install label', () => {
     docker.setRunning(['nanoclaw-a-main-1', 'nanoclaw-a-family-2']);
     expect(removeLeftoverContainers(config)).toEqual(['nanoclaw-a-main-1', 'nanoclaw-a-family-2']);
     const ps = docker.calls().find((c) => c.command === 'ps')!;
-    expect(ps.argv).toEqual(['ps', '-a', '--filter', `label=nanoclaw.install=${installId(config)}`, '--format', '{{.Names}}']);
-    expect(docker.calls().filter((c) => c.command === 'rm').map((c) => c.names)).toEqual([['nanoclaw-a-main-1', 'nanoclaw-a-family-2']]);
-    expect(docker.calls().find((c) => c.command === 'rm')!.argv.slice(0, 2)).toEqual(['rm', '-f']);
+    expect(ps.argv).toEqual([
+      'ps',
+      '-a',
+      '--filter',
+      `label=nanoclaw.install=${installId(config)}`,
+      '--format',
+      '{{.Names}}',
+    ]);
+    expect(
+      docker
+        .calls()
+        .filter((c) => c.command === 'rm')
+        .map((c) => c.names),
+    ).toEqual([['nanoclaw-a-main-1', 'nanoclaw-a-family-2']]);
+    expect(
+      docker
+        .calls()
+        .find((c) => c.command === 'rm')!
+        .argv.slice(0, 2),
+    ).toEqual(['rm', '-f']);
     expect(removeLeftoverContainers(config)).toEqual([]);
   });
 });

@@ -6,13 +6,30 @@
  * mounts, model check), so the fixture's code directory holds a copy of nanoclaw.ts that a
  * test may break to see the behaviour checks catch it.
  */
-import { chmodSync, copyFileSync, mkdirSync, readFileSync, rmSync, symlinkSync, utimesSync, writeFileSync } from 'node:fs';
+import {
+  chmodSync,
+  copyFileSync,
+  mkdirSync,
+  readFileSync,
+  rmSync,
+  symlinkSync,
+  utimesSync,
+  writeFileSync,
+} from 'node:fs';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterEach, describe, expect, it } from 'vitest';
 import { addGroup, serviceDefinition, Store, type Config } from '../nanoclaw.ts';
 import { startFakeModel } from '../container/agent-runner/kimi-stub/fake-model.ts';
-import { fakeDocker, linkedAuthDir, NO_MODEL_URL, pendingPairingAuthDir, tempDir, tempProject, type FakeDocker } from './helpers.ts';
+import {
+  fakeDocker,
+  linkedAuthDir,
+  NO_MODEL_URL,
+  pendingPairingAuthDir,
+  tempDir,
+  tempProject,
+  type FakeDocker,
+} from './helpers.ts';
 
 const REPO = fileURLToPath(new URL('..', import.meta.url));
 /** The user's own number, as linkedAuthDir() links it: a WhatsApp user's main chat. */
@@ -51,24 +68,40 @@ async function healthyProject(): Promise<Fixture> {
   const config = tempProject({}, 'KIMI_API_KEY=sk-diagnose-1234567890\n');
   const codeDir = tempDir('nanoclaw-code-');
   mkdirSync(join(codeDir, 'scripts'));
-  for (const file of ['nanoclaw.ts', 'bunfig.toml', 'scripts/diagnose.sh']) copyFileSync(join(REPO, file), join(codeDir, file));
+  for (const file of ['nanoclaw.ts', 'bunfig.toml', 'scripts/diagnose.sh'])
+    copyFileSync(join(REPO, file), join(codeDir, file));
   symlinkSync(join(REPO, 'node_modules'), join(codeDir, 'node_modules'));
   const store = new Store(config.dbPath);
   addGroup(config, store, { jid: OWN_JID, name: 'Me', folder: 'main', isMain: true });
   store.close();
   mkdirSync(join(config.groupsDir, 'main', 'logs'), { recursive: true });
-  writeFileSync(join(config.groupsDir, 'main', 'logs', 'container-2026-01-01T10-00-00-000Z.log'), 'Exit code:  0\nResults:    1\n');
+  writeFileSync(
+    join(config.groupsDir, 'main', 'logs', 'container-2026-01-01T10-00-00-000Z.log'),
+    'Exit code:  0\nResults:    1\n',
+  );
   mkdirSync(config.logsDir, { recursive: true });
   writeFileSync(
     join(config.logsDir, 'nanoclaw.log'),
-    ['s1', 's1', 's1'].map((id) => `[2026-01-01 10:00:00.000] INFO: [main] Session initialized: ${id}`).join('\n') + '\n',
+    ['s1', 's1', 's1'].map((id) => `[2026-01-01 10:00:00.000] INFO: [main] Session initialized: ${id}`).join('\n') +
+      '\n',
   );
   const sleeper = Bun.spawn(['sleep', '60']);
   sleepers.push(sleeper);
   mkdirSync(config.dataDir, { recursive: true });
   writeFileSync(join(config.dataDir, 'nanoclaw.pid'), String(sleeper.pid));
   const bunDir = join(process.execPath, '..');
-  const fixture = { config, codeDir, docker, env: { PATH: `${bunDir}:${process.env.PATH}`, HOME: process.env.HOME!, NANOCLAW_ROOT: config.projectRoot, CONTAINER_RUNTIME: docker.path, KIMI_BASE_URL: NO_MODEL_URL } };
+  const fixture = {
+    config,
+    codeDir,
+    docker,
+    env: {
+      PATH: `${bunDir}:${process.env.PATH}`,
+      HOME: process.env.HOME!,
+      NANOCLAW_ROOT: config.projectRoot,
+      CONTAINER_RUNTIME: docker.path,
+      KIMI_BASE_URL: NO_MODEL_URL,
+    },
+  };
   useAuth(fixture, await linkedAuthDir());
   return fixture;
 }
@@ -78,7 +111,11 @@ async function terminalProject(): Promise<Fixture> {
   const fixture = await healthyProject();
   rmSync(join(fixture.config.storeDir, 'auth'), { recursive: true, force: true });
   rmSync(join(fixture.config.dataDir, 'nanoclaw.pid'));
-  Bun.spawnSync(['sqlite3', fixture.config.dbPath, "UPDATE registered_groups SET jid = 'main@local' WHERE is_main = 1"]);
+  Bun.spawnSync([
+    'sqlite3',
+    fixture.config.dbPath,
+    "UPDATE registered_groups SET jid = 'main@local' WHERE is_main = 1",
+  ]);
   return fixture;
 }
 
@@ -92,11 +129,17 @@ interface Check {
 async function run(argv: string[], f: Fixture, cwd = tempDir()): Promise<{ out: string; err: string; code: number }> {
   // Not spawnSync: the model check may talk to a fake model served by this very process.
   const proc = Bun.spawn(argv, { cwd, env: f.env, stdout: 'pipe', stderr: 'pipe' });
-  const [out, err, code] = await Promise.all([new Response(proc.stdout).text(), new Response(proc.stderr).text(), proc.exited]);
+  const [out, err, code] = await Promise.all([
+    new Response(proc.stdout).text(),
+    new Response(proc.stderr).text(),
+    proc.exited,
+  ]);
   return { out, err, code };
 }
 
-async function diagnose(f: Fixture): Promise<{ checks: Record<string, Check>; list: Check[]; code: number; text: string }> {
+async function diagnose(
+  f: Fixture,
+): Promise<{ checks: Record<string, Check>; list: Check[]; code: number; text: string }> {
   const script = join(f.codeDir, 'scripts', 'diagnose.sh');
   const json = await run(['bash', script, '--json'], f);
   const list = JSON.parse(json.out) as Check[];
@@ -105,7 +148,10 @@ async function diagnose(f: Fixture): Promise<{ checks: Record<string, Check>; li
   return { checks: Object.fromEntries(list.map((c) => [c.check, c])), list, code: json.code, text: human.out };
 }
 
-const failing = (checks: Record<string, Check>) => Object.values(checks).filter((c) => c.status === 'fail').map((c) => c.check);
+const failing = (checks: Record<string, Check>) =>
+  Object.values(checks)
+    .filter((c) => c.status === 'fail')
+    .map((c) => c.check);
 
 describe('scripts/diagnose.sh', () => {
   it('passes every check on a healthy project, in the documented order, from any directory', async () => {
@@ -113,19 +159,43 @@ describe('scripts/diagnose.sh', () => {
     expect(failing(checks)).toEqual([]);
     expect(code).toBe(0);
     expect(Object.keys(checks)).toEqual([
-      'Settings', 'API key', 'Key delivery', 'data/env/env', 'Container engine', 'Agent image', 'Session mount', 'Groups', 'Container logs',
-      'Session continuity', 'Bun', 'WhatsApp', 'Database', 'IPC', 'Disk', 'Service', 'Model endpoint',
+      'Settings',
+      'API key',
+      'Key delivery',
+      'data/env/env',
+      'Container engine',
+      'Agent image',
+      'Session mount',
+      'Groups',
+      'Container logs',
+      'Session continuity',
+      'Bun',
+      'WhatsApp',
+      'Database',
+      'IPC',
+      'Disk',
+      'Service',
+      'Model endpoint',
     ]);
     // No network in the fixture (KIMI_BASE_URL is a closed loopback port): a note, not a failure.
-    expect(checks['Model endpoint']).toMatchObject({ status: 'info', detail: expect.stringContaining('not checked: no network') });
+    expect(checks['Model endpoint']).toMatchObject({
+      status: 'info',
+      detail: expect.stringContaining('not checked: no network'),
+    });
     expect(checks['API key']!.detail).toBe('KIMI_API_KEY is set (22 characters)');
     expect(checks['Agent image']!.detail).toBe('nanoclaw-agent:latest, kimi 0.0.0-fake');
     expect(checks.Groups!.detail).toContain(`main is main (${OWN_JID})`);
     expect(checks.WhatsApp).toMatchObject({ status: 'ok', detail: expect.stringContaining('linked') });
-    expect(checks['Session mount']).toMatchObject({ status: 'ok', detail: 'data/sessions/main/.kimi -> /home/node/.kimi (rw)' });
+    expect(checks['Session mount']).toMatchObject({
+      status: 'ok',
+      detail: 'data/sessions/main/.kimi -> /home/node/.kimi (rw)',
+    });
     expect(checks['Key delivery']!.detail).toContain("NanoClaw's model proxy");
     // The guide's checklist says data/env/env is "created on first run"; NanoClaw never needs it.
-    expect(checks['data/env/env']).toMatchObject({ status: 'info', detail: expect.stringContaining('cp .env data/env/env') });
+    expect(checks['data/env/env']).toMatchObject({
+      status: 'info',
+      detail: expect.stringContaining('cp .env data/env/env'),
+    });
     expect(text).toContain('All checks passed.');
     expect(text).not.toContain('sk-diagnose-1234567890');
   });
@@ -135,41 +205,110 @@ describe('scripts/diagnose.sh', () => {
     ['no image', (f) => f.docker.set('no-image'), 'Agent image', './container/build.sh'],
     ['no kimi in the image', (f) => f.docker.set('no-kimi'), 'Agent image', '--no-cache'],
     // The host itself mounts the sessions elsewhere: the check reads its mount table, not its source.
-    ['wrong session mount path', (f) => edit(join(f.codeDir, 'nanoclaw.ts'), "'/home/node/.kimi'", "'/root/.kimi'"), 'Session mount', '/home/node/.kimi'],
-    ['.env loading left on', (f) => writeFileSync(join(f.codeDir, 'bunfig.toml'), '[install]\nexact = true\n'), 'Key delivery', 'env = false'],
+    [
+      'wrong session mount path',
+      (f) => edit(join(f.codeDir, 'nanoclaw.ts'), "'/home/node/.kimi'", "'/root/.kimi'"),
+      'Session mount',
+      '/home/node/.kimi',
+    ],
+    [
+      '.env loading left on',
+      (f) => writeFileSync(join(f.codeDir, 'bunfig.toml'), '[install]\nexact = true\n'),
+      'Key delivery',
+      'env = false',
+    ],
     ['bunfig.toml missing', (f) => rmSync(join(f.codeDir, 'bunfig.toml')), 'Key delivery', 'env = false'],
-    ['the main group sees .env', (f) => edit(join(f.codeDir, 'nanoclaw.ts'), "HIDDEN_FROM_MAIN = ['.env', ", 'HIDDEN_FROM_MAIN = ['), 'Key delivery', 'HIDDEN_FROM_MAIN'],
-    ['a bad setting in .env', (f) => writeFileSync(f.config.envFile, 'KIMI_API_KEY=sk-diagnose-1234567890\nLOG_LEVEL=loud\n'), 'Settings', '.env'],
+    [
+      'the main group sees .env',
+      (f) => edit(join(f.codeDir, 'nanoclaw.ts'), "HIDDEN_FROM_MAIN = ['.env', ", 'HIDDEN_FROM_MAIN = ['),
+      'Key delivery',
+      'HIDDEN_FROM_MAIN',
+    ],
+    [
+      'a bad setting in .env',
+      (f) => writeFileSync(f.config.envFile, 'KIMI_API_KEY=sk-diagnose-1234567890\nLOG_LEVEL=loud\n'),
+      'Settings',
+      '.env',
+    ],
     ['the host cannot load its packages', (f) => rmSync(join(f.codeDir, 'node_modules')), 'Settings', 'bun install'],
-    ['stuck IPC file', (f) => {
-      const dir = join(f.config.ipcDir, 'main', 'messages');
-      mkdirSync(dir, { recursive: true });
-      writeFileSync(join(dir, '1-old.json'), '{}');
-      utimesSync(join(dir, '1-old.json'), new Date(Date.now() - 600_000), new Date(Date.now() - 600_000));
-    }, 'IPC', 'start NanoClaw'],
-    ['rejected IPC file', (f) => {
-      mkdirSync(join(f.config.ipcDir, 'errors'), { recursive: true });
-      writeFileSync(join(f.config.ipcDir, 'errors', 'main-messages-1.json'), '{');
-    }, 'IPC', 'IPC file rejected'],
-    ['not linked to WhatsApp', (f) => rmSync(join(f.config.storeDir, 'auth'), { recursive: true }), 'WhatsApp', 'bun nanoclaw.ts auth'],
+    [
+      'stuck IPC file',
+      (f) => {
+        const dir = join(f.config.ipcDir, 'main', 'messages');
+        mkdirSync(dir, { recursive: true });
+        writeFileSync(join(dir, '1-old.json'), '{}');
+        utimesSync(join(dir, '1-old.json'), new Date(Date.now() - 600_000), new Date(Date.now() - 600_000));
+      },
+      'IPC',
+      'start NanoClaw',
+    ],
+    [
+      'rejected IPC file',
+      (f) => {
+        mkdirSync(join(f.config.ipcDir, 'errors'), { recursive: true });
+        writeFileSync(join(f.config.ipcDir, 'errors', 'main-messages-1.json'), '{');
+      },
+      'IPC',
+      'IPC file rejected',
+    ],
+    [
+      'not linked to WhatsApp',
+      (f) => rmSync(join(f.config.storeDir, 'auth'), { recursive: true }),
+      'WhatsApp',
+      'bun nanoclaw.ts auth',
+    ],
     // What the old check took for a link: the file exists, but WhatsApp never confirmed a device.
-    ['creds.json without a device', (f) => writeFileSync(join(f.config.storeDir, 'auth', 'creds.json'), '{}'), 'WhatsApp', 'bun nanoclaw.ts auth'],
+    [
+      'creds.json without a device',
+      (f) => writeFileSync(join(f.config.storeDir, 'auth', 'creds.json'), '{}'),
+      'WhatsApp',
+      'bun nanoclaw.ts auth',
+    ],
     ['a pairing never finished', (f) => useAuth(f, pendingPairingAuthDir()), 'WhatsApp', 'bun nanoclaw.ts auth'],
-    ['a readable copy of the key in data/env/env', (f) => {
-      mkdirSync(join(f.config.dataDir, 'env'), { recursive: true });
-      copyFileSync(f.config.envFile, join(f.config.dataDir, 'env', 'env'));
-      chmodSync(join(f.config.dataDir, 'env', 'env'), 0o644);
-    }, 'data/env/env', 'chmod 600'],
-    ['service not running', (f) => writeFileSync(join(f.config.dataDir, 'nanoclaw.pid'), '999999'), 'Service', 'service install'],
-    ['latest container run failed', (f) => writeFileSync(
-      join(f.config.groupsDir, 'main', 'logs', 'container-2026-01-02T10-00-00-000Z.log'),
-      'Exit code:  1\nResults:    1 (last error: LLM is not set)\n',
-    ), 'Container logs', 'Troubleshooting'],
-    ['a new session every run', (f) => writeFileSync(
-      join(f.config.logsDir, 'nanoclaw.log'),
-      ['a', 'b', 'c', 'd', 'e'].map((id) => `[2026-01-01 10:00:00.000] INFO: [main] Session initialized: ${id}`).join('\n') + '\n',
-    ), 'Session continuity', 'sessions clear main'],
-    ['no main group', (f) => Bun.spawnSync(['sqlite3', f.config.dbPath, 'DELETE FROM registered_groups']), 'Groups', 'bun nanoclaw.ts'],
+    [
+      'a readable copy of the key in data/env/env',
+      (f) => {
+        mkdirSync(join(f.config.dataDir, 'env'), { recursive: true });
+        copyFileSync(f.config.envFile, join(f.config.dataDir, 'env', 'env'));
+        chmodSync(join(f.config.dataDir, 'env', 'env'), 0o644);
+      },
+      'data/env/env',
+      'chmod 600',
+    ],
+    [
+      'service not running',
+      (f) => writeFileSync(join(f.config.dataDir, 'nanoclaw.pid'), '999999'),
+      'Service',
+      'service install',
+    ],
+    [
+      'latest container run failed',
+      (f) =>
+        writeFileSync(
+          join(f.config.groupsDir, 'main', 'logs', 'container-2026-01-02T10-00-00-000Z.log'),
+          'Exit code:  1\nResults:    1 (last error: LLM is not set)\n',
+        ),
+      'Container logs',
+      'Troubleshooting',
+    ],
+    [
+      'a new session every run',
+      (f) =>
+        writeFileSync(
+          join(f.config.logsDir, 'nanoclaw.log'),
+          `${['a', 'b', 'c', 'd', 'e']
+            .map((id) => `[2026-01-01 10:00:00.000] INFO: [main] Session initialized: ${id}`)
+            .join('\n')}\n`,
+        ),
+      'Session continuity',
+      'sessions clear main',
+    ],
+    [
+      'no main group',
+      (f) => Bun.spawnSync(['sqlite3', f.config.dbPath, 'DELETE FROM registered_groups']),
+      'Groups',
+      'bun nanoclaw.ts',
+    ],
   ];
 
   for (const [name, breakIt, check, fixMentions] of brokenOneWay) {
@@ -203,13 +342,19 @@ describe('scripts/diagnose.sh', () => {
 
   it('reads settings as the host does: a trailing comment in .env is not part of the value', async () => {
     const fixture = await healthyProject();
-    writeFileSync(fixture.config.envFile, 'KIMI_API_KEY=sk-diagnose-1234567890   # my key\nCONTAINER_IMAGE=nanoclaw-agent:latest # the image\n');
+    writeFileSync(
+      fixture.config.envFile,
+      'KIMI_API_KEY=sk-diagnose-1234567890   # my key\nCONTAINER_IMAGE=nanoclaw-agent:latest # the image\n',
+    );
     const { checks, code } = await diagnose(fixture);
     expect(failing(checks)).toEqual([]);
     expect(code).toBe(0);
     expect(checks['API key']!.detail).toBe('KIMI_API_KEY is set (22 characters)');
     expect(checks['Agent image']!.detail).toBe('nanoclaw-agent:latest, kimi 0.0.0-fake');
-    const inspected = fixture.docker.calls().filter((c) => c.command === 'image').map((c) => c.argv.at(-1));
+    const inspected = fixture.docker
+      .calls()
+      .filter((c) => c.command === 'image')
+      .map((c) => c.argv.at(-1));
     expect(inspected.length).toBeGreaterThan(0);
     expect(new Set(inspected)).toEqual(new Set(['nanoclaw-agent:latest']));
   });
@@ -259,7 +404,10 @@ describe('scripts/diagnose.sh', () => {
     const quiet = await diagnose(fixture);
     expect(failing(quiet.checks)).toEqual([]);
     expect(quiet.code).toBe(0);
-    expect(quiet.checks['data/env/env']).toMatchObject({ status: 'info', detail: expect.stringContaining('NanoClaw does not use it') });
+    expect(quiet.checks['data/env/env']).toMatchObject({
+      status: 'info',
+      detail: expect.stringContaining('NanoClaw does not use it'),
+    });
     // NanoClaw's mounts hide it from the main group (data/ is masked).
     expect(quiet.checks['Key delivery']!.status).toBe('ok');
     chmodSync(copy, 0o640);
@@ -303,10 +451,14 @@ describe('scripts/diagnose.sh', () => {
     fixture.env.KIMI_API_KEY = 'sk-only-in-the-environment';
     const viaHost = await run([process.execPath, join(fixture.codeDir, 'nanoclaw.ts'), 'diagnose', '--json'], fixture);
     const list = JSON.parse(viaHost.out) as Check[];
-    expect(list.find((c) => c.check === 'API key')).toMatchObject({ status: 'ok', detail: 'KIMI_API_KEY is set (26 characters)' });
+    expect(list.find((c) => c.check === 'API key')).toMatchObject({
+      status: 'ok',
+      detail: 'KIMI_API_KEY is set (26 characters)',
+    });
     expect(viaHost.code).toBe(0);
     expect(fixture.docker.calls().length).toBeGreaterThan(0);
-    for (const call of fixture.docker.calls()) expect(JSON.stringify(call.env)).not.toContain('sk-only-in-the-environment');
+    for (const call of fixture.docker.calls())
+      expect(JSON.stringify(call.env)).not.toContain('sk-only-in-the-environment');
   });
 
   it('the model endpoint is asked through the proxy: a key it accepts is OK, a refused key fails naming the fix', async () => {
@@ -316,8 +468,13 @@ describe('scripts/diagnose.sh', () => {
       fixture.env.KIMI_BASE_URL = model.url;
       fixture.env.KIMI_MODEL_NAME = 'kimi-k2.5';
       const accepted = await diagnose(fixture);
-      expect(accepted.checks['Model endpoint']).toMatchObject({ status: 'ok', detail: expect.stringContaining('accepts the key') });
-      expect(model.requests.some((r) => r.path === '/v1/models' && r.authorization === 'Bearer sk-diagnose-1234567890')).toBe(true);
+      expect(accepted.checks['Model endpoint']).toMatchObject({
+        status: 'ok',
+        detail: expect.stringContaining('accepts the key'),
+      });
+      expect(
+        model.requests.some((r) => r.path === '/v1/models' && r.authorization === 'Bearer sk-diagnose-1234567890'),
+      ).toBe(true);
       writeFileSync(fixture.config.envFile, 'KIMI_API_KEY=sk-wrong-key\n');
       const refused = await diagnose(fixture);
       expect(failing(refused.checks)).toEqual(['Model endpoint']);
@@ -370,9 +527,15 @@ describe('service files (--dry-run)', () => {
     const config = tempProject();
     const agent = serviceDefinition(config, 'macos', '/opt/homebrew/bin/bun', '/usr/bin:/bin');
     expect(agent.file).toMatch(/Library\/LaunchAgents\/com\.nanoclaw\.plist$/);
-    expect(agent.content).toContain('<string>/opt/homebrew/bin/bun</string><string>' + `${config.projectRoot}/nanoclaw.ts</string>`);
-    expect(agent.content).toContain(`<key>StandardOutPath</key><string>${config.projectRoot}/logs/nanoclaw.log</string>`);
-    expect(agent.content).toContain(`<key>StandardErrorPath</key><string>${config.projectRoot}/logs/nanoclaw.error.log</string>`);
+    expect(agent.content).toContain(
+      `<string>/opt/homebrew/bin/bun</string><string>${config.projectRoot}/nanoclaw.ts</string>`,
+    );
+    expect(agent.content).toContain(
+      `<key>StandardOutPath</key><string>${config.projectRoot}/logs/nanoclaw.log</string>`,
+    );
+    expect(agent.content).toContain(
+      `<key>StandardErrorPath</key><string>${config.projectRoot}/logs/nanoclaw.error.log</string>`,
+    );
     expect(agent.content).toContain('<key>KeepAlive</key><true/>');
     expect(agent.install).toEqual([['launchctl', 'load', '-w', agent.file]]);
   });
@@ -380,9 +543,14 @@ describe('service files (--dry-run)', () => {
   it('the CLI prints the file and the commands, and changes nothing', async () => {
     const config = tempProject();
     const home = tempDir('nanoclaw-home-');
-    const proc = Bun.spawn([process.execPath, join(REPO, 'nanoclaw.ts'), 'service', 'install', '--dry-run', '--platform', 'linux'], {
-      env: { PATH: process.env.PATH!, HOME: home, NANOCLAW_ROOT: config.projectRoot }, stdout: 'pipe', stderr: 'pipe',
-    });
+    const proc = Bun.spawn(
+      [process.execPath, join(REPO, 'nanoclaw.ts'), 'service', 'install', '--dry-run', '--platform', 'linux'],
+      {
+        env: { PATH: process.env.PATH!, HOME: home, NANOCLAW_ROOT: config.projectRoot },
+        stdout: 'pipe',
+        stderr: 'pipe',
+      },
+    );
     const [out, code] = await Promise.all([new Response(proc.stdout).text(), proc.exited]);
     expect(code).toBe(0);
     expect(out).toContain(`# ${home}/.config/systemd/user/nanoclaw.service`);

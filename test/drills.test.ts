@@ -10,13 +10,16 @@ import { FAULT_DRILLS } from '../drills/faults.ts';
 import { IMAGE, type Row } from '../drills/harness.ts';
 
 beforeAll(() => {
-  if (Bun.spawnSync(['docker', 'image', 'inspect', IMAGE]).exitCode !== 0) throw new Error(`The image ${IMAGE} is missing: run ./container/build.sh --test`);
+  if (Bun.spawnSync(['docker', 'image', 'inspect', IMAGE]).exitCode !== 0)
+    throw new Error(`The image ${IMAGE} is missing: run ./container/build.sh --test`);
 });
 
 const clean = (row: Row) => ({ drill: row.drill, lost: row.lost, doubled: row.doubled, stuck: row.stuck });
 
 describe('crash drill', () => {
-  it(`kill -9 at every point, ${KINDS.length * 2} times: every message, IPC request and task reaches the chat exactly once`, { timeout: 600_000 }, async () => {
+  it(`kill -9 at every point, ${KINDS.length * 2} times: every message, IPC request and task reaches the chat exactly once`, {
+    timeout: 600_000,
+  }, async () => {
     const { rows, total } = await runCrashDrill({ kills: KINDS.length * 2, seed: 20261201 });
     expect(total.kills).toBe(KINDS.length * 2);
     expect(total.items).toBeGreaterThan(KINDS.length);

@@ -5,20 +5,41 @@
  * proxy outside; only the model is scripted (kimi-stub/fake-model.ts, on loopback, checking
  * the key). `npm test` builds the image before running this file.
  */
-import { chmodSync, existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { chmodSync, existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { startFakeModel, type FakeModel } from '../container/agent-runner/kimi-stub/fake-model.ts';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterEach, beforeAll, describe, expect, it } from 'vitest';
 import {
-  buildDockerArgs, containerUserArgs, groupMounts, groupTrees, hardeningArgs, Host, prepareGroupFolders, RESULT_END, RESULT_START, addGroup, setupLogging, Store,
-  type Config, type RegisteredGroup,
+  buildDockerArgs,
+  containerUserArgs,
+  groupMounts,
+  groupTrees,
+  hardeningArgs,
+  Host,
+  prepareGroupFolders,
+  RESULT_END,
+  RESULT_START,
+  addGroup,
+  setupLogging,
+  Store,
+  type Config,
+  type RegisteredGroup,
 } from '../nanoclaw.ts';
 import { encryptedStream, proto, type WAMessage } from '@whiskeysockets/baileys';
-import { flakyServer, linkedAuthDir, openAsWhatsAppWould, RecordingChannel, RecordingWhatsApp, tempDir, tempProject, waitFor } from './helpers.ts';
+import {
+  flakyServer,
+  linkedAuthDir,
+  openAsWhatsAppWould,
+  RecordingChannel,
+  RecordingWhatsApp,
+  tempDir,
+  tempProject,
+  waitFor,
+} from './helpers.ts';
 
 const IMAGE = process.env.NANOCLAW_TEST_IMAGE ?? 'nanoclaw-agent:test';
-const REPO = fileURLToPath(new URL('..', import.meta.url));
+const _REPO = fileURLToPath(new URL('..', import.meta.url));
 const KEY = 'sk-e2e-test-key-0123456789';
 const MAIN = 'me@s.whatsapp.net';
 const FAMILY = 'family@g.us';
@@ -31,7 +52,15 @@ function recordingDocker(): { path: string; runs(): number } {
   const log = join(dir, 'calls');
   writeFileSync(path, `#!/bin/sh\necho "$1" >> "${log}"\nexec docker "$@"\n`);
   chmodSync(path, 0o755);
-  return { path, runs: () => (existsSync(log) ? readFileSync(log, 'utf8').split('\n').filter((l) => l === 'run').length : 0) };
+  return {
+    path,
+    runs: () =>
+      existsSync(log)
+        ? readFileSync(log, 'utf8')
+            .split('\n')
+            .filter((l) => l === 'run').length
+        : 0,
+  };
 }
 
 /** The scripted model: the host's proxy forwards to it, with the real key, which it checks. */
@@ -55,9 +84,24 @@ interface World {
 }
 const open: World[] = [];
 
-async function world(env: Record<string, string> = {}, dotEnv = `KIMI_API_KEY=${KEY}\n`, reuse?: World): Promise<World> {
+async function world(
+  env: Record<string, string> = {},
+  dotEnv = `KIMI_API_KEY=${KEY}\n`,
+  reuse?: World,
+): Promise<World> {
   const docker = reuse?.docker ?? recordingDocker();
-  const config = reuse?.config ?? tempProject({ CONTAINER_RUNTIME: docker.path, CONTAINER_IMAGE: IMAGE, IDLE_TIMEOUT: '60000', KIMI_BASE_URL: model.url, ...env }, dotEnv);
+  const config =
+    reuse?.config ??
+    tempProject(
+      {
+        CONTAINER_RUNTIME: docker.path,
+        CONTAINER_IMAGE: IMAGE,
+        IDLE_TIMEOUT: '60000',
+        KIMI_BASE_URL: model.url,
+        ...env,
+      },
+      dotEnv,
+    );
   setupLogging(config, { terminalLevel: 'silent', secrets: [KEY] });
   const store = new Store(config.dbPath);
   const groups = reuse?.groups ?? {
@@ -70,7 +114,12 @@ async function world(env: Record<string, string> = {}, dotEnv = `KIMI_API_KEY=${
     writeFileSync(join(config.groupsDir, 'family', 'CLAUDE.md'), 'FAMILY-MEMORY-MARKER: dinner is at 7.\n');
   }
   const channel = new RecordingChannel([MAIN, FAMILY, WORK]);
-  const host = new Host(config, store, [channel], { retryBaseMs: 200, recoverySweepMs: 60_000, ipcSweepMs: 60_000, shutdownGraceMs: 5000 });
+  const host = new Host(config, store, [channel], {
+    retryBaseMs: 200,
+    recoverySweepMs: 60_000,
+    ipcSweepMs: 60_000,
+    shutdownGraceMs: 5000,
+  });
   await host.start();
   const w = { config, store, channel, host, docker, groups };
   open.push(w);
@@ -94,10 +143,33 @@ describe('the image on its own', () => {
     const dir = tempDir('nanoclaw-e2e-model-');
     chmodSync(dir, 0o755);
     const socketModel = startFakeModel({ key: KEY, unix: join(dir, 'model.sock') });
-    const input = { prompt: 'test', groupFolder: 'test', chatJid: 'test@g.us', isMain: false, secrets: { KIMI_API_KEY: KEY } };
-    const proc = Bun.spawn(['docker', 'run', '-i', '--rm', '--network', 'none', '-v', `${socketModel.url}:/run/nanoclaw/model.sock`, '-e', 'NANOCLAW_MODEL_SOCKET=/run/nanoclaw/model.sock', IMAGE], {
-      stdin: new Blob([JSON.stringify(input)]), stdout: 'pipe', stderr: 'pipe',
-    });
+    const input = {
+      prompt: 'test',
+      groupFolder: 'test',
+      chatJid: 'test@g.us',
+      isMain: false,
+      secrets: { KIMI_API_KEY: KEY },
+    };
+    const proc = Bun.spawn(
+      [
+        'docker',
+        'run',
+        '-i',
+        '--rm',
+        '--network',
+        'none',
+        '-v',
+        `${socketModel.url}:/run/nanoclaw/model.sock`,
+        '-e',
+        'NANOCLAW_MODEL_SOCKET=/run/nanoclaw/model.sock',
+        IMAGE,
+      ],
+      {
+        stdin: new Blob([JSON.stringify(input)]),
+        stdout: 'pipe',
+        stderr: 'pipe',
+      },
+    );
     setTimeout(() => socketModel.stop(), 60_000);
     const stdout = await new Response(proc.stdout).text();
     await proc.exited;
@@ -113,7 +185,10 @@ describe('the image on its own', () => {
     const mountsFor = (group: RegisteredGroup) => groupMounts(w.config, group);
     const probe = (group: RegisteredGroup, script: string) => {
       prepareGroupFolders(w.config, group); // as runContainer prepares them
-      const args = buildDockerArgs(`nanoclaw-e2e-probe-${Date.now()}`, IMAGE, mountsFor(group), {}, [...containerUserArgs(), ...hardeningArgs(w.config, group)]);
+      const args = buildDockerArgs(`nanoclaw-e2e-probe-${Date.now()}`, IMAGE, mountsFor(group), {}, [
+        ...containerUserArgs(),
+        ...hardeningArgs(w.config, group),
+      ]);
       args.splice(args.indexOf(IMAGE), 0, '--entrypoint', '/bin/bash');
       const run = Bun.spawnSync(['docker', ...args, '-c', script]);
       return run.stdout.toString().trim();
@@ -135,14 +210,32 @@ describe('the image on its own', () => {
     const mountPoints = (group: RegisteredGroup) =>
       probe(group, "awk '{print $2}' /proc/mounts | grep -E '^/(workspace|home/node)' | sort").split('\n');
     expect(mountPoints(w.groups.main)).toEqual([
-      '/home/node', '/home/node/.kimi', '/workspace/group', '/workspace/ipc', '/workspace/project', '/workspace/project/.env', '/workspace/project/data',
-      '/workspace/project/groups/global', '/workspace/project/store',
+      '/home/node',
+      '/home/node/.kimi',
+      '/workspace/group',
+      '/workspace/ipc',
+      '/workspace/project',
+      '/workspace/project/.env',
+      '/workspace/project/data',
+      '/workspace/project/groups/global',
+      '/workspace/project/store',
     ]);
-    expect(mountPoints(w.groups.family)).toEqual(['/home/node', '/home/node/.kimi', '/workspace/global', '/workspace/group', '/workspace/ipc']);
-    const main = probe(w.groups.main, 'ls /workspace/project/groups; cat /workspace/project/.env; find /workspace/project/store /workspace/project/data -mindepth 1 | wc -l; ' +
-      'touch /workspace/project/x 2>/dev/null && echo project-writable || echo project-ro; ' +
-      'echo edited >> /workspace/project/groups/global/CLAUDE.md && echo global-writable');
-    expect(main.split('\n')).toEqual(expect.arrayContaining(['family', 'global', 'main', 'work', '0', 'project-ro', 'global-writable']));
+    expect(mountPoints(w.groups.family)).toEqual([
+      '/home/node',
+      '/home/node/.kimi',
+      '/workspace/global',
+      '/workspace/group',
+      '/workspace/ipc',
+    ]);
+    const main = probe(
+      w.groups.main,
+      'ls /workspace/project/groups; cat /workspace/project/.env; find /workspace/project/store /workspace/project/data -mindepth 1 | wc -l; ' +
+        'touch /workspace/project/x 2>/dev/null && echo project-writable || echo project-ro; ' +
+        'echo edited >> /workspace/project/groups/global/CLAUDE.md && echo global-writable',
+    );
+    expect(main.split('\n')).toEqual(
+      expect.arrayContaining(['family', 'global', 'main', 'work', '0', 'project-ro', 'global-writable']),
+    );
     expect(main).not.toContain(KEY);
     expect(readFileSync(join(w.config.groupsDir, 'global', 'CLAUDE.md'), 'utf8')).toContain('edited');
   });
@@ -162,7 +255,9 @@ describe('host and real container together', () => {
     expect(texts(w)[1]).toBe(`Andy: [stub] ${session}`);
     expect(w.docker.runs()).toBe(2);
     expect(w.store.getSession('main')).toBe(session);
-    const ids = [...readFileSync(join(w.config.logsDir, 'nanoclaw.log'), 'utf8').matchAll(/Session initialized: (\S+)$/gm)].map((m) => m[1]);
+    const ids = [
+      ...readFileSync(join(w.config.logsDir, 'nanoclaw.log'), 'utf8').matchAll(/Session initialized: (\S+)$/gm),
+    ].map((m) => m[1]);
     expect(ids).toEqual([session, session]);
   });
 
@@ -196,9 +291,18 @@ describe('host and real container together', () => {
     await waitFor(() => texts(w).length === 1, 60_000, 'reply');
     const session = w.store.getSession('family');
     w.store.createTask({
-      id: 'e2e-turn', groupFolder: 'family', chatJid: FAMILY, prompt: 'water the plants',
-      scheduleType: 'interval', scheduleValue: '600000', contextMode: 'group', nextRun: new Date().toISOString(),
-      lastRun: null, lastResult: null, status: 'active', createdAt: new Date().toISOString(),
+      id: 'e2e-turn',
+      groupFolder: 'family',
+      chatJid: FAMILY,
+      prompt: 'water the plants',
+      scheduleType: 'interval',
+      scheduleValue: '600000',
+      contextMode: 'group',
+      nextRun: new Date().toISOString(),
+      lastRun: null,
+      lastResult: null,
+      status: 'active',
+      createdAt: new Date().toISOString(),
     });
     w.host.scheduler.arm();
     await waitFor(() => w.store.taskRuns('e2e-turn').length === 1, 60_000, 'task run');
@@ -230,7 +334,10 @@ describe('host and real container together', () => {
 
   it('schedule_task, register_group and refresh_groups by role', async () => {
     const w = await world();
-    w.channel.receive(FAMILY, '@Andy !tool schedule_task {"prompt":"water the plants","schedule_type":"cron","schedule_value":"0 9 * * *","context_mode":"group"}');
+    w.channel.receive(
+      FAMILY,
+      '@Andy !tool schedule_task {"prompt":"water the plants","schedule_type":"cron","schedule_value":"0 9 * * *","context_mode":"group"}',
+    );
     await waitFor(() => w.store.listTasks('family').length === 1, 60_000, 'task stored');
     w.channel.receive(FAMILY, '@Andy !tool register_group {"jid":"club@g.us","name":"Club","folder":"club"}');
     await waitFor(() => texts(w, FAMILY).length >= 2, 60_000, 'refusal reply');
@@ -271,13 +378,20 @@ describe('host and real container together', () => {
 
 describe('WhatsApp and scheduled tasks with the real container', () => {
   it('a WhatsApp message through the channel’s handler → exactly one reply through its send path', async () => {
-    const config = tempProject({ CONTAINER_IMAGE: IMAGE, IDLE_TIMEOUT: '60000', KIMI_BASE_URL: model.url }, `KIMI_API_KEY=${KEY}\n`);
+    const config = tempProject(
+      { CONTAINER_IMAGE: IMAGE, IDLE_TIMEOUT: '60000', KIMI_BASE_URL: model.url },
+      `KIMI_API_KEY=${KEY}\n`,
+    );
     setupLogging(config, { terminalLevel: 'silent', secrets: [KEY] });
     const store = new Store(config.dbPath);
     addGroup(config, store, { jid: FAMILY, name: 'Family', folder: 'family' });
     const server = flakyServer(60_000);
     const whatsapp = new RecordingWhatsApp({
-      authDir: await linkedAuthDir(), assistantName: 'Andy', hasOwnNumber: false, waWebSocketUrl: server.url, mediaTreeFor: () => null,
+      authDir: await linkedAuthDir(),
+      assistantName: 'Andy',
+      hasOwnNumber: false,
+      waWebSocketUrl: server.url,
+      mediaTreeFor: () => null,
     });
     const host = new Host(config, store, [whatsapp], { recoverySweepMs: 60_000, ipcSweepMs: 60_000 });
     try {
@@ -293,7 +407,9 @@ describe('WhatsApp and scheduled tasks with the real container', () => {
       whatsapp.socket!.ev.emit('messages.upsert', { messages: [inbound], type: 'append' }); // delivered twice
       await waitFor(() => whatsapp.delivered.length === 1, 60_000, 'reply');
       await Bun.sleep(1000);
-      expect(whatsapp.delivered.map(({ jid, text }) => ({ jid, text }))).toEqual([{ jid: FAMILY, text: 'Andy: [stub] are we on for sunday?' }]);
+      expect(whatsapp.delivered.map(({ jid, text }) => ({ jid, text }))).toEqual([
+        { jid: FAMILY, text: 'Andy: [stub] are we on for sunday?' },
+      ]);
     } finally {
       await host.stop();
       store.close();
@@ -304,9 +420,18 @@ describe('WhatsApp and scheduled tasks with the real container', () => {
   it('an interval task whose agent calls send_message: the message reaches the chat', async () => {
     const w = await world();
     w.store.createTask({
-      id: 'e2e-interval', groupFolder: 'family', chatJid: FAMILY, prompt: '!tool send_message {"text":"time to water the plants"}',
-      scheduleType: 'interval', scheduleValue: '600000', contextMode: 'isolated', nextRun: new Date(Date.now() + 200).toISOString(),
-      lastRun: null, lastResult: null, status: 'active', createdAt: new Date().toISOString(),
+      id: 'e2e-interval',
+      groupFolder: 'family',
+      chatJid: FAMILY,
+      prompt: '!tool send_message {"text":"time to water the plants"}',
+      scheduleType: 'interval',
+      scheduleValue: '600000',
+      contextMode: 'isolated',
+      nextRun: new Date(Date.now() + 200).toISOString(),
+      lastRun: null,
+      lastResult: null,
+      status: 'active',
+      createdAt: new Date().toISOString(),
     });
     w.host.scheduler.arm();
     await waitFor(() => texts(w, FAMILY).includes('Andy: time to water the plants'), 60_000, 'task message');
@@ -320,7 +445,11 @@ describe('what the real Kimi CLI does, through the host and the real image', () 
   it('a question goes to the group with numbered options; the answer needs no trigger; the agent goes on with it', async () => {
     const w = await world();
     w.channel.receive(FAMILY, '@Andy !ask Which day? | Saturday | Sunday');
-    const question = await waitFor(() => texts(w, FAMILY).find((t) => t.includes('Which day?')), 60_000, 'the question');
+    const question = await waitFor(
+      () => texts(w, FAMILY).find((t) => t.includes('Which day?')),
+      60_000,
+      'the question',
+    );
     expect(question).toBe('Andy: ❓ Which day?\n1. Saturday\n2. Sunday\n_Reply with a number, or in your own words._');
     w.channel.receive(FAMILY, '2');
     await waitFor(() => texts(w, FAMILY).length === 2, 60_000, 'the answer');
@@ -358,7 +487,10 @@ describe('what the real Kimi CLI does, through the host and the real image', () 
     const before = w.store.getSession('main');
     w.channel.receive(MAIN, '!context-full');
     await waitFor(() => texts(w, MAIN).length === 3, 60_000, 'note and answer');
-    expect(texts(w, MAIN).slice(1)).toEqual([expect.stringContaining('started a fresh one'), 'Andy: [stub] fits in a fresh session']);
+    expect(texts(w, MAIN).slice(1)).toEqual([
+      expect.stringContaining('started a fresh one'),
+      'Andy: [stub] fits in a fresh session',
+    ]);
     expect(w.store.getSession('main')).not.toBe(before);
   });
 
@@ -366,13 +498,18 @@ describe('what the real Kimi CLI does, through the host and the real image', () 
     const w = await world({}, 'KIMI_API_KEY=sk-not-the-right-key-0000\n');
     w.channel.receive(MAIN, 'hello?');
     await waitFor(() => texts(w, MAIN).length === 1, 60_000, 'the notice');
-    expect(texts(w, MAIN)[0]).toMatch(/^Andy: I cannot answer: http:\/\/127\.0\.0\.1:\d+\/v1 refused the Kimi key \(401\)\. Check KIMI_API_KEY in \.env; /);
+    expect(texts(w, MAIN)[0]).toMatch(
+      /^Andy: I cannot answer: http:\/\/127\.0\.0\.1:\d+\/v1 refused the Kimi key \(401\)\. Check KIMI_API_KEY in \.env; /,
+    );
     await Bun.sleep(1500);
     expect(w.docker.runs()).toBe(1);
   });
 
   it('a photo sent to a group reaches the model as a picture: downloaded by the host, read by the CLI’s ReadMediaFile', async () => {
-    const config = tempProject({ CONTAINER_IMAGE: IMAGE, IDLE_TIMEOUT: '60000', KIMI_BASE_URL: model.url }, `KIMI_API_KEY=${KEY}\n`);
+    const config = tempProject(
+      { CONTAINER_IMAGE: IMAGE, IDLE_TIMEOUT: '60000', KIMI_BASE_URL: model.url },
+      `KIMI_API_KEY=${KEY}\n`,
+    );
     chmodSync(config.projectRoot, 0o755);
     setupLogging(config, { terminalLevel: 'silent', secrets: [KEY] });
     const store = new Store(config.dbPath);
@@ -382,7 +519,10 @@ describe('what the real Kimi CLI does, through the host and the real image', () 
     const media = Bun.serve({ port: 0, fetch: () => new Response(Bun.file(encrypted.encFilePath)) });
     const server = flakyServer(60_000);
     const whatsapp = new RecordingWhatsApp({
-      authDir: await linkedAuthDir(), assistantName: 'Andy', hasOwnNumber: false, waWebSocketUrl: server.url,
+      authDir: await linkedAuthDir(),
+      assistantName: 'Andy',
+      hasOwnNumber: false,
+      waWebSocketUrl: server.url,
       mediaTreeFor: (jid) => (store.groupByJid(jid) ? groupTrees(config, 'family').group : null),
     });
     const host = new Host(config, store, [whatsapp], { recoverySweepMs: 60_000, ipcSweepMs: 60_000 });
@@ -390,12 +530,19 @@ describe('what the real Kimi CLI does, through the host and the real image', () 
       await host.start();
       openAsWhatsAppWould(whatsapp.socket!);
       const imageMessage = {
-        url: `http://127.0.0.1:${media.port}/media/cat.enc`, mimetype: 'image/jpeg', caption: '@Andy !image what is this?',
-        mediaKey: encrypted.mediaKey, fileSha256: encrypted.fileSha256, fileEncSha256: encrypted.fileEncSha256, fileLength: photo.length,
+        url: `http://127.0.0.1:${media.port}/media/cat.enc`,
+        mimetype: 'image/jpeg',
+        caption: '@Andy !image what is this?',
+        mediaKey: encrypted.mediaKey,
+        fileSha256: encrypted.fileSha256,
+        fileEncSha256: encrypted.fileEncSha256,
+        fileLength: photo.length,
       };
       const inbound = proto.WebMessageInfo.fromObject({
         key: { remoteJid: FAMILY, participant: '4915100000002@s.whatsapp.net', fromMe: false, id: '3EB0PHOTO0001' },
-        message: { imageMessage }, messageTimestamp: Math.floor(Date.now() / 1000), pushName: 'Alice',
+        message: { imageMessage },
+        messageTimestamp: Math.floor(Date.now() / 1000),
+        pushName: 'Alice',
       }) as WAMessage;
       whatsapp.socket!.ev.emit('messages.upsert', { messages: [inbound], type: 'notify' });
       await waitFor(() => whatsapp.delivered.length === 1, 60_000, 'reply');

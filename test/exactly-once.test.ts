@@ -8,7 +8,16 @@ import { Database } from 'bun:sqlite';
 import { existsSync, mkdirSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
-import { GIVE_UP_TEXT, Host, addGroup, setupLogging, Store, type ChannelHandlers, type Config, type HostOptions } from '../nanoclaw.ts';
+import {
+  GIVE_UP_TEXT,
+  Host,
+  addGroup,
+  setupLogging,
+  Store,
+  type ChannelHandlers,
+  type Config,
+  type HostOptions,
+} from '../nanoclaw.ts';
 import { fakeDocker, RecordingChannel, tempProject, waitFor, type FakeDocker } from './helpers.ts';
 
 const SECRET = 'sk-once-test-abcdefghijklmnop';
@@ -54,7 +63,14 @@ function project(env: Record<string, string> = {}) {
 async function start(p: { docker: FakeDocker; config: Config }, options: HostOptions = {}, up = true): Promise<World> {
   const store = new Store(p.config.dbPath);
   const channel = new GatedChannel([MAIN, FAMILY], up);
-  const host = new Host(p.config, store, [channel], { retryBaseMs: 20, recoverySweepMs: 60_000, ipcSweepMs: 60_000, shutdownGraceMs: 2000, sendRetryMs: 50, ...options });
+  const host = new Host(p.config, store, [channel], {
+    retryBaseMs: 20,
+    recoverySweepMs: 60_000,
+    ipcSweepMs: 60_000,
+    shutdownGraceMs: 2000,
+    sendRetryMs: 50,
+    ...options,
+  });
   await host.start();
   const w = { ...p, store, channel, host };
   worlds.push(w);
@@ -88,7 +104,9 @@ describe('replies', () => {
     expect(w.store.countUnsent('recording')).toBe(0);
     expect(w.docker.runs()).toHaveLength(1);
     // The bot's message in the history is stored under the id it was sent with.
-    const bot = w.store.db.query<{ id: string }, [string]>('SELECT id FROM messages WHERE chat_jid = ? AND is_bot_message = 1').all(MAIN);
+    const bot = w.store.db
+      .query<{ id: string }, [string]>('SELECT id FROM messages WHERE chat_jid = ? AND is_bot_message = 1')
+      .all(MAIN);
     expect(bot.map((m) => m.id)).toEqual([w.channel.sent[0]!.messageId]);
     expect(seq).toBeGreaterThan(0);
   });
@@ -130,8 +148,14 @@ describe('IPC requests', () => {
     mkdirSync(claimed, { recursive: true });
     const undone = 'family.messages.0c1a1d2e-3f40-4a5b-8c6d-7e8f90a1b2c3.1-a.json';
     const done = 'family.messages.9d8c7b6a-5f4e-4d3c-8b2a-1f0e9d8c7b6a.2-b.json';
-    writeFileSync(join(claimed, undone), JSON.stringify({ type: 'message', chatJid: FAMILY, text: 'claimed, not handled' }));
-    writeFileSync(join(claimed, done), JSON.stringify({ type: 'message', chatJid: FAMILY, text: 'handled before the crash' }));
+    writeFileSync(
+      join(claimed, undone),
+      JSON.stringify({ type: 'message', chatJid: FAMILY, text: 'claimed, not handled' }),
+    );
+    writeFileSync(
+      join(claimed, done),
+      JSON.stringify({ type: 'message', chatJid: FAMILY, text: 'handled before the crash' }),
+    );
     const store = new Store(p.config.dbPath);
     store.markIpcDone('9d8c7b6a-5f4e-4d3c-8b2a-1f0e9d8c7b6a');
     store.close();
@@ -146,9 +170,18 @@ describe('IPC requests', () => {
 
 describe('task runs', () => {
   const task = (id: string, scheduleType: 'once' | 'interval', prompt: string) => ({
-    id, groupFolder: 'family', chatJid: FAMILY, prompt, scheduleType, scheduleValue: scheduleType === 'once' ? '2030-01-01 09:00' : '3600000',
-    contextMode: 'isolated' as const, nextRun: scheduleType === 'once' ? null : new Date(Date.now() + 3_600_000).toISOString(), lastRun: null, lastResult: null,
-    status: 'active' as const, createdAt: new Date().toISOString(),
+    id,
+    groupFolder: 'family',
+    chatJid: FAMILY,
+    prompt,
+    scheduleType,
+    scheduleValue: scheduleType === 'once' ? '2030-01-01 09:00' : '3600000',
+    contextMode: 'isolated' as const,
+    nextRun: scheduleType === 'once' ? null : new Date(Date.now() + 3_600_000).toISOString(),
+    lastRun: null,
+    lastResult: null,
+    status: 'active' as const,
+    createdAt: new Date().toISOString(),
   });
 
   it('a run interrupted by a crash is logged and run once more; a once task then completes', async () => {
@@ -226,7 +259,11 @@ describe('a refused key', () => {
     w.channel.receive(MAIN, '!refused');
     await waitFor(() => texts(w).length === 1, 10_000, 'the notice');
     await Bun.sleep(300);
-    expect(texts(w)).toEqual([expect.stringMatching(/^Andy: I cannot answer: http\S+ refused the Kimi key \(401\)\. Check KIMI_API_KEY in \.env; .*KIMI_PLATFORM=kimi-code\.$/)]);
+    expect(texts(w)).toEqual([
+      expect.stringMatching(
+        /^Andy: I cannot answer: http\S+ refused the Kimi key \(401\)\. Check KIMI_API_KEY in \.env; .*KIMI_PLATFORM=kimi-code\.$/,
+      ),
+    ]);
     expect(w.docker.runs()).toHaveLength(1); // not five retries of the same refusal
     w.channel.receive(MAIN, '!refused');
     await waitFor(() => w.docker.runs().length === 2, 10_000, 'the next message tried');
@@ -243,12 +280,21 @@ describe('faults', () => {
     locker.exec('PRAGMA busy_timeout = 0; BEGIN EXCLUSIVE');
     for (const text of ['one', 'two', 'three']) w.channel.receive(MAIN, text);
     const spill = join(w.config.dataDir, 'spill.jsonl');
-    expect(readFileSync(spill, 'utf8').trim().split('\n').map((line) => JSON.parse(line).message.content)).toEqual(['one', 'two', 'three']);
+    expect(
+      readFileSync(spill, 'utf8')
+        .trim()
+        .split('\n')
+        .map((line) => JSON.parse(line).message.content),
+    ).toEqual(['one', 'two', 'three']);
     await Bun.sleep(1200);
     locker.exec('ROLLBACK');
     locker.close();
     await waitFor(() => texts(w).length === 1, 10_000, 'answered after the lock');
-    const stored = w.store.db.query<{ content: string }, [string]>('SELECT content FROM messages WHERE chat_jid = ? AND is_bot_message = 0 ORDER BY seq').all(MAIN);
+    const stored = w.store.db
+      .query<{ content: string }, [string]>(
+        'SELECT content FROM messages WHERE chat_jid = ? AND is_bot_message = 0 ORDER BY seq',
+      )
+      .all(MAIN);
     expect(stored.map((m) => m.content)).toEqual(['one', 'two', 'three']);
     expect(JSON.parse(w.docker.runs()[0]!.stdin!).prompt).toContain('>one<');
     expect(existsSync(spill)).toBe(false);
@@ -257,7 +303,16 @@ describe('faults', () => {
   it('messages spilled by a host that stopped before the database came back are stored at the next start', async () => {
     const p = project();
     mkdirSync(p.config.dataDir, { recursive: true });
-    const message = { id: 'SPILLED1', chatJid: MAIN, sender: 'me', senderName: 'Me', content: 'kept in the spill file', timestamp: new Date().toISOString(), isFromMe: true, isBotMessage: false };
+    const message = {
+      id: 'SPILLED1',
+      chatJid: MAIN,
+      sender: 'me',
+      senderName: 'Me',
+      content: 'kept in the spill file',
+      timestamp: new Date().toISOString(),
+      isFromMe: true,
+      isBotMessage: false,
+    };
     writeFileSync(join(p.config.dataDir, 'spill.jsonl'), `${JSON.stringify({ message, chat: { isGroup: false } })}\n`);
     const w = await start(p);
     await waitFor(() => texts(w).length === 1, 10_000, 'answered');

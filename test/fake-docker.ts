@@ -38,11 +38,18 @@ const [, , wrapperPath, ...argv] = process.argv;
 const stateDir = join(wrapperPath!, '..');
 
 function record(entry: Record<string, unknown>): void {
-  appendFileSync(join(stateDir, 'calls.jsonl'), `${JSON.stringify({ argv, env: process.env, pid: process.pid, ...entry })}\n`);
+  appendFileSync(
+    join(stateDir, 'calls.jsonl'),
+    `${JSON.stringify({ argv, env: process.env, pid: process.pid, ...entry })}\n`,
+  );
 }
 
 function unescapeXml(text: string): string {
-  return text.replace(/&lt;/g, '<').replace(/&gt;/g, '>').replace(/&quot;/g, '"').replace(/&amp;/g, '&');
+  return text
+    .replace(/&lt;/g, '<')
+    .replace(/&gt;/g, '>')
+    .replace(/&quot;/g, '"')
+    .replace(/&amp;/g, '&');
 }
 
 function lastMessageText(prompt: string): string {
@@ -65,10 +72,10 @@ async function answer(prompt: string, sessionId: string): Promise<void> {
   switch (command) {
     case '!fail':
       emit({ status: 'error', result: null, error: arg || 'failed', sessionId });
-      process.exit(1);
+      return process.exit(1);
     case '!crash':
       process.stderr.write('fake container crashing\n');
-      process.exit(2);
+      return process.exit(2);
     case '!sleep':
       await Bun.sleep(Number(arg));
       emit({ status: 'success', result: `slept ${arg}`, sessionId });
@@ -80,8 +87,14 @@ async function answer(prompt: string, sessionId: string): Promise<void> {
       emit({ status: 'success', result: null, sessionId });
       return;
     case '!refused':
-      emit({ status: 'error', result: null, error: "Error code: 401 - {'error': {'message': 'Invalid Authentication'}}", errorKind: 'auth', sessionId });
-      process.exit(1);
+      emit({
+        status: 'error',
+        result: null,
+        error: "Error code: 401 - {'error': {'message': 'Invalid Authentication'}}",
+        errorKind: 'auth',
+        sessionId,
+      });
+      return process.exit(1);
     case '!deaf':
       deaf = true;
       emit({ status: 'success', result: 'not listening', sessionId });
@@ -93,7 +106,9 @@ async function answer(prompt: string, sessionId: string): Promise<void> {
         return;
       }
       const response = await fetch('http://model/chat/completions', {
-        unix: socket, method: 'POST', headers: { authorization: `Bearer ${token}`, 'content-type': 'application/json' },
+        unix: socket,
+        method: 'POST',
+        headers: { authorization: `Bearer ${token}`, 'content-type': 'application/json' },
         body: JSON.stringify({ model: 'k25', messages: [{ role: 'user', content: arg }] }),
       } as RequestInit);
       emit({ status: 'success', result: `model ${response.status}: ${await response.text()}`, sessionId });
@@ -137,7 +152,12 @@ async function run(): Promise<never> {
   }
   const stdin = await new Response(Bun.stdin.stream()).text();
   record({ command: 'run', stdin });
-  const input = JSON.parse(stdin) as { prompt: string; warm?: boolean; sessionId?: string; secrets?: { KIMI_API_KEY?: string } };
+  const input = JSON.parse(stdin) as {
+    prompt: string;
+    warm?: boolean;
+    sessionId?: string;
+    secrets?: { KIMI_API_KEY?: string };
+  };
   token = input.secrets?.KIMI_API_KEY ?? '';
   const sessionId = input.sessionId ?? `fake-session-${process.pid}`;
   process.stderr.write('fake agent: reading the prompt\n');
@@ -157,7 +177,9 @@ async function run(): Promise<never> {
   for (;;) {
     if (existsSync(join(stateDir, `stop-${name}`))) process.exit(137);
     if (inputDir && existsSync(inputDir)) {
-      for (const file of readdirSync(inputDir).filter((f) => !f.startsWith('.')).sort()) {
+      for (const file of readdirSync(inputDir)
+        .filter((f) => !f.startsWith('.'))
+        .sort()) {
         const path = join(inputDir, file);
         if (file === '_close') {
           if (deaf) continue;
@@ -180,7 +202,9 @@ switch (command) {
   case 'info':
     record({ command });
     if (existsSync(join(stateDir, 'engine-down'))) {
-      process.stderr.write('Cannot connect to the Docker daemon at unix:///var/run/docker.sock. Is the docker daemon running?\n');
+      process.stderr.write(
+        'Cannot connect to the Docker daemon at unix:///var/run/docker.sock. Is the docker daemon running?\n',
+      );
       process.exit(1);
     }
     console.log('Server Version: fake');
@@ -208,7 +232,15 @@ switch (command) {
     record({ command, names });
     for (const name of names) writeFileSync(join(stateDir, `stop-${name}`), '');
     const running = join(stateDir, 'running');
-    if (existsSync(running)) writeFileSync(running, readFileSync(running, 'utf8').split('\n').filter((n) => n && !names.includes(n)).map((n) => `${n}\n`).join(''));
+    if (existsSync(running))
+      writeFileSync(
+        running,
+        readFileSync(running, 'utf8')
+          .split('\n')
+          .filter((n) => n && !names.includes(n))
+          .map((n) => `${n}\n`)
+          .join(''),
+      );
     break;
   }
   case 'run':

@@ -4,7 +4,15 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { BufferJSON, generateWAMessageContent, initAuthCreds, proto, type WASocket } from '@whiskeysockets/baileys';
-import { loadConfig, WhatsAppChannel, type Channel, type ChannelHandlers, type Clock, type Config, type NewMessage } from '../nanoclaw.ts';
+import {
+  loadConfig,
+  WhatsAppChannel,
+  type Channel,
+  type ChannelHandlers,
+  type Clock,
+  type Config,
+  type NewMessage,
+} from '../nanoclaw.ts';
 
 export function tempDir(prefix = 'nanoclaw-test-'): string {
   return mkdtempSync(join(tmpdir(), prefix));
@@ -41,7 +49,11 @@ export function fakeDocker(): FakeDocker {
   const calls = () => {
     const file = join(dir, 'calls.jsonl');
     if (!existsSync(file)) return [];
-    return readFileSync(file, 'utf8').trim().split('\n').filter(Boolean).map((line) => JSON.parse(line) as FakeDockerCall);
+    return readFileSync(file, 'utf8')
+      .trim()
+      .split('\n')
+      .filter(Boolean)
+      .map((line) => JSON.parse(line) as FakeDockerCall);
   };
   return {
     dir,
@@ -70,7 +82,13 @@ export function tempProject(env: Record<string, string> = {}, dotEnv = ''): Conf
   mkdirSync(join(root, 'groups', 'main'), { recursive: true });
   writeFileSync(join(root, 'groups', 'global', 'CLAUDE.md'), '# global memory\n');
   if (dotEnv) writeFileSync(join(root, '.env'), dotEnv);
-  return loadConfig(root, { TZ: 'UTC', LOG_LEVEL: 'info', NANOCLAW_MOUNT_ALLOWLIST: join(root, 'no-allowlist.json'), KIMI_BASE_URL: NO_MODEL_URL, ...env });
+  return loadConfig(root, {
+    TZ: 'UTC',
+    LOG_LEVEL: 'info',
+    NANOCLAW_MOUNT_ALLOWLIST: join(root, 'no-allowlist.json'),
+    KIMI_BASE_URL: NO_MODEL_URL,
+    ...env,
+  });
 }
 
 /** A real Channel implementation that keeps what it was asked to send. */
@@ -128,7 +146,11 @@ export class RecordingChannel implements Channel {
 }
 
 /** Polls until `check` returns a truthy value (or fails after timeoutMs). */
-export async function waitFor<T>(check: () => T | undefined | null | false, timeoutMs = 10_000, what = 'condition'): Promise<T> {
+export async function waitFor<T>(
+  check: () => T | undefined | null | false,
+  timeoutMs = 10_000,
+  what = 'condition',
+): Promise<T> {
   const deadline = Date.now() + timeoutMs;
   for (;;) {
     const value = check();
@@ -147,7 +169,10 @@ export class RecordingWhatsApp extends WhatsAppChannel {
   readonly delivered: { jid: string; text: string; messageId: string; content?: proto.IMessage }[] = [];
   protected override async send(jid: string, text: string, messageId: string): Promise<proto.IMessage | undefined> {
     if (!this.isConnected) throw new Error('offline');
-    const content = await generateWAMessageContent({ text }, { upload: () => Promise.reject(new Error('a text needs no upload')) });
+    const content = await generateWAMessageContent(
+      { text },
+      { upload: () => Promise.reject(new Error('a text needs no upload')) },
+    );
     this.delivered.push({ jid, text, messageId, content });
     return content;
   }
@@ -174,7 +199,14 @@ export function flakyServer(holdMs: number | ((connection: number) => number)) {
       message() {},
     },
   });
-  return { url: `ws://127.0.0.1:${server.port}/ws/chat`, connectedAt, get maxOpen() { return maxOpen; }, stop: () => server.stop(true) };
+  return {
+    url: `ws://127.0.0.1:${server.port}/ws/chat`,
+    connectedAt,
+    get maxOpen() {
+      return maxOpen;
+    },
+    stop: () => server.stop(true),
+  };
 }
 
 /** creds.json as baileys' useMultiFileAuthState writes it (BufferJSON). */
@@ -188,18 +220,33 @@ export function writeCreds(dir: string, creds: object): void {
  */
 export async function linkedAuthDir(): Promise<string> {
   const dir = tempDir('nanoclaw-wa-auth-');
-  const account = proto.ADVSignedDeviceIdentity.fromObject({ details: Buffer.alloc(32, 1), accountSignatureKey: Buffer.alloc(32, 2), accountSignature: Buffer.alloc(64, 3), deviceSignature: Buffer.alloc(64, 4) });
-  writeCreds(dir, { ...initAuthCreds(), me: { id: '4915100000001:7@s.whatsapp.net', lid: '99887766:7@lid', name: 'Me' }, account, platform: 'android', registered: false });
+  const account = proto.ADVSignedDeviceIdentity.fromObject({
+    details: Buffer.alloc(32, 1),
+    accountSignatureKey: Buffer.alloc(32, 2),
+    accountSignature: Buffer.alloc(64, 3),
+    deviceSignature: Buffer.alloc(64, 4),
+  });
+  writeCreds(dir, {
+    ...initAuthCreds(),
+    me: { id: '4915100000001:7@s.whatsapp.net', lid: '99887766:7@lid', name: 'Me' },
+    account,
+    platform: 'android',
+    registered: false,
+  });
   return dir;
 }
 
 /** What baileys leaves after `requestPairingCode` when the phone never confirmed: `me` without `account`. */
 export function pendingPairingAuthDir(): string {
   const dir = tempDir('nanoclaw-wa-auth-');
-  writeCreds(dir, { ...initAuthCreds(), me: { id: '4915100000001@s.whatsapp.net', name: '~' }, pairingCode: 'RDXVVHVB', registered: false });
+  writeCreds(dir, {
+    ...initAuthCreds(),
+    me: { id: '4915100000001@s.whatsapp.net', name: '~' },
+    pairingCode: 'RDXVVHVB',
+    registered: false,
+  });
   return dir;
 }
-
 
 /**
  * What WhatsApp's servers do once a linked device logs in, which the local server cannot:

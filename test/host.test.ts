@@ -22,7 +22,11 @@ interface World {
 
 const worlds: World[] = [];
 
-async function world(env: Record<string, string> = {}, options: HostOptions = {}, reuse?: { docker: FakeDocker; config: Config }): Promise<World> {
+async function world(
+  env: Record<string, string> = {},
+  options: HostOptions = {},
+  reuse?: { docker: FakeDocker; config: Config },
+): Promise<World> {
   const docker = reuse?.docker ?? fakeDocker();
   const config = reuse?.config ?? tempProject({ CONTAINER_RUNTIME: docker.path, ...env }, `KIMI_API_KEY=${SECRET}\n`);
   setupLogging(config, { terminalLevel: 'silent', secrets: [SECRET] });
@@ -33,7 +37,13 @@ async function world(env: Record<string, string> = {}, options: HostOptions = {}
     addGroup(config, store, { jid: WORK, name: 'Work', folder: 'work' });
   }
   const channel = new RecordingChannel([MAIN, FAMILY, WORK, 'stranger@g.us']);
-  const host = new Host(config, store, [channel], { retryBaseMs: 50, recoverySweepMs: 60_000, ipcSweepMs: 60_000, shutdownGraceMs: 2000, ...options });
+  const host = new Host(config, store, [channel], {
+    retryBaseMs: 50,
+    recoverySweepMs: 60_000,
+    ipcSweepMs: 60_000,
+    shutdownGraceMs: 2000,
+    ...options,
+  });
   await host.start();
   const w = { docker, config, store, channel, host };
   worlds.push(w);
@@ -51,14 +61,24 @@ afterEach(async () => {
 });
 
 const texts = (w: World, jid?: string) => w.channel.sent.filter((s) => !jid || s.jid === jid).map((s) => s.text);
-const stdinOf = (w: World, i: number) => JSON.parse(w.docker.runs()[i]!.stdin!) as { prompt: string; sessionId?: string; chatJid: string };
+const stdinOf = (w: World, i: number) =>
+  JSON.parse(w.docker.runs()[i]!.stdin!) as { prompt: string; sessionId?: string; chatJid: string };
 
 describe('timers the host keeps, on a clock the test moves', () => {
   it('the recovery sweep finds a message that came in without an event, exactly every recoverySweepMs', async () => {
     const clock = new FakeClock();
     const w = await world({}, { clock, recoverySweepMs: 60_000 });
     // Stored behind the host's back (as by a crash between storing and queueing): only the sweep can see it.
-    w.store.storeMessage({ id: 'quiet-1', chatJid: MAIN, sender: 'u', senderName: 'U', content: 'anyone?', timestamp: new Date().toISOString(), isFromMe: false, isBotMessage: false });
+    w.store.storeMessage({
+      id: 'quiet-1',
+      chatJid: MAIN,
+      sender: 'u',
+      senderName: 'U',
+      content: 'anyone?',
+      timestamp: new Date().toISOString(),
+      isFromMe: false,
+      isBotMessage: false,
+    });
     await clock.advance(59_999);
     expect(w.docker.runs()).toHaveLength(0);
     await clock.advance(1);
@@ -78,7 +98,12 @@ describe('warm when it matters', () => {
     await waitFor(() => texts(w).length === 1, 10_000, 'reply');
     expect(texts(w)).toEqual(['Andy: echo: hello']);
     expect(w.docker.runs()).toHaveLength(1);
-    expect(w.docker.calls().filter((c) => c.command === 'follow-up').map((c) => c.text)).toHaveLength(1);
+    expect(
+      w.docker
+        .calls()
+        .filter((c) => c.command === 'follow-up')
+        .map((c) => c.text),
+    ).toHaveLength(1);
     // The cursor moved with the answer: a restart would not answer it again.
     expect(w.store.messagesSince(MAIN, w.store.getCursor(MAIN))).toEqual([]);
   });
@@ -113,7 +138,10 @@ describe('warm when it matters', () => {
     expect(w.docker.calls().some((c) => c.command === 'follow-up')).toBe(false);
     w.channel.receive(FAMILY, '@Andy now you');
     await waitFor(() => texts(w).length === 1, 10_000, 'reply');
-    const handed = w.docker.calls().filter((c) => c.command === 'follow-up').map((c) => String(c.text));
+    const handed = w.docker
+      .calls()
+      .filter((c) => c.command === 'follow-up')
+      .map((c) => String(c.text));
     expect(handed).toHaveLength(1);
     expect(handed[0]).toContain('just chatting'); // the context since the last answer comes with it
     expect(texts(w)).toEqual(['Andy: echo: now you']);
@@ -188,7 +216,9 @@ describe('routing', () => {
     await Bun.sleep(200);
     expect(w.docker.runs()).toHaveLength(0);
     expect(w.store.listChats().map((c) => c.jid)).toContain('stranger@g.us');
-    expect(w.store.db.query("SELECT COUNT(*) AS n FROM messages WHERE chat_jid = 'stranger@g.us'").get()).toEqual({ n: 0 });
+    expect(w.store.db.query("SELECT COUNT(*) AS n FROM messages WHERE chat_jid = 'stranger@g.us'").get()).toEqual({
+      n: 0,
+    });
   });
 
   it('never triggers on the bot’s own messages, and ignores a message delivered twice', async () => {
@@ -236,7 +266,10 @@ describe('containers per group', () => {
     w.channel.receive(FAMILY, '@Andy one');
     w.channel.receive(WORK, '@Andy two');
     await waitFor(() => texts(w).length === 2, 15_000, 'both replies');
-    const order = w.docker.calls().filter((c) => c.command === 'run' || c.command === 'closed').map((c) => c.command);
+    const order = w.docker
+      .calls()
+      .filter((c) => c.command === 'run' || c.command === 'closed')
+      .map((c) => c.command);
     expect(order).toEqual(['run', 'closed', 'run']); // the first closed (someone waited) before the second ran
   });
 
@@ -289,7 +322,16 @@ describe('failures', () => {
     const setup = new Store(config.dbPath);
     addGroup(config, setup, { jid: MAIN, name: 'Me', folder: 'main', isMain: true });
     // The previous host stored this, then died before running the agent.
-    setup.storeMessage({ id: 'lost-1', chatJid: MAIN, sender: 'me', senderName: 'Me', content: 'did you get this?', timestamp: new Date().toISOString(), isFromMe: true, isBotMessage: false });
+    setup.storeMessage({
+      id: 'lost-1',
+      chatJid: MAIN,
+      sender: 'me',
+      senderName: 'Me',
+      content: 'did you get this?',
+      timestamp: new Date().toISOString(),
+      isFromMe: true,
+      isBotMessage: false,
+    });
     setup.close();
     const w = await world({}, {}, { docker, config });
     await waitFor(() => texts(w).length === 1, 10_000, 'recovered reply');
@@ -310,7 +352,10 @@ describe('failures', () => {
 
 describe('IPC from the agent', () => {
   const drop = (w: World, folder: string, kind: 'messages' | 'tasks', data: unknown) =>
-    writeJsonAtomic(join(w.config.ipcDir, folder, kind, `${Date.now()}-${Math.random().toString(36).slice(2)}.json`), data);
+    writeJsonAtomic(
+      join(w.config.ipcDir, folder, kind, `${Date.now()}-${Math.random().toString(36).slice(2)}.json`),
+      data,
+    );
 
   it('sends a message to the group’s own chat, and refuses another group’s chat', async () => {
     const w = await world();
@@ -318,7 +363,9 @@ describe('IPC from the agent', () => {
     drop(w, 'family', 'messages', { type: 'message', chatJid: FAMILY, text: 'dinner at 7' });
     await waitFor(() => texts(w).length === 1, 5000, 'ipc message');
     await Bun.sleep(200);
-    expect(w.channel.sent.map(({ jid, text }) => ({ jid, text }))).toEqual([{ jid: FAMILY, text: 'Andy: dinner at 7' }]); // said like an answer
+    expect(w.channel.sent.map(({ jid, text }) => ({ jid, text }))).toEqual([
+      { jid: FAMILY, text: 'Andy: dinner at 7' },
+    ]); // said like an answer
     expect(readFileSync(join(w.config.logsDir, 'nanoclaw.log'), 'utf8')).toContain('IPC request refused');
   });
 
@@ -342,15 +389,34 @@ describe('IPC from the agent', () => {
 
   it('schedules tasks for its own chat only, and only main registers groups', async () => {
     const w = await world();
-    drop(w, 'family', 'tasks', { type: 'schedule_task', prompt: 'water the plants', schedule_type: 'cron', schedule_value: '0 9 * * *', context_mode: 'group' });
-    drop(w, 'family', 'tasks', { type: 'schedule_task', prompt: 'meddle', schedule_type: 'interval', schedule_value: '60000', context_mode: 'isolated', targetJid: WORK });
+    drop(w, 'family', 'tasks', {
+      type: 'schedule_task',
+      prompt: 'water the plants',
+      schedule_type: 'cron',
+      schedule_value: '0 9 * * *',
+      context_mode: 'group',
+    });
+    drop(w, 'family', 'tasks', {
+      type: 'schedule_task',
+      prompt: 'meddle',
+      schedule_type: 'interval',
+      schedule_value: '60000',
+      context_mode: 'isolated',
+      targetJid: WORK,
+    });
     drop(w, 'family', 'tasks', { type: 'register_group', jid: 'new@g.us', name: 'New', folder: 'new' });
     drop(w, 'main', 'tasks', { type: 'register_group', jid: 'club@g.us', name: 'Club', folder: 'club' });
     await waitFor(() => w.store.groupByJid('club@g.us'), 5000, 'club registered');
     await waitFor(() => w.store.listTasks().length === 1, 5000, 'task stored');
     await Bun.sleep(200);
     const [task] = w.store.listTasks();
-    expect(task).toMatchObject({ groupFolder: 'family', chatJid: FAMILY, prompt: 'water the plants', status: 'active', contextMode: 'group' });
+    expect(task).toMatchObject({
+      groupFolder: 'family',
+      chatJid: FAMILY,
+      prompt: 'water the plants',
+      status: 'active',
+      contextMode: 'group',
+    });
     expect(new Date(task!.nextRun!).getUTCHours()).toBe(9); // TZ=UTC in tests
     expect(w.store.groupByJid('new@g.us')).toBeNull();
     expect(existsSync(join(w.config.groupsDir, 'club', 'CLAUDE.md'))).toBe(true);
@@ -361,15 +427,36 @@ describe('IPC from the agent', () => {
   it('resuming a one-off whose time has passed is refused alike from the agent and from the CLI; the task stays paused', async () => {
     const w = await world();
     w.store.createTask({
-      id: 'past-once', groupFolder: 'family', chatJid: FAMILY, prompt: 'p', scheduleType: 'once', scheduleValue: '2020-01-01 09:00', contextMode: 'group',
-      nextRun: null, lastRun: null, lastResult: null, status: 'paused', createdAt: new Date().toISOString(),
+      id: 'past-once',
+      groupFolder: 'family',
+      chatJid: FAMILY,
+      prompt: 'p',
+      scheduleType: 'once',
+      scheduleValue: '2020-01-01 09:00',
+      contextMode: 'group',
+      nextRun: null,
+      lastRun: null,
+      lastResult: null,
+      status: 'paused',
+      createdAt: new Date().toISOString(),
     });
     drop(w, 'family', 'tasks', { type: 'resume_task', taskId: 'past-once' });
-    await waitFor(() => existsSync(join(w.config.ipcDir, 'errors')) && readdirSync(join(w.config.ipcDir, 'errors')).length === 1, 5000, 'refused');
+    await waitFor(
+      () => existsSync(join(w.config.ipcDir, 'errors')) && readdirSync(join(w.config.ipcDir, 'errors')).length === 1,
+      5000,
+      'refused',
+    );
     expect(w.store.getTask('past-once')).toMatchObject({ status: 'paused', nextRun: null });
     expect(readFileSync(join(w.config.logsDir, 'nanoclaw.log'), 'utf8')).toContain('has no future run left');
     const cli = Bun.spawn([process.execPath, join(REPO, 'nanoclaw.ts'), 'tasks', 'resume', 'past-once'], {
-      stdout: 'pipe', stderr: 'pipe', env: { PATH: process.env.PATH!, HOME: process.env.HOME!, NANOCLAW_ROOT: w.config.projectRoot, CONTAINER_RUNTIME: w.docker.path },
+      stdout: 'pipe',
+      stderr: 'pipe',
+      env: {
+        PATH: process.env.PATH!,
+        HOME: process.env.HOME!,
+        NANOCLAW_ROOT: w.config.projectRoot,
+        CONTAINER_RUNTIME: w.docker.path,
+      },
     });
     const [stderr, code] = await Promise.all([new Response(cli.stderr).text(), cli.exited]);
     expect(code).toBe(2);
@@ -379,7 +466,13 @@ describe('IPC from the agent', () => {
 
   it('lets a group pause and cancel its own task but not another group’s', async () => {
     const w = await world();
-    drop(w, 'work', 'tasks', { type: 'schedule_task', prompt: 'standup', schedule_type: 'interval', schedule_value: '3600000', context_mode: 'isolated' });
+    drop(w, 'work', 'tasks', {
+      type: 'schedule_task',
+      prompt: 'standup',
+      schedule_type: 'interval',
+      schedule_value: '3600000',
+      context_mode: 'isolated',
+    });
     const task = await waitFor(() => w.store.listTasks()[0], 5000, 'task');
     drop(w, 'family', 'tasks', { type: 'cancel_task', taskId: task.id });
     drop(w, 'work', 'tasks', { type: 'pause_task', taskId: task.id });

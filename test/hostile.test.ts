@@ -6,7 +6,16 @@
  * messages, as if it had guessed them: nothing relies on the agent not knowing.
  */
 import { execFileSync } from 'node:child_process';
-import { chmodSync, chownSync, existsSync, lstatSync, mkdirSync, readdirSync, readFileSync, statSync, writeFileSync } from 'node:fs';
+import {
+  chmodSync,
+  chownSync,
+  existsSync,
+  lstatSync,
+  readdirSync,
+  readFileSync,
+  statSync,
+  writeFileSync,
+} from 'node:fs';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
@@ -27,7 +36,8 @@ const OFFLINE = 'offline@g.us';
 
 let model: FakeModel;
 beforeAll(() => {
-  if (Bun.spawnSync(['docker', 'image', 'inspect', IMAGE]).exitCode !== 0) throw new Error(`The image ${IMAGE} is missing: run ./container/build.sh --test`);
+  if (Bun.spawnSync(['docker', 'image', 'inspect', IMAGE]).exitCode !== 0)
+    throw new Error(`The image ${IMAGE} is missing: run ./container/build.sh --test`);
   model = startFakeModel({ key: KEY });
 });
 afterAll(() => model.stop());
@@ -43,7 +53,16 @@ interface World {
 const worlds: World[] = [];
 
 async function world(): Promise<World> {
-  const config = tempProject({ CONTAINER_IMAGE: IMAGE, IDLE_TIMEOUT: '400', KIMI_BASE_URL: model.url, TASK_MAX_ACTIVE: '5', TASK_MIN_INTERVAL: '600000' }, `KIMI_API_KEY=${KEY}\n`);
+  const config = tempProject(
+    {
+      CONTAINER_IMAGE: IMAGE,
+      IDLE_TIMEOUT: '400',
+      KIMI_BASE_URL: model.url,
+      TASK_MAX_ACTIVE: '5',
+      TASK_MIN_INTERVAL: '600000',
+    },
+    `KIMI_API_KEY=${KEY}\n`,
+  );
   chmodSync(config.projectRoot, 0o755);
   setupLogging(config, { terminalLevel: 'silent', secrets: [KEY] });
   const store = new Store(config.dbPath);
@@ -53,11 +72,22 @@ async function world(): Promise<World> {
   addGroup(config, store, { jid: OFFLINE, name: 'Offline', folder: 'offline', containerConfig: { network: 'none' } });
   const canary = tempDir('nanoclaw-canary-');
   writeFileSync(join(canary, 'keep.txt'), 'keep me');
-  writeFileSync(join(canary, 'a.json'), JSON.stringify({ type: 'message', chatJid: EVIL, text: 'moved out of a host folder' }));
-  writeFileSync(join(canary, 'secret.json'), JSON.stringify({ type: 'message', chatJid: EVIL, text: 'read a host file as root' }));
+  writeFileSync(
+    join(canary, 'a.json'),
+    JSON.stringify({ type: 'message', chatJid: EVIL, text: 'moved out of a host folder' }),
+  );
+  writeFileSync(
+    join(canary, 'secret.json'),
+    JSON.stringify({ type: 'message', chatJid: EVIL, text: 'read a host file as root' }),
+  );
   writeFileSync(join(canary, 'owned.txt'), 'owner must not change');
   const channel = new RecordingChannel([MAIN, EVIL, QUIET, OFFLINE]);
-  const host = new Host(config, store, [channel], { retryBaseMs: 200, recoverySweepMs: 60_000, ipcSweepMs: 60_000, shutdownGraceMs: 5000 });
+  const host = new Host(config, store, [channel], {
+    retryBaseMs: 200,
+    recoverySweepMs: 60_000,
+    ipcSweepMs: 60_000,
+    shutdownGraceMs: 5000,
+  });
   await host.start();
   const w = { config, store, channel, host, canary };
   worlds.push(w);
@@ -95,7 +125,9 @@ const KEY_SCAN =
   'for f in /proc/[0-9]*/environ /proc/[0-9]*/cmdline; do grep -qaF -e "$k" "$f" 2>/dev/null && echo "FOUND $f"; done; echo scan-done';
 
 describe('a hostile agent', () => {
-  it('finds the key nowhere the container can see, in a group or in main; the model still answers through the proxy', { timeout: 180_000 }, async () => {
+  it('finds the key nowhere the container can see, in a group or in main; the model still answers through the proxy', {
+    timeout: 180_000,
+  }, async () => {
     const w = await world();
     for (const jid of [EVIL, MAIN]) {
       const reply = await ask(w, jid, `!shell ${KEY_SCAN}`);
@@ -106,7 +138,11 @@ describe('a hostile agent', () => {
     const config = await ask(w, EVIL, '!shell cat ~/.kimi/config.toml; echo; env | grep -ci kimi_api_key');
     expect(config).toMatch(/api_key = "ncp-[0-9a-f]{32}"/);
     expect(config).toMatch(/base_url = "http:\/\/127\.0\.0\.1:\d+"/);
-    const main = await ask(w, MAIN, '!shell cat /workspace/project/.env | wc -c; find /workspace/project/store /workspace/project/data -mindepth 1 | wc -l; touch /workspace/project/nanoclaw.ts 2>/dev/null && echo code-writable || echo code-read-only');
+    const main = await ask(
+      w,
+      MAIN,
+      '!shell cat /workspace/project/.env | wc -c; find /workspace/project/store /workspace/project/data -mindepth 1 | wc -l; touch /workspace/project/nanoclaw.ts 2>/dev/null && echo code-writable || echo code-read-only',
+    );
     expect(main.split(/\s+/).filter(Boolean).slice(1)).toEqual(['0', '0', 'code-read-only']);
     // Every answer came through the proxy with the real key; the container only ever had its token.
     expect(model.requests.filter((r) => r.authorization !== `Bearer ${KEY}`)).toEqual([]);
@@ -117,15 +153,15 @@ describe('a hostile agent', () => {
     const c = w.canary;
     chownSync(join(c, 'owned.txt'), 0, 0);
     const plant = [
-      'rm -rf /workspace/group/logs && ln -s ' + c + ' /workspace/group/logs',
-      'ln -sf ' + join(c, 'owned.txt') + ' /workspace/group/CLAUDE.md',
-      'rm -rf /workspace/ipc/input && ln -s ' + c + ' /workspace/ipc/input', // a mount point: refused by the kernel
-      'ln -s ' + c + ' /workspace/ipc/input/planted-in-inbox', // the run's inbox, which the host deletes after the run
-      'ln -s ' + c + ' /workspace/ipc/input-old', // where follow-ups lived before runs had their own inbox
-      'rm -f /workspace/ipc/current_tasks.json && ln -s ' + join(c, 'keep.txt') + ' /workspace/ipc/current_tasks.json',
-      'ln -s ' + join(c, 'secret.json') + ' /workspace/ipc/messages/1-secret.json',
-      'rm -rf /workspace/ipc/tasks && ln -s ' + c + ' /workspace/ipc/tasks',
-      'ln -s ' + c + ' ~/.kimi/sessions/escape',
+      `rm -rf /workspace/group/logs && ln -s ${c} /workspace/group/logs`,
+      `ln -sf ${join(c, 'owned.txt')} /workspace/group/CLAUDE.md`,
+      `rm -rf /workspace/ipc/input && ln -s ${c} /workspace/ipc/input`, // a mount point: refused by the kernel
+      `ln -s ${c} /workspace/ipc/input/planted-in-inbox`, // the run's inbox, which the host deletes after the run
+      `ln -s ${c} /workspace/ipc/input-old`, // where follow-ups lived before runs had their own inbox
+      `rm -f /workspace/ipc/current_tasks.json && ln -s ${join(c, 'keep.txt')} /workspace/ipc/current_tasks.json`,
+      `ln -s ${join(c, 'secret.json')} /workspace/ipc/messages/1-secret.json`,
+      `rm -rf /workspace/ipc/tasks && ln -s ${c} /workspace/ipc/tasks`,
+      `ln -s ${c} ~/.kimi/sessions/escape`,
       'echo planted',
     ].join('; ');
     expect(await ask(w, EVIL, `!shell ${plant}`)).toContain('planted');
@@ -140,7 +176,14 @@ describe('a hostile agent', () => {
     expect(sent(w, EVIL).join('\n')).not.toMatch(/moved out of a host folder|read a host file as root/);
     // The operator commands that read or delete in the trees.
     const cli = (...args: string[]) =>
-      Bun.spawnSync(['bun', join(REPO, 'nanoclaw.ts'), ...args], { env: { PATH: process.env.PATH!, HOME: process.env.HOME!, NANOCLAW_ROOT: w.config.projectRoot, KIMI_BASE_URL: model.url } });
+      Bun.spawnSync(['bun', join(REPO, 'nanoclaw.ts'), ...args], {
+        env: {
+          PATH: process.env.PATH!,
+          HOME: process.env.HOME!,
+          NANOCLAW_ROOT: w.config.projectRoot,
+          KIMI_BASE_URL: model.url,
+        },
+      });
     cli('sessions', 'clear', 'evil');
     canaryIntact(w);
     const logs = cli('logs', '--group', 'evil');
@@ -154,7 +197,8 @@ describe('a hostile agent', () => {
     const w = await world();
     // The big file appears whole (written aside, then renamed in), so it is seen at its full size;
     // one written in place may be claimed half-written and is then simply malformed.
-    const flood = 'mkfifo /workspace/ipc/messages/1-fifo.json /workspace/ipc/tasks/1-fifo.json; head -c 5000000 /dev/zero > /workspace/ipc/messages/.big && mv /workspace/ipc/messages/.big /workspace/ipc/messages/2-big.json; echo laid';
+    const flood =
+      'mkfifo /workspace/ipc/messages/1-fifo.json /workspace/ipc/tasks/1-fifo.json; head -c 5000000 /dev/zero > /workspace/ipc/messages/.big && mv /workspace/ipc/messages/.big /workspace/ipc/messages/2-big.json; echo laid';
     expect(await ask(w, EVIL, `!shell ${flood}`)).toContain('laid');
     await w.host.ipc.scan();
     expect(await ask(w, QUIET, 'are you frozen?')).toBe('Andy: [stub] are you frozen?');
@@ -165,54 +209,128 @@ describe('a hostile agent', () => {
     expect(hostLog).toContain('over the 1048576-byte limit');
   });
 
-  it('cannot escape through folder names, act for others, or schedule without limits; a fork bomb stays inside', { timeout: 240_000 }, async () => {
+  it('cannot escape through folder names, act for others, or schedule without limits; a fork bomb stays inside', {
+    timeout: 240_000,
+  }, async () => {
     const w = await world();
     const tasks = (folder: string) => w.store.listTasks(folder).length;
     // Writing requests straight into its IPC folder, bypassing the MCP server's own checks.
     const requests = [
       { type: 'register_group', jid: 'x@g.us', name: 'X', folder: 'errors' },
       { type: 'register_group', jid: 'y@g.us', name: 'Y', folder: '../../etc' },
-      { type: 'schedule_task', prompt: 'spam', schedule_type: 'interval', schedule_value: '1000', context_mode: 'isolated' },
-      { type: 'schedule_task', prompt: 'spam', schedule_type: 'cron', schedule_value: '* * * * *', context_mode: 'isolated' },
-      { type: 'schedule_task', prompt: 'for quiet', schedule_type: 'interval', schedule_value: '600000', context_mode: 'isolated', targetJid: QUIET },
-      ...Array.from({ length: 8 }, (_, i) => ({ type: 'schedule_task', prompt: `slow ${i}`, schedule_type: 'interval', schedule_value: '600000', context_mode: 'isolated' })),
+      {
+        type: 'schedule_task',
+        prompt: 'spam',
+        schedule_type: 'interval',
+        schedule_value: '1000',
+        context_mode: 'isolated',
+      },
+      {
+        type: 'schedule_task',
+        prompt: 'spam',
+        schedule_type: 'cron',
+        schedule_value: '* * * * *',
+        context_mode: 'isolated',
+      },
+      {
+        type: 'schedule_task',
+        prompt: 'for quiet',
+        schedule_type: 'interval',
+        schedule_value: '600000',
+        context_mode: 'isolated',
+        targetJid: QUIET,
+      },
+      ...Array.from({ length: 8 }, (_, i) => ({
+        type: 'schedule_task',
+        prompt: `slow ${i}`,
+        schedule_type: 'interval',
+        schedule_value: '600000',
+        context_mode: 'isolated',
+      })),
     ];
     // Each written aside and renamed in, as a whole (one written in place may be claimed half-written: then it is only malformed).
-    const put = (r: object, name: string) => `printf '%s' '${JSON.stringify(r)}' > /workspace/ipc/tasks/.${name} && mv /workspace/ipc/tasks/.${name} /workspace/ipc/tasks/${name}.json`;
+    const put = (r: object, name: string) =>
+      `printf '%s' '${JSON.stringify(r)}' > /workspace/ipc/tasks/.${name} && mv /workspace/ipc/tasks/.${name} /workspace/ipc/tasks/${name}.json`;
     const write = requests.map((r, i) => put(r, String(i).padStart(2, '0'))).join('; ');
     expect(await ask(w, EVIL, `!shell ${write}; echo written`)).toContain('written');
     // Handled = gone from its folder and from the host's claimed/ (where a file waits while it is handled).
-    const inHand = (folder: string) => readdirSync(join(w.config.ipcDir, folder, 'tasks')).length + (existsSync(join(w.config.ipcDir, 'claimed')) ? readdirSync(join(w.config.ipcDir, 'claimed')).filter((n) => n.startsWith(`${folder}.`)).length : 0);
+    const inHand = (folder: string) =>
+      readdirSync(join(w.config.ipcDir, folder, 'tasks')).length +
+      (existsSync(join(w.config.ipcDir, 'claimed'))
+        ? readdirSync(join(w.config.ipcDir, 'claimed')).filter((n) => n.startsWith(`${folder}.`)).length
+        : 0);
     await waitFor(() => inHand('evil') === 0, 20_000, 'requests handled');
     await w.host.ipc.scan();
     expect(w.store.groupByFolder('errors')).toBeNull();
-    expect(w.store.listGroups().map((g) => g.folder).sort()).toEqual(['evil', 'main', 'offline', 'quiet']);
+    expect(
+      w.store
+        .listGroups()
+        .map((g) => g.folder)
+        .sort(),
+    ).toEqual(['evil', 'main', 'offline', 'quiet']);
     expect(tasks('quiet')).toBe(0);
     expect(w.store.listTasks('evil').map((t) => t.scheduleValue)).toEqual(Array(5).fill('600000')); // TASK_MAX_ACTIVE=5, none faster than TASK_MIN_INTERVAL
     // Main may register groups, but never under a name NanoClaw uses itself or one that climbs out.
-    const names = ['errors', 'global', 'claimed', '../../etc', 'a/b'].map((folder, i) => ({ type: 'register_group', jid: `n${i}@g.us`, name: 'N', folder }));
+    const names = ['errors', 'global', 'claimed', '../../etc', 'a/b'].map((folder, i) => ({
+      type: 'register_group',
+      jid: `n${i}@g.us`,
+      name: 'N',
+      folder,
+    }));
     const mainWrite = names.map((r, i) => put(r, String(i))).join('; ');
     expect(await ask(w, MAIN, `!shell ${mainWrite}; echo written`)).toContain('written');
     await waitFor(() => inHand('main') === 0, 20_000, 'main requests handled');
     await w.host.ipc.scan();
-    expect(w.store.listGroups().map((g) => g.folder).sort()).toEqual(['evil', 'main', 'offline', 'quiet']);
+    expect(
+      w.store
+        .listGroups()
+        .map((g) => g.folder)
+        .sort(),
+    ).toEqual(['evil', 'main', 'offline', 'quiet']);
     expect(existsSync(join(w.config.groupsDir, '..', '..', 'etc', 'CLAUDE.md'))).toBe(false);
     // A fork bomb and two CPU burners: the pids and CPU limits hold them (the agent starves
     // only itself: it gets no answer out) while the other groups are answered.
-    w.channel.receive(EVIL, '@Andy !shell (while :; do :; done) >/dev/null 2>&1 & (while :; do :; done) >/dev/null 2>&1 & (for i in $(seq 1 3000); do sleep 120 & done) >/dev/null 2>&1 & sleep 100');
-    const pids = await waitFor(() => {
-      const names = Bun.spawnSync(['docker', 'ps', '-q', '--filter', `label=nanoclaw.install=${installId(w.config)}`, '--filter', 'label=nanoclaw.group=evil']).stdout.toString().trim();
-      if (!names) return null;
-      const count = Number(Bun.spawnSync(['docker', 'stats', '--no-stream', '--format', '{{.PIDs}}', names.split('\n')[0]!]).stdout.toString().trim());
-      return count >= w.config.container.pids - 20 ? count : null;
-    }, 60_000, 'the fork bomb to reach the pids limit');
+    w.channel.receive(
+      EVIL,
+      '@Andy !shell (while :; do :; done) >/dev/null 2>&1 & (while :; do :; done) >/dev/null 2>&1 & (for i in $(seq 1 3000); do sleep 120 & done) >/dev/null 2>&1 & sleep 100',
+    );
+    const pids = await waitFor(
+      () => {
+        const names = Bun.spawnSync([
+          'docker',
+          'ps',
+          '-q',
+          '--filter',
+          `label=nanoclaw.install=${installId(w.config)}`,
+          '--filter',
+          'label=nanoclaw.group=evil',
+        ])
+          .stdout.toString()
+          .trim();
+        if (!names) return null;
+        const count = Number(
+          Bun.spawnSync(['docker', 'stats', '--no-stream', '--format', '{{.PIDs}}', names.split('\n')[0]!])
+            .stdout.toString()
+            .trim(),
+        );
+        return count >= w.config.container.pids - 20 ? count : null;
+      },
+      60_000,
+      'the fork bomb to reach the pids limit',
+    );
     expect(pids).toBeLessThanOrEqual(w.config.container.pids);
     expect(await ask(w, QUIET, 'still answering?')).toBe('Andy: [stub] still answering?');
   });
 
-  it('runs hardened: no capabilities, no privilege gain, read-only image, limits; no network for a group set to none, which still reaches the model; Chromium works', { timeout: 240_000 }, async () => {
+  it('runs hardened: no capabilities, no privilege gain, read-only image, limits; no network for a group set to none, which still reaches the model; Chromium works', {
+    timeout: 240_000,
+  }, async () => {
     const w = await world();
-    const inside = await ask(w, EVIL, '!shell grep -E "^(CapEff|NoNewPrivs)" /proc/self/status; touch /usr/x 2>&1 | grep -o "Read-only file system"; id -u; touch /tmp/t ~/t && echo scratch-ok');
+    const inside = await ask(
+      w,
+      EVIL,
+      '!shell grep -E "^(CapEff|NoNewPrivs)" /proc/self/status; touch /usr/x 2>&1 | grep -o "Read-only file system"; id -u; touch /tmp/t ~/t && echo scratch-ok',
+    );
     expect(inside).toContain('CapEff:\t0000000000000000');
     expect(inside).toContain('NoNewPrivs:\t1');
     expect(inside).toContain('Read-only file system');
@@ -220,29 +338,79 @@ describe('a hostile agent', () => {
     const offline = await ask(w, OFFLINE, '!shell ls /sys/class/net | tr "\\n" " "; echo');
     expect(offline).toBe('Andy: lo');
     const page = '<html><body><h1>Hello</h1><button>Press me</button></body></html>';
-    const browse = await ask(w, OFFLINE, `!shell printf '%s' '${page}' > /tmp/p.html && agent-browser open file:///tmp/p.html >/dev/null && agent-browser snapshot; agent-browser close >/dev/null`, 120_000);
+    const browse = await ask(
+      w,
+      OFFLINE,
+      `!shell printf '%s' '${page}' > /tmp/p.html && agent-browser open file:///tmp/p.html >/dev/null && agent-browser snapshot; agent-browser close >/dev/null`,
+      120_000,
+    );
     expect(browse).toContain('button "Press me"');
   });
 });
 
 describe('installs', () => {
-  it('start-up removes this install’s leftovers, whatever their state, and leaves another install’s containers running', { timeout: 180_000 }, async () => {
+  it('start-up removes this install’s leftovers, whatever their state, and leaves another install’s containers running', {
+    timeout: 180_000,
+  }, async () => {
     const config = tempProject({ CONTAINER_IMAGE: IMAGE, KIMI_BASE_URL: model.url }, `KIMI_API_KEY=${KEY}\n`);
     const ours = installId(config);
     const stamp = Date.now();
-    const names = { running: `nanoclaw-${ours}-main-${stamp}`, created: `nanoclaw-${ours}-evil-${stamp}`, other: `nanoclaw-other0install-main-${stamp}` };
+    const names = {
+      running: `nanoclaw-${ours}-main-${stamp}`,
+      created: `nanoclaw-${ours}-evil-${stamp}`,
+      other: `nanoclaw-other0install-main-${stamp}`,
+    };
     const docker = (...args: string[]) => execFileSync('docker', args, { stdio: 'pipe' }).toString().trim();
     try {
-      docker('run', '-d', '--label', `${INSTALL_LABEL}=${ours}`, '--name', names.running, '--entrypoint', 'sleep', IMAGE, '300');
-      docker('create', '--label', `${INSTALL_LABEL}=${ours}`, '--name', names.created, '--entrypoint', 'sleep', IMAGE, '300');
-      docker('run', '-d', '--label', `${INSTALL_LABEL}=other0install`, '--name', names.other, '--entrypoint', 'sleep', IMAGE, '300');
+      docker(
+        'run',
+        '-d',
+        '--label',
+        `${INSTALL_LABEL}=${ours}`,
+        '--name',
+        names.running,
+        '--entrypoint',
+        'sleep',
+        IMAGE,
+        '300',
+      );
+      docker(
+        'create',
+        '--label',
+        `${INSTALL_LABEL}=${ours}`,
+        '--name',
+        names.created,
+        '--entrypoint',
+        'sleep',
+        IMAGE,
+        '300',
+      );
+      docker(
+        'run',
+        '-d',
+        '--label',
+        `${INSTALL_LABEL}=other0install`,
+        '--name',
+        names.other,
+        '--entrypoint',
+        'sleep',
+        IMAGE,
+        '300',
+      );
       const store = new Store(config.dbPath);
       addGroup(config, store, { jid: MAIN, name: 'Me', folder: 'main', isMain: true });
       store.close();
       // Spawned without blocking: this process serves the model the chat's container calls.
       const chat = Bun.spawn(['bun', join(REPO, 'nanoclaw.ts'), 'chat'], {
-        stdin: new Blob(['hello\n']), stdout: 'pipe',
-        env: { PATH: process.env.PATH!, HOME: process.env.HOME!, NANOCLAW_ROOT: config.projectRoot, CONTAINER_IMAGE: IMAGE, KIMI_BASE_URL: model.url },
+        stdin: new Blob(['hello\n']),
+        stdout: 'pipe',
+        env: {
+          PATH: process.env.PATH!,
+          HOME: process.env.HOME!,
+          NANOCLAW_ROOT: config.projectRoot,
+          CONTAINER_IMAGE: IMAGE,
+          KIMI_BASE_URL: model.url,
+        },
       });
       expect(await new Response(chat.stdout).text()).toContain('Andy: [stub] hello');
       await chat.exited;

@@ -1,28 +1,67 @@
 import { execFileSync } from 'node:child_process';
-import { existsSync, mkdirSync, readdirSync, readFileSync, renameSync, symlinkSync, truncateSync, writeFileSync } from 'node:fs';
+import {
+  existsSync,
+  mkdirSync,
+  readdirSync,
+  readFileSync,
+  renameSync,
+  symlinkSync,
+  truncateSync,
+  writeFileSync,
+} from 'node:fs';
 import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import {
-  groupsSnapshot, IPC_ERRORS_KEPT, IPC_FILES_PER_PASS, IpcFormatError, IpcWatcher, shortestGap, parseIpcRequest, refusal, addGroup, Store, tasksSnapshot, writeSnapshots,
-  type Config, type IpcRequest, type RegisteredGroup,
+  groupsSnapshot,
+  IPC_ERRORS_KEPT,
+  IPC_FILES_PER_PASS,
+  IpcFormatError,
+  IpcWatcher,
+  shortestGap,
+  parseIpcRequest,
+  refusal,
+  addGroup,
+  Store,
+  tasksSnapshot,
+  writeSnapshots,
+  type Config,
+  type IpcRequest,
+  type RegisteredGroup,
 } from '../nanoclaw.ts';
 import { tempDir, tempProject, waitFor } from './helpers.ts';
 
 const parseIpcMessage = (raw: unknown) => parseIpcRequest('messages', raw);
 const parseIpcTask = (raw: unknown) => parseIpcRequest('tasks', raw);
 /** The scheduling limits part of a refusal (the groups here are allowed the requests themselves). */
-const limitRefusal = (config: Config, source: RegisteredGroup, request: IpcRequest, store: Store) => refusal(source, request, store, config);
+const limitRefusal = (config: Config, source: RegisteredGroup, request: IpcRequest, store: Store) =>
+  refusal(source, request, store, config);
 
 describe('parsing IPC files', () => {
   it('accepts every request of the contract', () => {
-    expect(parseIpcMessage({ type: 'message', chatJid: 'a@g.us', text: 'hi' })).toEqual({ type: 'message', chatJid: 'a@g.us', text: 'hi' });
-    expect(parseIpcTask({ type: 'schedule_task', prompt: 'p', schedule_type: 'cron', schedule_value: '0 9 * * *' })).toEqual({
-      type: 'schedule_task', prompt: 'p', schedule_type: 'cron', schedule_value: '0 9 * * *', context_mode: 'group', // as the MCP tool defaults it
+    expect(parseIpcMessage({ type: 'message', chatJid: 'a@g.us', text: 'hi' })).toEqual({
+      type: 'message',
+      chatJid: 'a@g.us',
+      text: 'hi',
     });
-    for (const type of ['pause_task', 'resume_task', 'cancel_task'] as const) expect(parseIpcTask({ type, taskId: 't1' })).toEqual({ type, taskId: 't1' });
-    expect(parseIpcTask({ type: 'update_task', taskId: 't1', schedule_type: 'interval', schedule_value: '60000' })).toMatchObject({ type: 'update_task', schedule_type: 'interval' });
+    expect(
+      parseIpcTask({ type: 'schedule_task', prompt: 'p', schedule_type: 'cron', schedule_value: '0 9 * * *' }),
+    ).toEqual({
+      type: 'schedule_task',
+      prompt: 'p',
+      schedule_type: 'cron',
+      schedule_value: '0 9 * * *',
+      context_mode: 'group', // as the MCP tool defaults it
+    });
+    for (const type of ['pause_task', 'resume_task', 'cancel_task'] as const)
+      expect(parseIpcTask({ type, taskId: 't1' })).toEqual({ type, taskId: 't1' });
+    expect(
+      parseIpcTask({ type: 'update_task', taskId: 't1', schedule_type: 'interval', schedule_value: '60000' }),
+    ).toMatchObject({ type: 'update_task', schedule_type: 'interval' });
     expect(parseIpcTask({ type: 'refresh_groups' })).toEqual({ type: 'refresh_groups' });
-    expect(parseIpcTask({ type: 'register_group', jid: 'x@g.us', name: 'X', folder: 'x' })).toMatchObject({ type: 'register_group', folder: 'x' });
+    expect(parseIpcTask({ type: 'register_group', jid: 'x@g.us', name: 'X', folder: 'x' })).toMatchObject({
+      type: 'register_group',
+      folder: 'x',
+    });
   });
 
   it('rejects malformed requests, naming the field', () => {
@@ -30,8 +69,21 @@ describe('parsing IPC files', () => {
       [() => parseIpcMessage([]), 'JSON object'],
       [() => parseIpcMessage({ type: 'message', chatJid: 'a@g.us' }), '"text"'],
       [() => parseIpcMessage({ type: 'note', chatJid: 'a', text: 'b' }), '"type"'],
-      [() => parseIpcTask({ type: 'schedule_task', prompt: 'p', schedule_type: 'weekly', schedule_value: 'x' }), '"schedule_type"'],
-      [() => parseIpcTask({ type: 'schedule_task', prompt: 'p', schedule_type: 'cron', schedule_value: 'x', context_mode: 'shared' }), '"context_mode"'],
+      [
+        () => parseIpcTask({ type: 'schedule_task', prompt: 'p', schedule_type: 'weekly', schedule_value: 'x' }),
+        '"schedule_type"',
+      ],
+      [
+        () =>
+          parseIpcTask({
+            type: 'schedule_task',
+            prompt: 'p',
+            schedule_type: 'cron',
+            schedule_value: 'x',
+            context_mode: 'shared',
+          }),
+        '"context_mode"',
+      ],
       [() => parseIpcTask({ type: 'pause_task' }), '"taskId"'],
       [() => parseIpcTask({ type: 'launch_rockets' }), 'is unknown in tasks/'],
       [() => parseIpcTask({ type: 'message', chatJid: 'a@g.us', text: 'b' }), 'is unknown in tasks/'], // a message belongs in messages/
@@ -51,20 +103,78 @@ describe('authorisation by folder', () => {
     const main = addGroup(config, store, { jid: 'me@s.whatsapp.net', name: 'Me', folder: 'main', isMain: true });
     const family = addGroup(config, store, { jid: 'fam@g.us', name: 'Family', folder: 'family' });
     const work = addGroup(config, store, { jid: 'work@g.us', name: 'Work', folder: 'work' });
-    const base = { prompt: 'p', schedule_type: 'interval', schedule_value: '60000', context_mode: 'isolated', nextRun: null };
-    store.createTask({ id: 'fam-task', groupFolder: 'family', chatJid: 'fam@g.us', prompt: 'p', scheduleType: 'interval', scheduleValue: '60000', contextMode: 'isolated', nextRun: null, lastRun: null, lastResult: null, status: 'active', createdAt: 'x' });
-    store.createTask({ id: 'work-task', groupFolder: 'work', chatJid: 'work@g.us', prompt: 'p', scheduleType: 'interval', scheduleValue: '60000', contextMode: 'isolated', nextRun: null, lastRun: null, lastResult: null, status: 'active', createdAt: 'x' });
+    const base = {
+      prompt: 'p',
+      schedule_type: 'interval',
+      schedule_value: '60000',
+      context_mode: 'isolated',
+      nextRun: null,
+    };
+    store.createTask({
+      id: 'fam-task',
+      groupFolder: 'family',
+      chatJid: 'fam@g.us',
+      prompt: 'p',
+      scheduleType: 'interval',
+      scheduleValue: '60000',
+      contextMode: 'isolated',
+      nextRun: null,
+      lastRun: null,
+      lastResult: null,
+      status: 'active',
+      createdAt: 'x',
+    });
+    store.createTask({
+      id: 'work-task',
+      groupFolder: 'work',
+      chatJid: 'work@g.us',
+      prompt: 'p',
+      scheduleType: 'interval',
+      scheduleValue: '60000',
+      contextMode: 'isolated',
+      nextRun: null,
+      lastRun: null,
+      lastResult: null,
+      status: 'active',
+      createdAt: 'x',
+    });
     void base;
     return { config, store, main, family, work };
   }
-  const allowed = (g: RegisteredGroup, request: Parameters<typeof refusal>[1], store: Store) => refusal(g, request, store) === null;
+  const allowed = (g: RegisteredGroup, request: Parameters<typeof refusal>[1], store: Store) =>
+    refusal(g, request, store) === null;
 
   it('a group acts only on its own chat and tasks, never on groups', () => {
     const { store, family } = groups();
     expect(allowed(family, { type: 'message', chatJid: 'fam@g.us', text: 'x' }, store)).toBe(true);
     expect(allowed(family, { type: 'message', chatJid: 'work@g.us', text: 'x' }, store)).toBe(false);
-    expect(allowed(family, { type: 'schedule_task', prompt: 'p', schedule_type: 'cron', schedule_value: '0 9 * * *', context_mode: 'group' }, store)).toBe(true);
-    expect(allowed(family, { type: 'schedule_task', prompt: 'p', schedule_type: 'cron', schedule_value: '0 9 * * *', context_mode: 'group', targetJid: 'work@g.us' }, store)).toBe(false);
+    expect(
+      allowed(
+        family,
+        {
+          type: 'schedule_task',
+          prompt: 'p',
+          schedule_type: 'cron',
+          schedule_value: '0 9 * * *',
+          context_mode: 'group',
+        },
+        store,
+      ),
+    ).toBe(true);
+    expect(
+      allowed(
+        family,
+        {
+          type: 'schedule_task',
+          prompt: 'p',
+          schedule_type: 'cron',
+          schedule_value: '0 9 * * *',
+          context_mode: 'group',
+          targetJid: 'work@g.us',
+        },
+        store,
+      ),
+    ).toBe(false);
     expect(allowed(family, { type: 'pause_task', taskId: 'fam-task' }, store)).toBe(true);
     expect(allowed(family, { type: 'cancel_task', taskId: 'work-task' }, store)).toBe(false);
     expect(allowed(family, { type: 'update_task', taskId: 'work-task', prompt: 'mine now' }, store)).toBe(false);
@@ -78,7 +188,20 @@ describe('authorisation by folder', () => {
     const { store, main } = groups();
     expect(allowed(main, { type: 'message', chatJid: 'work@g.us', text: 'x' }, store)).toBe(true);
     expect(allowed(main, { type: 'message', chatJid: 'stranger@g.us', text: 'x' }, store)).toBe(false);
-    expect(allowed(main, { type: 'schedule_task', prompt: 'p', schedule_type: 'once', schedule_value: '2030-01-01 10:00', context_mode: 'isolated', targetJid: 'fam@g.us' }, store)).toBe(true);
+    expect(
+      allowed(
+        main,
+        {
+          type: 'schedule_task',
+          prompt: 'p',
+          schedule_type: 'once',
+          schedule_value: '2030-01-01 10:00',
+          context_mode: 'isolated',
+          targetJid: 'fam@g.us',
+        },
+        store,
+      ),
+    ).toBe(true);
     expect(allowed(main, { type: 'cancel_task', taskId: 'work-task' }, store)).toBe(true);
     expect(allowed(main, { type: 'refresh_groups' }, store)).toBe(true);
     expect(allowed(main, { type: 'register_group', jid: 'n@g.us', name: 'N', folder: 'n' }, store)).toBe(true);
@@ -87,15 +210,27 @@ describe('authorisation by folder', () => {
 
   it('snapshots: main sees all tasks and the group list, others only their own tasks and no groups', () => {
     const { config, store, main, family } = groups();
-    store.upsertChat({ jid: 'fam@g.us', name: 'Family', channel: 'whatsapp', isGroup: true, lastMessageAt: '2026-01-01T00:00:00.000Z' });
+    store.upsertChat({
+      jid: 'fam@g.us',
+      name: 'Family',
+      channel: 'whatsapp',
+      isGroup: true,
+      lastMessageAt: '2026-01-01T00:00:00.000Z',
+    });
     store.upsertChat({ jid: 'other@g.us', name: 'Other', channel: 'whatsapp', isGroup: true });
     store.upsertChat({ jid: 'someone@s.whatsapp.net', name: 'Someone', channel: 'whatsapp', isGroup: false });
-    expect(tasksSnapshot(store, main).map((t) => t.id).sort()).toEqual(['fam-task', 'work-task']);
+    expect(
+      tasksSnapshot(store, main)
+        .map((t) => t.id)
+        .sort(),
+    ).toEqual(['fam-task', 'work-task']);
     expect(tasksSnapshot(store, family).map((t) => t.id)).toEqual(['fam-task']);
-    expect(groupsSnapshot(store, main).groups).toEqual(expect.arrayContaining([
-      { jid: 'fam@g.us', name: 'Family', lastActivity: '2026-01-01T00:00:00.000Z', isRegistered: true },
-      { jid: 'other@g.us', name: 'Other', lastActivity: null, isRegistered: false },
-    ]));
+    expect(groupsSnapshot(store, main).groups).toEqual(
+      expect.arrayContaining([
+        { jid: 'fam@g.us', name: 'Family', lastActivity: '2026-01-01T00:00:00.000Z', isRegistered: true },
+        { jid: 'other@g.us', name: 'Other', lastActivity: null, isRegistered: false },
+      ]),
+    );
     expect(groupsSnapshot(store, main).groups.map((g) => g.jid)).not.toContain('someone@s.whatsapp.net');
     expect(groupsSnapshot(store, family)).toEqual({ groups: [], lastSync: null });
     writeSnapshots(config, store, family);
@@ -165,9 +300,16 @@ describe('IpcWatcher', () => {
     watcher.start();
     drop(dir, 'g', 'messages', 'broken.json', '{"n": 1,');
     drop(dir, 'g', 'tasks', 'refused.json', '{"bad": true}');
-    await waitFor(() => existsSync(join(dir, 'errors')) && readdirSync(join(dir, 'errors')).length === 2, 3000, 'errors/');
+    await waitFor(
+      () => existsSync(join(dir, 'errors')) && readdirSync(join(dir, 'errors')).length === 2,
+      3000,
+      'errors/',
+    );
     const rejected = readdirSync(join(dir, 'errors')).sort();
-    expect(rejected).toEqual([expect.stringMatching(/^g\.messages\.[0-9a-f-]{36}\.broken\.json$/), expect.stringMatching(/^g\.tasks\.[0-9a-f-]{36}\.refused\.json$/)]);
+    expect(rejected).toEqual([
+      expect.stringMatching(/^g\.messages\.[0-9a-f-]{36}\.broken\.json$/),
+      expect.stringMatching(/^g\.tasks\.[0-9a-f-]{36}\.refused\.json$/),
+    ]);
     expect(readFileSync(join(dir, 'errors', rejected[0]!), 'utf8')).toBe('{"n": 1,');
     await watcher.scan();
     expect(calls).toBe(1); // the broken one never reached the handler; the refused one once
@@ -201,11 +343,18 @@ describe('IpcWatcher', () => {
 
   it('keeps at most IPC_ERRORS_KEPT rejected files', async () => {
     const { dir, watcher } = watched(async () => {});
-    for (let i = 0; i < IPC_ERRORS_KEPT + 7; i++) drop(dir, 'g', 'messages', `${String(i).padStart(4, '0')}.json`, '{broken');
+    for (let i = 0; i < IPC_ERRORS_KEPT + 7; i++)
+      drop(dir, 'g', 'messages', `${String(i).padStart(4, '0')}.json`, '{broken');
     watcher.start();
-    await waitFor(() => existsSync(join(dir, 'errors')) && readdirSync(join(dir, 'g', 'messages')).length === 0, 10_000, 'all processed');
+    await waitFor(
+      () => existsSync(join(dir, 'errors')) && readdirSync(join(dir, 'g', 'messages')).length === 0,
+      10_000,
+      'all processed',
+    );
     await watcher.scan();
-    const kept = readdirSync(join(dir, 'errors')).map((name) => name.replace(/^g\.messages\.[0-9a-f-]{36}\./, '')).sort();
+    const kept = readdirSync(join(dir, 'errors'))
+      .map((name) => name.replace(/^g\.messages\.[0-9a-f-]{36}\./, ''))
+      .sort();
     expect(kept).toHaveLength(IPC_ERRORS_KEPT);
     expect(kept).toContain(`${String(IPC_ERRORS_KEPT + 6).padStart(4, '0')}.json`); // the newest stay
     expect(kept).not.toContain('0000.json'); // the oldest went
@@ -216,7 +365,8 @@ describe('IpcWatcher', () => {
     const { dir, watcher } = watched(async (folder) => {
       order.push(folder);
     });
-    for (let i = 0; i < IPC_FILES_PER_PASS * 4; i++) drop(dir, 'aaa-flood', 'messages', `${String(i).padStart(4, '0')}.json`, '{}');
+    for (let i = 0; i < IPC_FILES_PER_PASS * 4; i++)
+      drop(dir, 'aaa-flood', 'messages', `${String(i).padStart(4, '0')}.json`, '{}');
     drop(dir, 'zzz-quiet', 'messages', '1.json', '{}');
     watcher.start();
     await waitFor(() => order.length === IPC_FILES_PER_PASS * 4 + 1, 10_000, 'everything');
@@ -229,7 +379,10 @@ describe('IpcWatcher', () => {
       seen.push({ folder, kind, data });
     });
     mkdirSync(join(dir, 'claimed'), { recursive: true });
-    writeFileSync(join(dir, 'claimed', 'family.tasks.0c1a1d2e-3f40-4a5b-8c6d-7e8f90a1b2c3.1700000000000-abc.json'), '{"n":1}');
+    writeFileSync(
+      join(dir, 'claimed', 'family.tasks.0c1a1d2e-3f40-4a5b-8c6d-7e8f90a1b2c3.1700000000000-abc.json'),
+      '{"n":1}',
+    );
     watcher.start();
     await waitFor(() => seen.length === 1, 3000, 'claimed file');
     expect(seen).toEqual([{ folder: 'family', kind: 'tasks', data: { n: 1 } }]);
@@ -264,25 +417,55 @@ describe('scheduling limits', () => {
     expect(refusal(schedule('cron', '* * * * *'))).toContain('runs every 60 s');
     expect(refusal(schedule('interval', '300000'))).toBeNull();
     for (const id of ['t1', 't2']) {
-      store.createTask({ id, groupFolder: 'family', chatJid: 'fam@g.us', prompt: 'p', scheduleType: 'interval', scheduleValue: '600000', contextMode: 'isolated', nextRun: null, lastRun: null, lastResult: null, status: 'active', createdAt: 'x' });
+      store.createTask({
+        id,
+        groupFolder: 'family',
+        chatJid: 'fam@g.us',
+        prompt: 'p',
+        scheduleType: 'interval',
+        scheduleValue: '600000',
+        contextMode: 'isolated',
+        nextRun: null,
+        lastRun: null,
+        lastResult: null,
+        status: 'active',
+        createdAt: 'x',
+      });
     }
     expect(refusal(schedule('once', '2030-01-01 10:00'))).toContain('already has 2 active tasks (TASK_MAX_ACTIVE=2)');
     store.updateTask('t2', { status: 'paused' });
     expect(refusal(schedule('once', '2030-01-01 10:00'))).toBeNull();
     expect(refusal({ type: 'update_task', taskId: 't1', schedule_value: '2000' })).toContain('TASK_MIN_INTERVAL');
     expect(refusal({ type: 'update_task', taskId: 't1', prompt: 'only the words' })).toBeNull();
-    store.createTask({ id: 't3', groupFolder: 'family', chatJid: 'fam@g.us', prompt: 'p', scheduleType: 'interval', scheduleValue: '600000', contextMode: 'isolated', nextRun: null, lastRun: null, lastResult: null, status: 'active', createdAt: 'x' });
+    store.createTask({
+      id: 't3',
+      groupFolder: 'family',
+      chatJid: 'fam@g.us',
+      prompt: 'p',
+      scheduleType: 'interval',
+      scheduleValue: '600000',
+      contextMode: 'isolated',
+      nextRun: null,
+      lastRun: null,
+      lastResult: null,
+      status: 'active',
+      createdAt: 'x',
+    });
     expect(refusal({ type: 'resume_task', taskId: 't2' })).toContain('already has 2 active tasks');
     store.close();
   });
 
   it('holds main to the limits too, unless TASK_LIMITS_MAIN=false', () => {
     const held = setup();
-    expect(limitRefusal(held.config, held.main, schedule('interval', '1000'), held.store)).toContain('TASK_MIN_INTERVAL');
+    expect(limitRefusal(held.config, held.main, schedule('interval', '1000'), held.store)).toContain(
+      'TASK_MIN_INTERVAL',
+    );
     held.store.close();
     const free = setup({ TASK_LIMITS_MAIN: 'false' });
     expect(limitRefusal(free.config, free.main, schedule('interval', '1000'), free.store)).toBeNull();
-    expect(limitRefusal(free.config, free.family, schedule('interval', '1000'), free.store)).toContain('TASK_MIN_INTERVAL');
+    expect(limitRefusal(free.config, free.family, schedule('interval', '1000'), free.store)).toContain(
+      'TASK_MIN_INTERVAL',
+    );
     free.store.close();
   });
 });

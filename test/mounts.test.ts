@@ -2,13 +2,33 @@ import { mkdirSync, realpathSync, symlinkSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import {
-  buildDockerArgs, containerEnvironment, containerUserArgs, defaultContainerCpus, groupMounts, hardeningArgs, installId, isValidFolder, loadConfig,
-  loadMountAllowlist, MODEL_SOCKET_IN_CONTAINER, ResultParser, RESULT_END, RESULT_START, validateExtraMounts, type RegisteredGroup,
+  buildDockerArgs,
+  containerEnvironment,
+  containerUserArgs,
+  defaultContainerCpus,
+  groupMounts,
+  hardeningArgs,
+  installId,
+  isValidFolder,
+  loadConfig,
+  loadMountAllowlist,
+  MODEL_SOCKET_IN_CONTAINER,
+  ResultParser,
+  RESULT_END,
+  RESULT_START,
+  validateExtraMounts,
+  type RegisteredGroup,
 } from '../nanoclaw.ts';
 import { tempDir, tempProject } from './helpers.ts';
 
 const group = (folder: string, isMain = false): RegisteredGroup => ({
-  jid: `${folder}@g.us`, name: folder, folder, trigger: '@Andy', requiresTrigger: !isMain, isMain, addedAt: '',
+  jid: `${folder}@g.us`,
+  name: folder,
+  folder,
+  trigger: '@Andy',
+  requiresTrigger: !isMain,
+  isMain,
+  addedAt: '',
 });
 
 describe('groupMounts', () => {
@@ -26,7 +46,9 @@ describe('groupMounts', () => {
     writeFileSync(join(root, '.env'), 'KIMI_API_KEY=sk-hidden-0001\n');
     mkdirSync(join(root, 'store', 'auth'), { recursive: true });
     mkdirSync(join(root, 'data'), { recursive: true });
-    const masks = groupMounts(config, group('main', true)).filter((m) => /\/workspace\/project\/(\.env|store|data)$/.test(m.containerPath));
+    const masks = groupMounts(config, group('main', true)).filter((m) =>
+      /\/workspace\/project\/(\.env|store|data)$/.test(m.containerPath),
+    );
     expect(masks).toEqual([
       { hostPath: `${root}/data/mask/empty`, containerPath: '/workspace/project/.env', readonly: true },
       { hostPath: `${root}/data/mask/empty-dir`, containerPath: '/workspace/project/store', readonly: true },
@@ -48,11 +70,32 @@ describe('groupMounts', () => {
 
 describe('docker arguments', () => {
   it('run -i --rm --name, env pairs, volumes with :ro, image last', () => {
-    const args = buildDockerArgs('nanoclaw-family-1', 'img:1', [
-      { hostPath: '/a', containerPath: '/workspace/group', readonly: false },
-      { hostPath: '/b', containerPath: '/workspace/global', readonly: true },
-    ], { TZ: 'UTC' }, ['--user', '501:20']);
-    expect(args).toEqual(['run', '-i', '--rm', '--name', 'nanoclaw-family-1', '--user', '501:20', '-e', 'TZ=UTC', '-v', '/a:/workspace/group', '-v', '/b:/workspace/global:ro', 'img:1']);
+    const args = buildDockerArgs(
+      'nanoclaw-family-1',
+      'img:1',
+      [
+        { hostPath: '/a', containerPath: '/workspace/group', readonly: false },
+        { hostPath: '/b', containerPath: '/workspace/global', readonly: true },
+      ],
+      { TZ: 'UTC' },
+      ['--user', '501:20'],
+    );
+    expect(args).toEqual([
+      'run',
+      '-i',
+      '--rm',
+      '--name',
+      'nanoclaw-family-1',
+      '--user',
+      '501:20',
+      '-e',
+      'TZ=UTC',
+      '-v',
+      '/a:/workspace/group',
+      '-v',
+      '/b:/workspace/global:ro',
+      'img:1',
+    ]);
   });
 
   it('runs as the image’s node user for root and uid 1000, as the host user otherwise', () => {
@@ -62,12 +105,23 @@ describe('docker arguments', () => {
   });
 
   it('passes settings and where the proxy is, but never the key nor the real endpoint', () => {
-    const config = tempProject({ KIMI_BASE_URL: 'http://localhost:8000/v1', KIMI_MODEL_NAME: 'm', KIMI_PROVIDER: 'openai_legacy', KIMI_API_KEY: 'sk-not-here-123' });
+    const config = tempProject({
+      KIMI_BASE_URL: 'http://localhost:8000/v1',
+      KIMI_MODEL_NAME: 'm',
+      KIMI_PROVIDER: 'openai_legacy',
+      KIMI_API_KEY: 'sk-not-here-123',
+    });
     expect(containerEnvironment(config, { url: undefined })).toEqual({
-      TZ: 'UTC', ASSISTANT_NAME: 'Andy', KIMI_MODEL_NAME: 'm', KIMI_PROVIDER: 'openai_legacy', NANOCLAW_MODEL_SOCKET: MODEL_SOCKET_IN_CONTAINER,
+      TZ: 'UTC',
+      ASSISTANT_NAME: 'Andy',
+      KIMI_MODEL_NAME: 'm',
+      KIMI_PROVIDER: 'openai_legacy',
+      NANOCLAW_MODEL_SOCKET: MODEL_SOCKET_IN_CONTAINER,
       NANOCLAW_QUESTION_TIMEOUT_MS: '600000',
     });
-    expect(containerEnvironment(config, { url: 'http://host.docker.internal:4321' })).toMatchObject({ NANOCLAW_MODEL_URL: 'http://host.docker.internal:4321' });
+    expect(containerEnvironment(config, { url: 'http://host.docker.internal:4321' })).toMatchObject({
+      NANOCLAW_MODEL_URL: 'http://host.docker.internal:4321',
+    });
     expect(containerEnvironment(config, null)).not.toHaveProperty('NANOCLAW_MODEL_SOCKET');
   });
 
@@ -88,7 +142,9 @@ describe('docker arguments', () => {
     expect(pairs('--label')).toEqual([`nanoclaw.install=${installId(config)}`, 'nanoclaw.group=family']);
     // A host user other than root owns its container's home; a group can have no network at all.
     const own = hardeningArgs(config, { ...group('family'), containerConfig: { network: 'none' } }, 501, 20);
-    expect(own.flatMap((arg, i) => (own[i - 1] === '--tmpfs' ? [arg] : [])).find((t) => t.startsWith('/home/node:'))).toContain('uid=501,gid=20');
+    expect(
+      own.flatMap((arg, i) => (own[i - 1] === '--tmpfs' ? [arg] : [])).find((t) => t.startsWith('/home/node:')),
+    ).toContain('uid=501,gid=20');
     expect(own[own.indexOf('--network') + 1]).toBe('none');
   });
 
@@ -112,7 +168,8 @@ describe('docker arguments', () => {
   });
 
   it('refuses folder names that NanoClaw uses itself, or that could climb out', () => {
-    for (const bad of ['global', 'errors', 'claimed', '../x', 'a/b', '.hidden', 'Family', '']) expect(isValidFolder(bad), bad).toBe(false);
+    for (const bad of ['global', 'errors', 'claimed', '../x', 'a/b', '.hidden', 'Family', ''])
+      expect(isValidFolder(bad), bad).toBe(false);
     for (const good of ['family', 'main', 'work-2', 'a_b']) expect(isValidFolder(good), good).toBe(true);
   });
 });
@@ -120,7 +177,8 @@ describe('docker arguments', () => {
 describe('extra mounts through the allowlist', () => {
   function layout() {
     const home = realpathSync(tempDir());
-    for (const dir of ['projects/site', 'projects/.ssh', 'projects/app/.env', 'private/notes', 'projects/keys']) mkdirSync(join(home, dir), { recursive: true });
+    for (const dir of ['projects/site', 'projects/.ssh', 'projects/app/.env', 'private/notes', 'projects/keys'])
+      mkdirSync(join(home, dir), { recursive: true });
     writeFileSync(join(home, 'projects', 'keys', 'id_rsa'), 'secret');
     symlinkSync(join(home, 'private', 'notes'), join(home, 'projects', 'sneaky'));
     symlinkSync(join(home, 'projects', 'site'), join(home, 'shortcut'));
@@ -157,8 +215,13 @@ describe('extra mounts through the allowlist', () => {
       { hostPath: join(home, 'projects', 'site'), containerPath: '/workspace/extra/web', readonly: true },
     ]);
     expect(rejected.map((r) => r.reason)).toEqual([
-      'not under any allowed root', 'not under any allowed root', 'matches blocked pattern ".ssh"', 'matches blocked pattern ".env"',
-      'matches blocked pattern "id_rsa"', 'container name "../escape" must be a plain folder name', 'path does not exist',
+      'not under any allowed root',
+      'not under any allowed root',
+      'matches blocked pattern ".ssh"',
+      'matches blocked pattern ".env"',
+      'matches blocked pattern "id_rsa"',
+      'container name "../escape" must be a plain folder name',
+      'path does not exist',
     ]);
   });
 
@@ -170,7 +233,10 @@ describe('extra mounts through the allowlist', () => {
     expect(validateExtraMounts(request, rw, false).mounts[0]!.readonly).toBe(true);
     const ro = { allowedRoots: [{ path: join(home, 'projects') }] };
     expect(validateExtraMounts(request, ro, true).mounts[0]!.readonly).toBe(true);
-    const custom = { allowedRoots: [{ path: join(home, 'projects'), allowReadWrite: true }], blockedPatterns: ['site'] };
+    const custom = {
+      allowedRoots: [{ path: join(home, 'projects'), allowReadWrite: true }],
+      blockedPatterns: ['site'],
+    };
     expect(validateExtraMounts(request, custom, true).rejected[0]!.reason).toBe('matches blocked pattern "site"');
   });
 
@@ -198,7 +264,9 @@ describe('ResultParser', () => {
   });
 
   it('turns an unreadable result into an error result', () => {
-    expect(new ResultParser().push(wrap('{"status": "success", "result": '))).toEqual([expect.objectContaining({ status: 'error', error: expect.stringContaining('Unreadable result') })]);
+    expect(new ResultParser().push(wrap('{"status": "success", "result": '))).toEqual([
+      expect.objectContaining({ status: 'error', error: expect.stringContaining('Unreadable result') }),
+    ]);
     expect(new ResultParser().push(wrap('{"result": "no status"}'))[0]!.status).toBe('error');
   });
 });

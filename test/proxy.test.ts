@@ -10,12 +10,20 @@ import { tempDir } from './helpers.ts';
 
 const KEY = 'sk-proxy-test-0123456789abcdef';
 
-function upstream(answer: (req: Request) => Response | Promise<Response> = () => Response.json({ ok: true, usage: { prompt_tokens: 3, completion_tokens: 4 } })) {
+function upstream(
+  answer: (req: Request) => Response | Promise<Response> = () =>
+    Response.json({ ok: true, usage: { prompt_tokens: 3, completion_tokens: 4 } }),
+) {
   const seen: { path: string; headers: Record<string, string>; body: string }[] = [];
   const server = Bun.serve({
-    hostname: '127.0.0.1', port: 0,
+    hostname: '127.0.0.1',
+    port: 0,
     async fetch(req) {
-      seen.push({ path: new URL(req.url).pathname + new URL(req.url).search, headers: Object.fromEntries(req.headers), body: await req.clone().text() });
+      seen.push({
+        path: new URL(req.url).pathname + new URL(req.url).search,
+        headers: Object.fromEntries(req.headers),
+        body: await req.clone().text(),
+      });
       return answer(req);
     },
   });
@@ -30,7 +38,10 @@ afterEach(() => {
 function proxy(upstreamUrl: string, extra: Partial<ModelProxyOptions> = {}) {
   const records: { folder: string; ok: boolean; status: number; usage: unknown }[] = [];
   const p = new ModelProxy({
-    mode: 'unix', dir: join(tempDir(), 'proxy'), upstream: upstreamUrl, apiKey: () => KEY,
+    mode: 'unix',
+    dir: join(tempDir(), 'proxy'),
+    upstream: upstreamUrl,
+    apiKey: () => KEY,
     record: (folder, entry) => records.push({ folder, ...entry }),
     ...extra,
   });
@@ -38,8 +49,19 @@ function proxy(upstreamUrl: string, extra: Partial<ModelProxyOptions> = {}) {
   return { p, records };
 }
 
-const call = (socket: string | undefined, token: string, body = '{"model":"k25"}', path = '/chat/completions', headers: Record<string, string> = {}) =>
-  fetch(`http://proxy${path}`, { unix: socket, method: 'POST', headers: { authorization: `Bearer ${token}`, 'content-type': 'application/json', ...headers }, body } as RequestInit);
+const call = (
+  socket: string | undefined,
+  token: string,
+  body = '{"model":"k25"}',
+  path = '/chat/completions',
+  headers: Record<string, string> = {},
+) =>
+  fetch(`http://proxy${path}`, {
+    unix: socket,
+    method: 'POST',
+    headers: { authorization: `Bearer ${token}`, 'content-type': 'application/json', ...headers },
+    body,
+  } as RequestInit);
 
 describe('ModelProxy', () => {
   it('forwards a live run’s request with the real key in place of its token, and nothing else of the hop', async () => {
@@ -47,7 +69,11 @@ describe('ModelProxy', () => {
     cleanups.push(up.stop);
     const { p, records } = proxy(up.url);
     const run = p.open('family', 'run-1');
-    const response = await call(run.socketPath, run.token, '{"model":"k25"}', '/chat/completions?x=1', { 'x-api-key': 'ignored', 'accept-encoding': 'br', 'user-agent': 'KimiCLI/1.49.0' });
+    const response = await call(run.socketPath, run.token, '{"model":"k25"}', '/chat/completions?x=1', {
+      'x-api-key': 'ignored',
+      'accept-encoding': 'br',
+      'user-agent': 'KimiCLI/1.49.0',
+    });
     expect(response.status).toBe(200);
     expect(await response.json()).toEqual({ ok: true, usage: { prompt_tokens: 3, completion_tokens: 4 } });
     expect(up.seen).toHaveLength(1);
@@ -57,7 +83,9 @@ describe('ModelProxy', () => {
     expect(up.seen[0]!.headers['user-agent']).toBe('KimiCLI/1.49.0');
     expect(up.seen[0]!.body).toBe('{"model":"k25"}');
     expect(JSON.stringify(up.seen)).not.toContain(run.token);
-    expect(records).toEqual([{ folder: 'family', ok: true, status: 200, usage: { promptTokens: 3, completionTokens: 4 } }]);
+    expect(records).toEqual([
+      { folder: 'family', ok: true, status: 200, usage: { promptTokens: 3, completionTokens: 4 } },
+    ]);
     run.close();
     expect(existsSync(run.socketPath!)).toBe(false);
   });
@@ -68,10 +96,16 @@ describe('ModelProxy', () => {
     const { p, records } = proxy(up.url);
     const a = p.open('family', 'run-a');
     const b = p.open('work', 'run-b');
-    for (const [socket, token] of [[a.socketPath, b.token], [a.socketPath, 'ncp-guess'], [a.socketPath, '']] as const) {
+    for (const [socket, token] of [
+      [a.socketPath, b.token],
+      [a.socketPath, 'ncp-guess'],
+      [a.socketPath, ''],
+    ] as const) {
       const refused = await call(socket, token);
       expect(refused.status).toBe(401);
-      expect(((await refused.json()) as { error: { message: string } }).error.message).toContain('does not belong to a running container');
+      expect(((await refused.json()) as { error: { message: string } }).error.message).toContain(
+        'does not belong to a running container',
+      );
     }
     a.close();
     const ok = await call(b.socketPath, b.token);
@@ -88,7 +122,9 @@ describe('ModelProxy', () => {
     const run = p.open('main', 'run-1');
     const response = await call(run.socketPath, run.token);
     expect(response.status).toBe(401);
-    expect(((await response.json()) as { error: { message: string } }).error.message).toBe('NanoClaw has no KIMI_API_KEY: put it in the .env file of the NanoClaw project.');
+    expect(((await response.json()) as { error: { message: string } }).error.message).toBe(
+      'NanoClaw has no KIMI_API_KEY: put it in the .env file of the NanoClaw project.',
+    );
     expect(up.seen).toEqual([]);
     expect(records).toEqual([{ folder: 'main', ok: false, status: 401, usage: null }]);
     run.close();
@@ -113,14 +149,24 @@ describe('ModelProxy', () => {
     // buffered the answer would never deliver it, and this test would time out.
     let clientHasFirst: () => void = () => {};
     const firstDelivered = new Promise<void>((resolve) => (clientHasFirst = resolve));
-    const up = upstream(() => new Response(new ReadableStream({
-      async start(controller) {
-        controller.enqueue(encoder.encode('data: {"choices":[{"delta":{"content":"Hel"}}]}\n\n'));
-        await firstDelivered;
-        controller.enqueue(encoder.encode('data: {"choices":[{"delta":{"content":"lo"}}]}\n\ndata: {"choices":[{"delta":{},"usage":{"prompt_tokens":12,"completion_tokens":2}}]}\n\ndata: [DONE]\n\n'));
-        controller.close();
-      },
-    }), { headers: { 'content-type': 'text/event-stream' } }));
+    const up = upstream(
+      () =>
+        new Response(
+          new ReadableStream({
+            async start(controller) {
+              controller.enqueue(encoder.encode('data: {"choices":[{"delta":{"content":"Hel"}}]}\n\n'));
+              await firstDelivered;
+              controller.enqueue(
+                encoder.encode(
+                  'data: {"choices":[{"delta":{"content":"lo"}}]}\n\ndata: {"choices":[{"delta":{},"usage":{"prompt_tokens":12,"completion_tokens":2}}]}\n\ndata: [DONE]\n\n',
+                ),
+              );
+              controller.close();
+            },
+          }),
+          { headers: { 'content-type': 'text/event-stream' } },
+        ),
+    );
     cleanups.push(up.stop);
     const { p, records } = proxy(up.url);
     const run = p.open('family', 'run-1');
@@ -131,10 +177,13 @@ describe('ModelProxy', () => {
     expect(first).not.toContain('[DONE]');
     clientHasFirst();
     let rest = '';
-    for (let chunk = await reader.read(); !chunk.done; chunk = await reader.read()) rest += new TextDecoder().decode(chunk.value);
+    for (let chunk = await reader.read(); !chunk.done; chunk = await reader.read())
+      rest += new TextDecoder().decode(chunk.value);
     expect(rest).toContain('[DONE]');
     await Bun.sleep(20);
-    expect(records).toEqual([{ folder: 'family', ok: true, status: 200, usage: { promptTokens: 12, completionTokens: 2 } }]);
+    expect(records).toEqual([
+      { folder: 'family', ok: true, status: 200, usage: { promptTokens: 12, completionTokens: 2 } },
+    ]);
     run.close();
   });
 
@@ -145,7 +194,12 @@ describe('ModelProxy', () => {
     const run = p.open('main', 'run-1');
     expect(run.url).toMatch(/^http:\/\/host\.docker\.internal:\d+$/);
     const port = new URL(run.url!).port;
-    const local = (token: string) => fetch(`http://127.0.0.1:${port}/chat/completions`, { method: 'POST', headers: { authorization: `Bearer ${token}` }, body: '{}' });
+    const local = (token: string) =>
+      fetch(`http://127.0.0.1:${port}/chat/completions`, {
+        method: 'POST',
+        headers: { authorization: `Bearer ${token}` },
+        body: '{}',
+      });
     expect((await local(run.token)).status).toBe(200);
     expect((await local('ncp-other')).status).toBe(401);
     run.close();
@@ -155,8 +209,14 @@ describe('ModelProxy', () => {
 
 describe('usage counting', () => {
   it('reads usage at the top level or in a choice, and ignores what is not JSON', () => {
-    expect(usageOf({ usage: { prompt_tokens: 1, completion_tokens: 2 } })).toEqual({ promptTokens: 1, completionTokens: 2 });
-    expect(usageOf({ choices: [{ delta: {} }, { usage: { prompt_tokens: 5 } }] })).toEqual({ promptTokens: 5, completionTokens: 0 });
+    expect(usageOf({ usage: { prompt_tokens: 1, completion_tokens: 2 } })).toEqual({
+      promptTokens: 1,
+      completionTokens: 2,
+    });
+    expect(usageOf({ choices: [{ delta: {} }, { usage: { prompt_tokens: 5 } }] })).toEqual({
+      promptTokens: 5,
+      completionTokens: 0,
+    });
     expect(usageOf({ choices: [] })).toBeNull();
     const counter = new UsageCounter(true);
     const enc = new TextEncoder();

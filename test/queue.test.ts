@@ -32,13 +32,24 @@ function controlledRuns() {
     warmStarts,
     running,
     finish: (jid: string, ok = true) => running.get(jid)!(ok),
-    get maxConcurrent() { return maxConcurrent; },
-    get maxPerGroup() { return maxPerGroup; },
+    get maxConcurrent() {
+      return maxConcurrent;
+    },
+    get maxPerGroup() {
+      return maxPerGroup;
+    },
   };
 }
 
 function queueWith(runs: ReturnType<typeof controlledRuns>, overrides: Partial<QueueOptions> = {}) {
-  return new GroupQueue({ maxConcurrent: 2, idleTimeoutMs: 60_000, retryBaseMs: 10, maxRetries: 3, processMessages: runs.processMessages, ...overrides });
+  return new GroupQueue({
+    maxConcurrent: 2,
+    idleTimeoutMs: 60_000,
+    retryBaseMs: 10,
+    maxRetries: 3,
+    processMessages: runs.processMessages,
+    ...overrides,
+  });
 }
 
 /** A live container double that records what the queue asks of it. */
@@ -124,7 +135,11 @@ describe('GroupQueue', () => {
     const attempts: number[] = [];
     const gaveUp: number[] = [];
     const queue = new GroupQueue({
-      maxConcurrent: 1, idleTimeoutMs: 60_000, retryBaseMs: 1000, maxRetries: 3, clock,
+      maxConcurrent: 1,
+      idleTimeoutMs: 60_000,
+      retryBaseMs: 1000,
+      maxRetries: 3,
+      clock,
       processMessages: async () => {
         attempts.push(clock.now() - start);
         return false;
@@ -147,7 +162,11 @@ describe('GroupQueue', () => {
     const results = [false, true, false, false, false, false];
     let calls = 0;
     const queue = new GroupQueue({
-      maxConcurrent: 1, idleTimeoutMs: 60_000, retryBaseMs: 5, maxRetries: 3, clock,
+      maxConcurrent: 1,
+      idleTimeoutMs: 60_000,
+      retryBaseMs: 5,
+      maxRetries: 3,
+      clock,
       processMessages: async () => results[calls++] ?? true,
     });
     queue.enqueueMessages('a'); // fail, succeed
@@ -251,10 +270,20 @@ describe('GroupQueue', () => {
     const { live, calls } = liveContainer();
     queue.attach('a', live);
     queue.markIdle('a');
-    queue.enqueueTask('a', 't1', async () => void ownContainer.push('t1'), () => turns.push('t1'));
+    queue.enqueueTask(
+      'a',
+      't1',
+      async () => void ownContainer.push('t1'),
+      () => turns.push('t1'),
+    );
     expect(turns).toEqual(['t1']);
     // Busy with t1 now: t2 waits for the answer, then is the next turn.
-    queue.enqueueTask('a', 't2', async () => void ownContainer.push('t2'), () => turns.push('t2'));
+    queue.enqueueTask(
+      'a',
+      't2',
+      async () => void ownContainer.push('t2'),
+      () => turns.push('t2'),
+    );
     expect(turns).toEqual(['t1']);
     queue.markIdle('a');
     expect(turns).toEqual(['t1', 't2']);
@@ -269,7 +298,12 @@ describe('GroupQueue', () => {
     const ran: string[] = [];
     queue.enqueueMessages('a');
     queue.attach('a', liveContainer().live); // busy: never marked idle
-    queue.enqueueTask('a', 't1', async () => void ran.push('own container'), () => ran.push('turn'));
+    queue.enqueueTask(
+      'a',
+      't1',
+      async () => void ran.push('own container'),
+      () => ran.push('turn'),
+    );
     runs.finish('a');
     await waitFor(() => ran.length === 1, 2000, 'task ran');
     expect(ran).toEqual(['own container']);

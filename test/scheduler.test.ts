@@ -48,18 +48,26 @@ describe('computeNextRun', () => {
     // Friday 2026-10-30 10:00 UTC; New York is UTC−4 until Sunday 2026-11-01, then UTC−5.
     const friday = new Date('2026-10-30T14:00:00Z'); // 10:00 in New York
     // Next weekday 09:00 New York after Friday 10:00 is Monday 2026-11-02 09:00 EST = 14:00 UTC.
-    expect(computeNextRun('cron', '0 9 * * 1-5', 'America/New_York', friday)!.toISOString()).toBe('2026-11-02T14:00:00.000Z');
+    expect(computeNextRun('cron', '0 9 * * 1-5', 'America/New_York', friday)!.toISOString()).toBe(
+      '2026-11-02T14:00:00.000Z',
+    );
     // Daily 09:00 from Friday 10:00: Saturday 09:00 EDT = 13:00 UTC.
-    expect(computeNextRun('cron', '0 9 * * *', 'America/New_York', friday)!.toISOString()).toBe('2026-10-31T13:00:00.000Z');
+    expect(computeNextRun('cron', '0 9 * * *', 'America/New_York', friday)!.toISOString()).toBe(
+      '2026-10-31T13:00:00.000Z',
+    );
     // Same cron in Kiritimati (UTC+14): next 09:00 local after 2026-10-30T14:00Z (= Oct 31 04:00 local) is Oct 31 09:00 = Oct 30 19:00 UTC.
-    expect(computeNextRun('cron', '0 9 * * *', 'Pacific/Kiritimati', friday)!.toISOString()).toBe('2026-10-30T19:00:00.000Z');
+    expect(computeNextRun('cron', '0 9 * * *', 'Pacific/Kiritimati', friday)!.toISOString()).toBe(
+      '2026-10-30T19:00:00.000Z',
+    );
   });
 
   it('interval counts from the given instant; once is null when already past', () => {
     const from = new Date('2026-06-01T00:00:00Z');
     expect(computeNextRun('interval', '90000', 'UTC', from)!.toISOString()).toBe('2026-06-01T00:01:30.000Z');
     expect(computeNextRun('once', '2026-06-01 02:00', 'Europe/Berlin', from)).toBeNull(); // 00:00 UTC, i.e. already past
-    expect(computeNextRun('once', '2026-06-01 03:00', 'Europe/Berlin', from)!.toISOString()).toBe('2026-06-01T01:00:00.000Z');
+    expect(computeNextRun('once', '2026-06-01 03:00', 'Europe/Berlin', from)!.toISOString()).toBe(
+      '2026-06-01T01:00:00.000Z',
+    );
   });
 
   it('refuses invalid schedules with an example', () => {

@@ -5,12 +5,35 @@ import { addGroup, SCHEMA_VERSION, Store, type NewMessage, type ScheduledTask } 
 import { tempDir, tempProject } from './helpers.ts';
 
 const message = (id: string, chatJid: string, extra: Partial<NewMessage> = {}): NewMessage => ({
-  id, chatJid, sender: 'a@s.whatsapp.net', senderName: 'A', content: `text ${id}`, timestamp: '2026-01-01T10:00:00.000Z', isFromMe: false, isBotMessage: false, ...extra,
+  id,
+  chatJid,
+  sender: 'a@s.whatsapp.net',
+  senderName: 'A',
+  content: `text ${id}`,
+  timestamp: '2026-01-01T10:00:00.000Z',
+  isFromMe: false,
+  isBotMessage: false,
+  ...extra,
 });
 
-const task = (id: string, groupFolder: string, nextRun: string | null, status: ScheduledTask['status'] = 'active'): ScheduledTask => ({
-  id, groupFolder, chatJid: `${groupFolder}@g.us`, prompt: 'p', scheduleType: 'interval', scheduleValue: '60000', contextMode: 'isolated',
-  nextRun, lastRun: null, lastResult: null, status, createdAt: '2026-01-01T00:00:00.000Z',
+const task = (
+  id: string,
+  groupFolder: string,
+  nextRun: string | null,
+  status: ScheduledTask['status'] = 'active',
+): ScheduledTask => ({
+  id,
+  groupFolder,
+  chatJid: `${groupFolder}@g.us`,
+  prompt: 'p',
+  scheduleType: 'interval',
+  scheduleValue: '60000',
+  contextMode: 'isolated',
+  nextRun,
+  lastRun: null,
+  lastResult: null,
+  status,
+  createdAt: '2026-01-01T00:00:00.000Z',
 });
 
 describe('Store schema', () => {
@@ -19,8 +42,25 @@ describe('Store schema', () => {
     const store = new Store(path);
     expect(store.db.query('PRAGMA user_version').get()).toEqual({ user_version: SCHEMA_VERSION });
     expect(store.db.query('PRAGMA journal_mode').get()).toEqual({ journal_mode: 'wal' });
-    const tables = store.db.query<{ name: string }, []>("SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' ORDER BY name").all().map((t) => t.name);
-    expect(tables).toEqual(['chats', 'ipc_done', 'messages', 'model_usage', 'outbox', 'registered_groups', 'router_state', 'scheduled_tasks', 'sessions', 'task_claims', 'task_run_logs']);
+    const tables = store.db
+      .query<{ name: string }, []>(
+        "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' ORDER BY name",
+      )
+      .all()
+      .map((t) => t.name);
+    expect(tables).toEqual([
+      'chats',
+      'ipc_done',
+      'messages',
+      'model_usage',
+      'outbox',
+      'registered_groups',
+      'router_state',
+      'scheduled_tasks',
+      'sessions',
+      'task_claims',
+      'task_run_logs',
+    ]);
     const sessionColumns = store.db.query<{ name: string; pk: number }, []>('PRAGMA table_info(sessions)').all();
     expect(sessionColumns.find((c) => c.name === 'group_folder')?.pk).toBe(1);
     expect(sessionColumns.map((c) => c.name)).toContain('session_id');
@@ -35,13 +75,20 @@ describe('Store schema', () => {
     const path = join(tempDir(), 'messages.db');
     const store = new Store(path);
     store.setSession('main', 'kept');
-    store.db.exec('DROP TABLE task_claims; DROP TABLE ipc_done; DROP TABLE outbox; DROP TABLE model_usage; PRAGMA user_version = 1'); // as the first release left it
+    store.db.exec(
+      'DROP TABLE task_claims; DROP TABLE ipc_done; DROP TABLE outbox; DROP TABLE model_usage; PRAGMA user_version = 1',
+    ); // as the first release left it
     store.close();
     const upgraded = new Store(path);
     expect(upgraded.db.query('PRAGMA user_version').get()).toEqual({ user_version: SCHEMA_VERSION });
     expect(upgraded.getSession('main')).toBe('kept');
     upgraded.addOutbound('whatsapp', 'a@g.us', 'hello', '3EB0TEST1');
-    expect(upgraded.nextUnsent('whatsapp')).toMatchObject({ jid: 'a@g.us', text: 'hello', messageId: '3EB0TEST1', attempts: 0 });
+    expect(upgraded.nextUnsent('whatsapp')).toMatchObject({
+      jid: 'a@g.us',
+      text: 'hello',
+      messageId: '3EB0TEST1',
+      attempts: 0,
+    });
     upgraded.addModelUsage('2026-12-01', 'main', { ok: true, promptTokens: 10, completionTokens: 2 });
     upgraded.addModelUsage('2026-12-01', 'main', { ok: false, promptTokens: 0, completionTokens: 0 });
     upgraded.addModelUsage('2026-12-02', 'family', { ok: true, promptTokens: 5, completionTokens: 1 });
@@ -59,7 +106,11 @@ describe('Store schema', () => {
     old.db.exec(`DROP TABLE task_claims; DROP TABLE ipc_done; DROP INDEX outbox_by_message; DROP INDEX outbox_unsent;
       ALTER TABLE outbox DROP COLUMN message_id; ALTER TABLE outbox DROP COLUMN sent_at; ALTER TABLE outbox DROP COLUMN attempts; ALTER TABLE outbox DROP COLUMN error;
       ALTER TABLE outbox DROP COLUMN sent_content; PRAGMA user_version = 3`);
-    old.db.query("INSERT INTO outbox (channel, chat_jid, text, created_at) VALUES ('whatsapp', 'a@g.us', 'from before', '2026-01-01')").run();
+    old.db
+      .query(
+        "INSERT INTO outbox (channel, chat_jid, text, created_at) VALUES ('whatsapp', 'a@g.us', 'from before', '2026-01-01')",
+      )
+      .run();
     old.close();
     const store = new Store(path);
     expect(store.nextUnsent('whatsapp')).toMatchObject({ text: 'from before', messageId: '3EB0NC0000000000000001' });
@@ -90,10 +141,25 @@ describe('Store schema', () => {
 
   it('task claims: one per task at a time; IPC done-marks', () => {
     const store = new Store(join(tempDir(), 'messages.db'));
-    store.createTask({ id: 't1', groupFolder: 'g', chatJid: 'g@g.us', prompt: 'p', scheduleType: 'interval', scheduleValue: '60000', contextMode: 'isolated', nextRun: null, lastRun: null, lastResult: null, status: 'active', createdAt: 'x' });
+    store.createTask({
+      id: 't1',
+      groupFolder: 'g',
+      chatJid: 'g@g.us',
+      prompt: 'p',
+      scheduleType: 'interval',
+      scheduleValue: '60000',
+      contextMode: 'isolated',
+      nextRun: null,
+      lastRun: null,
+      lastResult: null,
+      status: 'active',
+      createdAt: 'x',
+    });
     expect(store.claimTask('t1', '2026-01-01T00:00:00.000Z')).toBe(true);
     expect(store.claimTask('t1', '2026-01-01T00:01:00.000Z')).toBe(false);
-    expect(store.taskClaims()).toEqual([expect.objectContaining({ taskId: 't1', dueAt: '2026-01-01T00:00:00.000Z', attempt: 1 })]);
+    expect(store.taskClaims()).toEqual([
+      expect.objectContaining({ taskId: 't1', dueAt: '2026-01-01T00:00:00.000Z', attempt: 1 }),
+    ]);
     store.releaseTask('t1');
     expect(store.taskClaims()).toEqual([]);
     expect(store.isIpcDone('c1')).toBe(false);
@@ -114,7 +180,9 @@ describe('Store schema', () => {
   it('answers the per-chat query from the messages_by_chat index', () => {
     const store = new Store(join(tempDir(), 'messages.db'));
     const plan = store.db
-      .query<{ detail: string }, []>("EXPLAIN QUERY PLAN SELECT * FROM messages WHERE chat_jid = 'x' AND seq > 5 AND is_bot_message = 0 ORDER BY seq DESC LIMIT 500")
+      .query<{ detail: string }, []>(
+        "EXPLAIN QUERY PLAN SELECT * FROM messages WHERE chat_jid = 'x' AND seq > 5 AND is_bot_message = 0 ORDER BY seq DESC LIMIT 500",
+      )
       .all()
       .map((row) => row.detail)
       .join(' | ');
@@ -154,9 +222,23 @@ describe('messages and cursors', () => {
 
   it('keeps chat metadata, and a newer message time only moves forward', () => {
     const store = new Store(join(tempDir(), 'messages.db'));
-    store.upsertChat({ jid: 'a@g.us', name: 'Family', channel: 'whatsapp', isGroup: true, lastMessageAt: '2026-01-02T00:00:00.000Z' });
-    store.upsertChat({ jid: 'a@g.us', name: null, channel: 'whatsapp', isGroup: true, lastMessageAt: '2026-01-01T00:00:00.000Z' });
-    expect(store.listChats()).toEqual([{ jid: 'a@g.us', name: 'Family', channel: 'whatsapp', isGroup: true, lastMessageAt: '2026-01-02T00:00:00.000Z' }]);
+    store.upsertChat({
+      jid: 'a@g.us',
+      name: 'Family',
+      channel: 'whatsapp',
+      isGroup: true,
+      lastMessageAt: '2026-01-02T00:00:00.000Z',
+    });
+    store.upsertChat({
+      jid: 'a@g.us',
+      name: null,
+      channel: 'whatsapp',
+      isGroup: true,
+      lastMessageAt: '2026-01-01T00:00:00.000Z',
+    });
+    expect(store.listChats()).toEqual([
+      { jid: 'a@g.us', name: 'Family', channel: 'whatsapp', isGroup: true, lastMessageAt: '2026-01-02T00:00:00.000Z' },
+    ]);
     store.close();
   });
 });
@@ -172,7 +254,9 @@ describe('groups, sessions, tasks', () => {
     addGroup(config, store, { jid: 'me@s.whatsapp.net', name: 'Me', folder: 'main', isMain: true });
     expect(store.mainGroup()?.requiresTrigger).toBe(false);
     expect(() => addGroup(config, store, { jid: 'x@g.us', name: 'X', folder: 'family' })).toThrow('already used');
-    expect(() => addGroup(config, store, { jid: 'y@g.us', name: 'Y', folder: 'other', isMain: true })).toThrow('already a main group');
+    expect(() => addGroup(config, store, { jid: 'y@g.us', name: 'Y', folder: 'other', isMain: true })).toThrow(
+      'already a main group',
+    );
     expect(() => addGroup(config, store, { jid: 'z@g.us', name: 'Z', folder: 'Bad Name' })).toThrow('lowercase');
     expect(() => addGroup(config, store, { jid: 'z@g.us', name: 'Z', folder: 'global' })).toThrow();
     expect(() => store.db.query("UPDATE registered_groups SET is_main = 1 WHERE folder = 'family'").run()).toThrow();
@@ -185,7 +269,10 @@ describe('groups, sessions, tasks', () => {
     store.setSession('main', 'a');
     store.setSession('main', 'b');
     store.setSession('family', 'c');
-    expect(store.listSessions().map((s) => [s.groupFolder, s.sessionId])).toEqual([['family', 'c'], ['main', 'b']]);
+    expect(store.listSessions().map((s) => [s.groupFolder, s.sessionId])).toEqual([
+      ['family', 'c'],
+      ['main', 'b'],
+    ]);
     expect(store.deleteSession('main')).toBe(true);
     expect(store.getSession('main')).toBeNull();
     store.close();
@@ -198,13 +285,34 @@ describe('groups, sessions, tasks', () => {
     store.createTask(task('paused', 'a', '2026-01-02T00:00:00.000Z', 'paused'));
     store.createTask(task('done', 'a', null, 'completed'));
     expect(store.upcomingTasks().map((t) => t.id)).toEqual(['soon', 'late']);
-    expect(store.listTasks('a').map((t) => t.id).sort()).toEqual(['done', 'late', 'paused']);
+    expect(
+      store
+        .listTasks('a')
+        .map((t) => t.id)
+        .sort(),
+    ).toEqual(['done', 'late', 'paused']);
     expect(store.updateTask('late', { status: 'paused', lastResult: 'ok' })).toBe(true);
     expect(store.getTask('late')).toMatchObject({ status: 'paused', lastResult: 'ok' });
-    store.logTaskRun({ taskId: 'soon', runAt: '2026-01-01T00:00:01.000Z', durationMs: 900, status: 'success', result: 'done', error: null });
-    store.logTaskRun({ taskId: 'soon', runAt: '2026-01-02T00:00:01.000Z', durationMs: 800, status: 'error', result: null, error: 'boom' });
+    store.logTaskRun({
+      taskId: 'soon',
+      runAt: '2026-01-01T00:00:01.000Z',
+      durationMs: 900,
+      status: 'success',
+      result: 'done',
+      error: null,
+    });
+    store.logTaskRun({
+      taskId: 'soon',
+      runAt: '2026-01-02T00:00:01.000Z',
+      durationMs: 800,
+      status: 'error',
+      result: null,
+      error: 'boom',
+    });
     expect(store.taskRuns('soon').map((r) => r.status)).toEqual(['error', 'success']);
-    expect(() => store.logTaskRun({ taskId: 'ghost', runAt: 'x', durationMs: 1, status: 'success', result: null, error: null })).toThrow();
+    expect(() =>
+      store.logTaskRun({ taskId: 'ghost', runAt: 'x', durationMs: 1, status: 'success', result: null, error: null }),
+    ).toThrow();
     store.deleteTask('soon');
     expect(store.db.query('SELECT COUNT(*) AS n FROM task_run_logs').get()).toEqual({ n: 0 });
     store.close();

@@ -3,8 +3,14 @@ import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterEach, describe, expect, it } from 'vitest';
 import {
-  Host, nextRunAfterFiring, addGroup, Scheduler, setupLogging, Store,
-  type Config, type ScheduledTask,
+  Host,
+  nextRunAfterFiring,
+  addGroup,
+  Scheduler,
+  setupLogging,
+  Store,
+  type Config,
+  type ScheduledTask,
 } from '../nanoclaw.ts';
 import { FakeClock, fakeDocker, RecordingChannel, tempProject, waitFor, type FakeDocker } from './helpers.ts';
 
@@ -14,9 +20,19 @@ const HOUR = 3_600_000;
 
 function task(overrides: Partial<ScheduledTask>): ScheduledTask {
   return {
-    id: `t-${Math.random().toString(36).slice(2)}`, groupFolder: 'family', chatJid: FAMILY, prompt: 'water the plants',
-    scheduleType: 'interval', scheduleValue: String(HOUR), contextMode: 'isolated', nextRun: new Date().toISOString(),
-    lastRun: null, lastResult: null, status: 'active', createdAt: new Date().toISOString(), ...overrides,
+    id: `t-${Math.random().toString(36).slice(2)}`,
+    groupFolder: 'family',
+    chatJid: FAMILY,
+    prompt: 'water the plants',
+    scheduleType: 'interval',
+    scheduleValue: String(HOUR),
+    contextMode: 'isolated',
+    nextRun: new Date().toISOString(),
+    lastRun: null,
+    lastResult: null,
+    status: 'active',
+    createdAt: new Date().toISOString(),
+    ...overrides,
   };
 }
 
@@ -36,7 +52,9 @@ describe('nextRunAfterFiring', () => {
     expect(nextRunAfterFiring(t, 'Europe/Berlin', now)!.toISOString()).toBe('2026-06-02T07:00:00.000Z');
   });
   it('a once task has nothing after it', () => {
-    expect(nextRunAfterFiring(task({ scheduleType: 'once', scheduleValue: '2026-06-01 11:00' }), 'UTC', now)).toBeNull();
+    expect(
+      nextRunAfterFiring(task({ scheduleType: 'once', scheduleValue: '2026-06-01 11:00' }), 'UTC', now),
+    ).toBeNull();
   });
 });
 
@@ -109,7 +127,11 @@ describe('Scheduler', () => {
 
   it('pauses a task whose stored schedule became invalid instead of failing every second', async () => {
     const { fired } = setup();
-    const broken = task({ scheduleType: 'cron', scheduleValue: 'not a cron', nextRun: new Date(clock.now() - 1000).toISOString() });
+    const broken = task({
+      scheduleType: 'cron',
+      scheduleValue: 'not a cron',
+      nextRun: new Date(clock.now() - 1000).toISOString(),
+    });
     store.createTask(broken);
     scheduler!.start();
     await clock.advance(0);
@@ -134,7 +156,12 @@ describe('tasks through the host (fake docker)', () => {
     addGroup(config, store, { jid: MAIN, name: 'Me', folder: 'main', isMain: true });
     addGroup(config, store, { jid: FAMILY, name: 'Family', folder: 'family' });
     channel = new RecordingChannel([MAIN, FAMILY]);
-    host = new Host(config, store, [channel], { retryBaseMs: 50, recoverySweepMs: 60_000, ipcSweepMs: 60_000, shutdownGraceMs: 2000 });
+    host = new Host(config, store, [channel], {
+      retryBaseMs: 50,
+      recoverySweepMs: 60_000,
+      ipcSweepMs: 60_000,
+      shutdownGraceMs: 2000,
+    });
     await host.start();
   }
   afterEach(async () => {
@@ -148,7 +175,9 @@ describe('tasks through the host (fake docker)', () => {
     store.createTask(t);
     host.scheduler.arm();
     await waitFor(() => channel.sent.length === 1, 10_000, 'task reply');
-    expect(channel.sent.map(({ jid, text }) => ({ jid, text }))).toEqual([{ jid: FAMILY, text: 'Andy: echo: water the plants' }]);
+    expect(channel.sent.map(({ jid, text }) => ({ jid, text }))).toEqual([
+      { jid: FAMILY, text: 'Andy: echo: water the plants' },
+    ]);
     await waitFor(() => docker.calls().some((c) => c.command === 'closed'), 5000, 'prompt close');
     await waitFor(() => store.taskRuns(t.id).length === 1, 5000, 'run log');
     const [run] = store.taskRuns(t.id);
@@ -162,7 +191,12 @@ describe('tasks through the host (fake docker)', () => {
   it('a group-context task resumes the group’s session; a once task ends completed', async () => {
     await start();
     store.setSession('family', 'family-session-1');
-    const t = task({ scheduleType: 'once', scheduleValue: new Date(Date.now() + 100).toISOString(), nextRun: new Date(Date.now() + 100).toISOString(), contextMode: 'group' });
+    const t = task({
+      scheduleType: 'once',
+      scheduleValue: new Date(Date.now() + 100).toISOString(),
+      nextRun: new Date(Date.now() + 100).toISOString(),
+      contextMode: 'group',
+    });
     store.createTask(t);
     host.scheduler.arm();
     await waitFor(() => store.getTask(t.id)?.status === 'completed', 10_000, 'completed');
@@ -173,17 +207,30 @@ describe('tasks through the host (fake docker)', () => {
   it('keeps <internal> task output private and records failures', async () => {
     await start();
     const quiet = task({ prompt: '!internal', nextRun: new Date(Date.now() + 50).toISOString() });
-    const failing = task({ prompt: '!fail quota exceeded', groupFolder: 'main', chatJid: MAIN, nextRun: new Date(Date.now() + 50).toISOString() });
+    const failing = task({
+      prompt: '!fail quota exceeded',
+      groupFolder: 'main',
+      chatJid: MAIN,
+      nextRun: new Date(Date.now() + 50).toISOString(),
+    });
     store.createTask(quiet);
     store.createTask(failing);
     host.scheduler.arm();
-    await waitFor(() => store.taskRuns(failing.id).length === 1 && store.taskRuns(quiet.id).length === 1, 10_000, 'both runs');
+    await waitFor(
+      () => store.taskRuns(failing.id).length === 1 && store.taskRuns(quiet.id).length === 1,
+      10_000,
+      'both runs',
+    );
     expect(channel.sent.map(({ jid, text }) => ({ jid, text }))).toEqual([{ jid: FAMILY, text: 'Andy: visible' }]);
     expect(store.taskRuns(failing.id)[0]).toMatchObject({ status: 'error', error: 'quota exceeded' });
     expect(store.getTask(failing.id)!.lastResult).toBe('Error: quota exceeded');
   });
 
-  const events = () => docker.calls().filter((c) => ['run', 'warm-start', 'closed', 'follow-up', 'task-turn'].includes(c.command)).map((c) => c.command);
+  const events = () =>
+    docker
+      .calls()
+      .filter((c) => ['run', 'warm-start', 'closed', 'follow-up', 'task-turn'].includes(c.command))
+      .map((c) => c.command);
 
   it('a group-context task in a chat whose container waits is that container’s next turn: no new container, nothing closed', async () => {
     await start({ IDLE_TIMEOUT: '600000' });
@@ -213,7 +260,11 @@ describe('tasks through the host (fake docker)', () => {
     await waitFor(() => docker.calls().some((c) => c.command === 'task-turn'), 10_000, 'task turn');
     channel.receive(FAMILY, '@Andy during the task'); // held while the task has the container
     await waitFor(() => channel.sent.length === 3, 10_000, 'all three answers');
-    expect(channel.sent.map((m) => m.text)).toEqual(['Andy: slept 600', 'Andy: echo: water the plants', 'Andy: echo: during the task']);
+    expect(channel.sent.map((m) => m.text)).toEqual([
+      'Andy: slept 600',
+      'Andy: echo: water the plants',
+      'Andy: echo: during the task',
+    ]);
     expect(events()).toEqual(['run', 'task-turn', 'follow-up']);
     expect(docker.runs()).toHaveLength(1);
   });
@@ -242,7 +293,10 @@ describe('tasks through the host (fake docker)', () => {
     store.createTask(t);
     host.scheduler.arm();
     await waitFor(() => store.taskRuns(t.id).length === 1, 10_000, 'task run');
-    expect(store.taskRuns(t.id)[0]).toMatchObject({ status: 'error', error: 'the container stopped before the task was answered' });
+    expect(store.taskRuns(t.id)[0]).toMatchObject({
+      status: 'error',
+      error: 'the container stopped before the task was answered',
+    });
     expect(store.taskClaims()).toEqual([]);
     channel.receive(FAMILY, '@Andy back?');
     await waitFor(() => channel.sent.length === 2, 10_000, 'reply in a new container');
@@ -264,10 +318,21 @@ describe('bun nanoclaw.ts tasks', () => {
     store.close();
     const cli = async (...args: string[]) => {
       const proc = Bun.spawn([process.execPath, join(REPO, 'nanoclaw.ts'), 'tasks', ...args], {
-        cwd: config.projectRoot, stdout: 'pipe', stderr: 'pipe',
-        env: { PATH: process.env.PATH!, HOME: process.env.HOME!, NANOCLAW_ROOT: config.projectRoot, CONTAINER_RUNTIME: docker.path },
+        cwd: config.projectRoot,
+        stdout: 'pipe',
+        stderr: 'pipe',
+        env: {
+          PATH: process.env.PATH!,
+          HOME: process.env.HOME!,
+          NANOCLAW_ROOT: config.projectRoot,
+          CONTAINER_RUNTIME: docker.path,
+        },
       });
-      const [stdout, stderr, code] = await Promise.all([new Response(proc.stdout).text(), new Response(proc.stderr).text(), proc.exited]);
+      const [stdout, stderr, code] = await Promise.all([
+        new Response(proc.stdout).text(),
+        new Response(proc.stderr).text(),
+        proc.exited,
+      ]);
       return { stdout, stderr, code };
     };
     const list = await cli('list');
@@ -281,7 +346,9 @@ describe('bun nanoclaw.ts tasks', () => {
     expect(resumed.stdout).toMatch(/next run \d{4}-\d{2}-\d{2} 09:00 Asia\/Tokyo/);
     const run = await cli('run', t.id);
     expect(run.code).toBe(0);
-    expect(run.stdout).toBe(`→ ${FAMILY} (queued for WhatsApp): Andy: echo: water the plants\nWhatsApp is not linked on this machine: it waits in the outbox until you link it (bun nanoclaw.ts auth) and start NanoClaw.\n`);
+    expect(run.stdout).toBe(
+      `→ ${FAMILY} (queued for WhatsApp): Andy: echo: water the plants\nWhatsApp is not linked on this machine: it waits in the outbox until you link it (bun nanoclaw.ts auth) and start NanoClaw.\n`,
+    );
     expect((await cli('show', t.id)).stdout).toMatch(/recent runs:\n.*success/);
     expect((await cli('cancel', t.id)).code).toBe(0);
     expect((await cli('show', t.id)).code).toBe(2);

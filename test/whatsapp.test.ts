@@ -4,17 +4,52 @@
  * (WhatsApp's servers cannot be reached here, so the handshake never completes; where a
  * test needs an open connection it emits `connection.update` on the real socket).
  */
-import { encryptedStream, proto, WAMessageAddressingMode, type GroupMetadata, type WAMessage } from '@whiskeysockets/baileys';
+import {
+  encryptedStream,
+  proto,
+  WAMessageAddressingMode,
+  type GroupMetadata,
+  type WAMessage,
+} from '@whiskeysockets/baileys';
 import { mkdirSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import {
   AgentTree,
-  Host, backoff, parseWhatsAppMessage, someoneTyping, RateLimiter, addGroup, safeMediaFileName, setupLogging, splitForWhatsApp,
-  Store, OutboxSender, newMessageId, toWhatsAppFormat, writeJsonAtomic, WhatsAppChannel, whatsAppChannel, makeSelfChatMain, LOCAL_MAIN_JID,
-  type ChannelHandlers, type NewMessage, type WhatsAppIdentity, type WhatsAppOptions,
+  Host,
+  backoff,
+  parseWhatsAppMessage,
+  someoneTyping,
+  RateLimiter,
+  addGroup,
+  safeMediaFileName,
+  setupLogging,
+  splitForWhatsApp,
+  Store,
+  OutboxSender,
+  newMessageId,
+  toWhatsAppFormat,
+  writeJsonAtomic,
+  WhatsAppChannel,
+  whatsAppChannel,
+  makeSelfChatMain,
+  LOCAL_MAIN_JID,
+  type ChannelHandlers,
+  type NewMessage,
+  type WhatsAppIdentity,
+  type WhatsAppOptions,
 } from '../nanoclaw.ts';
-import { fakeDocker, flakyServer, linkedAuthDir, openAsWhatsAppWould, pendingPairingAuthDir, RecordingWhatsApp, tempDir, tempProject, waitFor } from './helpers.ts';
+import {
+  fakeDocker,
+  flakyServer,
+  linkedAuthDir,
+  openAsWhatsAppWould,
+  pendingPairingAuthDir,
+  RecordingWhatsApp,
+  tempDir,
+  tempProject,
+  waitFor,
+} from './helpers.ts';
 
 const ME = '4915100000001@s.whatsapp.net';
 const ME_LID = '99887766@lid';
@@ -26,14 +61,27 @@ const identity = (overrides: Partial<WhatsAppIdentity> = {}): WhatsAppIdentity =
   ownJids: new Set([ME, ME_LID]),
   assistantName: 'Andy',
   hasOwnNumber: false,
-  phoneForLid: (lid) => ({ [ALICE_LID]: ALICE, [ME_LID]: ME } as Record<string, string>)[lid],
+  phoneForLid: (lid) => (({ [ALICE_LID]: ALICE, [ME_LID]: ME }) as Record<string, string>)[lid],
   ...overrides,
 });
 
 /** A message as baileys delivers it, built with baileys' own protobuf type. */
-function waMessage(fields: { remoteJid: string; id?: string; fromMe?: boolean; participant?: string; message: proto.IMessage; pushName?: string; key?: Record<string, unknown> }): WAMessage {
+function waMessage(fields: {
+  remoteJid: string;
+  id?: string;
+  fromMe?: boolean;
+  participant?: string;
+  message: proto.IMessage;
+  pushName?: string;
+  key?: Record<string, unknown>;
+}): WAMessage {
   const message = proto.WebMessageInfo.fromObject({
-    key: { remoteJid: fields.remoteJid, fromMe: fields.fromMe ?? false, id: fields.id ?? `ID${Math.random().toString(16).slice(2, 14).toUpperCase()}`, participant: fields.participant },
+    key: {
+      remoteJid: fields.remoteJid,
+      fromMe: fields.fromMe ?? false,
+      id: fields.id ?? `ID${Math.random().toString(16).slice(2, 14).toUpperCase()}`,
+      participant: fields.participant,
+    },
     message: fields.message,
     messageTimestamp: 1_790_000_000,
     pushName: fields.pushName ?? 'Alice',
@@ -45,10 +93,24 @@ function waMessage(fields: { remoteJid: string; id?: string; fromMe?: boolean; p
 
 describe('parseWhatsAppMessage', () => {
   it('reads plain, extended and captioned text with sender and time', () => {
-    const plain = parseWhatsAppMessage(waMessage({ remoteJid: GROUP, participant: ALICE, message: { conversation: 'hi all' } }), identity())!;
-    expect(plain.message).toMatchObject({ chatJid: GROUP, sender: ALICE, senderName: 'Alice', content: 'hi all', isFromMe: false, isBotMessage: false, timestamp: new Date(1_790_000_000_000).toISOString() });
+    const plain = parseWhatsAppMessage(
+      waMessage({ remoteJid: GROUP, participant: ALICE, message: { conversation: 'hi all' } }),
+      identity(),
+    )!;
+    expect(plain.message).toMatchObject({
+      chatJid: GROUP,
+      sender: ALICE,
+      senderName: 'Alice',
+      content: 'hi all',
+      isFromMe: false,
+      isBotMessage: false,
+      timestamp: new Date(1_790_000_000_000).toISOString(),
+    });
     expect(plain.isGroup).toBe(true);
-    const extended = parseWhatsAppMessage(waMessage({ remoteJid: ALICE, message: { extendedTextMessage: { text: 'see https://example.org' } } }), identity())!;
+    const extended = parseWhatsAppMessage(
+      waMessage({ remoteJid: ALICE, message: { extendedTextMessage: { text: 'see https://example.org' } } }),
+      identity(),
+    )!;
     expect(extended.message.content).toBe('see https://example.org');
     expect(extended.isGroup).toBe(false);
   });
@@ -59,7 +121,11 @@ describe('parseWhatsAppMessage', () => {
       [{ videoMessage: { caption: 'the goal', mimetype: 'video/mp4' } }, 'video', 'the goal'],
       [{ audioMessage: { ptt: true, mimetype: 'audio/ogg; codecs=opus' } }, 'voice note', ''],
       [{ audioMessage: { ptt: false, mimetype: 'audio/mpeg' } }, 'audio', ''],
-      [{ documentMessage: { fileName: 'invoice.pdf', mimetype: 'application/pdf', caption: 'pay this' } }, 'document', 'pay this'],
+      [
+        { documentMessage: { fileName: 'invoice.pdf', mimetype: 'application/pdf', caption: 'pay this' } },
+        'document',
+        'pay this',
+      ],
       [{ stickerMessage: { mimetype: 'image/webp' } }, 'sticker', ''],
     ];
     for (const [message, kind, caption] of cases) {
@@ -67,43 +133,104 @@ describe('parseWhatsAppMessage', () => {
       expect(parsed?.media?.kind, kind).toBe(kind);
       expect(parsed?.message.content, kind).toBe(caption);
     }
-    const doc = parseWhatsAppMessage(waMessage({ remoteJid: GROUP, participant: ALICE, message: cases[4]![0] }), identity())!;
+    const doc = parseWhatsAppMessage(
+      waMessage({ remoteJid: GROUP, participant: ALICE, message: cases[4]![0] }),
+      identity(),
+    )!;
     expect(doc.media?.fileName).toBe('invoice.pdf');
   });
 
   it('carries what a reply quotes', () => {
     const reply = parseWhatsAppMessage(
-      waMessage({ remoteJid: GROUP, participant: ALICE, message: { extendedTextMessage: { text: 'yes, that one', contextInfo: { quotedMessage: { conversation: 'dinner at 7?' } } } } }),
+      waMessage({
+        remoteJid: GROUP,
+        participant: ALICE,
+        message: {
+          extendedTextMessage: {
+            text: 'yes, that one',
+            contextInfo: { quotedMessage: { conversation: 'dinner at 7?' } },
+          },
+        },
+      }),
       identity(),
     )!;
     expect(reply.message.content).toBe('[replying to: "dinner at 7?"]\nyes, that one');
   });
 
   it('ignores reactions, protocol messages, status broadcasts and empty messages', () => {
-    expect(parseWhatsAppMessage(waMessage({ remoteJid: GROUP, participant: ALICE, message: { reactionMessage: { text: '👍', key: { id: 'X' } } } }), identity())).toBeNull();
-    expect(parseWhatsAppMessage(waMessage({ remoteJid: ALICE, message: { protocolMessage: { type: proto.Message.ProtocolMessage.Type.REVOKE } } }), identity())).toBeNull();
-    expect(parseWhatsAppMessage(waMessage({ remoteJid: 'status@broadcast', participant: ALICE, message: { conversation: 'my status' } }), identity())).toBeNull();
-    expect(parseWhatsAppMessage(waMessage({ remoteJid: ALICE, message: { conversation: '   ' } }), identity())).toBeNull();
+    expect(
+      parseWhatsAppMessage(
+        waMessage({
+          remoteJid: GROUP,
+          participant: ALICE,
+          message: { reactionMessage: { text: '👍', key: { id: 'X' } } },
+        }),
+        identity(),
+      ),
+    ).toBeNull();
+    expect(
+      parseWhatsAppMessage(
+        waMessage({
+          remoteJid: ALICE,
+          message: { protocolMessage: { type: proto.Message.ProtocolMessage.Type.REVOKE } },
+        }),
+        identity(),
+      ),
+    ).toBeNull();
+    expect(
+      parseWhatsAppMessage(
+        waMessage({ remoteJid: 'status@broadcast', participant: ALICE, message: { conversation: 'my status' } }),
+        identity(),
+      ),
+    ).toBeNull();
+    expect(
+      parseWhatsAppMessage(waMessage({ remoteJid: ALICE, message: { conversation: '   ' } }), identity()),
+    ).toBeNull();
     expect(parseWhatsAppMessage(waMessage({ remoteJid: ALICE, message: {} }), identity())).toBeNull();
   });
 
   it('translates LID chats and senders to phone JIDs, so the self-chat is recognised', () => {
-    const selfChat = parseWhatsAppMessage(waMessage({ remoteJid: ME_LID, fromMe: true, message: { conversation: 'note to self' } }), identity())!;
+    const selfChat = parseWhatsAppMessage(
+      waMessage({ remoteJid: ME_LID, fromMe: true, message: { conversation: 'note to self' } }),
+      identity(),
+    )!;
     expect(selfChat.message.chatJid).toBe(ME);
-    const viaAlt = parseWhatsAppMessage(waMessage({ remoteJid: '555@lid', message: { conversation: 'hi' }, key: { remoteJidAlt: '4915100000009@s.whatsapp.net' } }), identity())!;
+    const viaAlt = parseWhatsAppMessage(
+      waMessage({
+        remoteJid: '555@lid',
+        message: { conversation: 'hi' },
+        key: { remoteJidAlt: '4915100000009@s.whatsapp.net' },
+      }),
+      identity(),
+    )!;
     expect(viaAlt.message.chatJid).toBe('4915100000009@s.whatsapp.net');
-    const groupLid = parseWhatsAppMessage(waMessage({ remoteJid: GROUP, participant: ALICE_LID, message: { conversation: 'hey' } }), identity())!;
+    const groupLid = parseWhatsAppMessage(
+      waMessage({ remoteJid: GROUP, participant: ALICE_LID, message: { conversation: 'hey' } }),
+      identity(),
+    )!;
     expect(groupLid.message.sender).toBe(ALICE);
-    const device = parseWhatsAppMessage(waMessage({ remoteJid: '4915100000002:12@s.whatsapp.net', message: { conversation: 'from a device' } }), identity())!;
+    const device = parseWhatsAppMessage(
+      waMessage({ remoteJid: '4915100000002:12@s.whatsapp.net', message: { conversation: 'from a device' } }),
+      identity(),
+    )!;
     expect(device.message.chatJid).toBe(ALICE);
   });
 
   it('marks the bot’s own messages: fromMe with its own number, the name prefix on a shared one', () => {
     const ownNumber = identity({ hasOwnNumber: true });
-    expect(parseWhatsAppMessage(waMessage({ remoteJid: GROUP, fromMe: true, message: { conversation: 'done' } }), ownNumber)!.message.isBotMessage).toBe(true);
+    expect(
+      parseWhatsAppMessage(waMessage({ remoteJid: GROUP, fromMe: true, message: { conversation: 'done' } }), ownNumber)!
+        .message.isBotMessage,
+    ).toBe(true);
     const shared = identity();
-    expect(parseWhatsAppMessage(waMessage({ remoteJid: ME, fromMe: true, message: { conversation: 'Andy: done' } }), shared)!.message.isBotMessage).toBe(true);
-    const mine = parseWhatsAppMessage(waMessage({ remoteJid: ME, fromMe: true, message: { conversation: 'buy milk' } }), shared)!;
+    expect(
+      parseWhatsAppMessage(waMessage({ remoteJid: ME, fromMe: true, message: { conversation: 'Andy: done' } }), shared)!
+        .message.isBotMessage,
+    ).toBe(true);
+    const mine = parseWhatsAppMessage(
+      waMessage({ remoteJid: ME, fromMe: true, message: { conversation: 'buy milk' } }),
+      shared,
+    )!;
     expect(mine.message).toMatchObject({ isBotMessage: false, isFromMe: true, sender: ME });
   });
 });
@@ -118,7 +245,9 @@ describe('outbound formatting', () => {
   });
 
   it('splits long replies at paragraph, then sentence, then word boundaries, losing nothing', () => {
-    const paragraphs = Array.from({ length: 6 }, (_, i) => `Paragraph ${i}. ${'word '.repeat(150).trim()}.`).join('\n\n');
+    const paragraphs = Array.from({ length: 6 }, (_, i) => `Paragraph ${i}. ${'word '.repeat(150).trim()}.`).join(
+      '\n\n',
+    );
     const parts = splitForWhatsApp(paragraphs, 2000);
     expect(parts.length).toBeGreaterThan(1);
     for (const part of parts) expect(part.length).toBeLessThanOrEqual(2000);
@@ -130,7 +259,9 @@ describe('outbound formatting', () => {
   });
 
   it('keeps media file names safe', () => {
-    expect(safeMediaFileName('3EB0ABC', 'document', 'application/pdf', '../../etc/pass wd.pdf')).toBe('3EB0ABC-etc-pass-wd.pdf');
+    expect(safeMediaFileName('3EB0ABC', 'document', 'application/pdf', '../../etc/pass wd.pdf')).toBe(
+      '3EB0ABC-etc-pass-wd.pdf',
+    );
     expect(safeMediaFileName('3EB0ABC', 'voice note', 'audio/ogg; codecs=opus')).toBe('3EB0ABC-voice-note.ogg');
   });
 });
@@ -165,7 +296,16 @@ afterEach(async () => {
 
 describe('WhatsAppChannel connection', () => {
   function channelOptions(authDir: string, url: string, extra: Partial<WhatsAppOptions> = {}): WhatsAppOptions {
-    return { authDir, assistantName: 'Andy', hasOwnNumber: false, mediaTreeFor: () => null, waWebSocketUrl: url, reconnectBaseMs: 40, reconnectCapMs: 400, ...extra };
+    return {
+      authDir,
+      assistantName: 'Andy',
+      hasOwnNumber: false,
+      mediaTreeFor: () => null,
+      waWebSocketUrl: url,
+      reconnectBaseMs: 40,
+      reconnectCapMs: 400,
+      ...extra,
+    };
   }
   const noHandlers: ChannelHandlers = { onMessage: () => {} };
 
@@ -203,7 +343,10 @@ describe('WhatsAppChannel connection', () => {
     await channel.connect({ onMessage: (m) => received.push(m) });
     const retired = channel.socket!;
     await waitFor(() => channel.socketsOpened >= 3, 20_000, 'three sockets');
-    retired.ev.emit('messages.upsert', { messages: [waMessage({ remoteJid: ALICE, message: { conversation: 'from the past' } })], type: 'notify' });
+    retired.ev.emit('messages.upsert', {
+      messages: [waMessage({ remoteJid: ALICE, message: { conversation: 'from the past' } })],
+      type: 'notify',
+    });
     retired.ev.emit('connection.update', { connection: 'open' });
     await Bun.sleep(50);
     expect(received).toEqual([]);
@@ -211,10 +354,16 @@ describe('WhatsAppChannel connection', () => {
     const live = channel.socket!;
     openAsWhatsAppWould(live);
     expect(channel.isConnected).toBe(true);
-    live.ev.emit('messages.upsert', { messages: [waMessage({ remoteJid: ALICE, message: { conversation: 'now' } })], type: 'notify' });
+    live.ev.emit('messages.upsert', {
+      messages: [waMessage({ remoteJid: ALICE, message: { conversation: 'now' } })],
+      type: 'notify',
+    });
     await waitFor(() => received.length === 1, 2000, 'live message');
     expect(received[0]!.content).toBe('now');
-    live.ev.emit('connection.update', { connection: 'close', lastDisconnect: { error: new Error('drop'), date: new Date() } });
+    live.ev.emit('connection.update', {
+      connection: 'close',
+      lastDisconnect: { error: new Error('drop'), date: new Date() },
+    });
     expect(channel.reconnectDelays.at(-1)!).toBeLessThanOrEqual(40); // attempt 1 again after a good connection
   });
 
@@ -242,7 +391,10 @@ describe('WhatsAppChannel connection', () => {
     openAsWhatsAppWould(channel.socket!);
     say(store, channel, sender, GROUP, 'one');
     await waitFor(() => channel.delivered.length === 1, 2000, 'first delivery');
-    channel.socket!.ev.emit('connection.update', { connection: 'close', lastDisconnect: { error: new Error('network down'), date: new Date() } });
+    channel.socket!.ev.emit('connection.update', {
+      connection: 'close',
+      lastDisconnect: { error: new Error('network down'), date: new Date() },
+    });
     say(store, channel, sender, GROUP, 'two');
     say(store, channel, sender, ALICE, 'three');
     await sender.settle();
@@ -251,7 +403,11 @@ describe('WhatsAppChannel connection', () => {
     openAsWhatsAppWould(channel.socket!);
     await waitFor(() => channel.delivered.length === 3, 2000, 'queued deliveries');
     await sender.settle();
-    expect(channel.delivered.map(({ jid, text }) => ({ jid, text }))).toEqual([{ jid: GROUP, text: 'one' }, { jid: GROUP, text: 'two' }, { jid: ALICE, text: 'three' }]);
+    expect(channel.delivered.map(({ jid, text }) => ({ jid, text }))).toEqual([
+      { jid: GROUP, text: 'one' },
+      { jid: GROUP, text: 'two' },
+      { jid: ALICE, text: 'three' },
+    ]);
     expect(new Set(channel.delivered.map((d) => d.messageId)).size).toBe(3);
     expect(store.countUnsent('whatsapp')).toBe(0);
   });
@@ -284,7 +440,10 @@ describe('WhatsAppChannel connection', () => {
     await second.connect({ ...noHandlers, onReady: () => secondSender.kick() });
     openAsWhatsAppWould(second.socket!);
     await waitFor(() => second.delivered.length === 2, 3000, 'stored replies');
-    expect(second.delivered.map(({ jid, text }) => ({ jid, text }))).toEqual([{ jid: GROUP, text: 'written while offline' }, { jid: ALICE, text: 'and this too' }]);
+    expect(second.delivered.map(({ jid, text }) => ({ jid, text }))).toEqual([
+      { jid: GROUP, text: 'written while offline' },
+      { jid: ALICE, text: 'and this too' },
+    ]);
     expect(second.delivered[0]!.messageId).toBe(unsentId); // a resend is the same WhatsApp message
     await secondSender.settle();
     expect(store.countUnsent('whatsapp')).toBe(0);
@@ -319,7 +478,12 @@ describe('WhatsApp through the host (fake docker)', () => {
     const server = flakyServer(60_000);
     stops.push(server.stop);
     const channel = new RecordingWhatsApp({
-      authDir: await linkedAuthDir(), assistantName: 'Andy', hasOwnNumber: false, waWebSocketUrl: server.url, reconnectBaseMs: 30, reconnectCapMs: 100,
+      authDir: await linkedAuthDir(),
+      assistantName: 'Andy',
+      hasOwnNumber: false,
+      waWebSocketUrl: server.url,
+      reconnectBaseMs: 30,
+      reconnectCapMs: 100,
       mediaTreeFor: (jid) => (store.groupByJid(jid) ? new AgentTree(join(config.groupsDir, 'family')) : null),
     });
     const host = new Host(config, store, [channel], { recoverySweepMs: 60_000, ipcSweepMs: 60_000 });
@@ -329,17 +493,27 @@ describe('WhatsApp through the host (fake docker)', () => {
     });
     await host.start();
     openAsWhatsAppWould(channel.socket!);
-    const inbound = waMessage({ remoteJid: GROUP, participant: ALICE, id: 'REPLAYED1', message: { conversation: '@Andy what is for dinner?' } });
+    const inbound = waMessage({
+      remoteJid: GROUP,
+      participant: ALICE,
+      id: 'REPLAYED1',
+      message: { conversation: '@Andy what is for dinner?' },
+    });
     channel.socket!.ev.emit('messages.upsert', { messages: [inbound], type: 'notify' });
     await waitFor(() => channel.delivered.length === 1, 10_000, 'reply');
     for (let i = 0; i < 2; i++) {
-      channel.socket!.ev.emit('connection.update', { connection: 'close', lastDisconnect: { error: new Error('drop'), date: new Date() } });
+      channel.socket!.ev.emit('connection.update', {
+        connection: 'close',
+        lastDisconnect: { error: new Error('drop'), date: new Date() },
+      });
       await waitFor(() => channel.socketsOpened === i + 2, 5000, 'reconnect');
       openAsWhatsAppWould(channel.socket!);
       channel.socket!.ev.emit('messages.upsert', { messages: [inbound], type: 'append' });
     }
     await Bun.sleep(500);
-    expect(channel.delivered.map(({ jid, text }) => ({ jid, text }))).toEqual([{ jid: GROUP, text: 'Andy: echo: what is for dinner?' }]);
+    expect(channel.delivered.map(({ jid, text }) => ({ jid, text }))).toEqual([
+      { jid: GROUP, text: 'Andy: echo: what is for dinner?' },
+    ]);
     expect(docker.runs()).toHaveLength(1);
   });
 
@@ -360,12 +534,40 @@ describe('WhatsApp through the host (fake docker)', () => {
     stops.push(() => channel.disconnect());
     await channel.connect({ onMessage: (m) => received.push(m) });
     const imageMessage = {
-      url: `http://127.0.0.1:${media.port}/media/cat.enc`, mimetype: 'image/jpeg', caption: 'our cat',
-      mediaKey: encrypted.mediaKey, fileSha256: encrypted.fileSha256, fileEncSha256: encrypted.fileEncSha256, fileLength: photo.length,
+      url: `http://127.0.0.1:${media.port}/media/cat.enc`,
+      mimetype: 'image/jpeg',
+      caption: 'our cat',
+      mediaKey: encrypted.mediaKey,
+      fileSha256: encrypted.fileSha256,
+      fileEncSha256: encrypted.fileEncSha256,
+      fileLength: photo.length,
     };
-    await channel.onMessage(waMessage({ remoteJid: GROUP, participant: ALICE, id: 'PHOTO1', message: { imageMessage } }));
-    await channel.onMessage(waMessage({ remoteJid: GROUP, participant: ALICE, id: 'BIGVIDEO', message: { videoMessage: { url: imageMessage.url, mimetype: 'video/mp4', fileLength: 80 * 1024 * 1024, caption: 'match' } } }));
-    await channel.onMessage(waMessage({ remoteJid: 'other@g.us', participant: ALICE, id: 'NOTOURS', message: { imageMessage: { ...imageMessage, caption: 'elsewhere' } } }));
+    await channel.onMessage(
+      waMessage({ remoteJid: GROUP, participant: ALICE, id: 'PHOTO1', message: { imageMessage } }),
+    );
+    await channel.onMessage(
+      waMessage({
+        remoteJid: GROUP,
+        participant: ALICE,
+        id: 'BIGVIDEO',
+        message: {
+          videoMessage: {
+            url: imageMessage.url,
+            mimetype: 'video/mp4',
+            fileLength: 80 * 1024 * 1024,
+            caption: 'match',
+          },
+        },
+      }),
+    );
+    await channel.onMessage(
+      waMessage({
+        remoteJid: 'other@g.us',
+        participant: ALICE,
+        id: 'NOTOURS',
+        message: { imageMessage: { ...imageMessage, caption: 'elsewhere' } },
+      }),
+    );
     expect(received.map((m) => m.content)).toEqual([
       '[image: /workspace/group/media/PHOTO1-image.jpeg] our cat',
       '[video not downloaded: 80 MB is over the 25 MB limit] match',
@@ -395,14 +597,19 @@ describe('WhatsApp through the host (fake docker)', () => {
     // WhatsApp's answer to the group query, which only its servers can give.
     const serverGroups = () => {
       fetches++;
-      return Promise.resolve({ [GROUP]: { id: GROUP, subject: `Family (${fetches})` } } as unknown as Awaited<ReturnType<NonNullable<typeof channel.socket>['groupFetchAllParticipating']>>);
+      return Promise.resolve({ [GROUP]: { id: GROUP, subject: `Family (${fetches})` } } as unknown as Awaited<
+        ReturnType<NonNullable<typeof channel.socket>['groupFetchAllParticipating']>
+      >);
     };
     channel.socket!.groupFetchAllParticipating = serverGroups;
     openAsWhatsAppWould(channel.socket!);
     await waitFor(() => store.listChats().some((c) => c.jid === GROUP), 3000, 'group synced');
     expect(store.listChats().find((c) => c.jid === GROUP)).toMatchObject({ name: 'Family (1)', isGroup: true });
     expect(store.getState('groups_synced_at')).not.toBeNull();
-    channel.socket!.ev.emit('connection.update', { connection: 'close', lastDisconnect: { error: new Error('drop'), date: new Date() } });
+    channel.socket!.ev.emit('connection.update', {
+      connection: 'close',
+      lastDisconnect: { error: new Error('drop'), date: new Date() },
+    });
     await waitFor(() => channel.socketsOpened === 2, 5000, 'reconnect');
     channel.socket!.groupFetchAllParticipating = serverGroups;
     openAsWhatsAppWould(channel.socket!);
@@ -410,14 +617,27 @@ describe('WhatsApp through the host (fake docker)', () => {
     expect(fetches).toBe(1); // synced less than a day ago: not again
     writeJsonAtomic(join(config.ipcDir, 'main', 'tasks', '1-refresh.json'), { type: 'refresh_groups' });
     await waitFor(() => fetches === 2, 3000, 'refresh from main');
-    await waitFor(() => JSON.parse(readFileSync(join(config.ipcDir, 'main', 'available_groups.json'), 'utf8')).groups.some((g: { name: string }) => g.name === 'Family (2)'), 3000, 'snapshot');
+    await waitFor(
+      () =>
+        JSON.parse(readFileSync(join(config.ipcDir, 'main', 'available_groups.json'), 'utf8')).groups.some(
+          (g: { name: string }) => g.name === 'Family (2)',
+        ),
+      3000,
+      'snapshot',
+    );
   });
 
   it('linking makes the self-chat the main group, taking over the terminal’s placeholder', () => {
     const config = tempProject();
     const store = new Store(config.dbPath);
     mkdirSync(join(config.groupsDir, 'main'), { recursive: true });
-    addGroup(config, store, { jid: LOCAL_MAIN_JID, name: 'Main', folder: 'main', isMain: true, requiresTrigger: false });
+    addGroup(config, store, {
+      jid: LOCAL_MAIN_JID,
+      name: 'Main',
+      folder: 'main',
+      isMain: true,
+      requiresTrigger: false,
+    });
     store.setSession('main', 'kept-session');
     const main = makeSelfChatMain(config, store, ME);
     expect(main).toMatchObject({ jid: ME, folder: 'main', isMain: true });
@@ -434,10 +654,24 @@ describe('WhatsApp through the host (fake docker)', () => {
  */
 describe('what real WhatsApp needs (baileys 7)', () => {
   const options = (authDir: string, url: string, extra: Partial<WhatsAppOptions> = {}): WhatsAppOptions => ({
-    authDir, assistantName: 'Andy', hasOwnNumber: false, mediaTreeFor: () => null, waWebSocketUrl: url, reconnectBaseMs: 20, reconnectCapMs: 60, ...extra,
+    authDir,
+    assistantName: 'Andy',
+    hasOwnNumber: false,
+    mediaTreeFor: () => null,
+    waWebSocketUrl: url,
+    reconnectBaseMs: 20,
+    reconnectCapMs: 60,
+    ...extra,
   });
-  const closeWith = (sock: NonNullable<WhatsAppChannel['socket']>, statusCode: number, message = 'Connection Failure') =>
-    sock.ev.emit('connection.update', { connection: 'close', lastDisconnect: { error: Object.assign(new Error(message), { output: { statusCode } }), date: new Date() } });
+  const closeWith = (
+    sock: NonNullable<WhatsAppChannel['socket']>,
+    statusCode: number,
+    message = 'Connection Failure',
+  ) =>
+    sock.ev.emit('connection.update', {
+      connection: 'close',
+      lastDisconnect: { error: Object.assign(new Error(message), { output: { statusCode } }), date: new Date() },
+    });
 
   it('announces the WhatsApp Web version it looked up, keeps it for when the lookup fails, and looks again after a 405 refusal, logging it once', async () => {
     const config = tempProject();
@@ -445,12 +679,21 @@ describe('what real WhatsApp needs (baileys 7)', () => {
     const store = new Store(config.dbPath);
     const server = flakyServer(60_000);
     const lookups: string[] = [];
-    let answer: { version: [number, number, number]; isLatest: boolean } = { version: [2, 3000, 1111111111], isLatest: true };
+    let answer: { version: [number, number, number]; isLatest: boolean } = {
+      version: [2, 3000, 1111111111],
+      isLatest: true,
+    };
     const lookupVersion = async () => {
       lookups.push(answer.version.join('.'));
       return answer;
     };
-    const channel = whatsAppChannel(config, store, { authDir: await linkedAuthDir(), waWebSocketUrl: server.url, lookupVersion, reconnectBaseMs: 20, reconnectCapMs: 60 });
+    const channel = whatsAppChannel(config, store, {
+      authDir: await linkedAuthDir(),
+      waWebSocketUrl: server.url,
+      lookupVersion,
+      reconnectBaseMs: 20,
+      reconnectCapMs: 60,
+    });
     stops.push(async () => {
       await channel.disconnect();
       server.stop();
@@ -469,10 +712,16 @@ describe('what real WhatsApp needs (baileys 7)', () => {
     await waitFor(() => channel.socketsOpened === 3, 3000, 'second reconnect');
     expect(lookups).toHaveLength(3);
     expect(channel.version).toEqual([2, 3000, 2222222222]); // the last one that was looked up, from the store
-    const refusals = readFileSync(join(config.logsDir, 'nanoclaw.log'), 'utf8').split('\n').filter((l) => l.includes('refused this client version (405)'));
+    const refusals = readFileSync(join(config.logsDir, 'nanoclaw.log'), 'utf8')
+      .split('\n')
+      .filter((l) => l.includes('refused this client version (405)'));
     expect(refusals).toHaveLength(1); // one clear line per outage, not one per attempt
     // A channel started while the lookup is impossible uses what the store kept.
-    const later = whatsAppChannel(config, store, { authDir: await linkedAuthDir(), waWebSocketUrl: server.url, lookupVersion: async () => ({ version: [2, 3000, 5], isLatest: false }) });
+    const later = whatsAppChannel(config, store, {
+      authDir: await linkedAuthDir(),
+      waWebSocketUrl: server.url,
+      lookupVersion: async () => ({ version: [2, 3000, 5], isLatest: false }),
+    });
     stops.push(() => later.disconnect());
     await later.connect({ onMessage: () => {} });
     expect(later.version).toEqual([2, 3000, 2222222222]);
@@ -484,7 +733,11 @@ describe('what real WhatsApp needs (baileys 7)', () => {
     const store = new Store(config.dbPath);
     const server = flakyServer(60_000);
     const authDir = await linkedAuthDir();
-    const channel = new RecordingWhatsApp({ ...options(authDir, server.url), rememberSent: (id, c) => store.recordSentContent(id, c), recallSent: (id) => store.outboundByMessageId(id)?.sentContent ?? null });
+    const channel = new RecordingWhatsApp({
+      ...options(authDir, server.url),
+      rememberSent: (id, c) => store.recordSentContent(id, c),
+      recallSent: (id) => store.outboundByMessageId(id)?.sentContent ?? null,
+    });
     const sender = new OutboxSender(store, channel, 50);
     stops.push(async () => {
       sender.stop();
@@ -500,7 +753,12 @@ describe('what real WhatsApp needs (baileys 7)', () => {
     await waitFor(() => channel.delivered.length === 1, 3000, 'sent');
     await sender.settle();
     // baileys builds the key of a retry receipt from the stanza: it may carry the LID form and a device.
-    const asked = await channel.getMessage({ remoteJid: '1234567890@lid', id, fromMe: true, participant: '11223344:3@lid' });
+    const asked = await channel.getMessage({
+      remoteJid: '1234567890@lid',
+      id,
+      fromMe: true,
+      participant: '11223344:3@lid',
+    });
     const expected = channel.delivered[0]!.content!; // what baileys built for sendMessage (a random messageSecret included)
     expect(expected.extendedTextMessage?.text).toBe('Andy: the *plan* for Sunday');
     const bytes = (m: proto.IMessage) => Buffer.from(proto.Message.encode(m).finish()).toString('hex');
@@ -526,7 +784,9 @@ describe('what real WhatsApp needs (baileys 7)', () => {
     setupLogging(config, { terminalLevel: 'silent' });
     const server = flakyServer(60_000);
     let notLinked = 0;
-    const channel = new RecordingWhatsApp(options(await linkedAuthDir(), server.url, { onNotLinked: () => notLinked++ }));
+    const channel = new RecordingWhatsApp(
+      options(await linkedAuthDir(), server.url, { onNotLinked: () => notLinked++ }),
+    );
     stops.push(async () => {
       await channel.disconnect();
       server.stop();
@@ -542,7 +802,11 @@ describe('what real WhatsApp needs (baileys 7)', () => {
   it('own number: an @mention of the bot (its LID or its phone number) is the chat’s trigger; on a shared number it is the user’s own', () => {
     const mention = (text: string, mentionedJid: string[], extra: Partial<WhatsAppIdentity> = {}) =>
       parseWhatsAppMessage(
-        waMessage({ remoteJid: GROUP, participant: ALICE, message: { extendedTextMessage: { text, contextInfo: { mentionedJid } } } }),
+        waMessage({
+          remoteJid: GROUP,
+          participant: ALICE,
+          message: { extendedTextMessage: { text, contextInfo: { mentionedJid } } },
+        }),
         identity({ hasOwnNumber: true, ...extra }),
       )!.message.content;
     expect(mention('@99887766 what time is it?', [ME_LID])).toBe('@Andy what time is it?');
@@ -551,7 +815,17 @@ describe('what real WhatsApp needs (baileys 7)', () => {
     expect(mention('@11223344 can you check?', [ALICE_LID])).toBe('@11223344 can you check?'); // someone else
     expect(mention('@99887766 hi', [ME_LID], { hasOwnNumber: false })).toBe('@99887766 hi');
     const caption = parseWhatsAppMessage(
-      waMessage({ remoteJid: GROUP, participant: ALICE, message: { imageMessage: { caption: '@99887766 what is this?', mimetype: 'image/jpeg', contextInfo: { mentionedJid: [ME_LID] } } } }),
+      waMessage({
+        remoteJid: GROUP,
+        participant: ALICE,
+        message: {
+          imageMessage: {
+            caption: '@99887766 what is this?',
+            mimetype: 'image/jpeg',
+            contextInfo: { mentionedJid: [ME_LID] },
+          },
+        },
+      }),
       identity({ hasOwnNumber: true }),
     )!;
     expect(caption.message.content).toBe('@Andy what is this?');
@@ -569,7 +843,13 @@ describe('what real WhatsApp needs (baileys 7)', () => {
     });
     await channel.connect({ onMessage: () => {}, onChatMetadata: (c) => names.push(c) });
     const sock = channel.socket!;
-    const full = (subject: string, members: string[]): GroupMetadata => ({ id: GROUP, subject, owner: undefined, addressingMode: WAMessageAddressingMode.LID, participants: members.map((id) => ({ id })) });
+    const full = (subject: string, members: string[]): GroupMetadata => ({
+      id: GROUP,
+      subject,
+      owner: undefined,
+      addressingMode: WAMessageAddressingMode.LID,
+      participants: members.map((id) => ({ id })),
+    });
     let fetched = 0;
     sock.groupFetchAllParticipating = async () => ({ [GROUP]: full('Family', [ALICE_LID]) });
     sock.groupMetadata = async (jid: string) => {
@@ -578,9 +858,22 @@ describe('what real WhatsApp needs (baileys 7)', () => {
     };
     openAsWhatsAppWould(sock);
     await waitFor(() => channel.groupMetadata.get(GROUP), 2000, 'metadata at connect');
-    expect(channel.groupMetadata.get(GROUP)).toMatchObject({ subject: 'Family', addressingMode: 'lid', participants: [{ id: ALICE_LID }] });
-    sock.ev.emit('group-participants.update', { id: GROUP, author: ALICE, participants: [{ id: '55555@lid' }], action: 'add' });
-    await waitFor(() => channel.groupMetadata.get(GROUP)?.participants.length === 2, 2000, 'refetched after a member joined');
+    expect(channel.groupMetadata.get(GROUP)).toMatchObject({
+      subject: 'Family',
+      addressingMode: 'lid',
+      participants: [{ id: ALICE_LID }],
+    });
+    sock.ev.emit('group-participants.update', {
+      id: GROUP,
+      author: ALICE,
+      participants: [{ id: '55555@lid' }],
+      action: 'add',
+    });
+    await waitFor(
+      () => channel.groupMetadata.get(GROUP)?.participants.length === 2,
+      2000,
+      'refetched after a member joined',
+    );
     expect(fetched).toBe(1);
     sock.ev.emit('groups.update', [{ id: GROUP, announce: true }]); // a one-field change: the cached copy is stale
     sock.ev.flush();
@@ -606,9 +899,18 @@ describe('what real WhatsApp needs (baileys 7)', () => {
     });
     await channel.connect({ onMessage: (m) => received.push(m) });
     const stranger = '777000111@lid';
-    await channel.onMessage(waMessage({ remoteJid: GROUP, participant: stranger, id: 'BEFORE', message: { conversation: 'hi' } }));
+    await channel.onMessage(
+      waMessage({ remoteJid: GROUP, participant: stranger, id: 'BEFORE', message: { conversation: 'hi' } }),
+    );
     channel.socket!.ev.emit('lid-mapping.update', { lid: stranger, pn: '4915100000077@s.whatsapp.net' });
-    await channel.onMessage(waMessage({ remoteJid: GROUP, participant: `777000111:2@lid`, id: 'AFTER', message: { conversation: 'hi again' } }));
+    await channel.onMessage(
+      waMessage({
+        remoteJid: GROUP,
+        participant: `777000111:2@lid`,
+        id: 'AFTER',
+        message: { conversation: 'hi again' },
+      }),
+    );
     expect(received.map((m) => m.sender)).toEqual([stranger, '4915100000077@s.whatsapp.net']);
   });
 
@@ -621,7 +923,11 @@ describe('what real WhatsApp needs (baileys 7)', () => {
       server.stop();
     });
     const activity: string[] = [];
-    await channel.connect({ onMessage: () => {}, onActivity: (jid) => activity.push(jid), watchedChats: () => [GROUP, ALICE] });
+    await channel.connect({
+      onMessage: () => {},
+      onActivity: (jid) => activity.push(jid),
+      watchedChats: () => [GROUP, ALICE],
+    });
     const sock = channel.socket!;
     const subscribed: string[] = [];
     sock.presenceSubscribe = async (jid: string) => void subscribed.push(jid);
@@ -629,7 +935,11 @@ describe('what real WhatsApp needs (baileys 7)', () => {
     expect(subscribed).toEqual([GROUP, ALICE]);
     const own = sock.user!.id; // as the phone knows us: with its device suffix
     const chatstate = (from: string, participant: string, state: string) =>
-      sock.ws.emit('CB:chatstate', { tag: 'chatstate', attrs: { from, participant }, content: [{ tag: state, attrs: {} }] });
+      sock.ws.emit('CB:chatstate', {
+        tag: 'chatstate',
+        attrs: { from, participant },
+        content: [{ tag: state, attrs: {} }],
+      });
     chatstate(GROUP, ALICE, 'paused');
     chatstate(GROUP, own, 'composing');
     expect(activity).toEqual([]);
@@ -646,9 +956,19 @@ describe('what real WhatsApp needs (baileys 7)', () => {
     addGroup(config, store, { jid: GROUP, name: 'Family', folder: 'family' });
     const photo = Buffer.from('pretend this is an old JPEG');
     const encrypted = await encryptedStream(photo, 'image');
-    const media = Bun.serve({ port: 0, fetch: (req) => (new URL(req.url).pathname === '/fresh.enc' ? new Response(Bun.file(encrypted.encFilePath)) : new Response('gone', { status: 410 })) });
+    const media = Bun.serve({
+      port: 0,
+      fetch: (req) =>
+        new URL(req.url).pathname === '/fresh.enc'
+          ? new Response(Bun.file(encrypted.encFilePath))
+          : new Response('gone', { status: 410 }),
+    });
     const server = flakyServer(60_000);
-    const channel = whatsAppChannel(config, store, { authDir: await linkedAuthDir(), waWebSocketUrl: server.url, mediaReuploadTimeoutMs: 300 });
+    const channel = whatsAppChannel(config, store, {
+      authDir: await linkedAuthDir(),
+      waWebSocketUrl: server.url,
+      mediaReuploadTimeoutMs: 300,
+    });
     stops.push(async () => {
       await channel.disconnect();
       media.stop(true);
@@ -658,8 +978,13 @@ describe('what real WhatsApp needs (baileys 7)', () => {
     const received: NewMessage[] = [];
     await channel.connect({ onMessage: (m) => received.push(m) });
     const imageMessage = () => ({
-      url: `http://127.0.0.1:${media.port}/expired.enc`, mimetype: 'image/jpeg', caption: 'remember this?',
-      mediaKey: encrypted.mediaKey, fileSha256: encrypted.fileSha256, fileEncSha256: encrypted.fileEncSha256, fileLength: photo.length,
+      url: `http://127.0.0.1:${media.port}/expired.enc`,
+      mimetype: 'image/jpeg',
+      caption: 'remember this?',
+      mediaKey: encrypted.mediaKey,
+      fileSha256: encrypted.fileSha256,
+      fileEncSha256: encrypted.fileEncSha256,
+      fileLength: photo.length,
     });
     const reuploads: string[] = [];
     // The phone's answer to the media-retry request, which only WhatsApp can relay: the message now points at fresh media.
@@ -668,11 +993,18 @@ describe('what real WhatsApp needs (baileys 7)', () => {
       message.message!.imageMessage!.url = `http://127.0.0.1:${media.port}/fresh.enc`;
       return message;
     };
-    await channel.onMessage(waMessage({ remoteJid: GROUP, participant: ALICE, id: 'OLDPHOTO', message: { imageMessage: imageMessage() } }));
+    await channel.onMessage(
+      waMessage({ remoteJid: GROUP, participant: ALICE, id: 'OLDPHOTO', message: { imageMessage: imageMessage() } }),
+    );
     channel.socket!.updateMediaMessage = () => new Promise<WAMessage>(() => {}); // a phone that is off
-    await channel.onMessage(waMessage({ remoteJid: GROUP, participant: ALICE, id: 'LOSTPHOTO', message: { imageMessage: imageMessage() } }));
+    await channel.onMessage(
+      waMessage({ remoteJid: GROUP, participant: ALICE, id: 'LOSTPHOTO', message: { imageMessage: imageMessage() } }),
+    );
     expect(reuploads).toEqual(['OLDPHOTO']);
-    expect(received.map((m) => m.content)).toEqual(['[image: /workspace/group/media/OLDPHOTO-image.jpeg] remember this?', '[image could not be downloaded] remember this?']);
+    expect(received.map((m) => m.content)).toEqual([
+      '[image: /workspace/group/media/OLDPHOTO-image.jpeg] remember this?',
+      '[image could not be downloaded] remember this?',
+    ]);
     expect(readFileSync(join(config.groupsDir, 'family', 'media', 'OLDPHOTO-image.jpeg'))).toEqual(photo);
   });
 });
@@ -680,14 +1012,21 @@ describe('what real WhatsApp needs (baileys 7)', () => {
 describe('WhatsApp mentions and triggers through the host (fake docker)', () => {
   it('a group registered with its own trigger answers to it, and to an @mention of the bot’s own number', async () => {
     const docker = fakeDocker();
-    const config = tempProject({ CONTAINER_RUNTIME: docker.path, ASSISTANT_HAS_OWN_NUMBER: 'true' }, 'KIMI_API_KEY=sk-wa-test-12345678\n');
+    const config = tempProject(
+      { CONTAINER_RUNTIME: docker.path, ASSISTANT_HAS_OWN_NUMBER: 'true' },
+      'KIMI_API_KEY=sk-wa-test-12345678\n',
+    );
     setupLogging(config, { terminalLevel: 'silent' });
     const store = new Store(config.dbPath);
     addGroup(config, store, { jid: GROUP, name: 'Club', folder: 'club', trigger: '@Bot' });
     const server = flakyServer(60_000);
     const channel = new RecordingWhatsApp({
-      authDir: await linkedAuthDir(), assistantName: 'Andy', hasOwnNumber: true, waWebSocketUrl: server.url,
-      mediaTreeFor: () => null, triggerFor: (jid) => store.groupByJid(jid)?.trigger,
+      authDir: await linkedAuthDir(),
+      assistantName: 'Andy',
+      hasOwnNumber: true,
+      waWebSocketUrl: server.url,
+      mediaTreeFor: () => null,
+      triggerFor: (jid) => store.groupByJid(jid)?.trigger,
     });
     const host = new Host(config, store, [channel], { recoverySweepMs: 60_000, ipcSweepMs: 60_000 });
     stops.push(async () => {
@@ -701,7 +1040,10 @@ describe('WhatsApp mentions and triggers through the host (fake docker)', () => 
     openAsWhatsAppWould(sock);
     // As baileys hands over a message node: emitted, then its event buffer flushed (Socket/messages-recv.js processNodeWithBuffer).
     const say = (id: string, message: proto.IMessage) => {
-      sock.ev.emit('messages.upsert', { messages: [waMessage({ remoteJid: GROUP, participant: ALICE, id, message })], type: 'notify' });
+      sock.ev.emit('messages.upsert', {
+        messages: [waMessage({ remoteJid: GROUP, participant: ALICE, id, message })],
+        type: 'notify',
+      });
       sock.ev.flush();
     };
     say('T1', { conversation: '@Andy are you there?' }); // the assistant's name is not this group's trigger

@@ -52,7 +52,12 @@ export interface ChatRequest {
 
 export type ScriptedReply =
   | { kind: 'text'; text: string; delayMs?: number }
-  | { kind: 'tool'; name: string; args: Record<string, unknown>; /** said before the call, in the same step */ text?: string }
+  | {
+      kind: 'tool';
+      name: string;
+      args: Record<string, unknown> /** said before the call, in the same step */;
+      text?: string;
+    }
   | { kind: 'error'; status: number; message: string };
 
 export interface RecordedRequest {
@@ -64,19 +69,32 @@ export interface RecordedRequest {
 /** Requests seen per prompt text (for !flaky). */
 const seenPrompts = new Map<string, number>();
 
-const unescapeXml = (text: string) => text.replace(/&lt;/g, '<').replace(/&gt;/g, '>').replace(/&quot;/g, '"').replace(/&amp;/g, '&');
+const unescapeXml = (text: string) =>
+  text
+    .replace(/&lt;/g, '<')
+    .replace(/&gt;/g, '>')
+    .replace(/&quot;/g, '"')
+    .replace(/&amp;/g, '&');
 
 /** The text of a message's content: a string, or the text parts of a part list. */
 export function contentText(content: unknown): string {
   if (typeof content === 'string') return content;
-  if (Array.isArray(content)) return content.map((part) => (part && typeof part === 'object' && 'text' in part ? String((part as { text: unknown }).text) : '')).join('');
+  if (Array.isArray(content))
+    return content
+      .map((part) =>
+        part && typeof part === 'object' && 'text' in part ? String((part as { text: unknown }).text) : '',
+      )
+      .join('');
   return '';
 }
 
 /** The text the "model" reacts to. */
 export function userText(prompt: string): string {
   const messages = [...prompt.matchAll(/<message\b[^>]*>([\s\S]*?)<\/message>/g)];
-  if (messages.length) return unescapeXml(messages.at(-1)![1]!).trim().replace(/^@\S+\s+/, '');
+  if (messages.length)
+    return unescapeXml(messages.at(-1)![1]!)
+      .trim()
+      .replace(/^@\S+\s+/, '');
   const lines = prompt.trim().split('\n');
   while (lines.length > 1 && (lines[0]!.startsWith('[') || lines[0]!.trim() === '')) lines.shift();
   return lines.join('\n').trim();
@@ -117,26 +135,58 @@ export function scriptedReply(request: ChatRequest): ScriptedReply {
   const lastUser = messages.map((m) => m.role).lastIndexOf('user');
   const raw = lastUser >= 0 ? contentText(messages[lastUser]!.content) : '';
   const text = userText(raw);
-  const toolResult = messages.slice(lastUser + 1).filter((m) => m.role === 'tool').at(-1);
+  const toolResult = messages
+    .slice(lastUser + 1)
+    .filter((m) => m.role === 'tool')
+    .at(-1);
   // A media message reads "[image: PATH] caption": the directive may follow the picture.
   const [first = '', ...rest] = text.split(' ');
   const command = /(^|\s)!image\b/.test(text) ? '!image' : first;
   const argText = rest.join(' ').trim();
   switch (command) {
     case '!steps':
-      return toolResult ? { kind: 'text', text: 'Here is the answer.' } : { kind: 'tool', name: 'Shell', args: { command: 'echo checked' }, text: 'Let me check.' };
+      return toolResult
+        ? { kind: 'text', text: 'Here is the answer.' }
+        : { kind: 'tool', name: 'Shell', args: { command: 'echo checked' }, text: 'Let me check.' };
     case '!ask': {
       if (toolResult) {
-        const output = JSON.parse(contentText(toolResult.content).replace(/^<system>[\s\S]*?<\/system>\n?/, '')) as { answers: Record<string, string>; note?: string };
-        return { kind: 'text', text: Object.keys(output.answers).length ? `[stub] answered: ${JSON.stringify(output.answers)}` : `[stub] no answer: ${output.note}` };
+        const output = JSON.parse(contentText(toolResult.content).replace(/^<system>[\s\S]*?<\/system>\n?/, '')) as {
+          answers: Record<string, string>;
+          note?: string;
+        };
+        return {
+          kind: 'text',
+          text: Object.keys(output.answers).length
+            ? `[stub] answered: ${JSON.stringify(output.answers)}`
+            : `[stub] no answer: ${output.note}`,
+        };
       }
       const [question = '', ...options] = argText.split('|').map((part) => part.trim());
-      return { kind: 'tool', name: 'AskUserQuestion', args: { questions: [{ question, header: '', options: options.map((label) => ({ label, description: '' })), multi_select: false }] } };
+      return {
+        kind: 'tool',
+        name: 'AskUserQuestion',
+        args: {
+          questions: [
+            {
+              question,
+              header: '',
+              options: options.map((label) => ({ label, description: '' })),
+              multi_select: false,
+            },
+          ],
+        },
+      };
     }
     case '!image': {
-      if (toolResult) return { kind: 'text', text: `[stub] I see ${describeImage(toolResult.content) ?? `no image (${contentText(toolResult.content).slice(0, 200)})`}` };
+      if (toolResult)
+        return {
+          kind: 'text',
+          text: `[stub] I see ${describeImage(toolResult.content) ?? `no image (${contentText(toolResult.content).slice(0, 200)})`}`,
+        };
       const path = /\[(?:image|sticker): (\/[^\]\s]+)/.exec(raw)?.[1];
-      return path ? { kind: 'tool', name: 'ReadMediaFile', args: { path } } : { kind: 'text', text: '[stub] no image in the prompt' };
+      return path
+        ? { kind: 'tool', name: 'ReadMediaFile', args: { path } }
+        : { kind: 'text', text: '[stub] no image in the prompt' };
     }
     case '!context-full':
       // Over the limit while the conversation has earlier turns; a fresh session fits.
@@ -147,7 +197,9 @@ export function scriptedReply(request: ChatRequest): ScriptedReply {
       const [code, times] = rest;
       const seen = (seenPrompts.get(raw) ?? 0) + 1;
       seenPrompts.set(raw, seen);
-      return seen <= (Number(times) || 1) ? { kind: 'error', status: Number(code) || 503, message: `scripted ${code}, ${seen} of ${times}` } : { kind: 'text', text: '[stub] recovered' };
+      return seen <= (Number(times) || 1)
+        ? { kind: 'error', status: Number(code) || 503, message: `scripted ${code}, ${seen} of ${times}` }
+        : { kind: 'text', text: '[stub] recovered' };
     }
     case '!tool':
     case '!shell': {
@@ -155,7 +207,11 @@ export function scriptedReply(request: ChatRequest): ScriptedReply {
       if (command === '!shell') return { kind: 'tool', name: 'Shell', args: { command: argText } };
       const [name = '', ...json] = rest;
       try {
-        return { kind: 'tool', name, args: json.join(' ').trim() ? (JSON.parse(json.join(' ')) as Record<string, unknown>) : {} };
+        return {
+          kind: 'tool',
+          name,
+          args: json.join(' ').trim() ? (JSON.parse(json.join(' ')) as Record<string, unknown>) : {},
+        };
       } catch {
         return { kind: 'text', text: `tool error: arguments are not JSON: ${json.join(' ')}` };
       }
@@ -170,8 +226,17 @@ export function scriptedReply(request: ChatRequest): ScriptedReply {
       return { kind: 'text', text: `[stub] slept ${argText}`, delayMs: Number(argText) || 0 };
     case '!context': {
       // What the model is told about itself: the system prompt, and any memory update since.
-      const updates = messages.filter((m) => m.role === 'user').map((m) => /<memory-update>[\s\S]*?<\/memory-update>/.exec(contentText(m.content))?.[0]).filter(Boolean);
-      return { kind: 'text', text: [contentText(messages.find((m) => m.role === 'system')?.content) || '(no system prompt)', ...updates].join('\n') };
+      const updates = messages
+        .filter((m) => m.role === 'user')
+        .map((m) => /<memory-update>[\s\S]*?<\/memory-update>/.exec(contentText(m.content))?.[0])
+        .filter(Boolean);
+      return {
+        kind: 'text',
+        text: [
+          contentText(messages.find((m) => m.role === 'system')?.content) || '(no system prompt)',
+          ...updates,
+        ].join('\n'),
+      };
     }
     case '!session':
       return { kind: 'text', text: `[stub] ${request.prompt_cache_key ?? '(no prompt_cache_key)'}` };
@@ -183,29 +248,67 @@ export function scriptedReply(request: ChatRequest): ScriptedReply {
 const roughTokens = (text: string) => Math.max(1, Math.ceil(text.length / 4));
 
 /** Chunks of a streamed completion, as Moonshot sends them (usage inside the last choice). */
-function completionChunks(reply: Exclude<ScriptedReply, { kind: 'error' }>, request: ChatRequest, id: string): unknown[] {
+function completionChunks(
+  reply: Exclude<ScriptedReply, { kind: 'error' }>,
+  request: ChatRequest,
+  id: string,
+): unknown[] {
   const model = request.model ?? 'kimi-k2.5';
   const base = { id, object: 'chat.completion.chunk', created: Math.floor(Date.now() / 1000), model };
   const promptTokens = roughTokens(JSON.stringify(request.messages ?? []));
-  const chunks: unknown[] = [{ ...base, choices: [{ index: 0, delta: { role: 'assistant', content: '' }, finish_reason: null }] }];
+  const chunks: unknown[] = [
+    { ...base, choices: [{ index: 0, delta: { role: 'assistant', content: '' }, finish_reason: null }] },
+  ];
   let output = '';
   if (reply.kind === 'text') {
     for (let i = 0; i < reply.text.length; i += 12) {
-      chunks.push({ ...base, choices: [{ index: 0, delta: { content: reply.text.slice(i, i + 12) }, finish_reason: null }] });
+      chunks.push({
+        ...base,
+        choices: [{ index: 0, delta: { content: reply.text.slice(i, i + 12) }, finish_reason: null }],
+      });
     }
     output = reply.text;
   } else {
     const args = JSON.stringify(reply.args);
-    if (reply.text) chunks.push({ ...base, choices: [{ index: 0, delta: { content: reply.text }, finish_reason: null }] });
+    if (reply.text)
+      chunks.push({ ...base, choices: [{ index: 0, delta: { content: reply.text }, finish_reason: null }] });
     const callId = `${reply.name}:${Math.random().toString(36).slice(2, 10)}`;
-    chunks.push({ ...base, choices: [{ index: 0, delta: { tool_calls: [{ index: 0, id: callId, type: 'function', function: { name: reply.name, arguments: '' } }] }, finish_reason: null }] });
+    chunks.push({
+      ...base,
+      choices: [
+        {
+          index: 0,
+          delta: {
+            tool_calls: [{ index: 0, id: callId, type: 'function', function: { name: reply.name, arguments: '' } }],
+          },
+          finish_reason: null,
+        },
+      ],
+    });
     for (let i = 0; i < args.length; i += 16) {
-      chunks.push({ ...base, choices: [{ index: 0, delta: { tool_calls: [{ index: 0, function: { arguments: args.slice(i, i + 16) } }] }, finish_reason: null }] });
+      chunks.push({
+        ...base,
+        choices: [
+          {
+            index: 0,
+            delta: { tool_calls: [{ index: 0, function: { arguments: args.slice(i, i + 16) } }] },
+            finish_reason: null,
+          },
+        ],
+      });
     }
     output = args;
   }
-  const usage = { prompt_tokens: promptTokens, completion_tokens: roughTokens(output), total_tokens: promptTokens + roughTokens(output), cached_tokens: 0 };
-  chunks.push({ ...base, choices: [{ index: 0, delta: {}, finish_reason: reply.kind === 'tool' ? 'tool_calls' : 'stop', usage }] });
+  const usage = {
+    prompt_tokens: promptTokens,
+    completion_tokens: roughTokens(output),
+    total_tokens: promptTokens + roughTokens(output),
+    cached_tokens: 0,
+  };
+  chunks.push({
+    ...base,
+    choices: [{ index: 0, delta: {}, finish_reason: reply.kind === 'tool' ? 'tool_calls' : 'stop', usage }],
+  });
   return chunks;
 }
 
@@ -218,7 +321,9 @@ export interface FakeModel {
 }
 
 /** Starts the scripted model on loopback (a port) or on a unix socket (mode 0666, for containers). */
-export function startFakeModel(options: { key?: string; unix?: string; drill?: boolean; delayMs?: () => number } = {}): FakeModel {
+export function startFakeModel(
+  options: { key?: string; unix?: string; drill?: boolean; delayMs?: () => number } = {},
+): FakeModel {
   const requests: RecordedRequest[] = [];
   let counter = 0;
   const fetch = async (req: Request): Promise<Response> => {
@@ -232,28 +337,76 @@ export function startFakeModel(options: { key?: string; unix?: string; drill?: b
     requests.push({ path, authorization: req.headers.get('authorization'), body });
     const authorized = options.key === undefined || req.headers.get('authorization') === `Bearer ${options.key}`;
     if (req.method === 'GET' && path.endsWith('/models')) {
-      if (!authorized) return Response.json({ error: { message: 'Invalid Authentication', type: 'invalid_authentication_error' } }, { status: 401 });
-      return Response.json({ object: 'list', data: [{ id: 'kimi-k2.5', object: 'model', context_length: 262144, supports_image_in: true, supports_video_in: true, supports_reasoning: true }] });
+      if (!authorized)
+        return Response.json(
+          { error: { message: 'Invalid Authentication', type: 'invalid_authentication_error' } },
+          { status: 401 },
+        );
+      return Response.json({
+        object: 'list',
+        data: [
+          {
+            id: 'kimi-k2.5',
+            object: 'model',
+            context_length: 262144,
+            supports_image_in: true,
+            supports_video_in: true,
+            supports_reasoning: true,
+          },
+        ],
+      });
     }
-    if (req.method !== 'POST' || !path.endsWith('/chat/completions')) return Response.json({ error: { message: `no route ${req.method} ${path}`, type: 'not_found' } }, { status: 404 });
+    if (req.method !== 'POST' || !path.endsWith('/chat/completions'))
+      return Response.json(
+        { error: { message: `no route ${req.method} ${path}`, type: 'not_found' } },
+        { status: 404 },
+      );
     if (options.key !== undefined && req.headers.get('authorization') !== `Bearer ${options.key}`) {
-      return Response.json({ error: { message: 'Invalid Authentication', type: 'invalid_authentication_error' } }, { status: 401 });
+      return Response.json(
+        { error: { message: 'Invalid Authentication', type: 'invalid_authentication_error' } },
+        { status: 401 },
+      );
     }
     const reply = options.drill ? drillReply(body) : scriptedReply(body);
     const think = options.delayMs?.() ?? 0;
     if (think > 0) await Bun.sleep(think);
     if (reply.kind === 'error') {
-      return Response.json({ error: { message: reply.message, type: reply.status === 429 ? 'rate_limit_reached_error' : 'invalid_request_error' } }, { status: reply.status });
+      return Response.json(
+        {
+          error: {
+            message: reply.message,
+            type: reply.status === 429 ? 'rate_limit_reached_error' : 'invalid_request_error',
+          },
+        },
+        { status: reply.status },
+      );
     }
     if (reply.kind === 'text' && reply.delayMs) await Bun.sleep(reply.delayMs);
     const id = `chatcmpl-fake-${++counter}`;
     const chunks = completionChunks(reply, body, id);
     if (!body.stream) {
-      const message = reply.kind === 'text'
-        ? { role: 'assistant', content: reply.text }
-        : { role: 'assistant', content: '', tool_calls: [{ id: `${reply.name}:0`, type: 'function', function: { name: reply.name, arguments: JSON.stringify(reply.args) } }] };
+      const message =
+        reply.kind === 'text'
+          ? { role: 'assistant', content: reply.text }
+          : {
+              role: 'assistant',
+              content: '',
+              tool_calls: [
+                {
+                  id: `${reply.name}:0`,
+                  type: 'function',
+                  function: { name: reply.name, arguments: JSON.stringify(reply.args) },
+                },
+              ],
+            };
       const last = chunks.at(-1) as { choices: { usage: unknown }[] };
-      return Response.json({ id, object: 'chat.completion', model: body.model, choices: [{ index: 0, message, finish_reason: 'stop' }], usage: last.choices[0]!.usage });
+      return Response.json({
+        id,
+        object: 'chat.completion',
+        model: body.model,
+        choices: [{ index: 0, message, finish_reason: 'stop' }],
+        usage: last.choices[0]!.usage,
+      });
     }
     const encoder = new TextEncoder();
     const stream = new ReadableStream<Uint8Array>({

@@ -100,22 +100,53 @@ export function parseArgs(argv: readonly string[], cwd = process.cwd()): CliArgs
       return next;
     };
     switch (flag) {
-      case '--session': case '--resume': case '-S': case '-r': args.session = value(); break;
-      case '--work-dir': case '-w': args.workDir = value(); break;
-      case '--wire': args.wire = true; break;
-      case '--model': case '-m': args.model = value(); break;
-      case '--thinking': args.thinking = true; break;
-      case '--no-thinking': args.thinking = false; break;
-      case '--yolo': case '--yes': case '-y': case '--auto-approve': args.yolo = true; break;
-      case '--agent-file': args.agentFile = value(); break;
-      case '--skills-dir': args.skillsDirs.push(value()); break;
-      case '--mcp-config-file': args.mcpConfigFiles.push(value()); break;
-      default: throw new UsageError(`No such option: ${flag}`);
+      case '--session':
+      case '--resume':
+      case '-S':
+      case '-r':
+        args.session = value();
+        break;
+      case '--work-dir':
+      case '-w':
+        args.workDir = value();
+        break;
+      case '--wire':
+        args.wire = true;
+        break;
+      case '--model':
+      case '-m':
+        args.model = value();
+        break;
+      case '--thinking':
+        args.thinking = true;
+        break;
+      case '--no-thinking':
+        args.thinking = false;
+        break;
+      case '--yolo':
+      case '--yes':
+      case '-y':
+      case '--auto-approve':
+        args.yolo = true;
+        break;
+      case '--agent-file':
+        args.agentFile = value();
+        break;
+      case '--skills-dir':
+        args.skillsDirs.push(value());
+        break;
+      case '--mcp-config-file':
+        args.mcpConfigFiles.push(value());
+        break;
+      default:
+        throw new UsageError(`No such option: ${flag}`);
     }
   }
   args.workDir = resolve(cwd, args.workDir);
-  if (!existsSync(args.workDir) || !statSync(args.workDir).isDirectory()) throw new UsageError(`Invalid value for '--work-dir' / '-w': Directory '${args.workDir}' does not exist.`);
-  if (args.agentFile !== undefined && !existsSync(args.agentFile)) throw new UsageError(`Invalid value for '--agent-file': File '${args.agentFile}' does not exist.`);
+  if (!existsSync(args.workDir) || !statSync(args.workDir).isDirectory())
+    throw new UsageError(`Invalid value for '--work-dir' / '-w': Directory '${args.workDir}' does not exist.`);
+  if (args.agentFile !== undefined && !existsSync(args.agentFile))
+    throw new UsageError(`Invalid value for '--agent-file': File '${args.agentFile}' does not exist.`);
   return args;
 }
 
@@ -137,7 +168,8 @@ interface ConfigFile {
   models?: Record<string, { provider?: string; model?: string; max_context_size?: number; capabilities?: string[] }>;
 }
 
-export const shareDir = (env: Record<string, string | undefined> = process.env) => env.KIMI_SHARE_DIR || join(env.HOME || homedir(), '.kimi');
+export const shareDir = (env: Record<string, string | undefined> = process.env) =>
+  env.KIMI_SHARE_DIR || join(env.HOME || homedir(), '.kimi');
 
 /** Capabilities the CLI adds by model name (llm.py derive_model_capabilities). */
 export function derivedCapabilities(model: string): Capability[] {
@@ -153,7 +185,11 @@ export function derivedCapabilities(model: string): Capability[] {
  * variables override the file. An empty api_key still makes an LLM (requests then go
  * without a key and the server refuses them).
  */
-export function selectLlm(config: ConfigFile, alias: string | undefined, env: Record<string, string | undefined>): Llm | null {
+export function selectLlm(
+  config: ConfigFile,
+  alias: string | undefined,
+  env: Record<string, string | undefined>,
+): Llm | null {
   const chosen = alias !== undefined ? (config.models?.[alias] ? alias : undefined) : config.default_model || undefined;
   const model = chosen ? config.models?.[chosen] : undefined;
   const provider = model?.provider ? config.providers?.[model.provider] : undefined;
@@ -167,10 +203,19 @@ export function selectLlm(config: ConfigFile, alias: string | undefined, env: Re
     apiKey = env.KIMI_API_KEY ?? apiKey;
     name = env.KIMI_MODEL_NAME ?? name;
     if (env.KIMI_MODEL_MAX_CONTEXT_SIZE) maxContextSize = Number(env.KIMI_MODEL_MAX_CONTEXT_SIZE);
-    if (env.KIMI_MODEL_CAPABILITIES !== undefined) configured = env.KIMI_MODEL_CAPABILITIES.split(',').map((c) => c.trim()).filter(Boolean) as Capability[];
+    if (env.KIMI_MODEL_CAPABILITIES !== undefined)
+      configured = env.KIMI_MODEL_CAPABILITIES.split(',')
+        .map((c) => c.trim())
+        .filter(Boolean) as Capability[];
   }
   if (!baseUrl || !name) return null;
-  return { baseUrl, apiKey, model: name, maxContextSize, capabilities: new Set([...configured, ...derivedCapabilities(name)]) };
+  return {
+    baseUrl,
+    apiKey,
+    model: name,
+    maxContextSize,
+    capabilities: new Set([...configured, ...derivedCapabilities(name)]),
+  };
 }
 
 function readConfig(share: string): ConfigFile {
@@ -216,16 +261,21 @@ export function agentsMd(workDir: string): string {
 export function renderSystemPrompt(agentFile: string | undefined, workDir: string, now = new Date()): string {
   let role = '';
   if (agentFile) {
-    const spec = Bun.YAML.parse(readFileSync(agentFile, 'utf8')) as { version?: unknown; agent?: { extend?: string; system_prompt_args?: Record<string, string> } };
+    const spec = Bun.YAML.parse(readFileSync(agentFile, 'utf8')) as {
+      version?: unknown;
+      agent?: { extend?: string; system_prompt_args?: Record<string, string> };
+    };
     if (String(spec?.version) !== '1') throw new Error(`Unsupported agent spec version: ${String(spec?.version)}`);
     role = spec.agent?.system_prompt_args?.ROLE_ADDITIONAL ?? '';
   }
   return [
-    'You are Kimi Code CLI, an interactive general AI agent running on a user\'s computer. (kimi-stub: a test double)',
+    "You are Kimi Code CLI, an interactive general AI agent running on a user's computer. (kimi-stub: a test double)",
     role,
     `The current date and time is ${now.toISOString()}. The current working directory is ${workDir}.`,
     agentsMd(workDir),
-  ].filter(Boolean).join('\n\n');
+  ]
+    .filter(Boolean)
+    .join('\n\n');
 }
 
 // ───────────────────────────── the session on disk ─────────────────────────────
@@ -243,25 +293,61 @@ export class SessionFiles {
   readonly dir: string;
   readonly systemPrompt: string;
 
-  constructor(share: string, workDir: string, readonly id: string, freshPrompt: string, yolo: boolean) {
+  constructor(
+    share: string,
+    workDir: string,
+    readonly id: string,
+    freshPrompt: string,
+    yolo: boolean,
+  ) {
     this.dir = sessionDir(share, workDir, id);
     mkdirSync(this.dir, { recursive: true });
-    const stored = this.records().filter((r) => r.role === '_system_prompt').at(-1);
+    const stored = this.records()
+      .filter((r) => r.role === '_system_prompt')
+      .at(-1);
     this.systemPrompt = typeof stored?.content === 'string' ? stored.content : freshPrompt;
     // write_system_prompt: the first record; a history without one (a legacy session) gets it prepended.
     if (!stored) {
       const rest = existsSync(this.context) ? readFileSync(this.context, 'utf8') : '';
-      writeFileSync(`${this.context}.tmp`, `${JSON.stringify({ role: '_system_prompt', content: freshPrompt })}\n${rest}`);
+      writeFileSync(
+        `${this.context}.tmp`,
+        `${JSON.stringify({ role: '_system_prompt', content: freshPrompt })}\n${rest}`,
+      );
       renameSync(`${this.context}.tmp`, this.context);
     }
-    if (!existsSync(this.wire)) writeFileSync(this.wire, `${JSON.stringify({ type: 'metadata', protocol_version: WIRE_PROTOCOL_VERSION })}\n`);
+    if (!existsSync(this.wire))
+      writeFileSync(this.wire, `${JSON.stringify({ type: 'metadata', protocol_version: WIRE_PROTOCOL_VERSION })}\n`);
     if (!existsSync(join(this.dir, 'state.json'))) {
-      writeFileSync(join(this.dir, 'state.json'), JSON.stringify({ version: 1, approval: { yolo, afk: false, auto_approve_actions: [] }, additional_dirs: [], plan_mode: false, todos: [] }, null, 2));
+      writeFileSync(
+        join(this.dir, 'state.json'),
+        JSON.stringify(
+          {
+            version: 1,
+            approval: { yolo, afk: false, auto_approve_actions: [] },
+            additional_dirs: [],
+            plan_mode: false,
+            todos: [],
+          },
+          null,
+          2,
+        ),
+      );
     }
     const registry = join(share, 'kimi.json');
-    const known = existsSync(registry) ? (JSON.parse(readFileSync(registry, 'utf8')) as { work_dirs?: { path: string; kaos: string; last_session_id: string | null }[] }) : {};
+    const known = existsSync(registry)
+      ? (JSON.parse(readFileSync(registry, 'utf8')) as {
+          work_dirs?: { path: string; kaos: string; last_session_id: string | null }[];
+        })
+      : {};
     const workDirs = (known.work_dirs ?? []).filter((w) => w.path !== workDir);
-    writeFileSync(registry, JSON.stringify({ ...known, work_dirs: [...workDirs, { path: workDir, kaos: 'local', last_session_id: id }] }, null, 2));
+    writeFileSync(
+      registry,
+      JSON.stringify(
+        { ...known, work_dirs: [...workDirs, { path: workDir, kaos: 'local', last_session_id: id }] },
+        null,
+        2,
+      ),
+    );
   }
 
   get context(): string {
@@ -274,12 +360,17 @@ export class SessionFiles {
 
   records(): { role?: string; content?: unknown; [key: string]: unknown }[] {
     if (!existsSync(this.context)) return [];
-    return readFileSync(this.context, 'utf8').split('\n').filter(Boolean).map((line) => JSON.parse(line));
+    return readFileSync(this.context, 'utf8')
+      .split('\n')
+      .filter(Boolean)
+      .map((line) => JSON.parse(line));
   }
 
   /** The conversation so far, as chat messages (the model's view). */
   history(): ChatMessage[] {
-    return this.records().filter((r) => r.role === 'user' || r.role === 'assistant' || r.role === 'tool') as ChatMessage[];
+    return this.records().filter(
+      (r) => r.role === 'user' || r.role === 'assistant' || r.role === 'tool',
+    ) as ChatMessage[];
   }
 
   append(...messages: ChatMessage[]): void {
@@ -307,7 +398,10 @@ export interface ToolCall {
 }
 
 /** A content part as kosong sends it: text, or media by URL (a data URL for local files). */
-export type Part = { type: 'text'; text: string } | { type: 'image_url'; image_url: { url: string } } | { type: 'video_url'; video_url: { url: string } };
+export type Part =
+  | { type: 'text'; text: string }
+  | { type: 'image_url'; image_url: { url: string } }
+  | { type: 'video_url'; video_url: { url: string } };
 
 interface ToolReturn {
   isError: boolean;
@@ -331,31 +425,56 @@ interface Tool {
 
 /** How a tool's result reaches the model (soul/message.py): "<system>…</system>", then the output. */
 export function toolResultContent(result: ToolReturn): string | Part[] {
-  const head = result.isError ? `<system>ERROR: ${result.message}</system>` : result.message ? `<system>${result.message}</system>` : '';
-  if (typeof result.output !== 'string') return [...(head ? [{ type: 'text' as const, text: head }] : []), ...result.output];
+  const head = result.isError
+    ? `<system>ERROR: ${result.message}</system>`
+    : result.message
+      ? `<system>${result.message}</system>`
+      : '';
+  if (typeof result.output !== 'string')
+    return [...(head ? [{ type: 'text' as const, text: head }] : []), ...result.output];
   if (!head && !result.output) return '<system>Tool output is empty.</system>';
   return [head, result.output].filter(Boolean).join('\n');
 }
 
-const REJECTED = 'The tool call is rejected by the user. Stop what you are doing and wait for the user to tell you how to proceed.';
+const REJECTED =
+  'The tool call is rejected by the user. Stop what you are doing and wait for the user to tell you how to proceed.';
 
 const MEDIA_TYPES: Record<string, { kind: 'image' | 'video'; mime: string }> = {
-  jpg: { kind: 'image', mime: 'image/jpeg' }, jpeg: { kind: 'image', mime: 'image/jpeg' }, png: { kind: 'image', mime: 'image/png' },
-  gif: { kind: 'image', mime: 'image/gif' }, webp: { kind: 'image', mime: 'image/webp' }, mp4: { kind: 'video', mime: 'video/mp4' },
+  jpg: { kind: 'image', mime: 'image/jpeg' },
+  jpeg: { kind: 'image', mime: 'image/jpeg' },
+  png: { kind: 'image', mime: 'image/png' },
+  gif: { kind: 'image', mime: 'image/gif' },
+  webp: { kind: 'image', mime: 'image/webp' },
+  mp4: { kind: 'video', mime: 'video/mp4' },
 };
 
 function builtinTools(workDir: string, capabilities: ReadonlySet<Capability>, canAsk: boolean): Tool[] {
-  const inWorkDir = (path: unknown) => (typeof path === 'string' ? (isAbsolute(path) ? path : join(workDir, path)) : '');
+  const inWorkDir = (path: unknown) =>
+    typeof path === 'string' ? (isAbsolute(path) ? path : join(workDir, path)) : '';
   const tools: Tool[] = [
     {
       name: 'Shell',
       description: 'Execute a bash command. Use it to run programs, inspect files and the system.',
-      parameters: { type: 'object', properties: { command: { type: 'string' }, timeout: { type: 'integer', default: 60 } }, required: ['command'] },
+      parameters: {
+        type: 'object',
+        properties: { command: { type: 'string' }, timeout: { type: 'integer', default: 60 } },
+        required: ['command'],
+      },
       async run(args, ctx) {
         const command = String(args.command ?? '');
-        if (!(await ctx.approve('run command', `Run command \`${command}\``, [{ type: 'shell', language: 'bash', command }]))) return { isError: true, output: '', message: REJECTED };
+        if (
+          !(await ctx.approve('run command', `Run command \`${command}\``, [
+            { type: 'shell', language: 'bash', command },
+          ]))
+        )
+          return { isError: true, output: '', message: REJECTED };
         const timeoutS = Math.min(Math.max(Number(args.timeout) || 60, 1), 300);
-        const proc = Bun.spawn(['bash', '-c', 'exec 2>&1; eval "$KIMI_STUB_COMMAND"'], { cwd: workDir, env: { ...process.env, KIMI_STUB_COMMAND: command }, stdout: 'pipe', stderr: 'pipe' });
+        const proc = Bun.spawn(['bash', '-c', 'exec 2>&1; eval "$KIMI_STUB_COMMAND"'], {
+          cwd: workDir,
+          env: { ...process.env, KIMI_STUB_COMMAND: command },
+          stdout: 'pipe',
+          stderr: 'pipe',
+        });
         const timer = setTimeout(() => proc.kill(), timeoutS * 1000);
         const output = await new Response(proc.stdout).text();
         const code = await proc.exited;
@@ -373,21 +492,38 @@ function builtinTools(workDir: string, capabilities: ReadonlySet<Capability>, ca
         try {
           return { isError: false, output: readFileSync(inWorkDir(args.path), 'utf8'), message: '' };
         } catch (err) {
-          return { isError: true, output: '', message: `Failed to read ${String(args.path)}: ${err instanceof Error ? err.message : err}` };
+          return {
+            isError: true,
+            output: '',
+            message: `Failed to read ${String(args.path)}: ${err instanceof Error ? err.message : err}`,
+          };
         }
       },
     },
     {
       name: 'WriteFile',
       description: 'Write a text file.',
-      parameters: { type: 'object', properties: { path: { type: 'string' }, content: { type: 'string' } }, required: ['path', 'content'] },
+      parameters: {
+        type: 'object',
+        properties: { path: { type: 'string' }, content: { type: 'string' } },
+        required: ['path', 'content'],
+      },
       async run(args, ctx) {
-        if (!(await ctx.approve('edit file', `Write file \`${String(args.path)}\``, []))) return { isError: true, output: '', message: REJECTED };
+        if (!(await ctx.approve('edit file', `Write file \`${String(args.path)}\``, [])))
+          return { isError: true, output: '', message: REJECTED };
         try {
           writeFileSync(inWorkDir(args.path), String(args.content ?? ''));
-          return { isError: false, output: '', message: `File successfully overwritten. Current size: ${String(args.content ?? '').length} bytes.` };
+          return {
+            isError: false,
+            output: '',
+            message: `File successfully overwritten. Current size: ${String(args.content ?? '').length} bytes.`,
+          };
         } catch (err) {
-          return { isError: true, output: '', message: `Failed to write ${String(args.path)}: ${err instanceof Error ? err.message : err}` };
+          return {
+            isError: true,
+            output: '',
+            message: `Failed to write ${String(args.path)}: ${err instanceof Error ? err.message : err}`,
+          };
         }
       },
     },
@@ -401,17 +537,24 @@ function builtinTools(workDir: string, capabilities: ReadonlySet<Capability>, ca
       async run(args) {
         const path = inWorkDir(args.path);
         const type = MEDIA_TYPES[path.split('.').pop()?.toLowerCase() ?? ''];
-        if (!existsSync(path)) return { isError: true, output: '', message: `\`${String(args.path)}\` does not exist.` };
-        if (!type) return { isError: true, output: '', message: `\`${String(args.path)}\` is not an image or video file.` };
+        if (!existsSync(path))
+          return { isError: true, output: '', message: `\`${String(args.path)}\` does not exist.` };
+        if (!type)
+          return { isError: true, output: '', message: `\`${String(args.path)}\` is not an image or video file.` };
         if (!capabilities.has(type.kind === 'image' ? 'image_in' : 'video_in')) {
           return { isError: true, output: '', message: `The current model does not support ${type.kind} input.` };
         }
         const data = readFileSync(path);
         const url = `data:${type.mime};base64,${data.toString('base64')}`;
-        const media: Part = type.kind === 'image' ? { type: 'image_url', image_url: { url } } : { type: 'video_url', video_url: { url } };
+        const media: Part =
+          type.kind === 'image' ? { type: 'image_url', image_url: { url } } : { type: 'video_url', video_url: { url } };
         return {
           isError: false,
-          output: [{ type: 'text', text: `<${type.kind} path="${path}">` }, media, { type: 'text', text: `</${type.kind}>` }],
+          output: [
+            { type: 'text', text: `<${type.kind} path="${path}">` },
+            media,
+            { type: 'text', text: `</${type.kind}>` },
+          ],
           message: `Loaded ${type.kind} file \`${path}\` (${type.mime}, ${data.length} bytes).`,
         };
       },
@@ -423,21 +566,57 @@ function builtinTools(workDir: string, capabilities: ReadonlySet<Capability>, ca
       name: 'AskUserQuestion',
       description: 'Ask the user 1-4 questions with 2-4 options each, and wait for the answers.',
       parameters: {
-        type: 'object', required: ['questions'],
-        properties: { questions: { type: 'array', items: { type: 'object', properties: { question: { type: 'string' }, header: { type: 'string' }, options: { type: 'array' }, multi_select: { type: 'boolean' } } } } },
+        type: 'object',
+        required: ['questions'],
+        properties: {
+          questions: {
+            type: 'array',
+            items: {
+              type: 'object',
+              properties: {
+                question: { type: 'string' },
+                header: { type: 'string' },
+                options: { type: 'array' },
+                multi_select: { type: 'boolean' },
+              },
+            },
+          },
+        },
       },
       async run(args, ctx) {
-        const questions = (Array.isArray(args.questions) ? args.questions : []).map((q: { question?: string; header?: string; options?: { label?: string; description?: string }[]; multi_select?: boolean }) => ({
-          question: String(q.question ?? ''), header: String(q.header ?? ''),
-          options: (q.options ?? []).map((o) => ({ label: String(o.label ?? ''), description: String(o.description ?? '') })),
-          multi_select: Boolean(q.multi_select), body: null, other_label: null, other_description: null,
-        }));
-        if (questions.length < 1 || questions.length > 4 || questions.some((q) => q.options.length < 2 || q.options.length > 4)) {
+        const questions = (Array.isArray(args.questions) ? args.questions : []).map(
+          (q: {
+            question?: string;
+            header?: string;
+            options?: { label?: string; description?: string }[];
+            multi_select?: boolean;
+          }) => ({
+            question: String(q.question ?? ''),
+            header: String(q.header ?? ''),
+            options: (q.options ?? []).map((o) => ({
+              label: String(o.label ?? ''),
+              description: String(o.description ?? ''),
+            })),
+            multi_select: Boolean(q.multi_select),
+            body: null,
+            other_label: null,
+            other_description: null,
+          }),
+        );
+        if (
+          questions.length < 1 ||
+          questions.length > 4 ||
+          questions.some((q) => q.options.length < 2 || q.options.length > 4)
+        ) {
           return { isError: true, output: '', message: 'questions: 1-4 questions with 2-4 options each' };
         }
         const answers = await ctx.ask(questions);
         if (!answers || Object.keys(answers).length === 0) {
-          return { isError: false, output: '{"answers": {}, "note": "User dismissed the question without answering."}', message: 'User dismissed the question without answering.' };
+          return {
+            isError: false,
+            output: '{"answers": {}, "note": "User dismissed the question without answering."}',
+            message: 'User dismissed the question without answering.',
+          };
         }
         return { isError: false, output: JSON.stringify({ answers }), message: 'User has answered.' };
       },
@@ -464,7 +643,10 @@ class McpTools {
     this.ready = this.connect(configFiles).finally(() => {
       this.loading = false;
     });
-    this.ready.then(() => trace('mcp-connected'), () => {}); // a failure is reported by the first prompt
+    this.ready.then(
+      () => trace('mcp-connected'),
+      () => {},
+    ); // a failure is reported by the first prompt
   }
 
   /** Still connecting (toolset.py has_pending_mcp_tools). */
@@ -473,12 +655,21 @@ class McpTools {
   }
 
   /** toolset.py mcp_status_snapshot: null without servers. */
-  snapshot(): { loading: boolean; connected: number; total: number; tools: number; servers: { name: string; status: McpServerStatus; tools: string[] }[] } | null {
+  snapshot(): {
+    loading: boolean;
+    connected: number;
+    total: number;
+    tools: number;
+    servers: { name: string; status: McpServerStatus; tools: string[] }[];
+  } | null {
     if (this.servers.size === 0) return null;
     const servers = [...this.servers].map(([name, info]) => ({ name, status: info.status, tools: [...info.tools] }));
     return {
-      loading: this.loading, connected: servers.filter((s) => s.status === 'connected').length, total: servers.length,
-      tools: servers.reduce((n, s) => n + s.tools.length, 0), servers,
+      loading: this.loading,
+      connected: servers.filter((s) => s.status === 'connected').length,
+      total: servers.length,
+      tools: servers.reduce((n, s) => n + s.tools.length, 0),
+      servers,
     };
   }
 
@@ -487,42 +678,64 @@ class McpTools {
     const specs: [string, { command: string; args?: string[]; env?: Record<string, string> }][] = [];
     for (const file of configFiles) {
       if (!existsSync(file)) continue;
-      const { mcpServers = {} } = JSON.parse(readFileSync(file, 'utf8')) as { mcpServers?: Record<string, { command: string; args?: string[]; env?: Record<string, string> }> };
+      const { mcpServers = {} } = JSON.parse(readFileSync(file, 'utf8')) as {
+        mcpServers?: Record<string, { command: string; args?: string[]; env?: Record<string, string> }>;
+      };
       for (const entry of Object.entries(mcpServers)) {
         specs.push(entry);
         this.servers.set(entry[0], { status: 'pending', tools: [] });
       }
     }
     // All servers at once, as the CLI gathers them.
-    await Promise.all(specs.map(async ([server, spec]) => {
-      const info = this.servers.get(server)!;
-      info.status = 'connecting';
-      try {
-        const client = new Client({ name: 'kimi-cli', version: KIMI_CLI_VERSION });
-        await client.connect(new StdioClientTransport({ command: spec.command, args: spec.args ?? [], env: { PATH: process.env.PATH ?? '', HOME: process.env.HOME ?? '', ...spec.env } }));
-        this.clients.push(client);
-        const { tools } = await client.listTools();
-        for (const tool of tools) {
-          info.tools.push(tool.name);
-          this.tools.push({
-            name: tool.name,
-            description: `This is an MCP (Model Context Protocol) tool from MCP server \`${server}\`.\n\n${tool.description ?? ''}`,
-            parameters: tool.inputSchema as Record<string, unknown>,
-            run: async (args, ctx) => {
-              if (!(await ctx.approve(`mcp:${tool.name}`, `Call MCP tool \`${tool.name}\`.`, []))) return { isError: true, output: '', message: REJECTED };
-              const result = (await client.callTool({ name: tool.name, arguments: args })) as { content?: { type: string; text?: string }[]; isError?: boolean };
-              const output = (result.content ?? []).filter((c) => c.type === 'text').map((c) => c.text).join('\n');
-              return { isError: Boolean(result.isError), output, message: result.isError ? 'Tool execution failed.' : '' };
-            },
-          });
+    await Promise.all(
+      specs.map(async ([server, spec]) => {
+        const info = this.servers.get(server)!;
+        info.status = 'connecting';
+        try {
+          const client = new Client({ name: 'kimi-cli', version: KIMI_CLI_VERSION });
+          await client.connect(
+            new StdioClientTransport({
+              command: spec.command,
+              args: spec.args ?? [],
+              env: { PATH: process.env.PATH ?? '', HOME: process.env.HOME ?? '', ...spec.env },
+            }),
+          );
+          this.clients.push(client);
+          const { tools } = await client.listTools();
+          for (const tool of tools) {
+            info.tools.push(tool.name);
+            this.tools.push({
+              name: tool.name,
+              description: `This is an MCP (Model Context Protocol) tool from MCP server \`${server}\`.\n\n${tool.description ?? ''}`,
+              parameters: tool.inputSchema as Record<string, unknown>,
+              run: async (args, ctx) => {
+                if (!(await ctx.approve(`mcp:${tool.name}`, `Call MCP tool \`${tool.name}\`.`, [])))
+                  return { isError: true, output: '', message: REJECTED };
+                const result = (await client.callTool({ name: tool.name, arguments: args })) as {
+                  content?: { type: string; text?: string }[];
+                  isError?: boolean;
+                };
+                const output = (result.content ?? [])
+                  .filter((c) => c.type === 'text')
+                  .map((c) => c.text)
+                  .join('\n');
+                return {
+                  isError: Boolean(result.isError),
+                  output,
+                  message: result.isError ? 'Tool execution failed.' : '',
+                };
+              },
+            });
+          }
+          info.status = 'connected';
+        } catch (err) {
+          info.status = 'failed';
+          failures[server] = err instanceof Error ? err.message : String(err);
         }
-        info.status = 'connected';
-      } catch (err) {
-        info.status = 'failed';
-        failures[server] = err instanceof Error ? err.message : String(err);
-      }
-    }));
-    if (Object.keys(failures).length) throw new Error(`MCPRuntimeError: Failed to connect MCP servers: ${JSON.stringify(failures)}`);
+      }),
+    );
+    if (Object.keys(failures).length)
+      throw new Error(`MCPRuntimeError: Failed to connect MCP servers: ${JSON.stringify(failures)}`);
   }
 
   async close(): Promise<void> {
@@ -543,7 +756,9 @@ export function pythonRepr(value: unknown): string {
     return `${quote}${value.replace(/\\/g, '\\\\').replace(new RegExp(quote, 'g'), `\\${quote}`).replace(/\n/g, '\\n')}${quote}`;
   }
   if (Array.isArray(value)) return `[${value.map(pythonRepr).join(', ')}]`;
-  return `{${Object.entries(value as Record<string, unknown>).map(([k, v]) => `${pythonRepr(k)}: ${pythonRepr(v)}`).join(', ')}}`;
+  return `{${Object.entries(value as Record<string, unknown>)
+    .map(([k, v]) => `${pythonRepr(k)}: ${pythonRepr(v)}`)
+    .join(', ')}}`;
 }
 
 /** A failed model call; `retryable` as the CLI's own retry loop decides (429, 500, 502, 503, 504, empty, connection). */
@@ -583,14 +798,24 @@ async function postWithClientRetries(url: string, init: RequestInit, signal: Abo
     if (response.ok) return response;
     const header = response.headers.get('x-should-retry');
     const status = response.status;
-    const clientRetries = header === 'true' || (header !== 'false' && (status === 408 || status === 409 || status === 429 || status >= 500));
+    const clientRetries =
+      header === 'true' ||
+      (header !== 'false' && (status === 408 || status === 409 || status === 429 || status >= 500));
     if (clientRetries && retry < CLIENT_RETRIES) {
-      const after = Number(response.headers.get('retry-after-ms')) || Number(response.headers.get('retry-after')) * 1000 || 0;
+      const after =
+        Number(response.headers.get('retry-after-ms')) || Number(response.headers.get('retry-after')) * 1000 || 0;
       await response.body?.cancel();
-      await retryWait(after > 0 && after <= 60_000 ? after : Math.min(0.5 * 2 ** retry, 8) * (1 - 0.25 * Math.random()) * 1000);
+      await retryWait(
+        after > 0 && after <= 60_000 ? after : Math.min(0.5 * 2 ** retry, 8) * (1 - 0.25 * Math.random()) * 1000,
+      );
       continue;
     }
-    throw new ProviderError(await statusErrorMessage(response), status, [429, 500, 502, 503, 504].includes(status), 'APIStatusError');
+    throw new ProviderError(
+      await statusErrorMessage(response),
+      status,
+      [429, 500, 502, 503, 504].includes(status),
+      'APIStatusError',
+    );
   }
 }
 
@@ -613,38 +838,69 @@ interface StepOutput {
 }
 
 /** One streamed completion; every delta becomes its own event, as on the real wire. */
-async function streamCompletion(llm: Llm, body: Record<string, unknown>, emit: (type: string, payload: unknown) => void, signal: AbortSignal): Promise<StepOutput> {
-  const headers: Record<string, string> = { 'content-type': 'application/json', 'user-agent': `KimiCLI/${KIMI_CLI_VERSION}` };
+async function streamCompletion(
+  llm: Llm,
+  body: Record<string, unknown>,
+  emit: (type: string, payload: unknown) => void,
+  signal: AbortSignal,
+): Promise<StepOutput> {
+  const headers: Record<string, string> = {
+    'content-type': 'application/json',
+    'user-agent': `KimiCLI/${KIMI_CLI_VERSION}`,
+  };
   if (llm.apiKey) headers.authorization = `Bearer ${llm.apiKey}`; // an empty key sends none
-  const response = await postWithClientRetries(`${llm.baseUrl.replace(/\/+$/, '')}/chat/completions`, { method: 'POST', headers, body: JSON.stringify(body) }, signal);
+  const response = await postWithClientRetries(
+    `${llm.baseUrl.replace(/\/+$/, '')}/chat/completions`,
+    { method: 'POST', headers, body: JSON.stringify(body) },
+    signal,
+  );
   const out: StepOutput = { text: '', toolCalls: [], usage: null, messageId: null };
   const decoder = new TextDecoder();
   let buffer = '';
   for await (const chunk of response.body!) {
     buffer += decoder.decode(chunk, { stream: true });
-    let newline: number;
-    while ((newline = buffer.indexOf('\n')) >= 0) {
+    for (let newline = buffer.indexOf('\n'); newline >= 0; newline = buffer.indexOf('\n')) {
       const line = buffer.slice(0, newline).trim();
       buffer = buffer.slice(newline + 1);
       const data = /^data:\s*(.*)$/.exec(line)?.[1];
       if (!data || data === '[DONE]') continue;
       const parsed = JSON.parse(data) as {
-        id?: string; error?: { message?: string }; usage?: StepOutput['usage'];
-        choices?: { delta?: { content?: string; reasoning_content?: string; tool_calls?: { id?: string; function?: { name?: string; arguments?: string } }[] }; usage?: StepOutput['usage'] }[];
+        id?: string;
+        error?: { message?: string };
+        usage?: StepOutput['usage'];
+        choices?: {
+          delta?: {
+            content?: string;
+            reasoning_content?: string;
+            tool_calls?: { id?: string; function?: { name?: string; arguments?: string } }[];
+          };
+          usage?: StepOutput['usage'];
+        }[];
       };
-      if (parsed.error) throw new ProviderError(`Error: ${parsed.error.message ?? JSON.stringify(parsed.error)}`, null, false, 'ChatProviderError');
+      if (parsed.error)
+        throw new ProviderError(
+          `Error: ${parsed.error.message ?? JSON.stringify(parsed.error)}`,
+          null,
+          false,
+          'ChatProviderError',
+        );
       if (parsed.id) out.messageId = parsed.id;
       out.usage = parsed.usage ?? parsed.choices?.[0]?.usage ?? out.usage;
       const delta = parsed.choices?.[0]?.delta;
       if (!delta) continue;
-      if (typeof delta.reasoning_content === 'string') emit('ContentPart', { type: 'think', think: delta.reasoning_content, encrypted: null });
+      if (typeof delta.reasoning_content === 'string')
+        emit('ContentPart', { type: 'think', think: delta.reasoning_content, encrypted: null });
       if (delta.content) {
         out.text += delta.content;
         emit('ContentPart', { type: 'text', text: delta.content });
       }
       for (const call of delta.tool_calls ?? []) {
         if (call.function?.name) {
-          const toolCall: ToolCall = { type: 'function', id: call.id ?? randomUUID(), function: { name: call.function.name, arguments: call.function.arguments ?? '' } };
+          const toolCall: ToolCall = {
+            type: 'function',
+            id: call.id ?? randomUUID(),
+            function: { name: call.function.name, arguments: call.function.arguments ?? '' },
+          };
           out.toolCalls.push(toolCall);
           emit('ToolCall', { ...toolCall, extras: null });
         } else if (call.function?.arguments && out.toolCalls.length) {
@@ -654,7 +910,8 @@ async function streamCompletion(llm: Llm, body: Record<string, unknown>, emit: (
       }
     }
   }
-  if (!out.text && out.toolCalls.length === 0) throw new ProviderError('The API returned an empty response.', null, true, 'APIEmptyResponseError');
+  if (!out.text && out.toolCalls.length === 0)
+    throw new ProviderError('The API returned an empty response.', null, true, 'APIEmptyResponseError');
   return out;
 }
 
@@ -662,12 +919,22 @@ async function streamCompletion(llm: Llm, body: Record<string, unknown>, emit: (
 
 /** JSON-RPC errors as the real server sends them (wire/jsonrpc.py). */
 export const ErrorCode = {
-  PARSE_ERROR: -32700, INVALID_REQUEST: -32600, METHOD_NOT_FOUND: -32601, INVALID_PARAMS: -32602, INTERNAL_ERROR: -32603,
-  INVALID_STATE: -32000, LLM_NOT_SET: -32001, LLM_NOT_SUPPORTED: -32002, CHAT_PROVIDER_ERROR: -32003,
+  PARSE_ERROR: -32700,
+  INVALID_REQUEST: -32600,
+  METHOD_NOT_FOUND: -32601,
+  INVALID_PARAMS: -32602,
+  INTERNAL_ERROR: -32603,
+  INVALID_STATE: -32000,
+  LLM_NOT_SET: -32001,
+  LLM_NOT_SUPPORTED: -32002,
+  CHAT_PROVIDER_ERROR: -32003,
 } as const;
 
 class RpcError extends Error {
-  constructor(readonly code: number, message: string) {
+  constructor(
+    readonly code: number,
+    message: string,
+  ) {
     super(message);
   }
 }
@@ -703,7 +970,13 @@ export async function serveWire(args: CliArgs, env: Record<string, string | unde
   mkdirSync(share, { recursive: true });
   const llm = selectLlm(readConfig(share), args.model, env);
   const sessionId = args.session ?? randomUUID();
-  const session = new SessionFiles(share, args.workDir, sessionId, renderSystemPrompt(args.agentFile, args.workDir), args.yolo);
+  const session = new SessionFiles(
+    share,
+    args.workDir,
+    sessionId,
+    renderSystemPrompt(args.agentFile, args.workDir),
+    args.yolo,
+  );
   const mcpFiles = args.mcpConfigFiles.length ? args.mcpConfigFiles : [join(share, 'mcp.json')];
   trace('start');
   const mcp = new McpTools(mcpFiles);
@@ -714,7 +987,8 @@ export async function serveWire(args: CliArgs, env: Record<string, string | unde
   const pending = new Map<string, (response: { result?: unknown; error?: unknown }) => void>();
   const approvedForSession = new Set<string>();
 
-  const send = (message: Record<string, unknown>) => process.stdout.write(`${JSON.stringify({ jsonrpc: '2.0', ...message })}\n`);
+  const send = (message: Record<string, unknown>) =>
+    process.stdout.write(`${JSON.stringify({ jsonrpc: '2.0', ...message })}\n`);
   const emit = (type: string, payload: unknown) => {
     send({ method: 'event', params: { type, payload } });
     session.recordEvent(type, payload);
@@ -727,7 +1001,8 @@ export async function serveWire(args: CliArgs, env: Record<string, string | unde
     new Promise<{ result?: unknown; error?: unknown }>((resolve) => {
       pending.set(payload.id, resolve);
       // Before initialize the CLI drops approval requests (server.py _root_hub_loop): nothing answers them.
-      if (initialized || type !== 'ApprovalRequest') send({ method: 'request', id: payload.id, params: { type, payload } });
+      if (initialized || type !== 'ApprovalRequest')
+        send({ method: 'request', id: payload.id, params: { type, payload } });
     });
 
   const contextFor = (call: ToolCall, current: Turn): ToolContext => ({
@@ -736,11 +1011,21 @@ export async function serveWire(args: CliArgs, env: Record<string, string | unde
       if (args.yolo || approvedForSession.has(action)) return true; // yolo: no request at all (soul/approval.py)
       const id = randomUUID();
       const { result } = await request('ApprovalRequest', {
-        id, tool_call_id: call.id, sender: call.function.name, action, description, source_kind: 'foreground_turn', source_id: null,
-        agent_id: null, subagent_type: null, source_description: null, display,
+        id,
+        tool_call_id: call.id,
+        sender: call.function.name,
+        action,
+        description,
+        source_kind: 'foreground_turn',
+        source_id: null,
+        agent_id: null,
+        subagent_type: null,
+        source_description: null,
+        display,
       } as { id: string });
       const answer = result as { response?: string; feedback?: string } | undefined;
-      const response = answer?.response === 'approve' || answer?.response === 'approve_for_session' ? answer.response : 'reject';
+      const response =
+        answer?.response === 'approve' || answer?.response === 'approve_for_session' ? answer.response : 'reject';
       emit('ApprovalResponse', { request_id: id, response, feedback: answer?.feedback ?? null });
       if (response === 'approve_for_session') approvedForSession.add(action);
       if (response === 'reject' && !answer?.feedback) current.stop = true;
@@ -760,7 +1045,11 @@ export async function serveWire(args: CliArgs, env: Record<string, string | unde
       if (!llm) throw new RpcError(ErrorCode.LLM_NOT_SET, 'LLM is not set');
       for (const kind of mediaKinds(userInput)) {
         const needed = kind === 'image' ? 'image_in' : 'video_in';
-        if (!llm.capabilities.has(needed)) throw new RpcError(ErrorCode.LLM_NOT_SUPPORTED, `LLM model '${llm.model}' does not support required capability: ${needed}.`);
+        if (!llm.capabilities.has(needed))
+          throw new RpcError(
+            ErrorCode.LLM_NOT_SUPPORTED,
+            `LLM model '${llm.model}' does not support required capability: ${needed}.`,
+          );
       }
       // kimisoul.py _agent_loop: MCP servers still connecting are waited for, and announced.
       const loading = mcp.isLoading && mcp.snapshot() !== null;
@@ -789,7 +1078,10 @@ export async function serveWire(args: CliArgs, env: Record<string, string | unde
         const body = {
           model: llm.model,
           messages: [{ role: 'system', content: session.systemPrompt }, ...session.history()],
-          tools: tools().map((t) => ({ type: 'function', function: { name: t.name, description: t.description, parameters: t.parameters } })),
+          tools: tools().map((t) => ({
+            type: 'function',
+            function: { name: t.name, description: t.description, parameters: t.parameters },
+          })),
           stream: true,
           stream_options: { include_usage: true },
           prompt_cache_key: sessionId,
@@ -806,7 +1098,14 @@ export async function serveWire(args: CliArgs, env: Record<string, string | unde
             if (retry) {
               // tenacity wait_exponential_jitter(initial=0.3, max=5, jitter=0.5), announced by StepRetry
               const waitS = Math.min(5, 0.3 * 2 ** (attempt - 1) + Math.random() * 0.5);
-              emit('StepRetry', { n: step, next_attempt: attempt + 1, max_attempts: MAX_ATTEMPTS_PER_STEP, wait_s: waitS, error_type: err.errorType, status_code: err.status });
+              emit('StepRetry', {
+                n: step,
+                next_attempt: attempt + 1,
+                max_attempts: MAX_ATTEMPTS_PER_STEP,
+                wait_s: waitS,
+                error_type: err.errorType,
+                status_code: err.status,
+              });
               await retryWait(waitS * 1000);
               continue;
             }
@@ -820,12 +1119,23 @@ export async function serveWire(args: CliArgs, env: Record<string, string | unde
           context_usage: input === null ? null : input / llm.maxContextSize,
           context_tokens: input,
           max_context_tokens: input === null ? null : llm.maxContextSize,
-          token_usage: output.usage ? { input_other: (input ?? 0) - cached, output: output.usage.completion_tokens ?? 0, input_cache_read: cached, input_cache_creation: 0 } : null,
+          token_usage: output.usage
+            ? {
+                input_other: (input ?? 0) - cached,
+                output: output.usage.completion_tokens ?? 0,
+                input_cache_read: cached,
+                input_cache_creation: 0,
+              }
+            : null,
           message_id: output.messageId,
           plan_mode: false,
           mcp_status: null,
         });
-        const assistant: ChatMessage = { role: 'assistant', content: output.text, ...(output.toolCalls.length ? { tool_calls: output.toolCalls } : {}) };
+        const assistant: ChatMessage = {
+          role: 'assistant',
+          content: output.text,
+          ...(output.toolCalls.length ? { tool_calls: output.toolCalls } : {}),
+        };
         const results: ChatMessage[] = [];
         for (const call of output.toolCalls) {
           const tool = tools().find((t) => t.name === call.function.name);
@@ -838,10 +1148,23 @@ export async function serveWire(args: CliArgs, env: Record<string, string | unde
               parsed = call.function.arguments ? (JSON.parse(call.function.arguments) as Record<string, unknown>) : {};
               result = await tool.run(parsed, contextFor(call, current));
             } catch (err) {
-              result = { isError: true, output: '', message: `Error parsing or running the tool: ${err instanceof Error ? err.message : err}` };
+              result = {
+                isError: true,
+                output: '',
+                message: `Error parsing or running the tool: ${err instanceof Error ? err.message : err}`,
+              };
             }
           }
-          emit('ToolResult', { tool_call_id: call.id, return_value: { is_error: result.isError, output: result.output, message: result.message, display: [], extras: null } });
+          emit('ToolResult', {
+            tool_call_id: call.id,
+            return_value: {
+              is_error: result.isError,
+              output: result.output,
+              message: result.message,
+              display: [],
+              extras: null,
+            },
+          });
           if (current.stop) break;
           results.push({ role: 'tool', content: toolResultContent(result), tool_call_id: call.id });
         }
@@ -870,7 +1193,12 @@ export async function serveWire(args: CliArgs, env: Record<string, string | unde
       fail(null, ErrorCode.PARSE_ERROR, 'Invalid JSON format');
       continue;
     }
-    if (message === null || typeof message !== 'object' || message.jsonrpc !== '2.0' || (message.id !== undefined && typeof message.id !== 'string')) {
+    if (
+      message === null ||
+      typeof message !== 'object' ||
+      message.jsonrpc !== '2.0' ||
+      (message.id !== undefined && typeof message.id !== 'string')
+    ) {
       fail(null, ErrorCode.INVALID_REQUEST, 'Invalid request');
       continue;
     }
@@ -892,18 +1220,27 @@ export async function serveWire(args: CliArgs, env: Record<string, string | unde
           if (id !== null) send({ id, result });
         } catch (err) {
           const code = err instanceof RpcError ? err.code : ErrorCode.INTERNAL_ERROR;
-          if (id !== null) fail(id, code, err instanceof RpcError ? err.message : `${err instanceof Error ? err.name : 'Error'}: ${err instanceof Error ? err.message : err}`);
+          if (id !== null)
+            fail(
+              id,
+              code,
+              err instanceof RpcError
+                ? err.message
+                : `${err instanceof Error ? err.name : 'Error'}: ${err instanceof Error ? err.message : err}`,
+            );
         }
       })();
     };
     switch (message.method) {
       case 'initialize':
         reply(() => {
-          if (typeof params.protocol_version !== 'string') throw new RpcError(ErrorCode.INVALID_PARAMS, 'Invalid parameters for method `initialize`');
+          if (typeof params.protocol_version !== 'string')
+            throw new RpcError(ErrorCode.INVALID_PARAMS, 'Invalid parameters for method `initialize`');
           if (turn) throw new RpcError(ErrorCode.INVALID_STATE, 'An agent turn is already in progress');
           initialized = true;
           trace('initialize');
-          supportsQuestion = (params.capabilities as { supports_question?: unknown } | undefined)?.supports_question === true;
+          supportsQuestion =
+            (params.capabilities as { supports_question?: unknown } | undefined)?.supports_question === true;
           return {
             protocol_version: WIRE_PROTOCOL_VERSION,
             server: { name: 'Kimi Code CLI', version: KIMI_CLI_VERSION },
@@ -915,7 +1252,8 @@ export async function serveWire(args: CliArgs, env: Record<string, string | unde
         break;
       case 'prompt':
         reply(async () => {
-          if (params.user_input === undefined) throw new RpcError(ErrorCode.INVALID_PARAMS, 'Invalid parameters for method `prompt`');
+          if (params.user_input === undefined)
+            throw new RpcError(ErrorCode.INVALID_PARAMS, 'Invalid parameters for method `prompt`');
           if (turn) throw new RpcError(ErrorCode.INVALID_STATE, 'An agent turn is already in progress');
           trace('prompt');
           const current: Turn = { steers: [], abort: new AbortController(), stop: false };
@@ -930,7 +1268,9 @@ export async function serveWire(args: CliArgs, env: Record<string, string | unde
       case 'steer':
         reply(() => {
           if (!turn) throw new RpcError(ErrorCode.INVALID_STATE, 'No agent turn is in progress');
-          turn.steers.push(typeof params.user_input === 'string' ? params.user_input : JSON.stringify(params.user_input));
+          turn.steers.push(
+            typeof params.user_input === 'string' ? params.user_input : JSON.stringify(params.user_input),
+          );
           return { status: 'steered' };
         });
         break;
@@ -956,20 +1296,26 @@ if (import.meta.main) {
   if (argv.includes('--version') || argv.includes('-V')) {
     console.log(`kimi, version ${KIMI_CLI_VERSION}`);
   } else if (argv[0] === 'info') {
-    console.log(`kimi-cli version: ${KIMI_CLI_VERSION}\nagent spec versions: 1\nwire protocol: ${WIRE_PROTOCOL_VERSION}\npython version: (none: kimi-stub, a test double on Bun ${Bun.version})`);
+    console.log(
+      `kimi-cli version: ${KIMI_CLI_VERSION}\nagent spec versions: 1\nwire protocol: ${WIRE_PROTOCOL_VERSION}\npython version: (none: kimi-stub, a test double on Bun ${Bun.version})`,
+    );
   } else {
     let args: CliArgs;
     try {
       args = parseArgs(argv);
       if (!args.wire) throw new UsageError('kimi-stub only serves the wire protocol (--wire)');
     } catch (err) {
-      process.stderr.write(`Usage: kimi [OPTIONS] COMMAND [ARGS]...\nTry 'kimi -h' for help.\n\nError: ${err instanceof Error ? err.message : err}\n`);
+      process.stderr.write(
+        `Usage: kimi [OPTIONS] COMMAND [ARGS]...\nTry 'kimi -h' for help.\n\nError: ${err instanceof Error ? err.message : err}\n`,
+      );
       process.exit(2);
     }
     try {
       await serveWire(args);
     } catch (err) {
-      process.stderr.write(`${err instanceof Error ? err.message : err}\nSee logs: ${join(shareDir(), 'logs', 'kimi.log')}\n`);
+      process.stderr.write(
+        `${err instanceof Error ? err.message : err}\nSee logs: ${join(shareDir(), 'logs', 'kimi.log')}\n`,
+      );
       process.exit(1);
     }
   }

@@ -28,7 +28,8 @@ export interface KimiSettings {
  */
 export function modelCapabilities(model: string): string[] {
   const name = model.toLowerCase();
-  if (name.startsWith('kimi-k2') || name === 'kimi-for-coding' || name === 'kimi-code') return ['thinking', 'image_in', 'video_in'];
+  if (name.startsWith('kimi-k2') || name === 'kimi-for-coding' || name === 'kimi-code')
+    return ['thinking', 'image_in', 'video_in'];
   return [];
 }
 
@@ -135,7 +136,8 @@ export function buildRole(input: RoleInput): string {
       '- Media people send are saved under /workspace/group/media/.',
     ].join('\n'),
   ];
-  if (input.globalMemory?.trim()) sections.push(`Shared memory (CLAUDE.md of all groups):\n${input.globalMemory.trim()}`);
+  if (input.globalMemory?.trim())
+    sections.push(`Shared memory (CLAUDE.md of all groups):\n${input.globalMemory.trim()}`);
   if (input.groupMemory?.trim()) sections.push(`This group's memory (CLAUDE.md):\n${input.groupMemory.trim()}`);
   return sections.join('\n\n');
 }

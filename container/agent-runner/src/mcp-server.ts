@@ -26,7 +26,13 @@ export function identityFromEnv(env: Record<string, string | undefined> = proces
   const chatJid = env.NANOCLAW_CHAT_JID;
   const groupFolder = env.NANOCLAW_GROUP_FOLDER;
   if (!chatJid || !groupFolder) throw new Error('NANOCLAW_CHAT_JID and NANOCLAW_GROUP_FOLDER must be set');
-  return { chatJid, groupFolder, isMain: env.NANOCLAW_IS_MAIN === '1', ipcDir: env.NANOCLAW_IPC_DIR ?? '/workspace/ipc', timezone: env.TZ || 'UTC' };
+  return {
+    chatJid,
+    groupFolder,
+    isMain: env.NANOCLAW_IS_MAIN === '1',
+    ipcDir: env.NANOCLAW_IPC_DIR ?? '/workspace/ipc',
+    timezone: env.TZ || 'UTC',
+  };
 }
 
 /** Writes an IPC request so the host sees it whole or not at all. Returns the file name. */
@@ -53,7 +59,9 @@ export function scheduleProblem(type: ScheduleType, value: string, timezone: str
   }
   if (type === 'interval') {
     const ms = Number(value);
-    return Number.isInteger(ms) && ms >= 1000 ? null : `interval "${value}" must be a whole number of milliseconds, at least 1000 (e.g. "3600000" for hourly).`;
+    return Number.isInteger(ms) && ms >= 1000
+      ? null
+      : `interval "${value}" must be a whole number of milliseconds, at least 1000 (e.g. "3600000" for hourly).`;
   }
   const text = value.trim();
   const hasOffset = /(Z|[+-]\d{2}:?\d{2})$/i.test(text);
@@ -93,7 +101,10 @@ function readTasks(identity: ServerIdentity): TaskSnapshot[] {
   }
 }
 
-const text = (message: string, isError = false) => ({ content: [{ type: 'text' as const, text: message }], ...(isError ? { isError: true } : {}) });
+const text = (message: string, isError = false) => ({
+  content: [{ type: 'text' as const, text: message }],
+  ...(isError ? { isError: true } : {}),
+});
 
 export function createServer(identity: ServerIdentity): McpServer {
   const server = new McpServer({ name: 'nanoclaw', version: '0.1.0' });
@@ -113,11 +124,15 @@ export function createServer(identity: ServerIdentity): McpServer {
       description:
         'Send a WhatsApp message to this chat right away, while you keep working (progress updates, or several separate messages). ' +
         'Your final answer is sent anyway; do not repeat it here. From the main chat you may give chatJid to message another registered group.',
-      inputSchema: { text: z.string().min(1).describe('The message text (WhatsApp formatting).'), chatJid: z.string().optional().describe('Main chat only: the JID of another registered group.') },
+      inputSchema: {
+        text: z.string().min(1).describe('The message text (WhatsApp formatting).'),
+        chatJid: z.string().optional().describe('Main chat only: the JID of another registered group.'),
+      },
     },
     async ({ text: body, chatJid }) => {
       const target = chatJid ?? identity.chatJid;
-      if (target !== identity.chatJid && !identity.isMain) return text('This group can only send messages to its own chat.', true);
+      if (target !== identity.chatJid && !identity.isMain)
+        return text('This group can only send messages to its own chat.', true);
       writeIpcFile(messagesDir, { type: 'message', chatJid: target, text: body });
       return text(`Message queued for ${target === identity.chatJid ? 'this chat' : target}.`);
     },
@@ -140,49 +155,95 @@ export function createServer(identity: ServerIdentity): McpServer {
       },
     },
     async ({ prompt, schedule_type, schedule_value, context_mode, targetJid }) => {
-      if (targetJid && targetJid !== identity.chatJid && !identity.isMain) return text('This group can only schedule tasks for its own chat.', true);
+      if (targetJid && targetJid !== identity.chatJid && !identity.isMain)
+        return text('This group can only schedule tasks for its own chat.', true);
       const problem = scheduleProblem(schedule_type, schedule_value, identity.timezone);
       if (problem) return text(problem, true);
-      writeIpcFile(tasksDir, { type: 'schedule_task', prompt, schedule_type, schedule_value, context_mode, ...(targetJid ? { targetJid } : {}) });
-      return text(`Scheduled (${schedule_type} ${schedule_value}, ${identity.timezone}). It appears in list_tasks at your next turn.`);
+      writeIpcFile(tasksDir, {
+        type: 'schedule_task',
+        prompt,
+        schedule_type,
+        schedule_value,
+        context_mode,
+        ...(targetJid ? { targetJid } : {}),
+      });
+      return text(
+        `Scheduled (${schedule_type} ${schedule_value}, ${identity.timezone}). It appears in list_tasks at your next turn.`,
+      );
     },
   );
 
   server.registerTool(
     'list_tasks',
-    { description: 'List scheduled tasks (this group\'s; every group\'s from the main chat) with their ids, schedules and next runs.' },
+    {
+      description:
+        "List scheduled tasks (this group's; every group's from the main chat) with their ids, schedules and next runs.",
+    },
     async () => {
       const tasks = readTasks(identity);
       if (tasks.length === 0) return text('No scheduled tasks.');
-      return text(tasks.map((t) => `${t.id} [${t.status}] ${t.schedule_type} ${t.schedule_value} next ${t.next_run ?? '—'} (${t.groupFolder}): ${t.prompt}`).join('\n'));
+      return text(
+        tasks
+          .map(
+            (t) =>
+              `${t.id} [${t.status}] ${t.schedule_type} ${t.schedule_value} next ${t.next_run ?? '—'} (${t.groupFolder}): ${t.prompt}`,
+          )
+          .join('\n'),
+      );
     },
   );
 
   server.registerTool(
     'get_task',
-    { description: 'Details of one scheduled task and its recent runs (time, duration, result or error).', inputSchema: { task_id: z.string() } },
+    {
+      description: 'Details of one scheduled task and its recent runs (time, duration, result or error).',
+      inputSchema: { task_id: z.string() },
+    },
     async ({ task_id }) => {
       const task = ownTask(task_id);
       if (!task) return text(`No task "${task_id}". Use list_tasks to see the ids.`, true);
-      const runs = (task.recent_runs ?? []).map((r) => `  ${r.run_at} ${r.status} ${r.duration_ms} ms: ${r.error ?? r.result ?? ''}`);
-      return text([`${task.id} [${task.status}] ${task.schedule_type} ${task.schedule_value} (${task.context_mode})`, `prompt: ${task.prompt}`, `next run: ${task.next_run ?? '—'}`, `last result: ${task.last_result ?? '—'}`, runs.length ? `recent runs:\n${runs.join('\n')}` : 'no runs yet'].join('\n'));
+      const runs = (task.recent_runs ?? []).map(
+        (r) => `  ${r.run_at} ${r.status} ${r.duration_ms} ms: ${r.error ?? r.result ?? ''}`,
+      );
+      return text(
+        [
+          `${task.id} [${task.status}] ${task.schedule_type} ${task.schedule_value} (${task.context_mode})`,
+          `prompt: ${task.prompt}`,
+          `next run: ${task.next_run ?? '—'}`,
+          `last result: ${task.last_result ?? '—'}`,
+          runs.length ? `recent runs:\n${runs.join('\n')}` : 'no runs yet',
+        ].join('\n'),
+      );
     },
   );
 
-  for (const [tool, verb] of [['pause_task', 'Pause'], ['resume_task', 'Resume'], ['cancel_task', 'Cancel (delete)']] as const) {
-    server.registerTool(tool, { description: `${verb} a scheduled task by id (see list_tasks).`, inputSchema: { task_id: z.string() } }, async ({ task_id }) => {
-      const problem = checkTask(task_id);
-      if (problem) return text(problem, true);
-      writeIpcFile(tasksDir, { type: tool, taskId: task_id });
-      return text(`${verb} requested for ${task_id}.`);
-    });
+  for (const [tool, verb] of [
+    ['pause_task', 'Pause'],
+    ['resume_task', 'Resume'],
+    ['cancel_task', 'Cancel (delete)'],
+  ] as const) {
+    server.registerTool(
+      tool,
+      { description: `${verb} a scheduled task by id (see list_tasks).`, inputSchema: { task_id: z.string() } },
+      async ({ task_id }) => {
+        const problem = checkTask(task_id);
+        if (problem) return text(problem, true);
+        writeIpcFile(tasksDir, { type: tool, taskId: task_id });
+        return text(`${verb} requested for ${task_id}.`);
+      },
+    );
   }
 
   server.registerTool(
     'update_task',
     {
-      description: 'Change a scheduled task\'s prompt and/or schedule (same formats as schedule_task).',
-      inputSchema: { task_id: z.string(), prompt: z.string().min(1).optional(), schedule_type: z.enum(['cron', 'interval', 'once']).optional(), schedule_value: z.string().min(1).optional() },
+      description: "Change a scheduled task's prompt and/or schedule (same formats as schedule_task).",
+      inputSchema: {
+        task_id: z.string(),
+        prompt: z.string().min(1).optional(),
+        schedule_type: z.enum(['cron', 'interval', 'once']).optional(),
+        schedule_value: z.string().min(1).optional(),
+      },
     },
     async ({ task_id, prompt, schedule_type, schedule_value }) => {
       const problem = checkTask(task_id);
@@ -190,11 +251,18 @@ export function createServer(identity: ServerIdentity): McpServer {
       const current = ownTask(task_id);
       const type = (schedule_type ?? current?.schedule_type) as ScheduleType | undefined;
       if (schedule_value !== undefined || schedule_type !== undefined) {
-        if (!type || schedule_value === undefined) return text('Give schedule_value (and schedule_type when it changes).', true);
+        if (!type || schedule_value === undefined)
+          return text('Give schedule_value (and schedule_type when it changes).', true);
         const bad = scheduleProblem(type, schedule_value, identity.timezone);
         if (bad) return text(bad, true);
       }
-      writeIpcFile(tasksDir, { type: 'update_task', taskId: task_id, ...(prompt ? { prompt } : {}), ...(schedule_type ? { schedule_type } : {}), ...(schedule_value ? { schedule_value } : {}) });
+      writeIpcFile(tasksDir, {
+        type: 'update_task',
+        taskId: task_id,
+        ...(prompt ? { prompt } : {}),
+        ...(schedule_type ? { schedule_type } : {}),
+        ...(schedule_value ? { schedule_value } : {}),
+      });
       return text(`Update requested for ${task_id}.`);
     },
   );
@@ -205,7 +273,12 @@ export function createServer(identity: ServerIdentity): McpServer {
       description:
         'Main chat only. Start answering in a WhatsApp group: give its JID (from /workspace/ipc/available_groups.json), a name, and a folder ' +
         '(lowercase letters, digits, - or _; becomes groups/<folder>). In that group people wake you with the trigger (default @<your name>).',
-      inputSchema: { jid: z.string().min(1), name: z.string().min(1), folder: z.string().regex(/^[a-z0-9][a-z0-9_-]{0,63}$/), trigger: z.string().optional() },
+      inputSchema: {
+        jid: z.string().min(1),
+        name: z.string().min(1),
+        folder: z.string().regex(/^[a-z0-9][a-z0-9_-]{0,63}$/),
+        trigger: z.string().optional(),
+      },
     },
     async ({ jid, name, folder, trigger }) => {
       if (!identity.isMain) return mainOnly('register_group');
@@ -216,7 +289,10 @@ export function createServer(identity: ServerIdentity): McpServer {
 
   server.registerTool(
     'refresh_groups',
-    { description: 'Main chat only. Re-read the WhatsApp group list; /workspace/ipc/available_groups.json is updated shortly after.' },
+    {
+      description:
+        'Main chat only. Re-read the WhatsApp group list; /workspace/ipc/available_groups.json is updated shortly after.',
+    },
     async () => {
       if (!identity.isMain) return mainOnly('refresh_groups');
       writeIpcFile(tasksDir, { type: 'refresh_groups' });

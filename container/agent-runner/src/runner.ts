@@ -12,13 +12,30 @@
  */
 import { createSession, type QuestionItem, type Session, type Turn } from '@moonshot-ai/kimi-agent-sdk';
 import { createHash, randomUUID } from 'node:crypto';
-import { chmodSync, existsSync, mkdirSync, readdirSync, readFileSync, renameSync, rmSync, watch, writeFileSync, type FSWatcher } from 'node:fs';
+import {
+  chmodSync,
+  existsSync,
+  mkdirSync,
+  readdirSync,
+  readFileSync,
+  renameSync,
+  rmSync,
+  watch,
+  writeFileSync,
+  type FSWatcher,
+} from 'node:fs';
 import { createServer, connect, type AddressInfo } from 'node:net';
 import { homedir, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { writeIpcFile } from './mcp-server.ts';
 import {
-  buildAgentFile, buildConfigToml, buildMcpConfig, buildRole, keyFromEnvFile, MODEL_ALIAS, scheduledTaskPrompt,
+  buildAgentFile,
+  buildConfigToml,
+  buildMcpConfig,
+  buildRole,
+  keyFromEnvFile,
+  MODEL_ALIAS,
+  scheduledTaskPrompt,
 } from './config.ts';
 
 /** When this module began to load: the `start` timing mark. */
@@ -61,10 +78,17 @@ export type ErrorKind = 'auth' | 'rate-limit' | 'unavailable' | 'context' | 'oth
  * context is a 400 saying so (Moonshot: "exceeded model token limit").
  */
 export function errorKind(message: string): ErrorKind {
-  if (/exceeded model token limit|context[ _-]length|context window|maximum context|too many tokens/i.test(message)) return 'context';
-  if (/Error code: (401|403)\b|Authentication failed|invalid_authentication|Invalid Authentication|NanoClaw has no KIMI_API_KEY/i.test(message)) return 'auth';
+  if (/exceeded model token limit|context[ _-]length|context window|maximum context|too many tokens/i.test(message))
+    return 'context';
+  if (
+    /Error code: (401|403)\b|Authentication failed|invalid_authentication|Invalid Authentication|NanoClaw has no KIMI_API_KEY/i.test(
+      message,
+    )
+  )
+    return 'auth';
   if (/Error code: 429\b/.test(message)) return 'rate-limit';
-  if (/Error code: 5\d\d\b|Connection error|Request timed out|could not reach|empty response/i.test(message)) return 'unavailable';
+  if (/Error code: 5\d\d\b|Connection error|Request timed out|could not reach|empty response/i.test(message))
+    return 'unavailable';
   return 'other';
 }
 
@@ -72,14 +96,21 @@ export function errorKind(message: string): ErrorKind {
 export function questionText(question: QuestionItem, index: number, total: number): string {
   const head = `❓ ${total > 1 ? `(${index + 1}/${total}) ` : ''}${question.header ? `*${question.header}*: ` : ''}${question.question}`;
   const options = question.options.map((o, i) => `${i + 1}. ${o.label}${o.description ? ` — ${o.description}` : ''}`);
-  const how = question.multi_select ? 'Reply with the numbers (e.g. 1, 3), or in your own words.' : 'Reply with a number, or in your own words.';
+  const how = question.multi_select
+    ? 'Reply with the numbers (e.g. 1, 3), or in your own words.'
+    : 'Reply with a number, or in your own words.';
   return [head, ...options, `_${how}_`].join('\n');
 }
 
 /** The answer a chat reply gives to a question: option numbers or a label become labels; anything else is the user's own answer. */
 export function answerFor(question: QuestionItem, reply: string): string {
   const text = reply.trim();
-  const numbers = /^\d+(\s*[,;\s]\s*\d+)*\.?$/.test(text) ? text.split(/[^\d]+/).filter(Boolean).map(Number) : [];
+  const numbers = /^\d+(\s*[,;\s]\s*\d+)*\.?$/.test(text)
+    ? text
+        .split(/[^\d]+/)
+        .filter(Boolean)
+        .map(Number)
+    : [];
   const chosen = numbers.map((n) => question.options[n - 1]?.label).filter((label): label is string => Boolean(label));
   if (chosen.length && chosen.length === numbers.length) return question.multi_select ? chosen.join(', ') : chosen[0]!;
   const byLabel = question.options.find((o) => o.label.toLowerCase() === text.toLowerCase());
@@ -88,8 +119,13 @@ export function answerFor(question: QuestionItem, reply: string): string {
 
 /** The text of a follow-up as the host formats it (<messages><message …>text</message>…), or the follow-up itself. */
 export function followUpText(prompt: string): string {
-  const unescape = (t: string) => t.replace(/&lt;/g, '<').replace(/&gt;/g, '>').replace(/&quot;/g, '"').replace(/&amp;/g, '&');
-  const messages = [...prompt.matchAll(/<message\b[^>]*>([\s\S]*?)<\/message>/g)].map((m) => unescape(m[1]!).trim());
+  const unescapeXml = (t: string) =>
+    t
+      .replace(/&lt;/g, '<')
+      .replace(/&gt;/g, '>')
+      .replace(/&quot;/g, '"')
+      .replace(/&amp;/g, '&');
+  const messages = [...prompt.matchAll(/<message\b[^>]*>([\s\S]*?)<\/message>/g)].map((m) => unescapeXml(m[1]!).trim());
   return messages.length ? messages.join('\n') : prompt.trim();
 }
 
@@ -117,32 +153,48 @@ export function refreshSystemPrompt(contextFile: string, role: string): boolean 
   };
   const stored = lines.filter(isPrompt).at(-1);
   if (!stored || (JSON.parse(stored) as { content?: string }).content?.includes(role)) return false;
-  writeFileSync(`${contextFile}.refresh`, lines.filter((line) => !isPrompt(line)).map((line) => `${line}\n`).join(''));
+  writeFileSync(
+    `${contextFile}.refresh`,
+    lines
+      .filter((line) => !isPrompt(line))
+      .map((line) => `${line}\n`)
+      .join(''),
+  );
   renameSync(`${contextFile}.refresh`, contextFile);
   return true;
 }
 
 /** Validates the stdin JSON; every problem names the field. */
 export function parseInput(text: string): RunnerInput {
-  if (!text.trim()) throw new InputError('no input: pipe one JSON object into the container (see container/CONTRACT.md)');
+  if (!text.trim())
+    throw new InputError('no input: pipe one JSON object into the container (see container/CONTRACT.md)');
   let data: unknown;
   try {
     data = JSON.parse(text);
   } catch (err) {
     throw new InputError(`input is not JSON: ${err instanceof Error ? err.message : err}`);
   }
-  if (typeof data !== 'object' || data === null || Array.isArray(data)) throw new InputError('input must be a JSON object');
+  if (typeof data !== 'object' || data === null || Array.isArray(data))
+    throw new InputError('input must be a JSON object');
   const input = data as Record<string, unknown>;
-  if (input.warm !== undefined && typeof input.warm !== 'boolean') throw new InputError('input field "warm" must be true or false');
+  if (input.warm !== undefined && typeof input.warm !== 'boolean')
+    throw new InputError('input field "warm" must be true or false');
   if (input.warm === true && input.prompt !== '') {
-    throw new InputError('input field "prompt" must be "" when "warm" is true: the first prompt of a warm start comes from the inbox');
+    throw new InputError(
+      'input field "prompt" must be "" when "warm" is true: the first prompt of a warm start comes from the inbox',
+    );
   }
-  const required = input.warm === true ? (['groupFolder', 'chatJid'] as const) : (['prompt', 'groupFolder', 'chatJid'] as const);
+  const required =
+    input.warm === true ? (['groupFolder', 'chatJid'] as const) : (['prompt', 'groupFolder', 'chatJid'] as const);
   for (const key of required) {
-    if (typeof input[key] !== 'string' || !(input[key] as string).trim()) throw new InputError(`input field "${key}" must be a non-empty string`);
+    if (typeof input[key] !== 'string' || !(input[key] as string).trim())
+      throw new InputError(`input field "${key}" must be a non-empty string`);
   }
   if (typeof input.isMain !== 'boolean') throw new InputError('input field "isMain" must be true or false');
-  if (input.sessionId !== undefined && (typeof input.sessionId !== 'string' || !/^[A-Za-z0-9_-]{1,128}$/.test(input.sessionId))) {
+  if (
+    input.sessionId !== undefined &&
+    (typeof input.sessionId !== 'string' || !/^[A-Za-z0-9_-]{1,128}$/.test(input.sessionId))
+  ) {
     throw new InputError('input field "sessionId" must be letters, digits, - or _');
   }
   return input as unknown as RunnerInput;
@@ -198,9 +250,12 @@ export async function startModelForwarder(socketPath: string): Promise<{ url: st
 }
 
 /** Where the CLI sends model requests: the host's proxy when there is one, else KIMI_BASE_URL or the default. */
-export async function modelEndpoint(env: Record<string, string | undefined>): Promise<{ baseUrl?: string; close(): void }> {
+export async function modelEndpoint(
+  env: Record<string, string | undefined>,
+): Promise<{ baseUrl?: string; close(): void }> {
   if (env.NANOCLAW_MODEL_SOCKET) {
-    if (!existsSync(env.NANOCLAW_MODEL_SOCKET)) throw new Error(`the model proxy socket ${env.NANOCLAW_MODEL_SOCKET} is missing`);
+    if (!existsSync(env.NANOCLAW_MODEL_SOCKET))
+      throw new Error(`the model proxy socket ${env.NANOCLAW_MODEL_SOCKET} is missing`);
     const forwarder = await startModelForwarder(env.NANOCLAW_MODEL_SOCKET);
     return { baseUrl: forwarder.url, close: forwarder.close };
   }
@@ -222,7 +277,10 @@ function log(message: string): void {
 export type TimingPhase = 'start' | 'input' | 'cli-ready' | 'prompt' | 'first-event' | 'result';
 export type Mark = (phase: TimingPhase, at?: number) => void;
 
-export function timingMarks(env: Record<string, string | undefined>, write: (line: string) => void = (line) => process.stderr.write(line)): Mark {
+export function timingMarks(
+  env: Record<string, string | undefined>,
+  write: (line: string) => void = (line) => process.stderr.write(line),
+): Mark {
   if (env.NANOCLAW_TIMING !== '1') return () => {};
   const seen = new Set<TimingPhase>();
   return (phase, at = Date.now()) => {
@@ -270,7 +328,10 @@ export class Inbox {
   /** Set while nextInput waits: called once a message is queued or _close has come. */
   private wake: (() => void) | null = null;
 
-  constructor(private readonly dir: string, options: InboxOptions = {}) {
+  constructor(
+    private readonly dir: string,
+    options: InboxOptions = {},
+  ) {
     this.pollMs = options.pollMs ?? 1000;
     this.watchFolder = options.watch ?? true;
   }
@@ -285,13 +346,17 @@ export class Inbox {
       try {
         const watcher = watch(this.dir, () => this.poll());
         watcher.on('error', (err) => {
-          log(`stopped watching ${this.dir} (${err instanceof Error ? err.message : err}); reading it every ${this.pollMs} ms`);
+          log(
+            `stopped watching ${this.dir} (${err instanceof Error ? err.message : err}); reading it every ${this.pollMs} ms`,
+          );
           watcher.close();
           if (this.watcher === watcher) this.watcher = null;
         });
         this.watcher = watcher;
       } catch (err) {
-        log(`cannot watch ${this.dir} (${err instanceof Error ? err.message : err}); reading it every ${this.pollMs} ms`);
+        log(
+          `cannot watch ${this.dir} (${err instanceof Error ? err.message : err}); reading it every ${this.pollMs} ms`,
+        );
       }
     }
     this.timer = setInterval(() => this.poll(), this.pollMs);
@@ -309,7 +374,9 @@ export class Inbox {
   poll(): void {
     let files: string[];
     try {
-      files = readdirSync(this.dir).filter((f) => !f.startsWith('.')).sort();
+      files = readdirSync(this.dir)
+        .filter((f) => !f.startsWith('.'))
+        .sort();
     } catch {
       return;
     }
@@ -431,18 +498,25 @@ export interface ChatLine {
  * next message is its answer. With nobody to ask, or no answer in time, the agent is told
  * so and decides itself.
  */
-async function answerQuestions(turn: Turn, request: { id: string; questions: QuestionItem[] }, inbox: Inbox, chat: ChatLine): Promise<void> {
+async function answerQuestions(
+  turn: Turn,
+  request: { id: string; questions: QuestionItem[] },
+  inbox: Inbox,
+  chat: ChatLine,
+): Promise<void> {
   const answers: Record<string, string> = {};
   const minutes = Math.round(chat.questionTimeoutMs / 60_000);
   for (const [i, question] of request.questions.entries()) {
     if (!chat.canHear || !chat.say(questionText(question, i, request.questions.length))) {
-      answers[question.question] = '(Nobody can answer here: this run takes no replies. Decide yourself, and say what you chose.)';
+      answers[question.question] =
+        '(Nobody can answer here: this run takes no replies. Decide yourself, and say what you chose.)';
       continue;
     }
     const reply = await inbox.nextAnswer(chat.questionTimeoutMs);
-    answers[question.question] = reply === null
-      ? `(No answer came within ${minutes} minute${minutes === 1 ? '' : 's'}. Decide yourself, and say what you chose.)`
-      : answerFor(question, followUpText(reply));
+    answers[question.question] =
+      reply === null
+        ? `(No answer came within ${minutes} minute${minutes === 1 ? '' : 's'}. Decide yourself, and say what you chose.)`
+        : answerFor(question, followUpText(reply));
   }
   log(`answered question ${request.id}: ${JSON.stringify(answers)}`);
   await turn.respondQuestion(request.id, request.id, answers);
@@ -456,7 +530,13 @@ async function answerQuestions(turn: Turn, request: { id: string; questions: Que
  * so the host records them in one go with what they answered. What the CLI asks mid-turn
  * is answered: questions through the chat, approvals by policy (the runner is yolo).
  */
-export async function runTurn(session: Session, prompt: string, inbox: Inbox, chat: ChatLine = { say: () => false, canHear: false, questionTimeoutMs: 0 }, mark: Mark = () => {}): Promise<RunnerResult> {
+export async function runTurn(
+  session: Session,
+  prompt: string,
+  inbox: Inbox,
+  chat: ChatLine = { say: () => false, canHear: false, questionTimeoutMs: 0 },
+  mark: Mark = () => {},
+): Promise<RunnerResult> {
   mark('prompt');
   const turn = session.prompt(prompt);
   inbox.onMessage = (text) => {
@@ -471,16 +551,26 @@ export async function runTurn(session: Session, prompt: string, inbox: Inbox, ch
     for await (const event of turn) {
       mark('first-event');
       if (event.type === 'StepBegin') steps.push('');
-      else if (event.type === 'ContentPart' && event.payload.type === 'text') steps[steps.length - 1] += event.payload.text;
+      else if (event.type === 'ContentPart' && event.payload.type === 'text')
+        steps[steps.length - 1] += event.payload.text;
       else if (event.type === 'QuestionRequest') {
-        answering.push(answerQuestions(turn, event.payload, inbox, chat).catch((err) => log(`could not answer question: ${err instanceof Error ? err.message : err}`)));
+        answering.push(
+          answerQuestions(turn, event.payload, inbox, chat).catch((err) =>
+            log(`could not answer question: ${err instanceof Error ? err.message : err}`),
+          ),
+        );
       } else if (event.type === 'ApprovalRequest') {
         // Unreachable under --yolo with 1.49.0; a newer CLI or a subagent might still ask.
-        log(`approved "${event.payload.action}" (${event.payload.description}): NanoClaw runs the agent with every action approved`);
-        void turn.approve(event.payload.id, 'approve').catch((err) => log(`approval failed: ${err instanceof Error ? err.message : err}`));
+        log(
+          `approved "${event.payload.action}" (${event.payload.description}): NanoClaw runs the agent with every action approved`,
+        );
+        void turn
+          .approve(event.payload.id, 'approve')
+          .catch((err) => log(`approval failed: ${err instanceof Error ? err.message : err}`));
       } else if (event.type === 'error') {
         // kimi-cli announces MCP start-up it is still waiting for (MCPLoadingBegin/End): nothing to act on.
-        if (!/^Unknown event type: MCPLoading(Begin|End)$/.test(event.message)) log(`the CLI sent something this SDK does not know (${event.code}): ${event.message}`);
+        if (!/^Unknown event type: MCPLoading(Begin|End)$/.test(event.message))
+          log(`the CLI sent something this SDK does not know (${event.code}): ${event.message}`);
       }
     }
     await Promise.all(answering);
@@ -514,13 +604,24 @@ async function readStdin(timeoutMs: number): Promise<string> {
  * dies with the container), never the key; run by hand (the guide's manual test) it holds
  * the key given on stdin, and only until the runner exits.
  */
-export function writeKimiFiles(input: RunnerInput, paths: ReturnType<typeof runnerPaths>, env: Record<string, string | undefined>, baseUrl?: string): { agentFile: string; role: string } {
+export function writeKimiFiles(
+  input: RunnerInput,
+  paths: ReturnType<typeof runnerPaths>,
+  env: Record<string, string | undefined>,
+  baseUrl?: string,
+): { agentFile: string; role: string } {
   mkdirSync(paths.kimiHome, { recursive: true });
   const apiKey = input.secrets?.KIMI_API_KEY ?? keyFromEnvFile(readIfExists(paths.envFile) ?? '');
   writeFileSync(paths.configToml, buildConfigToml({ apiKey, baseUrl, ...kimiModel(env) }), { mode: 0o600 });
   chmodSync(paths.configToml, 0o600);
   const timezone = env.TZ || Intl.DateTimeFormat().resolvedOptions().timeZone || 'UTC';
-  const identity = { chatJid: input.chatJid, groupFolder: input.groupFolder, isMain: input.isMain, ipcDir: paths.ipc, timezone };
+  const identity = {
+    chatJid: input.chatJid,
+    groupFolder: input.groupFolder,
+    isMain: input.isMain,
+    ipcDir: paths.ipc,
+    timezone,
+  };
   writeFileSync(paths.mcpJson, buildMcpConfig(identity, join(import.meta.dir, 'mcp-server.ts'), process.execPath));
   const role = buildRole({
     assistantName: input.assistantName || env.ASSISTANT_NAME || 'Andy',
@@ -536,20 +637,34 @@ export function writeKimiFiles(input: RunnerInput, paths: ReturnType<typeof runn
 /** The model settings for config.toml: name, provider type and what the model can take in. */
 export function kimiModel(env: Record<string, string | undefined>) {
   const modelName = env.KIMI_MODEL_NAME;
-  const capabilities = env.KIMI_MODEL_CAPABILITIES !== undefined ? env.KIMI_MODEL_CAPABILITIES.split(',').map((c) => c.trim()).filter(Boolean) : undefined;
+  const capabilities =
+    env.KIMI_MODEL_CAPABILITIES !== undefined
+      ? env.KIMI_MODEL_CAPABILITIES.split(',')
+          .map((c) => c.trim())
+          .filter(Boolean)
+      : undefined;
   return { modelName, providerType: env.KIMI_PROVIDER, capabilities };
 }
 
 /** The two memories as they are now: the shared one (not for main, which edits it) and the group's. */
 export function memories(input: RunnerInput, paths: ReturnType<typeof runnerPaths>) {
-  return { globalMemory: input.isMain ? null : readIfExists(join(paths.global, 'CLAUDE.md')), groupMemory: readIfExists(join(paths.group, 'CLAUDE.md')) };
+  return {
+    globalMemory: input.isMain ? null : readIfExists(join(paths.global, 'CLAUDE.md')),
+    groupMemory: readIfExists(join(paths.group, 'CLAUDE.md')),
+  };
 }
 
 /** A turn's prompt with the memories that changed since the container started (its CLI holds the older ones). */
-export function withMemoryUpdate(prompt: string, before: ReturnType<typeof memories>, now: ReturnType<typeof memories>): string {
+export function withMemoryUpdate(
+  prompt: string,
+  before: ReturnType<typeof memories>,
+  now: ReturnType<typeof memories>,
+): string {
   const changed: string[] = [];
-  if ((before.globalMemory ?? '') !== (now.globalMemory ?? '')) changed.push(`Shared memory (CLAUDE.md of all groups), as it is now:\n${now.globalMemory?.trim() || '(empty)'}`);
-  if ((before.groupMemory ?? '') !== (now.groupMemory ?? '')) changed.push(`This group's memory (CLAUDE.md), as it is now:\n${now.groupMemory?.trim() || '(empty)'}`);
+  if ((before.globalMemory ?? '') !== (now.globalMemory ?? ''))
+    changed.push(`Shared memory (CLAUDE.md of all groups), as it is now:\n${now.globalMemory?.trim() || '(empty)'}`);
+  if ((before.groupMemory ?? '') !== (now.groupMemory ?? ''))
+    changed.push(`This group's memory (CLAUDE.md), as it is now:\n${now.groupMemory?.trim() || '(empty)'}`);
   return changed.length ? `<memory-update>\n${changed.join('\n\n')}\n</memory-update>\n\n${prompt}` : prompt;
 }
 
@@ -574,7 +689,10 @@ export async function main(env: Record<string, string | undefined> = process.env
   let input: RunnerInput;
   try {
     input = parseInput(await readStdin(Number(env.NANOCLAW_STDIN_TIMEOUT_MS ?? 60_000)));
-    if (input.warm && !takesFollowUps) throw new InputError(`a warm start ("warm": true) needs the inbox ${paths.input}: its first message is the first prompt`);
+    if (input.warm && !takesFollowUps)
+      throw new InputError(
+        `a warm start ("warm": true) needs the inbox ${paths.input}: its first message is the first prompt`,
+      );
   } catch (err) {
     writeResult({ status: 'error', result: null, error: err instanceof Error ? err.message : String(err) });
     return 1;
@@ -593,15 +711,20 @@ export async function main(env: Record<string, string | undefined> = process.env
   delete process.env.KIMI_BASE_URL;
   const { agentFile, role } = writeKimiFiles(input, paths, env, endpoint.baseUrl);
   const executable = env.KIMI_EXECUTABLE || 'kimi';
-  const open = (sessionId: string) => createSession({ workDir: paths.group, sessionId, model: MODEL_ALIAS, yoloMode: true, agentFile, executable });
+  const open = (sessionId: string) =>
+    createSession({ workDir: paths.group, sessionId, model: MODEL_ALIAS, yoloMode: true, agentFile, executable });
   // The CLI starts as soon as its session is opened, while the runner sets up the rest (and,
   // in a warm start, while it waits for the first message): the first prompt finds it running.
-  const startNow = (opened: Session) => startCli(opened).then(
-    (started) => {
-      if (started) mark('cli-ready');
-    },
-    (err) => log(`the CLI did not start ahead of the prompt (${err instanceof Error ? err.message : err}); the prompt starts it`),
-  );
+  const startNow = (opened: Session) =>
+    startCli(opened).then(
+      (started) => {
+        if (started) mark('cli-ready');
+      },
+      (err) =>
+        log(
+          `the CLI did not start ahead of the prompt (${err instanceof Error ? err.message : err}); the prompt starts it`,
+        ),
+    );
   const sessionId = input.sessionId ?? randomUUID();
   if (input.sessionId && refreshSystemPrompt(sessionContextFile(paths.kimiHome, paths.group, sessionId), role)) {
     log('the memory or role changed since this session began: its system prompt is renewed');
@@ -682,7 +805,8 @@ export async function main(env: Record<string, string | undefined> = process.env
 }
 
 /** Said in the chat when the runner had to start the conversation over. */
-export const FRESH_SESSION_NOTE = '(Our conversation here had grown too long for me, so I started a fresh one: I still have my notes, but not what was said before.)';
+export const FRESH_SESSION_NOTE =
+  '(Our conversation here had grown too long for me, so I started a fresh one: I still have my notes, but not what was said before.)';
 
 if (import.meta.main) {
   process.exit(await main());

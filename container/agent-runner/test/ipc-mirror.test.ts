@@ -20,17 +20,49 @@ describe('IPC: the MCP tools and the host’s table agree', () => {
   it('every file the tools write parses on the host, in its folder, and every host action has a writer', async () => {
     const ipcDir = mkdtempSync(join(tmpdir(), 'nanoclaw-mirror-'));
     for (const kind of ['messages', 'tasks']) mkdirSync(join(ipcDir, kind));
-    const task = { id: 't1', groupFolder: 'main', chatJid: 'me@s.whatsapp.net', prompt: 'p', schedule_type: 'cron', schedule_value: '0 9 * * *', context_mode: 'group', status: 'active', next_run: null, last_run: null, last_result: null, recent_runs: [] };
+    const task = {
+      id: 't1',
+      groupFolder: 'main',
+      chatJid: 'me@s.whatsapp.net',
+      prompt: 'p',
+      schedule_type: 'cron',
+      schedule_value: '0 9 * * *',
+      context_mode: 'group',
+      status: 'active',
+      next_run: null,
+      last_run: null,
+      last_result: null,
+      recent_runs: [],
+    };
     writeFileSync(join(ipcDir, 'current_tasks.json'), JSON.stringify([task]));
     const client = new Client({ name: 'mirror', version: '1' });
-    await client.connect(new StdioClientTransport({
-      command: process.execPath, args: [join(RUNNER_DIR, 'src', 'mcp-server.ts')],
-      env: { PATH: process.env.PATH!, NANOCLAW_CHAT_JID: 'me@s.whatsapp.net', NANOCLAW_GROUP_FOLDER: 'main', NANOCLAW_IS_MAIN: '1', NANOCLAW_IPC_DIR: ipcDir, TZ: 'Europe/Berlin' },
-    }));
+    await client.connect(
+      new StdioClientTransport({
+        command: process.execPath,
+        args: [join(RUNNER_DIR, 'src', 'mcp-server.ts')],
+        env: {
+          PATH: process.env.PATH!,
+          NANOCLAW_CHAT_JID: 'me@s.whatsapp.net',
+          NANOCLAW_GROUP_FOLDER: 'main',
+          NANOCLAW_IS_MAIN: '1',
+          NANOCLAW_IPC_DIR: ipcDir,
+          TZ: 'Europe/Berlin',
+        },
+      }),
+    );
     const calls: [string, Record<string, unknown>][] = [
       ['send_message', { text: 'hello' }],
       ['schedule_task', { prompt: 'water the plants', schedule_type: 'cron', schedule_value: '0 9 * * *' }],
-      ['schedule_task', { prompt: 'once', schedule_type: 'once', schedule_value: '2030-01-01 10:00', context_mode: 'isolated', targetJid: 'fam@g.us' }],
+      [
+        'schedule_task',
+        {
+          prompt: 'once',
+          schedule_type: 'once',
+          schedule_value: '2030-01-01 10:00',
+          context_mode: 'isolated',
+          targetJid: 'fam@g.us',
+        },
+      ],
       ['pause_task', { task_id: 't1' }],
       ['resume_task', { task_id: 't1' }],
       ['cancel_task', { task_id: 't1' }],
@@ -40,17 +72,26 @@ describe('IPC: the MCP tools and the host’s table agree', () => {
     ];
     try {
       for (const [name, args] of calls) {
-        const result = (await client.callTool({ name, arguments: args })) as { isError?: boolean; content: { text: string }[] };
+        const result = (await client.callTool({ name, arguments: args })) as {
+          isError?: boolean;
+          content: { text: string }[];
+        };
         expect(result.isError, `${name}: ${result.content.map((c) => c.text).join(' ')}`).toBeFalsy();
       }
     } finally {
       await client.close();
     }
     // The runner's own writer: a question relayed to the chat.
-    writeIpcFile(join(ipcDir, 'messages'), { type: 'message', chatJid: 'me@s.whatsapp.net', text: '❓ Which one?\n1. A\n2. B', expectsReply: true });
+    writeIpcFile(join(ipcDir, 'messages'), {
+      type: 'message',
+      chatJid: 'me@s.whatsapp.net',
+      text: '❓ Which one?\n1. A\n2. B',
+      expectsReply: true,
+    });
     const written: { kind: IpcKind; data: Record<string, unknown> }[] = [];
     for (const kind of ['messages', 'tasks'] as const) {
-      for (const file of readdirSync(join(ipcDir, kind))) written.push({ kind, data: JSON.parse(readFileSync(join(ipcDir, kind, file), 'utf8')) });
+      for (const file of readdirSync(join(ipcDir, kind)))
+        written.push({ kind, data: JSON.parse(readFileSync(join(ipcDir, kind, file), 'utf8')) });
     }
     expect(written).toHaveLength(calls.length + 1);
     const types = new Set<string>();
@@ -61,8 +102,17 @@ describe('IPC: the MCP tools and the host’s table agree', () => {
     }
     expect([...types].sort()).toEqual(Object.keys(ipcActions()).sort());
     // The MCP tool's defaults are the host's: a task scheduled without context_mode runs in the group's context.
-    const scheduled = written.map((w) => parseIpcRequest(w.kind, w.data)).find((r) => r.type === 'schedule_task' && r.prompt === 'water the plants');
+    const scheduled = written
+      .map((w) => parseIpcRequest(w.kind, w.data))
+      .find((r) => r.type === 'schedule_task' && r.prompt === 'water the plants');
     expect(scheduled).toMatchObject({ context_mode: 'group' });
-    expect(parseIpcRequest('tasks', { type: 'schedule_task', prompt: 'p', schedule_type: 'cron', schedule_value: '0 9 * * *' })).toMatchObject({ context_mode: 'group' });
+    expect(
+      parseIpcRequest('tasks', {
+        type: 'schedule_task',
+        prompt: 'p',
+        schedule_type: 'cron',
+        schedule_value: '0 9 * * *',
+      }),
+    ).toMatchObject({ context_mode: 'group' });
   });
 });

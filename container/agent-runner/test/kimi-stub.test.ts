@@ -27,17 +27,32 @@ function home(options: { role?: string; capabilities?: string[] } = {}) {
   const work = join(root, 'work');
   mkdirSync(share);
   mkdirSync(work);
-  writeFileSync(join(share, 'config.toml'), buildConfigToml({ apiKey: KEY, baseUrl: model.url, capabilities: options.capabilities }));
+  writeFileSync(
+    join(share, 'config.toml'),
+    buildConfigToml({ apiKey: KEY, baseUrl: model.url, capabilities: options.capabilities }),
+  );
   const agentFile = join(root, 'agent.yaml');
   writeFileSync(agentFile, buildAgentFile(options.role ?? 'ROLE-TEXT'));
   return { root, share, work, agentFile, env: { PATH: process.env.PATH!, HOME: root } };
 }
 
 const session = (h: ReturnType<typeof home>, id: string, extra: { yoloMode?: boolean; agentFile?: string } = {}) =>
-  createSession({ workDir: h.work, sessionId: id, model: 'k25', yoloMode: extra.yoloMode ?? true, agentFile: extra.agentFile ?? h.agentFile, executable: STUB, env: h.env });
+  createSession({
+    workDir: h.work,
+    sessionId: id,
+    model: 'k25',
+    yoloMode: extra.yoloMode ?? true,
+    agentFile: extra.agentFile ?? h.agentFile,
+    executable: STUB,
+    env: h.env,
+  });
 
 /** One turn through the SDK: the events and the text. */
-async function turn(s: ReturnType<typeof session>, prompt: string, onEvent?: (event: { type: string; payload?: unknown }, t: ReturnType<ReturnType<typeof session>['prompt']>) => void) {
+async function turn(
+  s: ReturnType<typeof session>,
+  prompt: string,
+  onEvent?: (event: { type: string; payload?: unknown }, t: ReturnType<ReturnType<typeof session>['prompt']>) => void,
+) {
   const t = s.prompt(prompt);
   const events: { type: string; payload?: unknown }[] = [];
   let text = '';
@@ -51,10 +66,17 @@ async function turn(s: ReturnType<typeof session>, prompt: string, onEvent?: (ev
 
 /** Raw lines in, raw lines out: the strictness a careless client meets. */
 async function raw(h: ReturnType<typeof home>, lines: string[]): Promise<Record<string, unknown>[]> {
-  const proc = Bun.spawn([STUB, '--wire', '--work-dir', h.work, '--session', 'raw'], { stdin: new Blob([lines.map((l) => `${l}\n`).join('')]), stdout: 'pipe', env: h.env });
+  const proc = Bun.spawn([STUB, '--wire', '--work-dir', h.work, '--session', 'raw'], {
+    stdin: new Blob([lines.map((l) => `${l}\n`).join('')]),
+    stdout: 'pipe',
+    env: h.env,
+  });
   const out = await new Response(proc.stdout).text();
   await proc.exited;
-  return out.split('\n').filter(Boolean).map((l) => JSON.parse(l) as Record<string, unknown>);
+  return out
+    .split('\n')
+    .filter(Boolean)
+    .map((l) => JSON.parse(l) as Record<string, unknown>);
 }
 
 describe('the kimi double', () => {
@@ -64,7 +86,9 @@ describe('the kimi double', () => {
     expect(readFileSync(join(RUNNER_DIR, 'kimi-stub', 'kimi.ts'), 'utf8')).toContain(`kimi-cli ${KIMI_CLI_VERSION}`);
     expect(Bun.spawnSync([STUB, '--version']).stdout.toString().trim()).toBe(`kimi, version ${KIMI_CLI_VERSION}`);
     expect(Bun.spawnSync([STUB, 'info']).stdout.toString()).toContain('wire protocol: 1.10');
-    const other = Bun.spawnSync([STUB, 'info'], { env: { ...process.env, KIMI_STUB_WIRE_PROTOCOL: '2.0' } }).stdout.toString();
+    const other = Bun.spawnSync([STUB, 'info'], {
+      env: { ...process.env, KIMI_STUB_WIRE_PROTOCOL: '2.0' },
+    }).stdout.toString();
     expect(other).toContain('wire protocol: 2.0');
   });
 
@@ -87,9 +111,23 @@ describe('the kimi double', () => {
       '{"jsonrpc":"2.0","id":"d","method":"launch"}',
     ]);
     const byId = (id: unknown) => replies.find((r) => r.id === id);
-    expect(replies[0]).toEqual({ jsonrpc: '2.0', id: null, error: { code: -32700, message: 'Invalid JSON format', data: null } });
-    expect(replies[1]).toEqual({ jsonrpc: '2.0', id: null, error: { code: -32600, message: 'Invalid request', data: null } });
-    expect(byId('a')).toMatchObject({ result: { protocol_version: '1.10', server: { name: 'Kimi Code CLI', version: KIMI_CLI_VERSION }, capabilities: { supports_question: true } } });
+    expect(replies[0]).toEqual({
+      jsonrpc: '2.0',
+      id: null,
+      error: { code: -32700, message: 'Invalid JSON format', data: null },
+    });
+    expect(replies[1]).toEqual({
+      jsonrpc: '2.0',
+      id: null,
+      error: { code: -32600, message: 'Invalid request', data: null },
+    });
+    expect(byId('a')).toMatchObject({
+      result: {
+        protocol_version: '1.10',
+        server: { name: 'Kimi Code CLI', version: KIMI_CLI_VERSION },
+        capabilities: { supports_question: true },
+      },
+    });
     expect(byId('b')).toMatchObject({ error: { code: -32000, message: 'No agent turn is in progress' } });
     expect(byId('c')).toMatchObject({ error: { code: -32000, message: 'No agent turn is in progress' } });
     expect(byId('d')).toMatchObject({ error: { code: -32601, message: 'Unexpected method received: launch' } });
@@ -125,12 +163,21 @@ describe('the kimi double', () => {
     expect(text).not.toContain('ROLE-LATER');
     const file = join(sessionDir(first.share, first.work, 'frozen'), 'context.jsonl');
     const lines = readFileSync(file, 'utf8').split('\n').filter(Boolean);
-    writeFileSync(file, lines.filter((l) => !l.includes('_system_prompt')).map((l) => `${l}\n`).join(''));
+    writeFileSync(
+      file,
+      lines
+        .filter((l) => !l.includes('_system_prompt'))
+        .map((l) => `${l}\n`)
+        .join(''),
+    );
     const s3 = session(first, 'frozen', { agentFile: later });
     const renewed = await turn(s3, '!context');
     await s3.close();
     expect(renewed.text).toContain('ROLE-LATER');
-    expect(JSON.parse(readFileSync(file, 'utf8').split('\n')[0]!)).toMatchObject({ role: '_system_prompt', content: expect.stringContaining('ROLE-LATER') });
+    expect(JSON.parse(readFileSync(file, 'utf8').split('\n')[0]!)).toMatchObject({
+      role: '_system_prompt',
+      content: expect.stringContaining('ROLE-LATER'),
+    });
     expect(existsSync(join(first.share, 'kimi.json'))).toBe(true);
   });
 
@@ -141,7 +188,11 @@ describe('the kimi double', () => {
       if (event.type === 'ApprovalRequest') void t.approve((event.payload as { id: string }).id, 'approve');
     });
     expect(approved.events.map((e) => e.type)).toContain('ApprovalRequest');
-    expect(approved.events.find((e) => e.type === 'ApprovalRequest')!.payload).toMatchObject({ sender: 'Shell', action: 'run command', description: 'Run command `echo approved-run`' });
+    expect(approved.events.find((e) => e.type === 'ApprovalRequest')!.payload).toMatchObject({
+      sender: 'Shell',
+      action: 'run command',
+      description: 'Run command `echo approved-run`',
+    });
     expect(approved.text).toContain('approved-run');
     const rejected = await turn(ask, '!shell echo never', (event, t) => {
       if (event.type === 'ApprovalRequest') void t.approve((event.payload as { id: string }).id, 'reject');
@@ -165,13 +216,18 @@ describe('the kimi double', () => {
     expect(tools).toContain('Shell');
     expect(tools).toContain('AskUserQuestion'); // the SDK says it can answer questions
     expect(tools).not.toContain('ReadMediaFile');
-    const picture = s.prompt([{ type: 'text', text: 'look' }, { type: 'image_url', image_url: { url: 'data:image/png;base64,iVBORw0KGgo=' } }]);
-    await expect((async () => {
-      for await (const _ of picture) {
-        // drain
-      }
-      return picture.result;
-    })()).rejects.toThrow("does not support required capability: image_in");
+    const picture = s.prompt([
+      { type: 'text', text: 'look' },
+      { type: 'image_url', image_url: { url: 'data:image/png;base64,iVBORw0KGgo=' } },
+    ]);
+    await expect(
+      (async () => {
+        for await (const _ of picture) {
+          // drain
+        }
+        return picture.result;
+      })(),
+    ).rejects.toThrow('does not support required capability: image_in');
     await s.close();
     const sighted = home({ capabilities: ['image_in'] });
     const at = model.requests.length;
@@ -189,14 +245,27 @@ describe('the kimi double', () => {
     expect(flaky.text).toBe('[stub] recovered');
     expect(model.requests.length - before).toBe(5); // 3 + 2 tries: the second attempt's third request answered
     // SDK 0.1.8 predates StepRetry: it hands it on as a non-fatal "unknown event" item (the runner logs and goes on).
-    expect(flaky.events.filter((e) => e.type === 'error')).toEqual([expect.objectContaining({ code: 'UNKNOWN_EVENT_TYPE', message: expect.stringContaining('StepRetry') })]);
-    const wire = readFileSync(join(sessionDir(h.share, h.work, 'retry-1'), 'wire.jsonl'), 'utf8').split('\n').filter(Boolean).map((l) => JSON.parse(l));
+    expect(flaky.events.filter((e) => e.type === 'error')).toEqual([
+      expect.objectContaining({ code: 'UNKNOWN_EVENT_TYPE', message: expect.stringContaining('StepRetry') }),
+    ]);
+    const wire = readFileSync(join(sessionDir(h.share, h.work, 'retry-1'), 'wire.jsonl'), 'utf8')
+      .split('\n')
+      .filter(Boolean)
+      .map((l) => JSON.parse(l));
     expect(wire[0]).toEqual({ type: 'metadata', protocol_version: '1.10' });
     expect(wire.filter((r) => r.message?.type === 'StepRetry').map((r) => r.message.payload)).toEqual([
-      expect.objectContaining({ n: 1, next_attempt: 2, max_attempts: 3, error_type: 'APIStatusError', status_code: 500 }),
+      expect.objectContaining({
+        n: 1,
+        next_attempt: 2,
+        max_attempts: 3,
+        error_type: 'APIStatusError',
+        status_code: 500,
+      }),
     ]);
     const at = model.requests.length;
-    await expect(turn(s, '!fail bad request')).rejects.toThrow("Error code: 400 - {'error': {'message': 'bad request', 'type': 'invalid_request_error'}}");
+    await expect(turn(s, '!fail bad request')).rejects.toThrow(
+      "Error code: 400 - {'error': {'message': 'bad request', 'type': 'invalid_request_error'}}",
+    );
     expect(model.requests.length - at).toBe(1);
     await s.close();
   }, 30_000);
@@ -205,14 +274,39 @@ describe('the kimi double', () => {
     const h = home();
     const ipc = join(h.root, 'ipc');
     for (const dir of ['messages', 'tasks']) mkdirSync(join(ipc, dir), { recursive: true });
-    const config = JSON.parse(buildMcpConfig({ chatJid: 'g@g.us', groupFolder: 'g', isMain: false, ipcDir: ipc, timezone: 'UTC' }, join(RUNNER_DIR, 'src', 'mcp-server.ts'), process.execPath));
+    const config = JSON.parse(
+      buildMcpConfig(
+        { chatJid: 'g@g.us', groupFolder: 'g', isMain: false, ipcDir: ipc, timezone: 'UTC' },
+        join(RUNNER_DIR, 'src', 'mcp-server.ts'),
+        process.execPath,
+      ),
+    );
     const server = config.mcpServers.nanoclaw as { command: string; args: string[] };
     // A server slow to start (0.3 s), so the prompt surely comes while it is still connecting.
-    config.mcpServers.nanoclaw = { ...server, command: 'sh', args: ['-c', 'sleep 0.3; exec "$0" "$@"', server.command, ...server.args] };
+    config.mcpServers.nanoclaw = {
+      ...server,
+      command: 'sh',
+      args: ['-c', 'sleep 0.3; exec "$0" "$@"', server.command, ...server.args],
+    };
     writeFileSync(join(h.share, 'mcp.json'), JSON.stringify(config));
     const trace = join(h.root, 'trace');
-    const traced = () => (existsSync(trace) ? readFileSync(trace, 'utf8').split('\n').filter(Boolean).map((line) => line.split(' ')[0]) : []);
-    const open = (id: string) => createSession({ workDir: h.work, sessionId: id, model: 'k25', yoloMode: true, agentFile: h.agentFile, executable: STUB, env: { ...h.env, KIMI_STUB_TRACE: trace } });
+    const traced = () =>
+      existsSync(trace)
+        ? readFileSync(trace, 'utf8')
+            .split('\n')
+            .filter(Boolean)
+            .map((line) => line.split(' ')[0])
+        : [];
+    const open = (id: string) =>
+      createSession({
+        workDir: h.work,
+        sessionId: id,
+        model: 'k25',
+        yoloMode: true,
+        agentFile: h.agentFile,
+        executable: STUB,
+        env: { ...h.env, KIMI_STUB_TRACE: trace },
+      });
 
     const early = open('mcp-1');
     const first = await turn(early, 'hello');
@@ -220,13 +314,32 @@ describe('the kimi double', () => {
     await early.close();
     expect(traced()).toEqual(['start', 'initialize', 'prompt', 'mcp-connected', 'prompt']);
     // SDK 0.1.8 does not know MCPLoadingBegin/End: it hands them on as non-fatal "unknown event" items.
-    expect(first.events.filter((e) => e.type === 'error').map((e) => (e as { message?: string }).message)).toEqual(['Unknown event type: MCPLoadingBegin', 'Unknown event type: MCPLoadingEnd']);
+    expect(first.events.filter((e) => e.type === 'error').map((e) => (e as { message?: string }).message)).toEqual([
+      'Unknown event type: MCPLoadingBegin',
+      'Unknown event type: MCPLoadingEnd',
+    ]);
     expect(second.events.filter((e) => e.type === 'error')).toEqual([]);
-    const wire = readFileSync(join(sessionDir(h.share, h.work, 'mcp-1'), 'wire.jsonl'), 'utf8').split('\n').filter(Boolean).map((l) => JSON.parse(l));
-    const statuses = wire.filter((r) => r.message?.type === 'StatusUpdate' && r.message.payload.mcp_status).map((r) => r.message.payload.mcp_status);
+    const wire = readFileSync(join(sessionDir(h.share, h.work, 'mcp-1'), 'wire.jsonl'), 'utf8')
+      .split('\n')
+      .filter(Boolean)
+      .map((l) => JSON.parse(l));
+    const statuses = wire
+      .filter((r) => r.message?.type === 'StatusUpdate' && r.message.payload.mcp_status)
+      .map((r) => r.message.payload.mcp_status);
     expect(statuses).toEqual([
       expect.objectContaining({ loading: true, connected: 0, total: 1, tools: 0 }),
-      expect.objectContaining({ loading: false, connected: 1, total: 1, servers: [expect.objectContaining({ name: 'nanoclaw', status: 'connected', tools: expect.arrayContaining(['send_message']) })] }),
+      expect.objectContaining({
+        loading: false,
+        connected: 1,
+        total: 1,
+        servers: [
+          expect.objectContaining({
+            name: 'nanoclaw',
+            status: 'connected',
+            tools: expect.arrayContaining(['send_message']),
+          }),
+        ],
+      }),
     ]);
 
     rmSync(trace);

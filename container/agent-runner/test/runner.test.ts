@@ -5,18 +5,45 @@
  */
 import { Client } from '@modelcontextprotocol/sdk/client/index.js';
 import { StdioClientTransport } from '@modelcontextprotocol/sdk/client/stdio.js';
-import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, renameSync, statSync, writeFileSync } from 'node:fs';
+import {
+  existsSync,
+  mkdirSync,
+  mkdtempSync,
+  readdirSync,
+  readFileSync,
+  renameSync,
+  statSync,
+  writeFileSync,
+} from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterAll, describe, expect, it } from 'vitest';
 import { startFakeModel } from '../kimi-stub/fake-model.ts';
-import { buildAgentFile, buildConfigToml, buildMcpConfig, buildRole, keyFromEnvFile, scheduledTaskPrompt } from '../src/config.ts';
+import {
+  buildAgentFile,
+  buildConfigToml,
+  buildMcpConfig,
+  buildRole,
+  keyFromEnvFile,
+  scheduledTaskPrompt,
+} from '../src/config.ts';
 import { scheduleProblem } from '../src/mcp-server.ts';
 import type { Session } from '@moonshot-ai/kimi-agent-sdk';
 import {
-  answerFor, errorKind, FRESH_SESSION_NOTE, Inbox, parseInput, questionText, refreshSystemPrompt, RESULT_END, RESULT_START, sessionContextFile,
-  startCli, timingMarks, withMemoryUpdate,
+  answerFor,
+  errorKind,
+  FRESH_SESSION_NOTE,
+  Inbox,
+  parseInput,
+  questionText,
+  refreshSystemPrompt,
+  RESULT_END,
+  RESULT_START,
+  sessionContextFile,
+  startCli,
+  timingMarks,
+  withMemoryUpdate,
 } from '../src/runner.ts';
 
 const RUNNER_DIR = fileURLToPath(new URL('..', import.meta.url));
@@ -30,16 +57,25 @@ afterAll(() => model.stop());
 function workspace(memories: { global?: string; group?: string } = {}, inbox = false) {
   const root = mkdtempSync(join(tmpdir(), 'nanoclaw-runner-'));
   const ws = join(root, 'workspace');
-  for (const dir of ['group', 'global', 'ipc/messages', 'ipc/tasks', ...(inbox ? ['ipc/input'] : [])]) mkdirSync(join(ws, dir), { recursive: true });
+  for (const dir of ['group', 'global', 'ipc/messages', 'ipc/tasks', ...(inbox ? ['ipc/input'] : [])])
+    mkdirSync(join(ws, dir), { recursive: true });
   mkdirSync(join(root, 'home'));
   if (memories.global) writeFileSync(join(ws, 'global', 'CLAUDE.md'), memories.global);
   if (memories.group) writeFileSync(join(ws, 'group', 'CLAUDE.md'), memories.group);
   return { root, ws, home: join(root, 'home') };
 }
 
-const messages = (...texts: string[]) => `<messages>\n${texts.map((t) => `<message sender="Ann" time="2026-01-01 10:00">${t}</message>`).join('\n')}\n</messages>`;
+const messages = (...texts: string[]) =>
+  `<messages>\n${texts.map((t) => `<message sender="Ann" time="2026-01-01 10:00">${t}</message>`).join('\n')}\n</messages>`;
 
-type Result = { status: string; result: string | null; sessionId?: string; error?: string; earlier?: string[]; errorKind?: string };
+type Result = {
+  status: string;
+  result: string | null;
+  sessionId?: string;
+  error?: string;
+  earlier?: string[];
+  errorKind?: string;
+};
 
 interface RunResult {
   results: Result[];
@@ -48,7 +84,8 @@ interface RunResult {
   code: number;
 }
 
-const parseResults = (out: string): Result[] => [...out.matchAll(new RegExp(`${RESULT_START}\\n(.*)\\n${RESULT_END}`, 'g'))].map((m) => JSON.parse(m[1]!) as Result);
+const parseResults = (out: string): Result[] =>
+  [...out.matchAll(new RegExp(`${RESULT_START}\\n(.*)\\n${RESULT_END}`, 'g'))].map((m) => JSON.parse(m[1]!) as Result);
 
 /** Waits until check() holds, looking every 10 ms; fails (naming what) after 15 s. */
 async function until(check: () => boolean, what: string): Promise<void> {
@@ -64,12 +101,25 @@ interface Live {
 }
 
 /** Runs the runner as the container would; `during` can watch it and drop follow-up files while it runs. */
-async function runRunner(ws: ReturnType<typeof workspace>, input: unknown, during?: (live: Live) => Promise<void>, env: Record<string, string> = {}): Promise<RunResult> {
+async function runRunner(
+  ws: ReturnType<typeof workspace>,
+  input: unknown,
+  during?: (live: Live) => Promise<void>,
+  env: Record<string, string> = {},
+): Promise<RunResult> {
   const proc = Bun.spawn([process.execPath, join(RUNNER_DIR, 'src', 'runner.ts')], {
     stdin: new Blob([typeof input === 'string' ? input : JSON.stringify(input)]),
     stdout: 'pipe',
     stderr: 'pipe',
-    env: { PATH: process.env.PATH!, HOME: ws.home, NANOCLAW_WORKSPACE: ws.ws, KIMI_EXECUTABLE: STUB, KIMI_BASE_URL: model.url, TZ: 'Europe/Berlin', ...env },
+    env: {
+      PATH: process.env.PATH!,
+      HOME: ws.home,
+      NANOCLAW_WORKSPACE: ws.ws,
+      KIMI_EXECUTABLE: STUB,
+      KIMI_BASE_URL: model.url,
+      TZ: 'Europe/Berlin',
+      ...env,
+    },
   });
   let out = '';
   let err = '';
@@ -88,7 +138,14 @@ async function runRunner(ws: ReturnType<typeof workspace>, input: unknown, durin
   return { results: parseResults(out), stdout: out, stderr: err, code };
 }
 
-const input = (prompt: string, extra: Record<string, unknown> = {}) => ({ prompt, groupFolder: 'family', chatJid: 'family@g.us', isMain: false, secrets: { KIMI_API_KEY: KEY }, ...extra });
+const input = (prompt: string, extra: Record<string, unknown> = {}) => ({
+  prompt,
+  groupFolder: 'family',
+  chatJid: 'family@g.us',
+  isMain: false,
+  secrets: { KIMI_API_KEY: KEY },
+  ...extra,
+});
 const close = (ws: ReturnType<typeof workspace>) => writeFileSync(join(ws.ws, 'ipc', 'input', '_close'), '');
 const followUp = (ws: ReturnType<typeof workspace>, text: string) => {
   const name = `${Date.now()}-${Math.random().toString(36).slice(2)}.json`;
@@ -98,37 +155,73 @@ const followUp = (ws: ReturnType<typeof workspace>, text: string) => {
 
 describe('config builders', () => {
   it('config.toml names the k25 alias, the provider and the key, with TOML-safe strings', () => {
-    const toml = buildConfigToml({ apiKey: 'sk-"quoted"\\x', baseUrl: 'http://localhost:11434/v1', modelName: 'qwen3', providerType: 'openai_legacy' });
-    const parsed = Bun.TOML.parse(toml) as Record<string, any>; // any: a parsed TOML document
+    const toml = buildConfigToml({
+      apiKey: 'sk-"quoted"\\x',
+      baseUrl: 'http://localhost:11434/v1',
+      modelName: 'qwen3',
+      providerType: 'openai_legacy',
+    });
+    // biome-ignore lint/suspicious/noExplicitAny: a parsed TOML document, read field by field
+    const parsed = Bun.TOML.parse(toml) as Record<string, any>;
     expect(parsed.default_model).toBe('k25');
     expect(parsed.models.k25).toMatchObject({ provider: 'nanoclaw', model: 'qwen3' });
-    expect(parsed.providers.nanoclaw).toEqual({ type: 'openai_legacy', base_url: 'http://localhost:11434/v1', api_key: 'sk-"quoted"\\x' });
-    const defaults = Bun.TOML.parse(buildConfigToml({})) as Record<string, any>; // any: a parsed TOML document
+    expect(parsed.providers.nanoclaw).toEqual({
+      type: 'openai_legacy',
+      base_url: 'http://localhost:11434/v1',
+      api_key: 'sk-"quoted"\\x',
+    });
+    // biome-ignore lint/suspicious/noExplicitAny: a parsed TOML document, read field by field
+    const defaults = Bun.TOML.parse(buildConfigToml({})) as Record<string, any>;
     expect(defaults.providers.nanoclaw.type).toBe('kimi');
     expect(defaults.providers.nanoclaw.api_key).toBe('');
   });
 
   it('mcp.json starts the nanoclaw server with the group’s identity', () => {
-    const config = JSON.parse(buildMcpConfig({ chatJid: 'g@g.us', groupFolder: 'g', isMain: false, ipcDir: '/workspace/ipc', timezone: 'Asia/Tokyo' }, '/app/src/mcp-server.ts', '/usr/local/bin/bun'));
+    const config = JSON.parse(
+      buildMcpConfig(
+        { chatJid: 'g@g.us', groupFolder: 'g', isMain: false, ipcDir: '/workspace/ipc', timezone: 'Asia/Tokyo' },
+        '/app/src/mcp-server.ts',
+        '/usr/local/bin/bun',
+      ),
+    );
     expect(config.mcpServers.nanoclaw).toEqual({
-      command: '/usr/local/bin/bun', args: ['/app/src/mcp-server.ts'],
-      env: { NANOCLAW_CHAT_JID: 'g@g.us', NANOCLAW_GROUP_FOLDER: 'g', NANOCLAW_IS_MAIN: '0', NANOCLAW_IPC_DIR: '/workspace/ipc', TZ: 'Asia/Tokyo' },
+      command: '/usr/local/bin/bun',
+      args: ['/app/src/mcp-server.ts'],
+      env: {
+        NANOCLAW_CHAT_JID: 'g@g.us',
+        NANOCLAW_GROUP_FOLDER: 'g',
+        NANOCLAW_IS_MAIN: '0',
+        NANOCLAW_IPC_DIR: '/workspace/ipc',
+        TZ: 'Asia/Tokyo',
+      },
     });
   });
 
   it('the agent file extends the default agent with the role and both memories', () => {
-    const role = buildRole({ assistantName: 'Bob', isMain: false, timezone: 'UTC', globalMemory: 'likes tea', groupMemory: 'dinner at 7' });
-    const spec = Bun.YAML.parse(buildAgentFile(role)) as { version: number; agent: { extend: string; system_prompt_args: { ROLE_ADDITIONAL: string } } };
+    const role = buildRole({
+      assistantName: 'Bob',
+      isMain: false,
+      timezone: 'UTC',
+      globalMemory: 'likes tea',
+      groupMemory: 'dinner at 7',
+    });
+    const spec = Bun.YAML.parse(buildAgentFile(role)) as {
+      version: number;
+      agent: { extend: string; system_prompt_args: { ROLE_ADDITIONAL: string } };
+    };
     expect(spec.version).toBe(1);
     expect(spec.agent.extend).toBe('default');
     const text = spec.agent.system_prompt_args.ROLE_ADDITIONAL;
-    for (const part of ['You are Bob', '<internal>', 'send_message', 'schedule_task', 'likes tea', 'dinner at 7']) expect(text).toContain(part);
+    for (const part of ['You are Bob', '<internal>', 'send_message', 'schedule_task', 'likes tea', 'dinner at 7'])
+      expect(text).toContain(part);
     expect(text).not.toContain('register_group');
     expect(buildRole({ assistantName: 'Bob', isMain: true, timezone: 'UTC' })).toContain('register_group');
   });
 
   it('scheduled prompts say no person sent them; the env-file key is found', () => {
-    expect(scheduledTaskPrompt('check the build')).toMatch(/^\[Scheduled task: [^\n]*not sent by a person[^\n]*\]\n\ncheck the build$/);
+    expect(scheduledTaskPrompt('check the build')).toMatch(
+      /^\[Scheduled task: [^\n]*not sent by a person[^\n]*\]\n\ncheck the build$/,
+    );
     expect(keyFromEnvFile('# x\nOTHER=1\nKIMI_API_KEY="sk-abc"\n')).toBe('sk-abc');
     expect(keyFromEnvFile('KIMI_API_KEY=\n')).toBeUndefined();
   });
@@ -139,7 +232,9 @@ describe('config builders', () => {
     expect(() => parseInput('[]')).toThrow('JSON object');
     expect(() => parseInput('{"prompt":"x","groupFolder":"g","chatJid":"c"}')).toThrow('"isMain"');
     expect(() => parseInput('{"prompt":"","groupFolder":"g","chatJid":"c","isMain":false}')).toThrow('"prompt"');
-    expect(() => parseInput('{"prompt":"x","groupFolder":"g","chatJid":"c","isMain":false,"sessionId":"../x"}')).toThrow('"sessionId"');
+    expect(() =>
+      parseInput('{"prompt":"x","groupFolder":"g","chatJid":"c","isMain":false,"sessionId":"../x"}'),
+    ).toThrow('"sessionId"');
   });
 
   it('validates schedules the way the host will', () => {
@@ -187,7 +282,9 @@ describe('the runner with the real SDK and the kimi stub', () => {
     const before = model.requests.length;
     const run = await runRunner(ws, input(messages('hi'), { secrets: {} }));
     expect(run.code).toBe(1);
-    expect(run.results).toEqual([expect.objectContaining({ status: 'error', result: null, error: expect.stringContaining('Error code: 401') })]);
+    expect(run.results).toEqual([
+      expect.objectContaining({ status: 'error', result: null, error: expect.stringContaining('Error code: 401') }),
+    ]);
     expect(model.requests.slice(before).map((r) => r.authorization)).toEqual([null]);
   });
 
@@ -195,14 +292,22 @@ describe('the runner with the real SDK and the kimi stub', () => {
     const ws = workspace();
     mkdirSync(join(ws.ws, 'env-dir'));
     writeFileSync(join(ws.ws, 'env-dir', 'env'), `KIMI_API_KEY=${KEY}\n`);
-    const run = await runRunner(ws, { prompt: 'What is 2+2?', groupFolder: 'test', chatJid: 'test@g.us', isMain: false });
+    const run = await runRunner(ws, {
+      prompt: 'What is 2+2?',
+      groupFolder: 'test',
+      chatJid: 'test@g.us',
+      isMain: false,
+    });
     expect(run.results[0]).toMatchObject({ status: 'success', result: '[stub] What is 2+2?' });
   });
 
   it('provider errors and crashes come back as error results', async () => {
     const ws = workspace();
     const failed = await runRunner(ws, input(messages('!fail rate limited by provider')));
-    expect(failed.results[0]).toMatchObject({ status: 'error', error: expect.stringContaining('rate limited by provider') });
+    expect(failed.results[0]).toMatchObject({
+      status: 'error',
+      error: expect.stringContaining('rate limited by provider'),
+    });
     expect(failed.code).toBe(1);
     const crashed = await runRunner(ws, input(messages('!crash')));
     expect(crashed.code).toBe(1);
@@ -219,14 +324,19 @@ describe('the runner with the real SDK and the kimi stub', () => {
   it('follow-ups: steered into a running turn, or the next turn; _close ends with exit 0 (all through the watch: the safety poll is an hour)', async () => {
     const ws = workspace({}, true);
     const asked = model.requests.length;
-    const run = await runRunner(ws, input(messages('!sleep 1000')), async (live) => {
-      await until(() => model.requests.length > asked, 'the model to be asked');
-      followUp(ws, messages('also this')); // arrives while the model "thinks"
-      await until(() => live.results().length === 1, 'the first answer');
-      followUp(ws, messages('and then this'));
-      await until(() => live.results().length === 2, 'the second answer');
-      close(ws);
-    }, { NANOCLAW_INBOX_POLL_MS: '3600000' });
+    const run = await runRunner(
+      ws,
+      input(messages('!sleep 1000')),
+      async (live) => {
+        await until(() => model.requests.length > asked, 'the model to be asked');
+        followUp(ws, messages('also this')); // arrives while the model "thinks"
+        await until(() => live.results().length === 1, 'the first answer');
+        followUp(ws, messages('and then this'));
+        await until(() => live.results().length === 2, 'the second answer');
+        close(ws);
+      },
+      { NANOCLAW_INBOX_POLL_MS: '3600000' },
+    );
     expect(run.code).toBe(0);
     // The steered message joins the running turn and is answered in its next step: the
     // first step's answer comes along as `earlier`, never glued to (or dropped for) the next.
@@ -239,12 +349,17 @@ describe('the runner with the real SDK and the kimi stub', () => {
 
   it('follow-ups and _close still arrive when file events do not (watching off: the safety poll alone)', async () => {
     const ws = workspace({}, true);
-    const run = await runRunner(ws, input(messages('one')), async (live) => {
-      await until(() => live.results().length === 1, 'the first answer');
-      followUp(ws, messages('two'));
-      await until(() => live.results().length === 2, 'the second answer');
-      close(ws);
-    }, { NANOCLAW_INBOX_WATCH: '0', NANOCLAW_INBOX_POLL_MS: '100' });
+    const run = await runRunner(
+      ws,
+      input(messages('one')),
+      async (live) => {
+        await until(() => live.results().length === 1, 'the first answer');
+        followUp(ws, messages('two'));
+        await until(() => live.results().length === 2, 'the second answer');
+        close(ws);
+      },
+      { NANOCLAW_INBOX_WATCH: '0', NANOCLAW_INBOX_POLL_MS: '100' },
+    );
     expect(run.code).toBe(0);
     expect(run.results.map((r) => r.result)).toEqual(['[stub] one', '[stub] two']);
   });
@@ -254,7 +369,10 @@ describe('the runner with the real SDK and the kimi stub', () => {
     const run = await runRunner(ws, input(messages('hello')), async (live) => {
       await until(() => live.results().length === 1, 'the first answer');
       const name = `${Date.now()}-task.json`;
-      writeFileSync(join(ws.ws, 'ipc', 'input', `.${name}`), JSON.stringify({ type: 'task', text: 'water the plants' }));
+      writeFileSync(
+        join(ws.ws, 'ipc', 'input', `.${name}`),
+        JSON.stringify({ type: 'task', text: 'water the plants' }),
+      );
       renameSync(join(ws.ws, 'ipc', 'input', `.${name}`), join(ws.ws, 'ipc', 'input', name));
       await until(() => live.results().length === 2, 'the task’s answer');
       close(ws);
@@ -262,7 +380,11 @@ describe('the runner with the real SDK and the kimi stub', () => {
     expect(run.code).toBe(0);
     expect(run.results.map((r) => r.result)).toEqual(['[stub] hello', '[stub] water the plants']);
     expect(new Set(run.results.map((r) => r.sessionId)).size).toBe(1);
-    const history = readdirSync(join(ws.home, '.kimi', 'sessions')).flatMap((dir) => readdirSync(join(ws.home, '.kimi', 'sessions', dir)).map((s) => join(ws.home, '.kimi', 'sessions', dir, s, 'context.jsonl')));
+    const history = readdirSync(join(ws.home, '.kimi', 'sessions')).flatMap((dir) =>
+      readdirSync(join(ws.home, '.kimi', 'sessions', dir)).map((s) =>
+        join(ws.home, '.kimi', 'sessions', dir, s, 'context.jsonl'),
+      ),
+    );
     expect(readFileSync(history[0]!, 'utf8')).toContain('Scheduled task');
   });
 
@@ -270,7 +392,11 @@ describe('the runner with the real SDK and the kimi stub', () => {
     const ws = workspace();
     const run = await runRunner(ws, input('water the plants', { isScheduledTask: true }));
     expect(run.results[0]!.result).toBe('[stub] water the plants');
-    const history = readdirSync(join(ws.home, '.kimi', 'sessions')).flatMap((dir) => readdirSync(join(ws.home, '.kimi', 'sessions', dir)).map((s) => join(ws.home, '.kimi', 'sessions', dir, s, 'context.jsonl')));
+    const history = readdirSync(join(ws.home, '.kimi', 'sessions')).flatMap((dir) =>
+      readdirSync(join(ws.home, '.kimi', 'sessions', dir)).map((s) =>
+        join(ws.home, '.kimi', 'sessions', dir, s, 'context.jsonl'),
+      ),
+    );
     expect(readFileSync(history[0]!, 'utf8')).toContain('Scheduled task');
   });
 
@@ -282,10 +408,17 @@ describe('the runner with the real SDK and the kimi stub', () => {
       await until(() => live.results().length === 2, 'the second answer');
       close(ws);
     });
-    expect(run.results.map((r) => r.result)).toEqual(['Message queued for this chat.', 'tool error: register_group is only available in the main chat.']);
+    expect(run.results.map((r) => r.result)).toEqual([
+      'Message queued for this chat.',
+      'tool error: register_group is only available in the main chat.',
+    ]);
     const files = readdirSync(join(ws.ws, 'ipc', 'messages'));
     expect(files).toHaveLength(1);
-    expect(JSON.parse(readFileSync(join(ws.ws, 'ipc', 'messages', files[0]!), 'utf8'))).toMatchObject({ type: 'message', chatJid: 'family@g.us', text: 'dinner is ready' });
+    expect(JSON.parse(readFileSync(join(ws.ws, 'ipc', 'messages', files[0]!), 'utf8'))).toMatchObject({
+      type: 'message',
+      chatJid: 'family@g.us',
+      text: 'dinner is ready',
+    });
     expect(readdirSync(join(ws.ws, 'ipc', 'tasks'))).toEqual([]);
   });
 });
@@ -294,12 +427,25 @@ describe('the nanoclaw MCP server over stdio', () => {
   async function connect(isMain: boolean, ipcDir: string, tasks: unknown[] = []) {
     writeFileSync(join(ipcDir, 'current_tasks.json'), JSON.stringify(tasks));
     const client = new Client({ name: 'test', version: '1' });
-    await client.connect(new StdioClientTransport({
-      command: process.execPath, args: [join(RUNNER_DIR, 'src', 'mcp-server.ts')],
-      env: { PATH: process.env.PATH!, NANOCLAW_CHAT_JID: 'me@g.us', NANOCLAW_GROUP_FOLDER: 'me', NANOCLAW_IS_MAIN: isMain ? '1' : '0', NANOCLAW_IPC_DIR: ipcDir, TZ: 'Europe/Berlin' },
-    }));
+    await client.connect(
+      new StdioClientTransport({
+        command: process.execPath,
+        args: [join(RUNNER_DIR, 'src', 'mcp-server.ts')],
+        env: {
+          PATH: process.env.PATH!,
+          NANOCLAW_CHAT_JID: 'me@g.us',
+          NANOCLAW_GROUP_FOLDER: 'me',
+          NANOCLAW_IS_MAIN: isMain ? '1' : '0',
+          NANOCLAW_IPC_DIR: ipcDir,
+          TZ: 'Europe/Berlin',
+        },
+      }),
+    );
     const call = async (name: string, args: Record<string, unknown> = {}) => {
-      const result = (await client.callTool({ name, arguments: args })) as { content: { text: string }[]; isError?: boolean };
+      const result = (await client.callTool({ name, arguments: args })) as {
+        content: { text: string }[];
+        isError?: boolean;
+      };
       return { text: result.content.map((c) => c.text).join('\n'), isError: Boolean(result.isError) };
     };
     return { client, call };
@@ -310,13 +456,25 @@ describe('the nanoclaw MCP server over stdio', () => {
     mkdirSync(join(dir, 'messages'));
     return dir;
   };
-  const written = (dir: string, kind: string) => readdirSync(join(dir, kind)).map((f) => JSON.parse(readFileSync(join(dir, kind, f), 'utf8')));
+  const written = (dir: string, kind: string) =>
+    readdirSync(join(dir, kind)).map((f) => JSON.parse(readFileSync(join(dir, kind, f), 'utf8')));
 
   it('offers the tools with descriptions', async () => {
     const dir = ipc();
     const { client } = await connect(false, dir);
     const { tools } = await client.listTools();
-    expect(tools.map((t) => t.name).sort()).toEqual(['cancel_task', 'get_task', 'list_tasks', 'pause_task', 'refresh_groups', 'register_group', 'resume_task', 'schedule_task', 'send_message', 'update_task']);
+    expect(tools.map((t) => t.name).sort()).toEqual([
+      'cancel_task',
+      'get_task',
+      'list_tasks',
+      'pause_task',
+      'refresh_groups',
+      'register_group',
+      'resume_task',
+      'schedule_task',
+      'send_message',
+      'update_task',
+    ]);
     for (const tool of tools) expect(tool.description!.length).toBeGreaterThan(20);
     await client.close();
   });
@@ -328,19 +486,57 @@ describe('the nanoclaw MCP server over stdio', () => {
     expect(bad.isError).toBe(true);
     expect(bad.text).toContain('not a valid cron expression');
     expect(written(dir, 'tasks')).toEqual([]);
-    const good = await call('schedule_task', { prompt: 'stretch', schedule_type: 'cron', schedule_value: '0 9 * * 1-5' });
+    const good = await call('schedule_task', {
+      prompt: 'stretch',
+      schedule_type: 'cron',
+      schedule_value: '0 9 * * 1-5',
+    });
     expect(good.isError).toBe(false);
-    expect(written(dir, 'tasks')).toEqual([expect.objectContaining({ type: 'schedule_task', prompt: 'stretch', schedule_type: 'cron', schedule_value: '0 9 * * 1-5', context_mode: 'group' })]);
+    expect(written(dir, 'tasks')).toEqual([
+      expect.objectContaining({
+        type: 'schedule_task',
+        prompt: 'stretch',
+        schedule_type: 'cron',
+        schedule_value: '0 9 * * 1-5',
+        context_mode: 'group',
+      }),
+    ]);
     expect(readdirSync(join(dir, 'tasks')).some((f) => f.startsWith('.'))).toBe(false); // no temp file left behind
     await client.close();
   });
 
   it('keeps a non-main group to its own chat and tasks; main may do everything', async () => {
-    const tasks = [{ id: 'task-1', groupFolder: 'me', chatJid: 'me@g.us', prompt: 'p', schedule_type: 'interval', schedule_value: '60000', context_mode: 'group', status: 'active', next_run: null, last_run: null, last_result: null, recent_runs: [{ run_at: '2026-01-01T00:00:00Z', duration_ms: 12, status: 'success', result: 'done', error: null }] }];
+    const tasks = [
+      {
+        id: 'task-1',
+        groupFolder: 'me',
+        chatJid: 'me@g.us',
+        prompt: 'p',
+        schedule_type: 'interval',
+        schedule_value: '60000',
+        context_mode: 'group',
+        status: 'active',
+        next_run: null,
+        last_run: null,
+        last_result: null,
+        recent_runs: [
+          { run_at: '2026-01-01T00:00:00Z', duration_ms: 12, status: 'success', result: 'done', error: null },
+        ],
+      },
+    ];
     const dir = ipc();
     const member = await connect(false, dir, tasks);
     expect((await member.call('send_message', { text: 'hi', chatJid: 'other@g.us' })).isError).toBe(true);
-    expect((await member.call('schedule_task', { prompt: 'x', schedule_type: 'interval', schedule_value: '60000', targetJid: 'other@g.us' })).isError).toBe(true);
+    expect(
+      (
+        await member.call('schedule_task', {
+          prompt: 'x',
+          schedule_type: 'interval',
+          schedule_value: '60000',
+          targetJid: 'other@g.us',
+        })
+      ).isError,
+    ).toBe(true);
     expect((await member.call('refresh_groups')).isError).toBe(true);
     expect((await member.call('pause_task', { task_id: 'not-mine' })).isError).toBe(true);
     expect((await member.call('pause_task', { task_id: 'task-1' })).isError).toBe(false);
@@ -356,8 +552,14 @@ describe('the nanoclaw MCP server over stdio', () => {
     expect((await main.call('register_group', { jid: 'new@g.us', name: 'New', folder: 'new' })).isError).toBe(false);
     expect((await main.call('refresh_groups')).isError).toBe(false);
     await main.client.close();
-    expect(written(mainDir, 'messages')).toEqual([expect.objectContaining({ type: 'message', chatJid: 'other@g.us', text: 'hello' })]);
-    expect(written(mainDir, 'tasks').map((t) => t.type).sort()).toEqual(['refresh_groups', 'register_group']);
+    expect(written(mainDir, 'messages')).toEqual([
+      expect.objectContaining({ type: 'message', chatJid: 'other@g.us', text: 'hello' }),
+    ]);
+    expect(
+      written(mainDir, 'tasks')
+        .map((t) => t.type)
+        .sort(),
+    ).toEqual(['refresh_groups', 'register_group']);
     expect(existsSync(join(mainDir, 'current_tasks.json'))).toBe(true);
   });
 });
@@ -368,7 +570,8 @@ describe('what the real CLI does that the runner must handle', () => {
     const dir = join(ws.ws, 'ipc', 'messages');
     for (let i = 0; i < 100; i++) {
       const files = readdirSync(dir);
-      if (files.length) return JSON.parse(readFileSync(join(dir, files[0]!), 'utf8')) as { chatJid: string; text: string };
+      if (files.length)
+        return JSON.parse(readFileSync(join(dir, files[0]!), 'utf8')) as { chatJid: string; text: string };
       await Bun.sleep(50);
     }
     throw new Error('no question reached the chat');
@@ -383,17 +586,26 @@ describe('what the real CLI does that the runner must handle', () => {
       await until(() => live.results().length === 1, 'the answer');
       close(ws);
     });
-    expect(question).toMatchObject({ type: 'message', chatJid: 'family@g.us', text: expect.stringContaining('Which day?\n1. Saturday\n2. Sunday') });
+    expect(question).toMatchObject({
+      type: 'message',
+      chatJid: 'family@g.us',
+      text: expect.stringContaining('Which day?\n1. Saturday\n2. Sunday'),
+    });
     expect(run.results.map((r) => r.result)).toEqual(['[stub] answered: {"Which day?":"Sunday"}']);
   });
 
   it('no answer in time, or nobody to ask (a scheduled task): the agent is told so and decides itself', async () => {
     const ws = workspace({}, true);
-    const late = await runRunner(ws, input(messages('!ask Tea? | Yes | No')), async (live) => {
-      await relayed(ws);
-      await until(() => live.results().length === 1, 'the answer');
-      close(ws);
-    }, { NANOCLAW_QUESTION_TIMEOUT_MS: '500' });
+    const late = await runRunner(
+      ws,
+      input(messages('!ask Tea? | Yes | No')),
+      async (live) => {
+        await relayed(ws);
+        await until(() => live.results().length === 1, 'the answer');
+        close(ws);
+      },
+      { NANOCLAW_QUESTION_TIMEOUT_MS: '500' },
+    );
     expect(late.results[0]!.result).toContain('No answer came within');
     expect(late.results[0]!.result).toContain('Decide yourself');
     const taskWs = workspace({}, true);
@@ -407,7 +619,9 @@ describe('what the real CLI does that the runner must handle', () => {
 
   it('a turn of several steps: each step’s words are their own message, never glued', async () => {
     const run = await runRunner(workspace(), input(messages('!steps')));
-    expect(run.results).toEqual([expect.objectContaining({ status: 'success', earlier: ['Let me check.'], result: 'Here is the answer.' })]);
+    expect(run.results).toEqual([
+      expect.objectContaining({ status: 'success', earlier: ['Let me check.'], result: 'Here is the answer.' }),
+    ]);
   });
 
   it('provider errors: the CLI’s own retries (client and step) absorb a short outage; what remains is classified', async () => {
@@ -418,7 +632,11 @@ describe('what the real CLI does that the runner must handle', () => {
     expect(recovered.results[0]!.result).toBe('[stub] recovered');
     const before = model.requests.length;
     const limited = await runRunner(ws, input(messages('!status 429 slow down')), undefined, fast);
-    expect(limited.results[0]).toMatchObject({ status: 'error', errorKind: 'rate-limit', error: expect.stringContaining('Error code: 429') });
+    expect(limited.results[0]).toMatchObject({
+      status: 'error',
+      errorKind: 'rate-limit',
+      error: expect.stringContaining('Error code: 429'),
+    });
     expect(model.requests.length - before).toBe(9); // 3 attempts of the step, each with openai-python's 2 retries
     const refused = await runRunner(ws, input(messages('!status 401 Invalid Authentication')), undefined, fast);
     expect(refused.results[0]).toMatchObject({ status: 'error', errorKind: 'auth' });
@@ -429,7 +647,11 @@ describe('what the real CLI does that the runner must handle', () => {
     const first = await runRunner(ws, input(messages('hello')));
     const sessionId = first.results[0]!.sessionId!;
     const full = await runRunner(ws, input(messages('!context-full'), { sessionId }));
-    expect(full.results[0]).toMatchObject({ status: 'success', result: '[stub] fits in a fresh session', earlier: [FRESH_SESSION_NOTE] });
+    expect(full.results[0]).toMatchObject({
+      status: 'success',
+      result: '[stub] fits in a fresh session',
+      earlier: [FRESH_SESSION_NOTE],
+    });
     expect(full.results[0]!.sessionId).not.toBe(sessionId);
     expect(full.stderr).toContain(`Session initialized: ${full.results[0]!.sessionId}`);
   });
@@ -447,10 +669,14 @@ describe('what the real CLI does that the runner must handle', () => {
     expect(first.results[1]!.result).toContain('<memory-update>');
     expect(first.results[1]!.result).toContain('MEMORY-LATER');
     writeFileSync(join(ws.ws, 'group', 'CLAUDE.md'), 'MEMORY-TWO');
-    const second = await runRunner(ws, input(messages('!context'), { sessionId: first.results[0]!.sessionId }), async (live) => {
-      await until(() => live.results().length === 1, 'the answer');
-      close(ws);
-    });
+    const second = await runRunner(
+      ws,
+      input(messages('!context'), { sessionId: first.results[0]!.sessionId }),
+      async (live) => {
+        await until(() => live.results().length === 1, 'the answer');
+        close(ws);
+      },
+    );
     expect(second.results[0]!.result).toContain('MEMORY-TWO');
     expect(second.results[0]!.result).not.toContain('MEMORY-ONE');
     expect(second.results[0]!.sessionId).toBe(first.results[0]!.sessionId);
@@ -465,17 +691,35 @@ describe('what the real CLI does that the runner must handle', () => {
     const hash = new Bun.CryptoHasher('sha256').update(bytes).digest('hex').slice(0, 12);
     const seen = await runRunner(ws, input(messages(`[image: ${picture}] !image`)));
     expect(seen.results[0]!.result).toBe(`[stub] I see image/png, ${bytes.length} bytes, sha256 ${hash}`);
-    const toml = Bun.TOML.parse(readFileSync(join(ws.home, '.kimi', 'config.toml'), 'utf8')) as { models: { k25: { capabilities: string[] } } };
+    const toml = Bun.TOML.parse(readFileSync(join(ws.home, '.kimi', 'config.toml'), 'utf8')) as {
+      models: { k25: { capabilities: string[] } };
+    };
     expect(toml.models.k25.capabilities).toEqual(['thinking', 'image_in', 'video_in']);
-    const blind = await runRunner(ws, input(messages(`[image: ${picture}] !image`)), undefined, { KIMI_MODEL_CAPABILITIES: '' });
+    const blind = await runRunner(ws, input(messages(`[image: ${picture}] !image`)), undefined, {
+      KIMI_MODEL_CAPABILITIES: '',
+    });
     expect(blind.results[0]!.result).toContain('ReadMediaFile` not found');
   });
 });
 
 describe('the runner’s pure parts for these', () => {
-  const question = { question: 'Which day?', header: 'Plan', options: [{ label: 'Saturday', description: 'the market is open' }, { label: 'Sunday', description: '' }, { label: 'Monday', description: '' }], multi_select: false, body: null, other_label: null, other_description: null };
+  const question = {
+    question: 'Which day?',
+    header: 'Plan',
+    options: [
+      { label: 'Saturday', description: 'the market is open' },
+      { label: 'Sunday', description: '' },
+      { label: 'Monday', description: '' },
+    ],
+    multi_select: false,
+    body: null,
+    other_label: null,
+    other_description: null,
+  };
   it('writes a question for WhatsApp and reads the answer: a number, a label or words of one’s own', () => {
-    expect(questionText(question, 0, 2)).toBe('❓ (1/2) *Plan*: Which day?\n1. Saturday — the market is open\n2. Sunday\n3. Monday\n_Reply with a number, or in your own words._');
+    expect(questionText(question, 0, 2)).toBe(
+      '❓ (1/2) *Plan*: Which day?\n1. Saturday — the market is open\n2. Sunday\n3. Monday\n_Reply with a number, or in your own words._',
+    );
     expect(answerFor(question, ' 2 ')).toBe('Sunday');
     expect(answerFor(question, 'monday')).toBe('Monday');
     expect(answerFor(question, '7')).toBe('7');
@@ -488,7 +732,11 @@ describe('the runner’s pure parts for these', () => {
     expect(errorKind("Error code: 429 - {'error': {}}")).toBe('rate-limit');
     expect(errorKind('Error code: 503 - x')).toBe('unavailable');
     expect(errorKind('Connection error.')).toBe('unavailable');
-    expect(errorKind("Error code: 400 - {'error': {'message': 'Invalid request: Your request exceeded model token limit: 262144'}}")).toBe('context');
+    expect(
+      errorKind(
+        "Error code: 400 - {'error': {'message': 'Invalid request: Your request exceeded model token limit: 262144'}}",
+      ),
+    ).toBe('context');
     expect(errorKind('LLM is not set')).toBe('other');
   });
 
@@ -497,13 +745,26 @@ describe('the runner’s pure parts for these', () => {
     const file = sessionContextFile(dir, '/workspace/group', 's1');
     expect(file).toMatch(/sessions\/[0-9a-f]{32}\/s1\/context\.jsonl$/);
     mkdirSync(join(file, '..'), { recursive: true });
-    const history = [{ role: '_system_prompt', content: 'base ROLE-A' }, { role: '_checkpoint', id: 0 }, { role: 'user', content: 'hi' }];
+    const history = [
+      { role: '_system_prompt', content: 'base ROLE-A' },
+      { role: '_checkpoint', id: 0 },
+      { role: 'user', content: 'hi' },
+    ];
     writeFileSync(file, history.map((r) => `${JSON.stringify(r)}\n`).join(''));
     expect(refreshSystemPrompt(file, 'ROLE-A')).toBe(false);
     expect(refreshSystemPrompt(file, 'ROLE-B')).toBe(true);
-    expect(readFileSync(file, 'utf8').split('\n').filter(Boolean).map((l) => JSON.parse(l).role)).toEqual(['_checkpoint', 'user']);
-    expect(withMemoryUpdate('p', { globalMemory: 'g', groupMemory: 'a' }, { globalMemory: 'g', groupMemory: 'a' })).toBe('p');
-    expect(withMemoryUpdate('p', { globalMemory: 'g', groupMemory: 'a' }, { globalMemory: 'g', groupMemory: 'b' })).toMatch(/^<memory-update>\nThis group's memory \(CLAUDE\.md\), as it is now:\nb\n<\/memory-update>\n\np$/);
+    expect(
+      readFileSync(file, 'utf8')
+        .split('\n')
+        .filter(Boolean)
+        .map((l) => JSON.parse(l).role),
+    ).toEqual(['_checkpoint', 'user']);
+    expect(
+      withMemoryUpdate('p', { globalMemory: 'g', groupMemory: 'a' }, { globalMemory: 'g', groupMemory: 'a' }),
+    ).toBe('p');
+    expect(
+      withMemoryUpdate('p', { globalMemory: 'g', groupMemory: 'a' }, { globalMemory: 'g', groupMemory: 'b' }),
+    ).toMatch(/^<memory-update>\nThis group's memory \(CLAUDE\.md\), as it is now:\nb\n<\/memory-update>\n\np$/);
   });
 });
 
@@ -521,7 +782,9 @@ describe('the inbox: a watch, and a safety poll for when file events do not come
     inbox.start();
     return inbox;
   };
-  afterAll(() => inboxes.forEach((inbox) => inbox.stop()));
+  afterAll(() => {
+    for (const inbox of inboxes) inbox.stop();
+  });
 
   it('a file event wakes the wait between turns: nothing else could within the test (the safety poll is an hour)', async () => {
     const dir = folder();
@@ -585,7 +848,10 @@ describe('the inbox: a watch, and a safety poll for when file events do not come
     expect(await answer).toBeNull();
     expect(steered).toEqual([]);
     inbox.onMessage = null;
-    expect(await inbox.nextInput(3_600_000)).toEqual({ kind: 'message', text: scheduledTaskPrompt('water the plants') });
+    expect(await inbox.nextInput(3_600_000)).toEqual({
+      kind: 'message',
+      text: scheduledTaskPrompt('water the plants'),
+    });
   });
 
   it('a message goes to a waiting answer first, else into the running turn', async () => {
@@ -605,16 +871,28 @@ describe('the inbox: a watch, and a safety poll for when file events do not come
 
 describe('the CLI starts with the session; a warm start waits for its first prompt', () => {
   /** The kimi double's KIMI_STUB_TRACE lines: what it did, when. */
-  const traced = (file: string) => (existsSync(file) ? readFileSync(file, 'utf8').split('\n').filter(Boolean).map((line) => {
-    const [what, at] = line.split(' ');
-    return { what: what!, at: Number(at) };
-  }) : []);
-  const timings = (stderr: string) => Object.fromEntries([...stderr.matchAll(/^\[agent-runner\] timing (\S+) (\d+)$/gm)].map((m) => [m[1]!, Number(m[2])]));
+  const traced = (file: string) =>
+    existsSync(file)
+      ? readFileSync(file, 'utf8')
+          .split('\n')
+          .filter(Boolean)
+          .map((line) => {
+            const [what, at] = line.split(' ');
+            return { what: what!, at: Number(at) };
+          })
+      : [];
+  const timings = (stderr: string) =>
+    Object.fromEntries(
+      [...stderr.matchAll(/^\[agent-runner\] timing (\S+) (\d+)$/gm)].map((m) => [m[1]!, Number(m[2])]),
+    );
 
   it('the CLI is started (spawned and initialized) before the first prompt; timing lines mark each phase once, in order', async () => {
     const ws = workspace();
     const trace = join(ws.root, 'kimi-trace');
-    const run = await runRunner(ws, input(messages('hello')), undefined, { KIMI_STUB_TRACE: trace, NANOCLAW_TIMING: '1' });
+    const run = await runRunner(ws, input(messages('hello')), undefined, {
+      KIMI_STUB_TRACE: trace,
+      NANOCLAW_TIMING: '1',
+    });
     expect(run.results).toEqual([expect.objectContaining({ status: 'success', result: '[stub] hello' })]);
     const marks = timings(run.stderr);
     const phases = ['start', 'input', 'cli-ready', 'prompt', 'first-event', 'result'];
@@ -644,19 +922,30 @@ describe('the CLI starts with the session; a warm start waits for its first prom
     const ws = workspace({}, true);
     const trace = join(ws.root, 'kimi-trace');
     let sentAt = 0;
-    const run = await runRunner(ws, input('', { warm: true }), async (live) => {
-      await until(() => traced(trace).some((t) => t.what === 'mcp-connected') && /timing cli-ready/.test(live.stderr()), 'the CLI and its MCP servers');
-      expect(live.results()).toEqual([]);
-      expect(traced(trace).map((t) => t.what)).not.toContain('prompt');
-      sentAt = Date.now();
-      followUp(ws, messages('good morning'));
-      await until(() => live.results().length === 1, 'the answer');
-      followUp(ws, messages('and now?'));
-      await until(() => live.results().length === 2, 'the second answer');
-      close(ws);
-    }, { KIMI_STUB_TRACE: trace, NANOCLAW_TIMING: '1' });
+    const run = await runRunner(
+      ws,
+      input('', { warm: true }),
+      async (live) => {
+        await until(
+          () => traced(trace).some((t) => t.what === 'mcp-connected') && /timing cli-ready/.test(live.stderr()),
+          'the CLI and its MCP servers',
+        );
+        expect(live.results()).toEqual([]);
+        expect(traced(trace).map((t) => t.what)).not.toContain('prompt');
+        sentAt = Date.now();
+        followUp(ws, messages('good morning'));
+        await until(() => live.results().length === 1, 'the answer');
+        followUp(ws, messages('and now?'));
+        await until(() => live.results().length === 2, 'the second answer');
+        close(ws);
+      },
+      { KIMI_STUB_TRACE: trace, NANOCLAW_TIMING: '1' },
+    );
     expect(run.code).toBe(0);
-    expect(run.results.map((r) => [r.status, r.result])).toEqual([['success', '[stub] good morning'], ['success', '[stub] and now?']]);
+    expect(run.results.map((r) => [r.status, r.result])).toEqual([
+      ['success', '[stub] good morning'],
+      ['success', '[stub] and now?'],
+    ]);
     expect(run.stderr).toContain(`Session initialized: ${run.results[0]!.sessionId}`);
     const cli = traced(trace);
     expect(cli.filter((t) => t.what === 'start')).toHaveLength(1);
@@ -667,13 +956,20 @@ describe('the CLI starts with the session; a warm start waits for its first prom
 
   it('warm, then _close or the idle limit before any message: exit 0 and nothing on stdout', async () => {
     const ws = workspace({}, true);
-    const closed = await runRunner(ws, input('', { warm: true }), async (live) => {
-      await until(() => /timing cli-ready/.test(live.stderr()), 'the CLI');
-      close(ws);
-    }, { NANOCLAW_TIMING: '1', NANOCLAW_INBOX_POLL_MS: '3600000' });
+    const closed = await runRunner(
+      ws,
+      input('', { warm: true }),
+      async (live) => {
+        await until(() => /timing cli-ready/.test(live.stderr()), 'the CLI');
+        close(ws);
+      },
+      { NANOCLAW_TIMING: '1', NANOCLAW_INBOX_POLL_MS: '3600000' },
+    );
     expect(closed.code).toBe(0);
     expect(closed.stdout).toBe('');
-    const idle = await runRunner(workspace({}, true), input('', { warm: true }), undefined, { NANOCLAW_RUNNER_IDLE_MS: '300' });
+    const idle = await runRunner(workspace({}, true), input('', { warm: true }), undefined, {
+      NANOCLAW_RUNNER_IDLE_MS: '300',
+    });
     expect(idle.code).toBe(0);
     expect(idle.stdout).toBe('');
     expect(idle.stderr).toContain('after a warm start');
@@ -682,12 +978,18 @@ describe('the CLI starts with the session; a warm start waits for its first prom
   it('a warm input with a prompt, with a "warm" that is no boolean, or without an inbox is refused', async () => {
     const base = { groupFolder: 'g', chatJid: 'c', isMain: false };
     expect(parseInput(JSON.stringify({ ...base, prompt: '', warm: true }))).toMatchObject({ prompt: '', warm: true });
-    expect(() => parseInput(JSON.stringify({ ...base, prompt: 'hi', warm: true }))).toThrow(/"prompt" must be "" when "warm" is true/);
+    expect(() => parseInput(JSON.stringify({ ...base, prompt: 'hi', warm: true }))).toThrow(
+      /"prompt" must be "" when "warm" is true/,
+    );
     expect(() => parseInput(JSON.stringify({ ...base, warm: true }))).toThrow('"prompt"');
-    expect(() => parseInput(JSON.stringify({ ...base, prompt: 'hi', warm: 'yes' }))).toThrow('"warm" must be true or false');
+    expect(() => parseInput(JSON.stringify({ ...base, prompt: 'hi', warm: 'yes' }))).toThrow(
+      '"warm" must be true or false',
+    );
     expect(() => parseInput(JSON.stringify({ ...base, prompt: '', warm: false }))).toThrow('"prompt"');
     const run = await runRunner(workspace(), input('', { warm: true }));
     expect(run.code).toBe(1);
-    expect(run.results).toEqual([expect.objectContaining({ status: 'error', error: expect.stringContaining('needs the inbox') })]);
+    expect(run.results).toEqual([
+      expect.objectContaining({ status: 'error', error: expect.stringContaining('needs the inbox') }),
+    ]);
   });
 });
