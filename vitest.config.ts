@@ -1,11 +1,39 @@
 import { defineConfig } from 'vitest/config';
 
+// Tests that drive the real Docker engine, or kill and fault real hosts, run one file at a
+// time after everything else; the rest run two files at once (most of their time is spent
+// waiting on child processes, not on the CPU).
+const ENGINE = ['test/e2e.test.ts', 'test/hostile.test.ts', 'test/drills.test.ts'];
+
+const shared = {
+  // The default 'forks' pool crashes under Bun; threads work.
+  pool: 'threads' as const,
+  testTimeout: 30_000,
+  hookTimeout: 120_000,
+};
+
 export default defineConfig({
   test: {
-    // The default 'forks' pool crashes under Bun; threads work.
-    pool: 'threads',
-    include: ['test/**/*.test.ts', 'container/agent-runner/test/**/*.test.ts'],
-    testTimeout: 30_000,
-    hookTimeout: 120_000,
+    projects: [
+      {
+        test: {
+          ...shared,
+          name: 'unit',
+          include: ['test/**/*.test.ts', 'container/agent-runner/test/**/*.test.ts'],
+          exclude: ENGINE,
+          maxWorkers: 2,
+          sequence: { groupOrder: 0 },
+        },
+      },
+      {
+        test: {
+          ...shared,
+          name: 'engine',
+          include: ENGINE,
+          fileParallelism: false,
+          sequence: { groupOrder: 1 },
+        },
+      },
+    ],
   },
 });

@@ -18,7 +18,7 @@ import {
 } from 'node:fs';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { afterEach, describe, expect, it } from 'vitest';
+import { afterAll, describe, expect, it } from 'vitest';
 import { addGroup, serviceDefinition, Store, type Config } from '../nanoclaw.ts';
 import { startFakeModel } from '../container/agent-runner/kimi-stub/fake-model.ts';
 import {
@@ -42,8 +42,10 @@ interface Fixture {
   env: Record<string, string>;
 }
 
+// Stand-ins for a running service (their pid in data/nanoclaw.pid); stopped after the file,
+// not after each test, since some tests run side by side.
 const sleepers: { kill(): void }[] = [];
-afterEach(() => {
+afterAll(() => {
   for (const s of sleepers.splice(0)) s.kill();
 });
 
@@ -141,9 +143,9 @@ async function diagnose(
   f: Fixture,
 ): Promise<{ checks: Record<string, Check>; list: Check[]; code: number; text: string }> {
   const script = join(f.codeDir, 'scripts', 'diagnose.sh');
-  const json = await run(['bash', script, '--json'], f);
+  // Both forms at once: they read the same project and change nothing.
+  const [json, human] = await Promise.all([run(['bash', script, '--json'], f), run(['bash', script], f, '/')]);
   const list = JSON.parse(json.out) as Check[];
-  const human = await run(['bash', script], f, '/');
   expect(human.code).toBe(json.code);
   return { checks: Object.fromEntries(list.map((c) => [c.check, c])), list, code: json.code, text: human.out };
 }
@@ -311,8 +313,9 @@ describe('scripts/diagnose.sh', () => {
     ],
   ];
 
+  // Each case has its own project: they run side by side.
   for (const [name, breakIt, check, fixMentions] of brokenOneWay) {
-    it(`names the one broken piece and its fix: ${name}`, async () => {
+    it.concurrent(`names the one broken piece and its fix: ${name}`, async () => {
       const fixture = await healthyProject();
       breakIt(fixture);
       const { checks, code, text } = await diagnose(fixture);
