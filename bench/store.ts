@@ -34,17 +34,31 @@ const batch = 50_000;
 for (let offset = 0; offset < total; offset += batch) {
   store.db.transaction(() => {
     for (let i = offset; i < Math.min(total, offset + batch); i++) {
-      insert.run(`m${i}`, `chat${i % chats}@g.us`, 'x@s.whatsapp.net', 'Someone', `message number ${i} with some ordinary text`, new Date(1_700_000_000_000 + i * 1000).toISOString(), i % 7 === 0 ? 1 : 0);
+      insert.run(
+        `m${i}`,
+        `chat${i % chats}@g.us`,
+        'x@s.whatsapp.net',
+        'Someone',
+        `message number ${i} with some ordinary text`,
+        new Date(1_700_000_000_000 + i * 1000).toISOString(),
+        i % 7 === 0 ? 1 : 0,
+      );
     }
   })();
   process.stdout.write(`\r  ${Math.min(total, offset + batch).toLocaleString()} / ${total.toLocaleString()}`);
 }
 const fillSeconds = (performance.now() - started) / 1000;
-console.log(`\n  filled in ${fillSeconds.toFixed(1)} s (${Math.round(total / fillSeconds).toLocaleString()} inserts/s, batched)`);
+console.log(
+  `\n  filled in ${fillSeconds.toFixed(1)} s (${Math.round(total / fillSeconds).toLocaleString()} inserts/s, batched)`,
+);
 
 // A cursor a few messages behind the end of each chat: the usual case.
 const cursors = new Map<string, number>();
-for (const row of store.db.query<{ chat_jid: string; seq: number }, []>('SELECT chat_jid, MAX(seq) - 5 * ? AS seq FROM messages GROUP BY chat_jid'.replace('?', String(chats))).all()) {
+for (const row of store.db
+  .query<{ chat_jid: string; seq: number }, []>(
+    'SELECT chat_jid, MAX(seq) - 5 * ? AS seq FROM messages GROUP BY chat_jid'.replace('?', String(chats)),
+  )
+  .all()) {
   cursors.set(row.chat_jid, row.seq);
 }
 const pick = () => `chat${Math.floor(Math.random() * chats)}@g.us`;
@@ -59,7 +73,9 @@ function time(label: string, run: (chat: string, after: number) => unknown[], co
     samples.push(performance.now() - t);
   }
   const ms = median(samples);
-  console.log(`  ${label.padEnd(46)} median ${(ms * 1000).toFixed(1).padStart(9)} µs   (${(rows / count).toFixed(1)} rows/query)`);
+  console.log(
+    `  ${label.padEnd(46)} median ${(ms * 1000).toFixed(1).padStart(9)} µs   (${(rows / count).toFixed(1)} rows/query)`,
+  );
   return ms;
 }
 
@@ -67,7 +83,11 @@ const baselineSql = (hint: string, seq = 'seq') =>
   `SELECT * FROM (SELECT * FROM messages ${hint} WHERE chat_jid = ? AND ${seq} > ? AND is_bot_message = 0 ORDER BY seq DESC LIMIT 500) ORDER BY seq`;
 // "+seq" stops SQLite from using the rowid range, so this really reads the whole table.
 const scan = store.db.prepare(baselineSql('NOT INDEXED', '+seq'));
-const uniqueIndex = store.db.query<{ name: string }, []>("SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'messages' AND name LIKE 'sqlite_autoindex%'").get()!.name;
+const uniqueIndex = store.db
+  .query<{ name: string }, []>(
+    "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'messages' AND name LIKE 'sqlite_autoindex%'",
+  )
+  .get()!.name;
 const viaUnique = store.db.prepare(baselineSql(`INDEXED BY ${uniqueIndex}`));
 
 console.log(`\nmessagesSince() over ${total.toLocaleString()} messages:`);
@@ -78,7 +98,9 @@ console.log(`\n  ratio full scan / ours:     ${(full / ours).toFixed(0)}×`);
 console.log(`  ratio (chat_jid,id) / ours: ${(unique / ours).toFixed(1)}×`);
 
 started = performance.now();
-const plan = store.db.query<{ detail: string }, [string, number]>(`EXPLAIN QUERY PLAN ${baselineSql('')}`).all('chat1@g.us', 0);
+const plan = store.db
+  .query<{ detail: string }, [string, number]>(`EXPLAIN QUERY PLAN ${baselineSql('')}`)
+  .all('chat1@g.us', 0);
 console.log(`  plan: ${plan.map((p) => p.detail).join(' | ')}`);
 store.close();
 rmSync(dir, { recursive: true, force: true });

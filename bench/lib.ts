@@ -1,0 +1,641 @@
+/**
+ * The harness behind bench/run.ts: a temp root for everything, a `docker` wrapper that
+ * notes each `docker run` (and labels its containers, and passes NANOCLAW_TIMING=1 in),
+ * the engine's own event stream for container start/die/destroy times, the scripted model
+ * behind a front that timestamps every request, `bun nanoclaw.ts chat` as a real
+ * subprocess, and in-process hosts for the rows that need the queue's state.
+ *
+ * Clocks: points measured in different processes (the wrapper's $EPOCHREALTIME, the
+ * engine's timeNano, the runner's timing lines, the inbox file names, this process's
+ * Date.now()) are all the machine's wall clock; intervals inside this process that are
+ * well under a millisecond use performance.now().
+ *
+ * Nothing here talks to anything but loopback, unix sockets and the containers it starts;
+ * cleanup() removes every container carrying this run's label, every child process and
+ * the temp root, also after Ctrl-C (run.ts wires the signals).
+ */
+import {
+  copyFileSync,
+  existsSync,
+  mkdirSync,
+  mkdtempSync,
+  readdirSync,
+  readFileSync,
+  rmSync,
+  statSync,
+  writeFileSync,
+  chmodSync,
+  openSync,
+  readSync,
+  closeSync,
+} from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { startFakeModel, type FakeModel } from '../container/agent-runner/kimi-stub/fake-model.ts';
+import {
+  addGroup,
+  Host,
+  loadConfig,
+  setupLogging,
+  Store,
+  type Channel,
+  type ChannelHandlers,
+  type Config,
+  type NewMessage,
+} from '../nanoclaw.ts';
+
+export const REPO = fileURLToPath(new URL('..', import.meta.url));
+export const ENTRY = join(REPO, 'nanoclaw.ts');
+export const KEY = 'sk-bench-0123456789abcdef';
+
+export const wall = () => Date.now();
+export const mono = () => performance.now();
+
+/**
+ * A sub-millisecond wall clock for one short measurement: the instant Date.now() ticks over
+ * is caught with performance.now(), and the epoch is extrapolated from there (off by well
+ * under 0.1 ms for a few seconds). For comparing with due times the Scheduler reads from Date.now().
+ */
+export function fineWallClock(): () => number {
+  const first = Date.now();
+  let tick = Date.now();
+  while (tick === first) tick = Date.now();
+  const at = performance.now();
+  return () => tick + (performance.now() - at);
+}
+
+// ───────────────────────────── statistics ─────────────────────────────
+
+export function median(values: readonly number[]): number {
+  const sorted = [...values].sort((a, b) => a - b);
+  const mid = Math.floor(sorted.length / 2);
+  return sorted.length % 2 ? sorted[mid]! : (sorted[mid - 1]! + sorted[mid]!) / 2;
+}
+
+export const maxOf = (values: readonly number[]) => Math.max(...values);
+export const minOf = (values: readonly number[]) => Math.min(...values);
+
+export function progress(row: string, message: string): void {
+  process.stderr.write(`[${row}] ${message}\n`);
+}
+
+/** Waits until check() gives a value; re-checked whenever poke() is called and every pollMs. */
+export class Signal {
+  private readonly waiters = new Set<() => void>();
+  poke(): void {
+    for (const waiter of [...this.waiters]) waiter();
+  }
+  until<T>(check: () => T | undefined | null | false, timeoutMs: number, what: string, pollMs = 25): Promise<T> {
+    return new Promise<T>((resolve, reject) => {
+      const done = () => {
+        clearInterval(timer);
+        clearTimeout(deadline);
+        this.waiters.delete(test);
+      };
+      const test = () => {
+        let value: T | undefined | null | false;
+        try {
+          value = check();
+        } catch (err) {
+          done();
+          reject(err);
+          return;
+        }
+        if (value) {
+          done();
+          resolve(value);
+        }
+      };
+      const timer = setInterval(test, pollMs);
+      const deadline = setTimeout(() => {
+        done();
+        reject(new Error(`timed out after ${timeoutMs} ms waiting for ${what}`));
+      }, timeoutMs);
+      this.waiters.add(test);
+      test();
+    });
+  }
+}
+
+/** A child's output, line by line, each stamped with when it arrived here. */
+export class Lines {
+  readonly lines: { at: number; text: string }[] = [];
+  readonly changed = new Signal();
+  ended = false;
+
+  constructor(
+    stream: ReadableStream<Uint8Array>,
+    private readonly keep = true,
+  ) {
+    void this.pump(stream);
+  }
+
+  private async pump(stream: ReadableStream<Uint8Array>): Promise<void> {
+    const decoder = new TextDecoder();
+    let rest = '';
+    try {
+      for await (const chunk of stream) {
+        const at = wall();
+        if (!this.keep) continue;
+        rest += decoder.decode(chunk, { stream: true });
+        const parts = rest.split('\n');
+        rest = parts.pop() ?? '';
+        for (const text of parts) this.lines.push({ at, text });
+        this.changed.poke();
+      }
+    } catch {
+      // the child went away
+    }
+    if (rest) this.lines.push({ at: wall(), text: rest });
+    this.ended = true;
+    this.changed.poke();
+  }
+
+  /** The first line from index `from` on that contains `text`. */
+  find(text: string, from = 0): { at: number; text: string; index: number } | undefined {
+    for (let i = from; i < this.lines.length; i++)
+      if (this.lines[i]!.text.includes(text)) return { ...this.lines[i]!, index: i };
+    return undefined;
+  }
+
+  wait(text: string, from: number, timeoutMs: number): Promise<{ at: number; text: string; index: number }> {
+    return this.changed.until(
+      () => {
+        const hit = this.find(text, from);
+        if (!hit && this.ended) throw new Error(`the output ended without "${text}"`);
+        return hit;
+      },
+      timeoutMs,
+      `"${text}" in the output`,
+    );
+  }
+}
+
+// ───────────────────────────── the bench's world ─────────────────────────────
+
+export interface ModelRequest {
+  arrived: number;
+  done: number | null;
+  lastUser: string;
+}
+
+export interface Project {
+  root: string;
+  /** The environment `bun nanoclaw.ts …` runs with (and loadConfig reads for in-process hosts). */
+  env: Record<string, string>;
+}
+
+export interface World {
+  config: Config;
+  store: Store;
+  channel: BenchChannel;
+  host: Host;
+}
+
+/** One container's life as the engine recorded it (epoch ms). */
+export interface ContainerEvents {
+  create?: number;
+  start?: number;
+  die?: number;
+  destroy?: number;
+}
+
+export class Bench {
+  readonly root = mkdtempSync(join(tmpdir(), 'nanoclaw-bench-'));
+  readonly id = `${process.pid}-${Math.random().toString(36).slice(2, 8)}`;
+  readonly label = `nanoclaw.bench=${this.id}`;
+  readonly docker = join(this.root, 'docker');
+  private readonly runLog = join(this.root, 'docker-runs.log');
+  readonly children = new Set<ReturnType<typeof Bun.spawn>>();
+  private readonly worlds = new Set<World>();
+  readonly events = new Map<string, ContainerEvents>();
+  readonly eventsChanged = new Signal();
+  private eventsProc: ReturnType<typeof Bun.spawn> | null = null;
+  model!: FakeModel;
+  readonly requests: ModelRequest[] = [];
+  private front: ReturnType<typeof Bun.serve> | null = null;
+  modelUrl = '';
+  private projects = 0;
+  private cleaned = false;
+
+  constructor(readonly image: string) {}
+
+  async start(): Promise<void> {
+    // The runtime every host here uses: real docker, with each `run` noted (when, which
+    // container), labelled for cleanup, and NANOCLAW_TIMING=1 passed into the container
+    // (the host has no setting for it; its -e list is fixed). One bash exec on the path.
+    writeFileSync(
+      this.docker,
+      [
+        '#!/bin/bash',
+        'if [ "$1" = run ]; then',
+        '  name=; prev=',
+        '  for a in "$@"; do [ "$prev" = --name ] && name=$a; prev=$a; done',
+        `  printf '%s %s\\n' "\${EPOCHREALTIME/,/.}" "$name" >> '${this.runLog}'`,
+        '  shift',
+        `  exec docker run --label '${this.label}' -e NANOCLAW_TIMING=1 "$@"`,
+        'fi',
+        'exec docker "$@"',
+        '',
+      ].join('\n'),
+    );
+    chmodSync(this.docker, 0o755);
+    writeFileSync(this.runLog, '');
+
+    // The engine's own record of each container: create, start, die, destroy, in its clock.
+    const since = String(Math.floor(wall() / 1000) - 1);
+    const events = Bun.spawn(
+      ['docker', 'events', '--since', since, '--filter', `label=${this.label}`, '--format', '{{json .}}'],
+      { stdout: 'pipe', stderr: 'ignore' },
+    );
+    this.eventsProc = events;
+    void (async () => {
+      const decoder = new TextDecoder();
+      let rest = '';
+      for await (const chunk of events.stdout) {
+        rest += decoder.decode(chunk, { stream: true });
+        const parts = rest.split('\n');
+        rest = parts.pop() ?? '';
+        for (const line of parts) {
+          try {
+            const event = JSON.parse(line) as {
+              Type?: string;
+              Action?: string;
+              status?: string;
+              Actor?: { Attributes?: Record<string, string> };
+              timeNano?: number;
+            };
+            const name = event.Actor?.Attributes?.name;
+            const action = event.Action ?? event.status;
+            if (event.Type !== 'container' || !name || !action || !event.timeNano) continue;
+            if (action !== 'create' && action !== 'start' && action !== 'die' && action !== 'destroy') continue;
+            const record = this.events.get(name) ?? {};
+            record[action] = event.timeNano / 1e6;
+            this.events.set(name, record);
+            this.eventsChanged.poke();
+          } catch {
+            // not an event line
+          }
+        }
+      }
+    })();
+
+    // The scripted model, behind a front that stamps each request's arrival and the end of
+    // its response (one loopback hop more than the host's proxy → model would have).
+    this.model = startFakeModel({ key: KEY });
+    const upstream = new URL(this.model.url).origin;
+    this.front = Bun.serve({
+      hostname: '127.0.0.1',
+      port: 0,
+      idleTimeout: 0,
+      fetch: async (req) => {
+        const record: ModelRequest = { arrived: wall(), done: null, lastUser: '' };
+        this.requests.push(record);
+        const body = req.method === 'GET' || req.method === 'HEAD' ? undefined : await req.text();
+        record.lastUser = lastUserText(body);
+        const url = new URL(req.url);
+        const headers = new Headers(req.headers);
+        headers.delete('host');
+        headers.delete('content-length');
+        const answer = await fetch(`${upstream}${url.pathname}${url.search}`, { method: req.method, headers, body });
+        if (!answer.body) {
+          record.done = wall();
+          return new Response(null, { status: answer.status, headers: answer.headers });
+        }
+        const stamped = answer.body.pipeThrough(
+          new TransformStream<Uint8Array, Uint8Array>({
+            flush: () => {
+              record.done = wall();
+            },
+          }),
+        );
+        const out = new Headers(answer.headers);
+        out.delete('content-length');
+        out.delete('content-encoding');
+        return new Response(stamped, { status: answer.status, headers: out });
+      },
+    });
+    this.modelUrl = `http://127.0.0.1:${this.front.port}/v1`;
+    await Bun.sleep(300); // let `docker events` subscribe (--since covers a late start anyway)
+  }
+
+  /** Every `docker run` the hosts made so far: when the wrapper started, and the container's name. */
+  runs(): { at: number; name: string }[] {
+    return readFileSync(this.runLog, 'utf8')
+      .split('\n')
+      .filter(Boolean)
+      .map((line) => {
+        const [at = '0', name = ''] = line.split(' ');
+        return { at: Number(at) * 1000, name };
+      });
+  }
+
+  waitRun(after: number, prefix: string, timeoutMs: number): Promise<{ at: number; name: string }> {
+    return this.eventsChanged.until(
+      () => this.runs().find((r) => r.at >= after && r.name.startsWith(prefix)),
+      timeoutMs,
+      `a docker run after ${after}`,
+      5,
+    );
+  }
+
+  waitEvent(name: string, action: keyof ContainerEvents, timeoutMs = 30_000): Promise<number> {
+    return this.eventsChanged.until(() => this.events.get(name)?.[action], timeoutMs, `${action} of ${name}`);
+  }
+
+  /** A project directory laid out like the repository, with the key in .env. */
+  project(name: string, extraEnv: Record<string, string> = {}): Project {
+    const root = join(this.root, `${++this.projects}-${name}`);
+    mkdirSync(join(root, 'groups', 'global'), { recursive: true });
+    writeFileSync(join(root, 'groups', 'global', 'CLAUDE.md'), '# global memory\n');
+    writeFileSync(join(root, '.env'), `KIMI_API_KEY=${KEY}\nTZ=UTC\n`);
+    copyFileSync(join(REPO, 'bunfig.toml'), join(root, 'bunfig.toml')); // env = false, as in a checkout
+    const env: Record<string, string> = {
+      PATH: process.env.PATH ?? '/usr/bin:/bin',
+      HOME: process.env.HOME ?? root,
+      NANOCLAW_ROOT: root,
+      TZ: 'UTC',
+      CONTAINER_RUNTIME: this.docker,
+      CONTAINER_IMAGE: this.image,
+      KIMI_BASE_URL: this.modelUrl,
+      NANOCLAW_MOUNT_ALLOWLIST: join(root, 'no-allowlist.json'),
+      LOG_LEVEL: 'info',
+      ...extraEnv,
+    };
+    return { root, env };
+  }
+
+  spawn(cmd: string[], options: { cwd?: string; env?: Record<string, string>; stdin?: 'pipe' | 'ignore' } = {}) {
+    const proc = Bun.spawn(cmd, {
+      cwd: options.cwd,
+      env: options.env,
+      stdin: options.stdin ?? 'ignore',
+      stdout: 'pipe',
+      stderr: 'pipe',
+    });
+    this.children.add(proc);
+    void proc.exited.then(() => this.children.delete(proc));
+    return proc;
+  }
+
+  /** A host in this process (real store, queue, proxy, containers) with a recording channel. */
+  async world(
+    name: string,
+    env: Record<string, string>,
+    groups: { jid: string; folder: string; isMain?: boolean; requiresTrigger?: boolean }[],
+  ): Promise<World> {
+    const project = this.project(name, env);
+    const config = loadConfig(project.root, project.env);
+    setupLogging(config, { terminalLevel: 'silent', secrets: [KEY] });
+    const store = new Store(config.dbPath);
+    for (const group of groups) addGroup(config, store, { name: group.folder, ...group });
+    const channel = new BenchChannel(groups.map((g) => g.jid));
+    const host = new Host(config, store, [channel], {
+      recoverySweepMs: 3_600_000,
+      ipcSweepMs: 60_000,
+      shutdownGraceMs: 15_000,
+    });
+    await host.start();
+    const world = { config, store, channel, host };
+    this.worlds.add(world);
+    return world;
+  }
+
+  async closeWorld(world: World): Promise<void> {
+    if (!this.worlds.delete(world)) return;
+    await world.host.stop();
+    world.store.close();
+  }
+
+  /** Everything this run started goes: hosts (gracefully unless interrupted), children, labelled containers, the temp root. */
+  async cleanup(graceful: boolean, keepFiles = false): Promise<void> {
+    if (this.cleaned) return;
+    this.cleaned = true;
+    if (graceful) {
+      for (const world of [...this.worlds])
+        await Promise.race([this.closeWorld(world).catch(() => {}), Bun.sleep(20_000)]);
+    }
+    for (const child of [...this.children]) child.kill('SIGKILL');
+    const listed = Bun.spawnSync(['docker', 'ps', '-aq', '--filter', `label=${this.label}`]);
+    const ids = listed.stdout
+      .toString()
+      .split('\n')
+      .map((s) => s.trim())
+      .filter(Boolean);
+    if (ids.length) Bun.spawnSync(['docker', 'rm', '-f', ...ids], { stdout: 'ignore', stderr: 'ignore' });
+    this.eventsProc?.kill();
+    this.front?.stop(true);
+    this.model?.stop();
+    if (keepFiles) process.stderr.write(`[bench] kept ${this.root}\n`);
+    else rmSync(this.root, { recursive: true, force: true });
+  }
+}
+
+/** The newest user message of a chat-completions body, as text ('' when none). */
+function lastUserText(body: string | undefined): string {
+  if (!body) return '';
+  try {
+    const request = JSON.parse(body) as { messages?: { role: string; content?: unknown }[] };
+    const users = (request.messages ?? []).filter((m) => m.role === 'user');
+    const content = users.at(-1)?.content;
+    if (typeof content === 'string') return content;
+    if (Array.isArray(content))
+      return content
+        .map((p) => (p && typeof p === 'object' && 'text' in p ? String((p as { text: unknown }).text) : ''))
+        .join('');
+  } catch {
+    // not JSON
+  }
+  return '';
+}
+
+/** A channel that keeps what it was asked to deliver, stamped with when. */
+export class BenchChannel implements Channel {
+  readonly name = 'bench';
+  readonly ready = true;
+  readonly sent: { jid: string; text: string; at: number }[] = [];
+  readonly changed = new Signal();
+  private handlers: ChannelHandlers | null = null;
+  private counter = 0;
+
+  constructor(private readonly jids: string[]) {}
+
+  ownsJid(jid: string): boolean {
+    return this.jids.includes(jid);
+  }
+  async connect(handlers: ChannelHandlers): Promise<void> {
+    this.handlers = handlers;
+  }
+  layout(text: string): string[] {
+    return [text];
+  }
+  async deliver(jid: string, text: string): Promise<void> {
+    this.sent.push({ jid, text, at: wall() });
+    this.changed.poke();
+  }
+  async disconnect(): Promise<void> {
+    this.handlers = null;
+  }
+
+  /** An inbound message, as a platform hands it over (→ Host.handleInbound). */
+  receive(chatJid: string, content: string): void {
+    const message: NewMessage = {
+      id: `b${++this.counter}-${this.counter}`,
+      chatJid,
+      sender: '4915100000002@s.whatsapp.net',
+      senderName: 'Alice',
+      content,
+      timestamp: new Date().toISOString(),
+      isFromMe: false,
+      isBotMessage: false,
+    };
+    this.handlers!.onMessage(message, { name: `chat ${chatJid}`, isGroup: chatJid.endsWith('@g.us') });
+  }
+
+  waitReply(jid: string, text: string, timeoutMs: number): Promise<{ jid: string; text: string; at: number }> {
+    return this.changed.until(
+      () => this.sent.find((s) => s.jid === jid && s.text.includes(text)),
+      timeoutMs,
+      `a reply in ${jid} with "${text}"`,
+    );
+  }
+}
+
+// ───────────────────────────── `bun nanoclaw.ts chat` as a subprocess ─────────────────────────────
+
+const READY_LINE = 'NanoClaw is running';
+
+/** Reads what was appended to a file since `offset`. */
+function readFrom(path: string, offset: number): string {
+  if (!existsSync(path)) return '';
+  const size = statSync(path).size;
+  if (size <= offset) return '';
+  const fd = openSync(path, 'r');
+  try {
+    const buffer = Buffer.alloc(size - offset);
+    readSync(fd, buffer, 0, buffer.length, offset);
+    return buffer.toString('utf8');
+  } finally {
+    closeSync(fd);
+  }
+}
+
+export class ChatProcess {
+  private constructor(
+    readonly proc: ReturnType<typeof Bun.spawn<'pipe', 'pipe', 'pipe'>>,
+    readonly out: Lines,
+    readonly err: Lines,
+    /** spawn → the host logged that it is running (it then reads stdin) */
+    readonly readyMs: number,
+  ) {}
+
+  get pid(): number {
+    return this.proc.pid;
+  }
+
+  /** Spawns `bun nanoclaw.ts chat` with piped stdin and waits until its host is running. */
+  static async start(bench: Bench, project: Project, env: Record<string, string> = {}): Promise<ChatProcess> {
+    const logFile = join(project.root, 'logs', 'nanoclaw.log');
+    const offset = existsSync(logFile) ? statSync(logFile).size : 0;
+    const spawned = wall();
+    const proc = Bun.spawn([process.execPath, ENTRY, 'chat'], {
+      cwd: project.root,
+      env: { ...project.env, ...env },
+      stdin: 'pipe',
+      stdout: 'pipe',
+      stderr: 'pipe',
+    });
+    bench.children.add(proc);
+    void proc.exited.then(() => bench.children.delete(proc));
+    const out = new Lines(proc.stdout);
+    const err = new Lines(proc.stderr);
+    const signal = new Signal();
+    let exited = false;
+    void proc.exited.then(() => {
+      exited = true;
+      signal.poke();
+    });
+    const readyAt = await signal.until(
+      () => {
+        if (readFrom(logFile, offset).includes(READY_LINE)) return wall();
+        if (exited)
+          throw new Error(
+            `chat exited before it was ready: ${err.lines
+              .map((l) => l.text)
+              .join('\n')
+              .slice(-2000)}`,
+          );
+        return undefined;
+      },
+      60_000,
+      'chat to be ready',
+      5,
+    );
+    return new ChatProcess(proc, out, err, readyAt - spawned);
+  }
+
+  /** Types one line; returns when it was written. */
+  async type(text: string): Promise<number> {
+    const at = wall();
+    this.proc.stdin.write(`${text}\n`);
+    await this.proc.stdin.flush();
+    return at;
+  }
+
+  /** Types `marker` and waits for the stub's reply to it: typed → printed. */
+  async say(marker: string, timeoutMs = 180_000): Promise<{ typed: number; printed: number; ms: number }> {
+    const from = this.out.lines.length;
+    const typed = await this.type(marker);
+    const line = await this.out.wait(`[stub] ${marker}`, from, timeoutMs);
+    return { typed, printed: line.at, ms: line.at - typed };
+  }
+
+  /** Ends stdin (as Ctrl-D / the end of a pipe) and waits for the exit. */
+  async close(timeoutMs = 90_000): Promise<number | null> {
+    try {
+      await this.proc.stdin.end();
+    } catch {
+      // already closed
+    }
+    const code = await Promise.race([this.proc.exited, Bun.sleep(timeoutMs).then(() => null)]);
+    if (code === null) this.proc.kill('SIGKILL');
+    return code;
+  }
+}
+
+/** VmRSS of a live process, in MB. */
+export function rssMb(pid: number): number {
+  const status = readFileSync(`/proc/${pid}/status`, 'utf8');
+  const kb = Number(/^VmRSS:\s+(\d+)\s+kB/m.exec(status)?.[1]);
+  if (!Number.isFinite(kb)) throw new Error(`no VmRSS for pid ${pid}`);
+  return kb / 1024;
+}
+
+/** The run log of a container (groups/<folder>/logs/container-*.log naming it), or null. */
+export function runLogOf(project: Project, folder: string, containerName: string): string | null {
+  const dir = join(project.root, 'groups', folder, 'logs');
+  if (!existsSync(dir)) return null;
+  for (const file of readdirSync(dir)) {
+    if (!file.startsWith('container-')) continue;
+    const text = readFileSync(join(dir, file), 'utf8');
+    if (text.includes(`Container:  ${containerName}\n`)) return text;
+  }
+  return null;
+}
+
+/** The runner's `[agent-runner] timing <phase> <epoch-ms>` lines: the first time of each phase. */
+export function timingPhases(stderr: string | null): Map<string, number> {
+  const phases = new Map<string, number>();
+  for (const match of (stderr ?? '').matchAll(/\[agent-runner\] timing (\S+) (\d+(?:\.\d+)?)/g)) {
+    if (!phases.has(match[1]!)) phases.set(match[1]!, Number(match[2]));
+  }
+  return phases;
+}
+
+/** A fresh temp dir under the bench root. */
+export function subdir(bench: Bench, name: string): string {
+  const dir = join(bench.root, `${name}-${Math.random().toString(36).slice(2, 8)}`);
+  mkdirSync(dir, { recursive: true });
+  return dir;
+}

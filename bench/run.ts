@@ -1,0 +1,1157 @@
+/**
+ * How fast NanoClaw feels, next to what the machine itself can do: one table.
+ *
+ *   npm run bench  (= bun bench/run.ts)  [--runs N] [--only ROW[,ROW…]] [--image IMAGE] [--keep]
+ *
+ * Every figure is a median and a worst over N runs (default 5), beside a baseline
+ * measured in the same run (alternating with the figure's runs, so noise hits both), and
+ * the ratio figure/baseline of the two medians. Only row 4's baseline is an ideal, and it
+ * is computed from a time measured in this run (one group alone × the waves the limit
+ * forces). Everything runs on the real engine with the real image (default
+ * nanoclaw-agent:test, built by `./container/build.sh --test`); only the model is
+ * scripted (container/agent-runner/kimi-stub/fake-model.ts, on loopback, behind a front
+ * that timestamps each request). Progress goes to stderr, the table to stdout.
+ *
+ * Rows (--only takes the names, or the numbers for all rows of a number):
+ *   1 cold       a line typed in `bun nanoclaw.ts chat` (a subprocess, piped stdin) → its reply
+ *                printed, with the host's first container; and where that time goes (host,
+ *                docker, runner, CLI, MCP, model; the runner's NANOCLAW_TIMING lines when
+ *                the image has them, "n/a" otherwise) — vs the docker first-output floor
+ *   1 image      the image alone: stdin JSON → first result, vs the same docker run with an
+ *                echo entrypoint → first byte (both clocks stop at output; no teardown in either)
+ *   2 followup   a follow-up into the live container → reply (vs the model alone), and its
+ *                pickup: the host writes the inbox file → the runner has read it (vs fs.watch)
+ *   3 task       a scheduled task in a chat with a warm container: due → reply, and the next
+ *                chat message after it (warm or cold?) — vs a warm follow-up in the same chat
+ *   3 scheduler  how late the Scheduler fires (due → onDue) vs a bare setTimeout for the same instant
+ *   4 burst      20 groups at once at the default MAX_CONCURRENT_CONTAINERS and at 10: first
+ *                reply, all 20 — vs one group alone (measured on the same host just before each
+ *                burst, every container removed in between) × ceil(20 / limit)
+ *   5 ingest     messages/s through Host.handleInbound into groups with a live container vs raw
+ *                autocommit INSERTs of the same row into the same schema
+ *   6 cli        `groups list`, `tasks list`, `chat` until ready — vs `bun -e 1`
+ *   7 rss        the `chat` host's VmRSS when idle (fresh, and with a live container) vs a bare
+ *                `bun -e "setInterval(()=>{},1000)"`
+ *   8 slot       after an answer, with another group waiting: result → the queue slot free,
+ *                → the container gone — vs docker's own teardown (first output → `run --rm` exits)
+ */
+import { chmodSync, existsSync, readdirSync, rmSync, watch, writeFileSync } from 'node:fs';
+import { availableParallelism } from 'node:os';
+import { join } from 'node:path';
+import { parseArgs } from 'node:util';
+import { startFakeModel } from '../container/agent-runner/kimi-stub/fake-model.ts';
+import { installId, loadConfig, LOCAL_MAIN_JID, RESULT_END, Scheduler, Store } from '../nanoclaw.ts';
+import {
+  Bench,
+  ChatProcess,
+  ENTRY,
+  fineWallClock,
+  KEY,
+  Lines,
+  maxOf,
+  median,
+  minOf,
+  mono,
+  progress,
+  rssMb,
+  runLogOf,
+  Signal,
+  subdir,
+  timingPhases,
+  wall,
+  type Project,
+  type World,
+} from './lib.ts';
+
+// ───────────────────────────── the table ─────────────────────────────
+
+type Unit = 'ms' | 'MB' | 'msg/s';
+
+interface Row {
+  key: string;
+  figure: string;
+  unit: Unit;
+  samples: number[];
+  baseline: string;
+  /** Measured samples, or an ideal computed from measured ones (row 4), or nothing. */
+  base: number[] | { median: number; worst: number } | null;
+  note?: string;
+}
+
+/** For a rate the worst is the lowest; for a time or a size, the highest. */
+const worst = (unit: Unit, values: number[]) => (unit === 'msg/s' ? minOf(values) : maxOf(values));
+
+function format(unit: Unit, value: number | undefined): string {
+  if (value === undefined || !Number.isFinite(value)) return 'n/a';
+  if (unit === 'msg/s') return `${Math.round(value).toLocaleString('en-US')}/s`;
+  const digits = Math.abs(value) >= 100 ? 0 : Math.abs(value) >= 10 ? 1 : 2;
+  return `${value.toFixed(digits)} ${unit}`;
+}
+
+function table(rows: Row[], runs: number, image: string): string {
+  const lines = [
+    `NanoClaw bench: ${runs} runs per figure, ${image}, ${availableParallelism()} CPUs, ${new Date().toISOString().slice(0, 16).replace('T', ' ')} UTC`,
+    '',
+    '| # | figure | median | worst | baseline (measured in this run) | median | worst | ratio | n | notes |',
+    '|---|---|---|---|---|---|---|---|---|---|',
+  ];
+  for (const row of rows) {
+    const has = row.samples.length > 0;
+    const m = has ? median(row.samples) : undefined;
+    const w = has ? worst(row.unit, row.samples) : undefined;
+    let bm: number | undefined;
+    let bw: number | undefined;
+    if (Array.isArray(row.base) && row.base.length) {
+      bm = median(row.base);
+      bw = worst(row.unit, row.base);
+    } else if (row.base && !Array.isArray(row.base)) {
+      bm = row.base.median;
+      bw = row.base.worst;
+    }
+    const ratio = m !== undefined && bm !== undefined && bm !== 0 ? m / bm : undefined;
+    const ratioText = ratio === undefined ? 'n/a' : `${ratio.toFixed(ratio >= 100 ? 0 : ratio >= 10 ? 1 : 2)}×`;
+    const cells = [
+      row.key,
+      row.figure,
+      format(row.unit, m),
+      format(row.unit, w),
+      row.baseline,
+      format(row.unit, bm),
+      format(row.unit, bw),
+      ratioText,
+      String(row.samples.length),
+      row.note ?? '',
+    ];
+    lines.push(`| ${cells.map((c) => c.replace(/\|/g, '\\|')).join(' | ')} |`);
+  }
+  return `${lines.join('\n')}\n`;
+}
+
+// ───────────────────────────── shared measurements ─────────────────────────────
+
+const marker = (row: string, i: number | string) => `bench-${row}-${i}-${Math.random().toString(36).slice(2, 6)}`;
+
+/**
+ * The docker floor: the same image with an entrypoint that prints one line at once.
+ * firstByte stops at its output (as the agent's figures do); exit when `docker run --rm`
+ * returns, so teardown = exit − firstByte is docker's own stop-and-remove.
+ */
+async function floorRun(
+  b: Bench,
+  extra: string[] = [],
+): Promise<{ firstByte: number; exit: number; teardown: number }> {
+  const started = wall();
+  const proc = b.spawn([
+    'docker',
+    'run',
+    '-i',
+    '--rm',
+    '--label',
+    b.label,
+    ...extra,
+    '--entrypoint',
+    'echo',
+    b.image,
+    'ready',
+  ]);
+  const out = new Lines(proc.stdout);
+  void new Lines(proc.stderr, false);
+  const first = await out.wait('ready', 0, 60_000);
+  const code = await proc.exited;
+  const exited = wall();
+  if (code !== 0) throw new Error(`the docker floor run exited with ${code}`);
+  return { firstByte: first.at - started, exit: exited - started, teardown: exited - first.at };
+}
+
+/** Runs a command to its end; its wall time in ms. */
+async function timed(b: Bench, cmd: string[], project?: Project): Promise<number> {
+  const started = mono();
+  const proc = b.spawn(cmd, { cwd: project?.root, env: project?.env });
+  const [code, , err] = await Promise.all([
+    proc.exited,
+    new Response(proc.stdout).text(),
+    new Response(proc.stderr).text(),
+  ]);
+  const ms = mono() - started;
+  if (code !== 0) throw new Error(`${cmd.join(' ')} exited with ${code}: ${err.slice(-500)}`);
+  return ms;
+}
+
+/** The prefix of every container name a project's host gives (nanoclaw-<install id>-<folder>-). */
+function containerPrefix(project: Project, folder: string): string {
+  return `nanoclaw-${installId(loadConfig(project.root, project.env))}-${folder}-`;
+}
+
+async function closeAll(world: World, jids: string[]): Promise<void> {
+  for (const jid of jids) world.host.queue.closeContainer(jid);
+  await new Signal().until(() => world.host.queue.activeCount === 0, 120_000, 'every container to close', 20);
+}
+
+// ───────────────────────────── 1. cold reply (chat subprocess) ─────────────────────────────
+
+/** Points on the cold path, in order; a step is measured when both its ends are. */
+const COLD_STEPS: [string, string, string][] = [
+  ['host: typed → `docker run` invoked', 'typed', 'docker-run'],
+  ['docker: `docker run` → container started (engine event)', 'docker-run', 'container-start'],
+  ['docker→runner: container started → runner `start`', 'container-start', 'start'],
+  ['runner: `start` → `input` (stdin JSON read)', 'start', 'input'],
+  ['runner + CLI start: `input` → `cli-ready`', 'input', 'cli-ready'],
+  ['runner: `cli-ready` → `prompt`', 'cli-ready', 'prompt'],
+  ['CLI: `prompt` → `first-event`', 'prompt', 'first-event'],
+  ['CLI + MCP: `first-event` → model request', 'first-event', 'model-request'],
+  ['model: request → response done (fake model, loopback)', 'model-request', 'model-done'],
+  ['CLI + runner: model done → `result`', 'model-done', 'result'],
+  ['host: `result` → reply printed', 'result', 'printed'],
+  ['(always measured) container started → model request', 'container-start', 'model-request'],
+  ['(always measured) model done → reply printed', 'model-done', 'printed'],
+];
+
+async function rowCold(b: Bench, runs: number): Promise<Row[]> {
+  // LOG_LEVEL=debug: the run log then keeps the container's stderr (the timing lines).
+  const project = b.project('cold', { LOG_LEVEL: 'debug' });
+  const prefix = containerPrefix(project, 'main');
+  progress('cold', 'warm-up (not counted): the engine, the first chat, the first session');
+  await floorRun(b);
+  const warm = await ChatProcess.start(b, project);
+  await warm.say(marker('cold', 'warmup'));
+  await warm.close();
+
+  const replies: number[] = [];
+  const floors: number[] = [];
+  const steps = new Map<string, number[]>(COLD_STEPS.map(([label]) => [label, []]));
+  let withTiming = 0;
+  for (let i = 1; i <= runs; i++) {
+    const floor = await floorRun(b);
+    floors.push(floor.firstByte);
+    const chat = await ChatProcess.start(b, project);
+    const text = marker('cold', i);
+    let reply: Awaited<ReturnType<ChatProcess['say']>>;
+    try {
+      reply = await chat.say(text);
+    } finally {
+      await chat.close();
+    }
+    replies.push(reply.ms);
+
+    const run = b.runs().find((r) => r.at >= reply.typed && r.name.startsWith(prefix));
+    const points = new Map<string, number>([
+      ['typed', reply.typed],
+      ['printed', reply.printed],
+    ]);
+    if (run) {
+      points.set('docker-run', run.at);
+      const started = await b.waitEvent(run.name, 'start', 10_000).catch(() => undefined);
+      if (started) points.set('container-start', started);
+      const phases = timingPhases(runLogOf(project, 'main', run.name));
+      if (phases.size) withTiming++;
+      for (const [phase, at] of phases) points.set(phase, at);
+    }
+    const asked = b.requests.filter((r) => r.arrived >= reply.typed && r.lastUser.includes(text));
+    if (asked.length) {
+      points.set('model-request', asked[0]!.arrived);
+      const done = asked.at(-1)!.done;
+      if (done) points.set('model-done', done);
+    }
+    for (const [label, from, to] of COLD_STEPS) {
+      const a = points.get(from);
+      const z = points.get(to);
+      if (a !== undefined && z !== undefined) steps.get(label)!.push(z - a);
+    }
+    progress(
+      'cold',
+      `run ${i}/${runs}: reply ${reply.ms} ms, docker floor ${floor.firstByte} ms${run ? '' : ' (no docker run seen!)'}`,
+    );
+  }
+  const floorText = '`docker run -i --rm IMAGE`, echo entrypoint → first byte';
+  const rows: Row[] = [
+    {
+      key: '1',
+      figure: 'cold reply: line typed in `chat` → reply printed (first container)',
+      unit: 'ms',
+      samples: replies,
+      baseline: floorText,
+      base: floors,
+      note: withTiming
+        ? `runner timing lines in ${withTiming}/${runs} runs`
+        : 'image without runner timing lines: runner/CLI/MCP split n/a',
+    },
+  ];
+  COLD_STEPS.forEach(([label], index) => {
+    rows.push({
+      key: `1.${index + 1}`,
+      figure: label,
+      unit: 'ms',
+      samples: steps.get(label)!,
+      baseline: 'share of the cold reply (row 1)',
+      base: replies,
+    });
+  });
+  return rows;
+}
+
+// ───────────────────────────── 1. the image alone ─────────────────────────────
+
+async function rowImage(b: Bench, runs: number): Promise<Row[]> {
+  const dir = subdir(b, 'image-model');
+  chmodSync(dir, 0o755);
+  const socket = join(dir, 'model.sock');
+  const model = startFakeModel({ key: KEY, unix: socket });
+  const flags = [
+    '--network',
+    'none',
+    '-v',
+    `${socket}:/run/nanoclaw/model.sock`,
+    '-e',
+    'NANOCLAW_MODEL_SOCKET=/run/nanoclaw/model.sock',
+  ];
+  const input = JSON.stringify({
+    prompt: 'What is 2+2?',
+    groupFolder: 'bench',
+    chatJid: 'bench@g.us',
+    isMain: false,
+    secrets: { KIMI_API_KEY: KEY },
+  });
+  const agentRun = async () => {
+    const started = wall();
+    const proc = Bun.spawn(['docker', 'run', '-i', '--rm', '--label', b.label, ...flags, b.image], {
+      stdin: new Blob([input]),
+      stdout: 'pipe',
+      stderr: 'ignore',
+    });
+    b.children.add(proc);
+    const out = new Lines(proc.stdout);
+    const end = await out.wait(RESULT_END, 0, 120_000);
+    await proc.exited;
+    b.children.delete(proc);
+    if (!out.lines.some((l) => l.text.includes('"status":"success"')))
+      throw new Error(
+        `the image gave no successful result: ${out.lines
+          .map((l) => l.text)
+          .join('\n')
+          .slice(-1000)}`,
+      );
+    return end.at - started;
+  };
+  try {
+    progress('image', 'warm-up (not counted)');
+    await floorRun(b, flags);
+    await agentRun();
+    const agent: number[] = [];
+    const floor: number[] = [];
+    for (let i = 1; i <= runs; i++) {
+      floor.push((await floorRun(b, flags)).firstByte);
+      agent.push(await agentRun());
+      progress('image', `run ${i}/${runs}: first result ${agent.at(-1)} ms, floor ${floor.at(-1)} ms`);
+    }
+    return [
+      {
+        key: '1b',
+        figure: 'the image alone: stdin JSON → first result (`docker run -i --rm`, model on a socket)',
+        unit: 'ms',
+        samples: agent,
+        baseline: 'same docker flags, echo entrypoint → first byte',
+        base: floor,
+        note: 'both clocks stop at output; teardown in neither',
+      },
+    ];
+  } finally {
+    model.stop();
+  }
+}
+
+// ───────────────────────────── 2. follow-up into a live container ─────────────────────────────
+
+/** A bare fs.watch in this process: write a file → its event. */
+async function fsWatchLatency(dir: string, count: number): Promise<number[]> {
+  const seen = new Map<string, number>();
+  const signal = new Signal();
+  const watcher = watch(dir, (_event, file) => {
+    if (file && !seen.has(file)) {
+      seen.set(file, mono());
+      signal.poke();
+    }
+  });
+  const samples: number[] = [];
+  try {
+    for (let k = 0; k < count; k++) {
+      const name = `f-${k}-${Math.random().toString(36).slice(2, 8)}`;
+      const before = mono();
+      writeFileSync(join(dir, name), 'x');
+      const at = await signal.until(() => seen.get(name), 5_000, 'the fs.watch event', 1);
+      samples.push(at - before);
+      await Bun.sleep(5);
+    }
+  } finally {
+    watcher.close();
+  }
+  return samples;
+}
+
+/** The model alone: one streamed completion straight from this process (through the timestamping front). */
+async function modelAlone(b: Bench): Promise<number> {
+  const started = mono();
+  const res = await fetch(`${b.modelUrl}/chat/completions`, {
+    method: 'POST',
+    headers: { authorization: `Bearer ${KEY}`, 'content-type': 'application/json' },
+    body: JSON.stringify({
+      model: 'kimi-k2.5',
+      stream: true,
+      messages: [
+        { role: 'system', content: 'You are Andy.' },
+        { role: 'user', content: '<messages>\n<message sender="You" time="now">bench</message>\n</messages>' },
+      ],
+    }),
+  });
+  await res.text();
+  if (!res.ok) throw new Error(`the model answered ${res.status}`);
+  return mono() - started;
+}
+
+async function rowFollowUp(b: Bench, runs: number): Promise<Row[]> {
+  const project = b.project('followup');
+  const prefix = containerPrefix(project, 'main');
+  const watchDir = subdir(b, 'fswatch');
+  const chat = await ChatProcess.start(b, project);
+  const replies: number[] = [];
+  const pickups: number[] = [];
+  const models: number[] = [];
+  const watches: number[] = [];
+  let warm = 0;
+  let watcher: ReturnType<typeof watch> | null = null;
+  try {
+    progress('followup', 'first message (cold, not counted)');
+    await chat.say(marker('fu', 'first'));
+    const inboxes = readdirSync(join(project.root, 'data', 'input'));
+    if (inboxes.length !== 1) throw new Error(`expected one live inbox, found ${inboxes.length}`);
+    const inbox = join(project.root, 'data', 'input', inboxes[0]!);
+    // The inbox as the host sees it: a follow-up appears (its name starts with the host's
+    // Date.now() at writing) and is deleted by the runner once read.
+    const files = new Map<string, { written: number; appeared: number; gone?: number }>();
+    const changed = new Signal();
+    // Bun may fold the delete into the create's event when both come within a millisecond,
+    // so a file seen appear is also checked every millisecond until it is gone.
+    watcher = watch(inbox, (_event, file) => {
+      if (!file || file.startsWith('.') || file === '_close') return;
+      const at = wall();
+      let seen = files.get(file);
+      if (!seen) {
+        seen = { written: Number(file.split('-')[0]), appeared: at };
+        files.set(file, seen);
+        const record = seen;
+        void (async () => {
+          while (record.gone === undefined && existsSync(join(inbox, file))) await Bun.sleep(1);
+          record.gone ??= wall();
+          changed.poke();
+        })();
+      } else if (seen.gone === undefined && !existsSync(join(inbox, file))) {
+        seen.gone = at;
+      }
+      changed.poke();
+    });
+    for (let i = 1; i <= runs; i++) {
+      watches.push(...(await fsWatchLatency(watchDir, 5)));
+      models.push(await modelAlone(b));
+      const runsBefore = b.runs().filter((r) => r.name.startsWith(prefix)).length;
+      const reply = await chat.say(marker('fu', i));
+      replies.push(reply.ms);
+      if (b.runs().filter((r) => r.name.startsWith(prefix)).length === runsBefore) warm++;
+      const file = await changed
+        .until(
+          () => [...files.values()].find((f) => f.written >= reply.typed && f.gone !== undefined),
+          5_000,
+          'the follow-up to be read',
+        )
+        .catch(() => undefined);
+      if (file) pickups.push(file.gone! - file.written);
+      progress(
+        'followup',
+        `run ${i}/${runs}: reply ${reply.ms} ms, pickup ${file ? `${file.gone! - file.written} ms` : 'not seen'}, model alone ${models.at(-1)!.toFixed(1)} ms`,
+      );
+    }
+  } finally {
+    watcher?.close();
+    await chat.close();
+  }
+  return [
+    {
+      key: '2',
+      figure: 'follow-up into the live container: typed → reply printed',
+      unit: 'ms',
+      samples: replies,
+      baseline: 'the model alone: one streamed completion from this process',
+      base: models,
+      note: `warm (no new docker run) ${warm}/${runs}`,
+    },
+    {
+      key: '2b',
+      figure: 'its pickup: host writes the inbox file → runner has read it (file deleted)',
+      unit: 'ms',
+      samples: pickups,
+      baseline: 'bare fs.watch: write → event, this process (5 per run)',
+      base: watches,
+      note: 'seen gone by a watch event or a 1 ms poll: ~1 ms resolution',
+    },
+  ];
+}
+
+// ───────────────────────────── 3. scheduled task in a warm chat ─────────────────────────────
+
+async function rowTask(b: Bench, runs: number): Promise<Row[]> {
+  const project = b.project('task');
+  const prefix = containerPrefix(project, 'main');
+  const dbPath = join(project.root, 'store', 'messages.db');
+  const chat = await ChatProcess.start(b, project);
+  const dueToReply: number[] = [];
+  const nextReply: number[] = [];
+  const warmBase: number[] = [];
+  let evicted = 0;
+  let taskInNewContainer = 0;
+  let baseWarm = 0;
+  const count = () => b.runs().filter((r) => r.name.startsWith(prefix)).length;
+  try {
+    for (let i = 1; i <= runs; i++) {
+      await chat.say(marker('tw', i)); // the chat's container is up (cold after an eviction; not counted)
+      const beforeBase = count();
+      const base = await chat.say(marker('tb', i));
+      if (count() === beforeBase) baseWarm++;
+      warmBase.push(base.ms);
+
+      const text = marker('task', i);
+      const due = wall() + 2_500;
+      const beforeTask = count();
+      const store = new Store(dbPath);
+      try {
+        store.createTask({
+          id: text,
+          groupFolder: 'main',
+          chatJid: LOCAL_MAIN_JID,
+          prompt: text,
+          scheduleType: 'once',
+          scheduleValue: new Date(due).toISOString(),
+          contextMode: 'group',
+          nextRun: new Date(due).toISOString(),
+          lastRun: null,
+          lastResult: null,
+          status: 'active',
+          createdAt: new Date().toISOString(),
+        });
+      } finally {
+        store.close();
+      }
+      const from = chat.out.lines.length;
+      const reply = await chat.out.wait(`[stub] ${text}`, from, 180_000);
+      dueToReply.push(reply.at - due);
+      if (count() > beforeTask) taskInNewContainer++;
+
+      const beforeNext = count();
+      const next = await chat.say(marker('ta', i));
+      nextReply.push(next.ms);
+      const cold = count() > beforeNext;
+      if (cold) evicted++;
+      progress(
+        'task',
+        `run ${i}/${runs}: due → reply ${reply.at - due} ms, next message ${next.ms} ms (${cold ? 'cold: the chat’s container was evicted' : 'warm'}), warm follow-up ${base.ms} ms`,
+      );
+    }
+  } finally {
+    await chat.close();
+  }
+  const baseline = 'warm follow-up in the same chat, same run';
+  const baseNote = baseWarm === runs ? '' : `; baseline warm only ${baseWarm}/${runs}`;
+  return [
+    {
+      key: '3',
+      figure: 'scheduled task (group context) in a chat with a warm container: due → reply printed',
+      unit: 'ms',
+      samples: dueToReply,
+      baseline,
+      base: warmBase,
+      note: `task ran in a new container ${taskInNewContainer}/${runs}${baseNote}`,
+    },
+    {
+      key: '3b',
+      figure: 'the next chat message after the task → reply printed',
+      unit: 'ms',
+      samples: nextReply,
+      baseline,
+      base: warmBase,
+      note: `chat container evicted (cold again) ${evicted}/${runs}`,
+    },
+  ];
+}
+
+// ───────────────────────────── 3. scheduler lateness ─────────────────────────────
+
+async function rowScheduler(b: Bench, runs: number): Promise<Row[]> {
+  const perRun = 10;
+  const dir = subdir(b, 'scheduler');
+  const store = new Store(join(dir, 'messages.db'));
+  const late: number[] = [];
+  const timerLate: number[] = [];
+  try {
+    for (let i = 1; i <= runs; i++) {
+      const clock = fineWallClock();
+      const start = Date.now() + 500;
+      const due = new Map<string, number>();
+      const signal = new Signal();
+      let timersDone = 0;
+      for (let k = 0; k < perRun; k++) {
+        const at = start + k * 150 + ((k * 37) % 100);
+        const id = `sched-${i}-${k}`;
+        due.set(id, at);
+        store.createTask({
+          id,
+          groupFolder: 'bench',
+          chatJid: 'bench@g.us',
+          prompt: 'tick',
+          scheduleType: 'once',
+          scheduleValue: new Date(at).toISOString(),
+          contextMode: 'isolated',
+          nextRun: new Date(at).toISOString(),
+          lastRun: null,
+          lastResult: null,
+          status: 'active',
+          createdAt: new Date().toISOString(),
+        });
+        // The baseline: a bare timer for an instant 60 ms later (so the two never share a tick).
+        const timerAt = at + 60;
+        setTimeout(() => {
+          timerLate.push(clock() - timerAt);
+          timersDone++;
+          signal.poke();
+        }, timerAt - Date.now());
+      }
+      let fired = 0;
+      const scheduler = new Scheduler(store, 'UTC', (task) => {
+        const at = due.get(task.id);
+        if (at === undefined) return;
+        late.push(clock() - at);
+        fired++;
+        signal.poke();
+      });
+      scheduler.start();
+      await signal.until(() => fired === perRun && timersDone === perRun, 30_000, 'every firing');
+      scheduler.stop();
+      progress(
+        'scheduler',
+        `run ${i}/${runs}: ${perRun} firings, median ${median(late.slice(-perRun)).toFixed(2)} ms late; bare timer median ${median(timerLate.slice(-perRun)).toFixed(2)} ms`,
+      );
+    }
+  } finally {
+    store.close();
+  }
+  return [
+    {
+      key: '3c',
+      figure: `Scheduler: due → handed to the queue (${perRun} firings per run)`,
+      unit: 'ms',
+      samples: late,
+      baseline: 'bare setTimeout for a due instant, same process, same runs',
+      base: timerLate,
+      note: 'n = firings; the due times are whole ms, the clock sub-ms',
+    },
+  ];
+}
+
+// ───────────────────────────── 4. 20 groups at once ─────────────────────────────
+
+async function rowBurst(b: Bench, runs: number): Promise<Row[]> {
+  const count = 20;
+  const groups = Array.from({ length: count }, (_, k) => ({
+    jid: `1203630000000${String(k).padStart(5, '0')}@g.us`,
+    folder: `g${k}`,
+  }));
+  const jids = groups.map((g) => g.jid);
+  const probe = b.project('burst-probe');
+  const probeConfig = loadConfig(probe.root, probe.env);
+  const defaultLimit = probeConfig.maxConcurrentContainers;
+  rmSync(probe.root, { recursive: true, force: true });
+  const limits = [...new Set([defaultLimit, 10])];
+  const worlds: World[] = [];
+  for (const limit of limits)
+    worlds.push(await b.world(`burst-${limit}`, { MAX_CONCURRENT_CONTAINERS: String(limit) }, groups));
+  const single: number[] = [];
+  const first = new Map<number, number[]>(limits.map((l) => [l, []]));
+  const total = new Map<number, number[]>(limits.map((l) => [l, []]));
+  /** Closes every container of a world and waits until the engine has removed each one. */
+  const settle = async (world: World) => {
+    await closeAll(world, jids);
+    const prefix = `nanoclaw-${installId(world.config)}-`;
+    for (const run of b.runs().filter((r) => r.name.startsWith(prefix))) await b.waitEvent(run.name, 'destroy', 60_000);
+  };
+  try {
+    for (let i = 1; i <= runs; i++) {
+      for (const [index, limit] of limits.entries()) {
+        const world = worlds[index]!;
+        // One group alone, on the same host just before the burst: the unit of the ideal.
+        const alone = marker('alone', `${i}-${limit}`);
+        const t0 = wall();
+        world.channel.receive(jids[0]!, `@Andy ${alone}`);
+        single.push((await world.channel.waitReply(jids[0]!, `[stub] ${alone}`, 180_000)).at - t0);
+        await settle(world);
+        const texts = jids.map((_, k) => marker(`burst${limit}`, `${i}-${k}`));
+        const started = wall();
+        for (const [k, jid] of jids.entries()) world.channel.receive(jid, `@Andy ${texts[k]}`);
+        const replies = await Promise.all(
+          jids.map((jid, k) => world.channel.waitReply(jid, `[stub] ${texts[k]}`, 900_000)),
+        );
+        const times = replies.map((r) => r.at - started);
+        first.get(limit)!.push(minOf(times));
+        total.get(limit)!.push(maxOf(times));
+        await settle(world);
+        progress(
+          'burst',
+          `run ${i}/${runs}, limit ${limit}: first reply ${minOf(times)} ms, all ${count} ${maxOf(times)} ms (one alone just before: ${single.at(-1)} ms)`,
+        );
+      }
+    }
+  } finally {
+    for (const world of worlds) await b.closeWorld(world);
+  }
+  const rows: Row[] = [];
+  for (const limit of limits) {
+    const waves = Math.ceil(count / limit);
+    const label = limit === defaultLimit ? `limit ${limit} (default)` : `limit ${limit}`;
+    rows.push({
+      key: `4 L${limit}`,
+      figure: `${count} groups at once, ${label}: first reply`,
+      unit: 'ms',
+      samples: first.get(limit)!,
+      baseline: 'ideal: one group alone (measured before each burst) × 1',
+      base: { median: median(single), worst: maxOf(single) },
+    });
+    rows.push({
+      key: `4 L${limit}`,
+      figure: `${count} groups at once, ${label}: all ${count} replies`,
+      unit: 'ms',
+      samples: total.get(limit)!,
+      baseline: `ideal: one group alone (measured before each burst) × ceil(${count}/${limit}) = × ${waves}`,
+      base: { median: median(single) * waves, worst: maxOf(single) * waves },
+      note: `${availableParallelism()} CPUs; CONTAINER_CPUS ${probeConfig.container.cpus} each; baseline n = ${single.length}`,
+    });
+  }
+  return rows;
+}
+
+// ───────────────────────────── 5. ingest with a live container ─────────────────────────────
+
+async function rowIngest(b: Bench, runs: number): Promise<Row[]> {
+  const perRun = 1000;
+  const main = '4915100000001@s.whatsapp.net';
+  const chatter = '120363000000099999@g.us';
+  const world = await b.world('ingest', {}, [
+    { jid: main, folder: 'main', isMain: true },
+    { jid: chatter, folder: 'chatter' },
+  ]);
+  const { channel, host } = world;
+  const raw: number[] = [];
+  const group: number[] = [];
+  const mainRates: number[] = [];
+  let live = 0;
+  const liveChecks = () => (host.queue.isRunning(main) && host.queue.isRunning(chatter) ? 1 : 0);
+  try {
+    progress('ingest', 'starting both containers (not counted)');
+    const m0 = marker('in-m', 0);
+    channel.receive(main, m0);
+    const c0 = marker('in-c', 0);
+    channel.receive(chatter, `@Andy ${c0}`);
+    await channel.waitReply(main, `[stub] ${m0}`, 180_000);
+    await channel.waitReply(chatter, `[stub] ${c0}`, 180_000);
+    for (let i = 1; i <= runs; i++) {
+      // Baseline: the same row, autocommit, into a fresh database with the same schema.
+      const dir = subdir(b, `raw-${i}`);
+      const store = new Store(join(dir, 'messages.db'));
+      const insert = store.db.prepare(
+        `INSERT OR IGNORE INTO messages (id, chat_jid, sender, sender_name, content, timestamp, is_from_me, is_bot_message)
+         VALUES ($id, $chatJid, $sender, $senderName, $content, $timestamp, $isFromMe, $isBotMessage)`,
+      );
+      let started = mono();
+      for (let k = 0; k < perRun; k++) {
+        insert.run({
+          id: `r${i}-${k}`,
+          chatJid: chatter,
+          sender: '4915100000002@s.whatsapp.net',
+          senderName: 'Alice',
+          content: `chatter ${i} ${k}`,
+          timestamp: new Date().toISOString(),
+          isFromMe: 0,
+          isBotMessage: 0,
+        });
+      }
+      raw.push(perRun / ((mono() - started) / 1000));
+      store.close();
+      rmSync(dir, { recursive: true, force: true });
+
+      // A group chat going on around a live container (no trigger: stored, not handed over).
+      started = mono();
+      for (let k = 0; k < perRun; k++) channel.receive(chatter, `chatter ${i} ${k}`);
+      group.push(perRun / ((mono() - started) / 1000));
+      live += liveChecks();
+      const reset = marker('in-c', i); // the agent sees the chatter: the next batch starts after it
+      channel.receive(chatter, `@Andy ${reset}`);
+      await channel.waitReply(chatter, `[stub] ${reset}`, 180_000);
+
+      // The main chat: every message goes to the live container as a follow-up file.
+      const texts = Array.from({ length: perRun }, (_, k) => `bench-in-m-${i}-${k}`);
+      started = mono();
+      for (const text of texts) channel.receive(main, text);
+      mainRates.push(perRun / ((mono() - started) / 1000));
+      await channel
+        .waitReply(main, texts.at(-1)!, 180_000)
+        .catch(() => progress('ingest', 'no reply naming the last message (the agent took them in several turns)'));
+      await new Signal()
+        .until(() => host.queue.isRunning(main), 60_000, 'the main container')
+        .catch(async () => {
+          const again = marker('in-m', `restart-${i}`);
+          channel.receive(main, again);
+          await channel.waitReply(main, `[stub] ${again}`, 180_000);
+        });
+      progress(
+        'ingest',
+        `run ${i}/${runs}: group chat ${Math.round(group.at(-1)!)}/s, main ${Math.round(mainRates.at(-1)!)}/s, raw insert ${Math.round(raw.at(-1)!)}/s`,
+      );
+    }
+  } finally {
+    await b.closeWorld(world);
+  }
+  const baseline = 'raw autocommit INSERT of the same row, same schema (bun:sqlite, WAL)';
+  return [
+    {
+      key: '5',
+      figure: `ingest, group chat with a live container (no trigger: stored, not handed over), ${perRun}/run`,
+      unit: 'msg/s',
+      samples: group,
+      baseline,
+      base: raw,
+      note: `container live during ${live}/${runs} runs; ratio < 1 = slower`,
+    },
+    {
+      key: '5b',
+      figure: `ingest, main chat with a live container (each message handed to it), ${perRun}/run`,
+      unit: 'msg/s',
+      samples: mainRates,
+      baseline,
+      base: raw,
+    },
+  ];
+}
+
+// ───────────────────────────── 6. CLI commands ─────────────────────────────
+
+async function rowCli(b: Bench, runs: number): Promise<Row[]> {
+  const project = b.project('cli');
+  const bun = process.execPath;
+  const commands: [string, string[]][] = [
+    ['groups list', [bun, ENTRY, 'groups', 'list']],
+    ['tasks list', [bun, ENTRY, 'tasks', 'list']],
+  ];
+  progress('cli', 'warm-up (not counted)');
+  await timed(b, [bun, '-e', '1']);
+  for (const [, cmd] of commands) await timed(b, cmd, project);
+  const base: number[] = [];
+  const samples = new Map<string, number[]>([
+    ...commands.map(([name]) => [name, []] as [string, number[]]),
+    ['chat', []],
+  ]);
+  for (let i = 1; i <= runs; i++) {
+    base.push(await timed(b, [bun, '-e', '1']));
+    for (const [name, cmd] of commands) samples.get(name)!.push(await timed(b, cmd, project));
+    const chat = await ChatProcess.start(b, project);
+    samples.get('chat')!.push(chat.readyMs);
+    await chat.close();
+    progress(
+      'cli',
+      `run ${i}/${runs}: bun -e 1 ${base.at(-1)!.toFixed(0)} ms, ${commands.map(([name]) => `${name} ${samples.get(name)!.at(-1)!.toFixed(0)} ms`).join(', ')}, chat ready ${chat.readyMs} ms`,
+    );
+  }
+  const baseline = '`bun -e 1`';
+  return [
+    ...commands.map(
+      ([name]): Row => ({
+        key: '6',
+        figure: `\`bun nanoclaw.ts ${name}\`: wall time`,
+        unit: 'ms',
+        samples: samples.get(name)!,
+        baseline,
+        base,
+      }),
+    ),
+    {
+      key: '6',
+      figure: '`bun nanoclaw.ts chat`: start → host running (reads stdin)',
+      unit: 'ms',
+      samples: samples.get('chat')!,
+      baseline,
+      base,
+      note: 'includes the preflight (`docker info`, `docker image inspect`)',
+    },
+  ];
+}
+
+// ───────────────────────────── 7. host memory ─────────────────────────────
+
+async function rowRss(b: Bench, runs: number): Promise<Row[]> {
+  const project = b.project('rss');
+  const settleMs = 2_000;
+  const idle: number[] = [];
+  const afterReply: number[] = [];
+  const base: number[] = [];
+  for (let i = 1; i <= runs; i++) {
+    const bare = b.spawn([process.execPath, '-e', 'setInterval(()=>{},1000)']);
+    await Bun.sleep(settleMs);
+    base.push(rssMb(bare.pid));
+    bare.kill();
+    await bare.exited;
+    const chat = await ChatProcess.start(b, project);
+    try {
+      await Bun.sleep(settleMs);
+      idle.push(rssMb(chat.pid));
+      await chat.say(marker('rss', i));
+      await Bun.sleep(settleMs);
+      afterReply.push(rssMb(chat.pid));
+    } finally {
+      await chat.close();
+    }
+    progress(
+      'rss',
+      `run ${i}/${runs}: chat idle ${idle.at(-1)!.toFixed(1)} MB, after a reply ${afterReply.at(-1)!.toFixed(1)} MB, bare bun ${base.at(-1)!.toFixed(1)} MB`,
+    );
+  }
+  const baseline = 'bare `bun -e "setInterval(()=>{},1000)"`, same wait';
+  return [
+    {
+      key: '7',
+      figure: `host RSS, \`chat\` idle (running, no message yet; read ${settleMs / 1000} s after start)`,
+      unit: 'MB',
+      samples: idle,
+      baseline,
+      base,
+    },
+    {
+      key: '7b',
+      figure: `host RSS, \`chat\` idle after one reply (container live; ${settleMs / 1000} s after it)`,
+      unit: 'MB',
+      samples: afterReply,
+      baseline,
+      base,
+    },
+  ];
+}
+
+// ───────────────────────────── 8. the slot after an answer ─────────────────────────────
+
+async function rowSlot(b: Bench, runs: number): Promise<Row[]> {
+  const a = '120363000000011111@g.us';
+  const c = '120363000000022222@g.us';
+  const world = await b.world('slot', { MAX_CONCURRENT_CONTAINERS: '1' }, [
+    { jid: a, folder: 'ga', requiresTrigger: false },
+    { jid: c, folder: 'gc', requiresTrigger: false },
+  ]);
+  const prefixA = `nanoclaw-${installId(world.config)}-ga-`;
+  const prefixC = `nanoclaw-${installId(world.config)}-gc-`;
+  const { channel, host } = world;
+  const toFree: number[] = [];
+  const toGone: number[] = [];
+  const toNext: number[] = [];
+  const teardown: number[] = [];
+  try {
+    progress('slot', 'warm-up (not counted)');
+    const w = marker('slot', 'warmup');
+    channel.receive(a, w);
+    await channel.waitReply(a, `[stub] ${w}`, 180_000);
+    await closeAll(world, [a, c]);
+    for (let i = 1; i <= runs; i++) {
+      teardown.push((await floorRun(b)).teardown);
+      let result = 0;
+      const stop = host.onTurn((event) => {
+        if (event.chatJid === a && event.status === 'success' && !result) result = wall();
+      });
+      const textA = marker('slot-a', i);
+      const textC = marker('slot-c', i);
+      const sent = wall();
+      channel.receive(a, textA);
+      const runA = await b.waitRun(sent, prefixA, 60_000);
+      channel.receive(c, textC); // waits: the limit is 1
+      await new Signal().until(() => result, 180_000, 'the answer', 1);
+      stop();
+      while (host.queue.isRunning(a)) await Bun.sleep(1);
+      const free = wall();
+      const next = await b.waitRun(result, prefixC, 60_000);
+      const gone = await b.waitEvent(runA.name, 'destroy', 60_000);
+      toFree.push(free - result);
+      toGone.push(gone - result);
+      toNext.push(next.at - result);
+      await channel.waitReply(c, `[stub] ${textC}`, 180_000);
+      await closeAll(world, [a, c]);
+      progress(
+        'slot',
+        `run ${i}/${runs}: result → slot free ${free - result} ms, → container gone ${Math.round(gone - result)} ms, → next group's docker run ${Math.round(next.at - result)} ms; docker teardown ${teardown.at(-1)} ms`,
+      );
+    }
+  } finally {
+    await b.closeWorld(world);
+  }
+  const baseline = 'docker teardown: echo container’s first output → `docker run --rm` exits';
+  return [
+    {
+      key: '8',
+      figure: 'slot after the answer (another group waiting): final result → queue slot free',
+      unit: 'ms',
+      samples: toFree,
+      baseline,
+      base: teardown,
+      note: `→ next group's docker run: median ${median(toNext).toFixed(0)} ms`,
+    },
+    {
+      key: '8b',
+      figure: 'final result → its container gone (engine destroy event)',
+      unit: 'ms',
+      samples: toGone,
+      baseline,
+      base: teardown,
+      note: 'with nobody waiting the container stays for IDLE_TIMEOUT, by design',
+    },
+  ];
+}
+
+// ───────────────────────────── the command ─────────────────────────────
+
+const ROWS: Record<string, { number: string; run: (b: Bench, runs: number) => Promise<Row[]> }> = {
+  cold: { number: '1', run: rowCold },
+  image: { number: '1', run: rowImage },
+  followup: { number: '2', run: rowFollowUp },
+  task: { number: '3', run: rowTask },
+  scheduler: { number: '3', run: rowScheduler },
+  burst: { number: '4', run: rowBurst },
+  ingest: { number: '5', run: rowIngest },
+  cli: { number: '6', run: rowCli },
+  rss: { number: '7', run: rowRss },
+  slot: { number: '8', run: rowSlot },
+};
+
+const USAGE = `Usage: bun bench/run.ts [--runs N] [--only ROW[,ROW…]] [--image IMAGE] [--keep]
+  --runs N      runs per figure (default 5)
+  --only ROW    only these rows, by name or number (repeatable, or comma-separated):
+                ${Object.entries(ROWS)
+                  .map(([name, row]) => `${row.number} ${name}`)
+                  .join(', ')}
+  --image IMG   the agent image (default nanoclaw-agent:test; build it with ./container/build.sh --test)
+  --keep        leave the temp dir (projects, logs, run logs) for a look; containers still go
+Progress goes to stderr; the table (markdown) to stdout.`;
+
+function usageError(message: string): never {
+  console.error(`bench: ${message}`);
+  console.error(USAGE);
+  process.exit(2);
+}
+
+function parse(argv: string[]): { runs: number; only: string[]; image: string; keep: boolean } {
+  let parsed: ReturnType<
+    typeof parseArgs<{
+      options: {
+        runs: { type: 'string' };
+        only: { type: 'string'; multiple: true };
+        image: { type: 'string' };
+        keep: { type: 'boolean' };
+        help: { type: 'boolean'; short: 'h' };
+      };
+    }>
+  >;
+  try {
+    parsed = parseArgs({
+      args: argv,
+      options: {
+        runs: { type: 'string' },
+        only: { type: 'string', multiple: true },
+        image: { type: 'string' },
+        keep: { type: 'boolean' },
+        help: { type: 'boolean', short: 'h' },
+      },
+      strict: true,
+      allowPositionals: false,
+    });
+  } catch (err) {
+    usageError(err instanceof Error ? err.message.split('\n')[0]! : String(err));
+  }
+  if (parsed.values.help) {
+    console.log(USAGE);
+    process.exit(0);
+  }
+  const runsText = parsed.values.runs ?? '5';
+  if (!/^[1-9]\d*$/.test(runsText)) usageError(`--runs must be a whole number above 0, not "${runsText}"`);
+  const only: string[] = [];
+  for (const item of (parsed.values.only ?? [])
+    .flatMap((v) => v.split(','))
+    .map((v) => v.trim())
+    .filter(Boolean)) {
+    const names = item in ROWS ? [item] : Object.keys(ROWS).filter((name) => ROWS[name]!.number === item);
+    if (!names.length) usageError(`unknown row "${item}"`);
+    for (const name of names) if (!only.includes(name)) only.push(name);
+  }
+  return {
+    runs: Number(runsText),
+    only: only.length ? Object.keys(ROWS).filter((n) => only.includes(n)) : Object.keys(ROWS),
+    image: parsed.values.image ?? 'nanoclaw-agent:test',
+    keep: parsed.values.keep ?? false,
+  };
+}
+
+async function main(): Promise<number> {
+  const { runs, only, image, keep } = parse(process.argv.slice(2));
+  if (Bun.spawnSync(['docker', 'info'], { stdout: 'ignore', stderr: 'ignore' }).exitCode !== 0) {
+    console.error('bench: the Docker engine is not reachable (docker info failed).');
+    return 1;
+  }
+  if (Bun.spawnSync(['docker', 'image', 'inspect', image], { stdout: 'ignore', stderr: 'ignore' }).exitCode !== 0) {
+    console.error(
+      `bench: the image ${image} is missing; build it with: BUILD_CA_CERT=/etc/ssl/certs/ca-certificates.crt ./container/build.sh --test`,
+    );
+    return 1;
+  }
+  const bench = new Bench(image);
+  let interrupted = false;
+  const onSignal = (signal: string) => {
+    if (interrupted) process.exit(130);
+    interrupted = true;
+    progress('bench', `${signal}: removing this run's containers, processes and temp files`);
+    void bench.cleanup(false).finally(() => process.exit(130));
+  };
+  process.on('SIGINT', () => onSignal('SIGINT'));
+  process.on('SIGTERM', () => onSignal('SIGTERM'));
+  const rows: Row[] = [];
+  let failed = 0;
+  const started = mono();
+  try {
+    await bench.start();
+    for (const name of only) {
+      progress(name, `starting (${runs} runs)`);
+      const rowStarted = mono();
+      try {
+        rows.push(...(await ROWS[name]!.run(bench, runs)));
+      } catch (err) {
+        if (interrupted) break;
+        failed++;
+        const message = err instanceof Error ? err.message : String(err);
+        progress(name, `FAILED: ${message}`);
+        rows.push({
+          key: ROWS[name]!.number,
+          figure: name,
+          unit: 'ms',
+          samples: [],
+          baseline: '',
+          base: null,
+          note: `failed: ${message.slice(0, 200)}`,
+        });
+      }
+      progress(name, `done in ${((mono() - rowStarted) / 1000).toFixed(0)} s`);
+    }
+  } finally {
+    if (!interrupted) await bench.cleanup(true, keep);
+  }
+  if (interrupted) return 130;
+  progress('bench', `all done in ${((mono() - started) / 1000).toFixed(0)} s`);
+  process.stdout.write(table(rows, runs, image));
+  return failed ? 1 : 0;
+}
+
+process.exit(await main());
