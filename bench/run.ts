@@ -32,7 +32,7 @@
  *   6 cli        `groups list`, `tasks list`, `chat` until ready — vs `bun -e 1`
  *   7 rss        the `chat` host's VmRSS when idle (fresh, and with a live container) vs a bare
  *                `bun -e "setInterval(()=>{},1000)"`
- *   8 slot       after an answer, with another group waiting: result → the queue slot free,
+ *   8 slot       after an answer, with another group waiting: result → the waiting group’s docker run,
  *                → the container gone — vs docker's own teardown (first output → `run --rm` exits)
  */
 import { chmodSync, existsSync, readdirSync, rmSync, watch, writeFileSync } from 'node:fs';
@@ -995,12 +995,12 @@ async function rowSlot(b: Bench, runs: number): Promise<Row[]> {
   return [
     {
       key: '8',
-      figure: 'slot after the answer (another group waiting): final result → queue slot free',
+      figure: 'slot after the answer (another group waiting, limit 1): final result → the waiting group’s `docker run`',
       unit: 'ms',
-      samples: toFree,
+      samples: toNext,
       baseline,
       base: teardown,
-      note: `→ next group's docker run: median ${median(toNext).toFixed(0)} ms`,
+      note: `the slot frees when the answered container is told to close; its process exits after ${median(toFree).toFixed(0)} ms (median)`,
     },
     {
       key: '8b',
