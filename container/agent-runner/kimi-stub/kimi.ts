@@ -4,7 +4,7 @@
  *
  * Modelled on kimi-cli 1.49.0 (MoonshotAI/kimi-cli at tag 1.49.0, wire protocol 1.10;
  * the version the Dockerfile pins — test/kimi-stub.test.ts checks they agree), read in:
- *   src/kimi_cli/cli/__init__.py       flags, `--version`, `info`, usage errors (exit 2)
+ *   src/kimi_cli/cli/__init__.py       flags (`--config-file` must exist), `--version`, `info`, usage errors (exit 2)
  *   src/kimi_cli/wire/server.py        the stdio JSON-RPC server: initialize (any client
  *                                      protocol_version is accepted, 1.10 answered), prompt,
  *                                      steer, cancel, requests to the client and their replies
@@ -83,6 +83,8 @@ export interface CliArgs {
   thinking?: boolean;
   yolo: boolean;
   agentFile?: string;
+  /** --config-file: read instead of <share>/config.toml (cli/__init__.py: the file must exist). */
+  configFile?: string;
   skillsDirs: string[];
   mcpConfigFiles: string[];
 }
@@ -138,6 +140,9 @@ export function parseArgs(argv: readonly string[], cwd = process.cwd()): CliArgs
       case '--mcp-config-file':
         args.mcpConfigFiles.push(value());
         break;
+      case '--config-file':
+        args.configFile = value();
+        break;
       default:
         throw new UsageError(`No such option: ${flag}`);
     }
@@ -147,6 +152,8 @@ export function parseArgs(argv: readonly string[], cwd = process.cwd()): CliArgs
     throw new UsageError(`Invalid value for '--work-dir' / '-w': Directory '${args.workDir}' does not exist.`);
   if (args.agentFile !== undefined && !existsSync(args.agentFile))
     throw new UsageError(`Invalid value for '--agent-file': File '${args.agentFile}' does not exist.`);
+  if (args.configFile !== undefined && (!existsSync(args.configFile) || !statSync(args.configFile).isFile()))
+    throw new UsageError(`Invalid value for '--config-file': File '${args.configFile}' does not exist.`);
   return args;
 }
 
@@ -218,8 +225,8 @@ export function selectLlm(
   };
 }
 
-function readConfig(share: string): ConfigFile {
-  const file = join(share, 'config.toml');
+function readConfig(share: string, configFile?: string): ConfigFile {
+  const file = configFile ?? join(share, 'config.toml');
   if (!existsSync(file)) return {};
   try {
     return Bun.TOML.parse(readFileSync(file, 'utf8')) as ConfigFile;
@@ -968,7 +975,7 @@ function mediaKinds(input: unknown): Set<'image' | 'video'> {
 export async function serveWire(args: CliArgs, env: Record<string, string | undefined> = process.env): Promise<void> {
   const share = shareDir(env);
   mkdirSync(share, { recursive: true });
-  const llm = selectLlm(readConfig(share), args.model, env);
+  const llm = selectLlm(readConfig(share, args.configFile), args.model, env);
   const sessionId = args.session ?? randomUUID();
   const session = new SessionFiles(
     share,

@@ -599,21 +599,42 @@ async function readStdin(timeoutMs: number): Promise<string> {
   }
 }
 
+/** A shell word that stays one word whatever it holds. */
+const shellQuote = (word: string) => `'${word.replaceAll("'", `'\\''`)}'`;
+
+/**
+ * The CLI this run starts: `kimi --config-file <this run's own config>` (a wrapper in the
+ * container's private /tmp, since the SDK takes no extra arguments). ~/.kimi is the group's,
+ * shared by every container of the group (a chat's and an isolated task's may run at once):
+ * a CLI reading ~/.kimi/config.toml could start with another run's token.
+ */
+export function cliWithOwnConfig(executable: string, configFile: string, dir = tmpdir()): string {
+  const wrapper = join(dir, `nanoclaw-kimi-${process.pid}`);
+  writeFileSync(wrapper, `#!/bin/sh\nexec ${shellQuote(executable)} --config-file ${shellQuote(configFile)} "$@"\n`, {
+    mode: 0o700,
+  });
+  return wrapper;
+}
+
 /**
  * Writes the Kimi CLI's files. Under the host, config.toml holds the run's proxy token (it
  * dies with the container), never the key; run by hand (the guide's manual test) it holds
- * the key given on stdin, and only until the runner exits.
+ * the key given on stdin, and only until the runner exits. The CLI itself reads this run's
+ * own copy (`ownConfig`, in /tmp), never another run's.
  */
 export function writeKimiFiles(
   input: RunnerInput,
   paths: ReturnType<typeof runnerPaths>,
   env: Record<string, string | undefined>,
   baseUrl?: string,
-): { agentFile: string; role: string } {
+): { agentFile: string; role: string; ownConfig: string } {
   mkdirSync(paths.kimiHome, { recursive: true });
   const apiKey = input.secrets?.KIMI_API_KEY ?? keyFromEnvFile(readIfExists(paths.envFile) ?? '');
-  writeFileSync(paths.configToml, buildConfigToml({ apiKey, baseUrl, ...kimiModel(env) }), { mode: 0o600 });
+  const config = buildConfigToml({ apiKey, baseUrl, ...kimiModel(env) });
+  writeFileSync(paths.configToml, config, { mode: 0o600 });
   chmodSync(paths.configToml, 0o600);
+  const ownConfig = join(tmpdir(), `nanoclaw-config-${process.pid}.toml`);
+  writeFileSync(ownConfig, config, { mode: 0o600 });
   const timezone = env.TZ || Intl.DateTimeFormat().resolvedOptions().timeZone || 'UTC';
   const identity = {
     chatJid: input.chatJid,
@@ -631,7 +652,7 @@ export function writeKimiFiles(
   });
   const agentFile = join(tmpdir(), `nanoclaw-agent-${process.pid}.yaml`);
   writeFileSync(agentFile, buildAgentFile(role));
-  return { agentFile, role };
+  return { agentFile, role, ownConfig };
 }
 
 /** The model settings for config.toml: name, provider type and what the model can take in. */
@@ -709,8 +730,8 @@ export async function main(env: Record<string, string | undefined> = process.env
   // The CLI inherits this environment; its KIMI_* overrides would bypass config.toml (and the proxy).
   delete process.env.KIMI_API_KEY;
   delete process.env.KIMI_BASE_URL;
-  const { agentFile, role } = writeKimiFiles(input, paths, env, endpoint.baseUrl);
-  const executable = env.KIMI_EXECUTABLE || 'kimi';
+  const { agentFile, role, ownConfig } = writeKimiFiles(input, paths, env, endpoint.baseUrl);
+  const executable = cliWithOwnConfig(env.KIMI_EXECUTABLE || 'kimi', ownConfig);
   const open = (sessionId: string) =>
     createSession({ workDir: paths.group, sessionId, model: MODEL_ALIAS, yoloMode: true, agentFile, executable });
   // The CLI starts as soon as its session is opened, while the runner sets up the rest (and,
@@ -752,7 +773,7 @@ export async function main(env: Record<string, string | undefined> = process.env
     await session.close().catch(() => {});
     endpoint.close();
     removeKey(paths, env);
-    rmSync(agentFile, { force: true });
+    for (const file of [agentFile, ownConfig, executable]) rmSync(file, { force: true });
   };
   const onSignal = () => void finish().then(() => process.exit(143));
   process.once('SIGTERM', onSignal);

@@ -98,6 +98,11 @@ describe('the kimi double', () => {
     expect(bad.exitCode).toBe(2);
     expect(bad.stderr.toString()).toContain('No such option: --turbo');
     expect(Bun.spawnSync([STUB, '--wire', '--work-dir', join(h.root, 'nowhere')], { env: h.env }).exitCode).toBe(2);
+    const noConfig = Bun.spawnSync([STUB, '--wire', '--work-dir', h.work, '--config-file', join(h.root, 'none.toml')], {
+      env: h.env,
+    });
+    expect(noConfig.exitCode).toBe(2);
+    expect(noConfig.stderr.toString()).toContain("Invalid value for '--config-file'");
   });
 
   it('speaks strict JSON-RPC: string ids only, exact error codes, refuses steer and cancel outside a turn, answers 1.10 to a 1.7 client', async () => {

@@ -32,6 +32,7 @@ import { scheduleProblem } from '../src/mcp-server.ts';
 import type { Session } from '@moonshot-ai/kimi-agent-sdk';
 import {
   answerFor,
+  cliWithOwnConfig,
   errorKind,
   FRESH_SESSION_NOTE,
   Inbox,
@@ -640,6 +641,34 @@ describe('what the real CLI does that the runner must handle', () => {
     expect(model.requests.length - before).toBe(9); // 3 attempts of the step, each with openai-python's 2 retries
     const refused = await runRunner(ws, input(messages('!status 401 Invalid Authentication')), undefined, fast);
     expect(refused.results[0]).toMatchObject({ status: 'error', errorKind: 'auth' });
+  });
+
+  it('each CLI reads its own run’s config: another container of the group rewriting ~/.kimi/config.toml meanwhile changes nothing', async () => {
+    const ws = workspace({}, true);
+    const run = await runRunner(ws, input(messages('hello')), async (live) => {
+      await until(() => live.results().length === 1, 'the first answer');
+      // As an isolated task's container of the same group would, starting or ending now:
+      writeFileSync(
+        join(ws.home, '.kimi', 'config.toml'),
+        buildConfigToml({ apiKey: 'ncp-another-runs-token', baseUrl: model.url }),
+      );
+      followUp(ws, messages('!context-full')); // the runner starts a second CLI, for a fresh session
+      await until(() => live.results().length === 2, 'the answer from the new CLI');
+      close(ws);
+    });
+    expect(run.results.map((r) => [r.status, r.result])).toEqual([
+      ['success', '[stub] hello'],
+      ['success', '[stub] fits in a fresh session'],
+    ]);
+  });
+
+  it('the CLI wrapper passes --config-file and every argument through unchanged, whatever the paths hold', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'nanoclaw-wrap-'));
+    const echo = join(dir, "it's echo");
+    writeFileSync(echo, '#!/bin/sh\nfor a in "$@"; do printf "%s\\n" "$a"; done\n', { mode: 0o700 });
+    const wrapper = cliWithOwnConfig(echo, join(dir, 'my config.toml'), dir);
+    const out = Bun.spawnSync([wrapper, '--wire', 'two words', "it's"]).stdout.toString();
+    expect(out.split('\n')).toEqual(['--config-file', join(dir, 'my config.toml'), '--wire', 'two words', "it's", '']);
   });
 
   it('a context that is too long: the turn goes on in a fresh session, and says so', async () => {
