@@ -66,6 +66,13 @@ async function underFault(
           .filter((l) => l.includes('NanoClaw keeps running')).length
       : 0;
     const unexpected = caught ? `; ${caught} unexpected error(s) caught by the process handler` : '';
+    // Proof the fault was felt: what the host logged about it (the spill, a log it could not write).
+    const hostLog = join(project.config.logsDir, 'nanoclaw.log');
+    const felt = existsSync(hostLog)
+      ? readFileSync(hostLog, 'utf8')
+          .split('\n')
+          .filter((l) => /cannot take messages right now|could not record|Could not record/.test(l)).length
+      : 0;
     return {
       drill,
       kills: 0,
@@ -73,7 +80,7 @@ async function underFault(
       lost: t.lost,
       doubled: t.doubled,
       stuck: left,
-      note: `${note}${unexpected}${died}`,
+      note: `${note}${felt ? `; felt: ${felt} database error(s) logged` : ''}${unexpected}${died}`,
     };
   } finally {
     await fault.stop(project);
@@ -101,9 +108,16 @@ export async function dbLocked(): Promise<Row> {
   });
 }
 
+/**
+ * The WAL cannot be written. Only the -wal file is made immutable, not -shm: SQLite maps
+ * -shm into memory, and on ext4 the first write to a page of a shared mapping of an
+ * immutable file is a SIGBUS from the kernel's page-fault handler (ext4_page_mkwrite),
+ * which no process can catch. That is a pulled mapping, not a read-only WAL; it killed
+ * the drill host 2 times in 6 (a "Bus error" in Bun's crash report) before this changed.
+ */
 export async function walReadOnly(): Promise<Row> {
-  const files = (p: { config: Config }) => [`${p.config.dbPath}-wal`, `${p.config.dbPath}-shm`];
-  return underFault('WAL read-only (4 s)', 'chattr +i on messages.db-wal and -shm', {
+  const files = (p: { config: Config }) => [`${p.config.dbPath}-wal`];
+  return underFault('WAL read-only (4 s)', 'chattr +i on messages.db-wal', {
     start: (p) => {
       for (const f of files(p)) chattr('+i', f);
     },

@@ -80,7 +80,7 @@ export class DrillHost {
   private stderr = '';
 
   /** The last lines the host wrote to stderr (why it died, when it did). */
-  lastWords(lines = 5): string {
+  lastWords(lines = Number(process.env.DRILL_LAST_WORDS ?? 5)): string {
     return this.stderr.trim().split('\n').slice(-lines).join(' | ');
   }
 

@@ -34,6 +34,8 @@ describe('fault drills', () => {
       const row = await drill();
       expect(row.items).toBeGreaterThan(0);
       expect(row.note ?? '').not.toContain('DIED');
+      // The database faults must have been felt (the host logged them), or the drill proves nothing.
+      if (name === 'dbLocked' || name === 'walReadOnly') expect(row.note).toMatch(/felt: [1-9]/);
       expect(clean(row)).toEqual({ drill: row.drill, lost: 0, doubled: 0, stuck: 0 });
     });
   }
