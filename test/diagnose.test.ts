@@ -143,9 +143,11 @@ async function diagnose(
   f: Fixture,
 ): Promise<{ checks: Record<string, Check>; list: Check[]; code: number; text: string }> {
   const script = join(f.codeDir, 'scripts', 'diagnose.sh');
-  // Both forms at once: they read the same project and change nothing.
-  const [json, human] = await Promise.all([run(['bash', script, '--json'], f), run(['bash', script], f, '/')]);
+  // One after the other, as a person runs them. Run at once they disagreed once in CI (one
+  // more check failed in one form), under load; not reproduced alone in 8 tries.
+  const json = await run(['bash', script, '--json'], f);
   const list = JSON.parse(json.out) as Check[];
+  const human = await run(['bash', script], f, '/');
   expect(human.code).toBe(json.code);
   return { checks: Object.fromEntries(list.map((c) => [c.check, c])), list, code: json.code, text: human.out };
 }
