@@ -148,6 +148,8 @@ async function diagnose(
   const json = await run(['bash', script, '--json'], f);
   const list = JSON.parse(json.out) as Check[];
   const human = await run(['bash', script], f, '/');
+  const failedIn = (text: string) => [...text.matchAll(/^FAIL {2}([^:]+):/gm)].map((m) => m[1]);
+  expect(failedIn(human.out), human.out).toEqual(list.filter((c) => c.status === 'fail').map((c) => c.check));
   expect(human.code).toBe(json.code);
   return { checks: Object.fromEntries(list.map((c) => [c.check, c])), list, code: json.code, text: human.out };
 }
@@ -315,7 +317,7 @@ describe('scripts/diagnose.sh', () => {
     ],
   ];
 
-  // Each case has its own project: they run side by side.
+  // Each case has its own project (code copy, store, fake docker): they run side by side.
   for (const [name, breakIt, check, fixMentions] of brokenOneWay) {
     it.concurrent(`names the one broken piece and its fix: ${name}`, async () => {
       const fixture = await healthyProject();

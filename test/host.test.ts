@@ -339,14 +339,14 @@ describe('failures', () => {
   });
 
   it('a run cut short by shutdown is answered after restart', async () => {
-    const first = await world();
-    first.channel.receive(MAIN, '!sleep 3000');
+    const first = await world({}, { shutdownGraceMs: 200 }); // the turn takes longer than the grace
+    first.channel.receive(MAIN, '!sleep 1200');
     await waitFor(() => first.docker.runs().length === 1, 10_000, 'run started');
     await shutDown(first);
     expect(texts(first)).toEqual([]);
     const second = await world({}, {}, { docker: first.docker, config: first.config });
     await waitFor(() => texts(second).length === 1, 15_000, 'answer after restart');
-    expect(texts(second)).toEqual(['Andy: slept 3000']);
+    expect(texts(second)).toEqual(['Andy: slept 1200']);
   });
 });
 
