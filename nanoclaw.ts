@@ -2845,6 +2845,11 @@ export function isolatedLane(chatJid: string): string {
   return `${chatJid}#isolated`;
 }
 
+/** The queue entry a task's own container runs in: an isolated task's lane, or its chat's. */
+export function laneOf(task: Pick<ScheduledTask, 'chatJid' | 'contextMode'>): string {
+  return task.contextMode === 'isolated' ? isolatedLane(task.chatJid) : task.chatJid;
+}
+
 /** How the queue and the host reach a running container. */
 export interface LiveContainer {
   /** False for scheduled tasks: their container never takes chat follow-ups. */
@@ -2962,7 +2967,7 @@ export class GroupQueue {
     if (this.shuttingDown) return;
     const state = this.state(jid);
     if (state.tasks.some((task) => task.id === taskId)) return;
-    const liveTakesIt = Boolean(inLive && state.running && state.live?.acceptsFollowUps && !state.live.closing);
+    const liveTakesIt = Boolean(inLive) && this.takesInput(state);
     if (liveTakesIt && state.idleTimer) {
       this.clearIdleTimer(state);
       inLive!();
@@ -3019,9 +3024,14 @@ export class GroupQueue {
   /** Hands a follow-up (or a task, as the next turn) to the group's live container; false when there is none that takes it. */
   sendFollowUp(jid: string, text: string, kind: 'message' | 'task' = 'message'): boolean {
     const state = this.groups.get(jid);
-    if (!state?.running || !state.live?.acceptsFollowUps || state.live.closing) return false;
+    if (!state || !this.takesInput(state)) return false;
     this.clearIdleTimer(state);
-    return state.live.sendInput(text, kind);
+    return state.live!.sendInput(text, kind);
+  }
+
+  /** The group's container is running and still takes follow-ups and task turns. */
+  private takesInput(state: GroupState): boolean {
+    return state.running && Boolean(state.live?.acceptsFollowUps) && !state.live!.closing;
   }
 
   /**
@@ -3107,10 +3117,7 @@ export class GroupQueue {
       state.running = false;
       state.live = null;
       this.clearIdleTimer(state);
-      if (state.holdsSlot) {
-        state.holdsSlot = false;
-        this.active--;
-      }
+      this.releaseSlot(state);
       this.next(jid);
     });
   }
@@ -5363,17 +5370,17 @@ export class Host {
   private forwardToLiveContainer(group: RegisteredGroup, arrived?: StoredMessage): boolean {
     const givenUpTo = this.queue.givenUpTo(group.jid);
     if (givenUpTo === null) return false;
+    const answering = this.queue.answerExpected(group.jid);
     // A scheduled task is the container's turn now: the chat's messages follow once it answered.
-    if (this.taskTurns.has(group.jid) && !this.queue.answerExpected(group.jid)) return true;
-    if (arrived && !this.queue.answerExpected(group.jid) && !needsAgent(group, [arrived])) return true; // kept for the next batch
+    if (this.taskTurns.has(group.jid) && !answering) return true;
+    // Messages that do not wake the agent are kept for the next batch.
+    if (arrived && !answering && !needsAgent(group, [arrived])) return true;
     const messages = this.store.messagesSince(group.jid, givenUpTo);
     if (messages.length === 0) return true;
-    if (!this.queue.answerExpected(group.jid) && !needsAgent(group, messages)) return true; // kept for the next batch
+    if (!arrived && !answering && !needsAgent(group, messages)) return true;
     if (!this.queue.sendFollowUp(group.jid, formatMessages(messages, this.config.timezone))) return false;
     this.queue.give(group.jid, messages.at(-1)!.seq);
-    void this.channelFor(group.jid)
-      ?.setTyping?.(group.jid, true)
-      .catch(() => {});
+    void this.typing(group.jid, true);
     log.debug({ group: group.folder, count: messages.length }, 'Follow-up handed to the running container');
     return true;
   }
@@ -5433,6 +5440,13 @@ export class Host {
     }
   }
 
+  /** Shows (or stops showing) that the agent works on this chat, where the channel can. */
+  private async typing(chatJid: string, on: boolean): Promise<void> {
+    await this.channelFor(chatJid)
+      ?.setTyping?.(chatJid, on)
+      .catch(() => {});
+  }
+
   private sendSoon(chatJid: string): void {
     const channel = this.channelFor(chatJid);
     if (channel) this.senders.get(channel.name)?.kick();
@@ -5452,8 +5466,7 @@ export class Host {
     if (!asked && !warm) return true;
     // Warm (nothing asked yet): the container starts with no prompt and takes the chat's next message as a follow-up.
     this.queue.give(chatJid, asked ? messages.at(-1)!.seq : cursor);
-    const channel = this.channelFor(chatJid);
-    if (asked) await channel?.setTyping?.(chatJid, true).catch(() => {});
+    if (asked) await this.typing(chatJid, true);
     let outcome: RunOutcome;
     let upToSeq = 0;
     try {
@@ -5469,7 +5482,7 @@ export class Host {
             this.finishTaskTurn(group, taskTurn, result);
             return;
           }
-          void channel?.setTyping?.(chatJid, false).catch(() => {}); // the turn is over; a follow-up sets it again
+          void this.typing(chatJid, false); // the turn is over; a follow-up sets it again
           const upToSeq = this.queue.givenUpTo(chatJid) ?? 0;
           if (result.status === 'success') {
             const said = this.wordsOf(result);
@@ -5533,7 +5546,7 @@ export class Host {
           error: 'the container stopped before the task was answered',
         });
       }
-      await channel?.setTyping?.(chatJid, false).catch(() => {});
+      await this.typing(chatJid, false);
     }
     const failed = outcome.exitCode !== 0 || outcome.timedOut;
     const unanswered = this.store.messagesSince(chatJid, this.store.getCursor(chatJid)).length;
@@ -5658,26 +5671,33 @@ export class Host {
   private queueTaskRun(task: ScheduledTask): void {
     this.tasksInHand.add(task.id);
     const run = () => this.runTask(task.id).then(() => {});
-    if (task.contextMode === 'isolated') this.queue.enqueueTask(isolatedLane(task.chatJid), task.id, run);
+    if (task.contextMode === 'isolated') this.queue.enqueueTask(laneOf(task), task.id, run);
     else this.queue.enqueueTask(task.chatJid, task.id, run, () => this.runTaskInLive(task.id, task.chatJid));
+  }
+
+  /** The task, if it is to run now (active, or `force`); otherwise it is released and logged as skipped. */
+  private runnableTask(taskId: string, force = false): ScheduledTask | null {
+    const task = this.store.getTask(taskId);
+    if (task && (force || task.status === 'active')) return task;
+    log.info({ taskId, status: task?.status ?? 'deleted' }, 'Task skipped');
+    if (task) this.store.releaseTask(task.id);
+    this.tasksInHand.delete(taskId);
+    return null;
   }
 
   /** Hands a task to its chat's live container as the next turn; its answer comes back through processMessages. */
   private runTaskInLive(taskId: string, chatJid: string): void {
-    const task = this.store.getTask(taskId);
-    if (task?.status !== 'active') {
-      log.info({ taskId, status: task?.status ?? 'deleted' }, 'Task skipped');
-      if (task) this.store.releaseTask(task.id);
-      this.tasksInHand.delete(taskId);
+    const task = this.runnableTask(taskId);
+    if (!task) {
       this.queue.markIdle(chatJid);
       return;
     }
     this.store.markTaskStarted(task.id);
     this.taskTurns.set(task.chatJid, { task, startedAt: new Date() });
     if (!this.queue.sendFollowUp(task.chatJid, task.prompt, 'task')) {
-      // The container is going away after all: the task gets a container of its own.
+      // The container is going away after all: queued again, the task gets a container of its own.
       this.taskTurns.delete(task.chatJid);
-      this.queue.enqueueTask(task.chatJid, task.id, () => this.runTask(task.id).then(() => {}));
+      this.queueTaskRun(task);
       return;
     }
     log.info({ group: task.groupFolder, taskId: task.id }, 'Scheduled task handed to the chat’s running container');
@@ -5770,15 +5790,10 @@ export class Host {
   }
 
   async runTask(taskId: string, force = false): Promise<TaskRunLog | null> {
-    const task = this.store.getTask(taskId);
-    if (!task || (!force && task.status !== 'active')) {
-      log.info({ taskId, status: task?.status ?? 'deleted' }, 'Task skipped');
-      if (task) this.store.releaseTask(task.id);
-      this.tasksInHand.delete(taskId);
-      return null;
-    }
+    const task = this.runnableTask(taskId, force);
+    if (!task) return null;
     const group = this.store.groupByFolder(task.groupFolder);
-    const lane = task.contextMode === 'isolated' ? isolatedLane(task.chatJid) : task.chatJid;
+    const lane = laneOf(task);
     const startedAt = new Date();
     this.store.markTaskStarted(task.id);
     let result: string | null = null;
