@@ -33,17 +33,8 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { startFakeModel, type FakeModel } from '../container/agent-runner/kimi-stub/fake-model.ts';
-import {
-  addGroup,
-  Host,
-  loadConfig,
-  setupLogging,
-  Store,
-  type Channel,
-  type ChannelHandlers,
-  type Config,
-  type NewMessage,
-} from '../nanoclaw.ts';
+import { addGroup, Host, loadConfig, setupLogging, Store, type Config } from '../nanoclaw.ts';
+import { RecordingChannel } from '../test/helpers.ts';
 
 export const REPO = fileURLToPath(new URL('..', import.meta.url));
 export const ENTRY = join(REPO, 'nanoclaw.ts');
@@ -450,52 +441,20 @@ function lastUserText(body: string | undefined): string {
   return '';
 }
 
-/** A channel that keeps what it was asked to deliver, stamped with when. */
-export class BenchChannel implements Channel {
-  readonly name = 'bench';
-  readonly ready = true;
-  readonly sent: { jid: string; text: string; at: number }[] = [];
+/** The tests' recording channel, with each delivery stamped with when it came (and a signal for waiting on it). */
+export class BenchChannel extends RecordingChannel {
+  readonly delivered: { jid: string; text: string; at: number }[] = [];
   readonly changed = new Signal();
-  private handlers: ChannelHandlers | null = null;
-  private counter = 0;
 
-  constructor(private readonly jids: string[]) {}
-
-  ownsJid(jid: string): boolean {
-    return this.jids.includes(jid);
-  }
-  async connect(handlers: ChannelHandlers): Promise<void> {
-    this.handlers = handlers;
-  }
-  layout(text: string): string[] {
-    return [text];
-  }
-  async deliver(jid: string, text: string): Promise<void> {
-    this.sent.push({ jid, text, at: wall() });
+  override async deliver(jid: string, text: string, messageId: string): Promise<void> {
+    await super.deliver(jid, text, messageId);
+    this.delivered.push({ jid, text, at: wall() });
     this.changed.poke();
-  }
-  async disconnect(): Promise<void> {
-    this.handlers = null;
-  }
-
-  /** An inbound message, as a platform hands it over (→ Host.handleInbound). */
-  receive(chatJid: string, content: string): void {
-    const message: NewMessage = {
-      id: `b${++this.counter}-${this.counter}`,
-      chatJid,
-      sender: '4915100000002@s.whatsapp.net',
-      senderName: 'Alice',
-      content,
-      timestamp: new Date().toISOString(),
-      isFromMe: false,
-      isBotMessage: false,
-    };
-    this.handlers!.onMessage(message, { name: `chat ${chatJid}`, isGroup: chatJid.endsWith('@g.us') });
   }
 
   waitReply(jid: string, text: string, timeoutMs: number): Promise<{ jid: string; text: string; at: number }> {
     return this.changed.until(
-      () => this.sent.find((s) => s.jid === jid && s.text.includes(text)),
+      () => this.delivered.find((s) => s.jid === jid && s.text.includes(text)),
       timeoutMs,
       `a reply in ${jid} with "${text}"`,
     );
