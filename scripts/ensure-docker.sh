@@ -26,6 +26,13 @@ if ! "$RUNTIME" info >/dev/null 2>&1; then
     step "Installing the Docker engine (docker.io)"
     apt_install docker.io
   fi
+  # An engine that died leaves pid files behind; once its pid is reused, dockerd waits for a
+  # containerd that is not there ("timeout waiting for containerd to start"). Drop stale ones.
+  for pidfile in /var/run/docker.pid /var/run/docker/containerd/containerd.pid; do
+    [ -f "$pidfile" ] || continue
+    owner=$(cat "/proc/$(cat "$pidfile" 2>/dev/null)/comm" 2>/dev/null || true)
+    case "$owner" in dockerd | containerd) ;; *) as_root rm -f "$pidfile" ;; esac
+  done
   step "Starting dockerd in the background (log: /tmp/nanoclaw-dockerd.log)"
   as_root sh -c 'nohup dockerd >/tmp/nanoclaw-dockerd.log 2>&1 &'
   for _ in $(seq 1 60); do "$RUNTIME" info >/dev/null 2>&1 && break; sleep 1; done
