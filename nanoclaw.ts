@@ -2854,7 +2854,7 @@ export function laneOf(task: Pick<ScheduledTask, 'chatJid' | 'contextMode'>): st
 export interface LiveContainer {
   /** False for scheduled tasks: their container never takes chat follow-ups. */
   readonly acceptsFollowUps: boolean;
-  /** True once it was asked to close or has exited: nothing more may be sent to it. */
+  /** True once it was asked to close, is being stopped, or has exited: nothing more may be sent to it. */
   readonly closing: boolean;
   /** Hands over a chat follow-up, or a scheduled task as the next turn; false when it could not (the container is then being stopped). */
   sendInput(text: string, kind?: 'message' | 'task'): boolean;
@@ -2876,6 +2876,8 @@ interface GroupState {
   /** The run counts against maxConcurrent; false once its container answered and was told to close. */
   holdsSlot: boolean;
   live: LiveContainer | null;
+  /** Stopped while docker was still starting it: the container is stopped as soon as it is up. */
+  stopWhenUp: boolean;
   /** Cancels the idle close, while one is pending. */
   idleTimer: (() => void) | null;
   messagesPending: boolean;
@@ -2922,6 +2924,7 @@ export class GroupQueue {
         running: false,
         holdsSlot: false,
         live: null,
+        stopWhenUp: false,
         idleTimer: null,
         messagesPending: false,
         tasks: [],
@@ -2993,9 +2996,12 @@ export class GroupQueue {
     return true;
   }
 
-  /** The container now running for this group. */
+  /** The container now running for this group; one stopped (or shut down) while it started goes at once. */
   attach(jid: string, live: LiveContainer): void {
-    this.state(jid).live = live;
+    const state = this.state(jid);
+    state.live = live;
+    if (state.stopWhenUp) void live.kill();
+    else if (this.shuttingDown) live.close();
   }
 
   /** The group's running message run now has its messages up to `seq` (null: that run is over); an expected answer is among them. */
@@ -3067,6 +3073,7 @@ export class GroupQueue {
     state.retryTimer?.();
     state.retryTimer = null;
     state.messagesPending = false;
+    if (state.running && !state.live) state.stopWhenUp = true; // docker has not started it yet
     await state.live?.kill();
   }
 
@@ -3116,6 +3123,7 @@ export class GroupQueue {
     void work.finally(() => {
       state.running = false;
       state.live = null;
+      state.stopWhenUp = false;
       this.clearIdleTimer(state);
       this.releaseSlot(state);
       this.next(jid);
@@ -4060,8 +4068,10 @@ async function streamContainer(plan: RunPlan, options: RunContainerOptions, grou
   await proc.stdin.end();
 
   let timedOut = false;
+  let closing = false;
   let stopping: Promise<void> | null = null;
   const stop = () => {
+    closing = true; // a container being stopped takes no more input
     stopping ??= (async () => {
       await Bun.spawn([config.containerRuntime, 'stop', '-t', '2', name], {
         stdout: 'ignore',
@@ -4086,7 +4096,6 @@ async function streamContainer(plan: RunPlan, options: RunContainerOptions, grou
   };
   armTimeout();
 
-  let closing = false;
   let exited = false;
   let graceTimer: ReturnType<typeof setTimeout> | undefined;
   void proc.exited.then(() => {
@@ -4107,7 +4116,6 @@ async function streamContainer(plan: RunPlan, options: RunContainerOptions, grou
           { reason: errorText(err) },
           'Could not hand a follow-up to the container (its input folder is not a plain folder); stopping it, the message goes to the next run',
         );
-        closing = true;
         void stop();
         return false;
       }
@@ -5644,6 +5652,8 @@ export class Host {
         const lane = run.lane ?? group.jid;
         this.queue.attach(lane, live);
         if (run.warm) this.queue.markIdle(lane, this.options.warmIdleMs ?? 120_000);
+        // Messages that came while docker was starting found no container to take them: hand them over now.
+        if (run.acceptsFollowUps && lane === group.jid) this.forwardToLiveContainer(group);
       },
       onResult: async (result) => {
         if (result.sessionId && run.saveSession) {
@@ -6465,7 +6475,9 @@ export async function runChat(config: Config): Promise<number> {
   const interrupt = () => {
     if (interruption) process.exit(130);
     interruption = (async () => {
-      if (busy) {
+      // A line sent but not yet picked up counts too: it must not be answered at the next start.
+      const unanswered = store.messagesSince(main.jid, store.getCursor(main.jid), 1).length > 0;
+      if (busy || unanswered) {
         terminal.print('Stopped. That message will not be answered; send it again if you still want an answer.');
         await host.abandon(main.jid);
       }
@@ -6479,7 +6491,8 @@ export async function runChat(config: Config): Promise<number> {
 
   let failures = 0;
   host.onTurn((event) => {
-    if (event.chatJid === main.jid && event.status === 'error') {
+    // After Ctrl-C the stopped turn ends in an error that is no news to the person who stopped it.
+    if (event.chatJid === main.jid && event.status === 'error' && !interruption) {
       failures++;
       terminal.problem(`The agent failed: ${event.error ?? 'unknown error'} (details: groups/${main.folder}/logs/)`);
     }
@@ -6496,11 +6509,14 @@ export async function runChat(config: Config): Promise<number> {
       `Talking to ${config.assistantName} (main group, folder groups/${main.folder}). Ctrl-D to leave, Ctrl-C to stop.\n`,
     );
     terminal.lines.prompt();
-    for await (const line of terminal.lines) {
-      if (interruption) break;
+    // Each line is stored as it is read (not queued behind an iterator): a Ctrl-C right after Enter finds it.
+    const closed = new Promise<void>((resolve) => terminal.lines.once('close', resolve));
+    terminal.lines.on('line', (line) => {
+      if (interruption) return;
       if (line.trim()) local.submit(line.trim());
       terminal.lines.prompt(true);
-    }
+    });
+    await closed;
   } else {
     for await (const line of terminal.lines) {
       if (interruption) break;

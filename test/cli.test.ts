@@ -641,12 +641,18 @@ describe('chat manners on a terminal', () => {
       },
     });
     let screen = '';
-    void (async () => {
+    const drained = (async () => {
       for await (const chunk of proc.stdout) screen += new TextDecoder().decode(chunk);
     })();
     return {
       proc,
       screen: () => screen,
+      /** The exit code, once the last of the output has been read too. */
+      exited: async () => {
+        const code = await proc.exited;
+        await drained;
+        return code;
+      },
       type: async (keys: string) => {
         proc.stdin.write(keys);
         await proc.stdin.flush();
@@ -660,10 +666,11 @@ describe('chat manners on a terminal', () => {
     await term.type('hello there\r');
     await waitFor(() => term.screen().includes('Andy: echo: hello there'), 10_000, 'the reply');
     await term.type('!sleep 20000\r');
-    await waitFor(() => /[⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏] Andy is working… you › /.test(term.screen()), 10_000, 'the spinner');
+    const sent = term.screen().length; // the first turn's spinner is already on the screen: look past it
+    await waitFor(() => /[⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏] Andy is working… you › /.test(term.screen().slice(sent)), 10_000, 'the spinner');
     const pressed = Date.now();
     await term.type('\x03');
-    expect(await term.proc.exited).toBe(130);
+    expect(await term.exited()).toBe(130);
     expect(Date.now() - pressed).toBeLessThan(8_000); // not the 20 s the turn would take
     expect(term.screen()).toContain('Stopped. That message will not be answered');
     // biome-ignore lint/suspicious/noControlCharactersInRegex: the terminal's erase-line escape is what is checked
@@ -673,6 +680,21 @@ describe('chat manners on a terminal', () => {
     const next = await cli(['chat'], '');
     expect(next.code).toBe(0);
     expect(docker.runs()).toHaveLength(runs); // the abandoned message was not run again
+  });
+
+  it('Ctrl-C pressed with the Enter, before the turn has begun, still stops that message for good', async () => {
+    const term = onTerminal();
+    await waitFor(() => term.screen().includes('you › '), 10_000, 'the prompt');
+    const pressed = Date.now();
+    await term.type('!sleep 20000\r\x03');
+    expect(await term.exited()).toBe(130);
+    expect(Date.now() - pressed).toBeLessThan(8_000);
+    expect(term.screen()).toContain('Stopped. That message will not be answered');
+    expect(term.screen()).not.toContain('The agent failed'); // a stopped container is no failure to report
+    const runs = docker.runs().length;
+    const next = await cli(['chat'], '');
+    expect(next.code).toBe(0);
+    expect(docker.runs()).toHaveLength(runs); // not answered behind the user's back
   });
 
   it('starts the agent at the first keystroke, so the typed line goes into a running container', async () => {
@@ -689,7 +711,7 @@ describe('chat manners on a terminal', () => {
     expect(docker.runs()).toHaveLength(1);
     expect(docker.calls().filter((c) => c.command === 'follow-up')).toHaveLength(1);
     await term.type('\x04');
-    expect(await term.proc.exited).toBe(0);
+    expect(await term.exited()).toBe(0);
   });
 
   it('piped, it prints replies only; a failed turn says when it is retried', async () => {

@@ -108,6 +108,16 @@ describe('warm when it matters', () => {
     expect(w.store.messagesSince(MAIN, w.store.getCursor(MAIN))).toEqual([]);
   });
 
+  it('a message that arrives while the warm container is still being started goes into it once it is up, not after warmIdleMs', async () => {
+    const clock = new FakeClock(); // warmIdleMs never passes unless the test moves it
+    const w = await world({}, { clock });
+    w.channel.typing(MAIN);
+    w.channel.receive(MAIN, 'pasted at once'); // same tick: no container to hand it to yet
+    await waitFor(() => texts(w).length === 1, 10_000, 'reply');
+    expect(texts(w)).toEqual(['Andy: echo: pasted at once']);
+    expect(w.docker.runs()).toHaveLength(1);
+  });
+
   it('typing starts nothing in an unregistered chat, or for a chat whose container is up', async () => {
     const w = await world();
     expect(w.host.prewarm('stranger@g.us')).toBe(false);

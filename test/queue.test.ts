@@ -349,6 +349,37 @@ describe('GroupQueue', () => {
     expect(taskRuns).toEqual(['t1']);
   });
 
+  it('a container stopped while docker still starts it is stopped the moment it is up; the next run starts clean', async () => {
+    const runs = controlledRuns();
+    const queue = queueWith(runs);
+    queue.enqueueMessages('a');
+    await queue.kill('a'); // no container to stop yet
+    const first = liveContainer();
+    queue.attach('a', first.live);
+    expect(first.calls.kill).toBe(1);
+    runs.finish('a');
+    await settle();
+    queue.enqueueMessages('a');
+    await waitFor(() => runs.started.length === 2, 2000, 'the next run');
+    const second = liveContainer();
+    queue.attach('a', second.live);
+    expect(second.calls.kill).toBe(0);
+    runs.finish('a');
+  });
+
+  it('a container that comes up during shutdown is asked to close at once', async () => {
+    const runs = controlledRuns();
+    const queue = queueWith(runs);
+    queue.enqueueMessages('a');
+    const stopped = queue.shutdown(2000);
+    const { live, calls } = liveContainer();
+    queue.attach('a', live);
+    expect(calls.close).toBe(1);
+    runs.finish('a');
+    await stopped;
+    expect(calls.kill).toBe(0);
+  });
+
   it('shutdown closes live containers, then kills what did not exit in the grace period', async () => {
     const runs = controlledRuns();
     const queue = queueWith(runs);
