@@ -81,6 +81,7 @@ const load = createRequire(import.meta.url);
 /** Keys that are secrets: never kept in process.env, never logged, only sent on stdin. */
 export const SECRET_KEYS = ['KIMI_API_KEY'] as const;
 export type SecretKey = (typeof SECRET_KEYS)[number];
+const isSecretKey = (key: string): key is SecretKey => (SECRET_KEYS as readonly string[]).includes(key);
 export type Secrets = Partial<Record<SecretKey, string>>;
 
 export interface Config {
@@ -1717,11 +1718,22 @@ export function typedText(content: string): string {
     .trim();
 }
 
+/** Each trigger's pattern, built once: every inbound message of a trigger group is checked against it. */
+const triggerPatterns = new Map<string, RegExp>();
+function cachedTriggerPattern(trigger: string): RegExp {
+  let pattern = triggerPatterns.get(trigger);
+  if (!pattern) {
+    pattern = triggerPattern(trigger);
+    triggerPatterns.set(trigger, pattern);
+  }
+  return pattern;
+}
+
 /** Main and trigger-free groups answer everything; the others only when someone says the group's trigger. */
 export function needsAgent(group: RegisteredGroup, messages: readonly StoredMessage[]): boolean {
   if (messages.length === 0) return false;
   if (group.isMain || !group.requiresTrigger) return true;
-  const trigger = triggerPattern(group.trigger);
+  const trigger = cachedTriggerPattern(group.trigger);
   return messages.some((message) => trigger.test(typedText(message.content)));
 }
 
@@ -2030,46 +2042,27 @@ export function canonicalJid(jid: string, alt: string | null | undefined, identi
   return baileys().jidNormalizedUser(jid);
 }
 
+/** The media message fields WhatsApp uses, in the order they are looked for, with the type to assume when none is given. */
+const MEDIA_FIELDS = [
+  ['imageMessage', 'image', 'image/jpeg'],
+  ['videoMessage', 'video', 'video/mp4'],
+  ['audioMessage', 'audio', 'audio/ogg'],
+  ['documentMessage', 'document', 'application/octet-stream'],
+  ['stickerMessage', 'sticker', 'image/webp'],
+] as const;
+
 function mediaOf(content: proto.IMessage): WhatsAppInbound['media'] | undefined {
-  const bytes = (length: number | Long | null | undefined) => (length == null ? undefined : Number(length));
-  if (content.imageMessage)
+  for (const [field, kind, defaultType] of MEDIA_FIELDS) {
+    const media = content[field];
+    if (!media) continue;
     return {
-      kind: 'image',
-      mimetype: content.imageMessage.mimetype ?? 'image/jpeg',
-      bytes: bytes(content.imageMessage.fileLength),
-      caption: content.imageMessage.caption ?? '',
-    };
-  if (content.videoMessage)
-    return {
-      kind: 'video',
-      mimetype: content.videoMessage.mimetype ?? 'video/mp4',
-      bytes: bytes(content.videoMessage.fileLength),
-      caption: content.videoMessage.caption ?? '',
-    };
-  if (content.audioMessage)
-    return {
-      kind: content.audioMessage.ptt ? 'voice note' : 'audio',
-      mimetype: content.audioMessage.mimetype ?? 'audio/ogg',
-      bytes: bytes(content.audioMessage.fileLength),
-      caption: '',
-    };
-  if (content.documentMessage) {
-    const doc = content.documentMessage;
-    return {
-      kind: 'document',
-      mimetype: doc.mimetype ?? 'application/octet-stream',
-      fileName: doc.fileName ?? undefined,
-      bytes: bytes(doc.fileLength),
-      caption: doc.caption ?? '',
+      kind: 'ptt' in media && media.ptt ? 'voice note' : kind,
+      mimetype: media.mimetype ?? defaultType,
+      ...('fileName' in media ? { fileName: media.fileName ?? undefined } : {}),
+      bytes: media.fileLength == null ? undefined : Number(media.fileLength),
+      caption: ('caption' in media ? media.caption : null) ?? '',
     };
   }
-  if (content.stickerMessage)
-    return {
-      kind: 'sticker',
-      mimetype: content.stickerMessage.mimetype ?? 'image/webp',
-      bytes: bytes(content.stickerMessage.fileLength),
-      caption: '',
-    };
   return undefined;
 }
 
@@ -2134,9 +2127,8 @@ export function parseWhatsAppMessage(raw: WAMessage, identity: WhatsAppIdentity)
       identity.triggerFor?.(chatJid) ?? `@${identity.assistantName}`,
     );
   }
-  const quoted = context;
-  if (quoted?.quotedMessage) {
-    const quotedContent = baileys().normalizeMessageContent(quoted.quotedMessage);
+  if (context?.quotedMessage) {
+    const quotedContent = baileys().normalizeMessageContent(context.quotedMessage);
     const quotedText = quotedContent
       ? textOf(quotedContent) || mediaOf(quotedContent)?.caption || `[${mediaOf(quotedContent)?.kind ?? 'message'}]`
       : '';
@@ -2305,23 +2297,18 @@ export function disconnectKind(error: unknown): { kind: DisconnectKind; status?:
   const boom = error as { output?: { statusCode?: number }; data?: { code?: string } } | undefined;
   const status = boom?.output?.statusCode;
   const detail = error === undefined ? 'no reason given' : errorText(error);
-  const kind: DisconnectKind =
-    status === baileys().DisconnectReason.loggedOut
-      ? 'logged-out'
-      : status === 405
-        ? 'version-refused'
-        : status === baileys().DisconnectReason.restartRequired
-          ? 'restart'
-          : status === baileys().DisconnectReason.connectionReplaced
-            ? 'replaced'
-            : /QR refs attempts ended/.test(detail)
-              ? 'qr-expired'
-              : status === baileys().DisconnectReason.timedOut ||
-                  status === baileys().DisconnectReason.connectionClosed ||
-                  /^E[A-Z]+$/.test(boom?.data?.code ?? '')
-                ? 'network'
-                : 'other';
-  return { kind, status, detail };
+  const reason = baileys().DisconnectReason;
+  const kindOf = (): DisconnectKind => {
+    if (status === reason.loggedOut) return 'logged-out';
+    if (status === 405) return 'version-refused';
+    if (status === reason.restartRequired) return 'restart';
+    if (status === reason.connectionReplaced) return 'replaced';
+    if (/QR refs attempts ended/.test(detail)) return 'qr-expired';
+    if (status === reason.timedOut || status === reason.connectionClosed || /^E[A-Z]+$/.test(boom?.data?.code ?? ''))
+      return 'network';
+    return 'other';
+  };
+  return { kind: kindOf(), status, detail };
 }
 
 export type LinkState = 'linked' | 'pending' | 'none';
@@ -5045,6 +5032,19 @@ export interface RetryEvent {
   delayMs: number;
 }
 
+/** A group-context task running as a turn of its chat's live container. */
+interface TaskTurn {
+  task: ScheduledTask;
+  startedAt: Date;
+}
+
+/** How a task run ended: its answer, what it said in the chat, or its error. */
+interface TaskOutcome {
+  result: string | null;
+  said: string[];
+  error: string | null;
+}
+
 /** What the host tells its listeners (onTurn, onRetry). */
 interface HostEvents {
   turn: TurnEvent;
@@ -5110,7 +5110,7 @@ export class Host {
   /** Task runs this process has queued or runs (their claims are not leftovers). */
   private readonly tasksInHand = new Set<string>();
   /** Group-context tasks running as a turn of their chat's live container, by chat. */
-  private readonly taskTurns = new Map<string, { task: ScheduledTask; startedAt: Date }>();
+  private readonly taskTurns = new Map<string, TaskTurn>();
   /** Inbound messages the database could not take yet, oldest first (also in data/spill.jsonl). */
   private readonly spill: { message: NewMessage; chat: ChatMeta }[] = [];
   private readonly clock: Clock;
@@ -5714,11 +5714,7 @@ export class Host {
   }
 
   /** A task turn answered: recorded like any task run, then the chat's held messages (or the next task) follow. */
-  private finishTaskTurn(
-    group: RegisteredGroup,
-    turn: { task: ScheduledTask; startedAt: Date },
-    answer: ContainerResult,
-  ): void {
+  private finishTaskTurn(group: RegisteredGroup, turn: TaskTurn, answer: ContainerResult): void {
     const ok = answer.status === 'success';
     this.recordTaskTurn(turn, {
       result: ok ? answer.result : null,
@@ -5777,12 +5773,6 @@ export class Host {
   }
 
   /**
-   * Runs a scheduled task now in its group's container: the answer goes to the group's
-   * chat (minus <internal> text), the container closes right after it, and the run is
-   * logged in task_run_logs, all in one transaction with the claim's release. Paused or
-   * deleted tasks are skipped unless `force`.
-   */
-  /**
    * Runs one task now, whatever its schedule or status, without the service around it
    * (`tasks run`): what its agent asks of the host (send_message…) is done, and what it
    * says is sent where the channels can (the rest waits in the outbox).
@@ -5799,6 +5789,12 @@ export class Host {
     }
   }
 
+  /**
+   * Runs a scheduled task now in its group's container: the answer goes to the group's
+   * chat (minus <internal> text), the container closes right after it, and the run is
+   * logged in task_run_logs, all in one transaction with the claim's release. Paused or
+   * deleted tasks are skipped unless `force`.
+   */
   async runTask(taskId: string, force = false): Promise<TaskRunLog | null> {
     const task = this.runnableTask(taskId, force);
     if (!task) return null;
@@ -5837,10 +5833,7 @@ export class Host {
   }
 
   /** recordTaskRun for a task turn: a database that cannot take it leaves the claim, which the sweep recovers. */
-  private recordTaskTurn(
-    turn: { task: ScheduledTask; startedAt: Date },
-    outcome: { result: string | null; said: string[]; error: string | null },
-  ): void {
+  private recordTaskTurn(turn: TaskTurn, outcome: TaskOutcome): void {
     try {
       this.recordTaskRun(turn.task, turn.startedAt, outcome);
     } catch (err) {
@@ -5852,11 +5845,7 @@ export class Host {
   }
 
   /** A task run's end, in one transaction: its log, the task's state, what it said, the claim released. */
-  private recordTaskRun(
-    task: ScheduledTask,
-    startedAt: Date,
-    outcome: { result: string | null; said: string[]; error: string | null },
-  ): TaskRunLog {
+  private recordTaskRun(task: ScheduledTask, startedAt: Date, outcome: TaskOutcome): TaskRunLog {
     const { result, error } = outcome;
     const run: TaskRunLog = {
       taskId: task.id,
@@ -6423,10 +6412,6 @@ class ChatTerminal {
     }
   }
 
-  get busy(): boolean {
-    return this.spinner !== null;
-  }
-
   /** Calls `begun` at the first keystroke of each line (on a terminal; piped input has none). */
   onLineBegun(begun: () => void): void {
     if (!this.interactive) return;
@@ -6450,15 +6435,11 @@ export async function runChat(config: Config): Promise<number> {
   const main = ensureMainGroup(config, setupStore);
   setupStore.close();
   const terminal = new ChatTerminal(interactive, config.assistantName);
-  let busy = false;
   const local = new LocalChannel(
     main.jid,
     (text) => terminal.print(text),
     undefined,
-    (typing) => {
-      busy = typing;
-      terminal.working(typing);
-    },
+    (typing) => terminal.working(typing),
   );
   const { host, store, release } = await startHost(config, () => [local]);
   terminal.onLineBegun(() => local.typing()); // the agent starts while the person types
@@ -6475,9 +6456,8 @@ export async function runChat(config: Config): Promise<number> {
   const interrupt = () => {
     if (interruption) process.exit(130);
     interruption = (async () => {
-      // A line sent but not yet picked up counts too: it must not be answered at the next start.
-      const unanswered = store.messagesSince(main.jid, store.getCursor(main.jid), 1).length > 0;
-      if (busy || unanswered) {
+      // A turn in progress, or a line sent and not yet picked up: either must not be answered at the next start.
+      if (store.messagesSince(main.jid, store.getCursor(main.jid), 1).length > 0) {
         terminal.print('Stopped. That message will not be answered; send it again if you still want an answer.');
         await host.abandon(main.jid);
       }
@@ -6714,13 +6694,14 @@ function groupsCommand(config: Config, args: string[]): number {
     network: { type: 'string' },
   });
   const [action = 'list', ...rest] = positionals;
+  const [jid, folder] = rest;
+  const { name, trigger, network } = values as Record<string, string | undefined>; // the string options above
   const registerOnly = ['name', 'trigger', 'no-trigger', 'main', 'network'].filter(
     (option) => values[option] !== undefined,
   );
   if (action !== 'register' && registerOnly.length)
     throw new UsageError(`--${registerOnly[0]} belongs to groups register.`, 'groups');
   if (action === 'register') {
-    const [jid, folder] = rest;
     if (!jid || !folder || rest.length > 2)
       throw new UsageError('groups register needs a chat id and a folder name.', 'groups');
     if (!isValidJid(jid))
@@ -6728,13 +6709,11 @@ function groupsCommand(config: Config, args: string[]): number {
         `"${jid}" is not a WhatsApp chat id: a group is <digits>@g.us, a person <phone digits>@s.whatsapp.net (see the log or \`groups list\`).`,
         'groups',
       );
-    const trigger = values.trigger as string | undefined;
     if (trigger !== undefined && !isValidTrigger(trigger))
       throw new UsageError(
         `--trigger ${trigger}: a trigger is @ and a word, e.g. --trigger @${config.assistantName}.`,
         'groups',
       );
-    const network = values.network as string | undefined;
     if (network !== undefined && !isValidNetwork(network))
       throw new UsageError(
         `--network ${network}: use bridge, none or the name of a Docker network (never host).`,
@@ -6756,13 +6735,11 @@ function groupsCommand(config: Config, args: string[]): number {
       return 0;
     }
     if (action === 'register') {
-      const [jid, folder] = rest as [string, string];
-      const network = values.network as string | undefined;
       const group = addGroup(config, store, {
-        jid,
-        folder,
-        name: (values.name as string | undefined) ?? folder,
-        trigger: values.trigger as string | undefined,
+        jid: jid!,
+        folder: folder!,
+        name: name ?? folder!,
+        trigger,
         isMain: values.main === true,
         requiresTrigger: values['no-trigger'] ? false : undefined,
         containerConfig: network ? { network } : undefined,
@@ -7356,18 +7333,14 @@ function settingSource(
   key: string,
   env: Record<string, string | undefined> = process.env,
 ): 'environment' | '.env' | 'default' {
-  if (
-    env[key]?.trim() ||
-    ((SECRET_KEYS as readonly string[]).includes(key) && secretsFromEnvironment[key as SecretKey])
-  )
-    return 'environment';
+  if (env[key]?.trim() || (isSecretKey(key) && secretsFromEnvironment[key])) return 'environment';
   return readEnvFile(config.envFile)[key]?.trim() ? '.env' : 'default';
 }
 
 /** A setting as `config` prints it; the key itself never, only whether it is set. */
 function settingValue(config: Config, key: string): string {
-  if ((SECRET_KEYS as readonly string[]).includes(key)) {
-    const secret = readSecrets(config)[key as SecretKey];
+  if (isSecretKey(key)) {
+    const secret = readSecrets(config)[key];
     return secret ? `set (${secret.length} characters)` : '';
   }
   const value = SETTINGS[key]!(config);
