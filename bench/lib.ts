@@ -32,7 +32,7 @@ import {
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { startFakeModel, type FakeModel } from '../container/agent-runner/kimi-stub/fake-model.ts';
+import { contentText, startFakeModel, type FakeModel } from '../container/agent-runner/kimi-stub/fake-model.ts';
 import { addGroup, Host, loadConfig, setupLogging, Store, type Config } from '../nanoclaw.ts';
 import { RecordingChannel } from '../test/helpers.ts';
 
@@ -428,17 +428,10 @@ function lastUserText(body: string | undefined): string {
   if (!body) return '';
   try {
     const request = JSON.parse(body) as { messages?: { role: string; content?: unknown }[] };
-    const users = (request.messages ?? []).filter((m) => m.role === 'user');
-    const content = users.at(-1)?.content;
-    if (typeof content === 'string') return content;
-    if (Array.isArray(content))
-      return content
-        .map((p) => (p && typeof p === 'object' && 'text' in p ? String((p as { text: unknown }).text) : ''))
-        .join('');
+    return contentText((request.messages ?? []).filter((m) => m.role === 'user').at(-1)?.content);
   } catch {
-    // not JSON
+    return ''; // not JSON
   }
-  return '';
 }
 
 /** The tests' recording channel, with each delivery stamped with when it came (and a signal for waiting on it). */

@@ -40,7 +40,17 @@ import { availableParallelism } from 'node:os';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
 import { startFakeModel } from '../container/agent-runner/kimi-stub/fake-model.ts';
-import { installId, loadConfig, LOCAL_MAIN_JID, RESULT_END, Scheduler, Store } from '../nanoclaw.ts';
+import {
+  type Config,
+  defaultConcurrency,
+  installId,
+  loadConfig,
+  LOCAL_MAIN_JID,
+  RESULT_END,
+  type ScheduledTask,
+  Scheduler,
+  Store,
+} from '../nanoclaw.ts';
 import {
   Bench,
   ChatProcess,
@@ -177,9 +187,29 @@ async function timed(b: Bench, cmd: string[], project?: Project): Promise<number
   return ms;
 }
 
-/** The prefix of every container name a project's host gives (nanoclaw-<install id>-<folder>-). */
-function containerPrefix(project: Project, folder: string): string {
-  return `nanoclaw-${installId(loadConfig(project.root, project.env))}-${folder}-`;
+/** The prefix of the container names a project's host gives (nanoclaw-<install id>-, then <folder>- for one group's). */
+function containerPrefix(config: Config, folder?: string): string {
+  return `nanoclaw-${installId(config)}-${folder ? `${folder}-` : ''}`;
+}
+
+/** An active one-off task due at `at` (ms since the epoch). */
+function onceTask(
+  task: Pick<ScheduledTask, 'id' | 'groupFolder' | 'chatJid' | 'prompt'>,
+  at: number,
+  contextMode: ScheduledTask['contextMode'],
+): ScheduledTask {
+  const due = new Date(at).toISOString();
+  return {
+    ...task,
+    scheduleType: 'once',
+    scheduleValue: due,
+    contextMode,
+    nextRun: due,
+    lastRun: null,
+    lastResult: null,
+    status: 'active',
+    createdAt: new Date().toISOString(),
+  };
 }
 
 async function closeAll(world: World, jids: string[]): Promise<void> {
@@ -209,7 +239,7 @@ const COLD_STEPS: [string, string, string][] = [
 async function rowCold(b: Bench, runs: number): Promise<Row[]> {
   // LOG_LEVEL=debug: the run log then keeps the container's stderr (the timing lines).
   const project = b.project('cold', { LOG_LEVEL: 'debug' });
-  const prefix = containerPrefix(project, 'main');
+  const prefix = containerPrefix(loadConfig(project.root, project.env), 'main');
   progress('cold', 'warm-up (not counted): the engine, the first chat, the first session');
   await floorRun(b);
   const warm = await ChatProcess.start(b, project);
@@ -409,7 +439,7 @@ async function modelAlone(b: Bench): Promise<number> {
 
 async function rowFollowUp(b: Bench, runs: number): Promise<Row[]> {
   const project = b.project('followup');
-  const prefix = containerPrefix(project, 'main');
+  const prefix = containerPrefix(loadConfig(project.root, project.env), 'main');
   const watchDir = subdir(b, 'fswatch');
   const chat = await ChatProcess.start(b, project);
   const replies: number[] = [];
@@ -498,7 +528,7 @@ async function rowFollowUp(b: Bench, runs: number): Promise<Row[]> {
 
 async function rowTask(b: Bench, runs: number): Promise<Row[]> {
   const project = b.project('task');
-  const prefix = containerPrefix(project, 'main');
+  const prefix = containerPrefix(loadConfig(project.root, project.env), 'main');
   const dbPath = join(project.root, 'store', 'messages.db');
   const chat = await ChatProcess.start(b, project);
   const dueToReply: number[] = [];
@@ -521,20 +551,9 @@ async function rowTask(b: Bench, runs: number): Promise<Row[]> {
       const beforeTask = count();
       const store = new Store(dbPath);
       try {
-        store.createTask({
-          id: text,
-          groupFolder: 'main',
-          chatJid: LOCAL_MAIN_JID,
-          prompt: text,
-          scheduleType: 'once',
-          scheduleValue: new Date(due).toISOString(),
-          contextMode: 'group',
-          nextRun: new Date(due).toISOString(),
-          lastRun: null,
-          lastResult: null,
-          status: 'active',
-          createdAt: new Date().toISOString(),
-        });
+        store.createTask(
+          onceTask({ id: text, groupFolder: 'main', chatJid: LOCAL_MAIN_JID, prompt: text }, due, 'group'),
+        );
       } finally {
         store.close();
       }
@@ -599,20 +618,7 @@ async function rowScheduler(b: Bench, runs: number): Promise<Row[]> {
         const at = start + k * 150 + ((k * 37) % 100);
         const id = `sched-${i}-${k}`;
         due.set(id, at);
-        store.createTask({
-          id,
-          groupFolder: 'bench',
-          chatJid: 'bench@g.us',
-          prompt: 'tick',
-          scheduleType: 'once',
-          scheduleValue: new Date(at).toISOString(),
-          contextMode: 'isolated',
-          nextRun: new Date(at).toISOString(),
-          lastRun: null,
-          lastResult: null,
-          status: 'active',
-          createdAt: new Date().toISOString(),
-        });
+        store.createTask(onceTask({ id, groupFolder: 'bench', chatJid: 'bench@g.us', prompt: 'tick' }, at, 'isolated'));
         // The baseline: a bare timer for an instant 60 ms later (so the two never share a tick).
         const timerAt = at + 60;
         setTimeout(() => {
@@ -662,10 +668,7 @@ async function rowBurst(b: Bench, runs: number): Promise<Row[]> {
     folder: `g${k}`,
   }));
   const jids = groups.map((g) => g.jid);
-  const probe = b.project('burst-probe');
-  const probeConfig = loadConfig(probe.root, probe.env);
-  const defaultLimit = probeConfig.maxConcurrentContainers;
-  rmSync(probe.root, { recursive: true, force: true });
+  const defaultLimit = defaultConcurrency(); // what MAX_CONCURRENT_CONTAINERS is when unset
   const limits = [...new Set([defaultLimit, 10])];
   const worlds: World[] = [];
   for (const limit of limits)
@@ -676,7 +679,7 @@ async function rowBurst(b: Bench, runs: number): Promise<Row[]> {
   /** Closes every container of a world and waits until the engine has removed each one. */
   const settle = async (world: World) => {
     await closeAll(world, jids);
-    const prefix = `nanoclaw-${installId(world.config)}-`;
+    const prefix = containerPrefix(world.config);
     for (const run of b.runs().filter((r) => r.name.startsWith(prefix))) await b.waitEvent(run.name, 'destroy', 60_000);
   };
   try {
@@ -727,7 +730,7 @@ async function rowBurst(b: Bench, runs: number): Promise<Row[]> {
       samples: total.get(limit)!,
       baseline: `ideal: one group alone (measured before each burst) × ceil(${count}/${limit}) = × ${waves}`,
       base: { median: median(single) * waves, worst: maxOf(single) * waves },
-      note: `${availableParallelism()} CPUs; CONTAINER_CPUS ${probeConfig.container.cpus} each; baseline n = ${single.length}`,
+      note: `${availableParallelism()} CPUs; CONTAINER_CPUS ${worlds[0]!.config.container.cpus} each; baseline n = ${single.length}`,
     });
   }
   return rows;
@@ -947,8 +950,8 @@ async function rowSlot(b: Bench, runs: number): Promise<Row[]> {
     { jid: a, folder: 'ga', requiresTrigger: false },
     { jid: c, folder: 'gc', requiresTrigger: false },
   ]);
-  const prefixA = `nanoclaw-${installId(world.config)}-ga-`;
-  const prefixC = `nanoclaw-${installId(world.config)}-gc-`;
+  const prefixA = containerPrefix(world.config, 'ga');
+  const prefixC = containerPrefix(world.config, 'gc');
   const { channel, host } = world;
   const toFree: number[] = [];
   const toGone: number[] = [];

@@ -59,20 +59,13 @@ async function underFault(
     const t = tally(items, deliveries(project), named);
     const left = Object.values(stuck(project)).reduce((a, b) => a + b, 0);
     const died = alive ? '' : `; THE HOST DIED (exit ${host.proc.exitCode}): ${host.lastWords()}`;
-    const errorLog = join(project.config.logsDir, 'nanoclaw.error.log');
-    const caught = existsSync(errorLog)
-      ? readFileSync(errorLog, 'utf8')
-          .split('\n')
-          .filter((l) => l.includes('NanoClaw keeps running')).length
-      : 0;
+    const caught = logLinesMatching(join(project.config.logsDir, 'nanoclaw.error.log'), /NanoClaw keeps running/);
     const unexpected = caught ? `; ${caught} unexpected error(s) caught by the process handler` : '';
     // Proof the fault was felt: what the host logged about it (the spill, a log it could not write).
-    const hostLog = join(project.config.logsDir, 'nanoclaw.log');
-    const felt = existsSync(hostLog)
-      ? readFileSync(hostLog, 'utf8')
-          .split('\n')
-          .filter((l) => /cannot take messages right now|could not record|Could not record/.test(l)).length
-      : 0;
+    const felt = logLinesMatching(
+      join(project.config.logsDir, 'nanoclaw.log'),
+      /cannot take messages right now|could not record|Could not record/,
+    );
     return {
       drill,
       kills: 0,
@@ -87,6 +80,14 @@ async function underFault(
     await host.close();
     project.stop();
   }
+}
+
+/** How many lines of a log file match (0 when there is no file yet). */
+function logLinesMatching(file: string, pattern: RegExp): number {
+  if (!existsSync(file)) return 0;
+  return readFileSync(file, 'utf8')
+    .split('\n')
+    .filter((line) => pattern.test(line)).length;
 }
 
 const chattr = (flag: '+i' | '-i', path: string) => {
@@ -116,14 +117,10 @@ export async function dbLocked(): Promise<Row> {
  * the drill host 2 times in 6 (a "Bus error" in Bun's crash report) before this changed.
  */
 export async function walReadOnly(): Promise<Row> {
-  const files = (p: { config: Config }) => [`${p.config.dbPath}-wal`];
+  const wal = (p: { config: Config }) => `${p.config.dbPath}-wal`;
   return underFault('WAL read-only (4 s)', 'chattr +i on messages.db-wal', {
-    start: (p) => {
-      for (const f of files(p)) chattr('+i', f);
-    },
-    stop: (p) => {
-      for (const f of files(p)) chattr('-i', f);
-    },
+    start: (p) => chattr('+i', wal(p)),
+    stop: (p) => chattr('-i', wal(p)),
   });
 }
 

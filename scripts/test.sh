@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # `npm test` (and CI): installs everything the tests need, then type-checks and runs them all.
 # The end-to-end tests use a real Docker engine and the test image built from
-# container/Dockerfile (scripts/ensure-docker.sh and container/build.sh --test prepare them).
+# container/Dockerfile (scripts/test-image.sh prepares both, and Bun).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 step() { printf '\033[1m==> %s\033[0m\n' "$*"; }
 
-bash scripts/setup.sh
+bash scripts/test-image.sh
 [ -d .tools/node_modules/.bin ] && export PATH="$PWD/.tools/node_modules/.bin:$PATH"
 
 if ! command -v sqlite3 >/dev/null; then
@@ -18,16 +18,6 @@ if ! command -v sqlite3 >/dev/null; then
     exit 1
   fi
 fi
-
-bash scripts/ensure-docker.sh
-# Behind a TLS-inspecting proxy (its CA in NODE_EXTRA_CA_CERTS / SSL_CERT_FILE), the image
-# build needs that CA too.
-# The host's own bundle is the fallback: harmless when it holds only the usual CAs.
-for ca in "${BUILD_CA_CERT:-}" "${NODE_EXTRA_CA_CERTS:-}" "${SSL_CERT_FILE:-}" /etc/ssl/certs/ca-certificates.crt; do
-  if [ -n "$ca" ] && [ -f "$ca" ]; then export BUILD_CA_CERT=$ca; break; fi
-done
-step "Building the test image nanoclaw-agent:test"
-./container/build.sh --test
 
 step "Type-checking"
 bunx tsc --noEmit
