@@ -150,7 +150,7 @@ export function scriptedReply(request: ChatRequest): ScriptedReply {
         : { kind: 'tool', name: 'Shell', args: { command: 'echo checked' }, text: 'Let me check.' };
     case '!ask': {
       if (toolResult) {
-        const output = JSON.parse(contentText(toolResult.content).replace(/^<system>[\s\S]*?<\/system>\n?/, '')) as {
+        const output = JSON.parse(toolOutput(toolResult.content)) as {
           answers: Record<string, string>;
           note?: string;
         };
@@ -336,12 +336,13 @@ export function startFakeModel(
     }
     requests.push({ path, authorization: req.headers.get('authorization'), body });
     const authorized = options.key === undefined || req.headers.get('authorization') === `Bearer ${options.key}`;
+    const refused = () =>
+      Response.json(
+        { error: { message: 'Invalid Authentication', type: 'invalid_authentication_error' } },
+        { status: 401 },
+      );
     if (req.method === 'GET' && path.endsWith('/models')) {
-      if (!authorized)
-        return Response.json(
-          { error: { message: 'Invalid Authentication', type: 'invalid_authentication_error' } },
-          { status: 401 },
-        );
+      if (!authorized) return refused();
       return Response.json({
         object: 'list',
         data: [
@@ -361,12 +362,7 @@ export function startFakeModel(
         { error: { message: `no route ${req.method} ${path}`, type: 'not_found' } },
         { status: 404 },
       );
-    if (options.key !== undefined && req.headers.get('authorization') !== `Bearer ${options.key}`) {
-      return Response.json(
-        { error: { message: 'Invalid Authentication', type: 'invalid_authentication_error' } },
-        { status: 401 },
-      );
-    }
+    if (!authorized) return refused();
     const reply = options.drill ? drillReply(body) : scriptedReply(body);
     const think = options.delayMs?.() ?? 0;
     if (think > 0) await Bun.sleep(think);

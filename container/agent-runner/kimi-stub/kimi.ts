@@ -784,6 +784,9 @@ export class ProviderError extends Error {
 export const MAX_ATTEMPTS_PER_STEP = 3;
 export const CLIENT_RETRIES = 2;
 
+/** openai-python's backoff before retry n (from 0), in ms; see postWithClientRetries. */
+const clientBackoffMs = (retry: number) => Math.min(0.5 * 2 ** retry, 8) * (1 - 0.25 * Math.random()) * 1000;
+
 /**
  * One HTTP request the way openai-python makes it: 408, 409, 429, 5xx and connection
  * errors are retried twice (backoff 0.5·2ⁿ s, at most 8, minus up to a quarter; a
@@ -797,7 +800,7 @@ async function postWithClientRetries(url: string, init: RequestInit, signal: Abo
     } catch (err) {
       if (signal.aborted) throw err;
       if (retry < CLIENT_RETRIES) {
-        await retryWait(Math.min(0.5 * 2 ** retry, 8) * (1 - 0.25 * Math.random()) * 1000);
+        await retryWait(clientBackoffMs(retry));
         continue;
       }
       throw new ProviderError('Connection error.', null, true, 'APIConnectionError');
@@ -812,9 +815,7 @@ async function postWithClientRetries(url: string, init: RequestInit, signal: Abo
       const after =
         Number(response.headers.get('retry-after-ms')) || Number(response.headers.get('retry-after')) * 1000 || 0;
       await response.body?.cancel();
-      await retryWait(
-        after > 0 && after <= 60_000 ? after : Math.min(0.5 * 2 ** retry, 8) * (1 - 0.25 * Math.random()) * 1000,
-      );
+      await retryWait(after > 0 && after <= 60_000 ? after : clientBackoffMs(retry));
       continue;
     }
     throw new ProviderError(

@@ -44,7 +44,7 @@ const MODULE_START = Date.now();
 export const RESULT_START = '---NANOCLAW_RESULT_START---';
 export const RESULT_END = '---NANOCLAW_RESULT_END---';
 
-export interface RunnerInput {
+interface RunnerInput {
   prompt: string;
   groupFolder: string;
   chatJid: string;
@@ -57,7 +57,7 @@ export interface RunnerInput {
   warm?: boolean;
 }
 
-export interface RunnerResult {
+interface RunnerResult {
   status: 'success' | 'error';
   result: string | null;
   /** What earlier steps of the turn said (e.g. "Let me check."), each its own message, in order, before `result`. */
@@ -68,9 +68,9 @@ export interface RunnerResult {
   error?: string;
 }
 
-export class InputError extends Error {}
+class InputError extends Error {}
 
-export type ErrorKind = 'auth' | 'rate-limit' | 'unavailable' | 'context' | 'other';
+type ErrorKind = 'auth' | 'rate-limit' | 'unavailable' | 'context' | 'other';
 
 /**
  * What kind of failure a CLI error is, from the messages kimi-cli 1.49.0 sends: provider
@@ -117,14 +117,15 @@ export function answerFor(question: QuestionItem, reply: string): string {
   return byLabel?.label ?? text;
 }
 
+const unescapeXml = (t: string) =>
+  t
+    .replace(/&lt;/g, '<')
+    .replace(/&gt;/g, '>')
+    .replace(/&quot;/g, '"')
+    .replace(/&amp;/g, '&');
+
 /** The text of a follow-up as the host formats it (<messages><message …>text</message>…), or the follow-up itself. */
-export function followUpText(prompt: string): string {
-  const unescapeXml = (t: string) =>
-    t
-      .replace(/&lt;/g, '<')
-      .replace(/&gt;/g, '>')
-      .replace(/&quot;/g, '"')
-      .replace(/&amp;/g, '&');
+function followUpText(prompt: string): string {
   const messages = [...prompt.matchAll(/<message\b[^>]*>([\s\S]*?)<\/message>/g)].map((m) => unescapeXml(m[1]!).trim());
   return messages.length ? messages.join('\n') : prompt.trim();
 }
@@ -200,12 +201,12 @@ export function parseInput(text: string): RunnerInput {
   return input as unknown as RunnerInput;
 }
 
-export function formatResult(result: RunnerResult): string {
+function formatResult(result: RunnerResult): string {
   return `${RESULT_START}\n${JSON.stringify(result)}\n${RESULT_END}\n`;
 }
 
 /** Where things are; every path can be moved by the environment so tests run outside Docker. */
-export function runnerPaths(env: Record<string, string | undefined> = process.env) {
+function runnerPaths(env: Record<string, string | undefined> = process.env) {
   const workspace = env.NANOCLAW_WORKSPACE ?? '/workspace';
   const kimiHome = join(env.HOME ?? homedir(), '.kimi');
   return {
@@ -227,7 +228,7 @@ export function runnerPaths(env: Record<string, string | undefined> = process.en
  * a base URL, so this forwarder listens on the container's loopback — there even with
  * --network none — and passes each connection to the socket byte for byte.
  */
-export async function startModelForwarder(socketPath: string): Promise<{ url: string; close(): void }> {
+async function startModelForwarder(socketPath: string): Promise<{ url: string; close(): void }> {
   const server = createServer((client) => {
     const upstream = connect(socketPath);
     const end = () => {
@@ -250,9 +251,7 @@ export async function startModelForwarder(socketPath: string): Promise<{ url: st
 }
 
 /** Where the CLI sends model requests: the host's proxy when there is one, else KIMI_BASE_URL or the default. */
-export async function modelEndpoint(
-  env: Record<string, string | undefined>,
-): Promise<{ baseUrl?: string; close(): void }> {
+async function modelEndpoint(env: Record<string, string | undefined>): Promise<{ baseUrl?: string; close(): void }> {
   if (env.NANOCLAW_MODEL_SOCKET) {
     if (!existsSync(env.NANOCLAW_MODEL_SOCKET))
       throw new Error(`the model proxy socket ${env.NANOCLAW_MODEL_SOCKET} is missing`);
@@ -274,8 +273,8 @@ function log(message: string): void {
  * The benchmark marks: with NANOCLAW_TIMING=1, `[agent-runner] timing <phase> <epoch-ms>`
  * on stderr, each phase once (the first time it is reached); otherwise nothing.
  */
-export type TimingPhase = 'start' | 'input' | 'cli-ready' | 'prompt' | 'first-event' | 'result';
-export type Mark = (phase: TimingPhase, at?: number) => void;
+type TimingPhase = 'start' | 'input' | 'cli-ready' | 'prompt' | 'first-event' | 'result';
+type Mark = (phase: TimingPhase, at?: number) => void;
 
 export function timingMarks(
   env: Record<string, string | undefined>,
@@ -290,7 +289,7 @@ export function timingMarks(
   };
 }
 
-export interface InboxOptions {
+interface InboxOptions {
   /** The safety poll's period, ms (NANOCLAW_INBOX_POLL_MS; default 1000). */
   pollMs?: number;
   /** Watch the folder for file events (default true; NANOCLAW_INBOX_WATCH=0 turns it off, leaving the poll alone). */
@@ -298,13 +297,13 @@ export interface InboxOptions {
 }
 
 /** The inbox settings from the environment (for tests; the host sets neither). */
-export function inboxOptions(env: Record<string, string | undefined>): InboxOptions {
+function inboxOptions(env: Record<string, string | undefined>): InboxOptions {
   const pollMs = Number(env.NANOCLAW_INBOX_POLL_MS);
-  return { pollMs: pollMs > 0 ? pollMs : 1000, watch: env.NANOCLAW_INBOX_WATCH !== '0' };
+  return { pollMs: pollMs > 0 ? pollMs : undefined, watch: env.NANOCLAW_INBOX_WATCH !== '0' };
 }
 
 /** What the wait between turns ends with. */
-export type NextInput = { kind: 'message'; text: string } | { kind: 'close' } | { kind: 'idle' };
+type NextInput = { kind: 'message'; text: string } | { kind: 'close' } | { kind: 'idle' };
 
 /**
  * Follow-up messages and the close request, read from the IPC input folder. Two ways in,
@@ -484,7 +483,7 @@ export async function startCli(session: Session): Promise<boolean> {
 }
 
 /** How the agent reaches the people in the chat mid-turn: for its questions. */
-export interface ChatLine {
+interface ChatLine {
   /** Sends a message to the chat now (an IPC message the host delivers), or false when there is no chat to send to. */
   say(text: string): boolean;
   /** Whether follow-ups can arrive (not in a scheduled task's container, not run by hand). */
@@ -530,7 +529,7 @@ async function answerQuestions(
  * so the host records them in one go with what they answered. What the CLI asks mid-turn
  * is answered: questions through the chat, approvals by policy (the runner is yolo).
  */
-export async function runTurn(
+async function runTurn(
   session: Session,
   prompt: string,
   inbox: Inbox,
@@ -622,12 +621,12 @@ export function cliWithOwnConfig(executable: string, configFile: string, dir = t
  * the key given on stdin, and only until the runner exits. The CLI itself reads this run's
  * own copy (`ownConfig`, in /tmp), never another run's.
  */
-export function writeKimiFiles(
+function writeKimiFiles(
   input: RunnerInput,
   paths: ReturnType<typeof runnerPaths>,
   env: Record<string, string | undefined>,
   baseUrl?: string,
-): { agentFile: string; role: string; ownConfig: string } {
+): { agentFile: string; role: string; ownConfig: string; memories: ReturnType<typeof memories> } {
   mkdirSync(paths.kimiHome, { recursive: true });
   const apiKey = input.secrets?.KIMI_API_KEY ?? keyFromEnvFile(readIfExists(paths.envFile) ?? '');
   const config = buildConfigToml({ apiKey, baseUrl, ...kimiModel(env) });
@@ -644,19 +643,20 @@ export function writeKimiFiles(
     timezone,
   };
   writeFileSync(paths.mcpJson, buildMcpConfig(identity, join(import.meta.dir, 'mcp-server.ts'), process.execPath));
+  const memoriesNow = memories(input, paths);
   const role = buildRole({
     assistantName: input.assistantName || env.ASSISTANT_NAME || 'Andy',
     isMain: input.isMain,
     timezone,
-    ...memories(input, paths),
+    ...memoriesNow,
   });
   const agentFile = join(tmpdir(), `nanoclaw-agent-${process.pid}.yaml`);
   writeFileSync(agentFile, buildAgentFile(role));
-  return { agentFile, role, ownConfig };
+  return { agentFile, role, ownConfig, memories: memoriesNow };
 }
 
 /** The model settings for config.toml: name, provider type and what the model can take in. */
-export function kimiModel(env: Record<string, string | undefined>) {
+function kimiModel(env: Record<string, string | undefined>) {
   const modelName = env.KIMI_MODEL_NAME;
   const capabilities =
     env.KIMI_MODEL_CAPABILITIES !== undefined
@@ -668,7 +668,7 @@ export function kimiModel(env: Record<string, string | undefined>) {
 }
 
 /** The two memories as they are now: the shared one (not for main, which edits it) and the group's. */
-export function memories(input: RunnerInput, paths: ReturnType<typeof runnerPaths>) {
+function memories(input: RunnerInput, paths: ReturnType<typeof runnerPaths>) {
   return {
     globalMemory: input.isMain ? null : readIfExists(join(paths.global, 'CLAUDE.md')),
     groupMemory: readIfExists(join(paths.group, 'CLAUDE.md')),
@@ -690,13 +690,13 @@ export function withMemoryUpdate(
 }
 
 /** Leaves no credential behind in the group's .kimi folder (a host bind mount). */
-export function removeKey(paths: ReturnType<typeof runnerPaths>, env: Record<string, string | undefined>): void {
+function removeKey(paths: ReturnType<typeof runnerPaths>, env: Record<string, string | undefined>): void {
   if (existsSync(paths.configToml)) {
     writeFileSync(paths.configToml, buildConfigToml(kimiModel(env)), { mode: 0o600 });
   }
 }
 
-export async function main(env: Record<string, string | undefined> = process.env): Promise<number> {
+async function main(env: Record<string, string | undefined> = process.env): Promise<number> {
   const paths = runnerPaths(env);
   const mark = timingMarks(env);
   mark('start', MODULE_START);
@@ -708,20 +708,14 @@ export async function main(env: Record<string, string | undefined> = process.env
   // (e.g. the guide's manual test) the runner answers once and exits.
   const takesFollowUps = existsSync(paths.input);
   let input: RunnerInput;
+  let endpoint: Awaited<ReturnType<typeof modelEndpoint>>;
   try {
     input = parseInput(await readStdin(Number(env.NANOCLAW_STDIN_TIMEOUT_MS ?? 60_000)));
     if (input.warm && !takesFollowUps)
       throw new InputError(
         `a warm start ("warm": true) needs the inbox ${paths.input}: its first message is the first prompt`,
       );
-  } catch (err) {
-    writeResult({ status: 'error', result: null, error: err instanceof Error ? err.message : String(err) });
-    return 1;
-  }
-  mark('input');
-
-  let endpoint: Awaited<ReturnType<typeof modelEndpoint>>;
-  try {
+    mark('input');
     endpoint = await modelEndpoint(env);
   } catch (err) {
     writeResult({ status: 'error', result: null, error: err instanceof Error ? err.message : String(err) });
@@ -730,10 +724,8 @@ export async function main(env: Record<string, string | undefined> = process.env
   // The CLI inherits this environment; its KIMI_* overrides would bypass config.toml (and the proxy).
   delete process.env.KIMI_API_KEY;
   delete process.env.KIMI_BASE_URL;
-  const { agentFile, role, ownConfig } = writeKimiFiles(input, paths, env, endpoint.baseUrl);
+  const { agentFile, role, ownConfig, memories: memoriesAtStart } = writeKimiFiles(input, paths, env, endpoint.baseUrl);
   const executable = cliWithOwnConfig(env.KIMI_EXECUTABLE || 'kimi', ownConfig);
-  const open = (sessionId: string) =>
-    createSession({ workDir: paths.group, sessionId, model: MODEL_ALIAS, yoloMode: true, agentFile, executable });
   // The CLI starts as soon as its session is opened, while the runner sets up the rest (and,
   // in a warm start, while it waits for the first message): the first prompt finds it running.
   const startNow = (opened: Session) =>
@@ -746,13 +738,24 @@ export async function main(env: Record<string, string | undefined> = process.env
           `the CLI did not start ahead of the prompt (${err instanceof Error ? err.message : err}); the prompt starts it`,
         ),
     );
+  const openSession = (id: string) => {
+    const opened = createSession({
+      workDir: paths.group,
+      sessionId: id,
+      model: MODEL_ALIAS,
+      yoloMode: true,
+      agentFile,
+      executable,
+    });
+    const started = startNow(opened);
+    process.stderr.write(`Session initialized: ${id}\n`);
+    return { session: opened, cliStarted: started };
+  };
   const sessionId = input.sessionId ?? randomUUID();
   if (input.sessionId && refreshSystemPrompt(sessionContextFile(paths.kimiHome, paths.group, sessionId), role)) {
     log('the memory or role changed since this session began: its system prompt is renewed');
   }
-  let session = open(sessionId);
-  let cliStarted = startNow(session);
-  process.stderr.write(`Session initialized: ${sessionId}\n`);
+  let { session, cliStarted } = openSession(sessionId);
 
   const idleLimitMs = Number(env.NANOCLAW_RUNNER_IDLE_MS ?? 30 * 60_000);
   const inbox = new Inbox(paths.input, inboxOptions(env));
@@ -766,7 +769,6 @@ export async function main(env: Record<string, string | undefined> = process.env
       return true;
     },
   };
-  const memoriesAtStart = memories(input, paths);
   let exitCode = 0;
   const finish = async () => {
     inbox.stop();
@@ -801,9 +803,7 @@ export async function main(env: Record<string, string | undefined> = process.env
       // The conversation outgrew the model: go on in a fresh session, and say so.
       log(`the session's context is full (${result.error}); starting a fresh session`);
       await session.close().catch(() => {});
-      session = open(randomUUID());
-      cliStarted = startNow(session);
-      process.stderr.write(`Session initialized: ${session.sessionId}\n`);
+      ({ session, cliStarted } = openSession(randomUUID()));
       await cliStarted;
       result = await runTurn(session, prompt, inbox, chat, mark);
       if (result.status === 'success') result = { ...result, earlier: [FRESH_SESSION_NOTE, ...(result.earlier ?? [])] };

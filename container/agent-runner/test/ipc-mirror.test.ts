@@ -4,17 +4,13 @@
  * in the folder it was written to, and every action in the table has a tool that writes it.
  * This is what keeps the MCP tools' schemas and the host's mirrored.
  */
-import { Client } from '@modelcontextprotocol/sdk/client/index.js';
-import { StdioClientTransport } from '@modelcontextprotocol/sdk/client/stdio.js';
 import { mkdirSync, mkdtempSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { describe, expect, it } from 'vitest';
 import { ipcActions, parseIpcRequest, type IpcKind } from '../../../nanoclaw.ts';
 import { writeIpcFile } from '../src/mcp-server.ts';
-
-const RUNNER_DIR = fileURLToPath(new URL('..', import.meta.url));
+import { connectMcp } from './mcp-client.ts';
 
 describe('IPC: the MCP tools and the host’s table agree', () => {
   it('every file the tools write parses on the host, in its folder, and every host action has a writer', async () => {
@@ -35,20 +31,9 @@ describe('IPC: the MCP tools and the host’s table agree', () => {
       recent_runs: [],
     };
     writeFileSync(join(ipcDir, 'current_tasks.json'), JSON.stringify([task]));
-    const client = new Client({ name: 'mirror', version: '1' });
-    await client.connect(
-      new StdioClientTransport({
-        command: process.execPath,
-        args: [join(RUNNER_DIR, 'src', 'mcp-server.ts')],
-        env: {
-          PATH: process.env.PATH!,
-          NANOCLAW_CHAT_JID: 'me@s.whatsapp.net',
-          NANOCLAW_GROUP_FOLDER: 'main',
-          NANOCLAW_IS_MAIN: '1',
-          NANOCLAW_IPC_DIR: ipcDir,
-          TZ: 'Europe/Berlin',
-        },
-      }),
+    const client = await connectMcp(
+      { chatJid: 'me@s.whatsapp.net', groupFolder: 'main', isMain: true, ipcDir, timezone: 'Europe/Berlin' },
+      'mirror',
     );
     const calls: [string, Record<string, unknown>][] = [
       ['send_message', { text: 'hello' }],

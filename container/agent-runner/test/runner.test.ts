@@ -3,8 +3,6 @@
  * server and client, with the kimi wire-protocol stub as the CLI. HOME and the workspace
  * live in temp dirs.
  */
-import { Client } from '@modelcontextprotocol/sdk/client/index.js';
-import { StdioClientTransport } from '@modelcontextprotocol/sdk/client/stdio.js';
 import {
   existsSync,
   mkdirSync,
@@ -28,7 +26,7 @@ import {
   keyFromEnvFile,
   scheduledTaskPrompt,
 } from '../src/config.ts';
-import { scheduleProblem } from '../src/mcp-server.ts';
+import { scheduleProblem, writeIpcFile } from '../src/mcp-server.ts';
 import type { Session } from '@moonshot-ai/kimi-agent-sdk';
 import {
   answerFor,
@@ -46,6 +44,7 @@ import {
   timingMarks,
   withMemoryUpdate,
 } from '../src/runner.ts';
+import { connectMcp } from './mcp-client.ts';
 
 const RUNNER_DIR = fileURLToPath(new URL('..', import.meta.url));
 const STUB = join(RUNNER_DIR, 'kimi-stub', 'kimi');
@@ -148,11 +147,8 @@ const input = (prompt: string, extra: Record<string, unknown> = {}) => ({
   ...extra,
 });
 const close = (ws: ReturnType<typeof workspace>) => writeFileSync(join(ws.ws, 'ipc', 'input', '_close'), '');
-const followUp = (ws: ReturnType<typeof workspace>, text: string) => {
-  const name = `${Date.now()}-${Math.random().toString(36).slice(2)}.json`;
-  writeFileSync(join(ws.ws, 'ipc', 'input', `.${name}`), JSON.stringify({ type: 'message', text }));
-  Bun.spawnSync(['mv', join(ws.ws, 'ipc', 'input', `.${name}`), join(ws.ws, 'ipc', 'input', name)]);
-};
+const followUp = (ws: ReturnType<typeof workspace>, text: string) =>
+  writeIpcFile(join(ws.ws, 'ipc', 'input'), { type: 'message', text });
 
 describe('config builders', () => {
   it('config.toml names the k25 alias, the provider and the key, with TOML-safe strings', () => {
@@ -369,36 +365,23 @@ describe('the runner with the real SDK and the kimi stub', () => {
     const ws = workspace({}, true);
     const run = await runRunner(ws, input(messages('hello')), async (live) => {
       await until(() => live.results().length === 1, 'the first answer');
-      const name = `${Date.now()}-task.json`;
-      writeFileSync(
-        join(ws.ws, 'ipc', 'input', `.${name}`),
-        JSON.stringify({ type: 'task', text: 'water the plants' }),
-      );
-      renameSync(join(ws.ws, 'ipc', 'input', `.${name}`), join(ws.ws, 'ipc', 'input', name));
+      writeIpcFile(join(ws.ws, 'ipc', 'input'), { type: 'task', text: 'water the plants' });
       await until(() => live.results().length === 2, 'the task’s answer');
       close(ws);
     });
     expect(run.code).toBe(0);
     expect(run.results.map((r) => r.result)).toEqual(['[stub] hello', '[stub] water the plants']);
     expect(new Set(run.results.map((r) => r.sessionId)).size).toBe(1);
-    const history = readdirSync(join(ws.home, '.kimi', 'sessions')).flatMap((dir) =>
-      readdirSync(join(ws.home, '.kimi', 'sessions', dir)).map((s) =>
-        join(ws.home, '.kimi', 'sessions', dir, s, 'context.jsonl'),
-      ),
-    );
-    expect(readFileSync(history[0]!, 'utf8')).toContain('Scheduled task');
+    const history = sessionContextFile(join(ws.home, '.kimi'), join(ws.ws, 'group'), run.results[0]!.sessionId!);
+    expect(readFileSync(history, 'utf8')).toContain('Scheduled task');
   });
 
   it('a scheduled task is told nobody sent it', async () => {
     const ws = workspace();
     const run = await runRunner(ws, input('water the plants', { isScheduledTask: true }));
     expect(run.results[0]!.result).toBe('[stub] water the plants');
-    const history = readdirSync(join(ws.home, '.kimi', 'sessions')).flatMap((dir) =>
-      readdirSync(join(ws.home, '.kimi', 'sessions', dir)).map((s) =>
-        join(ws.home, '.kimi', 'sessions', dir, s, 'context.jsonl'),
-      ),
-    );
-    expect(readFileSync(history[0]!, 'utf8')).toContain('Scheduled task');
+    const history = sessionContextFile(join(ws.home, '.kimi'), join(ws.ws, 'group'), run.results[0]!.sessionId!);
+    expect(readFileSync(history, 'utf8')).toContain('Scheduled task');
   });
 
   it('send_message through the real MCP server writes an IPC file; a non-main group cannot register groups', async () => {
@@ -427,21 +410,13 @@ describe('the runner with the real SDK and the kimi stub', () => {
 describe('the nanoclaw MCP server over stdio', () => {
   async function connect(isMain: boolean, ipcDir: string, tasks: unknown[] = []) {
     writeFileSync(join(ipcDir, 'current_tasks.json'), JSON.stringify(tasks));
-    const client = new Client({ name: 'test', version: '1' });
-    await client.connect(
-      new StdioClientTransport({
-        command: process.execPath,
-        args: [join(RUNNER_DIR, 'src', 'mcp-server.ts')],
-        env: {
-          PATH: process.env.PATH!,
-          NANOCLAW_CHAT_JID: 'me@g.us',
-          NANOCLAW_GROUP_FOLDER: 'me',
-          NANOCLAW_IS_MAIN: isMain ? '1' : '0',
-          NANOCLAW_IPC_DIR: ipcDir,
-          TZ: 'Europe/Berlin',
-        },
-      }),
-    );
+    const client = await connectMcp({
+      chatJid: 'me@g.us',
+      groupFolder: 'me',
+      isMain,
+      ipcDir,
+      timezone: 'Europe/Berlin',
+    });
     const call = async (name: string, args: Record<string, unknown> = {}) => {
       const result = (await client.callTool({ name, arguments: args })) as {
         content: { text: string }[];
@@ -800,8 +775,8 @@ describe('the runner’s pure parts for these', () => {
 describe('the inbox: a watch, and a safety poll for when file events do not come', () => {
   const folder = () => mkdtempSync(join(tmpdir(), 'nanoclaw-inbox-'));
   /** Written as the host writes it: a dot-named temp file, renamed into place. */
-  const drop = (dir: string, name: string, text: string) => {
-    writeFileSync(join(dir, `.${name}`), JSON.stringify({ type: 'message', text }));
+  const drop = (dir: string, name: string, text: string, type = 'message') => {
+    writeFileSync(join(dir, `.${name}`), JSON.stringify({ type, text }));
     renameSync(join(dir, `.${name}`), join(dir, name));
   };
   const inboxes: Inbox[] = [];
@@ -872,8 +847,7 @@ describe('the inbox: a watch, and a safety poll for when file events do not come
     const steered: string[] = [];
     inbox.onMessage = (text) => steered.push(text);
     const answer = inbox.nextAnswer(50);
-    writeFileSync(join(dir, '.1-t.json'), JSON.stringify({ type: 'task', text: 'water the plants' }));
-    renameSync(join(dir, '.1-t.json'), join(dir, '1-t.json'));
+    drop(dir, '1-t.json', 'water the plants', 'task');
     expect(await answer).toBeNull();
     expect(steered).toEqual([]);
     inbox.onMessage = null;
