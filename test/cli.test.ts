@@ -12,6 +12,7 @@ import {
   openAsWhatsAppWould,
   pendingPairingAuthDir,
   RecordingWhatsApp,
+  taskRow,
   tempDir,
   tempProject,
   waitFor,
@@ -33,6 +34,18 @@ beforeEach(() => {
   writeFileSync(join(root, '.env'), `KIMI_API_KEY=${SECRET}\nTZ=UTC\n`);
 });
 
+/** The environment the CLI runs in here: this project, the fake docker, no model unless `extra` names one. */
+function cliEnv(extra: Record<string, string> = {}): Record<string, string> {
+  return {
+    PATH: process.env.PATH!,
+    HOME: process.env.HOME!,
+    NANOCLAW_ROOT: root,
+    CONTAINER_RUNTIME: docker.path,
+    KIMI_BASE_URL: NO_MODEL_URL,
+    ...extra,
+  };
+}
+
 /** Runs `bun nanoclaw.ts …` the way a user does, from the project directory. */
 async function cli(args: string[], stdin = '', env: Record<string, string> = {}) {
   const proc = Bun.spawn([process.execPath, ENTRY, ...args], {
@@ -40,14 +53,7 @@ async function cli(args: string[], stdin = '', env: Record<string, string> = {})
     stdin: new Blob([stdin]),
     stdout: 'pipe',
     stderr: 'pipe',
-    env: {
-      PATH: process.env.PATH!,
-      HOME: process.env.HOME!,
-      NANOCLAW_ROOT: root,
-      CONTAINER_RUNTIME: docker.path,
-      KIMI_BASE_URL: NO_MODEL_URL,
-      ...env,
-    },
+    env: cliEnv(env),
   });
   const [stdout, stderr, code] = await Promise.all([
     new Response(proc.stdout).text(),
@@ -167,13 +173,10 @@ describe('bun nanoclaw.ts', () => {
     const model = startFakeModel({ key: SECRET });
     try {
       writeFileSync(join(root, '.env'), `KIMI_API_KEY=${SECRET}\n`);
-      // Spawned without blocking: this process serves the model.
+      // cli() spawns without blocking: this process serves the model.
       const check = async (env: Record<string, string>) => {
-        const proc = Bun.spawn(['bun', ENTRY, 'model', 'check'], {
-          stdout: 'pipe',
-          env: { PATH: process.env.PATH!, HOME: process.env.HOME!, NANOCLAW_ROOT: root, ...env },
-        });
-        return { stdout: await new Response(proc.stdout).text(), code: await proc.exited };
+        const { stdout, code } = await cli(['model', 'check'], '', env);
+        return { stdout, code };
       };
       expect(await check({ KIMI_BASE_URL: model.url })).toEqual({
         code: 0,
@@ -340,18 +343,11 @@ describe('bun nanoclaw.ts chat (piped)', () => {
       stdin: 'pipe',
       stdout: 'pipe',
       stderr: 'pipe',
-      env: {
-        PATH: process.env.PATH!,
-        HOME: process.env.HOME!,
-        NANOCLAW_ROOT: root,
-        CONTAINER_RUNTIME: docker.path,
-        KIMI_BASE_URL: NO_MODEL_URL,
-      },
+      env: cliEnv(),
     });
     proc.stdin.write('!sleep 4000\n');
     await proc.stdin.flush();
-    const deadline = Date.now() + 10_000;
-    while (docker.runs().length === 0 && Date.now() < deadline) await Bun.sleep(20);
+    await waitFor(() => docker.runs().length > 0, 10_000, 'run started');
     proc.kill('SIGTERM');
     expect(await proc.exited).toBe(0);
     expect(await new Response(proc.stdout).text()).toBe('Andy: slept 4000\n');
@@ -508,20 +504,18 @@ describe('settings, linking and tasks as a user meets them', () => {
   it('tasks run puts what a WhatsApp task says in the outbox and says so; the service then sends it under the same id', async () => {
     await cli(['groups', 'register', FAMILY, 'family', '--name', 'Family']);
     const store = new Store(join(root, 'store', 'messages.db'));
-    store.createTask({
-      id: 'water',
-      groupFolder: 'family',
-      chatJid: FAMILY,
-      prompt: 'water the plants',
-      scheduleType: 'cron',
-      scheduleValue: '0 9 * * *',
-      contextMode: 'isolated',
-      nextRun: new Date(Date.now() + 86_400_000).toISOString(),
-      lastRun: null,
-      lastResult: null,
-      status: 'active',
-      createdAt: new Date().toISOString(),
-    });
+    store.createTask(
+      taskRow({
+        id: 'water',
+        groupFolder: 'family',
+        chatJid: FAMILY,
+        prompt: 'water the plants',
+        scheduleType: 'cron',
+        scheduleValue: '0 9 * * *',
+        nextRun: new Date(Date.now() + 86_400_000).toISOString(),
+        createdAt: new Date().toISOString(),
+      }),
+    );
     store.close();
     const unlinked = await cli(['tasks', 'run', 'water']);
     expect(unlinked.code).toBe(0);
@@ -566,17 +560,13 @@ describe('settings, linking and tasks as a user meets them', () => {
     const task = {
       groupFolder: 'family',
       chatJid: FAMILY,
-      prompt: 'p',
       scheduleType: 'cron' as const,
       scheduleValue: '0 9 * * *',
-      contextMode: 'isolated' as const,
       nextRun: new Date(Date.now() + 86_400_000).toISOString(),
-      lastRun: null,
-      lastResult: null,
       createdAt: new Date().toISOString(),
     };
-    store.createTask({ ...task, id: 'active', status: 'active' });
-    store.createTask({ ...task, id: 'resting', status: 'paused' });
+    store.createTask(taskRow({ ...task, id: 'active' }));
+    store.createTask(taskRow({ ...task, id: 'resting', status: 'paused' }));
     store.close();
     const service = Bun.spawn(['sleep', '30']);
     mkdirSync(join(root, 'data'), { recursive: true });
@@ -624,21 +614,13 @@ describe('settings, linking and tasks as a user meets them', () => {
 
 /** `chat` on a real terminal (a pty from util-linux `script`), as a person types into it. */
 describe('chat manners on a terminal', () => {
-  function onTerminal(env: Record<string, string> = {}) {
+  function onTerminal() {
     const proc = Bun.spawn(['script', '-qfec', `${process.execPath} ${ENTRY} chat`, '/dev/null'], {
       cwd: root,
       stdin: 'pipe',
       stdout: 'pipe',
       stderr: 'pipe',
-      env: {
-        PATH: process.env.PATH!,
-        HOME: process.env.HOME!,
-        TERM: 'xterm',
-        NANOCLAW_ROOT: root,
-        CONTAINER_RUNTIME: docker.path,
-        KIMI_BASE_URL: NO_MODEL_URL,
-        ...env,
-      },
+      env: cliEnv({ TERM: 'xterm' }),
     });
     let screen = '';
     const drained = (async () => {

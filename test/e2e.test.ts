@@ -8,7 +8,6 @@
 import { chmodSync, existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { startFakeModel, type FakeModel } from '../container/agent-runner/kimi-stub/fake-model.ts';
 import { join } from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { afterEach, beforeAll, describe, expect, it } from 'vitest';
 import {
   buildDockerArgs,
@@ -31,15 +30,17 @@ import {
   flakyServer,
   linkedAuthDir,
   openAsWhatsAppWould,
+  QUIET_SWEEPS,
   RecordingChannel,
   RecordingWhatsApp,
+  taskRow,
   tempDir,
   tempProject,
+  texts,
   waitFor,
 } from './helpers.ts';
 
 const IMAGE = process.env.NANOCLAW_TEST_IMAGE ?? 'nanoclaw-agent:test';
-const _REPO = fileURLToPath(new URL('..', import.meta.url));
 const KEY = 'sk-e2e-test-key-0123456789';
 const MAIN = 'me@s.whatsapp.net';
 const FAMILY = 'family@g.us';
@@ -116,8 +117,7 @@ async function world(
   const channel = new RecordingChannel([MAIN, FAMILY, WORK]);
   const host = new Host(config, store, [channel], {
     retryBaseMs: 200,
-    recoverySweepMs: 60_000,
-    ipcSweepMs: 60_000,
+    ...QUIET_SWEEPS,
     shutdownGraceMs: 5000,
   });
   await host.start();
@@ -135,8 +135,6 @@ async function close(w: World): Promise<void> {
 afterEach(async () => {
   for (const w of [...open]) await close(w);
 });
-
-const texts = (w: World, jid?: string) => w.channel.sent.filter((s) => !jid || s.jid === jid).map((s) => s.text);
 
 describe('the image on its own', () => {
   it('answers the guide’s manual test JSON piped into docker run -i (the model on a mounted socket)', async () => {
@@ -290,20 +288,18 @@ describe('host and real container together', () => {
     w.channel.receive(FAMILY, '@Andy hello');
     await waitFor(() => texts(w).length === 1, 60_000, 'reply');
     const session = w.store.getSession('family');
-    w.store.createTask({
-      id: 'e2e-turn',
-      groupFolder: 'family',
-      chatJid: FAMILY,
-      prompt: 'water the plants',
-      scheduleType: 'interval',
-      scheduleValue: '600000',
-      contextMode: 'group',
-      nextRun: new Date().toISOString(),
-      lastRun: null,
-      lastResult: null,
-      status: 'active',
-      createdAt: new Date().toISOString(),
-    });
+    w.store.createTask(
+      taskRow({
+        id: 'e2e-turn',
+        groupFolder: 'family',
+        chatJid: FAMILY,
+        prompt: 'water the plants',
+        scheduleValue: '600000',
+        contextMode: 'group',
+        nextRun: new Date().toISOString(),
+        createdAt: new Date().toISOString(),
+      }),
+    );
     w.host.scheduler.arm();
     await waitFor(() => w.store.taskRuns('e2e-turn').length === 1, 60_000, 'task run');
     expect(w.store.taskRuns('e2e-turn')[0]).toMatchObject({ status: 'success', result: '[stub] water the plants' });
@@ -393,7 +389,7 @@ describe('WhatsApp and scheduled tasks with the real container', () => {
       waWebSocketUrl: server.url,
       mediaTreeFor: () => null,
     });
-    const host = new Host(config, store, [whatsapp], { recoverySweepMs: 60_000, ipcSweepMs: 60_000 });
+    const host = new Host(config, store, [whatsapp], QUIET_SWEEPS);
     try {
       await host.start();
       openAsWhatsAppWould(whatsapp.socket!);
@@ -419,20 +415,17 @@ describe('WhatsApp and scheduled tasks with the real container', () => {
 
   it('an interval task whose agent calls send_message: the message reaches the chat', async () => {
     const w = await world();
-    w.store.createTask({
-      id: 'e2e-interval',
-      groupFolder: 'family',
-      chatJid: FAMILY,
-      prompt: '!tool send_message {"text":"time to water the plants"}',
-      scheduleType: 'interval',
-      scheduleValue: '600000',
-      contextMode: 'isolated',
-      nextRun: new Date(Date.now() + 200).toISOString(),
-      lastRun: null,
-      lastResult: null,
-      status: 'active',
-      createdAt: new Date().toISOString(),
-    });
+    w.store.createTask(
+      taskRow({
+        id: 'e2e-interval',
+        groupFolder: 'family',
+        chatJid: FAMILY,
+        prompt: '!tool send_message {"text":"time to water the plants"}',
+        scheduleValue: '600000',
+        nextRun: new Date(Date.now() + 200).toISOString(),
+        createdAt: new Date().toISOString(),
+      }),
+    );
     w.host.scheduler.arm();
     await waitFor(() => texts(w, FAMILY).includes('Andy: time to water the plants'), 60_000, 'task message');
     await waitFor(() => w.store.taskRuns('e2e-interval').length === 1, 30_000, 'run logged');
@@ -525,7 +518,7 @@ describe('what the real Kimi CLI does, through the host and the real image', () 
       waWebSocketUrl: server.url,
       mediaTreeFor: (jid) => (store.groupByJid(jid) ? groupTrees(config, 'family').group : null),
     });
-    const host = new Host(config, store, [whatsapp], { recoverySweepMs: 60_000, ipcSweepMs: 60_000 });
+    const host = new Host(config, store, [whatsapp], QUIET_SWEEPS);
     try {
       await host.start();
       openAsWhatsAppWould(whatsapp.socket!);

@@ -18,7 +18,16 @@ import {
   type Config,
   type HostOptions,
 } from '../nanoclaw.ts';
-import { fakeDocker, RecordingChannel, tempProject, waitFor, type FakeDocker } from './helpers.ts';
+import {
+  fakeDocker,
+  QUIET_SWEEPS,
+  RecordingChannel,
+  taskRow,
+  tempProject,
+  texts,
+  waitFor,
+  type FakeDocker,
+} from './helpers.ts';
 
 const SECRET = 'sk-once-test-abcdefghijklmnop';
 const MAIN = 'me@s.whatsapp.net';
@@ -65,8 +74,7 @@ async function start(p: { docker: FakeDocker; config: Config }, options: HostOpt
   const channel = new GatedChannel([MAIN, FAMILY], up);
   const host = new Host(p.config, store, [channel], {
     retryBaseMs: 20,
-    recoverySweepMs: 60_000,
-    ipcSweepMs: 60_000,
+    ...QUIET_SWEEPS,
     shutdownGraceMs: 2000,
     sendRetryMs: 50,
     ...options,
@@ -86,8 +94,6 @@ async function stop(w: World): Promise<void> {
 afterEach(async () => {
   for (const w of [...worlds]) await stop(w);
 });
-
-const texts = (w: World, jid?: string) => w.channel.sent.filter((s) => !jid || s.jid === jid).map((s) => s.text);
 
 describe('replies', () => {
   it('are recorded with the cursor before any send: a channel that is down gets them later, once', async () => {
@@ -169,20 +175,17 @@ describe('IPC requests', () => {
 });
 
 describe('task runs', () => {
-  const task = (id: string, scheduleType: 'once' | 'interval', prompt: string) => ({
-    id,
-    groupFolder: 'family',
-    chatJid: FAMILY,
-    prompt,
-    scheduleType,
-    scheduleValue: scheduleType === 'once' ? '2030-01-01 09:00' : '3600000',
-    contextMode: 'isolated' as const,
-    nextRun: scheduleType === 'once' ? null : new Date(Date.now() + 3_600_000).toISOString(),
-    lastRun: null,
-    lastResult: null,
-    status: 'active' as const,
-    createdAt: new Date().toISOString(),
-  });
+  const task = (id: string, scheduleType: 'once' | 'interval', prompt: string) =>
+    taskRow({
+      id,
+      groupFolder: 'family',
+      chatJid: FAMILY,
+      prompt,
+      scheduleType,
+      scheduleValue: scheduleType === 'once' ? '2030-01-01 09:00' : '3600000',
+      nextRun: scheduleType === 'once' ? null : new Date(Date.now() + 3_600_000).toISOString(),
+      createdAt: new Date().toISOString(),
+    });
 
   it('a run interrupted by a crash is logged and run once more; a once task then completes', async () => {
     const p = project();

@@ -11,7 +11,9 @@ import {
   type ChannelHandlers,
   type Clock,
   type Config,
+  type HostOptions,
   type NewMessage,
+  type ScheduledTask,
 } from '../nanoclaw.ts';
 
 export function tempDir(prefix = 'nanoclaw-test-'): string {
@@ -91,6 +93,27 @@ export function tempProject(env: Record<string, string> = {}, dotEnv = ''): Conf
   });
 }
 
+/** Host sweeps a minute apart: they do not come round within a test, so what a test sees was started by events. */
+export const QUIET_SWEEPS = { recoverySweepMs: 60_000, ipcSweepMs: 60_000 } satisfies HostOptions;
+
+/** A scheduled task row: an active isolated task every minute, with only what a test names changed. */
+export function taskRow(
+  fields: Pick<ScheduledTask, 'id' | 'groupFolder' | 'chatJid'> & Partial<ScheduledTask>,
+): ScheduledTask {
+  return {
+    prompt: 'p',
+    scheduleType: 'interval',
+    scheduleValue: '60000',
+    contextMode: 'isolated',
+    nextRun: null,
+    lastRun: null,
+    lastResult: null,
+    status: 'active',
+    createdAt: 'x',
+    ...fields,
+  };
+}
+
 /** A real Channel implementation that keeps what it was asked to send. */
 export class RecordingChannel implements Channel {
   readonly name = 'recording';
@@ -144,6 +167,10 @@ export class RecordingChannel implements Channel {
     return message;
   }
 }
+
+/** The texts a world's channel sent, in order; only those to `jid` if given. */
+export const texts = (w: { channel: RecordingChannel }, jid?: string): string[] =>
+  w.channel.sent.filter((s) => !jid || s.jid === jid).map((s) => s.text);
 
 /** Polls until `check` returns a truthy value (or fails after timeoutMs). */
 export async function waitFor<T>(

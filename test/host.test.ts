@@ -3,7 +3,17 @@ import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterEach, describe, expect, it } from 'vitest';
 import { Host, addGroup, setupLogging, Store, writeJsonAtomic, type Config, type HostOptions } from '../nanoclaw.ts';
-import { FakeClock, fakeDocker, RecordingChannel, tempProject, waitFor, type FakeDocker } from './helpers.ts';
+import {
+  FakeClock,
+  fakeDocker,
+  QUIET_SWEEPS,
+  RecordingChannel,
+  taskRow,
+  tempProject,
+  texts,
+  waitFor,
+  type FakeDocker,
+} from './helpers.ts';
 
 const REPO = fileURLToPath(new URL('..', import.meta.url));
 
@@ -39,8 +49,7 @@ async function world(
   const channel = new RecordingChannel([MAIN, FAMILY, WORK, 'stranger@g.us']);
   const host = new Host(config, store, [channel], {
     retryBaseMs: 50,
-    recoverySweepMs: 60_000,
-    ipcSweepMs: 60_000,
+    ...QUIET_SWEEPS,
     shutdownGraceMs: 2000,
     ...options,
   });
@@ -60,7 +69,6 @@ afterEach(async () => {
   for (const w of [...worlds]) await shutDown(w);
 });
 
-const texts = (w: World, jid?: string) => w.channel.sent.filter((s) => !jid || s.jid === jid).map((s) => s.text);
 const stdinOf = (w: World, i: number) =>
   JSON.parse(w.docker.runs()[i]!.stdin!) as { prompt: string; sessionId?: string; chatJid: string };
 
@@ -436,20 +444,18 @@ describe('IPC from the agent', () => {
 
   it('resuming a one-off whose time has passed is refused alike from the agent and from the CLI; the task stays paused', async () => {
     const w = await world();
-    w.store.createTask({
-      id: 'past-once',
-      groupFolder: 'family',
-      chatJid: FAMILY,
-      prompt: 'p',
-      scheduleType: 'once',
-      scheduleValue: '2020-01-01 09:00',
-      contextMode: 'group',
-      nextRun: null,
-      lastRun: null,
-      lastResult: null,
-      status: 'paused',
-      createdAt: new Date().toISOString(),
-    });
+    w.store.createTask(
+      taskRow({
+        id: 'past-once',
+        groupFolder: 'family',
+        chatJid: FAMILY,
+        scheduleType: 'once',
+        scheduleValue: '2020-01-01 09:00',
+        contextMode: 'group',
+        status: 'paused',
+        createdAt: new Date().toISOString(),
+      }),
+    );
     drop(w, 'family', 'tasks', { type: 'resume_task', taskId: 'past-once' });
     await waitFor(
       () => existsSync(join(w.config.ipcDir, 'errors')) && readdirSync(join(w.config.ipcDir, 'errors')).length === 1,

@@ -21,7 +21,7 @@ import { fileURLToPath } from 'node:url';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { startFakeModel, type FakeModel } from '../container/agent-runner/kimi-stub/fake-model.ts';
 import { Host, INSTALL_LABEL, installId, addGroup, setupLogging, Store, type Config } from '../nanoclaw.ts';
-import { RecordingChannel, tempDir, tempProject, waitFor } from './helpers.ts';
+import { QUIET_SWEEPS, RecordingChannel, tempDir, tempProject, waitFor } from './helpers.ts';
 
 const IMAGE = process.env.NANOCLAW_TEST_IMAGE ?? 'nanoclaw-agent:test';
 const REPO = fileURLToPath(new URL('..', import.meta.url));
@@ -84,8 +84,7 @@ async function world(): Promise<World> {
   const channel = new RecordingChannel([MAIN, EVIL, QUIET, OFFLINE]);
   const host = new Host(config, store, [channel], {
     retryBaseMs: 200,
-    recoverySweepMs: 60_000,
-    ipcSweepMs: 60_000,
+    ...QUIET_SWEEPS,
     shutdownGraceMs: 5000,
   });
   await host.start();
@@ -259,15 +258,15 @@ describe('a hostile agent', () => {
       (existsSync(join(w.config.ipcDir, 'claimed'))
         ? readdirSync(join(w.config.ipcDir, 'claimed')).filter((n) => n.startsWith(`${folder}.`)).length
         : 0);
-    await waitFor(() => inHand('evil') === 0, 20_000, 'requests handled');
-    await w.host.ipc.scan();
-    expect(w.store.groupByFolder('errors')).toBeNull();
-    expect(
+    const folders = () =>
       w.store
         .listGroups()
         .map((g) => g.folder)
-        .sort(),
-    ).toEqual(['evil', 'main', 'offline', 'quiet']);
+        .sort();
+    await waitFor(() => inHand('evil') === 0, 20_000, 'requests handled');
+    await w.host.ipc.scan();
+    expect(w.store.groupByFolder('errors')).toBeNull();
+    expect(folders()).toEqual(['evil', 'main', 'offline', 'quiet']);
     expect(tasks('quiet')).toBe(0);
     expect(w.store.listTasks('evil').map((t) => t.scheduleValue)).toEqual(Array(5).fill('600000')); // TASK_MAX_ACTIVE=5, none faster than TASK_MIN_INTERVAL
     // Main may register groups, but never under a name NanoClaw uses itself or one that climbs out.
@@ -281,12 +280,7 @@ describe('a hostile agent', () => {
     expect(await ask(w, MAIN, `!shell ${mainWrite}; echo written`)).toContain('written');
     await waitFor(() => inHand('main') === 0, 20_000, 'main requests handled');
     await w.host.ipc.scan();
-    expect(
-      w.store
-        .listGroups()
-        .map((g) => g.folder)
-        .sort(),
-    ).toEqual(['evil', 'main', 'offline', 'quiet']);
+    expect(folders()).toEqual(['evil', 'main', 'offline', 'quiet']);
     expect(existsSync(join(w.config.groupsDir, '..', '..', 'etc', 'CLAUDE.md'))).toBe(false);
     // A fork bomb and two CPU burners: the pids and CPU limits hold them (the agent starves
     // only itself: it gets no answer out) while the other groups are answered.

@@ -24,17 +24,13 @@ import {
   Store,
   tasksSnapshot,
   writeSnapshots,
-  type Config,
   type IpcRequest,
   type RegisteredGroup,
 } from '../nanoclaw.ts';
-import { tempDir, tempProject, waitFor } from './helpers.ts';
+import { taskRow, tempDir, tempProject, waitFor } from './helpers.ts';
 
 const parseIpcMessage = (raw: unknown) => parseIpcRequest('messages', raw);
 const parseIpcTask = (raw: unknown) => parseIpcRequest('tasks', raw);
-/** The scheduling limits part of a refusal (the groups here are allowed the requests themselves). */
-const limitRefusal = (config: Config, source: RegisteredGroup, request: IpcRequest, store: Store) =>
-  refusal(source, request, store, config);
 
 describe('parsing IPC files', () => {
   it('accepts every request of the contract', () => {
@@ -103,46 +99,11 @@ describe('authorisation by folder', () => {
     const main = addGroup(config, store, { jid: 'me@s.whatsapp.net', name: 'Me', folder: 'main', isMain: true });
     const family = addGroup(config, store, { jid: 'fam@g.us', name: 'Family', folder: 'family' });
     const work = addGroup(config, store, { jid: 'work@g.us', name: 'Work', folder: 'work' });
-    const base = {
-      prompt: 'p',
-      schedule_type: 'interval',
-      schedule_value: '60000',
-      context_mode: 'isolated',
-      nextRun: null,
-    };
-    store.createTask({
-      id: 'fam-task',
-      groupFolder: 'family',
-      chatJid: 'fam@g.us',
-      prompt: 'p',
-      scheduleType: 'interval',
-      scheduleValue: '60000',
-      contextMode: 'isolated',
-      nextRun: null,
-      lastRun: null,
-      lastResult: null,
-      status: 'active',
-      createdAt: 'x',
-    });
-    store.createTask({
-      id: 'work-task',
-      groupFolder: 'work',
-      chatJid: 'work@g.us',
-      prompt: 'p',
-      scheduleType: 'interval',
-      scheduleValue: '60000',
-      contextMode: 'isolated',
-      nextRun: null,
-      lastRun: null,
-      lastResult: null,
-      status: 'active',
-      createdAt: 'x',
-    });
-    void base;
+    store.createTask(taskRow({ id: 'fam-task', groupFolder: 'family', chatJid: 'fam@g.us' }));
+    store.createTask(taskRow({ id: 'work-task', groupFolder: 'work', chatJid: 'work@g.us' }));
     return { config, store, main, family, work };
   }
-  const allowed = (g: RegisteredGroup, request: Parameters<typeof refusal>[1], store: Store) =>
-    refusal(g, request, store) === null;
+  const allowed = (g: RegisteredGroup, request: IpcRequest, store: Store) => refusal(g, request, store) === null;
 
   it('a group acts only on its own chat and tasks, never on groups', () => {
     const { store, family } = groups();
@@ -412,60 +373,35 @@ describe('scheduling limits', () => {
 
   it('refuses schedules more frequent than TASK_MIN_INTERVAL and more than TASK_MAX_ACTIVE active tasks per group', () => {
     const { config, store, family } = setup();
-    const refusal = (request: IpcRequest) => limitRefusal(config, family, request, store);
-    expect(refusal(schedule('interval', '1000'))).toContain('TASK_MIN_INTERVAL=300000');
-    expect(refusal(schedule('cron', '* * * * *'))).toContain('runs every 60 s');
-    expect(refusal(schedule('interval', '300000'))).toBeNull();
+    expect(refusal(family, schedule('interval', '1000'), store, config)).toContain('TASK_MIN_INTERVAL=300000');
+    expect(refusal(family, schedule('cron', '* * * * *'), store, config)).toContain('runs every 60 s');
+    expect(refusal(family, schedule('interval', '300000'), store, config)).toBeNull();
     for (const id of ['t1', 't2']) {
-      store.createTask({
-        id,
-        groupFolder: 'family',
-        chatJid: 'fam@g.us',
-        prompt: 'p',
-        scheduleType: 'interval',
-        scheduleValue: '600000',
-        contextMode: 'isolated',
-        nextRun: null,
-        lastRun: null,
-        lastResult: null,
-        status: 'active',
-        createdAt: 'x',
-      });
+      store.createTask(taskRow({ id, groupFolder: 'family', chatJid: 'fam@g.us', scheduleValue: '600000' }));
     }
-    expect(refusal(schedule('once', '2030-01-01 10:00'))).toContain('already has 2 active tasks (TASK_MAX_ACTIVE=2)');
+    expect(refusal(family, schedule('once', '2030-01-01 10:00'), store, config)).toContain(
+      'already has 2 active tasks (TASK_MAX_ACTIVE=2)',
+    );
     store.updateTask('t2', { status: 'paused' });
-    expect(refusal(schedule('once', '2030-01-01 10:00'))).toBeNull();
-    expect(refusal({ type: 'update_task', taskId: 't1', schedule_value: '2000' })).toContain('TASK_MIN_INTERVAL');
-    expect(refusal({ type: 'update_task', taskId: 't1', prompt: 'only the words' })).toBeNull();
-    store.createTask({
-      id: 't3',
-      groupFolder: 'family',
-      chatJid: 'fam@g.us',
-      prompt: 'p',
-      scheduleType: 'interval',
-      scheduleValue: '600000',
-      contextMode: 'isolated',
-      nextRun: null,
-      lastRun: null,
-      lastResult: null,
-      status: 'active',
-      createdAt: 'x',
-    });
-    expect(refusal({ type: 'resume_task', taskId: 't2' })).toContain('already has 2 active tasks');
+    expect(refusal(family, schedule('once', '2030-01-01 10:00'), store, config)).toBeNull();
+    expect(refusal(family, { type: 'update_task', taskId: 't1', schedule_value: '2000' }, store, config)).toContain(
+      'TASK_MIN_INTERVAL',
+    );
+    expect(refusal(family, { type: 'update_task', taskId: 't1', prompt: 'only the words' }, store, config)).toBeNull();
+    store.createTask(taskRow({ id: 't3', groupFolder: 'family', chatJid: 'fam@g.us', scheduleValue: '600000' }));
+    expect(refusal(family, { type: 'resume_task', taskId: 't2' }, store, config)).toContain(
+      'already has 2 active tasks',
+    );
     store.close();
   });
 
   it('holds main to the limits too, unless TASK_LIMITS_MAIN=false', () => {
     const held = setup();
-    expect(limitRefusal(held.config, held.main, schedule('interval', '1000'), held.store)).toContain(
-      'TASK_MIN_INTERVAL',
-    );
+    expect(refusal(held.main, schedule('interval', '1000'), held.store, held.config)).toContain('TASK_MIN_INTERVAL');
     held.store.close();
     const free = setup({ TASK_LIMITS_MAIN: 'false' });
-    expect(limitRefusal(free.config, free.main, schedule('interval', '1000'), free.store)).toBeNull();
-    expect(limitRefusal(free.config, free.family, schedule('interval', '1000'), free.store)).toContain(
-      'TASK_MIN_INTERVAL',
-    );
+    expect(refusal(free.main, schedule('interval', '1000'), free.store, free.config)).toBeNull();
+    expect(refusal(free.family, schedule('interval', '1000'), free.store, free.config)).toContain('TASK_MIN_INTERVAL');
     free.store.close();
   });
 });

@@ -108,31 +108,11 @@ describe('what goes back', () => {
 });
 
 describe('the trigger past what the channel notes', () => {
-  const group = {
-    jid: 'g@g.us',
-    name: 'G',
-    folder: 'g',
-    trigger: '@Andy',
-    requiresTrigger: true,
-    isMain: false,
-    addedAt: '',
-  };
-  const message = (content: string) => ({
-    seq: 1,
-    id: 'x',
-    chatJid: 'g@g.us',
-    sender: 's',
-    senderName: 'S',
-    content,
-    timestamp: new Date().toISOString(),
-    isFromMe: false,
-    isBotMessage: false,
-  });
   it('counts a trigger at the start of a photo’s caption or of a quoted reply, not one inside them', () => {
-    expect(needsAgent(group, [message('[image: /workspace/group/media/a.jpg] @Andy what is this?')])).toBe(true);
-    expect(needsAgent(group, [message('[replying to: "when is dinner?"]\n@Andy at 7?')])).toBe(true);
-    expect(needsAgent(group, [message('[replying to: "@Andy said so"]\nno')])).toBe(false);
-    expect(needsAgent(group, [message('[image: /workspace/group/media/a.jpg] nice @Andy')])).toBe(false);
+    expect(needsAgent(group({}), [msg('[image: /workspace/group/media/a.jpg] @Andy what is this?')])).toBe(true);
+    expect(needsAgent(group({}), [msg('[replying to: "when is dinner?"]\n@Andy at 7?')])).toBe(true);
+    expect(needsAgent(group({}), [msg('[replying to: "@Andy said so"]\nno')])).toBe(false);
+    expect(needsAgent(group({}), [msg('[image: /workspace/group/media/a.jpg] nice @Andy')])).toBe(false);
     expect(typedText('[voice note: /workspace/group/media/v.ogg]')).toBe('');
   });
 });

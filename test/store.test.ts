@@ -2,7 +2,7 @@ import { Database } from 'bun:sqlite';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { addGroup, SCHEMA_VERSION, Store, type NewMessage, type ScheduledTask } from '../nanoclaw.ts';
-import { tempDir, tempProject } from './helpers.ts';
+import { taskRow, tempDir, tempProject } from './helpers.ts';
 
 const message = (id: string, chatJid: string, extra: Partial<NewMessage> = {}): NewMessage => ({
   id,
@@ -16,25 +16,9 @@ const message = (id: string, chatJid: string, extra: Partial<NewMessage> = {}): 
   ...extra,
 });
 
-const task = (
-  id: string,
-  groupFolder: string,
-  nextRun: string | null,
-  status: ScheduledTask['status'] = 'active',
-): ScheduledTask => ({
-  id,
-  groupFolder,
-  chatJid: `${groupFolder}@g.us`,
-  prompt: 'p',
-  scheduleType: 'interval',
-  scheduleValue: '60000',
-  contextMode: 'isolated',
-  nextRun,
-  lastRun: null,
-  lastResult: null,
-  status,
-  createdAt: '2026-01-01T00:00:00.000Z',
-});
+/** A task of its group's chat, created at a fixed time. */
+const task = (id: string, groupFolder: string, nextRun: string | null, status: ScheduledTask['status'] = 'active') =>
+  taskRow({ id, groupFolder, chatJid: `${groupFolder}@g.us`, nextRun, status, createdAt: '2026-01-01T00:00:00.000Z' });
 
 describe('Store schema', () => {
   it('creates every table at the current version, in WAL mode, and reopens without change', () => {
@@ -141,20 +125,7 @@ describe('Store schema', () => {
 
   it('task claims: one per task at a time; IPC done-marks', () => {
     const store = new Store(join(tempDir(), 'messages.db'));
-    store.createTask({
-      id: 't1',
-      groupFolder: 'g',
-      chatJid: 'g@g.us',
-      prompt: 'p',
-      scheduleType: 'interval',
-      scheduleValue: '60000',
-      contextMode: 'isolated',
-      nextRun: null,
-      lastRun: null,
-      lastResult: null,
-      status: 'active',
-      createdAt: 'x',
-    });
+    store.createTask(taskRow({ id: 't1', groupFolder: 'g', chatJid: 'g@g.us' }));
     expect(store.claimTask('t1', '2026-01-01T00:00:00.000Z')).toBe(true);
     expect(store.claimTask('t1', '2026-01-01T00:01:00.000Z')).toBe(false);
     expect(store.taskClaims()).toEqual([

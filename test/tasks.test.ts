@@ -12,28 +12,32 @@ import {
   type Config,
   type ScheduledTask,
 } from '../nanoclaw.ts';
-import { FakeClock, fakeDocker, RecordingChannel, tempProject, waitFor, type FakeDocker } from './helpers.ts';
+import {
+  FakeClock,
+  fakeDocker,
+  QUIET_SWEEPS,
+  RecordingChannel,
+  taskRow,
+  tempProject,
+  waitFor,
+  type FakeDocker,
+} from './helpers.ts';
 
 const MAIN = 'me@s.whatsapp.net';
 const FAMILY = 'family@g.us';
 const HOUR = 3_600_000;
 
 function task(overrides: Partial<ScheduledTask>): ScheduledTask {
-  return {
+  return taskRow({
     id: `t-${Math.random().toString(36).slice(2)}`,
     groupFolder: 'family',
     chatJid: FAMILY,
     prompt: 'water the plants',
-    scheduleType: 'interval',
     scheduleValue: String(HOUR),
-    contextMode: 'isolated',
     nextRun: new Date().toISOString(),
-    lastRun: null,
-    lastResult: null,
-    status: 'active',
     createdAt: new Date().toISOString(),
     ...overrides,
-  };
+  });
 }
 
 describe('nextRunAfterFiring', () => {
@@ -158,8 +162,7 @@ describe('tasks through the host (fake docker)', () => {
     channel = new RecordingChannel([MAIN, FAMILY]);
     host = new Host(config, store, [channel], {
       retryBaseMs: 50,
-      recoverySweepMs: 60_000,
-      ipcSweepMs: 60_000,
+      ...QUIET_SWEEPS,
       shutdownGraceMs: 2000,
     });
     await host.start();

@@ -45,6 +45,7 @@ import {
   linkedAuthDir,
   openAsWhatsAppWould,
   pendingPairingAuthDir,
+  QUIET_SWEEPS,
   RecordingWhatsApp,
   tempDir,
   tempProject,
@@ -294,19 +295,20 @@ afterEach(async () => {
   for (const stop of stops.splice(0)) await stop();
 });
 
+function channelOptions(authDir: string, url: string, extra: Partial<WhatsAppOptions> = {}): WhatsAppOptions {
+  return {
+    authDir,
+    assistantName: 'Andy',
+    hasOwnNumber: false,
+    mediaTreeFor: () => null,
+    waWebSocketUrl: url,
+    reconnectBaseMs: 40,
+    reconnectCapMs: 400,
+    ...extra,
+  };
+}
+
 describe('WhatsAppChannel connection', () => {
-  function channelOptions(authDir: string, url: string, extra: Partial<WhatsAppOptions> = {}): WhatsAppOptions {
-    return {
-      authDir,
-      assistantName: 'Andy',
-      hasOwnNumber: false,
-      mediaTreeFor: () => null,
-      waWebSocketUrl: url,
-      reconnectBaseMs: 40,
-      reconnectCapMs: 400,
-      ...extra,
-    };
-  }
   const noHandlers: ChannelHandlers = { onMessage: () => {} };
 
   it('says to run auth when this machine is not linked', async () => {
@@ -486,7 +488,7 @@ describe('WhatsApp through the host (fake docker)', () => {
       reconnectCapMs: 100,
       mediaTreeFor: (jid) => (store.groupByJid(jid) ? new AgentTree(join(config.groupsDir, 'family')) : null),
     });
-    const host = new Host(config, store, [channel], { recoverySweepMs: 60_000, ipcSweepMs: 60_000 });
+    const host = new Host(config, store, [channel], QUIET_SWEEPS);
     stops.push(async () => {
       await host.stop();
       store.close();
@@ -587,7 +589,7 @@ describe('WhatsApp through the host (fake docker)', () => {
     const server = flakyServer(60_000);
     stops.push(server.stop);
     const channel = whatsAppChannel(config, store, { authDir: await linkedAuthDir(), waWebSocketUrl: server.url });
-    const host = new Host(config, store, [channel], { recoverySweepMs: 60_000, ipcSweepMs: 60_000 });
+    const host = new Host(config, store, [channel], QUIET_SWEEPS);
     stops.push(async () => {
       await host.stop();
       store.close();
@@ -653,16 +655,18 @@ describe('WhatsApp through the host (fake docker)', () => {
  * arrives as baileys itself would surface it: as events on the real socket.
  */
 describe('what real WhatsApp needs (baileys 7)', () => {
-  const options = (authDir: string, url: string, extra: Partial<WhatsAppOptions> = {}): WhatsAppOptions => ({
-    authDir,
-    assistantName: 'Andy',
-    hasOwnNumber: false,
-    mediaTreeFor: () => null,
-    waWebSocketUrl: url,
-    reconnectBaseMs: 20,
-    reconnectCapMs: 60,
-    ...extra,
-  });
+  const options = (authDir: string, url: string, extra: Partial<WhatsAppOptions> = {}) =>
+    channelOptions(authDir, url, { reconnectBaseMs: 20, reconnectCapMs: 60, ...extra });
+  /** A channel with linked credentials on a local server that keeps the connection; both stopped after the test. */
+  async function linkedChannel(extra: Partial<WhatsAppOptions> = {}): Promise<RecordingWhatsApp> {
+    const server = flakyServer(60_000);
+    const channel = new RecordingWhatsApp(options(await linkedAuthDir(), server.url, extra));
+    stops.push(async () => {
+      await channel.disconnect();
+      server.stop();
+    });
+    return channel;
+  }
   const closeWith = (
     sock: NonNullable<WhatsAppChannel['socket']>,
     statusCode: number,
@@ -782,15 +786,8 @@ describe('what real WhatsApp needs (baileys 7)', () => {
   it('a QR code offered to the running service means these credentials are no device: it stops, saying to run auth', async () => {
     const config = tempProject();
     setupLogging(config, { terminalLevel: 'silent' });
-    const server = flakyServer(60_000);
     let notLinked = 0;
-    const channel = new RecordingWhatsApp(
-      options(await linkedAuthDir(), server.url, { onNotLinked: () => notLinked++ }),
-    );
-    stops.push(async () => {
-      await channel.disconnect();
-      server.stop();
-    });
+    const channel = await linkedChannel({ onNotLinked: () => notLinked++ });
     await channel.connect({ onMessage: () => {} });
     channel.socket!.ev.emit('connection.update', { qr: '2@AbCdEf,GhIj,KlMn' });
     await Bun.sleep(200);
@@ -834,13 +831,8 @@ describe('what real WhatsApp needs (baileys 7)', () => {
   it('keeps raw group metadata for sends (cachedGroupMetadata) current with group events, and never names a group with an empty subject', async () => {
     const config = tempProject();
     setupLogging(config, { terminalLevel: 'silent' });
-    const server = flakyServer(60_000);
     const names: { jid: string; name: string }[] = [];
-    const channel = new RecordingWhatsApp(options(await linkedAuthDir(), server.url));
-    stops.push(async () => {
-      await channel.disconnect();
-      server.stop();
-    });
+    const channel = await linkedChannel();
     await channel.connect({ onMessage: () => {}, onChatMetadata: (c) => names.push(c) });
     const sock = channel.socket!;
     const full = (subject: string, members: string[]): GroupMetadata => ({
@@ -890,13 +882,8 @@ describe('what real WhatsApp needs (baileys 7)', () => {
 
   it('group senders by LID get their phone number from lid-mapping.update', async () => {
     setupLogging(tempProject(), { terminalLevel: 'silent' });
-    const server = flakyServer(60_000);
     const received: NewMessage[] = [];
-    const channel = new RecordingWhatsApp(options(await linkedAuthDir(), server.url));
-    stops.push(async () => {
-      await channel.disconnect();
-      server.stop();
-    });
+    const channel = await linkedChannel();
     await channel.connect({ onMessage: (m) => received.push(m) });
     const stranger = '777000111@lid';
     await channel.onMessage(
@@ -916,12 +903,7 @@ describe('what real WhatsApp needs (baileys 7)', () => {
 
   it('someone typing in a watched chat (a chatstate, as baileys parses it) is activity; our own typing is not; watched chats are subscribed at open', async () => {
     setupLogging(tempProject(), { terminalLevel: 'silent' });
-    const server = flakyServer(60_000);
-    const channel = new RecordingWhatsApp(options(await linkedAuthDir(), server.url));
-    stops.push(async () => {
-      await channel.disconnect();
-      server.stop();
-    });
+    const channel = await linkedChannel();
     const activity: string[] = [];
     await channel.connect({
       onMessage: () => {},
@@ -1028,7 +1010,7 @@ describe('WhatsApp mentions and triggers through the host (fake docker)', () => 
       mediaTreeFor: () => null,
       triggerFor: (jid) => store.groupByJid(jid)?.trigger,
     });
-    const host = new Host(config, store, [channel], { recoverySweepMs: 60_000, ipcSweepMs: 60_000 });
+    const host = new Host(config, store, [channel], QUIET_SWEEPS);
     stops.push(async () => {
       await host.stop();
       server.stop();
