@@ -1,30 +1,52 @@
 /**
- * What the agent-runner writes before the Kimi CLI starts, as pure functions of the input:
- * ~/.kimi/config.toml (provider, model alias k25, key), ~/.kimi/mcp.json (the nanoclaw
- * MCP server with this group's identity) and the agent file that puts NanoClaw's role
- * and the group's memory into Kimi's system prompt.
+ * What the agent-runner writes into KIMI_CODE_HOME (the group's ~/.kimi) before Kimi Code
+ * CLI starts, as pure functions of the input: config.toml (provider, the k25 alias, the
+ * run's behaviour), SYSTEM.md (NanoClaw's role and the group's memory around the CLI's own
+ * prompt) and mcp.json (the nanoclaw MCP server, as session/new also passes it).
+ *
+ * Kimi Code CLI 2.1.0 reads its configuration only from these files (`kimi acp` takes no
+ * flags): config keys as in its node-sdk config schema, snake_case in TOML.
  */
 
 /** The model alias the host and the guide use. */
 export const MODEL_ALIAS = 'k25';
 
+/**
+ * The environment variable the CLI reads the key from (the provider's `api_key_env`).
+ * The runner sets it on the CLI's process only: config.toml, which every container of the
+ * group shares, never holds a credential.
+ */
+export const KEY_ENV = 'NANOCLAW_MODEL_KEY';
+
+/**
+ * Built-in tools the agent does not get. Plan mode would park the agent waiting for a plan
+ * review nobody in a chat can give; the CLI's own cron lives only as long as its process
+ * (NanoClaw's schedule_task is the scheduler that survives).
+ */
+export const DISABLED_TOOLS = ['EnterPlanMode', 'ExitPlanMode', 'CronCreate', 'CronDelete', 'CronList'] as const;
+
+/**
+ * Attempts per model request inside one turn (the CLI's default is 10, about 140 s of
+ * backoff): kept short, because the host retries a failed turn itself, with backoff the
+ * user is told about.
+ */
+export const ATTEMPTS_PER_STEP = 3;
+
 export interface KimiSettings {
-  apiKey?: string;
-  /** KIMI_BASE_URL: another endpoint (e.g. a local OpenAI-compatible server). */
+  /** Where the CLI sends model requests (the runner's forwarder to the host's proxy, or KIMI_BASE_URL). */
   baseUrl?: string;
   /** KIMI_MODEL_NAME: the provider's model name behind the alias. */
   modelName?: string;
-  /** KIMI_PROVIDER: the Kimi CLI provider type; `kimi` unless a local model is used. */
+  /** KIMI_PROVIDER: the provider type (`kimi`, or `openai` for another OpenAI-compatible server). */
   providerType?: string;
   /** What the model takes in (KIMI_MODEL_CAPABILITIES); by default from its name (modelCapabilities). */
   capabilities?: string[];
 }
 
 /**
- * What a model can take in, as kimi-cli 1.49.0 decides it for models from the platforms'
- * lists (auth/platforms.py: ids starting kimi-k2 get thinking, image_in and video_in;
- * llm.py: kimi-for-coding and kimi-code the same). Without image_in the CLI drops its
- * ReadMediaFile tool and refuses pictures, so the agent could not look at a photo.
+ * What a model can take in, as Kimi's platforms declare it for their own models: ids
+ * starting kimi-k2 (and the coding plan's models) think and see images and video. Without
+ * image_in the CLI drops its ReadMediaFile tool and the agent could not look at a photo.
  */
 export function modelCapabilities(model: string): string[] {
   const name = model.toLowerCase();
@@ -40,6 +62,9 @@ export const DEFAULTS = {
   maxContextSize: 262_144,
 };
 
+/** Provider types Kimi Code CLI 2.1.0 knows (its config schema's ProviderType). */
+export const PROVIDER_TYPES = ['kimi', 'openai', 'openai_responses', 'anthropic', 'google-genai', 'vertexai'] as const;
+
 /** A TOML basic string: quotes, backslashes and control characters escaped. */
 export function tomlString(value: string): string {
   return JSON.stringify(value).replace(/\u007f/g, '\\u007f');
@@ -49,23 +74,32 @@ export function buildConfigToml(settings: KimiSettings): string {
   const provider = settings.providerType || DEFAULTS.providerType;
   const model = settings.modelName || DEFAULTS.modelName;
   const capabilities = settings.capabilities ?? modelCapabilities(model);
-  const lines = [
+  const list = (items: readonly string[]) => `[${items.map(tomlString).join(', ')}]`;
+  return [
     '# Written by the NanoClaw agent-runner at every start; edits here are overwritten.',
     `default_model = ${tomlString(MODEL_ALIAS)}`,
+    // Tools run without asking (the guide's yoloMode); questions still reach the chat.
+    'default_permission_mode = "yolo"',
+    'telemetry = false',
     '',
     '[providers.nanoclaw]',
     `type = ${tomlString(provider)}`,
     `base_url = ${tomlString(settings.baseUrl || DEFAULTS.baseUrl)}`,
-    `api_key = ${tomlString(settings.apiKey ?? '')}`,
+    `api_key_env = ${tomlString(KEY_ENV)}`,
     '',
     `[models.${MODEL_ALIAS}]`,
     'provider = "nanoclaw"',
     `model = ${tomlString(model)}`,
     `max_context_size = ${DEFAULTS.maxContextSize}`,
-    `capabilities = [${capabilities.map(tomlString).join(', ')}]`,
+    `capabilities = ${list(capabilities)}`,
     '',
-  ];
-  return lines.join('\n');
+    '[loop_control]',
+    `max_attempts_per_step = ${ATTEMPTS_PER_STEP}`,
+    '',
+    '[tools]',
+    `disabled = ${list(DISABLED_TOOLS)}`,
+    '',
+  ].join('\n');
 }
 
 export interface GroupIdentity {
@@ -76,42 +110,45 @@ export interface GroupIdentity {
   timezone: string;
 }
 
-/** ~/.kimi/mcp.json: the one MCP server the agent gets, started with Bun from the image. */
+/** The nanoclaw MCP server as a command line and environment (session/new and mcp.json both carry it). */
+export function mcpServer(identity: GroupIdentity, serverScript: string, bunPath = 'bun') {
+  return {
+    name: 'nanoclaw',
+    command: bunPath,
+    args: [serverScript],
+    env: {
+      NANOCLAW_CHAT_JID: identity.chatJid,
+      NANOCLAW_GROUP_FOLDER: identity.groupFolder,
+      NANOCLAW_IS_MAIN: identity.isMain ? '1' : '0',
+      NANOCLAW_IPC_DIR: identity.ipcDir,
+      TZ: identity.timezone,
+    } as Record<string, string>,
+  };
+}
+
+/** ~/.kimi/mcp.json: the guide's place for MCP servers (session/new passes the same one, which wins). */
 export function buildMcpConfig(identity: GroupIdentity, serverScript: string, bunPath = 'bun'): string {
-  return `${JSON.stringify(
-    {
-      mcpServers: {
-        nanoclaw: {
-          command: bunPath,
-          args: [serverScript],
-          env: {
-            NANOCLAW_CHAT_JID: identity.chatJid,
-            NANOCLAW_GROUP_FOLDER: identity.groupFolder,
-            NANOCLAW_IS_MAIN: identity.isMain ? '1' : '0',
-            NANOCLAW_IPC_DIR: identity.ipcDir,
-            TZ: identity.timezone,
-          },
-        },
-      },
-    },
-    null,
-    2,
-  )}\n`;
+  const { name, ...server } = mcpServer(identity, serverScript, bunPath);
+  return `${JSON.stringify({ mcpServers: { [name]: server } }, null, 2)}\n`;
 }
 
 export interface RoleInput {
   assistantName: string;
   isMain: boolean;
   timezone: string;
+}
+
+export interface Memories {
   globalMemory?: string | null;
   groupMemory?: string | null;
 }
 
 /** NanoClaw's part of the system prompt: who the agent is, how to talk, what it can do. */
 export function buildRole(input: RoleInput): string {
-  const sections = [
+  return [
     `You are ${input.assistantName}, a personal assistant that lives in the user's WhatsApp. ` +
-      `Messages reach you as <messages> with each <message> carrying its sender and local time (${input.timezone}).`,
+      `Messages reach you as <messages> with each <message> carrying its sender and local time (${input.timezone}). ` +
+      'You are not working in a code repository for a programmer unless the user says so: you help a person with their life and work.',
     [
       'How to write:',
       '- This is WhatsApp: keep answers short and conversational; several short messages beat one long one.',
@@ -126,6 +163,7 @@ export function buildRole(input: RoleInput): string {
       input.isMain
         ? '- register_group, refresh_groups: add WhatsApp groups (see /workspace/ipc/available_groups.json). This is the main chat: you may act for every registered group.'
         : '- You act only for this group: you can message only this chat and manage only its tasks.',
+      '- AskUserQuestion reaches the people in the chat as numbered options; they answer with a number.',
     ].join('\n'),
     [
       'Your files:',
@@ -135,19 +173,41 @@ export function buildRole(input: RoleInput): string {
         : '- /workspace/global holds the memory shared by all groups (read-only here).',
       '- Media people send are saved under /workspace/group/media/.',
     ].join('\n'),
-  ];
-  if (input.globalMemory?.trim())
-    sections.push(`Shared memory (CLAUDE.md of all groups):\n${input.globalMemory.trim()}`);
-  if (input.groupMemory?.trim()) sections.push(`This group's memory (CLAUDE.md):\n${input.groupMemory.trim()}`);
-  return sections.join('\n\n');
+  ].join('\n\n');
+}
+
+/** The memories as the model reads them, or null when both are empty. */
+export function memoryText(memories: Memories): string | null {
+  const parts: string[] = [];
+  if (memories.globalMemory?.trim())
+    parts.push(`Shared memory (CLAUDE.md of all groups):\n${memories.globalMemory.trim()}`);
+  if (memories.groupMemory?.trim()) parts.push(`This group's memory (CLAUDE.md):\n${memories.groupMemory.trim()}`);
+  return parts.length ? parts.join('\n\n') : null;
 }
 
 /**
- * The agent file: extends Kimi's default agent and adds the role. Written as JSON, which
- * is valid YAML, so no YAML escaping rules can break it.
+ * KIMI_CODE_HOME/SYSTEM.md: replaces the CLI's system prompt; `${base_prompt}` keeps the
+ * CLI's own (its tools, its rules) inside ours. The CLI freezes it when a session begins,
+ * so memory edited later reaches the model through a <memory-update> (withMemoryUpdate).
  */
-export function buildAgentFile(role: string): string {
-  return `${JSON.stringify({ version: 1, agent: { extend: 'default', system_prompt_args: { ROLE_ADDITIONAL: role } } }, null, 2)}\n`;
+export function buildSystemPrompt(role: string, memories: Memories): string {
+  const memory = memoryText(memories);
+  // A literal "${" in the memory must not read as a template variable of the CLI's.
+  const safe = (text: string) => text.replaceAll('${', '$\u200b{');
+  return [safe(role), '${base_prompt}', ...(memory ? [safe(memory)] : [])].join('\n\n');
+}
+
+/**
+ * A turn's prompt with the memories that changed since the model last read them (the
+ * session's system prompt keeps the ones it began with).
+ */
+export function withMemoryUpdate(prompt: string, told: Memories, now: Memories): string {
+  const changed: string[] = [];
+  if ((told.globalMemory ?? '') !== (now.globalMemory ?? ''))
+    changed.push(`Shared memory (CLAUDE.md of all groups), as it is now:\n${now.globalMemory?.trim() || '(empty)'}`);
+  if ((told.groupMemory ?? '') !== (now.groupMemory ?? ''))
+    changed.push(`This group's memory (CLAUDE.md), as it is now:\n${now.groupMemory?.trim() || '(empty)'}`);
+  return changed.length ? `<memory-update>\n${changed.join('\n\n')}\n</memory-update>\n\n${prompt}` : prompt;
 }
 
 /** What a scheduled task's prompt looks like to the agent: nobody typed it just now. */

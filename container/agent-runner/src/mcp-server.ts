@@ -35,10 +35,15 @@ export function identityFromEnv(env: Record<string, string | undefined> = proces
   };
 }
 
-/** Writes an IPC request so the host sees it whole or not at all. Returns the file name. */
+let written = 0;
+
+/**
+ * Writes an IPC request so the host sees it whole or not at all. Returns the file name,
+ * which sorts in the order of writing (the host reads in name order), even within one ms.
+ */
 export function writeIpcFile(dir: string, data: Record<string, unknown>): string {
   mkdirSync(dir, { recursive: true });
-  const name = `${Date.now()}-${Math.random().toString(36).slice(2, 8)}.json`;
+  const name = `${Date.now()}-${String(++written).padStart(6, '0')}-${Math.random().toString(36).slice(2, 8)}.json`;
   const temp = join(dir, `.${name}.tmp`);
   writeFileSync(temp, JSON.stringify({ ...data, timestamp: new Date().toISOString() }, null, 2));
   renameSync(temp, join(dir, name));

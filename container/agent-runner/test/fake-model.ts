@@ -1,37 +1,48 @@
 /**
- * A scripted stand-in for Moonshot's chat-completions endpoint, for tests: the only fake
- * in an agent run (the Kimi CLI double, the SDK, the runner, the MCP server and the host's
- * model proxy are all real). It speaks the OpenAI-compatible protocol the Kimi CLI's
- * `kimi` provider uses (POST {base_url}/chat/completions, `Authorization: Bearer <key>`,
- * server-sent events when `stream` is true, usage in the last chunk's choice as Moonshot
- * sends it), checks the key when given one, and records every request.
+ * A scripted stand-in for Moonshot's chat-completions endpoint, for tests and the demo
+ * (`npm run demo`): the only double in an agent run (Kimi Code CLI, the ACP SDK, the runner,
+ * the MCP server and the host's model proxy are all real). It speaks the OpenAI-compatible
+ * protocol Kimi Code CLI's `kimi` provider uses, as checked against @moonshot-ai/kimi-code
+ * 2.1.0 (dist/main.mjs: its OpenAI-compatible requester and llm/requester/retry.ts):
+ * POST {base_url}/chat/completions with `Authorization: Bearer <key>`, `stream: true`
+ * (server-sent events, usage in the last chunk's choice as Moonshot sends it), tools named
+ * as the CLI offers them (`Bash`, `ReadMediaFile`, `AskUserQuestion`, MCP tools as
+ * `mcp__<server>__<tool>`). It checks the key when given one and records every request.
  *
- * What it answers depends on the newest user message (the last <message> of a NanoClaw
- * prompt, its @Name trigger dropped; or else the text without leading "[…]" note lines):
+ * What the CLI puts in a request that is not the person's: <system-reminder> user messages
+ * (the date, the permission mode), a compaction's summary request and the summary that
+ * replaces the conversation, tool results that open with "Wall time: N seconds" (and
+ * "<system>ERROR: …</system>" on failure), and after a failed turn the next prompt merged
+ * into the same user message after a blank line. The script reacts to the newest message a
+ * person wrote: the last <message> of a NanoClaw prompt (its @Name trigger dropped), or else
+ * the last paragraph of the text:
  *   anything             → "[stub] <text>"
  *   !tool NAME {json}    → calls the tool NAME with those arguments; after its result,
  *                          answers with the result's text ("tool error: …" for errors)
- *   !shell COMMAND       → calls the CLI's Shell tool; then answers with its output
+ *   !shell COMMAND       → calls the CLI's Bash tool; then answers with its output
  *   !fail TEXT           → HTTP 400 with TEXT as the error message (not retried)
  *   !status CODE [TEXT]  → HTTP CODE with an OpenAI-style error body
  *   !sleep MS            → waits MS before answering "[stub] slept MS"
  *   !context             → answers with the system prompt it was sent (and any <memory-update>)
- *   !session             → answers with the request's prompt_cache_key (the CLI's session id)
- *   !steps               → "Let me check." with a Shell call, then (after its result) "Here is the answer."
+ *   !session             → answers with the request's prompt_cache_key
+ *   !steps               → "Let me check." with a Bash call, then (after its result) "Here is the answer."
  *   !ask Q | A | B …     → calls AskUserQuestion (question Q, options A, B…); then
  *                          "[stub] answered: <answers>" or "[stub] no answer: <note>"
  *   !image               → calls ReadMediaFile on the "[image: PATH]" the prompt names; once
  *                          the tool result carries the picture, describes it:
  *                          "[stub] I see <mime>, <bytes> bytes, sha256 <first 12 hex>"
- *   !context-full        → HTTP 400 as Moonshot answers a request over the model's token limit,
- *                          while the conversation has earlier turns; answers in a fresh one
+ *   !context-full        → HTTP 400 as Moonshot answers a request over the model's token limit
+ *                          while the conversation has an answer in it; once the CLI compacted
+ *                          it (asking for a summary, answered "[stub] summary: …") "[stub] fits now"
  *   !flaky CODE N        → HTTP CODE for the first N requests of this prompt, then "[stub] recovered"
+ *   !cut TEXT            → the first time: "[stub] TEXT" cut off mid-stream (the connection
+ *                          breaks); the CLI retries the step, and then it comes whole
  *
- * GET …/models lists kimi-k2.5, as the platforms do (auth/platforms.py reads it).
+ * GET …/models lists kimi-k2.5, as the platforms do.
  *
  * In drill mode (the crash drills) it answers "[drill] " and the text of every message in
- * the prompt, so a message the host feeds twice shows up twice; `delayMs` can make it
- * think for a while, so a kill can land mid-run.
+ * the newest prompt, so a message the host feeds twice shows up twice; `delayMs` can make
+ * it think for a while, so a kill can land mid-run.
  */
 import { chmodSync, rmSync } from 'node:fs';
 
@@ -51,7 +62,12 @@ export interface ChatRequest {
 }
 
 export type ScriptedReply =
-  | { kind: 'text'; text: string; delayMs?: number }
+  | {
+      kind: 'text';
+      text: string;
+      delayMs?: number /** Streams this many chunks, then breaks the connection. */;
+      cutAfter?: number;
+    }
   | {
       kind: 'tool';
       name: string;
@@ -95,23 +111,53 @@ export function userText(prompt: string): string {
     return unescapeXml(messages.at(-1)![1]!)
       .trim()
       .replace(/^@\S+\s+/, '');
-  const lines = prompt.trim().split('\n');
-  while (lines.length > 1 && (lines[0]!.startsWith('[') || lines[0]!.trim() === '')) lines.shift();
-  return lines.join('\n').trim();
+  // Otherwise its last paragraph: what follows a scheduled task's note, a <memory-update>,
+  // or an earlier prompt the CLI merged in (it joins consecutive user messages with a blank line).
+  const paragraphs = prompt.trim().split(/\n\s*\n/);
+  return paragraphs.at(-1)!.trim();
 }
 
-/** A tool result as the CLI hands it over: "<system>…</system>" then the output. */
+/**
+ * A tool result as Kimi Code CLI hands it over: "Wall time: N seconds" first, then on a
+ * failure "<system>ERROR: …</system>", then the output.
+ */
 function toolOutput(content: unknown): string {
-  const text = contentText(content);
+  const text = contentText(content).replace(/^Wall time: [\d.]+ seconds\n/, '');
   const error = /^<system>ERROR: ([\s\S]*?)<\/system>\n?/.exec(text);
   if (error) return `tool error: ${text.slice(error[0].length) || error[1]}`;
   return text.replace(/^<system>[\s\S]*?<\/system>\n?/, '');
 }
 
+/**
+ * A user message the CLI wrote itself, not the person: its <system-reminder> notes (the
+ * date, the permission mode, "compaction is complete") and the summary a compaction
+ * leaves in place of the conversation.
+ */
+export function isReminder(message: ChatMessage): boolean {
+  if (message.role !== 'user') return false;
+  const text = contentText(message.content);
+  return (
+    /^\s*(<system-reminder>[\s\S]*?<\/system-reminder>\s*)+$/.test(text) ||
+    text.startsWith(COMPACTED_PREFIX) ||
+    text.startsWith(COMPACTION_REQUEST)
+  );
+}
+
+/** How Kimi Code CLI 2.1.0 asks for a compaction summary, and how the summary opens the compacted context. */
+const COMPACTION_REQUEST = 'You are about to run out of context.';
+const COMPACTED_PREFIX = 'The conversation so far has been compacted';
+
+/** The index of the newest user message a person (or the runner) wrote: not one of the CLI's reminders. */
+export function lastPersonMessage(messages: readonly ChatMessage[]): number {
+  for (let i = messages.length - 1; i >= 0; i--)
+    if (messages[i]!.role === 'user' && !isReminder(messages[i]!)) return i;
+  return -1;
+}
+
 /** Drill mode: every message of the newest prompt, named. */
 export function drillReply(request: ChatRequest): ScriptedReply {
   const messages = request.messages ?? [];
-  const lastUser = messages.map((m) => m.role).lastIndexOf('user');
+  const lastUser = lastPersonMessage(messages);
   const prompt = lastUser >= 0 ? contentText(messages[lastUser]!.content) : '';
   const each = [...prompt.matchAll(/<message\b[^>]*>([\s\S]*?)<\/message>/g)].map((m) => unescapeXml(m[1]!).trim());
   return { kind: 'text', text: `[drill] ${(each.length ? each : [userText(prompt)]).join(' ')}` };
@@ -132,7 +178,10 @@ function describeImage(content: unknown): string | null {
 /** What the scripted model answers to a request. */
 export function scriptedReply(request: ChatRequest): ScriptedReply {
   const messages = request.messages ?? [];
-  const lastUser = messages.map((m) => m.role).lastIndexOf('user');
+  const newest = messages.at(-1);
+  if (newest?.role === 'user' && contentText(newest.content).startsWith(COMPACTION_REQUEST))
+    return { kind: 'text', text: '[stub] summary: the conversation so far, in brief.' };
+  const lastUser = lastPersonMessage(messages);
   const raw = lastUser >= 0 ? contentText(messages[lastUser]!.content) : '';
   const text = userText(raw);
   const toolResult = messages
@@ -147,7 +196,7 @@ export function scriptedReply(request: ChatRequest): ScriptedReply {
     case '!steps':
       return toolResult
         ? { kind: 'text', text: 'Here is the answer.' }
-        : { kind: 'tool', name: 'Shell', args: { command: 'echo checked' }, text: 'Let me check.' };
+        : { kind: 'tool', name: 'Bash', args: { command: 'echo checked' }, text: 'Let me check.' };
     case '!ask': {
       if (toolResult) {
         const output = JSON.parse(toolOutput(toolResult.content)) as {
@@ -192,7 +241,7 @@ export function scriptedReply(request: ChatRequest): ScriptedReply {
       // Over the limit while the conversation has earlier turns; a fresh session fits.
       return messages.some((m) => m.role === 'assistant')
         ? { kind: 'error', status: 400, message: 'Invalid request: Your request exceeded model token limit: 262144' }
-        : { kind: 'text', text: '[stub] fits in a fresh session' };
+        : { kind: 'text', text: '[stub] fits now' };
     case '!flaky': {
       const [code, times] = rest;
       const seen = (seenPrompts.get(raw) ?? 0) + 1;
@@ -204,7 +253,7 @@ export function scriptedReply(request: ChatRequest): ScriptedReply {
     case '!tool':
     case '!shell': {
       if (toolResult) return { kind: 'text', text: toolOutput(toolResult.content) };
-      if (command === '!shell') return { kind: 'tool', name: 'Shell', args: { command: argText } };
+      if (command === '!shell') return { kind: 'tool', name: 'Bash', args: { command: argText } };
       const [name = '', ...json] = rest;
       try {
         return {
@@ -221,6 +270,11 @@ export function scriptedReply(request: ChatRequest): ScriptedReply {
     case '!status': {
       const [code, ...message] = rest;
       return { kind: 'error', status: Number(code) || 500, message: message.join(' ') || `scripted ${code}` };
+    }
+    case '!cut': {
+      const seen = (seenPrompts.get(raw) ?? 0) + 1;
+      seenPrompts.set(raw, seen);
+      return { kind: 'text', text: `[stub] ${argText}`, ...(seen === 1 ? { cutAfter: 2 } : {}) };
     }
     case '!sleep':
       return { kind: 'text', text: `[stub] slept ${argText}`, delayMs: Number(argText) || 0 };
@@ -405,6 +459,18 @@ export function startFakeModel(
       });
     }
     const encoder = new TextEncoder();
+    const cutAfter = reply.kind === 'text' ? reply.cutAfter : undefined;
+    if (cutAfter !== undefined) {
+      const stream = new ReadableStream<Uint8Array>({
+        async start(controller) {
+          for (const chunk of chunks.slice(0, cutAfter + 1))
+            controller.enqueue(encoder.encode(`data: ${JSON.stringify(chunk)}\n\n`));
+          await Bun.sleep(20);
+          controller.error(new Error('scripted: connection cut mid-stream'));
+        },
+      });
+      return new Response(stream, { headers: { 'content-type': 'text/event-stream' } });
+    }
     const stream = new ReadableStream<Uint8Array>({
       start(controller) {
         for (const chunk of chunks) controller.enqueue(encoder.encode(`data: ${JSON.stringify(chunk)}\n\n`));

@@ -1,0 +1,139 @@
+/** The nanoclaw MCP server over stdio, started exactly as mcp.json and session/new start it, with a real MCP client. */
+import { existsSync, mkdirSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { describe, expect, it } from 'vitest';
+import { tempDir } from './helpers.ts';
+import { connectMcp } from './mcp-client.ts';
+
+describe('the nanoclaw MCP server over stdio', () => {
+  async function connect(isMain: boolean, ipcDir: string, tasks: unknown[] = []) {
+    writeFileSync(join(ipcDir, 'current_tasks.json'), JSON.stringify(tasks));
+    const client = await connectMcp({
+      chatJid: 'me@g.us',
+      groupFolder: 'me',
+      isMain,
+      ipcDir,
+      timezone: 'Europe/Berlin',
+    });
+    const call = async (name: string, args: Record<string, unknown> = {}) => {
+      const result = (await client.callTool({ name, arguments: args })) as {
+        content: { text: string }[];
+        isError?: boolean;
+      };
+      return { text: result.content.map((c) => c.text).join('\n'), isError: Boolean(result.isError) };
+    };
+    return { client, call };
+  }
+  const ipc = () => {
+    const dir = tempDir('nanoclaw-mcp-');
+    mkdirSync(join(dir, 'tasks'));
+    mkdirSync(join(dir, 'messages'));
+    return dir;
+  };
+  const written = (dir: string, kind: string) =>
+    readdirSync(join(dir, kind)).map((f) => JSON.parse(readFileSync(join(dir, kind, f), 'utf8')));
+
+  it('offers the tools with descriptions', async () => {
+    const dir = ipc();
+    const { client } = await connect(false, dir);
+    const { tools } = await client.listTools();
+    expect(tools.map((t) => t.name).sort()).toEqual([
+      'cancel_task',
+      'get_task',
+      'list_tasks',
+      'pause_task',
+      'refresh_groups',
+      'register_group',
+      'resume_task',
+      'schedule_task',
+      'send_message',
+      'update_task',
+    ]);
+    for (const tool of tools) expect(tool.description!.length).toBeGreaterThan(20);
+    await client.close();
+  });
+
+  it('validates schedules before writing anything', async () => {
+    const dir = ipc();
+    const { client, call } = await connect(false, dir);
+    const bad = await call('schedule_task', { prompt: 'x', schedule_type: 'cron', schedule_value: '61 * * * *' });
+    expect(bad.isError).toBe(true);
+    expect(bad.text).toContain('not a valid cron expression');
+    expect(written(dir, 'tasks')).toEqual([]);
+    const good = await call('schedule_task', {
+      prompt: 'stretch',
+      schedule_type: 'cron',
+      schedule_value: '0 9 * * 1-5',
+    });
+    expect(good.isError).toBe(false);
+    expect(written(dir, 'tasks')).toEqual([
+      expect.objectContaining({
+        type: 'schedule_task',
+        prompt: 'stretch',
+        schedule_type: 'cron',
+        schedule_value: '0 9 * * 1-5',
+        context_mode: 'group',
+      }),
+    ]);
+    expect(readdirSync(join(dir, 'tasks')).some((f) => f.startsWith('.'))).toBe(false); // no temp file left behind
+    await client.close();
+  });
+
+  it('keeps a non-main group to its own chat and tasks; main may do everything', async () => {
+    const tasks = [
+      {
+        id: 'task-1',
+        groupFolder: 'me',
+        chatJid: 'me@g.us',
+        prompt: 'p',
+        schedule_type: 'interval',
+        schedule_value: '60000',
+        context_mode: 'group',
+        status: 'active',
+        next_run: null,
+        last_run: null,
+        last_result: null,
+        recent_runs: [
+          { run_at: '2026-01-01T00:00:00Z', duration_ms: 12, status: 'success', result: 'done', error: null },
+        ],
+      },
+    ];
+    const dir = ipc();
+    const member = await connect(false, dir, tasks);
+    expect((await member.call('send_message', { text: 'hi', chatJid: 'other@g.us' })).isError).toBe(true);
+    expect(
+      (
+        await member.call('schedule_task', {
+          prompt: 'x',
+          schedule_type: 'interval',
+          schedule_value: '60000',
+          targetJid: 'other@g.us',
+        })
+      ).isError,
+    ).toBe(true);
+    expect((await member.call('refresh_groups')).isError).toBe(true);
+    expect((await member.call('pause_task', { task_id: 'not-mine' })).isError).toBe(true);
+    expect((await member.call('pause_task', { task_id: 'task-1' })).isError).toBe(false);
+    expect((await member.call('get_task', { task_id: 'task-1' })).text).toContain('done');
+    expect((await member.call('list_tasks')).text).toContain('task-1');
+    await member.client.close();
+    expect(written(dir, 'tasks')).toEqual([expect.objectContaining({ type: 'pause_task', taskId: 'task-1' })]);
+    expect(written(dir, 'messages')).toEqual([]);
+
+    const mainDir = ipc();
+    const main = await connect(true, mainDir);
+    expect((await main.call('send_message', { text: 'hello', chatJid: 'other@g.us' })).isError).toBe(false);
+    expect((await main.call('register_group', { jid: 'new@g.us', name: 'New', folder: 'new' })).isError).toBe(false);
+    expect((await main.call('refresh_groups')).isError).toBe(false);
+    await main.client.close();
+    expect(written(mainDir, 'messages')).toEqual([
+      expect.objectContaining({ type: 'message', chatJid: 'other@g.us', text: 'hello' }),
+    ]);
+    expect(
+      written(mainDir, 'tasks')
+        .map((t) => t.type)
+        .sort(),
+    ).toEqual(['refresh_groups', 'register_group']);
+    expect(existsSync(join(mainDir, 'current_tasks.json'))).toBe(true);
+  });
+});
