@@ -2843,8 +2843,11 @@ export interface LiveContainer {
   readonly acceptsFollowUps: boolean;
   /** True once it was asked to close, is being stopped, or has exited: nothing more may be sent to it. */
   readonly closing: boolean;
-  /** Hands over a chat follow-up, or a scheduled task as the next turn; false when it could not (the container is then being stopped). */
-  sendInput(text: string, kind?: 'message' | 'task'): boolean;
+  /**
+   * Hands over a chat follow-up (with the seq of its newest message), or a scheduled task,
+   * as a turn after the current one; false when it could not (the container is then being stopped).
+   */
+  sendInput(text: string, kind?: 'message' | 'task', upTo?: number): boolean;
   /** Asks the agent to finish its turn and exit. */
   close(): void;
   /** Stops the container now. */
@@ -3015,11 +3018,11 @@ export class GroupQueue {
   }
 
   /** Hands a follow-up (or a task, as the next turn) to the group's live container; false when there is none that takes it. */
-  sendFollowUp(jid: string, text: string, kind: 'message' | 'task' = 'message'): boolean {
+  sendFollowUp(jid: string, text: string, kind: 'message' | 'task' = 'message', upTo?: number): boolean {
     const state = this.groups.get(jid);
     if (!state || !this.takesInput(state)) return false;
     this.clearIdleTimer(state);
-    return state.live!.sendInput(text, kind);
+    return state.live!.sendInput(text, kind, upTo);
   }
 
   /** The group's container is running and still takes follow-ups and task turns. */
@@ -3807,6 +3810,8 @@ export interface ContainerInput {
   isScheduledTask?: boolean;
   /** Started ahead of a message (prompt ""): the agent starts, then waits for its first follow-up. */
   warm?: boolean;
+  /** The seq of the newest message in `prompt`: the result that answers it reports it back. */
+  upTo?: number;
   assistantName?: string;
   /** Under the host, KIMI_API_KEY holds the run's proxy token, never the real key. */
   secrets?: Secrets;
@@ -3817,10 +3822,14 @@ export interface ContainerResult {
   result: string | null;
   /** What earlier steps of the turn said, each its own message before `result` (never glued to it). */
   earlier?: string[];
-  /** For errors, the runner's reading of what failed: `auth` (a refused key) is not retried. */
+  /** For errors, the runner's reading of what failed: `auth` and `bad-request` are not retried. */
   errorKind?: string;
   sessionId?: string;
   error?: string;
+  /** The newest message (its seq) this turn answered: its prompt's and every follow-up's in it. */
+  upTo?: number;
+  /** The turn was a scheduled task handed to the container. */
+  task?: boolean;
 }
 
 export const RESULT_START = '---NANOCLAW_RESULT_START---';
@@ -3875,6 +3884,8 @@ function parseResult(json: string): ContainerResult {
       ...(typeof value.errorKind === 'string' ? { errorKind: value.errorKind } : {}),
       ...(typeof value.sessionId === 'string' ? { sessionId: value.sessionId } : {}),
       ...(typeof value.error === 'string' ? { error: value.error } : {}),
+      ...(Number.isInteger(value.upTo) ? { upTo: value.upTo } : {}),
+      ...(value.task === true ? { task: true } : {}),
     };
   } catch {
     return { status: 'error', result: null, error: `Unreadable result from the container: ${json.slice(0, 200)}` };
@@ -3889,8 +3900,10 @@ export function writeJsonAtomic(path: string, data: unknown): void {
   renameSync(temp, path);
 }
 
+let filesNamed = 0;
+/** A new file name that sorts in the order names were made (the runner reads its inbox in name order), even within one ms. */
 export function uniqueFileName(now = Date.now()): string {
-  return `${now}-${randomUUID().slice(0, 8)}.json`;
+  return `${now}-${String(++filesNamed).padStart(6, '0')}-${randomUUID().slice(0, 8)}.json`;
 }
 
 export interface RunOutcome {
@@ -4094,9 +4107,9 @@ async function streamContainer(plan: RunPlan, options: RunContainerOptions, grou
     get closing() {
       return closing;
     },
-    sendInput: (text, kind = 'message') => {
+    sendInput: (text, kind = 'message', upTo) => {
       try {
-        inbox.replace(uniqueFileName(), JSON.stringify({ type: kind, text }));
+        inbox.replace(uniqueFileName(), JSON.stringify({ type: kind, text, ...(upTo === undefined ? {} : { upTo }) }));
         return true;
       } catch (err) {
         groupLog.warn(
@@ -5087,6 +5100,11 @@ export function keyRefusedNotice(config: Config, error: string): string {
   return `I cannot answer: ${config.kimi.baseUrl} refused the Kimi key (${/Error code: (\d+)/.exec(error)?.[1] ?? '401'}). Check KIMI_API_KEY in .env; ${others.join('; ')}.`;
 }
 
+/** What the chat is told when the model refuses the request itself (HTTP 400): retrying would not help. */
+export function badRequestNotice(error: string): string {
+  return `I could not answer that: the model refused the request (${error.slice(0, 200)}). Try saying it differently.`;
+}
+
 /** What the user is told, once, when their message could not be answered after every retry. */
 export const GIVE_UP_TEXT =
   'Sorry, I could not answer that: something went wrong on my side (the details are in the logs). Send it again, or something new, and I will start fresh.';
@@ -5111,6 +5129,8 @@ export class Host {
   private readonly tasksInHand = new Set<string>();
   /** Group-context tasks running as a turn of their chat's live container, by chat. */
   private readonly taskTurns = new Map<string, TaskTurn>();
+  /** The newest message each chat's last message run was given: what a give-up covers. */
+  private readonly lastGiven = new Map<string, number>();
   /** Inbound messages the database could not take yet, oldest first (also in data/spill.jsonl). */
   private readonly spill: { message: NewMessage; chat: ChatMeta }[] = [];
   private readonly clock: Clock;
@@ -5135,7 +5155,7 @@ export class Host {
       retryBaseMs: options.retryBaseMs ?? 5_000,
       maxRetries: options.maxRetries ?? 5,
       processMessages: (jid, warm) => this.processMessages(jid, warm),
-      onGiveUp: (jid) => this.giveUp(jid),
+      onGiveUp: (jid) => this.giveUp(jid, GIVE_UP_TEXT, this.lastGiven.get(jid) ?? 0),
       onRetry: (chatJid, attempt, delayMs) =>
         this.tell('retry', { chatJid, attempt, delayMs, maxRetries: options.maxRetries ?? 5 } satisfies RetryEvent),
       clock: this.clock,
@@ -5386,7 +5406,9 @@ export class Host {
     const messages = this.store.messagesSince(group.jid, givenUpTo);
     if (messages.length === 0) return true;
     if (!arrived && !answering && !needsAgent(group, messages)) return true;
-    if (!this.queue.sendFollowUp(group.jid, formatMessages(messages, this.config.timezone))) return false;
+    const upTo = messages.at(-1)!.seq;
+    if (!this.queue.sendFollowUp(group.jid, formatMessages(messages, this.config.timezone), 'message', upTo))
+      return false;
     this.queue.give(group.jid, messages.at(-1)!.seq);
     void this.typing(group.jid, true);
     log.debug({ group: group.folder, count: messages.length }, 'Follow-up handed to the running container');
@@ -5483,15 +5505,17 @@ export class Host {
         acceptsFollowUps: true,
         saveSession: true,
         warm: !asked,
+        ...(asked ? { upTo: messages.at(-1)!.seq } : {}),
         onResult: async (result) => {
           const taskTurn = this.taskTurns.get(chatJid);
-          if (taskTurn) {
+          if (taskTurn && result.task) {
             this.taskTurns.delete(chatJid);
             this.finishTaskTurn(group, taskTurn, result);
             return;
           }
           void this.typing(chatJid, false); // the turn is over; a follow-up sets it again
-          const upToSeq = this.queue.givenUpTo(chatJid) ?? 0;
+          // The cursor passes only what this turn answered: a follow-up queued behind it is not.
+          const upToSeq = result.upTo ?? this.store.getCursor(chatJid);
           if (result.status === 'success') {
             const said = this.wordsOf(result);
             const sent = said.at(-1) ?? null;
@@ -5544,6 +5568,7 @@ export class Host {
       return this.stopped;
     } finally {
       upToSeq = this.queue.givenUpTo(chatJid) ?? 0;
+      this.lastGiven.set(chatJid, upToSeq);
       this.queue.give(chatJid, null);
       const orphan = this.taskTurns.get(chatJid);
       if (orphan) {
@@ -5566,7 +5591,12 @@ export class Host {
     }
     if (outcome.lastErrorKind === 'auth' && unanswered > 0 && !this.stopped) {
       // A refused key fails every retry alike: say once what to fix, and do not retry.
-      this.giveUp(chatJid, keyRefusedNotice(this.config, outcome.lastError ?? ''), `notice:key-refused:${chatJid}`);
+      this.giveUp(chatJid, keyRefusedNotice(this.config, outcome.lastError ?? ''), upToSeq, `notice:key-refused:${chatJid}`);
+      return true;
+    }
+    if (outcome.lastErrorKind === 'bad-request' && unanswered > 0 && !this.stopped) {
+      // The model refused the request itself (400): the same request would be refused again.
+      this.giveUp(chatJid, badRequestNotice(outcome.lastError ?? ''), upToSeq);
       return true;
     }
     if ((failed || outcome.lastError) && unanswered > 0 && !this.stopped) {
@@ -5582,14 +5612,17 @@ export class Host {
   }
 
   /**
-   * The pending messages cannot be answered (every retry failed, or the key is refused):
-   * they are marked answered and the chat is told — with `onceKey`, at most once in six
-   * hours (the logs keep saying it).
+   * The messages a failed run was given (up to `upToSeq`) cannot be answered (every retry
+   * failed, the key is refused, the request is refused): they are marked answered and the
+   * chat is told — with `onceKey`, at most once in six hours (the logs keep saying it).
+   * Messages that came after them are not swept along: they get a run of their own.
    */
-  private giveUp(chatJid: string, notice = GIVE_UP_TEXT, onceKey?: string): void {
+  private giveUp(chatJid: string, notice: string, upToSeq: number, onceKey?: string): void {
     const group = this.store.groupByJid(chatJid);
     if (!group) return;
-    const pending = this.store.messagesSince(chatJid, this.store.getCursor(chatJid));
+    const pending = this.store
+      .messagesSince(chatJid, this.store.getCursor(chatJid))
+      .filter((message) => message.seq <= upToSeq);
     if (pending.length === 0) return;
     const toldAt = onceKey ? Number(this.store.getState(onceKey) ?? 0) : 0;
     const tell = !onceKey || this.clock.now() - toldAt > 6 * 3_600_000;
@@ -5600,10 +5633,9 @@ export class Host {
       if (tell && onceKey) this.store.setState(onceKey, String(this.clock.now()));
     });
     this.sendSoon(chatJid);
-    log.error(
-      { group: group.folder, messages: pending.length },
-      'Gave up on messages after every retry failed; told the chat',
-    );
+    log.error({ group: group.folder, messages: pending.length, told: tell }, 'Gave up on messages; told the chat');
+    if (this.store.messagesSince(chatJid, pending.at(-1)!.seq).length > 0 && !this.stopped)
+      this.queue.enqueueMessages(chatJid);
   }
 
   /** Launches the group's container with its mounts, its session and a proxy token on stdin. */
@@ -5621,6 +5653,8 @@ export class Host {
       warm?: boolean;
       /** The queue entry the container belongs to (default: the group's chat). */
       lane?: string;
+      /** The seq of the newest message in the prompt. */
+      upTo?: number;
       onResult(result: ContainerResult): Promise<void>;
     },
   ): Promise<RunOutcome> {
@@ -5639,6 +5673,7 @@ export class Host {
       ...(sessionId ? { sessionId } : {}),
       isScheduledTask: run.isScheduledTask,
       ...(run.warm ? { warm: true } : {}),
+      ...(run.upTo === undefined ? {} : { upTo: run.upTo }),
       assistantName: this.config.assistantName,
     };
     return runContainer({

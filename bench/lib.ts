@@ -32,7 +32,7 @@ import {
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { contentText, startFakeModel, type FakeModel } from '../container/agent-runner/kimi-stub/fake-model.ts';
+import { contentText, startFakeModel, type FakeModel } from '../scripts/scripted-model.ts';
 import { addGroup, Host, loadConfig, setupLogging, Store, type Config } from '../nanoclaw.ts';
 import { RecordingChannel } from '../test/helpers.ts';
 

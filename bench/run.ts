@@ -39,7 +39,7 @@ import { chmodSync, existsSync, readdirSync, rmSync, watch, writeFileSync } from
 import { availableParallelism } from 'node:os';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
-import { startFakeModel } from '../container/agent-runner/kimi-stub/fake-model.ts';
+import { startFakeModel } from '../scripts/scripted-model.ts';
 import {
   type Config,
   defaultConcurrency,

@@ -13,8 +13,8 @@ usage() {
   cat <<'USAGE'
 Usage: ./container/build.sh [--test] [--no-cache] [--tag NAME[:TAG]]
 
-  (no option)            nanoclaw-agent:latest, with the real Kimi CLI
-  --test                 nanoclaw-agent:test, with the kimi wire-protocol stub
+  (no option)            nanoclaw-agent:latest
+  --test                 nanoclaw-agent:test, the tag the tests use (the same image)
   --no-cache             rebuild every layer (combines with the other options)
   -t, --tag NAME[:TAG]   build under this name instead, e.g. --tag my-agent:dev
                          (then set CONTAINER_IMAGE=my-agent:dev in .env)
@@ -36,11 +36,10 @@ valid_tag() {
 
 TAG=nanoclaw-agent:latest
 CUSTOM_TAG="" TAG_GIVEN=0
-KIMI_CLI=real
 EXTRA=()
 while [ $# -gt 0 ]; do
   case $1 in
-    --test) TAG=nanoclaw-agent:test; KIMI_CLI=stub ;;
+    --test) TAG=nanoclaw-agent:test ;;
     --no-cache) EXTRA+=(--no-cache) ;;
     -t|--tag)
       [ $# -ge 2 ] || bad_usage "$1 needs an image name, e.g. $1 nanoclaw-agent:dev"
@@ -90,17 +89,17 @@ else
   echo "==> No extra CA for the build (behind a TLS-inspecting proxy: BUILD_CA_CERT=/path/ca.pem)"
 fi
 
-echo "==> Building $TAG (kimi: $KIMI_CLI) with $RUNTIME"
+echo "==> Building $TAG with $RUNTIME"
 started=$(date +%s)
 status=0
-"$RUNTIME" build ${EXTRA[@]+"${EXTRA[@]}"} --build-arg KIMI_CLI="$KIMI_CLI" -t "$TAG" . 2>&1 | tee "$LOG" || status=$?
+"$RUNTIME" build ${EXTRA[@]+"${EXTRA[@]}"} -t "$TAG" . 2>&1 | tee "$LOG" || status=$?
 if [ $status != 0 ]; then
-  # The real CLI comes from the network (its installer, then PyPI): say so in one line,
-  # whatever the step that noticed first (curl, the installer, or a missing uv).
-  if [ "$KIMI_CLI" = real ] && grep -Eq 'no network to install the Kimi CLI|could not install kimi-cli|uv: (command )?not found|astral\.sh.*(Could not resolve|Failed to connect|SSL certificate)' "$LOG"; then
-    echo "==> Build of $TAG failed: no network to install the Kimi CLI (its installer at https://astral.sh, or PyPI, could not be reached)." >&2
+  # Bun and the Kimi Code CLI come from the npm registry: when the Dockerfile says that is
+  # what failed, say so in one line with the fix. (Not preceded by a quote: the build log
+  # also shows each step's command, with its `echo "no network…"` in it.)
+  if grep -Eq '(^|[^"])no network to install (the Kimi CLI|Bun)' "$LOG"; then
+    echo "==> Build of $TAG failed: no network to install the Kimi CLI (the npm registry, https://registry.npmjs.org, where it and Bun come from, could not be reached)." >&2
     echo "    Behind a proxy: set BUILD_CA_CERT=/path/to/proxy-ca.pem (or NODE_EXTRA_CA_CERTS) and build again." >&2
-    echo "    Without network: ./container/build.sh --test builds the image with the kimi stub (for tests only)." >&2
   else
     echo "==> Build of $TAG failed (exit $status); the build output above says which step." >&2
   fi
@@ -112,7 +111,7 @@ cat <<MSG
 Try it:
   echo '{"prompt":"What is 2+2?","groupFolder":"test","chatJid":"test@g.us","isMain":false,"secrets":{"KIMI_API_KEY":"…"}}' \\
     | $RUNTIME run -i --rm $TAG
-  scripts/container.sh kimi      # kimi --version and kimi info inside the image
+  scripts/container.sh kimi      # the Kimi Code CLI inside the image
   scripts/diagnose.sh            # the whole setup
 MSG
 if [ "$TAG" != nanoclaw-agent:latest ] && [ "$TAG" != nanoclaw-agent:test ]; then

@@ -13,7 +13,7 @@ import { Database } from 'bun:sqlite';
 import { existsSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { proto, type WAMessage } from '@whiskeysockets/baileys';
-import { startFakeModel } from '../container/agent-runner/kimi-stub/fake-model.ts';
+import { startFakeModel } from '../scripts/scripted-model.ts';
 import { Host, installId, RateLimiter, addGroup, setupLogging, Store, type Config } from '../nanoclaw.ts';
 import { flakyServer, linkedAuthDir, openAsWhatsAppWould, RecordingWhatsApp, tempProject } from '../test/helpers.ts';
 import {

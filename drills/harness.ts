@@ -19,7 +19,7 @@ import {
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { startFakeModel, type FakeModel } from '../container/agent-runner/kimi-stub/fake-model.ts';
+import { startFakeModel, type FakeModel } from '../scripts/scripted-model.ts';
 import { addGroup, Store, type Config, loadConfig } from '../nanoclaw.ts';
 import { DRILL_CHAT, type Delivery } from './host.ts';
 

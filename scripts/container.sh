@@ -2,7 +2,7 @@
 # Manual checks of the agent image, with the same mounts NanoClaw uses.
 #
 #   scripts/container.sh test [folder] [prompt]   the full agent flow: a prompt through the real runner
-#   scripts/container.sh kimi                     kimi --version and kimi info inside the image
+#   scripts/container.sh kimi                     kimi --version and kimi info (its files checked by kimi doctor) inside the image
 #   scripts/container.sh shell [folder]           an interactive shell, mounted as for that group
 #   scripts/container.sh mounts [folder]          what the group's container sees under /workspace
 #   scripts/container.sh owners                   who runs the container and who owns /workspace and /app

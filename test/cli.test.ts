@@ -169,7 +169,7 @@ describe('bun nanoclaw.ts', () => {
   });
 
   it('model check asks the endpoint through the proxy: accepted, refused (with the fix), or no network', async () => {
-    const { startFakeModel } = await import('../container/agent-runner/kimi-stub/fake-model.ts');
+    const { startFakeModel } = await import('../scripts/scripted-model.ts');
     const model = startFakeModel({ key: SECRET });
     try {
       writeFileSync(join(root, '.env'), `KIMI_API_KEY=${SECRET}\n`);

@@ -20,7 +20,7 @@ import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterAll, describe, expect, it } from 'vitest';
 import { addGroup, serviceDefinition, Store, type Config } from '../nanoclaw.ts';
-import { startFakeModel } from '../container/agent-runner/kimi-stub/fake-model.ts';
+import { startFakeModel } from '../scripts/scripted-model.ts';
 import {
   fakeDocker,
   linkedAuthDir,

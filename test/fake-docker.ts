@@ -58,8 +58,11 @@ function lastMessageText(prompt: string): string {
   return text.replace(/^@\S+\s+/, '').trim();
 }
 
+/** What every result of the turn being answered carries (CONTRACT.md): the newest message it answered, whether it was a task. */
+let turn: { upTo?: number; task?: true } = {};
+
 function emit(result: Record<string, unknown>): void {
-  process.stdout.write(`${START}\n${JSON.stringify(result)}\n${END}\n`);
+  process.stdout.write(`${START}\n${JSON.stringify({ ...result, ...turn })}\n${END}\n`);
 }
 
 let deaf = false;
@@ -156,6 +159,7 @@ async function run(): Promise<never> {
     prompt: string;
     warm?: boolean;
     sessionId?: string;
+    upTo?: number;
     secrets?: { KIMI_API_KEY?: string };
   };
   token = input.secrets?.KIMI_API_KEY ?? '';
@@ -168,7 +172,10 @@ async function run(): Promise<never> {
     process.exit(1);
   }
   if (input.warm) record({ command: 'warm-start' });
-  else await answer(input.prompt, sessionId);
+  else {
+    turn = input.upTo === undefined ? {} : { upTo: input.upTo };
+    await answer(input.prompt, sessionId);
+  }
 
   // The run's own inbox is mounted over /workspace/ipc/input.
   const ipc = mountedHostPath('/workspace/ipc');
@@ -187,9 +194,13 @@ async function run(): Promise<never> {
           record({ command: 'closed', name });
           process.exit(0);
         }
-        const followUp = JSON.parse(readFileSync(path, 'utf8')) as { type: string; text: string };
+        const followUp = JSON.parse(readFileSync(path, 'utf8')) as { type: string; text: string; upTo?: number };
         rmSync(path, { force: true });
         record({ command: followUp.type === 'task' ? 'task-turn' : 'follow-up', name, text: followUp.text });
+        turn = {
+          ...(followUp.upTo === undefined ? {} : { upTo: followUp.upTo }),
+          ...(followUp.type === 'task' ? { task: true as const } : {}),
+        };
         await answer(followUp.text, sessionId);
       }
     }

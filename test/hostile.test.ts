@@ -19,7 +19,7 @@ import {
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
-import { startFakeModel, type FakeModel } from '../container/agent-runner/kimi-stub/fake-model.ts';
+import { startFakeModel, type FakeModel } from '../scripts/scripted-model.ts';
 import { Host, INSTALL_LABEL, installId, addGroup, setupLogging, Store, type Config } from '../nanoclaw.ts';
 import { QUIET_SWEEPS, RecordingChannel, tempDir, tempProject, waitFor } from './helpers.ts';
 
@@ -134,9 +134,18 @@ describe('a hostile agent', () => {
       // The scan works: it finds the copy it made itself, and nothing else.
       expect(reply.match(/FOUND \S+/g)).toEqual(['FOUND /tmp/control']);
     }
-    const config = await ask(w, EVIL, '!shell cat ~/.kimi/config.toml; echo; env | grep -ci kimi_api_key');
-    expect(config).toMatch(/api_key = "ncp-[0-9a-f]{32}"/);
-    expect(config).toMatch(/base_url = "http:\/\/127\.0\.0\.1:\d+"/);
+    // config.toml (shared by the group's containers) names only where the key is; what the
+    // agent can find is its own run's token, good through its own socket while the run lives.
+    const config = await ask(
+      w,
+      EVIL,
+      '!shell cat ~/.kimi/config.toml; echo; env | grep -i -e kimi_api_key -e model_key; true',
+    );
+    expect(config).not.toMatch(/^api_key\s*=/m);
+    expect(config).toContain('api_key_env = "NANOCLAW_MODEL_KEY"');
+    expect(config).toMatch(/base_url = "http:\/\/127\.0\.0\.1:18181\/v1"/);
+    expect(config).toMatch(/^NANOCLAW_MODEL_KEY=ncp-[0-9a-f]{32}$/m);
+    expect(config).not.toMatch(/KIMI_API_KEY/);
     const main = await ask(
       w,
       MAIN,

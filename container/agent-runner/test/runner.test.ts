@@ -8,7 +8,7 @@ import { join } from 'node:path';
 import { afterAll, describe, expect, it, vi } from 'vitest';
 import { KEY_ENV } from '../src/config.ts';
 import { FRESH_SESSION_NOTE } from '../src/runner.ts';
-import { startFakeModel } from './fake-model.ts';
+import { startFakeModel } from '../../../scripts/scripted-model.ts';
 import { close, followUp, input, type Live, messages, runRunner, until, type Workspace, workspace } from './helpers.ts';
 
 // Each run starts the real CLI (seconds on a busy machine), and some tests run several.

@@ -105,7 +105,9 @@ export function contentText(content: unknown): string {
 }
 
 /** The text the "model" reacts to. */
-export function userText(prompt: string): string {
+export function userText(text: string): string {
+  // The CLI may open a session's first message with its own <system-reminder> blocks.
+  const prompt = text.replace(/<system-reminder>[\s\S]*?<\/system-reminder>\s*/g, '');
   const messages = [...prompt.matchAll(/<message\b[^>]*>([\s\S]*?)<\/message>/g)];
   if (messages.length)
     return unescapeXml(messages.at(-1)![1]!)
