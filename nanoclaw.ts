@@ -5591,7 +5591,12 @@ export class Host {
     }
     if (outcome.lastErrorKind === 'auth' && unanswered > 0 && !this.stopped) {
       // A refused key fails every retry alike: say once what to fix, and do not retry.
-      this.giveUp(chatJid, keyRefusedNotice(this.config, outcome.lastError ?? ''), upToSeq, `notice:key-refused:${chatJid}`);
+      this.giveUp(
+        chatJid,
+        keyRefusedNotice(this.config, outcome.lastError ?? ''),
+        upToSeq,
+        `notice:key-refused:${chatJid}`,
+      );
       return true;
     }
     if (outcome.lastErrorKind === 'bad-request' && unanswered > 0 && !this.stopped) {

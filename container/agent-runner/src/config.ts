@@ -132,6 +132,10 @@ export function buildMcpConfig(identity: GroupIdentity, serverScript: string, bu
   return `${JSON.stringify({ mcpServers: { [name]: server } }, null, 2)}\n`;
 }
 
+/** Where SYSTEM.md puts the CLI's own system prompt: its template variable, written as it is. */
+// biome-ignore lint/suspicious/noTemplateCurlyInString: the CLI's template syntax, not ours
+export const BASE_PROMPT = '${base_prompt}';
+
 export interface RoleInput {
   assistantName: string;
   isMain: boolean;
@@ -192,9 +196,9 @@ export function memoryText(memories: Memories): string | null {
  */
 export function buildSystemPrompt(role: string, memories: Memories): string {
   const memory = memoryText(memories);
-  // A literal "${" in the memory must not read as a template variable of the CLI's.
-  const safe = (text: string) => text.replaceAll('${', '$\u200b{');
-  return [safe(role), '${base_prompt}', ...(memory ? [safe(memory)] : [])].join('\n\n');
+  // A "$" + "{" written in a memory must not read as a template variable of the CLI's.
+  const safe = (text: string) => text.replaceAll('$' + '{', '$\u200b{');
+  return [safe(role), BASE_PROMPT, ...(memory ? [safe(memory)] : [])].join('\n\n');
 }
 
 /**

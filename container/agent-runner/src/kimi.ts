@@ -117,8 +117,8 @@ interface WireLine {
 export function readTurnRecord(lines: readonly string[]): TurnRecord {
   const steps = new Map<string, { text: string; failed: boolean }>();
   const step = (uuid: string) => {
-    let entry = steps.get(uuid);
-    if (!entry) steps.set(uuid, (entry = { text: '', failed: false }));
+    const entry = steps.get(uuid) ?? { text: '', failed: false };
+    steps.set(uuid, entry);
     return entry;
   };
   let ended = false;

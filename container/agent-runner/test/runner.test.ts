@@ -3,7 +3,7 @@
  * under Bun) over ACP, the real MCP server, and the scripted model (fake-model.ts) as the
  * only double, at the HTTP boundary. HOME and the workspace live in temp folders.
  */
-import { existsSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it, vi } from 'vitest';
 import { KEY_ENV } from '../src/config.ts';
