@@ -130,6 +130,12 @@ export interface Config {
 
 export class ConfigError extends Error {}
 
+/** Provider types Kimi Code CLI 2.1.0 knows (KIMI_PROVIDER; its config schema's ProviderType). */
+export const PROVIDER_TYPES = ['kimi', 'openai', 'openai_responses', 'anthropic', 'google-genai', 'vertexai'] as const;
+
+/** Kimi's own platforms need a key; another server (a local model) may not. */
+export const usesKimiProvider = (config: Config): boolean => !config.kimi.provider || config.kimi.provider === 'kimi';
+
 /**
  * Where a Kimi key works, and the model to ask there: each kind of key belongs to one
  * platform (kimi-cli 1.49.0 auth/platforms.py lists the same three). KIMI_BASE_URL and
@@ -309,6 +315,9 @@ export function loadConfig(projectRoot: string, env: Record<string, string | und
       `KIMI_PLATFORM=${JSON.stringify(platform)} is not valid: use ${Object.keys(KIMI_PLATFORMS).join(', ')}.`,
     );
   }
+  const provider = get('KIMI_PROVIDER');
+  if (provider !== undefined && !(PROVIDER_TYPES as readonly string[]).includes(provider))
+    throw new ConfigError(`KIMI_PROVIDER=${JSON.stringify(provider)} is not valid: use ${PROVIDER_TYPES.join(', ')}.`);
   const network = get('CONTAINER_NETWORK') ?? 'bridge';
   if (!isValidNetwork(network))
     throw new ConfigError(
@@ -345,7 +354,7 @@ export function loadConfig(projectRoot: string, env: Record<string, string | und
       platform,
       baseUrl: get('KIMI_BASE_URL') ?? KIMI_PLATFORMS[platform].baseUrl,
       modelName: get('KIMI_MODEL_NAME') ?? KIMI_PLATFORMS[platform].model,
-      provider: get('KIMI_PROVIDER'),
+      provider,
       capabilities: get('KIMI_MODEL_CAPABILITIES'),
       questionTimeoutMs: positiveInt('QUESTION_TIMEOUT', get('QUESTION_TIMEOUT'), 10 * 60_000),
     },
@@ -3327,6 +3336,8 @@ export interface ModelProxyOptions {
   upstream: string;
   /** Read at each request, so a key put in .env works at once. */
   apiKey(): string | undefined;
+  /** Without a key, refuse (Kimi's platforms; the default) or pass requests on without one (a local server). */
+  keyRequired?: boolean;
   /** One entry per request that reached the proxy with a live token. */
   record(groupFolder: string, entry: { ok: boolean; status: number; usage: ModelUsage | null }): void;
 }
@@ -3382,7 +3393,7 @@ export class ModelProxy {
     const run = ownToken === null || given === ownToken ? this.live.get(given) : undefined;
     if (!run) return proxyError(401, 'NanoClaw model proxy: this token does not belong to a running container.');
     const key = this.options.apiKey();
-    if (!key) {
+    if (!key && this.options.keyRequired !== false) {
       this.options.record(run.folder, { ok: false, status: 401, usage: null });
       return proxyError(401, 'NanoClaw has no KIMI_API_KEY: put it in the .env file of the NanoClaw project.');
     }
@@ -3392,7 +3403,7 @@ export class ModelProxy {
     req.headers.forEach((value, name) => {
       if (!HOP_HEADERS.has(name.toLowerCase())) headers.set(name, value);
     });
-    headers.set('authorization', `Bearer ${key}`);
+    if (key) headers.set('authorization', `Bearer ${key}`);
     let body: ArrayBuffer | undefined;
     if (req.method !== 'GET' && req.method !== 'HEAD') {
       body = await req.arrayBuffer();
@@ -5174,6 +5185,7 @@ export class Host {
       dir: join(config.dataDir, 'proxy'),
       upstream: config.kimi.baseUrl,
       apiKey: () => readSecrets(config).KIMI_API_KEY,
+      keyRequired: usesKimiProvider(config),
       record: (folder, entry) => {
         const day = formatLocalTime(new Date().toISOString(), config.timezone).slice(0, 10);
         try {
@@ -6192,8 +6204,7 @@ export function preflight(config: Config): string[] {
   } else if (!runQuietly([runtime, 'image', 'inspect', config.containerImage]).ok) {
     problems.push(`The agent image ${config.containerImage} does not exist.\n  Fix: ./container/build.sh`);
   }
-  const usesKimiProvider = !config.kimi.provider || config.kimi.provider === 'kimi';
-  if (usesKimiProvider && !readSecrets(config).KIMI_API_KEY) {
+  if (usesKimiProvider(config) && !readSecrets(config).KIMI_API_KEY) {
     const fix = existsSync(config.envFile)
       ? 'put your key in .env on its line'
       : 'cp .env.example .env, then put your key on its line';

@@ -251,17 +251,26 @@ else
   report fail "Container engine" "$RUNTIME info failed: $(printf '%s' "$INFO" | grep -m1 -v '^\s*$')" "start Docker: open Docker Desktop (macOS) or 'sudo systemctl start docker' (Linux)"
 fi
 
-# 5. Image and its kimi
+# 5. Image and its CLI: the pinned Kimi Code CLI, and its files as the main group's last run left them
+PIN=$(sed -n 's/.*"@moonshot-ai\/kimi-code": *"\([^"]*\)".*/\1/p' "$CODE_DIR/container/agent-runner/package.json" 2>/dev/null)
 if [ $ENGINE_OK = 0 ]; then
   report fail "Agent image" "cannot check $IMAGE without a running engine" "start the container engine first"
 elif ! "$RUNTIME" image inspect "$IMAGE" >/dev/null 2>&1; then
   report fail "Agent image" "$IMAGE does not exist" "./container/build.sh"
 else
-  KIMI_VERSION=$("$RUNTIME" run --rm --entrypoint kimi "$IMAGE" --version 2>/dev/null | head -n 1)
-  if [ -n "$KIMI_VERSION" ]; then
-    report ok "Agent image" "$IMAGE, kimi $KIMI_VERSION"
+  KIMI_HOME_MOUNT=()
+  [ -n "$MAIN_FOLDER" ] && [ -d "$ROOT/data/sessions/$MAIN_FOLDER/.kimi" ] \
+    && KIMI_HOME_MOUNT=(-v "$ROOT/data/sessions/$MAIN_FOLDER/.kimi:/home/node/.kimi:ro")
+  KIMI_INFO=$("$RUNTIME" run --rm ${KIMI_HOME_MOUNT[@]+"${KIMI_HOME_MOUNT[@]}"} --entrypoint kimi "$IMAGE" info 2>&1 || true)
+  KIMI_VERSION=$(printf '%s\n' "$KIMI_INFO" | sed -n 's/^kimi-code: \([^ ]*\).*/\1/p' | head -n 1)
+  if [ -z "$KIMI_VERSION" ]; then
+    report fail "Agent image" "$IMAGE exists but 'kimi info' fails inside it" "./container/build.sh --no-cache"
+  elif [ -n "$PIN" ] && [ "$KIMI_VERSION" != "$PIN" ]; then
+    report fail "Agent image" "$IMAGE runs Kimi Code CLI $KIMI_VERSION, but this checkout pins $PIN" "./container/build.sh (the image is older than the code)"
+  elif printf '%s\n' "$KIMI_INFO" | grep -q 'config files are valid'; then
+    report ok "Agent image" "$IMAGE, Kimi Code CLI $KIMI_VERSION; kimi doctor finds its files valid"
   else
-    report fail "Agent image" "$IMAGE exists but 'kimi --version' fails inside it" "./container/build.sh --no-cache"
+    report fail "Agent image" "kimi doctor in $IMAGE: $(printf '%s\n' "$KIMI_INFO" | grep -m1 -iE 'error|invalid|fail' || echo 'its files are not valid')" "bun nanoclaw.ts sessions clear $MAIN_FOLDER (the runner writes config.toml again at the next run)"
   fi
 fi
 

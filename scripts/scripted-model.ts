@@ -82,6 +82,9 @@ export interface RecordedRequest {
   body: ChatRequest;
 }
 
+/** How the demo's answers begin: nobody should take them for a model's. */
+export const DEMO_LABEL = '(demo model, not Kimi:)';
+
 /** Requests seen per prompt text (for !flaky). */
 const seenPrompts = new Map<string, number>();
 
@@ -378,7 +381,15 @@ export interface FakeModel {
 
 /** Starts the scripted model on loopback (a port) or on a unix socket (mode 0666, for containers). */
 export function startFakeModel(
-  options: { key?: string; unix?: string; drill?: boolean; delayMs?: () => number } = {},
+  options: {
+    key?: string;
+    unix?: string;
+    drill?: boolean;
+    /** `npm run demo`: answers say they come from this script, not from Kimi. */
+    demo?: boolean;
+    port?: number;
+    delayMs?: () => number;
+  } = {},
 ): FakeModel {
   const requests: RecordedRequest[] = [];
   let counter = 0;
@@ -397,7 +408,7 @@ export function startFakeModel(
         { error: { message: 'Invalid Authentication', type: 'invalid_authentication_error' } },
         { status: 401 },
       );
-    if (req.method === 'GET' && path.endsWith('/models')) {
+    if (req.method === 'GET' && path === '/v1/models') {
       if (!authorized) return refused();
       return Response.json({
         object: 'list',
@@ -413,13 +424,14 @@ export function startFakeModel(
         ],
       });
     }
-    if (req.method !== 'POST' || !path.endsWith('/chat/completions'))
+    if (req.method !== 'POST' || path !== '/v1/chat/completions')
       return Response.json(
         { error: { message: `no route ${req.method} ${path}`, type: 'not_found' } },
         { status: 404 },
       );
     if (!authorized) return refused();
-    const reply = options.drill ? drillReply(body) : scriptedReply(body);
+    let reply = options.drill ? drillReply(body) : scriptedReply(body);
+    if (options.demo && reply.kind === 'text') reply = { ...reply, text: reply.text.replace(/^\[stub\]/, DEMO_LABEL) };
     const think = options.delayMs?.() ?? 0;
     if (think > 0) await Bun.sleep(think);
     if (reply.kind === 'error') {
@@ -488,6 +500,18 @@ export function startFakeModel(
     chmodSync(options.unix, 0o666);
     return { url: options.unix, socketPath: options.unix, requests, stop: () => void server.stop(true) };
   }
-  const server = Bun.serve({ hostname: '127.0.0.1', port: 0, fetch });
+  const server = Bun.serve({ hostname: '127.0.0.1', port: options.port ?? 0, fetch });
   return { url: `http://127.0.0.1:${server.port}/v1`, requests, stop: () => void server.stop(true) };
+}
+
+
+/** `bun scripts/scripted-model.ts --demo KEY`: serves on loopback and prints its base URL (scripts/demo.sh). */
+if (import.meta.main) {
+  const key = process.argv[3] ?? 'demo';
+  const model = startFakeModel({ key, demo: process.argv[2] === '--demo' });
+  console.log(model.url);
+  process.on('SIGTERM', () => {
+    model.stop();
+    process.exit(0);
+  });
 }

@@ -115,6 +115,7 @@ describe('loadConfig', () => {
       [{ TZ: 'Mars/Olympus' }, 'TZ'],
       [{ LOG_LEVEL: 'loud' }, 'LOG_LEVEL'],
       [{ ASSISTANT_NAME: 'a(b)' }, 'ASSISTANT_NAME'],
+      [{ KIMI_PROVIDER: 'ollama' }, 'KIMI_PROVIDER'],
     ];
     for (const [env, name] of bad) {
       expect(() => loadConfig(root, env), name).toThrow(ConfigError);

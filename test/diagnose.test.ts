@@ -32,6 +32,13 @@ import {
 } from './helpers.ts';
 
 const REPO = fileURLToPath(new URL('..', import.meta.url));
+/** The Kimi Code CLI this checkout pins (the image, real or fake, runs it). */
+const PIN = (
+  JSON.parse(readFileSync(join(REPO, 'container', 'agent-runner', 'package.json'), 'utf8')) as {
+    devDependencies: Record<string, string>;
+  }
+).devDependencies['@moonshot-ai/kimi-code']!;
+const IMAGE_OK = `Kimi Code CLI ${PIN}; kimi doctor finds its files valid`;
 /** The user's own number, as linkedAuthDir() links it: a WhatsApp user's main chat. */
 const OWN_JID = '4915100000001@s.whatsapp.net';
 
@@ -70,7 +77,8 @@ async function healthyProject(): Promise<Fixture> {
   const config = tempProject({}, 'KIMI_API_KEY=sk-diagnose-1234567890\n');
   const codeDir = tempDir('nanoclaw-code-');
   mkdirSync(join(codeDir, 'scripts'));
-  for (const file of ['nanoclaw.ts', 'bunfig.toml', 'scripts/diagnose.sh'])
+  mkdirSync(join(codeDir, 'container', 'agent-runner'), { recursive: true });
+  for (const file of ['nanoclaw.ts', 'bunfig.toml', 'scripts/diagnose.sh', 'container/agent-runner/package.json'])
     copyFileSync(join(REPO, file), join(codeDir, file));
   symlinkSync(join(REPO, 'node_modules'), join(codeDir, 'node_modules'));
   const store = new Store(config.dbPath);
@@ -189,7 +197,7 @@ describe('scripts/diagnose.sh', () => {
       detail: expect.stringContaining('not checked: no network'),
     });
     expect(checks['API key']!.detail).toBe('KIMI_API_KEY is set (22 characters)');
-    expect(checks['Agent image']!.detail).toBe('nanoclaw-agent:latest, kimi 0.0.0-fake');
+    expect(checks['Agent image']!.detail).toBe(`nanoclaw-agent:latest, ${IMAGE_OK}`);
     expect(checks.Groups!.detail).toContain(`main is main (${OWN_JID})`);
     expect(checks.WhatsApp).toMatchObject({ status: 'ok', detail: expect.stringContaining('linked') });
     expect(checks['Session mount']).toMatchObject({
@@ -210,6 +218,12 @@ describe('scripts/diagnose.sh', () => {
     ['no key', (f) => writeFileSync(f.config.envFile, 'TZ=UTC\n'), 'API key', 'KIMI_API_KEY='],
     ['no image', (f) => f.docker.set('no-image'), 'Agent image', './container/build.sh'],
     ['no kimi in the image', (f) => f.docker.set('no-kimi'), 'Agent image', '--no-cache'],
+    [
+      'an image older than the pin',
+      (f) => edit(join(f.codeDir, 'container', 'agent-runner', 'package.json'), `"${PIN}"`, '"99.0.0"'),
+      'Agent image',
+      './container/build.sh (the image is older than the code)',
+    ],
     // The host itself mounts the sessions elsewhere: the check reads its mount table, not its source.
     [
       'wrong session mount path',
@@ -344,7 +358,7 @@ describe('scripts/diagnose.sh', () => {
     expect(refused.checks.Settings!.detail).toContain('LOG_LEVEL="loud" is not valid');
     // The other checks still ran, on the environment and the defaults.
     expect(refused.checks['Container engine']!.status).toBe('ok');
-    expect(refused.checks['Agent image']!.detail).toBe('nanoclaw-agent:latest, kimi 0.0.0-fake');
+    expect(refused.checks['Agent image']!.detail).toBe(`nanoclaw-agent:latest, ${IMAGE_OK}`);
   });
 
   it('reads settings as the host does: a trailing comment in .env is not part of the value', async () => {
@@ -357,7 +371,7 @@ describe('scripts/diagnose.sh', () => {
     expect(failing(checks)).toEqual([]);
     expect(code).toBe(0);
     expect(checks['API key']!.detail).toBe('KIMI_API_KEY is set (22 characters)');
-    expect(checks['Agent image']!.detail).toBe('nanoclaw-agent:latest, kimi 0.0.0-fake');
+    expect(checks['Agent image']!.detail).toBe(`nanoclaw-agent:latest, ${IMAGE_OK}`);
     const inspected = fixture.docker
       .calls()
       .filter((c) => c.command === 'image')
@@ -374,7 +388,7 @@ describe('scripts/diagnose.sh', () => {
     const { checks, code } = await diagnose(fixture);
     expect(failing(checks)).toEqual([]);
     expect(code).toBe(0);
-    expect(checks['Agent image']!.detail).toBe('from-env:2, kimi 0.0.0-fake');
+    expect(checks['Agent image']!.detail).toBe(`from-env:2, ${IMAGE_OK}`);
     expect(checks.Settings!.detail).toContain(`runtime ${fixture.docker.path}, image from-env:2`);
     expect(checks['API key']!.detail).toBe('KIMI_API_KEY is set (23 characters)');
   });

@@ -16,6 +16,7 @@ import {
   groupTrees,
   hardeningArgs,
   Host,
+  ModelProxy,
   prepareGroupFolders,
   RESULT_END,
   RESULT_START,
@@ -137,16 +138,18 @@ afterEach(async () => {
 });
 
 describe('the image on its own', () => {
-  it('answers the guide’s manual test JSON piped into docker run -i (the model on a mounted socket)', async () => {
+  it('answers the guide’s manual test JSON piped into docker run -i (the model through a proxy socket)', async () => {
     const dir = tempDir('nanoclaw-e2e-model-');
     chmodSync(dir, 0o755);
-    const socketModel = startFakeModel({ key: KEY, unix: join(dir, 'model.sock') });
+    // The host's own proxy on a socket, in front of the scripted model: what a run gets mounted.
+    const proxy = new ModelProxy({ mode: 'unix', dir, upstream: model.url, apiKey: () => KEY, record: () => {} });
+    const run = proxy.open('test', `e2e-${Date.now()}`);
     const input = {
       prompt: 'test',
       groupFolder: 'test',
       chatJid: 'test@g.us',
       isMain: false,
-      secrets: { KIMI_API_KEY: KEY },
+      secrets: { KIMI_API_KEY: run.token },
     };
     const proc = Bun.spawn(
       [
@@ -157,7 +160,7 @@ describe('the image on its own', () => {
         '--network',
         'none',
         '-v',
-        `${socketModel.url}:/run/nanoclaw/model.sock`,
+        `${run.socketPath}:/run/nanoclaw/model.sock`,
         '-e',
         'NANOCLAW_MODEL_SOCKET=/run/nanoclaw/model.sock',
         IMAGE,
@@ -168,9 +171,10 @@ describe('the image on its own', () => {
         stderr: 'pipe',
       },
     );
-    setTimeout(() => socketModel.stop(), 60_000);
     const stdout = await new Response(proc.stdout).text();
     await proc.exited;
+    run.close();
+    proxy.stop();
     const start = stdout.indexOf(RESULT_START);
     const end = stdout.indexOf(RESULT_END);
     expect(start).toBeGreaterThanOrEqual(0);

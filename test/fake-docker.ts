@@ -14,7 +14,7 @@
  *   engine-down      `docker info` fails like a stopped daemon
  *   no-image         `docker image inspect` fails
  *   running          names printed by `docker ps` (`rm -f` takes them away)
- *   no-kimi          `docker run --entrypoint kimi IMAGE --version` fails
+ *   no-kimi          `docker run --entrypoint kimi IMAGE --version` (or `info`) fails
  *
  * The "model", by the text of the last message (after an optional @Name trigger):
  *   anything        → "echo: <text>"
@@ -146,9 +146,16 @@ async function run(): Promise<never> {
   if (entrypoint >= 0) {
     // `docker run --rm --entrypoint kimi IMAGE --version` (diagnostics): answer like the image would.
     record({ command: 'run-entrypoint' });
-    if (argv[entrypoint + 1] === 'kimi' && argv.at(-1) === '--version') {
+    if (argv[entrypoint + 1] === 'kimi' && ['--version', 'info'].includes(argv.at(-1)!)) {
       if (existsSync(join(stateDir, 'no-kimi'))) process.exit(127);
-      console.log('0.0.0-fake');
+      // As the image answers: the pinned version (container/kimi prints `info`).
+      const pin = (
+        JSON.parse(readFileSync(new URL('../container/agent-runner/package.json', import.meta.url), 'utf8')) as {
+          devDependencies: Record<string, string>;
+        }
+      ).devDependencies['@moonshot-ai/kimi-code'];
+      if (argv.at(-1) === '--version') console.log(pin);
+      else console.log(`kimi-code: ${pin} (pinned: ${pin})\nKimi doctor\n\nAll checked config files are valid.`);
       process.exit(0);
     }
     process.exit(64);

@@ -143,7 +143,7 @@ describe('a hostile agent', () => {
     );
     expect(config).not.toMatch(/^api_key\s*=/m);
     expect(config).toContain('api_key_env = "NANOCLAW_MODEL_KEY"');
-    expect(config).toMatch(/base_url = "http:\/\/127\.0\.0\.1:18181\/v1"/);
+    expect(config).toMatch(/base_url = "http:\/\/127\.0\.0\.1:18181"$/m);
     expect(config).toMatch(/^NANOCLAW_MODEL_KEY=ncp-[0-9a-f]{32}$/m);
     expect(config).not.toMatch(/KIMI_API_KEY/);
     const main = await ask(

@@ -130,6 +130,18 @@ describe('ModelProxy', () => {
     run.close();
   });
 
+  it('a server that needs no key (a local model, KIMI_PROVIDER other than kimi): passed on without one', async () => {
+    const up = upstream();
+    cleanups.push(up.stop);
+    const { p } = proxy(up.url, { apiKey: () => undefined, keyRequired: false });
+    const run = p.open('main', 'run-1');
+    const response = await call(run.socketPath, run.token);
+    expect(response.status).toBe(200);
+    expect(up.seen).toHaveLength(1);
+    expect(up.seen[0]!.headers.authorization).toBeUndefined();
+    run.close();
+  });
+
   it('an unreachable upstream is a 502 that names the host, never the key; a huge request is refused', async () => {
     const { p } = proxy('http://127.0.0.1:9/v1');
     const run = p.open('main', 'run-1');

@@ -409,7 +409,8 @@ async function startModelForwarder(socketPath: string, port: number): Promise<{ 
   });
   const address = server.address();
   const bound = typeof address === 'object' && address ? address.port : port;
-  return { url: `http://127.0.0.1:${bound}/v1`, close: () => server.close() };
+  // No path: the host's proxy puts the upstream's own (KIMI_BASE_URL, e.g. …/v1) in front of the CLI's.
+  return { url: `http://127.0.0.1:${bound}`, close: () => server.close() };
 }
 
 /** Where the CLI sends model requests: the host's proxy when there is one, else KIMI_BASE_URL or the default. */
