@@ -1359,15 +1359,22 @@ export class Store {
       .run(channel, chatJid, text, new Date().toISOString(), messageId);
   }
 
-  nextUnsent(channel: string): OutboundMessage | undefined {
-    const row = this.db
+  /** The oldest unsent part of each chat of a channel (each chat's lane is sent in order). */
+  unsentHeads(channel: string): OutboundMessage[] {
+    return this.db
       .query<{ id: number; chat_jid: string; text: string; message_id: string; attempts: number }, [string]>(
-        'SELECT id, chat_jid, text, message_id, attempts FROM outbox WHERE channel = ? AND sent_at IS NULL ORDER BY id LIMIT 1',
+        `SELECT o.id, o.chat_jid, o.text, o.message_id, o.attempts FROM outbox o
+         JOIN (SELECT MIN(id) AS id FROM outbox WHERE channel = ? AND sent_at IS NULL GROUP BY chat_jid) head ON o.id = head.id
+         ORDER BY o.id`,
       )
-      .get(channel);
-    return row
-      ? { id: row.id, jid: row.chat_jid, text: row.text, messageId: row.message_id, attempts: row.attempts }
-      : undefined;
+      .all(channel)
+      .map((row) => ({
+        id: row.id,
+        jid: row.chat_jid,
+        text: row.text,
+        messageId: row.message_id,
+        attempts: row.attempts,
+      }));
   }
 
   markSent(id: number): void {
@@ -1846,26 +1853,44 @@ export function newMessageId(): string {
   return `3EB0${randomBytes(18).toString('hex').toUpperCase()}`;
 }
 
-/** A part given up after this many failed sends while its channel was up (it stays in the outbox, with the error). */
-export const MAX_SEND_ATTEMPTS = 10;
+export interface OutboxOptions {
+  /** The first wait after a chat's send failed; doubled each time, up to retryCapMs. */
+  retryBaseMs?: number;
+  retryCapMs?: number;
+  /** A part that keeps failing this long while its channel is up is abandoned (default 6 h). */
+  giveUpAfterMs?: number;
+  clock?: Clock;
+  /** A part was abandoned (it stays in the outbox, with its error): tell someone. */
+  onAbandoned?(part: OutboundMessage, error: string): void;
+}
+
+/** How long a reply keeps being tried while its channel is up but will not take it. */
+export const OUTBOX_GIVE_UP_MS = 6 * 3_600_000;
 
 /**
- * Sends what a channel's outbox holds, oldest first, whenever the channel can. A part is
- * marked sent only after the channel took it: a crash in between sends it again, with the
- * same message id, never loses it.
+ * Sends what a channel's outbox holds whenever the channel can: each chat its own lane, in
+ * order, one part per chat per round, so a chat whose sends fail (or a group that floods)
+ * holds up no other chat. A part is marked sent only after the channel took it: a crash
+ * in between sends it again, with the same message id, never loses it. A chat whose send
+ * failed waits with backoff; a part is abandoned only after failing for hours while the
+ * channel said it was up, and then someone is told (onAbandoned).
  */
 export class OutboxSender {
   private draining: Promise<void> | null = null;
   private again = false;
   private cancelRetry: (() => void) | null = null;
   private stopped = false;
+  /** Chats whose last send failed: how often, since when, and when to try again. */
+  private readonly failing = new Map<string, { failures: number; since: number; retryAt: number }>();
+  private readonly clock: Clock;
 
   constructor(
     private readonly store: Store,
     private readonly channel: Channel,
-    private readonly retryMs = 5_000,
-    private readonly clock: Clock = systemClock,
-  ) {}
+    private readonly options: OutboxOptions = {},
+  ) {
+    this.clock = options.clock ?? systemClock;
+  }
 
   /** Starts sending (or sends again once the current pass ends). */
   kick(): void {
@@ -1883,7 +1908,7 @@ export class OutboxSender {
     });
   }
 
-  /** Resolves when the current pass ends (everything sendable is sent). */
+  /** Resolves when the current pass ends (everything sendable now is sent). */
   async settle(): Promise<void> {
     while (this.draining) await this.draining;
   }
@@ -1895,44 +1920,93 @@ export class OutboxSender {
 
   private async drain(): Promise<void> {
     while (this.channel.ready && !this.stopped) {
-      let next: OutboundMessage | undefined;
+      let heads: OutboundMessage[];
       try {
-        next = this.store.nextUnsent(this.channel.name);
+        heads = this.store.unsentHeads(this.channel.name);
       } catch (err) {
-        return this.retryLater(`the database is not readable (${errorText(err)})`);
+        return this.retryAt(
+          this.clock.now() + (this.options.retryBaseMs ?? 5_000),
+          `the database is not readable (${errorText(err)})`,
+        );
       }
-      if (!next) return;
-      try {
-        await this.channel.deliver(next.jid, next.text, next.messageId);
-      } catch (err) {
-        const giveUp = this.channel.ready && next.attempts + 1 >= MAX_SEND_ATTEMPTS;
-        try {
-          this.store.markSendFailed(next.id, errorText(err), giveUp);
-        } catch {
-          // the database is down too: the next pass tries again
-        }
-        if (giveUp) {
-          log.error(
-            { chatJid: next.jid, messageId: next.messageId, attempts: MAX_SEND_ATTEMPTS, err: errorText(err) },
-            'Could not send a message; giving up on it (it stays in the outbox table)',
-          );
-          continue;
-        }
-        return this.retryLater(errorText(err), next.jid);
+      const now = this.clock.now();
+      const due = heads.filter((part) => (this.failing.get(part.jid)?.retryAt ?? 0) <= now);
+      if (due.length === 0) {
+        const next = Math.min(...heads.map((part) => this.failing.get(part.jid)?.retryAt ?? Infinity));
+        if (Number.isFinite(next)) this.retryAt(next);
+        return;
       }
-      crashPoint('outbox-delivered');
-      try {
-        this.store.markSent(next.id);
-      } catch (err) {
-        return this.retryLater(`sent, but not marked sent (${errorText(err)}); it goes again with the same id`);
-      }
+      await Promise.all(due.map((part) => this.send(part)));
     }
   }
 
-  private retryLater(reason: string, chatJid?: string): void {
-    log.warn({ channel: this.channel.name, chatJid, reason }, 'Sending paused; the outbox keeps the message');
-    if (this.cancelRetry || this.stopped) return;
-    this.cancelRetry = this.clock.after(this.retryMs, () => {
+  /** One part of one chat's lane: sent and marked, or failed and that chat backs off. */
+  private async send(part: OutboundMessage): Promise<void> {
+    try {
+      await this.channel.deliver(part.jid, part.text, part.messageId);
+    } catch (err) {
+      return this.failed(part, errorText(err));
+    }
+    crashPoint('outbox-delivered');
+    this.failing.delete(part.jid);
+    try {
+      this.store.markSent(part.id);
+    } catch (err) {
+      // Sent, not marked: it goes again with the same id, which the platform shows once.
+      this.retryAt(
+        this.clock.now() + (this.options.retryBaseMs ?? 5_000),
+        `sent, but not marked sent (${errorText(err)})`,
+      );
+    }
+  }
+
+  private failed(part: OutboundMessage, error: string): void {
+    const now = this.clock.now();
+    const lane = this.failing.get(part.jid) ?? { failures: 0, since: now, retryAt: now };
+    // Time counts only while the channel says it is up: an outage is waited out, however long.
+    if (!this.channel.ready) lane.since = now;
+    lane.failures++;
+    const abandon = this.channel.ready && now - lane.since >= (this.options.giveUpAfterMs ?? OUTBOX_GIVE_UP_MS);
+    try {
+      this.store.markSendFailed(part.id, error, abandon);
+    } catch {
+      // the database is down too: the part stays unsent and is tried again
+    }
+    if (abandon) {
+      this.failing.delete(part.jid);
+      log.error(
+        { chatJid: part.jid, messageId: part.messageId, failingForMs: now - lane.since, err: error },
+        'Could not send a message for hours; abandoned it (it stays in the outbox table, with the error)',
+      );
+      this.options.onAbandoned?.(part, error);
+      return;
+    }
+    lane.retryAt =
+      now +
+      backoff(lane.failures, {
+        baseMs: this.options.retryBaseMs ?? 5_000,
+        capMs: this.options.retryCapMs ?? 5 * 60_000,
+        jitter: true,
+      });
+    this.failing.set(part.jid, lane);
+    log.warn(
+      {
+        channel: this.channel.name,
+        chatJid: part.jid,
+        attempt: lane.failures,
+        retryInMs: lane.retryAt - now,
+        reason: error,
+      },
+      'Sending to this chat failed; the outbox tries again (other chats go on)',
+    );
+  }
+
+  /** One timer, for the soonest retry. */
+  private retryAt(at: number, reason?: string): void {
+    if (reason) log.warn({ channel: this.channel.name, reason }, 'Sending paused; the outbox keeps the messages');
+    if (this.stopped) return;
+    this.cancelRetry?.();
+    this.cancelRetry = this.clock.after(Math.max(0, at - this.clock.now()), () => {
       this.cancelRetry = null;
       this.kick();
     });
@@ -2888,6 +2962,8 @@ interface GroupState {
   givenUpTo: number | null;
   /** That run's agent asked the chat a question: the chat's next message is the answer. */
   answerExpected: boolean;
+  /** A message came while its container was closing: the group goes on at the front of the line, not the back. */
+  keepPlace: boolean;
 }
 
 export interface QueueOptions {
@@ -2931,6 +3007,7 @@ export class GroupQueue {
         retryTimer: null,
         givenUpTo: null,
         answerExpected: false,
+        keepPlace: false,
       };
       this.groups.set(jid, state);
     }
@@ -2951,12 +3028,19 @@ export class GroupQueue {
     return Boolean(state && (state.running || state.retryTimer));
   }
 
-  /** There are messages to look at for this group. */
+  /**
+   * There are messages to look at for this group. A group waiting out a retry's backoff
+   * waits it out (the retry takes them along); one whose container is closing keeps its place.
+   */
   enqueueMessages(jid: string): void {
     if (this.shuttingDown) return;
     const state = this.state(jid);
     state.messagesPending = true;
-    if (state.running) return;
+    if (state.running) {
+      if (state.live?.closing) state.keepPlace = true;
+      return;
+    }
+    if (state.retryTimer) return;
     this.startOrWait(jid);
   }
 
@@ -3174,14 +3258,21 @@ export class GroupQueue {
     });
   }
 
-  /** After a run: the same group again if it has work (behind anyone waiting), then the waiting line. */
+  /**
+   * After a run: the same group again if it has work — behind anyone waiting, unless a
+   * message came while its container was closing (then in front: it was being served) —
+   * then the waiting line. A group backing off before a retry is left to its retry.
+   */
   private next(finishedJid: string): void {
     if (this.shuttingDown) return;
     const finished = this.state(finishedJid);
     for (const task of finished.tasks) delete task.inLive; // the container they were waiting for is gone
-    if (finished.tasks.length > 0 || finished.messagesPending) {
-      if (!this.waiting.includes(finishedJid)) this.waiting.push(finishedJid);
+    const hasWork = finished.tasks.length > 0 || (finished.messagesPending && !finished.retryTimer);
+    if (hasWork && !this.waiting.includes(finishedJid)) {
+      if (finished.keepPlace) this.waiting.unshift(finishedJid);
+      else this.waiting.push(finishedJid);
     }
+    finished.keepPlace = false;
     this.startWaiting();
   }
 
@@ -3846,20 +3937,57 @@ export interface ContainerResult {
 export const RESULT_START = '---NANOCLAW_RESULT_START---';
 export const RESULT_END = '---NANOCLAW_RESULT_END---';
 
+/** The longest result line the host reads (a result is one JSON line; its answer and steps fit many times over). */
+export const MAX_RESULT_LINE = 4 * 1024 * 1024;
+/** The longest log line the host keeps whole; the rest of a longer one is dropped. */
+const MAX_LOG_LINE = 16 * 1024;
+
+/**
+ * Splits a stream into lines in one pass over each chunk (never re-reading what it held),
+ * holding at most `maxLine` characters: a longer line is cut there, the rest dropped up
+ * to its newline. So a flood without newlines costs the host neither memory nor time.
+ */
+export class LineSplitter {
+  private pending = '';
+  private dropping = false;
+
+  constructor(private readonly maxLine: number) {}
+
+  push(chunk: string): string[] {
+    const lines: string[] = [];
+    let start = 0;
+    for (let newline = chunk.indexOf('\n'); newline >= 0; newline = chunk.indexOf('\n', start)) {
+      if (!this.dropping) lines.push(this.take(chunk.slice(start, newline)));
+      this.pending = '';
+      this.dropping = false;
+      start = newline + 1;
+    }
+    if (!this.dropping && start < chunk.length) {
+      const rest = chunk.slice(start);
+      if (this.pending.length + rest.length > this.maxLine) {
+        lines.push(this.take(rest));
+        this.pending = '';
+        this.dropping = true;
+      } else this.pending += rest;
+    }
+    return lines;
+  }
+
+  private take(piece: string): string {
+    const line = this.pending + piece.slice(0, Math.max(0, this.maxLine - this.pending.length));
+    return line.endsWith('\r') ? line.slice(0, -1) : line;
+  }
+}
+
 /** Pulls results out of the container's stdout as it streams, whatever the chunking. */
 export class ResultParser {
-  private buffer = '';
+  private readonly lines = new LineSplitter(MAX_RESULT_LINE);
   private inside = false;
   private body: string[] = [];
-  /** Lines outside the markers (kept for the run log). */
-  readonly otherLines: string[] = [];
 
   push(chunk: string): ContainerResult[] {
-    this.buffer += chunk;
     const results: ContainerResult[] = [];
-    for (let newline = this.buffer.indexOf('\n'); newline >= 0; newline = this.buffer.indexOf('\n')) {
-      const line = this.buffer.slice(0, newline).replace(/\r$/, '');
-      this.buffer = this.buffer.slice(newline + 1);
+    for (const line of this.lines.push(chunk)) {
       const result = this.line(line);
       if (result) results.push(result);
     }
@@ -3876,9 +4004,37 @@ export class ResultParser {
       this.inside = false;
       return parseResult(this.body.join('\n'));
     }
-    if (this.inside) this.body.push(line);
-    else if (line.trim()) this.otherLines.push(line);
+    // What is outside the markers is in the run log's tail; a result spans one line, a few at most.
+    if (this.inside && this.body.length < 64) this.body.push(line);
     return null;
+  }
+}
+
+/** The last `limit` characters of a stream, kept in O(n) over the stream however it is chunked. */
+export class OutputTail {
+  private parts: string[] = [];
+  private length = 0;
+  private cut = 0;
+
+  constructor(private readonly limit: number) {}
+
+  push(text: string): void {
+    this.parts.push(text);
+    this.length += text.length;
+    if (this.length > 2 * this.limit) this.trim();
+  }
+
+  private trim(): void {
+    const all = this.parts.join('');
+    this.cut += all.length - this.limit;
+    this.parts = [all.slice(-this.limit)];
+    this.length = this.limit;
+  }
+
+  toString(): string {
+    if (this.length > this.limit) this.trim();
+    const text = this.parts.join('');
+    return this.cut > 0 ? `…(${this.cut} characters cut)\n${text}` : text;
   }
 }
 
@@ -3924,6 +4080,8 @@ export interface RunOutcome {
   lastError?: string;
   lastErrorKind?: string;
   sessionId?: string;
+  /** It wrote more than MAX_RUN_OUTPUT and was stopped. */
+  oversized?: boolean;
   durationMs: number;
   logFile: string;
 }
@@ -3941,13 +4099,10 @@ export interface RunContainerOptions {
 }
 
 const SESSION_LINE = /Session initialized: (\S+)/;
-const KEEP_OUTPUT_BYTES = 256 * 1024;
-
-function keepTail(text: string): string {
-  return text.length > KEEP_OUTPUT_BYTES
-    ? `…(${text.length - KEEP_OUTPUT_BYTES} bytes cut)\n${text.slice(-KEEP_OUTPUT_BYTES)}`
-    : text;
-}
+/** How much of a run's stdout and of its stderr its run log keeps (the end of each). */
+const KEEP_OUTPUT_CHARS = 256 * 1024;
+/** What a run may write to stdout and stderr together before it is stopped as oversized. */
+export const MAX_RUN_OUTPUT = 64 * 1024 * 1024;
 
 export function renderRunLog(details: {
   name: string;
@@ -4156,8 +4311,21 @@ async function streamContainer(plan: RunPlan, options: RunContainerOptions, grou
 
   const parser = new ResultParser();
   const result: RunResult = { exitCode: null, timedOut: false, results: 0, stdout: '', stderr: '' };
+  const tails = { stdout: new OutputTail(KEEP_OUTPUT_CHARS), stderr: new OutputTail(KEEP_OUTPUT_CHARS) };
+  // What a container writes is bounded: past the cap the run is logged as oversized and stopped.
+  let written = 0;
+  const count = (text: string) => {
+    written += text.length;
+    if (written <= MAX_RUN_OUTPUT || result.oversized) return;
+    result.oversized = true;
+    result.lastError = `the container wrote more than ${MAX_RUN_OUTPUT / 1024 / 1024} MB of output; stopped`;
+    groupLog.error({ container: name, limitBytes: MAX_RUN_OUTPUT }, 'Container output over the limit; stopping it');
+    void stop();
+  };
   const readStdout = forEachChunk(proc.stdout, async (text) => {
-    result.stdout = keepTail(result.stdout + text);
+    count(text);
+    tails.stdout.push(text);
+    if (result.oversized) return;
     for (const parsed of parser.push(text)) {
       result.results++;
       armTimeout();
@@ -4176,16 +4344,17 @@ async function streamContainer(plan: RunPlan, options: RunContainerOptions, grou
       }
     }
   });
-  let stderrLine = '';
+  const stderrLines = new LineSplitter(MAX_LOG_LINE);
+  const debug = groupLog.isLevelEnabled('debug');
   const readStderr = forEachChunk(proc.stderr, (text) => {
-    result.stderr = keepTail(result.stderr + text);
-    stderrLine += text;
-    const lines = stderrLine.split('\n');
-    stderrLine = lines.pop() ?? '';
-    for (const line of lines) {
+    count(text);
+    tails.stderr.push(text);
+    if (result.oversized) return;
+    for (const line of stderrLines.push(text)) {
       const session = SESSION_LINE.exec(line);
       if (session) groupLog.info(`Session initialized: ${session[1]}`);
-      else if (line.trim()) groupLog.debug({ container: name }, `stderr: ${maskSecrets(line, plan.secretValues)}`);
+      else if (debug && line.trim())
+        groupLog.debug({ container: name }, `stderr: ${maskSecrets(line, plan.secretValues)}`);
     }
   });
 
@@ -4194,7 +4363,13 @@ async function streamContainer(plan: RunPlan, options: RunContainerOptions, grou
   clearTimeout(hardTimer);
   clearTimeout(graceTimer);
   await stopping;
-  return { ...result, exitCode: timedOut ? null : exitCode, timedOut };
+  return {
+    ...result,
+    stdout: tails.stdout.toString(),
+    stderr: tails.stderr.toString(),
+    exitCode: timedOut ? null : exitCode,
+    timedOut,
+  };
 }
 
 /** groups/<folder>/logs/container-<time>.log, secrets masked; returns its path, or "(not written)". */
@@ -5094,7 +5269,7 @@ export interface HostOptions {
   /** How often the IPC watcher rescans for files a missed watch event left (default 30 s). */
   ipcSweepMs?: number;
   shutdownGraceMs?: number;
-  /** How soon the outbox tries again after a failed send. */
+  /** How soon the outbox tries a chat again after a failed send (doubling from there). */
   sendRetryMs?: number;
   /** A container started ahead of a message closes when none came within this (default 2 min). */
   warmIdleMs?: number;
@@ -5179,7 +5354,14 @@ export class Host {
     );
     this.scheduler = new Scheduler(store, config.timezone, (task) => this.queueTaskRun(task), 1000, this.clock);
     for (const channel of channels)
-      this.senders.set(channel.name, new OutboxSender(store, channel, options.sendRetryMs, this.clock));
+      this.senders.set(
+        channel.name,
+        new OutboxSender(store, channel, {
+          retryBaseMs: options.sendRetryMs,
+          clock: this.clock,
+          onAbandoned: (part) => this.tellAbandoned(part),
+        }),
+      );
     this.proxy = new ModelProxy({
       mode: config.modelProxy,
       dir: join(config.dataDir, 'proxy'),
@@ -5489,6 +5671,32 @@ export class Host {
       .catch(() => {});
   }
 
+  /**
+   * A reply that could not be delivered for hours was abandoned (the log says so): the
+   * main chat is told which chat missed what, unless it is the main chat itself that fails.
+   */
+  private tellAbandoned(part: OutboundMessage): void {
+    try {
+      const main = this.store.mainGroup();
+      if (!main || main.jid === part.jid) return;
+      const chat = this.store.groupByJid(part.jid)?.name ?? part.jid;
+      const preview = part.text.length > 120 ? `${part.text.slice(0, 120)}…` : part.text;
+      this.store.transaction(() =>
+        this.say(
+          main.jid,
+          formatOutbound(
+            `I could not deliver a message to ${chat} for hours and gave up on it: "${preview}"`,
+            this.config.assistantName,
+            this.config.assistantHasOwnNumber,
+          )!,
+        ),
+      );
+      this.sendSoon(main.jid);
+    } catch (err) {
+      log.warn({ err: errorText(err) }, 'Could not tell the main chat about an abandoned message');
+    }
+  }
+
   private sendSoon(chatJid: string): void {
     const channel = this.channelFor(chatJid);
     if (channel) this.senders.get(channel.name)?.kick();
@@ -5593,12 +5801,16 @@ export class Host {
       }
       await this.typing(chatJid, false);
     }
-    const failed = outcome.exitCode !== 0 || outcome.timedOut;
-    const unanswered = this.store.messagesSince(chatJid, this.store.getCursor(chatJid)).length;
+    const cursorNow = this.store.getCursor(chatJid);
+    const unanswered = this.store.messagesSince(chatJid, cursorNow).length;
+    // A container that ends, however it ends, while messages it was given are unanswered has failed.
+    const failed = outcome.exitCode !== 0 || outcome.timedOut || outcome.oversized === true || upToSeq > cursorNow;
     if (failed && outcome.results === 0) {
       const error = outcome.timedOut
         ? 'the agent timed out'
-        : `the agent container exited with code ${outcome.exitCode}`;
+        : outcome.exitCode === 0
+          ? 'the agent container ended without an answer'
+          : `the agent container exited with code ${outcome.exitCode}`;
       this.tell('turn', { chatJid, status: 'error', sent: null, error, upToSeq } satisfies TurnEvent);
     }
     if (outcome.lastErrorKind === 'auth' && unanswered > 0 && !this.stopped) {

@@ -538,7 +538,7 @@ describe('settings, linking and tasks as a user meets them', () => {
       mediaTreeFor: () => null,
       waWebSocketUrl: server.url,
     });
-    const sender = new OutboxSender(service, whatsapp, 50);
+    const sender = new OutboxSender(service, whatsapp, { retryBaseMs: 50 });
     try {
       await whatsapp.connect({ onMessage: () => {}, onReady: () => sender.kick() });
       openAsWhatsAppWould(whatsapp.socket!);

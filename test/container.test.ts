@@ -347,7 +347,7 @@ describe('start-up checks', () => {
     expect(
       preflight({
         ...config,
-        kimi: { ...config.kimi, provider: 'openai_legacy', baseUrl: 'http://localhost:11434/v1' },
+        kimi: { ...config.kimi, provider: 'openai', baseUrl: 'http://localhost:11434/v1' },
       }),
     ).toEqual([]);
   });

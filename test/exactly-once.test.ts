@@ -122,7 +122,7 @@ describe('replies', () => {
     const first = await start(p, {}, false);
     first.channel.receive(MAIN, 'before the stop');
     await waitFor(() => first.store.countUnsent('recording') === 1, 10_000, 'reply recorded');
-    const messageId = first.store.nextUnsent('recording')!.messageId;
+    const messageId = first.store.unsentHeads('recording')[0]!.messageId;
     await stop(first);
     const second = await start(p);
     await waitFor(() => texts(second).length === 1, 5000, 'delivered after restart');

@@ -108,14 +108,14 @@ describe('docker arguments', () => {
     const config = tempProject({
       KIMI_BASE_URL: 'http://localhost:8000/v1',
       KIMI_MODEL_NAME: 'm',
-      KIMI_PROVIDER: 'openai_legacy',
+      KIMI_PROVIDER: 'openai_responses',
       KIMI_API_KEY: 'sk-not-here-123',
     });
     expect(containerEnvironment(config, { url: undefined })).toEqual({
       TZ: 'UTC',
       ASSISTANT_NAME: 'Andy',
       KIMI_MODEL_NAME: 'm',
-      KIMI_PROVIDER: 'openai_legacy',
+      KIMI_PROVIDER: 'openai_responses',
       NANOCLAW_MODEL_SOCKET: MODEL_SOCKET_IN_CONTAINER,
       NANOCLAW_QUESTION_TIMEOUT_MS: '600000',
     });
@@ -259,7 +259,6 @@ describe('ResultParser', () => {
       { status: 'success', result: 'one', sessionId: 's' },
       { status: 'error', result: null, error: 'bad' },
     ]);
-    expect(byChar.otherLines).toEqual(['booting', 'noise']);
     expect(new ResultParser().push(stream)).toEqual(found);
   });
 

@@ -67,7 +67,7 @@ describe('Store schema', () => {
     expect(upgraded.db.query('PRAGMA user_version').get()).toEqual({ user_version: SCHEMA_VERSION });
     expect(upgraded.getSession('main')).toBe('kept');
     upgraded.addOutbound('whatsapp', 'a@g.us', 'hello', '3EB0TEST1');
-    expect(upgraded.nextUnsent('whatsapp')).toMatchObject({
+    expect(upgraded.unsentHeads('whatsapp')[0]).toMatchObject({
       jid: 'a@g.us',
       text: 'hello',
       messageId: '3EB0TEST1',
@@ -97,27 +97,31 @@ describe('Store schema', () => {
       .run();
     old.close();
     const store = new Store(path);
-    expect(store.nextUnsent('whatsapp')).toMatchObject({ text: 'from before', messageId: '3EB0NC0000000000000001' });
+    expect(store.unsentHeads('whatsapp')[0]).toMatchObject({ text: 'from before', messageId: '3EB0NC0000000000000001' });
     store.close();
   });
 
-  it('outbox parts are sent once marked, given up after failing, and found by message id', () => {
+  it('outbox parts: each chat’s oldest unsent first, sent once marked, given up after failing, found by message id', () => {
     const store = new Store(join(tempDir(), 'messages.db'));
     store.addOutbound('whatsapp', 'a@g.us', 'first', 'ID1');
     store.addOutbound('whatsapp', 'a@g.us', 'second', 'ID2');
+    store.addOutbound('whatsapp', 'b@g.us', 'other chat', 'ID4');
     store.addOutbound('local', 'main@local', 'elsewhere', 'ID3');
-    expect(store.nextUnsent('whatsapp')!.messageId).toBe('ID1');
-    store.markSendFailed(store.nextUnsent('whatsapp')!.id, 'offline', false);
-    expect(store.nextUnsent('whatsapp')).toMatchObject({ messageId: 'ID1', attempts: 1 });
-    store.markSent(store.nextUnsent('whatsapp')!.id);
-    expect(store.nextUnsent('whatsapp')!.messageId).toBe('ID2');
-    store.markSendFailed(store.nextUnsent('whatsapp')!.id, 'bad jid', true);
-    expect(store.nextUnsent('whatsapp')).toBeUndefined();
+    const heads = () => store.unsentHeads('whatsapp').map((part) => part.messageId);
+    expect(heads()).toEqual(['ID1', 'ID4']); // one lane per chat, oldest first
+    const first = store.unsentHeads('whatsapp')[0]!;
+    store.markSendFailed(first.id, 'offline', false);
+    expect(store.unsentHeads('whatsapp')[0]).toMatchObject({ messageId: 'ID1', attempts: 1 });
+    store.markSent(first.id);
+    expect(heads()).toEqual(['ID2', 'ID4']);
+    store.markSendFailed(store.unsentHeads('whatsapp')[0]!.id, 'bad jid', true);
+    store.markSent(store.unsentHeads('whatsapp')[0]!.id);
+    expect(heads()).toEqual([]);
     expect(store.countUnsent('local')).toBe(1);
     expect(store.outboundByMessageId('ID1')).toEqual({ chatJid: 'a@g.us', text: 'first', sentContent: null });
     store.recordSentContent('ID1', new Uint8Array([0x0a, 0x02, 0x68, 0x69]));
     expect(store.outboundByMessageId('ID1')!.sentContent).toEqual(new Uint8Array([0x0a, 0x02, 0x68, 0x69]));
-    expect(store.pruneOutbox(new Date(Date.now() + 1000).toISOString())).toBe(2);
+    expect(store.pruneOutbox(new Date(Date.now() + 1000).toISOString())).toBe(3);
     expect(store.outboundByMessageId('ID1')).toBeNull();
     expect(store.countUnsent('local')).toBe(1); // never pruned while unsent
     store.close();
