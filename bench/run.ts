@@ -46,6 +46,7 @@ import { parseArgs } from 'node:util';
 import {
   type Config,
   defaultConcurrency,
+  hardeningArgs,
   installId,
   loadConfig,
   LOCAL_MAIN_JID,
@@ -150,6 +151,26 @@ const marker = (row: string, i: number | string) => `bench-${row}-${i}-${Math.ra
  * firstByte stops at its output (as the agent's figures do); exit when `docker run --rm`
  * returns, so teardown = exit − firstByte is docker's own stop-and-remove.
  */
+/**
+ * The limits every agent container runs under (CPU, memory, pids, read-only image…), without
+ * its mounts: floors run under them too, so a floor and a figure pay the same CPU limit.
+ */
+function hardening(b: Bench): string[] {
+  const config = loadConfig(b.root, { TZ: 'UTC' });
+  const group = {
+    jid: 'floor@g.us',
+    name: 'floor',
+    folder: 'floor',
+    trigger: '@Andy',
+    requiresTrigger: true,
+    isMain: false,
+    addedAt: '',
+  };
+  // The bench's own label marks its containers; the network is each caller's.
+  const paired = new Set(['--label', '--network']);
+  return hardeningArgs(config, group).filter((arg, i, all) => !paired.has(arg) && !paired.has(all[i - 1]!));
+}
+
 async function floorRun(
   b: Bench,
   extra: string[] = [],
@@ -162,6 +183,7 @@ async function floorRun(
     '--rm',
     '--label',
     b.label,
+    ...hardening(b),
     ...extra,
     '--entrypoint',
     'echo',
