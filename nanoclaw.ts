@@ -47,6 +47,7 @@ import {
   renameSync,
   rmdirSync,
   rmSync,
+  statSync,
   unlinkSync,
   watch,
   writeFileSync,
@@ -1191,21 +1192,69 @@ export function isStoreUnavailable(err: unknown): boolean {
   );
 }
 
+/** The database file is not one SQLite can read: the fix is a backup. */
+export class StoreCorruptError extends Error {}
+
+/** What SQLite says of a file that is not a database, or a damaged one. */
+const isCorrupt = (err: unknown) => /^SQLITE_(CORRUPT|NOTADB)/.test(String((err as { code?: unknown })?.code ?? ''));
+
+/** Backups of store/messages.db kept in store/backups/ (the newest; one a day). */
+export const BACKUPS_KEPT = 7;
+
 export class Store {
   readonly db: Database;
+  /** The file this store opened (device and inode), to notice it deleted or replaced under us. */
+  private readonly opened: { dev: number; ino: number };
+  /** Whether the schema was created now: the file was new or empty. */
+  readonly createdNow: boolean;
 
-  constructor(path: string) {
+  constructor(readonly path: string) {
     mkdirSync(dirname(path), { recursive: true });
-    this.db = new Database(path, { create: true, strict: true });
-    // busy_timeout first: a database another process holds for a moment is waited for, not
-    // an error. Short, because bun:sqlite waits on the event loop: everything else waits too.
-    this.db.exec(
-      `PRAGMA busy_timeout = ${BUSY_TIMEOUT_MS}; PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;`,
-    );
-    this.migrate();
+    try {
+      this.db = new Database(path, { create: true, strict: true });
+      // busy_timeout first: a database another process holds for a moment is waited for, not
+      // an error. Short, because bun:sqlite waits on the event loop: everything else waits too.
+      this.db.exec(
+        `PRAGMA busy_timeout = ${BUSY_TIMEOUT_MS}; PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;`,
+      );
+      this.createdNow = this.migrate() === 0;
+    } catch (err) {
+      if (isCorrupt(err))
+        throw new StoreCorruptError(
+          `${path} is damaged or not a database (${errorCode(err)}). Restore the newest backup: cp "$(ls -t ${join(dirname(path), 'backups')}/*.db | head -n 1)" ${path} (see README, Troubleshooting).`,
+        );
+      throw err;
+    }
+    const stats = statSync(path);
+    this.opened = { dev: stats.dev, ino: stats.ino };
   }
 
-  private migrate(): void {
+  /** Whether the file at the path is still the one this store has open (not deleted, moved or replaced). */
+  stillAtPath(): boolean {
+    const now = statSync(this.path, { throwIfNoEntry: false });
+    return Boolean(now && now.dev === this.opened.dev && now.ino === this.opened.ino);
+  }
+
+  /**
+   * A consistent copy of the live database (SQLite's VACUUM INTO, safe while it is in use)
+   * in `dir`, named by date; the oldest beyond `keep` are deleted. Returns its path.
+   */
+  backup(dir: string, keep = BACKUPS_KEPT, now = new Date()): string {
+    mkdirSync(dir, { recursive: true });
+    const name = `messages-${now.toISOString().replace(/[:.]/g, '-')}.db`;
+    const temp = join(dir, `.${name}.tmp`);
+    rmSync(temp, { force: true });
+    this.db.query('VACUUM INTO ?').run(temp);
+    renameSync(temp, join(dir, name));
+    const all = readdirSync(dir)
+      .filter((file) => /^messages-.*\.db$/.test(file))
+      .sort();
+    for (const old of all.slice(0, Math.max(0, all.length - keep))) rmSync(join(dir, old), { force: true });
+    return join(dir, name);
+  }
+
+  /** Returns the schema version found before migrating (0: a new database). */
+  private migrate(): number {
     const current = this.db.query<{ user_version: number }, []>('PRAGMA user_version').get()!.user_version;
     if (current > MIGRATIONS.length) {
       throw new Error(
@@ -1218,6 +1267,7 @@ export class Store {
         this.db.exec(`PRAGMA user_version = ${version + 1}`);
       })();
     }
+    return current;
   }
 
   close(): void {
@@ -4079,6 +4129,8 @@ export interface RunOutcome {
   results: number;
   lastError?: string;
   lastErrorKind?: string;
+  /** The newest message the failed turn covered (its result's upTo): what a give-up may cover. */
+  lastErrorUpTo?: number;
   sessionId?: string;
   /** It wrote more than MAX_RUN_OUTPUT and was stopped. */
   oversized?: boolean;
@@ -4333,6 +4385,7 @@ async function streamContainer(plan: RunPlan, options: RunContainerOptions, grou
       if (parsed.status === 'error') {
         result.lastError = parsed.error ?? 'unknown error';
         result.lastErrorKind = parsed.errorKind;
+        result.lastErrorUpTo = parsed.upTo;
       }
       try {
         await options.onResult(parsed);
@@ -5274,7 +5327,15 @@ export interface HostOptions {
   /** A container started ahead of a message closes when none came within this (default 2 min). */
   warmIdleMs?: number;
   clock?: Clock;
+  /**
+   * Something is wrong that the host must not carry on through (its database was deleted
+   * or replaced): the host has stopped its work; the process should end (default: log it).
+   */
+  onFatal?(message: string): void;
 }
+
+/** How often the host backs its database up (store/backups/, the newest BACKUPS_KEPT kept). */
+export const BACKUP_EVERY_MS = 24 * 3_600_000;
 
 /** What the chat is told when the model refuses the key: what to put where, for each kind of key. */
 export function keyRefusedNotice(config: Config, error: string): string {
@@ -5611,6 +5672,13 @@ export class Host {
 
   /** Start-up recovery and the safety sweep: unanswered messages and interrupted task runs get queued. */
   recover(): void {
+    if (!this.store.stillAtPath()) {
+      const message = `${this.store.path} was deleted or replaced while NanoClaw was running: stopping, so nothing more is written to a file nobody will read. Restore it (store/backups/ has copies; see README, Troubleshooting), then start NanoClaw again.`;
+      log.fatal(message);
+      void this.stop().then(() => this.options.onFatal?.(message));
+      return;
+    }
+    this.backUpWhenDue();
     try {
       for (const group of this.store.listGroups()) {
         if (this.queue.isBusy(group.jid)) continue;
@@ -5629,6 +5697,24 @@ export class Host {
         { err: errorText(err) },
         'The safety sweep could not read the database; it tries again at the next sweep',
       );
+    }
+  }
+
+  /** A copy of the database in store/backups/ when the newest is a day old (or there is none). */
+  private backUpWhenDue(): void {
+    const dir = join(this.config.storeDir, 'backups');
+    const newest = existsSync(dir)
+      ? readdirSync(dir)
+          .filter((file) => /^messages-.*\.db$/.test(file))
+          .map((file) => statSync(join(dir, file)).mtimeMs)
+          .reduce((a, b) => Math.max(a, b), 0)
+      : 0;
+    if (this.clock.now() - newest < BACKUP_EVERY_MS) return;
+    try {
+      const file = this.store.backup(dir, BACKUPS_KEPT, new Date(this.clock.now()));
+      log.info({ file }, 'Database backed up');
+    } catch (err) {
+      log.warn({ err: errorText(err) }, 'Could not back up the database; trying again at the next sweep');
     }
   }
 
@@ -5818,14 +5904,14 @@ export class Host {
       this.giveUp(
         chatJid,
         keyRefusedNotice(this.config, outcome.lastError ?? ''),
-        upToSeq,
+        outcome.lastErrorUpTo ?? upToSeq,
         `notice:key-refused:${chatJid}`,
       );
       return true;
     }
     if (outcome.lastErrorKind === 'bad-request' && unanswered > 0 && !this.stopped) {
       // The model refused the request itself (400): the same request would be refused again.
-      this.giveUp(chatJid, badRequestNotice(outcome.lastError ?? ''), upToSeq);
+      this.giveUp(chatJid, badRequestNotice(outcome.lastError ?? ''), outcome.lastErrorUpTo ?? upToSeq);
       return true;
     }
     if ((failed || outcome.lastError) && unanswered > 0 && !this.stopped) {
@@ -6505,6 +6591,42 @@ function waitForTurn(host: Host, chatJid: string, seq: number): Promise<TurnEven
 }
 
 /** Opens the store, waiting (up to a minute) while another process holds the database. */
+/** What a host leaves behind that a new project has not: proof a database existed here. */
+export function ranHereBefore(config: Config): string | null {
+  const sessions = existsSync(config.sessionsDir)
+    ? readdirSync(config.sessionsDir, { withFileTypes: true }).filter((entry) => entry.isDirectory())
+    : [];
+  if (sessions.length) return `data/sessions/ holds the sessions of ${sessions.map((e) => e.name).join(', ')}`;
+  const backups = join(config.storeDir, 'backups');
+  if (existsSync(backups) && readdirSync(backups).some((file) => file.endsWith('.db')))
+    return 'store/backups/ holds backups of it';
+  return null;
+}
+
+/**
+ * Opens store/messages.db, waiting (up to a minute) while another process holds it. A
+ * database that is missing or empty where NanoClaw clearly ran before (it was deleted, or
+ * replaced) is not quietly started afresh: every group, cursor and task would be gone.
+ */
+export async function openProjectStore(config: Config, waitMs = 60_000): Promise<Store> {
+  const store = await openStoreWhenFree(config.dbPath, waitMs);
+  const before = store.createdNow && !/^(1|true|yes)$/i.test(process.env.NANOCLAW_NEW_DATABASE ?? '') ? ranHereBefore(config) : null;
+  if (before) {
+    store.close();
+    for (const suffix of ['', '-wal', '-shm']) rmSync(`${config.dbPath}${suffix}`, { force: true });
+    throw new StoreMissingError(
+      `store/messages.db is missing or empty, but NanoClaw ran here before (${before}): its groups, cursors and tasks would be lost.\n` +
+        '  Fix: restore the newest backup: cp "$(ls -t store/backups/*.db | head -n 1)" store/messages.db\n' +
+        '  Or, to start over with an empty database on purpose: NANOCLAW_NEW_DATABASE=1 bun nanoclaw.ts …',
+    );
+  }
+  return store;
+}
+
+/** The database is gone or empty where it should not be: the user must act (exit 2). */
+export class StoreMissingError extends Error {}
+
+/** Opens the store, waiting (up to a minute) while another process holds the database. */
 export async function openStoreWhenFree(path: string, waitMs = 60_000): Promise<Store> {
   const deadline = Date.now() + waitMs;
   for (let attempt = 1; ; attempt++) {
@@ -6547,14 +6669,25 @@ export async function startHost(
   config: Config,
   makeChannels: (store: Store) => Channel[],
 ): Promise<{ host: Host; store: Store; release: () => void }> {
+  // What the host cannot carry on through ends the process with what to do (the service does not restart on 2).
+  const onFatal = (message: string) => {
+    console.error(message);
+    process.exit(2);
+  };
   const problems = preflight(config);
   if (problems.length)
     throw new UsageError(`NanoClaw cannot start yet:\n\n${problems.map((p) => `• ${p}`).join('\n\n')}`);
   const release = acquireHostLock(config);
-  const store = await openStoreWhenFree(config.dbPath);
+  let store: Store;
+  try {
+    store = await openProjectStore(config);
+  } catch (err) {
+    release();
+    throw err;
+  }
   removeLeftoverContainers(config);
   removeLeftoverInboxes(config);
-  const host = new Host(config, store, makeChannels(store));
+  const host = new Host(config, store, makeChannels(store), { onFatal });
   return { host, store, release };
 }
 
@@ -6694,7 +6827,7 @@ class ChatTerminal {
 export async function runChat(config: Config): Promise<number> {
   const interactive = Boolean(process.stdin.isTTY && process.stdout.isTTY);
   keepRunningThroughErrors();
-  const setupStore = await openStoreWhenFree(config.dbPath);
+  const setupStore = await openProjectStore(config);
   const main = ensureMainGroup(config, setupStore);
   setupStore.close();
   const terminal = new ChatTerminal(interactive, config.assistantName);
@@ -7730,7 +7863,13 @@ export async function main(
       console.error(err.command ? `${err.message}\n\n${commandUsage(err.command)}` : err.message);
       return 2;
     }
-    if (err instanceof ConfigError || err instanceof IpcFormatError || err instanceof WhatsAppNotLinked) {
+    if (
+      err instanceof ConfigError ||
+      err instanceof IpcFormatError ||
+      err instanceof WhatsAppNotLinked ||
+      err instanceof StoreCorruptError ||
+      err instanceof StoreMissingError
+    ) {
       console.error(err.message);
       return 2;
     }

@@ -1,4 +1,13 @@
-import { copyFileSync, existsSync, mkdirSync, readFileSync, renameSync, writeFileSync } from 'node:fs';
+import {
+  copyFileSync,
+  existsSync,
+  mkdirSync,
+  readdirSync,
+  readFileSync,
+  renameSync,
+  rmSync,
+  writeFileSync,
+} from 'node:fs';
 import { availableParallelism } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -366,6 +375,42 @@ describe('bun nanoclaw.ts chat (piped)', () => {
     const store = new Store(db);
     expect(store.getSession('main')).toBeNull();
     store.close();
+  });
+});
+
+describe('the database kept safe', () => {
+  it('a damaged database: one line naming the backup to restore, exit 2, no stack', async () => {
+    mkdirSync(join(root, 'store'), { recursive: true });
+    writeFileSync(join(root, 'store', 'messages.db'), 'this is not a database, it is a shopping list\n'.repeat(200));
+    const { stderr, code } = await cli(['groups', 'list']);
+    expect(code).toBe(2);
+    expect(stderr).toContain('store/messages.db is damaged or not a database');
+    expect(stderr).toContain('ls -t');
+    expect(stderr).not.toMatch(/\bat \S+ \(/); // no stack trace
+  });
+
+  it('a database gone where NanoClaw ran before is not silently started afresh; on purpose, it can be', async () => {
+    await cli(['chat'], 'hi\n');
+    expect(existsSync(join(root, 'data', 'sessions', 'main'))).toBe(true);
+    for (const suffix of ['', '-wal', '-shm']) rmSync(join(root, 'store', `messages.db${suffix}`), { force: true });
+    const refused = await cli(['chat'], 'hello again\n');
+    expect(refused.code).toBe(2);
+    expect(refused.stderr).toContain('store/messages.db is missing or empty, but NanoClaw ran here before');
+    expect(refused.stderr).toContain('store/backups/');
+    expect(existsSync(join(root, 'store', 'messages.db'))).toBe(false); // nothing empty left for the next start to take
+    expect(docker.runs()).toHaveLength(1);
+    const fresh = await cli(['chat'], 'hello again\n', { NANOCLAW_NEW_DATABASE: '1' });
+    expect(fresh.code).toBe(0);
+    expect(fresh.stdout).toContain('echo: hello again');
+  });
+
+  it('the host backs the database up, a consistent copy that opens with its data', async () => {
+    await cli(['chat'], 'hi\n');
+    const backups = readdirSync(join(root, 'store', 'backups')).filter((file) => file.endsWith('.db'));
+    expect(backups).toHaveLength(1);
+    const copy = new Store(join(root, 'store', 'backups', backups[0]!));
+    expect(copy.mainGroup()?.folder).toBe('main');
+    copy.close();
   });
 });
 

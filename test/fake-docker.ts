@@ -20,6 +20,7 @@
  *   anything        → "echo: <text>"
  *   !fail TEXT      → error result TEXT, exit 1
  *   !crash          → exit 2 with no result
+ *   !exit0          → exit 0 with no result (a runner that ended without answering)
  *   !sleep MS       → wait, then "slept MS"
  *   !internal       → "<internal>hidden</internal>visible"
  *   !silent         → success with a null result
@@ -76,6 +77,8 @@ async function answer(prompt: string, sessionId: string): Promise<void> {
     case '!fail':
       emit({ status: 'error', result: null, error: arg || 'failed', sessionId });
       return process.exit(1);
+    case '!exit0':
+      return process.exit(0);
     case '!crash':
       process.stderr.write('fake container crashing\n');
       return process.exit(2);

@@ -1,4 +1,4 @@
-import { existsSync, mkdirSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterEach, describe, expect, it } from 'vitest';
@@ -323,6 +323,53 @@ describe('failures', () => {
     expect(retried).not.toContain('answered');
     await Bun.sleep(300);
     expect(texts(w)).toEqual(['Andy: echo: answered']);
+  });
+
+  it('a follow-up queued behind a turn is not counted answered when the turn after it dies: it is retried', async () => {
+    const w = await world();
+    w.channel.receive(MAIN, '!sleep 400');
+    await waitFor(() => w.docker.runs().length === 1, 10_000, 'the first run');
+    await Bun.sleep(100);
+    w.channel.receive(MAIN, '!failonce the next turn dies'); // handed to the live container, queued behind its turn
+    await waitFor(() => texts(w).length === 2, 10_000, 'both answers');
+    expect(texts(w)).toEqual(['Andy: slept 400', 'Andy: echo: !failonce the next turn dies']);
+    expect(w.docker.runs()).toHaveLength(2); // the follow-up went into a new container, not into the void
+    expect(stdinOf(w, 1).prompt).toContain('!failonce the next turn dies');
+    expect(stdinOf(w, 1).prompt).not.toContain('!sleep 400');
+  });
+
+  it('a refused key gives up only what the failed turn covered: a message that came meanwhile gets its own run', async () => {
+    const w = await world();
+    w.channel.receive(MAIN, '!refused');
+    w.channel.receive(MAIN, 'sent after the key was fixed'); // goes into the container, which fails before it
+    await waitFor(() => texts(w).length === 2, 10_000, 'the notice and the answer');
+    expect(texts(w)[0]).toContain('refused the Kimi key');
+    expect(texts(w)[1]).toBe('Andy: echo: sent after the key was fixed');
+    expect(w.store.messagesSince(MAIN, w.store.getCursor(MAIN))).toEqual([]);
+  });
+
+  it('a container that ends without answering (exit 0, no result) has failed: retried with backoff, then given up and told', async () => {
+    const w = await world({}, { maxRetries: 2, retryBaseMs: 50 });
+    const turns: { status: string; error?: string }[] = [];
+    w.host.onTurn((t) => turns.push(t));
+    w.channel.receive(MAIN, '!exit0');
+    await waitFor(() => texts(w).length === 1, 10_000, 'the give-up notice');
+    expect(w.docker.runs()).toHaveLength(3); // the run and two retries, not one a second forever
+    expect(turns[0]).toMatchObject({ status: 'error', error: 'the agent container ended without an answer' });
+    expect(texts(w)[0]).toContain('Sorry, I could not answer that');
+    await Bun.sleep(300);
+    expect(w.docker.runs()).toHaveLength(3);
+  });
+
+  it('its database deleted or replaced under it, the host stops and says so, instead of writing to a file nobody reads', async () => {
+    let fatal = '';
+    const w = await world({}, { onFatal: (message) => (fatal = message) });
+    rmSync(w.config.dbPath);
+    writeFileSync(w.config.dbPath, '');
+    w.host.recover();
+    await waitFor(() => fatal !== '', 10_000, 'the fatal notice');
+    expect(fatal).toContain('was deleted or replaced while NanoClaw was running');
+    expect(fatal).toContain('store/backups/');
   });
 
   it('emits an error turn so a waiting user hears about it', async () => {

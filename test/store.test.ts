@@ -1,4 +1,5 @@
 import { Database } from 'bun:sqlite';
+import { readdirSync, renameSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { addGroup, SCHEMA_VERSION, Store, type NewMessage, type ScheduledTask } from '../nanoclaw.ts';
@@ -97,7 +98,10 @@ describe('Store schema', () => {
       .run();
     old.close();
     const store = new Store(path);
-    expect(store.unsentHeads('whatsapp')[0]).toMatchObject({ text: 'from before', messageId: '3EB0NC0000000000000001' });
+    expect(store.unsentHeads('whatsapp')[0]).toMatchObject({
+      text: 'from before',
+      messageId: '3EB0NC0000000000000001',
+    });
     store.close();
   });
 
@@ -290,6 +294,31 @@ describe('groups, sessions, tasks', () => {
     ).toThrow();
     store.deleteTask('soon');
     expect(store.db.query('SELECT COUNT(*) AS n FROM task_run_logs').get()).toEqual({ n: 0 });
+    store.close();
+  });
+
+  it('knows when its file was deleted or replaced under it; backs up a consistent copy and keeps the newest', () => {
+    const dir = tempDir();
+    const path = join(dir, 'messages.db');
+    const store = new Store(path);
+    store.setSession('main', 's1');
+    expect(store.stillAtPath()).toBe(true);
+    const backups = join(dir, 'backups');
+    for (let day = 1; day <= 4; day++) store.backup(backups, 3, new Date(`2026-12-0${day}T03:00:00Z`));
+    const kept = readdirSync(backups).sort();
+    expect(kept).toEqual([
+      'messages-2026-12-02T03-00-00-000Z.db',
+      'messages-2026-12-03T03-00-00-000Z.db',
+      'messages-2026-12-04T03-00-00-000Z.db',
+    ]);
+    const copy = new Store(join(backups, kept.at(-1)!));
+    expect(copy.getSession('main')).toBe('s1');
+    copy.close();
+    renameSync(path, `${path}.moved`);
+    writeFileSync(path, '');
+    expect(store.stillAtPath()).toBe(false);
+    rmSync(path);
+    expect(store.stillAtPath()).toBe(false);
     store.close();
   });
 });
