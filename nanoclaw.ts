@@ -6610,7 +6610,8 @@ export function ranHereBefore(config: Config): string | null {
  */
 export async function openProjectStore(config: Config, waitMs = 60_000): Promise<Store> {
   const store = await openStoreWhenFree(config.dbPath, waitMs);
-  const before = store.createdNow && !/^(1|true|yes)$/i.test(process.env.NANOCLAW_NEW_DATABASE ?? '') ? ranHereBefore(config) : null;
+  const before =
+    store.createdNow && !/^(1|true|yes)$/i.test(process.env.NANOCLAW_NEW_DATABASE ?? '') ? ranHereBefore(config) : null;
   if (before) {
     store.close();
     for (const suffix of ['', '-wal', '-shm']) rmSync(`${config.dbPath}${suffix}`, { force: true });

@@ -504,7 +504,6 @@ export function startFakeModel(
   return { url: `http://127.0.0.1:${server.port}/v1`, requests, stop: () => void server.stop(true) };
 }
 
-
 /** `bun scripts/scripted-model.ts --demo KEY`: serves on loopback and prints its base URL (scripts/demo.sh). */
 if (import.meta.main) {
   const key = process.argv[3] ?? 'demo';
