@@ -176,13 +176,17 @@ export function crashPoint(point: string): void {
  * test's (test/helpers.ts FakeClock), so backoff, idle closing and sweeps are tested exactly.
  */
 export interface Clock {
+  /** Wall-clock time (ms since the epoch): what schedules are written in; it can jump. */
   now(): number;
+  /** A clock that never jumps (ms, any origin): what durations and jumps are measured with. */
+  monotonic(): number;
   /** Runs `fn` once, `ms` from now; returns what cancels it. */
   after(ms: number, fn: () => void): () => void;
 }
 
 export const systemClock: Clock = {
   now: () => Date.now(),
+  monotonic: () => performance.now(),
   after: (ms, fn) => {
     const timer = setTimeout(fn, ms);
     return () => clearTimeout(timer);
@@ -5112,6 +5116,9 @@ export class IpcWatcher {
 
 export class ScheduleError extends Error {}
 
+/** A difference between wall and monotonic time bigger than this is the wall clock jumping, not drift. */
+const CLOCK_JUMP_MS = 60_000;
+
 /** "2026-12-01 17:00" in the user's timezone (croner places it, DST included); an explicit offset or Z is respected as given. */
 export function parseOnceTime(value: string, timezone: string): Date {
   const text = value.trim();
@@ -5197,6 +5204,8 @@ export function nextRunAfterFiring(task: ScheduledTask, timezone: string, now: D
 export class Scheduler {
   private cancelTimer: (() => void) | null = null;
   private running = false;
+  /** Wall and monotonic time at the last look: their difference moving is the wall clock jumping. */
+  private lastLook: { wall: number; mono: number } | null = null;
 
   constructor(
     private readonly store: Store,
@@ -5222,6 +5231,7 @@ export class Scheduler {
   arm(): void {
     if (!this.running) return;
     this.cancelTimer?.();
+    this.noticeClockJump();
     let delay = this.recheckMs;
     try {
       const [soonest] = this.store.upcomingTasks(1);
@@ -5230,6 +5240,39 @@ export class Scheduler {
       log.warn({ err: errorText(err) }, 'Could not read the task schedule; trying again shortly');
     }
     this.cancelTimer = this.clock.after(Math.min(delay, this.recheckMs), () => this.fireDue());
+  }
+
+  /**
+   * The wall clock jumped (an NTP correction, a suspended laptop, a hand-set clock): forward,
+   * due tasks just fire; back, a next run computed in the jumped-ahead time would leave the
+   * task silent for the size of the jump, so every recurring task's next run that now lies
+   * further ahead than its schedule allows is computed again from now.
+   */
+  private noticeClockJump(): void {
+    const look = { wall: this.clock.now(), mono: this.clock.monotonic() };
+    const last = this.lastLook;
+    this.lastLook = look;
+    if (!last) return;
+    const jump = look.wall - last.wall - (look.mono - last.mono);
+    if (Math.abs(jump) < CLOCK_JUMP_MS) return;
+    log.warn({ jumpMs: Math.round(jump) }, 'The wall clock jumped; checking the next runs of recurring tasks');
+    if (jump > 0) return;
+    const now = new Date(look.wall);
+    try {
+      for (const task of this.store.upcomingTasks()) {
+        if (task.scheduleType === 'once') continue;
+        const fromNow = computeNextRun(task.scheduleType, task.scheduleValue, this.timezone, now);
+        if (fromNow && new Date(task.nextRun!).getTime() > fromNow.getTime()) {
+          this.store.updateTask(task.id, { nextRun: fromNow.toISOString() });
+          log.info(
+            { group: task.groupFolder, taskId: task.id, nextRun: fromNow.toISOString() },
+            'Task next run recomputed after the clock jumped back',
+          );
+        }
+      }
+    } catch (err) {
+      log.warn({ err: errorText(err) }, 'Could not recompute next runs after a clock jump');
+    }
   }
 
   private fireDue(): void {
@@ -5288,6 +5331,8 @@ export interface RetryEvent {
 interface TaskTurn {
   task: ScheduledTask;
   startedAt: Date;
+  /** clock.monotonic() at the start: durations do not go negative when the wall clock jumps. */
+  startedMono: number;
 }
 
 /** How a task run ended: its answer, what it said in the chat, or its error. */
@@ -6053,7 +6098,11 @@ export class Host {
       return;
     }
     this.store.markTaskStarted(task.id);
-    this.taskTurns.set(task.chatJid, { task, startedAt: new Date() });
+    this.taskTurns.set(task.chatJid, {
+      task,
+      startedAt: new Date(this.clock.now()),
+      startedMono: this.clock.monotonic(),
+    });
     if (!this.queue.sendFollowUp(task.chatJid, task.prompt, 'task')) {
       // The container is going away after all: queued again, the task gets a container of its own.
       this.taskTurns.delete(task.chatJid);
@@ -6107,13 +6156,27 @@ export class Host {
         });
         this.store.releaseTask(task.id);
         if (again) this.store.claimTask(task.id, claim.dueAt, claim.attempt + 1);
-        else if (task.scheduleType === 'once')
-          this.store.updateTask(task.id, {
-            status: 'completed',
-            nextRun: null,
-            lastResult: `Error: ${error} (twice; not run again)`,
-          });
+        else {
+          if (task.scheduleType === 'once')
+            this.store.updateTask(task.id, {
+              status: 'completed',
+              nextRun: null,
+              lastResult: `Error: ${error} (twice; not run again)`,
+            });
+          // Given up: the chat it was for hears of it, not only the log.
+          const preview = task.prompt.length > 80 ? `${task.prompt.slice(0, 80)}…` : task.prompt;
+          const when = task.scheduleType === 'once' ? 'It will not run again.' : 'It runs again at its next time.';
+          this.say(
+            task.chatJid,
+            formatOutbound(
+              `A scheduled task ("${preview}") was interrupted twice as NanoClaw stopped, and I gave up on this run. ${when}`,
+              this.config.assistantName,
+              this.config.assistantHasOwnNumber,
+            )!,
+          );
+        }
       });
+      if (!again) this.sendSoon(task.chatJid);
       log.warn(
         { group: task.groupFolder, taskId: task.id, runAgain: again },
         again ? 'A task run was interrupted; running it again' : 'A task run was interrupted twice; giving up on it',
@@ -6150,7 +6213,7 @@ export class Host {
     if (!task) return null;
     const group = this.store.groupByFolder(task.groupFolder);
     const lane = laneOf(task);
-    const startedAt = new Date();
+    const started = { at: new Date(this.clock.now()), mono: this.clock.monotonic() };
     this.store.markTaskStarted(task.id);
     let result: string | null = null;
     let said: string[] = [];
@@ -6179,13 +6242,13 @@ export class Host {
         error = errorText(err);
       }
     }
-    return this.recordTaskRun(task, startedAt, { result, said, error });
+    return this.recordTaskRun(task, started, { result, said, error });
   }
 
   /** recordTaskRun for a task turn: a database that cannot take it leaves the claim, which the sweep recovers. */
   private recordTaskTurn(turn: TaskTurn, outcome: TaskOutcome): void {
     try {
-      this.recordTaskRun(turn.task, turn.startedAt, outcome);
+      this.recordTaskRun(turn.task, { at: turn.startedAt, mono: turn.startedMono }, outcome);
     } catch (err) {
       log.error(
         { group: turn.task.groupFolder, taskId: turn.task.id, err: errorText(err) },
@@ -6195,12 +6258,12 @@ export class Host {
   }
 
   /** A task run's end, in one transaction: its log, the task's state, what it said, the claim released. */
-  private recordTaskRun(task: ScheduledTask, startedAt: Date, outcome: TaskOutcome): TaskRunLog {
+  private recordTaskRun(task: ScheduledTask, started: { at: Date; mono: number }, outcome: TaskOutcome): TaskRunLog {
     const { result, error } = outcome;
     const run: TaskRunLog = {
       taskId: task.id,
-      runAt: startedAt.toISOString(),
-      durationMs: Date.now() - startedAt.getTime(),
+      runAt: started.at.toISOString(),
+      durationMs: Math.round(this.clock.monotonic() - started.mono),
       status: error ? 'error' : 'success',
       result,
       error,

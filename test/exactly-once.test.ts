@@ -236,6 +236,11 @@ describe('task runs', () => {
     expect(w.store.getTask('once-2')).toMatchObject({ status: 'completed', nextRun: null });
     expect(w.store.getTask('once-2')!.lastResult).toContain('not run again');
     expect(w.docker.runs()).toHaveLength(0);
+    // The chat it was for hears of it.
+    await waitFor(() => texts(w, FAMILY).length === 1, 5000, 'the notice');
+    expect(texts(w, FAMILY)[0]).toMatch(
+      /^Andy: A scheduled task \("twice unlucky"\) was interrupted twice .* It will not run again\.$/,
+    );
   });
 });
 

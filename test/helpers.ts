@@ -292,6 +292,8 @@ export function openAsWhatsAppWould(sock: WASocket): void {
  */
 export class FakeClock implements Clock {
   private time: number;
+  /** How far the wall clock was set away from the monotonic one (jump()). */
+  private offset = 0;
   private timers: { at: number; order: number; fn: () => void }[] = [];
   private created = 0;
 
@@ -300,7 +302,16 @@ export class FakeClock implements Clock {
   }
 
   now(): number {
+    return this.time + this.offset;
+  }
+
+  monotonic(): number {
     return this.time;
+  }
+
+  /** Sets the wall clock forward (or back, with a negative ms) without time passing: timers are not moved. */
+  jump(ms: number): void {
+    this.offset += ms;
   }
 
   after(ms: number, fn: () => void): () => void {

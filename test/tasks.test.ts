@@ -129,6 +129,24 @@ describe('Scheduler', () => {
     expect(fired).toHaveLength(1);
   });
 
+  it('a wall clock that jumps forward and back leaves no interval task silent for the size of the jump', async () => {
+    const { fired } = setup();
+    const t = task({ nextRun: new Date(clock.now() + HOUR).toISOString(), scheduleValue: String(HOUR) });
+    store.createTask(t);
+    scheduler!.start();
+    clock.jump(5 * HOUR); // the clock is set 5 h ahead: the task is late, fires once
+    await clock.advance(200);
+    expect(fired).toHaveLength(1);
+    expect(new Date(store.getTask(t.id)!.nextRun!).getTime()).toBe(fired[0]!.at + HOUR);
+    store.releaseTask(t.id); // the run is over (the host releases its claim when it records it)
+    clock.jump(-5 * HOUR); // and set right again: its next run lay 5 h + 1 h ahead
+    await clock.advance(200);
+    const next = new Date(store.getTask(t.id)!.nextRun!).getTime();
+    expect(next - clock.now()).toBeLessThanOrEqual(HOUR);
+    await clock.advance(HOUR);
+    expect(fired).toHaveLength(2); // within the hour, not after six
+  });
+
   it('pauses a task whose stored schedule became invalid instead of failing every second', async () => {
     const { fired } = setup();
     const broken = task({
