@@ -157,6 +157,53 @@ describe('GroupQueue', () => {
     expect(clock.pending).toEqual([]); // and nothing more is planned
   });
 
+  it('a message that came during a failing run waits out the retry’s backoff too: the delay told is the delay kept', async () => {
+    const clock = new FakeClock();
+    const start = clock.now();
+    const attempts: number[] = [];
+    const retries: number[] = [];
+    let queue!: GroupQueue;
+    queue = new GroupQueue({
+      maxConcurrent: 1,
+      idleTimeoutMs: 60_000,
+      retryBaseMs: 5_000,
+      maxRetries: 3,
+      clock,
+      processMessages: async () => {
+        attempts.push(clock.now() - start);
+        if (attempts.length === 1) queue.enqueueMessages('a'); // the person sends another line while the agent fails
+        return attempts.length > 1;
+      },
+      onRetry: (_jid, _attempt, delayMs) => retries.push(delayMs),
+    });
+    queue.enqueueMessages('a');
+    await clock.advance(4_999);
+    expect(attempts).toEqual([0]);
+    queue.enqueueMessages('a'); // and another one during the backoff
+    await clock.advance(1);
+    expect(retries).toEqual([5_000]);
+    expect(attempts).toEqual([0, 5_000]);
+  });
+
+  it('a group whose container was closing when its message came keeps its place, ahead of groups that came later', async () => {
+    const runs = controlledRuns();
+    const queue = queueWith(runs, { maxConcurrent: 1 });
+    queue.enqueueMessages('a');
+    const { live } = liveContainer();
+    queue.attach('a', live);
+    queue.closeContainer('a'); // answered and told to close: its slot is free
+    queue.enqueueMessages('b'); // b takes the free slot
+    queue.enqueueMessages('c'); // c waits
+    queue.enqueueMessages('a'); // a message for a while its container closes
+    runs.finish('a');
+    runs.finish('b');
+    await waitFor(() => runs.started.length === 3, 2000, 'the next start');
+    expect(runs.started).toEqual(['a', 'b', 'a']); // a goes on before c, which came after it
+    runs.finish('a');
+    await waitFor(() => runs.started.length === 4, 2000, 'c');
+    runs.finish('c');
+  });
+
   it('resets the retry count after a success', async () => {
     const clock = new FakeClock();
     const results = [false, true, false, false, false, false];
