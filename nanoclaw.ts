@@ -4554,8 +4554,11 @@ interface IpcAction<S extends z.ZodType<object>> {
   refusal(request: z.infer<S>, source: RegisteredGroup, store: Store): string | null;
   /** The scheduling limits (TASK_MAX_ACTIVE, TASK_MIN_INTERVAL) this request would break, if any. */
   limit?(request: z.infer<S>, source: RegisteredGroup, store: Store, config: Config): string | null;
-  /** Does it, inside the transaction that marks the request done. Throws to refuse it (IpcFormatError, ScheduleError). */
-  apply(request: z.infer<S>, ctx: IpcActionContext): void;
+  /**
+   * Does it, inside the transaction that marks the request done; returns what the agent is
+   * told it did, when more than "done". Throws to refuse it (IpcFormatError, ScheduleError).
+   */
+  apply(request: z.infer<S>, ctx: IpcActionContext): string | undefined | void;
 }
 
 /** Keeps each entry's own request type (a plain object literal would widen them all). */
@@ -4691,6 +4694,7 @@ function defineIpcActions(z: Zod) {
           { group: source.folder, taskId: id, target: target.folder, nextRun: nextRun.toISOString() },
           'Task scheduled',
         );
+        return `scheduled as ${id}; first run ${formatLocalTime(nextRun.toISOString(), config.timezone)} (${config.timezone})`;
       },
     }),
     pause_task: ipcAction({
@@ -4726,6 +4730,7 @@ function defineIpcActions(z: Zod) {
         store.updateTask(task.id, { status: 'active', nextRun: nextRun.toISOString() });
         effects.afterwards(effects.tasksChanged);
         log.info({ group: source.folder, taskId: task.id, nextRun: nextRun.toISOString() }, 'Task resumed');
+        return `resumed; next run ${formatLocalTime(nextRun.toISOString(), config.timezone)} (${config.timezone})`;
       },
     }),
     cancel_task: ipcAction({
@@ -4805,12 +4810,13 @@ function defineIpcActions(z: Zod) {
       }),
       refusal: mainOnly('register_group'),
       apply: (request, { config, store }) => {
-        addGroup(config, store, {
+        const group = addGroup(config, store, {
           jid: request.jid,
           name: request.name,
           folder: request.folder,
           trigger: request.trigger,
         });
+        return `registered as groups/${group.folder}; people there wake you with ${group.trigger}`;
       },
     }),
   } as const;
@@ -4862,8 +4868,8 @@ export function refusal(source: RegisteredGroup, request: IpcRequest, store: Sto
 }
 
 /** Does a request (already parsed and allowed); call inside a transaction. */
-export function applyIpcRequest(request: IpcRequest, ctx: IpcActionContext): void {
-  actionFor(request.type).apply(request, ctx);
+export function applyIpcRequest(request: IpcRequest, ctx: IpcActionContext): string | undefined {
+  return actionFor(request.type).apply(request, ctx) ?? undefined;
 }
 
 /** The shortest gap between runs of a schedule, looking at its next few runs (null: runs at most once). */
@@ -4928,13 +4934,17 @@ export function writeSnapshots(config: Config, store: Store, group: RegisteredGr
   }
 }
 
+/** What the host decided about a request: the agent's tool is told (data/ipc/<folder>/responses/<file>). */
+export type IpcDecision = { ok: true; detail?: string } | { ok: false; reason: string };
+
 export interface IpcHandlers {
   /**
-   * Resolves once the file's request is done. `claimId` is the file's own, unique id: the
-   * same after a crash, so a request done before the crash can be recognised. Throwing
-   * files it under errors/, unless the database was only unavailable (then it is retried).
+   * Resolves once the file's request is done or refused, with the decision. `claimId` is
+   * the file's own, unique id: the same after a crash, so a request done before the crash
+   * can be recognised. Throwing files it under errors/ (and tells the agent why), unless
+   * the database was only unavailable (then it is retried).
    */
-  handle(folder: string, kind: IpcKind, data: unknown, claimId: string): Promise<void>;
+  handle(folder: string, kind: IpcKind, data: unknown, claimId: string): Promise<IpcDecision>;
 }
 
 export type IpcKind = 'messages' | 'tasks';
@@ -5076,7 +5086,8 @@ export class IpcWatcher {
     try {
       if (!source) throw new IpcFormatError('not a claimed IPC file name');
       const data = JSON.parse(readRegularFile(path)) as unknown;
-      await this.handlers.handle(source.folder, source.kind, data, source.claimId);
+      const decision = await this.handlers.handle(source.folder, source.kind, data, source.claimId);
+      this.respond(source.folder, source.name, decision);
       rmSync(path, { force: true });
       return true;
     } catch (err) {
@@ -5094,12 +5105,25 @@ export class IpcWatcher {
         log.warn({ group: source?.folder, file: source?.name ?? file, reason }, 'IPC file refused');
         return true;
       }
+      if (source) this.respond(source.folder, source.name, { ok: false, reason });
       mkdirSync(this.errorsDir, { recursive: true });
       const target = join(this.errorsDir, file);
       renameSync(path, target);
       this.pruneErrors();
       log.warn({ group: source?.folder, file: source?.name ?? file, movedTo: target, reason }, 'IPC file rejected');
       return true;
+    }
+  }
+
+  /** The decision, where the tool that wrote the request waits for it: responses/<the request's file name>. */
+  private respond(folder: string, name: string, decision: IpcDecision): void {
+    try {
+      new AgentTree(join(this.ipcDir, folder), containerOwner()).replace(
+        `responses/${name}`,
+        JSON.stringify(decision),
+      );
+    } catch (err) {
+      log.warn({ group: folder, file: name, reason: errorText(err) }, 'Could not tell the agent what became of its request');
     }
   }
 
@@ -6294,30 +6318,32 @@ export class Host {
    * done in one transaction with its done-mark (claimId), so a request claimed again
    * after a crash is recognised and not done twice.
    */
-  async handleIpc(folder: string, kind: IpcKind, data: unknown, claimId: string): Promise<void> {
-    if (this.store.isIpcDone(claimId)) return;
+  async handleIpc(folder: string, kind: IpcKind, data: unknown, claimId: string): Promise<IpcDecision> {
+    if (this.store.isIpcDone(claimId)) return { ok: true };
     const source = this.store.groupByFolder(folder);
     if (!source) throw new IpcFormatError(`no registered group uses the folder "${folder}"`);
     const request = parseIpcRequest(kind, data);
     const refused = refusal(source, request, this.store, this.config);
     if (refused) {
       log.warn({ group: folder, type: request.type, reason: refused }, 'IPC request refused');
-      return;
+      return { ok: false, reason: refused };
     }
     crashPoint('ipc-handling');
     const afterwards: (() => void)[] = [];
-    this.store.transaction(() => {
-      applyIpcRequest(request, {
+    const detail = this.store.transaction(() => {
+      const done = applyIpcRequest(request, {
         config: this.config,
         store: this.store,
         source,
         effects: this.ipcEffects(afterwards),
       });
       this.store.markIpcDone(claimId);
+      return done;
     });
     crashPoint('ipc-recorded');
     for (const effect of afterwards) effect();
     if (kind === 'tasks') writeSnapshots(this.config, this.store, source);
+    return { ok: true, ...(detail ? { detail } : {}) };
   }
 
   /** What an IPC action may make the host do (see ipcActions()). */

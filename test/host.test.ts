@@ -434,6 +434,43 @@ describe('IPC from the agent', () => {
     expect(readFileSync(join(w.config.logsDir, 'nanoclaw.log'), 'utf8')).toContain('IPC request refused');
   });
 
+  it('answers each request with the host’s decision where the agent’s tool waits for it: done (with what), or refused and why', async () => {
+    const w = await world();
+    const ipc = join(w.config.ipcDir, 'family');
+    const decision = async (name: string) => {
+      const file = join(ipc, 'responses', name);
+      await waitFor(() => existsSync(file), 10_000, `the decision on ${name}`);
+      return JSON.parse(readFileSync(file, 'utf8')) as { ok: boolean; detail?: string; reason?: string };
+    };
+    writeJsonAtomic(join(ipc, 'tasks', '1-too-often.json'), {
+      type: 'schedule_task',
+      prompt: 'ping',
+      schedule_type: 'interval',
+      schedule_value: '60000',
+    });
+    expect(await decision('1-too-often.json')).toEqual({
+      ok: false,
+      reason: 'runs every 60 s, more often than allowed (TASK_MIN_INTERVAL=300000 ms)',
+    });
+    writeJsonAtomic(join(ipc, 'tasks', '2-fine.json'), {
+      type: 'schedule_task',
+      prompt: 'water the plants',
+      schedule_type: 'cron',
+      schedule_value: '0 9 * * *',
+    });
+    const accepted = await decision('2-fine.json');
+    expect(accepted.ok).toBe(true);
+    const id = w.store.listTasks('family')[0]!.id;
+    expect(accepted.detail).toMatch(new RegExp(`^scheduled as ${id}; first run \\d{4}-\\d{2}-\\d{2} 09:00 \\(UTC\\)$`));
+    writeJsonAtomic(join(ipc, 'messages', '3-elsewhere.json'), { type: 'message', chatJid: WORK, text: 'psst' });
+    expect(await decision('3-elsewhere.json')).toEqual({
+      ok: false,
+      reason: 'group "family" may only message its own chat',
+    });
+    writeJsonAtomic(join(ipc, 'tasks', '4-broken.json'), { type: 'schedule_task', prompt: 'x' });
+    expect((await decision('4-broken.json')).reason).toContain('schedule_type');
+  });
+
   it('lets main message any registered group', async () => {
     const w = await world();
     drop(w, 'main', 'messages', { type: 'message', chatJid: WORK, text: 'from main' });

@@ -210,7 +210,11 @@ describe('IpcWatcher', () => {
 
   function watched(handle: (folder: string, kind: string, data: unknown) => Promise<void>) {
     const dir = tempDir();
-    const watcher = new IpcWatcher(dir, { handle }, 3_600_000); // no sweep: anything seen is the watch's doing
+    const decide = async (folder: string, kind: string, data: unknown) => {
+      await handle(folder, kind, data);
+      return { ok: true as const };
+    };
+    const watcher = new IpcWatcher(dir, { handle: decide }, 3_600_000); // no sweep: anything seen is the watch's doing
     watchers.push(watcher);
     return { dir, watcher };
   }

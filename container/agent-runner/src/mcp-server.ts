@@ -3,14 +3,16 @@
  * The nanoclaw MCP server (stdio): the agent's tools for acting beyond its answer.
  *
  * Every tool writes one JSON file into the group's IPC folder (temp file, then rename, so
- * the host never reads half a file); the host authorises it by the folder it appears in.
+ * the host never reads half a file); the host authorises it by the folder it appears in,
+ * and writes its decision back (responses/<the same name>), which the tool waits for and
+ * tells the model: done, with what (a task's id and first run), or refused and why.
  * Checks made here (schedule syntax, main-only tools, own-chat-only for other groups)
- * give the model a clear answer at once; the host checks again and has the last word.
+ * answer at once; the host checks again and has the last word.
  */
 import { McpServer } from '@modelcontextprotocol/sdk/server/mcp.js';
 import { StdioServerTransport } from '@modelcontextprotocol/sdk/server/stdio.js';
 import { Cron } from 'croner';
-import { existsSync, mkdirSync, readFileSync, renameSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, readFileSync, renameSync, rmSync, watch, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { z } from 'zod';
 
@@ -49,6 +51,57 @@ export function writeIpcFile(dir: string, data: Record<string, unknown>): string
   renameSync(temp, join(dir, name));
   return name;
 }
+
+/** What the host decided about a request (data/ipc/<folder>/responses/<file> on its side). */
+export type Decision = { ok: true; detail?: string } | { ok: false; reason: string };
+
+/**
+ * Waits for the host's decision on a request file: it writes responses/<the same name>.
+ * Null when none comes within timeoutMs (the host is busy or down; the request still waits
+ * for it). Woken by a watch on the folder, with a 100 ms poll behind it.
+ */
+export async function awaitDecision(ipcDir: string, name: string, timeoutMs: number): Promise<Decision | null> {
+  const dir = join(ipcDir, 'responses');
+  const file = join(dir, name);
+  mkdirSync(dir, { recursive: true });
+  const read = (): Decision | null => {
+    try {
+      const decision = JSON.parse(readFileSync(file, 'utf8')) as Decision;
+      rmSync(file, { force: true });
+      return decision;
+    } catch {
+      return null; // not there yet (or half written: the host renames it into place)
+    }
+  };
+  const found = read();
+  if (found) return found;
+  return await new Promise((resolve) => {
+    let done = false;
+    const finish = (decision: Decision | null) => {
+      if (done) return;
+      done = true;
+      clearInterval(poll);
+      clearTimeout(timer);
+      watcher?.close();
+      resolve(decision);
+    };
+    const look = () => {
+      const decision = read();
+      if (decision) finish(decision);
+    };
+    let watcher: ReturnType<typeof watch> | null = null;
+    try {
+      watcher = watch(dir, look);
+    } catch {
+      // the poll alone
+    }
+    const poll = setInterval(look, 100);
+    const timer = setTimeout(() => finish(null), timeoutMs);
+  });
+}
+
+/** How long a tool waits for the host's decision before saying it is still pending. */
+const DECISION_WAIT_MS = Number(process.env.NANOCLAW_DECISION_WAIT_MS) || 20_000;
 
 export type ScheduleType = 'cron' | 'interval' | 'once';
 
@@ -111,8 +164,23 @@ const text = (message: string, isError = false) => ({
   ...(isError ? { isError: true } : {}),
 });
 
-export function createServer(identity: ServerIdentity): McpServer {
+export function createServer(identity: ServerIdentity, decisionWaitMs = DECISION_WAIT_MS): McpServer {
   const server = new McpServer({ name: 'nanoclaw', version: '0.1.0' });
+  /**
+   * Writes a request and tells the model what the host decided, so it never tells the chat
+   * "done" about something the host refused (a limit, a past time, another group's task).
+   */
+  const request = async (dir: string, data: Record<string, unknown>, done: string) => {
+    const name = writeIpcFile(dir, data);
+    const decision = await awaitDecision(identity.ipcDir, name, decisionWaitMs);
+    if (!decision)
+      return text(
+        'Sent, but NanoClaw has not confirmed it yet (it is busy or restarting); it may still be refused. Do not tell the chat it is done: check later (list_tasks).',
+      );
+    return decision.ok
+      ? text(decision.detail ? `${done} ${decision.detail[0]!.toUpperCase()}${decision.detail.slice(1)}.` : done)
+      : text(`NanoClaw refused it: ${decision.reason}.`, true);
+  };
   const messagesDir = join(identity.ipcDir, 'messages');
   const tasksDir = join(identity.ipcDir, 'tasks');
   const mainOnly = (tool: string) => text(`${tool} is only available in the main chat.`, true);
@@ -138,8 +206,11 @@ export function createServer(identity: ServerIdentity): McpServer {
       const target = chatJid ?? identity.chatJid;
       if (target !== identity.chatJid && !identity.isMain)
         return text('This group can only send messages to its own chat.', true);
-      writeIpcFile(messagesDir, { type: 'message', chatJid: target, text: body });
-      return text(`Message queued for ${target === identity.chatJid ? 'this chat' : target}.`);
+      return request(
+        messagesDir,
+        { type: 'message', chatJid: target, text: body },
+        `Message sent to ${target === identity.chatJid ? 'this chat' : target}.`,
+      );
     },
   );
 
@@ -164,16 +235,17 @@ export function createServer(identity: ServerIdentity): McpServer {
         return text('This group can only schedule tasks for its own chat.', true);
       const problem = scheduleProblem(schedule_type, schedule_value, identity.timezone);
       if (problem) return text(problem, true);
-      writeIpcFile(tasksDir, {
-        type: 'schedule_task',
-        prompt,
-        schedule_type,
-        schedule_value,
-        context_mode,
-        ...(targetJid ? { targetJid } : {}),
-      });
-      return text(
-        `Scheduled (${schedule_type} ${schedule_value}, ${identity.timezone}). It appears in list_tasks at your next turn.`,
+      return request(
+        tasksDir,
+        {
+          type: 'schedule_task',
+          prompt,
+          schedule_type,
+          schedule_value,
+          context_mode,
+          ...(targetJid ? { targetJid } : {}),
+        },
+        `Scheduled (${schedule_type} ${schedule_value}, ${identity.timezone}).`,
       );
     },
   );
@@ -233,8 +305,7 @@ export function createServer(identity: ServerIdentity): McpServer {
       async ({ task_id }) => {
         const problem = checkTask(task_id);
         if (problem) return text(problem, true);
-        writeIpcFile(tasksDir, { type: tool, taskId: task_id });
-        return text(`${verb} requested for ${task_id}.`);
+        return request(tasksDir, { type: tool, taskId: task_id }, `${verb}: done for ${task_id}.`);
       },
     );
   }
@@ -261,14 +332,17 @@ export function createServer(identity: ServerIdentity): McpServer {
         const bad = scheduleProblem(type, schedule_value, identity.timezone);
         if (bad) return text(bad, true);
       }
-      writeIpcFile(tasksDir, {
-        type: 'update_task',
-        taskId: task_id,
-        ...(prompt ? { prompt } : {}),
-        ...(schedule_type ? { schedule_type } : {}),
-        ...(schedule_value ? { schedule_value } : {}),
-      });
-      return text(`Update requested for ${task_id}.`);
+      return request(
+        tasksDir,
+        {
+          type: 'update_task',
+          taskId: task_id,
+          ...(prompt ? { prompt } : {}),
+          ...(schedule_type ? { schedule_type } : {}),
+          ...(schedule_value ? { schedule_value } : {}),
+        },
+        `Updated ${task_id}.`,
+      );
     },
   );
 
@@ -287,8 +361,11 @@ export function createServer(identity: ServerIdentity): McpServer {
     },
     async ({ jid, name, folder, trigger }) => {
       if (!identity.isMain) return mainOnly('register_group');
-      writeIpcFile(tasksDir, { type: 'register_group', jid, name, folder, ...(trigger ? { trigger } : {}) });
-      return text(`Registration of ${name} (${jid}) as groups/${folder} requested.`);
+      return request(
+        tasksDir,
+        { type: 'register_group', jid, name, folder, ...(trigger ? { trigger } : {}) },
+        `${name} (${jid}) is registered.`,
+      );
     },
   );
 
@@ -300,8 +377,11 @@ export function createServer(identity: ServerIdentity): McpServer {
     },
     async () => {
       if (!identity.isMain) return mainOnly('refresh_groups');
-      writeIpcFile(tasksDir, { type: 'refresh_groups' });
-      return text('Group list refresh requested.');
+      return request(
+        tasksDir,
+        { type: 'refresh_groups' },
+        'Group list refresh started; /workspace/ipc/available_groups.json is updated shortly.',
+      );
     },
   );
 

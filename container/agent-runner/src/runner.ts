@@ -36,7 +36,7 @@ import {
   withMemoryUpdate,
 } from './config.ts';
 import { type Answers, type ErrorKind, errorText, KimiCli, type Question } from './kimi.ts';
-import { writeIpcFile } from './mcp-server.ts';
+import { awaitDecision, writeIpcFile } from './mcp-server.ts';
 
 /** When this module began to load: the `start` timing mark. */
 const MODULE_START = Date.now();
@@ -578,12 +578,13 @@ async function main(env: Record<string, string | undefined> = process.env): Prom
         continue;
       }
       // expectsReply: in a group that needs the trigger, the answer comes without one.
-      writeIpcFile(join(paths.ipc, 'messages'), {
+      const asked = writeIpcFile(join(paths.ipc, 'messages'), {
         type: 'message',
         chatJid: input.chatJid,
         text: questionText(question, i, questions.length),
         expectsReply: true,
       });
+      void awaitDecision(paths.ipc, asked, 60_000); // the host's receipt is of no use here: picked up so it does not linger
       const reply = await inbox.nextAnswer(questionTimeoutMs);
       const picked = reply ? answerFor(question, followUpText(reply.text)) : null;
       if (reply && !picked) {

@@ -3,7 +3,7 @@
  * file's tests, a workspace laid out like the container's, and the runner run as the
  * container runs it, with the real Kimi Code CLI (its npm package, under Bun) as the agent.
  */
-import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, readdirSync, readFileSync, renameSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -132,3 +132,27 @@ export const close = (ws: Workspace) => writeFileSync(join(ws.ws, 'ipc', 'input'
 /** A follow-up (or a task) in the run's inbox, written as the host writes it. */
 export const followUp = (ws: Workspace, text: string, upTo?: number, type: 'message' | 'task' = 'message') =>
   writeIpcFile(join(ws.ws, 'ipc', 'input'), { type, text, ...(upTo !== undefined ? { upTo } : {}) });
+
+/**
+ * Plays the host's side of a request: every new file in tasks/ or messages/ gets the
+ * decision `decide` makes, written (temp + rename) as responses/<its name>, as IpcWatcher does.
+ */
+export function hostAnswering(
+  ipcDir: string,
+  decide: (request: Record<string, unknown>) => object = () => ({ ok: true }),
+) {
+  const answered = new Set<string>();
+  const timer = setInterval(() => {
+    for (const kind of ['tasks', 'messages']) {
+      for (const name of readdirSync(join(ipcDir, kind))) {
+        if (name.startsWith('.') || answered.has(name)) continue;
+        answered.add(name);
+        const request = JSON.parse(readFileSync(join(ipcDir, kind, name), 'utf8')) as Record<string, unknown>;
+        mkdirSync(join(ipcDir, 'responses'), { recursive: true });
+        writeFileSync(join(ipcDir, 'responses', `.${name}`), JSON.stringify(decide(request)));
+        renameSync(join(ipcDir, 'responses', `.${name}`), join(ipcDir, 'responses', name));
+      }
+    }
+  }, 10);
+  return () => clearInterval(timer);
+}

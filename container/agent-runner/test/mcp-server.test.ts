@@ -1,12 +1,18 @@
 /** The nanoclaw MCP server over stdio, started exactly as mcp.json and session/new start it, with a real MCP client. */
 import { existsSync, mkdirSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { describe, expect, it } from 'vitest';
-import { tempDir } from './helpers.ts';
+import { afterEach, describe, expect, it } from 'vitest';
+import { hostAnswering, tempDir } from './helpers.ts';
 import { connectMcp } from './mcp-client.ts';
+
+const hosts: (() => void)[] = [];
+afterEach(() => {
+  for (const stop of hosts.splice(0)) stop();
+});
 
 describe('the nanoclaw MCP server over stdio', () => {
   async function connect(isMain: boolean, ipcDir: string, tasks: unknown[] = []) {
+    hosts.push(hostAnswering(ipcDir));
     writeFileSync(join(ipcDir, 'current_tasks.json'), JSON.stringify(tasks));
     const client = await connectMcp({
       chatJid: 'me@g.us',
@@ -135,5 +141,52 @@ describe('the nanoclaw MCP server over stdio', () => {
         .sort(),
     ).toEqual(['refresh_groups', 'register_group']);
     expect(existsSync(join(mainDir, 'current_tasks.json'))).toBe(true);
+  });
+
+  it('tells the model what the host decided: done with what it did, or refused and why; never "done" for a refusal', async () => {
+    const dir = ipc();
+    hosts.push(
+      hostAnswering(dir, (request) =>
+        request.schedule_value === '60000'
+          ? { ok: false, reason: 'runs every 60 s, more often than allowed (TASK_MIN_INTERVAL=300000 ms)' }
+          : { ok: true, detail: 'scheduled as task-1; first run 2026-12-03 09:00 (Europe/Berlin)' },
+      ),
+    );
+    const client = await connectMcp({
+      chatJid: 'me@g.us',
+      groupFolder: 'me',
+      isMain: false,
+      ipcDir: dir,
+      timezone: 'Europe/Berlin',
+    });
+    const call = async (args: Record<string, unknown>) =>
+      (await client.callTool({ name: 'schedule_task', arguments: args })) as {
+        content: { text: string }[];
+        isError?: boolean;
+      };
+    const refused = await call({ prompt: 'x', schedule_type: 'interval', schedule_value: '60000' });
+    expect(refused.isError).toBe(true);
+    expect(refused.content[0]!.text).toBe(
+      'NanoClaw refused it: runs every 60 s, more often than allowed (TASK_MIN_INTERVAL=300000 ms).',
+    );
+    const accepted = await call({ prompt: 'x', schedule_type: 'cron', schedule_value: '0 9 * * *' });
+    expect(accepted.isError).toBeFalsy();
+    expect(accepted.content[0]!.text).toContain('Scheduled as task-1; first run 2026-12-03 09:00');
+    expect(readdirSync(join(dir, 'responses'))).toEqual([]); // each decision read and removed
+    await client.close();
+  });
+
+  it('with no decision in time, says it is not confirmed rather than done', async () => {
+    const dir = ipc();
+    const client = await connectMcp(
+      { chatJid: 'me@g.us', groupFolder: 'me', isMain: true, ipcDir: dir, timezone: 'Europe/Berlin' },
+      'test',
+      { NANOCLAW_DECISION_WAIT_MS: '200' },
+    );
+    const result = (await client.callTool({ name: 'pause_task', arguments: { task_id: 'task-1' } })) as {
+      content: { text: string }[];
+    };
+    expect(result.content[0]!.text).toMatch(/^Sent, but NanoClaw has not confirmed it yet/);
+    await client.close();
   });
 });

@@ -9,7 +9,18 @@ import { afterAll, describe, expect, it, vi } from 'vitest';
 import { KEY_ENV } from '../src/config.ts';
 import { FRESH_SESSION_NOTE } from '../src/runner.ts';
 import { startFakeModel } from '../../../scripts/scripted-model.ts';
-import { close, followUp, input, type Live, messages, runRunner, until, type Workspace, workspace } from './helpers.ts';
+import {
+  close,
+  followUp,
+  hostAnswering,
+  input,
+  type Live,
+  messages,
+  runRunner,
+  until,
+  type Workspace,
+  workspace,
+} from './helpers.ts';
 
 // Each run starts the real CLI (seconds on a busy machine), and some tests run several.
 vi.setConfig({ testTimeout: 240_000 });
@@ -210,10 +221,11 @@ describe('turns as the session records them', () => {
     expect(results[0]!.result).toMatch(/^\[stub\] I see image\/png, \d+ bytes, sha256 [0-9a-f]{12}$/);
   });
 
-  it('send_message through the real MCP server writes an IPC file; a non-main group cannot register groups', async () => {
+  it('send_message through the real MCP server writes an IPC file and reports the host’s decision; a non-main group cannot register groups', async () => {
     const ws = workspace();
-    const sent = await run(ws, input('!tool mcp__nanoclaw__send_message {"text":"on my way"}', KEY));
-    expect(sent.results[0]!.result).toBe('Message queued for this chat.');
+    const stop = hostAnswering(join(ws.ws, 'ipc'));
+    const sent = await run(ws, input('!tool mcp__nanoclaw__send_message {"text":"on my way"}', KEY)).finally(stop);
+    expect(sent.results[0]!.result).toBe('Message sent to this chat.');
     const files = readdirSync(join(ws.ws, 'ipc', 'messages'));
     expect(files).toHaveLength(1);
     expect(JSON.parse(readFileSync(join(ws.ws, 'ipc', 'messages', files[0]!), 'utf8'))).toMatchObject({
