@@ -1460,6 +1460,13 @@ export class Store {
       }));
   }
 
+  /** Marks every part still waiting for a channel as given up (kept, with why); returns how many. */
+  dropUnsent(channel: string, why: string): number {
+    return this.db
+      .query('UPDATE outbox SET sent_at = ?, error = ? WHERE channel = ? AND sent_at IS NULL')
+      .run(new Date().toISOString(), why, channel).changes;
+  }
+
   countUnsent(channel: string): number {
     return this.db
       .query<{ n: number }, [string]>('SELECT COUNT(*) AS n FROM outbox WHERE channel = ? AND sent_at IS NULL')
@@ -5118,12 +5125,12 @@ export class IpcWatcher {
   /** The decision, where the tool that wrote the request waits for it: responses/<the request's file name>. */
   private respond(folder: string, name: string, decision: IpcDecision): void {
     try {
-      new AgentTree(join(this.ipcDir, folder), containerOwner()).replace(
-        `responses/${name}`,
-        JSON.stringify(decision),
-      );
+      new AgentTree(join(this.ipcDir, folder), containerOwner()).replace(`responses/${name}`, JSON.stringify(decision));
     } catch (err) {
-      log.warn({ group: folder, file: name, reason: errorText(err) }, 'Could not tell the agent what became of its request');
+      log.warn(
+        { group: folder, file: name, reason: errorText(err) },
+        'Could not tell the agent what became of its request',
+      );
     }
   }
 
@@ -6919,6 +6926,13 @@ export async function runChat(config: Config): Promise<number> {
   keepRunningThroughErrors();
   const setupStore = await openProjectStore(config);
   const main = ensureMainGroup(config, setupStore);
+  // What an earlier chat left (it ended before its lines were answered, or its answers
+  // printed) is not this chat's: it would print before this chat's own answers.
+  const leftover = main.jid.endsWith('@local')
+    ? setupStore.messagesSince(main.jid, setupStore.getCursor(main.jid)).length
+    : 0;
+  if (leftover) setupStore.setCursor(main.jid, setupStore.latestSeq(main.jid));
+  const unprinted = setupStore.dropUnsent('local', 'left by an earlier chat that ended before it was printed');
   setupStore.close();
   const terminal = new ChatTerminal(interactive, config.assistantName);
   const local = new LocalChannel(
@@ -6970,6 +6984,10 @@ export async function runChat(config: Config): Promise<number> {
       );
   });
 
+  if (leftover + unprinted > 0)
+    terminal.problem(
+      `(An earlier chat ended with ${leftover ? `${leftover} line(s) unanswered` : ''}${leftover && unprinted ? ' and ' : ''}${unprinted ? `${unprinted} answer part(s) unprinted` : ''}; they are left out here.)`,
+    );
   if (interactive) {
     process.stdout.write(
       `Talking to ${config.assistantName} (main group, folder groups/${main.folder}). Ctrl-D to leave, Ctrl-C to stop.\n`,
@@ -6991,6 +7009,13 @@ export async function runChat(config: Config): Promise<number> {
       const turn = await waitForTurn(host, main.jid, store.latestSeq(main.jid));
       // A failed run is still ending: let it say whether it will be retried before the next line (or the end).
       while (turn.status === 'error' && host.queue.isRunning(main.jid) && !interruption) await Bun.sleep(20);
+    }
+    // Input is over: a line still waiting for a retry is not answered behind the person's back later.
+    if (!interruption && store.messagesSince(main.jid, store.getCursor(main.jid), 1).length > 0) {
+      terminal.problem(
+        'Not answered: the agent failed and the input ended before a retry. Send it again to try once more.',
+      );
+      await host.abandon(main.jid);
     }
   }
   if (interruption) return await interruption;

@@ -305,14 +305,14 @@ describe('bun nanoclaw.ts chat (piped)', () => {
     expect(readFileSync(join(root, 'logs', 'nanoclaw.log'), 'utf8')).toContain('Container command');
   });
 
-  it('reports an agent error on stderr with a non-zero exit, and the message is retried later', async () => {
+  it('reports an agent error on stderr with a non-zero exit; the failed line is not answered later behind the person’s back', async () => {
     const failed = await cli(['chat'], '!failonce LLM is not set\n');
     expect(failed.code).toBe(1);
     expect(failed.stderr).toContain('LLM is not set');
     const next = await cli(['chat'], 'anyone?\n');
-    const retried = JSON.parse(docker.runs().at(-1)!.stdin!).prompt as string;
-    expect(retried).toContain('!failonce LLM is not set'); // the cursor was not moved past it
-    expect(next.stdout).toBe('Andy: echo: !failonce LLM is not set\nAndy: echo: anyone?\n');
+    const prompt = JSON.parse(docker.runs().at(-1)!.stdin!).prompt as string;
+    expect(prompt).not.toContain('!failonce LLM is not set');
+    expect(next.stdout).toBe('Andy: echo: anyone?\n');
     expect(next.code).toBe(0);
   });
 
@@ -365,6 +365,26 @@ describe('bun nanoclaw.ts chat (piped)', () => {
     const next = await cli(['chat'], '');
     expect(next.code).toBe(0);
     expect(docker.runs()).toHaveLength(1); // answered, so nothing to redo
+  });
+
+  it('a chat shows only its own answers: what an earlier chat left unanswered or unprinted is left out, and said so', async () => {
+    await cli(['chat'], 'first\n');
+    const store = new Store(join(root, 'store', 'messages.db'));
+    store.storeMessage({
+      id: 'left-1',
+      chatJid: 'main@local',
+      sender: 'local:user',
+      senderName: 'You',
+      content: 'typed before the earlier chat was killed',
+      timestamp: new Date().toISOString(),
+      isFromMe: true,
+      isBotMessage: false,
+    });
+    store.addOutbound('local', 'main@local', 'Andy: an answer the earlier chat never printed', 'left-out-1');
+    store.close();
+    const { stdout, stderr } = await cli(['chat'], 'second\n');
+    expect(stdout).toBe('Andy: echo: second\n');
+    expect(stderr).toContain('An earlier chat ended with 1 line(s) unanswered and 1 answer part(s) unprinted');
   });
 
   it('leaves a store the guide’s sqlite3 recipe can edit', async () => {
@@ -741,11 +761,16 @@ describe('chat manners on a terminal', () => {
     expect(await term.exited()).toBe(0);
   });
 
-  it('piped, it prints replies only; a failed turn says when it is retried', async () => {
+  it('piped, it prints replies only; a failed turn says when it is retried, and that it was not, once the input ended', async () => {
     const failed = await cli(['chat'], '!fail the model is down\n');
     expect(failed.stdout).toBe('');
     expect(failed.stderr).toContain('The agent failed: the model is down');
     expect(failed.stderr).toContain('Retrying in 5 s (attempt 1 of 5).');
+    expect(failed.stderr).toContain('Not answered: the agent failed and the input ended before a retry.');
+    // The next chat shows only its own run's answers: the failed line is not answered behind the person's back.
+    const next = await cli(['chat'], 'hello\n');
+    expect(next.stdout).toBe('Andy: echo: hello\n');
+    expect(next.stderr).not.toContain('The agent failed');
     // biome-ignore lint/suspicious/noControlCharactersInRegex: no terminal escapes may reach a pipe
     expect(failed.stderr).not.toMatch(/[⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏]|\x1b\[/);
   });
