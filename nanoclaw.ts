@@ -2003,6 +2003,7 @@ export class OutboxSender {
 
   /** One part of one chat's lane: sent and marked, or failed and that chat backs off. */
   private async send(part: OutboundMessage): Promise<void> {
+    crashPoint('outbox-delivering');
     try {
       await this.channel.deliver(part.jid, part.text, part.messageId);
     } catch (err) {

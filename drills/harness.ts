@@ -21,7 +21,7 @@ import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { startFakeModel, type FakeModel } from '../scripts/scripted-model.ts';
 import { addGroup, Store, type Config, loadConfig } from '../nanoclaw.ts';
-import { DRILL_CHAT, type Delivery } from './host.ts';
+import { DRILL_CHAT, DRILL_GROUPS, type Delivery } from './host.ts';
 
 export const IMAGE = process.env.NANOCLAW_TEST_IMAGE ?? 'nanoclaw-agent:test';
 const HOST_SCRIPT = fileURLToPath(new URL('./host.ts', import.meta.url));
@@ -67,6 +67,8 @@ export function drillProject(options: { think?: () => number; env?: Record<strin
   const config = loadConfig(root, env);
   const store = new Store(config.dbPath);
   addGroup(config, store, { jid: DRILL_CHAT, name: 'Drill', folder: 'main', isMain: true });
+  for (const jid of DRILL_GROUPS)
+    addGroup(config, store, { jid, name: jid, folder: jid.split('@')[0]!, requiresTrigger: false });
   store.close();
   return { root, config, model, env, stop: () => model.stop() };
 }
@@ -108,9 +110,9 @@ export class DrillHost {
     })();
   }
 
-  send(id: string, text: string): void {
+  send(id: string, text: string, chat?: string): void {
     try {
-      this.proc.stdin.write(`${JSON.stringify({ id, text })}\n`);
+      this.proc.stdin.write(`${JSON.stringify({ id, text, ...(chat ? { chat } : {}) })}\n`);
       void this.proc.stdin.flush();
     } catch {
       // it died: the message is sent again to the next one
@@ -219,7 +221,9 @@ export function stuck(project: DrillProject): {
 } {
   const store = new Store(project.config.dbPath);
   try {
-    const unanswered = store.messagesSince(DRILL_CHAT, store.getCursor(DRILL_CHAT)).length;
+    const unanswered = [DRILL_CHAT, ...DRILL_GROUPS]
+      .map((jid) => store.messagesSince(jid, store.getCursor(jid)).length)
+      .reduce((a, b) => a + b, 0);
     const unsent = store.countUnsent('drill');
     const claims = store.taskClaims().length;
     const dueTasks = store.listTasks().filter((t) => t.status === 'active' && t.scheduleType === 'once').length;

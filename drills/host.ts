@@ -4,7 +4,7 @@
  * proxy, containers (real engine, real image), IPC watcher and scheduler as the service.
  * Only the messaging platform is a stand-in, because WhatsApp's servers cannot exist here,
  * and it behaves like them where it matters: inbound messages arrive as JSON lines on
- * stdin (`{"id","text"}`, possibly delivered again, as WhatsApp does after a reconnect),
+ * stdin (`{"id","text","chat"?}`, possibly delivered again, as WhatsApp does after a reconnect),
  * and every part the host sends is appended, with its message id, to
  * <project>/deliveries.jsonl — a part sent again under the same id is the same message,
  * as a WhatsApp recipient sees it.
@@ -24,8 +24,9 @@ import {
   type ChannelHandlers,
 } from '../nanoclaw.ts';
 
-/** The drills' one chat: the main group. */
+/** The drills' main chat; the multi-group drill adds DRILL_GROUPS, which answer without a trigger. */
 export const DRILL_CHAT = 'main@drill';
+export const DRILL_GROUPS = ['alpha@drill', 'beta@drill'] as const;
 
 export interface Delivery {
   messageId: string;
@@ -56,11 +57,11 @@ class DrillChannel implements Channel {
     appendFileSync(this.deliveries, `${JSON.stringify({ messageId, jid, text } satisfies Delivery)}\n`);
   }
 
-  receive(id: string, text: string): void {
+  receive(id: string, text: string, chat = DRILL_CHAT): void {
     this.handlers?.onMessage(
       {
         id,
-        chatJid: DRILL_CHAT,
+        chatJid: chat,
         sender: 'user@drill',
         senderName: 'User',
         content: text,
@@ -68,7 +69,7 @@ class DrillChannel implements Channel {
         isFromMe: false,
         isBotMessage: false,
       },
-      { name: 'Drill', isGroup: false },
+      { name: chat, isGroup: false },
     );
   }
 
@@ -90,8 +91,8 @@ if (import.meta.main) {
   process.stdout.write('ready\n');
   for await (const line of createInterface({ input: process.stdin })) {
     if (!line.trim()) continue;
-    const { id, text } = JSON.parse(line) as { id: string; text: string };
-    channel.receive(id, text);
+    const { id, text, chat } = JSON.parse(line) as { id: string; text: string; chat?: string };
+    channel.receive(id, text, chat);
   }
   await host.stop();
   store.close();

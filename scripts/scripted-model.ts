@@ -40,9 +40,9 @@
  *
  * GET …/models lists kimi-k2.5, as the platforms do.
  *
- * In drill mode (the crash drills) it answers "[drill] " and the text of every message in
- * the newest prompt, so a message the host feeds twice shows up twice; `delayMs` can make
- * it think for a while, so a kill can land mid-run.
+ * In drill mode (the crash drills) it answers "[drill] " and the text of every message a
+ * person sent since its last answer, so a message the host feeds twice shows up twice;
+ * `delayMs` can make it think for a while, so a kill can land mid-run.
  */
 import { chmodSync, rmSync } from 'node:fs';
 
@@ -159,13 +159,22 @@ export function lastPersonMessage(messages: readonly ChatMessage[]): number {
   return -1;
 }
 
-/** Drill mode: every message of the newest prompt, named. */
+/**
+ * Drill mode: every message a person sent since the model's last answer, named — so a
+ * message the host feeds again, in a later prompt, is named again and shows up twice.
+ */
 export function drillReply(request: ChatRequest): ScriptedReply {
   const messages = request.messages ?? [];
-  const lastUser = lastPersonMessage(messages);
-  const prompt = lastUser >= 0 ? contentText(messages[lastUser]!.content) : '';
-  const each = [...prompt.matchAll(/<message\b[^>]*>([\s\S]*?)<\/message>/g)].map((m) => unescapeXml(m[1]!).trim());
-  return { kind: 'text', text: `[drill] ${(each.length ? each : [userText(prompt)]).join(' ')}` };
+  const lastAnswer = messages.map((m) => m.role).lastIndexOf('assistant');
+  const each = messages
+    .slice(lastAnswer + 1)
+    .filter((m) => m.role === 'user' && !isReminder(m))
+    .flatMap((m) => {
+      const prompt = contentText(m.content);
+      const named = [...prompt.matchAll(/<message\b[^>]*>([\s\S]*?)<\/message>/g)].map((x) => unescapeXml(x[1]!).trim());
+      return named.length ? named : [userText(prompt)];
+    });
+  return { kind: 'text', text: `[drill] ${each.join(' ')}` };
 }
 
 /** The first image a tool result carries, described by its bytes. */
