@@ -2025,8 +2025,19 @@ export class OutboxSender {
   private failed(part: OutboundMessage, error: string): void {
     const now = this.clock.now();
     const lane = this.failing.get(part.jid) ?? { failures: 0, since: now, retryAt: now };
-    // Time counts only while the channel says it is up: an outage is waited out, however long.
-    if (!this.channel.ready) lane.since = now;
+    if (!this.channel.ready) {
+      // The channel went down under the send: an outage, waited out however long it lasts;
+      // the part goes again as soon as the channel is back (onReady kicks), no backoff.
+      lane.since = now;
+      lane.retryAt = now;
+      this.failing.set(part.jid, lane);
+      try {
+        this.store.markSendFailed(part.id, error, false);
+      } catch {
+        // the database is down too: the part stays unsent and is tried again
+      }
+      return;
+    }
     lane.failures++;
     const abandon = this.channel.ready && now - lane.since >= (this.options.giveUpAfterMs ?? OUTBOX_GIVE_UP_MS);
     try {

@@ -87,7 +87,16 @@ export async function runCrashDrill(options: {
         kills.set(kind, (kills.get(kind) ?? 0) + 1);
         startKills++;
         options.progress?.(`kill ${k + 1}/${options.kills}: ${kind.drill} (at start, on what an earlier host left)`);
-        if (startKills <= 5) k--;
+        if (startKills <= 5) {
+          // A clean host first finishes what is left, so the next try of this kind is not killed at start again.
+          const clean = new DrillHost(project);
+          if (await clean.ready) {
+            resendUnstored(clean);
+            await until(() => Object.values(stuck(project)).every((n) => n === 0), 60_000);
+            await clean.close();
+          }
+          k--;
+        }
         continue;
       }
       startKills = 0;

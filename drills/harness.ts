@@ -14,6 +14,7 @@ import {
   readdirSync,
   readFileSync,
   renameSync,
+  rmSync,
   writeFileSync,
 } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -70,7 +71,16 @@ export function drillProject(options: { think?: () => number; env?: Record<strin
   for (const jid of DRILL_GROUPS)
     addGroup(config, store, { jid, name: jid, folder: jid.split('@')[0]!, requiresTrigger: false });
   store.close();
-  return { root, config, model, env, stop: () => model.stop() };
+  return {
+    root,
+    config,
+    model,
+    env,
+    stop: () => {
+      model.stop();
+      if (!process.env.DRILL_KEEP) rmSync(root, { recursive: true, force: true });
+    },
+  };
 }
 
 /** One incarnation of the host. */

@@ -171,7 +171,9 @@ export function drillReply(request: ChatRequest): ScriptedReply {
     .filter((m) => m.role === 'user' && !isReminder(m))
     .flatMap((m) => {
       const prompt = contentText(m.content);
-      const named = [...prompt.matchAll(/<message\b[^>]*>([\s\S]*?)<\/message>/g)].map((x) => unescapeXml(x[1]!).trim());
+      const named = [...prompt.matchAll(/<message\b[^>]*>([\s\S]*?)<\/message>/g)].map((x) =>
+        unescapeXml(x[1]!).trim(),
+      );
       return named.length ? named : [userText(prompt)];
     });
   return { kind: 'text', text: `[drill] ${each.join(' ')}` };

@@ -1,8 +1,9 @@
 /** Shared set-up for host tests: temp projects, the fake docker, a recording channel. */
-import { chmodSync, existsSync, mkdirSync, mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
+import { chmodSync, existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { afterAll } from 'vitest';
 import { BufferJSON, generateWAMessageContent, initAuthCreds, proto, type WASocket } from '@whiskeysockets/baileys';
 import {
   loadConfig,
@@ -16,8 +17,20 @@ import {
   type ScheduledTask,
 } from '../nanoclaw.ts';
 
+const made: string[] = [];
+const removeMade = () => {
+  for (const dir of made.splice(0)) rmSync(dir, { recursive: true, force: true });
+};
+// No temp folder is left behind: a test file removes its own when it is done (its children
+// are gone by then); the drills and the bench, which use these helpers outside vitest, at exit.
+if (process.env.VITEST) afterAll(removeMade);
+else process.once('exit', removeMade);
+
+/** A temp folder, removed when the test file is done. */
 export function tempDir(prefix = 'nanoclaw-test-'): string {
-  return mkdtempSync(join(tmpdir(), prefix));
+  const dir = mkdtempSync(join(tmpdir(), prefix));
+  made.push(dir);
+  return dir;
 }
 
 export interface FakeDockerCall {

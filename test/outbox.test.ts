@@ -123,4 +123,28 @@ describe('the outbox', () => {
     });
     await settle();
   });
+
+  it('a send the channel dropped under is tried again as soon as the channel is back, and outages do not grow the backoff', async () => {
+    const { channel, clock, sender, add, sent } = setup();
+    let drops = 0;
+    const deliver = channel.deliver.bind(channel);
+    channel.deliver = async (jid, text, messageId) => {
+      if (drops < 12) {
+        drops++;
+        channel.ready = false; // the connection drops while this part is on its way
+        throw new Error('connection dropped while sending');
+      }
+      return deliver(jid, text, messageId);
+    };
+    add(A, 'through the storm');
+    for (let i = 0; i < 12; i++) {
+      sender.kick();
+      await sender.settle();
+      channel.ready = true; // reconnected: the host's onReady kicks the sender
+    }
+    expect(clock.pending).toEqual([]); // no backoff timer: the next try comes with the reconnect
+    sender.kick();
+    await sender.settle();
+    expect(sent(A)).toEqual(['through the storm']);
+  });
 });

@@ -4,18 +4,19 @@
  * in the folder it was written to, and every action in the table has a tool that writes it.
  * This is what keeps the MCP tools' schemas and the host's mirrored.
  */
-import { mkdirSync, mkdtempSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { mkdirSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { ipcActions, parseIpcRequest, type IpcKind } from '../../../nanoclaw.ts';
 import { writeIpcFile } from '../src/mcp-server.ts';
+import { hostAnswering, tempDir } from './helpers.ts';
 import { connectMcp } from './mcp-client.ts';
 
 describe('IPC: the MCP tools and the host’s table agree', () => {
   it('every file the tools write parses on the host, in its folder, and every host action has a writer', async () => {
-    const ipcDir = mkdtempSync(join(tmpdir(), 'nanoclaw-mirror-'));
+    const ipcDir = tempDir('nanoclaw-mirror-');
     for (const kind of ['messages', 'tasks']) mkdirSync(join(ipcDir, kind));
+    const stopHost = hostAnswering(ipcDir); // the host's side: every request done
     const task = {
       id: 't1',
       groupFolder: 'main',
@@ -65,6 +66,7 @@ describe('IPC: the MCP tools and the host’s table agree', () => {
       }
     } finally {
       await client.close();
+      stopHost();
     }
     // The runner's own writer: a question relayed to the chat.
     writeIpcFile(join(ipcDir, 'messages'), {
