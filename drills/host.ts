@@ -84,9 +84,10 @@ if (import.meta.main) {
   if (!root) throw new Error('NANOCLAW_ROOT must name the drill project');
   const config = loadConfig(root);
   setupLogging(config, { terminalLevel: 'silent' });
-  keepRunningThroughErrors(); // as the service does; the drills count what it had to catch (logs/nanoclaw.error.log)
   const channel = new DrillChannel(join(config.projectRoot, 'deliveries.jsonl'));
+  // A host that cannot start says why on stderr and exits non-zero, so the drill reports it.
   const { host, store, release } = await startHost(config, () => [channel]);
+  keepRunningThroughErrors(); // as the service does; the drills count what it had to catch (logs/nanoclaw.error.log)
   await host.start();
   process.stdout.write('ready\n');
   for await (const line of createInterface({ input: process.stdin })) {
