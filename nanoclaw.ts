@@ -53,7 +53,9 @@ import {
   writeFileSync,
   type FSWatcher,
 } from 'node:fs';
+import { lookup } from 'node:dns/promises';
 import { createRequire } from 'node:module';
+import { connect as netConnect, createServer as createNetServer, type Socket } from 'node:net';
 import { availableParallelism, homedir } from 'node:os';
 import { basename, dirname, isAbsolute, join, relative, resolve, sep } from 'node:path';
 import { createInterface } from 'node:readline';
@@ -123,6 +125,8 @@ export interface Config {
   modelProxy: 'unix' | 'tcp';
   /** Limits every container runs under. */
   container: { memory: string; cpus: string; pids: number; network: string; closeGraceMs: number };
+  /** Hosts or addresses the egress proxy lets containers reach although they are private or local. */
+  egressAllow: string[];
   /** Limits on what one group can schedule; main is exempt when limitMain is false. */
   tasks: { maxActive: number; minIntervalMs: number; limitMain: boolean };
   /** Another WhatsApp Web socket than WhatsApp's own (a relay, a test server); no version lookup then. */
@@ -323,11 +327,14 @@ export function loadConfig(projectRoot: string, env: Record<string, string | und
   const provider = get('KIMI_PROVIDER');
   if (provider !== undefined && !(PROVIDER_TYPES as readonly string[]).includes(provider))
     throw new ConfigError(`KIMI_PROVIDER=${JSON.stringify(provider)} is not valid: use ${PROVIDER_TYPES.join(', ')}.`);
-  const network = get('CONTAINER_NETWORK') ?? 'bridge';
+  // Docker Desktop cannot mount the egress proxy's socket, so its containers keep the bridge.
+  const network = get('CONTAINER_NETWORK') ?? (modelProxy === 'unix' ? 'egress' : 'bridge');
   if (!isValidNetwork(network))
     throw new ConfigError(
-      `CONTAINER_NETWORK=${JSON.stringify(network)} is not valid: bridge, none, or the name of a Docker network.`,
+      `CONTAINER_NETWORK=${JSON.stringify(network)} is not valid: egress, none, bridge, or the name of a Docker network.`,
     );
+  if (network === 'egress' && modelProxy !== 'unix')
+    throw new ConfigError('CONTAINER_NETWORK=egress needs MODEL_PROXY=unix (the egress proxy is a mounted socket).');
   const dataDir = join(root, 'data');
   const storeDir = join(root, 'store');
   return {
@@ -376,6 +383,7 @@ export function loadConfig(projectRoot: string, env: Record<string, string | und
       minIntervalMs: positiveInt('TASK_MIN_INTERVAL', get('TASK_MIN_INTERVAL'), 5 * 60_000),
       limitMain: !/^(0|false|no|off)$/i.test(get('TASK_LIMITS_MAIN') ?? ''),
     },
+    egressAllow: (get('EGRESS_ALLOW') ?? '').split(',').map((entry) => entry.trim().toLowerCase()).filter(Boolean),
     whatsappServerUrl: get('WHATSAPP_SERVER_URL'),
   };
 }
@@ -398,6 +406,7 @@ export const SETTINGS: Record<string, (config: Config) => string | number | bool
   CONTAINER_CPUS: (c) => c.container.cpus,
   CONTAINER_PIDS: (c) => c.container.pids,
   CONTAINER_NETWORK: (c) => c.container.network,
+  EGRESS_ALLOW: (c) => c.egressAllow.join(','),
   CONTAINER_CLOSE_GRACE: (c) => c.container.closeGraceMs,
   MODEL_PROXY: (c) => c.modelProxy,
   KIMI_PLATFORM: (c) => c.kimi.platform,
@@ -3609,6 +3618,185 @@ export class ModelProxy {
   }
 }
 
+// The egress proxy: with CONTAINER_NETWORK=egress (the default on Linux) a container has no
+// network of its own; its web requests come through a per-run socket, and go on only to
+// public addresses: never the host, other containers, private ranges or link-local.
+
+/** Where a container finds its run's egress proxy socket. */
+export const EGRESS_SOCKET_IN_CONTAINER = '/run/nanoclaw/egress.sock';
+/** The longest request head read before deciding where it may go. */
+const MAX_PROXY_HEAD_BYTES = 16 * 1024;
+
+/** True for addresses on the public internet: not loopback, private, link-local, shared, multicast or reserved. */
+export function isPublicAddress(ip: string): boolean {
+  const v4 = /^(?:::ffff:)?(\d+)\.(\d+)\.(\d+)\.(\d+)$/i.exec(ip);
+  if (v4) {
+    const [a, b, c] = [Number(v4[1]), Number(v4[2]), Number(v4[3])];
+    return !(
+      a === 0 ||
+      a === 10 ||
+      a === 127 ||
+      a >= 224 ||
+      (a === 100 && b >= 64 && b <= 127) ||
+      (a === 169 && b === 254) ||
+      (a === 172 && b >= 16 && b <= 31) ||
+      (a === 192 && b === 168) ||
+      (a === 192 && b === 0 && (c === 0 || c === 2)) ||
+      (a === 198 && (b === 18 || b === 19)) ||
+      (a === 198 && b === 51 && c === 100) ||
+      (a === 203 && b === 0 && c === 113)
+    );
+  }
+  const v6 = ip.toLowerCase();
+  if (!v6.includes(':')) return false;
+  // Unique-local fc00::/7, link-local fe80::/10, multicast, documentation, v4-mapped and -translated forms.
+  return !/^(::1?$|f[cd]|fe[89ab]|ff|2001:db8:|::ffff:|64:ff9b:)/.test(v6);
+}
+
+export interface ProxyTarget {
+  host: string;
+  port: number;
+  /** CONNECT (https and anything else): a tunnel; else one plain http request. */
+  tunnel: boolean;
+}
+
+/** Where a proxy request's head wants to go, or why it cannot be followed. */
+export function proxyTarget(head: string): ProxyTarget | string {
+  const [method = '', target = ''] = (head.split('\r\n', 1)[0] ?? '').split(' ');
+  if (method === 'CONNECT') {
+    const match = /^\[?([^\]\s]+?)\]?:(\d{1,5})$/.exec(target);
+    if (!match || Number(match[2]) > 65_535) return `CONNECT needs host:port, not "${target.slice(0, 100)}"`;
+    return { host: match[1]!.toLowerCase(), port: Number(match[2]), tunnel: true };
+  }
+  let url: URL;
+  try {
+    url = new URL(target);
+  } catch {
+    return `a proxy request needs an absolute URL, not "${target.slice(0, 100)}"`;
+  }
+  if (url.protocol !== 'http:') return `only http:// goes without CONNECT, not ${url.protocol}`;
+  return { host: url.hostname.replace(/^\[|\]$/g, '').toLowerCase(), port: Number(url.port || 80), tunnel: false };
+}
+
+/** A plain http request head as the origin server expects it: path only, no proxy headers, one request. */
+export function originRequestHead(head: string): string {
+  const [requestLine = '', ...headers] = head.replace(/\r\n\r\n$/, '').split('\r\n');
+  const [method, target, version] = requestLine.split(' ');
+  const url = new URL(target ?? '');
+  const kept = headers.filter((line) => !/^(proxy-[a-z-]*|connection|keep-alive)\s*:/i.test(line));
+  return [`${method} ${url.pathname}${url.search} ${version}`, ...kept, 'Connection: close', '', ''].join('\r\n');
+}
+
+/**
+ * The address to connect to for a host (resolved here, so a name cannot point the agent
+ * somewhere else between the check and the connection), or why not. EGRESS_ALLOW entries
+ * (a host name or an address) may be private.
+ */
+export async function egressAddress(
+  host: string,
+  allow: readonly string[],
+  resolve: (host: string) => Promise<string[]> = async (name) =>
+    (await lookup(name, { all: true, verbatim: true })).map((entry) => entry.address),
+): Promise<{ address: string } | { refused: string }> {
+  let addresses: string[];
+  try {
+    addresses = await resolve(host);
+  } catch (err) {
+    return { refused: `${host} does not resolve (${errorCode(err) ?? errorText(err)})` };
+  }
+  const allowed = addresses.find((ip) => allow.includes(host) || allow.includes(ip) || isPublicAddress(ip));
+  if (allowed) return { address: allowed };
+  return {
+    refused: `${host} (${addresses.join(', ') || 'no address'}) is not on the public internet; containers may not reach the host, local networks or link-local addresses (EGRESS_ALLOW lets one through)`,
+  };
+}
+
+function refuseProxyRequest(client: Socket, status: number, reason: string): void {
+  const body = `NanoClaw egress proxy: ${reason}\n`;
+  client.end(
+    `HTTP/1.1 ${status} ${status === 403 ? 'Forbidden' : status === 502 ? 'Bad Gateway' : 'Bad Request'}\r\n` +
+      `Content-Type: text/plain; charset=utf-8\r\nContent-Length: ${Buffer.byteLength(body)}\r\nConnection: close\r\n\r\n${body}`,
+  );
+}
+
+/** Follows one proxy request (its head read), or refuses it with a reason the agent sees. */
+async function followProxyRequest(
+  client: Socket,
+  head: string,
+  rest: Buffer,
+  allow: readonly string[],
+  refused: (reason: string) => void,
+): Promise<void> {
+  const target = proxyTarget(head);
+  const decision = typeof target === 'string' ? { refused: target } : await egressAddress(target.host, allow);
+  if ('refused' in decision || typeof target === 'string') {
+    const reason = 'refused' in decision ? decision.refused : 'unreachable';
+    refused(reason);
+    return refuseProxyRequest(client, typeof target === 'string' ? 400 : 403, reason);
+  }
+  const upstream = netConnect({ host: decision.address, port: target.port });
+  let connected = false;
+  upstream.once('connect', () => {
+    connected = true;
+    if (target.tunnel) client.write('HTTP/1.1 200 Connection established\r\n\r\n');
+    else upstream.write(originRequestHead(head));
+    if (rest.length > 0) upstream.write(rest);
+    client.pipe(upstream);
+    upstream.pipe(client);
+    client.resume();
+  });
+  upstream.once('error', (err) => {
+    if (connected) client.destroy();
+    else refuseProxyRequest(client, 502, `cannot reach ${target.host}:${target.port} (${errorCode(err) ?? errorText(err)})`);
+  });
+  upstream.once('close', () => client.destroy());
+  client.once('close', () => upstream.destroy());
+}
+
+/** Opens a run's egress proxy on a unix socket (to be mounted at EGRESS_SOCKET_IN_CONTAINER). */
+export function openEgressProxy(
+  socketPath: string,
+  allow: readonly string[],
+  refused: (reason: string) => void,
+): { socketPath: string; close(): void } {
+  const clients = new Set<Socket>();
+  const server = createNetServer((client) => {
+    clients.add(client);
+    client.once('close', () => clients.delete(client));
+    client.on('error', () => client.destroy());
+    let head = Buffer.alloc(0);
+    const onData = (chunk: Buffer) => {
+      head = Buffer.concat([head, chunk]);
+      const end = head.indexOf('\r\n\r\n');
+      if (end < 0) {
+        if (head.length > MAX_PROXY_HEAD_BYTES) {
+          client.off('data', onData);
+          refuseProxyRequest(client, 400, 'request head too long');
+        }
+        return;
+      }
+      client.off('data', onData);
+      client.pause();
+      const text = head.subarray(0, end + 4).toString('latin1');
+      void followProxyRequest(client, text, head.subarray(end + 4), allow, refused);
+    };
+    client.on('data', onData);
+  });
+  mkdirSync(dirname(socketPath), { recursive: true, mode: 0o700 });
+  rmSync(socketPath, { force: true });
+  server.listen(socketPath);
+  // The container's user must be able to connect; the folder (0700) keeps everyone else out.
+  chmodSync(socketPath, 0o666);
+  return {
+    socketPath,
+    close: () => {
+      server.close();
+      for (const client of clients) client.destroy();
+      rmSync(socketPath, { force: true });
+    },
+  };
+}
+
 // ───────────────────────────── 9. Container: mounts, docker run, results, run logs ───
 
 export interface Mount {
@@ -3696,11 +3884,18 @@ export function groupMounts(config: Config, group: RegisteredGroup, extra: reado
   return [...mounts, ...extra];
 }
 
-/** A run's own mounts, besides the group's: its inbox, and its model proxy socket (unix mode). */
-export function runMounts(inboxDir: string, proxySocket: string | null): Mount[] {
+/** What the mounts command says of a run's sockets. */
+const MOUNT_NOTES: Record<string, string> = {
+  [MODEL_SOCKET_IN_CONTAINER]: ' — the model proxy, one socket per run',
+  [EGRESS_SOCKET_IN_CONTAINER]: ' — the egress proxy (public internet only), one socket per run',
+};
+
+/** A run's own mounts, besides the group's: its inbox, its model proxy socket (unix mode) and egress socket. */
+export function runMounts(inboxDir: string, proxySocket: string | null, egressSocket: string | null = null): Mount[] {
   return [
     { hostPath: inboxDir, containerPath: '/workspace/ipc/input', readonly: false },
     ...(proxySocket ? [{ hostPath: proxySocket, containerPath: MODEL_SOCKET_IN_CONTAINER, readonly: false }] : []),
+    ...(egressSocket ? [{ hostPath: egressSocket, containerPath: EGRESS_SOCKET_IN_CONTAINER, readonly: false }] : []),
   ];
 }
 
@@ -3919,6 +4114,11 @@ export function groupNetwork(config: Config, group: RegisteredGroup): string {
   return group.containerConfig?.network ?? config.container.network;
 }
 
+/** `egress` is no network of the container's own: the web only through the host's egress proxy. */
+function dockerNetwork(network: string): string {
+  return network === 'egress' ? 'none' : network;
+}
+
 /**
  * What every container runs under: an init that reaps orphans (Bun as PID 1 does not, and
  * zombies would use up the pids limit), no capabilities, no privilege gain, bounded
@@ -3954,7 +4154,7 @@ export function hardeningArgs(
     '--tmpfs',
     `/home/node:rw,exec,nosuid,nodev,uid=${home},gid=${homeGid},size=512m`,
     '--network',
-    groupNetwork(config, group),
+    dockerNetwork(groupNetwork(config, group)),
     '--label',
     `${INSTALL_LABEL}=${installId(config)}`,
     '--label',
@@ -4253,6 +4453,7 @@ interface RunPlan {
   input: ContainerInput;
   mounts: Mount[];
   proxyRun: ProxyRun | null;
+  egressRun: { socketPath: string; close(): void } | null;
   secretValues: string[];
 }
 
@@ -4268,14 +4469,22 @@ function prepareRun(options: RunContainerOptions, startedAt: Date): RunPlan {
   // Even without a key the run gets a token: the proxy then answers with what to put in .env.
   const proxyRun = options.proxy ? options.proxy.open(group.folder, id) : null;
   const input: ContainerInput = { ...options.input, secrets: proxyRun ? { KIMI_API_KEY: proxyRun.token } : {} };
-  const mounts = [...options.mounts, ...runMounts(inbox.root, proxyRun?.socketPath ?? null)];
+  const egressRun =
+    groupNetwork(config, group) === 'egress'
+      ? openEgressProxy(join(config.dataDir, 'proxy', `${id}.egress.sock`), config.egressAllow, (reason) =>
+          log.child({ group: group.folder }).info({ run: id }, `Egress refused: ${reason}`),
+        )
+      : null;
+  const mounts = [...options.mounts, ...runMounts(inbox.root, proxyRun?.socketPath ?? null, egressRun?.socketPath)];
   const name = `nanoclaw-${id}`;
-  const args = buildDockerArgs(name, config.containerImage, mounts, containerEnvironment(config, proxyRun), [
+  const env = containerEnvironment(config, proxyRun);
+  if (egressRun) env.NANOCLAW_EGRESS_SOCKET = EGRESS_SOCKET_IN_CONTAINER;
+  const args = buildDockerArgs(name, config.containerImage, mounts, env, [
     ...containerUserArgs(),
     ...hardeningArgs(config, group),
   ]);
   const secretValues = [hostKey, proxyRun?.token].filter((v): v is string => Boolean(v));
-  return { id, name, args, trees, inbox, input, mounts, proxyRun, secretValues };
+  return { id, name, args, trees, inbox, input, mounts, proxyRun, egressRun, secretValues };
 }
 
 /** What a container run produced, before the run log is written. */
@@ -4303,6 +4512,7 @@ async function streamContainer(plan: RunPlan, options: RunContainerOptions, grou
     });
   } catch (err) {
     plan.proxyRun?.close();
+    plan.egressRun?.close();
     throw err;
   }
   proc.stdin.write(JSON.stringify(plan.input));
@@ -4518,6 +4728,7 @@ export async function runContainer(options: RunContainerOptions): Promise<RunOut
 
   const result = await streamContainer(plan, options, groupLog);
   plan.proxyRun?.close(); // the token dies with the container
+  plan.egressRun?.close();
   try {
     new AgentTree(inboxRoot(config)).remove(plan.id);
   } catch (err) {
@@ -6445,7 +6656,7 @@ export const COMMAND_USAGE = {
   groups: [
     ['groups list', 'registered groups'],
     [
-      'groups register <jid> <folder> [--name N] [--trigger @Word] [--no-trigger] [--main] [--network none|bridge|NAME]',
+      'groups register <jid> <folder> [--name N] [--trigger @Word] [--no-trigger] [--main] [--network egress|none|bridge|NAME]',
       '',
     ],
     ['groups remove <jid|folder>', 'unregister (its folder and memory stay on disk)'],
@@ -7239,7 +7450,7 @@ function groupsCommand(config: Config, args: string[]): number {
       );
     if (network !== undefined && !isValidNetwork(network))
       throw new UsageError(
-        `--network ${network}: use bridge, none or the name of a Docker network (never host).`,
+        `--network ${network}: use egress, none, bridge or the name of a Docker network (never host).`,
         'groups',
       );
   }
@@ -7477,9 +7688,11 @@ function mountsCommand(config: Config, args: string[]): number {
     const extra = validateExtraMounts(group.containerConfig?.additionalMounts, allowlist, group.isMain);
     // Exactly what a run mounts (the run's own paths shown as <run>); nothing is created or changed.
     const proxySocket = config.modelProxy === 'unix' ? join(config.dataDir, 'proxy', '<run>.sock') : null;
+    const egressSocket =
+      groupNetwork(config, group) === 'egress' ? join(config.dataDir, 'proxy', '<run>.egress.sock') : null;
     const mounts = [
       ...groupMounts(config, group, extra.mounts),
-      ...runMounts(join(inboxRoot(config), '<run>'), proxySocket),
+      ...runMounts(join(inboxRoot(config), '<run>'), proxySocket, egressSocket),
     ];
     if (values['docker-args']) {
       for (const m of mounts) console.log(`-v\n${formatMount(m, 'docker')}`);
@@ -7487,7 +7700,7 @@ function mountsCommand(config: Config, args: string[]): number {
     }
     for (const m of mounts)
       console.log(
-        `${formatMount(m, 'human')}${m.containerPath === MODEL_SOCKET_IN_CONTAINER ? ' — the model proxy, one socket per run' : ''}`,
+        `${formatMount(m, 'human')}${MOUNT_NOTES[m.containerPath] ?? ''}`,
       );
     if (!proxySocket) console.log('model proxy: host.docker.internal:<port> (tcp mode)');
     console.log(`network: ${groupNetwork(config, group)}`);

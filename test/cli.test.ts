@@ -235,7 +235,10 @@ describe('bun nanoclaw.ts', () => {
     );
     expect(mounts.stdout).toContain(`${root}/data/input/<run> -> /workspace/ipc/input (rw)`);
     expect(existsSync(join(root, 'data', 'ipc', 'family'))).toBe(false); // shown, not made
-    expect(mounts.stdout).toContain('network: bridge');
+    expect(mounts.stdout).toContain(
+      `${root}/data/proxy/<run>.egress.sock -> /run/nanoclaw/egress.sock (rw) — the egress proxy (public internet only), one socket per run`,
+    );
+    expect(mounts.stdout).toContain('network: egress');
     expect((await cli(['mounts', 'family', '--docker-args'])).stdout.split('\n')).toContain(
       `${root}/groups/family:/workspace/group`,
     );

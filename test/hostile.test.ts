@@ -52,9 +52,10 @@ interface World {
 }
 const worlds: World[] = [];
 
-async function world(): Promise<World> {
+async function world(env: Record<string, string> = {}): Promise<World> {
   const config = tempProject(
     {
+      ...env,
       CONTAINER_IMAGE: IMAGE,
       IDLE_TIMEOUT: '400',
       KIMI_BASE_URL: model.url,
@@ -332,9 +333,11 @@ describe('a hostile agent', () => {
     const inside = await ask(
       w,
       EVIL,
-      '!shell grep -E "^(CapEff|NoNewPrivs)" /proc/self/status; touch /usr/x 2>&1 | grep -o "Read-only file system"; id -u; touch /tmp/t ~/t && echo scratch-ok',
+      '!shell grep -E "^(CapEff|CapBnd|NoNewPrivs)" /proc/self/status; touch /usr/x 2>&1 | grep -o "Read-only file system"; id -u; touch /tmp/t ~/t && echo scratch-ok',
     );
     expect(inside).toContain('CapEff:\t0000000000000000');
+    // The bounding set: what any process in the container could ever gain (CapEff of a non-root user is 0 anyway).
+    expect(inside).toContain('CapBnd:\t0000000000000000');
     expect(inside).toContain('NoNewPrivs:\t1');
     expect(inside).toContain('Read-only file system');
     expect(inside).toContain('scratch-ok');
@@ -348,6 +351,68 @@ describe('a hostile agent', () => {
       120_000,
     );
     expect(browse).toContain('button "Press me"');
+  });
+});
+
+describe('the network', () => {
+  /** The Docker bridge's gateway: an address of this host that a container on the bridge could reach. */
+  const gateway = execFileSync('docker', ['network', 'inspect', 'bridge', '-f', '{{(index .IPAM.Config 0).Gateway}}'])
+    .toString()
+    .trim();
+  const page = '<html><body><h1>Hello</h1><button>Press me</button></body></html>';
+  let hits: string[] = [];
+  let server: ReturnType<typeof Bun.serve>;
+  beforeAll(() => {
+    server = Bun.serve({
+      hostname: gateway,
+      port: 0,
+      fetch: (req) => {
+        hits.push(new URL(req.url).pathname);
+        return new Response(page, { headers: { 'content-type': 'text/html' } });
+      },
+    });
+  });
+  afterAll(() => void server.stop(true));
+
+  it('a group reaches neither the host, the bridge, link-local nor private ranges: it has no network, and the egress proxy refuses them', {
+    timeout: 180_000,
+  }, async () => {
+    hits = [];
+    const w = await world();
+    const url = `http://${gateway}:${server.port}`;
+    const reply = await ask(
+      w,
+      EVIL,
+      `!shell ls /sys/class/net | tr "\\n" " "; echo; curl -s -m 10 http://169.254.169.254/latest/meta-data/; echo; ` +
+        `curl -s -m 10 ${url}/plain; echo; curl -s -p -m 10 ${url}/tunnel || echo "tunnel refused"; ` +
+        `curl -s -m 10 http://10.0.0.1/; echo; curl -s --noproxy '*' -m 5 ${url}/direct || echo "direct unreachable"`,
+    );
+    expect(reply).toContain('Andy: lo \n');
+    expect(reply).toContain('169.254.169.254 (169.254.169.254) is not on the public internet');
+    expect(reply).toContain(`${gateway} (${gateway}) is not on the public internet`);
+    expect(reply).toContain('10.0.0.1 (10.0.0.1) is not on the public internet');
+    expect(reply).toContain('tunnel refused');
+    expect(reply).toContain('direct unreachable');
+    expect(hits).toEqual([]);
+    expect(readFileSync(join(w.config.logsDir, 'nanoclaw.log'), 'utf8')).toContain('Egress refused: 169.254.169.254');
+  });
+
+  it('an address the operator allows (EGRESS_ALLOW) is reached through the proxy by curl, plain and tunnelled, and by Chromium', {
+    timeout: 240_000,
+  }, async () => {
+    hits = [];
+    const w = await world({ EGRESS_ALLOW: gateway });
+    const url = `http://${gateway}:${server.port}`;
+    const fetched = await ask(w, EVIL, `!shell curl -s -m 20 ${url}/plain | grep -c Press; curl -s -p -m 20 ${url}/tunnel | grep -c Press`);
+    expect(fetched).toBe('Andy: 1\n1');
+    const browse = await ask(
+      w,
+      EVIL,
+      `!shell agent-browser open ${url}/browser >/dev/null && agent-browser snapshot; agent-browser close >/dev/null`,
+      120_000,
+    );
+    expect(browse).toContain('button "Press me"');
+    expect(hits.filter((path) => path !== '/favicon.ico')).toEqual(['/plain', '/tunnel', '/browser']);
   });
 });
 

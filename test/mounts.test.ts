@@ -138,7 +138,9 @@ describe('docker arguments', () => {
     expect(args).toContain('--read-only');
     expect(args[0]).toBe('--init');
     expect(pairs('--tmpfs').find((t) => t.startsWith('/home/node:'))).toContain('uid=1000,gid=1000');
-    expect(pairs('--network')).toEqual(['bridge']);
+    // The default: no network of its own; the web only through the host's egress proxy.
+    expect(pairs('--network')).toEqual(['none']);
+    expect(hardeningArgs(tempProject({ CONTAINER_NETWORK: 'bridge' }), group('family'), 0, 0)).toContain('bridge');
     expect(pairs('--label')).toEqual([`nanoclaw.install=${installId(config)}`, 'nanoclaw.group=family']);
     // A host user other than root owns its container's home; a group can have no network at all.
     const own = hardeningArgs(config, { ...group('family'), containerConfig: { network: 'none' } }, 501, 20);

@@ -384,12 +384,13 @@ function runnerPaths(env: Record<string, string | undefined> = process.env) {
 type Paths = ReturnType<typeof runnerPaths>;
 
 /**
- * Under the host the model is reached through the host's proxy, a unix socket mounted at
- * NANOCLAW_MODEL_SOCKET (the key never enters the container). The CLI speaks HTTP to a
- * base URL, so this forwarder listens on the container's loopback — there even with
- * --network none — and passes each connection to the socket byte for byte.
+ * Under the host the model, and the internet, are reached through the host's proxies: unix
+ * sockets mounted into the container (the key never enters it; the host decides where the
+ * agent may go). The CLI and the agent's tools speak HTTP to a URL, so a forwarder listens
+ * on the container's loopback — there even with --network none — and passes each
+ * connection to its socket byte for byte.
  */
-async function startModelForwarder(socketPath: string, port: number): Promise<{ url: string; close(): void }> {
+async function startForwarder(socketPath: string, port: number): Promise<{ url: string; close(): void }> {
   const server = createServer((client) => {
     const upstream = connect(socketPath);
     const end = () => {
@@ -419,10 +420,39 @@ async function modelEndpoint(env: Record<string, string | undefined>): Promise<{
     if (!existsSync(env.NANOCLAW_MODEL_SOCKET))
       throw new Error(`the model proxy socket ${env.NANOCLAW_MODEL_SOCKET} is missing`);
     const port = env.NANOCLAW_FORWARDER_PORT === undefined ? FORWARDER_PORT : Number(env.NANOCLAW_FORWARDER_PORT);
-    const forwarder = await startModelForwarder(env.NANOCLAW_MODEL_SOCKET, port);
+    const forwarder = await startForwarder(env.NANOCLAW_MODEL_SOCKET, port);
     return { baseUrl: forwarder.url, close: forwarder.close };
   }
   return { baseUrl: env.NANOCLAW_MODEL_URL || env.KIMI_BASE_URL, close: () => {} };
+}
+
+/** Where the agent's web requests go (the host's egress proxy refuses private and local addresses). */
+export const EGRESS_PORT = 18_182;
+
+/**
+ * The agent's way to the internet when the container has no network of its own: an HTTP
+ * proxy (CONNECT for https) on the container's loopback, forwarded to the host's egress
+ * socket. Returns the environment that points the agent's tools at it (its shell's curl,
+ * git and Bun, and Chromium through agent-browser), or none without a socket.
+ */
+async function egressProxy(env: Record<string, string | undefined>): Promise<{ env: Record<string, string>; close(): void }> {
+  if (!env.NANOCLAW_EGRESS_SOCKET || !existsSync(env.NANOCLAW_EGRESS_SOCKET)) return { env: {}, close: () => {} };
+  const port = env.NANOCLAW_FORWARDER_PORT === undefined ? EGRESS_PORT : 0;
+  const forwarder = await startForwarder(env.NANOCLAW_EGRESS_SOCKET, port);
+  const url = forwarder.url;
+  return {
+    env: {
+      HTTP_PROXY: url,
+      HTTPS_PROXY: url,
+      http_proxy: url,
+      https_proxy: url,
+      // The model's forwarder is on loopback: never through the egress proxy.
+      NO_PROXY: '127.0.0.1,localhost',
+      no_proxy: '127.0.0.1,localhost',
+      AGENT_BROWSER_ARGS: `${env.AGENT_BROWSER_ARGS ?? '--no-sandbox'} --proxy-server=${url}`,
+    },
+    close: forwarder.close,
+  };
 }
 
 function readIfExists(path: string): string | null {
@@ -492,11 +522,15 @@ function rememberTold(paths: Paths, sessionId: string, told: Memories): void {
 }
 
 /** The CLI's environment: the runner's, minus every KIMI_* override (config.toml is the one source), plus the key. */
-function cliEnvironment(env: Record<string, string | undefined>, key: string | undefined): Record<string, string> {
+function cliEnvironment(
+  env: Record<string, string | undefined>,
+  key: string | undefined,
+  egress: Record<string, string>,
+): Record<string, string> {
   const clean: Record<string, string> = {};
   for (const [name, value] of Object.entries(env))
     if (value !== undefined && !name.startsWith('KIMI_') && !name.startsWith('NANOCLAW_')) clean[name] = value;
-  return { ...clean, KIMI_CODE_NO_AUTO_UPDATE: '1', ...(key ? { [KEY_ENV]: key } : {}) };
+  return { ...clean, ...egress, KIMI_CODE_NO_AUTO_UPDATE: '1', ...(key ? { [KEY_ENV]: key } : {}) };
 }
 
 /**
@@ -550,6 +584,7 @@ async function main(env: Record<string, string | undefined> = process.env): Prom
   const takesFollowUps = existsSync(paths.input);
   let input: RunnerInput;
   let endpoint: Awaited<ReturnType<typeof modelEndpoint>>;
+  let egress: Awaited<ReturnType<typeof egressProxy>>;
   try {
     input = parseInput(await readStdin(Number(env.NANOCLAW_STDIN_TIMEOUT_MS ?? 60_000)));
     if (input.warm && !takesFollowUps)
@@ -558,6 +593,7 @@ async function main(env: Record<string, string | undefined> = process.env): Prom
       );
     mark('input');
     endpoint = await modelEndpoint(env);
+    egress = await egressProxy(env);
   } catch (err) {
     writeResult({ status: 'error', result: null, error: errorText(err), errorKind: 'other' });
     return 1;
@@ -607,7 +643,7 @@ async function main(env: Record<string, string | undefined> = process.env): Prom
       command: (env.KIMI_EXECUTABLE || 'kimi').split(' '),
       home: paths.kimiHome,
       workDir: paths.group,
-      env: cliEnvironment(env, key),
+      env: cliEnvironment(env, key, egress.env),
       mcpServers: [server],
       ask,
       log,
@@ -619,6 +655,7 @@ async function main(env: Record<string, string | undefined> = process.env): Prom
   } catch (err) {
     writeResult({ status: 'error', result: null, error: errorText(err), errorKind: 'other' });
     endpoint.close();
+    egress.close();
     return 1;
   }
   const openSession = async (sessionId?: string) => {
@@ -640,6 +677,7 @@ async function main(env: Record<string, string | undefined> = process.env): Prom
     });
     await cli.close();
     endpoint.close();
+    egress.close();
     return 1;
   }
   mark('cli-ready');
@@ -649,6 +687,7 @@ async function main(env: Record<string, string | undefined> = process.env): Prom
     inbox.stop();
     await cli.close();
     endpoint.close();
+    egress.close();
   };
   const onSignal = () => void finish().then(() => process.exit(143));
   process.once('SIGTERM', onSignal);
