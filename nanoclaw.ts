@@ -47,10 +47,12 @@ import {
   renameSync,
   rmdirSync,
   rmSync,
+  statfsSync,
   statSync,
   unlinkSync,
   watch,
   writeFileSync,
+  writeSync,
   type FSWatcher,
 } from 'node:fs';
 import { lookup } from 'node:dns/promises';
@@ -127,6 +129,8 @@ export interface Config {
   container: { memory: string; cpus: string; pids: number; network: string; closeGraceMs: number };
   /** Hosts or addresses the egress proxy lets containers reach although they are private or local. */
   egressAllow: string[];
+  /** Bytes a group's writable trees may hold, and the space the host keeps back for its database and logs. */
+  disk: { groupBudget: number; reserve: number };
   /** Limits on what one group can schedule; main is exempt when limitMain is false. */
   tasks: { maxActive: number; minIntervalMs: number; limitMain: boolean };
   /** Another WhatsApp Web socket than WhatsApp's own (a relay, a test server); no version lookup then. */
@@ -383,6 +387,10 @@ export function loadConfig(projectRoot: string, env: Record<string, string | und
       minIntervalMs: positiveInt('TASK_MIN_INTERVAL', get('TASK_MIN_INTERVAL'), 5 * 60_000),
       limitMain: !/^(0|false|no|off)$/i.test(get('TASK_LIMITS_MAIN') ?? ''),
     },
+    disk: {
+      groupBudget: byteSize('GROUP_DISK_BUDGET', get('GROUP_DISK_BUDGET'), 2 * 1024 ** 3),
+      reserve: byteSize('DISK_RESERVE', get('DISK_RESERVE'), 64 * 1024 ** 2),
+    },
     egressAllow: (get('EGRESS_ALLOW') ?? '').split(',').map((entry) => entry.trim().toLowerCase()).filter(Boolean),
     whatsappServerUrl: get('WHATSAPP_SERVER_URL'),
   };
@@ -407,6 +415,8 @@ export const SETTINGS: Record<string, (config: Config) => string | number | bool
   CONTAINER_PIDS: (c) => c.container.pids,
   CONTAINER_NETWORK: (c) => c.container.network,
   EGRESS_ALLOW: (c) => c.egressAllow.join(','),
+  GROUP_DISK_BUDGET: (c) => c.disk.groupBudget,
+  DISK_RESERVE: (c) => c.disk.reserve,
   CONTAINER_CLOSE_GRACE: (c) => c.container.closeGraceMs,
   MODEL_PROXY: (c) => c.modelProxy,
   KIMI_PLATFORM: (c) => c.kimi.platform,
@@ -436,6 +446,22 @@ export function defaultContainerCpus(cores = availableParallelism()): number {
 }
 
 /** bridge, none, or a user-defined Docker network name; never host (it would undo the isolation). */
+/** A size such as 2g, 512m or 64k (powers of 1024), in bytes; 0 is allowed (off). */
+function byteSize(name: string, value: string | undefined, fallback: number): number {
+  if (value === undefined) return fallback;
+  const match = /^(\d+(?:\.\d+)?)([kmgt]?)$/i.exec(value.trim());
+  if (!match) throw new ConfigError(`${name}=${JSON.stringify(value)} is not valid: a size such as 2g, 512m or 0.`);
+  return Math.round(Number(match[1]) * 1024 ** ' kmgt'.indexOf((match[2] || ' ').toLowerCase()));
+}
+
+/** Bytes as a person reads them: 1.5 GB, 64 MB, 900 B. */
+export function formatBytes(bytes: number): string {
+  const units = ['B', 'KB', 'MB', 'GB', 'TB'];
+  const power = Math.min(units.length - 1, Math.floor(Math.log(Math.max(bytes, 1)) / Math.log(1024)));
+  const value = bytes / 1024 ** power;
+  return `${power === 0 ? value : Number(value.toFixed(1))} ${units[power]}`;
+}
+
 export function isValidNetwork(network: string): boolean {
   return network !== 'host' && /^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$/.test(network) && !network.startsWith('container:');
 }
@@ -3837,6 +3863,82 @@ export function groupTrees(config: Config, folder: string) {
   };
 }
 
+/** Entries counted before a tree counts as over any budget (millions of empty files fill a disk too). */
+const MAX_COUNTED_ENTRIES = 200_000;
+
+/** The bytes a tree takes on disk (blocks: a sparse file counts what it uses), walked without following a link. */
+export function treeBytes(tree: AgentTree): number {
+  if (!existsSync(tree.root)) return 0;
+  let bytes = 0;
+  let entries = 0;
+  const walk = (rel: string): void => {
+    let found: ReturnType<AgentTree['entries']>;
+    try {
+      found = tree.entries(rel);
+    } catch {
+      return; // swapped for a link or gone while walking: nothing of its to count
+    }
+    for (const entry of found) {
+      if (++entries > MAX_COUNTED_ENTRIES) {
+        bytes = Number.POSITIVE_INFINITY;
+        return;
+      }
+      const path = rel ? `${rel}/${entry.name}` : entry.name;
+      bytes += (lstatSync(join(tree.root, path), { throwIfNoEntry: false })?.blocks ?? 0) * 512;
+      if (entry.kind === 'dir') walk(path);
+    }
+  };
+  walk('');
+  return bytes;
+}
+
+/** What a group's writable trees (its folder, IPC folder and Kimi home) take together; GROUP_DISK_BUDGET limits it. */
+export function groupDiskUsage(config: Config, folder: string): number {
+  const trees = groupTrees(config, folder);
+  return treeBytes(trees.group) + treeBytes(trees.ipc) + treeBytes(trees.kimi);
+}
+
+/**
+ * Space held back for the host: a file of DISK_RESERVE bytes in store/, deleted as soon as
+ * free space runs short, so the database and the logs keep working while an agent has
+ * filled the disk; made again once there is room.
+ */
+export class DiskReserve {
+  constructor(
+    readonly path: string,
+    private readonly bytes: number,
+    private readonly freeBytes = () => {
+      const stats = statfsSync(dirname(path));
+      return stats.bavail * stats.bsize;
+    },
+  ) {}
+
+  /** Releases or restores the reserve as free space demands; says which it did, if either. */
+  check(): 'released' | 'made' | null {
+    if (this.bytes === 0) return null;
+    mkdirSync(dirname(this.path), { recursive: true });
+    const held = existsSync(this.path);
+    const free = this.freeBytes();
+    if (held && free < this.bytes) {
+      rmSync(this.path, { force: true });
+      return 'released';
+    }
+    if (held || free < 3 * this.bytes) return null;
+    const chunk = Buffer.alloc(Math.min(this.bytes, 1024 * 1024));
+    const fd = openSync(this.path, 'w', 0o600);
+    try {
+      for (let written = 0; written < this.bytes; written += chunk.length)
+        writeSync(fd, chunk, 0, Math.min(chunk.length, this.bytes - written));
+    } catch (err) {
+      rmSync(this.path, { force: true });
+      throw err;
+    } finally {
+      closeSync(fd);
+    }
+    return 'made';
+  }
+}
+
 /** Names NanoClaw uses itself inside groups/ or data/ipc/: no group may take them. */
 export const RESERVED_FOLDERS = ['global', 'errors', 'claimed'] as const;
 
@@ -5626,6 +5728,8 @@ export interface HostOptions {
   /** A container started ahead of a message closes when none came within this (default 2 min). */
   warmIdleMs?: number;
   clock?: Clock;
+  /** Free bytes on the disk of store/ (default: statfs); tests give a disk that fills. */
+  freeDiskBytes?(): number;
   /**
    * Something is wrong that the host must not carry on through (its database was deleted
    * or replaced): the host has stopped its work; the process should end (default: log it).
@@ -5687,6 +5791,9 @@ export class Host {
   private spillTimer: (() => void) | null = null;
   private stopSweep: (() => void) | null = null;
   private stopped = false;
+  /** Groups whose writable trees are over GROUP_DISK_BUDGET, with what they took: no run starts for them. */
+  private readonly overBudget = new Map<string, number>();
+  private readonly reserve: DiskReserve;
 
   constructor(
     readonly config: Config,
@@ -5695,6 +5802,7 @@ export class Host {
     private readonly options: HostOptions = {},
   ) {
     this.clock = options.clock ?? systemClock;
+    this.reserve = new DiskReserve(join(config.storeDir, 'disk-reserve'), config.disk.reserve, options.freeDiskBytes);
     this.queue = new GroupQueue({
       maxConcurrent: config.maxConcurrentContainers,
       idleTimeoutMs: config.idleTimeoutMs,
@@ -5863,6 +5971,7 @@ export class Host {
         { err: errorText(err) },
         'The database cannot take messages right now; keeping them in data/spill.jsonl until it can',
       );
+      if (errorCode(err)?.startsWith('SQLITE_FULL')) this.checkDisk(); // the reserve goes now, not at the next sweep
       this.spillMessage(message, chat);
     }
   }
@@ -5978,9 +6087,10 @@ export class Host {
       return;
     }
     this.backUpWhenDue();
+    this.checkDisk();
     try {
       for (const group of this.store.listGroups()) {
-        if (this.queue.isBusy(group.jid)) continue;
+        if (this.queue.isBusy(group.jid) || this.overBudget.has(group.folder)) continue;
         const pending = this.store.messagesSince(group.jid, this.store.getCursor(group.jid));
         if (needsAgent(group, pending)) {
           log.info({ group: group.folder, pending: pending.length }, 'Unanswered messages found; queueing');
@@ -5997,6 +6107,57 @@ export class Host {
         'The safety sweep could not read the database; it tries again at the next sweep',
       );
     }
+  }
+
+  /**
+   * The disk watch, at every sweep: the host's reserve released when free space runs short
+   * (the operator told), and each group's writable trees against GROUP_DISK_BUDGET.
+   */
+  checkDisk(): void {
+    try {
+      if (this.reserve.check() === 'released') {
+        const text = `The disk is almost full: NanoClaw released its ${formatBytes(this.config.disk.reserve)} reserve (${this.reserve.path}) so its database and logs keep working. Free some space; the reserve is made again once there is room.`;
+        log.error(text);
+        this.tellMain(text);
+      }
+      for (const group of this.store.listGroups()) this.checkGroupDisk(group);
+    } catch (err) {
+      log.warn({ err: errorText(err) }, 'Could not check disk use; trying again at the next sweep');
+    }
+  }
+
+  /** A group over its budget: its runs stop and none starts until it is under again; its chat is told. */
+  private checkGroupDisk(group: RegisteredGroup): void {
+    const used = groupDiskUsage(this.config, group.folder);
+    const budget = this.config.disk.groupBudget;
+    const wasOver = this.overBudget.has(group.folder);
+    if (used <= budget) {
+      if (!wasOver) return;
+      this.overBudget.delete(group.folder);
+      log.info({ group: group.folder, used }, 'Group back under its disk budget; answering again');
+      this.queue.enqueueMessages(group.jid);
+      return;
+    }
+    this.overBudget.set(group.folder, used);
+    if (wasOver) return;
+    const size = Number.isFinite(used) ? formatBytes(used) : `over ${MAX_COUNTED_ENTRIES} files`;
+    log.warn({ group: group.folder, used: size, budget }, 'Group over its disk budget; its agent is stopped');
+    void this.queue.kill(group.jid);
+    const onceKey = `disk-told:${group.folder}`;
+    if (this.clock.now() - Number(this.store.getState(onceKey) ?? 0) < 6 * 3_600_000) return;
+    this.store.transaction(() => {
+      this.say(
+        group.jid,
+        formatOutbound(
+          `This group's files take ${size}, over its ${formatBytes(budget)} disk budget, so I have stopped. Ask the owner to free space in groups/${group.folder} (or raise GROUP_DISK_BUDGET); I answer again once it is under.`,
+          this.config.assistantName,
+          this.config.assistantHasOwnNumber,
+        )!,
+      );
+      this.store.setState(onceKey, String(this.clock.now()));
+    });
+    this.sendSoon(group.jid);
+    if (!group.isMain) this.tellMain(`The group ${group.name} went over its disk budget (${size}); its agent is stopped.`);
   }
 
   /** A copy of the database in store/backups/ when the newest is a day old (or there is none). */
@@ -6061,24 +6222,23 @@ export class Host {
    * main chat is told which chat missed what, unless it is the main chat itself that fails.
    */
   private tellAbandoned(part: OutboundMessage): void {
+    if (this.store.mainGroup()?.jid === part.jid) return;
+    const chat = this.store.groupByJid(part.jid)?.name ?? part.jid;
+    const preview = part.text.length > 120 ? `${part.text.slice(0, 120)}…` : part.text;
+    this.tellMain(`I could not deliver a message to ${chat} for hours and gave up on it: "${preview}"`);
+  }
+
+  /** Something the owner should know, said in the main chat (when there is one). */
+  private tellMain(text: string): void {
     try {
       const main = this.store.mainGroup();
-      if (!main || main.jid === part.jid) return;
-      const chat = this.store.groupByJid(part.jid)?.name ?? part.jid;
-      const preview = part.text.length > 120 ? `${part.text.slice(0, 120)}…` : part.text;
+      if (!main) return;
       this.store.transaction(() =>
-        this.say(
-          main.jid,
-          formatOutbound(
-            `I could not deliver a message to ${chat} for hours and gave up on it: "${preview}"`,
-            this.config.assistantName,
-            this.config.assistantHasOwnNumber,
-          )!,
-        ),
+        this.say(main.jid, formatOutbound(text, this.config.assistantName, this.config.assistantHasOwnNumber)!),
       );
       this.sendSoon(main.jid);
     } catch (err) {
-      log.warn({ err: errorText(err) }, 'Could not tell the main chat about an abandoned message');
+      log.warn({ err: errorText(err) }, 'Could not tell the main chat');
     }
   }
 
@@ -6094,7 +6254,7 @@ export class Host {
    */
   async processMessages(chatJid: string, warm = false): Promise<boolean> {
     const group = this.store.groupByJid(chatJid);
-    if (!group) return true;
+    if (!group || this.overBudget.has(group.folder)) return true; // over its disk budget: answered once under
     const cursor = this.store.getCursor(chatJid);
     const messages = this.store.messagesSince(chatJid, cursor);
     const asked = needsAgent(group, messages);
@@ -6290,7 +6450,7 @@ export class Host {
       ...(run.upTo === undefined ? {} : { upTo: run.upTo }),
       assistantName: this.config.assistantName,
     };
-    return runContainer({
+    const outcome = runContainer({
       config: this.config,
       group,
       input,
@@ -6318,8 +6478,20 @@ export class Host {
         if (result.status === 'error')
           log.error({ group: group.folder, error: result.error }, 'Agent reported an error');
         await run.onResult(result);
+        this.checkGroupDiskNow(group);
       },
     });
+    void outcome.finally(() => this.checkGroupDiskNow(group));
+    return outcome;
+  }
+
+  /** After each turn and run: what the agent wrote counts at once, before the group gets another turn. */
+  private checkGroupDiskNow(group: RegisteredGroup): void {
+    try {
+      this.checkGroupDisk(group);
+    } catch (err) {
+      log.warn({ group: group.folder, err: errorText(err) }, 'Could not check the group’s disk use');
+    }
   }
 
   /**
@@ -6472,7 +6644,8 @@ export class Host {
     let result: string | null = null;
     let said: string[] = [];
     let error: string | null = group ? null : `group "${task.groupFolder}" is no longer registered`;
-    if (group) {
+    if (group && this.overBudget.has(group.folder)) error = 'the group is over its disk budget (GROUP_DISK_BUDGET)';
+    if (group && !error) {
       try {
         const outcome = await this.runAgent(group, task.prompt, {
           isScheduledTask: true,

@@ -30,6 +30,8 @@
  *                     "model <status>: <body>"
  *   !deaf           → answers, then ignores _close (the host must stop it)
  *   !refused        → the model refused the key: an error result of kind auth, exit 1
+ *   !fill BYTES [hold] → writes BYTES to fill.bin in the group folder (-v onto /workspace/group),
+ *                     then answers "filled BYTES"; with hold, never answers (the run goes on)
  */
 import { appendFileSync, existsSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
@@ -92,6 +94,13 @@ async function answer(prompt: string, sessionId: string): Promise<void> {
     case '!silent':
       emit({ status: 'success', result: null, sessionId });
       return;
+    case '!fill': {
+      const [bytes, hold] = arg.split(' ');
+      writeFileSync(join(mountedHostPath('/workspace/group')!, 'fill.bin'), Buffer.alloc(Number(bytes), 1));
+      if (hold) return new Promise(() => {});
+      emit({ status: 'success', result: `filled ${bytes}`, sessionId });
+      return;
+    }
     case '!refused':
       emit({
         status: 'error',

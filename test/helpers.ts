@@ -102,6 +102,7 @@ export function tempProject(env: Record<string, string> = {}, dotEnv = ''): Conf
     LOG_LEVEL: 'info',
     NANOCLAW_MOUNT_ALLOWLIST: join(root, 'no-allowlist.json'),
     KIMI_BASE_URL: NO_MODEL_URL,
+    DISK_RESERVE: '1m', // real, but small: hundreds of test projects each make one
     ...env,
   });
 }
