@@ -416,6 +416,24 @@ describe('the network', () => {
   });
 });
 
+describe('the disk', () => {
+  it('a group that fills its folder is stopped and gets no run until it is under its budget; the others are answered', {
+    timeout: 180_000,
+  }, async () => {
+    const w = await world({ GROUP_DISK_BUDGET: '2m' });
+    expect(await ask(w, EVIL, '!shell head -c 3000000 /dev/urandom > /workspace/group/fill.bin && echo filled')).toBe(
+      'Andy: filled',
+    );
+    await waitFor(() => sent(w, EVIL).some((t) => t.includes('disk budget')), 30_000, 'the group told');
+    await waitFor(() => sent(w, MAIN).some((t) => t.includes('Evil went over its disk budget')), 30_000, 'main told');
+    const before = sent(w, EVIL).length;
+    w.channel.receive(EVIL, '@Andy !shell echo still here');
+    expect(await ask(w, QUIET, 'hello')).toBe('Andy: [stub] hello');
+    await waitFor(() => !w.host.queue.isBusy(EVIL), 30_000, 'evil idle');
+    expect(sent(w, EVIL)).toHaveLength(before);
+  });
+});
+
 describe('installs', () => {
   it('start-up removes this install’s leftovers, whatever their state, and leaves another install’s containers running', {
     timeout: 180_000,
