@@ -164,6 +164,7 @@ function hardening(b: Bench): string[] {
     trigger: '@Andy',
     requiresTrigger: true,
     isMain: false,
+    allow: [],
     addedAt: '',
   };
   // The bench's own label marks its containers; the network is each caller's.

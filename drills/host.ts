@@ -66,7 +66,7 @@ class DrillChannel implements Channel {
         senderName: 'User',
         content: text,
         timestamp: new Date().toISOString(),
-        isFromMe: false,
+        isFromMe: chat === DRILL_CHAT, // the main chat is the user's own: only the owner wakes it
         isBotMessage: false,
       },
       { name: chat, isGroup: false },

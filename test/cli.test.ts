@@ -108,6 +108,34 @@ describe('bun nanoclaw.ts', () => {
     expect((await cli(['groups', 'list'])).stdout).not.toContain(FAMILY);
   });
 
+  it('groups register --allow keeps who may wake the agent; groups list shows it', async () => {
+    const allow = '4915100000002@s.whatsapp.net,123456789@lid';
+    expect((await cli(['groups', 'register', FAMILY, 'family', '--allow', allow])).code).toBe(0);
+    expect((await cli(['groups', 'register', '120363000000000106@g.us', 'open'])).code).toBe(0);
+    const store = new Store(join(root, 'store', 'messages.db'));
+    expect(store.groupByFolder('family')!.allow).toEqual(allow.split(','));
+    store.close();
+    const listed = (await cli(['groups', 'list'])).stdout;
+    expect(listed).toMatch(/^family .*\(wakes it: the owner and 4915100000002@s\.whatsapp\.net, 123456789@lid\)$/m);
+    expect(listed).toMatch(/^open .*\(wakes it: everyone in the chat\)$/m);
+  });
+
+  it('logs --group shows a run log’s control characters written out (no raw ESC reaches the terminal), and only the host’s own run logs', async () => {
+    const dir = join(root, 'groups', 'family', 'logs');
+    mkdirSync(dir, { recursive: true });
+    writeFileSync(
+      join(dir, 'container-2026-01-01T00-00-00-000Z.log'),
+      'stderr: \x1b[2J\x1b]0;owned\x07cleared\r\nkept\ttab\n',
+    );
+    writeFileSync(join(dir, 'container-zzz-forged.log'), 'forged\n'); // sorts last, but is no name the host writes
+    const { stdout, code } = await cli(['logs', '--group', 'family']);
+    expect(code).toBe(0);
+    // biome-ignore lint/suspicious/noControlCharactersInRegex: no control character may reach the terminal
+    expect(stdout).not.toMatch(/[\x00-\x08\x0b-\x1f\x7f]/);
+    expect(stdout).toContain('stderr: \\x1b[2J\\x1b]0;owned\\x07cleared\\x0d\nkept\ttab');
+    expect(stdout).not.toContain('forged');
+  });
+
   it('groups register --network sets a group’s network; host is refused', async () => {
     expect((await cli(['groups', 'register', '120363000000000104@g.us', 'offline', '--network', 'none'])).code).toBe(0);
     const store = new Store(join(root, 'store', 'messages.db'));
@@ -456,6 +484,10 @@ describe('bun nanoclaw.ts never crashes on a typo', () => {
       '--trigger Bot: a trigger is @ and a word, e.g. --trigger @Andy.',
     ],
     [['groups', 'list', '--main'], '--main belongs to groups register.'],
+    [
+      ['groups', 'register', FAMILY, 'family', '--allow', '4915100000002@s.whatsapp.net,bob'],
+      '--allow "bob" is not a WhatsApp sender id: <phone digits>@s.whatsapp.net or <digits>@lid.',
+    ],
     [['mounts'], 'mounts needs one group folder'],
     [['service', 'restart'], 'Unknown service command "restart".'],
     [['service', 'install', '--platform', 'windows'], '--platform windows: use linux or macos.'],

@@ -1,4 +1,4 @@
-import { existsSync, mkdirSync, readdirSync, readFileSync, symlinkSync, writeFileSync } from 'node:fs';
+import { existsSync, lstatSync, mkdirSync, readdirSync, readFileSync, symlinkSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import {
@@ -18,7 +18,7 @@ import {
   type ContainerResult,
   type RegisteredGroup,
 } from '../nanoclaw.ts';
-import { fakeDocker, tempProject, type FakeDocker } from './helpers.ts';
+import { fakeDocker, tempDir, tempProject, type FakeDocker } from './helpers.ts';
 
 const SECRET = 'sk-container-test-0123456789';
 
@@ -118,11 +118,14 @@ describe('runContainer with a fake docker', () => {
     const root = config.projectRoot;
     expect(volumes).toEqual([
       `${root}/groups/family:/workspace/group`,
+      `${root}/groups/family/logs:/workspace/group/logs:ro`,
       `${root}/groups/global:/workspace/global:ro`,
       `${root}/data/ipc/family:/workspace/ipc`,
       `${root}/data/sessions/family/.kimi:/home/node/.kimi`,
       `${root}/data/input/${argv[4]!.replace(/^nanoclaw-/, '')}:/workspace/ipc/input`, // the run's own inbox
+      `${root}/data/proxy/${argv[4]!.replace(/^nanoclaw-/, '')}.egress.sock:/run/nanoclaw/egress.sock`, // its only way out
     ]);
+    expect(argv[argv.indexOf('--network') + 1]).toBe('none'); // the default egress network: no interface of its own
     const envFlags = argv.flatMap((arg, i) => (argv[i - 1] === '-e' ? [arg] : []));
     expect(envFlags).toContain('TZ=UTC');
     expect(envFlags.join(' ')).not.toContain(SECRET);
@@ -256,23 +259,28 @@ describe('runContainer with a fake docker', () => {
     expect(text).not.toContain(SECRET);
   });
 
-  it('keeps the newest RUN_LOGS_KEPT run logs of a group and deletes older ones; what is not a run log stays', async () => {
+  it('keeps the newest RUN_LOGS_KEPT run logs of a group and deletes older ones; forged names and links are neither counted, deleted nor followed', async () => {
     const dir = join(config.groupsDir, 'family', 'logs');
     mkdirSync(dir, { recursive: true });
-    for (let i = 0; i < RUN_LOGS_KEPT; i++)
-      writeFileSync(join(dir, `container-2020-01-01T00-00-${String(i).padStart(3, '0')}Z.log`), 'old');
+    const old = (i: number) => `container-2020-01-01T00-00-00-${String(i).padStart(3, '0')}Z.log`;
+    for (let i = 0; i < RUN_LOGS_KEPT; i++) writeFileSync(join(dir, old(i)), 'old');
+    // Names that sort after every real log: counted as run logs, they would push every real one out.
+    for (let i = 0; i < RUN_LOGS_KEPT; i++) writeFileSync(join(dir, `container-9999-forged-${i}.log`), 'forged');
     writeFileSync(join(dir, 'notes.txt'), 'the agent’s own');
-    symlinkSync('/etc/passwd', join(dir, 'container-2000-planted.log')); // a link is never followed or removed through
+    const outside = join(tempDir('nanoclaw-outside-'), 'precious.log');
+    writeFileSync(outside, 'keep me');
+    const link = 'container-2000-01-01T00-00-00-000Z.log'; // the host's own name, the oldest of all, but a link
+    symlinkSync(outside, join(dir, link));
     await run(message('one more'), {}, (live) => live.close());
-    const logs = readdirSync(dir).filter((f) => /^container-.*\.log$/.test(f) && !f.includes('planted'));
-    expect(logs).toHaveLength(RUN_LOGS_KEPT);
-    expect(logs).not.toContain('container-2020-01-01T00-00-000Z.log');
-    expect(logs).toContain('container-2020-01-01T00-00-001Z.log');
+    const real = readdirSync(dir).filter((f) => /^container-\d{4}-\d{2}-\d{2}T[\d-]+Z\.log$/.test(f) && f !== link);
+    expect(real).toHaveLength(RUN_LOGS_KEPT);
+    expect(real).not.toContain(old(0));
+    expect(real).toContain(old(1));
+    expect(readdirSync(dir).filter((f) => f.includes('forged'))).toHaveLength(RUN_LOGS_KEPT);
     expect(readdirSync(dir)).toContain('notes.txt');
-    expect(readdirSync(dir)).toContain('container-2000-planted.log');
-    expect(runLogsToPrune(['container-b.log', 'x.txt', 'container-a.log', 'container-c.log'], 2)).toEqual([
-      'container-a.log',
-    ]);
+    expect(lstatSync(join(dir, link)).isSymbolicLink()).toBe(true);
+    expect(readFileSync(outside, 'utf8')).toBe('keep me');
+    expect(runLogsToPrune([old(2), 'container-b.log', 'x.txt', old(1), old(3)], 2)).toEqual([old(1)]);
   });
 
   it('keeps stderr out of the run log of a clean run unless LOG_LEVEL=debug', async () => {

@@ -239,6 +239,7 @@ describe('the image on its own', () => {
       '/home/node',
       '/home/node/.kimi',
       '/workspace/group',
+      '/workspace/group/logs',
       '/workspace/ipc',
       '/workspace/project',
       '/workspace/project/.env',
@@ -251,6 +252,7 @@ describe('the image on its own', () => {
       '/home/node/.kimi',
       '/workspace/global',
       '/workspace/group',
+      '/workspace/group/logs',
       '/workspace/ipc',
     ]);
     const main = probe(

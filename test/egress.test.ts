@@ -95,7 +95,9 @@ describe('egressAddress', () => {
     const failing = async () => {
       throw Object.assign(new Error('nope'), { code: 'ENOTFOUND' });
     };
-    expect(await egressAddress('nowhere.invalid', [], failing)).toEqual({ refused: expect.stringMatching(/ENOTFOUND/) });
+    expect(await egressAddress('nowhere.invalid', [], failing)).toEqual({
+      refused: expect.stringMatching(/ENOTFOUND/),
+    });
   });
 });
 

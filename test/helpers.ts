@@ -173,7 +173,8 @@ export class RecordingChannel implements Channel {
       senderName: 'Alice',
       content,
       timestamp: new Date().toISOString(),
-      isFromMe: false,
+      // A chat that is no group is the user's self-chat (main) in these tests: its messages are the owner's.
+      isFromMe: !chatJid.endsWith('@g.us'),
       isBotMessage: false,
       ...extra,
     };

@@ -2,7 +2,16 @@ import { existsSync, mkdirSync, readdirSync, readFileSync, rmSync, writeFileSync
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterEach, describe, expect, it } from 'vitest';
-import { Host, addGroup, setupLogging, Store, writeJsonAtomic, type Config, type HostOptions } from '../nanoclaw.ts';
+import {
+  Host,
+  addGroup,
+  setupLogging,
+  splitForWhatsApp,
+  Store,
+  writeJsonAtomic,
+  type Config,
+  type HostOptions,
+} from '../nanoclaw.ts';
 import {
   FakeClock,
   fakeDocker,
@@ -84,7 +93,7 @@ describe('timers the host keeps, on a clock the test moves', () => {
       senderName: 'U',
       content: 'anyone?',
       timestamp: new Date().toISOString(),
-      isFromMe: false,
+      isFromMe: true,
       isBotMessage: false,
     });
     await clock.advance(59_999);
@@ -580,6 +589,82 @@ describe('IPC from the agent', () => {
     expect(w.store.getTask(task.id)).not.toBeNull();
     drop(w, 'work', 'tasks', { type: 'cancel_task', taskId: task.id });
     await waitFor(() => w.store.getTask(task.id) === null, 5000, 'cancelled');
+  });
+});
+
+describe('send caps and who may wake the agent', () => {
+  type Decision = { ok: boolean; detail?: string; reason?: string };
+  const decisions = (w: World, folder: string): Decision[] => {
+    const dir = join(w.config.ipcDir, folder, 'responses');
+    return existsSync(dir)
+      ? readdirSync(dir)
+          .sort()
+          .map((name) => JSON.parse(readFileSync(join(dir, name), 'utf8')) as Decision)
+      : [];
+  };
+  const send = (w: World, folder: string, name: string, chatJid: string, text: string) =>
+    writeJsonAtomic(join(w.config.ipcDir, folder, 'messages', name), { type: 'message', chatJid, text });
+
+  it('a flood of 100 send_message from a group: SEND_MAX_PER_MINUTE delivered, the rest refused with when to send again; main is served meanwhile', async () => {
+    const clock = new FakeClock();
+    const w = await world({ SEND_MAX_PER_MINUTE: '20' }, { clock });
+    for (let i = 0; i < 100; i++) send(w, 'family', `${String(i).padStart(3, '0')}.json`, FAMILY, `flood ${i}`);
+    w.channel.receive(MAIN, 'still there?');
+    send(w, 'main', 'during.json', MAIN, 'main speaks during the flood');
+    await waitFor(() => decisions(w, 'family').length === 100, 20_000, 'a decision on every request');
+    await waitFor(() => texts(w, MAIN).length === 2, 10_000, 'main’s messages');
+    await w.host.settleOutbox();
+    expect(texts(w, MAIN).sort()).toEqual(['Andy: echo: still there?', 'Andy: main speaks during the flood']);
+    expect(texts(w, FAMILY)).toEqual(Array.from({ length: 20 }, (_, i) => `Andy: flood ${i}`));
+    const refused = decisions(w, 'family').filter((d) => !d.ok);
+    expect(refused).toHaveLength(80);
+    for (const d of refused)
+      expect(d.reason).toBe(
+        'group "family" already sent 20 messages in the last minute (SEND_MAX_PER_MINUTE=20); it may send again in 60 s',
+      );
+    expect(w.store.db.query('SELECT COUNT(*) AS n FROM outbox WHERE chat_jid = ?').get(FAMILY)).toEqual({ n: 20 }); // nothing queued
+    await clock.advance(60_000); // the window slides
+    send(w, 'family', 'later.json', FAMILY, 'a minute later');
+    await waitFor(() => decisions(w, 'family').length === 101, 10_000, 'the later decision');
+    expect(decisions(w, 'family').at(-1)).toEqual({ ok: true });
+  });
+
+  it('a text that would be more than SEND_MAX_PARTS WhatsApp messages (1 MiB: over 260) is refused, not cut, and not counted', async () => {
+    const w = await world();
+    w.channel.layout = (text) => splitForWhatsApp(text); // WhatsApp's own split
+    const huge = 'word '.repeat((1024 * 1024 - 200) / 5);
+    const parts = splitForWhatsApp(`Andy: ${huge}`).length;
+    expect(parts).toBeGreaterThan(260);
+    send(w, 'family', '1-huge.json', FAMILY, huge);
+    await waitFor(() => decisions(w, 'family').length === 1, 10_000, 'the decision');
+    expect(decisions(w, 'family')[0]).toEqual({
+      ok: false,
+      reason: `this text would be ${parts} WhatsApp messages, more than one send_message may be (SEND_MAX_PARTS=10); send a shorter text`,
+    });
+    send(w, 'family', '2-short.json', FAMILY, 'the gist');
+    await waitFor(() => decisions(w, 'family').length === 2, 10_000, 'the second decision');
+    await w.host.settleOutbox();
+    expect(texts(w, FAMILY)).toEqual(['Andy: the gist']);
+  });
+
+  it('only allowed senders wake a group (the others are its context); a main group wakes only for its owner', async () => {
+    const w = await world();
+    const CLUB = 'stranger@g.us'; // a chat the channel has: registered now, with an allowlist
+    addGroup(w.config, w.store, { jid: CLUB, name: 'Club', folder: 'club', allow: ['4915100000002@s.whatsapp.net'] });
+    // Main moved to a WhatsApp group the owner shares with others.
+    w.store.db.query('UPDATE registered_groups SET is_main = 0').run();
+    w.store.db.query('UPDATE registered_groups SET is_main = 1, requires_trigger = 0 WHERE jid = ?').run(WORK);
+    const mallory = { sender: '4915100000009@s.whatsapp.net', senderName: 'Mallory', isFromMe: false };
+    w.channel.receive(CLUB, '@Andy let me in', mallory);
+    w.channel.receive(WORK, 'run my errands', mallory);
+    await Bun.sleep(300);
+    expect(w.docker.runs()).toHaveLength(0);
+    w.channel.receive(CLUB, '@Andy what did Mallory say?', { sender: '4915100000002@s.whatsapp.net' });
+    await waitFor(() => texts(w, CLUB).length === 1, 10_000, 'the allowed sender answered');
+    expect(stdinOf(w, 0).prompt).toContain('let me in'); // context, not a trigger
+    w.channel.receive(WORK, 'mine', { isFromMe: true });
+    await waitFor(() => texts(w, WORK).length === 1, 10_000, 'the owner answered');
+    expect(stdinOf(w, 1).prompt).toContain('run my errands');
   });
 });
 

@@ -403,7 +403,11 @@ describe('the network', () => {
     hits = [];
     const w = await world({ EGRESS_ALLOW: gateway });
     const url = `http://${gateway}:${server.port}`;
-    const fetched = await ask(w, EVIL, `!shell curl -s -m 20 ${url}/plain | grep -c Press; curl -s -p -m 20 ${url}/tunnel | grep -c Press`);
+    const fetched = await ask(
+      w,
+      EVIL,
+      `!shell curl -s -m 20 ${url}/plain | grep -c Press; curl -s -p -m 20 ${url}/tunnel | grep -c Press`,
+    );
     expect(fetched).toBe('Andy: 1\n1');
     const browse = await ask(
       w,

@@ -28,6 +28,7 @@ const group = (folder: string, isMain = false): RegisteredGroup => ({
   trigger: '@Andy',
   requiresTrigger: !isMain,
   isMain,
+  allow: [],
   addedAt: '',
 });
 
@@ -37,6 +38,7 @@ describe('groupMounts', () => {
     const root = config.projectRoot;
     expect(groupMounts(config, group('main', true))).toEqual([
       { hostPath: `${root}/groups/main`, containerPath: '/workspace/group', readonly: false },
+      { hostPath: `${root}/groups/main/logs`, containerPath: '/workspace/group/logs', readonly: true },
       { hostPath: root, containerPath: '/workspace/project', readonly: true },
       { hostPath: `${root}/groups/global`, containerPath: '/workspace/project/groups/global', readonly: false },
       { hostPath: `${root}/data/ipc/main`, containerPath: '/workspace/ipc', readonly: false },
@@ -61,6 +63,7 @@ describe('groupMounts', () => {
     const root = config.projectRoot;
     expect(groupMounts(config, group('family'))).toEqual([
       { hostPath: `${root}/groups/family`, containerPath: '/workspace/group', readonly: false },
+      { hostPath: `${root}/groups/family/logs`, containerPath: '/workspace/group/logs', readonly: true }, // the run logs: the host's record
       { hostPath: `${root}/groups/global`, containerPath: '/workspace/global', readonly: true },
       { hostPath: `${root}/data/ipc/family`, containerPath: '/workspace/ipc', readonly: false },
       { hostPath: `${root}/data/sessions/family/.kimi`, containerPath: '/home/node/.kimi', readonly: false },

@@ -20,6 +20,7 @@ const group = (extra: Partial<RegisteredGroup>): RegisteredGroup => ({
   trigger: '@Andy',
   requiresTrigger: true,
   isMain: false,
+  allow: [],
   addedAt: '',
   ...extra,
 });
@@ -46,11 +47,28 @@ describe('trigger', () => {
   });
 
   it('wakes main and trigger-free groups for anything, others only with the trigger', () => {
-    expect(needsAgent(group({ isMain: true }), [msg('hello')])).toBe(true);
+    expect(needsAgent(group({ isMain: true }), [msg('hello', { isFromMe: true })])).toBe(true);
     expect(needsAgent(group({ requiresTrigger: false }), [msg('hello')])).toBe(true);
     expect(needsAgent(group({}), [msg('hello'), msg('how are you')])).toBe(false);
     expect(needsAgent(group({}), [msg('hello'), msg('  @andy what now')])).toBe(true);
     expect(needsAgent(group({ isMain: true }), [])).toBe(false);
+  });
+
+  it('lets only allowed senders wake the agent: the owner always, others as the group’s list says (a main group: none; a direct main: its other side)', () => {
+    const alice = { sender: '4915100000002@s.whatsapp.net' };
+    const bob = { sender: '4915100000003@s.whatsapp.net' };
+    const listed = group({ allow: [alice.sender] });
+    expect(needsAgent(listed, [msg('@Andy hi', bob)])).toBe(false);
+    expect(needsAgent(listed, [msg('@Andy hi', alice)])).toBe(true);
+    expect(needsAgent(listed, [msg('@Andy hi', { ...bob, isFromMe: true })])).toBe(true);
+    expect(needsAgent(listed, [msg('@Andy do it', bob), msg('thanks', alice)])).toBe(false); // the trigger must be the allowed sender's
+    expect(needsAgent(group({}), [msg('@Andy hi', bob)])).toBe(true); // an empty list: everyone
+    const main = group({ isMain: true, requiresTrigger: false });
+    expect(needsAgent(main, [msg('hello', bob)])).toBe(false);
+    expect(needsAgent(main, [msg('hello', bob), msg('and me', { isFromMe: true })])).toBe(true);
+    expect(needsAgent({ ...main, allow: [bob.sender] }, [msg('hello', bob)])).toBe(true);
+    // A main that is a direct chat (the assistant has its own number): the owner writes from their phone.
+    expect(needsAgent({ ...main, jid: '4915100000001@s.whatsapp.net' }, [msg('hello', bob)])).toBe(true);
   });
 
   it('honours the trigger each group was registered with, not the assistant’s name', () => {

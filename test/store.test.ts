@@ -2,7 +2,7 @@ import { Database } from 'bun:sqlite';
 import { readdirSync, renameSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { addGroup, SCHEMA_VERSION, Store, type NewMessage, type ScheduledTask } from '../nanoclaw.ts';
+import { addGroup, needsAgent, SCHEMA_VERSION, Store, type NewMessage, type ScheduledTask } from '../nanoclaw.ts';
 import { taskRow, tempDir, tempProject } from './helpers.ts';
 
 const message = (id: string, chatJid: string, extra: Partial<NewMessage> = {}): NewMessage => ({
@@ -61,7 +61,7 @@ describe('Store schema', () => {
     const store = new Store(path);
     store.setSession('main', 'kept');
     store.db.exec(
-      'DROP TABLE task_claims; DROP TABLE ipc_done; DROP TABLE outbox; DROP TABLE model_usage; PRAGMA user_version = 1',
+      'DROP TABLE task_claims; DROP TABLE ipc_done; DROP TABLE outbox; DROP TABLE model_usage; ALTER TABLE registered_groups DROP COLUMN allowed_senders; PRAGMA user_version = 1',
     ); // as the first release left it
     store.close();
     const upgraded = new Store(path);
@@ -90,7 +90,7 @@ describe('Store schema', () => {
     const old = new Store(path);
     old.db.exec(`DROP TABLE task_claims; DROP TABLE ipc_done; DROP INDEX outbox_by_message; DROP INDEX outbox_unsent;
       ALTER TABLE outbox DROP COLUMN message_id; ALTER TABLE outbox DROP COLUMN sent_at; ALTER TABLE outbox DROP COLUMN attempts; ALTER TABLE outbox DROP COLUMN error;
-      ALTER TABLE outbox DROP COLUMN sent_content; PRAGMA user_version = 3`);
+      ALTER TABLE outbox DROP COLUMN sent_content; ALTER TABLE registered_groups DROP COLUMN allowed_senders; PRAGMA user_version = 3`);
     old.db
       .query(
         "INSERT INTO outbox (channel, chat_jid, text, created_at) VALUES ('whatsapp', 'a@g.us', 'from before', '2026-01-01')",
@@ -102,6 +102,29 @@ describe('Store schema', () => {
       text: 'from before',
       messageId: '3EB0NC0000000000000001',
     });
+    store.close();
+  });
+
+  it('migration 6 gives every group of an older database an empty allowlist: everyone in a group, only the owner in main', () => {
+    const path = join(tempDir(), 'messages.db');
+    const old = new Store(path);
+    old.db.exec('ALTER TABLE registered_groups DROP COLUMN allowed_senders; PRAGMA user_version = 5');
+    const insert = old.db.query(
+      `INSERT INTO registered_groups (jid, name, folder, trigger_word, requires_trigger, is_main, added_at)
+       VALUES (?, ?, ?, '@Andy', ?, ?, '2026-01-01')`,
+    );
+    insert.run('me-main@g.us', 'Main', 'main', 0, 1);
+    insert.run('fam@g.us', 'Family', 'family', 1, 0);
+    old.close();
+    const store = new Store(path);
+    expect(store.db.query('PRAGMA user_version').get()).toEqual({ user_version: SCHEMA_VERSION });
+    const main = store.mainGroup()!;
+    const family = store.groupByFolder('family')!;
+    expect([main.allow, family.allow]).toEqual([[], []]);
+    const stranger = { ...message('1', 'fam@g.us', { content: '@Andy hi' }), seq: 1 };
+    expect(needsAgent(family, [stranger])).toBe(true);
+    expect(needsAgent(main, [{ ...stranger, chatJid: main.jid }])).toBe(false);
+    expect(needsAgent(main, [{ ...stranger, chatJid: main.jid, isFromMe: true }])).toBe(true);
     store.close();
   });
 
@@ -240,6 +263,12 @@ describe('groups, sessions, tasks', () => {
     expect(() => addGroup(config, store, { jid: 'z@g.us', name: 'Z', folder: 'global' })).toThrow();
     expect(() => store.db.query("UPDATE registered_groups SET is_main = 1 WHERE folder = 'family'").run()).toThrow();
     expect(store.listGroups().map((g) => g.folder)).toEqual(['main', 'family']);
+    const allow = ['4915100000002@s.whatsapp.net', '123456789@lid'];
+    addGroup(config, store, { jid: 'club@g.us', name: 'Club', folder: 'club', allow });
+    expect(store.groupByFolder('club')?.allow).toEqual(allow);
+    expect(() => addGroup(config, store, { jid: 'w@g.us', name: 'W', folder: 'w', allow: ['bob'] })).toThrow(
+      'allow: "bob" is not a WhatsApp sender id',
+    );
     store.close();
   });
 

@@ -624,7 +624,7 @@ describe('WhatsApp through the host (fake docker)', () => {
     await waitFor(
       () =>
         JSON.parse(readFileSync(join(config.ipcDir, 'main', 'available_groups.json'), 'utf8')).groups.some(
-          (g: { name: string }) => g.name === 'Family (2)',
+          (g: { name_untrusted: string }) => g.name_untrusted === 'Family (2)',
         ),
       3000,
       'snapshot',

@@ -435,7 +435,9 @@ export const EGRESS_PORT = 18_182;
  * socket. Returns the environment that points the agent's tools at it (its shell's curl,
  * git and Bun, and Chromium through agent-browser), or none without a socket.
  */
-async function egressProxy(env: Record<string, string | undefined>): Promise<{ env: Record<string, string>; close(): void }> {
+async function egressProxy(
+  env: Record<string, string | undefined>,
+): Promise<{ env: Record<string, string>; close(): void }> {
   if (!env.NANOCLAW_EGRESS_SOCKET || !existsSync(env.NANOCLAW_EGRESS_SOCKET)) return { env: {}, close: () => {} };
   const port = env.NANOCLAW_FORWARDER_PORT === undefined ? EGRESS_PORT : 0;
   const forwarder = await startForwarder(env.NANOCLAW_EGRESS_SOCKET, port);

@@ -53,7 +53,16 @@ describe('IPC: the MCP tools and the host’s table agree', () => {
       ['resume_task', { task_id: 't1' }],
       ['cancel_task', { task_id: 't1' }],
       ['update_task', { task_id: 't1', prompt: 'new words', schedule_type: 'interval', schedule_value: '3600000' }],
-      ['register_group', { jid: '120363000000000001@g.us', name: 'Family', folder: 'family', trigger: '@Andy' }],
+      [
+        'register_group',
+        {
+          jid: '120363000000000001@g.us',
+          name: 'Family',
+          folder: 'family',
+          trigger: '@Andy',
+          allow: ['4915100000002@s.whatsapp.net'],
+        },
+      ],
       ['refresh_groups', {}],
     ];
     try {
@@ -93,6 +102,8 @@ describe('IPC: the MCP tools and the host’s table agree', () => {
       .map((w) => parseIpcRequest(w.kind, w.data))
       .find((r) => r.type === 'schedule_task' && r.prompt === 'water the plants');
     expect(scheduled).toMatchObject({ context_mode: 'group' });
+    const registered = written.map((w) => parseIpcRequest(w.kind, w.data)).find((r) => r.type === 'register_group');
+    expect(registered).toMatchObject({ allow: ['4915100000002@s.whatsapp.net'] });
     expect(
       parseIpcRequest('tasks', {
         type: 'schedule_task',
