@@ -853,7 +853,7 @@ export class AgentTree {
   /** Replaces a file at once: a new dot-named temp file renamed over the name (a link there is replaced, not followed). */
   replace(rel: string, data: string | Uint8Array): void {
     this.withParent(rel, true, (dir, name) => {
-      const temp = `.${name}.${randomUUID()}.tmp`;
+      const temp = `.${randomUUID()}.tmp`; // not from the name: a 255-byte name leaves no room
       this.createIn(dir, temp, data);
       try {
         renameSync(dir.at(temp), dir.at(name));
@@ -3465,8 +3465,14 @@ export class GroupQueue {
 
 /** Where a container finds its run's proxy socket. */
 export const MODEL_SOCKET_IN_CONTAINER = '/run/nanoclaw/model.sock';
-/** The largest request body the proxy passes on (images travel inline as base64). */
-const MAX_MODEL_REQUEST_BYTES = 32 * 1024 * 1024;
+/** The largest request body the proxy passes on (images travel inline as base64); Bun counts it as it streams. */
+export const MAX_MODEL_REQUEST_BYTES = 32 * 1024 * 1024;
+/** Requests one run may have at the model at once (the CLI asks one at a time; subagents add a few). */
+export const MAX_MODEL_REQUESTS_PER_RUN = 4;
+/** The most of an upstream error body passed back (after the key is masked in it). */
+const MAX_MODEL_ERROR_BYTES = 64 * 1024;
+/** What an agent may ask of the model's API: chat, the model list, and file upload (the CLI sends videos so). */
+const MODEL_ROUTES = new Set(['POST /chat/completions', 'GET /models', 'POST /files']);
 /** Request headers that describe the hop, not the request, or that the proxy sets itself. */
 const HOP_HEADERS = new Set([
   'host',
@@ -3563,6 +3569,75 @@ function proxyError(status: number, message: string): Response {
   return Response.json({ error: { type: 'nanoclaw_proxy', message } }, { status });
 }
 
+/**
+ * The model route a request asks for, its path decoded and normalised first, or null when it is
+ * not one the agent needs: `/v1/%2e%2e/x`, `//models/`, a second encoding or a dot segment never
+ * reach another path of the API with the real key.
+ */
+export function modelRoute(method: string, rawPath: string): string | null {
+  let path: string;
+  try {
+    path = decodeURIComponent(rawPath);
+  } catch {
+    return null;
+  }
+  if (/[%\\\0]/.test(path) || /(^|\/)\.{1,2}(\/|$)/.test(path)) return null;
+  path = path.replace(/\/{2,}/g, '/').replace(/(.)\/$/, '$1');
+  return MODEL_ROUTES.has(`${method.toUpperCase()} ${path}`) ? path : null;
+}
+
+/** The first `limit` bytes of a response body as text; the rest is never read. */
+async function boundedText(response: Response, limit: number): Promise<string> {
+  const reader = (response.body as ReadableStream<Uint8Array>).getReader();
+  const chunks: Uint8Array[] = [];
+  let size = 0;
+  try {
+    for (let next = await reader.read(); !next.done && size < limit; next = await reader.read()) {
+      chunks.push(next.value);
+      size += next.value.byteLength;
+    }
+  } catch {
+    // a body cut short: what came is enough to show
+  }
+  void reader.cancel().catch(() => {});
+  return new TextDecoder().decode(Buffer.concat(chunks).subarray(0, limit));
+}
+
+/** A response body passed on chunk by chunk; `ended` is called once, when it finished or the reader went away. */
+function watchedBody(
+  body: ReadableStream<Uint8Array>,
+  onChunk: (chunk: Uint8Array) => void,
+  ended: (complete: boolean) => void,
+): ReadableStream<Uint8Array> {
+  const reader = body.getReader();
+  let done = false;
+  const end = (complete: boolean) => {
+    if (!done) ended(complete);
+    done = true;
+  };
+  return new ReadableStream<Uint8Array>({
+    async pull(controller) {
+      try {
+        const next = await reader.read();
+        if (next.done) {
+          end(true);
+          controller.close();
+          return;
+        }
+        onChunk(next.value);
+        controller.enqueue(next.value);
+      } catch (err) {
+        end(false);
+        controller.error(err);
+      }
+    },
+    cancel(reason) {
+      end(false);
+      return reader.cancel(reason);
+    },
+  });
+}
+
 export interface ProxyRun {
   /** The run's credential: worthless without a live run and outside the proxy. */
   readonly token: string;
@@ -3590,26 +3665,30 @@ export interface ModelProxyOptions {
 
 /**
  * The host's side of every model request. A container gets a per-run token instead of the
- * key; the proxy accepts only tokens of live runs, puts the real key on the request, sends
- * it to the upstream and streams the answer back as it comes. Unix sockets are reachable
- * only by what they are mounted into (and the host); in tcp mode the port listens on
- * loopback only.
+ * key; the proxy accepts only tokens of live runs and only the routes an agent needs
+ * (MODEL_ROUTES), at most MAX_MODEL_REQUESTS_PER_RUN at a time, puts the real key on the
+ * request, streams the body on with its size counted as it comes, and streams the answer
+ * back (an error answer with the key masked in it). Unix sockets are reachable only by what
+ * they are mounted into (and the host); in tcp mode the port listens on loopback only.
  */
 export class ModelProxy {
-  private readonly live = new Map<string, { folder: string }>();
+  private readonly live = new Map<string, { folder: string; inFlight: number }>();
   private tcp: ReturnType<typeof Bun.serve> | null = null;
 
   constructor(private readonly options: ModelProxyOptions) {}
 
   open(groupFolder: string, runId: string): ProxyRun {
     const token = `ncp-${randomUUID().replace(/-/g, '')}`;
-    this.live.set(token, { folder: groupFolder });
+    this.live.set(token, { folder: groupFolder, inFlight: 0 });
     const forget = () => this.live.delete(token);
+    // Bun answers 413 to a body past the limit, declared or while it streams in.
+    const maxRequestBodySize = MAX_MODEL_REQUEST_BYTES + 1;
     if (this.options.mode === 'tcp') {
       this.tcp ??= Bun.serve({
         hostname: '127.0.0.1',
         port: 0,
         idleTimeout: 0,
+        maxRequestBodySize,
         fetch: (req) => this.forward(req, null),
       });
       return { token, url: `http://host.docker.internal:${this.tcp.port}`, close: forget };
@@ -3618,7 +3697,12 @@ export class ModelProxy {
     chmodSync(this.options.dir, 0o700);
     const socketPath = join(this.options.dir, `${runId}.sock`);
     rmSync(socketPath, { force: true });
-    const server = Bun.serve({ unix: socketPath, fetch: (req) => this.forward(req, token), ...NO_IDLE_TIMEOUT });
+    const server = Bun.serve({
+      unix: socketPath,
+      maxRequestBodySize,
+      fetch: (req) => this.forward(req, token),
+      ...NO_IDLE_TIMEOUT,
+    });
     // The container's user must be able to connect; the folder (0700) keeps everyone else out.
     chmodSync(socketPath, 0o666);
     return {
@@ -3638,28 +3722,48 @@ export class ModelProxy {
       (req.headers.get('authorization') ?? '').replace(/^Bearer\s+/i, '') || req.headers.get('x-api-key') || '';
     const run = ownToken === null || given === ownToken ? this.live.get(given) : undefined;
     if (!run) return proxyError(401, 'NanoClaw model proxy: this token does not belong to a running container.');
+    const url = new URL(req.url);
+    const route = modelRoute(req.method, url.pathname);
+    if (!route)
+      return proxyError(
+        403,
+        `NanoClaw model proxy: ${req.method} ${url.pathname} is not a model request it passes on.`,
+      );
     const key = this.options.apiKey();
     if (!key && this.options.keyRequired !== false) {
       this.options.record(run.folder, { ok: false, status: 401, usage: null });
       return proxyError(401, 'NanoClaw has no KIMI_API_KEY: put it in the .env file of the NanoClaw project.');
     }
-    const url = new URL(req.url);
-    const target = `${this.options.upstream.replace(/\/+$/, '')}${url.pathname}${url.search}`;
+    if (run.inFlight >= MAX_MODEL_REQUESTS_PER_RUN) {
+      const response = proxyError(429, `NanoClaw model proxy: ${MAX_MODEL_REQUESTS_PER_RUN} requests already open.`);
+      response.headers.set('retry-after', '1');
+      return response;
+    }
+    run.inFlight++;
+    let released = false;
+    const release = () => {
+      if (!released) run.inFlight--;
+      released = true;
+    };
+    const target = `${this.options.upstream.replace(/\/+$/, '')}${route}${url.search}`;
     const headers = new Headers();
     req.headers.forEach((value, name) => {
       if (!HOP_HEADERS.has(name.toLowerCase())) headers.set(name, value);
     });
     if (key) headers.set('authorization', `Bearer ${key}`);
-    let body: ArrayBuffer | undefined;
-    if (req.method !== 'GET' && req.method !== 'HEAD') {
-      body = await req.arrayBuffer();
-      if (body.byteLength > MAX_MODEL_REQUEST_BYTES)
-        return proxyError(413, `NanoClaw model proxy: request over ${MAX_MODEL_REQUEST_BYTES} bytes`);
-    }
     let upstream: Response;
     try {
-      upstream = await fetch(target, { method: req.method, headers, body, redirect: 'manual' });
+      // The body streams on as it comes; Bun.serve stops it past maxRequestBodySize (a 413).
+      // duplex: what a streamed body needs (bun-types' RequestInit does not declare it).
+      upstream = await fetch(target, {
+        method: req.method,
+        headers,
+        body: req.method === 'POST' ? req.body : null,
+        redirect: 'manual',
+        duplex: 'half',
+      } as RequestInit);
     } catch (err) {
+      release();
       this.options.record(run.folder, { ok: false, status: 502, usage: null });
       return proxyError(502, `NanoClaw model proxy could not reach ${new URL(target).origin}: ${errorText(err)}`);
     }
@@ -3667,21 +3771,28 @@ export class ModelProxy {
     upstream.headers.forEach((value, name) => {
       if (!DECODED_HEADERS.has(name.toLowerCase())) responseHeaders.set(name, value);
     });
-    const counter = new UsageCounter((upstream.headers.get('content-type') ?? '').includes('text/event-stream'));
     const record = (usage: ModelUsage | null) =>
       this.options.record(run.folder, { ok: upstream.ok, status: upstream.status, usage });
-    if (!upstream.body) {
+    if (!upstream.ok || !upstream.body) {
+      // An error body may quote the request, the key included: it goes back masked, and bounded.
+      const text = upstream.body ? await boundedText(upstream, MAX_MODEL_ERROR_BYTES) : null;
+      release();
       record(null);
-      return new Response(null, { status: upstream.status, headers: responseHeaders });
+      return new Response(text === null ? null : maskSecrets(text, key ? [key] : []), {
+        status: upstream.status,
+        headers: responseHeaders,
+      });
     }
-    const tap = new TransformStream<Uint8Array, Uint8Array>({
-      transform(chunk, controller) {
-        counter.push(chunk);
-        controller.enqueue(chunk);
+    const counter = new UsageCounter((upstream.headers.get('content-type') ?? '').includes('text/event-stream'));
+    const answer = watchedBody(
+      upstream.body,
+      (chunk) => counter.push(chunk),
+      (complete) => {
+        release();
+        record(complete ? counter.end() : null);
       },
-      flush: () => record(counter.end()),
-    });
-    return new Response(upstream.body.pipeThrough(tap), { status: upstream.status, headers: responseHeaders });
+    );
+    return new Response(answer, { status: upstream.status, headers: responseHeaders });
   }
 
   stop(): void {
@@ -5408,14 +5519,27 @@ export const IPC_ERRORS_KEPT = 100;
 /** Files taken from one folder per pass, so a flooding group cannot hold up the others. */
 export const IPC_FILES_PER_PASS = 25;
 
-/** claimed/<folder>.<kind>.<claim id>.<name>: folder names, kinds and ids contain no dot, so this splits back. */
-function claimedName(folder: string, kind: IpcKind, name: string): string {
-  return `${folder}.${kind}.${randomUUID()}.${name}`;
+/**
+ * claimed/<folder>.<kind>.<claim id>/<name>: the request keeps its own name (any legal one,
+ * up to 255 bytes) one level down, so the claim always fits. Folder names, kinds and ids
+ * contain no dot, so the claim's name splits back.
+ */
+function claimDir(folder: string, kind: IpcKind): string {
+  return `${folder}.${kind}.${randomUUID()}`;
 }
 
-function parseClaimedName(file: string): { folder: string; kind: IpcKind; claimId: string; name: string } | null {
-  const match = /^([a-z0-9][a-z0-9_-]*)\.(messages|tasks)\.([0-9a-f-]{36})\.(.+)$/.exec(file);
-  return match ? { folder: match[1]!, kind: match[2] as IpcKind, claimId: match[3]!, name: match[4]! } : null;
+/** A claim left flat (<dir>.<name>) by a host before 2026-12, moved into its folder; the name of the claim. */
+function upgradedClaim(claimedDir: string, claim: string): string {
+  const flat = /^([a-z0-9][a-z0-9_-]*\.(?:messages|tasks)\.[0-9a-f-]{36})\.(.+)$/.exec(claim);
+  if (!flat) return claim;
+  mkdirSync(join(claimedDir, flat[1]!), { recursive: true });
+  renameSync(join(claimedDir, claim), join(claimedDir, flat[1]!, flat[2]!));
+  return flat[1]!;
+}
+
+function parseClaimDir(dir: string): { folder: string; kind: IpcKind; claimId: string } | null {
+  const match = /^([a-z0-9][a-z0-9_-]*)\.(messages|tasks)\.([0-9a-f-]{36})$/.exec(dir);
+  return match ? { folder: match[1]!, kind: match[2] as IpcKind, claimId: match[3]! } : null;
 }
 
 /**
@@ -5480,8 +5604,8 @@ export class IpcWatcher {
   private async processAll(): Promise<boolean> {
     mkdirSync(this.claimedDir, { recursive: true });
     // First what was claimed but not finished (a crash, or a database that was unavailable).
-    for (const file of readdirSync(this.claimedDir).sort()) {
-      if (!(await this.handleClaimed(file))) return false;
+    for (const claim of readdirSync(this.claimedDir).sort()) {
+      if (!(await this.handleClaimed(upgradedClaim(this.claimedDir, claim)))) return false;
     }
     let more = false;
     for (const entry of readdirSync(this.ipcDir, { withFileTypes: true })) {
@@ -5494,8 +5618,8 @@ export class IpcWatcher {
             more = true;
             break;
           }
-          const claimed = claimedName(entry.name, kind, name);
-          if (tree.moveOut(`${kind}/${name}`, join(this.claimedDir, claimed))) {
+          const claimed = this.claim(tree, entry.name, kind, name);
+          if (claimed) {
             crashPoint('ipc-claimed');
             if (!(await this.handleClaimed(claimed))) return false;
           }
@@ -5503,6 +5627,24 @@ export class IpcWatcher {
       }
     }
     return more;
+  }
+
+  /** Moves one request out of the agent's reach; a file that cannot be moved is removed unread, never retried forever. */
+  private claim(tree: AgentTree, folder: string, kind: IpcKind, name: string): string | null {
+    const dir = claimDir(folder, kind);
+    try {
+      mkdirSync(join(this.claimedDir, dir));
+      if (tree.moveOut(`${kind}/${name}`, join(this.claimedDir, dir, name))) return dir;
+    } catch (err) {
+      log.warn({ group: folder, file: name, reason: errorText(err) }, 'IPC file could not be claimed; removed unread');
+      try {
+        tree.remove(`${kind}/${name}`);
+      } catch {
+        // gone already, or its folder is being swapped: the next pass looks again
+      }
+    }
+    rmSync(join(this.claimedDir, dir), { recursive: true, force: true });
+    return null;
   }
 
   /** Request files waiting in one folder, in name order; anything that is not a plain file is removed. */
@@ -5532,40 +5674,51 @@ export class IpcWatcher {
     return names.sort();
   }
 
-  /** Handles one claimed file; false when the database was unavailable (the file stays for the next pass). */
-  private async handleClaimed(file: string): Promise<boolean> {
-    const path = join(this.claimedDir, file);
-    const source = parseClaimedName(file);
+  /** Handles one claim; false when the database was unavailable (the claim stays for the next pass). */
+  private async handleClaimed(dir: string): Promise<boolean> {
+    const source = parseClaimDir(dir);
+    const [name] = source ? readdirSync(join(this.claimedDir, dir)) : [];
+    const path = join(this.claimedDir, dir, name ?? '');
     try {
-      if (!source) throw new IpcFormatError('not a claimed IPC file name');
+      if (!source) throw new IpcFormatError('not an IPC claim');
+      if (!name) return this.discard(dir); // claimed by a host that died before the move
       const data = JSON.parse(readRegularFile(path)) as unknown;
       const decision = await this.handlers.handle(source.folder, source.kind, data, source.claimId);
-      this.respond(source.folder, source.name, decision);
-      rmSync(path, { force: true });
-      return true;
+      this.respond(source.folder, name, decision);
+      return this.discard(dir);
     } catch (err) {
       const reason = errorText(err);
+      const file = name ?? dir;
       if (isStoreUnavailable(err)) {
         log.warn(
-          { group: source?.folder, file: source?.name, reason },
+          { group: source?.folder, file, reason },
           'The database is unavailable; the IPC request waits for the next pass',
         );
         this.clock.after(1_000, () => void this.scan());
         return false;
       }
       if (err instanceof UnsafePathError) {
-        rmSync(path, { force: true, recursive: true });
-        log.warn({ group: source?.folder, file: source?.name ?? file, reason }, 'IPC file refused');
-        return true;
+        log.warn({ group: source?.folder, file, reason }, 'IPC file refused');
+        return this.discard(dir);
       }
-      if (source) this.respond(source.folder, source.name, { ok: false, reason });
-      mkdirSync(this.errorsDir, { recursive: true });
-      const target = join(this.errorsDir, file);
-      renameSync(path, target);
-      this.pruneErrors();
-      log.warn({ group: source?.folder, file: source?.name ?? file, movedTo: target, reason }, 'IPC file rejected');
-      return true;
+      if (source && name) this.respond(source.folder, name, { ok: false, reason });
+      // Kept flat, errors/<claim>.<its name>, when that fits a file name.
+      const kept = name && Buffer.byteLength(`${dir}.${name}`) <= 255 ? `${dir}.${name}` : `${dir}.json`;
+      try {
+        mkdirSync(this.errorsDir, { recursive: true });
+        renameSync(name ? path : join(this.claimedDir, dir), join(this.errorsDir, kept));
+        this.pruneErrors();
+      } catch (moveErr) {
+        log.warn({ file, reason: errorText(moveErr) }, 'Could not keep a rejected IPC file; removed');
+      }
+      log.warn({ group: source?.folder, file, movedTo: join(this.errorsDir, kept), reason }, 'IPC file rejected');
+      return this.discard(dir);
     }
+  }
+
+  private discard(dir: string): true {
+    rmSync(join(this.claimedDir, dir), { recursive: true, force: true });
+    return true;
   }
 
   /** The decision, where the tool that wrote the request waits for it: responses/<the request's file name>. */

@@ -4,6 +4,8 @@ import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import {
   groupMounts,
   installId,
+  LineSplitter,
+  MAX_RUN_OUTPUT,
   ModelProxy,
   preflight,
   removeLeftoverContainers,
@@ -138,6 +140,33 @@ describe('runContainer with a fake docker', () => {
     ]) {
       expect(existsSync(join(root, dir))).toBe(true);
     }
+  });
+
+  it('stops a run that floods stderr or stdout past MAX_RUN_OUTPUT, without holding the flood in memory', {
+    timeout: 120_000,
+  }, async () => {
+    for (const where of ['stderr', 'stdout']) {
+      const retained = () => {
+        Bun.gc(true);
+        return process.memoryUsage().heapUsed;
+      };
+      const before = retained();
+      const { outcome, results } = await run(message(`!flood ${MAX_RUN_OUTPUT + 8 * 1024 * 1024} ${where}`));
+      // What the host still holds once it is done is a line and a tail, not the 72 MB that went by.
+      expect(retained() - before).toBeLessThan(8 * 1024 * 1024);
+      expect([where, outcome.oversized]).toEqual([where, true]);
+      expect(outcome.lastError).toContain(`more than ${MAX_RUN_OUTPUT / 1024 / 1024} MB of output`);
+      expect(results).toEqual([]);
+    }
+    expect(readFileSync(join(config.logsDir, 'nanoclaw.log'), 'utf8')).toContain('Container output over the limit');
+  });
+
+  it('splits a line-less flood in one pass, keeping one cut line', () => {
+    const lines = new LineSplitter(16);
+    const seen: string[] = [];
+    for (let i = 0; i < 10_000; i++) seen.push(...lines.push('y'.repeat(1000)));
+    seen.push(...lines.push('\nnext\r\n'));
+    expect(seen).toEqual(['y'.repeat(16), 'next']);
   });
 
   it('sends the stdin contract, with the key only there and never in docker’s environment', async () => {

@@ -6,7 +6,7 @@
  */
 import { Database } from 'bun:sqlite';
 import { existsSync, mkdirSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
-import { join } from 'node:path';
+import { dirname, join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import {
   GIVE_UP_TEXT,
@@ -152,8 +152,10 @@ describe('IPC requests', () => {
     const p = project();
     const claimed = join(p.config.ipcDir, 'claimed');
     mkdirSync(claimed, { recursive: true });
-    const undone = 'family.messages.0c1a1d2e-3f40-4a5b-8c6d-7e8f90a1b2c3.1-a.json';
-    const done = 'family.messages.9d8c7b6a-5f4e-4d3c-8b2a-1f0e9d8c7b6a.2-b.json';
+    // A claim is a folder holding the request under its own name.
+    const undone = 'family.messages.0c1a1d2e-3f40-4a5b-8c6d-7e8f90a1b2c3/1-a.json';
+    const done = 'family.messages.9d8c7b6a-5f4e-4d3c-8b2a-1f0e9d8c7b6a/2-b.json';
+    for (const claim of [undone, done]) mkdirSync(join(claimed, dirname(claim)));
     writeFileSync(
       join(claimed, undone),
       JSON.stringify({ type: 'message', chatJid: FAMILY, text: 'claimed, not handled' }),

@@ -32,6 +32,8 @@
  *   !refused        → the model refused the key: an error result of kind auth, exit 1
  *   !fill BYTES [hold] → writes BYTES to fill.bin in the group folder (-v onto /workspace/group),
  *                     then answers "filled BYTES"; with hold, never answers (the run goes on)
+ *   !flood BYTES [stdout] → writes BYTES of "x" with no newline to stderr (or stdout) and never
+ *                     answers (the host must stop it)
  */
 import { appendFileSync, existsSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
@@ -100,6 +102,15 @@ async function answer(prompt: string, sessionId: string): Promise<void> {
       if (hold) return new Promise(() => {});
       emit({ status: 'success', result: `filled ${bytes}`, sessionId });
       return;
+    }
+    case '!flood': {
+      const [bytes, where] = arg.split(' ');
+      const out = where === 'stdout' ? process.stdout : process.stderr;
+      const piece = Buffer.alloc(64 * 1024, 'x');
+      for (let left = Number(bytes); left > 0; left -= piece.length)
+        if (!out.write(left < piece.length ? piece.subarray(0, left) : piece))
+          await new Promise((resolve) => out.once('drain', resolve));
+      return new Promise(() => {});
     }
     case '!refused':
       emit({

@@ -364,19 +364,48 @@ describe('IpcWatcher', () => {
     expect(order.indexOf('zzz-quiet')).toBe(IPC_FILES_PER_PASS);
   });
 
-  it('handles a request claimed by a host that died before handling it, at the next start', async () => {
+  it('handles a request claimed by a host that died before handling it, at the next start (an older host’s flat claim too)', async () => {
     const seen: unknown[] = [];
     const { dir, watcher } = watched(async (folder, kind, data) => {
       seen.push({ folder, kind, data });
     });
-    mkdirSync(join(dir, 'claimed'), { recursive: true });
+    mkdirSync(join(dir, 'claimed', 'work.messages.1b2c3d4e-5f60-4a5b-8c6d-7e8f90a1b2c3'), { recursive: true });
+    writeFileSync(join(dir, 'claimed', 'work.messages.1b2c3d4e-5f60-4a5b-8c6d-7e8f90a1b2c3', '1-x.json'), '{"n":2}');
     writeFileSync(
       join(dir, 'claimed', 'family.tasks.0c1a1d2e-3f40-4a5b-8c6d-7e8f90a1b2c3.1700000000000-abc.json'),
       '{"n":1}',
     );
     watcher.start();
-    await waitFor(() => seen.length === 1, 3000, 'claimed file');
-    expect(seen).toEqual([{ folder: 'family', kind: 'tasks', data: { n: 1 } }]);
+    await waitFor(() => seen.length === 2, 3000, 'claimed files');
+    expect(seen).toEqual([
+      { folder: 'family', kind: 'tasks', data: { n: 1 } },
+      { folder: 'work', kind: 'messages', data: { n: 2 } },
+    ]);
+    expect(readdirSync(join(dir, 'claimed'))).toEqual([]);
+    expect(readdirSync(join(dir, 'family', 'responses'))).toEqual(['1700000000000-abc.json']);
+  });
+
+  it('takes a request with the longest legal name (255 bytes), answers it under that name, and holds up no one', async () => {
+    const seen: unknown[] = [];
+    const { dir, watcher } = watched(async (folder, _k, data) => {
+      seen.push({ folder, data });
+    });
+    const longest = `${'é'.repeat(125)}.json`; // 250 bytes of two-byte letters and ".json"
+    expect(Buffer.byteLength(longest)).toBe(255);
+    // Written in place (no room for drop's temporary name); the watcher is not started yet.
+    for (const kind of ['messages', 'tasks']) mkdirSync(join(dir, 'evil', kind), { recursive: true });
+    writeFileSync(join(dir, 'evil', 'messages', longest), '{"n":"long"}');
+    writeFileSync(join(dir, 'evil', 'tasks', `${'t'.repeat(250)}.json`), '{broken');
+    drop(dir, 'main', 'messages', '1.json', '{"n":"main"}');
+    watcher.start();
+    await waitFor(() => seen.length === 2, 5000, 'both requests');
+    await watcher.scan();
+    expect(seen).toContainEqual({ folder: 'evil', data: { n: 'long' } });
+    expect(seen).toContainEqual({ folder: 'main', data: { n: 'main' } });
+    expect(JSON.parse(readFileSync(join(dir, 'evil', 'responses', longest), 'utf8'))).toEqual({ ok: true });
+    // The malformed one is kept, under a name that fits, and answered under its own.
+    expect(readdirSync(join(dir, 'errors'))).toEqual([expect.stringMatching(/^evil\.tasks\.[0-9a-f-]{36}\.json$/)]);
+    expect(JSON.parse(readFileSync(join(dir, 'evil', 'responses', `${'t'.repeat(250)}.json`), 'utf8')).ok).toBe(false);
     expect(readdirSync(join(dir, 'claimed'))).toEqual([]);
   });
 });

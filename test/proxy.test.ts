@@ -5,8 +5,16 @@
 import { existsSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
-import { ModelProxy, UsageCounter, usageOf, type ModelProxyOptions } from '../nanoclaw.ts';
-import { tempDir } from './helpers.ts';
+import {
+  MAX_MODEL_REQUEST_BYTES,
+  MAX_MODEL_REQUESTS_PER_RUN,
+  ModelProxy,
+  modelRoute,
+  UsageCounter,
+  usageOf,
+  type ModelProxyOptions,
+} from '../nanoclaw.ts';
+import { tempDir, waitFor } from './helpers.ts';
 
 const KEY = 'sk-proxy-test-0123456789abcdef';
 
@@ -196,6 +204,173 @@ describe('ModelProxy', () => {
     expect(records).toEqual([
       { folder: 'family', ok: true, status: 200, usage: { promptTokens: 12, completionTokens: 2 } },
     ]);
+    run.close();
+  });
+
+  it('passes on only chat, the model list and file upload, its path normalised first; anything else never reaches the upstream', async () => {
+    const up = upstream();
+    cleanups.push(up.stop);
+    const { p } = proxy(up.url);
+    const run = p.open('family', 'run-1');
+    const ask = (method: string, path: string) =>
+      fetch(`http://proxy${path}`, {
+        unix: run.socketPath,
+        method,
+        headers: { authorization: `Bearer ${run.token}` },
+        body: method === 'GET' ? undefined : '{}',
+      } as RequestInit);
+    for (const [method, path] of [
+      ['DELETE', '/files/file-123'],
+      ['GET', '/files'],
+      ['GET', '/chat/completions'],
+      ['POST', '/models'],
+      ['POST', '/%2e%2e/admin/keys'],
+      ['POST', '/chat/completions/%2e%2e/%2e%2e/users'],
+      ['POST', '/chat%252fcompletions'],
+      ['POST', '/chat/completions%00'],
+      ['PUT', '/chat/completions'],
+    ]) {
+      const response = await ask(method!, path!);
+      expect([method, path, response.status]).toEqual([method, path, 403]);
+      expect(await response.text()).toContain('not a model request');
+    }
+    expect(up.seen).toEqual([]);
+    for (const [method, path] of [
+      ['POST', '/chat/completions'],
+      ['POST', '//chat/completions/'],
+      ['GET', '/models'],
+      ['POST', '/files'],
+    ])
+      expect((await ask(method!, path!)).status).toBe(200);
+    expect(up.seen.map((seen) => seen.path)).toEqual([
+      '/v1/chat/completions',
+      '/v1/chat/completions',
+      '/v1/models',
+      '/v1/files',
+    ]);
+    expect(modelRoute('post', '/./chat/completions')).toBeNull();
+    expect(modelRoute('POST', '/chat/%E0%A4%A')).toBeNull(); // not decodable
+    run.close();
+  });
+
+  it('streams a request body on as it comes, and refuses one past the limit while reading it', async () => {
+    // The client sends its second piece only once the upstream has its first: a proxy that
+    // read the whole body before passing it on would never get there, and this would time out.
+    let upstreamHasFirst: () => void = () => {};
+    const firstArrived = new Promise<void>((resolve) => (upstreamHasFirst = resolve));
+    // Its own upstream: the shared one reads each body whole before answering.
+    const server = Bun.serve({
+      hostname: '127.0.0.1',
+      port: 0,
+      fetch: (req) => count(req),
+    });
+    cleanups.push(() => server.stop(true));
+    const count = async (req: Request) => {
+      const reader = req.body!.getReader();
+      let bytes = 0;
+      try {
+        for (let next = await reader.read(); !next.done; next = await reader.read()) {
+          bytes += next.value.byteLength;
+          upstreamHasFirst();
+        }
+      } catch {
+        return new Response('cut', { status: 400 });
+      }
+      received.push(bytes);
+      return Response.json({ bytes });
+    };
+    const received: number[] = [];
+    const { p } = proxy(`http://127.0.0.1:${server.port}/v1`);
+    const run = p.open('family', 'run-1');
+    const piece = new Uint8Array(1024 * 1024).fill(120);
+    const send = (pieces: number) => {
+      let sent = 0;
+      const body = new ReadableStream<Uint8Array>({
+        async pull(controller) {
+          if (sent === 1) await firstArrived;
+          if (sent++ < pieces) controller.enqueue(piece);
+          else controller.close();
+        },
+      });
+      return fetch('http://proxy/chat/completions', {
+        unix: run.socketPath,
+        method: 'POST',
+        headers: { authorization: `Bearer ${run.token}` },
+        body,
+        duplex: 'half',
+      } as RequestInit);
+    };
+    const small = await send(3);
+    expect(await small.json()).toEqual({ bytes: 3 * piece.byteLength });
+    const huge = await send(MAX_MODEL_REQUEST_BYTES / piece.byteLength + 2);
+    expect(huge.status).toBe(413);
+    // A declared length over the limit is refused before anything is read or sent.
+    const declared = await fetch('http://proxy/chat/completions', {
+      unix: run.socketPath,
+      method: 'POST',
+      headers: { authorization: `Bearer ${run.token}` },
+      body: new Uint8Array(MAX_MODEL_REQUEST_BYTES + 10),
+    } as RequestInit);
+    expect(declared.status).toBe(413);
+    expect(received).toEqual([3 * piece.byteLength]); // the one cut short was never taken as whole
+    run.close();
+  });
+
+  it(`holds at most ${MAX_MODEL_REQUESTS_PER_RUN} requests of one run at once; a finished or abandoned one frees its place`, async () => {
+    const holds: (() => void)[] = [];
+    const up = upstream(async () => {
+      await new Promise<void>((resolve) => holds.push(resolve));
+      return Response.json({ ok: true });
+    });
+    cleanups.push(up.stop);
+    const { p } = proxy(up.url);
+    const run = p.open('family', 'run-1');
+    const other = p.open('quiet', 'run-2');
+    const open = Array.from({ length: MAX_MODEL_REQUESTS_PER_RUN }, () => call(run.socketPath, run.token));
+    await waitFor(() => holds.length === MAX_MODEL_REQUESTS_PER_RUN || null, 10_000, 'requests at the upstream');
+    const refused = await call(run.socketPath, run.token);
+    expect(refused.status).toBe(429);
+    expect(refused.headers.get('retry-after')).toBe('1');
+    // Another run has its own places.
+    const theirs = call(other.socketPath, other.token);
+    await waitFor(
+      () => holds.length === MAX_MODEL_REQUESTS_PER_RUN + 1 || null,
+      10_000,
+      'the other run at the upstream',
+    );
+    for (const release of holds.splice(0)) release();
+    expect((await Promise.all([...open, theirs])).map((r) => r.status)).toEqual(
+      Array(MAX_MODEL_REQUESTS_PER_RUN + 1).fill(200),
+    );
+    await Promise.all((await Promise.all(open)).map((r) => r.text()));
+    const again = call(run.socketPath, run.token);
+    await waitFor(() => holds.length === 1 || null, 10_000, 'a place freed');
+    for (const release of holds.splice(0)) release();
+    expect((await again).status).toBe(200);
+    run.close();
+    other.close();
+  });
+
+  it('an upstream error goes back with the key masked in it, and cut short when long', async () => {
+    const up = upstream(
+      (req) =>
+        new Response(
+          JSON.stringify({
+            error: { message: `bad key ${req.headers.get('authorization')}`, pad: 'y'.repeat(200_000) },
+          }),
+          { status: 401, headers: { 'content-type': 'application/json' } },
+        ),
+    );
+    cleanups.push(up.stop);
+    const { p, records } = proxy(up.url);
+    const run = p.open('family', 'run-1');
+    const response = await call(run.socketPath, run.token);
+    expect(response.status).toBe(401);
+    const text = await response.text();
+    expect(text).toContain('bad key Bearer [REDACTED]');
+    expect(text).not.toContain(KEY);
+    expect(text.length).toBeLessThanOrEqual(64 * 1024);
+    expect(records).toEqual([{ folder: 'family', ok: false, status: 401, usage: null }]);
     run.close();
   });
 
