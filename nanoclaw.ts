@@ -4418,6 +4418,8 @@ export function hardeningArgs(
     '--cpus',
     cpus,
     '--read-only',
+    '--log-driver', // what it prints comes to the host (bounded there), never to the engine's disk as well
+    'none',
     '--tmpfs',
     '/tmp:rw,exec,nosuid,nodev,size=1g',
     '--tmpfs',
@@ -4869,7 +4871,7 @@ async function streamContainer(plan: RunPlan, options: RunContainerOptions, grou
   // What a container writes is bounded: past the cap the run is logged as oversized and stopped.
   let written = 0;
   const count = (text: string) => {
-    written += text.length;
+    written += Buffer.byteLength(text);
     if (written <= MAX_RUN_OUTPUT || result.oversized) return;
     result.oversized = true;
     result.lastError = `the container wrote more than ${MAX_RUN_OUTPUT / 1024 / 1024} MB of output; stopped`;
@@ -8197,8 +8199,13 @@ function lastLines(path: string, count: number): string {
 
 /** Log text as the terminal may show it: control characters but newline and tab written out (ESC as \x1b). */
 export function visibleText(text: string): string {
+  // Control characters, and the bidi controls that reorder a line, written out as escapes.
   // biome-ignore lint/suspicious/noControlCharactersInRegex: finding them is the point
-  return text.replace(/[\x00-\x08\x0b-\x1f\x7f-\x9f]/g, (c) => `\\x${c.charCodeAt(0).toString(16).padStart(2, '0')}`);
+  const hidden = /[\x00-\x08\x0b-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]/g;
+  return text.replace(hidden, (c) => {
+    const code = c.charCodeAt(0);
+    return code > 0xff ? `\\u${code.toString(16)}` : `\\x${code.toString(16).padStart(2, '0')}`;
+  });
 }
 
 function logsCommand(config: Config, args: string[]): number {

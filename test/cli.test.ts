@@ -12,7 +12,7 @@ import { availableParallelism } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { beforeEach, describe, expect, it } from 'vitest';
-import { OutboxSender, setupLogging, Store } from '../nanoclaw.ts';
+import { OutboxSender, setupLogging, Store, visibleText } from '../nanoclaw.ts';
 import {
   fakeDocker,
   flakyServer,
@@ -713,6 +713,14 @@ describe('settings, linking and tasks as a user meets them', () => {
 });
 
 /** `chat` on a real terminal (a pty from util-linux `script`), as a person types into it. */
+describe('what reaches the operator’s terminal', () => {
+  it('escapes control characters and bidi overrides, keeps newlines, tabs and letters', () => {
+    expect(visibleText('a\x1b]0;pwned\x07b\x1b[2J\r\u202eevil\u2066\tok\né')).toBe(
+      'a\\x1b]0;pwned\\x07b\\x1b[2J\\x0d\\u202eevil\\u2066\tok\né',
+    );
+  });
+});
+
 describe('chat manners on a terminal', () => {
   function onTerminal() {
     const proc = Bun.spawn(['script', '-qfec', `${process.execPath} ${ENTRY} chat`, '/dev/null'], {

@@ -128,6 +128,7 @@ describe('runContainer with a fake docker', () => {
       `${root}/data/proxy/${argv[4]!.replace(/^nanoclaw-/, '')}.egress.sock:/run/nanoclaw/egress.sock`, // its only way out
     ]);
     expect(argv[argv.indexOf('--network') + 1]).toBe('none'); // the default egress network: no interface of its own
+    expect(argv[argv.indexOf('--log-driver') + 1]).toBe('none'); // its output is bounded by the host, not kept by the engine
     const envFlags = argv.flatMap((arg, i) => (argv[i - 1] === '-e' ? [arg] : []));
     expect(envFlags).toContain('TZ=UTC');
     expect(envFlags.join(' ')).not.toContain(SECRET);
