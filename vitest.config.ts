@@ -8,7 +8,9 @@ const ENGINE = ['test/e2e.test.ts', 'test/hostile.test.ts', 'test/drills.test.ts
 const shared = {
   // The default 'forks' pool crashes under Bun; threads work.
   pool: 'threads' as const,
-  testTimeout: 30_000,
+  // Generous: on a busy 2-core machine (two suites at once) a test that spawns a dozen
+  // Bun processes can take a while; no test depends on being fast.
+  testTimeout: 120_000,
   hookTimeout: 120_000,
 };
 
