@@ -36,6 +36,7 @@ import {
   fchownSync,
   constants as fsConstants,
   fstatSync,
+  fsyncSync,
   lchownSync,
   lstatSync,
   mkdirSync,
@@ -56,6 +57,7 @@ import {
   type FSWatcher,
 } from 'node:fs';
 import { lookup } from 'node:dns/promises';
+import * as fsp from 'node:fs/promises';
 import { createRequire } from 'node:module';
 import { connect as netConnect, createServer as createNetServer, type Socket } from 'node:net';
 import { availableParallelism, homedir } from 'node:os';
@@ -64,9 +66,13 @@ import { createInterface } from 'node:readline';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 import type {
+  AuthenticationCreds,
+  AuthenticationState,
   ConnectionState,
   GroupMetadata,
   proto,
+  SignalDataTypeMap,
+  SignalKeyStore,
   WAMessage,
   WAMessageKey,
   WASocket,
@@ -2549,7 +2555,8 @@ export function disconnectKind(error: unknown): { kind: DisconnectKind; status?:
   return { kind: kindOf(), status, detail };
 }
 
-export type LinkState = 'linked' | 'pending' | 'none';
+/** damaged: creds.json is there but unreadable (empty, cut short), and no backup could replace it. */
+export type LinkState = 'linked' | 'pending' | 'damaged' | 'none';
 
 /**
  * Linked = WhatsApp confirmed this device. baileys writes creds.json as soon as a pairing
@@ -2559,6 +2566,145 @@ export type LinkState = 'linked' | 'pending' | 'none';
 export function linkStateOf(creds: { me?: { id?: string } | null; account?: unknown } | null | undefined): LinkState {
   if (!creds) return 'none';
   return creds.me?.id && creds.account ? 'linked' : 'pending';
+}
+
+const CREDS_FILE = 'creds.json';
+/** creds.json as it was before its last write: what a damaged creds.json is restored from. */
+const CREDS_BACKUP = 'creds.json.bak';
+
+/** Whether a file's text is whole baileys credentials (an empty or cut-short file is not). */
+function isCredsText(text: string): boolean {
+  try {
+    const creds = JSON.parse(text) as Partial<AuthenticationCreds> | null;
+    return Boolean(creds?.noiseKey && creds.signedIdentityKey && Number.isInteger(creds.registrationId));
+  } catch {
+    return false;
+  }
+}
+
+/** Writes a file whole or not at all (temp file, fsync, rename): what crashes leave is the old file or the new one. */
+function writeFileDurablySync(path: string, text: string): void {
+  const temp = `${path}.${randomUUID().slice(0, 8)}.tmp`;
+  const fd = openSync(temp, 'w', 0o600);
+  try {
+    writeSync(fd, text);
+    fsyncSync(fd);
+  } finally {
+    closeSync(fd);
+  }
+  renameSync(temp, path);
+}
+
+/** The same, asynchronously; `keepPreviousAs` keeps the file being replaced under that name (a hard link, so never half a copy). */
+async function writeFileDurably(path: string, text: string, keepPreviousAs?: string): Promise<void> {
+  const temp = `${path}.${randomUUID().slice(0, 8)}.tmp`;
+  const file = await fsp.open(temp, 'w', 0o600);
+  try {
+    await file.writeFile(text);
+    await file.sync();
+  } finally {
+    await file.close();
+  }
+  if (keepPreviousAs) {
+    const link = `${keepPreviousAs}.${randomUUID().slice(0, 8)}.tmp`;
+    const kept = await fsp.link(path, link).then(
+      () => true,
+      (err) => (errorCode(err) === 'ENOENT' ? false : Promise.reject(err)),
+    );
+    if (kept) await fsp.rename(link, keepPreviousAs);
+  }
+  await fsp.rename(temp, path);
+  const dir = await fsp.open(dirname(path), 'r');
+  await dir.sync().finally(() => dir.close()); // the rename itself survives a power cut
+}
+
+/**
+ * creds.json's text as last written whole. When it is missing, empty or cut short (a crash
+ * or a full disk while an older NanoClaw wrote it in place) but creds.json.bak is whole,
+ * the backup is put back, and the log says so.
+ */
+export function readCredsFile(authDir: string): { state: 'ok'; text: string } | { state: 'none' | 'damaged' } {
+  const path = join(authDir, CREDS_FILE);
+  const backup = join(authDir, CREDS_BACKUP);
+  const whole = (file: string) => {
+    const text = existsSync(file) ? readFileSync(file, 'utf8') : '';
+    return isCredsText(text) ? text : null;
+  };
+  const current = whole(path);
+  if (current) return { state: 'ok', text: current };
+  if (!existsSync(path) && !existsSync(backup)) return { state: 'none' };
+  const previous = whole(backup);
+  if (!previous) return { state: 'damaged' };
+  writeFileDurablySync(path, previous);
+  log.warn(
+    { file: path },
+    'WhatsApp credentials (creds.json) were missing, empty or cut short; restored their previous version from creds.json.bak',
+  );
+  return { state: 'ok', text: previous };
+}
+
+/**
+ * baileys' multi-file auth state (useMultiFileAuthState's folder layout and file names, so
+ * an existing link keeps working) with durable writes: each file written whole (temp file,
+ * fsync, rename), the reads and writes of one file in order, and creds.json's previous
+ * version kept as creds.json.bak. Temp files a crash left are removed.
+ */
+export async function useDurableAuthState(
+  authDir: string,
+): Promise<{ state: AuthenticationState; saveCreds(): Promise<void> }> {
+  const { BufferJSON, initAuthCreds, proto: waProto } = baileys();
+  mkdirSync(authDir, { recursive: true, mode: 0o700 });
+  for (const name of readdirSync(authDir)) if (name.endsWith('.tmp')) rmSync(join(authDir, name), { force: true });
+  const pathOf = (name: string) => join(authDir, name.replace(/\//g, '__').replace(/:/g, '-'));
+  const queues = new Map<string, Promise<unknown>>();
+  const inOrder = <T>(path: string, job: () => Promise<T>): Promise<T> => {
+    const done = (queues.get(path) ?? Promise.resolve()).then(job, job);
+    const settled = done.then(
+      () => {},
+      () => {},
+    );
+    queues.set(path, settled);
+    void settled.then(() => queues.get(path) === settled && queues.delete(path));
+    return done;
+  };
+  const read = (name: string) =>
+    inOrder(pathOf(name), async () => JSON.parse(await fsp.readFile(pathOf(name), 'utf8'), BufferJSON.reviver)).catch(
+      () => null,
+    );
+  const write = (name: string, value: unknown) =>
+    inOrder(pathOf(name), () =>
+      writeFileDurably(
+        pathOf(name),
+        JSON.stringify(value, BufferJSON.replacer),
+        name === CREDS_FILE ? pathOf(CREDS_BACKUP) : undefined,
+      ),
+    );
+  const remove = (name: string) => inOrder(pathOf(name), () => fsp.unlink(pathOf(name)).catch(() => {}));
+  const saved = readCredsFile(authDir);
+  const creds: AuthenticationCreds =
+    saved.state === 'ok' ? JSON.parse(saved.text, BufferJSON.reviver) : initAuthCreds();
+  const keys: SignalKeyStore = {
+    get: async <T extends keyof SignalDataTypeMap>(type: T, ids: string[]) => {
+      const found: { [id: string]: SignalDataTypeMap[T] } = {};
+      await Promise.all(
+        ids.map(async (id) => {
+          const value = await read(`${type}-${id}.json`);
+          found[id] =
+            type === 'app-state-sync-key' && value ? waProto.Message.AppStateSyncKeyData.fromObject(value) : value;
+        }),
+      );
+      return found;
+    },
+    set: async (data) => {
+      const writes = Object.entries(data).flatMap(([category, values]) =>
+        Object.entries(values ?? {}).map(([id, value]) =>
+          value ? write(`${category}-${id}.json`, value) : remove(`${category}-${id}.json`),
+        ),
+      );
+      await Promise.all(writes);
+    },
+  };
+  return { state: { creds, keys }, saveCreds: () => write(CREDS_FILE, creds) };
 }
 
 /** Where the last WhatsApp Web version that was looked up is kept (state table). */
@@ -2665,15 +2811,10 @@ export class WhatsAppChannel implements Channel {
     this.rateLimiter = options.rateLimiter ?? new RateLimiter();
   }
 
-  /** Whether store/auth holds a linked device, a pairing never finished, or nothing. */
+  /** Whether store/auth holds a linked device, a pairing never finished, damaged credentials, or nothing. */
   static linkState(authDir: string): LinkState {
-    const file = join(authDir, 'creds.json');
-    if (!existsSync(file)) return 'none';
-    try {
-      return linkStateOf(JSON.parse(readFileSync(file, 'utf8')));
-    } catch {
-      return 'pending'; // unreadable: not a device that can log in
-    }
+    const file = readCredsFile(authDir);
+    return file.state === 'ok' ? linkStateOf(JSON.parse(file.text)) : file.state;
   }
 
   static isLinked(authDir: string): boolean {
@@ -2738,14 +2879,16 @@ export class WhatsAppChannel implements Channel {
 
   private async openSocket(): Promise<void> {
     await this.resolveVersion();
-    const { state, saveCreds } = await baileys().useMultiFileAuthState(this.options.authDir);
+    const { state, saveCreds } = await useDurableAuthState(this.options.authDir);
+    // baileys wants its own pino; ours is pino too, just quieter for its chatter.
+    const logger = log.child(
+      { module: 'baileys' },
+      { level: log.level === 'trace' ? 'debug' : 'warn' },
+    ) as unknown as ILogger;
     const sock = baileys().default({
-      auth: state,
-      // baileys wants its own pino; ours is pino too, just quieter for its chatter.
-      logger: log.child(
-        { module: 'baileys' },
-        { level: log.level === 'trace' ? 'debug' : 'warn' },
-      ) as unknown as ILogger,
+      // Signal keys are read for every message: kept in memory, written through to the files.
+      auth: { creds: state.creds, keys: baileys().makeCacheableSignalKeyStore(state.keys, logger) },
+      logger,
       markOnlineOnConnect: false,
       syncFullHistory: false,
       msgRetryCounterCache: this.retryCounts,
@@ -7117,7 +7260,11 @@ export const COMMAND_USAGE = {
   start: [['(none), start', 'run the assistant service (WhatsApp)']],
   auth: [
     ['auth [--pairing-code <phone>]', 'link this machine to your WhatsApp (QR code, or a code typed on the phone)'],
-    ['auth --check', 'is this machine linked? (exit 0 linked, 3 not linked, 4 a pairing left unfinished)'],
+    ['auth --relink [--pairing-code <phone>]', "replace this machine's link: deletes store/auth/, then links again"],
+    [
+      'auth --check',
+      'is this machine linked? (exit 0 linked, 3 not linked, 4 a pairing left unfinished, 5 credentials damaged)',
+    ],
   ],
   chat: [['chat', "talk to the main group's agent from this terminal (piped stdin: one message per line)"]],
   groups: [
@@ -7718,8 +7865,8 @@ export async function runService(config: Config): Promise<number> {
   const link = WhatsAppChannel.linkState(whatsAppAuthDir(config));
   if (link !== 'linked') {
     throw new UsageError(
-      `WhatsApp is not linked on this machine yet${link === 'pending' ? ' (a pairing was started but never finished)' : ''}.\n` +
-        '  Fix: bun nanoclaw.ts auth   (shows a QR code; or: bun nanoclaw.ts auth --pairing-code <your phone number>)\n' +
+      `WhatsApp is not linked on this machine yet${{ pending: ' (a pairing was started but never finished)', damaged: ' (store/auth/creds.json is damaged and has no whole backup)', none: '' }[link]}.\n` +
+        `  Fix: bun nanoclaw.ts auth${link === 'damaged' ? ' --relink' : ''}   (shows a QR code; or add --pairing-code <your phone number>)\n` +
         '  Meanwhile you can talk to your assistant from this terminal: bun nanoclaw.ts chat',
     );
   }
@@ -7785,31 +7932,43 @@ export function authCloseMessage(error: unknown): { retry: boolean; message: str
   }
 }
 
+/** What `auth` does with what store/auth holds: link, start over (no device there), or replace a device only when the user says so. */
+export function authPlan(state: LinkState, relink: boolean): 'link' | 'start-over' | 'replace' | 'ask' {
+  if (state === 'none') return 'link';
+  if (state === 'pending') return 'start-over';
+  return relink ? 'replace' : 'ask';
+}
+
+/** A yes/no question on the terminal; anything but y or yes is no. */
+async function askYes(question: string): Promise<boolean> {
+  const terminal = createInterface({ input: process.stdin, output: process.stdout });
+  const answer = await new Promise<string>((answered) => terminal.question(`${question} [y/N] `, answered));
+  terminal.close();
+  return /^y(es)?$/i.test(answer.trim());
+}
+
 /** `auth`: links this machine to WhatsApp (QR code, or a pairing code for headless machines). */
 export async function authCommand(config: Config, args: string[]): Promise<number> {
   const { values, positionals } = commandArgs('auth', args, {
     'pairing-code': { type: 'string' },
     check: { type: 'boolean' },
+    relink: { type: 'boolean' },
   });
   if (positionals.length) throw new UsageError(`Unexpected argument "${positionals[0]}".`, 'auth');
   const authDir = whatsAppAuthDir(config);
   const state = WhatsAppChannel.linkState(authDir);
   if (values.check) {
-    if (values['pairing-code'] !== undefined) throw new UsageError('--check takes no other option.', 'auth');
+    if (values['pairing-code'] !== undefined || values.relink)
+      throw new UsageError('--check takes no other option.', 'auth');
     console.log(
       {
         linked: 'linked: store/auth/ holds a linked WhatsApp device',
         pending: 'not linked: a pairing was started but never finished (run auth)',
+        damaged: 'not linked: store/auth/creds.json is damaged and has no whole backup (run auth --relink)',
         none: 'not linked (run auth to link WhatsApp)',
       }[state],
     );
-    return { linked: 0, none: 3, pending: 4 }[state];
-  }
-  if (state === 'linked') {
-    console.log(
-      'WhatsApp is already linked (store/auth/). To link another number, stop NanoClaw, remove store/auth/ and run auth again.',
-    );
-    return 0;
+    return { linked: 0, none: 3, pending: 4, damaged: 5 }[state];
   }
   const rawPhone = values['pairing-code'] as string | undefined;
   const phone = rawPhone?.replace(/[\s+()-]/g, '');
@@ -7819,10 +7978,35 @@ export async function authCommand(config: Config, args: string[]): Promise<numbe
       'auth',
     );
   }
-  if (state === 'pending') {
+  const plan = authPlan(state, values.relink === true);
+  const what =
+    state === 'linked'
+      ? 'WhatsApp is already linked (store/auth/).'
+      : 'store/auth/creds.json is damaged (empty or cut short) and has no whole backup.';
+  if (plan === 'ask') {
+    // A linked device's keys are never deleted without the user's yes.
+    if (!process.stdin.isTTY) {
+      const line = `${what} To link again (this deletes store/auth/): bun nanoclaw.ts auth --relink`;
+      if (state === 'linked')
+        console.log(line); // nothing wrong: nothing to do
+      else console.error(line);
+      return state === 'linked' ? 0 : 2;
+    }
+    if (!(await askYes(`${what} Delete store/auth/ and link this machine again?`))) {
+      console.log('Nothing changed.');
+      return 0;
+    }
+  }
+  if (plan === 'start-over') {
     // Credentials of a pairing that never finished would make WhatsApp treat us as a device it does not know.
     console.log('An earlier link was started but never finished; starting over.');
     rmSync(authDir, { recursive: true, force: true });
+  }
+  if (plan === 'replace' || plan === 'ask') {
+    rmSync(authDir, { recursive: true, force: true });
+    console.log(
+      'Removed store/auth/. On your phone, remove the old device under Linked devices if it is still listed.',
+    );
   }
   mkdirSync(authDir, { recursive: true });
   const { generate } = await import('qrcode-terminal');
@@ -7831,7 +8015,7 @@ export async function authCommand(config: Config, args: string[]): Promise<numbe
   const code = await new Promise<number>((resolveAuth) => {
     const open = async () => {
       await versions.resolveVersion();
-      const { state: auth, saveCreds } = await baileys().useMultiFileAuthState(authDir);
+      const { state: auth, saveCreds } = await useDurableAuthState(authDir);
       const version = versions.version;
       const sock = baileys().default({
         auth,
