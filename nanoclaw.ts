@@ -2525,14 +2525,17 @@ export class TtlCache<V = unknown> {
 }
 
 /**
- * What a closed WhatsApp connection means (baileys 7 Types/index.d.ts DisconnectReason;
+ * What a closed WhatsApp connection means (baileys 7.0.0-rc14 Types DisconnectReason; 403
+ * and 419 are what baileys' Defaults UNAUTHORIZED_CODES count as unauthorized besides 401;
  * 405 is the server's refusal of the client version, which baileys closes with as is).
  */
 export type DisconnectKind =
   | 'logged-out'
-  | 'version-refused'
-  | 'restart'
+  | 'unauthorized'
+  | 'device-mismatch'
   | 'replaced'
+  | 'restart'
+  | 'version-refused'
   | 'qr-expired'
   | 'network'
   | 'other';
@@ -2541,12 +2544,14 @@ export function disconnectKind(error: unknown): { kind: DisconnectKind; status?:
   const boom = error as { output?: { statusCode?: number }; data?: { code?: string } } | undefined;
   const status = boom?.output?.statusCode;
   const detail = error === undefined ? 'no reason given' : errorText(error);
-  const reason = baileys().DisconnectReason;
+  const { DisconnectReason: reason, UNAUTHORIZED_CODES } = baileys();
   const kindOf = (): DisconnectKind => {
     if (status === reason.loggedOut) return 'logged-out';
-    if (status === 405) return 'version-refused';
-    if (status === reason.restartRequired) return 'restart';
+    if (status !== undefined && UNAUTHORIZED_CODES.includes(status)) return 'unauthorized';
+    if (status === reason.multideviceMismatch) return 'device-mismatch';
     if (status === reason.connectionReplaced) return 'replaced';
+    if (status === reason.restartRequired) return 'restart';
+    if (status === 405) return 'version-refused';
     if (/QR refs attempts ended/.test(detail)) return 'qr-expired';
     if (status === reason.timedOut || status === reason.connectionClosed || /^E[A-Z]+$/.test(boom?.data?.code ?? ''))
       return 'network';
@@ -2555,7 +2560,41 @@ export function disconnectKind(error: unknown): { kind: DisconnectKind; status?:
   return { kind: kindOf(), status, detail };
 }
 
-/** damaged: creds.json is there but unreadable (empty, cut short), and no backup could replace it. */
+const RELINK = 'Link this machine again: bun nanoclaw.ts auth --relink';
+
+/**
+ * What the service does after a close: stop with one line naming the fix (retrying would
+ * only repeat the refusal, and risk the number), reconnect at once, or wait with backoff.
+ */
+export function afterDisconnect(
+  kind: DisconnectKind,
+  status?: number,
+): { action: 'stop'; says: string } | { action: 'now' | 'backoff' } {
+  switch (kind) {
+    case 'logged-out':
+      return { action: 'stop', says: `WhatsApp logged this device out (401). ${RELINK}` };
+    case 'unauthorized':
+      return {
+        action: 'stop',
+        says: `WhatsApp refused this device (${status}: not authorized; the number may also be restricted, check the phone). ${RELINK}`,
+      };
+    case 'device-mismatch':
+      return { action: 'stop', says: `WhatsApp does not accept this linked device any more (411). ${RELINK}` };
+    case 'replaced':
+      return {
+        action: 'stop',
+        says: 'Another NanoClaw (or another program with these credentials) took over this WhatsApp session (440). Stopped here so the two do not take it from each other: keep one running.',
+      };
+    case 'restart':
+      return { action: 'now' }; // WhatsApp asks for a fresh connection (after pairing, or when it moves us)
+    default:
+      return { action: 'backoff' };
+  }
+}
+
+/** A connection has to stay open this long before the reconnect backoff starts again from its first step. */
+export const WHATSAPP_STABLE_MS = 60_000;
+
 export type LinkState = 'linked' | 'pending' | 'damaged' | 'none';
 
 /**
@@ -2744,10 +2783,13 @@ export interface WhatsAppOptions {
   /** How long to wait for a sender's phone to upload expired media again. */
   mediaReuploadTimeoutMs?: number;
   rateLimiter?: RateLimiter;
-  /** Called once when WhatsApp says this device was logged out. */
-  onLoggedOut?(): void;
-  /** Called once when WhatsApp offers a QR code: these credentials are not a linked device. */
-  onNotLinked?(): void;
+  /**
+   * Called once when the channel stops for good, with the line that says what to do:
+   * logged out or refused (re-link), replaced by another host, or offered a QR code.
+   */
+  onStopped?(why: string): void;
+  /** Reconnect delays and refreshes (default: the system's). */
+  clock?: Clock;
 }
 
 const WHATSAPP_EVENTS = [
@@ -2787,8 +2829,11 @@ export class WhatsAppChannel implements Channel {
   private connected = false;
   private closed = false;
   private attempt = 0;
-  private reconnectTimer: ReturnType<typeof setTimeout> | null = null;
-  private dailySync: ReturnType<typeof setInterval> | null = null;
+  private cancelReconnect: (() => void) | null = null;
+  private stopDailySync: (() => void) | null = null;
+  /** When the live connection opened (monotonic), or null while there is none. */
+  private openedAt: number | null = null;
+  private readonly clock: Clock;
   private ownJids = new Set<string>();
   private readonly rateLimiter: RateLimiter;
   /** Outlives sockets, as baileys asks, so a message is not retried without end across reconnects. */
@@ -2809,6 +2854,7 @@ export class WhatsAppChannel implements Channel {
 
   constructor(private readonly options: WhatsAppOptions) {
     this.rateLimiter = options.rateLimiter ?? new RateLimiter();
+    this.clock = options.clock ?? systemClock;
   }
 
   /** Whether store/auth holds a linked device, a pairing never finished, damaged credentials, or nothing. */
@@ -2847,7 +2893,7 @@ export class WhatsAppChannel implements Channel {
     this.handlers = handlers;
     this.closed = false;
     await this.openSocket();
-    this.dailySync = setInterval(() => void this.syncGroups().catch(() => {}), 24 * 60 * 60_000);
+    this.stopDailySync = every(this.clock, 24 * 60 * 60_000, () => void this.syncGroups().catch(() => {}));
   }
 
   /**
@@ -2969,26 +3015,29 @@ export class WhatsAppChannel implements Channel {
     }
   }
 
-  private stopFor(sock: WASocket): void {
+  /** Stops for good: no reconnect; the log and onStopped say why and what to do. */
+  private stopFor(sock: WASocket, why: string, fields: Record<string, unknown> = {}): void {
+    log.error(fields, why);
     this.closed = true;
     this.connected = false;
     this.retire(sock);
-    if (this.reconnectTimer) clearTimeout(this.reconnectTimer);
+    this.cancelReconnect?.();
+    this.cancelReconnect = null;
+    this.options.onStopped?.(why);
   }
 
   private onConnectionUpdate(sock: WASocket, update: Partial<ConnectionState>): void {
     if (sock !== this.sock) return; // a retired socket's last words
     if (update.qr) {
-      log.error(
-        'WhatsApp offers a QR code: store/auth/ holds no linked device. Run `bun nanoclaw.ts auth` to link this machine.',
+      this.stopFor(
+        sock,
+        'Not linked: WhatsApp offers a QR code, so it does not know the device in store/auth/. Run `bun nanoclaw.ts auth --relink`, then start NanoClaw again.',
       );
-      this.stopFor(sock);
-      this.options.onNotLinked?.();
       return;
     }
     if (update.connection === 'open') {
       this.connected = true;
-      this.attempt = 0;
+      this.openedAt = this.clock.monotonic();
       this.versionRefusalLogged = false;
       this.ownJids = new Set(
         [sock.user?.id, sock.user?.lid]
@@ -3006,13 +3055,13 @@ export class WhatsAppChannel implements Channel {
     }
     if (update.connection === 'close') {
       this.connected = false;
+      // Only a connection that held counts as recovered: one that drops at once keeps backing off.
+      if (this.openedAt !== null && this.clock.monotonic() - this.openedAt >= WHATSAPP_STABLE_MS) this.attempt = 0;
+      this.openedAt = null;
       const { kind, status, detail } = disconnectKind(update.lastDisconnect?.error);
-      if (kind === 'logged-out') {
-        log.error(
-          'WhatsApp logged this device out. The credentials in store/auth/ no longer work: remove that folder, then run `bun nanoclaw.ts auth`.',
-        );
-        this.stopFor(sock);
-        this.options.onLoggedOut?.();
+      const next = afterDisconnect(kind, status);
+      if (next.action === 'stop') {
+        this.stopFor(sock, next.says, { status, reason: detail });
         return;
       }
       if (kind === 'version-refused') {
@@ -3027,13 +3076,13 @@ export class WhatsAppChannel implements Channel {
       } else {
         log.warn({ status, kind, reason: detail }, 'WhatsApp disconnected');
       }
-      this.scheduleReconnect(kind === 'restart');
+      this.scheduleReconnect(next.action === 'now');
     }
   }
 
   private scheduleReconnect(now = false): void {
-    if (this.closed || this.reconnectTimer) return;
-    this.attempt++;
+    if (this.closed || this.cancelReconnect) return;
+    if (!now) this.attempt++; // a restart WhatsApp asks for is no failure
     const delay = now
       ? 0
       : backoff(this.attempt, {
@@ -3043,8 +3092,8 @@ export class WhatsAppChannel implements Channel {
         });
     this.reconnectDelays.push(delay);
     log.info({ attempt: this.attempt, delayMs: delay }, 'Reconnecting to WhatsApp');
-    this.reconnectTimer = setTimeout(() => {
-      this.reconnectTimer = null;
+    this.cancelReconnect = this.clock.after(delay, () => {
+      this.cancelReconnect = null;
       if (this.closed) return;
       this.retire(this.sock);
       this.sock = null;
@@ -3052,7 +3101,7 @@ export class WhatsAppChannel implements Channel {
         log.error({ err }, 'Could not open a WhatsApp connection');
         this.scheduleReconnect();
       });
-    }, delay);
+    });
   }
 
   private identity(): WhatsAppIdentity {
@@ -3192,9 +3241,9 @@ export class WhatsAppChannel implements Channel {
 
   async disconnect(): Promise<void> {
     this.closed = true;
-    if (this.reconnectTimer) clearTimeout(this.reconnectTimer);
-    if (this.dailySync) clearInterval(this.dailySync);
-    this.reconnectTimer = null;
+    this.cancelReconnect?.();
+    this.stopDailySync?.();
+    this.cancelReconnect = null;
     this.connected = false;
     this.retire(this.sock);
     this.sock = null;
@@ -7874,14 +7923,7 @@ export async function runService(config: Config): Promise<number> {
   let unlinked: (why: string) => void = () => {};
   const whenUnlinked = new Promise<string>((resolve) => (unlinked = resolve));
   const { host, store, release } = await startHost(config, (store) => [
-    whatsAppChannel(config, store, {
-      onLoggedOut: () =>
-        unlinked('WhatsApp logged this device out. Remove store/auth/ and run `bun nanoclaw.ts auth` to link again.'),
-      onNotLinked: () =>
-        unlinked(
-          'Not linked: WhatsApp does not know the device in store/auth/. Run `bun nanoclaw.ts auth`, then start NanoClaw again.',
-        ),
-    }),
+    whatsAppChannel(config, store, { onStopped: unlinked }),
   ]);
   const finish = async () => {
     await host.stop();
@@ -7919,10 +7961,11 @@ export function authCloseMessage(error: unknown): { retry: boolean; message: str
           'WhatsApp refused this client version (405). Run auth again (it looks the current version up); if it keeps failing, update NanoClaw (bun update @whiskeysockets/baileys).',
       };
     case 'logged-out':
+    case 'unauthorized':
+    case 'device-mismatch':
       return {
         retry: false,
-        message:
-          'WhatsApp refused the link (401). On your phone, remove this device under Linked devices if it is listed, then run auth again.',
+        message: `WhatsApp refused the link (${status}). On your phone, remove this device under Linked devices if it is listed, then run auth again.`,
       };
     default:
       return {
