@@ -1884,6 +1884,17 @@ export function mayWake(group: RegisteredGroup, message: StoredMessage): boolean
   return !group.isMain || !group.jid.endsWith('@g.us');
 }
 
+/**
+ * Whether someone typing is reason to start a group's container before the message: in
+ * main, and where the typist drives the agent (named by the group's allow list, or anyone
+ * in a group that needs no trigger). Elsewhere typing says nothing of the trigger.
+ */
+export function typingMayWake(group: RegisteredGroup, typist: string | undefined): boolean {
+  if (group.isMain) return true;
+  if (group.allow.length > 0) return typist !== undefined && group.allow.includes(typist);
+  return !group.requiresTrigger;
+}
+
 /** Who may wake a group's agent, in words (groups list, register_group's answer). */
 export function allowedText(group: RegisteredGroup): string {
   if (group.allow.length === 0) return group.isMain ? 'only the owner' : 'everyone in the chat';
@@ -1960,8 +1971,8 @@ export interface ChannelHandlers {
   onChatMetadata?(chat: { jid: string; name: string; isGroup: boolean }): void;
   /** The channel can deliver again (e.g. reconnected): its outbox resumes. */
   onReady?(): void;
-  /** Someone is typing in this chat: a message is probably coming (the host may start its container). */
-  onActivity?(chatJid: string): void;
+  /** Someone (the typist, when the channel knows who) is typing in this chat: a message is probably coming. */
+  onActivity?(chatJid: string, typist?: string): void;
   /** The chats whose activity matters (the registered ones). */
   watchedChats?(): string[];
 }
@@ -2803,16 +2814,20 @@ const WHATSAPP_EVENTS = [
   'presence.update',
 ] as const;
 
-/** Whether a presence update (baileys' presence.update) says someone other than us is typing or recording. */
-export function someoneTyping(
+/** Who, other than us, a presence update (baileys' presence.update) says is typing or recording; null: nobody. */
+export function typistOf(
   presences: Record<string, { lastKnownPresence?: string }>,
   ownJids: ReadonlySet<string>,
-): boolean {
-  return Object.entries(presences).some(([who, presence]) => {
+): string | null {
+  const typist = Object.entries(presences).find(([who, presence]) => {
     const typing = presence.lastKnownPresence === 'composing' || presence.lastKnownPresence === 'recording';
     return typing && !ownJids.has(baileys().jidNormalizedUser(who));
   });
+  return typist ? typist[0] : null;
 }
+
+/** WhatsApp shows "typing…" for about ten seconds unless it is said again: the channel says it this often while a turn runs. */
+export const WHATSAPP_TYPING_REFRESH_MS = 8_000;
 
 /** Group metadata is good for this long (baileys' README suggests five minutes). */
 const GROUP_METADATA_TTL_MS = 5 * 60_000;
@@ -2831,6 +2846,10 @@ export class WhatsAppChannel implements Channel {
   private attempt = 0;
   private cancelReconnect: (() => void) | null = null;
   private stopDailySync: (() => void) | null = null;
+  /** Chats whose presence this connection subscribed to. */
+  private readonly subscribed = new Set<string>();
+  /** Chats where "typing…" is shown: what stops refreshing it. */
+  private readonly typingRefresh = new Map<string, () => void>();
   /** When the live connection opened (monotonic), or null while there is none. */
   private openedAt: number | null = null;
   private readonly clock: Clock;
@@ -2935,7 +2954,9 @@ export class WhatsAppChannel implements Channel {
       // Signal keys are read for every message: kept in memory, written through to the files.
       auth: { creds: state.creds, keys: baileys().makeCacheableSignalKeyStore(state.keys, logger) },
       logger,
-      markOnlineOnConnect: false,
+      // "available" while connected, so WhatsApp delivers others' typing; but then the phone of
+      // the number stops notifying, so on a shared number (the owner's own phone) it stays off.
+      markOnlineOnConnect: this.options.hasOwnNumber,
       syncFullHistory: false,
       msgRetryCounterCache: this.retryCounts,
       getMessage: (key) => this.getMessage(key),
@@ -2987,8 +3008,9 @@ export class WhatsAppChannel implements Channel {
     });
     // Typing (a "chatstate" from WhatsApp): the host may start the chat's agent before the message.
     sock.ev.on('presence.update', ({ id, presences }) => {
-      if (sock !== this.sock || !someoneTyping(presences, this.ownJids)) return;
-      this.handlers?.onActivity?.(canonicalJid(id, null, this.identity()));
+      const typist = sock === this.sock ? typistOf(presences, this.ownJids) : null;
+      if (!typist) return;
+      this.handlers?.onActivity?.(canonicalJid(id, null, this.identity()), canonicalJid(typist, null, this.identity()));
     });
   }
 
@@ -3046,8 +3068,9 @@ export class WhatsAppChannel implements Channel {
       );
       log.info({ me: [...this.ownJids] }, 'WhatsApp connected');
       this.handlers?.onReady?.();
-      // WhatsApp tells who is typing only in chats we subscribed to.
-      for (const jid of this.handlers?.watchedChats?.() ?? []) void sock.presenceSubscribe(jid).catch(() => {});
+      // WhatsApp tells who is typing only in chats we subscribed to (for this connection).
+      this.subscribed.clear();
+      for (const jid of this.handlers?.watchedChats?.() ?? []) this.subscribe(jid);
       const last = this.options.lastGroupSync?.();
       const maxAge = this.options.groupSyncMaxAgeMs ?? 24 * 60 * 60_000;
       if (!last || Date.now() - new Date(last).getTime() > maxAge)
@@ -3224,8 +3247,27 @@ export class WhatsAppChannel implements Channel {
     return sent?.message ?? undefined;
   }
 
+  /** "typing…" in a chat, said again every WHATSAPP_TYPING_REFRESH_MS until it is stopped ("paused"). */
   async setTyping(jid: string, typing: boolean): Promise<void> {
-    if (this.connected) await this.sock?.sendPresenceUpdate(typing ? 'composing' : 'paused', jid);
+    this.typingRefresh.get(jid)?.();
+    this.typingRefresh.delete(jid);
+    if (typing) {
+      if (this.connected) this.subscribe(jid); // a chat registered since the connection opened
+      const again = () => void this.sendChatState(jid, 'composing').catch(() => {});
+      this.typingRefresh.set(jid, every(this.clock, WHATSAPP_TYPING_REFRESH_MS, again));
+    }
+    await this.sendChatState(jid, typing ? 'composing' : 'paused');
+  }
+
+  /** Asks WhatsApp for a chat's presence (typing) once per connection. */
+  private subscribe(jid: string): void {
+    if (!this.sock || this.subscribed.has(jid)) return;
+    this.subscribed.add(jid);
+    void this.sock.presenceSubscribe(jid).catch(() => {});
+  }
+
+  private async sendChatState(jid: string, state: 'composing' | 'paused'): Promise<void> {
+    if (this.connected) await this.sock?.sendPresenceUpdate(state, jid);
   }
 
   async syncGroups(): Promise<void> {
@@ -3243,6 +3285,8 @@ export class WhatsAppChannel implements Channel {
     this.closed = true;
     this.cancelReconnect?.();
     this.stopDailySync?.();
+    for (const stop of this.typingRefresh.values()) stop();
+    this.typingRefresh.clear();
     this.cancelReconnect = null;
     this.connected = false;
     this.retire(this.sock);
@@ -6356,7 +6400,7 @@ export class Host {
         }
       },
       onReady: () => this.senders.get(channel.name)?.kick(),
-      onActivity: (chatJid) => this.prewarm(chatJid),
+      onActivity: (chatJid, typist) => this.prewarm(chatJid, typist),
       watchedChats: () => {
         try {
           return this.store.listGroups().map((group) => group.jid);
@@ -6411,12 +6455,14 @@ export class Host {
 
   /**
    * Someone is typing in a registered chat: start its container now, so the agent is up by
-   * the time the message arrives. Only into a free slot; false when nothing was started.
+   * the time the message arrives (main, and groups the typist drives: typingMayWake). Only
+   * into a free slot; false when nothing was started.
    */
-  prewarm(chatJid: string): boolean {
+  prewarm(chatJid: string, typist?: string): boolean {
     if (this.stopped) return false;
     try {
-      if (!this.store.groupByJid(chatJid)) return false;
+      const group = this.store.groupByJid(chatJid);
+      if (!group || !typingMayWake(group, typist)) return false;
     } catch {
       return false; // a database that cannot answer now: the message itself will wake the agent
     }

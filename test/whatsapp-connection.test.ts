@@ -12,6 +12,7 @@ import {
   disconnectKind,
   setupLogging,
   WHATSAPP_STABLE_MS,
+  WHATSAPP_TYPING_REFRESH_MS,
   type ChannelHandlers,
   type WhatsAppOptions,
 } from '../nanoclaw.ts';
@@ -148,5 +149,72 @@ describe('every disconnect reason, as baileys 7 defines it', () => {
     closeWith(channel, boom(428));
     expect(reconnectIn(clock)).toBeLessThanOrEqual(80); // the second step, not the third
     expect(reconnectIn(clock)).toBeGreaterThanOrEqual(40);
+  });
+});
+
+describe('typing and presence', () => {
+  const GROUP = '120363000000000001@g.us';
+  const ALICE = '4915100000002@s.whatsapp.net';
+
+  it('"typing…" is said again every 8 s while a turn runs, and "paused" at the answer; nothing after', async () => {
+    const { channel, clock } = await linkedChannel();
+    await channel.connect({ onMessage: () => {} });
+    const sock = channel.socket!;
+    const said: string[] = [];
+    const subscribed: string[] = [];
+    sock.sendPresenceUpdate = async (state, jid) => void said.push(`${state} ${jid}`);
+    sock.presenceSubscribe = async (jid) => void subscribed.push(jid);
+    openAsWhatsAppWould(sock);
+    await channel.setTyping(GROUP, true);
+    expect(said).toEqual([`composing ${GROUP}`]);
+    expect(subscribed).toEqual([GROUP]); // registered after the connection opened: subscribed at its first turn
+    await clock.advance(WHATSAPP_TYPING_REFRESH_MS - 1);
+    expect(said).toHaveLength(1);
+    await clock.advance(1);
+    await clock.advance(WHATSAPP_TYPING_REFRESH_MS);
+    expect(said).toEqual(Array(3).fill(`composing ${GROUP}`));
+    await channel.setTyping(GROUP, false);
+    expect(said.at(-1)).toBe(`paused ${GROUP}`);
+    await channel.setTyping(GROUP, true);
+    await channel.setTyping(GROUP, false);
+    said.splice(-2);
+    expect(subscribed).toEqual([GROUP]); // once per connection
+    await clock.advance(10 * WHATSAPP_TYPING_REFRESH_MS);
+    expect(said).toHaveLength(4);
+    await channel.setTyping(GROUP, true); // a follow-up's turn; the channel then goes away
+    await channel.disconnect();
+    await clock.advance(10 * WHATSAPP_TYPING_REFRESH_MS);
+    expect(said).toHaveLength(5);
+  });
+
+  it('available while connected with its own number (so others’ typing arrives); on a shared number not, so the owner’s phone keeps notifying', async () => {
+    for (const hasOwnNumber of [true, false]) {
+      const { channel } = await linkedChannel({ hasOwnNumber });
+      await channel.connect({ onMessage: () => {} });
+      const online: boolean[] = [];
+      // baileys says so as it sends the presence (lib/Socket/chats.js sendPresenceUpdate, at open).
+      channel.socket!.ev.on('connection.update', ({ isOnline }) => isOnline !== undefined && online.push(isOnline));
+      openAsWhatsAppWould(channel.socket!);
+      await waitFor(() => online.length === 1, 2000, 'the presence sent at open');
+      expect(online).toEqual([hasOwnNumber]);
+    }
+  });
+
+  it('someone typing reaches the host with who it is, as baileys parses a chatstate; our own typing does not', async () => {
+    const activity: [string, string | undefined][] = [];
+    const { channel } = await linkedChannel();
+    await channel.connect({ onMessage: () => {}, onActivity: (chat, typist) => activity.push([chat, typist]) });
+    const sock = channel.socket!;
+    openAsWhatsAppWould(sock);
+    const chatstate = (participant: string) =>
+      sock.ws.emit('CB:chatstate', {
+        tag: 'chatstate',
+        attrs: { from: GROUP, participant },
+        content: [{ tag: 'composing', attrs: {} }],
+      });
+    chatstate(sock.user!.id);
+    chatstate(ALICE);
+    sock.ev.flush();
+    expect(activity).toEqual([[GROUP, ALICE]]);
   });
 });

@@ -19,7 +19,7 @@ import {
   Host,
   backoff,
   parseWhatsAppMessage,
-  someoneTyping,
+  typistOf,
   RateLimiter,
   addGroup,
   safeMediaFileName,
@@ -934,7 +934,7 @@ describe('what real WhatsApp needs (baileys 7)', () => {
     chatstate(GROUP, ALICE, 'composing');
     sock.ev.flush();
     expect(activity).toEqual([GROUP]);
-    expect(someoneTyping({ [ALICE]: { lastKnownPresence: 'recording' } }, new Set())).toBe(true);
+    expect(typistOf({ [ALICE]: { lastKnownPresence: 'recording' } }, new Set())).toBe(ALICE);
   });
 
   it('media gone from WhatsApp’s servers (410) is asked of the sender’s phone again, then downloaded; a phone that never answers times out', async () => {
