@@ -2001,11 +2001,20 @@ export interface Channel {
   disconnect(): Promise<void>;
 }
 
-/** What a WhatsApp chat id looks like: a person, a group, a LID; or the terminal's own. */
+/** What a chat id looks like: a WhatsApp person or group, or the terminal's own. */
 export function isValidJid(jid: string): boolean {
-  return /^\d{5,20}@s\.whatsapp\.net$|^\d{5,20}(-\d{5,20})?@g\.us$|^\d{5,20}@lid$|^[a-z][a-z0-9-]{0,30}@local$/.test(
-    jid,
-  );
+  return /^\d{5,20}@s\.whatsapp\.net$|^\d{5,20}(-\d{5,20})?@g\.us$|^[a-z][a-z0-9-]{0,30}@local$/.test(jid);
+}
+
+/**
+ * Why an id cannot name a chat to register, or null. A LID is WhatsApp's hidden id of a
+ * person; NanoClaw files every chat under its phone number or group id (canonicalJid), so
+ * a chat registered by LID would never hear a message.
+ */
+export function lidChatProblem(jid: string): string | null {
+  return jid.endsWith('@lid')
+    ? `"${jid}" is a LID (WhatsApp's hidden id of a person), not a chat id: use the person's <phone digits>@s.whatsapp.net or a group's <digits>@g.us (bun nanoclaw.ts groups discover lists them)`
+    : null;
 }
 
 /** A new message id in WhatsApp Web's own format (3EB0 + 36 hex digits). */
@@ -2450,23 +2459,48 @@ export function toWhatsAppFormat(markdown: string): string {
     .join('');
 }
 
-/** Splits a long reply at paragraph, then line, then sentence, then word boundaries. */
+/** The code still open at the end of a text: a ``` block, an inline ` span, or nothing. */
+export function openCodeAt(text: string): '```' | '`' | '' {
+  let open: '```' | '`' | '' = '';
+  for (let i = 0; i < text.length; i++) {
+    if (text.startsWith('```', i) && open !== '`') {
+      open = open ? '' : '```';
+      i += 2;
+    } else if (text[i] === '`' && open !== '```') open = open ? '' : '`';
+  }
+  return open;
+}
+
+/**
+ * Splits a long reply at paragraph, then line, then sentence, then word boundaries. A code
+ * block or inline code cut in two is closed at the end of one part and opened again at the
+ * start of the next, so both keep their formatting (and the code its indentation).
+ */
 export function splitForWhatsApp(text: string, limit = WHATSAPP_MAX_CHARS): string[] {
   const parts: string[] = [];
   let rest = text.trim();
-  while (rest.length > limit) {
-    const window = rest.slice(0, limit);
-    const cut =
-      [
-        window.lastIndexOf('\n\n'),
-        window.lastIndexOf('\n'),
-        Math.max(window.lastIndexOf('. '), window.lastIndexOf('! '), window.lastIndexOf('? ')) + 1,
-        window.lastIndexOf(' '),
-      ].find((index) => index > limit * 0.3) ?? limit;
-    parts.push(rest.slice(0, cut).trim());
-    rest = rest.slice(cut).trim();
+  let reopen: '```' | '`' | '' = '';
+  while (reopen.length + rest.length > limit) {
+    let cut = 0;
+    let part = '';
+    // The longest part that still fits once the code it leaves open is closed.
+    for (let room = limit - reopen.length; room > 0; room -= 3) {
+      const window = rest.slice(0, room);
+      cut =
+        [
+          window.lastIndexOf('\n\n'),
+          window.lastIndexOf('\n'),
+          Math.max(window.lastIndexOf('. '), window.lastIndexOf('! '), window.lastIndexOf('? ')) + 1,
+          window.lastIndexOf(' '),
+        ].find((index) => index > room * 0.3) ?? room;
+      part = reopen + rest.slice(0, cut).trimEnd();
+      if (part.length + openCodeAt(part).length <= limit) break;
+    }
+    reopen = openCodeAt(part);
+    parts.push(part + reopen);
+    rest = reopen === '```' ? rest.slice(cut).replace(/^[ \t]*\n/, '') : rest.slice(cut).trim();
   }
-  if (rest) parts.push(rest);
+  if (rest) parts.push(reopen + rest);
   return parts;
 }
 
@@ -2778,7 +2812,8 @@ export interface WhatsAppOptions {
   /** Re-sync group names when the last sync is older than this. */
   groupSyncMaxAgeMs?: number;
   lastGroupSync?(): string | null;
-  markGroupSync?(): void;
+  /** A group sync finished: how many members each group has. */
+  markGroupSync?(members: Record<string, number>): void;
   /** Another WhatsApp Web socket than WhatsApp's own; no version lookup then unless lookupVersion is given. */
   waWebSocketUrl?: string;
   /** WhatsApp Web's current version (baileys' fetchLatestWaWebVersion by default). */
@@ -2858,7 +2893,7 @@ export class WhatsAppChannel implements Channel {
   /** Outlives sockets, as baileys asks, so a message is not retried without end across reconnects. */
   private readonly retryCounts = new TtlCache(60 * 60_000, 10_000);
   /** Raw metadata of our groups, for sends (baileys' cachedGroupMetadata), kept current by group events. */
-  readonly groupMetadata = new TtlCache<GroupMetadata>(GROUP_METADATA_TTL_MS, 500);
+  readonly groupMetadata = new TtlCache<GroupMetadata>(GROUP_METADATA_TTL_MS, 500, () => this.clock.now());
   /** LID → phone JIDs WhatsApp told us (lid-mapping.update) or baileys knew. */
   private readonly lidToPhone = new Map<string, string>();
   /** The WhatsApp Web version the sockets announce; undefined: baileys' own. */
@@ -2960,7 +2995,7 @@ export class WhatsAppChannel implements Channel {
       syncFullHistory: false,
       msgRetryCounterCache: this.retryCounts,
       getMessage: (key) => this.getMessage(key),
-      cachedGroupMetadata: async (jid) => this.groupMetadata.get(jid),
+      cachedGroupMetadata: (jid) => this.cachedGroupMetadata(jid),
       ...(this.waVersion ? { version: this.waVersion } : {}), // never version: undefined, which would replace baileys' default
       ...(this.options.waWebSocketUrl ? { waWebSocketUrl: this.options.waWebSocketUrl } : {}),
     });
@@ -3012,6 +3047,15 @@ export class WhatsAppChannel implements Channel {
       if (!typist) return;
       this.handlers?.onActivity?.(canonicalJid(id, null, this.identity()), canonicalJid(typist, null, this.identity()));
     });
+  }
+
+  /** baileys' cachedGroupMetadata: the cached copy, or once it expired (or went stale) a fresh one, kept for the next sends. */
+  async cachedGroupMetadata(jid: string): Promise<GroupMetadata | undefined> {
+    const cached = this.groupMetadata.get(jid);
+    if (cached || !this.sock) return cached;
+    const fresh = await this.sock.groupMetadata(jid).catch(() => undefined); // baileys then asks itself, and says why
+    if (fresh) this.groupMetadata.set(jid, fresh);
+    return fresh;
   }
 
   /** A group name from WhatsApp, unless it is empty (a change of something else carries no subject). */
@@ -3277,7 +3321,9 @@ export class WhatsAppChannel implements Channel {
       this.groupMetadata.set(group.id, group);
       this.learnGroupName(group.id, group.subject);
     }
-    this.options.markGroupSync?.();
+    this.options.markGroupSync?.(
+      Object.fromEntries(Object.values(groups).map((group) => [group.id, group.participants?.length ?? 0])),
+    );
     log.info({ groups: Object.keys(groups).length }, 'WhatsApp group names synced');
   }
 
@@ -5665,6 +5711,8 @@ export function shortestGap(type: ScheduleType, value: string, timezone: string,
 }
 
 export const GROUPS_SYNCED_AT = 'groups_synced_at';
+/** How many members each WhatsApp group had at the last sync (JSON: chat id → count), for `groups discover`. */
+export const GROUP_MEMBERS_STATE = 'whatsapp_group_members';
 
 /**
  * The tasks a group's agent sees. Main sees every group's: the words of another group's
@@ -7304,6 +7352,8 @@ export function addGroup(
     allow?: string[];
   },
 ): RegisteredGroup {
+  const lid = lidChatProblem(request.jid);
+  if (lid) throw new IpcFormatError(lid);
   const badSender = request.allow?.find((jid) => !isValidSenderJid(jid));
   if (badSender !== undefined)
     throw new IpcFormatError(
@@ -7364,6 +7414,7 @@ export const COMMAND_USAGE = {
   chat: [['chat', "talk to the main group's agent from this terminal (piped stdin: one message per line)"]],
   groups: [
     ['groups list', 'registered groups'],
+    ['groups discover', 'the WhatsApp chats this machine knows (id, name, members), to register one'],
     [
       'groups register <jid> <folder> [--name N] [--trigger @Word] [--no-trigger] [--main] [--network egress|none|bridge|NAME] [--allow <jid>[,<jid>…]]',
       'only the owner and these senders wake the agent (default: everyone; in main, only the owner)',
@@ -7735,7 +7786,10 @@ export function whatsAppChannel(config: Config, store: Store, extra: Partial<Wha
     },
     triggerFor: (jid) => store.groupByJid(jid)?.trigger,
     lastGroupSync: () => store.getState(GROUPS_SYNCED_AT),
-    markGroupSync: () => store.setState(GROUPS_SYNCED_AT, new Date().toISOString()),
+    markGroupSync: (members) => {
+      store.setState(GROUPS_SYNCED_AT, new Date().toISOString());
+      store.setState(GROUP_MEMBERS_STATE, JSON.stringify(members));
+    },
     knownVersion: () => parseWaVersion(store.getState(WHATSAPP_VERSION_STATE)),
     rememberVersion: (version) => store.setState(WHATSAPP_VERSION_STATE, version.join('.')),
     rememberSent: (messageId, content) => store.recordSentContent(messageId, content),
@@ -8159,6 +8213,40 @@ export async function authCommand(config: Config, args: string[]): Promise<numbe
   return code;
 }
 
+/** A name someone else chose, safe to print on a terminal (no control characters or escape sequences). */
+const printable = (name: string) => name.replace(/[\p{Cc}\p{Cf}]/gu, ' ').trim();
+
+/** `groups discover`: the WhatsApp chats the last group sync and the messages told of, with their ids, to register one. */
+export function discoverLines(store: Store): string[] {
+  const folders = new Map(store.listGroups().map((group) => [group.jid, group.folder]));
+  let members: Record<string, number> = {};
+  try {
+    members = JSON.parse(store.getState(GROUP_MEMBERS_STATE) ?? '{}');
+  } catch {
+    // an older or damaged record: the counts are only missing
+  }
+  const chats = store
+    .listChats()
+    .filter((chat) => /@(g\.us|s\.whatsapp\.net)$/.test(chat.jid))
+    .sort((a, b) => Number(b.isGroup) - Number(a.isGroup) || (a.name ?? '').localeCompare(b.name ?? ''));
+  if (chats.length === 0)
+    return [
+      'No WhatsApp chats known yet. The service learns your groups when it connects (bun nanoclaw.ts); run this again then.',
+    ];
+  const synced = store.getState(GROUPS_SYNCED_AT);
+  return [
+    ...chats.map((chat) => {
+      const count = members[chat.jid];
+      const size = chat.isGroup ? (count === undefined ? '? members' : `${count} members`) : 'person';
+      const registered = folders.has(chat.jid) ? `groups/${folders.get(chat.jid)}` : 'not registered';
+      return `${chat.jid.padEnd(32)} ${size.padEnd(12)} ${registered.padEnd(20)} ${printable(chat.name ?? '')}`;
+    }),
+    '',
+    `Group names and members as of the last sync (${synced ?? 'never'}; the service syncs at start when older than a day, daily, and when main is asked to refresh).`,
+    'Register one: bun nanoclaw.ts groups register <id> <folder> --name "<name>"',
+  ];
+}
+
 function groupsCommand(config: Config, args: string[]): number {
   const { values, positionals } = commandArgs('groups', args, {
     name: { type: 'string' },
@@ -8180,9 +8268,11 @@ function groupsCommand(config: Config, args: string[]): number {
   if (action === 'register') {
     if (!jid || !folder || rest.length > 2)
       throw new UsageError('groups register needs a chat id and a folder name.', 'groups');
+    const lid = lidChatProblem(jid);
+    if (lid) throw new UsageError(`${lid}.`, 'groups');
     if (!isValidJid(jid))
       throw new UsageError(
-        `"${jid}" is not a WhatsApp chat id: a group is <digits>@g.us, a person <phone digits>@s.whatsapp.net (see the log or \`groups list\`).`,
+        `"${jid}" is not a WhatsApp chat id: a group is <digits>@g.us, a person <phone digits>@s.whatsapp.net (see \`groups discover\`).`,
         'groups',
       );
     if (trigger !== undefined && !isValidTrigger(trigger))
@@ -8204,6 +8294,11 @@ function groupsCommand(config: Config, args: string[]): number {
   }
   const store = new Store(config.dbPath);
   try {
+    if (action === 'discover') {
+      if (rest.length) throw new UsageError('groups discover takes no arguments.', 'groups');
+      for (const line of discoverLines(store)) console.log(line);
+      return 0;
+    }
     if (action === 'list') {
       if (rest.length) throw new UsageError(`groups list takes no arguments.`, 'groups');
       const groups = store.listGroups();

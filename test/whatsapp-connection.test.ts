@@ -6,10 +6,20 @@
  * UNAUTHORIZED_CODES (lib/Defaults/index.js), as lib/Socket/socket.js raises them (Boom).
  * Time is a FakeClock: reconnect delays are read from its pending timers.
  */
+import { type GroupMetadata, WAMessageAddressingMode } from '@whiskeysockets/baileys';
+import { fileURLToPath } from 'node:url';
 import { afterEach, describe, expect, it } from 'vitest';
 import {
+  addGroup,
   afterDisconnect,
+  discoverLines,
   disconnectKind,
+  GROUPS_SYNCED_AT,
+  openCodeAt,
+  splitForWhatsApp,
+  Store,
+  toWhatsAppFormat,
+  whatsAppChannel,
   setupLogging,
   WHATSAPP_STABLE_MS,
   WHATSAPP_TYPING_REFRESH_MS,
@@ -26,6 +36,7 @@ import {
   waitFor,
 } from './helpers.ts';
 
+const ENTRY = fileURLToPath(new URL('../nanoclaw.ts', import.meta.url));
 const DAY = 24 * 60 * 60_000;
 const stops: (() => unknown)[] = [];
 afterEach(async () => {
@@ -218,3 +229,125 @@ describe('typing and presence', () => {
     expect(activity).toEqual([[GROUP, ALICE]]);
   });
 });
+
+describe('group metadata, long replies, chat ids, discovering chats', () => {
+  const GROUP = '120363000000000001@g.us';
+  const full = (members: number): GroupMetadata => ({
+    id: GROUP,
+    subject: 'Family',
+    owner: undefined,
+    addressingMode: WAMessageAddressingMode.LID,
+    participants: Array.from({ length: members }, (_, i) => ({ id: `${1000 + i}@lid` })),
+  });
+
+  it('group metadata for sends (baileys’ cachedGroupMetadata) is fetched again once it expired, and kept for the next sends', async () => {
+    const { channel, clock } = await linkedChannel();
+    let members = 3;
+    let lookups = 0;
+    await channel.connect({ onMessage: () => {}, onChatMetadata: () => {} });
+    const sock = channel.socket!;
+    sock.groupFetchAllParticipating = async () => ({});
+    sock.groupMetadata = async () => {
+      lookups++;
+      return full(members);
+    };
+    openAsWhatsAppWould(sock);
+    expect((await channel.cachedGroupMetadata(GROUP))!.participants).toHaveLength(3);
+    expect((await channel.cachedGroupMetadata(GROUP))!.participants).toHaveLength(3);
+    expect(lookups).toBe(1);
+    members = 4;
+    await clock.advance(5 * 60_000); // baileys' README's five minutes
+    expect((await channel.cachedGroupMetadata(GROUP))!.participants).toHaveLength(4);
+    expect(await channel.cachedGroupMetadata(GROUP)).toBeDefined();
+    expect(lookups).toBe(2);
+  });
+
+  it('a code block or inline code cut between two parts is closed in one and opened again in the next', () => {
+    const code = Array.from({ length: 30 }, (_, i) => `  step${i} = run(${i});`).join('\n');
+    const reply = toWhatsAppFormat(`Here is the script:\n\n\`\`\`js\n${code}\n\`\`\`\n\nThat is all.`);
+    const parts = splitForWhatsApp(reply, 200);
+    expect(parts.length).toBeGreaterThan(3);
+    for (const part of parts) {
+      expect(part.length).toBeLessThanOrEqual(200);
+      expect(openCodeAt(part)).toBe(''); // every part's code is closed
+    }
+    expect(parts[1]!.startsWith('```  step')).toBe(true); // opened again, indentation kept
+    const joined = parts.join('\n').replace(/```\n```/g, '\n');
+    for (let i = 0; i < 30; i++) expect(joined).toContain(`  step${i} = run(${i});`);
+    expect(parts.at(-1)).toMatch(/```\n\nThat is all\.$/);
+
+    const inline = `Run \`${'--flag value '.repeat(30).trim()}\` and stop.`;
+    const inlineParts = splitForWhatsApp(inline, 150);
+    expect(inlineParts.length).toBeGreaterThan(1);
+    for (const part of inlineParts) expect(openCodeAt(part)).toBe('');
+    expect(inlineParts[1]!.startsWith('`--flag')).toBe(true);
+    expect(inlineParts.join(' ').replace(/` `/g, ' ')).toBe(inline);
+  });
+
+  it('a LID is refused where a chat is registered (groups register, main’s register_group), saying what to use', async () => {
+    const config = tempProject();
+    const store = new Store(config.dbPath);
+    stops.push(() => store.close());
+    expect(() => addGroup(config, store, { jid: '11223344@lid', name: 'Alice', folder: 'alice' })).toThrow(
+      /is a LID .* not a chat id: use the person's <phone digits>@s\.whatsapp\.net or a group's <digits>@g\.us \(bun nanoclaw\.ts groups discover/,
+    );
+    expect(store.listGroups()).toEqual([]);
+    const refused = await cli(config.projectRoot, ['groups', 'register', '11223344@lid', 'alice']);
+    expect(refused.code).toBe(2);
+    expect(refused.stderr.split('\n')[0]).toContain('"11223344@lid" is a LID');
+  });
+
+  it('groups discover lists the chats WhatsApp told of, groups first, with ids, names, members and whether registered', async () => {
+    const config = tempProject();
+    const store = new Store(config.dbPath);
+    stops.push(() => store.close());
+    expect(discoverLines(store)[0]).toContain('No WhatsApp chats known yet');
+    // A sync at connect, as the service does it: names into chats (the host's onChatMetadata), member counts kept.
+    const server = flakyServer(60_000);
+    const channel = whatsAppChannel(config, store, { authDir: await linkedAuthDir(), waWebSocketUrl: server.url });
+    stops.push(async () => {
+      await channel.disconnect();
+      server.stop();
+    });
+    await channel.connect({
+      onMessage: () => {},
+      onChatMetadata: (chat) => store.upsertChat({ ...chat, channel: 'whatsapp' }),
+    });
+    const sock = channel.socket!;
+    sock.groupFetchAllParticipating = async () => ({
+      [GROUP]: { ...full(5), subject: 'Family \u001b[31m🏡' },
+      '120363000000000002@g.us': { ...full(0), id: '120363000000000002@g.us', subject: 'Book club' },
+    });
+    openAsWhatsAppWould(sock);
+    await waitFor(() => store.getState(GROUPS_SYNCED_AT), 2000, 'the group sync');
+    store.upsertChat({ jid: '4915100000002@s.whatsapp.net', name: 'Alice', channel: 'whatsapp', isGroup: false });
+    store.upsertChat({ jid: 'main@local', name: 'Terminal', channel: 'local', isGroup: false });
+    addGroup(config, store, { jid: GROUP, name: 'Family', folder: 'family' });
+    const out = await cli(config.projectRoot, ['groups', 'discover']);
+    expect(out.code).toBe(0);
+    const lines = out.stdout.split('\n');
+    expect(lines[0]).toMatch(/^120363000000000002@g\.us\s+0 members\s+not registered\s+Book club$/);
+    expect(lines[1]).toMatch(/^120363000000000001@g\.us\s+5 members\s+groups\/family\s+Family\s+\[31m🏡$/);
+    expect(lines[2]).toMatch(/^4915100000002@s\.whatsapp\.net\s+person\s+not registered\s+Alice$/);
+    expect(out.stdout).not.toContain('main@local');
+    expect(out.stdout).not.toContain('\u001b');
+    expect(out.stdout).toContain('bun nanoclaw.ts groups register <id> <folder>');
+  });
+});
+
+/** `bun nanoclaw.ts …` in a project, as a user runs it. */
+async function cli(root: string, args: string[]) {
+  const proc = Bun.spawn([process.execPath, ENTRY, ...args], {
+    cwd: root,
+    stdin: 'ignore',
+    stdout: 'pipe',
+    stderr: 'pipe',
+    env: { PATH: process.env.PATH!, HOME: process.env.HOME!, NANOCLAW_ROOT: root },
+  });
+  const [stdout, stderr, code] = await Promise.all([
+    new Response(proc.stdout).text(),
+    new Response(proc.stderr).text(),
+    proc.exited,
+  ]);
+  return { stdout, stderr, code };
+}
