@@ -2881,6 +2881,7 @@ export class WhatsAppChannel implements Channel {
   private attempt = 0;
   private cancelReconnect: (() => void) | null = null;
   private stopDailySync: (() => void) | null = null;
+  private auth: ReturnType<typeof useDurableAuthState> | null = null;
   /** Chats whose presence this connection subscribed to. */
   private readonly subscribed = new Set<string>();
   /** Chats where "typing…" is shown: what stops refreshing it. */
@@ -2979,7 +2980,13 @@ export class WhatsAppChannel implements Channel {
 
   private async openSocket(): Promise<void> {
     await this.resolveVersion();
-    const { state, saveCreds } = await useDurableAuthState(this.options.authDir);
+    // One auth state for every socket: a reconnect right after a credentials change (515 after
+    // pairing) must not read the file before that change is written.
+    this.auth ??= useDurableAuthState(this.options.authDir).catch((err) => {
+      this.auth = null; // the next attempt reads again
+      throw err;
+    });
+    const { state, saveCreds } = await this.auth;
     // baileys wants its own pino; ours is pino too, just quieter for its chatter.
     const logger = log.child(
       { module: 'baileys' },
@@ -8156,9 +8163,10 @@ export async function authCommand(config: Config, args: string[]): Promise<numbe
   const store = new Store(config.dbPath);
   const versions = whatsAppChannel(config, store); // never connected: its version lookup, as the service's
   const code = await new Promise<number>((resolveAuth) => {
+    const credentials = useDurableAuthState(authDir); // kept for the reconnect after pairing (515): never re-read mid-write
     const open = async () => {
       await versions.resolveVersion();
-      const { state: auth, saveCreds } = await useDurableAuthState(authDir);
+      const { state: auth, saveCreds } = await credentials;
       const version = versions.version;
       const sock = baileys().default({
         auth,

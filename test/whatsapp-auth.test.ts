@@ -11,7 +11,7 @@ import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { describe, expect, it } from 'vitest';
 import { authPlan, readCredsFile, setupLogging, useDurableAuthState, WhatsAppChannel } from '../nanoclaw.ts';
-import { linkedAuthDir, pendingPairingAuthDir, tempDir, tempProject } from './helpers.ts';
+import { linkedAuthDir, pendingPairingAuthDir, tempDir, tempProject, waitFor } from './helpers.ts';
 
 const ENTRY = fileURLToPath(new URL('../nanoclaw.ts', import.meta.url));
 
@@ -166,6 +166,43 @@ describe('bun nanoclaw.ts auth and store/auth', () => {
     expect(relinked.stderr).toContain('No network'); // it went on to link, and could not reach WhatsApp
     expect(relinked.code).toBe(1);
     expect(existsSync(creds)).toBe(false);
+  });
+
+  it('on a terminal (a pty from util-linux `script`), auth asks before deleting a linked device: no keeps it, yes replaces it', async () => {
+    for (const [answer, kept] of [
+      ['n', true],
+      ['y', false],
+    ] as const) {
+      const { root, creds } = await projectWith(await linkedAuthDir());
+      const proc = Bun.spawn(['script', '-qfec', `${process.execPath} ${ENTRY} auth`, '/dev/null'], {
+        cwd: root,
+        stdin: 'pipe',
+        stdout: 'pipe',
+        stderr: 'pipe',
+        env: {
+          PATH: process.env.PATH!,
+          HOME: process.env.HOME!,
+          TERM: 'xterm',
+          NANOCLAW_ROOT: root,
+          WHATSAPP_SERVER_URL: 'ws://127.0.0.1:9/ws/chat',
+        },
+      });
+      let screen = '';
+      const drained = (async () => {
+        for await (const chunk of proc.stdout) screen += new TextDecoder().decode(chunk);
+      })();
+      await waitFor(() => screen.includes('[y/N]'), 10_000, 'the question');
+      expect(screen).toContain(
+        'WhatsApp is already linked (store/auth/). Delete store/auth/ and link this machine again?',
+      );
+      expect(existsSync(creds)).toBe(true); // nothing deleted before the answer
+      proc.stdin.write(`${answer}\r`);
+      await proc.stdin.flush();
+      await proc.exited;
+      await drained;
+      expect(existsSync(creds)).toBe(kept);
+      expect(screen).toContain(kept ? 'Nothing changed.' : 'Removed store/auth/');
+    }
   });
 
   it('a pairing that never finished is started over without asking (it is no device)', async () => {

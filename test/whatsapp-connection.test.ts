@@ -153,10 +153,15 @@ describe('every disconnect reason, as baileys 7 defines it', () => {
     closeWith(channel, boom(428));
     await clock.advance(reconnectIn(clock)!);
     await waitFor(() => channel.socketsOpened === 2, 5000, 'second connection');
+    const before = channel.socket!;
+    before.ev.emit('creds.update', { routingInfo: Buffer.from('moved') }); // written in the background…
     closeWith(channel, boom(515, 'Stream Errored (restart required)'));
     expect(reconnectIn(clock)).toBe(0);
     await clock.advance(0);
     await waitFor(() => channel.socketsOpened === 3, 5000, 'third connection');
+    // …and the next socket has it without reading the file mid-write: the same credentials, in memory.
+    expect(channel.socket!.authState.creds).toBe(before.authState.creds);
+    expect(channel.socket!.authState.creds.routingInfo).toEqual(Buffer.from('moved'));
     closeWith(channel, boom(428));
     expect(reconnectIn(clock)).toBeLessThanOrEqual(80); // the second step, not the third
     expect(reconnectIn(clock)).toBeGreaterThanOrEqual(40);
