@@ -2679,7 +2679,10 @@ function writeFileDurablySync(path: string, text: string): void {
   renameSync(temp, path);
 }
 
-/** The same, asynchronously; `keepPreviousAs` keeps the file being replaced under that name (a hard link, so never half a copy). */
+/**
+ * The same, asynchronously; `keepPreviousAs` keeps the file being replaced under that name
+ * (a hard link, or a copy where links are not allowed; renamed into place, so never half).
+ */
 async function writeFileDurably(path: string, text: string, keepPreviousAs?: string): Promise<void> {
   const temp = `${path}.${randomUUID().slice(0, 8)}.tmp`;
   const file = await fsp.open(temp, 'w', 0o600);
@@ -2693,7 +2696,7 @@ async function writeFileDurably(path: string, text: string, keepPreviousAs?: str
     const link = `${keepPreviousAs}.${randomUUID().slice(0, 8)}.tmp`;
     const kept = await fsp.link(path, link).then(
       () => true,
-      (err) => (errorCode(err) === 'ENOENT' ? false : Promise.reject(err)),
+      (err) => (errorCode(err) === 'ENOENT' ? false : fsp.copyFile(path, link).then(() => true)),
     );
     if (kept) await fsp.rename(link, keepPreviousAs);
   }
