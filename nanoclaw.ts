@@ -36,6 +36,7 @@ import {
   fchownSync,
   constants as fsConstants,
   fstatSync,
+  fsyncSync,
   lchownSync,
   lstatSync,
   mkdirSync,
@@ -56,6 +57,7 @@ import {
   type FSWatcher,
 } from 'node:fs';
 import { lookup } from 'node:dns/promises';
+import * as fsp from 'node:fs/promises';
 import { createRequire } from 'node:module';
 import { connect as netConnect, createServer as createNetServer, type Socket } from 'node:net';
 import { availableParallelism, homedir } from 'node:os';
@@ -64,9 +66,13 @@ import { createInterface } from 'node:readline';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 import type {
+  AuthenticationCreds,
+  AuthenticationState,
   ConnectionState,
   GroupMetadata,
   proto,
+  SignalDataTypeMap,
+  SignalKeyStore,
   WAMessage,
   WAMessageKey,
   WASocket,
@@ -1878,6 +1884,17 @@ export function mayWake(group: RegisteredGroup, message: StoredMessage): boolean
   return !group.isMain || !group.jid.endsWith('@g.us');
 }
 
+/**
+ * Whether someone typing is reason to start a group's container before the message: in
+ * main, and where the typist drives the agent (named by the group's allow list, or anyone
+ * in a group that needs no trigger). Elsewhere typing says nothing of the trigger.
+ */
+export function typingMayWake(group: RegisteredGroup, typist: string | undefined): boolean {
+  if (group.isMain) return true;
+  if (group.allow.length > 0) return typist !== undefined && group.allow.includes(typist);
+  return !group.requiresTrigger;
+}
+
 /** Who may wake a group's agent, in words (groups list, register_group's answer). */
 export function allowedText(group: RegisteredGroup): string {
   if (group.allow.length === 0) return group.isMain ? 'only the owner' : 'everyone in the chat';
@@ -1954,8 +1971,8 @@ export interface ChannelHandlers {
   onChatMetadata?(chat: { jid: string; name: string; isGroup: boolean }): void;
   /** The channel can deliver again (e.g. reconnected): its outbox resumes. */
   onReady?(): void;
-  /** Someone is typing in this chat: a message is probably coming (the host may start its container). */
-  onActivity?(chatJid: string): void;
+  /** Someone (the typist, when the channel knows who) is typing in this chat: a message is probably coming. */
+  onActivity?(chatJid: string, typist?: string): void;
   /** The chats whose activity matters (the registered ones). */
   watchedChats?(): string[];
 }
@@ -1984,11 +2001,20 @@ export interface Channel {
   disconnect(): Promise<void>;
 }
 
-/** What a WhatsApp chat id looks like: a person, a group, a LID; or the terminal's own. */
+/** What a chat id looks like: a WhatsApp person or group, or the terminal's own. */
 export function isValidJid(jid: string): boolean {
-  return /^\d{5,20}@s\.whatsapp\.net$|^\d{5,20}(-\d{5,20})?@g\.us$|^\d{5,20}@lid$|^[a-z][a-z0-9-]{0,30}@local$/.test(
-    jid,
-  );
+  return /^\d{5,20}@s\.whatsapp\.net$|^\d{5,20}(-\d{5,20})?@g\.us$|^[a-z][a-z0-9-]{0,30}@local$/.test(jid);
+}
+
+/**
+ * Why an id cannot name a chat to register, or null. A LID is WhatsApp's hidden id of a
+ * person; NanoClaw files every chat under its phone number or group id (canonicalJid), so
+ * a chat registered by LID would never hear a message.
+ */
+export function lidChatProblem(jid: string): string | null {
+  return jid.endsWith('@lid')
+    ? `"${jid}" is a LID (WhatsApp's hidden id of a person), not a chat id: use the person's <phone digits>@s.whatsapp.net or a group's <digits>@g.us (bun nanoclaw.ts groups discover lists them)`
+    : null;
 }
 
 /** A new message id in WhatsApp Web's own format (3EB0 + 36 hex digits). */
@@ -2433,23 +2459,48 @@ export function toWhatsAppFormat(markdown: string): string {
     .join('');
 }
 
-/** Splits a long reply at paragraph, then line, then sentence, then word boundaries. */
+/** The code still open at the end of a text: a ``` block, an inline ` span, or nothing. */
+export function openCodeAt(text: string): '```' | '`' | '' {
+  let open: '```' | '`' | '' = '';
+  for (let i = 0; i < text.length; i++) {
+    if (text.startsWith('```', i) && open !== '`') {
+      open = open ? '' : '```';
+      i += 2;
+    } else if (text[i] === '`' && open !== '```') open = open ? '' : '`';
+  }
+  return open;
+}
+
+/**
+ * Splits a long reply at paragraph, then line, then sentence, then word boundaries. A code
+ * block or inline code cut in two is closed at the end of one part and opened again at the
+ * start of the next, so both keep their formatting (and the code its indentation).
+ */
 export function splitForWhatsApp(text: string, limit = WHATSAPP_MAX_CHARS): string[] {
   const parts: string[] = [];
   let rest = text.trim();
-  while (rest.length > limit) {
-    const window = rest.slice(0, limit);
-    const cut =
-      [
-        window.lastIndexOf('\n\n'),
-        window.lastIndexOf('\n'),
-        Math.max(window.lastIndexOf('. '), window.lastIndexOf('! '), window.lastIndexOf('? ')) + 1,
-        window.lastIndexOf(' '),
-      ].find((index) => index > limit * 0.3) ?? limit;
-    parts.push(rest.slice(0, cut).trim());
-    rest = rest.slice(cut).trim();
+  let reopen: '```' | '`' | '' = '';
+  while (reopen.length + rest.length > limit) {
+    let cut = 0;
+    let part = '';
+    // The longest part that still fits once the code it leaves open is closed.
+    for (let room = limit - reopen.length; room > 0; room -= 3) {
+      const window = rest.slice(0, room);
+      cut =
+        [
+          window.lastIndexOf('\n\n'),
+          window.lastIndexOf('\n'),
+          Math.max(window.lastIndexOf('. '), window.lastIndexOf('! '), window.lastIndexOf('? ')) + 1,
+          window.lastIndexOf(' '),
+        ].find((index) => index > room * 0.3) ?? room;
+      part = reopen + rest.slice(0, cut).trimEnd();
+      if (part.length + openCodeAt(part).length <= limit) break;
+    }
+    reopen = openCodeAt(part);
+    parts.push(part + reopen);
+    rest = reopen === '```' ? rest.slice(cut).replace(/^[ \t]*\n/, '') : rest.slice(cut).trim();
   }
-  if (rest) parts.push(rest);
+  if (rest) parts.push(reopen + rest);
   return parts;
 }
 
@@ -2519,14 +2570,17 @@ export class TtlCache<V = unknown> {
 }
 
 /**
- * What a closed WhatsApp connection means (baileys 7 Types/index.d.ts DisconnectReason;
+ * What a closed WhatsApp connection means (baileys 7.0.0-rc14 Types DisconnectReason; 403
+ * and 419 are what baileys' Defaults UNAUTHORIZED_CODES count as unauthorized besides 401;
  * 405 is the server's refusal of the client version, which baileys closes with as is).
  */
 export type DisconnectKind =
   | 'logged-out'
-  | 'version-refused'
-  | 'restart'
+  | 'unauthorized'
+  | 'device-mismatch'
   | 'replaced'
+  | 'restart'
+  | 'version-refused'
   | 'qr-expired'
   | 'network'
   | 'other';
@@ -2535,12 +2589,14 @@ export function disconnectKind(error: unknown): { kind: DisconnectKind; status?:
   const boom = error as { output?: { statusCode?: number }; data?: { code?: string } } | undefined;
   const status = boom?.output?.statusCode;
   const detail = error === undefined ? 'no reason given' : errorText(error);
-  const reason = baileys().DisconnectReason;
+  const { DisconnectReason: reason, UNAUTHORIZED_CODES } = baileys();
   const kindOf = (): DisconnectKind => {
     if (status === reason.loggedOut) return 'logged-out';
-    if (status === 405) return 'version-refused';
-    if (status === reason.restartRequired) return 'restart';
+    if (status !== undefined && UNAUTHORIZED_CODES.includes(status)) return 'unauthorized';
+    if (status === reason.multideviceMismatch) return 'device-mismatch';
     if (status === reason.connectionReplaced) return 'replaced';
+    if (status === reason.restartRequired) return 'restart';
+    if (status === 405) return 'version-refused';
     if (/QR refs attempts ended/.test(detail)) return 'qr-expired';
     if (status === reason.timedOut || status === reason.connectionClosed || /^E[A-Z]+$/.test(boom?.data?.code ?? ''))
       return 'network';
@@ -2549,7 +2605,42 @@ export function disconnectKind(error: unknown): { kind: DisconnectKind; status?:
   return { kind: kindOf(), status, detail };
 }
 
-export type LinkState = 'linked' | 'pending' | 'none';
+const RELINK = 'Link this machine again: bun nanoclaw.ts auth --relink';
+
+/**
+ * What the service does after a close: stop with one line naming the fix (retrying would
+ * only repeat the refusal, and risk the number), reconnect at once, or wait with backoff.
+ */
+export function afterDisconnect(
+  kind: DisconnectKind,
+  status?: number,
+): { action: 'stop'; says: string } | { action: 'now' | 'backoff' } {
+  switch (kind) {
+    case 'logged-out':
+      return { action: 'stop', says: `WhatsApp logged this device out (401). ${RELINK}` };
+    case 'unauthorized':
+      return {
+        action: 'stop',
+        says: `WhatsApp refused this device (${status}: not authorized; the number may also be restricted, check the phone). ${RELINK}`,
+      };
+    case 'device-mismatch':
+      return { action: 'stop', says: `WhatsApp does not accept this linked device any more (411). ${RELINK}` };
+    case 'replaced':
+      return {
+        action: 'stop',
+        says: 'Another NanoClaw (or another program with these credentials) took over this WhatsApp session (440). Stopped here so the two do not take it from each other: keep one running.',
+      };
+    case 'restart':
+      return { action: 'now' }; // WhatsApp asks for a fresh connection (after pairing, or when it moves us)
+    default:
+      return { action: 'backoff' };
+  }
+}
+
+/** A connection has to stay open this long before the reconnect backoff starts again from its first step. */
+export const WHATSAPP_STABLE_MS = 60_000;
+
+export type LinkState = 'linked' | 'pending' | 'damaged' | 'none';
 
 /**
  * Linked = WhatsApp confirmed this device. baileys writes creds.json as soon as a pairing
@@ -2559,6 +2650,148 @@ export type LinkState = 'linked' | 'pending' | 'none';
 export function linkStateOf(creds: { me?: { id?: string } | null; account?: unknown } | null | undefined): LinkState {
   if (!creds) return 'none';
   return creds.me?.id && creds.account ? 'linked' : 'pending';
+}
+
+const CREDS_FILE = 'creds.json';
+/** creds.json as it was before its last write: what a damaged creds.json is restored from. */
+const CREDS_BACKUP = 'creds.json.bak';
+
+/** Whether a file's text is whole baileys credentials (an empty or cut-short file is not). */
+function isCredsText(text: string): boolean {
+  try {
+    const creds = JSON.parse(text) as Partial<AuthenticationCreds> | null;
+    return Boolean(creds?.noiseKey && creds.signedIdentityKey && Number.isInteger(creds.registrationId));
+  } catch {
+    return false;
+  }
+}
+
+/** Writes a file whole or not at all (temp file, fsync, rename): what crashes leave is the old file or the new one. */
+function writeFileDurablySync(path: string, text: string): void {
+  const temp = `${path}.${randomUUID().slice(0, 8)}.tmp`;
+  const fd = openSync(temp, 'w', 0o600);
+  try {
+    writeSync(fd, text);
+    fsyncSync(fd);
+  } finally {
+    closeSync(fd);
+  }
+  renameSync(temp, path);
+}
+
+/**
+ * The same, asynchronously; `keepPreviousAs` keeps the file being replaced under that name
+ * (a hard link, or a copy where links are not allowed; renamed into place, so never half).
+ */
+async function writeFileDurably(path: string, text: string, keepPreviousAs?: string): Promise<void> {
+  const temp = `${path}.${randomUUID().slice(0, 8)}.tmp`;
+  const file = await fsp.open(temp, 'w', 0o600);
+  try {
+    await file.writeFile(text);
+    await file.sync();
+  } finally {
+    await file.close();
+  }
+  if (keepPreviousAs) {
+    const link = `${keepPreviousAs}.${randomUUID().slice(0, 8)}.tmp`;
+    const kept = await fsp.link(path, link).then(
+      () => true,
+      (err) => (errorCode(err) === 'ENOENT' ? false : fsp.copyFile(path, link).then(() => true)),
+    );
+    if (kept) await fsp.rename(link, keepPreviousAs);
+  }
+  await fsp.rename(temp, path);
+  const dir = await fsp.open(dirname(path), 'r');
+  await dir.sync().finally(() => dir.close()); // the rename itself survives a power cut
+}
+
+/**
+ * creds.json's text as last written whole. When it is missing, empty or cut short (a crash
+ * or a full disk while an older NanoClaw wrote it in place) but creds.json.bak is whole,
+ * the backup is put back, and the log says so.
+ */
+export function readCredsFile(authDir: string): { state: 'ok'; text: string } | { state: 'none' | 'damaged' } {
+  const path = join(authDir, CREDS_FILE);
+  const backup = join(authDir, CREDS_BACKUP);
+  const whole = (file: string) => {
+    const text = existsSync(file) ? readFileSync(file, 'utf8') : '';
+    return isCredsText(text) ? text : null;
+  };
+  const current = whole(path);
+  if (current) return { state: 'ok', text: current };
+  if (!existsSync(path) && !existsSync(backup)) return { state: 'none' };
+  const previous = whole(backup);
+  if (!previous) return { state: 'damaged' };
+  writeFileDurablySync(path, previous);
+  log.warn(
+    { file: path },
+    'WhatsApp credentials (creds.json) were missing, empty or cut short; restored their previous version from creds.json.bak',
+  );
+  return { state: 'ok', text: previous };
+}
+
+/**
+ * baileys' multi-file auth state (useMultiFileAuthState's folder layout and file names, so
+ * an existing link keeps working) with durable writes: each file written whole (temp file,
+ * fsync, rename), the reads and writes of one file in order, and creds.json's previous
+ * version kept as creds.json.bak. Temp files a crash left are removed.
+ */
+export async function useDurableAuthState(
+  authDir: string,
+): Promise<{ state: AuthenticationState; saveCreds(): Promise<void> }> {
+  const { BufferJSON, initAuthCreds, proto: waProto } = baileys();
+  mkdirSync(authDir, { recursive: true, mode: 0o700 });
+  for (const name of readdirSync(authDir)) if (name.endsWith('.tmp')) rmSync(join(authDir, name), { force: true });
+  const pathOf = (name: string) => join(authDir, name.replace(/\//g, '__').replace(/:/g, '-'));
+  const queues = new Map<string, Promise<unknown>>();
+  const inOrder = <T>(path: string, job: () => Promise<T>): Promise<T> => {
+    const done = (queues.get(path) ?? Promise.resolve()).then(job, job);
+    const settled = done.then(
+      () => {},
+      () => {},
+    );
+    queues.set(path, settled);
+    void settled.then(() => queues.get(path) === settled && queues.delete(path));
+    return done;
+  };
+  const read = (name: string) =>
+    inOrder(pathOf(name), async () => JSON.parse(await fsp.readFile(pathOf(name), 'utf8'), BufferJSON.reviver)).catch(
+      () => null,
+    );
+  const write = (name: string, value: unknown) =>
+    inOrder(pathOf(name), () =>
+      writeFileDurably(
+        pathOf(name),
+        JSON.stringify(value, BufferJSON.replacer),
+        name === CREDS_FILE ? pathOf(CREDS_BACKUP) : undefined,
+      ),
+    );
+  const remove = (name: string) => inOrder(pathOf(name), () => fsp.unlink(pathOf(name)).catch(() => {}));
+  const saved = readCredsFile(authDir);
+  const creds: AuthenticationCreds =
+    saved.state === 'ok' ? JSON.parse(saved.text, BufferJSON.reviver) : initAuthCreds();
+  const keys: SignalKeyStore = {
+    get: async <T extends keyof SignalDataTypeMap>(type: T, ids: string[]) => {
+      const found: { [id: string]: SignalDataTypeMap[T] } = {};
+      await Promise.all(
+        ids.map(async (id) => {
+          const value = await read(`${type}-${id}.json`);
+          found[id] =
+            type === 'app-state-sync-key' && value ? waProto.Message.AppStateSyncKeyData.fromObject(value) : value;
+        }),
+      );
+      return found;
+    },
+    set: async (data) => {
+      const writes = Object.entries(data).flatMap(([category, values]) =>
+        Object.entries(values ?? {}).map(([id, value]) =>
+          value ? write(`${category}-${id}.json`, value) : remove(`${category}-${id}.json`),
+        ),
+      );
+      await Promise.all(writes);
+    },
+  };
+  return { state: { creds, keys }, saveCreds: () => write(CREDS_FILE, creds) };
 }
 
 /** Where the last WhatsApp Web version that was looked up is kept (state table). */
@@ -2582,7 +2815,8 @@ export interface WhatsAppOptions {
   /** Re-sync group names when the last sync is older than this. */
   groupSyncMaxAgeMs?: number;
   lastGroupSync?(): string | null;
-  markGroupSync?(): void;
+  /** A group sync finished: how many members each group has. */
+  markGroupSync?(members: Record<string, number>): void;
   /** Another WhatsApp Web socket than WhatsApp's own; no version lookup then unless lookupVersion is given. */
   waWebSocketUrl?: string;
   /** WhatsApp Web's current version (baileys' fetchLatestWaWebVersion by default). */
@@ -2598,10 +2832,13 @@ export interface WhatsAppOptions {
   /** How long to wait for a sender's phone to upload expired media again. */
   mediaReuploadTimeoutMs?: number;
   rateLimiter?: RateLimiter;
-  /** Called once when WhatsApp says this device was logged out. */
-  onLoggedOut?(): void;
-  /** Called once when WhatsApp offers a QR code: these credentials are not a linked device. */
-  onNotLinked?(): void;
+  /**
+   * Called once when the channel stops for good, with the line that says what to do:
+   * logged out or refused (re-link), replaced by another host, or offered a QR code.
+   */
+  onStopped?(why: string): void;
+  /** Reconnect delays and refreshes (default: the system's). */
+  clock?: Clock;
 }
 
 const WHATSAPP_EVENTS = [
@@ -2615,16 +2852,20 @@ const WHATSAPP_EVENTS = [
   'presence.update',
 ] as const;
 
-/** Whether a presence update (baileys' presence.update) says someone other than us is typing or recording. */
-export function someoneTyping(
+/** Who, other than us, a presence update (baileys' presence.update) says is typing or recording; null: nobody. */
+export function typistOf(
   presences: Record<string, { lastKnownPresence?: string }>,
   ownJids: ReadonlySet<string>,
-): boolean {
-  return Object.entries(presences).some(([who, presence]) => {
+): string | null {
+  const typist = Object.entries(presences).find(([who, presence]) => {
     const typing = presence.lastKnownPresence === 'composing' || presence.lastKnownPresence === 'recording';
     return typing && !ownJids.has(baileys().jidNormalizedUser(who));
   });
+  return typist ? typist[0] : null;
 }
+
+/** WhatsApp shows "typing…" for about ten seconds unless it is said again: the channel says it this often while a turn runs. */
+export const WHATSAPP_TYPING_REFRESH_MS = 8_000;
 
 /** Group metadata is good for this long (baileys' README suggests five minutes). */
 const GROUP_METADATA_TTL_MS = 5 * 60_000;
@@ -2641,14 +2882,22 @@ export class WhatsAppChannel implements Channel {
   private connected = false;
   private closed = false;
   private attempt = 0;
-  private reconnectTimer: ReturnType<typeof setTimeout> | null = null;
-  private dailySync: ReturnType<typeof setInterval> | null = null;
+  private cancelReconnect: (() => void) | null = null;
+  private stopDailySync: (() => void) | null = null;
+  private auth: ReturnType<typeof useDurableAuthState> | null = null;
+  /** Chats whose presence this connection subscribed to. */
+  private readonly subscribed = new Set<string>();
+  /** Chats where "typing…" is shown: what stops refreshing it. */
+  private readonly typingRefresh = new Map<string, () => void>();
+  /** When the live connection opened (monotonic), or null while there is none. */
+  private openedAt: number | null = null;
+  private readonly clock: Clock;
   private ownJids = new Set<string>();
   private readonly rateLimiter: RateLimiter;
   /** Outlives sockets, as baileys asks, so a message is not retried without end across reconnects. */
   private readonly retryCounts = new TtlCache(60 * 60_000, 10_000);
   /** Raw metadata of our groups, for sends (baileys' cachedGroupMetadata), kept current by group events. */
-  readonly groupMetadata = new TtlCache<GroupMetadata>(GROUP_METADATA_TTL_MS, 500);
+  readonly groupMetadata = new TtlCache<GroupMetadata>(GROUP_METADATA_TTL_MS, 500, () => this.clock.now());
   /** LID → phone JIDs WhatsApp told us (lid-mapping.update) or baileys knew. */
   private readonly lidToPhone = new Map<string, string>();
   /** The WhatsApp Web version the sockets announce; undefined: baileys' own. */
@@ -2663,17 +2912,13 @@ export class WhatsAppChannel implements Channel {
 
   constructor(private readonly options: WhatsAppOptions) {
     this.rateLimiter = options.rateLimiter ?? new RateLimiter();
+    this.clock = options.clock ?? systemClock;
   }
 
-  /** Whether store/auth holds a linked device, a pairing never finished, or nothing. */
+  /** Whether store/auth holds a linked device, a pairing never finished, damaged credentials, or nothing. */
   static linkState(authDir: string): LinkState {
-    const file = join(authDir, 'creds.json');
-    if (!existsSync(file)) return 'none';
-    try {
-      return linkStateOf(JSON.parse(readFileSync(file, 'utf8')));
-    } catch {
-      return 'pending'; // unreadable: not a device that can log in
-    }
+    const file = readCredsFile(authDir);
+    return file.state === 'ok' ? linkStateOf(JSON.parse(file.text)) : file.state;
   }
 
   static isLinked(authDir: string): boolean {
@@ -2706,7 +2951,7 @@ export class WhatsAppChannel implements Channel {
     this.handlers = handlers;
     this.closed = false;
     await this.openSocket();
-    this.dailySync = setInterval(() => void this.syncGroups().catch(() => {}), 24 * 60 * 60_000);
+    this.stopDailySync = every(this.clock, 24 * 60 * 60_000, () => void this.syncGroups().catch(() => {}));
   }
 
   /**
@@ -2738,19 +2983,29 @@ export class WhatsAppChannel implements Channel {
 
   private async openSocket(): Promise<void> {
     await this.resolveVersion();
-    const { state, saveCreds } = await baileys().useMultiFileAuthState(this.options.authDir);
+    // One auth state for every socket: a reconnect right after a credentials change (515 after
+    // pairing) must not read the file before that change is written.
+    this.auth ??= useDurableAuthState(this.options.authDir).catch((err) => {
+      this.auth = null; // the next attempt reads again
+      throw err;
+    });
+    const { state, saveCreds } = await this.auth;
+    // baileys wants its own pino; ours is pino too, just quieter for its chatter.
+    const logger = log.child(
+      { module: 'baileys' },
+      { level: log.level === 'trace' ? 'debug' : 'warn' },
+    ) as unknown as ILogger;
     const sock = baileys().default({
-      auth: state,
-      // baileys wants its own pino; ours is pino too, just quieter for its chatter.
-      logger: log.child(
-        { module: 'baileys' },
-        { level: log.level === 'trace' ? 'debug' : 'warn' },
-      ) as unknown as ILogger,
-      markOnlineOnConnect: false,
+      // Signal keys are read for every message: kept in memory, written through to the files.
+      auth: { creds: state.creds, keys: baileys().makeCacheableSignalKeyStore(state.keys, logger) },
+      logger,
+      // "available" while connected, so WhatsApp delivers others' typing; but then the phone of
+      // the number stops notifying, so on a shared number (the owner's own phone) it stays off.
+      markOnlineOnConnect: this.options.hasOwnNumber,
       syncFullHistory: false,
       msgRetryCounterCache: this.retryCounts,
       getMessage: (key) => this.getMessage(key),
-      cachedGroupMetadata: async (jid) => this.groupMetadata.get(jid),
+      cachedGroupMetadata: (jid) => this.cachedGroupMetadata(jid),
       ...(this.waVersion ? { version: this.waVersion } : {}), // never version: undefined, which would replace baileys' default
       ...(this.options.waWebSocketUrl ? { waWebSocketUrl: this.options.waWebSocketUrl } : {}),
     });
@@ -2798,9 +3053,19 @@ export class WhatsAppChannel implements Channel {
     });
     // Typing (a "chatstate" from WhatsApp): the host may start the chat's agent before the message.
     sock.ev.on('presence.update', ({ id, presences }) => {
-      if (sock !== this.sock || !someoneTyping(presences, this.ownJids)) return;
-      this.handlers?.onActivity?.(canonicalJid(id, null, this.identity()));
+      const typist = sock === this.sock ? typistOf(presences, this.ownJids) : null;
+      if (!typist) return;
+      this.handlers?.onActivity?.(canonicalJid(id, null, this.identity()), canonicalJid(typist, null, this.identity()));
     });
+  }
+
+  /** baileys' cachedGroupMetadata: the cached copy, or once it expired (or went stale) a fresh one, kept for the next sends. */
+  async cachedGroupMetadata(jid: string): Promise<GroupMetadata | undefined> {
+    const cached = this.groupMetadata.get(jid);
+    if (cached || !this.sock) return cached;
+    const fresh = await this.sock.groupMetadata(jid).catch(() => undefined); // baileys then asks itself, and says why
+    if (fresh) this.groupMetadata.set(jid, fresh);
+    return fresh;
   }
 
   /** A group name from WhatsApp, unless it is empty (a change of something else carries no subject). */
@@ -2826,26 +3091,29 @@ export class WhatsAppChannel implements Channel {
     }
   }
 
-  private stopFor(sock: WASocket): void {
+  /** Stops for good: no reconnect; the log and onStopped say why and what to do. */
+  private stopFor(sock: WASocket, why: string, fields: Record<string, unknown> = {}): void {
+    log.error(fields, why);
     this.closed = true;
     this.connected = false;
     this.retire(sock);
-    if (this.reconnectTimer) clearTimeout(this.reconnectTimer);
+    this.cancelReconnect?.();
+    this.cancelReconnect = null;
+    this.options.onStopped?.(why);
   }
 
   private onConnectionUpdate(sock: WASocket, update: Partial<ConnectionState>): void {
     if (sock !== this.sock) return; // a retired socket's last words
     if (update.qr) {
-      log.error(
-        'WhatsApp offers a QR code: store/auth/ holds no linked device. Run `bun nanoclaw.ts auth` to link this machine.',
+      this.stopFor(
+        sock,
+        'Not linked: WhatsApp offers a QR code, so it does not know the device in store/auth/. Run `bun nanoclaw.ts auth --relink`, then start NanoClaw again.',
       );
-      this.stopFor(sock);
-      this.options.onNotLinked?.();
       return;
     }
     if (update.connection === 'open') {
       this.connected = true;
-      this.attempt = 0;
+      this.openedAt = this.clock.monotonic();
       this.versionRefusalLogged = false;
       this.ownJids = new Set(
         [sock.user?.id, sock.user?.lid]
@@ -2854,8 +3122,9 @@ export class WhatsAppChannel implements Channel {
       );
       log.info({ me: [...this.ownJids] }, 'WhatsApp connected');
       this.handlers?.onReady?.();
-      // WhatsApp tells who is typing only in chats we subscribed to.
-      for (const jid of this.handlers?.watchedChats?.() ?? []) void sock.presenceSubscribe(jid).catch(() => {});
+      // WhatsApp tells who is typing only in chats we subscribed to (for this connection).
+      this.subscribed.clear();
+      for (const jid of this.handlers?.watchedChats?.() ?? []) this.subscribe(jid);
       const last = this.options.lastGroupSync?.();
       const maxAge = this.options.groupSyncMaxAgeMs ?? 24 * 60 * 60_000;
       if (!last || Date.now() - new Date(last).getTime() > maxAge)
@@ -2863,13 +3132,13 @@ export class WhatsAppChannel implements Channel {
     }
     if (update.connection === 'close') {
       this.connected = false;
+      // Only a connection that held counts as recovered: one that drops at once keeps backing off.
+      if (this.openedAt !== null && this.clock.monotonic() - this.openedAt >= WHATSAPP_STABLE_MS) this.attempt = 0;
+      this.openedAt = null;
       const { kind, status, detail } = disconnectKind(update.lastDisconnect?.error);
-      if (kind === 'logged-out') {
-        log.error(
-          'WhatsApp logged this device out. The credentials in store/auth/ no longer work: remove that folder, then run `bun nanoclaw.ts auth`.',
-        );
-        this.stopFor(sock);
-        this.options.onLoggedOut?.();
+      const next = afterDisconnect(kind, status);
+      if (next.action === 'stop') {
+        this.stopFor(sock, next.says, { status, reason: detail });
         return;
       }
       if (kind === 'version-refused') {
@@ -2884,13 +3153,13 @@ export class WhatsAppChannel implements Channel {
       } else {
         log.warn({ status, kind, reason: detail }, 'WhatsApp disconnected');
       }
-      this.scheduleReconnect(kind === 'restart');
+      this.scheduleReconnect(next.action === 'now');
     }
   }
 
   private scheduleReconnect(now = false): void {
-    if (this.closed || this.reconnectTimer) return;
-    this.attempt++;
+    if (this.closed || this.cancelReconnect) return;
+    if (!now) this.attempt++; // a restart WhatsApp asks for is no failure
     const delay = now
       ? 0
       : backoff(this.attempt, {
@@ -2900,8 +3169,8 @@ export class WhatsAppChannel implements Channel {
         });
     this.reconnectDelays.push(delay);
     log.info({ attempt: this.attempt, delayMs: delay }, 'Reconnecting to WhatsApp');
-    this.reconnectTimer = setTimeout(() => {
-      this.reconnectTimer = null;
+    this.cancelReconnect = this.clock.after(delay, () => {
+      this.cancelReconnect = null;
       if (this.closed) return;
       this.retire(this.sock);
       this.sock = null;
@@ -2909,7 +3178,7 @@ export class WhatsAppChannel implements Channel {
         log.error({ err }, 'Could not open a WhatsApp connection');
         this.scheduleReconnect();
       });
-    }, delay);
+    });
   }
 
   private identity(): WhatsAppIdentity {
@@ -3032,8 +3301,27 @@ export class WhatsAppChannel implements Channel {
     return sent?.message ?? undefined;
   }
 
+  /** "typing…" in a chat, said again every WHATSAPP_TYPING_REFRESH_MS until it is stopped ("paused"). */
   async setTyping(jid: string, typing: boolean): Promise<void> {
-    if (this.connected) await this.sock?.sendPresenceUpdate(typing ? 'composing' : 'paused', jid);
+    this.typingRefresh.get(jid)?.();
+    this.typingRefresh.delete(jid);
+    if (typing) {
+      if (this.connected) this.subscribe(jid); // a chat registered since the connection opened
+      const again = () => void this.sendChatState(jid, 'composing').catch(() => {});
+      this.typingRefresh.set(jid, every(this.clock, WHATSAPP_TYPING_REFRESH_MS, again));
+    }
+    await this.sendChatState(jid, typing ? 'composing' : 'paused');
+  }
+
+  /** Asks WhatsApp for a chat's presence (typing) once per connection. */
+  private subscribe(jid: string): void {
+    if (!this.sock || this.subscribed.has(jid)) return;
+    this.subscribed.add(jid);
+    void this.sock.presenceSubscribe(jid).catch(() => {});
+  }
+
+  private async sendChatState(jid: string, state: 'composing' | 'paused'): Promise<void> {
+    if (this.connected) await this.sock?.sendPresenceUpdate(state, jid);
   }
 
   async syncGroups(): Promise<void> {
@@ -3043,15 +3331,19 @@ export class WhatsAppChannel implements Channel {
       this.groupMetadata.set(group.id, group);
       this.learnGroupName(group.id, group.subject);
     }
-    this.options.markGroupSync?.();
+    this.options.markGroupSync?.(
+      Object.fromEntries(Object.values(groups).map((group) => [group.id, group.participants?.length ?? 0])),
+    );
     log.info({ groups: Object.keys(groups).length }, 'WhatsApp group names synced');
   }
 
   async disconnect(): Promise<void> {
     this.closed = true;
-    if (this.reconnectTimer) clearTimeout(this.reconnectTimer);
-    if (this.dailySync) clearInterval(this.dailySync);
-    this.reconnectTimer = null;
+    this.cancelReconnect?.();
+    this.stopDailySync?.();
+    for (const stop of this.typingRefresh.values()) stop();
+    this.typingRefresh.clear();
+    this.cancelReconnect = null;
     this.connected = false;
     this.retire(this.sock);
     this.sock = null;
@@ -5431,6 +5723,8 @@ export function shortestGap(type: ScheduleType, value: string, timezone: string,
 }
 
 export const GROUPS_SYNCED_AT = 'groups_synced_at';
+/** How many members each WhatsApp group had at the last sync (JSON: chat id → count), for `groups discover`. */
+export const GROUP_MEMBERS_STATE = 'whatsapp_group_members';
 
 /**
  * The tasks a group's agent sees. Main sees every group's: the words of another group's
@@ -6166,7 +6460,7 @@ export class Host {
         }
       },
       onReady: () => this.senders.get(channel.name)?.kick(),
-      onActivity: (chatJid) => this.prewarm(chatJid),
+      onActivity: (chatJid, typist) => this.prewarm(chatJid, typist),
       watchedChats: () => {
         try {
           return this.store.listGroups().map((group) => group.jid);
@@ -6221,12 +6515,14 @@ export class Host {
 
   /**
    * Someone is typing in a registered chat: start its container now, so the agent is up by
-   * the time the message arrives. Only into a free slot; false when nothing was started.
+   * the time the message arrives (main, and groups the typist drives: typingMayWake). Only
+   * into a free slot; false when nothing was started.
    */
-  prewarm(chatJid: string): boolean {
+  prewarm(chatJid: string, typist?: string): boolean {
     if (this.stopped) return false;
     try {
-      if (!this.store.groupByJid(chatJid)) return false;
+      const group = this.store.groupByJid(chatJid);
+      if (!group || !typingMayWake(group, typist)) return false;
     } catch {
       return false; // a database that cannot answer now: the message itself will wake the agent
     }
@@ -7068,6 +7364,8 @@ export function addGroup(
     allow?: string[];
   },
 ): RegisteredGroup {
+  const lid = lidChatProblem(request.jid);
+  if (lid) throw new IpcFormatError(lid);
   const badSender = request.allow?.find((jid) => !isValidSenderJid(jid));
   if (badSender !== undefined)
     throw new IpcFormatError(
@@ -7119,11 +7417,16 @@ export const COMMAND_USAGE = {
   start: [['(none), start', 'run the assistant service (WhatsApp)']],
   auth: [
     ['auth [--pairing-code <phone>]', 'link this machine to your WhatsApp (QR code, or a code typed on the phone)'],
-    ['auth --check', 'is this machine linked? (exit 0 linked, 3 not linked, 4 a pairing left unfinished)'],
+    ['auth --relink [--pairing-code <phone>]', "replace this machine's link: deletes store/auth/, then links again"],
+    [
+      'auth --check',
+      'is this machine linked? (exit 0 linked, 3 not linked, 4 a pairing left unfinished, 5 credentials damaged)',
+    ],
   ],
   chat: [['chat', "talk to the main group's agent from this terminal (piped stdin: one message per line)"]],
   groups: [
     ['groups list', 'registered groups'],
+    ['groups discover', 'the WhatsApp chats this machine knows (id, name, members), to register one'],
     [
       'groups register <jid> <folder> [--name N] [--trigger @Word] [--no-trigger] [--main] [--network egress|none|bridge|NAME] [--allow <jid>[,<jid>…]]',
       'only the owner and these senders wake the agent (default: everyone; in main, only the owner)',
@@ -7495,7 +7798,10 @@ export function whatsAppChannel(config: Config, store: Store, extra: Partial<Wha
     },
     triggerFor: (jid) => store.groupByJid(jid)?.trigger,
     lastGroupSync: () => store.getState(GROUPS_SYNCED_AT),
-    markGroupSync: () => store.setState(GROUPS_SYNCED_AT, new Date().toISOString()),
+    markGroupSync: (members) => {
+      store.setState(GROUPS_SYNCED_AT, new Date().toISOString());
+      store.setState(GROUP_MEMBERS_STATE, JSON.stringify(members));
+    },
     knownVersion: () => parseWaVersion(store.getState(WHATSAPP_VERSION_STATE)),
     rememberVersion: (version) => store.setState(WHATSAPP_VERSION_STATE, version.join('.')),
     rememberSent: (messageId, content) => store.recordSentContent(messageId, content),
@@ -7720,8 +8026,8 @@ export async function runService(config: Config): Promise<number> {
   const link = WhatsAppChannel.linkState(whatsAppAuthDir(config));
   if (link !== 'linked') {
     throw new UsageError(
-      `WhatsApp is not linked on this machine yet${link === 'pending' ? ' (a pairing was started but never finished)' : ''}.\n` +
-        '  Fix: bun nanoclaw.ts auth   (shows a QR code; or: bun nanoclaw.ts auth --pairing-code <your phone number>)\n' +
+      `WhatsApp is not linked on this machine yet${{ pending: ' (a pairing was started but never finished)', damaged: ' (store/auth/creds.json is damaged and has no whole backup)', none: '' }[link]}.\n` +
+        `  Fix: bun nanoclaw.ts auth${link === 'damaged' ? ' --relink' : ''}   (shows a QR code; or add --pairing-code <your phone number>)\n` +
         '  Meanwhile you can talk to your assistant from this terminal: bun nanoclaw.ts chat',
     );
   }
@@ -7729,14 +8035,7 @@ export async function runService(config: Config): Promise<number> {
   let unlinked: (why: string) => void = () => {};
   const whenUnlinked = new Promise<string>((resolve) => (unlinked = resolve));
   const { host, store, release } = await startHost(config, (store) => [
-    whatsAppChannel(config, store, {
-      onLoggedOut: () =>
-        unlinked('WhatsApp logged this device out. Remove store/auth/ and run `bun nanoclaw.ts auth` to link again.'),
-      onNotLinked: () =>
-        unlinked(
-          'Not linked: WhatsApp does not know the device in store/auth/. Run `bun nanoclaw.ts auth`, then start NanoClaw again.',
-        ),
-    }),
+    whatsAppChannel(config, store, { onStopped: unlinked }),
   ]);
   const finish = async () => {
     await host.stop();
@@ -7774,10 +8073,11 @@ export function authCloseMessage(error: unknown): { retry: boolean; message: str
           'WhatsApp refused this client version (405). Run auth again (it looks the current version up); if it keeps failing, update NanoClaw (bun update @whiskeysockets/baileys).',
       };
     case 'logged-out':
+    case 'unauthorized':
+    case 'device-mismatch':
       return {
         retry: false,
-        message:
-          'WhatsApp refused the link (401). On your phone, remove this device under Linked devices if it is listed, then run auth again.',
+        message: `WhatsApp refused the link (${status}). On your phone, remove this device under Linked devices if it is listed, then run auth again.`,
       };
     default:
       return {
@@ -7787,31 +8087,43 @@ export function authCloseMessage(error: unknown): { retry: boolean; message: str
   }
 }
 
+/** What `auth` does with what store/auth holds: link, start over (no device there), or replace a device only when the user says so. */
+export function authPlan(state: LinkState, relink: boolean): 'link' | 'start-over' | 'replace' | 'ask' {
+  if (state === 'none') return 'link';
+  if (state === 'pending') return 'start-over';
+  return relink ? 'replace' : 'ask';
+}
+
+/** A yes/no question on the terminal; anything but y or yes is no. */
+async function askYes(question: string): Promise<boolean> {
+  const terminal = createInterface({ input: process.stdin, output: process.stdout });
+  const answer = await new Promise<string>((answered) => terminal.question(`${question} [y/N] `, answered));
+  terminal.close();
+  return /^y(es)?$/i.test(answer.trim());
+}
+
 /** `auth`: links this machine to WhatsApp (QR code, or a pairing code for headless machines). */
 export async function authCommand(config: Config, args: string[]): Promise<number> {
   const { values, positionals } = commandArgs('auth', args, {
     'pairing-code': { type: 'string' },
     check: { type: 'boolean' },
+    relink: { type: 'boolean' },
   });
   if (positionals.length) throw new UsageError(`Unexpected argument "${positionals[0]}".`, 'auth');
   const authDir = whatsAppAuthDir(config);
   const state = WhatsAppChannel.linkState(authDir);
   if (values.check) {
-    if (values['pairing-code'] !== undefined) throw new UsageError('--check takes no other option.', 'auth');
+    if (values['pairing-code'] !== undefined || values.relink)
+      throw new UsageError('--check takes no other option.', 'auth');
     console.log(
       {
         linked: 'linked: store/auth/ holds a linked WhatsApp device',
         pending: 'not linked: a pairing was started but never finished (run auth)',
+        damaged: 'not linked: store/auth/creds.json is damaged and has no whole backup (run auth --relink)',
         none: 'not linked (run auth to link WhatsApp)',
       }[state],
     );
-    return { linked: 0, none: 3, pending: 4 }[state];
-  }
-  if (state === 'linked') {
-    console.log(
-      'WhatsApp is already linked (store/auth/). To link another number, stop NanoClaw, remove store/auth/ and run auth again.',
-    );
-    return 0;
+    return { linked: 0, none: 3, pending: 4, damaged: 5 }[state];
   }
   const rawPhone = values['pairing-code'] as string | undefined;
   const phone = rawPhone?.replace(/[\s+()-]/g, '');
@@ -7821,19 +8133,45 @@ export async function authCommand(config: Config, args: string[]): Promise<numbe
       'auth',
     );
   }
-  if (state === 'pending') {
+  const plan = authPlan(state, values.relink === true);
+  const what =
+    state === 'linked'
+      ? 'WhatsApp is already linked (store/auth/).'
+      : 'store/auth/creds.json is damaged (empty or cut short) and has no whole backup.';
+  if (plan === 'ask') {
+    // A linked device's keys are never deleted without the user's yes.
+    if (!process.stdin.isTTY) {
+      const line = `${what} To link again (this deletes store/auth/): bun nanoclaw.ts auth --relink`;
+      if (state === 'linked')
+        console.log(line); // nothing wrong: nothing to do
+      else console.error(line);
+      return state === 'linked' ? 0 : 2;
+    }
+    if (!(await askYes(`${what} Delete store/auth/ and link this machine again?`))) {
+      console.log('Nothing changed.');
+      return 0;
+    }
+  }
+  if (plan === 'start-over') {
     // Credentials of a pairing that never finished would make WhatsApp treat us as a device it does not know.
     console.log('An earlier link was started but never finished; starting over.');
     rmSync(authDir, { recursive: true, force: true });
+  }
+  if (plan === 'replace' || plan === 'ask') {
+    rmSync(authDir, { recursive: true, force: true });
+    console.log(
+      'Removed store/auth/. On your phone, remove the old device under Linked devices if it is still listed.',
+    );
   }
   mkdirSync(authDir, { recursive: true });
   const { generate } = await import('qrcode-terminal');
   const store = new Store(config.dbPath);
   const versions = whatsAppChannel(config, store); // never connected: its version lookup, as the service's
   const code = await new Promise<number>((resolveAuth) => {
+    const credentials = useDurableAuthState(authDir); // kept for the reconnect after pairing (515): never re-read mid-write
     const open = async () => {
       await versions.resolveVersion();
-      const { state: auth, saveCreds } = await baileys().useMultiFileAuthState(authDir);
+      const { state: auth, saveCreds } = await credentials;
       const version = versions.version;
       const sock = baileys().default({
         auth,
@@ -7888,6 +8226,40 @@ export async function authCommand(config: Config, args: string[]): Promise<numbe
   return code;
 }
 
+/** A name someone else chose, safe to print on a terminal (no control characters or escape sequences). */
+const printable = (name: string) => name.replace(/[\p{Cc}\p{Cf}]/gu, ' ').trim();
+
+/** `groups discover`: the WhatsApp chats the last group sync and the messages told of, with their ids, to register one. */
+export function discoverLines(store: Store): string[] {
+  const folders = new Map(store.listGroups().map((group) => [group.jid, group.folder]));
+  let members: Record<string, number> = {};
+  try {
+    members = JSON.parse(store.getState(GROUP_MEMBERS_STATE) ?? '{}');
+  } catch {
+    // an older or damaged record: the counts are only missing
+  }
+  const chats = store
+    .listChats()
+    .filter((chat) => /@(g\.us|s\.whatsapp\.net)$/.test(chat.jid))
+    .sort((a, b) => Number(b.isGroup) - Number(a.isGroup) || (a.name ?? '').localeCompare(b.name ?? ''));
+  if (chats.length === 0)
+    return [
+      'No WhatsApp chats known yet. The service learns your groups when it connects (bun nanoclaw.ts); run this again then.',
+    ];
+  const synced = store.getState(GROUPS_SYNCED_AT);
+  return [
+    ...chats.map((chat) => {
+      const count = members[chat.jid];
+      const size = chat.isGroup ? (count === undefined ? '? members' : `${count} members`) : 'person';
+      const registered = folders.has(chat.jid) ? `groups/${folders.get(chat.jid)}` : 'not registered';
+      return `${chat.jid.padEnd(32)} ${size.padEnd(12)} ${registered.padEnd(20)} ${printable(chat.name ?? '')}`;
+    }),
+    '',
+    `Group names and members as of the last sync (${synced ?? 'never'}; the service syncs at start when older than a day, daily, and when main is asked to refresh).`,
+    'Register one: bun nanoclaw.ts groups register <id> <folder> --name "<name>"',
+  ];
+}
+
 function groupsCommand(config: Config, args: string[]): number {
   const { values, positionals } = commandArgs('groups', args, {
     name: { type: 'string' },
@@ -7909,9 +8281,11 @@ function groupsCommand(config: Config, args: string[]): number {
   if (action === 'register') {
     if (!jid || !folder || rest.length > 2)
       throw new UsageError('groups register needs a chat id and a folder name.', 'groups');
+    const lid = lidChatProblem(jid);
+    if (lid) throw new UsageError(`${lid}.`, 'groups');
     if (!isValidJid(jid))
       throw new UsageError(
-        `"${jid}" is not a WhatsApp chat id: a group is <digits>@g.us, a person <phone digits>@s.whatsapp.net (see the log or \`groups list\`).`,
+        `"${jid}" is not a WhatsApp chat id: a group is <digits>@g.us, a person <phone digits>@s.whatsapp.net (see \`groups discover\`).`,
         'groups',
       );
     if (trigger !== undefined && !isValidTrigger(trigger))
@@ -7933,6 +8307,11 @@ function groupsCommand(config: Config, args: string[]): number {
   }
   const store = new Store(config.dbPath);
   try {
+    if (action === 'discover') {
+      if (rest.length) throw new UsageError('groups discover takes no arguments.', 'groups');
+      for (const line of discoverLines(store)) console.log(line);
+      return 0;
+    }
     if (action === 'list') {
       if (rest.length) throw new UsageError(`groups list takes no arguments.`, 'groups');
       const groups = store.listGroups();

@@ -160,8 +160,8 @@ export class RecordingChannel implements Channel {
   }
 
   /** Someone starts typing in a chat (WhatsApp's "composing", the terminal's first keystroke). */
-  typing(chatJid: string): void {
-    this.handlers?.onActivity?.(chatJid);
+  typing(chatJid: string, typist?: string): void {
+    this.handlers?.onActivity?.(chatJid, typist);
   }
 
   /** Delivers an inbound message as a platform would. */

@@ -147,7 +147,7 @@ describe('warm when it matters', () => {
   it('a warm container no message comes to is closed after warmIdleMs, on a clock the test moves', async () => {
     const clock = new FakeClock();
     const w = await world({}, { clock, warmIdleMs: 5_000 });
-    expect(w.host.prewarm(FAMILY)).toBe(true);
+    expect(w.host.prewarm(MAIN)).toBe(true);
     await waitFor(() => w.docker.calls().some((c) => c.command === 'warm-start'), 10_000, 'warm start');
     await clock.advance(4_999);
     expect(w.docker.calls().some((c) => c.command === 'closed')).toBe(false);
@@ -156,22 +156,39 @@ describe('warm when it matters', () => {
     expect(w.channel.sent).toEqual([]);
   });
 
+  it('typing warms main and a group only where the typist drives the agent: named by its allow list, or anyone without a trigger', async () => {
+    const w = await world();
+    const ALICE = '4915100000002@s.whatsapp.net';
+    const CLUB = 'stranger@g.us'; // a chat the channel has: registered now, with an allowlist
+    addGroup(w.config, w.store, { jid: CLUB, name: 'Club', folder: 'club', allow: [ALICE] });
+    w.store.db.query('UPDATE registered_groups SET requires_trigger = 0 WHERE jid = ?').run(WORK);
+    expect(w.host.prewarm(FAMILY, ALICE)).toBe(false); // a trigger and no list: typing says nothing of the trigger
+    expect(w.host.prewarm(CLUB, '4915100000009@s.whatsapp.net')).toBe(false);
+    expect(w.host.prewarm(CLUB)).toBe(false); // who types is not known
+    expect(w.docker.runs()).toHaveLength(0);
+    expect(w.host.prewarm(CLUB, ALICE)).toBe(true);
+    expect(w.host.prewarm(WORK, '4915100000009@s.whatsapp.net')).toBe(true); // (main is warmed in the test above)
+  });
+
   it('in a group that needs the trigger, a warm container takes only a message that has it', async () => {
     const w = await world();
-    w.channel.typing(FAMILY);
+    const ALICE = { sender: '4915100000002@s.whatsapp.net' };
+    const CLUB = 'stranger@g.us'; // a chat the channel has: registered now, with an allowlist
+    addGroup(w.config, w.store, { jid: CLUB, name: 'Club', folder: 'club', allow: [ALICE.sender] });
+    w.channel.typing(CLUB, ALICE.sender);
     await waitFor(() => w.docker.calls().some((c) => c.command === 'warm-start'), 10_000, 'warm start');
-    w.channel.receive(FAMILY, 'just chatting');
+    w.channel.receive(CLUB, 'just chatting', ALICE);
     await Bun.sleep(100);
     expect(w.docker.calls().some((c) => c.command === 'follow-up')).toBe(false);
-    w.channel.receive(FAMILY, '@Andy now you');
-    await waitFor(() => texts(w).length === 1, 10_000, 'reply');
+    w.channel.receive(CLUB, '@Andy now you', ALICE);
+    await waitFor(() => texts(w, CLUB).length === 1, 10_000, 'reply');
     const handed = w.docker
       .calls()
       .filter((c) => c.command === 'follow-up')
       .map((c) => String(c.text));
     expect(handed).toHaveLength(1);
     expect(handed[0]).toContain('just chatting'); // the context since the last answer comes with it
-    expect(texts(w)).toEqual(['Andy: echo: now you']);
+    expect(texts(w, CLUB)).toEqual(['Andy: echo: now you']);
   });
 });
 
