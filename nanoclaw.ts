@@ -1010,6 +1010,8 @@ export interface ScheduledTask {
   lastResult: string | null;
   status: TaskStatus;
   createdAt: string;
+  /** Why NanoClaw paused it (its group was removed); null when active or paused by someone. */
+  pausedReason?: string | null;
 }
 
 export interface TaskRunLog {
@@ -1161,6 +1163,11 @@ const MIGRATIONS: string[] = [
   // 6: who may wake each group's agent. '[]' keeps every group as it was: everyone in a
   // group, and in main only the owner (needsAgent reads an empty list so for main).
   `ALTER TABLE registered_groups ADD COLUMN allowed_senders TEXT NOT NULL DEFAULT '[]';`,
+  // 7: a file the agent sends (send_file) waits in the outbox as its own part: its bytes
+  // (dropped once sent) and what it is; a task NanoClaw paused says why (its group was removed).
+  `ALTER TABLE outbox ADD COLUMN file BLOB;
+   ALTER TABLE outbox ADD COLUMN file_meta TEXT;
+   ALTER TABLE scheduled_tasks ADD COLUMN paused_reason TEXT;`,
 ];
 
 export const SCHEMA_VERSION = MIGRATIONS.length;
@@ -1200,6 +1207,7 @@ interface TaskRow {
   last_result: string | null;
   status: TaskStatus;
   created_at: string;
+  paused_reason: string | null;
 }
 
 const toMessage = (row: MessageRow): StoredMessage => ({
@@ -1237,9 +1245,14 @@ const toTask = (row: TaskRow): ScheduledTask => ({
   lastResult: row.last_result,
   status: row.status,
   createdAt: row.created_at,
+  pausedReason: row.paused_reason,
 });
 
 const cursorKey = (chatJid: string) => `cursor:${chatJid}`;
+
+/** Why a removed group's tasks are paused (tasks list, tasks show and main's list_tasks show it). */
+export const removedGroupReason = (at: Date) =>
+  `its group was removed on ${at.toISOString().slice(0, 10)}; register the group again to resume it`;
 
 /** How long a write waits for another process's lock before it counts as "unavailable". */
 const BUSY_TIMEOUT_MS = 1_000;
@@ -1670,8 +1683,18 @@ export class Store {
     })();
   }
 
-  removeGroup(jid: string): boolean {
-    return this.db.query('DELETE FROM registered_groups WHERE jid = ?').run(jid).changes > 0;
+  /** Unregisters a chat; its active tasks are paused with `pausedReason` (they would run for nobody). */
+  removeGroup(jid: string, pausedReason = removedGroupReason(new Date())): boolean {
+    return this.db.transaction(() => {
+      const folder = this.groupByJid(jid)?.folder;
+      if (!folder) return false;
+      this.db
+        .query(
+          "UPDATE scheduled_tasks SET status = 'paused', paused_reason = ? WHERE group_folder = ? AND status = 'active'",
+        )
+        .run(pausedReason, folder);
+      return this.db.query('DELETE FROM registered_groups WHERE jid = ?').run(jid).changes > 0;
+    })();
   }
 
   listGroups(): RegisteredGroup[] {
@@ -1764,6 +1787,7 @@ export class Store {
       lastRun: 'last_run',
       lastResult: 'last_result',
       status: 'status',
+      pausedReason: 'paused_reason',
     };
     const entries = Object.entries(patch).filter(([key, value]) => key in columns && value !== undefined);
     if (entries.length === 0) return false;
@@ -5246,7 +5270,7 @@ function defineIpcActions(z: Zod) {
       schema: z.object({ type: z.literal('pause_task'), ...taskRef }),
       refusal: (request, source, store) => ownTaskOnly(source, request.taskId, store),
       apply: (request, { store, source, effects }) => {
-        store.updateTask(request.taskId, { status: 'paused' });
+        store.updateTask(request.taskId, { status: 'paused', pausedReason: null });
         effects.afterwards(effects.tasksChanged);
         log.info({ group: source.folder, taskId: request.taskId }, 'Task paused');
       },
@@ -5270,8 +5294,13 @@ function defineIpcActions(z: Zod) {
       },
       apply: (request, { config, store, source, effects }) => {
         const task = store.getTask(request.taskId)!;
+        // A removed group's task stays paused until the group is registered again (the CLI too).
+        if (!store.groupByFolder(task.groupFolder))
+          throw new ScheduleError(
+            `task ${task.id} belongs to group "${task.groupFolder}", which is not registered: register it again first`,
+          );
         const nextRun = resumedNextRun(task, config.timezone);
-        store.updateTask(task.id, { status: 'active', nextRun: nextRun.toISOString() });
+        store.updateTask(task.id, { status: 'active', nextRun: nextRun.toISOString(), pausedReason: null });
         effects.afterwards(effects.tasksChanged);
         log.info({ group: source.folder, taskId: task.id, nextRun: nextRun.toISOString() }, 'Task resumed');
         return `resumed; next run ${formatLocalTime(nextRun.toISOString(), config.timezone)} (${config.timezone})`;
@@ -5445,6 +5474,7 @@ export function tasksSnapshot(store: Store, group: RegisteredGroup) {
       schedule_value: task.scheduleValue,
       context_mode: task.contextMode,
       status: task.status,
+      paused_reason: task.pausedReason ?? null,
       next_run: task.nextRun,
       last_run: task.lastRun,
     };
@@ -5915,7 +5945,7 @@ export class Scheduler {
           next = nextRunAfterFiring(task, this.timezone, now);
         } catch (err) {
           log.error({ taskId: task.id, err }, 'Task has an invalid schedule; pausing it');
-          this.store.updateTask(task.id, { status: 'paused', nextRun: null });
+          this.store.updateTask(task.id, { status: 'paused', nextRun: null, pausedReason: 'its schedule is invalid' });
           continue;
         }
         const claimed = this.store.transaction(() => {
@@ -7957,6 +7987,11 @@ function groupsCommand(config: Config, args: string[]): number {
       console.log(
         `Registered ${group.jid} as groups/${group.folder}${group.isMain ? ' (main)' : ''}${group.requiresTrigger && !group.isMain ? `; it answers messages that start with ${group.trigger}` : ''}.`,
       );
+      const waiting = store.listTasks(group.folder).filter((task) => task.status === 'paused' && task.pausedReason);
+      if (waiting.length)
+        console.log(
+          `Paused by NanoClaw, waiting for you: ${waiting.map((task) => `${task.id} (${task.pausedReason})`).join(', ')}. Resume each with: bun nanoclaw.ts tasks resume <id>.`,
+        );
       return 0;
     }
     if (action === 'remove') {
@@ -7965,8 +8000,13 @@ function groupsCommand(config: Config, args: string[]): number {
       const group = store.groupByJid(key) ?? store.groupByFolder(key);
       if (!group)
         throw new UsageError(`No registered group with chat id or folder "${key}" (see: bun nanoclaw.ts groups list).`);
+      const active = store.listTasks(group.folder).filter((task) => task.status === 'active');
       store.removeGroup(group.jid);
       console.log(`Removed ${group.jid}. Its folder groups/${group.folder} was kept.`);
+      if (active.length)
+        console.log(
+          `Paused its ${active.length} active task(s): ${active.map((task) => task.id).join(', ')}. Register the group again (same folder), then: bun nanoclaw.ts tasks resume <id>.`,
+        );
       return 0;
     }
     throw new UsageError(`Unknown groups command "${action}".`, 'groups');
@@ -8099,7 +8139,7 @@ async function tasksCommand(config: Config, args: string[]): Promise<number> {
         console.log('No scheduled tasks. Ask your assistant: "remind me every weekday at 9 to …"');
       for (const t of tasks) {
         console.log(
-          `${t.id}  ${t.groupFolder.padEnd(12)} ${t.status.padEnd(9)} next ${when(t.nextRun).padEnd(34)} ${describeSchedule(t).padEnd(22)} ${t.prompt.slice(0, 50)}`,
+          `${t.id}  ${t.groupFolder.padEnd(12)} ${t.status.padEnd(9)} next ${when(t.nextRun).padEnd(34)} ${describeSchedule(t).padEnd(22)} ${t.prompt.slice(0, 50)}${t.pausedReason ? `  (paused: ${t.pausedReason})` : ''}`,
         );
       }
       return 0;
@@ -8114,7 +8154,7 @@ async function tasksCommand(config: Config, args: string[]): Promise<number> {
           return 0;
         }
         console.log(
-          `Task ${task.id} (${task.status})\n  group:    ${task.groupFolder} (${task.chatJid})\n  schedule: ${describeSchedule(task)}, context ${task.contextMode}`,
+          `Task ${task.id} (${task.status}${task.pausedReason ? `: ${task.pausedReason}` : ''})\n  group:    ${task.groupFolder} (${task.chatJid})\n  schedule: ${describeSchedule(task)}, context ${task.contextMode}`,
         );
         // The prompt and results are the agent's words: shown, never obeyed by the terminal.
         console.log(

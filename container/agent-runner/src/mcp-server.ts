@@ -154,6 +154,8 @@ interface TaskSnapshot {
   schedule_value: string;
   context_mode: string;
   status: string;
+  /** Why NanoClaw paused it (its group was removed). */
+  paused_reason?: string | null;
   next_run: string | null;
   last_run: string | null;
   last_result?: string | null;
@@ -286,7 +288,7 @@ export function createServer(identity: ServerIdentity, decisionWaitMs = DECISION
         tasks
           .map(
             (t) =>
-              `${t.id} [${t.status}] ${t.schedule_type} ${t.schedule_value} next ${t.next_run ?? '—'} (${t.groupFolder}): ${promptOf(t)}`,
+              `${t.id} [${t.paused_reason ? `paused: ${t.paused_reason}` : t.status}] ${t.schedule_type} ${t.schedule_value} next ${t.next_run ?? '—'} (${t.groupFolder}): ${promptOf(t)}`,
           )
           .join('\n'),
       );
@@ -307,7 +309,7 @@ export function createServer(identity: ServerIdentity, decisionWaitMs = DECISION
       );
       return text(
         [
-          `${task.id} [${task.status}] ${task.schedule_type} ${task.schedule_value} (${task.context_mode})`,
+          `${task.id} [${task.paused_reason ? `paused: ${task.paused_reason}` : task.status}] ${task.schedule_type} ${task.schedule_value} (${task.context_mode})`,
           `prompt: ${promptOf(task)}`,
           `next run: ${task.next_run ?? '—'}`,
           `last result: ${lastResultOf(task)}`,

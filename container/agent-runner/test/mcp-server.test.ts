@@ -202,6 +202,29 @@ describe('the nanoclaw MCP server over stdio', () => {
     await client.close();
   });
 
+  it('shows why NanoClaw paused a task (its group was removed)', async () => {
+    const reason = 'its group was removed on 2026-12-03; register the group again to resume it';
+    const task = {
+      id: 'task-9',
+      groupFolder: 'gone',
+      chatJid: 'gone@g.us',
+      prompt: 'p',
+      schedule_type: 'cron',
+      schedule_value: '0 9 * * *',
+      context_mode: 'group',
+      status: 'paused',
+      paused_reason: reason,
+      next_run: null,
+      last_run: null,
+      last_result: null,
+      recent_runs: [],
+    };
+    const { client, call } = await connect(true, ipc(), [task]);
+    expect((await call('list_tasks')).text).toContain(`task-9 [paused: ${reason}]`);
+    expect((await call('get_task', { task_id: 'task-9' })).text).toContain(`task-9 [paused: ${reason}]`);
+    await client.close();
+  });
+
   it('with no decision in time, says it is not confirmed rather than done', async () => {
     const dir = ipc();
     const client = await connectMcp(
