@@ -64,6 +64,7 @@ import { createInterface } from 'node:readline';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 import type {
+  AnyMessageContent,
   ConnectionState,
   GroupMetadata,
   proto,
@@ -812,10 +813,15 @@ export class AgentTree {
 
   /** Reads a regular file of at most maxBytes; links, FIFOs, devices and larger files are refused unread. */
   read(rel: string, maxBytes = MAX_AGENT_FILE_BYTES): string {
+    return this.readBytes(rel, maxBytes).toString('utf8');
+  }
+
+  /** read, as bytes (a file the agent sends). */
+  readBytes(rel: string, maxBytes = MAX_AGENT_FILE_BYTES): Buffer {
     return this.withParent(rel, false, (dir, name) => {
       const { fd, size } = openRegular(dir.at(name), join(dir.shown, name), maxBytes);
       try {
-        return readFd(fd, size).toString('utf8');
+        return readFd(fd, size);
       } finally {
         closeSync(fd);
       }
@@ -1026,11 +1032,45 @@ export interface TaskRunLog {
 export interface OutboundMessage {
   id: number;
   jid: string;
+  /** For a file: what the chat's history shows of it (fileNote). */
   text: string;
   /** Stable across resends: the platform's id for this message. */
   messageId: string;
   attempts: number;
+  /** A file the agent sends (send_file), instead of the text. */
+  file?: OutboundFile;
 }
+
+/** A file to send: an image (shown as a photo) or any other file (a document, with its name). */
+export interface OutboundFile {
+  kind: 'image' | 'document';
+  data: Uint8Array;
+  fileName: string;
+  mimetype: string;
+  caption?: string;
+}
+
+type OutboundRow = {
+  id: number;
+  chat_jid: string;
+  text: string;
+  message_id: string;
+  attempts: number;
+  file: Uint8Array | null;
+  file_meta: string | null;
+};
+const OUTBOUND_COLUMNS = 'o.id, o.chat_jid, o.text, o.message_id, o.attempts, o.file, o.file_meta';
+
+const toOutbound = (row: OutboundRow): OutboundMessage => ({
+  id: row.id,
+  jid: row.chat_jid,
+  text: row.text,
+  messageId: row.message_id,
+  attempts: row.attempts,
+  ...(row.file && row.file_meta
+    ? { file: { ...(JSON.parse(row.file_meta) as Omit<OutboundFile, 'data'>), data: row.file } }
+    : {}),
+});
 
 export interface UsageRow {
   day: string;
@@ -1481,57 +1521,55 @@ export class Store {
       .run(channel, chatJid, text, new Date().toISOString(), messageId);
   }
 
+  /** A file as one part of the chat's lane; `text` is what the history shows of it. Its bytes go once it is sent. */
+  addOutboundFile(channel: string, chatJid: string, file: OutboundFile, text: string, messageId: string): void {
+    const { data, ...meta } = file;
+    this.db
+      .query(
+        'INSERT INTO outbox (channel, chat_jid, text, created_at, message_id, file, file_meta) VALUES (?, ?, ?, ?, ?, ?, ?)',
+      )
+      .run(channel, chatJid, text, new Date().toISOString(), messageId, data, JSON.stringify(meta));
+  }
+
   /** The oldest unsent part of each chat of a channel (each chat's lane is sent in order). */
   unsentHeads(channel: string): OutboundMessage[] {
     return this.db
-      .query<{ id: number; chat_jid: string; text: string; message_id: string; attempts: number }, [string]>(
-        `SELECT o.id, o.chat_jid, o.text, o.message_id, o.attempts FROM outbox o
+      .query<OutboundRow, [string]>(
+        `SELECT ${OUTBOUND_COLUMNS} FROM outbox o
          JOIN (SELECT MIN(id) AS id FROM outbox WHERE channel = ? AND sent_at IS NULL GROUP BY chat_jid) head ON o.id = head.id
          ORDER BY o.id`,
       )
       .all(channel)
-      .map((row) => ({
-        id: row.id,
-        jid: row.chat_jid,
-        text: row.text,
-        messageId: row.message_id,
-        attempts: row.attempts,
-      }));
+      .map(toOutbound);
   }
 
   markSent(id: number): void {
-    this.db.query('UPDATE outbox SET sent_at = ? WHERE id = ?').run(new Date().toISOString(), id);
+    this.db.query('UPDATE outbox SET sent_at = ?, file = NULL WHERE id = ?').run(new Date().toISOString(), id);
   }
 
   /** A failed attempt; after too many, the part is given up (kept, with the error, so it shows). */
   markSendFailed(id: number, error: string, giveUp: boolean): void {
     this.db
       .query(
-        'UPDATE outbox SET attempts = attempts + 1, error = ?, sent_at = CASE WHEN ? THEN ? ELSE sent_at END WHERE id = ?',
+        'UPDATE outbox SET attempts = attempts + 1, error = ?, sent_at = CASE WHEN ? THEN ? ELSE sent_at END, file = CASE WHEN ? THEN NULL ELSE file END WHERE id = ?',
       )
-      .run(error, giveUp ? 1 : 0, new Date().toISOString(), id);
+      .run(error, giveUp ? 1 : 0, new Date().toISOString(), giveUp ? 1 : 0, id);
   }
 
   /** Every part still waiting for its channel, oldest first. */
   unsent(channel: string): OutboundMessage[] {
     return this.db
-      .query<{ id: number; chat_jid: string; text: string; message_id: string; attempts: number }, [string]>(
-        'SELECT id, chat_jid, text, message_id, attempts FROM outbox WHERE channel = ? AND sent_at IS NULL ORDER BY id',
+      .query<OutboundRow, [string]>(
+        `SELECT ${OUTBOUND_COLUMNS} FROM outbox o WHERE channel = ? AND sent_at IS NULL ORDER BY id`,
       )
       .all(channel)
-      .map((row) => ({
-        id: row.id,
-        jid: row.chat_jid,
-        text: row.text,
-        messageId: row.message_id,
-        attempts: row.attempts,
-      }));
+      .map(toOutbound);
   }
 
   /** Marks every part still waiting for a channel as given up (kept, with why); returns how many. */
   dropUnsent(channel: string, why: string): number {
     return this.db
-      .query('UPDATE outbox SET sent_at = ?, error = ? WHERE channel = ? AND sent_at IS NULL')
+      .query('UPDATE outbox SET sent_at = ?, error = ?, file = NULL WHERE channel = ? AND sent_at IS NULL')
       .run(new Date().toISOString(), why, channel).changes;
   }
 
@@ -2000,6 +2038,8 @@ export interface Channel {
    * again after a crash keeps its messageId, so a platform with message ids shows it once.
    */
   deliver(jid: string, text: string, messageId: string): Promise<void>;
+  /** Sends a file as one part, as deliver does a text; channels without it cannot send files (send_file is refused). */
+  sendFile?(jid: string, file: OutboundFile, messageId: string): Promise<void>;
   /** Whether deliver can work now. */
   readonly ready: boolean;
   setTyping?(jid: string, typing: boolean): Promise<void>;
@@ -2111,7 +2151,8 @@ export class OutboxSender {
   private async send(part: OutboundMessage): Promise<void> {
     crashPoint('outbox-delivering');
     try {
-      await this.channel.deliver(part.jid, part.text, part.messageId);
+      if (part.file) await this.deliverFile(part.jid, part.file, part.messageId);
+      else await this.channel.deliver(part.jid, part.text, part.messageId);
     } catch (err) {
       return this.failed(part, errorText(err));
     }
@@ -2126,6 +2167,11 @@ export class OutboxSender {
         `sent, but not marked sent (${errorText(err)})`,
       );
     }
+  }
+
+  private async deliverFile(jid: string, file: OutboundFile, messageId: string): Promise<void> {
+    if (!this.channel.sendFile) throw new Error(`the ${this.channel.name} channel cannot send files`);
+    await this.channel.sendFile(jid, file, messageId);
   }
 
   private failed(part: OutboundMessage, error: string): void {
@@ -2192,6 +2238,10 @@ export class OutboxSender {
   }
 }
 
+/** What a chat's history shows of a file the bot sent. */
+export const fileNote = (file: OutboundFile): string =>
+  `[${file.kind === 'image' ? 'image' : 'document'}: ${file.fileName}]${file.caption ? ` ${file.caption}` : ''}`;
+
 /** The chat id the terminal uses for the main group until WhatsApp gives it a real one. */
 export const LOCAL_MAIN_JID = 'main@local';
 
@@ -2228,6 +2278,11 @@ export class LocalChannel implements Channel {
 
   async deliver(_jid: string, text: string): Promise<void> {
     this.print(text);
+  }
+
+  /** The terminal cannot show a file: it says what was sent. */
+  async sendFile(_jid: string, file: OutboundFile): Promise<void> {
+    this.print(`${fileNote(file)} (${file.mimetype}, ${file.data.length} bytes)`);
   }
 
   /** The person started typing: the host may start the agent now. */
@@ -2275,6 +2330,15 @@ export const WHATSAPP_MAX_CHARS = 4000;
 export const MAX_MEDIA_BYTES = 25 * 1024 * 1024;
 
 export type MediaKind = 'image' | 'video' | 'audio' | 'voice note' | 'document' | 'sticker';
+
+/** What baileys' sendMessage takes for a file: `{ image, caption }` or `{ document, mimetype, fileName, caption }`. */
+export function whatsAppFileContent(file: OutboundFile): AnyMessageContent {
+  const data = Buffer.from(file.data);
+  const caption = file.caption ? { caption: file.caption } : {};
+  return file.kind === 'image'
+    ? { image: data, mimetype: file.mimetype, ...caption }
+    : { document: data, mimetype: file.mimetype, fileName: file.fileName, ...caption };
+}
 
 export interface WhatsAppInbound {
   message: NewMessage;
@@ -3035,10 +3099,19 @@ export class WhatsAppChannel implements Channel {
 
   /** Sends one part, within the rate limits, under its stable message id, and keeps what was sent for resends. */
   async deliver(jid: string, text: string, messageId: string): Promise<void> {
+    await this.deliverContent(jid, { text }, messageId);
+  }
+
+  /** An image with its caption, or a document with its name and type; uploaded (encrypted) by baileys. */
+  async sendFile(jid: string, file: OutboundFile, messageId: string): Promise<void> {
+    await this.deliverContent(jid, whatsAppFileContent(file), messageId);
+  }
+
+  private async deliverContent(jid: string, content: AnyMessageContent, messageId: string): Promise<void> {
     const wait = this.rateLimiter.delayFor(jid);
     if (wait > 0) await Bun.sleep(wait);
     if (!this.connected) throw new Error('WhatsApp is not connected');
-    const sent = await this.send(jid, text, messageId);
+    const sent = await this.send(jid, content, messageId);
     this.rateLimiter.record(jid);
     if (sent) {
       try {
@@ -3050,9 +3123,13 @@ export class WhatsAppChannel implements Channel {
   }
 
   /** The one place a message leaves for WhatsApp; returns the message as WhatsApp was given it. */
-  protected async send(jid: string, text: string, messageId: string): Promise<proto.IMessage | undefined> {
+  protected async send(
+    jid: string,
+    content: AnyMessageContent,
+    messageId: string,
+  ): Promise<proto.IMessage | undefined> {
     if (!this.sock) throw new Error('no WhatsApp connection');
-    const sent = await this.sock.sendMessage(jid, { text }, { messageId });
+    const sent = await this.sock.sendMessage(jid, content, { messageId });
     return sent?.message ?? undefined;
   }
 
@@ -5054,6 +5131,8 @@ export class IpcFormatError extends Error {}
 export interface IpcEffects {
   /** Records what the bot says in a chat (in the same transaction). */
   say(chatJid: string, text: string): void;
+  /** Records a file the bot sends to a chat (in the same transaction); throws when its channel cannot send files. */
+  sayFile(chatJid: string, file: OutboundFile): void;
   /** After the transaction: what must happen once the request is durably done. */
   afterwards(effect: () => void): void;
   /** The chat's running agent asked a question: its next message goes to it, trigger or not. */
@@ -5179,6 +5258,56 @@ export class SendWindow {
   }
 }
 
+/** Where the agent sees its group folder: send_file takes paths under it (or relative to it). */
+export const AGENT_GROUP_DIR = '/workspace/group';
+
+/** The path inside the group folder that an agent's path names; refused when it is outside. */
+export function groupFilePath(path: string): string {
+  const rel = path.startsWith(`${AGENT_GROUP_DIR}/`) ? path.slice(AGENT_GROUP_DIR.length + 1) : path;
+  if (isAbsolute(rel) || rel.split('/').includes('..'))
+    throw new IpcFormatError(`${path} is outside ${AGENT_GROUP_DIR}: only files of the group's own folder can be sent`);
+  return rel;
+}
+
+/**
+ * How a file goes out: JPEG, PNG and WebP content (by its first bytes, whatever the name
+ * says) as an image; anything else as a document, typed by its extension.
+ */
+export function fileKind(data: Uint8Array, fileName: string): { kind: 'image' | 'document'; mimetype: string } {
+  const head = Buffer.from(data.subarray(0, 12));
+  const image =
+    head[0] === 0xff && head[1] === 0xd8 && head[2] === 0xff
+      ? 'image/jpeg'
+      : head.subarray(0, 8).equals(Buffer.from([0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a]))
+        ? 'image/png'
+        : head.toString('latin1', 0, 4) === 'RIFF' && head.toString('latin1', 8, 12) === 'WEBP'
+          ? 'image/webp'
+          : null;
+  if (image) return { kind: 'image', mimetype: image };
+  const byName = Bun.file(fileName).type.split(';')[0]!; // Bun's table of extensions; octet-stream when unknown
+  return { kind: 'document', mimetype: byName.startsWith('image/') ? 'application/octet-stream' : byName };
+}
+
+/** Reads a file the agent asked to send, through its group's AgentTree; why not, in the agent's terms. */
+function fileToSend(config: Config, folder: string, path: string, caption: string | undefined): OutboundFile {
+  const rel = groupFilePath(path);
+  const tree = groupTrees(config, folder).group;
+  let data: Buffer;
+  try {
+    data = tree.readBytes(rel, MAX_MEDIA_BYTES);
+  } catch (err) {
+    if (errorCode(err) === 'ENOENT') throw new IpcFormatError(`there is no file ${path}`);
+    if (!(err instanceof UnsafePathError)) throw err;
+    // The host's own path never reaches the agent: it knows the folder as /workspace/group.
+    const reason = err.message.split(realpathSync(tree.root)).join(AGENT_GROUP_DIR);
+    throw new IpcFormatError(
+      reason.replace(/over the (\d+)-byte limit/, `over the ${formatBytes(MAX_MEDIA_BYTES)} limit`),
+    );
+  }
+  const fileName = basename(rel);
+  return { ...fileKind(data, fileName), data, fileName, ...(caption ? { caption } : {}) };
+}
+
 /** A task's next run once it is active again; a one-off whose time has passed cannot be resumed. */
 export function resumedNextRun(task: ScheduledTask, timezone: string): Date {
   const next = computeNextRun(task.scheduleType, task.scheduleValue, timezone);
@@ -5213,6 +5342,37 @@ function defineIpcActions(z: Zod) {
             'Message sent for the agent',
           );
         });
+      },
+    }),
+    send_file: ipcAction({
+      kind: 'messages',
+      schema: z.object({
+        type: z.literal('send_file'),
+        chatJid: nonEmpty,
+        path: nonEmpty,
+        caption: z.string().optional(),
+      }),
+      refusal: (request, source, store) => ownChatOnly(source, request.chatJid, store, 'send files to'),
+      apply: (request, { config, effects, source }) => {
+        const caption = request.caption
+          ? formatOutbound(request.caption, config.assistantName, config.assistantHasOwnNumber)
+          : null;
+        const file = fileToSend(config, source.folder, request.path, caption ?? undefined);
+        effects.sayFile(request.chatJid, file);
+        effects.afterwards(() => {
+          effects.sendSoon(request.chatJid);
+          log.info(
+            {
+              group: source.folder,
+              chatJid: request.chatJid,
+              file: file.fileName,
+              kind: file.kind,
+              bytes: file.data.length,
+            },
+            'File sent for the agent',
+          );
+        });
+        return `${file.kind === 'image' ? 'an image' : `a document (${file.mimetype})`}, ${formatBytes(file.data.length)}`;
       },
     }),
     schedule_task: ipcAction({
@@ -6517,6 +6677,25 @@ export class Host {
     }
   }
 
+  /** A file into the outbox (and a note of it into the chat's history); call inside the transaction that says why. */
+  private sayFile(chatJid: string, file: OutboundFile): void {
+    const channel = this.channelFor(chatJid);
+    if (!channel?.sendFile) throw new IpcFormatError(`${chatJid}'s channel cannot send files`);
+    const messageId = newMessageId();
+    const note = fileNote(file);
+    this.store.addOutboundFile(channel.name, chatJid, file, note, messageId);
+    this.store.storeMessage({
+      id: messageId,
+      chatJid,
+      sender: 'bot',
+      senderName: this.config.assistantName,
+      content: note,
+      timestamp: new Date().toISOString(),
+      isFromMe: true,
+      isBotMessage: true,
+    });
+  }
+
   /** Shows (or stops showing) that the agent works on this chat, where the channel can. */
   private async typing(chatJid: string, on: boolean): Promise<void> {
     await this.channelFor(chatJid)
@@ -7037,7 +7216,9 @@ export class Host {
       refusal(source, request, this.store, this.config) ??
       (request.type === 'message'
         ? this.sendWindow.take(this.config, source, this.partsOf(request.chatJid, request.text))
-        : null);
+        : request.type === 'send_file'
+          ? this.sendWindow.take(this.config, source, 1)
+          : null);
     if (refused) {
       log.warn({ group: folder, type: request.type, reason: refused }, 'IPC request refused');
       return { ok: false, reason: refused };
@@ -7070,6 +7251,7 @@ export class Host {
   private ipcEffects(afterwards: (() => void)[]): IpcEffects {
     return {
       say: (chatJid, text) => this.say(chatJid, text),
+      sayFile: (chatJid, file) => this.sayFile(chatJid, file),
       afterwards: (effect) => afterwards.push(effect),
       awaitAnswer: (chatJid) => this.queue.expectAnswer(chatJid),
       sendSoon: (chatJid) => this.sendSoon(chatJid),
@@ -8100,6 +8282,7 @@ function applyTaskCommand(config: Config, store: Store, task: ScheduledTask, req
   const afterwards: (() => void)[] = [];
   const effects: IpcEffects = {
     say: () => {},
+    sayFile: () => {},
     afterwards: (e) => afterwards.push(e),
     awaitAnswer: () => {},
     sendSoon: () => {},

@@ -134,6 +134,17 @@ export function scheduleProblem(type: ScheduleType, value: string, timezone: str
   return null;
 }
 
+/** The host's limit on a file send_file sends (MAX_MEDIA_BYTES in nanoclaw.ts). */
+const MAX_FILE_MB = 25;
+
+/** Null when the host can be asked to send this path; otherwise why not (the host checks again, and reads it safely). */
+export function sendablePathProblem(path: string): string | null {
+  const rel = path.startsWith('/workspace/group/') ? path.slice('/workspace/group/'.length) : path;
+  return rel.startsWith('/') || rel.split('/').includes('..')
+    ? `${path} is outside /workspace/group: only files of your group folder can be sent. Copy it there first.`
+    : null;
+}
+
 interface RunSnapshot {
   run_at: string;
   duration_ms: number;
@@ -235,6 +246,36 @@ export function createServer(identity: ServerIdentity, decisionWaitMs = DECISION
         messagesDir,
         { type: 'message', chatJid: target, text: body },
         `Message sent to ${target === identity.chatJid ? 'this chat' : target}.`,
+      );
+    },
+  );
+
+  server.registerTool(
+    'send_file',
+    {
+      description:
+        'Send a file or image from your group folder (/workspace/group) to this chat: PNG, JPEG and WebP go as a photo, anything else as a document with its name. ' +
+        `At most ${MAX_FILE_MB} MB; links and anything outside /workspace/group are refused. Write the file first (e.g. a chart you made), then send it. ` +
+        'From the main chat you may give chatJid to send it to another registered group.',
+      inputSchema: {
+        path: z
+          .string()
+          .min(1)
+          .describe('The file, e.g. /workspace/group/out/chart.png (or relative to /workspace/group).'),
+        caption: z.string().optional().describe('A caption shown with it.'),
+        chatJid: z.string().optional().describe('Main chat only: the JID of another registered group.'),
+      },
+    },
+    async ({ path, caption, chatJid }) => {
+      const target = chatJid ?? identity.chatJid;
+      if (target !== identity.chatJid && !identity.isMain)
+        return text('This group can only send files to its own chat.', true);
+      const problem = sendablePathProblem(path);
+      if (problem) return text(problem, true);
+      return request(
+        messagesDir,
+        { type: 'send_file', chatJid: target, path, ...(caption ? { caption } : {}) },
+        `File sent to ${target === identity.chatJid ? 'this chat' : target}.`,
       );
     },
   );
