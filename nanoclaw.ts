@@ -6219,6 +6219,35 @@ export function badRequestNotice(error: string): string {
   return `I could not answer that: the model refused the request (${error.slice(0, 200)}). Try saying it differently.`;
 }
 
+/**
+ * Chat commands, answered by the host without running the agent: a whole message that is
+ * `/` and one of these words (any case), alone or after the group's trigger. A message
+ * with anything more ("/reset the plan") is ordinary text for the agent.
+ */
+export const CHAT_COMMANDS = {
+  help: 'these commands',
+  status: "what is running, waiting and scheduled (in the main chat: every group's)",
+  reset: "start this chat's conversation over (the agent forgets the session; its memory, CLAUDE.md, stays)",
+} as const;
+export type ChatCommand = keyof typeof CHAT_COMMANDS;
+
+/** The chat command a message is, or null when it is text for the agent. */
+export function chatCommand(content: string, trigger: string): ChatCommand | null {
+  const match = new RegExp(`^(?:${escapeRegExp(trigger)}\\s+)?/(\\w+)$`, 'i').exec(typedText(content));
+  const word = match?.[1]?.toLowerCase();
+  return word && Object.hasOwn(CHAT_COMMANDS, word) ? (word as ChatCommand) : null;
+}
+
+/** /help's answer. */
+export function chatCommandHelp(group: RegisteredGroup): string {
+  const lines = Object.entries(CHAT_COMMANDS).map(([word, what]) => `/${word}: ${what}`);
+  const wake =
+    group.isMain || !group.requiresTrigger
+      ? 'Anything else goes to the agent.'
+      : `Start anything else with ${group.trigger} to ask the agent.`;
+  return `${lines.join('\n')}\n${wake}`;
+}
+
 /** What the user is told, once, when their message could not be answered after every retry. */
 export const GIVE_UP_TEXT =
   'Sorry, I could not answer that: something went wrong on my side (the details are in the logs). Send it again, or something new, and I will start fresh.';
@@ -6256,6 +6285,8 @@ export class Host {
   private spillTimer: (() => void) | null = null;
   private stopSweep: (() => void) | null = null;
   private stopped = false;
+  /** How often each group's session was reset (/reset): a run started before a reset does not save its session. */
+  private readonly sessionResets = new Map<string, number>();
   /** Groups whose writable trees are over GROUP_DISK_BUDGET, with what they took: no run starts for them. */
   private readonly overBudget = new Map<string, number>();
   private readonly reserve: DiskReserve;
@@ -6443,6 +6474,7 @@ export class Host {
   }
 
   private storeInbound(message: NewMessage, chat: ChatMeta): void {
+    if (this.answerChatCommand(message)) return;
     // One transaction, one commit: the chat's metadata and the message together.
     const stored = this.store.transaction(() => {
       this.store.upsertChat({
@@ -6463,6 +6495,74 @@ export class Host {
     });
     if (!stored || this.stopped) return;
     if (!this.forwardToLiveContainer(stored.group, stored.message)) this.queue.enqueueMessages(stored.group.jid);
+  }
+
+  /**
+   * A chat command (CHAT_COMMANDS) from someone who may drive the agent: answered here. It is
+   * stored with its answer in one transaction, marked as the host's exchange (is_bot_message),
+   * so the agent never sees it and a copy delivered again is not answered twice.
+   */
+  private answerChatCommand(message: NewMessage): boolean {
+    if (message.isBotMessage) return false;
+    const group = this.store.groupByJid(message.chatJid);
+    const command = group ? chatCommand(message.content, group.trigger) : null;
+    if (!group || !command || !mayWake(group, { ...message, seq: 0 })) return false;
+    const answered = this.store.transaction(() => {
+      if (this.store.storeMessage({ ...message, isBotMessage: true }) === null) return false;
+      if (command === 'reset') this.store.deleteSession(group.folder);
+      const answer =
+        command === 'help'
+          ? chatCommandHelp(group)
+          : command === 'status'
+            ? this.statusText(group)
+            : this.resetText(group);
+      this.say(group.jid, formatOutbound(answer, this.config.assistantName, this.config.assistantHasOwnNumber)!);
+      return true;
+    });
+    if (!answered) return true;
+    if (command === 'reset') {
+      this.sessionResets.set(group.folder, (this.sessionResets.get(group.folder) ?? 0) + 1);
+      this.queue.closeContainer(group.jid); // a live container holds the old session
+      groupTrees(this.config, group.folder).kimi.remove('sessions');
+    }
+    this.sendSoon(group.jid);
+    log.info({ group: group.folder, command, sender: message.sender }, 'Chat command answered');
+    return true;
+  }
+
+  private resetText(group: RegisteredGroup): string {
+    return `Done: the next message starts a new conversation.${this.queue.isRunning(group.jid) ? ' (The current one is closed first.)' : ''}`;
+  }
+
+  /** /status: each group's agent (running, waiting to retry, idle), its unanswered messages and its tasks. */
+  private statusText(asker: RegisteredGroup): string {
+    const groups = asker.isMain ? this.store.listGroups() : [asker];
+    const lines = groups.map((group) => {
+      const state = this.queue.isRunning(group.jid)
+        ? 'running'
+        : this.queue.isBusy(group.jid)
+          ? 'waiting to retry'
+          : this.overBudget.has(group.folder)
+            ? 'stopped (over its disk budget)'
+            : 'idle';
+      const waiting = this.store.messagesSince(group.jid, this.store.getCursor(group.jid)).length;
+      const tasks = this.store.listTasks(group.folder);
+      const active = tasks.filter((task) => task.status === 'active' && task.nextRun).map((task) => task.nextRun!);
+      const paused = tasks.filter((task) => task.status === 'paused').length;
+      const next = active.sort()[0];
+      const parts = [
+        `agent ${state}`,
+        `${waiting} message${waiting === 1 ? '' : 's'} waiting`,
+        `${active.length} task${active.length === 1 ? '' : 's'} scheduled${next ? ` (next ${formatLocalTime(next, this.config.timezone)})` : ''}`,
+        ...(paused ? [`${paused} paused`] : []),
+      ];
+      return `${group.name}: ${parts.join(', ')}`;
+    });
+    if (asker.isMain)
+      lines.push(
+        `Containers: ${this.queue.activeCount} of ${this.config.maxConcurrentContainers} running. Times in ${this.config.timezone}.`,
+      );
+    return lines.join('\n');
   }
 
   private get spillFile(): string {
@@ -6918,6 +7018,7 @@ export class Host {
       onResult(result: ContainerResult): Promise<void>;
     },
   ): Promise<RunOutcome> {
+    const resetsAtStart = this.sessionResets.get(group.folder) ?? 0;
     writeSnapshots(this.config, this.store, group);
     const allowlist = group.containerConfig?.additionalMounts?.length
       ? loadMountAllowlist(this.config.mountAllowlistPath)
@@ -6951,7 +7052,7 @@ export class Host {
         if (run.acceptsFollowUps && lane === group.jid) this.forwardToLiveContainer(group);
       },
       onResult: async (result) => {
-        if (result.sessionId && run.saveSession) {
+        if (result.sessionId && run.saveSession && (this.sessionResets.get(group.folder) ?? 0) === resetsAtStart) {
           try {
             this.store.setSession(group.folder, result.sessionId);
           } catch (err) {
