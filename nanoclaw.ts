@@ -7439,7 +7439,7 @@ export const COMMAND_USAGE = {
       'groups register <jid> <folder> [--name N] [--trigger @Word] [--no-trigger] [--main] [--network egress|none|bridge|NAME] [--allow <jid>[,<jid>…]]',
       'only the owner and these senders wake the agent (default: everyone; in main, only the owner)',
     ],
-    ['groups remove <jid|folder>', 'unregister (its folder and memory stay on disk)'],
+    ['groups remove <jid|folder>', 'unregister (its folder and memory stay on disk; its active tasks are paused)'],
   ],
   tasks: [
     ['tasks list [--json]', 'scheduled tasks, next runs in your timezone'],
@@ -8311,6 +8311,9 @@ class PrintingChannel implements Channel {
   }
   async deliver(jid: string, text: string): Promise<void> {
     process.stdout.write(`→ ${jid}: ${text}\n`);
+  }
+  async sendFile(jid: string, file: OutboundFile): Promise<void> {
+    process.stdout.write(`→ ${jid}: ${fileNote(file)}\n`);
   }
   async disconnect(): Promise<void> {}
 }
