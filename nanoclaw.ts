@@ -66,6 +66,7 @@ import { createInterface } from 'node:readline';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 import type {
+  AnyMessageContent,
   AuthenticationCreds,
   AuthenticationState,
   ConnectionState,
@@ -818,10 +819,15 @@ export class AgentTree {
 
   /** Reads a regular file of at most maxBytes; links, FIFOs, devices and larger files are refused unread. */
   read(rel: string, maxBytes = MAX_AGENT_FILE_BYTES): string {
+    return this.readBytes(rel, maxBytes).toString('utf8');
+  }
+
+  /** read, as bytes (a file the agent sends). */
+  readBytes(rel: string, maxBytes = MAX_AGENT_FILE_BYTES): Buffer {
     return this.withParent(rel, false, (dir, name) => {
       const { fd, size } = openRegular(dir.at(name), join(dir.shown, name), maxBytes);
       try {
-        return readFd(fd, size).toString('utf8');
+        return readFd(fd, size);
       } finally {
         closeSync(fd);
       }
@@ -1016,6 +1022,8 @@ export interface ScheduledTask {
   lastResult: string | null;
   status: TaskStatus;
   createdAt: string;
+  /** Why NanoClaw paused it (its group was removed); null when active or paused by someone. */
+  pausedReason?: string | null;
 }
 
 export interface TaskRunLog {
@@ -1030,11 +1038,45 @@ export interface TaskRunLog {
 export interface OutboundMessage {
   id: number;
   jid: string;
+  /** For a file: what the chat's history shows of it (fileNote). */
   text: string;
   /** Stable across resends: the platform's id for this message. */
   messageId: string;
   attempts: number;
+  /** A file the agent sends (send_file), instead of the text. */
+  file?: OutboundFile;
 }
+
+/** A file to send: an image (shown as a photo) or any other file (a document, with its name). */
+export interface OutboundFile {
+  kind: 'image' | 'document';
+  data: Uint8Array;
+  fileName: string;
+  mimetype: string;
+  caption?: string;
+}
+
+type OutboundRow = {
+  id: number;
+  chat_jid: string;
+  text: string;
+  message_id: string;
+  attempts: number;
+  file: Uint8Array | null;
+  file_meta: string | null;
+};
+const OUTBOUND_COLUMNS = 'o.id, o.chat_jid, o.text, o.message_id, o.attempts, o.file, o.file_meta';
+
+const toOutbound = (row: OutboundRow): OutboundMessage => ({
+  id: row.id,
+  jid: row.chat_jid,
+  text: row.text,
+  messageId: row.message_id,
+  attempts: row.attempts,
+  ...(row.file && row.file_meta
+    ? { file: { ...(JSON.parse(row.file_meta) as Omit<OutboundFile, 'data'>), data: row.file } }
+    : {}),
+});
 
 export interface UsageRow {
   day: string;
@@ -1167,6 +1209,11 @@ const MIGRATIONS: string[] = [
   // 6: who may wake each group's agent. '[]' keeps every group as it was: everyone in a
   // group, and in main only the owner (needsAgent reads an empty list so for main).
   `ALTER TABLE registered_groups ADD COLUMN allowed_senders TEXT NOT NULL DEFAULT '[]';`,
+  // 7: a file the agent sends (send_file) waits in the outbox as its own part: its bytes
+  // (dropped once sent) and what it is; a task NanoClaw paused says why (its group was removed).
+  `ALTER TABLE outbox ADD COLUMN file BLOB;
+   ALTER TABLE outbox ADD COLUMN file_meta TEXT;
+   ALTER TABLE scheduled_tasks ADD COLUMN paused_reason TEXT;`,
 ];
 
 export const SCHEMA_VERSION = MIGRATIONS.length;
@@ -1206,6 +1253,7 @@ interface TaskRow {
   last_result: string | null;
   status: TaskStatus;
   created_at: string;
+  paused_reason: string | null;
 }
 
 const toMessage = (row: MessageRow): StoredMessage => ({
@@ -1243,9 +1291,14 @@ const toTask = (row: TaskRow): ScheduledTask => ({
   lastResult: row.last_result,
   status: row.status,
   createdAt: row.created_at,
+  pausedReason: row.paused_reason,
 });
 
 const cursorKey = (chatJid: string) => `cursor:${chatJid}`;
+
+/** Why a removed group's tasks are paused (tasks list, tasks show and main's list_tasks show it). */
+export const removedGroupReason = (at: Date) =>
+  `its group was removed on ${at.toISOString().slice(0, 10)}; register the group again to resume it`;
 
 /** How long a write waits for another process's lock before it counts as "unavailable". */
 const BUSY_TIMEOUT_MS = 1_000;
@@ -1474,57 +1527,55 @@ export class Store {
       .run(channel, chatJid, text, new Date().toISOString(), messageId);
   }
 
+  /** A file as one part of the chat's lane; `text` is what the history shows of it. Its bytes go once it is sent. */
+  addOutboundFile(channel: string, chatJid: string, file: OutboundFile, text: string, messageId: string): void {
+    const { data, ...meta } = file;
+    this.db
+      .query(
+        'INSERT INTO outbox (channel, chat_jid, text, created_at, message_id, file, file_meta) VALUES (?, ?, ?, ?, ?, ?, ?)',
+      )
+      .run(channel, chatJid, text, new Date().toISOString(), messageId, data, JSON.stringify(meta));
+  }
+
   /** The oldest unsent part of each chat of a channel (each chat's lane is sent in order). */
   unsentHeads(channel: string): OutboundMessage[] {
     return this.db
-      .query<{ id: number; chat_jid: string; text: string; message_id: string; attempts: number }, [string]>(
-        `SELECT o.id, o.chat_jid, o.text, o.message_id, o.attempts FROM outbox o
+      .query<OutboundRow, [string]>(
+        `SELECT ${OUTBOUND_COLUMNS} FROM outbox o
          JOIN (SELECT MIN(id) AS id FROM outbox WHERE channel = ? AND sent_at IS NULL GROUP BY chat_jid) head ON o.id = head.id
          ORDER BY o.id`,
       )
       .all(channel)
-      .map((row) => ({
-        id: row.id,
-        jid: row.chat_jid,
-        text: row.text,
-        messageId: row.message_id,
-        attempts: row.attempts,
-      }));
+      .map(toOutbound);
   }
 
   markSent(id: number): void {
-    this.db.query('UPDATE outbox SET sent_at = ? WHERE id = ?').run(new Date().toISOString(), id);
+    this.db.query('UPDATE outbox SET sent_at = ?, file = NULL WHERE id = ?').run(new Date().toISOString(), id);
   }
 
   /** A failed attempt; after too many, the part is given up (kept, with the error, so it shows). */
   markSendFailed(id: number, error: string, giveUp: boolean): void {
     this.db
       .query(
-        'UPDATE outbox SET attempts = attempts + 1, error = ?, sent_at = CASE WHEN ? THEN ? ELSE sent_at END WHERE id = ?',
+        'UPDATE outbox SET attempts = attempts + 1, error = ?, sent_at = CASE WHEN ? THEN ? ELSE sent_at END, file = CASE WHEN ? THEN NULL ELSE file END WHERE id = ?',
       )
-      .run(error, giveUp ? 1 : 0, new Date().toISOString(), id);
+      .run(error, giveUp ? 1 : 0, new Date().toISOString(), giveUp ? 1 : 0, id);
   }
 
   /** Every part still waiting for its channel, oldest first. */
   unsent(channel: string): OutboundMessage[] {
     return this.db
-      .query<{ id: number; chat_jid: string; text: string; message_id: string; attempts: number }, [string]>(
-        'SELECT id, chat_jid, text, message_id, attempts FROM outbox WHERE channel = ? AND sent_at IS NULL ORDER BY id',
+      .query<OutboundRow, [string]>(
+        `SELECT ${OUTBOUND_COLUMNS} FROM outbox o WHERE channel = ? AND sent_at IS NULL ORDER BY id`,
       )
       .all(channel)
-      .map((row) => ({
-        id: row.id,
-        jid: row.chat_jid,
-        text: row.text,
-        messageId: row.message_id,
-        attempts: row.attempts,
-      }));
+      .map(toOutbound);
   }
 
   /** Marks every part still waiting for a channel as given up (kept, with why); returns how many. */
   dropUnsent(channel: string, why: string): number {
     return this.db
-      .query('UPDATE outbox SET sent_at = ?, error = ? WHERE channel = ? AND sent_at IS NULL')
+      .query('UPDATE outbox SET sent_at = ?, error = ?, file = NULL WHERE channel = ? AND sent_at IS NULL')
       .run(new Date().toISOString(), why, channel).changes;
   }
 
@@ -1676,8 +1727,18 @@ export class Store {
     })();
   }
 
-  removeGroup(jid: string): boolean {
-    return this.db.query('DELETE FROM registered_groups WHERE jid = ?').run(jid).changes > 0;
+  /** Unregisters a chat; its active tasks are paused with `pausedReason` (they would run for nobody). */
+  removeGroup(jid: string, pausedReason = removedGroupReason(new Date())): boolean {
+    return this.db.transaction(() => {
+      const folder = this.groupByJid(jid)?.folder;
+      if (!folder) return false;
+      this.db
+        .query(
+          "UPDATE scheduled_tasks SET status = 'paused', paused_reason = ? WHERE group_folder = ? AND status = 'active'",
+        )
+        .run(pausedReason, folder);
+      return this.db.query('DELETE FROM registered_groups WHERE jid = ?').run(jid).changes > 0;
+    })();
   }
 
   listGroups(): RegisteredGroup[] {
@@ -1770,6 +1831,7 @@ export class Store {
       lastRun: 'last_run',
       lastResult: 'last_result',
       status: 'status',
+      pausedReason: 'paused_reason',
     };
     const entries = Object.entries(patch).filter(([key, value]) => key in columns && value !== undefined);
     if (entries.length === 0) return false;
@@ -1993,6 +2055,8 @@ export interface Channel {
    * again after a crash keeps its messageId, so a platform with message ids shows it once.
    */
   deliver(jid: string, text: string, messageId: string): Promise<void>;
+  /** Sends a file as one part, as deliver does a text; channels without it cannot send files (send_file is refused). */
+  sendFile?(jid: string, file: OutboundFile, messageId: string): Promise<void>;
   /** Whether deliver can work now. */
   readonly ready: boolean;
   setTyping?(jid: string, typing: boolean): Promise<void>;
@@ -2113,7 +2177,8 @@ export class OutboxSender {
   private async send(part: OutboundMessage): Promise<void> {
     crashPoint('outbox-delivering');
     try {
-      await this.channel.deliver(part.jid, part.text, part.messageId);
+      if (part.file) await this.deliverFile(part.jid, part.file, part.messageId);
+      else await this.channel.deliver(part.jid, part.text, part.messageId);
     } catch (err) {
       return this.failed(part, errorText(err));
     }
@@ -2128,6 +2193,11 @@ export class OutboxSender {
         `sent, but not marked sent (${errorText(err)})`,
       );
     }
+  }
+
+  private async deliverFile(jid: string, file: OutboundFile, messageId: string): Promise<void> {
+    if (!this.channel.sendFile) throw new Error(`the ${this.channel.name} channel cannot send files`);
+    await this.channel.sendFile(jid, file, messageId);
   }
 
   private failed(part: OutboundMessage, error: string): void {
@@ -2194,6 +2264,10 @@ export class OutboxSender {
   }
 }
 
+/** What a chat's history shows of a file the bot sent. */
+export const fileNote = (file: OutboundFile): string =>
+  `[${file.kind === 'image' ? 'image' : 'document'}: ${file.fileName}]${file.caption ? ` ${file.caption}` : ''}`;
+
 /** The chat id the terminal uses for the main group until WhatsApp gives it a real one. */
 export const LOCAL_MAIN_JID = 'main@local';
 
@@ -2230,6 +2304,11 @@ export class LocalChannel implements Channel {
 
   async deliver(_jid: string, text: string): Promise<void> {
     this.print(text);
+  }
+
+  /** The terminal cannot show a file: it says what was sent. */
+  async sendFile(_jid: string, file: OutboundFile): Promise<void> {
+    this.print(`${fileNote(file)} (${file.mimetype}, ${file.data.length} bytes)`);
   }
 
   /** The person started typing: the host may start the agent now. */
@@ -2277,6 +2356,15 @@ export const WHATSAPP_MAX_CHARS = 4000;
 export const MAX_MEDIA_BYTES = 25 * 1024 * 1024;
 
 export type MediaKind = 'image' | 'video' | 'audio' | 'voice note' | 'document' | 'sticker';
+
+/** What baileys' sendMessage takes for a file: `{ image, caption }` or `{ document, mimetype, fileName, caption }`. */
+export function whatsAppFileContent(file: OutboundFile): AnyMessageContent {
+  const data = Buffer.from(file.data);
+  const caption = file.caption ? { caption: file.caption } : {};
+  return file.kind === 'image'
+    ? { image: data, mimetype: file.mimetype, ...caption }
+    : { document: data, mimetype: file.mimetype, fileName: file.fileName, ...caption };
+}
 
 export interface WhatsAppInbound {
   message: NewMessage;
@@ -3280,10 +3368,19 @@ export class WhatsAppChannel implements Channel {
 
   /** Sends one part, within the rate limits, under its stable message id, and keeps what was sent for resends. */
   async deliver(jid: string, text: string, messageId: string): Promise<void> {
+    await this.deliverContent(jid, { text }, messageId);
+  }
+
+  /** An image with its caption, or a document with its name and type; uploaded (encrypted) by baileys. */
+  async sendFile(jid: string, file: OutboundFile, messageId: string): Promise<void> {
+    await this.deliverContent(jid, whatsAppFileContent(file), messageId);
+  }
+
+  private async deliverContent(jid: string, content: AnyMessageContent, messageId: string): Promise<void> {
     const wait = this.rateLimiter.delayFor(jid);
     if (wait > 0) await Bun.sleep(wait);
     if (!this.connected) throw new Error('WhatsApp is not connected');
-    const sent = await this.send(jid, text, messageId);
+    const sent = await this.send(jid, content, messageId);
     this.rateLimiter.record(jid);
     if (sent) {
       try {
@@ -3295,9 +3392,13 @@ export class WhatsAppChannel implements Channel {
   }
 
   /** The one place a message leaves for WhatsApp; returns the message as WhatsApp was given it. */
-  protected async send(jid: string, text: string, messageId: string): Promise<proto.IMessage | undefined> {
+  protected async send(
+    jid: string,
+    content: AnyMessageContent,
+    messageId: string,
+  ): Promise<proto.IMessage | undefined> {
     if (!this.sock) throw new Error('no WhatsApp connection');
-    const sent = await this.sock.sendMessage(jid, { text }, { messageId });
+    const sent = await this.sock.sendMessage(jid, content, { messageId });
     return sent?.message ?? undefined;
   }
 
@@ -5324,6 +5425,8 @@ export class IpcFormatError extends Error {}
 export interface IpcEffects {
   /** Records what the bot says in a chat (in the same transaction). */
   say(chatJid: string, text: string): void;
+  /** Records a file the bot sends to a chat (in the same transaction); throws when its channel cannot send files. */
+  sayFile(chatJid: string, file: OutboundFile): void;
   /** After the transaction: what must happen once the request is durably done. */
   afterwards(effect: () => void): void;
   /** The chat's running agent asked a question: its next message goes to it, trigger or not. */
@@ -5449,6 +5552,56 @@ export class SendWindow {
   }
 }
 
+/** Where the agent sees its group folder: send_file takes paths under it (or relative to it). */
+export const AGENT_GROUP_DIR = '/workspace/group';
+
+/** The path inside the group folder that an agent's path names; refused when it is outside. */
+export function groupFilePath(path: string): string {
+  const rel = path.startsWith(`${AGENT_GROUP_DIR}/`) ? path.slice(AGENT_GROUP_DIR.length + 1) : path;
+  if (isAbsolute(rel) || rel.split('/').includes('..'))
+    throw new IpcFormatError(`${path} is outside ${AGENT_GROUP_DIR}: only files of the group's own folder can be sent`);
+  return rel;
+}
+
+/**
+ * How a file goes out: JPEG, PNG and WebP content (by its first bytes, whatever the name
+ * says) as an image; anything else as a document, typed by its extension.
+ */
+export function fileKind(data: Uint8Array, fileName: string): { kind: 'image' | 'document'; mimetype: string } {
+  const head = Buffer.from(data.subarray(0, 12));
+  const image =
+    head[0] === 0xff && head[1] === 0xd8 && head[2] === 0xff
+      ? 'image/jpeg'
+      : head.subarray(0, 8).equals(Buffer.from([0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a]))
+        ? 'image/png'
+        : head.toString('latin1', 0, 4) === 'RIFF' && head.toString('latin1', 8, 12) === 'WEBP'
+          ? 'image/webp'
+          : null;
+  if (image) return { kind: 'image', mimetype: image };
+  const byName = Bun.file(fileName).type.split(';')[0]!; // Bun's table of extensions; octet-stream when unknown
+  return { kind: 'document', mimetype: byName.startsWith('image/') ? 'application/octet-stream' : byName };
+}
+
+/** Reads a file the agent asked to send, through its group's AgentTree; why not, in the agent's terms. */
+function fileToSend(config: Config, folder: string, path: string, caption: string | undefined): OutboundFile {
+  const rel = groupFilePath(path);
+  const tree = groupTrees(config, folder).group;
+  let data: Buffer;
+  try {
+    data = tree.readBytes(rel, MAX_MEDIA_BYTES);
+  } catch (err) {
+    if (errorCode(err) === 'ENOENT') throw new IpcFormatError(`there is no file ${path}`);
+    if (!(err instanceof UnsafePathError)) throw err;
+    // The host's own path never reaches the agent: it knows the folder as /workspace/group.
+    const reason = err.message.split(realpathSync(tree.root)).join(AGENT_GROUP_DIR);
+    throw new IpcFormatError(
+      reason.replace(/over the (\d+)-byte limit/, `over the ${formatBytes(MAX_MEDIA_BYTES)} limit`),
+    );
+  }
+  const fileName = basename(rel);
+  return { ...fileKind(data, fileName), data, fileName, ...(caption ? { caption } : {}) };
+}
+
 /** A task's next run once it is active again; a one-off whose time has passed cannot be resumed. */
 export function resumedNextRun(task: ScheduledTask, timezone: string): Date {
   const next = computeNextRun(task.scheduleType, task.scheduleValue, timezone);
@@ -5483,6 +5636,37 @@ function defineIpcActions(z: Zod) {
             'Message sent for the agent',
           );
         });
+      },
+    }),
+    send_file: ipcAction({
+      kind: 'messages',
+      schema: z.object({
+        type: z.literal('send_file'),
+        chatJid: nonEmpty,
+        path: nonEmpty,
+        caption: z.string().optional(),
+      }),
+      refusal: (request, source, store) => ownChatOnly(source, request.chatJid, store, 'send files to'),
+      apply: (request, { config, effects, source }) => {
+        const caption = request.caption
+          ? formatOutbound(request.caption, config.assistantName, config.assistantHasOwnNumber)
+          : null;
+        const file = fileToSend(config, source.folder, request.path, caption ?? undefined);
+        effects.sayFile(request.chatJid, file);
+        effects.afterwards(() => {
+          effects.sendSoon(request.chatJid);
+          log.info(
+            {
+              group: source.folder,
+              chatJid: request.chatJid,
+              file: file.fileName,
+              kind: file.kind,
+              bytes: file.data.length,
+            },
+            'File sent for the agent',
+          );
+        });
+        return `${file.kind === 'image' ? 'an image' : `a document (${file.mimetype})`}, ${formatBytes(file.data.length)}`;
       },
     }),
     schedule_task: ipcAction({
@@ -5540,7 +5724,7 @@ function defineIpcActions(z: Zod) {
       schema: z.object({ type: z.literal('pause_task'), ...taskRef }),
       refusal: (request, source, store) => ownTaskOnly(source, request.taskId, store),
       apply: (request, { store, source, effects }) => {
-        store.updateTask(request.taskId, { status: 'paused' });
+        store.updateTask(request.taskId, { status: 'paused', pausedReason: null });
         effects.afterwards(effects.tasksChanged);
         log.info({ group: source.folder, taskId: request.taskId }, 'Task paused');
       },
@@ -5564,8 +5748,13 @@ function defineIpcActions(z: Zod) {
       },
       apply: (request, { config, store, source, effects }) => {
         const task = store.getTask(request.taskId)!;
+        // A removed group's task stays paused until the group is registered again (the CLI too).
+        if (!store.groupByFolder(task.groupFolder))
+          throw new ScheduleError(
+            `task ${task.id} belongs to group "${task.groupFolder}", which is not registered: register it again first`,
+          );
         const nextRun = resumedNextRun(task, config.timezone);
-        store.updateTask(task.id, { status: 'active', nextRun: nextRun.toISOString() });
+        store.updateTask(task.id, { status: 'active', nextRun: nextRun.toISOString(), pausedReason: null });
         effects.afterwards(effects.tasksChanged);
         log.info({ group: source.folder, taskId: task.id, nextRun: nextRun.toISOString() }, 'Task resumed');
         return `resumed; next run ${formatLocalTime(nextRun.toISOString(), config.timezone)} (${config.timezone})`;
@@ -5741,6 +5930,7 @@ export function tasksSnapshot(store: Store, group: RegisteredGroup) {
       schedule_value: task.scheduleValue,
       context_mode: task.contextMode,
       status: task.status,
+      paused_reason: task.pausedReason ?? null,
       next_run: task.nextRun,
       last_run: task.lastRun,
     };
@@ -6211,7 +6401,7 @@ export class Scheduler {
           next = nextRunAfterFiring(task, this.timezone, now);
         } catch (err) {
           log.error({ taskId: task.id, err }, 'Task has an invalid schedule; pausing it');
-          this.store.updateTask(task.id, { status: 'paused', nextRun: null });
+          this.store.updateTask(task.id, { status: 'paused', nextRun: null, pausedReason: 'its schedule is invalid' });
           continue;
         }
         const claimed = this.store.transaction(() => {
@@ -6325,6 +6515,35 @@ export function badRequestNotice(error: string): string {
   return `I could not answer that: the model refused the request (${error.slice(0, 200)}). Try saying it differently.`;
 }
 
+/**
+ * Chat commands, answered by the host without running the agent: a whole message that is
+ * `/` and one of these words (any case), alone or after the group's trigger. A message
+ * with anything more ("/reset the plan") is ordinary text for the agent.
+ */
+export const CHAT_COMMANDS = {
+  help: 'these commands',
+  status: "what is running, waiting and scheduled (in the main chat: every group's)",
+  reset: "start this chat's conversation over (the agent forgets the session; its memory, CLAUDE.md, stays)",
+} as const;
+export type ChatCommand = keyof typeof CHAT_COMMANDS;
+
+/** The chat command a message is, or null when it is text for the agent. */
+export function chatCommand(content: string, trigger: string): ChatCommand | null {
+  const match = new RegExp(`^(?:${escapeRegExp(trigger)}\\s+)?/(\\w+)$`, 'i').exec(typedText(content));
+  const word = match?.[1]?.toLowerCase();
+  return word && Object.hasOwn(CHAT_COMMANDS, word) ? (word as ChatCommand) : null;
+}
+
+/** /help's answer. */
+export function chatCommandHelp(group: RegisteredGroup): string {
+  const lines = Object.entries(CHAT_COMMANDS).map(([word, what]) => `/${word}: ${what}`);
+  const wake =
+    group.isMain || !group.requiresTrigger
+      ? 'Anything else goes to the agent.'
+      : `Start anything else with ${group.trigger} to ask the agent.`;
+  return `${lines.join('\n')}\n${wake}`;
+}
+
 /** What the user is told, once, when their message could not be answered after every retry. */
 export const GIVE_UP_TEXT =
   'Sorry, I could not answer that: something went wrong on my side (the details are in the logs). Send it again, or something new, and I will start fresh.';
@@ -6362,6 +6581,8 @@ export class Host {
   private spillTimer: (() => void) | null = null;
   private stopSweep: (() => void) | null = null;
   private stopped = false;
+  /** How often each group's session was reset (/reset): a run started before a reset does not save its session. */
+  private readonly sessionResets = new Map<string, number>();
   /** Groups whose writable trees are over GROUP_DISK_BUDGET, with what they took: no run starts for them. */
   private readonly overBudget = new Map<string, number>();
   private readonly reserve: DiskReserve;
@@ -6551,6 +6772,7 @@ export class Host {
   }
 
   private storeInbound(message: NewMessage, chat: ChatMeta): void {
+    if (this.answerChatCommand(message)) return;
     // One transaction, one commit: the chat's metadata and the message together.
     const stored = this.store.transaction(() => {
       this.store.upsertChat({
@@ -6571,6 +6793,74 @@ export class Host {
     });
     if (!stored || this.stopped) return;
     if (!this.forwardToLiveContainer(stored.group, stored.message)) this.queue.enqueueMessages(stored.group.jid);
+  }
+
+  /**
+   * A chat command (CHAT_COMMANDS) from someone who may drive the agent: answered here. It is
+   * stored with its answer in one transaction, marked as the host's exchange (is_bot_message),
+   * so the agent never sees it and a copy delivered again is not answered twice.
+   */
+  private answerChatCommand(message: NewMessage): boolean {
+    if (message.isBotMessage) return false;
+    const group = this.store.groupByJid(message.chatJid);
+    const command = group ? chatCommand(message.content, group.trigger) : null;
+    if (!group || !command || !mayWake(group, { ...message, seq: 0 })) return false;
+    const answered = this.store.transaction(() => {
+      if (this.store.storeMessage({ ...message, isBotMessage: true }) === null) return false;
+      if (command === 'reset') this.store.deleteSession(group.folder);
+      const answer =
+        command === 'help'
+          ? chatCommandHelp(group)
+          : command === 'status'
+            ? this.statusText(group)
+            : this.resetText(group);
+      this.say(group.jid, formatOutbound(answer, this.config.assistantName, this.config.assistantHasOwnNumber)!);
+      return true;
+    });
+    if (!answered) return true;
+    if (command === 'reset') {
+      this.sessionResets.set(group.folder, (this.sessionResets.get(group.folder) ?? 0) + 1);
+      this.queue.closeContainer(group.jid); // a live container holds the old session
+      groupTrees(this.config, group.folder).kimi.remove('sessions');
+    }
+    this.sendSoon(group.jid);
+    log.info({ group: group.folder, command, sender: message.sender }, 'Chat command answered');
+    return true;
+  }
+
+  private resetText(group: RegisteredGroup): string {
+    return `Done: the next message starts a new conversation.${this.queue.isRunning(group.jid) ? ' (The current one is closed first.)' : ''}`;
+  }
+
+  /** /status: each group's agent (running, waiting to retry, idle), its unanswered messages and its tasks. */
+  private statusText(asker: RegisteredGroup): string {
+    const groups = asker.isMain ? this.store.listGroups() : [asker];
+    const lines = groups.map((group) => {
+      const state = this.queue.isRunning(group.jid)
+        ? 'running'
+        : this.queue.isBusy(group.jid)
+          ? 'waiting to retry'
+          : this.overBudget.has(group.folder)
+            ? 'stopped (over its disk budget)'
+            : 'idle';
+      const waiting = this.store.messagesSince(group.jid, this.store.getCursor(group.jid)).length;
+      const tasks = this.store.listTasks(group.folder);
+      const active = tasks.filter((task) => task.status === 'active' && task.nextRun).map((task) => task.nextRun!);
+      const paused = tasks.filter((task) => task.status === 'paused').length;
+      const next = active.sort()[0];
+      const parts = [
+        `agent ${state}`,
+        `${waiting} message${waiting === 1 ? '' : 's'} waiting`,
+        `${active.length} task${active.length === 1 ? '' : 's'} scheduled${next ? ` (next ${formatLocalTime(next, this.config.timezone)})` : ''}`,
+        ...(paused ? [`${paused} paused`] : []),
+      ];
+      return `${group.name}: ${parts.join(', ')}`;
+    });
+    if (asker.isMain)
+      lines.push(
+        `Containers: ${this.queue.activeCount} of ${this.config.maxConcurrentContainers} running. Times in ${this.config.timezone}.`,
+      );
+    return lines.join('\n');
   }
 
   private get spillFile(): string {
@@ -6783,6 +7073,25 @@ export class Host {
         isBotMessage: true,
       });
     }
+  }
+
+  /** A file into the outbox (and a note of it into the chat's history); call inside the transaction that says why. */
+  private sayFile(chatJid: string, file: OutboundFile): void {
+    const channel = this.channelFor(chatJid);
+    if (!channel?.sendFile) throw new IpcFormatError(`${chatJid}'s channel cannot send files`);
+    const messageId = newMessageId();
+    const note = fileNote(file);
+    this.store.addOutboundFile(channel.name, chatJid, file, note, messageId);
+    this.store.storeMessage({
+      id: messageId,
+      chatJid,
+      sender: 'bot',
+      senderName: this.config.assistantName,
+      content: note,
+      timestamp: new Date().toISOString(),
+      isFromMe: true,
+      isBotMessage: true,
+    });
   }
 
   /** Shows (or stops showing) that the agent works on this chat, where the channel can. */
@@ -7007,6 +7316,7 @@ export class Host {
       onResult(result: ContainerResult): Promise<void>;
     },
   ): Promise<RunOutcome> {
+    const resetsAtStart = this.sessionResets.get(group.folder) ?? 0;
     writeSnapshots(this.config, this.store, group);
     const allowlist = group.containerConfig?.additionalMounts?.length
       ? loadMountAllowlist(this.config.mountAllowlistPath)
@@ -7040,7 +7350,7 @@ export class Host {
         if (run.acceptsFollowUps && lane === group.jid) this.forwardToLiveContainer(group);
       },
       onResult: async (result) => {
-        if (result.sessionId && run.saveSession) {
+        if (result.sessionId && run.saveSession && (this.sessionResets.get(group.folder) ?? 0) === resetsAtStart) {
           try {
             this.store.setSession(group.folder, result.sessionId);
           } catch (err) {
@@ -7305,7 +7615,9 @@ export class Host {
       refusal(source, request, this.store, this.config) ??
       (request.type === 'message'
         ? this.sendWindow.take(this.config, source, this.partsOf(request.chatJid, request.text))
-        : null);
+        : request.type === 'send_file'
+          ? this.sendWindow.take(this.config, source, 1)
+          : null);
     if (refused) {
       log.warn({ group: folder, type: request.type, reason: refused }, 'IPC request refused');
       return { ok: false, reason: refused };
@@ -7338,6 +7650,7 @@ export class Host {
   private ipcEffects(afterwards: (() => void)[]): IpcEffects {
     return {
       say: (chatJid, text) => this.say(chatJid, text),
+      sayFile: (chatJid, file) => this.sayFile(chatJid, file),
       afterwards: (effect) => afterwards.push(effect),
       awaitAnswer: (chatJid) => this.queue.expectAnswer(chatJid),
       sendSoon: (chatJid) => this.sendSoon(chatJid),
@@ -7431,7 +7744,7 @@ export const COMMAND_USAGE = {
       'groups register <jid> <folder> [--name N] [--trigger @Word] [--no-trigger] [--main] [--network egress|none|bridge|NAME] [--allow <jid>[,<jid>…]]',
       'only the owner and these senders wake the agent (default: everyone; in main, only the owner)',
     ],
-    ['groups remove <jid|folder>', 'unregister (its folder and memory stay on disk)'],
+    ['groups remove <jid|folder>', 'unregister (its folder and memory stay on disk; its active tasks are paused)'],
   ],
   tasks: [
     ['tasks list [--json]', 'scheduled tasks, next runs in your timezone'],
@@ -8338,6 +8651,11 @@ function groupsCommand(config: Config, args: string[]): number {
       console.log(
         `Registered ${group.jid} as groups/${group.folder}${group.isMain ? ' (main)' : ''}${group.requiresTrigger && !group.isMain ? `; it answers messages that start with ${group.trigger}` : ''}.`,
       );
+      const waiting = store.listTasks(group.folder).filter((task) => task.status === 'paused' && task.pausedReason);
+      if (waiting.length)
+        console.log(
+          `Paused by NanoClaw, waiting for you: ${waiting.map((task) => `${task.id} (${task.pausedReason})`).join(', ')}. Resume each with: bun nanoclaw.ts tasks resume <id>.`,
+        );
       return 0;
     }
     if (action === 'remove') {
@@ -8346,8 +8664,13 @@ function groupsCommand(config: Config, args: string[]): number {
       const group = store.groupByJid(key) ?? store.groupByFolder(key);
       if (!group)
         throw new UsageError(`No registered group with chat id or folder "${key}" (see: bun nanoclaw.ts groups list).`);
+      const active = store.listTasks(group.folder).filter((task) => task.status === 'active');
       store.removeGroup(group.jid);
       console.log(`Removed ${group.jid}. Its folder groups/${group.folder} was kept.`);
+      if (active.length)
+        console.log(
+          `Paused its ${active.length} active task(s): ${active.map((task) => task.id).join(', ')}. Register the group again (same folder), then: bun nanoclaw.ts tasks resume <id>.`,
+        );
       return 0;
     }
     throw new UsageError(`Unknown groups command "${action}".`, 'groups');
@@ -8369,6 +8692,9 @@ class PrintingChannel implements Channel {
   }
   async deliver(jid: string, text: string): Promise<void> {
     process.stdout.write(`→ ${jid}: ${text}\n`);
+  }
+  async sendFile(jid: string, file: OutboundFile): Promise<void> {
+    process.stdout.write(`→ ${jid}: ${fileNote(file)}\n`);
   }
   async disconnect(): Promise<void> {}
 }
@@ -8441,6 +8767,7 @@ function applyTaskCommand(config: Config, store: Store, task: ScheduledTask, req
   const afterwards: (() => void)[] = [];
   const effects: IpcEffects = {
     say: () => {},
+    sayFile: () => {},
     afterwards: (e) => afterwards.push(e),
     awaitAnswer: () => {},
     sendSoon: () => {},
@@ -8480,7 +8807,7 @@ async function tasksCommand(config: Config, args: string[]): Promise<number> {
         console.log('No scheduled tasks. Ask your assistant: "remind me every weekday at 9 to …"');
       for (const t of tasks) {
         console.log(
-          `${t.id}  ${t.groupFolder.padEnd(12)} ${t.status.padEnd(9)} next ${when(t.nextRun).padEnd(34)} ${describeSchedule(t).padEnd(22)} ${t.prompt.slice(0, 50)}`,
+          `${t.id}  ${t.groupFolder.padEnd(12)} ${t.status.padEnd(9)} next ${when(t.nextRun).padEnd(34)} ${describeSchedule(t).padEnd(22)} ${t.prompt.slice(0, 50)}${t.pausedReason ? `  (paused: ${t.pausedReason})` : ''}`,
         );
       }
       return 0;
@@ -8495,7 +8822,7 @@ async function tasksCommand(config: Config, args: string[]): Promise<number> {
           return 0;
         }
         console.log(
-          `Task ${task.id} (${task.status})\n  group:    ${task.groupFolder} (${task.chatJid})\n  schedule: ${describeSchedule(task)}, context ${task.contextMode}`,
+          `Task ${task.id} (${task.status}${task.pausedReason ? `: ${task.pausedReason}` : ''})\n  group:    ${task.groupFolder} (${task.chatJid})\n  schedule: ${describeSchedule(task)}, context ${task.contextMode}`,
         );
         // The prompt and results are the agent's words: shown, never obeyed by the terminal.
         console.log(

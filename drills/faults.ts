@@ -12,7 +12,7 @@
 import { Database } from 'bun:sqlite';
 import { existsSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { proto, type WAMessage } from '@whiskeysockets/baileys';
+import { type AnyMessageContent, proto, type WAMessage } from '@whiskeysockets/baileys';
 import { startFakeModel } from '../scripts/scripted-model.ts';
 import { Host, installId, RateLimiter, addGroup, setupLogging, Store, type Config } from '../nanoclaw.ts';
 import { flakyServer, linkedAuthDir, openAsWhatsAppWould, RecordingWhatsApp, tempProject } from '../test/helpers.ts';
@@ -199,8 +199,13 @@ export async function whatsappDrops(drops = 50): Promise<Row> {
   };
   class DroppingWhatsApp extends RecordingWhatsApp {
     inFlight = 0;
-    protected override async send(jid: string, text: string, messageId: string): Promise<proto.IMessage | undefined> {
+    protected override async send(
+      jid: string,
+      given: AnyMessageContent,
+      messageId: string,
+    ): Promise<proto.IMessage | undefined> {
       if (!this.isConnected) throw new Error('offline');
+      const text = 'text' in given ? given.text : '';
       this.inFlight++;
       await Bun.sleep(150); // in flight
       this.inFlight--;

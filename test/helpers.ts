@@ -4,7 +4,14 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterAll } from 'vitest';
-import { BufferJSON, generateWAMessageContent, initAuthCreds, proto, type WASocket } from '@whiskeysockets/baileys';
+import {
+  type AnyMessageContent,
+  BufferJSON,
+  generateWAMessageContent,
+  initAuthCreds,
+  proto,
+  type WASocket,
+} from '@whiskeysockets/baileys';
 import {
   loadConfig,
   WhatsAppChannel,
@@ -14,6 +21,7 @@ import {
   type Config,
   type HostOptions,
   type NewMessage,
+  type OutboundFile,
   type ScheduledTask,
 } from '../nanoclaw.ts';
 
@@ -155,6 +163,13 @@ export class RecordingChannel implements Channel {
     this.sent.push({ jid, text, messageId });
   }
 
+  /** The files it was asked to send (send_file), in order. */
+  readonly files: { jid: string; file: OutboundFile; messageId: string }[] = [];
+
+  async sendFile(jid: string, file: OutboundFile, messageId: string): Promise<void> {
+    this.files.push({ jid, file, messageId });
+  }
+
   async disconnect(): Promise<void> {
     this.handlers = null;
   }
@@ -204,18 +219,35 @@ export async function waitFor<T>(
 
 /**
  * A WhatsApp channel whose last step (the send to WhatsApp's servers) is recorded instead;
- * it returns the message content baileys' own generateWAMessageContent builds for the text,
- * as sendMessage would.
+ * it returns the message content baileys' own generateWAMessageContent builds (for a file:
+ * encrypted and "uploaded", the upload keeping the encrypted bytes), as sendMessage would.
+ * Modelled on baileys' lib/Socket/messages-send.js (sendMessage) and lib/Utils/messages.js
+ * (generateWAMessageContent, prepareWAMessageMedia).
  */
 export class RecordingWhatsApp extends WhatsAppChannel {
-  readonly delivered: { jid: string; text: string; messageId: string; content?: proto.IMessage }[] = [];
-  protected override async send(jid: string, text: string, messageId: string): Promise<proto.IMessage | undefined> {
+  readonly delivered: {
+    jid: string;
+    text: string;
+    messageId: string;
+    content?: proto.IMessage;
+    given?: AnyMessageContent;
+    uploaded?: Buffer;
+  }[] = [];
+  protected override async send(
+    jid: string,
+    given: AnyMessageContent,
+    messageId: string,
+  ): Promise<proto.IMessage | undefined> {
     if (!this.isConnected) throw new Error('offline');
-    const content = await generateWAMessageContent(
-      { text },
-      { upload: () => Promise.reject(new Error('a text needs no upload')) },
-    );
-    this.delivered.push({ jid, text, messageId, content });
+    let uploaded: Buffer | undefined;
+    const content = await generateWAMessageContent(given, {
+      upload: async (encrypted, { mediaType }) => {
+        uploaded = readFileSync(encrypted as string);
+        return { mediaUrl: `https://mmg.whatsapp.net/test/${mediaType}`, directPath: `/test/${mediaType}` };
+      },
+    });
+    const text = 'text' in given ? given.text : 'caption' in given ? (given.caption ?? '') : '';
+    this.delivered.push({ jid, text, messageId, content, given, ...(uploaded ? { uploaded } : {}) });
     return content;
   }
 }

@@ -61,7 +61,7 @@ describe('Store schema', () => {
     const store = new Store(path);
     store.setSession('main', 'kept');
     store.db.exec(
-      'DROP TABLE task_claims; DROP TABLE ipc_done; DROP TABLE outbox; DROP TABLE model_usage; ALTER TABLE registered_groups DROP COLUMN allowed_senders; PRAGMA user_version = 1',
+      'DROP TABLE task_claims; DROP TABLE ipc_done; DROP TABLE outbox; DROP TABLE model_usage; ALTER TABLE registered_groups DROP COLUMN allowed_senders; ALTER TABLE scheduled_tasks DROP COLUMN paused_reason; PRAGMA user_version = 1',
     ); // as the first release left it
     store.close();
     const upgraded = new Store(path);
@@ -90,7 +90,8 @@ describe('Store schema', () => {
     const old = new Store(path);
     old.db.exec(`DROP TABLE task_claims; DROP TABLE ipc_done; DROP INDEX outbox_by_message; DROP INDEX outbox_unsent;
       ALTER TABLE outbox DROP COLUMN message_id; ALTER TABLE outbox DROP COLUMN sent_at; ALTER TABLE outbox DROP COLUMN attempts; ALTER TABLE outbox DROP COLUMN error;
-      ALTER TABLE outbox DROP COLUMN sent_content; ALTER TABLE registered_groups DROP COLUMN allowed_senders; PRAGMA user_version = 3`);
+      ALTER TABLE outbox DROP COLUMN sent_content; ALTER TABLE registered_groups DROP COLUMN allowed_senders;
+      ALTER TABLE outbox DROP COLUMN file; ALTER TABLE outbox DROP COLUMN file_meta; ALTER TABLE scheduled_tasks DROP COLUMN paused_reason; PRAGMA user_version = 3`);
     old.db
       .query(
         "INSERT INTO outbox (channel, chat_jid, text, created_at) VALUES ('whatsapp', 'a@g.us', 'from before', '2026-01-01')",
@@ -108,7 +109,9 @@ describe('Store schema', () => {
   it('migration 6 gives every group of an older database an empty allowlist: everyone in a group, only the owner in main', () => {
     const path = join(tempDir(), 'messages.db');
     const old = new Store(path);
-    old.db.exec('ALTER TABLE registered_groups DROP COLUMN allowed_senders; PRAGMA user_version = 5');
+    old.db.exec(
+      'ALTER TABLE registered_groups DROP COLUMN allowed_senders; ALTER TABLE outbox DROP COLUMN file; ALTER TABLE outbox DROP COLUMN file_meta; ALTER TABLE scheduled_tasks DROP COLUMN paused_reason; PRAGMA user_version = 5',
+    );
     const insert = old.db.query(
       `INSERT INTO registered_groups (jid, name, folder, trigger_word, requires_trigger, is_main, added_at)
        VALUES (?, ?, ?, '@Andy', ?, ?, '2026-01-01')`,

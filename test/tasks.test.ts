@@ -9,6 +9,7 @@ import {
   Scheduler,
   setupLogging,
   Store,
+  tasksSnapshot,
   type Config,
   type ScheduledTask,
 } from '../nanoclaw.ts';
@@ -374,5 +375,70 @@ describe('bun nanoclaw.ts tasks', () => {
     expect((await cli('cancel', t.id)).code).toBe(0);
     expect((await cli('show', t.id)).code).toBe(2);
     expect((await cli('run', 'no-such-task')).stderr).toContain('No task with id');
+  });
+
+  it('a removed group’s tasks are paused with the reason (list, show, main’s snapshot), never fired, and resumable once it is registered again', async () => {
+    const GROUP = '120363000000000001@g.us';
+    const config = tempProject({}, '');
+    copyFileSync(join(REPO, 'bunfig.toml'), join(config.projectRoot, 'bunfig.toml'));
+    writeFileSync(join(config.projectRoot, '.env'), 'KIMI_API_KEY=sk-tasks-cli-123456\nTZ=UTC\n');
+    let store = new Store(config.dbPath);
+    addGroup(config, store, { jid: MAIN, name: 'Me', folder: 'main', isMain: true });
+    addGroup(config, store, { jid: GROUP, name: 'Family', folder: 'family' });
+    const active = task({
+      chatJid: GROUP,
+      scheduleType: 'cron',
+      scheduleValue: '0 9 * * *',
+      nextRun: '2030-01-01T09:00:00.000Z',
+    });
+    const pausedBefore = task({ chatJid: GROUP, status: 'paused', nextRun: null });
+    store.createTask(active);
+    store.createTask(pausedBefore);
+    store.close();
+    const cli = async (...args: string[]) => {
+      const proc = Bun.spawn([process.execPath, join(REPO, 'nanoclaw.ts'), ...args], {
+        cwd: config.projectRoot,
+        stdout: 'pipe',
+        stderr: 'pipe',
+        env: { PATH: process.env.PATH!, HOME: process.env.HOME!, NANOCLAW_ROOT: config.projectRoot },
+      });
+      const [stdout, stderr, code] = await Promise.all([
+        new Response(proc.stdout).text(),
+        new Response(proc.stderr).text(),
+        proc.exited,
+      ]);
+      return { stdout, stderr, code };
+    };
+    const removed = await cli('groups', 'remove', 'family');
+    expect(removed.code).toBe(0);
+    expect(removed.stdout).toContain(`Paused its 1 active task(s): ${active.id}.`);
+    const reason = /its group was removed on \d{4}-\d{2}-\d{2}; register the group again to resume it/;
+    const list = (await cli('tasks', 'list')).stdout.split('\n');
+    expect(list.find((line) => line.startsWith(active.id))).toMatch(/ paused .*\(paused: its group was removed on /);
+    expect(list.find((line) => line.startsWith(pausedBefore.id))).not.toContain('(paused:'); // paused by someone: no reason
+    expect((await cli('tasks', 'show', active.id)).stdout).toMatch(
+      new RegExp(`^Task ${active.id} \\(paused: ${reason.source}\\)`),
+    );
+    store = new Store(config.dbPath);
+    expect(store.upcomingTasks().map((t) => t.id)).toEqual([]); // the scheduler has nothing to fire
+    const snapshot = tasksSnapshot(store, store.mainGroup()!);
+    expect(snapshot.find((t) => t.id === active.id)).toMatchObject({
+      status: 'paused',
+      paused_reason: expect.stringMatching(reason),
+    });
+    store.close();
+
+    const early = await cli('tasks', 'resume', active.id);
+    expect(early.code).toBe(2);
+    expect(early.stderr).toContain(`belongs to group "family", which is not registered: register it again first`);
+    const again = await cli('groups', 'register', GROUP, 'family', '--name', 'Family');
+    expect(again.code).toBe(0);
+    expect(again.stdout).toContain(`Paused by NanoClaw, waiting for you: ${active.id} (its group was removed on`);
+    const resumed = await cli('tasks', 'resume', active.id);
+    expect(resumed.code).toBe(0);
+    store = new Store(config.dbPath);
+    expect(store.getTask(active.id)).toMatchObject({ status: 'active', pausedReason: null });
+    expect(store.upcomingTasks().map((t) => t.id)).toEqual([active.id]);
+    store.close();
   });
 });

@@ -163,6 +163,7 @@ export function buildRole(input: RoleInput): string {
     [
       'Your tools (the nanoclaw MCP server):',
       '- send_message: send a message to this chat right away (e.g. progress on long work, or several separate messages).',
+      '- send_file: send a file or image from /workspace/group to this chat (write it there first, e.g. a chart you made).',
       '- schedule_task, list_tasks, get_task, update_task, pause_task, resume_task, cancel_task: reminders and recurring jobs. Times are in the user timezone.',
       input.isMain
         ? '- register_group, refresh_groups: add WhatsApp groups (see /workspace/ipc/available_groups.json). This is the main chat: you may act for every registered group.\n' +

@@ -134,6 +134,17 @@ export function scheduleProblem(type: ScheduleType, value: string, timezone: str
   return null;
 }
 
+/** The host's limit on a file send_file sends (MAX_MEDIA_BYTES in nanoclaw.ts). */
+const MAX_FILE_MB = 25;
+
+/** Null when the host can be asked to send this path; otherwise why not (the host checks again, and reads it safely). */
+export function sendablePathProblem(path: string): string | null {
+  const rel = path.startsWith('/workspace/group/') ? path.slice('/workspace/group/'.length) : path;
+  return rel.startsWith('/') || rel.split('/').includes('..')
+    ? `${path} is outside /workspace/group: only files of your group folder can be sent. Copy it there first.`
+    : null;
+}
+
 interface RunSnapshot {
   run_at: string;
   duration_ms: number;
@@ -154,6 +165,8 @@ interface TaskSnapshot {
   schedule_value: string;
   context_mode: string;
   status: string;
+  /** Why NanoClaw paused it (its group was removed). */
+  paused_reason?: string | null;
   next_run: string | null;
   last_run: string | null;
   last_result?: string | null;
@@ -238,6 +251,36 @@ export function createServer(identity: ServerIdentity, decisionWaitMs = DECISION
   );
 
   server.registerTool(
+    'send_file',
+    {
+      description:
+        'Send a file or image from your group folder (/workspace/group) to this chat: PNG, JPEG and WebP go as a photo, anything else as a document with its name. ' +
+        `At most ${MAX_FILE_MB} MB; links and anything outside /workspace/group are refused. Write the file first (e.g. a chart you made), then send it. ` +
+        'From the main chat you may give chatJid to send it to another registered group.',
+      inputSchema: {
+        path: z
+          .string()
+          .min(1)
+          .describe('The file, e.g. /workspace/group/out/chart.png (or relative to /workspace/group).'),
+        caption: z.string().optional().describe('A caption shown with it.'),
+        chatJid: z.string().optional().describe('Main chat only: the JID of another registered group.'),
+      },
+    },
+    async ({ path, caption, chatJid }) => {
+      const target = chatJid ?? identity.chatJid;
+      if (target !== identity.chatJid && !identity.isMain)
+        return text('This group can only send files to its own chat.', true);
+      const problem = sendablePathProblem(path);
+      if (problem) return text(problem, true);
+      return request(
+        messagesDir,
+        { type: 'send_file', chatJid: target, path, ...(caption ? { caption } : {}) },
+        `File sent to ${target === identity.chatJid ? 'this chat' : target}.`,
+      );
+    },
+  );
+
+  server.registerTool(
     'schedule_task',
     {
       description:
@@ -286,7 +329,7 @@ export function createServer(identity: ServerIdentity, decisionWaitMs = DECISION
         tasks
           .map(
             (t) =>
-              `${t.id} [${t.status}] ${t.schedule_type} ${t.schedule_value} next ${t.next_run ?? '—'} (${t.groupFolder}): ${promptOf(t)}`,
+              `${t.id} [${t.paused_reason ? `paused: ${t.paused_reason}` : t.status}] ${t.schedule_type} ${t.schedule_value} next ${t.next_run ?? '—'} (${t.groupFolder}): ${promptOf(t)}`,
           )
           .join('\n'),
       );
@@ -307,7 +350,7 @@ export function createServer(identity: ServerIdentity, decisionWaitMs = DECISION
       );
       return text(
         [
-          `${task.id} [${task.status}] ${task.schedule_type} ${task.schedule_value} (${task.context_mode})`,
+          `${task.id} [${task.paused_reason ? `paused: ${task.paused_reason}` : task.status}] ${task.schedule_type} ${task.schedule_value} (${task.context_mode})`,
           `prompt: ${promptOf(task)}`,
           `next run: ${task.next_run ?? '—'}`,
           `last result: ${lastResultOf(task)}`,

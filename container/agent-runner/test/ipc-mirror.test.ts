@@ -38,6 +38,7 @@ describe('IPC: the MCP tools and the host’s table agree', () => {
     );
     const calls: [string, Record<string, unknown>][] = [
       ['send_message', { text: 'hello' }],
+      ['send_file', { path: '/workspace/group/chart.png', caption: 'the chart' }],
       ['schedule_task', { prompt: 'water the plants', schedule_type: 'cron', schedule_value: '0 9 * * *' }],
       [
         'schedule_task',

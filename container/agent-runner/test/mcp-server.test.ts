@@ -52,6 +52,7 @@ describe('the nanoclaw MCP server over stdio', () => {
       'register_group',
       'resume_task',
       'schedule_task',
+      'send_file',
       'send_message',
       'update_task',
     ]);
@@ -199,6 +200,59 @@ describe('the nanoclaw MCP server over stdio', () => {
     expect(accepted.isError).toBeFalsy();
     expect(accepted.content[0]!.text).toContain('Scheduled as task-1; first run 2026-12-03 09:00');
     expect(readdirSync(join(dir, 'responses'))).toEqual([]); // each decision read and removed
+    await client.close();
+  });
+
+  it('send_file asks the host for a file of the group folder, for this chat (main: any chat); a path outside or another chat is refused at once', async () => {
+    const dir = ipc();
+    const member = await connect(false, dir);
+    const sent = await member.call('send_file', { path: '/workspace/group/out/chart.png', caption: 'the chart' });
+    expect(sent).toEqual({ text: 'File sent to this chat.', isError: false });
+    const outside = await member.call('send_file', { path: '/etc/passwd' });
+    expect(outside.isError).toBe(true);
+    expect(outside.text).toContain('/etc/passwd is outside /workspace/group');
+    expect((await member.call('send_file', { path: '../ipc/x.json' })).isError).toBe(true);
+    expect((await member.call('send_file', { path: 'chart.png', chatJid: 'other@g.us' })).text).toBe(
+      'This group can only send files to its own chat.',
+    );
+    await member.client.close();
+    expect(written(dir, 'messages')).toEqual([
+      expect.objectContaining({
+        type: 'send_file',
+        chatJid: 'me@g.us',
+        path: '/workspace/group/out/chart.png',
+        caption: 'the chart',
+      }),
+    ]);
+    const mainDir = ipc();
+    const main = await connect(true, mainDir);
+    expect((await main.call('send_file', { path: 'report.pdf', chatJid: 'other@g.us' })).isError).toBe(false);
+    await main.client.close();
+    expect(written(mainDir, 'messages')).toEqual([
+      expect.objectContaining({ type: 'send_file', chatJid: 'other@g.us', path: 'report.pdf' }),
+    ]);
+  });
+
+  it('shows why NanoClaw paused a task (its group was removed)', async () => {
+    const reason = 'its group was removed on 2026-12-03; register the group again to resume it';
+    const task = {
+      id: 'task-9',
+      groupFolder: 'gone',
+      chatJid: 'gone@g.us',
+      prompt: 'p',
+      schedule_type: 'cron',
+      schedule_value: '0 9 * * *',
+      context_mode: 'group',
+      status: 'paused',
+      paused_reason: reason,
+      next_run: null,
+      last_run: null,
+      last_result: null,
+      recent_runs: [],
+    };
+    const { client, call } = await connect(true, ipc(), [task]);
+    expect((await call('list_tasks')).text).toContain(`task-9 [paused: ${reason}]`);
+    expect((await call('get_task', { task_id: 'task-9' })).text).toContain(`task-9 [paused: ${reason}]`);
     await client.close();
   });
 
