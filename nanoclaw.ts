@@ -2649,6 +2649,8 @@ export class WhatsAppChannel implements Channel {
   private readonly retryCounts = new TtlCache(60 * 60_000, 10_000);
   /** Raw metadata of our groups, for sends (baileys' cachedGroupMetadata), kept current by group events. */
   readonly groupMetadata = new TtlCache<GroupMetadata>(GROUP_METADATA_TTL_MS, 500);
+  /** Per chat, the last inbound message still being taken (inChatOrder). */
+  private readonly chatLanes = new Map<string, Promise<void>>();
   /** LID → phone JIDs WhatsApp told us (lid-mapping.update) or baileys knew. */
   private readonly lidToPhone = new Map<string, string>();
   /** The WhatsApp Web version the sockets announce; undefined: baileys' own. */
@@ -2760,11 +2762,7 @@ export class WhatsAppChannel implements Channel {
     sock.ev.on('connection.update', (update) => this.onConnectionUpdate(sock, update));
     sock.ev.on('messages.upsert', ({ messages }) => {
       if (sock !== this.sock) return;
-      for (const message of messages) {
-        this.onMessage(message).catch((err) =>
-          log.error({ err: errorText(err), messageId: message.key?.id }, 'Could not take an inbound WhatsApp message'),
-        );
-      }
+      for (const message of messages) this.inChatOrder(message);
     });
     sock.ev.on('groups.upsert', (groups) => {
       if (sock !== this.sock) return;
@@ -2934,6 +2932,24 @@ export class WhatsAppChannel implements Channel {
       const phone = await sock.signalRepository.lidMapping.getPNForLID(jid).catch(() => null);
       if (phone) this.lidToPhone.set(baileys().jidNormalizedUser(jid), baileys().jidNormalizedUser(phone));
     }
+  }
+
+  /**
+   * Each chat's messages are taken one after another, in the order WhatsApp sent them (a
+   * photo still downloading holds back the question that followed it); chats run side by side.
+   */
+  private inChatOrder(raw: WAMessage): void {
+    const chat = baileys().jidNormalizedUser(raw.key?.remoteJid ?? '');
+    const previous = this.chatLanes.get(chat) ?? Promise.resolve();
+    const lane = previous
+      .then(() => this.onMessage(raw))
+      .catch((err) =>
+        log.error({ err: errorText(err), messageId: raw.key?.id }, 'Could not take an inbound WhatsApp message'),
+      )
+      .finally(() => {
+        if (this.chatLanes.get(chat) === lane) this.chatLanes.delete(chat);
+      });
+    this.chatLanes.set(chat, lane);
   }
 
   /** Inbound: translate, download media for registered chats, hand to the host. */
