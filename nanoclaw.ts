@@ -1829,9 +1829,9 @@ function escapeRegExp(text: string): string {
   return text.replace(/[.*+?^${}()|[\]\\]/g, '\\$&');
 }
 
-/** A group's trigger (`@Andy`, or the name alone) at the very start of a message, any case, as a whole word. */
+/** A group's trigger (`@Andy`) anywhere in a message, any case, as a whole word (not inside an address like a@Andy). */
 export function triggerPattern(trigger: string): RegExp {
-  return new RegExp(`^@${escapeRegExp(trigger.replace(/^@/, ''))}(?![\\p{L}\\p{N}_])`, 'iu');
+  return new RegExp(`(?<![\\p{L}\\p{N}_@])@${escapeRegExp(trigger.replace(/^@/, ''))}(?![\\p{L}\\p{N}_])`, 'iu');
 }
 
 /** What `groups register --trigger` and register_group take: @ and one word. */
@@ -1839,14 +1839,17 @@ export function isValidTrigger(trigger: string): boolean {
   return /^@[\p{L}\p{N}_][\p{L}\p{N}_-]{0,39}$/u.test(trigger);
 }
 
+/** The channel's note before a reply to one of the bot's own messages (it knows them by id). */
+export const REPLY_TO_BOT_NOTE = '[replying to you: "';
+
 /**
  * What a person typed, without the notes the channel puts before it: "[replying to: …]"
- * for a quoted reply, "[image: …]" and the like for media (the caption follows). A trigger
- * at the start of the caption or reply counts.
+ * for a quoted reply (a trigger in the quote is someone else's), "[image: …]" and the
+ * like for media (the caption follows).
  */
 export function typedText(content: string): string {
   return content
-    .replace(/^\[replying to: "[\s\S]*?"\]\n/, '')
+    .replace(/^\[replying to(?: you)?: "[\s\S]*?"\]\n/, '')
     .replace(/^\[(image|video|audio|voice note|document|sticker)\b[^\]\n]*\]\s*/, '')
     .trim();
 }
@@ -1884,21 +1887,21 @@ export function allowedText(group: RegisteredGroup): string {
   return `the owner and ${group.allow.join(', ')}`;
 }
 
+/** Whether a message calls the agent: the group's trigger anywhere in what was typed, or a reply to the bot. */
+export function callsAgent(group: RegisteredGroup, content: string): boolean {
+  return content.startsWith(REPLY_TO_BOT_NOTE) || cachedTriggerPattern(group.trigger).test(typedText(content));
+}
+
 /**
  * Main and trigger-free groups answer everything; the others only when someone says the
- * group's trigger. Only senders the group allows wake it; the others' messages are context.
+ * group's trigger or replies to the bot. Only senders the group allows wake it; the
+ * others' messages are context.
  */
 export function needsAgent(group: RegisteredGroup, messages: readonly StoredMessage[]): boolean {
   const waking = messages.filter((message) => mayWake(group, message));
   if (waking.length === 0) return false;
   if (group.isMain || !group.requiresTrigger) return true;
-  const trigger = cachedTriggerPattern(group.trigger);
-  return waking.some((message) => trigger.test(typedText(message.content)));
-}
-
-/** A message the bot itself sent from a shared number (its replies start with "Name:"). */
-export function isOwnReply(content: string, assistantName: string): boolean {
-  return content.startsWith(`${assistantName}:`);
+  return waking.some((message) => callsAgent(group, message.content));
 }
 
 /** Wall-clock time in the user's timezone, e.g. "2026-11-24 09:15". */
@@ -2267,6 +2270,8 @@ export interface WhatsAppIdentity {
   phoneForLid(lid: string): string | undefined;
   /** The chat's trigger (`@Andy`), which an @mention of the bot's own number stands for. */
   triggerFor?(chatJid: string): string;
+  /** Whether the bot sent a message under this id (its outbox): how its own messages are known, never by their text. */
+  sentByBot?(messageId: string): boolean;
 }
 
 /** A chat or sender JID in phone form: device suffix dropped, LID translated when known. */
@@ -2370,7 +2375,8 @@ export function parseWhatsAppMessage(raw: WAMessage, identity: WhatsAppIdentity)
     const quotedText = quotedContent
       ? textOf(quotedContent) || mediaOf(quotedContent)?.caption || `[${mediaOf(quotedContent)?.kind ?? 'message'}]`
       : '';
-    if (quotedText) text = `[replying to: "${quotedText.slice(0, 500)}"]\n${text}`;
+    const toBot = Boolean(context.stanzaId && identity.sentByBot?.(context.stanzaId));
+    if (quotedText) text = `${toBot ? REPLY_TO_BOT_NOTE : '[replying to: "'}${quotedText.slice(0, 500)}"]\n${text}`;
   }
   if (!text && !media) return null;
 
@@ -2383,7 +2389,7 @@ export function parseWhatsAppMessage(raw: WAMessage, identity: WhatsAppIdentity)
       ? canonicalJid(key.participant ?? '', key.participantAlt, identity)
       : chatJid;
   const seconds = Number(raw.messageTimestamp ?? Math.floor(Date.now() / 1000));
-  const isBotMessage = identity.hasOwnNumber ? fromMe : isOwnReply(text, identity.assistantName);
+  const isBotMessage = fromMe && Boolean(identity.sentByBot?.(key.id));
   return {
     isGroup,
     media,
@@ -2579,6 +2585,8 @@ export interface WhatsAppOptions {
   mediaTreeFor(chatJid: string): AgentTree | null;
   /** The trigger of a registered chat (an @mention of the bot becomes it); defaults to @<assistant name>. */
   triggerFor?(chatJid: string): string | undefined;
+  /** Whether the bot sent a message under this id (the store's outbox). */
+  sentByBot?(messageId: string): boolean;
   /** Re-sync group names when the last sync is older than this. */
   groupSyncMaxAgeMs?: number;
   lastGroupSync?(): string | null;
@@ -2917,6 +2925,7 @@ export class WhatsAppChannel implements Channel {
       assistantName: this.options.assistantName,
       hasOwnNumber: this.options.hasOwnNumber,
       triggerFor: (chatJid) => this.options.triggerFor?.(chatJid) ?? `@${this.options.assistantName}`,
+      sentByBot: (messageId) => this.options.sentByBot?.(messageId) ?? false,
       phoneForLid: (lid) => {
         const own = sock?.user?.lid && baileys().jidNormalizedUser(sock.user.lid) === lid ? sock.user.id : undefined;
         return own ?? this.lidToPhone.get(lid);
@@ -6280,12 +6289,10 @@ export class Host {
       });
       const group = this.store.groupByJid(message.chatJid);
       if (!group) return null; // only metadata for chats the user has not registered
-      // With its own number the channel knows the bot's messages; on a shared number the prefix tells.
-      const isBot =
-        message.isBotMessage ||
-        (!this.config.assistantHasOwnNumber && isOwnReply(message.content, this.config.assistantName));
-      const seq = this.store.storeMessage({ ...message, isBotMessage: isBot });
-      return seq === null || isBot ? null : { group, message: { ...message, seq, isBotMessage: false } };
+      // The bot's own messages are stored by say() under the ids they are sent with, and the
+      // channel marks any copy of them: neither a prefix nor fromMe makes a message the bot's.
+      const seq = this.store.storeMessage(message);
+      return seq === null || message.isBotMessage ? null : { group, message: { ...message, seq } };
     });
     if (!stored || this.stopped) return;
     if (!this.forwardToLiveContainer(stored.group, stored.message)) this.queue.enqueueMessages(stored.group.jid);
@@ -7514,6 +7521,7 @@ export function whatsAppChannel(config: Config, store: Store, extra: Partial<Wha
     rememberVersion: (version) => store.setState(WHATSAPP_VERSION_STATE, version.join('.')),
     rememberSent: (messageId, content) => store.recordSentContent(messageId, content),
     recallSent: (messageId) => store.outboundByMessageId(messageId)?.sentContent ?? null,
+    sentByBot: (messageId) => store.outboundByMessageId(messageId) !== null,
     ...(config.whatsappServerUrl ? { waWebSocketUrl: config.whatsappServerUrl } : {}),
     ...extra,
   });
@@ -7971,7 +7979,7 @@ function groupsCommand(config: Config, args: string[]): number {
         allow,
       });
       console.log(
-        `Registered ${group.jid} as groups/${group.folder}${group.isMain ? ' (main)' : ''}${group.requiresTrigger && !group.isMain ? `; it answers messages that start with ${group.trigger}` : ''}.`,
+        `Registered ${group.jid} as groups/${group.folder}${group.isMain ? ' (main)' : ''}${group.requiresTrigger && !group.isMain ? `; it answers messages that say ${group.trigger} or reply to it` : ''}.`,
       );
       return 0;
     }
