@@ -1396,6 +1396,26 @@ export class Store {
     return result.changes > 0 ? Number(result.lastInsertRowid) : null;
   }
 
+  messageById(chatJid: string, id: string): StoredMessage | null {
+    const row = this.db
+      .query<MessageRow, [string, string]>('SELECT * FROM messages WHERE chat_jid = ? AND id = ?')
+      .get(chatJid, id);
+    return row ? toMessage(row) : null;
+  }
+
+  setMessageContent(seq: number, content: string): void {
+    this.db.query('UPDATE messages SET content = ? WHERE seq = ?').run(content, seq);
+  }
+
+  /** Stores a message again as its chat's newest (a new seq), with new content; returns the seq. */
+  storeAsNewest(message: StoredMessage, content: string): number {
+    return this.transaction(() => {
+      this.db.query('DELETE FROM messages WHERE seq = ?').run(message.seq);
+      const { seq: _old, ...rest } = message;
+      return this.storeMessage({ ...rest, content })!;
+    });
+  }
+
   /** Messages from people (not the bot) after `afterSeq`, oldest first. */
   messagesSince(chatJid: string, afterSeq: number, limit = 500): StoredMessage[] {
     const rows = this.db
@@ -1842,16 +1862,22 @@ export function isValidTrigger(trigger: string): boolean {
 /** The channel's note before a reply to one of the bot's own messages (it knows them by id). */
 export const REPLY_TO_BOT_NOTE = '[replying to you: "';
 
-/**
- * What a person typed, without the notes the channel puts before it: "[replying to: …]"
- * for a quoted reply (a trigger in the quote is someone else's), "[image: …]" and the
- * like for media (the caption follows).
- */
+/** The notes the channel puts before what a person typed: a quoted reply's, then a media file's. */
+const CHANNEL_NOTES =
+  /^(\[replying to(?: you)?: "[\s\S]*?"\]\n)?(\[(?:image|video|video note|audio|voice note|document|sticker)\b[^\]\n]*\]\s*)?/;
+
+/** What a person typed, without the channel's notes (a trigger in a quoted message is someone else's). */
 export function typedText(content: string): string {
-  return content
-    .replace(/^\[replying to(?: you)?: "[\s\S]*?"\]\n/, '')
-    .replace(/^\[(image|video|audio|voice note|document|sticker)\b[^\]\n]*\]\s*/, '')
-    .trim();
+  return content.slice(CHANNEL_NOTES.exec(content)![0].length).trim();
+}
+
+/** What the agent sees of a message its sender deleted for everyone. */
+export const DELETED_MESSAGE = '[deleted]';
+
+/** A message's new words after an edit, behind the notes the channel put before the old ones. */
+export function withEditedWords(stored: string, edited: string): string {
+  const [, reply = '', media = ''] = CHANNEL_NOTES.exec(stored)!;
+  return `${reply}${media ? `${media.trim()} ` : ''}${edited}`.trimEnd();
 }
 
 /** Each trigger's pattern, built once: every inbound message of a trigger group is checked against it. */
@@ -1953,6 +1979,8 @@ export interface ChatMeta {
 export interface ChannelHandlers {
   /** Every inbound message, for every chat; the host decides what to keep. */
   onMessage(message: NewMessage, chat: ChatMeta): void;
+  /** A message sent earlier was edited (its new words) or deleted for everyone (content null). */
+  onChange?(change: WhatsAppChange): void;
   /** A chat's name learned without a message (group sync). */
   onChatMetadata?(chat: { jid: string; name: string; isGroup: boolean }): void;
   /** The channel can deliver again (e.g. reconnected): its outbox resumes. */
@@ -2253,7 +2281,7 @@ export const WHATSAPP_MAX_CHARS = 4000;
 /** Media larger than this is not downloaded; the agent is told it exists. */
 export const MAX_MEDIA_BYTES = 25 * 1024 * 1024;
 
-export type MediaKind = 'image' | 'video' | 'audio' | 'voice note' | 'document' | 'sticker';
+export type MediaKind = 'image' | 'video' | 'video note' | 'audio' | 'voice note' | 'document' | 'sticker';
 
 export interface WhatsAppInbound {
   message: NewMessage;
@@ -2272,6 +2300,8 @@ export interface WhatsAppIdentity {
   triggerFor?(chatJid: string): string;
   /** Whether the bot sent a message under this id (its outbox): how its own messages are known, never by their text. */
   sentByBot?(messageId: string): boolean;
+  /** The user's timezone, for the times of events. */
+  timezone?: string;
 }
 
 /** A chat or sender JID in phone form: device suffix dropped, LID translated when known. */
@@ -2289,6 +2319,7 @@ export function canonicalJid(jid: string, alt: string | null | undefined, identi
 const MEDIA_FIELDS = [
   ['imageMessage', 'image', 'image/jpeg'],
   ['videoMessage', 'video', 'video/mp4'],
+  ['ptvMessage', 'video note', 'video/mp4'],
   ['audioMessage', 'audio', 'audio/ogg'],
   ['documentMessage', 'document', 'application/octet-stream'],
   ['stickerMessage', 'sticker', 'image/webp'],
@@ -2309,17 +2340,93 @@ function mediaOf(content: proto.IMessage): WhatsAppInbound['media'] | undefined 
   return undefined;
 }
 
-function textOf(content: proto.IMessage): string {
-  return content.conversation ?? content.extendedTextMessage?.text ?? '';
+/** Message types that say nothing to read: reactions, votes, pins, receipts of the protocol. */
+const SILENT_TYPES = new Set([
+  'reactionMessage',
+  'encReactionMessage',
+  'pollUpdateMessage',
+  'encEventResponseMessage',
+  'keepInChatMessage',
+  'pinInChatMessage',
+  'protocolMessage',
+  'albumMessage',
+  'stickerSyncRmrMessage',
+  'messageHistoryBundle',
+  'placeholderMessage',
+]);
+
+/** A coordinate as people write it: at most six decimals (about 10 cm). */
+const degrees = (value: number | null | undefined) => String(Number((value ?? 0).toFixed(6)));
+
+/** "Name: +49 151 …, +1 …" from a vCard (its FN and TEL lines; WhatsApp's item1.TEL form too). */
+export function contactSummary(vcard: string | null | undefined, displayName?: string | null): string {
+  const lines = (vcard ?? '').split(/\r?\n/);
+  const value = (line: string) => line.slice(line.indexOf(':') + 1).trim();
+  const fullName = lines.find((line) => /^FN[:;]/i.test(line));
+  const numbers = lines.filter((line) => /^(item\d+\.)?TEL[:;]/i.test(line)).map(value);
+  const name = displayName || (fullName ? value(fullName) : '') || 'unnamed';
+  return numbers.length ? `${name}: ${numbers.join(', ')}` : name;
 }
 
-function contextInfoOf(content: proto.IMessage): proto.IContextInfo | null | undefined {
-  return (
-    content.extendedTextMessage?.contextInfo ??
-    content.imageMessage?.contextInfo ??
-    content.videoMessage?.contextInfo ??
-    content.documentMessage?.contextInfo
-  );
+/** An event's time: local to the user when the timezone is known, else UTC. */
+function eventTime(seconds: number | Long | null | undefined, timezone: string | undefined): string {
+  const iso = new Date(Number(seconds ?? 0) * 1000).toISOString();
+  return timezone ? formatLocalTime(iso, timezone) : `${iso.slice(0, 16).replace('T', ' ')} UTC`;
+}
+
+/** What a message that is neither text nor media says, in words the agent can read. */
+function describeMessage(content: proto.IMessage, type: string, timezone: string | undefined): string {
+  const location = content.locationMessage;
+  if (location) {
+    const place = [location.name, location.address].filter(Boolean).join(', ');
+    return `[location: ${degrees(location.degreesLatitude)}, ${degrees(location.degreesLongitude)}${place ? ` (${place})` : ''}]${location.comment ? ` ${location.comment}` : ''}`;
+  }
+  const live = content.liveLocationMessage;
+  if (live)
+    return `[live location: ${degrees(live.degreesLatitude)}, ${degrees(live.degreesLongitude)}]${live.caption ? ` ${live.caption}` : ''}`;
+  if (content.contactMessage)
+    return `[contact: ${contactSummary(content.contactMessage.vcard, content.contactMessage.displayName)}]`;
+  if (content.contactsArrayMessage)
+    return `[contacts: ${(content.contactsArrayMessage.contacts ?? []).map((c) => contactSummary(c.vcard, c.displayName)).join('; ')}]`;
+  const poll =
+    content.pollCreationMessage ??
+    content.pollCreationMessageV2 ??
+    content.pollCreationMessageV3 ??
+    content.pollCreationMessageV5;
+  if (poll) {
+    const options = (poll.options ?? []).map((option) => `"${option.optionName ?? ''}"`).join(', ');
+    const choice = poll.selectableOptionsCount === 1 ? 'one answer' : 'several answers allowed';
+    return `[poll: ${poll.name ?? ''}; options: ${options}; ${choice}]`;
+  }
+  const event = content.eventMessage;
+  if (event) {
+    const place = [event.location?.name, event.location?.address].filter(Boolean).join(', ');
+    const when = `${eventTime(event.startTime, timezone)}${event.endTime ? ` to ${eventTime(event.endTime, timezone)}` : ''}`;
+    return `[event${event.isCanceled ? ' (cancelled)' : ''}: ${event.name ?? ''}, ${when}${place ? `, at ${place}` : ''}]${event.description ? ` ${event.description}` : ''}`;
+  }
+  return `[unsupported message: ${type}]`;
+}
+
+/** What a message says for the agent: its text, a media caption, or a description of what it is. */
+function bodyOf(content: proto.IMessage, type: string, timezone: string | undefined): string {
+  if (type === 'conversation') return content.conversation ?? '';
+  if (type === 'extendedTextMessage') return content.extendedTextMessage?.text ?? '';
+  const media = mediaOf(content);
+  return media ? media.caption : describeMessage(content, type, timezone);
+}
+
+/** A message's content and its type (baileys' getContentType), wrappers (ephemeral, view once, edited) removed. */
+function contentWithType(message: proto.IMessage | null | undefined): { content: proto.IMessage; type: string } | null {
+  const content = baileys().normalizeMessageContent(message);
+  const type = content ? baileys().getContentType(content) : undefined;
+  return content && type ? { content, type } : null;
+}
+
+function contextInfoOf(content: proto.IMessage, type: string): proto.IContextInfo | null | undefined {
+  const inner = content[type as keyof proto.IMessage];
+  return typeof inner === 'object' && inner && 'contextInfo' in inner
+    ? (inner.contextInfo as proto.IContextInfo | null | undefined)
+    : undefined;
 }
 
 /**
@@ -2342,54 +2449,63 @@ export function withMentionsAsTrigger(
   return rewritten === text ? `${trigger} ${text}` : rewritten;
 }
 
+/** The words of a message (or of an edit's new version), mentions of the bot's own number read as the trigger. */
+function wordsOf(content: proto.IMessage, type: string, chatJid: string, identity: WhatsAppIdentity): string {
+  const text = bodyOf(content, type, identity.timezone).trim();
+  const mentioned = contextInfoOf(content, type)?.mentionedJid;
+  if (!identity.hasOwnNumber || !mentioned?.length) return text;
+  return withMentionsAsTrigger(
+    text,
+    mentioned,
+    identity.ownJids,
+    identity.triggerFor?.(chatJid) ?? `@${identity.assistantName}`,
+  );
+}
+
+/** Who sent a message: us (our phone JID), a group's participant, or the other side of a direct chat. */
+function senderOf(key: WAMessageKey, chatJid: string, identity: WhatsAppIdentity): string {
+  if (key.fromMe) return [...identity.ownJids].find((jid) => baileys().isPnUser(jid)) ?? '';
+  return baileys().isJidGroup(chatJid) ? canonicalJid(key.participant ?? '', key.participantAlt, identity) : chatJid;
+}
+
+function isReadableChat(key: WAMessageKey | null | undefined): key is WAMessageKey & { remoteJid: string; id: string } {
+  return Boolean(
+    key?.remoteJid &&
+      key.id &&
+      !baileys().isJidStatusBroadcast(key.remoteJid) &&
+      !baileys().isJidBroadcast(key.remoteJid),
+  );
+}
+
 /**
  * Turns a baileys message into what the host stores, or null for what it ignores
- * (status broadcasts, reactions, protocol messages, empty messages). Media is described
- * here and downloaded by the channel.
+ * (status broadcasts, reactions, votes, protocol messages, empty messages). Every other
+ * kind becomes words: locations, contacts, polls and events described, anything unknown
+ * named. Media is described here and downloaded by the channel.
  */
 export function parseWhatsAppMessage(raw: WAMessage, identity: WhatsAppIdentity): WhatsAppInbound | null {
   const key = raw.key as WAMessageKey;
-  if (
-    !key?.remoteJid ||
-    !key.id ||
-    baileys().isJidStatusBroadcast(key.remoteJid) ||
-    baileys().isJidBroadcast(key.remoteJid)
-  )
-    return null;
-  const content = baileys().normalizeMessageContent(raw.message);
-  if (!content || content.protocolMessage || content.reactionMessage) return null;
+  if (!isReadableChat(key)) return null;
+  const found = contentWithType(raw.message);
+  if (!found || SILENT_TYPES.has(found.type)) return null;
+  const { content, type } = found;
   const media = mediaOf(content);
-  let text = (media ? media.caption : textOf(content)).trim();
-  const context = contextInfoOf(content);
   const chatJid = canonicalJid(key.remoteJid, key.remoteJidAlt, identity);
-  if (identity.hasOwnNumber && context?.mentionedJid?.length) {
-    text = withMentionsAsTrigger(
-      text,
-      context.mentionedJid,
-      identity.ownJids,
-      identity.triggerFor?.(chatJid) ?? `@${identity.assistantName}`,
-    );
-  }
-  if (context?.quotedMessage) {
-    const quotedContent = baileys().normalizeMessageContent(context.quotedMessage);
-    const quotedText = quotedContent
-      ? textOf(quotedContent) || mediaOf(quotedContent)?.caption || `[${mediaOf(quotedContent)?.kind ?? 'message'}]`
-      : '';
-    const toBot = Boolean(context.stanzaId && identity.sentByBot?.(context.stanzaId));
-    if (quotedText) text = `${toBot ? REPLY_TO_BOT_NOTE : '[replying to: "'}${quotedText.slice(0, 500)}"]\n${text}`;
+  let text = wordsOf(content, type, chatJid, identity);
+  const context = contextInfoOf(content, type);
+  const quoted = contentWithType(context?.quotedMessage);
+  if (quoted) {
+    const quotedText =
+      bodyOf(quoted.content, quoted.type, identity.timezone) || `[${mediaOf(quoted.content)?.kind ?? 'message'}]`;
+    const toBot = Boolean(context?.stanzaId && identity.sentByBot?.(context.stanzaId));
+    text = `${toBot ? REPLY_TO_BOT_NOTE : '[replying to: "'}${quotedText.slice(0, 500)}"]\n${text}`;
   }
   if (!text && !media) return null;
 
   const isGroup = Boolean(baileys().isJidGroup(chatJid));
   const fromMe = Boolean(key.fromMe);
-  const ownPhone = [...identity.ownJids].find((jid) => baileys().isPnUser(jid)) ?? '';
-  const sender = fromMe
-    ? ownPhone
-    : isGroup
-      ? canonicalJid(key.participant ?? '', key.participantAlt, identity)
-      : chatJid;
+  const sender = senderOf(key, chatJid, identity);
   const seconds = Number(raw.messageTimestamp ?? Math.floor(Date.now() / 1000));
-  const isBotMessage = fromMe && Boolean(identity.sentByBot?.(key.id));
   return {
     isGroup,
     media,
@@ -2401,9 +2517,36 @@ export function parseWhatsAppMessage(raw: WAMessage, identity: WhatsAppIdentity)
       content: text,
       timestamp: new Date(seconds * 1000).toISOString(),
       isFromMe: fromMe,
-      isBotMessage,
+      isBotMessage: fromMe && Boolean(identity.sentByBot?.(key.id)),
     },
   };
+}
+
+/** An edit (the message's new words) or a deletion (content null) of a message sent earlier. */
+export interface WhatsAppChange {
+  chatJid: string;
+  /** The id of the message edited or deleted. */
+  id: string;
+  /** Who edited or deleted it. */
+  sender: string;
+  content: string | null;
+}
+
+/** A protocol message that edits (MESSAGE_EDIT) or deletes for everyone (REVOKE) an earlier message; null for anything else. */
+export function parseWhatsAppChange(raw: WAMessage, identity: WhatsAppIdentity): WhatsAppChange | null {
+  const key = raw.key as WAMessageKey;
+  const protocol = baileys().normalizeMessageContent(raw.message)?.protocolMessage;
+  const targetId = protocol?.key?.id;
+  if (!isReadableChat(key) || !protocol || !targetId) return null;
+  const Type = baileys().proto.Message.ProtocolMessage.Type;
+  const chatJid = canonicalJid(key.remoteJid, key.remoteJidAlt, identity);
+  const sender = senderOf(key, chatJid, identity);
+  if (protocol.type === Type.REVOKE) return { chatJid, id: targetId, sender, content: null };
+  if (protocol.type !== Type.MESSAGE_EDIT) return null;
+  const edited = contentWithType(protocol.editedMessage);
+  return edited
+    ? { chatJid, id: targetId, sender, content: wordsOf(edited.content, edited.type, chatJid, identity) }
+    : null;
 }
 
 /** A file name that is safe on every filesystem and unique enough per message. */
@@ -2587,6 +2730,8 @@ export interface WhatsAppOptions {
   triggerFor?(chatJid: string): string | undefined;
   /** Whether the bot sent a message under this id (the store's outbox). */
   sentByBot?(messageId: string): boolean;
+  /** The user's timezone, for the times of events (UTC when not given). */
+  timezone?: string;
   /** Re-sync group names when the last sync is older than this. */
   groupSyncMaxAgeMs?: number;
   lastGroupSync?(): string | null;
@@ -2926,6 +3071,7 @@ export class WhatsAppChannel implements Channel {
       hasOwnNumber: this.options.hasOwnNumber,
       triggerFor: (chatJid) => this.options.triggerFor?.(chatJid) ?? `@${this.options.assistantName}`,
       sentByBot: (messageId) => this.options.sentByBot?.(messageId) ?? false,
+      timezone: this.options.timezone,
       phoneForLid: (lid) => {
         const own = sock?.user?.lid && baileys().jidNormalizedUser(sock.user.lid) === lid ? sock.user.id : undefined;
         return own ?? this.lidToPhone.get(lid);
@@ -2964,6 +3110,8 @@ export class WhatsAppChannel implements Channel {
   /** Inbound: translate, download media for registered chats, hand to the host. */
   async onMessage(raw: WAMessage): Promise<void> {
     await this.learnPhonesFor(raw.key as WAMessageKey);
+    const change = parseWhatsAppChange(raw, this.identity());
+    if (change) return this.handlers?.onChange?.(change);
     const inbound = parseWhatsAppMessage(raw, this.identity());
     if (!inbound) return;
     const tree = inbound.media ? this.options.mediaTreeFor(inbound.message.chatJid) : null;
@@ -6176,6 +6324,7 @@ export class Host {
   async start(): Promise<void> {
     const handlers = (channel: Channel): ChannelHandlers => ({
       onMessage: (message, chat) => this.handleInbound(message, chat),
+      onChange: (change) => this.handleChange(change),
       onChatMetadata: (chat) => {
         try {
           this.store.upsertChat({
@@ -6274,6 +6423,37 @@ export class Host {
       );
       if (errorCode(err)?.startsWith('SQLITE_FULL')) this.checkDisk(); // the reserve goes now, not at the next sweep
       this.spillMessage(message, chat);
+    }
+  }
+
+  /**
+   * An edit replaces a stored message's words (the channel's notes before them stay); an
+   * edit that now calls the agent, where the old words did not, makes it the chat's newest
+   * message so the router sees it. A deletion leaves "[deleted]" in the history.
+   */
+  handleChange(change: WhatsAppChange): void {
+    try {
+      const stored = this.store.messageById(change.chatJid, change.id);
+      const group = this.store.groupByJid(change.chatJid);
+      if (!stored || !group || stored.isBotMessage) return;
+      if (change.content === null) {
+        this.store.setMessageContent(stored.seq, DELETED_MESSAGE); // anyone's: admins delete others' messages
+        return;
+      }
+      if (change.sender !== stored.sender) return; // only its sender can edit a message
+      const content = withEditedWords(stored.content, change.content);
+      if (!group.requiresTrigger || group.isMain || callsAgent(group, stored.content) || !callsAgent(group, content)) {
+        this.store.setMessageContent(stored.seq, content);
+        return;
+      }
+      const seq = this.store.storeAsNewest(stored, content);
+      if (this.stopped) return;
+      if (!this.forwardToLiveContainer(group, { ...stored, seq, content })) this.queue.enqueueMessages(group.jid);
+    } catch (err) {
+      log.warn(
+        { err: errorText(err), chatJid: change.chatJid, messageId: change.id },
+        'Could not apply an edit or deletion',
+      );
     }
   }
 
@@ -7522,6 +7702,7 @@ export function whatsAppChannel(config: Config, store: Store, extra: Partial<Wha
     rememberSent: (messageId, content) => store.recordSentContent(messageId, content),
     recallSent: (messageId) => store.outboundByMessageId(messageId)?.sentContent ?? null,
     sentByBot: (messageId) => store.outboundByMessageId(messageId) !== null,
+    timezone: config.timezone,
     ...(config.whatsappServerUrl ? { waWebSocketUrl: config.whatsappServerUrl } : {}),
     ...extra,
   });
