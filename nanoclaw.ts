@@ -84,7 +84,7 @@ const load = createRequire(import.meta.url);
 // ───────────────────────────── 1. Config: settings from the environment and .env ─────
 
 /** Keys that are secrets: never kept in process.env, never logged, only sent on stdin. */
-export const SECRET_KEYS = ['KIMI_API_KEY'] as const;
+export const SECRET_KEYS = ['KIMI_API_KEY', 'TRANSCRIBE_API_KEY'] as const;
 export type SecretKey = (typeof SECRET_KEYS)[number];
 const isSecretKey = (key: string): key is SecretKey => (SECRET_KEYS as readonly string[]).includes(key);
 export type Secrets = Partial<Record<SecretKey, string>>;
@@ -137,6 +137,8 @@ export interface Config {
   send: { maxPerMinute: number; maxPerMinuteMain: number; maxParts: number };
   /** Another WhatsApp Web socket than WhatsApp's own (a relay, a test server); no version lookup then. */
   whatsappServerUrl?: string;
+  /** An OpenAI-compatible /audio/transcriptions endpoint for voice notes (its key is the secret TRANSCRIBE_API_KEY). */
+  transcribe: { url?: string; model: string };
 }
 
 export class ConfigError extends Error {}
@@ -403,6 +405,10 @@ export function loadConfig(projectRoot: string, env: Record<string, string | und
       maxParts: positiveInt('SEND_MAX_PARTS', get('SEND_MAX_PARTS'), 10),
     },
     whatsappServerUrl: get('WHATSAPP_SERVER_URL'),
+    transcribe: {
+      url: httpUrl('TRANSCRIBE_URL', get('TRANSCRIBE_URL')),
+      model: get('TRANSCRIBE_MODEL') ?? 'whisper-1',
+    },
   };
 }
 
@@ -443,6 +449,8 @@ export const SETTINGS: Record<string, (config: Config) => string | number | bool
   SEND_MAX_PARTS: (c) => c.send.maxParts,
   NANOCLAW_MOUNT_ALLOWLIST: (c) => c.mountAllowlistPath,
   WHATSAPP_SERVER_URL: (c) => c.whatsappServerUrl,
+  TRANSCRIBE_URL: (c) => c.transcribe.url,
+  TRANSCRIBE_MODEL: (c) => c.transcribe.model,
 };
 
 /**
@@ -456,6 +464,16 @@ export function defaultConcurrency(cores = availableParallelism()): number {
 /** Half the machine's CPUs (at least one): one busy container cannot take the whole machine. */
 export function defaultContainerCpus(cores = availableParallelism()): number {
   return Math.max(1, Math.floor(cores / 2));
+}
+
+/** An http(s) URL, or undefined when not set. */
+function httpUrl(name: string, value: string | undefined): string | undefined {
+  if (value === undefined) return undefined;
+  if (!URL.canParse(value) || !/^https?:$/.test(new URL(value).protocol))
+    throw new ConfigError(
+      `${name}=${JSON.stringify(value)} is not valid: an http(s) URL, e.g. https://api.openai.com/v1/audio/transcriptions.`,
+    );
+  return value;
 }
 
 /** bridge, none, or a user-defined Docker network name; never host (it would undo the isolation). */
@@ -631,7 +649,10 @@ export function setupLogging(config: Config, options: LoggingOptions = {}): Logg
       {
         level: config.logLevel === 'silent' && terminalLevel === 'silent' ? 'silent' : lowest,
         // Belt and braces: structured secret fields are dropped before masking even runs.
-        redact: { paths: ['secrets', '*.secrets', 'KIMI_API_KEY', '*.KIMI_API_KEY'], censor: '[REDACTED]' },
+        redact: {
+          paths: ['secrets', '*.secrets', ...SECRET_KEYS, ...SECRET_KEYS.map((key) => `*.${key}`)],
+          censor: '[REDACTED]',
+        },
       },
       pino().multistream(streams),
     );
@@ -2732,6 +2753,8 @@ export interface WhatsAppOptions {
   sentByBot?(messageId: string): boolean;
   /** The user's timezone, for the times of events (UTC when not given). */
   timezone?: string;
+  /** A voice note's words (transcribeAudio with the configured endpoint); none: voice notes are not transcribed. */
+  transcribe?(audio: Uint8Array, fileName: string, mimetype: string): Promise<string>;
   /** Re-sync group names when the last sync is older than this. */
   groupSyncMaxAgeMs?: number;
   lastGroupSync?(): string | null;
@@ -2777,6 +2800,33 @@ export function someoneTyping(
     const typing = presence.lastKnownPresence === 'composing' || presence.lastKnownPresence === 'recording';
     return typing && !ownJids.has(baileys().jidNormalizedUser(who));
   });
+}
+
+/**
+ * A recording's words from an OpenAI-compatible `/audio/transcriptions` endpoint: a
+ * multipart form with `file` and `model`, answered with JSON `{ "text": … }`. An error
+ * names the status only, never the answer's body (it may quote the request's key).
+ */
+export async function transcribeAudio(
+  endpoint: { url: string; model: string; apiKey?: string },
+  audio: Uint8Array,
+  fileName: string,
+  mimetype: string,
+  timeoutMs = 120_000,
+): Promise<string> {
+  const form = new FormData();
+  form.append('file', new Blob([audio], { type: mimetype.split(';')[0]!.trim() }), fileName);
+  form.append('model', endpoint.model);
+  const response = await fetch(endpoint.url, {
+    method: 'POST',
+    body: form,
+    headers: endpoint.apiKey ? { authorization: `Bearer ${endpoint.apiKey}` } : {},
+    signal: AbortSignal.timeout(timeoutMs),
+  });
+  if (!response.ok) throw new Error(`the transcription service answered ${response.status}`);
+  const answer = (await response.json().catch(() => null)) as { text?: unknown } | null;
+  if (typeof answer?.text !== 'string') throw new Error('the transcription service answered without a text');
+  return answer.text.trim();
 }
 
 /** Group metadata is good for this long (baileys' README suggests five minutes). */
@@ -3171,10 +3221,29 @@ export class WhatsAppChannel implements Channel {
       } catch (err) {
         if (errorCode(err) !== 'EEXIST') throw err; // the same message delivered again: already saved
       }
-      return `[${media.kind}: /workspace/group/media/${fileName}${media.fileName ? ` (${media.fileName})` : ''}]${caption ? ` ${caption}` : ''}`;
+      const words =
+        media.kind === 'voice note' ? await this.transcription(data, fileName, media.mimetype, inbound) : caption;
+      return `[${media.kind}: /workspace/group/media/${fileName}${media.fileName ? ` (${media.fileName})` : ''}]${words ? ` ${words}` : ''}`;
     } catch (err) {
       log.warn({ err: errorText(err), messageId: inbound.message.id }, 'Could not download media');
       return `[${media.kind} could not be downloaded]${caption ? ` ${caption}` : ''}`;
+    }
+  }
+
+  /** What the agent is told of a voice note's words: its transcript, or plainly that there is none. */
+  private async transcription(
+    audio: Buffer,
+    fileName: string,
+    mimetype: string,
+    inbound: WhatsAppInbound,
+  ): Promise<string> {
+    if (!this.options.transcribe) return '(could not be transcribed: no transcription service is configured)';
+    try {
+      const words = await this.options.transcribe(audio, fileName, mimetype);
+      return words ? `Transcript: ${words}` : '(transcribed: no words in it)';
+    } catch (err) {
+      log.warn({ err: errorText(err), messageId: inbound.message.id }, 'Could not transcribe a voice note');
+      return `(could not be transcribed: ${errorText(err)})`;
     }
   }
 
@@ -7703,6 +7772,21 @@ export function whatsAppChannel(config: Config, store: Store, extra: Partial<Wha
     recallSent: (messageId) => store.outboundByMessageId(messageId)?.sentContent ?? null,
     sentByBot: (messageId) => store.outboundByMessageId(messageId) !== null,
     timezone: config.timezone,
+    ...(config.transcribe.url
+      ? {
+          transcribe: (audio: Uint8Array, fileName: string, mimetype: string) =>
+            transcribeAudio(
+              {
+                url: config.transcribe.url!,
+                model: config.transcribe.model,
+                apiKey: readSecrets(config).TRANSCRIBE_API_KEY,
+              },
+              audio,
+              fileName,
+              mimetype,
+            ),
+        }
+      : {}),
     ...(config.whatsappServerUrl ? { waWebSocketUrl: config.whatsappServerUrl } : {}),
     ...extra,
   });

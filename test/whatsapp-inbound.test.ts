@@ -8,6 +8,8 @@
  * message's url (lib/Utils/messages.js).
  */
 import { encryptedStream, proto, type WAMessage } from '@whiskeysockets/baileys';
+import { readFileSync } from 'node:fs';
+import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import {
   addGroup,
@@ -150,11 +152,11 @@ describe('WhatsApp inbound order', () => {
  * not. What WhatsApp sends back of the bot's own messages is emitted as baileys does
  * (emitOwnEvents: Socket/messages-send.js upserts every sent message, fromMe, type append).
  */
-async function hostSetup(hasOwnNumber: boolean) {
+async function hostSetup(hasOwnNumber: boolean, dotEnv = '') {
   const docker = fakeDocker();
   const config = tempProject(
     { CONTAINER_RUNTIME: docker.path, ASSISTANT_HAS_OWN_NUMBER: String(hasOwnNumber) },
-    'KIMI_API_KEY=sk-wa-test-12345678\n',
+    `KIMI_API_KEY=sk-wa-test-12345678\n${dotEnv}`,
   );
   setupLogging(config, { terminalLevel: 'silent' });
   const store = new Store(config.dbPath);
@@ -472,5 +474,120 @@ describe('edits and deletions through the host', () => {
     expect(prompt).not.toContain('1234');
     expect(prompt).not.toContain('wire money');
     expect(store.messagesSince(GROUP, 0).map((m) => m.id)).toEqual(['SECRET', 'BYE', 'Q1']); // the edited one is now the newest
+  });
+});
+
+/**
+ * A transcription endpoint scripted from the OpenAI audio API's documented request and
+ * response (POST /v1/audio/transcriptions: a multipart/form-data body with the recording
+ * as `file` and the `model` name, the key as "Authorization: Bearer"; the answer is JSON
+ * `{ "text": "…" }`), on loopback. Anything else it answers with a 4xx.
+ */
+function transcriptionEndpoint(key: string, words: string) {
+  const seen: { model: string; fileName: string; type: string; bytes: Uint8Array }[] = [];
+  let failNext = false;
+  const server = Bun.serve({
+    port: 0,
+    fetch: async (req) => {
+      if (req.method !== 'POST' || new URL(req.url).pathname !== '/v1/audio/transcriptions')
+        return new Response('not found', { status: 404 });
+      if (req.headers.get('authorization') !== `Bearer ${key}`)
+        return Response.json({ error: { message: 'Incorrect API key provided' } }, { status: 401 });
+      const form = await req.formData();
+      const file = form.get('file');
+      const model = form.get('model');
+      if (!(file instanceof File) || typeof model !== 'string')
+        return Response.json({ error: { message: 'file and model are required' } }, { status: 400 });
+      seen.push({ model, fileName: file.name, type: file.type, bytes: new Uint8Array(await file.arrayBuffer()) });
+      if (failNext) {
+        failNext = false;
+        return Response.json({ error: { message: `upstream broke; your key was ${key}` } }, { status: 500 });
+      }
+      return Response.json({ text: words });
+    },
+  });
+  stops.push(() => server.stop(true));
+  return { url: `http://127.0.0.1:${server.port}/v1/audio/transcriptions`, seen, failOnce: () => (failNext = true) };
+}
+
+describe('voice notes', () => {
+  /** A voice note as WhatsApp sends it (audioMessage with ptt), its media encrypted and served from loopback. */
+  async function voiceNote(id: string) {
+    const audio = Buffer.from(`pretend this is an Opus recording ${id}`);
+    const encrypted = await encryptedStream(audio, 'audio');
+    const media = Bun.serve({ port: 0, fetch: () => new Response(Bun.file(encrypted.encFilePath)) });
+    stops.push(() => media.stop(true));
+    const message = fromAlice(
+      {
+        audioMessage: {
+          url: `http://127.0.0.1:${media.port}/voice.enc`,
+          mimetype: 'audio/ogg; codecs=opus',
+          ptt: true,
+          mediaKey: encrypted.mediaKey,
+          fileSha256: encrypted.fileSha256,
+          fileEncSha256: encrypted.fileEncSha256,
+          fileLength: audio.length,
+        },
+      },
+      id,
+    );
+    return { audio, message };
+  }
+
+  it('are transcribed on the host when an endpoint is configured; the agent gets the words with the file; the key stays out of the log', async () => {
+    const key = 'sk-transcribe-test-87654321';
+    const endpoint = transcriptionEndpoint(key, 'what time is dinner tonight');
+    const config = tempProject(
+      { TRANSCRIBE_URL: endpoint.url, TRANSCRIBE_MODEL: 'whisper-large-v3' },
+      `TRANSCRIBE_API_KEY=${key}\n`,
+    );
+    setupLogging(config, { terminalLevel: 'silent' }); // no masking asked for: the key must never be written at all
+    const store = new Store(config.dbPath);
+    addGroup(config, store, { jid: GROUP, name: 'Family', folder: 'family' });
+    const server = flakyServer(60_000);
+    const channel = whatsAppChannel(config, store, { authDir: await linkedAuthDir(), waWebSocketUrl: server.url });
+    stops.push(() => store.close());
+    stops.push(() => server.stop());
+    stops.push(() => channel.disconnect());
+    const received: NewMessage[] = [];
+    await channel.connect({ onMessage: (m) => received.push(m) });
+    const first = await voiceNote('VOICE1');
+    await channel.onMessage(first.message);
+    expect(received[0]!.content).toBe(
+      '[voice note: /workspace/group/media/VOICE1-voice-note.ogg] Transcript: what time is dinner tonight',
+    );
+    expect(endpoint.seen[0]).toMatchObject({
+      model: 'whisper-large-v3',
+      fileName: 'VOICE1-voice-note.ogg',
+      type: 'audio/ogg',
+    });
+    expect(Buffer.from(endpoint.seen[0]!.bytes)).toEqual(first.audio);
+    endpoint.failOnce();
+    await channel.onMessage((await voiceNote('VOICE2')).message);
+    expect(received[1]!.content).toBe(
+      '[voice note: /workspace/group/media/VOICE2-voice-note.ogg] (could not be transcribed: the transcription service answered 500)',
+    );
+    const logged = readFileSync(join(config.logsDir, 'nanoclaw.log'), 'utf8');
+    expect(logged).toContain('Could not transcribe a voice note');
+    expect(logged).not.toContain(key);
+  });
+
+  it('without an endpoint the agent is told plainly that the voice note could not be transcribed', async () => {
+    const { channel } = await inboundSetup();
+    const received: NewMessage[] = [];
+    await channel.connect({ onMessage: (m) => received.push(m) });
+    await channel.onMessage((await voiceNote('VOICE3')).message);
+    expect(received[0]!.content).toBe(
+      '[voice note: /workspace/group/media/VOICE3-voice-note.ogg] (could not be transcribed: no transcription service is configured)',
+    );
+  });
+
+  it('the transcription key never reaches a container', async () => {
+    const key = 'sk-transcribe-never-in-a-container';
+    const { docker, upsert, replied } = await hostSetup(false, `TRANSCRIBE_API_KEY=${key}\n`);
+    upsert(waMessage({ remoteJid: ME, fromMe: true, id: 'HELLO', pushName: 'Me', message: { conversation: 'hello' } }));
+    await replied(1);
+    expect(docker.runs()).toHaveLength(1);
+    expect(JSON.stringify(docker.calls())).not.toContain(key);
   });
 });
