@@ -13,7 +13,9 @@ import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import {
   addGroup,
+  ConfigError,
   Host,
+  loadConfig,
   parseWhatsAppChange,
   parseWhatsAppMessage,
   setupLogging,
@@ -589,5 +591,17 @@ describe('voice notes', () => {
     await replied(1);
     expect(docker.runs()).toHaveLength(1);
     expect(JSON.stringify(docker.calls())).not.toContain(key);
+  });
+});
+
+describe('transcription settings', () => {
+  it('TRANSCRIBE_URL must be an http(s) URL; the model defaults to whisper-1; the key is a secret, not a setting', () => {
+    const root = tempProject().projectRoot;
+    expect(() => loadConfig(root, { TRANSCRIBE_URL: 'ftp://example.org/x' })).toThrow(ConfigError);
+    expect(() => loadConfig(root, { TRANSCRIBE_URL: 'not a url' })).toThrow(/TRANSCRIBE_URL="not a url" is not valid/);
+    expect(loadConfig(root, {}).transcribe).toEqual({ url: undefined, model: 'whisper-1' });
+    expect(loadConfig(root, { TRANSCRIBE_URL: 'http://127.0.0.1:8000/v1/audio/transcriptions' }).transcribe.url).toBe(
+      'http://127.0.0.1:8000/v1/audio/transcriptions',
+    );
   });
 });
