@@ -2374,6 +2374,7 @@ const SILENT_TYPES = new Set([
   'stickerSyncRmrMessage',
   'messageHistoryBundle',
   'placeholderMessage',
+  'fastRatchetKeySenderKeyDistributionMessage',
 ]);
 
 /** A coordinate as people write it: at most six decimals (about 10 cm). */
