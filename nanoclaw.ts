@@ -91,7 +91,7 @@ const load = createRequire(import.meta.url);
 // ───────────────────────────── 1. Config: settings from the environment and .env ─────
 
 /** Keys that are secrets: never kept in process.env, never logged, only sent on stdin. */
-export const SECRET_KEYS = ['KIMI_API_KEY'] as const;
+export const SECRET_KEYS = ['KIMI_API_KEY', 'TRANSCRIBE_API_KEY'] as const;
 export type SecretKey = (typeof SECRET_KEYS)[number];
 const isSecretKey = (key: string): key is SecretKey => (SECRET_KEYS as readonly string[]).includes(key);
 export type Secrets = Partial<Record<SecretKey, string>>;
@@ -144,6 +144,8 @@ export interface Config {
   send: { maxPerMinute: number; maxPerMinuteMain: number; maxParts: number };
   /** Another WhatsApp Web socket than WhatsApp's own (a relay, a test server); no version lookup then. */
   whatsappServerUrl?: string;
+  /** An OpenAI-compatible /audio/transcriptions endpoint for voice notes (its key is the secret TRANSCRIBE_API_KEY). */
+  transcribe: { url?: string; model: string };
 }
 
 export class ConfigError extends Error {}
@@ -410,6 +412,10 @@ export function loadConfig(projectRoot: string, env: Record<string, string | und
       maxParts: positiveInt('SEND_MAX_PARTS', get('SEND_MAX_PARTS'), 10),
     },
     whatsappServerUrl: get('WHATSAPP_SERVER_URL'),
+    transcribe: {
+      url: httpUrl('TRANSCRIBE_URL', get('TRANSCRIBE_URL')),
+      model: get('TRANSCRIBE_MODEL') ?? 'whisper-1',
+    },
   };
 }
 
@@ -450,6 +456,8 @@ export const SETTINGS: Record<string, (config: Config) => string | number | bool
   SEND_MAX_PARTS: (c) => c.send.maxParts,
   NANOCLAW_MOUNT_ALLOWLIST: (c) => c.mountAllowlistPath,
   WHATSAPP_SERVER_URL: (c) => c.whatsappServerUrl,
+  TRANSCRIBE_URL: (c) => c.transcribe.url,
+  TRANSCRIBE_MODEL: (c) => c.transcribe.model,
 };
 
 /**
@@ -463,6 +471,16 @@ export function defaultConcurrency(cores = availableParallelism()): number {
 /** Half the machine's CPUs (at least one): one busy container cannot take the whole machine. */
 export function defaultContainerCpus(cores = availableParallelism()): number {
   return Math.max(1, Math.floor(cores / 2));
+}
+
+/** An http(s) URL, or undefined when not set. */
+function httpUrl(name: string, value: string | undefined): string | undefined {
+  if (value === undefined) return undefined;
+  if (!URL.canParse(value) || !/^https?:$/.test(new URL(value).protocol))
+    throw new ConfigError(
+      `${name}=${JSON.stringify(value)} is not valid: an http(s) URL, e.g. https://api.openai.com/v1/audio/transcriptions.`,
+    );
+  return value;
 }
 
 /** bridge, none, or a user-defined Docker network name; never host (it would undo the isolation). */
@@ -638,7 +656,10 @@ export function setupLogging(config: Config, options: LoggingOptions = {}): Logg
       {
         level: config.logLevel === 'silent' && terminalLevel === 'silent' ? 'silent' : lowest,
         // Belt and braces: structured secret fields are dropped before masking even runs.
-        redact: { paths: ['secrets', '*.secrets', 'KIMI_API_KEY', '*.KIMI_API_KEY'], censor: '[REDACTED]' },
+        redact: {
+          paths: ['secrets', '*.secrets', ...SECRET_KEYS, ...SECRET_KEYS.map((key) => `*.${key}`)],
+          censor: '[REDACTED]',
+        },
       },
       pino().multistream(streams),
     );
@@ -1455,6 +1476,26 @@ export class Store {
     return result.changes > 0 ? Number(result.lastInsertRowid) : null;
   }
 
+  messageById(chatJid: string, id: string): StoredMessage | null {
+    const row = this.db
+      .query<MessageRow, [string, string]>('SELECT * FROM messages WHERE chat_jid = ? AND id = ?')
+      .get(chatJid, id);
+    return row ? toMessage(row) : null;
+  }
+
+  setMessageContent(seq: number, content: string): void {
+    this.db.query('UPDATE messages SET content = ? WHERE seq = ?').run(content, seq);
+  }
+
+  /** Stores a message again as its chat's newest (a new seq), with new content; returns the seq. */
+  storeAsNewest(message: StoredMessage, content: string): number {
+    return this.transaction(() => {
+      this.db.query('DELETE FROM messages WHERE seq = ?').run(message.seq);
+      const { seq: _old, ...rest } = message;
+      return this.storeMessage({ ...rest, content })!;
+    });
+  }
+
   /** Messages from people (not the bot) after `afterSeq`, oldest first. */
   messagesSince(chatJid: string, afterSeq: number, limit = 500): StoredMessage[] {
     const rows = this.db
@@ -1897,9 +1938,9 @@ function escapeRegExp(text: string): string {
   return text.replace(/[.*+?^${}()|[\]\\]/g, '\\$&');
 }
 
-/** A group's trigger (`@Andy`, or the name alone) at the very start of a message, any case, as a whole word. */
+/** A group's trigger (`@Andy`) anywhere in a message, any case, as a whole word (not inside an address like a@Andy). */
 export function triggerPattern(trigger: string): RegExp {
-  return new RegExp(`^@${escapeRegExp(trigger.replace(/^@/, ''))}(?![\\p{L}\\p{N}_])`, 'iu');
+  return new RegExp(`(?<![\\p{L}\\p{N}_@])@${escapeRegExp(trigger.replace(/^@/, ''))}(?![\\p{L}\\p{N}_])`, 'iu');
 }
 
 /** What `groups register --trigger` and register_group take: @ and one word. */
@@ -1907,16 +1948,25 @@ export function isValidTrigger(trigger: string): boolean {
   return /^@[\p{L}\p{N}_][\p{L}\p{N}_-]{0,39}$/u.test(trigger);
 }
 
-/**
- * What a person typed, without the notes the channel puts before it: "[replying to: …]"
- * for a quoted reply, "[image: …]" and the like for media (the caption follows). A trigger
- * at the start of the caption or reply counts.
- */
+/** The channel's note before a reply to one of the bot's own messages (it knows them by id). */
+export const REPLY_TO_BOT_NOTE = '[replying to you: "';
+
+/** The notes the channel puts before what a person typed: a quoted reply's, then a media file's. */
+const CHANNEL_NOTES =
+  /^(\[replying to(?: you)?: "[\s\S]*?"\]\n)?(\[(?:image|video|video note|audio|voice note|document|sticker)\b[^\]\n]*\]\s*)?/;
+
+/** What a person typed, without the channel's notes (a trigger in a quoted message is someone else's). */
 export function typedText(content: string): string {
-  return content
-    .replace(/^\[replying to: "[\s\S]*?"\]\n/, '')
-    .replace(/^\[(image|video|audio|voice note|document|sticker)\b[^\]\n]*\]\s*/, '')
-    .trim();
+  return content.slice(CHANNEL_NOTES.exec(content)![0].length).trim();
+}
+
+/** What the agent sees of a message its sender deleted for everyone. */
+export const DELETED_MESSAGE = '[deleted]';
+
+/** A message's new words after an edit, behind the notes the channel put before the old ones. */
+export function withEditedWords(stored: string, edited: string): string {
+  const [, reply = '', media = ''] = CHANNEL_NOTES.exec(stored)!;
+  return `${reply}${media ? `${media.trim()} ` : ''}${edited}`.trimEnd();
 }
 
 /** Each trigger's pattern, built once: every inbound message of a trigger group is checked against it. */
@@ -1963,21 +2013,21 @@ export function allowedText(group: RegisteredGroup): string {
   return `the owner and ${group.allow.join(', ')}`;
 }
 
+/** Whether a message calls the agent: the group's trigger anywhere in what was typed, or a reply to the bot. */
+export function callsAgent(group: RegisteredGroup, content: string): boolean {
+  return content.startsWith(REPLY_TO_BOT_NOTE) || cachedTriggerPattern(group.trigger).test(typedText(content));
+}
+
 /**
  * Main and trigger-free groups answer everything; the others only when someone says the
- * group's trigger. Only senders the group allows wake it; the others' messages are context.
+ * group's trigger or replies to the bot. Only senders the group allows wake it; the
+ * others' messages are context.
  */
 export function needsAgent(group: RegisteredGroup, messages: readonly StoredMessage[]): boolean {
   const waking = messages.filter((message) => mayWake(group, message));
   if (waking.length === 0) return false;
   if (group.isMain || !group.requiresTrigger) return true;
-  const trigger = cachedTriggerPattern(group.trigger);
-  return waking.some((message) => trigger.test(typedText(message.content)));
-}
-
-/** A message the bot itself sent from a shared number (its replies start with "Name:"). */
-export function isOwnReply(content: string, assistantName: string): boolean {
-  return content.startsWith(`${assistantName}:`);
+  return waking.some((message) => callsAgent(group, message.content));
 }
 
 /** Wall-clock time in the user's timezone, e.g. "2026-11-24 09:15". */
@@ -2029,6 +2079,8 @@ export interface ChatMeta {
 export interface ChannelHandlers {
   /** Every inbound message, for every chat; the host decides what to keep. */
   onMessage(message: NewMessage, chat: ChatMeta): void;
+  /** A message sent earlier was edited (its new words) or deleted for everyone (content null). */
+  onChange?(change: WhatsAppChange): void;
   /** A chat's name learned without a message (group sync). */
   onChatMetadata?(chat: { jid: string; name: string; isGroup: boolean }): void;
   /** The channel can deliver again (e.g. reconnected): its outbox resumes. */
@@ -2355,7 +2407,7 @@ export const WHATSAPP_MAX_CHARS = 4000;
 /** Media larger than this is not downloaded; the agent is told it exists. */
 export const MAX_MEDIA_BYTES = 25 * 1024 * 1024;
 
-export type MediaKind = 'image' | 'video' | 'audio' | 'voice note' | 'document' | 'sticker';
+export type MediaKind = 'image' | 'video' | 'video note' | 'audio' | 'voice note' | 'document' | 'sticker';
 
 /** What baileys' sendMessage takes for a file: `{ image, caption }` or `{ document, mimetype, fileName, caption }`. */
 export function whatsAppFileContent(file: OutboundFile): AnyMessageContent {
@@ -2381,6 +2433,10 @@ export interface WhatsAppIdentity {
   phoneForLid(lid: string): string | undefined;
   /** The chat's trigger (`@Andy`), which an @mention of the bot's own number stands for. */
   triggerFor?(chatJid: string): string;
+  /** Whether the bot sent a message under this id (its outbox): how its own messages are known, never by their text. */
+  sentByBot?(messageId: string): boolean;
+  /** The user's timezone, for the times of events. */
+  timezone?: string;
 }
 
 /** A chat or sender JID in phone form: device suffix dropped, LID translated when known. */
@@ -2398,6 +2454,7 @@ export function canonicalJid(jid: string, alt: string | null | undefined, identi
 const MEDIA_FIELDS = [
   ['imageMessage', 'image', 'image/jpeg'],
   ['videoMessage', 'video', 'video/mp4'],
+  ['ptvMessage', 'video note', 'video/mp4'],
   ['audioMessage', 'audio', 'audio/ogg'],
   ['documentMessage', 'document', 'application/octet-stream'],
   ['stickerMessage', 'sticker', 'image/webp'],
@@ -2418,17 +2475,94 @@ function mediaOf(content: proto.IMessage): WhatsAppInbound['media'] | undefined 
   return undefined;
 }
 
-function textOf(content: proto.IMessage): string {
-  return content.conversation ?? content.extendedTextMessage?.text ?? '';
+/** Message types that say nothing to read: reactions, votes, pins, receipts of the protocol. */
+const SILENT_TYPES = new Set([
+  'reactionMessage',
+  'encReactionMessage',
+  'pollUpdateMessage',
+  'encEventResponseMessage',
+  'keepInChatMessage',
+  'pinInChatMessage',
+  'protocolMessage',
+  'albumMessage',
+  'stickerSyncRmrMessage',
+  'messageHistoryBundle',
+  'placeholderMessage',
+  'fastRatchetKeySenderKeyDistributionMessage',
+]);
+
+/** A coordinate as people write it: at most six decimals (about 10 cm). */
+const degrees = (value: number | null | undefined) => String(Number((value ?? 0).toFixed(6)));
+
+/** "Name: +49 151 …, +1 …" from a vCard (its FN and TEL lines; WhatsApp's item1.TEL form too). */
+export function contactSummary(vcard: string | null | undefined, displayName?: string | null): string {
+  const lines = (vcard ?? '').split(/\r?\n/);
+  const value = (line: string) => line.slice(line.indexOf(':') + 1).trim();
+  const fullName = lines.find((line) => /^FN[:;]/i.test(line));
+  const numbers = lines.filter((line) => /^(item\d+\.)?TEL[:;]/i.test(line)).map(value);
+  const name = displayName || (fullName ? value(fullName) : '') || 'unnamed';
+  return numbers.length ? `${name}: ${numbers.join(', ')}` : name;
 }
 
-function contextInfoOf(content: proto.IMessage): proto.IContextInfo | null | undefined {
-  return (
-    content.extendedTextMessage?.contextInfo ??
-    content.imageMessage?.contextInfo ??
-    content.videoMessage?.contextInfo ??
-    content.documentMessage?.contextInfo
-  );
+/** An event's time: local to the user when the timezone is known, else UTC. */
+function eventTime(seconds: number | Long | null | undefined, timezone: string | undefined): string {
+  const iso = new Date(Number(seconds ?? 0) * 1000).toISOString();
+  return timezone ? formatLocalTime(iso, timezone) : `${iso.slice(0, 16).replace('T', ' ')} UTC`;
+}
+
+/** What a message that is neither text nor media says, in words the agent can read. */
+function describeMessage(content: proto.IMessage, type: string, timezone: string | undefined): string {
+  const location = content.locationMessage;
+  if (location) {
+    const place = [location.name, location.address].filter(Boolean).join(', ');
+    return `[location: ${degrees(location.degreesLatitude)}, ${degrees(location.degreesLongitude)}${place ? ` (${place})` : ''}]${location.comment ? ` ${location.comment}` : ''}`;
+  }
+  const live = content.liveLocationMessage;
+  if (live)
+    return `[live location: ${degrees(live.degreesLatitude)}, ${degrees(live.degreesLongitude)}]${live.caption ? ` ${live.caption}` : ''}`;
+  if (content.contactMessage)
+    return `[contact: ${contactSummary(content.contactMessage.vcard, content.contactMessage.displayName)}]`;
+  if (content.contactsArrayMessage)
+    return `[contacts: ${(content.contactsArrayMessage.contacts ?? []).map((c) => contactSummary(c.vcard, c.displayName)).join('; ')}]`;
+  const poll =
+    content.pollCreationMessage ??
+    content.pollCreationMessageV2 ??
+    content.pollCreationMessageV3 ??
+    content.pollCreationMessageV5;
+  if (poll) {
+    const options = (poll.options ?? []).map((option) => `"${option.optionName ?? ''}"`).join(', ');
+    const choice = poll.selectableOptionsCount === 1 ? 'one answer' : 'several answers allowed';
+    return `[poll: ${poll.name ?? ''}; options: ${options}; ${choice}]`;
+  }
+  const event = content.eventMessage;
+  if (event) {
+    const place = [event.location?.name, event.location?.address].filter(Boolean).join(', ');
+    const when = `${eventTime(event.startTime, timezone)}${event.endTime ? ` to ${eventTime(event.endTime, timezone)}` : ''}`;
+    return `[event${event.isCanceled ? ' (cancelled)' : ''}: ${event.name ?? ''}, ${when}${place ? `, at ${place}` : ''}]${event.description ? ` ${event.description}` : ''}`;
+  }
+  return `[unsupported message: ${type}]`;
+}
+
+/** What a message says for the agent: its text, a media caption, or a description of what it is. */
+function bodyOf(content: proto.IMessage, type: string, timezone: string | undefined): string {
+  if (type === 'conversation') return content.conversation ?? '';
+  if (type === 'extendedTextMessage') return content.extendedTextMessage?.text ?? '';
+  const media = mediaOf(content);
+  return media ? media.caption : describeMessage(content, type, timezone);
+}
+
+/** A message's content and its type (baileys' getContentType), wrappers (ephemeral, view once, edited) removed. */
+function contentWithType(message: proto.IMessage | null | undefined): { content: proto.IMessage; type: string } | null {
+  const content = baileys().normalizeMessageContent(message);
+  const type = content ? baileys().getContentType(content) : undefined;
+  return content && type ? { content, type } : null;
+}
+
+function contextInfoOf(content: proto.IMessage, type: string): proto.IContextInfo | null | undefined {
+  const inner = content[type as keyof proto.IMessage];
+  return typeof inner === 'object' && inner && 'contextInfo' in inner
+    ? (inner.contextInfo as proto.IContextInfo | null | undefined)
+    : undefined;
 }
 
 /**
@@ -2451,53 +2585,63 @@ export function withMentionsAsTrigger(
   return rewritten === text ? `${trigger} ${text}` : rewritten;
 }
 
+/** The words of a message (or of an edit's new version), mentions of the bot's own number read as the trigger. */
+function wordsOf(content: proto.IMessage, type: string, chatJid: string, identity: WhatsAppIdentity): string {
+  const text = bodyOf(content, type, identity.timezone).trim();
+  const mentioned = contextInfoOf(content, type)?.mentionedJid;
+  if (!identity.hasOwnNumber || !mentioned?.length) return text;
+  return withMentionsAsTrigger(
+    text,
+    mentioned,
+    identity.ownJids,
+    identity.triggerFor?.(chatJid) ?? `@${identity.assistantName}`,
+  );
+}
+
+/** Who sent a message: us (our phone JID), a group's participant, or the other side of a direct chat. */
+function senderOf(key: WAMessageKey, chatJid: string, identity: WhatsAppIdentity): string {
+  if (key.fromMe) return [...identity.ownJids].find((jid) => baileys().isPnUser(jid)) ?? '';
+  return baileys().isJidGroup(chatJid) ? canonicalJid(key.participant ?? '', key.participantAlt, identity) : chatJid;
+}
+
+function isReadableChat(key: WAMessageKey | null | undefined): key is WAMessageKey & { remoteJid: string; id: string } {
+  return Boolean(
+    key?.remoteJid &&
+      key.id &&
+      !baileys().isJidStatusBroadcast(key.remoteJid) &&
+      !baileys().isJidBroadcast(key.remoteJid),
+  );
+}
+
 /**
  * Turns a baileys message into what the host stores, or null for what it ignores
- * (status broadcasts, reactions, protocol messages, empty messages). Media is described
- * here and downloaded by the channel.
+ * (status broadcasts, reactions, votes, protocol messages, empty messages). Every other
+ * kind becomes words: locations, contacts, polls and events described, anything unknown
+ * named. Media is described here and downloaded by the channel.
  */
 export function parseWhatsAppMessage(raw: WAMessage, identity: WhatsAppIdentity): WhatsAppInbound | null {
   const key = raw.key as WAMessageKey;
-  if (
-    !key?.remoteJid ||
-    !key.id ||
-    baileys().isJidStatusBroadcast(key.remoteJid) ||
-    baileys().isJidBroadcast(key.remoteJid)
-  )
-    return null;
-  const content = baileys().normalizeMessageContent(raw.message);
-  if (!content || content.protocolMessage || content.reactionMessage) return null;
+  if (!isReadableChat(key)) return null;
+  const found = contentWithType(raw.message);
+  if (!found || SILENT_TYPES.has(found.type)) return null;
+  const { content, type } = found;
   const media = mediaOf(content);
-  let text = (media ? media.caption : textOf(content)).trim();
-  const context = contextInfoOf(content);
   const chatJid = canonicalJid(key.remoteJid, key.remoteJidAlt, identity);
-  if (identity.hasOwnNumber && context?.mentionedJid?.length) {
-    text = withMentionsAsTrigger(
-      text,
-      context.mentionedJid,
-      identity.ownJids,
-      identity.triggerFor?.(chatJid) ?? `@${identity.assistantName}`,
-    );
-  }
-  if (context?.quotedMessage) {
-    const quotedContent = baileys().normalizeMessageContent(context.quotedMessage);
-    const quotedText = quotedContent
-      ? textOf(quotedContent) || mediaOf(quotedContent)?.caption || `[${mediaOf(quotedContent)?.kind ?? 'message'}]`
-      : '';
-    if (quotedText) text = `[replying to: "${quotedText.slice(0, 500)}"]\n${text}`;
+  let text = wordsOf(content, type, chatJid, identity);
+  const context = contextInfoOf(content, type);
+  const quoted = contentWithType(context?.quotedMessage);
+  if (quoted) {
+    const quotedText =
+      bodyOf(quoted.content, quoted.type, identity.timezone) || `[${mediaOf(quoted.content)?.kind ?? 'message'}]`;
+    const toBot = Boolean(context?.stanzaId && identity.sentByBot?.(context.stanzaId));
+    text = `${toBot ? REPLY_TO_BOT_NOTE : '[replying to: "'}${quotedText.slice(0, 500)}"]\n${text}`;
   }
   if (!text && !media) return null;
 
   const isGroup = Boolean(baileys().isJidGroup(chatJid));
   const fromMe = Boolean(key.fromMe);
-  const ownPhone = [...identity.ownJids].find((jid) => baileys().isPnUser(jid)) ?? '';
-  const sender = fromMe
-    ? ownPhone
-    : isGroup
-      ? canonicalJid(key.participant ?? '', key.participantAlt, identity)
-      : chatJid;
+  const sender = senderOf(key, chatJid, identity);
   const seconds = Number(raw.messageTimestamp ?? Math.floor(Date.now() / 1000));
-  const isBotMessage = identity.hasOwnNumber ? fromMe : isOwnReply(text, identity.assistantName);
   return {
     isGroup,
     media,
@@ -2509,9 +2653,36 @@ export function parseWhatsAppMessage(raw: WAMessage, identity: WhatsAppIdentity)
       content: text,
       timestamp: new Date(seconds * 1000).toISOString(),
       isFromMe: fromMe,
-      isBotMessage,
+      isBotMessage: fromMe && Boolean(identity.sentByBot?.(key.id)),
     },
   };
+}
+
+/** An edit (the message's new words) or a deletion (content null) of a message sent earlier. */
+export interface WhatsAppChange {
+  chatJid: string;
+  /** The id of the message edited or deleted. */
+  id: string;
+  /** Who edited or deleted it. */
+  sender: string;
+  content: string | null;
+}
+
+/** A protocol message that edits (MESSAGE_EDIT) or deletes for everyone (REVOKE) an earlier message; null for anything else. */
+export function parseWhatsAppChange(raw: WAMessage, identity: WhatsAppIdentity): WhatsAppChange | null {
+  const key = raw.key as WAMessageKey;
+  const protocol = baileys().normalizeMessageContent(raw.message)?.protocolMessage;
+  const targetId = protocol?.key?.id;
+  if (!isReadableChat(key) || !protocol || !targetId) return null;
+  const Type = baileys().proto.Message.ProtocolMessage.Type;
+  const chatJid = canonicalJid(key.remoteJid, key.remoteJidAlt, identity);
+  const sender = senderOf(key, chatJid, identity);
+  if (protocol.type === Type.REVOKE) return { chatJid, id: targetId, sender, content: null };
+  if (protocol.type !== Type.MESSAGE_EDIT) return null;
+  const edited = contentWithType(protocol.editedMessage);
+  return edited
+    ? { chatJid, id: targetId, sender, content: wordsOf(edited.content, edited.type, chatJid, identity) }
+    : null;
 }
 
 /** A file name that is safe on every filesystem and unique enough per message. */
@@ -2900,6 +3071,12 @@ export interface WhatsAppOptions {
   mediaTreeFor(chatJid: string): AgentTree | null;
   /** The trigger of a registered chat (an @mention of the bot becomes it); defaults to @<assistant name>. */
   triggerFor?(chatJid: string): string | undefined;
+  /** Whether the bot sent a message under this id (the store's outbox). */
+  sentByBot?(messageId: string): boolean;
+  /** The user's timezone, for the times of events (UTC when not given). */
+  timezone?: string;
+  /** A voice note's words (transcribeAudio with the configured endpoint); none: voice notes are not transcribed. */
+  transcribe?(audio: Uint8Array, fileName: string, mimetype: string): Promise<string>;
   /** Re-sync group names when the last sync is older than this. */
   groupSyncMaxAgeMs?: number;
   lastGroupSync?(): string | null;
@@ -2955,6 +3132,33 @@ export function typistOf(
 /** WhatsApp shows "typing…" for about ten seconds unless it is said again: the channel says it this often while a turn runs. */
 export const WHATSAPP_TYPING_REFRESH_MS = 8_000;
 
+/**
+ * A recording's words from an OpenAI-compatible `/audio/transcriptions` endpoint: a
+ * multipart form with `file` and `model`, answered with JSON `{ "text": … }`. An error
+ * names the status only, never the answer's body (it may quote the request's key).
+ */
+export async function transcribeAudio(
+  endpoint: { url: string; model: string; apiKey?: string },
+  audio: Uint8Array,
+  fileName: string,
+  mimetype: string,
+  timeoutMs = 120_000,
+): Promise<string> {
+  const form = new FormData();
+  form.append('file', new Blob([audio], { type: mimetype.split(';')[0]!.trim() }), fileName);
+  form.append('model', endpoint.model);
+  const response = await fetch(endpoint.url, {
+    method: 'POST',
+    body: form,
+    headers: endpoint.apiKey ? { authorization: `Bearer ${endpoint.apiKey}` } : {},
+    signal: AbortSignal.timeout(timeoutMs),
+  });
+  if (!response.ok) throw new Error(`the transcription service answered ${response.status}`);
+  const answer = (await response.json().catch(() => null)) as { text?: unknown } | null;
+  if (typeof answer?.text !== 'string') throw new Error('the transcription service answered without a text');
+  return answer.text.trim();
+}
+
 /** Group metadata is good for this long (baileys' README suggests five minutes). */
 const GROUP_METADATA_TTL_MS = 5 * 60_000;
 
@@ -2986,6 +3190,8 @@ export class WhatsAppChannel implements Channel {
   private readonly retryCounts = new TtlCache(60 * 60_000, 10_000);
   /** Raw metadata of our groups, for sends (baileys' cachedGroupMetadata), kept current by group events. */
   readonly groupMetadata = new TtlCache<GroupMetadata>(GROUP_METADATA_TTL_MS, 500, () => this.clock.now());
+  /** Per chat, the last inbound message still being taken (inChatOrder). */
+  private readonly chatLanes = new Map<string, Promise<void>>();
   /** LID → phone JIDs WhatsApp told us (lid-mapping.update) or baileys knew. */
   private readonly lidToPhone = new Map<string, string>();
   /** The WhatsApp Web version the sockets announce; undefined: baileys' own. */
@@ -3103,11 +3309,7 @@ export class WhatsAppChannel implements Channel {
     sock.ev.on('connection.update', (update) => this.onConnectionUpdate(sock, update));
     sock.ev.on('messages.upsert', ({ messages }) => {
       if (sock !== this.sock) return;
-      for (const message of messages) {
-        this.onMessage(message).catch((err) =>
-          log.error({ err: errorText(err), messageId: message.key?.id }, 'Could not take an inbound WhatsApp message'),
-        );
-      }
+      for (const message of messages) this.inChatOrder(message);
     });
     sock.ev.on('groups.upsert', (groups) => {
       if (sock !== this.sock) return;
@@ -3276,6 +3478,8 @@ export class WhatsAppChannel implements Channel {
       assistantName: this.options.assistantName,
       hasOwnNumber: this.options.hasOwnNumber,
       triggerFor: (chatJid) => this.options.triggerFor?.(chatJid) ?? `@${this.options.assistantName}`,
+      sentByBot: (messageId) => this.options.sentByBot?.(messageId) ?? false,
+      timezone: this.options.timezone,
       phoneForLid: (lid) => {
         const own = sock?.user?.lid && baileys().jidNormalizedUser(sock.user.lid) === lid ? sock.user.id : undefined;
         return own ?? this.lidToPhone.get(lid);
@@ -3293,9 +3497,29 @@ export class WhatsAppChannel implements Channel {
     }
   }
 
+  /**
+   * Each chat's messages are taken one after another, in the order WhatsApp sent them (a
+   * photo still downloading holds back the question that followed it); chats run side by side.
+   */
+  private inChatOrder(raw: WAMessage): void {
+    const chat = baileys().jidNormalizedUser(raw.key?.remoteJid ?? '');
+    const previous = this.chatLanes.get(chat) ?? Promise.resolve();
+    const lane = previous
+      .then(() => this.onMessage(raw))
+      .catch((err) =>
+        log.error({ err: errorText(err), messageId: raw.key?.id }, 'Could not take an inbound WhatsApp message'),
+      )
+      .finally(() => {
+        if (this.chatLanes.get(chat) === lane) this.chatLanes.delete(chat);
+      });
+    this.chatLanes.set(chat, lane);
+  }
+
   /** Inbound: translate, download media for registered chats, hand to the host. */
   async onMessage(raw: WAMessage): Promise<void> {
     await this.learnPhonesFor(raw.key as WAMessageKey);
+    const change = parseWhatsAppChange(raw, this.identity());
+    if (change) return this.handlers?.onChange?.(change);
     const inbound = parseWhatsAppMessage(raw, this.identity());
     if (!inbound) return;
     const tree = inbound.media ? this.options.mediaTreeFor(inbound.message.chatJid) : null;
@@ -3355,10 +3579,29 @@ export class WhatsAppChannel implements Channel {
       } catch (err) {
         if (errorCode(err) !== 'EEXIST') throw err; // the same message delivered again: already saved
       }
-      return `[${media.kind}: /workspace/group/media/${fileName}${media.fileName ? ` (${media.fileName})` : ''}]${caption ? ` ${caption}` : ''}`;
+      const words =
+        media.kind === 'voice note' ? await this.transcription(data, fileName, media.mimetype, inbound) : caption;
+      return `[${media.kind}: /workspace/group/media/${fileName}${media.fileName ? ` (${media.fileName})` : ''}]${words ? ` ${words}` : ''}`;
     } catch (err) {
       log.warn({ err: errorText(err), messageId: inbound.message.id }, 'Could not download media');
       return `[${media.kind} could not be downloaded]${caption ? ` ${caption}` : ''}`;
+    }
+  }
+
+  /** What the agent is told of a voice note's words: its transcript, or plainly that there is none. */
+  private async transcription(
+    audio: Buffer,
+    fileName: string,
+    mimetype: string,
+    inbound: WhatsAppInbound,
+  ): Promise<string> {
+    if (!this.options.transcribe) return '(could not be transcribed: no transcription service is configured)';
+    try {
+      const words = await this.options.transcribe(audio, fileName, mimetype);
+      return words ? `Transcript: ${words}` : '(transcribed: no words in it)';
+    } catch (err) {
+      log.warn({ err: errorText(err), messageId: inbound.message.id }, 'Could not transcribe a voice note');
+      return `(could not be transcribed: ${errorText(err)})`;
     }
   }
 
@@ -6668,6 +6911,7 @@ export class Host {
   async start(): Promise<void> {
     const handlers = (channel: Channel): ChannelHandlers => ({
       onMessage: (message, chat) => this.handleInbound(message, chat),
+      onChange: (change) => this.handleChange(change),
       onChatMetadata: (chat) => {
         try {
           this.store.upsertChat({
@@ -6771,6 +7015,37 @@ export class Host {
     }
   }
 
+  /**
+   * An edit replaces a stored message's words (the channel's notes before them stay); an
+   * edit that now calls the agent, where the old words did not, makes it the chat's newest
+   * message so the router sees it. A deletion leaves "[deleted]" in the history.
+   */
+  handleChange(change: WhatsAppChange): void {
+    try {
+      const stored = this.store.messageById(change.chatJid, change.id);
+      const group = this.store.groupByJid(change.chatJid);
+      if (!stored || !group || stored.isBotMessage) return;
+      if (change.content === null) {
+        this.store.setMessageContent(stored.seq, DELETED_MESSAGE); // anyone's: admins delete others' messages
+        return;
+      }
+      if (change.sender !== stored.sender) return; // only its sender can edit a message
+      const content = withEditedWords(stored.content, change.content);
+      if (!group.requiresTrigger || group.isMain || callsAgent(group, stored.content) || !callsAgent(group, content)) {
+        this.store.setMessageContent(stored.seq, content);
+        return;
+      }
+      const seq = this.store.storeAsNewest(stored, content);
+      if (this.stopped) return;
+      if (!this.forwardToLiveContainer(group, { ...stored, seq, content })) this.queue.enqueueMessages(group.jid);
+    } catch (err) {
+      log.warn(
+        { err: errorText(err), chatJid: change.chatJid, messageId: change.id },
+        'Could not apply an edit or deletion',
+      );
+    }
+  }
+
   private storeInbound(message: NewMessage, chat: ChatMeta): void {
     if (this.answerChatCommand(message)) return;
     // One transaction, one commit: the chat's metadata and the message together.
@@ -6784,12 +7059,10 @@ export class Host {
       });
       const group = this.store.groupByJid(message.chatJid);
       if (!group) return null; // only metadata for chats the user has not registered
-      // With its own number the channel knows the bot's messages; on a shared number the prefix tells.
-      const isBot =
-        message.isBotMessage ||
-        (!this.config.assistantHasOwnNumber && isOwnReply(message.content, this.config.assistantName));
-      const seq = this.store.storeMessage({ ...message, isBotMessage: isBot });
-      return seq === null || isBot ? null : { group, message: { ...message, seq, isBotMessage: false } };
+      // The bot's own messages are stored by say() under the ids they are sent with, and the
+      // channel marks any copy of them: neither a prefix nor fromMe makes a message the bot's.
+      const seq = this.store.storeMessage(message);
+      return seq === null || message.isBotMessage ? null : { group, message: { ...message, seq } };
     });
     if (!stored || this.stopped) return;
     if (!this.forwardToLiveContainer(stored.group, stored.message)) this.queue.enqueueMessages(stored.group.jid);
@@ -8119,6 +8392,23 @@ export function whatsAppChannel(config: Config, store: Store, extra: Partial<Wha
     rememberVersion: (version) => store.setState(WHATSAPP_VERSION_STATE, version.join('.')),
     rememberSent: (messageId, content) => store.recordSentContent(messageId, content),
     recallSent: (messageId) => store.outboundByMessageId(messageId)?.sentContent ?? null,
+    sentByBot: (messageId) => store.outboundByMessageId(messageId) !== null,
+    timezone: config.timezone,
+    ...(config.transcribe.url
+      ? {
+          transcribe: (audio: Uint8Array, fileName: string, mimetype: string) =>
+            transcribeAudio(
+              {
+                url: config.transcribe.url!,
+                model: config.transcribe.model,
+                apiKey: readSecrets(config).TRANSCRIBE_API_KEY,
+              },
+              audio,
+              fileName,
+              mimetype,
+            ),
+        }
+      : {}),
     ...(config.whatsappServerUrl ? { waWebSocketUrl: config.whatsappServerUrl } : {}),
     ...extra,
   });
@@ -8649,7 +8939,7 @@ function groupsCommand(config: Config, args: string[]): number {
         allow,
       });
       console.log(
-        `Registered ${group.jid} as groups/${group.folder}${group.isMain ? ' (main)' : ''}${group.requiresTrigger && !group.isMain ? `; it answers messages that start with ${group.trigger}` : ''}.`,
+        `Registered ${group.jid} as groups/${group.folder}${group.isMain ? ' (main)' : ''}${group.requiresTrigger && !group.isMain ? `; it answers messages that say ${group.trigger} or reply to it` : ''}.`,
       );
       const waiting = store.listTasks(group.folder).filter((task) => task.status === 'paused' && task.pausedReason);
       if (waiting.length)

@@ -265,9 +265,9 @@ describe('routing', () => {
     });
   });
 
-  it('never triggers on the bot’s own messages, and ignores a message delivered twice', async () => {
+  it('never triggers on the bot’s own messages (the channel knows them by id, not by a name prefix), and ignores a message delivered twice', async () => {
     const w = await world();
-    w.channel.receive(MAIN, 'Andy: an earlier reply of mine', { isFromMe: true });
+    w.channel.receive(MAIN, 'Andy: an earlier reply of mine', { isFromMe: true, isBotMessage: true });
     w.channel.receive(MAIN, 'flagged by the channel', { isBotMessage: true });
     await Bun.sleep(300);
     expect(w.docker.runs()).toHaveLength(0);

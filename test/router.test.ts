@@ -4,7 +4,6 @@ import {
   formatLocalTime,
   formatMessages,
   formatOutbound,
-  isOwnReply,
   isValidTrigger,
   needsAgent,
   stripInternal,
@@ -38,10 +37,12 @@ const msg = (content: string, extra: Partial<StoredMessage> = {}): StoredMessage
 });
 
 describe('trigger', () => {
-  it('matches @Name at the start, any case, as a whole word', () => {
+  it('matches @Name anywhere, any case, as a whole word, never inside an address', () => {
     const trigger = triggerPattern('Andy');
-    for (const yes of ['@Andy hi', '@andy', '@ANDY, please', '@Andy?']) expect(trigger.test(yes), yes).toBe(true);
-    for (const no of ['hi @Andy', '@Andyx', 'email@Andy', ' Andy', '@And']) expect(trigger.test(no), no).toBe(false);
+    for (const yes of ['@Andy hi', '@andy', '@ANDY, please', '@Andy?', 'hi @Andy', 'what do you think, @andy?'])
+      expect(trigger.test(yes), yes).toBe(true);
+    for (const no of ['@Andyx', 'email@Andy', 'a@@Andy', ' Andy', '@And', 'Andy: hi'])
+      expect(trigger.test(no), no).toBe(false);
     expect(triggerPattern('A.B').test('@AxB hi')).toBe(false); // the name is literal text, not a pattern
     expect(triggerPattern('A.B').test('@a.b hi')).toBe(true);
   });
@@ -80,10 +81,12 @@ describe('trigger', () => {
     for (const bad of ['Bot', '@', '@two words', '@@x']) expect(isValidTrigger(bad), bad).toBe(false);
   });
 
-  it('recognises the bot’s own replies on a shared number', () => {
-    expect(isOwnReply('Andy: done', 'Andy')).toBe(true);
-    expect(isOwnReply('andy: done', 'Andy')).toBe(false);
-    expect(isOwnReply('Hey Andy: done', 'Andy')).toBe(false);
+  it('wakes a trigger group for a reply to the bot’s own message (the channel’s note), not for a reply to anyone else', () => {
+    expect(needsAgent(group({}), [msg('[replying to you: "Andy: dinner is at 7"]\nand on Sunday?')])).toBe(true);
+    expect(needsAgent(group({}), [msg('[replying to: "Andy: dinner is at 7"]\nand on Sunday?')])).toBe(false);
+    expect(needsAgent(group({ allow: ['4915100000002@s.whatsapp.net'] }), [msg('[replying to you: "x"]\nhm')])).toBe(
+      false,
+    ); // only allowed senders
   });
 });
 
@@ -126,11 +129,12 @@ describe('what goes back', () => {
 });
 
 describe('the trigger past what the channel notes', () => {
-  it('counts a trigger at the start of a photo’s caption or of a quoted reply, not one inside them', () => {
+  it('counts a trigger in a photo’s caption or in a reply, not one in the quoted message', () => {
     expect(needsAgent(group({}), [msg('[image: /workspace/group/media/a.jpg] @Andy what is this?')])).toBe(true);
     expect(needsAgent(group({}), [msg('[replying to: "when is dinner?"]\n@Andy at 7?')])).toBe(true);
     expect(needsAgent(group({}), [msg('[replying to: "@Andy said so"]\nno')])).toBe(false);
-    expect(needsAgent(group({}), [msg('[image: /workspace/group/media/a.jpg] nice @Andy')])).toBe(false);
+    expect(needsAgent(group({}), [msg('[image: /workspace/group/media/a.jpg] nice, @Andy?')])).toBe(true);
+    expect(needsAgent(group({}), [msg('[image: /workspace/group/media/a.jpg] nice')])).toBe(false);
     expect(typedText('[voice note: /workspace/group/media/v.ogg]')).toBe('');
   });
 });

@@ -217,22 +217,22 @@ describe('parseWhatsAppMessage', () => {
     expect(device.message.chatJid).toBe(ALICE);
   });
 
-  it('marks the bot’s own messages: fromMe with its own number, the name prefix on a shared one', () => {
-    const ownNumber = identity({ hasOwnNumber: true });
-    expect(
-      parseWhatsAppMessage(waMessage({ remoteJid: GROUP, fromMe: true, message: { conversation: 'done' } }), ownNumber)!
-        .message.isBotMessage,
-    ).toBe(true);
-    const shared = identity();
-    expect(
-      parseWhatsAppMessage(waMessage({ remoteJid: ME, fromMe: true, message: { conversation: 'Andy: done' } }), shared)!
-        .message.isBotMessage,
-    ).toBe(true);
-    const mine = parseWhatsAppMessage(
-      waMessage({ remoteJid: ME, fromMe: true, message: { conversation: 'buy milk' } }),
-      shared,
-    )!;
-    expect(mine.message).toMatchObject({ isBotMessage: false, isFromMe: true, sender: ME });
+  it('marks the bot’s own messages by the ids it sent, in both modes, never by their text', () => {
+    const sent = new Set(['3EB0SENTBYBOT']);
+    for (const hasOwnNumber of [false, true]) {
+      const mode = identity({ hasOwnNumber, sentByBot: (id) => sent.has(id) });
+      const parse = (fields: Parameters<typeof waMessage>[0]) => parseWhatsAppMessage(waMessage(fields), mode)!.message;
+      expect(
+        parse({ remoteJid: ME, fromMe: true, id: '3EB0SENTBYBOT', message: { conversation: 'Andy: done' } }),
+      ).toMatchObject({ isBotMessage: true });
+      expect(
+        parse({ remoteJid: ME, fromMe: true, id: 'TYPEDBYOWNER', message: { conversation: 'Andy: remind me at 5' } }),
+      ).toMatchObject({ isBotMessage: false, isFromMe: true, sender: ME });
+      expect(
+        parse({ remoteJid: GROUP, participant: ALICE, message: { conversation: 'Andy: you said what?' } }),
+      ).toMatchObject({ isBotMessage: false, isFromMe: false });
+      expect(parse({ remoteJid: GROUP, fromMe: true, message: { conversation: 'done' } }).isBotMessage).toBe(false);
+    }
   });
 });
 
