@@ -60,7 +60,7 @@ import { lookup } from 'node:dns/promises';
 import * as fsp from 'node:fs/promises';
 import { createRequire } from 'node:module';
 import { connect as netConnect, createServer as createNetServer, type Socket } from 'node:net';
-import { availableParallelism, homedir } from 'node:os';
+import { availableParallelism, homedir, totalmem } from 'node:os';
 import { basename, dirname, isAbsolute, join, relative, resolve, sep } from 'node:path';
 import { createInterface } from 'node:readline';
 import { fileURLToPath } from 'node:url';
@@ -116,6 +116,8 @@ export interface Config {
   /** After its last answer, a container waiting for follow-ups is closed after this long. */
   idleTimeoutMs: number;
   maxConcurrentContainers: number;
+  /** Ready agents kept between messages (0: none), and how long one waits running before it is paused. */
+  warmPool: { size: number; pauseAfterMs: number };
   logLevel: string;
   timezone: string;
   /**
@@ -264,11 +266,13 @@ function readEnvFile(path: string): Record<string, string> {
   return existsSync(path) ? parseEnvFile(readFileSync(path, 'utf8')) : {};
 }
 
-function positiveInt(name: string, raw: string | undefined, fallback: number): number {
+function positiveInt(name: string, raw: string | undefined, fallback: number, least = 1): number {
   if (raw === undefined || raw === '') return fallback;
   const value = Number(raw);
-  if (!Number.isInteger(value) || value <= 0) {
-    throw new ConfigError(`${name}=${JSON.stringify(raw)} is not valid: expected a whole number above 0.`);
+  if (!Number.isInteger(value) || value < least) {
+    throw new ConfigError(
+      `${name}=${JSON.stringify(raw)} is not valid: expected a whole number ${least === 0 ? 'of 0 or more' : 'above 0'}.`,
+    );
   }
   return value;
 }
@@ -369,12 +373,16 @@ export function loadConfig(projectRoot: string, env: Record<string, string | und
     containerImage: get('CONTAINER_IMAGE') ?? 'nanoclaw-agent:latest',
     containerRuntime: get('CONTAINER_RUNTIME') ?? 'docker',
     containerTimeoutMs: positiveInt('CONTAINER_TIMEOUT', get('CONTAINER_TIMEOUT'), 30 * 60_000),
-    idleTimeoutMs: positiveInt('IDLE_TIMEOUT', get('IDLE_TIMEOUT'), 10 * 60_000),
+    idleTimeoutMs: positiveInt('IDLE_TIMEOUT', get('IDLE_TIMEOUT'), 30 * 60_000),
     maxConcurrentContainers: positiveInt(
       'MAX_CONCURRENT_CONTAINERS',
       get('MAX_CONCURRENT_CONTAINERS'),
       defaultConcurrency(),
     ),
+    warmPool: {
+      size: positiveInt('WARM_POOL_SIZE', get('WARM_POOL_SIZE'), defaultPoolSize(), 0),
+      pauseAfterMs: positiveInt('WARM_PAUSE_AFTER', get('WARM_PAUSE_AFTER'), 60_000),
+    },
     logLevel,
     timezone,
     kimi: {
@@ -433,6 +441,8 @@ export const SETTINGS: Record<string, (config: Config) => string | number | bool
   CONTAINER_TIMEOUT: (c) => c.containerTimeoutMs,
   IDLE_TIMEOUT: (c) => c.idleTimeoutMs,
   MAX_CONCURRENT_CONTAINERS: (c) => c.maxConcurrentContainers,
+  WARM_POOL_SIZE: (c) => c.warmPool.size,
+  WARM_PAUSE_AFTER: (c) => c.warmPool.pauseAfterMs,
   CONTAINER_MEMORY: (c) => c.container.memory,
   CONTAINER_CPUS: (c) => c.container.cpus,
   CONTAINER_PIDS: (c) => c.container.pids,
@@ -466,6 +476,14 @@ export const SETTINGS: Record<string, (config: Config) => string | number | bool
  */
 export function defaultConcurrency(cores = availableParallelism()): number {
   return Math.max(2, cores);
+}
+
+/**
+ * Ready agents kept between messages: one per 2 GiB of memory, at most 8. An idle agent
+ * takes about 60 MB (paused: no CPU), so this keeps the pool under a few percent of memory.
+ */
+export function defaultPoolSize(memoryBytes = totalmem()): number {
+  return Math.min(8, Math.max(1, Math.floor(memoryBytes / 2 ** 31)));
 }
 
 /** Half the machine's CPUs (at least one): one busy container cannot take the whole machine. */
@@ -3724,6 +3742,8 @@ export interface LiveContainer {
   sendInput(text: string, kind?: 'message' | 'task', upTo?: number): boolean;
   /** Asks the agent to finish its turn and exit. */
   close(): void;
+  /** Freezes a container that waits for its next message (docker pause): no CPU until input or close thaws it. */
+  pause(): void;
   /** Stops the container now. */
   kill(): Promise<void>;
 }
@@ -3737,13 +3757,15 @@ interface QueuedTask {
 
 interface GroupState {
   running: boolean;
-  /** The run counts against maxConcurrent; false once its container answered and was told to close. */
+  /** The run counts against maxConcurrent; false while its agent waits in the warm pool, or closes. */
   holdsSlot: boolean;
   live: LiveContainer | null;
   /** Stopped while docker was still starting it: the container is stopped as soon as it is up. */
   stopWhenUp: boolean;
-  /** Cancels the idle close, while one is pending. */
+  /** Cancels the idle close, while one is pending: set while the agent waits in the warm pool. */
   idleTimer: (() => void) | null;
+  /** Cancels the pause of the waiting agent, while one is pending. */
+  pauseTimer: (() => void) | null;
   messagesPending: boolean;
   tasks: QueuedTask[];
   retryCount: number;
@@ -3760,6 +3782,8 @@ interface GroupState {
 export interface QueueOptions {
   maxConcurrent: number;
   idleTimeoutMs: number;
+  /** Agents waiting for their group's next message, at most `size`, the least recently used closed first; paused after pauseAfterMs. */
+  pool: { size: number; pauseAfterMs: number };
   retryBaseMs: number;
   maxRetries: number;
   /** Runs the agent on a group's pending messages (warm: start it even with none, to wait for the next); resolves false when the run must be retried. */
@@ -3774,6 +3798,8 @@ export interface QueueOptions {
 export class GroupQueue {
   private readonly groups = new Map<string, GroupState>();
   private readonly waiting: string[] = [];
+  /** The warm pool: groups whose agent waits for their next message, least recently used first. */
+  private readonly pooled: string[] = [];
   private active = 0;
   private shuttingDown = false;
 
@@ -3792,6 +3818,7 @@ export class GroupQueue {
         live: null,
         stopWhenUp: false,
         idleTimer: null,
+        pauseTimer: null,
         messagesPending: false,
         tasks: [],
         retryCount: 0,
@@ -3846,7 +3873,7 @@ export class GroupQueue {
     if (state.tasks.some((task) => task.id === taskId)) return;
     const liveTakesIt = Boolean(inLive) && this.takesInput(state);
     if (liveTakesIt && state.idleTimer) {
-      this.clearIdleTimer(state);
+      this.leavePool(jid, state);
       inLive!();
       return;
     }
@@ -3863,7 +3890,8 @@ export class GroupQueue {
    * into a free slot nobody waits for, and only when the group has no container yet.
    */
   prewarm(jid: string): boolean {
-    if (this.shuttingDown || this.active >= this.options.maxConcurrent || this.waiting.length > 0) return false;
+    const { maxConcurrent, pool } = this.options;
+    if (this.shuttingDown || pool.size === 0 || this.active >= maxConcurrent || this.waiting.length > 0) return false;
     const state = this.state(jid);
     if (state.running || state.retryTimer || state.tasks.length > 0) return false;
     this.start(jid, true);
@@ -3901,11 +3929,20 @@ export class GroupQueue {
     return this.groups.get(jid)?.answerExpected ?? false;
   }
 
-  /** Hands a follow-up (or a task, as the next turn) to the group's live container; false when there is none that takes it. */
+  /**
+   * Hands a follow-up (or a task, as the next turn) to the group's live container; false when
+   * there is none that takes it. An agent from the warm pool counts toward the limit again
+   * while it works, but is never held back by it: it is already running, waiting would only
+   * add to the reply's latency.
+   */
   sendFollowUp(jid: string, text: string, kind: 'message' | 'task' = 'message', upTo?: number): boolean {
     const state = this.groups.get(jid);
     if (!state || !this.takesInput(state)) return false;
-    this.clearIdleTimer(state);
+    this.leavePool(jid, state);
+    if (!state.holdsSlot) {
+      state.holdsSlot = true;
+      this.active++;
+    }
     return state.live!.sendInput(text, kind, upTo);
   }
 
@@ -3916,23 +3953,43 @@ export class GroupQueue {
 
   /**
    * The group's agent answered and now waits: a task queued for this container runs as its
-   * next turn; otherwise it is closed after the idle timeout (at once if others wait).
+   * next turn. Otherwise it joins the warm pool: its slot is free for others, it is paused
+   * after pool.pauseAfterMs and closed after the idle timeout, and when the pool is over its
+   * size the agent that waited longest is closed. A task that needs its own container, or a
+   * pool of size 0, closes it at once.
    */
   markIdle(jid: string, idleTimeoutMs = this.options.idleTimeoutMs): void {
     const state = this.groups.get(jid);
     if (!state?.live) return;
-    this.clearIdleTimer(state);
+    this.leavePool(jid, state);
     const next = state.tasks[0];
     if (next?.inLive && !state.live.closing) {
       state.tasks.shift();
       next.inLive();
       return;
     }
-    if (state.tasks.length > 0 || this.waiting.length > 0) {
+    const { pool } = this.options;
+    if (state.tasks.length > 0 || pool.size === 0 || state.live.closing) {
       this.closeIdle(jid);
       return;
     }
     state.idleTimer = this.clock.after(idleTimeoutMs, () => this.closeIdle(jid));
+    state.pauseTimer = this.clock.after(pool.pauseAfterMs, () => {
+      state.pauseTimer = null;
+      state.live?.pause();
+    });
+    this.pooled.push(jid);
+    this.releaseSlot(state);
+    while (this.pooled.length > pool.size) {
+      const evicted = this.pooled[0]!;
+      log.debug({ chatJid: evicted, poolSize: pool.size }, 'Warm pool full; closing the agent that waited longest');
+      this.closeIdle(evicted);
+    }
+  }
+
+  /** Groups whose agent waits in the warm pool, least recently used first (for /status and tests). */
+  get poolMembers(): readonly string[] {
+    return this.pooled;
   }
 
   /** Asks the group's container to finish and exit (a scheduled task's, once it answered). */
@@ -3955,7 +4012,7 @@ export class GroupQueue {
   private closeIdle(jid: string): void {
     const state = this.groups.get(jid);
     if (!state) return;
-    this.clearIdleTimer(state);
+    this.leavePool(jid, state);
     state.live?.close();
     if (state.live) this.releaseSlot(state);
   }
@@ -3967,9 +4024,14 @@ export class GroupQueue {
     this.startWaiting();
   }
 
-  private clearIdleTimer(state: GroupState): void {
+  /** The group's agent stops waiting in the pool (it got work, or it closes): its timers are cancelled. */
+  private leavePool(jid: string, state: GroupState): void {
     state.idleTimer?.();
     state.idleTimer = null;
+    state.pauseTimer?.();
+    state.pauseTimer = null;
+    const at = this.pooled.indexOf(jid);
+    if (at >= 0) this.pooled.splice(at, 1);
   }
 
   private startOrWait(jid: string): void {
@@ -3978,13 +4040,6 @@ export class GroupQueue {
       return;
     }
     if (!this.waiting.includes(jid)) this.waiting.push(jid);
-    // Free a slot held by a container that is only waiting for follow-ups.
-    for (const [otherJid, other] of this.groups) {
-      if (other.running && other.idleTimer) {
-        this.closeIdle(otherJid);
-        break;
-      }
-    }
   }
 
   private start(jid: string, warm = false): void {
@@ -3998,7 +4053,7 @@ export class GroupQueue {
       state.running = false;
       state.live = null;
       state.stopWhenUp = false;
-      this.clearIdleTimer(state);
+      this.leavePool(jid, state);
       this.releaseSlot(state);
       this.next(jid);
     });
@@ -4080,10 +4135,10 @@ export class GroupQueue {
   /** Closes every container, waits up to graceMs for them to exit, then stops the rest. */
   async shutdown(graceMs: number): Promise<void> {
     this.shuttingDown = true;
-    for (const state of this.groups.values()) {
+    for (const [jid, state] of this.groups) {
       state.retryTimer?.();
       state.retryTimer = null;
-      this.clearIdleTimer(state);
+      this.leavePool(jid, state);
       state.live?.close();
     }
     const running = () => [...this.groups.values()].some((state) => state.running);
@@ -5428,14 +5483,24 @@ async function streamContainer(plan: RunPlan, options: RunContainerOptions, grou
   let timedOut = false;
   let closing = false;
   let stopping: Promise<void> | null = null;
+  const docker = (...args: string[]) =>
+    Bun.spawn([config.containerRuntime, ...args], { stdout: 'ignore', stderr: 'ignore', env: childProcessEnv() })
+      .exited;
+  // While the agent waits in the warm pool it may be paused: the `docker pause` call in flight or done.
+  let paused: Promise<number> | null = null;
+  const thaw = async () => {
+    if (!paused) return;
+    const pausing = paused;
+    paused = null;
+    await pausing;
+    await docker('unpause', name);
+    armTimeout();
+  };
   const stop = () => {
     closing = true; // a container being stopped takes no more input
     stopping ??= (async () => {
-      await Bun.spawn([config.containerRuntime, 'stop', '-t', '2', name], {
-        stdout: 'ignore',
-        stderr: 'ignore',
-        env: childProcessEnv(),
-      }).exited;
+      await thaw();
+      await docker('stop', '-t', '2', name);
       proc.kill();
     })();
     return stopping;
@@ -5467,7 +5532,9 @@ async function streamContainer(plan: RunPlan, options: RunContainerOptions, grou
     },
     sendInput: (text, kind = 'message', upTo) => {
       try {
+        // Written first: the paused agent finds it the moment it thaws.
         inbox.replace(uniqueFileName(), JSON.stringify({ type: kind, text, ...(upTo === undefined ? {} : { upTo }) }));
+        void thaw();
         return true;
       } catch (err) {
         groupLog.warn(
@@ -5481,6 +5548,7 @@ async function streamContainer(plan: RunPlan, options: RunContainerOptions, grou
     close: () => {
       if (closing) return;
       closing = true;
+      void thaw();
       try {
         inbox.create('_close', '');
       } catch (err) {
@@ -5499,6 +5567,12 @@ async function streamContainer(plan: RunPlan, options: RunContainerOptions, grou
       }, config.container.closeGraceMs);
     },
     kill: stop,
+    pause: () => {
+      if (closing || paused) return;
+      clearTimeout(hardTimer); // a paused agent produces nothing by design
+      paused = docker('pause', name);
+      groupLog.debug({ container: name }, 'Agent waiting in the warm pool; paused');
+    },
   });
 
   const parser = new ResultParser();
@@ -6842,6 +6916,7 @@ export class Host {
     this.queue = new GroupQueue({
       maxConcurrent: config.maxConcurrentContainers,
       idleTimeoutMs: config.idleTimeoutMs,
+      pool: config.warmPool,
       retryBaseMs: options.retryBaseMs ?? 5_000,
       maxRetries: options.maxRetries ?? 5,
       processMessages: (jid, warm) => this.processMessages(jid, warm),
@@ -6940,6 +7015,7 @@ export class Host {
     this.ipc.start();
     this.scheduler.start();
     this.recover();
+    this.warmRecentGroups();
     this.stopSweep = every(this.clock, this.options.recoverySweepMs ?? 60_000, () => this.recover());
     log.info(
       { groups: this.store.listGroups().length, channels: this.channels.map((c) => c.name) },
@@ -6994,6 +7070,26 @@ export class Host {
     const started = this.queue.prewarm(chatJid);
     if (started) log.debug({ chatJid }, 'Activity in the chat; starting its container ahead of the message');
     return started;
+  }
+
+  /**
+   * At start-up: the previous host's ready agents were removed with its other containers, so
+   * the groups active within IDLE_TIMEOUT (the owner's main first when it is among the most
+   * recent) get one again, most recent first, into free slots.
+   */
+  private warmRecentGroups(): void {
+    const since = this.clock.now() - this.config.idleTimeoutMs;
+    try {
+      const recent = this.store
+        .listChats()
+        .filter((chat) => chat.lastMessageAt && Date.parse(chat.lastMessageAt) >= since)
+        .map((chat) => this.store.groupByJid(chat.jid))
+        .filter((group) => group && !this.overBudget.has(group.folder))
+        .slice(0, this.config.warmPool.size);
+      for (const group of recent) this.queue.prewarm(group!.jid);
+    } catch (err) {
+      log.warn({ err: errorText(err) }, 'Could not warm the recently active groups');
+    }
   }
 
   /** Every inbound message of every channel comes through here; a database that cannot take it spills it. */
@@ -7105,17 +7201,19 @@ export class Host {
     return `Done: the next message starts a new conversation.${this.queue.isRunning(group.jid) ? ' (The current one is closed first.)' : ''}`;
   }
 
-  /** /status: each group's agent (running, waiting to retry, idle), its unanswered messages and its tasks. */
+  /** /status: each group's agent (ready, running, waiting to retry, idle), its unanswered messages and its tasks. */
   private statusText(asker: RegisteredGroup): string {
     const groups = asker.isMain ? this.store.listGroups() : [asker];
     const lines = groups.map((group) => {
-      const state = this.queue.isRunning(group.jid)
-        ? 'running'
-        : this.queue.isBusy(group.jid)
-          ? 'waiting to retry'
-          : this.overBudget.has(group.folder)
-            ? 'stopped (over its disk budget)'
-            : 'idle';
+      const state = this.queue.poolMembers.includes(group.jid)
+        ? 'ready (waiting for a message)'
+        : this.queue.isRunning(group.jid)
+          ? 'running'
+          : this.queue.isBusy(group.jid)
+            ? 'waiting to retry'
+            : this.overBudget.has(group.folder)
+              ? 'stopped (over its disk budget)'
+              : 'idle';
       const waiting = this.store.messagesSince(group.jid, this.store.getCursor(group.jid)).length;
       const tasks = this.store.listTasks(group.folder);
       const active = tasks.filter((task) => task.status === 'active' && task.nextRun).map((task) => task.nextRun!);
@@ -7131,7 +7229,7 @@ export class Host {
     });
     if (asker.isMain)
       lines.push(
-        `Containers: ${this.queue.activeCount} of ${this.config.maxConcurrentContainers} running. Times in ${this.config.timezone}.`,
+        `Containers: ${this.queue.activeCount} of ${this.config.maxConcurrentContainers} working, ${this.queue.poolMembers.length} of ${this.config.warmPool.size} ready. Times in ${this.config.timezone}.`,
       );
     return lines.join('\n');
   }
@@ -7464,7 +7562,8 @@ export class Host {
             }
             crashPoint('reply-recorded');
             this.sendSoon(chatJid);
-            this.queue.markIdle(chatJid);
+            // Waiting now, unless a follow-up handed over during this turn is still to be answered.
+            if ((this.queue.givenUpTo(chatJid) ?? 0) <= upToSeq) this.queue.markIdle(chatJid);
             this.tell('turn', { chatJid, status: 'success', sent, upToSeq } satisfies TurnEvent);
           } else {
             this.tell('turn', {

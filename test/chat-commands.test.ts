@@ -92,7 +92,7 @@ describe('chat commands through the host', () => {
     w.channel.receive(MAIN, '/status');
     await waitFor(() => texts(w, MAIN).length === 1, 5000, 'main’s status');
     expect(texts(w, MAIN)[0]).toBe(
-      `Andy: Me: agent idle, 0 messages waiting, 0 tasks scheduled\nFamily: agent idle, 1 message waiting, 1 task scheduled (next ${next}), 1 paused\nClub: agent idle, 0 messages waiting, 0 tasks scheduled\nContainers: 0 of ${w.config.maxConcurrentContainers} running. Times in UTC.`,
+      `Andy: Me: agent idle, 0 messages waiting, 0 tasks scheduled\nFamily: agent idle, 1 message waiting, 1 task scheduled (next ${next}), 1 paused\nClub: agent idle, 0 messages waiting, 0 tasks scheduled\nContainers: 0 of ${w.config.maxConcurrentContainers} working, 0 of ${w.config.warmPool.size} ready. Times in UTC.`,
     );
     expect(w.docker.runs()).toHaveLength(0);
     // The agent's next turn has the chat's words, not the commands.

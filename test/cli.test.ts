@@ -574,7 +574,7 @@ describe('settings, linking and tasks as a user meets them', () => {
     const list = await cli(['config', 'list']);
     expect(list.stdout).toMatch(/CONTAINER_IMAGE\s+my-agent:2\s+\(\.env\)/);
     expect(list.stdout).toMatch(/CONTAINER_RUNTIME\s+\S+\s+\(environment\)/);
-    expect(list.stdout).toMatch(/IDLE_TIMEOUT\s+600000\s+\(default\)/);
+    expect(list.stdout).toMatch(/IDLE_TIMEOUT\s+1800000\s+\(default\)/);
     expect(got.stdout + list.stdout).not.toContain(SECRET);
   });
 

@@ -1,5 +1,5 @@
 import { copyFileSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
-import { availableParallelism } from 'node:os';
+import { availableParallelism, totalmem } from 'node:os';
 import { isAbsolute, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { describe, expect, it } from 'vitest';
@@ -9,6 +9,7 @@ import {
   ConfigError,
   defaultConcurrency,
   keyRefusedNotice,
+  defaultPoolSize,
   loadConfig,
   maskSecrets,
   parseEnvFile,
@@ -57,8 +58,9 @@ describe('loadConfig', () => {
       containerImage: 'nanoclaw-agent:latest',
       containerRuntime: 'docker',
       containerTimeoutMs: 1_800_000,
-      idleTimeoutMs: 600_000,
+      idleTimeoutMs: 1_800_000,
       maxConcurrentContainers: Math.max(2, availableParallelism()),
+      warmPool: { size: Math.min(8, Math.max(1, Math.floor(totalmem() / 2 ** 31))), pauseAfterMs: 60_000 },
       logLevel: 'info',
       timezone: 'UTC',
     });
@@ -106,12 +108,22 @@ describe('loadConfig', () => {
     });
   });
 
+  it('keeps one ready agent per 2 GiB of memory, at least 1 and at most 8; WARM_POOL_SIZE=0 turns the pool off', () => {
+    const GiB = 2 ** 30;
+    expect([1 * GiB, 4 * GiB, 8e9, 24 * GiB, 64 * GiB].map((bytes) => defaultPoolSize(bytes))).toEqual([1, 2, 3, 8, 8]);
+    const root = tempDir();
+    expect(loadConfig(root, { TZ: 'UTC', WARM_POOL_SIZE: '0' }).warmPool.size).toBe(0);
+    expect(loadConfig(root, { TZ: 'UTC', WARM_PAUSE_AFTER: '5000' }).warmPool.pauseAfterMs).toBe(5000);
+  });
+
   it('refuses bad values, naming the variable', () => {
     const root = tempDir();
     const bad: [Record<string, string>, string][] = [
       [{ CONTAINER_TIMEOUT: 'soon' }, 'CONTAINER_TIMEOUT'],
       [{ IDLE_TIMEOUT: '-5' }, 'IDLE_TIMEOUT'],
       [{ MAX_CONCURRENT_CONTAINERS: '1.5' }, 'MAX_CONCURRENT_CONTAINERS'],
+      [{ WARM_POOL_SIZE: '-1' }, 'WARM_POOL_SIZE'],
+      [{ WARM_PAUSE_AFTER: '0' }, 'WARM_PAUSE_AFTER'],
       [{ TZ: 'Mars/Olympus' }, 'TZ'],
       [{ LOG_LEVEL: 'loud' }, 'LOG_LEVEL'],
       [{ ASSISTANT_NAME: 'a(b)' }, 'ASSISTANT_NAME'],

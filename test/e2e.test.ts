@@ -16,6 +16,8 @@ import {
   groupTrees,
   hardeningArgs,
   Host,
+  INSTALL_LABEL,
+  installId,
   ModelProxy,
   prepareGroupFolders,
   RESULT_END,
@@ -299,6 +301,30 @@ describe('host and real container together', () => {
     expect(w.docker.runs()).toBe(1);
     w.host.queue.closeContainer(MAIN); // _close into the run's own inbox
     await waitFor(() => !w.host.queue.isRunning(MAIN), 30_000, 'container closed');
+  });
+
+  it('a ready agent from the warm pool is really frozen (docker pause) after WARM_PAUSE_AFTER; the next message thaws it and is answered in the same session', async () => {
+    const w = await world({ WARM_PAUSE_AFTER: '300' });
+    w.channel.receive(MAIN, 'one');
+    await waitFor(() => texts(w).length === 1, 60_000, 'first reply');
+    const paused = () =>
+      Bun.spawnSync([
+        'docker',
+        'ps',
+        '--filter',
+        `label=${INSTALL_LABEL}=${installId(w.config)}`,
+        '--filter',
+        'status=paused',
+        '--format',
+        '{{.Names}}',
+      ])
+        .stdout.toString()
+        .trim();
+    await waitFor(() => paused() !== '', 30_000, 'the container paused');
+    w.channel.receive(MAIN, '!session');
+    await waitFor(() => texts(w).length === 2, 60_000, 'the thawed agent’s reply');
+    expect(texts(w)[1]).toBe(`Andy: [stub] ${w.store.getSession('main')}`);
+    expect(w.docker.runs()).toBe(1); // a frozen container cannot answer: this reply proves the thaw
   });
 
   it('typing starts the real container with no prompt; the message then goes into it and is answered, one docker run', async () => {

@@ -15,6 +15,7 @@
  *   no-image         `docker image inspect` fails
  *   running          names printed by `docker ps` (`rm -f` takes them away)
  *   no-kimi          `docker run --entrypoint kimi IMAGE --version` (or `info`) fails
+ *   paused-<name>    written by `docker pause`, removed by `unpause`: the container reads no input meanwhile
  *
  * The "model", by the text of the last message (after an optional @Name trigger):
  *   anything        → "echo: <text>"
@@ -213,7 +214,8 @@ async function run(): Promise<never> {
   const name = argv[argv.indexOf('--name') + 1]!;
   for (;;) {
     if (existsSync(join(stateDir, `stop-${name}`))) process.exit(137);
-    if (inputDir && existsSync(inputDir)) {
+    // Frozen like a paused container: nothing is read until `docker unpause`.
+    if (inputDir && existsSync(inputDir) && !existsSync(join(stateDir, `paused-${name}`))) {
       for (const file of readdirSync(inputDir)
         .filter((f) => !f.startsWith('.'))
         .sort()) {
@@ -264,6 +266,14 @@ switch (command) {
     if (existsSync(running)) process.stdout.write(readFileSync(running, 'utf8'));
     break;
   }
+  case 'pause':
+    record({ command, name: argv.at(-1) });
+    writeFileSync(join(stateDir, `paused-${argv.at(-1)}`), '');
+    break;
+  case 'unpause':
+    record({ command, name: argv.at(-1) });
+    rmSync(join(stateDir, `paused-${argv.at(-1)}`), { force: true });
+    break;
   case 'stop':
     record({ command, name: argv.at(-1) });
     writeFileSync(join(stateDir, `stop-${argv.at(-1)}`), '');

@@ -307,14 +307,32 @@ describe('containers per group', () => {
 
   it('respects MAX_CONCURRENT_CONTAINERS and still answers every group', async () => {
     const w = await world({ MAX_CONCURRENT_CONTAINERS: '1' });
+    const runsAtEachTurn: number[] = [];
+    w.host.onTurn(() => runsAtEachTurn.push(w.docker.runs().length));
     w.channel.receive(FAMILY, '@Andy one');
     w.channel.receive(WORK, '@Andy two');
     await waitFor(() => texts(w).length === 2, 15_000, 'both replies');
-    const order = w.docker
-      .calls()
-      .filter((c) => c.command === 'run' || c.command === 'closed')
-      .map((c) => c.command);
-    expect(order).toEqual(['run', 'closed', 'run']); // the first closed (someone waited) before the second ran
+    // The second container started only once the first had answered; the first then waited
+    // in the warm pool beside it (not closed for it: a ready agent holds no slot).
+    expect(runsAtEachTurn).toEqual([1, 2]);
+    expect(w.docker.calls().filter((c) => c.command === 'closed')).toEqual([]);
+    expect(w.host.queue.poolMembers).toEqual([FAMILY, WORK]);
+  });
+
+  it('a ready agent is paused after WARM_PAUSE_AFTER, thawed by the next message, which it answers; the pool keeps WARM_POOL_SIZE agents', async () => {
+    const w = await world({ WARM_PAUSE_AFTER: '50', WARM_POOL_SIZE: '1' });
+    w.channel.receive(FAMILY, '@Andy one');
+    await waitFor(() => w.docker.calls().some((c) => c.command === 'pause'), 10_000, 'paused');
+    w.channel.receive(FAMILY, '@Andy two');
+    await waitFor(() => texts(w).length === 2, 10_000, 'the answer from the thawed agent');
+    expect(texts(w).at(-1)).toContain('echo: two');
+    expect(w.docker.runs()).toHaveLength(1);
+    const verbs = w.docker.calls().map((c) => c.command);
+    expect(verbs.indexOf('unpause')).toBeGreaterThan(verbs.indexOf('pause'));
+    // Another group answered: the pool holds one, so the family chat's agent (waiting longest) is closed.
+    w.channel.receive(WORK, '@Andy three');
+    await waitFor(() => w.docker.calls().some((c) => c.command === 'closed'), 10_000, 'evicted');
+    expect(w.host.queue.poolMembers).toEqual([WORK]);
   });
 
   it('writes the task and group snapshots before a run', async () => {
@@ -427,6 +445,30 @@ describe('failures', () => {
     const w = await world({}, {}, { docker, config });
     await waitFor(() => texts(w).length === 1, 10_000, 'recovered reply');
     expect(texts(w)).toEqual(['Andy: echo: did you get this?']);
+  });
+
+  it('after a restart, groups active within IDLE_TIMEOUT get a ready agent again (the old ones were removed); quiet ones do not', async () => {
+    const first = await world({ MAX_CONCURRENT_CONTAINERS: '4' });
+    first.channel.receive(FAMILY, '@Andy hello');
+    await waitFor(() => texts(first).length === 1, 10_000, 'answer');
+    // Work spoke last two hours ago: past IDLE_TIMEOUT (30 min).
+    first.store.upsertChat({
+      jid: WORK,
+      channel: 'test',
+      isGroup: true,
+      lastMessageAt: new Date(Date.now() - 2 * 3_600_000).toISOString(),
+    });
+    await shutDown(first);
+    const runsBefore = first.docker.runs().length;
+    const second = await world({}, {}, { docker: first.docker, config: first.config });
+    await waitFor(() => second.host.queue.poolMembers.length === 1, 10_000, 'a ready agent');
+    expect(second.host.queue.poolMembers).toEqual([FAMILY]);
+    await waitFor(() => second.docker.runs().length > runsBefore, 10_000, 'the warm start recorded');
+    const warmed = second.docker.runs().slice(runsBefore);
+    expect(warmed.map((run) => JSON.parse(run.stdin!).chatJid)).toEqual([FAMILY]);
+    second.channel.receive(FAMILY, '@Andy again');
+    await waitFor(() => texts(second).length === 1, 10_000, 'answered by the ready agent');
+    expect(second.docker.runs().length).toBe(runsBefore + 1);
   });
 
   it('a run cut short by shutdown is answered after restart', async () => {

@@ -45,6 +45,7 @@ function queueWith(runs: ReturnType<typeof controlledRuns>, overrides: Partial<Q
   return new GroupQueue({
     maxConcurrent: 2,
     idleTimeoutMs: 60_000,
+    pool: { size: 4, pauseAfterMs: 30_000 },
     retryBaseMs: 10,
     maxRetries: 3,
     processMessages: runs.processMessages,
@@ -55,7 +56,7 @@ function queueWith(runs: ReturnType<typeof controlledRuns>, overrides: Partial<Q
 /** A live container double that records what the queue asks of it. */
 function liveContainer(acceptsFollowUps = true) {
   const inputs: string[] = [];
-  const calls = { close: 0, kill: 0 };
+  const calls = { close: 0, kill: 0, pause: 0 };
   const live: LiveContainer = {
     acceptsFollowUps,
     get closing() {
@@ -66,6 +67,7 @@ function liveContainer(acceptsFollowUps = true) {
     kill: async () => {
       calls.kill++;
     },
+    pause: () => calls.pause++,
   };
   return { live, inputs, calls };
 }
@@ -137,6 +139,7 @@ describe('GroupQueue', () => {
     const queue = new GroupQueue({
       maxConcurrent: 1,
       idleTimeoutMs: 60_000,
+      pool: { size: 4, pauseAfterMs: 30_000 },
       retryBaseMs: 1000,
       maxRetries: 3,
       clock,
@@ -166,6 +169,7 @@ describe('GroupQueue', () => {
     queue = new GroupQueue({
       maxConcurrent: 1,
       idleTimeoutMs: 60_000,
+      pool: { size: 4, pauseAfterMs: 30_000 },
       retryBaseMs: 5_000,
       maxRetries: 3,
       clock,
@@ -211,6 +215,7 @@ describe('GroupQueue', () => {
     const queue = new GroupQueue({
       maxConcurrent: 1,
       idleTimeoutMs: 60_000,
+      pool: { size: 4, pauseAfterMs: 30_000 },
       retryBaseMs: 5,
       maxRetries: 3,
       clock,
@@ -284,28 +289,95 @@ describe('GroupQueue', () => {
     await settle();
   });
 
-  it('closes an idle container at once when another group waits for a slot', async () => {
+  it('an answered agent waits in the warm pool without a slot: a waiting group starts beside it, and its own next message goes in at once', async () => {
     const runs = controlledRuns();
-    const queue = queueWith(runs, { maxConcurrent: 1, idleTimeoutMs: 60_000 });
+    const queue = queueWith(runs, { maxConcurrent: 1 });
     queue.enqueueMessages('a');
-    const { live, calls } = liveContainer();
-    queue.attach('a', live);
-    queue.markIdle('a');
-    expect(calls.close).toBe(0);
-    queue.enqueueMessages('b');
-    expect(calls.close).toBe(1);
-    // The slot is free as soon as a's container answered and was told to close, not when it exits.
+    const a = liveContainer();
+    queue.attach('a', a.live);
+    queue.enqueueMessages('b'); // the one slot is a's: b waits
+    expect(runs.started).toEqual(['a']);
+    queue.markIdle('a'); // a answered: its agent waits for the next message
     expect(runs.started).toEqual(['a', 'b']);
+    expect(a.calls.close).toBe(0);
+    expect(queue.poolMembers).toEqual(['a']);
     expect(queue.activeCount).toBe(1);
-    // a itself gets no second container while its first is still going away.
-    queue.enqueueMessages('a');
-    runs.finish('b');
-    await settle();
+    // a's next message goes into its ready agent, though b holds the only slot; it counts again while a works.
+    expect(queue.sendFollowUp('a', 'next')).toBe(true);
+    expect(a.inputs).toEqual(['next']);
+    expect(queue.poolMembers).toEqual([]);
+    expect(queue.activeCount).toBe(2);
+    // While both work, nobody else starts.
+    queue.enqueueMessages('c');
     expect(runs.started).toEqual(['a', 'b']);
+    queue.markIdle('a');
+    expect(queue.activeCount).toBe(1);
+    expect(runs.started).toEqual(['a', 'b']); // still one over: b's slot is the only one
+    runs.finish('b');
+    await waitFor(() => runs.started.length === 3, 2000, 'c starts when b is done');
+    expect(runs.started[2]).toBe('c');
     runs.finish('a');
-    await waitFor(() => runs.started.length === 3, 2000, 'a again, once its container exited');
-    expect(runs.maxPerGroup).toBe(1);
+    runs.finish('c');
+  });
+
+  it('pauses a waiting agent exactly after pauseAfterMs and closes it after the idle timeout; work in between cancels both', async () => {
+    const clock = new FakeClock();
+    const runs = controlledRuns();
+    const queue = queueWith(runs, { clock, idleTimeoutMs: 1_000, pool: { size: 2, pauseAfterMs: 100 } });
+    queue.enqueueMessages('a');
+    const a = liveContainer();
+    queue.attach('a', a.live);
+    queue.markIdle('a');
+    await clock.advance(99);
+    expect(a.calls.pause).toBe(0);
+    await clock.advance(1);
+    expect(a.calls.pause).toBe(1);
+    queue.sendFollowUp('a', 'wake up'); // the container thaws itself on input
+    await clock.advance(5_000);
+    expect(a.calls).toEqual({ close: 0, kill: 0, pause: 1 }); // working: neither paused again nor closed
+    queue.markIdle('a');
+    await clock.advance(999);
+    expect(a.calls.close).toBe(0);
+    await clock.advance(1);
+    expect(a.calls).toEqual({ close: 1, kill: 0, pause: 2 });
+    expect(queue.poolMembers).toEqual([]);
     runs.finish('a');
+    await settle();
+  });
+
+  it('keeps at most pool.size agents waiting: the one that waited longest is closed first', async () => {
+    const runs = controlledRuns();
+    const queue = queueWith(runs, { maxConcurrent: 3, pool: { size: 2, pauseAfterMs: 30_000 } });
+    const agents = new Map<string, ReturnType<typeof liveContainer>>();
+    for (const jid of ['a', 'b', 'c']) {
+      queue.enqueueMessages(jid);
+      agents.set(jid, liveContainer());
+      queue.attach(jid, agents.get(jid)!.live);
+    }
+    queue.markIdle('a');
+    queue.markIdle('b');
+    queue.sendFollowUp('a', 'a again'); // a is used again: b is now the least recently used
+    queue.markIdle('a');
+    expect(queue.poolMembers).toEqual(['b', 'a']);
+    queue.markIdle('c');
+    expect(queue.poolMembers).toEqual(['a', 'c']);
+    expect([...agents.values()].map((agent) => agent.calls.close)).toEqual([0, 1, 0]);
+    for (const jid of ['a', 'b', 'c']) runs.finish(jid);
+    await waitFor(() => queue.activeCount === 0, 2000, 'all finished');
+  });
+
+  it('a pool of size 0 closes an answered agent at once and warms nothing ahead', async () => {
+    const runs = controlledRuns();
+    const queue = queueWith(runs, { pool: { size: 0, pauseAfterMs: 30_000 } });
+    expect(queue.prewarm('a')).toBe(false);
+    queue.enqueueMessages('a');
+    const a = liveContainer();
+    queue.attach('a', a.live);
+    queue.markIdle('a');
+    expect(a.calls.close).toBe(1);
+    expect(queue.activeCount).toBe(0); // its slot is free at once, not when docker is done with it
+    runs.finish('a');
+    await settle();
   });
 
   it('a group-context task goes into the live chat container as a turn: at once when it waits, after its answer when busy; it is never closed for it', async () => {
