@@ -18,6 +18,7 @@ import {
   Host,
   INSTALL_LABEL,
   installId,
+  removeLeftoverContainers,
   ModelProxy,
   prepareGroupFolders,
   RESULT_END,
@@ -325,6 +326,11 @@ describe('host and real container together', () => {
     await waitFor(() => texts(w).length === 2, 60_000, 'the thawed agent’s reply');
     expect(texts(w)[1]).toBe(`Andy: [stub] ${w.store.getSession('main')}`);
     expect(w.docker.runs()).toBe(1); // a frozen container cannot answer: this reply proves the thaw
+    // A host that died leaves its paused agents behind: the next start removes them like any leftover.
+    await waitFor(() => paused() !== '', 30_000, 'paused again');
+    const frozen = paused();
+    expect(removeLeftoverContainers(w.config)).toEqual([frozen]);
+    expect(paused()).toBe('');
   });
 
   it('typing starts the real container with no prompt; the message then goes into it and is answered, one docker run', async () => {
