@@ -6802,8 +6802,6 @@ export interface HostOptions {
   shutdownGraceMs?: number;
   /** How soon the outbox tries a chat again after a failed send (doubling from there). */
   sendRetryMs?: number;
-  /** A container started ahead of a message closes when none came within this (default 2 min). */
-  warmIdleMs?: number;
   clock?: Clock;
   /** Free bytes on the disk of store/ (default: statfs); tests give a disk that fills. */
   freeDiskBytes?(): number;
@@ -7679,7 +7677,7 @@ export class Host {
       sessionId?: string | null;
       /** Remember the session the run ends in as the group's session. */
       saveSession: boolean;
-      /** Started ahead of a message: no prompt yet, closed after warmIdleMs if none comes. */
+      /** Started ahead of a message: no prompt yet, it waits in the warm pool for one. */
       warm?: boolean;
       /** The queue entry the container belongs to (default: the group's chat). */
       lane?: string;
@@ -7717,7 +7715,7 @@ export class Host {
       onStart: (live) => {
         const lane = run.lane ?? group.jid;
         this.queue.attach(lane, live);
-        if (run.warm) this.queue.markIdle(lane, this.options.warmIdleMs ?? 120_000);
+        if (run.warm) this.queue.markIdle(lane);
         // Messages that came while docker was starting found no container to take them: hand them over now.
         if (run.acceptsFollowUps && lane === group.jid) this.forwardToLiveContainer(group);
       },

@@ -125,8 +125,8 @@ describe('warm when it matters', () => {
     expect(w.store.messagesSince(MAIN, w.store.getCursor(MAIN))).toEqual([]);
   });
 
-  it('a message that arrives while the warm container is still being started goes into it once it is up, not after warmIdleMs', async () => {
-    const clock = new FakeClock(); // warmIdleMs never passes unless the test moves it
+  it('a message that arrives while the warm container is still being started goes into it once it is up, not after IDLE_TIMEOUT', async () => {
+    const clock = new FakeClock(); // IDLE_TIMEOUT never passes unless the test moves it
     const w = await world({}, { clock });
     w.channel.typing(MAIN);
     w.channel.receive(MAIN, 'pasted at once'); // same tick: no container to hand it to yet
@@ -144,13 +144,16 @@ describe('warm when it matters', () => {
     expect(w.docker.runs()).toHaveLength(1);
   });
 
-  it('a warm container no message comes to is closed after warmIdleMs, on a clock the test moves', async () => {
+  it('a warm container no message comes to waits in the pool: paused after WARM_PAUSE_AFTER, closed after IDLE_TIMEOUT, on a clock the test moves', async () => {
     const clock = new FakeClock();
-    const w = await world({}, { clock, warmIdleMs: 5_000 });
+    const w = await world({ WARM_PAUSE_AFTER: '1000', IDLE_TIMEOUT: '5000' }, { clock });
     expect(w.host.prewarm(MAIN)).toBe(true);
     await waitFor(() => w.docker.calls().some((c) => c.command === 'warm-start'), 10_000, 'warm start');
-    await clock.advance(4_999);
-    expect(w.docker.calls().some((c) => c.command === 'closed')).toBe(false);
+    const did = (verb: string) => w.docker.calls().some((c) => c.command === verb);
+    await clock.advance(1_000); // (exactly when: test/queue.test.ts)
+    await waitFor(() => did('pause'), 10_000, 'paused');
+    await clock.advance(3_999);
+    expect(did('closed')).toBe(false);
     await clock.advance(1);
     await waitFor(() => w.docker.calls().some((c) => c.command === 'closed'), 10_000, 'closed');
     expect(w.channel.sent).toEqual([]);
