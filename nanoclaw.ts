@@ -3742,8 +3742,10 @@ export interface LiveContainer {
   sendInput(text: string, kind?: 'message' | 'task', upTo?: number): boolean;
   /** Asks the agent to finish its turn and exit. */
   close(): void;
-  /** Freezes a container that waits for its next message (docker pause): no CPU until input or close thaws it. */
+  /** Freezes a container that waits for its next message (docker pause): no CPU until input, wake or close thaws it. */
   pause(): void;
+  /** Thaws a paused container ahead of its next message (someone is typing). */
+  wake(): void;
   /** Stops the container now. */
   kill(): Promise<void>;
 }
@@ -3887,12 +3889,18 @@ export class GroupQueue {
 
   /**
    * Starts a group's container before its message, when activity says one is coming: only
-   * into a free slot nobody waits for, and only when the group has no container yet.
+   * into a free slot nobody waits for, and only when the group has no container yet. An
+   * agent waiting in the pool is thawed instead, and kept running for another pauseAfterMs.
    */
   prewarm(jid: string): boolean {
     const { maxConcurrent, pool } = this.options;
-    if (this.shuttingDown || pool.size === 0 || this.active >= maxConcurrent || this.waiting.length > 0) return false;
     const state = this.state(jid);
+    if (state.idleTimer && state.live) {
+      state.live.wake();
+      this.armPause(state);
+      return true;
+    }
+    if (this.shuttingDown || pool.size === 0 || this.active >= maxConcurrent || this.waiting.length > 0) return false;
     if (state.running || state.retryTimer || state.tasks.length > 0) return false;
     this.start(jid, true);
     return true;
@@ -3974,10 +3982,7 @@ export class GroupQueue {
       return;
     }
     state.idleTimer = this.clock.after(idleTimeoutMs, () => this.closeIdle(jid));
-    state.pauseTimer = this.clock.after(pool.pauseAfterMs, () => {
-      state.pauseTimer = null;
-      state.live?.pause();
-    });
+    this.armPause(state);
     this.pooled.push(jid);
     this.releaseSlot(state);
     while (this.pooled.length > pool.size) {
@@ -4022,6 +4027,14 @@ export class GroupQueue {
     state.holdsSlot = false;
     this.active--;
     this.startWaiting();
+  }
+
+  private armPause(state: GroupState): void {
+    state.pauseTimer?.();
+    state.pauseTimer = this.clock.after(this.options.pool.pauseAfterMs, () => {
+      state.pauseTimer = null;
+      state.live?.pause();
+    });
   }
 
   /** The group's agent stops waiting in the pool (it got work, or it closes): its timers are cancelled. */
@@ -5567,6 +5580,7 @@ async function streamContainer(plan: RunPlan, options: RunContainerOptions, grou
       }, config.container.closeGraceMs);
     },
     kill: stop,
+    wake: () => void thaw(),
     pause: () => {
       if (closing || paused) return;
       clearTimeout(hardTimer); // a paused agent produces nothing by design
@@ -7066,7 +7080,7 @@ export class Host {
       return false; // a database that cannot answer now: the message itself will wake the agent
     }
     const started = this.queue.prewarm(chatJid);
-    if (started) log.debug({ chatJid }, 'Activity in the chat; starting its container ahead of the message');
+    if (started) log.debug({ chatJid }, 'Activity in the chat; readying its agent ahead of the message');
     return started;
   }
 

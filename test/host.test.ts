@@ -135,12 +135,15 @@ describe('warm when it matters', () => {
     expect(w.docker.runs()).toHaveLength(1);
   });
 
-  it('typing starts nothing in an unregistered chat, or for a chat whose container is up', async () => {
-    const w = await world();
+  it('typing starts nothing in an unregistered chat; in a chat whose agent waits paused it thaws that agent, no second container', async () => {
+    const w = await world({ WARM_PAUSE_AFTER: '50' });
     expect(w.host.prewarm('stranger@g.us')).toBe(false);
     w.channel.receive(MAIN, 'hello');
     await waitFor(() => texts(w).length === 1, 10_000, 'reply');
-    expect(w.host.prewarm(MAIN)).toBe(false);
+    const did = (verb: string) => w.docker.calls().some((c) => c.command === verb);
+    await waitFor(() => did('pause'), 10_000, 'paused');
+    expect(w.host.prewarm(MAIN)).toBe(true);
+    await waitFor(() => did('unpause'), 10_000, 'thawed by typing');
     expect(w.docker.runs()).toHaveLength(1);
   });
 

@@ -56,7 +56,7 @@ function queueWith(runs: ReturnType<typeof controlledRuns>, overrides: Partial<Q
 /** A live container double that records what the queue asks of it. */
 function liveContainer(acceptsFollowUps = true) {
   const inputs: string[] = [];
-  const calls = { close: 0, kill: 0, pause: 0 };
+  const calls = { close: 0, kill: 0, pause: 0, wake: 0 };
   const live: LiveContainer = {
     acceptsFollowUps,
     get closing() {
@@ -68,6 +68,7 @@ function liveContainer(acceptsFollowUps = true) {
       calls.kill++;
     },
     pause: () => calls.pause++,
+    wake: () => calls.wake++,
   };
   return { live, inputs, calls };
 }
@@ -334,13 +335,34 @@ describe('GroupQueue', () => {
     expect(a.calls.pause).toBe(1);
     queue.sendFollowUp('a', 'wake up'); // the container thaws itself on input
     await clock.advance(5_000);
-    expect(a.calls).toEqual({ close: 0, kill: 0, pause: 1 }); // working: neither paused again nor closed
+    expect(a.calls).toMatchObject({ close: 0, kill: 0, pause: 1 }); // working: neither paused again nor closed
     queue.markIdle('a');
     await clock.advance(999);
     expect(a.calls.close).toBe(0);
     await clock.advance(1);
-    expect(a.calls).toEqual({ close: 1, kill: 0, pause: 2 });
+    expect(a.calls).toMatchObject({ close: 1, kill: 0, pause: 2 });
     expect(queue.poolMembers).toEqual([]);
+    runs.finish('a');
+    await settle();
+  });
+
+  it('typing for a group whose agent waits paused thaws it at once and keeps it running another pauseAfterMs', async () => {
+    const clock = new FakeClock();
+    const runs = controlledRuns();
+    const queue = queueWith(runs, { clock, pool: { size: 2, pauseAfterMs: 100 } });
+    queue.enqueueMessages('a');
+    const a = liveContainer();
+    queue.attach('a', a.live);
+    queue.markIdle('a');
+    await clock.advance(100);
+    expect(a.calls.pause).toBe(1);
+    expect(queue.prewarm('a')).toBe(true);
+    expect(a.calls.wake).toBe(1);
+    expect(runs.started).toEqual(['a']); // no second container
+    await clock.advance(99);
+    expect(a.calls.pause).toBe(1);
+    await clock.advance(1);
+    expect(a.calls.pause).toBe(2);
     runs.finish('a');
     await settle();
   });
