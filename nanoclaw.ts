@@ -5469,6 +5469,35 @@ interface RunResult extends Omit<RunOutcome, 'logFile' | 'durationMs'> {
 }
 
 /**
+ * The Docker engine's own socket, when the runtime is plain `docker` on a local engine
+ * (DOCKER_HOST unset, or unix://…): a thaw through it starts no CLI process.
+ */
+export function engineSocket(runtime: string, env: Record<string, string | undefined> = process.env): string | null {
+  if (runtime !== 'docker') return null;
+  const host = env.DOCKER_HOST;
+  const path = !host ? '/var/run/docker.sock' : host.startsWith('unix://') ? host.slice('unix://'.length) : null;
+  return path && existsSync(path) ? path : null;
+}
+
+/**
+ * `docker unpause`, on the reply's path: through the engine's API (Docker Engine API,
+ * POST /containers/{name}/unpause, 204) where it answers, which saves the CLI's start
+ * (~30 ms); the CLI otherwise, or when the engine says no.
+ */
+export async function unpauseContainer(runtime: string, name: string): Promise<'engine' | 'cli'> {
+  const socket = engineSocket(runtime);
+  if (socket) {
+    const answer = await fetch(`http://docker/containers/${encodeURIComponent(name)}/unpause`, {
+      method: 'POST',
+      unix: socket,
+    }).catch(() => null);
+    if (answer?.status === 204) return 'engine';
+  }
+  await Bun.spawn([runtime, 'unpause', name], { stdout: 'ignore', stderr: 'ignore', env: childProcessEnv() }).exited;
+  return 'cli';
+}
+
+/**
  * Starts the planned container and streams it to the end: results go to onResult as they
  * come, follow-ups and _close through its inbox (the LiveContainer given to onStart), and
  * it is stopped when it goes quiet for CONTAINER_TIMEOUT or ignores a close.
@@ -5506,7 +5535,7 @@ async function streamContainer(plan: RunPlan, options: RunContainerOptions, grou
     const pausing = paused;
     paused = null;
     await pausing;
-    await docker('unpause', name);
+    await unpauseContainer(config.containerRuntime, name);
     armTimeout();
   };
   const stop = () => {

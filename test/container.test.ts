@@ -19,6 +19,7 @@ import {
   type ContainerInput,
   type ContainerResult,
   type RegisteredGroup,
+  engineSocket,
 } from '../nanoclaw.ts';
 import { fakeDocker, tempDir, tempProject, type FakeDocker } from './helpers.ts';
 
@@ -353,6 +354,19 @@ describe('runContainer with a fake docker', () => {
     });
     expect(results.map((r) => r.result)).toEqual(['echo: fresh', 'echo: second']);
     expect(readdirSync(join(config.dataDir, 'input'))).toEqual([]); // removed after the run
+  });
+});
+
+describe('the engine socket a thaw goes through', () => {
+  it('is the local engine’s only for plain `docker` with no DOCKER_HOST or a unix:// one, and only when it exists', () => {
+    const dir = tempDir();
+    const socket = join(dir, 'docker.sock');
+    writeFileSync(socket, '');
+    expect(engineSocket('docker', { DOCKER_HOST: `unix://${socket}` })).toBe(socket);
+    expect(engineSocket('docker', { DOCKER_HOST: `unix://${join(dir, 'absent.sock')}` })).toBeNull();
+    expect(engineSocket('docker', { DOCKER_HOST: 'tcp://10.0.0.1:2375' })).toBeNull();
+    expect(engineSocket('podman', { DOCKER_HOST: `unix://${socket}` })).toBeNull();
+    expect(engineSocket(join(dir, 'docker'), { DOCKER_HOST: `unix://${socket}` })).toBeNull(); // a wrapper: its own rules
   });
 });
 

@@ -19,6 +19,7 @@ import {
   INSTALL_LABEL,
   installId,
   removeLeftoverContainers,
+  unpauseContainer,
   ModelProxy,
   prepareGroupFolders,
   RESULT_END,
@@ -183,6 +184,23 @@ describe('the image on its own', () => {
     expect(start).toBeGreaterThanOrEqual(0);
     const result = JSON.parse(stdout.slice(start + RESULT_START.length, end).trim());
     expect(result).toMatchObject({ status: 'success', result: '[stub] test' });
+  });
+
+  it('a paused container is thawed through the engine’s own API (no CLI process on the reply’s path)', async () => {
+    const name = `nanoclaw-thaw-test-${process.pid}`;
+    const docker = (...args: string[]) =>
+      Bun.spawnSync(['docker', ...args])
+        .stdout.toString()
+        .trim();
+    docker('run', '-d', '--rm', '--name', name, '--entrypoint', 'sleep', IMAGE, 'infinity');
+    try {
+      docker('pause', name);
+      expect(docker('inspect', '-f', '{{.State.Paused}}', name)).toBe('true');
+      expect(await unpauseContainer('docker', name)).toBe('engine');
+      expect(docker('inspect', '-f', '{{.State.Paused}}', name)).toBe('false');
+    } finally {
+      docker('rm', '-f', name);
+    }
   });
 
   it('runs the pinned Kimi Code CLI: `kimi --version` is the runner’s pin, and the guide’s `kimi info` answers', async () => {
