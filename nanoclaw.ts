@@ -479,8 +479,8 @@ export function defaultConcurrency(cores = availableParallelism()): number {
 }
 
 /**
- * Ready agents kept between messages: one per 2 GiB of memory, at most 8. An idle agent
- * takes about 60 MB (paused: no CPU), so this keeps the pool under a few percent of memory.
+ * Ready agents kept between messages: one per 2 GiB of memory, at most 8. A waiting agent
+ * holds about 200 MB (bench row e; paused, no CPU), so the pool takes at most a tenth of memory.
  */
 export function defaultPoolSize(memoryBytes = totalmem()): number {
   return Math.min(8, Math.max(1, Math.floor(memoryBytes / 2 ** 31)));
