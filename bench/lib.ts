@@ -480,20 +480,35 @@ export class ChatProcess {
     readonly err: Lines,
     /** spawn → the host logged that it is running (it then reads stdin) */
     readonly readyMs: number,
+    readonly pty: boolean,
   ) {}
 
   get pid(): number {
     return this.proc.pid;
   }
 
-  /** Spawns `bun nanoclaw.ts chat` with piped stdin and waits until its host is running. */
-  static async start(bench: Bench, project: Project, env: Record<string, string> = {}): Promise<ChatProcess> {
+  /**
+   * Spawns `bun nanoclaw.ts chat` and waits until its host is running. Piped stdin by default;
+   * with `pty`, under a real pseudo-terminal (util-linux `script`), as a person at a terminal
+   * runs it: readline in raw mode, keystrokes seen one by one (the pty's output, with the
+   * prompt, echo and spinner, then comes on `out`).
+   */
+  static async start(
+    bench: Bench,
+    project: Project,
+    env: Record<string, string> = {},
+    options: { pty?: boolean } = {},
+  ): Promise<ChatProcess> {
     const logFile = join(project.root, 'logs', 'nanoclaw.log');
     const offset = existsSync(logFile) ? statSync(logFile).size : 0;
     const spawned = wall();
-    const proc = Bun.spawn([process.execPath, ENTRY, 'chat'], {
+    const quote = (s: string) => `'${s.replace(/'/g, `'\\''`)}'`;
+    const cmd = options.pty
+      ? ['script', '-qfec', `stty cols 200 rows 50; exec ${quote(process.execPath)} ${quote(ENTRY)} chat`, '/dev/null']
+      : [process.execPath, ENTRY, 'chat'];
+    const proc = Bun.spawn(cmd, {
       cwd: project.root,
-      env: { ...project.env, ...env },
+      env: { ...project.env, ...(options.pty ? { SHELL: '/bin/sh', TERM: 'xterm-256color' } : {}), ...env },
       stdin: 'pipe',
       stdout: 'pipe',
       stderr: 'pipe',
@@ -524,7 +539,27 @@ export class ChatProcess {
       'chat to be ready',
       5,
     );
-    return new ChatProcess(proc, out, err, readyAt - spawned);
+    return new ChatProcess(proc, out, err, readyAt - spawned, options.pty ?? false);
+  }
+
+  /**
+   * Types `text` one key at a time, `keyMs` apart (a person typing), then Enter; when the
+   * first key and Enter were written. Only on a pty: piped input has no keystrokes.
+   */
+  async typeKeys(text: string, keyMs: number): Promise<{ firstKey: number; enter: number }> {
+    if (!this.pty) throw new Error('typeKeys needs a chat under a pty');
+    let firstKey = 0;
+    for (const key of text) {
+      const at = wall();
+      this.proc.stdin.write(key);
+      await this.proc.stdin.flush();
+      firstKey ||= at;
+      await Bun.sleep(keyMs);
+    }
+    const enter = wall();
+    this.proc.stdin.write('\r');
+    await this.proc.stdin.flush();
+    return { firstKey, enter };
   }
 
   /** Types one line; returns when it was written. */
@@ -543,9 +578,13 @@ export class ChatProcess {
     return { typed, printed: line.at, ms: line.at - typed };
   }
 
-  /** Ends stdin (as Ctrl-D / the end of a pipe) and waits for the exit. */
+  /** Ends the input (Ctrl-D on a pty, the end of a pipe otherwise) and waits for the exit. */
   async close(timeoutMs = 90_000): Promise<number | null> {
     try {
+      if (this.pty) {
+        this.proc.stdin.write('\x04'); // Ctrl-D on an empty line: readline closes
+        await this.proc.stdin.flush();
+      }
       await this.proc.stdin.end();
     } catch {
       // already closed
@@ -590,4 +629,118 @@ export function subdir(bench: Bench, name: string): string {
   const dir = join(bench.root, `${name}-${Math.random().toString(36).slice(2, 8)}`);
   mkdirSync(dir, { recursive: true });
   return dir;
+}
+
+// ───────────────────────────── the machine's load and a container's cgroup ─────────────────────────────
+
+/** How busy the machine is at one instant: the 1-minute load average and the kernel's CPU pressure (PSI). */
+export interface Conditions {
+  at: number;
+  load1: number;
+  /** `some avg10` of /proc/pressure/cpu: the share of the last 10 s some task waited for a CPU (%). */
+  cpuSome10: number | null;
+  /** `some total`: all the time, in µs, some task has waited for a CPU since boot. */
+  cpuSomeTotalUs: number | null;
+}
+
+export function conditions(): Conditions {
+  const load1 = Number(readFileSync('/proc/loadavg', 'utf8').split(' ')[0]);
+  let cpuSome10: number | null = null;
+  let cpuSomeTotalUs: number | null = null;
+  try {
+    const some = readFileSync('/proc/pressure/cpu', 'utf8')
+      .split('\n')
+      .find((l) => l.startsWith('some '));
+    cpuSome10 = Number(/avg10=([\d.]+)/.exec(some ?? '')?.[1] ?? Number.NaN);
+    cpuSomeTotalUs = Number(/total=(\d+)/.exec(some ?? '')?.[1] ?? Number.NaN);
+    if (!Number.isFinite(cpuSome10)) cpuSome10 = null;
+    if (!Number.isFinite(cpuSomeTotalUs)) cpuSomeTotalUs = null;
+  } catch {
+    // no PSI in this kernel
+  }
+  return { at: wall(), load1, cpuSome10, cpuSomeTotalUs };
+}
+
+/** `docker inspect` of one container: its id, init pid, and whether it runs or is paused (null when it is gone). */
+export function inspect(name: string): { id: string; pid: number; running: boolean; paused: boolean } | null {
+  const out = Bun.spawnSync(
+    ['docker', 'inspect', '-f', '{{.Id}} {{.State.Pid}} {{.State.Running}} {{.State.Paused}}', name],
+    {
+      stderr: 'ignore',
+    },
+  );
+  if (out.exitCode !== 0) return null;
+  const [id = '', pid = '0', running, paused] = out.stdout.toString().trim().split(' ');
+  return { id, pid: Number(pid), running: running === 'true', paused: paused === 'true' };
+}
+
+/**
+ * A live container's cgroup, read from this machine's /sys/fs/cgroup: CPU used since it
+ * started, memory charged to it. cgroup v2 (one tree: cpu.stat usage_usec, memory.current,
+ * memory.stat anon) or v1 (cpuacct.usage in ns, memory.usage_in_bytes, memory.stat rss);
+ * the path comes from /proc/<pid>/cgroup of its init process, else docker's usual places.
+ */
+export class ContainerCgroup {
+  private constructor(
+    readonly name: string,
+    private readonly cpuFile: string,
+    private readonly v2: boolean,
+    private readonly memoryDir: string,
+  ) {}
+
+  static of(name: string): ContainerCgroup {
+    const info = inspect(name);
+    if (!info?.running) throw new Error(`container ${name} is not running: no cgroup to read`);
+    const paths = new Map<string, string>();
+    try {
+      for (const line of readFileSync(`/proc/${info.pid}/cgroup`, 'utf8').split('\n')) {
+        const [, controllers, path] = line.split(':');
+        if (controllers === undefined || path === undefined) continue;
+        for (const c of controllers === '' ? ['unified'] : controllers.split(',')) paths.set(c, path);
+      }
+    } catch {
+      // another pid namespace: fall back to docker's usual paths
+    }
+    const fs = '/sys/fs/cgroup';
+    const v1Cpu = [paths.get('cpuacct'), `/docker/${info.id}`, `/system.slice/docker-${info.id}.scope`]
+      .filter((p): p is string => p !== undefined)
+      .flatMap((p) => [`${fs}/cpuacct${p}/cpuacct.usage`, `${fs}/cpu,cpuacct${p}/cpuacct.usage`]);
+    const v2Dirs = [paths.get('unified'), `/system.slice/docker-${info.id}.scope`, `/docker/${info.id}`]
+      .filter((p): p is string => p !== undefined && p !== '/')
+      .map((p) => `${fs}${p}`);
+    const cpuV1 = v1Cpu.find((f) => existsSync(f));
+    if (cpuV1) {
+      const memory = [paths.get('memory'), `/docker/${info.id}`, `/system.slice/docker-${info.id}.scope`]
+        .filter((p): p is string => p !== undefined)
+        .map((p) => `${fs}/memory${p}`)
+        .find((d) => existsSync(join(d, 'memory.usage_in_bytes')));
+      if (!memory) throw new Error(`no memory cgroup found for ${name}`);
+      return new ContainerCgroup(name, cpuV1, false, memory);
+    }
+    const dir = v2Dirs.find((d) => existsSync(join(d, 'cpu.stat')));
+    if (dir) return new ContainerCgroup(name, join(dir, 'cpu.stat'), true, dir);
+    throw new Error(
+      `no cgroup found for ${name} (id ${info.id.slice(0, 12)}, tried ${[...v1Cpu, ...v2Dirs].join(', ')})`,
+    );
+  }
+
+  /** CPU time used by everything in the container since it started, in ms. */
+  cpuMs(): number {
+    const text = readFileSync(this.cpuFile, 'utf8');
+    if (!this.v2) return Number(text.trim()) / 1e6;
+    return Number(/^usage_usec (\d+)/m.exec(text)?.[1]) / 1000;
+  }
+
+  /** Memory charged to the container (page cache included), in MB. */
+  memoryMb(): number {
+    const file = join(this.memoryDir, this.v2 ? 'memory.current' : 'memory.usage_in_bytes');
+    return Number(readFileSync(file, 'utf8').trim()) / 1024 / 1024;
+  }
+
+  /** Its anonymous memory (what its processes hold; no page cache), in MB. */
+  rssMb(): number {
+    const stat = readFileSync(join(this.memoryDir, 'memory.stat'), 'utf8');
+    const bytes = Number(new RegExp(`^${this.v2 ? 'anon' : 'rss'} (\\d+)`, 'm').exec(stat)?.[1]);
+    return bytes / 1024 / 1024;
+  }
 }
