@@ -72,7 +72,6 @@ import { parseArgs } from 'node:util';
 import {
   type Config,
   defaultConcurrency,
-  hardeningArgs,
   installId,
   loadConfig,
   LOCAL_MAIN_JID,
@@ -84,7 +83,15 @@ import {
 } from '../nanoclaw.ts';
 import {
   Bench,
+  CLI_FLOOR,
   ChatProcess,
+  cliFloorCpu,
+  cliFloorRun,
+  cpuOver,
+  DOCKER_FLOOR,
+  floorRun,
+  modelAlone,
+  sleeper,
   type Conditions,
   ContainerCgroup,
   conditions,
@@ -212,90 +219,9 @@ function conditionsTable(spans: { name: string; before: Conditions; after: Condi
   return `${lines.join('\n')}\n`;
 }
 
-/** The floors rows compare against, as the table names them. */
-const DOCKER_FLOOR = '`docker run -i --rm IMAGE`, echo entrypoint → first byte';
-const CLI_FLOOR = '`docker run` of the image’s `kimi --version` → first byte (docker + CLI start)';
-
 // ───────────────────────────── shared measurements ─────────────────────────────
 
 const marker = (row: string, i: number | string) => `bench-${row}-${i}-${Math.random().toString(36).slice(2, 6)}`;
-
-/**
- * The docker floor: the same image with an entrypoint that prints one line at once.
- * firstByte stops at its output (as the agent's figures do); exit when `docker run --rm`
- * returns, so teardown = exit − firstByte is docker's own stop-and-remove.
- */
-/**
- * The limits every agent container runs under (CPU, memory, pids, read-only image…), without
- * its mounts: floors run under them too, so a floor and a figure pay the same CPU limit.
- */
-function hardening(b: Bench): string[] {
-  const config = loadConfig(b.root, { TZ: 'UTC' });
-  const group = {
-    jid: 'floor@g.us',
-    name: 'floor',
-    folder: 'floor',
-    trigger: '@Andy',
-    requiresTrigger: true,
-    isMain: false,
-    allow: [],
-    addedAt: '',
-  };
-  // The bench's own label marks its containers; the network is each caller's.
-  const paired = new Set(['--label', '--network']);
-  return hardeningArgs(config, group).filter((arg, i, all) => !paired.has(arg) && !paired.has(all[i - 1]!));
-}
-
-async function floorRun(
-  b: Bench,
-  extra: string[] = [],
-): Promise<{ firstByte: number; exit: number; teardown: number }> {
-  const started = wall();
-  const proc = b.spawn([
-    'docker',
-    'run',
-    '-i',
-    '--rm',
-    '--label',
-    b.label,
-    ...hardening(b),
-    ...extra,
-    '--entrypoint',
-    'echo',
-    b.image,
-    'ready',
-  ]);
-  const out = new Lines(proc.stdout);
-  void new Lines(proc.stderr, false);
-  const first = await out.wait('ready', 0, 60_000);
-  const code = await proc.exited;
-  const exited = wall();
-  if (code !== 0) throw new Error(`the docker floor run exited with ${code}`);
-  return { firstByte: first.at - started, exit: exited - started, teardown: exited - first.at };
-}
-
-/** The CLI's own floor: `docker run` of the image's `kimi --version` → its first byte (docker + the CLI's start). */
-async function cliFloorRun(b: Bench): Promise<number> {
-  const started = wall();
-  const proc = b.spawn([
-    'docker',
-    'run',
-    '-i',
-    '--rm',
-    '--label',
-    b.label,
-    ...hardening(b),
-    '--entrypoint',
-    'kimi',
-    b.image,
-    '--version',
-  ]);
-  const out = new Lines(proc.stdout);
-  void new Lines(proc.stderr, false);
-  const first = await out.wait('.', 0, 120_000);
-  if ((await proc.exited) !== 0) throw new Error('`kimi --version` failed in the image');
-  return first.at - started;
-}
 
 /** Runs a command to its end; its wall time in ms. */
 async function timed(b: Bench, cmd: string[], project?: Project): Promise<number> {
@@ -575,36 +501,6 @@ async function rowEvicted(b: Bench, runs: number): Promise<Row[]> {
 
 // ───────────────────────────── d. CPU per cold start and per turn ─────────────────────────────
 
-/**
- * The CLI's own start in CPU: `kimi --version` in a container under the same limits, which
- * then prints what its cgroup used (cgroup v1 cpuacct.usage in ns, or v2 usage_usec).
- */
-async function cliFloorCpu(b: Bench): Promise<number> {
-  const script =
-    'kimi --version >/dev/null || exit 3; ' +
-    'if [ -r /sys/fs/cgroup/cpuacct/cpuacct.usage ]; then echo ns $(cat /sys/fs/cgroup/cpuacct/cpuacct.usage); ' +
-    'else echo us $(sed -n "s/^usage_usec //p" /sys/fs/cgroup/cpu.stat); fi';
-  const proc = b.spawn([
-    'docker',
-    'run',
-    '--rm',
-    '--label',
-    b.label,
-    ...hardening(b),
-    '--entrypoint',
-    'sh',
-    b.image,
-    '-c',
-    script,
-  ]);
-  const [code, out] = await Promise.all([proc.exited, new Response(proc.stdout).text()]);
-  const [unit, value] = out.trim().split(' ');
-  const ms = Number(value) / (unit === 'ns' ? 1e6 : 1e3);
-  if (code !== 0 || !Number.isFinite(ms))
-    throw new Error(`the CLI's CPU floor failed (exit ${code}): ${out.slice(-200)}`);
-  return ms;
-}
-
 async function rowCpu(b: Bench, runs: number): Promise<Row[]> {
   const g = '120363000000066666@g.us';
   // The pool off: every start here is a cold one, and a closed container is gone.
@@ -675,34 +571,6 @@ async function rowCpu(b: Bench, runs: number): Promise<Row[]> {
 // ───────────────────────────── e. what a pooled group costs while it waits ─────────────────────────────
 
 const IDLE_WINDOW_MS = 10_000;
-
-/** An idle container under the same limits (`sleep`): what a container costs doing nothing. */
-function sleeper(b: Bench): string {
-  const out = Bun.spawnSync([
-    'docker',
-    'run',
-    '-d',
-    '--rm',
-    '--label',
-    b.label,
-    ...hardening(b),
-    '--network',
-    'none',
-    '--entrypoint',
-    'sleep',
-    b.image,
-    '3600',
-  ]);
-  if (out.exitCode !== 0) throw new Error(`the idle baseline container failed: ${out.stderr.toString().slice(-300)}`);
-  return out.stdout.toString().trim();
-}
-
-/** CPU used by each cgroup over the same window, in ms. */
-async function cpuOver(ms: number, ...groups: ContainerCgroup[]): Promise<number[]> {
-  const before = groups.map((g) => g.cpuMs());
-  await Bun.sleep(ms);
-  return groups.map((g, k) => g.cpuMs() - before[k]!);
-}
 
 async function rowIdle(b: Bench, runs: number): Promise<Row[]> {
   const g = '120363000000077777@g.us';
@@ -992,7 +860,8 @@ async function rowImage(b: Bench, runs: number): Promise<Row[]> {
 const TYPING_MS = 4_000;
 
 async function rowWarm(b: Bench, runs: number): Promise<Row[]> {
-  const jid = 'warm@g.us';
+  // A main chat that is not a group chat: there only the owner's messages wake main (mayWake).
+  const jid = '4915100000003@s.whatsapp.net';
   const world = await b.world('warm', {}, [{ jid, folder: 'warm', isMain: true }]);
   const replies: number[] = [];
   const cliFloors: number[] = [];
@@ -1052,26 +921,6 @@ async function fsWatchLatency(dir: string, count: number): Promise<number[]> {
     watcher.close();
   }
   return samples;
-}
-
-/** The model alone: one streamed completion straight from this process (through the timestamping front). */
-async function modelAlone(b: Bench): Promise<number> {
-  const started = mono();
-  const res = await fetch(`${b.modelUrl}/chat/completions`, {
-    method: 'POST',
-    headers: { authorization: `Bearer ${KEY}`, 'content-type': 'application/json' },
-    body: JSON.stringify({
-      model: 'kimi-k2.5',
-      stream: true,
-      messages: [
-        { role: 'system', content: 'You are Andy.' },
-        { role: 'user', content: '<messages>\n<message sender="You" time="now">bench</message>\n</messages>' },
-      ],
-    }),
-  });
-  await res.text();
-  if (!res.ok) throw new Error(`the model answered ${res.status}`);
-  return mono() - started;
 }
 
 async function rowFollowUp(b: Bench, runs: number): Promise<Row[]> {
