@@ -3,7 +3,10 @@
  * notes each `docker run` (and labels its containers, and passes NANOCLAW_TIMING=1 in),
  * the engine's own event stream for container start/die/destroy times, the scripted model
  * behind a front that timestamps every request, `bun nanoclaw.ts chat` as a real
- * subprocess, and in-process hosts for the rows that need the queue's state.
+ * subprocess (piped, or under a pseudo-terminal and typed into a key at a time), in-process
+ * hosts for the rows that need the queue's state, the machine's load and CPU pressure, a
+ * live container's cgroup (CPU used, memory), and the baselines: what docker, the CLI's
+ * own start and the model cost alone.
  *
  * Clocks: points measured in different processes (the wrapper's $EPOCHREALTIME, the
  * engine's timeNano, the runner's timing lines, the inbox file names, this process's

@@ -63,7 +63,7 @@
  *
  * Rows b, c and e need the warm pool (settings WARM_POOL_SIZE, WARM_PAUSE_AFTER, IDLE_TIMEOUT);
  * without it they fail with a message saying what did not happen (no pause, no eviction)
- * rather than print a figure. Row d runs with WARM_POOL_SIZE=0, so each start is cold.
+ * rather than print a figure. Row d gives each run a group of its own, so each start is cold.
  */
 import { chmodSync, existsSync, readdirSync, readFileSync, rmSync, watch, writeFileSync } from 'node:fs';
 import { availableParallelism } from 'node:os';
@@ -502,41 +502,43 @@ async function rowEvicted(b: Bench, runs: number): Promise<Row[]> {
 // ───────────────────────────── d. CPU per cold start and per turn ─────────────────────────────
 
 async function rowCpu(b: Bench, runs: number): Promise<Row[]> {
-  const g = '120363000000066666@g.us';
-  // The pool off: every start here is a cold one, and a closed container is gone.
-  const world = await b.world('cpu', { ...poolEnv(0), IDLE_TIMEOUT: String(POOL.idleTimeoutMs) }, [
-    { jid: g, folder: 'cpu', requiresTrigger: false },
-  ]);
-  const prefix = containerPrefix(world.config, 'cpu');
+  // A group of its own for each run (and the warm-up): its first message is a cold start
+  // whatever the pool keeps of the others, and its second goes to the same container.
+  const groups = Array.from({ length: runs + 1 }, (_, k) => ({
+    jid: `12036300000006${String(k).padStart(4, '0')}@g.us`,
+    folder: `cpu${k}`,
+    requiresTrigger: false,
+  }));
+  const world = await b.world('cpu', { IDLE_TIMEOUT: String(POOL.idleTimeoutMs) }, groups);
   const perStart: number[] = [];
   const perTurn: number[] = [];
   const floors: number[] = [];
-  const ask = async (text: string) => {
-    world.channel.receive(g, text);
-    await world.channel.waitReply(g, `[stub] ${text}`, 180_000);
-  };
-  const close = async (name: string) => {
-    await closeAll(world, [g]);
-    await b.waitEvent(name, 'die', 60_000);
+  const ask = async (jid: string, text: string) => {
+    world.channel.receive(jid, text);
+    await world.channel.waitReply(jid, `[stub] ${text}`, 180_000);
   };
   try {
     progress('cpu', 'warm-up (not counted)');
     await cliFloorCpu(b);
-    const warmSent = wall();
-    await ask(marker('cpu', 'warmup'));
-    await close(newestContainer(b, prefix, warmSent));
+    await ask(groups[0]!.jid, marker('cpu', 'warmup'));
+    await closeAll(world, [groups[0]!.jid]);
     for (let i = 1; i <= runs; i++) {
+      const { jid, folder } = groups[i]!;
+      const prefix = containerPrefix(world.config, folder);
       floors.push(await cliFloorCpu(b));
       const sent = wall();
-      await ask(marker('cpu', `${i}-start`));
+      await ask(jid, marker('cpu', `${i}-start`));
       const name = newestContainer(b, prefix, sent);
       const cgroup = ContainerCgroup.of(name);
       const afterFirst = cgroup.cpuMs();
-      await ask(marker('cpu', `${i}-turn`));
+      const turnSent = wall();
+      await ask(jid, marker('cpu', `${i}-turn`));
       const afterSecond = cgroup.cpuMs();
+      if (b.runs().some((r) => r.at >= turnSent && r.name.startsWith(prefix)))
+        throw new Error('cpu: the second message started a new container; its turn was not measured in the first');
       perStart.push(afterFirst / 1000);
       perTurn.push((afterSecond - afterFirst) / 1000);
-      await close(name);
+      await closeAll(world, [jid]);
       progress(
         'cpu',
         `run ${i}/${runs}: cold start + first turn ${(afterFirst / 1000).toFixed(2)} CPU-s, a second turn ${((afterSecond - afterFirst) / 1000).toFixed(2)} CPU-s; \`kimi --version\` ${(floors.at(-1)! / 1000).toFixed(2)} CPU-s`,
