@@ -3,7 +3,10 @@
  * notes each `docker run` (and labels its containers, and passes NANOCLAW_TIMING=1 in),
  * the engine's own event stream for container start/die/destroy times, the scripted model
  * behind a front that timestamps every request, `bun nanoclaw.ts chat` as a real
- * subprocess, and in-process hosts for the rows that need the queue's state.
+ * subprocess (piped, or under a pseudo-terminal and typed into a key at a time), in-process
+ * hosts for the rows that need the queue's state, the machine's load and CPU pressure, a
+ * live container's cgroup (CPU used, memory), and the baselines: what docker, the CLI's
+ * own start and the model cost alone.
  *
  * Clocks: points measured in different processes (the wrapper's $EPOCHREALTIME, the
  * engine's timeNano, the runner's timing lines, the inbox file names, this process's
@@ -33,7 +36,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { contentText, startFakeModel, type FakeModel } from '../scripts/scripted-model.ts';
-import { addGroup, Host, loadConfig, setupLogging, Store, type Config } from '../nanoclaw.ts';
+import { addGroup, type Config, Host, hardeningArgs, loadConfig, setupLogging, Store } from '../nanoclaw.ts';
 import { RecordingChannel } from '../test/helpers.ts';
 
 export const REPO = fileURLToPath(new URL('..', import.meta.url));
@@ -480,20 +483,35 @@ export class ChatProcess {
     readonly err: Lines,
     /** spawn → the host logged that it is running (it then reads stdin) */
     readonly readyMs: number,
+    readonly pty: boolean,
   ) {}
 
   get pid(): number {
     return this.proc.pid;
   }
 
-  /** Spawns `bun nanoclaw.ts chat` with piped stdin and waits until its host is running. */
-  static async start(bench: Bench, project: Project, env: Record<string, string> = {}): Promise<ChatProcess> {
+  /**
+   * Spawns `bun nanoclaw.ts chat` and waits until its host is running. Piped stdin by default;
+   * with `pty`, under a real pseudo-terminal (util-linux `script`), as a person at a terminal
+   * runs it: readline in raw mode, keystrokes seen one by one (the pty's output, with the
+   * prompt, echo and spinner, then comes on `out`).
+   */
+  static async start(
+    bench: Bench,
+    project: Project,
+    env: Record<string, string> = {},
+    options: { pty?: boolean } = {},
+  ): Promise<ChatProcess> {
     const logFile = join(project.root, 'logs', 'nanoclaw.log');
     const offset = existsSync(logFile) ? statSync(logFile).size : 0;
     const spawned = wall();
-    const proc = Bun.spawn([process.execPath, ENTRY, 'chat'], {
+    const quote = (s: string) => `'${s.replace(/'/g, `'\\''`)}'`;
+    const cmd = options.pty
+      ? ['script', '-qfec', `stty cols 200 rows 50; exec ${quote(process.execPath)} ${quote(ENTRY)} chat`, '/dev/null']
+      : [process.execPath, ENTRY, 'chat'];
+    const proc = Bun.spawn(cmd, {
       cwd: project.root,
-      env: { ...project.env, ...env },
+      env: { ...project.env, ...(options.pty ? { SHELL: '/bin/sh', TERM: 'xterm-256color' } : {}), ...env },
       stdin: 'pipe',
       stdout: 'pipe',
       stderr: 'pipe',
@@ -524,7 +542,27 @@ export class ChatProcess {
       'chat to be ready',
       5,
     );
-    return new ChatProcess(proc, out, err, readyAt - spawned);
+    return new ChatProcess(proc, out, err, readyAt - spawned, options.pty ?? false);
+  }
+
+  /**
+   * Types `text` one key at a time, `keyMs` apart (a person typing), then Enter; when the
+   * first key and Enter were written. Only on a pty: piped input has no keystrokes.
+   */
+  async typeKeys(text: string, keyMs: number): Promise<{ firstKey: number; enter: number }> {
+    if (!this.pty) throw new Error('typeKeys needs a chat under a pty');
+    let firstKey = 0;
+    for (const key of text) {
+      const at = wall();
+      this.proc.stdin.write(key);
+      await this.proc.stdin.flush();
+      firstKey ||= at;
+      await Bun.sleep(keyMs);
+    }
+    const enter = wall();
+    this.proc.stdin.write('\r');
+    await this.proc.stdin.flush();
+    return { firstKey, enter };
   }
 
   /** Types one line; returns when it was written. */
@@ -543,9 +581,13 @@ export class ChatProcess {
     return { typed, printed: line.at, ms: line.at - typed };
   }
 
-  /** Ends stdin (as Ctrl-D / the end of a pipe) and waits for the exit. */
+  /** Ends the input (Ctrl-D on a pty, the end of a pipe otherwise) and waits for the exit. */
   async close(timeoutMs = 90_000): Promise<number | null> {
     try {
+      if (this.pty) {
+        this.proc.stdin.write('\x04'); // Ctrl-D on an empty line: readline closes
+        await this.proc.stdin.flush();
+      }
       await this.proc.stdin.end();
     } catch {
       // already closed
@@ -590,4 +632,279 @@ export function subdir(bench: Bench, name: string): string {
   const dir = join(bench.root, `${name}-${Math.random().toString(36).slice(2, 8)}`);
   mkdirSync(dir, { recursive: true });
   return dir;
+}
+
+// ───────────────────────────── the machine's load and a container's cgroup ─────────────────────────────
+
+/** How busy the machine is at one instant: the 1-minute load average and the kernel's CPU pressure (PSI). */
+export interface Conditions {
+  at: number;
+  load1: number;
+  /** `some avg10` of /proc/pressure/cpu: the share of the last 10 s some task waited for a CPU (%). */
+  cpuSome10: number | null;
+  /** `some total`: all the time, in µs, some task has waited for a CPU since boot. */
+  cpuSomeTotalUs: number | null;
+}
+
+export function conditions(): Conditions {
+  const load1 = Number(readFileSync('/proc/loadavg', 'utf8').split(' ')[0]);
+  let cpuSome10: number | null = null;
+  let cpuSomeTotalUs: number | null = null;
+  try {
+    const some = readFileSync('/proc/pressure/cpu', 'utf8')
+      .split('\n')
+      .find((l) => l.startsWith('some '));
+    cpuSome10 = Number(/avg10=([\d.]+)/.exec(some ?? '')?.[1] ?? Number.NaN);
+    cpuSomeTotalUs = Number(/total=(\d+)/.exec(some ?? '')?.[1] ?? Number.NaN);
+    if (!Number.isFinite(cpuSome10)) cpuSome10 = null;
+    if (!Number.isFinite(cpuSomeTotalUs)) cpuSomeTotalUs = null;
+  } catch {
+    // no PSI in this kernel
+  }
+  return { at: wall(), load1, cpuSome10, cpuSomeTotalUs };
+}
+
+/** `docker inspect` of one container: its id, init pid, and whether it runs or is paused (null when it is gone). */
+export function inspect(name: string): { id: string; pid: number; running: boolean; paused: boolean } | null {
+  const out = Bun.spawnSync(
+    ['docker', 'inspect', '-f', '{{.Id}} {{.State.Pid}} {{.State.Running}} {{.State.Paused}}', name],
+    {
+      stderr: 'ignore',
+    },
+  );
+  if (out.exitCode !== 0) return null;
+  const [id = '', pid = '0', running, paused] = out.stdout.toString().trim().split(' ');
+  return { id, pid: Number(pid), running: running === 'true', paused: paused === 'true' };
+}
+
+/**
+ * A live container's cgroup, read from this machine's /sys/fs/cgroup: CPU used since it
+ * started, memory charged to it. cgroup v2 (one tree: cpu.stat usage_usec, memory.current,
+ * memory.stat anon) or v1 (cpuacct.usage in ns, memory.usage_in_bytes, memory.stat rss);
+ * the path comes from /proc/<pid>/cgroup of its init process, else docker's usual places.
+ */
+export class ContainerCgroup {
+  private constructor(
+    readonly name: string,
+    private readonly cpuFile: string,
+    private readonly v2: boolean,
+    private readonly memoryDir: string,
+  ) {}
+
+  static of(name: string): ContainerCgroup {
+    const info = inspect(name);
+    if (!info?.running) throw new Error(`container ${name} is not running: no cgroup to read`);
+    const paths = new Map<string, string>();
+    try {
+      for (const line of readFileSync(`/proc/${info.pid}/cgroup`, 'utf8').split('\n')) {
+        const [, controllers, path] = line.split(':');
+        if (controllers === undefined || path === undefined) continue;
+        for (const c of controllers === '' ? ['unified'] : controllers.split(',')) paths.set(c, path);
+      }
+    } catch {
+      // another pid namespace: fall back to docker's usual paths
+    }
+    const fs = '/sys/fs/cgroup';
+    const v1Cpu = [paths.get('cpuacct'), `/docker/${info.id}`, `/system.slice/docker-${info.id}.scope`]
+      .filter((p): p is string => p !== undefined)
+      .flatMap((p) => [`${fs}/cpuacct${p}/cpuacct.usage`, `${fs}/cpu,cpuacct${p}/cpuacct.usage`]);
+    const v2Dirs = [paths.get('unified'), `/system.slice/docker-${info.id}.scope`, `/docker/${info.id}`]
+      .filter((p): p is string => p !== undefined && p !== '/')
+      .map((p) => `${fs}${p}`);
+    const cpuV1 = v1Cpu.find((f) => existsSync(f));
+    if (cpuV1) {
+      const memory = [paths.get('memory'), `/docker/${info.id}`, `/system.slice/docker-${info.id}.scope`]
+        .filter((p): p is string => p !== undefined)
+        .map((p) => `${fs}/memory${p}`)
+        .find((d) => existsSync(join(d, 'memory.usage_in_bytes')));
+      if (!memory) throw new Error(`no memory cgroup found for ${name}`);
+      return new ContainerCgroup(name, cpuV1, false, memory);
+    }
+    const dir = v2Dirs.find((d) => existsSync(join(d, 'cpu.stat')));
+    if (dir) return new ContainerCgroup(name, join(dir, 'cpu.stat'), true, dir);
+    throw new Error(
+      `no cgroup found for ${name} (id ${info.id.slice(0, 12)}, tried ${[...v1Cpu, ...v2Dirs].join(', ')})`,
+    );
+  }
+
+  /** CPU time used by everything in the container since it started, in ms. */
+  cpuMs(): number {
+    const text = readFileSync(this.cpuFile, 'utf8');
+    if (!this.v2) return Number(text.trim()) / 1e6;
+    return Number(/^usage_usec (\d+)/m.exec(text)?.[1]) / 1000;
+  }
+
+  /** Memory charged to the container (page cache included), in MB. */
+  memoryMb(): number {
+    const file = join(this.memoryDir, this.v2 ? 'memory.current' : 'memory.usage_in_bytes');
+    return Number(readFileSync(file, 'utf8').trim()) / 1024 / 1024;
+  }
+
+  /** Its anonymous memory (what its processes hold; no page cache), in MB. */
+  rssMb(): number {
+    const stat = readFileSync(join(this.memoryDir, 'memory.stat'), 'utf8');
+    const bytes = Number(new RegExp(`^${this.v2 ? 'anon' : 'rss'} (\\d+)`, 'm').exec(stat)?.[1]);
+    return bytes / 1024 / 1024;
+  }
+}
+
+// ───────────────────────────── baselines: what the machine itself does ─────────────────────────────
+
+/** The floors rows compare against, as the table names them. */
+export const DOCKER_FLOOR = '`docker run -i --rm IMAGE`, echo entrypoint → first byte';
+export const CLI_FLOOR = '`docker run` of the image’s `kimi --version` → first byte (docker + CLI start)';
+
+/**
+ * The limits every agent container runs under (CPU, memory, pids, read-only image…), without
+ * its mounts: floors run under them too, so a floor and a figure pay the same CPU limit.
+ */
+export function hardening(b: Bench): string[] {
+  const config = loadConfig(b.root, { TZ: 'UTC' });
+  const group = {
+    jid: 'floor@g.us',
+    name: 'floor',
+    folder: 'floor',
+    trigger: '@Andy',
+    requiresTrigger: true,
+    isMain: false,
+    allow: [],
+    addedAt: '',
+  };
+  // The bench's own label marks its containers; the network is each caller's.
+  const paired = new Set(['--label', '--network']);
+  return hardeningArgs(config, group).filter((arg, i, all) => !paired.has(arg) && !paired.has(all[i - 1]!));
+}
+
+/**
+ * The docker floor: the same image with an entrypoint that prints one line at once.
+ * firstByte stops at its output (as the agent's figures do); exit when `docker run --rm`
+ * returns, so teardown = exit − firstByte is docker's own stop-and-remove.
+ */
+export async function floorRun(
+  b: Bench,
+  extra: string[] = [],
+): Promise<{ firstByte: number; exit: number; teardown: number }> {
+  const started = wall();
+  const proc = b.spawn([
+    'docker',
+    'run',
+    '-i',
+    '--rm',
+    '--label',
+    b.label,
+    ...hardening(b),
+    ...extra,
+    '--entrypoint',
+    'echo',
+    b.image,
+    'ready',
+  ]);
+  const out = new Lines(proc.stdout);
+  void new Lines(proc.stderr, false);
+  const first = await out.wait('ready', 0, 60_000);
+  const code = await proc.exited;
+  const exited = wall();
+  if (code !== 0) throw new Error(`the docker floor run exited with ${code}`);
+  return { firstByte: first.at - started, exit: exited - started, teardown: exited - first.at };
+}
+
+/** The CLI's own floor: `docker run` of the image's `kimi --version` → its first byte (docker + the CLI's start). */
+export async function cliFloorRun(b: Bench): Promise<number> {
+  const started = wall();
+  const proc = b.spawn([
+    'docker',
+    'run',
+    '-i',
+    '--rm',
+    '--label',
+    b.label,
+    ...hardening(b),
+    '--entrypoint',
+    'kimi',
+    b.image,
+    '--version',
+  ]);
+  const out = new Lines(proc.stdout);
+  void new Lines(proc.stderr, false);
+  const first = await out.wait('.', 0, 120_000);
+  if ((await proc.exited) !== 0) throw new Error('`kimi --version` failed in the image');
+  return first.at - started;
+}
+
+/**
+ * The CLI's own start in CPU: `kimi --version` in a container under the same limits, which
+ * then prints what its cgroup used (cgroup v1 cpuacct.usage in ns, or v2 usage_usec).
+ */
+export async function cliFloorCpu(b: Bench): Promise<number> {
+  const script =
+    'kimi --version >/dev/null || exit 3; ' +
+    'if [ -r /sys/fs/cgroup/cpuacct/cpuacct.usage ]; then echo ns $(cat /sys/fs/cgroup/cpuacct/cpuacct.usage); ' +
+    'else echo us $(sed -n "s/^usage_usec //p" /sys/fs/cgroup/cpu.stat); fi';
+  const proc = b.spawn([
+    'docker',
+    'run',
+    '--rm',
+    '--label',
+    b.label,
+    ...hardening(b),
+    '--entrypoint',
+    'sh',
+    b.image,
+    '-c',
+    script,
+  ]);
+  const [code, out] = await Promise.all([proc.exited, new Response(proc.stdout).text()]);
+  const [unit, value] = out.trim().split(' ');
+  const ms = Number(value) / (unit === 'ns' ? 1e6 : 1e3);
+  if (code !== 0 || !Number.isFinite(ms))
+    throw new Error(`the CLI's CPU floor failed (exit ${code}): ${out.slice(-200)}`);
+  return ms;
+}
+
+/** An idle container under the same limits (`sleep`): what a container costs doing nothing. */
+export function sleeper(b: Bench): string {
+  const out = Bun.spawnSync([
+    'docker',
+    'run',
+    '-d',
+    '--rm',
+    '--label',
+    b.label,
+    ...hardening(b),
+    '--network',
+    'none',
+    '--entrypoint',
+    'sleep',
+    b.image,
+    '3600',
+  ]);
+  if (out.exitCode !== 0) throw new Error(`the idle baseline container failed: ${out.stderr.toString().slice(-300)}`);
+  return out.stdout.toString().trim();
+}
+
+/** CPU used by each cgroup over the same window, in ms. */
+export async function cpuOver(ms: number, ...groups: ContainerCgroup[]): Promise<number[]> {
+  const before = groups.map((g) => g.cpuMs());
+  await Bun.sleep(ms);
+  return groups.map((g, k) => g.cpuMs() - before[k]!);
+}
+
+/** The model alone: one streamed completion straight from this process (through the timestamping front). */
+export async function modelAlone(b: Bench): Promise<number> {
+  const started = mono();
+  const res = await fetch(`${b.modelUrl}/chat/completions`, {
+    method: 'POST',
+    headers: { authorization: `Bearer ${KEY}`, 'content-type': 'application/json' },
+    body: JSON.stringify({
+      model: 'kimi-k2.5',
+      stream: true,
+      messages: [
+        { role: 'system', content: 'You are Andy.' },
+        { role: 'user', content: '<messages>\n<message sender="You" time="now">bench</message>\n</messages>' },
+      ],
+    }),
+  });
+  await res.text();
+  if (!res.ok) throw new Error(`the model answered ${res.status}`);
+  return mono() - started;
 }

@@ -1,26 +1,47 @@
 /**
  * How fast NanoClaw feels, next to what the machine itself can do: one table.
  *
- *   npm run bench  (= bun bench/run.ts)  [--runs N] [--only ROW[,ROW…]] [--image IMAGE] [--keep]
+ *   npm run bench  (= bun bench/run.ts)  [--runs N] [--only ROW[,ROW…]] [--skip ROW[,ROW…]]
+ *                                        [--key-ms MS] [--image IMAGE] [--keep]
  *
  * Every figure is a median and a worst over N runs (default 5), beside a baseline
- * measured in the same run (alternating with the figure's runs, so noise hits both), and
- * the ratio figure/baseline of the two medians. Only row 4's baseline is an ideal, and it
- * is computed from a time measured in this run (one group alone × the waves the limit
- * forces). Everything runs on the real engine with the real image (default
+ * measured in the same run (alternating with the figure's runs, so noise hits both; row e's
+ * runs beside its figure's, in the same window), and the ratio figure/baseline of the two
+ * medians. No baseline is computed, except row 4/f's ideal, and that one from CPU time
+ * measured in this run. Everything runs on the real engine with the real image (default
  * nanoclaw-agent:test, built by `./container/build.sh --test`, with the real Kimi Code CLI);
  * only the model is scripted (scripts/scripted-model.ts, on loopback, behind a front that
- * timestamps each request). Progress goes to stderr, the table to stdout.
+ * timestamps each request). Progress goes to stderr, the table to stdout, and after it a
+ * second table: the machine during each row (load average and CPU pressure before → after,
+ * and the CPU stall time, /proc/pressure/cpu `some total`, during it). A busy machine makes
+ * the times slower; rows d and e (CPU-seconds, memory) change little with load.
  *
- * Rows (--only takes the names, or the numbers for all rows of a number):
- *   1 cold       a line typed in `bun nanoclaw.ts chat` (a subprocess, piped stdin) → its reply
- *                printed, with the host's first container; `docker run` → the CLI ready (ACP
- *                initialized, session open); and where the time goes (host, docker, runner,
- *                CLI, MCP, model; the runner's NANOCLAW_TIMING lines) — vs the floor of a
- *                `docker run` of the CLI's own `kimi --version` (docker + the CLI's start),
- *                which is itself shown against a bare `docker run` → first byte
- *   1 warm       typing first: the host starts the container as typing begins, the message
- *                comes a typing time later → reply — vs the same floor
+ * Rows (--only / --skip take the names, or the numbers/letters for all rows of one):
+ *   a typing     the user's usual path: `bun nanoclaw.ts chat` under a real pseudo-terminal
+ *                (util-linux `script`), the message typed one key at a time (--key-ms apart,
+ *                default 170), Enter → the reply printed; notes when the container started
+ *                (at host start-up, while typing: the pre-warm, or only after Enter) and
+ *                whether the host logged the pre-warm — vs the CLI floor of row 1
+ *   b pooled     a pooled group's message: the group answered once, its agent stayed up and
+ *                was `docker pause`d (WARM_PAUSE_AFTER) → message → reply — vs the docker floor
+ *                (`docker run` of an echo entrypoint → first byte); target ≤ 0.15× + the model
+ *   c evicted    WARM_POOL_SIZE=1: group A answers, group B answers (A's agent must be stopped),
+ *                then A's message → reply, the cold path — vs the CLI floor; target ≤ 1.3×
+ *   d cpu        CPU-seconds of a cold start (container start → first result) and of one more
+ *                turn, from the container's own cgroup, read while it lives — vs the CPU of
+ *                `kimi --version` in a container under the same limits
+ *   e idle       what a pooled group's agent costs while it waits: memory (cgroup, and anonymous
+ *                only), CPU over 10 s running idle and over 10 s while the host has paused it
+ *                (target 0) — vs a `sleep` container of the same image and limits, same window
+ *   1 cold       a line typed in `bun nanoclaw.ts chat` (a subprocess, piped stdin: no
+ *                keystrokes, so no pre-warm) → its reply printed, with the host's first
+ *                container; `docker run` → the CLI ready (ACP initialized, session open); and
+ *                where the time goes (host, docker, runner, CLI, MCP, model; the runner's
+ *                NANOCLAW_TIMING lines) — vs the floor of a `docker run` of the CLI's own
+ *                `kimi --version` (docker + the CLI's start), which is itself shown against a
+ *                bare `docker run` → first byte
+ *   1 warm       typing first, in process: Host.prewarm, the message a typing time later →
+ *                reply — vs the same floor
  *   1 image      the image alone: stdin JSON → first result, vs the same docker run with an
  *                echo entrypoint → first byte (both clocks stop at output; no teardown in either)
  *   2 followup   a follow-up into the live container → reply (vs the model alone), and its
@@ -28,9 +49,10 @@
  *   3 task       a scheduled task in a chat with a warm container: due → reply, and the next
  *                chat message after it (warm or cold?) — vs a warm follow-up in the same chat
  *   3 scheduler  how late the Scheduler fires (due → onDue) vs a bare setTimeout for the same instant
- *   4 burst      20 groups at once at the default MAX_CONCURRENT_CONTAINERS and at 10: first
- *                reply, all 20 — vs one group alone (measured on the same host just before each
- *                burst, every container removed in between) × ceil(20 / limit)
+ *   4/f burst    20 groups at once at the default MAX_CONCURRENT_CONTAINERS and at 10: first
+ *                reply vs one group alone (measured on the same host just before each burst);
+ *                all 20 vs the work: 20 × the CPU-seconds of that one alone's start (its cgroup)
+ *                / the CPUs — an ideal the limit cannot move (one alone × waves is in the notes)
  *   5 ingest     messages/s through Host.handleInbound into groups with a live container vs raw
  *                autocommit INSERTs of the same row into the same schema
  *   6 cli        `groups list`, `tasks list`, `chat` until ready — vs `bun -e 1`
@@ -38,15 +60,18 @@
  *                `bun -e "setInterval(()=>{},1000)"`
  *   8 slot       after an answer, with another group waiting: result → the waiting group’s docker run,
  *                → the container gone — vs docker's own teardown (first output → `run --rm` exits)
+ *
+ * Rows b, c and e need the warm pool (settings WARM_POOL_SIZE, WARM_PAUSE_AFTER, IDLE_TIMEOUT);
+ * without it they fail with a message saying what did not happen (no pause, no eviction)
+ * rather than print a figure. Row d gives each run a group of its own, so each start is cold.
  */
-import { chmodSync, existsSync, readdirSync, rmSync, watch, writeFileSync } from 'node:fs';
+import { chmodSync, existsSync, readdirSync, readFileSync, rmSync, watch, writeFileSync } from 'node:fs';
 import { availableParallelism } from 'node:os';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
 import {
   type Config,
   defaultConcurrency,
-  hardeningArgs,
   installId,
   loadConfig,
   LOCAL_MAIN_JID,
@@ -58,7 +83,19 @@ import {
 } from '../nanoclaw.ts';
 import {
   Bench,
+  CLI_FLOOR,
   ChatProcess,
+  cliFloorCpu,
+  cliFloorRun,
+  cpuOver,
+  DOCKER_FLOOR,
+  floorRun,
+  modelAlone,
+  sleeper,
+  type Conditions,
+  ContainerCgroup,
+  conditions,
+  inspect,
   ENTRY,
   fineWallClock,
   KEY,
@@ -80,7 +117,7 @@ import {
 
 // ───────────────────────────── the table ─────────────────────────────
 
-type Unit = 'ms' | 'MB' | 'msg/s';
+type Unit = 'ms' | 'MB' | 'msg/s' | 'CPU-s' | 'CPU-ms';
 
 interface Row {
   key: string;
@@ -91,6 +128,10 @@ interface Row {
   /** Measured samples, or an ideal computed from measured ones (row 4), or nothing. */
   base: number[] | { median: number; worst: number } | null;
   note?: string;
+  /** Why this figure could not be measured (printed as FAILED; the bench then exits 1). */
+  failed?: string;
+  /** The machine while this row's measurements ran (filled in by main). */
+  during?: { before: Conditions; after: Conditions };
 }
 
 /** For a rate the worst is the lowest; for a time or a size, the highest. */
@@ -107,8 +148,8 @@ function table(rows: Row[], runs: number, image: string): string {
   const lines = [
     `NanoClaw bench: ${runs} runs per figure, ${image}, ${availableParallelism()} CPUs, ${new Date().toISOString().slice(0, 16).replace('T', ' ')} UTC`,
     '',
-    '| # | figure | median | worst | baseline (measured in this run) | median | worst | ratio | n | notes |',
-    '|---|---|---|---|---|---|---|---|---|---|',
+    '| # | figure | median | worst | baseline (measured in this run) | median | worst | ratio | n | notes | load 1 min; CPU some avg10: before → after |',
+    '|---|---|---|---|---|---|---|---|---|---|---|',
   ];
   for (const row of rows) {
     const has = row.samples.length > 0;
@@ -135,9 +176,45 @@ function table(rows: Row[], runs: number, image: string): string {
       format(row.unit, bw),
       ratioText,
       String(row.samples.length),
-      row.note ?? '',
+      [row.failed && `FAILED: ${row.failed}`, row.note].filter(Boolean).join('; '),
+      row.during ? pressureChange(row.during.before, row.during.after) : '',
     ];
     lines.push(`| ${cells.map((c) => c.replace(/\|/g, '\\|')).join(' | ')} |`);
+  }
+  return `${lines.join('\n')}\n`;
+}
+
+const pressureText = (c: Conditions) =>
+  `${c.load1.toFixed(2)}; ${c.cpuSome10 === null ? 'n/a' : `${c.cpuSome10.toFixed(1)}%`}`;
+const pressureChange = (before: Conditions, after: Conditions) => `${pressureText(before)} → ${pressureText(after)}`;
+
+/**
+ * The machine while each row ran: load and CPU pressure at its start and end, and how long
+ * some task waited for a CPU during it (/proc/pressure/cpu `some total`, in µs) beside its
+ * wall time. A figure taken while tasks waited for a CPU much of the time is a busy machine's.
+ */
+function conditionsTable(spans: { name: string; before: Conditions; after: Conditions }[]): string {
+  const lines = [
+    '| row | wall time | load 1 min before → after | CPU some avg10 before → after | CPU stall during (some total) | stall / wall |',
+    '|---|---|---|---|---|---|',
+  ];
+  for (const { name, before, after } of spans) {
+    const wallUs = (after.at - before.at) * 1000;
+    const stallUs =
+      before.cpuSomeTotalUs === null || after.cpuSomeTotalUs === null
+        ? null
+        : after.cpuSomeTotalUs - before.cpuSomeTotalUs;
+    const pct = (v: number | null) => (v === null ? 'n/a' : `${v.toFixed(1)}%`);
+    lines.push(
+      `| ${[
+        name,
+        `${(wallUs / 1e6).toFixed(0)} s`,
+        `${before.load1.toFixed(2)} → ${after.load1.toFixed(2)}`,
+        `${pct(before.cpuSome10)} → ${pct(after.cpuSome10)}`,
+        stallUs === null ? 'n/a' : `${stallUs.toLocaleString('en-US')} µs`,
+        stallUs === null ? 'n/a' : pct((stallUs / wallUs) * 100),
+      ].join(' | ')} |`,
+    );
   }
   return `${lines.join('\n')}\n`;
 }
@@ -145,83 +222,6 @@ function table(rows: Row[], runs: number, image: string): string {
 // ───────────────────────────── shared measurements ─────────────────────────────
 
 const marker = (row: string, i: number | string) => `bench-${row}-${i}-${Math.random().toString(36).slice(2, 6)}`;
-
-/**
- * The docker floor: the same image with an entrypoint that prints one line at once.
- * firstByte stops at its output (as the agent's figures do); exit when `docker run --rm`
- * returns, so teardown = exit − firstByte is docker's own stop-and-remove.
- */
-/**
- * The limits every agent container runs under (CPU, memory, pids, read-only image…), without
- * its mounts: floors run under them too, so a floor and a figure pay the same CPU limit.
- */
-function hardening(b: Bench): string[] {
-  const config = loadConfig(b.root, { TZ: 'UTC' });
-  const group = {
-    jid: 'floor@g.us',
-    name: 'floor',
-    folder: 'floor',
-    trigger: '@Andy',
-    requiresTrigger: true,
-    isMain: false,
-    allow: [],
-    addedAt: '',
-  };
-  // The bench's own label marks its containers; the network is each caller's.
-  const paired = new Set(['--label', '--network']);
-  return hardeningArgs(config, group).filter((arg, i, all) => !paired.has(arg) && !paired.has(all[i - 1]!));
-}
-
-async function floorRun(
-  b: Bench,
-  extra: string[] = [],
-): Promise<{ firstByte: number; exit: number; teardown: number }> {
-  const started = wall();
-  const proc = b.spawn([
-    'docker',
-    'run',
-    '-i',
-    '--rm',
-    '--label',
-    b.label,
-    ...hardening(b),
-    ...extra,
-    '--entrypoint',
-    'echo',
-    b.image,
-    'ready',
-  ]);
-  const out = new Lines(proc.stdout);
-  void new Lines(proc.stderr, false);
-  const first = await out.wait('ready', 0, 60_000);
-  const code = await proc.exited;
-  const exited = wall();
-  if (code !== 0) throw new Error(`the docker floor run exited with ${code}`);
-  return { firstByte: first.at - started, exit: exited - started, teardown: exited - first.at };
-}
-
-/** The CLI's own floor: `docker run` of the image's `kimi --version` → its first byte (docker + the CLI's start). */
-async function cliFloorRun(b: Bench): Promise<number> {
-  const started = wall();
-  const proc = b.spawn([
-    'docker',
-    'run',
-    '-i',
-    '--rm',
-    '--label',
-    b.label,
-    ...hardening(b),
-    '--entrypoint',
-    'kimi',
-    b.image,
-    '--version',
-  ]);
-  const out = new Lines(proc.stdout);
-  void new Lines(proc.stderr, false);
-  const first = await out.wait('.', 0, 120_000);
-  if ((await proc.exited) !== 0) throw new Error('`kimi --version` failed in the image');
-  return first.at - started;
-}
 
 /** Runs a command to its end; its wall time in ms. */
 async function timed(b: Bench, cmd: string[], project?: Project): Promise<number> {
@@ -265,6 +265,403 @@ function onceTask(
 async function closeAll(world: World, jids: string[]): Promise<void> {
   for (const jid of jids) world.host.queue.closeContainer(jid);
   await new Signal().until(() => world.host.queue.activeCount === 0, 120_000, 'every container to close', 20);
+}
+
+// ───────────────────────────── a. the usual path: typing in `chat` on a terminal ─────────────────────────────
+
+/** Milliseconds between keys when row a types (a person typing; --key-ms). */
+let keyMs = 170;
+
+async function rowTyping(b: Bench, runs: number): Promise<Row[]> {
+  if (!Bun.which('script'))
+    throw new Error(
+      'row a needs `script` from util-linux for a pseudo-terminal: apt-get install bsdutils (or util-linux)',
+    );
+  // LOG_LEVEL=debug: the host's file log then says when typing started a container.
+  const project = b.project('typing', { LOG_LEVEL: 'debug' });
+  const prefix = containerPrefix(loadConfig(project.root, project.env), 'main');
+  const logFile = join(project.root, 'logs', 'nanoclaw.log');
+  const ask = async (text: string) => {
+    const logFrom = existsSync(logFile) ? readFileSync(logFile, 'utf8').length : 0;
+    const spawned = wall();
+    const chat = await ChatProcess.start(b, project, {}, { pty: true });
+    try {
+      await Bun.sleep(300); // the prompt is drawn and readline is in raw mode
+      const from = chat.out.lines.length;
+      const keys = await chat.typeKeys(text, keyMs);
+      const printed = (await chat.out.wait(`[stub] ${text}`, from, 180_000)).at;
+      const run = b.runs().find((r) => r.at >= spawned && r.name.startsWith(prefix));
+      const logged = readFileSync(logFile, 'utf8')
+        .slice(logFrom)
+        .includes('starting its container ahead of the message');
+      return { ...keys, printed, run, logged };
+    } finally {
+      await chat.close();
+    }
+  };
+  progress('typing', 'warm-up (not counted): the engine, the first chat, the first session');
+  await cliFloorRun(b);
+  await ask(marker('typing', 'warmup'));
+
+  const replies: number[] = [];
+  const cliFloors: number[] = [];
+  const leads: number[] = [];
+  const when = { 'at start-up': 0, 'while typing': 0, 'after Enter': 0, never: 0 };
+  let logged = 0;
+  for (let i = 1; i <= runs; i++) {
+    cliFloors.push(await cliFloorRun(b));
+    const r = await ask(marker('typing', i));
+    replies.push(r.printed - r.enter);
+    if (r.logged) logged++;
+    const started = !r.run
+      ? 'never'
+      : r.run.at < r.firstKey
+        ? 'at start-up'
+        : r.run.at < r.enter
+          ? 'while typing'
+          : 'after Enter';
+    when[started]++;
+    if (r.run && r.run.at >= r.firstKey) leads.push(r.run.at - r.firstKey);
+    progress(
+      'typing',
+      `run ${i}/${runs}: Enter → reply ${r.printed - r.enter} ms (typed ${r.enter - r.firstKey} ms); container started ${started}${r.run ? ` (${Math.round(r.run.at - r.firstKey)} ms after the first key)` : ''}; CLI floor ${cliFloors.at(-1)} ms`,
+    );
+  }
+  const started = Object.entries(when)
+    .filter(([, n]) => n > 0)
+    .map(([what, n]) => `${what} ${n}/${runs}`)
+    .join(', ');
+  return [
+    {
+      key: 'a',
+      figure: `your usual path: \`chat\` on a pty, typed at ${keyMs} ms a key, Enter → reply printed`,
+      unit: 'ms',
+      samples: replies,
+      baseline: CLI_FLOOR,
+      base: cliFloors,
+      note: `container started ${started}${leads.length ? ` (median ${Math.round(median(leads))} ms after the first key)` : ''}; host logged the pre-warm ${logged}/${runs}`,
+    },
+  ];
+}
+
+// ───────────────────────────── b. a pooled group's message ─────────────────────────────
+
+/** The warm pool's settings for rows b, c and e (the contract in the header). */
+const POOL = { pauseAfterMs: 2_000, idleTimeoutMs: 600_000 };
+
+function poolEnv(size: number, pauseAfterMs = POOL.pauseAfterMs): Record<string, string> {
+  return {
+    WARM_POOL_SIZE: String(size),
+    WARM_PAUSE_AFTER: String(pauseAfterMs),
+    IDLE_TIMEOUT: String(POOL.idleTimeoutMs),
+  };
+}
+
+/** The group's newest container (by the wrapper's log), or an error naming what is missing. */
+function newestContainer(b: Bench, prefix: string, after = 0): string {
+  const run = b
+    .runs()
+    .filter((r) => r.at >= after && r.name.startsWith(prefix))
+    .at(-1);
+  if (!run) throw new Error(`no container started with the prefix ${prefix}`);
+  return run.name;
+}
+
+/** Waits until the container is paused; a pool that never pauses fails here, loudly. */
+async function waitPaused(name: string, pauseAfterMs: number, row: string): Promise<void> {
+  const limit = pauseAfterMs + 20_000;
+  await new Signal()
+    .until(
+      () => {
+        const state = inspect(name);
+        if (!state?.running)
+          throw new Error(
+            `${row}: the warm pool is not there: the group's container ${name} stopped instead of waiting paused`,
+          );
+        return state.paused;
+      },
+      limit,
+      'the pause',
+      100,
+    )
+    .catch((err: Error) => {
+      if (err.message.startsWith(row)) throw err;
+      throw new Error(
+        `${row}: the warm pool is not there: the group's container was not paused ${limit / 1000} s after its reply (WARM_PAUSE_AFTER=${pauseAfterMs})`,
+      );
+    });
+}
+
+async function rowPooled(b: Bench, runs: number): Promise<Row[]> {
+  const a = '120363000000033333@g.us';
+  const world = await b.world('pooled', poolEnv(2), [{ jid: a, folder: 'pa', requiresTrigger: false }]);
+  const prefix = containerPrefix(world.config, 'pa');
+  const replies: number[] = [];
+  const floors: number[] = [];
+  const models: number[] = [];
+  try {
+    progress('pooled', 'warm-up (not counted): the group answers once, cold');
+    const first = marker('pooled', 'warmup');
+    world.channel.receive(a, first);
+    await world.channel.waitReply(a, `[stub] ${first}`, 180_000);
+    await floorRun(b);
+    for (let i = 1; i <= runs; i++) {
+      floors.push((await floorRun(b)).firstByte);
+      models.push(await modelAlone(b));
+      const name = newestContainer(b, prefix);
+      await waitPaused(name, POOL.pauseAfterMs, 'pooled');
+      const text = marker('pooled', i);
+      const sent = wall();
+      world.channel.receive(a, text);
+      const reply = await world.channel.waitReply(a, `[stub] ${text}`, 180_000);
+      if (b.runs().some((r) => r.at >= sent && r.name.startsWith(prefix)))
+        throw new Error(
+          'pooled: the paused group’s message started a new container (the cold path), not its pooled agent',
+        );
+      replies.push(reply.at - sent);
+      progress(
+        'pooled',
+        `run ${i}/${runs}: paused → reply ${reply.at - sent} ms; docker floor ${floors.at(-1)} ms; model alone ${models.at(-1)!.toFixed(1)} ms`,
+      );
+    }
+  } finally {
+    await b.closeWorld(world);
+  }
+  return [
+    {
+      key: 'b',
+      figure: `a pooled group’s message (its agent paused, WARM_PAUSE_AFTER ${POOL.pauseAfterMs} ms) → reply`,
+      unit: 'ms',
+      samples: replies,
+      baseline: DOCKER_FLOOR,
+      base: floors,
+      note: `target ≤ 0.15× + the model (model alone: median ${median(models).toFixed(1)} ms, this run)`,
+    },
+  ];
+}
+
+// ───────────────────────────── c. an evicted group's message ─────────────────────────────
+
+async function rowEvicted(b: Bench, runs: number): Promise<Row[]> {
+  const a = '120363000000044444@g.us';
+  const c = '120363000000055555@g.us';
+  const world = await b.world('evicted', poolEnv(1), [
+    { jid: a, folder: 'ea', requiresTrigger: false },
+    { jid: c, folder: 'eb', requiresTrigger: false },
+  ]);
+  const prefixA = containerPrefix(world.config, 'ea');
+  const prefixB = containerPrefix(world.config, 'eb');
+  const { channel } = world;
+  const answer = async (jid: string, text: string) => {
+    const sent = wall();
+    channel.receive(jid, text);
+    return (await channel.waitReply(jid, `[stub] ${text}`, 180_000)).at - sent;
+  };
+  const replies: number[] = [];
+  const cliFloors: number[] = [];
+  try {
+    progress('evicted', 'warm-up (not counted): A and B answer once each, cold');
+    await answer(a, marker('ev-a', 'warmup'));
+    await answer(c, marker('ev-b', 'warmup'));
+    await cliFloorRun(b);
+    for (let i = 1; i <= runs; i++) {
+      cliFloors.push(await cliFloorRun(b));
+      await answer(a, marker('ev-a', `${i}-first`));
+      const agentA = newestContainer(b, prefixA);
+      await answer(c, marker('ev-b', i));
+      const agentB = newestContainer(b, prefixB);
+      await b.waitEvent(agentA, 'die', 30_000).catch(() => {
+        throw new Error(
+          `evicted: the warm pool is not there: with WARM_POOL_SIZE=1, group A’s agent was still up 30 s after group B answered (B: ${inspect(agentB)?.running ? 'up' : 'gone'})`,
+        );
+      });
+      const text = marker('ev-a', i);
+      const sent = wall();
+      const ms = await answer(a, text);
+      if (!b.runs().some((r) => r.at >= sent && r.name.startsWith(prefixA)))
+        throw new Error('evicted: group A’s message after its eviction started no container (not the cold path)');
+      replies.push(ms);
+      progress('evicted', `run ${i}/${runs}: evicted → reply ${ms} ms; CLI floor ${cliFloors.at(-1)} ms`);
+    }
+  } finally {
+    await b.closeWorld(world);
+  }
+  return [
+    {
+      key: 'c',
+      figure: 'an evicted group’s message (WARM_POOL_SIZE 1, another group answered since) → reply',
+      unit: 'ms',
+      samples: replies,
+      baseline: CLI_FLOOR,
+      base: cliFloors,
+      note: 'target ≤ 1.3×',
+    },
+  ];
+}
+
+// ───────────────────────────── d. CPU per cold start and per turn ─────────────────────────────
+
+async function rowCpu(b: Bench, runs: number): Promise<Row[]> {
+  // A group of its own for each run (and the warm-up): its first message is a cold start
+  // whatever the pool keeps of the others, and its second goes to the same container.
+  const groups = Array.from({ length: runs + 1 }, (_, k) => ({
+    jid: `12036300000006${String(k).padStart(4, '0')}@g.us`,
+    folder: `cpu${k}`,
+    requiresTrigger: false,
+  }));
+  const world = await b.world('cpu', { IDLE_TIMEOUT: String(POOL.idleTimeoutMs) }, groups);
+  const perStart: number[] = [];
+  const perTurn: number[] = [];
+  const floors: number[] = [];
+  const ask = async (jid: string, text: string) => {
+    world.channel.receive(jid, text);
+    await world.channel.waitReply(jid, `[stub] ${text}`, 180_000);
+  };
+  try {
+    progress('cpu', 'warm-up (not counted)');
+    await cliFloorCpu(b);
+    await ask(groups[0]!.jid, marker('cpu', 'warmup'));
+    await closeAll(world, [groups[0]!.jid]);
+    for (let i = 1; i <= runs; i++) {
+      const { jid, folder } = groups[i]!;
+      const prefix = containerPrefix(world.config, folder);
+      floors.push(await cliFloorCpu(b));
+      const sent = wall();
+      await ask(jid, marker('cpu', `${i}-start`));
+      const name = newestContainer(b, prefix, sent);
+      const cgroup = ContainerCgroup.of(name);
+      const afterFirst = cgroup.cpuMs();
+      const turnSent = wall();
+      await ask(jid, marker('cpu', `${i}-turn`));
+      const afterSecond = cgroup.cpuMs();
+      if (b.runs().some((r) => r.at >= turnSent && r.name.startsWith(prefix)))
+        throw new Error('cpu: the second message started a new container; its turn was not measured in the first');
+      perStart.push(afterFirst / 1000);
+      perTurn.push((afterSecond - afterFirst) / 1000);
+      await closeAll(world, [jid]);
+      progress(
+        'cpu',
+        `run ${i}/${runs}: cold start + first turn ${(afterFirst / 1000).toFixed(2)} CPU-s, a second turn ${((afterSecond - afterFirst) / 1000).toFixed(2)} CPU-s; \`kimi --version\` ${(floors.at(-1)! / 1000).toFixed(2)} CPU-s`,
+      );
+    }
+  } finally {
+    await b.closeWorld(world);
+  }
+  const base = floors.map((ms) => ms / 1000);
+  const baseline = '`kimi --version` in a container, same limits: its cgroup’s CPU';
+  return [
+    {
+      key: 'd',
+      figure: 'CPU of a cold start: container start → first result (its cgroup)',
+      unit: 'CPU-s',
+      samples: perStart,
+      baseline,
+      base,
+      note: 'includes the first turn; load changes it little',
+    },
+    {
+      key: 'd',
+      figure: 'CPU of one more turn in the live container (its cgroup)',
+      unit: 'CPU-s',
+      samples: perTurn,
+      baseline,
+      base,
+    },
+  ];
+}
+
+// ───────────────────────────── e. what a pooled group costs while it waits ─────────────────────────────
+
+const IDLE_WINDOW_MS = 10_000;
+
+async function rowIdle(b: Bench, runs: number): Promise<Row[]> {
+  const g = '120363000000077777@g.us';
+  const pauseAfterMs = IDLE_WINDOW_MS + 5_000; // the running window ends before the pause
+  const world = await b.world('idle', poolEnv(2, pauseAfterMs), [{ jid: g, folder: 'idle', requiresTrigger: false }]);
+  const prefix = containerPrefix(world.config, 'idle');
+  const memory = { agent: [] as number[], base: [] as number[] };
+  const anon = { agent: [] as number[], base: [] as number[] };
+  const running = { agent: [] as number[], base: [] as number[] };
+  const paused = { agent: [] as number[], base: [] as number[] };
+  let pauseMissing = '';
+  try {
+    for (let i = 1; i <= runs; i++) {
+      const base = ContainerCgroup.of(sleeper(b));
+      const text = marker('idle', i);
+      world.channel.receive(g, text);
+      await world.channel.waitReply(g, `[stub] ${text}`, 180_000);
+      const name = newestContainer(b, prefix);
+      const agent = ContainerCgroup.of(name);
+      await Bun.sleep(1_000); // the reply's own work settles
+      const [agentCpu, baseCpu] = await cpuOver(IDLE_WINDOW_MS, agent, base);
+      if (inspect(name)?.paused) throw new Error('idle: the agent was paused before its running window ended');
+      running.agent.push(agentCpu!);
+      running.base.push(baseCpu!);
+      memory.agent.push(agent.memoryMb());
+      memory.base.push(base.memoryMb());
+      anon.agent.push(agent.rssMb());
+      anon.base.push(base.rssMb());
+      let pausedNote = '';
+      if (!pauseMissing) {
+        try {
+          await waitPaused(name, pauseAfterMs, 'idle');
+          const [agentPaused, basePaused] = await cpuOver(IDLE_WINDOW_MS, agent, base);
+          paused.agent.push(agentPaused!);
+          paused.base.push(basePaused!);
+          pausedNote = `, paused ${agentPaused!.toFixed(1)} CPU-ms`;
+        } catch (err) {
+          pauseMissing = err instanceof Error ? err.message : String(err);
+          progress('idle', pauseMissing);
+        }
+      }
+      Bun.spawnSync(['docker', 'rm', '-f', base.name], { stdout: 'ignore', stderr: 'ignore' });
+      progress(
+        'idle',
+        `run ${i}/${runs}: agent ${memory.agent.at(-1)!.toFixed(1)} MB (anon ${anon.agent.at(-1)!.toFixed(1)}), ${agentCpu!.toFixed(1)} CPU-ms per ${IDLE_WINDOW_MS / 1000} s running idle${pausedNote}; sleep container ${memory.base.at(-1)!.toFixed(1)} MB, ${baseCpu!.toFixed(1)} CPU-ms`,
+      );
+    }
+  } finally {
+    await b.closeWorld(world);
+  }
+  const baseline = 'a `sleep` container of the same image and limits, same window';
+  const window = `${IDLE_WINDOW_MS / 1000} s`;
+  return [
+    {
+      key: 'e',
+      figure: 'a pooled group’s agent waiting for a message: memory charged to its cgroup',
+      unit: 'MB',
+      samples: memory.agent,
+      baseline,
+      base: memory.base,
+      note: 'page cache included',
+    },
+    {
+      key: 'e',
+      figure: 'the same: its processes’ anonymous memory (RSS, no cache)',
+      unit: 'MB',
+      samples: anon.agent,
+      baseline,
+      base: anon.base,
+    },
+    {
+      key: 'e',
+      figure: `the same: CPU over ${window} running idle (1 s after its reply)`,
+      unit: 'CPU-ms',
+      samples: running.agent,
+      baseline,
+      base: running.base,
+    },
+    {
+      key: 'e',
+      figure: `the same: CPU over ${window} while \`docker pause\`d by the host`,
+      unit: 'CPU-ms',
+      samples: paused.agent,
+      baseline,
+      base: paused.base,
+      note: 'target 0',
+      failed: pauseMissing || undefined,
+    },
+  ];
 }
 
 // ───────────────────────────── 1. cold reply (chat subprocess) ─────────────────────────────
@@ -346,14 +743,13 @@ async function rowCold(b: Bench, runs: number): Promise<Row[]> {
       `run ${i}/${runs}: reply ${reply.ms} ms, docker floor ${floor.firstByte} ms${run ? '' : ' (no docker run seen!)'}`,
     );
   }
-  const cliFloorText = '`docker run` of the image’s `kimi --version` → first byte (docker + CLI start)';
   const rows: Row[] = [
     {
       key: '1',
       figure: 'cold reply: line typed in `chat` → reply printed (first container)',
       unit: 'ms',
       samples: replies,
-      baseline: cliFloorText,
+      baseline: CLI_FLOOR,
       base: cliFloors,
       note: `target ≤1.3×; runner timing lines in ${withTiming}/${runs} runs`,
     },
@@ -362,7 +758,7 @@ async function rowCold(b: Bench, runs: number): Promise<Row[]> {
       figure: '`docker run` invoked → the CLI ready (ACP initialized, session open)',
       unit: 'ms',
       samples: cliReady,
-      baseline: cliFloorText,
+      baseline: CLI_FLOOR,
       base: cliFloors,
     },
     {
@@ -370,7 +766,7 @@ async function rowCold(b: Bench, runs: number): Promise<Row[]> {
       figure: 'the floor itself: `docker run` of `kimi --version` → first byte',
       unit: 'ms',
       samples: cliFloors,
-      baseline: '`docker run -i --rm IMAGE`, echo entrypoint → first byte',
+      baseline: DOCKER_FLOOR,
       base: floors,
       note: 'what starting the CLI adds to a bare container',
     },
@@ -466,7 +862,8 @@ async function rowImage(b: Bench, runs: number): Promise<Row[]> {
 const TYPING_MS = 4_000;
 
 async function rowWarm(b: Bench, runs: number): Promise<Row[]> {
-  const jid = 'warm@g.us';
+  // A main chat that is not a group chat: there only the owner's messages wake main (mayWake).
+  const jid = '4915100000003@s.whatsapp.net';
   const world = await b.world('warm', {}, [{ jid, folder: 'warm', isMain: true }]);
   const replies: number[] = [];
   const cliFloors: number[] = [];
@@ -493,7 +890,7 @@ async function rowWarm(b: Bench, runs: number): Promise<Row[]> {
       figure: `typing first: container started at the first keystroke, message sent ${TYPING_MS / 1000} s later → reply`,
       unit: 'ms',
       samples: replies,
-      baseline: '`docker run` of the image’s `kimi --version` → first byte (docker + CLI start)',
+      baseline: CLI_FLOOR,
       base: cliFloors,
       note: `started ahead ${prewarmed}/${runs}`,
     },
@@ -526,26 +923,6 @@ async function fsWatchLatency(dir: string, count: number): Promise<number[]> {
     watcher.close();
   }
   return samples;
-}
-
-/** The model alone: one streamed completion straight from this process (through the timestamping front). */
-async function modelAlone(b: Bench): Promise<number> {
-  const started = mono();
-  const res = await fetch(`${b.modelUrl}/chat/completions`, {
-    method: 'POST',
-    headers: { authorization: `Bearer ${KEY}`, 'content-type': 'application/json' },
-    body: JSON.stringify({
-      model: 'kimi-k2.5',
-      stream: true,
-      messages: [
-        { role: 'system', content: 'You are Andy.' },
-        { role: 'user', content: '<messages>\n<message sender="You" time="now">bench</message>\n</messages>' },
-      ],
-    }),
-  });
-  await res.text();
-  if (!res.ok) throw new Error(`the model answered ${res.status}`);
-  return mono() - started;
 }
 
 async function rowFollowUp(b: Bench, runs: number): Promise<Row[]> {
@@ -785,6 +1162,7 @@ async function rowBurst(b: Bench, runs: number): Promise<Row[]> {
   for (const limit of limits)
     worlds.push(await b.world(`burst-${limit}`, { MAX_CONCURRENT_CONTAINERS: String(limit) }, groups));
   const single: number[] = [];
+  const startCpu: number[] = [];
   const first = new Map<number, number[]>(limits.map((l) => [l, []]));
   const total = new Map<number, number[]>(limits.map((l) => [l, []]));
   /** Closes every container of a world and waits until the engine has removed each one. */
@@ -798,10 +1176,14 @@ async function rowBurst(b: Bench, runs: number): Promise<Row[]> {
       for (const [index, limit] of limits.entries()) {
         const world = worlds[index]!;
         // One group alone, on the same host just before the burst: the unit of the ideal.
+        // Its container's CPU, read at the reply, is the work of one start (and its turn).
         const alone = marker('alone', `${i}-${limit}`);
         const t0 = wall();
         world.channel.receive(jids[0]!, `@Andy ${alone}`);
         single.push((await world.channel.waitReply(jids[0]!, `[stub] ${alone}`, 180_000)).at - t0);
+        startCpu.push(
+          ContainerCgroup.of(newestContainer(b, containerPrefix(world.config, groups[0]!.folder), t0)).cpuMs(),
+        );
         await settle(world);
         const texts = jids.map((_, k) => marker(`burst${limit}`, `${i}-${k}`));
         const started = wall();
@@ -815,7 +1197,7 @@ async function rowBurst(b: Bench, runs: number): Promise<Row[]> {
         await settle(world);
         progress(
           'burst',
-          `run ${i}/${runs}, limit ${limit}: first reply ${minOf(times)} ms, all ${count} ${maxOf(times)} ms (one alone just before: ${single.at(-1)} ms)`,
+          `run ${i}/${runs}, limit ${limit}: first reply ${minOf(times)} ms, all ${count} ${maxOf(times)} ms (one alone just before: ${single.at(-1)} ms, ${(startCpu.at(-1)! / 1000).toFixed(2)} CPU-s)`,
         );
       }
     }
@@ -823,11 +1205,16 @@ async function rowBurst(b: Bench, runs: number): Promise<Row[]> {
     for (const world of worlds) await b.closeWorld(world);
   }
   const rows: Row[] = [];
+  // The ideal for all replies is the work: every start's CPU (one alone, measured above), spread
+  // over every core. Unlike one-alone × waves it does not move with the limit.
+  const cores = availableParallelism();
+  const work = (cpuMs: number) => (count * cpuMs) / cores;
+  const cpuText = `${(median(startCpu) / 1000).toFixed(2)} CPU-s`;
   for (const limit of limits) {
     const waves = Math.ceil(count / limit);
     const label = limit === defaultLimit ? `limit ${limit} (default)` : `limit ${limit}`;
     rows.push({
-      key: `4 L${limit}`,
+      key: `4/f L${limit}`,
       figure: `${count} groups at once, ${label}: first reply`,
       unit: 'ms',
       samples: first.get(limit)!,
@@ -835,13 +1222,13 @@ async function rowBurst(b: Bench, runs: number): Promise<Row[]> {
       base: { median: median(single), worst: maxOf(single) },
     });
     rows.push({
-      key: `4 L${limit}`,
+      key: `4/f L${limit}`,
       figure: `${count} groups at once, ${label}: all ${count} replies`,
       unit: 'ms',
       samples: total.get(limit)!,
-      baseline: `ideal: one group alone (measured before each burst) × ceil(${count}/${limit}) = × ${waves}`,
-      base: { median: median(single) * waves, worst: maxOf(single) * waves },
-      note: `${availableParallelism()} CPUs; CONTAINER_CPUS ${worlds[0]!.config.container.cpus} each; baseline n = ${single.length}`,
+      baseline: `ideal by work: ${count} starts × ${cpuText} (one alone, its cgroup, this run) / ${cores} CPUs`,
+      base: { median: work(median(startCpu)), worst: work(maxOf(startCpu)) },
+      note: `by waves (one alone × ${waves}) it would be ${format('ms', median(single) * waves)}, ratio ${(median(total.get(limit)!) / (median(single) * waves)).toFixed(2)}×; CONTAINER_CPUS ${worlds[0]!.config.container.cpus} each; baseline n = ${startCpu.length}`,
     });
   }
   return rows;
@@ -1130,26 +1517,33 @@ async function rowSlot(b: Bench, runs: number): Promise<Row[]> {
 
 // ───────────────────────────── the command ─────────────────────────────
 
-const ROWS: Record<string, { number: string; run: (b: Bench, runs: number) => Promise<Row[]> }> = {
-  cold: { number: '1', run: rowCold },
-  image: { number: '1', run: rowImage },
-  warm: { number: '1', run: rowWarm },
-  followup: { number: '2', run: rowFollowUp },
-  task: { number: '3', run: rowTask },
-  scheduler: { number: '3', run: rowScheduler },
-  burst: { number: '4', run: rowBurst },
-  ingest: { number: '5', run: rowIngest },
-  cli: { number: '6', run: rowCli },
-  rss: { number: '7', run: rowRss },
-  slot: { number: '8', run: rowSlot },
+const ROWS: Record<string, { numbers: string[]; run: (b: Bench, runs: number) => Promise<Row[]> }> = {
+  typing: { numbers: ['a'], run: rowTyping },
+  pooled: { numbers: ['b'], run: rowPooled },
+  evicted: { numbers: ['c'], run: rowEvicted },
+  cpu: { numbers: ['d'], run: rowCpu },
+  idle: { numbers: ['e'], run: rowIdle },
+  cold: { numbers: ['1'], run: rowCold },
+  image: { numbers: ['1'], run: rowImage },
+  warm: { numbers: ['1'], run: rowWarm },
+  followup: { numbers: ['2'], run: rowFollowUp },
+  task: { numbers: ['3'], run: rowTask },
+  scheduler: { numbers: ['3'], run: rowScheduler },
+  burst: { numbers: ['4', 'f'], run: rowBurst },
+  ingest: { numbers: ['5'], run: rowIngest },
+  cli: { numbers: ['6'], run: rowCli },
+  rss: { numbers: ['7'], run: rowRss },
+  slot: { numbers: ['8'], run: rowSlot },
 };
 
-const USAGE = `Usage: bun bench/run.ts [--runs N] [--only ROW[,ROW…]] [--image IMAGE] [--keep]
+const USAGE = `Usage: bun bench/run.ts [--runs N] [--only ROW[,ROW…]] [--skip ROW[,ROW…]] [--key-ms MS] [--image IMAGE] [--keep]
   --runs N      runs per figure (default 5)
   --only ROW    only these rows, by name or number (repeatable, or comma-separated):
                 ${Object.entries(ROWS)
-                  .map(([name, row]) => `${row.number} ${name}`)
+                  .map(([name, row]) => `${row.numbers.join('/')} ${name}`)
                   .join(', ')}
+  --skip ROW    all rows but these (e.g. --skip b,c until the warm pool is there)
+  --key-ms MS   the time between keys when row a types (default ${keyMs})
   --image IMG   the agent image (default nanoclaw-agent:test; build it with ./container/build.sh --test)
   --keep        leave the temp dir (projects, logs, run logs) for a look; containers still go
 Progress goes to stderr; the table (markdown) to stdout.`;
@@ -1160,12 +1554,28 @@ function usageError(message: string): never {
   process.exit(2);
 }
 
-function parse(argv: string[]): { runs: number; only: string[]; image: string; keep: boolean } {
+/** Row names from --only/--skip items (names, or numbers for every row of that number). */
+function rowNames(items: string[] | undefined): string[] {
+  const names: string[] = [];
+  for (const item of (items ?? [])
+    .flatMap((v) => v.split(','))
+    .map((v) => v.trim())
+    .filter(Boolean)) {
+    const found = item in ROWS ? [item] : Object.keys(ROWS).filter((name) => ROWS[name]!.numbers.includes(item));
+    if (!found.length) usageError(`unknown row "${item}"`);
+    for (const name of found) if (!names.includes(name)) names.push(name);
+  }
+  return names;
+}
+
+function parse(argv: string[]): { runs: number; only: string[]; image: string; keep: boolean; keyMs: number } {
   let parsed: ReturnType<
     typeof parseArgs<{
       options: {
         runs: { type: 'string' };
         only: { type: 'string'; multiple: true };
+        skip: { type: 'string'; multiple: true };
+        'key-ms': { type: 'string' };
         image: { type: 'string' };
         keep: { type: 'boolean' };
         help: { type: 'boolean'; short: 'h' };
@@ -1178,6 +1588,8 @@ function parse(argv: string[]): { runs: number; only: string[]; image: string; k
       options: {
         runs: { type: 'string' },
         only: { type: 'string', multiple: true },
+        skip: { type: 'string', multiple: true },
+        'key-ms': { type: 'string' },
         image: { type: 'string' },
         keep: { type: 'boolean' },
         help: { type: 'boolean', short: 'h' },
@@ -1194,25 +1606,22 @@ function parse(argv: string[]): { runs: number; only: string[]; image: string; k
   }
   const runsText = parsed.values.runs ?? '5';
   if (!/^[1-9]\d*$/.test(runsText)) usageError(`--runs must be a whole number above 0, not "${runsText}"`);
-  const only: string[] = [];
-  for (const item of (parsed.values.only ?? [])
-    .flatMap((v) => v.split(','))
-    .map((v) => v.trim())
-    .filter(Boolean)) {
-    const names = item in ROWS ? [item] : Object.keys(ROWS).filter((name) => ROWS[name]!.number === item);
-    if (!names.length) usageError(`unknown row "${item}"`);
-    for (const name of names) if (!only.includes(name)) only.push(name);
-  }
+  const keyText = parsed.values['key-ms'] ?? String(keyMs);
+  if (!/^[1-9]\d*$/.test(keyText)) usageError(`--key-ms must be a whole number above 0, not "${keyText}"`);
+  const only = rowNames(parsed.values.only);
+  const skip = rowNames(parsed.values.skip);
   return {
     runs: Number(runsText),
-    only: only.length ? Object.keys(ROWS).filter((n) => only.includes(n)) : Object.keys(ROWS),
+    only: Object.keys(ROWS).filter((n) => (only.length === 0 || only.includes(n)) && !skip.includes(n)),
+    keyMs: Number(keyText),
     image: parsed.values.image ?? 'nanoclaw-agent:test',
     keep: parsed.values.keep ?? false,
   };
 }
 
 async function main(): Promise<number> {
-  const { runs, only, image, keep } = parse(process.argv.slice(2));
+  const { runs, only, image, keep, keyMs: typingKeyMs } = parse(process.argv.slice(2));
+  keyMs = typingKeyMs;
   if (Bun.spawnSync(['docker', 'info'], { stdout: 'ignore', stderr: 'ignore' }).exitCode !== 0) {
     console.error('bench: the Docker engine is not reachable (docker info failed).');
     return 1;
@@ -1234,6 +1643,7 @@ async function main(): Promise<number> {
   process.on('SIGINT', () => onSignal('SIGINT'));
   process.on('SIGTERM', () => onSignal('SIGTERM'));
   const rows: Row[] = [];
+  const spans: { name: string; before: Conditions; after: Conditions }[] = [];
   let failed = 0;
   const started = mono();
   try {
@@ -1241,23 +1651,33 @@ async function main(): Promise<number> {
     for (const name of only) {
       progress(name, `starting (${runs} runs)`);
       const rowStarted = mono();
+      const before = conditions();
+      let measured: Row[];
       try {
-        rows.push(...(await ROWS[name]!.run(bench, runs)));
+        measured = await ROWS[name]!.run(bench, runs);
       } catch (err) {
         if (interrupted) break;
-        failed++;
         const message = err instanceof Error ? err.message : String(err);
         progress(name, `FAILED: ${message}`);
-        rows.push({
-          key: ROWS[name]!.number,
-          figure: name,
-          unit: 'ms',
-          samples: [],
-          baseline: '',
-          base: null,
-          note: `failed: ${message.slice(0, 200)}`,
-        });
+        measured = [
+          {
+            key: ROWS[name]!.numbers[0]!,
+            figure: name,
+            unit: 'ms',
+            samples: [],
+            baseline: '',
+            base: null,
+            failed: message,
+          },
+        ];
       }
+      const after = conditions();
+      spans.push({ name, before, after });
+      for (const row of measured) {
+        row.during = { before, after };
+        if (row.failed) failed++;
+      }
+      rows.push(...measured);
       progress(name, `done in ${((mono() - rowStarted) / 1000).toFixed(0)} s`);
     }
   } finally {
@@ -1266,6 +1686,7 @@ async function main(): Promise<number> {
   if (interrupted) return 130;
   progress('bench', `all done in ${((mono() - started) / 1000).toFixed(0)} s`);
   process.stdout.write(table(rows, runs, image));
+  process.stdout.write(`\nThe machine during each row (${availableParallelism()} CPUs):\n\n${conditionsTable(spans)}`);
   return failed ? 1 : 0;
 }
 
