@@ -293,7 +293,7 @@ async function rowTyping(b: Bench, runs: number): Promise<Row[]> {
       const run = b.runs().find((r) => r.at >= spawned && r.name.startsWith(prefix));
       const logged = readFileSync(logFile, 'utf8')
         .slice(logFrom)
-        .includes('starting its container ahead of the message');
+        .includes('readying its agent ahead of the message');
       return { ...keys, printed, run, logged };
     } finally {
       await chat.close();
