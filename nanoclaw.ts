@@ -3122,6 +3122,8 @@ export interface WhatsAppOptions {
   onStopped?(why: string): void;
   /** Reconnect delays and refreshes (default: the system's). */
   clock?: Clock;
+  /** Each socket as it opens (what tests watch). */
+  onSocket?(sock: WASocket): void;
 }
 
 const WHATSAPP_EVENTS = [
@@ -3217,10 +3219,6 @@ export class WhatsAppChannel implements Channel {
   private lookUpVersion = true;
   /** The version refusal is logged once per outage, not once per attempt. */
   private versionRefusalLogged = false;
-  /** How many sockets this channel opened (diagnostics and tests). */
-  socketsOpened = 0;
-  /** Delays used for each reconnect, in order. */
-  readonly reconnectDelays: number[] = [];
 
   constructor(private readonly options: WhatsAppOptions) {
     this.rateLimiter = options.rateLimiter ?? new RateLimiter();
@@ -3233,16 +3231,8 @@ export class WhatsAppChannel implements Channel {
     return file.state === 'ok' ? linkStateOf(JSON.parse(file.text)) : file.state;
   }
 
-  static isLinked(authDir: string): boolean {
-    return WhatsAppChannel.linkState(authDir) === 'linked';
-  }
-
   ownsJid(jid: string): boolean {
     return /@(s\.whatsapp\.net|g\.us|lid)$/.test(jid);
-  }
-
-  get isConnected(): boolean {
-    return this.connected;
   }
 
   get ready(): boolean {
@@ -3255,7 +3245,7 @@ export class WhatsAppChannel implements Channel {
   }
 
   async connect(handlers: ChannelHandlers): Promise<void> {
-    if (!WhatsAppChannel.isLinked(this.options.authDir)) {
+    if (WhatsAppChannel.linkState(this.options.authDir) !== 'linked') {
       throw new WhatsAppNotLinked(
         'WhatsApp is not linked on this machine yet.\n  Fix: bun nanoclaw.ts auth   (or: bun nanoclaw.ts auth --pairing-code <your phone number>)',
       );
@@ -3322,7 +3312,7 @@ export class WhatsAppChannel implements Channel {
       ...(this.options.waWebSocketUrl ? { waWebSocketUrl: this.options.waWebSocketUrl } : {}),
     });
     this.sock = sock;
-    this.socketsOpened++;
+    this.options.onSocket?.(sock);
     sock.ev.on('creds.update', saveCreds);
     sock.ev.on('connection.update', (update) => this.onConnectionUpdate(sock, update));
     sock.ev.on('messages.upsert', ({ messages }) => {
@@ -3475,7 +3465,6 @@ export class WhatsAppChannel implements Channel {
           capMs: this.options.reconnectCapMs ?? 60_000,
           jitter: true,
         });
-    this.reconnectDelays.push(delay);
     log.info({ attempt: this.attempt, delayMs: delay }, 'Reconnecting to WhatsApp');
     this.cancelReconnect = this.clock.after(delay, () => {
       this.cancelReconnect = null;
