@@ -3319,13 +3319,7 @@ export class WhatsAppChannel implements Channel {
       if (sock !== this.sock) return;
       for (const message of messages) this.inChatOrder(message);
     });
-    sock.ev.on('groups.upsert', (groups) => {
-      if (sock !== this.sock) return;
-      for (const group of groups) {
-        this.groupMetadata.set(group.id, group);
-        this.learnGroupName(group.id, group.subject);
-      }
-    });
+    sock.ev.on('groups.upsert', (groups) => sock === this.sock && this.keepGroups(groups));
     sock.ev.on('groups.update', (updates) => {
       if (sock !== this.sock) return;
       for (const group of updates) {
@@ -3366,6 +3360,14 @@ export class WhatsAppChannel implements Channel {
     return fresh;
   }
 
+  /** Groups WhatsApp gave whole (joined, or all of them in a sync): their metadata kept, their names learned. */
+  private keepGroups(groups: GroupMetadata[]): void {
+    for (const group of groups) {
+      this.groupMetadata.set(group.id, group);
+      this.learnGroupName(group.id, group.subject);
+    }
+  }
+
   /** A group name from WhatsApp, unless it is empty (a change of something else carries no subject). */
   private learnGroupName(jid: string, subject: string | undefined | null): void {
     if (typeof subject === 'string' && subject.trim())
@@ -3390,21 +3392,28 @@ export class WhatsAppChannel implements Channel {
   }
 
   /** Stops for good: no reconnect; the log and onStopped say why and what to do. */
-  private stopFor(sock: WASocket, why: string, fields: Record<string, unknown> = {}): void {
+  private stopFor(why: string, fields: Record<string, unknown> = {}): void {
     log.error(fields, why);
+    this.stop();
+    this.options.onStopped?.(why);
+  }
+
+  /** No connection, no reconnect, no timer left. */
+  private stop(): void {
     this.closed = true;
     this.connected = false;
-    this.retire(sock);
     this.cancelReconnect?.();
     this.cancelReconnect = null;
-    this.options.onStopped?.(why);
+    this.stopDailySync?.();
+    for (const stop of this.typingRefresh.values()) stop();
+    this.typingRefresh.clear();
+    this.retire(this.sock);
   }
 
   private onConnectionUpdate(sock: WASocket, update: Partial<ConnectionState>): void {
     if (sock !== this.sock) return; // a retired socket's last words
     if (update.qr) {
       this.stopFor(
-        sock,
         'Not linked: WhatsApp offers a QR code, so it does not know the device in store/auth/. Run `bun nanoclaw.ts auth --relink`, then start NanoClaw again.',
       );
       return;
@@ -3436,7 +3445,7 @@ export class WhatsAppChannel implements Channel {
       const { kind, status, detail } = disconnectKind(update.lastDisconnect?.error);
       const next = afterDisconnect(kind, status);
       if (next.action === 'stop') {
-        this.stopFor(sock, next.says, { status, reason: detail });
+        this.stopFor(next.says, { status, reason: detail });
         return;
       }
       if (kind === 'version-refused') {
@@ -3457,10 +3466,9 @@ export class WhatsAppChannel implements Channel {
 
   private scheduleReconnect(now = false): void {
     if (this.closed || this.cancelReconnect) return;
-    if (!now) this.attempt++; // a restart WhatsApp asks for is no failure
     const delay = now
-      ? 0
-      : backoff(this.attempt, {
+      ? 0 // a restart WhatsApp asks for is no failure
+      : backoff(++this.attempt, {
           baseMs: this.options.reconnectBaseMs ?? 1000,
           capMs: this.options.reconnectCapMs ?? 60_000,
           jitter: true,
@@ -3678,10 +3686,7 @@ export class WhatsAppChannel implements Channel {
   async syncGroups(): Promise<void> {
     if (!this.sock || !this.connected) return;
     const groups = await this.sock.groupFetchAllParticipating();
-    for (const group of Object.values(groups)) {
-      this.groupMetadata.set(group.id, group);
-      this.learnGroupName(group.id, group.subject);
-    }
+    this.keepGroups(Object.values(groups));
     this.options.markGroupSync?.(
       Object.fromEntries(Object.values(groups).map((group) => [group.id, group.participants?.length ?? 0])),
     );
@@ -3689,14 +3694,7 @@ export class WhatsAppChannel implements Channel {
   }
 
   async disconnect(): Promise<void> {
-    this.closed = true;
-    this.cancelReconnect?.();
-    this.stopDailySync?.();
-    for (const stop of this.typingRefresh.values()) stop();
-    this.typingRefresh.clear();
-    this.cancelReconnect = null;
-    this.connected = false;
-    this.retire(this.sock);
+    this.stop();
     this.sock = null;
   }
 
