@@ -2227,10 +2227,7 @@ export class OutboxSender {
       try {
         heads = this.store.unsentHeads(this.channel.name);
       } catch (err) {
-        return this.retryAt(
-          this.clock.now() + (this.options.retryBaseMs ?? 5_000),
-          `the database is not readable (${errorText(err)})`,
-        );
+        return this.pause(`the database is not readable (${errorText(err)})`);
       }
       const now = this.clock.now();
       const due = heads.filter((part) => (this.failing.get(part.jid)?.retryAt ?? 0) <= now);
@@ -2247,7 +2244,8 @@ export class OutboxSender {
   private async send(part: OutboundMessage): Promise<void> {
     crashPoint('outbox-delivering');
     try {
-      if (part.file) await this.deliverFile(part.jid, part.file, part.messageId);
+      if (part.file && !this.channel.sendFile) throw new Error(`the ${this.channel.name} channel cannot send files`);
+      if (part.file) await this.channel.sendFile!(part.jid, part.file, part.messageId);
       else await this.channel.deliver(part.jid, part.text, part.messageId);
     } catch (err) {
       return this.failed(part, errorText(err));
@@ -2257,42 +2255,26 @@ export class OutboxSender {
     try {
       this.store.markSent(part.id);
     } catch (err) {
-      // Sent, not marked: it goes again with the same id, which the platform shows once.
-      this.retryAt(
-        this.clock.now() + (this.options.retryBaseMs ?? 5_000),
-        `sent, but not marked sent (${errorText(err)})`,
-      );
+      this.pause(`sent, but not marked sent (${errorText(err)})`); // it goes again with the same id, which the platform shows once
     }
-  }
-
-  private async deliverFile(jid: string, file: OutboundFile, messageId: string): Promise<void> {
-    if (!this.channel.sendFile) throw new Error(`the ${this.channel.name} channel cannot send files`);
-    await this.channel.sendFile(jid, file, messageId);
   }
 
   private failed(part: OutboundMessage, error: string): void {
     const now = this.clock.now();
     const lane = this.failing.get(part.jid) ?? { failures: 0, since: now, retryAt: now };
-    if (!this.channel.ready) {
-      // The channel went down under the send: an outage, waited out however long it lasts;
-      // the part goes again as soon as the channel is back (onReady kicks), no backoff.
-      lane.since = now;
-      lane.retryAt = now;
-      this.failing.set(part.jid, lane);
-      try {
-        this.store.markSendFailed(part.id, error, false);
-      } catch {
-        // the database is down too: the part stays unsent and is tried again
-      }
-      return;
-    }
-    lane.failures++;
-    const abandon = this.channel.ready && now - lane.since >= (this.options.giveUpAfterMs ?? OUTBOX_GIVE_UP_MS);
+    this.failing.set(part.jid, lane);
+    // The channel went down under the send: an outage, waited out however long it lasts;
+    // the part goes again as soon as the channel is back (onReady kicks), no backoff.
+    const outage = !this.channel.ready;
+    if (outage) lane.since = lane.retryAt = now;
+    else lane.failures++;
+    const abandon = !outage && now - lane.since >= (this.options.giveUpAfterMs ?? OUTBOX_GIVE_UP_MS);
     try {
       this.store.markSendFailed(part.id, error, abandon);
     } catch {
       // the database is down too: the part stays unsent and is tried again
     }
+    if (outage) return;
     if (abandon) {
       this.failing.delete(part.jid);
       log.error(
@@ -2309,7 +2291,6 @@ export class OutboxSender {
         capMs: this.options.retryCapMs ?? 5 * 60_000,
         jitter: true,
       });
-    this.failing.set(part.jid, lane);
     log.warn(
       {
         channel: this.channel.name,
@@ -2322,9 +2303,14 @@ export class OutboxSender {
     );
   }
 
+  /** Sending stops a while (retryBaseMs) for a reason of the store's, not a chat's. */
+  private pause(reason: string): void {
+    log.warn({ channel: this.channel.name, reason }, 'Sending paused; the outbox keeps the messages');
+    this.retryAt(this.clock.now() + (this.options.retryBaseMs ?? 5_000));
+  }
+
   /** One timer, for the soonest retry. */
-  private retryAt(at: number, reason?: string): void {
-    if (reason) log.warn({ channel: this.channel.name, reason }, 'Sending paused; the outbox keeps the messages');
+  private retryAt(at: number): void {
     if (this.stopped) return;
     this.cancelRetry?.();
     this.cancelRetry = this.clock.after(Math.max(0, at - this.clock.now()), () => {
@@ -2528,45 +2514,45 @@ function eventTime(seconds: number | Long | null | undefined, timezone: string |
   return timezone ? formatLocalTime(iso, timezone) : `${iso.slice(0, 16).replace('T', ' ')} UTC`;
 }
 
-/** What a message that is neither text nor media says, in words the agent can read. */
-function describeMessage(content: proto.IMessage, type: string, timezone: string | undefined): string {
-  const location = content.locationMessage;
-  if (location) {
+const describePoll = (poll: proto.Message.IPollCreationMessage) => {
+  const options = (poll.options ?? []).map((option) => `"${option.optionName ?? ''}"`).join(', ');
+  return `[poll: ${poll.name ?? ''}; options: ${options}; ${poll.selectableOptionsCount === 1 ? 'one answer' : 'several answers allowed'}]`;
+};
+
+/** What a message that is neither text nor media says, by its type (baileys' getContentType), in words the agent can read. */
+const DESCRIBE: {
+  [T in keyof proto.IMessage]?: (message: NonNullable<proto.IMessage[T]>, timezone?: string) => string;
+} = {
+  locationMessage: (location) => {
     const place = [location.name, location.address].filter(Boolean).join(', ');
     return `[location: ${degrees(location.degreesLatitude)}, ${degrees(location.degreesLongitude)}${place ? ` (${place})` : ''}]${location.comment ? ` ${location.comment}` : ''}`;
-  }
-  const live = content.liveLocationMessage;
-  if (live)
-    return `[live location: ${degrees(live.degreesLatitude)}, ${degrees(live.degreesLongitude)}]${live.caption ? ` ${live.caption}` : ''}`;
-  if (content.contactMessage)
-    return `[contact: ${contactSummary(content.contactMessage.vcard, content.contactMessage.displayName)}]`;
-  if (content.contactsArrayMessage)
-    return `[contacts: ${(content.contactsArrayMessage.contacts ?? []).map((c) => contactSummary(c.vcard, c.displayName)).join('; ')}]`;
-  const poll =
-    content.pollCreationMessage ??
-    content.pollCreationMessageV2 ??
-    content.pollCreationMessageV3 ??
-    content.pollCreationMessageV5;
-  if (poll) {
-    const options = (poll.options ?? []).map((option) => `"${option.optionName ?? ''}"`).join(', ');
-    const choice = poll.selectableOptionsCount === 1 ? 'one answer' : 'several answers allowed';
-    return `[poll: ${poll.name ?? ''}; options: ${options}; ${choice}]`;
-  }
-  const event = content.eventMessage;
-  if (event) {
+  },
+  liveLocationMessage: (live) =>
+    `[live location: ${degrees(live.degreesLatitude)}, ${degrees(live.degreesLongitude)}]${live.caption ? ` ${live.caption}` : ''}`,
+  contactMessage: (contact) => `[contact: ${contactSummary(contact.vcard, contact.displayName)}]`,
+  contactsArrayMessage: (array) =>
+    `[contacts: ${(array.contacts ?? []).map((c) => contactSummary(c.vcard, c.displayName)).join('; ')}]`,
+  pollCreationMessage: describePoll,
+  pollCreationMessageV2: describePoll,
+  pollCreationMessageV3: describePoll,
+  pollCreationMessageV5: describePoll,
+  eventMessage: (event, timezone) => {
     const place = [event.location?.name, event.location?.address].filter(Boolean).join(', ');
     const when = `${eventTime(event.startTime, timezone)}${event.endTime ? ` to ${eventTime(event.endTime, timezone)}` : ''}`;
     return `[event${event.isCanceled ? ' (cancelled)' : ''}: ${event.name ?? ''}, ${when}${place ? `, at ${place}` : ''}]${event.description ? ` ${event.description}` : ''}`;
-  }
-  return `[unsupported message: ${type}]`;
-}
+  },
+};
 
 /** What a message says for the agent: its text, a media caption, or a description of what it is. */
 function bodyOf(content: proto.IMessage, type: string, timezone: string | undefined): string {
   if (type === 'conversation') return content.conversation ?? '';
   if (type === 'extendedTextMessage') return content.extendedTextMessage?.text ?? '';
   const media = mediaOf(content);
-  return media ? media.caption : describeMessage(content, type, timezone);
+  const describe = DESCRIBE[type as keyof proto.IMessage] as
+    | ((message: unknown, timezone?: string) => string)
+    | undefined;
+  const message = content[type as keyof proto.IMessage];
+  return media ? media.caption : describe && message ? describe(message, timezone) : `[unsupported message: ${type}]`;
 }
 
 /** A message's content and its type (baileys' getContentType), wrappers (ephemeral, view once, edited) removed. */
