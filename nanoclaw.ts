@@ -2543,31 +2543,30 @@ const DESCRIBE: {
   },
 };
 
+/** A message's content, its type (baileys' getContentType) and that type's part, wrappers (ephemeral, view once, edited) removed. */
+interface WAContent {
+  content: proto.IMessage;
+  type: keyof proto.IMessage;
+  part: proto.IMessage[keyof proto.IMessage];
+}
+
+function contentWithType(message: proto.IMessage | null | undefined): WAContent | null {
+  const content = baileys().normalizeMessageContent(message);
+  const type = content ? (baileys().getContentType(content) as keyof proto.IMessage | undefined) : undefined;
+  return content && type ? { content, type, part: content[type] } : null;
+}
+
 /** What a message says for the agent: its text, a media caption, or a description of what it is. */
-function bodyOf(content: proto.IMessage, type: string, timezone: string | undefined): string {
+function bodyOf({ content, type, part }: WAContent, timezone: string | undefined): string {
   if (type === 'conversation') return content.conversation ?? '';
   if (type === 'extendedTextMessage') return content.extendedTextMessage?.text ?? '';
   const media = mediaOf(content);
-  const describe = DESCRIBE[type as keyof proto.IMessage] as
-    | ((message: unknown, timezone?: string) => string)
-    | undefined;
-  const message = content[type as keyof proto.IMessage];
-  return media ? media.caption : describe && message ? describe(message, timezone) : `[unsupported message: ${type}]`;
+  const describe = DESCRIBE[type] as ((part: unknown, timezone?: string) => string) | undefined;
+  return media ? media.caption : describe && part ? describe(part, timezone) : `[unsupported message: ${type}]`;
 }
 
-/** A message's content and its type (baileys' getContentType), wrappers (ephemeral, view once, edited) removed. */
-function contentWithType(message: proto.IMessage | null | undefined): { content: proto.IMessage; type: string } | null {
-  const content = baileys().normalizeMessageContent(message);
-  const type = content ? baileys().getContentType(content) : undefined;
-  return content && type ? { content, type } : null;
-}
-
-function contextInfoOf(content: proto.IMessage, type: string): proto.IContextInfo | null | undefined {
-  const inner = content[type as keyof proto.IMessage];
-  return typeof inner === 'object' && inner && 'contextInfo' in inner
-    ? (inner.contextInfo as proto.IContextInfo | null | undefined)
-    : undefined;
-}
+const contextInfoOf = ({ part }: WAContent) =>
+  (part as { contextInfo?: proto.IContextInfo | null } | null | undefined)?.contextInfo;
 
 /**
  * With its own number, the bot is @mentioned like a person: the text says `@<digits>` (its
@@ -2580,8 +2579,9 @@ export function withMentionsAsTrigger(
   ownJids: ReadonlySet<string>,
   trigger: string,
 ): string {
-  const ownUsers = new Set([...ownJids].map((jid) => jid.split('@')[0]!.split(':')[0]!));
-  const mentionedUsers = mentioned.map((jid) => jid.split('@')[0]!.split(':')[0]!).filter((user) => ownUsers.has(user));
+  const userOf = (jid: string) => jid.split('@')[0]!.split(':')[0]!;
+  const ownUsers = new Set([...ownJids].map(userOf));
+  const mentionedUsers = mentioned.map(userOf).filter((user) => ownUsers.has(user));
   if (mentionedUsers.length === 0) return text;
   let rewritten = text;
   for (const user of new Set(mentionedUsers))
@@ -2590,9 +2590,9 @@ export function withMentionsAsTrigger(
 }
 
 /** The words of a message (or of an edit's new version), mentions of the bot's own number read as the trigger. */
-function wordsOf(content: proto.IMessage, type: string, chatJid: string, identity: WhatsAppIdentity): string {
-  const text = bodyOf(content, type, identity.timezone).trim();
-  const mentioned = contextInfoOf(content, type)?.mentionedJid;
+function wordsOf(found: WAContent, chatJid: string, identity: WhatsAppIdentity): string {
+  const text = bodyOf(found, identity.timezone).trim();
+  const mentioned = contextInfoOf(found)?.mentionedJid;
   if (!identity.hasOwnNumber || !mentioned?.length) return text;
   return withMentionsAsTrigger(
     text,
@@ -2608,13 +2608,9 @@ function senderOf(key: WAMessageKey, chatJid: string, identity: WhatsAppIdentity
   return baileys().isJidGroup(chatJid) ? canonicalJid(key.participant ?? '', key.participantAlt, identity) : chatJid;
 }
 
+/** A message of a chat: not of a broadcast list, nor a status (status@broadcast). */
 function isReadableChat(key: WAMessageKey | null | undefined): key is WAMessageKey & { remoteJid: string; id: string } {
-  return Boolean(
-    key?.remoteJid &&
-      key.id &&
-      !baileys().isJidStatusBroadcast(key.remoteJid) &&
-      !baileys().isJidBroadcast(key.remoteJid),
-  );
+  return Boolean(key?.remoteJid && key.id && !baileys().isJidBroadcast(key.remoteJid));
 }
 
 /**
@@ -2628,15 +2624,13 @@ export function parseWhatsAppMessage(raw: WAMessage, identity: WhatsAppIdentity)
   if (!isReadableChat(key)) return null;
   const found = contentWithType(raw.message);
   if (!found || SILENT_TYPES.has(found.type)) return null;
-  const { content, type } = found;
-  const media = mediaOf(content);
+  const media = mediaOf(found.content);
   const chatJid = canonicalJid(key.remoteJid, key.remoteJidAlt, identity);
-  let text = wordsOf(content, type, chatJid, identity);
-  const context = contextInfoOf(content, type);
+  let text = wordsOf(found, chatJid, identity);
+  const context = contextInfoOf(found);
   const quoted = contentWithType(context?.quotedMessage);
   if (quoted) {
-    const quotedText =
-      bodyOf(quoted.content, quoted.type, identity.timezone) || `[${mediaOf(quoted.content)?.kind ?? 'message'}]`;
+    const quotedText = bodyOf(quoted, identity.timezone) || `[${mediaOf(quoted.content)?.kind ?? 'message'}]`;
     const toBot = Boolean(context?.stanzaId && identity.sentByBot?.(context.stanzaId));
     text = `${toBot ? REPLY_TO_BOT_NOTE : '[replying to: "'}${quotedText.slice(0, 500)}"]\n${text}`;
   }
@@ -2684,9 +2678,7 @@ export function parseWhatsAppChange(raw: WAMessage, identity: WhatsAppIdentity):
   if (protocol.type === Type.REVOKE) return { chatJid, id: targetId, sender, content: null };
   if (protocol.type !== Type.MESSAGE_EDIT) return null;
   const edited = contentWithType(protocol.editedMessage);
-  return edited
-    ? { chatJid, id: targetId, sender, content: wordsOf(edited.content, edited.type, chatJid, identity) }
-    : null;
+  return edited ? { chatJid, id: targetId, sender, content: wordsOf(edited, chatJid, identity) } : null;
 }
 
 /** A file name that is safe on every filesystem and unique enough per message. */
@@ -2769,8 +2761,8 @@ export function splitForWhatsApp(text: string, limit = WHATSAPP_MAX_CHARS): stri
 
 /** Sliding-window limit per chat and overall, so a chatty agent cannot get the number banned. */
 export class RateLimiter {
+  /** When messages went, per chat, and to all chats under ''. */
   private readonly sent = new Map<string, number[]>();
-  private readonly all: number[] = [];
 
   constructor(
     readonly perChat = { count: 20, windowMs: 60_000 },
@@ -2779,21 +2771,17 @@ export class RateLimiter {
 
   /** How long to wait before the next message to `jid` may go (0 = now). */
   delayFor(jid: string, now = Date.now()): number {
-    const chat = (this.sent.get(jid) ?? []).filter((t) => t > now - this.perChat.windowMs);
-    this.sent.set(jid, chat);
-    while (this.all.length && this.all[0]! <= now - this.overall.windowMs) this.all.shift();
-    const chatWait =
-      chat.length >= this.perChat.count ? chat[chat.length - this.perChat.count]! + this.perChat.windowMs - now : 0;
-    const allWait =
-      this.all.length >= this.overall.count
-        ? this.all[this.all.length - this.overall.count]! + this.overall.windowMs - now
-        : 0;
-    return Math.max(0, chatWait, allWait);
+    return Math.max(0, this.wait(jid, this.perChat, now), this.wait('', this.overall, now));
+  }
+
+  private wait(key: string, limit: { count: number; windowMs: number }, now: number): number {
+    const times = (this.sent.get(key) ?? []).filter((t) => t > now - limit.windowMs);
+    this.sent.set(key, times);
+    return times.length >= limit.count ? times[times.length - limit.count]! + limit.windowMs - now : 0;
   }
 
   record(jid: string, now = Date.now()): void {
-    this.sent.get(jid)?.push(now) ?? this.sent.set(jid, [now]);
-    this.all.push(now);
+    for (const key of [jid, '']) this.sent.get(key)?.push(now) ?? this.sent.set(key, [now]);
   }
 }
 
@@ -2878,26 +2866,15 @@ export function afterDisconnect(
   kind: DisconnectKind,
   status?: number,
 ): { action: 'stop'; says: string } | { action: 'now' | 'backoff' } {
-  switch (kind) {
-    case 'logged-out':
-      return { action: 'stop', says: `WhatsApp logged this device out (401). ${RELINK}` };
-    case 'unauthorized':
-      return {
-        action: 'stop',
-        says: `WhatsApp refused this device (${status}: not authorized; the number may also be restricted, check the phone). ${RELINK}`,
-      };
-    case 'device-mismatch':
-      return { action: 'stop', says: `WhatsApp does not accept this linked device any more (411). ${RELINK}` };
-    case 'replaced':
-      return {
-        action: 'stop',
-        says: 'Another NanoClaw (or another program with these credentials) took over this WhatsApp session (440). Stopped here so the two do not take it from each other: keep one running.',
-      };
-    case 'restart':
-      return { action: 'now' }; // WhatsApp asks for a fresh connection (after pairing, or when it moves us)
-    default:
-      return { action: 'backoff' };
-  }
+  const says = {
+    'logged-out': `WhatsApp logged this device out (401). ${RELINK}`,
+    unauthorized: `WhatsApp refused this device (${status}: not authorized; the number may also be restricted, check the phone). ${RELINK}`,
+    'device-mismatch': `WhatsApp does not accept this linked device any more (411). ${RELINK}`,
+    replaced:
+      'Another NanoClaw (or another program with these credentials) took over this WhatsApp session (440). Stopped here so the two do not take it from each other: keep one running.',
+  }[kind as string];
+  if (says) return { action: 'stop', says };
+  return { action: kind === 'restart' ? 'now' : 'backoff' }; // a restart: WhatsApp asks for a fresh connection (after pairing, or when it moves us)
 }
 
 /** A connection has to stay open this long before the reconnect backoff starts again from its first step. */
@@ -3009,10 +2986,7 @@ export async function useDurableAuthState(
   const queues = new Map<string, Promise<unknown>>();
   const inOrder = <T>(path: string, job: () => Promise<T>): Promise<T> => {
     const done = (queues.get(path) ?? Promise.resolve()).then(job, job);
-    const settled = done.then(
-      () => {},
-      () => {},
-    );
+    const settled = done.catch(() => {});
     queues.set(path, settled);
     void settled.then(() => queues.get(path) === settled && queues.delete(path));
     return done;
@@ -3550,17 +3524,14 @@ export class WhatsAppChannel implements Channel {
         'Media expired on WhatsApp’s servers; asking the sender’s phone to upload it again',
       );
       const timeoutMs = this.options.mediaReuploadTimeoutMs ?? 30_000;
-      let timer: ReturnType<typeof setTimeout> | undefined;
+      let cancel = () => {};
       const fresh = await Promise.race([
         sock.updateMediaMessage(raw),
-        new Promise<never>(
-          (_, reject) =>
-            (timer = setTimeout(
-              () => reject(new Error(`the sender’s phone did not upload it again within ${timeoutMs / 1000} s`)),
-              timeoutMs,
-            )),
-        ),
-      ]).finally(() => clearTimeout(timer));
+        new Promise<never>((_, reject) => {
+          const late = new Error(`the sender’s phone did not upload it again within ${timeoutMs / 1000} s`);
+          cancel = this.clock.after(timeoutMs, () => reject(late));
+        }),
+      ]).finally(() => cancel());
       return await baileys().downloadMediaMessage(fresh, 'buffer', {});
     }
   }
