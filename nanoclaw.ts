@@ -3151,7 +3151,8 @@ export class WhatsAppChannel implements Channel {
   readonly name = 'whatsapp';
   private handlers: ChannelHandlers | null = null;
   private sock: WASocket | null = null;
-  private connected = false;
+  /** Whether a connection is open: sends can go. */
+  ready = false;
   private closed = false;
   private attempt = 0;
   private cancelReconnect: (() => void) | null = null;
@@ -3193,10 +3194,6 @@ export class WhatsAppChannel implements Channel {
 
   ownsJid(jid: string): boolean {
     return /@(s\.whatsapp\.net|g\.us|lid)$/.test(jid);
-  }
-
-  get ready(): boolean {
-    return this.connected;
   }
 
   /** The WhatsApp Web version announced, or undefined for baileys' built-in one. */
@@ -3361,7 +3358,7 @@ export class WhatsAppChannel implements Channel {
   /** No connection, no reconnect, no timer left. */
   private stop(): void {
     this.closed = true;
-    this.connected = false;
+    this.ready = false;
     this.cancelReconnect?.();
     this.cancelReconnect = null;
     this.stopDailySync?.();
@@ -3379,14 +3376,11 @@ export class WhatsAppChannel implements Channel {
       return;
     }
     if (update.connection === 'open') {
-      this.connected = true;
+      this.ready = true;
       this.openedAt = this.clock.monotonic();
       this.versionRefusalLogged = false;
-      this.ownJids = new Set(
-        [sock.user?.id, sock.user?.lid]
-          .filter((j): j is string => Boolean(j))
-          .map((j) => baileys().jidNormalizedUser(j)),
-      );
+      const own = [sock.user?.id, sock.user?.lid].filter((jid): jid is string => Boolean(jid));
+      this.ownJids = new Set(own.map((jid) => baileys().jidNormalizedUser(jid)));
       log.info({ me: [...this.ownJids] }, 'WhatsApp connected');
       this.handlers?.onReady?.();
       // WhatsApp tells who is typing only in chats we subscribed to (for this connection).
@@ -3398,7 +3392,7 @@ export class WhatsAppChannel implements Channel {
         void this.syncGroups().catch((err) => log.warn({ err }, 'Group sync failed'));
     }
     if (update.connection === 'close') {
-      this.connected = false;
+      this.ready = false;
       // Only a connection that held counts as recovered: one that drops at once keeps backing off.
       if (this.openedAt !== null && this.clock.monotonic() - this.openedAt >= WHATSAPP_STABLE_MS) this.attempt = 0;
       this.openedAt = null;
@@ -3410,12 +3404,11 @@ export class WhatsAppChannel implements Channel {
       }
       if (kind === 'version-refused') {
         this.lookUpVersion = true;
-        if (!this.versionRefusalLogged) {
+        if (!this.versionRefusalLogged)
           log.error(
             { version: this.waVersion?.join('.') ?? 'built in' },
             'WhatsApp refused this client version (405). NanoClaw looks the current version up and keeps trying; if this goes on, update NanoClaw (bun update @whiskeysockets/baileys).',
           );
-        }
         this.versionRefusalLogged = true;
       } else {
         log.warn({ status, kind, reason: detail }, 'WhatsApp disconnected');
@@ -3594,7 +3587,7 @@ export class WhatsAppChannel implements Channel {
   private async deliverContent(jid: string, content: AnyMessageContent, messageId: string): Promise<void> {
     const wait = this.rateLimiter.delayFor(jid);
     if (wait > 0) await Bun.sleep(wait);
-    if (!this.connected) throw new Error('WhatsApp is not connected');
+    if (!this.ready) throw new Error('WhatsApp is not connected');
     const sent = await this.send(jid, content, messageId);
     this.rateLimiter.record(jid);
     if (sent) {
@@ -3622,7 +3615,7 @@ export class WhatsAppChannel implements Channel {
     this.typingRefresh.get(jid)?.();
     this.typingRefresh.delete(jid);
     if (typing) {
-      if (this.connected) this.subscribe(jid); // a chat registered since the connection opened
+      if (this.ready) this.subscribe(jid); // a chat registered since the connection opened
       const again = () => void this.sendChatState(jid, 'composing').catch(() => {});
       this.typingRefresh.set(jid, every(this.clock, WHATSAPP_TYPING_REFRESH_MS, again));
     }
@@ -3637,11 +3630,11 @@ export class WhatsAppChannel implements Channel {
   }
 
   private async sendChatState(jid: string, state: 'composing' | 'paused'): Promise<void> {
-    if (this.connected) await this.sock?.sendPresenceUpdate(state, jid);
+    if (this.ready) await this.sock?.sendPresenceUpdate(state, jid);
   }
 
   async syncGroups(): Promise<void> {
-    if (!this.sock || !this.connected) return;
+    if (!this.sock || !this.ready) return;
     const groups = await this.sock.groupFetchAllParticipating();
     this.keepGroups(Object.values(groups));
     this.options.markGroupSync?.(
