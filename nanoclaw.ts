@@ -2797,12 +2797,9 @@ export class TtlCache<V = unknown> {
 
   get<T = V>(key: string): T | undefined {
     const entry = this.entries.get(key);
-    if (!entry) return undefined;
-    if (entry.expiresAt <= this.now()) {
-      this.entries.delete(key);
-      return undefined;
-    }
-    return entry.value as unknown as T; // CacheStore's get is generic; what was set is what comes back
+    if (entry && entry.expiresAt > this.now()) return entry.value as unknown as T; // CacheStore's get is generic; what was set is what comes back
+    this.entries.delete(key);
+    return undefined;
   }
 
   set<T = V>(key: string, value: T): void {
@@ -2906,6 +2903,15 @@ function isCredsText(text: string): boolean {
   }
 }
 
+/** Runs `job` once the last job of its lane (`key`) has ended; lanes run side by side, and an idle one is forgotten. */
+function inLane<T>(lanes: Map<string, Promise<unknown>>, key: string, job: () => Promise<T>): Promise<T> {
+  const done = (lanes.get(key) ?? Promise.resolve()).then(job, job);
+  const settled = done.catch(() => {});
+  lanes.set(key, settled);
+  void settled.then(() => lanes.get(key) === settled && lanes.delete(key));
+  return done;
+}
+
 /** Writes a file whole or not at all (temp file, fsync, rename): what crashes leave is the old file or the new one. */
 function writeFileDurablySync(path: string, text: string): void {
   const temp = `${path}.${randomUUID().slice(0, 8)}.tmp`;
@@ -2984,26 +2990,20 @@ export async function useDurableAuthState(
   for (const name of readdirSync(authDir)) if (name.endsWith('.tmp')) rmSync(join(authDir, name), { force: true });
   const pathOf = (name: string) => join(authDir, name.replace(/\//g, '__').replace(/:/g, '-'));
   const queues = new Map<string, Promise<unknown>>();
-  const inOrder = <T>(path: string, job: () => Promise<T>): Promise<T> => {
-    const done = (queues.get(path) ?? Promise.resolve()).then(job, job);
-    const settled = done.catch(() => {});
-    queues.set(path, settled);
-    void settled.then(() => queues.get(path) === settled && queues.delete(path));
-    return done;
-  };
+  /** A job on one file, after the jobs on it before. */
+  const onFile = <T>(name: string, job: (path: string) => Promise<T>) =>
+    inLane(queues, pathOf(name), () => job(pathOf(name)));
   const read = (name: string) =>
-    inOrder(pathOf(name), async () => JSON.parse(await fsp.readFile(pathOf(name), 'utf8'), BufferJSON.reviver)).catch(
-      () => null,
-    );
+    onFile(name, async (path) => JSON.parse(await fsp.readFile(path, 'utf8'), BufferJSON.reviver)).catch(() => null);
   const write = (name: string, value: unknown) =>
-    inOrder(pathOf(name), () =>
+    onFile(name, (path) =>
       writeFileDurably(
-        pathOf(name),
+        path,
         JSON.stringify(value, BufferJSON.replacer),
         name === CREDS_FILE ? pathOf(CREDS_BACKUP) : undefined,
       ),
     );
-  const remove = (name: string) => inOrder(pathOf(name), () => fsp.unlink(pathOf(name)).catch(() => {}));
+  const remove = (name: string) => onFile(name, (path) => fsp.unlink(path).catch(() => {}));
   const saved = readCredsFile(authDir);
   const creds: AuthenticationCreds =
     saved.state === 'ok' ? JSON.parse(saved.text, BufferJSON.reviver) : initAuthCreds();
@@ -3020,12 +3020,11 @@ export async function useDurableAuthState(
       return found;
     },
     set: async (data) => {
-      const writes = Object.entries(data).flatMap(([category, values]) =>
-        Object.entries(values ?? {}).map(([id, value]) =>
-          value ? write(`${category}-${id}.json`, value) : remove(`${category}-${id}.json`),
+      await Promise.all(
+        Object.entries(data).flatMap(([category, values]) =>
+          Object.entries(values ?? {}).map(([id, value]) => (value ? write : remove)(`${category}-${id}.json`, value)),
         ),
       );
-      await Promise.all(writes);
     },
   };
   return { state: { creds, keys }, saveCreds: () => write(CREDS_FILE, creds) };
@@ -3172,7 +3171,7 @@ export class WhatsAppChannel implements Channel {
   /** Raw metadata of our groups, for sends (baileys' cachedGroupMetadata), kept current by group events. */
   readonly groupMetadata = new TtlCache<GroupMetadata>(GROUP_METADATA_TTL_MS, 500, () => this.clock.now());
   /** Per chat, the last inbound message still being taken (inChatOrder). */
-  private readonly chatLanes = new Map<string, Promise<void>>();
+  private readonly chatLanes = new Map<string, Promise<unknown>>();
   /** LID → phone JIDs WhatsApp told us (lid-mapping.update) or baileys knew. */
   private readonly lidToPhone = new Map<string, string>();
   /** The WhatsApp Web version the sockets announce; undefined: baileys' own. */
@@ -3470,17 +3469,9 @@ export class WhatsAppChannel implements Channel {
    * photo still downloading holds back the question that followed it); chats run side by side.
    */
   private inChatOrder(raw: WAMessage): void {
-    const chat = baileys().jidNormalizedUser(raw.key?.remoteJid ?? '');
-    const previous = this.chatLanes.get(chat) ?? Promise.resolve();
-    const lane = previous
-      .then(() => this.onMessage(raw))
-      .catch((err) =>
-        log.error({ err: errorText(err), messageId: raw.key?.id }, 'Could not take an inbound WhatsApp message'),
-      )
-      .finally(() => {
-        if (this.chatLanes.get(chat) === lane) this.chatLanes.delete(chat);
-      });
-    this.chatLanes.set(chat, lane);
+    inLane(this.chatLanes, baileys().jidNormalizedUser(raw.key?.remoteJid ?? ''), () => this.onMessage(raw)).catch(
+      (err) => log.error({ err: errorText(err), messageId: raw.key?.id }, 'Could not take an inbound WhatsApp message'),
+    );
   }
 
   /** Inbound: translate, download media for registered chats, hand to the host. */
