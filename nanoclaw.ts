@@ -3523,9 +3523,8 @@ export class WhatsAppChannel implements Channel {
   private async saveMedia(raw: WAMessage, inbound: WhatsAppInbound, tree: AgentTree): Promise<string> {
     const media = inbound.media!;
     const caption = inbound.message.content;
-    if ((media.bytes ?? 0) > MAX_MEDIA_BYTES) {
+    if ((media.bytes ?? 0) > MAX_MEDIA_BYTES)
       return `[${media.kind} not downloaded: ${Math.round(media.bytes! / 1024 / 1024)} MB is over the ${MAX_MEDIA_BYTES / 1024 / 1024} MB limit]${caption ? ` ${caption}` : ''}`;
-    }
     try {
       const data = await this.download(raw);
       if (data.length > MAX_MEDIA_BYTES) throw new Error('file over the size limit');
@@ -3545,18 +3544,13 @@ export class WhatsAppChannel implements Channel {
   }
 
   /** What the agent is told of a voice note's words: its transcript, or plainly that there is none. */
-  private async transcription(
-    audio: Buffer,
-    fileName: string,
-    mimetype: string,
-    inbound: WhatsAppInbound,
-  ): Promise<string> {
+  private async transcription(audio: Buffer, fileName: string, mimetype: string, { message }: WhatsAppInbound) {
     if (!this.options.transcribe) return '(could not be transcribed: no transcription service is configured)';
     try {
       const words = await this.options.transcribe(audio, fileName, mimetype);
       return words ? `Transcript: ${words}` : '(transcribed: no words in it)';
     } catch (err) {
-      log.warn({ err: errorText(err), messageId: inbound.message.id }, 'Could not transcribe a voice note');
+      log.warn({ err: errorText(err), messageId: message.id }, 'Could not transcribe a voice note');
       return `(could not be transcribed: ${errorText(err)})`;
     }
   }
