@@ -2198,17 +2198,15 @@ export class OutboxSender {
   /** Starts sending (or sends again once the current pass ends). */
   kick(): void {
     if (this.stopped) return;
-    if (this.draining) {
-      this.again = true;
-      return;
-    }
-    this.draining = this.drain().finally(() => {
-      this.draining = null;
-      if (this.again) {
-        this.again = false;
-        this.kick();
-      }
-    });
+    if (this.draining) this.again = true;
+    else
+      this.draining = this.drain().finally(() => {
+        this.draining = null;
+        if (this.again) {
+          this.again = false;
+          this.kick();
+        }
+      });
   }
 
   /** Resolves when the current pass ends (everything sendable now is sent). */
@@ -2879,16 +2877,6 @@ export const WHATSAPP_STABLE_MS = 60_000;
 
 export type LinkState = 'linked' | 'pending' | 'damaged' | 'none';
 
-/**
- * Linked = WhatsApp confirmed this device. baileys writes creds.json as soon as a pairing
- * code is asked for (`me` only); only a finished pairing, QR or code, adds `account`, the
- * signed device identity (baileys 7 Utils/validate-connection.js configureSuccessfulPairing).
- */
-export function linkStateOf(creds: { me?: { id?: string } | null; account?: unknown } | null | undefined): LinkState {
-  if (!creds) return 'none';
-  return creds.me?.id && creds.account ? 'linked' : 'pending';
-}
-
 const CREDS_FILE = 'creds.json';
 /** creds.json as it was before its last write: what a damaged creds.json is restored from. */
 const CREDS_BACKUP = 'creds.json.bak';
@@ -3185,10 +3173,17 @@ export class WhatsAppChannel implements Channel {
     this.clock = options.clock ?? systemClock;
   }
 
-  /** Whether store/auth holds a linked device, a pairing never finished, damaged credentials, or nothing. */
+  /**
+   * Whether store/auth holds a linked device, a pairing never finished, damaged credentials, or nothing.
+   * Linked = WhatsApp confirmed this device. baileys writes creds.json as soon as a pairing
+   * code is asked for (`me` only); only a finished pairing, QR or code, adds `account`, the
+   * signed device identity (baileys 7 Utils/validate-connection.js configureSuccessfulPairing).
+   */
   static linkState(authDir: string): LinkState {
     const file = readCredsFile(authDir);
-    return file.state === 'ok' ? linkStateOf(JSON.parse(file.text)) : file.state;
+    if (file.state !== 'ok') return file.state;
+    const creds = JSON.parse(file.text) as Partial<AuthenticationCreds>;
+    return creds.me?.id && creds.account ? 'linked' : 'pending';
   }
 
   ownsJid(jid: string): boolean {
@@ -3340,11 +3335,7 @@ export class WhatsAppChannel implements Channel {
   private retire(sock: WASocket | null): void {
     if (!sock) return;
     for (const event of WHATSAPP_EVENTS) sock.ev.removeAllListeners(event);
-    try {
-      void sock.end(undefined);
-    } catch {
-      // already closed
-    }
+    sock.end(undefined).catch(() => {}); // already closed
   }
 
   /** Stops for good: no reconnect; the log and onStopped say why and what to do. */
