@@ -3244,10 +3244,8 @@ export class WhatsAppChannel implements Channel {
     });
     const { state, saveCreds } = await this.auth;
     // baileys wants its own pino; ours is pino too, just quieter for its chatter.
-    const logger = log.child(
-      { module: 'baileys' },
-      { level: log.level === 'trace' ? 'debug' : 'warn' },
-    ) as unknown as ILogger;
+    const level = log.level === 'trace' ? 'debug' : 'warn';
+    const logger = log.child({ module: 'baileys' }, { level }) as unknown as ILogger;
     const sock = baileys().default({
       // Signal keys are read for every message: kept in memory, written through to the files.
       auth: { creds: state.creds, keys: baileys().makeCacheableSignalKeyStore(state.keys, logger) },
@@ -3566,12 +3564,11 @@ export class WhatsAppChannel implements Channel {
     if (!this.ready) throw new Error('WhatsApp is not connected');
     const sent = await this.send(jid, content, messageId);
     this.rateLimiter.record(jid);
-    if (sent) {
-      try {
-        this.options.rememberSent?.(messageId, baileys().proto.Message.encode(sent).finish());
-      } catch (err) {
-        log.warn({ err: errorText(err), messageId }, 'Sent, but could not keep a copy for resends');
-      }
+    if (!sent) return;
+    try {
+      this.options.rememberSent?.(messageId, baileys().proto.Message.encode(sent).finish());
+    } catch (err) {
+      log.warn({ err: errorText(err), messageId }, 'Sent, but could not keep a copy for resends');
     }
   }
 
