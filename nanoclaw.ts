@@ -2198,17 +2198,15 @@ export class OutboxSender {
   /** Starts sending (or sends again once the current pass ends). */
   kick(): void {
     if (this.stopped) return;
-    if (this.draining) {
-      this.again = true;
-      return;
-    }
-    this.draining = this.drain().finally(() => {
-      this.draining = null;
-      if (this.again) {
-        this.again = false;
-        this.kick();
-      }
-    });
+    if (this.draining) this.again = true;
+    else
+      this.draining = this.drain().finally(() => {
+        this.draining = null;
+        if (this.again) {
+          this.again = false;
+          this.kick();
+        }
+      });
   }
 
   /** Resolves when the current pass ends (everything sendable now is sent). */
@@ -2227,10 +2225,7 @@ export class OutboxSender {
       try {
         heads = this.store.unsentHeads(this.channel.name);
       } catch (err) {
-        return this.retryAt(
-          this.clock.now() + (this.options.retryBaseMs ?? 5_000),
-          `the database is not readable (${errorText(err)})`,
-        );
+        return this.pause(`the database is not readable (${errorText(err)})`);
       }
       const now = this.clock.now();
       const due = heads.filter((part) => (this.failing.get(part.jid)?.retryAt ?? 0) <= now);
@@ -2247,7 +2242,8 @@ export class OutboxSender {
   private async send(part: OutboundMessage): Promise<void> {
     crashPoint('outbox-delivering');
     try {
-      if (part.file) await this.deliverFile(part.jid, part.file, part.messageId);
+      if (part.file && !this.channel.sendFile) throw new Error(`the ${this.channel.name} channel cannot send files`);
+      if (part.file) await this.channel.sendFile!(part.jid, part.file, part.messageId);
       else await this.channel.deliver(part.jid, part.text, part.messageId);
     } catch (err) {
       return this.failed(part, errorText(err));
@@ -2257,42 +2253,26 @@ export class OutboxSender {
     try {
       this.store.markSent(part.id);
     } catch (err) {
-      // Sent, not marked: it goes again with the same id, which the platform shows once.
-      this.retryAt(
-        this.clock.now() + (this.options.retryBaseMs ?? 5_000),
-        `sent, but not marked sent (${errorText(err)})`,
-      );
+      this.pause(`sent, but not marked sent (${errorText(err)})`); // it goes again with the same id, which the platform shows once
     }
-  }
-
-  private async deliverFile(jid: string, file: OutboundFile, messageId: string): Promise<void> {
-    if (!this.channel.sendFile) throw new Error(`the ${this.channel.name} channel cannot send files`);
-    await this.channel.sendFile(jid, file, messageId);
   }
 
   private failed(part: OutboundMessage, error: string): void {
     const now = this.clock.now();
     const lane = this.failing.get(part.jid) ?? { failures: 0, since: now, retryAt: now };
-    if (!this.channel.ready) {
-      // The channel went down under the send: an outage, waited out however long it lasts;
-      // the part goes again as soon as the channel is back (onReady kicks), no backoff.
-      lane.since = now;
-      lane.retryAt = now;
-      this.failing.set(part.jid, lane);
-      try {
-        this.store.markSendFailed(part.id, error, false);
-      } catch {
-        // the database is down too: the part stays unsent and is tried again
-      }
-      return;
-    }
-    lane.failures++;
-    const abandon = this.channel.ready && now - lane.since >= (this.options.giveUpAfterMs ?? OUTBOX_GIVE_UP_MS);
+    this.failing.set(part.jid, lane);
+    // The channel went down under the send: an outage, waited out however long it lasts;
+    // the part goes again as soon as the channel is back (onReady kicks), no backoff.
+    const outage = !this.channel.ready;
+    if (outage) lane.since = lane.retryAt = now;
+    else lane.failures++;
+    const abandon = !outage && now - lane.since >= (this.options.giveUpAfterMs ?? OUTBOX_GIVE_UP_MS);
     try {
       this.store.markSendFailed(part.id, error, abandon);
     } catch {
       // the database is down too: the part stays unsent and is tried again
     }
+    if (outage) return;
     if (abandon) {
       this.failing.delete(part.jid);
       log.error(
@@ -2309,7 +2289,6 @@ export class OutboxSender {
         capMs: this.options.retryCapMs ?? 5 * 60_000,
         jitter: true,
       });
-    this.failing.set(part.jid, lane);
     log.warn(
       {
         channel: this.channel.name,
@@ -2322,9 +2301,14 @@ export class OutboxSender {
     );
   }
 
+  /** Sending stops a while (retryBaseMs) for a reason of the store's, not a chat's. */
+  private pause(reason: string): void {
+    log.warn({ channel: this.channel.name, reason }, 'Sending paused; the outbox keeps the messages');
+    this.retryAt(this.clock.now() + (this.options.retryBaseMs ?? 5_000));
+  }
+
   /** One timer, for the soonest retry. */
-  private retryAt(at: number, reason?: string): void {
-    if (reason) log.warn({ channel: this.channel.name, reason }, 'Sending paused; the outbox keeps the messages');
+  private retryAt(at: number): void {
     if (this.stopped) return;
     this.cancelRetry?.();
     this.cancelRetry = this.clock.after(Math.max(0, at - this.clock.now()), () => {
@@ -2528,60 +2512,59 @@ function eventTime(seconds: number | Long | null | undefined, timezone: string |
   return timezone ? formatLocalTime(iso, timezone) : `${iso.slice(0, 16).replace('T', ' ')} UTC`;
 }
 
-/** What a message that is neither text nor media says, in words the agent can read. */
-function describeMessage(content: proto.IMessage, type: string, timezone: string | undefined): string {
-  const location = content.locationMessage;
-  if (location) {
+const describePoll = (poll: proto.Message.IPollCreationMessage) => {
+  const options = (poll.options ?? []).map((option) => `"${option.optionName ?? ''}"`).join(', ');
+  return `[poll: ${poll.name ?? ''}; options: ${options}; ${poll.selectableOptionsCount === 1 ? 'one answer' : 'several answers allowed'}]`;
+};
+
+/** What a message that is neither text nor media says, by its type (baileys' getContentType), in words the agent can read. */
+const DESCRIBE: {
+  [T in keyof proto.IMessage]?: (message: NonNullable<proto.IMessage[T]>, timezone?: string) => string;
+} = {
+  locationMessage: (location) => {
     const place = [location.name, location.address].filter(Boolean).join(', ');
     return `[location: ${degrees(location.degreesLatitude)}, ${degrees(location.degreesLongitude)}${place ? ` (${place})` : ''}]${location.comment ? ` ${location.comment}` : ''}`;
-  }
-  const live = content.liveLocationMessage;
-  if (live)
-    return `[live location: ${degrees(live.degreesLatitude)}, ${degrees(live.degreesLongitude)}]${live.caption ? ` ${live.caption}` : ''}`;
-  if (content.contactMessage)
-    return `[contact: ${contactSummary(content.contactMessage.vcard, content.contactMessage.displayName)}]`;
-  if (content.contactsArrayMessage)
-    return `[contacts: ${(content.contactsArrayMessage.contacts ?? []).map((c) => contactSummary(c.vcard, c.displayName)).join('; ')}]`;
-  const poll =
-    content.pollCreationMessage ??
-    content.pollCreationMessageV2 ??
-    content.pollCreationMessageV3 ??
-    content.pollCreationMessageV5;
-  if (poll) {
-    const options = (poll.options ?? []).map((option) => `"${option.optionName ?? ''}"`).join(', ');
-    const choice = poll.selectableOptionsCount === 1 ? 'one answer' : 'several answers allowed';
-    return `[poll: ${poll.name ?? ''}; options: ${options}; ${choice}]`;
-  }
-  const event = content.eventMessage;
-  if (event) {
+  },
+  liveLocationMessage: (live) =>
+    `[live location: ${degrees(live.degreesLatitude)}, ${degrees(live.degreesLongitude)}]${live.caption ? ` ${live.caption}` : ''}`,
+  contactMessage: (contact) => `[contact: ${contactSummary(contact.vcard, contact.displayName)}]`,
+  contactsArrayMessage: (array) =>
+    `[contacts: ${(array.contacts ?? []).map((c) => contactSummary(c.vcard, c.displayName)).join('; ')}]`,
+  pollCreationMessage: describePoll,
+  pollCreationMessageV2: describePoll,
+  pollCreationMessageV3: describePoll,
+  pollCreationMessageV5: describePoll,
+  eventMessage: (event, timezone) => {
     const place = [event.location?.name, event.location?.address].filter(Boolean).join(', ');
     const when = `${eventTime(event.startTime, timezone)}${event.endTime ? ` to ${eventTime(event.endTime, timezone)}` : ''}`;
     return `[event${event.isCanceled ? ' (cancelled)' : ''}: ${event.name ?? ''}, ${when}${place ? `, at ${place}` : ''}]${event.description ? ` ${event.description}` : ''}`;
-  }
-  return `[unsupported message: ${type}]`;
+  },
+};
+
+/** A message's content, its type (baileys' getContentType) and that type's part, wrappers (ephemeral, view once, edited) removed. */
+interface WAContent {
+  content: proto.IMessage;
+  type: keyof proto.IMessage;
+  part: proto.IMessage[keyof proto.IMessage];
+}
+
+function contentWithType(message: proto.IMessage | null | undefined): WAContent | null {
+  const content = baileys().normalizeMessageContent(message);
+  const type = content ? (baileys().getContentType(content) as keyof proto.IMessage | undefined) : undefined;
+  return content && type ? { content, type, part: content[type] } : null;
 }
 
 /** What a message says for the agent: its text, a media caption, or a description of what it is. */
-function bodyOf(content: proto.IMessage, type: string, timezone: string | undefined): string {
+function bodyOf({ content, type, part }: WAContent, timezone: string | undefined): string {
   if (type === 'conversation') return content.conversation ?? '';
   if (type === 'extendedTextMessage') return content.extendedTextMessage?.text ?? '';
   const media = mediaOf(content);
-  return media ? media.caption : describeMessage(content, type, timezone);
+  const describe = DESCRIBE[type] as ((part: unknown, timezone?: string) => string) | undefined;
+  return media ? media.caption : describe && part ? describe(part, timezone) : `[unsupported message: ${type}]`;
 }
 
-/** A message's content and its type (baileys' getContentType), wrappers (ephemeral, view once, edited) removed. */
-function contentWithType(message: proto.IMessage | null | undefined): { content: proto.IMessage; type: string } | null {
-  const content = baileys().normalizeMessageContent(message);
-  const type = content ? baileys().getContentType(content) : undefined;
-  return content && type ? { content, type } : null;
-}
-
-function contextInfoOf(content: proto.IMessage, type: string): proto.IContextInfo | null | undefined {
-  const inner = content[type as keyof proto.IMessage];
-  return typeof inner === 'object' && inner && 'contextInfo' in inner
-    ? (inner.contextInfo as proto.IContextInfo | null | undefined)
-    : undefined;
-}
+const contextInfoOf = ({ part }: WAContent) =>
+  (part as { contextInfo?: proto.IContextInfo | null } | null | undefined)?.contextInfo;
 
 /**
  * With its own number, the bot is @mentioned like a person: the text says `@<digits>` (its
@@ -2594,8 +2577,9 @@ export function withMentionsAsTrigger(
   ownJids: ReadonlySet<string>,
   trigger: string,
 ): string {
-  const ownUsers = new Set([...ownJids].map((jid) => jid.split('@')[0]!.split(':')[0]!));
-  const mentionedUsers = mentioned.map((jid) => jid.split('@')[0]!.split(':')[0]!).filter((user) => ownUsers.has(user));
+  const userOf = (jid: string) => jid.split('@')[0]!.split(':')[0]!;
+  const ownUsers = new Set([...ownJids].map(userOf));
+  const mentionedUsers = mentioned.map(userOf).filter((user) => ownUsers.has(user));
   if (mentionedUsers.length === 0) return text;
   let rewritten = text;
   for (const user of new Set(mentionedUsers))
@@ -2604,9 +2588,9 @@ export function withMentionsAsTrigger(
 }
 
 /** The words of a message (or of an edit's new version), mentions of the bot's own number read as the trigger. */
-function wordsOf(content: proto.IMessage, type: string, chatJid: string, identity: WhatsAppIdentity): string {
-  const text = bodyOf(content, type, identity.timezone).trim();
-  const mentioned = contextInfoOf(content, type)?.mentionedJid;
+function wordsOf(found: WAContent, chatJid: string, identity: WhatsAppIdentity): string {
+  const text = bodyOf(found, identity.timezone).trim();
+  const mentioned = contextInfoOf(found)?.mentionedJid;
   if (!identity.hasOwnNumber || !mentioned?.length) return text;
   return withMentionsAsTrigger(
     text,
@@ -2622,13 +2606,9 @@ function senderOf(key: WAMessageKey, chatJid: string, identity: WhatsAppIdentity
   return baileys().isJidGroup(chatJid) ? canonicalJid(key.participant ?? '', key.participantAlt, identity) : chatJid;
 }
 
+/** A message of a chat: not of a broadcast list, nor a status (status@broadcast). */
 function isReadableChat(key: WAMessageKey | null | undefined): key is WAMessageKey & { remoteJid: string; id: string } {
-  return Boolean(
-    key?.remoteJid &&
-      key.id &&
-      !baileys().isJidStatusBroadcast(key.remoteJid) &&
-      !baileys().isJidBroadcast(key.remoteJid),
-  );
+  return Boolean(key?.remoteJid && key.id && !baileys().isJidBroadcast(key.remoteJid));
 }
 
 /**
@@ -2642,15 +2622,13 @@ export function parseWhatsAppMessage(raw: WAMessage, identity: WhatsAppIdentity)
   if (!isReadableChat(key)) return null;
   const found = contentWithType(raw.message);
   if (!found || SILENT_TYPES.has(found.type)) return null;
-  const { content, type } = found;
-  const media = mediaOf(content);
+  const media = mediaOf(found.content);
   const chatJid = canonicalJid(key.remoteJid, key.remoteJidAlt, identity);
-  let text = wordsOf(content, type, chatJid, identity);
-  const context = contextInfoOf(content, type);
+  let text = wordsOf(found, chatJid, identity);
+  const context = contextInfoOf(found);
   const quoted = contentWithType(context?.quotedMessage);
   if (quoted) {
-    const quotedText =
-      bodyOf(quoted.content, quoted.type, identity.timezone) || `[${mediaOf(quoted.content)?.kind ?? 'message'}]`;
+    const quotedText = bodyOf(quoted, identity.timezone) || `[${mediaOf(quoted.content)?.kind ?? 'message'}]`;
     const toBot = Boolean(context?.stanzaId && identity.sentByBot?.(context.stanzaId));
     text = `${toBot ? REPLY_TO_BOT_NOTE : '[replying to: "'}${quotedText.slice(0, 500)}"]\n${text}`;
   }
@@ -2698,9 +2676,7 @@ export function parseWhatsAppChange(raw: WAMessage, identity: WhatsAppIdentity):
   if (protocol.type === Type.REVOKE) return { chatJid, id: targetId, sender, content: null };
   if (protocol.type !== Type.MESSAGE_EDIT) return null;
   const edited = contentWithType(protocol.editedMessage);
-  return edited
-    ? { chatJid, id: targetId, sender, content: wordsOf(edited.content, edited.type, chatJid, identity) }
-    : null;
+  return edited ? { chatJid, id: targetId, sender, content: wordsOf(edited, chatJid, identity) } : null;
 }
 
 /** A file name that is safe on every filesystem and unique enough per message. */
@@ -2783,8 +2759,8 @@ export function splitForWhatsApp(text: string, limit = WHATSAPP_MAX_CHARS): stri
 
 /** Sliding-window limit per chat and overall, so a chatty agent cannot get the number banned. */
 export class RateLimiter {
+  /** When messages went, per chat, and to all chats under ''. */
   private readonly sent = new Map<string, number[]>();
-  private readonly all: number[] = [];
 
   constructor(
     readonly perChat = { count: 20, windowMs: 60_000 },
@@ -2793,21 +2769,17 @@ export class RateLimiter {
 
   /** How long to wait before the next message to `jid` may go (0 = now). */
   delayFor(jid: string, now = Date.now()): number {
-    const chat = (this.sent.get(jid) ?? []).filter((t) => t > now - this.perChat.windowMs);
-    this.sent.set(jid, chat);
-    while (this.all.length && this.all[0]! <= now - this.overall.windowMs) this.all.shift();
-    const chatWait =
-      chat.length >= this.perChat.count ? chat[chat.length - this.perChat.count]! + this.perChat.windowMs - now : 0;
-    const allWait =
-      this.all.length >= this.overall.count
-        ? this.all[this.all.length - this.overall.count]! + this.overall.windowMs - now
-        : 0;
-    return Math.max(0, chatWait, allWait);
+    return Math.max(0, this.wait(jid, this.perChat, now), this.wait('', this.overall, now));
+  }
+
+  private wait(key: string, limit: { count: number; windowMs: number }, now: number): number {
+    const times = (this.sent.get(key) ?? []).filter((t) => t > now - limit.windowMs);
+    this.sent.set(key, times);
+    return times.length >= limit.count ? times[times.length - limit.count]! + limit.windowMs - now : 0;
   }
 
   record(jid: string, now = Date.now()): void {
-    this.sent.get(jid)?.push(now) ?? this.sent.set(jid, [now]);
-    this.all.push(now);
+    for (const key of [jid, '']) this.sent.get(key)?.push(now) ?? this.sent.set(key, [now]);
   }
 }
 
@@ -2823,12 +2795,9 @@ export class TtlCache<V = unknown> {
 
   get<T = V>(key: string): T | undefined {
     const entry = this.entries.get(key);
-    if (!entry) return undefined;
-    if (entry.expiresAt <= this.now()) {
-      this.entries.delete(key);
-      return undefined;
-    }
-    return entry.value as unknown as T; // CacheStore's get is generic; what was set is what comes back
+    if (entry && entry.expiresAt > this.now()) return entry.value as unknown as T; // CacheStore's get is generic; what was set is what comes back
+    this.entries.delete(key);
+    return undefined;
   }
 
   set<T = V>(key: string, value: T): void {
@@ -2892,42 +2861,21 @@ export function afterDisconnect(
   kind: DisconnectKind,
   status?: number,
 ): { action: 'stop'; says: string } | { action: 'now' | 'backoff' } {
-  switch (kind) {
-    case 'logged-out':
-      return { action: 'stop', says: `WhatsApp logged this device out (401). ${RELINK}` };
-    case 'unauthorized':
-      return {
-        action: 'stop',
-        says: `WhatsApp refused this device (${status}: not authorized; the number may also be restricted, check the phone). ${RELINK}`,
-      };
-    case 'device-mismatch':
-      return { action: 'stop', says: `WhatsApp does not accept this linked device any more (411). ${RELINK}` };
-    case 'replaced':
-      return {
-        action: 'stop',
-        says: 'Another NanoClaw (or another program with these credentials) took over this WhatsApp session (440). Stopped here so the two do not take it from each other: keep one running.',
-      };
-    case 'restart':
-      return { action: 'now' }; // WhatsApp asks for a fresh connection (after pairing, or when it moves us)
-    default:
-      return { action: 'backoff' };
-  }
+  const says = {
+    'logged-out': `WhatsApp logged this device out (401). ${RELINK}`,
+    unauthorized: `WhatsApp refused this device (${status}: not authorized; the number may also be restricted, check the phone). ${RELINK}`,
+    'device-mismatch': `WhatsApp does not accept this linked device any more (411). ${RELINK}`,
+    replaced:
+      'Another NanoClaw (or another program with these credentials) took over this WhatsApp session (440). Stopped here so the two do not take it from each other: keep one running.',
+  }[kind as string];
+  if (says) return { action: 'stop', says };
+  return { action: kind === 'restart' ? 'now' : 'backoff' }; // a restart: WhatsApp asks for a fresh connection (after pairing, or when it moves us)
 }
 
 /** A connection has to stay open this long before the reconnect backoff starts again from its first step. */
 export const WHATSAPP_STABLE_MS = 60_000;
 
 export type LinkState = 'linked' | 'pending' | 'damaged' | 'none';
-
-/**
- * Linked = WhatsApp confirmed this device. baileys writes creds.json as soon as a pairing
- * code is asked for (`me` only); only a finished pairing, QR or code, adds `account`, the
- * signed device identity (baileys 7 Utils/validate-connection.js configureSuccessfulPairing).
- */
-export function linkStateOf(creds: { me?: { id?: string } | null; account?: unknown } | null | undefined): LinkState {
-  if (!creds) return 'none';
-  return creds.me?.id && creds.account ? 'linked' : 'pending';
-}
 
 const CREDS_FILE = 'creds.json';
 /** creds.json as it was before its last write: what a damaged creds.json is restored from. */
@@ -2941,6 +2889,15 @@ function isCredsText(text: string): boolean {
   } catch {
     return false;
   }
+}
+
+/** Runs `job` once the last job of its lane (`key`) has ended; lanes run side by side, and an idle one is forgotten. */
+function inLane<T>(lanes: Map<string, Promise<unknown>>, key: string, job: () => Promise<T>): Promise<T> {
+  const done = (lanes.get(key) ?? Promise.resolve()).then(job, job);
+  const settled = done.catch(() => {});
+  lanes.set(key, settled);
+  void settled.then(() => lanes.get(key) === settled && lanes.delete(key));
+  return done;
 }
 
 /** Writes a file whole or not at all (temp file, fsync, rename): what crashes leave is the old file or the new one. */
@@ -3021,29 +2978,20 @@ export async function useDurableAuthState(
   for (const name of readdirSync(authDir)) if (name.endsWith('.tmp')) rmSync(join(authDir, name), { force: true });
   const pathOf = (name: string) => join(authDir, name.replace(/\//g, '__').replace(/:/g, '-'));
   const queues = new Map<string, Promise<unknown>>();
-  const inOrder = <T>(path: string, job: () => Promise<T>): Promise<T> => {
-    const done = (queues.get(path) ?? Promise.resolve()).then(job, job);
-    const settled = done.then(
-      () => {},
-      () => {},
-    );
-    queues.set(path, settled);
-    void settled.then(() => queues.get(path) === settled && queues.delete(path));
-    return done;
-  };
+  /** A job on one file, after the jobs on it before. */
+  const onFile = <T>(name: string, job: (path: string) => Promise<T>) =>
+    inLane(queues, pathOf(name), () => job(pathOf(name)));
   const read = (name: string) =>
-    inOrder(pathOf(name), async () => JSON.parse(await fsp.readFile(pathOf(name), 'utf8'), BufferJSON.reviver)).catch(
-      () => null,
-    );
+    onFile(name, async (path) => JSON.parse(await fsp.readFile(path, 'utf8'), BufferJSON.reviver)).catch(() => null);
   const write = (name: string, value: unknown) =>
-    inOrder(pathOf(name), () =>
+    onFile(name, (path) =>
       writeFileDurably(
-        pathOf(name),
+        path,
         JSON.stringify(value, BufferJSON.replacer),
         name === CREDS_FILE ? pathOf(CREDS_BACKUP) : undefined,
       ),
     );
-  const remove = (name: string) => inOrder(pathOf(name), () => fsp.unlink(pathOf(name)).catch(() => {}));
+  const remove = (name: string) => onFile(name, (path) => fsp.unlink(path).catch(() => {}));
   const saved = readCredsFile(authDir);
   const creds: AuthenticationCreds =
     saved.state === 'ok' ? JSON.parse(saved.text, BufferJSON.reviver) : initAuthCreds();
@@ -3060,12 +3008,11 @@ export async function useDurableAuthState(
       return found;
     },
     set: async (data) => {
-      const writes = Object.entries(data).flatMap(([category, values]) =>
-        Object.entries(values ?? {}).map(([id, value]) =>
-          value ? write(`${category}-${id}.json`, value) : remove(`${category}-${id}.json`),
+      await Promise.all(
+        Object.entries(data).flatMap(([category, values]) =>
+          Object.entries(values ?? {}).map(([id, value]) => (value ? write : remove)(`${category}-${id}.json`, value)),
         ),
       );
-      await Promise.all(writes);
     },
   };
   return { state: { creds, keys }, saveCreds: () => write(CREDS_FILE, creds) };
@@ -3122,6 +3069,8 @@ export interface WhatsAppOptions {
   onStopped?(why: string): void;
   /** Reconnect delays and refreshes (default: the system's). */
   clock?: Clock;
+  /** Each socket as it opens (what tests watch). */
+  onSocket?(sock: WASocket): void;
 }
 
 const WHATSAPP_EVENTS = [
@@ -3189,7 +3138,8 @@ export class WhatsAppChannel implements Channel {
   readonly name = 'whatsapp';
   private handlers: ChannelHandlers | null = null;
   private sock: WASocket | null = null;
-  private connected = false;
+  /** Whether a connection is open: sends can go. */
+  ready = false;
   private closed = false;
   private attempt = 0;
   private cancelReconnect: (() => void) | null = null;
@@ -3209,7 +3159,7 @@ export class WhatsAppChannel implements Channel {
   /** Raw metadata of our groups, for sends (baileys' cachedGroupMetadata), kept current by group events. */
   readonly groupMetadata = new TtlCache<GroupMetadata>(GROUP_METADATA_TTL_MS, 500, () => this.clock.now());
   /** Per chat, the last inbound message still being taken (inChatOrder). */
-  private readonly chatLanes = new Map<string, Promise<void>>();
+  private readonly chatLanes = new Map<string, Promise<unknown>>();
   /** LID → phone JIDs WhatsApp told us (lid-mapping.update) or baileys knew. */
   private readonly lidToPhone = new Map<string, string>();
   /** The WhatsApp Web version the sockets announce; undefined: baileys' own. */
@@ -3217,36 +3167,27 @@ export class WhatsAppChannel implements Channel {
   private lookUpVersion = true;
   /** The version refusal is logged once per outage, not once per attempt. */
   private versionRefusalLogged = false;
-  /** How many sockets this channel opened (diagnostics and tests). */
-  socketsOpened = 0;
-  /** Delays used for each reconnect, in order. */
-  readonly reconnectDelays: number[] = [];
 
   constructor(private readonly options: WhatsAppOptions) {
     this.rateLimiter = options.rateLimiter ?? new RateLimiter();
     this.clock = options.clock ?? systemClock;
   }
 
-  /** Whether store/auth holds a linked device, a pairing never finished, damaged credentials, or nothing. */
+  /**
+   * Whether store/auth holds a linked device, a pairing never finished, damaged credentials, or nothing.
+   * Linked = WhatsApp confirmed this device. baileys writes creds.json as soon as a pairing
+   * code is asked for (`me` only); only a finished pairing, QR or code, adds `account`, the
+   * signed device identity (baileys 7 Utils/validate-connection.js configureSuccessfulPairing).
+   */
   static linkState(authDir: string): LinkState {
     const file = readCredsFile(authDir);
-    return file.state === 'ok' ? linkStateOf(JSON.parse(file.text)) : file.state;
-  }
-
-  static isLinked(authDir: string): boolean {
-    return WhatsAppChannel.linkState(authDir) === 'linked';
+    if (file.state !== 'ok') return file.state;
+    const creds = JSON.parse(file.text) as Partial<AuthenticationCreds>;
+    return creds.me?.id && creds.account ? 'linked' : 'pending';
   }
 
   ownsJid(jid: string): boolean {
     return /@(s\.whatsapp\.net|g\.us|lid)$/.test(jid);
-  }
-
-  get isConnected(): boolean {
-    return this.connected;
-  }
-
-  get ready(): boolean {
-    return this.connected;
   }
 
   /** The WhatsApp Web version announced, or undefined for baileys' built-in one. */
@@ -3255,7 +3196,7 @@ export class WhatsAppChannel implements Channel {
   }
 
   async connect(handlers: ChannelHandlers): Promise<void> {
-    if (!WhatsAppChannel.isLinked(this.options.authDir)) {
+    if (WhatsAppChannel.linkState(this.options.authDir) !== 'linked') {
       throw new WhatsAppNotLinked(
         'WhatsApp is not linked on this machine yet.\n  Fix: bun nanoclaw.ts auth   (or: bun nanoclaw.ts auth --pairing-code <your phone number>)',
       );
@@ -3303,10 +3244,8 @@ export class WhatsAppChannel implements Channel {
     });
     const { state, saveCreds } = await this.auth;
     // baileys wants its own pino; ours is pino too, just quieter for its chatter.
-    const logger = log.child(
-      { module: 'baileys' },
-      { level: log.level === 'trace' ? 'debug' : 'warn' },
-    ) as unknown as ILogger;
+    const level = log.level === 'trace' ? 'debug' : 'warn';
+    const logger = log.child({ module: 'baileys' }, { level }) as unknown as ILogger;
     const sock = baileys().default({
       // Signal keys are read for every message: kept in memory, written through to the files.
       auth: { creds: state.creds, keys: baileys().makeCacheableSignalKeyStore(state.keys, logger) },
@@ -3322,20 +3261,14 @@ export class WhatsAppChannel implements Channel {
       ...(this.options.waWebSocketUrl ? { waWebSocketUrl: this.options.waWebSocketUrl } : {}),
     });
     this.sock = sock;
-    this.socketsOpened++;
+    this.options.onSocket?.(sock);
     sock.ev.on('creds.update', saveCreds);
     sock.ev.on('connection.update', (update) => this.onConnectionUpdate(sock, update));
     sock.ev.on('messages.upsert', ({ messages }) => {
       if (sock !== this.sock) return;
       for (const message of messages) this.inChatOrder(message);
     });
-    sock.ev.on('groups.upsert', (groups) => {
-      if (sock !== this.sock) return;
-      for (const group of groups) {
-        this.groupMetadata.set(group.id, group);
-        this.learnGroupName(group.id, group.subject);
-      }
-    });
+    sock.ev.on('groups.upsert', (groups) => sock === this.sock && this.keepGroups(groups));
     sock.ev.on('groups.update', (updates) => {
       if (sock !== this.sock) return;
       for (const group of updates) {
@@ -3376,6 +3309,14 @@ export class WhatsAppChannel implements Channel {
     return fresh;
   }
 
+  /** Groups WhatsApp gave whole (joined, or all of them in a sync): their metadata kept, their names learned. */
+  private keepGroups(groups: GroupMetadata[]): void {
+    for (const group of groups) {
+      this.groupMetadata.set(group.id, group);
+      this.learnGroupName(group.id, group.subject);
+    }
+  }
+
   /** A group name from WhatsApp, unless it is empty (a change of something else carries no subject). */
   private learnGroupName(jid: string, subject: string | undefined | null): void {
     if (typeof subject === 'string' && subject.trim())
@@ -3392,42 +3333,42 @@ export class WhatsAppChannel implements Channel {
   private retire(sock: WASocket | null): void {
     if (!sock) return;
     for (const event of WHATSAPP_EVENTS) sock.ev.removeAllListeners(event);
-    try {
-      void sock.end(undefined);
-    } catch {
-      // already closed
-    }
+    sock.end(undefined).catch(() => {}); // already closed
   }
 
   /** Stops for good: no reconnect; the log and onStopped say why and what to do. */
-  private stopFor(sock: WASocket, why: string, fields: Record<string, unknown> = {}): void {
+  private stopFor(why: string, fields: Record<string, unknown> = {}): void {
     log.error(fields, why);
+    this.stop();
+    this.options.onStopped?.(why);
+  }
+
+  /** No connection, no reconnect, no timer left. */
+  private stop(): void {
     this.closed = true;
-    this.connected = false;
-    this.retire(sock);
+    this.ready = false;
     this.cancelReconnect?.();
     this.cancelReconnect = null;
-    this.options.onStopped?.(why);
+    this.stopDailySync?.();
+    for (const stop of this.typingRefresh.values()) stop();
+    this.typingRefresh.clear();
+    this.retire(this.sock);
   }
 
   private onConnectionUpdate(sock: WASocket, update: Partial<ConnectionState>): void {
     if (sock !== this.sock) return; // a retired socket's last words
     if (update.qr) {
       this.stopFor(
-        sock,
         'Not linked: WhatsApp offers a QR code, so it does not know the device in store/auth/. Run `bun nanoclaw.ts auth --relink`, then start NanoClaw again.',
       );
       return;
     }
     if (update.connection === 'open') {
-      this.connected = true;
+      this.ready = true;
       this.openedAt = this.clock.monotonic();
       this.versionRefusalLogged = false;
-      this.ownJids = new Set(
-        [sock.user?.id, sock.user?.lid]
-          .filter((j): j is string => Boolean(j))
-          .map((j) => baileys().jidNormalizedUser(j)),
-      );
+      const own = [sock.user?.id, sock.user?.lid].filter((jid): jid is string => Boolean(jid));
+      this.ownJids = new Set(own.map((jid) => baileys().jidNormalizedUser(jid)));
       log.info({ me: [...this.ownJids] }, 'WhatsApp connected');
       this.handlers?.onReady?.();
       // WhatsApp tells who is typing only in chats we subscribed to (for this connection).
@@ -3439,24 +3380,23 @@ export class WhatsAppChannel implements Channel {
         void this.syncGroups().catch((err) => log.warn({ err }, 'Group sync failed'));
     }
     if (update.connection === 'close') {
-      this.connected = false;
+      this.ready = false;
       // Only a connection that held counts as recovered: one that drops at once keeps backing off.
       if (this.openedAt !== null && this.clock.monotonic() - this.openedAt >= WHATSAPP_STABLE_MS) this.attempt = 0;
       this.openedAt = null;
       const { kind, status, detail } = disconnectKind(update.lastDisconnect?.error);
       const next = afterDisconnect(kind, status);
       if (next.action === 'stop') {
-        this.stopFor(sock, next.says, { status, reason: detail });
+        this.stopFor(next.says, { status, reason: detail });
         return;
       }
       if (kind === 'version-refused') {
         this.lookUpVersion = true;
-        if (!this.versionRefusalLogged) {
+        if (!this.versionRefusalLogged)
           log.error(
             { version: this.waVersion?.join('.') ?? 'built in' },
             'WhatsApp refused this client version (405). NanoClaw looks the current version up and keeps trying; if this goes on, update NanoClaw (bun update @whiskeysockets/baileys).',
           );
-        }
         this.versionRefusalLogged = true;
       } else {
         log.warn({ status, kind, reason: detail }, 'WhatsApp disconnected');
@@ -3467,15 +3407,13 @@ export class WhatsAppChannel implements Channel {
 
   private scheduleReconnect(now = false): void {
     if (this.closed || this.cancelReconnect) return;
-    if (!now) this.attempt++; // a restart WhatsApp asks for is no failure
     const delay = now
-      ? 0
-      : backoff(this.attempt, {
+      ? 0 // a restart WhatsApp asks for is no failure
+      : backoff(++this.attempt, {
           baseMs: this.options.reconnectBaseMs ?? 1000,
           capMs: this.options.reconnectCapMs ?? 60_000,
           jitter: true,
         });
-    this.reconnectDelays.push(delay);
     log.info({ attempt: this.attempt, delayMs: delay }, 'Reconnecting to WhatsApp');
     this.cancelReconnect = this.clock.after(delay, () => {
       this.cancelReconnect = null;
@@ -3520,17 +3458,9 @@ export class WhatsAppChannel implements Channel {
    * photo still downloading holds back the question that followed it); chats run side by side.
    */
   private inChatOrder(raw: WAMessage): void {
-    const chat = baileys().jidNormalizedUser(raw.key?.remoteJid ?? '');
-    const previous = this.chatLanes.get(chat) ?? Promise.resolve();
-    const lane = previous
-      .then(() => this.onMessage(raw))
-      .catch((err) =>
-        log.error({ err: errorText(err), messageId: raw.key?.id }, 'Could not take an inbound WhatsApp message'),
-      )
-      .finally(() => {
-        if (this.chatLanes.get(chat) === lane) this.chatLanes.delete(chat);
-      });
-    this.chatLanes.set(chat, lane);
+    inLane(this.chatLanes, baileys().jidNormalizedUser(raw.key?.remoteJid ?? ''), () => this.onMessage(raw)).catch(
+      (err) => log.error({ err: errorText(err), messageId: raw.key?.id }, 'Could not take an inbound WhatsApp message'),
+    );
   }
 
   /** Inbound: translate, download media for registered chats, hand to the host. */
@@ -3567,17 +3497,14 @@ export class WhatsAppChannel implements Channel {
         'Media expired on WhatsApp’s servers; asking the sender’s phone to upload it again',
       );
       const timeoutMs = this.options.mediaReuploadTimeoutMs ?? 30_000;
-      let timer: ReturnType<typeof setTimeout> | undefined;
+      let cancel = () => {};
       const fresh = await Promise.race([
         sock.updateMediaMessage(raw),
-        new Promise<never>(
-          (_, reject) =>
-            (timer = setTimeout(
-              () => reject(new Error(`the sender’s phone did not upload it again within ${timeoutMs / 1000} s`)),
-              timeoutMs,
-            )),
-        ),
-      ]).finally(() => clearTimeout(timer));
+        new Promise<never>((_, reject) => {
+          const late = new Error(`the sender’s phone did not upload it again within ${timeoutMs / 1000} s`);
+          cancel = this.clock.after(timeoutMs, () => reject(late));
+        }),
+      ]).finally(() => cancel());
       return await baileys().downloadMediaMessage(fresh, 'buffer', {});
     }
   }
@@ -3585,9 +3512,8 @@ export class WhatsAppChannel implements Channel {
   private async saveMedia(raw: WAMessage, inbound: WhatsAppInbound, tree: AgentTree): Promise<string> {
     const media = inbound.media!;
     const caption = inbound.message.content;
-    if ((media.bytes ?? 0) > MAX_MEDIA_BYTES) {
+    if ((media.bytes ?? 0) > MAX_MEDIA_BYTES)
       return `[${media.kind} not downloaded: ${Math.round(media.bytes! / 1024 / 1024)} MB is over the ${MAX_MEDIA_BYTES / 1024 / 1024} MB limit]${caption ? ` ${caption}` : ''}`;
-    }
     try {
       const data = await this.download(raw);
       if (data.length > MAX_MEDIA_BYTES) throw new Error('file over the size limit');
@@ -3607,18 +3533,13 @@ export class WhatsAppChannel implements Channel {
   }
 
   /** What the agent is told of a voice note's words: its transcript, or plainly that there is none. */
-  private async transcription(
-    audio: Buffer,
-    fileName: string,
-    mimetype: string,
-    inbound: WhatsAppInbound,
-  ): Promise<string> {
+  private async transcription(audio: Buffer, fileName: string, mimetype: string, { message }: WhatsAppInbound) {
     if (!this.options.transcribe) return '(could not be transcribed: no transcription service is configured)';
     try {
       const words = await this.options.transcribe(audio, fileName, mimetype);
       return words ? `Transcript: ${words}` : '(transcribed: no words in it)';
     } catch (err) {
-      log.warn({ err: errorText(err), messageId: inbound.message.id }, 'Could not transcribe a voice note');
+      log.warn({ err: errorText(err), messageId: message.id }, 'Could not transcribe a voice note');
       return `(could not be transcribed: ${errorText(err)})`;
     }
   }
@@ -3640,15 +3561,14 @@ export class WhatsAppChannel implements Channel {
   private async deliverContent(jid: string, content: AnyMessageContent, messageId: string): Promise<void> {
     const wait = this.rateLimiter.delayFor(jid);
     if (wait > 0) await Bun.sleep(wait);
-    if (!this.connected) throw new Error('WhatsApp is not connected');
+    if (!this.ready) throw new Error('WhatsApp is not connected');
     const sent = await this.send(jid, content, messageId);
     this.rateLimiter.record(jid);
-    if (sent) {
-      try {
-        this.options.rememberSent?.(messageId, baileys().proto.Message.encode(sent).finish());
-      } catch (err) {
-        log.warn({ err: errorText(err), messageId }, 'Sent, but could not keep a copy for resends');
-      }
+    if (!sent) return;
+    try {
+      this.options.rememberSent?.(messageId, baileys().proto.Message.encode(sent).finish());
+    } catch (err) {
+      log.warn({ err: errorText(err), messageId }, 'Sent, but could not keep a copy for resends');
     }
   }
 
@@ -3668,7 +3588,7 @@ export class WhatsAppChannel implements Channel {
     this.typingRefresh.get(jid)?.();
     this.typingRefresh.delete(jid);
     if (typing) {
-      if (this.connected) this.subscribe(jid); // a chat registered since the connection opened
+      if (this.ready) this.subscribe(jid); // a chat registered since the connection opened
       const again = () => void this.sendChatState(jid, 'composing').catch(() => {});
       this.typingRefresh.set(jid, every(this.clock, WHATSAPP_TYPING_REFRESH_MS, again));
     }
@@ -3683,16 +3603,13 @@ export class WhatsAppChannel implements Channel {
   }
 
   private async sendChatState(jid: string, state: 'composing' | 'paused'): Promise<void> {
-    if (this.connected) await this.sock?.sendPresenceUpdate(state, jid);
+    if (this.ready) await this.sock?.sendPresenceUpdate(state, jid);
   }
 
   async syncGroups(): Promise<void> {
-    if (!this.sock || !this.connected) return;
+    if (!this.sock || !this.ready) return;
     const groups = await this.sock.groupFetchAllParticipating();
-    for (const group of Object.values(groups)) {
-      this.groupMetadata.set(group.id, group);
-      this.learnGroupName(group.id, group.subject);
-    }
+    this.keepGroups(Object.values(groups));
     this.options.markGroupSync?.(
       Object.fromEntries(Object.values(groups).map((group) => [group.id, group.participants?.length ?? 0])),
     );
@@ -3700,14 +3617,7 @@ export class WhatsAppChannel implements Channel {
   }
 
   async disconnect(): Promise<void> {
-    this.closed = true;
-    this.cancelReconnect?.();
-    this.stopDailySync?.();
-    for (const stop of this.typingRefresh.values()) stop();
-    this.typingRefresh.clear();
-    this.cancelReconnect = null;
-    this.connected = false;
-    this.retire(this.sock);
+    this.stop();
     this.sock = null;
   }
 

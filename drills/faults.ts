@@ -204,12 +204,12 @@ export async function whatsappDrops(drops = 50): Promise<Row> {
       given: AnyMessageContent,
       messageId: string,
     ): Promise<proto.IMessage | undefined> {
-      if (!this.isConnected) throw new Error('offline');
+      if (!this.ready) throw new Error('offline');
       const text = 'text' in given ? given.text : '';
       this.inFlight++;
       await Bun.sleep(150); // in flight
       this.inFlight--;
-      if (!this.isConnected) {
+      if (!this.ready) {
         if (coin()) this.delivered.push({ jid, text, messageId }); // it got there; the ack did not come back
         throw new Error('connection dropped while sending');
       }

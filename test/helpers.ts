@@ -23,6 +23,7 @@ import {
   type NewMessage,
   type OutboundFile,
   type ScheduledTask,
+  type WhatsAppOptions,
 } from '../nanoclaw.ts';
 
 const made: string[] = [];
@@ -225,6 +226,22 @@ export async function waitFor<T>(
  * (generateWAMessageContent, prepareWAMessageMedia).
  */
 export class RecordingWhatsApp extends WhatsAppChannel {
+  /** Every socket it opened, in order (counted through the onSocket option). */
+  readonly sockets: WASocket[];
+  constructor(options: WhatsAppOptions) {
+    const sockets: WASocket[] = [];
+    super({
+      ...options,
+      onSocket: (sock) => {
+        sockets.push(sock);
+        options.onSocket?.(sock);
+      },
+    });
+    this.sockets = sockets;
+  }
+  get socketsOpened(): number {
+    return this.sockets.length;
+  }
   readonly delivered: {
     jid: string;
     text: string;
@@ -238,7 +255,7 @@ export class RecordingWhatsApp extends WhatsAppChannel {
     given: AnyMessageContent,
     messageId: string,
   ): Promise<proto.IMessage | undefined> {
-    if (!this.isConnected) throw new Error('offline');
+    if (!this.ready) throw new Error('offline');
     let uploaded: Buffer | undefined;
     const content = await generateWAMessageContent(given, {
       upload: async (encrypted, { mediaType }) => {

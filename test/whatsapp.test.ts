@@ -32,6 +32,8 @@ import {
   writeJsonAtomic,
   WhatsAppChannel,
   whatsAppChannel,
+  systemClock,
+  type Clock,
   makeSelfChatMain,
   LOCAL_MAIN_JID,
   type ChannelHandlers,
@@ -295,6 +297,18 @@ afterEach(async () => {
   for (const stop of stops.splice(0)) await stop();
 });
 
+/** The system clock, keeping every delay it is asked to wait (the reconnects'; the daily group sync's is a day). */
+function recordingClock(waits: number[]): Clock {
+  return {
+    ...systemClock,
+    after: (ms, fn) => {
+      waits.push(ms);
+      return systemClock.after(ms, fn);
+    },
+  };
+}
+const reconnects = (waits: number[]) => waits.filter((ms) => ms < 24 * 60 * 60_000);
+
 function channelOptions(authDir: string, url: string, extra: Partial<WhatsAppOptions> = {}): WhatsAppOptions {
   return {
     authDir,
@@ -320,14 +334,19 @@ describe('WhatsAppChannel connection', () => {
     setupLogging(tempProject(), { terminalLevel: 'silent' });
     const server = flakyServer(30);
     stops.push(server.stop);
-    const channel = new RecordingWhatsApp(channelOptions(await linkedAuthDir(), server.url));
+    const waits: number[] = [];
+    const channel = new RecordingWhatsApp(
+      channelOptions(await linkedAuthDir(), server.url, { clock: recordingClock(waits) }),
+    );
     stops.push(() => channel.disconnect());
     await channel.connect(noHandlers);
     await waitFor(() => server.connectedAt.length >= 6, 20_000, 'six connections');
     expect(server.maxOpen).toBe(1);
     expect(channel.socketsOpened).toBeGreaterThanOrEqual(6);
-    const ceilings = channel.reconnectDelays.slice(0, 5).map((_, i) => Math.min(400, 40 * 2 ** i));
-    channel.reconnectDelays.slice(0, 5).forEach((delay, i) => {
+    const delays = reconnects(waits).slice(0, 5);
+    expect(delays).toHaveLength(5);
+    const ceilings = delays.map((_, i) => Math.min(400, 40 * 2 ** i));
+    delays.forEach((delay, i) => {
       expect(delay).toBeGreaterThanOrEqual(ceilings[i]! / 2);
       expect(delay).toBeLessThanOrEqual(ceilings[i]!);
     });
@@ -340,7 +359,10 @@ describe('WhatsAppChannel connection', () => {
     const server = flakyServer((n) => (n <= 2 ? 30 : 60_000)); // two drops, then a steady connection
     stops.push(server.stop);
     const received: NewMessage[] = [];
-    const channel = new RecordingWhatsApp(channelOptions(await linkedAuthDir(), server.url));
+    const waits: number[] = [];
+    const channel = new RecordingWhatsApp(
+      channelOptions(await linkedAuthDir(), server.url, { clock: recordingClock(waits) }),
+    );
     stops.push(() => channel.disconnect());
     await channel.connect({ onMessage: (m) => received.push(m) });
     const retired = channel.socket!;
@@ -352,10 +374,10 @@ describe('WhatsAppChannel connection', () => {
     retired.ev.emit('connection.update', { connection: 'open' });
     await Bun.sleep(50);
     expect(received).toEqual([]);
-    expect(channel.isConnected).toBe(false);
+    expect(channel.ready).toBe(false);
     const live = channel.socket!;
     openAsWhatsAppWould(live);
-    expect(channel.isConnected).toBe(true);
+    expect(channel.ready).toBe(true);
     live.ev.emit('messages.upsert', {
       messages: [waMessage({ remoteJid: ALICE, message: { conversation: 'now' } })],
       type: 'notify',
@@ -366,7 +388,7 @@ describe('WhatsAppChannel connection', () => {
       connection: 'close',
       lastDisconnect: { error: new Error('drop'), date: new Date() },
     });
-    expect(channel.reconnectDelays.at(-1)!).toBeGreaterThan(40); // not attempt 1 again: it did not hold (test/whatsapp-connection.test.ts)
+    expect(reconnects(waits).at(-1)!).toBeGreaterThan(40); // not attempt 1 again: it did not hold (test/whatsapp-connection.test.ts)
   });
 
   /** What the host does when the bot speaks: the parts go into the store's outbox, then the sender sends them. */
@@ -594,7 +616,12 @@ describe('WhatsApp through the host (fake docker)', () => {
     addGroup(config, store, { jid: ME, name: 'Me', folder: 'main', isMain: true });
     const server = flakyServer(60_000);
     stops.push(server.stop);
-    const channel = whatsAppChannel(config, store, { authDir: await linkedAuthDir(), waWebSocketUrl: server.url });
+    let sockets = 0;
+    const channel = whatsAppChannel(config, store, {
+      authDir: await linkedAuthDir(),
+      waWebSocketUrl: server.url,
+      onSocket: () => sockets++,
+    });
     const host = new Host(config, store, [channel], QUIET_SWEEPS);
     stops.push(async () => {
       await host.stop();
@@ -618,7 +645,7 @@ describe('WhatsApp through the host (fake docker)', () => {
       connection: 'close',
       lastDisconnect: { error: new Error('drop'), date: new Date() },
     });
-    await waitFor(() => channel.socketsOpened === 2, 5000, 'reconnect');
+    await waitFor(() => sockets === 2, 5000, 'reconnect');
     channel.socket!.groupFetchAllParticipating = serverGroups;
     openAsWhatsAppWould(channel.socket!);
     await Bun.sleep(200);
@@ -693,6 +720,7 @@ describe('what real WhatsApp needs (baileys 7)', () => {
       version: [2, 3000, 1111111111],
       isLatest: true,
     };
+    let sockets = 0;
     const lookupVersion = async () => {
       lookups.push(answer.version.join('.'));
       return answer;
@@ -703,6 +731,7 @@ describe('what real WhatsApp needs (baileys 7)', () => {
       lookupVersion,
       reconnectBaseMs: 20,
       reconnectCapMs: 60,
+      onSocket: () => sockets++,
     });
     stops.push(async () => {
       await channel.disconnect();
@@ -715,11 +744,11 @@ describe('what real WhatsApp needs (baileys 7)', () => {
     // The servers refuse the version; the lookup finds a newer one; refused once more, then it fails.
     answer = { version: [2, 3000, 2222222222], isLatest: true };
     closeWith(channel.socket!, 405);
-    await waitFor(() => channel.socketsOpened === 2, 3000, 'reconnect after 405');
+    await waitFor(() => sockets === 2, 3000, 'reconnect after 405');
     expect(channel.version).toEqual([2, 3000, 2222222222]);
     answer = { version: [2, 3000, 1], isLatest: false }; // baileys' own, as fetchLatestWaWebVersion gives it offline
     closeWith(channel.socket!, 405);
-    await waitFor(() => channel.socketsOpened === 3, 3000, 'second reconnect');
+    await waitFor(() => sockets === 3, 3000, 'second reconnect');
     expect(lookups).toHaveLength(3);
     expect(channel.version).toEqual([2, 3000, 2222222222]); // the last one that was looked up, from the store
     const refusals = readFileSync(join(config.logsDir, 'nanoclaw.log'), 'utf8')
