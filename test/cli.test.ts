@@ -395,7 +395,7 @@ describe('bun nanoclaw.ts chat (piped)', () => {
     expect(existsSync(join(root, 'data', 'nanoclaw.pid'))).toBe(false);
     const next = await cli(['chat'], '');
     expect(next.code).toBe(0);
-    expect(docker.runs()).toHaveLength(1); // answered, so nothing to redo
+    expect(docker.answering()).toHaveLength(1); // answered, so nothing to redo (the next start only warms main)
   });
 
   it('a chat shows only its own answers: what an earlier chat left unanswered or unprinted is left out, and said so', async () => {
@@ -766,10 +766,10 @@ describe('chat manners on a terminal', () => {
     // biome-ignore lint/suspicious/noControlCharactersInRegex: the terminal's erase-line escape is what is checked
     expect(term.screen()).toMatch(/\r\x1b\[2KAndy: echo: hello there\r?\n/); // printed on a cleared line, not after the prompt
     expect(docker.calls().some((c) => c.argv[0] === 'stop')).toBe(true);
-    const runs = docker.runs().length;
+    const runs = docker.answering().length;
     const next = await cli(['chat'], '');
     expect(next.code).toBe(0);
-    expect(docker.runs()).toHaveLength(runs); // the abandoned message was not run again
+    expect(docker.answering()).toHaveLength(runs); // the abandoned message was not run again
   });
 
   it('Ctrl-C pressed with the Enter, before the turn has begun, still stops that message for good', async () => {
@@ -781,10 +781,10 @@ describe('chat manners on a terminal', () => {
     expect(Date.now() - pressed).toBeLessThan(8_000);
     expect(term.screen()).toContain('Stopped. That message will not be answered');
     expect(term.screen()).not.toContain('The agent failed'); // a stopped container is no failure to report
-    const runs = docker.runs().length;
+    const runs = docker.answering().length;
     const next = await cli(['chat'], '');
     expect(next.code).toBe(0);
-    expect(docker.runs()).toHaveLength(runs); // not answered behind the user's back
+    expect(docker.answering()).toHaveLength(runs); // not answered behind the user's back
   });
 
   it('starts the agent at the first keystroke, so the typed line goes into a running container', async () => {

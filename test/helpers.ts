@@ -59,6 +59,8 @@ export interface FakeDocker {
   path: string;
   calls(): FakeDockerCall[];
   runs(): FakeDockerCall[];
+  /** The runs that carried messages to answer (not a warm start, which waits for its first message). */
+  answering(): FakeDockerCall[];
   set(flag: 'engine-down' | 'no-image' | 'no-kimi', on?: boolean): void;
   setRunning(names: string[]): void;
 }
@@ -84,6 +86,7 @@ export function fakeDocker(): FakeDocker {
     path,
     calls,
     runs: () => calls().filter((call) => call.command === 'run'),
+    answering: () => calls().filter((call) => call.command === 'run' && !JSON.parse(call.stdin!).warm),
     set: (flag, on = true) => {
       const file = join(dir, flag);
       if (on) writeFileSync(file, '');
