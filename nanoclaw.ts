@@ -1880,13 +1880,20 @@ export class Store {
     return row ? toTask(row) : null;
   }
 
-  /** A group's tasks (all when no folder), oldest first; beyond `limit`, active ones and the newest are kept. */
+  /**
+   * A group's tasks (every group's when no folder), oldest first. Beyond `limit` the active and
+   * paused ones due soonest are kept, then the newest completed; every group's are picked from
+   * the tasks_due index alone, so the cost follows `limit`, not the number of tasks.
+   */
   listTasks(groupFolder?: string, limit = -1): ScheduledTask[] {
+    const byStatus = (statuses: string, order: string) =>
+      `SELECT rowid FROM (SELECT rowid FROM scheduled_tasks WHERE status IN (${statuses}) ORDER BY ${order} LIMIT ?2)`;
+    const kept = groupFolder
+      ? "SELECT rowid FROM scheduled_tasks WHERE group_folder = ?1 ORDER BY status = 'completed', status, next_run, rowid DESC LIMIT ?2"
+      : `${byStatus("'active', 'paused'", 'status, next_run')} UNION ALL ${byStatus("'completed'", 'next_run DESC, rowid DESC')} LIMIT ?2`;
     return this.db
       .query<TaskRow, [string | null, number]>(
-        `SELECT * FROM scheduled_tasks WHERE rowid IN (SELECT rowid FROM scheduled_tasks
-           WHERE ${groupFolder ? 'group_folder = ?1' : '?1 IS NULL'} ORDER BY status = 'active' DESC, created_at DESC LIMIT ?2)
-         ORDER BY created_at`,
+        `SELECT * FROM scheduled_tasks WHERE rowid IN (${kept}) ORDER BY created_at`,
       )
       .all(groupFolder ?? null, limit)
       .map(toTask);

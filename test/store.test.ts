@@ -369,16 +369,20 @@ describe('queries that grow with what changed, not with all there is', () => {
     store.close();
   });
 
-  it('a limited task list keeps the active tasks first, then the newest, and lists them oldest first', () => {
+  it('a limited task list keeps the active and paused tasks, then the newest completed, and lists them oldest first', () => {
     const store = new Store(join(tempDir(), 'messages.db'));
     const at = (n: number) => `2026-01-0${n}T00:00:00.000Z`;
-    store.createTask({ ...task('old-active', 'g', null), createdAt: at(1) });
+    store.createTask({ ...task('old-active', 'g', at(9)), createdAt: at(1) });
     store.createTask({ ...task('old-done', 'g', null, 'completed'), createdAt: at(2) });
     store.createTask({ ...task('new-done', 'g', null, 'completed'), createdAt: at(3) });
-    store.createTask({ ...task('other-group', 'h', null), createdAt: at(4) });
-    expect(store.listTasks('g', 2).map((t) => t.id)).toEqual(['old-active', 'new-done']);
-    expect(store.listTasks(undefined, 3).map((t) => t.id)).toEqual(['old-active', 'new-done', 'other-group']);
-    expect(store.listTasks('g').map((t) => t.id)).toEqual(['old-active', 'old-done', 'new-done']);
+    store.createTask({ ...task('other-group', 'h', at(8)), createdAt: at(4) });
+    store.createTask({ ...task('held', 'g', at(7), 'paused'), createdAt: at(5) });
+    expect(store.listTasks('g', 2).map((t) => t.id)).toEqual(['old-active', 'held']);
+    expect(store.listTasks('g', 3).map((t) => t.id)).toEqual(['old-active', 'new-done', 'held']);
+    expect(store.listTasks(undefined, 3).map((t) => t.id)).toEqual(['old-active', 'other-group', 'held']);
+    expect(store.listTasks(undefined, 4).map((t) => t.id)).toEqual(['old-active', 'new-done', 'other-group', 'held']);
+    expect(store.listTasks('g').map((t) => t.id)).toEqual(['old-active', 'old-done', 'new-done', 'held']);
+    expect(store.listTasks().map((t) => t.id)).toEqual(['old-active', 'old-done', 'new-done', 'other-group', 'held']);
     store.close();
   });
 
