@@ -108,11 +108,11 @@ describe('a group over its disk budget', () => {
     w.channel.receive(WORK, 'hello work');
     await waitFor(() => texts(w, WORK).includes('Andy: echo: hello work'), 20_000, 'work answered');
     await waitFor(() => !w.host.queue.isBusy(FAMILY), 20_000, 'family idle');
-    w.host.checkDisk(); // a later sweep: still over, told no more
+    await w.host.checkDisk(); // a later sweep: still over, told no more
     expect(w.runsOf('family')).toHaveLength(runs);
     expect(texts(w, FAMILY).filter((t) => t.includes('disk budget'))).toHaveLength(1);
     rmSync(join(w.config.groupsDir, 'family', 'fill.bin'));
-    w.host.checkDisk();
+    await w.host.checkDisk();
     await waitFor(() => texts(w, FAMILY).includes('Andy: echo: are you there?'), 20_000, 'answered once under');
   });
 
@@ -122,7 +122,7 @@ describe('a group over its disk budget', () => {
     await waitFor(() => existsSync(join(w.config.groupsDir, 'family', 'fill.bin')), 20_000, 'the fill');
     await waitFor(() => statSync(join(w.config.groupsDir, 'family', 'fill.bin')).size === 2 * MIB, 20_000, 'filled');
     expect(w.host.queue.isRunning(FAMILY)).toBe(true);
-    w.host.checkDisk();
+    await w.host.checkDisk();
     await waitFor(() => !w.host.queue.isRunning(FAMILY), 20_000, 'the container stopped');
     expect(texts(w, FAMILY).some((t) => t.includes('disk budget'))).toBe(true);
   });
@@ -133,11 +133,11 @@ describe('a group over its disk budget', () => {
     const reserve = join(w.config.storeDir, 'disk-reserve');
     expect(statSync(reserve).size).toBe(MIB); // made at start (tempProject: DISK_RESERVE=1m)
     free = MIB / 2;
-    w.host.checkDisk();
+    await w.host.checkDisk();
     expect(existsSync(reserve)).toBe(false);
     await waitFor(() => texts(w, MAIN).some((t) => t.includes('The disk is almost full')), 20_000, 'told');
     free = 100 * MIB;
-    w.host.checkDisk();
+    await w.host.checkDisk();
     expect(existsSync(reserve)).toBe(true);
   });
 });

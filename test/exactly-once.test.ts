@@ -253,7 +253,7 @@ describe('poison messages', () => {
     await waitFor(() => texts(w).length === 1, 10_000, 'the notice');
     expect(texts(w)).toEqual([`Andy: ${GIVE_UP_TEXT}`]);
     expect(w.docker.runs()).toHaveLength(3); // the first try and two retries, then no more
-    w.host.recover(); // the sweep finds nothing left to retry
+    await w.host.recover(); // the sweep finds nothing left to retry
     await Bun.sleep(200);
     expect(w.docker.runs()).toHaveLength(3);
     w.channel.receive(MAIN, 'fresh start');

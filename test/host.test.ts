@@ -104,6 +104,45 @@ describe('timers the host keeps, on a clock the test moves', () => {
   });
 });
 
+describe('the recovery sweep', () => {
+  const chatter = (w: World, id: string, content: string) =>
+    w.store.storeMessage({
+      id,
+      chatJid: FAMILY,
+      sender: '4915100000001@s.whatsapp.net',
+      senderName: 'Uncle',
+      content,
+      timestamp: new Date().toISOString(),
+      isFromMe: false,
+      isBotMessage: false,
+    });
+
+  it('reads a group’s unanswered messages again only past what it already found quiet, under the same wake rule', async () => {
+    const w = await world();
+    // Stored behind the host's back, as by a crash between storing and queueing: only the sweep sees them.
+    for (let i = 0; i < 3; i++) chatter(w, `quiet-${i}`, `just chatting ${i}`);
+    await w.host.recover();
+    await w.host.recover();
+    expect(w.docker.runs()).toHaveLength(0); // no trigger: nothing for the agent
+    chatter(w, 'called', '@Andy what time is it?');
+    await w.host.recover();
+    await waitFor(() => texts(w, FAMILY).length === 1, 10_000, 'the triggered answer');
+    expect(texts(w, FAMILY)[0]).toBe('Andy: echo: what time is it?');
+    expect(JSON.parse(w.docker.runs()[0]!.stdin!).prompt).toContain('just chatting 0'); // the chatter came with it
+  });
+
+  it('a group whose wake rule changed has its quiet messages judged again', async () => {
+    const w = await world();
+    chatter(w, 'quiet', 'just chatting');
+    await w.host.recover();
+    expect(w.docker.runs()).toHaveLength(0);
+    w.store.db.query('UPDATE registered_groups SET requires_trigger = 0 WHERE jid = ?').run(FAMILY); // as `groups` would
+    await w.host.recover();
+    await waitFor(() => texts(w, FAMILY).length === 1, 10_000, 'the answer without a trigger');
+    expect(texts(w, FAMILY)[0]).toBe('Andy: echo: just chatting');
+  });
+});
+
 describe('warm when it matters', () => {
   it('typing in a registered chat starts its container with no prompt; the message then goes into it as a follow-up', async () => {
     const w = await world();

@@ -354,3 +354,104 @@ describe('groups, sessions, tasks', () => {
     store.close();
   });
 });
+
+describe('queries that grow with what changed, not with all there is', () => {
+  it('due tasks: only active ones whose next run has come, soonest first', () => {
+    const store = new Store(join(tempDir(), 'messages.db'));
+    store.createTask(task('later', 'g', '2026-06-01T12:00:00.001Z'));
+    store.createTask(task('second', 'g', '2026-06-01T11:00:00.000Z'));
+    store.createTask(task('first', 'g', '2026-06-01T10:00:00.000Z'));
+    store.createTask(task('paused', 'g', '2026-06-01T09:00:00.000Z', 'paused'));
+    store.createTask(task('unscheduled', 'g', null));
+    expect(store.upcomingTasks(-1, '2026-06-01T12:00:00.000Z').map((t) => t.id)).toEqual(['first', 'second']);
+    expect(store.upcomingTasks().map((t) => t.id)).toEqual(['first', 'second', 'later']);
+    expect(store.upcomingTasks(1).map((t) => t.id)).toEqual(['first']);
+    store.close();
+  });
+
+  it('a limited task list keeps the active and paused tasks, then the newest completed, and lists them oldest first', () => {
+    const store = new Store(join(tempDir(), 'messages.db'));
+    const at = (n: number) => `2026-01-0${n}T00:00:00.000Z`;
+    store.createTask({ ...task('old-active', 'g', at(9)), createdAt: at(1) });
+    store.createTask({ ...task('old-done', 'g', null, 'completed'), createdAt: at(2) });
+    store.createTask({ ...task('new-done', 'g', null, 'completed'), createdAt: at(3) });
+    store.createTask({ ...task('other-group', 'h', at(8)), createdAt: at(4) });
+    store.createTask({ ...task('held', 'g', at(7), 'paused'), createdAt: at(5) });
+    expect(store.listTasks('g', 2).map((t) => t.id)).toEqual(['old-active', 'held']);
+    expect(store.listTasks('g', 3).map((t) => t.id)).toEqual(['old-active', 'new-done', 'held']);
+    expect(store.listTasks(undefined, 3).map((t) => t.id)).toEqual(['old-active', 'other-group', 'held']);
+    expect(store.listTasks(undefined, 4).map((t) => t.id)).toEqual(['old-active', 'new-done', 'other-group', 'held']);
+    expect(store.listTasks('g').map((t) => t.id)).toEqual(['old-active', 'old-done', 'new-done', 'held']);
+    expect(store.listTasks().map((t) => t.id)).toEqual(['old-active', 'old-done', 'new-done', 'other-group', 'held']);
+    store.close();
+  });
+
+  it('the newest runs of several tasks in one call: at most `limit` each, newest first, in the order asked', () => {
+    const store = new Store(join(tempDir(), 'messages.db'));
+    for (const id of ['a', 'b', 'quiet']) store.createTask(task(id, 'g', null));
+    for (const [id, n] of [
+      ['a', 1],
+      ['b', 1],
+      ['a', 2],
+      ['a', 3],
+      ['b', 2],
+    ] as const)
+      store.logTaskRun({
+        taskId: id,
+        runAt: `2026-01-0${n}`,
+        durationMs: n,
+        status: 'success',
+        result: null,
+        error: null,
+      });
+    const runs = store.taskRuns(['b', 'quiet', 'a'], 2).map((r) => `${r.taskId}${r.runAt.slice(-1)}`);
+    expect(runs).toEqual(['b2', 'b1', 'a3', 'a2']);
+    expect(store.taskRuns('a').map((r) => r.durationMs)).toEqual([3, 2, 1]);
+    store.close();
+  });
+
+  it('the tasks version moves with every task write, here or by another process, and not with messages', () => {
+    const path = join(tempDir(), 'messages.db');
+    const store = new Store(path);
+    const seen = [store.tasksVersion()];
+    const moved = () => {
+      const now = store.tasksVersion();
+      const changed = now !== seen.at(-1);
+      seen.push(now);
+      return changed;
+    };
+    store.storeMessage(message('m1', 'g@g.us'));
+    expect(moved()).toBe(false);
+    store.createTask(task('t', 'g', null));
+    expect(moved()).toBe(true);
+    store.updateTask('t', { prompt: 'new words' });
+    expect(moved()).toBe(true);
+    store.logTaskRun({ taskId: 't', runAt: 'x', durationMs: 1, status: 'success', result: null, error: null });
+    expect(moved()).toBe(true);
+    expect(moved()).toBe(false);
+    const other = new Store(path); // the `tasks` command, in its own process
+    other.updateTask('t', { status: 'paused' });
+    other.close();
+    expect(moved()).toBe(true);
+    store.deleteTask('t');
+    expect(moved()).toBe(true);
+    store.close();
+  });
+
+  it('each group’s cursor and newest message from a person, without reading its messages', () => {
+    const config = tempProject();
+    const store = new Store(config.dbPath);
+    const family = addGroup(config, store, { jid: 'fam@g.us', name: 'Family', folder: 'family' });
+    addGroup(config, store, { jid: 'empty@g.us', name: 'Empty', folder: 'empty' });
+    const first = store.storeMessage(message('1', 'fam@g.us'))!;
+    store.setCursor(family.jid, first);
+    const second = store.storeMessage(message('2', 'fam@g.us'))!;
+    store.storeMessage(message('3', 'fam@g.us', { isBotMessage: true }));
+    store.storeMessage(message('4', 'stranger@g.us'));
+    expect(store.groupsWithProgress().map(({ group, cursor, newest }) => [group.folder, cursor, newest])).toEqual([
+      ['family', first, second],
+      ['empty', 0, 0],
+    ]);
+    store.close();
+  });
+});

@@ -1,4 +1,4 @@
-import { copyFileSync, writeFileSync } from 'node:fs';
+import { copyFileSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterEach, describe, expect, it } from 'vitest';
@@ -7,9 +7,11 @@ import {
   nextRunAfterFiring,
   addGroup,
   Scheduler,
+  SNAPSHOT_TASKS_MAX,
   setupLogging,
   Store,
   tasksSnapshot,
+  writeSnapshots,
   type Config,
   type ScheduledTask,
 } from '../nanoclaw.ts';
@@ -439,6 +441,55 @@ describe('bun nanoclaw.ts tasks', () => {
     store = new Store(config.dbPath);
     expect(store.getTask(active.id)).toMatchObject({ status: 'active', pausedReason: null });
     expect(store.upcomingTasks().map((t) => t.id)).toEqual([active.id]);
+    store.close();
+  });
+});
+
+describe('the tasks snapshot', () => {
+  it('is rebuilt only when tasks or their runs changed, or the file is not the one written', () => {
+    const config = tempProject();
+    const store = new Store(config.dbPath);
+    const main = addGroup(config, store, { jid: MAIN, name: 'Me', folder: 'main', isMain: true });
+    const t = task({ id: 'water' });
+    store.createTask(t);
+    const file = join(config.ipcDir, 'main', 'current_tasks.json');
+    const inode = () => statSync(file).ino;
+    const listed = () => JSON.parse(readFileSync(file, 'utf8')) as { id: string; recent_runs: unknown[] }[];
+    writeSnapshots(config, store, main);
+    const first = inode();
+    writeSnapshots(config, store, main);
+    expect(inode()).toBe(first); // nothing changed: not written again
+    store.logTaskRun({ taskId: 'water', runAt: 'x', durationMs: 1, status: 'success', result: 'ok', error: null });
+    writeSnapshots(config, store, main);
+    expect(inode()).not.toBe(first);
+    expect(listed()[0]!.recent_runs).toHaveLength(1);
+    rmSync(file); // the agent removed it
+    writeSnapshots(config, store, main);
+    expect(listed().map((x) => x.id)).toEqual(['water']);
+    writeFileSync(file, '[]'); // or wrote its own
+    writeSnapshots(config, store, main);
+    expect(listed().map((x) => x.id)).toEqual(['water']);
+    store.close();
+  });
+
+  it(`lists at most ${SNAPSHOT_TASKS_MAX} tasks, the active ones first`, () => {
+    const config = tempProject();
+    const store = new Store(config.dbPath);
+    const main = addGroup(config, store, { jid: MAIN, name: 'Me', folder: 'main', isMain: true });
+    store.transaction(() => {
+      for (let i = 0; i < SNAPSHOT_TASKS_MAX + 5; i++)
+        store.createTask(
+          task({
+            id: `t${String(i).padStart(4, '0')}`,
+            status: i < 10 ? 'active' : 'completed',
+            createdAt: new Date(Date.UTC(2026, 0, 1, 0, 0, i)).toISOString(),
+          }),
+        );
+    });
+    const ids = tasksSnapshot(store, main).map((x) => x.id);
+    expect(ids).toHaveLength(SNAPSHOT_TASKS_MAX);
+    expect(ids.slice(0, 10)).toEqual(Array.from({ length: 10 }, (_, i) => `t000${i}`));
+    expect(ids.at(-1)).toBe(`t0${SNAPSHOT_TASKS_MAX + 4}`);
     store.close();
   });
 });
