@@ -6658,6 +6658,9 @@ export function nextRunAfterFiring(task: ScheduledTask, timezone: string, now: D
  * and the run is claimed (task_claims), so a task never fires twice for one due time and
  * a run cut short by a crash is found again at the next start (Host.recoverTaskRuns).
  */
+/** How long before a task is due its chat's agent is started (a cold start takes a few seconds). */
+export const TASK_WARM_LEAD_MS = 15_000;
+
 export class Scheduler {
   private cancelTimer: (() => void) | null = null;
   private running = false;
@@ -6671,7 +6674,12 @@ export class Scheduler {
     /** Tasks changed by another process (the CLI) are seen at least this often. */
     private readonly recheckMs = 1000,
     private readonly clock: Clock = systemClock,
+    /** The next task is due within TASK_WARM_LEAD_MS (told once per due time): its agent can be readied. */
+    private readonly onSoon?: (task: ScheduledTask) => void,
   ) {}
+
+  /** The due time onSoon was last told of, so it is told once. */
+  private toldSoon: string | null = null;
 
   start(): void {
     this.running = true;
@@ -6693,6 +6701,11 @@ export class Scheduler {
     try {
       const [soonest] = this.store.upcomingTasks(1);
       if (soonest) delay = Math.max(0, new Date(soonest.nextRun!).getTime() - this.clock.now());
+      const when = soonest ? `${soonest.id}@${soonest.nextRun}` : null;
+      if (soonest && delay > 0 && delay <= TASK_WARM_LEAD_MS && when !== this.toldSoon) {
+        this.toldSoon = when;
+        this.onSoon?.(soonest);
+      }
     } catch (err) {
       log.warn({ err: errorText(err) }, 'Could not read the task schedule; trying again shortly');
     }
@@ -6954,7 +6967,14 @@ export class Host {
       options.ipcSweepMs ?? 30_000,
       this.clock,
     );
-    this.scheduler = new Scheduler(store, config.timezone, (task) => this.queueTaskRun(task), 1000, this.clock);
+    this.scheduler = new Scheduler(
+      store,
+      config.timezone,
+      (task) => this.queueTaskRun(task),
+      1000,
+      this.clock,
+      (task) => this.warmForTask(task),
+    );
     for (const channel of channels)
       this.senders.set(
         channel.name,
@@ -7112,6 +7132,14 @@ export class Host {
     } catch (err) {
       log.warn({ err: errorText(err) }, 'Could not warm the recently active groups');
     }
+  }
+
+  /** A task in a chat's context is due soon: its agent is started now, and the task becomes a turn of it. */
+  private warmForTask(task: ScheduledTask): void {
+    if (task.contextMode === 'isolated' || this.stopped) return;
+    const group = this.store.groupByJid(task.chatJid);
+    if (group && !this.overBudget.has(group.folder) && this.queue.prewarm(task.chatJid))
+      log.debug({ group: group.folder, taskId: task.id }, 'Task due soon; readying its agent');
   }
 
   /** Every inbound message of every channel comes through here; a database that cannot take it spills it. */

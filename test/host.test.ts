@@ -8,6 +8,7 @@ import {
   setupLogging,
   splitForWhatsApp,
   Store,
+  TASK_WARM_LEAD_MS,
   writeJsonAtomic,
   type Config,
   type HostOptions,
@@ -199,6 +200,35 @@ describe('warm when it matters', () => {
     await clock.advance(1);
     await waitFor(() => w.docker.calls().some((c) => c.command === 'closed'), 10_000, 'closed');
     expect(w.channel.sent).toEqual([]);
+  });
+
+  it('a task in a chat’s context due soon readies the chat’s agent TASK_WARM_LEAD_MS ahead; at its time it is a turn of that agent', async () => {
+    const clock = new FakeClock();
+    const w = await world({}, { clock });
+    const due = clock.now() + TASK_WARM_LEAD_MS + 5_000;
+    w.store.createTask(
+      taskRow({
+        id: 'plants',
+        groupFolder: 'family',
+        chatJid: FAMILY,
+        prompt: 'water the plants',
+        contextMode: 'group',
+        scheduleValue: '3600000',
+        nextRun: new Date(due).toISOString(),
+        createdAt: new Date().toISOString(),
+      }),
+    );
+    w.host.scheduler.arm();
+    await clock.advance(4_000);
+    expect(w.docker.runs()).toHaveLength(0);
+    await clock.advance(1_000);
+    await waitFor(() => w.docker.calls().some((c) => c.command === 'warm-start'), 10_000, 'readied ahead');
+    expect(JSON.parse(w.docker.runs()[0]!.stdin!).chatJid).toBe(FAMILY);
+    await clock.advance(TASK_WARM_LEAD_MS);
+    await waitFor(() => texts(w).length === 1, 10_000, 'the task’s answer');
+    expect(texts(w)).toEqual(['Andy: echo: water the plants']);
+    expect(w.docker.calls().filter((c) => c.command === 'task-turn')).toHaveLength(1);
+    expect(w.docker.runs()).toHaveLength(1);
   });
 
   it('typing warms main and a group only where the typist drives the agent: named by its allow list, or anyone without a trigger', async () => {

@@ -8,6 +8,7 @@ import {
   addGroup,
   Scheduler,
   SNAPSHOT_TASKS_MAX,
+  TASK_WARM_LEAD_MS,
   setupLogging,
   Store,
   tasksSnapshot,
@@ -96,6 +97,31 @@ describe('Scheduler', () => {
     await clock.advance(30_000);
     expect(fired).toHaveLength(1);
     expect(store.getTask(t.id)!.nextRun).toBe(new Date(due + 60_000).toISOString());
+  });
+
+  it('tells onSoon once per due time when the next task is TASK_WARM_LEAD_MS away, not before', async () => {
+    const config = tempProject();
+    store = new Store(config.dbPath);
+    clock = new FakeClock(Date.now());
+    const soon: { id: string; at: number }[] = [];
+    scheduler = new Scheduler(
+      store,
+      'UTC',
+      () => {},
+      200,
+      clock,
+      (t) => soon.push({ id: t.id, at: clock.now() }),
+    );
+    const due = clock.now() + TASK_WARM_LEAD_MS + 1_000;
+    const t = task({ nextRun: new Date(due).toISOString(), scheduleValue: '60000' });
+    store.createTask(t);
+    scheduler.start();
+    await clock.advance(800);
+    expect(soon).toEqual([]); // still more than the lead away
+    await clock.advance(200);
+    expect(soon).toEqual([{ id: t.id, at: due - TASK_WARM_LEAD_MS }]);
+    await clock.advance(TASK_WARM_LEAD_MS - 1);
+    expect(soon).toHaveLength(1); // once, though the schedule is read every 200 ms
   });
 
   it('runs a task missed during downtime once at start', async () => {
