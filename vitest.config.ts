@@ -3,7 +3,7 @@ import { defineConfig } from 'vitest/config';
 // Tests that drive the real Docker engine, or kill and fault real hosts, run one file at a
 // time after everything else; the rest run two files at once (most of their time is spent
 // waiting on child processes, not on the CPU).
-const ENGINE = ['test/e2e.test.ts', 'test/hostile.test.ts', 'test/drills.test.ts'];
+const ENGINE = ['test/e2e.test.ts', 'test/hostile.test.ts', 'test/drills.test.ts', 'test/pause.test.ts'];
 
 const shared = {
   // The default 'forks' pool crashes under Bun; threads work.

@@ -2,7 +2,7 @@
  * What the agent-runner writes into KIMI_CODE_HOME (the group's ~/.kimi) before Kimi Code
  * CLI starts, as pure functions of the input: config.toml (provider, the k25 alias, the
  * run's behaviour), SYSTEM.md (NanoClaw's role and the group's memory around the CLI's own
- * prompt) and mcp.json (the nanoclaw MCP server, as session/new also passes it).
+ * prompt) and mcp.json (the nanoclaw MCP server as a command, disabled: sessions get it over HTTP).
  *
  * Kimi Code CLI 2.1.0 reads its configuration only from these files (`kimi acp` takes no
  * flags): config keys as in its node-sdk config schema, snake_case in TOML.
@@ -110,7 +110,7 @@ export interface GroupIdentity {
   timezone: string;
 }
 
-/** The nanoclaw MCP server as a command line and environment (session/new and mcp.json both carry it). */
+/** The nanoclaw MCP server as a command line and environment (mcp.json's entry, and the tests' stdio client). */
 export function mcpServer(identity: GroupIdentity, serverScript: string, bunPath = 'bun') {
   return {
     name: 'nanoclaw',
@@ -126,10 +126,15 @@ export function mcpServer(identity: GroupIdentity, serverScript: string, bunPath
   };
 }
 
-/** ~/.kimi/mcp.json: the guide's place for MCP servers (session/new passes the same one, which wins). */
-export function buildMcpConfig(identity: GroupIdentity, serverScript: string, bunPath = 'bun'): string {
+/**
+ * ~/.kimi/mcp.json: the guide's place for MCP servers. The CLI starts every enabled server
+ * there at its own start, besides those a session is given; the runner gives its sessions
+ * the server over HTTP, so it writes this entry disabled (`enabled: false`), for `kimi`
+ * run by hand to switch on.
+ */
+export function buildMcpConfig(identity: GroupIdentity, serverScript: string, bunPath = 'bun', enabled = true): string {
   const { name, ...server } = mcpServer(identity, serverScript, bunPath);
-  return `${JSON.stringify({ mcpServers: { [name]: server } }, null, 2)}\n`;
+  return `${JSON.stringify({ mcpServers: { [name]: { ...server, ...(enabled ? {} : { enabled: false }) } } }, null, 2)}\n`;
 }
 
 /** Where SYSTEM.md puts the CLI's own system prompt: its template variable, written as it is. */

@@ -13,15 +13,13 @@
  * session.ts, events-map.ts, interaction-bridge.ts; agent-core-v2 wire records and
  * llm/requester/retry.ts) and @agentclientprotocol/sdk 2.4.0.
  */
-import {
-  client,
-  ndJsonStream,
-  type ClientConnection,
-  type CreateElicitationRequest,
-  type CreateElicitationResponse,
-  type NewSessionResponse,
-  type RequestPermissionRequest,
-  type RequestPermissionResponse,
+import type {
+  ClientConnection,
+  CreateElicitationRequest,
+  CreateElicitationResponse,
+  NewSessionResponse,
+  RequestPermissionRequest,
+  RequestPermissionResponse,
 } from '@agentclientprotocol/sdk';
 import { closeSync, openSync, readdirSync, readSync, statSync } from 'node:fs';
 import { join } from 'node:path';
@@ -194,6 +192,16 @@ function readNewLines(path: string, offset: number): { lines: string[]; next: nu
   }
 }
 
+/** A timer this much later than due means the process was not running (a paused container). */
+export const PAUSE_GAP_MS = 5_000;
+
+export type McpServerSpec =
+  | { name: string; command: string; args: string[]; env: Record<string, string> }
+  | { name: string; type: 'http'; url: string; headers: Record<string, string> };
+
+/** ACP passes environments and headers as lists of {name, value}. */
+const pairs = (record: Record<string, string>) => Object.entries(record).map(([name, value]) => ({ name, value }));
+
 export interface CliOptions {
   /** The command that starts the CLI, without `acp` (e.g. ['kimi']). */
   command: string[];
@@ -202,8 +210,8 @@ export interface CliOptions {
   workDir: string;
   /** The CLI's environment (no KIMI_* overrides: config.toml is the one source). */
   env: Record<string, string>;
-  /** The MCP servers every session gets. */
-  mcpServers: { name: string; command: string; args: string[]; env: Record<string, string> }[];
+  /** The MCP servers every session gets (a command the CLI starts, or a URL it connects to), asked for as each opens. */
+  mcpServers: () => McpServerSpec[];
   /** The agent asks the chat; resolves with the answers (null entries: unanswered). */
   ask(questions: Question[]): Promise<Answers>;
   /** A line the CLI wrote to stderr. */
@@ -241,7 +249,7 @@ export class KimiCli {
     });
   }
 
-  /** Spawns `kimi acp` and waits for its `initialize` answer. */
+  /** Spawns `kimi acp` (at once, before anything else is awaited) and waits for its `initialize` answer. */
   static async start(options: CliOptions): Promise<KimiCli> {
     const proc = Bun.spawn([...options.command, 'acp'], {
       cwd: options.workDir,
@@ -251,6 +259,8 @@ export class KimiCli {
       stderr: 'pipe',
     });
     void forEachLine(proc.stderr, (line) => options.onStderr?.(line));
+    // Loaded once the CLI is starting (it takes a second; this, a fraction, on the other core).
+    const { client, ndJsonStream } = await import('@agentclientprotocol/sdk');
     const stdin = new WritableStream<Uint8Array>({
       write: async (chunk) => {
         proc.stdin.write(chunk);
@@ -300,12 +310,13 @@ export class KimiCli {
    * not know it (an id of the old Python CLI, or cleared files). Returns whether it resumed.
    */
   async openSession(sessionId?: string): Promise<boolean> {
-    const mcpServers = this.options.mcpServers.map((server) => ({
-      name: server.name,
-      command: server.command,
-      args: server.args,
-      env: Object.entries(server.env).map(([name, value]) => ({ name, value })),
-    }));
+    const mcpServers = this.options
+      .mcpServers()
+      .map((server) =>
+        'url' in server
+          ? { type: 'http' as const, name: server.name, url: server.url, headers: pairs(server.headers) }
+          : { name: server.name, command: server.command, args: server.args, env: pairs(server.env) },
+      );
     if (sessionId) {
       try {
         await this.connection.agent.request('session/resume', { sessionId, cwd: this.options.workDir, mcpServers });
@@ -348,8 +359,14 @@ export class KimiCli {
   private async watch(request: Promise<unknown>): Promise<TurnError | null> {
     const silenceLimit = this.options.silenceLimitMs ?? 10 * 60_000;
     let timer: ReturnType<typeof setInterval> | undefined;
+    let lastTick = Date.now();
     const watchdog = new Promise<TurnError>((resolve) => {
       timer = setInterval(() => {
+        // A tick far later than due: the container was paused (docker pause), and so was
+        // the CLI. Time paused is not silence.
+        const now = Date.now();
+        if (now - lastTick > PAUSE_GAP_MS) this.lastHeard += now - lastTick;
+        lastTick = now;
         if (this.exitCode !== null)
           resolve({ kind: 'other', message: `the Kimi CLI exited with code ${this.exitCode} during the turn` });
         else if (Date.now() - this.lastHeard > silenceLimit) {

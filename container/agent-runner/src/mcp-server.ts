@@ -1,6 +1,9 @@
 #!/usr/bin/env bun
 /**
- * The nanoclaw MCP server (stdio): the agent's tools for acting beyond its answer.
+ * The nanoclaw MCP server: the agent's tools for acting beyond its answer. The runner
+ * serves it itself, over Streamable HTTP on the container's loopback (serveHttp: no
+ * process of its own to start); run as a script it speaks stdio (mcp.json's entry, for
+ * `kimi` run by hand in a container).
  *
  * Every tool writes one JSON file into the group's IPC folder (temp file, then rename, so
  * the host never reads half a file); the host authorises it by the folder it appears in,
@@ -11,6 +14,7 @@
  */
 import { McpServer } from '@modelcontextprotocol/sdk/server/mcp.js';
 import { StdioServerTransport } from '@modelcontextprotocol/sdk/server/stdio.js';
+import { WebStandardStreamableHTTPServerTransport } from '@modelcontextprotocol/sdk/server/webStandardStreamableHttp.js';
 import { Cron } from 'croner';
 import { existsSync, mkdirSync, readFileSync, renameSync, rmSync, watch, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
@@ -458,6 +462,86 @@ export function createServer(identity: ServerIdentity, decisionWaitMs = DECISION
   );
 
   return server;
+}
+
+/** The server as the runner serves it in its own process: where the CLI finds it, and when it has. */
+export interface HttpMcp {
+  /** http://127.0.0.1:<port>/mcp */
+  url: string;
+  /** Sent with every request (a bearer token of this run): anything else on the loopback is refused. */
+  headers: Record<string, string>;
+  /** Resolves once a client has listed the tools: the CLI's MCP connection is complete. */
+  listed: Promise<void>;
+  close(): void;
+}
+
+/**
+ * Serves the tools over Streamable HTTP on the loopback, in the calling process: the CLI
+ * connects as to any remote MCP server (session/new's `type: "http"`). Each MCP session
+ * (one per CLI session opened) gets its own server object; answers are plain JSON, not
+ * event streams. No idle limit on connections: a tool waiting for the host's decision, or
+ * a container paused between messages, must not find its connection cut.
+ */
+export function serveHttp(identity: ServerIdentity, decisionWaitMs = DECISION_WAIT_MS): HttpMcp {
+  const token = crypto.randomUUID();
+  const sessions = new Map<string, WebStandardStreamableHTTPServerTransport>();
+  let markListed: () => void = () => {};
+  const listed = new Promise<void>((resolve) => {
+    markListed = resolve;
+  });
+  const methods = (body: unknown): string[] =>
+    (Array.isArray(body) ? body : [body])
+      .map((m) => (m as { method?: unknown } | null)?.method)
+      .filter((m): m is string => typeof m === 'string');
+  const http = Bun.serve({
+    hostname: '127.0.0.1',
+    port: 0,
+    idleTimeout: 0,
+    async fetch(req) {
+      if (req.headers.get('authorization') !== `Bearer ${token}`) return new Response('unauthorized', { status: 401 });
+      let body: unknown;
+      if (req.method === 'POST') {
+        try {
+          body = await req.json();
+        } catch {
+          return Response.json(
+            { jsonrpc: '2.0', error: { code: -32700, message: 'Parse error' }, id: null },
+            { status: 400 },
+          );
+        }
+      }
+      const id = req.headers.get('mcp-session-id');
+      let transport = id ? sessions.get(id) : undefined;
+      if (!transport) {
+        if (id || !methods(body).includes('initialize'))
+          return Response.json(
+            { jsonrpc: '2.0', error: { code: -32001, message: 'Session not found' }, id: null },
+            { status: id ? 404 : 400 },
+          );
+        const fresh = new WebStandardStreamableHTTPServerTransport({
+          sessionIdGenerator: () => crypto.randomUUID(),
+          enableJsonResponse: true,
+          onsessioninitialized: (sessionId) => void sessions.set(sessionId, fresh),
+          onsessionclosed: (sessionId) => void sessions.delete(sessionId),
+        });
+        await createServer(identity, decisionWaitMs).connect(fresh);
+        transport = fresh;
+      }
+      const response = await transport.handleRequest(req, { parsedBody: body });
+      if (methods(body).includes('tools/list')) markListed();
+      return response;
+    },
+  });
+  return {
+    url: `http://127.0.0.1:${http.port}/mcp`,
+    headers: { Authorization: `Bearer ${token}` },
+    listed,
+    close: () => {
+      for (const transport of sessions.values()) void transport.close();
+      sessions.clear();
+      void http.stop(true);
+    },
+  };
 }
 
 if (import.meta.main) {

@@ -30,19 +30,21 @@ import {
   buildSystemPrompt,
   KEY_ENV,
   keyFromEnvFile,
-  mcpServer,
   type Memories,
   scheduledTaskPrompt,
   withMemoryUpdate,
 } from './config.ts';
-import { type Answers, type ErrorKind, errorText, KimiCli, type Question } from './kimi.ts';
-import { awaitDecision, writeIpcFile } from './mcp-server.ts';
+import { type Answers, type ErrorKind, errorText, KimiCli, PAUSE_GAP_MS, type Question } from './kimi.ts';
+import type { HttpMcp } from './mcp-server.ts';
 
 /** When this module began to load: the `start` timing mark. */
 const MODULE_START = Date.now();
 
 export const RESULT_START = '---NANOCLAW_RESULT_START---';
 export const RESULT_END = '---NANOCLAW_RESULT_END---';
+
+/** How long a start waits for the CLI to connect to the nanoclaw tools before it goes on without knowing. */
+const MCP_CONNECT_WAIT_MS = 30_000;
 
 /** Where the CLI finds the host's model proxy inside a container: the same port in every container (config.toml is shared). */
 export const FORWARDER_PORT = 18_181;
@@ -161,6 +163,22 @@ function followUpText(prompt: string): string {
 }
 
 // ─── The inbox: follow-ups, tasks and _close from the host ──────────────────────────
+
+/**
+ * setTimeout for the runner's waits, across `docker pause`: a paused process runs no timer,
+ * and on unpause every timer that fell due meanwhile fires at once — before the inbox event
+ * that the host's unpausing message raised. A timer that fires over PAUSE_GAP_MS late was
+ * paused, so the wait starts over instead (the host that unpaused is alive). Returns the cancel.
+ */
+export function pauseAwareTimeout(ms: number, fire: () => void, now: () => number = Date.now): () => void {
+  let timer: ReturnType<typeof setTimeout>;
+  const arm = () => {
+    const due = now() + ms;
+    timer = setTimeout(() => (now() - due > PAUSE_GAP_MS ? arm() : fire()), ms);
+  };
+  arm();
+  return () => clearTimeout(timer);
+}
 
 /** One input the host left in the inbox. */
 export interface InboxItem {
@@ -318,11 +336,14 @@ export class Inbox {
     if (this.closeRequested) return Promise.resolve(null);
     return new Promise((resolve) => {
       const done = (item: InboxItem | null) => {
-        clearTimeout(timer);
+        cancel();
         this.answerWaiter = null;
         resolve(item);
       };
-      const timer = setTimeout(() => done(null), timeoutMs);
+      const cancel = pauseAwareTimeout(timeoutMs, () => {
+        this.poll(); // an answer that came just now is still an answer
+        if (this.answerWaiter === done) done(null);
+      });
       this.answerWaiter = done;
     });
   }
@@ -343,16 +364,17 @@ export class Inbox {
     if (this.queued.length === 0 && !this.closeRequested) {
       await new Promise<void>((resolve) => {
         const done = () => {
-          clearTimeout(timer);
+          cancel();
           this.wake = null;
           resolve();
         };
-        const timer = setTimeout(() => {
+        const cancel = pauseAwareTimeout(timeoutMs, () => {
           timedOut = true;
           done();
-        }, timeoutMs);
+        });
         this.wake = done;
       });
+      this.poll(); // what landed as the wait ended is not missed
     }
     const item = nextTurn(this.queued);
     if (item) return { kind: 'turn', item };
@@ -493,8 +515,13 @@ function writeKimiFiles(input: RunnerInput, paths: Paths, env: Record<string, st
     ipcDir: paths.ipc,
     timezone,
   };
-  const server = mcpServer(identity, join(import.meta.dir, 'mcp-server.ts'), process.execPath);
-  writeFileSync(join(paths.kimiHome, 'mcp.json'), buildMcpConfig(identity, server.args[0]!, server.command));
+  // The server as a process of its own (stdio), disabled: enabled, the CLI would start it
+  // at its own start besides the one the runner serves its sessions over HTTP (main), and
+  // wait for both. For `kimi` run by hand in a container to switch on.
+  writeFileSync(
+    join(paths.kimiHome, 'mcp.json'),
+    buildMcpConfig(identity, join(import.meta.dir, 'mcp-server.ts'), process.execPath, false),
+  );
   const role = buildRole({
     assistantName: input.assistantName || env.ASSISTANT_NAME || 'Andy',
     isMain: input.isMain,
@@ -502,7 +529,7 @@ function writeKimiFiles(input: RunnerInput, paths: Paths, env: Record<string, st
   });
   const now = memories(input, paths);
   writeFileSync(join(paths.kimiHome, 'SYSTEM.md'), buildSystemPrompt(role, now));
-  return { server, memoriesNow: now };
+  return { identity, memoriesNow: now };
 }
 
 /** The memories a session's model last read (its system prompt, or a later <memory-update>); null when unknown. */
@@ -539,7 +566,7 @@ function cliEnvironment(
  * The benchmark marks: with NANOCLAW_TIMING=1, `[agent-runner] timing <phase> <epoch-ms>`
  * on stderr, each phase once (the first time it is reached); otherwise nothing.
  */
-type TimingPhase = 'start' | 'input' | 'cli-ready' | 'prompt' | 'result';
+type TimingPhase = 'start' | 'input' | 'cli-up' | 'session' | 'mcp' | 'cli-ready' | 'prompt' | 'result';
 type Mark = (phase: TimingPhase, at?: number) => void;
 
 export function timingMarks(
@@ -601,7 +628,9 @@ async function main(env: Record<string, string | undefined> = process.env): Prom
     return 1;
   }
   const key = input.secrets?.KIMI_API_KEY ?? env.KIMI_API_KEY ?? keyFromEnvFile(readIfExists(paths.envFile) ?? '');
-  const { server, memoriesNow } = writeKimiFiles(input, paths, env, endpoint.baseUrl);
+  const { identity, memoriesNow } = writeKimiFiles(input, paths, env, endpoint.baseUrl);
+  /** The nanoclaw tools' module: loaded while the CLI starts (below), not before it. */
+  let tools: typeof import('./mcp-server.ts');
 
   const inbox = new Inbox(paths.input, inboxOptions(env), log);
   const canAsk = takesFollowUps && !input.isScheduledTask;
@@ -616,13 +645,13 @@ async function main(env: Record<string, string | undefined> = process.env): Prom
         continue;
       }
       // expectsReply: in a group that needs the trigger, the answer comes without one.
-      const asked = writeIpcFile(join(paths.ipc, 'messages'), {
+      const asked = tools.writeIpcFile(join(paths.ipc, 'messages'), {
         type: 'message',
         chatJid: input.chatJid,
         text: questionText(question, i, questions.length),
         expectsReply: true,
       });
-      void awaitDecision(paths.ipc, asked, 60_000); // the host's receipt is of no use here: picked up so it does not linger
+      void tools.awaitDecision(paths.ipc, asked, 60_000); // the host's receipt is of no use here: picked up so it does not linger
       const reply = await inbox.nextAnswer(questionTimeoutMs);
       const picked = reply ? answerFor(question, followUpText(reply.text)) : null;
       if (reply && !picked) {
@@ -640,13 +669,19 @@ async function main(env: Record<string, string | undefined> = process.env): Prom
   };
 
   let cli: KimiCli;
+  let mcp: HttpMcp | undefined;
   try {
-    cli = await KimiCli.start({
+    // The CLI is spawned first: its start is the longest step, and what the runner still
+    // has to load (the ACP and MCP SDKs) loads meanwhile, on the other core.
+    const starting = KimiCli.start({
       command: (env.KIMI_EXECUTABLE || 'kimi').split(' '),
       home: paths.kimiHome,
       workDir: paths.group,
       env: cliEnvironment(env, key, egress.env),
-      mcpServers: [server],
+      // The nanoclaw tools, served from this process: the CLI connects over loopback HTTP
+      // instead of starting a Bun process of its own for them (known by the time the
+      // session opens, which is when the CLI gets this list).
+      mcpServers: () => [{ name: 'nanoclaw', type: 'http', url: mcp!.url, headers: mcp!.headers }],
       ask,
       log,
       onStderr: (line) => {
@@ -654,12 +689,19 @@ async function main(env: Record<string, string | undefined> = process.env): Prom
       },
       silenceLimitMs: Number(env.NANOCLAW_TURN_SILENCE_MS) || undefined,
     });
+    // Caught by starting's own failure below if the CLI cannot start.
+    starting.catch(() => {});
+    tools = await import('./mcp-server.ts');
+    mcp = tools.serveHttp(identity);
+    cli = await starting;
   } catch (err) {
     writeResult({ status: 'error', result: null, error: errorText(err), errorKind: 'other' });
+    mcp?.close();
     endpoint.close();
     egress.close();
     return 1;
   }
+  mark('cli-up');
   const openSession = async (sessionId?: string) => {
     const resumed = await cli.openSession(sessionId);
     process.stderr.write(`Session initialized: ${cli.sessionId}\n`);
@@ -678,16 +720,27 @@ async function main(env: Record<string, string | undefined> = process.env): Prom
       errorKind: noKey ? 'auth' : 'other',
     });
     await cli.close();
+    mcp.close();
     endpoint.close();
     egress.close();
     return 1;
   }
+  mark('session');
+  // Ready means ready: the CLI connects its MCP servers after the session opened, and a
+  // prompt waits for them; so the first prompt is not accepted before the tools are listed.
+  const connected = await Promise.race([mcp.listed.then(() => true), Bun.sleep(MCP_CONNECT_WAIT_MS).then(() => false)]);
+  if (connected) mark('mcp');
+  else log(`the CLI has not connected to the nanoclaw tools after ${MCP_CONNECT_WAIT_MS / 1000} s; going on`);
   mark('cli-ready');
+  log(
+    `ready: CLI up, session ${cli.sessionId} open${connected ? ', tools connected' : ''}, ${Date.now() - MODULE_START} ms after start`,
+  );
 
   let exitCode = 0;
   const finish = async () => {
     inbox.stop();
     await cli.close();
+    mcp.close();
     endpoint.close();
     egress.close();
   };

@@ -1,10 +1,14 @@
-/** The nanoclaw MCP server over stdio, started exactly as mcp.json and session/new start it, with a real MCP client. */
+/** The nanoclaw MCP server with a real MCP client: over stdio, as mcp.json starts it, and over HTTP, as the runner serves it to the CLI. */
 import { existsSync, mkdirSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
+import { Client } from '@modelcontextprotocol/sdk/client/index.js';
+import { StreamableHTTPClientTransport } from '@modelcontextprotocol/sdk/client/streamableHttp.js';
 import { afterEach, describe, expect, it } from 'vitest';
+import { fileURLToPath } from 'node:url';
 import { hostAnswering, tempDir } from './helpers.ts';
 import { connectMcp } from './mcp-client.ts';
 
+const SERVER_MODULE = fileURLToPath(new URL('../src/mcp-server.ts', import.meta.url));
 const hosts: (() => void)[] = [];
 afterEach(() => {
   for (const stop of hosts.splice(0)) stop();
@@ -268,5 +272,48 @@ describe('the nanoclaw MCP server over stdio', () => {
     };
     expect(result.content[0]!.text).toMatch(/^Sent, but NanoClaw has not confirmed it yet/);
     await client.close();
+  });
+});
+
+describe('the nanoclaw MCP server over HTTP, as the runner serves it', () => {
+  it('answers a client with the run’s token (tools listed, a tool writes its file) and refuses one without', async () => {
+    const ipcDir = tempDir('nanoclaw-mcp-http-');
+    mkdirSync(join(ipcDir, 'messages'));
+    mkdirSync(join(ipcDir, 'tasks'));
+    hosts.push(hostAnswering(ipcDir, () => ({ ok: true })));
+    // In a Bun process of its own, as in the runner (zod does not load under vitest's transform).
+    const identity = { chatJid: 'me@g.us', groupFolder: 'me', isMain: false, ipcDir, timezone: 'UTC' };
+    const server = Bun.spawn(
+      [
+        process.execPath,
+        '-e',
+        `const m = (await import(${JSON.stringify(SERVER_MODULE)})).serveHttp(${JSON.stringify(identity)});
+         console.log(JSON.stringify({ url: m.url, headers: m.headers }));
+         await m.listed; console.log('listed');`,
+      ],
+      { stdout: 'pipe', stderr: 'inherit' },
+    );
+    try {
+      const reader = server.stdout.getReader();
+      const first = new TextDecoder().decode((await reader.read()).value);
+      const mcp = JSON.parse(first.split('\n')[0]!) as { url: string; headers: Record<string, string> };
+      expect((await fetch(mcp.url, { method: 'POST', body: '{}' })).status).toBe(401);
+      const client = new Client({ name: 'test', version: '1' });
+      await client.connect(
+        new StreamableHTTPClientTransport(new URL(mcp.url), { requestInit: { headers: mcp.headers } }),
+      );
+      const { tools } = await client.listTools();
+      expect(tools.map((t) => t.name)).toContain('send_message');
+      expect(new TextDecoder().decode((await reader.read()).value)).toContain('listed');
+      const sent = (await client.callTool({ name: 'send_message', arguments: { text: 'over http' } })) as {
+        isError?: boolean;
+      };
+      expect(sent.isError).toBeFalsy();
+      expect(readdirSync(join(ipcDir, 'messages')).filter((f) => !f.startsWith('.'))).toHaveLength(1);
+      await client.close();
+    } finally {
+      server.kill();
+      await server.exited;
+    }
   });
 });

@@ -17,8 +17,8 @@ import {
   scheduledTaskPrompt,
   withMemoryUpdate,
 } from '../src/config.ts';
-import { classifyError, isLocalNote, readTurnRecord } from '../src/kimi.ts';
-import { answerFor, nextTurn, parseInboxFile, parseInput, questionText } from '../src/runner.ts';
+import { classifyError, isLocalNote, PAUSE_GAP_MS, readTurnRecord } from '../src/kimi.ts';
+import { answerFor, nextTurn, parseInboxFile, parseInput, pauseAwareTimeout, questionText } from '../src/runner.ts';
 
 describe('the files Kimi Code CLI reads', () => {
   it('config.toml: the k25 alias on the provider, tools without asking, no telemetry, short retries, and no key in it', () => {
@@ -59,6 +59,18 @@ describe('the files Kimi Code CLI reads', () => {
     // A template variable written into a memory stays text: only ours is a variable.
     expect(prompt.split('$' + '{')).toHaveLength(2);
     expect(buildSystemPrompt(role, {})).not.toContain('memory (CLAUDE.md)');
+  });
+
+  it('mcp.json as the runner writes it names the server but leaves it off (sessions get it over HTTP)', () => {
+    const config = JSON.parse(
+      buildMcpConfig(
+        { chatJid: 'a@g.us', groupFolder: 'a', isMain: false, ipcDir: '/workspace/ipc', timezone: 'UTC' },
+        '/app/src/mcp-server.ts',
+        '/usr/local/bin/bun',
+        false,
+      ),
+    );
+    expect(config.mcpServers.nanoclaw).toMatchObject({ command: '/usr/local/bin/bun', enabled: false });
   });
 
   it('mcp.json starts the nanoclaw server with the group’s identity', () => {
@@ -232,5 +244,32 @@ describe('a turn, as the session’s record tells it', () => {
       ),
     ).toBe(true);
     expect(isLocalNote('Compacting the garden soil is easy.')).toBe(false);
+  });
+});
+
+describe('waits across docker pause', () => {
+  /** A clock read from a list: each call takes the next reading. */
+  const readings = (...values: number[]) => {
+    let i = 0;
+    return { now: () => values[Math.min(i++, values.length - 1)]!, reads: () => i };
+  };
+
+  it('a timer that fires on time fires', async () => {
+    const clock = readings(0, 1);
+    const fired = Promise.withResolvers<void>();
+    pauseAwareTimeout(1, fired.resolve, clock.now);
+    await fired.promise;
+    expect(clock.reads()).toBe(2);
+  });
+
+  it('a timer woken late by an unpause starts its wait over instead of firing', async () => {
+    // Armed at 0 (due 1); it runs at 1 + the gap and more: paused. Armed again then, due one
+    // later, and fires on time.
+    const late = 1 + PAUSE_GAP_MS + 1;
+    const clock = readings(0, late, late, late + 1);
+    const fired = Promise.withResolvers<void>();
+    pauseAwareTimeout(1, fired.resolve, clock.now);
+    await fired.promise;
+    expect(clock.reads()).toBe(4);
   });
 });

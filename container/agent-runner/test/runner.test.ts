@@ -378,7 +378,10 @@ describe('a warm start', () => {
     });
     expect(results).toEqual([expect.objectContaining({ result: '[stub] first message', upTo: 5 })]);
     const phases = [...stderr.matchAll(/timing (\S+) (\d+)/g)].map((m) => m[1]);
-    expect(phases).toEqual(['start', 'input', 'cli-ready', 'prompt', 'result']);
+    // Ready means ready: the CLI up, the session open and the CLI connected to the nanoclaw
+    // tools (it listed them, over HTTP from the runner) before the first message is waited for.
+    expect(phases).toEqual(['start', 'input', 'cli-up', 'session', 'mcp', 'cli-ready', 'prompt', 'result']);
+    expect(stderr).toMatch(/ready: CLI up, session \S+ open, tools connected/);
   });
 
   it('closed before any message: exit 0 and nothing on stdout', async () => {
