@@ -7052,12 +7052,15 @@ export class Host {
         }
       },
     });
+    const recent = this.recentlyActiveGroups(); // before this start's own messages come in
     this.replaySpillFile();
     for (const channel of this.channels) await channel.connect(handlers(channel));
     for (const sender of this.senders.values()) sender.kick(); // what a previous run left unsent
     this.ipc.start();
     this.scheduler.start();
-    void this.recover().finally(() => this.warmRecentGroups());
+    void this.recover().finally(() => {
+      for (const group of recent) if (!this.overBudget.has(group.folder)) this.queue.prewarm(group.jid);
+    });
     this.stopSweep = every(this.clock, this.options.recoverySweepMs ?? 60_000, () => void this.recover());
     log.info(
       { groups: this.store.listGroups().length, channels: this.channels.map((c) => c.name) },
@@ -7115,22 +7118,21 @@ export class Host {
   }
 
   /**
-   * At start-up: the previous host's ready agents were removed with its other containers, so
-   * the groups active within IDLE_TIMEOUT (the owner's main first when it is among the most
-   * recent) get one again, most recent first, into free slots.
+   * The groups active within IDLE_TIMEOUT before this start, most recent first (at most the
+   * pool's size): the previous host's waiting agents were removed with its other containers,
+   * so these get one again once the first recovery pass is done, into free slots.
    */
-  private warmRecentGroups(): void {
+  private recentlyActiveGroups(): RegisteredGroup[] {
     const since = this.clock.now() - this.config.idleTimeoutMs;
     try {
-      const recent = this.store
+      return this.store
         .listChats()
         .filter((chat) => chat.lastMessageAt && Date.parse(chat.lastMessageAt) >= since)
-        .map((chat) => this.store.groupByJid(chat.jid))
-        .filter((group) => group && !this.overBudget.has(group.folder))
+        .flatMap((chat) => this.store.groupByJid(chat.jid) ?? [])
         .slice(0, this.config.warmPool.size);
-      for (const group of recent) this.queue.prewarm(group!.jid);
     } catch (err) {
-      log.warn({ err: errorText(err) }, 'Could not warm the recently active groups');
+      log.warn({ err: errorText(err) }, 'Could not read which groups were active; none is warmed at start-up');
+      return [];
     }
   }
 

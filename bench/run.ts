@@ -291,9 +291,7 @@ async function rowTyping(b: Bench, runs: number): Promise<Row[]> {
       const keys = await chat.typeKeys(text, keyMs);
       const printed = (await chat.out.wait(`[stub] ${text}`, from, 180_000)).at;
       const run = b.runs().find((r) => r.at >= spawned && r.name.startsWith(prefix));
-      const logged = readFileSync(logFile, 'utf8')
-        .slice(logFrom)
-        .includes('readying its agent ahead of the message');
+      const logged = readFileSync(logFile, 'utf8').slice(logFrom).includes('readying its agent ahead of the message');
       return { ...keys, printed, run, logged };
     } finally {
       await chat.close();
