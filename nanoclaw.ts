@@ -1257,17 +1257,7 @@ const MIGRATIONS: string[] = [
 
 export const SCHEMA_VERSION = MIGRATIONS.length;
 
-interface MessageRow {
-  seq: number;
-  id: string;
-  chat_jid: string;
-  sender: string;
-  sender_name: string;
-  content: string;
-  timestamp: string;
-  is_from_me: number;
-  is_bot_message: number;
-}
+type MessageRow = { is_from_me: number; is_bot_message: number };
 interface GroupRow {
   jid: string;
   name: string;
@@ -1279,30 +1269,18 @@ interface GroupRow {
   allowed_senders: string;
   added_at: string;
 }
-interface TaskRow {
-  id: string;
-  group_folder: string;
-  chat_jid: string;
-  prompt: string;
-  schedule_type: ScheduleType;
-  schedule_value: string;
-  context_mode: ContextMode;
-  next_run: string | null;
-  last_run: string | null;
-  last_result: string | null;
-  status: TaskStatus;
-  created_at: string;
-  paused_reason: string | null;
-}
+
+/** A row as its type: each snake_case column a camelCase field (group_folder: groupFolder). */
+const camel = <T>(row: unknown): T =>
+  Object.fromEntries(
+    Object.entries(row as object).map(([column, value]) => [
+      column.replace(/_(\w)/g, (_, c: string) => c.toUpperCase()),
+      value,
+    ]),
+  ) as T;
 
 const toMessage = (row: MessageRow): StoredMessage => ({
-  seq: row.seq,
-  id: row.id,
-  chatJid: row.chat_jid,
-  sender: row.sender,
-  senderName: row.sender_name,
-  content: row.content,
-  timestamp: row.timestamp,
+  ...camel<StoredMessage>(row),
   isFromMe: row.is_from_me === 1,
   isBotMessage: row.is_bot_message === 1,
 });
@@ -1317,21 +1295,10 @@ const toGroup = (row: GroupRow): RegisteredGroup => ({
   allow: JSON.parse(row.allowed_senders) as string[],
   addedAt: row.added_at,
 });
-const toTask = (row: TaskRow): ScheduledTask => ({
-  id: row.id,
-  groupFolder: row.group_folder,
-  chatJid: row.chat_jid,
-  prompt: row.prompt,
-  scheduleType: row.schedule_type,
-  scheduleValue: row.schedule_value,
-  contextMode: row.context_mode,
-  nextRun: row.next_run,
-  lastRun: row.last_run,
-  lastResult: row.last_result,
-  status: row.status,
-  createdAt: row.created_at,
-  pausedReason: row.paused_reason,
-});
+
+/** The fields updateTask may set: each the camelCase name of its column. */
+const PATCHABLE_TASK_FIELD =
+  /^(groupFolder|chatJid|prompt|schedule(Type|Value)|contextMode|nextRun|last(Run|Result)|status|pausedReason)$/;
 
 const cursorKey = (chatJid: string) => `cursor:${chatJid}`;
 
@@ -1461,15 +1428,12 @@ export class Store {
 
   listChats(): ChatInfo[] {
     return this.db
-      .query<
-        { jid: string; name: string | null; channel: string | null; is_group: number; last_message_at: string | null },
-        []
-      >('SELECT * FROM chats ORDER BY last_message_at DESC')
+      .query<{ is_group: number; last_message_at: string | null }, []>(
+        'SELECT * FROM chats ORDER BY last_message_at DESC',
+      )
       .all()
       .map((row) => ({
-        jid: row.jid,
-        name: row.name,
-        channel: row.channel,
+        ...camel<ChatInfo>(row),
         isGroup: row.is_group === 1,
         lastMessageAt: row.last_message_at || null,
       }));
@@ -1647,12 +1611,8 @@ export class Store {
 
   /** What the bot sent under a message id (to answer a recipient's request to send it again). */
   outboundByMessageId(messageId: string): { chatJid: string; text: string; sentContent: Uint8Array | null } | null {
-    const row = this.db
-      .query<{ chat_jid: string; text: string; sent_content: Uint8Array | null }, [string]>(
-        'SELECT chat_jid, text, sent_content FROM outbox WHERE message_id = ?',
-      )
-      .get(messageId);
-    return row ? { chatJid: row.chat_jid, text: row.text, sentContent: row.sent_content } : null;
+    const row = this.db.query('SELECT chat_jid, text, sent_content FROM outbox WHERE message_id = ?').get(messageId);
+    return row ? camel(row) : null;
   }
 
   /** The platform's own encoding of what was sent under a message id. */
@@ -1697,11 +1657,9 @@ export class Store {
 
   taskClaims(): { taskId: string; dueAt: string | null; startedAt: string | null; attempt: number }[] {
     return this.db
-      .query<{ task_id: string; due_at: string | null; started_at: string | null; attempt: number }, []>(
-        'SELECT * FROM task_claims ORDER BY claimed_at',
-      )
+      .query('SELECT task_id, due_at, started_at, attempt FROM task_claims ORDER BY claimed_at')
       .all()
-      .map((row) => ({ taskId: row.task_id, dueAt: row.due_at, startedAt: row.started_at, attempt: row.attempt }));
+      .map(camel<{ taskId: string; dueAt: string | null; startedAt: string | null; attempt: number }>);
   }
 
   releaseTask(taskId: string): void {
@@ -1733,28 +1691,11 @@ export class Store {
 
   modelUsage(sinceDay: string, groupFolder?: string): UsageRow[] {
     return this.db
-      .query<
-        {
-          day: string;
-          group_folder: string;
-          requests: number;
-          failed: number;
-          prompt_tokens: number;
-          completion_tokens: number;
-        },
-        { since: string; folder: string | null }
-      >(
+      .query<object, { since: string; folder: string | null }>(
         'SELECT * FROM model_usage WHERE day >= $since AND ($folder IS NULL OR group_folder = $folder) ORDER BY day, group_folder',
       )
       .all({ since: sinceDay, folder: groupFolder ?? null })
-      .map((row) => ({
-        day: row.day,
-        groupFolder: row.group_folder,
-        requests: row.requests,
-        failed: row.failed,
-        promptTokens: row.prompt_tokens,
-        completionTokens: row.completion_tokens,
-      }));
+      .map(camel<UsageRow>);
   }
 
   // Registered groups
@@ -1865,11 +1806,9 @@ export class Store {
 
   listSessions(): { groupFolder: string; sessionId: string; updatedAt: string }[] {
     return this.db
-      .query<{ group_folder: string; session_id: string; updated_at: string }, []>(
-        'SELECT * FROM sessions ORDER BY group_folder',
-      )
+      .query('SELECT * FROM sessions ORDER BY group_folder')
       .all()
-      .map((row) => ({ groupFolder: row.group_folder, sessionId: row.session_id, updatedAt: row.updated_at }));
+      .map(camel<{ groupFolder: string; sessionId: string; updatedAt: string }>);
   }
 
   // Scheduled tasks
@@ -1894,8 +1833,8 @@ export class Store {
   }
 
   getTask(id: string): ScheduledTask | null {
-    const row = this.db.query<TaskRow, [string]>('SELECT * FROM scheduled_tasks WHERE id = ?').get(id);
-    return row ? toTask(row) : null;
+    const row = this.db.query<object, [string]>('SELECT * FROM scheduled_tasks WHERE id = ?').get(id);
+    return row ? camel<ScheduledTask>(row) : null;
   }
 
   /**
@@ -1910,30 +1849,21 @@ export class Store {
       ? "SELECT rowid FROM scheduled_tasks WHERE group_folder = ?1 ORDER BY status = 'completed', status, next_run, rowid DESC LIMIT ?2"
       : `${byStatus("'active', 'paused'", 'status, next_run')} UNION ALL ${byStatus("'completed'", 'next_run DESC, rowid DESC')} LIMIT ?2`;
     return this.db
-      .query<TaskRow, [string | null, number]>(
+      .query<object, [string | null, number]>(
         `SELECT * FROM scheduled_tasks WHERE rowid IN (${kept}) ORDER BY created_at`,
       )
       .all(groupFolder ?? null, limit)
-      .map(toTask);
+      .map(camel<ScheduledTask>);
   }
 
   updateTask(id: string, patch: Partial<Omit<ScheduledTask, 'id' | 'createdAt'>>): boolean {
-    const columns: Record<string, string> = {
-      groupFolder: 'group_folder',
-      chatJid: 'chat_jid',
-      prompt: 'prompt',
-      scheduleType: 'schedule_type',
-      scheduleValue: 'schedule_value',
-      contextMode: 'context_mode',
-      nextRun: 'next_run',
-      lastRun: 'last_run',
-      lastResult: 'last_result',
-      status: 'status',
-      pausedReason: 'paused_reason',
-    };
-    const entries = Object.entries(patch).filter(([key, value]) => key in columns && value !== undefined);
+    const entries = Object.entries(patch).filter(
+      ([key, value]) => PATCHABLE_TASK_FIELD.test(key) && value !== undefined,
+    );
     if (entries.length === 0) return false;
-    const assignments = entries.map(([key]) => `${columns[key]} = $${key}`).join(', ');
+    const assignments = entries
+      .map(([key]) => `${key.replace(/[A-Z]/g, (c) => `_${c.toLowerCase()}`)} = $${key}`)
+      .join(', ');
     this.taskWrites++;
     const values = Object.fromEntries(entries) as Record<string, string | null>;
     return this.db.query(`UPDATE scheduled_tasks SET ${assignments} WHERE id = $id`).run({ ...values, id }).changes > 0;
@@ -1950,11 +1880,11 @@ export class Store {
    */
   upcomingTasks(limit = -1, dueBy = '~'): ScheduledTask[] {
     return this.db
-      .query<TaskRow, [string, number]>(
+      .query<object, [string, number]>(
         "SELECT * FROM scheduled_tasks WHERE status = 'active' AND next_run <= ? ORDER BY next_run LIMIT ?",
       )
       .all(dueBy, limit)
-      .map(toTask);
+      .map(camel<ScheduledTask>);
   }
 
   logTaskRun(run: TaskRunLog): void {
@@ -1969,30 +1899,13 @@ export class Store {
   /** The newest `limit` runs of each task named (in one statement however many), newest first. */
   taskRuns(taskIds: string | readonly string[], limit = 10): TaskRunLog[] {
     return this.db
-      .query<
-        {
-          task_id: string;
-          run_at: string;
-          duration_ms: number;
-          status: 'success' | 'error';
-          result: string | null;
-          error: string | null;
-        },
-        [string, number]
-      >(
-        `SELECT r.* FROM json_each(?1) AS t JOIN task_run_logs r ON r.rowid IN
+      .query<object, [string, number]>(
+        `SELECT r.task_id, r.run_at, r.duration_ms, r.status, r.result, r.error FROM json_each(?1) AS t JOIN task_run_logs r ON r.rowid IN
            (SELECT rowid FROM task_run_logs WHERE task_id = t.value ORDER BY run_at DESC LIMIT ?2)
          ORDER BY t.key, r.run_at DESC`,
       )
       .all(JSON.stringify([taskIds].flat()), limit)
-      .map((row) => ({
-        taskId: row.task_id,
-        runAt: row.run_at,
-        durationMs: row.duration_ms,
-        status: row.status,
-        result: row.result,
-        error: row.error,
-      }));
+      .map(camel<TaskRunLog>);
   }
 }
 
