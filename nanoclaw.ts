@@ -4051,17 +4051,8 @@ const MAX_MODEL_ERROR_BYTES = 64 * 1024;
 /** What an agent may ask of the model's API: chat, the model list, and file upload (the CLI sends videos so). */
 const MODEL_ROUTES = new Set(['POST /chat/completions', 'GET /models', 'POST /files']);
 /** Request headers that describe the hop, not the request, or that the proxy sets itself. */
-const HOP_HEADERS = new Set([
-  'host',
-  'authorization',
-  'x-api-key',
-  'connection',
-  'keep-alive',
-  'content-length',
-  'transfer-encoding',
-  'accept-encoding',
-  'proxy-authorization',
-]);
+const HOP_HEADER =
+  /^(host|authorization|x-api-key|connection|keep-alive|content-length|transfer-encoding|accept-encoding|proxy-authorization)$/i;
 /**
  * A model may think for longer than Bun's default 10 s idle limit between two chunks.
  * bun-types 1.4.5 declares idleTimeout for ports only, though Bun honours it on unix sockets.
@@ -4069,13 +4060,7 @@ const HOP_HEADERS = new Set([
 // biome-ignore lint/complexity/noBannedTypes: an option bun-types does not declare for unix sockets (above)
 const NO_IDLE_TIMEOUT = { idleTimeout: 0 } as {};
 /** Response headers that stop being true once Bun has decoded the body. */
-const DECODED_HEADERS = new Set([
-  'content-encoding',
-  'content-length',
-  'transfer-encoding',
-  'connection',
-  'keep-alive',
-]);
+const DECODED_HEADER = /^(content-encoding|content-length|transfer-encoding|connection|keep-alive)$/i;
 
 export interface ModelUsage {
   promptTokens: number;
@@ -4325,7 +4310,7 @@ export class ModelProxy {
     const target = `${this.options.upstream.replace(/\/+$/, '')}${route}${url.search}`;
     const headers = new Headers();
     req.headers.forEach((value, name) => {
-      if (!HOP_HEADERS.has(name.toLowerCase())) headers.set(name, value);
+      if (!HOP_HEADER.test(name)) headers.set(name, value);
     });
     if (key) headers.set('authorization', `Bearer ${key}`);
     let upstream: Response;
@@ -4346,7 +4331,7 @@ export class ModelProxy {
     }
     const responseHeaders = new Headers();
     upstream.headers.forEach((value, name) => {
-      if (!DECODED_HEADERS.has(name.toLowerCase())) responseHeaders.set(name, value);
+      if (!DECODED_HEADER.test(name)) responseHeaders.set(name, value);
     });
     const record = (usage: ModelUsage | null) =>
       this.options.record(run.folder, { ok: upstream.ok, status: upstream.status, usage });
@@ -4798,34 +4783,10 @@ export interface MountAllowlist {
 }
 
 /** Never mounted, whatever the allowlist says: credentials and keys. */
-export const BLOCKED_MOUNT_PATTERNS = [
-  '.ssh',
-  '.gnupg',
-  '.gpg',
-  '.aws',
-  '.azure',
-  '.gcloud',
-  '.config/gcloud',
-  '.kube',
-  '.docker',
-  '.env',
-  '.netrc',
-  '.npmrc',
-  '.pypirc',
-  '.git-credentials',
-  'credentials',
-  'id_rsa',
-  'id_ed25519',
-  'id_ecdsa',
-  'private_key',
-  '.pem',
-  '.key',
-  '.p12',
-  '.pfx',
-  'secrets',
-  '.password-store',
-  '.config/nanoclaw',
-];
+export const BLOCKED_MOUNT_PATTERNS = (
+  '.ssh .gnupg .gpg .aws .azure .gcloud .config/gcloud .kube .docker .env .netrc .npmrc .pypirc .git-credentials ' +
+  'credentials id_rsa id_ed25519 id_ecdsa private_key .pem .key .p12 .pfx secrets .password-store .config/nanoclaw'
+).split(' ');
 
 function expandHome(path: string): string {
   return path === '~' ? homedir() : path.startsWith('~/') ? join(homedir(), path.slice(2)) : path;
@@ -5180,14 +5141,6 @@ function parseResult(json: string): ContainerResult {
   }
 }
 
-/** Writes JSON so a reader never sees half a file: temp name (dot-prefixed), then rename. Host-only folders. */
-export function writeJsonAtomic(path: string, data: unknown): void {
-  mkdirSync(dirname(path), { recursive: true });
-  const temp = join(dirname(path), `.${basename(path)}.${randomUUID()}.tmp`);
-  writeFileSync(temp, JSON.stringify(data, null, 2));
-  renameSync(temp, path);
-}
-
 let filesNamed = 0;
 /** A new file name that sorts in the order names were made (the runner reads its inbox in name order), even within one ms. */
 export function uniqueFileName(now = Date.now()): string {
@@ -5227,58 +5180,6 @@ const KEEP_OUTPUT_CHARS = 256 * 1024;
 /** What a run may write to stdout and stderr together before it is stopped as oversized. */
 export const MAX_RUN_OUTPUT = 64 * 1024 * 1024;
 
-export function renderRunLog(details: {
-  name: string;
-  image: string;
-  group: RegisteredGroup;
-  input: ContainerInput;
-  mounts: readonly Mount[];
-  args: readonly string[];
-  startedAt: Date;
-  outcome: Omit<RunOutcome, 'logFile'>;
-  stderr: string;
-  stdout: string;
-  verbose: boolean;
-  viaProxy: boolean;
-}): string {
-  const { input, outcome } = details;
-  const failed = outcome.exitCode !== 0 || outcome.timedOut || outcome.lastError !== undefined;
-  const lines = [
-    '=== NanoClaw container run ===',
-    `Started:    ${details.startedAt.toISOString()}`,
-    `Container:  ${details.name}`,
-    `Image:      ${details.image}`,
-    `Group:      ${details.group.folder} (${details.group.isMain ? 'main' : 'not main'}), chat ${input.chatJid}`,
-    `Duration:   ${outcome.durationMs} ms`,
-    `Exit code:  ${outcome.exitCode ?? 'none (killed)'}${outcome.timedOut ? ' — timed out' : ''}`,
-    `Results:    ${outcome.results}${outcome.lastError ? ` (last error: ${outcome.lastError})` : ''}`,
-    `Session:    ${outcome.sessionId ?? input.sessionId ?? 'new'}`,
-    '',
-    '--- Input ---',
-    `prompt: ${input.prompt.length} characters${input.isScheduledTask ? ' (scheduled task)' : ''}`,
-    `sessionId: ${input.sessionId ?? '(none: new session)'}`,
-    `model: ${details.viaProxy ? 'through the host’s model proxy (a per-run token; the key stays on the host)' : 'no model proxy: no credential given'}`,
-    ...(details.verbose ? ['', input.prompt] : []),
-    '',
-    '--- Mounts ---',
-    ...details.mounts.map((m) => formatMount(m, 'human')),
-  ];
-  if (failed || details.verbose) {
-    lines.push(
-      '',
-      '--- Command ---',
-      `docker ${details.args.join(' ')}`,
-      '',
-      '--- Stderr ---',
-      details.stderr.trimEnd(),
-      '',
-      '--- Stdout ---',
-      details.stdout.trimEnd(),
-    );
-  }
-  return `${lines.join('\n')}\n`;
-}
-
 /** Reads a stream as it arrives. */
 async function forEachChunk(
   stream: ReadableStream<Uint8Array>,
@@ -5292,20 +5193,9 @@ async function forEachChunk(
 export const inboxRoot = (config: Config) => join(config.dataDir, 'input');
 
 /** Everything decided before `docker run`: folders ready, the run's own inbox, the credential and the command line. */
-interface RunPlan {
-  id: string;
-  name: string;
-  args: string[];
-  trees: ReturnType<typeof groupTrees>;
-  inbox: AgentTree;
-  input: ContainerInput;
-  mounts: Mount[];
-  proxyRun: ProxyRun | null;
-  egressRun: { socketPath: string; close(): void } | null;
-  secretValues: string[];
-}
+type RunPlan = ReturnType<typeof prepareRun>;
 
-function prepareRun(options: RunContainerOptions, startedAt: Date): RunPlan {
+function prepareRun(options: RunContainerOptions, startedAt: Date) {
   const { config, group } = options;
   const trees = prepareGroupFolders(config, group);
   const id = runId(config, group.folder, startedAt.getTime());
@@ -5352,6 +5242,10 @@ export function engineSocket(runtime: string, env: Record<string, string | undef
   return path && existsSync(path) ? path : null;
 }
 
+/** A container runtime command whose output nobody reads; resolves to its exit code. */
+const runtimeCommand = (runtime: string, ...args: string[]) =>
+  Bun.spawn([runtime, ...args], { stdout: 'ignore', stderr: 'ignore', env: childProcessEnv() }).exited;
+
 /**
  * `docker unpause`, on the reply's path: through the engine's API (Docker Engine API,
  * POST /containers/{name}/unpause, 204) where it answers, which saves the CLI's start
@@ -5366,7 +5260,7 @@ export async function unpauseContainer(runtime: string, name: string): Promise<'
     }).catch(() => null);
     if (answer?.status === 204) return 'engine';
   }
-  await Bun.spawn([runtime, 'unpause', name], { stdout: 'ignore', stderr: 'ignore', env: childProcessEnv() }).exited;
+  await runtimeCommand(runtime, 'unpause', name);
   return 'cli';
 }
 
@@ -5378,29 +5272,20 @@ export async function unpauseContainer(runtime: string, name: string): Promise<'
 async function streamContainer(plan: RunPlan, options: RunContainerOptions, groupLog: Logger): Promise<RunResult> {
   const { config } = options;
   const { name, inbox } = plan;
-  let proc: ReturnType<typeof Bun.spawn<'pipe', 'pipe', 'pipe'>>;
-  try {
-    proc = Bun.spawn([config.containerRuntime, ...plan.args], {
-      stdin: 'pipe',
-      stdout: 'pipe',
-      stderr: 'pipe',
-      env: childProcessEnv(),
-      cwd: config.projectRoot,
-    });
-  } catch (err) {
-    plan.proxyRun?.close();
-    plan.egressRun?.close();
-    throw err;
-  }
+  const proc = Bun.spawn([config.containerRuntime, ...plan.args], {
+    stdin: 'pipe',
+    stdout: 'pipe',
+    stderr: 'pipe',
+    env: childProcessEnv(),
+    cwd: config.projectRoot,
+  });
   proc.stdin.write(JSON.stringify(plan.input));
   await proc.stdin.end();
 
   let timedOut = false;
   let closing = false;
   let stopping: Promise<void> | null = null;
-  const docker = (...args: string[]) =>
-    Bun.spawn([config.containerRuntime, ...args], { stdout: 'ignore', stderr: 'ignore', env: childProcessEnv() })
-      .exited;
+  const docker = (...args: string[]) => runtimeCommand(config.containerRuntime, ...args);
   // While the agent waits in the warm pool it may be paused: the `docker pause` call in flight or done.
   let paused: Promise<number> | null = null;
   const thaw = async () => {
@@ -5565,25 +5450,45 @@ function writeRunLog(
   groupLog: Logger,
 ): string {
   const { config, group } = options;
-  const logName = runLogName(startedAt);
+  const { input } = plan;
   const verbose = config.logLevel === 'debug' || config.logLevel === 'trace';
-  const { stdout, stderr, ...outcome } = result;
-  const text = renderRunLog({
-    name: plan.name,
-    image: config.containerImage,
-    group,
-    input: plan.input,
-    mounts: plan.mounts,
-    args: plan.args,
-    startedAt,
-    outcome: { ...outcome, durationMs },
-    stderr,
-    stdout,
-    verbose,
-    viaProxy: plan.proxyRun !== null,
-  });
+  const failed = result.exitCode !== 0 || result.timedOut || result.lastError !== undefined;
+  const lines = [
+    '=== NanoClaw container run ===',
+    `Started:    ${startedAt.toISOString()}`,
+    `Container:  ${plan.name}`,
+    `Image:      ${config.containerImage}`,
+    `Group:      ${group.folder} (${group.isMain ? 'main' : 'not main'}), chat ${input.chatJid}`,
+    `Duration:   ${durationMs} ms`,
+    `Exit code:  ${result.exitCode ?? 'none (killed)'}${result.timedOut ? ' — timed out' : ''}`,
+    `Results:    ${result.results}${result.lastError ? ` (last error: ${result.lastError})` : ''}`,
+    `Session:    ${result.sessionId ?? input.sessionId ?? 'new'}`,
+    '',
+    '--- Input ---',
+    `prompt: ${input.prompt.length} characters${input.isScheduledTask ? ' (scheduled task)' : ''}`,
+    `sessionId: ${input.sessionId ?? '(none: new session)'}`,
+    `model: ${plan.proxyRun ? 'through the host’s model proxy (a per-run token; the key stays on the host)' : 'no model proxy: no credential given'}`,
+    ...(verbose ? ['', input.prompt] : []),
+    '',
+    '--- Mounts ---',
+    ...plan.mounts.map((m) => formatMount(m, 'human')),
+  ];
+  if (failed || verbose) {
+    lines.push(
+      '',
+      '--- Command ---',
+      `docker ${plan.args.join(' ')}`,
+      '',
+      '--- Stderr ---',
+      result.stderr.trimEnd(),
+      '',
+      '--- Stdout ---',
+      result.stdout.trimEnd(),
+    );
+  }
+  const logName = runLogName(startedAt);
   try {
-    plan.trees.group.create(`logs/${logName}`, maskSecrets(text, plan.secretValues));
+    plan.trees.group.create(`logs/${logName}`, maskSecrets(`${lines.join('\n')}\n`, plan.secretValues));
     pruneRunLogs(plan.trees.group, RUN_LOGS_KEPT);
     return join(plan.trees.group.path('logs'), logName);
   } catch (err) {
@@ -5627,9 +5532,13 @@ export async function runContainer(options: RunContainerOptions): Promise<RunOut
     'Starting agent container',
   );
 
-  const result = await streamContainer(plan, options, groupLog);
-  plan.proxyRun?.close(); // the token dies with the container
-  plan.egressRun?.close();
+  let result: RunResult;
+  try {
+    result = await streamContainer(plan, options, groupLog);
+  } finally {
+    plan.proxyRun?.close(); // the token dies with the container
+    plan.egressRun?.close();
+  }
   try {
     new AgentTree(inboxRoot(config)).remove(plan.id);
   } catch (err) {
