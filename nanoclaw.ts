@@ -1257,17 +1257,7 @@ const MIGRATIONS: string[] = [
 
 export const SCHEMA_VERSION = MIGRATIONS.length;
 
-interface MessageRow {
-  seq: number;
-  id: string;
-  chat_jid: string;
-  sender: string;
-  sender_name: string;
-  content: string;
-  timestamp: string;
-  is_from_me: number;
-  is_bot_message: number;
-}
+type MessageRow = { is_from_me: number; is_bot_message: number };
 interface GroupRow {
   jid: string;
   name: string;
@@ -1279,30 +1269,18 @@ interface GroupRow {
   allowed_senders: string;
   added_at: string;
 }
-interface TaskRow {
-  id: string;
-  group_folder: string;
-  chat_jid: string;
-  prompt: string;
-  schedule_type: ScheduleType;
-  schedule_value: string;
-  context_mode: ContextMode;
-  next_run: string | null;
-  last_run: string | null;
-  last_result: string | null;
-  status: TaskStatus;
-  created_at: string;
-  paused_reason: string | null;
-}
+
+/** A row as its type: each snake_case column a camelCase field (group_folder: groupFolder). */
+const camel = <T>(row: unknown): T =>
+  Object.fromEntries(
+    Object.entries(row as object).map(([column, value]) => [
+      column.replace(/_(\w)/g, (_, c: string) => c.toUpperCase()),
+      value,
+    ]),
+  ) as T;
 
 const toMessage = (row: MessageRow): StoredMessage => ({
-  seq: row.seq,
-  id: row.id,
-  chatJid: row.chat_jid,
-  sender: row.sender,
-  senderName: row.sender_name,
-  content: row.content,
-  timestamp: row.timestamp,
+  ...camel<StoredMessage>(row),
   isFromMe: row.is_from_me === 1,
   isBotMessage: row.is_bot_message === 1,
 });
@@ -1317,21 +1295,10 @@ const toGroup = (row: GroupRow): RegisteredGroup => ({
   allow: JSON.parse(row.allowed_senders) as string[],
   addedAt: row.added_at,
 });
-const toTask = (row: TaskRow): ScheduledTask => ({
-  id: row.id,
-  groupFolder: row.group_folder,
-  chatJid: row.chat_jid,
-  prompt: row.prompt,
-  scheduleType: row.schedule_type,
-  scheduleValue: row.schedule_value,
-  contextMode: row.context_mode,
-  nextRun: row.next_run,
-  lastRun: row.last_run,
-  lastResult: row.last_result,
-  status: row.status,
-  createdAt: row.created_at,
-  pausedReason: row.paused_reason,
-});
+
+/** The fields updateTask may set: each the camelCase name of its column. */
+const PATCHABLE_TASK_FIELD =
+  /^(groupFolder|chatJid|prompt|schedule(Type|Value)|contextMode|nextRun|last(Run|Result)|status|pausedReason)$/;
 
 const cursorKey = (chatJid: string) => `cursor:${chatJid}`;
 
@@ -1461,15 +1428,12 @@ export class Store {
 
   listChats(): ChatInfo[] {
     return this.db
-      .query<
-        { jid: string; name: string | null; channel: string | null; is_group: number; last_message_at: string | null },
-        []
-      >('SELECT * FROM chats ORDER BY last_message_at DESC')
+      .query<{ is_group: number; last_message_at: string | null }, []>(
+        'SELECT * FROM chats ORDER BY last_message_at DESC',
+      )
       .all()
       .map((row) => ({
-        jid: row.jid,
-        name: row.name,
-        channel: row.channel,
+        ...camel<ChatInfo>(row),
         isGroup: row.is_group === 1,
         lastMessageAt: row.last_message_at || null,
       }));
@@ -1647,12 +1611,8 @@ export class Store {
 
   /** What the bot sent under a message id (to answer a recipient's request to send it again). */
   outboundByMessageId(messageId: string): { chatJid: string; text: string; sentContent: Uint8Array | null } | null {
-    const row = this.db
-      .query<{ chat_jid: string; text: string; sent_content: Uint8Array | null }, [string]>(
-        'SELECT chat_jid, text, sent_content FROM outbox WHERE message_id = ?',
-      )
-      .get(messageId);
-    return row ? { chatJid: row.chat_jid, text: row.text, sentContent: row.sent_content } : null;
+    const row = this.db.query('SELECT chat_jid, text, sent_content FROM outbox WHERE message_id = ?').get(messageId);
+    return row ? camel(row) : null;
   }
 
   /** The platform's own encoding of what was sent under a message id. */
@@ -1697,11 +1657,9 @@ export class Store {
 
   taskClaims(): { taskId: string; dueAt: string | null; startedAt: string | null; attempt: number }[] {
     return this.db
-      .query<{ task_id: string; due_at: string | null; started_at: string | null; attempt: number }, []>(
-        'SELECT * FROM task_claims ORDER BY claimed_at',
-      )
+      .query('SELECT task_id, due_at, started_at, attempt FROM task_claims ORDER BY claimed_at')
       .all()
-      .map((row) => ({ taskId: row.task_id, dueAt: row.due_at, startedAt: row.started_at, attempt: row.attempt }));
+      .map(camel<{ taskId: string; dueAt: string | null; startedAt: string | null; attempt: number }>);
   }
 
   releaseTask(taskId: string): void {
@@ -1733,28 +1691,11 @@ export class Store {
 
   modelUsage(sinceDay: string, groupFolder?: string): UsageRow[] {
     return this.db
-      .query<
-        {
-          day: string;
-          group_folder: string;
-          requests: number;
-          failed: number;
-          prompt_tokens: number;
-          completion_tokens: number;
-        },
-        { since: string; folder: string | null }
-      >(
+      .query<object, { since: string; folder: string | null }>(
         'SELECT * FROM model_usage WHERE day >= $since AND ($folder IS NULL OR group_folder = $folder) ORDER BY day, group_folder',
       )
       .all({ since: sinceDay, folder: groupFolder ?? null })
-      .map((row) => ({
-        day: row.day,
-        groupFolder: row.group_folder,
-        requests: row.requests,
-        failed: row.failed,
-        promptTokens: row.prompt_tokens,
-        completionTokens: row.completion_tokens,
-      }));
+      .map(camel<UsageRow>);
   }
 
   // Registered groups
@@ -1865,11 +1806,9 @@ export class Store {
 
   listSessions(): { groupFolder: string; sessionId: string; updatedAt: string }[] {
     return this.db
-      .query<{ group_folder: string; session_id: string; updated_at: string }, []>(
-        'SELECT * FROM sessions ORDER BY group_folder',
-      )
+      .query('SELECT * FROM sessions ORDER BY group_folder')
       .all()
-      .map((row) => ({ groupFolder: row.group_folder, sessionId: row.session_id, updatedAt: row.updated_at }));
+      .map(camel<{ groupFolder: string; sessionId: string; updatedAt: string }>);
   }
 
   // Scheduled tasks
@@ -1894,8 +1833,8 @@ export class Store {
   }
 
   getTask(id: string): ScheduledTask | null {
-    const row = this.db.query<TaskRow, [string]>('SELECT * FROM scheduled_tasks WHERE id = ?').get(id);
-    return row ? toTask(row) : null;
+    const row = this.db.query<object, [string]>('SELECT * FROM scheduled_tasks WHERE id = ?').get(id);
+    return row ? camel<ScheduledTask>(row) : null;
   }
 
   /**
@@ -1910,30 +1849,21 @@ export class Store {
       ? "SELECT rowid FROM scheduled_tasks WHERE group_folder = ?1 ORDER BY status = 'completed', status, next_run, rowid DESC LIMIT ?2"
       : `${byStatus("'active', 'paused'", 'status, next_run')} UNION ALL ${byStatus("'completed'", 'next_run DESC, rowid DESC')} LIMIT ?2`;
     return this.db
-      .query<TaskRow, [string | null, number]>(
+      .query<object, [string | null, number]>(
         `SELECT * FROM scheduled_tasks WHERE rowid IN (${kept}) ORDER BY created_at`,
       )
       .all(groupFolder ?? null, limit)
-      .map(toTask);
+      .map(camel<ScheduledTask>);
   }
 
   updateTask(id: string, patch: Partial<Omit<ScheduledTask, 'id' | 'createdAt'>>): boolean {
-    const columns: Record<string, string> = {
-      groupFolder: 'group_folder',
-      chatJid: 'chat_jid',
-      prompt: 'prompt',
-      scheduleType: 'schedule_type',
-      scheduleValue: 'schedule_value',
-      contextMode: 'context_mode',
-      nextRun: 'next_run',
-      lastRun: 'last_run',
-      lastResult: 'last_result',
-      status: 'status',
-      pausedReason: 'paused_reason',
-    };
-    const entries = Object.entries(patch).filter(([key, value]) => key in columns && value !== undefined);
+    const entries = Object.entries(patch).filter(
+      ([key, value]) => PATCHABLE_TASK_FIELD.test(key) && value !== undefined,
+    );
     if (entries.length === 0) return false;
-    const assignments = entries.map(([key]) => `${columns[key]} = $${key}`).join(', ');
+    const assignments = entries
+      .map(([key]) => `${key.replace(/[A-Z]/g, (c) => `_${c.toLowerCase()}`)} = $${key}`)
+      .join(', ');
     this.taskWrites++;
     const values = Object.fromEntries(entries) as Record<string, string | null>;
     return this.db.query(`UPDATE scheduled_tasks SET ${assignments} WHERE id = $id`).run({ ...values, id }).changes > 0;
@@ -1950,11 +1880,11 @@ export class Store {
    */
   upcomingTasks(limit = -1, dueBy = '~'): ScheduledTask[] {
     return this.db
-      .query<TaskRow, [string, number]>(
+      .query<object, [string, number]>(
         "SELECT * FROM scheduled_tasks WHERE status = 'active' AND next_run <= ? ORDER BY next_run LIMIT ?",
       )
       .all(dueBy, limit)
-      .map(toTask);
+      .map(camel<ScheduledTask>);
   }
 
   logTaskRun(run: TaskRunLog): void {
@@ -1969,30 +1899,13 @@ export class Store {
   /** The newest `limit` runs of each task named (in one statement however many), newest first. */
   taskRuns(taskIds: string | readonly string[], limit = 10): TaskRunLog[] {
     return this.db
-      .query<
-        {
-          task_id: string;
-          run_at: string;
-          duration_ms: number;
-          status: 'success' | 'error';
-          result: string | null;
-          error: string | null;
-        },
-        [string, number]
-      >(
-        `SELECT r.* FROM json_each(?1) AS t JOIN task_run_logs r ON r.rowid IN
+      .query<object, [string, number]>(
+        `SELECT r.task_id, r.run_at, r.duration_ms, r.status, r.result, r.error FROM json_each(?1) AS t JOIN task_run_logs r ON r.rowid IN
            (SELECT rowid FROM task_run_logs WHERE task_id = t.value ORDER BY run_at DESC LIMIT ?2)
          ORDER BY t.key, r.run_at DESC`,
       )
       .all(JSON.stringify([taskIds].flat()), limit)
-      .map((row) => ({
-        taskId: row.task_id,
-        runAt: row.run_at,
-        durationMs: row.duration_ms,
-        status: row.status,
-        result: row.result,
-        error: row.error,
-      }));
+      .map(camel<TaskRunLog>);
   }
 }
 
@@ -4138,17 +4051,8 @@ const MAX_MODEL_ERROR_BYTES = 64 * 1024;
 /** What an agent may ask of the model's API: chat, the model list, and file upload (the CLI sends videos so). */
 const MODEL_ROUTES = new Set(['POST /chat/completions', 'GET /models', 'POST /files']);
 /** Request headers that describe the hop, not the request, or that the proxy sets itself. */
-const HOP_HEADERS = new Set([
-  'host',
-  'authorization',
-  'x-api-key',
-  'connection',
-  'keep-alive',
-  'content-length',
-  'transfer-encoding',
-  'accept-encoding',
-  'proxy-authorization',
-]);
+const HOP_HEADER =
+  /^(host|authorization|x-api-key|connection|keep-alive|content-length|transfer-encoding|accept-encoding|proxy-authorization)$/i;
 /**
  * A model may think for longer than Bun's default 10 s idle limit between two chunks.
  * bun-types 1.4.5 declares idleTimeout for ports only, though Bun honours it on unix sockets.
@@ -4156,13 +4060,7 @@ const HOP_HEADERS = new Set([
 // biome-ignore lint/complexity/noBannedTypes: an option bun-types does not declare for unix sockets (above)
 const NO_IDLE_TIMEOUT = { idleTimeout: 0 } as {};
 /** Response headers that stop being true once Bun has decoded the body. */
-const DECODED_HEADERS = new Set([
-  'content-encoding',
-  'content-length',
-  'transfer-encoding',
-  'connection',
-  'keep-alive',
-]);
+const DECODED_HEADER = /^(content-encoding|content-length|transfer-encoding|connection|keep-alive)$/i;
 
 export interface ModelUsage {
   promptTokens: number;
@@ -4412,7 +4310,7 @@ export class ModelProxy {
     const target = `${this.options.upstream.replace(/\/+$/, '')}${route}${url.search}`;
     const headers = new Headers();
     req.headers.forEach((value, name) => {
-      if (!HOP_HEADERS.has(name.toLowerCase())) headers.set(name, value);
+      if (!HOP_HEADER.test(name)) headers.set(name, value);
     });
     if (key) headers.set('authorization', `Bearer ${key}`);
     let upstream: Response;
@@ -4433,7 +4331,7 @@ export class ModelProxy {
     }
     const responseHeaders = new Headers();
     upstream.headers.forEach((value, name) => {
-      if (!DECODED_HEADERS.has(name.toLowerCase())) responseHeaders.set(name, value);
+      if (!DECODED_HEADER.test(name)) responseHeaders.set(name, value);
     });
     const record = (usage: ModelUsage | null) =>
       this.options.record(run.folder, { ok: upstream.ok, status: upstream.status, usage });
@@ -4885,34 +4783,10 @@ export interface MountAllowlist {
 }
 
 /** Never mounted, whatever the allowlist says: credentials and keys. */
-export const BLOCKED_MOUNT_PATTERNS = [
-  '.ssh',
-  '.gnupg',
-  '.gpg',
-  '.aws',
-  '.azure',
-  '.gcloud',
-  '.config/gcloud',
-  '.kube',
-  '.docker',
-  '.env',
-  '.netrc',
-  '.npmrc',
-  '.pypirc',
-  '.git-credentials',
-  'credentials',
-  'id_rsa',
-  'id_ed25519',
-  'id_ecdsa',
-  'private_key',
-  '.pem',
-  '.key',
-  '.p12',
-  '.pfx',
-  'secrets',
-  '.password-store',
-  '.config/nanoclaw',
-];
+export const BLOCKED_MOUNT_PATTERNS = (
+  '.ssh .gnupg .gpg .aws .azure .gcloud .config/gcloud .kube .docker .env .netrc .npmrc .pypirc .git-credentials ' +
+  'credentials id_rsa id_ed25519 id_ecdsa private_key .pem .key .p12 .pfx secrets .password-store .config/nanoclaw'
+).split(' ');
 
 function expandHome(path: string): string {
   return path === '~' ? homedir() : path.startsWith('~/') ? join(homedir(), path.slice(2)) : path;
@@ -5267,14 +5141,6 @@ function parseResult(json: string): ContainerResult {
   }
 }
 
-/** Writes JSON so a reader never sees half a file: temp name (dot-prefixed), then rename. Host-only folders. */
-export function writeJsonAtomic(path: string, data: unknown): void {
-  mkdirSync(dirname(path), { recursive: true });
-  const temp = join(dirname(path), `.${basename(path)}.${randomUUID()}.tmp`);
-  writeFileSync(temp, JSON.stringify(data, null, 2));
-  renameSync(temp, path);
-}
-
 let filesNamed = 0;
 /** A new file name that sorts in the order names were made (the runner reads its inbox in name order), even within one ms. */
 export function uniqueFileName(now = Date.now()): string {
@@ -5314,58 +5180,6 @@ const KEEP_OUTPUT_CHARS = 256 * 1024;
 /** What a run may write to stdout and stderr together before it is stopped as oversized. */
 export const MAX_RUN_OUTPUT = 64 * 1024 * 1024;
 
-export function renderRunLog(details: {
-  name: string;
-  image: string;
-  group: RegisteredGroup;
-  input: ContainerInput;
-  mounts: readonly Mount[];
-  args: readonly string[];
-  startedAt: Date;
-  outcome: Omit<RunOutcome, 'logFile'>;
-  stderr: string;
-  stdout: string;
-  verbose: boolean;
-  viaProxy: boolean;
-}): string {
-  const { input, outcome } = details;
-  const failed = outcome.exitCode !== 0 || outcome.timedOut || outcome.lastError !== undefined;
-  const lines = [
-    '=== NanoClaw container run ===',
-    `Started:    ${details.startedAt.toISOString()}`,
-    `Container:  ${details.name}`,
-    `Image:      ${details.image}`,
-    `Group:      ${details.group.folder} (${details.group.isMain ? 'main' : 'not main'}), chat ${input.chatJid}`,
-    `Duration:   ${outcome.durationMs} ms`,
-    `Exit code:  ${outcome.exitCode ?? 'none (killed)'}${outcome.timedOut ? ' — timed out' : ''}`,
-    `Results:    ${outcome.results}${outcome.lastError ? ` (last error: ${outcome.lastError})` : ''}`,
-    `Session:    ${outcome.sessionId ?? input.sessionId ?? 'new'}`,
-    '',
-    '--- Input ---',
-    `prompt: ${input.prompt.length} characters${input.isScheduledTask ? ' (scheduled task)' : ''}`,
-    `sessionId: ${input.sessionId ?? '(none: new session)'}`,
-    `model: ${details.viaProxy ? 'through the host’s model proxy (a per-run token; the key stays on the host)' : 'no model proxy: no credential given'}`,
-    ...(details.verbose ? ['', input.prompt] : []),
-    '',
-    '--- Mounts ---',
-    ...details.mounts.map((m) => formatMount(m, 'human')),
-  ];
-  if (failed || details.verbose) {
-    lines.push(
-      '',
-      '--- Command ---',
-      `docker ${details.args.join(' ')}`,
-      '',
-      '--- Stderr ---',
-      details.stderr.trimEnd(),
-      '',
-      '--- Stdout ---',
-      details.stdout.trimEnd(),
-    );
-  }
-  return `${lines.join('\n')}\n`;
-}
-
 /** Reads a stream as it arrives. */
 async function forEachChunk(
   stream: ReadableStream<Uint8Array>,
@@ -5379,20 +5193,9 @@ async function forEachChunk(
 export const inboxRoot = (config: Config) => join(config.dataDir, 'input');
 
 /** Everything decided before `docker run`: folders ready, the run's own inbox, the credential and the command line. */
-interface RunPlan {
-  id: string;
-  name: string;
-  args: string[];
-  trees: ReturnType<typeof groupTrees>;
-  inbox: AgentTree;
-  input: ContainerInput;
-  mounts: Mount[];
-  proxyRun: ProxyRun | null;
-  egressRun: { socketPath: string; close(): void } | null;
-  secretValues: string[];
-}
+type RunPlan = ReturnType<typeof prepareRun>;
 
-function prepareRun(options: RunContainerOptions, startedAt: Date): RunPlan {
+function prepareRun(options: RunContainerOptions, startedAt: Date) {
   const { config, group } = options;
   const trees = prepareGroupFolders(config, group);
   const id = runId(config, group.folder, startedAt.getTime());
@@ -5439,6 +5242,10 @@ export function engineSocket(runtime: string, env: Record<string, string | undef
   return path && existsSync(path) ? path : null;
 }
 
+/** A container runtime command whose output nobody reads; resolves to its exit code. */
+const runtimeCommand = (runtime: string, ...args: string[]) =>
+  Bun.spawn([runtime, ...args], { stdout: 'ignore', stderr: 'ignore', env: childProcessEnv() }).exited;
+
 /**
  * `docker unpause`, on the reply's path: through the engine's API (Docker Engine API,
  * POST /containers/{name}/unpause, 204) where it answers, which saves the CLI's start
@@ -5453,7 +5260,7 @@ export async function unpauseContainer(runtime: string, name: string): Promise<'
     }).catch(() => null);
     if (answer?.status === 204) return 'engine';
   }
-  await Bun.spawn([runtime, 'unpause', name], { stdout: 'ignore', stderr: 'ignore', env: childProcessEnv() }).exited;
+  await runtimeCommand(runtime, 'unpause', name);
   return 'cli';
 }
 
@@ -5465,29 +5272,20 @@ export async function unpauseContainer(runtime: string, name: string): Promise<'
 async function streamContainer(plan: RunPlan, options: RunContainerOptions, groupLog: Logger): Promise<RunResult> {
   const { config } = options;
   const { name, inbox } = plan;
-  let proc: ReturnType<typeof Bun.spawn<'pipe', 'pipe', 'pipe'>>;
-  try {
-    proc = Bun.spawn([config.containerRuntime, ...plan.args], {
-      stdin: 'pipe',
-      stdout: 'pipe',
-      stderr: 'pipe',
-      env: childProcessEnv(),
-      cwd: config.projectRoot,
-    });
-  } catch (err) {
-    plan.proxyRun?.close();
-    plan.egressRun?.close();
-    throw err;
-  }
+  const proc = Bun.spawn([config.containerRuntime, ...plan.args], {
+    stdin: 'pipe',
+    stdout: 'pipe',
+    stderr: 'pipe',
+    env: childProcessEnv(),
+    cwd: config.projectRoot,
+  });
   proc.stdin.write(JSON.stringify(plan.input));
   await proc.stdin.end();
 
   let timedOut = false;
   let closing = false;
   let stopping: Promise<void> | null = null;
-  const docker = (...args: string[]) =>
-    Bun.spawn([config.containerRuntime, ...args], { stdout: 'ignore', stderr: 'ignore', env: childProcessEnv() })
-      .exited;
+  const docker = (...args: string[]) => runtimeCommand(config.containerRuntime, ...args);
   // While the agent waits in the warm pool it may be paused: the `docker pause` call in flight or done.
   let paused: Promise<number> | null = null;
   const thaw = async () => {
@@ -5652,25 +5450,45 @@ function writeRunLog(
   groupLog: Logger,
 ): string {
   const { config, group } = options;
-  const logName = runLogName(startedAt);
+  const { input } = plan;
   const verbose = config.logLevel === 'debug' || config.logLevel === 'trace';
-  const { stdout, stderr, ...outcome } = result;
-  const text = renderRunLog({
-    name: plan.name,
-    image: config.containerImage,
-    group,
-    input: plan.input,
-    mounts: plan.mounts,
-    args: plan.args,
-    startedAt,
-    outcome: { ...outcome, durationMs },
-    stderr,
-    stdout,
-    verbose,
-    viaProxy: plan.proxyRun !== null,
-  });
+  const failed = result.exitCode !== 0 || result.timedOut || result.lastError !== undefined;
+  const lines = [
+    '=== NanoClaw container run ===',
+    `Started:    ${startedAt.toISOString()}`,
+    `Container:  ${plan.name}`,
+    `Image:      ${config.containerImage}`,
+    `Group:      ${group.folder} (${group.isMain ? 'main' : 'not main'}), chat ${input.chatJid}`,
+    `Duration:   ${durationMs} ms`,
+    `Exit code:  ${result.exitCode ?? 'none (killed)'}${result.timedOut ? ' — timed out' : ''}`,
+    `Results:    ${result.results}${result.lastError ? ` (last error: ${result.lastError})` : ''}`,
+    `Session:    ${result.sessionId ?? input.sessionId ?? 'new'}`,
+    '',
+    '--- Input ---',
+    `prompt: ${input.prompt.length} characters${input.isScheduledTask ? ' (scheduled task)' : ''}`,
+    `sessionId: ${input.sessionId ?? '(none: new session)'}`,
+    `model: ${plan.proxyRun ? 'through the host’s model proxy (a per-run token; the key stays on the host)' : 'no model proxy: no credential given'}`,
+    ...(verbose ? ['', input.prompt] : []),
+    '',
+    '--- Mounts ---',
+    ...plan.mounts.map((m) => formatMount(m, 'human')),
+  ];
+  if (failed || verbose) {
+    lines.push(
+      '',
+      '--- Command ---',
+      `docker ${plan.args.join(' ')}`,
+      '',
+      '--- Stderr ---',
+      result.stderr.trimEnd(),
+      '',
+      '--- Stdout ---',
+      result.stdout.trimEnd(),
+    );
+  }
+  const logName = runLogName(startedAt);
   try {
-    plan.trees.group.create(`logs/${logName}`, maskSecrets(text, plan.secretValues));
+    plan.trees.group.create(`logs/${logName}`, maskSecrets(`${lines.join('\n')}\n`, plan.secretValues));
     pruneRunLogs(plan.trees.group, RUN_LOGS_KEPT);
     return join(plan.trees.group.path('logs'), logName);
   } catch (err) {
@@ -5714,9 +5532,13 @@ export async function runContainer(options: RunContainerOptions): Promise<RunOut
     'Starting agent container',
   );
 
-  const result = await streamContainer(plan, options, groupLog);
-  plan.proxyRun?.close(); // the token dies with the container
-  plan.egressRun?.close();
+  let result: RunResult;
+  try {
+    result = await streamContainer(plan, options, groupLog);
+  } finally {
+    plan.proxyRun?.close(); // the token dies with the container
+    plan.egressRun?.close();
+  }
   try {
     new AgentTree(inboxRoot(config)).remove(plan.id);
   } catch (err) {

@@ -1,7 +1,17 @@
 /** Shared set-up for host tests: temp projects, the fake docker, a recording channel. */
-import { chmodSync, existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { randomUUID } from 'node:crypto';
+import {
+  chmodSync,
+  existsSync,
+  mkdirSync,
+  mkdtempSync,
+  readFileSync,
+  renameSync,
+  rmSync,
+  writeFileSync,
+} from 'node:fs';
 import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { basename, dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterAll } from 'vitest';
 import {
@@ -414,4 +424,12 @@ export class FakeClock implements Clock {
 /** Lets every promise and callback already started run to its next real wait. */
 export async function settle(): Promise<void> {
   for (let i = 0; i < 3; i++) await new Promise((resolve) => setImmediate(resolve));
+}
+
+/** Writes JSON as an agent's IPC file appears: whole at once (a dot-prefixed temp name, then renamed). */
+export function writeJsonAtomic(path: string, data: unknown): void {
+  mkdirSync(dirname(path), { recursive: true });
+  const temp = join(dirname(path), `.${basename(path)}.${randomUUID()}.tmp`);
+  writeFileSync(temp, JSON.stringify(data, null, 2));
+  renameSync(temp, path);
 }

@@ -9,7 +9,6 @@ import {
   splitForWhatsApp,
   Store,
   TASK_WARM_LEAD_MS,
-  writeJsonAtomic,
   type Config,
   type HostOptions,
 } from '../nanoclaw.ts';
@@ -23,6 +22,7 @@ import {
   texts,
   waitFor,
   type FakeDocker,
+  writeJsonAtomic,
 } from './helpers.ts';
 
 const REPO = fileURLToPath(new URL('..', import.meta.url));

@@ -20,7 +20,6 @@ import {
   groupFilePath,
   newMessageId,
   setupLogging,
-  writeJsonAtomic,
   type Config,
   type HostOptions,
 } from '../nanoclaw.ts';
@@ -34,6 +33,7 @@ import {
   openAsWhatsAppWould,
   tempProject,
   waitFor,
+  writeJsonAtomic,
 } from './helpers.ts';
 
 const SECRET = 'sk-send-file-test-abcdefghijkl';

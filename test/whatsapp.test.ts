@@ -29,7 +29,6 @@ import {
   OutboxSender,
   newMessageId,
   toWhatsAppFormat,
-  writeJsonAtomic,
   WhatsAppChannel,
   whatsAppChannel,
   systemClock,
@@ -52,6 +51,7 @@ import {
   tempDir,
   tempProject,
   waitFor,
+  writeJsonAtomic,
 } from './helpers.ts';
 
 const ME = '4915100000001@s.whatsapp.net';
