@@ -8110,12 +8110,13 @@ export function commandArgs(
   command: CommandName,
   args: string[],
   options: CommandOptions = {},
+  allowPositionals = true,
 ): { values: Record<string, string | boolean | undefined>; positionals: string[] } {
   let parsed: { values: Record<string, string | boolean | undefined>; positionals: string[] };
   try {
     parsed = parseArgs({
       args,
-      allowPositionals: true,
+      allowPositionals,
       strict: true,
       options: { ...options, help: { type: 'boolean', short: 'h' } },
     });
@@ -8188,12 +8189,7 @@ export function removeLeftoverContainers(config: Config): string[] {
     '--format',
     '{{.Names}}',
   ]);
-  const names = listed.ok
-    ? listed.output
-        .split('\n')
-        .map((n) => n.trim())
-        .filter(Boolean)
-    : [];
+  const names = listed.ok ? listed.output.split(/\s+/).filter(Boolean) : [];
   if (names.length) {
     runQuietly([config.containerRuntime, 'rm', '-f', ...names], 60_000);
     log.warn({ containers: names }, 'Removed containers left over from a previous run');
@@ -8234,12 +8230,13 @@ export function acquireHostLock(config: Config): () => void {
   };
 }
 
+/** The main group at `jid`: registered when nothing else registered one yet. */
+const addMainGroup = (config: Config, store: Store, jid: string) =>
+  addGroup(config, store, { jid, name: 'Main', folder: 'main', isMain: true, requiresTrigger: false });
+
 /** The main group, registered for the terminal when nothing else registered it yet. */
 export function ensureMainGroup(config: Config, store: Store): RegisteredGroup {
-  return (
-    store.mainGroup() ??
-    addGroup(config, store, { jid: LOCAL_MAIN_JID, name: 'Main', folder: 'main', isMain: true, requiresTrigger: false })
-  );
+  return store.mainGroup() ?? addMainGroup(config, store, LOCAL_MAIN_JID);
 }
 
 /** Resolves with the first turn of the chat that covers message `seq`. */
@@ -8253,7 +8250,6 @@ function waitForTurn(host: Host, chatJid: string, seq: number): Promise<TurnEven
   });
 }
 
-/** Opens the store, waiting (up to a minute) while another process holds the database. */
 /** What a host leaves behind that a new project has not: proof a database existed here. */
 export function ranHereBefore(config: Config): string | null {
   const sessions = existsSync(config.sessionsDir)
@@ -8360,6 +8356,7 @@ export function whatsAppAuthDir(config: Config): string {
 }
 
 export function whatsAppChannel(config: Config, store: Store, extra: Partial<WhatsAppOptions> = {}): WhatsAppChannel {
+  const { url, model } = config.transcribe;
   return new WhatsAppChannel({
     authDir: whatsAppAuthDir(config),
     assistantName: config.assistantName,
@@ -8380,21 +8377,10 @@ export function whatsAppChannel(config: Config, store: Store, extra: Partial<Wha
     recallSent: (messageId) => store.outboundByMessageId(messageId)?.sentContent ?? null,
     sentByBot: (messageId) => store.outboundByMessageId(messageId) !== null,
     timezone: config.timezone,
-    ...(config.transcribe.url
-      ? {
-          transcribe: (audio: Uint8Array, fileName: string, mimetype: string) =>
-            transcribeAudio(
-              {
-                url: config.transcribe.url!,
-                model: config.transcribe.model,
-                apiKey: readSecrets(config).TRANSCRIBE_API_KEY,
-              },
-              audio,
-              fileName,
-              mimetype,
-            ),
-        }
-      : {}),
+    transcribe: url
+      ? (audio, fileName, mimetype) =>
+          transcribeAudio({ url, model, apiKey: readSecrets(config).TRANSCRIBE_API_KEY }, audio, fileName, mimetype)
+      : undefined,
     ...(config.whatsappServerUrl ? { waWebSocketUrl: config.whatsappServerUrl } : {}),
     ...extra,
   });
@@ -8403,14 +8389,7 @@ export function whatsAppChannel(config: Config, store: Store, extra: Partial<Wha
 /** After linking: the self-chat is the main group (taking over the terminal's placeholder). */
 export function makeSelfChatMain(config: Config, store: Store, selfJid: string): RegisteredGroup {
   const main = store.mainGroup();
-  if (!main)
-    return addGroup(config, store, {
-      jid: selfJid,
-      name: 'Main',
-      folder: 'main',
-      isMain: true,
-      requiresTrigger: false,
-    });
+  if (!main) return addMainGroup(config, store, selfJid);
   if (main.jid === LOCAL_MAIN_JID) {
     store.changeGroupJid(LOCAL_MAIN_JID, selfJid);
     log.info({ jid: selfJid }, 'Main group moved to the WhatsApp self-chat');
@@ -8642,38 +8621,19 @@ export async function runService(config: Config): Promise<number> {
 /** What `auth` says when WhatsApp closes the linking connection, and whether to try again at once. */
 export function authCloseMessage(error: unknown): { retry: boolean; message: string } {
   const { kind, status, detail } = disconnectKind(error);
-  switch (kind) {
-    case 'restart':
-      return { retry: true, message: '' }; // WhatsApp asks for a fresh connection right after pairing
-    case 'network':
-      return {
-        retry: false,
-        message: `No network: WhatsApp cannot be reached (${detail}). Check this machine's internet connection, then run auth again.`,
-      };
-    case 'qr-expired':
-      return {
-        retry: false,
-        message: 'The code expired before it was used. Run auth again and scan (or type) the new one within a minute.',
-      };
-    case 'version-refused':
-      return {
-        retry: false,
-        message:
-          'WhatsApp refused this client version (405). Run auth again (it looks the current version up); if it keeps failing, update NanoClaw (bun update @whiskeysockets/baileys).',
-      };
-    case 'logged-out':
-    case 'unauthorized':
-    case 'device-mismatch':
-      return {
-        retry: false,
-        message: `WhatsApp refused the link (${status}). On your phone, remove this device under Linked devices if it is listed, then run auth again.`,
-      };
-    default:
-      return {
-        retry: false,
-        message: `WhatsApp closed the connection (${status ?? 'no status'}: ${detail}). Run auth again.`,
-      };
-  }
+  if (kind === 'restart') return { retry: true, message: '' }; // WhatsApp asks for a fresh connection right after pairing
+  const refused = `WhatsApp refused the link (${status}). On your phone, remove this device under Linked devices if it is listed, then run auth again.`;
+  const messages: Partial<Record<DisconnectKind, string>> = {
+    network: `No network: WhatsApp cannot be reached (${detail}). Check this machine's internet connection, then run auth again.`,
+    'qr-expired': 'The code expired before it was used. Run auth again and scan (or type) the new one within a minute.',
+    'version-refused':
+      'WhatsApp refused this client version (405). Run auth again (it looks the current version up); if it keeps failing, update NanoClaw (bun update @whiskeysockets/baileys).',
+    'logged-out': refused,
+    unauthorized: refused,
+    'device-mismatch': refused,
+  };
+  const closed = `WhatsApp closed the connection (${status ?? 'no status'}: ${detail}). Run auth again.`;
+  return { retry: false, message: messages[kind] ?? closed };
 }
 
 /** What `auth` does with what store/auth holds: link, start over (no device there), or replace a device only when the user says so. */
@@ -8693,12 +8653,12 @@ async function askYes(question: string): Promise<boolean> {
 
 /** `auth`: links this machine to WhatsApp (QR code, or a pairing code for headless machines). */
 export async function authCommand(config: Config, args: string[]): Promise<number> {
-  const { values, positionals } = commandArgs('auth', args, {
-    'pairing-code': { type: 'string' },
-    check: { type: 'boolean' },
-    relink: { type: 'boolean' },
-  });
-  if (positionals.length) throw new UsageError(`Unexpected argument "${positionals[0]}".`, 'auth');
+  const { values } = commandArgs(
+    'auth',
+    args,
+    { 'pairing-code': { type: 'string' }, check: { type: 'boolean' }, relink: { type: 'boolean' } },
+    false,
+  );
   const authDir = whatsAppAuthDir(config);
   const state = WhatsAppChannel.linkState(authDir);
   if (values.check) {
@@ -8815,6 +8775,16 @@ export async function authCommand(config: Config, args: string[]): Promise<numbe
   return code;
 }
 
+/** store/messages.db for one command, closed after it whatever happens. */
+function withStore<T>(config: Config, use: (store: Store) => T): T {
+  const store = new Store(config.dbPath);
+  try {
+    return use(store);
+  } finally {
+    store.close();
+  }
+}
+
 /** A name someone else chose, safe to print on a terminal (no control characters or escape sequences). */
 const printable = (name: string) => name.replace(/[\p{Cc}\p{Cf}]/gu, ' ').trim();
 
@@ -8894,8 +8864,7 @@ function groupsCommand(config: Config, args: string[]): number {
         'groups',
       );
   }
-  const store = new Store(config.dbPath);
-  try {
+  return withStore(config, (store) => {
     if (action === 'discover') {
       if (rest.length) throw new UsageError('groups discover takes no arguments.', 'groups');
       for (const line of discoverLines(store)) console.log(line);
@@ -8950,30 +8919,20 @@ function groupsCommand(config: Config, args: string[]): number {
       return 0;
     }
     throw new UsageError(`Unknown groups command "${action}".`, 'groups');
-  } finally {
-    store.close();
-  }
+  });
 }
 
 /** `tasks run` prints what it says to the terminal's own chat; WhatsApp chats get it through the outbox. */
-class PrintingChannel implements Channel {
-  readonly name = 'terminal';
-  readonly ready = true;
-  ownsJid(jid: string): boolean {
-    return jid.endsWith('@local');
-  }
-  async connect(): Promise<void> {}
-  layout(text: string): string[] {
-    return [text];
-  }
-  async deliver(jid: string, text: string): Promise<void> {
-    process.stdout.write(`→ ${jid}: ${text}\n`);
-  }
-  async sendFile(jid: string, file: OutboundFile): Promise<void> {
-    process.stdout.write(`→ ${jid}: ${fileNote(file)}\n`);
-  }
-  async disconnect(): Promise<void> {}
-}
+const printingChannel = (): Channel => ({
+  name: 'terminal',
+  ready: true,
+  ownsJid: (jid) => jid.endsWith('@local'),
+  connect: async () => {},
+  layout: (text) => [text],
+  deliver: async (jid, text) => void process.stdout.write(`→ ${jid}: ${text}\n`),
+  sendFile: async (jid, file) => void process.stdout.write(`→ ${jid}: ${fileNote(file)}\n`),
+  disconnect: async () => {},
+});
 
 function describeSchedule(task: ScheduledTask): string {
   if (task.scheduleType === 'interval') return `every ${Number(task.scheduleValue) / 1000} s`;
@@ -8992,18 +8951,13 @@ async function runTaskNow(config: Config, task: ScheduledTask): Promise<number> 
       throw new UsageError(
         `Task ${task.id} is ${task.status}; the running NanoClaw (pid ${servicePid}) runs active tasks only. Resume it first: bun nanoclaw.ts tasks resume ${task.id}`,
       );
-    const store = new Store(config.dbPath);
-    try {
-      store.updateTask(task.id, { nextRun: new Date().toISOString() });
-    } finally {
-      store.close();
-    }
+    withStore(config, (store) => store.updateTask(task.id, { nextRun: new Date().toISOString() }));
     console.log(
       `NanoClaw is running (pid ${servicePid}): it runs ${task.id} within a second or two, and sends what it says to ${task.chatJid}.`,
     );
     return 0;
   }
-  const { host, store, release } = await startHost(config, (s) => [new PrintingChannel(), whatsAppChannel(config, s)]);
+  const { host, store, release } = await startHost(config, (s) => [printingChannel(), whatsAppChannel(config, s)]);
   try {
     const queuedBefore = store.unsent('whatsapp').map((m) => m.id);
     const run = await host.runTaskNow(task.id);
@@ -9138,8 +9092,7 @@ function mountsCommand(config: Config, args: string[]): number {
   const [folder] = positionals;
   if (!folder || positionals.length > 1)
     throw new UsageError('mounts needs one group folder (see: bun nanoclaw.ts groups list).', 'mounts');
-  const store = new Store(config.dbPath);
-  try {
+  return withStore(config, (store) => {
     const group = store.groupByFolder(folder);
     if (!group)
       throw new UsageError(
@@ -9167,14 +9120,12 @@ function mountsCommand(config: Config, args: string[]): number {
     console.log(`network: ${groupNetwork(config, group)}`);
     for (const r of extra.rejected) console.log(`refused: ${r.hostPath} (${r.reason})`);
     return 0;
-  } finally {
-    store.close();
-  }
+  });
 }
 
-function lastLines(path: string, count: number): string {
-  if (!existsSync(path)) return '';
-  const lines = readFileSync(path, 'utf8').split('\n');
+/** The last `count` lines of a log's text, as the terminal may show them. */
+function lastLines(text: string, count: number): string {
+  const lines = text.split('\n');
   if (lines.at(-1) === '') lines.pop();
   return visibleText(lines.slice(-count).join('\n'));
 }
@@ -9191,8 +9142,7 @@ export function visibleText(text: string): string {
 }
 
 function logsCommand(config: Config, args: string[]): number {
-  const { values, positionals } = commandArgs('logs', args, { group: { type: 'string' }, lines: { type: 'string' } });
-  if (positionals.length) throw new UsageError(`Unexpected argument "${positionals[0]}".`, 'logs');
+  const { values } = commandArgs('logs', args, { group: { type: 'string' }, lines: { type: 'string' } }, false);
   const count = positiveOption('logs', 'lines', values.lines, 40);
   if (typeof values.group === 'string') {
     if (!isValidFolder(values.group)) throw new UsageError(`"${values.group}" is not a group folder name.`, 'logs');
@@ -9213,9 +9163,7 @@ function logsCommand(config: Config, args: string[]): number {
         .map((f) => `  ${dir}/${f}`)
         .join('\n')}\n`,
     );
-    const lines = tree.tail(`logs/${runs.at(-1)!}`, 256 * 1024).split('\n');
-    if (lines.at(-1) === '') lines.pop();
-    console.log(visibleText(lines.slice(-count).join('\n')));
+    console.log(lastLines(tree.tail(`logs/${runs.at(-1)!}`, 256 * 1024), count));
     return 0;
   }
   const main = join(config.logsDir, 'nanoclaw.log');
@@ -9224,8 +9172,8 @@ function logsCommand(config: Config, args: string[]): number {
     console.log('No host log yet (logs/nanoclaw.log appears once NanoClaw has run).');
     return 0;
   }
-  console.log(`== logs/nanoclaw.log (last ${count} lines) ==\n${lastLines(main, count)}`);
-  const recentErrors = lastLines(errors, Math.min(count, 10));
+  console.log(`== logs/nanoclaw.log (last ${count} lines) ==\n${lastLines(readFileSync(main, 'utf8'), count)}`);
+  const recentErrors = existsSync(errors) ? lastLines(readFileSync(errors, 'utf8'), Math.min(count, 10)) : '';
   if (recentErrors) console.log(`\n== logs/nanoclaw.error.log (latest) ==\n${recentErrors}`);
   return 0;
 }
@@ -9389,8 +9337,7 @@ function sessionsCommand(config: Config, args: string[]): number {
     throw new UsageError('sessions clear needs one group folder.', 'sessions');
   if (action === 'clear' && !isValidFolder(folder!))
     throw new UsageError(`"${folder}" is not a group folder name.`, 'sessions');
-  const store = new Store(config.dbPath);
-  try {
+  return withStore(config, (store) => {
     if (action === 'list') {
       const sessions = store.listSessions();
       if (sessions.length === 0) console.log('No sessions yet.');
@@ -9405,9 +9352,7 @@ function sessionsCommand(config: Config, args: string[]): number {
         : `"${folder}" had no session.`,
     );
     return 0;
-  } finally {
-    store.close();
-  }
+  });
 }
 
 export interface ModelCheck {
@@ -9487,16 +9432,11 @@ async function modelCommand(config: Config, args: string[]): Promise<number> {
 }
 
 function usageCommand(config: Config, args: string[]): number {
-  const { values, positionals } = commandArgs('usage', args, {
-    days: { type: 'string' },
-    group: { type: 'string' },
-    json: { type: 'boolean' },
-  });
-  if (positionals.length) throw new UsageError(`Unexpected argument "${positionals[0]}".`, 'usage');
+  const options = { days: { type: 'string' }, group: { type: 'string' }, json: { type: 'boolean' } } as const;
+  const { values } = commandArgs('usage', args, options, false);
   const days = positiveOption('usage', 'days', values.days, 30);
   const groupFilter = values.group as string | undefined;
-  const store = new Store(config.dbPath);
-  try {
+  return withStore(config, (store) => {
     const since = formatLocalTime(new Date(Date.now() - (days - 1) * 86_400_000).toISOString(), config.timezone).slice(
       0,
       10,
@@ -9510,29 +9450,17 @@ function usageCommand(config: Config, args: string[]): number {
       console.log(`No model requests in the last ${days} days${groupFilter ? ` for "${groupFilter}"` : ''}.`);
       return 0;
     }
-    console.log(
-      `${'day'.padEnd(11)} ${'group'.padEnd(16)} ${'requests'.padStart(8)} ${'failed'.padStart(6)} ${'prompt tokens'.padStart(14)} ${'output tokens'.padStart(14)}`,
-    );
-    for (const r of rows) {
-      console.log(
-        `${r.day.padEnd(11)} ${r.groupFolder.padEnd(16)} ${String(r.requests).padStart(8)} ${String(r.failed).padStart(6)} ${String(r.promptTokens).padStart(14)} ${String(r.completionTokens).padStart(14)}`,
-      );
-    }
-    const total = rows.reduce(
-      (sum, r) => ({
-        requests: sum.requests + r.requests,
-        prompt: sum.prompt + r.promptTokens,
-        output: sum.output + r.completionTokens,
-      }),
-      { requests: 0, prompt: 0, output: 0 },
-    );
-    console.log(
-      `${'total'.padEnd(28)} ${String(total.requests).padStart(8)} ${''.padStart(6)} ${String(total.prompt).padStart(14)} ${String(total.output).padStart(14)}`,
-    );
+    // Day and group to the left, the counts to the right; the total row leaves group and failed empty.
+    const row = (...cells: (string | number)[]) =>
+      cells.map((c, i) => (i < 2 ? String(c).padEnd([11, 16][i]!) : String(c).padStart([8, 6, 14, 14][i - 2]!)));
+    const sum = (count: (r: (typeof rows)[number]) => number) => rows.reduce((n, r) => n + count(r), 0);
+    console.log(row('day', 'group', 'requests', 'failed', 'prompt tokens', 'output tokens').join(' '));
+    for (const r of rows)
+      console.log(row(r.day, r.groupFolder, r.requests, r.failed, r.promptTokens, r.completionTokens).join(' '));
+    const total = [sum((r) => r.requests), '', sum((r) => r.promptTokens), sum((r) => r.completionTokens)];
+    console.log(row('total', '', ...total).join(' '));
     return 0;
-  } finally {
-    store.close();
-  }
+  });
 }
 
 /** Where a setting's value comes from, as loadConfig reads it: the environment wins over .env. */
@@ -9582,30 +9510,49 @@ function configCommand(config: Config, args: string[]): number {
 
 /** `diagnose`: scripts/diagnose.sh, for this project, with its output and exit status. */
 function diagnoseCommand(config: Config, args: string[]): number {
-  const { values, positionals } = commandArgs('diagnose', args, { json: { type: 'boolean' } });
-  if (positionals.length) throw new UsageError(`Unexpected argument "${positionals[0]}".`, 'diagnose');
+  const { values } = commandArgs('diagnose', args, { json: { type: 'boolean' } }, false);
   const script = join(dirname(fileURLToPath(import.meta.url)), 'scripts', 'diagnose.sh');
-  const env = {
-    ...childProcessEnv(),
-    NANOCLAW_ROOT: config.projectRoot,
-    ...Object.fromEntries(
-      Object.keys(SETTINGS)
-        .filter((k) => process.env[k] !== undefined)
-        .map((k) => [k, process.env[k]!]),
-    ),
-  };
+  const settings = Object.entries(process.env).filter(([key]) => Object.hasOwn(SETTINGS, key));
   // A key the user put in the environment is for the script's host commands (it keeps it from everything else it starts).
-  const fromEnvironment = secretsFromEnvironment.KIMI_API_KEY
-    ? { KIMI_API_KEY: secretsFromEnvironment.KIMI_API_KEY }
-    : {};
+  const key = secretsFromEnvironment.KIMI_API_KEY;
   const run = Bun.spawnSync(['bash', script, ...(values.json ? ['--json'] : [])], {
-    env: { ...env, ...fromEnvironment },
+    env: {
+      ...childProcessEnv(),
+      NANOCLAW_ROOT: config.projectRoot,
+      ...Object.fromEntries(settings),
+      ...(key ? { KIMI_API_KEY: key } : {}),
+    },
     stdin: 'inherit',
     stdout: 'inherit',
     stderr: 'inherit',
   });
   return run.exitCode ?? 1;
 }
+
+/** A command that takes only `--help`, no arguments. */
+function withoutArguments(command: CommandName, run: (config: Config) => Promise<number>) {
+  return (config: Config, args: string[]) => {
+    if (commandArgs(command, args).positionals.length) throw new UsageError(`${command} takes no arguments.`, command);
+    return run(config);
+  };
+}
+
+/** What each command runs (`help` is main's own). */
+const COMMANDS: Record<Exclude<CommandName, 'help'>, (config: Config, args: string[]) => number | Promise<number>> = {
+  start: withoutArguments('start', runService),
+  chat: withoutArguments('chat', runChat),
+  auth: authCommand,
+  groups: groupsCommand,
+  tasks: tasksCommand,
+  logs: logsCommand,
+  mounts: mountsCommand,
+  service: serviceCommand,
+  sessions: sessionsCommand,
+  usage: usageCommand,
+  model: modelCommand,
+  config: configCommand,
+  diagnose: diagnoseCommand,
+};
 
 /** NANOCLAW_ROOT points the CLI at another project directory (tests, several assistants on one machine). */
 export async function main(
@@ -9632,40 +9579,11 @@ export async function main(
       terminalLevel,
       secrets: Object.values(readSecrets(config)).filter((v): v is string => Boolean(v)),
     });
-    switch (command) {
-      case 'start':
-        if (commandArgs('start', args).positionals.length) throw new UsageError('start takes no arguments.', 'start');
-        return await runService(config);
-      case 'chat':
-        if (commandArgs('chat', args).positionals.length) throw new UsageError('chat takes no arguments.', 'chat');
-        return await runChat(config);
-      case 'groups':
-        return groupsCommand(config, args);
-      case 'sessions':
-        return sessionsCommand(config, args);
-      case 'tasks':
-        return await tasksCommand(config, args);
-      case 'auth':
-        return await authCommand(config, args);
-      case 'logs':
-        return logsCommand(config, args);
-      case 'mounts':
-        return mountsCommand(config, args);
-      case 'service':
-        return serviceCommand(config, args);
-      case 'usage':
-        return usageCommand(config, args);
-      case 'model':
-        return await modelCommand(config, args);
-      case 'config':
-        return configCommand(config, args);
-      case 'diagnose':
-        return diagnoseCommand(config, args);
-      default:
-        throw new UsageError(
-          `Unknown command "${command}".${command.startsWith('-') ? '' : ' The commands are below.'}\n\n${USAGE}`,
-        );
-    }
+    if (!Object.hasOwn(COMMANDS, command))
+      throw new UsageError(
+        `Unknown command "${command}".${command.startsWith('-') ? '' : ' The commands are below.'}\n\n${USAGE}`,
+      );
+    return await COMMANDS[command as keyof typeof COMMANDS](config, args);
   } catch (err) {
     if (err instanceof HelpRequested) {
       console.log(commandUsage(err.command));
@@ -9675,13 +9593,8 @@ export async function main(
       console.error(err.command ? `${err.message}\n\n${commandUsage(err.command)}` : err.message);
       return 2;
     }
-    if (
-      err instanceof ConfigError ||
-      err instanceof IpcFormatError ||
-      err instanceof WhatsAppNotLinked ||
-      err instanceof StoreCorruptError ||
-      err instanceof StoreMissingError
-    ) {
+    const userMustAct = [ConfigError, IpcFormatError, WhatsAppNotLinked, StoreCorruptError, StoreMissingError];
+    if (err instanceof Error && userMustAct.some((kind) => err instanceof kind)) {
       console.error(err.message);
       return 2;
     }
