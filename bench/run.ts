@@ -58,7 +58,7 @@
  *   6 cli        `groups list`, `tasks list`, `chat` until ready — vs `bun -e 1`
  *   7 rss        the `chat` host's VmRSS when idle (fresh, and with a live container) vs a bare
  *                `bun -e "setInterval(()=>{},1000)"`
- *   8 slot       after an answer, with another group waiting: result → the waiting group’s docker run,
+ *   8 slot       after an answer, with another group waiting (WARM_POOL_SIZE=0: the pool keeps answered agents): result → the waiting group’s docker run,
  *                → the container gone — vs docker's own teardown (first output → `run --rm` exits)
  *
  * Rows b, c and e need the warm pool (settings WARM_POOL_SIZE, WARM_PAUSE_AFTER, IDLE_TIMEOUT);
@@ -1445,7 +1445,7 @@ async function rowRss(b: Bench, runs: number): Promise<Row[]> {
 async function rowSlot(b: Bench, runs: number): Promise<Row[]> {
   const a = '120363000000011111@g.us';
   const c = '120363000000022222@g.us';
-  const world = await b.world('slot', { MAX_CONCURRENT_CONTAINERS: '1' }, [
+  const world = await b.world('slot', { MAX_CONCURRENT_CONTAINERS: '1', WARM_POOL_SIZE: '0' }, [
     { jid: a, folder: 'ga', requiresTrigger: false },
     { jid: c, folder: 'gc', requiresTrigger: false },
   ]);
