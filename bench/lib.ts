@@ -775,6 +775,23 @@ export function hardening(b: Bench): string[] {
   return hardeningArgs(config, group).filter((arg, i, all) => !paired.has(arg) && !paired.has(all[i - 1]!));
 }
 
+/** `docker run --rm` of the bench's image under the agents' limits, with another entrypoint. */
+function imageRun(b: Bench, options: string[], entrypoint: string, ...args: string[]) {
+  return b.spawn([
+    'docker',
+    'run',
+    '--rm',
+    '--label',
+    b.label,
+    ...hardening(b),
+    ...options,
+    '--entrypoint',
+    entrypoint,
+    b.image,
+    ...args,
+  ]);
+}
+
 /**
  * The docker floor: the same image with an entrypoint that prints one line at once.
  * firstByte stops at its output (as the agent's figures do); exit when `docker run --rm`
@@ -785,20 +802,7 @@ export async function floorRun(
   extra: string[] = [],
 ): Promise<{ firstByte: number; exit: number; teardown: number }> {
   const started = wall();
-  const proc = b.spawn([
-    'docker',
-    'run',
-    '-i',
-    '--rm',
-    '--label',
-    b.label,
-    ...hardening(b),
-    ...extra,
-    '--entrypoint',
-    'echo',
-    b.image,
-    'ready',
-  ]);
+  const proc = imageRun(b, ['-i', ...extra], 'echo', 'ready');
   const out = new Lines(proc.stdout);
   void new Lines(proc.stderr, false);
   const first = await out.wait('ready', 0, 60_000);
@@ -811,19 +815,7 @@ export async function floorRun(
 /** The CLI's own floor: `docker run` of the image's `kimi --version` → its first byte (docker + the CLI's start). */
 export async function cliFloorRun(b: Bench): Promise<number> {
   const started = wall();
-  const proc = b.spawn([
-    'docker',
-    'run',
-    '-i',
-    '--rm',
-    '--label',
-    b.label,
-    ...hardening(b),
-    '--entrypoint',
-    'kimi',
-    b.image,
-    '--version',
-  ]);
+  const proc = imageRun(b, ['-i'], 'kimi', '--version');
   const out = new Lines(proc.stdout);
   void new Lines(proc.stderr, false);
   const first = await out.wait('.', 0, 120_000);
@@ -840,19 +832,7 @@ export async function cliFloorCpu(b: Bench): Promise<number> {
     'kimi --version >/dev/null || exit 3; ' +
     'if [ -r /sys/fs/cgroup/cpuacct/cpuacct.usage ]; then echo ns $(cat /sys/fs/cgroup/cpuacct/cpuacct.usage); ' +
     'else echo us $(sed -n "s/^usage_usec //p" /sys/fs/cgroup/cpu.stat); fi';
-  const proc = b.spawn([
-    'docker',
-    'run',
-    '--rm',
-    '--label',
-    b.label,
-    ...hardening(b),
-    '--entrypoint',
-    'sh',
-    b.image,
-    '-c',
-    script,
-  ]);
+  const proc = imageRun(b, [], 'sh', '-c', script);
   const [code, out] = await Promise.all([proc.exited, new Response(proc.stdout).text()]);
   const [unit, value] = out.trim().split(' ');
   const ms = Number(value) / (unit === 'ns' ? 1e6 : 1e3);
