@@ -1270,14 +1270,17 @@ interface GroupRow {
   added_at: string;
 }
 
+/** Each column's camelCase field name, worked out once per column (rows are mapped on hot paths). */
+const fieldNames = new Map<string, string>();
+const fieldName = (column: string) => {
+  const field = fieldNames.get(column) ?? column.replace(/_(\w)/g, (_, c: string) => c.toUpperCase());
+  fieldNames.set(column, field);
+  return field;
+};
+
 /** A row as its type: each snake_case column a camelCase field (group_folder: groupFolder). */
 const camel = <T>(row: unknown): T =>
-  Object.fromEntries(
-    Object.entries(row as object).map(([column, value]) => [
-      column.replace(/_(\w)/g, (_, c: string) => c.toUpperCase()),
-      value,
-    ]),
-  ) as T;
+  Object.fromEntries(Object.entries(row as object).map(([column, value]) => [fieldName(column), value])) as T;
 
 const toMessage = (row: MessageRow): StoredMessage => ({
   ...camel<StoredMessage>(row),
