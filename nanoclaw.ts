@@ -183,6 +183,7 @@ export const KIMI_PLATFORMS = {
 export type KimiPlatform = keyof typeof KIMI_PLATFORMS;
 
 export const errorText = (err: unknown): string => (err instanceof Error ? err.message : String(err));
+const errorCode = (err: unknown) => (err as NodeJS.ErrnoException | null)?.code;
 
 /**
  * The crash drills (drills/crash.ts) name a point here to kill the host at, exactly as
@@ -703,8 +704,6 @@ const CREATE_FLAGS = fsConstants.O_WRONLY | fsConstants.O_CREAT | fsConstants.O_
  * Elsewhere each step is checked with lstat just before it is used.
  */
 const FD_PATHS = existsSync('/proc/self/fd/0') ? '/proc/self/fd' : null;
-
-const errorCode = (err: unknown) => (err as NodeJS.ErrnoException | null)?.code;
 
 /** A directory opened inside a tree: `at(name)` names an entry of it without following links. */
 interface OpenDir {
@@ -5557,7 +5556,224 @@ export async function runContainer(options: RunContainerOptions): Promise<RunOut
   return { ...outcome, durationMs, logFile };
 }
 
-// ───────────────────────────── 10. IPC: files from the agent, authorised by their folder
+// ───────────────────────────── 10. Scheduler: when a task runs next ───────────────────
+
+export class ScheduleError extends Error {}
+
+/** A difference between wall and monotonic time bigger than this is the wall clock jumping, not drift. */
+const CLOCK_JUMP_MS = 60_000;
+
+/** "2026-12-01 17:00" in the user's timezone (croner places it, DST included); an explicit offset or Z is respected as given. */
+export function parseOnceTime(value: string, timezone: string): Date {
+  const text = value.trim();
+  if (/(Z|[+-]\d{2}:?\d{2})$/i.test(text)) {
+    const date = new Date(text);
+    if (Number.isNaN(date.getTime())) throw new ScheduleError(`"${value}" is not a valid date-time`);
+    return date;
+  }
+  const match = /^(\d{4})-(\d{2})-(\d{2})[T ](\d{2}):(\d{2})(?::(\d{2}))?$/.exec(text);
+  if (!match)
+    throw new ScheduleError(
+      `"${value}" is not a date-time; use YYYY-MM-DD HH:MM (your time, ${timezone}) or ISO 8601 with an offset`,
+    );
+  const [y, mo, d, h, mi, s] = match.slice(1).map((part) => Number(part ?? 0)) as [
+    number,
+    number,
+    number,
+    number,
+    number,
+    number,
+  ];
+  const calendar = new Date(Date.UTC(y, mo - 1, d));
+  if (calendar.getUTCMonth() !== mo - 1 || calendar.getUTCDate() !== d || h > 23 || mi > 59 || s > 59)
+    throw new ScheduleError(`"${value}" is not a real date and time`);
+  const at = new Cron(`${match[1]}-${match[2]}-${match[3]}T${match[4]}:${match[5]}:${match[6] ?? '00'}`, {
+    timezone,
+    paused: true,
+  }).nextRun(new Date(0));
+  if (!at) throw new ScheduleError(`"${value}" is not a date-time NanoClaw can place in ${timezone}`);
+  return at;
+}
+
+/** The next run after `from`, or null when a once-task has nothing left. Throws ScheduleError on bad input. */
+export function computeNextRun(type: ScheduleType, value: string, timezone: string, from = new Date()): Date | null {
+  switch (type) {
+    case 'cron': {
+      let job: Cron;
+      try {
+        job = new Cron(value, { timezone, paused: true });
+      } catch (err) {
+        throw new ScheduleError(
+          `"${value}" is not a valid cron expression (${err instanceof Error ? err.message : err}); e.g. "0 9 * * 1-5" = weekdays at 09:00`,
+        );
+      }
+      return job.nextRun(from);
+    }
+    case 'interval': {
+      const ms = Number(value);
+      if (!Number.isInteger(ms) || ms < 1000)
+        throw new ScheduleError(
+          `interval "${value}" must be a whole number of milliseconds, at least 1000 (e.g. 3600000 = hourly)`,
+        );
+      return new Date(from.getTime() + ms);
+    }
+    case 'once': {
+      const at = parseOnceTime(value, timezone);
+      return at.getTime() > from.getTime() ? at : null;
+    }
+  }
+}
+
+/**
+ * When a due task runs again: cron and once follow their definition; an interval counts
+ * from the due time so it does not drift, except after downtime, when it counts from now
+ * (a missed task runs once, not once per missed occurrence).
+ */
+export function nextRunAfterFiring(task: ScheduledTask, timezone: string, now: Date): Date | null {
+  if (task.scheduleType === 'once') return null;
+  if (task.scheduleType === 'interval' && task.nextRun) {
+    const next = new Date(new Date(task.nextRun).getTime() + Number(task.scheduleValue));
+    if (next.getTime() > now.getTime()) return next;
+  }
+  return computeNextRun(task.scheduleType, task.scheduleValue, timezone, now);
+}
+
+/**
+ * Fires due tasks on time. One timer, armed for the soonest next_run; it never sleeps
+ * longer than `recheckMs`, so changes made to the database by another process (the
+ * `tasks` command) are seen within that time. In one transaction next_run is advanced
+ * and the run is claimed (task_claims), so a task never fires twice for one due time and
+ * a run cut short by a crash is found again at the next start (Host.recoverTaskRuns).
+ */
+/** How long before a task is due its chat's agent is started (a cold start takes a few seconds). */
+export const TASK_WARM_LEAD_MS = 15_000;
+
+export class Scheduler {
+  private cancelTimer: (() => void) | null = null;
+  private running = false;
+  /** Wall and monotonic time at the last look: their difference moving is the wall clock jumping. */
+  private lastLook: { wall: number; mono: number } | null = null;
+
+  constructor(
+    private readonly store: Store,
+    private readonly timezone: string,
+    private readonly onDue: (task: ScheduledTask) => void,
+    /** Tasks changed by another process (the CLI) are seen at least this often. */
+    private readonly recheckMs = 1000,
+    private readonly clock: Clock = systemClock,
+    /** The next task is due within TASK_WARM_LEAD_MS (told once per due time): its agent can be readied. */
+    private readonly onSoon?: (task: ScheduledTask) => void,
+  ) {}
+
+  /** The due time onSoon was last told of, so it is told once. */
+  private toldSoon: string | null = null;
+
+  start(): void {
+    this.running = true;
+    this.arm();
+  }
+
+  stop(): void {
+    this.running = false;
+    this.cancelTimer?.();
+    this.cancelTimer = null;
+  }
+
+  /** Re-reads the soonest task; call after any change to tasks. */
+  arm(): void {
+    if (!this.running) return;
+    this.cancelTimer?.();
+    this.noticeClockJump();
+    let delay = this.recheckMs;
+    try {
+      const [soonest] = this.store.upcomingTasks(1);
+      if (soonest) delay = Math.max(0, new Date(soonest.nextRun!).getTime() - this.clock.now());
+      const when = soonest ? `${soonest.id}@${soonest.nextRun}` : null;
+      if (soonest && delay > 0 && delay <= TASK_WARM_LEAD_MS && when !== this.toldSoon) {
+        this.toldSoon = when;
+        this.onSoon?.(soonest);
+      }
+    } catch (err) {
+      log.warn({ err: errorText(err) }, 'Could not read the task schedule; trying again shortly');
+    }
+    this.cancelTimer = this.clock.after(Math.min(delay, this.recheckMs), () => this.fireDue());
+  }
+
+  /**
+   * The wall clock jumped (an NTP correction, a suspended laptop, a hand-set clock): forward,
+   * due tasks just fire; back, a next run computed in the jumped-ahead time would leave the
+   * task silent for the size of the jump, so every recurring task's next run that now lies
+   * further ahead than its schedule allows is computed again from now.
+   */
+  private noticeClockJump(): void {
+    const look = { wall: this.clock.now(), mono: this.clock.monotonic() };
+    const last = this.lastLook;
+    this.lastLook = look;
+    if (!last) return;
+    const jump = look.wall - last.wall - (look.mono - last.mono);
+    if (Math.abs(jump) < CLOCK_JUMP_MS) return;
+    log.warn({ jumpMs: Math.round(jump) }, 'The wall clock jumped; checking the next runs of recurring tasks');
+    if (jump > 0) return;
+    const now = new Date(look.wall);
+    try {
+      for (const task of this.store.upcomingTasks()) {
+        if (task.scheduleType === 'once') continue;
+        const fromNow = computeNextRun(task.scheduleType, task.scheduleValue, this.timezone, now);
+        if (fromNow && new Date(task.nextRun!).getTime() > fromNow.getTime()) {
+          this.store.updateTask(task.id, { nextRun: fromNow.toISOString() });
+          log.info(
+            { group: task.groupFolder, taskId: task.id, nextRun: fromNow.toISOString() },
+            'Task next run recomputed after the clock jumped back',
+          );
+        }
+      }
+    } catch (err) {
+      log.warn({ err: errorText(err) }, 'Could not recompute next runs after a clock jump');
+    }
+  }
+
+  private fireDue(): void {
+    const now = new Date(this.clock.now());
+    try {
+      for (const task of this.store.upcomingTasks(-1, now.toISOString())) {
+        let next: Date | null = null;
+        try {
+          next = nextRunAfterFiring(task, this.timezone, now);
+        } catch (err) {
+          log.error({ taskId: task.id, err }, 'Task has an invalid schedule; pausing it');
+          this.store.updateTask(task.id, { status: 'paused', nextRun: null, pausedReason: 'its schedule is invalid' });
+          continue;
+        }
+        const claimed = this.store.transaction(() => {
+          this.store.updateTask(task.id, { nextRun: next?.toISOString() ?? null });
+          return this.store.claimTask(task.id, task.nextRun);
+        });
+        if (!claimed) {
+          log.warn(
+            { group: task.groupFolder, taskId: task.id, dueAt: task.nextRun },
+            'Task due while its previous run is still going; this occurrence is skipped',
+          );
+          continue;
+        }
+        log.info(
+          {
+            group: task.groupFolder,
+            taskId: task.id,
+            dueAt: task.nextRun,
+            lateMs: now.getTime() - new Date(task.nextRun!).getTime(),
+          },
+          'Task due',
+        );
+        this.onDue(task);
+      }
+    } catch (err) {
+      log.warn({ err: errorText(err) }, 'Could not fire due tasks; trying again shortly');
+    }
+    this.arm();
+  }
+}
+
+// ───────────────────────────── 11. IPC: files from the agent, authorised by their folder
 
 export class IpcFormatError extends Error {}
 
@@ -6391,223 +6607,6 @@ export class IpcWatcher {
       .sort((a, b) => a.at - b.at || a.name.localeCompare(b.name));
     for (const old of files.slice(0, Math.max(0, files.length - IPC_ERRORS_KEPT)))
       rmSync(join(this.errorsDir, old.name), { force: true, recursive: true });
-  }
-}
-
-// ───────────────────────────── 11. Scheduler: when a task runs next ───────────────────
-
-export class ScheduleError extends Error {}
-
-/** A difference between wall and monotonic time bigger than this is the wall clock jumping, not drift. */
-const CLOCK_JUMP_MS = 60_000;
-
-/** "2026-12-01 17:00" in the user's timezone (croner places it, DST included); an explicit offset or Z is respected as given. */
-export function parseOnceTime(value: string, timezone: string): Date {
-  const text = value.trim();
-  if (/(Z|[+-]\d{2}:?\d{2})$/i.test(text)) {
-    const date = new Date(text);
-    if (Number.isNaN(date.getTime())) throw new ScheduleError(`"${value}" is not a valid date-time`);
-    return date;
-  }
-  const match = /^(\d{4})-(\d{2})-(\d{2})[T ](\d{2}):(\d{2})(?::(\d{2}))?$/.exec(text);
-  if (!match)
-    throw new ScheduleError(
-      `"${value}" is not a date-time; use YYYY-MM-DD HH:MM (your time, ${timezone}) or ISO 8601 with an offset`,
-    );
-  const [y, mo, d, h, mi, s] = match.slice(1).map((part) => Number(part ?? 0)) as [
-    number,
-    number,
-    number,
-    number,
-    number,
-    number,
-  ];
-  const calendar = new Date(Date.UTC(y, mo - 1, d));
-  if (calendar.getUTCMonth() !== mo - 1 || calendar.getUTCDate() !== d || h > 23 || mi > 59 || s > 59)
-    throw new ScheduleError(`"${value}" is not a real date and time`);
-  const at = new Cron(`${match[1]}-${match[2]}-${match[3]}T${match[4]}:${match[5]}:${match[6] ?? '00'}`, {
-    timezone,
-    paused: true,
-  }).nextRun(new Date(0));
-  if (!at) throw new ScheduleError(`"${value}" is not a date-time NanoClaw can place in ${timezone}`);
-  return at;
-}
-
-/** The next run after `from`, or null when a once-task has nothing left. Throws ScheduleError on bad input. */
-export function computeNextRun(type: ScheduleType, value: string, timezone: string, from = new Date()): Date | null {
-  switch (type) {
-    case 'cron': {
-      let job: Cron;
-      try {
-        job = new Cron(value, { timezone, paused: true });
-      } catch (err) {
-        throw new ScheduleError(
-          `"${value}" is not a valid cron expression (${err instanceof Error ? err.message : err}); e.g. "0 9 * * 1-5" = weekdays at 09:00`,
-        );
-      }
-      return job.nextRun(from);
-    }
-    case 'interval': {
-      const ms = Number(value);
-      if (!Number.isInteger(ms) || ms < 1000)
-        throw new ScheduleError(
-          `interval "${value}" must be a whole number of milliseconds, at least 1000 (e.g. 3600000 = hourly)`,
-        );
-      return new Date(from.getTime() + ms);
-    }
-    case 'once': {
-      const at = parseOnceTime(value, timezone);
-      return at.getTime() > from.getTime() ? at : null;
-    }
-  }
-}
-
-/**
- * When a due task runs again: cron and once follow their definition; an interval counts
- * from the due time so it does not drift, except after downtime, when it counts from now
- * (a missed task runs once, not once per missed occurrence).
- */
-export function nextRunAfterFiring(task: ScheduledTask, timezone: string, now: Date): Date | null {
-  if (task.scheduleType === 'once') return null;
-  if (task.scheduleType === 'interval' && task.nextRun) {
-    const next = new Date(new Date(task.nextRun).getTime() + Number(task.scheduleValue));
-    if (next.getTime() > now.getTime()) return next;
-  }
-  return computeNextRun(task.scheduleType, task.scheduleValue, timezone, now);
-}
-
-/**
- * Fires due tasks on time. One timer, armed for the soonest next_run; it never sleeps
- * longer than `recheckMs`, so changes made to the database by another process (the
- * `tasks` command) are seen within that time. In one transaction next_run is advanced
- * and the run is claimed (task_claims), so a task never fires twice for one due time and
- * a run cut short by a crash is found again at the next start (Host.recoverTaskRuns).
- */
-/** How long before a task is due its chat's agent is started (a cold start takes a few seconds). */
-export const TASK_WARM_LEAD_MS = 15_000;
-
-export class Scheduler {
-  private cancelTimer: (() => void) | null = null;
-  private running = false;
-  /** Wall and monotonic time at the last look: their difference moving is the wall clock jumping. */
-  private lastLook: { wall: number; mono: number } | null = null;
-
-  constructor(
-    private readonly store: Store,
-    private readonly timezone: string,
-    private readonly onDue: (task: ScheduledTask) => void,
-    /** Tasks changed by another process (the CLI) are seen at least this often. */
-    private readonly recheckMs = 1000,
-    private readonly clock: Clock = systemClock,
-    /** The next task is due within TASK_WARM_LEAD_MS (told once per due time): its agent can be readied. */
-    private readonly onSoon?: (task: ScheduledTask) => void,
-  ) {}
-
-  /** The due time onSoon was last told of, so it is told once. */
-  private toldSoon: string | null = null;
-
-  start(): void {
-    this.running = true;
-    this.arm();
-  }
-
-  stop(): void {
-    this.running = false;
-    this.cancelTimer?.();
-    this.cancelTimer = null;
-  }
-
-  /** Re-reads the soonest task; call after any change to tasks. */
-  arm(): void {
-    if (!this.running) return;
-    this.cancelTimer?.();
-    this.noticeClockJump();
-    let delay = this.recheckMs;
-    try {
-      const [soonest] = this.store.upcomingTasks(1);
-      if (soonest) delay = Math.max(0, new Date(soonest.nextRun!).getTime() - this.clock.now());
-      const when = soonest ? `${soonest.id}@${soonest.nextRun}` : null;
-      if (soonest && delay > 0 && delay <= TASK_WARM_LEAD_MS && when !== this.toldSoon) {
-        this.toldSoon = when;
-        this.onSoon?.(soonest);
-      }
-    } catch (err) {
-      log.warn({ err: errorText(err) }, 'Could not read the task schedule; trying again shortly');
-    }
-    this.cancelTimer = this.clock.after(Math.min(delay, this.recheckMs), () => this.fireDue());
-  }
-
-  /**
-   * The wall clock jumped (an NTP correction, a suspended laptop, a hand-set clock): forward,
-   * due tasks just fire; back, a next run computed in the jumped-ahead time would leave the
-   * task silent for the size of the jump, so every recurring task's next run that now lies
-   * further ahead than its schedule allows is computed again from now.
-   */
-  private noticeClockJump(): void {
-    const look = { wall: this.clock.now(), mono: this.clock.monotonic() };
-    const last = this.lastLook;
-    this.lastLook = look;
-    if (!last) return;
-    const jump = look.wall - last.wall - (look.mono - last.mono);
-    if (Math.abs(jump) < CLOCK_JUMP_MS) return;
-    log.warn({ jumpMs: Math.round(jump) }, 'The wall clock jumped; checking the next runs of recurring tasks');
-    if (jump > 0) return;
-    const now = new Date(look.wall);
-    try {
-      for (const task of this.store.upcomingTasks()) {
-        if (task.scheduleType === 'once') continue;
-        const fromNow = computeNextRun(task.scheduleType, task.scheduleValue, this.timezone, now);
-        if (fromNow && new Date(task.nextRun!).getTime() > fromNow.getTime()) {
-          this.store.updateTask(task.id, { nextRun: fromNow.toISOString() });
-          log.info(
-            { group: task.groupFolder, taskId: task.id, nextRun: fromNow.toISOString() },
-            'Task next run recomputed after the clock jumped back',
-          );
-        }
-      }
-    } catch (err) {
-      log.warn({ err: errorText(err) }, 'Could not recompute next runs after a clock jump');
-    }
-  }
-
-  private fireDue(): void {
-    const now = new Date(this.clock.now());
-    try {
-      for (const task of this.store.upcomingTasks(-1, now.toISOString())) {
-        let next: Date | null = null;
-        try {
-          next = nextRunAfterFiring(task, this.timezone, now);
-        } catch (err) {
-          log.error({ taskId: task.id, err }, 'Task has an invalid schedule; pausing it');
-          this.store.updateTask(task.id, { status: 'paused', nextRun: null, pausedReason: 'its schedule is invalid' });
-          continue;
-        }
-        const claimed = this.store.transaction(() => {
-          this.store.updateTask(task.id, { nextRun: next?.toISOString() ?? null });
-          return this.store.claimTask(task.id, task.nextRun);
-        });
-        if (!claimed) {
-          log.warn(
-            { group: task.groupFolder, taskId: task.id, dueAt: task.nextRun },
-            'Task due while its previous run is still going; this occurrence is skipped',
-          );
-          continue;
-        }
-        log.info(
-          {
-            group: task.groupFolder,
-            taskId: task.id,
-            dueAt: task.nextRun,
-            lateMs: now.getTime() - new Date(task.nextRun!).getTime(),
-          },
-          'Task due',
-        );
-        this.onDue(task);
-      }
-    } catch (err) {
-      log.warn({ err: errorText(err) }, 'Could not fire due tasks; trying again shortly');
-    }
-    this.arm();
   }
 }
 
