@@ -2066,7 +2066,7 @@ export interface ChannelHandlers {
   onChange?(change: WhatsAppChange): void;
   /** A chat's name learned without a message (group sync). */
   onChatMetadata?(chat: { jid: string; name: string; isGroup: boolean }): void;
-  /** The channel can deliver again (e.g. reconnected): its outbox resumes. */
+  /** The channel can deliver again: its outbox resumes. */
   onReady?(): void;
   /** Someone (the typist, when known) is typing in this chat: a message is probably coming. */
   onActivity?(chatJid: string, typist?: string): void;
@@ -2082,7 +2082,7 @@ export interface Channel {
   readonly name: string;
   ownsJid(jid: string): boolean;
   connect(handlers: ChannelHandlers): Promise<void>;
-  /** The parts a text becomes on this platform (its formatting, its length limit), in order. */
+  /** The parts a text becomes on this platform (formatting, length limit), in order. */
   layout(text: string): string[];
   /**
    * Sends one part now; throws when it cannot (the part stays in the outbox). A part sent
@@ -2091,7 +2091,6 @@ export interface Channel {
   deliver(jid: string, text: string, messageId: string): Promise<void>;
   /** As deliver, for a file; channels without it cannot send files (send_file is refused). */
   sendFile?(jid: string, file: OutboundFile, messageId: string): Promise<void>;
-  /** Whether deliver can work now. */
   readonly ready: boolean;
   setTyping?(jid: string, typing: boolean): Promise<void>;
   /** Re-reads group names from the platform (main group's refresh_groups). */
@@ -2121,7 +2120,7 @@ export function newMessageId(): string {
 }
 
 interface OutboxOptions {
-  /** The first wait after a chat's send failed; doubled each time, up to retryCapMs. */
+  /** Backoff of a chat whose send failed: the first wait, doubled each time up to retryCapMs. */
   retryBaseMs?: number;
   retryCapMs?: number;
   /** A part that keeps failing this long while its channel is up is abandoned (default 6 h). */
@@ -2156,7 +2155,6 @@ export class OutboxSender {
     this.clock = options.clock ?? systemClock;
   }
 
-  /** Starts sending (or sends again once the current pass ends). */
   kick(): void {
     if (this.stopped) return;
     if (this.draining) this.again = true;
@@ -2170,7 +2168,7 @@ export class OutboxSender {
       });
   }
 
-  /** Resolves when the current pass ends (everything sendable now is sent). */
+  /** Resolves once everything sendable now is sent. */
   async settle(): Promise<void> {
     while (this.draining) await this.draining;
   }
@@ -2199,7 +2197,6 @@ export class OutboxSender {
     }
   }
 
-  /** One part of one chat's lane: sent and marked, or failed and that chat backs off. */
   private async send(part: OutboundMessage): Promise<void> {
     crashPoint('outbox-delivering');
     try {
@@ -2263,7 +2260,6 @@ export class OutboxSender {
     this.retryAt(this.clock.now() + (this.options.retryBaseMs ?? 5_000));
   }
 
-  /** One timer, for the soonest retry. */
   private retryAt(at: number): void {
     if (this.stopped) return;
     this.cancelRetry?.();
@@ -2316,17 +2312,14 @@ class LocalChannel implements Channel {
     this.print(text);
   }
 
-  /** The terminal cannot show a file: it says what was sent. */
   async sendFile(_jid: string, file: OutboundFile): Promise<void> {
     this.print(`${fileNote(file)} (${file.mimetype}, ${file.data.length} bytes)`);
   }
 
-  /** The person started typing: the host may start the agent now. */
   typing(): void {
     this.handlers?.onActivity?.(this.chatJid);
   }
 
-  /** Hands one typed line to the host as a message from the user. */
   submit(text: string): void {
     if (!this.handlers) throw new Error('LocalChannel.submit() before connect()');
     const now = new Date();
@@ -2355,7 +2348,7 @@ function baileys(): Baileys {
   return baileysModule;
 }
 
-/** Media larger than this is not downloaded; the agent is told it exists. */
+/** Media larger than this is not downloaded (the agent is told it exists), nor sent. */
 export const MAX_MEDIA_BYTES = 25 * 1024 * 1024;
 
 type MediaKind = 'image' | 'video' | 'video note' | 'audio' | 'voice note' | 'document' | 'sticker';
@@ -2367,17 +2360,16 @@ interface WhatsAppInbound {
 }
 
 export interface WhatsAppIdentity {
-  /** Our own JIDs (phone and LID forms), for recognising the self-chat and our messages. */
+  /** Our own JIDs (phone and LID forms). */
   ownJids: ReadonlySet<string>;
   assistantName: string;
   hasOwnNumber: boolean;
-  /** Phone-number JID for a LID JID, when baileys knows the mapping. */
   phoneForLid(lid: string): string | undefined;
   /** The chat's trigger (`@Andy`), which an @mention of the bot's own number stands for. */
   triggerFor?(chatJid: string): string;
   /** Whether the bot sent a message under this id (its outbox): how its own messages are known, never by their text. */
   sentByBot?(messageId: string): boolean;
-  /** The user's timezone, for the times of events. */
+  /** For the times of events. */
   timezone?: string;
 }
 
@@ -2432,7 +2424,7 @@ const SILENT_TYPES = new Set([
   'fastRatchetKeySenderKeyDistributionMessage',
 ]);
 
-/** A coordinate as people write it: at most six decimals (about 10 cm). */
+/** At most six decimals (about 10 cm). */
 const degrees = (value: number | null | undefined) => String(Number((value ?? 0).toFixed(6)));
 
 /** "Name: +49 151 …, +1 …" from a vCard (its FN and TEL lines; WhatsApp's item1.TEL form too). */
@@ -2445,7 +2437,6 @@ function contactSummary(vcard: string | null | undefined, displayName?: string |
   return numbers.length ? `${name}: ${numbers.join(', ')}` : name;
 }
 
-/** An event's time: local to the user when the timezone is known, else UTC. */
 function eventTime(seconds: number | Long | null | undefined, timezone: string | undefined): string {
   const iso = new Date(Number(seconds ?? 0) * 1000).toISOString();
   return timezone ? formatLocalTime(iso, timezone) : `${iso.slice(0, 16).replace('T', ' ')} UTC`;
@@ -2456,7 +2447,6 @@ const describePoll = (poll: proto.Message.IPollCreationMessage) => {
   return `[poll: ${poll.name ?? ''}; options: ${options}; ${poll.selectableOptionsCount === 1 ? 'one answer' : 'several answers allowed'}]`;
 };
 
-/** A place's name and address, as one phrase (empty when neither is known). */
 const placeOf = (place: { name?: string | null; address?: string | null } | null | undefined) =>
   [place?.name, place?.address].filter(Boolean).join(', ');
 
@@ -2497,7 +2487,7 @@ function contentWithType(message: proto.IMessage | null | undefined): WAContent 
   return content && type ? { content, type, part: content[type] } : null;
 }
 
-/** What a message says for the agent: its text, a media caption, or a description of what it is. */
+/** Its text, a media caption, or a description of what it is. */
 function bodyOf({ content, type, part }: WAContent, timezone: string | undefined): string {
   if (type === 'conversation') return content.conversation ?? '';
   if (type === 'extendedTextMessage') return content.extendedTextMessage?.text ?? '';
@@ -2538,7 +2528,7 @@ function wordsOf(found: WAContent, chatJid: string, identity: WhatsAppIdentity):
   return withMentionsAsTrigger(text, mentioned, identity.ownJids, trigger);
 }
 
-/** The quoted message a reply carries, as a line above its words (marked when it quotes the bot). */
+/** The message a reply quotes, as a line above its words. */
 function quoteOf(found: WAContent, identity: WhatsAppIdentity): string {
   const context = contextInfoOf(found);
   const quoted = contentWithType(context?.quotedMessage);
@@ -2614,7 +2604,7 @@ export function parseWhatsAppChange(raw: WAMessage, identity: WhatsAppIdentity):
   return edited ? { chatJid, id, sender, content: wordsOf(edited, chatJid, identity) } : null;
 }
 
-/** A file name that is safe on every filesystem and unique enough per message. */
+/** Safe on every filesystem and unique enough per message. */
 export function safeMediaFileName(messageId: string, kind: MediaKind, mimetype: string, original?: string): string {
   const extension = (original?.match(/\.([A-Za-z0-9]{1,8})$/)?.[1] ?? mimetype.split('/')[1]?.split(';')[0] ?? 'bin')
     .toLowerCase()
@@ -2647,7 +2637,7 @@ export function toWhatsAppFormat(markdown: string): string {
     .join('');
 }
 
-/** The code still open at the end of a text: a ``` block, an inline ` span, or nothing. */
+/** The code still open at the end of a text. */
 export function openCodeAt(text: string): '```' | '`' | '' {
   let open: '```' | '`' | '' = '';
   for (let i = 0; i < text.length; i++) {
@@ -2699,7 +2689,6 @@ export class RateLimiter {
     readonly overall = { count: 60, windowMs: 60_000 },
   ) {}
 
-  /** How long to wait before the next message to `jid` may go (0 = now). */
   delayFor(jid: string, now: number): number {
     return Math.max(0, this.wait(jid, this.perChat, now), this.wait('', this.overall, now));
   }
@@ -2805,7 +2794,7 @@ export function afterDisconnect(
   return { action: kind === 'restart' ? 'now' : 'backoff' };
 }
 
-/** A connection has to stay open this long before the reconnect backoff starts again from its first step. */
+/** A connection that stayed open this long resets the reconnect backoff. */
 export const WHATSAPP_STABLE_MS = 60_000;
 
 type LinkState = 'linked' | 'pending' | 'damaged' | 'none';
@@ -2814,7 +2803,7 @@ const CREDS_FILE = 'creds.json';
 /** creds.json as it was before its last write: what a damaged creds.json is restored from. */
 const CREDS_BACKUP = 'creds.json.bak';
 
-/** Whether a file's text is whole baileys credentials (an empty or cut-short file is not). */
+/** Whether a file's text is whole baileys credentials (not empty, not cut short). */
 function isCredsText(text: string): boolean {
   try {
     const creds = JSON.parse(text) as Partial<AuthenticationCreds> | null;
@@ -2949,7 +2938,7 @@ export async function useDurableAuthState(
   return { state: { creds, keys }, saveCreds: () => write(CREDS_FILE, creds) };
 }
 
-/** Where the last WhatsApp Web version that was looked up is kept (state table). */
+/** The state-table key of the last WhatsApp Web version looked up. */
 const WHATSAPP_VERSION_STATE = 'whatsapp_web_version';
 
 function parseWaVersion(text: string | null | undefined): WAVersion | null {
@@ -2969,20 +2958,19 @@ export interface WhatsAppOptions {
   triggerFor?(chatJid: string): string | undefined;
   /** Whether the bot sent a message under this id (the store's outbox). */
   sentByBot?(messageId: string): boolean;
-  /** The user's timezone, for the times of events (UTC when not given). */
+  /** For the times of events (UTC when not given). */
   timezone?: string;
-  /** A voice note's words (transcribeAudio); none: voice notes are not transcribed. */
+  /** A voice note's words; none: voice notes are not transcribed. */
   transcribe?(audio: Uint8Array, fileName: string, mimetype: string): Promise<string>;
-  /** Re-sync group names when the last sync is older than this. */
+  /** Group names are synced on connecting when the last sync is older than this. */
   groupSyncMaxAgeMs?: number;
   lastGroupSync?(): string | null;
-  /** A group sync finished: how many members each group has. */
   markGroupSync?(members: Record<string, number>): void;
   /** Another WhatsApp Web socket than WhatsApp's own; no version lookup then unless lookupVersion is given. */
   waWebSocketUrl?: string;
-  /** WhatsApp Web's current version (baileys' fetchLatestWaWebVersion by default). */
+  /** Default: baileys' fetchLatestWaWebVersion. */
   lookupVersion?(): Promise<{ version: WAVersion; isLatest: boolean }>;
-  /** The version that last worked, kept across restarts for when the lookup cannot be made. */
+  /** The version last looked up, for when the lookup cannot be made. */
   knownVersion?(): WAVersion | null;
   rememberVersion?(version: WAVersion): void;
   /** Keeps what WhatsApp was given for a message id, and gives it back for a resend. */
@@ -2990,14 +2978,12 @@ export interface WhatsAppOptions {
   recallSent?(messageId: string): Uint8Array | null;
   reconnectBaseMs?: number;
   reconnectCapMs?: number;
-  /** How long to wait for a sender's phone to upload expired media again. */
   mediaReuploadTimeoutMs?: number;
   rateLimiter?: RateLimiter;
   /** Called once when the channel stops for good, with the line that says what to do (re-link, keep one host…). */
   onStopped?(why: string): void;
   /** Reconnect delays, refreshes, rate limits, caches and the daily group sync (default: the system's). */
   clock?: Clock;
-  /** Each socket as it opens. */
   onSocket?(sock: WASocket): void;
 }
 
@@ -3076,9 +3062,8 @@ export class WhatsAppChannel implements Channel {
   private cancelReconnect: (() => void) | null = null;
   private stopDailySync: (() => void) | null = null;
   private auth: ReturnType<typeof useDurableAuthState> | null = null;
-  /** Chats whose presence this connection subscribed to. */
   private readonly subscribed = new Set<string>();
-  /** Chats where "typing…" is shown: what stops refreshing it. */
+  /** Per chat showing "typing…", what stops refreshing it. */
   private readonly typingRefresh = new Map<string, () => void>();
   private readonly clock: Clock;
   private ownJids = new Set<string>();
@@ -3087,11 +3072,10 @@ export class WhatsAppChannel implements Channel {
   private readonly retryCounts: TtlCache;
   /** Raw metadata of our groups, for sends (baileys' cachedGroupMetadata), kept current by group events. */
   readonly groupMetadata: TtlCache<GroupMetadata>;
-  /** Per chat, the last inbound message still being taken (inChatOrder). */
   private readonly chatLanes = new Map<string, Promise<unknown>>();
   /** LID → phone JIDs WhatsApp told us (lid-mapping.update) or baileys knew. */
   private readonly lidToPhone = new Map<string, string>();
-  /** The WhatsApp Web version the sockets announce; undefined: baileys' own. */
+  /** What the sockets announce; undefined: baileys' own. */
   private waVersion: WAVersion | undefined;
   private lookUpVersion = true;
   /** The version refusal is logged once per outage, not once per attempt. */
@@ -3104,7 +3088,6 @@ export class WhatsAppChannel implements Channel {
     this.groupMetadata = new TtlCache<GroupMetadata>(GROUP_METADATA_TTL_MS, 500, this.clock);
   }
 
-  /** Whether a connection is open: sends can go. */
   get ready(): boolean {
     return this.openedAt !== null;
   }
@@ -3125,7 +3108,6 @@ export class WhatsAppChannel implements Channel {
     return /@(s\.whatsapp\.net|g\.us|lid)$/.test(jid);
   }
 
-  /** The WhatsApp Web version announced, or undefined for baileys' built-in one. */
   get version(): WAVersion | undefined {
     return this.waVersion;
   }
@@ -3247,7 +3229,7 @@ export class WhatsAppChannel implements Channel {
     return fresh;
   }
 
-  /** Groups WhatsApp gave whole (joined, or all of them in a sync): their metadata kept, their names learned. */
+  /** Groups WhatsApp gave whole (joined, or all of them in a sync). */
   private keepGroups(groups: GroupMetadata[]): void {
     for (const group of groups) {
       this.groupMetadata.set(group.id, group);
@@ -3255,7 +3237,7 @@ export class WhatsAppChannel implements Channel {
     }
   }
 
-  /** A group name from WhatsApp, unless it is empty (a change of something else carries no subject). */
+  /** A change of something else carries no subject. */
   private learnGroupName(jid: string, subject: string | undefined | null): void {
     if (typeof subject === 'string' && subject.trim())
       this.handlers?.onChatMetadata?.({ jid, name: subject.trim(), isGroup: true });
@@ -3267,21 +3249,19 @@ export class WhatsAppChannel implements Channel {
     return content ? baileys().proto.Message.decode(content) : undefined;
   }
 
-  /** A socket that will never be used again: no listener left, connection ended. */
   private retire(sock: WASocket | null): void {
     if (!sock) return;
     for (const event of WHATSAPP_EVENTS) sock.ev.removeAllListeners(event);
     sock.end(undefined).catch(() => {}); // already closed
   }
 
-  /** Stops for good: no reconnect; the log and onStopped say why and what to do. */
+  /** For good: the log and onStopped say why and what to do. */
   private stopFor(why: string, fields: Record<string, unknown> = {}): void {
     log.error(fields, why);
     this.stop();
     this.options.onStopped?.(why);
   }
 
-  /** No connection, no reconnect, no timer left. */
   private stop(): void {
     this.closed = true;
     this.openedAt = null;
@@ -3309,7 +3289,6 @@ export class WhatsAppChannel implements Channel {
     this.ownJids = new Set(own.map((jid) => baileys().jidNormalizedUser(jid)));
     log.info({ me: [...this.ownJids] }, 'WhatsApp connected');
     this.handlers?.onReady?.();
-    // WhatsApp tells who is typing only in chats we subscribed to (for this connection).
     this.subscribed.clear();
     for (const jid of this.handlers?.watchedChats?.() ?? []) this.subscribe(jid);
     const last = this.options.lastGroupSync?.();
@@ -3393,7 +3372,7 @@ export class WhatsAppChannel implements Channel {
     );
   }
 
-  /** Inbound: translate, download media for registered chats, hand to the host. */
+  /** Translates, downloads media for registered chats, hands to the host. */
   async onMessage(raw: WAMessage): Promise<void> {
     await this.learnPhonesFor(raw.key);
     const change = parseWhatsAppChange(raw, this.identity());
@@ -3436,7 +3415,7 @@ export class WhatsAppChannel implements Channel {
     }
   }
 
-  /** Saves a message's media in its group's media/ (a voice note transcribed): what the agent reads of it. */
+  /** Saves the media in its group's media/: what the agent reads of it. */
   private async saveMedia(raw: WAMessage, { message, media }: WhatsAppInbound, tree: AgentTree): Promise<string> {
     const { kind, mimetype, fileName: original, bytes = 0 } = media!;
     const caption = message.content ? ` ${message.content}` : '';
@@ -3461,7 +3440,6 @@ export class WhatsAppChannel implements Channel {
     }
   }
 
-  /** What the agent is told of a voice note's words: its transcript, or plainly that there is none. */
   private async transcription(audio: Buffer, fileName: string, mimetype: string, messageId: string): Promise<string> {
     if (!this.options.transcribe) return '(could not be transcribed: no transcription service is configured)';
     try {
@@ -3481,7 +3459,6 @@ export class WhatsAppChannel implements Channel {
     await this.deliverContent(jid, { text }, messageId);
   }
 
-  /** An image with its caption, or a document with its name and type; uploaded (encrypted) by baileys. */
   async sendFile(jid: string, file: OutboundFile, messageId: string): Promise<void> {
     const data = Buffer.from(file.data);
     const caption = file.caption ? { caption: file.caption } : {};
@@ -3492,7 +3469,7 @@ export class WhatsAppChannel implements Channel {
     await this.deliverContent(jid, content, messageId);
   }
 
-  /** Sends one part, within the rate limits, under its stable message id, and keeps what was sent for resends. */
+  /** Within the rate limits, under its stable message id; what was sent is kept for resends. */
   private async deliverContent(jid: string, content: AnyMessageContent, messageId: string): Promise<void> {
     const wait = this.rateLimiter.delayFor(jid, this.clock.now());
     if (wait > 0) await new Promise<void>((resolve) => this.clock.after(wait, resolve));
@@ -3530,7 +3507,7 @@ export class WhatsAppChannel implements Channel {
     await this.sendChatState(jid, typing ? 'composing' : 'paused');
   }
 
-  /** Asks WhatsApp for a chat's presence (typing) once per connection. */
+  /** WhatsApp tells who is typing only in chats subscribed to (per connection). */
   private subscribe(jid: string): void {
     if (!this.sock || this.subscribed.has(jid)) return;
     this.subscribed.add(jid);
@@ -3560,7 +3537,6 @@ export class WhatsAppChannel implements Channel {
     this.sock = null;
   }
 
-  /** The live socket (diagnostics). */
   get socket(): WASocket | null {
     return this.sock;
   }
