@@ -2323,11 +2323,16 @@ class LocalChannel implements Channel {
   submit(text: string): void {
     if (!this.handlers) throw new Error('LocalChannel.submit() before connect()');
     const now = new Date();
-    const id = `local-${now.getTime()}-${++this.sent}`;
     this.handlers.onMessage(
       {
-        ...{ id, chatJid: this.chatJid, sender: 'local:user', senderName: this.userName, content: text },
-        ...{ timestamp: now.toISOString(), isFromMe: true, isBotMessage: false },
+        id: `local-${now.getTime()}-${++this.sent}`,
+        chatJid: this.chatJid,
+        sender: 'local:user',
+        senderName: this.userName,
+        content: text,
+        timestamp: now.toISOString(),
+        isFromMe: true,
+        isBotMessage: false,
       },
       { name: 'Terminal', isGroup: false },
     );
@@ -2904,14 +2909,10 @@ export async function useDurableAuthState(
     inLane(queues, pathOf(name), () => job(pathOf(name)));
   const read = (name: string) =>
     onFile(name, async (path) => JSON.parse(await fsp.readFile(path, 'utf8'), BufferJSON.reviver)).catch(() => null);
-  const write = (name: string, value: unknown) =>
-    onFile(name, (path) =>
-      writeFileDurably(
-        path,
-        JSON.stringify(value, BufferJSON.replacer),
-        name === CREDS_FILE ? pathOf(CREDS_BACKUP) : undefined,
-      ),
-    );
+  const write = (name: string, value: unknown) => {
+    const keepPrevious = name === CREDS_FILE ? pathOf(CREDS_BACKUP) : undefined;
+    return onFile(name, (path) => writeFileDurably(path, JSON.stringify(value, BufferJSON.replacer), keepPrevious));
+  };
   const remove = (name: string) => onFile(name, (path) => fsp.unlink(path).catch(() => {}));
   const saved = readCredsFile(authDir);
   const creds: AuthenticationCreds =
@@ -2989,6 +2990,7 @@ export interface WhatsAppOptions {
 
 type BaileysEventMap = import('@whiskeysockets/baileys').BaileysEventMap;
 
+/** The events the channel (and auth) listen to: what a retired socket's listeners are removed from. */
 const WHATSAPP_EVENTS = [
   'connection.update',
   'creds.update',
@@ -3179,14 +3181,14 @@ export class WhatsAppChannel implements Channel {
     });
     this.sock = sock;
     this.options.onSocket?.(sock);
-    sock.ev.on('creds.update', saveCreds);
-    this.listen(sock);
+    this.listen(sock, saveCreds);
   }
 
   /** What the channel does on a socket's events; a retired socket's last words are not heard. */
-  private listen(sock: WASocket): void {
+  private listen(sock: WASocket, saveCreds: () => Promise<void>): void {
     const on = <E extends keyof BaileysEventMap>(event: E, handle: (data: BaileysEventMap[E]) => unknown) =>
       sock.ev.on(event, (data) => sock === this.sock && handle(data));
+    on('creds.update', saveCreds);
     const phoneForm = (jid: string) => canonicalJid(jid, null, this.identity());
     on('connection.update', (update) => this.onConnectionUpdate(sock, update));
     on('messages.upsert', ({ messages }) => {
@@ -3249,7 +3251,9 @@ export class WhatsAppChannel implements Channel {
     return content ? baileys().proto.Message.decode(content) : undefined;
   }
 
-  private retire(sock: WASocket | null): void {
+  private retire(): void {
+    const sock = this.sock;
+    this.sock = null;
     if (!sock) return;
     for (const event of WHATSAPP_EVENTS) sock.ev.removeAllListeners(event);
     sock.end(undefined).catch(() => {}); // already closed
@@ -3270,7 +3274,7 @@ export class WhatsAppChannel implements Channel {
     this.stopDailySync?.();
     for (const stop of this.typingRefresh.values()) stop();
     this.typingRefresh.clear();
-    this.retire(this.sock);
+    this.retire();
   }
 
   private onConnectionUpdate(sock: WASocket, update: Partial<ConnectionState>): void {
@@ -3327,8 +3331,7 @@ export class WhatsAppChannel implements Channel {
     this.cancelReconnect = this.clock.after(delay, () => {
       this.cancelReconnect = null;
       if (this.closed) return;
-      this.retire(this.sock);
-      this.sock = null;
+      this.retire();
       this.openSocket().catch((err) => {
         log.error({ err }, 'Could not open a WhatsApp connection');
         this.scheduleReconnect();
@@ -3534,7 +3537,6 @@ export class WhatsAppChannel implements Channel {
 
   async disconnect(): Promise<void> {
     this.stop();
-    this.sock = null;
   }
 
   get socket(): WASocket | null {
