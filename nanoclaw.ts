@@ -36,7 +36,6 @@ import {
   fchownSync,
   constants as fsConstants,
   fstatSync,
-  fsyncSync,
   lchownSync,
   lstatSync,
   mkdirSync,
@@ -2830,13 +2829,7 @@ function inLane<T>(lanes: Map<string, Promise<unknown>>, key: string, job: () =>
 /** Writes a file whole or not at all (temp file, fsync, rename): what crashes leave is the old file or the new one. */
 function writeFileDurablySync(path: string, text: string): void {
   const temp = `${path}.${randomUUID().slice(0, 8)}.tmp`;
-  const fd = openSync(temp, 'w', 0o600);
-  try {
-    writeSync(fd, text);
-    fsyncSync(fd);
-  } finally {
-    closeSync(fd);
-  }
+  writeFileSync(temp, text, { mode: 0o600, flush: true }); // flush: fsync before the rename
   renameSync(temp, path);
 }
 
@@ -2846,13 +2839,7 @@ function writeFileDurablySync(path: string, text: string): void {
  */
 async function writeFileDurably(path: string, text: string, keepPreviousAs?: string): Promise<void> {
   const temp = `${path}.${randomUUID().slice(0, 8)}.tmp`;
-  const file = await fsp.open(temp, 'w', 0o600);
-  try {
-    await file.writeFile(text);
-    await file.sync();
-  } finally {
-    await file.close();
-  }
+  await fsp.writeFile(temp, text, { mode: 0o600, flush: true });
   if (keepPreviousAs) {
     const link = `${keepPreviousAs}.${randomUUID().slice(0, 8)}.tmp`;
     const kept = await fsp.link(path, link).then(
