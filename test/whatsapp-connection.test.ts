@@ -16,6 +16,7 @@ import {
   disconnectKind,
   GROUPS_SYNCED_AT,
   openCodeAt,
+  RateLimiter,
   splitForWhatsApp,
   Store,
   toWhatsAppFormat,
@@ -232,6 +233,41 @@ describe('typing and presence', () => {
     chatstate(ALICE);
     sock.ev.flush();
     expect(activity).toEqual([[GROUP, ALICE]]);
+  });
+});
+
+describe('sends and group syncs wait on the channel’s clock', () => {
+  const ALICE = '4915100000002@s.whatsapp.net';
+
+  it('a send over the rate limit waits until its window has room, then goes', async () => {
+    const rateLimiter = new RateLimiter({ count: 1, windowMs: 1000 }, { count: 10, windowMs: 1000 });
+    const { channel, clock } = await linkedChannel({ rateLimiter });
+    await channel.connect({ onMessage: () => {} });
+    openAsWhatsAppWould(channel.socket!);
+    await channel.deliver(ALICE, 'one', 'ID1');
+    const second = channel.deliver(ALICE, 'two', 'ID2');
+    await clock.advance(999);
+    expect(channel.delivered.map((d) => d.text)).toEqual(['one']);
+    await clock.advance(1); // no real second passes
+    expect(channel.delivered.map((d) => d.text)).toEqual(['one', 'two']);
+    await second;
+  });
+
+  it('group names are synced at connect when never synced, then once a day', async () => {
+    const { channel, clock } = await linkedChannel();
+    let syncs = 0;
+    await channel.connect({ onMessage: () => {} });
+    channel.socket!.groupFetchAllParticipating = async () => {
+      syncs++;
+      return {};
+    };
+    openAsWhatsAppWould(channel.socket!);
+    await clock.advance(0);
+    expect(syncs).toBe(1);
+    await clock.advance(DAY - 1);
+    expect(syncs).toBe(1);
+    await clock.advance(1);
+    expect(syncs).toBe(2);
   });
 });
 
