@@ -2783,7 +2783,7 @@ const RELINK = 'Link this machine again: bun nanoclaw.ts auth --relink';
  * only repeat the refusal, and risk the number), reconnect at once (a restart WhatsApp asks
  * for, after pairing or when it moves us), or wait with backoff.
  */
-export function afterDisconnect(
+function afterDisconnect(
   kind: DisconnectKind,
   status?: number,
 ): { action: 'stop'; says: string } | { action: 'now' | 'backoff' } {
@@ -2990,7 +2990,7 @@ const WHATSAPP_EVENTS = [
 ] as const;
 
 /** Who, other than us, a presence update (baileys' presence.update) says is typing or recording; null: nobody. */
-export function typistOf(
+function typistOf(
   presences: Record<string, { lastKnownPresence?: string }>,
   ownJids: ReadonlySet<string>,
 ): string | null {

@@ -11,7 +11,6 @@ import { fileURLToPath } from 'node:url';
 import { afterEach, describe, expect, it } from 'vitest';
 import {
   addGroup,
-  afterDisconnect,
   discoverLines,
   disconnectKind,
   GROUPS_SYNCED_AT,
@@ -117,12 +116,16 @@ describe('every disconnect reason, as baileys 7 defines it', () => {
     await waitFor(() => channel.socketsOpened === 2, 5000, 'the next connection');
   });
 
-  it('a 408 from an expired QR code and an OS network error are told apart from the rest', () => {
+  it('a 408 from an expired QR code and an OS network error are told apart from the rest; both are waited out', async () => {
     expect(disconnectKind(boom(408, 'QR refs attempts ended')).kind).toBe('qr-expired');
     expect(disconnectKind(Object.assign(new Error('getaddrinfo'), { data: { code: 'ENOTFOUND' } })).kind).toBe(
       'network',
     );
-    expect(afterDisconnect('qr-expired')).toEqual({ action: 'backoff' });
+    const { channel, clock } = await linkedChannel();
+    await channel.connect(noHandlers);
+    openAsWhatsAppWould(channel.socket!);
+    closeWith(channel, boom(408, 'QR refs attempts ended'));
+    expect(reconnectIn(clock)).toBeGreaterThanOrEqual(20); // the first backoff step, as for any other drop
   });
 
   it('backs off exponentially up to the cap; a connection that drops at once never resets it, one that held does', async () => {
