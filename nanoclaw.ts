@@ -2858,7 +2858,7 @@ async function writeFileDurably(path: string, text: string, keepPreviousAs?: str
  * or a full disk while an older NanoClaw wrote it in place) but creds.json.bak is whole,
  * the backup is put back, and the log says so.
  */
-export function readCredsFile(authDir: string): { state: 'ok'; text: string } | { state: 'none' | 'damaged' } {
+function readCredsFile(authDir: string): { state: 'ok'; text: string } | { state: 'none' | 'damaged' } {
   const path = join(authDir, CREDS_FILE);
   const backup = join(authDir, CREDS_BACKUP);
   const whole = (file: string) => {
