@@ -36,7 +36,6 @@ import {
   fchownSync,
   constants as fsConstants,
   fstatSync,
-  fsyncSync,
   lchownSync,
   lstatSync,
   mkdirSync,
@@ -2054,7 +2053,7 @@ export function formatOutbound(rawText: string, assistantName: string, hasOwnNum
 
 // ───────────────────────────── 6. Channels: where messages come from and go to ───────
 
-export interface ChatMeta {
+interface ChatMeta {
   name?: string | null;
   isGroup: boolean;
 }
@@ -2066,9 +2065,9 @@ export interface ChannelHandlers {
   onChange?(change: WhatsAppChange): void;
   /** A chat's name learned without a message (group sync). */
   onChatMetadata?(chat: { jid: string; name: string; isGroup: boolean }): void;
-  /** The channel can deliver again (e.g. reconnected): its outbox resumes. */
+  /** The channel can deliver again: its outbox resumes. */
   onReady?(): void;
-  /** Someone (the typist, when the channel knows who) is typing in this chat: a message is probably coming. */
+  /** Someone (the typist, when known) is typing in this chat: a message is probably coming. */
   onActivity?(chatJid: string, typist?: string): void;
   /** The chats whose activity matters (the registered ones). */
   watchedChats?(): string[];
@@ -2076,23 +2075,21 @@ export interface ChannelHandlers {
 
 /**
  * A messaging surface: WhatsApp, the terminal. What the bot says is recorded in the
- * store's outbox first and handed to the channel by its OutboxSender; replies find the
- * channel that owns the chat.
+ * store's outbox first and handed to the channel by its OutboxSender.
  */
 export interface Channel {
   readonly name: string;
   ownsJid(jid: string): boolean;
   connect(handlers: ChannelHandlers): Promise<void>;
-  /** The parts a text becomes on this platform (its formatting, its length limit), in order. */
+  /** The parts a text becomes on this platform (formatting, length limit), in order. */
   layout(text: string): string[];
   /**
    * Sends one part now; throws when it cannot (the part stays in the outbox). A part sent
    * again after a crash keeps its messageId, so a platform with message ids shows it once.
    */
   deliver(jid: string, text: string, messageId: string): Promise<void>;
-  /** Sends a file as one part, as deliver does a text; channels without it cannot send files (send_file is refused). */
+  /** As deliver, for a file; channels without it cannot send files (send_file is refused). */
   sendFile?(jid: string, file: OutboundFile, messageId: string): Promise<void>;
-  /** Whether deliver can work now. */
   readonly ready: boolean;
   setTyping?(jid: string, typing: boolean): Promise<void>;
   /** Re-reads group names from the platform (main group's refresh_groups). */
@@ -2101,7 +2098,7 @@ export interface Channel {
 }
 
 /** What a chat id looks like: a WhatsApp person or group, or the terminal's own. */
-export function isValidJid(jid: string): boolean {
+function isValidJid(jid: string): boolean {
   return /^\d{5,20}@s\.whatsapp\.net$|^\d{5,20}(-\d{5,20})?@g\.us$|^[a-z][a-z0-9-]{0,30}@local$/.test(jid);
 }
 
@@ -2121,8 +2118,8 @@ export function newMessageId(): string {
   return `3EB0${randomBytes(18).toString('hex').toUpperCase()}`;
 }
 
-export interface OutboxOptions {
-  /** The first wait after a chat's send failed; doubled each time, up to retryCapMs. */
+interface OutboxOptions {
+  /** Backoff of a chat whose send failed: the first wait, doubled each time up to retryCapMs. */
   retryBaseMs?: number;
   retryCapMs?: number;
   /** A part that keeps failing this long while its channel is up is abandoned (default 6 h). */
@@ -2131,9 +2128,6 @@ export interface OutboxOptions {
   /** A part was abandoned (it stays in the outbox, with its error): tell someone. */
   onAbandoned?(part: OutboundMessage, error: string): void;
 }
-
-/** How long a reply keeps being tried while its channel is up but will not take it. */
-export const OUTBOX_GIVE_UP_MS = 6 * 3_600_000;
 
 /**
  * Sends what a channel's outbox holds whenever the channel can: each chat its own lane, in
@@ -2160,7 +2154,6 @@ export class OutboxSender {
     this.clock = options.clock ?? systemClock;
   }
 
-  /** Starts sending (or sends again once the current pass ends). */
   kick(): void {
     if (this.stopped) return;
     if (this.draining) this.again = true;
@@ -2174,7 +2167,7 @@ export class OutboxSender {
       });
   }
 
-  /** Resolves when the current pass ends (everything sendable now is sent). */
+  /** Resolves once everything sendable now is sent. */
   async settle(): Promise<void> {
     while (this.draining) await this.draining;
   }
@@ -2192,10 +2185,10 @@ export class OutboxSender {
       } catch (err) {
         return this.pause(`the database is not readable (${errorText(err)})`);
       }
-      const now = this.clock.now();
-      const due = heads.filter((part) => (this.failing.get(part.jid)?.retryAt ?? 0) <= now);
+      const retryAt = (part: OutboundMessage) => this.failing.get(part.jid)?.retryAt;
+      const due = heads.filter((part) => (retryAt(part) ?? 0) <= this.clock.now());
       if (due.length === 0) {
-        const next = Math.min(...heads.map((part) => this.failing.get(part.jid)?.retryAt ?? Infinity));
+        const next = Math.min(...heads.map((part) => retryAt(part) ?? Infinity));
         if (Number.isFinite(next)) this.retryAt(next);
         return;
       }
@@ -2203,7 +2196,6 @@ export class OutboxSender {
     }
   }
 
-  /** One part of one chat's lane: sent and marked, or failed and that chat backs off. */
   private async send(part: OutboundMessage): Promise<void> {
     crashPoint('outbox-delivering');
     try {
@@ -2231,7 +2223,7 @@ export class OutboxSender {
     const outage = !this.channel.ready;
     if (outage) lane.since = lane.retryAt = now;
     else lane.failures++;
-    const abandon = !outage && now - lane.since >= (this.options.giveUpAfterMs ?? OUTBOX_GIVE_UP_MS);
+    const abandon = !outage && now - lane.since >= (this.options.giveUpAfterMs ?? 6 * 3_600_000);
     try {
       this.store.markSendFailed(part.id, error, abandon);
     } catch {
@@ -2247,13 +2239,8 @@ export class OutboxSender {
       this.options.onAbandoned?.(part, error);
       return;
     }
-    lane.retryAt =
-      now +
-      backoff(lane.failures, {
-        baseMs: this.options.retryBaseMs ?? 5_000,
-        capMs: this.options.retryCapMs ?? 5 * 60_000,
-        jitter: true,
-      });
+    const { retryBaseMs: baseMs = 5_000, retryCapMs: capMs = 5 * 60_000 } = this.options;
+    lane.retryAt = now + backoff(lane.failures, { baseMs, capMs, jitter: true });
     log.warn(
       {
         channel: this.channel.name,
@@ -2272,7 +2259,6 @@ export class OutboxSender {
     this.retryAt(this.clock.now() + (this.options.retryBaseMs ?? 5_000));
   }
 
-  /** One timer, for the soonest retry. */
   private retryAt(at: number): void {
     if (this.stopped) return;
     this.cancelRetry?.();
@@ -2284,14 +2270,14 @@ export class OutboxSender {
 }
 
 /** What a chat's history shows of a file the bot sent. */
-export const fileNote = (file: OutboundFile): string =>
+const fileNote = (file: OutboundFile): string =>
   `[${file.kind === 'image' ? 'image' : 'document'}: ${file.fileName}]${file.caption ? ` ${file.caption}` : ''}`;
 
 /** The chat id the terminal uses for the main group until WhatsApp gives it a real one. */
 export const LOCAL_MAIN_JID = 'main@local';
 
 /** The terminal as a channel: what the person types is an inbound message of the main chat. */
-export class LocalChannel implements Channel {
+class LocalChannel implements Channel {
   readonly name = 'local';
   readonly ready = true;
   private handlers: ChannelHandlers | null = null;
@@ -2325,17 +2311,14 @@ export class LocalChannel implements Channel {
     this.print(text);
   }
 
-  /** The terminal cannot show a file: it says what was sent. */
   async sendFile(_jid: string, file: OutboundFile): Promise<void> {
     this.print(`${fileNote(file)} (${file.mimetype}, ${file.data.length} bytes)`);
   }
 
-  /** The person started typing: the host may start the agent now. */
   typing(): void {
     this.handlers?.onActivity?.(this.chatJid);
   }
 
-  /** Hands one typed line to the host as a message from the user. */
   submit(text: string): void {
     if (!this.handlers) throw new Error('LocalChannel.submit() before connect()');
     const now = new Date();
@@ -2369,52 +2352,39 @@ function baileys(): Baileys {
   return baileysModule;
 }
 
-/** The longest text WhatsApp takes in one message, with room to spare. */
-export const WHATSAPP_MAX_CHARS = 4000;
-/** Media larger than this is not downloaded; the agent is told it exists. */
+/** Media larger than this is not downloaded (the agent is told it exists), nor sent. */
 export const MAX_MEDIA_BYTES = 25 * 1024 * 1024;
 
-export type MediaKind = 'image' | 'video' | 'video note' | 'audio' | 'voice note' | 'document' | 'sticker';
+type MediaKind = 'image' | 'video' | 'video note' | 'audio' | 'voice note' | 'document' | 'sticker';
 
-/** What baileys' sendMessage takes for a file: `{ image, caption }` or `{ document, mimetype, fileName, caption }`. */
-export function whatsAppFileContent(file: OutboundFile): AnyMessageContent {
-  const data = Buffer.from(file.data);
-  const caption = file.caption ? { caption: file.caption } : {};
-  return file.kind === 'image'
-    ? { image: data, mimetype: file.mimetype, ...caption }
-    : { document: data, mimetype: file.mimetype, fileName: file.fileName, ...caption };
-}
-
-export interface WhatsAppInbound {
+interface WhatsAppInbound {
   message: NewMessage;
   isGroup: boolean;
   media?: { kind: MediaKind; mimetype: string; fileName?: string; bytes?: number; caption: string };
 }
 
 export interface WhatsAppIdentity {
-  /** Our own JIDs (phone and LID forms), for recognising the self-chat and our messages. */
+  /** Our own JIDs (phone and LID forms). */
   ownJids: ReadonlySet<string>;
   assistantName: string;
   hasOwnNumber: boolean;
-  /** Phone-number JID for a LID JID, when baileys knows the mapping. */
   phoneForLid(lid: string): string | undefined;
   /** The chat's trigger (`@Andy`), which an @mention of the bot's own number stands for. */
   triggerFor?(chatJid: string): string;
   /** Whether the bot sent a message under this id (its outbox): how its own messages are known, never by their text. */
   sentByBot?(messageId: string): boolean;
-  /** The user's timezone, for the times of events. */
+  /** For the times of events. */
   timezone?: string;
 }
 
 /** A chat or sender JID in phone form: device suffix dropped, LID translated when known. */
-export function canonicalJid(jid: string, alt: string | null | undefined, identity: WhatsAppIdentity): string {
-  if (baileys().isJidGroup(jid)) return jid;
-  if (baileys().isLidUser(jid)) {
-    const phone =
-      (alt && baileys().isPnUser(alt) ? alt : undefined) ?? identity.phoneForLid(baileys().jidNormalizedUser(jid));
-    if (phone) return baileys().jidNormalizedUser(phone);
-  }
-  return baileys().jidNormalizedUser(jid);
+function canonicalJid(jid: string, alt: string | null | undefined, identity: WhatsAppIdentity): string {
+  const { isJidGroup, isLidUser, isPnUser, jidNormalizedUser } = baileys();
+  if (isJidGroup(jid)) return jid;
+  const phone = isLidUser(jid)
+    ? ((alt && isPnUser(alt) ? alt : undefined) ?? identity.phoneForLid(jidNormalizedUser(jid)))
+    : undefined;
+  return jidNormalizedUser(phone ?? jid);
 }
 
 /** The media message fields WhatsApp uses, in the order they are looked for, with the type to assume when none is given. */
@@ -2458,11 +2428,11 @@ const SILENT_TYPES = new Set([
   'fastRatchetKeySenderKeyDistributionMessage',
 ]);
 
-/** A coordinate as people write it: at most six decimals (about 10 cm). */
+/** At most six decimals (about 10 cm). */
 const degrees = (value: number | null | undefined) => String(Number((value ?? 0).toFixed(6)));
 
 /** "Name: +49 151 …, +1 …" from a vCard (its FN and TEL lines; WhatsApp's item1.TEL form too). */
-export function contactSummary(vcard: string | null | undefined, displayName?: string | null): string {
+function contactSummary(vcard: string | null | undefined, displayName?: string | null): string {
   const lines = (vcard ?? '').split(/\r?\n/);
   const value = (line: string) => line.slice(line.indexOf(':') + 1).trim();
   const fullName = lines.find((line) => /^FN[:;]/i.test(line));
@@ -2471,7 +2441,6 @@ export function contactSummary(vcard: string | null | undefined, displayName?: s
   return numbers.length ? `${name}: ${numbers.join(', ')}` : name;
 }
 
-/** An event's time: local to the user when the timezone is known, else UTC. */
 function eventTime(seconds: number | Long | null | undefined, timezone: string | undefined): string {
   const iso = new Date(Number(seconds ?? 0) * 1000).toISOString();
   return timezone ? formatLocalTime(iso, timezone) : `${iso.slice(0, 16).replace('T', ' ')} UTC`;
@@ -2482,12 +2451,15 @@ const describePoll = (poll: proto.Message.IPollCreationMessage) => {
   return `[poll: ${poll.name ?? ''}; options: ${options}; ${poll.selectableOptionsCount === 1 ? 'one answer' : 'several answers allowed'}]`;
 };
 
+const placeOf = (place: { name?: string | null; address?: string | null } | null | undefined) =>
+  [place?.name, place?.address].filter(Boolean).join(', ');
+
 /** What a message that is neither text nor media says, by its type (baileys' getContentType), in words the agent can read. */
 const DESCRIBE: {
   [T in keyof proto.IMessage]?: (message: NonNullable<proto.IMessage[T]>, timezone?: string) => string;
 } = {
   locationMessage: (location) => {
-    const place = [location.name, location.address].filter(Boolean).join(', ');
+    const place = placeOf(location);
     return `[location: ${degrees(location.degreesLatitude)}, ${degrees(location.degreesLongitude)}${place ? ` (${place})` : ''}]${location.comment ? ` ${location.comment}` : ''}`;
   },
   liveLocationMessage: (live) =>
@@ -2500,7 +2472,7 @@ const DESCRIBE: {
   pollCreationMessageV3: describePoll,
   pollCreationMessageV5: describePoll,
   eventMessage: (event, timezone) => {
-    const place = [event.location?.name, event.location?.address].filter(Boolean).join(', ');
+    const place = placeOf(event.location);
     const when = `${eventTime(event.startTime, timezone)}${event.endTime ? ` to ${eventTime(event.endTime, timezone)}` : ''}`;
     return `[event${event.isCanceled ? ' (cancelled)' : ''}: ${event.name ?? ''}, ${when}${place ? `, at ${place}` : ''}]${event.description ? ` ${event.description}` : ''}`;
   },
@@ -2515,11 +2487,11 @@ interface WAContent {
 
 function contentWithType(message: proto.IMessage | null | undefined): WAContent | null {
   const content = baileys().normalizeMessageContent(message);
-  const type = content ? (baileys().getContentType(content) as keyof proto.IMessage | undefined) : undefined;
+  const type = content ? baileys().getContentType(content) : undefined;
   return content && type ? { content, type, part: content[type] } : null;
 }
 
-/** What a message says for the agent: its text, a media caption, or a description of what it is. */
+/** Its text, a media caption, or a description of what it is. */
 function bodyOf({ content, type, part }: WAContent, timezone: string | undefined): string {
   if (type === 'conversation') return content.conversation ?? '';
   if (type === 'extendedTextMessage') return content.extendedTextMessage?.text ?? '';
@@ -2536,7 +2508,7 @@ const contextInfoOf = ({ part }: WAContent) =>
  * phone number or its LID) and contextInfo.mentionedJid lists its JID. That mention is
  * the chat's trigger, so it reads as `@Andy` to the router and the agent alike.
  */
-export function withMentionsAsTrigger(
+function withMentionsAsTrigger(
   text: string,
   mentioned: readonly string[],
   ownJids: ReadonlySet<string>,
@@ -2544,11 +2516,10 @@ export function withMentionsAsTrigger(
 ): string {
   const userOf = (jid: string) => jid.split('@')[0]!.split(':')[0]!;
   const ownUsers = new Set([...ownJids].map(userOf));
-  const mentionedUsers = mentioned.map(userOf).filter((user) => ownUsers.has(user));
-  if (mentionedUsers.length === 0) return text;
+  const mentionedUsers = new Set(mentioned.map(userOf).filter((user) => ownUsers.has(user)));
+  if (mentionedUsers.size === 0) return text;
   let rewritten = text;
-  for (const user of new Set(mentionedUsers))
-    rewritten = rewritten.replace(new RegExp(`@${user}(?!\\d)`, 'g'), trigger);
+  for (const user of mentionedUsers) rewritten = rewritten.replace(new RegExp(`@${user}(?!\\d)`, 'g'), trigger);
   return rewritten === text ? `${trigger} ${text}` : rewritten;
 }
 
@@ -2557,23 +2528,32 @@ function wordsOf(found: WAContent, chatJid: string, identity: WhatsAppIdentity):
   const text = bodyOf(found, identity.timezone).trim();
   const mentioned = contextInfoOf(found)?.mentionedJid;
   if (!identity.hasOwnNumber || !mentioned?.length) return text;
-  return withMentionsAsTrigger(
-    text,
-    mentioned,
-    identity.ownJids,
-    identity.triggerFor?.(chatJid) ?? `@${identity.assistantName}`,
-  );
+  const trigger = identity.triggerFor?.(chatJid) ?? `@${identity.assistantName}`;
+  return withMentionsAsTrigger(text, mentioned, identity.ownJids, trigger);
 }
 
-/** Who sent a message: us (our phone JID), a group's participant, or the other side of a direct chat. */
-function senderOf(key: WAMessageKey, chatJid: string, identity: WhatsAppIdentity): string {
-  if (key.fromMe) return [...identity.ownJids].find((jid) => baileys().isPnUser(jid)) ?? '';
-  return baileys().isJidGroup(chatJid) ? canonicalJid(key.participant ?? '', key.participantAlt, identity) : chatJid;
+/** The message a reply quotes, as a line above its words. */
+function quoteOf(found: WAContent, identity: WhatsAppIdentity): string {
+  const context = contextInfoOf(found);
+  const quoted = contentWithType(context?.quotedMessage);
+  if (!quoted) return '';
+  const quotedText = bodyOf(quoted, identity.timezone) || `[${mediaOf(quoted.content)?.kind ?? 'message'}]`;
+  const toBot = Boolean(context?.stanzaId && identity.sentByBot?.(context.stanzaId));
+  return `${toBot ? REPLY_TO_BOT_NOTE : '[replying to: "'}${quotedText.slice(0, 500)}"]\n`;
 }
 
-/** A message of a chat: not of a broadcast list, nor a status (status@broadcast). */
-function isReadableChat(key: WAMessageKey | null | undefined): key is WAMessageKey & { remoteJid: string; id: string } {
-  return Boolean(key?.remoteJid && key.id && !baileys().isJidBroadcast(key.remoteJid));
+/** A readable message's chat (in phone form) and sender: us, a group's participant, or the other side of a direct chat. */
+function chatAndSender(raw: WAMessage, identity: WhatsAppIdentity) {
+  const key = raw.key;
+  // Neither a broadcast list nor a status (status@broadcast).
+  if (!key?.remoteJid || !key.id || baileys().isJidBroadcast(key.remoteJid)) return null;
+  const chatJid = canonicalJid(key.remoteJid, key.remoteJidAlt, identity);
+  const sender = key.fromMe
+    ? ([...identity.ownJids].find((jid) => baileys().isPnUser(jid)) ?? '')
+    : baileys().isJidGroup(chatJid)
+      ? canonicalJid(key.participant ?? '', key.participantAlt, identity)
+      : chatJid;
+  return { id: key.id, fromMe: Boolean(key.fromMe), chatJid, sender };
 }
 
 /**
@@ -2583,68 +2563,52 @@ function isReadableChat(key: WAMessageKey | null | undefined): key is WAMessageK
  * named. Media is described here and downloaded by the channel.
  */
 export function parseWhatsAppMessage(raw: WAMessage, identity: WhatsAppIdentity): WhatsAppInbound | null {
-  const key = raw.key as WAMessageKey;
-  if (!isReadableChat(key)) return null;
   const found = contentWithType(raw.message);
-  if (!found || SILENT_TYPES.has(found.type)) return null;
+  const from = found && !SILENT_TYPES.has(found.type) ? chatAndSender(raw, identity) : null;
+  if (!found || !from) return null;
   const media = mediaOf(found.content);
-  const chatJid = canonicalJid(key.remoteJid, key.remoteJidAlt, identity);
-  let text = wordsOf(found, chatJid, identity);
-  const context = contextInfoOf(found);
-  const quoted = contentWithType(context?.quotedMessage);
-  if (quoted) {
-    const quotedText = bodyOf(quoted, identity.timezone) || `[${mediaOf(quoted.content)?.kind ?? 'message'}]`;
-    const toBot = Boolean(context?.stanzaId && identity.sentByBot?.(context.stanzaId));
-    text = `${toBot ? REPLY_TO_BOT_NOTE : '[replying to: "'}${quotedText.slice(0, 500)}"]\n${text}`;
-  }
+  const text = quoteOf(found, identity) + wordsOf(found, from.chatJid, identity);
   if (!text && !media) return null;
-
-  const isGroup = Boolean(baileys().isJidGroup(chatJid));
-  const fromMe = Boolean(key.fromMe);
-  const sender = senderOf(key, chatJid, identity);
   const seconds = Number(raw.messageTimestamp ?? Math.floor(Date.now() / 1000));
   return {
-    isGroup,
+    isGroup: Boolean(baileys().isJidGroup(from.chatJid)),
     media,
     message: {
-      id: key.id,
-      chatJid,
-      sender,
-      senderName: raw.pushName || (fromMe ? 'Me' : sender.split('@')[0]!),
+      id: from.id,
+      chatJid: from.chatJid,
+      sender: from.sender,
+      senderName: raw.pushName || (from.fromMe ? 'Me' : from.sender.split('@')[0]!),
       content: text,
       timestamp: new Date(seconds * 1000).toISOString(),
-      isFromMe: fromMe,
-      isBotMessage: fromMe && Boolean(identity.sentByBot?.(key.id)),
+      isFromMe: from.fromMe,
+      isBotMessage: from.fromMe && Boolean(identity.sentByBot?.(from.id)),
     },
   };
 }
 
-/** An edit (the message's new words) or a deletion (content null) of a message sent earlier. */
-export interface WhatsAppChange {
+/** An edit (the message's new words) or a deletion (content null) of the message `id`, by `sender`. */
+interface WhatsAppChange {
   chatJid: string;
-  /** The id of the message edited or deleted. */
   id: string;
-  /** Who edited or deleted it. */
   sender: string;
   content: string | null;
 }
 
 /** A protocol message that edits (MESSAGE_EDIT) or deletes for everyone (REVOKE) an earlier message; null for anything else. */
 export function parseWhatsAppChange(raw: WAMessage, identity: WhatsAppIdentity): WhatsAppChange | null {
-  const key = raw.key as WAMessageKey;
   const protocol = baileys().normalizeMessageContent(raw.message)?.protocolMessage;
-  const targetId = protocol?.key?.id;
-  if (!isReadableChat(key) || !protocol || !targetId) return null;
+  const id = protocol?.key?.id;
+  const from = id ? chatAndSender(raw, identity) : null;
+  if (!protocol || !id || !from) return null;
+  const { chatJid, sender } = from;
   const Type = baileys().proto.Message.ProtocolMessage.Type;
-  const chatJid = canonicalJid(key.remoteJid, key.remoteJidAlt, identity);
-  const sender = senderOf(key, chatJid, identity);
-  if (protocol.type === Type.REVOKE) return { chatJid, id: targetId, sender, content: null };
+  if (protocol.type === Type.REVOKE) return { chatJid, id, sender, content: null };
   if (protocol.type !== Type.MESSAGE_EDIT) return null;
   const edited = contentWithType(protocol.editedMessage);
-  return edited ? { chatJid, id: targetId, sender, content: wordsOf(edited, chatJid, identity) } : null;
+  return edited ? { chatJid, id, sender, content: wordsOf(edited, chatJid, identity) } : null;
 }
 
-/** A file name that is safe on every filesystem and unique enough per message. */
+/** Safe on every filesystem and unique enough per message. */
 export function safeMediaFileName(messageId: string, kind: MediaKind, mimetype: string, original?: string): string {
   const extension = (original?.match(/\.([A-Za-z0-9]{1,8})$/)?.[1] ?? mimetype.split('/')[1]?.split(';')[0] ?? 'bin')
     .toLowerCase()
@@ -2677,7 +2641,7 @@ export function toWhatsAppFormat(markdown: string): string {
     .join('');
 }
 
-/** The code still open at the end of a text: a ``` block, an inline ` span, or nothing. */
+/** The code still open at the end of a text. */
 export function openCodeAt(text: string): '```' | '`' | '' {
   let open: '```' | '`' | '' = '';
   for (let i = 0; i < text.length; i++) {
@@ -2690,11 +2654,12 @@ export function openCodeAt(text: string): '```' | '`' | '' {
 }
 
 /**
- * Splits a long reply at paragraph, then line, then sentence, then word boundaries. A code
- * block or inline code cut in two is closed at the end of one part and opened again at the
- * start of the next, so both keep their formatting (and the code its indentation).
+ * Splits a long reply (4,000 characters a part: WhatsApp's limit, with room to spare) at
+ * paragraph, then line, then sentence, then word boundaries. A code block or inline code
+ * cut in two is closed at the end of one part and opened again at the start of the next,
+ * so both keep their formatting (and the code its indentation).
  */
-export function splitForWhatsApp(text: string, limit = WHATSAPP_MAX_CHARS): string[] {
+export function splitForWhatsApp(text: string, limit = 4000): string[] {
   const parts: string[] = [];
   let rest = text.trim();
   let reopen: '```' | '`' | '' = '';
@@ -2704,13 +2669,9 @@ export function splitForWhatsApp(text: string, limit = WHATSAPP_MAX_CHARS): stri
     // The longest part that still fits once the code it leaves open is closed.
     for (let room = limit - reopen.length; room > 0; room -= 3) {
       const window = rest.slice(0, room);
-      cut =
-        [
-          window.lastIndexOf('\n\n'),
-          window.lastIndexOf('\n'),
-          Math.max(window.lastIndexOf('. '), window.lastIndexOf('! '), window.lastIndexOf('? ')) + 1,
-          window.lastIndexOf(' '),
-        ].find((index) => index > room * 0.3) ?? room;
+      const sentence = Math.max(window.lastIndexOf('. '), window.lastIndexOf('! '), window.lastIndexOf('? ')) + 1;
+      const boundaries = [window.lastIndexOf('\n\n'), window.lastIndexOf('\n'), sentence, window.lastIndexOf(' ')];
+      cut = boundaries.find((index) => index > room * 0.3) ?? room;
       part = reopen + rest.slice(0, cut).trimEnd();
       if (part.length + openCodeAt(part).length <= limit) break;
     }
@@ -2732,8 +2693,7 @@ export class RateLimiter {
     readonly overall = { count: 60, windowMs: 60_000 },
   ) {}
 
-  /** How long to wait before the next message to `jid` may go (0 = now). */
-  delayFor(jid: string, now = Date.now()): number {
+  delayFor(jid: string, now: number): number {
     return Math.max(0, this.wait(jid, this.perChat, now), this.wait('', this.overall, now));
   }
 
@@ -2743,31 +2703,31 @@ export class RateLimiter {
     return times.length >= limit.count ? times[times.length - limit.count]! + limit.windowMs - now : 0;
   }
 
-  record(jid: string, now = Date.now()): void {
+  record(jid: string, now: number): void {
     for (const key of [jid, '']) this.sent.get(key)?.push(now) ?? this.sent.set(key, [now]);
   }
 }
 
 /** Entries that expire; the shape of baileys' CacheStore (retry counts), also used for group metadata. */
-export class TtlCache<V = unknown> {
+class TtlCache<V = unknown> {
   private readonly entries = new Map<string, { value: V; expiresAt: number }>();
 
   constructor(
     private readonly ttlMs: number,
-    private readonly maxEntries = 1000,
-    private readonly now: () => number = Date.now,
+    private readonly maxEntries: number,
+    private readonly clock: Clock,
   ) {}
 
   get<T = V>(key: string): T | undefined {
     const entry = this.entries.get(key);
-    if (entry && entry.expiresAt > this.now()) return entry.value as unknown as T; // CacheStore's get is generic; what was set is what comes back
+    if (entry && entry.expiresAt > this.clock.now()) return entry.value as unknown as T; // CacheStore's get is generic; what was set is what comes back
     this.entries.delete(key);
     return undefined;
   }
 
   set<T = V>(key: string, value: T): void {
     this.entries.delete(key);
-    this.entries.set(key, { value: value as unknown as V, expiresAt: this.now() + this.ttlMs });
+    this.entries.set(key, { value: value as unknown as V, expiresAt: this.clock.now() + this.ttlMs });
     if (this.entries.size > this.maxEntries) this.entries.delete(this.entries.keys().next().value!); // the oldest
   }
 
@@ -2785,7 +2745,7 @@ export class TtlCache<V = unknown> {
  * and 419 are what baileys' Defaults UNAUTHORIZED_CODES count as unauthorized besides 401;
  * 405 is the server's refusal of the client version, which baileys closes with as is).
  */
-export type DisconnectKind =
+type DisconnectKind =
   | 'logged-out'
   | 'unauthorized'
   | 'device-mismatch'
@@ -2820,9 +2780,10 @@ const RELINK = 'Link this machine again: bun nanoclaw.ts auth --relink';
 
 /**
  * What the service does after a close: stop with one line naming the fix (retrying would
- * only repeat the refusal, and risk the number), reconnect at once, or wait with backoff.
+ * only repeat the refusal, and risk the number), reconnect at once (a restart WhatsApp asks
+ * for, after pairing or when it moves us), or wait with backoff.
  */
-export function afterDisconnect(
+function afterDisconnect(
   kind: DisconnectKind,
   status?: number,
 ): { action: 'stop'; says: string } | { action: 'now' | 'backoff' } {
@@ -2834,19 +2795,19 @@ export function afterDisconnect(
       'Another NanoClaw (or another program with these credentials) took over this WhatsApp session (440). Stopped here so the two do not take it from each other: keep one running.',
   }[kind as string];
   if (says) return { action: 'stop', says };
-  return { action: kind === 'restart' ? 'now' : 'backoff' }; // a restart: WhatsApp asks for a fresh connection (after pairing, or when it moves us)
+  return { action: kind === 'restart' ? 'now' : 'backoff' };
 }
 
-/** A connection has to stay open this long before the reconnect backoff starts again from its first step. */
+/** A connection that stayed open this long resets the reconnect backoff. */
 export const WHATSAPP_STABLE_MS = 60_000;
 
-export type LinkState = 'linked' | 'pending' | 'damaged' | 'none';
+type LinkState = 'linked' | 'pending' | 'damaged' | 'none';
 
 const CREDS_FILE = 'creds.json';
 /** creds.json as it was before its last write: what a damaged creds.json is restored from. */
 const CREDS_BACKUP = 'creds.json.bak';
 
-/** Whether a file's text is whole baileys credentials (an empty or cut-short file is not). */
+/** Whether a file's text is whole baileys credentials (not empty, not cut short). */
 function isCredsText(text: string): boolean {
   try {
     const creds = JSON.parse(text) as Partial<AuthenticationCreds> | null;
@@ -2868,13 +2829,7 @@ function inLane<T>(lanes: Map<string, Promise<unknown>>, key: string, job: () =>
 /** Writes a file whole or not at all (temp file, fsync, rename): what crashes leave is the old file or the new one. */
 function writeFileDurablySync(path: string, text: string): void {
   const temp = `${path}.${randomUUID().slice(0, 8)}.tmp`;
-  const fd = openSync(temp, 'w', 0o600);
-  try {
-    writeSync(fd, text);
-    fsyncSync(fd);
-  } finally {
-    closeSync(fd);
-  }
+  writeFileSync(temp, text, { mode: 0o600, flush: true }); // flush: fsync before the rename
   renameSync(temp, path);
 }
 
@@ -2884,13 +2839,7 @@ function writeFileDurablySync(path: string, text: string): void {
  */
 async function writeFileDurably(path: string, text: string, keepPreviousAs?: string): Promise<void> {
   const temp = `${path}.${randomUUID().slice(0, 8)}.tmp`;
-  const file = await fsp.open(temp, 'w', 0o600);
-  try {
-    await file.writeFile(text);
-    await file.sync();
-  } finally {
-    await file.close();
-  }
+  await fsp.writeFile(temp, text, { mode: 0o600, flush: true });
   if (keepPreviousAs) {
     const link = `${keepPreviousAs}.${randomUUID().slice(0, 8)}.tmp`;
     const kept = await fsp.link(path, link).then(
@@ -2909,7 +2858,7 @@ async function writeFileDurably(path: string, text: string, keepPreviousAs?: str
  * or a full disk while an older NanoClaw wrote it in place) but creds.json.bak is whole,
  * the backup is put back, and the log says so.
  */
-export function readCredsFile(authDir: string): { state: 'ok'; text: string } | { state: 'none' | 'damaged' } {
+function readCredsFile(authDir: string): { state: 'ok'; text: string } | { state: 'none' | 'damaged' } {
   const path = join(authDir, CREDS_FILE);
   const backup = join(authDir, CREDS_BACKUP);
   const whole = (file: string) => {
@@ -2931,9 +2880,9 @@ export function readCredsFile(authDir: string): { state: 'ok'; text: string } | 
 
 /**
  * baileys' multi-file auth state (useMultiFileAuthState's folder layout and file names, so
- * an existing link keeps working) with durable writes: each file written whole (temp file,
- * fsync, rename), the reads and writes of one file in order, and creds.json's previous
- * version kept as creds.json.bak. Temp files a crash left are removed.
+ * an existing link keeps working) with durable writes: each file written whole, the reads
+ * and writes of one file in order, and creds.json's previous version kept as
+ * creds.json.bak. Temp files a crash left are removed.
  */
 export async function useDurableAuthState(
   authDir: string,
@@ -2943,19 +2892,14 @@ export async function useDurableAuthState(
   for (const name of readdirSync(authDir)) if (name.endsWith('.tmp')) rmSync(join(authDir, name), { force: true });
   const pathOf = (name: string) => join(authDir, name.replace(/\//g, '__').replace(/:/g, '-'));
   const queues = new Map<string, Promise<unknown>>();
-  /** A job on one file, after the jobs on it before. */
   const onFile = <T>(name: string, job: (path: string) => Promise<T>) =>
     inLane(queues, pathOf(name), () => job(pathOf(name)));
   const read = (name: string) =>
     onFile(name, async (path) => JSON.parse(await fsp.readFile(path, 'utf8'), BufferJSON.reviver)).catch(() => null);
-  const write = (name: string, value: unknown) =>
-    onFile(name, (path) =>
-      writeFileDurably(
-        path,
-        JSON.stringify(value, BufferJSON.replacer),
-        name === CREDS_FILE ? pathOf(CREDS_BACKUP) : undefined,
-      ),
-    );
+  const write = (name: string, value: unknown) => {
+    const keepPrevious = name === CREDS_FILE ? pathOf(CREDS_BACKUP) : undefined;
+    return onFile(name, (path) => writeFileDurably(path, JSON.stringify(value, BufferJSON.replacer), keepPrevious));
+  };
   const remove = (name: string) => onFile(name, (path) => fsp.unlink(path).catch(() => {}));
   const saved = readCredsFile(authDir);
   const creds: AuthenticationCreds =
@@ -2973,25 +2917,24 @@ export async function useDurableAuthState(
       return found;
     },
     set: async (data) => {
-      await Promise.all(
-        Object.entries(data).flatMap(([category, values]) =>
-          Object.entries(values ?? {}).map(([id, value]) => (value ? write : remove)(`${category}-${id}.json`, value)),
-        ),
+      const jobs = Object.entries(data).flatMap(([category, values]) =>
+        Object.entries(values ?? {}).map(([id, value]) => (value ? write : remove)(`${category}-${id}.json`, value)),
       );
+      await Promise.all(jobs);
     },
   };
   return { state: { creds, keys }, saveCreds: () => write(CREDS_FILE, creds) };
 }
 
-/** Where the last WhatsApp Web version that was looked up is kept (state table). */
+/** The state-table key of the last WhatsApp Web version looked up. */
 const WHATSAPP_VERSION_STATE = 'whatsapp_web_version';
 
-export function parseWaVersion(text: string | null | undefined): WAVersion | null {
+function parseWaVersion(text: string | null | undefined): WAVersion | null {
   const parts = (text ?? '').split('.').map(Number);
   return parts.length === 3 && parts.every((n) => Number.isInteger(n) && n >= 0) ? (parts as WAVersion) : null;
 }
 
-export class WhatsAppNotLinked extends Error {}
+class WhatsAppNotLinked extends Error {}
 
 export interface WhatsAppOptions {
   authDir: string;
@@ -3003,20 +2946,19 @@ export interface WhatsAppOptions {
   triggerFor?(chatJid: string): string | undefined;
   /** Whether the bot sent a message under this id (the store's outbox). */
   sentByBot?(messageId: string): boolean;
-  /** The user's timezone, for the times of events (UTC when not given). */
+  /** For the times of events (UTC when not given). */
   timezone?: string;
-  /** A voice note's words (transcribeAudio with the configured endpoint); none: voice notes are not transcribed. */
+  /** A voice note's words; none: voice notes are not transcribed. */
   transcribe?(audio: Uint8Array, fileName: string, mimetype: string): Promise<string>;
-  /** Re-sync group names when the last sync is older than this. */
+  /** Group names are synced on connecting when the last sync is older than this. */
   groupSyncMaxAgeMs?: number;
   lastGroupSync?(): string | null;
-  /** A group sync finished: how many members each group has. */
   markGroupSync?(members: Record<string, number>): void;
   /** Another WhatsApp Web socket than WhatsApp's own; no version lookup then unless lookupVersion is given. */
   waWebSocketUrl?: string;
-  /** WhatsApp Web's current version (baileys' fetchLatestWaWebVersion by default). */
+  /** Default: baileys' fetchLatestWaWebVersion. */
   lookupVersion?(): Promise<{ version: WAVersion; isLatest: boolean }>;
-  /** The version that last worked, kept across restarts for when the lookup cannot be made. */
+  /** The version last looked up, for when the lookup cannot be made. */
   knownVersion?(): WAVersion | null;
   rememberVersion?(version: WAVersion): void;
   /** Keeps what WhatsApp was given for a message id, and gives it back for a resend. */
@@ -3024,20 +2966,18 @@ export interface WhatsAppOptions {
   recallSent?(messageId: string): Uint8Array | null;
   reconnectBaseMs?: number;
   reconnectCapMs?: number;
-  /** How long to wait for a sender's phone to upload expired media again. */
   mediaReuploadTimeoutMs?: number;
   rateLimiter?: RateLimiter;
-  /**
-   * Called once when the channel stops for good, with the line that says what to do:
-   * logged out or refused (re-link), replaced by another host, or offered a QR code.
-   */
+  /** Called once when the channel stops for good, with the line that says what to do (re-link, keep one host…). */
   onStopped?(why: string): void;
-  /** Reconnect delays and refreshes (default: the system's). */
+  /** Reconnect delays, refreshes, rate limits, caches and the daily group sync (default: the system's). */
   clock?: Clock;
-  /** Each socket as it opens (what tests watch). */
   onSocket?(sock: WASocket): void;
 }
 
+type BaileysEventMap = import('@whiskeysockets/baileys').BaileysEventMap;
+
+/** The events the channel (and auth) listen to: what a retired socket's listeners are removed from. */
 const WHATSAPP_EVENTS = [
   'connection.update',
   'creds.update',
@@ -3050,7 +2990,7 @@ const WHATSAPP_EVENTS = [
 ] as const;
 
 /** Who, other than us, a presence update (baileys' presence.update) says is typing or recording; null: nobody. */
-export function typistOf(
+function typistOf(
   presences: Record<string, { lastKnownPresence?: string }>,
   ownJids: ReadonlySet<string>,
 ): string | null {
@@ -3069,7 +3009,7 @@ export const WHATSAPP_TYPING_REFRESH_MS = 8_000;
  * multipart form with `file` and `model`, answered with JSON `{ "text": … }`. An error
  * names the status only, never the answer's body (it may quote the request's key).
  */
-export async function transcribeAudio(
+async function transcribeAudio(
   endpoint: { url: string; model: string; apiKey?: string },
   audio: Uint8Array,
   fileName: string,
@@ -3093,6 +3033,7 @@ export async function transcribeAudio(
 
 /** Group metadata is good for this long (baileys' README suggests five minutes). */
 const GROUP_METADATA_TTL_MS = 5 * 60_000;
+const DAY_MS = 24 * 60 * 60_000;
 
 /**
  * WhatsApp through one live baileys socket. A socket that closes is retired (listeners
@@ -3103,46 +3044,47 @@ export class WhatsAppChannel implements Channel {
   readonly name = 'whatsapp';
   private handlers: ChannelHandlers | null = null;
   private sock: WASocket | null = null;
-  /** Whether a connection is open: sends can go. */
-  ready = false;
+  /** When the live connection opened (monotonic), or null while there is none. */
+  private openedAt: number | null = null;
   private closed = false;
   private attempt = 0;
   private cancelReconnect: (() => void) | null = null;
   private stopDailySync: (() => void) | null = null;
   private auth: ReturnType<typeof useDurableAuthState> | null = null;
-  /** Chats whose presence this connection subscribed to. */
   private readonly subscribed = new Set<string>();
-  /** Chats where "typing…" is shown: what stops refreshing it. */
+  /** Per chat showing "typing…", what stops refreshing it. */
   private readonly typingRefresh = new Map<string, () => void>();
-  /** When the live connection opened (monotonic), or null while there is none. */
-  private openedAt: number | null = null;
   private readonly clock: Clock;
   private ownJids = new Set<string>();
   private readonly rateLimiter: RateLimiter;
   /** Outlives sockets, as baileys asks, so a message is not retried without end across reconnects. */
-  private readonly retryCounts = new TtlCache(60 * 60_000, 10_000);
+  private readonly retryCounts: TtlCache;
   /** Raw metadata of our groups, for sends (baileys' cachedGroupMetadata), kept current by group events. */
-  readonly groupMetadata = new TtlCache<GroupMetadata>(GROUP_METADATA_TTL_MS, 500, () => this.clock.now());
-  /** Per chat, the last inbound message still being taken (inChatOrder). */
+  readonly groupMetadata: TtlCache<GroupMetadata>;
   private readonly chatLanes = new Map<string, Promise<unknown>>();
   /** LID → phone JIDs WhatsApp told us (lid-mapping.update) or baileys knew. */
   private readonly lidToPhone = new Map<string, string>();
-  /** The WhatsApp Web version the sockets announce; undefined: baileys' own. */
+  /** What the sockets announce; undefined: baileys' own. */
   private waVersion: WAVersion | undefined;
   private lookUpVersion = true;
   /** The version refusal is logged once per outage, not once per attempt. */
   private versionRefusalLogged = false;
 
   constructor(private readonly options: WhatsAppOptions) {
-    this.rateLimiter = options.rateLimiter ?? new RateLimiter();
     this.clock = options.clock ?? systemClock;
+    this.rateLimiter = options.rateLimiter ?? new RateLimiter();
+    this.retryCounts = new TtlCache(60 * 60_000, 10_000, this.clock);
+    this.groupMetadata = new TtlCache<GroupMetadata>(GROUP_METADATA_TTL_MS, 500, this.clock);
+  }
+
+  get ready(): boolean {
+    return this.openedAt !== null;
   }
 
   /**
    * Whether store/auth holds a linked device, a pairing never finished, damaged credentials, or nothing.
-   * Linked = WhatsApp confirmed this device. baileys writes creds.json as soon as a pairing
-   * code is asked for (`me` only); only a finished pairing, QR or code, adds `account`, the
-   * signed device identity (baileys 7 Utils/validate-connection.js configureSuccessfulPairing).
+   * baileys writes creds.json as soon as a pairing code is asked for (`me` only); only a finished
+   * pairing adds `account`, the signed device identity (baileys 7 configureSuccessfulPairing).
    */
   static linkState(authDir: string): LinkState {
     const file = readCredsFile(authDir);
@@ -3155,7 +3097,6 @@ export class WhatsAppChannel implements Channel {
     return /@(s\.whatsapp\.net|g\.us|lid)$/.test(jid);
   }
 
-  /** The WhatsApp Web version announced, or undefined for baileys' built-in one. */
   get version(): WAVersion | undefined {
     return this.waVersion;
   }
@@ -3169,7 +3110,7 @@ export class WhatsAppChannel implements Channel {
     this.handlers = handlers;
     this.closed = false;
     await this.openSocket();
-    this.stopDailySync = every(this.clock, 24 * 60 * 60_000, () => void this.syncGroups().catch(() => {}));
+    this.stopDailySync = every(this.clock, DAY_MS, () => this.syncGroupsInBackground());
   }
 
   /**
@@ -3227,41 +3168,44 @@ export class WhatsAppChannel implements Channel {
     });
     this.sock = sock;
     this.options.onSocket?.(sock);
-    sock.ev.on('creds.update', saveCreds);
-    sock.ev.on('connection.update', (update) => this.onConnectionUpdate(sock, update));
-    sock.ev.on('messages.upsert', ({ messages }) => {
-      if (sock !== this.sock) return;
+    this.listen(sock, saveCreds);
+  }
+
+  /** What the channel does on a socket's events; a retired socket's last words are not heard. */
+  private listen(sock: WASocket, saveCreds: () => Promise<void>): void {
+    const on = <E extends keyof BaileysEventMap>(event: E, handle: (data: BaileysEventMap[E]) => unknown) =>
+      sock.ev.on(event, (data) => sock === this.sock && handle(data));
+    on('creds.update', saveCreds);
+    const phoneForm = (jid: string) => canonicalJid(jid, null, this.identity());
+    on('connection.update', (update) => this.onConnectionUpdate(sock, update));
+    on('messages.upsert', ({ messages }) => {
       for (const message of messages) this.inChatOrder(message);
     });
-    sock.ev.on('groups.upsert', (groups) => sock === this.sock && this.keepGroups(groups));
-    sock.ev.on('groups.update', (updates) => {
-      if (sock !== this.sock) return;
-      for (const group of updates) {
-        if (!group.id) continue;
+    on('groups.upsert', (groups) => this.keepGroups(groups));
+    on('groups.update', (updates) => {
+      for (const group of updates.filter((update) => update.id)) {
         // Full metadata (a group sync) replaces the entry; a one-field change makes it stale.
         if (group.subject !== undefined && Array.isArray(group.participants))
-          this.groupMetadata.set(group.id, group as GroupMetadata);
-        else this.groupMetadata.del(group.id);
-        this.learnGroupName(group.id, group.subject);
+          this.groupMetadata.set(group.id!, group as GroupMetadata);
+        else this.groupMetadata.del(group.id!);
+        this.learnGroupName(group.id!, group.subject);
       }
     });
-    sock.ev.on('group-participants.update', ({ id }) => {
-      if (sock !== this.sock) return;
+    on('group-participants.update', ({ id }) => {
       this.groupMetadata.del(id);
       sock.groupMetadata(id).then(
         (metadata) => this.groupMetadata.set(id, metadata),
         () => {},
       );
     });
-    sock.ev.on('lid-mapping.update', ({ lid, pn }) => {
-      if (sock !== this.sock || !lid || !pn) return;
-      this.lidToPhone.set(baileys().jidNormalizedUser(lid), baileys().jidNormalizedUser(pn));
+    on('lid-mapping.update', ({ lid, pn }) => {
+      const { jidNormalizedUser } = baileys();
+      if (lid && pn) this.lidToPhone.set(jidNormalizedUser(lid), jidNormalizedUser(pn));
     });
     // Typing (a "chatstate" from WhatsApp): the host may start the chat's agent before the message.
-    sock.ev.on('presence.update', ({ id, presences }) => {
-      const typist = sock === this.sock ? typistOf(presences, this.ownJids) : null;
-      if (!typist) return;
-      this.handlers?.onActivity?.(canonicalJid(id, null, this.identity()), canonicalJid(typist, null, this.identity()));
+    on('presence.update', ({ id, presences }) => {
+      const typist = typistOf(presences, this.ownJids);
+      if (typist) this.handlers?.onActivity?.(phoneForm(id), phoneForm(typist));
     });
   }
 
@@ -3274,7 +3218,7 @@ export class WhatsAppChannel implements Channel {
     return fresh;
   }
 
-  /** Groups WhatsApp gave whole (joined, or all of them in a sync): their metadata kept, their names learned. */
+  /** Groups WhatsApp gave whole (joined, or all of them in a sync). */
   private keepGroups(groups: GroupMetadata[]): void {
     for (const group of groups) {
       this.groupMetadata.set(group.id, group);
@@ -3282,7 +3226,7 @@ export class WhatsAppChannel implements Channel {
     }
   }
 
-  /** A group name from WhatsApp, unless it is empty (a change of something else carries no subject). */
+  /** A change of something else carries no subject. */
   private learnGroupName(jid: string, subject: string | undefined | null): void {
     if (typeof subject === 'string' && subject.trim())
       this.handlers?.onChatMetadata?.({ jid, name: subject.trim(), isGroup: true });
@@ -3294,97 +3238,87 @@ export class WhatsAppChannel implements Channel {
     return content ? baileys().proto.Message.decode(content) : undefined;
   }
 
-  /** A socket that will never be used again: no listener left, connection ended. */
-  private retire(sock: WASocket | null): void {
+  private retire(): void {
+    const sock = this.sock;
+    this.sock = null;
     if (!sock) return;
     for (const event of WHATSAPP_EVENTS) sock.ev.removeAllListeners(event);
     sock.end(undefined).catch(() => {}); // already closed
   }
 
-  /** Stops for good: no reconnect; the log and onStopped say why and what to do. */
+  /** For good: the log and onStopped say why and what to do. */
   private stopFor(why: string, fields: Record<string, unknown> = {}): void {
     log.error(fields, why);
     this.stop();
     this.options.onStopped?.(why);
   }
 
-  /** No connection, no reconnect, no timer left. */
   private stop(): void {
     this.closed = true;
-    this.ready = false;
+    this.openedAt = null;
     this.cancelReconnect?.();
     this.cancelReconnect = null;
     this.stopDailySync?.();
     for (const stop of this.typingRefresh.values()) stop();
     this.typingRefresh.clear();
-    this.retire(this.sock);
+    this.retire();
   }
 
   private onConnectionUpdate(sock: WASocket, update: Partial<ConnectionState>): void {
-    if (sock !== this.sock) return; // a retired socket's last words
-    if (update.qr) {
+    if (update.qr)
       this.stopFor(
         'Not linked: WhatsApp offers a QR code, so it does not know the device in store/auth/. Run `bun nanoclaw.ts auth --relink`, then start NanoClaw again.',
       );
+    else if (update.connection === 'open') this.opened(sock);
+    if (update.connection === 'close') this.closedBy(update.lastDisconnect?.error);
+  }
+
+  private opened(sock: WASocket): void {
+    this.openedAt = this.clock.monotonic();
+    this.versionRefusalLogged = false;
+    const own = [sock.user?.id, sock.user?.lid].filter((jid): jid is string => Boolean(jid));
+    this.ownJids = new Set(own.map((jid) => baileys().jidNormalizedUser(jid)));
+    log.info({ me: [...this.ownJids] }, 'WhatsApp connected');
+    this.handlers?.onReady?.();
+    this.subscribed.clear();
+    for (const jid of this.handlers?.watchedChats?.() ?? []) this.subscribe(jid);
+    const last = this.options.lastGroupSync?.();
+    if (!last || this.clock.now() - new Date(last).getTime() > (this.options.groupSyncMaxAgeMs ?? DAY_MS))
+      this.syncGroupsInBackground();
+  }
+
+  private closedBy(error: unknown): void {
+    // Only a connection that held counts as recovered: one that drops at once keeps backing off.
+    if (this.openedAt !== null && this.clock.monotonic() - this.openedAt >= WHATSAPP_STABLE_MS) this.attempt = 0;
+    this.openedAt = null;
+    const { kind, status, detail } = disconnectKind(error);
+    const next = afterDisconnect(kind, status);
+    if (next.action === 'stop') {
+      this.stopFor(next.says, { status, reason: detail });
       return;
     }
-    if (update.connection === 'open') {
-      this.ready = true;
-      this.openedAt = this.clock.monotonic();
-      this.versionRefusalLogged = false;
-      const own = [sock.user?.id, sock.user?.lid].filter((jid): jid is string => Boolean(jid));
-      this.ownJids = new Set(own.map((jid) => baileys().jidNormalizedUser(jid)));
-      log.info({ me: [...this.ownJids] }, 'WhatsApp connected');
-      this.handlers?.onReady?.();
-      // WhatsApp tells who is typing only in chats we subscribed to (for this connection).
-      this.subscribed.clear();
-      for (const jid of this.handlers?.watchedChats?.() ?? []) this.subscribe(jid);
-      const last = this.options.lastGroupSync?.();
-      const maxAge = this.options.groupSyncMaxAgeMs ?? 24 * 60 * 60_000;
-      if (!last || Date.now() - new Date(last).getTime() > maxAge)
-        void this.syncGroups().catch((err) => log.warn({ err }, 'Group sync failed'));
+    if (kind !== 'version-refused') log.warn({ status, kind, reason: detail }, 'WhatsApp disconnected');
+    else {
+      this.lookUpVersion = true;
+      if (!this.versionRefusalLogged)
+        log.error(
+          { version: this.waVersion?.join('.') ?? 'built in' },
+          'WhatsApp refused this client version (405). NanoClaw looks the current version up and keeps trying; if this goes on, update NanoClaw (bun update @whiskeysockets/baileys).',
+        );
+      this.versionRefusalLogged = true;
     }
-    if (update.connection === 'close') {
-      this.ready = false;
-      // Only a connection that held counts as recovered: one that drops at once keeps backing off.
-      if (this.openedAt !== null && this.clock.monotonic() - this.openedAt >= WHATSAPP_STABLE_MS) this.attempt = 0;
-      this.openedAt = null;
-      const { kind, status, detail } = disconnectKind(update.lastDisconnect?.error);
-      const next = afterDisconnect(kind, status);
-      if (next.action === 'stop') {
-        this.stopFor(next.says, { status, reason: detail });
-        return;
-      }
-      if (kind === 'version-refused') {
-        this.lookUpVersion = true;
-        if (!this.versionRefusalLogged)
-          log.error(
-            { version: this.waVersion?.join('.') ?? 'built in' },
-            'WhatsApp refused this client version (405). NanoClaw looks the current version up and keeps trying; if this goes on, update NanoClaw (bun update @whiskeysockets/baileys).',
-          );
-        this.versionRefusalLogged = true;
-      } else {
-        log.warn({ status, kind, reason: detail }, 'WhatsApp disconnected');
-      }
-      this.scheduleReconnect(next.action === 'now');
-    }
+    this.scheduleReconnect(next.action === 'now');
   }
 
   private scheduleReconnect(now = false): void {
     if (this.closed || this.cancelReconnect) return;
-    const delay = now
-      ? 0 // a restart WhatsApp asks for is no failure
-      : backoff(++this.attempt, {
-          baseMs: this.options.reconnectBaseMs ?? 1000,
-          capMs: this.options.reconnectCapMs ?? 60_000,
-          jitter: true,
-        });
+    const { reconnectBaseMs: baseMs = 1000, reconnectCapMs: capMs = 60_000 } = this.options;
+    const delay = now ? 0 : backoff(++this.attempt, { baseMs, capMs, jitter: true }); // a restart WhatsApp asks for is no failure
     log.info({ attempt: this.attempt, delayMs: delay }, 'Reconnecting to WhatsApp');
     this.cancelReconnect = this.clock.after(delay, () => {
       this.cancelReconnect = null;
       if (this.closed) return;
-      this.retire(this.sock);
-      this.sock = null;
+      this.retire();
       this.openSocket().catch((err) => {
         log.error({ err }, 'Could not open a WhatsApp connection');
         this.scheduleReconnect();
@@ -3410,11 +3344,11 @@ export class WhatsAppChannel implements Channel {
 
   /** Phone forms baileys knows (locally) for the LIDs of a message's chat and sender. */
   private async learnPhonesFor(key: WAMessageKey): Promise<void> {
-    const sock = this.sock;
+    const { isLidUser, jidNormalizedUser } = baileys();
     for (const jid of [key.remoteJid, key.participant]) {
-      if (!sock || !jid || !baileys().isLidUser(jid) || this.lidToPhone.has(baileys().jidNormalizedUser(jid))) continue;
-      const phone = await sock.signalRepository.lidMapping.getPNForLID(jid).catch(() => null);
-      if (phone) this.lidToPhone.set(baileys().jidNormalizedUser(jid), baileys().jidNormalizedUser(phone));
+      if (!this.sock || !jid || !isLidUser(jid) || this.lidToPhone.has(jidNormalizedUser(jid))) continue;
+      const phone = await this.sock.signalRepository.lidMapping.getPNForLID(jid).catch(() => null);
+      if (phone) this.lidToPhone.set(jidNormalizedUser(jid), jidNormalizedUser(phone));
     }
   }
 
@@ -3428,21 +3362,18 @@ export class WhatsAppChannel implements Channel {
     );
   }
 
-  /** Inbound: translate, download media for registered chats, hand to the host. */
+  /** Translates, downloads media for registered chats, hands to the host. */
   async onMessage(raw: WAMessage): Promise<void> {
-    await this.learnPhonesFor(raw.key as WAMessageKey);
+    await this.learnPhonesFor(raw.key);
     const change = parseWhatsAppChange(raw, this.identity());
     if (change) return this.handlers?.onChange?.(change);
     const inbound = parseWhatsAppMessage(raw, this.identity());
     if (!inbound) return;
-    const tree = inbound.media ? this.options.mediaTreeFor(inbound.message.chatJid) : null;
-    if (inbound.media && tree) inbound.message.content = await this.saveMedia(raw, inbound, tree);
-    else if (inbound.media)
-      inbound.message.content = `[${inbound.media.kind}]${inbound.message.content ? ` ${inbound.message.content}` : ''}`;
-    this.handlers?.onMessage(inbound.message, {
-      name: inbound.isGroup ? undefined : raw.pushName,
-      isGroup: inbound.isGroup,
-    });
+    const { message, media, isGroup } = inbound;
+    const tree = media ? this.options.mediaTreeFor(message.chatJid) : null;
+    if (media && tree) message.content = await this.saveMedia(raw, inbound, tree);
+    else if (media) message.content = `[${media.kind}]${message.content ? ` ${message.content}` : ''}`;
+    this.handlers?.onMessage(message, { name: isGroup ? undefined : raw.pushName, isGroup });
   }
 
   /**
@@ -3474,37 +3405,38 @@ export class WhatsAppChannel implements Channel {
     }
   }
 
-  private async saveMedia(raw: WAMessage, inbound: WhatsAppInbound, tree: AgentTree): Promise<string> {
-    const media = inbound.media!;
-    const caption = inbound.message.content;
-    if ((media.bytes ?? 0) > MAX_MEDIA_BYTES)
-      return `[${media.kind} not downloaded: ${Math.round(media.bytes! / 1024 / 1024)} MB is over the ${MAX_MEDIA_BYTES / 1024 / 1024} MB limit]${caption ? ` ${caption}` : ''}`;
+  /** Saves the media in its group's media/: what the agent reads of it. */
+  private async saveMedia(raw: WAMessage, { message, media }: WhatsAppInbound, tree: AgentTree): Promise<string> {
+    const { kind, mimetype, fileName: original, bytes = 0 } = media!;
+    const caption = message.content ? ` ${message.content}` : '';
+    const mb = (n: number) => n / 1024 / 1024;
+    if (bytes > MAX_MEDIA_BYTES)
+      return `[${kind} not downloaded: ${Math.round(mb(bytes))} MB is over the ${mb(MAX_MEDIA_BYTES)} MB limit]${caption}`;
     try {
       const data = await this.download(raw);
       if (data.length > MAX_MEDIA_BYTES) throw new Error('file over the size limit');
-      const fileName = safeMediaFileName(inbound.message.id, media.kind, media.mimetype, media.fileName);
+      const fileName = safeMediaFileName(message.id, kind, mimetype, original);
       try {
         tree.create(`media/${fileName}`, data);
       } catch (err) {
         if (errorCode(err) !== 'EEXIST') throw err; // the same message delivered again: already saved
       }
       const words =
-        media.kind === 'voice note' ? await this.transcription(data, fileName, media.mimetype, inbound) : caption;
-      return `[${media.kind}: /workspace/group/media/${fileName}${media.fileName ? ` (${media.fileName})` : ''}]${words ? ` ${words}` : ''}`;
+        kind === 'voice note' ? ` ${await this.transcription(data, fileName, mimetype, message.id)}` : caption;
+      return `[${kind}: /workspace/group/media/${fileName}${original ? ` (${original})` : ''}]${words}`;
     } catch (err) {
-      log.warn({ err: errorText(err), messageId: inbound.message.id }, 'Could not download media');
-      return `[${media.kind} could not be downloaded]${caption ? ` ${caption}` : ''}`;
+      log.warn({ err: errorText(err), messageId: message.id }, 'Could not download media');
+      return `[${kind} could not be downloaded]${caption}`;
     }
   }
 
-  /** What the agent is told of a voice note's words: its transcript, or plainly that there is none. */
-  private async transcription(audio: Buffer, fileName: string, mimetype: string, { message }: WhatsAppInbound) {
+  private async transcription(audio: Buffer, fileName: string, mimetype: string, messageId: string): Promise<string> {
     if (!this.options.transcribe) return '(could not be transcribed: no transcription service is configured)';
     try {
       const words = await this.options.transcribe(audio, fileName, mimetype);
       return words ? `Transcript: ${words}` : '(transcribed: no words in it)';
     } catch (err) {
-      log.warn({ err: errorText(err), messageId: message.id }, 'Could not transcribe a voice note');
+      log.warn({ err: errorText(err), messageId }, 'Could not transcribe a voice note');
       return `(could not be transcribed: ${errorText(err)})`;
     }
   }
@@ -3513,22 +3445,27 @@ export class WhatsAppChannel implements Channel {
     return splitForWhatsApp(toWhatsAppFormat(text));
   }
 
-  /** Sends one part, within the rate limits, under its stable message id, and keeps what was sent for resends. */
   async deliver(jid: string, text: string, messageId: string): Promise<void> {
     await this.deliverContent(jid, { text }, messageId);
   }
 
-  /** An image with its caption, or a document with its name and type; uploaded (encrypted) by baileys. */
   async sendFile(jid: string, file: OutboundFile, messageId: string): Promise<void> {
-    await this.deliverContent(jid, whatsAppFileContent(file), messageId);
+    const data = Buffer.from(file.data);
+    const caption = file.caption ? { caption: file.caption } : {};
+    const content: AnyMessageContent =
+      file.kind === 'image'
+        ? { image: data, mimetype: file.mimetype, ...caption }
+        : { document: data, mimetype: file.mimetype, fileName: file.fileName, ...caption };
+    await this.deliverContent(jid, content, messageId);
   }
 
+  /** Within the rate limits, under its stable message id; what was sent is kept for resends. */
   private async deliverContent(jid: string, content: AnyMessageContent, messageId: string): Promise<void> {
-    const wait = this.rateLimiter.delayFor(jid);
-    if (wait > 0) await Bun.sleep(wait);
+    const wait = this.rateLimiter.delayFor(jid, this.clock.now());
+    if (wait > 0) await new Promise<void>((resolve) => this.clock.after(wait, resolve));
     if (!this.ready) throw new Error('WhatsApp is not connected');
     const sent = await this.send(jid, content, messageId);
-    this.rateLimiter.record(jid);
+    this.rateLimiter.record(jid, this.clock.now());
     if (!sent) return;
     try {
       this.options.rememberSent?.(messageId, baileys().proto.Message.encode(sent).finish());
@@ -3560,7 +3497,7 @@ export class WhatsAppChannel implements Channel {
     await this.sendChatState(jid, typing ? 'composing' : 'paused');
   }
 
-  /** Asks WhatsApp for a chat's presence (typing) once per connection. */
+  /** WhatsApp tells who is typing only in chats subscribed to (per connection). */
   private subscribe(jid: string): void {
     if (!this.sock || this.subscribed.has(jid)) return;
     this.subscribed.add(jid);
@@ -3573,20 +3510,22 @@ export class WhatsAppChannel implements Channel {
 
   async syncGroups(): Promise<void> {
     if (!this.sock || !this.ready) return;
-    const groups = await this.sock.groupFetchAllParticipating();
-    this.keepGroups(Object.values(groups));
+    const groups = Object.values(await this.sock.groupFetchAllParticipating());
+    this.keepGroups(groups);
     this.options.markGroupSync?.(
-      Object.fromEntries(Object.values(groups).map((group) => [group.id, group.participants?.length ?? 0])),
+      Object.fromEntries(groups.map((group) => [group.id, group.participants?.length ?? 0])),
     );
-    log.info({ groups: Object.keys(groups).length }, 'WhatsApp group names synced');
+    log.info({ groups: groups.length }, 'WhatsApp group names synced');
+  }
+
+  private syncGroupsInBackground(): void {
+    this.syncGroups().catch((err) => log.warn({ err }, 'Group sync failed'));
   }
 
   async disconnect(): Promise<void> {
     this.stop();
-    this.sock = null;
   }
 
-  /** Test and diagnostics hook: the live socket. */
   get socket(): WASocket | null {
     return this.sock;
   }

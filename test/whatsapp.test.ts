@@ -19,7 +19,6 @@ import {
   Host,
   backoff,
   parseWhatsAppMessage,
-  typistOf,
   RateLimiter,
   addGroup,
   safeMediaFileName,
@@ -951,11 +950,11 @@ describe('what real WhatsApp needs (baileys 7)', () => {
     openAsWhatsAppWould(sock);
     expect(subscribed).toEqual([GROUP, ALICE]);
     const own = sock.user!.id; // as the phone knows us: with its device suffix
-    const chatstate = (from: string, participant: string, state: string) =>
+    const chatstate = (from: string, participant: string, state: string, attrs: Record<string, string> = {}) =>
       sock.ws.emit('CB:chatstate', {
         tag: 'chatstate',
         attrs: { from, participant },
-        content: [{ tag: state, attrs: {} }],
+        content: [{ tag: state, attrs }],
       });
     chatstate(GROUP, ALICE, 'paused');
     chatstate(GROUP, own, 'composing');
@@ -963,7 +962,9 @@ describe('what real WhatsApp needs (baileys 7)', () => {
     chatstate(GROUP, ALICE, 'composing');
     sock.ev.flush();
     expect(activity).toEqual([GROUP]);
-    expect(typistOf({ [ALICE]: { lastKnownPresence: 'recording' } }, new Set())).toBe(ALICE);
+    chatstate(ALICE, ALICE, 'composing', { media: 'audio' }); // recording a voice note
+    sock.ev.flush();
+    expect(activity).toEqual([GROUP, ALICE]);
   });
 
   it('media gone from WhatsApp’s servers (410) is asked of the sender’s phone again, then downloaded; a phone that never answers times out', async () => {
