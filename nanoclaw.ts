@@ -3594,80 +3594,68 @@ export class WhatsAppChannel implements Channel {
 
 // ───────────────────────────── 7. Queue: one container per group, a limit for all ────
 
-/** The queue entry of a chat's isolated task runs: their own container, beside the chat's. */
-export function isolatedLane(chatJid: string): string {
-  return `${chatJid}#isolated`;
-}
-
-/** The queue entry a task's own container runs in: an isolated task's lane, or its chat's. */
+/** The queue entry a task's own container runs in: an isolated task's lane beside its chat's, or the chat's. */
 export function laneOf(task: Pick<ScheduledTask, 'chatJid' | 'contextMode'>): string {
-  return task.contextMode === 'isolated' ? isolatedLane(task.chatJid) : task.chatJid;
+  return task.contextMode === 'isolated' ? `${task.chatJid}#isolated` : task.chatJid;
 }
 
 /** How the queue and the host reach a running container. */
 export interface LiveContainer {
   /** False for scheduled tasks: their container never takes chat follow-ups. */
   readonly acceptsFollowUps: boolean;
-  /** True once it was asked to close, is being stopped, or has exited: nothing more may be sent to it. */
+  /** Asked to close, being stopped, or exited: nothing more may be sent to it. */
   readonly closing: boolean;
-  /**
-   * Hands over a chat follow-up (with the seq of its newest message), or a scheduled task,
-   * as a turn after the current one; false when it could not (the container is then being stopped).
-   */
+  /** A chat follow-up (upTo: the seq of its newest message) or a task, as the next turn; false when it could not. */
   sendInput(text: string, kind?: 'message' | 'task', upTo?: number): boolean;
   /** Asks the agent to finish its turn and exit. */
   close(): void;
-  /** Freezes a container that waits for its next message (docker pause): no CPU until input, wake or close thaws it. */
+  /** docker pause while it waits for its next message: no CPU until input, wake or close thaws it. */
   pause(): void;
-  /** Thaws a paused container ahead of its next message (someone is typing). */
   wake(): void;
-  /** Stops the container now. */
   kill(): Promise<void>;
 }
 
-/** A scheduled task waiting for its group; `inLive` (group-context tasks) runs it as a turn of the chat's live container instead. */
 interface QueuedTask {
   id: string;
   run: () => Promise<void>;
-  inLive?: () => void;
+  /** Group-context tasks: runs it as a turn of the chat's live container instead. */
+  inLive?: (() => void) | undefined;
 }
 
-interface GroupState {
-  running: boolean;
-  /** The run counts against maxConcurrent; false while its agent waits in the warm pool, or closes. */
-  holdsSlot: boolean;
-  live: LiveContainer | null;
-  /** Stopped while docker was still starting it: the container is stopped as soon as it is up. */
-  stopWhenUp: boolean;
-  /** Cancels the idle close, while one is pending: set while the agent waits in the warm pool. */
-  idleTimer: (() => void) | null;
-  /** Cancels the pause of the waiting agent, while one is pending. */
-  pauseTimer: (() => void) | null;
-  messagesPending: boolean;
-  tasks: QueuedTask[];
-  retryCount: number;
-  /** Cancels the pending retry, while one is. */
-  retryTimer: (() => void) | null;
-  /** The highest message seq the running message run was given (null: none is running). */
-  givenUpTo: number | null;
+class GroupState {
+  running = false;
+  /** Counts against maxConcurrent; false while its agent waits in the warm pool, or closes. */
+  holdsSlot = false;
+  live: LiveContainer | null = null;
+  /** Killed while docker was still starting it: stopped as soon as it is up. */
+  stopWhenUp = false;
+  messagesPending = false;
+  tasks: QueuedTask[] = [];
+  retryCount = 0;
+  cancelRetry: (() => void) | null = null;
+  /** The highest message seq the running message run was given (null: none runs). */
+  givenUpTo: number | null = null;
   /** That run's agent asked the chat a question: the chat's next message is the answer. */
-  answerExpected: boolean;
+  answerExpected = false;
   /** A message came while its container was closing: the group goes on at the front of the line, not the back. */
-  keepPlace: boolean;
+  keepPlace = false;
+
+  stopRetry(): void {
+    this.cancelRetry?.();
+    this.cancelRetry = null;
+  }
 }
 
 export interface QueueOptions {
   maxConcurrent: number;
   idleTimeoutMs: number;
-  /** Agents waiting for their group's next message, at most `size`, the least recently used closed first; paused after pauseAfterMs. */
+  /** Agents waiting for their group's next message: at most `size`, paused after pauseAfterMs. */
   pool: { size: number; pauseAfterMs: number };
   retryBaseMs: number;
   maxRetries: number;
-  /** Runs the agent on a group's pending messages (warm: start it even with none, to wait for the next); resolves false when the run must be retried. */
+  /** Runs the agent on a group's pending messages (warm: even with none, to wait for the next); false: retry. */
   processMessages(chatJid: string, warm: boolean): Promise<boolean>;
-  /** The retries are used up: the group's pending messages must be given up. */
   onGiveUp?(chatJid: string): void;
-  /** A failed run will be tried again after delayMs. */
   onRetry?(chatJid: string, attempt: number, delayMs: number): void;
   clock?: Clock;
 }
@@ -3675,11 +3663,9 @@ export interface QueueOptions {
 export class GroupQueue {
   private readonly groups = new Map<string, GroupState>();
   private readonly waiting: string[] = [];
-  /** The warm pool: groups whose agent waits for their next message, least recently used first. */
-  private readonly pooled: string[] = [];
-  private active = 0;
+  /** The warm pool, least recently used first: each waiting agent's pending pause and idle close. */
+  private readonly pool = new Map<string, { cancelPause: () => void; cancelClose: () => void }>();
   private shuttingDown = false;
-
   private readonly clock: Clock;
 
   constructor(private readonly options: QueueOptions) {
@@ -3687,30 +3673,17 @@ export class GroupQueue {
   }
 
   private state(jid: string): GroupState {
-    let state = this.groups.get(jid);
-    if (!state) {
-      state = {
-        running: false,
-        holdsSlot: false,
-        live: null,
-        stopWhenUp: false,
-        idleTimer: null,
-        pauseTimer: null,
-        messagesPending: false,
-        tasks: [],
-        retryCount: 0,
-        retryTimer: null,
-        givenUpTo: null,
-        answerExpected: false,
-        keepPlace: false,
-      };
-      this.groups.set(jid, state);
-    }
+    const state = this.groups.get(jid) ?? new GroupState();
+    this.groups.set(jid, state);
     return state;
   }
 
   get activeCount(): number {
-    return this.active;
+    return [...this.groups.values()].filter((state) => state.holdsSlot).length;
+  }
+
+  get poolMembers(): string[] {
+    return [...this.pool.keys()];
   }
 
   isRunning(jid: string): boolean {
@@ -3720,63 +3693,47 @@ export class GroupQueue {
   /** Running, or waiting out a retry backoff: either way the group needs nothing from a sweep. */
   isBusy(jid: string): boolean {
     const state = this.groups.get(jid);
-    return Boolean(state && (state.running || state.retryTimer));
+    return Boolean(state && (state.running || state.cancelRetry));
   }
 
-  /**
-   * There are messages to look at for this group. A group waiting out a retry's backoff
-   * waits it out (the retry takes them along); one whose container is closing keeps its place.
-   */
+  /** There are messages for this group. A group backing off before a retry waits (the retry takes them along). */
   enqueueMessages(jid: string): void {
     if (this.shuttingDown) return;
     const state = this.state(jid);
     state.messagesPending = true;
-    if (state.running) {
-      if (state.live?.closing) state.keepPlace = true;
-      return;
-    }
-    if (state.retryTimer) return;
-    this.startOrWait(jid);
+    if (state.running && state.live?.closing) state.keepPlace = true;
+    if (!state.running && !state.cancelRetry) this.startOrWait(jid);
   }
 
   /**
-   * A scheduled task for this group. With `inLive`, a chat container that is alive takes it
-   * as its next turn (now if it waits, else once it answered): nothing is closed for it.
-   * Otherwise it runs in its own container, after whatever the group is doing now.
+   * A scheduled task. With `inLive`, the group's live chat container takes it as its next turn
+   * (now if it waits, else once it answered); otherwise it gets its own container, after the group's work.
    */
   enqueueTask(jid: string, taskId: string, run: () => Promise<void>, inLive?: () => void): void {
-    if (this.shuttingDown) return;
     const state = this.state(jid);
-    if (state.tasks.some((task) => task.id === taskId)) return;
-    const liveTakesIt = Boolean(inLive) && this.takesInput(state);
-    if (liveTakesIt && state.idleTimer) {
-      this.leavePool(jid, state);
-      inLive!();
-      return;
-    }
-    state.tasks.push({ id: taskId, run, ...(liveTakesIt ? { inLive } : {}) });
-    if (state.running) {
-      if (!liveTakesIt && state.idleTimer) this.closeIdle(jid); // an idle chat container would hold the task up
-      return;
-    }
-    this.startOrWait(jid);
+    if (this.shuttingDown || state.tasks.some((task) => task.id === taskId)) return;
+    state.tasks.push({ id: taskId, run, inLive: this.takesInput(state) ? inLive : undefined });
+    if (this.pool.has(jid))
+      this.markIdle(jid); // its waiting agent takes the task as a turn, or closes for it
+    else if (!state.running) this.startOrWait(jid);
   }
 
   /**
-   * Starts a group's container before its message, when activity says one is coming: only
-   * into a free slot nobody waits for, and only when the group has no container yet. An
-   * agent waiting in the pool is thawed instead, and kept running for another pauseAfterMs.
+   * Starts a group's container before its message, only into a free slot nobody waits for and only
+   * when it has none; an agent waiting in the pool is thawed instead, for another pauseAfterMs.
    */
   prewarm(jid: string): boolean {
-    const { maxConcurrent, pool } = this.options;
     const state = this.state(jid);
-    if (state.idleTimer && state.live) {
-      state.live.wake();
-      this.armPause(state);
+    const seat = this.pool.get(jid);
+    if (seat) {
+      seat.cancelPause();
+      seat.cancelPause = this.pauseLater(state.live!);
+      state.live!.wake();
       return true;
     }
-    if (this.shuttingDown || pool.size === 0 || this.active >= maxConcurrent || this.waiting.length > 0) return false;
-    if (state.running || state.retryTimer || state.tasks.length > 0) return false;
+    if (this.shuttingDown || this.options.pool.size === 0 || !this.hasFreeSlot() || this.waiting.length > 0)
+      return false;
+    if (state.running || state.cancelRetry || state.tasks.length > 0) return false;
     this.start(jid, true);
     return true;
   }
@@ -3789,195 +3746,156 @@ export class GroupQueue {
     else if (this.shuttingDown) live.close();
   }
 
-  /** The group's running message run now has its messages up to `seq` (null: that run is over); an expected answer is among them. */
+  /** The running message run now has the messages up to `seq` (null: that run is over), an expected answer among them. */
   give(jid: string, seq: number | null): void {
     const state = this.state(jid);
     state.givenUpTo = seq;
     state.answerExpected = false;
   }
 
-  /** The highest message seq the group's running message run was given, or null when none runs. */
   givenUpTo(jid: string): number | null {
     return this.groups.get(jid)?.givenUpTo ?? null;
   }
 
-  /** The running agent asked the chat a question (only a message run can be answered). */
+  /** Only a message run can be answered. */
   expectAnswer(jid: string): void {
     const state = this.groups.get(jid);
     if (state?.givenUpTo != null) state.answerExpected = true;
   }
 
-  /** Whether the chat's next message answers the running agent's question. */
   answerExpected(jid: string): boolean {
     return this.groups.get(jid)?.answerExpected ?? false;
   }
 
   /**
-   * Hands a follow-up (or a task, as the next turn) to the group's live container; false when
-   * there is none that takes it. An agent from the warm pool counts toward the limit again
-   * while it works, but is never held back by it: it is already running, waiting would only
-   * add to the reply's latency.
+   * A follow-up (or a task) as the next turn of the group's live container; false when none takes it.
+   * An agent from the pool holds a slot again, but never waits for one: that would only add latency.
    */
   sendFollowUp(jid: string, text: string, kind: 'message' | 'task' = 'message', upTo?: number): boolean {
     const state = this.groups.get(jid);
     if (!state || !this.takesInput(state)) return false;
-    this.leavePool(jid, state);
-    if (!state.holdsSlot) {
-      state.holdsSlot = true;
-      this.active++;
-    }
+    this.leavePool(jid);
+    state.holdsSlot = true;
     return state.live!.sendInput(text, kind, upTo);
   }
 
-  /** The group's container is running and still takes follow-ups and task turns. */
   private takesInput(state: GroupState): boolean {
     return state.running && Boolean(state.live?.acceptsFollowUps) && !state.live!.closing;
   }
 
   /**
-   * The group's agent answered and now waits: a task queued for this container runs as its
-   * next turn. Otherwise it joins the warm pool: its slot is free for others, it is paused
-   * after pool.pauseAfterMs and closed after the idle timeout, and when the pool is over its
-   * size the agent that waited longest is closed. A task that needs its own container, or a
-   * pool of size 0, closes it at once.
+   * The group's agent answered and waits: a task queued for this container is its next turn; else it
+   * joins the pool, its slot free for others. A task needing its own container, or no pool, closes it.
    */
-  markIdle(jid: string, idleTimeoutMs = this.options.idleTimeoutMs): void {
+  markIdle(jid: string): void {
     const state = this.groups.get(jid);
     if (!state?.live) return;
-    this.leavePool(jid, state);
+    this.leavePool(jid);
     const next = state.tasks[0];
     if (next?.inLive && !state.live.closing) {
       state.tasks.shift();
       next.inLive();
-      return;
-    }
-    const { pool } = this.options;
-    if (state.tasks.length > 0 || pool.size === 0 || state.live.closing) {
-      this.closeIdle(jid);
-      return;
-    }
-    state.idleTimer = this.clock.after(idleTimeoutMs, () => this.closeIdle(jid));
-    this.armPause(state);
-    this.pooled.push(jid);
-    this.releaseSlot(state);
-    while (this.pooled.length > pool.size) {
-      const evicted = this.pooled[0]!;
-      log.debug({ chatJid: evicted, poolSize: pool.size }, 'Warm pool full; closing the agent that waited longest');
-      this.closeIdle(evicted);
+    } else if (state.tasks.length > 0 || this.options.pool.size === 0 || state.live.closing) {
+      this.closeContainer(jid);
+    } else {
+      this.joinPool(jid, state.live);
+      this.releaseSlot(state);
     }
   }
 
-  /** Groups whose agent waits in the warm pool, least recently used first (for /status and tests). */
-  get poolMembers(): readonly string[] {
-    return this.pooled;
+  /** Paused after pool.pauseAfterMs, closed after the idle timeout; past the pool's size the longest waiting goes. */
+  private joinPool(jid: string, live: LiveContainer): void {
+    const cancelClose = this.clock.after(this.options.idleTimeoutMs, () => this.closeContainer(jid));
+    this.pool.set(jid, { cancelPause: this.pauseLater(live), cancelClose });
+    for (const [evicted] of this.pool) {
+      if (this.pool.size <= this.options.pool.size) break;
+      log.debug(
+        { chatJid: evicted, poolSize: this.options.pool.size },
+        'Warm pool full; closing the agent that waited longest',
+      );
+      this.closeContainer(evicted);
+    }
   }
 
-  /** Asks the group's container to finish and exit (a scheduled task's, once it answered). */
+  private pauseLater(live: LiveContainer): () => void {
+    return this.clock.after(this.options.pool.pauseAfterMs, () => live.pause());
+  }
+
+  private leavePool(jid: string): void {
+    const seat = this.pool.get(jid);
+    seat?.cancelPause();
+    seat?.cancelClose();
+    this.pool.delete(jid);
+  }
+
+  /** Asks the group's container to finish and exit; its slot is free at once, not when docker is done with it. */
   closeContainer(jid: string): void {
-    this.closeIdle(jid);
+    const state = this.groups.get(jid);
+    this.leavePool(jid);
+    if (!state?.live) return;
+    state.live.close();
+    this.releaseSlot(state);
   }
 
   /** Stops the group's container now, and any retry it was waiting for. */
   async kill(jid: string): Promise<void> {
     const state = this.groups.get(jid);
     if (!state) return;
-    state.retryTimer?.();
-    state.retryTimer = null;
+    state.stopRetry();
     state.messagesPending = false;
     if (state.running && !state.live) state.stopWhenUp = true; // docker has not started it yet
     await state.live?.kill();
   }
 
-  /** Closes a container that has answered: its slot is free at once, not when docker is done with it. */
-  private closeIdle(jid: string): void {
-    const state = this.groups.get(jid);
-    if (!state) return;
-    this.leavePool(jid, state);
-    state.live?.close();
-    if (state.live) this.releaseSlot(state);
+  private hasFreeSlot(): boolean {
+    return this.activeCount < this.options.maxConcurrent;
   }
 
   private releaseSlot(state: GroupState): void {
     if (!state.holdsSlot) return;
     state.holdsSlot = false;
-    this.active--;
     this.startWaiting();
   }
 
-  private armPause(state: GroupState): void {
-    state.pauseTimer?.();
-    state.pauseTimer = this.clock.after(this.options.pool.pauseAfterMs, () => {
-      state.pauseTimer = null;
-      state.live?.pause();
-    });
-  }
-
-  /** The group's agent stops waiting in the pool (it got work, or it closes): its timers are cancelled. */
-  private leavePool(jid: string, state: GroupState): void {
-    state.idleTimer?.();
-    state.idleTimer = null;
-    state.pauseTimer?.();
-    state.pauseTimer = null;
-    const at = this.pooled.indexOf(jid);
-    if (at >= 0) this.pooled.splice(at, 1);
-  }
-
   private startOrWait(jid: string): void {
-    if (this.active < this.options.maxConcurrent) {
-      this.start(jid);
-      return;
-    }
-    if (!this.waiting.includes(jid)) this.waiting.push(jid);
+    if (this.hasFreeSlot()) this.start(jid);
+    else if (!this.waiting.includes(jid)) this.waiting.push(jid);
   }
 
   private start(jid: string, warm = false): void {
     const state = this.state(jid);
     state.running = true;
     state.holdsSlot = true;
-    this.active++;
     const task = state.tasks.shift();
-    const work = task ? this.runTask(task) : this.runMessages(jid, state, warm);
+    const work = task
+      ? task.run().catch((err) => log.error({ err, taskId: task.id }, 'Scheduled task failed'))
+      : this.runMessages(jid, state, warm);
     void work.finally(() => {
       state.running = false;
       state.live = null;
       state.stopWhenUp = false;
-      this.leavePool(jid, state);
+      this.leavePool(jid);
       this.releaseSlot(state);
-      this.next(jid);
+      this.next(jid, state);
     });
-  }
-
-  private async runTask(task: QueuedTask): Promise<void> {
-    try {
-      await task.run();
-    } catch (err) {
-      log.error({ err, taskId: task.id }, 'Scheduled task failed');
-    }
   }
 
   private async runMessages(jid: string, state: GroupState, warm: boolean): Promise<void> {
     state.messagesPending = false;
-    let ok = false;
-    try {
-      ok = await this.options.processMessages(jid, warm);
-    } catch (err) {
+    const ok = await this.options.processMessages(jid, warm).catch((err) => {
       log.error({ err, chatJid: jid }, 'Processing messages failed');
-    }
-    if (ok) {
-      state.retryCount = 0;
-    } else {
-      this.scheduleRetry(jid, state);
-    }
+      return false;
+    });
+    if (ok) state.retryCount = 0;
+    else this.scheduleRetry(jid, state);
   }
 
   private scheduleRetry(jid: string, state: GroupState): void {
     if (this.shuttingDown) return;
     state.retryCount++;
     if (state.retryCount > this.options.maxRetries) {
-      log.error(
-        { chatJid: jid, attempts: state.retryCount - 1 },
-        'Giving up on these messages; the next message in this chat starts fresh',
-      );
+      const attempts = state.retryCount - 1;
+      log.error({ chatJid: jid, attempts }, 'Giving up on these messages; the next message in this chat starts fresh');
       state.retryCount = 0;
       this.options.onGiveUp?.(jid);
       return;
@@ -3985,35 +3903,28 @@ export class GroupQueue {
     const delayMs = backoff(state.retryCount, { baseMs: this.options.retryBaseMs });
     log.warn({ chatJid: jid, attempt: state.retryCount, delayMs }, 'Agent run failed; retrying with backoff');
     this.options.onRetry?.(jid, state.retryCount, delayMs);
-    state.retryTimer?.();
-    state.retryTimer = this.clock.after(delayMs, () => {
-      state.retryTimer = null;
+    state.stopRetry();
+    state.cancelRetry = this.clock.after(delayMs, () => {
+      state.cancelRetry = null;
       this.enqueueMessages(jid);
     });
   }
 
-  /**
-   * After a run: the same group again if it has work — behind anyone waiting, unless a
-   * message came while its container was closing (then in front: it was being served) —
-   * then the waiting line. A group backing off before a retry is left to its retry.
-   */
-  private next(finishedJid: string): void {
+  /** After a run, the group goes on if it has work (not a retry's): behind the line, or in front if keepPlace. */
+  private next(jid: string, state: GroupState): void {
     if (this.shuttingDown) return;
-    const finished = this.state(finishedJid);
-    for (const task of finished.tasks) delete task.inLive; // the container they were waiting for is gone
-    const hasWork = finished.tasks.length > 0 || (finished.messagesPending && !finished.retryTimer);
-    if (hasWork && !this.waiting.includes(finishedJid)) {
-      if (finished.keepPlace) this.waiting.unshift(finishedJid);
-      else this.waiting.push(finishedJid);
+    for (const task of state.tasks) delete task.inLive; // the container they were waiting for is gone
+    const hasWork = state.tasks.length > 0 || (state.messagesPending && !state.cancelRetry);
+    if (hasWork && !this.waiting.includes(jid)) {
+      if (state.keepPlace) this.waiting.unshift(jid);
+      else this.waiting.push(jid);
     }
-    finished.keepPlace = false;
+    state.keepPlace = false;
     this.startWaiting();
   }
 
-  /** Starts waiting groups, in the order they came, while there are free slots. */
   private startWaiting(): void {
-    if (this.shuttingDown) return;
-    while (this.active < this.options.maxConcurrent && this.waiting.length > 0) {
+    while (!this.shuttingDown && this.hasFreeSlot() && this.waiting.length > 0) {
       const jid = this.waiting.shift()!;
       const state = this.state(jid);
       if (!state.running && (state.tasks.length > 0 || state.messagesPending)) this.start(jid);
@@ -4024,19 +3935,19 @@ export class GroupQueue {
   async shutdown(graceMs: number): Promise<void> {
     this.shuttingDown = true;
     for (const [jid, state] of this.groups) {
-      state.retryTimer?.();
-      state.retryTimer = null;
-      this.leavePool(jid, state);
+      state.stopRetry();
+      this.leavePool(jid);
       state.live?.close();
     }
     const running = () => [...this.groups.values()].some((state) => state.running);
-    const deadline = Date.now() + graceMs;
-    while (running() && Date.now() < deadline) await Bun.sleep(50);
-    if (running()) {
-      await Promise.all([...this.groups.values()].map((state) => state.live?.kill()));
-      const hardDeadline = Date.now() + 10_000;
-      while (running() && Date.now() < hardDeadline) await Bun.sleep(50);
-    }
+    const exited = async (withinMs: number) => {
+      const deadline = Date.now() + withinMs;
+      while (running() && Date.now() < deadline) await Bun.sleep(50);
+      return !running();
+    };
+    if (await exited(graceMs)) return;
+    await Promise.all([...this.groups.values()].map((state) => state.live?.kill()));
+    await exited(10_000);
   }
 }
 
