@@ -59,7 +59,7 @@ import {
 import { lookup } from 'node:dns/promises';
 import * as fsp from 'node:fs/promises';
 import { createRequire } from 'node:module';
-import { connect as netConnect, createServer as createNetServer, type Socket } from 'node:net';
+import { BlockList, isIP, connect as netConnect, createServer as createNetServer, type Socket } from 'node:net';
 import { availableParallelism, homedir, totalmem } from 'node:os';
 import { basename, dirname, isAbsolute, join, relative, resolve, sep } from 'node:path';
 import { createInterface } from 'node:readline';
@@ -3955,33 +3955,33 @@ export class GroupQueue {
 
 /** Where a container finds its run's proxy socket. */
 export const MODEL_SOCKET_IN_CONTAINER = '/run/nanoclaw/model.sock';
-/** The largest request body the proxy passes on (images travel inline as base64); Bun counts it as it streams. */
+/** The largest request body the proxy passes on (images travel inline as base64). */
 export const MAX_MODEL_REQUEST_BYTES = 32 * 1024 * 1024;
 /** Requests one run may have at the model at once (the CLI asks one at a time; subagents add a few). */
 export const MAX_MODEL_REQUESTS_PER_RUN = 4;
-/** The most of an upstream error body passed back (after the key is masked in it). */
 const MAX_MODEL_ERROR_BYTES = 64 * 1024;
 /** What an agent may ask of the model's API: chat, the model list, and file upload (the CLI sends videos so). */
 const MODEL_ROUTES = new Set(['POST /chat/completions', 'GET /models', 'POST /files']);
 /** Request headers that describe the hop, not the request, or that the proxy sets itself. */
 const HOP_HEADER =
   /^(host|authorization|x-api-key|connection|keep-alive|content-length|transfer-encoding|accept-encoding|proxy-authorization)$/i;
-/**
- * A model may think for longer than Bun's default 10 s idle limit between two chunks.
- * bun-types 1.4.5 declares idleTimeout for ports only, though Bun honours it on unix sockets.
- */
-// biome-ignore lint/complexity/noBannedTypes: an option bun-types does not declare for unix sockets (above)
-const NO_IDLE_TIMEOUT = { idleTimeout: 0 } as {};
 /** Response headers that stop being true once Bun has decoded the body. */
 const DECODED_HEADER = /^(content-encoding|content-length|transfer-encoding|connection|keep-alive)$/i;
+/**
+ * Bun answers 413 to a body past the size limit, declared or while it streams in. No idle limit: a model
+ * may think for longer than 10 s between two chunks (bun-types 1.4.5 declares it for ports only; Bun honours it).
+ */
+const MODEL_SERVER = { idleTimeout: 0, maxRequestBodySize: MAX_MODEL_REQUEST_BYTES + 1 } as {
+  maxRequestBodySize: number;
+};
 
-export interface ModelUsage {
+interface ModelUsage {
   promptTokens: number;
   completionTokens: number;
 }
 
 /** Token counts in an OpenAI-style body or stream chunk: `usage` at the top, or (Moonshot's streams) in a choice. */
-export function usageOf(data: unknown): ModelUsage | null {
+function usageOf(data: unknown): ModelUsage | null {
   const record = data as { usage?: unknown; choices?: { usage?: unknown }[] } | null;
   const usage = (record?.usage ?? record?.choices?.find((choice) => choice?.usage)?.usage) as
     | { prompt_tokens?: unknown; completion_tokens?: unknown }
@@ -3992,56 +3992,44 @@ export function usageOf(data: unknown): ModelUsage | null {
 }
 
 /**
- * Watches a response body go by (server-sent events or one JSON document) and keeps the
- * last usage it reports. It never holds more than one unfinished line, or, for plain
- * JSON, the first MAX_MODEL_REQUEST_BYTES.
+ * An answer passed on chunk by chunk, its usage counted as it goes by: from each server-sent event,
+ * or from the whole JSON body (up to MAX_MODEL_REQUEST_BYTES of it). `ended` is called once, with
+ * null when the answer was cut short or the reader went away.
  */
-export class UsageCounter {
-  private pending = '';
-  private whole = '';
-  private usage: ModelUsage | null = null;
-  private readonly decoder = new TextDecoder();
-
-  constructor(private readonly streaming: boolean) {}
-
-  push(chunk: Uint8Array): void {
-    const text = this.decoder.decode(chunk, { stream: true });
-    if (!this.streaming) {
-      if (this.whole.length < MAX_MODEL_REQUEST_BYTES) this.whole += text;
-      return;
-    }
-    const lines = (this.pending + text).split('\n');
-    this.pending = lines.pop() ?? '';
-    for (const line of lines) this.line(line);
-  }
-
-  private line(line: string): void {
-    const data = /^data:\s*(.*)$/.exec(line.trim())?.[1];
-    if (!data || data === '[DONE]') return;
+async function* countedBody(
+  body: ReadableStream<Uint8Array>,
+  streaming: boolean,
+  ended: (usage: ModelUsage | null) => void,
+): AsyncGenerator<Uint8Array> {
+  const decoder = new TextDecoder();
+  let text = ''; // streaming: the unfinished line
+  let usage: ModelUsage | null = null;
+  const read = (json: string) => {
     try {
-      this.usage = usageOf(JSON.parse(data)) ?? this.usage;
+      usage = usageOf(JSON.parse(json.trim().replace(/^data:/, ''))) ?? usage;
     } catch {
-      // not JSON: nothing to count
+      // not JSON ([DONE], comments): nothing to count
     }
-  }
-
-  end(): ModelUsage | null {
-    if (this.streaming) {
-      this.line(this.pending);
-    } else {
-      try {
-        this.usage = usageOf(JSON.parse(this.whole));
-      } catch {
-        this.usage = null;
-      }
+  };
+  let complete = false;
+  try {
+    for await (const chunk of body) {
+      if (text.length < MAX_MODEL_REQUEST_BYTES) text += decoder.decode(chunk, { stream: true });
+      const lines = streaming ? text.split('\n') : [text];
+      text = lines.pop()!;
+      for (const line of lines) read(line);
+      yield chunk;
     }
-    return this.usage;
+    read(text);
+    complete = true;
+  } finally {
+    ended(complete ? usage : null);
   }
 }
 
 /** An OpenAI-style error body, which the Kimi CLI shows to the agent (and the runner to the user). */
-function proxyError(status: number, message: string): Response {
-  return Response.json({ error: { type: 'nanoclaw_proxy', message } }, { status });
+function proxyError(status: number, message: string, headers?: Record<string, string>): Response {
+  return Response.json({ error: { type: 'nanoclaw_proxy', message } }, { status, headers });
 }
 
 /**
@@ -4061,56 +4049,29 @@ export function modelRoute(method: string, rawPath: string): string | null {
   return MODEL_ROUTES.has(`${method.toUpperCase()} ${path}`) ? path : null;
 }
 
-/** The first `limit` bytes of a response body as text; the rest is never read. */
-async function boundedText(response: Response, limit: number): Promise<string> {
-  const reader = (response.body as ReadableStream<Uint8Array>).getReader();
+/** The first `limit` bytes of a body as text; the rest is never read. */
+async function boundedText(body: ReadableStream<Uint8Array>, limit: number): Promise<string> {
   const chunks: Uint8Array[] = [];
   let size = 0;
   try {
-    for (let next = await reader.read(); !next.done && size < limit; next = await reader.read()) {
-      chunks.push(next.value);
-      size += next.value.byteLength;
+    for await (const chunk of body) {
+      chunks.push(chunk);
+      size += chunk.byteLength;
+      if (size >= limit) break;
     }
   } catch {
     // a body cut short: what came is enough to show
   }
-  void reader.cancel().catch(() => {});
   return new TextDecoder().decode(Buffer.concat(chunks).subarray(0, limit));
 }
 
-/** A response body passed on chunk by chunk; `ended` is called once, when it finished or the reader went away. */
-function watchedBody(
-  body: ReadableStream<Uint8Array>,
-  onChunk: (chunk: Uint8Array) => void,
-  ended: (complete: boolean) => void,
-): ReadableStream<Uint8Array> {
-  const reader = body.getReader();
-  let done = false;
-  const end = (complete: boolean) => {
-    if (!done) ended(complete);
-    done = true;
-  };
-  return new ReadableStream<Uint8Array>({
-    async pull(controller) {
-      try {
-        const next = await reader.read();
-        if (next.done) {
-          end(true);
-          controller.close();
-          return;
-        }
-        onChunk(next.value);
-        controller.enqueue(next.value);
-      } catch (err) {
-        end(false);
-        controller.error(err);
-      }
-    },
-    cancel(reason) {
-      end(false);
-      return reader.cancel(reason);
-    },
-  });
+/** Listens on a run's socket: its folder (0700) keeps all but the host out, the socket (0666) lets the container in. */
+function listenOnRunSocket(socketPath: string, listen: () => void): void {
+  mkdirSync(dirname(socketPath), { recursive: true, mode: 0o700 });
+  chmodSync(dirname(socketPath), 0o700);
+  rmSync(socketPath, { force: true });
+  listen();
+  chmodSync(socketPath, 0o666);
 }
 
 export interface ProxyRun {
@@ -4139,12 +4100,10 @@ export interface ModelProxyOptions {
 }
 
 /**
- * The host's side of every model request. A container gets a per-run token instead of the
- * key; the proxy accepts only tokens of live runs and only the routes an agent needs
- * (MODEL_ROUTES), at most MAX_MODEL_REQUESTS_PER_RUN at a time, puts the real key on the
- * request, streams the body on with its size counted as it comes, and streams the answer
- * back (an error answer with the key masked in it). Unix sockets are reachable only by what
- * they are mounted into (and the host); in tcp mode the port listens on loopback only.
+ * The host's side of every model request. A container gets a per-run token instead of the key;
+ * the proxy accepts only tokens of live runs and only MODEL_ROUTES, at most MAX_MODEL_REQUESTS_PER_RUN
+ * at a time, puts the real key on the request and streams both ways. Unix sockets are reachable only
+ * by what they are mounted into (and the host); in tcp mode the port listens on loopback only.
  */
 export class ModelProxy {
   private readonly live = new Map<string, { folder: string; inFlight: number }>();
@@ -4156,39 +4115,22 @@ export class ModelProxy {
     const token = `ncp-${randomUUID().replace(/-/g, '')}`;
     this.live.set(token, { folder: groupFolder, inFlight: 0 });
     const forget = () => this.live.delete(token);
-    // Bun answers 413 to a body past the limit, declared or while it streams in.
-    const maxRequestBodySize = MAX_MODEL_REQUEST_BYTES + 1;
     if (this.options.mode === 'tcp') {
-      this.tcp ??= Bun.serve({
-        hostname: '127.0.0.1',
-        port: 0,
-        idleTimeout: 0,
-        maxRequestBodySize,
-        fetch: (req) => this.forward(req, null),
-      });
+      const fetch = (req: Request) => this.forward(req, null);
+      this.tcp ??= Bun.serve({ hostname: '127.0.0.1', port: 0, ...MODEL_SERVER, fetch });
       return { token, url: `http://host.docker.internal:${this.tcp.port}`, close: forget };
     }
-    mkdirSync(this.options.dir, { recursive: true, mode: 0o700 });
-    chmodSync(this.options.dir, 0o700);
     const socketPath = join(this.options.dir, `${runId}.sock`);
-    rmSync(socketPath, { force: true });
-    const server = Bun.serve({
-      unix: socketPath,
-      maxRequestBodySize,
-      fetch: (req) => this.forward(req, token),
-      ...NO_IDLE_TIMEOUT,
+    let server: ReturnType<typeof Bun.serve> | undefined;
+    listenOnRunSocket(socketPath, () => {
+      server = Bun.serve({ unix: socketPath, ...MODEL_SERVER, fetch: (req) => this.forward(req, token) });
     });
-    // The container's user must be able to connect; the folder (0700) keeps everyone else out.
-    chmodSync(socketPath, 0o666);
-    return {
-      token,
-      socketPath,
-      close: () => {
-        forget();
-        void server.stop(true);
-        rmSync(socketPath, { force: true });
-      },
+    const close = () => {
+      forget();
+      void server?.stop(true);
+      rmSync(socketPath, { force: true });
     };
+    return { token, socketPath, close };
   }
 
   /** `ownToken`: the only token a per-run socket accepts (null in tcp mode: any live one). */
@@ -4199,75 +4141,64 @@ export class ModelProxy {
     if (!run) return proxyError(401, 'NanoClaw model proxy: this token does not belong to a running container.');
     const url = new URL(req.url);
     const route = modelRoute(req.method, url.pathname);
-    if (!route)
+    if (!route) {
       return proxyError(
         403,
         `NanoClaw model proxy: ${req.method} ${url.pathname} is not a model request it passes on.`,
       );
+    }
     const key = this.options.apiKey();
     if (!key && this.options.keyRequired !== false) {
       this.options.record(run.folder, { ok: false, status: 401, usage: null });
       return proxyError(401, 'NanoClaw has no KIMI_API_KEY: put it in the .env file of the NanoClaw project.');
     }
     if (run.inFlight >= MAX_MODEL_REQUESTS_PER_RUN) {
-      const response = proxyError(429, `NanoClaw model proxy: ${MAX_MODEL_REQUESTS_PER_RUN} requests already open.`);
-      response.headers.set('retry-after', '1');
-      return response;
+      const message = `NanoClaw model proxy: ${MAX_MODEL_REQUESTS_PER_RUN} requests already open.`;
+      return proxyError(429, message, { 'retry-after': '1' });
     }
     run.inFlight++;
-    let released = false;
-    const release = () => {
-      if (!released) run.inFlight--;
-      released = true;
-    };
     const target = `${this.options.upstream.replace(/\/+$/, '')}${route}${url.search}`;
-    const headers = new Headers();
-    req.headers.forEach((value, name) => {
-      if (!HOP_HEADER.test(name)) headers.set(name, value);
+    return this.passOn(req, target, key, (ok, status, usage) => {
+      run.inFlight--;
+      this.options.record(run.folder, { ok, status, usage });
     });
+  }
+
+  /** Sends the request on with the real key; `done` is called once, when its answer is over. */
+  private async passOn(
+    req: Request,
+    target: string,
+    key: string | undefined,
+    done: (ok: boolean, status: number, usage: ModelUsage | null) => void,
+  ): Promise<Response> {
+    const headers = new Headers([...req.headers].filter(([name]) => !HOP_HEADER.test(name)));
     if (key) headers.set('authorization', `Bearer ${key}`);
+    const body = req.method === 'POST' ? req.body : null;
     let upstream: Response;
     try {
-      // The body streams on as it comes; Bun.serve stops it past maxRequestBodySize (a 413).
       // duplex: what a streamed body needs (bun-types' RequestInit does not declare it).
-      upstream = await fetch(target, {
-        method: req.method,
-        headers,
-        body: req.method === 'POST' ? req.body : null,
-        redirect: 'manual',
-        duplex: 'half',
-      } as RequestInit);
+      const init = { method: req.method, headers, body, redirect: 'manual', duplex: 'half' } as RequestInit;
+      upstream = await fetch(target, init);
     } catch (err) {
-      release();
-      this.options.record(run.folder, { ok: false, status: 502, usage: null });
+      done(false, 502, null);
       return proxyError(502, `NanoClaw model proxy could not reach ${new URL(target).origin}: ${errorText(err)}`);
     }
-    const responseHeaders = new Headers();
-    upstream.headers.forEach((value, name) => {
-      if (!DECODED_HEADER.test(name)) responseHeaders.set(name, value);
-    });
-    const record = (usage: ModelUsage | null) =>
-      this.options.record(run.folder, { ok: upstream.ok, status: upstream.status, usage });
-    if (!upstream.ok || !upstream.body) {
+    const { ok, status } = upstream;
+    const answer = {
+      status,
+      headers: new Headers([...upstream.headers].filter(([name]) => !DECODED_HEADER.test(name))),
+    };
+    if (!ok || !upstream.body) {
       // An error body may quote the request, the key included: it goes back masked, and bounded.
-      const text = upstream.body ? await boundedText(upstream, MAX_MODEL_ERROR_BYTES) : null;
-      release();
-      record(null);
-      return new Response(text === null ? null : maskSecrets(text, key ? [key] : []), {
-        status: upstream.status,
-        headers: responseHeaders,
-      });
+      const text = upstream.body ? await boundedText(upstream.body, MAX_MODEL_ERROR_BYTES) : null;
+      done(ok, status, null);
+      return new Response(text === null ? null : maskSecrets(text, key ? [key] : []), answer);
     }
-    const counter = new UsageCounter((upstream.headers.get('content-type') ?? '').includes('text/event-stream'));
-    const answer = watchedBody(
-      upstream.body,
-      (chunk) => counter.push(chunk),
-      (complete) => {
-        release();
-        record(complete ? counter.end() : null);
-      },
+    const streaming = (upstream.headers.get('content-type') ?? '').includes('text/event-stream');
+    return new Response(
+      countedBody(upstream.body, streaming, (usage) => done(ok, status, usage)),
+      answer,
     );
-    return new Response(answer, { status: upstream.status, headers: responseHeaders });
   }
 
   stop(): void {
@@ -4285,42 +4216,26 @@ export class ModelProxy {
 export const EGRESS_SOCKET_IN_CONTAINER = '/run/nanoclaw/egress.sock';
 /** The longest request head read before deciding where it may go. */
 const MAX_PROXY_HEAD_BYTES = 16 * 1024;
+/** Not the public internet: loopback, private, shared, link-local, documentation, multicast and reserved ranges. */
+const NOT_PUBLIC = `
+  0.0.0.0/8 10.0.0.0/8 100.64.0.0/10 127.0.0.0/8 169.254.0.0/16 172.16.0.0/12 192.0.0.0/24 192.0.2.0/24
+  192.168.0.0/16 198.18.0.0/15 198.51.100.0/24 203.0.113.0/24 224.0.0.0/3
+  ::/127 fc00::/7 fe80::/10 ff00::/8 2001:db8::/32 64:ff9b::/32`
+  .trim()
+  .split(/\s+/);
 
-/** True for addresses on the public internet: not loopback, private, link-local, shared, multicast or reserved. */
+/** True for addresses on the public internet (a v4-mapped v6 address is judged as its v4 one). */
 export function isPublicAddress(ip: string): boolean {
-  const v4 = /^(?:::ffff:)?(\d+)\.(\d+)\.(\d+)\.(\d+)$/i.exec(ip);
-  if (v4) {
-    const [a, b, c] = [Number(v4[1]), Number(v4[2]), Number(v4[3])];
-    return !(
-      a === 0 ||
-      a === 10 ||
-      a === 127 ||
-      a >= 224 ||
-      (a === 100 && b >= 64 && b <= 127) ||
-      (a === 169 && b === 254) ||
-      (a === 172 && b >= 16 && b <= 31) ||
-      (a === 192 && b === 168) ||
-      (a === 192 && b === 0 && (c === 0 || c === 2)) ||
-      (a === 198 && (b === 18 || b === 19)) ||
-      (a === 198 && b === 51 && c === 100) ||
-      (a === 203 && b === 0 && c === 113)
-    );
+  const ranges = new BlockList();
+  for (const range of NOT_PUBLIC) {
+    const [network = '', bits] = range.split('/');
+    ranges.addSubnet(network, Number(bits), network.includes(':') ? 'ipv6' : 'ipv4');
   }
-  const v6 = ip.toLowerCase();
-  if (!v6.includes(':')) return false;
-  // Unique-local fc00::/7, link-local fe80::/10, multicast, documentation, v4-mapped and -translated forms.
-  return !/^(::1?$|f[cd]|fe[89ab]|ff|2001:db8:|::ffff:|64:ff9b:)/.test(v6);
+  return isIP(ip) !== 0 && !ranges.check(ip, isIP(ip) === 6 ? 'ipv6' : 'ipv4');
 }
 
-export interface ProxyTarget {
-  host: string;
-  port: number;
-  /** CONNECT (https and anything else): a tunnel; else one plain http request. */
-  tunnel: boolean;
-}
-
-/** Where a proxy request's head wants to go, or why it cannot be followed. */
-export function proxyTarget(head: string): ProxyTarget | string {
+/** Where a proxy request's head wants to go (CONNECT: a tunnel; else one plain http request), or why it cannot be followed. */
+export function proxyTarget(head: string): { host: string; port: number; tunnel: boolean } | string {
   const [method = '', target = ''] = (head.split('\r\n', 1)[0] ?? '').split(' ');
   if (method === 'CONNECT') {
     const match = /^\[?([^\]\s]+?)\]?:(\d{1,5})$/.exec(target);
@@ -4370,15 +4285,17 @@ export async function egressAddress(
   };
 }
 
-function refuseProxyRequest(client: Socket, status: number, reason: string): void {
+const PROXY_STATUS_TEXT: Record<number, string> = { 400: 'Bad Request', 403: 'Forbidden', 502: 'Bad Gateway' };
+
+function refuseProxyRequest(client: Socket, status: 400 | 403 | 502, reason: string): void {
   const body = `NanoClaw egress proxy: ${reason}\n`;
   client.end(
-    `HTTP/1.1 ${status} ${status === 403 ? 'Forbidden' : status === 502 ? 'Bad Gateway' : 'Bad Request'}\r\n` +
-      `Content-Type: text/plain; charset=utf-8\r\nContent-Length: ${Buffer.byteLength(body)}\r\nConnection: close\r\n\r\n${body}`,
+    `HTTP/1.1 ${status} ${PROXY_STATUS_TEXT[status]}\r\nContent-Type: text/plain; charset=utf-8\r\n` +
+      `Content-Length: ${Buffer.byteLength(body)}\r\nConnection: close\r\n\r\n${body}`,
   );
 }
 
-/** Follows one proxy request (its head read), or refuses it with a reason the agent sees. */
+/** Follows one proxy request (its head read, `rest` what came after it), or refuses it with a reason the agent sees. */
 async function followProxyRequest(
   client: Socket,
   head: string,
@@ -4388,7 +4305,7 @@ async function followProxyRequest(
 ): Promise<void> {
   const target = proxyTarget(head);
   const decision = typeof target === 'string' ? { refused: target } : await egressAddress(target.host, allow);
-  if ('refused' in decision || typeof target === 'string') {
+  if (typeof target === 'string' || 'refused' in decision) {
     const reason = 'refused' in decision ? decision.refused : 'unreachable';
     refused(reason);
     return refuseProxyRequest(client, typeof target === 'string' ? 400 : 403, reason);
@@ -4405,13 +4322,9 @@ async function followProxyRequest(
     client.resume();
   });
   upstream.once('error', (err) => {
+    const reason = `cannot reach ${target.host}:${target.port} (${errorCode(err) ?? errorText(err)})`;
     if (connected) client.destroy();
-    else
-      refuseProxyRequest(
-        client,
-        502,
-        `cannot reach ${target.host}:${target.port} (${errorCode(err) ?? errorText(err)})`,
-      );
+    else refuseProxyRequest(client, 502, reason);
   });
   upstream.once('close', () => client.destroy());
   client.once('close', () => upstream.destroy());
@@ -4432,33 +4345,22 @@ export function openEgressProxy(
     const onData = (chunk: Buffer) => {
       head = Buffer.concat([head, chunk]);
       const end = head.indexOf('\r\n\r\n');
-      if (end < 0) {
-        if (head.length > MAX_PROXY_HEAD_BYTES) {
-          client.off('data', onData);
-          refuseProxyRequest(client, 400, 'request head too long');
-        }
-        return;
-      }
+      if (end < 0 && head.length <= MAX_PROXY_HEAD_BYTES) return;
       client.off('data', onData);
+      if (end < 0) return refuseProxyRequest(client, 400, 'request head too long');
       client.pause();
       const text = head.subarray(0, end + 4).toString('latin1');
       void followProxyRequest(client, text, head.subarray(end + 4), allow, refused);
     };
     client.on('data', onData);
   });
-  mkdirSync(dirname(socketPath), { recursive: true, mode: 0o700 });
-  rmSync(socketPath, { force: true });
-  server.listen(socketPath);
-  // The container's user must be able to connect; the folder (0700) keeps everyone else out.
-  chmodSync(socketPath, 0o666);
-  return {
-    socketPath,
-    close: () => {
-      server.close();
-      for (const client of clients) client.destroy();
-      rmSync(socketPath, { force: true });
-    },
+  listenOnRunSocket(socketPath, () => server.listen(socketPath));
+  const close = () => {
+    server.close();
+    for (const client of clients) client.destroy();
+    rmSync(socketPath, { force: true });
   };
+  return { socketPath, close };
 }
 
 // ───────────────────────────── 9. Container: mounts, docker run, results, run logs ───

@@ -10,8 +10,6 @@ import {
   MAX_MODEL_REQUESTS_PER_RUN,
   ModelProxy,
   modelRoute,
-  UsageCounter,
-  usageOf,
   type ModelProxyOptions,
 } from '../nanoclaw.ts';
 import { tempDir, waitFor } from './helpers.ts';
@@ -395,24 +393,37 @@ describe('ModelProxy', () => {
 });
 
 describe('usage counting', () => {
-  it('reads usage at the top level or in a choice, and ignores what is not JSON', () => {
-    expect(usageOf({ usage: { prompt_tokens: 1, completion_tokens: 2 } })).toEqual({
-      promptTokens: 1,
-      completionTokens: 2,
+  it('reads usage at the top level or in a choice, across chunks, and ignores what is not JSON', async () => {
+    const answers: [string, string[]][] = [
+      ['application/json', ['{"usage":{"prompt_tokens":2,', '"completion_tokens":9}}']],
+      [
+        'text/event-stream',
+        ['data: not json\n\ndata: {"usage":{"prompt_tokens":7,"comple', 'tion_tokens":1}}\n\n', 'data: [DONE]'],
+      ],
+      ['text/event-stream', ['data: {"choices":[{"delta":{}},{"usage":{"prompt_tokens":5}}]}\n\n']],
+      ['application/json', ['{"choices":[]}']],
+    ];
+    const up = upstream(() => {
+      const [type, chunks] = answers[up.seen.length - 1]!;
+      const body = new ReadableStream({
+        start(controller) {
+          for (const chunk of chunks) controller.enqueue(new TextEncoder().encode(chunk));
+          controller.close();
+        },
+      });
+      return new Response(body, { headers: { 'content-type': type } });
     });
-    expect(usageOf({ choices: [{ delta: {} }, { usage: { prompt_tokens: 5 } }] })).toEqual({
-      promptTokens: 5,
-      completionTokens: 0,
-    });
-    expect(usageOf({ choices: [] })).toBeNull();
-    const counter = new UsageCounter(true);
-    const enc = new TextEncoder();
-    counter.push(enc.encode('data: not json\n\ndata: {"usage":{"prompt_tokens":7,"comple'));
-    counter.push(enc.encode('tion_tokens":1}}\n\n'));
-    counter.push(enc.encode('data: [DONE]'));
-    expect(counter.end()).toEqual({ promptTokens: 7, completionTokens: 1 });
-    const whole = new UsageCounter(false);
-    whole.push(enc.encode('{"usage":{"prompt_tokens":2,"completion_tokens":9}}'));
-    expect(whole.end()).toEqual({ promptTokens: 2, completionTokens: 9 });
+    cleanups.push(up.stop);
+    const { p, records } = proxy(up.url);
+    const run = p.open('family', 'run-1');
+    for (const _ of answers) await (await call(run.socketPath, run.token)).text();
+    await waitFor(() => records.length === answers.length || null, 5000, 'every answer counted');
+    expect(records.map((record) => record.usage)).toEqual([
+      { promptTokens: 2, completionTokens: 9 },
+      { promptTokens: 7, completionTokens: 1 },
+      { promptTokens: 5, completionTokens: 0 },
+      null,
+    ]);
+    run.close();
   });
 });
