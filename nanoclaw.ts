@@ -3713,8 +3713,8 @@ export class GroupQueue {
     const state = this.state(jid);
     if (this.shuttingDown || state.tasks.some((task) => task.id === taskId)) return;
     state.tasks.push({ id: taskId, run, inLive: this.takesInput(state) ? inLive : undefined });
-    if (this.pool.has(jid))
-      this.markIdle(jid); // its waiting agent takes the task as a turn, or closes for it
+    // An agent waiting in the pool takes the task as its turn, or closes for it.
+    if (this.pool.has(jid)) this.markIdle(jid);
     else if (!state.running) this.startOrWait(jid);
   }
 
@@ -3729,12 +3729,12 @@ export class GroupQueue {
       seat.cancelPause();
       seat.cancelPause = this.pauseLater(state.live!);
       state.live!.wake();
-      return true;
+    } else {
+      const idle = !state.running && !state.cancelRetry && state.tasks.length === 0;
+      const free = this.hasFreeSlot() && this.waiting.length === 0;
+      if (this.shuttingDown || this.options.pool.size === 0 || !idle || !free) return false;
+      this.start(jid, true);
     }
-    if (this.shuttingDown || this.options.pool.size === 0 || !this.hasFreeSlot() || this.waiting.length > 0)
-      return false;
-    if (state.running || state.cancelRetry || state.tasks.length > 0) return false;
-    this.start(jid, true);
     return true;
   }
 
@@ -3746,7 +3746,7 @@ export class GroupQueue {
     else if (this.shuttingDown) live.close();
   }
 
-  /** The running message run now has the messages up to `seq` (null: that run is over), an expected answer among them. */
+  /** The running message run has the messages up to `seq` (null: it is over), an expected answer among them. */
   give(jid: string, seq: number | null): void {
     const state = this.state(jid);
     state.givenUpTo = seq;
@@ -3807,12 +3807,10 @@ export class GroupQueue {
   private joinPool(jid: string, live: LiveContainer): void {
     const cancelClose = this.clock.after(this.options.idleTimeoutMs, () => this.closeContainer(jid));
     this.pool.set(jid, { cancelPause: this.pauseLater(live), cancelClose });
+    const { size } = this.options.pool;
     for (const [evicted] of this.pool) {
-      if (this.pool.size <= this.options.pool.size) break;
-      log.debug(
-        { chatJid: evicted, poolSize: this.options.pool.size },
-        'Warm pool full; closing the agent that waited longest',
-      );
+      if (this.pool.size <= size) break;
+      log.debug({ chatJid: evicted, poolSize: size }, 'Warm pool full; closing the agent that waited longest');
       this.closeContainer(evicted);
     }
   }
@@ -3953,7 +3951,6 @@ export class GroupQueue {
 
 // ───────────────────────────── 8. Model proxy: the key stays on the host ─────────────
 
-/** Where a container finds its run's proxy socket. */
 export const MODEL_SOCKET_IN_CONTAINER = '/run/nanoclaw/model.sock';
 /** The largest request body the proxy passes on (images travel inline as base64). */
 export const MAX_MODEL_REQUEST_BYTES = 32 * 1024 * 1024;
@@ -3971,14 +3968,12 @@ const DECODED_HEADER = /^(content-encoding|content-length|transfer-encoding|conn
  * Bun answers 413 to a body past the size limit, declared or while it streams in. No idle limit: a model
  * may think for longer than 10 s between two chunks (bun-types 1.4.5 declares it for ports only; Bun honours it).
  */
-const MODEL_SERVER = { idleTimeout: 0, maxRequestBodySize: MAX_MODEL_REQUEST_BYTES + 1 } as {
-  maxRequestBodySize: number;
-};
+const SERVE = { idleTimeout: 0, maxRequestBodySize: MAX_MODEL_REQUEST_BYTES + 1 } as { maxRequestBodySize: number };
 
-interface ModelUsage {
-  promptTokens: number;
-  completionTokens: number;
-}
+type ModelUsage = { promptTokens: number; completionTokens: number };
+
+const withoutHeaders = (headers: Headers, names: RegExp) =>
+  new Headers([...headers].filter(([name]) => !names.test(name)));
 
 /** Token counts in an OpenAI-style body or stream chunk: `usage` at the top, or (Moonshot's streams) in a choice. */
 function usageOf(data: unknown): ModelUsage | null {
@@ -4074,7 +4069,7 @@ function listenOnRunSocket(socketPath: string, listen: () => void): void {
   chmodSync(socketPath, 0o666);
 }
 
-export interface ProxyRun {
+interface ProxyRun {
   /** The run's credential: worthless without a live run and outside the proxy. */
   readonly token: string;
   /** Unix mode: the host path of the run's socket, mounted at MODEL_SOCKET_IN_CONTAINER. */
@@ -4117,13 +4112,13 @@ export class ModelProxy {
     const forget = () => this.live.delete(token);
     if (this.options.mode === 'tcp') {
       const fetch = (req: Request) => this.forward(req, null);
-      this.tcp ??= Bun.serve({ hostname: '127.0.0.1', port: 0, ...MODEL_SERVER, fetch });
+      this.tcp ??= Bun.serve({ hostname: '127.0.0.1', port: 0, ...SERVE, fetch });
       return { token, url: `http://host.docker.internal:${this.tcp.port}`, close: forget };
     }
     const socketPath = join(this.options.dir, `${runId}.sock`);
     let server: ReturnType<typeof Bun.serve> | undefined;
     listenOnRunSocket(socketPath, () => {
-      server = Bun.serve({ unix: socketPath, ...MODEL_SERVER, fetch: (req) => this.forward(req, token) });
+      server = Bun.serve({ unix: socketPath, ...SERVE, fetch: (req) => this.forward(req, token) });
     });
     const close = () => {
       forget();
@@ -4141,12 +4136,8 @@ export class ModelProxy {
     if (!run) return proxyError(401, 'NanoClaw model proxy: this token does not belong to a running container.');
     const url = new URL(req.url);
     const route = modelRoute(req.method, url.pathname);
-    if (!route) {
-      return proxyError(
-        403,
-        `NanoClaw model proxy: ${req.method} ${url.pathname} is not a model request it passes on.`,
-      );
-    }
+    const asked = `${req.method} ${url.pathname}`;
+    if (!route) return proxyError(403, `NanoClaw model proxy: ${asked} is not a model request it passes on.`);
     const key = this.options.apiKey();
     if (!key && this.options.keyRequired !== false) {
       this.options.record(run.folder, { ok: false, status: 401, usage: null });
@@ -4171,7 +4162,7 @@ export class ModelProxy {
     key: string | undefined,
     done: (ok: boolean, status: number, usage: ModelUsage | null) => void,
   ): Promise<Response> {
-    const headers = new Headers([...req.headers].filter(([name]) => !HOP_HEADER.test(name)));
+    const headers = withoutHeaders(req.headers, HOP_HEADER);
     if (key) headers.set('authorization', `Bearer ${key}`);
     const body = req.method === 'POST' ? req.body : null;
     let upstream: Response;
@@ -4184,21 +4175,16 @@ export class ModelProxy {
       return proxyError(502, `NanoClaw model proxy could not reach ${new URL(target).origin}: ${errorText(err)}`);
     }
     const { ok, status } = upstream;
-    const answer = {
-      status,
-      headers: new Headers([...upstream.headers].filter(([name]) => !DECODED_HEADER.test(name))),
-    };
+    const answer = { status, headers: withoutHeaders(upstream.headers, DECODED_HEADER) };
     if (!ok || !upstream.body) {
       // An error body may quote the request, the key included: it goes back masked, and bounded.
-      const text = upstream.body ? await boundedText(upstream.body, MAX_MODEL_ERROR_BYTES) : null;
+      const text = upstream.body && (await boundedText(upstream.body, MAX_MODEL_ERROR_BYTES));
       done(ok, status, null);
-      return new Response(text === null ? null : maskSecrets(text, key ? [key] : []), answer);
+      return new Response(text && maskSecrets(text, key ? [key] : []), answer);
     }
-    const streaming = (upstream.headers.get('content-type') ?? '').includes('text/event-stream');
-    return new Response(
-      countedBody(upstream.body, streaming, (usage) => done(ok, status, usage)),
-      answer,
-    );
+    const streaming = upstream.headers.get('content-type')?.includes('text/event-stream') ?? false;
+    const counted = countedBody(upstream.body, streaming, (usage) => done(ok, status, usage));
+    return new Response(counted, answer);
   }
 
   stop(): void {
@@ -4208,13 +4194,10 @@ export class ModelProxy {
   }
 }
 
-// The egress proxy: with CONTAINER_NETWORK=egress (the default on Linux) a container has no
-// network of its own; its web requests come through a per-run socket, and go on only to
-// public addresses: never the host, other containers, private ranges or link-local.
+// The egress proxy: with CONTAINER_NETWORK=egress (the default on Linux) a container has no network
+// of its own; its web requests come through a per-run socket, and go on only to public addresses.
 
-/** Where a container finds its run's egress proxy socket. */
-export const EGRESS_SOCKET_IN_CONTAINER = '/run/nanoclaw/egress.sock';
-/** The longest request head read before deciding where it may go. */
+const EGRESS_SOCKET_IN_CONTAINER = '/run/nanoclaw/egress.sock';
 const MAX_PROXY_HEAD_BYTES = 16 * 1024;
 /** Not the public internet: loopback, private, shared, link-local, documentation, multicast and reserved ranges. */
 const NOT_PUBLIC = `
@@ -4242,12 +4225,8 @@ export function proxyTarget(head: string): { host: string; port: number; tunnel:
     if (!match || Number(match[2]) > 65_535) return `CONNECT needs host:port, not "${target.slice(0, 100)}"`;
     return { host: match[1]!.toLowerCase(), port: Number(match[2]), tunnel: true };
   }
-  let url: URL;
-  try {
-    url = new URL(target);
-  } catch {
-    return `a proxy request needs an absolute URL, not "${target.slice(0, 100)}"`;
-  }
+  if (!URL.canParse(target)) return `a proxy request needs an absolute URL, not "${target.slice(0, 100)}"`;
+  const url = new URL(target);
   if (url.protocol !== 'http:') return `only http:// goes without CONNECT, not ${url.protocol}`;
   return { host: url.hostname.replace(/^\[|\]$/g, '').toLowerCase(), port: Number(url.port || 80), tunnel: false };
 }
