@@ -3687,13 +3687,13 @@ export class GroupQueue {
   }
 
   isRunning(jid: string): boolean {
-    return this.groups.get(jid)?.running ?? false;
+    return this.state(jid).running;
   }
 
   /** Running, or waiting out a retry backoff: either way the group needs nothing from a sweep. */
   isBusy(jid: string): boolean {
-    const state = this.groups.get(jid);
-    return Boolean(state && (state.running || state.cancelRetry));
+    const state = this.state(jid);
+    return state.running || state.cancelRetry !== null;
   }
 
   /** There are messages for this group. A group backing off before a retry waits (the retry takes them along). */
@@ -3754,17 +3754,17 @@ export class GroupQueue {
   }
 
   givenUpTo(jid: string): number | null {
-    return this.groups.get(jid)?.givenUpTo ?? null;
+    return this.state(jid).givenUpTo;
   }
 
   /** Only a message run can be answered. */
   expectAnswer(jid: string): void {
-    const state = this.groups.get(jid);
-    if (state?.givenUpTo != null) state.answerExpected = true;
+    const state = this.state(jid);
+    if (state.givenUpTo !== null) state.answerExpected = true;
   }
 
   answerExpected(jid: string): boolean {
-    return this.groups.get(jid)?.answerExpected ?? false;
+    return this.state(jid).answerExpected;
   }
 
   /**
@@ -3772,8 +3772,8 @@ export class GroupQueue {
    * An agent from the pool holds a slot again, but never waits for one: that would only add latency.
    */
   sendFollowUp(jid: string, text: string, kind: 'message' | 'task' = 'message', upTo?: number): boolean {
-    const state = this.groups.get(jid);
-    if (!state || !this.takesInput(state)) return false;
+    const state = this.state(jid);
+    if (!this.takesInput(state)) return false;
     this.leavePool(jid);
     state.holdsSlot = true;
     return state.live!.sendInput(text, kind, upTo);
@@ -3788,8 +3788,8 @@ export class GroupQueue {
    * joins the pool, its slot free for others. A task needing its own container, or no pool, closes it.
    */
   markIdle(jid: string): void {
-    const state = this.groups.get(jid);
-    if (!state?.live) return;
+    const state = this.state(jid);
+    if (!state.live) return;
     this.leavePool(jid);
     const next = state.tasks[0];
     if (next?.inLive && !state.live.closing) {
@@ -3828,17 +3828,16 @@ export class GroupQueue {
 
   /** Asks the group's container to finish and exit; its slot is free at once, not when docker is done with it. */
   closeContainer(jid: string): void {
-    const state = this.groups.get(jid);
+    const state = this.state(jid);
     this.leavePool(jid);
-    if (!state?.live) return;
+    if (!state.live) return;
     state.live.close();
     this.releaseSlot(state);
   }
 
   /** Stops the group's container now, and any retry it was waiting for. */
   async kill(jid: string): Promise<void> {
-    const state = this.groups.get(jid);
-    if (!state) return;
+    const state = this.state(jid);
     state.stopRetry();
     state.messagesPending = false;
     if (state.running && !state.live) state.stopWhenUp = true; // docker has not started it yet
@@ -3986,16 +3985,8 @@ function usageOf(data: unknown): ModelUsage | null {
   return { promptTokens: count(usage.prompt_tokens), completionTokens: count(usage.completion_tokens) };
 }
 
-/**
- * An answer passed on chunk by chunk, its usage counted as it goes by: from each server-sent event,
- * or from the whole JSON body (up to MAX_MODEL_REQUEST_BYTES of it). `ended` is called once, with
- * null when the answer was cut short or the reader went away.
- */
-async function* countedBody(
-  body: ReadableStream<Uint8Array>,
-  streaming: boolean,
-  ended: (usage: ModelUsage | null) => void,
-): AsyncGenerator<Uint8Array> {
+/** Counts the usage in an answer as it goes by: in each server-sent event, or in the whole JSON body (to a limit). */
+function usageCounter(streaming: boolean): { push(chunk: Uint8Array): void; end(): ModelUsage | null } {
   const decoder = new TextDecoder();
   let text = ''; // streaming: the unfinished line
   let usage: ModelUsage | null = null;
@@ -4006,20 +3997,55 @@ async function* countedBody(
       // not JSON ([DONE], comments): nothing to count
     }
   };
-  let complete = false;
-  try {
-    for await (const chunk of body) {
-      if (text.length < MAX_MODEL_REQUEST_BYTES) text += decoder.decode(chunk, { stream: true });
-      const lines = streaming ? text.split('\n') : [text];
-      text = lines.pop()!;
-      for (const line of lines) read(line);
-      yield chunk;
-    }
+  const push = (chunk: Uint8Array) => {
+    if (text.length < MAX_MODEL_REQUEST_BYTES) text += decoder.decode(chunk, { stream: true });
+    const lines = streaming ? text.split('\n') : [text];
+    text = lines.pop()!;
+    for (const line of lines) read(line);
+  };
+  const end = () => {
     read(text);
-    complete = true;
-  } finally {
-    ended(complete ? usage : null);
-  }
+    return usage;
+  };
+  return { push, end };
+}
+
+/**
+ * A body passed on chunk by chunk; `ended` is called once, when it finished or the reader went away
+ * (even before its first chunk, which an async generator would not notice).
+ */
+function watchedBody(
+  body: ReadableStream<Uint8Array>,
+  onChunk: (chunk: Uint8Array) => void,
+  ended: (complete: boolean) => void,
+): ReadableStream<Uint8Array> {
+  const reader = body.getReader();
+  let over = false;
+  const end = (complete: boolean) => {
+    if (!over) ended(complete);
+    over = true;
+  };
+  return new ReadableStream<Uint8Array>({
+    async pull(controller) {
+      try {
+        const next = await reader.read();
+        if (next.done) {
+          end(true);
+          controller.close();
+        } else {
+          onChunk(next.value);
+          controller.enqueue(next.value);
+        }
+      } catch (err) {
+        end(false);
+        controller.error(err);
+      }
+    },
+    cancel: (reason) => {
+      end(false);
+      return reader.cancel(reason);
+    },
+  });
 }
 
 /** An OpenAI-style error body, which the Kimi CLI shows to the agent (and the runner to the user). */
@@ -4182,8 +4208,10 @@ export class ModelProxy {
       done(ok, status, null);
       return new Response(text && maskSecrets(text, key ? [key] : []), answer);
     }
-    const streaming = upstream.headers.get('content-type')?.includes('text/event-stream') ?? false;
-    const counted = countedBody(upstream.body, streaming, (usage) => done(ok, status, usage));
+    const counter = usageCounter(upstream.headers.get('content-type')?.includes('text/event-stream') ?? false);
+    const counted = watchedBody(upstream.body, counter.push, (complete) => {
+      done(ok, status, complete ? counter.end() : null);
+    });
     return new Response(counted, answer);
   }
 

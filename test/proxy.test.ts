@@ -316,15 +316,25 @@ describe('ModelProxy', () => {
 
   it(`holds at most ${MAX_MODEL_REQUESTS_PER_RUN} requests of one run at once; a finished or abandoned one frees its place`, async () => {
     const holds: (() => void)[] = [];
-    const up = upstream(async () => {
+    const up = upstream(async (req) => {
       await new Promise<void>((resolve) => holds.push(resolve));
-      return Response.json({ ok: true });
+      if (!req.headers.get('x-abandoned')) return Response.json({ ok: true });
+      return new Response(new ReadableStream({ start: (controller) => controller.enqueue(new Uint8Array([123])) }));
     });
     cleanups.push(up.stop);
-    const { p } = proxy(up.url);
+    const { p, records } = proxy(up.url);
     const run = p.open('family', 'run-1');
     const other = p.open('quiet', 'run-2');
-    const open = Array.from({ length: MAX_MODEL_REQUESTS_PER_RUN }, () => call(run.socketPath, run.token));
+    // One client gives up while its request waits at the upstream; the answer that comes then never ends.
+    const abandon = new AbortController();
+    const abandoned = fetch('http://proxy/chat/completions', {
+      unix: run.socketPath,
+      method: 'POST',
+      headers: { authorization: `Bearer ${run.token}`, 'x-abandoned': 'yes' },
+      body: '{}',
+      signal: abandon.signal,
+    } as RequestInit).catch(() => 'abandoned');
+    const open = Array.from({ length: MAX_MODEL_REQUESTS_PER_RUN - 1 }, () => call(run.socketPath, run.token));
     await waitFor(() => holds.length === MAX_MODEL_REQUESTS_PER_RUN || null, 10_000, 'requests at the upstream');
     const refused = await call(run.socketPath, run.token);
     expect(refused.status).toBe(429);
@@ -336,15 +346,19 @@ describe('ModelProxy', () => {
       10_000,
       'the other run at the upstream',
     );
+    abandon.abort();
+    expect(await abandoned).toBe('abandoned');
     for (const release of holds.splice(0)) release();
     expect((await Promise.all([...open, theirs])).map((r) => r.status)).toEqual(
-      Array(MAX_MODEL_REQUESTS_PER_RUN + 1).fill(200),
+      Array(MAX_MODEL_REQUESTS_PER_RUN).fill(200),
     );
     await Promise.all((await Promise.all(open)).map((r) => r.text()));
-    const again = call(run.socketPath, run.token);
-    await waitFor(() => holds.length === 1 || null, 10_000, 'a place freed');
+    await waitFor(() => records.length === MAX_MODEL_REQUESTS_PER_RUN + 1 || null, 10_000, 'every request over');
+    // Every place is free again, the abandoned request's too.
+    const again = Array.from({ length: MAX_MODEL_REQUESTS_PER_RUN }, () => call(run.socketPath, run.token));
+    await waitFor(() => holds.length === MAX_MODEL_REQUESTS_PER_RUN || null, 10_000, 'all places freed');
     for (const release of holds.splice(0)) release();
-    expect((await again).status).toBe(200);
+    expect((await Promise.all(again)).map((r) => r.status)).toEqual(Array(MAX_MODEL_REQUESTS_PER_RUN).fill(200));
     run.close();
     other.close();
   });
