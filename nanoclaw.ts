@@ -3976,12 +3976,11 @@ const withoutHeaders = (headers: Headers, names: RegExp) =>
 
 /** Token counts in an OpenAI-style body or stream chunk: `usage` at the top, or (Moonshot's streams) in a choice. */
 function usageOf(data: unknown): ModelUsage | null {
-  const record = data as { usage?: unknown; choices?: { usage?: unknown }[] } | null;
-  const usage = (record?.usage ?? record?.choices?.find((choice) => choice?.usage)?.usage) as
-    | { prompt_tokens?: unknown; completion_tokens?: unknown }
-    | undefined;
+  type Counts = { prompt_tokens?: unknown; completion_tokens?: unknown };
+  const record = data as { usage?: Counts; choices?: { usage?: Counts }[] } | null;
+  const usage = record?.usage ?? record?.choices?.find((choice) => choice?.usage)?.usage;
   if (!usage || typeof usage !== 'object') return null;
-  const count = (value: unknown) => (typeof value === 'number' && Number.isFinite(value) ? value : 0);
+  const count = (value: unknown) => (Number.isFinite(value) ? (value as number) : 0);
   return { promptTokens: count(usage.prompt_tokens), completionTokens: count(usage.completion_tokens) };
 }
 
@@ -4087,12 +4086,13 @@ async function boundedText(body: ReadableStream<Uint8Array>, limit: number): Pro
 }
 
 /** Listens on a run's socket: its folder (0700) keeps all but the host out, the socket (0666) lets the container in. */
-function listenOnRunSocket(socketPath: string, listen: () => void): void {
+function listenOnRunSocket<Server>(socketPath: string, listen: () => Server): Server {
   mkdirSync(dirname(socketPath), { recursive: true, mode: 0o700 });
   chmodSync(dirname(socketPath), 0o700);
   rmSync(socketPath, { force: true });
-  listen();
+  const server = listen();
   chmodSync(socketPath, 0o666);
+  return server;
 }
 
 interface ProxyRun {
@@ -4137,18 +4137,15 @@ export class ModelProxy {
     this.live.set(token, { folder: groupFolder, inFlight: 0 });
     const forget = () => this.live.delete(token);
     if (this.options.mode === 'tcp') {
-      const fetch = (req: Request) => this.forward(req, null);
-      this.tcp ??= Bun.serve({ hostname: '127.0.0.1', port: 0, ...SERVE, fetch });
+      this.tcp ??= Bun.serve({ hostname: '127.0.0.1', port: 0, ...SERVE, fetch: (req) => this.forward(req, null) });
       return { token, url: `http://host.docker.internal:${this.tcp.port}`, close: forget };
     }
     const socketPath = join(this.options.dir, `${runId}.sock`);
-    let server: ReturnType<typeof Bun.serve> | undefined;
-    listenOnRunSocket(socketPath, () => {
-      server = Bun.serve({ unix: socketPath, ...SERVE, fetch: (req) => this.forward(req, token) });
-    });
+    const handle = (req: Request) => this.forward(req, token);
+    const server = listenOnRunSocket(socketPath, () => Bun.serve({ unix: socketPath, ...SERVE, fetch: handle }));
     const close = () => {
       forget();
-      void server?.stop(true);
+      void server.stop(true);
       rmSync(socketPath, { force: true });
     };
     return { token, socketPath, close };
@@ -4344,7 +4341,7 @@ export function openEgressProxy(
   refused: (reason: string) => void,
 ): { socketPath: string; close(): void } {
   const clients = new Set<Socket>();
-  const server = createNetServer((client) => {
+  const proxy = createNetServer((client) => {
     clients.add(client);
     client.once('close', () => clients.delete(client));
     client.on('error', () => client.destroy());
@@ -4361,7 +4358,7 @@ export function openEgressProxy(
     };
     client.on('data', onData);
   });
-  listenOnRunSocket(socketPath, () => server.listen(socketPath));
+  const server = listenOnRunSocket(socketPath, () => proxy.listen(socketPath));
   const close = () => {
     server.close();
     for (const client of clients) client.destroy();
