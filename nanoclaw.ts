@@ -4239,10 +4239,11 @@ export function isPublicAddress(ip: string): boolean {
     const [network = '', bits] = range.split('/');
     ranges.addSubnet(network, Number(bits), network.includes(':') ? 'ipv6' : 'ipv4');
   }
-  return isIP(ip) !== 0 && !ranges.check(ip, isIP(ip) === 6 ? 'ipv6' : 'ipv4');
+  const family = isIP(ip);
+  return family !== 0 && !ranges.check(ip, family === 6 ? 'ipv6' : 'ipv4');
 }
 
-/** Where a proxy request's head wants to go (CONNECT: a tunnel; else one plain http request), or why it cannot be followed. */
+/** Where a proxy request's head wants to go (CONNECT: a tunnel; else one http request), or why it cannot be. */
 export function proxyTarget(head: string): { host: string; port: number; tunnel: boolean } | string {
   const [method = '', target = ''] = (head.split('\r\n', 1)[0] ?? '').split(' ');
   if (method === 'CONNECT') {
@@ -4289,7 +4290,7 @@ export async function egressAddress(
   };
 }
 
-const PROXY_STATUS_TEXT: Record<number, string> = { 400: 'Bad Request', 403: 'Forbidden', 502: 'Bad Gateway' };
+const PROXY_STATUS_TEXT: Record<400 | 403 | 502, string> = { 400: 'Bad Request', 403: 'Forbidden', 502: 'Bad Gateway' };
 
 function refuseProxyRequest(client: Socket, status: 400 | 403 | 502, reason: string): void {
   const body = `NanoClaw egress proxy: ${reason}\n`;
