@@ -4010,41 +4010,24 @@ function usageCounter(streaming: boolean): { push(chunk: Uint8Array): void; end(
 }
 
 /**
- * A body passed on chunk by chunk; `ended` is called once, when it finished or the reader went away
- * (even before its first chunk, which an async generator would not notice).
+ * A body passed on chunk by chunk; `ended` is called once: when it finished, or when the upstream failed or
+ * the reader went away (even before the first chunk). bun-types 1.4.5 does not declare a transformer's
+ * cancel, which Bun calls.
  */
 function watchedBody(
   body: ReadableStream<Uint8Array>,
   onChunk: (chunk: Uint8Array) => void,
   ended: (complete: boolean) => void,
 ): ReadableStream<Uint8Array> {
-  const reader = body.getReader();
-  let over = false;
-  const end = (complete: boolean) => {
-    if (!over) ended(complete);
-    over = true;
+  const transformer = {
+    transform(chunk: Uint8Array, controller: TransformStreamDefaultController<Uint8Array>) {
+      onChunk(chunk);
+      controller.enqueue(chunk);
+    },
+    flush: () => ended(true),
+    cancel: () => ended(false),
   };
-  return new ReadableStream<Uint8Array>({
-    async pull(controller) {
-      try {
-        const next = await reader.read();
-        if (next.done) {
-          end(true);
-          controller.close();
-        } else {
-          onChunk(next.value);
-          controller.enqueue(next.value);
-        }
-      } catch (err) {
-        end(false);
-        controller.error(err);
-      }
-    },
-    cancel: (reason) => {
-      end(false);
-      return reader.cancel(reason);
-    },
-  });
+  return body.pipeThrough(new TransformStream<Uint8Array, Uint8Array>(transformer));
 }
 
 /** An OpenAI-style error body, which the Kimi CLI shows to the agent (and the runner to the user). */
