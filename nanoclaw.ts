@@ -3984,8 +3984,17 @@ function usageOf(data: unknown): ModelUsage | null {
   return { promptTokens: count(usage.prompt_tokens), completionTokens: count(usage.completion_tokens) };
 }
 
-/** Counts the usage in an answer as it goes by: in each server-sent event, or in the whole JSON body (to a limit). */
-function usageCounter(streaming: boolean): { push(chunk: Uint8Array): void; end(): ModelUsage | null } {
+/**
+ * An answer passed on chunk by chunk, its usage counted as it goes by: in each server-sent event, or in
+ * the whole JSON body (up to MAX_MODEL_REQUEST_BYTES). `ended` is called once: with the usage when the
+ * answer is complete, with null when the upstream failed or the reader went away (even before the first
+ * chunk). bun-types 1.4.5 does not declare a transformer's cancel, which Bun calls.
+ */
+function countedBody(
+  body: ReadableStream<Uint8Array>,
+  streaming: boolean,
+  ended: (usage: ModelUsage | null) => void,
+): ReadableStream<Uint8Array> {
   const decoder = new TextDecoder();
   let text = ''; // streaming: the unfinished line
   let usage: ModelUsage | null = null;
@@ -3996,36 +4005,19 @@ function usageCounter(streaming: boolean): { push(chunk: Uint8Array): void; end(
       // not JSON ([DONE], comments): nothing to count
     }
   };
-  const push = (chunk: Uint8Array) => {
-    if (text.length < MAX_MODEL_REQUEST_BYTES) text += decoder.decode(chunk, { stream: true });
-    const lines = streaming ? text.split('\n') : [text];
-    text = lines.pop()!;
-    for (const line of lines) read(line);
-  };
-  const end = () => {
-    read(text);
-    return usage;
-  };
-  return { push, end };
-}
-
-/**
- * A body passed on chunk by chunk; `ended` is called once: when it finished, or when the upstream failed or
- * the reader went away (even before the first chunk). bun-types 1.4.5 does not declare a transformer's
- * cancel, which Bun calls.
- */
-function watchedBody(
-  body: ReadableStream<Uint8Array>,
-  onChunk: (chunk: Uint8Array) => void,
-  ended: (complete: boolean) => void,
-): ReadableStream<Uint8Array> {
   const transformer = {
     transform(chunk: Uint8Array, controller: TransformStreamDefaultController<Uint8Array>) {
-      onChunk(chunk);
+      if (text.length < MAX_MODEL_REQUEST_BYTES) text += decoder.decode(chunk, { stream: true });
+      const lines = streaming ? text.split('\n') : [text];
+      text = lines.pop()!;
+      for (const line of lines) read(line);
       controller.enqueue(chunk);
     },
-    flush: () => ended(true),
-    cancel: () => ended(false),
+    flush: () => {
+      read(text);
+      ended(usage);
+    },
+    cancel: () => ended(null),
   };
   return body.pipeThrough(new TransformStream<Uint8Array, Uint8Array>(transformer));
 }
@@ -4188,11 +4180,11 @@ export class ModelProxy {
       done(ok, status, null);
       return new Response(text && maskSecrets(text, key ? [key] : []), answer);
     }
-    const counter = usageCounter(upstream.headers.get('content-type')?.includes('text/event-stream') ?? false);
-    const counted = watchedBody(upstream.body, counter.push, (complete) => {
-      done(ok, status, complete ? counter.end() : null);
-    });
-    return new Response(counted, answer);
+    const streaming = upstream.headers.get('content-type')?.includes('text/event-stream') ?? false;
+    return new Response(
+      countedBody(upstream.body, streaming, (usage) => done(ok, status, usage)),
+      answer,
+    );
   }
 
   stop(): void {
@@ -4291,13 +4283,14 @@ async function followProxyRequest(
   allow: readonly string[],
   refused: (reason: string) => void,
 ): Promise<void> {
-  const target = proxyTarget(head);
-  const decision = typeof target === 'string' ? { refused: target } : await egressAddress(target.host, allow);
-  if (typeof target === 'string' || 'refused' in decision) {
-    const reason = 'refused' in decision ? decision.refused : 'unreachable';
+  const refuse = (status: 400 | 403, reason: string) => {
     refused(reason);
-    return refuseProxyRequest(client, typeof target === 'string' ? 400 : 403, reason);
-  }
+    refuseProxyRequest(client, status, reason);
+  };
+  const target = proxyTarget(head);
+  if (typeof target === 'string') return refuse(400, target);
+  const decision = await egressAddress(target.host, allow);
+  if ('refused' in decision) return refuse(403, decision.refused);
   const upstream = netConnect({ host: decision.address, port: target.port });
   let connected = false;
   upstream.once('connect', () => {
