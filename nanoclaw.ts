@@ -4318,7 +4318,7 @@ export function openEgressProxy(
   refused: (reason: string) => void,
 ): { socketPath: string; close(): void } {
   const clients = new Set<Socket>();
-  const proxy = createNetServer((client) => {
+  const server = createNetServer((client) => {
     clients.add(client);
     client.once('close', () => clients.delete(client));
     client.on('error', () => client.destroy());
@@ -4335,7 +4335,7 @@ export function openEgressProxy(
     };
     client.on('data', onData);
   });
-  const server = listenOnRunSocket(socketPath, () => proxy.listen(socketPath));
+  listenOnRunSocket(socketPath, () => server.listen(socketPath));
   const close = () => {
     server.close();
     for (const client of clients) client.destroy();
