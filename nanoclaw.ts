@@ -3731,7 +3731,7 @@ export class GroupQueue {
       state.live!.wake();
     } else {
       const idle = !state.running && !state.cancelRetry && state.tasks.length === 0;
-      const free = this.hasFreeSlot() && this.waiting.length === 0;
+      const free = this.activeCount < this.options.maxConcurrent && this.waiting.length === 0;
       if (this.shuttingDown || this.options.pool.size === 0 || !idle || !free) return false;
       this.start(jid, true);
     }
@@ -3844,10 +3844,6 @@ export class GroupQueue {
     await state.live?.kill();
   }
 
-  private hasFreeSlot(): boolean {
-    return this.activeCount < this.options.maxConcurrent;
-  }
-
   private releaseSlot(state: GroupState): void {
     if (!state.holdsSlot) return;
     state.holdsSlot = false;
@@ -3855,7 +3851,7 @@ export class GroupQueue {
   }
 
   private startOrWait(jid: string): void {
-    if (this.hasFreeSlot()) this.start(jid);
+    if (this.activeCount < this.options.maxConcurrent) this.start(jid);
     else if (!this.waiting.includes(jid)) this.waiting.push(jid);
   }
 
@@ -3921,7 +3917,7 @@ export class GroupQueue {
   }
 
   private startWaiting(): void {
-    while (!this.shuttingDown && this.hasFreeSlot() && this.waiting.length > 0) {
+    while (!this.shuttingDown && this.activeCount < this.options.maxConcurrent && this.waiting.length > 0) {
       const jid = this.waiting.shift()!;
       const state = this.state(jid);
       if (!state.running && (state.tasks.length > 0 || state.messagesPending)) this.start(jid);
