@@ -58,7 +58,7 @@ import {
 import { lookup } from 'node:dns/promises';
 import * as fsp from 'node:fs/promises';
 import { createRequire } from 'node:module';
-import { connect as netConnect, createServer as createNetServer, type Socket } from 'node:net';
+import { BlockList, isIP, connect as netConnect, createServer as createNetServer, type Socket } from 'node:net';
 import { availableParallelism, homedir, totalmem } from 'node:os';
 import { basename, dirname, isAbsolute, join, relative, resolve, sep } from 'node:path';
 import { createInterface } from 'node:readline';
@@ -3533,80 +3533,68 @@ export class WhatsAppChannel implements Channel {
 
 // ───────────────────────────── 7. Queue: one container per group, a limit for all ────
 
-/** The queue entry of a chat's isolated task runs: their own container, beside the chat's. */
-export function isolatedLane(chatJid: string): string {
-  return `${chatJid}#isolated`;
-}
-
-/** The queue entry a task's own container runs in: an isolated task's lane, or its chat's. */
+/** The queue entry a task's own container runs in: an isolated task's lane beside its chat's, or the chat's. */
 export function laneOf(task: Pick<ScheduledTask, 'chatJid' | 'contextMode'>): string {
-  return task.contextMode === 'isolated' ? isolatedLane(task.chatJid) : task.chatJid;
+  return task.contextMode === 'isolated' ? `${task.chatJid}#isolated` : task.chatJid;
 }
 
 /** How the queue and the host reach a running container. */
 export interface LiveContainer {
   /** False for scheduled tasks: their container never takes chat follow-ups. */
   readonly acceptsFollowUps: boolean;
-  /** True once it was asked to close, is being stopped, or has exited: nothing more may be sent to it. */
+  /** Asked to close, being stopped, or exited: nothing more may be sent to it. */
   readonly closing: boolean;
-  /**
-   * Hands over a chat follow-up (with the seq of its newest message), or a scheduled task,
-   * as a turn after the current one; false when it could not (the container is then being stopped).
-   */
+  /** A chat follow-up (upTo: the seq of its newest message) or a task, as the next turn; false when it could not. */
   sendInput(text: string, kind?: 'message' | 'task', upTo?: number): boolean;
   /** Asks the agent to finish its turn and exit. */
   close(): void;
-  /** Freezes a container that waits for its next message (docker pause): no CPU until input, wake or close thaws it. */
+  /** docker pause while it waits for its next message: no CPU until input, wake or close thaws it. */
   pause(): void;
-  /** Thaws a paused container ahead of its next message (someone is typing). */
   wake(): void;
-  /** Stops the container now. */
   kill(): Promise<void>;
 }
 
-/** A scheduled task waiting for its group; `inLive` (group-context tasks) runs it as a turn of the chat's live container instead. */
 interface QueuedTask {
   id: string;
   run: () => Promise<void>;
-  inLive?: () => void;
+  /** Group-context tasks: runs it as a turn of the chat's live container instead. */
+  inLive?: (() => void) | undefined;
 }
 
-interface GroupState {
-  running: boolean;
-  /** The run counts against maxConcurrent; false while its agent waits in the warm pool, or closes. */
-  holdsSlot: boolean;
-  live: LiveContainer | null;
-  /** Stopped while docker was still starting it: the container is stopped as soon as it is up. */
-  stopWhenUp: boolean;
-  /** Cancels the idle close, while one is pending: set while the agent waits in the warm pool. */
-  idleTimer: (() => void) | null;
-  /** Cancels the pause of the waiting agent, while one is pending. */
-  pauseTimer: (() => void) | null;
-  messagesPending: boolean;
-  tasks: QueuedTask[];
-  retryCount: number;
-  /** Cancels the pending retry, while one is. */
-  retryTimer: (() => void) | null;
-  /** The highest message seq the running message run was given (null: none is running). */
-  givenUpTo: number | null;
+class GroupState {
+  running = false;
+  /** Counts against maxConcurrent; false while its agent waits in the warm pool, or closes. */
+  holdsSlot = false;
+  live: LiveContainer | null = null;
+  /** Killed while docker was still starting it: stopped as soon as it is up. */
+  stopWhenUp = false;
+  messagesPending = false;
+  tasks: QueuedTask[] = [];
+  retryCount = 0;
+  cancelRetry: (() => void) | null = null;
+  /** The highest message seq the running message run was given (null: none runs). */
+  givenUpTo: number | null = null;
   /** That run's agent asked the chat a question: the chat's next message is the answer. */
-  answerExpected: boolean;
+  answerExpected = false;
   /** A message came while its container was closing: the group goes on at the front of the line, not the back. */
-  keepPlace: boolean;
+  keepPlace = false;
+
+  stopRetry(): void {
+    this.cancelRetry?.();
+    this.cancelRetry = null;
+  }
 }
 
 export interface QueueOptions {
   maxConcurrent: number;
   idleTimeoutMs: number;
-  /** Agents waiting for their group's next message, at most `size`, the least recently used closed first; paused after pauseAfterMs. */
+  /** Agents waiting for their group's next message: at most `size`, paused after pauseAfterMs. */
   pool: { size: number; pauseAfterMs: number };
   retryBaseMs: number;
   maxRetries: number;
-  /** Runs the agent on a group's pending messages (warm: start it even with none, to wait for the next); resolves false when the run must be retried. */
+  /** Runs the agent on a group's pending messages (warm: even with none, to wait for the next); false: retry. */
   processMessages(chatJid: string, warm: boolean): Promise<boolean>;
-  /** The retries are used up: the group's pending messages must be given up. */
   onGiveUp?(chatJid: string): void;
-  /** A failed run will be tried again after delayMs. */
   onRetry?(chatJid: string, attempt: number, delayMs: number): void;
   clock?: Clock;
 }
@@ -3614,11 +3602,9 @@ export interface QueueOptions {
 export class GroupQueue {
   private readonly groups = new Map<string, GroupState>();
   private readonly waiting: string[] = [];
-  /** The warm pool: groups whose agent waits for their next message, least recently used first. */
-  private readonly pooled: string[] = [];
-  private active = 0;
+  /** The warm pool, least recently used first: each waiting agent's pending pause and idle close. */
+  private readonly pool = new Map<string, { cancelPause: () => void; cancelClose: () => void }>();
   private shuttingDown = false;
-
   private readonly clock: Clock;
 
   constructor(private readonly options: QueueOptions) {
@@ -3626,97 +3612,68 @@ export class GroupQueue {
   }
 
   private state(jid: string): GroupState {
-    let state = this.groups.get(jid);
-    if (!state) {
-      state = {
-        running: false,
-        holdsSlot: false,
-        live: null,
-        stopWhenUp: false,
-        idleTimer: null,
-        pauseTimer: null,
-        messagesPending: false,
-        tasks: [],
-        retryCount: 0,
-        retryTimer: null,
-        givenUpTo: null,
-        answerExpected: false,
-        keepPlace: false,
-      };
-      this.groups.set(jid, state);
-    }
+    const state = this.groups.get(jid) ?? new GroupState();
+    this.groups.set(jid, state);
     return state;
   }
 
   get activeCount(): number {
-    return this.active;
+    return [...this.groups.values()].filter((state) => state.holdsSlot).length;
+  }
+
+  get poolMembers(): string[] {
+    return [...this.pool.keys()];
   }
 
   isRunning(jid: string): boolean {
-    return this.groups.get(jid)?.running ?? false;
+    return this.state(jid).running;
   }
 
   /** Running, or waiting out a retry backoff: either way the group needs nothing from a sweep. */
   isBusy(jid: string): boolean {
-    const state = this.groups.get(jid);
-    return Boolean(state && (state.running || state.retryTimer));
+    const state = this.state(jid);
+    return state.running || state.cancelRetry !== null;
   }
 
-  /**
-   * There are messages to look at for this group. A group waiting out a retry's backoff
-   * waits it out (the retry takes them along); one whose container is closing keeps its place.
-   */
+  /** There are messages for this group. A group backing off before a retry waits (the retry takes them along). */
   enqueueMessages(jid: string): void {
     if (this.shuttingDown) return;
     const state = this.state(jid);
     state.messagesPending = true;
-    if (state.running) {
-      if (state.live?.closing) state.keepPlace = true;
-      return;
-    }
-    if (state.retryTimer) return;
-    this.startOrWait(jid);
+    if (state.running && state.live?.closing) state.keepPlace = true;
+    if (!state.running && !state.cancelRetry) this.startOrWait(jid);
   }
 
   /**
-   * A scheduled task for this group. With `inLive`, a chat container that is alive takes it
-   * as its next turn (now if it waits, else once it answered): nothing is closed for it.
-   * Otherwise it runs in its own container, after whatever the group is doing now.
+   * A scheduled task. With `inLive`, the group's live chat container takes it as its next turn
+   * (now if it waits, else once it answered); otherwise it gets its own container, after the group's work.
    */
   enqueueTask(jid: string, taskId: string, run: () => Promise<void>, inLive?: () => void): void {
-    if (this.shuttingDown) return;
     const state = this.state(jid);
-    if (state.tasks.some((task) => task.id === taskId)) return;
-    const liveTakesIt = Boolean(inLive) && this.takesInput(state);
-    if (liveTakesIt && state.idleTimer) {
-      this.leavePool(jid, state);
-      inLive!();
-      return;
-    }
-    state.tasks.push({ id: taskId, run, ...(liveTakesIt ? { inLive } : {}) });
-    if (state.running) {
-      if (!liveTakesIt && state.idleTimer) this.closeIdle(jid); // an idle chat container would hold the task up
-      return;
-    }
-    this.startOrWait(jid);
+    if (this.shuttingDown || state.tasks.some((task) => task.id === taskId)) return;
+    state.tasks.push({ id: taskId, run, inLive: this.takesInput(state) ? inLive : undefined });
+    // An agent waiting in the pool takes the task as its turn, or closes for it.
+    if (this.pool.has(jid)) this.markIdle(jid);
+    else if (!state.running) this.startOrWait(jid);
   }
 
   /**
-   * Starts a group's container before its message, when activity says one is coming: only
-   * into a free slot nobody waits for, and only when the group has no container yet. An
-   * agent waiting in the pool is thawed instead, and kept running for another pauseAfterMs.
+   * Starts a group's container before its message, only into a free slot nobody waits for and only
+   * when it has none; an agent waiting in the pool is thawed instead, for another pauseAfterMs.
    */
   prewarm(jid: string): boolean {
-    const { maxConcurrent, pool } = this.options;
     const state = this.state(jid);
-    if (state.idleTimer && state.live) {
-      state.live.wake();
-      this.armPause(state);
-      return true;
+    const seat = this.pool.get(jid);
+    if (seat) {
+      seat.cancelPause();
+      seat.cancelPause = this.pauseLater(state.live!);
+      state.live!.wake();
+    } else {
+      const idle = !state.running && !state.cancelRetry && state.tasks.length === 0;
+      const free = this.activeCount < this.options.maxConcurrent && this.waiting.length === 0;
+      if (this.shuttingDown || this.options.pool.size === 0 || !idle || !free) return false;
+      this.start(jid, true);
     }
-    if (this.shuttingDown || pool.size === 0 || this.active >= maxConcurrent || this.waiting.length > 0) return false;
-    if (state.running || state.retryTimer || state.tasks.length > 0) return false;
-    this.start(jid, true);
     return true;
   }
 
@@ -3728,195 +3685,149 @@ export class GroupQueue {
     else if (this.shuttingDown) live.close();
   }
 
-  /** The group's running message run now has its messages up to `seq` (null: that run is over); an expected answer is among them. */
+  /** The running message run has the messages up to `seq` (null: it is over), an expected answer among them. */
   give(jid: string, seq: number | null): void {
     const state = this.state(jid);
     state.givenUpTo = seq;
     state.answerExpected = false;
   }
 
-  /** The highest message seq the group's running message run was given, or null when none runs. */
   givenUpTo(jid: string): number | null {
-    return this.groups.get(jid)?.givenUpTo ?? null;
+    return this.state(jid).givenUpTo;
   }
 
-  /** The running agent asked the chat a question (only a message run can be answered). */
+  /** Only a message run can be answered. */
   expectAnswer(jid: string): void {
-    const state = this.groups.get(jid);
-    if (state?.givenUpTo != null) state.answerExpected = true;
+    const state = this.state(jid);
+    if (state.givenUpTo !== null) state.answerExpected = true;
   }
 
-  /** Whether the chat's next message answers the running agent's question. */
   answerExpected(jid: string): boolean {
-    return this.groups.get(jid)?.answerExpected ?? false;
+    return this.state(jid).answerExpected;
   }
 
   /**
-   * Hands a follow-up (or a task, as the next turn) to the group's live container; false when
-   * there is none that takes it. An agent from the warm pool counts toward the limit again
-   * while it works, but is never held back by it: it is already running, waiting would only
-   * add to the reply's latency.
+   * A follow-up (or a task) as the next turn of the group's live container; false when none takes it.
+   * An agent from the pool holds a slot again, but never waits for one: that would only add latency.
    */
   sendFollowUp(jid: string, text: string, kind: 'message' | 'task' = 'message', upTo?: number): boolean {
-    const state = this.groups.get(jid);
-    if (!state || !this.takesInput(state)) return false;
-    this.leavePool(jid, state);
-    if (!state.holdsSlot) {
-      state.holdsSlot = true;
-      this.active++;
-    }
+    const state = this.state(jid);
+    if (!this.takesInput(state)) return false;
+    this.leavePool(jid);
+    state.holdsSlot = true;
     return state.live!.sendInput(text, kind, upTo);
   }
 
-  /** The group's container is running and still takes follow-ups and task turns. */
   private takesInput(state: GroupState): boolean {
     return state.running && Boolean(state.live?.acceptsFollowUps) && !state.live!.closing;
   }
 
   /**
-   * The group's agent answered and now waits: a task queued for this container runs as its
-   * next turn. Otherwise it joins the warm pool: its slot is free for others, it is paused
-   * after pool.pauseAfterMs and closed after the idle timeout, and when the pool is over its
-   * size the agent that waited longest is closed. A task that needs its own container, or a
-   * pool of size 0, closes it at once.
+   * The group's agent answered and waits: a task queued for this container is its next turn; else it
+   * joins the pool, its slot free for others. A task needing its own container, or no pool, closes it.
    */
-  markIdle(jid: string, idleTimeoutMs = this.options.idleTimeoutMs): void {
-    const state = this.groups.get(jid);
-    if (!state?.live) return;
-    this.leavePool(jid, state);
+  markIdle(jid: string): void {
+    const state = this.state(jid);
+    if (!state.live) return;
+    this.leavePool(jid);
     const next = state.tasks[0];
     if (next?.inLive && !state.live.closing) {
       state.tasks.shift();
       next.inLive();
-      return;
-    }
-    const { pool } = this.options;
-    if (state.tasks.length > 0 || pool.size === 0 || state.live.closing) {
-      this.closeIdle(jid);
-      return;
-    }
-    state.idleTimer = this.clock.after(idleTimeoutMs, () => this.closeIdle(jid));
-    this.armPause(state);
-    this.pooled.push(jid);
-    this.releaseSlot(state);
-    while (this.pooled.length > pool.size) {
-      const evicted = this.pooled[0]!;
-      log.debug({ chatJid: evicted, poolSize: pool.size }, 'Warm pool full; closing the agent that waited longest');
-      this.closeIdle(evicted);
+    } else if (state.tasks.length > 0 || this.options.pool.size === 0 || state.live.closing) {
+      this.closeContainer(jid);
+    } else {
+      this.joinPool(jid, state.live);
+      this.releaseSlot(state);
     }
   }
 
-  /** Groups whose agent waits in the warm pool, least recently used first (for /status and tests). */
-  get poolMembers(): readonly string[] {
-    return this.pooled;
+  /** Paused after pool.pauseAfterMs, closed after the idle timeout; past the pool's size the longest waiting goes. */
+  private joinPool(jid: string, live: LiveContainer): void {
+    const cancelClose = this.clock.after(this.options.idleTimeoutMs, () => this.closeContainer(jid));
+    this.pool.set(jid, { cancelPause: this.pauseLater(live), cancelClose });
+    const { size } = this.options.pool;
+    for (const [evicted] of this.pool) {
+      if (this.pool.size <= size) break;
+      log.debug({ chatJid: evicted, poolSize: size }, 'Warm pool full; closing the agent that waited longest');
+      this.closeContainer(evicted);
+    }
   }
 
-  /** Asks the group's container to finish and exit (a scheduled task's, once it answered). */
+  private pauseLater(live: LiveContainer): () => void {
+    return this.clock.after(this.options.pool.pauseAfterMs, () => live.pause());
+  }
+
+  private leavePool(jid: string): void {
+    const seat = this.pool.get(jid);
+    seat?.cancelPause();
+    seat?.cancelClose();
+    this.pool.delete(jid);
+  }
+
+  /** Asks the group's container to finish and exit; its slot is free at once, not when docker is done with it. */
   closeContainer(jid: string): void {
-    this.closeIdle(jid);
+    const state = this.state(jid);
+    this.leavePool(jid);
+    if (!state.live) return;
+    state.live.close();
+    this.releaseSlot(state);
   }
 
   /** Stops the group's container now, and any retry it was waiting for. */
   async kill(jid: string): Promise<void> {
-    const state = this.groups.get(jid);
-    if (!state) return;
-    state.retryTimer?.();
-    state.retryTimer = null;
+    const state = this.state(jid);
+    state.stopRetry();
     state.messagesPending = false;
     if (state.running && !state.live) state.stopWhenUp = true; // docker has not started it yet
     await state.live?.kill();
   }
 
-  /** Closes a container that has answered: its slot is free at once, not when docker is done with it. */
-  private closeIdle(jid: string): void {
-    const state = this.groups.get(jid);
-    if (!state) return;
-    this.leavePool(jid, state);
-    state.live?.close();
-    if (state.live) this.releaseSlot(state);
-  }
-
   private releaseSlot(state: GroupState): void {
     if (!state.holdsSlot) return;
     state.holdsSlot = false;
-    this.active--;
     this.startWaiting();
   }
 
-  private armPause(state: GroupState): void {
-    state.pauseTimer?.();
-    state.pauseTimer = this.clock.after(this.options.pool.pauseAfterMs, () => {
-      state.pauseTimer = null;
-      state.live?.pause();
-    });
-  }
-
-  /** The group's agent stops waiting in the pool (it got work, or it closes): its timers are cancelled. */
-  private leavePool(jid: string, state: GroupState): void {
-    state.idleTimer?.();
-    state.idleTimer = null;
-    state.pauseTimer?.();
-    state.pauseTimer = null;
-    const at = this.pooled.indexOf(jid);
-    if (at >= 0) this.pooled.splice(at, 1);
-  }
-
   private startOrWait(jid: string): void {
-    if (this.active < this.options.maxConcurrent) {
-      this.start(jid);
-      return;
-    }
-    if (!this.waiting.includes(jid)) this.waiting.push(jid);
+    if (this.activeCount < this.options.maxConcurrent) this.start(jid);
+    else if (!this.waiting.includes(jid)) this.waiting.push(jid);
   }
 
   private start(jid: string, warm = false): void {
     const state = this.state(jid);
     state.running = true;
     state.holdsSlot = true;
-    this.active++;
     const task = state.tasks.shift();
-    const work = task ? this.runTask(task) : this.runMessages(jid, state, warm);
+    const work = task
+      ? task.run().catch((err) => log.error({ err, taskId: task.id }, 'Scheduled task failed'))
+      : this.runMessages(jid, state, warm);
     void work.finally(() => {
       state.running = false;
       state.live = null;
       state.stopWhenUp = false;
-      this.leavePool(jid, state);
+      this.leavePool(jid);
       this.releaseSlot(state);
-      this.next(jid);
+      this.next(jid, state);
     });
-  }
-
-  private async runTask(task: QueuedTask): Promise<void> {
-    try {
-      await task.run();
-    } catch (err) {
-      log.error({ err, taskId: task.id }, 'Scheduled task failed');
-    }
   }
 
   private async runMessages(jid: string, state: GroupState, warm: boolean): Promise<void> {
     state.messagesPending = false;
-    let ok = false;
-    try {
-      ok = await this.options.processMessages(jid, warm);
-    } catch (err) {
+    const ok = await this.options.processMessages(jid, warm).catch((err) => {
       log.error({ err, chatJid: jid }, 'Processing messages failed');
-    }
-    if (ok) {
-      state.retryCount = 0;
-    } else {
-      this.scheduleRetry(jid, state);
-    }
+      return false;
+    });
+    if (ok) state.retryCount = 0;
+    else this.scheduleRetry(jid, state);
   }
 
   private scheduleRetry(jid: string, state: GroupState): void {
     if (this.shuttingDown) return;
     state.retryCount++;
     if (state.retryCount > this.options.maxRetries) {
-      log.error(
-        { chatJid: jid, attempts: state.retryCount - 1 },
-        'Giving up on these messages; the next message in this chat starts fresh',
-      );
+      const attempts = state.retryCount - 1;
+      log.error({ chatJid: jid, attempts }, 'Giving up on these messages; the next message in this chat starts fresh');
       state.retryCount = 0;
       this.options.onGiveUp?.(jid);
       return;
@@ -3924,35 +3835,28 @@ export class GroupQueue {
     const delayMs = backoff(state.retryCount, { baseMs: this.options.retryBaseMs });
     log.warn({ chatJid: jid, attempt: state.retryCount, delayMs }, 'Agent run failed; retrying with backoff');
     this.options.onRetry?.(jid, state.retryCount, delayMs);
-    state.retryTimer?.();
-    state.retryTimer = this.clock.after(delayMs, () => {
-      state.retryTimer = null;
+    state.stopRetry();
+    state.cancelRetry = this.clock.after(delayMs, () => {
+      state.cancelRetry = null;
       this.enqueueMessages(jid);
     });
   }
 
-  /**
-   * After a run: the same group again if it has work — behind anyone waiting, unless a
-   * message came while its container was closing (then in front: it was being served) —
-   * then the waiting line. A group backing off before a retry is left to its retry.
-   */
-  private next(finishedJid: string): void {
+  /** After a run, the group goes on if it has work (not a retry's): behind the line, or in front if keepPlace. */
+  private next(jid: string, state: GroupState): void {
     if (this.shuttingDown) return;
-    const finished = this.state(finishedJid);
-    for (const task of finished.tasks) delete task.inLive; // the container they were waiting for is gone
-    const hasWork = finished.tasks.length > 0 || (finished.messagesPending && !finished.retryTimer);
-    if (hasWork && !this.waiting.includes(finishedJid)) {
-      if (finished.keepPlace) this.waiting.unshift(finishedJid);
-      else this.waiting.push(finishedJid);
+    for (const task of state.tasks) delete task.inLive; // the container they were waiting for is gone
+    const hasWork = state.tasks.length > 0 || (state.messagesPending && !state.cancelRetry);
+    if (hasWork && !this.waiting.includes(jid)) {
+      if (state.keepPlace) this.waiting.unshift(jid);
+      else this.waiting.push(jid);
     }
-    finished.keepPlace = false;
+    state.keepPlace = false;
     this.startWaiting();
   }
 
-  /** Starts waiting groups, in the order they came, while there are free slots. */
   private startWaiting(): void {
-    if (this.shuttingDown) return;
-    while (this.active < this.options.maxConcurrent && this.waiting.length > 0) {
+    while (!this.shuttingDown && this.activeCount < this.options.maxConcurrent && this.waiting.length > 0) {
       const jid = this.waiting.shift()!;
       const state = this.state(jid);
       if (!state.running && (state.tasks.length > 0 || state.messagesPending)) this.start(jid);
@@ -3963,113 +3867,99 @@ export class GroupQueue {
   async shutdown(graceMs: number): Promise<void> {
     this.shuttingDown = true;
     for (const [jid, state] of this.groups) {
-      state.retryTimer?.();
-      state.retryTimer = null;
-      this.leavePool(jid, state);
+      state.stopRetry();
+      this.leavePool(jid);
       state.live?.close();
     }
     const running = () => [...this.groups.values()].some((state) => state.running);
-    const deadline = Date.now() + graceMs;
-    while (running() && Date.now() < deadline) await Bun.sleep(50);
-    if (running()) {
-      await Promise.all([...this.groups.values()].map((state) => state.live?.kill()));
-      const hardDeadline = Date.now() + 10_000;
-      while (running() && Date.now() < hardDeadline) await Bun.sleep(50);
-    }
+    const exited = async (withinMs: number) => {
+      const deadline = Date.now() + withinMs;
+      while (running() && Date.now() < deadline) await Bun.sleep(50);
+      return !running();
+    };
+    if (await exited(graceMs)) return;
+    await Promise.all([...this.groups.values()].map((state) => state.live?.kill()));
+    await exited(10_000);
   }
 }
 
 // ───────────────────────────── 8. Model proxy: the key stays on the host ─────────────
 
-/** Where a container finds its run's proxy socket. */
 export const MODEL_SOCKET_IN_CONTAINER = '/run/nanoclaw/model.sock';
-/** The largest request body the proxy passes on (images travel inline as base64); Bun counts it as it streams. */
+/** The largest request body the proxy passes on (images travel inline as base64). */
 export const MAX_MODEL_REQUEST_BYTES = 32 * 1024 * 1024;
 /** Requests one run may have at the model at once (the CLI asks one at a time; subagents add a few). */
 export const MAX_MODEL_REQUESTS_PER_RUN = 4;
-/** The most of an upstream error body passed back (after the key is masked in it). */
 const MAX_MODEL_ERROR_BYTES = 64 * 1024;
 /** What an agent may ask of the model's API: chat, the model list, and file upload (the CLI sends videos so). */
 const MODEL_ROUTES = new Set(['POST /chat/completions', 'GET /models', 'POST /files']);
 /** Request headers that describe the hop, not the request, or that the proxy sets itself. */
 const HOP_HEADER =
   /^(host|authorization|x-api-key|connection|keep-alive|content-length|transfer-encoding|accept-encoding|proxy-authorization)$/i;
-/**
- * A model may think for longer than Bun's default 10 s idle limit between two chunks.
- * bun-types 1.4.5 declares idleTimeout for ports only, though Bun honours it on unix sockets.
- */
-// biome-ignore lint/complexity/noBannedTypes: an option bun-types does not declare for unix sockets (above)
-const NO_IDLE_TIMEOUT = { idleTimeout: 0 } as {};
 /** Response headers that stop being true once Bun has decoded the body. */
 const DECODED_HEADER = /^(content-encoding|content-length|transfer-encoding|connection|keep-alive)$/i;
+/**
+ * Bun answers 413 to a body past the size limit, declared or while it streams in. No idle limit: a model
+ * may think for longer than 10 s between two chunks (bun-types 1.4.5 declares it for ports only; Bun honours it).
+ */
+const SERVE = { idleTimeout: 0, maxRequestBodySize: MAX_MODEL_REQUEST_BYTES + 1 } as { maxRequestBodySize: number };
 
-export interface ModelUsage {
-  promptTokens: number;
-  completionTokens: number;
-}
+type ModelUsage = { promptTokens: number; completionTokens: number };
+
+const withoutHeaders = (headers: Headers, names: RegExp) =>
+  new Headers([...headers].filter(([name]) => !names.test(name)));
 
 /** Token counts in an OpenAI-style body or stream chunk: `usage` at the top, or (Moonshot's streams) in a choice. */
-export function usageOf(data: unknown): ModelUsage | null {
-  const record = data as { usage?: unknown; choices?: { usage?: unknown }[] } | null;
-  const usage = (record?.usage ?? record?.choices?.find((choice) => choice?.usage)?.usage) as
-    | { prompt_tokens?: unknown; completion_tokens?: unknown }
-    | undefined;
+function usageOf(data: unknown): ModelUsage | null {
+  type Counts = { prompt_tokens?: unknown; completion_tokens?: unknown };
+  const record = data as { usage?: Counts; choices?: { usage?: Counts }[] } | null;
+  const usage = record?.usage ?? record?.choices?.find((choice) => choice?.usage)?.usage;
   if (!usage || typeof usage !== 'object') return null;
-  const count = (value: unknown) => (typeof value === 'number' && Number.isFinite(value) ? value : 0);
+  const count = (value: unknown) => (Number.isFinite(value) ? (value as number) : 0);
   return { promptTokens: count(usage.prompt_tokens), completionTokens: count(usage.completion_tokens) };
 }
 
 /**
- * Watches a response body go by (server-sent events or one JSON document) and keeps the
- * last usage it reports. It never holds more than one unfinished line, or, for plain
- * JSON, the first MAX_MODEL_REQUEST_BYTES.
+ * An answer passed on chunk by chunk, its usage counted as it goes by: in each server-sent event, or in
+ * the whole JSON body (up to MAX_MODEL_REQUEST_BYTES). `ended` is called once: with the usage when the
+ * answer is complete, with null when the upstream failed or the reader went away (even before the first
+ * chunk). bun-types 1.4.5 does not declare a transformer's cancel, which Bun calls.
  */
-export class UsageCounter {
-  private pending = '';
-  private whole = '';
-  private usage: ModelUsage | null = null;
-  private readonly decoder = new TextDecoder();
-
-  constructor(private readonly streaming: boolean) {}
-
-  push(chunk: Uint8Array): void {
-    const text = this.decoder.decode(chunk, { stream: true });
-    if (!this.streaming) {
-      if (this.whole.length < MAX_MODEL_REQUEST_BYTES) this.whole += text;
-      return;
-    }
-    const lines = (this.pending + text).split('\n');
-    this.pending = lines.pop() ?? '';
-    for (const line of lines) this.line(line);
-  }
-
-  private line(line: string): void {
-    const data = /^data:\s*(.*)$/.exec(line.trim())?.[1];
-    if (!data || data === '[DONE]') return;
+function countedBody(
+  body: ReadableStream<Uint8Array>,
+  streaming: boolean,
+  ended: (usage: ModelUsage | null) => void,
+): ReadableStream<Uint8Array> {
+  const decoder = new TextDecoder();
+  let text = ''; // streaming: the unfinished line
+  let usage: ModelUsage | null = null;
+  const read = (json: string) => {
     try {
-      this.usage = usageOf(JSON.parse(data)) ?? this.usage;
+      usage = usageOf(JSON.parse(json.trim().replace(/^data:/, ''))) ?? usage;
     } catch {
-      // not JSON: nothing to count
+      // not JSON ([DONE], comments): nothing to count
     }
-  }
-
-  end(): ModelUsage | null {
-    if (this.streaming) {
-      this.line(this.pending);
-    } else {
-      try {
-        this.usage = usageOf(JSON.parse(this.whole));
-      } catch {
-        this.usage = null;
-      }
-    }
-    return this.usage;
-  }
+  };
+  const transformer = {
+    transform(chunk: Uint8Array, controller: TransformStreamDefaultController<Uint8Array>) {
+      if (text.length < MAX_MODEL_REQUEST_BYTES) text += decoder.decode(chunk, { stream: true });
+      const lines = streaming ? text.split('\n') : [text];
+      text = lines.pop()!;
+      for (const line of lines) read(line);
+      controller.enqueue(chunk);
+    },
+    flush: () => {
+      read(text);
+      ended(usage);
+    },
+    cancel: () => ended(null),
+  };
+  return body.pipeThrough(new TransformStream<Uint8Array, Uint8Array>(transformer));
 }
 
 /** An OpenAI-style error body, which the Kimi CLI shows to the agent (and the runner to the user). */
-function proxyError(status: number, message: string): Response {
-  return Response.json({ error: { type: 'nanoclaw_proxy', message } }, { status });
+function proxyError(status: number, message: string, headers?: Record<string, string>): Response {
+  return Response.json({ error: { type: 'nanoclaw_proxy', message } }, { status, headers });
 }
 
 /**
@@ -4089,59 +3979,33 @@ export function modelRoute(method: string, rawPath: string): string | null {
   return MODEL_ROUTES.has(`${method.toUpperCase()} ${path}`) ? path : null;
 }
 
-/** The first `limit` bytes of a response body as text; the rest is never read. */
-async function boundedText(response: Response, limit: number): Promise<string> {
-  const reader = (response.body as ReadableStream<Uint8Array>).getReader();
+/** The first `limit` bytes of a body as text; the rest is never read. */
+async function boundedText(body: ReadableStream<Uint8Array>, limit: number): Promise<string> {
   const chunks: Uint8Array[] = [];
   let size = 0;
   try {
-    for (let next = await reader.read(); !next.done && size < limit; next = await reader.read()) {
-      chunks.push(next.value);
-      size += next.value.byteLength;
+    for await (const chunk of body) {
+      chunks.push(chunk);
+      size += chunk.byteLength;
+      if (size >= limit) break;
     }
   } catch {
     // a body cut short: what came is enough to show
   }
-  void reader.cancel().catch(() => {});
   return new TextDecoder().decode(Buffer.concat(chunks).subarray(0, limit));
 }
 
-/** A response body passed on chunk by chunk; `ended` is called once, when it finished or the reader went away. */
-function watchedBody(
-  body: ReadableStream<Uint8Array>,
-  onChunk: (chunk: Uint8Array) => void,
-  ended: (complete: boolean) => void,
-): ReadableStream<Uint8Array> {
-  const reader = body.getReader();
-  let done = false;
-  const end = (complete: boolean) => {
-    if (!done) ended(complete);
-    done = true;
-  };
-  return new ReadableStream<Uint8Array>({
-    async pull(controller) {
-      try {
-        const next = await reader.read();
-        if (next.done) {
-          end(true);
-          controller.close();
-          return;
-        }
-        onChunk(next.value);
-        controller.enqueue(next.value);
-      } catch (err) {
-        end(false);
-        controller.error(err);
-      }
-    },
-    cancel(reason) {
-      end(false);
-      return reader.cancel(reason);
-    },
-  });
+/** Listens on a run's socket: its folder (0700) keeps all but the host out, the socket (0666) lets the container in. */
+function listenOnRunSocket<Server>(socketPath: string, listen: () => Server): Server {
+  mkdirSync(dirname(socketPath), { recursive: true, mode: 0o700 });
+  chmodSync(dirname(socketPath), 0o700);
+  rmSync(socketPath, { force: true });
+  const server = listen();
+  chmodSync(socketPath, 0o666);
+  return server;
 }
 
-export interface ProxyRun {
+interface ProxyRun {
   /** The run's credential: worthless without a live run and outside the proxy. */
   readonly token: string;
   /** Unix mode: the host path of the run's socket, mounted at MODEL_SOCKET_IN_CONTAINER. */
@@ -4167,12 +4031,10 @@ export interface ModelProxyOptions {
 }
 
 /**
- * The host's side of every model request. A container gets a per-run token instead of the
- * key; the proxy accepts only tokens of live runs and only the routes an agent needs
- * (MODEL_ROUTES), at most MAX_MODEL_REQUESTS_PER_RUN at a time, puts the real key on the
- * request, streams the body on with its size counted as it comes, and streams the answer
- * back (an error answer with the key masked in it). Unix sockets are reachable only by what
- * they are mounted into (and the host); in tcp mode the port listens on loopback only.
+ * The host's side of every model request. A container gets a per-run token instead of the key;
+ * the proxy accepts only tokens of live runs and only MODEL_ROUTES, at most MAX_MODEL_REQUESTS_PER_RUN
+ * at a time, puts the real key on the request and streams both ways. Unix sockets are reachable only
+ * by what they are mounted into (and the host); in tcp mode the port listens on loopback only.
  */
 export class ModelProxy {
   private readonly live = new Map<string, { folder: string; inFlight: number }>();
@@ -4184,39 +4046,19 @@ export class ModelProxy {
     const token = `ncp-${randomUUID().replace(/-/g, '')}`;
     this.live.set(token, { folder: groupFolder, inFlight: 0 });
     const forget = () => this.live.delete(token);
-    // Bun answers 413 to a body past the limit, declared or while it streams in.
-    const maxRequestBodySize = MAX_MODEL_REQUEST_BYTES + 1;
     if (this.options.mode === 'tcp') {
-      this.tcp ??= Bun.serve({
-        hostname: '127.0.0.1',
-        port: 0,
-        idleTimeout: 0,
-        maxRequestBodySize,
-        fetch: (req) => this.forward(req, null),
-      });
+      this.tcp ??= Bun.serve({ hostname: '127.0.0.1', port: 0, ...SERVE, fetch: (req) => this.forward(req, null) });
       return { token, url: `http://host.docker.internal:${this.tcp.port}`, close: forget };
     }
-    mkdirSync(this.options.dir, { recursive: true, mode: 0o700 });
-    chmodSync(this.options.dir, 0o700);
     const socketPath = join(this.options.dir, `${runId}.sock`);
-    rmSync(socketPath, { force: true });
-    const server = Bun.serve({
-      unix: socketPath,
-      maxRequestBodySize,
-      fetch: (req) => this.forward(req, token),
-      ...NO_IDLE_TIMEOUT,
-    });
-    // The container's user must be able to connect; the folder (0700) keeps everyone else out.
-    chmodSync(socketPath, 0o666);
-    return {
-      token,
-      socketPath,
-      close: () => {
-        forget();
-        void server.stop(true);
-        rmSync(socketPath, { force: true });
-      },
+    const handle = (req: Request) => this.forward(req, token);
+    const server = listenOnRunSocket(socketPath, () => Bun.serve({ unix: socketPath, ...SERVE, fetch: handle }));
+    const close = () => {
+      forget();
+      void server.stop(true);
+      rmSync(socketPath, { force: true });
     };
+    return { token, socketPath, close };
   }
 
   /** `ownToken`: the only token a per-run socket accepts (null in tcp mode: any live one). */
@@ -4227,75 +4069,57 @@ export class ModelProxy {
     if (!run) return proxyError(401, 'NanoClaw model proxy: this token does not belong to a running container.');
     const url = new URL(req.url);
     const route = modelRoute(req.method, url.pathname);
-    if (!route)
-      return proxyError(
-        403,
-        `NanoClaw model proxy: ${req.method} ${url.pathname} is not a model request it passes on.`,
-      );
+    const asked = `${req.method} ${url.pathname}`;
+    if (!route) return proxyError(403, `NanoClaw model proxy: ${asked} is not a model request it passes on.`);
     const key = this.options.apiKey();
     if (!key && this.options.keyRequired !== false) {
       this.options.record(run.folder, { ok: false, status: 401, usage: null });
       return proxyError(401, 'NanoClaw has no KIMI_API_KEY: put it in the .env file of the NanoClaw project.');
     }
     if (run.inFlight >= MAX_MODEL_REQUESTS_PER_RUN) {
-      const response = proxyError(429, `NanoClaw model proxy: ${MAX_MODEL_REQUESTS_PER_RUN} requests already open.`);
-      response.headers.set('retry-after', '1');
-      return response;
+      const message = `NanoClaw model proxy: ${MAX_MODEL_REQUESTS_PER_RUN} requests already open.`;
+      return proxyError(429, message, { 'retry-after': '1' });
     }
     run.inFlight++;
-    let released = false;
-    const release = () => {
-      if (!released) run.inFlight--;
-      released = true;
-    };
     const target = `${this.options.upstream.replace(/\/+$/, '')}${route}${url.search}`;
-    const headers = new Headers();
-    req.headers.forEach((value, name) => {
-      if (!HOP_HEADER.test(name)) headers.set(name, value);
+    return this.passOn(req, target, key, (ok, status, usage) => {
+      run.inFlight--;
+      this.options.record(run.folder, { ok, status, usage });
     });
+  }
+
+  /** Sends the request on with the real key; `done` is called once, when its answer is over. */
+  private async passOn(
+    req: Request,
+    target: string,
+    key: string | undefined,
+    done: (ok: boolean, status: number, usage: ModelUsage | null) => void,
+  ): Promise<Response> {
+    const headers = withoutHeaders(req.headers, HOP_HEADER);
     if (key) headers.set('authorization', `Bearer ${key}`);
+    const body = req.method === 'POST' ? req.body : null;
     let upstream: Response;
     try {
-      // The body streams on as it comes; Bun.serve stops it past maxRequestBodySize (a 413).
       // duplex: what a streamed body needs (bun-types' RequestInit does not declare it).
-      upstream = await fetch(target, {
-        method: req.method,
-        headers,
-        body: req.method === 'POST' ? req.body : null,
-        redirect: 'manual',
-        duplex: 'half',
-      } as RequestInit);
+      const init = { method: req.method, headers, body, redirect: 'manual', duplex: 'half' } as RequestInit;
+      upstream = await fetch(target, init);
     } catch (err) {
-      release();
-      this.options.record(run.folder, { ok: false, status: 502, usage: null });
+      done(false, 502, null);
       return proxyError(502, `NanoClaw model proxy could not reach ${new URL(target).origin}: ${errorText(err)}`);
     }
-    const responseHeaders = new Headers();
-    upstream.headers.forEach((value, name) => {
-      if (!DECODED_HEADER.test(name)) responseHeaders.set(name, value);
-    });
-    const record = (usage: ModelUsage | null) =>
-      this.options.record(run.folder, { ok: upstream.ok, status: upstream.status, usage });
-    if (!upstream.ok || !upstream.body) {
+    const { ok, status } = upstream;
+    const answer = { status, headers: withoutHeaders(upstream.headers, DECODED_HEADER) };
+    if (!ok || !upstream.body) {
       // An error body may quote the request, the key included: it goes back masked, and bounded.
-      const text = upstream.body ? await boundedText(upstream, MAX_MODEL_ERROR_BYTES) : null;
-      release();
-      record(null);
-      return new Response(text === null ? null : maskSecrets(text, key ? [key] : []), {
-        status: upstream.status,
-        headers: responseHeaders,
-      });
+      const text = upstream.body && (await boundedText(upstream.body, MAX_MODEL_ERROR_BYTES));
+      done(ok, status, null);
+      return new Response(text && maskSecrets(text, key ? [key] : []), answer);
     }
-    const counter = new UsageCounter((upstream.headers.get('content-type') ?? '').includes('text/event-stream'));
-    const answer = watchedBody(
-      upstream.body,
-      (chunk) => counter.push(chunk),
-      (complete) => {
-        release();
-        record(complete ? counter.end() : null);
-      },
+    const streaming = upstream.headers.get('content-type')?.includes('text/event-stream') ?? false;
+    return new Response(
+      countedBody(upstream.body, streaming, (usage) => done(ok, status, usage)),
+      answer,
     );
-    return new Response(answer, { status: upstream.status, headers: responseHeaders });
   }
 
   stop(): void {
@@ -4305,62 +4129,40 @@ export class ModelProxy {
   }
 }
 
-// The egress proxy: with CONTAINER_NETWORK=egress (the default on Linux) a container has no
-// network of its own; its web requests come through a per-run socket, and go on only to
-// public addresses: never the host, other containers, private ranges or link-local.
+// The egress proxy: with CONTAINER_NETWORK=egress (the default on Linux) a container has no network
+// of its own; its web requests come through a per-run socket, and go on only to public addresses.
 
-/** Where a container finds its run's egress proxy socket. */
-export const EGRESS_SOCKET_IN_CONTAINER = '/run/nanoclaw/egress.sock';
-/** The longest request head read before deciding where it may go. */
+const EGRESS_SOCKET_IN_CONTAINER = '/run/nanoclaw/egress.sock';
 const MAX_PROXY_HEAD_BYTES = 16 * 1024;
+/** Not the public internet: loopback, private, shared, link-local, documentation, multicast and reserved ranges. */
+const NOT_PUBLIC = `
+  0.0.0.0/8 10.0.0.0/8 100.64.0.0/10 127.0.0.0/8 169.254.0.0/16 172.16.0.0/12 192.0.0.0/24 192.0.2.0/24
+  192.168.0.0/16 198.18.0.0/15 198.51.100.0/24 203.0.113.0/24 224.0.0.0/3
+  ::/127 fc00::/7 fe80::/10 ff00::/8 2001:db8::/32 64:ff9b::/32`
+  .trim()
+  .split(/\s+/);
 
-/** True for addresses on the public internet: not loopback, private, link-local, shared, multicast or reserved. */
+/** True for addresses on the public internet (a v4-mapped v6 address is judged as its v4 one). */
 export function isPublicAddress(ip: string): boolean {
-  const v4 = /^(?:::ffff:)?(\d+)\.(\d+)\.(\d+)\.(\d+)$/i.exec(ip);
-  if (v4) {
-    const [a, b, c] = [Number(v4[1]), Number(v4[2]), Number(v4[3])];
-    return !(
-      a === 0 ||
-      a === 10 ||
-      a === 127 ||
-      a >= 224 ||
-      (a === 100 && b >= 64 && b <= 127) ||
-      (a === 169 && b === 254) ||
-      (a === 172 && b >= 16 && b <= 31) ||
-      (a === 192 && b === 168) ||
-      (a === 192 && b === 0 && (c === 0 || c === 2)) ||
-      (a === 198 && (b === 18 || b === 19)) ||
-      (a === 198 && b === 51 && c === 100) ||
-      (a === 203 && b === 0 && c === 113)
-    );
+  const ranges = new BlockList();
+  for (const range of NOT_PUBLIC) {
+    const [network = '', bits] = range.split('/');
+    ranges.addSubnet(network, Number(bits), network.includes(':') ? 'ipv6' : 'ipv4');
   }
-  const v6 = ip.toLowerCase();
-  if (!v6.includes(':')) return false;
-  // Unique-local fc00::/7, link-local fe80::/10, multicast, documentation, v4-mapped and -translated forms.
-  return !/^(::1?$|f[cd]|fe[89ab]|ff|2001:db8:|::ffff:|64:ff9b:)/.test(v6);
+  const family = isIP(ip);
+  return family !== 0 && !ranges.check(ip, family === 6 ? 'ipv6' : 'ipv4');
 }
 
-export interface ProxyTarget {
-  host: string;
-  port: number;
-  /** CONNECT (https and anything else): a tunnel; else one plain http request. */
-  tunnel: boolean;
-}
-
-/** Where a proxy request's head wants to go, or why it cannot be followed. */
-export function proxyTarget(head: string): ProxyTarget | string {
+/** Where a proxy request's head wants to go (CONNECT: a tunnel; else one http request), or why it cannot be. */
+export function proxyTarget(head: string): { host: string; port: number; tunnel: boolean } | string {
   const [method = '', target = ''] = (head.split('\r\n', 1)[0] ?? '').split(' ');
   if (method === 'CONNECT') {
     const match = /^\[?([^\]\s]+?)\]?:(\d{1,5})$/.exec(target);
     if (!match || Number(match[2]) > 65_535) return `CONNECT needs host:port, not "${target.slice(0, 100)}"`;
     return { host: match[1]!.toLowerCase(), port: Number(match[2]), tunnel: true };
   }
-  let url: URL;
-  try {
-    url = new URL(target);
-  } catch {
-    return `a proxy request needs an absolute URL, not "${target.slice(0, 100)}"`;
-  }
+  if (!URL.canParse(target)) return `a proxy request needs an absolute URL, not "${target.slice(0, 100)}"`;
+  const url = new URL(target);
   if (url.protocol !== 'http:') return `only http:// goes without CONNECT, not ${url.protocol}`;
   return { host: url.hostname.replace(/^\[|\]$/g, '').toLowerCase(), port: Number(url.port || 80), tunnel: false };
 }
@@ -4398,15 +4200,17 @@ export async function egressAddress(
   };
 }
 
-function refuseProxyRequest(client: Socket, status: number, reason: string): void {
+const PROXY_STATUS_TEXT: Record<400 | 403 | 502, string> = { 400: 'Bad Request', 403: 'Forbidden', 502: 'Bad Gateway' };
+
+function refuseProxyRequest(client: Socket, status: 400 | 403 | 502, reason: string): void {
   const body = `NanoClaw egress proxy: ${reason}\n`;
   client.end(
-    `HTTP/1.1 ${status} ${status === 403 ? 'Forbidden' : status === 502 ? 'Bad Gateway' : 'Bad Request'}\r\n` +
-      `Content-Type: text/plain; charset=utf-8\r\nContent-Length: ${Buffer.byteLength(body)}\r\nConnection: close\r\n\r\n${body}`,
+    `HTTP/1.1 ${status} ${PROXY_STATUS_TEXT[status]}\r\nContent-Type: text/plain; charset=utf-8\r\n` +
+      `Content-Length: ${Buffer.byteLength(body)}\r\nConnection: close\r\n\r\n${body}`,
   );
 }
 
-/** Follows one proxy request (its head read), or refuses it with a reason the agent sees. */
+/** Follows one proxy request (its head read, `rest` what came after it), or refuses it with a reason the agent sees. */
 async function followProxyRequest(
   client: Socket,
   head: string,
@@ -4414,13 +4218,14 @@ async function followProxyRequest(
   allow: readonly string[],
   refused: (reason: string) => void,
 ): Promise<void> {
-  const target = proxyTarget(head);
-  const decision = typeof target === 'string' ? { refused: target } : await egressAddress(target.host, allow);
-  if ('refused' in decision || typeof target === 'string') {
-    const reason = 'refused' in decision ? decision.refused : 'unreachable';
+  const refuse = (status: 400 | 403, reason: string) => {
     refused(reason);
-    return refuseProxyRequest(client, typeof target === 'string' ? 400 : 403, reason);
-  }
+    refuseProxyRequest(client, status, reason);
+  };
+  const target = proxyTarget(head);
+  if (typeof target === 'string') return refuse(400, target);
+  const decision = await egressAddress(target.host, allow);
+  if ('refused' in decision) return refuse(403, decision.refused);
   const upstream = netConnect({ host: decision.address, port: target.port });
   let connected = false;
   upstream.once('connect', () => {
@@ -4433,13 +4238,9 @@ async function followProxyRequest(
     client.resume();
   });
   upstream.once('error', (err) => {
+    const reason = `cannot reach ${target.host}:${target.port} (${errorCode(err) ?? errorText(err)})`;
     if (connected) client.destroy();
-    else
-      refuseProxyRequest(
-        client,
-        502,
-        `cannot reach ${target.host}:${target.port} (${errorCode(err) ?? errorText(err)})`,
-      );
+    else refuseProxyRequest(client, 502, reason);
   });
   upstream.once('close', () => client.destroy());
   client.once('close', () => upstream.destroy());
@@ -4460,33 +4261,22 @@ export function openEgressProxy(
     const onData = (chunk: Buffer) => {
       head = Buffer.concat([head, chunk]);
       const end = head.indexOf('\r\n\r\n');
-      if (end < 0) {
-        if (head.length > MAX_PROXY_HEAD_BYTES) {
-          client.off('data', onData);
-          refuseProxyRequest(client, 400, 'request head too long');
-        }
-        return;
-      }
+      if (end < 0 && head.length <= MAX_PROXY_HEAD_BYTES) return;
       client.off('data', onData);
+      if (end < 0) return refuseProxyRequest(client, 400, 'request head too long');
       client.pause();
       const text = head.subarray(0, end + 4).toString('latin1');
       void followProxyRequest(client, text, head.subarray(end + 4), allow, refused);
     };
     client.on('data', onData);
   });
-  mkdirSync(dirname(socketPath), { recursive: true, mode: 0o700 });
-  rmSync(socketPath, { force: true });
-  server.listen(socketPath);
-  // The container's user must be able to connect; the folder (0700) keeps everyone else out.
-  chmodSync(socketPath, 0o666);
-  return {
-    socketPath,
-    close: () => {
-      server.close();
-      for (const client of clients) client.destroy();
-      rmSync(socketPath, { force: true });
-    },
+  listenOnRunSocket(socketPath, () => server.listen(socketPath));
+  const close = () => {
+    server.close();
+    for (const client of clients) client.destroy();
+    rmSync(socketPath, { force: true });
   };
+  return { socketPath, close };
 }
 
 // ───────────────────────────── 9. Container: mounts, docker run, results, run logs ───
