@@ -5267,13 +5267,194 @@ export async function unpauseContainer(runtime: string, name: string): Promise<'
 }
 
 /**
- * Starts the planned container and streams it to the end: results go to onResult as they
- * come, follow-ups and _close through its inbox (the LiveContainer given to onStart), and
- * it is stopped when it goes quiet for CONTAINER_TIMEOUT or ignores a close.
+ * A started container as the queue sees it (LiveContainer): follow-ups and _close go
+ * through its inbox, it may be paused while it waits in the warm pool, and it is stopped
+ * when it goes quiet for CONTAINER_TIMEOUT or ignores a close.
  */
+class RunningContainer implements LiveContainer {
+  closing = false;
+  exited = false;
+  timedOut = false;
+  /** The stop every ending goes through, once started. */
+  stopping: Promise<void> | null = null;
+  // While the agent waits in the warm pool it may be paused: the `docker pause` call in flight or done.
+  private paused: Promise<number> | null = null;
+  private hardTimer: ReturnType<typeof setTimeout> | undefined;
+  private graceTimer: ReturnType<typeof setTimeout> | undefined;
+
+  constructor(
+    private readonly config: Config,
+    readonly plan: RunPlan,
+    private readonly proc: { kill(): void; exited: Promise<number> },
+    private readonly groupLog: Logger,
+    readonly acceptsFollowUps: boolean,
+  ) {
+    void proc.exited.then(() => {
+      this.closing = true;
+      this.exited = true;
+    });
+    this.armTimeout();
+  }
+
+  /** Restarts the CONTAINER_TIMEOUT clock: the container just said something (or was thawed). */
+  armTimeout(): void {
+    clearTimeout(this.hardTimer);
+    this.hardTimer = setTimeout(() => {
+      this.timedOut = true;
+      this.groupLog.error(
+        { container: this.plan.name, timeoutMs: this.config.containerTimeoutMs },
+        'Container produced nothing within CONTAINER_TIMEOUT; stopping it',
+      );
+      void this.kill();
+    }, this.config.containerTimeoutMs);
+  }
+
+  clearTimers(): void {
+    clearTimeout(this.hardTimer);
+    clearTimeout(this.graceTimer);
+  }
+
+  private async thaw(): Promise<void> {
+    if (!this.paused) return;
+    const pausing = this.paused;
+    this.paused = null;
+    await pausing;
+    await unpauseContainer(this.config.containerRuntime, this.plan.name);
+    this.armTimeout();
+  }
+
+  kill(): Promise<void> {
+    this.closing = true; // a container being stopped takes no more input
+    this.stopping ??= (async () => {
+      await this.thaw();
+      await runtimeCommand(this.config.containerRuntime, 'stop', '-t', '2', this.plan.name);
+      this.proc.kill();
+    })();
+    return this.stopping;
+  }
+
+  sendInput(text: string, kind: 'message' | 'task' = 'message', upTo?: number): boolean {
+    try {
+      // Written first: the paused agent finds it the moment it thaws.
+      const request = { type: kind, text, ...(upTo === undefined ? {} : { upTo }) };
+      this.plan.inbox.replace(uniqueFileName(), JSON.stringify(request));
+      void this.thaw();
+      return true;
+    } catch (err) {
+      this.groupLog.warn(
+        { reason: errorText(err) },
+        'Could not hand a follow-up to the container (its input folder is not a plain folder); stopping it, the message goes to the next run',
+      );
+      void this.kill();
+      return false;
+    }
+  }
+
+  close(): void {
+    if (this.closing) return;
+    this.closing = true;
+    void this.thaw();
+    try {
+      this.plan.inbox.create('_close', '');
+    } catch (err) {
+      if (errorCode(err) !== 'EEXIST') {
+        this.groupLog.warn({ reason: errorText(err) }, 'Could not ask the container to close; stopping it');
+        void this.kill();
+      }
+    }
+    const graceMs = this.config.container.closeGraceMs;
+    this.graceTimer = setTimeout(() => {
+      if (this.exited) return;
+      this.groupLog.warn({ container: this.plan.name, graceMs }, 'Container ignored the close request; stopping it');
+      void this.kill();
+    }, graceMs);
+  }
+
+  wake(): void {
+    void this.thaw();
+  }
+
+  pause(): void {
+    if (this.closing || this.paused) return;
+    clearTimeout(this.hardTimer); // a paused agent produces nothing by design
+    this.paused = runtimeCommand(this.config.containerRuntime, 'pause', this.plan.name);
+    this.groupLog.debug({ container: this.plan.name }, 'Agent waiting in the warm pool; paused');
+  }
+}
+
+/**
+ * Reads the container's stdout (results, to onResult as they come) and stderr (session
+ * lines; the rest at debug level) to their end, keeping the tail of each for the run log.
+ * What a container writes is bounded: past MAX_RUN_OUTPUT the run is logged as oversized and stopped.
+ */
+async function readOutput(
+  proc: { stdout: ReadableStream<Uint8Array>; stderr: ReadableStream<Uint8Array> },
+  plan: RunPlan,
+  options: RunContainerOptions,
+  live: RunningContainer,
+  groupLog: Logger,
+): Promise<RunResult> {
+  const result: RunResult = { exitCode: null, timedOut: false, results: 0, stdout: '', stderr: '' };
+  const tails = { stdout: new OutputTail(KEEP_OUTPUT_CHARS), stderr: new OutputTail(KEEP_OUTPUT_CHARS) };
+  let written = 0;
+  const take = (stream: 'stdout' | 'stderr', text: string) => {
+    tails[stream].push(text);
+    written += Buffer.byteLength(text);
+    if (written > MAX_RUN_OUTPUT && !result.oversized) {
+      result.oversized = true;
+      result.lastError = `the container wrote more than ${MAX_RUN_OUTPUT / 1024 / 1024} MB of output; stopped`;
+      groupLog.error(
+        { container: plan.name, limitBytes: MAX_RUN_OUTPUT },
+        'Container output over the limit; stopping it',
+      );
+      void live.kill();
+    }
+    return !result.oversized;
+  };
+  const parser = new ResultParser();
+  const stderrLines = new LineSplitter(MAX_LOG_LINE);
+  const debug = groupLog.isLevelEnabled('debug');
+  await Promise.all([
+    forEachChunk(proc.stdout, async (text) => {
+      if (!take('stdout', text)) return;
+      for (const parsed of parser.push(text)) {
+        result.results++;
+        live.armTimeout();
+        if (parsed.sessionId) result.sessionId = parsed.sessionId;
+        if (parsed.status === 'error') {
+          result.lastError = parsed.error ?? 'unknown error';
+          result.lastErrorKind = parsed.errorKind;
+          result.lastErrorUpTo = parsed.upTo;
+        }
+        try {
+          await options.onResult(parsed);
+        } catch (err) {
+          // What the host does with a result must not break the stream; the run ends instead.
+          result.lastError = `the host could not take this result: ${errorText(err)}`;
+          groupLog.error(
+            { container: plan.name, err: errorText(err) },
+            'Could not handle a result; stopping the container',
+          );
+          void live.kill();
+        }
+      }
+    }),
+    forEachChunk(proc.stderr, (text) => {
+      if (!take('stderr', text)) return;
+      for (const line of stderrLines.push(text)) {
+        const session = SESSION_LINE.exec(line);
+        if (session) groupLog.info(`Session initialized: ${session[1]}`);
+        else if (debug && line.trim())
+          groupLog.debug({ container: plan.name }, `stderr: ${maskSecrets(line, plan.secretValues)}`);
+      }
+    }),
+  ]);
+  return { ...result, stdout: tails.stdout.toString(), stderr: tails.stderr.toString() };
+}
+
+/** Starts the planned container, hands it to onStart, and streams it to the end. */
 async function streamContainer(plan: RunPlan, options: RunContainerOptions, groupLog: Logger): Promise<RunResult> {
   const { config } = options;
-  const { name, inbox } = plan;
   const proc = Bun.spawn([config.containerRuntime, ...plan.args], {
     stdin: 'pipe',
     stdout: 'pipe',
@@ -5283,163 +5464,12 @@ async function streamContainer(plan: RunPlan, options: RunContainerOptions, grou
   });
   proc.stdin.write(JSON.stringify(plan.input));
   await proc.stdin.end();
-
-  let timedOut = false;
-  let closing = false;
-  let stopping: Promise<void> | null = null;
-  const docker = (...args: string[]) => runtimeCommand(config.containerRuntime, ...args);
-  // While the agent waits in the warm pool it may be paused: the `docker pause` call in flight or done.
-  let paused: Promise<number> | null = null;
-  const thaw = async () => {
-    if (!paused) return;
-    const pausing = paused;
-    paused = null;
-    await pausing;
-    await unpauseContainer(config.containerRuntime, name);
-    armTimeout();
-  };
-  const stop = () => {
-    closing = true; // a container being stopped takes no more input
-    stopping ??= (async () => {
-      await thaw();
-      await docker('stop', '-t', '2', name);
-      proc.kill();
-    })();
-    return stopping;
-  };
-  let hardTimer: ReturnType<typeof setTimeout> | undefined;
-  const armTimeout = () => {
-    clearTimeout(hardTimer);
-    hardTimer = setTimeout(() => {
-      timedOut = true;
-      groupLog.error(
-        { container: name, timeoutMs: config.containerTimeoutMs },
-        'Container produced nothing within CONTAINER_TIMEOUT; stopping it',
-      );
-      void stop();
-    }, config.containerTimeoutMs);
-  };
-  armTimeout();
-
-  let exited = false;
-  let graceTimer: ReturnType<typeof setTimeout> | undefined;
-  void proc.exited.then(() => {
-    closing = true;
-    exited = true;
-  });
-  options.onStart?.({
-    acceptsFollowUps: options.acceptsFollowUps,
-    get closing() {
-      return closing;
-    },
-    sendInput: (text, kind = 'message', upTo) => {
-      try {
-        // Written first: the paused agent finds it the moment it thaws.
-        inbox.replace(uniqueFileName(), JSON.stringify({ type: kind, text, ...(upTo === undefined ? {} : { upTo }) }));
-        void thaw();
-        return true;
-      } catch (err) {
-        groupLog.warn(
-          { reason: errorText(err) },
-          'Could not hand a follow-up to the container (its input folder is not a plain folder); stopping it, the message goes to the next run',
-        );
-        void stop();
-        return false;
-      }
-    },
-    close: () => {
-      if (closing) return;
-      closing = true;
-      void thaw();
-      try {
-        inbox.create('_close', '');
-      } catch (err) {
-        if (errorCode(err) !== 'EEXIST') {
-          groupLog.warn({ reason: errorText(err) }, 'Could not ask the container to close; stopping it');
-          void stop();
-        }
-      }
-      graceTimer = setTimeout(() => {
-        if (exited) return;
-        groupLog.warn(
-          { container: name, graceMs: config.container.closeGraceMs },
-          'Container ignored the close request; stopping it',
-        );
-        void stop();
-      }, config.container.closeGraceMs);
-    },
-    kill: stop,
-    wake: () => void thaw(),
-    pause: () => {
-      if (closing || paused) return;
-      clearTimeout(hardTimer); // a paused agent produces nothing by design
-      paused = docker('pause', name);
-      groupLog.debug({ container: name }, 'Agent waiting in the warm pool; paused');
-    },
-  });
-
-  const parser = new ResultParser();
-  const result: RunResult = { exitCode: null, timedOut: false, results: 0, stdout: '', stderr: '' };
-  const tails = { stdout: new OutputTail(KEEP_OUTPUT_CHARS), stderr: new OutputTail(KEEP_OUTPUT_CHARS) };
-  // What a container writes is bounded: past the cap the run is logged as oversized and stopped.
-  let written = 0;
-  const count = (text: string) => {
-    written += Buffer.byteLength(text);
-    if (written <= MAX_RUN_OUTPUT || result.oversized) return;
-    result.oversized = true;
-    result.lastError = `the container wrote more than ${MAX_RUN_OUTPUT / 1024 / 1024} MB of output; stopped`;
-    groupLog.error({ container: name, limitBytes: MAX_RUN_OUTPUT }, 'Container output over the limit; stopping it');
-    void stop();
-  };
-  const readStdout = forEachChunk(proc.stdout, async (text) => {
-    count(text);
-    tails.stdout.push(text);
-    if (result.oversized) return;
-    for (const parsed of parser.push(text)) {
-      result.results++;
-      armTimeout();
-      if (parsed.sessionId) result.sessionId = parsed.sessionId;
-      if (parsed.status === 'error') {
-        result.lastError = parsed.error ?? 'unknown error';
-        result.lastErrorKind = parsed.errorKind;
-        result.lastErrorUpTo = parsed.upTo;
-      }
-      try {
-        await options.onResult(parsed);
-      } catch (err) {
-        // What the host does with a result must not break the stream; the run ends instead.
-        result.lastError = `the host could not take this result: ${errorText(err)}`;
-        groupLog.error({ container: name, err: errorText(err) }, 'Could not handle a result; stopping the container');
-        void stop();
-      }
-    }
-  });
-  const stderrLines = new LineSplitter(MAX_LOG_LINE);
-  const debug = groupLog.isLevelEnabled('debug');
-  const readStderr = forEachChunk(proc.stderr, (text) => {
-    count(text);
-    tails.stderr.push(text);
-    if (result.oversized) return;
-    for (const line of stderrLines.push(text)) {
-      const session = SESSION_LINE.exec(line);
-      if (session) groupLog.info(`Session initialized: ${session[1]}`);
-      else if (debug && line.trim())
-        groupLog.debug({ container: name }, `stderr: ${maskSecrets(line, plan.secretValues)}`);
-    }
-  });
-
-  const exitCode = await proc.exited;
-  await Promise.all([readStdout, readStderr]);
-  clearTimeout(hardTimer);
-  clearTimeout(graceTimer);
-  await stopping;
-  return {
-    ...result,
-    stdout: tails.stdout.toString(),
-    stderr: tails.stderr.toString(),
-    exitCode: timedOut ? null : exitCode,
-    timedOut,
-  };
+  const live = new RunningContainer(config, plan, proc, groupLog, options.acceptsFollowUps);
+  options.onStart?.(live);
+  const [exitCode, result] = await Promise.all([proc.exited, readOutput(proc, plan, options, live, groupLog)]);
+  live.clearTimers();
+  await live.stopping;
+  return { ...result, exitCode: live.timedOut ? null : exitCode, timedOut: live.timedOut };
 }
 
 /** groups/<folder>/logs/container-<time>.log, secrets masked; returns its path, or "(not written)". */
