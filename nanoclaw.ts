@@ -4815,6 +4815,37 @@ function matchesBlockedPattern(realPath: string, patterns: readonly string[]): s
   return null;
 }
 
+type ExtraMountRequest = NonNullable<ContainerConfig['additionalMounts']>[number];
+
+/** One requested extra mount as it is mounted, or why it is refused. */
+function extraMount(request: ExtraMountRequest, allowlist: MountAllowlist, isMain: boolean): Mount | string {
+  let realPath: string;
+  try {
+    realPath = realpathSync(expandHome(request.hostPath));
+  } catch {
+    return 'path does not exist';
+  }
+  const blocked = matchesBlockedPattern(realPath, [...BLOCKED_MOUNT_PATTERNS, ...(allowlist.blockedPatterns ?? [])]);
+  if (blocked) return `matches blocked pattern "${blocked}"`;
+  const root = allowlist.allowedRoots.find((candidate) => {
+    try {
+      const rel = relative(realpathSync(expandHome(candidate.path)), realPath);
+      return rel === '' || (!rel.startsWith('..') && !isAbsolute(rel));
+    } catch {
+      return false;
+    }
+  });
+  if (!root) return 'not under any allowed root';
+  const name = request.containerPath ?? basename(realPath);
+  if (!/^[A-Za-z0-9][A-Za-z0-9._-]*$/.test(name)) return `container name "${name}" must be a plain folder name`;
+  const forcedReadOnly = !root.allowReadWrite || (!isMain && allowlist.nonMainReadOnly === true);
+  return {
+    hostPath: realPath,
+    containerPath: `/workspace/extra/${name}`,
+    readonly: forcedReadOnly || request.readonly !== false,
+  };
+}
+
 /**
  * Checks a group's requested extra mounts against the allowlist kept outside the project
  * (so an agent that can write the project cannot widen its own reach). Symlinks are
@@ -4828,47 +4859,11 @@ export function validateExtraMounts(
   const mounts: Mount[] = [];
   const rejected: { hostPath: string; reason: string }[] = [];
   for (const request of requested ?? []) {
-    const refuse = (reason: string) => rejected.push({ hostPath: request.hostPath, reason });
-    if (!allowlist) {
-      refuse('no mount allowlist (~/.config/nanoclaw/mount-allowlist.json)');
-      continue;
-    }
-    let realPath: string;
-    try {
-      realPath = realpathSync(expandHome(request.hostPath));
-    } catch {
-      refuse('path does not exist');
-      continue;
-    }
-    const blocked = matchesBlockedPattern(realPath, [...BLOCKED_MOUNT_PATTERNS, ...(allowlist.blockedPatterns ?? [])]);
-    if (blocked) {
-      refuse(`matches blocked pattern "${blocked}"`);
-      continue;
-    }
-    const root = allowlist.allowedRoots.find((candidate) => {
-      try {
-        const realRoot = realpathSync(expandHome(candidate.path));
-        const rel = relative(realRoot, realPath);
-        return rel === '' || (!rel.startsWith('..') && !isAbsolute(rel));
-      } catch {
-        return false;
-      }
-    });
-    if (!root) {
-      refuse('not under any allowed root');
-      continue;
-    }
-    const name = request.containerPath ?? basename(realPath);
-    if (!/^[A-Za-z0-9][A-Za-z0-9._-]*$/.test(name)) {
-      refuse(`container name "${name}" must be a plain folder name`);
-      continue;
-    }
-    const forcedReadOnly = !root.allowReadWrite || (!isMain && allowlist.nonMainReadOnly === true);
-    mounts.push({
-      hostPath: realPath,
-      containerPath: `/workspace/extra/${name}`,
-      readonly: forcedReadOnly || request.readonly !== false,
-    });
+    const mount = allowlist
+      ? extraMount(request, allowlist, isMain)
+      : 'no mount allowlist (~/.config/nanoclaw/mount-allowlist.json)';
+    if (typeof mount === 'string') rejected.push({ hostPath: request.hostPath, reason: mount });
+    else mounts.push(mount);
   }
   return { mounts, rejected };
 }
@@ -4940,37 +4935,23 @@ export function hardeningArgs(
   uid = process.getuid?.() ?? CONTAINER_UID,
   gid = process.getgid?.() ?? CONTAINER_UID,
 ): string[] {
-  const home = uid === 0 ? CONTAINER_UID : uid;
-  const homeGid = uid === 0 ? CONTAINER_UID : gid;
+  const [home, homeGid] = uid === 0 ? [CONTAINER_UID, CONTAINER_UID] : [uid, gid];
   const { memory, cpus, pids } = config.container;
-  return [
-    '--init',
-    '--cap-drop',
-    'ALL',
-    '--security-opt',
-    'no-new-privileges',
-    '--pids-limit',
-    String(pids),
-    '--memory',
-    memory,
-    '--memory-swap',
-    memory,
-    '--cpus',
-    cpus,
-    '--read-only',
-    '--log-driver', // what it prints comes to the host (bounded there), never to the engine's disk as well
-    'none',
-    '--tmpfs',
-    '/tmp:rw,exec,nosuid,nodev,size=1g',
-    '--tmpfs',
-    `/home/node:rw,exec,nosuid,nodev,uid=${home},gid=${homeGid},size=512m`,
-    '--network',
-    dockerNetwork(groupNetwork(config, group)),
-    '--label',
-    `${INSTALL_LABEL}=${installId(config)}`,
-    '--label',
-    `nanoclaw.group=${group.folder}`,
+  const options: [string, string][] = [
+    ['--cap-drop', 'ALL'],
+    ['--security-opt', 'no-new-privileges'],
+    ['--pids-limit', String(pids)],
+    ['--memory', memory],
+    ['--memory-swap', memory],
+    ['--cpus', cpus],
+    ['--log-driver', 'none'], // what it prints comes to the host (bounded there), never to the engine's disk as well
+    ['--tmpfs', '/tmp:rw,exec,nosuid,nodev,size=1g'],
+    ['--tmpfs', `/home/node:rw,exec,nosuid,nodev,uid=${home},gid=${homeGid},size=512m`],
+    ['--network', dockerNetwork(groupNetwork(config, group))],
+    ['--label', `${INSTALL_LABEL}=${installId(config)}`],
+    ['--label', `nanoclaw.group=${group.folder}`],
   ];
+  return ['--init', '--read-only', ...options.flat()];
 }
 
 export function buildDockerArgs(
@@ -5096,29 +5077,24 @@ export class ResultParser {
 
 /** The last `limit` characters of a stream, kept in O(n) over the stream however it is chunked. */
 class OutputTail {
-  private parts: string[] = [];
-  private length = 0;
+  private text = '';
   private cut = 0;
 
   constructor(private readonly limit: number) {}
 
   push(text: string): void {
-    this.parts.push(text);
-    this.length += text.length;
-    if (this.length > 2 * this.limit) this.trim();
+    this.text += text;
+    if (this.text.length > 2 * this.limit) this.trim();
   }
 
   private trim(): void {
-    const all = this.parts.join('');
-    this.cut += all.length - this.limit;
-    this.parts = [all.slice(-this.limit)];
-    this.length = this.limit;
+    this.cut += Math.max(0, this.text.length - this.limit);
+    this.text = this.text.slice(-this.limit);
   }
 
   toString(): string {
-    if (this.length > this.limit) this.trim();
-    const text = this.parts.join('');
-    return this.cut > 0 ? `…(${this.cut} characters cut)\n${text}` : text;
+    this.trim();
+    return this.cut > 0 ? `…(${this.cut} characters cut)\n${this.text}` : this.text;
   }
 }
 
