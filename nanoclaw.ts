@@ -4913,7 +4913,6 @@ export function containerEnvironment(config: Config, proxy: Pick<ProxyRun, 'url'
   return env;
 }
 
-/** The group's network: its own setting, else CONTAINER_NETWORK. */
 function groupNetwork(config: Config, group: RegisteredGroup): string {
   return group.containerConfig?.network ?? config.container.network;
 }
@@ -5158,7 +5157,6 @@ const KEEP_OUTPUT_CHARS = 256 * 1024;
 /** What a run may write to stdout and stderr together before it is stopped as oversized. */
 export const MAX_RUN_OUTPUT = 64 * 1024 * 1024;
 
-/** Reads a stream as it arrives. */
 async function forEachChunk(
   stream: ReadableStream<Uint8Array>,
   onText: (text: string) => void | Promise<void>,
@@ -6186,14 +6184,12 @@ function defineIpcActions(z: Zod) {
 
 type Zod = typeof import('zod');
 let ipcActionTable: ReturnType<typeof defineIpcActions> | null = null;
-/** Every IPC action: its file's schema, who may make it, and what it does. */
 export function ipcActions(): ReturnType<typeof defineIpcActions> {
   ipcActionTable ??= defineIpcActions(load('zod') as Zod);
   return ipcActionTable;
 }
 
 type IpcActionName = keyof ReturnType<typeof ipcActions>;
-/** A parsed request: one of ipcActions()' shapes. */
 export type IpcRequest = { [K in IpcActionName]: z.infer<ReturnType<typeof ipcActions>[K]['schema']> }[IpcActionName];
 /** The table entry for a request, typed loosely: each entry's functions take what its own schema produced. */
 const actionFor = (type: IpcActionName) => ipcActions()[type] as unknown as IpcAction<z.ZodType<object>>;
@@ -6367,22 +6363,20 @@ export const IPC_FILES_PER_PASS = 25;
  * up to 255 bytes) one level down, so the claim always fits. Folder names, kinds and ids
  * contain no dot, so the claim's name splits back.
  */
-function claimDir(folder: string, kind: IpcKind): string {
-  return `${folder}.${kind}.${randomUUID()}`;
+const CLAIM_DIR = /^([a-z0-9][a-z0-9_-]*)\.(messages|tasks)\.([0-9a-f-]{36})$/;
+
+function parseClaimDir(dir: string): { folder: string; kind: IpcKind; claimId: string } | null {
+  const match = CLAIM_DIR.exec(dir);
+  return match ? { folder: match[1]!, kind: match[2] as IpcKind, claimId: match[3]! } : null;
 }
 
 /** A claim left flat (<dir>.<name>) by a host before 2026-12, moved into its folder; the name of the claim. */
 function upgradedClaim(claimedDir: string, claim: string): string {
-  const flat = /^([a-z0-9][a-z0-9_-]*\.(?:messages|tasks)\.[0-9a-f-]{36})\.(.+)$/.exec(claim);
-  if (!flat) return claim;
+  const flat = /^([^.]+\.[^.]+\.[^.]+)\.(.+)$/.exec(claim);
+  if (!flat || !CLAIM_DIR.test(flat[1]!)) return claim;
   mkdirSync(join(claimedDir, flat[1]!), { recursive: true });
   renameSync(join(claimedDir, claim), join(claimedDir, flat[1]!, flat[2]!));
   return flat[1]!;
-}
-
-function parseClaimDir(dir: string): { folder: string; kind: IpcKind; claimId: string } | null {
-  const match = /^([a-z0-9][a-z0-9_-]*)\.(messages|tasks)\.([0-9a-f-]{36})$/.exec(dir);
-  return match ? { folder: match[1]!, kind: match[2] as IpcKind, claimId: match[3]! } : null;
 }
 
 /**
@@ -6474,7 +6468,7 @@ export class IpcWatcher {
 
   /** Moves one request out of the agent's reach; a file that cannot be moved is removed unread, never retried forever. */
   private claim(tree: AgentTree, folder: string, kind: IpcKind, name: string): string | null {
-    const dir = claimDir(folder, kind);
+    const dir = `${folder}.${kind}.${randomUUID()}`;
     try {
       mkdirSync(join(this.claimedDir, dir));
       if (tree.moveOut(`${kind}/${name}`, join(this.claimedDir, dir, name))) return dir;
