@@ -5101,18 +5101,17 @@ function parseResult(json: string): ContainerResult {
   try {
     const value = JSON.parse(json) as Partial<ContainerResult>;
     if (value.status !== 'success' && value.status !== 'error') throw new Error('no status');
-    return {
+    const parsed: ContainerResult = {
       status: value.status,
       result: typeof value.result === 'string' ? value.result : null,
-      ...(Array.isArray(value.earlier) && value.earlier.every((t) => typeof t === 'string')
-        ? { earlier: value.earlier }
-        : {}),
-      ...(typeof value.errorKind === 'string' ? { errorKind: value.errorKind } : {}),
-      ...(typeof value.sessionId === 'string' ? { sessionId: value.sessionId } : {}),
-      ...(typeof value.error === 'string' ? { error: value.error } : {}),
-      ...(Number.isInteger(value.upTo) ? { upTo: value.upTo } : {}),
-      ...(value.task === true ? { task: true } : {}),
     };
+    if (Array.isArray(value.earlier) && value.earlier.every((t) => typeof t === 'string'))
+      parsed.earlier = value.earlier;
+    for (const key of ['errorKind', 'sessionId', 'error'] as const)
+      if (typeof value[key] === 'string') parsed[key] = value[key];
+    if (Number.isInteger(value.upTo)) parsed.upTo = value.upTo;
+    if (value.task === true) parsed.task = true;
+    return parsed;
   } catch {
     return { status: 'error', result: null, error: `Unreadable result from the container: ${json.slice(0, 200)}` };
   }
