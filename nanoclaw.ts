@@ -4801,18 +4801,14 @@ export function loadMountAllowlist(path: string): MountAllowlist | null {
   return parsed;
 }
 
-function matchesBlockedPattern(realPath: string, patterns: readonly string[]): string | null {
+/** The pattern a path matches: a pattern with a slash anywhere in it, else a whole component (".x": any ending). */
+function matchesBlockedPattern(realPath: string, patterns: readonly string[]): string | undefined {
   const components = realPath.split(sep).filter(Boolean);
-  for (const pattern of patterns) {
-    if (pattern.includes('/')) {
-      if (realPath.includes(`/${pattern}`)) return pattern;
-    } else if (
-      components.some((component) => component === pattern || (pattern.startsWith('.') && component.endsWith(pattern)))
-    ) {
-      return pattern;
-    }
-  }
-  return null;
+  const matches = (pattern: string) =>
+    pattern.includes('/')
+      ? realPath.includes(`/${pattern}`)
+      : components.some((part) => part === pattern || (pattern.startsWith('.') && part.endsWith(pattern)));
+  return patterns.find(matches);
 }
 
 type ExtraMountRequest = NonNullable<ContainerConfig['additionalMounts']>[number];
@@ -5117,12 +5113,6 @@ function parseResult(json: string): ContainerResult {
   }
 }
 
-let filesNamed = 0;
-/** A new file name that sorts in the order names were made (the runner reads its inbox in name order), even within one ms. */
-function uniqueFileName(now = Date.now()): string {
-  return `${now}-${String(++filesNamed).padStart(6, '0')}-${randomUUID().slice(0, 8)}.json`;
-}
-
 interface RunOutcome {
   exitCode: number | null;
   timedOut: boolean;
@@ -5254,6 +5244,7 @@ class RunningContainer implements LiveContainer {
   private paused: Promise<number> | null = null;
   private hardTimer: ReturnType<typeof setTimeout> | undefined;
   private graceTimer: ReturnType<typeof setTimeout> | undefined;
+  private inputsSent = 0;
 
   constructor(
     private readonly config: Config,
@@ -5310,7 +5301,9 @@ class RunningContainer implements LiveContainer {
     try {
       // Written first: the paused agent finds it the moment it thaws.
       const request = { type: kind, text, ...(upTo === undefined ? {} : { upTo }) };
-      this.plan.inbox.replace(uniqueFileName(), JSON.stringify(request));
+      // <epoch-ms>-<counter>-<rand>.json: the runner reads its inbox in name order, so these sort as sent.
+      const name = `${Date.now()}-${String(++this.inputsSent).padStart(6, '0')}-${randomUUID().slice(0, 8)}.json`;
+      this.plan.inbox.replace(name, JSON.stringify(request));
       void this.thaw();
       return true;
     } catch (err) {
