@@ -5299,10 +5299,10 @@ class RunningContainer implements LiveContainer {
 
   sendInput(text: string, kind: 'message' | 'task' = 'message', upTo?: number): boolean {
     try {
-      // Written first: the paused agent finds it the moment it thaws.
       const request = { type: kind, text, ...(upTo === undefined ? {} : { upTo }) };
       // <epoch-ms>-<counter>-<rand>.json: the runner reads its inbox in name order, so these sort as sent.
       const name = `${Date.now()}-${String(++this.inputsSent).padStart(6, '0')}-${randomUUID().slice(0, 8)}.json`;
+      // Written before the thaw: the paused agent finds it the moment it wakes.
       this.plan.inbox.replace(name, JSON.stringify(request));
       void this.thaw();
       return true;
