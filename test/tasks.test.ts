@@ -481,19 +481,20 @@ describe('the tasks snapshot', () => {
     const file = join(config.ipcDir, 'main', 'current_tasks.json');
     const inode = () => statSync(file).ino;
     const listed = () => JSON.parse(readFileSync(file, 'utf8')) as { id: string; recent_runs: unknown[] }[];
-    writeSnapshots(config, store, main);
+    const written = new Map<string, string>();
+    writeSnapshots(config, store, main, written);
     const first = inode();
-    writeSnapshots(config, store, main);
+    writeSnapshots(config, store, main, written);
     expect(inode()).toBe(first); // nothing changed: not written again
     store.logTaskRun({ taskId: 'water', runAt: 'x', durationMs: 1, status: 'success', result: 'ok', error: null });
-    writeSnapshots(config, store, main);
+    writeSnapshots(config, store, main, written);
     expect(inode()).not.toBe(first);
     expect(listed()[0]!.recent_runs).toHaveLength(1);
     rmSync(file); // the agent removed it
-    writeSnapshots(config, store, main);
+    writeSnapshots(config, store, main, written);
     expect(listed().map((x) => x.id)).toEqual(['water']);
     writeFileSync(file, '[]'); // or wrote its own
-    writeSnapshots(config, store, main);
+    writeSnapshots(config, store, main, written);
     expect(listed().map((x) => x.id)).toEqual(['water']);
     store.close();
   });
