@@ -2,8 +2,11 @@ import { Database } from 'bun:sqlite';
 import { readdirSync, renameSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { addGroup, needsAgent, SCHEMA_VERSION, Store, type NewMessage, type ScheduledTask } from '../nanoclaw.ts';
+import { addGroup, needsAgent, Store, type NewMessage, type ScheduledTask } from '../nanoclaw.ts';
 import { taskRow, tempDir, tempProject } from './helpers.ts';
+
+/** How many migrations nanoclaw.ts has: a new one updates this. */
+const SCHEMA_VERSION = 7;
 
 const message = (id: string, chatJid: string, extra: Partial<NewMessage> = {}): NewMessage => ({
   id,
