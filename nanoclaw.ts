@@ -1108,55 +1108,30 @@ interface ChatInfo {
   lastMessageAt: string | null;
 }
 
-/** Schema history. Append only: a released migration is never edited. */
+/** Schema history. Append only: a released migration is never edited (its meaning; the layout may change). */
 const MIGRATIONS: string[] = [
   `CREATE TABLE chats (
-     jid TEXT PRIMARY KEY,
-     name TEXT,
-     channel TEXT,
-     is_group INTEGER NOT NULL DEFAULT 0,
-     last_message_at TEXT
+     jid TEXT PRIMARY KEY, name TEXT, channel TEXT, is_group INTEGER NOT NULL DEFAULT 0, last_message_at TEXT
    );
    CREATE TABLE messages (
-     seq INTEGER PRIMARY KEY AUTOINCREMENT,
-     id TEXT NOT NULL,
-     chat_jid TEXT NOT NULL,
-     sender TEXT NOT NULL,
-     sender_name TEXT NOT NULL,
-     content TEXT NOT NULL,
-     timestamp TEXT NOT NULL,
-     is_from_me INTEGER NOT NULL DEFAULT 0,
-     is_bot_message INTEGER NOT NULL DEFAULT 0,
-     UNIQUE (chat_jid, id)
+     seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL, chat_jid TEXT NOT NULL, sender TEXT NOT NULL,
+     sender_name TEXT NOT NULL, content TEXT NOT NULL, timestamp TEXT NOT NULL,
+     is_from_me INTEGER NOT NULL DEFAULT 0, is_bot_message INTEGER NOT NULL DEFAULT 0, UNIQUE (chat_jid, id)
    );
    CREATE INDEX messages_by_chat ON messages (chat_jid, seq);
    CREATE TABLE registered_groups (
-     jid TEXT PRIMARY KEY,
-     name TEXT NOT NULL,
-     folder TEXT NOT NULL UNIQUE,
-     trigger_word TEXT NOT NULL,
-     requires_trigger INTEGER NOT NULL DEFAULT 1,
-     is_main INTEGER NOT NULL DEFAULT 0,
-     container_config TEXT,
+     jid TEXT PRIMARY KEY, name TEXT NOT NULL, folder TEXT NOT NULL UNIQUE, trigger_word TEXT NOT NULL,
+     requires_trigger INTEGER NOT NULL DEFAULT 1, is_main INTEGER NOT NULL DEFAULT 0, container_config TEXT,
      added_at TEXT NOT NULL
    );
    CREATE UNIQUE INDEX only_one_main ON registered_groups (is_main) WHERE is_main = 1;
-   CREATE TABLE sessions (
-     group_folder TEXT PRIMARY KEY,
-     session_id TEXT NOT NULL,
-     updated_at TEXT NOT NULL
-   );
+   CREATE TABLE sessions (group_folder TEXT PRIMARY KEY, session_id TEXT NOT NULL, updated_at TEXT NOT NULL);
    CREATE TABLE scheduled_tasks (
-     id TEXT PRIMARY KEY,
-     group_folder TEXT NOT NULL,
-     chat_jid TEXT NOT NULL,
-     prompt TEXT NOT NULL,
+     id TEXT PRIMARY KEY, group_folder TEXT NOT NULL, chat_jid TEXT NOT NULL, prompt TEXT NOT NULL,
      schedule_type TEXT NOT NULL CHECK (schedule_type IN ('cron', 'interval', 'once')),
      schedule_value TEXT NOT NULL,
      context_mode TEXT NOT NULL DEFAULT 'isolated' CHECK (context_mode IN ('group', 'isolated')),
-     next_run TEXT,
-     last_run TEXT,
-     last_result TEXT,
+     next_run TEXT, last_run TEXT, last_result TEXT,
      status TEXT NOT NULL DEFAULT 'active' CHECK (status IN ('active', 'paused', 'completed')),
      created_at TEXT NOT NULL
    );
@@ -1165,35 +1140,22 @@ const MIGRATIONS: string[] = [
    CREATE TABLE task_run_logs (
      id INTEGER PRIMARY KEY AUTOINCREMENT,
      task_id TEXT NOT NULL REFERENCES scheduled_tasks (id) ON DELETE CASCADE,
-     run_at TEXT NOT NULL,
-     duration_ms INTEGER NOT NULL,
-     status TEXT NOT NULL CHECK (status IN ('success', 'error')),
-     result TEXT,
-     error TEXT
+     run_at TEXT NOT NULL, duration_ms INTEGER NOT NULL,
+     status TEXT NOT NULL CHECK (status IN ('success', 'error')), result TEXT, error TEXT
    );
    CREATE INDEX task_runs_by_task ON task_run_logs (task_id, run_at);
-   CREATE TABLE router_state (
-     key TEXT PRIMARY KEY,
-     value TEXT NOT NULL
-   );`,
+   CREATE TABLE router_state (key TEXT PRIMARY KEY, value TEXT NOT NULL);`,
   // 2: replies waiting for a channel to come back survive a restart.
   `CREATE TABLE outbox (
-     id INTEGER PRIMARY KEY AUTOINCREMENT,
-     channel TEXT NOT NULL,
-     chat_jid TEXT NOT NULL,
-     text TEXT NOT NULL,
+     id INTEGER PRIMARY KEY AUTOINCREMENT, channel TEXT NOT NULL, chat_jid TEXT NOT NULL, text TEXT NOT NULL,
      created_at TEXT NOT NULL
    );
    CREATE INDEX outbox_by_channel ON outbox (channel, id);`,
   // 3: what each group's agent asked of the model, by day (counted by the model proxy).
   `CREATE TABLE model_usage (
-     day TEXT NOT NULL,
-     group_folder TEXT NOT NULL,
-     requests INTEGER NOT NULL DEFAULT 0,
-     failed INTEGER NOT NULL DEFAULT 0,
-     prompt_tokens INTEGER NOT NULL DEFAULT 0,
-     completion_tokens INTEGER NOT NULL DEFAULT 0,
-     PRIMARY KEY (day, group_folder)
+     day TEXT NOT NULL, group_folder TEXT NOT NULL, requests INTEGER NOT NULL DEFAULT 0,
+     failed INTEGER NOT NULL DEFAULT 0, prompt_tokens INTEGER NOT NULL DEFAULT 0,
+     completion_tokens INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (day, group_folder)
    );`,
   // 4: exactly once under crashes. Outbox parts keep a stable message id (a resend after a
   // crash reuses it) and are marked sent rather than deleted (WhatsApp may ask for a resend);
@@ -1205,16 +1167,10 @@ const MIGRATIONS: string[] = [
    UPDATE outbox SET message_id = printf('3EB0NC%016X', id) WHERE message_id IS NULL;
    CREATE UNIQUE INDEX outbox_by_message ON outbox (message_id);
    CREATE INDEX outbox_unsent ON outbox (channel, sent_at, id);
-   CREATE TABLE ipc_done (
-     claim_id TEXT PRIMARY KEY,
-     done_at TEXT NOT NULL
-   );
+   CREATE TABLE ipc_done (claim_id TEXT PRIMARY KEY, done_at TEXT NOT NULL);
    CREATE TABLE task_claims (
      task_id TEXT PRIMARY KEY REFERENCES scheduled_tasks (id) ON DELETE CASCADE,
-     due_at TEXT,
-     claimed_at TEXT NOT NULL,
-     started_at TEXT,
-     attempt INTEGER NOT NULL DEFAULT 1
+     due_at TEXT, claimed_at TEXT NOT NULL, started_at TEXT, attempt INTEGER NOT NULL DEFAULT 1
    );`,
   // 5: what WhatsApp was given for each part (its protobuf), so a recipient's phone that
   // asks for a message again gets exactly that message.
@@ -1229,7 +1185,7 @@ const MIGRATIONS: string[] = [
    ALTER TABLE scheduled_tasks ADD COLUMN paused_reason TEXT;`,
 ];
 
-/** Columns whose field is not their camelCase name; the cache of every column's field name (rows are mapped on hot paths). */
+/** Columns whose field is not their camelCase name, and a cache of every column's (rows are mapped on hot paths). */
 const fieldNames = new Map([
   ['trigger_word', 'trigger'],
   ['allowed_senders', 'allow'],
@@ -1399,11 +1355,10 @@ export class Store {
 
   upsertChat(chat: { jid: string; name?: string | null; channel: string; isGroup: boolean; lastMessageAt?: string }) {
     this.run(
-      `INSERT INTO chats (jid, name, channel, is_group, last_message_at) VALUES ($jid, $name, $channel, $isGroup, $lastMessageAt)
+      `INSERT INTO chats (jid, name, channel, is_group, last_message_at)
+       VALUES ($jid, $name, $channel, $isGroup, $lastMessageAt)
        ON CONFLICT (jid) DO UPDATE SET
-         name = COALESCE(excluded.name, chats.name),
-         channel = excluded.channel,
-         is_group = excluded.is_group,
+         name = COALESCE(excluded.name, chats.name), channel = excluded.channel, is_group = excluded.is_group,
          last_message_at = MAX(COALESCE(chats.last_message_at, ''), COALESCE(excluded.last_message_at, ''))`,
       { name: null, lastMessageAt: null, ...chat },
     );
@@ -1411,7 +1366,8 @@ export class Store {
 
   listChats = () =>
     this.all<ChatInfo>(
-      "SELECT jid, name, channel, is_group, NULLIF(last_message_at, '') AS last_message_at FROM chats ORDER BY last_message_at DESC",
+      `SELECT jid, name, channel, is_group, NULLIF(last_message_at, '') AS last_message_at
+       FROM chats ORDER BY last_message_at DESC`,
     );
 
   /** Stores a message once; returns its seq, or null when (chat, id) was already stored. */
@@ -1470,7 +1426,8 @@ export class Store {
 
   addOutbound = (channel: string, chatJid: string, text: string, messageId: string) =>
     this.run(
-      'INSERT INTO outbox (channel, chat_jid, text, created_at, message_id) VALUES ($channel, $chatJid, $text, $at, $messageId)',
+      `INSERT INTO outbox (channel, chat_jid, text, created_at, message_id)
+       VALUES ($channel, $chatJid, $text, $at, $messageId)`,
       { channel, chatJid, text, at: now(), messageId },
     );
 
@@ -1508,8 +1465,8 @@ export class Store {
   /** A failed attempt; after too many, the part is given up (kept, with the error, so it shows). */
   markSendFailed = (id: number, error: string, giveUp: boolean) =>
     this.run(
-      `UPDATE outbox SET attempts = attempts + 1, error = $error,
-         sent_at = CASE WHEN $giveUp THEN $at ELSE sent_at END, file = CASE WHEN $giveUp THEN NULL ELSE file END WHERE id = $id`,
+      `UPDATE outbox SET attempts = attempts + 1, error = $error, sent_at = CASE WHEN $giveUp THEN $at ELSE sent_at END,
+         file = CASE WHEN $giveUp THEN NULL ELSE file END WHERE id = $id`,
       { error, giveUp, at: now(), id },
     );
 
@@ -1546,7 +1503,8 @@ export class Store {
   /** Records that a task's run is owed (it is due); false when a run of it is already claimed. */
   claimTask = (taskId: string, dueAt: string | null, attempt = 1) =>
     this.run(
-      'INSERT OR IGNORE INTO task_claims (task_id, due_at, claimed_at, attempt) VALUES ($taskId, $dueAt, $at, $attempt)',
+      `INSERT OR IGNORE INTO task_claims (task_id, due_at, claimed_at, attempt)
+       VALUES ($taskId, $dueAt, $at, $attempt)`,
       { taskId, dueAt, at: now(), attempt },
     ) > 0;
 
@@ -1858,17 +1816,23 @@ export function addGroup(
 
 // ───────────────────────────── 5. Router: what wakes the agent, what it sees, what goes back
 
-export function escapeXml(text: string): string {
-  return text.replace(/&/g, '&amp;').replace(/</g, '&lt;').replace(/>/g, '&gt;').replace(/"/g, '&quot;');
-}
+export const escapeXml = (text: string) =>
+  text.replace(/&/g, '&amp;').replace(/</g, '&lt;').replace(/>/g, '&gt;').replace(/"/g, '&quot;');
 
-function escapeRegExp(text: string): string {
-  return text.replace(/[.*+?^${}()|[\]\\]/g, '\\$&');
-}
+const escapeRegExp = (text: string) => text.replace(/[.*+?^${}()|[\]\\]/g, '\\$&');
 
-/** A group's trigger (`@Andy`) anywhere in a message, any case, as a whole word (not inside an address like a@Andy). */
+const triggerPatterns = new Map<string, RegExp>();
+
+/**
+ * A group's trigger (`@Andy`) anywhere in a message, any case, as a whole word (not inside an address like
+ * a@Andy). Built once per trigger: every inbound message of a trigger group is checked against it.
+ */
 export function triggerPattern(trigger: string): RegExp {
-  return new RegExp(`(?<![\\p{L}\\p{N}_@])@${escapeRegExp(trigger.replace(/^@/, ''))}(?![\\p{L}\\p{N}_])`, 'iu');
+  const pattern =
+    triggerPatterns.get(trigger) ??
+    new RegExp(`(?<![\\p{L}\\p{N}_@])@${escapeRegExp(trigger.replace(/^@/, ''))}(?![\\p{L}\\p{N}_])`, 'iu');
+  triggerPatterns.set(trigger, pattern);
+  return pattern;
 }
 
 /** The channel's note before a reply to one of the bot's own messages (it knows them by id). */
@@ -1892,21 +1856,9 @@ export function withEditedWords(stored: string, edited: string): string {
   return `${reply}${media ? `${media.trim()} ` : ''}${edited}`.trimEnd();
 }
 
-/** Each trigger's pattern, built once: every inbound message of a trigger group is checked against it. */
-const triggerPatterns = new Map<string, RegExp>();
-function cachedTriggerPattern(trigger: string): RegExp {
-  let pattern = triggerPatterns.get(trigger);
-  if (!pattern) {
-    pattern = triggerPattern(trigger);
-    triggerPatterns.set(trigger, pattern);
-  }
-  return pattern;
-}
-
 /**
- * The owner (the user's own messages) always; others when the group's list names them, or
- * when it is empty outside main. A main that is a direct chat (the assistant with its own
- * number: the owner writes to it) has only its owner on the other side.
+ * The owner (the user's own messages) always; others when the group's list names them, or when it is empty
+ * outside main. A main that is a direct chat (the assistant with its own number) has only its owner on the other side.
  */
 export function mayWake(group: RegisteredGroup, message: StoredMessage): boolean {
   if (message.isFromMe) return true;
@@ -1914,11 +1866,7 @@ export function mayWake(group: RegisteredGroup, message: StoredMessage): boolean
   return !group.isMain || !group.jid.endsWith('@g.us');
 }
 
-/**
- * Whether someone typing is reason to start a group's container before the message: in
- * main, and where the typist drives the agent (named by the group's allow list, or anyone
- * in a group that needs no trigger). Elsewhere typing says nothing of the trigger.
- */
+/** Whether typing may start the agent's container early: in main, by an allowed sender, or with no trigger needed. */
 export function typingMayWake(group: RegisteredGroup, typist: string | undefined): boolean {
   if (group.isMain) return true;
   if (group.allow.length > 0) return typist !== undefined && group.allow.includes(typist);
@@ -1933,13 +1881,12 @@ export function allowedText(group: RegisteredGroup): string {
 
 /** Whether a message calls the agent: the group's trigger anywhere in what was typed, or a reply to the bot. */
 export function callsAgent(group: RegisteredGroup, content: string): boolean {
-  return content.startsWith(REPLY_TO_BOT_NOTE) || cachedTriggerPattern(group.trigger).test(typedText(content));
+  return content.startsWith(REPLY_TO_BOT_NOTE) || triggerPattern(group.trigger).test(typedText(content));
 }
 
 /**
- * Main and trigger-free groups answer everything; the others only when someone says the
- * group's trigger or replies to the bot. Only senders the group allows wake it; the
- * others' messages are context.
+ * Main and trigger-free groups answer everything; the others only when someone says the group's trigger
+ * or replies to the bot. Only senders the group allows wake it; the others' messages are context.
  */
 export function needsAgent(group: RegisteredGroup, messages: readonly StoredMessage[]): boolean {
   const waking = messages.filter((message) => mayWake(group, message));
@@ -1950,23 +1897,11 @@ export function needsAgent(group: RegisteredGroup, messages: readonly StoredMess
 
 /** Wall-clock time in the user's timezone, e.g. "2026-11-24 09:15". */
 export function formatLocalTime(iso: string, timezone: string): string {
-  const parts = new Intl.DateTimeFormat('en-CA', {
-    timeZone: timezone,
-    year: 'numeric',
-    month: '2-digit',
-    day: '2-digit',
-    hour: '2-digit',
-    minute: '2-digit',
-    hourCycle: 'h23',
-  }).formatToParts(new Date(iso));
-  const part = (type: string) => parts.find((p) => p.type === type)?.value ?? '';
-  return `${part('year')}-${part('month')}-${part('day')} ${part('hour')}:${part('minute')}`;
+  // Swedish writes a date and time as ISO does: "2026-11-24 09:15:00".
+  return new Date(iso).toLocaleString('sv-SE', { timeZone: timezone }).slice(0, 16);
 }
 
-/**
- * The prompt for a batch of messages. Every value is XML-escaped, so a message that
- * contains "</message>" or a fake sender attribute stays text inside its own element.
- */
+/** The prompt for a batch of messages, every value XML-escaped: a "</message>" or a fake sender stays text. */
 export function formatMessages(messages: readonly StoredMessage[], timezone: string): string {
   const lines = messages.map(
     (m) =>
