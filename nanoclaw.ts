@@ -1301,6 +1301,15 @@ export class Store {
     return row ? fromRow<T>(row) : null;
   }
 
+  /** Adds a row: each column (a space-separated list) bound from the field of its name (group_folder: groupFolder). */
+  private insert(table: string, columns: string, row: object, verb = 'INSERT') {
+    const names = columns.split(' ');
+    const values = names.map((column) => `$${fieldName(column)}`);
+    return this.db
+      .query<object, Bindings>(`${verb} INTO ${table} (${names.join(', ')}) VALUES (${values.join(', ')})`)
+      .run(row as Bindings[number]);
+  }
+
   /** Runs a write; returns how many rows it changed. */
   private run(sql: string, ...params: Bindings): number {
     return this.db.query<object, Bindings>(sql).run(...params).changes;
@@ -1372,12 +1381,8 @@ export class Store {
 
   /** Stores a message once; returns its seq, or null when (chat, id) was already stored. */
   storeMessage(message: NewMessage): number | null {
-    const result = this.db
-      .query(
-        `INSERT OR IGNORE INTO messages (id, chat_jid, sender, sender_name, content, timestamp, is_from_me, is_bot_message)
-         VALUES ($id, $chatJid, $sender, $senderName, $content, $timestamp, $isFromMe, $isBotMessage)`,
-      )
-      .run({ ...message });
+    const columns = 'id chat_jid sender sender_name content timestamp is_from_me is_bot_message';
+    const result = this.insert('messages', columns, message, 'INSERT OR IGNORE');
     return result.changes > 0 ? Number(result.lastInsertRowid) : null;
   }
 
@@ -1424,21 +1429,16 @@ export class Store {
 
   // Outbox: every part the bot says, oldest first; unsent until its channel took it
 
-  addOutbound = (channel: string, chatJid: string, text: string, messageId: string) =>
-    this.run(
-      `INSERT INTO outbox (channel, chat_jid, text, created_at, message_id)
-       VALUES ($channel, $chatJid, $text, $at, $messageId)`,
-      { channel, chatJid, text, at: now(), messageId },
-    );
+  addOutbound(channel: string, chatJid: string, text: string, messageId: string) {
+    const row = { channel, chatJid, text, createdAt: now(), messageId };
+    this.insert('outbox', 'channel chat_jid text created_at message_id', row);
+  }
 
   /** A file as one part of the chat's lane; `text` is what the history shows of it. Its bytes go once it is sent. */
   addOutboundFile(channel: string, chatJid: string, file: OutboundFile, text: string, messageId: string) {
     const { data, ...meta } = file;
-    this.run(
-      `INSERT INTO outbox (channel, chat_jid, text, created_at, message_id, file, file_meta)
-       VALUES ($channel, $chatJid, $text, $at, $messageId, $data, $meta)`,
-      { channel, chatJid, text, at: now(), messageId, data, meta: JSON.stringify(meta) },
-    );
+    const row = { channel, chatJid, text, createdAt: now(), messageId, file: data, fileMeta: JSON.stringify(meta) };
+    this.insert('outbox', 'channel chat_jid text created_at message_id file file_meta', row);
   }
 
   /** The oldest unsent part of each chat of a channel (each chat's lane is sent in order). */
@@ -1497,16 +1497,14 @@ export class Store {
 
   isIpcDone = (claimId: string) => this.one('SELECT 1 FROM ipc_done WHERE claim_id = ?', claimId) !== null;
   markIpcDone = (claimId: string) =>
-    this.run('INSERT OR IGNORE INTO ipc_done (claim_id, done_at) VALUES (?, ?)', claimId, now());
+    this.insert('ipc_done', 'claim_id done_at', { claimId, doneAt: now() }, 'INSERT OR IGNORE');
   pruneIpcDone = (before: string) => this.run('DELETE FROM ipc_done WHERE done_at < ?', before);
 
   /** Records that a task's run is owed (it is due); false when a run of it is already claimed. */
-  claimTask = (taskId: string, dueAt: string | null, attempt = 1) =>
-    this.run(
-      `INSERT OR IGNORE INTO task_claims (task_id, due_at, claimed_at, attempt)
-       VALUES ($taskId, $dueAt, $at, $attempt)`,
-      { taskId, dueAt, at: now(), attempt },
-    ) > 0;
+  claimTask(taskId: string, dueAt: string | null, attempt = 1): boolean {
+    const claim = { taskId, dueAt, claimedAt: now(), attempt };
+    return this.insert('task_claims', 'task_id due_at claimed_at attempt', claim, 'INSERT OR IGNORE').changes > 0;
+  }
 
   /** The claimed run has really started (its container is about to run). */
   markTaskStarted = (taskId: string) =>
@@ -1544,15 +1542,9 @@ export class Store {
   /** Stores a checked group, its cursor at the chat's newest message: what came before is not for it. */
   insertGroup(group: RegisteredGroup): void {
     this.transaction(() => {
-      this.run(
-        `INSERT INTO registered_groups (jid, name, folder, trigger_word, requires_trigger, is_main, container_config, allowed_senders, added_at)
-         VALUES ($jid, $name, $folder, $trigger, $requiresTrigger, $isMain, $containerConfig, $allow, $addedAt)`,
-        {
-          ...group,
-          containerConfig: JSON.stringify(group.containerConfig) ?? null,
-          allow: JSON.stringify(group.allow),
-        },
-      );
+      const columns = 'jid name folder trigger_word requires_trigger is_main container_config allowed_senders added_at';
+      const containerConfig = JSON.stringify(group.containerConfig) ?? null;
+      this.insert('registered_groups', columns, { ...group, containerConfig, allow: JSON.stringify(group.allow) });
       this.setCursor(group.jid, this.latestSeq(group.jid));
     });
   }
@@ -1628,11 +1620,9 @@ export class Store {
 
   createTask(task: ScheduledTask): void {
     this.taskWrites++;
-    this.run(
-      `INSERT INTO scheduled_tasks (id, group_folder, chat_jid, prompt, schedule_type, schedule_value, context_mode, next_run, last_run, last_result, status, created_at)
-       VALUES ($id, $groupFolder, $chatJid, $prompt, $scheduleType, $scheduleValue, $contextMode, $nextRun, $lastRun, $lastResult, $status, $createdAt)`,
-      { ...task },
-    );
+    const columns =
+      'id group_folder chat_jid prompt schedule_type schedule_value context_mode next_run last_run last_result status created_at';
+    this.insert('scheduled_tasks', columns, task);
   }
 
   getTask = (id: string) => this.one<ScheduledTask>('SELECT * FROM scheduled_tasks WHERE id = ?', id);
@@ -1684,10 +1674,7 @@ export class Store {
 
   logTaskRun(run: TaskRunLog): void {
     this.taskWrites++;
-    this.run(
-      'INSERT INTO task_run_logs (task_id, run_at, duration_ms, status, result, error) VALUES ($taskId, $runAt, $durationMs, $status, $result, $error)',
-      { ...run },
-    );
+    this.insert('task_run_logs', 'task_id run_at duration_ms status result error', run);
   }
 
   /** The newest `limit` runs of each task named (in one statement however many), newest first. */
