@@ -1457,9 +1457,6 @@ export class Store {
       channel,
     ).map(toOutbound);
 
-  countUnsent = (channel: string) =>
-    this.one<{ n: number }>('SELECT COUNT(*) AS n FROM outbox WHERE channel = ? AND sent_at IS NULL', channel)!.n;
-
   markSent = (id: number) => this.run('UPDATE outbox SET sent_at = ?, file = NULL WHERE id = ?', now(), id);
 
   /** A failed attempt; after too many, the part is given up (kept, with the error, so it shows). */
