@@ -1416,12 +1416,7 @@ export class Store {
   setCursor = (chatJid: string, seq: number) => this.setState(cursorKey(chatJid), String(seq));
   getState = (key: string) =>
     this.one<{ value: string }>('SELECT value FROM router_state WHERE key = ?', key)?.value ?? null;
-  setState = (key: string, value: string) =>
-    this.run(
-      'INSERT INTO router_state (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value',
-      key,
-      value,
-    );
+  setState = (key: string, value: string) => this.insert('router_state', 'key value', { key, value }, 'REPLACE');
 
   /** Latest stored seq of a chat (0 when empty); new groups start their cursor here. */
   latestSeq = (chatJid: string) =>
@@ -1595,12 +1590,10 @@ export class Store {
   getSession = (folder: string) =>
     this.one<{ sessionId: string }>('SELECT session_id FROM sessions WHERE group_folder = ?', folder)?.sessionId ??
     null;
-  setSession = (folder: string, sessionId: string) =>
-    this.run(
-      `INSERT INTO sessions (group_folder, session_id, updated_at) VALUES ($folder, $sessionId, $at)
-       ON CONFLICT (group_folder) DO UPDATE SET session_id = excluded.session_id, updated_at = excluded.updated_at`,
-      { folder, sessionId, at: now() },
-    );
+  setSession(groupFolder: string, sessionId: string) {
+    const row = { groupFolder, sessionId, updatedAt: now() };
+    this.insert('sessions', 'group_folder session_id updated_at', row, 'REPLACE');
+  }
   deleteSession = (folder: string) => this.run('DELETE FROM sessions WHERE group_folder = ?', folder) > 0;
   listSessions = () =>
     this.all<{ groupFolder: string; sessionId: string; updatedAt: string }>(
