@@ -1681,7 +1681,7 @@ export class Store {
 // The one way to add a group, and the rules it checks
 
 /** A group that cannot be added as asked; the message says why. */
-export class GroupError extends Error {}
+class GroupError extends Error {}
 
 /** What `groups register --trigger` and register_group take: @ and one word. */
 export function isValidTrigger(trigger: string): boolean {
@@ -1689,7 +1689,7 @@ export function isValidTrigger(trigger: string): boolean {
 }
 
 /** A WhatsApp person (phone number or LID), as `--allow` and register_group's `allow` take them. */
-export function isValidSenderJid(jid: string): boolean {
+function isValidSenderJid(jid: string): boolean {
   return /^\d{5,20}@s\.whatsapp\.net$|^\d{5,20}@lid$/.test(jid);
 }
 
@@ -1698,14 +1698,14 @@ export function isValidSenderJid(jid: string): boolean {
  * person; NanoClaw files every chat under its phone number or group id (canonicalJid), so
  * a chat registered by LID would never hear a message.
  */
-export function lidChatProblem(jid: string): string | null {
+function lidChatProblem(jid: string): string | null {
   return jid.endsWith('@lid')
     ? `"${jid}" is a LID (WhatsApp's hidden id of a person), not a chat id: use the person's <phone digits>@s.whatsapp.net or a group's <digits>@g.us (bun nanoclaw.ts groups discover lists them)`
     : null;
 }
 
 /** Where a group's things live on the host. The three roots are what its agent can write. */
-export function groupPaths(config: Config, folder: string) {
+function groupPaths(config: Config, folder: string) {
   return {
     group: join(config.groupsDir, folder),
     ipc: join(config.ipcDir, folder),
@@ -1714,14 +1714,14 @@ export function groupPaths(config: Config, folder: string) {
 }
 
 /** The image's user (node). */
-export const CONTAINER_UID = 1000;
+const CONTAINER_UID = 1000;
 
 /**
  * Who owns what the host creates in agent trees: the container's user when the host runs
  * as root (so the agent can write there), nobody special otherwise (the container then runs
  * as the host's own user, see containerUserArgs).
  */
-export function containerOwner(uid = process.getuid?.() ?? CONTAINER_UID): { uid: number; gid: number } | null {
+function containerOwner(uid = process.getuid?.() ?? CONTAINER_UID): { uid: number; gid: number } | null {
   return uid === 0 ? { uid: CONTAINER_UID, gid: CONTAINER_UID } : null;
 }
 
@@ -1737,14 +1737,14 @@ export function groupTrees(config: Config, folder: string) {
 }
 
 /** Names NanoClaw uses itself inside groups/ or data/ipc/: no group may take them. */
-export const RESERVED_FOLDERS = ['global', 'errors', 'claimed'] as const;
+const RESERVED_FOLDERS = ['global', 'errors', 'claimed'] as const;
 
 /** Folder names become paths and container names: keep them boring, and clear of NanoClaw's own. */
 export function isValidFolder(folder: string): boolean {
   return /^[a-z0-9][a-z0-9_-]{0,63}$/.test(folder) && !(RESERVED_FOLDERS as readonly string[]).includes(folder);
 }
 
-/** Adds a chat as a registered group: validates, creates its folder (with a starter CLAUDE.md) and starts its cursor at "now". */
+/** The one way to add a group: checks it, creates its folder (with a starter CLAUDE.md), starts its cursor at now. */
 export function addGroup(
   config: Config,
   store: Store,
@@ -1793,7 +1793,7 @@ export function addGroup(
 
 // ───────────────────────────── 5. Router: what wakes the agent, what it sees, what goes back
 
-export const escapeXml = (text: string) =>
+const escapeXml = (text: string) =>
   text.replace(/&/g, '&amp;').replace(/</g, '&lt;').replace(/>/g, '&gt;').replace(/"/g, '&quot;');
 
 const escapeRegExp = (text: string) => text.replace(/[.*+?^${}()|[\]\\]/g, '\\$&');
@@ -1813,7 +1813,7 @@ export function triggerPattern(trigger: string): RegExp {
 }
 
 /** The channel's note before a reply to one of the bot's own messages (it knows them by id). */
-export const REPLY_TO_BOT_NOTE = '[replying to you: "';
+const REPLY_TO_BOT_NOTE = '[replying to you: "';
 
 /** The notes the channel puts before what a person typed: a quoted reply's, then a media file's. */
 const CHANNEL_NOTES =
@@ -1825,10 +1825,10 @@ export function typedText(content: string): string {
 }
 
 /** What the agent sees of a message its sender deleted for everyone. */
-export const DELETED_MESSAGE = '[deleted]';
+const DELETED_MESSAGE = '[deleted]';
 
 /** A message's new words after an edit, behind the notes the channel put before the old ones. */
-export function withEditedWords(stored: string, edited: string): string {
+function withEditedWords(stored: string, edited: string): string {
   const [, reply = '', media = ''] = CHANNEL_NOTES.exec(stored)!;
   return `${reply}${media ? `${media.trim()} ` : ''}${edited}`.trimEnd();
 }
@@ -1844,20 +1844,20 @@ export function mayWake(group: RegisteredGroup, message: StoredMessage): boolean
 }
 
 /** Whether typing may start the agent's container early: in main, by an allowed sender, or with no trigger needed. */
-export function typingMayWake(group: RegisteredGroup, typist: string | undefined): boolean {
+function typingMayWake(group: RegisteredGroup, typist: string | undefined): boolean {
   if (group.isMain) return true;
   if (group.allow.length > 0) return typist !== undefined && group.allow.includes(typist);
   return !group.requiresTrigger;
 }
 
 /** Who may wake a group's agent, in words (groups list, register_group's answer). */
-export function allowedText(group: RegisteredGroup): string {
+function allowedText(group: RegisteredGroup): string {
   if (group.allow.length === 0) return group.isMain ? 'only the owner' : 'everyone in the chat';
   return `the owner and ${group.allow.join(', ')}`;
 }
 
 /** Whether a message calls the agent: the group's trigger anywhere in what was typed, or a reply to the bot. */
-export function callsAgent(group: RegisteredGroup, content: string): boolean {
+function callsAgent(group: RegisteredGroup, content: string): boolean {
   return content.startsWith(REPLY_TO_BOT_NOTE) || triggerPattern(group.trigger).test(typedText(content));
 }
 
