@@ -9330,15 +9330,8 @@ export async function main(
       console.error(err.command ? `${err.message}\n\n${commandUsage(err.command)}` : err.message);
       return 2;
     }
-    const userMustAct = [
-      ConfigError,
-      IpcFormatError,
-      GroupError,
-      WhatsAppNotLinked,
-      StoreCorruptError,
-      StoreMissingError,
-    ];
-    if (err instanceof Error && userMustAct.some((kind) => err instanceof kind)) {
+    const forUser = [ConfigError, IpcFormatError, GroupError, WhatsAppNotLinked, StoreCorruptError, StoreMissingError];
+    if (err instanceof Error && forUser.some((kind) => err instanceof kind)) {
       console.error(err.message);
       return 2;
     }
