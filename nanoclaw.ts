@@ -1241,6 +1241,7 @@ class StoreCorruptError extends Error {}
 const BACKUPS_KEPT = 7;
 
 type Bindings = import('bun:sqlite').SQLQueryBindings[];
+type InsertVerb = 'INSERT' | 'INSERT OR IGNORE' | 'REPLACE';
 
 export class Store {
   readonly db: Database;
@@ -1302,7 +1303,7 @@ export class Store {
   }
 
   /** Adds a row: each column (a space-separated list) bound from the field of its name (group_folder: groupFolder). */
-  private insert(table: string, columns: string, row: object, verb = 'INSERT') {
+  private insert(table: string, columns: string, row: object, verb: InsertVerb = 'INSERT') {
     const names = columns.split(' ');
     const values = names.map((column) => `$${fieldName(column)}`);
     return this.db
@@ -1324,8 +1325,8 @@ export class Store {
 
   /** Whether the file at the path is still the one this store has open (not deleted, moved or replaced). */
   stillAtPath(): boolean {
-    const now = statSync(this.path, { throwIfNoEntry: false });
-    return Boolean(now && now.dev === this.opened.dev && now.ino === this.opened.ino);
+    const current = statSync(this.path, { throwIfNoEntry: false });
+    return Boolean(current && current.dev === this.opened.dev && current.ino === this.opened.ino);
   }
 
   /**
