@@ -1589,8 +1589,7 @@ export class Store {
   // Sessions (the guide deletes rows by group_folder by hand: keep that column name)
 
   getSession = (folder: string) =>
-    this.one<{ sessionId: string }>('SELECT session_id FROM sessions WHERE group_folder = ?', folder)?.sessionId ??
-    null;
+    this.one<{ id: string }>('SELECT session_id AS id FROM sessions WHERE group_folder = ?', folder)?.id ?? null;
   setSession(groupFolder: string, sessionId: string) {
     const row = { groupFolder, sessionId, updatedAt: now() };
     this.insert('sessions', 'group_folder session_id updated_at', row, 'REPLACE');
