@@ -1022,7 +1022,7 @@ export interface StoredMessage {
 }
 export type NewMessage = Omit<StoredMessage, 'seq'>;
 
-export interface ContainerConfig {
+interface ContainerConfig {
   additionalMounts?: { hostPath: string; containerPath?: string; readonly?: boolean }[];
   /** The Docker network for this group's containers (default CONTAINER_NETWORK); `none` for no network at all. */
   network?: string;
@@ -1043,8 +1043,6 @@ export interface RegisteredGroup {
 }
 
 export type ScheduleType = 'cron' | 'interval' | 'once';
-export type ContextMode = 'group' | 'isolated';
-export type TaskStatus = 'active' | 'paused' | 'completed';
 
 export interface ScheduledTask {
   id: string;
@@ -1053,17 +1051,17 @@ export interface ScheduledTask {
   prompt: string;
   scheduleType: ScheduleType;
   scheduleValue: string;
-  contextMode: ContextMode;
+  contextMode: 'group' | 'isolated';
   nextRun: string | null;
   lastRun: string | null;
   lastResult: string | null;
-  status: TaskStatus;
+  status: 'active' | 'paused' | 'completed';
   createdAt: string;
   /** Why NanoClaw paused it (its group was removed); null when active or paused by someone. */
   pausedReason?: string | null;
 }
 
-export interface TaskRunLog {
+interface TaskRunLog {
   taskId: string;
   runAt: string;
   durationMs: number;
@@ -1080,11 +1078,10 @@ export interface OutboundMessage {
   /** Stable across resends: the platform's id for this message. */
   messageId: string;
   attempts: number;
-  /** A file the agent sends (send_file), instead of the text. */
   file?: OutboundFile;
 }
 
-/** A file to send: an image (shown as a photo) or any other file (a document, with its name). */
+/** A file the agent sends (send_file): an image (shown as a photo) or any other file (a document, with its name). */
 export interface OutboundFile {
   kind: 'image' | 'document';
   data: Uint8Array;
@@ -1093,29 +1090,7 @@ export interface OutboundFile {
   caption?: string;
 }
 
-type OutboundRow = {
-  id: number;
-  chat_jid: string;
-  text: string;
-  message_id: string;
-  attempts: number;
-  file: Uint8Array | null;
-  file_meta: string | null;
-};
-const OUTBOUND_COLUMNS = 'o.id, o.chat_jid, o.text, o.message_id, o.attempts, o.file, o.file_meta';
-
-const toOutbound = (row: OutboundRow): OutboundMessage => ({
-  id: row.id,
-  jid: row.chat_jid,
-  text: row.text,
-  messageId: row.message_id,
-  attempts: row.attempts,
-  ...(row.file && row.file_meta
-    ? { file: { ...(JSON.parse(row.file_meta) as Omit<OutboundFile, 'data'>), data: row.file } }
-    : {}),
-});
-
-export interface UsageRow {
+interface UsageRow {
   day: string;
   groupFolder: string;
   requests: number;
@@ -1124,7 +1099,7 @@ export interface UsageRow {
   completionTokens: number;
 }
 
-export interface ChatInfo {
+interface ChatInfo {
   jid: string;
   name: string | null;
   channel: string | null;
@@ -1132,55 +1107,30 @@ export interface ChatInfo {
   lastMessageAt: string | null;
 }
 
-/** Schema history. Append only: a released migration is never edited. */
+/** Schema history. Append only: a released migration is never edited (its meaning; the layout may change). */
 const MIGRATIONS: string[] = [
   `CREATE TABLE chats (
-     jid TEXT PRIMARY KEY,
-     name TEXT,
-     channel TEXT,
-     is_group INTEGER NOT NULL DEFAULT 0,
-     last_message_at TEXT
+     jid TEXT PRIMARY KEY, name TEXT, channel TEXT, is_group INTEGER NOT NULL DEFAULT 0, last_message_at TEXT
    );
    CREATE TABLE messages (
-     seq INTEGER PRIMARY KEY AUTOINCREMENT,
-     id TEXT NOT NULL,
-     chat_jid TEXT NOT NULL,
-     sender TEXT NOT NULL,
-     sender_name TEXT NOT NULL,
-     content TEXT NOT NULL,
-     timestamp TEXT NOT NULL,
-     is_from_me INTEGER NOT NULL DEFAULT 0,
-     is_bot_message INTEGER NOT NULL DEFAULT 0,
-     UNIQUE (chat_jid, id)
+     seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL, chat_jid TEXT NOT NULL, sender TEXT NOT NULL,
+     sender_name TEXT NOT NULL, content TEXT NOT NULL, timestamp TEXT NOT NULL,
+     is_from_me INTEGER NOT NULL DEFAULT 0, is_bot_message INTEGER NOT NULL DEFAULT 0, UNIQUE (chat_jid, id)
    );
    CREATE INDEX messages_by_chat ON messages (chat_jid, seq);
    CREATE TABLE registered_groups (
-     jid TEXT PRIMARY KEY,
-     name TEXT NOT NULL,
-     folder TEXT NOT NULL UNIQUE,
-     trigger_word TEXT NOT NULL,
-     requires_trigger INTEGER NOT NULL DEFAULT 1,
-     is_main INTEGER NOT NULL DEFAULT 0,
-     container_config TEXT,
+     jid TEXT PRIMARY KEY, name TEXT NOT NULL, folder TEXT NOT NULL UNIQUE, trigger_word TEXT NOT NULL,
+     requires_trigger INTEGER NOT NULL DEFAULT 1, is_main INTEGER NOT NULL DEFAULT 0, container_config TEXT,
      added_at TEXT NOT NULL
    );
    CREATE UNIQUE INDEX only_one_main ON registered_groups (is_main) WHERE is_main = 1;
-   CREATE TABLE sessions (
-     group_folder TEXT PRIMARY KEY,
-     session_id TEXT NOT NULL,
-     updated_at TEXT NOT NULL
-   );
+   CREATE TABLE sessions (group_folder TEXT PRIMARY KEY, session_id TEXT NOT NULL, updated_at TEXT NOT NULL);
    CREATE TABLE scheduled_tasks (
-     id TEXT PRIMARY KEY,
-     group_folder TEXT NOT NULL,
-     chat_jid TEXT NOT NULL,
-     prompt TEXT NOT NULL,
+     id TEXT PRIMARY KEY, group_folder TEXT NOT NULL, chat_jid TEXT NOT NULL, prompt TEXT NOT NULL,
      schedule_type TEXT NOT NULL CHECK (schedule_type IN ('cron', 'interval', 'once')),
      schedule_value TEXT NOT NULL,
      context_mode TEXT NOT NULL DEFAULT 'isolated' CHECK (context_mode IN ('group', 'isolated')),
-     next_run TEXT,
-     last_run TEXT,
-     last_result TEXT,
+     next_run TEXT, last_run TEXT, last_result TEXT,
      status TEXT NOT NULL DEFAULT 'active' CHECK (status IN ('active', 'paused', 'completed')),
      created_at TEXT NOT NULL
    );
@@ -1189,35 +1139,22 @@ const MIGRATIONS: string[] = [
    CREATE TABLE task_run_logs (
      id INTEGER PRIMARY KEY AUTOINCREMENT,
      task_id TEXT NOT NULL REFERENCES scheduled_tasks (id) ON DELETE CASCADE,
-     run_at TEXT NOT NULL,
-     duration_ms INTEGER NOT NULL,
-     status TEXT NOT NULL CHECK (status IN ('success', 'error')),
-     result TEXT,
-     error TEXT
+     run_at TEXT NOT NULL, duration_ms INTEGER NOT NULL,
+     status TEXT NOT NULL CHECK (status IN ('success', 'error')), result TEXT, error TEXT
    );
    CREATE INDEX task_runs_by_task ON task_run_logs (task_id, run_at);
-   CREATE TABLE router_state (
-     key TEXT PRIMARY KEY,
-     value TEXT NOT NULL
-   );`,
+   CREATE TABLE router_state (key TEXT PRIMARY KEY, value TEXT NOT NULL);`,
   // 2: replies waiting for a channel to come back survive a restart.
   `CREATE TABLE outbox (
-     id INTEGER PRIMARY KEY AUTOINCREMENT,
-     channel TEXT NOT NULL,
-     chat_jid TEXT NOT NULL,
-     text TEXT NOT NULL,
+     id INTEGER PRIMARY KEY AUTOINCREMENT, channel TEXT NOT NULL, chat_jid TEXT NOT NULL, text TEXT NOT NULL,
      created_at TEXT NOT NULL
    );
    CREATE INDEX outbox_by_channel ON outbox (channel, id);`,
   // 3: what each group's agent asked of the model, by day (counted by the model proxy).
   `CREATE TABLE model_usage (
-     day TEXT NOT NULL,
-     group_folder TEXT NOT NULL,
-     requests INTEGER NOT NULL DEFAULT 0,
-     failed INTEGER NOT NULL DEFAULT 0,
-     prompt_tokens INTEGER NOT NULL DEFAULT 0,
-     completion_tokens INTEGER NOT NULL DEFAULT 0,
-     PRIMARY KEY (day, group_folder)
+     day TEXT NOT NULL, group_folder TEXT NOT NULL, requests INTEGER NOT NULL DEFAULT 0,
+     failed INTEGER NOT NULL DEFAULT 0, prompt_tokens INTEGER NOT NULL DEFAULT 0,
+     completion_tokens INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (day, group_folder)
    );`,
   // 4: exactly once under crashes. Outbox parts keep a stable message id (a resend after a
   // crash reuses it) and are marked sent rather than deleted (WhatsApp may ask for a resend);
@@ -1229,16 +1166,10 @@ const MIGRATIONS: string[] = [
    UPDATE outbox SET message_id = printf('3EB0NC%016X', id) WHERE message_id IS NULL;
    CREATE UNIQUE INDEX outbox_by_message ON outbox (message_id);
    CREATE INDEX outbox_unsent ON outbox (channel, sent_at, id);
-   CREATE TABLE ipc_done (
-     claim_id TEXT PRIMARY KEY,
-     done_at TEXT NOT NULL
-   );
+   CREATE TABLE ipc_done (claim_id TEXT PRIMARY KEY, done_at TEXT NOT NULL);
    CREATE TABLE task_claims (
      task_id TEXT PRIMARY KEY REFERENCES scheduled_tasks (id) ON DELETE CASCADE,
-     due_at TEXT,
-     claimed_at TEXT NOT NULL,
-     started_at TEXT,
-     attempt INTEGER NOT NULL DEFAULT 1
+     due_at TEXT, claimed_at TEXT NOT NULL, started_at TEXT, attempt INTEGER NOT NULL DEFAULT 1
    );`,
   // 5: what WhatsApp was given for each part (its protobuf), so a recipient's phone that
   // asks for a message again gets exactly that message.
@@ -1253,78 +1184,63 @@ const MIGRATIONS: string[] = [
    ALTER TABLE scheduled_tasks ADD COLUMN paused_reason TEXT;`,
 ];
 
-export const SCHEMA_VERSION = MIGRATIONS.length;
-
-type MessageRow = { is_from_me: number; is_bot_message: number };
-interface GroupRow {
-  jid: string;
-  name: string;
-  folder: string;
-  trigger_word: string;
-  requires_trigger: number;
-  is_main: number;
-  container_config: string | null;
-  allowed_senders: string;
-  added_at: string;
-}
-
-/** Each column's camelCase field name, worked out once per column (rows are mapped on hot paths). */
-const fieldNames = new Map<string, string>();
+/** Columns whose field is not their camelCase name, and a cache of every column's (rows are mapped on hot paths). */
+const fieldNames = new Map([
+  ['trigger_word', 'trigger'],
+  ['allowed_senders', 'allow'],
+]);
 const fieldName = (column: string) => {
   const field = fieldNames.get(column) ?? column.replace(/_(\w)/g, (_, c: string) => c.toUpperCase());
   fieldNames.set(column, field);
   return field;
 };
 
-/** A row as its type: each snake_case column a camelCase field (group_folder: groupFolder). */
-const camel = <T>(row: unknown): T =>
-  Object.fromEntries(Object.entries(row as object).map(([column, value]) => [fieldName(column), value])) as T;
+/** Columns stored as 0 or 1 that their types call booleans, and columns holding JSON (absent when NULL). */
+const FLAG_COLUMNS = new Set(['is_from_me', 'is_bot_message', 'is_group', 'is_main', 'requires_trigger']);
+const JSON_COLUMNS = new Set(['container_config', 'allowed_senders']);
 
-const toMessage = (row: MessageRow): StoredMessage => ({
-  ...camel<StoredMessage>(row),
-  isFromMe: row.is_from_me === 1,
-  isBotMessage: row.is_bot_message === 1,
-});
-const toGroup = (row: GroupRow): RegisteredGroup => ({
-  jid: row.jid,
-  name: row.name,
-  folder: row.folder,
-  trigger: row.trigger_word,
-  requiresTrigger: row.requires_trigger === 1,
-  isMain: row.is_main === 1,
-  containerConfig: row.container_config ? (JSON.parse(row.container_config) as ContainerConfig) : undefined,
-  allow: JSON.parse(row.allowed_senders) as string[],
-  addedAt: row.added_at,
-});
+function fieldValue(column: string, value: unknown): unknown {
+  if (FLAG_COLUMNS.has(column)) return value === 1;
+  if (JSON_COLUMNS.has(column)) return value === null ? undefined : JSON.parse(value as string);
+  return value;
+}
+
+/** A row as its type: each snake_case column a camelCase field (group_folder: groupFolder), of the field's type. */
+const fromRow = <T>(row: object): T =>
+  Object.fromEntries(Object.entries(row).map(([column, value]) => [fieldName(column), fieldValue(column, value)])) as T;
+
+type OutboundRow = Omit<OutboundMessage, 'file'> & { file: Uint8Array | null; fileMeta: string | null };
+const OUTBOUND_COLUMNS = 'o.id, o.chat_jid AS jid, o.text, o.message_id, o.attempts, o.file, o.file_meta';
+const toOutbound = ({ file, fileMeta, ...part }: OutboundRow): OutboundMessage =>
+  file && fileMeta ? { ...part, file: { ...(JSON.parse(fileMeta) as Omit<OutboundFile, 'data'>), data: file } } : part;
 
 /** The fields updateTask may set: each the camelCase name of its column. */
 const PATCHABLE_TASK_FIELD =
   /^(groupFolder|chatJid|prompt|schedule(Type|Value)|contextMode|nextRun|last(Run|Result)|status|pausedReason)$/;
 
 const cursorKey = (chatJid: string) => `cursor:${chatJid}`;
+const now = () => new Date().toISOString();
 
 /** Why a removed group's tasks are paused (tasks list, tasks show and main's list_tasks show it). */
-export const removedGroupReason = (at: Date) =>
+const removedGroupReason = (at: Date) =>
   `its group was removed on ${at.toISOString().slice(0, 10)}; register the group again to resume it`;
 
 /** How long a write waits for another process's lock before it counts as "unavailable". */
 const BUSY_TIMEOUT_MS = 1_000;
 
 /** Errors that mean "the database cannot take this now" (locked, read-only, I/O, full): worth retrying. */
-export function isStoreUnavailable(err: unknown): boolean {
-  return /^SQLITE_(BUSY|LOCKED|READONLY|IOERR|CANTOPEN|FULL|PROTOCOL)/.test(
-    String((err as { code?: unknown })?.code ?? ''),
-  );
+function isStoreUnavailable(err: unknown): boolean {
+  return /^SQLITE_(BUSY|LOCKED|READONLY|IOERR|CANTOPEN|FULL|PROTOCOL)/.test(String(errorCode(err) ?? ''));
 }
 
 /** The database file is not one SQLite can read: the fix is a backup. */
-export class StoreCorruptError extends Error {}
-
-/** What SQLite says of a file that is not a database, or a damaged one. */
-const isCorrupt = (err: unknown) => /^SQLITE_(CORRUPT|NOTADB)/.test(String((err as { code?: unknown })?.code ?? ''));
+class StoreCorruptError extends Error {}
 
 /** Backups of store/messages.db kept in store/backups/ (the newest; one a day). */
-export const BACKUPS_KEPT = 7;
+const BACKUPS_KEPT = 7;
+
+type Bindings = import('bun:sqlite').SQLQueryBindings[];
+type InsertVerb = 'INSERT' | 'INSERT OR IGNORE' | 'REPLACE';
 
 export class Store {
   readonly db: Database;
@@ -1345,7 +1261,7 @@ export class Store {
       );
       this.createdNow = this.migrate() === 0;
     } catch (err) {
-      if (isCorrupt(err))
+      if (/^SQLITE_(CORRUPT|NOTADB)/.test(String(errorCode(err) ?? '')))
         throw new StoreCorruptError(
           `${path} is damaged or not a database (${errorCode(err)}). Restore the newest backup: cp "$(ls -t ${join(dirname(path), 'backups')}/*.db | head -n 1)" ${path} (see README, Troubleshooting).`,
         );
@@ -1353,30 +1269,6 @@ export class Store {
     }
     const stats = statSync(path);
     this.opened = { dev: stats.dev, ino: stats.ino };
-  }
-
-  /** Whether the file at the path is still the one this store has open (not deleted, moved or replaced). */
-  stillAtPath(): boolean {
-    const now = statSync(this.path, { throwIfNoEntry: false });
-    return Boolean(now && now.dev === this.opened.dev && now.ino === this.opened.ino);
-  }
-
-  /**
-   * A consistent copy of the live database (SQLite's VACUUM INTO, safe while it is in use)
-   * in `dir`, named by date; the oldest beyond `keep` are deleted. Returns its path.
-   */
-  backup(dir: string, keep = BACKUPS_KEPT, now = new Date()): string {
-    mkdirSync(dir, { recursive: true });
-    const name = `messages-${now.toISOString().replace(/[:.]/g, '-')}.db`;
-    const temp = join(dir, `.${name}.tmp`);
-    rmSync(temp, { force: true });
-    this.db.query('VACUUM INTO ?').run(temp);
-    renameSync(temp, join(dir, name));
-    const all = readdirSync(dir)
-      .filter((file) => /^messages-.*\.db$/.test(file))
-      .sort();
-    for (const old of all.slice(0, Math.max(0, all.length - keep))) rmSync(join(dir, old), { force: true });
-    return join(dir, name);
   }
 
   /** Returns the schema version found before migrating (0: a new database). */
@@ -1388,141 +1280,70 @@ export class Store {
       );
     }
     for (let version = current; version < MIGRATIONS.length; version++) {
-      this.db.transaction(() => {
+      this.transaction(() => {
         this.db.exec(MIGRATIONS[version]!);
         this.db.exec(`PRAGMA user_version = ${version + 1}`);
-      })();
+      });
     }
     return current;
   }
 
-  close(): void {
-    this.db.close();
-  }
-
-  // Chats and messages
-
-  upsertChat(chat: {
-    jid: string;
-    name?: string | null;
-    channel: string;
-    isGroup: boolean;
-    lastMessageAt?: string;
-  }): void {
-    this.db
-      .query(
-        `INSERT INTO chats (jid, name, channel, is_group, last_message_at) VALUES ($jid, $name, $channel, $isGroup, $at)
-         ON CONFLICT (jid) DO UPDATE SET
-           name = COALESCE(excluded.name, chats.name),
-           channel = excluded.channel,
-           is_group = excluded.is_group,
-           last_message_at = MAX(COALESCE(chats.last_message_at, ''), COALESCE(excluded.last_message_at, ''))`,
-      )
-      .run({
-        jid: chat.jid,
-        name: chat.name ?? null,
-        channel: chat.channel,
-        isGroup: chat.isGroup ? 1 : 0,
-        at: chat.lastMessageAt ?? null,
-      });
-  }
-
-  listChats(): ChatInfo[] {
+  /** A statement's rows, each as its type (fromRow). */
+  private all<T>(sql: string, ...params: Bindings): T[] {
     return this.db
-      .query<{ is_group: number; last_message_at: string | null }, []>(
-        'SELECT * FROM chats ORDER BY last_message_at DESC',
-      )
-      .all()
-      .map((row) => ({
-        ...camel<ChatInfo>(row),
-        isGroup: row.is_group === 1,
-        lastMessageAt: row.last_message_at || null,
-      }));
+      .query<object, Bindings>(sql)
+      .all(...params)
+      .map(fromRow<T>);
   }
 
-  /** Stores a message once; returns its seq, or null when (chat, id) was already stored. */
-  storeMessage(message: NewMessage): number | null {
-    const result = this.db
-      .query(
-        `INSERT OR IGNORE INTO messages (id, chat_jid, sender, sender_name, content, timestamp, is_from_me, is_bot_message)
-         VALUES ($id, $chatJid, $sender, $senderName, $content, $timestamp, $isFromMe, $isBotMessage)`,
-      )
-      .run({
-        id: message.id,
-        chatJid: message.chatJid,
-        sender: message.sender,
-        senderName: message.senderName,
-        content: message.content,
-        timestamp: message.timestamp,
-        isFromMe: message.isFromMe ? 1 : 0,
-        isBotMessage: message.isBotMessage ? 1 : 0,
-      });
-    return result.changes > 0 ? Number(result.lastInsertRowid) : null;
+  private one<T>(sql: string, ...params: Bindings): T | null {
+    const row = this.db.query<object, Bindings>(sql).get(...params);
+    return row ? fromRow<T>(row) : null;
   }
 
-  messageById(chatJid: string, id: string): StoredMessage | null {
-    const row = this.db
-      .query<MessageRow, [string, string]>('SELECT * FROM messages WHERE chat_jid = ? AND id = ?')
-      .get(chatJid, id);
-    return row ? toMessage(row) : null;
+  /** Adds a row: each column (a space-separated list) bound from the field of its name (group_folder: groupFolder). */
+  private insert(table: string, columns: string, row: object, verb: InsertVerb = 'INSERT') {
+    const names = columns.split(' ');
+    const values = names.map((column) => `$${fieldName(column)}`);
+    return this.db
+      .query<object, Bindings>(`${verb} INTO ${table} (${names.join(', ')}) VALUES (${values.join(', ')})`)
+      .run(row as Bindings[number]);
   }
 
-  setMessageContent(seq: number, content: string): void {
-    this.db.query('UPDATE messages SET content = ? WHERE seq = ?').run(content, seq);
+  /** Runs a write; returns how many rows it changed. */
+  private run(sql: string, ...params: Bindings): number {
+    return this.db.query<object, Bindings>(sql).run(...params).changes;
   }
 
-  /** Stores a message again as its chat's newest (a new seq), with new content; returns the seq. */
-  storeAsNewest(message: StoredMessage, content: string): number {
-    return this.transaction(() => {
-      this.db.query('DELETE FROM messages WHERE seq = ?').run(message.seq);
-      const { seq: _old, ...rest } = message;
-      return this.storeMessage({ ...rest, content })!;
-    });
+  /** Runs `work` as one transaction: all of it is stored, or none. */
+  transaction<T>(work: () => T): T {
+    return this.db.transaction(work)();
   }
 
-  /** Messages from people (not the bot) after `afterSeq`, oldest first. */
-  messagesSince(chatJid: string, afterSeq: number, limit = 500): StoredMessage[] {
-    const rows = this.db
-      .query<MessageRow, { chatJid: string; afterSeq: number; limit: number }>(
-        `SELECT * FROM (
-           SELECT * FROM messages WHERE chat_jid = $chatJid AND seq > $afterSeq AND is_bot_message = 0
-           ORDER BY seq DESC LIMIT $limit
-         ) ORDER BY seq`,
-      )
-      .all({ chatJid, afterSeq, limit });
-    return rows.map(toMessage);
+  close = () => this.db.close();
+
+  /** Whether the file at the path is still the one this store has open (not deleted, moved or replaced). */
+  stillAtPath(): boolean {
+    const current = statSync(this.path, { throwIfNoEntry: false });
+    return Boolean(current && current.dev === this.opened.dev && current.ino === this.opened.ino);
   }
 
-  /** The router's position in a chat: every message up to this seq has been answered. */
-  getCursor(chatJid: string): number {
-    return Number(this.getState(cursorKey(chatJid)) ?? 0);
-  }
-
-  setCursor(chatJid: string, seq: number): void {
-    this.setState(cursorKey(chatJid), String(seq));
-  }
-
-  getState(key: string): string | null {
-    return (
-      this.db.query<{ value: string }, [string]>('SELECT value FROM router_state WHERE key = ?').get(key)?.value ?? null
-    );
-  }
-
-  setState(key: string, value: string): void {
-    this.db
-      .query(
-        'INSERT INTO router_state (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value',
-      )
-      .run(key, value);
-  }
-
-  /** Latest stored seq of a chat (0 when empty); new groups start their cursor here. */
-  latestSeq(chatJid: string): number {
-    return (
-      this.db
-        .query<{ seq: number | null }, [string]>('SELECT MAX(seq) AS seq FROM messages WHERE chat_jid = ?')
-        .get(chatJid)?.seq ?? 0
-    );
+  /**
+   * A consistent copy of the live database (SQLite's VACUUM INTO, safe while it is in use)
+   * in `dir`, named by date; the oldest beyond `keep` are deleted. Returns its path.
+   */
+  backup(dir: string, keep = BACKUPS_KEPT, at = new Date()): string {
+    mkdirSync(dir, { recursive: true });
+    const name = `messages-${at.toISOString().replace(/[:.]/g, '-')}.db`;
+    const temp = join(dir, `.${name}.tmp`);
+    rmSync(temp, { force: true });
+    this.run('VACUUM INTO ?', temp);
+    renameSync(temp, join(dir, name));
+    const all = readdirSync(dir)
+      .filter((file) => /^messages-.*\.db$/.test(file))
+      .sort();
+    for (const old of all.slice(0, Math.max(0, all.length - keep))) rmSync(join(dir, old), { force: true });
+    return join(dir, name);
   }
 
   /** Whether a write could start now, asked without waiting (so a held lock costs nothing). */
@@ -1539,133 +1360,152 @@ export class Store {
     }
   }
 
-  /** Runs `work` as one transaction: all of it is stored, or none. */
-  transaction<T>(work: () => T): T {
-    return this.db.transaction(work)();
-  }
+  // Chats and messages
 
-  // Outbox: every part the bot says, oldest first; unsent until its channel took it
-
-  addOutbound(channel: string, chatJid: string, text: string, messageId: string): void {
-    this.db
-      .query('INSERT INTO outbox (channel, chat_jid, text, created_at, message_id) VALUES (?, ?, ?, ?, ?)')
-      .run(channel, chatJid, text, new Date().toISOString(), messageId);
-  }
-
-  /** A file as one part of the chat's lane; `text` is what the history shows of it. Its bytes go once it is sent. */
-  addOutboundFile(channel: string, chatJid: string, file: OutboundFile, text: string, messageId: string): void {
-    const { data, ...meta } = file;
-    this.db
-      .query(
-        'INSERT INTO outbox (channel, chat_jid, text, created_at, message_id, file, file_meta) VALUES (?, ?, ?, ?, ?, ?, ?)',
-      )
-      .run(channel, chatJid, text, new Date().toISOString(), messageId, data, JSON.stringify(meta));
-  }
-
-  /** The oldest unsent part of each chat of a channel (each chat's lane is sent in order). */
-  unsentHeads(channel: string): OutboundMessage[] {
-    return this.db
-      .query<OutboundRow, [string]>(
-        `SELECT ${OUTBOUND_COLUMNS} FROM outbox o
-         JOIN (SELECT MIN(id) AS id FROM outbox WHERE channel = ? AND sent_at IS NULL GROUP BY chat_jid) head ON o.id = head.id
-         ORDER BY o.id`,
-      )
-      .all(channel)
-      .map(toOutbound);
-  }
-
-  markSent(id: number): void {
-    this.db.query('UPDATE outbox SET sent_at = ?, file = NULL WHERE id = ?').run(new Date().toISOString(), id);
-  }
-
-  /** A failed attempt; after too many, the part is given up (kept, with the error, so it shows). */
-  markSendFailed(id: number, error: string, giveUp: boolean): void {
-    this.db
-      .query(
-        'UPDATE outbox SET attempts = attempts + 1, error = ?, sent_at = CASE WHEN ? THEN ? ELSE sent_at END, file = CASE WHEN ? THEN NULL ELSE file END WHERE id = ?',
-      )
-      .run(error, giveUp ? 1 : 0, new Date().toISOString(), giveUp ? 1 : 0, id);
-  }
-
-  /** Every part still waiting for its channel, oldest first. */
-  unsent(channel: string): OutboundMessage[] {
-    return this.db
-      .query<OutboundRow, [string]>(
-        `SELECT ${OUTBOUND_COLUMNS} FROM outbox o WHERE channel = ? AND sent_at IS NULL ORDER BY id`,
-      )
-      .all(channel)
-      .map(toOutbound);
-  }
-
-  /** Marks every part still waiting for a channel as given up (kept, with why); returns how many. */
-  dropUnsent(channel: string, why: string): number {
-    return this.db
-      .query('UPDATE outbox SET sent_at = ?, error = ?, file = NULL WHERE channel = ? AND sent_at IS NULL')
-      .run(new Date().toISOString(), why, channel).changes;
-  }
-
-  countUnsent(channel: string): number {
-    return this.db
-      .query<{ n: number }, [string]>('SELECT COUNT(*) AS n FROM outbox WHERE channel = ? AND sent_at IS NULL')
-      .get(channel)!.n;
-  }
-
-  /** What the bot sent under a message id (to answer a recipient's request to send it again). */
-  outboundByMessageId(messageId: string): { chatJid: string; text: string; sentContent: Uint8Array | null } | null {
-    const row = this.db.query('SELECT chat_jid, text, sent_content FROM outbox WHERE message_id = ?').get(messageId);
-    return row ? camel(row) : null;
-  }
-
-  /** The platform's own encoding of what was sent under a message id. */
-  recordSentContent(messageId: string, content: Uint8Array): void {
-    this.db.query('UPDATE outbox SET sent_content = ? WHERE message_id = ?').run(content, messageId);
-  }
-
-  /** Sent parts older than `before` are no longer needed. */
-  pruneOutbox(before: string): number {
-    return this.db.query('DELETE FROM outbox WHERE sent_at IS NOT NULL AND sent_at < ?').run(before).changes;
-  }
-
-  // What was done for IPC requests, and which task runs started
-
-  isIpcDone(claimId: string): boolean {
-    return this.db.query('SELECT 1 FROM ipc_done WHERE claim_id = ?').get(claimId) !== null;
-  }
-
-  markIpcDone(claimId: string): void {
-    this.db
-      .query('INSERT OR IGNORE INTO ipc_done (claim_id, done_at) VALUES (?, ?)')
-      .run(claimId, new Date().toISOString());
-  }
-
-  pruneIpcDone(before: string): void {
-    this.db.query('DELETE FROM ipc_done WHERE done_at < ?').run(before);
-  }
-
-  /** Records that a task's run is owed (it is due); false when a run of it is already claimed. */
-  claimTask(taskId: string, dueAt: string | null, attempt = 1): boolean {
-    return (
-      this.db
-        .query('INSERT OR IGNORE INTO task_claims (task_id, due_at, claimed_at, attempt) VALUES (?, ?, ?, ?)')
-        .run(taskId, dueAt, new Date().toISOString(), attempt).changes > 0
+  upsertChat(chat: { jid: string; name?: string | null; channel: string; isGroup: boolean; lastMessageAt?: string }) {
+    this.run(
+      `INSERT INTO chats (jid, name, channel, is_group, last_message_at)
+       VALUES ($jid, $name, $channel, $isGroup, $lastMessageAt)
+       ON CONFLICT (jid) DO UPDATE SET
+         name = COALESCE(excluded.name, chats.name), channel = excluded.channel, is_group = excluded.is_group,
+         last_message_at = MAX(COALESCE(chats.last_message_at, ''), COALESCE(excluded.last_message_at, ''))`,
+      { name: null, lastMessageAt: null, ...chat },
     );
   }
 
+  listChats = () =>
+    this.all<ChatInfo>(
+      `SELECT jid, name, channel, is_group, NULLIF(last_message_at, '') AS last_message_at
+       FROM chats ORDER BY last_message_at DESC`,
+    );
+
+  /** Stores a message once; returns its seq, or null when (chat, id) was already stored. */
+  storeMessage(message: NewMessage): number | null {
+    const columns = 'id chat_jid sender sender_name content timestamp is_from_me is_bot_message';
+    const result = this.insert('messages', columns, message, 'INSERT OR IGNORE');
+    return result.changes > 0 ? Number(result.lastInsertRowid) : null;
+  }
+
+  messageById = (chatJid: string, id: string) =>
+    this.one<StoredMessage>('SELECT * FROM messages WHERE chat_jid = ? AND id = ?', chatJid, id);
+  setMessageContent = (seq: number, content: string) =>
+    this.run('UPDATE messages SET content = ? WHERE seq = ?', content, seq);
+
+  /** Stores a message again as its chat's newest (a new seq), with new content; returns the seq. */
+  storeAsNewest(message: StoredMessage, content: string): number {
+    return this.transaction(() => {
+      this.run('DELETE FROM messages WHERE seq = ?', message.seq);
+      const { seq: _old, ...rest } = message;
+      return this.storeMessage({ ...rest, content })!;
+    });
+  }
+
+  /** Messages from people (not the bot) after `afterSeq`, oldest first. */
+  messagesSince(chatJid: string, afterSeq: number, limit = 500): StoredMessage[] {
+    return this.all(
+      `SELECT * FROM (
+         SELECT * FROM messages WHERE chat_jid = $chatJid AND seq > $afterSeq AND is_bot_message = 0
+         ORDER BY seq DESC LIMIT $limit
+       ) ORDER BY seq`,
+      { chatJid, afterSeq, limit },
+    );
+  }
+
+  /** The router's position in a chat: every message up to this seq has been answered. */
+  getCursor = (chatJid: string) => Number(this.getState(cursorKey(chatJid)) ?? 0);
+  setCursor = (chatJid: string, seq: number) => this.setState(cursorKey(chatJid), String(seq));
+  getState = (key: string) =>
+    this.one<{ value: string }>('SELECT value FROM router_state WHERE key = ?', key)?.value ?? null;
+  setState = (key: string, value: string) => this.insert('router_state', 'key value', { key, value }, 'REPLACE');
+
+  /** Latest stored seq of a chat (0 when empty); new groups start their cursor here. */
+  latestSeq = (chatJid: string) =>
+    this.one<{ seq: number | null }>('SELECT MAX(seq) AS seq FROM messages WHERE chat_jid = ?', chatJid)?.seq ?? 0;
+
+  // Outbox: every part the bot says, oldest first; unsent until its channel took it
+
+  addOutbound(channel: string, chatJid: string, text: string, messageId: string) {
+    const row = { channel, chatJid, text, createdAt: now(), messageId };
+    this.insert('outbox', 'channel chat_jid text created_at message_id', row);
+  }
+
+  /** A file as one part of the chat's lane; `text` is what the history shows of it. Its bytes go once it is sent. */
+  addOutboundFile(channel: string, chatJid: string, file: OutboundFile, text: string, messageId: string) {
+    const { data, ...meta } = file;
+    const row = { channel, chatJid, text, createdAt: now(), messageId, file: data, fileMeta: JSON.stringify(meta) };
+    this.insert('outbox', 'channel chat_jid text created_at message_id file file_meta', row);
+  }
+
+  /** The oldest unsent part of each chat of a channel (each chat's lane is sent in order). */
+  unsentHeads = (channel: string) =>
+    this.all<OutboundRow>(
+      `SELECT ${OUTBOUND_COLUMNS} FROM outbox o
+       JOIN (SELECT MIN(id) AS id FROM outbox WHERE channel = ? AND sent_at IS NULL GROUP BY chat_jid) head ON o.id = head.id
+       ORDER BY o.id`,
+      channel,
+    ).map(toOutbound);
+
+  /** Every part still waiting for its channel, oldest first. */
+  unsent = (channel: string) =>
+    this.all<OutboundRow>(
+      `SELECT ${OUTBOUND_COLUMNS} FROM outbox o WHERE channel = ? AND sent_at IS NULL ORDER BY id`,
+      channel,
+    ).map(toOutbound);
+
+  markSent = (id: number) => this.run('UPDATE outbox SET sent_at = ?, file = NULL WHERE id = ?', now(), id);
+
+  /** A failed attempt; after too many, the part is given up (kept, with the error, so it shows). */
+  markSendFailed = (id: number, error: string, giveUp: boolean) =>
+    this.run(
+      `UPDATE outbox SET attempts = attempts + 1, error = $error, sent_at = CASE WHEN $giveUp THEN $at ELSE sent_at END,
+         file = CASE WHEN $giveUp THEN NULL ELSE file END WHERE id = $id`,
+      { error, giveUp, at: now(), id },
+    );
+
+  /** Marks every part still waiting for a channel as given up (kept, with why); returns how many. */
+  dropUnsent = (channel: string, why: string) =>
+    this.run(
+      'UPDATE outbox SET sent_at = ?, error = ?, file = NULL WHERE channel = ? AND sent_at IS NULL',
+      now(),
+      why,
+      channel,
+    );
+
+  /** What the bot sent under a message id (to answer a recipient's request to send it again). */
+  outboundByMessageId = (messageId: string) =>
+    this.one<{ chatJid: string; text: string; sentContent: Uint8Array | null }>(
+      'SELECT chat_jid, text, sent_content FROM outbox WHERE message_id = ?',
+      messageId,
+    );
+
+  /** The platform's own encoding of what was sent under a message id. */
+  recordSentContent = (messageId: string, content: Uint8Array) =>
+    this.run('UPDATE outbox SET sent_content = ? WHERE message_id = ?', content, messageId);
+
+  /** Sent parts older than `before` are no longer needed. */
+  pruneOutbox = (before: string) => this.run('DELETE FROM outbox WHERE sent_at IS NOT NULL AND sent_at < ?', before);
+
+  // What was done for IPC requests, and which task runs started
+
+  isIpcDone = (claimId: string) => this.one('SELECT 1 FROM ipc_done WHERE claim_id = ?', claimId) !== null;
+  markIpcDone = (claimId: string) =>
+    this.insert('ipc_done', 'claim_id done_at', { claimId, doneAt: now() }, 'INSERT OR IGNORE');
+  pruneIpcDone = (before: string) => this.run('DELETE FROM ipc_done WHERE done_at < ?', before);
+
+  /** Records that a task's run is owed (it is due); false when a run of it is already claimed. */
+  claimTask(taskId: string, dueAt: string | null, attempt = 1): boolean {
+    const claim = { taskId, dueAt, claimedAt: now(), attempt };
+    return this.insert('task_claims', 'task_id due_at claimed_at attempt', claim, 'INSERT OR IGNORE').changes > 0;
+  }
+
   /** The claimed run has really started (its container is about to run). */
-  markTaskStarted(taskId: string): void {
-    this.db.query('UPDATE task_claims SET started_at = ? WHERE task_id = ?').run(new Date().toISOString(), taskId);
-  }
-
-  taskClaims(): { taskId: string; dueAt: string | null; startedAt: string | null; attempt: number }[] {
-    return this.db
-      .query('SELECT task_id, due_at, started_at, attempt FROM task_claims ORDER BY claimed_at')
-      .all()
-      .map(camel<{ taskId: string; dueAt: string | null; startedAt: string | null; attempt: number }>);
-  }
-
-  releaseTask(taskId: string): void {
-    this.db.query('DELETE FROM task_claims WHERE task_id = ?').run(taskId);
-  }
+  markTaskStarted = (taskId: string) =>
+    this.run('UPDATE task_claims SET started_at = ? WHERE task_id = ?', now(), taskId);
+  taskClaims = () =>
+    this.all<{ taskId: string; dueAt: string | null; startedAt: string | null; attempt: number }>(
+      'SELECT task_id, due_at, started_at, attempt FROM task_claims ORDER BY claimed_at',
+    );
+  releaseTask = (taskId: string) => this.run('DELETE FROM task_claims WHERE task_id = ?', taskId);
 
   // Model usage, counted by the proxy
 
@@ -1673,144 +1513,91 @@ export class Store {
     day: string,
     groupFolder: string,
     entry: { ok: boolean; promptTokens: number; completionTokens: number },
-  ): void {
-    this.db
-      .query(
-        `INSERT INTO model_usage (day, group_folder, requests, failed, prompt_tokens, completion_tokens) VALUES ($day, $folder, 1, $failed, $prompt, $completion)
-         ON CONFLICT (day, group_folder) DO UPDATE SET
-           requests = requests + 1, failed = failed + excluded.failed,
-           prompt_tokens = prompt_tokens + excluded.prompt_tokens, completion_tokens = completion_tokens + excluded.completion_tokens`,
-      )
-      .run({
-        day,
-        folder: groupFolder,
-        failed: entry.ok ? 0 : 1,
-        prompt: entry.promptTokens,
-        completion: entry.completionTokens,
-      });
+  ) {
+    this.run(
+      `INSERT INTO model_usage (day, group_folder, requests, failed, prompt_tokens, completion_tokens) VALUES ($day, $groupFolder, 1, $failed, $promptTokens, $completionTokens)
+       ON CONFLICT (day, group_folder) DO UPDATE SET
+         requests = requests + 1, failed = failed + excluded.failed,
+         prompt_tokens = prompt_tokens + excluded.prompt_tokens, completion_tokens = completion_tokens + excluded.completion_tokens`,
+      { ...entry, day, groupFolder, failed: !entry.ok },
+    );
   }
 
-  modelUsage(sinceDay: string, groupFolder?: string): UsageRow[] {
-    return this.db
-      .query<object, { since: string; folder: string | null }>(
-        'SELECT * FROM model_usage WHERE day >= $since AND ($folder IS NULL OR group_folder = $folder) ORDER BY day, group_folder',
-      )
-      .all({ since: sinceDay, folder: groupFolder ?? null })
-      .map(camel<UsageRow>);
-  }
+  modelUsage = (sinceDay: string, groupFolder?: string) =>
+    this.all<UsageRow>(
+      'SELECT * FROM model_usage WHERE day >= $since AND ($folder IS NULL OR group_folder = $folder) ORDER BY day, group_folder',
+      { since: sinceDay, folder: groupFolder ?? null },
+    );
 
-  // Registered groups
+  // Registered groups (addGroup is the one way in)
 
+  /** Stores a checked group, its cursor at the chat's newest message: what came before is not for it. */
   insertGroup(group: RegisteredGroup): void {
-    this.db
-      .query(
-        `INSERT INTO registered_groups (jid, name, folder, trigger_word, requires_trigger, is_main, container_config, allowed_senders, added_at)
-         VALUES ($jid, $name, $folder, $trigger, $requiresTrigger, $isMain, $containerConfig, $allow, $addedAt)`,
-      )
-      .run({
-        jid: group.jid,
-        name: group.name,
-        folder: group.folder,
-        trigger: group.trigger,
-        requiresTrigger: group.requiresTrigger ? 1 : 0,
-        isMain: group.isMain ? 1 : 0,
-        containerConfig: group.containerConfig ? JSON.stringify(group.containerConfig) : null,
-        allow: JSON.stringify(group.allow),
-        addedAt: group.addedAt,
-      });
+    this.transaction(() => {
+      const columns = 'jid name folder trigger_word requires_trigger is_main container_config allowed_senders added_at';
+      const containerConfig = JSON.stringify(group.containerConfig) ?? null;
+      this.insert('registered_groups', columns, { ...group, containerConfig, allow: JSON.stringify(group.allow) });
+      this.setCursor(group.jid, this.latestSeq(group.jid));
+    });
   }
 
   /** Moves a group to another chat id (the terminal's main group once WhatsApp gives it the self-chat). */
   changeGroupJid(oldJid: string, newJid: string): void {
     this.taskWrites++;
-    this.db.transaction(() => {
-      this.db.query('UPDATE registered_groups SET jid = ? WHERE jid = ?').run(newJid, oldJid);
-      this.db.query('UPDATE scheduled_tasks SET chat_jid = ? WHERE chat_jid = ?').run(newJid, oldJid);
+    this.transaction(() => {
+      this.run('UPDATE registered_groups SET jid = ? WHERE jid = ?', newJid, oldJid);
+      this.run('UPDATE scheduled_tasks SET chat_jid = ? WHERE chat_jid = ?', newJid, oldJid);
       this.setCursor(newJid, this.latestSeq(newJid));
-    })();
+    });
   }
 
   /** Unregisters a chat; its active tasks are paused with `pausedReason` (they would run for nobody). */
   removeGroup(jid: string, pausedReason = removedGroupReason(new Date())): boolean {
     this.taskWrites++;
-    return this.db.transaction(() => {
+    return this.transaction(() => {
       const folder = this.groupByJid(jid)?.folder;
       if (!folder) return false;
-      this.db
-        .query(
-          "UPDATE scheduled_tasks SET status = 'paused', paused_reason = ? WHERE group_folder = ? AND status = 'active'",
-        )
-        .run(pausedReason, folder);
-      return this.db.query('DELETE FROM registered_groups WHERE jid = ?').run(jid).changes > 0;
-    })();
+      this.run(
+        "UPDATE scheduled_tasks SET status = 'paused', paused_reason = ? WHERE group_folder = ? AND status = 'active'",
+        pausedReason,
+        folder,
+      );
+      return this.run('DELETE FROM registered_groups WHERE jid = ?', jid) > 0;
+    });
   }
 
   /**
    * Each group with its cursor and the seq of its newest message from a person (0 when
    * none), from indexes alone: which groups have unanswered messages, and how far.
    */
-  groupsWithProgress(): { group: RegisteredGroup; cursor: number; newest: number }[] {
-    return this.db
-      .query<GroupRow & { cursor: number; newest: number }, [string]>(
-        `SELECT g.*,
-           COALESCE((SELECT CAST(value AS INTEGER) FROM router_state WHERE key = ? || g.jid), 0) AS cursor,
-           COALESCE((SELECT seq FROM messages WHERE chat_jid = g.jid AND is_bot_message = 0 ORDER BY seq DESC LIMIT 1), 0) AS newest
-         FROM registered_groups g ORDER BY is_main DESC, added_at`,
-      )
-      .all(cursorKey(''))
-      .map((row) => ({ group: toGroup(row), cursor: row.cursor, newest: row.newest }));
-  }
+  groupsWithProgress = () =>
+    this.all<RegisteredGroup & { cursor: number; newest: number }>(
+      `SELECT g.*,
+         COALESCE((SELECT CAST(value AS INTEGER) FROM router_state WHERE key = ? || g.jid), 0) AS cursor,
+         COALESCE((SELECT seq FROM messages WHERE chat_jid = g.jid AND is_bot_message = 0 ORDER BY seq DESC LIMIT 1), 0) AS newest
+       FROM registered_groups g ORDER BY is_main DESC, added_at`,
+      cursorKey(''),
+    ).map(({ cursor, newest, ...group }) => ({ group, cursor, newest }));
 
-  listGroups(): RegisteredGroup[] {
-    return this.db
-      .query<GroupRow, []>('SELECT * FROM registered_groups ORDER BY is_main DESC, added_at')
-      .all()
-      .map(toGroup);
-  }
-
-  groupByJid(jid: string): RegisteredGroup | null {
-    const row = this.db.query<GroupRow, [string]>('SELECT * FROM registered_groups WHERE jid = ?').get(jid);
-    return row ? toGroup(row) : null;
-  }
-
-  groupByFolder(folder: string): RegisteredGroup | null {
-    const row = this.db.query<GroupRow, [string]>('SELECT * FROM registered_groups WHERE folder = ?').get(folder);
-    return row ? toGroup(row) : null;
-  }
-
-  mainGroup(): RegisteredGroup | null {
-    const row = this.db.query<GroupRow, []>('SELECT * FROM registered_groups WHERE is_main = 1').get();
-    return row ? toGroup(row) : null;
-  }
+  listGroups = () => this.all<RegisteredGroup>('SELECT * FROM registered_groups ORDER BY is_main DESC, added_at');
+  groupByJid = (jid: string) => this.one<RegisteredGroup>('SELECT * FROM registered_groups WHERE jid = ?', jid);
+  groupByFolder = (folder: string) =>
+    this.one<RegisteredGroup>('SELECT * FROM registered_groups WHERE folder = ?', folder);
+  mainGroup = () => this.one<RegisteredGroup>('SELECT * FROM registered_groups WHERE is_main = 1');
 
   // Sessions (the guide deletes rows by group_folder by hand: keep that column name)
 
-  getSession(folder: string): string | null {
-    return (
-      this.db
-        .query<{ session_id: string }, [string]>('SELECT session_id FROM sessions WHERE group_folder = ?')
-        .get(folder)?.session_id ?? null
+  getSession = (folder: string) =>
+    this.one<{ id: string }>('SELECT session_id AS id FROM sessions WHERE group_folder = ?', folder)?.id ?? null;
+  setSession(groupFolder: string, sessionId: string) {
+    const row = { groupFolder, sessionId, updatedAt: now() };
+    this.insert('sessions', 'group_folder session_id updated_at', row, 'REPLACE');
+  }
+  deleteSession = (folder: string) => this.run('DELETE FROM sessions WHERE group_folder = ?', folder) > 0;
+  listSessions = () =>
+    this.all<{ groupFolder: string; sessionId: string; updatedAt: string }>(
+      'SELECT * FROM sessions ORDER BY group_folder',
     );
-  }
-
-  setSession(folder: string, sessionId: string): void {
-    this.db
-      .query(
-        'INSERT INTO sessions (group_folder, session_id, updated_at) VALUES (?, ?, ?) ON CONFLICT (group_folder) DO UPDATE SET session_id = excluded.session_id, updated_at = excluded.updated_at',
-      )
-      .run(folder, sessionId, new Date().toISOString());
-  }
-
-  deleteSession(folder: string): boolean {
-    return this.db.query('DELETE FROM sessions WHERE group_folder = ?').run(folder).changes > 0;
-  }
-
-  listSessions(): { groupFolder: string; sessionId: string; updatedAt: string }[] {
-    return this.db
-      .query('SELECT * FROM sessions ORDER BY group_folder')
-      .all()
-      .map(camel<{ groupFolder: string; sessionId: string; updatedAt: string }>);
-  }
 
   // Scheduled tasks
 
@@ -1818,25 +1605,16 @@ export class Store {
    * Changes with every write to tasks or their runs (this connection's count, and SQLite's
    * data_version, which moves when another process commits): snapshots are rebuilt only then.
    */
-  tasksVersion(): string {
-    const { data_version } = this.db.query<{ data_version: number }, []>('PRAGMA data_version').get()!;
-    return `${this.taskWrites}:${data_version}`;
-  }
+  tasksVersion = () => `${this.taskWrites}:${this.one<{ dataVersion: number }>('PRAGMA data_version')!.dataVersion}`;
 
   createTask(task: ScheduledTask): void {
     this.taskWrites++;
-    this.db
-      .query(
-        `INSERT INTO scheduled_tasks (id, group_folder, chat_jid, prompt, schedule_type, schedule_value, context_mode, next_run, last_run, last_result, status, created_at)
-         VALUES ($id, $groupFolder, $chatJid, $prompt, $scheduleType, $scheduleValue, $contextMode, $nextRun, $lastRun, $lastResult, $status, $createdAt)`,
-      )
-      .run({ ...task });
+    const columns =
+      'id group_folder chat_jid prompt schedule_type schedule_value context_mode next_run last_run last_result status created_at';
+    this.insert('scheduled_tasks', columns, task);
   }
 
-  getTask(id: string): ScheduledTask | null {
-    const row = this.db.query<object, [string]>('SELECT * FROM scheduled_tasks WHERE id = ?').get(id);
-    return row ? camel<ScheduledTask>(row) : null;
-  }
+  getTask = (id: string) => this.one<ScheduledTask>('SELECT * FROM scheduled_tasks WHERE id = ?', id);
 
   /**
    * A group's tasks (every group's when no folder), oldest first. Beyond `limit` the active and
@@ -1849,12 +1627,11 @@ export class Store {
     const kept = groupFolder
       ? "SELECT rowid FROM scheduled_tasks WHERE group_folder = ?1 ORDER BY status = 'completed', status, next_run, rowid DESC LIMIT ?2"
       : `${byStatus("'active', 'paused'", 'status, next_run')} UNION ALL ${byStatus("'completed'", 'next_run DESC, rowid DESC')} LIMIT ?2`;
-    return this.db
-      .query<object, [string | null, number]>(
-        `SELECT * FROM scheduled_tasks WHERE rowid IN (${kept}) ORDER BY created_at`,
-      )
-      .all(groupFolder ?? null, limit)
-      .map(camel<ScheduledTask>);
+    return this.all(
+      `SELECT * FROM scheduled_tasks WHERE rowid IN (${kept}) ORDER BY created_at`,
+      groupFolder ?? null,
+      limit,
+    );
   }
 
   updateTask(id: string, patch: Partial<Omit<ScheduledTask, 'id' | 'createdAt'>>): boolean {
@@ -1862,76 +1639,180 @@ export class Store {
       ([key, value]) => PATCHABLE_TASK_FIELD.test(key) && value !== undefined,
     );
     if (entries.length === 0) return false;
-    const assignments = entries
-      .map(([key]) => `${key.replace(/[A-Z]/g, (c) => `_${c.toLowerCase()}`)} = $${key}`)
-      .join(', ');
+    const assignments = entries.map(([key]) => `${key.replace(/[A-Z]/g, (c) => `_${c.toLowerCase()}`)} = $${key}`);
     this.taskWrites++;
     const values = Object.fromEntries(entries) as Record<string, string | null>;
-    return this.db.query(`UPDATE scheduled_tasks SET ${assignments} WHERE id = $id`).run({ ...values, id }).changes > 0;
+    return this.run(`UPDATE scheduled_tasks SET ${assignments.join(', ')} WHERE id = $id`, { ...values, id }) > 0;
   }
 
   deleteTask(id: string): boolean {
     this.taskWrites++;
-    return this.db.query('DELETE FROM scheduled_tasks WHERE id = ?').run(id).changes > 0;
+    return this.run('DELETE FROM scheduled_tasks WHERE id = ?', id) > 0;
   }
 
   /**
    * Active tasks with a next run by `dueBy` (default: any), soonest first, from the tasks_due
    * index: next_run is always a toISOString() time, so its text order is time order.
    */
-  upcomingTasks(limit = -1, dueBy = '~'): ScheduledTask[] {
-    return this.db
-      .query<object, [string, number]>(
-        "SELECT * FROM scheduled_tasks WHERE status = 'active' AND next_run <= ? ORDER BY next_run LIMIT ?",
-      )
-      .all(dueBy, limit)
-      .map(camel<ScheduledTask>);
-  }
+  upcomingTasks = (limit = -1, dueBy = '~') =>
+    this.all<ScheduledTask>(
+      "SELECT * FROM scheduled_tasks WHERE status = 'active' AND next_run <= ? ORDER BY next_run LIMIT ?",
+      dueBy,
+      limit,
+    );
 
   logTaskRun(run: TaskRunLog): void {
     this.taskWrites++;
-    this.db
-      .query(
-        'INSERT INTO task_run_logs (task_id, run_at, duration_ms, status, result, error) VALUES ($taskId, $runAt, $durationMs, $status, $result, $error)',
-      )
-      .run({ ...run });
+    this.insert('task_run_logs', 'task_id run_at duration_ms status result error', run);
   }
 
   /** The newest `limit` runs of each task named (in one statement however many), newest first. */
-  taskRuns(taskIds: string | readonly string[], limit = 10): TaskRunLog[] {
-    return this.db
-      .query<object, [string, number]>(
-        `SELECT r.task_id, r.run_at, r.duration_ms, r.status, r.result, r.error FROM json_each(?1) AS t JOIN task_run_logs r ON r.rowid IN
-           (SELECT rowid FROM task_run_logs WHERE task_id = t.value ORDER BY run_at DESC LIMIT ?2)
-         ORDER BY t.key, r.run_at DESC`,
-      )
-      .all(JSON.stringify([taskIds].flat()), limit)
-      .map(camel<TaskRunLog>);
-  }
+  taskRuns = (taskIds: string | readonly string[], limit = 10) =>
+    this.all<TaskRunLog>(
+      `SELECT r.task_id, r.run_at, r.duration_ms, r.status, r.result, r.error FROM json_each(?1) AS t JOIN task_run_logs r ON r.rowid IN
+         (SELECT rowid FROM task_run_logs WHERE task_id = t.value ORDER BY run_at DESC LIMIT ?2)
+       ORDER BY t.key, r.run_at DESC`,
+      JSON.stringify([taskIds].flat()),
+      limit,
+    );
 }
 
-// ───────────────────────────── 5. Router: what wakes the agent, what it sees, what goes back
+// The one way to add a group, and the rules it checks
 
-export function escapeXml(text: string): string {
-  return text.replace(/&/g, '&amp;').replace(/</g, '&lt;').replace(/>/g, '&gt;').replace(/"/g, '&quot;');
-}
-
-function escapeRegExp(text: string): string {
-  return text.replace(/[.*+?^${}()|[\]\\]/g, '\\$&');
-}
-
-/** A group's trigger (`@Andy`) anywhere in a message, any case, as a whole word (not inside an address like a@Andy). */
-export function triggerPattern(trigger: string): RegExp {
-  return new RegExp(`(?<![\\p{L}\\p{N}_@])@${escapeRegExp(trigger.replace(/^@/, ''))}(?![\\p{L}\\p{N}_])`, 'iu');
-}
+/** A group that cannot be added as asked; the message says why. */
+class GroupError extends Error {}
 
 /** What `groups register --trigger` and register_group take: @ and one word. */
 export function isValidTrigger(trigger: string): boolean {
   return /^@[\p{L}\p{N}_][\p{L}\p{N}_-]{0,39}$/u.test(trigger);
 }
 
+/** A WhatsApp person (phone number or LID), as `--allow` and register_group's `allow` take them. */
+function isValidSenderJid(jid: string): boolean {
+  return /^\d{5,20}@s\.whatsapp\.net$|^\d{5,20}@lid$/.test(jid);
+}
+
+/**
+ * Why an id cannot name a chat to register, or null. A LID is WhatsApp's hidden id of a
+ * person; NanoClaw files every chat under its phone number or group id (canonicalJid), so
+ * a chat registered by LID would never hear a message.
+ */
+function lidChatProblem(jid: string): string | null {
+  return jid.endsWith('@lid')
+    ? `"${jid}" is a LID (WhatsApp's hidden id of a person), not a chat id: use the person's <phone digits>@s.whatsapp.net or a group's <digits>@g.us (bun nanoclaw.ts groups discover lists them)`
+    : null;
+}
+
+/** Where a group's things live on the host. The three roots are what its agent can write. */
+function groupPaths(config: Config, folder: string) {
+  return {
+    group: join(config.groupsDir, folder),
+    ipc: join(config.ipcDir, folder),
+    kimiHome: join(config.sessionsDir, folder, '.kimi'),
+  };
+}
+
+/** The image's user (node). */
+const CONTAINER_UID = 1000;
+
+/**
+ * Who owns what the host creates in agent trees: the container's user when the host runs
+ * as root (so the agent can write there), nobody special otherwise (the container then runs
+ * as the host's own user, see containerUserArgs).
+ */
+function containerOwner(uid = process.getuid?.() ?? CONTAINER_UID): { uid: number; gid: number } | null {
+  return uid === 0 ? { uid: CONTAINER_UID, gid: CONTAINER_UID } : null;
+}
+
+/** A group's agent-writable trees; the host touches them only through these. */
+export function groupTrees(config: Config, folder: string) {
+  const paths = groupPaths(config, folder);
+  const owner = containerOwner();
+  return {
+    group: new AgentTree(paths.group, owner),
+    ipc: new AgentTree(paths.ipc, owner),
+    kimi: new AgentTree(paths.kimiHome, owner),
+  };
+}
+
+/** Names NanoClaw uses itself inside groups/ or data/ipc/: no group may take them. */
+const RESERVED_FOLDERS = ['global', 'errors', 'claimed'] as const;
+
+/** Folder names become paths and container names: keep them boring, and clear of NanoClaw's own. */
+export function isValidFolder(folder: string): boolean {
+  return /^[a-z0-9][a-z0-9_-]{0,63}$/.test(folder) && !(RESERVED_FOLDERS as readonly string[]).includes(folder);
+}
+
+/** The one way to add a group: checks it, creates its folder (with a starter CLAUDE.md), starts its cursor at now. */
+export function addGroup(
+  config: Config,
+  store: Store,
+  request: Pick<RegisteredGroup, 'jid' | 'name' | 'folder'> &
+    Partial<Pick<RegisteredGroup, 'trigger' | 'requiresTrigger' | 'isMain' | 'containerConfig' | 'allow'>>,
+): RegisteredGroup {
+  const lid = lidChatProblem(request.jid);
+  if (lid) throw new GroupError(lid);
+  const badSender = request.allow?.find((jid) => !isValidSenderJid(jid));
+  if (badSender !== undefined)
+    throw new GroupError(
+      `allow: "${badSender}" is not a WhatsApp sender id (<phone digits>@s.whatsapp.net or <digits>@lid)`,
+    );
+  if (request.trigger !== undefined && !isValidTrigger(request.trigger))
+    throw new GroupError(`trigger "${request.trigger}" must be @ and one word, e.g. @${config.assistantName}`);
+  if (!isValidFolder(request.folder)) {
+    throw new GroupError(
+      `folder "${request.folder}" must be lowercase letters, digits, - or _ (at most 64), and not one of NanoClaw's own: ${RESERVED_FOLDERS.join(', ')}`,
+    );
+  }
+  if (store.groupByJid(request.jid)) throw new GroupError(`${request.jid} is already registered`);
+  if (store.groupByFolder(request.folder))
+    throw new GroupError(`folder "${request.folder}" is already used by another group`);
+  if (request.isMain && store.mainGroup()) throw new GroupError('there is already a main group');
+  const group: RegisteredGroup = {
+    ...request,
+    trigger: request.trigger ?? `@${config.assistantName}`,
+    requiresTrigger: request.requiresTrigger ?? !request.isMain,
+    isMain: request.isMain ?? false,
+    allow: [...new Set(request.allow ?? [])],
+    addedAt: now(),
+  };
+  const { group: tree } = groupTrees(config, group.folder);
+  try {
+    tree.create(
+      'CLAUDE.md',
+      `# ${group.name}\n\nMemory for this group. The assistant reads this file before every conversation.\n`,
+    );
+  } catch (err) {
+    if (errorCode(err) !== 'EEXIST') throw err; // a memory that is already there stays as it is
+  }
+  store.insertGroup(group);
+  log.info({ group: group.folder, jid: group.jid, isMain: group.isMain }, 'Group registered');
+  return group;
+}
+
+// ───────────────────────────── 5. Router: what wakes the agent, what it sees, what goes back
+
+const escapeXml = (text: string) =>
+  text.replace(/&/g, '&amp;').replace(/</g, '&lt;').replace(/>/g, '&gt;').replace(/"/g, '&quot;');
+
+const escapeRegExp = (text: string) => text.replace(/[.*+?^${}()|[\]\\]/g, '\\$&');
+
+const triggerPatterns = new Map<string, RegExp>();
+
+/**
+ * A group's trigger (`@Andy`) anywhere in a message, any case, as a whole word (not inside an address like
+ * a@Andy). Built once per trigger: every inbound message of a trigger group is checked against it.
+ */
+export function triggerPattern(trigger: string): RegExp {
+  const pattern =
+    triggerPatterns.get(trigger) ??
+    new RegExp(`(?<![\\p{L}\\p{N}_@])@${escapeRegExp(trigger.replace(/^@/, ''))}(?![\\p{L}\\p{N}_])`, 'iu');
+  triggerPatterns.set(trigger, pattern);
+  return pattern;
+}
+
 /** The channel's note before a reply to one of the bot's own messages (it knows them by id). */
-export const REPLY_TO_BOT_NOTE = '[replying to you: "';
+const REPLY_TO_BOT_NOTE = '[replying to you: "';
 
 /** The notes the channel puts before what a person typed: a quoted reply's, then a media file's. */
 const CHANNEL_NOTES =
@@ -1943,34 +1824,17 @@ export function typedText(content: string): string {
 }
 
 /** What the agent sees of a message its sender deleted for everyone. */
-export const DELETED_MESSAGE = '[deleted]';
+const DELETED_MESSAGE = '[deleted]';
 
 /** A message's new words after an edit, behind the notes the channel put before the old ones. */
-export function withEditedWords(stored: string, edited: string): string {
+function withEditedWords(stored: string, edited: string): string {
   const [, reply = '', media = ''] = CHANNEL_NOTES.exec(stored)!;
   return `${reply}${media ? `${media.trim()} ` : ''}${edited}`.trimEnd();
 }
 
-/** Each trigger's pattern, built once: every inbound message of a trigger group is checked against it. */
-const triggerPatterns = new Map<string, RegExp>();
-function cachedTriggerPattern(trigger: string): RegExp {
-  let pattern = triggerPatterns.get(trigger);
-  if (!pattern) {
-    pattern = triggerPattern(trigger);
-    triggerPatterns.set(trigger, pattern);
-  }
-  return pattern;
-}
-
-/** A WhatsApp person (phone number or LID), as `--allow` and register_group's `allow` take them. */
-export function isValidSenderJid(jid: string): boolean {
-  return /^\d{5,20}@s\.whatsapp\.net$|^\d{5,20}@lid$/.test(jid);
-}
-
 /**
- * The owner (the user's own messages) always; others when the group's list names them, or
- * when it is empty outside main. A main that is a direct chat (the assistant with its own
- * number: the owner writes to it) has only its owner on the other side.
+ * The owner (the user's own messages) always; others when the group's list names them, or when it is empty
+ * outside main. A main that is a direct chat (the assistant with its own number) has only its owner on the other side.
  */
 export function mayWake(group: RegisteredGroup, message: StoredMessage): boolean {
   if (message.isFromMe) return true;
@@ -1978,32 +1842,27 @@ export function mayWake(group: RegisteredGroup, message: StoredMessage): boolean
   return !group.isMain || !group.jid.endsWith('@g.us');
 }
 
-/**
- * Whether someone typing is reason to start a group's container before the message: in
- * main, and where the typist drives the agent (named by the group's allow list, or anyone
- * in a group that needs no trigger). Elsewhere typing says nothing of the trigger.
- */
-export function typingMayWake(group: RegisteredGroup, typist: string | undefined): boolean {
+/** Whether typing may start the agent's container early: in main, by an allowed sender, or with no trigger needed. */
+function typingMayWake(group: RegisteredGroup, typist: string | undefined): boolean {
   if (group.isMain) return true;
   if (group.allow.length > 0) return typist !== undefined && group.allow.includes(typist);
   return !group.requiresTrigger;
 }
 
 /** Who may wake a group's agent, in words (groups list, register_group's answer). */
-export function allowedText(group: RegisteredGroup): string {
+function allowedText(group: RegisteredGroup): string {
   if (group.allow.length === 0) return group.isMain ? 'only the owner' : 'everyone in the chat';
   return `the owner and ${group.allow.join(', ')}`;
 }
 
 /** Whether a message calls the agent: the group's trigger anywhere in what was typed, or a reply to the bot. */
-export function callsAgent(group: RegisteredGroup, content: string): boolean {
-  return content.startsWith(REPLY_TO_BOT_NOTE) || cachedTriggerPattern(group.trigger).test(typedText(content));
+function callsAgent(group: RegisteredGroup, content: string): boolean {
+  return content.startsWith(REPLY_TO_BOT_NOTE) || triggerPattern(group.trigger).test(typedText(content));
 }
 
 /**
- * Main and trigger-free groups answer everything; the others only when someone says the
- * group's trigger or replies to the bot. Only senders the group allows wake it; the
- * others' messages are context.
+ * Main and trigger-free groups answer everything; the others only when someone says the group's trigger
+ * or replies to the bot. Only senders the group allows wake it; the others' messages are context.
  */
 export function needsAgent(group: RegisteredGroup, messages: readonly StoredMessage[]): boolean {
   const waking = messages.filter((message) => mayWake(group, message));
@@ -2014,23 +1873,11 @@ export function needsAgent(group: RegisteredGroup, messages: readonly StoredMess
 
 /** Wall-clock time in the user's timezone, e.g. "2026-11-24 09:15". */
 export function formatLocalTime(iso: string, timezone: string): string {
-  const parts = new Intl.DateTimeFormat('en-CA', {
-    timeZone: timezone,
-    year: 'numeric',
-    month: '2-digit',
-    day: '2-digit',
-    hour: '2-digit',
-    minute: '2-digit',
-    hourCycle: 'h23',
-  }).formatToParts(new Date(iso));
-  const part = (type: string) => parts.find((p) => p.type === type)?.value ?? '';
-  return `${part('year')}-${part('month')}-${part('day')} ${part('hour')}:${part('minute')}`;
+  // Swedish writes a date and time as ISO does: "2026-11-24 09:15:00".
+  return new Date(iso).toLocaleString('sv-SE', { timeZone: timezone }).slice(0, 16);
 }
 
-/**
- * The prompt for a batch of messages. Every value is XML-escaped, so a message that
- * contains "</message>" or a fake sender attribute stays text inside its own element.
- */
+/** The prompt for a batch of messages, every value XML-escaped: a "</message>" or a fake sender stays text. */
 export function formatMessages(messages: readonly StoredMessage[], timezone: string): string {
   const lines = messages.map(
     (m) =>
@@ -2100,17 +1947,6 @@ export interface Channel {
 /** What a chat id looks like: a WhatsApp person or group, or the terminal's own. */
 function isValidJid(jid: string): boolean {
   return /^\d{5,20}@s\.whatsapp\.net$|^\d{5,20}(-\d{5,20})?@g\.us$|^[a-z][a-z0-9-]{0,30}@local$/.test(jid);
-}
-
-/**
- * Why an id cannot name a chat to register, or null. A LID is WhatsApp's hidden id of a
- * person; NanoClaw files every chat under its phone number or group id (canonicalJid), so
- * a chat registered by LID would never hear a message.
- */
-export function lidChatProblem(jid: string): string | null {
-  return jid.endsWith('@lid')
-    ? `"${jid}" is a LID (WhatsApp's hidden id of a person), not a chat id: use the person's <phone digits>@s.whatsapp.net or a group's <digits>@g.us (bun nanoclaw.ts groups discover lists them)`
-    : null;
 }
 
 /** A new message id in WhatsApp Web's own format (3EB0 + 36 hex digits). */
@@ -4287,38 +4123,6 @@ interface Mount {
   readonly: boolean;
 }
 
-/** Where a group's things live on the host. The three roots are what its agent can write. */
-export function groupPaths(config: Config, folder: string) {
-  return {
-    group: join(config.groupsDir, folder),
-    ipc: join(config.ipcDir, folder),
-    kimiHome: join(config.sessionsDir, folder, '.kimi'),
-  };
-}
-
-/** The image's user (node). */
-export const CONTAINER_UID = 1000;
-
-/**
- * Who owns what the host creates in agent trees: the container's user when the host runs
- * as root (so the agent can write there), nobody special otherwise (the container then runs
- * as the host's own user, see containerUserArgs).
- */
-export function containerOwner(uid = process.getuid?.() ?? CONTAINER_UID): { uid: number; gid: number } | null {
-  return uid === 0 ? { uid: CONTAINER_UID, gid: CONTAINER_UID } : null;
-}
-
-/** A group's agent-writable trees; the host touches them only through these. */
-export function groupTrees(config: Config, folder: string) {
-  const paths = groupPaths(config, folder);
-  const owner = containerOwner();
-  return {
-    group: new AgentTree(paths.group, owner),
-    ipc: new AgentTree(paths.ipc, owner),
-    kimi: new AgentTree(paths.kimiHome, owner),
-  };
-}
-
 /** Entries counted before a tree counts as over any budget (millions of empty files fill a disk too). */
 const MAX_COUNTED_ENTRIES = 200_000;
 
@@ -4393,14 +4197,6 @@ export class DiskReserve {
     }
     return 'made';
   }
-}
-
-/** Names NanoClaw uses itself inside groups/ or data/ipc/: no group may take them. */
-export const RESERVED_FOLDERS = ['global', 'errors', 'claimed'] as const;
-
-/** Folder names become paths and container names: keep them boring, and clear of NanoClaw's own. */
-export function isValidFolder(folder: string): boolean {
-  return /^[a-z0-9][a-z0-9_-]{0,63}$/.test(folder) && !(RESERVED_FOLDERS as readonly string[]).includes(folder);
 }
 
 /** Project paths main's agent must not see: the key, WhatsApp's credentials and the database, other groups' sessions. */
@@ -7614,67 +7410,6 @@ export class Host {
   }
 }
 
-/** Adds a chat as a registered group: validates, creates its folder (with a starter CLAUDE.md) and starts its cursor at "now". */
-export function addGroup(
-  config: Config,
-  store: Store,
-  request: {
-    jid: string;
-    name: string;
-    folder: string;
-    trigger?: string;
-    requiresTrigger?: boolean;
-    isMain?: boolean;
-    containerConfig?: ContainerConfig;
-    allow?: string[];
-  },
-): RegisteredGroup {
-  const lid = lidChatProblem(request.jid);
-  if (lid) throw new IpcFormatError(lid);
-  const badSender = request.allow?.find((jid) => !isValidSenderJid(jid));
-  if (badSender !== undefined)
-    throw new IpcFormatError(
-      `allow: "${badSender}" is not a WhatsApp sender id (<phone digits>@s.whatsapp.net or <digits>@lid)`,
-    );
-  if (request.trigger !== undefined && !isValidTrigger(request.trigger))
-    throw new IpcFormatError(`trigger "${request.trigger}" must be @ and one word, e.g. @${config.assistantName}`);
-  if (!isValidFolder(request.folder)) {
-    throw new IpcFormatError(
-      `folder "${request.folder}" must be lowercase letters, digits, - or _ (at most 64), and not one of NanoClaw's own: ${RESERVED_FOLDERS.join(', ')}`,
-    );
-  }
-  if (store.groupByJid(request.jid)) throw new IpcFormatError(`${request.jid} is already registered`);
-  if (store.groupByFolder(request.folder))
-    throw new IpcFormatError(`folder "${request.folder}" is already used by another group`);
-  if (request.isMain && store.mainGroup()) throw new IpcFormatError('there is already a main group');
-  const group: RegisteredGroup = {
-    jid: request.jid,
-    name: request.name,
-    folder: request.folder,
-    trigger: request.trigger ?? `@${config.assistantName}`,
-    requiresTrigger: request.requiresTrigger ?? !request.isMain,
-    isMain: request.isMain ?? false,
-    containerConfig: request.containerConfig,
-    allow: [...new Set(request.allow ?? [])],
-    addedAt: new Date().toISOString(),
-  };
-  const { group: tree } = groupTrees(config, group.folder);
-  try {
-    tree.create(
-      'CLAUDE.md',
-      `# ${group.name}\n\nMemory for this group. The assistant reads this file before every conversation.\n`,
-    );
-  } catch (err) {
-    if (errorCode(err) !== 'EEXIST') throw err; // a memory that is already there stays as it is
-  }
-  store.db.transaction(() => {
-    store.insertGroup(group);
-    store.setCursor(group.jid, store.latestSeq(group.jid));
-  })();
-  log.info({ group: group.folder, jid: group.jid, isMain: group.isMain }, 'Group registered');
-  return group;
-}
-
 // ───────────────────────────── 13. CLI: commands, start-up checks, main() ────────────
 
 /** Each command's own lines of usage: printed with its mistakes, for `<command> --help`, and all together as USAGE. */
@@ -9286,8 +9021,8 @@ export async function main(
       console.error(err.command ? `${err.message}\n\n${commandUsage(err.command)}` : err.message);
       return 2;
     }
-    const userMustAct = [ConfigError, IpcFormatError, WhatsAppNotLinked, StoreCorruptError, StoreMissingError];
-    if (err instanceof Error && userMustAct.some((kind) => err instanceof kind)) {
+    const forUser = [ConfigError, IpcFormatError, GroupError, WhatsAppNotLinked, StoreCorruptError, StoreMissingError];
+    if (err instanceof Error && forUser.some((kind) => err instanceof kind)) {
       console.error(err.message);
       return 2;
     }

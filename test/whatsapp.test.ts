@@ -421,7 +421,7 @@ describe('WhatsAppChannel connection', () => {
     say(store, channel, sender, GROUP, 'two');
     say(store, channel, sender, ALICE, 'three');
     await sender.settle();
-    expect(store.countUnsent('whatsapp')).toBe(2);
+    expect(store.unsent('whatsapp').length).toBe(2);
     await waitFor(() => channel.socketsOpened === 2, 5000, 'reconnect');
     openAsWhatsAppWould(channel.socket!);
     await waitFor(() => channel.delivered.length === 3, 2000, 'queued deliveries');
@@ -431,7 +431,7 @@ describe('WhatsAppChannel connection', () => {
     expect(inChat(GROUP)).toEqual(['one', 'two']);
     expect(inChat(ALICE)).toEqual(['three']);
     expect(new Set(channel.delivered.map((d) => d.messageId)).size).toBe(3);
-    expect(store.countUnsent('whatsapp')).toBe(0);
+    expect(store.unsent('whatsapp').length).toBe(0);
   });
 
   it('replies still waiting when the process stops go out after the next connect; one sent but not marked goes again under the same id', async () => {
@@ -449,7 +449,7 @@ describe('WhatsAppChannel connection', () => {
     await firstSender.settle();
     firstSender.stop();
     await first.disconnect(); // the process stops before WhatsApp came back
-    expect(store.countUnsent('whatsapp')).toBe(2);
+    expect(store.unsent('whatsapp').length).toBe(2);
     // As if a crash came after a part reached WhatsApp but before it was marked sent:
     const unsentId = store.unsentHeads('whatsapp')[0]!.messageId;
     const second = new RecordingWhatsApp(channelOptions(authDir, server.url));
@@ -471,7 +471,7 @@ describe('WhatsAppChannel connection', () => {
     // a resend is the same WhatsApp message
     expect(second.delivered.find((d) => d.jid === GROUP)!.messageId).toBe(unsentId);
     await secondSender.settle();
-    expect(store.countUnsent('whatsapp')).toBe(0);
+    expect(store.unsent('whatsapp').length).toBe(0);
     expect(store.outboundByMessageId(unsentId)).toMatchObject({ chatJid: GROUP, text: 'written while offline' });
   });
 
