@@ -7645,6 +7645,70 @@ class ChatTurns {
   }
 }
 
+/**
+ * Requests from an agent, authorised by the IPC folder they were written to. Each is
+ * done in one transaction with its done-mark (claimId), so a request claimed again
+ * after a crash is recognised and not done twice.
+ */
+class IpcRequests {
+  private readonly sendWindow: SendWindow;
+
+  constructor(
+    private readonly host: HostParts,
+    private readonly tasksChanged: () => void,
+  ) {
+    this.sendWindow = new SendWindow(host.clock);
+  }
+
+  async handle(folder: string, kind: IpcKind, data: unknown, claimId: string): Promise<IpcDecision> {
+    if (this.host.store.isIpcDone(claimId)) return { ok: true };
+    const source = this.host.store.groupByFolder(folder);
+    if (!source) throw new IpcFormatError(`no registered group uses the folder "${folder}"`);
+    const request = parseIpcRequest(kind, data);
+    const refused = refusal(source, request, this.host.store, this.host.config) ?? this.overSendWindow(source, request);
+    if (refused) {
+      log.warn({ group: folder, type: request.type, reason: refused }, 'IPC request refused');
+      return { ok: false, reason: refused };
+    }
+    crashPoint('ipc-handling');
+    const afterwards: (() => void)[] = [];
+    const detail = this.host.store.transaction(() => {
+      const effects = this.ipcEffects(afterwards);
+      const done = applyIpcRequest(request, { config: this.host.config, store: this.host.store, source, effects });
+      this.host.store.markIpcDone(claimId);
+      return done;
+    });
+    crashPoint('ipc-recorded');
+    for (const effect of afterwards) effect();
+    if (kind === 'tasks') writeSnapshots(this.host.config, this.host.store, source);
+    return { ok: true, ...(detail ? { detail } : {}) };
+  }
+
+  /** Messages and files an agent sends count against its group's send window; the reason when it is full. */
+  private overSendWindow(source: RegisteredGroup, request: IpcRequest): string | null {
+    if (request.type === 'send_file') return this.sendWindow.take(this.host.config, source, 1);
+    if (request.type !== 'message') return null;
+    const words = this.host.voice.format(request.text);
+    const parts = words ? (this.host.voice.channelFor(request.chatJid)?.layout(words).length ?? 1) : 0;
+    return this.sendWindow.take(this.host.config, source, parts);
+  }
+
+  /** What an IPC action may make the host do (see ipcActions()). */
+  private ipcEffects(afterwards: (() => void)[]): IpcEffects {
+    return {
+      say: (chatJid, text) => this.host.voice.say(chatJid, text),
+      sayFile: (chatJid, file) => this.host.voice.sayFile(chatJid, file),
+      afterwards: (effect) => afterwards.push(effect),
+      awaitAnswer: (chatJid) => this.host.queue.expectAnswer(chatJid),
+      sendSoon: (chatJid) => this.host.voice.sendSoon(chatJid),
+      syncGroups: async () => {
+        await Promise.all(this.host.voice.channels.map((channel) => channel.syncGroups?.()));
+      },
+      tasksChanged: this.tasksChanged,
+    };
+  }
+}
+
 /** The model proxy's count of each group's model use, by day in the user's timezone (`usage`). */
 function modelUsageRecorder(config: Config, store: Store): ModelProxyOptions['record'] {
   return (folder, entry) => {
@@ -7687,7 +7751,6 @@ export class Host {
   private readonly agents: AgentLauncher;
   private readonly tasks: TaskRuns;
   private readonly chats: ChatTurns;
-  private readonly sendWindow: SendWindow;
   private readonly listeners: { [K in keyof HostEvents]: Set<(event: HostEvents[K]) => void> } = {
     turn: new Set(),
     retry: new Set(),
@@ -7706,7 +7769,6 @@ export class Host {
     const clock = options.clock ?? systemClock;
     const maxRetries = options.maxRetries ?? 5;
     this.clock = clock;
-    this.sendWindow = new SendWindow(clock);
     this.voice = new Voice(config, store, channels, clock, options.sendRetryMs);
     this.spill = new SpillBuffer(
       config.dataDir,
@@ -7747,7 +7809,7 @@ export class Host {
     this.chats = new ChatTurns(parts, this.disk, this.agents, this.tasks, (event) => this.tell('turn', event));
     this.ipc = new IpcWatcher(
       config.ipcDir,
-      { handle: (folder, kind, data, claimId) => this.handleIpc(folder, kind, data, claimId) },
+      new IpcRequests(parts, () => this.scheduler.arm()),
       options.ipcSweepMs ?? 30_000,
       clock,
     );
@@ -8051,59 +8113,6 @@ export class Host {
     } finally {
       await this.ipc.stop();
     }
-  }
-
-  /**
-   * Requests from an agent, authorised by the IPC folder they were written to. Each is
-   * done in one transaction with its done-mark (claimId), so a request claimed again
-   * after a crash is recognised and not done twice.
-   */
-  private async handleIpc(folder: string, kind: IpcKind, data: unknown, claimId: string): Promise<IpcDecision> {
-    if (this.store.isIpcDone(claimId)) return { ok: true };
-    const source = this.store.groupByFolder(folder);
-    if (!source) throw new IpcFormatError(`no registered group uses the folder "${folder}"`);
-    const request = parseIpcRequest(kind, data);
-    const refused = refusal(source, request, this.store, this.config) ?? this.overSendWindow(source, request);
-    if (refused) {
-      log.warn({ group: folder, type: request.type, reason: refused }, 'IPC request refused');
-      return { ok: false, reason: refused };
-    }
-    crashPoint('ipc-handling');
-    const afterwards: (() => void)[] = [];
-    const detail = this.store.transaction(() => {
-      const effects = this.ipcEffects(afterwards);
-      const done = applyIpcRequest(request, { config: this.config, store: this.store, source, effects });
-      this.store.markIpcDone(claimId);
-      return done;
-    });
-    crashPoint('ipc-recorded');
-    for (const effect of afterwards) effect();
-    if (kind === 'tasks') writeSnapshots(this.config, this.store, source);
-    return { ok: true, ...(detail ? { detail } : {}) };
-  }
-
-  /** Messages and files an agent sends count against its group's send window; the reason when it is full. */
-  private overSendWindow(source: RegisteredGroup, request: IpcRequest): string | null {
-    if (request.type === 'send_file') return this.sendWindow.take(this.config, source, 1);
-    if (request.type !== 'message') return null;
-    const words = this.voice.format(request.text);
-    const parts = words ? (this.voice.channelFor(request.chatJid)?.layout(words).length ?? 1) : 0;
-    return this.sendWindow.take(this.config, source, parts);
-  }
-
-  /** What an IPC action may make the host do (see ipcActions()). */
-  private ipcEffects(afterwards: (() => void)[]): IpcEffects {
-    return {
-      say: (chatJid, text) => this.voice.say(chatJid, text),
-      sayFile: (chatJid, file) => this.voice.sayFile(chatJid, file),
-      afterwards: (effect) => afterwards.push(effect),
-      awaitAnswer: (chatJid) => this.queue.expectAnswer(chatJid),
-      sendSoon: (chatJid) => this.voice.sendSoon(chatJid),
-      syncGroups: async () => {
-        await Promise.all(this.channels.map((channel) => channel.syncGroups?.()));
-      },
-      tasksChanged: () => this.scheduler.arm(),
-    };
   }
 }
 
