@@ -5712,18 +5712,17 @@ export class Scheduler {
     if (Math.abs(jump) < CLOCK_JUMP_MS) return;
     log.warn({ jumpMs: Math.round(jump) }, 'The wall clock jumped; checking the next runs of recurring tasks');
     if (jump > 0) return;
-    const now = new Date(look.wall);
     try {
       for (const task of this.store.upcomingTasks()) {
         if (task.scheduleType === 'once') continue;
-        const fromNow = computeNextRun(task.scheduleType, task.scheduleValue, this.timezone, now);
-        if (fromNow && new Date(task.nextRun!).getTime() > fromNow.getTime()) {
-          this.store.updateTask(task.id, { nextRun: fromNow.toISOString() });
-          log.info(
-            { group: task.groupFolder, taskId: task.id, nextRun: fromNow.toISOString() },
-            'Task next run recomputed after the clock jumped back',
-          );
-        }
+        const fromNow = computeNextRun(task.scheduleType, task.scheduleValue, this.timezone, new Date(look.wall));
+        if (!fromNow || Date.parse(task.nextRun!) <= fromNow.getTime()) continue;
+        const nextRun = fromNow.toISOString();
+        this.store.updateTask(task.id, { nextRun });
+        log.info(
+          { group: task.groupFolder, taskId: task.id, nextRun },
+          'Task next run recomputed after the clock jumped back',
+        );
       }
     } catch (err) {
       log.warn({ err: errorText(err) }, 'Could not recompute next runs after a clock jump');
@@ -5733,41 +5732,31 @@ export class Scheduler {
   private fireDue(): void {
     const now = new Date(this.clock.now());
     try {
-      for (const task of this.store.upcomingTasks(-1, now.toISOString())) {
-        let next: Date | null = null;
-        try {
-          next = nextRunAfterFiring(task, this.timezone, now);
-        } catch (err) {
-          log.error({ taskId: task.id, err }, 'Task has an invalid schedule; pausing it');
-          this.store.updateTask(task.id, { status: 'paused', nextRun: null, pausedReason: 'its schedule is invalid' });
-          continue;
-        }
-        const claimed = this.store.transaction(() => {
-          this.store.updateTask(task.id, { nextRun: next?.toISOString() ?? null });
-          return this.store.claimTask(task.id, task.nextRun);
-        });
-        if (!claimed) {
-          log.warn(
-            { group: task.groupFolder, taskId: task.id, dueAt: task.nextRun },
-            'Task due while its previous run is still going; this occurrence is skipped',
-          );
-          continue;
-        }
-        log.info(
-          {
-            group: task.groupFolder,
-            taskId: task.id,
-            dueAt: task.nextRun,
-            lateMs: now.getTime() - new Date(task.nextRun!).getTime(),
-          },
-          'Task due',
-        );
-        this.onDue(task);
-      }
+      for (const task of this.store.upcomingTasks(-1, now.toISOString())) if (this.claim(task, now)) this.onDue(task);
     } catch (err) {
       log.warn({ err: errorText(err) }, 'Could not fire due tasks; trying again shortly');
     }
     this.arm();
+  }
+
+  /** Advances a due task's next run and claims this run, in one transaction; false when it does not fire. */
+  private claim(task: ScheduledTask, now: Date): boolean {
+    let next: Date | null;
+    try {
+      next = nextRunAfterFiring(task, this.timezone, now);
+    } catch (err) {
+      log.error({ taskId: task.id, err }, 'Task has an invalid schedule; pausing it');
+      this.store.updateTask(task.id, { status: 'paused', nextRun: null, pausedReason: 'its schedule is invalid' });
+      return false;
+    }
+    const claimed = this.store.transaction(() => {
+      this.store.updateTask(task.id, { nextRun: next?.toISOString() ?? null });
+      return this.store.claimTask(task.id, task.nextRun);
+    });
+    const due = { group: task.groupFolder, taskId: task.id, dueAt: task.nextRun };
+    if (claimed) log.info({ ...due, lateMs: now.getTime() - Date.parse(task.nextRun!) }, 'Task due');
+    else log.warn(due, 'Task due while its previous run is still going; this occurrence is skipped');
+    return claimed;
   }
 }
 
