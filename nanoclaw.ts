@@ -6707,7 +6707,13 @@ function agentState(queue: GroupQueue, group: RegisteredGroup, overBudget: boole
 }
 
 /** /status: each group's agent, its unanswered messages and its tasks (in the main chat: every group's, and the containers). */
-function statusText(config: Config, store: Store, queue: GroupQueue, asker: RegisteredGroup, disk: DiskWatch): string {
+function statusText(
+  config: Config,
+  store: Store,
+  queue: GroupQueue,
+  asker: RegisteredGroup,
+  isOver: (folder: string) => boolean,
+): string {
   const groups = asker.isMain ? store.listGroups() : [asker];
   const lines = groups.map((group) => {
     const waiting = store.messagesSince(group.jid, store.getCursor(group.jid)).length;
@@ -6716,7 +6722,7 @@ function statusText(config: Config, store: Store, queue: GroupQueue, asker: Regi
     const paused = tasks.filter((task) => task.status === 'paused').length;
     const next = active.sort()[0];
     const parts = [
-      `agent ${agentState(queue, group, disk.isOver(group.folder))}`,
+      `agent ${agentState(queue, group, isOver(group.folder))}`,
       `${counted(waiting, 'message')} waiting`,
       `${counted(active.length, 'task')} scheduled${next ? ` (next ${formatLocalTime(next, config.timezone)})` : ''}`,
       ...(paused ? [`${paused} paused`] : []),
@@ -8035,7 +8041,8 @@ export class Host {
 
   private commandAnswer(command: ChatCommand, group: RegisteredGroup): string {
     if (command === 'help') return chatCommandHelp(group);
-    if (command === 'status') return statusText(this.config, this.store, this.queue, group, this.disk);
+    if (command === 'status')
+      return statusText(this.config, this.store, this.queue, group, (folder) => this.disk.isOver(folder));
     return `Done: the next message starts a new conversation.${this.queue.isRunning(group.jid) ? ' (The current one is closed first.)' : ''}`;
   }
 
