@@ -6887,17 +6887,13 @@ class Voice {
   }
 
   private botMessage(chatJid: string, id: string, content: string, timestamp: string): NewMessage {
-    const sender = 'bot';
-    return {
-      id,
-      chatJid,
-      sender,
-      senderName: this.config.assistantName,
-      content,
-      timestamp,
-      isFromMe: true,
-      isBotMessage: true,
-    };
+    const bot = { sender: 'bot', senderName: this.config.assistantName, isFromMe: true, isBotMessage: true };
+    return { id, chatJid, content, timestamp, ...bot };
+  }
+
+  /** The assistant's own text for a chat, as the chat sees it; call inside the transaction that says why. */
+  announce(chatJid: string, text: string): void {
+    this.say(chatJid, this.format(text)!);
   }
 
   sendSoon(chatJid: string): void {
@@ -6910,7 +6906,7 @@ class Voice {
     try {
       const main = this.store.mainGroup();
       if (!main) return;
-      this.store.transaction(() => this.say(main.jid, this.format(text)!));
+      this.store.transaction(() => this.announce(main.jid, text));
       this.sendSoon(main.jid);
     } catch (err) {
       log.warn({ err: errorText(err) }, 'Could not tell the main chat');
@@ -7025,13 +7021,9 @@ class DiskWatch {
     const { store, voice, clock } = this.host;
     const onceKey = `disk-told:${group.folder}`;
     if (clock.now() - Number(store.getState(onceKey) ?? 0) < NOTICE_EVERY_MS) return;
+    const text = `This group's files take ${size}, over its ${formatBytes(budget)} disk budget, so I have stopped. Ask the owner to free space in groups/${group.folder} (or raise GROUP_DISK_BUDGET); I answer again once it is under.`;
     store.transaction(() => {
-      voice.say(
-        group.jid,
-        voice.format(
-          `This group's files take ${size}, over its ${formatBytes(budget)} disk budget, so I have stopped. Ask the owner to free space in groups/${group.folder} (or raise GROUP_DISK_BUDGET); I answer again once it is under.`,
-        )!,
-      );
+      voice.announce(group.jid, text);
       store.setState(onceKey, String(clock.now()));
     });
     voice.sendSoon(group.jid);
@@ -7160,9 +7152,13 @@ class AgentLauncher {
 /** A group-context task running as a turn of its chat's live container. */
 interface TaskTurn {
   task: ScheduledTask;
-  startedAt: Date;
-  /** clock.monotonic() at the start: durations do not go negative when the wall clock jumps. */
-  startedMono: number;
+  started: RunStart;
+}
+
+/** When a task run started: the wall time it is logged under, and clock.monotonic() for its duration (no jumps). */
+interface RunStart {
+  at: Date;
+  mono: number;
 }
 
 /** How a task run ended: its answer, what it said in the chat, or its error. */
@@ -7257,14 +7253,14 @@ class TaskRuns {
 
   /** Hands a task to its chat's live container as the next turn; its answer comes back through answered(). */
   private runInLive(taskId: string, chatJid: string): void {
-    const { store, queue, clock } = this.host;
+    const { store, queue } = this.host;
     const task = this.runnable(taskId);
     if (!task) {
       queue.markIdle(chatJid);
       return;
     }
     store.markTaskStarted(task.id);
-    this.turns.set(task.chatJid, { task, startedAt: new Date(clock.now()), startedMono: clock.monotonic() });
+    this.turns.set(task.chatJid, { task, started: this.startNow() });
     if (!queue.sendFollowUp(task.chatJid, task.prompt, 'task')) {
       // The container is going away after all: queued again, the task gets a container of its own.
       this.turns.delete(task.chatJid);
@@ -7307,7 +7303,7 @@ class TaskRuns {
             lastResult: `Error: ${error} (twice; not run again)`,
           });
         // Given up: the chat it was for hears of it, not only the log.
-        voice.say(task.chatJid, voice.format(interruptedTwiceText(task))!);
+        voice.announce(task.chatJid, interruptedTwiceText(task));
       }
     });
     if (!again) voice.sendSoon(task.chatJid);
@@ -7327,7 +7323,7 @@ class TaskRuns {
     const task = this.runnable(taskId, force);
     if (!task) return null;
     const group = this.host.store.groupByFolder(task.groupFolder);
-    const started = { at: new Date(this.host.clock.now()), mono: this.host.clock.monotonic() };
+    const started = this.startNow();
     this.host.store.markTaskStarted(task.id);
     const outcome: TaskOutcome = { result: null, said: [], error: null };
     if (!group) outcome.error = `group "${task.groupFolder}" is no longer registered`;
@@ -7360,10 +7356,14 @@ class TaskRuns {
     }
   }
 
+  private startNow(): RunStart {
+    return { at: new Date(this.host.clock.now()), mono: this.host.clock.monotonic() };
+  }
+
   /** record() for a task turn: a database that cannot take it leaves the claim, which the sweep recovers. */
   private recordTurn(turn: TaskTurn, outcome: TaskOutcome): void {
     try {
-      this.record(turn.task, { at: turn.startedAt, mono: turn.startedMono }, outcome);
+      this.record(turn.task, turn.started, outcome);
     } catch (err) {
       log.error(
         { group: turn.task.groupFolder, taskId: turn.task.id, err: errorText(err) },
@@ -7373,7 +7373,7 @@ class TaskRuns {
   }
 
   /** A task run's end, in one transaction: its log, the task's state, what it said, the claim released. */
-  private record(task: ScheduledTask, started: { at: Date; mono: number }, outcome: TaskOutcome): TaskRunLog {
+  private record(task: ScheduledTask, started: RunStart, outcome: TaskOutcome): TaskRunLog {
     const { store, voice } = this.host;
     const { result, error } = outcome;
     const run: TaskRunLog = {
@@ -7605,7 +7605,7 @@ class ChatTurns {
     const tell = !onceKey || clock.now() - toldAt > NOTICE_EVERY_MS;
     store.transaction(() => {
       store.setCursor(chatJid, pending.at(-1)!.seq);
-      if (tell) voice.say(chatJid, voice.format(notice)!);
+      if (tell) voice.announce(chatJid, notice);
       if (tell && onceKey) store.setState(onceKey, String(clock.now()));
     });
     voice.sendSoon(chatJid);
@@ -8025,7 +8025,7 @@ export class Host {
     const answered = this.store.transaction(() => {
       if (this.store.storeMessage({ ...message, isBotMessage: true }) === null) return false;
       if (command === 'reset') this.store.deleteSession(group.folder);
-      this.voice.say(group.jid, this.voice.format(this.commandAnswer(command, group))!);
+      this.voice.announce(group.jid, this.commandAnswer(command, group));
       return true;
     });
     if (!answered) return true;
