@@ -6752,7 +6752,7 @@ class SpillBuffer {
   constructor(
     private readonly dataDir: string,
     private readonly clock: Clock,
-    private readonly canWrite: () => boolean,
+    private readonly store: Store,
     private readonly storeInbound: (message: NewMessage, chat: ChatMeta) => void,
   ) {}
 
@@ -6807,7 +6807,7 @@ class SpillBuffer {
 
   /** Whatever the database says, a message not stored stays spilled and is tried again: nothing is dropped. */
   private storedOldest(): boolean {
-    if (!this.canWrite()) return false;
+    if (!this.store.canWrite()) return false;
     try {
       this.storeInbound(this.waiting[0]!.message, this.waiting[0]!.chat);
       return true;
@@ -7222,12 +7222,7 @@ class TaskRuns {
     const turn = this.turns.get(group.jid);
     if (!turn || !answer.task) return false;
     this.turns.delete(group.jid);
-    const ok = answer.status === 'success';
-    this.recordTurn(turn, {
-      result: ok ? answer.result : null,
-      said: ok ? this.host.voice.words(answer) : [],
-      error: ok ? null : (answer.error ?? 'unknown error'),
-    });
+    this.recordTurn(turn, this.outcomeOf(answer));
     this.host.queue.markIdle(group.jid);
     if (!this.forwardHeld(group)) this.host.queue.enqueueMessages(group.jid);
     return true;
@@ -7342,10 +7337,7 @@ class TaskRuns {
         saveSession: task.contextMode === 'group',
         lane,
         onResult: async (answer) => {
-          if (answer.status === 'success') {
-            outcome.result = answer.result;
-            outcome.said = this.host.voice.words(answer);
-          } else outcome.error = answer.error ?? 'unknown error';
+          Object.assign(outcome, this.outcomeOf(answer));
           this.host.queue.closeContainer(lane);
         },
       });
@@ -7354,6 +7346,12 @@ class TaskRuns {
     } catch (err) {
       outcome.error = errorText(err);
     }
+  }
+
+  private outcomeOf(answer: ContainerResult): TaskOutcome {
+    const ok = answer.status === 'success';
+    const error = ok ? null : (answer.error ?? 'unknown error');
+    return { result: ok ? answer.result : null, said: ok ? this.host.voice.words(answer) : [], error };
   }
 
   private startNow(): RunStart {
@@ -7765,12 +7763,7 @@ export class Host {
     const maxRetries = options.maxRetries ?? 5;
     this.clock = clock;
     this.voice = new Voice(config, store, channels, clock, options.sendRetryMs);
-    this.spill = new SpillBuffer(
-      config.dataDir,
-      clock,
-      () => store.canWrite(),
-      (m, c) => this.storeInbound(m, c),
-    );
+    this.spill = new SpillBuffer(config.dataDir, clock, store, (message, chat) => this.storeInbound(message, chat));
     this.queue = new GroupQueue({
       maxConcurrent: config.maxConcurrentContainers,
       idleTimeoutMs: config.idleTimeoutMs,
@@ -7782,14 +7775,8 @@ export class Host {
       onRetry: (chatJid, attempt, delayMs) => this.tell('retry', { chatJid, attempt, delayMs, maxRetries }),
       clock,
     });
-    const parts: HostParts = {
-      config,
-      store,
-      queue: this.queue,
-      clock,
-      voice: this.voice,
-      stopped: () => this.stopped,
-    };
+    const stopped = () => this.stopped;
+    const parts: HostParts = { config, store, queue: this.queue, clock, voice: this.voice, stopped };
     this.disk = new DiskWatch(parts, options.freeDiskBytes);
     this.proxy = new ModelProxy({
       mode: config.modelProxy,
