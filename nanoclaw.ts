@@ -6819,10 +6819,7 @@ class SpillBuffer {
   }
 }
 
-/**
- * The bot's words: into the outbox and the chat's history (inside the transaction that says
- * why), then sent by each channel's OutboxSender.
- */
+/** The bot's words: into the outbox and the chat's history, then sent by each channel's OutboxSender. */
 class Voice {
   readonly senders = new Map<string, OutboxSender>();
 
@@ -7720,11 +7717,8 @@ function modelUsageRecorder(config: Config, store: Store): ModelProxyOptions['re
 }
 
 /**
- * The running assistant: wires the channels, queue, scheduler, IPC watcher and model proxy to
- * its parts (chat turns, task runs, the spill buffer, the disk watch), answers chat commands,
- * readies agents ahead of their work, and shuts down in order. Tells onTurn listeners whenever
- * a group's agent finishes a turn, successfully or not, and onRetry listeners when a failed run
- * will be tried again.
+ * The running assistant: wires channels, queue, scheduler, IPC and model proxy to the parts
+ * above, answers chat commands, readies agents ahead of their work, and shuts down in order.
  *
  * Exactly once, under crashes: whatever the bot says is recorded in the outbox in the
  * same transaction as the state that made it say so (the chat's cursor, the IPC request's
