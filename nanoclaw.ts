@@ -5097,21 +5097,12 @@ export function parseOnceTime(value: string, timezone: string): Date {
     throw new ScheduleError(
       `"${value}" is not a date-time; use YYYY-MM-DD HH:MM (your time, ${timezone}) or ISO 8601 with an offset`,
     );
-  const [y, mo, d, h, mi, s] = match.slice(1).map((part) => Number(part ?? 0)) as [
-    number,
-    number,
-    number,
-    number,
-    number,
-    number,
-  ];
-  const calendar = new Date(Date.UTC(y, mo - 1, d));
-  if (calendar.getUTCMonth() !== mo - 1 || calendar.getUTCDate() !== d || h > 23 || mi > 59 || s > 59)
+  const local = `${match[1]}-${match[2]}-${match[3]}T${match[4]}:${match[5]}:${match[6] ?? '00'}`;
+  // Read as UTC only to check it is a real calendar time: Date rolls Feb 30 over to March.
+  const asUtc = new Date(`${local}Z`);
+  if (Number.isNaN(asUtc.getTime()) || asUtc.toISOString().slice(0, 19) !== local)
     throw new ScheduleError(`"${value}" is not a real date and time`);
-  const at = new Cron(`${match[1]}-${match[2]}-${match[3]}T${match[4]}:${match[5]}:${match[6] ?? '00'}`, {
-    timezone,
-    paused: true,
-  }).nextRun(new Date(0));
+  const at = new Cron(local, { timezone, paused: true }).nextRun(new Date(0));
   if (!at) throw new ScheduleError(`"${value}" is not a date-time NanoClaw can place in ${timezone}`);
   return at;
 }
@@ -5159,16 +5150,16 @@ export function nextRunAfterFiring(task: ScheduledTask, timezone: string, now: D
   return computeNextRun(task.scheduleType, task.scheduleValue, timezone, now);
 }
 
+/** How long before a task is due its chat's agent is started (a cold start takes a few seconds). */
+export const TASK_WARM_LEAD_MS = 15_000;
+
 /**
  * Fires due tasks on time. One timer, armed for the soonest next_run; it never sleeps
  * longer than `recheckMs`, so changes made to the database by another process (the
  * `tasks` command) are seen within that time. In one transaction next_run is advanced
  * and the run is claimed (task_claims), so a task never fires twice for one due time and
- * a run cut short by a crash is found again at the next start (Host.recoverTaskRuns).
+ * a run cut short by a crash is found again at the next start (TaskRuns.recover).
  */
-/** How long before a task is due its chat's agent is started (a cold start takes a few seconds). */
-export const TASK_WARM_LEAD_MS = 15_000;
-
 export class Scheduler {
   private cancelTimer: (() => void) | null = null;
   private running = false;
@@ -5182,12 +5173,12 @@ export class Scheduler {
     /** Tasks changed by another process (the CLI) are seen at least this often. */
     private readonly recheckMs = 1000,
     private readonly clock: Clock = systemClock,
-    /** The next task is due within TASK_WARM_LEAD_MS (told once per due time): its agent can be readied. */
+    /** A task is due within TASK_WARM_LEAD_MS (told once per due time): its agent can be readied. */
     private readonly onSoon?: (task: ScheduledTask) => void,
   ) {}
 
-  /** The due time onSoon was last told of, so it is told once. */
-  private toldSoon: string | null = null;
+  /** The tasks (id@due time) onSoon was told of, so each is told once. */
+  private toldSoon = new Set<string>();
 
   start(): void {
     this.running = true;
@@ -5208,16 +5199,23 @@ export class Scheduler {
     let delay = this.recheckMs;
     try {
       const [soonest] = this.store.upcomingTasks(1);
-      if (soonest) delay = Math.max(0, new Date(soonest.nextRun!).getTime() - this.clock.now());
-      const when = soonest ? `${soonest.id}@${soonest.nextRun}` : null;
-      if (soonest && delay > 0 && delay <= TASK_WARM_LEAD_MS && when !== this.toldSoon) {
-        this.toldSoon = when;
-        this.onSoon?.(soonest);
-      }
+      if (soonest) delay = Math.max(0, Date.parse(soonest.nextRun!) - this.clock.now());
+      if (this.onSoon) this.tellSoon(this.onSoon);
     } catch (err) {
       log.warn({ err: errorText(err) }, 'Could not read the task schedule; trying again shortly');
     }
     this.cancelTimer = this.clock.after(Math.min(delay, this.recheckMs), () => this.fireDue());
+  }
+
+  /** Every task due within the lead, not only the soonest: an isolated task due first hides no other. */
+  private tellSoon(onSoon: (task: ScheduledTask) => void): void {
+    const now = this.clock.now();
+    const soon = this.store
+      .upcomingTasks(-1, new Date(now + TASK_WARM_LEAD_MS).toISOString())
+      .filter((task) => Date.parse(task.nextRun!) > now);
+    const told = this.toldSoon;
+    this.toldSoon = new Set(soon.map((task) => `${task.id}@${task.nextRun}`));
+    for (const task of soon) if (!told.has(`${task.id}@${task.nextRun}`)) onSoon(task);
   }
 
   /**
@@ -5235,18 +5233,17 @@ export class Scheduler {
     if (Math.abs(jump) < CLOCK_JUMP_MS) return;
     log.warn({ jumpMs: Math.round(jump) }, 'The wall clock jumped; checking the next runs of recurring tasks');
     if (jump > 0) return;
-    const now = new Date(look.wall);
     try {
       for (const task of this.store.upcomingTasks()) {
         if (task.scheduleType === 'once') continue;
-        const fromNow = computeNextRun(task.scheduleType, task.scheduleValue, this.timezone, now);
-        if (fromNow && new Date(task.nextRun!).getTime() > fromNow.getTime()) {
-          this.store.updateTask(task.id, { nextRun: fromNow.toISOString() });
-          log.info(
-            { group: task.groupFolder, taskId: task.id, nextRun: fromNow.toISOString() },
-            'Task next run recomputed after the clock jumped back',
-          );
-        }
+        const fromNow = computeNextRun(task.scheduleType, task.scheduleValue, this.timezone, new Date(look.wall));
+        if (!fromNow || Date.parse(task.nextRun!) <= fromNow.getTime()) continue;
+        const nextRun = fromNow.toISOString();
+        this.store.updateTask(task.id, { nextRun });
+        log.info(
+          { group: task.groupFolder, taskId: task.id, nextRun },
+          'Task next run recomputed after the clock jumped back',
+        );
       }
     } catch (err) {
       log.warn({ err: errorText(err) }, 'Could not recompute next runs after a clock jump');
@@ -5256,41 +5253,31 @@ export class Scheduler {
   private fireDue(): void {
     const now = new Date(this.clock.now());
     try {
-      for (const task of this.store.upcomingTasks(-1, now.toISOString())) {
-        let next: Date | null = null;
-        try {
-          next = nextRunAfterFiring(task, this.timezone, now);
-        } catch (err) {
-          log.error({ taskId: task.id, err }, 'Task has an invalid schedule; pausing it');
-          this.store.updateTask(task.id, { status: 'paused', nextRun: null, pausedReason: 'its schedule is invalid' });
-          continue;
-        }
-        const claimed = this.store.transaction(() => {
-          this.store.updateTask(task.id, { nextRun: next?.toISOString() ?? null });
-          return this.store.claimTask(task.id, task.nextRun);
-        });
-        if (!claimed) {
-          log.warn(
-            { group: task.groupFolder, taskId: task.id, dueAt: task.nextRun },
-            'Task due while its previous run is still going; this occurrence is skipped',
-          );
-          continue;
-        }
-        log.info(
-          {
-            group: task.groupFolder,
-            taskId: task.id,
-            dueAt: task.nextRun,
-            lateMs: now.getTime() - new Date(task.nextRun!).getTime(),
-          },
-          'Task due',
-        );
-        this.onDue(task);
-      }
+      for (const task of this.store.upcomingTasks(-1, now.toISOString())) if (this.claim(task, now)) this.onDue(task);
     } catch (err) {
       log.warn({ err: errorText(err) }, 'Could not fire due tasks; trying again shortly');
     }
     this.arm();
+  }
+
+  /** Advances a due task's next run and claims this run, in one transaction; false when it does not fire. */
+  private claim(task: ScheduledTask, now: Date): boolean {
+    let next: Date | null;
+    try {
+      next = nextRunAfterFiring(task, this.timezone, now);
+    } catch (err) {
+      log.error({ taskId: task.id, err }, 'Task has an invalid schedule; pausing it');
+      this.store.updateTask(task.id, { status: 'paused', nextRun: null, pausedReason: 'its schedule is invalid' });
+      return false;
+    }
+    const claimed = this.store.transaction(() => {
+      this.store.updateTask(task.id, { nextRun: next?.toISOString() ?? null });
+      return this.store.claimTask(task.id, task.nextRun);
+    });
+    const due = { group: task.groupFolder, taskId: task.id, dueAt: task.nextRun };
+    if (claimed) log.info({ ...due, lateMs: now.getTime() - Date.parse(task.nextRun!) }, 'Task due');
+    else log.warn(due, 'Task due while its previous run is still going; this occurrence is skipped');
+    return claimed;
   }
 }
 
@@ -6106,27 +6093,6 @@ export interface RetryEvent {
   delayMs: number;
 }
 
-/** A group-context task running as a turn of its chat's live container. */
-interface TaskTurn {
-  task: ScheduledTask;
-  startedAt: Date;
-  /** clock.monotonic() at the start: durations do not go negative when the wall clock jumps. */
-  startedMono: number;
-}
-
-/** How a task run ended: its answer, what it said in the chat, or its error. */
-interface TaskOutcome {
-  result: string | null;
-  said: string[];
-  error: string | null;
-}
-
-/** What the host tells its listeners (onTurn, onRetry). */
-interface HostEvents {
-  turn: TurnEvent;
-  retry: RetryEvent;
-}
-
 export interface TurnEvent {
   chatJid: string;
   status: 'success' | 'error';
@@ -6135,6 +6101,12 @@ export interface TurnEvent {
   error?: string;
   /** The turn covered the chat's messages up to this seq. */
   upToSeq: number;
+}
+
+/** What the host tells its listeners (onTurn, onRetry). */
+interface HostEvents {
+  turn: TurnEvent;
+  retry: RetryEvent;
 }
 
 export interface HostOptions {
@@ -6159,7 +6131,9 @@ export interface HostOptions {
 }
 
 /** How often the host backs its database up (store/backups/, the newest BACKUPS_KEPT kept). */
-export const BACKUP_EVERY_MS = 24 * 3_600_000;
+const BACKUP_EVERY_MS = 24 * 3_600_000;
+/** A notice that must not repeat (a refused key, a group over its disk budget) is said at most this often. */
+const NOTICE_EVERY_MS = 6 * 3_600_000;
 
 /** What the chat is told when the model refuses the key: what to put where, for each kind of key. */
 export function keyRefusedNotice(config: Config, error: string): string {
@@ -6172,7 +6146,7 @@ export function keyRefusedNotice(config: Config, error: string): string {
 }
 
 /** What the chat is told when the model refuses the request itself (HTTP 400): retrying would not help. */
-export function badRequestNotice(error: string): string {
+function badRequestNotice(error: string): string {
   return `I could not answer that: the model refused the request (${error.slice(0, 200)}). Try saying it differently.`;
 }
 
@@ -6181,12 +6155,12 @@ export function badRequestNotice(error: string): string {
  * `/` and one of these words (any case), alone or after the group's trigger. A message
  * with anything more ("/reset the plan") is ordinary text for the agent.
  */
-export const CHAT_COMMANDS = {
+const CHAT_COMMANDS = {
   help: 'these commands',
   status: "what is running, waiting and scheduled (in the main chat: every group's)",
   reset: "start this chat's conversation over (the agent forgets the session; its memory, CLAUDE.md, stays)",
 } as const;
-export type ChatCommand = keyof typeof CHAT_COMMANDS;
+type ChatCommand = keyof typeof CHAT_COMMANDS;
 
 /** The chat command a message is, or null when it is text for the agent. */
 export function chatCommand(content: string, trigger: string): ChatCommand | null {
@@ -6196,7 +6170,7 @@ export function chatCommand(content: string, trigger: string): ChatCommand | nul
 }
 
 /** /help's answer. */
-export function chatCommandHelp(group: RegisteredGroup): string {
+function chatCommandHelp(group: RegisteredGroup): string {
   const lines = Object.entries(CHAT_COMMANDS).map(([word, what]) => `/${word}: ${what}`);
   const wake =
     group.isMain || !group.requiresTrigger
@@ -6205,13 +6179,1034 @@ export function chatCommandHelp(group: RegisteredGroup): string {
   return `${lines.join('\n')}\n${wake}`;
 }
 
+/** "1 message", "2 messages". */
+function counted(n: number, noun: string): string {
+  return `${n} ${noun}${n === 1 ? '' : 's'}`;
+}
+
+/** A group's agent as /status tells it. */
+function agentState(queue: GroupQueue, group: RegisteredGroup, overBudget: boolean): string {
+  if (queue.poolMembers.includes(group.jid)) return 'ready (waiting for a message)';
+  if (queue.isRunning(group.jid)) return 'running';
+  if (queue.isBusy(group.jid)) return 'waiting to retry';
+  return overBudget ? 'stopped (over its disk budget)' : 'idle';
+}
+
+/** /status: each group's agent, its unanswered messages and its tasks (in the main chat: every group's, and the containers). */
+function statusText(
+  config: Config,
+  store: Store,
+  queue: GroupQueue,
+  asker: RegisteredGroup,
+  isOver: (folder: string) => boolean,
+): string {
+  const groups = asker.isMain ? store.listGroups() : [asker];
+  const lines = groups.map((group) => {
+    const waiting = store.messagesSince(group.jid, store.getCursor(group.jid)).length;
+    const tasks = store.listTasks(group.folder);
+    const active = tasks.filter((task) => task.status === 'active' && task.nextRun).map((task) => task.nextRun!);
+    const paused = tasks.filter((task) => task.status === 'paused').length;
+    const next = active.sort()[0];
+    const parts = [
+      `agent ${agentState(queue, group, isOver(group.folder))}`,
+      `${counted(waiting, 'message')} waiting`,
+      `${counted(active.length, 'task')} scheduled${next ? ` (next ${formatLocalTime(next, config.timezone)})` : ''}`,
+      ...(paused ? [`${paused} paused`] : []),
+    ];
+    return `${group.name}: ${parts.join(', ')}`;
+  });
+  if (asker.isMain)
+    lines.push(
+      `Containers: ${queue.activeCount} of ${config.maxConcurrentContainers} working, ${queue.poolMembers.length} of ${config.warmPool.size} ready. Times in ${config.timezone}.`,
+    );
+  return lines.join('\n');
+}
+
 /** What the user is told, once, when their message could not be answered after every retry. */
 export const GIVE_UP_TEXT =
   'Sorry, I could not answer that: something went wrong on my side (the details are in the logs). Send it again, or something new, and I will start fresh.';
 
 /**
- * The running assistant. Tells onTurn listeners whenever a group's agent finishes a turn,
- * successfully or not, and onRetry listeners when a failed run will be tried again.
+ * Inbound messages the database could not take yet, oldest first, kept in memory and in
+ * data/spill.jsonl (so a host stopped meanwhile stores them at its next start); stored in
+ * order, nothing dropped, once the database takes them again.
+ */
+class SpillBuffer {
+  private readonly waiting: { message: NewMessage; chat: ChatMeta }[] = [];
+  private timer: (() => void) | null = null;
+
+  constructor(
+    private readonly dataDir: string,
+    private readonly clock: Clock,
+    private readonly store: Store,
+    private readonly storeInbound: (message: NewMessage, chat: ChatMeta) => void,
+  ) {}
+
+  /** A new message must wait behind these, to keep the order. */
+  get holding(): boolean {
+    return this.waiting.length > 0;
+  }
+
+  private get file(): string {
+    return join(this.dataDir, 'spill.jsonl');
+  }
+
+  add(message: NewMessage, chat: ChatMeta): void {
+    this.waiting.push({ message, chat });
+    try {
+      mkdirSync(this.dataDir, { recursive: true });
+      appendFileSync(this.file, `${JSON.stringify({ message, chat })}\n`);
+    } catch {
+      // the disk is the trouble: memory holds it until the database is back
+    }
+    this.timer ??= this.clock.after(1_000, () => this.drain());
+  }
+
+  /** Messages spilled by a host that stopped before the database came back. */
+  replay(): void {
+    if (!existsSync(this.file)) return;
+    for (const line of readFileSync(this.file, 'utf8').split('\n').filter(Boolean)) {
+      try {
+        this.waiting.push(JSON.parse(line) as { message: NewMessage; chat: ChatMeta });
+      } catch {
+        log.warn('Skipped an unreadable line of data/spill.jsonl');
+      }
+    }
+    log.info({ messages: this.waiting.length }, 'Storing messages spilled while the database was unavailable');
+    this.drain();
+  }
+
+  stop(): void {
+    this.timer?.();
+  }
+
+  private drain(): void {
+    this.timer = null;
+    while (this.waiting.length > 0 && this.storedOldest()) this.waiting.shift();
+    if (this.waiting.length > 0) {
+      this.timer = this.clock.after(1_000, () => this.drain());
+      return;
+    }
+    rmSync(this.file, { force: true });
+    log.info('The database takes messages again; every spilled message is stored');
+  }
+
+  /** Whatever the database says, a message not stored stays spilled and is tried again: nothing is dropped. */
+  private storedOldest(): boolean {
+    if (!this.store.canWrite()) return false;
+    try {
+      this.storeInbound(this.waiting[0]!.message, this.waiting[0]!.chat);
+      return true;
+    } catch (err) {
+      if (!isStoreUnavailable(err))
+        log.error({ err: errorText(err) }, 'Could not store a spilled message; trying again in a second');
+      return false;
+    }
+  }
+}
+
+/** The bot's words: into the outbox and the chat's history, then sent by each channel's OutboxSender. */
+class Voice {
+  readonly senders = new Map<string, OutboxSender>();
+
+  constructor(
+    private readonly config: Config,
+    private readonly store: Store,
+    readonly channels: Channel[],
+    clock: Clock,
+    sendRetryMs?: number,
+  ) {
+    for (const channel of channels)
+      this.senders.set(
+        channel.name,
+        new OutboxSender(store, channel, {
+          retryBaseMs: sendRetryMs,
+          clock,
+          onAbandoned: (part) => this.tellAbandoned(part),
+        }),
+      );
+  }
+
+  channelFor(jid: string): Channel | undefined {
+    return this.channels.find((c) => c.ownsJid(jid));
+  }
+
+  /** The assistant's text as the chat sees it (its name before it, <internal> gone); null when nothing is left. */
+  format(text: string): string | null {
+    return formatOutbound(text, this.config.assistantName, this.config.assistantHasOwnNumber);
+  }
+
+  /** What a result says in the chat, message by message (earlier steps first). */
+  words(result: ContainerResult): string[] {
+    return [...(result.earlier ?? []), ...(result.result ? [result.result] : [])]
+      .map((text) => this.format(text))
+      .filter((text): text is string => text !== null);
+  }
+
+  /** The bot's words for a chat, as they are; call inside the transaction that says why. */
+  say(chatJid: string, text: string): void {
+    const channel = this.channelFor(chatJid);
+    if (!channel) {
+      log.error({ chatJid }, 'No channel owns this chat; message not sent');
+      return;
+    }
+    const now = new Date().toISOString();
+    for (const part of channel.layout(text)) {
+      const messageId = newMessageId();
+      this.store.addOutbound(channel.name, chatJid, part, messageId);
+      // The bot's message has the id it is sent under, so WhatsApp's echo of it is no second copy.
+      this.store.storeMessage(this.botMessage(chatJid, messageId, part, now));
+    }
+  }
+
+  /** A file into the outbox (and a note of it into the chat's history); call inside the transaction that says why. */
+  sayFile(chatJid: string, file: OutboundFile): void {
+    const channel = this.channelFor(chatJid);
+    if (!channel?.sendFile) throw new IpcFormatError(`${chatJid}'s channel cannot send files`);
+    const messageId = newMessageId();
+    const note = fileNote(file);
+    this.store.addOutboundFile(channel.name, chatJid, file, note, messageId);
+    this.store.storeMessage(this.botMessage(chatJid, messageId, note, new Date().toISOString()));
+  }
+
+  private botMessage(chatJid: string, id: string, content: string, timestamp: string): NewMessage {
+    const bot = { sender: 'bot', senderName: this.config.assistantName, isFromMe: true, isBotMessage: true };
+    return { id, chatJid, content, timestamp, ...bot };
+  }
+
+  /** The assistant's own text for a chat, as the chat sees it; call inside the transaction that says why. */
+  announce(chatJid: string, text: string): void {
+    this.say(chatJid, this.format(text)!);
+  }
+
+  sendSoon(chatJid: string): void {
+    const channel = this.channelFor(chatJid);
+    if (channel) this.senders.get(channel.name)?.kick();
+  }
+
+  /** Something the owner should know, said in the main chat (when there is one). */
+  tellMain(text: string): void {
+    try {
+      const main = this.store.mainGroup();
+      if (!main) return;
+      this.store.transaction(() => this.announce(main.jid, text));
+      this.sendSoon(main.jid);
+    } catch (err) {
+      log.warn({ err: errorText(err) }, 'Could not tell the main chat');
+    }
+  }
+
+  /** Shows (or stops showing) that the agent works on this chat, where the channel can. */
+  async typing(chatJid: string, on: boolean): Promise<void> {
+    await this.channelFor(chatJid)
+      ?.setTyping?.(chatJid, on)
+      .catch(() => {});
+  }
+
+  /** Waits until every channel's outbox has sent what it can. */
+  async settle(): Promise<void> {
+    await Promise.all([...this.senders.values()].map((s) => s.settle()));
+  }
+
+  /**
+   * A reply that could not be delivered for hours was abandoned (the log says so): the
+   * main chat is told which chat missed what, unless it is the main chat itself that fails.
+   */
+  private tellAbandoned(part: OutboundMessage): void {
+    if (this.store.mainGroup()?.jid === part.jid) return;
+    const chat = this.store.groupByJid(part.jid)?.name ?? part.jid;
+    const preview = part.text.length > 120 ? `${part.text.slice(0, 120)}…` : part.text;
+    this.tellMain(`I could not deliver a message to ${chat} for hours and gave up on it: "${preview}"`);
+  }
+}
+
+/** What the host's parts share. */
+interface HostParts {
+  config: Config;
+  store: Store;
+  queue: GroupQueue;
+  clock: Clock;
+  voice: Voice;
+  /** What each group's snapshot files last held (writeSnapshots rewrites only what changed). */
+  snapshotsWritten: Map<string, string>;
+  /** The host is stopping: no new work starts. */
+  stopped(): boolean;
+}
+
+/**
+ * The disk watch, at every sweep: the host's reserve released when free space runs short
+ * (the operator told), each group's writable trees against GROUP_DISK_BUDGET (a group over
+ * it gets no run until it is under again), and a daily backup of the database.
+ */
+class DiskWatch {
+  /** Groups over their budget, with what they took. */
+  private readonly overBudget = new Map<string, number>();
+  private readonly reserve: DiskReserve;
+
+  constructor(
+    private readonly host: HostParts,
+    freeDiskBytes?: () => number,
+  ) {
+    this.reserve = new DiskReserve(join(host.config.storeDir, 'disk-reserve'), host.config.disk.reserve, freeDiskBytes);
+  }
+
+  isOver(folder: string): boolean {
+    return this.overBudget.has(folder);
+  }
+
+  /** One group per turn of the event loop, so walking many groups' trees does not hold up the rest. */
+  async check(): Promise<void> {
+    const { config, store, voice } = this.host;
+    try {
+      if (this.reserve.check() === 'released') {
+        const text = `The disk is almost full: NanoClaw released its ${formatBytes(config.disk.reserve)} reserve (${this.reserve.path}) so its database and logs keep working. Free some space; the reserve is made again once there is room.`;
+        log.error(text);
+        voice.tellMain(text);
+      }
+      for (const group of store.listGroups()) {
+        if (this.host.stopped()) return;
+        this.checkGroup(group);
+        await new Promise((resolve) => setImmediate(resolve));
+      }
+    } catch (err) {
+      log.warn({ err: errorText(err) }, 'Could not check disk use; trying again at the next sweep');
+    }
+  }
+
+  /** After each turn and run: what the agent wrote counts at once, before the group gets another turn. */
+  checkGroupNow(group: RegisteredGroup): void {
+    try {
+      this.checkGroup(group);
+    } catch (err) {
+      log.warn({ group: group.folder, err: errorText(err) }, 'Could not check the group’s disk use');
+    }
+  }
+
+  /** A group over its budget: its runs stop and none starts until it is under again; its chat is told. */
+  private checkGroup(group: RegisteredGroup): void {
+    const used = groupDiskUsage(this.host.config, group.folder);
+    const budget = this.host.config.disk.groupBudget;
+    const wasOver = this.overBudget.has(group.folder);
+    if (used <= budget) {
+      if (!wasOver) return;
+      this.overBudget.delete(group.folder);
+      log.info({ group: group.folder, used }, 'Group back under its disk budget; answering again');
+      this.host.queue.enqueueMessages(group.jid);
+      return;
+    }
+    this.overBudget.set(group.folder, used);
+    if (wasOver) return;
+    const size = Number.isFinite(used) ? formatBytes(used) : `over ${MAX_COUNTED_ENTRIES} files`;
+    log.warn({ group: group.folder, used: size, budget }, 'Group over its disk budget; its agent is stopped');
+    void this.host.queue.kill(group.jid);
+    this.tellOverBudget(group, size, budget);
+  }
+
+  private tellOverBudget(group: RegisteredGroup, size: string, budget: number): void {
+    const { store, voice, clock } = this.host;
+    const onceKey = `disk-told:${group.folder}`;
+    if (clock.now() - Number(store.getState(onceKey) ?? 0) < NOTICE_EVERY_MS) return;
+    const text = `This group's files take ${size}, over its ${formatBytes(budget)} disk budget, so I have stopped. Ask the owner to free space in groups/${group.folder} (or raise GROUP_DISK_BUDGET); I answer again once it is under.`;
+    store.transaction(() => {
+      voice.announce(group.jid, text);
+      store.setState(onceKey, String(clock.now()));
+    });
+    voice.sendSoon(group.jid);
+    if (!group.isMain)
+      voice.tellMain(`The group ${group.name} went over its disk budget (${size}); its agent is stopped.`);
+  }
+
+  /** A copy of the database in store/backups/ when the newest is a day old (or there is none). */
+  backUpWhenDue(): void {
+    const dir = join(this.host.config.storeDir, 'backups');
+    const newest = existsSync(dir)
+      ? readdirSync(dir)
+          .filter((file) => /^messages-.*\.db$/.test(file))
+          .map((file) => statSync(join(dir, file)).mtimeMs)
+          .reduce((a, b) => Math.max(a, b), 0)
+      : 0;
+    if (this.host.clock.now() - newest < BACKUP_EVERY_MS) return;
+    try {
+      const file = this.host.store.backup(dir, BACKUPS_KEPT, new Date(this.host.clock.now()));
+      log.info({ file }, 'Database backed up');
+    } catch (err) {
+      log.warn({ err: errorText(err) }, 'Could not back up the database; trying again at the next sweep');
+    }
+  }
+}
+
+/** How one agent container runs (AgentLauncher.run). */
+interface AgentRun {
+  isScheduledTask: boolean;
+  acceptsFollowUps: boolean;
+  /** undefined: resume the group's session; null: start a fresh one (isolated tasks). */
+  sessionId?: string | null;
+  /** Remember the session the run ends in as the group's session. */
+  saveSession: boolean;
+  /** Started ahead of a message: no prompt yet, it waits in the warm pool for one. */
+  warm?: boolean;
+  /** The queue entry the container belongs to (default: the group's chat). */
+  lane?: string;
+  /** The seq of the newest message in the prompt. */
+  upTo?: number;
+  /** The container is up and attached to its lane. */
+  onLive?(): void;
+  onResult(result: ContainerResult): Promise<void>;
+}
+
+/** Starts agent containers: the group's mounts, its session, and a proxy token on stdin. */
+class AgentLauncher {
+  /** How often each group's session was reset (/reset): a run started before a reset does not save its session. */
+  private readonly sessionResets = new Map<string, number>();
+
+  constructor(
+    private readonly host: HostParts,
+    private readonly disk: DiskWatch,
+    private readonly proxy: ModelProxy,
+  ) {}
+
+  resetSession(folder: string): void {
+    this.sessionResets.set(folder, (this.sessionResets.get(folder) ?? 0) + 1);
+  }
+
+  run(group: RegisteredGroup, prompt: string, run: AgentRun): Promise<RunOutcome> {
+    const { config, store, queue } = this.host;
+    const resetsAtStart = this.sessionResets.get(group.folder) ?? 0;
+    writeSnapshots(config, store, group, this.host.snapshotsWritten);
+    const outcome = runContainer({
+      config,
+      group,
+      input: this.input(group, prompt, run),
+      mounts: groupMounts(config, group, this.extraMounts(group)),
+      acceptsFollowUps: run.acceptsFollowUps,
+      proxy: this.proxy,
+      onStart: (live) => {
+        const lane = run.lane ?? group.jid;
+        queue.attach(lane, live);
+        if (run.warm) queue.markIdle(lane);
+        run.onLive?.();
+      },
+      onResult: async (result) => {
+        if (result.sessionId && run.saveSession && (this.sessionResets.get(group.folder) ?? 0) === resetsAtStart)
+          this.saveSession(group, result.sessionId);
+        if (result.status === 'error')
+          log.error({ group: group.folder, error: result.error }, 'Agent reported an error');
+        await run.onResult(result);
+        this.disk.checkGroupNow(group);
+      },
+    });
+    void outcome.finally(() => this.disk.checkGroupNow(group));
+    return outcome;
+  }
+
+  private input(group: RegisteredGroup, prompt: string, run: AgentRun): ContainerInput {
+    const sessionId = run.sessionId === undefined ? this.host.store.getSession(group.folder) : run.sessionId;
+    return {
+      prompt,
+      groupFolder: group.folder,
+      chatJid: group.jid,
+      isMain: group.isMain,
+      ...(sessionId ? { sessionId } : {}),
+      isScheduledTask: run.isScheduledTask,
+      ...(run.warm ? { warm: true } : {}),
+      ...(run.upTo === undefined ? {} : { upTo: run.upTo }),
+      assistantName: this.host.config.assistantName,
+    };
+  }
+
+  private extraMounts(group: RegisteredGroup): Mount[] {
+    const wanted = group.containerConfig?.additionalMounts;
+    const allowlist = wanted?.length ? loadMountAllowlist(this.host.config.mountAllowlistPath) : null;
+    const extra = validateExtraMounts(wanted, allowlist, group.isMain);
+    for (const rejected of extra.rejected) log.warn({ group: group.folder, ...rejected }, 'Extra mount refused');
+    return extra.mounts;
+  }
+
+  private saveSession(group: RegisteredGroup, sessionId: string): void {
+    try {
+      this.host.store.setSession(group.folder, sessionId);
+    } catch (err) {
+      log.warn(
+        { group: group.folder, err: errorText(err) },
+        'Could not save the session id; the next run may start a new session',
+      );
+    }
+  }
+}
+
+/** A group-context task running as a turn of its chat's live container. */
+interface TaskTurn {
+  task: ScheduledTask;
+  started: RunStart;
+}
+
+/** When a task run started: the wall time it is logged under, and clock.monotonic() for its duration (no jumps). */
+interface RunStart {
+  at: Date;
+  mono: number;
+}
+
+/** How a task run ended: its answer, what it said in the chat, or its error. */
+interface TaskOutcome {
+  result: string | null;
+  said: string[];
+  error: string | null;
+}
+
+type TaskClaim = ReturnType<Store['taskClaims']>[number];
+
+/** What a task's chat is told when its run was interrupted twice and given up. */
+function interruptedTwiceText(task: ScheduledTask): string {
+  const preview = task.prompt.length > 80 ? `${task.prompt.slice(0, 80)}…` : task.prompt;
+  const when = task.scheduleType === 'once' ? 'It will not run again.' : 'It runs again at its next time.';
+  return `A scheduled task ("${preview}") was interrupted twice as NanoClaw stopped, and I gave up on this run. ${when}`;
+}
+
+/**
+ * Scheduled task runs. A claimed run goes into its group's queue: a group-context task is a
+ * turn of the chat's container when one is alive (nothing is closed for it); an isolated task
+ * gets its own container in its own lane, beside the chat's. A run's end is recorded in one
+ * transaction with what it said and its claim's release.
+ */
+class TaskRuns {
+  /** Task runs this process has queued or runs (their claims are not leftovers). */
+  private readonly inHand = new Set<string>();
+  /** Group-context tasks running as a turn of their chat's live container, by chat. */
+  private readonly turns = new Map<string, TaskTurn>();
+
+  constructor(
+    private readonly host: HostParts,
+    private readonly disk: DiskWatch,
+    private readonly agents: AgentLauncher,
+    /** Hands the chat's held messages to its live container; false when there is none. */
+    private readonly forwardHeld: (group: RegisteredGroup) => boolean,
+  ) {}
+
+  enqueue(task: ScheduledTask): void {
+    this.inHand.add(task.id);
+    const run = () => this.run(task.id).then(() => {});
+    if (task.contextMode === 'isolated') this.host.queue.enqueueTask(laneOf(task), task.id, run);
+    else this.host.queue.enqueueTask(task.chatJid, task.id, run, () => this.runInLive(task.id, task.chatJid));
+  }
+
+  /** A task in a chat's context is due soon: its agent is started now, and the task becomes a turn of it. */
+  warmFor(task: ScheduledTask): void {
+    if (task.contextMode === 'isolated' || this.host.stopped()) return;
+    const group = this.host.store.groupByJid(task.chatJid);
+    if (group && !this.disk.isOver(group.folder) && this.host.queue.prewarm(task.chatJid))
+      log.debug({ group: group.folder, taskId: task.id }, 'Task due soon; readying its agent');
+  }
+
+  /** A task is the chat's container's turn now: the chat's messages follow once it answered. */
+  isTurnOf(chatJid: string): boolean {
+    return this.turns.has(chatJid);
+  }
+
+  /** The chat's turn answered a task handed to it: recorded here (true), or not a task's answer (false). */
+  answered(group: RegisteredGroup, answer: ContainerResult): boolean {
+    const turn = this.turns.get(group.jid);
+    if (!turn || !answer.task) return false;
+    this.turns.delete(group.jid);
+    this.recordTurn(turn, this.outcomeOf(answer));
+    this.host.queue.markIdle(group.jid);
+    if (!this.forwardHeld(group)) this.host.queue.enqueueMessages(group.jid);
+    return true;
+  }
+
+  /** The chat's container ended: a task still handed to it is recorded as failed. */
+  endTurn(chatJid: string): void {
+    const orphan = this.turns.get(chatJid);
+    if (!orphan) return;
+    this.turns.delete(chatJid);
+    this.recordTurn(orphan, { result: null, said: [], error: 'the container stopped before the task was answered' });
+  }
+
+  /** The task, if it is to run now (active, or `force`); otherwise it is released and logged as skipped. */
+  private runnable(taskId: string, force = false): ScheduledTask | null {
+    const task = this.host.store.getTask(taskId);
+    if (task && (force || task.status === 'active')) return task;
+    log.info({ taskId, status: task?.status ?? 'deleted' }, 'Task skipped');
+    if (task) this.host.store.releaseTask(task.id);
+    this.inHand.delete(taskId);
+    return null;
+  }
+
+  /** Hands a task to its chat's live container as the next turn; its answer comes back through answered(). */
+  private runInLive(taskId: string, chatJid: string): void {
+    const { store, queue } = this.host;
+    const task = this.runnable(taskId);
+    if (!task) {
+      queue.markIdle(chatJid);
+      return;
+    }
+    store.markTaskStarted(task.id);
+    this.turns.set(task.chatJid, { task, started: this.startNow() });
+    if (!queue.sendFollowUp(task.chatJid, task.prompt, 'task')) {
+      // The container is going away after all: queued again, the task gets a container of its own.
+      this.turns.delete(task.chatJid);
+      this.enqueue(task);
+      return;
+    }
+    log.info({ group: task.groupFolder, taskId: task.id }, 'Scheduled task handed to the chat’s running container');
+  }
+
+  /**
+   * Task runs that were claimed but never finished (the host died during them): each is
+   * logged as interrupted and run once more; one interrupted twice is given up (a `once`
+   * task is then completed with the error), never left stranded.
+   */
+  recover(): void {
+    const { store } = this.host;
+    for (const claim of store.taskClaims()) {
+      if (this.inHand.has(claim.taskId)) continue;
+      const task = store.getTask(claim.taskId);
+      if (!task) store.releaseTask(claim.taskId);
+      // Owed but never started (it waited in the queue when the host stopped): just run it.
+      else if (claim.startedAt === null) this.enqueue(task);
+      else this.recoverInterrupted(task, claim, claim.startedAt);
+    }
+  }
+
+  private recoverInterrupted(task: ScheduledTask, claim: TaskClaim, startedAt: string): void {
+    const { store, voice } = this.host;
+    const error = `interrupted: NanoClaw stopped during the run that started ${startedAt}`;
+    const again = claim.attempt < 2 && task.status === 'active';
+    store.transaction(() => {
+      store.logTaskRun({ taskId: task.id, runAt: startedAt, durationMs: 0, status: 'error', result: null, error });
+      store.releaseTask(task.id);
+      if (again) store.claimTask(task.id, claim.dueAt, claim.attempt + 1);
+      else {
+        if (task.scheduleType === 'once')
+          store.updateTask(task.id, {
+            status: 'completed',
+            nextRun: null,
+            lastResult: `Error: ${error} (twice; not run again)`,
+          });
+        // Given up: the chat it was for hears of it, not only the log.
+        voice.announce(task.chatJid, interruptedTwiceText(task));
+      }
+    });
+    if (!again) voice.sendSoon(task.chatJid);
+    log.warn(
+      { group: task.groupFolder, taskId: task.id, runAgain: again },
+      again ? 'A task run was interrupted; running it again' : 'A task run was interrupted twice; giving up on it',
+    );
+    if (again) this.enqueue(task);
+  }
+
+  /**
+   * Runs a scheduled task now in its group's container: the answer goes to the group's
+   * chat (minus <internal> text) and the container closes right after it. Paused or
+   * deleted tasks are skipped unless `force`.
+   */
+  async run(taskId: string, force = false): Promise<TaskRunLog | null> {
+    const task = this.runnable(taskId, force);
+    if (!task) return null;
+    const group = this.host.store.groupByFolder(task.groupFolder);
+    const started = this.startNow();
+    this.host.store.markTaskStarted(task.id);
+    const outcome: TaskOutcome = { result: null, said: [], error: null };
+    if (!group) outcome.error = `group "${task.groupFolder}" is no longer registered`;
+    else if (this.disk.isOver(group.folder)) outcome.error = 'the group is over its disk budget (GROUP_DISK_BUDGET)';
+    else await this.runInContainer(task, group, outcome);
+    return this.record(task, started, outcome);
+  }
+
+  private async runInContainer(task: ScheduledTask, group: RegisteredGroup, outcome: TaskOutcome): Promise<void> {
+    const lane = laneOf(task);
+    try {
+      const run = await this.agents.run(group, task.prompt, {
+        isScheduledTask: true,
+        acceptsFollowUps: false,
+        sessionId: task.contextMode === 'group' ? undefined : null,
+        saveSession: task.contextMode === 'group',
+        lane,
+        onResult: async (answer) => {
+          Object.assign(outcome, this.outcomeOf(answer));
+          this.host.queue.closeContainer(lane);
+        },
+      });
+      if (!outcome.error && run.results === 0)
+        outcome.error = run.timedOut ? 'the agent timed out' : `the agent container exited with code ${run.exitCode}`;
+    } catch (err) {
+      outcome.error = errorText(err);
+    }
+  }
+
+  private outcomeOf(answer: ContainerResult): TaskOutcome {
+    const ok = answer.status === 'success';
+    const error = ok ? null : (answer.error ?? 'unknown error');
+    return { result: ok ? answer.result : null, said: ok ? this.host.voice.words(answer) : [], error };
+  }
+
+  private startNow(): RunStart {
+    return { at: new Date(this.host.clock.now()), mono: this.host.clock.monotonic() };
+  }
+
+  /** record() for a task turn: a database that cannot take it leaves the claim, which the sweep recovers. */
+  private recordTurn(turn: TaskTurn, outcome: TaskOutcome): void {
+    try {
+      this.record(turn.task, turn.started, outcome);
+    } catch (err) {
+      log.error(
+        { group: turn.task.groupFolder, taskId: turn.task.id, err: errorText(err) },
+        'Could not record a task run; it is run again once the database is back',
+      );
+    }
+  }
+
+  /** A task run's end, in one transaction: its log, the task's state, what it said, the claim released. */
+  private record(task: ScheduledTask, started: RunStart, outcome: TaskOutcome): TaskRunLog {
+    const { store, voice } = this.host;
+    const { result, error } = outcome;
+    const run: TaskRunLog = {
+      taskId: task.id,
+      runAt: started.at.toISOString(),
+      durationMs: Math.round(this.host.clock.monotonic() - started.mono),
+      status: error ? 'error' : 'success',
+      result,
+      error,
+    };
+    const words = error ? [] : outcome.said;
+    this.inHand.delete(task.id); // from here on, a claim left behind is the sweep's to recover
+    store.transaction(() => {
+      if (store.getTask(task.id)) {
+        store.logTaskRun(run);
+        store.updateTask(task.id, {
+          lastRun: run.runAt,
+          lastResult: error ? `Error: ${error}` : (result ?? '(nothing to say)'),
+          ...(task.scheduleType === 'once' ? { status: 'completed' as const, nextRun: null } : {}),
+        });
+      }
+      for (const part of words) voice.say(task.chatJid, part);
+      store.releaseTask(task.id);
+    });
+    crashPoint('task-recorded');
+    if (words.length) voice.sendSoon(task.chatJid);
+    if (error) log.error({ group: task.groupFolder, taskId: task.id, error }, 'Scheduled task failed');
+    else log.info({ group: task.groupFolder, taskId: task.id, durationMs: run.durationMs }, 'Scheduled task finished');
+    return run;
+  }
+}
+
+/** A chat turn to run: the chat's unanswered messages, or none when warm (started ahead of a message). */
+interface ChatTurn {
+  group: RegisteredGroup;
+  cursor: number;
+  messages: StoredMessage[];
+}
+
+/** A chat turn that ran: how its container ended (null: it could not run) and the newest message it was given. */
+interface EndedTurn {
+  group: RegisteredGroup;
+  outcome: RunOutcome | null;
+  upToSeq: number;
+}
+
+/** What follows a chat turn. */
+type AfterTurn = 'done' | 'retry' | 'queue-more' | 'key-refused' | 'bad-request';
+
+/** A container that ends, however it ends, while messages it was given are unanswered has failed. */
+function turnFailed(outcome: RunOutcome, upToSeq: number, cursor: number): boolean {
+  return outcome.exitCode !== 0 || outcome.timedOut || outcome.oversized === true || upToSeq > cursor;
+}
+
+/** Why a failed run that gave no result failed, as the turn's listeners hear it. */
+function noResultError(outcome: RunOutcome): string {
+  if (outcome.timedOut) return 'the agent timed out';
+  return outcome.exitCode === 0
+    ? 'the agent container ended without an answer'
+    : `the agent container exited with code ${outcome.exitCode}`;
+}
+
+/** What follows a turn, from how it ended and how many of the chat's messages are still unanswered. */
+function afterTurn(outcome: RunOutcome | null, failed: boolean, unanswered: number, stopped: boolean): AfterTurn {
+  if (stopped) return 'done';
+  if (!outcome) return 'retry';
+  if (unanswered === 0) return 'done';
+  // A refused key, or a request the model refuses (400), fails every retry alike: say once what to fix.
+  if (outcome.lastErrorKind === 'auth') return 'key-refused';
+  if (outcome.lastErrorKind === 'bad-request') return 'bad-request';
+  // Otherwise the unanswered messages came in as the container was closing: they go into the next run.
+  return failed || outcome.lastError ? 'retry' : 'queue-more';
+}
+
+/**
+ * A chat's turns: one container run for its unanswered messages, follow-ups handed to the
+ * live container. The cursor moves, in the same transaction as the reply is recorded, only
+ * when the agent answers: a failed run leaves the messages to be retried (nothing lost) and
+ * an answer recorded is never made again.
+ */
+class ChatTurns {
+  /** The newest message each chat's last run was given: what a give-up covers. */
+  private readonly lastGiven = new Map<string, number>();
+
+  constructor(
+    private readonly host: HostParts,
+    private readonly disk: DiskWatch,
+    private readonly agents: AgentLauncher,
+    private readonly tasks: TaskRuns,
+    private readonly onTurn: (event: TurnEvent) => void,
+  ) {}
+
+  /** One turn: true when the chat's messages are done with (answered, given up, or queued anew), false to retry. */
+  async processMessages(chatJid: string, warm = false): Promise<boolean> {
+    const turn = this.turnToRun(chatJid, warm);
+    const ended = turn ? await this.runTurn(turn) : null;
+    const next = ended ? this.afterRun(ended) : 'done';
+    return next !== 'retry';
+  }
+
+  private turnToRun(chatJid: string, warm: boolean): ChatTurn | null {
+    const { store } = this.host;
+    const group = store.groupByJid(chatJid);
+    if (!group || this.disk.isOver(group.folder)) return null; // over its disk budget: answered once under
+    const cursor = store.getCursor(chatJid);
+    const messages = store.messagesSince(chatJid, cursor);
+    const asked = needsAgent(group, messages);
+    return asked || warm ? { group, cursor, messages: asked ? messages : [] } : null;
+  }
+
+  private async runTurn({ group, cursor, messages }: ChatTurn): Promise<EndedTurn> {
+    const { queue, voice, config } = this.host;
+    const chatJid = group.jid;
+    const upTo = messages.at(-1)?.seq;
+    // Warm (nothing asked yet): the container starts with no prompt and takes the chat's next message as a follow-up.
+    queue.give(chatJid, upTo ?? cursor);
+    if (upTo !== undefined) await voice.typing(chatJid, true);
+    let outcome: RunOutcome | null = null;
+    try {
+      outcome = await this.agents.run(group, upTo === undefined ? '' : formatMessages(messages, config.timezone), {
+        isScheduledTask: false,
+        acceptsFollowUps: true,
+        saveSession: true,
+        warm: upTo === undefined,
+        ...(upTo === undefined ? {} : { upTo }),
+        // Messages that came while docker was starting found no container to take them: hand them over now.
+        onLive: () => this.forward(group),
+        onResult: async (result) => this.recordResult(group, result),
+      });
+    } catch (err) {
+      const error = errorText(err);
+      log.error({ group: group.folder, error }, 'Could not run the agent container');
+      this.onTurn({ chatJid, status: 'error', sent: null, error, upToSeq: queue.givenUpTo(chatJid) ?? 0 });
+    } finally {
+      this.lastGiven.set(chatJid, queue.givenUpTo(chatJid) ?? 0);
+      queue.give(chatJid, null);
+      this.tasks.endTurn(chatJid);
+      await voice.typing(chatJid, false);
+    }
+    return { group, outcome, upToSeq: this.lastGiven.get(chatJid)! };
+  }
+
+  /** A result of the turn (a follow-up may bring more than one), unless it answers a task handed to the container. */
+  private recordResult(group: RegisteredGroup, result: ContainerResult): void {
+    if (this.tasks.answered(group, result)) return;
+    const chatJid = group.jid;
+    void this.host.voice.typing(chatJid, false); // the turn is over; a follow-up sets it again
+    // The cursor passes only what this turn answered: a follow-up queued behind it is not.
+    const upToSeq = result.upTo ?? this.host.store.getCursor(chatJid);
+    this.onTurn(
+      result.status === 'success'
+        ? this.recordAnswer(group, result, upToSeq)
+        : { chatJid, status: 'error', sent: null, error: result.error, upToSeq },
+    );
+  }
+
+  private recordAnswer(group: RegisteredGroup, result: ContainerResult, upToSeq: number): TurnEvent {
+    const { store, queue, voice } = this.host;
+    const chatJid = group.jid;
+    const said = voice.words(result);
+    try {
+      store.transaction(() => {
+        for (const words of said) voice.say(chatJid, words);
+        store.setCursor(chatJid, upToSeq);
+      });
+    } catch (err) {
+      // Not recorded, so not sent: the run ends and the retry answers (once) when the database is back.
+      log.error(
+        { group: group.folder, err: errorText(err) },
+        'Could not record the answer; the messages will be answered again',
+      );
+      queue.closeContainer(chatJid);
+      return {
+        chatJid,
+        status: 'error',
+        sent: null,
+        error: `could not record the answer (${errorText(err)})`,
+        upToSeq,
+      };
+    }
+    crashPoint('reply-recorded');
+    voice.sendSoon(chatJid);
+    // Waiting now, unless a follow-up handed over during this turn is still to be answered.
+    if ((queue.givenUpTo(chatJid) ?? 0) <= upToSeq) queue.markIdle(chatJid);
+    return { chatJid, status: 'success', sent: said.at(-1) ?? null, upToSeq };
+  }
+
+  /** After the run: a failure without a result is told to the listeners; the messages left are given up, retried or queued. */
+  private afterRun({ group, outcome, upToSeq }: EndedTurn): AfterTurn {
+    const { store, config } = this.host;
+    const chatJid = group.jid;
+    const cursor = store.getCursor(chatJid);
+    const unanswered = store.messagesSince(chatJid, cursor).length;
+    const failed = outcome !== null && turnFailed(outcome, upToSeq, cursor);
+    if (outcome && failed && outcome.results === 0)
+      this.onTurn({ chatJid, status: 'error', sent: null, error: noResultError(outcome), upToSeq });
+    const next = afterTurn(outcome, failed, unanswered, this.host.stopped());
+    const refused = { error: outcome?.lastError ?? '', upTo: outcome?.lastErrorUpTo ?? upToSeq };
+    if (next === 'key-refused')
+      this.giveUp(chatJid, keyRefusedNotice(config, refused.error), refused.upTo, `notice:key-refused:${chatJid}`);
+    else if (next === 'bad-request') this.giveUp(chatJid, badRequestNotice(refused.error), refused.upTo);
+    else if (next === 'queue-more') this.host.queue.enqueueMessages(chatJid);
+    else if (next === 'retry' && outcome)
+      log.warn(
+        { group: group.folder, unanswered, logFile: outcome.logFile },
+        'Run failed; cursor left before the unanswered messages, will retry',
+      );
+    return next;
+  }
+
+  /** Every retry failed: what the last run was given is given up. */
+  giveUpAfterRetries(chatJid: string): void {
+    this.giveUp(chatJid, GIVE_UP_TEXT, this.lastGiven.get(chatJid) ?? 0);
+  }
+
+  /**
+   * The messages a failed run was given (up to `upToSeq`) cannot be answered (every retry
+   * failed, the key is refused, the request is refused): they are marked answered and the
+   * chat is told — with `onceKey`, at most once in six hours (the logs keep saying it).
+   * Messages that came after them are not swept along: they get a run of their own.
+   */
+  private giveUp(chatJid: string, notice: string, upToSeq: number, onceKey?: string): void {
+    const { store, voice, clock } = this.host;
+    const group = store.groupByJid(chatJid);
+    if (!group) return;
+    const pending = store.messagesSince(chatJid, store.getCursor(chatJid)).filter((m) => m.seq <= upToSeq);
+    if (pending.length === 0) return;
+    const toldAt = onceKey ? Number(store.getState(onceKey) ?? 0) : 0;
+    const tell = !onceKey || clock.now() - toldAt > NOTICE_EVERY_MS;
+    store.transaction(() => {
+      store.setCursor(chatJid, pending.at(-1)!.seq);
+      if (tell) voice.announce(chatJid, notice);
+      if (tell && onceKey) store.setState(onceKey, String(clock.now()));
+    });
+    voice.sendSoon(chatJid);
+    log.error({ group: group.folder, messages: pending.length, told: tell }, 'Gave up on messages; told the chat');
+    if (store.messagesSince(chatJid, pending.at(-1)!.seq).length > 0 && !this.host.stopped())
+      this.host.queue.enqueueMessages(chatJid);
+  }
+
+  /**
+   * New messages for a group whose container is alive go to that container. Given the
+   * message that just arrived, only it is checked for the trigger (the ones kept before it
+   * did not wake the agent), so a busy chat costs one check per message, not a re-read.
+   */
+  forward(group: RegisteredGroup, arrived?: StoredMessage): boolean {
+    const { store, queue, config } = this.host;
+    const givenUpTo = queue.givenUpTo(group.jid);
+    if (givenUpTo === null) return false;
+    const answering = queue.answerExpected(group.jid);
+    // A scheduled task is the container's turn now: the chat's messages follow once it answered.
+    if (this.tasks.isTurnOf(group.jid) && !answering) return true;
+    // Messages that do not wake the agent are kept for the next batch.
+    if (arrived && !(answering ? mayWake(group, arrived) : needsAgent(group, [arrived]))) return true;
+    const messages = store.messagesSince(group.jid, givenUpTo);
+    if (messages.length === 0) return true;
+    if (!arrived && !answering && !needsAgent(group, messages)) return true;
+    const upTo = messages.at(-1)!.seq;
+    if (!queue.sendFollowUp(group.jid, formatMessages(messages, config.timezone), 'message', upTo)) return false;
+    queue.give(group.jid, upTo);
+    void this.host.voice.typing(group.jid, true);
+    log.debug({ group: group.folder, count: messages.length }, 'Follow-up handed to the running container');
+    return true;
+  }
+}
+
+/**
+ * Requests from an agent, authorised by the IPC folder they were written to. Each is
+ * done in one transaction with its done-mark (claimId), so a request claimed again
+ * after a crash is recognised and not done twice.
+ */
+class IpcRequests {
+  private readonly sendWindow: SendWindow;
+
+  constructor(
+    private readonly host: HostParts,
+    private readonly tasksChanged: () => void,
+  ) {
+    this.sendWindow = new SendWindow(host.clock);
+  }
+
+  async handle(folder: string, kind: IpcKind, data: unknown, claimId: string): Promise<IpcDecision> {
+    if (this.host.store.isIpcDone(claimId)) return { ok: true };
+    const source = this.host.store.groupByFolder(folder);
+    if (!source) throw new IpcFormatError(`no registered group uses the folder "${folder}"`);
+    const request = parseIpcRequest(kind, data);
+    const refused = refusal(source, request, this.host.store, this.host.config) ?? this.overSendWindow(source, request);
+    if (refused) {
+      log.warn({ group: folder, type: request.type, reason: refused }, 'IPC request refused');
+      return { ok: false, reason: refused };
+    }
+    crashPoint('ipc-handling');
+    const afterwards: (() => void)[] = [];
+    const detail = this.host.store.transaction(() => {
+      const effects = this.ipcEffects(afterwards);
+      const done = applyIpcRequest(request, { config: this.host.config, store: this.host.store, source, effects });
+      this.host.store.markIpcDone(claimId);
+      return done;
+    });
+    crashPoint('ipc-recorded');
+    for (const effect of afterwards) effect();
+    if (kind === 'tasks') writeSnapshots(this.host.config, this.host.store, source, this.host.snapshotsWritten);
+    return { ok: true, ...(detail ? { detail } : {}) };
+  }
+
+  /** Messages and files an agent sends count against its group's send window; the reason when it is full. */
+  private overSendWindow(source: RegisteredGroup, request: IpcRequest): string | null {
+    if (request.type === 'send_file') return this.sendWindow.take(this.host.config, source, 1);
+    if (request.type !== 'message') return null;
+    const words = this.host.voice.format(request.text);
+    const parts = words ? (this.host.voice.channelFor(request.chatJid)?.layout(words).length ?? 1) : 0;
+    return this.sendWindow.take(this.host.config, source, parts);
+  }
+
+  /** What an IPC action may make the host do (see ipcActions()). */
+  private ipcEffects(afterwards: (() => void)[]): IpcEffects {
+    return {
+      say: (chatJid, text) => this.host.voice.say(chatJid, text),
+      sayFile: (chatJid, file) => this.host.voice.sayFile(chatJid, file),
+      afterwards: (effect) => afterwards.push(effect),
+      awaitAnswer: (chatJid) => this.host.queue.expectAnswer(chatJid),
+      sendSoon: (chatJid) => this.host.voice.sendSoon(chatJid),
+      syncGroups: async () => {
+        await Promise.all(this.host.voice.channels.map((channel) => channel.syncGroups?.()));
+      },
+      tasksChanged: this.tasksChanged,
+    };
+  }
+}
+
+/** The model proxy's count of each group's model use, by day in the user's timezone (`usage`). */
+function modelUsageRecorder(config: Config, store: Store): ModelProxyOptions['record'] {
+  return (folder, entry) => {
+    const day = formatLocalTime(new Date().toISOString(), config.timezone).slice(0, 10);
+    try {
+      store.addModelUsage(day, folder, {
+        ok: entry.ok,
+        promptTokens: entry.usage?.promptTokens ?? 0,
+        completionTokens: entry.usage?.completionTokens ?? 0,
+      });
+    } catch (err) {
+      log.warn({ err: errorText(err) }, 'Could not count model usage');
+    }
+    if (!entry.ok) log.warn({ group: folder, status: entry.status }, 'The model answered with an error');
+  };
+}
+
+/**
+ * The running assistant: wires channels, queue, scheduler, IPC and model proxy to the parts
+ * above, answers chat commands, readies agents ahead of their work, and shuts down in order.
  *
  * Exactly once, under crashes: whatever the bot says is recorded in the outbox in the
  * same transaction as the state that made it say so (the chat's cursor, the IPC request's
@@ -6224,32 +7219,21 @@ export class Host {
   readonly ipc: IpcWatcher;
   readonly scheduler: Scheduler;
   readonly proxy: ModelProxy;
-  private readonly senders = new Map<string, OutboxSender>();
-  private readonly sendWindow: SendWindow;
-  private readonly snapshotsWritten = new Map<string, string>();
-  /** Task runs this process has queued or runs (their claims are not leftovers). */
-  private readonly tasksInHand = new Set<string>();
-  /** Group-context tasks running as a turn of their chat's live container, by chat. */
-  private readonly taskTurns = new Map<string, TaskTurn>();
-  /** The newest message each chat's last message run was given: what a give-up covers. */
-  private readonly lastGiven = new Map<string, number>();
-  /** Inbound messages the database could not take yet, oldest first (also in data/spill.jsonl). */
-  private readonly spill: { message: NewMessage; chat: ChatMeta }[] = [];
   private readonly clock: Clock;
+  private readonly voice: Voice;
+  private readonly spill: SpillBuffer;
+  private readonly disk: DiskWatch;
+  private readonly agents: AgentLauncher;
+  private readonly tasks: TaskRuns;
+  private readonly chats: ChatTurns;
   private readonly listeners: { [K in keyof HostEvents]: Set<(event: HostEvents[K]) => void> } = {
     turn: new Set(),
     retry: new Set(),
   };
-  private spillTimer: (() => void) | null = null;
   private stopSweep: (() => void) | null = null;
   private stopped = false;
-  /** How often each group's session was reset (/reset): a run started before a reset does not save its session. */
-  private readonly sessionResets = new Map<string, number>();
-  /** Groups whose writable trees are over GROUP_DISK_BUDGET, with what they took: no run starts for them. */
-  private readonly overBudget = new Map<string, number>();
   /** By chat: up to which seq (under which wake rule) the sweep found nothing to wake the agent; an edit that calls it comes anew. */
   private readonly quietUpTo = new Map<string, { seq: number; rule: string }>();
-  private readonly reserve: DiskReserve;
 
   constructor(
     readonly config: Config,
@@ -6257,64 +7241,52 @@ export class Host {
     readonly channels: Channel[],
     private readonly options: HostOptions = {},
   ) {
-    this.clock = options.clock ?? systemClock;
-    this.reserve = new DiskReserve(join(config.storeDir, 'disk-reserve'), config.disk.reserve, options.freeDiskBytes);
-    this.sendWindow = new SendWindow(this.clock);
+    const clock = options.clock ?? systemClock;
+    const maxRetries = options.maxRetries ?? 5;
+    this.clock = clock;
+    this.voice = new Voice(config, store, channels, clock, options.sendRetryMs);
+    this.spill = new SpillBuffer(config.dataDir, clock, store, (message, chat) => this.storeInbound(message, chat));
     this.queue = new GroupQueue({
       maxConcurrent: config.maxConcurrentContainers,
       idleTimeoutMs: config.idleTimeoutMs,
       pool: config.warmPool,
       retryBaseMs: options.retryBaseMs ?? 5_000,
-      maxRetries: options.maxRetries ?? 5,
-      processMessages: (jid, warm) => this.processMessages(jid, warm),
-      onGiveUp: (jid) => this.giveUp(jid, GIVE_UP_TEXT, this.lastGiven.get(jid) ?? 0),
-      onRetry: (chatJid, attempt, delayMs) =>
-        this.tell('retry', { chatJid, attempt, delayMs, maxRetries: options.maxRetries ?? 5 } satisfies RetryEvent),
-      clock: this.clock,
+      maxRetries,
+      processMessages: (jid, warm) => this.chats.processMessages(jid, warm),
+      onGiveUp: (jid) => this.chats.giveUpAfterRetries(jid),
+      onRetry: (chatJid, attempt, delayMs) => this.tell('retry', { chatJid, attempt, delayMs, maxRetries }),
+      clock,
     });
-    this.ipc = new IpcWatcher(
-      config.ipcDir,
-      { handle: (folder, kind, data, claimId) => this.handleIpc(folder, kind, data, claimId) },
-      options.ipcSweepMs ?? 30_000,
-      this.clock,
-    );
-    this.scheduler = new Scheduler(
+    const stopped = () => this.stopped;
+    const parts: HostParts = {
+      config,
       store,
-      config.timezone,
-      (task) => this.queueTaskRun(task),
-      1000,
-      this.clock,
-      (task) => this.warmForTask(task),
-    );
-    for (const channel of channels)
-      this.senders.set(
-        channel.name,
-        new OutboxSender(store, channel, {
-          retryBaseMs: options.sendRetryMs,
-          clock: this.clock,
-          onAbandoned: (part) => this.tellAbandoned(part),
-        }),
-      );
+      queue: this.queue,
+      clock,
+      voice: this.voice,
+      snapshotsWritten: new Map(),
+      stopped,
+    };
+    this.disk = new DiskWatch(parts, options.freeDiskBytes);
     this.proxy = new ModelProxy({
       mode: config.modelProxy,
       dir: join(config.dataDir, 'proxy'),
       upstream: config.kimi.baseUrl,
       apiKey: () => readSecrets(config).KIMI_API_KEY,
       keyRequired: usesKimiProvider(config),
-      record: (folder, entry) => {
-        const day = formatLocalTime(new Date().toISOString(), config.timezone).slice(0, 10);
-        try {
-          this.store.addModelUsage(day, folder, {
-            ok: entry.ok,
-            promptTokens: entry.usage?.promptTokens ?? 0,
-            completionTokens: entry.usage?.completionTokens ?? 0,
-          });
-        } catch (err) {
-          log.warn({ err: errorText(err) }, 'Could not count model usage');
-        }
-        if (!entry.ok) log.warn({ group: folder, status: entry.status }, 'The model answered with an error');
-      },
+      record: modelUsageRecorder(config, store),
     });
+    this.agents = new AgentLauncher(parts, this.disk, this.proxy);
+    this.tasks = new TaskRuns(parts, this.disk, this.agents, (group) => this.chats.forward(group));
+    this.chats = new ChatTurns(parts, this.disk, this.agents, this.tasks, (event) => this.tell('turn', event));
+    this.ipc = new IpcWatcher(
+      config.ipcDir,
+      new IpcRequests(parts, () => this.scheduler.arm()),
+      options.ipcSweepMs ?? 30_000,
+      clock,
+    );
+    const onDue = (task: ScheduledTask) => this.tasks.enqueue(task);
+    this.scheduler = new Scheduler(store, config.timezone, onDue, 1000, clock, (task) => this.tasks.warmFor(task));
   }
 
   /** Calls `listener` after every turn of an agent (success or error); returns what unsubscribes it. */
@@ -6333,27 +7305,19 @@ export class Host {
     for (const listener of this.listeners[kind]) listener(event);
   }
 
-  private channelFor(jid: string): Channel | undefined {
-    return this.channels.find((c) => c.ownsJid(jid));
-  }
-
-  async start(): Promise<void> {
-    const handlers = (channel: Channel): ChannelHandlers => ({
+  private channelHandlers(channel: Channel): ChannelHandlers {
+    return {
       onMessage: (message, chat) => this.handleInbound(message, chat),
       onChange: (change) => this.handleChange(change),
       onChatMetadata: (chat) => {
         try {
-          this.store.upsertChat({
-            jid: chat.jid,
-            name: chat.name,
-            channel: this.channelFor(chat.jid)?.name ?? 'unknown',
-            isGroup: chat.isGroup,
-          });
+          const channelName = this.voice.channelFor(chat.jid)?.name ?? 'unknown';
+          this.store.upsertChat({ jid: chat.jid, name: chat.name, channel: channelName, isGroup: chat.isGroup });
         } catch (err) {
           log.warn({ err: errorText(err) }, 'Could not store a chat name');
         }
       },
-      onReady: () => this.senders.get(channel.name)?.kick(),
+      onReady: () => this.voice.senders.get(channel.name)?.kick(),
       onActivity: (chatJid, typist) => this.prewarm(chatJid, typist),
       watchedChats: () => {
         try {
@@ -6362,15 +7326,18 @@ export class Host {
           return [];
         }
       },
-    });
+    };
+  }
+
+  async start(): Promise<void> {
     const recent = this.recentlyActiveGroups(); // before this start's own messages come in
-    this.replaySpillFile();
-    for (const channel of this.channels) await channel.connect(handlers(channel));
-    for (const sender of this.senders.values()) sender.kick(); // what a previous run left unsent
+    this.spill.replay();
+    for (const channel of this.channels) await channel.connect(this.channelHandlers(channel));
+    for (const sender of this.voice.senders.values()) sender.kick(); // what a previous run left unsent
     this.ipc.start();
     this.scheduler.start();
     void this.recover().finally(() => {
-      for (const group of recent) if (!this.overBudget.has(group.folder)) this.queue.prewarm(group.jid);
+      for (const group of recent) if (!this.disk.isOver(group.folder)) this.queue.prewarm(group.jid);
     });
     this.stopSweep = every(this.clock, this.options.recoverySweepMs ?? 60_000, () => void this.recover());
     log.info(
@@ -6383,14 +7350,14 @@ export class Host {
     if (this.stopped) return;
     this.stopped = true;
     this.stopSweep?.();
-    this.spillTimer?.();
+    this.spill.stop();
     this.scheduler.stop();
     await this.queue.shutdown(this.options.shutdownGraceMs ?? 10_000);
     await this.ipc.stop();
     this.proxy.stop();
     // What can go out now goes; the rest stays in the outbox for the next start.
-    await Promise.race([Promise.all([...this.senders.values()].map((s) => s.settle())), Bun.sleep(5_000)]);
-    for (const sender of this.senders.values()) sender.stop();
+    await Promise.race([this.voice.settle(), Bun.sleep(5_000)]);
+    for (const sender of this.voice.senders.values()) sender.stop();
     for (const channel of this.channels) await channel.disconnect();
     log.info('NanoClaw stopped');
   }
@@ -6407,7 +7374,7 @@ export class Host {
 
   /** Waits until every channel's outbox has sent what it can (tests, `tasks run`). */
   async settleOutbox(): Promise<void> {
-    await Promise.all([...this.senders.values()].map((s) => s.settle()));
+    await this.voice.settle();
   }
 
   /**
@@ -6447,18 +7414,10 @@ export class Host {
     }
   }
 
-  /** A task in a chat's context is due soon: its agent is started now, and the task becomes a turn of it. */
-  private warmForTask(task: ScheduledTask): void {
-    if (task.contextMode === 'isolated' || this.stopped) return;
-    const group = this.store.groupByJid(task.chatJid);
-    if (group && !this.overBudget.has(group.folder) && this.queue.prewarm(task.chatJid))
-      log.debug({ group: group.folder, taskId: task.id }, 'Task due soon; readying its agent');
-  }
-
   /** Every inbound message of every channel comes through here; a database that cannot take it spills it. */
   handleInbound(message: NewMessage, chat: ChatMeta): void {
-    if (this.spill.length > 0) {
-      this.spillMessage(message, chat); // keep the order: behind what is already waiting
+    if (this.spill.holding) {
+      this.spill.add(message, chat); // keep the order: behind what is already waiting
       return;
     }
     try {
@@ -6470,7 +7429,7 @@ export class Host {
         'The database cannot take messages right now; keeping them in data/spill.jsonl until it can',
       );
       if (errorCode(err)?.startsWith('SQLITE_FULL')) this.checkDisk(); // the reserve goes now, not at the next sweep
-      this.spillMessage(message, chat);
+      this.spill.add(message, chat);
     }
   }
 
@@ -6495,14 +7454,18 @@ export class Host {
         return;
       }
       const seq = this.store.storeAsNewest(stored, content);
-      if (this.stopped) return;
-      if (!this.forwardToLiveContainer(group, { ...stored, seq, content })) this.queue.enqueueMessages(group.jid);
+      if (!this.stopped) this.wake(group, { ...stored, seq, content });
     } catch (err) {
       log.warn(
         { err: errorText(err), chatJid: change.chatJid, messageId: change.id },
         'Could not apply an edit or deletion',
       );
     }
+  }
+
+  /** A new message goes to the chat's live container, or else the chat is queued for a run. */
+  private wake(group: RegisteredGroup, arrived: StoredMessage): void {
+    if (!this.chats.forward(group, arrived)) this.queue.enqueueMessages(group.jid);
   }
 
   private storeInbound(message: NewMessage, chat: ChatMeta): void {
@@ -6512,7 +7475,7 @@ export class Host {
       this.store.upsertChat({
         jid: message.chatJid,
         name: chat.name,
-        channel: this.channelFor(message.chatJid)?.name ?? 'unknown',
+        channel: this.voice.channelFor(message.chatJid)?.name ?? 'unknown',
         isGroup: chat.isGroup,
         lastMessageAt: message.timestamp,
       });
@@ -6523,8 +7486,7 @@ export class Host {
       const seq = this.store.storeMessage(message);
       return seq === null || message.isBotMessage ? null : { group, message: { ...message, seq } };
     });
-    if (!stored || this.stopped) return;
-    if (!this.forwardToLiveContainer(stored.group, stored.message)) this.queue.enqueueMessages(stored.group.jid);
+    if (stored && !this.stopped) this.wake(stored.group, stored.message);
   }
 
   /**
@@ -6540,140 +7502,25 @@ export class Host {
     const answered = this.store.transaction(() => {
       if (this.store.storeMessage({ ...message, isBotMessage: true }) === null) return false;
       if (command === 'reset') this.store.deleteSession(group.folder);
-      const answer =
-        command === 'help'
-          ? chatCommandHelp(group)
-          : command === 'status'
-            ? this.statusText(group)
-            : this.resetText(group);
-      this.say(group.jid, formatOutbound(answer, this.config.assistantName, this.config.assistantHasOwnNumber)!);
+      this.voice.announce(group.jid, this.commandAnswer(command, group));
       return true;
     });
     if (!answered) return true;
     if (command === 'reset') {
-      this.sessionResets.set(group.folder, (this.sessionResets.get(group.folder) ?? 0) + 1);
+      this.agents.resetSession(group.folder);
       this.queue.closeContainer(group.jid); // a live container holds the old session
       groupTrees(this.config, group.folder).kimi.remove('sessions');
     }
-    this.sendSoon(group.jid);
+    this.voice.sendSoon(group.jid);
     log.info({ group: group.folder, command, sender: message.sender }, 'Chat command answered');
     return true;
   }
 
-  private resetText(group: RegisteredGroup): string {
+  private commandAnswer(command: ChatCommand, group: RegisteredGroup): string {
+    if (command === 'help') return chatCommandHelp(group);
+    if (command === 'status')
+      return statusText(this.config, this.store, this.queue, group, (folder) => this.disk.isOver(folder));
     return `Done: the next message starts a new conversation.${this.queue.isRunning(group.jid) ? ' (The current one is closed first.)' : ''}`;
-  }
-
-  /** /status: each group's agent (ready, running, waiting to retry, idle), its unanswered messages and its tasks. */
-  private statusText(asker: RegisteredGroup): string {
-    const groups = asker.isMain ? this.store.listGroups() : [asker];
-    const lines = groups.map((group) => {
-      const state = this.queue.poolMembers.includes(group.jid)
-        ? 'ready (waiting for a message)'
-        : this.queue.isRunning(group.jid)
-          ? 'running'
-          : this.queue.isBusy(group.jid)
-            ? 'waiting to retry'
-            : this.overBudget.has(group.folder)
-              ? 'stopped (over its disk budget)'
-              : 'idle';
-      const waiting = this.store.messagesSince(group.jid, this.store.getCursor(group.jid)).length;
-      const tasks = this.store.listTasks(group.folder);
-      const active = tasks.filter((task) => task.status === 'active' && task.nextRun).map((task) => task.nextRun!);
-      const paused = tasks.filter((task) => task.status === 'paused').length;
-      const next = active.sort()[0];
-      const parts = [
-        `agent ${state}`,
-        `${waiting} message${waiting === 1 ? '' : 's'} waiting`,
-        `${active.length} task${active.length === 1 ? '' : 's'} scheduled${next ? ` (next ${formatLocalTime(next, this.config.timezone)})` : ''}`,
-        ...(paused ? [`${paused} paused`] : []),
-      ];
-      return `${group.name}: ${parts.join(', ')}`;
-    });
-    if (asker.isMain)
-      lines.push(
-        `Containers: ${this.queue.activeCount} of ${this.config.maxConcurrentContainers} working, ${this.queue.poolMembers.length} of ${this.config.warmPool.size} ready. Times in ${this.config.timezone}.`,
-      );
-    return lines.join('\n');
-  }
-
-  private get spillFile(): string {
-    return join(this.config.dataDir, 'spill.jsonl');
-  }
-
-  private spillMessage(message: NewMessage, chat: ChatMeta): void {
-    this.spill.push({ message, chat });
-    try {
-      mkdirSync(this.config.dataDir, { recursive: true });
-      appendFileSync(this.spillFile, `${JSON.stringify({ message, chat })}\n`);
-    } catch {
-      // the disk is the trouble: memory holds it until the database is back
-    }
-    this.spillTimer ??= this.clock.after(1_000, () => this.drainSpill());
-  }
-
-  /** Stores what was spilled, in order, once the database takes it again. */
-  private drainSpill(): void {
-    this.spillTimer = null;
-    if (!this.store.canWrite()) {
-      this.spillTimer = this.clock.after(1_000, () => this.drainSpill());
-      return;
-    }
-    while (this.spill.length > 0) {
-      try {
-        this.storeInbound(this.spill[0]!.message, this.spill[0]!.chat);
-      } catch (err) {
-        // Whatever the database says, the message stays spilled and is tried again: nothing is dropped.
-        if (!isStoreUnavailable(err))
-          log.error({ err: errorText(err) }, 'Could not store a spilled message; trying again in a second');
-        this.spillTimer = this.clock.after(1_000, () => this.drainSpill());
-        return;
-      }
-      this.spill.shift();
-    }
-    rmSync(this.spillFile, { force: true });
-    log.info('The database takes messages again; every spilled message is stored');
-  }
-
-  /** Messages spilled by a host that stopped before the database came back. */
-  private replaySpillFile(): void {
-    if (!existsSync(this.spillFile)) return;
-    const lines = readFileSync(this.spillFile, 'utf8').split('\n').filter(Boolean);
-    for (const line of lines) {
-      try {
-        const { message, chat } = JSON.parse(line) as { message: NewMessage; chat: ChatMeta };
-        this.spill.push({ message, chat });
-      } catch {
-        log.warn('Skipped an unreadable line of data/spill.jsonl');
-      }
-    }
-    log.info({ messages: this.spill.length }, 'Storing messages spilled while the database was unavailable');
-    this.drainSpill();
-  }
-
-  /**
-   * New messages for a group whose container is alive go to that container. Given the
-   * message that just arrived, only it is checked for the trigger (the ones kept before it
-   * did not wake the agent), so a busy chat costs one check per message, not a re-read.
-   */
-  private forwardToLiveContainer(group: RegisteredGroup, arrived?: StoredMessage): boolean {
-    const givenUpTo = this.queue.givenUpTo(group.jid);
-    if (givenUpTo === null) return false;
-    const answering = this.queue.answerExpected(group.jid);
-    // A scheduled task is the container's turn now: the chat's messages follow once it answered.
-    if (this.taskTurns.has(group.jid) && !answering) return true;
-    // Messages that do not wake the agent are kept for the next batch.
-    if (arrived && !(answering ? mayWake(group, arrived) : needsAgent(group, [arrived]))) return true;
-    const messages = this.store.messagesSince(group.jid, givenUpTo);
-    if (messages.length === 0) return true;
-    if (!arrived && !answering && !needsAgent(group, messages)) return true;
-    const upTo = messages.at(-1)!.seq;
-    if (!this.queue.sendFollowUp(group.jid, formatMessages(messages, this.config.timezone), 'message', upTo))
-      return false;
-    this.queue.give(group.jid, messages.at(-1)!.seq);
-    void this.typing(group.jid, true);
-    log.debug({ group: group.folder, count: messages.length }, 'Follow-up handed to the running container');
-    return true;
   }
 
   /**
@@ -6687,23 +7534,12 @@ export class Host {
       void this.stop().then(() => this.options.onFatal?.(message));
       return;
     }
-    this.backUpWhenDue();
+    this.disk.backUpWhenDue();
     await this.checkDisk();
     if (this.stopped) return;
     try {
-      for (const { group, cursor, newest } of this.store.groupsWithProgress()) {
-        if (this.queue.isBusy(group.jid) || this.overBudget.has(group.folder)) continue;
-        const rule = JSON.stringify([group.isMain, group.requiresTrigger, group.trigger, group.allow]);
-        const quiet = this.quietUpTo.get(group.jid);
-        const from = Math.max(cursor, quiet?.rule === rule ? quiet.seq : 0);
-        if (newest <= from) continue;
-        const pending = this.store.messagesSince(group.jid, from);
-        if (needsAgent(group, pending)) {
-          log.info({ group: group.folder, pending: pending.length }, 'Unanswered messages found; queueing');
-          this.queue.enqueueMessages(group.jid);
-        } else this.quietUpTo.set(group.jid, { seq: newest, rule });
-      }
-      this.recoverTaskRuns();
+      this.queueUnanswered();
+      this.tasks.recover();
       const now = this.clock.now();
       this.store.pruneIpcDone(new Date(now - 86_400_000).toISOString());
       this.store.pruneOutbox(new Date(now - 7 * 86_400_000).toISOString());
@@ -6715,533 +7551,24 @@ export class Host {
     }
   }
 
-  /**
-   * The disk watch, at every sweep: the host's reserve released when free space runs short
-   * (the operator told), and each group's writable trees against GROUP_DISK_BUDGET, one group
-   * per turn of the event loop, so walking many groups' trees does not hold up the rest.
-   */
-  async checkDisk(): Promise<void> {
-    try {
-      if (this.reserve.check() === 'released') {
-        const text = `The disk is almost full: NanoClaw released its ${formatBytes(this.config.disk.reserve)} reserve (${this.reserve.path}) so its database and logs keep working. Free some space; the reserve is made again once there is room.`;
-        log.error(text);
-        this.tellMain(text);
-      }
-      for (const group of this.store.listGroups()) {
-        if (this.stopped) return;
-        this.checkGroupDisk(group);
-        await new Promise((resolve) => setImmediate(resolve));
-      }
-    } catch (err) {
-      log.warn({ err: errorText(err) }, 'Could not check disk use; trying again at the next sweep');
+  private queueUnanswered(): void {
+    for (const { group, cursor, newest } of this.store.groupsWithProgress()) {
+      if (this.queue.isBusy(group.jid) || this.disk.isOver(group.folder)) continue;
+      const rule = JSON.stringify([group.isMain, group.requiresTrigger, group.trigger, group.allow]);
+      const quiet = this.quietUpTo.get(group.jid);
+      const from = Math.max(cursor, quiet?.rule === rule ? quiet.seq : 0);
+      if (newest <= from) continue;
+      const pending = this.store.messagesSince(group.jid, from);
+      if (needsAgent(group, pending)) {
+        log.info({ group: group.folder, pending: pending.length }, 'Unanswered messages found; queueing');
+        this.queue.enqueueMessages(group.jid);
+      } else this.quietUpTo.set(group.jid, { seq: newest, rule });
     }
   }
 
-  /** A group over its budget: its runs stop and none starts until it is under again; its chat is told. */
-  private checkGroupDisk(group: RegisteredGroup): void {
-    const used = groupDiskUsage(this.config, group.folder);
-    const budget = this.config.disk.groupBudget;
-    const wasOver = this.overBudget.has(group.folder);
-    if (used <= budget) {
-      if (!wasOver) return;
-      this.overBudget.delete(group.folder);
-      log.info({ group: group.folder, used }, 'Group back under its disk budget; answering again');
-      this.queue.enqueueMessages(group.jid);
-      return;
-    }
-    this.overBudget.set(group.folder, used);
-    if (wasOver) return;
-    const size = Number.isFinite(used) ? formatBytes(used) : `over ${MAX_COUNTED_ENTRIES} files`;
-    log.warn({ group: group.folder, used: size, budget }, 'Group over its disk budget; its agent is stopped');
-    void this.queue.kill(group.jid);
-    const onceKey = `disk-told:${group.folder}`;
-    if (this.clock.now() - Number(this.store.getState(onceKey) ?? 0) < 6 * 3_600_000) return;
-    this.store.transaction(() => {
-      this.say(
-        group.jid,
-        formatOutbound(
-          `This group's files take ${size}, over its ${formatBytes(budget)} disk budget, so I have stopped. Ask the owner to free space in groups/${group.folder} (or raise GROUP_DISK_BUDGET); I answer again once it is under.`,
-          this.config.assistantName,
-          this.config.assistantHasOwnNumber,
-        )!,
-      );
-      this.store.setState(onceKey, String(this.clock.now()));
-    });
-    this.sendSoon(group.jid);
-    if (!group.isMain)
-      this.tellMain(`The group ${group.name} went over its disk budget (${size}); its agent is stopped.`);
-  }
-
-  /** A copy of the database in store/backups/ when the newest is a day old (or there is none). */
-  private backUpWhenDue(): void {
-    const dir = join(this.config.storeDir, 'backups');
-    const newest = existsSync(dir)
-      ? readdirSync(dir)
-          .filter((file) => /^messages-.*\.db$/.test(file))
-          .map((file) => statSync(join(dir, file)).mtimeMs)
-          .reduce((a, b) => Math.max(a, b), 0)
-      : 0;
-    if (this.clock.now() - newest < BACKUP_EVERY_MS) return;
-    try {
-      const file = this.store.backup(dir, BACKUPS_KEPT, new Date(this.clock.now()));
-      log.info({ file }, 'Database backed up');
-    } catch (err) {
-      log.warn({ err: errorText(err) }, 'Could not back up the database; trying again at the next sweep');
-    }
-  }
-
-  /** What a result says in the chat, message by message (earlier steps first), each without <internal> and prefixed. */
-  private wordsOf(result: ContainerResult): string[] {
-    return [...(result.earlier ?? []), ...(result.result ? [result.result] : [])]
-      .map((text) => formatOutbound(text, this.config.assistantName, this.config.assistantHasOwnNumber))
-      .filter((text): text is string => text !== null);
-  }
-
-  /** The bot's words for a chat, into the outbox (and the chat's history); call inside the transaction that says why. */
-  private say(chatJid: string, text: string): void {
-    const channel = this.channelFor(chatJid);
-    if (!channel) {
-      log.error({ chatJid }, 'No channel owns this chat; message not sent');
-      return;
-    }
-    const now = new Date().toISOString();
-    for (const part of channel.layout(text)) {
-      const messageId = newMessageId();
-      this.store.addOutbound(channel.name, chatJid, part, messageId);
-      // The bot's message has the id it is sent under, so WhatsApp's echo of it is no second copy.
-      this.store.storeMessage({
-        id: messageId,
-        chatJid,
-        sender: 'bot',
-        senderName: this.config.assistantName,
-        content: part,
-        timestamp: now,
-        isFromMe: true,
-        isBotMessage: true,
-      });
-    }
-  }
-
-  /** A file into the outbox (and a note of it into the chat's history); call inside the transaction that says why. */
-  private sayFile(chatJid: string, file: OutboundFile): void {
-    const channel = this.channelFor(chatJid);
-    if (!channel?.sendFile) throw new IpcFormatError(`${chatJid}'s channel cannot send files`);
-    const messageId = newMessageId();
-    const note = fileNote(file);
-    this.store.addOutboundFile(channel.name, chatJid, file, note, messageId);
-    this.store.storeMessage({
-      id: messageId,
-      chatJid,
-      sender: 'bot',
-      senderName: this.config.assistantName,
-      content: note,
-      timestamp: new Date().toISOString(),
-      isFromMe: true,
-      isBotMessage: true,
-    });
-  }
-
-  /** Shows (or stops showing) that the agent works on this chat, where the channel can. */
-  private async typing(chatJid: string, on: boolean): Promise<void> {
-    await this.channelFor(chatJid)
-      ?.setTyping?.(chatJid, on)
-      .catch(() => {});
-  }
-
-  /**
-   * A reply that could not be delivered for hours was abandoned (the log says so): the
-   * main chat is told which chat missed what, unless it is the main chat itself that fails.
-   */
-  private tellAbandoned(part: OutboundMessage): void {
-    if (this.store.mainGroup()?.jid === part.jid) return;
-    const chat = this.store.groupByJid(part.jid)?.name ?? part.jid;
-    const preview = part.text.length > 120 ? `${part.text.slice(0, 120)}…` : part.text;
-    this.tellMain(`I could not deliver a message to ${chat} for hours and gave up on it: "${preview}"`);
-  }
-
-  /** Something the owner should know, said in the main chat (when there is one). */
-  private tellMain(text: string): void {
-    try {
-      const main = this.store.mainGroup();
-      if (!main) return;
-      this.store.transaction(() =>
-        this.say(main.jid, formatOutbound(text, this.config.assistantName, this.config.assistantHasOwnNumber)!),
-      );
-      this.sendSoon(main.jid);
-    } catch (err) {
-      log.warn({ err: errorText(err) }, 'Could not tell the main chat');
-    }
-  }
-
-  private sendSoon(chatJid: string): void {
-    const channel = this.channelFor(chatJid);
-    if (channel) this.senders.get(channel.name)?.kick();
-  }
-
-  /**
-   * One container run for a group's unanswered messages. The cursor moves, in the same
-   * transaction as the reply is recorded, only when the agent answers: a failed run leaves
-   * the messages to be retried (nothing lost) and an answer recorded is never made again.
-   */
-  async processMessages(chatJid: string, warm = false): Promise<boolean> {
-    const group = this.store.groupByJid(chatJid);
-    if (!group || this.overBudget.has(group.folder)) return true; // over its disk budget: answered once under
-    const cursor = this.store.getCursor(chatJid);
-    const messages = this.store.messagesSince(chatJid, cursor);
-    const asked = needsAgent(group, messages);
-    if (!asked && !warm) return true;
-    // Warm (nothing asked yet): the container starts with no prompt and takes the chat's next message as a follow-up.
-    this.queue.give(chatJid, asked ? messages.at(-1)!.seq : cursor);
-    if (asked) await this.typing(chatJid, true);
-    let outcome: RunOutcome;
-    let upToSeq = 0;
-    try {
-      outcome = await this.runAgent(group, asked ? formatMessages(messages, this.config.timezone) : '', {
-        isScheduledTask: false,
-        acceptsFollowUps: true,
-        saveSession: true,
-        warm: !asked,
-        ...(asked ? { upTo: messages.at(-1)!.seq } : {}),
-        onResult: async (result) => {
-          const taskTurn = this.taskTurns.get(chatJid);
-          if (taskTurn && result.task) {
-            this.taskTurns.delete(chatJid);
-            this.finishTaskTurn(group, taskTurn, result);
-            return;
-          }
-          void this.typing(chatJid, false); // the turn is over; a follow-up sets it again
-          // The cursor passes only what this turn answered: a follow-up queued behind it is not.
-          const upToSeq = result.upTo ?? this.store.getCursor(chatJid);
-          if (result.status === 'success') {
-            const said = this.wordsOf(result);
-            const sent = said.at(-1) ?? null;
-            try {
-              this.store.transaction(() => {
-                for (const words of said) this.say(chatJid, words);
-                this.store.setCursor(chatJid, upToSeq);
-              });
-            } catch (err) {
-              // Not recorded, so not sent: the run ends and the retry answers (once) when the database is back.
-              log.error(
-                { group: group.folder, err: errorText(err) },
-                'Could not record the answer; the messages will be answered again',
-              );
-              this.queue.closeContainer(chatJid);
-              this.tell('turn', {
-                chatJid,
-                status: 'error',
-                sent: null,
-                error: `could not record the answer (${errorText(err)})`,
-                upToSeq,
-              } satisfies TurnEvent);
-              return;
-            }
-            crashPoint('reply-recorded');
-            this.sendSoon(chatJid);
-            // Waiting now, unless a follow-up handed over during this turn is still to be answered.
-            if ((this.queue.givenUpTo(chatJid) ?? 0) <= upToSeq) this.queue.markIdle(chatJid);
-            this.tell('turn', { chatJid, status: 'success', sent, upToSeq } satisfies TurnEvent);
-          } else {
-            this.tell('turn', {
-              chatJid,
-              status: 'error',
-              sent: null,
-              error: result.error,
-              upToSeq,
-            } satisfies TurnEvent);
-          }
-        },
-      });
-    } catch (err) {
-      const error = errorText(err);
-      log.error({ group: group.folder, error }, 'Could not run the agent container');
-      this.tell('turn', {
-        chatJid,
-        status: 'error',
-        sent: null,
-        error,
-        upToSeq: this.queue.givenUpTo(chatJid) ?? 0,
-      } satisfies TurnEvent);
-      return this.stopped;
-    } finally {
-      upToSeq = this.queue.givenUpTo(chatJid) ?? 0;
-      this.lastGiven.set(chatJid, upToSeq);
-      this.queue.give(chatJid, null);
-      const orphan = this.taskTurns.get(chatJid);
-      if (orphan) {
-        this.taskTurns.delete(chatJid);
-        this.recordTaskTurn(orphan, {
-          result: null,
-          said: [],
-          error: 'the container stopped before the task was answered',
-        });
-      }
-      await this.typing(chatJid, false);
-    }
-    const cursorNow = this.store.getCursor(chatJid);
-    const unanswered = this.store.messagesSince(chatJid, cursorNow).length;
-    // A container that ends, however it ends, while messages it was given are unanswered has failed.
-    const failed = outcome.exitCode !== 0 || outcome.timedOut || outcome.oversized === true || upToSeq > cursorNow;
-    if (failed && outcome.results === 0) {
-      const error = outcome.timedOut
-        ? 'the agent timed out'
-        : outcome.exitCode === 0
-          ? 'the agent container ended without an answer'
-          : `the agent container exited with code ${outcome.exitCode}`;
-      this.tell('turn', { chatJid, status: 'error', sent: null, error, upToSeq } satisfies TurnEvent);
-    }
-    if (outcome.lastErrorKind === 'auth' && unanswered > 0 && !this.stopped) {
-      // A refused key fails every retry alike: say once what to fix, and do not retry.
-      this.giveUp(
-        chatJid,
-        keyRefusedNotice(this.config, outcome.lastError ?? ''),
-        outcome.lastErrorUpTo ?? upToSeq,
-        `notice:key-refused:${chatJid}`,
-      );
-      return true;
-    }
-    if (outcome.lastErrorKind === 'bad-request' && unanswered > 0 && !this.stopped) {
-      // The model refused the request itself (400): the same request would be refused again.
-      this.giveUp(chatJid, badRequestNotice(outcome.lastError ?? ''), outcome.lastErrorUpTo ?? upToSeq);
-      return true;
-    }
-    if ((failed || outcome.lastError) && unanswered > 0 && !this.stopped) {
-      log.warn(
-        { group: group.folder, unanswered, logFile: outcome.logFile },
-        'Run failed; cursor left before the unanswered messages, will retry',
-      );
-      return false;
-    }
-    // Messages that came in as the container was closing go into the next run.
-    if (unanswered > 0 && !this.stopped) this.queue.enqueueMessages(chatJid);
-    return true;
-  }
-
-  /**
-   * The messages a failed run was given (up to `upToSeq`) cannot be answered (every retry
-   * failed, the key is refused, the request is refused): they are marked answered and the
-   * chat is told — with `onceKey`, at most once in six hours (the logs keep saying it).
-   * Messages that came after them are not swept along: they get a run of their own.
-   */
-  private giveUp(chatJid: string, notice: string, upToSeq: number, onceKey?: string): void {
-    const group = this.store.groupByJid(chatJid);
-    if (!group) return;
-    const pending = this.store
-      .messagesSince(chatJid, this.store.getCursor(chatJid))
-      .filter((message) => message.seq <= upToSeq);
-    if (pending.length === 0) return;
-    const toldAt = onceKey ? Number(this.store.getState(onceKey) ?? 0) : 0;
-    const tell = !onceKey || this.clock.now() - toldAt > 6 * 3_600_000;
-    this.store.transaction(() => {
-      this.store.setCursor(chatJid, pending.at(-1)!.seq);
-      if (tell)
-        this.say(chatJid, formatOutbound(notice, this.config.assistantName, this.config.assistantHasOwnNumber)!);
-      if (tell && onceKey) this.store.setState(onceKey, String(this.clock.now()));
-    });
-    this.sendSoon(chatJid);
-    log.error({ group: group.folder, messages: pending.length, told: tell }, 'Gave up on messages; told the chat');
-    if (this.store.messagesSince(chatJid, pending.at(-1)!.seq).length > 0 && !this.stopped)
-      this.queue.enqueueMessages(chatJid);
-  }
-
-  /** Launches the group's container with its mounts, its session and a proxy token on stdin. */
-  async runAgent(
-    group: RegisteredGroup,
-    prompt: string,
-    run: {
-      isScheduledTask: boolean;
-      acceptsFollowUps: boolean;
-      /** undefined: resume the group's session; null: start a fresh one (isolated tasks). */
-      sessionId?: string | null;
-      /** Remember the session the run ends in as the group's session. */
-      saveSession: boolean;
-      /** Started ahead of a message: no prompt yet, it waits in the warm pool for one. */
-      warm?: boolean;
-      /** The queue entry the container belongs to (default: the group's chat). */
-      lane?: string;
-      /** The seq of the newest message in the prompt. */
-      upTo?: number;
-      onResult(result: ContainerResult): Promise<void>;
-    },
-  ): Promise<RunOutcome> {
-    const resetsAtStart = this.sessionResets.get(group.folder) ?? 0;
-    writeSnapshots(this.config, this.store, group, this.snapshotsWritten);
-    const allowlist = group.containerConfig?.additionalMounts?.length
-      ? loadMountAllowlist(this.config.mountAllowlistPath)
-      : null;
-    const extra = validateExtraMounts(group.containerConfig?.additionalMounts, allowlist, group.isMain);
-    for (const rejected of extra.rejected) log.warn({ group: group.folder, ...rejected }, 'Extra mount refused');
-    const sessionId = run.sessionId === undefined ? this.store.getSession(group.folder) : run.sessionId;
-    const input: ContainerInput = {
-      prompt,
-      groupFolder: group.folder,
-      chatJid: group.jid,
-      isMain: group.isMain,
-      ...(sessionId ? { sessionId } : {}),
-      isScheduledTask: run.isScheduledTask,
-      ...(run.warm ? { warm: true } : {}),
-      ...(run.upTo === undefined ? {} : { upTo: run.upTo }),
-      assistantName: this.config.assistantName,
-    };
-    const outcome = runContainer({
-      config: this.config,
-      group,
-      input,
-      mounts: groupMounts(this.config, group, extra.mounts),
-      acceptsFollowUps: run.acceptsFollowUps,
-      proxy: this.proxy,
-      onStart: (live) => {
-        const lane = run.lane ?? group.jid;
-        this.queue.attach(lane, live);
-        if (run.warm) this.queue.markIdle(lane);
-        // Messages that came while docker was starting found no container to take them: hand them over now.
-        if (run.acceptsFollowUps && lane === group.jid) this.forwardToLiveContainer(group);
-      },
-      onResult: async (result) => {
-        if (result.sessionId && run.saveSession && (this.sessionResets.get(group.folder) ?? 0) === resetsAtStart) {
-          try {
-            this.store.setSession(group.folder, result.sessionId);
-          } catch (err) {
-            log.warn(
-              { group: group.folder, err: errorText(err) },
-              'Could not save the session id; the next run may start a new session',
-            );
-          }
-        }
-        if (result.status === 'error')
-          log.error({ group: group.folder, error: result.error }, 'Agent reported an error');
-        await run.onResult(result);
-        this.checkGroupDiskNow(group);
-      },
-    });
-    void outcome.finally(() => this.checkGroupDiskNow(group));
-    return outcome;
-  }
-
-  /** After each turn and run: what the agent wrote counts at once, before the group gets another turn. */
-  private checkGroupDiskNow(group: RegisteredGroup): void {
-    try {
-      this.checkGroupDisk(group);
-    } catch (err) {
-      log.warn({ group: group.folder, err: errorText(err) }, 'Could not check the group’s disk use');
-    }
-  }
-
-  /**
-   * A claimed task run goes into its group's queue. A group-context task is a turn of the
-   * chat's container when one is alive (nothing is closed for it); an isolated task gets
-   * its own container in its own lane, beside the chat's.
-   */
-  private queueTaskRun(task: ScheduledTask): void {
-    this.tasksInHand.add(task.id);
-    const run = () => this.runTask(task.id).then(() => {});
-    if (task.contextMode === 'isolated') this.queue.enqueueTask(laneOf(task), task.id, run);
-    else this.queue.enqueueTask(task.chatJid, task.id, run, () => this.runTaskInLive(task.id, task.chatJid));
-  }
-
-  /** The task, if it is to run now (active, or `force`); otherwise it is released and logged as skipped. */
-  private runnableTask(taskId: string, force = false): ScheduledTask | null {
-    const task = this.store.getTask(taskId);
-    if (task && (force || task.status === 'active')) return task;
-    log.info({ taskId, status: task?.status ?? 'deleted' }, 'Task skipped');
-    if (task) this.store.releaseTask(task.id);
-    this.tasksInHand.delete(taskId);
-    return null;
-  }
-
-  /** Hands a task to its chat's live container as the next turn; its answer comes back through processMessages. */
-  private runTaskInLive(taskId: string, chatJid: string): void {
-    const task = this.runnableTask(taskId);
-    if (!task) {
-      this.queue.markIdle(chatJid);
-      return;
-    }
-    this.store.markTaskStarted(task.id);
-    this.taskTurns.set(task.chatJid, {
-      task,
-      startedAt: new Date(this.clock.now()),
-      startedMono: this.clock.monotonic(),
-    });
-    if (!this.queue.sendFollowUp(task.chatJid, task.prompt, 'task')) {
-      // The container is going away after all: queued again, the task gets a container of its own.
-      this.taskTurns.delete(task.chatJid);
-      this.queueTaskRun(task);
-      return;
-    }
-    log.info({ group: task.groupFolder, taskId: task.id }, 'Scheduled task handed to the chat’s running container');
-  }
-
-  /** A task turn answered: recorded like any task run, then the chat's held messages (or the next task) follow. */
-  private finishTaskTurn(group: RegisteredGroup, turn: TaskTurn, answer: ContainerResult): void {
-    const ok = answer.status === 'success';
-    this.recordTaskTurn(turn, {
-      result: ok ? answer.result : null,
-      said: ok ? this.wordsOf(answer) : [],
-      error: ok ? null : (answer.error ?? 'unknown error'),
-    });
-    this.queue.markIdle(group.jid);
-    if (!this.forwardToLiveContainer(group)) this.queue.enqueueMessages(group.jid);
-  }
-
-  /**
-   * Task runs that were claimed but never finished (the host died during them): each is
-   * logged as interrupted and run once more; one interrupted twice is given up (a `once`
-   * task is then completed with the error), never left stranded.
-   */
-  recoverTaskRuns(): void {
-    for (const claim of this.store.taskClaims()) {
-      if (this.tasksInHand.has(claim.taskId)) continue;
-      const task = this.store.getTask(claim.taskId);
-      if (!task) {
-        this.store.releaseTask(claim.taskId);
-        continue;
-      }
-      if (claim.startedAt === null) {
-        // Owed but never started (it waited in the queue when the host stopped): just run it.
-        this.queueTaskRun(task);
-        continue;
-      }
-      const startedAt = claim.startedAt;
-      const error = `interrupted: NanoClaw stopped during the run that started ${startedAt}`;
-      const again = claim.attempt < 2 && task.status === 'active';
-      this.store.transaction(() => {
-        this.store.logTaskRun({
-          taskId: task.id,
-          runAt: startedAt,
-          durationMs: 0,
-          status: 'error',
-          result: null,
-          error,
-        });
-        this.store.releaseTask(task.id);
-        if (again) this.store.claimTask(task.id, claim.dueAt, claim.attempt + 1);
-        else {
-          if (task.scheduleType === 'once')
-            this.store.updateTask(task.id, {
-              status: 'completed',
-              nextRun: null,
-              lastResult: `Error: ${error} (twice; not run again)`,
-            });
-          // Given up: the chat it was for hears of it, not only the log.
-          const preview = task.prompt.length > 80 ? `${task.prompt.slice(0, 80)}…` : task.prompt;
-          const when = task.scheduleType === 'once' ? 'It will not run again.' : 'It runs again at its next time.';
-          this.say(
-            task.chatJid,
-            formatOutbound(
-              `A scheduled task ("${preview}") was interrupted twice as NanoClaw stopped, and I gave up on this run. ${when}`,
-              this.config.assistantName,
-              this.config.assistantHasOwnNumber,
-            )!,
-          );
-        }
-      });
-      if (!again) this.sendSoon(task.chatJid);
-      log.warn(
-        { group: task.groupFolder, taskId: task.id, runAgain: again },
-        again ? 'A task run was interrupted; running it again' : 'A task run was interrupted twice; giving up on it',
-      );
-      if (again) this.queueTaskRun(task);
-    }
+  /** The disk watch (DiskWatch), also run at once when the database reports a full disk. */
+  checkDisk(): Promise<void> {
+    return this.disk.check();
   }
 
   /**
@@ -7252,161 +7579,13 @@ export class Host {
   async runTaskNow(taskId: string): Promise<TaskRunLog | null> {
     this.ipc.start();
     try {
-      const run = await this.runTask(taskId, true);
+      const run = await this.tasks.run(taskId, true);
       await this.ipc.scan();
       await this.settleOutbox();
       return run;
     } finally {
       await this.ipc.stop();
     }
-  }
-
-  /**
-   * Runs a scheduled task now in its group's container: the answer goes to the group's
-   * chat (minus <internal> text), the container closes right after it, and the run is
-   * logged in task_run_logs, all in one transaction with the claim's release. Paused or
-   * deleted tasks are skipped unless `force`.
-   */
-  async runTask(taskId: string, force = false): Promise<TaskRunLog | null> {
-    const task = this.runnableTask(taskId, force);
-    if (!task) return null;
-    const group = this.store.groupByFolder(task.groupFolder);
-    const lane = laneOf(task);
-    const started = { at: new Date(this.clock.now()), mono: this.clock.monotonic() };
-    this.store.markTaskStarted(task.id);
-    let result: string | null = null;
-    let said: string[] = [];
-    let error: string | null = group ? null : `group "${task.groupFolder}" is no longer registered`;
-    if (group && this.overBudget.has(group.folder)) error = 'the group is over its disk budget (GROUP_DISK_BUDGET)';
-    if (group && !error) {
-      try {
-        const outcome = await this.runAgent(group, task.prompt, {
-          isScheduledTask: true,
-          acceptsFollowUps: false,
-          sessionId: task.contextMode === 'group' ? undefined : null,
-          saveSession: task.contextMode === 'group',
-          lane,
-          onResult: async (answer) => {
-            if (answer.status === 'success') {
-              result = answer.result;
-              said = this.wordsOf(answer);
-            } else {
-              error = answer.error ?? 'unknown error';
-            }
-            this.queue.closeContainer(lane);
-          },
-        });
-        if (!error && outcome.results === 0)
-          error = outcome.timedOut ? 'the agent timed out' : `the agent container exited with code ${outcome.exitCode}`;
-      } catch (err) {
-        error = errorText(err);
-      }
-    }
-    return this.recordTaskRun(task, started, { result, said, error });
-  }
-
-  /** recordTaskRun for a task turn: a database that cannot take it leaves the claim, which the sweep recovers. */
-  private recordTaskTurn(turn: TaskTurn, outcome: TaskOutcome): void {
-    try {
-      this.recordTaskRun(turn.task, { at: turn.startedAt, mono: turn.startedMono }, outcome);
-    } catch (err) {
-      log.error(
-        { group: turn.task.groupFolder, taskId: turn.task.id, err: errorText(err) },
-        'Could not record a task run; it is run again once the database is back',
-      );
-    }
-  }
-
-  /** A task run's end, in one transaction: its log, the task's state, what it said, the claim released. */
-  private recordTaskRun(task: ScheduledTask, started: { at: Date; mono: number }, outcome: TaskOutcome): TaskRunLog {
-    const { result, error } = outcome;
-    const run: TaskRunLog = {
-      taskId: task.id,
-      runAt: started.at.toISOString(),
-      durationMs: Math.round(this.clock.monotonic() - started.mono),
-      status: error ? 'error' : 'success',
-      result,
-      error,
-    };
-    const words = error ? [] : outcome.said;
-    this.tasksInHand.delete(task.id); // from here on, a claim left behind is the sweep's to recover
-    this.store.transaction(() => {
-      if (this.store.getTask(task.id)) {
-        this.store.logTaskRun(run);
-        this.store.updateTask(task.id, {
-          lastRun: run.runAt,
-          lastResult: error ? `Error: ${error}` : (result ?? '(nothing to say)'),
-          ...(task.scheduleType === 'once' ? { status: 'completed' as const, nextRun: null } : {}),
-        });
-      }
-      for (const part of words) this.say(task.chatJid, part);
-      this.store.releaseTask(task.id);
-    });
-    crashPoint('task-recorded');
-    if (words.length) this.sendSoon(task.chatJid);
-    if (error) log.error({ group: task.groupFolder, taskId: task.id, error }, 'Scheduled task failed');
-    else log.info({ group: task.groupFolder, taskId: task.id, durationMs: run.durationMs }, 'Scheduled task finished');
-    return run;
-  }
-
-  /**
-   * Requests from an agent, authorised by the IPC folder they were written to. Each is
-   * done in one transaction with its done-mark (claimId), so a request claimed again
-   * after a crash is recognised and not done twice.
-   */
-  async handleIpc(folder: string, kind: IpcKind, data: unknown, claimId: string): Promise<IpcDecision> {
-    if (this.store.isIpcDone(claimId)) return { ok: true };
-    const source = this.store.groupByFolder(folder);
-    if (!source) throw new IpcFormatError(`no registered group uses the folder "${folder}"`);
-    const request = parseIpcRequest(kind, data);
-    const refused =
-      refusal(source, request, this.store, this.config) ??
-      (request.type === 'message'
-        ? this.sendWindow.take(this.config, source, this.partsOf(request.chatJid, request.text))
-        : request.type === 'send_file'
-          ? this.sendWindow.take(this.config, source, 1)
-          : null);
-    if (refused) {
-      log.warn({ group: folder, type: request.type, reason: refused }, 'IPC request refused');
-      return { ok: false, reason: refused };
-    }
-    crashPoint('ipc-handling');
-    const afterwards: (() => void)[] = [];
-    const detail = this.store.transaction(() => {
-      const done = applyIpcRequest(request, {
-        config: this.config,
-        store: this.store,
-        source,
-        effects: this.ipcEffects(afterwards),
-      });
-      this.store.markIpcDone(claimId);
-      return done;
-    });
-    crashPoint('ipc-recorded');
-    for (const effect of afterwards) effect();
-    if (kind === 'tasks') writeSnapshots(this.config, this.store, source, this.snapshotsWritten);
-    return { ok: true, ...(detail ? { detail } : {}) };
-  }
-
-  /** How many messages the chat's channel would send for this text, said as an answer. */
-  private partsOf(chatJid: string, text: string): number {
-    const words = formatOutbound(text, this.config.assistantName, this.config.assistantHasOwnNumber);
-    return words ? (this.channelFor(chatJid)?.layout(words).length ?? 1) : 0;
-  }
-
-  /** What an IPC action may make the host do (see ipcActions()). */
-  private ipcEffects(afterwards: (() => void)[]): IpcEffects {
-    return {
-      say: (chatJid, text) => this.say(chatJid, text),
-      sayFile: (chatJid, file) => this.sayFile(chatJid, file),
-      afterwards: (effect) => afterwards.push(effect),
-      awaitAnswer: (chatJid) => this.queue.expectAnswer(chatJid),
-      sendSoon: (chatJid) => this.sendSoon(chatJid),
-      syncGroups: async () => {
-        await Promise.all(this.channels.map((channel) => channel.syncGroups?.()));
-      },
-      tasksChanged: () => this.scheduler.arm(),
-    };
   }
 }
 
