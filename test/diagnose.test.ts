@@ -309,7 +309,7 @@ describe('scripts/diagnose.sh', () => {
           'Exit code:  1\nResults:    1 (last error: LLM is not set)\n',
         ),
       'Container logs',
-      'Troubleshooting',
+      'docs/troubleshooting.md',
     ],
     [
       'a new session every run',
