@@ -95,7 +95,7 @@ async function healthyProject(): Promise<Fixture> {
     ['s1', 's1', 's1'].map((id) => `[2026-01-01 10:00:00.000] INFO: [main] Session initialized: ${id}`).join('\n') +
       '\n',
   );
-  const sleeper = Bun.spawn(['sleep', '60']);
+  const sleeper = Bun.spawn(['sleep', '3600']); // killed after the file; outlives any run under load
   sleepers.push(sleeper);
   mkdirSync(config.dataDir, { recursive: true });
   writeFileSync(join(config.dataDir, 'nanoclaw.pid'), String(sleeper.pid));
