@@ -96,67 +96,10 @@ export type SecretKey = (typeof SECRET_KEYS)[number];
 const isSecretKey = (key: string): key is SecretKey => (SECRET_KEYS as readonly string[]).includes(key);
 export type Secrets = Partial<Record<SecretKey, string>>;
 
-export interface Config {
-  projectRoot: string;
-  groupsDir: string;
-  dataDir: string;
-  storeDir: string;
-  logsDir: string;
-  dbPath: string;
-  ipcDir: string;
-  sessionsDir: string;
-  envFile: string;
-  mountAllowlistPath: string;
-  assistantName: string;
-  assistantHasOwnNumber: boolean;
-  containerImage: string;
-  containerRuntime: string;
-  /** A turn that produces nothing for this long is stopped. */
-  containerTimeoutMs: number;
-  /** After its last answer, a container waiting for follow-ups is closed after this long. */
-  idleTimeoutMs: number;
-  maxConcurrentContainers: number;
-  /** Ready agents kept between messages (0: none), and how long one waits running before it is paused. */
-  warmPool: { size: number; pauseAfterMs: number };
-  logLevel: string;
-  timezone: string;
-  /**
-   * Non-secret Kimi settings: which platform the key is for, the endpoint (the model proxy
-   * sends there), the model and provider (the container's CLI uses them).
-   */
-  kimi: {
-    platform: KimiPlatform;
-    baseUrl: string;
-    modelName: string;
-    provider?: string;
-    capabilities?: string;
-    questionTimeoutMs: number;
-  };
-  /** How containers reach the model proxy: a per-run unix socket, or a loopback port (Docker Desktop). */
-  modelProxy: 'unix' | 'tcp';
-  /** Limits every container runs under. */
-  container: { memory: string; cpus: string; pids: number; network: string; closeGraceMs: number };
-  /** Hosts or addresses the egress proxy lets containers reach although they are private or local. */
-  egressAllow: string[];
-  /** Bytes a group's writable trees may hold, and the space the host keeps back for its database and logs. */
-  disk: { groupBudget: number; reserve: number };
-  /** Limits on what one group can schedule; main is exempt when limitMain is false. */
-  tasks: { maxActive: number; minIntervalMs: number; limitMain: boolean };
-  /** Caps on send_message per group: requests in a sliding minute (main its own), WhatsApp parts per request. */
-  send: { maxPerMinute: number; maxPerMinuteMain: number; maxParts: number };
-  /** Another WhatsApp Web socket than WhatsApp's own (a relay, a test server); no version lookup then. */
-  whatsappServerUrl?: string;
-  /** An OpenAI-compatible /audio/transcriptions endpoint for voice notes (its key is the secret TRANSCRIBE_API_KEY). */
-  transcribe: { url?: string; model: string };
-}
-
 export class ConfigError extends Error {}
 
 /** Provider types Kimi Code CLI 2.1.0 knows (KIMI_PROVIDER; its config schema's ProviderType). */
 export const PROVIDER_TYPES = ['kimi', 'openai', 'openai_responses', 'anthropic', 'google-genai', 'vertexai'] as const;
-
-/** Kimi's own platforms need a key; another server (a local model) may not. */
-export const usesKimiProvider = (config: Config): boolean => !config.kimi.provider || config.kimi.provider === 'kimi';
 
 /**
  * Where a Kimi key works, and the model to ask there: each kind of key belongs to one
@@ -245,11 +188,8 @@ export function backoff(
 export function parseEnvFile(text: string): Record<string, string> {
   const values: Record<string, string> = {};
   for (const rawLine of text.split(/\r?\n/)) {
-    const line = rawLine.trim();
-    if (!line || line.startsWith('#')) continue;
-    const match = /^(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)\s*=\s*(.*)$/.exec(line);
+    const match = /^(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)\s*=\s*(.*)$/.exec(rawLine.trim());
     if (!match) continue;
-    const key = match[1]!;
     let value = match[2]!;
     const quote = value[0];
     if ((quote === '"' || quote === "'") && value.lastIndexOf(quote) > 0) {
@@ -258,7 +198,7 @@ export function parseEnvFile(text: string): Record<string, string> {
     } else {
       value = value.replace(/\s+#.*$/, '').trim();
     }
-    values[key] = value;
+    values[match[1]!] = value;
   }
   return values;
 }
@@ -267,209 +207,78 @@ function readEnvFile(path: string): Record<string, string> {
   return existsSync(path) ? parseEnvFile(readFileSync(path, 'utf8')) : {};
 }
 
-function positiveInt(name: string, raw: string | undefined, fallback: number, least = 1): number {
-  if (raw === undefined || raw === '') return fallback;
-  const value = Number(raw);
-  if (!Number.isInteger(value) || value < least) {
-    throw new ConfigError(
-      `${name}=${JSON.stringify(raw)} is not valid: expected a whole number ${least === 0 ? 'of 0 or more' : 'above 0'}.`,
-    );
-  }
-  return value;
+/** How a setting's text becomes its value; `kind` names it in the docs. */
+interface Parser<T> {
+  kind: string;
+  parse(raw: string, name: string): T;
 }
 
-function flag(raw: string | undefined): boolean {
-  return /^(1|true|yes|on)$/i.test(raw ?? '');
+/** A parser from a function that returns undefined for text it refuses, and what it expects instead. */
+function parser<T>(kind: string, expected: string, parse: (raw: string) => T | undefined): Parser<T> {
+  return {
+    kind,
+    parse(raw, name) {
+      const value = parse(raw);
+      if (value === undefined) throw new ConfigError(`${name}=${JSON.stringify(raw)} is not valid: ${expected}.`);
+      return value;
+    },
+  };
 }
 
-export function hostTimezone(): string {
-  return Intl.DateTimeFormat().resolvedOptions().timeZone || 'UTC';
-}
-
-export function isValidTimezone(tz: string): boolean {
+const text = parser('text', '', (raw) => raw);
+const matching = (kind: string, expected: string, valid: (raw: string) => boolean) =>
+  parser(kind, expected, (raw) => (valid(raw) ? raw : undefined));
+const oneOf = <const T extends string>(values: readonly T[]) =>
+  parser(values.join(', '), `use ${values.join(', ')}`, (raw) => values.find((value) => value === raw));
+const count = (least: 0 | 1) =>
+  parser(`whole number ≥ ${least}`, `expected a whole number ${least ? 'above 0' : 'of 0 or more'}`, (raw) =>
+    Number.isInteger(Number(raw)) && Number(raw) >= least ? Number(raw) : undefined,
+  );
+/** The one rule for yes/no settings: these words in any case; anything else (a typo) is refused. */
+const flag = parser(
+  'true or false',
+  'use true or false (yes/no, on/off and 1/0 work too)',
+  (raw) =>
+    ({ true: true, yes: true, on: true, 1: true, false: false, no: false, off: false, 0: false })[raw.toLowerCase()],
+);
+/** A size such as 2g, 512m or 64k (powers of 1024), in bytes; 0 is allowed (off). */
+const size = parser('size', 'a size such as 2g, 512m or 0', (raw) => {
+  const match = /^(\d+(?:\.\d+)?)([kmgt]?)$/i.exec(raw);
+  return match ? Math.round(Number(match[1]) * 1024 ** ' kmgt'.indexOf((match[2] || ' ').toLowerCase())) : undefined;
+});
+const httpUrl = matching(
+  'http(s) URL',
+  'an http(s) URL, e.g. https://api.openai.com/v1/audio/transcriptions',
+  (raw) => URL.canParse(raw) && /^https?:$/.test(new URL(raw).protocol),
+);
+const commaList = parser('list', '', (raw) =>
+  raw
+    .toLowerCase()
+    .split(/\s*,\s*/)
+    .filter(Boolean),
+);
+const assistantName = matching('name', 'use letters, digits, spaces, - or _ (at most 40)', (raw) =>
+  /^[\p{L}\p{N}_][\p{L}\p{N}_ -]{0,39}$/u.test(raw),
+);
+const timezone = matching('IANA timezone', 'a known IANA timezone, e.g. Europe/Berlin or America/New_York', (raw) => {
   try {
-    new Intl.DateTimeFormat('en-US', { timeZone: tz });
-    return true;
+    return Boolean(new Intl.DateTimeFormat('en-US', { timeZone: raw }));
   } catch {
     return false;
   }
+});
+const memory = matching('size', 'e.g. 2g or 1536m', (raw) => /^\d+(\.\d+)?[kmg]?$/i.test(raw));
+const cpus = matching(
+  'number',
+  'a number of CPUs above 0, e.g. 1 or 1.5',
+  (raw) => /^\d+(\.\d+)?$/.test(raw) && Number(raw) > 0,
+);
+const network = matching('network', 'egress, none, bridge, or the name of a Docker network', isValidNetwork);
+
+/** bridge, none, egress or a user-defined Docker network name; never host (it would undo the isolation). */
+export function isValidNetwork(network: string): boolean {
+  return network !== 'host' && /^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$/.test(network) && !network.startsWith('container:');
 }
-
-/**
- * Builds the configuration from `env` (normally process.env) over the project's `.env`.
- * Pure apart from reading `.env`; secrets are not part of it (see readSecrets).
- */
-export function loadConfig(projectRoot: string, env: Record<string, string | undefined> = process.env): Config {
-  const root = resolve(projectRoot);
-  const envFile = join(root, '.env');
-  const merged: Record<string, string | undefined> = { ...readEnvFile(envFile), ...env };
-  const get = (key: string) => {
-    const value = merged[key]?.trim();
-    return value ? value : undefined;
-  };
-
-  const assistantName = get('ASSISTANT_NAME') ?? 'Andy';
-  if (!/^[\p{L}\p{N}_][\p{L}\p{N}_ -]{0,39}$/u.test(assistantName)) {
-    throw new ConfigError(
-      `ASSISTANT_NAME=${JSON.stringify(assistantName)} is not valid: use letters, digits, spaces, - or _ (at most 40).`,
-    );
-  }
-  const timezone = get('TZ') ?? hostTimezone();
-  if (!isValidTimezone(timezone)) {
-    throw new ConfigError(
-      `TZ=${JSON.stringify(timezone)} is not a known IANA timezone (e.g. Europe/Berlin, America/New_York).`,
-    );
-  }
-  const logLevel = get('LOG_LEVEL') ?? 'info';
-  if (!['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'].includes(logLevel)) {
-    throw new ConfigError(`LOG_LEVEL=${JSON.stringify(logLevel)} is not valid: use error, warn, info, debug or trace.`);
-  }
-  const modelProxy = get('MODEL_PROXY') ?? (process.platform === 'darwin' ? 'tcp' : 'unix');
-  if (modelProxy !== 'unix' && modelProxy !== 'tcp') {
-    throw new ConfigError(
-      `MODEL_PROXY=${JSON.stringify(modelProxy)} is not valid: use unix (Linux) or tcp (Docker Desktop).`,
-    );
-  }
-  const memory = get('CONTAINER_MEMORY') ?? '2g';
-  if (!/^\d+(\.\d+)?[kmg]?$/i.test(memory))
-    throw new ConfigError(`CONTAINER_MEMORY=${JSON.stringify(memory)} is not valid: e.g. 2g or 1536m.`);
-  const cpus = get('CONTAINER_CPUS') ?? String(defaultContainerCpus());
-  if (!/^\d+(\.\d+)?$/.test(cpus) || Number(cpus) <= 0)
-    throw new ConfigError(
-      `CONTAINER_CPUS=${JSON.stringify(cpus)} is not valid: a number of CPUs above 0, e.g. 1 or 1.5.`,
-    );
-  const platform = (get('KIMI_PLATFORM') ?? 'moonshot-ai') as KimiPlatform;
-  if (!(platform in KIMI_PLATFORMS)) {
-    throw new ConfigError(
-      `KIMI_PLATFORM=${JSON.stringify(platform)} is not valid: use ${Object.keys(KIMI_PLATFORMS).join(', ')}.`,
-    );
-  }
-  const provider = get('KIMI_PROVIDER');
-  if (provider !== undefined && !(PROVIDER_TYPES as readonly string[]).includes(provider))
-    throw new ConfigError(`KIMI_PROVIDER=${JSON.stringify(provider)} is not valid: use ${PROVIDER_TYPES.join(', ')}.`);
-  // Docker Desktop cannot mount the egress proxy's socket, so its containers keep the bridge.
-  const network = get('CONTAINER_NETWORK') ?? (modelProxy === 'unix' ? 'egress' : 'bridge');
-  if (!isValidNetwork(network))
-    throw new ConfigError(
-      `CONTAINER_NETWORK=${JSON.stringify(network)} is not valid: egress, none, bridge, or the name of a Docker network.`,
-    );
-  if (network === 'egress' && modelProxy !== 'unix')
-    throw new ConfigError('CONTAINER_NETWORK=egress needs MODEL_PROXY=unix (the egress proxy is a mounted socket).');
-  const dataDir = join(root, 'data');
-  const storeDir = join(root, 'store');
-  return {
-    projectRoot: root,
-    groupsDir: join(root, 'groups'),
-    dataDir,
-    storeDir,
-    logsDir: join(root, 'logs'),
-    dbPath: join(storeDir, 'messages.db'),
-    ipcDir: join(dataDir, 'ipc'),
-    sessionsDir: join(dataDir, 'sessions'),
-    envFile,
-    mountAllowlistPath:
-      get('NANOCLAW_MOUNT_ALLOWLIST') ?? join(homedir(), '.config', 'nanoclaw', 'mount-allowlist.json'),
-    assistantName,
-    assistantHasOwnNumber: flag(get('ASSISTANT_HAS_OWN_NUMBER')),
-    containerImage: get('CONTAINER_IMAGE') ?? 'nanoclaw-agent:latest',
-    containerRuntime: get('CONTAINER_RUNTIME') ?? 'docker',
-    containerTimeoutMs: positiveInt('CONTAINER_TIMEOUT', get('CONTAINER_TIMEOUT'), 30 * 60_000),
-    idleTimeoutMs: positiveInt('IDLE_TIMEOUT', get('IDLE_TIMEOUT'), 30 * 60_000),
-    maxConcurrentContainers: positiveInt(
-      'MAX_CONCURRENT_CONTAINERS',
-      get('MAX_CONCURRENT_CONTAINERS'),
-      defaultConcurrency(),
-    ),
-    warmPool: {
-      size: positiveInt('WARM_POOL_SIZE', get('WARM_POOL_SIZE'), defaultPoolSize(), 0),
-      pauseAfterMs: positiveInt('WARM_PAUSE_AFTER', get('WARM_PAUSE_AFTER'), 60_000),
-    },
-    logLevel,
-    timezone,
-    kimi: {
-      platform,
-      baseUrl: get('KIMI_BASE_URL') ?? KIMI_PLATFORMS[platform].baseUrl,
-      modelName: get('KIMI_MODEL_NAME') ?? KIMI_PLATFORMS[platform].model,
-      provider,
-      capabilities: get('KIMI_MODEL_CAPABILITIES'),
-      questionTimeoutMs: positiveInt('QUESTION_TIMEOUT', get('QUESTION_TIMEOUT'), 10 * 60_000),
-    },
-    modelProxy,
-    container: {
-      memory,
-      cpus,
-      pids: positiveInt('CONTAINER_PIDS', get('CONTAINER_PIDS'), 512),
-      network,
-      closeGraceMs: positiveInt('CONTAINER_CLOSE_GRACE', get('CONTAINER_CLOSE_GRACE'), 30_000),
-    },
-    tasks: {
-      maxActive: positiveInt('TASK_MAX_ACTIVE', get('TASK_MAX_ACTIVE'), 25),
-      minIntervalMs: positiveInt('TASK_MIN_INTERVAL', get('TASK_MIN_INTERVAL'), 5 * 60_000),
-      limitMain: !/^(0|false|no|off)$/i.test(get('TASK_LIMITS_MAIN') ?? ''),
-    },
-    disk: {
-      groupBudget: byteSize('GROUP_DISK_BUDGET', get('GROUP_DISK_BUDGET'), 2 * 1024 ** 3),
-      reserve: byteSize('DISK_RESERVE', get('DISK_RESERVE'), 64 * 1024 ** 2),
-    },
-    egressAllow: (get('EGRESS_ALLOW') ?? '')
-      .split(',')
-      .map((entry) => entry.trim().toLowerCase())
-      .filter(Boolean),
-    send: {
-      maxPerMinute: positiveInt('SEND_MAX_PER_MINUTE', get('SEND_MAX_PER_MINUTE'), 20),
-      maxPerMinuteMain: positiveInt('SEND_MAX_PER_MINUTE_MAIN', get('SEND_MAX_PER_MINUTE_MAIN'), 60),
-      maxParts: positiveInt('SEND_MAX_PARTS', get('SEND_MAX_PARTS'), 10),
-    },
-    whatsappServerUrl: get('WHATSAPP_SERVER_URL'),
-    transcribe: {
-      url: httpUrl('TRANSCRIBE_URL', get('TRANSCRIBE_URL')),
-      model: get('TRANSCRIBE_MODEL') ?? 'whisper-1',
-    },
-  };
-}
-
-/**
- * Every setting by its variable name, as the host uses it once defaults are applied: what
- * `config get` and `config list` print, so the shell scripts never parse `.env` themselves.
- */
-export const SETTINGS: Record<string, (config: Config) => string | number | boolean | undefined> = {
-  ASSISTANT_NAME: (c) => c.assistantName,
-  ASSISTANT_HAS_OWN_NUMBER: (c) => c.assistantHasOwnNumber,
-  TZ: (c) => c.timezone,
-  LOG_LEVEL: (c) => c.logLevel,
-  CONTAINER_IMAGE: (c) => c.containerImage,
-  CONTAINER_RUNTIME: (c) => c.containerRuntime,
-  CONTAINER_TIMEOUT: (c) => c.containerTimeoutMs,
-  IDLE_TIMEOUT: (c) => c.idleTimeoutMs,
-  MAX_CONCURRENT_CONTAINERS: (c) => c.maxConcurrentContainers,
-  WARM_POOL_SIZE: (c) => c.warmPool.size,
-  WARM_PAUSE_AFTER: (c) => c.warmPool.pauseAfterMs,
-  CONTAINER_MEMORY: (c) => c.container.memory,
-  CONTAINER_CPUS: (c) => c.container.cpus,
-  CONTAINER_PIDS: (c) => c.container.pids,
-  CONTAINER_NETWORK: (c) => c.container.network,
-  EGRESS_ALLOW: (c) => c.egressAllow.join(','),
-  GROUP_DISK_BUDGET: (c) => c.disk.groupBudget,
-  DISK_RESERVE: (c) => c.disk.reserve,
-  CONTAINER_CLOSE_GRACE: (c) => c.container.closeGraceMs,
-  MODEL_PROXY: (c) => c.modelProxy,
-  KIMI_PLATFORM: (c) => c.kimi.platform,
-  KIMI_BASE_URL: (c) => c.kimi.baseUrl,
-  KIMI_MODEL_NAME: (c) => c.kimi.modelName,
-  KIMI_PROVIDER: (c) => c.kimi.provider ?? 'kimi',
-  KIMI_MODEL_CAPABILITIES: (c) => c.kimi.capabilities,
-  QUESTION_TIMEOUT: (c) => c.kimi.questionTimeoutMs,
-  TASK_MAX_ACTIVE: (c) => c.tasks.maxActive,
-  TASK_MIN_INTERVAL: (c) => c.tasks.minIntervalMs,
-  TASK_LIMITS_MAIN: (c) => c.tasks.limitMain,
-  SEND_MAX_PER_MINUTE: (c) => c.send.maxPerMinute,
-  SEND_MAX_PER_MINUTE_MAIN: (c) => c.send.maxPerMinuteMain,
-  SEND_MAX_PARTS: (c) => c.send.maxParts,
-  NANOCLAW_MOUNT_ALLOWLIST: (c) => c.mountAllowlistPath,
-  WHATSAPP_SERVER_URL: (c) => c.whatsappServerUrl,
-  TRANSCRIBE_URL: (c) => c.transcribe.url,
-  TRANSCRIBE_MODEL: (c) => c.transcribe.model,
-};
 
 /**
  * As many containers at once as the machine has CPUs (at least two): starting an agent is
@@ -492,23 +301,197 @@ export function defaultContainerCpus(cores = availableParallelism()): number {
   return Math.max(1, Math.floor(cores / 2));
 }
 
-/** An http(s) URL, or undefined when not set. */
-function httpUrl(name: string, value: string | undefined): string | undefined {
-  if (value === undefined) return undefined;
-  if (!URL.canParse(value) || !/^https?:$/.test(new URL(value).protocol))
-    throw new ConfigError(
-      `${name}=${JSON.stringify(value)} is not valid: an http(s) URL, e.g. https://api.openai.com/v1/audio/transcriptions.`,
-    );
-  return value;
+/** One setting: its variable, its parser, its default as written in .env (or worked out), one doc line. */
+interface Setting<T> {
+  env: string;
+  parser: Parser<T>;
+  fallback: string | Computed | undefined;
+  doc: string;
+}
+/** A default worked out at loading, from the machine or from settings above it in the table; `shown` in the docs. */
+interface Computed {
+  shown: string;
+  value(earlier: Record<string, unknown>): string;
+}
+type SettingTable = { [key: string]: Setting<unknown> | SettingTable };
+
+function setting<T>(env: string, parser: Parser<T>, fallback: string | Computed, doc: string): Setting<T> {
+  return { env, parser, fallback, doc };
+}
+function optional<T>(env: string, parser: Parser<T>, doc: string): Setting<T | undefined> {
+  return { env, parser, fallback: undefined, doc };
+}
+const LOG_LEVELS = ['error', 'warn', 'info', 'debug', 'trace', 'fatal', 'silent'] as const;
+const PLATFORM_NAMES = Object.keys(KIMI_PLATFORMS) as KimiPlatform[];
+const computed = (shown: string, value: Computed['value']): Computed => ({ shown, value });
+const WORKED_OUT = {
+  timezone: computed("this machine's", () => Intl.DateTimeFormat().resolvedOptions().timeZone || 'UTC'),
+  concurrency: computed('CPU count, at least 2', () => String(defaultConcurrency())),
+  poolSize: computed('1 per 2 GiB of memory, 1 to 8', () => String(defaultPoolSize())),
+  modelProxy: computed('unix; tcp on macOS', () => (process.platform === 'darwin' ? 'tcp' : 'unix')),
+  baseUrl: computed('from KIMI_PLATFORM', (earlier) => KIMI_PLATFORMS[earlier.KIMI_PLATFORM as KimiPlatform].baseUrl),
+  model: computed('from KIMI_PLATFORM', (earlier) => KIMI_PLATFORMS[earlier.KIMI_PLATFORM as KimiPlatform].model),
+  cpus: computed('half the CPUs, at least 1', () => String(defaultContainerCpus())),
+  // Docker Desktop cannot mount the egress proxy's socket, so its containers keep the bridge.
+  network: computed('egress; bridge with MODEL_PROXY=tcp', (earlier) =>
+    earlier.MODEL_PROXY === 'unix' ? 'egress' : 'bridge',
+  ),
+  allowlist: computed('~/.config/nanoclaw/mount-allowlist.json', () =>
+    join(homedir(), '.config/nanoclaw/mount-allowlist.json'),
+  ),
+};
+
+/** Every setting, once, at the place of its value in Config; a default that reads another setting comes after it. */
+const SETTING_TABLE = {
+  assistantName: setting('ASSISTANT_NAME', assistantName, 'Andy', '"@Andy" wakes it in groups; replies start "Andy: "'),
+  assistantHasOwnNumber: setting(
+    'ASSISTANT_HAS_OWN_NUMBER',
+    flag,
+    'false',
+    'true: its own WhatsApp number, no name on replies',
+  ),
+  timezone: setting('TZ', timezone, WORKED_OUT.timezone, 'Timezone of message times and schedules'),
+  logLevel: setting('LOG_LEVEL', oneOf(LOG_LEVELS), 'info', 'debug adds mounts, docker arguments, container stderr'),
+  containerImage: setting('CONTAINER_IMAGE', text, 'nanoclaw-agent:latest', 'The agent image (container/build.sh)'),
+  containerRuntime: setting('CONTAINER_RUNTIME', text, 'docker', 'The container command'),
+  containerTimeoutMs: setting(
+    'CONTAINER_TIMEOUT',
+    count(1),
+    '1800000',
+    'ms a silent turn may run before it is stopped',
+  ),
+  idleTimeoutMs: setting('IDLE_TIMEOUT', count(1), '1800000', 'ms an agent that answered waits for more, then closes'),
+  maxConcurrentContainers: setting('MAX_CONCURRENT_CONTAINERS', count(1), WORKED_OUT.concurrency, 'Containers at once'),
+  warmPool: {
+    size: setting('WARM_POOL_SIZE', count(0), WORKED_OUT.poolSize, 'Agents kept ready between messages (0: none)'),
+    pauseAfterMs: setting('WARM_PAUSE_AFTER', count(1), '60000', 'ms a ready agent runs before it is paused'),
+  },
+  modelProxy: setting('MODEL_PROXY', oneOf(['unix', 'tcp']), WORKED_OUT.modelProxy, 'unix: a socket; tcp: a port'),
+  kimi: {
+    platform: setting('KIMI_PLATFORM', oneOf(PLATFORM_NAMES), 'moonshot-ai', 'Kind of key: picks endpoint, model'),
+    baseUrl: setting('KIMI_BASE_URL', text, WORKED_OUT.baseUrl, 'Any OpenAI-compatible endpoint, for the proxy'),
+    modelName: setting('KIMI_MODEL_NAME', text, WORKED_OUT.model, 'The model the agent uses'),
+    provider: optional('KIMI_PROVIDER', oneOf(PROVIDER_TYPES), "The agent CLI's provider type (unset: kimi)"),
+    capabilities: optional('KIMI_MODEL_CAPABILITIES', text, 'e.g. thinking,image_in; unset: from the model'),
+    questionTimeoutMs: setting('QUESTION_TIMEOUT', count(1), '600000', "ms the agent's question waits for an answer"),
+  },
+  container: {
+    memory: setting('CONTAINER_MEMORY', memory, '2g', 'Memory per container (its /tmp and home too)'),
+    cpus: setting('CONTAINER_CPUS', cpus, WORKED_OUT.cpus, 'CPUs per container'),
+    pids: setting('CONTAINER_PIDS', count(1), '512', 'Processes and threads per container'),
+    network: setting('CONTAINER_NETWORK', network, WORKED_OUT.network, 'egress (web via host), none, bridge, NAME'),
+    closeGraceMs: setting('CONTAINER_CLOSE_GRACE', count(1), '30000', 'ms to close before it is stopped'),
+  },
+  egressAllow: setting('EGRESS_ALLOW', commaList, '', 'Private hosts or addresses the egress proxy still lets through'),
+  disk: {
+    groupBudget: setting('GROUP_DISK_BUDGET', size, '2g', "What one group's writable folders may take"),
+    reserve: setting('DISK_RESERVE', size, '64m', 'Space held back for the database and logs (0: none)'),
+  },
+  tasks: {
+    maxActive: setting('TASK_MAX_ACTIVE', count(1), '25', 'Active scheduled tasks per group'),
+    minIntervalMs: setting('TASK_MIN_INTERVAL', count(1), '300000', 'ms at least between two runs of one task'),
+    limitMain: setting('TASK_LIMITS_MAIN', flag, 'true', 'false: main is exempt from the two task limits'),
+  },
+  send: {
+    maxPerMinute: setting('SEND_MAX_PER_MINUTE', count(1), '20', 'send_message calls a group may make a minute'),
+    maxPerMinuteMain: setting('SEND_MAX_PER_MINUTE_MAIN', count(1), '60', 'The same for main'),
+    maxParts: setting('SEND_MAX_PARTS', count(1), '10', 'WhatsApp messages one send_message may become'),
+  },
+  mountAllowlistPath: setting('NANOCLAW_MOUNT_ALLOWLIST', text, WORKED_OUT.allowlist, 'The allowlist of extra mounts'),
+  whatsappServerUrl: optional('WHATSAPP_SERVER_URL', text, 'Another WhatsApp Web socket (a relay, a test server)'),
+  transcribe: {
+    url: optional('TRANSCRIBE_URL', httpUrl, 'An OpenAI-compatible /audio/transcriptions endpoint'),
+    model: setting('TRANSCRIBE_MODEL', text, 'whisper-1', 'The model that endpoint is asked for'),
+  },
+} satisfies SettingTable;
+
+type SettingValues<T> = { [K in keyof T]: T[K] extends Setting<infer V> ? V : SettingValues<T[K]> };
+
+/** Every setting at its place in SETTING_TABLE, and the project's paths. */
+export interface Config extends SettingValues<typeof SETTING_TABLE> {
+  projectRoot: string;
+  groupsDir: string;
+  dataDir: string;
+  storeDir: string;
+  logsDir: string;
+  dbPath: string;
+  ipcDir: string;
+  sessionsDir: string;
+  envFile: string;
 }
 
-/** bridge, none, or a user-defined Docker network name; never host (it would undo the isolation). */
-/** A size such as 2g, 512m or 64k (powers of 1024), in bytes; 0 is allowed (off). */
-function byteSize(name: string, value: string | undefined, fallback: number): number {
-  if (value === undefined) return fallback;
-  const match = /^(\d+(?:\.\d+)?)([kmgt]?)$/i.exec(value.trim());
-  if (!match) throw new ConfigError(`${name}=${JSON.stringify(value)} is not valid: a size such as 2g, 512m or 0.`);
-  return Math.round(Number(match[1]) * 1024 ** ' kmgt'.indexOf((match[2] || ' ').toLowerCase()));
+/** Kimi's own platforms need a key; another server (a local model) may not. */
+export const usesKimiProvider = (config: Config): boolean => !config.kimi.provider || config.kimi.provider === 'kimi';
+
+function flattenSettings(table: SettingTable, path: string[] = []): { setting: Setting<unknown>; path: string[] }[] {
+  return Object.entries(table).flatMap(([key, item]) =>
+    'env' in item
+      ? [{ setting: item as Setting<unknown>, path: [...path, key] }]
+      : flattenSettings(item, [...path, key]),
+  );
+}
+const SETTING_LIST = flattenSettings(SETTING_TABLE);
+
+/** Every setting by its variable name, read from a Config: what `config get` and `config list` print. */
+const SETTINGS: Record<string, (config: Config) => unknown> = Object.fromEntries(
+  SETTING_LIST.map(({ setting, path }) => [
+    setting.env,
+    (config: Config) => path.reduce<unknown>((node, key) => (node as Record<string, unknown>)[key], config),
+  ]),
+);
+
+/**
+ * Builds the configuration from `env` (normally process.env) over the project's `.env`.
+ * Pure apart from reading `.env`; secrets are not part of it (see readSecrets).
+ */
+export function loadConfig(projectRoot: string, env: Record<string, string | undefined> = process.env): Config {
+  const root = resolve(projectRoot);
+  const envFile = join(root, '.env');
+  const merged: Record<string, string | undefined> = { ...readEnvFile(envFile), ...env };
+  const values: Record<string, unknown> = {};
+  const settings: Record<string, unknown> = {};
+  for (const { setting, path } of SETTING_LIST) {
+    const { fallback } = setting;
+    const raw = merged[setting.env]?.trim() || (typeof fallback === 'object' ? fallback.value(values) : fallback);
+    values[setting.env] = raw === undefined ? undefined : setting.parser.parse(raw, setting.env);
+    const parent = path.slice(0, -1).reduce((node, key) => (node[key] ??= {}) as Record<string, unknown>, settings);
+    parent[path.at(-1)!] = values[setting.env];
+  }
+  if (values.CONTAINER_NETWORK === 'egress' && values.MODEL_PROXY !== 'unix')
+    throw new ConfigError('CONTAINER_NETWORK=egress needs MODEL_PROXY=unix (the egress proxy is a mounted socket).');
+  const dataDir = join(root, 'data');
+  const storeDir = join(root, 'store');
+  return {
+    ...settings,
+    projectRoot: root,
+    groupsDir: join(root, 'groups'),
+    dataDir,
+    storeDir,
+    logsDir: join(root, 'logs'),
+    dbPath: join(storeDir, 'messages.db'),
+    ipcDir: join(dataDir, 'ipc'),
+    sessionsDir: join(dataDir, 'sessions'),
+    envFile,
+  } as Config; // the table's shape is SettingValues<typeof SETTING_TABLE> by construction
+}
+
+/** The settings table of docs/configuration.md, as `bun nanoclaw.ts config docs` prints it. */
+function settingsMarkdown(): string {
+  const shown = ({ fallback }: Setting<unknown>) =>
+    fallback === undefined
+      ? 'unset'
+      : typeof fallback === 'object'
+        ? fallback.shown
+        : fallback
+          ? `\`${fallback}\``
+          : 'none';
+  return [
+    '| Variable | Type | Default | What it sets |',
+    '| --- | --- | --- | --- |',
+    ...SETTING_LIST.map(
+      ({ setting }) => `| \`${setting.env}\` | ${setting.parser.kind} | ${shown(setting)} | ${setting.doc} |`,
+    ),
+  ].join('\n');
 }
 
 /** Bytes as a person reads them: 1.5 GB, 64 MB, 900 B. */
@@ -517,10 +500,6 @@ export function formatBytes(bytes: number): string {
   const power = Math.min(units.length - 1, Math.floor(Math.log(Math.max(bytes, 1)) / Math.log(1024)));
   const value = bytes / 1024 ** power;
   return `${power === 0 ? value : Number(value.toFixed(1))} ${units[power]}`;
-}
-
-export function isValidNetwork(network: string): boolean {
-  return network !== 'host' && /^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$/.test(network) && !network.startsWith('container:');
 }
 
 /** Secrets found in process.env at start-up, moved here so no child process inherits them. */
@@ -547,26 +526,13 @@ export function readSecrets(config: Config): Secrets {
 }
 
 /** The only environment variables a child process (docker) gets: nothing secret, nothing from .env. */
+const CHILD_ENV_KEYS =
+  'PATH HOME USER LANG TMPDIR XDG_RUNTIME_DIR DOCKER_HOST DOCKER_CONFIG DOCKER_CONTEXT DOCKER_CERT_PATH DOCKER_TLS_VERIFY'.split(
+    ' ',
+  );
+
 export function childProcessEnv(env: Record<string, string | undefined> = process.env): Record<string, string> {
-  const passed = [
-    'PATH',
-    'HOME',
-    'USER',
-    'LANG',
-    'TMPDIR',
-    'XDG_RUNTIME_DIR',
-    'DOCKER_HOST',
-    'DOCKER_CONFIG',
-    'DOCKER_CONTEXT',
-    'DOCKER_CERT_PATH',
-    'DOCKER_TLS_VERIFY',
-  ];
-  const childEnv: Record<string, string> = {};
-  for (const key of passed) {
-    const value = env[key];
-    if (value !== undefined) childEnv[key] = value;
-  }
-  return childEnv;
+  return Object.fromEntries(CHILD_ENV_KEYS.flatMap((key) => (env[key] === undefined ? [] : [[key, env[key]]])));
 }
 
 // ───────────────────────────── 2. Logging: files, terminal, and secrets masked ───────
