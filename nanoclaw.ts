@@ -225,55 +225,57 @@ function parser<T>(kind: string, expected: string, parse: (raw: string) => T | u
   };
 }
 
-const text = parser('text', '', (raw) => raw);
-const matching = (kind: string, expected: string, valid: (raw: string) => boolean) =>
+const anyText = parser('text', '', (raw) => raw);
+const textMatching = (kind: string, expected: string, valid: (raw: string) => boolean) =>
   parser(kind, expected, (raw) => (valid(raw) ? raw : undefined));
 const oneOf = <const T extends string>(values: readonly T[]) =>
   parser(values.join(', '), `use ${values.join(', ')}`, (raw) => values.find((value) => value === raw));
-const count = (least: 0 | 1) =>
+const wholeNumber = (least: 0 | 1) =>
   parser(`whole number ≥ ${least}`, `expected a whole number ${least ? 'above 0' : 'of 0 or more'}`, (raw) =>
     Number.isInteger(Number(raw)) && Number(raw) >= least ? Number(raw) : undefined,
   );
+const milliseconds: Parser<number> = { ...wholeNumber(1), kind: 'milliseconds' };
 /** The one rule for yes/no settings: these words in any case; anything else (a typo) is refused. */
-const flag = parser(
-  'true or false',
-  'use true or false (yes/no, on/off and 1/0 work too)',
-  (raw) =>
-    ({ true: true, yes: true, on: true, 1: true, false: false, no: false, off: false, 0: false })[raw.toLowerCase()],
-);
+const YES_WORDS = ['true', 'yes', 'on', '1'];
+const NO_WORDS = ['false', 'no', 'off', '0'];
+const yesNo = parser('true or false', 'use true or false (or yes/no, on/off, 1/0)', (raw) => {
+  const word = raw.toLowerCase();
+  return YES_WORDS.includes(word) ? true : NO_WORDS.includes(word) ? false : undefined;
+});
 /** A size such as 2g, 512m or 64k (powers of 1024), in bytes; 0 is allowed (off). */
-const size = parser('size', 'a size such as 2g, 512m or 0', (raw) => {
+const byteSize = parser('size', 'a size such as 2g, 512m or 0', (raw) => {
   const match = /^(\d+(?:\.\d+)?)([kmgt]?)$/i.exec(raw);
   return match ? Math.round(Number(match[1]) * 1024 ** ' kmgt'.indexOf((match[2] || ' ').toLowerCase())) : undefined;
 });
-const httpUrl = matching(
+const httpUrl = textMatching(
   'http(s) URL',
   'an http(s) URL, e.g. https://api.openai.com/v1/audio/transcriptions',
   (raw) => URL.canParse(raw) && /^https?:$/.test(new URL(raw).protocol),
 );
-const commaList = parser('list', '', (raw) =>
-  raw
-    .toLowerCase()
-    .split(/\s*,\s*/)
-    .filter(Boolean),
-);
-const assistantName = matching('name', 'use letters, digits, spaces, - or _ (at most 40)', (raw) =>
+const commaList = parser('list', '', (raw) => raw.toLowerCase().match(/[^,\s]+/g) ?? []);
+const assistantNameRule = textMatching('name', 'use letters, digits, spaces, - or _ (at most 40)', (raw) =>
   /^[\p{L}\p{N}_][\p{L}\p{N}_ -]{0,39}$/u.test(raw),
 );
-const timezone = matching('IANA timezone', 'a known IANA timezone, e.g. Europe/Berlin or America/New_York', (raw) => {
-  try {
-    return Boolean(new Intl.DateTimeFormat('en-US', { timeZone: raw }));
-  } catch {
-    return false;
-  }
-});
-const memory = matching('size', 'e.g. 2g or 1536m', (raw) => /^\d+(\.\d+)?[kmg]?$/i.test(raw));
-const cpus = matching(
+const ianaTimezone = textMatching('IANA timezone', 'a known IANA timezone, e.g. Europe/Berlin', isKnownTimezone);
+const memoryLimit = textMatching('size', 'e.g. 2g or 1536m', (raw) => /^\d+(\.\d+)?[kmg]?$/i.test(raw));
+const cpuLimit = textMatching(
   'number',
   'a number of CPUs above 0, e.g. 1 or 1.5',
   (raw) => /^\d+(\.\d+)?$/.test(raw) && Number(raw) > 0,
 );
-const network = matching('network', 'egress, none, bridge, or the name of a Docker network', isValidNetwork);
+const networkName = textMatching(
+  'egress, none, bridge or a network',
+  'egress, none, bridge, or the name of a Docker network',
+  isValidNetwork,
+);
+
+function isKnownTimezone(name: string): boolean {
+  try {
+    return Boolean(new Intl.DateTimeFormat('en-US', { timeZone: name }));
+  } catch {
+    return false;
+  }
+}
 
 /** bridge, none, egress or a user-defined Docker network name; never host (it would undo the isolation). */
 export function isValidNetwork(network: string): boolean {
@@ -343,65 +345,55 @@ const WORKED_OUT = {
 
 /** Every setting, once, at the place of its value in Config; a default that reads another setting comes after it. */
 const SETTING_TABLE = {
-  assistantName: setting('ASSISTANT_NAME', assistantName, 'Andy', '"@Andy" wakes it in groups; replies start "Andy: "'),
-  assistantHasOwnNumber: setting(
-    'ASSISTANT_HAS_OWN_NUMBER',
-    flag,
-    'false',
-    'true: its own WhatsApp number, no name on replies',
-  ),
-  timezone: setting('TZ', timezone, WORKED_OUT.timezone, 'Timezone of message times and schedules'),
+  assistantName: setting('ASSISTANT_NAME', assistantNameRule, 'Andy', 'Wakes it in groups (@Andy), starts its replies'),
+  assistantHasOwnNumber: setting('ASSISTANT_HAS_OWN_NUMBER', yesNo, 'false', 'true: no name before replies'),
+  timezone: setting('TZ', ianaTimezone, WORKED_OUT.timezone, 'Timezone of message times and schedules'),
   logLevel: setting('LOG_LEVEL', oneOf(LOG_LEVELS), 'info', 'debug adds mounts, docker arguments, container stderr'),
-  containerImage: setting('CONTAINER_IMAGE', text, 'nanoclaw-agent:latest', 'The agent image (container/build.sh)'),
-  containerRuntime: setting('CONTAINER_RUNTIME', text, 'docker', 'The container command'),
-  containerTimeoutMs: setting(
-    'CONTAINER_TIMEOUT',
-    count(1),
-    '1800000',
-    'ms a silent turn may run before it is stopped',
-  ),
-  idleTimeoutMs: setting('IDLE_TIMEOUT', count(1), '1800000', 'ms an agent that answered waits for more, then closes'),
-  maxConcurrentContainers: setting('MAX_CONCURRENT_CONTAINERS', count(1), WORKED_OUT.concurrency, 'Containers at once'),
+  containerImage: setting('CONTAINER_IMAGE', anyText, 'nanoclaw-agent:latest', 'The agent image'),
+  containerRuntime: setting('CONTAINER_RUNTIME', anyText, 'docker', 'The container command'),
+  containerTimeoutMs: setting('CONTAINER_TIMEOUT', milliseconds, '1800000', 'A turn silent this long is stopped'),
+  idleTimeoutMs: setting('IDLE_TIMEOUT', milliseconds, '1800000', 'An agent that answered waits this long for more'),
+  maxConcurrentContainers: setting('MAX_CONCURRENT_CONTAINERS', wholeNumber(1), WORKED_OUT.concurrency, 'At once'),
   warmPool: {
-    size: setting('WARM_POOL_SIZE', count(0), WORKED_OUT.poolSize, 'Agents kept ready between messages (0: none)'),
-    pauseAfterMs: setting('WARM_PAUSE_AFTER', count(1), '60000', 'ms a ready agent runs before it is paused'),
+    size: setting('WARM_POOL_SIZE', wholeNumber(0), WORKED_OUT.poolSize, 'Agents kept ready between messages'),
+    pauseAfterMs: setting('WARM_PAUSE_AFTER', milliseconds, '60000', 'A ready agent runs this long, then is paused'),
   },
-  modelProxy: setting('MODEL_PROXY', oneOf(['unix', 'tcp']), WORKED_OUT.modelProxy, 'unix: a socket; tcp: a port'),
+  modelProxy: setting('MODEL_PROXY', oneOf(['unix', 'tcp']), WORKED_OUT.modelProxy, 'tcp: a port (Docker Desktop)'),
   kimi: {
-    platform: setting('KIMI_PLATFORM', oneOf(PLATFORM_NAMES), 'moonshot-ai', 'Kind of key: picks endpoint, model'),
-    baseUrl: setting('KIMI_BASE_URL', text, WORKED_OUT.baseUrl, 'Any OpenAI-compatible endpoint, for the proxy'),
-    modelName: setting('KIMI_MODEL_NAME', text, WORKED_OUT.model, 'The model the agent uses'),
+    platform: setting('KIMI_PLATFORM', oneOf(PLATFORM_NAMES), 'moonshot-ai', 'Your kind of key: endpoint and model'),
+    baseUrl: setting('KIMI_BASE_URL', anyText, WORKED_OUT.baseUrl, 'Any OpenAI-compatible endpoint'),
+    modelName: setting('KIMI_MODEL_NAME', anyText, WORKED_OUT.model, 'The model the agent uses'),
     provider: optional('KIMI_PROVIDER', oneOf(PROVIDER_TYPES), "The agent CLI's provider type (unset: kimi)"),
-    capabilities: optional('KIMI_MODEL_CAPABILITIES', text, 'e.g. thinking,image_in; unset: from the model'),
-    questionTimeoutMs: setting('QUESTION_TIMEOUT', count(1), '600000', "ms the agent's question waits for an answer"),
+    capabilities: optional('KIMI_MODEL_CAPABILITIES', anyText, 'e.g. thinking,image_in; unset: from the model'),
+    questionTimeoutMs: setting('QUESTION_TIMEOUT', milliseconds, '600000', "The agent's question waits this long"),
   },
   container: {
-    memory: setting('CONTAINER_MEMORY', memory, '2g', 'Memory per container (its /tmp and home too)'),
-    cpus: setting('CONTAINER_CPUS', cpus, WORKED_OUT.cpus, 'CPUs per container'),
-    pids: setting('CONTAINER_PIDS', count(1), '512', 'Processes and threads per container'),
-    network: setting('CONTAINER_NETWORK', network, WORKED_OUT.network, 'egress (web via host), none, bridge, NAME'),
-    closeGraceMs: setting('CONTAINER_CLOSE_GRACE', count(1), '30000', 'ms to close before it is stopped'),
+    memory: setting('CONTAINER_MEMORY', memoryLimit, '2g', 'Memory per container (its /tmp and home too)'),
+    cpus: setting('CONTAINER_CPUS', cpuLimit, WORKED_OUT.cpus, 'CPUs per container'),
+    pids: setting('CONTAINER_PIDS', wholeNumber(1), '512', 'Processes and threads per container'),
+    network: setting('CONTAINER_NETWORK', networkName, WORKED_OUT.network, 'egress: the web via the host'),
+    closeGraceMs: setting('CONTAINER_CLOSE_GRACE', milliseconds, '30000', 'A closing container is stopped after this'),
   },
   egressAllow: setting('EGRESS_ALLOW', commaList, '', 'Private hosts or addresses the egress proxy still lets through'),
   disk: {
-    groupBudget: setting('GROUP_DISK_BUDGET', size, '2g', "What one group's writable folders may take"),
-    reserve: setting('DISK_RESERVE', size, '64m', 'Space held back for the database and logs (0: none)'),
+    groupBudget: setting('GROUP_DISK_BUDGET', byteSize, '2g', "What one group's writable folders may take"),
+    reserve: setting('DISK_RESERVE', byteSize, '64m', 'Space held back for the database and logs'),
   },
   tasks: {
-    maxActive: setting('TASK_MAX_ACTIVE', count(1), '25', 'Active scheduled tasks per group'),
-    minIntervalMs: setting('TASK_MIN_INTERVAL', count(1), '300000', 'ms at least between two runs of one task'),
-    limitMain: setting('TASK_LIMITS_MAIN', flag, 'true', 'false: main is exempt from the two task limits'),
+    maxActive: setting('TASK_MAX_ACTIVE', wholeNumber(1), '25', 'Active scheduled tasks per group'),
+    minIntervalMs: setting('TASK_MIN_INTERVAL', milliseconds, '300000', 'Shortest gap between two runs of a task'),
+    limitMain: setting('TASK_LIMITS_MAIN', yesNo, 'true', 'false: main is exempt from the two task limits'),
   },
   send: {
-    maxPerMinute: setting('SEND_MAX_PER_MINUTE', count(1), '20', 'send_message calls a group may make a minute'),
-    maxPerMinuteMain: setting('SEND_MAX_PER_MINUTE_MAIN', count(1), '60', 'The same for main'),
-    maxParts: setting('SEND_MAX_PARTS', count(1), '10', 'WhatsApp messages one send_message may become'),
+    maxPerMinute: setting('SEND_MAX_PER_MINUTE', wholeNumber(1), '20', 'send_message calls a group may make a minute'),
+    maxPerMinuteMain: setting('SEND_MAX_PER_MINUTE_MAIN', wholeNumber(1), '60', 'The same for main'),
+    maxParts: setting('SEND_MAX_PARTS', wholeNumber(1), '10', 'WhatsApp messages one send_message may become'),
   },
-  mountAllowlistPath: setting('NANOCLAW_MOUNT_ALLOWLIST', text, WORKED_OUT.allowlist, 'The allowlist of extra mounts'),
-  whatsappServerUrl: optional('WHATSAPP_SERVER_URL', text, 'Another WhatsApp Web socket (a relay, a test server)'),
+  mountAllowlistPath: setting('NANOCLAW_MOUNT_ALLOWLIST', anyText, WORKED_OUT.allowlist, 'The extra-mount allowlist'),
+  whatsappServerUrl: optional('WHATSAPP_SERVER_URL', anyText, 'Another WhatsApp Web socket (a relay, a test server)'),
   transcribe: {
-    url: optional('TRANSCRIBE_URL', httpUrl, 'An OpenAI-compatible /audio/transcriptions endpoint'),
-    model: setting('TRANSCRIBE_MODEL', text, 'whisper-1', 'The model that endpoint is asked for'),
+    url: optional('TRANSCRIBE_URL', httpUrl, 'OpenAI-compatible /audio/transcriptions endpoint for voice notes'),
+    model: setting('TRANSCRIBE_MODEL', anyText, 'whisper-1', 'The model that endpoint is asked for'),
   },
 } satisfies SettingTable;
 
@@ -454,7 +446,11 @@ export function loadConfig(projectRoot: string, env: Record<string, string | und
     const { fallback } = setting;
     const raw = merged[setting.env]?.trim() || (typeof fallback === 'object' ? fallback.value(values) : fallback);
     values[setting.env] = raw === undefined ? undefined : setting.parser.parse(raw, setting.env);
-    const parent = path.slice(0, -1).reduce((node, key) => (node[key] ??= {}) as Record<string, unknown>, settings);
+    let parent = settings;
+    for (const group of path.slice(0, -1)) {
+      parent[group] ??= {};
+      parent = parent[group] as Record<string, unknown>;
+    }
     parent[path.at(-1)!] = values[setting.env];
   }
   if (values.CONTAINER_NETWORK === 'egress' && values.MODEL_PROXY !== 'unix')
@@ -8001,6 +7997,7 @@ export const COMMAND_USAGE = {
   config: [
     ['config get <KEY>…', 'the value NanoClaw uses for each setting (one per line; the key only as "set")'],
     ['config list', 'every setting, its value, and where it comes from'],
+    ['config docs', 'the settings table of docs/configuration.md, in Markdown'],
   ],
   diagnose: [['diagnose [--json]', 'check the whole setup (runs scripts/diagnose.sh)']],
   help: [['help [command], --help', "this text, or one command's"]],
@@ -9464,14 +9461,16 @@ function configCommand(config: Config, args: string[]): number {
     for (const key of keys) console.log(settingValue(config, key).replace(/\n/g, '\\n')); // one line per key, always
     return 0;
   }
-  if (action === 'list') {
-    if (keys.length) throw new UsageError('config list takes no arguments.', 'config');
-    for (const key of known)
-      console.log(`${key.padEnd(26)} ${settingValue(config, key).padEnd(40)} (${settingSource(config, key)})`);
+  if (action === 'list' || action === 'docs') {
+    if (keys.length) throw new UsageError(`config ${action} takes no arguments.`, 'config');
+    if (action === 'docs') console.log(settingsMarkdown());
+    else
+      for (const key of known)
+        console.log(`${key.padEnd(26)} ${settingValue(config, key).padEnd(40)} (${settingSource(config, key)})`);
     return 0;
   }
   throw new UsageError(
-    action ? `Unknown config command "${action}".` : 'config needs a command: get or list.',
+    action ? `Unknown config command "${action}".` : 'config needs a command: get, list or docs.',
     'config',
   );
 }
