@@ -535,14 +535,10 @@ export function childProcessEnv(env: Record<string, string | undefined> = proces
 
 /** Replaces every occurrence of each secret (and its JSON-escaped form) with [REDACTED]. */
 export function maskSecrets(text: string, secretValues: readonly string[]): string {
-  let masked = text;
-  for (const secret of secretValues) {
-    if (secret.length < 4) continue;
-    masked = masked.split(secret).join('[REDACTED]');
-    const escaped = JSON.stringify(secret).slice(1, -1);
-    if (escaped !== secret) masked = masked.split(escaped).join('[REDACTED]');
-  }
-  return masked;
+  const forms = secretValues
+    .filter((secret) => secret.length >= 4)
+    .flatMap((secret) => [secret, JSON.stringify(secret).slice(1, -1)]);
+  return forms.reduce((masked, form) => masked.split(form).join('[REDACTED]'), text);
 }
 
 const pino = () => load('pino') as typeof Pino;
@@ -556,27 +552,15 @@ function loggerOnFirstUse(create: () => Logger): Logger {
       const value: unknown = Reflect.get(real, key, real);
       return typeof value === 'function' ? value.bind(real) : value;
     },
-    set(_target, key, value) {
-      real ??= create();
-      return Reflect.set(real, key, value, real);
-    },
   });
 }
 
 /** The logger every section uses; silent until setupLogging() runs. */
 export let log: Logger = loggerOnFirstUse(() => pino()({ level: 'silent' }));
 
-export interface LoggingOptions {
-  /** Minimum level shown on the terminal (stderr); 'silent' for none. */
-  terminalLevel?: string;
-  /** Secret values to mask in every line; read at set-up from readSecrets(). */
-  secrets?: readonly string[];
-}
-
 /**
- * A log file that cannot be written (a full disk, a read-only folder) never stops the
- * host: its lines go to stderr instead, which is said once, and the file is tried again
- * with every line, so logging returns there once it can.
+ * A log file that cannot be written (a full disk, a read-only folder) never stops the host:
+ * its lines go to stderr, said once, and every line tries the file again.
  */
 function logFileStream(path: string, render: (line: string) => string): { write(line: string): void } {
   let failing = false;
@@ -588,10 +572,9 @@ function logFileStream(path: string, render: (line: string) => string): { write(
         if (failing) process.stderr.write(`NanoClaw: ${path} can be written again; logging there.\n`);
         failing = false;
       } catch (err) {
+        const why = errorCode(err) ?? errorText(err);
         if (!failing)
-          process.stderr.write(
-            `NanoClaw: cannot write ${path} (${errorCode(err) ?? errorText(err)}); log lines go to stderr until it can.\n`,
-          );
+          process.stderr.write(`NanoClaw: cannot write ${path} (${why}); log lines go to stderr until it can.\n`);
         failing = true;
         process.stderr.write(text);
       }
@@ -599,7 +582,8 @@ function logFileStream(path: string, render: (line: string) => string): { write(
   };
 }
 
-export function setupLogging(config: Config, options: LoggingOptions = {}): Logger {
+/** `terminalLevel`: the least level shown on stderr ('silent': none); `secrets`: values masked in every line. */
+export function setupLogging(config: Config, options: { terminalLevel?: string; secrets?: readonly string[] } = {}) {
   try {
     mkdirSync(config.logsDir, { recursive: true });
   } catch {
@@ -607,43 +591,29 @@ export function setupLogging(config: Config, options: LoggingOptions = {}): Logg
   }
   log = loggerOnFirstUse(() => {
     const secrets = options.secrets ?? [];
-    const textFormat = {
-      singleLine: true,
-      messageFormat: '{if group}[{group}] {end}{msg}',
-      ignore: 'pid,hostname,group',
-      translateTime: 'SYS:yyyy-mm-dd HH:MM:ss.l',
-    };
     const { prettyFactory } = load('pino-pretty') as typeof import('pino-pretty');
-    const toFile = prettyFactory({ ...textFormat, colorize: false });
-    const toTerminal = prettyFactory({ ...textFormat, colorize: Boolean(process.stderr.isTTY) });
-    const fileStream = (path: string) => logFileStream(path, (line) => maskSecrets(toFile(line), secrets));
-    const streams: StreamEntry[] = [
-      { level: config.logLevel as Level, stream: fileStream(join(config.logsDir, 'nanoclaw.log')) },
-      { level: 'error', stream: fileStream(join(config.logsDir, 'nanoclaw.error.log')) },
-    ];
+    const format = { singleLine: true, ignore: 'pid,hostname,group', translateTime: 'SYS:yyyy-mm-dd HH:MM:ss.l' };
+    const pretty = (colorize: boolean) =>
+      prettyFactory({ ...format, messageFormat: '{if group}[{group}] {end}{msg}', colorize });
+    const toFile = pretty(false);
+    const toTerminal = pretty(Boolean(process.stderr.isTTY));
+    const fileStream = (name: string) =>
+      logFileStream(join(config.logsDir, name), (line) => maskSecrets(toFile(line), secrets));
     const terminalLevel = options.terminalLevel ?? config.logLevel;
+    const streams: StreamEntry[] = [
+      { level: config.logLevel as Level, stream: fileStream('nanoclaw.log') },
+      { level: 'error', stream: fileStream('nanoclaw.error.log') },
+    ];
     if (terminalLevel !== 'silent') {
-      streams.push({
-        level: terminalLevel as Level,
-        stream: { write: (line: string) => process.stderr.write(maskSecrets(toTerminal(line), secrets)) },
-      });
+      const write = (line: string) => process.stderr.write(maskSecrets(toTerminal(line), secrets));
+      streams.push({ level: terminalLevel as Level, stream: { write } });
     }
-    const lowest = [config.logLevel, terminalLevel].includes('trace')
-      ? 'trace'
-      : [config.logLevel, terminalLevel].includes('debug')
-        ? 'debug'
-        : 'info';
-    return pino()(
-      {
-        level: config.logLevel === 'silent' && terminalLevel === 'silent' ? 'silent' : lowest,
-        // Belt and braces: structured secret fields are dropped before masking even runs.
-        redact: {
-          paths: ['secrets', '*.secrets', ...SECRET_KEYS, ...SECRET_KEYS.map((key) => `*.${key}`)],
-          censor: '[REDACTED]',
-        },
-      },
-      pino().multistream(streams),
-    );
+    const levels = [config.logLevel, terminalLevel];
+    const lowest = (['trace', 'debug'] as const).find((level) => levels.includes(level)) ?? 'info';
+    // Belt and braces: structured secret fields are dropped before masking even runs.
+    const redact = { paths: ['secrets', ...SECRET_KEYS].flatMap((key) => [key, `*.${key}`]), censor: '[REDACTED]' };
+    const level = levels.every((each) => each === 'silent') ? 'silent' : lowest;
+    return pino()({ level, redact }, pino().multistream(streams));
   });
   return log;
 }
