@@ -644,6 +644,11 @@ interface OpenDir {
   close(): void;
 }
 
+/** An OpenDir held by a file descriptor (Linux). */
+function fdDir(fd: number, shown: string): OpenDir {
+  return { shown, at: (name) => `${FD_PATHS}/${fd}/${name}`, close: () => closeSync(fd) };
+}
+
 /** Splits "a/b/c" into names; nothing absolute, nothing that climbs out. */
 function treeNames(rel: string): string[] {
   const names = rel.split('/').filter((name) => name !== '' && name !== '.');
@@ -673,24 +678,36 @@ function openRegular(path: string, shown: string, maxBytes: number): { fd: numbe
   return { fd, size: stats.size };
 }
 
-function readFd(fd: number, size: number, position = 0): Buffer {
-  const buffer = Buffer.alloc(size);
-  let done = 0;
-  while (done < size) {
-    const n = readSync(fd, buffer, done, size - done, position + done);
-    if (n === 0) break;
-    done += n;
+/** The last `lastBytes` (at most) of a regular file of at most maxBytes, read through openRegular. */
+function readLast(path: string, shown: string, maxBytes: number, lastBytes = maxBytes): Buffer {
+  const { fd, size } = openRegular(path, shown, maxBytes);
+  try {
+    const length = Math.min(size, lastBytes);
+    const buffer = Buffer.alloc(length);
+    let done = 0;
+    while (done < length) {
+      const n = readSync(fd, buffer, done, length - done, size - length + done);
+      if (n === 0) break; // the file shrank meanwhile
+      done += n;
+    }
+    return buffer.subarray(0, done);
+  } finally {
+    closeSync(fd);
   }
-  return buffer.subarray(0, done);
 }
 
 /** Reads a regular file (not a link, FIFO or device) of at most maxBytes, in a host-only folder. */
 export function readRegularFile(path: string, maxBytes = MAX_AGENT_FILE_BYTES): string {
-  const { fd, size } = openRegular(path, path, maxBytes);
+  return readLast(path, path, maxBytes).toString('utf8');
+}
+
+/** Runs `fn`; a missing path (ENOENT) makes it false. */
+function falseIfMissing(fn: () => boolean): boolean {
   try {
-    return readFd(fd, size).toString('utf8');
-  } finally {
-    closeSync(fd);
+    return fn();
+  } catch (err) {
+    if (errorCode(err) === 'ENOENT') return false;
+    throw err;
   }
 }
 
@@ -712,34 +729,34 @@ export class AgentTree {
     mkdirSync(this.root, { recursive: true });
     const real = realpathSync(this.root);
     if (!FD_PATHS) return this.checkedDir(real, names, create);
-    let fd = openSync(real, fsConstants.O_RDONLY | fsConstants.O_DIRECTORY);
-    let shown = real;
+    let dir = fdDir(openSync(real, fsConstants.O_RDONLY | fsConstants.O_DIRECTORY), real);
     try {
       for (const name of names) {
-        const at = `${FD_PATHS}/${fd}/${name}`;
-        shown = join(shown, name);
-        let next: number;
-        try {
-          next = openSync(at, DIR_FLAGS);
-        } catch (err) {
-          if (errorCode(err) === 'ENOENT' && create) {
-            this.makeDir(at);
-            next = openSync(at, DIR_FLAGS);
-          } else if (errorCode(err) === 'ENOTDIR' || errorCode(err) === 'ELOOP') {
-            throw new UnsafePathError(`${shown} is not a plain folder (a link or a file): refused`);
-          } else {
-            throw err;
-          }
-        }
-        closeSync(fd);
-        fd = next;
+        const shown = join(dir.shown, name);
+        const next = fdDir(this.openStep(dir.at(name), shown, create), shown);
+        dir.close();
+        dir = next;
       }
+      return dir;
     } catch (err) {
-      closeSync(fd);
+      dir.close();
       throw err;
     }
-    const dirFd = fd;
-    return { shown, at: (name) => `${FD_PATHS}/${dirFd}/${name}`, close: () => closeSync(dirFd) };
+  }
+
+  /** Opens one folder of a path, never through a link; a missing one is created or ENOENT. */
+  private openStep(at: string, shown: string, create: boolean): number {
+    try {
+      return openSync(at, DIR_FLAGS);
+    } catch (err) {
+      if (errorCode(err) === 'ENOENT' && create) {
+        this.makeDir(at);
+        return openSync(at, DIR_FLAGS);
+      }
+      if (errorCode(err) === 'ENOTDIR' || errorCode(err) === 'ELOOP')
+        throw new UnsafePathError(`${shown} is not a plain folder (a link or a file): refused`);
+      throw err;
+    }
   }
 
   /** Without /proc (macOS): lstat each step; a swap between check and use stays possible. */
@@ -794,27 +811,14 @@ export class AgentTree {
 
   /** read, as bytes (a file the agent sends). */
   readBytes(rel: string, maxBytes = MAX_AGENT_FILE_BYTES): Buffer {
-    return this.withParent(rel, false, (dir, name) => {
-      const { fd, size } = openRegular(dir.at(name), join(dir.shown, name), maxBytes);
-      try {
-        return readFd(fd, size);
-      } finally {
-        closeSync(fd);
-      }
-    });
+    return this.withParent(rel, false, (dir, name) => readLast(dir.at(name), join(dir.shown, name), maxBytes));
   }
 
-  /** The last maxBytes of a regular file (to show a log of any size). */
+  /** The last maxBytes of a regular file of any size (to show a log). */
   tail(rel: string, maxBytes: number): string {
-    return this.withParent(rel, false, (dir, name) => {
-      const { fd, size } = openRegular(dir.at(name), join(dir.shown, name), Number.MAX_SAFE_INTEGER);
-      try {
-        const length = Math.min(size, maxBytes);
-        return readFd(fd, length, size - length).toString('utf8');
-      } finally {
-        closeSync(fd);
-      }
-    });
+    return this.withParent(rel, false, (dir, name) =>
+      readLast(dir.at(name), join(dir.shown, name), Number.MAX_SAFE_INTEGER, maxBytes).toString('utf8'),
+    );
   }
 
   /** Creates a new file; an existing name (file, link, anything) is never replaced or followed. */
@@ -867,70 +871,53 @@ export class AgentTree {
 
   /** Deletes a name: a file, a link (never what it points to), or a folder and all in it. False when absent. */
   remove(rel: string): boolean {
-    try {
-      return this.withParent(rel, false, (dir, name) => this.removeIn(dir, name));
-    } catch (err) {
-      if (errorCode(err) === 'ENOENT') return false;
-      throw err;
-    }
+    return falseIfMissing(() => this.withParent(rel, false, (dir, name) => this.removeIn(dir, name)));
   }
 
   private removeIn(dir: OpenDir, name: string): boolean {
     const stats = lstatSync(dir.at(name), { throwIfNoEntry: false });
     if (!stats) return false;
-    if (!stats.isDirectory()) {
-      unlinkSync(dir.at(name));
-      return true;
+    if (!stats.isDirectory()) unlinkSync(dir.at(name));
+    else if (!FD_PATHS) rmSync(dir.at(name), { recursive: true, force: true });
+    else {
+      let inner: OpenDir;
+      try {
+        inner = fdDir(openSync(dir.at(name), DIR_FLAGS), join(dir.shown, name));
+      } catch {
+        unlinkSync(dir.at(name)); // swapped for a link meanwhile: the link goes
+        return true;
+      }
+      try {
+        for (const child of readdirSync(inner.at('.'))) this.removeIn(inner, child);
+      } finally {
+        inner.close();
+      }
+      rmdirSync(dir.at(name));
     }
-    if (!FD_PATHS) {
-      rmSync(dir.at(name), { recursive: true, force: true });
-      return true;
-    }
-    let fd: number;
-    try {
-      fd = openSync(dir.at(name), DIR_FLAGS);
-    } catch {
-      unlinkSync(dir.at(name)); // swapped for a link meanwhile: the link goes
-      return true;
-    }
-    const inner: OpenDir = {
-      shown: join(dir.shown, name),
-      at: (child) => `${FD_PATHS}/${fd}/${child}`,
-      close: () => closeSync(fd),
-    };
-    try {
-      for (const child of readdirSync(inner.at('.'))) this.removeIn(inner, child);
-    } finally {
-      inner.close();
-    }
-    rmdirSync(dir.at(name));
     return true;
   }
 
   /** Moves an entry out of the tree by renaming it (whatever it is), so the agent can no longer change it. */
   moveOut(rel: string, destination: string): boolean {
-    try {
-      return this.withParent(rel, false, (dir, name) => {
+    return falseIfMissing(() =>
+      this.withParent(rel, false, (dir, name) => {
         renameSync(dir.at(name), destination);
         return true;
-      });
-    } catch (err) {
-      if (errorCode(err) === 'ENOENT') return false;
-      throw err;
-    }
+      }),
+    );
   }
 
   /** Gives the root and the named entries (never through a link) to the container's user. */
   handOver(...names: string[]): void {
-    if (!this.owner) return;
+    const owner = this.owner;
+    if (!owner) return;
     mkdirSync(this.root, { recursive: true });
-    lchownSync(realpathSync(this.root), this.owner.uid, this.owner.gid);
+    lchownSync(realpathSync(this.root), owner.uid, owner.gid);
     for (const rel of names) {
       try {
         this.withParent(rel, false, (dir, name) => {
           const stats = lstatSync(dir.at(name), { throwIfNoEntry: false });
-          if (stats && (stats.isFile() || stats.isDirectory()))
-            lchownSync(dir.at(name), this.owner!.uid, this.owner!.gid);
+          if (stats?.isFile() || stats?.isDirectory()) lchownSync(dir.at(name), owner.uid, owner.gid);
         });
       } catch (err) {
         if (!(err instanceof UnsafePathError) && errorCode(err) !== 'ENOENT') throw err;
