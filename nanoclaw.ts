@@ -282,10 +282,7 @@ export function isValidNetwork(network: string): boolean {
   return network !== 'host' && /^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$/.test(network) && !network.startsWith('container:');
 }
 
-/**
- * As many containers at once as the machine has CPUs (at least two): starting an agent is
- * CPU-bound, so more would only slow every first reply down; waiting chats are served in turn.
- */
+/** Starting an agent is CPU-bound: more containers than CPUs would only slow every first reply down. */
 export function defaultConcurrency(cores = availableParallelism()): number {
   return Math.max(2, cores);
 }
@@ -473,14 +470,10 @@ export function loadConfig(projectRoot: string, env: Record<string, string | und
 
 /** The settings table of docs/configuration.md, as `bun nanoclaw.ts config docs` prints it. */
 function settingsMarkdown(): string {
-  const shown = ({ fallback }: Setting<unknown>) =>
-    fallback === undefined
-      ? 'unset'
-      : typeof fallback === 'object'
-        ? fallback.shown
-        : fallback
-          ? `\`${fallback}\``
-          : 'none';
+  const shown = ({ fallback }: Setting<unknown>) => {
+    if (typeof fallback === 'object') return fallback.shown;
+    return fallback ? `\`${fallback}\`` : fallback === undefined ? 'unset' : 'none';
+  };
   return [
     '| Variable | Type | Default | What it sets |',
     '| --- | --- | --- | --- |',
@@ -522,13 +515,10 @@ export function readSecrets(config: Config): Secrets {
 }
 
 /** The only environment variables a child process (docker) gets: nothing secret, nothing from .env. */
-const CHILD_ENV_KEYS =
-  'PATH HOME USER LANG TMPDIR XDG_RUNTIME_DIR DOCKER_HOST DOCKER_CONFIG DOCKER_CONTEXT DOCKER_CERT_PATH DOCKER_TLS_VERIFY'.split(
-    ' ',
-  );
-
 export function childProcessEnv(env: Record<string, string | undefined> = process.env): Record<string, string> {
-  return Object.fromEntries(CHILD_ENV_KEYS.flatMap((key) => (env[key] === undefined ? [] : [[key, env[key]]])));
+  const system = ['PATH', 'HOME', 'USER', 'LANG', 'TMPDIR', 'XDG_RUNTIME_DIR'];
+  const docker = ['DOCKER_HOST', 'DOCKER_CONFIG', 'DOCKER_CONTEXT', 'DOCKER_CERT_PATH', 'DOCKER_TLS_VERIFY'];
+  return Object.fromEntries([...system, ...docker].flatMap((key) => (env[key] === undefined ? [] : [[key, env[key]]])));
 }
 
 // ───────────────────────────── 2. Logging: files, terminal, and secrets masked ───────
