@@ -207,6 +207,19 @@ function readEnvFile(path: string): Record<string, string> {
   return existsSync(path) ? parseEnvFile(readFileSync(path, 'utf8')) : {};
 }
 
+function isKnownTimezone(name: string): boolean {
+  try {
+    return Boolean(new Intl.DateTimeFormat('en-US', { timeZone: name }));
+  } catch {
+    return false;
+  }
+}
+
+/** bridge, none, egress or a user-defined Docker network name; never host (it would undo the isolation). */
+export function isValidNetwork(network: string): boolean {
+  return network !== 'host' && /^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$/.test(network) && !network.startsWith('container:');
+}
+
 /** How a setting's text becomes its value; `kind` names it in the docs. */
 interface Parser<T> {
   kind: string;
@@ -268,19 +281,6 @@ const networkName = textMatching(
   'egress, none, bridge, or the name of a Docker network',
   isValidNetwork,
 );
-
-function isKnownTimezone(name: string): boolean {
-  try {
-    return Boolean(new Intl.DateTimeFormat('en-US', { timeZone: name }));
-  } catch {
-    return false;
-  }
-}
-
-/** bridge, none, egress or a user-defined Docker network name; never host (it would undo the isolation). */
-export function isValidNetwork(network: string): boolean {
-  return network !== 'host' && /^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$/.test(network) && !network.startsWith('container:');
-}
 
 /** Starting an agent is CPU-bound: more containers than CPUs would only slow every first reply down. */
 export function defaultConcurrency(cores = availableParallelism()): number {
@@ -350,7 +350,12 @@ const SETTING_TABLE = {
   containerRuntime: setting('CONTAINER_RUNTIME', anyText, 'docker', 'The container command'),
   containerTimeoutMs: setting('CONTAINER_TIMEOUT', milliseconds, '1800000', 'A turn silent this long is stopped'),
   idleTimeoutMs: setting('IDLE_TIMEOUT', milliseconds, '1800000', 'An agent that answered waits this long for more'),
-  maxConcurrentContainers: setting('MAX_CONCURRENT_CONTAINERS', wholeNumber(1), WORKED_OUT.concurrency, 'At once'),
+  maxConcurrentContainers: setting(
+    'MAX_CONCURRENT_CONTAINERS',
+    wholeNumber(1),
+    WORKED_OUT.concurrency,
+    'Agents at once',
+  ),
   warmPool: {
     size: setting('WARM_POOL_SIZE', wholeNumber(0), WORKED_OUT.poolSize, 'Agents kept ready between messages'),
     pauseAfterMs: setting('WARM_PAUSE_AFTER', milliseconds, '60000', 'A ready agent runs this long, then is paused'),
