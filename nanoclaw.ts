@@ -696,12 +696,12 @@ export function readRegularFile(path: string, maxBytes = MAX_AGENT_FILE_BYTES): 
   return readLast(path, path, maxBytes).toString('utf8');
 }
 
-/** Runs `fn`; a missing path (ENOENT) makes it false. */
-function falseIfMissing(fn: () => boolean): boolean {
+/** Runs `fn`; a missing path (ENOENT) gives `absent` instead. */
+function ifMissing<T>(absent: T, fn: () => T): T {
   try {
     return fn();
   } catch (err) {
-    if (errorCode(err) === 'ENOENT') return false;
+    if (errorCode(err) === 'ENOENT') return absent;
     throw err;
   }
 }
@@ -847,13 +847,8 @@ export class AgentTree {
 
   /** What a folder holds, without following anything; empty when the folder does not exist. */
   entries(rel = ''): { name: string; kind: 'file' | 'dir' | 'other' }[] {
-    let dir: OpenDir;
-    try {
-      dir = this.openDir(treeNames(rel), false);
-    } catch (err) {
-      if (errorCode(err) === 'ENOENT') return [];
-      throw err;
-    }
+    const dir = ifMissing(null, () => this.openDir(treeNames(rel), false));
+    if (!dir) return [];
     try {
       return readdirSync(FD_PATHS ? dir.at('.') : dir.shown, { withFileTypes: true }).map((entry) => ({
         name: entry.name,
@@ -866,7 +861,7 @@ export class AgentTree {
 
   /** Deletes a name: a file, a link (never what it points to), or a folder and all in it. False when absent. */
   remove(rel: string): boolean {
-    return falseIfMissing(() => this.withParent(rel, false, (dir, name) => this.removeIn(dir, name)));
+    return ifMissing(false, () => this.withParent(rel, false, (dir, name) => this.removeIn(dir, name)));
   }
 
   private removeIn(dir: OpenDir, name: string): boolean {
@@ -894,7 +889,7 @@ export class AgentTree {
 
   /** Moves an entry out of the tree by renaming it (whatever it is), so the agent can no longer change it. */
   moveOut(rel: string, destination: string): boolean {
-    return falseIfMissing(() =>
+    return ifMissing(false, () =>
       this.withParent(rel, false, (dir, name) => {
         renameSync(dir.at(name), destination);
         return true;
