@@ -9408,12 +9408,15 @@ function configCommand(config: Config, args: string[]): number {
     for (const key of keys) console.log(settingValue(config, key).replace(/\n/g, '\\n')); // one line per key, always
     return 0;
   }
-  if (action === 'list' || action === 'docs') {
-    if (keys.length) throw new UsageError(`config ${action} takes no arguments.`, 'config');
-    if (action === 'docs') console.log(settingsMarkdown());
-    else
-      for (const key of known)
-        console.log(`${key.padEnd(26)} ${settingValue(config, key).padEnd(40)} (${settingSource(config, key)})`);
+  if ((action === 'list' || action === 'docs') && keys.length)
+    throw new UsageError(`config ${action} takes no arguments.`, 'config');
+  if (action === 'docs') {
+    console.log(settingsMarkdown());
+    return 0;
+  }
+  if (action === 'list') {
+    for (const key of known)
+      console.log(`${key.padEnd(26)} ${settingValue(config, key).padEnd(40)} (${settingSource(config, key)})`);
     return 0;
   }
   throw new UsageError(
