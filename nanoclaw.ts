@@ -401,17 +401,21 @@ const SETTING_TABLE = {
 
 type SettingValues<T> = { [K in keyof T]: T[K] extends Setting<infer V> ? V : SettingValues<T[K]> };
 
-/** Every setting at its place in SETTING_TABLE, and the project's paths. */
-export interface Config extends SettingValues<typeof SETTING_TABLE> {
+/** Where things live, relative to the project root. */
+const PROJECT_PATHS = {
+  groupsDir: 'groups',
+  dataDir: 'data',
+  storeDir: 'store',
+  logsDir: 'logs',
+  dbPath: 'store/messages.db',
+  ipcDir: 'data/ipc',
+  sessionsDir: 'data/sessions',
+  envFile: '.env',
+} as const;
+
+/** Every setting at its place in SETTING_TABLE, and the project's absolute paths. */
+export interface Config extends SettingValues<typeof SETTING_TABLE>, Record<keyof typeof PROJECT_PATHS, string> {
   projectRoot: string;
-  groupsDir: string;
-  dataDir: string;
-  storeDir: string;
-  logsDir: string;
-  dbPath: string;
-  ipcDir: string;
-  sessionsDir: string;
-  envFile: string;
 }
 
 /** Kimi's own platforms need a key; another server (a local model) may not. */
@@ -440,8 +444,7 @@ const SETTINGS: Record<string, (config: Config) => unknown> = Object.fromEntries
  */
 export function loadConfig(projectRoot: string, env: Record<string, string | undefined> = process.env): Config {
   const root = resolve(projectRoot);
-  const envFile = join(root, '.env');
-  const merged: Record<string, string | undefined> = { ...readEnvFile(envFile), ...env };
+  const merged: Record<string, string | undefined> = { ...readEnvFile(join(root, PROJECT_PATHS.envFile)), ...env };
   const values: Record<string, unknown> = {};
   const settings: Record<string, unknown> = {};
   for (const { setting, path } of SETTING_LIST) {
@@ -457,20 +460,8 @@ export function loadConfig(projectRoot: string, env: Record<string, string | und
   }
   if (values.CONTAINER_NETWORK === 'egress' && values.MODEL_PROXY !== 'unix')
     throw new ConfigError('CONTAINER_NETWORK=egress needs MODEL_PROXY=unix (the egress proxy is a mounted socket).');
-  const dataDir = join(root, 'data');
-  const storeDir = join(root, 'store');
-  return {
-    ...settings,
-    projectRoot: root,
-    groupsDir: join(root, 'groups'),
-    dataDir,
-    storeDir,
-    logsDir: join(root, 'logs'),
-    dbPath: join(storeDir, 'messages.db'),
-    ipcDir: join(dataDir, 'ipc'),
-    sessionsDir: join(dataDir, 'sessions'),
-    envFile,
-  } as Config; // the table's shape is SettingValues<typeof SETTING_TABLE> by construction
+  const paths = Object.entries(PROJECT_PATHS).map(([name, path]) => [name, join(root, path)]);
+  return { ...settings, ...Object.fromEntries(paths), projectRoot: root } as Config; // shaped like Config: built from SETTING_TABLE and PROJECT_PATHS
 }
 
 /** The settings table of docs/configuration.md, as `bun nanoclaw.ts config docs` prints it. */
