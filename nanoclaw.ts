@@ -461,7 +461,8 @@ export function loadConfig(projectRoot: string, env: Record<string, string | und
   if (values.CONTAINER_NETWORK === 'egress' && values.MODEL_PROXY !== 'unix')
     throw new ConfigError('CONTAINER_NETWORK=egress needs MODEL_PROXY=unix (the egress proxy is a mounted socket).');
   const paths = Object.entries(PROJECT_PATHS).map(([name, path]) => [name, join(root, path)]);
-  return { ...settings, ...Object.fromEntries(paths), projectRoot: root } as Config; // shaped like Config: built from SETTING_TABLE and PROJECT_PATHS
+  // Built from SETTING_TABLE and PROJECT_PATHS, so shaped as Config says.
+  return { ...settings, ...Object.fromEntries(paths), projectRoot: root } as Config;
 }
 
 /** The settings table of docs/configuration.md, as `bun nanoclaw.ts config docs` prints it. */
@@ -502,12 +503,8 @@ export function takeSecretsOutOfEnvironment(env: Record<string, string | undefin
 /** Reads the secrets at the moment they are needed: the environment at start-up wins over .env. */
 export function readSecrets(config: Config): Secrets {
   const fromFile = readEnvFile(config.envFile);
-  const secrets: Secrets = {};
-  for (const key of SECRET_KEYS) {
-    const value = secretsFromEnvironment[key] ?? fromFile[key];
-    if (value) secrets[key] = value;
-  }
-  return secrets;
+  const found = SECRET_KEYS.map((key) => [key, secretsFromEnvironment[key] ?? fromFile[key]]);
+  return Object.fromEntries(found.filter(([, value]) => value));
 }
 
 /** The only environment variables a child process (docker) gets: nothing secret, nothing from .env. */
