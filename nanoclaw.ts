@@ -639,8 +639,11 @@ function treeNames(rel: string): string[] {
   return names;
 }
 
-/** Opens a file for reading and checks it is a regular file of at most maxBytes; never blocks. */
-function openRegular(path: string, shown: string, maxBytes: number): { fd: number; size: number } {
+/**
+ * The last `lastBytes` of a regular file of at most maxBytes. A link, FIFO, device or larger
+ * file is refused without reading it, and the open never blocks (O_NOFOLLOW, O_NONBLOCK).
+ */
+function readLast(path: string, shown: string, maxBytes: number, lastBytes = maxBytes): Buffer {
   let fd: number;
   try {
     fd = openSync(path, READ_FLAGS);
@@ -648,23 +651,12 @@ function openRegular(path: string, shown: string, maxBytes: number): { fd: numbe
     if (errorCode(err) === 'ELOOP') throw new UnsafePathError(`${shown} is a link: refused`);
     throw err;
   }
-  const stats = fstatSync(fd);
-  const problem = !stats.isFile()
-    ? 'is not a regular file'
-    : stats.size > maxBytes
-      ? `is ${stats.size} bytes, over the ${maxBytes}-byte limit`
-      : null;
-  if (problem) {
-    closeSync(fd);
-    throw new UnsafePathError(`${shown} ${problem}: refused without reading it`);
-  }
-  return { fd, size: stats.size };
-}
-
-/** The last `lastBytes` (at most) of a regular file of at most maxBytes, read through openRegular. */
-function readLast(path: string, shown: string, maxBytes: number, lastBytes = maxBytes): Buffer {
-  const { fd, size } = openRegular(path, shown, maxBytes);
   try {
+    const stats = fstatSync(fd);
+    const size = stats.size;
+    const refused = (problem: string) => new UnsafePathError(`${shown} ${problem}: refused without reading it`);
+    if (!stats.isFile()) throw refused('is not a regular file');
+    if (size > maxBytes) throw refused(`is ${size} bytes, over the ${maxBytes}-byte limit`);
     const length = Math.min(size, lastBytes);
     const buffer = Buffer.alloc(length);
     let done = 0;
