@@ -582,15 +582,13 @@ export function setupLogging(config: Config, options: { terminalLevel?: string; 
     const toTerminal = pretty(Boolean(process.stderr.isTTY));
     const fileStream = (name: string) =>
       logFileStream(join(config.logsDir, name), (line) => maskSecrets(toFile(line), secrets));
+    const terminal = { write: (line: string) => process.stderr.write(maskSecrets(toTerminal(line), secrets)) };
     const terminalLevel = options.terminalLevel ?? config.logLevel;
     const streams: StreamEntry[] = [
       { level: config.logLevel as Level, stream: fileStream('nanoclaw.log') },
       { level: 'error', stream: fileStream('nanoclaw.error.log') },
+      ...(terminalLevel === 'silent' ? [] : [{ level: terminalLevel as Level, stream: terminal }]),
     ];
-    if (terminalLevel !== 'silent') {
-      const write = (line: string) => process.stderr.write(maskSecrets(toTerminal(line), secrets));
-      streams.push({ level: terminalLevel as Level, stream: { write } });
-    }
     const levels = [config.logLevel, terminalLevel];
     const lowest = (['trace', 'debug'] as const).find((level) => levels.includes(level)) ?? 'info';
     // Belt and braces: structured secret fields are dropped before masking even runs.
