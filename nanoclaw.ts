@@ -92,9 +92,9 @@ const load = createRequire(import.meta.url);
 
 /** Keys that are secrets: never kept in process.env, never logged, only sent on stdin. */
 export const SECRET_KEYS = ['KIMI_API_KEY', 'TRANSCRIBE_API_KEY'] as const;
-export type SecretKey = (typeof SECRET_KEYS)[number];
+type SecretKey = (typeof SECRET_KEYS)[number];
 const isSecretKey = (key: string): key is SecretKey => (SECRET_KEYS as readonly string[]).includes(key);
-export type Secrets = Partial<Record<SecretKey, string>>;
+type Secrets = Partial<Record<SecretKey, string>>;
 
 export class ConfigError extends Error {}
 
@@ -106,7 +106,7 @@ export const PROVIDER_TYPES = ['kimi', 'openai', 'openai_responses', 'anthropic'
  * platform (kimi-cli 1.49.0 auth/platforms.py lists the same three). KIMI_BASE_URL and
  * KIMI_MODEL_NAME still override.
  */
-export const KIMI_PLATFORMS = {
+const KIMI_PLATFORMS = {
   'moonshot-ai': {
     baseUrl: 'https://api.moonshot.ai/v1',
     model: 'kimi-k2.5',
@@ -123,7 +123,7 @@ export const KIMI_PLATFORMS = {
     keys: 'Kimi Code subscription keys (kimi.com)',
   },
 } as const;
-export type KimiPlatform = keyof typeof KIMI_PLATFORMS;
+type KimiPlatform = keyof typeof KIMI_PLATFORMS;
 
 export const errorText = (err: unknown): string => (err instanceof Error ? err.message : String(err));
 const errorCode = (err: unknown) => (err as NodeJS.ErrnoException | null)?.code;
@@ -132,7 +132,7 @@ const errorCode = (err: unknown) => (err as NodeJS.ErrnoException | null)?.code;
  * The crash drills (drills/crash.ts) name a point here to kill the host at, exactly as
  * `kill -9` would at that instant. Unset (always, outside the drills) it does nothing.
  */
-export function crashPoint(point: string): void {
+function crashPoint(point: string): void {
   if (process.env.NANOCLAW_CRASH_AT === point) process.kill(process.pid, 'SIGKILL');
 }
 
@@ -216,7 +216,7 @@ function isKnownTimezone(name: string): boolean {
 }
 
 /** bridge, none, egress or a user-defined Docker network name; never host (it would undo the isolation). */
-export function isValidNetwork(network: string): boolean {
+function isValidNetwork(network: string): boolean {
   return network !== 'host' && /^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$/.test(network) && !network.startsWith('container:');
 }
 
@@ -419,7 +419,7 @@ export interface Config extends SettingValues<typeof SETTING_TABLE>, Record<keyo
 }
 
 /** Kimi's own platforms need a key; another server (a local model) may not. */
-export const usesKimiProvider = (config: Config): boolean => !config.kimi.provider || config.kimi.provider === 'kimi';
+const usesKimiProvider = (config: Config): boolean => !config.kimi.provider || config.kimi.provider === 'kimi';
 
 function flattenSettings(table: SettingTable, path: string[] = []): { setting: Setting<unknown>; path: string[] }[] {
   return Object.entries(table).flatMap(([key, item]) =>
@@ -481,7 +481,7 @@ function settingsMarkdown(): string {
 }
 
 /** Bytes as a person reads them: 1.5 GB, 64 MB, 900 B. */
-export function formatBytes(bytes: number): string {
+function formatBytes(bytes: number): string {
   const units = ['B', 'KB', 'MB', 'GB', 'TB'];
   const power = Math.min(units.length - 1, Math.floor(Math.log(Math.max(bytes, 1)) / Math.log(1024)));
   const value = bytes / 1024 ** power;
