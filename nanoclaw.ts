@@ -630,6 +630,11 @@ function fdDir(fd: number, shown: string): OpenDir {
   return { shown, at: (name) => `${FD_PATHS}/${fd}/${name}`, close: () => closeSync(fd) };
 }
 
+/** An OpenDir that is only a path, checked step by step (without /proc). */
+function pathDir(path: string): OpenDir {
+  return { shown: path, at: (name) => join(path, name), close: () => {} };
+}
+
 /** Splits "a/b/c" into names; nothing absolute, nothing that climbs out. */
 function treeNames(rel: string): string[] {
   const names = rel.split('/').filter((name) => name !== '' && name !== '.');
@@ -701,12 +706,10 @@ export class AgentTree {
   private openDir(names: readonly string[], create: boolean): OpenDir {
     mkdirSync(this.root, { recursive: true });
     const real = realpathSync(this.root);
-    if (!FD_PATHS) return this.checkedDir(real, names, create);
-    let dir = fdDir(openSync(real, fsConstants.O_RDONLY | fsConstants.O_DIRECTORY), real);
+    let dir = FD_PATHS ? fdDir(openSync(real, fsConstants.O_RDONLY | fsConstants.O_DIRECTORY), real) : pathDir(real);
     try {
       for (const name of names) {
-        const shown = join(dir.shown, name);
-        const next = fdDir(this.openStep(dir.at(name), shown, create), shown);
+        const next = this.step(dir, name, create);
         dir.close();
         dir = next;
       }
@@ -717,36 +720,33 @@ export class AgentTree {
     }
   }
 
-  /** Opens one folder of a path, never through a link; a missing one is created or ENOENT. */
-  private openStep(at: string, shown: string, create: boolean): number {
+  /**
+   * One folder deeper, never through a link; a missing one is created or ENOENT. Without
+   * /proc (macOS) lstat checks it just before use, so a swap between check and use stays possible.
+   */
+  private step(dir: OpenDir, name: string, create: boolean): OpenDir {
+    const shown = join(dir.shown, name);
+    const notPlain = () => new UnsafePathError(`${shown} is not a plain folder (a link or a file): refused`);
+    if (!FD_PATHS) {
+      let stats = lstatSync(shown, { throwIfNoEntry: false });
+      if (!stats && create) {
+        this.makeDir(shown);
+        stats = lstatSync(shown);
+      }
+      if (!stats) throw Object.assign(new Error(`ENOENT: ${shown}`), { code: 'ENOENT' });
+      if (!stats.isDirectory()) throw notPlain();
+      return pathDir(shown);
+    }
     try {
-      return openSync(at, DIR_FLAGS);
+      return fdDir(openSync(dir.at(name), DIR_FLAGS), shown);
     } catch (err) {
       if (errorCode(err) === 'ENOENT' && create) {
-        this.makeDir(at);
-        return openSync(at, DIR_FLAGS);
+        this.makeDir(dir.at(name));
+        return fdDir(openSync(dir.at(name), DIR_FLAGS), shown);
       }
-      if (errorCode(err) === 'ENOTDIR' || errorCode(err) === 'ELOOP')
-        throw new UnsafePathError(`${shown} is not a plain folder (a link or a file): refused`);
+      if (errorCode(err) === 'ENOTDIR' || errorCode(err) === 'ELOOP') throw notPlain();
       throw err;
     }
-  }
-
-  /** Without /proc (macOS): lstat each step; a swap between check and use stays possible. */
-  private checkedDir(real: string, names: readonly string[], create: boolean): OpenDir {
-    let path = real;
-    for (const name of names) {
-      path = join(path, name);
-      let stats = lstatSync(path, { throwIfNoEntry: false });
-      if (!stats && create) {
-        this.makeDir(path);
-        stats = lstatSync(path);
-      }
-      if (!stats) throw Object.assign(new Error(`ENOENT: ${path}`), { code: 'ENOENT' });
-      if (!stats.isDirectory()) throw new UnsafePathError(`${path} is not a plain folder (a link or a file): refused`);
-    }
-    const dir = path;
-    return { shown: dir, at: (name) => join(dir, name), close: () => {} };
   }
 
   private makeDir(at: string): void {
