@@ -828,7 +828,7 @@ export class AgentTree {
     const dir = ifMissing(null, () => this.openDir(treeNames(rel), false));
     if (!dir) return [];
     try {
-      return readdirSync(FD_PATHS ? dir.at('.') : dir.shown, { withFileTypes: true }).map((entry) => ({
+      return readdirSync(dir.at('.'), { withFileTypes: true }).map((entry) => ({
         name: entry.name,
         kind: entry.isFile() ? 'file' : entry.isDirectory() ? 'dir' : 'other',
       }));
