@@ -562,9 +562,7 @@ describe('service files (--dry-run)', () => {
     expect(file).toBeDefined();
     expect(out).toContain(`<string>${process.execPath}</string><string>${join(REPO, 'nanoclaw.ts')}</string>`);
     expect(out).toContain(`<key>StandardOutPath</key><string>${config.projectRoot}/logs/nanoclaw.log</string>`);
-    expect(out).toContain(
-      `<key>StandardErrorPath</key><string>${config.projectRoot}/logs/nanoclaw.error.log</string>`,
-    );
+    expect(out).toContain(`<key>StandardErrorPath</key><string>${config.projectRoot}/logs/nanoclaw.error.log</string>`);
     expect(out).toContain('<key>KeepAlive</key><true/>');
     expect(out).toContain(`$ launchctl load -w ${file}`);
   });
