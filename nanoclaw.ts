@@ -7993,7 +7993,7 @@ export function addGroup(
 // ───────────────────────────── 13. CLI: commands, start-up checks, main() ────────────
 
 /** A mistake in how a command was called: one line, then that command's usage; exit 2. */
-export class UsageError extends Error {
+class UsageError extends Error {
   constructor(
     message: string,
     readonly command?: string,
@@ -8212,7 +8212,7 @@ export function keepRunningThroughErrors(): void {
 export async function startHost(
   config: Config,
   makeChannels: (store: Store) => Channel[],
-): Promise<{ host: Host; store: Store; release: () => void }> {
+): Promise<{ host: Host; store: Store; release: () => void; finish: () => Promise<void> }> {
   // What the host cannot carry on through ends the process with what to do (the service does not restart on 2).
   const onFatal = (message: string) => {
     console.error(message);
@@ -8234,7 +8234,14 @@ export async function startHost(
   const inboxes = new AgentTree(inboxRoot(config));
   for (const entry of inboxes.entries()) inboxes.remove(entry.name);
   const host = new Host(config, store, makeChannels(store), { onFatal });
-  return { host, store, release };
+  let finished: Promise<void> | null = null;
+  const finish = () =>
+    (finished ??= (async () => {
+      await host.stop();
+      store.close();
+      release();
+    })());
+  return { host, store, release, finish };
 }
 
 const whatsAppAuthDir = (config: Config) => join(config.storeDir, 'auth');
@@ -8448,16 +8455,12 @@ async function runChat(config: Config): Promise<number> {
     undefined,
     (busy) => terminal.working(busy),
   );
-  const { host, store, release } = await startHost(config, () => [local]);
+  const { host, store, ...started } = await startHost(config, () => [local]);
   terminal.onLineBegun(() => local.typing()); // the agent starts while the person types
-  let finished: Promise<void> | null = null;
-  const finish = () =>
-    (finished ??= (async () => {
-      terminal.close();
-      await host.stop();
-      store.close();
-      release();
-    })());
+  const finish = () => {
+    terminal.close();
+    return started.finish();
+  };
   // Ctrl-C: the turn in progress stops now and is not answered later. A second one leaves at once.
   let interruption: Promise<number> | null = null;
   const interrupt = () => {
@@ -8521,14 +8524,9 @@ async function runService(config: Config): Promise<number> {
   keepRunningThroughErrors();
   let unlinked: (why: string) => void = () => {};
   const whenUnlinked = new Promise<string>((resolve) => (unlinked = resolve));
-  const { host, store, release } = await startHost(config, (store) => [
+  const { host, finish } = await startHost(config, (store) => [
     whatsAppChannel(config, store, { onStopped: unlinked }),
   ]);
-  const finish = async () => {
-    await host.stop();
-    store.close();
-    release();
-  };
   onShutdownSignal(finish);
   await host.start();
   console.error(await whenUnlinked); // otherwise runs until a signal
@@ -9524,7 +9522,7 @@ function exitStatusOf(err: unknown): number {
 }
 
 /** NANOCLAW_ROOT points the CLI at another project directory (tests, several assistants on one machine). */
-export async function main(
+async function main(
   argv: string[],
   projectRoot = process.env.NANOCLAW_ROOT || dirname(fileURLToPath(import.meta.url)),
 ): Promise<number> {
