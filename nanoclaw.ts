@@ -8804,6 +8804,11 @@ function registration(config: Config, values: OptionValues, jid: string, folder:
   };
 }
 
+function groupsDiscover(store: Store): number {
+  for (const line of discoverLines(store)) console.log(line);
+  return 0;
+}
+
 function groupsList(store: Store): number {
   const groups = store.listGroups();
   if (groups.length === 0)
@@ -8839,29 +8844,6 @@ function groupsRemove(store: Store, key: string): number {
     console.log(
       `Paused its ${active.length} active task(s): ${active.map((task) => task.id).join(', ')}. Register the group again (same folder), then: bun nanoclaw.ts tasks resume <id>.`,
     );
-  return 0;
-}
-
-const REGISTER_OPTIONS = ['name', 'trigger', 'no-trigger', 'main', 'network', 'allow', 'mount'];
-
-function groupsCommand({ config, values, positionals, store }: CommandCall): number {
-  const [given = 'list', ...rest] = positionals;
-  const action = given === 'add' ? 'register' : given;
-  const misplaced = REGISTER_OPTIONS.find((option) => values[option] !== undefined);
-  if (action !== 'register' && misplaced) throw new UsageError(`--${misplaced} belongs to groups register.`, 'groups');
-  if (action === 'register') {
-    if (rest.length !== 2) throw new UsageError('groups register needs a chat id and a folder name.', 'groups');
-    const request = registration(config, values, rest[0]!, rest[1]!);
-    return groupsRegister(config, store(), request);
-  }
-  if (action === 'remove') {
-    if (rest.length !== 1) throw new UsageError('groups remove needs one chat id or folder.', 'groups');
-    return groupsRemove(store(), rest[0]!);
-  }
-  if (action !== 'list' && action !== 'discover') throw new UsageError(`Unknown groups command "${action}".`, 'groups');
-  if (rest.length) throw new UsageError(`groups ${action} takes no arguments.`, 'groups');
-  if (action === 'list') return groupsList(store());
-  for (const line of discoverLines(store())) console.log(line);
   return 0;
 }
 
@@ -8958,12 +8940,17 @@ function applyTaskCommand(config: Config, store: Store, task: ScheduledTask, req
   for (const effect of afterwards) effect();
 }
 
-function tasksList(store: Store, json: boolean, when: (iso: string | null) => string): number {
-  const tasks = store.listTasks();
-  if (json) console.log(JSON.stringify(tasks, null, 2));
+/** A time as the user reads it: their timezone, named. */
+const localTime = (config: Config) => (iso: string | null) =>
+  iso ? `${formatLocalTime(iso, config.timezone)} ${config.timezone}` : '—';
+
+function tasksList({ config, values, store }: CommandCall): number {
+  const tasks = store().listTasks();
+  const when = localTime(config);
+  if (values.json) console.log(JSON.stringify(tasks, null, 2));
   else if (tasks.length === 0)
     console.log('No scheduled tasks. Ask your assistant: "remind me every weekday at 9 to …"');
-  for (const t of json ? [] : tasks) {
+  for (const t of values.json ? [] : tasks) {
     const paused = t.pausedReason ? `  (paused: ${t.pausedReason})` : '';
     console.log(
       `${t.id}  ${t.groupFolder.padEnd(12)} ${t.status.padEnd(9)} next ${when(t.nextRun).padEnd(34)} ${describeSchedule(t).padEnd(22)} ${t.prompt.slice(0, 50)}${paused}`,
@@ -8972,9 +8959,20 @@ function tasksList(store: Store, json: boolean, when: (iso: string | null) => st
   return 0;
 }
 
-function tasksShow(store: Store, task: ScheduledTask, json: boolean, when: (iso: string | null) => string): number {
-  const runs = store.taskRuns(task.id);
-  if (json) {
+/** A `tasks <action> <id>` run, given the task (an unknown id is the user's mistake). */
+function onTask(run: (call: CommandCall, task: ScheduledTask) => number | Promise<number>) {
+  return (call: CommandCall) => {
+    const id = call.positionals[0]!;
+    const task = call.store().getTask(id);
+    if (!task) throw new UsageError(`No task with id "${id}" (see: bun nanoclaw.ts tasks list).`);
+    return run(call, task);
+  };
+}
+
+function tasksShow({ config, values, store }: CommandCall, task: ScheduledTask): number {
+  const runs = store().taskRuns(task.id);
+  const when = localTime(config);
+  if (values.json) {
     console.log(JSON.stringify({ ...task, runs }, null, 2));
     return 0;
   }
@@ -8995,42 +8993,19 @@ function tasksShow(store: Store, task: ScheduledTask, json: boolean, when: (iso:
   return 0;
 }
 
-const TASK_CHANGES = {
-  pause: { type: 'pause_task', done: 'Paused' },
-  resume: { type: 'resume_task', done: 'Resumed' },
-  cancel: { type: 'cancel_task', done: 'Cancelled' },
-} as const;
-
-async function tasksCommand({ config, values, positionals, store }: CommandCall): Promise<number> {
-  const [action = 'list', ...rest] = positionals;
-  const when = (iso: string | null) => (iso ? `${formatLocalTime(iso, config.timezone)} ${config.timezone}` : '—');
-  if (!['list', 'show', 'run', 'pause', 'resume', 'cancel'].includes(action))
-    throw new UsageError(`Unknown tasks command "${action}".`, 'tasks');
-  if (values.json && !['list', 'show'].includes(action))
-    throw new UsageError(`--json belongs to tasks list and tasks show.`, 'tasks');
-  if (action === 'list') {
-    if (rest.length) throw new UsageError('tasks list takes no arguments.', 'tasks');
-    return tasksList(store(), values.json === true, when);
-  }
-  const [id] = rest;
-  if (rest.length !== 1 || !id)
-    throw new UsageError(`tasks ${action} needs one task id (see: bun nanoclaw.ts tasks list).`, 'tasks');
-  const task = store().getTask(id);
-  if (!task) throw new UsageError(`No task with id "${id}" (see: bun nanoclaw.ts tasks list).`);
-  if (action === 'show') return tasksShow(store(), task, values.json === true, when);
-  if (action === 'run') return runTaskNow(config, store(), task);
-  const change = TASK_CHANGES[action as keyof typeof TASK_CHANGES];
-  applyTaskCommand(config, store(), task, { type: change.type, taskId: id });
-  const next = action === 'resume' ? `; next run ${when(store().getTask(id)!.nextRun)}` : '';
-  console.log(`${change.done} ${id}${next}.`);
-  return 0;
+/** `tasks pause|resume|cancel`: what the agent's own request of that name does. */
+function changeTask(action: 'pause' | 'resume' | 'cancel') {
+  const done = { pause: 'Paused', resume: 'Resumed', cancel: 'Cancelled' }[action];
+  return onTask(({ config, store }, task) => {
+    applyTaskCommand(config, store(), task, { type: `${action}_task`, taskId: task.id });
+    const next = action === 'resume' ? `; next run ${localTime(config)(store().getTask(task.id)!.nextRun)}` : '';
+    console.log(`${done} ${task.id}${next}.`);
+    return 0;
+  });
 }
 
-function mountsCommand({ config, values, positionals, store }: CommandCall): number {
-  const [folder] = positionals;
-  if (!folder || positionals.length > 1)
-    throw new UsageError('mounts needs one group folder (see: bun nanoclaw.ts groups list).', 'mounts');
-  const group = store().groupByFolder(folder);
+function mountsCommand({ config, values, positionals: [folder], store }: CommandCall): number {
+  const group = store().groupByFolder(folder!);
   if (!group)
     throw new UsageError(
       `No registered group uses the folder "${folder}" (see: bun nanoclaw.ts groups list).`,
@@ -9127,33 +9102,25 @@ function runScript(config: Config, name: string, args: string[], env: Record<str
 }
 
 /** `service`: scripts/service.sh writes and drives this install's own unit (named after its folder). */
-function serviceCommand({ config, values, positionals }: CommandCall): number {
-  const [action] = positionals;
+function serviceCommand({ config, values, action }: CommandCall): number {
   const platform = values.platform;
   if (platform !== undefined && platform !== 'linux' && platform !== 'macos')
     throw new UsageError(`--platform ${platform}: use linux or macos.`, 'service');
-  if (!action || positionals.length > 1)
-    throw new UsageError('service needs one of install, uninstall, status.', 'service');
-  if (!['install', 'uninstall', 'status'].includes(action))
-    throw new UsageError(`Unknown service command "${action}".`, 'service');
   const options = [...(values['dry-run'] ? ['--dry-run'] : []), ...(platform ? ['--platform', platform] : [])];
   return runScript(config, 'service.sh', [action, ...options], { BUN: process.execPath });
 }
 
-function sessionsCommand({ config, positionals, store }: CommandCall): number {
-  const [action = 'list', folder, ...extra] = positionals;
-  if (action === 'list') {
-    if (folder) throw new UsageError('sessions list takes no arguments.', 'sessions');
-    const sessions = store().listSessions();
-    if (sessions.length === 0) console.log('No sessions yet.');
-    for (const s of sessions) console.log(`${s.groupFolder.padEnd(16)} ${s.sessionId}  (updated ${s.updatedAt})`);
-    return 0;
-  }
-  if (action !== 'clear') throw new UsageError(`Unknown sessions command "${action}".`, 'sessions');
-  if (!folder || extra.length) throw new UsageError('sessions clear needs one group folder.', 'sessions');
-  if (!isValidFolder(folder)) throw new UsageError(`"${folder}" is not a group folder name.`, 'sessions');
-  const hadFiles = groupTrees(config, folder).kimi.remove('sessions');
-  const hadRow = store().deleteSession(folder);
+function sessionsList({ store }: CommandCall): number {
+  const sessions = store().listSessions();
+  if (sessions.length === 0) console.log('No sessions yet.');
+  for (const s of sessions) console.log(`${s.groupFolder.padEnd(16)} ${s.sessionId}  (updated ${s.updatedAt})`);
+  return 0;
+}
+
+function sessionsClear({ config, positionals: [folder], store }: CommandCall): number {
+  if (!isValidFolder(folder!)) throw new UsageError(`"${folder}" is not a group folder name.`, 'sessions');
+  const hadFiles = groupTrees(config, folder!).kimi.remove('sessions');
+  const hadRow = store().deleteSession(folder!);
   console.log(
     hadFiles || hadRow
       ? `Cleared the session of "${folder}": the next message starts a new one.`
@@ -9212,10 +9179,7 @@ async function checkModel(config: Config, timeoutMs = 15_000): Promise<ModelChec
   }
 }
 
-async function modelCommand({ config, values, positionals }: CommandCall): Promise<number> {
-  const asked = positionals.join(' ');
-  if (asked !== 'check')
-    throw new UsageError(asked ? `Unknown model command "${asked}".` : 'model needs a command: check.', 'model');
+async function modelCheck({ config, values }: CommandCall): Promise<number> {
   const check = await checkModel(config);
   const { platform, baseUrl, modelName: model } = config.kimi;
   const verdict = { ok: 'OK', offline: 'NOT CHECKED', refused: 'FAIL', error: 'FAIL' }[check.status];
@@ -9303,28 +9267,52 @@ function diagnoseCommand({ config, values }: CommandCall): number {
 /** What a command's run gets: its options and arguments, parsed; the store, opened at its first use and closed after the run. */
 interface CommandCall {
   config: Config;
+  /** The sub-command (`groups list`: list), when the command has them. */
+  action: string;
   values: OptionValues;
   positionals: string[];
   args: string[];
   store: () => Store;
 }
 
+/** What a command, or one of its sub-commands, takes and runs. */
+interface Runs {
+  /** Its arguments, for "… needs <this>." (one argument unless `count` says); none when absent. */
+  needs?: string;
+  count?: number;
+  /** A sub-command's share of its command's options. */
+  takes?: string[];
+  run: (call: CommandCall) => number | Promise<number>;
+}
+
 interface Command {
   /** Its lines of usage (synopsis, what it does): shown after its mistakes, for --help, and in the overall usage. */
   usage: [string, string][];
   options?: CommandOptions;
-  /** Options only: an argument is a mistake. */
-  noArguments?: boolean;
-  run: (call: CommandCall) => number | Promise<number>;
+  /** Its sub-commands (the first argument), and the one run when none is given. */
+  actions?: Record<string, Runs>;
+  defaultAction?: string;
+  /** Arguments are the command's own business (config); otherwise they are counted as `needs` says. */
+  ownArguments?: boolean;
 }
 
 const json = { json: { type: 'boolean' } } as const;
+const taskId = 'one task id (see: bun nanoclaw.ts tasks list)';
+const register: Runs = {
+  needs: 'a chat id and a folder name',
+  count: 2,
+  takes: ['name', 'trigger', 'no-trigger', 'main', 'network', 'allow', 'mount'],
+  run: ({ config, values, positionals: [jid, folder], store }) => {
+    const request = registration(config, values, jid!, folder!); // checked before the store is opened
+    return groupsRegister(config, store(), request);
+  },
+};
+const service: Runs = { takes: ['dry-run', 'platform'], run: serviceCommand };
 
 /** Every command: the usage text, the options and the checks all come from here. */
-const COMMANDS: Record<string, Command> = {
+const COMMANDS: Record<string, Command & Partial<Runs>> = {
   start: {
     usage: [['(none), start', 'run the assistant service (WhatsApp)']],
-    noArguments: true,
     run: ({ config }) => runService(config),
   },
   auth: {
@@ -9337,7 +9325,6 @@ const COMMANDS: Record<string, Command> = {
       ],
     ],
     options: { 'pairing-code': { type: 'string' }, check: { type: 'boolean' }, relink: { type: 'boolean' } },
-    noArguments: true,
     run: authCommand,
   },
   chat: {
@@ -9347,7 +9334,6 @@ const COMMANDS: Record<string, Command> = {
         "talk to the main group's agent from this terminal (piped stdin: one message per line; Ctrl-C stops the turn, exit 130)",
       ],
     ],
-    noArguments: true,
     run: ({ config }) => runChat(config),
   },
   groups: {
@@ -9369,7 +9355,14 @@ const COMMANDS: Record<string, Command> = {
       allow: { type: 'string' },
       mount: { type: 'string', multiple: true },
     },
-    run: groupsCommand,
+    defaultAction: 'list',
+    actions: {
+      list: { run: ({ store }) => groupsList(store()) },
+      discover: { run: ({ store }) => groupsDiscover(store()) },
+      register,
+      add: register,
+      remove: { needs: 'one chat id or folder', run: ({ positionals: [key], store }) => groupsRemove(store(), key!) },
+    },
   },
   tasks: {
     usage: [
@@ -9379,7 +9372,15 @@ const COMMANDS: Record<string, Command> = {
       ['tasks pause|resume|cancel <id>', ''],
     ],
     options: json,
-    run: tasksCommand,
+    defaultAction: 'list',
+    actions: {
+      list: { takes: ['json'], run: tasksList },
+      show: { needs: taskId, takes: ['json'], run: onTask(tasksShow) },
+      run: { needs: taskId, run: onTask(({ config, store }, task) => runTaskNow(config, store(), task)) },
+      pause: { needs: taskId, run: changeTask('pause') },
+      resume: { needs: taskId, run: changeTask('resume') },
+      cancel: { needs: taskId, run: changeTask('cancel') },
+    },
   },
   logs: {
     usage: [
@@ -9389,12 +9390,12 @@ const COMMANDS: Record<string, Command> = {
       ],
     ],
     options: { group: { type: 'string' }, lines: { type: 'string' } },
-    noArguments: true,
     run: logsCommand,
   },
   mounts: {
     usage: [['mounts <folder> [--docker-args]', "what a group's container gets mounted where"]],
     options: { 'docker-args': { type: 'boolean' } },
+    needs: 'one group folder (see: bun nanoclaw.ts groups list)',
     run: mountsCommand,
   },
   service: {
@@ -9405,14 +9406,15 @@ const COMMANDS: Record<string, Command> = {
       ],
     ],
     options: { 'dry-run': { type: 'boolean' }, platform: { type: 'string' } },
-    run: serviceCommand,
+    actions: { install: service, uninstall: service, status: service },
   },
   sessions: {
     usage: [
       ['sessions list', 'the Kimi session of each group'],
       ['sessions clear <folder>', "forget a group's session (files and database row)"],
     ],
-    run: sessionsCommand,
+    defaultAction: 'list',
+    actions: { list: { run: sessionsList }, clear: { needs: 'one group folder', run: sessionsClear } },
   },
   usage: {
     usage: [
@@ -9422,29 +9424,29 @@ const COMMANDS: Record<string, Command> = {
       ],
     ],
     options: { days: { type: 'string' }, group: { type: 'string' }, ...json },
-    noArguments: true,
     run: usageCommand,
   },
   model: {
     usage: [['model check [--json]', 'does the endpoint take the key? (one cheap request through the proxy)']],
     options: json,
-    run: modelCommand,
+    actions: { check: { takes: ['json'], run: modelCheck } },
   },
   config: {
     usage: [
       ['config get <KEY>…', 'the value NanoClaw uses for each setting (one per line; the key only as "set")'],
       ['config list', 'every setting, its value, and where it comes from'],
     ],
+    ownArguments: true,
     run: ({ config, args }) => configCommand(config, args),
   },
   diagnose: {
     usage: [['diagnose [--json]', 'check the whole setup (runs scripts/diagnose.sh)']],
     options: json,
-    noArguments: true,
     run: diagnoseCommand,
   },
   help: {
     usage: [['help [command], --help', "this text, or one command's"]],
+    ownArguments: true,
     run: ({ positionals }) => help(positionals[0]),
   },
 };
@@ -9478,18 +9480,43 @@ function help(about?: string): number {
   return 0;
 }
 
-/** Parses a command's arguments as its table entry says, runs it, and closes the store it opened. */
+/** The sub-command named by the first argument; options it does not take are a mistake naming who takes them. */
+function chooseAction(name: string, command: Command, values: OptionValues, given: string | undefined): Runs {
+  const actions = command.actions!;
+  if (given === undefined) throw new UsageError(`${name} needs a command: ${Object.keys(actions).join(', ')}.`, name);
+  const action = Object.hasOwn(actions, given) ? actions[given]! : null;
+  if (!action) throw new UsageError(`Unknown ${name} command "${given}".`, name);
+  const misplaced = Object.keys(command.options ?? {}).find(
+    (o) => values[o] !== undefined && !action.takes?.includes(o),
+  );
+  if (misplaced) {
+    const owners = new Map<Runs, string>(); // an alias (groups add) is not named twice
+    for (const [actionName, runs] of Object.entries(actions))
+      if (runs.takes?.includes(misplaced) && !owners.has(runs)) owners.set(runs, `${name} ${actionName}`);
+    throw new UsageError(`--${misplaced} belongs to ${[...owners.values()].join(' and ')}.`, name);
+  }
+  return action;
+}
+
+/** Parses a command's arguments as its table entry says, checks them, runs it, and closes the store it opened. */
 async function runCommand(config: Config, name: string, args: string[]): Promise<number> {
-  const command = COMMANDS[name];
-  if (!command || !Object.hasOwn(COMMANDS, name))
+  const command = Object.hasOwn(COMMANDS, name) ? COMMANDS[name]! : null;
+  if (!command)
     throw new UsageError(
       `Unknown command "${name}".${name.startsWith('-') ? '' : ' The commands are below.'}\n\n${overallUsage()}`,
     );
   const { values, positionals } = commandArgs(name, args, command.options);
-  if (command.noArguments && positionals.length) throw new UsageError(`${name} takes no arguments.`, name);
+  const [action = command.defaultAction, ...rest] = command.actions ? positionals : [''];
+  const runs = command.actions ? chooseAction(name, command, values, action) : (command as Runs);
+  const given = command.actions ? rest : positionals;
+  const count = runs.needs ? (runs.count ?? 1) : 0;
+  const called = command.actions ? `${name} ${action}` : name;
+  if (!command.ownArguments && given.length !== count)
+    throw new UsageError(count ? `${called} needs ${runs.needs}.` : `${called} takes no arguments.`, name);
   let store: Store | null = null;
+  const open = () => (store ??= new Store(config.dbPath));
   try {
-    return await command.run({ config, values, positionals, args, store: () => (store ??= new Store(config.dbPath)) });
+    return await runs.run({ config, action: action ?? '', values, positionals: given, args, store: open });
   } finally {
     (store as Store | null)?.close();
   }
