@@ -9498,6 +9498,25 @@ function chooseAction(name: string, command: Command, values: OptionValues, give
   return action;
 }
 
+/** Which entry runs (the command, or its sub-command) and with which arguments, their count checked. */
+function chooseRun(name: string, command: Command & Partial<Runs>, values: OptionValues, positionals: string[]) {
+  if (!command.actions) {
+    const count = command.needs ? (command.count ?? 1) : 0;
+    if (!command.ownArguments && positionals.length !== count)
+      throw new UsageError(count ? `${name} needs ${command.needs}.` : `${name} takes no arguments.`, name);
+    return { runs: command as Runs, action: '', positionals };
+  }
+  const [action = command.defaultAction, ...rest] = positionals;
+  const runs = chooseAction(name, command, values, action);
+  const count = runs.needs ? (runs.count ?? 1) : 0;
+  if (rest.length !== count)
+    throw new UsageError(
+      count ? `${name} ${action} needs ${runs.needs}.` : `${name} ${action} takes no arguments.`,
+      name,
+    );
+  return { runs, action: action!, positionals: rest };
+}
+
 /** Parses a command's arguments as its table entry says, checks them, runs it, and closes the store it opened. */
 async function runCommand(config: Config, name: string, args: string[]): Promise<number> {
   const command = Object.hasOwn(COMMANDS, name) ? COMMANDS[name]! : null;
@@ -9506,19 +9525,13 @@ async function runCommand(config: Config, name: string, args: string[]): Promise
       `Unknown command "${name}".${name.startsWith('-') ? '' : ' The commands are below.'}\n\n${overallUsage()}`,
     );
   const { values, positionals } = commandArgs(name, args, command.options);
-  const [action = command.defaultAction, ...rest] = command.actions ? positionals : [''];
-  const runs = command.actions ? chooseAction(name, command, values, action) : (command as Runs);
-  const given = command.actions ? rest : positionals;
-  const count = runs.needs ? (runs.count ?? 1) : 0;
-  const called = command.actions ? `${name} ${action}` : name;
-  if (!command.ownArguments && given.length !== count)
-    throw new UsageError(count ? `${called} needs ${runs.needs}.` : `${called} takes no arguments.`, name);
-  let store: Store | null = null;
-  const open = () => (store ??= new Store(config.dbPath));
+  const { runs, action, positionals: rest } = chooseRun(name, command, values, positionals);
+  const opened = { store: null as Store | null };
+  const store = () => (opened.store ??= new Store(config.dbPath));
   try {
-    return await runs.run({ config, action: action ?? '', values, positionals: given, args, store: open });
+    return await runs.run({ config, action, values, positionals: rest, args, store });
   } finally {
-    (store as Store | null)?.close();
+    opened.store?.close();
   }
 }
 
