@@ -132,16 +132,17 @@ async function main(): Promise<void> {
       (run) => w.store.updateTask(`task-${run}`, { nextRun: new Date(Date.now() - 1000).toISOString() }),
       fireDue,
     );
-    writeSnapshots(w.config, w.store, w.main);
+    const written = new Map<string, string>();
+    writeSnapshots(w.config, w.store, w.main, written);
     await row(
       `snapshot: main, ${taskCount} tasks, unchanged`,
       () => {},
-      () => writeSnapshots(w.config, w.store, w.main),
+      () => writeSnapshots(w.config, w.store, w.main, written),
     );
     await row(
       `snapshot: main, ${taskCount} tasks, 1 changed`,
       (run) => w.store.updateTask(`task-${run + RUNS}`, { prompt: `changed ${run}` }),
-      () => writeSnapshots(w.config, w.store, w.main),
+      () => writeSnapshots(w.config, w.store, w.main, written),
     );
     w.store.close();
   }

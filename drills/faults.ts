@@ -260,7 +260,7 @@ export async function whatsappDrops(drops = 50): Promise<Row> {
     await until(() => tally(items, reached(), named).lost === 0, 120_000);
     await host.settleOutbox();
     const t = tally(items, reached(), named);
-    const unsent = store.countUnsent('whatsapp');
+    const unsent = store.unsent('whatsapp').length;
     return {
       drill: `WhatsApp socket dropped ${drops} times, sends in flight`,
       kills: 0,

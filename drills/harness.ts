@@ -234,7 +234,7 @@ export function stuck(project: DrillProject): {
     const unanswered = [DRILL_CHAT, ...DRILL_GROUPS]
       .map((jid) => store.messagesSince(jid, store.getCursor(jid)).length)
       .reduce((a, b) => a + b, 0);
-    const unsent = store.countUnsent('drill');
+    const unsent = store.unsent('drill').length;
     const claims = store.taskClaims().length;
     const dueTasks = store.listTasks().filter((t) => t.status === 'active' && t.scheduleType === 'once').length;
     const ipcDir = project.config.ipcDir;

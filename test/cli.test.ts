@@ -656,7 +656,7 @@ describe('settings, linking and tasks as a user meets them', () => {
       await waitFor(() => whatsapp.delivered.length === 2, 5000, 'the queued task messages');
       await sender.settle();
       expect(whatsapp.delivered.map((d) => d.messageId)).toEqual(queued.map((m) => m.messageId));
-      expect(service.countUnsent('whatsapp')).toBe(0);
+      expect(service.unsent('whatsapp').length).toBe(0);
     } finally {
       sender.stop();
       await whatsapp.disconnect();

@@ -99,7 +99,7 @@ describe('replies', () => {
   it('are recorded with the cursor before any send: a channel that is down gets them later, once', async () => {
     const w = await start(project(), {}, false);
     w.channel.receive(MAIN, 'hello');
-    await waitFor(() => w.store.countUnsent('recording') === 1, 10_000, 'reply recorded');
+    await waitFor(() => w.store.unsent('recording').length === 1, 10_000, 'reply recorded');
     const seq = w.store.latestSeq(MAIN);
     expect(w.store.getCursor(MAIN)).toBeGreaterThan(0); // answered: no run will make this reply again
     expect(texts(w)).toEqual([]);
@@ -107,7 +107,7 @@ describe('replies', () => {
     await waitFor(() => texts(w).length === 1, 5000, 'delivered');
     await w.host.settleOutbox();
     expect(texts(w)).toEqual(['Andy: echo: hello']);
-    expect(w.store.countUnsent('recording')).toBe(0);
+    expect(w.store.unsent('recording').length).toBe(0);
     expect(w.docker.runs()).toHaveLength(1);
     // The bot's message in the history is stored under the id it was sent with.
     const bot = w.store.db
@@ -121,7 +121,7 @@ describe('replies', () => {
     const p = project();
     const first = await start(p, {}, false);
     first.channel.receive(MAIN, 'before the stop');
-    await waitFor(() => first.store.countUnsent('recording') === 1, 10_000, 'reply recorded');
+    await waitFor(() => first.store.unsent('recording').length === 1, 10_000, 'reply recorded');
     const messageId = first.store.unsentHeads('recording')[0]!.messageId;
     await stop(first);
     const second = await start(p);

@@ -10,8 +10,6 @@ import {
   MAX_MODEL_REQUESTS_PER_RUN,
   ModelProxy,
   modelRoute,
-  UsageCounter,
-  usageOf,
   type ModelProxyOptions,
 } from '../nanoclaw.ts';
 import { tempDir, waitFor } from './helpers.ts';
@@ -318,15 +316,25 @@ describe('ModelProxy', () => {
 
   it(`holds at most ${MAX_MODEL_REQUESTS_PER_RUN} requests of one run at once; a finished or abandoned one frees its place`, async () => {
     const holds: (() => void)[] = [];
-    const up = upstream(async () => {
+    const up = upstream(async (req) => {
       await new Promise<void>((resolve) => holds.push(resolve));
-      return Response.json({ ok: true });
+      if (!req.headers.get('x-abandoned')) return Response.json({ ok: true });
+      return new Response(new ReadableStream({ start: (controller) => controller.enqueue(new Uint8Array([123])) }));
     });
     cleanups.push(up.stop);
-    const { p } = proxy(up.url);
+    const { p, records } = proxy(up.url);
     const run = p.open('family', 'run-1');
     const other = p.open('quiet', 'run-2');
-    const open = Array.from({ length: MAX_MODEL_REQUESTS_PER_RUN }, () => call(run.socketPath, run.token));
+    // One client gives up while its request waits at the upstream; the answer that comes then never ends.
+    const abandon = new AbortController();
+    const abandoned = fetch('http://proxy/chat/completions', {
+      unix: run.socketPath,
+      method: 'POST',
+      headers: { authorization: `Bearer ${run.token}`, 'x-abandoned': 'yes' },
+      body: '{}',
+      signal: abandon.signal,
+    } as RequestInit).catch(() => 'abandoned');
+    const open = Array.from({ length: MAX_MODEL_REQUESTS_PER_RUN - 1 }, () => call(run.socketPath, run.token));
     await waitFor(() => holds.length === MAX_MODEL_REQUESTS_PER_RUN || null, 10_000, 'requests at the upstream');
     const refused = await call(run.socketPath, run.token);
     expect(refused.status).toBe(429);
@@ -338,15 +346,19 @@ describe('ModelProxy', () => {
       10_000,
       'the other run at the upstream',
     );
+    abandon.abort();
+    expect(await abandoned).toBe('abandoned');
     for (const release of holds.splice(0)) release();
     expect((await Promise.all([...open, theirs])).map((r) => r.status)).toEqual(
-      Array(MAX_MODEL_REQUESTS_PER_RUN + 1).fill(200),
+      Array(MAX_MODEL_REQUESTS_PER_RUN).fill(200),
     );
     await Promise.all((await Promise.all(open)).map((r) => r.text()));
-    const again = call(run.socketPath, run.token);
-    await waitFor(() => holds.length === 1 || null, 10_000, 'a place freed');
+    await waitFor(() => records.length === MAX_MODEL_REQUESTS_PER_RUN + 1 || null, 10_000, 'every request over');
+    // Every place is free again, the abandoned request's too.
+    const again = Array.from({ length: MAX_MODEL_REQUESTS_PER_RUN }, () => call(run.socketPath, run.token));
+    await waitFor(() => holds.length === MAX_MODEL_REQUESTS_PER_RUN || null, 10_000, 'all places freed');
     for (const release of holds.splice(0)) release();
-    expect((await again).status).toBe(200);
+    expect((await Promise.all(again)).map((r) => r.status)).toEqual(Array(MAX_MODEL_REQUESTS_PER_RUN).fill(200));
     run.close();
     other.close();
   });
@@ -395,24 +407,37 @@ describe('ModelProxy', () => {
 });
 
 describe('usage counting', () => {
-  it('reads usage at the top level or in a choice, and ignores what is not JSON', () => {
-    expect(usageOf({ usage: { prompt_tokens: 1, completion_tokens: 2 } })).toEqual({
-      promptTokens: 1,
-      completionTokens: 2,
+  it('reads usage at the top level or in a choice, across chunks, and ignores what is not JSON', async () => {
+    const answers: [string, string[]][] = [
+      ['application/json', ['{"usage":{"prompt_tokens":2,', '"completion_tokens":9}}']],
+      [
+        'text/event-stream',
+        ['data: not json\n\ndata: {"usage":{"prompt_tokens":7,"comple', 'tion_tokens":1}}\n\n', 'data: [DONE]'],
+      ],
+      ['text/event-stream', ['data: {"choices":[{"delta":{}},{"usage":{"prompt_tokens":5}}]}\n\n']],
+      ['application/json', ['{"choices":[]}']],
+    ];
+    const up = upstream(() => {
+      const [type, chunks] = answers[up.seen.length - 1]!;
+      const body = new ReadableStream({
+        start(controller) {
+          for (const chunk of chunks) controller.enqueue(new TextEncoder().encode(chunk));
+          controller.close();
+        },
+      });
+      return new Response(body, { headers: { 'content-type': type } });
     });
-    expect(usageOf({ choices: [{ delta: {} }, { usage: { prompt_tokens: 5 } }] })).toEqual({
-      promptTokens: 5,
-      completionTokens: 0,
-    });
-    expect(usageOf({ choices: [] })).toBeNull();
-    const counter = new UsageCounter(true);
-    const enc = new TextEncoder();
-    counter.push(enc.encode('data: not json\n\ndata: {"usage":{"prompt_tokens":7,"comple'));
-    counter.push(enc.encode('tion_tokens":1}}\n\n'));
-    counter.push(enc.encode('data: [DONE]'));
-    expect(counter.end()).toEqual({ promptTokens: 7, completionTokens: 1 });
-    const whole = new UsageCounter(false);
-    whole.push(enc.encode('{"usage":{"prompt_tokens":2,"completion_tokens":9}}'));
-    expect(whole.end()).toEqual({ promptTokens: 2, completionTokens: 9 });
+    cleanups.push(up.stop);
+    const { p, records } = proxy(up.url);
+    const run = p.open('family', 'run-1');
+    for (const _ of answers) await (await call(run.socketPath, run.token)).text();
+    await waitFor(() => records.length === answers.length || null, 5000, 'every answer counted');
+    expect(records.map((record) => record.usage)).toEqual([
+      { promptTokens: 2, completionTokens: 9 },
+      { promptTokens: 7, completionTokens: 1 },
+      { promptTokens: 5, completionTokens: 0 },
+      null,
+    ]);
+    run.close();
   });
 });

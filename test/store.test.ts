@@ -2,8 +2,11 @@ import { Database } from 'bun:sqlite';
 import { readdirSync, renameSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { addGroup, needsAgent, SCHEMA_VERSION, Store, type NewMessage, type ScheduledTask } from '../nanoclaw.ts';
+import { addGroup, needsAgent, Store, type NewMessage, type ScheduledTask } from '../nanoclaw.ts';
 import { taskRow, tempDir, tempProject } from './helpers.ts';
+
+/** How many migrations nanoclaw.ts has: a new one updates this. */
+const SCHEMA_VERSION = 7;
 
 const message = (id: string, chatJid: string, extra: Partial<NewMessage> = {}): NewMessage => ({
   id,
@@ -147,13 +150,13 @@ describe('Store schema', () => {
     store.markSendFailed(store.unsentHeads('whatsapp')[0]!.id, 'bad jid', true);
     store.markSent(store.unsentHeads('whatsapp')[0]!.id);
     expect(heads()).toEqual([]);
-    expect(store.countUnsent('local')).toBe(1);
+    expect(store.unsent('local').length).toBe(1);
     expect(store.outboundByMessageId('ID1')).toEqual({ chatJid: 'a@g.us', text: 'first', sentContent: null });
     store.recordSentContent('ID1', new Uint8Array([0x0a, 0x02, 0x68, 0x69]));
     expect(store.outboundByMessageId('ID1')!.sentContent).toEqual(new Uint8Array([0x0a, 0x02, 0x68, 0x69]));
     expect(store.pruneOutbox(new Date(Date.now() + 1000).toISOString())).toBe(3);
     expect(store.outboundByMessageId('ID1')).toBeNull();
-    expect(store.countUnsent('local')).toBe(1); // never pruned while unsent
+    expect(store.unsent('local').length).toBe(1); // never pruned while unsent
     store.close();
   });
 

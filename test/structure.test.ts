@@ -28,7 +28,7 @@ function sectionsOf(text: string): Section[] {
 }
 
 /** Every reference from one section to a top-level declaration of a later one, as "from → to: name". */
-export function downwardReferences(file: string): string[] {
+function downwardReferences(file: string): string[] {
   const program = ts.createProgram([file], { noResolve: true, noLib: true, allowJs: false, types: [] });
   const checker = program.getTypeChecker();
   const source = program.getSourceFile(file);

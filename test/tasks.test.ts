@@ -124,6 +124,31 @@ describe('Scheduler', () => {
     expect(soon).toHaveLength(1); // once, though the schedule is read every 200 ms
   });
 
+  it('tells onSoon of every task within the lead, not only the soonest', async () => {
+    const config = tempProject();
+    store = new Store(config.dbPath);
+    clock = new FakeClock(Date.now());
+    const soon: { id: string; at: number }[] = [];
+    scheduler = new Scheduler(
+      store,
+      'UTC',
+      () => {},
+      200,
+      clock,
+      (t) => soon.push({ id: t.id, at: clock.now() }),
+    );
+    const first = clock.now() + TASK_WARM_LEAD_MS + 1_000;
+    const isolated = task({ nextRun: new Date(first).toISOString(), contextMode: 'isolated' });
+    const inChat = task({ nextRun: new Date(first + 2_000).toISOString(), contextMode: 'group' });
+    store.createTask(isolated);
+    store.createTask(inChat);
+    scheduler.start();
+    await clock.advance(3_000);
+    // The chat's task is told its lead before it is due, though the isolated one is still due first.
+    expect(soon.map((s) => s.id)).toEqual([isolated.id, inChat.id]);
+    expect(soon[1]!.at).toBe(first + 2_000 - TASK_WARM_LEAD_MS);
+  });
+
   it('runs a task missed during downtime once at start', async () => {
     const { fired } = setup();
     const t = task({ nextRun: new Date(clock.now() - 5 * HOUR).toISOString() });
@@ -481,19 +506,20 @@ describe('the tasks snapshot', () => {
     const file = join(config.ipcDir, 'main', 'current_tasks.json');
     const inode = () => statSync(file).ino;
     const listed = () => JSON.parse(readFileSync(file, 'utf8')) as { id: string; recent_runs: unknown[] }[];
-    writeSnapshots(config, store, main);
+    const written = new Map<string, string>();
+    writeSnapshots(config, store, main, written);
     const first = inode();
-    writeSnapshots(config, store, main);
+    writeSnapshots(config, store, main, written);
     expect(inode()).toBe(first); // nothing changed: not written again
     store.logTaskRun({ taskId: 'water', runAt: 'x', durationMs: 1, status: 'success', result: 'ok', error: null });
-    writeSnapshots(config, store, main);
+    writeSnapshots(config, store, main, written);
     expect(inode()).not.toBe(first);
     expect(listed()[0]!.recent_runs).toHaveLength(1);
     rmSync(file); // the agent removed it
-    writeSnapshots(config, store, main);
+    writeSnapshots(config, store, main, written);
     expect(listed().map((x) => x.id)).toEqual(['water']);
     writeFileSync(file, '[]'); // or wrote its own
-    writeSnapshots(config, store, main);
+    writeSnapshots(config, store, main, written);
     expect(listed().map((x) => x.id)).toEqual(['water']);
     store.close();
   });

@@ -11,11 +11,11 @@ import { fileURLToPath } from 'node:url';
 import { afterEach, describe, expect, it } from 'vitest';
 import {
   addGroup,
-  afterDisconnect,
   discoverLines,
   disconnectKind,
   GROUPS_SYNCED_AT,
   openCodeAt,
+  RateLimiter,
   splitForWhatsApp,
   Store,
   toWhatsAppFormat,
@@ -116,12 +116,16 @@ describe('every disconnect reason, as baileys 7 defines it', () => {
     await waitFor(() => channel.socketsOpened === 2, 5000, 'the next connection');
   });
 
-  it('a 408 from an expired QR code and an OS network error are told apart from the rest', () => {
+  it('a 408 from an expired QR code and an OS network error are told apart from the rest; both are waited out', async () => {
     expect(disconnectKind(boom(408, 'QR refs attempts ended')).kind).toBe('qr-expired');
     expect(disconnectKind(Object.assign(new Error('getaddrinfo'), { data: { code: 'ENOTFOUND' } })).kind).toBe(
       'network',
     );
-    expect(afterDisconnect('qr-expired')).toEqual({ action: 'backoff' });
+    const { channel, clock } = await linkedChannel();
+    await channel.connect(noHandlers);
+    openAsWhatsAppWould(channel.socket!);
+    closeWith(channel, boom(408, 'QR refs attempts ended'));
+    expect(reconnectIn(clock)).toBeGreaterThanOrEqual(20); // the first backoff step, as for any other drop
   });
 
   it('backs off exponentially up to the cap; a connection that drops at once never resets it, one that held does', async () => {
@@ -232,6 +236,41 @@ describe('typing and presence', () => {
     chatstate(ALICE);
     sock.ev.flush();
     expect(activity).toEqual([[GROUP, ALICE]]);
+  });
+});
+
+describe('sends and group syncs wait on the channel’s clock', () => {
+  const ALICE = '4915100000002@s.whatsapp.net';
+
+  it('a send over the rate limit waits until its window has room, then goes', async () => {
+    const rateLimiter = new RateLimiter({ count: 1, windowMs: 1000 }, { count: 10, windowMs: 1000 });
+    const { channel, clock } = await linkedChannel({ rateLimiter });
+    await channel.connect({ onMessage: () => {} });
+    openAsWhatsAppWould(channel.socket!);
+    await channel.deliver(ALICE, 'one', 'ID1');
+    const second = channel.deliver(ALICE, 'two', 'ID2');
+    await clock.advance(999);
+    expect(channel.delivered.map((d) => d.text)).toEqual(['one']);
+    await clock.advance(1); // no real second passes
+    expect(channel.delivered.map((d) => d.text)).toEqual(['one', 'two']);
+    await second;
+  });
+
+  it('group names are synced at connect when never synced, then once a day', async () => {
+    const { channel, clock } = await linkedChannel();
+    let syncs = 0;
+    await channel.connect({ onMessage: () => {} });
+    channel.socket!.groupFetchAllParticipating = async () => {
+      syncs++;
+      return {};
+    };
+    openAsWhatsAppWould(channel.socket!);
+    await clock.advance(0);
+    expect(syncs).toBe(1);
+    await clock.advance(DAY - 1);
+    expect(syncs).toBe(1);
+    await clock.advance(1);
+    expect(syncs).toBe(2);
   });
 });
 

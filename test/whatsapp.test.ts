@@ -19,7 +19,6 @@ import {
   Host,
   backoff,
   parseWhatsAppMessage,
-  typistOf,
   RateLimiter,
   addGroup,
   safeMediaFileName,
@@ -422,7 +421,7 @@ describe('WhatsAppChannel connection', () => {
     say(store, channel, sender, GROUP, 'two');
     say(store, channel, sender, ALICE, 'three');
     await sender.settle();
-    expect(store.countUnsent('whatsapp')).toBe(2);
+    expect(store.unsent('whatsapp').length).toBe(2);
     await waitFor(() => channel.socketsOpened === 2, 5000, 'reconnect');
     openAsWhatsAppWould(channel.socket!);
     await waitFor(() => channel.delivered.length === 3, 2000, 'queued deliveries');
@@ -432,7 +431,7 @@ describe('WhatsAppChannel connection', () => {
     expect(inChat(GROUP)).toEqual(['one', 'two']);
     expect(inChat(ALICE)).toEqual(['three']);
     expect(new Set(channel.delivered.map((d) => d.messageId)).size).toBe(3);
-    expect(store.countUnsent('whatsapp')).toBe(0);
+    expect(store.unsent('whatsapp').length).toBe(0);
   });
 
   it('replies still waiting when the process stops go out after the next connect; one sent but not marked goes again under the same id', async () => {
@@ -450,7 +449,7 @@ describe('WhatsAppChannel connection', () => {
     await firstSender.settle();
     firstSender.stop();
     await first.disconnect(); // the process stops before WhatsApp came back
-    expect(store.countUnsent('whatsapp')).toBe(2);
+    expect(store.unsent('whatsapp').length).toBe(2);
     // As if a crash came after a part reached WhatsApp but before it was marked sent:
     const unsentId = store.unsentHeads('whatsapp')[0]!.messageId;
     const second = new RecordingWhatsApp(channelOptions(authDir, server.url));
@@ -472,7 +471,7 @@ describe('WhatsAppChannel connection', () => {
     // a resend is the same WhatsApp message
     expect(second.delivered.find((d) => d.jid === GROUP)!.messageId).toBe(unsentId);
     await secondSender.settle();
-    expect(store.countUnsent('whatsapp')).toBe(0);
+    expect(store.unsent('whatsapp').length).toBe(0);
     expect(store.outboundByMessageId(unsentId)).toMatchObject({ chatJid: GROUP, text: 'written while offline' });
   });
 
@@ -951,11 +950,11 @@ describe('what real WhatsApp needs (baileys 7)', () => {
     openAsWhatsAppWould(sock);
     expect(subscribed).toEqual([GROUP, ALICE]);
     const own = sock.user!.id; // as the phone knows us: with its device suffix
-    const chatstate = (from: string, participant: string, state: string) =>
+    const chatstate = (from: string, participant: string, state: string, attrs: Record<string, string> = {}) =>
       sock.ws.emit('CB:chatstate', {
         tag: 'chatstate',
         attrs: { from, participant },
-        content: [{ tag: state, attrs: {} }],
+        content: [{ tag: state, attrs }],
       });
     chatstate(GROUP, ALICE, 'paused');
     chatstate(GROUP, own, 'composing');
@@ -963,7 +962,9 @@ describe('what real WhatsApp needs (baileys 7)', () => {
     chatstate(GROUP, ALICE, 'composing');
     sock.ev.flush();
     expect(activity).toEqual([GROUP]);
-    expect(typistOf({ [ALICE]: { lastKnownPresence: 'recording' } }, new Set())).toBe(ALICE);
+    chatstate(ALICE, ALICE, 'composing', { media: 'audio' }); // recording a voice note
+    sock.ev.flush();
+    expect(activity).toEqual([GROUP, ALICE]);
   });
 
   it('media gone from WhatsApp’s servers (410) is asked of the sender’s phone again, then downloaded; a phone that never answers times out', async () => {
