@@ -4665,9 +4665,12 @@ interface RunContainerOptions {
   proxy?: ModelProxy | null;
   onResult(result: ContainerResult): Promise<void>;
   onStart?(live: LiveContainer): void;
+  /** Once, when the runner says it is up (its `ready:` line): the CLI, its session and its tools. */
+  onReady?(): void;
 }
 
 const SESSION_LINE = /Session initialized: (\S+)/;
+const READY_LINE = /^\[agent-runner\] ready: /;
 /** How much of a run's stdout and of its stderr its run log keeps (the end of each). */
 const KEEP_OUTPUT_CHARS = 256 * 1024;
 /** What a run may write to stdout and stderr together before it is stopped as oversized. */
@@ -4879,8 +4882,8 @@ class RunningContainer implements LiveContainer {
 }
 
 /**
- * Reads the container's stdout (results, to onResult as they come) and stderr (session
- * lines; the rest at debug level) to their end, keeping the tail of each for the run log.
+ * Reads the container's stdout (results, to onResult as they come) and stderr (session lines,
+ * the ready line to onReady; the rest at debug level) to their end, keeping the tail of each for the run log.
  * What a container writes is bounded: past MAX_RUN_OUTPUT the run is logged as oversized and stopped.
  */
 async function readOutput(
@@ -4910,6 +4913,7 @@ async function readOutput(
   const parser = new ResultParser();
   const stderrLines = new LineSplitter(MAX_LOG_LINE);
   const debug = groupLog.isLevelEnabled('debug');
+  let ready = false;
   await Promise.all([
     forEachChunk(proc.stdout, async (text) => {
       if (!take('stdout', text)) return;
@@ -4938,6 +4942,10 @@ async function readOutput(
     forEachChunk(proc.stderr, (text) => {
       if (!take('stderr', text)) return;
       for (const line of stderrLines.push(text)) {
+        if (!ready && READY_LINE.test(line)) {
+          ready = true;
+          options.onReady?.();
+        }
         const session = SESSION_LINE.exec(line);
         if (session) groupLog.info(`Session initialized: ${session[1]}`);
         else if (debug && line.trim())
@@ -6557,6 +6565,8 @@ interface AgentRun {
   upTo?: number;
   /** The container is up and attached to its lane. */
   onLive?(): void;
+  /** The agent inside is up: its CLI, session and tools (the runner's `ready:` line). */
+  onReady?(): void;
   onResult(result: ContainerResult): Promise<void>;
 }
 
@@ -6589,9 +6599,9 @@ class AgentLauncher {
       onStart: (live) => {
         const lane = run.lane ?? group.jid;
         queue.attach(lane, live);
-        if (run.warm) queue.markIdle(lane);
         run.onLive?.();
       },
+      onReady: () => run.onReady?.(),
       onResult: async (result) => {
         if (result.sessionId && run.saveSession && (this.sessionResets.get(group.folder) ?? 0) === resetsAtStart)
           this.saveSession(group, result.sessionId);
@@ -6990,6 +7000,9 @@ class ChatTurns {
         ...(upTo === undefined ? {} : { upTo }),
         // Messages that came while docker was starting found no container to take them: hand them over now.
         onLive: () => this.forward(group),
+        // Up with nothing to answer (a warm start nothing was handed to yet): it waits in the pool, its slot
+        // free. Not before: a start holds its slot until its agent is up, so warming cannot outrun the limit.
+        onReady: () => this.waitUnlessGiven(chatJid, cursor),
         onResult: async (result) => this.recordResult(group, result),
       });
     } catch (err) {
@@ -7045,9 +7058,14 @@ class ChatTurns {
     }
     crashPoint('reply-recorded');
     voice.sendSoon(chatJid);
-    // Waiting now, unless a follow-up handed over during this turn is still to be answered.
-    if ((queue.givenUpTo(chatJid) ?? 0) <= upToSeq) queue.markIdle(chatJid);
+    this.waitUnlessGiven(chatJid, upToSeq);
     return { chatJid, status: 'success', sent: said.at(-1) ?? null, upToSeq };
+  }
+
+  /** The agent waits for the chat's next message, unless one handed over past `answeredUpTo` is still unanswered. */
+  private waitUnlessGiven(chatJid: string, answeredUpTo: number): void {
+    const { queue } = this.host;
+    if ((queue.givenUpTo(chatJid) ?? 0) <= answeredUpTo) queue.markIdle(chatJid);
   }
 
   /** After the run: a failure without a result is told to the listeners; the messages left are given up, retried or queued. */

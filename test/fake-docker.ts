@@ -16,6 +16,8 @@
  *   running          names printed by `docker ps` (`rm -f` takes them away)
  *   no-kimi          `docker run --entrypoint kimi IMAGE --version` (or `info`) fails
  *   paused-<name>    written by `docker pause`, removed by `unpause`: the container reads no input meanwhile
+ *   hold-ready       a container started now does not say `ready:` (nor read its prompt) until it is removed,
+ *                    as a runner whose CLI is still starting
  *
  * The "model", by the text of the last message (after an optional @Name trigger):
  *   anything        → "echo: <text>"
@@ -202,6 +204,9 @@ async function run(): Promise<never> {
     emit({ status: 'error', result: null, error: 'a warm start carries no prompt' });
     process.exit(1);
   }
+  while (existsSync(join(stateDir, 'hold-ready'))) await Bun.sleep(20);
+  // As the runner says it once its CLI, session and tools are up (CONTRACT.md).
+  process.stderr.write(`[agent-runner] ready: CLI up, session ${sessionId} open, tools connected, 1 ms after start\n`);
   if (input.warm) record({ command: 'warm-start' });
   else {
     turn = input.upTo === undefined ? {} : { upTo: input.upTo };

@@ -71,7 +71,7 @@ export interface FakeDocker {
   runs(): FakeDockerCall[];
   /** The runs that carried messages to answer (not a warm start, which waits for its first message). */
   answering(): FakeDockerCall[];
-  set(flag: 'engine-down' | 'no-image' | 'no-kimi', on?: boolean): void;
+  set(flag: 'engine-down' | 'no-image' | 'no-kimi' | 'hold-ready', on?: boolean): void;
   setRunning(names: string[]): void;
 }
 

@@ -231,6 +231,22 @@ describe('warm when it matters', () => {
     expect(w.docker.runs()).toHaveLength(1);
   });
 
+  it('a warm start holds its slot until its agent says ready: at MAX_CONCURRENT_CONTAINERS=1 a second group warms only then', async () => {
+    const w = await world({ MAX_CONCURRENT_CONTAINERS: '1', WARM_POOL_SIZE: '2' });
+    const typist = '4915100000009@s.whatsapp.net';
+    w.store.db.query('UPDATE registered_groups SET requires_trigger = 0 WHERE jid = ?').run(WORK);
+    w.docker.set('hold-ready'); // the CLI inside is still starting
+    expect(w.host.prewarm(MAIN)).toBe(true);
+    await waitFor(() => w.docker.runs().length === 1, 10_000, 'the first container started');
+    await Bun.sleep(200);
+    expect(w.host.prewarm(WORK, typist)).toBe(false); // the one slot is still main's
+    expect(w.docker.runs()).toHaveLength(1);
+    w.docker.set('hold-ready', false);
+    await waitFor(() => w.host.prewarm(WORK, typist), 10_000, 'the slot freed by the ready line');
+    await waitFor(() => w.docker.runs().length === 2, 10_000, 'the second container started');
+    expect(w.docker.runs().map((run) => JSON.parse(run.stdin!).chatJid)).toEqual([MAIN, WORK]);
+  });
+
   it('typing warms main and a group only where the typist drives the agent: named by its allow list, or anyone without a trigger', async () => {
     const w = await world();
     const ALICE = '4915100000002@s.whatsapp.net';
