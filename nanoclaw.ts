@@ -91,78 +91,21 @@ const load = createRequire(import.meta.url);
 
 /** Keys that are secrets: never kept in process.env, never logged, only sent on stdin. */
 export const SECRET_KEYS = ['KIMI_API_KEY', 'TRANSCRIBE_API_KEY'] as const;
-export type SecretKey = (typeof SECRET_KEYS)[number];
+type SecretKey = (typeof SECRET_KEYS)[number];
 const isSecretKey = (key: string): key is SecretKey => (SECRET_KEYS as readonly string[]).includes(key);
-export type Secrets = Partial<Record<SecretKey, string>>;
-
-export interface Config {
-  projectRoot: string;
-  groupsDir: string;
-  dataDir: string;
-  storeDir: string;
-  logsDir: string;
-  dbPath: string;
-  ipcDir: string;
-  sessionsDir: string;
-  envFile: string;
-  mountAllowlistPath: string;
-  assistantName: string;
-  assistantHasOwnNumber: boolean;
-  containerImage: string;
-  containerRuntime: string;
-  /** A turn that produces nothing for this long is stopped. */
-  containerTimeoutMs: number;
-  /** After its last answer, a container waiting for follow-ups is closed after this long. */
-  idleTimeoutMs: number;
-  maxConcurrentContainers: number;
-  /** Ready agents kept between messages (0: none), and how long one waits running before it is paused. */
-  warmPool: { size: number; pauseAfterMs: number };
-  logLevel: string;
-  timezone: string;
-  /**
-   * Non-secret Kimi settings: which platform the key is for, the endpoint (the model proxy
-   * sends there), the model and provider (the container's CLI uses them).
-   */
-  kimi: {
-    platform: KimiPlatform;
-    baseUrl: string;
-    modelName: string;
-    provider?: string;
-    capabilities?: string;
-    questionTimeoutMs: number;
-  };
-  /** How containers reach the model proxy: a per-run unix socket, or a loopback port (Docker Desktop). */
-  modelProxy: 'unix' | 'tcp';
-  /** Limits every container runs under. */
-  container: { memory: string; cpus: string; pids: number; network: string; closeGraceMs: number };
-  /** Hosts or addresses the egress proxy lets containers reach although they are private or local. */
-  egressAllow: string[];
-  /** Bytes a group's writable trees may hold, and the space the host keeps back for its database and logs. */
-  disk: { groupBudget: number; reserve: number };
-  /** Limits on what one group can schedule; main is exempt when limitMain is false. */
-  tasks: { maxActive: number; minIntervalMs: number; limitMain: boolean };
-  /** Caps on send_message per group: requests in a sliding minute (main its own), WhatsApp parts per request. */
-  send: { maxPerMinute: number; maxPerMinuteMain: number; maxParts: number };
-  /** Another WhatsApp Web socket than WhatsApp's own (a relay, a test server); no version lookup then. */
-  whatsappServerUrl?: string;
-  /** An OpenAI-compatible /audio/transcriptions endpoint for voice notes (its key is the secret TRANSCRIBE_API_KEY). */
-  transcribe: { url?: string; model: string };
-}
+type Secrets = Partial<Record<SecretKey, string>>;
 
 export class ConfigError extends Error {}
 
 /** Provider types Kimi Code CLI 2.1.0 knows (KIMI_PROVIDER; its config schema's ProviderType). */
 export const PROVIDER_TYPES = ['kimi', 'openai', 'openai_responses', 'anthropic', 'google-genai', 'vertexai'] as const;
 
-/** Kimi's own platforms need a key; another server (a local model) may not. */
-export const usesKimiProvider = (config: Config): boolean => !config.kimi.provider || config.kimi.provider === 'kimi';
-
 /**
  * Where a Kimi key works, and the model to ask there: each kind of key belongs to one
  * platform (kimi-cli 1.49.0 auth/platforms.py lists the same three). KIMI_BASE_URL and
  * KIMI_MODEL_NAME still override.
  */
-export const KIMI_PLATFORMS = {
+const KIMI_PLATFORMS = {
   'moonshot-ai': {
     baseUrl: 'https://api.moonshot.ai/v1',
     model: 'kimi-k2.5',
@@ -179,7 +122,7 @@ export const KIMI_PLATFORMS = {
     keys: 'Kimi Code subscription keys (kimi.com)',
   },
 } as const;
-export type KimiPlatform = keyof typeof KIMI_PLATFORMS;
+type KimiPlatform = keyof typeof KIMI_PLATFORMS;
 
 export const errorText = (err: unknown): string => (err instanceof Error ? err.message : String(err));
 const errorCode = (err: unknown) => (err as NodeJS.ErrnoException | null)?.code;
@@ -188,7 +131,7 @@ const errorCode = (err: unknown) => (err as NodeJS.ErrnoException | null)?.code;
  * The crash drills (drills/crash.ts) name a point here to kill the host at, exactly as
  * `kill -9` would at that instant. Unset (always, outside the drills) it does nothing.
  */
-export function crashPoint(point: string): void {
+function crashPoint(point: string): void {
   if (process.env.NANOCLAW_CRASH_AT === point) process.kill(process.pid, 'SIGKILL');
 }
 
@@ -244,11 +187,8 @@ export function backoff(
 export function parseEnvFile(text: string): Record<string, string> {
   const values: Record<string, string> = {};
   for (const rawLine of text.split(/\r?\n/)) {
-    const line = rawLine.trim();
-    if (!line || line.startsWith('#')) continue;
-    const match = /^(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)\s*=\s*(.*)$/.exec(line);
+    const match = /^(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)\s*=\s*(.*)$/.exec(rawLine.trim());
     if (!match) continue;
-    const key = match[1]!;
     let value = match[2]!;
     const quote = value[0];
     if ((quote === '"' || quote === "'") && value.lastIndexOf(quote) > 0) {
@@ -257,7 +197,7 @@ export function parseEnvFile(text: string): Record<string, string> {
     } else {
       value = value.replace(/\s+#.*$/, '').trim();
     }
-    values[key] = value;
+    values[match[1]!] = value;
   }
   return values;
 }
@@ -266,214 +206,82 @@ function readEnvFile(path: string): Record<string, string> {
   return existsSync(path) ? parseEnvFile(readFileSync(path, 'utf8')) : {};
 }
 
-function positiveInt(name: string, raw: string | undefined, fallback: number, least = 1): number {
-  if (raw === undefined || raw === '') return fallback;
-  const value = Number(raw);
-  if (!Number.isInteger(value) || value < least) {
-    throw new ConfigError(
-      `${name}=${JSON.stringify(raw)} is not valid: expected a whole number ${least === 0 ? 'of 0 or more' : 'above 0'}.`,
-    );
-  }
-  return value;
-}
-
-function flag(raw: string | undefined): boolean {
-  return /^(1|true|yes|on)$/i.test(raw ?? '');
-}
-
-export function hostTimezone(): string {
-  return Intl.DateTimeFormat().resolvedOptions().timeZone || 'UTC';
-}
-
-export function isValidTimezone(tz: string): boolean {
+function isKnownTimezone(name: string): boolean {
   try {
-    new Intl.DateTimeFormat('en-US', { timeZone: tz });
-    return true;
+    return Boolean(new Intl.DateTimeFormat('en-US', { timeZone: name }));
   } catch {
     return false;
   }
 }
 
-/**
- * Builds the configuration from `env` (normally process.env) over the project's `.env`.
- * Pure apart from reading `.env`; secrets are not part of it (see readSecrets).
- */
-export function loadConfig(projectRoot: string, env: Record<string, string | undefined> = process.env): Config {
-  const root = resolve(projectRoot);
-  const envFile = join(root, '.env');
-  const merged: Record<string, string | undefined> = { ...readEnvFile(envFile), ...env };
-  const get = (key: string) => {
-    const value = merged[key]?.trim();
-    return value ? value : undefined;
-  };
+/** bridge, none, egress or a user-defined Docker network name; never host (it would undo the isolation). */
+function isValidNetwork(network: string): boolean {
+  return network !== 'host' && /^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$/.test(network) && !network.startsWith('container:');
+}
 
-  const assistantName = get('ASSISTANT_NAME') ?? 'Andy';
-  if (!/^[\p{L}\p{N}_][\p{L}\p{N}_ -]{0,39}$/u.test(assistantName)) {
-    throw new ConfigError(
-      `ASSISTANT_NAME=${JSON.stringify(assistantName)} is not valid: use letters, digits, spaces, - or _ (at most 40).`,
-    );
-  }
-  const timezone = get('TZ') ?? hostTimezone();
-  if (!isValidTimezone(timezone)) {
-    throw new ConfigError(
-      `TZ=${JSON.stringify(timezone)} is not a known IANA timezone (e.g. Europe/Berlin, America/New_York).`,
-    );
-  }
-  const logLevel = get('LOG_LEVEL') ?? 'info';
-  if (!['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'].includes(logLevel)) {
-    throw new ConfigError(`LOG_LEVEL=${JSON.stringify(logLevel)} is not valid: use error, warn, info, debug or trace.`);
-  }
-  const modelProxy = get('MODEL_PROXY') ?? (process.platform === 'darwin' ? 'tcp' : 'unix');
-  if (modelProxy !== 'unix' && modelProxy !== 'tcp') {
-    throw new ConfigError(
-      `MODEL_PROXY=${JSON.stringify(modelProxy)} is not valid: use unix (Linux) or tcp (Docker Desktop).`,
-    );
-  }
-  const memory = get('CONTAINER_MEMORY') ?? '2g';
-  if (!/^\d+(\.\d+)?[kmg]?$/i.test(memory))
-    throw new ConfigError(`CONTAINER_MEMORY=${JSON.stringify(memory)} is not valid: e.g. 2g or 1536m.`);
-  const cpus = get('CONTAINER_CPUS') ?? String(defaultContainerCpus());
-  if (!/^\d+(\.\d+)?$/.test(cpus) || Number(cpus) <= 0)
-    throw new ConfigError(
-      `CONTAINER_CPUS=${JSON.stringify(cpus)} is not valid: a number of CPUs above 0, e.g. 1 or 1.5.`,
-    );
-  const platform = (get('KIMI_PLATFORM') ?? 'moonshot-ai') as KimiPlatform;
-  if (!(platform in KIMI_PLATFORMS)) {
-    throw new ConfigError(
-      `KIMI_PLATFORM=${JSON.stringify(platform)} is not valid: use ${Object.keys(KIMI_PLATFORMS).join(', ')}.`,
-    );
-  }
-  const provider = get('KIMI_PROVIDER');
-  if (provider !== undefined && !(PROVIDER_TYPES as readonly string[]).includes(provider))
-    throw new ConfigError(`KIMI_PROVIDER=${JSON.stringify(provider)} is not valid: use ${PROVIDER_TYPES.join(', ')}.`);
-  // Docker Desktop cannot mount the egress proxy's socket, so its containers keep the bridge.
-  const network = get('CONTAINER_NETWORK') ?? (modelProxy === 'unix' ? 'egress' : 'bridge');
-  if (!isValidNetwork(network))
-    throw new ConfigError(
-      `CONTAINER_NETWORK=${JSON.stringify(network)} is not valid: egress, none, bridge, or the name of a Docker network.`,
-    );
-  if (network === 'egress' && modelProxy !== 'unix')
-    throw new ConfigError('CONTAINER_NETWORK=egress needs MODEL_PROXY=unix (the egress proxy is a mounted socket).');
-  const dataDir = join(root, 'data');
-  const storeDir = join(root, 'store');
+/** How a setting's text becomes its value; `kind` names it in the docs. */
+interface Parser<T> {
+  kind: string;
+  parse(raw: string, name: string): T;
+}
+
+/** A parser from a function that returns undefined for text it refuses, and what it expects instead. */
+function parser<T>(kind: string, expected: string, parse: (raw: string) => T | undefined): Parser<T> {
   return {
-    projectRoot: root,
-    groupsDir: join(root, 'groups'),
-    dataDir,
-    storeDir,
-    logsDir: join(root, 'logs'),
-    dbPath: join(storeDir, 'messages.db'),
-    ipcDir: join(dataDir, 'ipc'),
-    sessionsDir: join(dataDir, 'sessions'),
-    envFile,
-    mountAllowlistPath:
-      get('NANOCLAW_MOUNT_ALLOWLIST') ?? join(homedir(), '.config', 'nanoclaw', 'mount-allowlist.json'),
-    assistantName,
-    assistantHasOwnNumber: flag(get('ASSISTANT_HAS_OWN_NUMBER')),
-    containerImage: get('CONTAINER_IMAGE') ?? 'nanoclaw-agent:latest',
-    containerRuntime: get('CONTAINER_RUNTIME') ?? 'docker',
-    containerTimeoutMs: positiveInt('CONTAINER_TIMEOUT', get('CONTAINER_TIMEOUT'), 30 * 60_000),
-    idleTimeoutMs: positiveInt('IDLE_TIMEOUT', get('IDLE_TIMEOUT'), 30 * 60_000),
-    maxConcurrentContainers: positiveInt(
-      'MAX_CONCURRENT_CONTAINERS',
-      get('MAX_CONCURRENT_CONTAINERS'),
-      defaultConcurrency(),
-    ),
-    warmPool: {
-      size: positiveInt('WARM_POOL_SIZE', get('WARM_POOL_SIZE'), defaultPoolSize(), 0),
-      pauseAfterMs: positiveInt('WARM_PAUSE_AFTER', get('WARM_PAUSE_AFTER'), 60_000),
-    },
-    logLevel,
-    timezone,
-    kimi: {
-      platform,
-      baseUrl: get('KIMI_BASE_URL') ?? KIMI_PLATFORMS[platform].baseUrl,
-      modelName: get('KIMI_MODEL_NAME') ?? KIMI_PLATFORMS[platform].model,
-      provider,
-      capabilities: get('KIMI_MODEL_CAPABILITIES'),
-      questionTimeoutMs: positiveInt('QUESTION_TIMEOUT', get('QUESTION_TIMEOUT'), 10 * 60_000),
-    },
-    modelProxy,
-    container: {
-      memory,
-      cpus,
-      pids: positiveInt('CONTAINER_PIDS', get('CONTAINER_PIDS'), 512),
-      network,
-      closeGraceMs: positiveInt('CONTAINER_CLOSE_GRACE', get('CONTAINER_CLOSE_GRACE'), 30_000),
-    },
-    tasks: {
-      maxActive: positiveInt('TASK_MAX_ACTIVE', get('TASK_MAX_ACTIVE'), 25),
-      minIntervalMs: positiveInt('TASK_MIN_INTERVAL', get('TASK_MIN_INTERVAL'), 5 * 60_000),
-      limitMain: !/^(0|false|no|off)$/i.test(get('TASK_LIMITS_MAIN') ?? ''),
-    },
-    disk: {
-      groupBudget: byteSize('GROUP_DISK_BUDGET', get('GROUP_DISK_BUDGET'), 2 * 1024 ** 3),
-      reserve: byteSize('DISK_RESERVE', get('DISK_RESERVE'), 64 * 1024 ** 2),
-    },
-    egressAllow: (get('EGRESS_ALLOW') ?? '')
-      .split(',')
-      .map((entry) => entry.trim().toLowerCase())
-      .filter(Boolean),
-    send: {
-      maxPerMinute: positiveInt('SEND_MAX_PER_MINUTE', get('SEND_MAX_PER_MINUTE'), 20),
-      maxPerMinuteMain: positiveInt('SEND_MAX_PER_MINUTE_MAIN', get('SEND_MAX_PER_MINUTE_MAIN'), 60),
-      maxParts: positiveInt('SEND_MAX_PARTS', get('SEND_MAX_PARTS'), 10),
-    },
-    whatsappServerUrl: get('WHATSAPP_SERVER_URL'),
-    transcribe: {
-      url: httpUrl('TRANSCRIBE_URL', get('TRANSCRIBE_URL')),
-      model: get('TRANSCRIBE_MODEL') ?? 'whisper-1',
+    kind,
+    parse(raw, name) {
+      const value = parse(raw);
+      if (value === undefined) throw new ConfigError(`${name}=${JSON.stringify(raw)} is not valid: ${expected}.`);
+      return value;
     },
   };
 }
 
-/**
- * Every setting by its variable name, as the host uses it once defaults are applied: what
- * `config get` and `config list` print, so the shell scripts never parse `.env` themselves.
- */
-export const SETTINGS: Record<string, (config: Config) => string | number | boolean | undefined> = {
-  ASSISTANT_NAME: (c) => c.assistantName,
-  ASSISTANT_HAS_OWN_NUMBER: (c) => c.assistantHasOwnNumber,
-  TZ: (c) => c.timezone,
-  LOG_LEVEL: (c) => c.logLevel,
-  CONTAINER_IMAGE: (c) => c.containerImage,
-  CONTAINER_RUNTIME: (c) => c.containerRuntime,
-  CONTAINER_TIMEOUT: (c) => c.containerTimeoutMs,
-  IDLE_TIMEOUT: (c) => c.idleTimeoutMs,
-  MAX_CONCURRENT_CONTAINERS: (c) => c.maxConcurrentContainers,
-  WARM_POOL_SIZE: (c) => c.warmPool.size,
-  WARM_PAUSE_AFTER: (c) => c.warmPool.pauseAfterMs,
-  CONTAINER_MEMORY: (c) => c.container.memory,
-  CONTAINER_CPUS: (c) => c.container.cpus,
-  CONTAINER_PIDS: (c) => c.container.pids,
-  CONTAINER_NETWORK: (c) => c.container.network,
-  EGRESS_ALLOW: (c) => c.egressAllow.join(','),
-  GROUP_DISK_BUDGET: (c) => c.disk.groupBudget,
-  DISK_RESERVE: (c) => c.disk.reserve,
-  CONTAINER_CLOSE_GRACE: (c) => c.container.closeGraceMs,
-  MODEL_PROXY: (c) => c.modelProxy,
-  KIMI_PLATFORM: (c) => c.kimi.platform,
-  KIMI_BASE_URL: (c) => c.kimi.baseUrl,
-  KIMI_MODEL_NAME: (c) => c.kimi.modelName,
-  KIMI_PROVIDER: (c) => c.kimi.provider ?? 'kimi',
-  KIMI_MODEL_CAPABILITIES: (c) => c.kimi.capabilities,
-  QUESTION_TIMEOUT: (c) => c.kimi.questionTimeoutMs,
-  TASK_MAX_ACTIVE: (c) => c.tasks.maxActive,
-  TASK_MIN_INTERVAL: (c) => c.tasks.minIntervalMs,
-  TASK_LIMITS_MAIN: (c) => c.tasks.limitMain,
-  SEND_MAX_PER_MINUTE: (c) => c.send.maxPerMinute,
-  SEND_MAX_PER_MINUTE_MAIN: (c) => c.send.maxPerMinuteMain,
-  SEND_MAX_PARTS: (c) => c.send.maxParts,
-  NANOCLAW_MOUNT_ALLOWLIST: (c) => c.mountAllowlistPath,
-  WHATSAPP_SERVER_URL: (c) => c.whatsappServerUrl,
-  TRANSCRIBE_URL: (c) => c.transcribe.url,
-  TRANSCRIBE_MODEL: (c) => c.transcribe.model,
-};
+const anyText = parser('text', '', (raw) => raw);
+const textMatching = (kind: string, expected: string, valid: (raw: string) => boolean) =>
+  parser(kind, expected, (raw) => (valid(raw) ? raw : undefined));
+const oneOf = <const T extends string>(values: readonly T[]) =>
+  parser(values.join(', '), `use ${values.join(', ')}`, (raw) => values.find((value) => value === raw));
+const wholeNumber = (least: 0 | 1) =>
+  parser(`whole number ≥ ${least}`, `expected a whole number ${least ? 'above 0' : 'of 0 or more'}`, (raw) =>
+    Number.isInteger(Number(raw)) && Number(raw) >= least ? Number(raw) : undefined,
+  );
+const milliseconds: Parser<number> = { ...wholeNumber(1), kind: 'milliseconds' };
+/** The one rule for yes/no settings: these words in any case; anything else (a typo) is refused. */
+const YES_WORDS = ['true', 'yes', 'on', '1'];
+const NO_WORDS = ['false', 'no', 'off', '0'];
+const yesNo = parser('true or false', 'use true or false (or yes/no, on/off, 1/0)', (raw) => {
+  const word = raw.toLowerCase();
+  return YES_WORDS.includes(word) ? true : NO_WORDS.includes(word) ? false : undefined;
+});
+/** A size such as 2g, 512m or 64k (powers of 1024), in bytes; 0 is allowed (off). */
+const byteSize = parser('size', 'a size such as 2g, 512m or 0', (raw) => {
+  const match = /^(\d+(?:\.\d+)?)([kmgt]?)$/i.exec(raw);
+  return match ? Math.round(Number(match[1]) * 1024 ** ' kmgt'.indexOf((match[2] || ' ').toLowerCase())) : undefined;
+});
+const httpUrl = textMatching(
+  'http(s) URL',
+  'an http(s) URL, e.g. https://api.openai.com/v1/audio/transcriptions',
+  (raw) => URL.canParse(raw) && /^https?:$/.test(new URL(raw).protocol),
+);
+const commaList = parser('list', '', (raw) => raw.toLowerCase().match(/[^,\s]+/g) ?? []);
+const assistantNameRule = textMatching('name', 'use letters, digits, spaces, - or _ (at most 40)', (raw) =>
+  /^[\p{L}\p{N}_][\p{L}\p{N}_ -]{0,39}$/u.test(raw),
+);
+const ianaTimezone = textMatching('IANA timezone', 'a known IANA timezone, e.g. Europe/Berlin', isKnownTimezone);
+const memoryLimit = textMatching('size', 'e.g. 2g or 1536m', (raw) => /^\d+(\.\d+)?[kmg]?$/i.test(raw));
+const cpuLimit = textMatching(
+  'number',
+  'a number of CPUs above 0, e.g. 1 or 1.5',
+  (raw) => /^\d+(\.\d+)?$/.test(raw) && Number(raw) > 0,
+);
+const networkName = textMatching(
+  'egress, none, bridge or a network',
+  'egress, none, bridge, or the name of a Docker network',
+  isValidNetwork,
+);
 
-/**
- * As many containers at once as the machine has CPUs (at least two): starting an agent is
- * CPU-bound, so more would only slow every first reply down; waiting chats are served in turn.
- */
+/** Starting an agent is CPU-bound: more containers than CPUs would only slow every first reply down. */
 export function defaultConcurrency(cores = availableParallelism()): number {
   return Math.max(2, cores);
 }
@@ -491,35 +299,192 @@ export function defaultContainerCpus(cores = availableParallelism()): number {
   return Math.max(1, Math.floor(cores / 2));
 }
 
-/** An http(s) URL, or undefined when not set. */
-function httpUrl(name: string, value: string | undefined): string | undefined {
-  if (value === undefined) return undefined;
-  if (!URL.canParse(value) || !/^https?:$/.test(new URL(value).protocol))
-    throw new ConfigError(
-      `${name}=${JSON.stringify(value)} is not valid: an http(s) URL, e.g. https://api.openai.com/v1/audio/transcriptions.`,
-    );
-  return value;
+/** One setting: its variable, its parser, its default as written in .env (or worked out), one doc line. */
+interface Setting<T> {
+  env: string;
+  parser: Parser<T>;
+  fallback: string | Computed | undefined;
+  doc: string;
+}
+/** A default worked out at loading, from the machine or from settings above it in the table; `shown` in the docs. */
+interface Computed {
+  shown: string;
+  value(earlier: Record<string, unknown>): string;
+}
+type SettingTable = { [key: string]: Setting<unknown> | SettingTable };
+
+function setting<T>(env: string, parser: Parser<T>, fallback: string | Computed, doc: string): Setting<T> {
+  return { env, parser, fallback, doc };
+}
+function optional<T>(env: string, parser: Parser<T>, doc: string): Setting<T | undefined> {
+  return { env, parser, fallback: undefined, doc };
+}
+const LOG_LEVELS = ['error', 'warn', 'info', 'debug', 'trace', 'fatal', 'silent'] as const;
+const PLATFORM_NAMES = Object.keys(KIMI_PLATFORMS) as KimiPlatform[];
+const computed = (shown: string, value: Computed['value']): Computed => ({ shown, value });
+const WORKED_OUT = {
+  timezone: computed("this machine's", () => Intl.DateTimeFormat().resolvedOptions().timeZone || 'UTC'),
+  concurrency: computed('CPU count, at least 2', () => String(defaultConcurrency())),
+  poolSize: computed('1 per 2 GiB of memory, 1 to 8', () => String(defaultPoolSize())),
+  modelProxy: computed('unix; tcp on macOS', () => (process.platform === 'darwin' ? 'tcp' : 'unix')),
+  baseUrl: computed('from KIMI_PLATFORM', (earlier) => KIMI_PLATFORMS[earlier.KIMI_PLATFORM as KimiPlatform].baseUrl),
+  model: computed('from KIMI_PLATFORM', (earlier) => KIMI_PLATFORMS[earlier.KIMI_PLATFORM as KimiPlatform].model),
+  cpus: computed('half the CPUs, at least 1', () => String(defaultContainerCpus())),
+  // Docker Desktop cannot mount the egress proxy's socket, so its containers keep the bridge.
+  network: computed('egress; bridge with MODEL_PROXY=tcp', (earlier) =>
+    earlier.MODEL_PROXY === 'unix' ? 'egress' : 'bridge',
+  ),
+  allowlist: computed('~/.config/nanoclaw/mount-allowlist.json', () =>
+    join(homedir(), '.config/nanoclaw/mount-allowlist.json'),
+  ),
+};
+
+/** Every setting, once, at the place of its value in Config; a default that reads another setting comes after it. */
+const SETTING_TABLE = {
+  assistantName: setting('ASSISTANT_NAME', assistantNameRule, 'Andy', 'Wakes it in groups (@Andy), starts its replies'),
+  assistantHasOwnNumber: setting('ASSISTANT_HAS_OWN_NUMBER', yesNo, 'false', 'true: no name before replies'),
+  timezone: setting('TZ', ianaTimezone, WORKED_OUT.timezone, 'Timezone of message times and schedules'),
+  logLevel: setting('LOG_LEVEL', oneOf(LOG_LEVELS), 'info', 'debug adds mounts, docker arguments, container stderr'),
+  containerImage: setting('CONTAINER_IMAGE', anyText, 'nanoclaw-agent:latest', 'The agent image'),
+  containerRuntime: setting('CONTAINER_RUNTIME', anyText, 'docker', 'The container command'),
+  containerTimeoutMs: setting('CONTAINER_TIMEOUT', milliseconds, '1800000', 'A turn silent this long is stopped'),
+  idleTimeoutMs: setting('IDLE_TIMEOUT', milliseconds, '1800000', 'An agent that answered waits this long for more'),
+  maxConcurrentContainers: setting(
+    'MAX_CONCURRENT_CONTAINERS',
+    wholeNumber(1),
+    WORKED_OUT.concurrency,
+    'Agents at once',
+  ),
+  warmPool: {
+    size: setting('WARM_POOL_SIZE', wholeNumber(0), WORKED_OUT.poolSize, 'Agents kept ready between messages'),
+    pauseAfterMs: setting('WARM_PAUSE_AFTER', milliseconds, '60000', 'A ready agent runs this long, then is paused'),
+  },
+  modelProxy: setting('MODEL_PROXY', oneOf(['unix', 'tcp']), WORKED_OUT.modelProxy, 'tcp: a port (Docker Desktop)'),
+  kimi: {
+    platform: setting('KIMI_PLATFORM', oneOf(PLATFORM_NAMES), 'moonshot-ai', 'Your kind of key: endpoint and model'),
+    baseUrl: setting('KIMI_BASE_URL', anyText, WORKED_OUT.baseUrl, 'Any OpenAI-compatible endpoint'),
+    modelName: setting('KIMI_MODEL_NAME', anyText, WORKED_OUT.model, 'The model the agent uses'),
+    provider: optional('KIMI_PROVIDER', oneOf(PROVIDER_TYPES), "The agent CLI's provider type (unset: kimi)"),
+    capabilities: optional('KIMI_MODEL_CAPABILITIES', anyText, 'e.g. thinking,image_in; unset: from the model'),
+    questionTimeoutMs: setting('QUESTION_TIMEOUT', milliseconds, '600000', "The agent's question waits this long"),
+  },
+  container: {
+    memory: setting('CONTAINER_MEMORY', memoryLimit, '2g', 'Memory per container (its /tmp and home too)'),
+    cpus: setting('CONTAINER_CPUS', cpuLimit, WORKED_OUT.cpus, 'CPUs per container'),
+    pids: setting('CONTAINER_PIDS', wholeNumber(1), '512', 'Processes and threads per container'),
+    network: setting('CONTAINER_NETWORK', networkName, WORKED_OUT.network, 'egress: the web via the host'),
+    closeGraceMs: setting('CONTAINER_CLOSE_GRACE', milliseconds, '30000', 'A closing container is stopped after this'),
+  },
+  egressAllow: setting('EGRESS_ALLOW', commaList, '', 'Private hosts or addresses the egress proxy still lets through'),
+  disk: {
+    groupBudget: setting('GROUP_DISK_BUDGET', byteSize, '2g', "What one group's writable folders may take"),
+    reserve: setting('DISK_RESERVE', byteSize, '64m', 'Space held back for the database and logs'),
+  },
+  tasks: {
+    maxActive: setting('TASK_MAX_ACTIVE', wholeNumber(1), '25', 'Active scheduled tasks per group'),
+    minIntervalMs: setting('TASK_MIN_INTERVAL', milliseconds, '300000', 'Shortest gap between two runs of a task'),
+    limitMain: setting('TASK_LIMITS_MAIN', yesNo, 'true', 'false: main is exempt from the two task limits'),
+  },
+  send: {
+    maxPerMinute: setting('SEND_MAX_PER_MINUTE', wholeNumber(1), '20', 'send_message calls a group may make a minute'),
+    maxPerMinuteMain: setting('SEND_MAX_PER_MINUTE_MAIN', wholeNumber(1), '60', 'The same for main'),
+    maxParts: setting('SEND_MAX_PARTS', wholeNumber(1), '10', 'WhatsApp messages one send_message may become'),
+  },
+  mountAllowlistPath: setting('NANOCLAW_MOUNT_ALLOWLIST', anyText, WORKED_OUT.allowlist, 'The extra-mount allowlist'),
+  whatsappServerUrl: optional('WHATSAPP_SERVER_URL', anyText, 'Another WhatsApp Web socket (a relay, a test server)'),
+  transcribe: {
+    url: optional('TRANSCRIBE_URL', httpUrl, 'OpenAI-compatible /audio/transcriptions endpoint for voice notes'),
+    model: setting('TRANSCRIBE_MODEL', anyText, 'whisper-1', 'The model that endpoint is asked for'),
+  },
+} satisfies SettingTable;
+
+type SettingValues<T> = { [K in keyof T]: T[K] extends Setting<infer V> ? V : SettingValues<T[K]> };
+
+/** Where things live, relative to the project root. */
+const PROJECT_PATHS = {
+  groupsDir: 'groups',
+  dataDir: 'data',
+  storeDir: 'store',
+  logsDir: 'logs',
+  dbPath: 'store/messages.db',
+  ipcDir: 'data/ipc',
+  sessionsDir: 'data/sessions',
+  envFile: '.env',
+} as const;
+
+/** Every setting at its place in SETTING_TABLE, and the project's absolute paths. */
+export interface Config extends SettingValues<typeof SETTING_TABLE>, Record<keyof typeof PROJECT_PATHS, string> {
+  projectRoot: string;
 }
 
-/** bridge, none, or a user-defined Docker network name; never host (it would undo the isolation). */
-/** A size such as 2g, 512m or 64k (powers of 1024), in bytes; 0 is allowed (off). */
-function byteSize(name: string, value: string | undefined, fallback: number): number {
-  if (value === undefined) return fallback;
-  const match = /^(\d+(?:\.\d+)?)([kmgt]?)$/i.exec(value.trim());
-  if (!match) throw new ConfigError(`${name}=${JSON.stringify(value)} is not valid: a size such as 2g, 512m or 0.`);
-  return Math.round(Number(match[1]) * 1024 ** ' kmgt'.indexOf((match[2] || ' ').toLowerCase()));
+/** Kimi's own platforms need a key; another server (a local model) may not. */
+const usesKimiProvider = (config: Config): boolean => !config.kimi.provider || config.kimi.provider === 'kimi';
+
+function flattenSettings(table: SettingTable, path: string[] = []): { setting: Setting<unknown>; path: string[] }[] {
+  return Object.entries(table).flatMap(([key, item]) =>
+    'env' in item
+      ? [{ setting: item as Setting<unknown>, path: [...path, key] }]
+      : flattenSettings(item, [...path, key]),
+  );
+}
+const SETTING_LIST = flattenSettings(SETTING_TABLE);
+
+/** Every setting by its variable name, read from a Config: what `config get` and `config list` print. */
+const SETTINGS: Record<string, (config: Config) => unknown> = Object.fromEntries(
+  SETTING_LIST.map(({ setting, path }) => [
+    setting.env,
+    (config: Config) => path.reduce<unknown>((node, key) => (node as Record<string, unknown>)[key], config),
+  ]),
+);
+
+/**
+ * Builds the configuration from `env` (normally process.env) over the project's `.env`.
+ * Pure apart from reading `.env`; secrets are not part of it (see readSecrets).
+ */
+export function loadConfig(projectRoot: string, env: Record<string, string | undefined> = process.env): Config {
+  const root = resolve(projectRoot);
+  const merged: Record<string, string | undefined> = { ...readEnvFile(join(root, PROJECT_PATHS.envFile)), ...env };
+  const values: Record<string, unknown> = {};
+  const settings: Record<string, unknown> = {};
+  for (const { setting, path } of SETTING_LIST) {
+    const { fallback } = setting;
+    const raw = merged[setting.env]?.trim() || (typeof fallback === 'object' ? fallback.value(values) : fallback);
+    values[setting.env] = raw === undefined ? undefined : setting.parser.parse(raw, setting.env);
+    let parent = settings;
+    for (const group of path.slice(0, -1)) {
+      parent[group] ??= {};
+      parent = parent[group] as Record<string, unknown>;
+    }
+    parent[path.at(-1)!] = values[setting.env];
+  }
+  if (values.CONTAINER_NETWORK === 'egress' && values.MODEL_PROXY !== 'unix')
+    throw new ConfigError('CONTAINER_NETWORK=egress needs MODEL_PROXY=unix (the egress proxy is a mounted socket).');
+  const paths = Object.entries(PROJECT_PATHS).map(([name, path]) => [name, join(root, path)]);
+  // Built from SETTING_TABLE and PROJECT_PATHS, so shaped as Config says.
+  return { ...settings, ...Object.fromEntries(paths), projectRoot: root } as Config;
+}
+
+/** The settings table of docs/configuration.md, as `bun nanoclaw.ts config docs` prints it. */
+function settingsMarkdown(): string {
+  const shown = ({ fallback }: Setting<unknown>) => {
+    if (typeof fallback === 'object') return fallback.shown;
+    return fallback ? `\`${fallback}\`` : fallback === undefined ? 'unset' : 'none';
+  };
+  return [
+    '| Variable | Type | Default | What it sets |',
+    '| --- | --- | --- | --- |',
+    ...SETTING_LIST.map(
+      ({ setting }) => `| \`${setting.env}\` | ${setting.parser.kind} | ${shown(setting)} | ${setting.doc} |`,
+    ),
+  ].join('\n');
 }
 
 /** Bytes as a person reads them: 1.5 GB, 64 MB, 900 B. */
-export function formatBytes(bytes: number): string {
+function formatBytes(bytes: number): string {
   const units = ['B', 'KB', 'MB', 'GB', 'TB'];
   const power = Math.min(units.length - 1, Math.floor(Math.log(Math.max(bytes, 1)) / Math.log(1024)));
   const value = bytes / 1024 ** power;
   return `${power === 0 ? value : Number(value.toFixed(1))} ${units[power]}`;
-}
-
-export function isValidNetwork(network: string): boolean {
-  return network !== 'host' && /^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$/.test(network) && !network.startsWith('container:');
 }
 
 /** Secrets found in process.env at start-up, moved here so no child process inherits them. */
@@ -537,49 +502,25 @@ export function takeSecretsOutOfEnvironment(env: Record<string, string | undefin
 /** Reads the secrets at the moment they are needed: the environment at start-up wins over .env. */
 export function readSecrets(config: Config): Secrets {
   const fromFile = readEnvFile(config.envFile);
-  const secrets: Secrets = {};
-  for (const key of SECRET_KEYS) {
-    const value = secretsFromEnvironment[key] ?? fromFile[key];
-    if (value) secrets[key] = value;
-  }
-  return secrets;
+  const found = SECRET_KEYS.map((key) => [key, secretsFromEnvironment[key] ?? fromFile[key]]);
+  return Object.fromEntries(found.filter(([, value]) => value));
 }
 
 /** The only environment variables a child process (docker) gets: nothing secret, nothing from .env. */
 export function childProcessEnv(env: Record<string, string | undefined> = process.env): Record<string, string> {
-  const passed = [
-    'PATH',
-    'HOME',
-    'USER',
-    'LANG',
-    'TMPDIR',
-    'XDG_RUNTIME_DIR',
-    'DOCKER_HOST',
-    'DOCKER_CONFIG',
-    'DOCKER_CONTEXT',
-    'DOCKER_CERT_PATH',
-    'DOCKER_TLS_VERIFY',
-  ];
-  const childEnv: Record<string, string> = {};
-  for (const key of passed) {
-    const value = env[key];
-    if (value !== undefined) childEnv[key] = value;
-  }
-  return childEnv;
+  const system = ['PATH', 'HOME', 'USER', 'LANG', 'TMPDIR', 'XDG_RUNTIME_DIR'];
+  const docker = ['DOCKER_HOST', 'DOCKER_CONFIG', 'DOCKER_CONTEXT', 'DOCKER_CERT_PATH', 'DOCKER_TLS_VERIFY'];
+  return Object.fromEntries([...system, ...docker].flatMap((key) => (env[key] === undefined ? [] : [[key, env[key]]])));
 }
 
 // ───────────────────────────── 2. Logging: files, terminal, and secrets masked ───────
 
 /** Replaces every occurrence of each secret (and its JSON-escaped form) with [REDACTED]. */
 export function maskSecrets(text: string, secretValues: readonly string[]): string {
-  let masked = text;
-  for (const secret of secretValues) {
-    if (secret.length < 4) continue;
-    masked = masked.split(secret).join('[REDACTED]');
-    const escaped = JSON.stringify(secret).slice(1, -1);
-    if (escaped !== secret) masked = masked.split(escaped).join('[REDACTED]');
-  }
-  return masked;
+  const forms = secretValues
+    .filter((secret) => secret.length >= 4)
+    .flatMap((secret) => [secret, JSON.stringify(secret).slice(1, -1)]);
+  return forms.reduce((masked, form) => masked.split(form).join('[REDACTED]'), text);
 }
 
 const pino = () => load('pino') as typeof Pino;
@@ -593,27 +534,15 @@ function loggerOnFirstUse(create: () => Logger): Logger {
       const value: unknown = Reflect.get(real, key, real);
       return typeof value === 'function' ? value.bind(real) : value;
     },
-    set(_target, key, value) {
-      real ??= create();
-      return Reflect.set(real, key, value, real);
-    },
   });
 }
 
 /** The logger every section uses; silent until setupLogging() runs. */
 export let log: Logger = loggerOnFirstUse(() => pino()({ level: 'silent' }));
 
-export interface LoggingOptions {
-  /** Minimum level shown on the terminal (stderr); 'silent' for none. */
-  terminalLevel?: string;
-  /** Secret values to mask in every line; read at set-up from readSecrets(). */
-  secrets?: readonly string[];
-}
-
 /**
- * A log file that cannot be written (a full disk, a read-only folder) never stops the
- * host: its lines go to stderr instead, which is said once, and the file is tried again
- * with every line, so logging returns there once it can.
+ * A log file that cannot be written (a full disk, a read-only folder) never stops the host:
+ * its lines go to stderr, said once, and every line tries the file again.
  */
 function logFileStream(path: string, render: (line: string) => string): { write(line: string): void } {
   let failing = false;
@@ -625,10 +554,9 @@ function logFileStream(path: string, render: (line: string) => string): { write(
         if (failing) process.stderr.write(`NanoClaw: ${path} can be written again; logging there.\n`);
         failing = false;
       } catch (err) {
+        const why = errorCode(err) ?? errorText(err);
         if (!failing)
-          process.stderr.write(
-            `NanoClaw: cannot write ${path} (${errorCode(err) ?? errorText(err)}); log lines go to stderr until it can.\n`,
-          );
+          process.stderr.write(`NanoClaw: cannot write ${path} (${why}); log lines go to stderr until it can.\n`);
         failing = true;
         process.stderr.write(text);
       }
@@ -636,7 +564,8 @@ function logFileStream(path: string, render: (line: string) => string): { write(
   };
 }
 
-export function setupLogging(config: Config, options: LoggingOptions = {}): Logger {
+/** `terminalLevel`: the least level shown on stderr ('silent': none); `secrets`: values masked in every line. */
+export function setupLogging(config: Config, options: { terminalLevel?: string; secrets?: readonly string[] } = {}) {
   try {
     mkdirSync(config.logsDir, { recursive: true });
   } catch {
@@ -644,43 +573,27 @@ export function setupLogging(config: Config, options: LoggingOptions = {}): Logg
   }
   log = loggerOnFirstUse(() => {
     const secrets = options.secrets ?? [];
-    const textFormat = {
-      singleLine: true,
-      messageFormat: '{if group}[{group}] {end}{msg}',
-      ignore: 'pid,hostname,group',
-      translateTime: 'SYS:yyyy-mm-dd HH:MM:ss.l',
-    };
     const { prettyFactory } = load('pino-pretty') as typeof import('pino-pretty');
-    const toFile = prettyFactory({ ...textFormat, colorize: false });
-    const toTerminal = prettyFactory({ ...textFormat, colorize: Boolean(process.stderr.isTTY) });
-    const fileStream = (path: string) => logFileStream(path, (line) => maskSecrets(toFile(line), secrets));
-    const streams: StreamEntry[] = [
-      { level: config.logLevel as Level, stream: fileStream(join(config.logsDir, 'nanoclaw.log')) },
-      { level: 'error', stream: fileStream(join(config.logsDir, 'nanoclaw.error.log')) },
-    ];
+    const format = { singleLine: true, ignore: 'pid,hostname,group', translateTime: 'SYS:yyyy-mm-dd HH:MM:ss.l' };
+    const pretty = (colorize: boolean) =>
+      prettyFactory({ ...format, messageFormat: '{if group}[{group}] {end}{msg}', colorize });
+    const toFile = pretty(false);
+    const toTerminal = pretty(Boolean(process.stderr.isTTY));
+    const fileStream = (name: string) =>
+      logFileStream(join(config.logsDir, name), (line) => maskSecrets(toFile(line), secrets));
+    const terminal = { write: (line: string) => process.stderr.write(maskSecrets(toTerminal(line), secrets)) };
     const terminalLevel = options.terminalLevel ?? config.logLevel;
-    if (terminalLevel !== 'silent') {
-      streams.push({
-        level: terminalLevel as Level,
-        stream: { write: (line: string) => process.stderr.write(maskSecrets(toTerminal(line), secrets)) },
-      });
-    }
-    const lowest = [config.logLevel, terminalLevel].includes('trace')
-      ? 'trace'
-      : [config.logLevel, terminalLevel].includes('debug')
-        ? 'debug'
-        : 'info';
-    return pino()(
-      {
-        level: config.logLevel === 'silent' && terminalLevel === 'silent' ? 'silent' : lowest,
-        // Belt and braces: structured secret fields are dropped before masking even runs.
-        redact: {
-          paths: ['secrets', '*.secrets', ...SECRET_KEYS, ...SECRET_KEYS.map((key) => `*.${key}`)],
-          censor: '[REDACTED]',
-        },
-      },
-      pino().multistream(streams),
-    );
+    const streams: StreamEntry[] = [
+      { level: config.logLevel as Level, stream: fileStream('nanoclaw.log') },
+      { level: 'error', stream: fileStream('nanoclaw.error.log') },
+      ...(terminalLevel === 'silent' ? [] : [{ level: terminalLevel as Level, stream: terminal }]),
+    ];
+    const levels = [config.logLevel, terminalLevel];
+    const lowest = (['trace', 'debug'] as const).find((level) => levels.includes(level)) ?? 'info';
+    // Belt and braces: structured secret fields are dropped before masking even runs.
+    const redact = { paths: ['secrets', ...SECRET_KEYS].flatMap((key) => [key, `*.${key}`]), censor: '[REDACTED]' };
+    const level = levels.every((each) => each === 'silent') ? 'silent' : lowest;
+    return pino()({ level, redact }, pino().multistream(streams));
   });
   return log;
 }
@@ -711,6 +624,16 @@ interface OpenDir {
   close(): void;
 }
 
+/** An OpenDir held by a file descriptor (Linux). */
+function fdDir(fd: number, shown: string): OpenDir {
+  return { shown, at: (name) => `${FD_PATHS}/${fd}/${name}`, close: () => closeSync(fd) };
+}
+
+/** An OpenDir that is only a path, checked step by step (without /proc). */
+function pathDir(path: string): OpenDir {
+  return { shown: path, at: (name) => join(path, name), close: () => {} };
+}
+
 /** Splits "a/b/c" into names; nothing absolute, nothing that climbs out. */
 function treeNames(rel: string): string[] {
   const names = rel.split('/').filter((name) => name !== '' && name !== '.');
@@ -718,8 +641,11 @@ function treeNames(rel: string): string[] {
   return names;
 }
 
-/** Opens a file for reading and checks it is a regular file of at most maxBytes; never blocks. */
-function openRegular(path: string, shown: string, maxBytes: number): { fd: number; size: number } {
+/**
+ * The last `lastBytes` of a regular file of at most maxBytes. A link, FIFO, device or larger
+ * file is refused without reading it, and the open never blocks (O_NOFOLLOW, O_NONBLOCK).
+ */
+function readLast(path: string, shown: string, maxBytes: number, lastBytes = maxBytes): Buffer {
   let fd: number;
   try {
     fd = openSync(path, READ_FLAGS);
@@ -727,37 +653,38 @@ function openRegular(path: string, shown: string, maxBytes: number): { fd: numbe
     if (errorCode(err) === 'ELOOP') throw new UnsafePathError(`${shown} is a link: refused`);
     throw err;
   }
-  const stats = fstatSync(fd);
-  const problem = !stats.isFile()
-    ? 'is not a regular file'
-    : stats.size > maxBytes
-      ? `is ${stats.size} bytes, over the ${maxBytes}-byte limit`
-      : null;
-  if (problem) {
+  try {
+    const stats = fstatSync(fd);
+    const size = stats.size;
+    const refused = (problem: string) => new UnsafePathError(`${shown} ${problem}: refused without reading it`);
+    if (!stats.isFile()) throw refused('is not a regular file');
+    if (size > maxBytes) throw refused(`is ${size} bytes, over the ${maxBytes}-byte limit`);
+    const length = Math.min(size, lastBytes);
+    const buffer = Buffer.alloc(length);
+    let done = 0;
+    while (done < length) {
+      const n = readSync(fd, buffer, done, length - done, size - length + done);
+      if (n === 0) break; // the file shrank meanwhile
+      done += n;
+    }
+    return buffer.subarray(0, done);
+  } finally {
     closeSync(fd);
-    throw new UnsafePathError(`${shown} ${problem}: refused without reading it`);
   }
-  return { fd, size: stats.size };
-}
-
-function readFd(fd: number, size: number, position = 0): Buffer {
-  const buffer = Buffer.alloc(size);
-  let done = 0;
-  while (done < size) {
-    const n = readSync(fd, buffer, done, size - done, position + done);
-    if (n === 0) break;
-    done += n;
-  }
-  return buffer.subarray(0, done);
 }
 
 /** Reads a regular file (not a link, FIFO or device) of at most maxBytes, in a host-only folder. */
 export function readRegularFile(path: string, maxBytes = MAX_AGENT_FILE_BYTES): string {
-  const { fd, size } = openRegular(path, path, maxBytes);
+  return readLast(path, path, maxBytes).toString('utf8');
+}
+
+/** Runs `fn`; a missing path (ENOENT) gives `absent` instead. */
+function ifMissing<T>(absent: T, fn: () => T): T {
   try {
-    return readFd(fd, size).toString('utf8');
-  } finally {
-    closeSync(fd);
+    return fn();
+  } catch (err) {
+    if (errorCode(err) === 'ENOENT') return absent;
+    throw err;
   }
 }
 
@@ -778,52 +705,47 @@ export class AgentTree {
   private openDir(names: readonly string[], create: boolean): OpenDir {
     mkdirSync(this.root, { recursive: true });
     const real = realpathSync(this.root);
-    if (!FD_PATHS) return this.checkedDir(real, names, create);
-    let fd = openSync(real, fsConstants.O_RDONLY | fsConstants.O_DIRECTORY);
-    let shown = real;
+    let dir = FD_PATHS ? fdDir(openSync(real, fsConstants.O_RDONLY | fsConstants.O_DIRECTORY), real) : pathDir(real);
     try {
       for (const name of names) {
-        const at = `${FD_PATHS}/${fd}/${name}`;
-        shown = join(shown, name);
-        let next: number;
-        try {
-          next = openSync(at, DIR_FLAGS);
-        } catch (err) {
-          if (errorCode(err) === 'ENOENT' && create) {
-            this.makeDir(at);
-            next = openSync(at, DIR_FLAGS);
-          } else if (errorCode(err) === 'ENOTDIR' || errorCode(err) === 'ELOOP') {
-            throw new UnsafePathError(`${shown} is not a plain folder (a link or a file): refused`);
-          } else {
-            throw err;
-          }
-        }
-        closeSync(fd);
-        fd = next;
+        const next = this.step(dir, name, create);
+        dir.close();
+        dir = next;
       }
+      return dir;
     } catch (err) {
-      closeSync(fd);
+      dir.close();
       throw err;
     }
-    const dirFd = fd;
-    return { shown, at: (name) => `${FD_PATHS}/${dirFd}/${name}`, close: () => closeSync(dirFd) };
   }
 
-  /** Without /proc (macOS): lstat each step; a swap between check and use stays possible. */
-  private checkedDir(real: string, names: readonly string[], create: boolean): OpenDir {
-    let path = real;
-    for (const name of names) {
-      path = join(path, name);
-      let stats = lstatSync(path, { throwIfNoEntry: false });
+  /**
+   * One folder deeper, never through a link; a missing one is created or ENOENT. Without
+   * /proc (macOS) lstat checks it just before use, so a swap between check and use stays possible.
+   */
+  private step(dir: OpenDir, name: string, create: boolean): OpenDir {
+    const shown = join(dir.shown, name);
+    const notPlain = () => new UnsafePathError(`${shown} is not a plain folder (a link or a file): refused`);
+    if (!FD_PATHS) {
+      let stats = lstatSync(shown, { throwIfNoEntry: false });
       if (!stats && create) {
-        this.makeDir(path);
-        stats = lstatSync(path);
+        this.makeDir(shown);
+        stats = lstatSync(shown);
       }
-      if (!stats) throw Object.assign(new Error(`ENOENT: ${path}`), { code: 'ENOENT' });
-      if (!stats.isDirectory()) throw new UnsafePathError(`${path} is not a plain folder (a link or a file): refused`);
+      if (!stats) throw Object.assign(new Error(`ENOENT: ${shown}`), { code: 'ENOENT' });
+      if (!stats.isDirectory()) throw notPlain();
+      return pathDir(shown);
     }
-    const dir = path;
-    return { shown: dir, at: (name) => join(dir, name), close: () => {} };
+    try {
+      return fdDir(openSync(dir.at(name), DIR_FLAGS), shown);
+    } catch (err) {
+      if (errorCode(err) === 'ENOENT' && create) {
+        this.makeDir(dir.at(name));
+        return fdDir(openSync(dir.at(name), DIR_FLAGS), shown);
+      }
+      if (errorCode(err) === 'ENOTDIR' || errorCode(err) === 'ELOOP') throw notPlain();
+      throw err;
+    }
   }
 
   private makeDir(at: string): void {
@@ -861,27 +783,14 @@ export class AgentTree {
 
   /** read, as bytes (a file the agent sends). */
   readBytes(rel: string, maxBytes = MAX_AGENT_FILE_BYTES): Buffer {
-    return this.withParent(rel, false, (dir, name) => {
-      const { fd, size } = openRegular(dir.at(name), join(dir.shown, name), maxBytes);
-      try {
-        return readFd(fd, size);
-      } finally {
-        closeSync(fd);
-      }
-    });
+    return this.withParent(rel, false, (dir, name) => readLast(dir.at(name), join(dir.shown, name), maxBytes));
   }
 
-  /** The last maxBytes of a regular file (to show a log of any size). */
+  /** The last maxBytes of a regular file of any size (to show a log). */
   tail(rel: string, maxBytes: number): string {
-    return this.withParent(rel, false, (dir, name) => {
-      const { fd, size } = openRegular(dir.at(name), join(dir.shown, name), Number.MAX_SAFE_INTEGER);
-      try {
-        const length = Math.min(size, maxBytes);
-        return readFd(fd, length, size - length).toString('utf8');
-      } finally {
-        closeSync(fd);
-      }
-    });
+    return this.withParent(rel, false, (dir, name) =>
+      readLast(dir.at(name), join(dir.shown, name), Number.MAX_SAFE_INTEGER, maxBytes).toString('utf8'),
+    );
   }
 
   /** Creates a new file; an existing name (file, link, anything) is never replaced or followed. */
@@ -915,15 +824,10 @@ export class AgentTree {
 
   /** What a folder holds, without following anything; empty when the folder does not exist. */
   entries(rel = ''): { name: string; kind: 'file' | 'dir' | 'other' }[] {
-    let dir: OpenDir;
+    const dir = ifMissing(null, () => this.openDir(treeNames(rel), false));
+    if (!dir) return [];
     try {
-      dir = this.openDir(treeNames(rel), false);
-    } catch (err) {
-      if (errorCode(err) === 'ENOENT') return [];
-      throw err;
-    }
-    try {
-      return readdirSync(FD_PATHS ? dir.at('.') : dir.shown, { withFileTypes: true }).map((entry) => ({
+      return readdirSync(dir.at('.'), { withFileTypes: true }).map((entry) => ({
         name: entry.name,
         kind: entry.isFile() ? 'file' : entry.isDirectory() ? 'dir' : 'other',
       }));
@@ -934,70 +838,53 @@ export class AgentTree {
 
   /** Deletes a name: a file, a link (never what it points to), or a folder and all in it. False when absent. */
   remove(rel: string): boolean {
-    try {
-      return this.withParent(rel, false, (dir, name) => this.removeIn(dir, name));
-    } catch (err) {
-      if (errorCode(err) === 'ENOENT') return false;
-      throw err;
-    }
+    return ifMissing(false, () => this.withParent(rel, false, (dir, name) => this.removeIn(dir, name)));
   }
 
   private removeIn(dir: OpenDir, name: string): boolean {
     const stats = lstatSync(dir.at(name), { throwIfNoEntry: false });
     if (!stats) return false;
-    if (!stats.isDirectory()) {
-      unlinkSync(dir.at(name));
-      return true;
+    if (!stats.isDirectory()) unlinkSync(dir.at(name));
+    else if (!FD_PATHS) rmSync(dir.at(name), { recursive: true, force: true });
+    else {
+      let inner: OpenDir;
+      try {
+        inner = fdDir(openSync(dir.at(name), DIR_FLAGS), join(dir.shown, name));
+      } catch {
+        unlinkSync(dir.at(name)); // swapped for a link meanwhile: the link goes
+        return true;
+      }
+      try {
+        for (const child of readdirSync(inner.at('.'))) this.removeIn(inner, child);
+      } finally {
+        inner.close();
+      }
+      rmdirSync(dir.at(name));
     }
-    if (!FD_PATHS) {
-      rmSync(dir.at(name), { recursive: true, force: true });
-      return true;
-    }
-    let fd: number;
-    try {
-      fd = openSync(dir.at(name), DIR_FLAGS);
-    } catch {
-      unlinkSync(dir.at(name)); // swapped for a link meanwhile: the link goes
-      return true;
-    }
-    const inner: OpenDir = {
-      shown: join(dir.shown, name),
-      at: (child) => `${FD_PATHS}/${fd}/${child}`,
-      close: () => closeSync(fd),
-    };
-    try {
-      for (const child of readdirSync(inner.at('.'))) this.removeIn(inner, child);
-    } finally {
-      inner.close();
-    }
-    rmdirSync(dir.at(name));
     return true;
   }
 
   /** Moves an entry out of the tree by renaming it (whatever it is), so the agent can no longer change it. */
   moveOut(rel: string, destination: string): boolean {
-    try {
-      return this.withParent(rel, false, (dir, name) => {
+    return ifMissing(false, () =>
+      this.withParent(rel, false, (dir, name) => {
         renameSync(dir.at(name), destination);
         return true;
-      });
-    } catch (err) {
-      if (errorCode(err) === 'ENOENT') return false;
-      throw err;
-    }
+      }),
+    );
   }
 
   /** Gives the root and the named entries (never through a link) to the container's user. */
   handOver(...names: string[]): void {
-    if (!this.owner) return;
+    const owner = this.owner;
+    if (!owner) return;
     mkdirSync(this.root, { recursive: true });
-    lchownSync(realpathSync(this.root), this.owner.uid, this.owner.gid);
+    lchownSync(realpathSync(this.root), owner.uid, owner.gid);
     for (const rel of names) {
       try {
         this.withParent(rel, false, (dir, name) => {
           const stats = lstatSync(dir.at(name), { throwIfNoEntry: false });
-          if (stats && (stats.isFile() || stats.isDirectory()))
-            lchownSync(dir.at(name), this.owner!.uid, this.owner!.gid);
+          if (stats?.isFile() || stats?.isDirectory()) lchownSync(dir.at(name), owner.uid, owner.gid);
         });
       } catch (err) {
         if (!(err instanceof UnsafePathError) && errorCode(err) !== 'ENOENT') throw err;
@@ -8868,14 +8755,19 @@ function configCommand(config: Config, args: string[]): number {
     for (const key of keys) console.log(settingValue(config, key).replace(/\n/g, '\\n')); // one line per key, always
     return 0;
   }
+  if ((action === 'list' || action === 'docs') && keys.length)
+    throw new UsageError(`config ${action} takes no arguments.`, 'config');
+  if (action === 'docs') {
+    console.log(settingsMarkdown());
+    return 0;
+  }
   if (action === 'list') {
-    if (keys.length) throw new UsageError('config list takes no arguments.', 'config');
     for (const key of known)
       console.log(`${key.padEnd(26)} ${settingValue(config, key).padEnd(40)} (${settingSource(config, key)})`);
     return 0;
   }
   throw new UsageError(
-    action ? `Unknown config command "${action}".` : 'config needs a command: get or list.',
+    action ? `Unknown config command "${action}".` : 'config needs a command: get, list or docs.',
     'config',
   );
 }
@@ -9058,6 +8950,7 @@ const COMMANDS: Record<string, Command & Partial<Runs>> = {
     usage: [
       ['config get <KEY>…', 'the value NanoClaw uses for each setting (one per line; the key only as "set")'],
       ['config list', 'every setting, its value, and where it comes from'],
+      ['config docs', 'the settings table of docs/configuration.md, in Markdown'],
     ],
     ownArguments: true,
     run: ({ config, args }) => configCommand(config, args),

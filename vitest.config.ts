@@ -12,6 +12,8 @@ const shared = {
   // Bun processes can take a while; no test depends on being fast.
   testTimeout: 120_000,
   hookTimeout: 120_000,
+  // One temp folder per run (TMPDIR), removed at its end.
+  globalSetup: ['test/global-setup.ts'],
 };
 
 export default defineConfig({

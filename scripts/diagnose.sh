@@ -328,7 +328,7 @@ else
   NEWEST=${RECENT%%$'\n'*}
   if [ -n "$LAST_FAILED" ] && [ "$LAST_FAILED" = "$NEWEST" ]; then
     ERROR=$(grep -m1 '^Results:' "$LAST_FAILED" | sed 's/^Results: *//')
-    report fail "Container logs" "the latest run failed: ${LAST_FAILED#$ROOT/} ($ERROR)" "read that log's Stderr section; common causes are in README → Troubleshooting"
+    report fail "Container logs" "the latest run failed: ${LAST_FAILED#$ROOT/} ($ERROR)" "read that log's Stderr section; common causes are in docs/troubleshooting.md"
   else
     report ok "Container logs" "latest: ${NEWEST#$ROOT/}${LAST_FAILED:+ (an earlier failure: ${LAST_FAILED#$ROOT/})}"
   fi
@@ -429,7 +429,7 @@ else
   case $CHECK in
     OK:*) report ok "Model endpoint" "${CHECK#OK: }" ;;
     "NOT CHECKED:"*) report info "Model endpoint" "not checked: ${CHECK#NOT CHECKED: }" ;;
-    FAIL:*) report fail "Model endpoint" "${CHECK#FAIL: }" "set KIMI_PLATFORM for your kind of key (README → Configuration), or put a valid KIMI_API_KEY in .env; then: bun nanoclaw.ts model check" ;;
+    FAIL:*) report fail "Model endpoint" "${CHECK#FAIL: }" "set KIMI_PLATFORM for your kind of key (docs/configuration.md), or put a valid KIMI_API_KEY in .env; then: bun nanoclaw.ts model check" ;;
     *) report fail "Model endpoint" "bun nanoclaw.ts model check did not run: ${HOST_ERR:-$CHECK}" "cd $CODE_DIR && bun install" ;;
   esac
 fi

@@ -5,17 +5,18 @@
  */
 import { existsSync, mkdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { afterEach, describe, expect, it } from 'vitest';
-import { Host, Store, addGroup, chatCommand, setupLogging, type Config } from '../nanoclaw.ts';
+import { describe, expect, it } from 'vitest';
+import { chatCommand } from '../nanoclaw.ts';
 import {
-  QUIET_SWEEPS,
   RecordingChannel,
   fakeDocker,
+  startWorld,
   taskRow,
   tempProject,
   texts,
   waitFor,
   type FakeDocker,
+  type World as HostWorld,
 } from './helpers.ts';
 
 const SECRET = 'sk-chat-commands-abcdefghijkl';
@@ -25,37 +26,22 @@ const CLUB = 'club@g.us';
 const BOB = '4915100000002@s.whatsapp.net';
 const MALLORY = { sender: '4915100000009@s.whatsapp.net', senderName: 'Mallory', isFromMe: false };
 
-interface World {
-  docker: FakeDocker;
-  config: Config;
-  store: Store;
-  channel: RecordingChannel;
-  host: Host;
-}
-const worlds: World[] = [];
+type World = HostWorld & { docker: FakeDocker };
 
 async function world(): Promise<World> {
   const docker = fakeDocker();
-  const config = tempProject({ CONTAINER_RUNTIME: docker.path, TZ: 'UTC' }, `KIMI_API_KEY=${SECRET}\n`);
-  setupLogging(config, { terminalLevel: 'silent', secrets: [SECRET] });
-  const store = new Store(config.dbPath);
-  addGroup(config, store, { jid: MAIN, name: 'Me', folder: 'main', isMain: true });
-  addGroup(config, store, { jid: FAMILY, name: 'Family', folder: 'family' });
-  addGroup(config, store, { jid: CLUB, name: 'Club', folder: 'club', allow: [BOB] });
-  const channel = new RecordingChannel([MAIN, FAMILY, CLUB]);
-  const host = new Host(config, store, [channel], { retryBaseMs: 50, ...QUIET_SWEEPS, shutdownGraceMs: 2000 });
-  await host.start();
-  const w = { docker, config, store, channel, host };
-  worlds.push(w);
-  return w;
+  const w = await startWorld({
+    config: tempProject({ CONTAINER_RUNTIME: docker.path, TZ: 'UTC' }, `KIMI_API_KEY=${SECRET}\n`),
+    channel: new RecordingChannel([MAIN, FAMILY, CLUB]),
+    groups: [
+      { jid: MAIN, name: 'Me', folder: 'main', isMain: true },
+      { jid: FAMILY, name: 'Family', folder: 'family' },
+      { jid: CLUB, name: 'Club', folder: 'club', allow: [BOB] },
+    ],
+    secrets: [SECRET],
+  });
+  return { ...w, docker };
 }
-
-afterEach(async () => {
-  for (const w of worlds.splice(0)) {
-    await w.host.stop();
-    w.store.close();
-  }
-});
 
 const prompts = (w: World) => w.docker.runs().map((run) => (JSON.parse(run.stdin!) as { prompt: string }).prompt);
 

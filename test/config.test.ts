@@ -136,6 +136,62 @@ describe('loadConfig', () => {
   });
 });
 
+describe('yes/no settings', () => {
+  it('take true/false, yes/no, on/off and 1/0 in any case', () => {
+    const root = tempDir();
+    const own = (value: string) => loadConfig(root, { ASSISTANT_HAS_OWN_NUMBER: value }).assistantHasOwnNumber;
+    for (const value of ['true', 'TRUE', 'Yes', 'on', '1']) expect(own(value), value).toBe(true);
+    for (const value of ['false', 'False', 'NO', 'off', '0']) expect(own(value), value).toBe(false);
+    expect(loadConfig(root, {}).tasks.limitMain).toBe(true);
+    expect(loadConfig(root, { TASK_LIMITS_MAIN: 'off' }).tasks.limitMain).toBe(false);
+  });
+
+  it('refuse anything else (a typo is never a silent false), naming the variable and the accepted words', () => {
+    const root = tempDir();
+    for (const [name, value] of [
+      ['ASSISTANT_HAS_OWN_NUMBER', 'ture'],
+      ['TASK_LIMITS_MAIN', 'flase'],
+      ['ASSISTANT_HAS_OWN_NUMBER', 'enabled'],
+    ] as const) {
+      expect(() => loadConfig(root, { [name]: value }), value).toThrow(ConfigError);
+      expect(() => loadConfig(root, { [name]: value }), value).toThrow(
+        `${name}="${value}" is not valid: use true or false (or yes/no, on/off, 1/0).`,
+      );
+    }
+  });
+});
+
+describe('the settings, documented', () => {
+  /** The table as `bun nanoclaw.ts config docs` prints it from the settings in the code. */
+  const printed = () => {
+    const root = tempDir();
+    const run = Bun.spawnSync([process.execPath, join(REPO, 'nanoclaw.ts'), 'config', 'docs'], {
+      cwd: root,
+      env: { PATH: process.env.PATH!, HOME: root, NANOCLAW_ROOT: root, TZ: 'UTC' },
+    });
+    expect(run.stderr.toString()).toBe('');
+    expect(run.exitCode).toBe(0);
+    return run.stdout.toString();
+  };
+
+  it('docs/configuration.md holds the table the code prints (regenerate it with: bun nanoclaw.ts config docs)', () => {
+    const guide = readFileSync(join(REPO, 'docs', 'configuration.md'), 'utf8');
+    const between = /<!-- settings:start -->\n([\s\S]*?)<!-- settings:end -->/.exec(guide);
+    expect(between, 'the settings:start and settings:end markers').not.toBeNull();
+    const table = printed();
+    expect(table).toContain('| `CONTAINER_IMAGE` | text | `nanoclaw-agent:latest` |');
+    expect(between![1]).toBe(table);
+  });
+
+  it('.env.example mentions every setting and every secret', () => {
+    const example = readFileSync(join(REPO, '.env.example'), 'utf8');
+    const names = [...printed().matchAll(/^\| `([A-Z_]+)` \|/gm)].map((match) => match[1]!);
+    expect(names.length).toBeGreaterThan(30);
+    const missing = [...names, ...nc.SECRET_KEYS].filter((name) => !new RegExp(`^(# )?${name}=`, 'm').test(example));
+    expect(missing).toEqual([]);
+  });
+});
+
 describe('secrets', () => {
   it('leave the environment object, stay readable, and never reach a child environment', () => {
     const root = tempDir();

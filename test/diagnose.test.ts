@@ -95,7 +95,7 @@ async function healthyProject(): Promise<Fixture> {
     ['s1', 's1', 's1'].map((id) => `[2026-01-01 10:00:00.000] INFO: [main] Session initialized: ${id}`).join('\n') +
       '\n',
   );
-  const sleeper = Bun.spawn(['sleep', '60']);
+  const sleeper = Bun.spawn(['sleep', '3600']); // killed after the file; outlives any run under load
   sleepers.push(sleeper);
   mkdirSync(config.dataDir, { recursive: true });
   writeFileSync(join(config.dataDir, 'nanoclaw.pid'), String(sleeper.pid));
@@ -166,6 +166,19 @@ const failing = (checks: Record<string, Check>) =>
   Object.values(checks)
     .filter((c) => c.status === 'fail')
     .map((c) => c.check);
+
+type Diagnosis = Awaited<ReturnType<typeof diagnose>>;
+const diagnosed = new Map<string, Promise<{ fixture: Fixture; result: Diagnosis }>>();
+
+/** A project state diagnosed once, however many cases read it: `make` builds it the first time its name is asked for. */
+function diagnosedOnce(name: string, make: () => Promise<Fixture>): Promise<{ fixture: Fixture; result: Diagnosis }> {
+  let run = diagnosed.get(name);
+  if (!run) {
+    run = make().then(async (fixture) => ({ fixture, result: await diagnose(fixture) }));
+    diagnosed.set(name, run);
+  }
+  return run;
+}
 
 describe('scripts/diagnose.sh', () => {
   it('passes every check on a healthy project, in the documented order, from any directory', async () => {
@@ -309,7 +322,7 @@ describe('scripts/diagnose.sh', () => {
           'Exit code:  1\nResults:    1 (last error: LLM is not set)\n',
         ),
       'Container logs',
-      'Troubleshooting',
+      'docs/troubleshooting.md',
     ],
     [
       'a new session every run',
@@ -331,12 +344,20 @@ describe('scripts/diagnose.sh', () => {
     ],
   ];
 
-  // Each case has its own project (code copy, store, fake docker): they run side by side.
-  for (const [name, breakIt, check, fixMentions] of brokenOneWay) {
-    it.concurrent(`names the one broken piece and its fix: ${name}`, async () => {
+  /** A healthy project broken the named way, diagnosed once: the cases below and later ones read the same run. */
+  const brokenWay = (name: string) => {
+    const breakIt = brokenOneWay.find(([way]) => way === name)![1];
+    return diagnosedOnce(name, async () => {
       const fixture = await healthyProject();
       breakIt(fixture);
-      const { checks, code, text } = await diagnose(fixture);
+      return fixture;
+    });
+  };
+
+  // Each case has its own project (code copy, store, fake docker): they run side by side.
+  for (const [name, , check, fixMentions] of brokenOneWay) {
+    it.concurrent(`names the one broken piece and its fix: ${name}`, async () => {
+      const { checks, code, text } = (await brokenWay(name)).result;
       expect(failing(checks)).toEqual([check]);
       expect(checks[check]!.fix).toContain(fixMentions);
       expect(code).toBe(1);
@@ -346,15 +367,11 @@ describe('scripts/diagnose.sh', () => {
   }
 
   it('the behaviour checks say what the host really does: where it mounts the sessions, which file it shows', async () => {
-    const moved = await healthyProject();
-    edit(join(moved.codeDir, 'nanoclaw.ts'), "'/home/node/.kimi'", "'/root/.kimi'");
-    expect((await diagnose(moved)).checks['Session mount']!.detail).toContain('at /root/.kimi');
-    const shown = await healthyProject();
-    edit(join(shown.codeDir, 'nanoclaw.ts'), "HIDDEN_FROM_MAIN = ['.env', ", 'HIDDEN_FROM_MAIN = [');
-    expect((await diagnose(shown)).checks['Key delivery']!.detail).toContain('.env (seen at /workspace/project/.env)');
-    const badSetting = await healthyProject();
-    writeFileSync(badSetting.config.envFile, 'KIMI_API_KEY=sk-diagnose-1234567890\nLOG_LEVEL=loud\n');
-    const refused = await diagnose(badSetting);
+    const moved = (await brokenWay('wrong session mount path')).result;
+    expect(moved.checks['Session mount']!.detail).toContain('at /root/.kimi');
+    const shown = (await brokenWay('the main group sees .env')).result;
+    expect(shown.checks['Key delivery']!.detail).toContain('.env (seen at /workspace/project/.env)');
+    const refused = (await brokenWay('a bad setting in .env')).result;
     expect(refused.checks.Settings!.detail).toContain('LOG_LEVEL="loud" is not valid');
     // The other checks still ran, on the environment and the defaults.
     expect(refused.checks['Container engine']!.status).toBe('ok');
@@ -455,9 +472,7 @@ describe('scripts/diagnose.sh', () => {
   });
 
   it('bun nanoclaw.ts diagnose --json, run as a user runs it, gives the checks the script gives', async () => {
-    const fixture = await healthyProject();
-    fixture.docker.set('no-image');
-    const direct = await diagnose(fixture);
+    const { fixture, result: direct } = await brokenWay('no image');
     const viaHost = await run([process.execPath, join(fixture.codeDir, 'nanoclaw.ts'), 'diagnose', '--json'], fixture);
     const list = JSON.parse(viaHost.out) as Check[];
     expect(list.map((c) => [c.check, c.status])).toEqual(direct.list.map((c) => [c.check, c.status]));

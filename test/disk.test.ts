@@ -6,19 +6,9 @@
  */
 import { existsSync, mkdirSync, rmSync, statSync, symlinkSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { afterEach, describe, expect, it } from 'vitest';
-import {
-  AgentTree,
-  addGroup,
-  DiskReserve,
-  groupDiskUsage,
-  Host,
-  setupLogging,
-  Store,
-  treeBytes,
-  type Config,
-} from '../nanoclaw.ts';
-import { fakeDocker, QUIET_SWEEPS, RecordingChannel, tempDir, tempProject, texts, waitFor } from './helpers.ts';
+import { describe, expect, it } from 'vitest';
+import { AgentTree, DiskReserve, groupDiskUsage, treeBytes } from '../nanoclaw.ts';
+import { fakeDocker, RecordingChannel, startWorld, tempDir, tempProject, texts, waitFor } from './helpers.ts';
 
 const MIB = 1024 * 1024;
 const MAIN = 'me@s.whatsapp.net';
@@ -60,36 +50,23 @@ describe('the reserve', () => {
 });
 
 describe('a group over its disk budget', () => {
-  const hosts: { host: Host; store: Store }[] = [];
-  afterEach(async () => {
-    for (const { host, store } of hosts.splice(0)) {
-      await host.stop();
-      store.close();
-    }
-  });
-
   async function world(freeDiskBytes?: () => number) {
     const docker = fakeDocker();
-    const config: Config = tempProject(
-      { CONTAINER_RUNTIME: docker.path, GROUP_DISK_BUDGET: '1m' },
-      'KIMI_API_KEY=sk-disk-test-0123456789\n',
-    );
-    setupLogging(config, { terminalLevel: 'silent' });
-    const store = new Store(config.dbPath);
-    addGroup(config, store, { jid: MAIN, name: 'Me', folder: 'main', isMain: true });
-    addGroup(config, store, { jid: FAMILY, name: 'Family', folder: 'family', requiresTrigger: false });
-    addGroup(config, store, { jid: WORK, name: 'Work', folder: 'work', requiresTrigger: false });
-    const channel = new RecordingChannel([MAIN, FAMILY, WORK]);
-    const host = new Host(config, store, [channel], {
-      retryBaseMs: 50,
-      ...QUIET_SWEEPS,
-      shutdownGraceMs: 2000,
-      ...(freeDiskBytes ? { freeDiskBytes } : {}),
+    const w = await startWorld({
+      config: tempProject(
+        { CONTAINER_RUNTIME: docker.path, GROUP_DISK_BUDGET: '1m' },
+        'KIMI_API_KEY=sk-disk-test-0123456789\n',
+      ),
+      channel: new RecordingChannel([MAIN, FAMILY, WORK]),
+      groups: [
+        { jid: MAIN, name: 'Me', folder: 'main', isMain: true },
+        { jid: FAMILY, name: 'Family', folder: 'family', requiresTrigger: false },
+        { jid: WORK, name: 'Work', folder: 'work', requiresTrigger: false },
+      ],
+      options: freeDiskBytes ? { freeDiskBytes } : {},
     });
-    await host.start();
-    hosts.push({ host, store });
     const runsOf = (folder: string) => docker.runs().filter((run) => run.argv.includes(`nanoclaw.group=${folder}`));
-    return { docker, config, store, channel, host, runsOf };
+    return { ...w, docker, runsOf };
   }
 
   it('filled by its agent: stopped, told once, no run while over (others answered), answers again once under', {

@@ -2,7 +2,7 @@
  * The fast drills, in CI: the real host as a separate process with the real image, killed
  * with -9 (every kind of kill, twice) and put under each ordinary fault. Nothing may be
  * lost, doubled or left undone. The long runs are `bun drills/crash.ts` (108 kills) and
- * `bun drills/faults.ts`; their tables are in the README.
+ * `bun drills/faults.ts`; their tables are in docs/drills.md.
  */
 import { beforeAll, describe, expect, it } from 'vitest';
 import { KINDS, runCrashDrill, runMultiGroupDrill } from '../drills/crash.ts';

@@ -8,7 +8,7 @@
 import { chmodSync, existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { startFakeModel, type FakeModel } from '../scripts/scripted-model.ts';
 import { join } from 'node:path';
-import { afterEach, beforeAll, describe, expect, it } from 'vitest';
+import { beforeAll, describe, expect, it } from 'vitest';
 import {
   buildDockerArgs,
   containerUserArgs,
@@ -30,14 +30,16 @@ import {
   type Config,
   type RegisteredGroup,
 } from '../nanoclaw.ts';
-import { encryptedStream, proto, type WAMessage } from '@whiskeysockets/baileys';
+import { proto, type WAMessage } from '@whiskeysockets/baileys';
 import {
+  encryptedStream,
   flakyServer,
   linkedAuthDir,
   openAsWhatsAppWould,
   QUIET_SWEEPS,
   RecordingChannel,
   RecordingWhatsApp,
+  startWorld,
   taskRow,
   tempDir,
   tempProject,
@@ -88,58 +90,30 @@ interface World {
   docker: ReturnType<typeof recordingDocker>;
   groups: Record<'main' | 'family' | 'work', RegisteredGroup>;
 }
-const open: World[] = [];
 
-async function world(
-  env: Record<string, string> = {},
-  dotEnv = `KIMI_API_KEY=${KEY}\n`,
-  reuse?: World,
-): Promise<World> {
-  const docker = reuse?.docker ?? recordingDocker();
-  const config =
-    reuse?.config ??
-    tempProject(
-      {
-        CONTAINER_RUNTIME: docker.path,
-        CONTAINER_IMAGE: IMAGE,
-        IDLE_TIMEOUT: '60000',
-        KIMI_BASE_URL: model.url,
-        ...env,
-      },
-      dotEnv,
-    );
-  setupLogging(config, { terminalLevel: 'silent', secrets: [KEY] });
-  const store = new Store(config.dbPath);
-  const groups = reuse?.groups ?? {
-    main: addGroup(config, store, { jid: MAIN, name: 'Me', folder: 'main', isMain: true }),
-    family: addGroup(config, store, { jid: FAMILY, name: 'Family', folder: 'family' }),
-    work: addGroup(config, store, { jid: WORK, name: 'Work', folder: 'work' }),
-  };
-  if (!reuse) {
-    writeFileSync(join(config.groupsDir, 'global', 'CLAUDE.md'), 'GLOBAL-MEMORY-MARKER: the user likes tea.\n');
-    writeFileSync(join(config.groupsDir, 'family', 'CLAUDE.md'), 'FAMILY-MEMORY-MARKER: dinner is at 7.\n');
-  }
-  const channel = new RecordingChannel([MAIN, FAMILY, WORK]);
-  const host = new Host(config, store, [channel], {
-    retryBaseMs: 200,
-    ...QUIET_SWEEPS,
-    shutdownGraceMs: 5000,
+async function world(env: Record<string, string> = {}, dotEnv = `KIMI_API_KEY=${KEY}\n`): Promise<World> {
+  const docker = recordingDocker();
+  const config = tempProject(
+    { CONTAINER_RUNTIME: docker.path, CONTAINER_IMAGE: IMAGE, IDLE_TIMEOUT: '60000', KIMI_BASE_URL: model.url, ...env },
+    dotEnv,
+  );
+  const w = await startWorld({
+    config,
+    channel: new RecordingChannel([MAIN, FAMILY, WORK]),
+    groups: [
+      { jid: MAIN, name: 'Me', folder: 'main', isMain: true },
+      { jid: FAMILY, name: 'Family', folder: 'family' },
+      { jid: WORK, name: 'Work', folder: 'work' },
+    ],
+    secrets: [KEY],
+    options: { retryBaseMs: 200, shutdownGraceMs: 5000 },
   });
-  await host.start();
-  const w = { config, store, channel, host, docker, groups };
-  open.push(w);
-  return w;
+  // Memories the agent must read (the containers mount the folders; the host does not read them).
+  writeFileSync(join(config.groupsDir, 'global', 'CLAUDE.md'), 'GLOBAL-MEMORY-MARKER: the user likes tea.\n');
+  writeFileSync(join(config.groupsDir, 'family', 'CLAUDE.md'), 'FAMILY-MEMORY-MARKER: dinner is at 7.\n');
+  const [main, family, work] = w.registered as [RegisteredGroup, RegisteredGroup, RegisteredGroup];
+  return { ...w, docker, groups: { main, family, work } };
 }
-
-async function close(w: World): Promise<void> {
-  await w.host.stop();
-  w.store.close();
-  open.splice(open.indexOf(w), 1);
-}
-
-afterEach(async () => {
-  for (const w of [...open]) await close(w);
-});
 
 describe('the image on its own', () => {
   it('answers the guide’s manual test JSON piped into docker run -i (the model through a proxy socket)', async () => {

@@ -7,10 +7,9 @@
 import { Database } from 'bun:sqlite';
 import { existsSync, mkdirSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { dirname, join } from 'node:path';
-import { afterEach, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import {
   GIVE_UP_TEXT,
-  Host,
   addGroup,
   setupLogging,
   Store,
@@ -20,13 +19,15 @@ import {
 } from '../nanoclaw.ts';
 import {
   fakeDocker,
-  QUIET_SWEEPS,
   RecordingChannel,
+  startWorld,
+  shutDown as stop,
   taskRow,
   tempProject,
   texts,
   waitFor,
   type FakeDocker,
+  type World as HostWorld,
 } from './helpers.ts';
 
 const SECRET = 'sk-once-test-abcdefghijklmnop';
@@ -49,14 +50,7 @@ class GatedChannel extends RecordingChannel {
   }
 }
 
-interface World {
-  docker: FakeDocker;
-  config: Config;
-  store: Store;
-  channel: GatedChannel;
-  host: Host;
-}
-const worlds: World[] = [];
+type World = HostWorld<GatedChannel> & { docker: FakeDocker };
 
 function project(env: Record<string, string> = {}) {
   const docker = fakeDocker();
@@ -70,30 +64,14 @@ function project(env: Record<string, string> = {}) {
 }
 
 async function start(p: { docker: FakeDocker; config: Config }, options: HostOptions = {}, up = true): Promise<World> {
-  const store = new Store(p.config.dbPath);
-  const channel = new GatedChannel([MAIN, FAMILY], up);
-  const host = new Host(p.config, store, [channel], {
-    retryBaseMs: 20,
-    ...QUIET_SWEEPS,
-    shutdownGraceMs: 2000,
-    sendRetryMs: 50,
-    ...options,
+  const w = await startWorld({
+    config: p.config,
+    channel: new GatedChannel([MAIN, FAMILY], up),
+    secrets: [SECRET],
+    options: { retryBaseMs: 20, sendRetryMs: 50, ...options },
   });
-  await host.start();
-  const w = { ...p, store, channel, host };
-  worlds.push(w);
-  return w;
+  return { ...w, docker: p.docker };
 }
-
-async function stop(w: World): Promise<void> {
-  await w.host.stop();
-  w.store.close();
-  worlds.splice(worlds.indexOf(w), 1);
-}
-
-afterEach(async () => {
-  for (const w of [...worlds]) await stop(w);
-});
 
 describe('replies', () => {
   it('are recorded with the cursor before any send: a channel that is down gets them later, once', async () => {

@@ -13,17 +13,22 @@ import {
 import { tmpdir } from 'node:os';
 import { basename, dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { afterAll } from 'vitest';
+import { afterAll, afterEach } from 'vitest';
 import {
   type AnyMessageContent,
   BufferJSON,
+  encryptedStream as baileysEncryptedStream,
   generateWAMessageContent,
   initAuthCreds,
   proto,
   type WASocket,
 } from '@whiskeysockets/baileys';
 import {
+  addGroup,
+  Host,
   loadConfig,
+  setupLogging,
+  Store,
   WhatsAppChannel,
   type Channel,
   type ChannelHandlers,
@@ -32,6 +37,7 @@ import {
   type HostOptions,
   type NewMessage,
   type OutboundFile,
+  type RegisteredGroup,
   type ScheduledTask,
   type WhatsAppOptions,
 } from '../nanoclaw.ts';
@@ -50,6 +56,16 @@ export function tempDir(prefix = 'nanoclaw-test-'): string {
   const dir = mkdtempSync(join(tmpdir(), prefix));
   made.push(dir);
   return dir;
+}
+
+/** Media encrypted as WhatsApp's servers hold it (baileys' own code); its temp file is removed with the test file's folders. */
+export async function encryptedStream(
+  ...args: Parameters<typeof baileysEncryptedStream>
+): ReturnType<typeof baileysEncryptedStream> {
+  const encrypted = await baileysEncryptedStream(...args);
+  made.push(encrypted.encFilePath);
+  if (encrypted.originalFilePath) made.push(encrypted.originalFilePath);
+  return encrypted;
 }
 
 export interface FakeDockerCall {
@@ -131,6 +147,58 @@ export function tempProject(env: Record<string, string> = {}, dotEnv = ''): Conf
 
 /** Host sweeps a minute apart: they do not come round within a test, so what a test sees was started by events. */
 export const QUIET_SWEEPS = { recoverySweepMs: 60_000, ipcSweepMs: 60_000 } satisfies HostOptions;
+
+/** A started host on a temp project, with the channel that records what it sends. */
+export interface World<C extends RecordingChannel = RecordingChannel> {
+  config: Config;
+  store: Store;
+  channel: C;
+  host: Host;
+  /** The groups registered for this world, in the order given. */
+  registered: RegisteredGroup[];
+}
+
+export interface WorldSpec<C extends RecordingChannel> {
+  config: Config;
+  channel: C;
+  /** Registered before the host starts; none when a test starts a host again on a project that has them. */
+  groups?: Parameters<typeof addGroup>[2][];
+  /** Masked in the logs. */
+  secrets?: string[];
+  /** Over the tests' defaults: retries after 50 ms, quiet sweeps, two seconds to shut down. */
+  options?: HostOptions;
+}
+
+const running = new Map<Host, Store>();
+
+/** Starts a host on `spec.config`; it is stopped and its store closed after the test, unless the test shuts it down first. */
+export async function startWorld<C extends RecordingChannel>(spec: WorldSpec<C>): Promise<World<C>> {
+  setupLogging(spec.config, { terminalLevel: 'silent', secrets: spec.secrets ?? [] });
+  const store = new Store(spec.config.dbPath);
+  const registered = (spec.groups ?? []).map((group) => addGroup(spec.config, store, group));
+  const host = new Host(spec.config, store, [spec.channel], {
+    retryBaseMs: 50,
+    ...QUIET_SWEEPS,
+    shutdownGraceMs: 2000,
+    ...spec.options,
+  });
+  await host.start();
+  running.set(host, store);
+  return { config: spec.config, store, channel: spec.channel, host, registered };
+}
+
+/** Stops a world's host and closes its store (as a restart or a test of shutting down needs). */
+export async function shutDown(w: Pick<World, 'host' | 'store'>): Promise<void> {
+  running.delete(w.host);
+  await w.host.stop();
+  w.store.close();
+}
+
+/** Every world still running; after each test, and before a test file stops what those hosts talk to. */
+export async function shutDownAll(): Promise<void> {
+  for (const [host, store] of [...running]) await shutDown({ host, store });
+}
+if (process.env.VITEST) afterEach(shutDownAll);
 
 /** A scheduled task row: an active isolated task every minute, with only what a test names changed. */
 export function taskRow(

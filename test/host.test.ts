@@ -1,27 +1,20 @@
 import { existsSync, mkdirSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { afterEach, describe, expect, it } from 'vitest';
-import {
-  Host,
-  addGroup,
-  setupLogging,
-  splitForWhatsApp,
-  Store,
-  TASK_WARM_LEAD_MS,
-  type Config,
-  type HostOptions,
-} from '../nanoclaw.ts';
+import { describe, expect, it } from 'vitest';
+import { addGroup, splitForWhatsApp, Store, TASK_WARM_LEAD_MS, type Config, type HostOptions } from '../nanoclaw.ts';
 import {
   FakeClock,
   fakeDocker,
-  QUIET_SWEEPS,
   RecordingChannel,
+  shutDown,
+  startWorld,
   taskRow,
   tempProject,
   texts,
   waitFor,
   type FakeDocker,
+  type World as HostWorld,
   writeJsonAtomic,
 } from './helpers.ts';
 
@@ -32,15 +25,7 @@ const MAIN = 'me@s.whatsapp.net';
 const FAMILY = 'family@g.us';
 const WORK = 'work@g.us';
 
-interface World {
-  docker: FakeDocker;
-  config: Config;
-  store: Store;
-  channel: RecordingChannel;
-  host: Host;
-}
-
-const worlds: World[] = [];
+type World = HostWorld & { docker: FakeDocker };
 
 async function world(
   env: Record<string, string> = {},
@@ -48,36 +33,21 @@ async function world(
   reuse?: { docker: FakeDocker; config: Config },
 ): Promise<World> {
   const docker = reuse?.docker ?? fakeDocker();
-  const config = reuse?.config ?? tempProject({ CONTAINER_RUNTIME: docker.path, ...env }, `KIMI_API_KEY=${SECRET}\n`);
-  setupLogging(config, { terminalLevel: 'silent', secrets: [SECRET] });
-  const store = new Store(config.dbPath);
-  if (!reuse) {
-    addGroup(config, store, { jid: MAIN, name: 'Me', folder: 'main', isMain: true });
-    addGroup(config, store, { jid: FAMILY, name: 'Family', folder: 'family' });
-    addGroup(config, store, { jid: WORK, name: 'Work', folder: 'work' });
-  }
-  const channel = new RecordingChannel([MAIN, FAMILY, WORK, 'stranger@g.us']);
-  const host = new Host(config, store, [channel], {
-    retryBaseMs: 50,
-    ...QUIET_SWEEPS,
-    shutdownGraceMs: 2000,
-    ...options,
+  const w = await startWorld({
+    config: reuse?.config ?? tempProject({ CONTAINER_RUNTIME: docker.path, ...env }, `KIMI_API_KEY=${SECRET}\n`),
+    channel: new RecordingChannel([MAIN, FAMILY, WORK, 'stranger@g.us']),
+    groups: reuse
+      ? []
+      : [
+          { jid: MAIN, name: 'Me', folder: 'main', isMain: true },
+          { jid: FAMILY, name: 'Family', folder: 'family' },
+          { jid: WORK, name: 'Work', folder: 'work' },
+        ],
+    secrets: [SECRET],
+    options,
   });
-  await host.start();
-  const w = { docker, config, store, channel, host };
-  worlds.push(w);
-  return w;
+  return { ...w, docker };
 }
-
-async function shutDown(w: World): Promise<void> {
-  await w.host.stop();
-  w.store.close();
-  worlds.splice(worlds.indexOf(w), 1);
-}
-
-afterEach(async () => {
-  for (const w of [...worlds]) await shutDown(w);
-});
 
 const stdinOf = (w: World, i: number) =>
   JSON.parse(w.docker.runs()[i]!.stdin!) as { prompt: string; sessionId?: string; chatJid: string };

@@ -18,21 +18,18 @@ import {
 } from 'node:fs';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { startFakeModel, type FakeModel } from '../scripts/scripted-model.ts';
 import {
-  Host,
   INSTALL_LABEL,
   RUN_LOGS_KEPT,
   installId,
   addGroup,
-  setupLogging,
   splitForWhatsApp,
   Store,
   toWhatsAppFormat,
-  type Config,
 } from '../nanoclaw.ts';
-import { QUIET_SWEEPS, RecordingChannel, tempDir, tempProject, waitFor } from './helpers.ts';
+import { RecordingChannel, startWorld, tempDir, tempProject, waitFor, type World as HostWorld } from './helpers.ts';
 
 const IMAGE = process.env.NANOCLAW_TEST_IMAGE ?? 'nanoclaw-agent:test';
 const REPO = fileURLToPath(new URL('..', import.meta.url));
@@ -53,15 +50,10 @@ beforeAll(() => {
 });
 afterAll(() => model.stop());
 
-interface World {
-  config: Config;
-  store: Store;
-  channel: RecordingChannel;
-  host: Host;
+type World = HostWorld & {
   /** A host folder outside the project, full of things no agent may touch. */
   canary: string;
-}
-const worlds: World[] = [];
+};
 
 interface WorldOptions {
   /** The main group's chat: MAIN (the user's direct chat with the assistant) unless a test names another. */
@@ -86,12 +78,6 @@ async function world(env: Record<string, string> = {}, options: WorldOptions = {
     `KIMI_API_KEY=${KEY}\n`,
   );
   chmodSync(config.projectRoot, 0o755);
-  setupLogging(config, { terminalLevel: 'silent', secrets: [KEY] });
-  const store = new Store(config.dbPath);
-  addGroup(config, store, { jid: main, name: 'Me', folder: 'main', isMain: true });
-  addGroup(config, store, { jid: EVIL, name: 'Evil', folder: 'evil' });
-  addGroup(config, store, { jid: QUIET, name: 'Quiet', folder: 'quiet' });
-  addGroup(config, store, { jid: OFFLINE, name: 'Offline', folder: 'offline', containerConfig: { network: 'none' } });
   const canary = tempDir('nanoclaw-canary-');
   writeFileSync(join(canary, 'keep.txt'), 'keep me');
   writeFileSync(
@@ -103,24 +89,20 @@ async function world(env: Record<string, string> = {}, options: WorldOptions = {
     JSON.stringify({ type: 'message', chatJid: EVIL, text: 'read a host file as root' }),
   );
   writeFileSync(join(canary, 'owned.txt'), 'owner must not change');
-  const channel = new (options.channel ?? RecordingChannel)([main, EVIL, QUIET, OFFLINE, ...(options.chats ?? [])]);
-  const host = new Host(config, store, [channel], {
-    retryBaseMs: 200,
-    ...QUIET_SWEEPS,
-    shutdownGraceMs: 5000,
+  const w = await startWorld({
+    config,
+    channel: new (options.channel ?? RecordingChannel)([main, EVIL, QUIET, OFFLINE, ...(options.chats ?? [])]),
+    groups: [
+      { jid: main, name: 'Me', folder: 'main', isMain: true },
+      { jid: EVIL, name: 'Evil', folder: 'evil' },
+      { jid: QUIET, name: 'Quiet', folder: 'quiet' },
+      { jid: OFFLINE, name: 'Offline', folder: 'offline', containerConfig: { network: 'none' } },
+    ],
+    secrets: [KEY],
+    options: { retryBaseMs: 200, shutdownGraceMs: 5000 },
   });
-  await host.start();
-  const w = { config, store, channel, host, canary };
-  worlds.push(w);
-  return w;
+  return { ...w, canary };
 }
-
-afterEach(async () => {
-  for (const w of worlds.splice(0)) {
-    await w.host.stop();
-    w.store.close();
-  }
-});
 
 const sent = (w: World, jid: string) => w.channel.sent.filter((s) => s.jid === jid).map((s) => s.text);
 

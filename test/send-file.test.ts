@@ -11,11 +11,9 @@ import { existsSync, mkdirSync, readdirSync, readFileSync, symlinkSync, truncate
 import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import {
-  Host,
   MAX_MEDIA_BYTES,
   OutboxSender,
   Store,
-  addGroup,
   fileKind,
   groupFilePath,
   newMessageId,
@@ -24,16 +22,19 @@ import {
   type HostOptions,
 } from '../nanoclaw.ts';
 import {
-  QUIET_SWEEPS,
   RecordingChannel,
   RecordingWhatsApp,
   fakeDocker,
   flakyServer,
   linkedAuthDir,
   openAsWhatsAppWould,
+  shutDown,
+  shutDownAll,
+  startWorld,
   tempProject,
   waitFor,
   writeJsonAtomic,
+  type World,
 } from './helpers.ts';
 
 const SECRET = 'sk-send-file-test-abcdefghijkl';
@@ -48,38 +49,28 @@ const PNG = Buffer.concat([
 ]);
 const PDF = Buffer.from('%PDF-1.4\n% a tiny document\n');
 
-interface World {
-  config: Config;
-  store: Store;
-  channel: RecordingChannel;
-  host: Host;
-}
-const worlds: World[] = [];
 const stops: (() => Promise<void> | void)[] = [];
 
 async function world(reuse?: Config, options: HostOptions = {}, ready = true): Promise<World> {
-  const config = reuse ?? tempProject({ CONTAINER_RUNTIME: fakeDocker().path }, `KIMI_API_KEY=${SECRET}\n`);
-  setupLogging(config, { terminalLevel: 'silent', secrets: [SECRET] });
-  const store = new Store(config.dbPath);
-  if (!reuse) {
-    addGroup(config, store, { jid: MAIN, name: 'Me', folder: 'main', isMain: true });
-    addGroup(config, store, { jid: FAMILY, name: 'Family', folder: 'family' });
-    addGroup(config, store, { jid: WORK, name: 'Work', folder: 'work' });
-  }
   const channel = new RecordingChannel([MAIN, FAMILY, WORK]);
   channel.ready = ready;
-  const host = new Host(config, store, [channel], { ...QUIET_SWEEPS, shutdownGraceMs: 2000, ...options });
-  await host.start();
-  const w = { config, store, channel, host };
-  worlds.push(w);
-  return w;
+  return startWorld({
+    config: reuse ?? tempProject({ CONTAINER_RUNTIME: fakeDocker().path }, `KIMI_API_KEY=${SECRET}\n`),
+    channel,
+    groups: reuse
+      ? []
+      : [
+          { jid: MAIN, name: 'Me', folder: 'main', isMain: true },
+          { jid: FAMILY, name: 'Family', folder: 'family' },
+          { jid: WORK, name: 'Work', folder: 'work' },
+        ],
+    secrets: [SECRET],
+    options,
+  });
 }
 
 afterEach(async () => {
-  for (const w of worlds.splice(0)) {
-    await w.host.stop();
-    w.store.close();
-  }
+  await shutDownAll(); // before what the hosts talk to
   for (const stop of stops.splice(0)) await stop();
 });
 
@@ -229,9 +220,7 @@ describe('send_file through the host', () => {
     expect(waiting[0]!.file).toMatchObject({ kind: 'image', fileName: 'chart.png', caption: 'Andy: later' });
     expect(first.channel.files).toEqual([]);
     const config = first.config;
-    await first.host.stop();
-    first.store.close();
-    worlds.splice(0);
+    await shutDown(first);
     // The agent's copy changes meanwhile: what goes out is what was asked for.
     writeFileSync(join(config.groupsDir, 'family', 'chart.png'), 'changed');
     const second = await world(config);

@@ -7,7 +7,7 @@
  * from a loopback server the test can hold, since downloadMediaMessage fetches the
  * message's url (lib/Utils/messages.js).
  */
-import { encryptedStream, proto, type WAMessage } from '@whiskeysockets/baileys';
+import { proto, type WAMessage } from '@whiskeysockets/baileys';
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
@@ -26,6 +26,7 @@ import {
   type WhatsAppOptions,
 } from '../nanoclaw.ts';
 import {
+  encryptedStream,
   fakeDocker,
   flakyServer,
   linkedAuthDir,

@@ -4,13 +4,7 @@
  * (WhatsApp's servers cannot be reached here, so the handshake never completes; where a
  * test needs an open connection it emits `connection.update` on the real socket).
  */
-import {
-  encryptedStream,
-  proto,
-  WAMessageAddressingMode,
-  type GroupMetadata,
-  type WAMessage,
-} from '@whiskeysockets/baileys';
+import { proto, WAMessageAddressingMode, type GroupMetadata, type WAMessage } from '@whiskeysockets/baileys';
 import { mkdirSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
@@ -40,6 +34,7 @@ import {
   type WhatsAppOptions,
 } from '../nanoclaw.ts';
 import {
+  encryptedStream,
   fakeDocker,
   flakyServer,
   linkedAuthDir,
