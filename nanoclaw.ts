@@ -4536,6 +4536,8 @@ interface RunOutcome {
   sessionId?: string;
   /** It wrote more than MAX_RUN_OUTPUT and was stopped. */
   oversized?: boolean;
+  /** Stopped on purpose (Ctrl-C, shutdown): an orderly end, not a failure to log as one. */
+  killed?: boolean;
   durationMs: number;
   logFile: string;
 }
@@ -4653,6 +4655,8 @@ class RunningContainer implements LiveContainer {
   closing = false;
   exited = false;
   timedOut = false;
+  /** Stopped from outside (Ctrl-C, shutdown): an orderly end, not a failure. */
+  killed = false;
   /** The stop every ending goes through, once started. */
   stopping: Promise<void> | null = null;
   // While the agent waits in the warm pool it may be paused: the `docker pause` call in flight or done.
@@ -4684,7 +4688,7 @@ class RunningContainer implements LiveContainer {
         { container: this.plan.name, timeoutMs: this.config.containerTimeoutMs },
         'Container produced nothing within CONTAINER_TIMEOUT; stopping it',
       );
-      void this.kill();
+      void this.kill(false);
     }, this.config.containerTimeoutMs);
   }
 
@@ -4702,7 +4706,8 @@ class RunningContainer implements LiveContainer {
     this.armTimeout();
   }
 
-  kill(): Promise<void> {
+  kill(onPurpose = true): Promise<void> {
+    this.killed ||= onPurpose;
     this.closing = true; // a container being stopped takes no more input
     this.stopping ??= (async () => {
       await this.thaw();
@@ -4726,7 +4731,7 @@ class RunningContainer implements LiveContainer {
         { reason: errorText(err) },
         'Could not hand a follow-up to the container (its input folder is not a plain folder); stopping it, the message goes to the next run',
       );
-      void this.kill();
+      void this.kill(false);
       return false;
     }
   }
@@ -4740,14 +4745,14 @@ class RunningContainer implements LiveContainer {
     } catch (err) {
       if (errorCode(err) !== 'EEXIST') {
         this.groupLog.warn({ reason: errorText(err) }, 'Could not ask the container to close; stopping it');
-        void this.kill();
+        void this.kill(false);
       }
     }
     const graceMs = this.config.container.closeGraceMs;
     this.graceTimer = setTimeout(() => {
       if (this.exited) return;
       this.groupLog.warn({ container: this.plan.name, graceMs }, 'Container ignored the close request; stopping it');
-      void this.kill();
+      void this.kill(false);
     }, graceMs);
   }
 
@@ -4788,7 +4793,7 @@ async function readOutput(
         { container: plan.name, limitBytes: MAX_RUN_OUTPUT },
         'Container output over the limit; stopping it',
       );
-      void live.kill();
+      void live.kill(false);
     }
     return !result.oversized;
   };
@@ -4817,7 +4822,7 @@ async function readOutput(
             { container: plan.name, err: errorText(err) },
             'Could not handle a result; stopping the container',
           );
-          void live.kill();
+          void live.kill(false);
         }
       }
     }),
@@ -4855,7 +4860,7 @@ async function streamContainer(plan: RunPlan, options: RunContainerOptions, grou
   const [exitCode, result] = await Promise.all([proc.exited, readOutput(proc, plan, options, live, groupLog)]);
   live.clearTimers();
   await live.stopping;
-  return { ...result, exitCode: live.timedOut ? null : exitCode, timedOut: live.timedOut };
+  return { ...result, exitCode: live.timedOut ? null : exitCode, timedOut: live.timedOut, killed: live.killed };
 }
 
 /** groups/<folder>/logs/container-<time>.log, secrets masked; returns its path, or "(not written)". */
@@ -4966,7 +4971,8 @@ export async function runContainer(options: RunContainerOptions): Promise<RunOut
   const logFile = writeRunLog(plan, options, result, startedAt, durationMs, groupLog);
   const { stdout: _stdout, stderr: _stderr, ...outcome } = result;
   const summary = { container: plan.name, exitCode: outcome.exitCode, durationMs, results: outcome.results, logFile };
-  if (outcome.exitCode !== 0 || outcome.timedOut)
+  if (outcome.killed) groupLog.info(summary, 'Agent container stopped');
+  else if (outcome.exitCode !== 0 || outcome.timedOut)
     groupLog.error({ ...summary, error: outcome.lastError }, 'Agent container failed');
   else groupLog.info(summary, 'Agent container finished');
   return { ...outcome, durationMs, logFile };
@@ -7496,90 +7502,11 @@ export class Host {
 
 // ───────────────────────────── 13. CLI: commands, start-up checks, main() ────────────
 
-/** Each command's own lines of usage: printed with its mistakes, for `<command> --help`, and all together as USAGE. */
-export const COMMAND_USAGE = {
-  start: [['(none), start', 'run the assistant service (WhatsApp)']],
-  auth: [
-    ['auth [--pairing-code <phone>]', 'link this machine to your WhatsApp (QR code, or a code typed on the phone)'],
-    ['auth --relink [--pairing-code <phone>]', "replace this machine's link: deletes store/auth/, then links again"],
-    [
-      'auth --check',
-      'is this machine linked? (exit 0 linked, 3 not linked, 4 a pairing left unfinished, 5 credentials damaged)',
-    ],
-  ],
-  chat: [['chat', "talk to the main group's agent from this terminal (piped stdin: one message per line)"]],
-  groups: [
-    ['groups list', 'registered groups'],
-    ['groups discover', 'the WhatsApp chats this machine knows (id, name, members), to register one'],
-    [
-      'groups register <jid> <folder> [--name N] [--trigger @Word] [--no-trigger] [--main] [--network egress|none|bridge|NAME] [--allow <jid>[,<jid>…]]',
-      'only the owner and these senders wake the agent (default: everyone; in main, only the owner)',
-    ],
-    ['groups remove <jid|folder>', 'unregister (its folder and memory stay on disk; its active tasks are paused)'],
-  ],
-  tasks: [
-    ['tasks list [--json]', 'scheduled tasks, next runs in your timezone'],
-    ['tasks show <id> [--json]', 'one task and its recent runs'],
-    ['tasks run <id>', 'run a task now; what it sends goes to its chat (WhatsApp: through the outbox)'],
-    ['tasks pause|resume|cancel <id>', ''],
-  ],
-  logs: [['logs [--group <folder>] [--lines N]', "recent host log, or a group's latest container runs"]],
-  mounts: [['mounts <folder> [--docker-args]', "what a group's container gets mounted where"]],
-  service: [
-    [
-      'service install|uninstall|status [--dry-run] [--platform linux|macos]',
-      'run NanoClaw in the background (systemd user unit / launchd agent)',
-    ],
-  ],
-  sessions: [
-    ['sessions list', 'the Kimi session of each group'],
-    ['sessions clear <folder>', "forget a group's session (files and database row)"],
-  ],
-  usage: [
-    [
-      'usage [--days N] [--group F] [--json]',
-      'model requests and tokens by group and day (counted by the model proxy)',
-    ],
-  ],
-  model: [['model check [--json]', 'does the endpoint take the key? (one cheap request through the proxy)']],
-  config: [
-    ['config get <KEY>…', 'the value NanoClaw uses for each setting (one per line; the key only as "set")'],
-    ['config list', 'every setting, its value, and where it comes from'],
-    ['config docs', 'the settings table of docs/configuration.md, in Markdown'],
-  ],
-  diagnose: [['diagnose [--json]', 'check the whole setup (runs scripts/diagnose.sh)']],
-  help: [['help [command], --help', "this text, or one command's"]],
-} satisfies Record<string, [string, string][]>;
-export type CommandName = keyof typeof COMMAND_USAGE;
-
-function usageLines(lines: [string, string][]): string {
-  return lines
-    .map(
-      ([synopsis, what]) =>
-        `  ${what && synopsis.length < 36 ? `${synopsis.padEnd(36)}${what}` : `${synopsis}${what ? `\n  ${''.padEnd(36)}${what}` : ''}`}`,
-    )
-    .join('\n');
-}
-
-/** One command's usage, as shown after its mistakes and for `--help`. */
-export function commandUsage(command: CommandName): string {
-  return `Usage: bun nanoclaw.ts …\n${usageLines(COMMAND_USAGE[command])}`;
-}
-
-export const USAGE = `NanoClaw — your assistant in WhatsApp, one container per group.
-
-Usage: bun nanoclaw.ts [command]
-
-Commands:
-${Object.values(COMMAND_USAGE).map(usageLines).join('\n')}
-
-Settings come from the environment and .env (see .env.example).`;
-
 /** A mistake in how a command was called: one line, then that command's usage; exit 2. */
-export class UsageError extends Error {
+class UsageError extends Error {
   constructor(
     message: string,
-    readonly command?: CommandName,
+    readonly command?: string,
   ) {
     super(message);
   }
@@ -7587,72 +7514,55 @@ export class UsageError extends Error {
 
 /** `<command> --help`: that command's usage on stdout, exit 0. */
 class HelpRequested extends Error {
-  constructor(readonly command: CommandName) {
+  constructor(readonly command: string) {
     super(`help for ${command}`);
   }
 }
 
 /** node:util parseArgs' own messages, made into one short line. */
-export function parseArgsMistake(err: unknown): string {
-  const code = (err as { code?: string }).code;
+function parseArgsMistake(err: unknown): string {
   const message = errorText(err);
   const quoted = /'([^']+)'/.exec(message)?.[1] ?? '';
-  switch (code) {
-    case 'ERR_PARSE_ARGS_UNKNOWN_OPTION':
-      return `Unknown option ${quoted}.`;
-    case 'ERR_PARSE_ARGS_UNEXPECTED_POSITIONAL':
-      return `Unexpected argument "${quoted}".`;
-    case 'ERR_PARSE_ARGS_INVALID_OPTION_VALUE': {
-      const option = quoted.split(' ')[0]!;
-      if (/does not take an argument/.test(message)) return `${option} takes no value.`;
-      if (/ambiguous/.test(message)) return `${option} needs a value (one that starts with "-" goes as ${option}=-…).`;
-      return `${option} needs a value.`;
-    }
-    default:
-      return message;
-  }
+  if (errorCode(err) === 'ERR_PARSE_ARGS_UNKNOWN_OPTION') return `Unknown option ${quoted}.`;
+  if (errorCode(err) !== 'ERR_PARSE_ARGS_INVALID_OPTION_VALUE') return message;
+  const option = quoted.split(' ')[0]!;
+  if (/does not take an argument/.test(message)) return `${option} takes no value.`;
+  if (/ambiguous/.test(message)) return `${option} needs a value (one that starts with "-" goes as ${option}=-…).`;
+  return `${option} needs a value.`;
 }
 
-type CommandOptions = Record<string, { type: 'string' | 'boolean'; short?: string; default?: string | boolean }>;
+type CommandOptions = Record<string, { type: 'string' | 'boolean'; multiple?: boolean }>;
+type OptionValues = Record<string, string | boolean | string[] | undefined>;
 
 /**
  * parseArgs for one command, strict: a mistake becomes a UsageError naming that command,
  * and `--help`/`-h` anywhere shows its usage instead of running it.
  */
-export function commandArgs(
-  command: CommandName,
+function commandArgs(
+  command: string,
   args: string[],
   options: CommandOptions = {},
-  allowPositionals = true,
-): { values: Record<string, string | boolean | undefined>; positionals: string[] } {
-  let parsed: { values: Record<string, string | boolean | undefined>; positionals: string[] };
+): { values: OptionValues; positionals: string[] } {
   try {
-    parsed = parseArgs({
+    const parsed = parseArgs({
       args,
-      allowPositionals,
+      allowPositionals: true,
       strict: true,
       options: { ...options, help: { type: 'boolean', short: 'h' } },
     });
+    if (!parsed.values.help) return parsed;
   } catch (err) {
-    if (args.includes('--help') || args.includes('-h')) throw new HelpRequested(command);
-    throw new UsageError(parseArgsMistake(err), command);
+    if (!args.includes('--help') && !args.includes('-h')) throw new UsageError(parseArgsMistake(err), command);
   }
-  if (parsed.values.help) throw new HelpRequested(command);
-  return parsed;
+  throw new HelpRequested(command);
 }
 
 /** A whole number above 0 from an option, or a UsageError naming it. */
-function positiveOption(
-  command: CommandName,
-  name: string,
-  raw: string | boolean | undefined,
-  fallback: number,
-): number {
+function positiveOption(command: string, name: string, raw: OptionValues[string], fallback: number): number {
   if (raw === undefined) return fallback;
-  const value = Number(raw);
-  if (typeof raw !== 'string' || !/^\d+$/.test(raw.trim()) || value <= 0)
+  if (typeof raw !== 'string' || !/^\d+$/.test(raw.trim()) || Number(raw) <= 0)
     throw new UsageError(`--${name} takes a whole number above 0, not "${raw}".`, command);
-  return value;
+  return Number(raw);
 }
 
 /** Runs a command to completion; never throws for a missing binary. */
@@ -7661,7 +7571,7 @@ function runQuietly(cmd: string[], timeoutMs = 15_000): { ok: boolean; output: s
     const result = Bun.spawnSync(cmd, { env: childProcessEnv(), timeout: timeoutMs, stdout: 'pipe', stderr: 'pipe' });
     return { ok: result.exitCode === 0, output: `${result.stdout.toString()}${result.stderr.toString()}`.trim() };
   } catch (err) {
-    return { ok: false, output: err instanceof Error ? err.message : String(err) };
+    return { ok: false, output: errorText(err) };
   }
 }
 
@@ -7693,15 +7603,8 @@ export function preflight(config: Config): string[] {
  * that died may have left any of them), and only those: other installs' carry another label.
  */
 export function removeLeftoverContainers(config: Config): string[] {
-  const listed = runQuietly([
-    config.containerRuntime,
-    'ps',
-    '-a',
-    '--filter',
-    `label=${INSTALL_LABEL}=${installId(config)}`,
-    '--format',
-    '{{.Names}}',
-  ]);
+  const label = `label=${INSTALL_LABEL}=${installId(config)}`;
+  const listed = runQuietly([config.containerRuntime, 'ps', '-a', '--filter', label, '--format', '{{.Names}}']);
   const names = listed.ok ? listed.output.split(/\s+/).filter(Boolean) : [];
   if (names.length) {
     runQuietly([config.containerRuntime, 'rm', '-f', ...names], 60_000);
@@ -7710,14 +7613,8 @@ export function removeLeftoverContainers(config: Config): string[] {
   return names;
 }
 
-/** Inboxes of runs that a host which died never cleaned up (their containers are gone too). */
-export function removeLeftoverInboxes(config: Config): void {
-  const root = new AgentTree(inboxRoot(config));
-  for (const entry of root.entries()) root.remove(entry.name);
-}
-
 /** The pid of a live host of this project (its lock file names it), or null. */
-export function runningHostPid(config: Config): number | null {
+function runningHostPid(config: Config): number | null {
   const lockFile = join(config.dataDir, 'nanoclaw.pid');
   if (!existsSync(lockFile)) return null;
   const pid = Number(readFileSync(lockFile, 'utf8').trim());
@@ -7729,7 +7626,7 @@ export function runningHostPid(config: Config): number | null {
 }
 
 /** One host per project: two would answer the same messages. Returns a release function. */
-export function acquireHostLock(config: Config): () => void {
+function acquireHostLock(config: Config): () => void {
   const lockFile = join(config.dataDir, 'nanoclaw.pid');
   mkdirSync(config.dataDir, { recursive: true });
   const pid = runningHostPid(config);
@@ -7747,24 +7644,8 @@ export function acquireHostLock(config: Config): () => void {
 const addMainGroup = (config: Config, store: Store, jid: string) =>
   addGroup(config, store, { jid, name: 'Main', folder: 'main', isMain: true, requiresTrigger: false });
 
-/** The main group, registered for the terminal when nothing else registered it yet. */
-export function ensureMainGroup(config: Config, store: Store): RegisteredGroup {
-  return store.mainGroup() ?? addMainGroup(config, store, LOCAL_MAIN_JID);
-}
-
-/** Resolves with the first turn of the chat that covers message `seq`. */
-function waitForTurn(host: Host, chatJid: string, seq: number): Promise<TurnEvent> {
-  return new Promise((resolveTurn) => {
-    const stop = host.onTurn((event) => {
-      if (event.chatJid !== chatJid || event.upToSeq < seq) return;
-      stop();
-      resolveTurn(event);
-    });
-  });
-}
-
 /** What a host leaves behind that a new project has not: proof a database existed here. */
-export function ranHereBefore(config: Config): string | null {
+function ranHereBefore(config: Config): string | null {
   const sessions = existsSync(config.sessionsDir)
     ? readdirSync(config.sessionsDir, { withFileTypes: true }).filter((entry) => entry.isDirectory())
     : [];
@@ -7775,32 +7656,11 @@ export function ranHereBefore(config: Config): string | null {
   return null;
 }
 
-/**
- * Opens store/messages.db, waiting (up to a minute) while another process holds it. A
- * database that is missing or empty where NanoClaw clearly ran before (it was deleted, or
- * replaced) is not quietly started afresh: every group, cursor and task would be gone.
- */
-export async function openProjectStore(config: Config, waitMs = 60_000): Promise<Store> {
-  const store = await openStoreWhenFree(config.dbPath, waitMs);
-  const before =
-    store.createdNow && !/^(1|true|yes)$/i.test(process.env.NANOCLAW_NEW_DATABASE ?? '') ? ranHereBefore(config) : null;
-  if (before) {
-    store.close();
-    for (const suffix of ['', '-wal', '-shm']) rmSync(`${config.dbPath}${suffix}`, { force: true });
-    throw new StoreMissingError(
-      `store/messages.db is missing or empty, but NanoClaw ran here before (${before}): its groups, cursors and tasks would be lost.\n` +
-        '  Fix: restore the newest backup: cp "$(ls -t store/backups/*.db | head -n 1)" store/messages.db\n' +
-        '  Or, to start over with an empty database on purpose: NANOCLAW_NEW_DATABASE=1 bun nanoclaw.ts …',
-    );
-  }
-  return store;
-}
-
 /** The database is gone or empty where it should not be: the user must act (exit 2). */
-export class StoreMissingError extends Error {}
+class StoreMissingError extends Error {}
 
 /** Opens the store, waiting (up to a minute) while another process holds the database. */
-export async function openStoreWhenFree(path: string, waitMs = 60_000): Promise<Store> {
+async function openStoreWhenFree(path: string, waitMs = 60_000): Promise<Store> {
   const deadline = Date.now() + waitMs;
   for (let attempt = 1; ; attempt++) {
     try {
@@ -7811,6 +7671,27 @@ export async function openStoreWhenFree(path: string, waitMs = 60_000): Promise<
       await Bun.sleep(1_000);
     }
   }
+}
+
+/**
+ * Opens store/messages.db, waiting while another process holds it. A database that is
+ * missing or empty where NanoClaw clearly ran before (it was deleted, or replaced) is not
+ * quietly started afresh: every group, cursor and task would be gone.
+ */
+async function openProjectStore(config: Config): Promise<Store> {
+  const store = await openStoreWhenFree(config.dbPath);
+  const onPurpose = /^(1|true|yes)$/i.test(process.env.NANOCLAW_NEW_DATABASE ?? '');
+  const before = store.createdNow && !onPurpose ? ranHereBefore(config) : null;
+  if (before) {
+    store.close();
+    for (const suffix of ['', '-wal', '-shm']) rmSync(`${config.dbPath}${suffix}`, { force: true });
+    throw new StoreMissingError(
+      `store/messages.db is missing or empty, but NanoClaw ran here before (${before}): its groups, cursors and tasks would be lost.\n` +
+        '  Fix: restore the newest backup: cp "$(ls -t store/backups/*.db | head -n 1)" store/messages.db\n' +
+        '  Or, to start over with an empty database on purpose: NANOCLAW_NEW_DATABASE=1 bun nanoclaw.ts …',
+    );
+  }
+  return store;
 }
 
 /**
@@ -7841,7 +7722,7 @@ export function keepRunningThroughErrors(): void {
 export async function startHost(
   config: Config,
   makeChannels: (store: Store) => Channel[],
-): Promise<{ host: Host; store: Store; release: () => void }> {
+): Promise<{ host: Host; store: Store; release: () => void; finish: () => Promise<void> }> {
   // What the host cannot carry on through ends the process with what to do (the service does not restart on 2).
   const onFatal = (message: string) => {
     console.error(message);
@@ -7859,14 +7740,21 @@ export async function startHost(
     throw err;
   }
   removeLeftoverContainers(config);
-  removeLeftoverInboxes(config);
+  // Inboxes of runs that a host which died never cleaned up (their containers are gone too).
+  const inboxes = new AgentTree(inboxRoot(config));
+  for (const entry of inboxes.entries()) inboxes.remove(entry.name);
   const host = new Host(config, store, makeChannels(store), { onFatal });
-  return { host, store, release };
+  let finished: Promise<void> | null = null;
+  const finish = () =>
+    (finished ??= (async () => {
+      await host.stop();
+      store.close();
+      release();
+    })());
+  return { host, store, release, finish };
 }
 
-export function whatsAppAuthDir(config: Config): string {
-  return join(config.storeDir, 'auth');
-}
+const whatsAppAuthDir = (config: Config) => join(config.storeDir, 'auth');
 
 export function whatsAppChannel(config: Config, store: Store, extra: Partial<WhatsAppOptions> = {}): WhatsAppChannel {
   const { url, model } = config.transcribe;
@@ -7911,8 +7799,9 @@ export function makeSelfChatMain(config: Config, store: Store, selfJid: string):
 }
 
 /**
- * SIGTERM (a service manager) lets running turns finish and delivers them. SIGINT does the
- * same, unless `interrupt` is given (the terminal chat: Ctrl-C stops the turn at once).
+ * SIGTERM (a service manager) lets running turns finish and delivers them; so does SIGINT,
+ * unless `interrupt` is given (the terminal chat: Ctrl-C stops the turn at once). Either is
+ * an orderly stop, logged at info.
  */
 function onShutdownSignal(stop: () => Promise<void>, interrupt?: () => void): void {
   let stopping = false;
@@ -7927,7 +7816,7 @@ function onShutdownSignal(stop: () => Promise<void>, interrupt?: () => void): vo
 }
 
 /** What the terminal shows while the agent works: a spinner in the prompt. */
-export const SPINNER_FRAMES = ['⠋', '⠙', '⠹', '⠸', '⠼', '⠴', '⠦', '⠧', '⠇', '⠏'];
+const SPINNER_FRAMES = ['⠋', '⠙', '⠹', '⠸', '⠼', '⠴', '⠦', '⠧', '⠇', '⠏'];
 
 /**
  * The terminal side of `chat`. On a terminal: a prompt that shows a spinner while the
@@ -7953,13 +7842,9 @@ class ChatTerminal {
 
   /** A line from the agent (or a note): above the prompt, which is drawn again with what was typed. */
   print(text: string, stream: NodeJS.WriteStream = process.stdout): void {
-    if (!this.interactive) {
-      stream.write(`${text}\n`);
-      return;
-    }
-    process.stdout.write('\r\x1b[2K');
+    if (this.interactive) process.stdout.write('\r\x1b[2K');
     stream.write(`${text}\n`);
-    this.lines.prompt(true);
+    if (this.interactive) this.lines.prompt(true);
   }
 
   problem(text: string): void {
@@ -7999,41 +7884,98 @@ class ChatTerminal {
   }
 }
 
-/** `chat`: the terminal as the main group's channel. */
-export async function runChat(config: Config): Promise<number> {
+/** Resolves with the first turn of the chat that covers message `seq`. */
+function waitForTurn(host: Host, chatJid: string, seq: number): Promise<TurnEvent> {
+  return new Promise((resolveTurn) => {
+    const stop = host.onTurn((event) => {
+      if (event.chatJid !== chatJid || event.upToSeq < seq) return;
+      stop();
+      resolveTurn(event);
+    });
+  });
+}
+
+/**
+ * The main group for the terminal (registered when nothing else registered it yet). What
+ * an earlier chat left (lines unanswered, answers unprinted) is not this chat's: it would
+ * print before this chat's own answers. Returns the main group and a note of what was left out.
+ */
+async function mainForChat(config: Config): Promise<{ main: RegisteredGroup; leftOut: string | null }> {
+  const store = await openProjectStore(config);
+  try {
+    const main = store.mainGroup() ?? addMainGroup(config, store, LOCAL_MAIN_JID);
+    const leftover = main.jid.endsWith('@local') ? store.messagesSince(main.jid, store.getCursor(main.jid)).length : 0;
+    if (leftover) store.setCursor(main.jid, store.latestSeq(main.jid));
+    const unprinted = store.dropUnsent('local', 'left by an earlier chat that ended before it was printed');
+    const parts = [leftover && `${leftover} line(s) unanswered`, unprinted && `${unprinted} answer part(s) unprinted`];
+    const what = parts.filter(Boolean).join(' and ');
+    return { main, leftOut: what ? `(An earlier chat ended with ${what}; they are left out here.)` : null };
+  } finally {
+    store.close();
+  }
+}
+
+/** Piped input: one message per line, each answered before the next is sent. */
+async function chatPiped(
+  host: Host,
+  store: Store,
+  terminal: ChatTerminal,
+  local: LocalChannel,
+  stopped: () => boolean,
+) {
+  const jid = local.chatJid;
+  for await (const line of terminal.lines) {
+    if (stopped()) break;
+    if (!line.trim()) continue;
+    local.submit(line.trim());
+    const turn = await waitForTurn(host, jid, store.latestSeq(jid));
+    // A failed run is still ending: let it say whether it will be retried before the next line (or the end).
+    while (turn.status === 'error' && host.queue.isRunning(jid) && !stopped()) await Bun.sleep(20);
+  }
+  // Input is over: a line still waiting for a retry is not answered behind the person's back later.
+  if (!stopped() && store.messagesSince(jid, store.getCursor(jid), 1).length > 0) {
+    terminal.problem(
+      'Not answered: the agent failed and the input ended before a retry. Send it again to try once more.',
+    );
+    await host.abandon(jid);
+  }
+}
+
+/** On a terminal: each line is stored as it is read (not queued behind an iterator), so a Ctrl-C right after Enter finds it. */
+async function chatOnTerminal(terminal: ChatTerminal, local: LocalChannel, stopped: () => boolean) {
+  terminal.lines.prompt();
+  const closed = new Promise<void>((resolve) => terminal.lines.once('close', resolve));
+  terminal.lines.on('line', (line) => {
+    if (stopped()) return;
+    if (line.trim()) local.submit(line.trim());
+    terminal.lines.prompt(true);
+  });
+  await closed;
+}
+
+/** `chat`: the terminal as the main group's channel. Ctrl-C stops the turn in progress and exits 130. */
+async function runChat(config: Config): Promise<number> {
   const interactive = Boolean(process.stdin.isTTY && process.stdout.isTTY);
   keepRunningThroughErrors();
-  const setupStore = await openProjectStore(config);
-  const main = ensureMainGroup(config, setupStore);
-  // What an earlier chat left (it ended before its lines were answered, or its answers
-  // printed) is not this chat's: it would print before this chat's own answers.
-  const leftover = main.jid.endsWith('@local')
-    ? setupStore.messagesSince(main.jid, setupStore.getCursor(main.jid)).length
-    : 0;
-  if (leftover) setupStore.setCursor(main.jid, setupStore.latestSeq(main.jid));
-  const unprinted = setupStore.dropUnsent('local', 'left by an earlier chat that ended before it was printed');
-  setupStore.close();
+  const { main, leftOut } = await mainForChat(config);
   const terminal = new ChatTerminal(interactive, config.assistantName);
   const local = new LocalChannel(
     main.jid,
     (text) => terminal.print(text),
     undefined,
-    (typing) => terminal.working(typing),
+    (busy) => terminal.working(busy),
   );
-  const { host, store, release } = await startHost(config, () => [local]);
+  const { host, store, ...started } = await startHost(config, () => [local]);
   terminal.onLineBegun(() => local.typing()); // the agent starts while the person types
-  let finished: Promise<void> | null = null;
-  const finish = () =>
-    (finished ??= (async () => {
-      terminal.close();
-      await host.stop();
-      store.close();
-      release();
-    })());
-  // Ctrl-C: the turn in progress stops now and is not answered later; exit 130. A second one leaves at once.
+  const finish = () => {
+    terminal.close();
+    return started.finish();
+  };
+  // Ctrl-C: the turn in progress stops now and is not answered later. A second one leaves at once.
   let interruption: Promise<number> | null = null;
   const interrupt = () => {
     if (interruption) process.exit(130);
+    log.info({ signal: 'SIGINT' }, 'Stopped by Ctrl-C');
     interruption = (async () => {
       // A turn in progress, or a line sent and not yet picked up: either must not be answered at the next start.
       if (store.messagesSince(main.jid, store.getCursor(main.jid), 1).length > 0) {
@@ -8051,10 +7993,9 @@ export async function runChat(config: Config): Promise<number> {
   let failures = 0;
   host.onTurn((event) => {
     // After Ctrl-C the stopped turn ends in an error that is no news to the person who stopped it.
-    if (event.chatJid === main.jid && event.status === 'error' && !interruption) {
-      failures++;
-      terminal.problem(`The agent failed: ${event.error ?? 'unknown error'} (details: groups/${main.folder}/logs/)`);
-    }
+    if (event.chatJid !== main.jid || event.status !== 'error' || interruption) return;
+    failures++;
+    terminal.problem(`The agent failed: ${event.error ?? 'unknown error'} (details: groups/${main.folder}/logs/)`);
   });
   host.onRetry((event) => {
     if (event.chatJid === main.jid)
@@ -8062,52 +8003,30 @@ export async function runChat(config: Config): Promise<number> {
         `Retrying in ${Math.round(event.delayMs / 1000)} s (attempt ${event.attempt} of ${event.maxRetries}).`,
       );
   });
-
-  if (leftover + unprinted > 0)
-    terminal.problem(
-      `(An earlier chat ended with ${leftover ? `${leftover} line(s) unanswered` : ''}${leftover && unprinted ? ' and ' : ''}${unprinted ? `${unprinted} answer part(s) unprinted` : ''}; they are left out here.)`,
-    );
+  if (leftOut) terminal.problem(leftOut);
+  const stopped = () => interruption !== null;
   if (interactive) {
     process.stdout.write(
       `Talking to ${config.assistantName} (main group, folder groups/${main.folder}). Ctrl-D to leave, Ctrl-C to stop.\n`,
     );
-    terminal.lines.prompt();
-    // Each line is stored as it is read (not queued behind an iterator): a Ctrl-C right after Enter finds it.
-    const closed = new Promise<void>((resolve) => terminal.lines.once('close', resolve));
-    terminal.lines.on('line', (line) => {
-      if (interruption) return;
-      if (line.trim()) local.submit(line.trim());
-      terminal.lines.prompt(true);
-    });
-    await closed;
-  } else {
-    for await (const line of terminal.lines) {
-      if (interruption) break;
-      if (!line.trim()) continue;
-      local.submit(line.trim());
-      const turn = await waitForTurn(host, main.jid, store.latestSeq(main.jid));
-      // A failed run is still ending: let it say whether it will be retried before the next line (or the end).
-      while (turn.status === 'error' && host.queue.isRunning(main.jid) && !interruption) await Bun.sleep(20);
-    }
-    // Input is over: a line still waiting for a retry is not answered behind the person's back later.
-    if (!interruption && store.messagesSince(main.jid, store.getCursor(main.jid), 1).length > 0) {
-      terminal.problem(
-        'Not answered: the agent failed and the input ended before a retry. Send it again to try once more.',
-      );
-      await host.abandon(main.jid);
-    }
-  }
+    await chatOnTerminal(terminal, local, stopped);
+  } else await chatPiped(host, store, terminal, local, stopped);
   if (interruption) return await interruption;
   await finish();
   return failures > 0 ? 1 : 0;
 }
 
-/** The service: WhatsApp (and whatever channels come later) until a signal stops it. */
-export async function runService(config: Config): Promise<number> {
+/** `start`: WhatsApp (and whatever channels come later) until a signal stops it. */
+async function runService(config: Config): Promise<number> {
   const link = WhatsAppChannel.linkState(whatsAppAuthDir(config));
   if (link !== 'linked') {
+    const why = {
+      pending: ' (a pairing was started but never finished)',
+      damaged: ' (store/auth/creds.json is damaged and has no whole backup)',
+      none: '',
+    }[link];
     throw new UsageError(
-      `WhatsApp is not linked on this machine yet${{ pending: ' (a pairing was started but never finished)', damaged: ' (store/auth/creds.json is damaged and has no whole backup)', none: '' }[link]}.\n` +
+      `WhatsApp is not linked on this machine yet${why}.\n` +
         `  Fix: bun nanoclaw.ts auth${link === 'damaged' ? ' --relink' : ''}   (shows a QR code; or add --pairing-code <your phone number>)\n` +
         '  Meanwhile you can talk to your assistant from this terminal: bun nanoclaw.ts chat',
     );
@@ -8115,24 +8034,18 @@ export async function runService(config: Config): Promise<number> {
   keepRunningThroughErrors();
   let unlinked: (why: string) => void = () => {};
   const whenUnlinked = new Promise<string>((resolve) => (unlinked = resolve));
-  const { host, store, release } = await startHost(config, (store) => [
+  const { host, finish } = await startHost(config, (store) => [
     whatsAppChannel(config, store, { onStopped: unlinked }),
   ]);
-  const finish = async () => {
-    await host.stop();
-    store.close();
-    release();
-  };
   onShutdownSignal(finish);
   await host.start();
-  const why = await whenUnlinked; // otherwise runs until a signal
-  console.error(why);
+  console.error(await whenUnlinked); // otherwise runs until a signal
   await finish();
   return 2; // the user must act: the service unit does not restart on 2
 }
 
 /** What `auth` says when WhatsApp closes the linking connection, and whether to try again at once. */
-export function authCloseMessage(error: unknown): { retry: boolean; message: string } {
+function authCloseMessage(error: unknown): { retry: boolean; message: string } {
   const { kind, status, detail } = disconnectKind(error);
   if (kind === 'restart') return { retry: true, message: '' }; // WhatsApp asks for a fresh connection right after pairing
   const refused = `WhatsApp refused the link (${status}). On your phone, remove this device under Linked devices if it is listed, then run auth again.`;
@@ -8164,73 +8077,58 @@ async function askYes(question: string): Promise<boolean> {
   return /^y(es)?$/i.test(answer.trim());
 }
 
-/** `auth`: links this machine to WhatsApp (QR code, or a pairing code for headless machines). */
-export async function authCommand(config: Config, args: string[]): Promise<number> {
-  const { values } = commandArgs(
-    'auth',
-    args,
-    { 'pairing-code': { type: 'string' }, check: { type: 'boolean' }, relink: { type: 'boolean' } },
-    false,
+/** `auth --check`: one line, and the exit status a script can test. */
+function authCheck(state: LinkState): number {
+  console.log(
+    {
+      linked: 'linked: store/auth/ holds a linked WhatsApp device',
+      pending: 'not linked: a pairing was started but never finished (run auth)',
+      damaged: 'not linked: store/auth/creds.json is damaged and has no whole backup (run auth --relink)',
+      none: 'not linked (run auth to link WhatsApp)',
+    }[state],
   );
-  const authDir = whatsAppAuthDir(config);
-  const state = WhatsAppChannel.linkState(authDir);
-  if (values.check) {
-    if (values['pairing-code'] !== undefined || values.relink)
-      throw new UsageError('--check takes no other option.', 'auth');
-    console.log(
-      {
-        linked: 'linked: store/auth/ holds a linked WhatsApp device',
-        pending: 'not linked: a pairing was started but never finished (run auth)',
-        damaged: 'not linked: store/auth/creds.json is damaged and has no whole backup (run auth --relink)',
-        none: 'not linked (run auth to link WhatsApp)',
-      }[state],
-    );
-    return { linked: 0, none: 3, pending: 4, damaged: 5 }[state];
-  }
-  const rawPhone = values['pairing-code'] as string | undefined;
-  const phone = rawPhone?.replace(/[\s+()-]/g, '');
-  if (rawPhone !== undefined && !/^\d{8,15}$/.test(phone ?? '')) {
-    throw new UsageError(
-      '--pairing-code takes your phone number with its country code, digits only, e.g. --pairing-code 4915123456789',
-      'auth',
-    );
-  }
-  const plan = authPlan(state, values.relink === true);
+  return { linked: 0, none: 3, pending: 4, damaged: 5 }[state];
+}
+
+/**
+ * Clears store/auth/ as the plan says; a linked device's keys never without the user's yes.
+ * Returns an exit status when nothing is to be linked.
+ */
+async function clearForLink(authDir: string, state: LinkState, relink: boolean): Promise<number | null> {
+  const plan = authPlan(state, relink);
   const what =
     state === 'linked'
       ? 'WhatsApp is already linked (store/auth/).'
       : 'store/auth/creds.json is damaged (empty or cut short) and has no whole backup.';
-  if (plan === 'ask') {
-    // A linked device's keys are never deleted without the user's yes.
-    if (!process.stdin.isTTY) {
-      const line = `${what} To link again (this deletes store/auth/): bun nanoclaw.ts auth --relink`;
-      if (state === 'linked')
-        console.log(line); // nothing wrong: nothing to do
-      else console.error(line);
-      return state === 'linked' ? 0 : 2;
-    }
-    if (!(await askYes(`${what} Delete store/auth/ and link this machine again?`))) {
-      console.log('Nothing changed.');
-      return 0;
-    }
+  if (plan === 'ask' && !process.stdin.isTTY) {
+    const line = `${what} To link again (this deletes store/auth/): bun nanoclaw.ts auth --relink`;
+    if (state === 'linked')
+      console.log(line); // nothing wrong: nothing to do
+    else console.error(line);
+    return state === 'linked' ? 0 : 2;
   }
-  if (plan === 'start-over') {
-    // Credentials of a pairing that never finished would make WhatsApp treat us as a device it does not know.
-    console.log('An earlier link was started but never finished; starting over.');
-    rmSync(authDir, { recursive: true, force: true });
+  if (plan === 'ask' && !(await askYes(`${what} Delete store/auth/ and link this machine again?`))) {
+    console.log('Nothing changed.');
+    return 0;
   }
-  if (plan === 'replace' || plan === 'ask') {
-    rmSync(authDir, { recursive: true, force: true });
+  // Credentials of a pairing that never finished would make WhatsApp treat us as a device it does not know.
+  if (plan === 'start-over') console.log('An earlier link was started but never finished; starting over.');
+  if (plan !== 'link') rmSync(authDir, { recursive: true, force: true });
+  if (plan === 'replace' || plan === 'ask')
     console.log(
       'Removed store/auth/. On your phone, remove the old device under Linked devices if it is still listed.',
     );
-  }
+  return null;
+}
+
+/** Links this machine to WhatsApp (QR code, or a pairing code for `phone`); resolves with the exit status. */
+async function linkWhatsApp(config: Config, store: Store, phone: string | undefined): Promise<number> {
+  const authDir = whatsAppAuthDir(config);
   mkdirSync(authDir, { recursive: true });
   const { generate } = await import('qrcode-terminal');
-  const store = new Store(config.dbPath);
   const versions = whatsAppChannel(config, store); // never connected: its version lookup, as the service's
-  const code = await new Promise<number>((resolveAuth) => {
-    const credentials = useDurableAuthState(authDir); // kept for the reconnect after pairing (515): never re-read mid-write
+  const credentials = useDurableAuthState(authDir); // kept for the reconnect after pairing (515): never re-read mid-write
+  return new Promise<number>((resolveAuth) => {
     const open = async () => {
       await versions.resolveVersion();
       const { state: auth, saveCreds } = await credentials;
@@ -8243,6 +8141,11 @@ export async function authCommand(config: Config, args: string[]): Promise<numbe
         ...(version ? { version } : {}),
         ...(config.whatsappServerUrl ? { waWebSocketUrl: config.whatsappServerUrl } : {}),
       });
+      const done = async (code: number) => {
+        for (const event of WHATSAPP_EVENTS) sock.ev.removeAllListeners(event);
+        if (code === 0) await sock.end(undefined);
+        resolveAuth(code);
+      };
       let codeRequested = false; // a pairing code belongs to the socket that asked for it
       sock.ev.on('creds.update', saveCreds);
       sock.ev.on('connection.update', async (update) => {
@@ -8264,18 +8167,18 @@ export async function authCommand(config: Config, args: string[]): Promise<numbe
           console.log(
             `Linked as ${me.split('@')[0]}. Your own chat ("Message yourself") is the main group (groups/${main.folder}).\nStart the assistant: bun nanoclaw.ts`,
           );
-          for (const event of WHATSAPP_EVENTS) sock.ev.removeAllListeners(event);
-          await sock.end(undefined);
-          resolveAuth(0);
+          await done(0);
         }
         if (update.connection === 'close') {
-          for (const event of WHATSAPP_EVENTS) sock.ev.removeAllListeners(event);
           const { retry, message } = authCloseMessage(update.lastDisconnect?.error);
-          if (retry) return void open();
+          if (retry) {
+            for (const event of WHATSAPP_EVENTS) sock.ev.removeAllListeners(event);
+            return void open();
+          }
           // What an unfinished attempt left behind is no link; the next auth starts clean.
           if (WhatsAppChannel.linkState(authDir) !== 'linked') rmSync(authDir, { recursive: true, force: true });
           console.error(message);
-          resolveAuth(1);
+          await done(1);
         }
       });
     };
@@ -8284,18 +8187,27 @@ export async function authCommand(config: Config, args: string[]): Promise<numbe
       resolveAuth(1);
     });
   });
-  store.close();
-  return code;
 }
 
-/** store/messages.db for one command, closed after it whatever happens. */
-function withStore<T>(config: Config, use: (store: Store) => T): T {
-  const store = new Store(config.dbPath);
-  try {
-    return use(store);
-  } finally {
-    store.close();
+/** `auth`: links this machine to WhatsApp, or says whether it is linked. */
+async function authCommand({ config, values, store }: CommandCall): Promise<number> {
+  const state = WhatsAppChannel.linkState(whatsAppAuthDir(config));
+  if (values.check) {
+    if (values['pairing-code'] !== undefined || values.relink)
+      throw new UsageError('--check takes no other option.', 'auth');
+    return authCheck(state);
   }
+  const rawPhone = values['pairing-code'] as string | undefined;
+  const phone = rawPhone?.replace(/[\s+()-]/g, '');
+  if (rawPhone !== undefined && !/^\d{8,15}$/.test(phone ?? ''))
+    throw new UsageError(
+      '--pairing-code takes your phone number with its country code, digits only, e.g. --pairing-code 4915123456789',
+      'auth',
+    );
+  return (
+    (await clearForLink(whatsAppAuthDir(config), state, values.relink === true)) ??
+    (await linkWhatsApp(config, store(), phone))
+  );
 }
 
 /** A name someone else chose, safe to print on a terminal (no control characters or escape sequences). */
@@ -8332,107 +8244,117 @@ export function discoverLines(store: Store): string[] {
   ];
 }
 
-function groupsCommand(config: Config, args: string[]): number {
-  const { values, positionals } = commandArgs('groups', args, {
-    name: { type: 'string' },
-    trigger: { type: 'string' },
-    'no-trigger': { type: 'boolean' },
-    main: { type: 'boolean' },
-    network: { type: 'string' },
-    allow: { type: 'string' },
-  });
-  const [action = 'list', ...rest] = positionals;
-  const [jid, folder] = rest;
-  const { name, trigger, network } = values as Record<string, string | undefined>; // the string options above
-  const allow = typeof values.allow === 'string' ? values.allow.split(',').map((sender) => sender.trim()) : undefined;
-  const registerOnly = ['name', 'trigger', 'no-trigger', 'main', 'network', 'allow'].filter(
-    (option) => values[option] !== undefined,
-  );
-  if (action !== 'register' && registerOnly.length)
-    throw new UsageError(`--${registerOnly[0]} belongs to groups register.`, 'groups');
-  if (action === 'register') {
-    if (!jid || !folder || rest.length > 2)
-      throw new UsageError('groups register needs a chat id and a folder name.', 'groups');
-    const lid = lidChatProblem(jid);
-    if (lid) throw new UsageError(`${lid}.`, 'groups');
-    if (!isValidJid(jid))
-      throw new UsageError(
-        `"${jid}" is not a WhatsApp chat id: a group is <digits>@g.us, a person <phone digits>@s.whatsapp.net (see \`groups discover\`).`,
-        'groups',
-      );
-    if (trigger !== undefined && !isValidTrigger(trigger))
-      throw new UsageError(
-        `--trigger ${trigger}: a trigger is @ and a word, e.g. --trigger @${config.assistantName}.`,
-        'groups',
-      );
-    if (network !== undefined && !isValidNetwork(network))
-      throw new UsageError(
-        `--network ${network}: use egress, none, bridge or the name of a Docker network (never host).`,
-        'groups',
-      );
-    const badSender = allow?.find((sender) => !isValidSenderJid(sender));
-    if (badSender !== undefined)
-      throw new UsageError(
-        `--allow ${JSON.stringify(badSender)} is not a WhatsApp sender id: <phone digits>@s.whatsapp.net or <digits>@lid.`,
-        'groups',
-      );
+type ExtraMount = NonNullable<ContainerConfig['additionalMounts']>[number];
+
+/** `--mount <hostPath>[:<containerPath>][:ro|rw]`: read-only unless it says rw. */
+function parseMountOption(text: string): ExtraMount {
+  const parts = text.split(':');
+  const access = parts.length > 1 && /^(ro|rw)$/.test(parts.at(-1)!) ? parts.pop() : 'ro';
+  if (parts.length > 2 || !parts[0])
+    throw new UsageError(`--mount ${text}: use <hostPath>[:<containerPath>][:ro|rw].`, 'groups');
+  return { hostPath: parts[0], ...(parts[1] ? { containerPath: parts[1] } : {}), readonly: access === 'ro' };
+}
+
+/** The mount allowlist, or a UsageError when its file cannot be read. */
+function mountAllowlist(config: Config): MountAllowlist | null {
+  try {
+    return loadMountAllowlist(config.mountAllowlistPath);
+  } catch (err) {
+    throw new UsageError(`The mount allowlist cannot be read: ${errorText(err)}`, 'groups');
   }
-  return withStore(config, (store) => {
-    if (action === 'discover') {
-      if (rest.length) throw new UsageError('groups discover takes no arguments.', 'groups');
-      for (const line of discoverLines(store)) console.log(line);
-      return 0;
-    }
-    if (action === 'list') {
-      if (rest.length) throw new UsageError(`groups list takes no arguments.`, 'groups');
-      const groups = store.listGroups();
-      if (groups.length === 0)
-        console.log('No groups registered. `bun nanoclaw.ts chat` registers the main group for the terminal.');
-      for (const g of groups) {
-        console.log(
-          `${g.folder.padEnd(16)} ${g.jid.padEnd(32)} ${g.isMain ? 'main' : g.requiresTrigger ? `trigger ${g.trigger}` : 'no trigger'}  ${g.name}  (wakes it: ${allowedText(g)})`,
-        );
-      }
-      return 0;
-    }
-    if (action === 'register') {
-      const group = addGroup(config, store, {
-        jid: jid!,
-        folder: folder!,
-        name: name ?? folder!,
-        trigger,
-        isMain: values.main === true,
-        requiresTrigger: values['no-trigger'] ? false : undefined,
-        containerConfig: network ? { network } : undefined,
-        allow,
-      });
-      console.log(
-        `Registered ${group.jid} as groups/${group.folder}${group.isMain ? ' (main)' : ''}${group.requiresTrigger && !group.isMain ? `; it answers messages that say ${group.trigger} or reply to it` : ''}.`,
-      );
-      const waiting = store.listTasks(group.folder).filter((task) => task.status === 'paused' && task.pausedReason);
-      if (waiting.length)
-        console.log(
-          `Paused by NanoClaw, waiting for you: ${waiting.map((task) => `${task.id} (${task.pausedReason})`).join(', ')}. Resume each with: bun nanoclaw.ts tasks resume <id>.`,
-        );
-      return 0;
-    }
-    if (action === 'remove') {
-      const [key] = rest;
-      if (!key || rest.length > 1) throw new UsageError('groups remove needs one chat id or folder.', 'groups');
-      const group = store.groupByJid(key) ?? store.groupByFolder(key);
-      if (!group)
-        throw new UsageError(`No registered group with chat id or folder "${key}" (see: bun nanoclaw.ts groups list).`);
-      const active = store.listTasks(group.folder).filter((task) => task.status === 'active');
-      store.removeGroup(group.jid);
-      console.log(`Removed ${group.jid}. Its folder groups/${group.folder} was kept.`);
-      if (active.length)
-        console.log(
-          `Paused its ${active.length} active task(s): ${active.map((task) => task.id).join(', ')}. Register the group again (same folder), then: bun nanoclaw.ts tasks resume <id>.`,
-        );
-      return 0;
-    }
-    throw new UsageError(`Unknown groups command "${action}".`, 'groups');
-  });
+}
+
+/** What `groups register` is asked to keep, each option checked before anything is written. */
+function registration(config: Config, values: OptionValues, jid: string, folder: string) {
+  const { name, trigger, network } = values as Record<string, string | undefined>; // the string options
+  const lid = lidChatProblem(jid);
+  if (lid) throw new UsageError(`${lid}.`, 'groups');
+  if (!isValidJid(jid))
+    throw new UsageError(
+      `"${jid}" is not a WhatsApp chat id: a group is <digits>@g.us, a person <phone digits>@s.whatsapp.net (see \`groups discover\`).`,
+      'groups',
+    );
+  if (trigger !== undefined && !isValidTrigger(trigger))
+    throw new UsageError(
+      `--trigger ${trigger}: a trigger is @ and a word, e.g. --trigger @${config.assistantName}.`,
+      'groups',
+    );
+  if (network !== undefined && !isValidNetwork(network))
+    throw new UsageError(
+      `--network ${network}: use egress, none, bridge or the name of a Docker network (never host).`,
+      'groups',
+    );
+  const allow = typeof values.allow === 'string' ? values.allow.split(',').map((sender) => sender.trim()) : undefined;
+  const badSender = allow?.find((sender) => !isValidSenderJid(sender));
+  if (badSender !== undefined)
+    throw new UsageError(
+      `--allow ${JSON.stringify(badSender)} is not a WhatsApp sender id: <phone digits>@s.whatsapp.net or <digits>@lid.`,
+      'groups',
+    );
+  const additionalMounts = ((values.mount as string[] | undefined) ?? []).map(parseMountOption);
+  const isMain = values.main === true;
+  // The same check a run makes: a mount the allowlist refuses is refused now, not silently at every run.
+  const refused = additionalMounts.length
+    ? validateExtraMounts(additionalMounts, mountAllowlist(config), isMain).rejected[0]
+    : undefined;
+  if (refused) throw new UsageError(`--mount ${refused.hostPath}: refused (${refused.reason}).`, 'groups');
+  const containerConfig: ContainerConfig = {
+    ...(network ? { network } : {}),
+    ...(additionalMounts.length ? { additionalMounts } : {}),
+  };
+  return {
+    jid,
+    folder,
+    name: name ?? folder,
+    trigger,
+    isMain,
+    requiresTrigger: values['no-trigger'] ? false : undefined,
+    containerConfig: Object.keys(containerConfig).length ? containerConfig : undefined,
+    allow,
+  };
+}
+
+function groupsDiscover(store: Store): number {
+  for (const line of discoverLines(store)) console.log(line);
+  return 0;
+}
+
+function groupsList(store: Store): number {
+  const groups = store.listGroups();
+  if (groups.length === 0)
+    console.log('No groups registered. `bun nanoclaw.ts chat` registers the main group for the terminal.');
+  for (const g of groups) {
+    const wakes = g.isMain ? 'main' : g.requiresTrigger ? `trigger ${g.trigger}` : 'no trigger';
+    console.log(`${g.folder.padEnd(16)} ${g.jid.padEnd(32)} ${wakes}  ${g.name}  (wakes it: ${allowedText(g)})`);
+  }
+  return 0;
+}
+
+function groupsRegister(config: Config, store: Store, request: ReturnType<typeof registration>): number {
+  const group = addGroup(config, store, request);
+  const answers =
+    group.requiresTrigger && !group.isMain ? `; it answers messages that say ${group.trigger} or reply to it` : '';
+  console.log(`Registered ${group.jid} as groups/${group.folder}${group.isMain ? ' (main)' : ''}${answers}.`);
+  const waiting = store.listTasks(group.folder).filter((task) => task.status === 'paused' && task.pausedReason);
+  if (waiting.length)
+    console.log(
+      `Paused by NanoClaw, waiting for you: ${waiting.map((task) => `${task.id} (${task.pausedReason})`).join(', ')}. Resume each with: bun nanoclaw.ts tasks resume <id>.`,
+    );
+  return 0;
+}
+
+function groupsRemove(store: Store, key: string): number {
+  const group = store.groupByJid(key) ?? store.groupByFolder(key);
+  if (!group)
+    throw new UsageError(`No registered group with chat id or folder "${key}" (see: bun nanoclaw.ts groups list).`);
+  const active = store.listTasks(group.folder).filter((task) => task.status === 'active');
+  store.removeGroup(group.jid);
+  console.log(`Removed ${group.jid}. Its folder groups/${group.folder} was kept.`);
+  if (active.length)
+    console.log(
+      `Paused its ${active.length} active task(s): ${active.map((task) => task.id).join(', ')}. Register the group again (same folder), then: bun nanoclaw.ts tasks resume <id>.`,
+    );
+  return 0;
 }
 
 /** `tasks run` prints what it says to the terminal's own chat; WhatsApp chats get it through the outbox. */
@@ -8452,42 +8374,44 @@ function describeSchedule(task: ScheduledTask): string {
   return `${task.scheduleType} ${task.scheduleValue}`;
 }
 
+/** What `tasks run` says of the messages it left in the WhatsApp outbox. */
+function queuedNote(config: Config, count: number): string {
+  const [waits, it] = count === 1 ? ['waits', 'it'] : ['wait', 'them'];
+  return WhatsAppChannel.linkState(whatsAppAuthDir(config)) === 'linked'
+    ? `${count === 1 ? 'It' : 'They'} ${waits} in the outbox: NanoClaw sends ${it} to WhatsApp as soon as the service runs (bun nanoclaw.ts, or service install).`
+    : `WhatsApp is not linked on this machine: ${count === 1 ? 'it' : 'they'} ${waits} in the outbox until you link it (bun nanoclaw.ts auth) and start NanoClaw.`;
+}
+
 /**
  * `tasks run`: with the service running, it asks the service (the task is due now); else
  * it runs here. WhatsApp chats are not connected here: what the task says waits in the
  * durable outbox, and the service sends it (under the same message ids) when it runs.
  */
-async function runTaskNow(config: Config, task: ScheduledTask): Promise<number> {
+async function runTaskNow(config: Config, store: Store, task: ScheduledTask): Promise<number> {
   const servicePid = runningHostPid(config);
   if (servicePid) {
     if (task.status !== 'active')
       throw new UsageError(
         `Task ${task.id} is ${task.status}; the running NanoClaw (pid ${servicePid}) runs active tasks only. Resume it first: bun nanoclaw.ts tasks resume ${task.id}`,
       );
-    withStore(config, (store) => store.updateTask(task.id, { nextRun: new Date().toISOString() }));
+    store.updateTask(task.id, { nextRun: new Date().toISOString() });
     console.log(
       `NanoClaw is running (pid ${servicePid}): it runs ${task.id} within a second or two, and sends what it says to ${task.chatJid}.`,
     );
     return 0;
   }
-  const { host, store, release } = await startHost(config, (s) => [printingChannel(), whatsAppChannel(config, s)]);
+  const started = await startHost(config, (s) => [printingChannel(), whatsAppChannel(config, s)]);
   try {
-    const queuedBefore = store.unsent('whatsapp').map((m) => m.id);
-    const run = await host.runTaskNow(task.id);
-    const queued = store.unsent('whatsapp').filter((m) => !queuedBefore.includes(m.id));
+    const queuedBefore = new Set(started.store.unsent('whatsapp').map((m) => m.id));
+    const run = await started.host.runTaskNow(task.id);
+    const queued = started.store.unsent('whatsapp').filter((m) => !queuedBefore.has(m.id));
     for (const message of queued) console.log(`→ ${message.jid} (queued for WhatsApp): ${message.text}`);
-    if (queued.length) {
-      console.log(
-        WhatsAppChannel.linkState(whatsAppAuthDir(config)) === 'linked'
-          ? `${queued.length === 1 ? 'It waits' : 'They wait'} in the outbox: NanoClaw sends ${queued.length === 1 ? 'it' : 'them'} to WhatsApp as soon as the service runs (bun nanoclaw.ts, or service install).`
-          : `WhatsApp is not linked on this machine: ${queued.length === 1 ? 'it waits' : 'they wait'} in the outbox until you link it (bun nanoclaw.ts auth) and start NanoClaw.`,
-      );
-    }
+    if (queued.length) console.log(queuedNote(config, queued.length));
     if (run?.status === 'error') console.error(`The task failed: ${run.error}`);
     return run?.status === 'success' ? 0 : 1;
   } finally {
-    store.close();
-    release();
+    started.store.close();
+    started.release();
   }
 }
 
@@ -8526,121 +8450,97 @@ function applyTaskCommand(config: Config, store: Store, task: ScheduledTask, req
   for (const effect of afterwards) effect();
 }
 
-async function tasksCommand(config: Config, args: string[]): Promise<number> {
-  const { values, positionals } = commandArgs('tasks', args, { json: { type: 'boolean' } });
-  const [action = 'list', ...rest] = positionals;
-  const when = (iso: string | null) => (iso ? `${formatLocalTime(iso, config.timezone)} ${config.timezone}` : '—');
-  if (!['list', 'show', 'run', 'pause', 'resume', 'cancel'].includes(action))
-    throw new UsageError(`Unknown tasks command "${action}".`, 'tasks');
-  if (values.json && !['list', 'show'].includes(action))
-    throw new UsageError(`--json belongs to tasks list and tasks show.`, 'tasks');
-  if (action === 'list' && rest.length) throw new UsageError('tasks list takes no arguments.', 'tasks');
-  if (action !== 'list' && (rest.length !== 1 || !rest[0]))
-    throw new UsageError(`tasks ${action} needs one task id (see: bun nanoclaw.ts tasks list).`, 'tasks');
-  const store = new Store(config.dbPath);
-  let task: ScheduledTask | null = null;
-  try {
-    if (action === 'list') {
-      const tasks = store.listTasks();
-      if (values.json) {
-        console.log(JSON.stringify(tasks, null, 2));
-        return 0;
-      }
-      if (tasks.length === 0)
-        console.log('No scheduled tasks. Ask your assistant: "remind me every weekday at 9 to …"');
-      for (const t of tasks) {
-        console.log(
-          `${t.id}  ${t.groupFolder.padEnd(12)} ${t.status.padEnd(9)} next ${when(t.nextRun).padEnd(34)} ${describeSchedule(t).padEnd(22)} ${t.prompt.slice(0, 50)}${t.pausedReason ? `  (paused: ${t.pausedReason})` : ''}`,
-        );
-      }
-      return 0;
-    }
-    const id = rest[0]!;
-    task = store.getTask(id);
-    if (!task) throw new UsageError(`No task with id "${id}" (see: bun nanoclaw.ts tasks list).`);
-    switch (action) {
-      case 'show': {
-        if (values.json) {
-          console.log(JSON.stringify({ ...task, runs: store.taskRuns(id) }, null, 2));
-          return 0;
-        }
-        console.log(
-          `Task ${task.id} (${task.status}${task.pausedReason ? `: ${task.pausedReason}` : ''})\n  group:    ${task.groupFolder} (${task.chatJid})\n  schedule: ${describeSchedule(task)}, context ${task.contextMode}`,
-        );
-        // The prompt and results are the agent's words: shown, never obeyed by the terminal.
-        console.log(
-          visibleText(
-            `  next run: ${when(task.nextRun)}\n  last run: ${when(task.lastRun)}\n  prompt:   ${task.prompt}\n  last:     ${task.lastResult ?? '—'}`,
-          ),
-        );
-        const runs = store.taskRuns(id);
-        if (runs.length) console.log('  recent runs:');
-        for (const r of runs)
-          console.log(
-            `    ${when(r.runAt)}  ${r.status.padEnd(7)} ${r.durationMs} ms  ${visibleText((r.error ?? r.result ?? '').slice(0, 60))}`,
-          );
-        return 0;
-      }
-      case 'pause':
-        applyTaskCommand(config, store, task, { type: 'pause_task', taskId: id });
-        console.log(`Paused ${id}.`);
-        return 0;
-      case 'resume':
-        applyTaskCommand(config, store, task, { type: 'resume_task', taskId: id });
-        console.log(`Resumed ${id}; next run ${when(store.getTask(id)!.nextRun)}.`);
-        return 0;
-      case 'cancel':
-        applyTaskCommand(config, store, task, { type: 'cancel_task', taskId: id });
-        console.log(`Cancelled ${id}.`);
-        return 0;
-    }
-  } finally {
-    store.close();
+/** A time as the user reads it: their timezone, named. */
+const localTime = (config: Config) => (iso: string | null) =>
+  iso ? `${formatLocalTime(iso, config.timezone)} ${config.timezone}` : '—';
+
+function tasksList({ config, values, store }: CommandCall): number {
+  const tasks = store().listTasks();
+  const when = localTime(config);
+  if (values.json) console.log(JSON.stringify(tasks, null, 2));
+  else if (tasks.length === 0)
+    console.log('No scheduled tasks. Ask your assistant: "remind me every weekday at 9 to …"');
+  for (const t of values.json ? [] : tasks) {
+    const paused = t.pausedReason ? `  (paused: ${t.pausedReason})` : '';
+    console.log(
+      `${t.id}  ${t.groupFolder.padEnd(12)} ${t.status.padEnd(9)} next ${when(t.nextRun).padEnd(34)} ${describeSchedule(t).padEnd(22)} ${t.prompt.slice(0, 50)}${paused}`,
+    );
   }
-  return runTaskNow(config, task!);
+  return 0;
 }
 
-function mountsCommand(config: Config, args: string[]): number {
-  const { values, positionals } = commandArgs('mounts', args, { 'docker-args': { type: 'boolean' } });
-  const [folder] = positionals;
-  if (!folder || positionals.length > 1)
-    throw new UsageError('mounts needs one group folder (see: bun nanoclaw.ts groups list).', 'mounts');
-  return withStore(config, (store) => {
-    const group = store.groupByFolder(folder);
-    if (!group)
-      throw new UsageError(
-        `No registered group uses the folder "${folder}" (see: bun nanoclaw.ts groups list).`,
-        'mounts',
-      );
-    const allowlist = group.containerConfig?.additionalMounts?.length
-      ? loadMountAllowlist(config.mountAllowlistPath)
-      : null;
-    const extra = validateExtraMounts(group.containerConfig?.additionalMounts, allowlist, group.isMain);
-    // Exactly what a run mounts (the run's own paths shown as <run>); nothing is created or changed.
-    const proxySocket = config.modelProxy === 'unix' ? join(config.dataDir, 'proxy', '<run>.sock') : null;
-    const egressSocket =
-      groupNetwork(config, group) === 'egress' ? join(config.dataDir, 'proxy', '<run>.egress.sock') : null;
-    const mounts = [
-      ...groupMounts(config, group, extra.mounts),
-      ...runMounts(join(inboxRoot(config), '<run>'), proxySocket, egressSocket),
-    ];
-    if (values['docker-args']) {
-      for (const m of mounts) console.log(`-v\n${formatMount(m, 'docker')}`);
-      return 0;
-    }
-    for (const m of mounts) console.log(`${formatMount(m, 'human')}${MOUNT_NOTES[m.containerPath] ?? ''}`);
-    if (!proxySocket) console.log('model proxy: host.docker.internal:<port> (tcp mode)');
-    console.log(`network: ${groupNetwork(config, group)}`);
-    for (const r of extra.rejected) console.log(`refused: ${r.hostPath} (${r.reason})`);
+/** A `tasks <action> <id>` run, given the task (an unknown id is the user's mistake). */
+function onTask(run: (call: CommandCall, task: ScheduledTask) => number | Promise<number>) {
+  return (call: CommandCall) => {
+    const id = call.positionals[0]!;
+    const task = call.store().getTask(id);
+    if (!task) throw new UsageError(`No task with id "${id}" (see: bun nanoclaw.ts tasks list).`);
+    return run(call, task);
+  };
+}
+
+function tasksShow({ config, values, store }: CommandCall, task: ScheduledTask): number {
+  const runs = store().taskRuns(task.id);
+  const when = localTime(config);
+  if (values.json) {
+    console.log(JSON.stringify({ ...task, runs }, null, 2));
+    return 0;
+  }
+  console.log(
+    `Task ${task.id} (${task.status}${task.pausedReason ? `: ${task.pausedReason}` : ''})\n  group:    ${task.groupFolder} (${task.chatJid})\n  schedule: ${describeSchedule(task)}, context ${task.contextMode}`,
+  );
+  // The prompt and results are the agent's words: shown, never obeyed by the terminal.
+  console.log(
+    visibleText(
+      `  next run: ${when(task.nextRun)}\n  last run: ${when(task.lastRun)}\n  prompt:   ${task.prompt}\n  last:     ${task.lastResult ?? '—'}`,
+    ),
+  );
+  if (runs.length) console.log('  recent runs:');
+  for (const r of runs)
+    console.log(
+      `    ${when(r.runAt)}  ${r.status.padEnd(7)} ${r.durationMs} ms  ${visibleText((r.error ?? r.result ?? '').slice(0, 60))}`,
+    );
+  return 0;
+}
+
+/** `tasks pause|resume|cancel`: what the agent's own request of that name does. */
+function changeTask(action: 'pause' | 'resume' | 'cancel') {
+  const done = { pause: 'Paused', resume: 'Resumed', cancel: 'Cancelled' }[action];
+  return onTask(({ config, store }, task) => {
+    applyTaskCommand(config, store(), task, { type: `${action}_task`, taskId: task.id });
+    const next = action === 'resume' ? `; next run ${localTime(config)(store().getTask(task.id)!.nextRun)}` : '';
+    console.log(`${done} ${task.id}${next}.`);
     return 0;
   });
 }
 
-/** The last `count` lines of a log's text, as the terminal may show them. */
-function lastLines(text: string, count: number): string {
-  const lines = text.split('\n');
-  if (lines.at(-1) === '') lines.pop();
-  return visibleText(lines.slice(-count).join('\n'));
+function mountsCommand({ config, values, positionals: [folder], store }: CommandCall): number {
+  const group = store().groupByFolder(folder!);
+  if (!group)
+    throw new UsageError(
+      `No registered group uses the folder "${folder}" (see: bun nanoclaw.ts groups list).`,
+      'mounts',
+    );
+  const requested = group.containerConfig?.additionalMounts;
+  const allowlist = requested?.length ? loadMountAllowlist(config.mountAllowlistPath) : null;
+  const extra = validateExtraMounts(requested, allowlist, group.isMain);
+  // Exactly what a run mounts (the run's own paths shown as <run>); nothing is created or changed.
+  const network = groupNetwork(config, group);
+  const proxySocket = config.modelProxy === 'unix' ? join(config.dataDir, 'proxy', '<run>.sock') : null;
+  const egressSocket = network === 'egress' ? join(config.dataDir, 'proxy', '<run>.egress.sock') : null;
+  const mounts = [
+    ...groupMounts(config, group, extra.mounts),
+    ...runMounts(join(inboxRoot(config), '<run>'), proxySocket, egressSocket),
+  ];
+  if (values['docker-args']) {
+    for (const m of mounts) console.log(`-v\n${formatMount(m, 'docker')}`);
+    return 0;
+  }
+  for (const m of mounts) console.log(`${formatMount(m, 'human')}${MOUNT_NOTES[m.containerPath] ?? ''}`);
+  if (!proxySocket) console.log('model proxy: host.docker.internal:<port> (tcp mode)');
+  console.log(`network: ${network}`);
+  for (const r of extra.rejected) console.log(`refused: ${r.hostPath} (${r.reason})`);
+  return 0;
 }
 
 /** Log text as the terminal may show it: control characters but newline and tab written out (ESC as \x1b). */
@@ -8654,230 +8554,117 @@ export function visibleText(text: string): string {
   });
 }
 
-function logsCommand(config: Config, args: string[]): number {
-  const { values } = commandArgs('logs', args, { group: { type: 'string' }, lines: { type: 'string' } }, false);
+/** The last `count` lines of a log's text, as the terminal may show them. */
+function lastLines(text: string, count: number): string {
+  return visibleText(text.replace(/\n$/, '').split('\n').slice(-count).join('\n'));
+}
+
+/**
+ * `logs`: the tail of the host's log (and its latest errors), or of a group's latest run log.
+ * To follow the host live: tail -f logs/nanoclaw.log; to check the whole setup: diagnose.
+ */
+function logsCommand({ config, values }: CommandCall): number {
   const count = positiveOption('logs', 'lines', values.lines, 40);
-  if (typeof values.group === 'string') {
-    if (!isValidFolder(values.group)) throw new UsageError(`"${values.group}" is not a group folder name.`, 'logs');
-    const { group: tree } = groupTrees(config, values.group);
+  const folder = values.group;
+  if (typeof folder === 'string') {
+    if (!isValidFolder(folder)) throw new UsageError(`"${folder}" is not a group folder name.`, 'logs');
+    const { group: tree } = groupTrees(config, folder);
     const dir = relative(config.projectRoot, tree.path('logs'));
     const runs = tree
       .entries('logs')
       .filter((e) => e.kind === 'file' && RUN_LOG_NAME.test(e.name))
       .map((e) => e.name)
       .sort();
-    if (runs.length === 0) {
-      console.log(`No container runs logged for "${values.group}" yet (${dir}/).`);
-      return 0;
+    if (runs.length === 0) console.log(`No container runs logged for "${folder}" yet (${dir}/).`);
+    else {
+      console.log(
+        `Recent runs of ${folder}:\n${runs
+          .slice(-5)
+          .map((f) => `  ${dir}/${f}\n`)
+          .join('')}`,
+      );
+      console.log(lastLines(tree.tail(`logs/${runs.at(-1)!}`, 256 * 1024), count));
     }
-    console.log(
-      `Recent runs of ${values.group}:\n${runs
-        .slice(-5)
-        .map((f) => `  ${dir}/${f}`)
-        .join('\n')}\n`,
-    );
-    console.log(lastLines(tree.tail(`logs/${runs.at(-1)!}`, 256 * 1024), count));
     return 0;
   }
-  const main = join(config.logsDir, 'nanoclaw.log');
-  const errors = join(config.logsDir, 'nanoclaw.error.log');
-  if (!existsSync(main)) {
+  const [main, errors] = ['nanoclaw.log', 'nanoclaw.error.log'].map((name) => join(config.logsDir, name));
+  if (!existsSync(main!)) {
     console.log('No host log yet (logs/nanoclaw.log appears once NanoClaw has run).');
     return 0;
   }
-  console.log(`== logs/nanoclaw.log (last ${count} lines) ==\n${lastLines(readFileSync(main, 'utf8'), count)}`);
-  const recentErrors = existsSync(errors) ? lastLines(readFileSync(errors, 'utf8'), Math.min(count, 10)) : '';
+  console.log(`== logs/nanoclaw.log (last ${count} lines) ==\n${lastLines(readFileSync(main!, 'utf8'), count)}`);
+  const recentErrors = existsSync(errors!) ? lastLines(readFileSync(errors!, 'utf8'), Math.min(count, 10)) : '';
   if (recentErrors) console.log(`\n== logs/nanoclaw.error.log (latest) ==\n${recentErrors}`);
   return 0;
 }
 
-export type ServicePlatform = 'linux' | 'macos';
-
-/** The systemd user unit or launchd agent that runs the service with its output in logs/. */
-export function serviceDefinition(
-  config: Config,
-  platform: ServicePlatform,
-  bunPath: string,
-  pathEnv: string,
-): { file: string; content: string; install: string[][]; uninstall: string[][]; status: string[] } {
-  const entry = join(config.projectRoot, 'nanoclaw.ts');
-  const out = join(config.logsDir, 'nanoclaw.log');
-  const err = join(config.logsDir, 'nanoclaw.error.log');
-  if (platform === 'linux') {
-    const file = join(homedir(), '.config', 'systemd', 'user', 'nanoclaw.service');
-    return {
-      file,
-      content: [
-        '[Unit]',
-        'Description=NanoClaw personal assistant',
-        'After=network-online.target',
-        '',
-        '[Service]',
-        'Type=simple',
-        `WorkingDirectory=${config.projectRoot}`,
-        `ExecStart=${bunPath} ${entry}`,
-        `Environment=PATH=${pathEnv}`,
-        'Restart=on-failure',
-        'RestartSec=10',
-        'RestartPreventExitStatus=2',
-        `StandardOutput=append:${out}`,
-        `StandardError=append:${err}`,
-        '',
-        '[Install]',
-        'WantedBy=default.target',
-        '',
-      ].join('\n'),
-      install: [
-        ['systemctl', '--user', 'daemon-reload'],
-        ['systemctl', '--user', 'enable', '--now', 'nanoclaw'],
-      ],
-      uninstall: [
-        ['systemctl', '--user', 'disable', '--now', 'nanoclaw'],
-        ['systemctl', '--user', 'daemon-reload'],
-      ],
-      status: ['systemctl', '--user', 'status', 'nanoclaw', '--no-pager'],
-    };
-  }
-  const file = join(homedir(), 'Library', 'LaunchAgents', 'com.nanoclaw.plist');
-  const xml = (text: string) => escapeXml(text);
-  return {
-    file,
-    content: `<?xml version="1.0" encoding="UTF-8"?>
-<!DOCTYPE plist PUBLIC "-//Apple//DTD PLIST 1.0//EN" "http://www.apple.com/DTDs/PropertyList-1.0.dtd">
-<plist version="1.0">
-<dict>
-  <key>Label</key><string>com.nanoclaw</string>
-  <key>ProgramArguments</key>
-  <array><string>${xml(bunPath)}</string><string>${xml(entry)}</string></array>
-  <key>WorkingDirectory</key><string>${xml(config.projectRoot)}</string>
-  <key>EnvironmentVariables</key>
-  <dict><key>PATH</key><string>${xml(pathEnv)}</string></dict>
-  <key>RunAtLoad</key><true/>
-  <key>KeepAlive</key><true/>
-  <key>StandardOutPath</key><string>${xml(out)}</string>
-  <key>StandardErrorPath</key><string>${xml(err)}</string>
-</dict>
-</plist>
-`,
-    install: [['launchctl', 'load', '-w', file]],
-    uninstall: [['launchctl', 'unload', '-w', file]],
-    status: ['launchctl', 'list', 'com.nanoclaw'],
-  };
+/** A script next to this file, run for this project with the settings in effect; its exit status is the command's. */
+function runScript(config: Config, name: string, args: string[], env: Record<string, string> = {}): number {
+  const script = join(dirname(fileURLToPath(import.meta.url)), 'scripts', name);
+  const settings = Object.entries(process.env).filter(([key]) => Object.hasOwn(SETTINGS, key));
+  const run = Bun.spawnSync(['bash', script, ...args], {
+    env: { ...childProcessEnv(), NANOCLAW_ROOT: config.projectRoot, ...Object.fromEntries(settings), ...env },
+    stdin: 'inherit',
+    stdout: 'inherit',
+    stderr: 'inherit',
+  });
+  return run.exitCode ?? 1;
 }
 
-function serviceCommand(config: Config, args: string[]): number {
-  const { values, positionals } = commandArgs('service', args, {
-    'dry-run': { type: 'boolean' },
-    platform: { type: 'string' },
-  });
-  const [action] = positionals;
-  const platform = (values.platform ?? (process.platform === 'darwin' ? 'macos' : 'linux')) as ServicePlatform;
-  if (!['linux', 'macos'].includes(platform))
-    throw new UsageError(`--platform ${values.platform}: use linux or macos.`, 'service');
-  if (!action || positionals.length > 1)
-    throw new UsageError('service needs one of install, uninstall, status.', 'service');
-  if (!['install', 'uninstall', 'status'].includes(action))
-    throw new UsageError(`Unknown service command "${action}".`, 'service');
-  const service = serviceDefinition(
-    config,
-    platform,
-    process.execPath,
-    process.env.PATH ?? '/usr/local/bin:/usr/bin:/bin',
-  );
-  const commands =
-    action === 'install' ? service.install : action === 'uninstall' ? service.uninstall : [service.status];
-  if (values['dry-run']) {
-    if (action === 'install') console.log(`# ${service.file}\n${service.content}`);
-    if (action === 'uninstall') console.log(`# would remove ${service.file}`);
-    for (const command of commands) console.log(`$ ${command.join(' ')}`);
-    return 0;
-  }
-  if (action === 'install') {
-    mkdirSync(dirname(service.file), { recursive: true });
-    mkdirSync(config.logsDir, { recursive: true });
-    writeFileSync(service.file, service.content);
-    console.log(`Wrote ${service.file}`);
-  }
-  const manager = platform === 'linux' ? 'systemd (your user instance)' : 'launchd';
-  for (const command of commands) {
-    const result = runQuietly(command, 30_000);
-    const why = result.output.split('\n').find((line) => line.trim()) ?? 'no output';
-    if (result.ok) {
-      if (result.output) console.log(result.output);
-      continue;
-    }
-    if (action === 'install') {
-      console.error(
-        `${service.file} is written, but \`${command.join(' ')}\` failed: ${why}. ${platform === 'linux' ? 'Is systemd running for your user (loginctl enable-linger $USER)?' : ''}`.trim(),
-      );
-      return 1;
-    }
-    if (action === 'status') {
-      const unreachable =
-        /Failed to connect to bus|not been booted with systemd|No such file or directory|not found/i.test(
-          result.output,
-        );
-      if (!unreachable && result.output) console.log(result.output);
-      console.log(
-        unreachable
-          ? `${manager} cannot be reached (${why}); the unit file is ${existsSync(service.file) ? `installed at ${service.file}` : 'not installed'}.`
-          : `NanoClaw is not running as a service${existsSync(service.file) ? '' : ' (not installed: bun nanoclaw.ts service install)'}.`,
-      );
-      return 3;
-    }
-    // uninstall: the file goes anyway; say why nothing could be stopped.
-    console.log(`${manager} could not be asked to stop NanoClaw (${why}).`);
-    break;
-  }
-  if (action === 'uninstall') {
-    if (existsSync(service.file)) {
-      unlinkSync(service.file);
-      console.log(`Removed ${service.file}`);
-    } else {
-      console.log(`No service file at ${service.file}; nothing to remove.`);
-    }
-  }
+/** `service`: scripts/service.sh writes and drives this install's own unit (named after its folder). */
+function serviceCommand({ config, values, action }: CommandCall): number {
+  const platform = values.platform;
+  if (platform !== undefined && platform !== 'linux' && platform !== 'macos')
+    throw new UsageError(`--platform ${platform}: use linux or macos.`, 'service');
+  const options = [...(values['dry-run'] ? ['--dry-run'] : []), ...(platform ? ['--platform', platform] : [])];
+  return runScript(config, 'service.sh', [action, ...options], { BUN: process.execPath });
+}
+
+function sessionsList({ store }: CommandCall): number {
+  const sessions = store().listSessions();
+  if (sessions.length === 0) console.log('No sessions yet.');
+  for (const s of sessions) console.log(`${s.groupFolder.padEnd(16)} ${s.sessionId}  (updated ${s.updatedAt})`);
   return 0;
 }
 
-function sessionsCommand(config: Config, args: string[]): number {
-  const { positionals } = commandArgs('sessions', args);
-  const [action = 'list', folder, ...extra] = positionals;
-  if (action !== 'list' && action !== 'clear')
-    throw new UsageError(`Unknown sessions command "${action}".`, 'sessions');
-  if (action === 'list' && folder) throw new UsageError('sessions list takes no arguments.', 'sessions');
-  if (action === 'clear' && (!folder || extra.length))
-    throw new UsageError('sessions clear needs one group folder.', 'sessions');
-  if (action === 'clear' && !isValidFolder(folder!))
-    throw new UsageError(`"${folder}" is not a group folder name.`, 'sessions');
-  return withStore(config, (store) => {
-    if (action === 'list') {
-      const sessions = store.listSessions();
-      if (sessions.length === 0) console.log('No sessions yet.');
-      for (const s of sessions) console.log(`${s.groupFolder.padEnd(16)} ${s.sessionId}  (updated ${s.updatedAt})`);
-      return 0;
-    }
-    const hadFiles = groupTrees(config, folder!).kimi.remove('sessions');
-    const hadRow = store.deleteSession(folder!);
-    console.log(
-      hadFiles || hadRow
-        ? `Cleared the session of "${folder}": the next message starts a new one.`
-        : `"${folder}" had no session.`,
-    );
-    return 0;
-  });
+function sessionsClear({ config, positionals: [folder], store }: CommandCall): number {
+  if (!isValidFolder(folder!)) throw new UsageError(`"${folder}" is not a group folder name.`, 'sessions');
+  const hadFiles = groupTrees(config, folder!).kimi.remove('sessions');
+  const hadRow = store().deleteSession(folder!);
+  console.log(
+    hadFiles || hadRow
+      ? `Cleared the session of "${folder}": the next message starts a new one.`
+      : `"${folder}" had no session.`,
+  );
+  return 0;
 }
 
-export interface ModelCheck {
+interface ModelCheck {
   status: 'ok' | 'refused' | 'offline' | 'error';
   detail: string;
+}
+
+/** What the endpoint's answer to GET /models says of the key and the model. */
+async function modelAnswer(config: Config, response: Response): Promise<ModelCheck> {
+  const { baseUrl, modelName } = config.kimi;
+  const body = await response.text();
+  if (response.ok) {
+    const ids = ((JSON.parse(body) as { data?: { id?: string }[] }).data ?? []).map((m) => m.id).filter(Boolean);
+    const listed = ids.includes(modelName) ? 'is listed' : `is not among its models (${ids.slice(0, 6).join(', ')})`;
+    return { status: 'ok', detail: `${baseUrl} accepts the key; ${modelName} ${listed}` };
+  }
+  if (response.status === 401 || response.status === 403)
+    return { status: 'refused', detail: keyRefusedNotice(config, `Error code: ${response.status} - ${body}`) };
+  if (response.status === 502)
+    return { status: 'offline', detail: `no network to ${baseUrl} (${JSON.parse(body).error?.message ?? body})` };
+  return { status: 'error', detail: `${baseUrl} answered ${response.status}: ${body.slice(0, 200)}` };
 }
 
 /**
  * One cheap authenticated request (GET {KIMI_BASE_URL}/models) the way a container's go:
  * through a model proxy run, so the key, the endpoint and the proxy are all checked.
  */
-export async function checkModel(config: Config, timeoutMs = 15_000): Promise<ModelCheck> {
+async function checkModel(config: Config, timeoutMs = 15_000): Promise<ModelCheck> {
   const proxy = new ModelProxy({
     mode: 'unix',
     dir: join(config.dataDir, 'proxy'),
@@ -8892,88 +8679,47 @@ export async function checkModel(config: Config, timeoutMs = 15_000): Promise<Mo
       headers: { authorization: `Bearer ${run.token}` },
       signal: AbortSignal.timeout(timeoutMs),
     } as RequestInit);
-    const body = await response.text();
-    if (response.ok) {
-      const ids = ((JSON.parse(body) as { data?: { id?: string }[] }).data ?? []).map((m) => m.id).filter(Boolean);
-      const listed = ids.includes(config.kimi.modelName);
-      return {
-        status: 'ok',
-        detail: `${config.kimi.baseUrl} accepts the key; ${config.kimi.modelName} ${listed ? 'is listed' : `is not among its models (${ids.slice(0, 6).join(', ')})`}`,
-      };
-    }
-    if (response.status === 401 || response.status === 403)
-      return { status: 'refused', detail: keyRefusedNotice(config, `Error code: ${response.status} - ${body}`) };
-    if (response.status === 502)
-      return {
-        status: 'offline',
-        detail: `no network to ${config.kimi.baseUrl} (${JSON.parse(body).error?.message ?? body})`,
-      };
-    return { status: 'error', detail: `${config.kimi.baseUrl} answered ${response.status}: ${body.slice(0, 200)}` };
+    return await modelAnswer(config, response);
   } catch (err) {
-    return {
-      status: 'offline',
-      detail: `no answer from ${config.kimi.baseUrl} within ${timeoutMs / 1000} s (${errorText(err)})`,
-    };
+    const detail = `no answer from ${config.kimi.baseUrl} within ${timeoutMs / 1000} s (${errorText(err)})`;
+    return { status: 'offline', detail };
   } finally {
     run.close();
     proxy.stop();
   }
 }
 
-async function modelCommand(config: Config, args: string[]): Promise<number> {
-  const { values, positionals } = commandArgs('model', args, { json: { type: 'boolean' } });
-  if (positionals.join(' ') !== 'check')
-    throw new UsageError(
-      positionals.length ? `Unknown model command "${positionals.join(' ')}".` : 'model needs a command: check.',
-      'model',
-    );
+async function modelCheck({ config, values }: CommandCall): Promise<number> {
   const check = await checkModel(config);
-  if (values.json)
-    console.log(
-      JSON.stringify({
-        ...check,
-        platform: config.kimi.platform,
-        baseUrl: config.kimi.baseUrl,
-        model: config.kimi.modelName,
-      }),
-    );
-  else
-    console.log(
-      `${check.status === 'ok' ? 'OK' : check.status === 'offline' ? 'NOT CHECKED' : 'FAIL'}: ${check.detail}`,
-    );
+  const { platform, baseUrl, modelName: model } = config.kimi;
+  const verdict = { ok: 'OK', offline: 'NOT CHECKED', refused: 'FAIL', error: 'FAIL' }[check.status];
+  console.log(values.json ? JSON.stringify({ ...check, platform, baseUrl, model }) : `${verdict}: ${check.detail}`);
   return { ok: 0, refused: 1, error: 1, offline: 3 }[check.status];
 }
 
-function usageCommand(config: Config, args: string[]): number {
-  const options = { days: { type: 'string' }, group: { type: 'string' }, json: { type: 'boolean' } } as const;
-  const { values } = commandArgs('usage', args, options, false);
+function usageCommand({ config, values, store }: CommandCall): number {
   const days = positiveOption('usage', 'days', values.days, 30);
   const groupFilter = values.group as string | undefined;
-  return withStore(config, (store) => {
-    const since = formatLocalTime(new Date(Date.now() - (days - 1) * 86_400_000).toISOString(), config.timezone).slice(
-      0,
-      10,
-    );
-    const rows = store.modelUsage(since, groupFilter);
-    if (values.json) {
-      console.log(JSON.stringify(rows, null, 2));
-      return 0;
-    }
-    if (rows.length === 0) {
-      console.log(`No model requests in the last ${days} days${groupFilter ? ` for "${groupFilter}"` : ''}.`);
-      return 0;
-    }
-    // Day and group to the left, the counts to the right; the total row leaves group and failed empty.
-    const row = (...cells: (string | number)[]) =>
-      cells.map((c, i) => (i < 2 ? String(c).padEnd([11, 16][i]!) : String(c).padStart([8, 6, 14, 14][i - 2]!)));
-    const sum = (count: (r: (typeof rows)[number]) => number) => rows.reduce((n, r) => n + count(r), 0);
-    console.log(row('day', 'group', 'requests', 'failed', 'prompt tokens', 'output tokens').join(' '));
-    for (const r of rows)
-      console.log(row(r.day, r.groupFolder, r.requests, r.failed, r.promptTokens, r.completionTokens).join(' '));
-    const total = [sum((r) => r.requests), '', sum((r) => r.promptTokens), sum((r) => r.completionTokens)];
-    console.log(row('total', '', ...total).join(' '));
+  const from = new Date(Date.now() - (days - 1) * 86_400_000).toISOString();
+  const rows = store().modelUsage(formatLocalTime(from, config.timezone).slice(0, 10), groupFilter);
+  if (values.json) {
+    console.log(JSON.stringify(rows, null, 2));
     return 0;
-  });
+  }
+  if (rows.length === 0) {
+    console.log(`No model requests in the last ${days} days${groupFilter ? ` for "${groupFilter}"` : ''}.`);
+    return 0;
+  }
+  // Day and group to the left, the counts to the right; the total row leaves group and failed empty.
+  const row = (...cells: (string | number)[]) =>
+    cells.map((c, i) => (i < 2 ? String(c).padEnd([11, 16][i]!) : String(c).padStart([8, 6, 14, 14][i - 2]!)));
+  const sum = (count: (r: (typeof rows)[number]) => number) => rows.reduce((n, r) => n + count(r), 0);
+  console.log(row('day', 'group', 'requests', 'failed', 'prompt tokens', 'output tokens').join(' '));
+  for (const r of rows)
+    console.log(row(r.day, r.groupFolder, r.requests, r.failed, r.promptTokens, r.completionTokens).join(' '));
+  const total = [sum((r) => r.requests), '', sum((r) => r.promptTokens), sum((r) => r.completionTokens)];
+  console.log(row('total', '', ...total).join(' '));
+  return 0;
 }
 
 /** Where a setting's value comes from, as loadConfig reads it: the environment wins over .env. */
@@ -9027,64 +8773,319 @@ function configCommand(config: Config, args: string[]): number {
 }
 
 /** `diagnose`: scripts/diagnose.sh, for this project, with its output and exit status. */
-function diagnoseCommand(config: Config, args: string[]): number {
-  const { values } = commandArgs('diagnose', args, { json: { type: 'boolean' } }, false);
-  const script = join(dirname(fileURLToPath(import.meta.url)), 'scripts', 'diagnose.sh');
-  const settings = Object.entries(process.env).filter(([key]) => Object.hasOwn(SETTINGS, key));
+function diagnoseCommand({ config, values }: CommandCall): number {
   // A key the user put in the environment is for the script's host commands (it keeps it from everything else it starts).
   const key = secretsFromEnvironment.KIMI_API_KEY;
-  const run = Bun.spawnSync(['bash', script, ...(values.json ? ['--json'] : [])], {
-    env: {
-      ...childProcessEnv(),
-      NANOCLAW_ROOT: config.projectRoot,
-      ...Object.fromEntries(settings),
-      ...(key ? { KIMI_API_KEY: key } : {}),
+  return runScript(config, 'diagnose.sh', values.json ? ['--json'] : [], key ? { KIMI_API_KEY: key } : {});
+}
+
+/** What a command's run gets: its options and arguments, parsed; the store, opened at its first use and closed after the run. */
+interface CommandCall {
+  config: Config;
+  /** The sub-command (`groups list`: list), when the command has them. */
+  action: string;
+  values: OptionValues;
+  positionals: string[];
+  args: string[];
+  store: () => Store;
+}
+
+/** What a command, or one of its sub-commands, takes and runs. */
+interface Runs {
+  /** Its arguments, for "… needs <this>." (one argument unless `count` says); none when absent. */
+  needs?: string;
+  count?: number;
+  /** A sub-command's share of its command's options. */
+  takes?: string[];
+  run: (call: CommandCall) => number | Promise<number>;
+}
+
+interface Command {
+  /** Its lines of usage (synopsis, what it does): shown after its mistakes, for --help, and in the overall usage. */
+  usage: [string, string][];
+  options?: CommandOptions;
+  /** Its sub-commands (the first argument), and the one run when none is given. */
+  actions?: Record<string, Runs>;
+  defaultAction?: string;
+  /** Arguments are the command's own business (config); otherwise they are counted as `needs` says. */
+  ownArguments?: boolean;
+}
+
+const json = { json: { type: 'boolean' } } as const;
+const taskId = 'one task id (see: bun nanoclaw.ts tasks list)';
+const register: Runs = {
+  needs: 'a chat id and a folder name',
+  count: 2,
+  takes: ['name', 'trigger', 'no-trigger', 'main', 'network', 'allow', 'mount'],
+  run: ({ config, values, positionals: [jid, folder], store }) => {
+    const request = registration(config, values, jid!, folder!); // checked before the store is opened
+    return groupsRegister(config, store(), request);
+  },
+};
+const service: Runs = { takes: ['dry-run', 'platform'], run: serviceCommand };
+
+/** Every command: the usage text, the options and the checks all come from here. */
+const COMMANDS: Record<string, Command & Partial<Runs>> = {
+  start: {
+    usage: [['(none), start', 'run the assistant service (WhatsApp)']],
+    run: ({ config }) => runService(config),
+  },
+  auth: {
+    usage: [
+      ['auth [--pairing-code <phone>]', 'link this machine to your WhatsApp (QR code, or a code typed on the phone)'],
+      ['auth --relink [--pairing-code <phone>]', "replace this machine's link: deletes store/auth/, then links again"],
+      [
+        'auth --check',
+        'is this machine linked? (exit 0 linked, 3 not linked, 4 a pairing left unfinished, 5 credentials damaged)',
+      ],
+    ],
+    options: { 'pairing-code': { type: 'string' }, check: { type: 'boolean' }, relink: { type: 'boolean' } },
+    run: authCommand,
+  },
+  chat: {
+    usage: [
+      [
+        'chat',
+        "talk to the main group's agent from this terminal (piped stdin: one message per line; Ctrl-C stops the turn, exit 130)",
+      ],
+    ],
+    run: ({ config }) => runChat(config),
+  },
+  groups: {
+    usage: [
+      ['groups list', 'registered groups'],
+      ['groups discover', 'the WhatsApp chats this machine knows (id, name, members), to register one'],
+      [
+        'groups register|add <jid> <folder> [--name N] [--trigger @Word] [--no-trigger] [--main] [--network egress|none|bridge|NAME] [--allow <jid>[,<jid>…]] [--mount <hostPath>[:<name>][:ro|rw]]…',
+        'only the owner and these senders wake the agent (default: everyone; in main, only the owner); --mount adds a folder under /workspace/extra/ if the mount allowlist allows it (read-only unless rw)',
+      ],
+      ['groups remove <jid|folder>', 'unregister (its folder and memory stay on disk; its active tasks are paused)'],
+    ],
+    options: {
+      name: { type: 'string' },
+      trigger: { type: 'string' },
+      'no-trigger': { type: 'boolean' },
+      main: { type: 'boolean' },
+      network: { type: 'string' },
+      allow: { type: 'string' },
+      mount: { type: 'string', multiple: true },
     },
-    stdin: 'inherit',
-    stdout: 'inherit',
-    stderr: 'inherit',
-  });
-  return run.exitCode ?? 1;
-}
-
-/** A command that takes only `--help`, no arguments. */
-function withoutArguments(command: CommandName, run: (config: Config) => Promise<number>) {
-  return (config: Config, args: string[]) => {
-    if (commandArgs(command, args).positionals.length) throw new UsageError(`${command} takes no arguments.`, command);
-    return run(config);
-  };
-}
-
-/** What each command runs (`help` is main's own). */
-const COMMANDS: Record<Exclude<CommandName, 'help'>, (config: Config, args: string[]) => number | Promise<number>> = {
-  start: withoutArguments('start', runService),
-  chat: withoutArguments('chat', runChat),
-  auth: authCommand,
-  groups: groupsCommand,
-  tasks: tasksCommand,
-  logs: logsCommand,
-  mounts: mountsCommand,
-  service: serviceCommand,
-  sessions: sessionsCommand,
-  usage: usageCommand,
-  model: modelCommand,
-  config: configCommand,
-  diagnose: diagnoseCommand,
+    defaultAction: 'list',
+    actions: {
+      list: { run: ({ store }) => groupsList(store()) },
+      discover: { run: ({ store }) => groupsDiscover(store()) },
+      register,
+      add: register,
+      remove: { needs: 'one chat id or folder', run: ({ positionals: [key], store }) => groupsRemove(store(), key!) },
+    },
+  },
+  tasks: {
+    usage: [
+      ['tasks list [--json]', 'scheduled tasks, next runs in your timezone'],
+      ['tasks show <id> [--json]', 'one task and its recent runs'],
+      ['tasks run <id>', 'run a task now; what it sends goes to its chat (WhatsApp: through the outbox)'],
+      ['tasks pause|resume|cancel <id>', ''],
+    ],
+    options: json,
+    defaultAction: 'list',
+    actions: {
+      list: { takes: ['json'], run: tasksList },
+      show: { needs: taskId, takes: ['json'], run: onTask(tasksShow) },
+      run: { needs: taskId, run: onTask(({ config, store }, task) => runTaskNow(config, store(), task)) },
+      pause: { needs: taskId, run: changeTask('pause') },
+      resume: { needs: taskId, run: changeTask('resume') },
+      cancel: { needs: taskId, run: changeTask('cancel') },
+    },
+  },
+  logs: {
+    usage: [
+      [
+        'logs [--group <folder>] [--lines N]',
+        "recent host log, or a group's latest container runs (live: tail -f logs/nanoclaw.log)",
+      ],
+    ],
+    options: { group: { type: 'string' }, lines: { type: 'string' } },
+    run: logsCommand,
+  },
+  mounts: {
+    usage: [['mounts <folder> [--docker-args]', "what a group's container gets mounted where"]],
+    options: { 'docker-args': { type: 'boolean' } },
+    needs: 'one group folder (see: bun nanoclaw.ts groups list)',
+    run: mountsCommand,
+  },
+  service: {
+    usage: [
+      [
+        'service install|uninstall|status [--dry-run] [--platform linux|macos]',
+        "run NanoClaw in the background (this install's own systemd user unit / launchd agent; scripts/service.sh)",
+      ],
+    ],
+    options: { 'dry-run': { type: 'boolean' }, platform: { type: 'string' } },
+    actions: { install: service, uninstall: service, status: service },
+  },
+  sessions: {
+    usage: [
+      ['sessions list', 'the Kimi session of each group'],
+      ['sessions clear <folder>', "forget a group's session (files and database row)"],
+    ],
+    defaultAction: 'list',
+    actions: { list: { run: sessionsList }, clear: { needs: 'one group folder', run: sessionsClear } },
+  },
+  usage: {
+    usage: [
+      [
+        'usage [--days N] [--group F] [--json]',
+        'model requests and tokens by group and day (counted by the model proxy)',
+      ],
+    ],
+    options: { days: { type: 'string' }, group: { type: 'string' }, ...json },
+    run: usageCommand,
+  },
+  model: {
+    usage: [['model check [--json]', 'does the endpoint take the key? (one cheap request through the proxy)']],
+    options: json,
+    actions: { check: { takes: ['json'], run: modelCheck } },
+  },
+  config: {
+    usage: [
+      ['config get <KEY>…', 'the value NanoClaw uses for each setting (one per line; the key only as "set")'],
+      ['config list', 'every setting, its value, and where it comes from'],
+      ['config docs', 'the settings table of docs/configuration.md, in Markdown'],
+    ],
+    ownArguments: true,
+    run: ({ config, args }) => configCommand(config, args),
+  },
+  diagnose: {
+    usage: [['diagnose [--json]', 'check the whole setup (runs scripts/diagnose.sh)']],
+    options: json,
+    run: diagnoseCommand,
+  },
+  help: {
+    usage: [['help [command], --help', "this text, or one command's"]],
+    ownArguments: true,
+    run: ({ positionals }) => help(positionals[0]),
+  },
 };
 
+function usageLines(lines: [string, string][]): string {
+  const line = ([synopsis, what]: [string, string]) =>
+    !what
+      ? synopsis
+      : synopsis.length < 36
+        ? `${synopsis.padEnd(36)}${what}`
+        : `${synopsis}\n  ${''.padEnd(36)}${what}`;
+  return lines.map((entry) => `  ${line(entry)}`).join('\n');
+}
+
+/** One command's usage, as shown after its mistakes and for `--help`. */
+const commandUsage = (name: string) => `Usage: bun nanoclaw.ts …\n${usageLines(COMMANDS[name]!.usage)}`;
+
+const overallUsage = () => `NanoClaw — your assistant in WhatsApp, one container per group.
+
+Usage: bun nanoclaw.ts [command]
+
+Commands:
+${Object.values(COMMANDS)
+  .map((command) => usageLines(command.usage))
+  .join('\n')}
+
+Settings come from the environment and .env (see .env.example).`;
+
+function help(about?: string): number {
+  console.log(about && Object.hasOwn(COMMANDS, about) ? commandUsage(about) : overallUsage());
+  return 0;
+}
+
+/** The sub-command named by the first argument; options it does not take are a mistake naming who takes them. */
+function chooseAction(name: string, command: Command, values: OptionValues, given: string | undefined): Runs {
+  const actions = command.actions!;
+  if (given === undefined) throw new UsageError(`${name} needs a command: ${Object.keys(actions).join(', ')}.`, name);
+  const action = Object.hasOwn(actions, given) ? actions[given]! : null;
+  if (!action) throw new UsageError(`Unknown ${name} command "${given}".`, name);
+  const misplaced = Object.keys(command.options ?? {}).find(
+    (o) => values[o] !== undefined && !action.takes?.includes(o),
+  );
+  if (misplaced) {
+    const owners = new Map<Runs, string>(); // an alias (groups add) is not named twice
+    for (const [actionName, runs] of Object.entries(actions))
+      if (runs.takes?.includes(misplaced) && !owners.has(runs)) owners.set(runs, `${name} ${actionName}`);
+    throw new UsageError(`--${misplaced} belongs to ${[...owners.values()].join(' and ')}.`, name);
+  }
+  return action;
+}
+
+/** Which entry runs (the command, or its sub-command) and with which arguments, their count checked. */
+function chooseRun(name: string, command: Command & Partial<Runs>, values: OptionValues, positionals: string[]) {
+  if (!command.actions) {
+    const count = command.needs ? (command.count ?? 1) : 0;
+    if (!command.ownArguments && positionals.length !== count)
+      throw new UsageError(count ? `${name} needs ${command.needs}.` : `${name} takes no arguments.`, name);
+    return { runs: command as Runs, action: '', positionals };
+  }
+  const [action = command.defaultAction, ...rest] = positionals;
+  const runs = chooseAction(name, command, values, action);
+  const count = runs.needs ? (runs.count ?? 1) : 0;
+  if (rest.length !== count)
+    throw new UsageError(
+      count ? `${name} ${action} needs ${runs.needs}.` : `${name} ${action} takes no arguments.`,
+      name,
+    );
+  return { runs, action: action!, positionals: rest };
+}
+
+/** Parses a command's arguments as its table entry says, checks them, runs it, and closes the store it opened. */
+async function runCommand(config: Config, name: string, args: string[]): Promise<number> {
+  const command = Object.hasOwn(COMMANDS, name) ? COMMANDS[name]! : null;
+  if (!command)
+    throw new UsageError(
+      `Unknown command "${name}".${name.startsWith('-') ? '' : ' The commands are below.'}\n\n${overallUsage()}`,
+    );
+  const { values, positionals } = commandArgs(name, args, command.options);
+  const { runs, action, positionals: rest } = chooseRun(name, command, values, positionals);
+  const opened = { store: null as Store | null };
+  const store = () => (opened.store ??= new Store(config.dbPath));
+  try {
+    return await runs.run({ config, action, values, positionals: rest, args, store });
+  } finally {
+    opened.store?.close();
+  }
+}
+
+/** The one place an error becomes an exit status: 2 when the user must act (with the fix), 1 otherwise. */
+function exitStatusOf(err: unknown): number {
+  if (err instanceof HelpRequested) {
+    console.log(commandUsage(err.command));
+    return 0;
+  }
+  if (err instanceof UsageError) {
+    console.error(err.command ? `${err.message}\n\n${commandUsage(err.command)}` : err.message);
+    return 2;
+  }
+  const forUser = [ConfigError, IpcFormatError, GroupError, WhatsAppNotLinked, StoreCorruptError, StoreMissingError];
+  if (err instanceof Error && forUser.some((kind) => err instanceof kind)) {
+    console.error(err.message);
+    return 2;
+  }
+  if (isStoreUnavailable(err)) {
+    console.error(
+      `The database store/messages.db cannot be used right now (${errorText(err)}): another process may hold it, or it is read-only. Try again, or check its permissions.`,
+    );
+    return 1;
+  }
+  log.fatal({ err }, 'NanoClaw crashed');
+  console.error(err);
+  return 1;
+}
+
 /** NANOCLAW_ROOT points the CLI at another project directory (tests, several assistants on one machine). */
-export async function main(
+async function main(
   argv: string[],
   projectRoot = process.env.NANOCLAW_ROOT || dirname(fileURLToPath(import.meta.url)),
 ): Promise<number> {
   takeSecretsOutOfEnvironment();
-  const [command = 'start', ...args] = argv;
-  if (command === 'help' || command === '--help' || command === '-h') {
-    const about = args[0];
-    if (about && about in COMMAND_USAGE) console.log(commandUsage(about as CommandName));
-    else console.log(USAGE);
-    return 0;
-  }
+  const [given = 'start', ...args] = argv;
+  const command = given === '--help' || given === '-h' ? 'help' : given;
+  if (command === 'help') return help(args[0]); // needs no settings: it works where they are wrong
   try {
     const config = loadConfig(projectRoot);
     const verbose = config.logLevel === 'debug' || config.logLevel === 'trace';
@@ -9097,34 +9098,9 @@ export async function main(
       terminalLevel,
       secrets: Object.values(readSecrets(config)).filter((v): v is string => Boolean(v)),
     });
-    if (!Object.hasOwn(COMMANDS, command))
-      throw new UsageError(
-        `Unknown command "${command}".${command.startsWith('-') ? '' : ' The commands are below.'}\n\n${USAGE}`,
-      );
-    return await COMMANDS[command as keyof typeof COMMANDS](config, args);
+    return await runCommand(config, command, args);
   } catch (err) {
-    if (err instanceof HelpRequested) {
-      console.log(commandUsage(err.command));
-      return 0;
-    }
-    if (err instanceof UsageError) {
-      console.error(err.command ? `${err.message}\n\n${commandUsage(err.command)}` : err.message);
-      return 2;
-    }
-    const forUser = [ConfigError, IpcFormatError, GroupError, WhatsAppNotLinked, StoreCorruptError, StoreMissingError];
-    if (err instanceof Error && forUser.some((kind) => err instanceof kind)) {
-      console.error(err.message);
-      return 2;
-    }
-    if (isStoreUnavailable(err)) {
-      console.error(
-        `The database store/messages.db cannot be used right now (${errorText(err)}): another process may hold it, or it is read-only. Try again, or check its permissions.`,
-      );
-      return 1;
-    }
-    log.fatal({ err }, 'NanoClaw crashed');
-    console.error(err);
-    return 1;
+    return exitStatusOf(err);
   }
 }
 

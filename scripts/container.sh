@@ -7,23 +7,42 @@
 #   scripts/container.sh mounts [folder]          what the group's container sees under /workspace
 #   scripts/container.sh owners                   who runs the container and who owns /workspace and /app
 #
-# folder defaults to main. Uses CONTAINER_RUNTIME / CONTAINER_IMAGE like nanoclaw.ts.
+# folder defaults to main. Uses CONTAINER_RUNTIME / CONTAINER_IMAGE and NANOCLAW_ROOT like nanoclaw.ts.
 # The API key is read from the environment or .env and goes to the container on stdin only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+ROOT=${NANOCLAW_ROOT:-$PWD}
 env_value() {
   local key=$1 value=${!1:-}
-  if [ -z "$value" ] && [ -f .env ]; then
-    value=$(grep -E "^(export[[:space:]]+)?$key=" .env | tail -n 1 | sed -E "s/^(export[[:space:]]+)?$key=//; s/^[\"']//; s/[\"']$//")
+  if [ -z "$value" ] && [ -f "$ROOT/.env" ]; then
+    value=$(grep -E "^(export[[:space:]]+)?$key=" "$ROOT/.env" | tail -n 1 | sed -E "s/^(export[[:space:]]+)?$key=//; s/^[\"']//; s/[\"']$//")
   fi
   printf '%s' "$value"
 }
 RUNTIME=$(env_value CONTAINER_RUNTIME); RUNTIME=${RUNTIME:-docker}
 IMAGE=$(env_value CONTAINER_IMAGE); IMAGE=${IMAGE:-nanoclaw-agent:latest}
 
+# The group's mounts, exactly as the host gives them (bun nanoclaw.ts mounts), for one run of
+# this script. A group that never ran has no folders yet: docker would create them owned by
+# root and the agent would die of EACCES inside, so that is said in one line instead.
 mount_args() {
-  local folder=${1:-main}
-  mapfile -t MOUNTS < <(bun nanoclaw.ts mounts "$folder" --docker-args) || { echo "Unknown group folder '$folder' (bun nanoclaw.ts groups list)" >&2; exit 2; }
+  local folder=${1:-main} listed line source
+  listed=$(bun nanoclaw.ts mounts "$folder" --docker-args) || exit 2 # it said why, on stderr
+  RUN_INBOX="$ROOT/data/input/script-$$"
+  MOUNTS=()
+  while IFS= read -r line; do
+    [ "$line" = -v ] && continue
+    case $line in
+      *'<run>.sock:'* | *'<run>.egress.sock:'*) continue ;; # no proxy runs here: the key goes on stdin
+      *'<run>'*) line=${line//<run>/script-$$}; mkdir -p "$RUN_INBOX"; trap 'rm -rf "$RUN_INBOX"' EXIT ;;
+    esac
+    source=${line%%:*}
+    if [ ! -e "$source" ]; then
+      echo "groups/$folder has not run yet ($source does not exist): send it a message first (main: bun nanoclaw.ts chat), then try again." >&2
+      exit 2
+    fi
+    MOUNTS+=(-v "$line")
+  done <<<"$listed"
 }
 
 json_string() { printf '%s' "$1" | sed -e 's/\\/\\\\/g' -e 's/"/\\"/g'; }
@@ -32,11 +51,11 @@ case "${1:-}" in
   test)
     folder=${2:-main}; prompt=${3:-What is 2+2?}
     mount_args "$folder"
-    jid=$(sqlite3 store/messages.db "SELECT jid FROM registered_groups WHERE folder = '$folder'" 2>/dev/null || echo "$folder@g.us")
-    is_main=$(sqlite3 store/messages.db "SELECT CASE is_main WHEN 1 THEN 'true' ELSE 'false' END FROM registered_groups WHERE folder = '$folder'" 2>/dev/null || echo false)
+    jid=$(sqlite3 "$ROOT/store/messages.db" "SELECT jid FROM registered_groups WHERE folder = '$folder'" 2>/dev/null || echo "$folder@g.us")
+    is_main=$(sqlite3 "$ROOT/store/messages.db" "SELECT CASE is_main WHEN 1 THEN 'true' ELSE 'false' END FROM registered_groups WHERE folder = '$folder'" 2>/dev/null || echo false)
     key=$(env_value KIMI_API_KEY)
-    # One answer, then exit: the close request is waiting in the group's IPC input folder.
-    mkdir -p "data/ipc/$folder/input" && : > "data/ipc/$folder/input/_close"
+    # One answer, then exit: the close request is waiting in the run's input folder.
+    : >"$RUN_INBOX/_close"
     echo "Running the agent for groups/$folder with: $prompt" >&2
     printf '{"prompt":"%s","groupFolder":"%s","chatJid":"%s","isMain":%s,"secrets":{"KIMI_API_KEY":"%s"}}' \
       "$(json_string "$prompt")" "$folder" "$jid" "${is_main:-false}" "$(json_string "$key")" \

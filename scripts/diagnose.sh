@@ -410,8 +410,8 @@ fi
 PID=$(cat "$ROOT/data/nanoclaw.pid" 2>/dev/null)
 if [ -n "$PID" ] && kill -0 "$PID" 2>/dev/null; then
   report ok "Service" "running (pid $PID)"
-elif have systemctl && systemctl --user is-active --quiet nanoclaw 2>/dev/null; then
-  report ok "Service" "systemd user unit nanoclaw is active"
+elif UNIT=nanoclaw-$(printf '%s' "$(cd "$ROOT" && pwd -P)" | sha256sum | cut -c1-12) && have systemctl && systemctl --user is-active --quiet "$UNIT" 2>/dev/null; then
+  report ok "Service" "systemd user unit $UNIT is active" # this install's own (scripts/service.sh names it)
 elif [ $TERMINAL_USER = 1 ] && [ "$AUTH_CODE" != 0 ]; then
   report info "Service" "not running, and not needed for the terminal (bun nanoclaw.ts chat); once WhatsApp is linked: bun nanoclaw.ts service install"
 else

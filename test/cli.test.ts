@@ -4,12 +4,13 @@ import {
   mkdirSync,
   readdirSync,
   readFileSync,
+  realpathSync,
   renameSync,
   rmSync,
   writeFileSync,
 } from 'node:fs';
 import { availableParallelism } from 'node:os';
-import { join } from 'node:path';
+import { basename, dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { beforeEach, describe, expect, it } from 'vitest';
 import { OutboxSender, setupLogging, Store, visibleText } from '../nanoclaw.ts';
@@ -70,6 +71,16 @@ async function cli(args: string[], stdin = '', env: Record<string, string> = {})
     proc.exited,
   ]);
   return { stdout, stderr, code };
+}
+
+/** The unit `service install --dry-run` shows for a project (and where it would write it). */
+async function unitFor(project: string, home: string): Promise<{ file: string; unit: string }> {
+  const { stdout, code } = await cli(['service', 'install', '--dry-run', '--platform', 'linux'], '', {
+    NANOCLAW_ROOT: project,
+    HOME: home,
+  });
+  expect(code).toBe(0);
+  return { file: /^# (.+)$/m.exec(stdout)![1]!, unit: stdout };
 }
 
 describe('bun nanoclaw.ts', () => {
@@ -470,7 +481,7 @@ describe('bun nanoclaw.ts never crashes on a typo', () => {
   const mistakes: [string[], string][] = [
     [['auth', '--bogus'], 'Unknown option --bogus.'],
     [['auth', '--pairing-code'], '--pairing-code needs a value.'],
-    [['auth', 'now'], 'Unexpected argument "now".'],
+    [['auth', 'now'], 'auth takes no arguments.'],
     [['tasks', 'list', '--jsn'], 'Unknown option --jsn.'],
     [['tasks', 'frob'], 'Unknown tasks command "frob".'],
     [['tasks', 'run'], 'tasks run needs one task id'],
@@ -693,7 +704,7 @@ describe('settings, linking and tasks as a user meets them', () => {
     writeFileSync(join(bin, 'systemctl'), '#!/bin/sh\necho "Failed to connect to bus: No medium found" >&2\nexit 1\n', {
       mode: 0o755,
     });
-    const unit = join(home, '.config', 'systemd', 'user', 'nanoclaw.service');
+    const { file: unit } = await unitFor(root, home);
     mkdirSync(join(unit, '..'), { recursive: true });
     writeFileSync(unit, '[Unit]\n');
     const env = { HOME: home, PATH: `${bin}:${process.env.PATH}` };
@@ -816,5 +827,95 @@ describe('chat manners on a terminal', () => {
     expect(next.stderr).not.toContain('The agent failed');
     // biome-ignore lint/suspicious/noControlCharactersInRegex: no terminal escapes may reach a pipe
     expect(failed.stderr).not.toMatch(/[⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏]|\x1b\[/);
+  });
+});
+
+describe('a newcomer’s first steps', () => {
+  it('service units are named per install: two projects on one machine get two units', async () => {
+    const home = tempDir();
+    const other = tempProject().projectRoot;
+    const [mine, theirs] = [await unitFor(root, home), await unitFor(other, home)];
+    expect(mine.file).toMatch(new RegExp(`^${home}/\\.config/systemd/user/nanoclaw-[0-9a-f]{12}\\.service$`));
+    expect(theirs.file).not.toBe(mine.file);
+    expect(mine.unit).toContain(`WorkingDirectory=${root}\n`);
+    expect(theirs.unit).toContain(`WorkingDirectory=${other}\n`);
+    expect(mine.unit).toMatch(/^\$ systemctl --user enable --now nanoclaw-[0-9a-f]{12}$/m);
+  });
+
+  it('service install for a data folder (NANOCLAW_ROOT) writes a unit that starts the real nanoclaw.ts there', async () => {
+    const home = tempDir();
+    const { file } = await unitFor(root, home);
+    const bin = tempDir();
+    writeFileSync(join(bin, 'systemctl'), '#!/bin/sh\nexit 0\n', { mode: 0o755 }); // a user systemd that says yes
+    const installed = await cli(['service', 'install', '--platform', 'linux'], '', {
+      HOME: home,
+      PATH: `${bin}:${process.env.PATH}`,
+    });
+    expect(installed.code).toBe(0);
+    expect(installed.stdout).toContain(`Wrote ${file}`);
+    const unit = readFileSync(file, 'utf8');
+    const [, program, entry] = /^ExecStart=(\S+) (\S+)$/m.exec(unit)!;
+    expect([program, entry]).toEqual([process.execPath, ENTRY]);
+    expect(existsSync(join(root, 'nanoclaw.ts'))).toBe(false); // the data folder holds no code
+    expect(unit).toContain(`Environment=NANOCLAW_ROOT=${root}\n`);
+    expect(unit).toContain(`WorkingDirectory=${root}\n`);
+  });
+
+  it('Ctrl-C (SIGINT) mid-turn is an orderly stop: exit 130, logged at info, nothing at ERROR', async () => {
+    const proc = Bun.spawn([process.execPath, ENTRY, 'chat'], {
+      cwd: root,
+      stdin: 'pipe',
+      stdout: 'pipe',
+      stderr: 'pipe',
+      env: cliEnv(),
+    });
+    proc.stdin.write('!sleep 20000\n');
+    await proc.stdin.flush();
+    await waitFor(() => docker.runs().length > 0, 10_000, 'run started');
+    proc.kill('SIGINT');
+    expect(await proc.exited).toBe(130);
+    expect(await new Response(proc.stderr).text()).toBe('');
+    const errorLog = join(root, 'logs', 'nanoclaw.error.log');
+    expect(existsSync(errorLog) ? readFileSync(errorLog, 'utf8') : '').toBe('');
+    const hostLog = readFileSync(join(root, 'logs', 'nanoclaw.log'), 'utf8');
+    expect(hostLog).toMatch(/ INFO: Stopped by Ctrl-C/);
+    expect(hostLog).toMatch(/ INFO: \[main\] Agent container stopped/);
+    expect(hostLog).not.toMatch(/ ERROR: /);
+  });
+
+  it('groups add --mount: a folder the allowlist allows is mounted (read-only unless rw); one outside it is one line, exit 2', async () => {
+    const shared = realpathSync(tempDir());
+    const outside = realpathSync(tempDir());
+    const allowlist = join(root, 'mount-allowlist.json');
+    writeFileSync(allowlist, JSON.stringify({ allowedRoots: [{ path: shared, allowReadWrite: true }] }));
+    const env = { NANOCLAW_MOUNT_ALLOWLIST: allowlist };
+    const refused = await cli(['groups', 'add', FAMILY, 'family', '--mount', outside], '', env);
+    expect(refused.code).toBe(2);
+    expect(refused.stderr.split('\n')[0]).toBe(`--mount ${outside}: refused (not under any allowed root).`);
+    expect(refused.stderr).toContain('Usage: bun nanoclaw.ts …\n  groups list');
+    expect(refused.stderr).not.toMatch(/^\s+at /m);
+    expect((await cli(['groups', 'list'], '', env)).stdout).not.toContain(FAMILY); // nothing registered
+    const mount = ['--mount', `${shared}:docs:rw`, '--mount', shared];
+    expect((await cli(['groups', 'add', FAMILY, 'family', ...mount], '', env)).code).toBe(0);
+    const mounts = (await cli(['mounts', 'family'], '', env)).stdout;
+    expect(mounts).toContain(`${shared} -> /workspace/extra/docs (rw)`);
+    expect(mounts).toContain(`${shared} -> /workspace/extra/${basename(shared)} (ro)`);
+    const bad = await cli(['groups', 'add', '120363000000000102@g.us', 'two', '--mount', `${shared}:a:b:c`], '', env);
+    expect(bad.code).toBe(2);
+    expect(bad.stderr.split('\n')[0]).toBe(`--mount ${shared}:a:b:c: use <hostPath>[:<containerPath>][:ro|rw].`);
+  });
+
+  it('scripts/container.sh test on a group that never ran says so in one line (no EACCES inside the container), and runs nothing', async () => {
+    expect((await cli(['groups', 'register', FAMILY, 'family'])).code).toBe(0);
+    const run = Bun.spawnSync(['bash', join(REPO, 'scripts', 'container.sh'), 'test', 'family'], {
+      env: cliEnv({ PATH: `${dirname(process.execPath)}:${process.env.PATH}` }),
+      stdout: 'pipe',
+      stderr: 'pipe',
+    });
+    expect(run.exitCode).toBe(2);
+    const lines = run.stderr.toString().trim().split('\n');
+    expect(lines).toHaveLength(1);
+    expect(lines[0]).toMatch(/^groups\/family has not run yet \(\S+ does not exist\): send it a message first/);
+    expect(docker.runs()).toHaveLength(0);
   });
 });

@@ -19,7 +19,7 @@ import {
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterAll, describe, expect, it } from 'vitest';
-import { addGroup, serviceDefinition, Store, type Config } from '../nanoclaw.ts';
+import { addGroup, Store, type Config } from '../nanoclaw.ts';
 import { startFakeModel } from '../scripts/scripted-model.ts';
 import {
   fakeDocker,
@@ -546,51 +546,46 @@ describe('scripts/diagnose.sh', () => {
 });
 
 describe('service files (--dry-run)', () => {
-  it('systemd: runs bun nanoclaw.ts in the project, restarts on failure, output into logs/', () => {
+  /** `bun nanoclaw.ts service install --dry-run` for a project, with a HOME of its own. */
+  function dryRun(platform: 'linux' | 'macos') {
     const config = tempProject();
-    const unit = serviceDefinition(config, 'linux', '/opt/bun/bin/bun', '/usr/bin:/bin');
-    expect(unit.file).toMatch(/\.config\/systemd\/user\/nanoclaw\.service$/);
-    expect(unit.content).toContain(`WorkingDirectory=${config.projectRoot}\n`);
-    expect(unit.content).toContain(`ExecStart=/opt/bun/bin/bun ${config.projectRoot}/nanoclaw.ts\n`);
-    expect(unit.content).toContain(`StandardOutput=append:${config.projectRoot}/logs/nanoclaw.log\n`);
-    expect(unit.content).toContain(`StandardError=append:${config.projectRoot}/logs/nanoclaw.error.log\n`);
-    expect(unit.content).toContain('Restart=on-failure');
-    expect(unit.content).toContain('WantedBy=default.target');
-    expect(unit.content).not.toContain('KIMI_API_KEY');
+    const home = tempDir('nanoclaw-home-');
+    const args = ['service', 'install', '--dry-run', '--platform', platform];
+    const run = Bun.spawnSync([process.execPath, join(REPO, 'nanoclaw.ts'), ...args], {
+      env: { PATH: process.env.PATH!, HOME: home, NANOCLAW_ROOT: config.projectRoot },
+    });
+    expect(run.exitCode).toBe(0);
+    return { config, home, out: run.stdout.toString() };
+  }
+
+  it('systemd: runs bun nanoclaw.ts in the project, restarts on failure, output into logs/', () => {
+    const { config, out } = dryRun('linux');
+    expect(out).toMatch(/^# .*\/\.config\/systemd\/user\/nanoclaw-[0-9a-f]{12}\.service$/m);
+    expect(out).toContain(`WorkingDirectory=${config.projectRoot}\n`);
+    expect(out).toContain(`ExecStart=${process.execPath} ${join(REPO, 'nanoclaw.ts')}\n`);
+    expect(out).toContain(`Environment=NANOCLAW_ROOT=${config.projectRoot}\n`);
+    expect(out).toContain(`StandardOutput=append:${config.projectRoot}/logs/nanoclaw.log\n`);
+    expect(out).toContain(`StandardError=append:${config.projectRoot}/logs/nanoclaw.error.log\n`);
+    expect(out).toContain('Restart=on-failure');
+    expect(out).toContain('WantedBy=default.target');
+    expect(out).not.toContain('KIMI_API_KEY');
   });
 
   it('launchd: a plist with the same program, directory and log files', () => {
-    const config = tempProject();
-    const agent = serviceDefinition(config, 'macos', '/opt/homebrew/bin/bun', '/usr/bin:/bin');
-    expect(agent.file).toMatch(/Library\/LaunchAgents\/com\.nanoclaw\.plist$/);
-    expect(agent.content).toContain(
-      `<string>/opt/homebrew/bin/bun</string><string>${config.projectRoot}/nanoclaw.ts</string>`,
-    );
-    expect(agent.content).toContain(
-      `<key>StandardOutPath</key><string>${config.projectRoot}/logs/nanoclaw.log</string>`,
-    );
-    expect(agent.content).toContain(
-      `<key>StandardErrorPath</key><string>${config.projectRoot}/logs/nanoclaw.error.log</string>`,
-    );
-    expect(agent.content).toContain('<key>KeepAlive</key><true/>');
-    expect(agent.install).toEqual([['launchctl', 'load', '-w', agent.file]]);
+    const { config, out } = dryRun('macos');
+    const file = /^# (.*\/Library\/LaunchAgents\/com\.nanoclaw\.[0-9a-f]{12}\.plist)$/m.exec(out)?.[1];
+    expect(file).toBeDefined();
+    expect(out).toContain(`<string>${process.execPath}</string><string>${join(REPO, 'nanoclaw.ts')}</string>`);
+    expect(out).toContain(`<key>StandardOutPath</key><string>${config.projectRoot}/logs/nanoclaw.log</string>`);
+    expect(out).toContain(`<key>StandardErrorPath</key><string>${config.projectRoot}/logs/nanoclaw.error.log</string>`);
+    expect(out).toContain('<key>KeepAlive</key><true/>');
+    expect(out).toContain(`$ launchctl load -w ${file}`);
   });
 
-  it('the CLI prints the file and the commands, and changes nothing', async () => {
-    const config = tempProject();
-    const home = tempDir('nanoclaw-home-');
-    const proc = Bun.spawn(
-      [process.execPath, join(REPO, 'nanoclaw.ts'), 'service', 'install', '--dry-run', '--platform', 'linux'],
-      {
-        env: { PATH: process.env.PATH!, HOME: home, NANOCLAW_ROOT: config.projectRoot },
-        stdout: 'pipe',
-        stderr: 'pipe',
-      },
-    );
-    const [out, code] = await Promise.all([new Response(proc.stdout).text(), proc.exited]);
-    expect(code).toBe(0);
-    expect(out).toContain(`# ${home}/.config/systemd/user/nanoclaw.service`);
-    expect(out).toContain('$ systemctl --user enable --now nanoclaw');
+  it('the CLI prints the file and the commands, and changes nothing', () => {
+    const { home, out } = dryRun('linux');
+    expect(out).toMatch(new RegExp(`^# ${home}/\\.config/systemd/user/nanoclaw-[0-9a-f]{12}\\.service$`, 'm'));
+    expect(out).toMatch(/^\$ systemctl --user enable --now nanoclaw-[0-9a-f]{12}$/m);
     expect(Bun.spawnSync(['ls', join(home, '.config')]).exitCode).not.toBe(0); // nothing written
   });
 });
