@@ -3261,7 +3261,6 @@ function laneOf(task: Pick<ScheduledTask, 'chatJid' | 'contextMode'>): string {
   return task.contextMode === 'isolated' ? `${task.chatJid}#isolated` : task.chatJid;
 }
 
-/** How the queue and the host reach a running container. */
 export interface LiveContainer {
   /** False for scheduled tasks: their container never takes chat follow-ups. */
   readonly acceptsFollowUps: boolean;
@@ -4257,11 +4256,6 @@ function groupNetwork(config: Config, group: RegisteredGroup): string {
   return group.containerConfig?.network ?? config.container.network;
 }
 
-/** `egress` is no network of the container's own: the web only through the host's egress proxy. */
-function dockerNetwork(network: string): string {
-  return network === 'egress' ? 'none' : network;
-}
-
 /**
  * --init reaps orphans (Bun as PID 1 does not; zombies would use up the pids limit); no capabilities or privilege
  * gain; bounded pids, memory, CPU; a read-only image with small tmpfs scratch (it counts against the memory limit).
@@ -4274,6 +4268,7 @@ export function hardeningArgs(
 ): string[] {
   const [home, homeGid] = uid === 0 ? [CONTAINER_UID, CONTAINER_UID] : [uid, gid];
   const { memory, cpus, pids } = config.container;
+  const network = groupNetwork(config, group);
   const options: [string, string][] = [
     ['--cap-drop', 'ALL'],
     ['--security-opt', 'no-new-privileges'],
@@ -4284,7 +4279,7 @@ export function hardeningArgs(
     ['--log-driver', 'none'], // what it prints comes to the host (bounded there), never to the engine's disk as well
     ['--tmpfs', '/tmp:rw,exec,nosuid,nodev,size=1g'],
     ['--tmpfs', `/home/node:rw,exec,nosuid,nodev,uid=${home},gid=${homeGid},size=512m`],
-    ['--network', dockerNetwork(groupNetwork(config, group))],
+    ['--network', network === 'egress' ? 'none' : network], // egress: the web only through the host's egress proxy
     ['--label', `${INSTALL_LABEL}=${installId(config)}`],
     ['--label', `nanoclaw.group=${group.folder}`],
   ];
@@ -5096,7 +5091,6 @@ interface IpcAction<S extends z.ZodType<object>> {
   kind: IpcKind;
   schema: S;
   refusal(request: z.infer<S>, source: RegisteredGroup, store: Store): string | null;
-  /** TASK_MAX_ACTIVE, TASK_MIN_INTERVAL. */
   limit?(request: z.infer<S>, source: RegisteredGroup, store: Store, config: Config): string | null;
   /** Runs inside the transaction that marks the request done; returns what the agent is told, when more than "done". */
   apply(request: z.infer<S>, ctx: IpcActionContext): string | undefined | void;
@@ -5148,7 +5142,6 @@ class SendWindow {
 
   constructor(private readonly clock: Clock) {}
 
-  /** Null (and counted) when within the caps. */
   take(config: Config, source: RegisteredGroup, parts: number): string | null {
     const { maxParts, maxPerMinute, maxPerMinuteMain } = config.send;
     if (parts > maxParts)
@@ -5212,12 +5205,6 @@ function fileToSend(config: Config, folder: string, path: string, caption: strin
   return { ...fileKind(data, fileName), data, fileName, ...(caption ? { caption } : {}) };
 }
 
-function resumedNextRun(task: ScheduledTask, timezone: string): Date {
-  const next = computeNextRun(task.scheduleType, task.scheduleValue, timezone);
-  if (!next) throw new ScheduleError(`task ${task.id} has no future run left (once, ${task.scheduleValue})`);
-  return next;
-}
-
 const formatAsSaid = (text: string, config: Config) =>
   formatOutbound(text, config.assistantName, config.assistantHasOwnNumber);
 
@@ -5275,7 +5262,8 @@ function resumeTask(taskId: string, { config, store, source, effects }: IpcActio
     throw new ScheduleError(
       `task ${task.id} belongs to group "${task.groupFolder}", which is not registered: register it again first`,
     );
-  const nextRun = resumedNextRun(task, config.timezone);
+  const nextRun = computeNextRun(task.scheduleType, task.scheduleValue, config.timezone);
+  if (!nextRun) throw new ScheduleError(`task ${task.id} has no future run left (once, ${task.scheduleValue})`);
   store.updateTask(task.id, { status: 'active', nextRun: nextRun.toISOString(), pausedReason: null });
   effects.afterwards(effects.tasksChanged);
   log.info({ group: source.folder, taskId: task.id, nextRun: nextRun.toISOString() }, 'Task resumed');
@@ -5438,14 +5426,8 @@ function defineIpcActions(z: Zod) {
         allow: z.array(nonEmpty).optional(),
       }),
       refusal: mainOnly('register_group'),
-      apply: (request, { config, store }) => {
-        const group = addGroup(config, store, {
-          jid: request.jid,
-          name: request.name,
-          folder: request.folder,
-          trigger: request.trigger,
-          allow: request.allow,
-        });
+      apply: ({ type: _type, ...request }, { config, store }) => {
+        const group = addGroup(config, store, request);
         return `registered as groups/${group.folder}; ${allowedText(group)} may wake you, with ${group.trigger}`;
       },
     }),
