@@ -3718,10 +3718,8 @@ export interface ModelProxyOptions {
   record(groupFolder: string, entry: { ok: boolean; status: number; usage: ModelUsage | null }): void;
 }
 
-/**
- * A container gets a per-run token instead of the key; only live runs' tokens and MODEL_ROUTES pass. Unix sockets
- * are reachable only by what they are mounted into (and the host); in tcp mode the port listens on loopback only.
- */
+// A container gets a per-run token, never the key. A unix socket is reachable only by what it is mounted into
+// (and the host); in tcp mode the port listens on loopback only.
 export class ModelProxy {
   private readonly live = new Map<string, { folder: string; inFlight: number }>();
   private tcp: ReturnType<typeof Bun.serve> | null = null;
@@ -3838,7 +3836,6 @@ export function isPublicAddress(ip: string): boolean {
   return family !== 0 && !ranges.check(ip, family === 6 ? 'ipv6' : 'ipv4');
 }
 
-/** Where a proxy request's head wants to go, or why it cannot be. */
 export function proxyTarget(head: string): { host: string; port: number; tunnel: boolean } | string {
   const [method = '', target = ''] = (head.split('\r\n', 1)[0] ?? '').split(' ');
   if (method === 'CONNECT') {
@@ -4165,7 +4162,6 @@ function matchesBlockedPattern(realPath: string, patterns: readonly string[]): s
 
 type ExtraMountRequest = NonNullable<ContainerConfig['additionalMounts']>[number];
 
-/** One requested extra mount as it is mounted, or why it is refused. */
 function extraMount(request: ExtraMountRequest, allowlist: MountAllowlist, isMain: boolean): Mount | string {
   let realPath: string;
   try {
@@ -4756,7 +4752,6 @@ async function streamContainer(plan: RunPlan, options: RunContainerOptions, grou
   return { ...result, exitCode: live.timedOut ? null : exitCode, timedOut: live.timedOut, killed: live.killed };
 }
 
-/** Secrets masked; returns its path, or "(not written)". */
 function writeRunLog(
   plan: RunPlan,
   options: RunContainerOptions,
