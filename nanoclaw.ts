@@ -4495,7 +4495,6 @@ function prepareRun(options: RunContainerOptions, startedAt: Date) {
   const inbox = new AgentTree(join(inboxRoot(config), id), containerOwner());
   inbox.ensureDir('.');
   inbox.handOver();
-  const hostKey = readSecrets(config).KIMI_API_KEY;
   // Even without a key the run gets a token: the proxy then answers with what to put in .env.
   const proxyRun = options.proxy ? options.proxy.open(group.folder, id) : null;
   const input: ContainerInput = { ...options.input, secrets: proxyRun ? { KIMI_API_KEY: proxyRun.token } : {} };
@@ -4513,7 +4512,7 @@ function prepareRun(options: RunContainerOptions, startedAt: Date) {
     ...containerUserArgs(),
     ...hardeningArgs(config, group),
   ]);
-  const secretValues = [hostKey, proxyRun?.token].filter((v): v is string => Boolean(v));
+  const secretValues = [readSecrets(config).KIMI_API_KEY, proxyRun?.token].filter((v): v is string => Boolean(v));
   return { id, name, args, trees, inbox, input, mounts, proxyRun, egressRun, secretValues };
 }
 
