@@ -3958,11 +3958,7 @@ export function openEgressProxy(
 
 // ───────────────────────────── 9. Container: mounts, docker run, results, run logs ───
 
-interface Mount {
-  hostPath: string;
-  containerPath: string;
-  readonly: boolean;
-}
+type Mount = { hostPath: string; containerPath: string; readonly: boolean };
 
 /** Millions of empty files fill a disk too: past this many entries a tree is over any budget. */
 const MAX_COUNTED_ENTRIES = 200_000;
@@ -4516,10 +4512,7 @@ function prepareRun(options: RunContainerOptions, startedAt: Date) {
   return { id, name, args, trees, inbox, input, mounts, proxyRun, egressRun, secretValues };
 }
 
-interface RunResult extends Omit<RunOutcome, 'logFile' | 'durationMs'> {
-  stdout: string;
-  stderr: string;
-}
+type RunResult = Omit<RunOutcome, 'logFile' | 'durationMs'> & { stdout: string; stderr: string };
 
 /** A plain `docker` runtime's local engine socket (DOCKER_HOST unset or unix://…): a thaw through it starts no CLI. */
 export function engineSocket(runtime: string, env: Record<string, string | undefined> = process.env): string | null {
