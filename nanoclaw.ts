@@ -18,8 +18,8 @@
  *   7. Queue        one container per group, a global limit, retries with backoff
  *   8. Model proxy  the key stays on the host; containers get a per-run token
  *   9. Container    mounts, hardened docker arguments, the stdin/stdout contract, run logs
- *  10. IPC          files from the agent, authorised by the folder they appear in
- *  11. Scheduler    when a task runs next
+ *  10. Scheduler    when a task runs next
+ *  11. IPC          files from the agent, authorised by the folder they appear in
  *  12. Host         the pieces wired together: inbound → queue → container → outbound
  *  13. CLI          commands, start-up checks and main()
  *
@@ -83,8 +83,7 @@ import { Cron } from 'croner';
 import type { default as Pino, Logger, StreamEntry, Level } from 'pino';
 import type * as z from 'zod';
 
-// The heavy libraries (baileys ~0.2 s, pino, pino-pretty, zod) load on first use, so a
-// CLI command that needs none of them starts in milliseconds.
+// Heavy libraries (baileys ~0.2 s, pino, zod) load on first use: a CLI command needing none starts in milliseconds.
 const load = createRequire(import.meta.url);
 
 // ───────────────────────────── 1. Config: settings from the environment and .env ─────
@@ -100,11 +99,7 @@ export class ConfigError extends Error {}
 /** Provider types Kimi Code CLI 2.1.0 knows (KIMI_PROVIDER; its config schema's ProviderType). */
 export const PROVIDER_TYPES = ['kimi', 'openai', 'openai_responses', 'anthropic', 'google-genai', 'vertexai'] as const;
 
-/**
- * Where a Kimi key works, and the model to ask there: each kind of key belongs to one
- * platform (kimi-cli 1.49.0 auth/platforms.py lists the same three). KIMI_BASE_URL and
- * KIMI_MODEL_NAME still override.
- */
+/** Each kind of Kimi key works on one platform (kimi-cli 1.49.0 auth/platforms.py lists the same three). */
 const KIMI_PLATFORMS = {
   'moonshot-ai': {
     baseUrl: 'https://api.moonshot.ai/v1',
@@ -127,24 +122,18 @@ type KimiPlatform = keyof typeof KIMI_PLATFORMS;
 export const errorText = (err: unknown): string => (err instanceof Error ? err.message : String(err));
 const errorCode = (err: unknown) => (err as NodeJS.ErrnoException | null)?.code;
 
-/**
- * The crash drills (drills/crash.ts) name a point here to kill the host at, exactly as
- * `kill -9` would at that instant. Unset (always, outside the drills) it does nothing.
- */
+/** drills/crash.ts names a point to kill the host at, as `kill -9` would; outside the drills a no-op. */
 function crashPoint(point: string): void {
   if (process.env.NANOCLAW_CRASH_AT === point) process.kill(process.pid, 'SIGKILL');
 }
 
-/**
- * Time as the queue, the scheduler, the outbox and the host see it: the real one, or a
- * test's (test/helpers.ts FakeClock), so backoff, idle closing and sweeps are tested exactly.
- */
+/** Real time, or test/helpers.ts FakeClock, so backoff, idle closing and sweeps are tested exactly. */
 export interface Clock {
-  /** Wall-clock time (ms since the epoch): what schedules are written in; it can jump. */
+  /** Wall-clock ms: what schedules are written in; it can jump. */
   now(): number;
-  /** A clock that never jumps (ms, any origin): what durations and jumps are measured with. */
+  /** Never jumps (ms, any origin): what durations and jumps are measured with. */
   monotonic(): number;
-  /** Runs `fn` once, `ms` from now; returns what cancels it. */
+  /** Returns what cancels it. */
   after(ms: number, fn: () => void): () => void;
 }
 
@@ -157,7 +146,6 @@ export const systemClock: Clock = {
   },
 };
 
-/** Runs `fn` every `ms` on a clock until the returned function is called. */
 export function every(clock: Clock, ms: number, fn: () => void): () => void {
   let cancel = () => {};
   const arm = () => {
@@ -170,10 +158,7 @@ export function every(clock: Clock, ms: number, fn: () => void): () => void {
   return () => cancel();
 }
 
-/**
- * Exponential backoff: base, 2×base, 4×base… up to `capMs`. With `jitter`, a random point
- * in the upper half of that, so many clients that failed together do not retry in step.
- */
+/** base, 2×base, 4×base… up to capMs; `jitter` picks in the upper half, so clients failing together spread out. */
 export function backoff(
   attempt: number,
   options: { baseMs: number; capMs?: number; jitter?: boolean },
@@ -219,7 +204,6 @@ function isValidNetwork(network: string): boolean {
   return network !== 'host' && /^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$/.test(network) && !network.startsWith('container:');
 }
 
-/** How a setting's text becomes its value; `kind` names it in the docs. */
 interface Parser<T> {
   kind: string;
   parse(raw: string, name: string): T;
@@ -286,10 +270,7 @@ export function defaultConcurrency(cores = availableParallelism()): number {
   return Math.max(2, cores);
 }
 
-/**
- * Ready agents kept between messages: one per 2 GiB of memory, at most 8. A waiting agent
- * holds about 200 MB (bench row e; paused, no CPU), so the pool takes at most a tenth of memory.
- */
+/** One ready agent per 2 GiB, at most 8: a paused one holds ~200 MB (bench row e), a tenth of memory at most. */
 export function defaultPoolSize(memoryBytes = totalmem()): number {
   return Math.min(8, Math.max(1, Math.floor(memoryBytes / 2 ** 31)));
 }
@@ -400,7 +381,6 @@ const SETTING_TABLE = {
 
 type SettingValues<T> = { [K in keyof T]: T[K] extends Setting<infer V> ? V : SettingValues<T[K]> };
 
-/** Where things live, relative to the project root. */
 const PROJECT_PATHS = {
   groupsDir: 'groups',
   dataDir: 'data',
@@ -412,7 +392,6 @@ const PROJECT_PATHS = {
   envFile: '.env',
 } as const;
 
-/** Every setting at its place in SETTING_TABLE, and the project's absolute paths. */
 export interface Config extends SettingValues<typeof SETTING_TABLE>, Record<keyof typeof PROJECT_PATHS, string> {
   projectRoot: string;
 }
@@ -437,10 +416,7 @@ const SETTINGS: Record<string, (config: Config) => unknown> = Object.fromEntries
   ]),
 );
 
-/**
- * Builds the configuration from `env` (normally process.env) over the project's `.env`.
- * Pure apart from reading `.env`; secrets are not part of it (see readSecrets).
- */
+/** `env` over the project's .env; pure apart from reading .env. Secrets are not part of it (readSecrets). */
 export function loadConfig(projectRoot: string, env: Record<string, string | undefined> = process.env): Config {
   const root = resolve(projectRoot);
   const merged: Record<string, string | undefined> = { ...readEnvFile(join(root, PROJECT_PATHS.envFile)), ...env };
@@ -479,7 +455,6 @@ function settingsMarkdown(): string {
   ].join('\n');
 }
 
-/** Bytes as a person reads them: 1.5 GB, 64 MB, 900 B. */
 function formatBytes(bytes: number): string {
   const units = ['B', 'KB', 'MB', 'GB', 'TB'];
   const power = Math.min(units.length - 1, Math.floor(Math.log(Math.max(bytes, 1)) / Math.log(1024)));
@@ -540,10 +515,7 @@ function loggerOnFirstUse(create: () => Logger): Logger {
 /** The logger every section uses; silent until setupLogging() runs. */
 export let log: Logger = loggerOnFirstUse(() => pino()({ level: 'silent' }));
 
-/**
- * A log file that cannot be written (a full disk, a read-only folder) never stops the host:
- * its lines go to stderr, said once, and every line tries the file again.
- */
+/** An unwritable log file never stops the host: its lines go to stderr (said once) and each line retries the file. */
 function logFileStream(path: string, render: (line: string) => string): { write(line: string): void } {
   let failing = false;
   return {
@@ -603,18 +575,14 @@ export function setupLogging(config: Config, options: { terminalLevel?: string; 
 /** A path inside an agent tree that is a link, a FIFO or device, too big, or outside its folder. */
 export class UnsafePathError extends Error {}
 
-/** The most the host reads of one file from an agent tree (an IPC request, a run log it shows). */
 export const MAX_AGENT_FILE_BYTES = 1024 * 1024;
 
 const DIR_FLAGS = fsConstants.O_RDONLY | fsConstants.O_DIRECTORY | fsConstants.O_NOFOLLOW;
 const READ_FLAGS = fsConstants.O_RDONLY | fsConstants.O_NOFOLLOW | fsConstants.O_NONBLOCK;
 const CREATE_FLAGS = fsConstants.O_WRONLY | fsConstants.O_CREAT | fsConstants.O_EXCL | fsConstants.O_NOFOLLOW;
 
-/**
- * On Linux every step is taken from an open directory (`/proc/self/fd/N/name`, the
- * equivalent of openat), so a folder swapped for a link halfway through changes nothing.
- * Elsewhere each step is checked with lstat just before it is used.
- */
+// Linux takes every step from an open directory (/proc/self/fd/N/name, like openat): a folder swapped for a link
+// midway changes nothing. Elsewhere each step is checked with lstat just before use.
 const FD_PATHS = existsSync('/proc/self/fd/0') ? '/proc/self/fd' : null;
 
 /** A directory opened inside a tree: `at(name)` names an entry of it without following links. */
@@ -624,12 +592,10 @@ interface OpenDir {
   close(): void;
 }
 
-/** An OpenDir held by a file descriptor (Linux). */
 function fdDir(fd: number, shown: string): OpenDir {
   return { shown, at: (name) => `${FD_PATHS}/${fd}/${name}`, close: () => closeSync(fd) };
 }
 
-/** An OpenDir that is only a path, checked step by step (without /proc). */
 function pathDir(path: string): OpenDir {
   return { shown: path, at: (name) => join(path, name), close: () => {} };
 }
@@ -641,10 +607,7 @@ function treeNames(rel: string): string[] {
   return names;
 }
 
-/**
- * The last `lastBytes` of a regular file of at most maxBytes. A link, FIFO, device or larger
- * file is refused without reading it, and the open never blocks (O_NOFOLLOW, O_NONBLOCK).
- */
+/** The last `lastBytes` of a regular file ≤ maxBytes; a link, FIFO, device or larger file is refused, never blocking. */
 function readLast(path: string, shown: string, maxBytes: number, lastBytes = maxBytes): Buffer {
   let fd: number;
   try {
@@ -678,7 +641,6 @@ export function readRegularFile(path: string, maxBytes = MAX_AGENT_FILE_BYTES): 
   return readLast(path, path, maxBytes).toString('utf8');
 }
 
-/** Runs `fn`; a missing path (ENOENT) gives `absent` instead. */
 function ifMissing<T>(absent: T, fn: () => T): T {
   try {
     return fn();
@@ -689,12 +651,9 @@ function ifMissing<T>(absent: T, fn: () => T): T {
 }
 
 /**
- * A folder an agent can write to: its group folder, its IPC folder, its Kimi home. The host
- * works beneath it only through these methods: no step may be a link or anything but a
- * folder, files must be regular files, nothing that could block is opened, and new files
- * never replace or pass through an existing name. The root itself is the host's (its
- * parents are host-only folders). When the host runs as root, what it creates here belongs
- * to the container's user.
+ * A folder an agent can write (group, IPC, Kimi home), touched only through these methods: no step a link, only
+ * regular files, nothing that could block, no new file replacing or passing through a name. The root is the host's;
+ * a root host gives what it creates to the container's user.
  */
 export class AgentTree {
   constructor(
@@ -719,10 +678,7 @@ export class AgentTree {
     }
   }
 
-  /**
-   * One folder deeper, never through a link; a missing one is created or ENOENT. Without
-   * /proc (macOS) lstat checks it just before use, so a swap between check and use stays possible.
-   */
+  /** One folder deeper, never through a link. Without /proc (macOS) a swap between lstat and use stays possible. */
   private step(dir: OpenDir, name: string, create: boolean): OpenDir {
     const shown = join(dir.shown, name);
     const notPlain = () => new UnsafePathError(`${shown} is not a plain folder (a link or a file): refused`);
@@ -771,7 +727,6 @@ export class AgentTree {
     return join(this.root, ...treeNames(rel));
   }
 
-  /** Makes sure a folder exists as a plain folder (creating what is missing). */
   ensureDir(rel: string): void {
     this.openDir(treeNames(rel), true).close();
   }
@@ -781,7 +736,6 @@ export class AgentTree {
     return this.readBytes(rel, maxBytes).toString('utf8');
   }
 
-  /** read, as bytes (a file the agent sends). */
   readBytes(rel: string, maxBytes = MAX_AGENT_FILE_BYTES): Buffer {
     return this.withParent(rel, false, (dir, name) => readLast(dir.at(name), join(dir.shown, name), maxBytes));
   }
@@ -1120,7 +1074,6 @@ function isStoreUnavailable(err: unknown): boolean {
   return /^SQLITE_(BUSY|LOCKED|READONLY|IOERR|CANTOPEN|FULL|PROTOCOL)/.test(String(errorCode(err) ?? ''));
 }
 
-/** The database file is not one SQLite can read: the fix is a backup. */
 class StoreCorruptError extends Error {}
 
 /** Backups of store/messages.db kept in store/backups/ (the newest; one a day). */
@@ -1131,9 +1084,8 @@ type InsertVerb = 'INSERT' | 'INSERT OR IGNORE' | 'REPLACE';
 
 export class Store {
   readonly db: Database;
-  /** The file this store opened (device and inode), to notice it deleted or replaced under us. */
+  /** Device and inode, to notice the file deleted or replaced under us. */
   private readonly opened: { dev: number; ino: number };
-  /** Whether the schema was created now: the file was new or empty. */
   readonly createdNow: boolean;
   private taskWrites = 0;
 
@@ -1175,7 +1127,6 @@ export class Store {
     return current;
   }
 
-  /** A statement's rows, each as its type (fromRow). */
   private all<T>(sql: string, ...params: Bindings): T[] {
     return this.db
       .query<object, Bindings>(sql)
@@ -1197,12 +1148,10 @@ export class Store {
       .run(row as Bindings[number]);
   }
 
-  /** Runs a write; returns how many rows it changed. */
   private run(sql: string, ...params: Bindings): number {
     return this.db.query<object, Bindings>(sql).run(...params).changes;
   }
 
-  /** Runs `work` as one transaction: all of it is stored, or none. */
   transaction<T>(work: () => T): T {
     return this.db.transaction(work)();
   }
@@ -1215,10 +1164,7 @@ export class Store {
     return Boolean(current && current.dev === this.opened.dev && current.ino === this.opened.ino);
   }
 
-  /**
-   * A consistent copy of the live database (SQLite's VACUUM INTO, safe while it is in use)
-   * in `dir`, named by date; the oldest beyond `keep` are deleted. Returns its path.
-   */
+  /** VACUUM INTO: a consistent copy while in use, named by date; the oldest beyond `keep` are deleted. */
   backup(dir: string, keep = BACKUPS_KEPT, at = new Date()): string {
     mkdirSync(dir, { recursive: true });
     const name = `messages-${at.toISOString().replace(/[:.]/g, '-')}.db`;
@@ -1287,7 +1233,6 @@ export class Store {
     });
   }
 
-  /** Messages from people (not the bot) after `afterSeq`, oldest first. */
   messagesSince(chatJid: string, afterSeq: number, limit = 500): StoredMessage[] {
     return this.all(
       `SELECT * FROM (
@@ -1332,7 +1277,6 @@ export class Store {
       channel,
     ).map(toOutbound);
 
-  /** Every part still waiting for its channel, oldest first. */
   unsent = (channel: string) =>
     this.all<OutboundRow>(
       `SELECT ${OUTBOUND_COLUMNS} FROM outbox o WHERE channel = ? AND sent_at IS NULL ORDER BY id`,
@@ -1365,11 +1309,9 @@ export class Store {
       messageId,
     );
 
-  /** The platform's own encoding of what was sent under a message id. */
   recordSentContent = (messageId: string, content: Uint8Array) =>
     this.run('UPDATE outbox SET sent_content = ? WHERE message_id = ?', content, messageId);
 
-  /** Sent parts older than `before` are no longer needed. */
   pruneOutbox = (before: string) => this.run('DELETE FROM outbox WHERE sent_at IS NOT NULL AND sent_at < ?', before);
 
   // What was done for IPC requests, and which task runs started
@@ -1385,7 +1327,6 @@ export class Store {
     return this.insert('task_claims', 'task_id due_at claimed_at attempt', claim, 'INSERT OR IGNORE').changes > 0;
   }
 
-  /** The claimed run has really started (its container is about to run). */
   markTaskStarted = (taskId: string) =>
     this.run('UPDATE task_claims SET started_at = ? WHERE task_id = ?', now(), taskId);
   taskClaims = () =>
@@ -1453,10 +1394,7 @@ export class Store {
     });
   }
 
-  /**
-   * Each group with its cursor and the seq of its newest message from a person (0 when
-   * none), from indexes alone: which groups have unanswered messages, and how far.
-   */
+  /** Each group with its cursor and the seq of its newest message from a person, from indexes alone. */
   groupsWithProgress = () =>
     this.all<RegisteredGroup & { cursor: number; newest: number }>(
       `SELECT g.*,
@@ -1488,10 +1426,7 @@ export class Store {
 
   // Scheduled tasks
 
-  /**
-   * Changes with every write to tasks or their runs (this connection's count, and SQLite's
-   * data_version, which moves when another process commits): snapshots are rebuilt only then.
-   */
+  /** Moves with every task write, here or (data_version) in another process: snapshots are rebuilt only then. */
   tasksVersion = () => `${this.taskWrites}:${this.one<{ dataVersion: number }>('PRAGMA data_version')!.dataVersion}`;
 
   createTask(task: ScheduledTask): void {
@@ -1504,8 +1439,7 @@ export class Store {
   getTask = (id: string) => this.one<ScheduledTask>('SELECT * FROM scheduled_tasks WHERE id = ?', id);
 
   /**
-   * A group's tasks (every group's when no folder), oldest first. Beyond `limit` the active and
-   * paused ones due soonest are kept, then the newest completed; every group's are picked from
+   * Oldest first; beyond `limit` the soonest due active/paused, then the newest completed. Without a folder picked from
    * the tasks_due index alone, so the cost follows `limit`, not the number of tasks.
    */
   listTasks(groupFolder?: string, limit = -1): ScheduledTask[] {
@@ -1537,10 +1471,7 @@ export class Store {
     return this.run('DELETE FROM scheduled_tasks WHERE id = ?', id) > 0;
   }
 
-  /**
-   * Active tasks with a next run by `dueBy` (default: any), soonest first, from the tasks_due
-   * index: next_run is always a toISOString() time, so its text order is time order.
-   */
+  /** Soonest first from the tasks_due index: next_run is always a toISOString() time, so text order is time order. */
   upcomingTasks = (limit = -1, dueBy = '~') =>
     this.all<ScheduledTask>(
       "SELECT * FROM scheduled_tasks WHERE status = 'active' AND next_run <= ? ORDER BY next_run LIMIT ?",
@@ -1566,7 +1497,6 @@ export class Store {
 
 // The one way to add a group, and the rules it checks
 
-/** A group that cannot be added as asked; the message says why. */
 class GroupError extends Error {}
 
 /** What `groups register --trigger` and register_group take: @ and one word. */
@@ -1579,11 +1509,7 @@ function isValidSenderJid(jid: string): boolean {
   return /^\d{5,20}@s\.whatsapp\.net$|^\d{5,20}@lid$/.test(jid);
 }
 
-/**
- * Why an id cannot name a chat to register, or null. A LID is WhatsApp's hidden id of a
- * person; NanoClaw files every chat under its phone number or group id (canonicalJid), so
- * a chat registered by LID would never hear a message.
- */
+/** Chats are filed under phone number or group id (canonicalJid): a chat registered by LID would never hear a message. */
 function lidChatProblem(jid: string): string | null {
   return jid.endsWith('@lid')
     ? `"${jid}" is a LID (WhatsApp's hidden id of a person), not a chat id: use the person's <phone digits>@s.whatsapp.net or a group's <digits>@g.us (bun nanoclaw.ts groups discover lists them)`
@@ -1602,11 +1528,7 @@ function groupPaths(config: Config, folder: string) {
 /** The image's user (node). */
 const CONTAINER_UID = 1000;
 
-/**
- * Who owns what the host creates in agent trees: the container's user when the host runs
- * as root (so the agent can write there), nobody special otherwise (the container then runs
- * as the host's own user, see containerUserArgs).
- */
+/** A root host gives what it creates in agent trees to the container's user; otherwise the container runs as us. */
 function containerOwner(uid = process.getuid?.() ?? CONTAINER_UID): { uid: number; gid: number } | null {
   return uid === 0 ? { uid: CONTAINER_UID, gid: CONTAINER_UID } : null;
 }
@@ -1686,10 +1608,7 @@ const escapeRegExp = (text: string) => text.replace(/[.*+?^${}()|[\]\\]/g, '\\$&
 
 const triggerPatterns = new Map<string, RegExp>();
 
-/**
- * A group's trigger (`@Andy`) anywhere in a message, any case, as a whole word (not inside an address like
- * a@Andy). Built once per trigger: every inbound message of a trigger group is checked against it.
- */
+/** `@Andy` anywhere, any case, as a whole word (not inside a@Andy); cached: every inbound message is checked. */
 export function triggerPattern(trigger: string): RegExp {
   const pattern =
     triggerPatterns.get(trigger) ??
@@ -1719,10 +1638,7 @@ function withEditedWords(stored: string, edited: string): string {
   return `${reply}${media ? `${media.trim()} ` : ''}${edited}`.trimEnd();
 }
 
-/**
- * The owner (the user's own messages) always; others when the group's list names them, or when it is empty
- * outside main. A main that is a direct chat (the assistant with its own number) has only its owner on the other side.
- */
+/** The owner always; others when the list names them or is empty outside main (a direct-chat main: only the owner). */
 export function mayWake(group: RegisteredGroup, message: StoredMessage): boolean {
   if (message.isFromMe) return true;
   if (group.allow.length > 0) return group.allow.includes(message.sender);
@@ -1747,10 +1663,7 @@ function callsAgent(group: RegisteredGroup, content: string): boolean {
   return content.startsWith(REPLY_TO_BOT_NOTE) || triggerPattern(group.trigger).test(typedText(content));
 }
 
-/**
- * Main and trigger-free groups answer everything; the others only when someone says the group's trigger
- * or replies to the bot. Only senders the group allows wake it; the others' messages are context.
- */
+/** Main and trigger-free groups answer all, others a trigger or a reply to the bot; only allowed senders wake it. */
 export function needsAgent(group: RegisteredGroup, messages: readonly StoredMessage[]): boolean {
   const waking = messages.filter((message) => mayWake(group, message));
   if (waking.length === 0) return false;
@@ -1758,9 +1671,8 @@ export function needsAgent(group: RegisteredGroup, messages: readonly StoredMess
   return waking.some((message) => callsAgent(group, message.content));
 }
 
-/** Wall-clock time in the user's timezone, e.g. "2026-11-24 09:15". */
+/** e.g. "2026-11-24 09:15" in the user's timezone; Swedish writes dates as ISO does. */
 export function formatLocalTime(iso: string, timezone: string): string {
-  // Swedish writes a date and time as ISO does: "2026-11-24 09:15:00".
   return new Date(iso).toLocaleString('sv-SE', { timeZone: timezone }).slice(0, 16);
 }
 
