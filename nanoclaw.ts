@@ -951,52 +951,43 @@ interface ChatInfo {
 /** Schema history. Append only: a released migration is never edited (its meaning; the layout may change). */
 const MIGRATIONS: string[] = [
   `CREATE TABLE chats (
-     jid TEXT PRIMARY KEY, name TEXT, channel TEXT, is_group INTEGER NOT NULL DEFAULT 0, last_message_at TEXT
-   );
+     jid TEXT PRIMARY KEY, name TEXT, channel TEXT, is_group INTEGER NOT NULL DEFAULT 0, last_message_at TEXT);
    CREATE TABLE messages (
      seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL, chat_jid TEXT NOT NULL, sender TEXT NOT NULL,
      sender_name TEXT NOT NULL, content TEXT NOT NULL, timestamp TEXT NOT NULL,
-     is_from_me INTEGER NOT NULL DEFAULT 0, is_bot_message INTEGER NOT NULL DEFAULT 0, UNIQUE (chat_jid, id)
-   );
+     is_from_me INTEGER NOT NULL DEFAULT 0, is_bot_message INTEGER NOT NULL DEFAULT 0, UNIQUE (chat_jid, id));
    CREATE INDEX messages_by_chat ON messages (chat_jid, seq);
    CREATE TABLE registered_groups (
      jid TEXT PRIMARY KEY, name TEXT NOT NULL, folder TEXT NOT NULL UNIQUE, trigger_word TEXT NOT NULL,
      requires_trigger INTEGER NOT NULL DEFAULT 1, is_main INTEGER NOT NULL DEFAULT 0, container_config TEXT,
-     added_at TEXT NOT NULL
-   );
+     added_at TEXT NOT NULL);
    CREATE UNIQUE INDEX only_one_main ON registered_groups (is_main) WHERE is_main = 1;
    CREATE TABLE sessions (group_folder TEXT PRIMARY KEY, session_id TEXT NOT NULL, updated_at TEXT NOT NULL);
    CREATE TABLE scheduled_tasks (
      id TEXT PRIMARY KEY, group_folder TEXT NOT NULL, chat_jid TEXT NOT NULL, prompt TEXT NOT NULL,
-     schedule_type TEXT NOT NULL CHECK (schedule_type IN ('cron', 'interval', 'once')),
-     schedule_value TEXT NOT NULL,
+     schedule_type TEXT NOT NULL CHECK (schedule_type IN ('cron', 'interval', 'once')), schedule_value TEXT NOT NULL,
      context_mode TEXT NOT NULL DEFAULT 'isolated' CHECK (context_mode IN ('group', 'isolated')),
      next_run TEXT, last_run TEXT, last_result TEXT,
      status TEXT NOT NULL DEFAULT 'active' CHECK (status IN ('active', 'paused', 'completed')),
-     created_at TEXT NOT NULL
-   );
+     created_at TEXT NOT NULL);
    CREATE INDEX tasks_due ON scheduled_tasks (status, next_run);
    CREATE INDEX tasks_by_group ON scheduled_tasks (group_folder);
    CREATE TABLE task_run_logs (
-     id INTEGER PRIMARY KEY AUTOINCREMENT,
-     task_id TEXT NOT NULL REFERENCES scheduled_tasks (id) ON DELETE CASCADE,
+     id INTEGER PRIMARY KEY AUTOINCREMENT, task_id TEXT NOT NULL REFERENCES scheduled_tasks (id) ON DELETE CASCADE,
      run_at TEXT NOT NULL, duration_ms INTEGER NOT NULL,
-     status TEXT NOT NULL CHECK (status IN ('success', 'error')), result TEXT, error TEXT
-   );
+     status TEXT NOT NULL CHECK (status IN ('success', 'error')), result TEXT, error TEXT);
    CREATE INDEX task_runs_by_task ON task_run_logs (task_id, run_at);
    CREATE TABLE router_state (key TEXT PRIMARY KEY, value TEXT NOT NULL);`,
   // 2: replies waiting for a channel to come back survive a restart.
   `CREATE TABLE outbox (
      id INTEGER PRIMARY KEY AUTOINCREMENT, channel TEXT NOT NULL, chat_jid TEXT NOT NULL, text TEXT NOT NULL,
-     created_at TEXT NOT NULL
-   );
+     created_at TEXT NOT NULL);
    CREATE INDEX outbox_by_channel ON outbox (channel, id);`,
   // 3: what each group's agent asked of the model, by day (counted by the model proxy).
   `CREATE TABLE model_usage (
      day TEXT NOT NULL, group_folder TEXT NOT NULL, requests INTEGER NOT NULL DEFAULT 0,
      failed INTEGER NOT NULL DEFAULT 0, prompt_tokens INTEGER NOT NULL DEFAULT 0,
-     completion_tokens INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (day, group_folder)
-   );`,
+     completion_tokens INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (day, group_folder));`,
   // 4: exactly once under crashes. Outbox parts keep a stable message id (a resend after a
   // crash reuses it) and are marked sent rather than deleted (WhatsApp may ask for a resend);
   // IPC requests and task runs leave a durable mark of what was done or started.
@@ -1010,8 +1001,7 @@ const MIGRATIONS: string[] = [
    CREATE TABLE ipc_done (claim_id TEXT PRIMARY KEY, done_at TEXT NOT NULL);
    CREATE TABLE task_claims (
      task_id TEXT PRIMARY KEY REFERENCES scheduled_tasks (id) ON DELETE CASCADE,
-     due_at TEXT, claimed_at TEXT NOT NULL, started_at TEXT, attempt INTEGER NOT NULL DEFAULT 1
-   );`,
+     due_at TEXT, claimed_at TEXT NOT NULL, started_at TEXT, attempt INTEGER NOT NULL DEFAULT 1);`,
   // 5: what WhatsApp was given for each part (its protobuf), so a recipient's phone that
   // asks for a message again gets exactly that message.
   `ALTER TABLE outbox ADD COLUMN sent_content BLOB;`,
