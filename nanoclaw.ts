@@ -209,7 +209,6 @@ interface Parser<T> {
   parse(raw: string, name: string): T;
 }
 
-/** A parser from a function that returns undefined for text it refuses, and what it expects instead. */
 function parser<T>(kind: string, expected: string, parse: (raw: string) => T | undefined): Parser<T> {
   return {
     kind,
@@ -873,7 +872,6 @@ export interface RegisteredGroup {
   jid: string;
   name: string;
   folder: string;
-  /** The word that wakes the agent in this group, e.g. "@Andy". */
   trigger: string;
   requiresTrigger: boolean;
   isMain: boolean;
@@ -988,9 +986,8 @@ const MIGRATIONS: string[] = [
      day TEXT NOT NULL, group_folder TEXT NOT NULL, requests INTEGER NOT NULL DEFAULT 0,
      failed INTEGER NOT NULL DEFAULT 0, prompt_tokens INTEGER NOT NULL DEFAULT 0,
      completion_tokens INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (day, group_folder));`,
-  // 4: exactly once under crashes. Outbox parts keep a stable message id (a resend after a
-  // crash reuses it) and are marked sent rather than deleted (WhatsApp may ask for a resend);
-  // IPC requests and task runs leave a durable mark of what was done or started.
+  // 4: exactly once under crashes: outbox parts keep a stable message id and are marked sent, not deleted (WhatsApp
+  // may ask for a resend); IPC requests and task runs leave a durable mark of what was done or started.
   `ALTER TABLE outbox ADD COLUMN message_id TEXT;
    ALTER TABLE outbox ADD COLUMN sent_at TEXT;
    ALTER TABLE outbox ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0;
@@ -1002,14 +999,13 @@ const MIGRATIONS: string[] = [
    CREATE TABLE task_claims (
      task_id TEXT PRIMARY KEY REFERENCES scheduled_tasks (id) ON DELETE CASCADE,
      due_at TEXT, claimed_at TEXT NOT NULL, started_at TEXT, attempt INTEGER NOT NULL DEFAULT 1);`,
-  // 5: what WhatsApp was given for each part (its protobuf), so a recipient's phone that
-  // asks for a message again gets exactly that message.
+  // 5: what WhatsApp was given for each part (its protobuf), so a phone asking for it again gets exactly that.
   `ALTER TABLE outbox ADD COLUMN sent_content BLOB;`,
   // 6: who may wake each group's agent. '[]' keeps every group as it was: everyone in a
   // group, and in main only the owner (needsAgent reads an empty list so for main).
   `ALTER TABLE registered_groups ADD COLUMN allowed_senders TEXT NOT NULL DEFAULT '[]';`,
-  // 7: a file the agent sends (send_file) waits in the outbox as its own part: its bytes
-  // (dropped once sent) and what it is; a task NanoClaw paused says why (its group was removed).
+  // 7: a file the agent sends waits in the outbox as its own part (bytes dropped once sent); a task NanoClaw
+  // paused says why (its group was removed).
   `ALTER TABLE outbox ADD COLUMN file BLOB;
    ALTER TABLE outbox ADD COLUMN file_meta TEXT;
    ALTER TABLE scheduled_tasks ADD COLUMN paused_reason TEXT;`,
@@ -1026,7 +1022,6 @@ const fieldName = (column: string) => {
   return field;
 };
 
-/** Columns stored as 0 or 1 that their types call booleans, and columns holding JSON (absent when NULL). */
 const FLAG_COLUMNS = new Set(['is_from_me', 'is_bot_message', 'is_group', 'is_main', 'requires_trigger']);
 const JSON_COLUMNS = new Set(['container_config', 'allowed_senders']);
 
@@ -1070,7 +1065,6 @@ class StoreCorruptError extends Error {}
 const BACKUPS_KEPT = 7;
 
 type Bindings = import('bun:sqlite').SQLQueryBindings[];
-type InsertVerb = 'INSERT' | 'INSERT OR IGNORE' | 'REPLACE';
 
 export class Store {
   readonly db: Database;
@@ -1130,7 +1124,12 @@ export class Store {
   }
 
   /** Adds a row: each column (a space-separated list) bound from the field of its name (group_folder: groupFolder). */
-  private insert(table: string, columns: string, row: object, verb: InsertVerb = 'INSERT') {
+  private insert(
+    table: string,
+    columns: string,
+    row: object,
+    verb: 'INSERT' | 'INSERT OR IGNORE' | 'REPLACE' = 'INSERT',
+  ) {
     const names = columns.split(' ');
     const values = names.map((column) => `$${fieldName(column)}`);
     return this.db
@@ -1138,17 +1137,10 @@ export class Store {
       .run(row as Bindings[number]);
   }
 
-  private run(sql: string, ...params: Bindings): number {
-    return this.db.query<object, Bindings>(sql).run(...params).changes;
-  }
-
-  transaction<T>(work: () => T): T {
-    return this.db.transaction(work)();
-  }
-
+  private run = (sql: string, ...params: Bindings) => this.db.query<object, Bindings>(sql).run(...params).changes;
+  transaction = <T>(work: () => T): T => this.db.transaction(work)();
   close = () => this.db.close();
 
-  /** Whether the file at the path is still the one this store has open (not deleted, moved or replaced). */
   stillAtPath(): boolean {
     const current = statSync(this.path, { throwIfNoEntry: false });
     return Boolean(current && current.dev === this.opened.dev && current.ino === this.opened.ino);
@@ -1506,7 +1498,7 @@ function lidChatProblem(jid: string): string | null {
     : null;
 }
 
-/** Where a group's things live on the host. The three roots are what its agent can write. */
+/** The three roots are what the group's agent can write. */
 function groupPaths(config: Config, folder: string) {
   return {
     group: join(config.groupsDir, folder),
@@ -1619,7 +1611,6 @@ export function typedText(content: string): string {
   return content.slice(CHANNEL_NOTES.exec(content)![0].length).trim();
 }
 
-/** What the agent sees of a message its sender deleted for everyone. */
 const DELETED_MESSAGE = '[deleted]';
 
 /** A message's new words after an edit, behind the notes the channel put before the old ones. */
@@ -1648,7 +1639,6 @@ function allowedText(group: RegisteredGroup): string {
   return `the owner and ${group.allow.join(', ')}`;
 }
 
-/** Whether a message calls the agent: the group's trigger anywhere in what was typed, or a reply to the bot. */
 function callsAgent(group: RegisteredGroup, content: string): boolean {
   return content.startsWith(REPLY_TO_BOT_NOTE) || triggerPattern(group.trigger).test(typedText(content));
 }
@@ -1680,7 +1670,6 @@ export function stripInternal(text: string): string {
   return text.replace(/<internal>[\s\S]*?(<\/internal>|$)/gi, '').trim();
 }
 
-/** The text to send for an agent result, or null when nothing is left to say. */
 export function formatOutbound(rawText: string, assistantName: string, hasOwnNumber: boolean): string | null {
   const text = stripInternal(rawText);
   if (!text) return null;
