@@ -293,12 +293,11 @@ interface Computed {
 }
 type SettingTable = { [key: string]: Setting<unknown> | SettingTable };
 
-function setting<T>(env: string, parser: Parser<T>, fallback: string | Computed, doc: string): Setting<T> {
+function setting<T>(env: string, parser: Parser<T>, fallback: Setting<T>['fallback'], doc: string): Setting<T> {
   return { env, parser, fallback, doc };
 }
-function optional<T>(env: string, parser: Parser<T>, doc: string): Setting<T | undefined> {
-  return { env, parser, fallback: undefined, doc };
-}
+const optional = <T>(env: string, parser: Parser<T>, doc: string) =>
+  setting<T | undefined>(env, parser, undefined, doc);
 const LOG_LEVELS = ['error', 'warn', 'info', 'debug', 'trace', 'fatal', 'silent'] as const;
 const PLATFORM_NAMES = Object.keys(KIMI_PLATFORMS) as KimiPlatform[];
 const computed = (shown: string, value: Computed['value']): Computed => ({ shown, value });
@@ -606,7 +605,7 @@ function treeNames(rel: string): string[] {
   return names;
 }
 
-/** The last `lastBytes` of a regular file ≤ maxBytes; a link, FIFO, device or larger file is refused, never blocking. */
+/** The last `lastBytes` of a regular file ≤ maxBytes; a link, FIFO, device or larger file is refused; never blocks. */
 function readLast(path: string, shown: string, maxBytes: number, lastBytes = maxBytes): Buffer {
   let fd: number;
   try {
