@@ -1277,10 +1277,8 @@ export class Store {
   /** Marks every part still waiting for a channel as given up (kept, with why); returns how many. */
   dropUnsent = (channel: string, why: string) =>
     this.run(
-      'UPDATE outbox SET sent_at = ?, error = ?, file = NULL WHERE channel = ? AND sent_at IS NULL',
-      now(),
-      why,
-      channel,
+      'UPDATE outbox SET sent_at = $at, error = $why, file = NULL WHERE channel = $channel AND sent_at IS NULL',
+      { at: now(), why, channel },
     );
 
   /** What the bot sent under a message id (to answer a recipient's request to send it again). */
@@ -1455,9 +1453,8 @@ export class Store {
   /** Soonest first from the tasks_due index: next_run is always a toISOString() time, so text order is time order. */
   upcomingTasks = (limit = -1, dueBy = '~') =>
     this.all<ScheduledTask>(
-      "SELECT * FROM scheduled_tasks WHERE status = 'active' AND next_run <= ? ORDER BY next_run LIMIT ?",
-      dueBy,
-      limit,
+      "SELECT * FROM scheduled_tasks WHERE status = 'active' AND next_run <= $dueBy ORDER BY next_run LIMIT $limit",
+      { dueBy, limit },
     );
 
   logTaskRun(run: TaskRunLog): void {
