@@ -2,11 +2,10 @@
 /**
  * NanoClaw — the whole host in one file.
  *
- * A chat message arrives on a channel, is stored in SQLite, wakes the per-group queue,
- * and is handed to the Kimi agent running in that group's own Docker container. The
- * agent's answer streams back on stdout and goes out on the channel it came from; what
- * the agent wants done besides answering (send a message, schedule a task, register a
- * group) arrives as files in the group's IPC folder.
+ * A chat message arrives on a channel, is stored in SQLite, wakes the per-group queue, and is handed to the Kimi
+ * agent in that group's own Docker container. Its answer streams back on stdout and goes out on the channel it came
+ * from; what else the agent wants done (send a message, schedule a task, register a group) arrives as files in the
+ * group's IPC folder.
  *
  * Read it top to bottom; sections follow the data:
  *   1. Config       environment, .env, paths, secrets kept out of process.env
@@ -23,8 +22,7 @@
  *  12. Host         the pieces wired together: inbound → queue → container → outbound
  *  13. CLI          commands, start-up checks and main()
  *
- * The host ⇄ container protocol is written down in container/CONTRACT.md, what the
- * containment guarantees (and does not) in SECURITY.md.
+ * The host ⇄ container protocol is in container/CONTRACT.md; what the containment guarantees (and not) in SECURITY.md.
  */
 import { Database } from 'bun:sqlite';
 import { randomBytes, randomUUID } from 'node:crypto';
@@ -133,7 +131,6 @@ export interface Clock {
   now(): number;
   /** Never jumps (ms, any origin): what durations and jumps are measured with. */
   monotonic(): number;
-  /** Returns what cancels it. */
   after(ms: number, fn: () => void): () => void;
 }
 
@@ -510,7 +507,6 @@ function loggerOnFirstUse(create: () => Logger): Logger {
   });
 }
 
-/** The logger every section uses; silent until setupLogging() runs. */
 export let log: Logger = loggerOnFirstUse(() => pino()({ level: 'silent' }));
 
 /** An unwritable log file never stops the host: its lines go to stderr (said once) and each line retries the file. */
@@ -649,9 +645,8 @@ function ifMissing<T>(absent: T, fn: () => T): T {
 }
 
 /**
- * A folder an agent can write (group, IPC, Kimi home), touched only through these methods: no step a link, only
- * regular files, nothing that could block, no new file replacing or passing through a name. The root is the host's;
- * a root host gives what it creates to the container's user.
+ * A folder an agent can write (group, IPC, Kimi home), touched only through these methods: no step a link, only regular
+ * files, nothing that blocks, no new file replacing or passing through a name. The root itself is the host's.
  */
 export class AgentTree {
   constructor(
@@ -707,7 +702,6 @@ export class AgentTree {
     if (this.owner) lchownSync(at, this.owner.uid, this.owner.gid);
   }
 
-  /** Runs `use` on the folder holding `rel`'s last name. Missing folders: created, or ENOENT. */
   private withParent<T>(rel: string, create: boolean, use: (dir: OpenDir, name: string) => T): T {
     const names = treeNames(rel);
     const name = names.pop();
@@ -729,7 +723,6 @@ export class AgentTree {
     this.openDir(treeNames(rel), true).close();
   }
 
-  /** Reads a regular file of at most maxBytes; links, FIFOs, devices and larger files are refused unread. */
   read(rel: string, maxBytes = MAX_AGENT_FILE_BYTES): string {
     return this.readBytes(rel, maxBytes).toString('utf8');
   }
@@ -760,7 +753,7 @@ export class AgentTree {
     }
   }
 
-  /** Replaces a file at once: a new dot-named temp file renamed over the name (a link there is replaced, not followed). */
+  /** Replaces a file at once: a dot-named temp file renamed over the name (a link there is replaced, not followed). */
   replace(rel: string, data: string | Uint8Array): void {
     this.withParent(rel, true, (dir, name) => {
       const temp = `.${randomUUID()}.tmp`; // not from the name: a 255-byte name leaves no room
@@ -1050,7 +1043,6 @@ const now = () => new Date().toISOString();
 const removedGroupReason = (at: Date) =>
   `its group was removed on ${at.toISOString().slice(0, 10)}; register the group again to resume it`;
 
-/** How long a write waits for another process's lock before it counts as "unavailable". */
 const BUSY_TIMEOUT_MS = 1_000;
 
 /** Errors that mean "the database cannot take this now" (locked, read-only, I/O, full): worth retrying. */
@@ -1231,7 +1223,6 @@ export class Store {
     this.one<{ value: string }>('SELECT value FROM router_state WHERE key = ?', key)?.value ?? null;
   setState = (key: string, value: string) => this.insert('router_state', 'key value', { key, value }, 'REPLACE');
 
-  /** Latest stored seq of a chat (0 when empty); new groups start their cursor here. */
   latestSeq = (chatJid: string) =>
     this.one<{ seq: number | null }>('SELECT MAX(seq) AS seq FROM messages WHERE chat_jid = ?', chatJid)?.seq ?? 0;
 
@@ -1487,7 +1478,7 @@ function isValidSenderJid(jid: string): boolean {
   return /^\d{5,20}@s\.whatsapp\.net$|^\d{5,20}@lid$/.test(jid);
 }
 
-/** Chats are filed under phone number or group id (canonicalJid): a chat registered by LID would never hear a message. */
+/** Chats are filed under phone number or group id (canonicalJid): one registered by LID would never hear a message. */
 function lidChatProblem(jid: string): string | null {
   return jid.endsWith('@lid')
     ? `"${jid}" is a LID (WhatsApp's hidden id of a person), not a chat id: use the person's <phone digits>@s.whatsapp.net or a group's <digits>@g.us (bun nanoclaw.ts groups discover lists them)`
@@ -1511,7 +1502,6 @@ function containerOwner(uid = process.getuid?.() ?? CONTAINER_UID): { uid: numbe
   return uid === 0 ? { uid: CONTAINER_UID, gid: CONTAINER_UID } : null;
 }
 
-/** A group's agent-writable trees; the host touches them only through these. */
 export function groupTrees(config: Config, folder: string) {
   const paths = groupPaths(config, folder);
   const owner = containerOwner();
