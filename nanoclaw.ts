@@ -1103,10 +1103,8 @@ export class Store {
   }
 
   private all<T>(sql: string, ...params: Bindings): T[] {
-    return this.db
-      .query<object, Bindings>(sql)
-      .all(...params)
-      .map(fromRow<T>);
+    const rows = this.db.query<object, Bindings>(sql).all(...params);
+    return rows.map(fromRow<T>);
   }
 
   private one<T>(sql: string, ...params: Bindings): T | null {
