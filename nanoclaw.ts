@@ -2,11 +2,10 @@
 /**
  * NanoClaw — the whole host in one file.
  *
- * A chat message arrives on a channel, is stored in SQLite, wakes the per-group queue,
- * and is handed to the Kimi agent running in that group's own Docker container. The
- * agent's answer streams back on stdout and goes out on the channel it came from; what
- * the agent wants done besides answering (send a message, schedule a task, register a
- * group) arrives as files in the group's IPC folder.
+ * A chat message arrives on a channel, is stored in SQLite, wakes the per-group queue, and is handed to the Kimi
+ * agent in that group's own Docker container. Its answer streams back on stdout and goes out on the channel it came
+ * from; what else the agent wants done (send a message, schedule a task, register a group) arrives as files in the
+ * group's IPC folder.
  *
  * Read it top to bottom; sections follow the data:
  *   1. Config       environment, .env, paths, secrets kept out of process.env
@@ -18,13 +17,12 @@
  *   7. Queue        one container per group, a global limit, retries with backoff
  *   8. Model proxy  the key stays on the host; containers get a per-run token
  *   9. Container    mounts, hardened docker arguments, the stdin/stdout contract, run logs
- *  10. IPC          files from the agent, authorised by the folder they appear in
- *  11. Scheduler    when a task runs next
+ *  10. Scheduler    when a task runs next
+ *  11. IPC          files from the agent, authorised by the folder they appear in
  *  12. Host         the pieces wired together: inbound → queue → container → outbound
  *  13. CLI          commands, start-up checks and main()
  *
- * The host ⇄ container protocol is written down in container/CONTRACT.md, what the
- * containment guarantees (and does not) in SECURITY.md.
+ * The host ⇄ container protocol is in container/CONTRACT.md; what the containment guarantees (and not) in SECURITY.md.
  */
 import { Database } from 'bun:sqlite';
 import { randomBytes, randomUUID } from 'node:crypto';
@@ -83,8 +81,7 @@ import { Cron } from 'croner';
 import type { default as Pino, Logger, StreamEntry, Level } from 'pino';
 import type * as z from 'zod';
 
-// The heavy libraries (baileys ~0.2 s, pino, pino-pretty, zod) load on first use, so a
-// CLI command that needs none of them starts in milliseconds.
+// Heavy libraries (baileys ~0.2 s, pino, zod) load on first use: a CLI command needing none starts in milliseconds.
 const load = createRequire(import.meta.url);
 
 // ───────────────────────────── 1. Config: settings from the environment and .env ─────
@@ -100,11 +97,7 @@ export class ConfigError extends Error {}
 /** Provider types Kimi Code CLI 2.1.0 knows (KIMI_PROVIDER; its config schema's ProviderType). */
 export const PROVIDER_TYPES = ['kimi', 'openai', 'openai_responses', 'anthropic', 'google-genai', 'vertexai'] as const;
 
-/**
- * Where a Kimi key works, and the model to ask there: each kind of key belongs to one
- * platform (kimi-cli 1.49.0 auth/platforms.py lists the same three). KIMI_BASE_URL and
- * KIMI_MODEL_NAME still override.
- */
+/** Each kind of Kimi key works on one platform (kimi-cli 1.49.0 auth/platforms.py lists the same three). */
 const KIMI_PLATFORMS = {
   'moonshot-ai': {
     baseUrl: 'https://api.moonshot.ai/v1',
@@ -127,24 +120,17 @@ type KimiPlatform = keyof typeof KIMI_PLATFORMS;
 export const errorText = (err: unknown): string => (err instanceof Error ? err.message : String(err));
 const errorCode = (err: unknown) => (err as NodeJS.ErrnoException | null)?.code;
 
-/**
- * The crash drills (drills/crash.ts) name a point here to kill the host at, exactly as
- * `kill -9` would at that instant. Unset (always, outside the drills) it does nothing.
- */
+/** drills/crash.ts names a point to kill the host at, as `kill -9` would; outside the drills a no-op. */
 function crashPoint(point: string): void {
   if (process.env.NANOCLAW_CRASH_AT === point) process.kill(process.pid, 'SIGKILL');
 }
 
-/**
- * Time as the queue, the scheduler, the outbox and the host see it: the real one, or a
- * test's (test/helpers.ts FakeClock), so backoff, idle closing and sweeps are tested exactly.
- */
+/** Real time, or test/helpers.ts FakeClock, so backoff, idle closing and sweeps are tested exactly. */
 export interface Clock {
-  /** Wall-clock time (ms since the epoch): what schedules are written in; it can jump. */
+  /** Wall-clock ms: what schedules are written in; it can jump. */
   now(): number;
-  /** A clock that never jumps (ms, any origin): what durations and jumps are measured with. */
+  /** Never jumps (ms, any origin): what durations and jumps are measured with. */
   monotonic(): number;
-  /** Runs `fn` once, `ms` from now; returns what cancels it. */
   after(ms: number, fn: () => void): () => void;
 }
 
@@ -157,7 +143,6 @@ export const systemClock: Clock = {
   },
 };
 
-/** Runs `fn` every `ms` on a clock until the returned function is called. */
 export function every(clock: Clock, ms: number, fn: () => void): () => void {
   let cancel = () => {};
   const arm = () => {
@@ -170,10 +155,7 @@ export function every(clock: Clock, ms: number, fn: () => void): () => void {
   return () => cancel();
 }
 
-/**
- * Exponential backoff: base, 2×base, 4×base… up to `capMs`. With `jitter`, a random point
- * in the upper half of that, so many clients that failed together do not retry in step.
- */
+/** base, 2×base, 4×base… up to capMs; `jitter` picks in the upper half, so clients failing together spread out. */
 export function backoff(
   attempt: number,
   options: { baseMs: number; capMs?: number; jitter?: boolean },
@@ -219,13 +201,11 @@ function isValidNetwork(network: string): boolean {
   return network !== 'host' && /^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$/.test(network) && !network.startsWith('container:');
 }
 
-/** How a setting's text becomes its value; `kind` names it in the docs. */
 interface Parser<T> {
   kind: string;
   parse(raw: string, name: string): T;
 }
 
-/** A parser from a function that returns undefined for text it refuses, and what it expects instead. */
 function parser<T>(kind: string, expected: string, parse: (raw: string) => T | undefined): Parser<T> {
   return {
     kind,
@@ -286,10 +266,7 @@ export function defaultConcurrency(cores = availableParallelism()): number {
   return Math.max(2, cores);
 }
 
-/**
- * Ready agents kept between messages: one per 2 GiB of memory, at most 8. A waiting agent
- * holds about 200 MB (bench row e; paused, no CPU), so the pool takes at most a tenth of memory.
- */
+/** One ready agent per 2 GiB, at most 8: a paused one holds ~200 MB (bench row e), a tenth of memory at most. */
 export function defaultPoolSize(memoryBytes = totalmem()): number {
   return Math.min(8, Math.max(1, Math.floor(memoryBytes / 2 ** 31)));
 }
@@ -313,12 +290,11 @@ interface Computed {
 }
 type SettingTable = { [key: string]: Setting<unknown> | SettingTable };
 
-function setting<T>(env: string, parser: Parser<T>, fallback: string | Computed, doc: string): Setting<T> {
+function setting<T>(env: string, parser: Parser<T>, fallback: Setting<T>['fallback'], doc: string): Setting<T> {
   return { env, parser, fallback, doc };
 }
-function optional<T>(env: string, parser: Parser<T>, doc: string): Setting<T | undefined> {
-  return { env, parser, fallback: undefined, doc };
-}
+const optional = <T>(env: string, parser: Parser<T>, doc: string) =>
+  setting<T | undefined>(env, parser, undefined, doc);
 const LOG_LEVELS = ['error', 'warn', 'info', 'debug', 'trace', 'fatal', 'silent'] as const;
 const PLATFORM_NAMES = Object.keys(KIMI_PLATFORMS) as KimiPlatform[];
 const computed = (shown: string, value: Computed['value']): Computed => ({ shown, value });
@@ -400,7 +376,6 @@ const SETTING_TABLE = {
 
 type SettingValues<T> = { [K in keyof T]: T[K] extends Setting<infer V> ? V : SettingValues<T[K]> };
 
-/** Where things live, relative to the project root. */
 const PROJECT_PATHS = {
   groupsDir: 'groups',
   dataDir: 'data',
@@ -412,7 +387,6 @@ const PROJECT_PATHS = {
   envFile: '.env',
 } as const;
 
-/** Every setting at its place in SETTING_TABLE, and the project's absolute paths. */
 export interface Config extends SettingValues<typeof SETTING_TABLE>, Record<keyof typeof PROJECT_PATHS, string> {
   projectRoot: string;
 }
@@ -437,10 +411,7 @@ const SETTINGS: Record<string, (config: Config) => unknown> = Object.fromEntries
   ]),
 );
 
-/**
- * Builds the configuration from `env` (normally process.env) over the project's `.env`.
- * Pure apart from reading `.env`; secrets are not part of it (see readSecrets).
- */
+/** `env` over the project's .env; pure apart from reading .env. Secrets are not part of it (readSecrets). */
 export function loadConfig(projectRoot: string, env: Record<string, string | undefined> = process.env): Config {
   const root = resolve(projectRoot);
   const merged: Record<string, string | undefined> = { ...readEnvFile(join(root, PROJECT_PATHS.envFile)), ...env };
@@ -479,7 +450,6 @@ function settingsMarkdown(): string {
   ].join('\n');
 }
 
-/** Bytes as a person reads them: 1.5 GB, 64 MB, 900 B. */
 function formatBytes(bytes: number): string {
   const units = ['B', 'KB', 'MB', 'GB', 'TB'];
   const power = Math.min(units.length - 1, Math.floor(Math.log(Math.max(bytes, 1)) / Math.log(1024)));
@@ -537,13 +507,9 @@ function loggerOnFirstUse(create: () => Logger): Logger {
   });
 }
 
-/** The logger every section uses; silent until setupLogging() runs. */
 export let log: Logger = loggerOnFirstUse(() => pino()({ level: 'silent' }));
 
-/**
- * A log file that cannot be written (a full disk, a read-only folder) never stops the host:
- * its lines go to stderr, said once, and every line tries the file again.
- */
+/** An unwritable log file never stops the host: its lines go to stderr (said once) and each line retries the file. */
 function logFileStream(path: string, render: (line: string) => string): { write(line: string): void } {
   let failing = false;
   return {
@@ -603,18 +569,14 @@ export function setupLogging(config: Config, options: { terminalLevel?: string; 
 /** A path inside an agent tree that is a link, a FIFO or device, too big, or outside its folder. */
 export class UnsafePathError extends Error {}
 
-/** The most the host reads of one file from an agent tree (an IPC request, a run log it shows). */
 export const MAX_AGENT_FILE_BYTES = 1024 * 1024;
 
 const DIR_FLAGS = fsConstants.O_RDONLY | fsConstants.O_DIRECTORY | fsConstants.O_NOFOLLOW;
 const READ_FLAGS = fsConstants.O_RDONLY | fsConstants.O_NOFOLLOW | fsConstants.O_NONBLOCK;
 const CREATE_FLAGS = fsConstants.O_WRONLY | fsConstants.O_CREAT | fsConstants.O_EXCL | fsConstants.O_NOFOLLOW;
 
-/**
- * On Linux every step is taken from an open directory (`/proc/self/fd/N/name`, the
- * equivalent of openat), so a folder swapped for a link halfway through changes nothing.
- * Elsewhere each step is checked with lstat just before it is used.
- */
+// Linux takes every step from an open directory (/proc/self/fd/N/name, like openat): a folder swapped for a link
+// midway changes nothing. Elsewhere each step is checked with lstat just before use.
 const FD_PATHS = existsSync('/proc/self/fd/0') ? '/proc/self/fd' : null;
 
 /** A directory opened inside a tree: `at(name)` names an entry of it without following links. */
@@ -624,12 +586,10 @@ interface OpenDir {
   close(): void;
 }
 
-/** An OpenDir held by a file descriptor (Linux). */
 function fdDir(fd: number, shown: string): OpenDir {
   return { shown, at: (name) => `${FD_PATHS}/${fd}/${name}`, close: () => closeSync(fd) };
 }
 
-/** An OpenDir that is only a path, checked step by step (without /proc). */
 function pathDir(path: string): OpenDir {
   return { shown: path, at: (name) => join(path, name), close: () => {} };
 }
@@ -641,10 +601,7 @@ function treeNames(rel: string): string[] {
   return names;
 }
 
-/**
- * The last `lastBytes` of a regular file of at most maxBytes. A link, FIFO, device or larger
- * file is refused without reading it, and the open never blocks (O_NOFOLLOW, O_NONBLOCK).
- */
+/** The last `lastBytes` of a regular file ≤ maxBytes; a link, FIFO, device or larger file is refused; never blocks. */
 function readLast(path: string, shown: string, maxBytes: number, lastBytes = maxBytes): Buffer {
   let fd: number;
   try {
@@ -678,7 +635,6 @@ export function readRegularFile(path: string, maxBytes = MAX_AGENT_FILE_BYTES): 
   return readLast(path, path, maxBytes).toString('utf8');
 }
 
-/** Runs `fn`; a missing path (ENOENT) gives `absent` instead. */
 function ifMissing<T>(absent: T, fn: () => T): T {
   try {
     return fn();
@@ -689,12 +645,8 @@ function ifMissing<T>(absent: T, fn: () => T): T {
 }
 
 /**
- * A folder an agent can write to: its group folder, its IPC folder, its Kimi home. The host
- * works beneath it only through these methods: no step may be a link or anything but a
- * folder, files must be regular files, nothing that could block is opened, and new files
- * never replace or pass through an existing name. The root itself is the host's (its
- * parents are host-only folders). When the host runs as root, what it creates here belongs
- * to the container's user.
+ * A folder an agent can write (group, IPC, Kimi home), touched only through these methods: no step a link, only regular
+ * files, nothing that blocks, no new file replacing or passing through a name. The root itself is the host's.
  */
 export class AgentTree {
   constructor(
@@ -719,10 +671,7 @@ export class AgentTree {
     }
   }
 
-  /**
-   * One folder deeper, never through a link; a missing one is created or ENOENT. Without
-   * /proc (macOS) lstat checks it just before use, so a swap between check and use stays possible.
-   */
+  /** One folder deeper, never through a link. Without /proc (macOS) a swap between lstat and use stays possible. */
   private step(dir: OpenDir, name: string, create: boolean): OpenDir {
     const shown = join(dir.shown, name);
     const notPlain = () => new UnsafePathError(`${shown} is not a plain folder (a link or a file): refused`);
@@ -753,7 +702,6 @@ export class AgentTree {
     if (this.owner) lchownSync(at, this.owner.uid, this.owner.gid);
   }
 
-  /** Runs `use` on the folder holding `rel`'s last name. Missing folders: created, or ENOENT. */
   private withParent<T>(rel: string, create: boolean, use: (dir: OpenDir, name: string) => T): T {
     const names = treeNames(rel);
     const name = names.pop();
@@ -771,17 +719,14 @@ export class AgentTree {
     return join(this.root, ...treeNames(rel));
   }
 
-  /** Makes sure a folder exists as a plain folder (creating what is missing). */
   ensureDir(rel: string): void {
     this.openDir(treeNames(rel), true).close();
   }
 
-  /** Reads a regular file of at most maxBytes; links, FIFOs, devices and larger files are refused unread. */
   read(rel: string, maxBytes = MAX_AGENT_FILE_BYTES): string {
     return this.readBytes(rel, maxBytes).toString('utf8');
   }
 
-  /** read, as bytes (a file the agent sends). */
   readBytes(rel: string, maxBytes = MAX_AGENT_FILE_BYTES): Buffer {
     return this.withParent(rel, false, (dir, name) => readLast(dir.at(name), join(dir.shown, name), maxBytes));
   }
@@ -808,7 +753,7 @@ export class AgentTree {
     }
   }
 
-  /** Replaces a file at once: a new dot-named temp file renamed over the name (a link there is replaced, not followed). */
+  /** Replaces a file at once: a dot-named temp file renamed over the name (a link there is replaced, not followed). */
   replace(rel: string, data: string | Uint8Array): void {
     this.withParent(rel, true, (dir, name) => {
       const temp = `.${randomUUID()}.tmp`; // not from the name: a 255-byte name leaves no room
@@ -919,7 +864,6 @@ export interface RegisteredGroup {
   jid: string;
   name: string;
   folder: string;
-  /** The word that wakes the agent in this group, e.g. "@Andy". */
   trigger: string;
   requiresTrigger: boolean;
   isMain: boolean;
@@ -997,55 +941,45 @@ interface ChatInfo {
 /** Schema history. Append only: a released migration is never edited (its meaning; the layout may change). */
 const MIGRATIONS: string[] = [
   `CREATE TABLE chats (
-     jid TEXT PRIMARY KEY, name TEXT, channel TEXT, is_group INTEGER NOT NULL DEFAULT 0, last_message_at TEXT
-   );
+     jid TEXT PRIMARY KEY, name TEXT, channel TEXT, is_group INTEGER NOT NULL DEFAULT 0, last_message_at TEXT);
    CREATE TABLE messages (
      seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL, chat_jid TEXT NOT NULL, sender TEXT NOT NULL,
      sender_name TEXT NOT NULL, content TEXT NOT NULL, timestamp TEXT NOT NULL,
-     is_from_me INTEGER NOT NULL DEFAULT 0, is_bot_message INTEGER NOT NULL DEFAULT 0, UNIQUE (chat_jid, id)
-   );
+     is_from_me INTEGER NOT NULL DEFAULT 0, is_bot_message INTEGER NOT NULL DEFAULT 0, UNIQUE (chat_jid, id));
    CREATE INDEX messages_by_chat ON messages (chat_jid, seq);
    CREATE TABLE registered_groups (
      jid TEXT PRIMARY KEY, name TEXT NOT NULL, folder TEXT NOT NULL UNIQUE, trigger_word TEXT NOT NULL,
      requires_trigger INTEGER NOT NULL DEFAULT 1, is_main INTEGER NOT NULL DEFAULT 0, container_config TEXT,
-     added_at TEXT NOT NULL
-   );
+     added_at TEXT NOT NULL);
    CREATE UNIQUE INDEX only_one_main ON registered_groups (is_main) WHERE is_main = 1;
    CREATE TABLE sessions (group_folder TEXT PRIMARY KEY, session_id TEXT NOT NULL, updated_at TEXT NOT NULL);
    CREATE TABLE scheduled_tasks (
      id TEXT PRIMARY KEY, group_folder TEXT NOT NULL, chat_jid TEXT NOT NULL, prompt TEXT NOT NULL,
-     schedule_type TEXT NOT NULL CHECK (schedule_type IN ('cron', 'interval', 'once')),
-     schedule_value TEXT NOT NULL,
+     schedule_type TEXT NOT NULL CHECK (schedule_type IN ('cron', 'interval', 'once')), schedule_value TEXT NOT NULL,
      context_mode TEXT NOT NULL DEFAULT 'isolated' CHECK (context_mode IN ('group', 'isolated')),
      next_run TEXT, last_run TEXT, last_result TEXT,
      status TEXT NOT NULL DEFAULT 'active' CHECK (status IN ('active', 'paused', 'completed')),
-     created_at TEXT NOT NULL
-   );
+     created_at TEXT NOT NULL);
    CREATE INDEX tasks_due ON scheduled_tasks (status, next_run);
    CREATE INDEX tasks_by_group ON scheduled_tasks (group_folder);
    CREATE TABLE task_run_logs (
-     id INTEGER PRIMARY KEY AUTOINCREMENT,
-     task_id TEXT NOT NULL REFERENCES scheduled_tasks (id) ON DELETE CASCADE,
+     id INTEGER PRIMARY KEY AUTOINCREMENT, task_id TEXT NOT NULL REFERENCES scheduled_tasks (id) ON DELETE CASCADE,
      run_at TEXT NOT NULL, duration_ms INTEGER NOT NULL,
-     status TEXT NOT NULL CHECK (status IN ('success', 'error')), result TEXT, error TEXT
-   );
+     status TEXT NOT NULL CHECK (status IN ('success', 'error')), result TEXT, error TEXT);
    CREATE INDEX task_runs_by_task ON task_run_logs (task_id, run_at);
    CREATE TABLE router_state (key TEXT PRIMARY KEY, value TEXT NOT NULL);`,
   // 2: replies waiting for a channel to come back survive a restart.
   `CREATE TABLE outbox (
      id INTEGER PRIMARY KEY AUTOINCREMENT, channel TEXT NOT NULL, chat_jid TEXT NOT NULL, text TEXT NOT NULL,
-     created_at TEXT NOT NULL
-   );
+     created_at TEXT NOT NULL);
    CREATE INDEX outbox_by_channel ON outbox (channel, id);`,
   // 3: what each group's agent asked of the model, by day (counted by the model proxy).
   `CREATE TABLE model_usage (
      day TEXT NOT NULL, group_folder TEXT NOT NULL, requests INTEGER NOT NULL DEFAULT 0,
      failed INTEGER NOT NULL DEFAULT 0, prompt_tokens INTEGER NOT NULL DEFAULT 0,
-     completion_tokens INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (day, group_folder)
-   );`,
-  // 4: exactly once under crashes. Outbox parts keep a stable message id (a resend after a
-  // crash reuses it) and are marked sent rather than deleted (WhatsApp may ask for a resend);
-  // IPC requests and task runs leave a durable mark of what was done or started.
+     completion_tokens INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (day, group_folder));`,
+  // 4: exactly once under crashes: outbox parts keep a stable message id and are marked sent, not deleted (WhatsApp
+  // may ask for a resend); IPC requests and task runs leave a durable mark of what was done or started.
   `ALTER TABLE outbox ADD COLUMN message_id TEXT;
    ALTER TABLE outbox ADD COLUMN sent_at TEXT;
    ALTER TABLE outbox ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0;
@@ -1056,16 +990,14 @@ const MIGRATIONS: string[] = [
    CREATE TABLE ipc_done (claim_id TEXT PRIMARY KEY, done_at TEXT NOT NULL);
    CREATE TABLE task_claims (
      task_id TEXT PRIMARY KEY REFERENCES scheduled_tasks (id) ON DELETE CASCADE,
-     due_at TEXT, claimed_at TEXT NOT NULL, started_at TEXT, attempt INTEGER NOT NULL DEFAULT 1
-   );`,
-  // 5: what WhatsApp was given for each part (its protobuf), so a recipient's phone that
-  // asks for a message again gets exactly that message.
+     due_at TEXT, claimed_at TEXT NOT NULL, started_at TEXT, attempt INTEGER NOT NULL DEFAULT 1);`,
+  // 5: what WhatsApp was given for each part (its protobuf), so a phone asking for it again gets exactly that.
   `ALTER TABLE outbox ADD COLUMN sent_content BLOB;`,
   // 6: who may wake each group's agent. '[]' keeps every group as it was: everyone in a
   // group, and in main only the owner (needsAgent reads an empty list so for main).
   `ALTER TABLE registered_groups ADD COLUMN allowed_senders TEXT NOT NULL DEFAULT '[]';`,
-  // 7: a file the agent sends (send_file) waits in the outbox as its own part: its bytes
-  // (dropped once sent) and what it is; a task NanoClaw paused says why (its group was removed).
+  // 7: a file the agent sends waits in the outbox as its own part (bytes dropped once sent); a task NanoClaw
+  // paused says why (its group was removed).
   `ALTER TABLE outbox ADD COLUMN file BLOB;
    ALTER TABLE outbox ADD COLUMN file_meta TEXT;
    ALTER TABLE scheduled_tasks ADD COLUMN paused_reason TEXT;`,
@@ -1082,7 +1014,6 @@ const fieldName = (column: string) => {
   return field;
 };
 
-/** Columns stored as 0 or 1 that their types call booleans, and columns holding JSON (absent when NULL). */
 const FLAG_COLUMNS = new Set(['is_from_me', 'is_bot_message', 'is_group', 'is_main', 'requires_trigger']);
 const JSON_COLUMNS = new Set(['container_config', 'allowed_senders']);
 
@@ -1112,7 +1043,6 @@ const now = () => new Date().toISOString();
 const removedGroupReason = (at: Date) =>
   `its group was removed on ${at.toISOString().slice(0, 10)}; register the group again to resume it`;
 
-/** How long a write waits for another process's lock before it counts as "unavailable". */
 const BUSY_TIMEOUT_MS = 1_000;
 
 /** Errors that mean "the database cannot take this now" (locked, read-only, I/O, full): worth retrying. */
@@ -1120,20 +1050,17 @@ function isStoreUnavailable(err: unknown): boolean {
   return /^SQLITE_(BUSY|LOCKED|READONLY|IOERR|CANTOPEN|FULL|PROTOCOL)/.test(String(errorCode(err) ?? ''));
 }
 
-/** The database file is not one SQLite can read: the fix is a backup. */
 class StoreCorruptError extends Error {}
 
 /** Backups of store/messages.db kept in store/backups/ (the newest; one a day). */
 const BACKUPS_KEPT = 7;
 
 type Bindings = import('bun:sqlite').SQLQueryBindings[];
-type InsertVerb = 'INSERT' | 'INSERT OR IGNORE' | 'REPLACE';
 
 export class Store {
   readonly db: Database;
-  /** The file this store opened (device and inode), to notice it deleted or replaced under us. */
+  /** Device and inode, to notice the file deleted or replaced under us. */
   private readonly opened: { dev: number; ino: number };
-  /** Whether the schema was created now: the file was new or empty. */
   readonly createdNow: boolean;
   private taskWrites = 0;
 
@@ -1175,12 +1102,9 @@ export class Store {
     return current;
   }
 
-  /** A statement's rows, each as its type (fromRow). */
   private all<T>(sql: string, ...params: Bindings): T[] {
-    return this.db
-      .query<object, Bindings>(sql)
-      .all(...params)
-      .map(fromRow<T>);
+    const rows = this.db.query<object, Bindings>(sql).all(...params);
+    return rows.map(fromRow<T>);
   }
 
   private one<T>(sql: string, ...params: Bindings): T | null {
@@ -1189,7 +1113,12 @@ export class Store {
   }
 
   /** Adds a row: each column (a space-separated list) bound from the field of its name (group_folder: groupFolder). */
-  private insert(table: string, columns: string, row: object, verb: InsertVerb = 'INSERT') {
+  private insert(
+    table: string,
+    columns: string,
+    row: object,
+    verb: 'INSERT' | 'INSERT OR IGNORE' | 'REPLACE' = 'INSERT',
+  ) {
     const names = columns.split(' ');
     const values = names.map((column) => `$${fieldName(column)}`);
     return this.db
@@ -1197,28 +1126,16 @@ export class Store {
       .run(row as Bindings[number]);
   }
 
-  /** Runs a write; returns how many rows it changed. */
-  private run(sql: string, ...params: Bindings): number {
-    return this.db.query<object, Bindings>(sql).run(...params).changes;
-  }
-
-  /** Runs `work` as one transaction: all of it is stored, or none. */
-  transaction<T>(work: () => T): T {
-    return this.db.transaction(work)();
-  }
-
+  private run = (sql: string, ...params: Bindings) => this.db.query<object, Bindings>(sql).run(...params).changes;
+  transaction = <T>(work: () => T): T => this.db.transaction(work)();
   close = () => this.db.close();
 
-  /** Whether the file at the path is still the one this store has open (not deleted, moved or replaced). */
   stillAtPath(): boolean {
     const current = statSync(this.path, { throwIfNoEntry: false });
     return Boolean(current && current.dev === this.opened.dev && current.ino === this.opened.ino);
   }
 
-  /**
-   * A consistent copy of the live database (SQLite's VACUUM INTO, safe while it is in use)
-   * in `dir`, named by date; the oldest beyond `keep` are deleted. Returns its path.
-   */
+  /** VACUUM INTO: a consistent copy while in use, named by date; the oldest beyond `keep` are deleted. */
   backup(dir: string, keep = BACKUPS_KEPT, at = new Date()): string {
     mkdirSync(dir, { recursive: true });
     const name = `messages-${at.toISOString().replace(/[:.]/g, '-')}.db`;
@@ -1287,7 +1204,6 @@ export class Store {
     });
   }
 
-  /** Messages from people (not the bot) after `afterSeq`, oldest first. */
   messagesSince(chatJid: string, afterSeq: number, limit = 500): StoredMessage[] {
     return this.all(
       `SELECT * FROM (
@@ -1305,7 +1221,6 @@ export class Store {
     this.one<{ value: string }>('SELECT value FROM router_state WHERE key = ?', key)?.value ?? null;
   setState = (key: string, value: string) => this.insert('router_state', 'key value', { key, value }, 'REPLACE');
 
-  /** Latest stored seq of a chat (0 when empty); new groups start their cursor here. */
   latestSeq = (chatJid: string) =>
     this.one<{ seq: number | null }>('SELECT MAX(seq) AS seq FROM messages WHERE chat_jid = ?', chatJid)?.seq ?? 0;
 
@@ -1332,7 +1247,6 @@ export class Store {
       channel,
     ).map(toOutbound);
 
-  /** Every part still waiting for its channel, oldest first. */
   unsent = (channel: string) =>
     this.all<OutboundRow>(
       `SELECT ${OUTBOUND_COLUMNS} FROM outbox o WHERE channel = ? AND sent_at IS NULL ORDER BY id`,
@@ -1352,10 +1266,8 @@ export class Store {
   /** Marks every part still waiting for a channel as given up (kept, with why); returns how many. */
   dropUnsent = (channel: string, why: string) =>
     this.run(
-      'UPDATE outbox SET sent_at = ?, error = ?, file = NULL WHERE channel = ? AND sent_at IS NULL',
-      now(),
-      why,
-      channel,
+      'UPDATE outbox SET sent_at = $at, error = $why, file = NULL WHERE channel = $channel AND sent_at IS NULL',
+      { at: now(), why, channel },
     );
 
   /** What the bot sent under a message id (to answer a recipient's request to send it again). */
@@ -1365,11 +1277,9 @@ export class Store {
       messageId,
     );
 
-  /** The platform's own encoding of what was sent under a message id. */
   recordSentContent = (messageId: string, content: Uint8Array) =>
     this.run('UPDATE outbox SET sent_content = ? WHERE message_id = ?', content, messageId);
 
-  /** Sent parts older than `before` are no longer needed. */
   pruneOutbox = (before: string) => this.run('DELETE FROM outbox WHERE sent_at IS NOT NULL AND sent_at < ?', before);
 
   // What was done for IPC requests, and which task runs started
@@ -1385,7 +1295,6 @@ export class Store {
     return this.insert('task_claims', 'task_id due_at claimed_at attempt', claim, 'INSERT OR IGNORE').changes > 0;
   }
 
-  /** The claimed run has really started (its container is about to run). */
   markTaskStarted = (taskId: string) =>
     this.run('UPDATE task_claims SET started_at = ? WHERE task_id = ?', now(), taskId);
   taskClaims = () =>
@@ -1453,10 +1362,7 @@ export class Store {
     });
   }
 
-  /**
-   * Each group with its cursor and the seq of its newest message from a person (0 when
-   * none), from indexes alone: which groups have unanswered messages, and how far.
-   */
+  /** Each group with its cursor and the seq of its newest message from a person, from indexes alone. */
   groupsWithProgress = () =>
     this.all<RegisteredGroup & { cursor: number; newest: number }>(
       `SELECT g.*,
@@ -1488,10 +1394,7 @@ export class Store {
 
   // Scheduled tasks
 
-  /**
-   * Changes with every write to tasks or their runs (this connection's count, and SQLite's
-   * data_version, which moves when another process commits): snapshots are rebuilt only then.
-   */
+  /** Moves with every task write, here or (data_version) in another process: snapshots are rebuilt only then. */
   tasksVersion = () => `${this.taskWrites}:${this.one<{ dataVersion: number }>('PRAGMA data_version')!.dataVersion}`;
 
   createTask(task: ScheduledTask): void {
@@ -1504,8 +1407,7 @@ export class Store {
   getTask = (id: string) => this.one<ScheduledTask>('SELECT * FROM scheduled_tasks WHERE id = ?', id);
 
   /**
-   * A group's tasks (every group's when no folder), oldest first. Beyond `limit` the active and
-   * paused ones due soonest are kept, then the newest completed; every group's are picked from
+   * Oldest first; beyond `limit` the soonest due active/paused, then the newest completed. Without a folder picked from
    * the tasks_due index alone, so the cost follows `limit`, not the number of tasks.
    */
   listTasks(groupFolder?: string, limit = -1): ScheduledTask[] {
@@ -1537,15 +1439,11 @@ export class Store {
     return this.run('DELETE FROM scheduled_tasks WHERE id = ?', id) > 0;
   }
 
-  /**
-   * Active tasks with a next run by `dueBy` (default: any), soonest first, from the tasks_due
-   * index: next_run is always a toISOString() time, so its text order is time order.
-   */
+  /** Soonest first from the tasks_due index: next_run is always a toISOString() time, so text order is time order. */
   upcomingTasks = (limit = -1, dueBy = '~') =>
     this.all<ScheduledTask>(
-      "SELECT * FROM scheduled_tasks WHERE status = 'active' AND next_run <= ? ORDER BY next_run LIMIT ?",
-      dueBy,
-      limit,
+      "SELECT * FROM scheduled_tasks WHERE status = 'active' AND next_run <= $dueBy ORDER BY next_run LIMIT $limit",
+      { dueBy, limit },
     );
 
   logTaskRun(run: TaskRunLog): void {
@@ -1566,7 +1464,6 @@ export class Store {
 
 // The one way to add a group, and the rules it checks
 
-/** A group that cannot be added as asked; the message says why. */
 class GroupError extends Error {}
 
 /** What `groups register --trigger` and register_group take: @ and one word. */
@@ -1579,18 +1476,14 @@ function isValidSenderJid(jid: string): boolean {
   return /^\d{5,20}@s\.whatsapp\.net$|^\d{5,20}@lid$/.test(jid);
 }
 
-/**
- * Why an id cannot name a chat to register, or null. A LID is WhatsApp's hidden id of a
- * person; NanoClaw files every chat under its phone number or group id (canonicalJid), so
- * a chat registered by LID would never hear a message.
- */
+/** Chats are filed under phone number or group id (canonicalJid): one registered by LID would never hear a message. */
 function lidChatProblem(jid: string): string | null {
   return jid.endsWith('@lid')
     ? `"${jid}" is a LID (WhatsApp's hidden id of a person), not a chat id: use the person's <phone digits>@s.whatsapp.net or a group's <digits>@g.us (bun nanoclaw.ts groups discover lists them)`
     : null;
 }
 
-/** Where a group's things live on the host. The three roots are what its agent can write. */
+/** The three roots are what the group's agent can write. */
 function groupPaths(config: Config, folder: string) {
   return {
     group: join(config.groupsDir, folder),
@@ -1602,16 +1495,11 @@ function groupPaths(config: Config, folder: string) {
 /** The image's user (node). */
 const CONTAINER_UID = 1000;
 
-/**
- * Who owns what the host creates in agent trees: the container's user when the host runs
- * as root (so the agent can write there), nobody special otherwise (the container then runs
- * as the host's own user, see containerUserArgs).
- */
+/** A root host gives what it creates in agent trees to the container's user; otherwise the container runs as us. */
 function containerOwner(uid = process.getuid?.() ?? CONTAINER_UID): { uid: number; gid: number } | null {
   return uid === 0 ? { uid: CONTAINER_UID, gid: CONTAINER_UID } : null;
 }
 
-/** A group's agent-writable trees; the host touches them only through these. */
 export function groupTrees(config: Config, folder: string) {
   const paths = groupPaths(config, folder);
   const owner = containerOwner();
@@ -1686,10 +1574,7 @@ const escapeRegExp = (text: string) => text.replace(/[.*+?^${}()|[\]\\]/g, '\\$&
 
 const triggerPatterns = new Map<string, RegExp>();
 
-/**
- * A group's trigger (`@Andy`) anywhere in a message, any case, as a whole word (not inside an address like
- * a@Andy). Built once per trigger: every inbound message of a trigger group is checked against it.
- */
+/** `@Andy` anywhere, any case, as a whole word (not inside a@Andy); cached: every inbound message is checked. */
 export function triggerPattern(trigger: string): RegExp {
   const pattern =
     triggerPatterns.get(trigger) ??
@@ -1710,7 +1595,6 @@ export function typedText(content: string): string {
   return content.slice(CHANNEL_NOTES.exec(content)![0].length).trim();
 }
 
-/** What the agent sees of a message its sender deleted for everyone. */
 const DELETED_MESSAGE = '[deleted]';
 
 /** A message's new words after an edit, behind the notes the channel put before the old ones. */
@@ -1719,10 +1603,7 @@ function withEditedWords(stored: string, edited: string): string {
   return `${reply}${media ? `${media.trim()} ` : ''}${edited}`.trimEnd();
 }
 
-/**
- * The owner (the user's own messages) always; others when the group's list names them, or when it is empty
- * outside main. A main that is a direct chat (the assistant with its own number) has only its owner on the other side.
- */
+/** The owner always; others when the list names them or is empty outside main (a direct-chat main: only the owner). */
 export function mayWake(group: RegisteredGroup, message: StoredMessage): boolean {
   if (message.isFromMe) return true;
   if (group.allow.length > 0) return group.allow.includes(message.sender);
@@ -1742,15 +1623,11 @@ function allowedText(group: RegisteredGroup): string {
   return `the owner and ${group.allow.join(', ')}`;
 }
 
-/** Whether a message calls the agent: the group's trigger anywhere in what was typed, or a reply to the bot. */
 function callsAgent(group: RegisteredGroup, content: string): boolean {
   return content.startsWith(REPLY_TO_BOT_NOTE) || triggerPattern(group.trigger).test(typedText(content));
 }
 
-/**
- * Main and trigger-free groups answer everything; the others only when someone says the group's trigger
- * or replies to the bot. Only senders the group allows wake it; the others' messages are context.
- */
+/** Main and trigger-free groups answer all, others a trigger or a reply to the bot; only allowed senders wake it. */
 export function needsAgent(group: RegisteredGroup, messages: readonly StoredMessage[]): boolean {
   const waking = messages.filter((message) => mayWake(group, message));
   if (waking.length === 0) return false;
@@ -1758,9 +1635,8 @@ export function needsAgent(group: RegisteredGroup, messages: readonly StoredMess
   return waking.some((message) => callsAgent(group, message.content));
 }
 
-/** Wall-clock time in the user's timezone, e.g. "2026-11-24 09:15". */
+/** e.g. "2026-11-24 09:15" in the user's timezone; Swedish writes dates as ISO does. */
 export function formatLocalTime(iso: string, timezone: string): string {
-  // Swedish writes a date and time as ISO does: "2026-11-24 09:15:00".
   return new Date(iso).toLocaleString('sv-SE', { timeZone: timezone }).slice(0, 16);
 }
 
@@ -1778,7 +1654,6 @@ export function stripInternal(text: string): string {
   return text.replace(/<internal>[\s\S]*?(<\/internal>|$)/gi, '').trim();
 }
 
-/** The text to send for an agent result, or null when nothing is left to say. */
 export function formatOutbound(rawText: string, assistantName: string, hasOwnNumber: boolean): string | null {
   const text = stripInternal(rawText);
   if (!text) return null;
