@@ -6037,7 +6037,7 @@ function badRequestNotice(error: string): string {
   return `I could not answer that: the model refused the request (${error.slice(0, 200)}). Try saying it differently.`;
 }
 
-/** Answered by the host: a whole message `/word` (any case), alone or after the trigger; "/reset the plan" is for the agent. */
+/** Answered by the host: a whole message `/word` (any case), alone or after the trigger; "/reset x" is for the agent. */
 const CHAT_COMMANDS = {
   help: 'these commands',
   status: "what is running, waiting and scheduled (in the main chat: every group's)",
@@ -6103,7 +6103,7 @@ function statusText(
 export const GIVE_UP_TEXT =
   'Sorry, I could not answer that: something went wrong on my side (the details are in the logs). Send it again, or something new, and I will start fresh.';
 
-/** Inbound messages the database cannot take yet, in order, in memory and data/spill.jsonl (replayed at the next start). */
+/** Inbound messages the database cannot take yet, in order, in memory and data/spill.jsonl (replayed at next start). */
 class SpillBuffer {
   private readonly waiting: { message: NewMessage; chat: ChatMeta }[] = [];
   private timer: (() => void) | null = null;
@@ -6295,7 +6295,7 @@ interface HostParts {
   stopped(): boolean;
 }
 
-/** At every sweep: the disk reserve released when space runs short, each group against GROUP_DISK_BUDGET, a daily backup. */
+/** Each sweep: the disk reserve released when space runs short, each group against GROUP_DISK_BUDGET, a daily backup. */
 class DiskWatch {
   private readonly overBudget = new Map<string, number>();
   private readonly reserve: DiskReserve;
@@ -6515,7 +6515,7 @@ function interruptedTwiceText(task: ScheduledTask): string {
 
 /**
  * A claimed run goes into its group's queue: a group-context task is a turn of the chat's live container when there is
- * one; an isolated task gets its own container in its own lane. Its end is recorded in one transaction with its release.
+ * one; an isolated task gets its own container in its own lane. Its end is recorded in one transaction with its claim.
  */
 class TaskRuns {
   /** Task runs this process has queued or runs (their claims are not leftovers). */
@@ -6634,7 +6634,7 @@ class TaskRuns {
     if (again) this.enqueue(task);
   }
 
-  /** The answer goes to the group's chat and the container closes right after it; paused or deleted tasks need `force`. */
+  /** The answer goes to the group's chat, then the container closes; paused or deleted tasks run only with `force`. */
   async run(taskId: string, force = false): Promise<TaskRunLog | null> {
     const task = this.runnable(taskId, force);
     if (!task) return null;
@@ -7203,7 +7203,7 @@ export class Host {
     return started;
   }
 
-  /** The groups active within IDLE_TIMEOUT before this start (their warm agents went with the old host), newest first. */
+  /** Groups active within IDLE_TIMEOUT before this start (their warm agents went with the old host), newest first. */
   private recentlyActiveGroups(): RegisteredGroup[] {
     const since = this.clock.now() - this.config.idleTimeoutMs;
     try {
@@ -7321,7 +7321,7 @@ export class Host {
     return `Done: the next message starts a new conversation.${this.queue.isRunning(group.jid) ? ' (The current one is closed first.)' : ''}`;
   }
 
-  /** Unanswered messages and interrupted task runs get queued, after the disk watch (an over-budget group is left alone). */
+  /** Unanswered messages and interrupted task runs get queued, after the disk watch (over-budget groups left alone). */
   async recover(): Promise<void> {
     if (!this.store.stillAtPath()) {
       const message = `${this.store.path} was deleted or replaced while NanoClaw was running: stopping, so nothing more is written to a file nobody will read. Restore it (store/backups/ has copies; see README, Troubleshooting), then start NanoClaw again.`;
@@ -7365,7 +7365,7 @@ export class Host {
     return this.disk.check();
   }
 
-  /** `tasks run`: one task now, whatever its schedule or status; what it says waits in the outbox where no channel is up. */
+  /** `tasks run`: one task now, whatever its schedule or status; what it says waits in the outbox for absent channels. */
   async runTaskNow(taskId: string): Promise<TaskRunLog | null> {
     this.ipc.start();
     try {
@@ -7470,7 +7470,7 @@ export function preflight(config: Config): string[] {
   return problems;
 }
 
-/** Every container this install left (running, created or exited), and only those: other installs carry another label. */
+/** Every container this install left (running, created or exited), and only those: other installs have another label. */
 export function removeLeftoverContainers(config: Config): string[] {
   const label = `label=${INSTALL_LABEL}=${installId(config)}`;
   const listed = runQuietly([config.containerRuntime, 'ps', '-a', '--filter', label, '--format', '{{.Names}}']);
@@ -8267,7 +8267,7 @@ async function runTaskNow(config: Config, store: Store, task: ScheduledTask): Pr
   }
 }
 
-/** Exactly what the agent's requests do (ipcActions()), as the task's own group; the scheduling limits hold agents back, not you. */
+/** Exactly what the agent's requests do (ipcActions()), as the task's group; the scheduling limits bind agents, not you. */
 function applyTaskCommand(config: Config, store: Store, task: ScheduledTask, request: IpcRequest): void {
   const source = store.groupByFolder(task.groupFolder) ?? {
     jid: task.chatJid,
@@ -8502,7 +8502,7 @@ async function modelAnswer(config: Config, response: Response): Promise<ModelChe
   return { status: 'error', detail: `${baseUrl} answered ${response.status}: ${body.slice(0, 200)}` };
 }
 
-/** GET {KIMI_BASE_URL}/models through a model proxy run, as a container would: the key, endpoint and proxy all checked. */
+/** GET {KIMI_BASE_URL}/models through a model proxy run, as a container would: key, endpoint and proxy all checked. */
 async function checkModel(config: Config, timeoutMs = 15_000): Promise<ModelCheck> {
   const proxy = new ModelProxy({
     mode: 'unix',
