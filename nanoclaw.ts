@@ -6001,11 +6001,6 @@ export interface TurnEvent {
   upToSeq: number;
 }
 
-interface HostEvents {
-  turn: TurnEvent;
-  retry: RetryEvent;
-}
-
 export interface HostOptions {
   /** The first retry of a failed run comes this long after it; each next one twice as long. */
   retryBaseMs?: number;
@@ -7045,10 +7040,8 @@ export class Host {
   private readonly agents: AgentLauncher;
   private readonly tasks: TaskRuns;
   private readonly chats: ChatTurns;
-  private readonly listeners: { [K in keyof HostEvents]: Set<(event: HostEvents[K]) => void> } = {
-    turn: new Set(),
-    retry: new Set(),
-  };
+  private readonly turnListeners = new Set<(event: TurnEvent) => void>();
+  private readonly retryListeners = new Set<(event: RetryEvent) => void>();
   private stopSweep: (() => void) | null = null;
   private stopped = false;
   /** By chat: up to which seq (under which wake rule) the sweep found nothing to wake the agent; an edit that calls it comes anew. */
@@ -7073,10 +7066,11 @@ export class Host {
       maxRetries,
       processMessages: (jid, warm) => this.chats.processMessages(jid, warm),
       onGiveUp: (jid) => this.chats.giveUpAfterRetries(jid),
-      onRetry: (chatJid, attempt, delayMs) => this.tell('retry', { chatJid, attempt, delayMs, maxRetries }),
+      onRetry: (chatJid, attempt, delayMs) => {
+        for (const listener of this.retryListeners) listener({ chatJid, attempt, delayMs, maxRetries });
+      },
       clock,
     });
-    const stopped = () => this.stopped;
     const parts: HostParts = {
       config,
       store,
@@ -7084,7 +7078,7 @@ export class Host {
       clock,
       voice: this.voice,
       snapshotsWritten: new Map(),
-      stopped,
+      stopped: () => this.stopped,
     };
     this.disk = new DiskWatch(parts, options.freeDiskBytes);
     this.proxy = new ModelProxy({
@@ -7097,7 +7091,9 @@ export class Host {
     });
     this.agents = new AgentLauncher(parts, this.disk, this.proxy);
     this.tasks = new TaskRuns(parts, this.disk, this.agents, (group) => this.chats.forward(group));
-    this.chats = new ChatTurns(parts, this.disk, this.agents, this.tasks, (event) => this.tell('turn', event));
+    this.chats = new ChatTurns(parts, this.disk, this.agents, this.tasks, (event) => {
+      for (const listener of this.turnListeners) listener(event);
+    });
     this.ipc = new IpcWatcher(
       config.ipcDir,
       new IpcRequests(parts, () => this.scheduler.arm()),
@@ -7109,17 +7105,13 @@ export class Host {
   }
 
   onTurn(listener: (event: TurnEvent) => void): () => void {
-    this.listeners.turn.add(listener);
-    return () => this.listeners.turn.delete(listener);
+    this.turnListeners.add(listener);
+    return () => this.turnListeners.delete(listener);
   }
 
   onRetry(listener: (event: RetryEvent) => void): () => void {
-    this.listeners.retry.add(listener);
-    return () => this.listeners.retry.delete(listener);
-  }
-
-  private tell<K extends keyof HostEvents>(kind: K, event: HostEvents[K]): void {
-    for (const listener of this.listeners[kind]) listener(event);
+    this.retryListeners.add(listener);
+    return () => this.retryListeners.delete(listener);
   }
 
   private channelHandlers(channel: Channel): ChannelHandlers {
@@ -8846,22 +8838,21 @@ function chooseAction(name: string, command: Command, values: OptionValues, give
   return action;
 }
 
+function checkArgumentCount(name: string, called: string, runs: Partial<Runs>, given: string[]): void {
+  const count = runs.needs ? (runs.count ?? 1) : 0;
+  if (given.length !== count)
+    throw new UsageError(count ? `${called} needs ${runs.needs}.` : `${called} takes no arguments.`, name);
+}
+
 /** Which entry runs (the command, or its sub-command) and with which arguments, their count checked. */
 function chooseRun(name: string, command: Command & Partial<Runs>, values: OptionValues, positionals: string[]) {
   if (!command.actions) {
-    const count = command.needs ? (command.count ?? 1) : 0;
-    if (!command.ownArguments && positionals.length !== count)
-      throw new UsageError(count ? `${name} needs ${command.needs}.` : `${name} takes no arguments.`, name);
+    if (!command.ownArguments) checkArgumentCount(name, name, command, positionals);
     return { runs: command as Runs, action: '', positionals };
   }
   const [action = command.defaultAction, ...rest] = positionals;
   const runs = chooseAction(name, command, values, action);
-  const count = runs.needs ? (runs.count ?? 1) : 0;
-  if (rest.length !== count)
-    throw new UsageError(
-      count ? `${name} ${action} needs ${runs.needs}.` : `${name} ${action} takes no arguments.`,
-      name,
-    );
+  checkArgumentCount(name, `${name} ${action}`, runs, rest);
   return { runs, action: action!, positionals: rest };
 }
 
