@@ -6367,7 +6367,6 @@ class DiskWatch {
       voice.tellMain(`The group ${group.name} went over its disk budget (${size}); its agent is stopped.`);
   }
 
-  /** A copy of the database in store/backups/ when the newest is a day old (or there is none). */
   backUpWhenDue(): void {
     const dir = join(this.host.config.storeDir, 'backups');
     const newest = existsSync(dir)
@@ -6430,8 +6429,7 @@ class AgentLauncher {
       acceptsFollowUps: run.acceptsFollowUps,
       proxy: this.proxy,
       onStart: (live) => {
-        const lane = run.lane ?? group.jid;
-        queue.attach(lane, live);
+        queue.attach(run.lane ?? group.jid, live);
         run.onLive?.();
       },
       onReady: () => run.onReady?.(),
@@ -7516,7 +7514,6 @@ function ranHereBefore(config: Config): string | null {
   return null;
 }
 
-/** The database is gone or empty where it should not be: the user must act (exit 2). */
 class StoreMissingError extends Error {}
 
 async function openStoreWhenFree(path: string, waitMs = 60_000): Promise<Store> {
@@ -7746,8 +7743,7 @@ function waitForTurn(host: Host, chatJid: string, seq: number): Promise<TurnEven
 }
 
 /**
- * The main group for the terminal (registered when nothing else registered it yet). What
- * an earlier chat left (lines unanswered, answers unprinted) is not this chat's: it would
+ * The main group for the terminal. What an earlier chat left (lines unanswered, answers unprinted) is left out: it would
  * print before this chat's own answers. Returns the main group and a note of what was left out.
  */
 async function mainForChat(config: Config): Promise<{ main: RegisteredGroup; leftOut: string | null }> {
@@ -8308,7 +8304,6 @@ function tasksList({ config, values, store }: CommandCall): number {
   return 0;
 }
 
-/** A `tasks <action> <id>` run, given the task (an unknown id is the user's mistake). */
 function onTask(run: (call: CommandCall, task: ScheduledTask) => number | Promise<number>) {
   return (call: CommandCall) => {
     const id = call.positionals[0]!;
@@ -8342,7 +8337,6 @@ function tasksShow({ config, values, store }: CommandCall, task: ScheduledTask):
   return 0;
 }
 
-/** `tasks pause|resume|cancel`: what the agent's own request of that name does. */
 function changeTask(action: 'pause' | 'resume' | 'cancel') {
   const done = { pause: 'Paused', resume: 'Resumed', cancel: 'Cancelled' }[action];
   return onTask(({ config, store }, task) => {
@@ -8844,7 +8838,6 @@ function checkArgumentCount(name: string, called: string, runs: Partial<Runs>, g
     throw new UsageError(count ? `${called} needs ${runs.needs}.` : `${called} takes no arguments.`, name);
 }
 
-/** Which entry runs (the command, or its sub-command) and with which arguments, their count checked. */
 function chooseRun(name: string, command: Command & Partial<Runs>, values: OptionValues, positionals: string[]) {
   if (!command.actions) {
     if (!command.ownArguments) checkArgumentCount(name, name, command, positionals);
