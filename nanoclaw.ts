@@ -5986,14 +5986,14 @@ export class IpcWatcher {
 
 // ───────────────────────────── 12. Host: inbound → queue → container → outbound ──────
 
-export interface RetryEvent {
+interface RetryEvent {
   chatJid: string;
   attempt: number;
   maxRetries: number;
   delayMs: number;
 }
 
-export interface TurnEvent {
+interface TurnEvent {
   chatJid: string;
   status: 'success' | 'error';
   sent: string | null;
@@ -8406,12 +8406,8 @@ function logsCommand({ config, values }: CommandCall): number {
       .sort();
     if (runs.length === 0) console.log(`No container runs logged for "${folder}" yet (${dir}/).`);
     else {
-      console.log(
-        `Recent runs of ${folder}:\n${runs
-          .slice(-5)
-          .map((f) => `  ${dir}/${f}\n`)
-          .join('')}`,
-      );
+      const recent = runs.slice(-5).map((f) => `  ${dir}/${f}\n`);
+      console.log(`Recent runs of ${folder}:\n${recent.join('')}`);
       console.log(lastLines(tree.tail(`logs/${runs.at(-1)!}`, 256 * 1024), count));
     }
     return 0;
@@ -8548,12 +8544,8 @@ function usageCommand({ config, values, store }: CommandCall): number {
 }
 
 /** Where a setting's value comes from, as loadConfig reads it: the environment wins over .env. */
-function settingSource(
-  config: Config,
-  key: string,
-  env: Record<string, string | undefined> = process.env,
-): 'environment' | '.env' | 'default' {
-  if (env[key]?.trim() || (isSecretKey(key) && secretsFromEnvironment[key])) return 'environment';
+function settingSource(config: Config, key: string): 'environment' | '.env' | 'default' {
+  if (process.env[key]?.trim() || (isSecretKey(key) && secretsFromEnvironment[key])) return 'environment';
   return readEnvFile(config.envFile)[key]?.trim() ? '.env' : 'default';
 }
 
