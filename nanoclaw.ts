@@ -6393,7 +6393,6 @@ interface AgentRun {
   saveSession: boolean;
   /** Started ahead of a message: no prompt yet, it waits in the warm pool for one. */
   warm?: boolean;
-  /** The queue entry the container belongs to (default: the group's chat). */
   lane?: string;
   upTo?: number;
   onLive?(): void;
@@ -7208,7 +7207,6 @@ export class Host {
     }
   }
 
-  /** Every inbound message of every channel comes through here; a database that cannot take it spills it. */
   handleInbound(message: NewMessage, chat: ChatMeta): void {
     if (this.spill.holding) {
       this.spill.add(message, chat); // keep the order: behind what is already waiting
