@@ -8110,29 +8110,22 @@ function mountAllowlist(config: Config): MountAllowlist | null {
 /** What `groups register` is asked to keep, each option checked before anything is written. */
 function registration(config: Config, values: OptionValues, jid: string, folder: string) {
   const { name, trigger, network } = values as Record<string, string | undefined>; // the string options
+  const mistake = (message: string) => new UsageError(message, 'groups');
   const lid = lidChatProblem(jid);
-  if (lid) throw new UsageError(`${lid}.`, 'groups');
+  if (lid) throw mistake(`${lid}.`);
   if (!isValidJid(jid))
-    throw new UsageError(
+    throw mistake(
       `"${jid}" is not a WhatsApp chat id: a group is <digits>@g.us, a person <phone digits>@s.whatsapp.net (see \`groups discover\`).`,
-      'groups',
     );
   if (trigger !== undefined && !isValidTrigger(trigger))
-    throw new UsageError(
-      `--trigger ${trigger}: a trigger is @ and a word, e.g. --trigger @${config.assistantName}.`,
-      'groups',
-    );
+    throw mistake(`--trigger ${trigger}: a trigger is @ and a word, e.g. --trigger @${config.assistantName}.`);
   if (network !== undefined && !isValidNetwork(network))
-    throw new UsageError(
-      `--network ${network}: use egress, none, bridge or the name of a Docker network (never host).`,
-      'groups',
-    );
+    throw mistake(`--network ${network}: use egress, none, bridge or the name of a Docker network (never host).`);
   const allow = typeof values.allow === 'string' ? values.allow.split(',').map((sender) => sender.trim()) : undefined;
   const badSender = allow?.find((sender) => !isValidSenderJid(sender));
   if (badSender !== undefined)
-    throw new UsageError(
+    throw mistake(
       `--allow ${JSON.stringify(badSender)} is not a WhatsApp sender id: <phone digits>@s.whatsapp.net or <digits>@lid.`,
-      'groups',
     );
   const additionalMounts = ((values.mount as string[] | undefined) ?? []).map(parseMountOption);
   const isMain = values.main === true;
@@ -8140,7 +8133,7 @@ function registration(config: Config, values: OptionValues, jid: string, folder:
   const refused = additionalMounts.length
     ? validateExtraMounts(additionalMounts, mountAllowlist(config), isMain).rejected[0]
     : undefined;
-  if (refused) throw new UsageError(`--mount ${refused.hostPath}: refused (${refused.reason}).`, 'groups');
+  if (refused) throw mistake(`--mount ${refused.hostPath}: refused (${refused.reason}).`);
   const containerConfig: ContainerConfig = {
     ...(network ? { network } : {}),
     ...(additionalMounts.length ? { additionalMounts } : {}),
