@@ -7860,7 +7860,6 @@ async function runChat(config: Config): Promise<number> {
   return failures > 0 ? 1 : 0;
 }
 
-/** `start`: WhatsApp (and whatever channels come later) until a signal stops it. */
 async function runService(config: Config): Promise<number> {
   const link = WhatsAppChannel.linkState(whatsAppAuthDir(config));
   if (link !== 'linked') {
