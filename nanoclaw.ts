@@ -5669,57 +5669,38 @@ export class IpcWatcher {
 
 // ───────────────────────────── 12. Host: inbound → queue → container → outbound ──────
 
-/** A failed turn will be tried again (the host's 'retry' event). */
-export interface RetryEvent {
+interface RetryEvent {
   chatJid: string;
   attempt: number;
   maxRetries: number;
   delayMs: number;
 }
 
-export interface TurnEvent {
+interface TurnEvent {
   chatJid: string;
   status: 'success' | 'error';
-  /** What the bot said in the chat (recorded in the outbox), if anything. */
   sent: string | null;
   error?: string;
-  /** The turn covered the chat's messages up to this seq. */
   upToSeq: number;
-}
-
-/** What the host tells its listeners (onTurn, onRetry). */
-interface HostEvents {
-  turn: TurnEvent;
-  retry: RetryEvent;
 }
 
 export interface HostOptions {
   /** The first retry of a failed run comes this long after it; each next one twice as long. */
   retryBaseMs?: number;
   maxRetries?: number;
-  /** How often the recovery sweep looks for unanswered messages and interrupted task runs (default 60 s). */
   recoverySweepMs?: number;
-  /** How often the IPC watcher rescans for files a missed watch event left (default 30 s). */
   ipcSweepMs?: number;
   shutdownGraceMs?: number;
-  /** How soon the outbox tries a chat again after a failed send (doubling from there). */
   sendRetryMs?: number;
   clock?: Clock;
-  /** Free bytes on the disk of store/ (default: statfs); tests give a disk that fills. */
   freeDiskBytes?(): number;
-  /**
-   * Something is wrong that the host must not carry on through (its database was deleted
-   * or replaced): the host has stopped its work; the process should end (default: log it).
-   */
+  /** The database was deleted or replaced: the host has stopped its work; the process should end (default: log it). */
   onFatal?(message: string): void;
 }
 
-/** How often the host backs its database up (store/backups/, the newest BACKUPS_KEPT kept). */
 const BACKUP_EVERY_MS = 24 * 3_600_000;
-/** A notice that must not repeat (a refused key, a group over its disk budget) is said at most this often. */
 const NOTICE_EVERY_MS = 6 * 3_600_000;
 
-/** What the chat is told when the model refuses the key: what to put where, for each kind of key. */
 export function keyRefusedNotice(config: Config, error: string): string {
   if (/NanoClaw has no KIMI_API_KEY/.test(error))
     return 'I cannot answer yet: NanoClaw has no Kimi key. Put KIMI_API_KEY=… in the .env file of the NanoClaw project.';
@@ -5729,16 +5710,12 @@ export function keyRefusedNotice(config: Config, error: string): string {
   return `I cannot answer: ${config.kimi.baseUrl} refused the Kimi key (${/Error code: (\d+)/.exec(error)?.[1] ?? '401'}). Check KIMI_API_KEY in .env; ${others.join('; ')}.`;
 }
 
-/** What the chat is told when the model refuses the request itself (HTTP 400): retrying would not help. */
+/** The model refused the request itself (HTTP 400): retrying would not help. */
 function badRequestNotice(error: string): string {
   return `I could not answer that: the model refused the request (${error.slice(0, 200)}). Try saying it differently.`;
 }
 
-/**
- * Chat commands, answered by the host without running the agent: a whole message that is
- * `/` and one of these words (any case), alone or after the group's trigger. A message
- * with anything more ("/reset the plan") is ordinary text for the agent.
- */
+/** Answered by the host: a whole message `/word` (any case), alone or after the trigger; "/reset x" is for the agent. */
 const CHAT_COMMANDS = {
   help: 'these commands',
   status: "what is running, waiting and scheduled (in the main chat: every group's)",
@@ -5746,14 +5723,12 @@ const CHAT_COMMANDS = {
 } as const;
 type ChatCommand = keyof typeof CHAT_COMMANDS;
 
-/** The chat command a message is, or null when it is text for the agent. */
 export function chatCommand(content: string, trigger: string): ChatCommand | null {
   const match = new RegExp(`^(?:${escapeRegExp(trigger)}\\s+)?/(\\w+)$`, 'i').exec(typedText(content));
   const word = match?.[1]?.toLowerCase();
   return word && Object.hasOwn(CHAT_COMMANDS, word) ? (word as ChatCommand) : null;
 }
 
-/** /help's answer. */
 function chatCommandHelp(group: RegisteredGroup): string {
   const lines = Object.entries(CHAT_COMMANDS).map(([word, what]) => `/${word}: ${what}`);
   const wake =
@@ -5763,12 +5738,10 @@ function chatCommandHelp(group: RegisteredGroup): string {
   return `${lines.join('\n')}\n${wake}`;
 }
 
-/** "1 message", "2 messages". */
 function counted(n: number, noun: string): string {
   return `${n} ${noun}${n === 1 ? '' : 's'}`;
 }
 
-/** A group's agent as /status tells it. */
 function agentState(queue: GroupQueue, group: RegisteredGroup, overBudget: boolean): string {
   if (queue.poolMembers.includes(group.jid)) return 'ready (waiting for a message)';
   if (queue.isRunning(group.jid)) return 'running';
@@ -5776,7 +5749,6 @@ function agentState(queue: GroupQueue, group: RegisteredGroup, overBudget: boole
   return overBudget ? 'stopped (over its disk budget)' : 'idle';
 }
 
-/** /status: each group's agent, its unanswered messages and its tasks (in the main chat: every group's, and the containers). */
 function statusText(
   config: Config,
   store: Store,
@@ -5806,15 +5778,10 @@ function statusText(
   return lines.join('\n');
 }
 
-/** What the user is told, once, when their message could not be answered after every retry. */
 export const GIVE_UP_TEXT =
   'Sorry, I could not answer that: something went wrong on my side (the details are in the logs). Send it again, or something new, and I will start fresh.';
 
-/**
- * Inbound messages the database could not take yet, oldest first, kept in memory and in
- * data/spill.jsonl (so a host stopped meanwhile stores them at its next start); stored in
- * order, nothing dropped, once the database takes them again.
- */
+/** Inbound messages the database cannot take yet, in order, in memory and data/spill.jsonl (replayed at next start). */
 class SpillBuffer {
   private readonly waiting: { message: NewMessage; chat: ChatMeta }[] = [];
   private timer: (() => void) | null = null;
@@ -5846,7 +5813,6 @@ class SpillBuffer {
     this.timer ??= this.clock.after(1_000, () => this.drain());
   }
 
-  /** Messages spilled by a host that stopped before the database came back. */
   replay(): void {
     if (!existsSync(this.file)) return;
     for (const line of readFileSync(this.file, 'utf8').split('\n').filter(Boolean)) {
@@ -5915,12 +5881,10 @@ class Voice {
     return this.channels.find((c) => c.ownsJid(jid));
   }
 
-  /** The assistant's text as the chat sees it (its name before it, <internal> gone); null when nothing is left. */
   format(text: string): string | null {
     return formatOutbound(text, this.config.assistantName, this.config.assistantHasOwnNumber);
   }
 
-  /** What a result says in the chat, message by message (earlier steps first). */
   words(result: ContainerResult): string[] {
     return [...(result.earlier ?? []), ...(result.result ? [result.result] : [])]
       .map((text) => this.format(text))
@@ -5968,7 +5932,6 @@ class Voice {
     if (channel) this.senders.get(channel.name)?.kick();
   }
 
-  /** Something the owner should know, said in the main chat (when there is one). */
   tellMain(text: string): void {
     try {
       const main = this.store.mainGroup();
@@ -5980,22 +5943,17 @@ class Voice {
     }
   }
 
-  /** Shows (or stops showing) that the agent works on this chat, where the channel can. */
   async typing(chatJid: string, on: boolean): Promise<void> {
     await this.channelFor(chatJid)
       ?.setTyping?.(chatJid, on)
       .catch(() => {});
   }
 
-  /** Waits until every channel's outbox has sent what it can. */
   async settle(): Promise<void> {
     await Promise.all([...this.senders.values()].map((s) => s.settle()));
   }
 
-  /**
-   * A reply that could not be delivered for hours was abandoned (the log says so): the
-   * main chat is told which chat missed what, unless it is the main chat itself that fails.
-   */
+  /** An undeliverable reply was abandoned: the main chat is told, unless it is the chat that fails. */
   private tellAbandoned(part: OutboundMessage): void {
     if (this.store.mainGroup()?.jid === part.jid) return;
     const chat = this.store.groupByJid(part.jid)?.name ?? part.jid;
@@ -6004,7 +5962,6 @@ class Voice {
   }
 }
 
-/** What the host's parts share. */
 interface HostParts {
   config: Config;
   store: Store;
@@ -6013,17 +5970,11 @@ interface HostParts {
   voice: Voice;
   /** What each group's snapshot files last held (writeSnapshots rewrites only what changed). */
   snapshotsWritten: Map<string, string>;
-  /** The host is stopping: no new work starts. */
   stopped(): boolean;
 }
 
-/**
- * The disk watch, at every sweep: the host's reserve released when free space runs short
- * (the operator told), each group's writable trees against GROUP_DISK_BUDGET (a group over
- * it gets no run until it is under again), and a daily backup of the database.
- */
+/** Each sweep: the disk reserve released when space runs short, each group against GROUP_DISK_BUDGET, a daily backup. */
 class DiskWatch {
-  /** Groups over their budget, with what they took. */
   private readonly overBudget = new Map<string, number>();
   private readonly reserve: DiskReserve;
 
@@ -6066,7 +6017,6 @@ class DiskWatch {
     }
   }
 
-  /** A group over its budget: its runs stop and none starts until it is under again; its chat is told. */
   private checkGroup(group: RegisteredGroup): void {
     const used = groupDiskUsage(this.host.config, group.folder);
     const budget = this.host.config.disk.groupBudget;
@@ -6100,7 +6050,6 @@ class DiskWatch {
       voice.tellMain(`The group ${group.name} went over its disk budget (${size}); its agent is stopped.`);
   }
 
-  /** A copy of the database in store/backups/ when the newest is a day old (or there is none). */
   backUpWhenDue(): void {
     const dir = join(this.host.config.storeDir, 'backups');
     const newest = existsSync(dir)
@@ -6119,21 +6068,16 @@ class DiskWatch {
   }
 }
 
-/** How one agent container runs (AgentLauncher.run). */
 interface AgentRun {
   isScheduledTask: boolean;
   acceptsFollowUps: boolean;
   /** undefined: resume the group's session; null: start a fresh one (isolated tasks). */
   sessionId?: string | null;
-  /** Remember the session the run ends in as the group's session. */
   saveSession: boolean;
   /** Started ahead of a message: no prompt yet, it waits in the warm pool for one. */
   warm?: boolean;
-  /** The queue entry the container belongs to (default: the group's chat). */
   lane?: string;
-  /** The seq of the newest message in the prompt. */
   upTo?: number;
-  /** The container is up and attached to its lane. */
   onLive?(): void;
   /** The agent inside is up: its CLI, session and tools (the runner's `ready:` line). */
   onReady?(): void;
@@ -6167,8 +6111,7 @@ class AgentLauncher {
       acceptsFollowUps: run.acceptsFollowUps,
       proxy: this.proxy,
       onStart: (live) => {
-        const lane = run.lane ?? group.jid;
-        queue.attach(lane, live);
+        queue.attach(run.lane ?? group.jid, live);
         run.onLive?.();
       },
       onReady: () => run.onReady?.(),
@@ -6220,7 +6163,6 @@ class AgentLauncher {
   }
 }
 
-/** A group-context task running as a turn of its chat's live container. */
 interface TaskTurn {
   task: ScheduledTask;
   started: RunStart;
@@ -6232,7 +6174,6 @@ interface RunStart {
   mono: number;
 }
 
-/** How a task run ended: its answer, what it said in the chat, or its error. */
 interface TaskOutcome {
   result: string | null;
   said: string[];
@@ -6241,7 +6182,6 @@ interface TaskOutcome {
 
 type TaskClaim = ReturnType<Store['taskClaims']>[number];
 
-/** What a task's chat is told when its run was interrupted twice and given up. */
 function interruptedTwiceText(task: ScheduledTask): string {
   const preview = task.prompt.length > 80 ? `${task.prompt.slice(0, 80)}…` : task.prompt;
   const when = task.scheduleType === 'once' ? 'It will not run again.' : 'It runs again at its next time.';
@@ -6249,22 +6189,18 @@ function interruptedTwiceText(task: ScheduledTask): string {
 }
 
 /**
- * Scheduled task runs. A claimed run goes into its group's queue: a group-context task is a
- * turn of the chat's container when one is alive (nothing is closed for it); an isolated task
- * gets its own container in its own lane, beside the chat's. A run's end is recorded in one
- * transaction with what it said and its claim's release.
+ * A claimed run goes into its group's queue: a group-context task is a turn of the chat's live container when there is
+ * one; an isolated task gets its own container in its own lane. Its end is recorded in one transaction with its claim.
  */
 class TaskRuns {
   /** Task runs this process has queued or runs (their claims are not leftovers). */
   private readonly inHand = new Set<string>();
-  /** Group-context tasks running as a turn of their chat's live container, by chat. */
   private readonly turns = new Map<string, TaskTurn>();
 
   constructor(
     private readonly host: HostParts,
     private readonly disk: DiskWatch,
     private readonly agents: AgentLauncher,
-    /** Hands the chat's held messages to its live container; false when there is none. */
     private readonly forwardHeld: (group: RegisteredGroup) => boolean,
   ) {}
 
@@ -6283,7 +6219,6 @@ class TaskRuns {
       log.debug({ group: group.folder, taskId: task.id }, 'Task due soon; readying its agent');
   }
 
-  /** A task is the chat's container's turn now: the chat's messages follow once it answered. */
   isTurnOf(chatJid: string): boolean {
     return this.turns.has(chatJid);
   }
@@ -6317,7 +6252,6 @@ class TaskRuns {
     return null;
   }
 
-  /** Hands a task to its chat's live container as the next turn; its answer comes back through answered(). */
   private runInLive(taskId: string, chatJid: string): void {
     const { store, queue } = this.host;
     const task = this.runnable(taskId);
@@ -6336,11 +6270,7 @@ class TaskRuns {
     log.info({ group: task.groupFolder, taskId: task.id }, 'Scheduled task handed to the chat’s running container');
   }
 
-  /**
-   * Task runs that were claimed but never finished (the host died during them): each is
-   * logged as interrupted and run once more; one interrupted twice is given up (a `once`
-   * task is then completed with the error), never left stranded.
-   */
+  /** Runs claimed but never finished (the host died) are logged as interrupted and run once more; twice, given up. */
   recover(): void {
     const { store } = this.host;
     for (const claim of store.taskClaims()) {
@@ -6368,7 +6298,6 @@ class TaskRuns {
             nextRun: null,
             lastResult: `Error: ${error} (twice; not run again)`,
           });
-        // Given up: the chat it was for hears of it, not only the log.
         voice.announce(task.chatJid, interruptedTwiceText(task));
       }
     });
@@ -6380,11 +6309,7 @@ class TaskRuns {
     if (again) this.enqueue(task);
   }
 
-  /**
-   * Runs a scheduled task now in its group's container: the answer goes to the group's
-   * chat (minus <internal> text) and the container closes right after it. Paused or
-   * deleted tasks are skipped unless `force`.
-   */
+  /** The answer goes to the group's chat, then the container closes; paused or deleted tasks run only with `force`. */
   async run(taskId: string, force = false): Promise<TaskRunLog | null> {
     const task = this.runnable(taskId, force);
     if (!task) return null;
@@ -6475,21 +6400,18 @@ class TaskRuns {
   }
 }
 
-/** A chat turn to run: the chat's unanswered messages, or none when warm (started ahead of a message). */
 interface ChatTurn {
   group: RegisteredGroup;
   cursor: number;
   messages: StoredMessage[];
 }
 
-/** A chat turn that ran: how its container ended (null: it could not run) and the newest message it was given. */
 interface EndedTurn {
   group: RegisteredGroup;
   outcome: RunOutcome | null;
   upToSeq: number;
 }
 
-/** What follows a chat turn. */
 type AfterTurn = 'done' | 'retry' | 'queue-more' | 'key-refused' | 'bad-request';
 
 /** A container that ends, however it ends, while messages it was given are unanswered has failed. */
@@ -6497,7 +6419,6 @@ function turnFailed(outcome: RunOutcome, upToSeq: number, cursor: number): boole
   return outcome.exitCode !== 0 || outcome.timedOut || outcome.oversized === true || upToSeq > cursor;
 }
 
-/** Why a failed run that gave no result failed, as the turn's listeners hear it. */
 function noResultError(outcome: RunOutcome): string {
   if (outcome.timedOut) return 'the agent timed out';
   return outcome.exitCode === 0
@@ -6505,7 +6426,6 @@ function noResultError(outcome: RunOutcome): string {
     : `the agent container exited with code ${outcome.exitCode}`;
 }
 
-/** What follows a turn, from how it ended and how many of the chat's messages are still unanswered. */
 function afterTurn(outcome: RunOutcome | null, failed: boolean, unanswered: number, stopped: boolean): AfterTurn {
   if (stopped) return 'done';
   if (!outcome) return 'retry';
@@ -6518,10 +6438,8 @@ function afterTurn(outcome: RunOutcome | null, failed: boolean, unanswered: numb
 }
 
 /**
- * A chat's turns: one container run for its unanswered messages, follow-ups handed to the
- * live container. The cursor moves, in the same transaction as the reply is recorded, only
- * when the agent answers: a failed run leaves the messages to be retried (nothing lost) and
- * an answer recorded is never made again.
+ * One container run for a chat's unanswered messages, follow-ups handed to it. The cursor moves in the transaction that
+ * records the answer: a failed run leaves the messages to be retried, and an answer recorded is never made again.
  */
 class ChatTurns {
   /** The newest message each chat's last run was given: what a give-up covers. */
@@ -6638,7 +6556,6 @@ class ChatTurns {
     if ((queue.givenUpTo(chatJid) ?? 0) <= answeredUpTo) queue.markIdle(chatJid);
   }
 
-  /** After the run: a failure without a result is told to the listeners; the messages left are given up, retried or queued. */
   private afterRun({ group, outcome, upToSeq }: EndedTurn): AfterTurn {
     const { store, config } = this.host;
     const chatJid = group.jid;
@@ -6661,16 +6578,13 @@ class ChatTurns {
     return next;
   }
 
-  /** Every retry failed: what the last run was given is given up. */
   giveUpAfterRetries(chatJid: string): void {
     this.giveUp(chatJid, GIVE_UP_TEXT, this.lastGiven.get(chatJid) ?? 0);
   }
 
   /**
-   * The messages a failed run was given (up to `upToSeq`) cannot be answered (every retry
-   * failed, the key is refused, the request is refused): they are marked answered and the
-   * chat is told — with `onceKey`, at most once in six hours (the logs keep saying it).
-   * Messages that came after them are not swept along: they get a run of their own.
+   * A failed run's messages (up to `upToSeq`) that cannot be answered are marked answered and the chat is told (with
+   * `onceKey`, at most once in six hours). Messages that came after them get a run of their own.
    */
   private giveUp(chatJid: string, notice: string, upToSeq: number, onceKey?: string): void {
     const { store, voice, clock } = this.host;
@@ -6691,11 +6605,7 @@ class ChatTurns {
       this.host.queue.enqueueMessages(chatJid);
   }
 
-  /**
-   * New messages for a group whose container is alive go to that container. Given the
-   * message that just arrived, only it is checked for the trigger (the ones kept before it
-   * did not wake the agent), so a busy chat costs one check per message, not a re-read.
-   */
+  /** New messages go to the group's live container; only the one that just arrived is checked for the trigger. */
   forward(group: RegisteredGroup, arrived?: StoredMessage): boolean {
     const { store, queue, config } = this.host;
     const givenUpTo = queue.givenUpTo(group.jid);
@@ -6717,11 +6627,7 @@ class ChatTurns {
   }
 }
 
-/**
- * Requests from an agent, authorised by the IPC folder they were written to. Each is
- * done in one transaction with its done-mark (claimId), so a request claimed again
- * after a crash is recognised and not done twice.
- */
+/** Agent requests, authorised by their IPC folder; each done in one transaction with its done-mark, so never twice. */
 class IpcRequests {
   private readonly sendWindow: SendWindow;
 
@@ -6765,7 +6671,6 @@ class IpcRequests {
     return this.sendWindow.take(this.host.config, source, parts);
   }
 
-  /** What an IPC action may make the host do (see ipcActions()). */
   private ipcEffects(afterwards: (() => void)[]): IpcEffects {
     return {
       say: (chatJid, text) => this.host.voice.say(chatJid, text),
@@ -6799,14 +6704,9 @@ function modelUsageRecorder(config: Config, store: Store): ModelProxyOptions['re
 }
 
 /**
- * The running assistant: wires channels, queue, scheduler, IPC and model proxy to the parts
- * above, answers chat commands, readies agents ahead of their work, and shuts down in order.
- *
- * Exactly once, under crashes: whatever the bot says is recorded in the outbox in the
- * same transaction as the state that made it say so (the chat's cursor, the IPC request's
- * done-mark, the task run's completion), and only then sent (OutboxSender). A crash before
- * the transaction redoes the work; after it, the outbox sends what is left, with the same
- * message ids.
+ * The running assistant. Exactly once, under crashes: whatever the bot says is recorded in the outbox in the same
+ * transaction as the state that made it say so (cursor, IPC done-mark, task run), and only then sent. A crash before
+ * the transaction redoes the work; after it, the outbox sends what is left under the same message ids.
  */
 export class Host {
   readonly queue: GroupQueue;
@@ -6820,10 +6720,8 @@ export class Host {
   private readonly agents: AgentLauncher;
   private readonly tasks: TaskRuns;
   private readonly chats: ChatTurns;
-  private readonly listeners: { [K in keyof HostEvents]: Set<(event: HostEvents[K]) => void> } = {
-    turn: new Set(),
-    retry: new Set(),
-  };
+  private readonly turnListeners = new Set<(event: TurnEvent) => void>();
+  private readonly retryListeners = new Set<(event: RetryEvent) => void>();
   private stopSweep: (() => void) | null = null;
   private stopped = false;
   /** By chat: up to which seq (under which wake rule) the sweep found nothing to wake the agent; an edit that calls it comes anew. */
@@ -6848,10 +6746,11 @@ export class Host {
       maxRetries,
       processMessages: (jid, warm) => this.chats.processMessages(jid, warm),
       onGiveUp: (jid) => this.chats.giveUpAfterRetries(jid),
-      onRetry: (chatJid, attempt, delayMs) => this.tell('retry', { chatJid, attempt, delayMs, maxRetries }),
+      onRetry: (chatJid, attempt, delayMs) => {
+        for (const listener of this.retryListeners) listener({ chatJid, attempt, delayMs, maxRetries });
+      },
       clock,
     });
-    const stopped = () => this.stopped;
     const parts: HostParts = {
       config,
       store,
@@ -6859,7 +6758,7 @@ export class Host {
       clock,
       voice: this.voice,
       snapshotsWritten: new Map(),
-      stopped,
+      stopped: () => this.stopped,
     };
     this.disk = new DiskWatch(parts, options.freeDiskBytes);
     this.proxy = new ModelProxy({
@@ -6872,7 +6771,9 @@ export class Host {
     });
     this.agents = new AgentLauncher(parts, this.disk, this.proxy);
     this.tasks = new TaskRuns(parts, this.disk, this.agents, (group) => this.chats.forward(group));
-    this.chats = new ChatTurns(parts, this.disk, this.agents, this.tasks, (event) => this.tell('turn', event));
+    this.chats = new ChatTurns(parts, this.disk, this.agents, this.tasks, (event) => {
+      for (const listener of this.turnListeners) listener(event);
+    });
     this.ipc = new IpcWatcher(
       config.ipcDir,
       new IpcRequests(parts, () => this.scheduler.arm()),
@@ -6883,20 +6784,14 @@ export class Host {
     this.scheduler = new Scheduler(store, config.timezone, onDue, 1000, clock, (task) => this.tasks.warmFor(task));
   }
 
-  /** Calls `listener` after every turn of an agent (success or error); returns what unsubscribes it. */
   onTurn(listener: (event: TurnEvent) => void): () => void {
-    this.listeners.turn.add(listener);
-    return () => this.listeners.turn.delete(listener);
+    this.turnListeners.add(listener);
+    return () => this.turnListeners.delete(listener);
   }
 
-  /** Calls `listener` when a failed run is to be retried; returns what unsubscribes it. */
   onRetry(listener: (event: RetryEvent) => void): () => void {
-    this.listeners.retry.add(listener);
-    return () => this.listeners.retry.delete(listener);
-  }
-
-  private tell<K extends keyof HostEvents>(kind: K, event: HostEvents[K]): void {
-    for (const listener of this.listeners[kind]) listener(event);
+    this.retryListeners.add(listener);
+    return () => this.retryListeners.delete(listener);
   }
 
   private channelHandlers(channel: Channel): ChannelHandlers {
@@ -6956,26 +6851,17 @@ export class Host {
     log.info('NanoClaw stopped');
   }
 
-  /**
-   * The person walked away from a turn (Ctrl-C in `chat`): its container stops now, and the
-   * messages it was answering count as answered, so the next start does not answer them
-   * behind their back.
-   */
+  /** Ctrl-C in `chat`: the container stops now, and its messages count as answered (not answered behind their back). */
   async abandon(chatJid: string): Promise<void> {
     this.store.setCursor(chatJid, this.store.latestSeq(chatJid));
     await this.queue.kill(chatJid);
   }
 
-  /** Waits until every channel's outbox has sent what it can (tests, `tasks run`). */
   async settleOutbox(): Promise<void> {
     await this.voice.settle();
   }
 
-  /**
-   * Someone is typing in a registered chat: start its container now, so the agent is up by
-   * the time the message arrives (main, and groups the typist drives: typingMayWake). Only
-   * into a free slot; false when nothing was started.
-   */
+  /** Someone types in a chat that may wake the agent: its container starts now, into a free slot only. */
   prewarm(chatJid: string, typist?: string): boolean {
     if (this.stopped) return false;
     try {
@@ -6989,11 +6875,7 @@ export class Host {
     return started;
   }
 
-  /**
-   * The groups active within IDLE_TIMEOUT before this start, most recent first (at most the
-   * pool's size): the previous host's waiting agents were removed with its other containers,
-   * so these get one again once the first recovery pass is done, into free slots.
-   */
+  /** Groups active within IDLE_TIMEOUT before this start (their warm agents went with the old host), newest first. */
   private recentlyActiveGroups(): RegisteredGroup[] {
     const since = this.clock.now() - this.config.idleTimeoutMs;
     try {
@@ -7008,7 +6890,6 @@ export class Host {
     }
   }
 
-  /** Every inbound message of every channel comes through here; a database that cannot take it spills it. */
   handleInbound(message: NewMessage, chat: ChatMeta): void {
     if (this.spill.holding) {
       this.spill.add(message, chat); // keep the order: behind what is already waiting
@@ -7028,9 +6909,8 @@ export class Host {
   }
 
   /**
-   * An edit replaces a stored message's words (the channel's notes before them stay); an
-   * edit that now calls the agent, where the old words did not, makes it the chat's newest
-   * message so the router sees it. A deletion leaves "[deleted]" in the history.
+   * An edit replaces a stored message's words; one that now calls the agent, where the old words did not, becomes the
+   * chat's newest message so the router sees it. A deletion leaves "[deleted]" in the history.
    */
   handleChange(change: WhatsAppChange): void {
     try {
@@ -7057,7 +6937,6 @@ export class Host {
     }
   }
 
-  /** A new message goes to the chat's live container, or else the chat is queued for a run. */
   private wake(group: RegisteredGroup, arrived: StoredMessage): void {
     if (!this.chats.forward(group, arrived)) this.queue.enqueueMessages(group.jid);
   }
@@ -7083,11 +6962,7 @@ export class Host {
     if (stored && !this.stopped) this.wake(stored.group, stored.message);
   }
 
-  /**
-   * A chat command (CHAT_COMMANDS) from someone who may drive the agent: answered here. It is
-   * stored with its answer in one transaction, marked as the host's exchange (is_bot_message),
-   * so the agent never sees it and a copy delivered again is not answered twice.
-   */
+  /** Answered here and stored with its answer in one transaction as the host's exchange, so the agent never sees it. */
   private answerChatCommand(message: NewMessage): boolean {
     if (message.isBotMessage) return false;
     const group = this.store.groupByJid(message.chatJid);
@@ -7117,10 +6992,7 @@ export class Host {
     return `Done: the next message starts a new conversation.${this.queue.isRunning(group.jid) ? ' (The current one is closed first.)' : ''}`;
   }
 
-  /**
-   * Start-up recovery and the safety sweep: unanswered messages and interrupted task runs
-   * get queued, after the disk watch (so a group just found over its budget is left alone).
-   */
+  /** Unanswered messages and interrupted task runs get queued, after the disk watch (over-budget groups left alone). */
   async recover(): Promise<void> {
     if (!this.store.stillAtPath()) {
       const message = `${this.store.path} was deleted or replaced while NanoClaw was running: stopping, so nothing more is written to a file nobody will read. Restore it (store/backups/ has copies; see README, Troubleshooting), then start NanoClaw again.`;
@@ -7160,16 +7032,11 @@ export class Host {
     }
   }
 
-  /** The disk watch (DiskWatch), also run at once when the database reports a full disk. */
   checkDisk(): Promise<void> {
     return this.disk.check();
   }
 
-  /**
-   * Runs one task now, whatever its schedule or status, without the service around it
-   * (`tasks run`): what its agent asks of the host (send_message…) is done, and what it
-   * says is sent where the channels can (the rest waits in the outbox).
-   */
+  /** `tasks run`: one task now, whatever its schedule or status; what it says waits in the outbox for absent channels. */
   async runTaskNow(taskId: string): Promise<TaskRunLog | null> {
     this.ipc.start();
     try {
@@ -7195,14 +7062,12 @@ class UsageError extends Error {
   }
 }
 
-/** `<command> --help`: that command's usage on stdout, exit 0. */
 class HelpRequested extends Error {
   constructor(readonly command: string) {
     super(`help for ${command}`);
   }
 }
 
-/** node:util parseArgs' own messages, made into one short line. */
 function parseArgsMistake(err: unknown): string {
   const message = errorText(err);
   const quoted = /'([^']+)'/.exec(message)?.[1] ?? '';
@@ -7217,10 +7082,7 @@ function parseArgsMistake(err: unknown): string {
 type CommandOptions = Record<string, { type: 'string' | 'boolean'; multiple?: boolean }>;
 type OptionValues = Record<string, string | boolean | string[] | undefined>;
 
-/**
- * parseArgs for one command, strict: a mistake becomes a UsageError naming that command,
- * and `--help`/`-h` anywhere shows its usage instead of running it.
- */
+/** Strict parseArgs: a mistake becomes a UsageError naming the command; `--help`/`-h` anywhere shows its usage. */
 function commandArgs(
   command: string,
   args: string[],
@@ -7240,7 +7102,6 @@ function commandArgs(
   throw new HelpRequested(command);
 }
 
-/** A whole number above 0 from an option, or a UsageError naming it. */
 function positiveOption(command: string, name: string, raw: OptionValues[string], fallback: number): number {
   if (raw === undefined) return fallback;
   if (typeof raw !== 'string' || !/^\d+$/.test(raw.trim()) || Number(raw) <= 0)
@@ -7258,7 +7119,6 @@ function runQuietly(cmd: string[], timeoutMs = 15_000): { ok: boolean; output: s
   }
 }
 
-/** Everything the service needs before it starts; each problem comes with the command that fixes it. */
 export function preflight(config: Config): string[] {
   const problems: string[] = [];
   const runtime = config.containerRuntime;
@@ -7281,10 +7141,7 @@ export function preflight(config: Config): string[] {
   return problems;
 }
 
-/**
- * Removes every container this install left behind (running, created or exited: a host
- * that died may have left any of them), and only those: other installs' carry another label.
- */
+/** Every container this install left (running, created or exited), and only those: other installs have another label. */
 export function removeLeftoverContainers(config: Config): string[] {
   const label = `label=${INSTALL_LABEL}=${installId(config)}`;
   const listed = runQuietly([config.containerRuntime, 'ps', '-a', '--filter', label, '--format', '{{.Names}}']);
@@ -7296,7 +7153,6 @@ export function removeLeftoverContainers(config: Config): string[] {
   return names;
 }
 
-/** The pid of a live host of this project (its lock file names it), or null. */
 function runningHostPid(config: Config): number | null {
   const lockFile = join(config.dataDir, 'nanoclaw.pid');
   if (!existsSync(lockFile)) return null;
@@ -7339,10 +7195,8 @@ function ranHereBefore(config: Config): string | null {
   return null;
 }
 
-/** The database is gone or empty where it should not be: the user must act (exit 2). */
 class StoreMissingError extends Error {}
 
-/** Opens the store, waiting (up to a minute) while another process holds the database. */
 async function openStoreWhenFree(path: string, waitMs = 60_000): Promise<Store> {
   const deadline = Date.now() + waitMs;
   for (let attempt = 1; ; attempt++) {
@@ -7356,11 +7210,7 @@ async function openStoreWhenFree(path: string, waitMs = 60_000): Promise<Store> 
   }
 }
 
-/**
- * Opens store/messages.db, waiting while another process holds it. A database that is
- * missing or empty where NanoClaw clearly ran before (it was deleted, or replaced) is not
- * quietly started afresh: every group, cursor and task would be gone.
- */
+/** A database missing or empty where NanoClaw ran before is not quietly started afresh: every group would be gone. */
 async function openProjectStore(config: Config): Promise<Store> {
   const store = await openStoreWhenFree(config.dbPath);
   const onPurpose = /^(1|true|yes)$/i.test(process.env.NANOCLAW_NEW_DATABASE ?? '');
@@ -7377,11 +7227,7 @@ async function openProjectStore(config: Config): Promise<Store> {
   return store;
 }
 
-/**
- * The service stays up through unexpected errors (each is logged with its stack): its
- * state is in SQLite, so carrying on is safe. Twenty in a minute means something is
- * broken for good: it stops with a clear message rather than spin.
- */
+/** State is in SQLite, so carrying on through an error is safe; twenty in a minute means broken for good: it stops. */
 export function keepRunningThroughErrors(): void {
   const recent: number[] = [];
   const onError = (kind: string) => (err: unknown) => {
@@ -7401,7 +7247,6 @@ export function keepRunningThroughErrors(): void {
   process.on('uncaughtException', onError('error'));
 }
 
-/** Everything a host needs before it starts: the checks, the lock, the store, no leftovers of an earlier host. */
 export async function startHost(
   config: Config,
   makeChannels: (store: Store) => Channel[],
@@ -7579,8 +7424,7 @@ function waitForTurn(host: Host, chatJid: string, seq: number): Promise<TurnEven
 }
 
 /**
- * The main group for the terminal (registered when nothing else registered it yet). What
- * an earlier chat left (lines unanswered, answers unprinted) is not this chat's: it would
+ * The main group for the terminal. What an earlier chat left (lines unanswered, answers unprinted) is left out: it would
  * print before this chat's own answers. Returns the main group and a note of what was left out.
  */
 async function mainForChat(config: Config): Promise<{ main: RegisteredGroup; leftOut: string | null }> {
@@ -7699,7 +7543,6 @@ async function runChat(config: Config): Promise<number> {
   return failures > 0 ? 1 : 0;
 }
 
-/** `start`: WhatsApp (and whatever channels come later) until a signal stops it. */
 async function runService(config: Config): Promise<number> {
   const link = WhatsAppChannel.linkState(whatsAppAuthDir(config));
   if (link !== 'linked') {
@@ -7938,7 +7781,6 @@ function parseMountOption(text: string): ExtraMount {
   return { hostPath: parts[0], ...(parts[1] ? { containerPath: parts[1] } : {}), readonly: access === 'ro' };
 }
 
-/** The mount allowlist, or a UsageError when its file cannot be read. */
 function mountAllowlist(config: Config): MountAllowlist | null {
   try {
     return loadMountAllowlist(config.mountAllowlistPath);
@@ -7950,29 +7792,22 @@ function mountAllowlist(config: Config): MountAllowlist | null {
 /** What `groups register` is asked to keep, each option checked before anything is written. */
 function registration(config: Config, values: OptionValues, jid: string, folder: string) {
   const { name, trigger, network } = values as Record<string, string | undefined>; // the string options
+  const mistake = (message: string) => new UsageError(message, 'groups');
   const lid = lidChatProblem(jid);
-  if (lid) throw new UsageError(`${lid}.`, 'groups');
+  if (lid) throw mistake(`${lid}.`);
   if (!isValidJid(jid))
-    throw new UsageError(
+    throw mistake(
       `"${jid}" is not a WhatsApp chat id: a group is <digits>@g.us, a person <phone digits>@s.whatsapp.net (see \`groups discover\`).`,
-      'groups',
     );
   if (trigger !== undefined && !isValidTrigger(trigger))
-    throw new UsageError(
-      `--trigger ${trigger}: a trigger is @ and a word, e.g. --trigger @${config.assistantName}.`,
-      'groups',
-    );
+    throw mistake(`--trigger ${trigger}: a trigger is @ and a word, e.g. --trigger @${config.assistantName}.`);
   if (network !== undefined && !isValidNetwork(network))
-    throw new UsageError(
-      `--network ${network}: use egress, none, bridge or the name of a Docker network (never host).`,
-      'groups',
-    );
+    throw mistake(`--network ${network}: use egress, none, bridge or the name of a Docker network (never host).`);
   const allow = typeof values.allow === 'string' ? values.allow.split(',').map((sender) => sender.trim()) : undefined;
   const badSender = allow?.find((sender) => !isValidSenderJid(sender));
   if (badSender !== undefined)
-    throw new UsageError(
+    throw mistake(
       `--allow ${JSON.stringify(badSender)} is not a WhatsApp sender id: <phone digits>@s.whatsapp.net or <digits>@lid.`,
-      'groups',
     );
   const additionalMounts = ((values.mount as string[] | undefined) ?? []).map(parseMountOption);
   const isMain = values.main === true;
@@ -7980,7 +7815,7 @@ function registration(config: Config, values: OptionValues, jid: string, folder:
   const refused = additionalMounts.length
     ? validateExtraMounts(additionalMounts, mountAllowlist(config), isMain).rejected[0]
     : undefined;
-  if (refused) throw new UsageError(`--mount ${refused.hostPath}: refused (${refused.reason}).`, 'groups');
+  if (refused) throw mistake(`--mount ${refused.hostPath}: refused (${refused.reason}).`);
   const containerConfig: ContainerConfig = {
     ...(network ? { network } : {}),
     ...(additionalMounts.length ? { additionalMounts } : {}),
@@ -8057,7 +7892,6 @@ function describeSchedule(task: ScheduledTask): string {
   return `${task.scheduleType} ${task.scheduleValue}`;
 }
 
-/** What `tasks run` says of the messages it left in the WhatsApp outbox. */
 function queuedNote(config: Config, count: number): string {
   const [waits, it] = count === 1 ? ['waits', 'it'] : ['wait', 'them'];
   return WhatsAppChannel.linkState(whatsAppAuthDir(config)) === 'linked'
@@ -8065,11 +7899,7 @@ function queuedNote(config: Config, count: number): string {
     : `WhatsApp is not linked on this machine: ${count === 1 ? 'it' : 'they'} ${waits} in the outbox until you link it (bun nanoclaw.ts auth) and start NanoClaw.`;
 }
 
-/**
- * `tasks run`: with the service running, it asks the service (the task is due now); else
- * it runs here. WhatsApp chats are not connected here: what the task says waits in the
- * durable outbox, and the service sends it (under the same message ids) when it runs.
- */
+/** With the service running, it asks the service; else it runs here and what it says waits in the outbox. */
 async function runTaskNow(config: Config, store: Store, task: ScheduledTask): Promise<number> {
   const servicePid = runningHostPid(config);
   if (servicePid) {
@@ -8098,11 +7928,7 @@ async function runTaskNow(config: Config, store: Store, task: ScheduledTask): Pr
   }
 }
 
-/**
- * The CLI's task commands do exactly what the agent's requests do (ipcActions()), as the
- * task's own group. The scheduling limits hold agents back, not you. A running service
- * sees the change within a second (its scheduler re-reads the tasks).
- */
+/** Exactly what the agent's requests do (ipcActions()), as the task's group; the scheduling limits bind agents, not you. */
 function applyTaskCommand(config: Config, store: Store, task: ScheduledTask, request: IpcRequest): void {
   const source = store.groupByFolder(task.groupFolder) ?? {
     jid: task.chatJid,
@@ -8133,7 +7959,6 @@ function applyTaskCommand(config: Config, store: Store, task: ScheduledTask, req
   for (const effect of afterwards) effect();
 }
 
-/** A time as the user reads it: their timezone, named. */
 const localTime = (config: Config) => (iso: string | null) =>
   iso ? `${formatLocalTime(iso, config.timezone)} ${config.timezone}` : '—';
 
@@ -8152,7 +7977,6 @@ function tasksList({ config, values, store }: CommandCall): number {
   return 0;
 }
 
-/** A `tasks <action> <id>` run, given the task (an unknown id is the user's mistake). */
 function onTask(run: (call: CommandCall, task: ScheduledTask) => number | Promise<number>) {
   return (call: CommandCall) => {
     const id = call.positionals[0]!;
@@ -8186,7 +8010,6 @@ function tasksShow({ config, values, store }: CommandCall, task: ScheduledTask):
   return 0;
 }
 
-/** `tasks pause|resume|cancel`: what the agent's own request of that name does. */
 function changeTask(action: 'pause' | 'resume' | 'cancel') {
   const done = { pause: 'Paused', resume: 'Resumed', cancel: 'Cancelled' }[action];
   return onTask(({ config, store }, task) => {
@@ -8237,15 +8060,11 @@ export function visibleText(text: string): string {
   });
 }
 
-/** The last `count` lines of a log's text, as the terminal may show them. */
 function lastLines(text: string, count: number): string {
   return visibleText(text.replace(/\n$/, '').split('\n').slice(-count).join('\n'));
 }
 
-/**
- * `logs`: the tail of the host's log (and its latest errors), or of a group's latest run log.
- * To follow the host live: tail -f logs/nanoclaw.log; to check the whole setup: diagnose.
- */
+/** To follow the host live: tail -f logs/nanoclaw.log; to check the whole setup: diagnose. */
 function logsCommand({ config, values }: CommandCall): number {
   const count = positiveOption('logs', 'lines', values.lines, 40);
   const folder = values.group;
@@ -8260,12 +8079,8 @@ function logsCommand({ config, values }: CommandCall): number {
       .sort();
     if (runs.length === 0) console.log(`No container runs logged for "${folder}" yet (${dir}/).`);
     else {
-      console.log(
-        `Recent runs of ${folder}:\n${runs
-          .slice(-5)
-          .map((f) => `  ${dir}/${f}\n`)
-          .join('')}`,
-      );
+      const recent = runs.slice(-5).map((f) => `  ${dir}/${f}\n`);
+      console.log(`Recent runs of ${folder}:\n${recent.join('')}`);
       console.log(lastLines(tree.tail(`logs/${runs.at(-1)!}`, 256 * 1024), count));
     }
     return 0;
@@ -8327,7 +8142,6 @@ interface ModelCheck {
   detail: string;
 }
 
-/** What the endpoint's answer to GET /models says of the key and the model. */
 async function modelAnswer(config: Config, response: Response): Promise<ModelCheck> {
   const { baseUrl, modelName } = config.kimi;
   const body = await response.text();
@@ -8343,10 +8157,7 @@ async function modelAnswer(config: Config, response: Response): Promise<ModelChe
   return { status: 'error', detail: `${baseUrl} answered ${response.status}: ${body.slice(0, 200)}` };
 }
 
-/**
- * One cheap authenticated request (GET {KIMI_BASE_URL}/models) the way a container's go:
- * through a model proxy run, so the key, the endpoint and the proxy are all checked.
- */
+/** GET {KIMI_BASE_URL}/models through a model proxy run, as a container would: key, endpoint and proxy all checked. */
 async function checkModel(config: Config, timeoutMs = 15_000): Promise<ModelCheck> {
   const proxy = new ModelProxy({
     mode: 'unix',
@@ -8406,12 +8217,8 @@ function usageCommand({ config, values, store }: CommandCall): number {
 }
 
 /** Where a setting's value comes from, as loadConfig reads it: the environment wins over .env. */
-function settingSource(
-  config: Config,
-  key: string,
-  env: Record<string, string | undefined> = process.env,
-): 'environment' | '.env' | 'default' {
-  if (env[key]?.trim() || (isSecretKey(key) && secretsFromEnvironment[key])) return 'environment';
+function settingSource(config: Config, key: string): 'environment' | '.env' | 'default' {
+  if (process.env[key]?.trim() || (isSecretKey(key) && secretsFromEnvironment[key])) return 'environment';
   return readEnvFile(config.envFile)[key]?.trim() ? '.env' : 'default';
 }
 
@@ -8455,7 +8262,6 @@ function configCommand(config: Config, args: string[]): number {
   );
 }
 
-/** `diagnose`: scripts/diagnose.sh, for this project, with its output and exit status. */
 function diagnoseCommand({ config, values }: CommandCall): number {
   // A key the user put in the environment is for the script's host commands (it keeps it from everything else it starts).
   const key = secretsFromEnvironment.KIMI_API_KEY;
@@ -8465,7 +8271,6 @@ function diagnoseCommand({ config, values }: CommandCall): number {
 /** What a command's run gets: its options and arguments, parsed; the store, opened at its first use and closed after the run. */
 interface CommandCall {
   config: Config;
-  /** The sub-command (`groups list`: list), when the command has them. */
   action: string;
   values: OptionValues;
   positionals: string[];
@@ -8473,12 +8278,10 @@ interface CommandCall {
   store: () => Store;
 }
 
-/** What a command, or one of its sub-commands, takes and runs. */
 interface Runs {
   /** Its arguments, for "… needs <this>." (one argument unless `count` says); none when absent. */
   needs?: string;
   count?: number;
-  /** A sub-command's share of its command's options. */
   takes?: string[];
   run: (call: CommandCall) => number | Promise<number>;
 }
@@ -8487,7 +8290,6 @@ interface Command {
   /** Its lines of usage (synopsis, what it does): shown after its mistakes, for --help, and in the overall usage. */
   usage: [string, string][];
   options?: CommandOptions;
-  /** Its sub-commands (the first argument), and the one run when none is given. */
   actions?: Record<string, Runs>;
   defaultAction?: string;
   /** Arguments are the command's own business (config); otherwise they are counted as `needs` says. */
@@ -8507,7 +8309,6 @@ const register: Runs = {
 };
 const service: Runs = { takes: ['dry-run', 'platform'], run: serviceCommand };
 
-/** Every command: the usage text, the options and the checks all come from here. */
 const COMMANDS: Record<string, Command & Partial<Runs>> = {
   start: {
     usage: [['(none), start', 'run the assistant service (WhatsApp)']],
@@ -8660,7 +8461,6 @@ function usageLines(lines: [string, string][]): string {
   return lines.map((entry) => `  ${line(entry)}`).join('\n');
 }
 
-/** One command's usage, as shown after its mistakes and for `--help`. */
 const commandUsage = (name: string) => `Usage: bun nanoclaw.ts …\n${usageLines(COMMANDS[name]!.usage)}`;
 
 const overallUsage = () => `NanoClaw — your assistant in WhatsApp, one container per group.
@@ -8697,26 +8497,23 @@ function chooseAction(name: string, command: Command, values: OptionValues, give
   return action;
 }
 
-/** Which entry runs (the command, or its sub-command) and with which arguments, their count checked. */
+function checkArgumentCount(name: string, called: string, runs: Partial<Runs>, given: string[]): void {
+  const count = runs.needs ? (runs.count ?? 1) : 0;
+  if (given.length !== count)
+    throw new UsageError(count ? `${called} needs ${runs.needs}.` : `${called} takes no arguments.`, name);
+}
+
 function chooseRun(name: string, command: Command & Partial<Runs>, values: OptionValues, positionals: string[]) {
   if (!command.actions) {
-    const count = command.needs ? (command.count ?? 1) : 0;
-    if (!command.ownArguments && positionals.length !== count)
-      throw new UsageError(count ? `${name} needs ${command.needs}.` : `${name} takes no arguments.`, name);
+    if (!command.ownArguments) checkArgumentCount(name, name, command, positionals);
     return { runs: command as Runs, action: '', positionals };
   }
   const [action = command.defaultAction, ...rest] = positionals;
   const runs = chooseAction(name, command, values, action);
-  const count = runs.needs ? (runs.count ?? 1) : 0;
-  if (rest.length !== count)
-    throw new UsageError(
-      count ? `${name} ${action} needs ${runs.needs}.` : `${name} ${action} takes no arguments.`,
-      name,
-    );
+  checkArgumentCount(name, `${name} ${action}`, runs, rest);
   return { runs, action: action!, positionals: rest };
 }
 
-/** Parses a command's arguments as its table entry says, checks them, runs it, and closes the store it opened. */
 async function runCommand(config: Config, name: string, args: string[]): Promise<number> {
   const command = Object.hasOwn(COMMANDS, name) ? COMMANDS[name]! : null;
   if (!command)
