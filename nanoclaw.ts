@@ -2065,6 +2065,75 @@ class LocalChannel implements Channel {
   }
 }
 
+/** What the terminal shows while the agent works: a spinner in the prompt. */
+const SPINNER_FRAMES = ['⠋', '⠙', '⠹', '⠸', '⠼', '⠴', '⠦', '⠧', '⠇', '⠏'];
+
+/**
+ * The terminal side of `chat`. On a terminal: a prompt that shows a spinner while the
+ * agent works, and output that never lands in the middle of what the person is typing.
+ * Piped: replies on stdout, problems on stderr, nothing else.
+ */
+class ChatTerminal {
+  readonly lines: ReturnType<typeof createInterface>;
+  private spinner: ReturnType<typeof setInterval> | null = null;
+  private frame = 0;
+  private readonly prompt = 'you › ';
+
+  constructor(
+    readonly interactive: boolean,
+    private readonly assistantName: string,
+  ) {
+    this.lines = createInterface({
+      input: process.stdin,
+      terminal: interactive,
+      ...(interactive ? { output: process.stdout, prompt: this.prompt } : {}),
+    });
+  }
+
+  /** A line from the agent (or a note): above the prompt, which is drawn again with what was typed. */
+  print(text: string, stream: NodeJS.WriteStream = process.stdout): void {
+    if (this.interactive) process.stdout.write('\r\x1b[2K');
+    stream.write(`${text}\n`);
+    if (this.interactive) this.lines.prompt(true);
+  }
+
+  problem(text: string): void {
+    this.print(this.interactive ? `\x1b[31m${text}\x1b[0m` : text, process.stderr);
+  }
+
+  working(busy: boolean): void {
+    if (!this.interactive) return;
+    if (busy && !this.spinner) {
+      this.spinner = setInterval(() => {
+        this.frame = (this.frame + 1) % SPINNER_FRAMES.length;
+        this.lines.setPrompt(`${SPINNER_FRAMES[this.frame]} ${this.assistantName} is working… ${this.prompt}`);
+        this.lines.prompt(true);
+      }, 120);
+    }
+    if (!busy && this.spinner) {
+      clearInterval(this.spinner);
+      this.spinner = null;
+      this.lines.setPrompt(this.prompt);
+      process.stdout.write('\r\x1b[2K');
+      this.lines.prompt(true);
+    }
+  }
+
+  /** Calls `begun` at the first keystroke of each line (on a terminal; piped input has none). */
+  onLineBegun(begun: () => void): void {
+    if (!this.interactive) return;
+    // readline handles the key first (its listener came first), so a line one long has just begun.
+    process.stdin.on('keypress', () => {
+      if (this.lines.line.length === 1) begun();
+    });
+  }
+
+  close(): void {
+    this.working(false);
+    this.lines.close();
+  }
+}
+
 // WhatsApp (baileys 7). Pure translation first, then the socket that uses it.
 
 type Baileys = typeof import('@whiskeysockets/baileys');
@@ -2519,6 +2588,24 @@ function afterDisconnect(
   }[kind as string];
   if (says) return { action: 'stop', says };
   return { action: kind === 'restart' ? 'now' : 'backoff' };
+}
+
+/** What `auth` says when WhatsApp closes the linking connection, and whether to try again at once. */
+function authCloseMessage(error: unknown): { retry: boolean; message: string } {
+  const { kind, status, detail } = disconnectKind(error);
+  if (kind === 'restart') return { retry: true, message: '' }; // WhatsApp asks for a fresh connection right after pairing
+  const refused = `WhatsApp refused the link (${status}). On your phone, remove this device under Linked devices if it is listed, then run auth again.`;
+  const messages: Partial<Record<DisconnectKind, string>> = {
+    network: `No network: WhatsApp cannot be reached (${detail}). Check this machine's internet connection, then run auth again.`,
+    'qr-expired': 'The code expired before it was used. Run auth again and scan (or type) the new one within a minute.',
+    'version-refused':
+      'WhatsApp refused this client version (405). Run auth again (it looks the current version up); if it keeps failing, update NanoClaw (bun update @whiskeysockets/baileys).',
+    'logged-out': refused,
+    unauthorized: refused,
+    'device-mismatch': refused,
+  };
+  const closed = `WhatsApp closed the connection (${status ?? 'no status'}: ${detail}). Run auth again.`;
+  return { retry: false, message: messages[kind] ?? closed };
 }
 
 /** A connection that stayed open this long resets the reconnect backoff. */
@@ -3253,6 +3340,8 @@ export class WhatsAppChannel implements Channel {
     return this.sock;
   }
 }
+
+const whatsAppAuthDir = (config: Config) => join(config.storeDir, 'auth');
 
 // ───────────────────────────── 7. Queue: one container per group, a limit for all ────
 
@@ -7754,8 +7843,6 @@ export async function startHost(
   return { host, store, release, finish };
 }
 
-const whatsAppAuthDir = (config: Config) => join(config.storeDir, 'auth');
-
 export function whatsAppChannel(config: Config, store: Store, extra: Partial<WhatsAppOptions> = {}): WhatsAppChannel {
   const { url, model } = config.transcribe;
   return new WhatsAppChannel({
@@ -7813,75 +7900,6 @@ function onShutdownSignal(stop: () => Promise<void>, interrupt?: () => void): vo
   };
   process.on('SIGINT', () => (interrupt ? interrupt() : handler('SIGINT')));
   process.on('SIGTERM', () => handler('SIGTERM'));
-}
-
-/** What the terminal shows while the agent works: a spinner in the prompt. */
-const SPINNER_FRAMES = ['⠋', '⠙', '⠹', '⠸', '⠼', '⠴', '⠦', '⠧', '⠇', '⠏'];
-
-/**
- * The terminal side of `chat`. On a terminal: a prompt that shows a spinner while the
- * agent works, and output that never lands in the middle of what the person is typing.
- * Piped: replies on stdout, problems on stderr, nothing else.
- */
-class ChatTerminal {
-  readonly lines: ReturnType<typeof createInterface>;
-  private spinner: ReturnType<typeof setInterval> | null = null;
-  private frame = 0;
-  private readonly prompt = 'you › ';
-
-  constructor(
-    readonly interactive: boolean,
-    private readonly assistantName: string,
-  ) {
-    this.lines = createInterface({
-      input: process.stdin,
-      terminal: interactive,
-      ...(interactive ? { output: process.stdout, prompt: this.prompt } : {}),
-    });
-  }
-
-  /** A line from the agent (or a note): above the prompt, which is drawn again with what was typed. */
-  print(text: string, stream: NodeJS.WriteStream = process.stdout): void {
-    if (this.interactive) process.stdout.write('\r\x1b[2K');
-    stream.write(`${text}\n`);
-    if (this.interactive) this.lines.prompt(true);
-  }
-
-  problem(text: string): void {
-    this.print(this.interactive ? `\x1b[31m${text}\x1b[0m` : text, process.stderr);
-  }
-
-  working(busy: boolean): void {
-    if (!this.interactive) return;
-    if (busy && !this.spinner) {
-      this.spinner = setInterval(() => {
-        this.frame = (this.frame + 1) % SPINNER_FRAMES.length;
-        this.lines.setPrompt(`${SPINNER_FRAMES[this.frame]} ${this.assistantName} is working… ${this.prompt}`);
-        this.lines.prompt(true);
-      }, 120);
-    }
-    if (!busy && this.spinner) {
-      clearInterval(this.spinner);
-      this.spinner = null;
-      this.lines.setPrompt(this.prompt);
-      process.stdout.write('\r\x1b[2K');
-      this.lines.prompt(true);
-    }
-  }
-
-  /** Calls `begun` at the first keystroke of each line (on a terminal; piped input has none). */
-  onLineBegun(begun: () => void): void {
-    if (!this.interactive) return;
-    // readline handles the key first (its listener came first), so a line one long has just begun.
-    process.stdin.on('keypress', () => {
-      if (this.lines.line.length === 1) begun();
-    });
-  }
-
-  close(): void {
-    this.working(false);
-    this.lines.close();
-  }
 }
 
 /** Resolves with the first turn of the chat that covers message `seq`. */
@@ -8042,24 +8060,6 @@ async function runService(config: Config): Promise<number> {
   console.error(await whenUnlinked); // otherwise runs until a signal
   await finish();
   return 2; // the user must act: the service unit does not restart on 2
-}
-
-/** What `auth` says when WhatsApp closes the linking connection, and whether to try again at once. */
-function authCloseMessage(error: unknown): { retry: boolean; message: string } {
-  const { kind, status, detail } = disconnectKind(error);
-  if (kind === 'restart') return { retry: true, message: '' }; // WhatsApp asks for a fresh connection right after pairing
-  const refused = `WhatsApp refused the link (${status}). On your phone, remove this device under Linked devices if it is listed, then run auth again.`;
-  const messages: Partial<Record<DisconnectKind, string>> = {
-    network: `No network: WhatsApp cannot be reached (${detail}). Check this machine's internet connection, then run auth again.`,
-    'qr-expired': 'The code expired before it was used. Run auth again and scan (or type) the new one within a minute.',
-    'version-refused':
-      'WhatsApp refused this client version (405). Run auth again (it looks the current version up); if it keeps failing, update NanoClaw (bun update @whiskeysockets/baileys).',
-    'logged-out': refused,
-    unauthorized: refused,
-    'device-mismatch': refused,
-  };
-  const closed = `WhatsApp closed the connection (${status ?? 'no status'}: ${detail}). Run auth again.`;
-  return { retry: false, message: messages[kind] ?? closed };
 }
 
 /** What `auth` does with what store/auth holds: link, start over (no device there), or replace a device only when the user says so. */
