@@ -1840,10 +1840,8 @@ interface OutboxOptions {
 }
 
 /**
- * Sends a channel's outbox: each chat its own lane, in order, one part per chat per round, so a
- * failing or flooding chat holds up no other. A part is marked sent only after the channel took
- * it (a crash in between resends it under the same id, never loses it); failing chats back off,
- * and a part is abandoned only after hours of failing while the channel said it was up.
+ * Each chat its own lane, one part per chat per round: a failing or flooding chat holds up no other. A part is
+ * marked sent only after the channel took it (a crash in between resends it under the same id, never loses it).
  */
 export class OutboxSender {
   private draining: Promise<void> | null = null;
@@ -2404,10 +2402,7 @@ export function openCodeAt(text: string): '```' | '`' | '' {
   return open;
 }
 
-/**
- * Splits at paragraph, line, sentence, then word (4,000 a part: WhatsApp's limit, with room to spare);
- * code cut in two is closed at the end of one part and reopened at the start of the next.
- */
+/** 4,000 a part (WhatsApp's limit, with room), cut at paragraph, line, sentence, word; cut code closed and reopened. */
 export function splitForWhatsApp(text: string, limit = 4000): string[] {
   const parts: string[] = [];
   let rest = text.trim();
@@ -2489,10 +2484,7 @@ class TtlCache<V = unknown> {
   }
 }
 
-/**
- * baileys 7.0.0-rc14 DisconnectReason; its UNAUTHORIZED_CODES add 403 and 419 to 401;
- * 405 is the server's refusal of the client version, passed on as is.
- */
+/** baileys rc14 DisconnectReason; its UNAUTHORIZED_CODES add 403 and 419; 405 is the server refusing our version. */
 export function disconnectKind(error: unknown) {
   const boom = error as { output?: { statusCode?: number }; data?: { code?: string } } | undefined;
   const status = boom?.output?.statusCode;
@@ -2622,13 +2614,8 @@ function readCredsFile(authDir: string): { state: 'ok'; text: string } | { state
   return { state: 'ok', text: previous };
 }
 
-/**
- * baileys' useMultiFileAuthState layout (an existing link keeps working) with durable writes: each file
- * whole, one file's reads and writes in order, creds.json's previous version kept as creds.json.bak.
- */
-export async function useDurableAuthState(
-  authDir: string,
-): Promise<{ state: AuthenticationState; saveCreds(): Promise<void> }> {
+/** baileys' useMultiFileAuthState layout (an existing link keeps working), each file written whole, in order. */
+export async function useDurableAuthState(authDir: string) {
   const { BufferJSON, initAuthCreds, proto: waProto } = baileys();
   mkdirSync(authDir, { recursive: true, mode: 0o700 });
   for (const name of readdirSync(authDir)) if (name.endsWith('.tmp')) rmSync(join(authDir, name), { force: true });
@@ -2665,7 +2652,8 @@ export async function useDurableAuthState(
       await Promise.all(jobs);
     },
   };
-  return { state: { creds, keys }, saveCreds: () => write(CREDS_FILE, creds) };
+  const state: AuthenticationState = { creds, keys };
+  return { state, saveCreds: () => write(CREDS_FILE, creds) };
 }
 
 const WHATSAPP_VERSION_STATE = 'whatsapp_web_version';
@@ -2723,15 +2711,12 @@ const WHATSAPP_EVENTS = [
 ] as const;
 
 /** Who other than us is typing or recording, by a presence.update. */
-function typistOf(
-  presences: Record<string, { lastKnownPresence?: string }>,
-  ownJids: ReadonlySet<string>,
-): string | null {
+function typistOf(presences: Record<string, { lastKnownPresence?: string }>, ownJids: ReadonlySet<string>) {
   const typist = Object.entries(presences).find(([who, presence]) => {
     const typing = presence.lastKnownPresence === 'composing' || presence.lastKnownPresence === 'recording';
     return typing && !ownJids.has(baileys().jidNormalizedUser(who));
   });
-  return typist ? typist[0] : null;
+  return typist?.[0] ?? null;
 }
 
 /** WhatsApp shows "typing…" for about ten seconds unless it is said again. */
@@ -2743,7 +2728,6 @@ async function transcribeAudio(
   audio: Uint8Array,
   fileName: string,
   mimetype: string,
-  timeoutMs = 120_000,
 ): Promise<string> {
   const form = new FormData();
   form.append('file', new Blob([audio], { type: mimetype.split(';')[0]!.trim() }), fileName);
@@ -2752,7 +2736,7 @@ async function transcribeAudio(
     method: 'POST',
     body: form,
     headers: endpoint.apiKey ? { authorization: `Bearer ${endpoint.apiKey}` } : {},
-    signal: AbortSignal.timeout(timeoutMs),
+    signal: AbortSignal.timeout(120_000),
   });
   if (!response.ok) throw new Error(`the transcription service answered ${response.status}`);
   const answer = (await response.json().catch(() => null)) as { text?: unknown } | null;
@@ -3174,11 +3158,7 @@ export class WhatsAppChannel implements Channel {
     }
   }
 
-  protected async send(
-    jid: string,
-    content: AnyMessageContent,
-    messageId: string,
-  ): Promise<proto.IMessage | undefined> {
+  protected async send(jid: string, content: AnyMessageContent, messageId: string) {
     if (!this.sock) throw new Error('no WhatsApp connection');
     const sent = await this.sock.sendMessage(jid, content, { messageId });
     return sent?.message ?? undefined;
