@@ -1808,7 +1808,6 @@ export interface Channel {
   readonly name: string;
   ownsJid(jid: string): boolean;
   connect(handlers: ChannelHandlers): Promise<void>;
-  /** The parts a text becomes on this platform (formatting, length limit), in order. */
   layout(text: string): string[];
   /** Throws when it cannot (the part stays in the outbox); a resend after a crash keeps its messageId, shown once. */
   deliver(jid: string, text: string, messageId: string): Promise<void>;
@@ -1956,7 +1955,6 @@ export class OutboxSender {
     );
   }
 
-  /** For a reason of the store's, not a chat's. */
   private pause(reason: string): void {
     log.warn({ channel: this.channel.name, reason }, 'Sending paused; the outbox keeps the messages');
     this.retryAt(this.clock.now() + (this.options.retryBaseMs ?? 5_000));
@@ -2176,7 +2174,6 @@ function mediaOf(content: proto.IMessage): WhatsAppInbound['media'] | undefined 
   return undefined;
 }
 
-/** Message types that say nothing to read: reactions, votes, pins, receipts of the protocol. */
 const SILENT_TYPES = new Set([
   'reactionMessage',
   'encReactionMessage',
@@ -2218,7 +2215,6 @@ const describePoll = (poll: proto.Message.IPollCreationMessage) => {
 const placeOf = (place: { name?: string | null; address?: string | null } | null | undefined) =>
   [place?.name, place?.address].filter(Boolean).join(', ');
 
-/** Words for a message that is neither text nor media, by its type. */
 const DESCRIBE: {
   [T in keyof proto.IMessage]?: (message: NonNullable<proto.IMessage[T]>, timezone?: string) => string;
 } = {
@@ -2299,7 +2295,6 @@ function quoteOf(found: WAContent, identity: WhatsAppIdentity): string {
   return `${toBot ? REPLY_TO_BOT_NOTE : '[replying to: "'}${quotedText.slice(0, 500)}"]\n`;
 }
 
-/** A message's chat (phone form) and sender: us, a group's participant, or the other side of a direct chat. */
 function chatAndSender(raw: WAMessage, identity: WhatsAppIdentity) {
   const key = raw.key;
   if (!key?.remoteJid || !key.id || baileys().isJidBroadcast(key.remoteJid)) return null;
@@ -2710,7 +2705,6 @@ const WHATSAPP_EVENTS = [
   'presence.update',
 ] as const;
 
-/** Who other than us is typing or recording, by a presence.update. */
 function typistOf(presences: Record<string, { lastKnownPresence?: string }>, ownJids: ReadonlySet<string>) {
   const typist = Object.entries(presences).find(([who, presence]) => {
     const typing = presence.lastKnownPresence === 'composing' || presence.lastKnownPresence === 'recording';
@@ -2774,7 +2768,6 @@ export class WhatsAppChannel implements Channel {
   /** Undefined: baileys' own. */
   private waVersion: WAVersion | undefined;
   private lookUpVersion = true;
-  /** The version refusal is logged once per outage, not once per attempt. */
   private versionRefusalLogged = false;
 
   constructor(private readonly options: WhatsAppOptions) {
@@ -2944,11 +2937,11 @@ export class WhatsAppChannel implements Channel {
 
   private stopFor(why: string, fields: Record<string, unknown> = {}): void {
     log.error(fields, why);
-    this.stop();
+    void this.disconnect();
     this.options.onStopped?.(why);
   }
 
-  private stop(): void {
+  async disconnect(): Promise<void> {
     this.closed = true;
     this.openedAt = null;
     this.cancelReconnect?.();
@@ -3198,10 +3191,6 @@ export class WhatsAppChannel implements Channel {
 
   private syncGroupsInBackground(): void {
     this.syncGroups().catch((err) => log.warn({ err }, 'Group sync failed'));
-  }
-
-  async disconnect(): Promise<void> {
-    this.stop();
   }
 
   get socket(): WASocket | null {
