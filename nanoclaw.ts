@@ -1672,41 +1672,28 @@ export interface ChannelHandlers {
   onMessage(message: NewMessage, chat: ChatMeta): void;
   /** A message sent earlier was edited (its new words) or deleted for everyone (content null). */
   onChange?(change: WhatsAppChange): void;
-  /** A chat's name learned without a message (group sync). */
   onChatMetadata?(chat: { jid: string; name: string; isGroup: boolean }): void;
-  /** The channel can deliver again: its outbox resumes. */
   onReady?(): void;
-  /** Someone (the typist, when known) is typing in this chat: a message is probably coming. */
   onActivity?(chatJid: string, typist?: string): void;
-  /** The chats whose activity matters (the registered ones). */
   watchedChats?(): string[];
 }
 
-/**
- * A messaging surface: WhatsApp, the terminal. What the bot says is recorded in the
- * store's outbox first and handed to the channel by its OutboxSender.
- */
+/** WhatsApp or the terminal. What the bot says goes into the store's outbox first; OutboxSender hands it over. */
 export interface Channel {
   readonly name: string;
   ownsJid(jid: string): boolean;
   connect(handlers: ChannelHandlers): Promise<void>;
-  /** The parts a text becomes on this platform (formatting, length limit), in order. */
   layout(text: string): string[];
-  /**
-   * Sends one part now; throws when it cannot (the part stays in the outbox). A part sent
-   * again after a crash keeps its messageId, so a platform with message ids shows it once.
-   */
+  /** Throws when it cannot (the part stays in the outbox); a resend after a crash keeps its messageId, shown once. */
   deliver(jid: string, text: string, messageId: string): Promise<void>;
-  /** As deliver, for a file; channels without it cannot send files (send_file is refused). */
+  /** Channels without it cannot send files (send_file is refused). */
   sendFile?(jid: string, file: OutboundFile, messageId: string): Promise<void>;
   readonly ready: boolean;
   setTyping?(jid: string, typing: boolean): Promise<void>;
-  /** Re-reads group names from the platform (main group's refresh_groups). */
   syncGroups?(): Promise<void>;
   disconnect(): Promise<void>;
 }
 
-/** What a chat id looks like: a WhatsApp person or group, or the terminal's own. */
 function isValidJid(jid: string): boolean {
   return /^\d{5,20}@s\.whatsapp\.net$|^\d{5,20}(-\d{5,20})?@g\.us$|^[a-z][a-z0-9-]{0,30}@local$/.test(jid);
 }
@@ -1717,30 +1704,24 @@ export function newMessageId(): string {
 }
 
 interface OutboxOptions {
-  /** Backoff of a chat whose send failed: the first wait, doubled each time up to retryCapMs. */
+  /** A failing chat's first wait, doubled each time up to retryCapMs. */
   retryBaseMs?: number;
   retryCapMs?: number;
   /** A part that keeps failing this long while its channel is up is abandoned (default 6 h). */
   giveUpAfterMs?: number;
   clock?: Clock;
-  /** A part was abandoned (it stays in the outbox, with its error): tell someone. */
   onAbandoned?(part: OutboundMessage, error: string): void;
 }
 
 /**
- * Sends what a channel's outbox holds whenever the channel can: each chat its own lane, in
- * order, one part per chat per round, so a chat whose sends fail (or a group that floods)
- * holds up no other chat. A part is marked sent only after the channel took it: a crash
- * in between sends it again, with the same message id, never loses it. A chat whose send
- * failed waits with backoff; a part is abandoned only after failing for hours while the
- * channel said it was up, and then someone is told (onAbandoned).
+ * Each chat its own lane, one part per chat per round: a failing or flooding chat holds up no other. A part is
+ * marked sent only after the channel took it (a crash in between resends it under the same id, never loses it).
  */
 export class OutboxSender {
   private draining: Promise<void> | null = null;
   private again = false;
   private cancelRetry: (() => void) | null = null;
   private stopped = false;
-  /** Chats whose last send failed: how often, since when, and when to try again. */
   private readonly failing = new Map<string, { failures: number; since: number; retryAt: number }>();
   private readonly clock: Clock;
 
@@ -1765,7 +1746,6 @@ export class OutboxSender {
       });
   }
 
-  /** Resolves once everything sendable now is sent. */
   async settle(): Promise<void> {
     while (this.draining) await this.draining;
   }
@@ -1816,8 +1796,7 @@ export class OutboxSender {
     const now = this.clock.now();
     const lane = this.failing.get(part.jid) ?? { failures: 0, since: now, retryAt: now };
     this.failing.set(part.jid, lane);
-    // The channel went down under the send: an outage, waited out however long it lasts;
-    // the part goes again as soon as the channel is back (onReady kicks), no backoff.
+    // The channel went down under the send: an outage, waited out without backoff (onReady kicks).
     const outage = !this.channel.ready;
     if (outage) lane.since = lane.retryAt = now;
     else lane.failures++;
@@ -1851,7 +1830,6 @@ export class OutboxSender {
     );
   }
 
-  /** Sending stops a while (retryBaseMs) for a reason of the store's, not a chat's. */
   private pause(reason: string): void {
     log.warn({ channel: this.channel.name, reason }, 'Sending paused; the outbox keeps the messages');
     this.retryAt(this.clock.now() + (this.options.retryBaseMs ?? 5_000));
@@ -1885,7 +1863,6 @@ class LocalChannel implements Channel {
     readonly chatJid: string,
     private readonly print: (text: string) => void,
     private readonly userName = process.env.USER || 'You',
-    /** The agent started or stopped working on this chat (the terminal shows it). */
     private readonly onTyping?: (typing: boolean) => void,
   ) {}
 
@@ -1940,6 +1917,69 @@ class LocalChannel implements Channel {
   }
 }
 
+const SPINNER_FRAMES = ['⠋', '⠙', '⠹', '⠸', '⠼', '⠴', '⠦', '⠧', '⠇', '⠏'];
+
+/** The terminal side of `chat`: a spinner while the agent works, output never amid what is being typed. */
+class ChatTerminal {
+  readonly lines: ReturnType<typeof createInterface>;
+  private spinner: ReturnType<typeof setInterval> | null = null;
+  private frame = 0;
+  private readonly prompt = 'you › ';
+
+  constructor(
+    readonly interactive: boolean,
+    private readonly assistantName: string,
+  ) {
+    this.lines = createInterface({
+      input: process.stdin,
+      terminal: interactive,
+      ...(interactive ? { output: process.stdout, prompt: this.prompt } : {}),
+    });
+  }
+
+  /** Above the prompt, which is drawn again with what was typed. */
+  print(text: string, stream: NodeJS.WriteStream = process.stdout): void {
+    if (this.interactive) process.stdout.write('\r\x1b[2K');
+    stream.write(`${text}\n`);
+    if (this.interactive) this.lines.prompt(true);
+  }
+
+  problem(text: string): void {
+    this.print(this.interactive ? `\x1b[31m${text}\x1b[0m` : text, process.stderr);
+  }
+
+  working(busy: boolean): void {
+    if (!this.interactive) return;
+    if (busy && !this.spinner) {
+      this.spinner = setInterval(() => {
+        this.frame = (this.frame + 1) % SPINNER_FRAMES.length;
+        this.lines.setPrompt(`${SPINNER_FRAMES[this.frame]} ${this.assistantName} is working… ${this.prompt}`);
+        this.lines.prompt(true);
+      }, 120);
+    }
+    if (!busy && this.spinner) {
+      clearInterval(this.spinner);
+      this.spinner = null;
+      this.lines.setPrompt(this.prompt);
+      process.stdout.write('\r\x1b[2K');
+      this.lines.prompt(true);
+    }
+  }
+
+  onLineBegun(begun: () => void): void {
+    if (!this.interactive) return;
+    // readline handles the key first (its listener came first), so a line one long has just begun.
+    process.stdin.on('keypress', () => {
+      if (this.lines.line.length === 1) begun();
+    });
+  }
+
+  close(): void {
+    this.working(false);
+    this.lines.close();
+  }
+}
+
 // WhatsApp (baileys 7). Pure translation first, then the socket that uses it.
 
 type Baileys = typeof import('@whiskeysockets/baileys');
@@ -1962,16 +2002,15 @@ interface WhatsAppInbound {
 }
 
 export interface WhatsAppIdentity {
-  /** Our own JIDs (phone and LID forms). */
+  /** Phone and LID forms. */
   ownJids: ReadonlySet<string>;
   assistantName: string;
   hasOwnNumber: boolean;
   phoneForLid(lid: string): string | undefined;
-  /** The chat's trigger (`@Andy`), which an @mention of the bot's own number stands for. */
+  /** What an @mention of the bot's own number becomes (`@Andy`). */
   triggerFor?(chatJid: string): string;
-  /** Whether the bot sent a message under this id (its outbox): how its own messages are known, never by their text. */
+  /** How the bot's own messages are known (its outbox), never by their text. */
   sentByBot?(messageId: string): boolean;
-  /** For the times of events. */
   timezone?: string;
 }
 
@@ -1985,7 +2024,7 @@ function canonicalJid(jid: string, alt: string | null | undefined, identity: Wha
   return jidNormalizedUser(phone ?? jid);
 }
 
-/** The media message fields WhatsApp uses, in the order they are looked for, with the type to assume when none is given. */
+/** Media fields in the order looked for, with the type assumed when none is given. */
 const MEDIA_FIELDS = [
   ['imageMessage', 'image', 'image/jpeg'],
   ['videoMessage', 'video', 'video/mp4'],
@@ -2010,7 +2049,6 @@ function mediaOf(content: proto.IMessage): WhatsAppInbound['media'] | undefined 
   return undefined;
 }
 
-/** Message types that say nothing to read: reactions, votes, pins, receipts of the protocol. */
 const SILENT_TYPES = new Set([
   'reactionMessage',
   'encReactionMessage',
@@ -2052,7 +2090,6 @@ const describePoll = (poll: proto.Message.IPollCreationMessage) => {
 const placeOf = (place: { name?: string | null; address?: string | null } | null | undefined) =>
   [place?.name, place?.address].filter(Boolean).join(', ');
 
-/** What a message that is neither text nor media says, by its type (baileys' getContentType), in words the agent can read. */
 const DESCRIBE: {
   [T in keyof proto.IMessage]?: (message: NonNullable<proto.IMessage[T]>, timezone?: string) => string;
 } = {
@@ -2076,7 +2113,7 @@ const DESCRIBE: {
   },
 };
 
-/** A message's content, its type (baileys' getContentType) and that type's part, wrappers (ephemeral, view once, edited) removed. */
+/** Wrappers (ephemeral, view once, edited) removed. */
 interface WAContent {
   content: proto.IMessage;
   type: keyof proto.IMessage;
@@ -2089,7 +2126,6 @@ function contentWithType(message: proto.IMessage | null | undefined): WAContent 
   return content && type ? { content, type, part: content[type] } : null;
 }
 
-/** Its text, a media caption, or a description of what it is. */
 function bodyOf({ content, type, part }: WAContent, timezone: string | undefined): string {
   if (type === 'conversation') return content.conversation ?? '';
   if (type === 'extendedTextMessage') return content.extendedTextMessage?.text ?? '';
@@ -2101,11 +2137,7 @@ function bodyOf({ content, type, part }: WAContent, timezone: string | undefined
 const contextInfoOf = ({ part }: WAContent) =>
   (part as { contextInfo?: proto.IContextInfo | null } | null | undefined)?.contextInfo;
 
-/**
- * With its own number, the bot is @mentioned like a person: the text says `@<digits>` (its
- * phone number or its LID) and contextInfo.mentionedJid lists its JID. That mention is
- * the chat's trigger, so it reads as `@Andy` to the router and the agent alike.
- */
+/** With its own number the bot is @mentioned as `@<digits>`: that reads as the chat's trigger. */
 function withMentionsAsTrigger(
   text: string,
   mentioned: readonly string[],
@@ -2121,7 +2153,6 @@ function withMentionsAsTrigger(
   return rewritten === text ? `${trigger} ${text}` : rewritten;
 }
 
-/** The words of a message (or of an edit's new version), mentions of the bot's own number read as the trigger. */
 function wordsOf(found: WAContent, chatJid: string, identity: WhatsAppIdentity): string {
   const text = bodyOf(found, identity.timezone).trim();
   const mentioned = contextInfoOf(found)?.mentionedJid;
@@ -2130,7 +2161,6 @@ function wordsOf(found: WAContent, chatJid: string, identity: WhatsAppIdentity):
   return withMentionsAsTrigger(text, mentioned, identity.ownJids, trigger);
 }
 
-/** The message a reply quotes, as a line above its words. */
 function quoteOf(found: WAContent, identity: WhatsAppIdentity): string {
   const context = contextInfoOf(found);
   const quoted = contentWithType(context?.quotedMessage);
@@ -2140,10 +2170,8 @@ function quoteOf(found: WAContent, identity: WhatsAppIdentity): string {
   return `${toBot ? REPLY_TO_BOT_NOTE : '[replying to: "'}${quotedText.slice(0, 500)}"]\n`;
 }
 
-/** A readable message's chat (in phone form) and sender: us, a group's participant, or the other side of a direct chat. */
 function chatAndSender(raw: WAMessage, identity: WhatsAppIdentity) {
   const key = raw.key;
-  // Neither a broadcast list nor a status (status@broadcast).
   if (!key?.remoteJid || !key.id || baileys().isJidBroadcast(key.remoteJid)) return null;
   const chatJid = canonicalJid(key.remoteJid, key.remoteJidAlt, identity);
   const sender = key.fromMe
@@ -2154,12 +2182,7 @@ function chatAndSender(raw: WAMessage, identity: WhatsAppIdentity) {
   return { id: key.id, fromMe: Boolean(key.fromMe), chatJid, sender };
 }
 
-/**
- * Turns a baileys message into what the host stores, or null for what it ignores
- * (status broadcasts, reactions, votes, protocol messages, empty messages). Every other
- * kind becomes words: locations, contacts, polls and events described, anything unknown
- * named. Media is described here and downloaded by the channel.
- */
+/** What the host stores of a message, or null (statuses, reactions, votes, protocol, empty). */
 export function parseWhatsAppMessage(raw: WAMessage, identity: WhatsAppIdentity): WhatsAppInbound | null {
   const found = contentWithType(raw.message);
   const from = found && !SILENT_TYPES.has(found.type) ? chatAndSender(raw, identity) : null;
@@ -2192,7 +2215,7 @@ interface WhatsAppChange {
   content: string | null;
 }
 
-/** A protocol message that edits (MESSAGE_EDIT) or deletes for everyone (REVOKE) an earlier message; null for anything else. */
+/** An edit (MESSAGE_EDIT) or a delete for everyone (REVOKE); null for anything else. */
 export function parseWhatsAppChange(raw: WAMessage, identity: WhatsAppIdentity): WhatsAppChange | null {
   const protocol = baileys().normalizeMessageContent(raw.message)?.protocolMessage;
   const id = protocol?.key?.id;
@@ -2206,7 +2229,6 @@ export function parseWhatsAppChange(raw: WAMessage, identity: WhatsAppIdentity):
   return edited ? { chatJid, id, sender, content: wordsOf(edited, chatJid, identity) } : null;
 }
 
-/** Safe on every filesystem and unique enough per message. */
 export function safeMediaFileName(messageId: string, kind: MediaKind, mimetype: string, original?: string): string {
   const extension = (original?.match(/\.([A-Za-z0-9]{1,8})$/)?.[1] ?? mimetype.split('/')[1]?.split(';')[0] ?? 'bin')
     .toLowerCase()
@@ -2239,7 +2261,6 @@ export function toWhatsAppFormat(markdown: string): string {
     .join('');
 }
 
-/** The code still open at the end of a text. */
 export function openCodeAt(text: string): '```' | '`' | '' {
   let open: '```' | '`' | '' = '';
   for (let i = 0; i < text.length; i++) {
@@ -2251,12 +2272,7 @@ export function openCodeAt(text: string): '```' | '`' | '' {
   return open;
 }
 
-/**
- * Splits a long reply (4,000 characters a part: WhatsApp's limit, with room to spare) at
- * paragraph, then line, then sentence, then word boundaries. A code block or inline code
- * cut in two is closed at the end of one part and opened again at the start of the next,
- * so both keep their formatting (and the code its indentation).
- */
+/** 4,000 a part (WhatsApp's limit, with room), cut at paragraph, line, sentence, word; cut code closed and reopened. */
 export function splitForWhatsApp(text: string, limit = 4000): string[] {
   const parts: string[] = [];
   let rest = text.trim();
@@ -2283,7 +2299,7 @@ export function splitForWhatsApp(text: string, limit = 4000): string[] {
 
 /** Sliding-window limit per chat and overall, so a chatty agent cannot get the number banned. */
 export class RateLimiter {
-  /** When messages went, per chat, and to all chats under ''. */
+  /** Send times per chat; all chats under ''. */
   private readonly sent = new Map<string, number[]>();
 
   constructor(
@@ -2338,28 +2354,13 @@ class TtlCache<V = unknown> {
   }
 }
 
-/**
- * What a closed WhatsApp connection means (baileys 7.0.0-rc14 Types DisconnectReason; 403
- * and 419 are what baileys' Defaults UNAUTHORIZED_CODES count as unauthorized besides 401;
- * 405 is the server's refusal of the client version, which baileys closes with as is).
- */
-type DisconnectKind =
-  | 'logged-out'
-  | 'unauthorized'
-  | 'device-mismatch'
-  | 'replaced'
-  | 'restart'
-  | 'version-refused'
-  | 'qr-expired'
-  | 'network'
-  | 'other';
-
-export function disconnectKind(error: unknown): { kind: DisconnectKind; status?: number; detail: string } {
+/** baileys rc14 DisconnectReason; its UNAUTHORIZED_CODES add 403 and 419; 405 is the server refusing our version. */
+export function disconnectKind(error: unknown) {
   const boom = error as { output?: { statusCode?: number }; data?: { code?: string } } | undefined;
   const status = boom?.output?.statusCode;
   const detail = error === undefined ? 'no reason given' : errorText(error);
   const { DisconnectReason: reason, UNAUTHORIZED_CODES } = baileys();
-  const kindOf = (): DisconnectKind => {
+  const kindOf = () => {
     if (status === reason.loggedOut) return 'logged-out';
     if (status !== undefined && UNAUTHORIZED_CODES.includes(status)) return 'unauthorized';
     if (status === reason.multideviceMismatch) return 'device-mismatch';
@@ -2371,16 +2372,13 @@ export function disconnectKind(error: unknown): { kind: DisconnectKind; status?:
       return 'network';
     return 'other';
   };
-  return { kind: kindOf(), status, detail };
+  return { kind: kindOf(), status, detail } as const;
 }
+type DisconnectKind = ReturnType<typeof disconnectKind>['kind'];
 
 const RELINK = 'Link this machine again: bun nanoclaw.ts auth --relink';
 
-/**
- * What the service does after a close: stop with one line naming the fix (retrying would
- * only repeat the refusal, and risk the number), reconnect at once (a restart WhatsApp asks
- * for, after pairing or when it moves us), or wait with backoff.
- */
+/** Stop with the fix (retrying would repeat the refusal and risk the number), reconnect now, or back off. */
 function afterDisconnect(
   kind: DisconnectKind,
   status?: number,
@@ -2396,6 +2394,24 @@ function afterDisconnect(
   return { action: kind === 'restart' ? 'now' : 'backoff' };
 }
 
+/** What `auth` says when WhatsApp closes the linking connection, and whether to try again at once. */
+function authCloseMessage(error: unknown): { retry: boolean; message: string } {
+  const { kind, status, detail } = disconnectKind(error);
+  if (kind === 'restart') return { retry: true, message: '' }; // WhatsApp asks for a fresh connection right after pairing
+  const refused = `WhatsApp refused the link (${status}). On your phone, remove this device under Linked devices if it is listed, then run auth again.`;
+  const messages: Partial<Record<DisconnectKind, string>> = {
+    network: `No network: WhatsApp cannot be reached (${detail}). Check this machine's internet connection, then run auth again.`,
+    'qr-expired': 'The code expired before it was used. Run auth again and scan (or type) the new one within a minute.',
+    'version-refused':
+      'WhatsApp refused this client version (405). Run auth again (it looks the current version up); if it keeps failing, update NanoClaw (bun update @whiskeysockets/baileys).',
+    'logged-out': refused,
+    unauthorized: refused,
+    'device-mismatch': refused,
+  };
+  const closed = `WhatsApp closed the connection (${status ?? 'no status'}: ${detail}). Run auth again.`;
+  return { retry: false, message: messages[kind] ?? closed };
+}
+
 /** A connection that stayed open this long resets the reconnect backoff. */
 export const WHATSAPP_STABLE_MS = 60_000;
 
@@ -2405,7 +2421,6 @@ const CREDS_FILE = 'creds.json';
 /** creds.json as it was before its last write: what a damaged creds.json is restored from. */
 const CREDS_BACKUP = 'creds.json.bak';
 
-/** Whether a file's text is whole baileys credentials (not empty, not cut short). */
 function isCredsText(text: string): boolean {
   try {
     const creds = JSON.parse(text) as Partial<AuthenticationCreds> | null;
@@ -2431,10 +2446,7 @@ function writeFileDurablySync(path: string, text: string): void {
   renameSync(temp, path);
 }
 
-/**
- * The same, asynchronously; `keepPreviousAs` keeps the file being replaced under that name
- * (a hard link, or a copy where links are not allowed; renamed into place, so never half).
- */
+/** Asynchronously; `keepPreviousAs` keeps the replaced file under that name (a link, or a copy; never half). */
 async function writeFileDurably(path: string, text: string, keepPreviousAs?: string): Promise<void> {
   const temp = `${path}.${randomUUID().slice(0, 8)}.tmp`;
   await fsp.writeFile(temp, text, { mode: 0o600, flush: true });
@@ -2451,11 +2463,7 @@ async function writeFileDurably(path: string, text: string, keepPreviousAs?: str
   await dir.sync().finally(() => dir.close()); // the rename itself survives a power cut
 }
 
-/**
- * creds.json's text as last written whole. When it is missing, empty or cut short (a crash
- * or a full disk while an older NanoClaw wrote it in place) but creds.json.bak is whole,
- * the backup is put back, and the log says so.
- */
+/** creds.json as last written whole; a missing or cut-short one is restored from its backup. */
 function readCredsFile(authDir: string): { state: 'ok'; text: string } | { state: 'none' | 'damaged' } {
   const path = join(authDir, CREDS_FILE);
   const backup = join(authDir, CREDS_BACKUP);
@@ -2476,15 +2484,8 @@ function readCredsFile(authDir: string): { state: 'ok'; text: string } | { state
   return { state: 'ok', text: previous };
 }
 
-/**
- * baileys' multi-file auth state (useMultiFileAuthState's folder layout and file names, so
- * an existing link keeps working) with durable writes: each file written whole, the reads
- * and writes of one file in order, and creds.json's previous version kept as
- * creds.json.bak. Temp files a crash left are removed.
- */
-export async function useDurableAuthState(
-  authDir: string,
-): Promise<{ state: AuthenticationState; saveCreds(): Promise<void> }> {
+/** baileys' useMultiFileAuthState layout (an existing link keeps working), each file written whole, in order. */
+export async function useDurableAuthState(authDir: string) {
   const { BufferJSON, initAuthCreds, proto: waProto } = baileys();
   mkdirSync(authDir, { recursive: true, mode: 0o700 });
   for (const name of readdirSync(authDir)) if (name.endsWith('.tmp')) rmSync(join(authDir, name), { force: true });
@@ -2521,10 +2522,10 @@ export async function useDurableAuthState(
       await Promise.all(jobs);
     },
   };
-  return { state: { creds, keys }, saveCreds: () => write(CREDS_FILE, creds) };
+  const state: AuthenticationState = { creds, keys };
+  return { state, saveCreds: () => write(CREDS_FILE, creds) };
 }
 
-/** The state-table key of the last WhatsApp Web version looked up. */
 const WHATSAPP_VERSION_STATE = 'whatsapp_web_version';
 
 function parseWaVersion(text: string | null | undefined): WAVersion | null {
@@ -2538,44 +2539,36 @@ export interface WhatsAppOptions {
   authDir: string;
   assistantName: string;
   hasOwnNumber: boolean;
-  /** A registered chat's group folder (media goes to its media/), or null when the chat is not registered. */
+  /** Null for a chat not registered (its media is not downloaded). */
   mediaTreeFor(chatJid: string): AgentTree | null;
-  /** The trigger of a registered chat (an @mention of the bot becomes it); defaults to @<assistant name>. */
   triggerFor?(chatJid: string): string | undefined;
-  /** Whether the bot sent a message under this id (the store's outbox). */
   sentByBot?(messageId: string): boolean;
-  /** For the times of events (UTC when not given). */
   timezone?: string;
-  /** A voice note's words; none: voice notes are not transcribed. */
   transcribe?(audio: Uint8Array, fileName: string, mimetype: string): Promise<string>;
-  /** Group names are synced on connecting when the last sync is older than this. */
   groupSyncMaxAgeMs?: number;
   lastGroupSync?(): string | null;
   markGroupSync?(members: Record<string, number>): void;
   /** Another WhatsApp Web socket than WhatsApp's own; no version lookup then unless lookupVersion is given. */
   waWebSocketUrl?: string;
-  /** Default: baileys' fetchLatestWaWebVersion. */
   lookupVersion?(): Promise<{ version: WAVersion; isLatest: boolean }>;
-  /** The version last looked up, for when the lookup cannot be made. */
   knownVersion?(): WAVersion | null;
   rememberVersion?(version: WAVersion): void;
-  /** Keeps what WhatsApp was given for a message id, and gives it back for a resend. */
+  /** What WhatsApp was given for a message id, for a recipient's retry. */
   rememberSent?(messageId: string, content: Uint8Array): void;
   recallSent?(messageId: string): Uint8Array | null;
   reconnectBaseMs?: number;
   reconnectCapMs?: number;
   mediaReuploadTimeoutMs?: number;
   rateLimiter?: RateLimiter;
-  /** Called once when the channel stops for good, with the line that says what to do (re-link, keep one host…). */
+  /** Once, when the channel stops for good, with the line that says what to do. */
   onStopped?(why: string): void;
-  /** Reconnect delays, refreshes, rate limits, caches and the daily group sync (default: the system's). */
   clock?: Clock;
   onSocket?(sock: WASocket): void;
 }
 
 type BaileysEventMap = import('@whiskeysockets/baileys').BaileysEventMap;
 
-/** The events the channel (and auth) listen to: what a retired socket's listeners are removed from. */
+/** What a retired socket's listeners are removed from. */
 const WHATSAPP_EVENTS = [
   'connection.update',
   'creds.update',
@@ -2587,32 +2580,23 @@ const WHATSAPP_EVENTS = [
   'presence.update',
 ] as const;
 
-/** Who, other than us, a presence update (baileys' presence.update) says is typing or recording; null: nobody. */
-function typistOf(
-  presences: Record<string, { lastKnownPresence?: string }>,
-  ownJids: ReadonlySet<string>,
-): string | null {
+function typistOf(presences: Record<string, { lastKnownPresence?: string }>, ownJids: ReadonlySet<string>) {
   const typist = Object.entries(presences).find(([who, presence]) => {
     const typing = presence.lastKnownPresence === 'composing' || presence.lastKnownPresence === 'recording';
     return typing && !ownJids.has(baileys().jidNormalizedUser(who));
   });
-  return typist ? typist[0] : null;
+  return typist?.[0] ?? null;
 }
 
-/** WhatsApp shows "typing…" for about ten seconds unless it is said again: the channel says it this often while a turn runs. */
+/** WhatsApp shows "typing…" for about ten seconds unless it is said again. */
 export const WHATSAPP_TYPING_REFRESH_MS = 8_000;
 
-/**
- * A recording's words from an OpenAI-compatible `/audio/transcriptions` endpoint: a
- * multipart form with `file` and `model`, answered with JSON `{ "text": … }`. An error
- * names the status only, never the answer's body (it may quote the request's key).
- */
+/** OpenAI-compatible `/audio/transcriptions`; an error names the status only, never the body (it may quote the key). */
 async function transcribeAudio(
   endpoint: { url: string; model: string; apiKey?: string },
   audio: Uint8Array,
   fileName: string,
   mimetype: string,
-  timeoutMs = 120_000,
 ): Promise<string> {
   const form = new FormData();
   form.append('file', new Blob([audio], { type: mimetype.split(';')[0]!.trim() }), fileName);
@@ -2621,7 +2605,7 @@ async function transcribeAudio(
     method: 'POST',
     body: form,
     headers: endpoint.apiKey ? { authorization: `Bearer ${endpoint.apiKey}` } : {},
-    signal: AbortSignal.timeout(timeoutMs),
+    signal: AbortSignal.timeout(120_000),
   });
   if (!response.ok) throw new Error(`the transcription service answered ${response.status}`);
   const answer = (await response.json().catch(() => null)) as { text?: unknown } | null;
@@ -2633,16 +2617,12 @@ async function transcribeAudio(
 const GROUP_METADATA_TTL_MS = 5 * 60_000;
 const DAY_MS = 24 * 60 * 60_000;
 
-/**
- * WhatsApp through one live baileys socket. A socket that closes is retired (listeners
- * removed, ended) before the next one opens, with backoff; replies made while offline
- * wait in the store's outbox and go out once the connection is back (onReady).
- */
+/** One live baileys socket; a closed one is retired (listeners removed, ended) before the next opens, with backoff. */
 export class WhatsAppChannel implements Channel {
   readonly name = 'whatsapp';
   private handlers: ChannelHandlers | null = null;
   private sock: WASocket | null = null;
-  /** When the live connection opened (monotonic), or null while there is none. */
+  /** Monotonic. */
   private openedAt: number | null = null;
   private closed = false;
   private attempt = 0;
@@ -2650,22 +2630,19 @@ export class WhatsAppChannel implements Channel {
   private stopDailySync: (() => void) | null = null;
   private auth: ReturnType<typeof useDurableAuthState> | null = null;
   private readonly subscribed = new Set<string>();
-  /** Per chat showing "typing…", what stops refreshing it. */
   private readonly typingRefresh = new Map<string, () => void>();
   private readonly clock: Clock;
   private ownJids = new Set<string>();
   private readonly rateLimiter: RateLimiter;
   /** Outlives sockets, as baileys asks, so a message is not retried without end across reconnects. */
   private readonly retryCounts: TtlCache;
-  /** Raw metadata of our groups, for sends (baileys' cachedGroupMetadata), kept current by group events. */
+  /** For sends (baileys' cachedGroupMetadata), kept current by group events. */
   readonly groupMetadata: TtlCache<GroupMetadata>;
   private readonly chatLanes = new Map<string, Promise<unknown>>();
-  /** LID → phone JIDs WhatsApp told us (lid-mapping.update) or baileys knew. */
   private readonly lidToPhone = new Map<string, string>();
-  /** What the sockets announce; undefined: baileys' own. */
+  /** Undefined: baileys' own. */
   private waVersion: WAVersion | undefined;
   private lookUpVersion = true;
-  /** The version refusal is logged once per outage, not once per attempt. */
   private versionRefusalLogged = false;
 
   constructor(private readonly options: WhatsAppOptions) {
@@ -2679,11 +2656,7 @@ export class WhatsAppChannel implements Channel {
     return this.openedAt !== null;
   }
 
-  /**
-   * Whether store/auth holds a linked device, a pairing never finished, damaged credentials, or nothing.
-   * baileys writes creds.json as soon as a pairing code is asked for (`me` only); only a finished
-   * pairing adds `account`, the signed device identity (baileys 7 configureSuccessfulPairing).
-   */
+  /** baileys writes creds.json `me` when a pairing code is asked for; only a finished pairing adds `account`. */
   static linkState(authDir: string): LinkState {
     const file = readCredsFile(authDir);
     if (file.state !== 'ok') return file.state;
@@ -2711,10 +2684,7 @@ export class WhatsAppChannel implements Channel {
     this.stopDailySync = every(this.clock, DAY_MS, () => this.syncGroupsInBackground());
   }
 
-  /**
-   * The version to announce: WhatsApp Web's current one when it can be looked up (servers
-   * refuse a stale one), else the last that was looked up, else baileys' own.
-   */
+  /** WhatsApp Web's current version (servers refuse a stale one), else the last looked up, else baileys' own. */
   async resolveVersion(): Promise<void> {
     if (!this.lookUpVersion) return;
     this.lookUpVersion = false;
@@ -2740,8 +2710,7 @@ export class WhatsAppChannel implements Channel {
 
   private async openSocket(): Promise<void> {
     await this.resolveVersion();
-    // One auth state for every socket: a reconnect right after a credentials change (515 after
-    // pairing) must not read the file before that change is written.
+    // One auth state for every socket: a reconnect right after pairing (515) must not read creds mid-write.
     this.auth ??= useDurableAuthState(this.options.authDir).catch((err) => {
       this.auth = null; // the next attempt reads again
       throw err;
@@ -2754,8 +2723,7 @@ export class WhatsAppChannel implements Channel {
       // Signal keys are read for every message: kept in memory, written through to the files.
       auth: { creds: state.creds, keys: baileys().makeCacheableSignalKeyStore(state.keys, logger) },
       logger,
-      // "available" while connected, so WhatsApp delivers others' typing; but then the phone of
-      // the number stops notifying, so on a shared number (the owner's own phone) it stays off.
+      // "available" delivers others' typing, but silences the number's phone: off on a shared number.
       markOnlineOnConnect: this.options.hasOwnNumber,
       syncFullHistory: false,
       msgRetryCounterCache: this.retryCounts,
@@ -2807,7 +2775,7 @@ export class WhatsAppChannel implements Channel {
     });
   }
 
-  /** baileys' cachedGroupMetadata: the cached copy, or once it expired (or went stale) a fresh one, kept for the next sends. */
+  /** baileys' cachedGroupMetadata. */
   async cachedGroupMetadata(jid: string): Promise<GroupMetadata | undefined> {
     const cached = this.groupMetadata.get(jid);
     if (cached || !this.sock) return cached;
@@ -2816,7 +2784,6 @@ export class WhatsAppChannel implements Channel {
     return fresh;
   }
 
-  /** Groups WhatsApp gave whole (joined, or all of them in a sync). */
   private keepGroups(groups: GroupMetadata[]): void {
     for (const group of groups) {
       this.groupMetadata.set(group.id, group);
@@ -2824,13 +2791,12 @@ export class WhatsAppChannel implements Channel {
     }
   }
 
-  /** A change of something else carries no subject. */
   private learnGroupName(jid: string, subject: string | undefined | null): void {
     if (typeof subject === 'string' && subject.trim())
       this.handlers?.onChatMetadata?.({ jid, name: subject.trim(), isGroup: true });
   }
 
-  /** baileys' getMessage: what we sent under this id, exactly as sent, for a recipient's retry; never a placeholder. */
+  /** baileys' getMessage: exactly what we sent, for a recipient's retry; never a placeholder. */
   async getMessage(key: WAMessageKey): Promise<proto.IMessage | undefined> {
     const content = key.id ? this.options.recallSent?.(key.id) : null;
     return content ? baileys().proto.Message.decode(content) : undefined;
@@ -2844,14 +2810,13 @@ export class WhatsAppChannel implements Channel {
     sock.end(undefined).catch(() => {}); // already closed
   }
 
-  /** For good: the log and onStopped say why and what to do. */
   private stopFor(why: string, fields: Record<string, unknown> = {}): void {
     log.error(fields, why);
-    this.stop();
+    void this.disconnect();
     this.options.onStopped?.(why);
   }
 
-  private stop(): void {
+  async disconnect(): Promise<void> {
     this.closed = true;
     this.openedAt = null;
     this.cancelReconnect?.();
@@ -2940,7 +2905,6 @@ export class WhatsAppChannel implements Channel {
     };
   }
 
-  /** Phone forms baileys knows (locally) for the LIDs of a message's chat and sender. */
   private async learnPhonesFor(key: WAMessageKey): Promise<void> {
     const { isLidUser, jidNormalizedUser } = baileys();
     for (const jid of [key.remoteJid, key.participant]) {
@@ -2950,17 +2914,13 @@ export class WhatsAppChannel implements Channel {
     }
   }
 
-  /**
-   * Each chat's messages are taken one after another, in the order WhatsApp sent them (a
-   * photo still downloading holds back the question that followed it); chats run side by side.
-   */
+  /** In WhatsApp's order per chat (a photo downloading holds back the question after it); chats side by side. */
   private inChatOrder(raw: WAMessage): void {
     inLane(this.chatLanes, baileys().jidNormalizedUser(raw.key?.remoteJid ?? ''), () => this.onMessage(raw)).catch(
       (err) => log.error({ err: errorText(err), messageId: raw.key?.id }, 'Could not take an inbound WhatsApp message'),
     );
   }
 
-  /** Translates, downloads media for registered chats, hands to the host. */
   async onMessage(raw: WAMessage): Promise<void> {
     await this.learnPhonesFor(raw.key);
     const change = parseWhatsAppChange(raw, this.identity());
@@ -2974,11 +2934,7 @@ export class WhatsAppChannel implements Channel {
     this.handlers?.onMessage(message, { name: isGroup ? undefined : raw.pushName, isGroup });
   }
 
-  /**
-   * Downloads a message's media. Media older than WhatsApp keeps on its servers (404/410)
-   * is asked of the sender's phone again, then fetched once more. (baileys 7.0.0-rc14 would
-   * do this itself through reuploadRequest, but it looks for the status in the wrong field.)
-   */
+  /** Media expired (404/410) is reuploaded by the sender's phone (baileys rc14's own retry reads the wrong field). */
   private async download(raw: WAMessage): Promise<Buffer> {
     try {
       return await baileys().downloadMediaMessage(raw, 'buffer', {});
@@ -3003,7 +2959,6 @@ export class WhatsAppChannel implements Channel {
     }
   }
 
-  /** Saves the media in its group's media/: what the agent reads of it. */
   private async saveMedia(raw: WAMessage, { message, media }: WhatsAppInbound, tree: AgentTree): Promise<string> {
     const { kind, mimetype, fileName: original, bytes = 0 } = media!;
     const caption = message.content ? ` ${message.content}` : '';
@@ -3057,7 +3012,6 @@ export class WhatsAppChannel implements Channel {
     await this.deliverContent(jid, content, messageId);
   }
 
-  /** Within the rate limits, under its stable message id; what was sent is kept for resends. */
   private async deliverContent(jid: string, content: AnyMessageContent, messageId: string): Promise<void> {
     const wait = this.rateLimiter.delayFor(jid, this.clock.now());
     if (wait > 0) await new Promise<void>((resolve) => this.clock.after(wait, resolve));
@@ -3072,18 +3026,12 @@ export class WhatsAppChannel implements Channel {
     }
   }
 
-  /** The one place a message leaves for WhatsApp; returns the message as WhatsApp was given it. */
-  protected async send(
-    jid: string,
-    content: AnyMessageContent,
-    messageId: string,
-  ): Promise<proto.IMessage | undefined> {
+  protected async send(jid: string, content: AnyMessageContent, messageId: string) {
     if (!this.sock) throw new Error('no WhatsApp connection');
     const sent = await this.sock.sendMessage(jid, content, { messageId });
     return sent?.message ?? undefined;
   }
 
-  /** "typing…" in a chat, said again every WHATSAPP_TYPING_REFRESH_MS until it is stopped ("paused"). */
   async setTyping(jid: string, typing: boolean): Promise<void> {
     this.typingRefresh.get(jid)?.();
     this.typingRefresh.delete(jid);
@@ -3120,14 +3068,12 @@ export class WhatsAppChannel implements Channel {
     this.syncGroups().catch((err) => log.warn({ err }, 'Group sync failed'));
   }
 
-  async disconnect(): Promise<void> {
-    this.stop();
-  }
-
   get socket(): WASocket | null {
     return this.sock;
   }
 }
+
+const whatsAppAuthDir = (config: Config) => join(config.storeDir, 'auth');
 
 // ───────────────────────────── 7. Queue: one container per group, a limit for all ────
 
@@ -7282,8 +7228,6 @@ export async function startHost(
   return { host, store, release, finish };
 }
 
-const whatsAppAuthDir = (config: Config) => join(config.storeDir, 'auth');
-
 export function whatsAppChannel(config: Config, store: Store, extra: Partial<WhatsAppOptions> = {}): WhatsAppChannel {
   const { url, model } = config.transcribe;
   return new WhatsAppChannel({
@@ -7341,75 +7285,6 @@ function onShutdownSignal(stop: () => Promise<void>, interrupt?: () => void): vo
   };
   process.on('SIGINT', () => (interrupt ? interrupt() : handler('SIGINT')));
   process.on('SIGTERM', () => handler('SIGTERM'));
-}
-
-/** What the terminal shows while the agent works: a spinner in the prompt. */
-const SPINNER_FRAMES = ['⠋', '⠙', '⠹', '⠸', '⠼', '⠴', '⠦', '⠧', '⠇', '⠏'];
-
-/**
- * The terminal side of `chat`. On a terminal: a prompt that shows a spinner while the
- * agent works, and output that never lands in the middle of what the person is typing.
- * Piped: replies on stdout, problems on stderr, nothing else.
- */
-class ChatTerminal {
-  readonly lines: ReturnType<typeof createInterface>;
-  private spinner: ReturnType<typeof setInterval> | null = null;
-  private frame = 0;
-  private readonly prompt = 'you › ';
-
-  constructor(
-    readonly interactive: boolean,
-    private readonly assistantName: string,
-  ) {
-    this.lines = createInterface({
-      input: process.stdin,
-      terminal: interactive,
-      ...(interactive ? { output: process.stdout, prompt: this.prompt } : {}),
-    });
-  }
-
-  /** A line from the agent (or a note): above the prompt, which is drawn again with what was typed. */
-  print(text: string, stream: NodeJS.WriteStream = process.stdout): void {
-    if (this.interactive) process.stdout.write('\r\x1b[2K');
-    stream.write(`${text}\n`);
-    if (this.interactive) this.lines.prompt(true);
-  }
-
-  problem(text: string): void {
-    this.print(this.interactive ? `\x1b[31m${text}\x1b[0m` : text, process.stderr);
-  }
-
-  working(busy: boolean): void {
-    if (!this.interactive) return;
-    if (busy && !this.spinner) {
-      this.spinner = setInterval(() => {
-        this.frame = (this.frame + 1) % SPINNER_FRAMES.length;
-        this.lines.setPrompt(`${SPINNER_FRAMES[this.frame]} ${this.assistantName} is working… ${this.prompt}`);
-        this.lines.prompt(true);
-      }, 120);
-    }
-    if (!busy && this.spinner) {
-      clearInterval(this.spinner);
-      this.spinner = null;
-      this.lines.setPrompt(this.prompt);
-      process.stdout.write('\r\x1b[2K');
-      this.lines.prompt(true);
-    }
-  }
-
-  /** Calls `begun` at the first keystroke of each line (on a terminal; piped input has none). */
-  onLineBegun(begun: () => void): void {
-    if (!this.interactive) return;
-    // readline handles the key first (its listener came first), so a line one long has just begun.
-    process.stdin.on('keypress', () => {
-      if (this.lines.line.length === 1) begun();
-    });
-  }
-
-  close(): void {
-    this.working(false);
-    this.lines.close();
-  }
 }
 
 /** Resolves with the first turn of the chat that covers message `seq`. */
@@ -7568,24 +7443,6 @@ async function runService(config: Config): Promise<number> {
   console.error(await whenUnlinked); // otherwise runs until a signal
   await finish();
   return 2; // the user must act: the service unit does not restart on 2
-}
-
-/** What `auth` says when WhatsApp closes the linking connection, and whether to try again at once. */
-function authCloseMessage(error: unknown): { retry: boolean; message: string } {
-  const { kind, status, detail } = disconnectKind(error);
-  if (kind === 'restart') return { retry: true, message: '' }; // WhatsApp asks for a fresh connection right after pairing
-  const refused = `WhatsApp refused the link (${status}). On your phone, remove this device under Linked devices if it is listed, then run auth again.`;
-  const messages: Partial<Record<DisconnectKind, string>> = {
-    network: `No network: WhatsApp cannot be reached (${detail}). Check this machine's internet connection, then run auth again.`,
-    'qr-expired': 'The code expired before it was used. Run auth again and scan (or type) the new one within a minute.',
-    'version-refused':
-      'WhatsApp refused this client version (405). Run auth again (it looks the current version up); if it keeps failing, update NanoClaw (bun update @whiskeysockets/baileys).',
-    'logged-out': refused,
-    unauthorized: refused,
-    'device-mismatch': refused,
-  };
-  const closed = `WhatsApp closed the connection (${status ?? 'no status'}: ${detail}). Run auth again.`;
-  return { retry: false, message: messages[kind] ?? closed };
 }
 
 /** What `auth` does with what store/auth holds: link, start over (no device there), or replace a device only when the user says so. */
