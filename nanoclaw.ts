@@ -19,8 +19,8 @@
  *   9. Container    mounts, hardened docker arguments, the stdin/stdout contract, run logs
  *  10. Scheduler    when a task runs next
  *  11. IPC          files from the agent, authorised by the folder they appear in
- *  12. Host         the pieces wired together: inbound → queue → container → outbound
- *  13. CLI          commands, start-up checks and main()
+ *  12. Host         the pieces wired together (inbound → queue → container → outbound), and started
+ *  13. CLI          commands and main()
  *
  * The host ⇄ container protocol is in container/CONTRACT.md; what the containment guarantees (and not) in SECURITY.md.
  */
@@ -5613,7 +5613,7 @@ export class IpcWatcher {
   }
 }
 
-// ───────────────────────────── 12. Host: inbound → queue → container → outbound ──────
+// ───────────────────────────── 12. Host: inbound → queue → container → outbound; start-up ─
 
 interface RetryEvent {
   chatJid: string;
@@ -6996,7 +6996,7 @@ export class Host {
   }
 }
 
-// ───────────────────────────── 13. CLI: commands, start-up checks, main() ────────────
+// Starting the host: checks before it runs, one host per project, its store, its channels.
 
 /** A mistake in how a command was called: one line, then that command's usage; exit 2. */
 class UsageError extends Error {
@@ -7006,53 +7006,6 @@ class UsageError extends Error {
   ) {
     super(message);
   }
-}
-
-class HelpRequested extends Error {
-  constructor(readonly command: string) {
-    super(`help for ${command}`);
-  }
-}
-
-function parseArgsMistake(err: unknown): string {
-  const message = errorText(err);
-  const quoted = /'([^']+)'/.exec(message)?.[1] ?? '';
-  if (errorCode(err) === 'ERR_PARSE_ARGS_UNKNOWN_OPTION') return `Unknown option ${quoted}.`;
-  if (errorCode(err) !== 'ERR_PARSE_ARGS_INVALID_OPTION_VALUE') return message;
-  const option = quoted.split(' ')[0]!;
-  if (/does not take an argument/.test(message)) return `${option} takes no value.`;
-  if (/ambiguous/.test(message)) return `${option} needs a value (one that starts with "-" goes as ${option}=-…).`;
-  return `${option} needs a value.`;
-}
-
-type CommandOptions = Record<string, { type: 'string' | 'boolean'; multiple?: boolean }>;
-type OptionValues = Record<string, string | boolean | string[] | undefined>;
-
-/** Strict parseArgs: a mistake becomes a UsageError naming the command; `--help`/`-h` anywhere shows its usage. */
-function commandArgs(
-  command: string,
-  args: string[],
-  options: CommandOptions = {},
-): { values: OptionValues; positionals: string[] } {
-  try {
-    const parsed = parseArgs({
-      args,
-      allowPositionals: true,
-      strict: true,
-      options: { ...options, help: { type: 'boolean', short: 'h' } },
-    });
-    if (!parsed.values.help) return parsed;
-  } catch (err) {
-    if (!args.includes('--help') && !args.includes('-h')) throw new UsageError(parseArgsMistake(err), command);
-  }
-  throw new HelpRequested(command);
-}
-
-function positiveOption(command: string, name: string, raw: OptionValues[string], fallback: number): number {
-  if (raw === undefined) return fallback;
-  if (typeof raw !== 'string' || !/^\d+$/.test(raw.trim()) || Number(raw) <= 0)
-    throw new UsageError(`--${name} takes a whole number above 0, not "${raw}".`, command);
-  return Number(raw);
 }
 
 /** Runs a command to completion; never throws for a missing binary. */
@@ -7268,6 +7221,55 @@ export function makeSelfChatMain(config: Config, store: Store, selfJid: string):
     log.info({ jid: selfJid }, 'Main group moved to the WhatsApp self-chat');
   }
   return store.mainGroup()!;
+}
+
+// ───────────────────────────── 13. CLI: the command table, its runner, main() ──────────
+
+class HelpRequested extends Error {
+  constructor(readonly command: string) {
+    super(`help for ${command}`);
+  }
+}
+
+function parseArgsMistake(err: unknown): string {
+  const message = errorText(err);
+  const quoted = /'([^']+)'/.exec(message)?.[1] ?? '';
+  if (errorCode(err) === 'ERR_PARSE_ARGS_UNKNOWN_OPTION') return `Unknown option ${quoted}.`;
+  if (errorCode(err) !== 'ERR_PARSE_ARGS_INVALID_OPTION_VALUE') return message;
+  const option = quoted.split(' ')[0]!;
+  if (/does not take an argument/.test(message)) return `${option} takes no value.`;
+  if (/ambiguous/.test(message)) return `${option} needs a value (one that starts with "-" goes as ${option}=-…).`;
+  return `${option} needs a value.`;
+}
+
+type CommandOptions = Record<string, { type: 'string' | 'boolean'; multiple?: boolean }>;
+type OptionValues = Record<string, string | boolean | string[] | undefined>;
+
+/** Strict parseArgs: a mistake becomes a UsageError naming the command; `--help`/`-h` anywhere shows its usage. */
+function commandArgs(
+  command: string,
+  args: string[],
+  options: CommandOptions = {},
+): { values: OptionValues; positionals: string[] } {
+  try {
+    const parsed = parseArgs({
+      args,
+      allowPositionals: true,
+      strict: true,
+      options: { ...options, help: { type: 'boolean', short: 'h' } },
+    });
+    if (!parsed.values.help) return parsed;
+  } catch (err) {
+    if (!args.includes('--help') && !args.includes('-h')) throw new UsageError(parseArgsMistake(err), command);
+  }
+  throw new HelpRequested(command);
+}
+
+function positiveOption(command: string, name: string, raw: OptionValues[string], fallback: number): number {
+  if (raw === undefined) return fallback;
+  if (typeof raw !== 'string' || !/^\d+$/.test(raw.trim()) || Number(raw) <= 0)
+    throw new UsageError(`--${name} takes a whole number above 0, not "${raw}".`, command);
+  return Number(raw);
 }
 
 /**
