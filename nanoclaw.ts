@@ -3519,14 +3519,6 @@ function listenOnRunSocket<Server>(socketPath: string, listen: () => Server): Se
   return server;
 }
 
-interface ProxyRun {
-  /** Worthless without a live run and outside the proxy. */
-  readonly token: string;
-  readonly socketPath?: string; // unix mode
-  readonly url?: string; // tcp mode (Docker Desktop)
-  close(): void;
-}
-
 export interface ModelProxyOptions {
   /** unix: one socket per run, mounted into the container; tcp: one loopback port (Docker Desktop). */
   mode: 'unix' | 'tcp';
@@ -3547,7 +3539,8 @@ export class ModelProxy {
 
   constructor(private readonly options: ModelProxyOptions) {}
 
-  open(groupFolder: string, runId: string): ProxyRun {
+  /** The token is worthless without a live run and outside the proxy. */
+  open(groupFolder: string, runId: string) {
     const token = `ncp-${randomUUID().replace(/-/g, '')}`;
     this.live.set(token, { folder: groupFolder, inFlight: 0 });
     const forget = () => this.live.delete(token);
@@ -4046,12 +4039,10 @@ export function installId(config: Config): string {
 
 export const INSTALL_LABEL = 'nanoclaw.install';
 
-/** A run's id: names the container (nanoclaw-<id>) and its proxy socket. */
-function runId(config: Config, folder: string, now = Date.now()): string {
-  return `${installId(config)}-${folder}-${now}`;
-}
-
-export function containerEnvironment(config: Config, proxy: Pick<ProxyRun, 'url'> | null): Record<string, string> {
+export function containerEnvironment(
+  config: Config,
+  proxy: { url?: string | undefined } | null,
+): Record<string, string> {
   const env: Record<string, string> = {
     TZ: config.timezone,
     ASSISTANT_NAME: config.assistantName,
@@ -4307,7 +4298,8 @@ type RunPlan = ReturnType<typeof prepareRun>;
 function prepareRun(options: RunContainerOptions, startedAt: Date) {
   const { config, group } = options;
   const trees = prepareGroupFolders(config, group);
-  const id = runId(config, group.folder, startedAt.getTime());
+  // Names the container (nanoclaw-<id>), its inbox and its proxy sockets.
+  const id = `${installId(config)}-${group.folder}-${startedAt.getTime()}`;
   // The run's own inbox: no container left from an earlier run (or host) can read its follow-ups.
   const inbox = new AgentTree(join(inboxRoot(config), id), containerOwner());
   inbox.ensureDir('.');
@@ -5063,7 +5055,7 @@ function scheduleTask(request: NewTaskRequest, { config, store, source, effects 
   return `scheduled as ${id}; first run ${formatLocalTime(nextRun.toISOString(), config.timezone)} (${config.timezone})`;
 }
 
-function resumeTask(taskId: string, { config, store, source, effects }: IpcActionContext): string {
+function resumeTask({ taskId }: { taskId: string }, { config, store, source, effects }: IpcActionContext): string {
   const task = store.getTask(taskId)!;
   // A removed group's task stays paused until the group is registered again (the CLI too).
   if (!store.groupByFolder(task.groupFolder))
@@ -5177,7 +5169,7 @@ function defineIpcActions(z: Zod) {
         const task = store.getTask(request.taskId);
         return task ? scheduleLimit(config, store, source, task, task.status !== 'active') : null;
       },
-      apply: (request, ctx) => resumeTask(request.taskId, ctx),
+      apply: resumeTask,
     }),
     cancel_task: ipcAction({
       kind: 'tasks',
