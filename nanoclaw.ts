@@ -4708,7 +4708,7 @@ export function computeNextRun(type: ScheduleType, value: string, timezone: stri
         job = new Cron(value, { timezone, paused: true });
       } catch (err) {
         throw new ScheduleError(
-          `"${value}" is not a valid cron expression (${err instanceof Error ? err.message : err}); e.g. "0 9 * * 1-5" = weekdays at 09:00`,
+          `"${value}" is not a valid cron expression (${errorText(err)}); e.g. "0 9 * * 1-5" = weekdays at 09:00`,
         );
       }
       return job.nextRun(from);
