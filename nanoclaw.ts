@@ -5388,7 +5388,6 @@ interface IpcHandlers {
 }
 
 export type IpcKind = 'messages' | 'tasks';
-const IPC_KINDS: readonly IpcKind[] = ['messages', 'tasks'];
 
 export const IPC_ERRORS_KEPT = 100;
 /** Files taken from one folder per pass, so a flooding group cannot hold up the others. */
@@ -5476,7 +5475,7 @@ export class IpcWatcher {
     for (const entry of readdirSync(this.ipcDir, { withFileTypes: true })) {
       if (!entry.isDirectory() || !isValidFolder(entry.name)) continue;
       const tree = new AgentTree(join(this.ipcDir, entry.name));
-      for (const kind of IPC_KINDS) {
+      for (const kind of ['messages', 'tasks'] as const) {
         let taken = 0;
         for (const name of this.pending(tree, entry.name, kind)) {
           if (taken++ >= IPC_FILES_PER_PASS) {
