@@ -727,15 +727,15 @@ export class AgentTree {
     return this.readBytes(rel, maxBytes).toString('utf8');
   }
 
-  readBytes(rel: string, maxBytes = MAX_AGENT_FILE_BYTES): Buffer {
-    return this.withParent(rel, false, (dir, name) => readLast(dir.at(name), join(dir.shown, name), maxBytes));
+  readBytes(rel: string, maxBytes = MAX_AGENT_FILE_BYTES, lastBytes = maxBytes): Buffer {
+    return this.withParent(rel, false, (dir, name) =>
+      readLast(dir.at(name), join(dir.shown, name), maxBytes, lastBytes),
+    );
   }
 
   /** The last maxBytes of a regular file of any size (to show a log). */
   tail(rel: string, maxBytes: number): string {
-    return this.withParent(rel, false, (dir, name) =>
-      readLast(dir.at(name), join(dir.shown, name), Number.MAX_SAFE_INTEGER, maxBytes).toString('utf8'),
-    );
+    return this.readBytes(rel, Number.MAX_SAFE_INTEGER, maxBytes).toString('utf8');
   }
 
   /** Creates a new file; an existing name (file, link, anything) is never replaced or followed. */
@@ -1038,10 +1038,6 @@ const PATCHABLE_TASK_FIELD =
 
 const cursorKey = (chatJid: string) => `cursor:${chatJid}`;
 const now = () => new Date().toISOString();
-
-/** Why a removed group's tasks are paused (tasks list, tasks show and main's list_tasks show it). */
-const removedGroupReason = (at: Date) =>
-  `its group was removed on ${at.toISOString().slice(0, 10)}; register the group again to resume it`;
 
 const BUSY_TIMEOUT_MS = 1_000;
 
@@ -1347,8 +1343,10 @@ export class Store {
     });
   }
 
-  /** Unregisters a chat; its active tasks are paused with `pausedReason` (they would run for nobody). */
-  removeGroup(jid: string, pausedReason = removedGroupReason(new Date())): boolean {
+  /** Unregisters a chat; its active tasks are paused (they would run for nobody), saying why in tasks list/show. */
+  removeGroup(jid: string): boolean {
+    const day = now().slice(0, 10);
+    const pausedReason = `its group was removed on ${day}; register the group again to resume it`;
     this.taskWrites++;
     return this.transaction(() => {
       const folder = this.groupByJid(jid)?.folder;
@@ -2008,7 +2006,7 @@ export interface WhatsAppIdentity {
   hasOwnNumber: boolean;
   phoneForLid(lid: string): string | undefined;
   /** What an @mention of the bot's own number becomes (`@Andy`). */
-  triggerFor?(chatJid: string): string;
+  triggerFor?(chatJid: string): string | undefined;
   /** How the bot's own messages are known (its outbox), never by their text. */
   sentByBot?(messageId: string): boolean;
   timezone?: string;
@@ -2545,7 +2543,6 @@ export interface WhatsAppOptions {
   sentByBot?(messageId: string): boolean;
   timezone?: string;
   transcribe?(audio: Uint8Array, fileName: string, mimetype: string): Promise<string>;
-  groupSyncMaxAgeMs?: number;
   lastGroupSync?(): string | null;
   markGroupSync?(members: Record<string, number>): void;
   /** Another WhatsApp Web socket than WhatsApp's own; no version lookup then unless lookupVersion is given. */
@@ -2846,8 +2843,7 @@ export class WhatsAppChannel implements Channel {
     this.subscribed.clear();
     for (const jid of this.handlers?.watchedChats?.() ?? []) this.subscribe(jid);
     const last = this.options.lastGroupSync?.();
-    if (!last || this.clock.now() - new Date(last).getTime() > (this.options.groupSyncMaxAgeMs ?? DAY_MS))
-      this.syncGroupsInBackground();
+    if (!last || this.clock.now() - new Date(last).getTime() > DAY_MS) this.syncGroupsInBackground();
   }
 
   private closedBy(error: unknown): void {
@@ -2892,12 +2888,8 @@ export class WhatsAppChannel implements Channel {
   private identity(): WhatsAppIdentity {
     const sock = this.sock;
     return {
+      ...this.options,
       ownJids: this.ownJids,
-      assistantName: this.options.assistantName,
-      hasOwnNumber: this.options.hasOwnNumber,
-      triggerFor: (chatJid) => this.options.triggerFor?.(chatJid) ?? `@${this.options.assistantName}`,
-      sentByBot: (messageId) => this.options.sentByBot?.(messageId) ?? false,
-      timezone: this.options.timezone,
       phoneForLid: (lid) => {
         const own = sock?.user?.lid && baileys().jidNormalizedUser(sock.user.lid) === lid ? sock.user.id : undefined;
         return own ?? this.lidToPhone.get(lid);
