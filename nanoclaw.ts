@@ -2376,20 +2376,15 @@ type DisconnectKind = ReturnType<typeof disconnectKind>['kind'];
 
 const RELINK = 'Link this machine again: bun nanoclaw.ts auth --relink';
 
-/** Stop with the fix (retrying would repeat the refusal and risk the number), reconnect now, or back off. */
-function afterDisconnect(
-  kind: DisconnectKind,
-  status?: number,
-): { action: 'stop'; says: string } | { action: 'now' | 'backoff' } {
-  const says = {
+/** The fix to stop with, for a refusal that retrying would only repeat (and risk the number); else undefined. */
+function stopReason(kind: DisconnectKind, status?: number): string | undefined {
+  return {
     'logged-out': `WhatsApp logged this device out (401). ${RELINK}`,
     unauthorized: `WhatsApp refused this device (${status}: not authorized; the number may also be restricted, check the phone). ${RELINK}`,
     'device-mismatch': `WhatsApp does not accept this linked device any more (411). ${RELINK}`,
     replaced:
       'Another NanoClaw (or another program with these credentials) took over this WhatsApp session (440). Stopped here so the two do not take it from each other: keep one running.',
   }[kind as string];
-  if (says) return { action: 'stop', says };
-  return { action: kind === 'restart' ? 'now' : 'backoff' };
 }
 
 /** What `auth` says when WhatsApp closes the linking connection, and whether to try again at once. */
@@ -2418,15 +2413,6 @@ type LinkState = 'linked' | 'pending' | 'damaged' | 'none';
 const CREDS_FILE = 'creds.json';
 /** creds.json as it was before its last write: what a damaged creds.json is restored from. */
 const CREDS_BACKUP = 'creds.json.bak';
-
-function isCredsText(text: string): boolean {
-  try {
-    const creds = JSON.parse(text) as Partial<AuthenticationCreds> | null;
-    return Boolean(creds?.noiseKey && creds.signedIdentityKey && Number.isInteger(creds.registrationId));
-  } catch {
-    return false;
-  }
-}
 
 /** Runs `job` once the last job of its lane (`key`) has ended; lanes run side by side, and an idle one is forgotten. */
 function inLane<T>(lanes: Map<string, Promise<unknown>>, key: string, job: () => Promise<T>): Promise<T> {
@@ -2467,7 +2453,12 @@ function readCredsFile(authDir: string): { state: 'ok'; text: string } | { state
   const backup = join(authDir, CREDS_BACKUP);
   const whole = (file: string) => {
     const text = existsSync(file) ? readFileSync(file, 'utf8') : '';
-    return isCredsText(text) ? text : null;
+    try {
+      const creds = JSON.parse(text) as Partial<AuthenticationCreds> | null;
+      return creds?.noiseKey && creds.signedIdentityKey && Number.isInteger(creds.registrationId) ? text : null;
+    } catch {
+      return null; // empty or cut short
+    }
   };
   const current = whole(path);
   if (current) return { state: 'ok', text: current };
@@ -2610,8 +2601,6 @@ async function transcribeAudio(
   return answer.text.trim();
 }
 
-/** Group metadata is good for this long (baileys' README suggests five minutes). */
-const GROUP_METADATA_TTL_MS = 5 * 60_000;
 const DAY_MS = 24 * 60 * 60_000;
 
 /** One live baileys socket; a closed one is retired (listeners removed, ended) before the next opens, with backoff. */
@@ -2646,7 +2635,7 @@ export class WhatsAppChannel implements Channel {
     this.clock = options.clock ?? systemClock;
     this.rateLimiter = options.rateLimiter ?? new RateLimiter();
     this.retryCounts = new TtlCache(60 * 60_000, 10_000, this.clock);
-    this.groupMetadata = new TtlCache<GroupMetadata>(GROUP_METADATA_TTL_MS, 500, this.clock);
+    this.groupMetadata = new TtlCache<GroupMetadata>(5 * 60_000, 500, this.clock); // baileys' README suggests 5 min
   }
 
   get ready(): boolean {
@@ -2851,9 +2840,9 @@ export class WhatsAppChannel implements Channel {
     if (this.openedAt !== null && this.clock.monotonic() - this.openedAt >= WHATSAPP_STABLE_MS) this.attempt = 0;
     this.openedAt = null;
     const { kind, status, detail } = disconnectKind(error);
-    const next = afterDisconnect(kind, status);
-    if (next.action === 'stop') {
-      this.stopFor(next.says, { status, reason: detail });
+    const says = stopReason(kind, status);
+    if (says) {
+      this.stopFor(says, { status, reason: detail });
       return;
     }
     if (kind !== 'version-refused') log.warn({ status, kind, reason: detail }, 'WhatsApp disconnected');
@@ -2866,7 +2855,7 @@ export class WhatsAppChannel implements Channel {
         );
       this.versionRefusalLogged = true;
     }
-    this.scheduleReconnect(next.action === 'now');
+    this.scheduleReconnect(kind === 'restart');
   }
 
   private scheduleReconnect(now = false): void {
