@@ -1028,7 +1028,6 @@ const fromRow = <T>(row: object): T =>
   Object.fromEntries(Object.entries(row).map(([column, value]) => [fieldName(column), fieldValue(column, value)])) as T;
 
 type OutboundRow = Omit<OutboundMessage, 'file'> & { file: Uint8Array | null; fileMeta: string | null };
-const OUTBOUND_COLUMNS = 'o.id, o.chat_jid AS jid, o.text, o.message_id, o.attempts, o.file, o.file_meta';
 const toOutbound = ({ file, fileMeta, ...part }: OutboundRow): OutboundMessage =>
   file && fileMeta ? { ...part, file: { ...(JSON.parse(fileMeta) as Omit<OutboundFile, 'data'>), data: file } } : part;
 
@@ -1236,16 +1235,14 @@ export class Store {
 
   /** The oldest unsent part of each chat of a channel (each chat's lane is sent in order). */
   unsentHeads = (channel: string) =>
-    this.all<OutboundRow>(
-      `SELECT ${OUTBOUND_COLUMNS} FROM outbox o
-       JOIN (SELECT MIN(id) AS id FROM outbox WHERE channel = ? AND sent_at IS NULL GROUP BY chat_jid) head ON o.id = head.id
-       ORDER BY o.id`,
+    this.unsentParts(
+      'JOIN (SELECT MIN(id) AS id FROM outbox WHERE channel = ? AND sent_at IS NULL GROUP BY chat_jid) head ON o.id = head.id',
       channel,
-    ).map(toOutbound);
-
-  unsent = (channel: string) =>
+    );
+  unsent = (channel: string) => this.unsentParts('WHERE channel = ? AND sent_at IS NULL', channel);
+  private unsentParts = (where: string, channel: string) =>
     this.all<OutboundRow>(
-      `SELECT ${OUTBOUND_COLUMNS} FROM outbox o WHERE channel = ? AND sent_at IS NULL ORDER BY id`,
+      `SELECT o.id, o.chat_jid AS jid, o.text, o.message_id, o.attempts, o.file, o.file_meta FROM outbox o ${where} ORDER BY o.id`,
       channel,
     ).map(toOutbound);
 
@@ -1999,17 +1996,11 @@ interface WhatsAppInbound {
   media?: { kind: MediaKind; mimetype: string; fileName?: string; bytes?: number; caption: string };
 }
 
-export interface WhatsAppIdentity {
+export interface WhatsAppIdentity
+  extends Pick<WhatsAppOptions, 'assistantName' | 'hasOwnNumber' | 'triggerFor' | 'sentByBot' | 'timezone'> {
   /** Phone and LID forms. */
   ownJids: ReadonlySet<string>;
-  assistantName: string;
-  hasOwnNumber: boolean;
   phoneForLid(lid: string): string | undefined;
-  /** What an @mention of the bot's own number becomes (`@Andy`). */
-  triggerFor?(chatJid: string): string | undefined;
-  /** How the bot's own messages are known (its outbox), never by their text. */
-  sentByBot?(messageId: string): boolean;
-  timezone?: string;
 }
 
 /** A chat or sender JID in phone form: device suffix dropped, LID translated when known. */
@@ -2530,7 +2521,9 @@ export interface WhatsAppOptions {
   hasOwnNumber: boolean;
   /** Null for a chat not registered (its media is not downloaded). */
   mediaTreeFor(chatJid: string): AgentTree | null;
+  /** What an @mention of the bot's own number becomes (`@Andy`). */
   triggerFor?(chatJid: string): string | undefined;
+  /** How the bot's own messages are known (its outbox), never by their text. */
   sentByBot?(messageId: string): boolean;
   timezone?: string;
   transcribe?(audio: Uint8Array, fileName: string, mimetype: string): Promise<string>;
