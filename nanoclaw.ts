@@ -727,15 +727,15 @@ export class AgentTree {
     return this.readBytes(rel, maxBytes).toString('utf8');
   }
 
-  readBytes(rel: string, maxBytes = MAX_AGENT_FILE_BYTES): Buffer {
-    return this.withParent(rel, false, (dir, name) => readLast(dir.at(name), join(dir.shown, name), maxBytes));
+  readBytes(rel: string, maxBytes = MAX_AGENT_FILE_BYTES, lastBytes = maxBytes): Buffer {
+    return this.withParent(rel, false, (dir, name) =>
+      readLast(dir.at(name), join(dir.shown, name), maxBytes, lastBytes),
+    );
   }
 
   /** The last maxBytes of a regular file of any size (to show a log). */
   tail(rel: string, maxBytes: number): string {
-    return this.withParent(rel, false, (dir, name) =>
-      readLast(dir.at(name), join(dir.shown, name), Number.MAX_SAFE_INTEGER, maxBytes).toString('utf8'),
-    );
+    return this.readBytes(rel, Number.MAX_SAFE_INTEGER, maxBytes).toString('utf8');
   }
 
   /** Creates a new file; an existing name (file, link, anything) is never replaced or followed. */
@@ -1028,7 +1028,6 @@ const fromRow = <T>(row: object): T =>
   Object.fromEntries(Object.entries(row).map(([column, value]) => [fieldName(column), fieldValue(column, value)])) as T;
 
 type OutboundRow = Omit<OutboundMessage, 'file'> & { file: Uint8Array | null; fileMeta: string | null };
-const OUTBOUND_COLUMNS = 'o.id, o.chat_jid AS jid, o.text, o.message_id, o.attempts, o.file, o.file_meta';
 const toOutbound = ({ file, fileMeta, ...part }: OutboundRow): OutboundMessage =>
   file && fileMeta ? { ...part, file: { ...(JSON.parse(fileMeta) as Omit<OutboundFile, 'data'>), data: file } } : part;
 
@@ -1038,10 +1037,6 @@ const PATCHABLE_TASK_FIELD =
 
 const cursorKey = (chatJid: string) => `cursor:${chatJid}`;
 const now = () => new Date().toISOString();
-
-/** Why a removed group's tasks are paused (tasks list, tasks show and main's list_tasks show it). */
-const removedGroupReason = (at: Date) =>
-  `its group was removed on ${at.toISOString().slice(0, 10)}; register the group again to resume it`;
 
 const BUSY_TIMEOUT_MS = 1_000;
 
@@ -1240,16 +1235,14 @@ export class Store {
 
   /** The oldest unsent part of each chat of a channel (each chat's lane is sent in order). */
   unsentHeads = (channel: string) =>
-    this.all<OutboundRow>(
-      `SELECT ${OUTBOUND_COLUMNS} FROM outbox o
-       JOIN (SELECT MIN(id) AS id FROM outbox WHERE channel = ? AND sent_at IS NULL GROUP BY chat_jid) head ON o.id = head.id
-       ORDER BY o.id`,
+    this.unsentParts(
+      'JOIN (SELECT MIN(id) AS id FROM outbox WHERE channel = ? AND sent_at IS NULL GROUP BY chat_jid) head ON o.id = head.id',
       channel,
-    ).map(toOutbound);
-
-  unsent = (channel: string) =>
+    );
+  unsent = (channel: string) => this.unsentParts('WHERE channel = ? AND sent_at IS NULL', channel);
+  private unsentParts = (where: string, channel: string) =>
     this.all<OutboundRow>(
-      `SELECT ${OUTBOUND_COLUMNS} FROM outbox o WHERE channel = ? AND sent_at IS NULL ORDER BY id`,
+      `SELECT o.id, o.chat_jid AS jid, o.text, o.message_id, o.attempts, o.file, o.file_meta FROM outbox o ${where} ORDER BY o.id`,
       channel,
     ).map(toOutbound);
 
@@ -1347,8 +1340,10 @@ export class Store {
     });
   }
 
-  /** Unregisters a chat; its active tasks are paused with `pausedReason` (they would run for nobody). */
-  removeGroup(jid: string, pausedReason = removedGroupReason(new Date())): boolean {
+  /** Unregisters a chat; its active tasks are paused (they would run for nobody), saying why in tasks list/show. */
+  removeGroup(jid: string): boolean {
+    const day = now().slice(0, 10);
+    const pausedReason = `its group was removed on ${day}; register the group again to resume it`;
     this.taskWrites++;
     return this.transaction(() => {
       const folder = this.groupByJid(jid)?.folder;
@@ -2001,17 +1996,11 @@ interface WhatsAppInbound {
   media?: { kind: MediaKind; mimetype: string; fileName?: string; bytes?: number; caption: string };
 }
 
-export interface WhatsAppIdentity {
+export interface WhatsAppIdentity
+  extends Pick<WhatsAppOptions, 'assistantName' | 'hasOwnNumber' | 'triggerFor' | 'sentByBot' | 'timezone'> {
   /** Phone and LID forms. */
   ownJids: ReadonlySet<string>;
-  assistantName: string;
-  hasOwnNumber: boolean;
   phoneForLid(lid: string): string | undefined;
-  /** What an @mention of the bot's own number becomes (`@Andy`). */
-  triggerFor?(chatJid: string): string;
-  /** How the bot's own messages are known (its outbox), never by their text. */
-  sentByBot?(messageId: string): boolean;
-  timezone?: string;
 }
 
 /** A chat or sender JID in phone form: device suffix dropped, LID translated when known. */
@@ -2378,20 +2367,15 @@ type DisconnectKind = ReturnType<typeof disconnectKind>['kind'];
 
 const RELINK = 'Link this machine again: bun nanoclaw.ts auth --relink';
 
-/** Stop with the fix (retrying would repeat the refusal and risk the number), reconnect now, or back off. */
-function afterDisconnect(
-  kind: DisconnectKind,
-  status?: number,
-): { action: 'stop'; says: string } | { action: 'now' | 'backoff' } {
-  const says = {
+/** The fix to stop with, for a refusal that retrying would only repeat (and risk the number); else undefined. */
+function stopReason(kind: DisconnectKind, status?: number): string | undefined {
+  return {
     'logged-out': `WhatsApp logged this device out (401). ${RELINK}`,
     unauthorized: `WhatsApp refused this device (${status}: not authorized; the number may also be restricted, check the phone). ${RELINK}`,
     'device-mismatch': `WhatsApp does not accept this linked device any more (411). ${RELINK}`,
     replaced:
       'Another NanoClaw (or another program with these credentials) took over this WhatsApp session (440). Stopped here so the two do not take it from each other: keep one running.',
   }[kind as string];
-  if (says) return { action: 'stop', says };
-  return { action: kind === 'restart' ? 'now' : 'backoff' };
 }
 
 /** What `auth` says when WhatsApp closes the linking connection, and whether to try again at once. */
@@ -2420,15 +2404,6 @@ type LinkState = 'linked' | 'pending' | 'damaged' | 'none';
 const CREDS_FILE = 'creds.json';
 /** creds.json as it was before its last write: what a damaged creds.json is restored from. */
 const CREDS_BACKUP = 'creds.json.bak';
-
-function isCredsText(text: string): boolean {
-  try {
-    const creds = JSON.parse(text) as Partial<AuthenticationCreds> | null;
-    return Boolean(creds?.noiseKey && creds.signedIdentityKey && Number.isInteger(creds.registrationId));
-  } catch {
-    return false;
-  }
-}
 
 /** Runs `job` once the last job of its lane (`key`) has ended; lanes run side by side, and an idle one is forgotten. */
 function inLane<T>(lanes: Map<string, Promise<unknown>>, key: string, job: () => Promise<T>): Promise<T> {
@@ -2469,7 +2444,12 @@ function readCredsFile(authDir: string): { state: 'ok'; text: string } | { state
   const backup = join(authDir, CREDS_BACKUP);
   const whole = (file: string) => {
     const text = existsSync(file) ? readFileSync(file, 'utf8') : '';
-    return isCredsText(text) ? text : null;
+    try {
+      const creds = JSON.parse(text) as Partial<AuthenticationCreds> | null;
+      return creds?.noiseKey && creds.signedIdentityKey && Number.isInteger(creds.registrationId) ? text : null;
+    } catch {
+      return null; // empty or cut short
+    }
   };
   const current = whole(path);
   if (current) return { state: 'ok', text: current };
@@ -2541,11 +2521,12 @@ export interface WhatsAppOptions {
   hasOwnNumber: boolean;
   /** Null for a chat not registered (its media is not downloaded). */
   mediaTreeFor(chatJid: string): AgentTree | null;
+  /** What an @mention of the bot's own number becomes (`@Andy`). */
   triggerFor?(chatJid: string): string | undefined;
+  /** How the bot's own messages are known (its outbox), never by their text. */
   sentByBot?(messageId: string): boolean;
   timezone?: string;
   transcribe?(audio: Uint8Array, fileName: string, mimetype: string): Promise<string>;
-  groupSyncMaxAgeMs?: number;
   lastGroupSync?(): string | null;
   markGroupSync?(members: Record<string, number>): void;
   /** Another WhatsApp Web socket than WhatsApp's own; no version lookup then unless lookupVersion is given. */
@@ -2613,8 +2594,6 @@ async function transcribeAudio(
   return answer.text.trim();
 }
 
-/** Group metadata is good for this long (baileys' README suggests five minutes). */
-const GROUP_METADATA_TTL_MS = 5 * 60_000;
 const DAY_MS = 24 * 60 * 60_000;
 
 /** One live baileys socket; a closed one is retired (listeners removed, ended) before the next opens, with backoff. */
@@ -2649,7 +2628,7 @@ export class WhatsAppChannel implements Channel {
     this.clock = options.clock ?? systemClock;
     this.rateLimiter = options.rateLimiter ?? new RateLimiter();
     this.retryCounts = new TtlCache(60 * 60_000, 10_000, this.clock);
-    this.groupMetadata = new TtlCache<GroupMetadata>(GROUP_METADATA_TTL_MS, 500, this.clock);
+    this.groupMetadata = new TtlCache<GroupMetadata>(5 * 60_000, 500, this.clock); // baileys' README suggests 5 min
   }
 
   get ready(): boolean {
@@ -2846,8 +2825,7 @@ export class WhatsAppChannel implements Channel {
     this.subscribed.clear();
     for (const jid of this.handlers?.watchedChats?.() ?? []) this.subscribe(jid);
     const last = this.options.lastGroupSync?.();
-    if (!last || this.clock.now() - new Date(last).getTime() > (this.options.groupSyncMaxAgeMs ?? DAY_MS))
-      this.syncGroupsInBackground();
+    if (!last || this.clock.now() - new Date(last).getTime() > DAY_MS) this.syncGroupsInBackground();
   }
 
   private closedBy(error: unknown): void {
@@ -2855,9 +2833,9 @@ export class WhatsAppChannel implements Channel {
     if (this.openedAt !== null && this.clock.monotonic() - this.openedAt >= WHATSAPP_STABLE_MS) this.attempt = 0;
     this.openedAt = null;
     const { kind, status, detail } = disconnectKind(error);
-    const next = afterDisconnect(kind, status);
-    if (next.action === 'stop') {
-      this.stopFor(next.says, { status, reason: detail });
+    const says = stopReason(kind, status);
+    if (says) {
+      this.stopFor(says, { status, reason: detail });
       return;
     }
     if (kind !== 'version-refused') log.warn({ status, kind, reason: detail }, 'WhatsApp disconnected');
@@ -2870,7 +2848,7 @@ export class WhatsAppChannel implements Channel {
         );
       this.versionRefusalLogged = true;
     }
-    this.scheduleReconnect(next.action === 'now');
+    this.scheduleReconnect(kind === 'restart');
   }
 
   private scheduleReconnect(now = false): void {
@@ -2892,12 +2870,8 @@ export class WhatsAppChannel implements Channel {
   private identity(): WhatsAppIdentity {
     const sock = this.sock;
     return {
+      ...this.options,
       ownJids: this.ownJids,
-      assistantName: this.options.assistantName,
-      hasOwnNumber: this.options.hasOwnNumber,
-      triggerFor: (chatJid) => this.options.triggerFor?.(chatJid) ?? `@${this.options.assistantName}`,
-      sentByBot: (messageId) => this.options.sentByBot?.(messageId) ?? false,
-      timezone: this.options.timezone,
       phoneForLid: (lid) => {
         const own = sock?.user?.lid && baileys().jidNormalizedUser(sock.user.lid) === lid ? sock.user.id : undefined;
         return own ?? this.lidToPhone.get(lid);
