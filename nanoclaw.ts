@@ -7652,22 +7652,14 @@ function mountAllowlist(config: Config): MountAllowlist | null {
 function registration(config: Config, values: OptionValues, jid: string, folder: string) {
   const { name, trigger, network } = values as Record<string, string | undefined>; // the string options
   const mistake = (message: string) => new UsageError(message, 'groups');
-  const lid = lidChatProblem(jid);
-  if (lid) throw mistake(`${lid}.`);
-  if (!isValidJid(jid))
+  // A LID, the trigger and the senders are addGroup's to check (a LID gets its own explanation there).
+  if (!isValidJid(jid) && !jid.endsWith('@lid'))
     throw mistake(
       `"${jid}" is not a WhatsApp chat id: a group is <digits>@g.us, a person <phone digits>@s.whatsapp.net (see \`groups discover\`).`,
     );
-  if (trigger !== undefined && !isValidTrigger(trigger))
-    throw mistake(`--trigger ${trigger}: a trigger is @ and a word, e.g. --trigger @${config.assistantName}.`);
   if (network !== undefined && !isValidNetwork(network))
     throw mistake(`--network ${network}: use egress, none, bridge or the name of a Docker network (never host).`);
   const allow = typeof values.allow === 'string' ? values.allow.split(',').map((sender) => sender.trim()) : undefined;
-  const badSender = allow?.find((sender) => !isValidSenderJid(sender));
-  if (badSender !== undefined)
-    throw mistake(
-      `--allow ${JSON.stringify(badSender)} is not a WhatsApp sender id: <phone digits>@s.whatsapp.net or <digits>@lid.`,
-    );
   const additionalMounts = ((values.mount as string[] | undefined) ?? []).map(parseMountOption);
   const isMain = values.main === true;
   // The same check a run makes: a mount the allowlist refuses is refused now, not silently at every run.
@@ -7708,7 +7700,13 @@ function groupsList(store: Store): number {
 }
 
 function groupsRegister(config: Config, store: Store, request: ReturnType<typeof registration>): number {
-  const group = addGroup(config, store, request);
+  let group: RegisteredGroup;
+  try {
+    group = addGroup(config, store, request);
+  } catch (err) {
+    if (err instanceof GroupError) throw new UsageError(`${err.message}.`, 'groups');
+    throw err;
+  }
   const answers =
     group.requiresTrigger && !group.isMain ? `; it answers messages that say ${group.trigger} or reply to it` : '';
   console.log(`Registered ${group.jid} as groups/${group.folder}${group.isMain ? ' (main)' : ''}${answers}.`);
