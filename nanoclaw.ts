@@ -8089,34 +8089,25 @@ function settingValue(config: Config, key: string): string {
   return value === undefined ? '' : String(value);
 }
 
-function configCommand(config: Config, args: string[]): number {
-  const { positionals } = commandArgs('config', args);
-  const [action, ...keys] = positionals;
-  const known = [...Object.keys(SETTINGS), ...SECRET_KEYS];
-  if (action === 'get') {
-    if (keys.length === 0)
-      throw new UsageError('config get needs at least one setting name, e.g. config get CONTAINER_IMAGE.', 'config');
-    const unknown = keys.find((key) => !known.includes(key));
-    if (unknown)
-      throw new UsageError(`"${unknown}" is not a NanoClaw setting (see: bun nanoclaw.ts config list).`, 'config');
-    for (const key of keys) console.log(settingValue(config, key).replace(/\n/g, '\\n')); // one line per key, always
-    return 0;
-  }
-  if ((action === 'list' || action === 'docs') && keys.length)
-    throw new UsageError(`config ${action} takes no arguments.`, 'config');
-  if (action === 'docs') {
-    console.log(settingsMarkdown());
-    return 0;
-  }
-  if (action === 'list') {
-    for (const key of known)
-      console.log(`${key.padEnd(26)} ${settingValue(config, key).padEnd(40)} (${settingSource(config, key)})`);
-    return 0;
-  }
-  throw new UsageError(
-    action ? `Unknown config command "${action}".` : 'config needs a command: get, list or docs.',
-    'config',
-  );
+const SETTING_NAMES = [...Object.keys(SETTINGS), ...SECRET_KEYS];
+
+function configGet({ config, positionals: keys }: CommandCall): number {
+  const unknown = keys.find((key) => !SETTING_NAMES.includes(key));
+  if (unknown)
+    throw new UsageError(`"${unknown}" is not a NanoClaw setting (see: bun nanoclaw.ts config list).`, 'config');
+  for (const key of keys) console.log(settingValue(config, key).replace(/\n/g, '\\n')); // one line per key, always
+  return 0;
+}
+
+function configList({ config }: CommandCall): number {
+  for (const key of SETTING_NAMES)
+    console.log(`${key.padEnd(26)} ${settingValue(config, key).padEnd(40)} (${settingSource(config, key)})`);
+  return 0;
+}
+
+function configDocs(): number {
+  console.log(settingsMarkdown());
+  return 0;
 }
 
 function diagnoseCommand({ config, values }: CommandCall): number {
@@ -8131,14 +8122,13 @@ interface CommandCall {
   action: string;
   values: OptionValues;
   positionals: string[];
-  args: string[];
   store: () => Store;
 }
 
 interface Runs {
   /** Its arguments, for "… needs <this>." (one argument unless `count` says); none when absent. */
   needs?: string;
-  count?: number;
+  count?: number | 'one or more';
   takes?: string[];
   run: (call: CommandCall) => number | Promise<number>;
 }
@@ -8149,8 +8139,6 @@ interface Command {
   options?: CommandOptions;
   actions?: Record<string, Runs>;
   defaultAction?: string;
-  /** Arguments are the command's own business (config); otherwise they are counted as `needs` says. */
-  ownArguments?: boolean;
 }
 
 const json = { json: { type: 'boolean' } } as const;
@@ -8293,8 +8281,15 @@ const COMMANDS: Record<string, Command & Partial<Runs>> = {
       ['config list', 'every setting, its value, and where it comes from'],
       ['config docs', 'the settings table of docs/configuration.md, in Markdown'],
     ],
-    ownArguments: true,
-    run: ({ config, args }) => configCommand(config, args),
+    actions: {
+      get: {
+        needs: 'at least one setting name, e.g. config get CONTAINER_IMAGE',
+        count: 'one or more',
+        run: configGet,
+      },
+      list: { run: configList },
+      docs: { run: configDocs },
+    },
   },
   diagnose: {
     usage: [['diagnose [--json]', 'check the whole setup (runs scripts/diagnose.sh)']],
@@ -8302,9 +8297,7 @@ const COMMANDS: Record<string, Command & Partial<Runs>> = {
     run: diagnoseCommand,
   },
   help: {
-    usage: [['help [command], --help', "this text, or one command's"]],
-    ownArguments: true,
-    run: ({ positionals }) => help(positionals[0]),
+    usage: [['help [command], --help', "this text, or one command's"]], // main() answers it: it needs no settings
   },
 };
 
@@ -8356,13 +8349,13 @@ function chooseAction(name: string, command: Command, values: OptionValues, give
 
 function checkArgumentCount(name: string, called: string, runs: Partial<Runs>, given: string[]): void {
   const count = runs.needs ? (runs.count ?? 1) : 0;
-  if (given.length !== count)
+  if (count === 'one or more' ? given.length === 0 : given.length !== count)
     throw new UsageError(count ? `${called} needs ${runs.needs}.` : `${called} takes no arguments.`, name);
 }
 
 function chooseRun(name: string, command: Command & Partial<Runs>, values: OptionValues, positionals: string[]) {
   if (!command.actions) {
-    if (!command.ownArguments) checkArgumentCount(name, name, command, positionals);
+    checkArgumentCount(name, name, command, positionals);
     return { runs: command as Runs, action: '', positionals };
   }
   const [action = command.defaultAction, ...rest] = positionals;
@@ -8382,7 +8375,7 @@ async function runCommand(config: Config, name: string, args: string[]): Promise
   const opened = { store: null as Store | null };
   const store = () => (opened.store ??= new Store(config.dbPath));
   try {
-    return await runs.run({ config, action, values, positionals: rest, args, store });
+    return await runs.run({ config, action, values, positionals: rest, store });
   } finally {
     opened.store?.close();
   }
