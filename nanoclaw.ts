@@ -6482,13 +6482,8 @@ class ChatTurns {
         'Could not record the answer; the messages will be answered again',
       );
       queue.closeContainer(chatJid);
-      return {
-        chatJid,
-        status: 'error',
-        sent: null,
-        error: `could not record the answer (${errorText(err)})`,
-        upToSeq,
-      };
+      const error = `could not record the answer (${errorText(err)})`;
+      return { chatJid, status: 'error', sent: null, error, upToSeq };
     }
     crashPoint('reply-recorded');
     voice.sendSoon(chatJid);
