@@ -1518,6 +1518,23 @@ export function isValidFolder(folder: string): boolean {
   return /^[a-z0-9][a-z0-9_-]{0,63}$/.test(folder) && !(RESERVED_FOLDERS as readonly string[]).includes(folder);
 }
 
+/** What is wrong with a new group's chat id, senders, trigger or folder, whatever the store holds; null: nothing. */
+function groupRequestProblem(
+  config: Config,
+  request: Pick<RegisteredGroup, 'jid' | 'folder'> & Partial<Pick<RegisteredGroup, 'trigger' | 'allow'>>,
+): string | null {
+  const lid = lidChatProblem(request.jid);
+  if (lid) return lid;
+  const badSender = request.allow?.find((jid) => !isValidSenderJid(jid));
+  if (badSender !== undefined)
+    return `allow: "${badSender}" is not a WhatsApp sender id (<phone digits>@s.whatsapp.net or <digits>@lid)`;
+  if (request.trigger !== undefined && !isValidTrigger(request.trigger))
+    return `trigger "${request.trigger}" must be @ and one word, e.g. @${config.assistantName}`;
+  if (!isValidFolder(request.folder))
+    return `folder "${request.folder}" must be lowercase letters, digits, - or _ (at most 64), and not one of NanoClaw's own: ${RESERVED_FOLDERS.join(', ')}`;
+  return null;
+}
+
 /** The one way to add a group: checks it, creates its folder (with a starter CLAUDE.md), starts its cursor at now. */
 export function addGroup(
   config: Config,
@@ -1525,20 +1542,8 @@ export function addGroup(
   request: Pick<RegisteredGroup, 'jid' | 'name' | 'folder'> &
     Partial<Pick<RegisteredGroup, 'trigger' | 'requiresTrigger' | 'isMain' | 'containerConfig' | 'allow'>>,
 ): RegisteredGroup {
-  const lid = lidChatProblem(request.jid);
-  if (lid) throw new GroupError(lid);
-  const badSender = request.allow?.find((jid) => !isValidSenderJid(jid));
-  if (badSender !== undefined)
-    throw new GroupError(
-      `allow: "${badSender}" is not a WhatsApp sender id (<phone digits>@s.whatsapp.net or <digits>@lid)`,
-    );
-  if (request.trigger !== undefined && !isValidTrigger(request.trigger))
-    throw new GroupError(`trigger "${request.trigger}" must be @ and one word, e.g. @${config.assistantName}`);
-  if (!isValidFolder(request.folder)) {
-    throw new GroupError(
-      `folder "${request.folder}" must be lowercase letters, digits, - or _ (at most 64), and not one of NanoClaw's own: ${RESERVED_FOLDERS.join(', ')}`,
-    );
-  }
+  const problem = groupRequestProblem(config, request);
+  if (problem) throw new GroupError(problem);
   if (store.groupByJid(request.jid)) throw new GroupError(`${request.jid} is already registered`);
   if (store.groupByFolder(request.folder))
     throw new GroupError(`folder "${request.folder}" is already used by another group`);
@@ -6792,10 +6797,15 @@ export class Host {
     log.info('NanoClaw stopped');
   }
 
-  /** Ctrl-C in `chat`: the container stops now, and its messages count as answered (not answered behind their back). */
-  async abandon(chatJid: string): Promise<void> {
+  /**
+   * Ctrl-C in `chat`: a message sent and not yet answered (its turn running or still to come) counts as answered, not
+   * answered behind the person's back, and the container stops now. False when every message was answered.
+   */
+  async abandon(chatJid: string): Promise<boolean> {
+    if (this.store.messagesSince(chatJid, this.store.getCursor(chatJid), 1).length === 0) return false;
     this.store.setCursor(chatJid, this.store.latestSeq(chatJid));
     await this.queue.kill(chatJid);
+    return true;
   }
 
   async settleOutbox(): Promise<void> {
@@ -7332,12 +7342,10 @@ async function chatPiped(
     while (turn.status === 'error' && host.queue.isRunning(jid) && !stopped()) await Bun.sleep(20);
   }
   // Input is over: a line still waiting for a retry is not answered behind the person's back later.
-  if (!stopped() && store.messagesSince(jid, store.getCursor(jid), 1).length > 0) {
+  if (!stopped() && (await host.abandon(jid)))
     terminal.problem(
       'Not answered: the agent failed and the input ended before a retry. Send it again to try once more.',
     );
-    await host.abandon(jid);
-  }
 }
 
 /** On a terminal: each line is stored as it is read (not queued behind an iterator), so a Ctrl-C right after Enter finds it. */
@@ -7376,11 +7384,8 @@ async function runChat(config: Config): Promise<number> {
     if (interruption) process.exit(130);
     log.info({ signal: 'SIGINT' }, 'Stopped by Ctrl-C');
     interruption = (async () => {
-      // A turn in progress, or a line sent and not yet picked up: either must not be answered at the next start.
-      if (store.messagesSince(main.jid, store.getCursor(main.jid), 1).length > 0) {
+      if (await host.abandon(main.jid))
         terminal.print('Stopped. That message will not be answered; send it again if you still want an answer.');
-        await host.abandon(main.jid);
-      }
       await finish();
       return 130;
     })();
@@ -7647,14 +7652,15 @@ function mountAllowlist(config: Config): MountAllowlist | null {
 function registration(config: Config, values: OptionValues, jid: string, folder: string) {
   const { name, trigger, network } = values as Record<string, string | undefined>; // the string options
   const mistake = (message: string) => new UsageError(message, 'groups');
-  // A LID, the trigger and the senders are addGroup's to check (a LID gets its own explanation there).
-  if (!isValidJid(jid) && !jid.endsWith('@lid'))
+  const allow = typeof values.allow === 'string' ? values.allow.split(',').map((sender) => sender.trim()) : undefined;
+  const problem = groupRequestProblem(config, { jid, folder, trigger, allow }); // addGroup's rules, before the store opens
+  if (problem) throw mistake(`${problem}.`);
+  if (!isValidJid(jid))
     throw mistake(
       `"${jid}" is not a WhatsApp chat id: a group is <digits>@g.us, a person <phone digits>@s.whatsapp.net (see \`groups discover\`).`,
     );
   if (network !== undefined && !isValidNetwork(network))
     throw mistake(`--network ${network}: use egress, none, bridge or the name of a Docker network (never host).`);
-  const allow = typeof values.allow === 'string' ? values.allow.split(',').map((sender) => sender.trim()) : undefined;
   const additionalMounts = ((values.mount as string[] | undefined) ?? []).map(parseMountOption);
   const isMain = values.main === true;
   // The same check a run makes: a mount the allowlist refuses is refused now, not silently at every run.
@@ -7695,13 +7701,7 @@ function groupsList(store: Store): number {
 }
 
 function groupsRegister(config: Config, store: Store, request: ReturnType<typeof registration>): number {
-  let group: RegisteredGroup;
-  try {
-    group = addGroup(config, store, request);
-  } catch (err) {
-    if (err instanceof GroupError) throw new UsageError(`${err.message}.`, 'groups');
-    throw err;
-  }
+  const group = addGroup(config, store, request);
   const answers =
     group.requiresTrigger && !group.isMain ? `; it answers messages that say ${group.trigger} or reply to it` : '';
   console.log(`Registered ${group.jid} as groups/${group.folder}${group.isMain ? ' (main)' : ''}${answers}.`);
