@@ -6797,10 +6797,7 @@ export class Host {
     log.info('NanoClaw stopped');
   }
 
-  /**
-   * Ctrl-C in `chat`: a message sent and not yet answered (its turn running or still to come) counts as answered, not
-   * answered behind the person's back, and the container stops now. False when every message was answered.
-   */
+  /** Ctrl-C in `chat`: unanswered messages count as answered (none behind the person's back); false: none were. */
   async abandon(chatJid: string): Promise<boolean> {
     if (this.store.messagesSince(chatJid, this.store.getCursor(chatJid), 1).length === 0) return false;
     this.store.setCursor(chatJid, this.store.latestSeq(chatJid));
