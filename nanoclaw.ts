@@ -6585,26 +6585,26 @@ class IpcRequests {
   }
 
   async handle(folder: string, kind: IpcKind, data: unknown, claimId: string): Promise<IpcDecision> {
-    if (this.host.store.isIpcDone(claimId)) return { ok: true };
-    const source = this.host.store.groupByFolder(folder);
+    const { store, config } = this.host;
+    if (store.isIpcDone(claimId)) return { ok: true };
+    const source = store.groupByFolder(folder);
     if (!source) throw new IpcFormatError(`no registered group uses the folder "${folder}"`);
     const request = parseIpcRequest(kind, data);
-    const refused = refusal(source, request, this.host.store, this.host.config) ?? this.overSendWindow(source, request);
+    const refused = refusal(source, request, store, config) ?? this.overSendWindow(source, request);
     if (refused) {
       log.warn({ group: folder, type: request.type, reason: refused }, 'IPC request refused');
       return { ok: false, reason: refused };
     }
     crashPoint('ipc-handling');
     const afterwards: (() => void)[] = [];
-    const detail = this.host.store.transaction(() => {
-      const effects = this.ipcEffects(afterwards);
-      const done = applyIpcRequest(request, { config: this.host.config, store: this.host.store, source, effects });
-      this.host.store.markIpcDone(claimId);
+    const detail = store.transaction(() => {
+      const done = applyIpcRequest(request, { config, store, source, effects: this.ipcEffects(afterwards) });
+      store.markIpcDone(claimId);
       return done;
     });
     crashPoint('ipc-recorded');
     for (const effect of afterwards) effect();
-    if (kind === 'tasks') writeSnapshots(this.host.config, this.host.store, source, this.host.snapshotsWritten);
+    if (kind === 'tasks') writeSnapshots(config, store, source, this.host.snapshotsWritten);
     return { ok: true, ...(detail ? { detail } : {}) };
   }
 
