@@ -1513,6 +1513,23 @@ export function isValidFolder(folder: string): boolean {
   return /^[a-z0-9][a-z0-9_-]{0,63}$/.test(folder) && !(RESERVED_FOLDERS as readonly string[]).includes(folder);
 }
 
+/** What is wrong with a new group's chat id, senders, trigger or folder, whatever the store holds; null: nothing. */
+function groupRequestProblem(
+  config: Config,
+  request: Pick<RegisteredGroup, 'jid' | 'folder'> & Partial<Pick<RegisteredGroup, 'trigger' | 'allow'>>,
+): string | null {
+  const lid = lidChatProblem(request.jid);
+  if (lid) return lid;
+  const badSender = request.allow?.find((jid) => !isValidSenderJid(jid));
+  if (badSender !== undefined)
+    return `allow: "${badSender}" is not a WhatsApp sender id (<phone digits>@s.whatsapp.net or <digits>@lid)`;
+  if (request.trigger !== undefined && !isValidTrigger(request.trigger))
+    return `trigger "${request.trigger}" must be @ and one word, e.g. @${config.assistantName}`;
+  if (!isValidFolder(request.folder))
+    return `folder "${request.folder}" must be lowercase letters, digits, - or _ (at most 64), and not one of NanoClaw's own: ${RESERVED_FOLDERS.join(', ')}`;
+  return null;
+}
+
 /** The one way to add a group: checks it, creates its folder (with a starter CLAUDE.md), starts its cursor at now. */
 export function addGroup(
   config: Config,
@@ -1520,20 +1537,8 @@ export function addGroup(
   request: Pick<RegisteredGroup, 'jid' | 'name' | 'folder'> &
     Partial<Pick<RegisteredGroup, 'trigger' | 'requiresTrigger' | 'isMain' | 'containerConfig' | 'allow'>>,
 ): RegisteredGroup {
-  const lid = lidChatProblem(request.jid);
-  if (lid) throw new GroupError(lid);
-  const badSender = request.allow?.find((jid) => !isValidSenderJid(jid));
-  if (badSender !== undefined)
-    throw new GroupError(
-      `allow: "${badSender}" is not a WhatsApp sender id (<phone digits>@s.whatsapp.net or <digits>@lid)`,
-    );
-  if (request.trigger !== undefined && !isValidTrigger(request.trigger))
-    throw new GroupError(`trigger "${request.trigger}" must be @ and one word, e.g. @${config.assistantName}`);
-  if (!isValidFolder(request.folder)) {
-    throw new GroupError(
-      `folder "${request.folder}" must be lowercase letters, digits, - or _ (at most 64), and not one of NanoClaw's own: ${RESERVED_FOLDERS.join(', ')}`,
-    );
-  }
+  const problem = groupRequestProblem(config, request);
+  if (problem) throw new GroupError(problem);
   if (store.groupByJid(request.jid)) throw new GroupError(`${request.jid} is already registered`);
   if (store.groupByFolder(request.folder))
     throw new GroupError(`folder "${request.folder}" is already used by another group`);
@@ -6447,13 +6452,8 @@ class ChatTurns {
         'Could not record the answer; the messages will be answered again',
       );
       queue.closeContainer(chatJid);
-      return {
-        chatJid,
-        status: 'error',
-        sent: null,
-        error: `could not record the answer (${errorText(err)})`,
-        upToSeq,
-      };
+      const error = `could not record the answer (${errorText(err)})`;
+      return { chatJid, status: 'error', sent: null, error, upToSeq };
     }
     crashPoint('reply-recorded');
     voice.sendSoon(chatJid);
@@ -6550,26 +6550,26 @@ class IpcRequests {
   }
 
   async handle(folder: string, kind: IpcKind, data: unknown, claimId: string): Promise<IpcDecision> {
-    if (this.host.store.isIpcDone(claimId)) return { ok: true };
-    const source = this.host.store.groupByFolder(folder);
+    const { store, config } = this.host;
+    if (store.isIpcDone(claimId)) return { ok: true };
+    const source = store.groupByFolder(folder);
     if (!source) throw new IpcFormatError(`no registered group uses the folder "${folder}"`);
     const request = parseIpcRequest(kind, data);
-    const refused = refusal(source, request, this.host.store, this.host.config) ?? this.overSendWindow(source, request);
+    const refused = refusal(source, request, store, config) ?? this.overSendWindow(source, request);
     if (refused) {
       log.warn({ group: folder, type: request.type, reason: refused }, 'IPC request refused');
       return { ok: false, reason: refused };
     }
     crashPoint('ipc-handling');
     const afterwards: (() => void)[] = [];
-    const detail = this.host.store.transaction(() => {
-      const effects = this.ipcEffects(afterwards);
-      const done = applyIpcRequest(request, { config: this.host.config, store: this.host.store, source, effects });
-      this.host.store.markIpcDone(claimId);
+    const detail = store.transaction(() => {
+      const done = applyIpcRequest(request, { config, store, source, effects: this.ipcEffects(afterwards) });
+      store.markIpcDone(claimId);
       return done;
     });
     crashPoint('ipc-recorded');
     for (const effect of afterwards) effect();
-    if (kind === 'tasks') writeSnapshots(this.host.config, this.host.store, source, this.host.snapshotsWritten);
+    if (kind === 'tasks') writeSnapshots(config, store, source, this.host.snapshotsWritten);
     return { ok: true, ...(detail ? { detail } : {}) };
   }
 
@@ -6762,10 +6762,12 @@ export class Host {
     log.info('NanoClaw stopped');
   }
 
-  /** Ctrl-C in `chat`: the container stops now, and its messages count as answered (not answered behind their back). */
-  async abandon(chatJid: string): Promise<void> {
+  /** Ctrl-C in `chat`: unanswered messages count as answered (none behind the person's back); false: none were. */
+  async abandon(chatJid: string): Promise<boolean> {
+    if (this.store.messagesSince(chatJid, this.store.getCursor(chatJid), 1).length === 0) return false;
     this.store.setCursor(chatJid, this.store.latestSeq(chatJid));
     await this.queue.kill(chatJid);
+    return true;
   }
 
   async settleOutbox(): Promise<void> {
@@ -7302,12 +7304,10 @@ async function chatPiped(
     while (turn.status === 'error' && host.queue.isRunning(jid) && !stopped()) await Bun.sleep(20);
   }
   // Input is over: a line still waiting for a retry is not answered behind the person's back later.
-  if (!stopped() && store.messagesSince(jid, store.getCursor(jid), 1).length > 0) {
+  if (!stopped() && (await host.abandon(jid)))
     terminal.problem(
       'Not answered: the agent failed and the input ended before a retry. Send it again to try once more.',
     );
-    await host.abandon(jid);
-  }
 }
 
 /** On a terminal: each line is stored as it is read (not queued behind an iterator), so a Ctrl-C right after Enter finds it. */
@@ -7346,11 +7346,8 @@ async function runChat(config: Config): Promise<number> {
     if (interruption) process.exit(130);
     log.info({ signal: 'SIGINT' }, 'Stopped by Ctrl-C');
     interruption = (async () => {
-      // A turn in progress, or a line sent and not yet picked up: either must not be answered at the next start.
-      if (store.messagesSince(main.jid, store.getCursor(main.jid), 1).length > 0) {
+      if (await host.abandon(main.jid))
         terminal.print('Stopped. That message will not be answered; send it again if you still want an answer.');
-        await host.abandon(main.jid);
-      }
       await finish();
       return 130;
     })();
@@ -7617,22 +7614,15 @@ function mountAllowlist(config: Config): MountAllowlist | null {
 function registration(config: Config, values: OptionValues, jid: string, folder: string) {
   const { name, trigger, network } = values as Record<string, string | undefined>; // the string options
   const mistake = (message: string) => new UsageError(message, 'groups');
-  const lid = lidChatProblem(jid);
-  if (lid) throw mistake(`${lid}.`);
+  const allow = typeof values.allow === 'string' ? values.allow.split(',').map((sender) => sender.trim()) : undefined;
+  const problem = groupRequestProblem(config, { jid, folder, trigger, allow }); // addGroup's rules, before the store opens
+  if (problem) throw mistake(`${problem}.`);
   if (!isValidJid(jid))
     throw mistake(
       `"${jid}" is not a WhatsApp chat id: a group is <digits>@g.us, a person <phone digits>@s.whatsapp.net (see \`groups discover\`).`,
     );
-  if (trigger !== undefined && !isValidTrigger(trigger))
-    throw mistake(`--trigger ${trigger}: a trigger is @ and a word, e.g. --trigger @${config.assistantName}.`);
   if (network !== undefined && !isValidNetwork(network))
     throw mistake(`--network ${network}: use egress, none, bridge or the name of a Docker network (never host).`);
-  const allow = typeof values.allow === 'string' ? values.allow.split(',').map((sender) => sender.trim()) : undefined;
-  const badSender = allow?.find((sender) => !isValidSenderJid(sender));
-  if (badSender !== undefined)
-    throw mistake(
-      `--allow ${JSON.stringify(badSender)} is not a WhatsApp sender id: <phone digits>@s.whatsapp.net or <digits>@lid.`,
-    );
   const additionalMounts = ((values.mount as string[] | undefined) ?? []).map(parseMountOption);
   const isMain = values.main === true;
   // The same check a run makes: a mount the allowlist refuses is refused now, not silently at every run.
@@ -8056,34 +8046,25 @@ function settingValue(config: Config, key: string): string {
   return value === undefined ? '' : String(value);
 }
 
-function configCommand(config: Config, args: string[]): number {
-  const { positionals } = commandArgs('config', args);
-  const [action, ...keys] = positionals;
-  const known = [...Object.keys(SETTINGS), ...SECRET_KEYS];
-  if (action === 'get') {
-    if (keys.length === 0)
-      throw new UsageError('config get needs at least one setting name, e.g. config get CONTAINER_IMAGE.', 'config');
-    const unknown = keys.find((key) => !known.includes(key));
-    if (unknown)
-      throw new UsageError(`"${unknown}" is not a NanoClaw setting (see: bun nanoclaw.ts config list).`, 'config');
-    for (const key of keys) console.log(settingValue(config, key).replace(/\n/g, '\\n')); // one line per key, always
-    return 0;
-  }
-  if ((action === 'list' || action === 'docs') && keys.length)
-    throw new UsageError(`config ${action} takes no arguments.`, 'config');
-  if (action === 'docs') {
-    console.log(settingsMarkdown());
-    return 0;
-  }
-  if (action === 'list') {
-    for (const key of known)
-      console.log(`${key.padEnd(26)} ${settingValue(config, key).padEnd(40)} (${settingSource(config, key)})`);
-    return 0;
-  }
-  throw new UsageError(
-    action ? `Unknown config command "${action}".` : 'config needs a command: get, list or docs.',
-    'config',
-  );
+const SETTING_NAMES = [...Object.keys(SETTINGS), ...SECRET_KEYS];
+
+function configGet({ config, positionals: keys }: CommandCall): number {
+  const unknown = keys.find((key) => !SETTING_NAMES.includes(key));
+  if (unknown)
+    throw new UsageError(`"${unknown}" is not a NanoClaw setting (see: bun nanoclaw.ts config list).`, 'config');
+  for (const key of keys) console.log(settingValue(config, key).replace(/\n/g, '\\n')); // one line per key, always
+  return 0;
+}
+
+function configList({ config }: CommandCall): number {
+  for (const key of SETTING_NAMES)
+    console.log(`${key.padEnd(26)} ${settingValue(config, key).padEnd(40)} (${settingSource(config, key)})`);
+  return 0;
+}
+
+function configDocs(): number {
+  console.log(settingsMarkdown());
+  return 0;
 }
 
 function diagnoseCommand({ config, values }: CommandCall): number {
@@ -8098,14 +8079,13 @@ interface CommandCall {
   action: string;
   values: OptionValues;
   positionals: string[];
-  args: string[];
   store: () => Store;
 }
 
 interface Runs {
   /** Its arguments, for "… needs <this>." (one argument unless `count` says); none when absent. */
   needs?: string;
-  count?: number;
+  count?: number | 'one or more';
   takes?: string[];
   run: (call: CommandCall) => number | Promise<number>;
 }
@@ -8116,8 +8096,6 @@ interface Command {
   options?: CommandOptions;
   actions?: Record<string, Runs>;
   defaultAction?: string;
-  /** Arguments are the command's own business (config); otherwise they are counted as `needs` says. */
-  ownArguments?: boolean;
 }
 
 const json = { json: { type: 'boolean' } } as const;
@@ -8260,8 +8238,15 @@ const COMMANDS: Record<string, Command & Partial<Runs>> = {
       ['config list', 'every setting, its value, and where it comes from'],
       ['config docs', 'the settings table of docs/configuration.md, in Markdown'],
     ],
-    ownArguments: true,
-    run: ({ config, args }) => configCommand(config, args),
+    actions: {
+      get: {
+        needs: 'at least one setting name, e.g. config get CONTAINER_IMAGE',
+        count: 'one or more',
+        run: configGet,
+      },
+      list: { run: configList },
+      docs: { run: configDocs },
+    },
   },
   diagnose: {
     usage: [['diagnose [--json]', 'check the whole setup (runs scripts/diagnose.sh)']],
@@ -8269,9 +8254,7 @@ const COMMANDS: Record<string, Command & Partial<Runs>> = {
     run: diagnoseCommand,
   },
   help: {
-    usage: [['help [command], --help', "this text, or one command's"]],
-    ownArguments: true,
-    run: ({ positionals }) => help(positionals[0]),
+    usage: [['help [command], --help', "this text, or one command's"]], // main() answers it: it needs no settings
   },
 };
 
@@ -8323,13 +8306,13 @@ function chooseAction(name: string, command: Command, values: OptionValues, give
 
 function checkArgumentCount(name: string, called: string, runs: Partial<Runs>, given: string[]): void {
   const count = runs.needs ? (runs.count ?? 1) : 0;
-  if (given.length !== count)
+  if (count === 'one or more' ? given.length === 0 : given.length !== count)
     throw new UsageError(count ? `${called} needs ${runs.needs}.` : `${called} takes no arguments.`, name);
 }
 
 function chooseRun(name: string, command: Command & Partial<Runs>, values: OptionValues, positionals: string[]) {
   if (!command.actions) {
-    if (!command.ownArguments) checkArgumentCount(name, name, command, positionals);
+    checkArgumentCount(name, name, command, positionals);
     return { runs: command as Runs, action: '', positionals };
   }
   const [action = command.defaultAction, ...rest] = positionals;
@@ -8349,7 +8332,7 @@ async function runCommand(config: Config, name: string, args: string[]): Promise
   const opened = { store: null as Store | null };
   const store = () => (opened.store ??= new Store(config.dbPath));
   try {
-    return await runs.run({ config, action, values, positionals: rest, args, store });
+    return await runs.run({ config, action, values, positionals: rest, store });
   } finally {
     opened.store?.close();
   }

@@ -490,14 +490,11 @@ describe('bun nanoclaw.ts never crashes on a typo', () => {
     [['usage', '--days', '0'], '--days takes a whole number above 0, not "0".'],
     [['usage', '--json=yes'], '--json takes no value.'],
     [['groups', 'register', 'family-chat', 'family'], '"family-chat" is not a WhatsApp chat id'],
-    [
-      ['groups', 'register', FAMILY, 'family', '--trigger', 'Bot'],
-      '--trigger Bot: a trigger is @ and a word, e.g. --trigger @Andy.',
-    ],
+    [['groups', 'register', FAMILY, 'family', '--trigger', 'Bot'], 'trigger "Bot" must be @ and one word, e.g. @Andy.'],
     [['groups', 'list', '--main'], '--main belongs to groups register.'],
     [
       ['groups', 'register', FAMILY, 'family', '--allow', '4915100000002@s.whatsapp.net,bob'],
-      '--allow "bob" is not a WhatsApp sender id: <phone digits>@s.whatsapp.net or <digits>@lid.',
+      'allow: "bob" is not a WhatsApp sender id (<phone digits>@s.whatsapp.net or <digits>@lid).',
     ],
     [['mounts'], 'mounts needs one group folder'],
     [['service', 'restart'], 'Unknown service command "restart".'],
