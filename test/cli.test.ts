@@ -398,7 +398,7 @@ describe('bun nanoclaw.ts chat (piped)', () => {
     });
     proc.stdin.write('!sleep 4000\n');
     await proc.stdin.flush();
-    await waitFor(() => docker.runs().length > 0, 10_000, 'run started');
+    await waitFor(() => docker.runs().length > 0, 90_000, 'run started'); // a chat's start-up, however busy the machine
     proc.kill('SIGTERM');
     expect(await proc.exited).toBe(0);
     expect(await new Response(proc.stdout).text()).toBe('Andy: slept 4000\n');
@@ -650,7 +650,7 @@ describe('settings, linking and tasks as a user meets them', () => {
     try {
       await whatsapp.connect({ onMessage: () => {}, onReady: () => sender.kick() });
       openAsWhatsAppWould(whatsapp.socket!);
-      await waitFor(() => whatsapp.delivered.length === 2, 5000, 'the queued task messages');
+      await waitFor(() => whatsapp.delivered.length === 2, 60_000, 'the queued task messages');
       await sender.settle();
       expect(whatsapp.delivered.map((d) => d.messageId)).toEqual(queued.map((m) => m.messageId));
       expect(service.unsent('whatsapp').length).toBe(0);
@@ -760,12 +760,12 @@ describe('chat manners on a terminal', () => {
 
   it('shows a spinner while the agent works, the reply above the prompt; Ctrl-C mid-turn stops it at once, exits 130, and the next start does not answer it behind the user’s back', async () => {
     const term = onTerminal();
-    await waitFor(() => term.screen().includes('you › '), 10_000, 'the prompt');
+    await waitFor(() => term.screen().includes('you › '), 60_000, 'the prompt');
     await term.type('hello there\r');
-    await waitFor(() => term.screen().includes('Andy: echo: hello there'), 10_000, 'the reply');
+    await waitFor(() => term.screen().includes('Andy: echo: hello there'), 60_000, 'the reply');
     await term.type('!sleep 20000\r');
     const sent = term.screen().length; // the first turn's spinner is already on the screen: look past it
-    await waitFor(() => /[⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏] Andy is working… you › /.test(term.screen().slice(sent)), 10_000, 'the spinner');
+    await waitFor(() => /[⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏] Andy is working… you › /.test(term.screen().slice(sent)), 60_000, 'the spinner');
     const pressed = Date.now();
     await term.type('\x03');
     expect(await term.exited()).toBe(130);
@@ -782,7 +782,7 @@ describe('chat manners on a terminal', () => {
 
   it('Ctrl-C pressed with the Enter, before the turn has begun, still stops that message for good', async () => {
     const term = onTerminal();
-    await waitFor(() => term.screen().includes('you › '), 10_000, 'the prompt');
+    await waitFor(() => term.screen().includes('you › '), 60_000, 'the prompt');
     const pressed = Date.now();
     await term.type('!sleep 20000\r\x03');
     expect(await term.exited()).toBe(130);
@@ -797,15 +797,15 @@ describe('chat manners on a terminal', () => {
 
   it('starts the agent at the first keystroke, so the typed line goes into a running container', async () => {
     const term = onTerminal();
-    await waitFor(() => term.screen().includes('you › '), 10_000, 'the prompt');
+    await waitFor(() => term.screen().includes('you › '), 60_000, 'the prompt');
     await term.type('h');
     await waitFor(
       () => docker.calls().some((c) => c.command === 'warm-start'),
-      10_000,
+      60_000,
       'a container started while typing',
     );
     await term.type('ello\r');
-    await waitFor(() => term.screen().includes('Andy: echo: hello'), 10_000, 'the reply');
+    await waitFor(() => term.screen().includes('Andy: echo: hello'), 60_000, 'the reply');
     expect(docker.runs()).toHaveLength(1);
     expect(docker.calls().filter((c) => c.command === 'follow-up')).toHaveLength(1);
     await term.type('\x04');
@@ -868,7 +868,7 @@ describe('a newcomer’s first steps', () => {
     });
     proc.stdin.write('!sleep 20000\n');
     await proc.stdin.flush();
-    await waitFor(() => docker.runs().length > 0, 10_000, 'run started');
+    await waitFor(() => docker.runs().length > 0, 90_000, 'run started'); // a chat's start-up, however busy the machine
     proc.kill('SIGINT');
     expect(await proc.exited).toBe(130);
     expect(await new Response(proc.stderr).text()).toBe('');

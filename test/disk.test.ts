@@ -74,33 +74,33 @@ describe('a group over its disk budget', () => {
   }, async () => {
     const w = await world();
     w.channel.receive(FAMILY, `!fill ${2 * MIB}`);
-    await waitFor(() => texts(w, FAMILY).some((t) => t.includes('filled')), 20_000, 'the fill run');
+    await waitFor(() => texts(w, FAMILY).some((t) => t.includes('filled')), 60_000, 'the fill run');
     // Measured as the run ended: the group is over before anything else comes.
-    await waitFor(() => texts(w, FAMILY).some((t) => t.includes('disk budget')), 20_000, 'the notice');
+    await waitFor(() => texts(w, FAMILY).some((t) => t.includes('disk budget')), 60_000, 'the notice');
     expect(groupDiskUsage(w.config, 'family')).toBeGreaterThan(MIB);
     expect(texts(w, FAMILY).find((t) => t.includes('disk budget'))).toContain('groups/family');
-    await waitFor(() => texts(w, MAIN).some((t) => t.includes('Family went over')), 20_000, 'main told');
+    await waitFor(() => texts(w, MAIN).some((t) => t.includes('Family went over')), 60_000, 'main told');
     const runs = w.runsOf('family').length;
     w.channel.receive(FAMILY, 'are you there?');
     w.channel.receive(WORK, 'hello work');
-    await waitFor(() => texts(w, WORK).includes('Andy: echo: hello work'), 20_000, 'work answered');
-    await waitFor(() => !w.host.queue.isBusy(FAMILY), 20_000, 'family idle');
+    await waitFor(() => texts(w, WORK).includes('Andy: echo: hello work'), 60_000, 'work answered');
+    await waitFor(() => !w.host.queue.isBusy(FAMILY), 60_000, 'family idle');
     await w.host.checkDisk(); // a later sweep: still over, told no more
     expect(w.runsOf('family')).toHaveLength(runs);
     expect(texts(w, FAMILY).filter((t) => t.includes('disk budget'))).toHaveLength(1);
     rmSync(join(w.config.groupsDir, 'family', 'fill.bin'));
     await w.host.checkDisk();
-    await waitFor(() => texts(w, FAMILY).includes('Andy: echo: are you there?'), 20_000, 'answered once under');
+    await waitFor(() => texts(w, FAMILY).includes('Andy: echo: are you there?'), 60_000, 'answered once under');
   });
 
   it('going over while its container runs: the sweep stops it', { timeout: 60_000 }, async () => {
     const w = await world();
     w.channel.receive(FAMILY, `!fill ${2 * MIB} hold`);
-    await waitFor(() => existsSync(join(w.config.groupsDir, 'family', 'fill.bin')), 20_000, 'the fill');
-    await waitFor(() => statSync(join(w.config.groupsDir, 'family', 'fill.bin')).size === 2 * MIB, 20_000, 'filled');
+    await waitFor(() => existsSync(join(w.config.groupsDir, 'family', 'fill.bin')), 60_000, 'the fill');
+    await waitFor(() => statSync(join(w.config.groupsDir, 'family', 'fill.bin')).size === 2 * MIB, 60_000, 'filled');
     expect(w.host.queue.isRunning(FAMILY)).toBe(true);
     await w.host.checkDisk();
-    await waitFor(() => !w.host.queue.isRunning(FAMILY), 20_000, 'the container stopped');
+    await waitFor(() => !w.host.queue.isRunning(FAMILY), 60_000, 'the container stopped');
     expect(texts(w, FAMILY).some((t) => t.includes('disk budget'))).toBe(true);
   });
 
@@ -112,7 +112,7 @@ describe('a group over its disk budget', () => {
     free = MIB / 2;
     await w.host.checkDisk();
     expect(existsSync(reserve)).toBe(false);
-    await waitFor(() => texts(w, MAIN).some((t) => t.includes('The disk is almost full')), 20_000, 'told');
+    await waitFor(() => texts(w, MAIN).some((t) => t.includes('The disk is almost full')), 60_000, 'told');
     free = 100 * MIB;
     await w.host.checkDisk();
     expect(existsSync(reserve)).toBe(true);

@@ -272,7 +272,7 @@ describe('host and real container together', () => {
     expect(texts(w)).toEqual(['Andy: [stub] hello there']);
     const session = w.store.getSession('main');
     expect(session).toBeTruthy();
-    await waitFor(() => !w.host.queue.isRunning(MAIN), 30_000, 'idle close');
+    await waitFor(() => !w.host.queue.isRunning(MAIN), 60_000, 'idle close');
     w.channel.receive(MAIN, '!session');
     await waitFor(() => texts(w).length === 2, 60_000, 'second reply');
     expect(texts(w)[1]).toBe(`Andy: [stub] ${session}`);
@@ -293,7 +293,7 @@ describe('host and real container together', () => {
     expect(texts(w)).toEqual(['Andy: [stub] one', 'Andy: [stub] two']);
     expect(w.docker.runs()).toBe(1);
     w.host.queue.closeContainer(MAIN); // _close into the run's own inbox
-    await waitFor(() => !w.host.queue.isRunning(MAIN), 30_000, 'container closed');
+    await waitFor(() => !w.host.queue.isRunning(MAIN), 60_000, 'container closed');
   });
 
   it('a ready agent from the warm pool is really frozen (docker pause) after WARM_PAUSE_AFTER; the next message thaws it and is answered in the same session', async () => {
@@ -313,13 +313,13 @@ describe('host and real container together', () => {
       ])
         .stdout.toString()
         .trim();
-    await waitFor(() => paused() !== '', 30_000, 'the container paused');
+    await waitFor(() => paused() !== '', 60_000, 'the container paused');
     w.channel.receive(MAIN, '!session');
     await waitFor(() => texts(w).length === 2, 60_000, 'the thawed agent’s reply');
     expect(texts(w)[1]).toBe(`Andy: [stub] ${w.store.getSession('main')}`);
     expect(w.docker.runs()).toBe(1); // a frozen container cannot answer: this reply proves the thaw
     // A host that died leaves its paused agents behind: the next start removes them like any leftover.
-    await waitFor(() => paused() !== '', 30_000, 'paused again');
+    await waitFor(() => paused() !== '', 60_000, 'paused again');
     const frozen = paused();
     expect(removeLeftoverContainers(w.config)).toEqual([frozen]);
     expect(paused()).toBe('');
@@ -411,7 +411,7 @@ describe('host and real container together', () => {
     const stillThere = w.store.latestSeq(MAIN);
     // Its run fails like the first: the messages it was given count as answered, quietly.
     await waitFor(() => w.store.getCursor(MAIN) >= stillThere, 90_000, 'the second message given up');
-    await waitFor(() => !w.host.queue.isRunning(MAIN), 30_000, 'its container gone');
+    await waitFor(() => !w.host.queue.isRunning(MAIN), 60_000, 'its container gone');
     expect(texts(w)).toHaveLength(1); // told once, not once per message
     writeFileSync(w.config.envFile, `KIMI_API_KEY=${KEY}\n`);
     w.channel.receive(MAIN, 'and now?');
@@ -486,7 +486,7 @@ describe('WhatsApp and scheduled tasks with the real container', () => {
     );
     w.host.scheduler.arm();
     await waitFor(() => texts(w, FAMILY).includes('Andy: time to water the plants'), 60_000, 'task message');
-    await waitFor(() => w.store.taskRuns('e2e-interval').length === 1, 30_000, 'run logged');
+    await waitFor(() => w.store.taskRuns('e2e-interval').length === 1, 60_000, 'run logged');
     expect(w.store.taskRuns('e2e-interval')[0]).toMatchObject({ status: 'success' });
     expect(new Date(w.store.getTask('e2e-interval')!.nextRun!).getTime()).toBeGreaterThan(Date.now() + 500_000);
   });
@@ -523,7 +523,7 @@ describe('what the real Kimi CLI does, through the host and the real image', () 
     await waitFor(() => texts(w, FAMILY).length === 1, 60_000, 'first context');
     expect(texts(w, FAMILY)[0]).toContain('FAMILY-MEMORY-MARKER');
     const session = w.store.getSession('family');
-    await waitFor(() => !w.host.queue.isRunning(FAMILY), 30_000, 'container closed');
+    await waitFor(() => !w.host.queue.isRunning(FAMILY), 60_000, 'container closed');
     writeFileSync(join(w.config.groupsDir, 'family', 'CLAUDE.md'), 'FAMILY-MEMORY-EDITED: dinner is at 8 now.\n');
     w.channel.receive(FAMILY, '@Andy !context');
     await waitFor(() => texts(w, FAMILY).length === 2, 60_000, 'second context');

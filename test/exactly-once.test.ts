@@ -77,12 +77,12 @@ describe('replies', () => {
   it('are recorded with the cursor before any send: a channel that is down gets them later, once', async () => {
     const w = await start(project(), {}, false);
     w.channel.receive(MAIN, 'hello');
-    await waitFor(() => w.store.unsent('recording').length === 1, 10_000, 'reply recorded');
+    await waitFor(() => w.store.unsent('recording').length === 1, 60_000, 'reply recorded');
     const seq = w.store.latestSeq(MAIN);
     expect(w.store.getCursor(MAIN)).toBeGreaterThan(0); // answered: no run will make this reply again
     expect(texts(w)).toEqual([]);
     w.channel.setUp(true);
-    await waitFor(() => texts(w).length === 1, 5000, 'delivered');
+    await waitFor(() => texts(w).length === 1, 60_000, 'delivered');
     await w.host.settleOutbox();
     expect(texts(w)).toEqual(['Andy: echo: hello']);
     expect(w.store.unsent('recording').length).toBe(0);
@@ -99,11 +99,11 @@ describe('replies', () => {
     const p = project();
     const first = await start(p, {}, false);
     first.channel.receive(MAIN, 'before the stop');
-    await waitFor(() => first.store.unsent('recording').length === 1, 10_000, 'reply recorded');
+    await waitFor(() => first.store.unsent('recording').length === 1, 60_000, 'reply recorded');
     const messageId = first.store.unsentHeads('recording')[0]!.messageId;
     await stop(first);
     const second = await start(p);
-    await waitFor(() => texts(second).length === 1, 5000, 'delivered after restart');
+    await waitFor(() => texts(second).length === 1, 60_000, 'delivered after restart');
     await second.host.settleOutbox();
     expect(second.channel.sent).toEqual([{ jid: MAIN, text: 'Andy: echo: before the stop', messageId }]);
     expect(second.docker.runs()).toHaveLength(1); // the first host's run only
@@ -113,12 +113,12 @@ describe('replies', () => {
     const w = await start(project(), { maxRetries: 5 });
     const locker = new Database(w.config.dbPath);
     w.channel.receive(MAIN, '!sleep 300');
-    await waitFor(() => w.docker.runs().length === 1, 5000, 'run started');
+    await waitFor(() => w.docker.runs().length === 1, 60_000, 'run started');
     locker.exec('PRAGMA busy_timeout = 0; BEGIN EXCLUSIVE'); // held while the answer arrives
     await Bun.sleep(1500);
     locker.exec('ROLLBACK');
     locker.close();
-    await waitFor(() => texts(w).length === 1, 15_000, 'answer after the retry');
+    await waitFor(() => texts(w).length === 1, 60_000, 'answer after the retry');
     await Bun.sleep(300);
     expect(texts(w)).toEqual(['Andy: slept 300']);
     expect(w.docker.runs().length).toBeGreaterThanOrEqual(2);
@@ -146,7 +146,7 @@ describe('IPC requests', () => {
     store.markIpcDone('9d8c7b6a-5f4e-4d3c-8b2a-1f0e9d8c7b6a');
     store.close();
     const w = await start(p);
-    await waitFor(() => texts(w, FAMILY).length === 1, 5000, 'the undone request');
+    await waitFor(() => texts(w, FAMILY).length === 1, 60_000, 'the undone request');
     await w.host.ipc.scan();
     await w.host.settleOutbox();
     expect(texts(w, FAMILY)).toEqual(['Andy: claimed, not handled']);
@@ -178,7 +178,7 @@ describe('task runs', () => {
     }
     store.close();
     const w = await start(p);
-    await waitFor(() => texts(w, FAMILY).length === 2, 10_000, 'both re-run');
+    await waitFor(() => texts(w, FAMILY).length === 2, 60_000, 'both re-run');
     await w.host.settleOutbox();
     expect(texts(w, FAMILY).sort()).toEqual(['Andy: echo: check the build', 'Andy: echo: remind me']);
     for (const id of ['once-1', 'every-1']) {
@@ -199,7 +199,7 @@ describe('task runs', () => {
     store.claimTask('once-3', '2026-01-01T09:00:00.000Z');
     store.close();
     const w = await start(p);
-    await waitFor(() => texts(w, FAMILY).length === 1, 10_000, 'ran');
+    await waitFor(() => texts(w, FAMILY).length === 1, 60_000, 'ran');
     expect(texts(w, FAMILY)).toEqual(['Andy: echo: was waiting']);
     expect(w.store.taskRuns('once-3').map((r) => r.status)).toEqual(['success']);
   });
@@ -212,12 +212,12 @@ describe('task runs', () => {
     store.markTaskStarted('once-2');
     store.close();
     const w = await start(p);
-    await waitFor(() => w.store.taskClaims().length === 0, 5000, 'claim resolved');
+    await waitFor(() => w.store.taskClaims().length === 0, 60_000, 'claim resolved');
     expect(w.store.getTask('once-2')).toMatchObject({ status: 'completed', nextRun: null });
     expect(w.store.getTask('once-2')!.lastResult).toContain('not run again');
     expect(w.docker.runs()).toHaveLength(0);
     // The chat it was for hears of it.
-    await waitFor(() => texts(w, FAMILY).length === 1, 5000, 'the notice');
+    await waitFor(() => texts(w, FAMILY).length === 1, 60_000, 'the notice');
     expect(texts(w, FAMILY)[0]).toMatch(
       /^Andy: A scheduled task \("twice unlucky"\) was interrupted twice .* It will not run again\.$/,
     );
@@ -228,14 +228,14 @@ describe('poison messages', () => {
   it('after the last retry the chat is told once, the messages count as answered, and the next message starts fresh', async () => {
     const w = await start(project(), { maxRetries: 2, retryBaseMs: 20 });
     w.channel.receive(MAIN, '!fail always broken');
-    await waitFor(() => texts(w).length === 1, 10_000, 'the notice');
+    await waitFor(() => texts(w).length === 1, 60_000, 'the notice');
     expect(texts(w)).toEqual([`Andy: ${GIVE_UP_TEXT}`]);
     expect(w.docker.runs()).toHaveLength(3); // the first try and two retries, then no more
     await w.host.recover(); // the sweep finds nothing left to retry
     await Bun.sleep(200);
     expect(w.docker.runs()).toHaveLength(3);
     w.channel.receive(MAIN, 'fresh start');
-    await waitFor(() => texts(w).length === 2, 10_000, 'the next answer');
+    await waitFor(() => texts(w).length === 2, 60_000, 'the next answer');
     expect(texts(w)[1]).toBe('Andy: echo: fresh start');
     expect(JSON.parse(w.docker.runs()[3]!.stdin!).prompt).not.toContain('always broken');
   });
@@ -245,7 +245,7 @@ describe('a refused key', () => {
   it('is told to the chat once, in one line naming the fix, and never retried', async () => {
     const w = await start(project(), { maxRetries: 5, retryBaseMs: 20 });
     w.channel.receive(MAIN, '!refused');
-    await waitFor(() => texts(w).length === 1, 10_000, 'the notice');
+    await waitFor(() => texts(w).length === 1, 60_000, 'the notice');
     await Bun.sleep(300);
     expect(texts(w)).toEqual([
       expect.stringMatching(
@@ -254,7 +254,7 @@ describe('a refused key', () => {
     ]);
     expect(w.docker.runs()).toHaveLength(1); // not five retries of the same refusal
     w.channel.receive(MAIN, '!refused');
-    await waitFor(() => w.docker.runs().length === 2, 10_000, 'the next message tried');
+    await waitFor(() => w.docker.runs().length === 2, 60_000, 'the next message tried');
     await Bun.sleep(300);
     expect(texts(w)).toHaveLength(1); // told once
     expect(w.store.messagesSince(MAIN, w.store.getCursor(MAIN))).toEqual([]);
@@ -278,7 +278,7 @@ describe('faults', () => {
     locker.exec('ROLLBACK');
     locker.close();
     // However the three are batched into turns, the last answer is to the last message.
-    await waitFor(() => texts(w).at(-1) === 'Andy: echo: three', 10_000, 'answered after the lock');
+    await waitFor(() => texts(w).at(-1) === 'Andy: echo: three', 60_000, 'answered after the lock');
     expect(new Set(texts(w)).size).toBe(texts(w).length); // none said twice
     const stored = w.store.db
       .query<{ content: string }, [string]>(
@@ -305,7 +305,7 @@ describe('faults', () => {
     };
     writeFileSync(join(p.config.dataDir, 'spill.jsonl'), `${JSON.stringify({ message, chat: { isGroup: false } })}\n`);
     const w = await start(p);
-    await waitFor(() => texts(w).length === 1, 10_000, 'answered');
+    await waitFor(() => texts(w).length === 1, 60_000, 'answered');
     expect(texts(w)).toEqual(['Andy: echo: kept in the spill file']);
   });
 
@@ -323,7 +323,7 @@ describe('faults', () => {
       setupLogging(p.config, { terminalLevel: 'silent' });
       const w = await start(p);
       w.channel.receive(MAIN, 'still answering?');
-      await waitFor(() => texts(w).length === 1, 10_000, 'answered');
+      await waitFor(() => texts(w).length === 1, 60_000, 'answered');
       expect(written.filter((line) => line.includes('cannot write') && line.includes('nanoclaw.log'))).toHaveLength(1);
       expect(written.some((line) => line.includes('Starting agent container'))).toBe(true);
     } finally {

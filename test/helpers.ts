@@ -287,7 +287,7 @@ export const texts = (w: { channel: RecordingChannel }, jid?: string): string[] 
 /** Polls until `check` returns a truthy value (or fails after timeoutMs). */
 export async function waitFor<T>(
   check: () => T | undefined | null | false,
-  timeoutMs = 10_000,
+  timeoutMs = 60_000, // only a failure guard: nothing waits this long when the code works
   what = 'condition',
 ): Promise<T> {
   const deadline = Date.now() + timeoutMs;

@@ -70,7 +70,7 @@ describe('timers the host keeps, on a clock the test moves', () => {
     await clock.advance(59_999);
     expect(w.docker.runs()).toHaveLength(0);
     await clock.advance(1);
-    await waitFor(() => texts(w).length === 1, 10_000, 'answered after the sweep');
+    await waitFor(() => texts(w).length === 1, 60_000, 'answered after the sweep');
     expect(texts(w)).toEqual(['Andy: echo: anyone?']);
   });
 });
@@ -97,7 +97,7 @@ describe('the recovery sweep', () => {
     expect(w.docker.runs()).toHaveLength(0); // no trigger: nothing for the agent
     chatter(w, 'called', '@Andy what time is it?');
     await w.host.recover();
-    await waitFor(() => texts(w, FAMILY).length === 1, 10_000, 'the triggered answer');
+    await waitFor(() => texts(w, FAMILY).length === 1, 60_000, 'the triggered answer');
     expect(texts(w, FAMILY)[0]).toBe('Andy: echo: what time is it?');
     expect(JSON.parse(w.docker.runs()[0]!.stdin!).prompt).toContain('just chatting 0'); // the chatter came with it
   });
@@ -109,7 +109,7 @@ describe('the recovery sweep', () => {
     expect(w.docker.runs()).toHaveLength(0);
     w.store.db.query('UPDATE registered_groups SET requires_trigger = 0 WHERE jid = ?').run(FAMILY); // as `groups` would
     await w.host.recover();
-    await waitFor(() => texts(w, FAMILY).length === 1, 10_000, 'the answer without a trigger');
+    await waitFor(() => texts(w, FAMILY).length === 1, 60_000, 'the answer without a trigger');
     expect(texts(w, FAMILY)[0]).toBe('Andy: echo: just chatting');
   });
 });
@@ -118,11 +118,11 @@ describe('warm when it matters', () => {
   it('typing in a registered chat starts its container with no prompt; the message then goes into it as a follow-up', async () => {
     const w = await world();
     w.channel.typing(MAIN);
-    await waitFor(() => w.docker.calls().some((c) => c.command === 'warm-start'), 10_000, 'warm start');
+    await waitFor(() => w.docker.calls().some((c) => c.command === 'warm-start'), 60_000, 'warm start');
     expect(stdinOf(w, 0)).toMatchObject({ prompt: '', warm: true, chatJid: MAIN });
     expect(w.channel.sent).toEqual([]);
     w.channel.receive(MAIN, 'hello');
-    await waitFor(() => texts(w).length === 1, 10_000, 'reply');
+    await waitFor(() => texts(w).length === 1, 60_000, 'reply');
     expect(texts(w)).toEqual(['Andy: echo: hello']);
     expect(w.docker.runs()).toHaveLength(1);
     expect(
@@ -140,7 +140,7 @@ describe('warm when it matters', () => {
     const w = await world({}, { clock });
     w.channel.typing(MAIN);
     w.channel.receive(MAIN, 'pasted at once'); // same tick: no container to hand it to yet
-    await waitFor(() => texts(w).length === 1, 10_000, 'reply');
+    await waitFor(() => texts(w).length === 1, 60_000, 'reply');
     expect(texts(w)).toEqual(['Andy: echo: pasted at once']);
     expect(w.docker.runs()).toHaveLength(1);
   });
@@ -149,11 +149,11 @@ describe('warm when it matters', () => {
     const w = await world({ WARM_PAUSE_AFTER: '50' });
     expect(w.host.prewarm('stranger@g.us')).toBe(false);
     w.channel.receive(MAIN, 'hello');
-    await waitFor(() => texts(w).length === 1, 10_000, 'reply');
+    await waitFor(() => texts(w).length === 1, 60_000, 'reply');
     const did = (verb: string) => w.docker.calls().some((c) => c.command === verb);
-    await waitFor(() => did('pause'), 10_000, 'paused');
+    await waitFor(() => did('pause'), 60_000, 'paused');
     expect(w.host.prewarm(MAIN)).toBe(true);
-    await waitFor(() => did('unpause'), 10_000, 'thawed by typing');
+    await waitFor(() => did('unpause'), 60_000, 'thawed by typing');
     expect(w.docker.runs()).toHaveLength(1);
   });
 
@@ -161,14 +161,14 @@ describe('warm when it matters', () => {
     const clock = new FakeClock();
     const w = await world({ WARM_PAUSE_AFTER: '1000', IDLE_TIMEOUT: '5000' }, { clock });
     expect(w.host.prewarm(MAIN)).toBe(true);
-    await waitFor(() => w.docker.calls().some((c) => c.command === 'warm-start'), 10_000, 'warm start');
+    await waitFor(() => w.docker.calls().some((c) => c.command === 'warm-start'), 60_000, 'warm start');
     const did = (verb: string) => w.docker.calls().some((c) => c.command === verb);
     await clock.advance(1_000); // (exactly when: test/queue.test.ts)
-    await waitFor(() => did('pause'), 10_000, 'paused');
+    await waitFor(() => did('pause'), 60_000, 'paused');
     await clock.advance(3_999);
     expect(did('closed')).toBe(false);
     await clock.advance(1);
-    await waitFor(() => w.docker.calls().some((c) => c.command === 'closed'), 10_000, 'closed');
+    await waitFor(() => w.docker.calls().some((c) => c.command === 'closed'), 60_000, 'closed');
     expect(w.channel.sent).toEqual([]);
   });
 
@@ -192,10 +192,10 @@ describe('warm when it matters', () => {
     await clock.advance(4_000);
     expect(w.docker.runs()).toHaveLength(0);
     await clock.advance(1_000);
-    await waitFor(() => w.docker.calls().some((c) => c.command === 'warm-start'), 10_000, 'readied ahead');
+    await waitFor(() => w.docker.calls().some((c) => c.command === 'warm-start'), 60_000, 'readied ahead');
     expect(JSON.parse(w.docker.runs()[0]!.stdin!).chatJid).toBe(FAMILY);
     await clock.advance(TASK_WARM_LEAD_MS);
-    await waitFor(() => texts(w).length === 1, 10_000, 'the task’s answer');
+    await waitFor(() => texts(w).length === 1, 60_000, 'the task’s answer');
     expect(texts(w)).toEqual(['Andy: echo: water the plants']);
     expect(w.docker.calls().filter((c) => c.command === 'task-turn')).toHaveLength(1);
     expect(w.docker.runs()).toHaveLength(1);
@@ -207,13 +207,13 @@ describe('warm when it matters', () => {
     w.store.db.query('UPDATE registered_groups SET requires_trigger = 0 WHERE jid = ?').run(WORK);
     w.docker.set('hold-ready'); // the CLI inside is still starting
     expect(w.host.prewarm(MAIN)).toBe(true);
-    await waitFor(() => w.docker.runs().length === 1, 10_000, 'the first container started');
+    await waitFor(() => w.docker.runs().length === 1, 60_000, 'the first container started');
     await Bun.sleep(200);
     expect(w.host.prewarm(WORK, typist)).toBe(false); // the one slot is still main's
     expect(w.docker.runs()).toHaveLength(1);
     w.docker.set('hold-ready', false);
-    await waitFor(() => w.host.prewarm(WORK, typist), 10_000, 'the slot freed by the ready line');
-    await waitFor(() => w.docker.runs().length === 2, 10_000, 'the second container started');
+    await waitFor(() => w.host.prewarm(WORK, typist), 60_000, 'the slot freed by the ready line');
+    await waitFor(() => w.docker.runs().length === 2, 60_000, 'the second container started');
     expect(w.docker.runs().map((run) => JSON.parse(run.stdin!).chatJid)).toEqual([MAIN, WORK]);
   });
 
@@ -237,12 +237,12 @@ describe('warm when it matters', () => {
     const CLUB = 'stranger@g.us'; // a chat the channel has: registered now, with an allowlist
     addGroup(w.config, w.store, { jid: CLUB, name: 'Club', folder: 'club', allow: [ALICE.sender] });
     w.channel.typing(CLUB, ALICE.sender);
-    await waitFor(() => w.docker.calls().some((c) => c.command === 'warm-start'), 10_000, 'warm start');
+    await waitFor(() => w.docker.calls().some((c) => c.command === 'warm-start'), 60_000, 'warm start');
     w.channel.receive(CLUB, 'just chatting', ALICE);
     await Bun.sleep(100);
     expect(w.docker.calls().some((c) => c.command === 'follow-up')).toBe(false);
     w.channel.receive(CLUB, '@Andy now you', ALICE);
-    await waitFor(() => texts(w, CLUB).length === 1, 10_000, 'reply');
+    await waitFor(() => texts(w, CLUB).length === 1, 60_000, 'reply');
     const handed = w.docker
       .calls()
       .filter((c) => c.command === 'follow-up')
@@ -257,7 +257,7 @@ describe('routing into a live container', () => {
   it('checks only the message that arrived: messages without the trigger cost no re-read of the pending ones', async () => {
     const w = await world();
     w.channel.receive(FAMILY, '@Andy first');
-    await waitFor(() => texts(w).length === 1, 10_000, 'reply');
+    await waitFor(() => texts(w).length === 1, 60_000, 'reply');
     const reads: number[] = [];
     const original = w.store.messagesSince.bind(w.store);
     w.store.messagesSince = (jid, after, limit) => {
@@ -269,7 +269,7 @@ describe('routing into a live container', () => {
     expect(reads).toEqual([]);
     w.channel.receive(FAMILY, '@Andy sum it up');
     expect(reads).toEqual([51]); // once, for the batch handed over
-    await waitFor(() => texts(w).length === 2, 10_000, 'second reply');
+    await waitFor(() => texts(w).length === 2, 60_000, 'second reply');
   });
 });
 
@@ -277,7 +277,7 @@ describe('routing', () => {
   it('answers the main group without a trigger, prefixed with the assistant name', async () => {
     const w = await world();
     w.channel.receive(MAIN, 'hello');
-    await waitFor(() => texts(w).length === 1, 10_000, 'reply');
+    await waitFor(() => texts(w).length === 1, 60_000, 'reply');
     expect(texts(w)).toEqual(['Andy: echo: hello']);
     expect(stdinOf(w, 0).chatJid).toBe(MAIN);
   });
@@ -285,7 +285,7 @@ describe('routing', () => {
   it('sends no prefix when the assistant has its own number', async () => {
     const w = await world({ ASSISTANT_HAS_OWN_NUMBER: 'true' });
     w.channel.receive(MAIN, 'hello');
-    await waitFor(() => texts(w).length === 1, 10_000, 'reply');
+    await waitFor(() => texts(w).length === 1, 60_000, 'reply');
     expect(texts(w)).toEqual(['echo: hello']);
   });
 
@@ -296,7 +296,7 @@ describe('routing', () => {
     await Bun.sleep(300);
     expect(w.docker.runs()).toHaveLength(0);
     w.channel.receive(FAMILY, '@andy what time works?');
-    await waitFor(() => texts(w).length === 1, 10_000, 'reply');
+    await waitFor(() => texts(w).length === 1, 60_000, 'reply');
     const prompt = stdinOf(w, 0).prompt;
     expect(prompt).toContain('sender="Bob"');
     expect(prompt).toContain('are we meeting on sunday?');
@@ -307,10 +307,10 @@ describe('routing', () => {
   it('keeps <internal> text private and sends nothing for a silent answer', async () => {
     const w = await world();
     w.channel.receive(MAIN, '!internal');
-    await waitFor(() => texts(w).length === 1, 10_000, 'reply');
+    await waitFor(() => texts(w).length === 1, 60_000, 'reply');
     expect(texts(w)).toEqual(['Andy: visible']);
     w.channel.receive(MAIN, '!silent');
-    await waitFor(() => w.docker.calls().some((c) => c.command === 'follow-up'), 10_000, 'follow-up');
+    await waitFor(() => w.docker.calls().some((c) => c.command === 'follow-up'), 60_000, 'follow-up');
     await Bun.sleep(200);
     expect(texts(w)).toEqual(['Andy: visible']);
   });
@@ -334,7 +334,7 @@ describe('routing', () => {
     expect(w.docker.runs()).toHaveLength(0);
     const msg = w.channel.receive(FAMILY, '@Andy once');
     w.channel.handlers!.onMessage(msg, { name: 'Family', isGroup: true });
-    await waitFor(() => texts(w).length === 1, 10_000, 'reply');
+    await waitFor(() => texts(w).length === 1, 60_000, 'reply');
     await Bun.sleep(200);
     expect(w.docker.runs()).toHaveLength(1);
     expect(stdinOf(w, 0).prompt.match(/<message /g)).toHaveLength(1);
@@ -345,9 +345,9 @@ describe('containers per group', () => {
   it('hands new messages to the live container instead of starting another', async () => {
     const w = await world();
     w.channel.receive(MAIN, 'first');
-    await waitFor(() => texts(w).length === 1, 10_000, 'first reply');
+    await waitFor(() => texts(w).length === 1, 60_000, 'first reply');
     w.channel.receive(MAIN, 'second');
-    await waitFor(() => texts(w).length === 2, 10_000, 'second reply');
+    await waitFor(() => texts(w).length === 2, 60_000, 'second reply');
     expect(texts(w)).toEqual(['Andy: echo: first', 'Andy: echo: second']);
     expect(w.docker.runs()).toHaveLength(1);
   });
@@ -355,11 +355,11 @@ describe('containers per group', () => {
   it('closes an idle container after IDLE_TIMEOUT; the next message starts a new one resuming the session', async () => {
     const w = await world({ IDLE_TIMEOUT: '200' });
     w.channel.receive(MAIN, 'first');
-    await waitFor(() => w.docker.calls().some((c) => c.command === 'closed'), 10_000, 'idle close');
+    await waitFor(() => w.docker.calls().some((c) => c.command === 'closed'), 60_000, 'idle close');
     const session = w.store.getSession('main');
     expect(session).toMatch(/^fake-session-/);
     w.channel.receive(MAIN, 'again');
-    await waitFor(() => texts(w).length === 2, 10_000, 'second reply');
+    await waitFor(() => texts(w).length === 2, 60_000, 'second reply');
     expect(w.docker.runs()).toHaveLength(2);
     expect(stdinOf(w, 1).sessionId).toBe(session);
     const log = readFileSync(join(w.config.logsDir, 'nanoclaw.log'), 'utf8');
@@ -372,7 +372,7 @@ describe('containers per group', () => {
     w.host.onTurn(() => runsAtEachTurn.push(w.docker.runs().length));
     w.channel.receive(FAMILY, '@Andy one');
     w.channel.receive(WORK, '@Andy two');
-    await waitFor(() => texts(w).length === 2, 15_000, 'both replies');
+    await waitFor(() => texts(w).length === 2, 60_000, 'both replies');
     // The second container started only once the first had answered; the first then waited
     // in the warm pool beside it (not closed for it: a ready agent holds no slot).
     expect(runsAtEachTurn).toEqual([1, 2]);
@@ -383,23 +383,23 @@ describe('containers per group', () => {
   it('a ready agent is paused after WARM_PAUSE_AFTER, thawed by the next message, which it answers; the pool keeps WARM_POOL_SIZE agents', async () => {
     const w = await world({ WARM_PAUSE_AFTER: '50', WARM_POOL_SIZE: '1' });
     w.channel.receive(FAMILY, '@Andy one');
-    await waitFor(() => w.docker.calls().some((c) => c.command === 'pause'), 10_000, 'paused');
+    await waitFor(() => w.docker.calls().some((c) => c.command === 'pause'), 60_000, 'paused');
     w.channel.receive(FAMILY, '@Andy two');
-    await waitFor(() => texts(w).length === 2, 10_000, 'the answer from the thawed agent');
+    await waitFor(() => texts(w).length === 2, 60_000, 'the answer from the thawed agent');
     expect(texts(w).at(-1)).toContain('echo: two');
     expect(w.docker.runs()).toHaveLength(1);
     const verbs = w.docker.calls().map((c) => c.command);
     expect(verbs.indexOf('unpause')).toBeGreaterThan(verbs.indexOf('pause'));
     // Another group answered: the pool holds one, so the family chat's agent (waiting longest) is closed.
     w.channel.receive(WORK, '@Andy three');
-    await waitFor(() => w.docker.calls().some((c) => c.command === 'closed'), 10_000, 'evicted');
+    await waitFor(() => w.docker.calls().some((c) => c.command === 'closed'), 60_000, 'evicted');
     expect(w.host.queue.poolMembers).toEqual([WORK]);
   });
 
   it('writes the task and group snapshots before a run', async () => {
     const w = await world();
     w.channel.receive(FAMILY, '@Andy hi');
-    await waitFor(() => texts(w).length === 1, 10_000, 'reply');
+    await waitFor(() => texts(w).length === 1, 60_000, 'reply');
     const ipc = join(w.config.ipcDir, 'family');
     expect(JSON.parse(readFileSync(join(ipc, 'current_tasks.json'), 'utf8'))).toEqual([]);
     expect(JSON.parse(readFileSync(join(ipc, 'available_groups.json'), 'utf8')).groups).toEqual([]);
@@ -410,7 +410,7 @@ describe('failures', () => {
   it('retries a failed run with the same messages and sends the answer once', async () => {
     const w = await world();
     w.channel.receive(MAIN, '!failonce provider hiccup');
-    await waitFor(() => texts(w).length === 1, 10_000, 'reply after retry');
+    await waitFor(() => texts(w).length === 1, 60_000, 'reply after retry');
     expect(w.docker.runs()).toHaveLength(2);
     expect(stdinOf(w, 1).prompt).toBe(stdinOf(w, 0).prompt);
     await Bun.sleep(300);
@@ -420,9 +420,9 @@ describe('failures', () => {
   it('after a crash mid-conversation, retries only what was not answered and never resends a reply', async () => {
     const w = await world();
     w.channel.receive(MAIN, 'answered');
-    await waitFor(() => texts(w).length === 1, 10_000, 'first reply');
+    await waitFor(() => texts(w).length === 1, 60_000, 'first reply');
     w.channel.receive(MAIN, '!crash');
-    await waitFor(() => w.docker.runs().length >= 2, 10_000, 'retry run');
+    await waitFor(() => w.docker.runs().length >= 2, 60_000, 'retry run');
     const retried = stdinOf(w, 1).prompt;
     expect(retried).toContain('!crash');
     expect(retried).not.toContain('answered');
@@ -433,10 +433,10 @@ describe('failures', () => {
   it('a follow-up queued behind a turn is not counted answered when the turn after it dies: it is retried', async () => {
     const w = await world();
     w.channel.receive(MAIN, '!sleep 400');
-    await waitFor(() => w.docker.runs().length === 1, 10_000, 'the first run');
+    await waitFor(() => w.docker.runs().length === 1, 60_000, 'the first run');
     await Bun.sleep(100);
     w.channel.receive(MAIN, '!failonce the next turn dies'); // handed to the live container, queued behind its turn
-    await waitFor(() => texts(w).length === 2, 10_000, 'both answers');
+    await waitFor(() => texts(w).length === 2, 60_000, 'both answers');
     expect(texts(w)).toEqual(['Andy: slept 400', 'Andy: echo: !failonce the next turn dies']);
     expect(w.docker.runs()).toHaveLength(2); // the follow-up went into a new container, not into the void
     expect(stdinOf(w, 1).prompt).toContain('!failonce the next turn dies');
@@ -447,7 +447,7 @@ describe('failures', () => {
     const w = await world();
     w.channel.receive(MAIN, '!refused');
     w.channel.receive(MAIN, 'sent after the key was fixed'); // goes into the container, which fails before it
-    await waitFor(() => texts(w).length === 2, 10_000, 'the notice and the answer');
+    await waitFor(() => texts(w).length === 2, 60_000, 'the notice and the answer');
     expect(texts(w)[0]).toContain('refused the Kimi key');
     expect(texts(w)[1]).toBe('Andy: echo: sent after the key was fixed');
     expect(w.store.messagesSince(MAIN, w.store.getCursor(MAIN))).toEqual([]);
@@ -458,7 +458,7 @@ describe('failures', () => {
     const turns: { status: string; error?: string }[] = [];
     w.host.onTurn((t) => turns.push(t));
     w.channel.receive(MAIN, '!exit0');
-    await waitFor(() => texts(w).length === 1, 10_000, 'the give-up notice');
+    await waitFor(() => texts(w).length === 1, 60_000, 'the give-up notice');
     expect(w.docker.runs()).toHaveLength(3); // the run and two retries, not one a second forever
     expect(turns[0]).toMatchObject({ status: 'error', error: 'the agent container ended without an answer' });
     expect(texts(w)[0]).toContain('Sorry, I could not answer that');
@@ -472,7 +472,7 @@ describe('failures', () => {
     rmSync(w.config.dbPath);
     writeFileSync(w.config.dbPath, '');
     w.host.recover();
-    await waitFor(() => fatal !== '', 10_000, 'the fatal notice');
+    await waitFor(() => fatal !== '', 60_000, 'the fatal notice');
     expect(fatal).toContain('was deleted or replaced while NanoClaw was running');
     expect(fatal).toContain('store/backups/');
   });
@@ -482,7 +482,7 @@ describe('failures', () => {
     const turns: unknown[] = [];
     w.host.onTurn((t) => turns.push(t));
     w.channel.receive(MAIN, '!fail LLM is not set');
-    await waitFor(() => turns.length >= 1, 10_000, 'turn');
+    await waitFor(() => turns.length >= 1, 60_000, 'turn');
     expect(turns[0]).toMatchObject({ chatJid: MAIN, status: 'error', sent: null, error: 'LLM is not set' });
   });
 
@@ -504,14 +504,14 @@ describe('failures', () => {
     });
     setup.close();
     const w = await world({}, {}, { docker, config });
-    await waitFor(() => texts(w).length === 1, 10_000, 'recovered reply');
+    await waitFor(() => texts(w).length === 1, 60_000, 'recovered reply');
     expect(texts(w)).toEqual(['Andy: echo: did you get this?']);
   });
 
   it('after a restart, groups active within IDLE_TIMEOUT get a ready agent again (the old ones were removed); quiet ones do not', async () => {
     const first = await world({ MAX_CONCURRENT_CONTAINERS: '4' });
     first.channel.receive(FAMILY, '@Andy hello');
-    await waitFor(() => texts(first).length === 1, 10_000, 'answer');
+    await waitFor(() => texts(first).length === 1, 60_000, 'answer');
     // Work spoke last two hours ago: past IDLE_TIMEOUT (30 min).
     first.store.upsertChat({
       jid: WORK,
@@ -522,24 +522,24 @@ describe('failures', () => {
     await shutDown(first);
     const runsBefore = first.docker.runs().length;
     const second = await world({}, {}, { docker: first.docker, config: first.config });
-    await waitFor(() => second.host.queue.poolMembers.length === 1, 10_000, 'a ready agent');
+    await waitFor(() => second.host.queue.poolMembers.length === 1, 60_000, 'a ready agent');
     expect(second.host.queue.poolMembers).toEqual([FAMILY]);
-    await waitFor(() => second.docker.runs().length > runsBefore, 10_000, 'the warm start recorded');
+    await waitFor(() => second.docker.runs().length > runsBefore, 60_000, 'the warm start recorded');
     const warmed = second.docker.runs().slice(runsBefore);
     expect(warmed.map((run) => JSON.parse(run.stdin!).chatJid)).toEqual([FAMILY]);
     second.channel.receive(FAMILY, '@Andy again');
-    await waitFor(() => texts(second).length === 1, 10_000, 'answered by the ready agent');
+    await waitFor(() => texts(second).length === 1, 60_000, 'answered by the ready agent');
     expect(second.docker.runs().length).toBe(runsBefore + 1);
   });
 
   it('a run cut short by shutdown is answered after restart', async () => {
     const first = await world({}, { shutdownGraceMs: 200 }); // the turn takes longer than the grace
     first.channel.receive(MAIN, '!sleep 1200');
-    await waitFor(() => first.docker.runs().length === 1, 10_000, 'run started');
+    await waitFor(() => first.docker.runs().length === 1, 60_000, 'run started');
     await shutDown(first);
     expect(texts(first)).toEqual([]);
     const second = await world({}, {}, { docker: first.docker, config: first.config });
-    await waitFor(() => texts(second).length === 1, 15_000, 'answer after restart');
+    await waitFor(() => texts(second).length === 1, 60_000, 'answer after restart');
     expect(texts(second)).toEqual(['Andy: slept 1200']);
   });
 });
@@ -555,7 +555,7 @@ describe('IPC from the agent', () => {
     const w = await world();
     drop(w, 'family', 'messages', { type: 'message', chatJid: WORK, text: 'sneaky' });
     drop(w, 'family', 'messages', { type: 'message', chatJid: FAMILY, text: 'dinner at 7' });
-    await waitFor(() => texts(w).length === 1, 5000, 'ipc message');
+    await waitFor(() => texts(w).length === 1, 60_000, 'ipc message');
     await Bun.sleep(200);
     expect(w.channel.sent.map(({ jid, text }) => ({ jid, text }))).toEqual([
       { jid: FAMILY, text: 'Andy: dinner at 7' },
@@ -568,7 +568,7 @@ describe('IPC from the agent', () => {
     const ipc = join(w.config.ipcDir, 'family');
     const decision = async (name: string) => {
       const file = join(ipc, 'responses', name);
-      await waitFor(() => existsSync(file), 10_000, `the decision on ${name}`);
+      await waitFor(() => existsSync(file), 60_000, `the decision on ${name}`);
       return JSON.parse(readFileSync(file, 'utf8')) as { ok: boolean; detail?: string; reason?: string };
     };
     writeJsonAtomic(join(ipc, 'tasks', '1-too-often.json'), {
@@ -603,7 +603,7 @@ describe('IPC from the agent', () => {
   it('lets main message any registered group', async () => {
     const w = await world();
     drop(w, 'main', 'messages', { type: 'message', chatJid: WORK, text: 'from main' });
-    await waitFor(() => texts(w).length === 1, 5000, 'ipc message');
+    await waitFor(() => texts(w).length === 1, 60_000, 'ipc message');
     expect(w.channel.sent.map(({ jid, text }) => ({ jid, text }))).toEqual([{ jid: WORK, text: 'Andy: from main' }]);
   });
 
@@ -612,7 +612,7 @@ describe('IPC from the agent', () => {
     mkdirSync(join(w.config.ipcDir, 'work', 'messages'), { recursive: true });
     writeFileSync(join(w.config.ipcDir, 'work', 'messages', '1-broken.json'), '{"type": "message", "chatJid":');
     drop(w, 'work', 'messages', { type: 'message', chatJid: WORK, text: 'after the broken one' });
-    await waitFor(() => texts(w).length === 1, 5000, 'good message');
+    await waitFor(() => texts(w).length === 1, 60_000, 'good message');
     const errors = readdirSync(join(w.config.ipcDir, 'errors'));
     expect(errors).toEqual([expect.stringMatching(/^work\.messages\.[0-9a-f-]{36}\.1-broken\.json$/)]);
     expect(readFileSync(join(w.config.ipcDir, 'errors', errors[0]!), 'utf8')).toBe('{"type": "message", "chatJid":');
@@ -637,8 +637,8 @@ describe('IPC from the agent', () => {
     });
     drop(w, 'family', 'tasks', { type: 'register_group', jid: 'new@g.us', name: 'New', folder: 'new' });
     drop(w, 'main', 'tasks', { type: 'register_group', jid: 'club@g.us', name: 'Club', folder: 'club' });
-    await waitFor(() => w.store.groupByJid('club@g.us'), 5000, 'club registered');
-    await waitFor(() => w.store.listTasks().length === 1, 5000, 'task stored');
+    await waitFor(() => w.store.groupByJid('club@g.us'), 60_000, 'club registered');
+    await waitFor(() => w.store.listTasks().length === 1, 60_000, 'task stored');
     await Bun.sleep(200);
     const [task] = w.store.listTasks();
     expect(task).toMatchObject({
@@ -672,7 +672,7 @@ describe('IPC from the agent', () => {
     drop(w, 'family', 'tasks', { type: 'resume_task', taskId: 'past-once' });
     await waitFor(
       () => existsSync(join(w.config.ipcDir, 'errors')) && readdirSync(join(w.config.ipcDir, 'errors')).length === 1,
-      5000,
+      60_000,
       'refused',
     );
     expect(w.store.getTask('past-once')).toMatchObject({ status: 'paused', nextRun: null });
@@ -702,13 +702,13 @@ describe('IPC from the agent', () => {
       schedule_value: '3600000',
       context_mode: 'isolated',
     });
-    const task = await waitFor(() => w.store.listTasks()[0], 5000, 'task');
+    const task = await waitFor(() => w.store.listTasks()[0], 60_000, 'task');
     drop(w, 'family', 'tasks', { type: 'cancel_task', taskId: task.id });
     drop(w, 'work', 'tasks', { type: 'pause_task', taskId: task.id });
-    await waitFor(() => w.store.getTask(task.id)?.status === 'paused', 5000, 'paused');
+    await waitFor(() => w.store.getTask(task.id)?.status === 'paused', 60_000, 'paused');
     expect(w.store.getTask(task.id)).not.toBeNull();
     drop(w, 'work', 'tasks', { type: 'cancel_task', taskId: task.id });
-    await waitFor(() => w.store.getTask(task.id) === null, 5000, 'cancelled');
+    await waitFor(() => w.store.getTask(task.id) === null, 60_000, 'cancelled');
   });
 });
 
@@ -731,8 +731,8 @@ describe('send caps and who may wake the agent', () => {
     for (let i = 0; i < 100; i++) send(w, 'family', `${String(i).padStart(3, '0')}.json`, FAMILY, `flood ${i}`);
     w.channel.receive(MAIN, 'still there?');
     send(w, 'main', 'during.json', MAIN, 'main speaks during the flood');
-    await waitFor(() => decisions(w, 'family').length === 100, 20_000, 'a decision on every request');
-    await waitFor(() => texts(w, MAIN).length === 2, 10_000, 'main’s messages');
+    await waitFor(() => decisions(w, 'family').length === 100, 60_000, 'a decision on every request');
+    await waitFor(() => texts(w, MAIN).length === 2, 60_000, 'main’s messages');
     await w.host.settleOutbox();
     expect(texts(w, MAIN).sort()).toEqual(['Andy: echo: still there?', 'Andy: main speaks during the flood']);
     expect(texts(w, FAMILY)).toEqual(Array.from({ length: 20 }, (_, i) => `Andy: flood ${i}`));
@@ -745,7 +745,7 @@ describe('send caps and who may wake the agent', () => {
     expect(w.store.db.query('SELECT COUNT(*) AS n FROM outbox WHERE chat_jid = ?').get(FAMILY)).toEqual({ n: 20 }); // nothing queued
     await clock.advance(60_000); // the window slides
     send(w, 'family', 'later.json', FAMILY, 'a minute later');
-    await waitFor(() => decisions(w, 'family').length === 101, 10_000, 'the later decision');
+    await waitFor(() => decisions(w, 'family').length === 101, 60_000, 'the later decision');
     expect(decisions(w, 'family').at(-1)).toEqual({ ok: true });
   });
 
@@ -756,13 +756,13 @@ describe('send caps and who may wake the agent', () => {
     const parts = splitForWhatsApp(`Andy: ${huge}`).length;
     expect(parts).toBeGreaterThan(260);
     send(w, 'family', '1-huge.json', FAMILY, huge);
-    await waitFor(() => decisions(w, 'family').length === 1, 10_000, 'the decision');
+    await waitFor(() => decisions(w, 'family').length === 1, 60_000, 'the decision');
     expect(decisions(w, 'family')[0]).toEqual({
       ok: false,
       reason: `this text would be ${parts} WhatsApp messages, more than one send_message may be (SEND_MAX_PARTS=10); send a shorter text`,
     });
     send(w, 'family', '2-short.json', FAMILY, 'the gist');
-    await waitFor(() => decisions(w, 'family').length === 2, 10_000, 'the second decision');
+    await waitFor(() => decisions(w, 'family').length === 2, 60_000, 'the second decision');
     await w.host.settleOutbox();
     expect(texts(w, FAMILY)).toEqual(['Andy: the gist']);
   });
@@ -780,10 +780,10 @@ describe('send caps and who may wake the agent', () => {
     await Bun.sleep(300);
     expect(w.docker.runs()).toHaveLength(0);
     w.channel.receive(CLUB, '@Andy what did Mallory say?', { sender: '4915100000002@s.whatsapp.net' });
-    await waitFor(() => texts(w, CLUB).length === 1, 10_000, 'the allowed sender answered');
+    await waitFor(() => texts(w, CLUB).length === 1, 60_000, 'the allowed sender answered');
     expect(stdinOf(w, 0).prompt).toContain('let me in'); // context, not a trigger
     w.channel.receive(WORK, 'mine', { isFromMe: true });
-    await waitFor(() => texts(w, WORK).length === 1, 10_000, 'the owner answered');
+    await waitFor(() => texts(w, WORK).length === 1, 60_000, 'the owner answered');
     expect(stdinOf(w, 1).prompt).toContain('run my errands');
   });
 });
@@ -792,7 +792,7 @@ describe('secrets', () => {
   it('never reaches the container (a per-run proxy token goes on stdin) and never appears in any log', async () => {
     const w = await world({ LOG_LEVEL: 'debug' });
     w.channel.receive(MAIN, `please remember ${SECRET}`); // even when someone pastes it
-    await waitFor(() => texts(w).length === 1, 10_000, 'reply');
+    await waitFor(() => texts(w).length === 1, 60_000, 'reply');
     await shutDown(w);
     const run = w.docker.runs()[0]!;
     expect(JSON.parse(run.stdin!).secrets).toEqual({ KIMI_API_KEY: expect.stringMatching(/^ncp-[0-9a-f]{32}$/) });

@@ -111,7 +111,7 @@ async function ask(w: World, jid: string, text: string, timeoutMs = 90_000): Pro
   const before = sent(w, jid).length;
   w.channel.receive(jid, jid === MAIN ? text : `@Andy ${text}`);
   const reply = await waitFor(() => sent(w, jid)[before], timeoutMs, `reply to ${text.slice(0, 40)}`);
-  await waitFor(() => !w.host.queue.isRunning(jid), 30_000, 'container gone');
+  await waitFor(() => !w.host.queue.isRunning(jid), 60_000, 'container gone');
   return reply;
 }
 
@@ -276,7 +276,7 @@ describe('a hostile agent', () => {
         .listGroups()
         .map((g) => g.folder)
         .sort();
-    await waitFor(() => inHand('evil') === 0, 20_000, 'requests handled');
+    await waitFor(() => inHand('evil') === 0, 60_000, 'requests handled');
     await w.host.ipc.scan();
     expect(w.store.groupByFolder('errors')).toBeNull();
     expect(folders()).toEqual(['evil', 'main', 'offline', 'quiet']);
@@ -291,7 +291,7 @@ describe('a hostile agent', () => {
     }));
     const mainWrite = names.map((r, i) => put(r, String(i))).join('; ');
     expect(await ask(w, MAIN, `!shell ${mainWrite}; echo written`)).toContain('written');
-    await waitFor(() => inHand('main') === 0, 20_000, 'main requests handled');
+    await waitFor(() => inHand('main') === 0, 60_000, 'main requests handled');
     await w.host.ipc.scan();
     expect(folders()).toEqual(['evil', 'main', 'offline', 'quiet']);
     expect(existsSync(join(w.config.groupsDir, '..', '..', 'etc', 'CLAUDE.md'))).toBe(false);
@@ -565,7 +565,7 @@ describe('a hostile agent, round two', () => {
     expect(sent(w, CLUB)).toEqual([]);
     w.channel.receive(CLUB, '@Andy hello from a member', { sender: MEMBER, senderName: 'Bob' });
     await waitFor(() => sent(w, CLUB)[0], 90_000, 'the member answered');
-    await waitFor(() => !w.host.queue.isBusy(CLUB), 30_000, 'container gone');
+    await waitFor(() => !w.host.queue.isBusy(CLUB), 60_000, 'container gone');
     expect(sent(w, CLUB)).toEqual(['Andy: [stub] hello from a member']);
     expect(runLogs(w, 'club')).toHaveLength(1);
     // The member's turn was given the stranger's message too, as part of the conversation.
@@ -582,7 +582,7 @@ describe('a hostile agent, round two', () => {
     expect(sent(w, FAMILY)).toEqual([]);
     w.channel.receive(FAMILY, 'hello from the owner', { isFromMe: true });
     await waitFor(() => sent(w, FAMILY)[0], 90_000, 'the owner answered');
-    await waitFor(() => !w.host.queue.isBusy(FAMILY), 30_000, 'container gone');
+    await waitFor(() => !w.host.queue.isBusy(FAMILY), 60_000, 'container gone');
     expect(sent(w, FAMILY)).toEqual(['Andy: [stub] hello from the owner']);
     expect(await ask(w, QUIET, 'hello quiet')).toBe('Andy: [stub] hello quiet');
   });
@@ -665,7 +665,7 @@ describe('a hostile agent, round two', () => {
     const lay = `printf '%s' '${request}' > /workspace/ipc/messages/.t && mv /workspace/ipc/messages/.t /workspace/ipc/messages/${name} && echo laid`;
     w.channel.receive(EVIL, `@Andy !shell ${lay}`);
     await waitFor(() => sent(w, EVIL).some((text) => text.includes('laid')), 90_000, 'the shell’s answer');
-    await waitFor(() => sent(w, EVIL).includes('Andy: sent under the longest name'), 30_000, 'the long-named request');
+    await waitFor(() => sent(w, EVIL).includes('Andy: sent under the longest name'), 60_000, 'the long-named request');
     expect(JSON.parse(readFileSync(join(w.config.ipcDir, 'evil', 'responses', name), 'utf8'))).toMatchObject({
       ok: true,
     });
@@ -748,12 +748,12 @@ describe('the disk', () => {
     expect(await ask(w, EVIL, '!shell head -c 3000000 /dev/urandom > /workspace/group/fill.bin && echo filled')).toBe(
       'Andy: filled',
     );
-    await waitFor(() => sent(w, EVIL).some((t) => t.includes('disk budget')), 30_000, 'the group told');
-    await waitFor(() => sent(w, MAIN).some((t) => t.includes('Evil went over its disk budget')), 30_000, 'main told');
+    await waitFor(() => sent(w, EVIL).some((t) => t.includes('disk budget')), 60_000, 'the group told');
+    await waitFor(() => sent(w, MAIN).some((t) => t.includes('Evil went over its disk budget')), 60_000, 'main told');
     const before = sent(w, EVIL).length;
     w.channel.receive(EVIL, '@Andy !shell echo still here');
     expect(await ask(w, QUIET, 'hello')).toBe('Andy: [stub] hello');
-    await waitFor(() => !w.host.queue.isBusy(EVIL), 30_000, 'evil idle');
+    await waitFor(() => !w.host.queue.isBusy(EVIL), 60_000, 'evil idle');
     expect(sent(w, EVIL)).toHaveLength(before);
   });
 });

@@ -257,10 +257,10 @@ describe('IpcWatcher', () => {
     });
     drop(dir, 'family', 'messages', '1.json', '{"n":1}');
     watcher.start();
-    await waitFor(() => seen.length === 1, 3000, 'file present at start');
+    await waitFor(() => seen.length === 1, 60_000, 'file present at start');
     drop(dir, 'family', 'tasks', '2.json', '{"n":2}');
     drop(dir, 'work', 'messages', '3.json', '{"n":3}');
-    await waitFor(() => seen.length === 3, 3000, 'new files');
+    await waitFor(() => seen.length === 3, 60_000, 'new files');
     await Promise.all(Array.from({ length: 20 }, () => watcher.scan()));
     expect(seen.sort()).toEqual(['family/messages/1', 'family/tasks/2', 'work/messages/3']);
     expect(readdirSync(join(dir, 'family', 'messages'))).toEqual([]);
@@ -278,7 +278,7 @@ describe('IpcWatcher', () => {
     expect(seen).toEqual([]);
     writeFileSync(join(dir, 'g', 'messages', '.half.json.tmp'), '{"n":1}');
     renameSync(join(dir, 'g', 'messages', '.half.json.tmp'), join(dir, 'g', 'messages', 'half.json'));
-    await waitFor(() => seen.length === 1, 3000, 'renamed file');
+    await waitFor(() => seen.length === 1, 60_000, 'renamed file');
     expect(seen).toEqual([{ n: 1 }]);
   });
 
@@ -293,7 +293,7 @@ describe('IpcWatcher', () => {
     drop(dir, 'g', 'tasks', 'refused.json', '{"bad": true}');
     await waitFor(
       () => existsSync(join(dir, 'errors')) && readdirSync(join(dir, 'errors')).length === 2,
-      3000,
+      60_000,
       'errors/',
     );
     const rejected = readdirSync(join(dir, 'errors')).sort();
@@ -323,7 +323,7 @@ describe('IpcWatcher', () => {
     symlinkSync(outside, join(dir, 'evil', 'tasks')); // the whole tasks folder is a link to a host folder
     drop(dir, 'family', 'messages', '1.json', '{"n":"family"}');
     watcher.start();
-    await waitFor(() => seen.length === 1, 5000, 'the other group’s file');
+    await waitFor(() => seen.length === 1, 60_000, 'the other group’s file');
     await watcher.scan();
     expect(seen).toEqual([{ folder: 'family', data: { n: 'family' } }]);
     expect(readdirSync(outside).sort()).toEqual(['other.json', 'secret.json']); // nothing moved out of the host folder
@@ -339,7 +339,7 @@ describe('IpcWatcher', () => {
     watcher.start();
     await waitFor(
       () => existsSync(join(dir, 'errors')) && readdirSync(join(dir, 'g', 'messages')).length === 0,
-      10_000,
+      60_000,
       'all processed',
     );
     await watcher.scan();
@@ -360,7 +360,7 @@ describe('IpcWatcher', () => {
       drop(dir, 'aaa-flood', 'messages', `${String(i).padStart(4, '0')}.json`, '{}');
     drop(dir, 'zzz-quiet', 'messages', '1.json', '{}');
     watcher.start();
-    await waitFor(() => order.length === IPC_FILES_PER_PASS * 4 + 1, 10_000, 'everything');
+    await waitFor(() => order.length === IPC_FILES_PER_PASS * 4 + 1, 60_000, 'everything');
     expect(order.indexOf('zzz-quiet')).toBe(IPC_FILES_PER_PASS);
   });
 
@@ -376,7 +376,7 @@ describe('IpcWatcher', () => {
       '{"n":1}',
     );
     watcher.start();
-    await waitFor(() => seen.length === 2, 3000, 'claimed files');
+    await waitFor(() => seen.length === 2, 60_000, 'claimed files');
     expect(seen).toEqual([
       { folder: 'family', kind: 'tasks', data: { n: 1 } },
       { folder: 'work', kind: 'messages', data: { n: 2 } },
@@ -398,7 +398,7 @@ describe('IpcWatcher', () => {
     writeFileSync(join(dir, 'evil', 'tasks', `${'t'.repeat(250)}.json`), '{broken');
     drop(dir, 'main', 'messages', '1.json', '{"n":"main"}');
     watcher.start();
-    await waitFor(() => seen.length === 2, 5000, 'both requests');
+    await waitFor(() => seen.length === 2, 60_000, 'both requests');
     await watcher.scan();
     expect(seen).toContainEqual({ folder: 'evil', data: { n: 'long' } });
     expect(seen).toContainEqual({ folder: 'main', data: { n: 'main' } });

@@ -335,7 +335,7 @@ describe('ModelProxy', () => {
       signal: abandon.signal,
     } as RequestInit).catch(() => 'abandoned');
     const open = Array.from({ length: MAX_MODEL_REQUESTS_PER_RUN - 1 }, () => call(run.socketPath, run.token));
-    await waitFor(() => holds.length === MAX_MODEL_REQUESTS_PER_RUN || null, 10_000, 'requests at the upstream');
+    await waitFor(() => holds.length === MAX_MODEL_REQUESTS_PER_RUN || null, 60_000, 'requests at the upstream');
     const refused = await call(run.socketPath, run.token);
     expect(refused.status).toBe(429);
     expect(refused.headers.get('retry-after')).toBe('1');
@@ -343,7 +343,7 @@ describe('ModelProxy', () => {
     const theirs = call(other.socketPath, other.token);
     await waitFor(
       () => holds.length === MAX_MODEL_REQUESTS_PER_RUN + 1 || null,
-      10_000,
+      60_000,
       'the other run at the upstream',
     );
     abandon.abort();
@@ -353,10 +353,10 @@ describe('ModelProxy', () => {
       Array(MAX_MODEL_REQUESTS_PER_RUN).fill(200),
     );
     await Promise.all((await Promise.all(open)).map((r) => r.text()));
-    await waitFor(() => records.length === MAX_MODEL_REQUESTS_PER_RUN + 1 || null, 10_000, 'every request over');
+    await waitFor(() => records.length === MAX_MODEL_REQUESTS_PER_RUN + 1 || null, 60_000, 'every request over');
     // Every place is free again, the abandoned request's too.
     const again = Array.from({ length: MAX_MODEL_REQUESTS_PER_RUN }, () => call(run.socketPath, run.token));
-    await waitFor(() => holds.length === MAX_MODEL_REQUESTS_PER_RUN || null, 10_000, 'all places freed');
+    await waitFor(() => holds.length === MAX_MODEL_REQUESTS_PER_RUN || null, 60_000, 'all places freed');
     for (const release of holds.splice(0)) release();
     expect((await Promise.all(again)).map((r) => r.status)).toEqual(Array(MAX_MODEL_REQUESTS_PER_RUN).fill(200));
     run.close();
@@ -431,7 +431,7 @@ describe('usage counting', () => {
     const { p, records } = proxy(up.url);
     const run = p.open('family', 'run-1');
     for (const _ of answers) await (await call(run.socketPath, run.token)).text();
-    await waitFor(() => records.length === answers.length || null, 5000, 'every answer counted');
+    await waitFor(() => records.length === answers.length || null, 60_000, 'every answer counted');
     expect(records.map((record) => record.usage)).toEqual([
       { promptTokens: 2, completionTokens: 9 },
       { promptTokens: 7, completionTokens: 1 },

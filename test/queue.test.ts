@@ -90,13 +90,13 @@ describe('GroupQueue', () => {
     expect(runs.started).toEqual(['a', 'b']);
     expect(queue.activeCount).toBe(2);
     runs.finish('a');
-    await waitFor(() => runs.started.length === 3, 2000, 'third start');
+    await waitFor(() => runs.started.length === 3, 60_000, 'third start');
     expect(runs.started[2]).toBe('c');
     runs.finish('b');
     runs.finish('c');
-    await waitFor(() => runs.started.length === 4, 2000, 'fourth start');
+    await waitFor(() => runs.started.length === 4, 60_000, 'fourth start');
     runs.finish('d');
-    await waitFor(() => queue.activeCount === 0, 2000, 'idle queue');
+    await waitFor(() => queue.activeCount === 0, 60_000, 'idle queue');
     expect(runs.maxConcurrent).toBe(2);
   });
 
@@ -108,9 +108,9 @@ describe('GroupQueue', () => {
     queue.enqueueMessages('a');
     expect(runs.started).toEqual(['a']);
     runs.finish('a');
-    await waitFor(() => runs.started.length === 2, 2000, 'second run');
+    await waitFor(() => runs.started.length === 2, 60_000, 'second run');
     runs.finish('a');
-    await waitFor(() => queue.activeCount === 0, 2000, 'idle');
+    await waitFor(() => queue.activeCount === 0, 60_000, 'idle');
     expect(runs.started).toEqual(['a', 'a']);
     expect(runs.maxPerGroup).toBe(1);
   });
@@ -123,11 +123,11 @@ describe('GroupQueue', () => {
     queue.enqueueMessages('c');
     queue.enqueueMessages('a'); // more for a while it runs
     runs.finish('a');
-    await waitFor(() => runs.started.length === 2, 2000, 'b');
+    await waitFor(() => runs.started.length === 2, 60_000, 'b');
     runs.finish('b');
-    await waitFor(() => runs.started.length === 3, 2000, 'c');
+    await waitFor(() => runs.started.length === 3, 60_000, 'c');
     runs.finish('c');
-    await waitFor(() => runs.started.length === 4, 2000, 'a again');
+    await waitFor(() => runs.started.length === 4, 60_000, 'a again');
     runs.finish('a');
     expect(runs.started).toEqual(['a', 'b', 'c', 'a']);
   });
@@ -202,10 +202,10 @@ describe('GroupQueue', () => {
     queue.enqueueMessages('a'); // a message for a while its container closes
     runs.finish('a');
     runs.finish('b');
-    await waitFor(() => runs.started.length === 3, 2000, 'the next start');
+    await waitFor(() => runs.started.length === 3, 60_000, 'the next start');
     expect(runs.started).toEqual(['a', 'b', 'a']); // a goes on before c, which came after it
     runs.finish('a');
-    await waitFor(() => runs.started.length === 4, 2000, 'c');
+    await waitFor(() => runs.started.length === 4, 60_000, 'c');
     runs.finish('c');
   });
 
@@ -242,7 +242,7 @@ describe('GroupQueue', () => {
     expect(queue.sendFollowUp('a', 'one')).toBe(true);
     expect(inputs).toEqual(['one']);
     runs.finish('a');
-    await waitFor(() => queue.activeCount === 0, 2000, 'finished');
+    await waitFor(() => queue.activeCount === 0, 60_000, 'finished');
     expect(queue.sendFollowUp('a', 'late')).toBe(false);
 
     queue.enqueueMessages('b');
@@ -265,7 +265,7 @@ describe('GroupQueue', () => {
     expect(inputs).toEqual([]);
     queue.enqueueMessages('a');
     runs.finish('a');
-    await waitFor(() => runs.started.length === 2, 2000, 'next run');
+    await waitFor(() => runs.started.length === 2, 60_000, 'next run');
     runs.finish('a');
   });
 
@@ -315,7 +315,7 @@ describe('GroupQueue', () => {
     expect(queue.activeCount).toBe(1);
     expect(runs.started).toEqual(['a', 'b']); // still one over: b's slot is the only one
     runs.finish('b');
-    await waitFor(() => runs.started.length === 3, 2000, 'c starts when b is done');
+    await waitFor(() => runs.started.length === 3, 60_000, 'c starts when b is done');
     expect(runs.started[2]).toBe('c');
     runs.finish('a');
     runs.finish('c');
@@ -385,7 +385,7 @@ describe('GroupQueue', () => {
     expect(queue.poolMembers).toEqual(['a', 'c']);
     expect([...agents.values()].map((agent) => agent.calls.close)).toEqual([0, 1, 0]);
     for (const jid of ['a', 'b', 'c']) runs.finish(jid);
-    await waitFor(() => queue.activeCount === 0, 2000, 'all finished');
+    await waitFor(() => queue.activeCount === 0, 60_000, 'all finished');
   });
 
   it('a pool of size 0 closes an answered agent at once and warms nothing ahead', async () => {
@@ -446,7 +446,7 @@ describe('GroupQueue', () => {
       () => ran.push('turn'),
     );
     runs.finish('a');
-    await waitFor(() => ran.length === 1, 2000, 'task ran');
+    await waitFor(() => ran.length === 1, 60_000, 'task ran');
     expect(ran).toEqual(['own container']);
   });
 
@@ -463,7 +463,7 @@ describe('GroupQueue', () => {
     expect(queue.prewarm('d')).toBe(false); // someone waits: warming would jump the line
     expect(runs.started).toEqual(['a', 'b']);
     runs.finish('a');
-    await waitFor(() => runs.started.length === 3, 2000, 'c gets the slot');
+    await waitFor(() => runs.started.length === 3, 60_000, 'c gets the slot');
     expect(runs.started).toEqual(['a', 'b', 'c']);
     runs.finish('b');
     runs.finish('c');
@@ -486,7 +486,7 @@ describe('GroupQueue', () => {
     expect(calls.close).toBe(1);
     expect(taskRuns).toEqual([]);
     runs.finish('a');
-    await waitFor(() => taskRuns.length === 1, 2000, 'task ran');
+    await waitFor(() => taskRuns.length === 1, 60_000, 'task ran');
     expect(taskRuns).toEqual(['t1']);
   });
 
@@ -501,7 +501,7 @@ describe('GroupQueue', () => {
     runs.finish('a');
     await settle();
     queue.enqueueMessages('a');
-    await waitFor(() => runs.started.length === 2, 2000, 'the next run');
+    await waitFor(() => runs.started.length === 2, 60_000, 'the next run');
     const second = liveContainer();
     queue.attach('a', second.live);
     expect(second.calls.kill).toBe(0);

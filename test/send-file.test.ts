@@ -82,7 +82,7 @@ async function sendFile(w: World, folder: string, request: { chatJid: string; pa
   const name = `${Date.now()}-${Math.random().toString(36).slice(2)}.json`;
   writeJsonAtomic(join(w.config.ipcDir, folder, 'messages', name), { type: 'send_file', ...request });
   const response = join(w.config.ipcDir, folder, 'responses', name);
-  await waitFor(() => existsSync(response), 10_000, `the decision on ${request.path}`);
+  await waitFor(() => existsSync(response), 60_000, `the decision on ${request.path}`);
   return JSON.parse(readFileSync(response, 'utf8')) as Decision;
 }
 
@@ -224,7 +224,7 @@ describe('send_file through the host', () => {
     // The agent's copy changes meanwhile: what goes out is what was asked for.
     writeFileSync(join(config.groupsDir, 'family', 'chart.png'), 'changed');
     const second = await world(config);
-    await waitFor(() => second.channel.files.length === 1, 10_000, 'the file sent after the restart');
+    await waitFor(() => second.channel.files.length === 1, 60_000, 'the file sent after the restart');
     await second.host.settleOutbox();
     expect(second.channel.files).toHaveLength(1);
     expect(second.channel.files[0]!.messageId).toBe(waiting[0]!.messageId);
@@ -277,7 +277,7 @@ describe('send_file on WhatsApp (baileys 7)', () => {
       docId,
     );
     sender.kick();
-    await waitFor(() => channel.delivered.length === 2, 5000, 'both sent');
+    await waitFor(() => channel.delivered.length === 2, 60_000, 'both sent');
     await sender.settle();
     const [image, document] = channel.delivered;
     expect(image!.messageId).toBe(imageId);

@@ -249,12 +249,12 @@ describe('tasks through the host (fake docker)', () => {
     const t = task({ nextRun: new Date(Date.now() + 100).toISOString(), scheduleValue: '600000' });
     store.createTask(t);
     host.scheduler.arm();
-    await waitFor(() => channel.sent.length === 1, 10_000, 'task reply');
+    await waitFor(() => channel.sent.length === 1, 60_000, 'task reply');
     expect(channel.sent.map(({ jid, text }) => ({ jid, text }))).toEqual([
       { jid: FAMILY, text: 'Andy: echo: water the plants' },
     ]);
-    await waitFor(() => docker.calls().some((c) => c.command === 'closed'), 5000, 'prompt close');
-    await waitFor(() => store.taskRuns(t.id).length === 1, 5000, 'run log');
+    await waitFor(() => docker.calls().some((c) => c.command === 'closed'), 60_000, 'prompt close');
+    await waitFor(() => store.taskRuns(t.id).length === 1, 60_000, 'run log');
     const [run] = store.taskRuns(t.id);
     expect(run).toMatchObject({ status: 'success', result: 'echo: water the plants', error: null });
     expect(store.getTask(t.id)).toMatchObject({ lastResult: 'echo: water the plants', status: 'active' });
@@ -274,7 +274,7 @@ describe('tasks through the host (fake docker)', () => {
     });
     store.createTask(t);
     host.scheduler.arm();
-    await waitFor(() => store.getTask(t.id)?.status === 'completed', 10_000, 'completed');
+    await waitFor(() => store.getTask(t.id)?.status === 'completed', 60_000, 'completed');
     expect(JSON.parse(docker.runs()[0]!.stdin!).sessionId).toBe('family-session-1');
     expect(store.getTask(t.id)!.nextRun).toBeNull();
   });
@@ -293,7 +293,7 @@ describe('tasks through the host (fake docker)', () => {
     host.scheduler.arm();
     await waitFor(
       () => store.taskRuns(failing.id).length === 1 && store.taskRuns(quiet.id).length === 1,
-      10_000,
+      60_000,
       'both runs',
     );
     expect(channel.sent.map(({ jid, text }) => ({ jid, text }))).toEqual([{ jid: FAMILY, text: 'Andy: visible' }]);
@@ -310,16 +310,16 @@ describe('tasks through the host (fake docker)', () => {
   it('a group-context task in a chat whose container waits is that container’s next turn: no new container, nothing closed', async () => {
     await start({ IDLE_TIMEOUT: '600000' });
     channel.receive(FAMILY, '@Andy hello');
-    await waitFor(() => channel.sent.length === 1, 10_000, 'chat reply');
+    await waitFor(() => channel.sent.length === 1, 60_000, 'chat reply');
     const t = task({ contextMode: 'group', nextRun: new Date().toISOString() });
     store.createTask(t);
     host.scheduler.arm();
-    await waitFor(() => store.taskRuns(t.id).length === 1, 10_000, 'task run');
+    await waitFor(() => store.taskRuns(t.id).length === 1, 60_000, 'task run');
     expect(store.taskRuns(t.id)[0]).toMatchObject({ status: 'success', result: 'echo: water the plants' });
     expect(channel.sent.map((m) => m.text)).toEqual(['Andy: echo: hello', 'Andy: echo: water the plants']);
     // The chat's next message is a follow-up into the same, still warm container.
     channel.receive(FAMILY, '@Andy and now?');
-    await waitFor(() => channel.sent.length === 3, 10_000, 'reply after the task');
+    await waitFor(() => channel.sent.length === 3, 60_000, 'reply after the task');
     expect(channel.sent[2]!.text).toBe('Andy: echo: and now?');
     expect(events()).toEqual(['run', 'task-turn', 'follow-up']);
     expect(store.getTask(t.id)!.lastResult).toBe('echo: water the plants');
@@ -328,13 +328,13 @@ describe('tasks through the host (fake docker)', () => {
   it('a group-context task due while the chat’s agent is busy waits for its answer, then is the next turn; messages meanwhile follow it', async () => {
     await start({ IDLE_TIMEOUT: '600000' });
     channel.receive(FAMILY, '@Andy !sleep 600');
-    await waitFor(() => docker.runs().length === 1, 5000, 'chat run');
+    await waitFor(() => docker.runs().length === 1, 60_000, 'chat run');
     const t = task({ contextMode: 'group', nextRun: new Date().toISOString() });
     store.createTask(t);
     host.scheduler.arm();
-    await waitFor(() => docker.calls().some((c) => c.command === 'task-turn'), 10_000, 'task turn');
+    await waitFor(() => docker.calls().some((c) => c.command === 'task-turn'), 60_000, 'task turn');
     channel.receive(FAMILY, '@Andy during the task'); // held while the task has the container
-    await waitFor(() => channel.sent.length === 3, 10_000, 'all three answers');
+    await waitFor(() => channel.sent.length === 3, 60_000, 'all three answers');
     expect(channel.sent.map((m) => m.text)).toEqual([
       'Andy: slept 600',
       'Andy: echo: water the plants',
@@ -347,15 +347,15 @@ describe('tasks through the host (fake docker)', () => {
   it('an isolated task gets its own container beside the chat’s, which stays open for the chat', async () => {
     await start({ IDLE_TIMEOUT: '600000' });
     channel.receive(FAMILY, '@Andy hello');
-    await waitFor(() => channel.sent.length === 1, 10_000, 'chat reply');
+    await waitFor(() => channel.sent.length === 1, 60_000, 'chat reply');
     const t = task({ contextMode: 'isolated', nextRun: new Date().toISOString() });
     store.createTask(t);
     host.scheduler.arm();
-    await waitFor(() => store.taskRuns(t.id).length === 1, 10_000, 'task run');
+    await waitFor(() => store.taskRuns(t.id).length === 1, 60_000, 'task run');
     expect(JSON.parse(docker.runs()[1]!.stdin!)).toMatchObject({ isScheduledTask: true, prompt: 'water the plants' });
     expect(JSON.parse(docker.runs()[1]!.stdin!).sessionId).toBeUndefined();
     channel.receive(FAMILY, '@Andy still there?');
-    await waitFor(() => channel.sent.length === 3, 10_000, 'reply after the task');
+    await waitFor(() => channel.sent.length === 3, 60_000, 'reply after the task');
     // The task's container closed after its answer; the chat's never did.
     expect(events()).toEqual(['run', 'run', 'closed', 'follow-up']);
   });
@@ -363,18 +363,18 @@ describe('tasks through the host (fake docker)', () => {
   it('a task turn whose container dies is recorded as failed, and the chat goes on in a new container', async () => {
     await start({ IDLE_TIMEOUT: '600000' });
     channel.receive(FAMILY, '@Andy hello');
-    await waitFor(() => channel.sent.length === 1, 10_000, 'chat reply');
+    await waitFor(() => channel.sent.length === 1, 60_000, 'chat reply');
     const t = task({ contextMode: 'group', prompt: '!crash', nextRun: new Date().toISOString() });
     store.createTask(t);
     host.scheduler.arm();
-    await waitFor(() => store.taskRuns(t.id).length === 1, 10_000, 'task run');
+    await waitFor(() => store.taskRuns(t.id).length === 1, 60_000, 'task run');
     expect(store.taskRuns(t.id)[0]).toMatchObject({
       status: 'error',
       error: 'the container stopped before the task was answered',
     });
     expect(store.taskClaims()).toEqual([]);
     channel.receive(FAMILY, '@Andy back?');
-    await waitFor(() => channel.sent.length === 2, 10_000, 'reply in a new container');
+    await waitFor(() => channel.sent.length === 2, 60_000, 'reply in a new container');
     expect(docker.runs()).toHaveLength(2);
   });
 });

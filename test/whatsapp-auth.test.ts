@@ -191,7 +191,7 @@ describe('bun nanoclaw.ts auth and store/auth', () => {
       const drained = (async () => {
         for await (const chunk of proc.stdout) screen += new TextDecoder().decode(chunk);
       })();
-      await waitFor(() => screen.includes('[y/N]'), 10_000, 'the question');
+      await waitFor(() => screen.includes('[y/N]'), 60_000, 'the question');
       expect(screen).toContain(
         'WhatsApp is already linked (store/auth/). Delete store/auth/ and link this machine again?',
       );

@@ -113,7 +113,7 @@ describe('every disconnect reason, as baileys 7 defines it', () => {
     if (then === 'now') expect(delay).toBe(0);
     else expect(delay).toBeGreaterThanOrEqual(20); // the first backoff step: 40 ms, jittered down to half
     await clock.advance(delay);
-    await waitFor(() => channel.socketsOpened === 2, 5000, 'the next connection');
+    await waitFor(() => channel.socketsOpened === 2, 60_000, 'the next connection');
   });
 
   it('a 408 from an expired QR code and an OS network error are told apart from the rest; both are waited out', async () => {
@@ -138,7 +138,7 @@ describe('every disconnect reason, as baileys 7 defines it', () => {
       closeWith(channel, boom(428, 'Connection Terminated'));
       const delay = reconnectIn(clock)!;
       await clock.advance(delay);
-      await waitFor(() => channel.socketsOpened === opened + 1, 5000, 'the next connection');
+      await waitFor(() => channel.socketsOpened === opened + 1, 60_000, 'the next connection');
       return delay;
     };
     const quick: number[] = [];
@@ -156,13 +156,13 @@ describe('every disconnect reason, as baileys 7 defines it', () => {
     await channel.connect({ onMessage: () => {} });
     closeWith(channel, boom(428));
     await clock.advance(reconnectIn(clock)!);
-    await waitFor(() => channel.socketsOpened === 2, 5000, 'second connection');
+    await waitFor(() => channel.socketsOpened === 2, 60_000, 'second connection');
     const before = channel.socket!;
     before.ev.emit('creds.update', { routingInfo: Buffer.from('moved') }); // written in the background…
     closeWith(channel, boom(515, 'Stream Errored (restart required)'));
     expect(reconnectIn(clock)).toBe(0);
     await clock.advance(0);
-    await waitFor(() => channel.socketsOpened === 3, 5000, 'third connection');
+    await waitFor(() => channel.socketsOpened === 3, 60_000, 'third connection');
     // …and the next socket has it without reading the file mid-write: the same credentials, in memory.
     expect(channel.socket!.authState.creds).toBe(before.authState.creds);
     expect(channel.socket!.authState.creds.routingInfo).toEqual(Buffer.from('moved'));
@@ -215,7 +215,7 @@ describe('typing and presence', () => {
       // baileys says so as it sends the presence (lib/Socket/chats.js sendPresenceUpdate, at open).
       channel.socket!.ev.on('connection.update', ({ isOnline }) => isOnline !== undefined && online.push(isOnline));
       openAsWhatsAppWould(channel.socket!);
-      await waitFor(() => online.length === 1, 2000, 'the presence sent at open');
+      await waitFor(() => online.length === 1, 60_000, 'the presence sent at open');
       expect(online).toEqual([hasOwnNumber]);
     }
   });
@@ -363,7 +363,7 @@ describe('group metadata, long replies, chat ids, discovering chats', () => {
       '120363000000000002@g.us': { ...full(0), id: '120363000000000002@g.us', subject: 'Book club' },
     });
     openAsWhatsAppWould(sock);
-    await waitFor(() => store.getState(GROUPS_SYNCED_AT), 2000, 'the group sync');
+    await waitFor(() => store.getState(GROUPS_SYNCED_AT), 60_000, 'the group sync');
     store.upsertChat({ jid: '4915100000002@s.whatsapp.net', name: 'Alice', channel: 'whatsapp', isGroup: false });
     store.upsertChat({ jid: 'main@local', name: 'Terminal', channel: 'local', isGroup: false });
     addGroup(config, store, { jid: GROUP, name: 'Family', folder: 'family' });

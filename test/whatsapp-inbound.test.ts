@@ -139,11 +139,11 @@ describe('WhatsApp inbound order', () => {
       }),
     );
     upsert(waMessage({ remoteJid: ALICE, id: 'ELSEWHERE', message: { conversation: 'unrelated' } }));
-    await waitFor(() => received.some((m) => m.id === 'ELSEWHERE'), 5000, 'the other chat, while the photo is held');
-    await waitFor(() => requested === 1, 5000, 'the photo requested');
+    await waitFor(() => received.some((m) => m.id === 'ELSEWHERE'), 60_000, 'the other chat, while the photo is held');
+    await waitFor(() => requested === 1, 60_000, 'the photo requested');
     expect(received.map((m) => m.id)).toEqual(['ELSEWHERE']);
     release();
-    await waitFor(() => received.length === 3, 5000, 'the photo and the question');
+    await waitFor(() => received.length === 3, 60_000, 'the photo and the question');
     expect(received.map((m) => m.id)).toEqual(['ELSEWHERE', 'PHOTO', 'QUESTION']);
     expect(received[1]!.content).toBe('[image: /workspace/group/media/PHOTO-image.jpeg]');
   });
@@ -195,7 +195,7 @@ async function hostSetup(hasOwnNumber: boolean, dotEnv = '') {
       waMessage({ remoteJid: sent.jid, fromMe: true, id: sent.messageId, message: { conversation: sent.text } }),
       'append',
     );
-  const replied = (count: number) => waitFor(() => channel.delivered.length === count, 10_000, `reply ${count}`);
+  const replied = (count: number) => waitFor(() => channel.delivered.length === count, 60_000, `reply ${count}`);
   return { docker, store, channel, upsert, echo, replied };
 }
 
@@ -462,7 +462,7 @@ describe('edits and deletions through the host', () => {
       }),
     );
     upsert(fromAlice(revoke('SECRET'), 'R1'));
-    await waitFor(() => store.messageById(GROUP, 'SECRET')?.content === '[deleted]', 5000, 'the deletion');
+    await waitFor(() => store.messageById(GROUP, 'SECRET')?.content === '[deleted]', 60_000, 'the deletion');
     expect(docker.runs()).toHaveLength(0);
     expect(store.messagesSince(GROUP, 0).map((m) => m.content)).toEqual([
       '[deleted]',

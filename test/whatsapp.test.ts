@@ -334,7 +334,7 @@ describe('WhatsAppChannel connection', () => {
     );
     stops.push(() => channel.disconnect());
     await channel.connect(noHandlers);
-    await waitFor(() => server.connectedAt.length >= 6, 20_000, 'six connections');
+    await waitFor(() => server.connectedAt.length >= 6, 60_000, 'six connections');
     expect(server.maxOpen).toBe(1);
     expect(channel.socketsOpened).toBeGreaterThanOrEqual(6);
     const delays = reconnects(waits).slice(0, 5);
@@ -360,7 +360,7 @@ describe('WhatsAppChannel connection', () => {
     stops.push(() => channel.disconnect());
     await channel.connect({ onMessage: (m) => received.push(m) });
     const retired = channel.socket!;
-    await waitFor(() => channel.socketsOpened >= 3, 20_000, 'three sockets');
+    await waitFor(() => channel.socketsOpened >= 3, 60_000, 'three sockets');
     retired.ev.emit('messages.upsert', {
       messages: [waMessage({ remoteJid: ALICE, message: { conversation: 'from the past' } })],
       type: 'notify',
@@ -376,7 +376,7 @@ describe('WhatsAppChannel connection', () => {
       messages: [waMessage({ remoteJid: ALICE, message: { conversation: 'now' } })],
       type: 'notify',
     });
-    await waitFor(() => received.length === 1, 2000, 'live message');
+    await waitFor(() => received.length === 1, 60_000, 'live message');
     expect(received[0]!.content).toBe('now');
     live.ev.emit('connection.update', {
       connection: 'close',
@@ -405,10 +405,10 @@ describe('WhatsAppChannel connection', () => {
       store.close();
     });
     await channel.connect({ ...noHandlers, onReady: () => sender.kick() });
-    await waitFor(() => server.connectedAt.length === 1, 5000, 'connection');
+    await waitFor(() => server.connectedAt.length === 1, 60_000, 'connection');
     openAsWhatsAppWould(channel.socket!);
     say(store, channel, sender, GROUP, 'one');
-    await waitFor(() => channel.delivered.length === 1, 2000, 'first delivery');
+    await waitFor(() => channel.delivered.length === 1, 60_000, 'first delivery');
     channel.socket!.ev.emit('connection.update', {
       connection: 'close',
       lastDisconnect: { error: new Error('network down'), date: new Date() },
@@ -417,9 +417,9 @@ describe('WhatsAppChannel connection', () => {
     say(store, channel, sender, ALICE, 'three');
     await sender.settle();
     expect(store.unsent('whatsapp').length).toBe(2);
-    await waitFor(() => channel.socketsOpened === 2, 5000, 'reconnect');
+    await waitFor(() => channel.socketsOpened === 2, 60_000, 'reconnect');
     openAsWhatsAppWould(channel.socket!);
-    await waitFor(() => channel.delivered.length === 3, 2000, 'queued deliveries');
+    await waitFor(() => channel.delivered.length === 3, 60_000, 'queued deliveries');
     await sender.settle();
     // Each chat in order (chats are lanes of their own, sent side by side).
     const inChat = (jid: string) => channel.delivered.filter((d) => d.jid === jid).map((d) => d.text);
@@ -456,7 +456,7 @@ describe('WhatsAppChannel connection', () => {
     });
     await second.connect({ ...noHandlers, onReady: () => secondSender.kick() });
     openAsWhatsAppWould(second.socket!);
-    await waitFor(() => second.delivered.length === 2, 3000, 'stored replies');
+    await waitFor(() => second.delivered.length === 2, 60_000, 'stored replies');
     expect(second.delivered.map(({ jid, text }) => ({ jid, text }))).toEqual(
       expect.arrayContaining([
         { jid: GROUP, text: 'written while offline' },
@@ -524,13 +524,13 @@ describe('WhatsApp through the host (fake docker)', () => {
       message: { conversation: '@Andy what is for dinner?' },
     });
     channel.socket!.ev.emit('messages.upsert', { messages: [inbound], type: 'notify' });
-    await waitFor(() => channel.delivered.length === 1, 10_000, 'reply');
+    await waitFor(() => channel.delivered.length === 1, 60_000, 'reply');
     for (let i = 0; i < 2; i++) {
       channel.socket!.ev.emit('connection.update', {
         connection: 'close',
         lastDisconnect: { error: new Error('drop'), date: new Date() },
       });
-      await waitFor(() => channel.socketsOpened === i + 2, 5000, 'reconnect');
+      await waitFor(() => channel.socketsOpened === i + 2, 60_000, 'reconnect');
       openAsWhatsAppWould(channel.socket!);
       channel.socket!.ev.emit('messages.upsert', { messages: [inbound], type: 'append' });
     }
@@ -632,26 +632,26 @@ describe('WhatsApp through the host (fake docker)', () => {
     };
     channel.socket!.groupFetchAllParticipating = serverGroups;
     openAsWhatsAppWould(channel.socket!);
-    await waitFor(() => store.listChats().some((c) => c.jid === GROUP), 3000, 'group synced');
+    await waitFor(() => store.listChats().some((c) => c.jid === GROUP), 60_000, 'group synced');
     expect(store.listChats().find((c) => c.jid === GROUP)).toMatchObject({ name: 'Family (1)', isGroup: true });
     expect(store.getState('groups_synced_at')).not.toBeNull();
     channel.socket!.ev.emit('connection.update', {
       connection: 'close',
       lastDisconnect: { error: new Error('drop'), date: new Date() },
     });
-    await waitFor(() => sockets === 2, 5000, 'reconnect');
+    await waitFor(() => sockets === 2, 60_000, 'reconnect');
     channel.socket!.groupFetchAllParticipating = serverGroups;
     openAsWhatsAppWould(channel.socket!);
     await Bun.sleep(200);
     expect(fetches).toBe(1); // synced less than a day ago: not again
     writeJsonAtomic(join(config.ipcDir, 'main', 'tasks', '1-refresh.json'), { type: 'refresh_groups' });
-    await waitFor(() => fetches === 2, 3000, 'refresh from main');
+    await waitFor(() => fetches === 2, 60_000, 'refresh from main');
     await waitFor(
       () =>
         JSON.parse(readFileSync(join(config.ipcDir, 'main', 'available_groups.json'), 'utf8')).groups.some(
           (g: { name_untrusted: string }) => g.name_untrusted === 'Family (2)',
         ),
-      3000,
+      60_000,
       'snapshot',
     );
   });
@@ -738,11 +738,11 @@ describe('what real WhatsApp needs (baileys 7)', () => {
     // The servers refuse the version; the lookup finds a newer one; refused once more, then it fails.
     answer = { version: [2, 3000, 2222222222], isLatest: true };
     closeWith(channel.socket!, 405);
-    await waitFor(() => sockets === 2, 3000, 'reconnect after 405');
+    await waitFor(() => sockets === 2, 60_000, 'reconnect after 405');
     expect(channel.version).toEqual([2, 3000, 2222222222]);
     answer = { version: [2, 3000, 1], isLatest: false }; // baileys' own, as fetchLatestWaWebVersion gives it offline
     closeWith(channel.socket!, 405);
-    await waitFor(() => sockets === 3, 3000, 'second reconnect');
+    await waitFor(() => sockets === 3, 60_000, 'second reconnect');
     expect(lookups).toHaveLength(3);
     expect(channel.version).toEqual([2, 3000, 2222222222]); // the last one that was looked up, from the store
     const refusals = readFileSync(join(config.logsDir, 'nanoclaw.log'), 'utf8')
@@ -783,7 +783,7 @@ describe('what real WhatsApp needs (baileys 7)', () => {
     const id = newMessageId();
     store.addOutbound('whatsapp', GROUP, 'Andy: the *plan* for Sunday', id);
     sender.kick();
-    await waitFor(() => channel.delivered.length === 1, 3000, 'sent');
+    await waitFor(() => channel.delivered.length === 1, 60_000, 'sent');
     await sender.settle();
     // baileys builds the key of a retry receipt from the stanza: it may carry the LID form and a device.
     const asked = await channel.getMessage({
@@ -878,7 +878,7 @@ describe('what real WhatsApp needs (baileys 7)', () => {
       return { ...full('Family', [ALICE_LID, '55555@lid']), id: jid };
     };
     openAsWhatsAppWould(sock);
-    await waitFor(() => channel.groupMetadata.get(GROUP), 2000, 'metadata at connect');
+    await waitFor(() => channel.groupMetadata.get(GROUP), 60_000, 'metadata at connect');
     expect(channel.groupMetadata.get(GROUP)).toMatchObject({
       subject: 'Family',
       addressingMode: 'lid',
@@ -892,21 +892,21 @@ describe('what real WhatsApp needs (baileys 7)', () => {
     });
     await waitFor(
       () => channel.groupMetadata.get(GROUP)?.participants.length === 2,
-      2000,
+      60_000,
       'refetched after a member joined',
     );
     expect(fetched).toBe(1);
     sock.ev.emit('groups.update', [{ id: GROUP, announce: true }]); // a one-field change: the cached copy is stale
     sock.ev.flush();
-    await waitFor(() => channel.groupMetadata.get(GROUP) === undefined, 2000, 'stale entry dropped');
+    await waitFor(() => channel.groupMetadata.get(GROUP) === undefined, 60_000, 'stale entry dropped');
     sock.ev.emit('groups.update', [{ id: GROUP, subject: '' }]);
     sock.ev.emit('groups.update', [{ id: GROUP, subject: 'Family 🏡' }]);
     sock.ev.flush();
-    await waitFor(() => names.some((n) => n.name === 'Family 🏡'), 2000, 'renamed');
+    await waitFor(() => names.some((n) => n.name === 'Family 🏡'), 60_000, 'renamed');
     expect(names.map((n) => n.name)).toEqual(['Family', 'Family 🏡']);
     sock.ev.emit('groups.upsert', [full('New group', [ALICE_LID])]);
     sock.ev.flush();
-    await waitFor(() => channel.groupMetadata.get(GROUP)?.subject === 'New group', 2000, 'a new group');
+    await waitFor(() => channel.groupMetadata.get(GROUP)?.subject === 'New group', 60_000, 'a new group');
   });
 
   it('group senders by LID get their phone number from lid-mapping.update', async () => {
@@ -1063,9 +1063,9 @@ describe('WhatsApp mentions and triggers through the host (fake docker)', () => 
     await Bun.sleep(300);
     expect(docker.runs()).toHaveLength(0);
     say('T2', { conversation: '@Bot are you there?' });
-    await waitFor(() => channel.delivered.length === 1, 10_000, 'reply to the trigger');
+    await waitFor(() => channel.delivered.length === 1, 60_000, 'reply to the trigger');
     say('T3', { extendedTextMessage: { text: '@99887766 and now?', contextInfo: { mentionedJid: [ME_LID] } } });
-    await waitFor(() => channel.delivered.length === 2, 10_000, 'reply to the mention');
+    await waitFor(() => channel.delivered.length === 2, 60_000, 'reply to the mention');
     expect(channel.delivered.map((d) => d.text)).toEqual(['echo: are you there?', 'echo: and now?']);
   });
 });
