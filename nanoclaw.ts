@@ -3997,6 +3997,13 @@ export function validateExtraMounts(
   return { mounts, rejected };
 }
 
+/** A group's extra folders as a run gets them: its requests checked against the allowlist (read only if it asks). */
+export function groupExtraMounts(config: Config, group: RegisteredGroup) {
+  const requested = group.containerConfig?.additionalMounts;
+  const allowlist = requested?.length ? loadMountAllowlist(config.mountAllowlistPath) : null;
+  return validateExtraMounts(requested, allowlist, group.isMain);
+}
+
 /** A root host hands folders to uid 1000 (the image's node); another host user runs the container as itself. */
 export function containerUserArgs(
   uid = process.getuid?.() ?? CONTAINER_UID,
@@ -6060,9 +6067,7 @@ class AgentLauncher {
   }
 
   private extraMounts(group: RegisteredGroup): Mount[] {
-    const wanted = group.containerConfig?.additionalMounts;
-    const allowlist = wanted?.length ? loadMountAllowlist(this.host.config.mountAllowlistPath) : null;
-    const extra = validateExtraMounts(wanted, allowlist, group.isMain);
+    const extra = groupExtraMounts(this.host.config, group);
     for (const rejected of extra.rejected) log.warn({ group: group.folder, ...rejected }, 'Extra mount refused');
     return extra.mounts;
   }
@@ -7841,9 +7846,7 @@ function mountsCommand({ config, values, positionals: [folder], store }: Command
       `No registered group uses the folder "${folder}" (see: bun nanoclaw.ts groups list).`,
       'mounts',
     );
-  const requested = group.containerConfig?.additionalMounts;
-  const allowlist = requested?.length ? loadMountAllowlist(config.mountAllowlistPath) : null;
-  const extra = validateExtraMounts(requested, allowlist, group.isMain);
+  const extra = groupExtraMounts(config, group);
   // Exactly what a run mounts (the run's own paths shown as <run>); nothing is created or changed.
   const network = groupNetwork(config, group);
   const proxySocket = config.modelProxy === 'unix' ? join(config.dataDir, 'proxy', '<run>.sock') : null;
