@@ -83,6 +83,21 @@ async function unitFor(project: string, home: string): Promise<{ file: string; u
   return { file: /^# (.+)$/m.exec(stdout)![1]!, unit: stdout };
 }
 
+/** `chat` on pipes, its container started on a turn that takes `sleepMs`. */
+async function chatMidTurn(sleepMs: number) {
+  const proc = Bun.spawn([process.execPath, ENTRY, 'chat'], {
+    cwd: root,
+    stdin: 'pipe',
+    stdout: 'pipe',
+    stderr: 'pipe',
+    env: cliEnv(),
+  });
+  proc.stdin.write(`!sleep ${sleepMs}\n`);
+  await proc.stdin.flush();
+  await waitFor(() => docker.runs().length > 0, 90_000, 'run started'); // a chat's start-up, however busy the machine
+  return proc;
+}
+
 describe('bun nanoclaw.ts', () => {
   it('--help lists the commands', async () => {
     const { stdout, code } = await cli(['--help']);
@@ -389,16 +404,7 @@ describe('bun nanoclaw.ts chat (piped)', () => {
   });
 
   it('on SIGTERM mid-answer lets the turn finish, delivers it, and exits cleanly', async () => {
-    const proc = Bun.spawn([process.execPath, ENTRY, 'chat'], {
-      cwd: root,
-      stdin: 'pipe',
-      stdout: 'pipe',
-      stderr: 'pipe',
-      env: cliEnv(),
-    });
-    proc.stdin.write('!sleep 4000\n');
-    await proc.stdin.flush();
-    await waitFor(() => docker.runs().length > 0, 90_000, 'run started'); // a chat's start-up, however busy the machine
+    const proc = await chatMidTurn(4000);
     proc.kill('SIGTERM');
     expect(await proc.exited).toBe(0);
     expect(await new Response(proc.stdout).text()).toBe('Andy: slept 4000\n');
@@ -859,16 +865,7 @@ describe('a newcomer’s first steps', () => {
   });
 
   it('Ctrl-C (SIGINT) mid-turn is an orderly stop: exit 130, logged at info, nothing at ERROR', async () => {
-    const proc = Bun.spawn([process.execPath, ENTRY, 'chat'], {
-      cwd: root,
-      stdin: 'pipe',
-      stdout: 'pipe',
-      stderr: 'pipe',
-      env: cliEnv(),
-    });
-    proc.stdin.write('!sleep 20000\n');
-    await proc.stdin.flush();
-    await waitFor(() => docker.runs().length > 0, 90_000, 'run started'); // a chat's start-up, however busy the machine
+    const proc = await chatMidTurn(20000);
     proc.kill('SIGINT');
     expect(await proc.exited).toBe(130);
     expect(await new Response(proc.stderr).text()).toBe('');

@@ -169,6 +169,16 @@ export interface WorldSpec<C extends RecordingChannel> {
   options?: HostOptions;
 }
 
+/** The chats most host tests start with: the owner's self-chat (main), and two groups. */
+export const MAIN = 'me@s.whatsapp.net';
+export const FAMILY = 'family@g.us';
+export const WORK = 'work@g.us';
+export const THREE_GROUPS = [
+  { jid: MAIN, name: 'Me', folder: 'main', isMain: true },
+  { jid: FAMILY, name: 'Family', folder: 'family' },
+  { jid: WORK, name: 'Work', folder: 'work' },
+];
+
 const running = new Map<Host, Store>();
 
 /** Starts a host on `spec.config`; it is stopped and its store closed after the test, unless the test shuts it down first. */

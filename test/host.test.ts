@@ -16,14 +16,15 @@ import {
   type FakeDocker,
   type World as HostWorld,
   writeJsonAtomic,
+  MAIN,
+  FAMILY,
+  WORK,
+  THREE_GROUPS,
 } from './helpers.ts';
 
 const REPO = fileURLToPath(new URL('..', import.meta.url));
 
 const SECRET = 'sk-host-test-abcdefghijklmnop';
-const MAIN = 'me@s.whatsapp.net';
-const FAMILY = 'family@g.us';
-const WORK = 'work@g.us';
 
 type World = HostWorld & { docker: FakeDocker };
 
@@ -36,13 +37,7 @@ async function world(
   const w = await startWorld({
     config: reuse?.config ?? tempProject({ CONTAINER_RUNTIME: docker.path, ...env }, `KIMI_API_KEY=${SECRET}\n`),
     channel: new RecordingChannel([MAIN, FAMILY, WORK, 'stranger@g.us']),
-    groups: reuse
-      ? []
-      : [
-          { jid: MAIN, name: 'Me', folder: 'main', isMain: true },
-          { jid: FAMILY, name: 'Family', folder: 'family' },
-          { jid: WORK, name: 'Work', folder: 'work' },
-        ],
+    groups: reuse ? [] : THREE_GROUPS,
     secrets: [SECRET],
     options,
   });

@@ -35,12 +35,13 @@ import {
   waitFor,
   writeJsonAtomic,
   type World,
+  MAIN,
+  FAMILY,
+  WORK,
+  THREE_GROUPS,
 } from './helpers.ts';
 
 const SECRET = 'sk-send-file-test-abcdefghijkl';
-const MAIN = 'me@s.whatsapp.net';
-const FAMILY = 'family@g.us';
-const WORK = 'work@g.us';
 
 /** The first bytes of a real PNG (signature and IHDR of a 1×1 image), then padding. */
 const PNG = Buffer.concat([
@@ -57,13 +58,7 @@ async function world(reuse?: Config, options: HostOptions = {}, ready = true): P
   return startWorld({
     config: reuse ?? tempProject({ CONTAINER_RUNTIME: fakeDocker().path }, `KIMI_API_KEY=${SECRET}\n`),
     channel,
-    groups: reuse
-      ? []
-      : [
-          { jid: MAIN, name: 'Me', folder: 'main', isMain: true },
-          { jid: FAMILY, name: 'Family', folder: 'family' },
-          { jid: WORK, name: 'Work', folder: 'work' },
-        ],
+    groups: reuse ? [] : THREE_GROUPS,
     secrets: [SECRET],
     options,
   });

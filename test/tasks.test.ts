@@ -99,9 +99,9 @@ describe('Scheduler', () => {
     expect(store.getTask(t.id)!.nextRun).toBe(new Date(due + 60_000).toISOString());
   });
 
-  it('tells onSoon once per due time when the next task is TASK_WARM_LEAD_MS away, not before', async () => {
-    const config = tempProject();
-    store = new Store(config.dbPath);
+  /** A scheduler on a fresh store (re-reading every 200 ms) that records each onSoon: which task, when. */
+  function schedulerTellingSoon(): { soon: { id: string; at: number }[]; start: () => void } {
+    store = new Store(tempProject().dbPath);
     clock = new FakeClock(Date.now());
     const soon: { id: string; at: number }[] = [];
     scheduler = new Scheduler(
@@ -112,10 +112,16 @@ describe('Scheduler', () => {
       clock,
       (t) => soon.push({ id: t.id, at: clock.now() }),
     );
+    const created = scheduler;
+    return { soon, start: () => created.start() };
+  }
+
+  it('tells onSoon once per due time when the next task is TASK_WARM_LEAD_MS away, not before', async () => {
+    const { soon, start } = schedulerTellingSoon();
     const due = clock.now() + TASK_WARM_LEAD_MS + 1_000;
     const t = task({ nextRun: new Date(due).toISOString(), scheduleValue: '60000' });
     store.createTask(t);
-    scheduler.start();
+    start();
     await clock.advance(800);
     expect(soon).toEqual([]); // still more than the lead away
     await clock.advance(200);
@@ -125,24 +131,13 @@ describe('Scheduler', () => {
   });
 
   it('tells onSoon of every task within the lead, not only the soonest', async () => {
-    const config = tempProject();
-    store = new Store(config.dbPath);
-    clock = new FakeClock(Date.now());
-    const soon: { id: string; at: number }[] = [];
-    scheduler = new Scheduler(
-      store,
-      'UTC',
-      () => {},
-      200,
-      clock,
-      (t) => soon.push({ id: t.id, at: clock.now() }),
-    );
+    const { soon, start } = schedulerTellingSoon();
     const first = clock.now() + TASK_WARM_LEAD_MS + 1_000;
     const isolated = task({ nextRun: new Date(first).toISOString(), contextMode: 'isolated' });
     const inChat = task({ nextRun: new Date(first + 2_000).toISOString(), contextMode: 'group' });
     store.createTask(isolated);
     store.createTask(inChat);
-    scheduler.start();
+    start();
     await clock.advance(3_000);
     // The chat's task is told its lead before it is due, though the isolated one is still due first.
     expect(soon.map((s) => s.id)).toEqual([isolated.id, inChat.id]);
