@@ -1372,6 +1372,14 @@ export class Store {
   groupByFolder = (folder: string) =>
     this.one<RegisteredGroup>('SELECT * FROM registered_groups WHERE folder = ?', folder);
   mainGroup = () => this.one<RegisteredGroup>('SELECT * FROM registered_groups WHERE is_main = 1');
+  /** Registered groups whose chat had a message at or after `sinceIso` (ISO strings sort as time), newest first. */
+  recentGroups = (sinceIso: string, limit: number) =>
+    this.all<RegisteredGroup>(
+      `SELECT g.* FROM registered_groups g JOIN chats c ON c.jid = g.jid
+       WHERE c.last_message_at >= ? ORDER BY c.last_message_at DESC LIMIT ?`,
+      sinceIso,
+      limit,
+    );
 
   // Sessions (the guide deletes rows by group_folder by hand: keep that column name)
 
@@ -6795,13 +6803,9 @@ export class Host {
 
   /** Groups active within IDLE_TIMEOUT before this start (their warm agents went with the old host), newest first. */
   private recentlyActiveGroups(): RegisteredGroup[] {
-    const since = this.clock.now() - this.config.idleTimeoutMs;
+    const since = new Date(this.clock.now() - this.config.idleTimeoutMs).toISOString();
     try {
-      return this.store
-        .listChats()
-        .filter((chat) => chat.lastMessageAt && Date.parse(chat.lastMessageAt) >= since)
-        .flatMap((chat) => this.store.groupByJid(chat.jid) ?? [])
-        .slice(0, this.config.warmPool.size);
+      return this.store.recentGroups(since, this.config.warmPool.size);
     } catch (err) {
       log.warn({ err: errorText(err) }, 'Could not read which groups were active; none is warmed at start-up');
       return [];
