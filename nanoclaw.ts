@@ -571,12 +571,13 @@ export class UnsafePathError extends Error {}
 
 export const MAX_AGENT_FILE_BYTES = 1024 * 1024;
 
-const DIR_FLAGS = fsConstants.O_RDONLY | fsConstants.O_DIRECTORY | fsConstants.O_NOFOLLOW;
+// O_NONBLOCK: a FIFO put where a folder should be is refused at once, never waited on.
+const DIR_FLAGS = fsConstants.O_RDONLY | fsConstants.O_DIRECTORY | fsConstants.O_NOFOLLOW | fsConstants.O_NONBLOCK;
 const READ_FLAGS = fsConstants.O_RDONLY | fsConstants.O_NOFOLLOW | fsConstants.O_NONBLOCK;
 const CREATE_FLAGS = fsConstants.O_WRONLY | fsConstants.O_CREAT | fsConstants.O_EXCL | fsConstants.O_NOFOLLOW;
 
 // Linux takes every step from an open directory (/proc/self/fd/N/name, like openat): a folder swapped for a link
-// midway changes nothing. Elsewhere each step is checked with lstat just before use.
+// midway changes nothing. Elsewhere (macOS) a step names the whole path, so a swap between two steps stays possible.
 const FD_PATHS = existsSync('/proc/self/fd/0') ? '/proc/self/fd' : null;
 
 /** A directory opened inside a tree: `at(name)` names an entry of it without following links. */
@@ -586,12 +587,11 @@ interface OpenDir {
   close(): void;
 }
 
-function fdDir(fd: number, shown: string): OpenDir {
-  return { shown, at: (name) => `${FD_PATHS}/${fd}/${name}`, close: () => closeSync(fd) };
-}
-
-function pathDir(path: string): OpenDir {
-  return { shown: path, at: (name) => join(path, name), close: () => {} };
+/** Opens the folder at `path` (never through a link; `shown` is its real path, for messages and macOS). */
+function openDirAt(path: string, shown: string): OpenDir {
+  const fd = openSync(path, DIR_FLAGS);
+  const at = (name: string) => (FD_PATHS ? `${FD_PATHS}/${fd}/${name}` : join(shown, name));
+  return { shown, at, close: () => closeSync(fd) };
 }
 
 /** Splits "a/b/c" into names; nothing absolute, nothing that climbs out. */
@@ -657,7 +657,7 @@ export class AgentTree {
   private openDir(names: readonly string[], create: boolean): OpenDir {
     mkdirSync(this.root, { recursive: true });
     const real = realpathSync(this.root);
-    let dir = FD_PATHS ? fdDir(openSync(real, fsConstants.O_RDONLY | fsConstants.O_DIRECTORY), real) : pathDir(real);
+    let dir = openDirAt(real, real);
     try {
       for (const name of names) {
         const next = this.step(dir, name, create);
@@ -671,28 +671,18 @@ export class AgentTree {
     }
   }
 
-  /** One folder deeper, never through a link. Without /proc (macOS) a swap between lstat and use stays possible. */
+  /** One folder deeper, never through a link. */
   private step(dir: OpenDir, name: string, create: boolean): OpenDir {
     const shown = join(dir.shown, name);
-    const notPlain = () => new UnsafePathError(`${shown} is not a plain folder (a link or a file): refused`);
-    if (!FD_PATHS) {
-      let stats = lstatSync(shown, { throwIfNoEntry: false });
-      if (!stats && create) {
-        this.makeDir(shown);
-        stats = lstatSync(shown);
-      }
-      if (!stats) throw Object.assign(new Error(`ENOENT: ${shown}`), { code: 'ENOENT' });
-      if (!stats.isDirectory()) throw notPlain();
-      return pathDir(shown);
-    }
     try {
-      return fdDir(openSync(dir.at(name), DIR_FLAGS), shown);
+      return openDirAt(dir.at(name), shown);
     } catch (err) {
       if (errorCode(err) === 'ENOENT' && create) {
         this.makeDir(dir.at(name));
-        return fdDir(openSync(dir.at(name), DIR_FLAGS), shown);
+        return openDirAt(dir.at(name), shown);
       }
-      if (errorCode(err) === 'ENOTDIR' || errorCode(err) === 'ELOOP') throw notPlain();
+      if (errorCode(err) === 'ENOTDIR' || errorCode(err) === 'ELOOP')
+        throw new UnsafePathError(`${shown} is not a plain folder (a link or a file): refused`);
       throw err;
     }
   }
@@ -787,25 +777,20 @@ export class AgentTree {
   }
 
   private removeIn(dir: OpenDir, name: string): boolean {
-    const stats = lstatSync(dir.at(name), { throwIfNoEntry: false });
-    if (!stats) return false;
-    if (!stats.isDirectory()) unlinkSync(dir.at(name));
-    else if (!FD_PATHS) rmSync(dir.at(name), { recursive: true, force: true });
-    else {
-      let inner: OpenDir;
-      try {
-        inner = fdDir(openSync(dir.at(name), DIR_FLAGS), join(dir.shown, name));
-      } catch {
-        unlinkSync(dir.at(name)); // swapped for a link meanwhile: the link goes
-        return true;
-      }
-      try {
-        for (const child of readdirSync(inner.at('.'))) this.removeIn(inner, child);
-      } finally {
-        inner.close();
-      }
-      rmdirSync(dir.at(name));
+    let inner: OpenDir;
+    try {
+      inner = openDirAt(dir.at(name), join(dir.shown, name));
+    } catch (err) {
+      if (errorCode(err) === 'ENOENT') return false;
+      unlinkSync(dir.at(name)); // not a folder (a file, a link, a FIFO): the name goes, never what a link points to
+      return true;
     }
+    try {
+      for (const child of readdirSync(inner.at('.'))) this.removeIn(inner, child);
+    } finally {
+      inner.close();
+    }
+    rmdirSync(dir.at(name));
     return true;
   }
 
