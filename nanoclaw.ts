@@ -61,7 +61,7 @@ import { availableParallelism, homedir, totalmem } from 'node:os';
 import { basename, dirname, isAbsolute, join, relative, resolve, sep } from 'node:path';
 import { createInterface } from 'node:readline';
 import { fileURLToPath } from 'node:url';
-import { parseArgs } from 'node:util';
+import { parseArgs, parseEnv } from 'node:util';
 import type {
   AnyMessageContent,
   AuthenticationCreds,
@@ -165,27 +165,9 @@ export function backoff(
   return options.jitter ? Math.round(ceiling / 2 + random() * (ceiling / 2)) : ceiling;
 }
 
-/** Parses dotenv text: `KEY=value`, optional `export`, quotes, `#` comments. */
-export function parseEnvFile(text: string): Record<string, string> {
-  const values: Record<string, string> = {};
-  for (const rawLine of text.split(/\r?\n/)) {
-    const match = /^(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)\s*=\s*(.*)$/.exec(rawLine.trim());
-    if (!match) continue;
-    let value = match[2]!;
-    const quote = value[0];
-    if ((quote === '"' || quote === "'") && value.lastIndexOf(quote) > 0) {
-      value = value.slice(1, value.lastIndexOf(quote));
-      if (quote === '"') value = value.replace(/\\n/g, '\n').replace(/\\"/g, '"');
-    } else {
-      value = value.replace(/\s+#.*$/, '').trim();
-    }
-    values[match[1]!] = value;
-  }
-  return values;
-}
-
-function readEnvFile(path: string): Record<string, string> {
-  return existsSync(path) ? parseEnvFile(readFileSync(path, 'utf8')) : {};
+/** .env as Bun's own dotenv parser reads it (`export`, quotes, `#` comments); nothing of it enters process.env. */
+function readEnvFile(path: string): Record<string, string | undefined> {
+  return existsSync(path) ? parseEnv(readFileSync(path, 'utf8')) : {};
 }
 
 function isKnownTimezone(name: string): boolean {

@@ -12,7 +12,6 @@ import {
   defaultPoolSize,
   loadConfig,
   maskSecrets,
-  parseEnvFile,
   readSecrets,
   setupLogging,
   takeSecretsOutOfEnvironment,
@@ -21,30 +20,25 @@ import { tempDir, tempProject } from './helpers.ts';
 
 const REPO = fileURLToPath(new URL('..', import.meta.url));
 
-describe('parseEnvFile', () => {
+describe('.env', () => {
   it('reads KEY=value lines with quotes, export and comments', () => {
+    const root = tempDir();
     const text = [
       '# a comment',
       '',
-      'PLAIN=value',
-      'export EXPORTED=yes',
-      'DOUBLE="with spaces # not a comment"',
-      "SINGLE='it''s'",
-      'TRAILING=abc # comment',
-      'EMPTY=',
-      'ESCAPED="line\\nnext"',
+      'ASSISTANT_NAME=value',
+      'export CONTAINER_IMAGE=yes',
+      'KIMI_MODEL_CAPABILITIES="with spaces # not a comment"',
+      "CONTAINER_RUNTIME='single'",
+      'TRANSCRIBE_MODEL=abc # comment',
+      'KIMI_BASE_URL="line\\nnext"',
       'not a line',
-      '1BAD=x',
     ].join('\n');
-    expect(parseEnvFile(text)).toEqual({
-      PLAIN: 'value',
-      EXPORTED: 'yes',
-      DOUBLE: 'with spaces # not a comment',
-      SINGLE: "it''s",
-      TRAILING: 'abc',
-      EMPTY: '',
-      ESCAPED: 'line\nnext',
-    });
+    writeFileSync(join(root, '.env'), text);
+    const config = loadConfig(root, { TZ: 'UTC' });
+    expect(config).toMatchObject({ assistantName: 'value', containerImage: 'yes', containerRuntime: 'single' });
+    expect(config.kimi).toMatchObject({ capabilities: 'with spaces # not a comment', baseUrl: 'line\nnext' });
+    expect(config.transcribe.model).toBe('abc');
   });
 });
 
