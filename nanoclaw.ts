@@ -99,21 +99,9 @@ export const PROVIDER_TYPES = ['kimi', 'openai', 'openai_responses', 'anthropic'
 
 /** Each kind of Kimi key works on one platform (kimi-cli 1.49.0 auth/platforms.py lists the same three). */
 const KIMI_PLATFORMS = {
-  'moonshot-ai': {
-    baseUrl: 'https://api.moonshot.ai/v1',
-    model: 'kimi-k2.5',
-    keys: 'Moonshot AI Open Platform keys (platform.moonshot.ai)',
-  },
-  'moonshot-cn': {
-    baseUrl: 'https://api.moonshot.cn/v1',
-    model: 'kimi-k2.5',
-    keys: 'keys from the mainland-China platform (platform.moonshot.cn)',
-  },
-  'kimi-code': {
-    baseUrl: 'https://api.kimi.com/coding/v1',
-    model: 'kimi-for-coding',
-    keys: 'Kimi Code subscription keys (kimi.com)',
-  },
+  'moonshot-ai': { baseUrl: 'https://api.moonshot.ai/v1', model: 'kimi-k2.5', keys: 'platform.moonshot.ai keys' },
+  'moonshot-cn': { baseUrl: 'https://api.moonshot.cn/v1', model: 'kimi-k2.5', keys: 'platform.moonshot.cn keys' },
+  'kimi-code': { baseUrl: 'https://api.kimi.com/coding/v1', model: 'kimi-for-coding', keys: 'Kimi Code keys' },
 } as const;
 type KimiPlatform = keyof typeof KIMI_PLATFORMS;
 
