@@ -158,14 +158,6 @@ function readEnvFile(path: string): Record<string, string | undefined> {
   return existsSync(path) ? parseEnv(readFileSync(path, 'utf8')) : {};
 }
 
-function isKnownTimezone(name: string): boolean {
-  try {
-    return Boolean(new Intl.DateTimeFormat('en-US', { timeZone: name }));
-  } catch {
-    return false;
-  }
-}
-
 /** bridge, none, egress or a user-defined Docker network name; never host (it would undo the isolation). */
 function isValidNetwork(network: string): boolean {
   return network !== 'host' && /^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$/.test(network) && !network.startsWith('container:');
@@ -218,7 +210,14 @@ const commaList = parser('list', '', (raw) => raw.toLowerCase().match(/[^,\s]+/g
 const assistantNameRule = textMatching('name', 'use letters, digits, spaces, - or _ (at most 40)', (raw) =>
   /^[\p{L}\p{N}_][\p{L}\p{N}_ -]{0,39}$/u.test(raw),
 );
-const ianaTimezone = textMatching('IANA timezone', 'a known IANA timezone, e.g. Europe/Berlin', isKnownTimezone);
+const ianaTimezone = parser('IANA timezone', 'a known IANA timezone, e.g. Europe/Berlin', (raw) => {
+  try {
+    new Intl.DateTimeFormat('en-US', { timeZone: raw }); // throws a RangeError for an unknown zone
+    return raw;
+  } catch {
+    return undefined;
+  }
+});
 const memoryLimit = textMatching('size', 'e.g. 2g or 1536m', (raw) => /^\d+(\.\d+)?[kmg]?$/i.test(raw));
 const cpuLimit = textMatching(
   'number',
@@ -268,7 +267,7 @@ const optional = <T>(env: string, parser: Parser<T>, doc: string) =>
 const LOG_LEVELS = ['error', 'warn', 'info', 'debug', 'trace', 'fatal', 'silent'] as const;
 const PLATFORM_NAMES = Object.keys(KIMI_PLATFORMS) as KimiPlatform[];
 const computed = (shown: string, value: Computed['value']): Computed => ({ shown, value });
-const WORKED_OUT = {
+const DERIVED = {
   timezone: computed("this machine's", () => Intl.DateTimeFormat().resolvedOptions().timeZone || 'UTC'),
   concurrency: computed('CPU count, at least 2', () => String(defaultConcurrency())),
   poolSize: computed('1 per 2 GiB of memory, 1 to 8', () => String(defaultPoolSize())),
@@ -289,36 +288,31 @@ const WORKED_OUT = {
 const SETTING_TABLE = {
   assistantName: setting('ASSISTANT_NAME', assistantNameRule, 'Andy', 'Wakes it in groups (@Andy), starts its replies'),
   assistantHasOwnNumber: setting('ASSISTANT_HAS_OWN_NUMBER', yesNo, 'false', 'true: no name before replies'),
-  timezone: setting('TZ', ianaTimezone, WORKED_OUT.timezone, 'Timezone of message times and schedules'),
+  timezone: setting('TZ', ianaTimezone, DERIVED.timezone, 'Timezone of message times and schedules'),
   logLevel: setting('LOG_LEVEL', oneOf(LOG_LEVELS), 'info', 'debug adds mounts, docker arguments, container stderr'),
   containerImage: setting('CONTAINER_IMAGE', anyText, 'nanoclaw-agent:latest', 'The agent image'),
   containerRuntime: setting('CONTAINER_RUNTIME', anyText, 'docker', 'The container command'),
   containerTimeoutMs: setting('CONTAINER_TIMEOUT', milliseconds, '1800000', 'A turn silent this long is stopped'),
   idleTimeoutMs: setting('IDLE_TIMEOUT', milliseconds, '1800000', 'An agent that answered waits this long for more'),
-  maxConcurrentContainers: setting(
-    'MAX_CONCURRENT_CONTAINERS',
-    wholeNumber(1),
-    WORKED_OUT.concurrency,
-    'Agents at once',
-  ),
+  maxConcurrentContainers: setting('MAX_CONCURRENT_CONTAINERS', wholeNumber(1), DERIVED.concurrency, 'Agents at once'),
   warmPool: {
-    size: setting('WARM_POOL_SIZE', wholeNumber(0), WORKED_OUT.poolSize, 'Agents kept ready between messages'),
+    size: setting('WARM_POOL_SIZE', wholeNumber(0), DERIVED.poolSize, 'Agents kept ready between messages'),
     pauseAfterMs: setting('WARM_PAUSE_AFTER', milliseconds, '60000', 'A ready agent runs this long, then is paused'),
   },
-  modelProxy: setting('MODEL_PROXY', oneOf(['unix', 'tcp']), WORKED_OUT.modelProxy, 'tcp: a port (Docker Desktop)'),
+  modelProxy: setting('MODEL_PROXY', oneOf(['unix', 'tcp']), DERIVED.modelProxy, 'tcp: a port (Docker Desktop)'),
   kimi: {
     platform: setting('KIMI_PLATFORM', oneOf(PLATFORM_NAMES), 'moonshot-ai', 'Your kind of key: endpoint and model'),
-    baseUrl: setting('KIMI_BASE_URL', anyText, WORKED_OUT.baseUrl, 'Any OpenAI-compatible endpoint'),
-    modelName: setting('KIMI_MODEL_NAME', anyText, WORKED_OUT.model, 'The model the agent uses'),
+    baseUrl: setting('KIMI_BASE_URL', anyText, DERIVED.baseUrl, 'Any OpenAI-compatible endpoint'),
+    modelName: setting('KIMI_MODEL_NAME', anyText, DERIVED.model, 'The model the agent uses'),
     provider: optional('KIMI_PROVIDER', oneOf(PROVIDER_TYPES), "The agent CLI's provider type (unset: kimi)"),
     capabilities: optional('KIMI_MODEL_CAPABILITIES', anyText, 'e.g. thinking,image_in; unset: from the model'),
     questionTimeoutMs: setting('QUESTION_TIMEOUT', milliseconds, '600000', "The agent's question waits this long"),
   },
   container: {
     memory: setting('CONTAINER_MEMORY', memoryLimit, '2g', 'Memory per container (its /tmp and home too)'),
-    cpus: setting('CONTAINER_CPUS', cpuLimit, WORKED_OUT.cpus, 'CPUs per container'),
+    cpus: setting('CONTAINER_CPUS', cpuLimit, DERIVED.cpus, 'CPUs per container'),
     pids: setting('CONTAINER_PIDS', wholeNumber(1), '512', 'Processes and threads per container'),
-    network: setting('CONTAINER_NETWORK', networkName, WORKED_OUT.network, 'egress: the web via the host'),
+    network: setting('CONTAINER_NETWORK', networkName, DERIVED.network, 'egress: the web via the host'),
     closeGraceMs: setting('CONTAINER_CLOSE_GRACE', milliseconds, '30000', 'A closing container is stopped after this'),
   },
   egressAllow: setting('EGRESS_ALLOW', commaList, '', 'Private hosts or addresses the egress proxy still lets through'),
@@ -336,7 +330,7 @@ const SETTING_TABLE = {
     maxPerMinuteMain: setting('SEND_MAX_PER_MINUTE_MAIN', wholeNumber(1), '60', 'The same for main'),
     maxParts: setting('SEND_MAX_PARTS', wholeNumber(1), '10', 'WhatsApp messages one send_message may become'),
   },
-  mountAllowlistPath: setting('NANOCLAW_MOUNT_ALLOWLIST', anyText, WORKED_OUT.allowlist, 'The extra-mount allowlist'),
+  mountAllowlistPath: setting('NANOCLAW_MOUNT_ALLOWLIST', anyText, DERIVED.allowlist, 'The extra-mount allowlist'),
   whatsappServerUrl: optional('WHATSAPP_SERVER_URL', anyText, 'Another WhatsApp Web socket (a relay, a test server)'),
   transcribe: {
     url: optional('TRANSCRIBE_URL', httpUrl, 'OpenAI-compatible /audio/transcriptions endpoint for voice notes'),
