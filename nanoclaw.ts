@@ -582,21 +582,15 @@ function readLast(path: string, shown: string, maxBytes: number, lastBytes = max
     if (size > maxBytes) throw refused(`is ${size} bytes, over the ${maxBytes}-byte limit`);
     const length = Math.min(size, lastBytes);
     const buffer = Buffer.alloc(length);
-    let done = 0;
-    while (done < length) {
-      const n = readSync(fd, buffer, done, length - done, size - length + done);
-      if (n === 0) break; // the file shrank meanwhile
-      done += n;
-    }
-    return buffer.subarray(0, done);
+    return buffer.subarray(0, readSync(fd, buffer, 0, length, size - length)); // less only if the file shrank meanwhile
   } finally {
     closeSync(fd);
   }
 }
 
-/** Reads a regular file (not a link, FIFO or device) of at most maxBytes, in a host-only folder. */
-export function readRegularFile(path: string, maxBytes = MAX_AGENT_FILE_BYTES): string {
-  return readLast(path, path, maxBytes).toString('utf8');
+/** Reads a regular file (not a link, FIFO or device) of at most MAX_AGENT_FILE_BYTES, in a host-only folder. */
+export function readRegularFile(path: string): string {
+  return readLast(path, path, MAX_AGENT_FILE_BYTES).toString('utf8');
 }
 
 function ifMissing<T>(absent: T, fn: () => T): T {
@@ -675,10 +669,6 @@ export class AgentTree {
 
   ensureDir(rel: string): void {
     this.openDir(treeNames(rel), true).close();
-  }
-
-  read(rel: string, maxBytes = MAX_AGENT_FILE_BYTES): string {
-    return this.readBytes(rel, maxBytes).toString('utf8');
   }
 
   readBytes(rel: string, maxBytes = MAX_AGENT_FILE_BYTES, lastBytes = maxBytes): Buffer {

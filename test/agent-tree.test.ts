@@ -42,9 +42,9 @@ describe('AgentTree', () => {
     const { root, tree } = layout();
     tree.create('logs/run.log', 'hello');
     expect(readFileSync(join(root, 'logs', 'run.log'), 'utf8')).toBe('hello');
-    expect(tree.read('logs/run.log')).toBe('hello');
+    expect(tree.readBytes('logs/run.log').toString()).toBe('hello');
     tree.replace('logs/run.log', 'again');
-    expect(tree.read('logs/run.log')).toBe('again');
+    expect(tree.readBytes('logs/run.log').toString()).toBe('again');
     expect(tree.entries('logs')).toEqual([{ name: 'run.log', kind: 'file' }]);
     expect(tree.entries('missing')).toEqual([]);
     expect(tree.tail('logs/run.log', 3)).toBe('ain');
@@ -84,9 +84,9 @@ describe('AgentTree', () => {
     execFileSync('mkfifo', [join(root, 'fifo.json')]);
     writeFileSync(join(root, 'big.json'), '');
     truncateSync(join(root, 'big.json'), MAX_AGENT_FILE_BYTES + 1); // sparse: reading it would be visible as time and memory
-    expect(() => tree.read('link.json')).toThrow(/is a link/);
-    expect(() => tree.read('fifo.json')).toThrow(/not a regular file/); // with a blocking open this would hang forever
-    expect(() => tree.read('big.json')).toThrow(/over the 1048576-byte limit/);
+    expect(() => tree.readBytes('link.json')).toThrow(/is a link/);
+    expect(() => tree.readBytes('fifo.json')).toThrow(/not a regular file/); // with a blocking open this would hang forever
+    expect(() => tree.readBytes('big.json')).toThrow(/over the 1048576-byte limit/);
     expect(() => readRegularFile(join(root, 'fifo.json'))).toThrow(UnsafePathError);
     expect(
       tree
@@ -99,7 +99,7 @@ describe('AgentTree', () => {
   it('refuses paths that climb out', () => {
     const { tree } = layout();
     for (const bad of ['../host-secrets/keep.txt', 'a/../../x', '/etc/passwd'])
-      expect(() => tree.read(bad), bad).toThrow(UnsafePathError);
+      expect(() => tree.readBytes(bad), bad).toThrow(UnsafePathError);
   });
 
   it('removes links themselves and whole folders, never anything a link points to', () => {
