@@ -544,18 +544,17 @@ const CREATE_FLAGS = fsConstants.O_WRONLY | fsConstants.O_CREAT | fsConstants.O_
 // midway changes nothing. Elsewhere (macOS) a step names the whole path, so a swap between two steps stays possible.
 const FD_PATHS = existsSync('/proc/self/fd/0') ? '/proc/self/fd' : null;
 
-/** A directory opened inside a tree: `at(name)` names an entry of it without following links. */
-interface OpenDir {
+/** A directory opened inside a tree (closed by `using`): `at(name)` names an entry of it without following links. */
+interface OpenDir extends Disposable {
   readonly shown: string;
   at(name: string): string;
-  close(): void;
 }
 
 /** Opens the folder at `path` (never through a link; `shown` is its real path, for messages and macOS). */
 function openDirAt(path: string, shown: string): OpenDir {
   const fd = openSync(path, DIR_FLAGS);
   const at = (name: string) => (FD_PATHS ? `${FD_PATHS}/${fd}/${name}` : join(shown, name));
-  return { shown, at, close: () => closeSync(fd) };
+  return { shown, at, [Symbol.dispose]: () => closeSync(fd) };
 }
 
 /** Splits "a/b/c" into names; nothing absolute, nothing that climbs out. */
@@ -576,7 +575,7 @@ function readLast(path: string, shown: string, maxBytes: number, lastBytes = max
   }
   try {
     const stats = fstatSync(fd);
-    const size = stats.size;
+    const { size } = stats;
     const refused = (problem: string) => new UnsafePathError(`${shown} ${problem}: refused without reading it`);
     if (!stats.isFile()) throw refused('is not a regular file');
     if (size > maxBytes) throw refused(`is ${size} bytes, over the ${maxBytes}-byte limit`);
@@ -616,17 +615,11 @@ export class AgentTree {
     mkdirSync(this.root, { recursive: true });
     const real = realpathSync(this.root);
     let dir = openDirAt(real, real);
-    try {
-      for (const name of names) {
-        const next = this.step(dir, name, create);
-        dir.close();
-        dir = next;
-      }
-      return dir;
-    } catch (err) {
-      dir.close();
-      throw err;
+    for (const name of names) {
+      using parent = dir;
+      dir = this.step(parent, name, create);
     }
+    return dir;
   }
 
   /** One folder deeper, never through a link. */
@@ -654,12 +647,8 @@ export class AgentTree {
     const names = treeNames(rel);
     const name = names.pop();
     if (!name) throw new UnsafePathError(`"${rel}" names no file`);
-    const dir = this.openDir(names, create);
-    try {
-      return use(dir, name);
-    } finally {
-      dir.close();
-    }
+    using dir = this.openDir(names, create);
+    return use(dir, name);
   }
 
   /** The absolute path of `rel` (for showing and for docker mounts; not for opening). */
@@ -668,7 +657,7 @@ export class AgentTree {
   }
 
   ensureDir(rel: string): void {
-    this.openDir(treeNames(rel), true).close();
+    this.openDir(treeNames(rel), true)[Symbol.dispose]();
   }
 
   readBytes(rel: string, maxBytes = MAX_AGENT_FILE_BYTES, lastBytes = maxBytes): Buffer {
@@ -713,16 +702,13 @@ export class AgentTree {
 
   /** What a folder holds, without following anything; empty when the folder does not exist. */
   entries(rel = ''): { name: string; kind: 'file' | 'dir' | 'other' }[] {
-    const dir = ifMissing(null, () => this.openDir(treeNames(rel), false));
-    if (!dir) return [];
-    try {
+    return ifMissing([], () => {
+      using dir = this.openDir(treeNames(rel), false);
       return readdirSync(dir.at('.'), { withFileTypes: true }).map((entry) => ({
         name: entry.name,
         kind: entry.isFile() ? 'file' : entry.isDirectory() ? 'dir' : 'other',
       }));
-    } finally {
-      dir.close();
-    }
+    });
   }
 
   /** Deletes a name: a file, a link (never what it points to), or a folder and all in it. False when absent. */
@@ -739,11 +725,8 @@ export class AgentTree {
       unlinkSync(dir.at(name)); // not a folder (a file, a link, a FIFO): the name goes, never what a link points to
       return true;
     }
-    try {
-      for (const child of readdirSync(inner.at('.'))) this.removeIn(inner, child);
-    } finally {
-      inner.close();
-    }
+    using folder = inner;
+    for (const child of readdirSync(folder.at('.'))) this.removeIn(folder, child);
     rmdirSync(dir.at(name));
     return true;
   }
@@ -765,14 +748,10 @@ export class AgentTree {
     mkdirSync(this.root, { recursive: true });
     lchownSync(realpathSync(this.root), owner.uid, owner.gid);
     for (const rel of names) {
-      try {
-        this.withParent(rel, false, (dir, name) => {
-          const stats = lstatSync(dir.at(name), { throwIfNoEntry: false });
-          if (stats?.isFile() || stats?.isDirectory()) lchownSync(dir.at(name), owner.uid, owner.gid);
-        });
-      } catch (err) {
-        if (!(err instanceof UnsafePathError) && errorCode(err) !== 'ENOENT') throw err;
-      }
+      this.withParent(rel, false, (dir, name) => {
+        const stats = lstatSync(dir.at(name), { throwIfNoEntry: false });
+        if (stats?.isFile() || stats?.isDirectory()) lchownSync(dir.at(name), owner.uid, owner.gid);
+      });
     }
   }
 }
