@@ -158,10 +158,8 @@ function readEnvFile(path: string): Record<string, string | undefined> {
   return existsSync(path) ? parseEnv(readFileSync(path, 'utf8')) : {};
 }
 
-/** bridge, none, egress or a user-defined Docker network name; never host (it would undo the isolation). */
-function isValidNetwork(network: string): boolean {
-  return network !== 'host' && /^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$/.test(network) && !network.startsWith('container:');
-}
+/** bridge, none, egress or a user-defined Docker network name; never host nor container:… (they undo the isolation). */
+const isValidNetwork = (network: string) => /^(?!host$)[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$/.test(network);
 
 interface Parser<T> {
   kind: string;
@@ -201,11 +199,7 @@ const byteSize = parser('size', 'a size such as 2g, 512m or 0', (raw) => {
   const match = /^(\d+(?:\.\d+)?)([kmgt]?)$/i.exec(raw);
   return match ? Math.round(Number(match[1]) * 1024 ** ' kmgt'.indexOf((match[2] || ' ').toLowerCase())) : undefined;
 });
-const httpUrl = textMatching(
-  'http(s) URL',
-  'an http(s) URL, e.g. https://api.openai.com/v1/audio/transcriptions',
-  (raw) => URL.canParse(raw) && /^https?:$/.test(new URL(raw).protocol),
-);
+const httpUrl = textMatching('http(s) URL', 'an http(s) URL', (raw) => /^https?:\/\/./i.test(raw) && URL.canParse(raw));
 const commaList = parser('list', '', (raw) => raw.toLowerCase().match(/[^,\s]+/g) ?? []);
 const assistantNameRule = textMatching('name', 'use letters, digits, spaces, - or _ (at most 40)', (raw) =>
   /^[\p{L}\p{N}_][\p{L}\p{N}_ -]{0,39}$/u.test(raw),
@@ -219,11 +213,7 @@ const ianaTimezone = parser('IANA timezone', 'a known IANA timezone, e.g. Europe
   }
 });
 const memoryLimit = textMatching('size', 'e.g. 2g or 1536m', (raw) => /^\d+(\.\d+)?[kmg]?$/i.test(raw));
-const cpuLimit = textMatching(
-  'number',
-  'a number of CPUs above 0, e.g. 1 or 1.5',
-  (raw) => /^\d+(\.\d+)?$/.test(raw) && Number(raw) > 0,
-);
+const cpuLimit = textMatching('number', 'a number above 0', (raw) => /^\d+(\.\d+)?$/.test(raw) && Number(raw) > 0);
 const networkName = textMatching(
   'egress, none, bridge or a network',
   'egress, none, bridge, or the name of a Docker network',
