@@ -177,12 +177,9 @@ const wholeNumber = (least: 0 | 1) =>
   );
 const milliseconds: Parser<number> = { ...wholeNumber(1), kind: 'milliseconds' };
 /** The one rule for yes/no settings: these words in any case; anything else (a typo) is refused. */
-const YES_WORDS = ['true', 'yes', 'on', '1'];
-const NO_WORDS = ['false', 'no', 'off', '0'];
-const yesNo = parser('true or false', 'use true or false (or yes/no, on/off, 1/0)', (raw) => {
-  const word = raw.toLowerCase();
-  return YES_WORDS.includes(word) ? true : NO_WORDS.includes(word) ? false : undefined;
-});
+const yesNo = parser('true or false', 'use true or false (or yes/no, on/off, 1/0)', (raw) =>
+  /^(true|yes|on|1)$/i.test(raw) ? true : /^(false|no|off|0)$/i.test(raw) ? false : undefined,
+);
 /** A size such as 2g, 512m or 64k (powers of 1024), in bytes; 0 is allowed (off). */
 const byteSize = parser('size', 'a size such as 2g, 512m or 0', (raw) => {
   const match = /^(\d+(?:\.\d+)?)([kmgt]?)$/i.exec(raw);
