@@ -143,9 +143,8 @@ export function backoff(
 }
 
 /** .env as Bun's own dotenv parser reads it (`export`, quotes, `#` comments); nothing of it enters process.env. */
-function readEnvFile(path: string): Record<string, string | undefined> {
-  return existsSync(path) ? parseEnv(readFileSync(path, 'utf8')) : {};
-}
+const readEnvFile = (path: string): NodeJS.Dict<string> =>
+  existsSync(path) ? parseEnv(readFileSync(path, 'utf8')) : {};
 
 /** bridge, none, egress or a user-defined Docker network name; never host nor container:… (they undo the isolation). */
 const isValidNetwork = (network: string) => /^(?!host$)[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$/.test(network);
@@ -207,19 +206,12 @@ const networkName = textMatching(
 );
 
 /** Starting an agent is CPU-bound: more containers than CPUs would only slow every first reply down. */
-export function defaultConcurrency(cores = availableParallelism()): number {
-  return Math.max(2, cores);
-}
-
+export const defaultConcurrency = (cores = availableParallelism()) => Math.max(2, cores);
 /** One ready agent per 2 GiB, at most 8: a paused one holds ~200 MB (bench row e), a tenth of memory at most. */
-export function defaultPoolSize(memoryBytes = totalmem()): number {
-  return Math.min(8, Math.max(1, Math.floor(memoryBytes / 2 ** 31)));
-}
-
+export const defaultPoolSize = (memoryBytes = totalmem()) =>
+  Math.min(8, Math.max(1, Math.floor(memoryBytes / 2 ** 31)));
 /** Half the machine's CPUs (at least one): one busy container cannot take the whole machine. */
-export function defaultContainerCpus(cores = availableParallelism()): number {
-  return Math.max(1, Math.floor(cores / 2));
-}
+export const defaultContainerCpus = (cores = availableParallelism()) => Math.max(1, Math.floor(cores / 2));
 
 /** One setting: its variable, its parser, its default as written in .env (or worked out), one doc line. */
 interface Setting<T> {
@@ -564,9 +556,7 @@ function readLast(path: string, shown: string, maxBytes: number, lastBytes = max
 }
 
 /** Reads a regular file (not a link, FIFO or device) of at most MAX_AGENT_FILE_BYTES, in a host-only folder. */
-export function readRegularFile(path: string): string {
-  return readLast(path, path, MAX_AGENT_FILE_BYTES).toString('utf8');
-}
+export const readRegularFile = (path: string) => readLast(path, path, MAX_AGENT_FILE_BYTES).toString('utf8');
 
 function ifMissing<T>(absent: T, fn: () => T): T {
   try {
