@@ -1474,18 +1474,6 @@ export function isValidTrigger(trigger: string): boolean {
   return /^@[\p{L}\p{N}_][\p{L}\p{N}_-]{0,39}$/u.test(trigger);
 }
 
-/** A WhatsApp person (phone number or LID), as `--allow` and register_group's `allow` take them. */
-function isValidSenderJid(jid: string): boolean {
-  return /^\d{5,20}@s\.whatsapp\.net$|^\d{5,20}@lid$/.test(jid);
-}
-
-/** Chats are filed under phone number or group id (canonicalJid): one registered by LID would never hear a message. */
-function lidChatProblem(jid: string): string | null {
-  return jid.endsWith('@lid')
-    ? `"${jid}" is a LID (WhatsApp's hidden id of a person), not a chat id: use the person's <phone digits>@s.whatsapp.net or a group's <digits>@g.us (bun nanoclaw.ts groups discover lists them)`
-    : null;
-}
-
 /** The three roots are what the group's agent can write. */
 function groupPaths(config: Config, folder: string) {
   return {
@@ -1526,9 +1514,11 @@ function groupRequestProblem(
   config: Config,
   request: Pick<RegisteredGroup, 'jid' | 'folder'> & Partial<Pick<RegisteredGroup, 'trigger' | 'allow'>>,
 ): string | null {
-  const lid = lidChatProblem(request.jid);
-  if (lid) return lid;
-  const badSender = request.allow?.find((jid) => !isValidSenderJid(jid));
+  // Chats are filed under phone number or group id (canonicalJid): one registered by LID would never hear a message.
+  if (request.jid.endsWith('@lid'))
+    return `"${request.jid}" is a LID (WhatsApp's hidden id of a person), not a chat id: use the person's <phone digits>@s.whatsapp.net or a group's <digits>@g.us (bun nanoclaw.ts groups discover lists them)`;
+  // A sender is a WhatsApp person: phone number or LID.
+  const badSender = request.allow?.find((jid) => !/^\d{5,20}@(s\.whatsapp\.net|lid)$/.test(jid));
   if (badSender !== undefined)
     return `allow: "${badSender}" is not a WhatsApp sender id (<phone digits>@s.whatsapp.net or <digits>@lid)`;
   if (request.trigger !== undefined && !isValidTrigger(request.trigger))
