@@ -1570,15 +1570,10 @@ const escapeXml = (text: string) =>
 
 const escapeRegExp = (text: string) => text.replace(/[.*+?^${}()|[\]\\]/g, '\\$&');
 
-const triggerPatterns = new Map<string, RegExp>();
-
-/** `@Andy` anywhere, any case, as a whole word (not inside a@Andy); cached: every inbound message is checked. */
+/** `@Andy` anywhere, any case, as a whole word (not inside a@Andy). */
 export function triggerPattern(trigger: string): RegExp {
-  const pattern =
-    triggerPatterns.get(trigger) ??
-    new RegExp(`(?<![\\p{L}\\p{N}_@])@${escapeRegExp(trigger.replace(/^@/, ''))}(?![\\p{L}\\p{N}_])`, 'iu');
-  triggerPatterns.set(trigger, pattern);
-  return pattern;
+  const name = escapeRegExp(trigger.replace(/^@/, ''));
+  return new RegExp(`(?<![\\p{L}\\p{N}_@])@${name}(?![\\p{L}\\p{N}_])`, 'iu');
 }
 
 /** The channel's note before a reply to one of the bot's own messages (it knows them by id). */
