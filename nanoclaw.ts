@@ -1642,13 +1642,10 @@ export function formatMessages(messages: readonly StoredMessage[], timezone: str
   return `<messages>\n${lines.join('\n')}\n</messages>`;
 }
 
-/** Drops `<internal>…</internal>` (and an unclosed `<internal>` to the end): private reasoning never leaves. */
-export function stripInternal(text: string): string {
-  return text.replace(/<internal>[\s\S]*?(<\/internal>|$)/gi, '').trim();
-}
-
+/** The reply as sent, or null when nothing is left of it. */
 export function formatOutbound(rawText: string, assistantName: string, hasOwnNumber: boolean): string | null {
-  const text = stripInternal(rawText);
+  // `<internal>…</internal>` (and an unclosed `<internal>` to the end) is dropped: private reasoning never leaves.
+  const text = rawText.replace(/<internal>[\s\S]*?(<\/internal>|$)/gi, '').trim();
   if (!text) return null;
   return hasOwnNumber ? text : `${assistantName}: ${text}`;
 }
