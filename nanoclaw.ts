@@ -1101,21 +1101,13 @@ export class Store {
     const rows = this.db.query<object, Bindings>(sql).all(...params);
     return rows.map(fromRow<T>);
   }
-
-  private one<T>(sql: string, ...params: Bindings): T | null {
-    const row = this.db.query<object, Bindings>(sql).get(...params);
-    return row ? fromRow<T>(row) : null;
-  }
+  private one = <T>(sql: string, ...params: Bindings): T | null => this.all<T>(sql, ...params)[0] ?? null;
 
   /** Adds a row: each column (a space-separated list) bound from the field of its name (group_folder: groupFolder). */
-  private insert(
-    table: string,
-    columns: string,
-    row: object,
-    verb: 'INSERT' | 'INSERT OR IGNORE' | 'REPLACE' = 'INSERT',
-  ) {
+  private insert(table: string, columns: string, row: object, onConflict?: 'IGNORE' | 'REPLACE') {
     const names = columns.split(' ');
     const values = names.map((column) => `$${fieldName(column)}`);
+    const verb = onConflict ? `INSERT OR ${onConflict}` : 'INSERT';
     return this.db
       .query<object, Bindings>(`${verb} INTO ${table} (${names.join(', ')}) VALUES (${values.join(', ')})`)
       .run(row as Bindings[number]);
@@ -1181,7 +1173,7 @@ export class Store {
   /** Stores a message once; returns its seq, or null when (chat, id) was already stored. */
   storeMessage(message: NewMessage): number | null {
     const columns = 'id chat_jid sender sender_name content timestamp is_from_me is_bot_message';
-    const result = this.insert('messages', columns, message, 'INSERT OR IGNORE');
+    const result = this.insert('messages', columns, message, 'IGNORE');
     return result.changes > 0 ? Number(result.lastInsertRowid) : null;
   }
 
@@ -1278,14 +1270,13 @@ export class Store {
   // What was done for IPC requests, and which task runs started
 
   isIpcDone = (claimId: string) => this.one('SELECT 1 FROM ipc_done WHERE claim_id = ?', claimId) !== null;
-  markIpcDone = (claimId: string) =>
-    this.insert('ipc_done', 'claim_id done_at', { claimId, doneAt: now() }, 'INSERT OR IGNORE');
+  markIpcDone = (claimId: string) => this.insert('ipc_done', 'claim_id done_at', { claimId, doneAt: now() }, 'IGNORE');
   pruneIpcDone = (before: string) => this.run('DELETE FROM ipc_done WHERE done_at < ?', before);
 
   /** Records that a task's run is owed (it is due); false when a run of it is already claimed. */
   claimTask(taskId: string, dueAt: string | null, attempt = 1): boolean {
     const claim = { taskId, dueAt, claimedAt: now(), attempt };
-    return this.insert('task_claims', 'task_id due_at claimed_at attempt', claim, 'INSERT OR IGNORE').changes > 0;
+    return this.insert('task_claims', 'task_id due_at claimed_at attempt', claim, 'IGNORE').changes > 0;
   }
 
   markTaskStarted = (taskId: string) =>
@@ -1492,13 +1483,9 @@ function containerOwner(uid = process.getuid?.() ?? CONTAINER_UID): { uid: numbe
 }
 
 export function groupTrees(config: Config, folder: string) {
-  const paths = groupPaths(config, folder);
+  const { group, ipc, kimiHome } = groupPaths(config, folder);
   const owner = containerOwner();
-  return {
-    group: new AgentTree(paths.group, owner),
-    ipc: new AgentTree(paths.ipc, owner),
-    kimi: new AgentTree(paths.kimiHome, owner),
-  };
+  return { group: new AgentTree(group, owner), ipc: new AgentTree(ipc, owner), kimi: new AgentTree(kimiHome, owner) };
 }
 
 /** Names NanoClaw uses itself inside groups/ or data/ipc/: no group may take them. */
