@@ -1496,11 +1496,11 @@ export function isValidFolder(folder: string): boolean {
   return /^[a-z0-9][a-z0-9_-]{0,63}$/.test(folder) && !(RESERVED_FOLDERS as readonly string[]).includes(folder);
 }
 
+/** A group to add: its chat and folder, and whatever else is not the default. */
+type GroupRequest = Pick<RegisteredGroup, 'jid' | 'folder'> & Partial<Omit<RegisteredGroup, 'addedAt'>>;
+
 /** What is wrong with a new group's chat id, senders, trigger or folder, whatever the store holds; null: nothing. */
-function groupRequestProblem(
-  config: Config,
-  request: Pick<RegisteredGroup, 'jid' | 'folder'> & Partial<Pick<RegisteredGroup, 'trigger' | 'allow'>>,
-): string | null {
+function groupRequestProblem(config: Config, request: GroupRequest): string | null {
   // Chats are filed under phone number or group id (canonicalJid): one registered by LID would never hear a message.
   if (request.jid.endsWith('@lid'))
     return `"${request.jid}" is a LID (WhatsApp's hidden id of a person), not a chat id: use the person's <phone digits>@s.whatsapp.net or a group's <digits>@g.us (bun nanoclaw.ts groups discover lists them)`;
@@ -1516,12 +1516,7 @@ function groupRequestProblem(
 }
 
 /** The one way to add a group: checks it, creates its folder (with a starter CLAUDE.md), starts its cursor at now. */
-export function addGroup(
-  config: Config,
-  store: Store,
-  request: Pick<RegisteredGroup, 'jid' | 'name' | 'folder'> &
-    Partial<Pick<RegisteredGroup, 'trigger' | 'requiresTrigger' | 'isMain' | 'containerConfig' | 'allow'>>,
-): RegisteredGroup {
+export function addGroup(config: Config, store: Store, request: GroupRequest & { name: string }): RegisteredGroup {
   const problem = groupRequestProblem(config, request);
   if (problem) throw new GroupError(problem);
   if (store.groupByJid(request.jid)) throw new GroupError(`${request.jid} is already registered`);
