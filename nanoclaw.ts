@@ -1213,15 +1213,11 @@ export class Store {
 
   // Outbox: every part the bot says, oldest first; unsent until its channel took it
 
-  addOutbound(channel: string, chatJid: string, text: string, messageId: string) {
-    const row = { channel, chatJid, text, createdAt: now(), messageId };
-    this.insert('outbox', 'channel chat_jid text created_at message_id', row);
-  }
-
-  /** A file as one part of the chat's lane; `text` is what the history shows of it. Its bytes go once it is sent. */
-  addOutboundFile(channel: string, chatJid: string, file: OutboundFile, text: string, messageId: string) {
-    const { data, ...meta } = file;
-    const row = { channel, chatJid, text, createdAt: now(), messageId, file: data, fileMeta: JSON.stringify(meta) };
+  /** One part of a chat's lane; for a file, `text` is what the history shows of it, and its bytes go once it is sent. */
+  addOutbound(channel: string, chatJid: string, text: string, messageId: string, file?: OutboundFile) {
+    const { data, ...meta } = file ?? { data: null };
+    const fileMeta = file ? JSON.stringify(meta) : null;
+    const row = { channel, chatJid, text, createdAt: now(), messageId, file: data, fileMeta };
     this.insert('outbox', 'channel chat_jid text created_at message_id file file_meta', row);
   }
 
@@ -5808,7 +5804,7 @@ class Voice {
     if (!channel?.sendFile) throw new IpcFormatError(`${chatJid}'s channel cannot send files`);
     const messageId = newMessageId();
     const note = fileNote(file);
-    this.store.addOutboundFile(channel.name, chatJid, file, note, messageId);
+    this.store.addOutbound(channel.name, chatJid, note, messageId, file);
     this.store.storeMessage(this.botMessage(chatJid, messageId, note, new Date().toISOString()));
   }
 
