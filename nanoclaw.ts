@@ -1014,12 +1014,11 @@ const fieldName = (column: string) => {
   return field;
 };
 
-const FLAG_COLUMNS = new Set(['is_from_me', 'is_bot_message', 'is_group', 'is_main', 'requires_trigger']);
-const JSON_COLUMNS = new Set(['container_config', 'allowed_senders']);
-
+/** Flags are stored as 0 and 1, a group's lists and settings as JSON. */
 function fieldValue(column: string, value: unknown): unknown {
-  if (FLAG_COLUMNS.has(column)) return value === 1;
-  if (JSON_COLUMNS.has(column)) return value === null ? undefined : JSON.parse(value as string);
+  if (/^(is|requires)_/.test(column)) return value === 1;
+  if (/^(container_config|allowed_senders)$/.test(column))
+    return value === null ? undefined : JSON.parse(value as string);
   return value;
 }
 
@@ -1083,11 +1082,10 @@ export class Store {
   /** Returns the schema version found before migrating (0: a new database). */
   private migrate(): number {
     const current = this.db.query<{ user_version: number }, []>('PRAGMA user_version').get()!.user_version;
-    if (current > MIGRATIONS.length) {
+    if (current > MIGRATIONS.length)
       throw new Error(
         `store/messages.db has schema version ${current}, newer than this code knows (${MIGRATIONS.length}). Update NanoClaw.`,
       );
-    }
     for (let version = current; version < MIGRATIONS.length; version++) {
       this.transaction(() => {
         this.db.exec(MIGRATIONS[version]!);
@@ -1130,10 +1128,8 @@ export class Store {
     rmSync(temp, { force: true });
     this.run('VACUUM INTO ?', temp);
     renameSync(temp, join(dir, name));
-    const all = readdirSync(dir)
-      .filter((file) => /^messages-.*\.db$/.test(file))
-      .sort();
-    for (const old of all.slice(0, Math.max(0, all.length - keep))) rmSync(join(dir, old), { force: true });
+    const all = [...new Bun.Glob('messages-*.db').scanSync(dir)].sort();
+    for (const old of all.slice(0, -keep)) rmSync(join(dir, old), { force: true });
     return join(dir, name);
   }
 
@@ -1141,8 +1137,7 @@ export class Store {
   canWrite(): boolean {
     this.db.exec('PRAGMA busy_timeout = 0');
     try {
-      this.db.exec('BEGIN IMMEDIATE');
-      this.db.exec('ROLLBACK');
+      this.db.exec('BEGIN IMMEDIATE; ROLLBACK');
       return true;
     } catch {
       return false;
