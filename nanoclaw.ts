@@ -1280,17 +1280,13 @@ export class Store {
 
   // Model usage, counted by the proxy
 
-  addModelUsage(
-    day: string,
-    groupFolder: string,
-    entry: { ok: boolean; promptTokens: number; completionTokens: number },
-  ) {
+  addModelUsage(day: string, folder: string, entry: { ok: boolean; promptTokens: number; completionTokens: number }) {
     this.run(
-      `INSERT INTO model_usage (day, group_folder, requests, failed, prompt_tokens, completion_tokens) VALUES ($day, $groupFolder, 1, $failed, $promptTokens, $completionTokens)
+      `INSERT INTO model_usage (day, group_folder, requests, failed, prompt_tokens, completion_tokens) VALUES ($day, $folder, 1, $failed, $promptTokens, $completionTokens)
        ON CONFLICT (day, group_folder) DO UPDATE SET
          requests = requests + 1, failed = failed + excluded.failed,
          prompt_tokens = prompt_tokens + excluded.prompt_tokens, completion_tokens = completion_tokens + excluded.completion_tokens`,
-      { ...entry, day, groupFolder, failed: !entry.ok },
+      { ...entry, day, folder, failed: !entry.ok },
     );
   }
 
