@@ -873,7 +873,7 @@ export interface RegisteredGroup {
   addedAt: string;
 }
 
-export type ScheduleType = 'cron' | 'interval' | 'once';
+type ScheduleType = 'cron' | 'interval' | 'once';
 
 export interface ScheduledTask {
   id: string;
