@@ -978,8 +978,8 @@ const MIGRATIONS: string[] = [
      day TEXT NOT NULL, group_folder TEXT NOT NULL, requests INTEGER NOT NULL DEFAULT 0,
      failed INTEGER NOT NULL DEFAULT 0, prompt_tokens INTEGER NOT NULL DEFAULT 0,
      completion_tokens INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (day, group_folder));`,
-  // 4: exactly once under crashes: outbox parts keep a stable message id and are marked sent, not deleted (WhatsApp
-  // may ask for a resend); IPC requests and task runs leave a durable mark of what was done or started.
+  // 4: exactly once under crashes: outbox parts keep their message id and are marked sent, not deleted (for resends);
+  // IPC requests and task runs leave a durable mark of what was done or started.
   `ALTER TABLE outbox ADD COLUMN message_id TEXT;
    ALTER TABLE outbox ADD COLUMN sent_at TEXT;
    ALTER TABLE outbox ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0;
@@ -993,11 +993,9 @@ const MIGRATIONS: string[] = [
      due_at TEXT, claimed_at TEXT NOT NULL, started_at TEXT, attempt INTEGER NOT NULL DEFAULT 1);`,
   // 5: what WhatsApp was given for each part (its protobuf), so a phone asking for it again gets exactly that.
   `ALTER TABLE outbox ADD COLUMN sent_content BLOB;`,
-  // 6: who may wake each group's agent. '[]' keeps every group as it was: everyone in a
-  // group, and in main only the owner (needsAgent reads an empty list so for main).
+  // 6: who may wake each group's agent; '[]' keeps every group as it was (everyone; in main only the owner).
   `ALTER TABLE registered_groups ADD COLUMN allowed_senders TEXT NOT NULL DEFAULT '[]';`,
-  // 7: a file the agent sends waits in the outbox as its own part (bytes dropped once sent); a task NanoClaw
-  // paused says why (its group was removed).
+  // 7: a file the agent sends waits in the outbox as its own part; a task NanoClaw paused says why.
   `ALTER TABLE outbox ADD COLUMN file BLOB;
    ALTER TABLE outbox ADD COLUMN file_meta TEXT;
    ALTER TABLE scheduled_tasks ADD COLUMN paused_reason TEXT;`,
@@ -1317,8 +1315,7 @@ export class Store {
 
   /** Unregisters a chat; its active tasks are paused (they would run for nobody), saying why in tasks list/show. */
   removeGroup(jid: string): boolean {
-    const day = now().slice(0, 10);
-    const pausedReason = `its group was removed on ${day}; register the group again to resume it`;
+    const pausedReason = `its group was removed on ${now().slice(0, 10)}; register the group again to resume it`;
     this.taskWrites++;
     return this.transaction(() => {
       const folder = this.groupByJid(jid)?.folder;
