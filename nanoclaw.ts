@@ -1470,11 +1470,11 @@ export function groupTrees(config: Config, folder: string) {
 }
 
 /** Names NanoClaw uses itself inside groups/ or data/ipc/: no group may take them. */
-const RESERVED_FOLDERS = ['global', 'errors', 'claimed'] as const;
+const RESERVED_FOLDERS = ['global', 'errors', 'claimed'];
 
 /** Folder names become paths and container names: keep them boring, and clear of NanoClaw's own. */
 export function isValidFolder(folder: string): boolean {
-  return /^[a-z0-9][a-z0-9_-]{0,63}$/.test(folder) && !(RESERVED_FOLDERS as readonly string[]).includes(folder);
+  return /^[a-z0-9][a-z0-9_-]{0,63}$/.test(folder) && !RESERVED_FOLDERS.includes(folder);
 }
 
 /** A group to add: its chat and folder, and whatever else is not the default. */
@@ -1598,11 +1598,9 @@ export function formatLocalTime(iso: string, timezone: string): string {
 
 /** The prompt for a batch of messages, every value XML-escaped: a "</message>" or a fake sender stays text. */
 export function formatMessages(messages: readonly StoredMessage[], timezone: string): string {
-  const lines = messages.map(
-    (m) =>
-      `<message sender="${escapeXml(m.senderName)}" time="${formatLocalTime(m.timestamp, timezone)}">${escapeXml(m.content)}</message>`,
-  );
-  return `<messages>\n${lines.join('\n')}\n</messages>`;
+  const line = (m: StoredMessage) =>
+    `<message sender="${escapeXml(m.senderName)}" time="${formatLocalTime(m.timestamp, timezone)}">${escapeXml(m.content)}</message>`;
+  return `<messages>\n${messages.map(line).join('\n')}\n</messages>`;
 }
 
 /** The reply as sent, or null when nothing is left of it. */
