@@ -757,7 +757,7 @@ export interface RegisteredGroup {
   addedAt: string;
 }
 
-export type ScheduleType = 'cron' | 'interval' | 'once';
+type ScheduleType = 'cron' | 'interval' | 'once';
 
 export interface ScheduledTask {
   id: string;
@@ -862,8 +862,8 @@ const MIGRATIONS: string[] = [
      day TEXT NOT NULL, group_folder TEXT NOT NULL, requests INTEGER NOT NULL DEFAULT 0,
      failed INTEGER NOT NULL DEFAULT 0, prompt_tokens INTEGER NOT NULL DEFAULT 0,
      completion_tokens INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (day, group_folder));`,
-  // 4: exactly once under crashes: outbox parts keep a stable message id and are marked sent, not deleted (WhatsApp
-  // may ask for a resend); IPC requests and task runs leave a durable mark of what was done or started.
+  // 4: exactly once under crashes: outbox parts keep their message id and are marked sent, not deleted (for resends);
+  // IPC requests and task runs leave a durable mark of what was done or started.
   `ALTER TABLE outbox ADD COLUMN message_id TEXT;
    ALTER TABLE outbox ADD COLUMN sent_at TEXT;
    ALTER TABLE outbox ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0;
@@ -877,33 +877,27 @@ const MIGRATIONS: string[] = [
      due_at TEXT, claimed_at TEXT NOT NULL, started_at TEXT, attempt INTEGER NOT NULL DEFAULT 1);`,
   // 5: what WhatsApp was given for each part (its protobuf), so a phone asking for it again gets exactly that.
   `ALTER TABLE outbox ADD COLUMN sent_content BLOB;`,
-  // 6: who may wake each group's agent. '[]' keeps every group as it was: everyone in a
-  // group, and in main only the owner (needsAgent reads an empty list so for main).
+  // 6: who may wake each group's agent; '[]' keeps every group as it was (everyone; in main only the owner).
   `ALTER TABLE registered_groups ADD COLUMN allowed_senders TEXT NOT NULL DEFAULT '[]';`,
-  // 7: a file the agent sends waits in the outbox as its own part (bytes dropped once sent); a task NanoClaw
-  // paused says why (its group was removed).
+  // 7: a file the agent sends waits in the outbox as its own part; a task NanoClaw paused says why.
   `ALTER TABLE outbox ADD COLUMN file BLOB;
    ALTER TABLE outbox ADD COLUMN file_meta TEXT;
    ALTER TABLE scheduled_tasks ADD COLUMN paused_reason TEXT;`,
 ];
 
-/** Columns whose field is not their camelCase name, and a cache of every column's (rows are mapped on hot paths). */
+/** Columns whose field is not their camelCase name. */
 const fieldNames = new Map([
   ['trigger_word', 'trigger'],
   ['allowed_senders', 'allow'],
 ]);
-const fieldName = (column: string) => {
-  const field = fieldNames.get(column) ?? column.replace(/_(\w)/g, (_, c: string) => c.toUpperCase());
-  fieldNames.set(column, field);
-  return field;
-};
+const fieldName = (column: string) =>
+  fieldNames.get(column) ?? column.replace(/_(\w)/g, (_, c: string) => c.toUpperCase());
 
-const FLAG_COLUMNS = new Set(['is_from_me', 'is_bot_message', 'is_group', 'is_main', 'requires_trigger']);
-const JSON_COLUMNS = new Set(['container_config', 'allowed_senders']);
-
+/** Flags are stored as 0 and 1, a group's lists and settings as JSON. */
 function fieldValue(column: string, value: unknown): unknown {
-  if (FLAG_COLUMNS.has(column)) return value === 1;
-  if (JSON_COLUMNS.has(column)) return value === null ? undefined : JSON.parse(value as string);
+  if (/^(is|requires)_/.test(column)) return value === 1;
+  if (/^(container_config|allowed_senders)$/.test(column))
+    return value === null ? undefined : JSON.parse(value as string);
   return value;
 }
 
@@ -967,11 +961,10 @@ export class Store {
   /** Returns the schema version found before migrating (0: a new database). */
   private migrate(): number {
     const current = this.db.query<{ user_version: number }, []>('PRAGMA user_version').get()!.user_version;
-    if (current > MIGRATIONS.length) {
+    if (current > MIGRATIONS.length)
       throw new Error(
         `store/messages.db has schema version ${current}, newer than this code knows (${MIGRATIONS.length}). Update NanoClaw.`,
       );
-    }
     for (let version = current; version < MIGRATIONS.length; version++) {
       this.transaction(() => {
         this.db.exec(MIGRATIONS[version]!);
@@ -985,21 +978,13 @@ export class Store {
     const rows = this.db.query<object, Bindings>(sql).all(...params);
     return rows.map(fromRow<T>);
   }
-
-  private one<T>(sql: string, ...params: Bindings): T | null {
-    const row = this.db.query<object, Bindings>(sql).get(...params);
-    return row ? fromRow<T>(row) : null;
-  }
+  private one = <T>(sql: string, ...params: Bindings): T | null => this.all<T>(sql, ...params)[0] ?? null;
 
   /** Adds a row: each column (a space-separated list) bound from the field of its name (group_folder: groupFolder). */
-  private insert(
-    table: string,
-    columns: string,
-    row: object,
-    verb: 'INSERT' | 'INSERT OR IGNORE' | 'REPLACE' = 'INSERT',
-  ) {
+  private insert(table: string, columns: string, row: object, onConflict?: 'IGNORE' | 'REPLACE') {
     const names = columns.split(' ');
     const values = names.map((column) => `$${fieldName(column)}`);
+    const verb = onConflict ? `INSERT OR ${onConflict}` : 'INSERT';
     return this.db
       .query<object, Bindings>(`${verb} INTO ${table} (${names.join(', ')}) VALUES (${values.join(', ')})`)
       .run(row as Bindings[number]);
@@ -1022,10 +1007,8 @@ export class Store {
     rmSync(temp, { force: true });
     this.run('VACUUM INTO ?', temp);
     renameSync(temp, join(dir, name));
-    const all = readdirSync(dir)
-      .filter((file) => /^messages-.*\.db$/.test(file))
-      .sort();
-    for (const old of all.slice(0, Math.max(0, all.length - keep))) rmSync(join(dir, old), { force: true });
+    const all = [...new Bun.Glob('messages-*.db').scanSync(dir)].sort();
+    for (const old of all.slice(0, -keep)) rmSync(join(dir, old), { force: true });
     return join(dir, name);
   }
 
@@ -1033,8 +1016,7 @@ export class Store {
   canWrite(): boolean {
     this.db.exec('PRAGMA busy_timeout = 0');
     try {
-      this.db.exec('BEGIN IMMEDIATE');
-      this.db.exec('ROLLBACK');
+      this.db.exec('BEGIN IMMEDIATE; ROLLBACK');
       return true;
     } catch {
       return false;
@@ -1065,7 +1047,7 @@ export class Store {
   /** Stores a message once; returns its seq, or null when (chat, id) was already stored. */
   storeMessage(message: NewMessage): number | null {
     const columns = 'id chat_jid sender sender_name content timestamp is_from_me is_bot_message';
-    const result = this.insert('messages', columns, message, 'INSERT OR IGNORE');
+    const result = this.insert('messages', columns, message, 'IGNORE');
     return result.changes > 0 ? Number(result.lastInsertRowid) : null;
   }
 
@@ -1105,15 +1087,11 @@ export class Store {
 
   // Outbox: every part the bot says, oldest first; unsent until its channel took it
 
-  addOutbound(channel: string, chatJid: string, text: string, messageId: string) {
-    const row = { channel, chatJid, text, createdAt: now(), messageId };
-    this.insert('outbox', 'channel chat_jid text created_at message_id', row);
-  }
-
-  /** A file as one part of the chat's lane; `text` is what the history shows of it. Its bytes go once it is sent. */
-  addOutboundFile(channel: string, chatJid: string, file: OutboundFile, text: string, messageId: string) {
-    const { data, ...meta } = file;
-    const row = { channel, chatJid, text, createdAt: now(), messageId, file: data, fileMeta: JSON.stringify(meta) };
+  /** One part of a chat's lane; for a file, `text` is what the history shows of it, and its bytes go once it is sent. */
+  addOutbound(channel: string, chatJid: string, text: string, messageId: string, file?: OutboundFile) {
+    const { data, ...meta } = file ?? { data: null };
+    const fileMeta = file ? JSON.stringify(meta) : null;
+    const row = { channel, chatJid, text, createdAt: now(), messageId, file: data, fileMeta };
     this.insert('outbox', 'channel chat_jid text created_at message_id file file_meta', row);
   }
 
@@ -1162,14 +1140,13 @@ export class Store {
   // What was done for IPC requests, and which task runs started
 
   isIpcDone = (claimId: string) => this.one('SELECT 1 FROM ipc_done WHERE claim_id = ?', claimId) !== null;
-  markIpcDone = (claimId: string) =>
-    this.insert('ipc_done', 'claim_id done_at', { claimId, doneAt: now() }, 'INSERT OR IGNORE');
+  markIpcDone = (claimId: string) => this.insert('ipc_done', 'claim_id done_at', { claimId, doneAt: now() }, 'IGNORE');
   pruneIpcDone = (before: string) => this.run('DELETE FROM ipc_done WHERE done_at < ?', before);
 
   /** Records that a task's run is owed (it is due); false when a run of it is already claimed. */
   claimTask(taskId: string, dueAt: string | null, attempt = 1): boolean {
     const claim = { taskId, dueAt, claimedAt: now(), attempt };
-    return this.insert('task_claims', 'task_id due_at claimed_at attempt', claim, 'INSERT OR IGNORE').changes > 0;
+    return this.insert('task_claims', 'task_id due_at claimed_at attempt', claim, 'IGNORE').changes > 0;
   }
 
   markTaskStarted = (taskId: string) =>
@@ -1182,17 +1159,13 @@ export class Store {
 
   // Model usage, counted by the proxy
 
-  addModelUsage(
-    day: string,
-    groupFolder: string,
-    entry: { ok: boolean; promptTokens: number; completionTokens: number },
-  ) {
+  addModelUsage(day: string, folder: string, entry: { ok: boolean; promptTokens: number; completionTokens: number }) {
     this.run(
-      `INSERT INTO model_usage (day, group_folder, requests, failed, prompt_tokens, completion_tokens) VALUES ($day, $groupFolder, 1, $failed, $promptTokens, $completionTokens)
+      `INSERT INTO model_usage (day, group_folder, requests, failed, prompt_tokens, completion_tokens) VALUES ($day, $folder, 1, $failed, $promptTokens, $completionTokens)
        ON CONFLICT (day, group_folder) DO UPDATE SET
          requests = requests + 1, failed = failed + excluded.failed,
          prompt_tokens = prompt_tokens + excluded.prompt_tokens, completion_tokens = completion_tokens + excluded.completion_tokens`,
-      { ...entry, day, groupFolder, failed: !entry.ok },
+      { ...entry, day, folder, failed: !entry.ok },
     );
   }
 
@@ -1226,8 +1199,7 @@ export class Store {
 
   /** Unregisters a chat; its active tasks are paused (they would run for nobody), saying why in tasks list/show. */
   removeGroup(jid: string): boolean {
-    const day = now().slice(0, 10);
-    const pausedReason = `its group was removed on ${day}; register the group again to resume it`;
+    const pausedReason = `its group was removed on ${now().slice(0, 10)}; register the group again to resume it`;
     this.taskWrites++;
     return this.transaction(() => {
       const folder = this.groupByJid(jid)?.folder;
@@ -1358,18 +1330,6 @@ export function isValidTrigger(trigger: string): boolean {
   return /^@[\p{L}\p{N}_][\p{L}\p{N}_-]{0,39}$/u.test(trigger);
 }
 
-/** A WhatsApp person (phone number or LID), as `--allow` and register_group's `allow` take them. */
-function isValidSenderJid(jid: string): boolean {
-  return /^\d{5,20}@s\.whatsapp\.net$|^\d{5,20}@lid$/.test(jid);
-}
-
-/** Chats are filed under phone number or group id (canonicalJid): one registered by LID would never hear a message. */
-function lidChatProblem(jid: string): string | null {
-  return jid.endsWith('@lid')
-    ? `"${jid}" is a LID (WhatsApp's hidden id of a person), not a chat id: use the person's <phone digits>@s.whatsapp.net or a group's <digits>@g.us (bun nanoclaw.ts groups discover lists them)`
-    : null;
-}
-
 /** The three roots are what the group's agent can write. */
 function groupPaths(config: Config, folder: string) {
   return {
@@ -1388,31 +1348,29 @@ function containerOwner(uid = process.getuid?.() ?? CONTAINER_UID): { uid: numbe
 }
 
 export function groupTrees(config: Config, folder: string) {
-  const paths = groupPaths(config, folder);
+  const { group, ipc, kimiHome } = groupPaths(config, folder);
   const owner = containerOwner();
-  return {
-    group: new AgentTree(paths.group, owner),
-    ipc: new AgentTree(paths.ipc, owner),
-    kimi: new AgentTree(paths.kimiHome, owner),
-  };
+  return { group: new AgentTree(group, owner), ipc: new AgentTree(ipc, owner), kimi: new AgentTree(kimiHome, owner) };
 }
 
 /** Names NanoClaw uses itself inside groups/ or data/ipc/: no group may take them. */
-const RESERVED_FOLDERS = ['global', 'errors', 'claimed'] as const;
+const RESERVED_FOLDERS = ['global', 'errors', 'claimed'];
 
 /** Folder names become paths and container names: keep them boring, and clear of NanoClaw's own. */
 export function isValidFolder(folder: string): boolean {
-  return /^[a-z0-9][a-z0-9_-]{0,63}$/.test(folder) && !(RESERVED_FOLDERS as readonly string[]).includes(folder);
+  return /^[a-z0-9][a-z0-9_-]{0,63}$/.test(folder) && !RESERVED_FOLDERS.includes(folder);
 }
 
+/** A group to add: its chat and folder, and whatever else is not the default. */
+type GroupRequest = Pick<RegisteredGroup, 'jid' | 'folder'> & Partial<Omit<RegisteredGroup, 'addedAt'>>;
+
 /** What is wrong with a new group's chat id, senders, trigger or folder, whatever the store holds; null: nothing. */
-function groupRequestProblem(
-  config: Config,
-  request: Pick<RegisteredGroup, 'jid' | 'folder'> & Partial<Pick<RegisteredGroup, 'trigger' | 'allow'>>,
-): string | null {
-  const lid = lidChatProblem(request.jid);
-  if (lid) return lid;
-  const badSender = request.allow?.find((jid) => !isValidSenderJid(jid));
+function groupRequestProblem(config: Config, request: GroupRequest): string | null {
+  // Chats are filed under phone number or group id (canonicalJid): one registered by LID would never hear a message.
+  if (request.jid.endsWith('@lid'))
+    return `"${request.jid}" is a LID (WhatsApp's hidden id of a person), not a chat id: use the person's <phone digits>@s.whatsapp.net or a group's <digits>@g.us (bun nanoclaw.ts groups discover lists them)`;
+  // A sender is a WhatsApp person: phone number or LID.
+  const badSender = request.allow?.find((jid) => !/^\d{5,20}@(s\.whatsapp\.net|lid)$/.test(jid));
   if (badSender !== undefined)
     return `allow: "${badSender}" is not a WhatsApp sender id (<phone digits>@s.whatsapp.net or <digits>@lid)`;
   if (request.trigger !== undefined && !isValidTrigger(request.trigger))
@@ -1423,12 +1381,7 @@ function groupRequestProblem(
 }
 
 /** The one way to add a group: checks it, creates its folder (with a starter CLAUDE.md), starts its cursor at now. */
-export function addGroup(
-  config: Config,
-  store: Store,
-  request: Pick<RegisteredGroup, 'jid' | 'name' | 'folder'> &
-    Partial<Pick<RegisteredGroup, 'trigger' | 'requiresTrigger' | 'isMain' | 'containerConfig' | 'allow'>>,
-): RegisteredGroup {
+export function addGroup(config: Config, store: Store, request: GroupRequest & { name: string }): RegisteredGroup {
   const problem = groupRequestProblem(config, request);
   if (problem) throw new GroupError(problem);
   if (store.groupByJid(request.jid)) throw new GroupError(`${request.jid} is already registered`);
@@ -1464,15 +1417,10 @@ const escapeXml = (text: string) =>
 
 const escapeRegExp = (text: string) => text.replace(/[.*+?^${}()|[\]\\]/g, '\\$&');
 
-const triggerPatterns = new Map<string, RegExp>();
-
-/** `@Andy` anywhere, any case, as a whole word (not inside a@Andy); cached: every inbound message is checked. */
+/** `@Andy` anywhere, any case, as a whole word (not inside a@Andy). */
 export function triggerPattern(trigger: string): RegExp {
-  const pattern =
-    triggerPatterns.get(trigger) ??
-    new RegExp(`(?<![\\p{L}\\p{N}_@])@${escapeRegExp(trigger.replace(/^@/, ''))}(?![\\p{L}\\p{N}_])`, 'iu');
-  triggerPatterns.set(trigger, pattern);
-  return pattern;
+  const name = escapeRegExp(trigger.replace(/^@/, ''));
+  return new RegExp(`(?<![\\p{L}\\p{N}_@])@${name}(?![\\p{L}\\p{N}_])`, 'iu');
 }
 
 /** The channel's note before a reply to one of the bot's own messages (it knows them by id). */
@@ -1534,20 +1482,15 @@ export function formatLocalTime(iso: string, timezone: string): string {
 
 /** The prompt for a batch of messages, every value XML-escaped: a "</message>" or a fake sender stays text. */
 export function formatMessages(messages: readonly StoredMessage[], timezone: string): string {
-  const lines = messages.map(
-    (m) =>
-      `<message sender="${escapeXml(m.senderName)}" time="${formatLocalTime(m.timestamp, timezone)}">${escapeXml(m.content)}</message>`,
-  );
-  return `<messages>\n${lines.join('\n')}\n</messages>`;
+  const line = (m: StoredMessage) =>
+    `<message sender="${escapeXml(m.senderName)}" time="${formatLocalTime(m.timestamp, timezone)}">${escapeXml(m.content)}</message>`;
+  return `<messages>\n${messages.map(line).join('\n')}\n</messages>`;
 }
 
-/** Drops `<internal>…</internal>` (and an unclosed `<internal>` to the end): private reasoning never leaves. */
-export function stripInternal(text: string): string {
-  return text.replace(/<internal>[\s\S]*?(<\/internal>|$)/gi, '').trim();
-}
-
+/** The reply as sent, or null when nothing is left of it. */
 export function formatOutbound(rawText: string, assistantName: string, hasOwnNumber: boolean): string | null {
-  const text = stripInternal(rawText);
+  // `<internal>…</internal>` (and an unclosed `<internal>` to the end) is dropped: private reasoning never leaves.
+  const text = rawText.replace(/<internal>[\s\S]*?(<\/internal>|$)/gi, '').trim();
   if (!text) return null;
   return hasOwnNumber ? text : `${assistantName}: ${text}`;
 }
@@ -5728,7 +5671,7 @@ class Voice {
     if (!channel?.sendFile) throw new IpcFormatError(`${chatJid}'s channel cannot send files`);
     const messageId = newMessageId();
     const note = fileNote(file);
-    this.store.addOutboundFile(channel.name, chatJid, file, note, messageId);
+    this.store.addOutbound(channel.name, chatJid, note, messageId, file);
     this.store.storeMessage(this.botMessage(chatJid, messageId, note, new Date().toISOString()));
   }
 

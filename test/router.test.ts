@@ -6,7 +6,6 @@ import {
   formatOutbound,
   isValidTrigger,
   needsAgent,
-  stripInternal,
   triggerPattern,
   type RegisteredGroup,
   type StoredMessage,
@@ -114,10 +113,11 @@ describe('what the agent sees', () => {
 
 describe('what goes back', () => {
   it('never sends <internal> text', () => {
-    expect(stripInternal('<internal>thinking</internal>Hello')).toBe('Hello');
-    expect(stripInternal('A <internal>x</internal> B <INTERNAL>y</INTERNAL> C')).toBe('A  B  C');
-    expect(stripInternal('Start <internal>line 1\nline 2</internal>\nEnd')).toBe('Start \nEnd');
-    expect(stripInternal('Visible <internal>never closed, still private')).toBe('Visible');
+    const sent = (text: string) => formatOutbound(text, 'Andy', true);
+    expect(sent('<internal>thinking</internal>Hello')).toBe('Hello');
+    expect(sent('A <internal>x</internal> B <INTERNAL>y</INTERNAL> C')).toBe('A  B  C');
+    expect(sent('Start <internal>line 1\nline 2</internal>\nEnd')).toBe('Start \nEnd');
+    expect(sent('Visible <internal>never closed, still private')).toBe('Visible');
   });
 
   it('prefixes the name unless the assistant has its own number, and drops empty answers', () => {

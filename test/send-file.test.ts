@@ -257,20 +257,16 @@ describe('send_file on WhatsApp (baileys 7)', () => {
     const GROUP = '120363000000000001@g.us';
     const imageId = newMessageId();
     const docId = newMessageId();
-    store.addOutboundFile(
-      'whatsapp',
-      GROUP,
-      { kind: 'image', mimetype: 'image/png', fileName: 'chart.png', caption: 'Andy: the chart', data: PNG },
-      '[image: chart.png] Andy: the chart',
-      imageId,
-    );
-    store.addOutboundFile(
-      'whatsapp',
-      GROUP,
-      { kind: 'document', mimetype: 'application/pdf', fileName: 'report.pdf', data: PDF },
-      '[document: report.pdf]',
-      docId,
-    );
+    const chart = {
+      kind: 'image',
+      mimetype: 'image/png',
+      fileName: 'chart.png',
+      caption: 'Andy: the chart',
+      data: PNG,
+    } as const;
+    store.addOutbound('whatsapp', GROUP, '[image: chart.png] Andy: the chart', imageId, chart);
+    const pdf = { kind: 'document', mimetype: 'application/pdf', fileName: 'report.pdf', data: PDF } as const;
+    store.addOutbound('whatsapp', GROUP, '[document: report.pdf]', docId, pdf);
     sender.kick();
     await waitFor(() => channel.delivered.length === 2, 60_000, 'both sent');
     await sender.settle();
