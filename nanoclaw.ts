@@ -2562,18 +2562,6 @@ export interface WhatsAppOptions {
 
 type BaileysEventMap = import('@whiskeysockets/baileys').BaileysEventMap;
 
-/** What a retired socket's listeners are removed from. */
-const WHATSAPP_EVENTS = [
-  'connection.update',
-  'creds.update',
-  'messages.upsert',
-  'groups.update',
-  'groups.upsert',
-  'group-participants.update',
-  'lid-mapping.update',
-  'presence.update',
-] as const;
-
 function typistOf(presences: Record<string, { lastKnownPresence?: string }>, ownJids: ReadonlySet<string>) {
   const typist = Object.entries(presences).find(([who, presence]) => {
     const typing = presence.lastKnownPresence === 'composing' || presence.lastKnownPresence === 'recording';
@@ -2609,7 +2597,7 @@ async function transcribeAudio(
 
 const DAY_MS = 24 * 60 * 60_000;
 
-/** One live baileys socket; a closed one is retired (listeners removed, ended) before the next opens, with backoff. */
+/** One live baileys socket; a closed one is retired (ended, no longer heard) before the next opens, with backoff. */
 export class WhatsAppChannel implements Channel {
   readonly name = 'whatsapp';
   private handlers: ChannelHandlers | null = null;
@@ -2797,9 +2785,7 @@ export class WhatsAppChannel implements Channel {
   private retire(): void {
     const sock = this.sock;
     this.sock = null;
-    if (!sock) return;
-    for (const event of WHATSAPP_EVENTS) sock.ev.removeAllListeners(event);
-    sock.end(undefined).catch(() => {}); // already closed
+    sock?.end(undefined).catch(() => {}); // already closed
   }
 
   private stopFor(why: string, fields: Record<string, unknown> = {}): void {
@@ -7498,7 +7484,7 @@ async function linkWhatsApp(config: Config, store: Store, phone: string | undefi
         ...(config.whatsappServerUrl ? { waWebSocketUrl: config.whatsappServerUrl } : {}),
       });
       const done = async (code: number) => {
-        for (const event of WHATSAPP_EVENTS) sock.ev.removeAllListeners(event);
+        for (const event of ['creds.update', 'connection.update'] as const) sock.ev.removeAllListeners(event);
         if (code === 0) await sock.end(undefined);
         resolveAuth(code);
       };
@@ -7528,7 +7514,7 @@ async function linkWhatsApp(config: Config, store: Store, phone: string | undefi
         if (update.connection === 'close') {
           const { retry, message } = authCloseMessage(update.lastDisconnect?.error);
           if (retry) {
-            for (const event of WHATSAPP_EVENTS) sock.ev.removeAllListeners(event);
+            for (const event of ['creds.update', 'connection.update'] as const) sock.ev.removeAllListeners(event);
             return void open();
           }
           // What an unfinished attempt left behind is no link; the next auth starts clean.
