@@ -2009,11 +2009,14 @@ interface WhatsAppInbound {
   media?: { kind: MediaKind; mimetype: string; fileName?: string; bytes?: number; caption: string };
 }
 
-export interface WhatsAppIdentity
-  extends Pick<WhatsAppOptions, 'assistantName' | 'hasOwnNumber' | 'triggerFor' | 'sentByBot' | 'timezone'> {
+export interface WhatsAppIdentity extends Pick<WhatsAppOptions, 'assistantName' | 'hasOwnNumber' | 'timezone'> {
   /** Phone and LID forms. */
   ownJids: ReadonlySet<string>;
   phoneForLid(lid: string): string | undefined;
+  /** What an @mention of the bot's own number becomes (the group's trigger). */
+  triggerFor?(chatJid: string): string | undefined;
+  /** How the bot's own messages are known (its outbox), never by their text. */
+  sentByBot?(messageId: string): boolean;
 }
 
 /** A chat or sender JID in phone form: device suffix dropped, LID translated when known. */
@@ -2520,6 +2523,9 @@ export async function useDurableAuthState(authDir: string) {
 }
 
 const WHATSAPP_VERSION_STATE = 'whatsapp_web_version';
+export const GROUPS_SYNCED_AT = 'groups_synced_at';
+/** How many members each WhatsApp group had at the last sync (JSON: chat id → count), for `groups discover`. */
+const GROUP_MEMBERS_STATE = 'whatsapp_group_members';
 
 function parseWaVersion(text: string | null | undefined): WAVersion | null {
   const parts = (text ?? '').split('.').map(Number);
@@ -2532,24 +2538,15 @@ export interface WhatsAppOptions {
   authDir: string;
   assistantName: string;
   hasOwnNumber: boolean;
+  /** Triggers, the outbox (the bot's own messages; what was sent, for a recipient's retry), group sync, version. */
+  store?: Store;
   /** Null for a chat not registered (its media is not downloaded). */
   mediaTreeFor(chatJid: string): AgentTree | null;
-  /** What an @mention of the bot's own number becomes (`@Andy`). */
-  triggerFor?(chatJid: string): string | undefined;
-  /** How the bot's own messages are known (its outbox), never by their text. */
-  sentByBot?(messageId: string): boolean;
   timezone?: string;
   transcribe?(audio: Uint8Array, fileName: string, mimetype: string): Promise<string>;
-  lastGroupSync?(): string | null;
-  markGroupSync?(members: Record<string, number>): void;
   /** Another WhatsApp Web socket than WhatsApp's own; no version lookup then unless lookupVersion is given. */
   waWebSocketUrl?: string;
   lookupVersion?(): Promise<{ version: WAVersion; isLatest: boolean }>;
-  knownVersion?(): WAVersion | null;
-  rememberVersion?(version: WAVersion): void;
-  /** What WhatsApp was given for a message id, for a recipient's retry. */
-  rememberSent?(messageId: string, content: Uint8Array): void;
-  recallSent?(messageId: string): Uint8Array | null;
   reconnectBaseMs?: number;
   reconnectCapMs?: number;
   mediaReuploadTimeoutMs?: number;
@@ -2677,11 +2674,11 @@ export class WhatsAppChannel implements Channel {
     const found = lookup ? await lookup().catch(() => null) : null;
     if (found?.isLatest) {
       this.waVersion = found.version;
-      this.options.rememberVersion?.(found.version);
+      this.options.store?.setState(WHATSAPP_VERSION_STATE, found.version.join('.'));
       log.info({ version: found.version.join('.') }, 'WhatsApp Web version looked up');
       return;
     }
-    this.waVersion = this.options.knownVersion?.() ?? this.waVersion;
+    this.waVersion = parseWaVersion(this.options.store?.getState(WHATSAPP_VERSION_STATE)) ?? this.waVersion;
     log.info(
       { version: this.waVersion?.join('.') ?? 'built in' },
       lookup ? 'Could not look up the WhatsApp Web version; using the last known one' : 'WhatsApp Web version',
@@ -2778,7 +2775,7 @@ export class WhatsAppChannel implements Channel {
 
   /** baileys' getMessage: exactly what we sent, for a recipient's retry; never a placeholder. */
   async getMessage(key: WAMessageKey): Promise<proto.IMessage | undefined> {
-    const content = key.id ? this.options.recallSent?.(key.id) : null;
+    const content = key.id ? this.options.store?.outboundByMessageId(key.id)?.sentContent : null;
     return content ? baileys().proto.Message.decode(content) : undefined;
   }
 
@@ -2823,7 +2820,7 @@ export class WhatsAppChannel implements Channel {
     this.handlers?.onReady?.();
     this.subscribed.clear();
     for (const jid of this.handlers?.watchedChats?.() ?? []) this.subscribe(jid);
-    const last = this.options.lastGroupSync?.();
+    const last = this.options.store?.getState(GROUPS_SYNCED_AT);
     if (!last || this.clock.now() - new Date(last).getTime() > DAY_MS) this.syncGroupsInBackground();
   }
 
@@ -2867,9 +2864,11 @@ export class WhatsAppChannel implements Channel {
   }
 
   private identity(): WhatsAppIdentity {
-    const sock = this.sock;
+    const { sock, options } = this;
     return {
-      ...this.options,
+      ...options,
+      triggerFor: (jid) => options.store?.groupByJid(jid)?.trigger,
+      sentByBot: (id) => Boolean(options.store?.outboundByMessageId(id)),
       ownJids: this.ownJids,
       phoneForLid: (lid) => {
         const own = sock?.user?.lid && baileys().jidNormalizedUser(sock.user.lid) === lid ? sock.user.id : undefined;
@@ -2993,7 +2992,7 @@ export class WhatsAppChannel implements Channel {
     this.rateLimiter.record(jid, this.clock.now());
     if (!sent) return;
     try {
-      this.options.rememberSent?.(messageId, baileys().proto.Message.encode(sent).finish());
+      this.options.store?.recordSentContent(messageId, baileys().proto.Message.encode(sent).finish());
     } catch (err) {
       log.warn({ err: errorText(err), messageId }, 'Sent, but could not keep a copy for resends');
     }
@@ -3031,9 +3030,9 @@ export class WhatsAppChannel implements Channel {
     if (!this.sock || !this.ready) return;
     const groups = Object.values(await this.sock.groupFetchAllParticipating());
     this.keepGroups(groups);
-    this.options.markGroupSync?.(
-      Object.fromEntries(groups.map((group) => [group.id, group.participants?.length ?? 0])),
-    );
+    const members = Object.fromEntries(groups.map((group) => [group.id, group.participants?.length ?? 0]));
+    this.options.store?.setState(GROUPS_SYNCED_AT, new Date().toISOString());
+    this.options.store?.setState(GROUP_MEMBERS_STATE, JSON.stringify(members));
     log.info({ groups: groups.length }, 'WhatsApp group names synced');
   }
 
@@ -5270,10 +5269,6 @@ export function shortestGap(type: ScheduleType, value: string, timezone: string,
   return gap;
 }
 
-export const GROUPS_SYNCED_AT = 'groups_synced_at';
-/** How many members each WhatsApp group had at the last sync (JSON: chat id → count), for `groups discover`. */
-const GROUP_MEMBERS_STATE = 'whatsapp_group_members';
-
 /** Main sees every group's tasks: another group's words (its agent wrote them) come as `…_untrusted` fields. */
 export function tasksSnapshot(store: Store, group: RegisteredGroup) {
   const tasks = store.listTasks(group.isMain ? undefined : group.folder, SNAPSHOT_TASKS_MAX);
@@ -7149,21 +7144,11 @@ export function whatsAppChannel(config: Config, store: Store, extra: Partial<Wha
     authDir: whatsAppAuthDir(config),
     assistantName: config.assistantName,
     hasOwnNumber: config.assistantHasOwnNumber,
+    store,
     mediaTreeFor: (jid) => {
       const group = store.groupByJid(jid);
       return group ? groupTrees(config, group.folder).group : null;
     },
-    triggerFor: (jid) => store.groupByJid(jid)?.trigger,
-    lastGroupSync: () => store.getState(GROUPS_SYNCED_AT),
-    markGroupSync: (members) => {
-      store.setState(GROUPS_SYNCED_AT, new Date().toISOString());
-      store.setState(GROUP_MEMBERS_STATE, JSON.stringify(members));
-    },
-    knownVersion: () => parseWaVersion(store.getState(WHATSAPP_VERSION_STATE)),
-    rememberVersion: (version) => store.setState(WHATSAPP_VERSION_STATE, version.join('.')),
-    rememberSent: (messageId, content) => store.recordSentContent(messageId, content),
-    recallSent: (messageId) => store.outboundByMessageId(messageId)?.sentContent ?? null,
-    sentByBot: (messageId) => store.outboundByMessageId(messageId) !== null,
     timezone: config.timezone,
     transcribe: url
       ? (audio, fileName, mimetype) =>

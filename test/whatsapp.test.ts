@@ -768,8 +768,7 @@ describe('what real WhatsApp needs (baileys 7)', () => {
     const authDir = await linkedAuthDir();
     const channel = new RecordingWhatsApp({
       ...options(authDir, server.url),
-      rememberSent: (id, c) => store.recordSentContent(id, c),
-      recallSent: (id) => store.outboundByMessageId(id)?.sentContent ?? null,
+      store,
     });
     const sender = new OutboxSender(store, channel, { retryBaseMs: 50 });
     stops.push(async () => {
@@ -1039,7 +1038,7 @@ describe('WhatsApp mentions and triggers through the host (fake docker)', () => 
       hasOwnNumber: true,
       waWebSocketUrl: server.url,
       mediaTreeFor: () => null,
-      triggerFor: (jid) => store.groupByJid(jid)?.trigger,
+      store,
     });
     const host = new Host(config, store, [channel], QUIET_SWEEPS);
     stops.push(async () => {
