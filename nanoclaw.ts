@@ -2430,14 +2430,7 @@ function inLane<T>(lanes: Map<string, Promise<unknown>>, key: string, job: () =>
   return done;
 }
 
-/** Writes a file whole or not at all (temp file, fsync, rename): what crashes leave is the old file or the new one. */
-function writeFileDurablySync(path: string, text: string): void {
-  const temp = `${path}.${randomUUID().slice(0, 8)}.tmp`;
-  writeFileSync(temp, text, { mode: 0o600, flush: true }); // flush: fsync before the rename
-  renameSync(temp, path);
-}
-
-/** Asynchronously; `keepPreviousAs` keeps the replaced file under that name (a link, or a copy; never half). */
+/** Written whole or not at all (temp file, fsync, rename); `keepPreviousAs` keeps the replaced file (never half). */
 async function writeFileDurably(path: string, text: string, keepPreviousAs?: string): Promise<void> {
   const temp = `${path}.${randomUUID().slice(0, 8)}.tmp`;
   await fsp.writeFile(temp, text, { mode: 0o600, flush: true });
@@ -2472,7 +2465,7 @@ function readCredsFile(authDir: string): { state: 'ok'; text: string } | { state
   if (!existsSync(path) && !existsSync(backup)) return { state: 'none' };
   const previous = whole(backup);
   if (!previous) return { state: 'damaged' };
-  writeFileDurablySync(path, previous);
+  writeFileSync(path, previous, { mode: 0o600, flush: true }); // cut short by a crash: the backup is still whole
   log.warn(
     { file: path },
     'WhatsApp credentials (creds.json) were missing, empty or cut short; restored their previous version from creds.json.bak',
