@@ -2366,9 +2366,8 @@ export function disconnectKind(error: unknown) {
   const detail = error === undefined ? 'no reason given' : errorText(error);
   const { DisconnectReason: reason, UNAUTHORIZED_CODES } = baileys();
   const kindOf = () => {
-    if (status === reason.loggedOut) return 'logged-out';
-    if (status !== undefined && UNAUTHORIZED_CODES.includes(status)) return 'unauthorized';
-    if (status === reason.multideviceMismatch) return 'device-mismatch';
+    const refusals = [reason.loggedOut, reason.multideviceMismatch, ...UNAUTHORIZED_CODES];
+    if (status !== undefined && refusals.includes(status)) return 'device-refused';
     if (status === reason.connectionReplaced) return 'replaced';
     if (status === reason.restartRequired) return 'restart';
     if (status === 405) return 'version-refused';
@@ -2386,9 +2385,7 @@ const RELINK = 'Link this machine again: bun nanoclaw.ts auth --relink';
 /** The fix to stop with, for a refusal that retrying would only repeat (and risk the number); else undefined. */
 function stopReason(kind: DisconnectKind, status?: number): string | undefined {
   return {
-    'logged-out': `WhatsApp logged this device out (401). ${RELINK}`,
-    unauthorized: `WhatsApp refused this device (${status}: not authorized; the number may also be restricted, check the phone). ${RELINK}`,
-    'device-mismatch': `WhatsApp does not accept this linked device any more (411). ${RELINK}`,
+    'device-refused': `WhatsApp does not accept this device any more (${status}; a restricted number shows on the phone). ${RELINK}`,
     replaced:
       'Another NanoClaw (or another program with these credentials) took over this WhatsApp session (440). Stopped here so the two do not take it from each other: keep one running.',
   }[kind as string];
@@ -2398,15 +2395,12 @@ function stopReason(kind: DisconnectKind, status?: number): string | undefined {
 function authCloseMessage(error: unknown): { retry: boolean; message: string } {
   const { kind, status, detail } = disconnectKind(error);
   if (kind === 'restart') return { retry: true, message: '' }; // WhatsApp asks for a fresh connection right after pairing
-  const refused = `WhatsApp refused the link (${status}). On your phone, remove this device under Linked devices if it is listed, then run auth again.`;
   const messages: Partial<Record<DisconnectKind, string>> = {
     network: `No network: WhatsApp cannot be reached (${detail}). Check this machine's internet connection, then run auth again.`,
     'qr-expired': 'The code expired before it was used. Run auth again and scan (or type) the new one within a minute.',
     'version-refused':
       'WhatsApp refused this client version (405). Run auth again (it looks the current version up); if it keeps failing, update NanoClaw (bun update @whiskeysockets/baileys).',
-    'logged-out': refused,
-    unauthorized: refused,
-    'device-mismatch': refused,
+    'device-refused': `WhatsApp refused the link (${status}). On your phone, remove this device under Linked devices if it is listed, then run auth again.`,
   };
   const closed = `WhatsApp closed the connection (${status ?? 'no status'}: ${detail}). Run auth again.`;
   return { retry: false, message: messages[kind] ?? closed };
