@@ -2659,17 +2659,10 @@ export class WhatsAppChannel implements Channel {
         : () => baileys().fetchLatestWaWebVersion({ signal: AbortSignal.timeout(10_000) }));
     // fetchLatestWaWebVersion never throws: isLatest false means it fell back to baileys' own.
     const found = lookup ? await lookup().catch(() => null) : null;
-    if (found?.isLatest) {
-      this.waVersion = found.version;
-      this.options.store?.setState(WHATSAPP_VERSION_STATE, found.version.join('.'));
-      log.info({ version: found.version.join('.') }, 'WhatsApp Web version looked up');
-      return;
-    }
-    this.waVersion = parseWaVersion(this.options.store?.getState(WHATSAPP_VERSION_STATE)) ?? this.waVersion;
-    log.info(
-      { version: this.waVersion?.join('.') ?? 'built in' },
-      lookup ? 'Could not look up the WhatsApp Web version; using the last known one' : 'WhatsApp Web version',
-    );
+    const lookedUp = found?.isLatest ? found.version : null;
+    if (lookedUp) this.options.store?.setState(WHATSAPP_VERSION_STATE, lookedUp.join('.'));
+    this.waVersion = lookedUp ?? parseWaVersion(this.options.store?.getState(WHATSAPP_VERSION_STATE)) ?? this.waVersion;
+    log.info({ version: this.waVersion?.join('.') ?? 'built in', lookedUp: Boolean(lookedUp) }, 'WhatsApp Web version');
   }
 
   private async openSocket(): Promise<void> {
