@@ -1827,13 +1827,7 @@ export class OutboxSender {
     const { retryBaseMs: baseMs = 5_000, retryCapMs: capMs = 5 * 60_000 } = this.options;
     lane.retryAt = now + backoff(lane.failures, { baseMs, capMs, jitter: true });
     log.warn(
-      {
-        channel: this.channel.name,
-        chatJid: part.jid,
-        attempt: lane.failures,
-        retryInMs: lane.retryAt - now,
-        reason: error,
-      },
+      { chatJid: part.jid, attempt: lane.failures, retryInMs: lane.retryAt - now, reason: error },
       'Sending to this chat failed; the outbox tries again (other chats go on)',
     );
   }
