@@ -2708,13 +2708,7 @@ export class WhatsAppChannel implements Channel {
         this.learnGroupName(group.id!, group.subject);
       }
     });
-    on('group-participants.update', ({ id }) => {
-      this.groupMetadata.del(id);
-      sock.groupMetadata(id).then(
-        (metadata) => this.groupMetadata.set(id, metadata),
-        () => {},
-      );
-    });
+    on('group-participants.update', ({ id }) => this.groupMetadata.del(id)); // fetched again for the next send
     on('lid-mapping.update', ({ lid, pn }) => {
       const { jidNormalizedUser } = baileys();
       if (lid && pn) this.lidToPhone.set(jidNormalizedUser(lid), jidNormalizedUser(pn));
