@@ -2598,8 +2598,8 @@ export class WhatsAppChannel implements Channel {
   readonly groupMetadata: TtlCache<GroupMetadata>;
   private readonly chatLanes = new Map<string, Promise<unknown>>();
   private readonly lidToPhone = new Map<string, string>();
-  /** Undefined: baileys' own. */
-  private waVersion: WAVersion | undefined;
+  /** The WhatsApp Web version sockets are opened with; undefined: baileys' own. */
+  version: WAVersion | undefined;
   private lookUpVersion = true;
   private versionRefusalLogged = false;
 
@@ -2624,10 +2624,6 @@ export class WhatsAppChannel implements Channel {
 
   ownsJid(jid: string): boolean {
     return /@(s\.whatsapp\.net|g\.us|lid)$/.test(jid);
-  }
-
-  get version(): WAVersion | undefined {
-    return this.waVersion;
   }
 
   async connect(handlers: ChannelHandlers): Promise<void> {
@@ -2655,8 +2651,8 @@ export class WhatsAppChannel implements Channel {
     const found = lookup ? await lookup().catch(() => null) : null;
     const lookedUp = found?.isLatest ? found.version : null;
     if (lookedUp) this.options.store?.setState(WHATSAPP_VERSION_STATE, lookedUp.join('.'));
-    this.waVersion = lookedUp ?? parseWaVersion(this.options.store?.getState(WHATSAPP_VERSION_STATE)) ?? this.waVersion;
-    log.info({ version: this.waVersion?.join('.') ?? 'built in', lookedUp: Boolean(lookedUp) }, 'WhatsApp Web version');
+    this.version = lookedUp ?? parseWaVersion(this.options.store?.getState(WHATSAPP_VERSION_STATE)) ?? this.version;
+    log.info({ version: this.version?.join('.') ?? 'built in', lookedUp: Boolean(lookedUp) }, 'WhatsApp Web version');
   }
 
   private async openSocket(): Promise<void> {
@@ -2680,7 +2676,7 @@ export class WhatsAppChannel implements Channel {
       msgRetryCounterCache: this.retryCounts,
       getMessage: (key) => this.getMessage(key),
       cachedGroupMetadata: (jid) => this.cachedGroupMetadata(jid),
-      ...(this.waVersion ? { version: this.waVersion } : {}), // never version: undefined, which would replace baileys' default
+      ...(this.version ? { version: this.version } : {}), // never version: undefined, which would replace baileys' default
       ...(this.options.waWebSocketUrl ? { waWebSocketUrl: this.options.waWebSocketUrl } : {}),
     });
     this.sock = sock;
@@ -2807,7 +2803,7 @@ export class WhatsAppChannel implements Channel {
       this.lookUpVersion = true;
       if (!this.versionRefusalLogged)
         log.error(
-          { version: this.waVersion?.join('.') ?? 'built in' },
+          { version: this.version?.join('.') ?? 'built in' },
           'WhatsApp refused this client version (405). NanoClaw looks the current version up and keeps trying; if this goes on, update NanoClaw (bun update @whiskeysockets/baileys).',
         );
       this.versionRefusalLogged = true;
