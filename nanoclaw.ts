@@ -1854,71 +1854,6 @@ const fileNote = (file: OutboundFile): string =>
 /** The chat id the terminal uses for the main group until WhatsApp gives it a real one. */
 export const LOCAL_MAIN_JID = 'main@local';
 
-/** The terminal as a channel: what the person types is an inbound message of the main chat. */
-class LocalChannel implements Channel {
-  readonly name = 'local';
-  readonly ready = true;
-  private handlers: ChannelHandlers | null = null;
-  private sent = 0;
-
-  constructor(
-    readonly chatJid: string,
-    private readonly print: (text: string) => void,
-    private readonly userName = process.env.USER || 'You',
-    private readonly onTyping?: (typing: boolean) => void,
-  ) {}
-
-  ownsJid(jid: string): boolean {
-    return jid === this.chatJid;
-  }
-
-  async setTyping(_jid: string, typing: boolean): Promise<void> {
-    this.onTyping?.(typing);
-  }
-
-  async connect(handlers: ChannelHandlers): Promise<void> {
-    this.handlers = handlers;
-  }
-
-  layout(text: string): string[] {
-    return [text];
-  }
-
-  async deliver(_jid: string, text: string): Promise<void> {
-    this.print(text);
-  }
-
-  async sendFile(_jid: string, file: OutboundFile): Promise<void> {
-    this.print(`${fileNote(file)} (${file.mimetype}, ${file.data.length} bytes)`);
-  }
-
-  typing(): void {
-    this.handlers?.onActivity?.(this.chatJid);
-  }
-
-  submit(text: string): void {
-    if (!this.handlers) throw new Error('LocalChannel.submit() before connect()');
-    const now = new Date();
-    this.handlers.onMessage(
-      {
-        id: `local-${now.getTime()}-${++this.sent}`,
-        chatJid: this.chatJid,
-        sender: 'local:user',
-        senderName: this.userName,
-        content: text,
-        timestamp: now.toISOString(),
-        isFromMe: true,
-        isBotMessage: false,
-      },
-      { name: 'Terminal', isGroup: false },
-    );
-  }
-
-  async disconnect(): Promise<void> {
-    this.handlers = null;
-  }
-}
-
 const SPINNER_FRAMES = ['⠋', '⠙', '⠹', '⠸', '⠼', '⠴', '⠦', '⠧', '⠇', '⠏'];
 
 /** The terminal side of `chat`: a spinner while the agent works, output never amid what is being typed. */
@@ -1979,6 +1914,69 @@ class ChatTerminal {
   close(): void {
     this.working(false);
     this.lines.close();
+  }
+}
+
+/** The terminal as a channel: what the person types is an inbound message of the main chat. */
+class LocalChannel implements Channel {
+  readonly name = 'local';
+  readonly ready = true;
+  private handlers: ChannelHandlers | null = null;
+  private sent = 0;
+
+  constructor(
+    readonly chatJid: string,
+    private readonly terminal: ChatTerminal,
+  ) {}
+
+  ownsJid(jid: string): boolean {
+    return jid === this.chatJid;
+  }
+
+  async setTyping(_jid: string, typing: boolean): Promise<void> {
+    this.terminal.working(typing);
+  }
+
+  async connect(handlers: ChannelHandlers): Promise<void> {
+    this.handlers = handlers;
+  }
+
+  layout(text: string): string[] {
+    return [text];
+  }
+
+  async deliver(_jid: string, text: string): Promise<void> {
+    this.terminal.print(text);
+  }
+
+  async sendFile(_jid: string, file: OutboundFile): Promise<void> {
+    this.terminal.print(`${fileNote(file)} (${file.mimetype}, ${file.data.length} bytes)`);
+  }
+
+  typing(): void {
+    this.handlers?.onActivity?.(this.chatJid);
+  }
+
+  submit(text: string): void {
+    if (!this.handlers) throw new Error('LocalChannel.submit() before connect()');
+    const now = new Date();
+    this.handlers.onMessage(
+      {
+        id: `local-${now.getTime()}-${++this.sent}`,
+        chatJid: this.chatJid,
+        sender: 'local:user',
+        senderName: process.env.USER || 'You',
+        content: text,
+        timestamp: now.toISOString(),
+        isFromMe: true,
+        isBotMessage: false,
+      },
+      { name: 'Terminal', isGroup: false },
+    );
+  }
+
+  async disconnect(): Promise<void> {
+    this.handlers = null;
   }
 }
 
@@ -7272,12 +7270,7 @@ async function runChat(config: Config): Promise<number> {
   keepRunningThroughErrors();
   const { main, leftOut } = await mainForChat(config);
   const terminal = new ChatTerminal(interactive, config.assistantName);
-  const local = new LocalChannel(
-    main.jid,
-    (text) => terminal.print(text),
-    undefined,
-    (busy) => terminal.working(busy),
-  );
+  const local = new LocalChannel(main.jid, terminal);
   const { host, store, ...started } = await startHost(config, () => [local]);
   terminal.onLineBegun(() => local.typing()); // the agent starts while the person types
   const finish = () => {
