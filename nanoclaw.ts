@@ -1939,6 +1939,7 @@ class LocalChannel implements Channel {
 
   async connect(handlers: ChannelHandlers): Promise<void> {
     this.handlers = handlers;
+    this.terminal.onLineBegun(() => this.handlers?.onActivity?.(this.chatJid)); // the agent starts while one types
   }
 
   layout(text: string): string[] {
@@ -1951,10 +1952,6 @@ class LocalChannel implements Channel {
 
   async sendFile(_jid: string, file: OutboundFile): Promise<void> {
     this.terminal.print(`${fileNote(file)} (${file.mimetype}, ${file.data.length} bytes)`);
-  }
-
-  typing(): void {
-    this.handlers?.onActivity?.(this.chatJid);
   }
 
   submit(text: string): void {
@@ -7272,7 +7269,6 @@ async function runChat(config: Config): Promise<number> {
   const terminal = new ChatTerminal(interactive, config.assistantName);
   const local = new LocalChannel(main.jid, terminal);
   const { host, store, ...started } = await startHost(config, () => [local]);
-  terminal.onLineBegun(() => local.typing()); // the agent starts while the person types
   const finish = () => {
     terminal.close();
     return started.finish();
