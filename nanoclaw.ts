@@ -2202,12 +2202,7 @@ export function parseWhatsAppMessage(raw: WAMessage, identity: WhatsAppIdentity)
 }
 
 /** An edit (the message's new words) or a deletion (content null) of the message `id`, by `sender`. */
-interface WhatsAppChange {
-  chatJid: string;
-  id: string;
-  sender: string;
-  content: string | null;
-}
+type WhatsAppChange = Pick<NewMessage, 'chatJid' | 'id' | 'sender'> & { content: string | null };
 
 /** An edit (MESSAGE_EDIT) or a delete for everyone (REVOKE); null for anything else. */
 export function parseWhatsAppChange(raw: WAMessage, identity: WhatsAppIdentity): WhatsAppChange | null {
@@ -2773,8 +2768,10 @@ export class WhatsAppChannel implements Channel {
   private opened(sock: WASocket): void {
     this.openedAt = this.clock.monotonic();
     this.versionRefusalLogged = false;
+    const { jidNormalizedUser } = baileys();
     const own = [sock.user?.id, sock.user?.lid].filter((jid): jid is string => Boolean(jid));
-    this.ownJids = new Set(own.map((jid) => baileys().jidNormalizedUser(jid)));
+    this.ownJids = new Set(own.map((jid) => jidNormalizedUser(jid)));
+    if (sock.user?.lid) this.lidToPhone.set(jidNormalizedUser(sock.user.lid), jidNormalizedUser(sock.user.id)); // own
     log.info({ me: [...this.ownJids] }, 'WhatsApp connected');
     this.handlers?.onReady?.();
     this.subscribed.clear();
@@ -2823,16 +2820,13 @@ export class WhatsAppChannel implements Channel {
   }
 
   private identity(): WhatsAppIdentity {
-    const { sock, options } = this;
+    const options = this.options;
     return {
       ...options,
       triggerFor: (jid) => options.store?.groupByJid(jid)?.trigger,
       sentByBot: (id) => Boolean(options.store?.outboundByMessageId(id)),
       ownJids: this.ownJids,
-      phoneForLid: (lid) => {
-        const own = sock?.user?.lid && baileys().jidNormalizedUser(sock.user.lid) === lid ? sock.user.id : undefined;
-        return own ?? this.lidToPhone.get(lid);
-      },
+      phoneForLid: (lid) => this.lidToPhone.get(lid),
     };
   }
 
