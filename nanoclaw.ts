@@ -1654,13 +1654,7 @@ export class OutboxSender {
     const { retryBaseMs: baseMs = 5_000, retryCapMs: capMs = 5 * 60_000 } = this.options;
     lane.retryAt = now + backoff(lane.failures, { baseMs, capMs, jitter: true });
     log.warn(
-      {
-        channel: this.channel.name,
-        chatJid: part.jid,
-        attempt: lane.failures,
-        retryInMs: lane.retryAt - now,
-        reason: error,
-      },
+      { chatJid: part.jid, attempt: lane.failures, retryInMs: lane.retryAt - now, reason: error },
       'Sending to this chat failed; the outbox tries again (other chats go on)',
     );
   }
@@ -1686,71 +1680,6 @@ const fileNote = (file: OutboundFile): string =>
 
 /** The chat id the terminal uses for the main group until WhatsApp gives it a real one. */
 export const LOCAL_MAIN_JID = 'main@local';
-
-/** The terminal as a channel: what the person types is an inbound message of the main chat. */
-class LocalChannel implements Channel {
-  readonly name = 'local';
-  readonly ready = true;
-  private handlers: ChannelHandlers | null = null;
-  private sent = 0;
-
-  constructor(
-    readonly chatJid: string,
-    private readonly print: (text: string) => void,
-    private readonly userName = process.env.USER || 'You',
-    private readonly onTyping?: (typing: boolean) => void,
-  ) {}
-
-  ownsJid(jid: string): boolean {
-    return jid === this.chatJid;
-  }
-
-  async setTyping(_jid: string, typing: boolean): Promise<void> {
-    this.onTyping?.(typing);
-  }
-
-  async connect(handlers: ChannelHandlers): Promise<void> {
-    this.handlers = handlers;
-  }
-
-  layout(text: string): string[] {
-    return [text];
-  }
-
-  async deliver(_jid: string, text: string): Promise<void> {
-    this.print(text);
-  }
-
-  async sendFile(_jid: string, file: OutboundFile): Promise<void> {
-    this.print(`${fileNote(file)} (${file.mimetype}, ${file.data.length} bytes)`);
-  }
-
-  typing(): void {
-    this.handlers?.onActivity?.(this.chatJid);
-  }
-
-  submit(text: string): void {
-    if (!this.handlers) throw new Error('LocalChannel.submit() before connect()');
-    const now = new Date();
-    this.handlers.onMessage(
-      {
-        id: `local-${now.getTime()}-${++this.sent}`,
-        chatJid: this.chatJid,
-        sender: 'local:user',
-        senderName: this.userName,
-        content: text,
-        timestamp: now.toISOString(),
-        isFromMe: true,
-        isBotMessage: false,
-      },
-      { name: 'Terminal', isGroup: false },
-    );
-  }
-
-  async disconnect(): Promise<void> {
-    this.handlers = null;
-  }
-}
 
 const SPINNER_FRAMES = ['⠋', '⠙', '⠹', '⠸', '⠼', '⠴', '⠦', '⠧', '⠇', '⠏'];
 
@@ -1815,6 +1744,66 @@ class ChatTerminal {
   }
 }
 
+/** The terminal as a channel: what the person types is an inbound message of the main chat. */
+class LocalChannel implements Channel {
+  readonly name = 'local';
+  readonly ready = true;
+  private handlers: ChannelHandlers | null = null;
+  private sent = 0;
+
+  constructor(
+    readonly chatJid: string,
+    private readonly terminal: ChatTerminal,
+  ) {}
+
+  ownsJid(jid: string): boolean {
+    return jid === this.chatJid;
+  }
+
+  async setTyping(_jid: string, typing: boolean): Promise<void> {
+    this.terminal.working(typing);
+  }
+
+  async connect(handlers: ChannelHandlers): Promise<void> {
+    this.handlers = handlers;
+    this.terminal.onLineBegun(() => this.handlers?.onActivity?.(this.chatJid)); // the agent starts while one types
+  }
+
+  layout(text: string): string[] {
+    return [text];
+  }
+
+  async deliver(_jid: string, text: string): Promise<void> {
+    this.terminal.print(text);
+  }
+
+  async sendFile(_jid: string, file: OutboundFile): Promise<void> {
+    this.terminal.print(`${fileNote(file)} (${file.mimetype}, ${file.data.length} bytes)`);
+  }
+
+  submit(text: string): void {
+    if (!this.handlers) throw new Error('LocalChannel.submit() before connect()');
+    const now = new Date();
+    this.handlers.onMessage(
+      {
+        id: `local-${now.getTime()}-${++this.sent}`,
+        chatJid: this.chatJid,
+        sender: 'local:user',
+        senderName: process.env.USER || 'You',
+        content: text,
+        timestamp: now.toISOString(),
+        isFromMe: true,
+        isBotMessage: false,
+      },
+      { name: 'Terminal', isGroup: false },
+    );
+  }
+
+  async disconnect(): Promise<void> {
+    this.handlers = null;
+  }
+}
+
 // WhatsApp (baileys 7). Pure translation first, then the socket that uses it.
 
 type Baileys = typeof import('@whiskeysockets/baileys');
@@ -1836,11 +1825,14 @@ interface WhatsAppInbound {
   media?: { kind: MediaKind; mimetype: string; fileName?: string; bytes?: number; caption: string };
 }
 
-export interface WhatsAppIdentity
-  extends Pick<WhatsAppOptions, 'assistantName' | 'hasOwnNumber' | 'triggerFor' | 'sentByBot' | 'timezone'> {
+export interface WhatsAppIdentity extends Pick<WhatsAppOptions, 'assistantName' | 'hasOwnNumber' | 'timezone'> {
   /** Phone and LID forms. */
   ownJids: ReadonlySet<string>;
   phoneForLid(lid: string): string | undefined;
+  /** What an @mention of the bot's own number becomes (the group's trigger). */
+  triggerFor?(chatJid: string): string | undefined;
+  /** How the bot's own messages are known (its outbox), never by their text. */
+  sentByBot?(messageId: string): boolean;
 }
 
 /** A chat or sender JID in phone form: device suffix dropped, LID translated when known. */
@@ -2037,12 +2029,7 @@ export function parseWhatsAppMessage(raw: WAMessage, identity: WhatsAppIdentity)
 }
 
 /** An edit (the message's new words) or a deletion (content null) of the message `id`, by `sender`. */
-interface WhatsAppChange {
-  chatJid: string;
-  id: string;
-  sender: string;
-  content: string | null;
-}
+type WhatsAppChange = Pick<NewMessage, 'chatJid' | 'id' | 'sender'> & { content: string | null };
 
 /** An edit (MESSAGE_EDIT) or a delete for everyone (REVOKE); null for anything else. */
 export function parseWhatsAppChange(raw: WAMessage, identity: WhatsAppIdentity): WhatsAppChange | null {
@@ -2190,9 +2177,8 @@ export function disconnectKind(error: unknown) {
   const detail = error === undefined ? 'no reason given' : errorText(error);
   const { DisconnectReason: reason, UNAUTHORIZED_CODES } = baileys();
   const kindOf = () => {
-    if (status === reason.loggedOut) return 'logged-out';
-    if (status !== undefined && UNAUTHORIZED_CODES.includes(status)) return 'unauthorized';
-    if (status === reason.multideviceMismatch) return 'device-mismatch';
+    const refusals = [reason.loggedOut, reason.multideviceMismatch, ...UNAUTHORIZED_CODES];
+    if (status !== undefined && refusals.includes(status)) return 'device-refused';
     if (status === reason.connectionReplaced) return 'replaced';
     if (status === reason.restartRequired) return 'restart';
     if (status === 405) return 'version-refused';
@@ -2210,9 +2196,7 @@ const RELINK = 'Link this machine again: bun nanoclaw.ts auth --relink';
 /** The fix to stop with, for a refusal that retrying would only repeat (and risk the number); else undefined. */
 function stopReason(kind: DisconnectKind, status?: number): string | undefined {
   return {
-    'logged-out': `WhatsApp logged this device out (401). ${RELINK}`,
-    unauthorized: `WhatsApp refused this device (${status}: not authorized; the number may also be restricted, check the phone). ${RELINK}`,
-    'device-mismatch': `WhatsApp does not accept this linked device any more (411). ${RELINK}`,
+    'device-refused': `WhatsApp does not accept this device any more (${status}; a restricted number shows on the phone). ${RELINK}`,
     replaced:
       'Another NanoClaw (or another program with these credentials) took over this WhatsApp session (440). Stopped here so the two do not take it from each other: keep one running.',
   }[kind as string];
@@ -2222,15 +2206,12 @@ function stopReason(kind: DisconnectKind, status?: number): string | undefined {
 function authCloseMessage(error: unknown): { retry: boolean; message: string } {
   const { kind, status, detail } = disconnectKind(error);
   if (kind === 'restart') return { retry: true, message: '' }; // WhatsApp asks for a fresh connection right after pairing
-  const refused = `WhatsApp refused the link (${status}). On your phone, remove this device under Linked devices if it is listed, then run auth again.`;
   const messages: Partial<Record<DisconnectKind, string>> = {
     network: `No network: WhatsApp cannot be reached (${detail}). Check this machine's internet connection, then run auth again.`,
     'qr-expired': 'The code expired before it was used. Run auth again and scan (or type) the new one within a minute.',
     'version-refused':
       'WhatsApp refused this client version (405). Run auth again (it looks the current version up); if it keeps failing, update NanoClaw (bun update @whiskeysockets/baileys).',
-    'logged-out': refused,
-    unauthorized: refused,
-    'device-mismatch': refused,
+    'device-refused': `WhatsApp refused the link (${status}). On your phone, remove this device under Linked devices if it is listed, then run auth again.`,
   };
   const closed = `WhatsApp closed the connection (${status ?? 'no status'}: ${detail}). Run auth again.`;
   return { retry: false, message: messages[kind] ?? closed };
@@ -2254,14 +2235,7 @@ function inLane<T>(lanes: Map<string, Promise<unknown>>, key: string, job: () =>
   return done;
 }
 
-/** Writes a file whole or not at all (temp file, fsync, rename): what crashes leave is the old file or the new one. */
-function writeFileDurablySync(path: string, text: string): void {
-  const temp = `${path}.${randomUUID().slice(0, 8)}.tmp`;
-  writeFileSync(temp, text, { mode: 0o600, flush: true }); // flush: fsync before the rename
-  renameSync(temp, path);
-}
-
-/** Asynchronously; `keepPreviousAs` keeps the replaced file under that name (a link, or a copy; never half). */
+/** Written whole or not at all (temp file, fsync, rename); `keepPreviousAs` keeps the replaced file (never half). */
 async function writeFileDurably(path: string, text: string, keepPreviousAs?: string): Promise<void> {
   const temp = `${path}.${randomUUID().slice(0, 8)}.tmp`;
   await fsp.writeFile(temp, text, { mode: 0o600, flush: true });
@@ -2296,7 +2270,7 @@ function readCredsFile(authDir: string): { state: 'ok'; text: string } | { state
   if (!existsSync(path) && !existsSync(backup)) return { state: 'none' };
   const previous = whole(backup);
   if (!previous) return { state: 'damaged' };
-  writeFileDurablySync(path, previous);
+  writeFileSync(path, previous, { mode: 0o600, flush: true }); // cut short by a crash: the backup is still whole
   log.warn(
     { file: path },
     'WhatsApp credentials (creds.json) were missing, empty or cut short; restored their previous version from creds.json.bak',
@@ -2347,6 +2321,9 @@ export async function useDurableAuthState(authDir: string) {
 }
 
 const WHATSAPP_VERSION_STATE = 'whatsapp_web_version';
+export const GROUPS_SYNCED_AT = 'groups_synced_at';
+/** How many members each WhatsApp group had at the last sync (JSON: chat id → count), for `groups discover`. */
+const GROUP_MEMBERS_STATE = 'whatsapp_group_members';
 
 function parseWaVersion(text: string | null | undefined): WAVersion | null {
   const parts = (text ?? '').split('.').map(Number);
@@ -2359,24 +2336,15 @@ export interface WhatsAppOptions {
   authDir: string;
   assistantName: string;
   hasOwnNumber: boolean;
+  /** Triggers, the outbox (the bot's own messages; what was sent, for a recipient's retry), group sync, version. */
+  store?: Store;
   /** Null for a chat not registered (its media is not downloaded). */
   mediaTreeFor(chatJid: string): AgentTree | null;
-  /** What an @mention of the bot's own number becomes (`@Andy`). */
-  triggerFor?(chatJid: string): string | undefined;
-  /** How the bot's own messages are known (its outbox), never by their text. */
-  sentByBot?(messageId: string): boolean;
   timezone?: string;
   transcribe?(audio: Uint8Array, fileName: string, mimetype: string): Promise<string>;
-  lastGroupSync?(): string | null;
-  markGroupSync?(members: Record<string, number>): void;
   /** Another WhatsApp Web socket than WhatsApp's own; no version lookup then unless lookupVersion is given. */
   waWebSocketUrl?: string;
   lookupVersion?(): Promise<{ version: WAVersion; isLatest: boolean }>;
-  knownVersion?(): WAVersion | null;
-  rememberVersion?(version: WAVersion): void;
-  /** What WhatsApp was given for a message id, for a recipient's retry. */
-  rememberSent?(messageId: string, content: Uint8Array): void;
-  recallSent?(messageId: string): Uint8Array | null;
   reconnectBaseMs?: number;
   reconnectCapMs?: number;
   mediaReuploadTimeoutMs?: number;
@@ -2388,18 +2356,6 @@ export interface WhatsAppOptions {
 }
 
 type BaileysEventMap = import('@whiskeysockets/baileys').BaileysEventMap;
-
-/** What a retired socket's listeners are removed from. */
-const WHATSAPP_EVENTS = [
-  'connection.update',
-  'creds.update',
-  'messages.upsert',
-  'groups.update',
-  'groups.upsert',
-  'group-participants.update',
-  'lid-mapping.update',
-  'presence.update',
-] as const;
 
 function typistOf(presences: Record<string, { lastKnownPresence?: string }>, ownJids: ReadonlySet<string>) {
   const typist = Object.entries(presences).find(([who, presence]) => {
@@ -2436,7 +2392,7 @@ async function transcribeAudio(
 
 const DAY_MS = 24 * 60 * 60_000;
 
-/** One live baileys socket; a closed one is retired (listeners removed, ended) before the next opens, with backoff. */
+/** One live baileys socket; a closed one is retired (ended, no longer heard) before the next opens, with backoff. */
 export class WhatsAppChannel implements Channel {
   readonly name = 'whatsapp';
   private handlers: ChannelHandlers | null = null;
@@ -2459,8 +2415,8 @@ export class WhatsAppChannel implements Channel {
   readonly groupMetadata: TtlCache<GroupMetadata>;
   private readonly chatLanes = new Map<string, Promise<unknown>>();
   private readonly lidToPhone = new Map<string, string>();
-  /** Undefined: baileys' own. */
-  private waVersion: WAVersion | undefined;
+  /** The WhatsApp Web version sockets are opened with; undefined: baileys' own. */
+  version: WAVersion | undefined;
   private lookUpVersion = true;
   private versionRefusalLogged = false;
 
@@ -2487,10 +2443,6 @@ export class WhatsAppChannel implements Channel {
     return /@(s\.whatsapp\.net|g\.us|lid)$/.test(jid);
   }
 
-  get version(): WAVersion | undefined {
-    return this.waVersion;
-  }
-
   async connect(handlers: ChannelHandlers): Promise<void> {
     if (WhatsAppChannel.linkState(this.options.authDir) !== 'linked') {
       throw new WhatsAppNotLinked(
@@ -2514,17 +2466,10 @@ export class WhatsAppChannel implements Channel {
         : () => baileys().fetchLatestWaWebVersion({ signal: AbortSignal.timeout(10_000) }));
     // fetchLatestWaWebVersion never throws: isLatest false means it fell back to baileys' own.
     const found = lookup ? await lookup().catch(() => null) : null;
-    if (found?.isLatest) {
-      this.waVersion = found.version;
-      this.options.rememberVersion?.(found.version);
-      log.info({ version: found.version.join('.') }, 'WhatsApp Web version looked up');
-      return;
-    }
-    this.waVersion = this.options.knownVersion?.() ?? this.waVersion;
-    log.info(
-      { version: this.waVersion?.join('.') ?? 'built in' },
-      lookup ? 'Could not look up the WhatsApp Web version; using the last known one' : 'WhatsApp Web version',
-    );
+    const lookedUp = found?.isLatest ? found.version : null;
+    if (lookedUp) this.options.store?.setState(WHATSAPP_VERSION_STATE, lookedUp.join('.'));
+    this.version = lookedUp ?? parseWaVersion(this.options.store?.getState(WHATSAPP_VERSION_STATE)) ?? this.version;
+    log.info({ version: this.version?.join('.') ?? 'built in', lookedUp: Boolean(lookedUp) }, 'WhatsApp Web version');
   }
 
   private async openSocket(): Promise<void> {
@@ -2548,7 +2493,7 @@ export class WhatsAppChannel implements Channel {
       msgRetryCounterCache: this.retryCounts,
       getMessage: (key) => this.getMessage(key),
       cachedGroupMetadata: (jid) => this.cachedGroupMetadata(jid),
-      ...(this.waVersion ? { version: this.waVersion } : {}), // never version: undefined, which would replace baileys' default
+      ...(this.version ? { version: this.version } : {}), // never version: undefined, which would replace baileys' default
       ...(this.options.waWebSocketUrl ? { waWebSocketUrl: this.options.waWebSocketUrl } : {}),
     });
     this.sock = sock;
@@ -2576,13 +2521,7 @@ export class WhatsAppChannel implements Channel {
         this.learnGroupName(group.id!, group.subject);
       }
     });
-    on('group-participants.update', ({ id }) => {
-      this.groupMetadata.del(id);
-      sock.groupMetadata(id).then(
-        (metadata) => this.groupMetadata.set(id, metadata),
-        () => {},
-      );
-    });
+    on('group-participants.update', ({ id }) => this.groupMetadata.del(id)); // fetched again for the next send
     on('lid-mapping.update', ({ lid, pn }) => {
       const { jidNormalizedUser } = baileys();
       if (lid && pn) this.lidToPhone.set(jidNormalizedUser(lid), jidNormalizedUser(pn));
@@ -2617,16 +2556,14 @@ export class WhatsAppChannel implements Channel {
 
   /** baileys' getMessage: exactly what we sent, for a recipient's retry; never a placeholder. */
   async getMessage(key: WAMessageKey): Promise<proto.IMessage | undefined> {
-    const content = key.id ? this.options.recallSent?.(key.id) : null;
+    const content = key.id ? this.options.store?.outboundByMessageId(key.id)?.sentContent : null;
     return content ? baileys().proto.Message.decode(content) : undefined;
   }
 
   private retire(): void {
     const sock = this.sock;
     this.sock = null;
-    if (!sock) return;
-    for (const event of WHATSAPP_EVENTS) sock.ev.removeAllListeners(event);
-    sock.end(undefined).catch(() => {}); // already closed
+    sock?.end(undefined).catch(() => {}); // already closed
   }
 
   private stopFor(why: string, fields: Record<string, unknown> = {}): void {
@@ -2658,13 +2595,15 @@ export class WhatsAppChannel implements Channel {
   private opened(sock: WASocket): void {
     this.openedAt = this.clock.monotonic();
     this.versionRefusalLogged = false;
+    const { jidNormalizedUser } = baileys();
     const own = [sock.user?.id, sock.user?.lid].filter((jid): jid is string => Boolean(jid));
-    this.ownJids = new Set(own.map((jid) => baileys().jidNormalizedUser(jid)));
+    this.ownJids = new Set(own.map((jid) => jidNormalizedUser(jid)));
+    if (sock.user?.lid) this.lidToPhone.set(jidNormalizedUser(sock.user.lid), jidNormalizedUser(sock.user.id)); // own
     log.info({ me: [...this.ownJids] }, 'WhatsApp connected');
     this.handlers?.onReady?.();
     this.subscribed.clear();
     for (const jid of this.handlers?.watchedChats?.() ?? []) this.subscribe(jid);
-    const last = this.options.lastGroupSync?.();
+    const last = this.options.store?.getState(GROUPS_SYNCED_AT);
     if (!last || this.clock.now() - new Date(last).getTime() > DAY_MS) this.syncGroupsInBackground();
   }
 
@@ -2683,7 +2622,7 @@ export class WhatsAppChannel implements Channel {
       this.lookUpVersion = true;
       if (!this.versionRefusalLogged)
         log.error(
-          { version: this.waVersion?.join('.') ?? 'built in' },
+          { version: this.version?.join('.') ?? 'built in' },
           'WhatsApp refused this client version (405). NanoClaw looks the current version up and keeps trying; if this goes on, update NanoClaw (bun update @whiskeysockets/baileys).',
         );
       this.versionRefusalLogged = true;
@@ -2708,14 +2647,13 @@ export class WhatsAppChannel implements Channel {
   }
 
   private identity(): WhatsAppIdentity {
-    const sock = this.sock;
+    const options = this.options;
     return {
-      ...this.options,
+      ...options,
+      triggerFor: (jid) => options.store?.groupByJid(jid)?.trigger,
+      sentByBot: (id) => Boolean(options.store?.outboundByMessageId(id)),
       ownJids: this.ownJids,
-      phoneForLid: (lid) => {
-        const own = sock?.user?.lid && baileys().jidNormalizedUser(sock.user.lid) === lid ? sock.user.id : undefined;
-        return own ?? this.lidToPhone.get(lid);
-      },
+      phoneForLid: (lid) => this.lidToPhone.get(lid),
     };
   }
 
@@ -2834,7 +2772,7 @@ export class WhatsAppChannel implements Channel {
     this.rateLimiter.record(jid, this.clock.now());
     if (!sent) return;
     try {
-      this.options.rememberSent?.(messageId, baileys().proto.Message.encode(sent).finish());
+      this.options.store?.recordSentContent(messageId, baileys().proto.Message.encode(sent).finish());
     } catch (err) {
       log.warn({ err: errorText(err), messageId }, 'Sent, but could not keep a copy for resends');
     }
@@ -2872,9 +2810,9 @@ export class WhatsAppChannel implements Channel {
     if (!this.sock || !this.ready) return;
     const groups = Object.values(await this.sock.groupFetchAllParticipating());
     this.keepGroups(groups);
-    this.options.markGroupSync?.(
-      Object.fromEntries(groups.map((group) => [group.id, group.participants?.length ?? 0])),
-    );
+    const members = Object.fromEntries(groups.map((group) => [group.id, group.participants?.length ?? 0]));
+    this.options.store?.setState(GROUPS_SYNCED_AT, new Date().toISOString());
+    this.options.store?.setState(GROUP_MEMBERS_STATE, JSON.stringify(members));
     log.info({ groups: groups.length }, 'WhatsApp group names synced');
   }
 
@@ -5111,10 +5049,6 @@ export function shortestGap(type: ScheduleType, value: string, timezone: string,
   return gap;
 }
 
-export const GROUPS_SYNCED_AT = 'groups_synced_at';
-/** How many members each WhatsApp group had at the last sync (JSON: chat id → count), for `groups discover`. */
-const GROUP_MEMBERS_STATE = 'whatsapp_group_members';
-
 /** Main sees every group's tasks: another group's words (its agent wrote them) come as `…_untrusted` fields. */
 export function tasksSnapshot(store: Store, group: RegisteredGroup) {
   const tasks = store.listTasks(group.isMain ? undefined : group.folder, SNAPSHOT_TASKS_MAX);
@@ -6990,21 +6924,11 @@ export function whatsAppChannel(config: Config, store: Store, extra: Partial<Wha
     authDir: whatsAppAuthDir(config),
     assistantName: config.assistantName,
     hasOwnNumber: config.assistantHasOwnNumber,
+    store,
     mediaTreeFor: (jid) => {
       const group = store.groupByJid(jid);
       return group ? groupTrees(config, group.folder).group : null;
     },
-    triggerFor: (jid) => store.groupByJid(jid)?.trigger,
-    lastGroupSync: () => store.getState(GROUPS_SYNCED_AT),
-    markGroupSync: (members) => {
-      store.setState(GROUPS_SYNCED_AT, new Date().toISOString());
-      store.setState(GROUP_MEMBERS_STATE, JSON.stringify(members));
-    },
-    knownVersion: () => parseWaVersion(store.getState(WHATSAPP_VERSION_STATE)),
-    rememberVersion: (version) => store.setState(WHATSAPP_VERSION_STATE, version.join('.')),
-    rememberSent: (messageId, content) => store.recordSentContent(messageId, content),
-    recallSent: (messageId) => store.outboundByMessageId(messageId)?.sentContent ?? null,
-    sentByBot: (messageId) => store.outboundByMessageId(messageId) !== null,
     timezone: config.timezone,
     transcribe: url
       ? (audio, fileName, mimetype) =>
@@ -7164,14 +7088,8 @@ async function runChat(config: Config): Promise<number> {
   keepRunningThroughErrors();
   const { main, leftOut } = await mainForChat(config);
   const terminal = new ChatTerminal(interactive, config.assistantName);
-  const local = new LocalChannel(
-    main.jid,
-    (text) => terminal.print(text),
-    undefined,
-    (busy) => terminal.working(busy),
-  );
+  const local = new LocalChannel(main.jid, terminal);
   const { host, store, ...started } = await startHost(config, () => [local]);
-  terminal.onLineBegun(() => local.typing()); // the agent starts while the person types
   const finish = () => {
     terminal.close();
     return started.finish();
@@ -7325,7 +7243,7 @@ async function linkWhatsApp(config: Config, store: Store, phone: string | undefi
         ...(config.whatsappServerUrl ? { waWebSocketUrl: config.whatsappServerUrl } : {}),
       });
       const done = async (code: number) => {
-        for (const event of WHATSAPP_EVENTS) sock.ev.removeAllListeners(event);
+        for (const event of ['creds.update', 'connection.update'] as const) sock.ev.removeAllListeners(event);
         if (code === 0) await sock.end(undefined);
         resolveAuth(code);
       };
@@ -7355,7 +7273,7 @@ async function linkWhatsApp(config: Config, store: Store, phone: string | undefi
         if (update.connection === 'close') {
           const { retry, message } = authCloseMessage(update.lastDisconnect?.error);
           if (retry) {
-            for (const event of WHATSAPP_EVENTS) sock.ev.removeAllListeners(event);
+            for (const event of ['creds.update', 'connection.update'] as const) sock.ev.removeAllListeners(event);
             return void open();
           }
           // What an unfinished attempt left behind is no link; the next auth starts clean.

@@ -242,8 +242,7 @@ describe('send_file on WhatsApp (baileys 7)', () => {
       waWebSocketUrl: server.url,
       reconnectBaseMs: 40,
       reconnectCapMs: 400,
-      rememberSent: (id, c) => store.recordSentContent(id, c),
-      recallSent: (id) => store.outboundByMessageId(id)?.sentContent ?? null,
+      store,
     });
     const sender = new OutboxSender(store, channel, { retryBaseMs: 50 });
     stops.push(async () => {

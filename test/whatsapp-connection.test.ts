@@ -79,10 +79,10 @@ describe('every disconnect reason, as baileys 7 defines it', () => {
   const noHandlers: ChannelHandlers = { onMessage: () => {} };
   const relink = 'Link this machine again: bun nanoclaw.ts auth --relink';
   const table: [number, string, 'stop' | 'now' | 'backoff', string?][] = [
-    [401, 'logged-out', 'stop', relink],
-    [403, 'unauthorized', 'stop', relink],
-    [419, 'unauthorized', 'stop', relink],
-    [411, 'device-mismatch', 'stop', relink],
+    [401, 'device-refused', 'stop', relink],
+    [403, 'device-refused', 'stop', relink],
+    [419, 'device-refused', 'stop', relink],
+    [411, 'device-refused', 'stop', relink],
     [440, 'replaced', 'stop', 'Another NanoClaw'],
     [515, 'restart', 'now'],
     [405, 'version-refused', 'backoff'],

@@ -172,8 +172,7 @@ async function hostSetup(hasOwnNumber: boolean, dotEnv = '') {
     hasOwnNumber,
     waWebSocketUrl: server.url,
     mediaTreeFor: () => null,
-    triggerFor: (jid) => store.groupByJid(jid)?.trigger,
-    sentByBot: (id) => store.outboundByMessageId(id) !== null, // as whatsAppChannel wires it
+    store, // the groups' triggers, and the bot's own messages by the outbox, as whatsAppChannel wires it
   });
   const host = new Host(config, store, [channel], QUIET_SWEEPS);
   stops.push(async () => {
