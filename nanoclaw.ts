@@ -3482,18 +3482,16 @@ export function modelRoute(method: string, rawPath: string): string | null {
 }
 
 async function boundedText(body: ReadableStream<Uint8Array>, limit: number): Promise<string> {
-  const chunks: Uint8Array[] = [];
-  let size = 0;
+  let bytes = Buffer.alloc(0);
   try {
     for await (const chunk of body) {
-      chunks.push(chunk);
-      size += chunk.byteLength;
-      if (size >= limit) break;
+      bytes = Buffer.concat([bytes, chunk]);
+      if (bytes.length >= limit) break;
     }
   } catch {
     // a body cut short: what came is enough to show
   }
-  return new TextDecoder().decode(Buffer.concat(chunks).subarray(0, limit));
+  return bytes.subarray(0, limit).toString();
 }
 
 /** Listens on a run's socket: its folder (0700) keeps all but the host out, the socket (0666) lets the container in. */
@@ -3566,19 +3564,11 @@ export class ModelProxy {
       return proxyError(429, message, { 'retry-after': '1' });
     }
     run.inFlight++;
-    const target = `${this.options.upstream.replace(/\/+$/, '')}${route}${url.search}`;
-    return this.passOn(req, target, key, (ok, status, usage) => {
+    const done = (ok: boolean, status: number, usage: ModelUsage | null) => {
       run.inFlight--;
       this.options.record(run.folder, { ok, status, usage });
-    });
-  }
-
-  private async passOn(
-    req: Request,
-    target: string,
-    key: string | undefined,
-    done: (ok: boolean, status: number, usage: ModelUsage | null) => void,
-  ): Promise<Response> {
+    };
+    const target = `${this.options.upstream.replace(/\/+$/, '')}${route}${url.search}`;
     const headers = withoutHeaders(req.headers, HOP_HEADER);
     if (key) headers.set('authorization', `Bearer ${key}`);
     const body = req.method === 'POST' ? req.body : null;
@@ -3600,10 +3590,8 @@ export class ModelProxy {
       return new Response(text && maskSecrets(text, key ? [key] : []), answer);
     }
     const streaming = upstream.headers.get('content-type')?.includes('text/event-stream') ?? false;
-    return new Response(
-      countedBody(upstream.body, streaming, (usage) => done(ok, status, usage)),
-      answer,
-    );
+    const counted = countedBody(upstream.body, streaming, (usage) => done(ok, status, usage));
+    return new Response(counted, answer);
   }
 
   stop(): void {
