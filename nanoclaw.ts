@@ -3677,42 +3677,7 @@ function refuseProxyRequest(client: Socket, status: 400 | 403 | 502, reason: str
   );
 }
 
-/** `rest`: what came after the head. */
-async function followProxyRequest(
-  client: Socket,
-  head: string,
-  rest: Buffer,
-  allow: readonly string[],
-  refused: (reason: string) => void,
-): Promise<void> {
-  const refuse = (status: 400 | 403, reason: string) => {
-    refused(reason);
-    refuseProxyRequest(client, status, reason);
-  };
-  const target = proxyTarget(head);
-  if (typeof target === 'string') return refuse(400, target);
-  const decision = await egressAddress(target.host, allow);
-  if ('refused' in decision) return refuse(403, decision.refused);
-  const upstream = netConnect({ host: decision.address, port: target.port });
-  let connected = false;
-  upstream.once('connect', () => {
-    connected = true;
-    if (target.tunnel) client.write('HTTP/1.1 200 Connection established\r\n\r\n');
-    else upstream.write(originRequestHead(head));
-    if (rest.length > 0) upstream.write(rest);
-    client.pipe(upstream);
-    upstream.pipe(client);
-    client.resume();
-  });
-  upstream.once('error', (err) => {
-    const reason = `cannot reach ${target.host}:${target.port} (${errorCode(err) ?? errorText(err)})`;
-    if (connected) client.destroy();
-    else refuseProxyRequest(client, 502, reason);
-  });
-  upstream.once('close', () => client.destroy());
-  client.once('close', () => upstream.destroy());
-}
-
+/** Each connection carries one request: its head is checked, then it is tunnelled (CONNECT) or passed on once. */
 export function openEgressProxy(
   socketPath: string,
   allow: readonly string[],
@@ -3723,6 +3688,35 @@ export function openEgressProxy(
     clients.add(client);
     client.once('close', () => clients.delete(client));
     client.on('error', () => client.destroy());
+    const refuse = (status: 400 | 403, reason: string) => {
+      refused(reason);
+      refuseProxyRequest(client, status, reason);
+    };
+    /** `rest`: what came after the head. */
+    const follow = async (head: string, rest: Buffer) => {
+      const target = proxyTarget(head);
+      if (typeof target === 'string') return refuse(400, target);
+      const decision = await egressAddress(target.host, allow);
+      if ('refused' in decision) return refuse(403, decision.refused);
+      const upstream = netConnect({ host: decision.address, port: target.port });
+      let connected = false;
+      upstream.once('connect', () => {
+        connected = true;
+        if (target.tunnel) client.write('HTTP/1.1 200 Connection established\r\n\r\n');
+        else upstream.write(originRequestHead(head));
+        if (rest.length > 0) upstream.write(rest);
+        client.pipe(upstream);
+        upstream.pipe(client);
+        client.resume();
+      });
+      upstream.once('error', (err) => {
+        const reason = `cannot reach ${target.host}:${target.port} (${errorCode(err) ?? errorText(err)})`;
+        if (connected) client.destroy();
+        else refuseProxyRequest(client, 502, reason);
+      });
+      upstream.once('close', () => client.destroy());
+      client.once('close', () => upstream.destroy());
+    };
     let head = Buffer.alloc(0);
     const onData = (chunk: Buffer) => {
       head = Buffer.concat([head, chunk]);
@@ -3731,8 +3725,7 @@ export function openEgressProxy(
       client.off('data', onData);
       if (end < 0) return refuseProxyRequest(client, 400, 'request head too long');
       client.pause();
-      const text = head.subarray(0, end + 4).toString('latin1');
-      void followProxyRequest(client, text, head.subarray(end + 4), allow, refused);
+      void follow(head.subarray(0, end + 4).toString('latin1'), head.subarray(end + 4));
     };
     client.on('data', onData);
   });
