@@ -4673,17 +4673,14 @@ export function parseOnceTime(value: string, timezone: string): Date {
 /** Null when a once-task has nothing left. */
 export function computeNextRun(type: ScheduleType, value: string, timezone: string, from = new Date()): Date | null {
   switch (type) {
-    case 'cron': {
-      let job: Cron;
+    case 'cron':
       try {
-        job = new Cron(value, { timezone, paused: true });
+        return new Cron(value, { timezone, paused: true }).nextRun(from);
       } catch (err) {
         throw new ScheduleError(
           `"${value}" is not a valid cron expression (${errorText(err)}); e.g. "0 9 * * 1-5" = weekdays at 09:00`,
         );
       }
-      return job.nextRun(from);
-    }
     case 'interval': {
       const ms = Number(value);
       if (!Number.isInteger(ms) || ms < 1000)
@@ -4702,10 +4699,8 @@ export function computeNextRun(type: ScheduleType, value: string, timezone: stri
 /** An interval counts from the due time (no drift), but after downtime from now: a missed task runs once. */
 export function nextRunAfterFiring(task: ScheduledTask, timezone: string, now: Date): Date | null {
   if (task.scheduleType === 'once') return null;
-  if (task.scheduleType === 'interval' && task.nextRun) {
-    const next = new Date(new Date(task.nextRun).getTime() + Number(task.scheduleValue));
-    if (next.getTime() > now.getTime()) return next;
-  }
+  const fromDue = Date.parse(task.nextRun ?? '') + Number(task.scheduleValue);
+  if (task.scheduleType === 'interval' && fromDue > now.getTime()) return new Date(fromDue);
   return computeNextRun(task.scheduleType, task.scheduleValue, timezone, now);
 }
 
