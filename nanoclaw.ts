@@ -4744,9 +4744,9 @@ export class Scheduler {
   arm(): void {
     if (!this.running) return;
     this.cancelTimer?.();
-    this.noticeClockJump();
     let delay = this.recheckMs;
     try {
+      this.noticeClockJump();
       const [soonest] = this.store.upcomingTasks(1);
       if (soonest) delay = Math.max(0, Date.parse(soonest.nextRun!) - this.clock.now());
       if (this.onSoon) this.tellSoon(this.onSoon);
@@ -4777,20 +4777,13 @@ export class Scheduler {
     if (Math.abs(jump) < CLOCK_JUMP_MS) return;
     log.warn({ jumpMs: Math.round(jump) }, 'The wall clock jumped; checking the next runs of recurring tasks');
     if (jump > 0) return;
-    try {
-      for (const task of this.store.upcomingTasks()) {
-        if (task.scheduleType === 'once') continue;
-        const fromNow = computeNextRun(task.scheduleType, task.scheduleValue, this.timezone, new Date(look.wall));
-        if (!fromNow || Date.parse(task.nextRun!) <= fromNow.getTime()) continue;
-        const nextRun = fromNow.toISOString();
-        this.store.updateTask(task.id, { nextRun });
-        log.info(
-          { group: task.groupFolder, taskId: task.id, nextRun },
-          'Task next run recomputed after the clock jumped back',
-        );
-      }
-    } catch (err) {
-      log.warn({ err: errorText(err) }, 'Could not recompute next runs after a clock jump');
+    for (const task of this.store.upcomingTasks()) {
+      if (task.scheduleType === 'once') continue;
+      const fromNow = computeNextRun(task.scheduleType, task.scheduleValue, this.timezone, new Date(look.wall));
+      if (!fromNow || Date.parse(task.nextRun!) <= fromNow.getTime()) continue;
+      const nextRun = fromNow.toISOString();
+      this.store.updateTask(task.id, { nextRun });
+      log.info({ group: task.groupFolder, taskId: task.id, nextRun }, 'Next run moved earlier: the clock jumped back');
     }
   }
 
