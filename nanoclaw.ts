@@ -3607,22 +3607,18 @@ export class ModelProxy {
 const EGRESS_SOCKET_IN_CONTAINER = '/run/nanoclaw/egress.sock';
 const MAX_PROXY_HEAD_BYTES = 16 * 1024;
 /** Not the public internet: loopback, private, shared, link-local, documentation, multicast and reserved ranges. */
-const NOT_PUBLIC = `
-  0.0.0.0/8 10.0.0.0/8 100.64.0.0/10 127.0.0.0/8 169.254.0.0/16 172.16.0.0/12 192.0.0.0/24 192.0.2.0/24
+const NOT_PUBLIC = new BlockList();
+for (const range of `0.0.0.0/8 10.0.0.0/8 100.64.0.0/10 127.0.0.0/8 169.254.0.0/16 172.16.0.0/12 192.0.0.0/24 192.0.2.0/24
   192.168.0.0/16 198.18.0.0/15 198.51.100.0/24 203.0.113.0/24 224.0.0.0/3
-  ::/127 fc00::/7 fe80::/10 ff00::/8 2001:db8::/32 64:ff9b::/32`
-  .trim()
-  .split(/\s+/);
+  ::/127 fc00::/7 fe80::/10 ff00::/8 2001:db8::/32 64:ff9b::/32`.split(/\s+/)) {
+  const [network = '', bits] = range.split('/');
+  NOT_PUBLIC.addSubnet(network, Number(bits), network.includes(':') ? 'ipv6' : 'ipv4');
+}
 
 /** A v4-mapped v6 address is judged as its v4 one. */
 export function isPublicAddress(ip: string): boolean {
-  const ranges = new BlockList();
-  for (const range of NOT_PUBLIC) {
-    const [network = '', bits] = range.split('/');
-    ranges.addSubnet(network, Number(bits), network.includes(':') ? 'ipv6' : 'ipv4');
-  }
   const family = isIP(ip);
-  return family !== 0 && !ranges.check(ip, family === 6 ? 'ipv6' : 'ipv4');
+  return family !== 0 && !NOT_PUBLIC.check(ip, family === 6 ? 'ipv6' : 'ipv4');
 }
 
 export function proxyTarget(head: string): { host: string; port: number; tunnel: boolean } | string {
