@@ -3247,18 +3247,16 @@ export function modelRoute(method: string, rawPath: string): string | null {
 }
 
 async function boundedText(body: ReadableStream<Uint8Array>, limit: number): Promise<string> {
-  const chunks: Uint8Array[] = [];
-  let size = 0;
+  let bytes = Buffer.alloc(0);
   try {
     for await (const chunk of body) {
-      chunks.push(chunk);
-      size += chunk.byteLength;
-      if (size >= limit) break;
+      bytes = Buffer.concat([bytes, chunk]);
+      if (bytes.length >= limit) break;
     }
   } catch {
     // a body cut short: what came is enough to show
   }
-  return new TextDecoder().decode(Buffer.concat(chunks).subarray(0, limit));
+  return bytes.subarray(0, limit).toString();
 }
 
 /** Listens on a run's socket: its folder (0700) keeps all but the host out, the socket (0666) lets the container in. */
@@ -3331,19 +3329,11 @@ export class ModelProxy {
       return proxyError(429, message, { 'retry-after': '1' });
     }
     run.inFlight++;
-    const target = `${this.options.upstream.replace(/\/+$/, '')}${route}${url.search}`;
-    return this.passOn(req, target, key, (ok, status, usage) => {
+    const done = (ok: boolean, status: number, usage: ModelUsage | null) => {
       run.inFlight--;
       this.options.record(run.folder, { ok, status, usage });
-    });
-  }
-
-  private async passOn(
-    req: Request,
-    target: string,
-    key: string | undefined,
-    done: (ok: boolean, status: number, usage: ModelUsage | null) => void,
-  ): Promise<Response> {
+    };
+    const target = `${this.options.upstream.replace(/\/+$/, '')}${route}${url.search}`;
     const headers = withoutHeaders(req.headers, HOP_HEADER);
     if (key) headers.set('authorization', `Bearer ${key}`);
     const body = req.method === 'POST' ? req.body : null;
@@ -3365,10 +3355,8 @@ export class ModelProxy {
       return new Response(text && maskSecrets(text, key ? [key] : []), answer);
     }
     const streaming = upstream.headers.get('content-type')?.includes('text/event-stream') ?? false;
-    return new Response(
-      countedBody(upstream.body, streaming, (usage) => done(ok, status, usage)),
-      answer,
-    );
+    const counted = countedBody(upstream.body, streaming, (usage) => done(ok, status, usage));
+    return new Response(counted, answer);
   }
 
   stop(): void {
@@ -3384,22 +3372,18 @@ export class ModelProxy {
 const EGRESS_SOCKET_IN_CONTAINER = '/run/nanoclaw/egress.sock';
 const MAX_PROXY_HEAD_BYTES = 16 * 1024;
 /** Not the public internet: loopback, private, shared, link-local, documentation, multicast and reserved ranges. */
-const NOT_PUBLIC = `
-  0.0.0.0/8 10.0.0.0/8 100.64.0.0/10 127.0.0.0/8 169.254.0.0/16 172.16.0.0/12 192.0.0.0/24 192.0.2.0/24
+const NOT_PUBLIC = new BlockList();
+for (const range of `0.0.0.0/8 10.0.0.0/8 100.64.0.0/10 127.0.0.0/8 169.254.0.0/16 172.16.0.0/12 192.0.0.0/24 192.0.2.0/24
   192.168.0.0/16 198.18.0.0/15 198.51.100.0/24 203.0.113.0/24 224.0.0.0/3
-  ::/127 fc00::/7 fe80::/10 ff00::/8 2001:db8::/32 64:ff9b::/32`
-  .trim()
-  .split(/\s+/);
+  ::/127 fc00::/7 fe80::/10 ff00::/8 2001:db8::/32 64:ff9b::/32`.split(/\s+/)) {
+  const [network = '', bits] = range.split('/');
+  NOT_PUBLIC.addSubnet(network, Number(bits), network.includes(':') ? 'ipv6' : 'ipv4');
+}
 
 /** A v4-mapped v6 address is judged as its v4 one. */
 export function isPublicAddress(ip: string): boolean {
-  const ranges = new BlockList();
-  for (const range of NOT_PUBLIC) {
-    const [network = '', bits] = range.split('/');
-    ranges.addSubnet(network, Number(bits), network.includes(':') ? 'ipv6' : 'ipv4');
-  }
   const family = isIP(ip);
-  return family !== 0 && !ranges.check(ip, family === 6 ? 'ipv6' : 'ipv4');
+  return family !== 0 && !NOT_PUBLIC.check(ip, family === 6 ? 'ipv6' : 'ipv4');
 }
 
 export function proxyTarget(head: string): { host: string; port: number; tunnel: boolean } | string {
@@ -3454,42 +3438,7 @@ function refuseProxyRequest(client: Socket, status: 400 | 403 | 502, reason: str
   );
 }
 
-/** `rest`: what came after the head. */
-async function followProxyRequest(
-  client: Socket,
-  head: string,
-  rest: Buffer,
-  allow: readonly string[],
-  refused: (reason: string) => void,
-): Promise<void> {
-  const refuse = (status: 400 | 403, reason: string) => {
-    refused(reason);
-    refuseProxyRequest(client, status, reason);
-  };
-  const target = proxyTarget(head);
-  if (typeof target === 'string') return refuse(400, target);
-  const decision = await egressAddress(target.host, allow);
-  if ('refused' in decision) return refuse(403, decision.refused);
-  const upstream = netConnect({ host: decision.address, port: target.port });
-  let connected = false;
-  upstream.once('connect', () => {
-    connected = true;
-    if (target.tunnel) client.write('HTTP/1.1 200 Connection established\r\n\r\n');
-    else upstream.write(originRequestHead(head));
-    if (rest.length > 0) upstream.write(rest);
-    client.pipe(upstream);
-    upstream.pipe(client);
-    client.resume();
-  });
-  upstream.once('error', (err) => {
-    const reason = `cannot reach ${target.host}:${target.port} (${errorCode(err) ?? errorText(err)})`;
-    if (connected) client.destroy();
-    else refuseProxyRequest(client, 502, reason);
-  });
-  upstream.once('close', () => client.destroy());
-  client.once('close', () => upstream.destroy());
-}
-
+/** Each connection carries one request: its head is checked, then it is tunnelled (CONNECT) or passed on once. */
 export function openEgressProxy(
   socketPath: string,
   allow: readonly string[],
@@ -3500,6 +3449,35 @@ export function openEgressProxy(
     clients.add(client);
     client.once('close', () => clients.delete(client));
     client.on('error', () => client.destroy());
+    const refuse = (status: 400 | 403, reason: string) => {
+      refused(reason);
+      refuseProxyRequest(client, status, reason);
+    };
+    /** `rest`: what came after the head. */
+    const follow = async (head: string, rest: Buffer) => {
+      const target = proxyTarget(head);
+      if (typeof target === 'string') return refuse(400, target);
+      const decision = await egressAddress(target.host, allow);
+      if ('refused' in decision) return refuse(403, decision.refused);
+      const upstream = netConnect({ host: decision.address, port: target.port });
+      let connected = false;
+      upstream.once('connect', () => {
+        connected = true;
+        if (target.tunnel) client.write('HTTP/1.1 200 Connection established\r\n\r\n');
+        else upstream.write(originRequestHead(head));
+        if (rest.length > 0) upstream.write(rest);
+        client.pipe(upstream);
+        upstream.pipe(client);
+        client.resume();
+      });
+      upstream.once('error', (err) => {
+        const reason = `cannot reach ${target.host}:${target.port} (${errorCode(err) ?? errorText(err)})`;
+        if (connected) client.destroy();
+        else refuseProxyRequest(client, 502, reason);
+      });
+      upstream.once('close', () => client.destroy());
+      client.once('close', () => upstream.destroy());
+    };
     let head = Buffer.alloc(0);
     const onData = (chunk: Buffer) => {
       head = Buffer.concat([head, chunk]);
@@ -3508,8 +3486,7 @@ export function openEgressProxy(
       client.off('data', onData);
       if (end < 0) return refuseProxyRequest(client, 400, 'request head too long');
       client.pause();
-      const text = head.subarray(0, end + 4).toString('latin1');
-      void followProxyRequest(client, text, head.subarray(end + 4), allow, refused);
+      void follow(head.subarray(0, end + 4).toString('latin1'), head.subarray(end + 4));
     };
     client.on('data', onData);
   });
@@ -4437,22 +4414,18 @@ const CLOCK_JUMP_MS = 60_000;
 
 /** "2026-12-01 17:00" in the user's timezone (croner places it, DST included); an explicit offset or Z is respected as given. */
 export function parseOnceTime(value: string, timezone: string): Date {
-  const text = value.trim();
-  if (/(Z|[+-]\d{2}:?\d{2})$/i.test(text)) {
-    const date = new Date(text);
-    if (Number.isNaN(date.getTime())) throw new ScheduleError(`"${value}" is not a valid date-time`);
-    return date;
-  }
-  const match = /^(\d{4})-(\d{2})-(\d{2})[T ](\d{2}):(\d{2})(?::(\d{2}))?$/.exec(text);
+  const match = /^(\d{4}-\d{2}-\d{2})[T ](\d{2}:\d{2})(:\d{2})?(\.\d+)?(Z|[+-]\d{2}:?\d{2})?$/i.exec(value.trim());
   if (!match)
     throw new ScheduleError(
       `"${value}" is not a date-time; use YYYY-MM-DD HH:MM (your time, ${timezone}) or ISO 8601 with an offset`,
     );
-  const local = `${match[1]}-${match[2]}-${match[3]}T${match[4]}:${match[5]}:${match[6] ?? '00'}`;
+  const [, day, minute, second = ':00', fraction = '', offset] = match;
+  const local = `${day}T${minute}${second}`;
   // Read as UTC only to check it is a real calendar time: Date rolls Feb 30 over to March.
-  const asUtc = new Date(`${local}Z`);
-  if (Number.isNaN(asUtc.getTime()) || asUtc.toISOString().slice(0, 19) !== local)
+  const asUtc = Date.parse(`${local}Z`);
+  if (Number.isNaN(asUtc) || new Date(asUtc).toISOString().slice(0, 19) !== local)
     throw new ScheduleError(`"${value}" is not a real date and time`);
+  if (offset) return new Date(`${local}${fraction}${offset}`);
   const at = new Cron(local, { timezone, paused: true }).nextRun(new Date(0));
   if (!at) throw new ScheduleError(`"${value}" is not a date-time NanoClaw can place in ${timezone}`);
   return at;
@@ -4461,17 +4434,14 @@ export function parseOnceTime(value: string, timezone: string): Date {
 /** Null when a once-task has nothing left. */
 export function computeNextRun(type: ScheduleType, value: string, timezone: string, from = new Date()): Date | null {
   switch (type) {
-    case 'cron': {
-      let job: Cron;
+    case 'cron':
       try {
-        job = new Cron(value, { timezone, paused: true });
+        return new Cron(value, { timezone, paused: true }).nextRun(from);
       } catch (err) {
         throw new ScheduleError(
           `"${value}" is not a valid cron expression (${errorText(err)}); e.g. "0 9 * * 1-5" = weekdays at 09:00`,
         );
       }
-      return job.nextRun(from);
-    }
     case 'interval': {
       const ms = Number(value);
       if (!Number.isInteger(ms) || ms < 1000)
@@ -4490,10 +4460,8 @@ export function computeNextRun(type: ScheduleType, value: string, timezone: stri
 /** An interval counts from the due time (no drift), but after downtime from now: a missed task runs once. */
 export function nextRunAfterFiring(task: ScheduledTask, timezone: string, now: Date): Date | null {
   if (task.scheduleType === 'once') return null;
-  if (task.scheduleType === 'interval' && task.nextRun) {
-    const next = new Date(new Date(task.nextRun).getTime() + Number(task.scheduleValue));
-    if (next.getTime() > now.getTime()) return next;
-  }
+  const fromDue = Date.parse(task.nextRun ?? '') + Number(task.scheduleValue);
+  if (task.scheduleType === 'interval' && fromDue > now.getTime()) return new Date(fromDue);
   return computeNextRun(task.scheduleType, task.scheduleValue, timezone, now);
 }
 
@@ -4537,9 +4505,9 @@ export class Scheduler {
   arm(): void {
     if (!this.running) return;
     this.cancelTimer?.();
-    this.noticeClockJump();
     let delay = this.recheckMs;
     try {
+      this.noticeClockJump();
       const [soonest] = this.store.upcomingTasks(1);
       if (soonest) delay = Math.max(0, Date.parse(soonest.nextRun!) - this.clock.now());
       if (this.onSoon) this.tellSoon(this.onSoon);
@@ -4570,20 +4538,13 @@ export class Scheduler {
     if (Math.abs(jump) < CLOCK_JUMP_MS) return;
     log.warn({ jumpMs: Math.round(jump) }, 'The wall clock jumped; checking the next runs of recurring tasks');
     if (jump > 0) return;
-    try {
-      for (const task of this.store.upcomingTasks()) {
-        if (task.scheduleType === 'once') continue;
-        const fromNow = computeNextRun(task.scheduleType, task.scheduleValue, this.timezone, new Date(look.wall));
-        if (!fromNow || Date.parse(task.nextRun!) <= fromNow.getTime()) continue;
-        const nextRun = fromNow.toISOString();
-        this.store.updateTask(task.id, { nextRun });
-        log.info(
-          { group: task.groupFolder, taskId: task.id, nextRun },
-          'Task next run recomputed after the clock jumped back',
-        );
-      }
-    } catch (err) {
-      log.warn({ err: errorText(err) }, 'Could not recompute next runs after a clock jump');
+    for (const task of this.store.upcomingTasks()) {
+      if (task.scheduleType === 'once') continue;
+      const fromNow = computeNextRun(task.scheduleType, task.scheduleValue, this.timezone, new Date(look.wall));
+      if (!fromNow || Date.parse(task.nextRun!) <= fromNow.getTime()) continue;
+      const nextRun = fromNow.toISOString();
+      this.store.updateTask(task.id, { nextRun });
+      log.info({ group: task.groupFolder, taskId: task.id, nextRun }, 'Next run moved earlier: the clock jumped back');
     }
   }
 
