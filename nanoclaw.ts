@@ -7,9 +7,20 @@
  * from; what else the agent wants done (send a message, schedule a task, register a group) arrives as files in the
  * group's IPC folder.
  *
- * Read it top to bottom: its 13 numbered sections follow the data, from config, logging and the folders an agent
- * can write, through the store, router, channels, queue, model proxy, container, scheduler and IPC, to the host that
- * wires them together and the CLI.
+ * Read it top to bottom; sections follow the data:
+ *   1. Config       environment, .env, paths, secrets kept out of process.env
+ *   2. Logging      pino to logs/nanoclaw.log, logs/nanoclaw.error.log and the terminal
+ *   3. Agent trees  the only way the host touches folders an agent can write
+ *   4. Store        SQLite schema, migrations and every query
+ *   5. Router       which messages wake the agent, what it sees, what goes back
+ *   6. Channels     the Channel interface, the local terminal chat, WhatsApp
+ *   7. Queue        one container per group, a global limit, retries with backoff
+ *   8. Model proxy  the key stays on the host; containers get a per-run token
+ *   9. Container    mounts, hardened docker arguments, the stdin/stdout contract, run logs
+ *  10. Scheduler    when a task runs next
+ *  11. IPC          files from the agent, authorised by the folder they appear in
+ *  12. Host         the pieces wired together (inbound → queue → container → outbound), and started
+ *  13. CLI          commands and main()
  *
  * The host ⇄ container protocol is in container/CONTRACT.md; what the containment guarantees (and not) in SECURITY.md.
  */
