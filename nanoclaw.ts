@@ -4425,18 +4425,22 @@ const CLOCK_JUMP_MS = 60_000;
 
 /** "2026-12-01 17:00" in the user's timezone (croner places it, DST included); an explicit offset or Z is respected as given. */
 export function parseOnceTime(value: string, timezone: string): Date {
-  const match = /^(\d{4}-\d{2}-\d{2})[T ](\d{2}:\d{2})(:\d{2})?(\.\d+)?(Z|[+-]\d{2}:?\d{2})?$/i.exec(value.trim());
+  const text = value.trim();
+  if (/(Z|[+-]\d{2}:?\d{2})$/i.test(text)) {
+    const date = new Date(text);
+    if (Number.isNaN(date.getTime())) throw new ScheduleError(`"${value}" is not a valid date-time`);
+    return date;
+  }
+  const match = /^(\d{4})-(\d{2})-(\d{2})[T ](\d{2}):(\d{2})(?::(\d{2}))?$/.exec(text);
   if (!match)
     throw new ScheduleError(
       `"${value}" is not a date-time; use YYYY-MM-DD HH:MM (your time, ${timezone}) or ISO 8601 with an offset`,
     );
-  const [, day, minute, second = ':00', fraction = '', offset] = match;
-  const local = `${day}T${minute}${second}`;
+  const local = `${match[1]}-${match[2]}-${match[3]}T${match[4]}:${match[5]}:${match[6] ?? '00'}`;
   // Read as UTC only to check it is a real calendar time: Date rolls Feb 30 over to March.
-  const asUtc = Date.parse(`${local}Z`);
-  if (Number.isNaN(asUtc) || new Date(asUtc).toISOString().slice(0, 19) !== local)
+  const asUtc = new Date(`${local}Z`);
+  if (Number.isNaN(asUtc.getTime()) || asUtc.toISOString().slice(0, 19) !== local)
     throw new ScheduleError(`"${value}" is not a real date and time`);
-  if (offset) return new Date(`${local}${fraction}${offset}`);
   const at = new Cron(local, { timezone, paused: true }).nextRun(new Date(0));
   if (!at) throw new ScheduleError(`"${value}" is not a date-time NanoClaw can place in ${timezone}`);
   return at;
