@@ -4134,91 +4134,64 @@ export const RESULT_END = '---NANOCLAW_RESULT_END---';
 /** A result is one JSON line; its answer and steps fit many times over. */
 const MAX_RESULT_LINE = 4 * 1024 * 1024;
 const MAX_LOG_LINE = 16 * 1024;
+const KEEP_OUTPUT_CHARS = 256 * 1024;
 
-/** One pass per chunk, at most `maxLine` held (the rest of a longer line dropped): a flood costs no memory or time. */
-export class LineSplitter {
-  private pending = '';
-  private dropping = false;
-
-  constructor(private readonly maxLine: number) {}
-
-  push(chunk: string): string[] {
-    const lines: string[] = [];
-    let start = 0;
-    for (let newline = chunk.indexOf('\n'); newline >= 0; newline = chunk.indexOf('\n', start)) {
-      if (!this.dropping) lines.push(this.take(chunk.slice(start, newline)));
-      this.pending = '';
-      this.dropping = false;
-      start = newline + 1;
+/**
+ * Reads a stream to its end: each line to `onLine`, cut at `maxLine` (the rest of a longer line dropped, so a flood
+ * costs no memory or time); `onText` sees each chunk first (false: the chunk is not read). Returns the last
+ * KEEP_OUTPUT_CHARS, for the run log.
+ */
+export async function readLines(
+  stream: ReadableStream<Uint8Array>,
+  maxLine: number,
+  onLine: (line: string) => void | Promise<void>,
+  onText: (text: string) => boolean = () => true,
+): Promise<string> {
+  const decoder = new TextDecoder();
+  const emit = (line: string) => onLine(line.slice(0, maxLine).replace(/\r$/, ''));
+  let tail = '';
+  let cutChars = 0;
+  let pending = '';
+  let dropping = false;
+  for await (const chunk of stream) {
+    const text = decoder.decode(chunk, { stream: true });
+    if (!onText(text)) continue;
+    tail += text;
+    if (tail.length > 2 * KEEP_OUTPUT_CHARS) {
+      cutChars += tail.length - KEEP_OUTPUT_CHARS;
+      tail = tail.slice(-KEEP_OUTPUT_CHARS);
     }
-    if (!this.dropping && start < chunk.length) {
-      const rest = chunk.slice(start);
-      if (this.pending.length + rest.length > this.maxLine) {
-        lines.push(this.take(rest));
-        this.pending = '';
-        this.dropping = true;
-      } else this.pending += rest;
+    const pieces = text.split('\n');
+    const rest = pieces.pop() ?? '';
+    for (const piece of pieces) {
+      if (!dropping) await emit(pending + piece);
+      pending = '';
+      dropping = false;
     }
-    return lines;
+    if (dropping) continue;
+    pending += rest;
+    if (pending.length > maxLine) {
+      await emit(pending);
+      pending = '';
+      dropping = true;
+    }
   }
-
-  private take(piece: string): string {
-    const line = this.pending + piece.slice(0, Math.max(0, this.maxLine - this.pending.length));
-    return line.endsWith('\r') ? line.slice(0, -1) : line;
-  }
+  cutChars += Math.max(0, tail.length - KEEP_OUTPUT_CHARS);
+  tail = tail.slice(-KEEP_OUTPUT_CHARS);
+  return cutChars > 0 ? `…(${cutChars} characters cut)\n${tail}` : tail;
 }
 
-export class ResultParser {
-  private readonly lines = new LineSplitter(MAX_RESULT_LINE);
-  private inside = false;
-  private body: string[] = [];
-
-  push(chunk: string): ContainerResult[] {
-    const results: ContainerResult[] = [];
-    for (const line of this.lines.push(chunk)) {
-      const result = this.line(line);
-      if (result) results.push(result);
-    }
-    return results;
-  }
-
-  private line(line: string): ContainerResult | null {
-    if (line === RESULT_START) {
-      this.inside = true;
-      this.body = [];
-      return null;
-    }
-    if (line === RESULT_END && this.inside) {
-      this.inside = false;
-      return parseResult(this.body.join('\n'));
-    }
-    // What is outside the markers is in the run log's tail; a result spans one line, a few at most.
-    if (this.inside && this.body.length < 64) this.body.push(line);
-    return null;
-  }
-}
-
-/** The last `limit` characters of a stream, in O(n) however it is chunked. */
-class OutputTail {
-  private text = '';
-  private cut = 0;
-
-  constructor(private readonly limit: number) {}
-
-  push(text: string): void {
-    this.text += text;
-    if (this.text.length > 2 * this.limit) this.trim();
-  }
-
-  private trim(): void {
-    this.cut += Math.max(0, this.text.length - this.limit);
-    this.text = this.text.slice(-this.limit);
-  }
-
-  toString(): string {
-    this.trim();
-    return this.cut > 0 ? `…(${this.cut} characters cut)\n${this.text}` : this.text;
-  }
+/** A line handler that hands on each result between RESULT_START and RESULT_END; other lines are the run log's only. */
+export function resultLines(onResult: (result: ContainerResult) => void | Promise<void>) {
+  let body: string[] | null = null;
+  return async (line: string) => {
+    if (line === RESULT_START) body = [];
+    else if (line === RESULT_END && body) {
+      const json = body.join('\n');
+      body = null;
+      await onResult(parseResult(json));
+    } else if (body && body.length < 64) body.push(line); // a result spans one line, a few at most
+  };
 }
 
 function parseResult(json: string): ContainerResult {
@@ -4273,16 +4246,7 @@ interface RunContainerOptions {
 
 const SESSION_LINE = /Session initialized: (\S+)/;
 const READY_LINE = /^\[agent-runner\] ready: /;
-const KEEP_OUTPUT_CHARS = 256 * 1024;
 export const MAX_RUN_OUTPUT = 64 * 1024 * 1024;
-
-async function forEachChunk(
-  stream: ReadableStream<Uint8Array>,
-  onText: (text: string) => void | Promise<void>,
-): Promise<void> {
-  const decoder = new TextDecoder();
-  for await (const chunk of stream) await onText(decoder.decode(chunk, { stream: true }));
-}
 
 /** Where each run's follow-ups go: data/input/<run>/, mounted at /workspace/ipc/input for that run only. */
 const inboxRoot = (config: Config) => join(config.dataDir, 'input');
@@ -4470,10 +4434,8 @@ async function readOutput(
   groupLog: Logger,
 ): Promise<RunResult> {
   const result: RunResult = { exitCode: null, timedOut: false, results: 0, stdout: '', stderr: '' };
-  const tails = { stdout: new OutputTail(KEEP_OUTPUT_CHARS), stderr: new OutputTail(KEEP_OUTPUT_CHARS) };
   let written = 0;
-  const take = (stream: 'stdout' | 'stderr', text: string) => {
-    tails[stream].push(text);
+  const withinLimit = (text: string) => {
     written += Buffer.byteLength(text);
     if (written > MAX_RUN_OUTPUT && !result.oversized) {
       result.oversized = true;
@@ -4486,50 +4448,44 @@ async function readOutput(
     }
     return !result.oversized;
   };
-  const parser = new ResultParser();
-  const stderrLines = new LineSplitter(MAX_LOG_LINE);
+  const onResult = async (parsed: ContainerResult) => {
+    result.results++;
+    live.armTimeout();
+    if (parsed.sessionId) result.sessionId = parsed.sessionId;
+    if (parsed.status === 'error') {
+      result.lastError = parsed.error ?? 'unknown error';
+      result.lastErrorKind = parsed.errorKind;
+      result.lastErrorUpTo = parsed.upTo;
+    }
+    try {
+      await options.onResult(parsed);
+    } catch (err) {
+      // What the host does with a result must not break the stream; the run ends instead.
+      result.lastError = `the host could not take this result: ${errorText(err)}`;
+      groupLog.error(
+        { container: plan.name, err: errorText(err) },
+        'Could not handle a result; stopping the container',
+      );
+      void live.kill(false);
+    }
+  };
   const debug = groupLog.isLevelEnabled('debug');
   let ready = false;
-  await Promise.all([
-    forEachChunk(proc.stdout, async (text) => {
-      if (!take('stdout', text)) return;
-      for (const parsed of parser.push(text)) {
-        result.results++;
-        live.armTimeout();
-        if (parsed.sessionId) result.sessionId = parsed.sessionId;
-        if (parsed.status === 'error') {
-          result.lastError = parsed.error ?? 'unknown error';
-          result.lastErrorKind = parsed.errorKind;
-          result.lastErrorUpTo = parsed.upTo;
-        }
-        try {
-          await options.onResult(parsed);
-        } catch (err) {
-          // What the host does with a result must not break the stream; the run ends instead.
-          result.lastError = `the host could not take this result: ${errorText(err)}`;
-          groupLog.error(
-            { container: plan.name, err: errorText(err) },
-            'Could not handle a result; stopping the container',
-          );
-          void live.kill(false);
-        }
-      }
-    }),
-    forEachChunk(proc.stderr, (text) => {
-      if (!take('stderr', text)) return;
-      for (const line of stderrLines.push(text)) {
-        if (!ready && READY_LINE.test(line)) {
-          ready = true;
-          options.onReady?.();
-        }
-        const session = SESSION_LINE.exec(line);
-        if (session) groupLog.info(`Session initialized: ${session[1]}`);
-        else if (debug && line.trim())
-          groupLog.debug({ container: plan.name }, `stderr: ${maskSecrets(line, plan.secretValues)}`);
-      }
-    }),
+  const onStderrLine = (line: string) => {
+    if (!ready && READY_LINE.test(line)) {
+      ready = true;
+      options.onReady?.();
+    }
+    const session = SESSION_LINE.exec(line);
+    if (session) groupLog.info(`Session initialized: ${session[1]}`);
+    else if (debug && line.trim())
+      groupLog.debug({ container: plan.name }, `stderr: ${maskSecrets(line, plan.secretValues)}`);
+  };
+  const [stdout, stderr] = await Promise.all([
+    readLines(proc.stdout, MAX_RESULT_LINE, resultLines(onResult), withinLimit),
+    readLines(proc.stderr, MAX_LOG_LINE, onStderrLine, withinLimit),
   ]);
-  return { ...result, stdout: tails.stdout.toString(), stderr: tails.stderr.toString() };
+  return { ...result, stdout, stderr };
 }
 
 async function streamContainer(plan: RunPlan, options: RunContainerOptions, groupLog: Logger): Promise<RunResult> {
