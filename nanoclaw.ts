@@ -4022,12 +4022,8 @@ export function containerUserArgs(
 
 /** This project directory's id: its containers carry it, so no install touches another's. */
 export function installId(config: Config): string {
-  let root = config.projectRoot;
-  try {
-    root = realpathSync(root);
-  } catch {
-    // not created yet: the configured path is the identity
-  }
+  // Not created yet: the configured path is the identity.
+  const root = existsSync(config.projectRoot) ? realpathSync(config.projectRoot) : config.projectRoot;
   return new Bun.CryptoHasher('sha256').update(root).digest('hex').slice(0, 12);
 }
 
@@ -4426,13 +4422,19 @@ class RunningContainer implements LiveContainer {
 }
 
 /** Past MAX_RUN_OUTPUT the run is logged as oversized and stopped: what a container writes is bounded. */
-async function readOutput(
-  proc: { stdout: ReadableStream<Uint8Array>; stderr: ReadableStream<Uint8Array> },
-  plan: RunPlan,
-  options: RunContainerOptions,
-  live: RunningContainer,
-  groupLog: Logger,
-): Promise<RunResult> {
+async function streamContainer(plan: RunPlan, options: RunContainerOptions, groupLog: Logger): Promise<RunResult> {
+  const { config } = options;
+  const proc = Bun.spawn([config.containerRuntime, ...plan.args], {
+    stdin: 'pipe',
+    stdout: 'pipe',
+    stderr: 'pipe',
+    env: childProcessEnv(),
+    cwd: config.projectRoot,
+  });
+  proc.stdin.write(JSON.stringify(plan.input));
+  await proc.stdin.end();
+  const live = new RunningContainer(config, plan, proc, groupLog, options.acceptsFollowUps);
+  options.onStart?.(live);
   const result: RunResult = { exitCode: null, timedOut: false, results: 0, stdout: '', stderr: '' };
   let written = 0;
   const withinLimit = (text: string) => {
@@ -4481,30 +4483,15 @@ async function readOutput(
     else if (debug && line.trim())
       groupLog.debug({ container: plan.name }, `stderr: ${maskSecrets(line, plan.secretValues)}`);
   };
-  const [stdout, stderr] = await Promise.all([
+  const [exitCode, stdout, stderr] = await Promise.all([
+    proc.exited,
     readLines(proc.stdout, MAX_RESULT_LINE, resultLines(onResult), withinLimit),
     readLines(proc.stderr, MAX_LOG_LINE, onStderrLine, withinLimit),
   ]);
-  return { ...result, stdout, stderr };
-}
-
-async function streamContainer(plan: RunPlan, options: RunContainerOptions, groupLog: Logger): Promise<RunResult> {
-  const { config } = options;
-  const proc = Bun.spawn([config.containerRuntime, ...plan.args], {
-    stdin: 'pipe',
-    stdout: 'pipe',
-    stderr: 'pipe',
-    env: childProcessEnv(),
-    cwd: config.projectRoot,
-  });
-  proc.stdin.write(JSON.stringify(plan.input));
-  await proc.stdin.end();
-  const live = new RunningContainer(config, plan, proc, groupLog, options.acceptsFollowUps);
-  options.onStart?.(live);
-  const [exitCode, result] = await Promise.all([proc.exited, readOutput(proc, plan, options, live, groupLog)]);
   live.clearTimers();
   await live.stopping;
-  return { ...result, exitCode: live.timedOut ? null : exitCode, timedOut: live.timedOut, killed: live.killed };
+  const timedOut = live.timedOut;
+  return { ...result, stdout, stderr, exitCode: timedOut ? null : exitCode, timedOut, killed: live.killed };
 }
 
 function writeRunLog(
