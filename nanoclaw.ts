@@ -4494,6 +4494,17 @@ async function streamContainer(plan: RunPlan, options: RunContainerOptions, grou
   return { ...result, stdout, stderr, exitCode: timedOut ? null : exitCode, timedOut, killed: live.killed };
 }
 
+export const RUN_LOGS_KEPT = 100;
+
+/** The only names the host writes in logs/ (container-<start time>.log): others are not ours. */
+const RUN_LOG_NAME = /^container-\d{4}-\d{2}-\d{2}T\d{2}-\d{2}-\d{2}-\d{3}Z\.log$/;
+
+/** Names sort by start time. */
+export function runLogsToPrune(names: readonly string[], keep: number): string[] {
+  const logs = names.filter((name) => RUN_LOG_NAME.test(name)).sort();
+  return logs.slice(0, Math.max(0, logs.length - keep));
+}
+
 function writeRunLog(
   plan: RunPlan,
   options: RunContainerOptions,
@@ -4539,36 +4550,22 @@ function writeRunLog(
       result.stdout.trimEnd(),
     );
   }
-  const logName = runLogName(startedAt);
+  const logName = `container-${startedAt.toISOString().replace(/[:.]/g, '-')}.log`;
+  const logs = plan.trees.group;
   try {
-    plan.trees.group.create(`logs/${logName}`, maskSecrets(`${lines.join('\n')}\n`, plan.secretValues));
-    pruneRunLogs(plan.trees.group, RUN_LOGS_KEPT);
-    return join(plan.trees.group.path('logs'), logName);
+    logs.create(`logs/${logName}`, maskSecrets(`${lines.join('\n')}\n`, plan.secretValues));
+    // Regular files of the host's own names only: never a link, never followed.
+    const files = logs.entries('logs').filter((entry) => entry.kind === 'file');
+    for (const name of runLogsToPrune(
+      files.map((entry) => entry.name),
+      RUN_LOGS_KEPT,
+    ))
+      logs.remove(`logs/${name}`);
+    return join(logs.path('logs'), logName);
   } catch (err) {
     groupLog.warn({ reason: errorText(err) }, 'Could not write the run log');
     return '(not written)';
   }
-}
-
-export const RUN_LOGS_KEPT = 100;
-
-/** The only names the host writes in logs/. */
-const runLogName = (startedAt: Date) => `container-${startedAt.toISOString().replace(/[:.]/g, '-')}.log`;
-const RUN_LOG_NAME = /^container-\d{4}-\d{2}-\d{2}T\d{2}-\d{2}-\d{2}-\d{3}Z\.log$/;
-
-/** Names sort by start time; other names are not ours. */
-export function runLogsToPrune(names: readonly string[], keep: number): string[] {
-  const logs = names.filter((name) => RUN_LOG_NAME.test(name)).sort();
-  return logs.slice(0, Math.max(0, logs.length - keep));
-}
-
-/** Regular files of the host's own names only: never a link, never followed. */
-function pruneRunLogs(tree: AgentTree, keep: number): void {
-  const files = tree
-    .entries('logs')
-    .filter((entry) => entry.kind === 'file')
-    .map((entry) => entry.name);
-  for (const name of runLogsToPrune(files, keep)) tree.remove(`logs/${name}`);
 }
 
 export async function runContainer(options: RunContainerOptions): Promise<RunOutcome> {
@@ -5183,12 +5180,6 @@ export type IpcRequest = { [K in IpcActionName]: z.infer<ReturnType<typeof ipcAc
 /** The table entry for a request, typed loosely: each entry's functions take what its own schema produced. */
 const actionFor = (type: IpcActionName) => ipcActions()[type] as unknown as IpcAction<z.ZodType<object>>;
 
-function zodProblem(error: z.ZodError): string {
-  return error.issues
-    .map((issue) => (issue.path.length ? `"${issue.path.join('.')}" ${issue.message}` : issue.message))
-    .join('; ');
-}
-
 export function parseIpcRequest(kind: IpcKind, raw: unknown): IpcRequest {
   if (typeof raw !== 'object' || raw === null || Array.isArray(raw)) throw new IpcFormatError('expected a JSON object');
   const type = (raw as { type?: unknown }).type;
@@ -5200,7 +5191,11 @@ export function parseIpcRequest(kind: IpcKind, raw: unknown): IpcRequest {
     throw new IpcFormatError(`"type" ${JSON.stringify(type)} is unknown in ${kind}/; use one of ${known.join(', ')}`);
   }
   const parsed = entry.schema.safeParse(raw);
-  if (!parsed.success) throw new IpcFormatError(zodProblem(parsed.error));
+  if (!parsed.success) {
+    const problem = (issue: z.core.$ZodIssue) =>
+      (issue.path.length ? `"${issue.path.join('.')}" ` : '') + issue.message;
+    throw new IpcFormatError(parsed.error.issues.map(problem).join('; '));
+  }
   return parsed.data as IpcRequest;
 }
 
@@ -5332,11 +5327,6 @@ export const IPC_FILES_PER_PASS = 25;
 
 /** claimed/<folder>.<kind>.<claim id>/<name>: the name one level down always fits; the parts contain no dot. */
 const CLAIM_DIR = /^([a-z0-9][a-z0-9_-]*)\.(messages|tasks)\.([0-9a-f-]{36})$/;
-
-function parseClaimDir(dir: string): { folder: string; kind: IpcKind; claimId: string } | null {
-  const match = CLAIM_DIR.exec(dir);
-  return match ? { folder: match[1]!, kind: match[2] as IpcKind, claimId: match[3]! } : null;
-}
 
 /** A claim left flat (<dir>.<name>) by a host before 2026-12, moved into its folder; the name of the claim. */
 function upgradedClaim(claimedDir: string, claim: string): string {
@@ -5476,7 +5466,8 @@ export class IpcWatcher {
 
   /** False when the database was unavailable (the claim stays for the next pass). */
   private async handleClaimed(dir: string): Promise<boolean> {
-    const source = parseClaimDir(dir);
+    const claim = CLAIM_DIR.exec(dir);
+    const source = claim ? { folder: claim[1]!, kind: claim[2] as IpcKind, claimId: claim[3]! } : null;
     const [name] = source ? readdirSync(join(this.claimedDir, dir)) : [];
     const path = join(this.claimedDir, dir, name ?? '');
     try {
