@@ -5328,15 +5328,6 @@ export const IPC_FILES_PER_PASS = 25;
 /** claimed/<folder>.<kind>.<claim id>/<name>: the name one level down always fits; the parts contain no dot. */
 const CLAIM_DIR = /^([a-z0-9][a-z0-9_-]*)\.(messages|tasks)\.([0-9a-f-]{36})$/;
 
-/** A claim left flat (<dir>.<name>) by a host before 2026-12, moved into its folder; the name of the claim. */
-function upgradedClaim(claimedDir: string, claim: string): string {
-  const flat = /^([^.]+\.[^.]+\.[^.]+)\.(.+)$/.exec(claim);
-  if (!flat || !CLAIM_DIR.test(flat[1]!)) return claim;
-  mkdirSync(join(claimedDir, flat[1]!), { recursive: true });
-  renameSync(join(claimedDir, claim), join(claimedDir, flat[1]!, flat[2]!));
-  return flat[1]!;
-}
-
 /**
  * A file is renamed out of the agent's reach (data/ipc/claimed/) before it is read, so it cannot be swapped; a link,
  * FIFO or folder is removed unread, a file over MAX_AGENT_FILE_BYTES refused unread; a crash's claims are redone.
@@ -5396,7 +5387,7 @@ export class IpcWatcher {
     mkdirSync(this.claimedDir, { recursive: true });
     // First what was claimed but not finished (a crash, or a database that was unavailable).
     for (const claim of readdirSync(this.claimedDir).sort()) {
-      if (!(await this.handleClaimed(upgradedClaim(this.claimedDir, claim)))) return false;
+      if (!(await this.handleClaimed(claim))) return false;
     }
     let more = false;
     for (const entry of readdirSync(this.ipcDir, { withFileTypes: true })) {
