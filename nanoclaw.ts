@@ -4956,39 +4956,6 @@ function sendFile(request: { chatJid: string; path: string; caption?: string }, 
   return `${file.kind === 'image' ? 'an image' : `a document (${file.mimetype})`}, ${formatBytes(file.data.length)}`;
 }
 
-interface NewTaskRequest {
-  prompt: string;
-  schedule_type: ScheduleType;
-  schedule_value: string;
-  context_mode: 'group' | 'isolated';
-  targetJid?: string | null;
-}
-
-function scheduleTask(request: NewTaskRequest, { config, store, source, effects }: IpcActionContext): string {
-  const target = store.groupByJid(request.targetJid ?? source.jid)!;
-  const nextRun = computeNextRun(request.schedule_type, request.schedule_value, config.timezone);
-  if (!nextRun) throw new ScheduleError(`"${request.schedule_value}" is in the past`);
-  const id = `task-${randomUUID()}`;
-  store.createTask({
-    id,
-    groupFolder: target.folder,
-    chatJid: target.jid,
-    prompt: request.prompt,
-    scheduleType: request.schedule_type,
-    scheduleValue: request.schedule_value,
-    contextMode: request.context_mode,
-    nextRun: nextRun.toISOString(),
-    lastRun: null,
-    lastResult: null,
-    status: 'active',
-    createdAt: new Date().toISOString(),
-  });
-  effects.afterwards(effects.tasksChanged);
-  const fields = { group: source.folder, taskId: id, target: target.folder, nextRun: nextRun.toISOString() };
-  log.info(fields, 'Task scheduled');
-  return `scheduled as ${id}; first run ${formatLocalTime(nextRun.toISOString(), config.timezone)} (${config.timezone})`;
-}
-
 function resumeTask({ taskId }: { taskId: string }, { config, store, source, effects }: IpcActionContext): string {
   const task = store.getTask(taskId)!;
   // A removed group's task stays paused until the group is registered again (the CLI too).
@@ -5009,25 +4976,6 @@ const updatedSchedule = (task: ScheduledTask, request: { schedule_type?: Schedul
   scheduleType: request.schedule_type ?? task.scheduleType,
   scheduleValue: request.schedule_value ?? task.scheduleValue,
 });
-
-function updateTask(
-  request: { taskId: string; prompt?: string; schedule_type?: ScheduleType; schedule_value?: string },
-  { config, store, source, effects }: IpcActionContext,
-): void {
-  const task = store.getTask(request.taskId)!;
-  const { scheduleType, scheduleValue } = updatedSchedule(task, request);
-  const scheduleChanged = scheduleType !== task.scheduleType || scheduleValue !== task.scheduleValue;
-  const nextRun = scheduleChanged ? computeNextRun(scheduleType, scheduleValue, config.timezone) : undefined;
-  if (scheduleChanged && !nextRun) throw new ScheduleError(`"${scheduleValue}" is in the past`);
-  store.updateTask(task.id, {
-    prompt: request.prompt,
-    scheduleType,
-    scheduleValue,
-    ...(nextRun ? { nextRun: nextRun.toISOString() } : {}),
-  });
-  effects.afterwards(effects.tasksChanged);
-  log.info({ group: source.folder, taskId: task.id }, 'Task updated');
-}
 
 /** The table of actions; built on first use, since loading zod costs every CLI command ~18 ms. */
 function defineIpcActions(z: Zod) {
@@ -5083,7 +5031,30 @@ function defineIpcActions(z: Zod) {
         const task = { groupFolder, scheduleType: request.schedule_type, scheduleValue: request.schedule_value };
         return scheduleLimit(config, store, source, task, true);
       },
-      apply: scheduleTask,
+      apply: (request, { config, store, source, effects }) => {
+        const target = store.groupByJid(request.targetJid ?? source.jid)!;
+        const nextRun = computeNextRun(request.schedule_type, request.schedule_value, config.timezone);
+        if (!nextRun) throw new ScheduleError(`"${request.schedule_value}" is in the past`);
+        const id = `task-${randomUUID()}`;
+        store.createTask({
+          id,
+          groupFolder: target.folder,
+          chatJid: target.jid,
+          prompt: request.prompt,
+          scheduleType: request.schedule_type,
+          scheduleValue: request.schedule_value,
+          contextMode: request.context_mode,
+          nextRun: nextRun.toISOString(),
+          lastRun: null,
+          lastResult: null,
+          status: 'active',
+          createdAt: new Date().toISOString(),
+        });
+        effects.afterwards(effects.tasksChanged);
+        const fields = { group: source.folder, taskId: id, target: target.folder, nextRun: nextRun.toISOString() };
+        log.info(fields, 'Task scheduled');
+        return `scheduled as ${id}; first run ${formatLocalTime(nextRun.toISOString(), config.timezone)} (${config.timezone})`;
+      },
     }),
     pause_task: ipcAction({
       kind: 'tasks',
@@ -5130,7 +5101,21 @@ function defineIpcActions(z: Zod) {
         if (!task || (!request.schedule_type && !request.schedule_value)) return null;
         return scheduleLimit(config, store, source, updatedSchedule(task, request), false);
       },
-      apply: updateTask,
+      apply: (request, { config, store, source, effects }) => {
+        const task = store.getTask(request.taskId)!;
+        const { scheduleType, scheduleValue } = updatedSchedule(task, request);
+        const scheduleChanged = scheduleType !== task.scheduleType || scheduleValue !== task.scheduleValue;
+        const nextRun = scheduleChanged ? computeNextRun(scheduleType, scheduleValue, config.timezone) : undefined;
+        if (scheduleChanged && !nextRun) throw new ScheduleError(`"${scheduleValue}" is in the past`);
+        store.updateTask(task.id, {
+          prompt: request.prompt,
+          scheduleType,
+          scheduleValue,
+          ...(nextRun ? { nextRun: nextRun.toISOString() } : {}),
+        });
+        effects.afterwards(effects.tasksChanged);
+        log.info({ group: source.folder, taskId: task.id }, 'Task updated');
+      },
     }),
     refresh_groups: ipcAction({
       kind: 'tasks',
