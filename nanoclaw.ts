@@ -5492,10 +5492,7 @@ export class IpcWatcher {
     try {
       new AgentTree(join(this.ipcDir, folder), containerOwner()).replace(`responses/${name}`, JSON.stringify(decision));
     } catch (err) {
-      log.warn(
-        { group: folder, file: name, reason: errorText(err) },
-        'Could not tell the agent what became of its request',
-      );
+      log.warn({ group: folder, file: name, reason: errorText(err) }, 'Could not answer the agent’s request');
     }
   }
 
