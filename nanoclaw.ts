@@ -5427,14 +5427,10 @@ export class IpcWatcher {
     const names: string[] = [];
     for (const entry of entries) {
       if (entry.name.startsWith('.') || !entry.name.endsWith('.json')) continue;
-      if (entry.kind === 'file') {
-        names.push(entry.name);
-      } else {
+      if (entry.kind === 'file') names.push(entry.name);
+      else {
         tree.remove(`${kind}/${entry.name}`);
-        log.warn(
-          { group: folder, file: entry.name },
-          'IPC file refused: not a regular file (a link, FIFO or folder); removed unread',
-        );
+        log.warn({ group: folder, file: entry.name }, 'IPC file refused: not a regular file; removed unread');
       }
     }
     return names.sort();
