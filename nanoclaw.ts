@@ -4982,16 +4982,13 @@ function defineIpcActions(z: Zod) {
   const nonEmpty = z.string().refine((text) => text.trim() !== '', 'must be a non-empty string');
   const scheduleTypes = z.enum(['cron', 'interval', 'once']);
   const taskRef = { taskId: nonEmpty };
+  const request = <T extends string, F extends z.ZodRawShape>(type: T, fields: F) =>
+    z.object({ type: z.literal(type), ...fields });
   return {
     message: ipcAction({
       kind: 'messages',
       // expectsReply: the runner relays a question of the agent's; the chat's next message answers it.
-      schema: z.object({
-        type: z.literal('message'),
-        chatJid: nonEmpty,
-        text: nonEmpty,
-        expectsReply: z.boolean().optional(),
-      }),
+      schema: request('message', { chatJid: nonEmpty, text: nonEmpty, expectsReply: z.boolean().optional() }),
       refusal: (request, source, store) => ownChatOnly(source, request.chatJid, store, 'message'),
       apply: ({ chatJid, text, expectsReply = false }, { config, effects, source }) => {
         const words = formatAsSaid(text, config);
@@ -5005,19 +5002,13 @@ function defineIpcActions(z: Zod) {
     }),
     send_file: ipcAction({
       kind: 'messages',
-      schema: z.object({
-        type: z.literal('send_file'),
-        chatJid: nonEmpty,
-        path: nonEmpty,
-        caption: z.string().optional(),
-      }),
+      schema: request('send_file', { chatJid: nonEmpty, path: nonEmpty, caption: z.string().optional() }),
       refusal: (request, source, store) => ownChatOnly(source, request.chatJid, store, 'send files to'),
       apply: sendFile,
     }),
     schedule_task: ipcAction({
       kind: 'tasks',
-      schema: z.object({
-        type: z.literal('schedule_task'),
+      schema: request('schedule_task', {
         prompt: nonEmpty,
         schedule_type: scheduleTypes,
         schedule_value: nonEmpty,
@@ -5058,7 +5049,7 @@ function defineIpcActions(z: Zod) {
     }),
     pause_task: ipcAction({
       kind: 'tasks',
-      schema: z.object({ type: z.literal('pause_task'), ...taskRef }),
+      schema: request('pause_task', taskRef),
       refusal: ownTaskOnly,
       apply: ({ taskId }, { store, source, effects }) => {
         store.updateTask(taskId, { status: 'paused', pausedReason: null });
@@ -5068,7 +5059,7 @@ function defineIpcActions(z: Zod) {
     }),
     resume_task: ipcAction({
       kind: 'tasks',
-      schema: z.object({ type: z.literal('resume_task'), ...taskRef }),
+      schema: request('resume_task', taskRef),
       refusal: ownTaskOnly,
       limit: (request, source, store, config) => {
         const task = store.getTask(request.taskId);
@@ -5078,7 +5069,7 @@ function defineIpcActions(z: Zod) {
     }),
     cancel_task: ipcAction({
       kind: 'tasks',
-      schema: z.object({ type: z.literal('cancel_task'), ...taskRef }),
+      schema: request('cancel_task', taskRef),
       refusal: ownTaskOnly,
       apply: ({ taskId }, { store, source, effects }) => {
         store.deleteTask(taskId);
@@ -5088,8 +5079,7 @@ function defineIpcActions(z: Zod) {
     }),
     update_task: ipcAction({
       kind: 'tasks',
-      schema: z.object({
-        type: z.literal('update_task'),
+      schema: request('update_task', {
         ...taskRef,
         prompt: nonEmpty.optional(),
         schedule_type: scheduleTypes.optional(),
@@ -5119,7 +5109,7 @@ function defineIpcActions(z: Zod) {
     }),
     refresh_groups: ipcAction({
       kind: 'tasks',
-      schema: z.object({ type: z.literal('refresh_groups') }),
+      schema: request('refresh_groups', {}),
       refusal: mainOnly('refresh_groups'),
       apply: (_request, { config, store, source, effects }) => {
         effects.afterwards(() => {
@@ -5136,8 +5126,7 @@ function defineIpcActions(z: Zod) {
     }),
     register_group: ipcAction({
       kind: 'tasks',
-      schema: z.object({
-        type: z.literal('register_group'),
+      schema: request('register_group', {
         jid: nonEmpty,
         name: nonEmpty,
         folder: nonEmpty,
