@@ -4942,35 +4942,6 @@ function fileToSend(config: Config, folder: string, path: string, caption: strin
 const formatAsSaid = (text: string, config: Config) =>
   formatOutbound(text, config.assistantName, config.assistantHasOwnNumber);
 
-function sendFile(request: { chatJid: string; path: string; caption?: string }, ctx: IpcActionContext): string {
-  const { config, effects, source } = ctx;
-  const caption = request.caption ? formatAsSaid(request.caption, config) : null;
-  const file = fileToSend(config, source.folder, request.path, caption);
-  effects.sayFile(request.chatJid, file);
-  effects.afterwards(() => {
-    effects.sendSoon(request.chatJid);
-    const { fileName, kind, data } = file;
-    const fields = { group: source.folder, chatJid: request.chatJid, file: fileName, kind, bytes: data.length };
-    log.info(fields, 'File sent for the agent');
-  });
-  return `${file.kind === 'image' ? 'an image' : `a document (${file.mimetype})`}, ${formatBytes(file.data.length)}`;
-}
-
-function resumeTask({ taskId }: { taskId: string }, { config, store, source, effects }: IpcActionContext): string {
-  const task = store.getTask(taskId)!;
-  // A removed group's task stays paused until the group is registered again (the CLI too).
-  if (!store.groupByFolder(task.groupFolder))
-    throw new ScheduleError(
-      `task ${task.id} belongs to group "${task.groupFolder}", which is not registered: register it again first`,
-    );
-  const nextRun = computeNextRun(task.scheduleType, task.scheduleValue, config.timezone);
-  if (!nextRun) throw new ScheduleError(`task ${task.id} has no future run left (once, ${task.scheduleValue})`);
-  store.updateTask(task.id, { status: 'active', nextRun: nextRun.toISOString(), pausedReason: null });
-  effects.afterwards(effects.tasksChanged);
-  log.info({ group: source.folder, taskId: task.id, nextRun: nextRun.toISOString() }, 'Task resumed');
-  return `resumed; next run ${formatLocalTime(nextRun.toISOString(), config.timezone)} (${config.timezone})`;
-}
-
 const updatedSchedule = (task: ScheduledTask, request: { schedule_type?: ScheduleType; schedule_value?: string }) => ({
   ...task,
   scheduleType: request.schedule_type ?? task.scheduleType,
@@ -5004,7 +4975,18 @@ function defineIpcActions(z: Zod) {
       kind: 'messages',
       schema: request('send_file', { chatJid: nonEmpty, path: nonEmpty, caption: z.string().optional() }),
       refusal: (request, source, store) => ownChatOnly(source, request.chatJid, store, 'send files to'),
-      apply: sendFile,
+      apply: (request, { config, effects, source }) => {
+        const caption = request.caption ? formatAsSaid(request.caption, config) : null;
+        const file = fileToSend(config, source.folder, request.path, caption);
+        effects.sayFile(request.chatJid, file);
+        effects.afterwards(() => {
+          effects.sendSoon(request.chatJid);
+          const { fileName, kind, data } = file;
+          const fields = { group: source.folder, chatJid: request.chatJid, file: fileName, kind, bytes: data.length };
+          log.info(fields, 'File sent for the agent');
+        });
+        return `${file.kind === 'image' ? 'an image' : `a document (${file.mimetype})`}, ${formatBytes(file.data.length)}`;
+      },
     }),
     schedule_task: ipcAction({
       kind: 'tasks',
@@ -5065,7 +5047,20 @@ function defineIpcActions(z: Zod) {
         const task = store.getTask(request.taskId);
         return task ? scheduleLimit(config, store, source, task, task.status !== 'active') : null;
       },
-      apply: resumeTask,
+      apply: ({ taskId }, { config, store, source, effects }) => {
+        const task = store.getTask(taskId)!;
+        // A removed group's task stays paused until the group is registered again (the CLI too).
+        if (!store.groupByFolder(task.groupFolder))
+          throw new ScheduleError(
+            `task ${task.id} belongs to group "${task.groupFolder}", which is not registered: register it again first`,
+          );
+        const nextRun = computeNextRun(task.scheduleType, task.scheduleValue, config.timezone);
+        if (!nextRun) throw new ScheduleError(`task ${task.id} has no future run left (once, ${task.scheduleValue})`);
+        store.updateTask(task.id, { status: 'active', nextRun: nextRun.toISOString(), pausedReason: null });
+        effects.afterwards(effects.tasksChanged);
+        log.info({ group: source.folder, taskId: task.id, nextRun: nextRun.toISOString() }, 'Task resumed');
+        return `resumed; next run ${formatLocalTime(nextRun.toISOString(), config.timezone)} (${config.timezone})`;
+      },
     }),
     cancel_task: ipcAction({
       kind: 'tasks',
