@@ -4134,7 +4134,7 @@ const KEEP_OUTPUT_CHARS = 256 * 1024;
 
 /**
  * Reads a stream to its end: each line to `onLine`, cut at `maxLine` (the rest of a longer line dropped, so a flood
- * costs no memory or time); `onText` sees each chunk first (false: the chunk is not read). Returns the last
+ * costs no memory or time); `onText` sees each chunk first (false: its lines are not read). Returns the last
  * KEEP_OUTPUT_CHARS, for the run log.
  */
 export async function readLines(
@@ -4151,12 +4151,12 @@ export async function readLines(
   let dropping = false;
   for await (const chunk of stream) {
     const text = decoder.decode(chunk, { stream: true });
-    if (!onText(text)) continue;
     tail += text;
     if (tail.length > 2 * KEEP_OUTPUT_CHARS) {
       cutChars += tail.length - KEEP_OUTPUT_CHARS;
       tail = tail.slice(-KEEP_OUTPUT_CHARS);
     }
+    if (!onText(text)) continue;
     const pieces = text.split('\n');
     const rest = pieces.pop() ?? '';
     for (const piece of pieces) {
