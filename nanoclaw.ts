@@ -4380,10 +4380,7 @@ class RunningContainer implements LiveContainer {
       void this.thaw();
       return true;
     } catch (err) {
-      this.groupLog.warn(
-        { reason: errorText(err) },
-        'Could not hand a follow-up to the container (its input folder is not a plain folder); stopping it, the message goes to the next run',
-      );
+      this.groupLog.warn({ reason: errorText(err) }, 'Could not deliver a follow-up; stopping, the next run gets it');
       void this.kill(false);
       return false;
     }
@@ -4442,10 +4439,7 @@ async function streamContainer(plan: RunPlan, options: RunContainerOptions, grou
     if (written > MAX_RUN_OUTPUT && !result.oversized) {
       result.oversized = true;
       result.lastError = `the container wrote more than ${MAX_RUN_OUTPUT / 1024 / 1024} MB of output; stopped`;
-      groupLog.error(
-        { container: plan.name, limitBytes: MAX_RUN_OUTPUT },
-        'Container output over the limit; stopping it',
-      );
+      groupLog.error({ container: plan.name }, 'Container output over the limit; stopping it');
       void live.kill(false);
     }
     return !result.oversized;
@@ -4464,10 +4458,7 @@ async function streamContainer(plan: RunPlan, options: RunContainerOptions, grou
     } catch (err) {
       // What the host does with a result must not break the stream; the run ends instead.
       result.lastError = `the host could not take this result: ${errorText(err)}`;
-      groupLog.error(
-        { container: plan.name, err: errorText(err) },
-        'Could not handle a result; stopping the container',
-      );
+      groupLog.error({ container: plan.name, err: errorText(err) }, 'Result not handled; stopping the container');
       void live.kill(false);
     }
   };
@@ -5437,10 +5428,7 @@ export class IpcWatcher {
       const reason = errorText(err);
       const file = name ?? dir;
       if (isStoreUnavailable(err)) {
-        log.warn(
-          { group: source?.folder, file, reason },
-          'The database is unavailable; the IPC request waits for the next pass',
-        );
+        log.warn({ group: source?.folder, file, reason }, 'Database unavailable; IPC request kept for the next pass');
         this.clock.after(1_000, () => void this.scan());
         return false;
       }
