@@ -4391,12 +4391,10 @@ class RunningContainer implements LiveContainer {
     this.closing = true;
     void this.thaw();
     try {
-      this.plan.inbox.create('_close', '');
+      this.plan.inbox.replace('_close', ''); // over whatever the agent may have put there, never through it
     } catch (err) {
-      if (errorCode(err) !== 'EEXIST') {
-        this.groupLog.warn({ reason: errorText(err) }, 'Could not ask the container to close; stopping it');
-        void this.kill(false);
-      }
+      this.groupLog.warn({ reason: errorText(err) }, 'Could not ask the container to close; stopping it');
+      void this.kill(false);
     }
     const graceMs = this.config.container.closeGraceMs;
     this.graceTimer = setTimeout(() => {
