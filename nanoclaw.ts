@@ -5352,12 +5352,9 @@ export class IpcWatcher {
       if (!entry.isDirectory() || !isValidFolder(entry.name)) continue;
       const tree = new AgentTree(join(this.ipcDir, entry.name));
       for (const kind of ['messages', 'tasks'] as const) {
-        let taken = 0;
-        for (const name of this.pending(tree, entry.name, kind)) {
-          if (taken++ >= IPC_FILES_PER_PASS) {
-            more = true;
-            break;
-          }
+        const names = this.pending(tree, entry.name, kind);
+        if (names.length > IPC_FILES_PER_PASS) more = true;
+        for (const name of names.slice(0, IPC_FILES_PER_PASS)) {
           const claimed = this.claim(tree, entry.name, kind, name);
           if (claimed) {
             crashPoint('ipc-claimed');
