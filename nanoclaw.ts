@@ -4830,9 +4830,8 @@ const ownChatOnly = (source: RegisteredGroup, chatJid: string, store: Store, wha
 const ownTaskOnly = ({ taskId }: { taskId: string }, source: RegisteredGroup, store: Store): string | null => {
   const task = store.getTask(taskId);
   if (!task) return `no task with id ${taskId}`;
-  return source.isMain || task.groupFolder === source.folder
-    ? null
-    : `group "${source.folder}" may only manage its own tasks`;
+  if (source.isMain || task.groupFolder === source.folder) return null;
+  return `group "${source.folder}" may only manage its own tasks`;
 };
 
 const mainOnly = (type: string) => (_request: object, source: RegisteredGroup) =>
@@ -5159,10 +5158,7 @@ export function parseIpcRequest(kind: IpcKind, raw: unknown): IpcRequest {
 
 export function refusal(source: RegisteredGroup, request: IpcRequest, store: Store, config?: Config): string | null {
   const entry = actionFor(request.type);
-  return (
-    entry.refusal(request, source, store) ??
-    (config && entry.limit ? entry.limit(request, source, store, config) : null)
-  );
+  return entry.refusal(request, source, store) ?? (config && entry.limit?.(request, source, store, config)) ?? null;
 }
 
 /** Call inside a transaction. */
