@@ -3775,12 +3775,8 @@ export function containerUserArgs(
 
 /** This project directory's id: its containers carry it, so no install touches another's. */
 export function installId(config: Config): string {
-  let root = config.projectRoot;
-  try {
-    root = realpathSync(root);
-  } catch {
-    // not created yet: the configured path is the identity
-  }
+  // Not created yet: the configured path is the identity.
+  const root = existsSync(config.projectRoot) ? realpathSync(config.projectRoot) : config.projectRoot;
   return new Bun.CryptoHasher('sha256').update(root).digest('hex').slice(0, 12);
 }
 
@@ -3887,91 +3883,64 @@ export const RESULT_END = '---NANOCLAW_RESULT_END---';
 /** A result is one JSON line; its answer and steps fit many times over. */
 const MAX_RESULT_LINE = 4 * 1024 * 1024;
 const MAX_LOG_LINE = 16 * 1024;
+const KEEP_OUTPUT_CHARS = 256 * 1024;
 
-/** One pass per chunk, at most `maxLine` held (the rest of a longer line dropped): a flood costs no memory or time. */
-export class LineSplitter {
-  private pending = '';
-  private dropping = false;
-
-  constructor(private readonly maxLine: number) {}
-
-  push(chunk: string): string[] {
-    const lines: string[] = [];
-    let start = 0;
-    for (let newline = chunk.indexOf('\n'); newline >= 0; newline = chunk.indexOf('\n', start)) {
-      if (!this.dropping) lines.push(this.take(chunk.slice(start, newline)));
-      this.pending = '';
-      this.dropping = false;
-      start = newline + 1;
+/**
+ * Reads a stream to its end: each line to `onLine`, cut at `maxLine` (the rest of a longer line dropped, so a flood
+ * costs no memory or time); `onText` sees each chunk first (false: its lines are not read). Returns the last
+ * KEEP_OUTPUT_CHARS, for the run log.
+ */
+export async function readLines(
+  stream: ReadableStream<Uint8Array>,
+  maxLine: number,
+  onLine: (line: string) => void | Promise<void>,
+  onText: (text: string) => boolean = () => true,
+): Promise<string> {
+  const decoder = new TextDecoder();
+  const emit = (line: string) => onLine(line.slice(0, maxLine).replace(/\r$/, ''));
+  let tail = '';
+  let cutChars = 0;
+  let pending = '';
+  let dropping = false;
+  for await (const chunk of stream) {
+    const text = decoder.decode(chunk, { stream: true });
+    tail += text;
+    if (tail.length > 2 * KEEP_OUTPUT_CHARS) {
+      cutChars += tail.length - KEEP_OUTPUT_CHARS;
+      tail = tail.slice(-KEEP_OUTPUT_CHARS);
     }
-    if (!this.dropping && start < chunk.length) {
-      const rest = chunk.slice(start);
-      if (this.pending.length + rest.length > this.maxLine) {
-        lines.push(this.take(rest));
-        this.pending = '';
-        this.dropping = true;
-      } else this.pending += rest;
+    if (!onText(text)) continue;
+    const pieces = text.split('\n');
+    const rest = pieces.pop() ?? '';
+    for (const piece of pieces) {
+      if (!dropping) await emit(pending + piece);
+      pending = '';
+      dropping = false;
     }
-    return lines;
+    if (dropping) continue;
+    pending += rest;
+    if (pending.length > maxLine) {
+      await emit(pending);
+      pending = '';
+      dropping = true;
+    }
   }
-
-  private take(piece: string): string {
-    const line = this.pending + piece.slice(0, Math.max(0, this.maxLine - this.pending.length));
-    return line.endsWith('\r') ? line.slice(0, -1) : line;
-  }
+  cutChars += Math.max(0, tail.length - KEEP_OUTPUT_CHARS);
+  tail = tail.slice(-KEEP_OUTPUT_CHARS);
+  return cutChars > 0 ? `…(${cutChars} characters cut)\n${tail}` : tail;
 }
 
-export class ResultParser {
-  private readonly lines = new LineSplitter(MAX_RESULT_LINE);
-  private inside = false;
-  private body: string[] = [];
-
-  push(chunk: string): ContainerResult[] {
-    const results: ContainerResult[] = [];
-    for (const line of this.lines.push(chunk)) {
-      const result = this.line(line);
-      if (result) results.push(result);
-    }
-    return results;
-  }
-
-  private line(line: string): ContainerResult | null {
-    if (line === RESULT_START) {
-      this.inside = true;
-      this.body = [];
-      return null;
-    }
-    if (line === RESULT_END && this.inside) {
-      this.inside = false;
-      return parseResult(this.body.join('\n'));
-    }
-    // What is outside the markers is in the run log's tail; a result spans one line, a few at most.
-    if (this.inside && this.body.length < 64) this.body.push(line);
-    return null;
-  }
-}
-
-/** The last `limit` characters of a stream, in O(n) however it is chunked. */
-class OutputTail {
-  private text = '';
-  private cut = 0;
-
-  constructor(private readonly limit: number) {}
-
-  push(text: string): void {
-    this.text += text;
-    if (this.text.length > 2 * this.limit) this.trim();
-  }
-
-  private trim(): void {
-    this.cut += Math.max(0, this.text.length - this.limit);
-    this.text = this.text.slice(-this.limit);
-  }
-
-  toString(): string {
-    this.trim();
-    return this.cut > 0 ? `…(${this.cut} characters cut)\n${this.text}` : this.text;
-  }
+/** A line handler that hands on each result between RESULT_START and RESULT_END; other lines are the run log's only. */
+export function resultLines(onResult: (result: ContainerResult) => void | Promise<void>) {
+  let body: string[] | null = null;
+  return async (line: string) => {
+    if (line === RESULT_START) body = [];
+    else if (line === RESULT_END && body) {
+      const json = body.join('\n');
+      body = null;
+      await onResult(parseResult(json));
+    } else if (body && body.length < 64) body.push(line); // a result spans one line, a few at most
+  };
 }
 
 function parseResult(json: string): ContainerResult {
@@ -4026,16 +3995,7 @@ interface RunContainerOptions {
 
 const SESSION_LINE = /Session initialized: (\S+)/;
 const READY_LINE = /^\[agent-runner\] ready: /;
-const KEEP_OUTPUT_CHARS = 256 * 1024;
 export const MAX_RUN_OUTPUT = 64 * 1024 * 1024;
-
-async function forEachChunk(
-  stream: ReadableStream<Uint8Array>,
-  onText: (text: string) => void | Promise<void>,
-): Promise<void> {
-  const decoder = new TextDecoder();
-  for await (const chunk of stream) await onText(decoder.decode(chunk, { stream: true }));
-}
 
 /** Where each run's follow-ups go: data/input/<run>/, mounted at /workspace/ipc/input for that run only. */
 const inboxRoot = (config: Config) => join(config.dataDir, 'input');
@@ -4173,10 +4133,7 @@ class RunningContainer implements LiveContainer {
       void this.thaw();
       return true;
     } catch (err) {
-      this.groupLog.warn(
-        { reason: errorText(err) },
-        'Could not hand a follow-up to the container (its input folder is not a plain folder); stopping it, the message goes to the next run',
-      );
+      this.groupLog.warn({ reason: errorText(err) }, 'Could not deliver a follow-up; stopping, the next run gets it');
       void this.kill(false);
       return false;
     }
@@ -4187,12 +4144,10 @@ class RunningContainer implements LiveContainer {
     this.closing = true;
     void this.thaw();
     try {
-      this.plan.inbox.create('_close', '');
+      this.plan.inbox.replace('_close', ''); // over whatever the agent may have put there, never through it
     } catch (err) {
-      if (errorCode(err) !== 'EEXIST') {
-        this.groupLog.warn({ reason: errorText(err) }, 'Could not ask the container to close; stopping it');
-        void this.kill(false);
-      }
+      this.groupLog.warn({ reason: errorText(err) }, 'Could not ask the container to close; stopping it');
+      void this.kill(false);
     }
     const graceMs = this.config.container.closeGraceMs;
     this.graceTimer = setTimeout(() => {
@@ -4215,76 +4170,6 @@ class RunningContainer implements LiveContainer {
 }
 
 /** Past MAX_RUN_OUTPUT the run is logged as oversized and stopped: what a container writes is bounded. */
-async function readOutput(
-  proc: { stdout: ReadableStream<Uint8Array>; stderr: ReadableStream<Uint8Array> },
-  plan: RunPlan,
-  options: RunContainerOptions,
-  live: RunningContainer,
-  groupLog: Logger,
-): Promise<RunResult> {
-  const result: RunResult = { exitCode: null, timedOut: false, results: 0, stdout: '', stderr: '' };
-  const tails = { stdout: new OutputTail(KEEP_OUTPUT_CHARS), stderr: new OutputTail(KEEP_OUTPUT_CHARS) };
-  let written = 0;
-  const take = (stream: 'stdout' | 'stderr', text: string) => {
-    tails[stream].push(text);
-    written += Buffer.byteLength(text);
-    if (written > MAX_RUN_OUTPUT && !result.oversized) {
-      result.oversized = true;
-      result.lastError = `the container wrote more than ${MAX_RUN_OUTPUT / 1024 / 1024} MB of output; stopped`;
-      groupLog.error(
-        { container: plan.name, limitBytes: MAX_RUN_OUTPUT },
-        'Container output over the limit; stopping it',
-      );
-      void live.kill(false);
-    }
-    return !result.oversized;
-  };
-  const parser = new ResultParser();
-  const stderrLines = new LineSplitter(MAX_LOG_LINE);
-  const debug = groupLog.isLevelEnabled('debug');
-  let ready = false;
-  await Promise.all([
-    forEachChunk(proc.stdout, async (text) => {
-      if (!take('stdout', text)) return;
-      for (const parsed of parser.push(text)) {
-        result.results++;
-        live.armTimeout();
-        if (parsed.sessionId) result.sessionId = parsed.sessionId;
-        if (parsed.status === 'error') {
-          result.lastError = parsed.error ?? 'unknown error';
-          result.lastErrorKind = parsed.errorKind;
-          result.lastErrorUpTo = parsed.upTo;
-        }
-        try {
-          await options.onResult(parsed);
-        } catch (err) {
-          // What the host does with a result must not break the stream; the run ends instead.
-          result.lastError = `the host could not take this result: ${errorText(err)}`;
-          groupLog.error(
-            { container: plan.name, err: errorText(err) },
-            'Could not handle a result; stopping the container',
-          );
-          void live.kill(false);
-        }
-      }
-    }),
-    forEachChunk(proc.stderr, (text) => {
-      if (!take('stderr', text)) return;
-      for (const line of stderrLines.push(text)) {
-        if (!ready && READY_LINE.test(line)) {
-          ready = true;
-          options.onReady?.();
-        }
-        const session = SESSION_LINE.exec(line);
-        if (session) groupLog.info(`Session initialized: ${session[1]}`);
-        else if (debug && line.trim())
-          groupLog.debug({ container: plan.name }, `stderr: ${maskSecrets(line, plan.secretValues)}`);
-      }
-    }),
-  ]);
-  return { ...result, stdout: tails.stdout.toString(), stderr: tails.stderr.toString() };
-}
-
 async function streamContainer(plan: RunPlan, options: RunContainerOptions, groupLog: Logger): Promise<RunResult> {
   const { config } = options;
   const proc = Bun.spawn([config.containerRuntime, ...plan.args], {
@@ -4298,10 +4183,68 @@ async function streamContainer(plan: RunPlan, options: RunContainerOptions, grou
   await proc.stdin.end();
   const live = new RunningContainer(config, plan, proc, groupLog, options.acceptsFollowUps);
   options.onStart?.(live);
-  const [exitCode, result] = await Promise.all([proc.exited, readOutput(proc, plan, options, live, groupLog)]);
+  const result: RunResult = { exitCode: null, timedOut: false, results: 0, stdout: '', stderr: '' };
+  let written = 0;
+  const withinLimit = (text: string) => {
+    written += Buffer.byteLength(text);
+    if (written > MAX_RUN_OUTPUT && !result.oversized) {
+      result.oversized = true;
+      result.lastError = `the container wrote more than ${MAX_RUN_OUTPUT / 1024 / 1024} MB of output; stopped`;
+      groupLog.error({ container: plan.name }, 'Container output over the limit; stopping it');
+      void live.kill(false);
+    }
+    return !result.oversized;
+  };
+  const onResult = async (parsed: ContainerResult) => {
+    result.results++;
+    live.armTimeout();
+    if (parsed.sessionId) result.sessionId = parsed.sessionId;
+    if (parsed.status === 'error') {
+      result.lastError = parsed.error ?? 'unknown error';
+      result.lastErrorKind = parsed.errorKind;
+      result.lastErrorUpTo = parsed.upTo;
+    }
+    try {
+      await options.onResult(parsed);
+    } catch (err) {
+      // What the host does with a result must not break the stream; the run ends instead.
+      result.lastError = `the host could not take this result: ${errorText(err)}`;
+      groupLog.error({ container: plan.name, err: errorText(err) }, 'Result not handled; stopping the container');
+      void live.kill(false);
+    }
+  };
+  const debug = groupLog.isLevelEnabled('debug');
+  let ready = false;
+  const onStderrLine = (line: string) => {
+    if (!ready && READY_LINE.test(line)) {
+      ready = true;
+      options.onReady?.();
+    }
+    const session = SESSION_LINE.exec(line);
+    if (session) groupLog.info(`Session initialized: ${session[1]}`);
+    else if (debug && line.trim())
+      groupLog.debug({ container: plan.name }, `stderr: ${maskSecrets(line, plan.secretValues)}`);
+  };
+  const [exitCode, stdout, stderr] = await Promise.all([
+    proc.exited,
+    readLines(proc.stdout, MAX_RESULT_LINE, resultLines(onResult), withinLimit),
+    readLines(proc.stderr, MAX_LOG_LINE, onStderrLine, withinLimit),
+  ]);
   live.clearTimers();
   await live.stopping;
-  return { ...result, exitCode: live.timedOut ? null : exitCode, timedOut: live.timedOut, killed: live.killed };
+  const timedOut = live.timedOut;
+  return { ...result, stdout, stderr, exitCode: timedOut ? null : exitCode, timedOut, killed: live.killed };
+}
+
+export const RUN_LOGS_KEPT = 100;
+
+/** The only names the host writes in logs/ (container-<start time>.log): others are not ours. */
+const RUN_LOG_NAME = /^container-\d{4}-\d{2}-\d{2}T\d{2}-\d{2}-\d{2}-\d{3}Z\.log$/;
+
+/** Names sort by start time. */
+export function runLogsToPrune(names: readonly string[], keep: number): string[] {
+  const logs = names.filter((name) => RUN_LOG_NAME.test(name)).sort();
+  return logs.slice(0, Math.max(0, logs.length - keep));
 }
 
 function writeRunLog(
@@ -4349,36 +4292,22 @@ function writeRunLog(
       result.stdout.trimEnd(),
     );
   }
-  const logName = runLogName(startedAt);
+  const logName = `container-${startedAt.toISOString().replace(/[:.]/g, '-')}.log`;
+  const logs = plan.trees.group;
   try {
-    plan.trees.group.create(`logs/${logName}`, maskSecrets(`${lines.join('\n')}\n`, plan.secretValues));
-    pruneRunLogs(plan.trees.group, RUN_LOGS_KEPT);
-    return join(plan.trees.group.path('logs'), logName);
+    logs.create(`logs/${logName}`, maskSecrets(`${lines.join('\n')}\n`, plan.secretValues));
+    // Regular files of the host's own names only: never a link, never followed.
+    const files = logs.entries('logs').filter((entry) => entry.kind === 'file');
+    for (const name of runLogsToPrune(
+      files.map((entry) => entry.name),
+      RUN_LOGS_KEPT,
+    ))
+      logs.remove(`logs/${name}`);
+    return join(logs.path('logs'), logName);
   } catch (err) {
     groupLog.warn({ reason: errorText(err) }, 'Could not write the run log');
     return '(not written)';
   }
-}
-
-export const RUN_LOGS_KEPT = 100;
-
-/** The only names the host writes in logs/. */
-const runLogName = (startedAt: Date) => `container-${startedAt.toISOString().replace(/[:.]/g, '-')}.log`;
-const RUN_LOG_NAME = /^container-\d{4}-\d{2}-\d{2}T\d{2}-\d{2}-\d{2}-\d{3}Z\.log$/;
-
-/** Names sort by start time; other names are not ours. */
-export function runLogsToPrune(names: readonly string[], keep: number): string[] {
-  const logs = names.filter((name) => RUN_LOG_NAME.test(name)).sort();
-  return logs.slice(0, Math.max(0, logs.length - keep));
-}
-
-/** Regular files of the host's own names only: never a link, never followed. */
-function pruneRunLogs(tree: AgentTree, keep: number): void {
-  const files = tree
-    .entries('logs')
-    .filter((entry) => entry.kind === 'file')
-    .map((entry) => entry.name);
-  for (const name of runLogsToPrune(files, keep)) tree.remove(`logs/${name}`);
 }
 
 export async function runContainer(options: RunContainerOptions): Promise<RunOutcome> {
@@ -4642,9 +4571,8 @@ const ownChatOnly = (source: RegisteredGroup, chatJid: string, store: Store, wha
 const ownTaskOnly = ({ taskId }: { taskId: string }, source: RegisteredGroup, store: Store): string | null => {
   const task = store.getTask(taskId);
   if (!task) return `no task with id ${taskId}`;
-  return source.isMain || task.groupFolder === source.folder
-    ? null
-    : `group "${source.folder}" may only manage its own tasks`;
+  if (source.isMain || task.groupFolder === source.folder) return null;
+  return `group "${source.folder}" may only manage its own tasks`;
 };
 
 const mainOnly = (type: string) => (_request: object, source: RegisteredGroup) =>
@@ -4743,108 +4671,24 @@ function fileToSend(config: Config, folder: string, path: string, caption: strin
 const formatAsSaid = (text: string, config: Config) =>
   formatOutbound(text, config.assistantName, config.assistantHasOwnNumber);
 
-function sendFile(request: { chatJid: string; path: string; caption?: string }, ctx: IpcActionContext): string {
-  const { config, effects, source } = ctx;
-  const caption = request.caption ? formatAsSaid(request.caption, config) : null;
-  const file = fileToSend(config, source.folder, request.path, caption);
-  effects.sayFile(request.chatJid, file);
-  effects.afterwards(() => {
-    effects.sendSoon(request.chatJid);
-    const { fileName, kind, data } = file;
-    const fields = { group: source.folder, chatJid: request.chatJid, file: fileName, kind, bytes: data.length };
-    log.info(fields, 'File sent for the agent');
-  });
-  return `${file.kind === 'image' ? 'an image' : `a document (${file.mimetype})`}, ${formatBytes(file.data.length)}`;
-}
-
-interface NewTaskRequest {
-  prompt: string;
-  schedule_type: ScheduleType;
-  schedule_value: string;
-  context_mode: 'group' | 'isolated';
-  targetJid?: string | null;
-}
-
-function scheduleTask(request: NewTaskRequest, { config, store, source, effects }: IpcActionContext): string {
-  const target = store.groupByJid(request.targetJid ?? source.jid)!;
-  const nextRun = computeNextRun(request.schedule_type, request.schedule_value, config.timezone);
-  if (!nextRun) throw new ScheduleError(`"${request.schedule_value}" is in the past`);
-  const id = `task-${randomUUID()}`;
-  store.createTask({
-    id,
-    groupFolder: target.folder,
-    chatJid: target.jid,
-    prompt: request.prompt,
-    scheduleType: request.schedule_type,
-    scheduleValue: request.schedule_value,
-    contextMode: request.context_mode,
-    nextRun: nextRun.toISOString(),
-    lastRun: null,
-    lastResult: null,
-    status: 'active',
-    createdAt: new Date().toISOString(),
-  });
-  effects.afterwards(effects.tasksChanged);
-  const fields = { group: source.folder, taskId: id, target: target.folder, nextRun: nextRun.toISOString() };
-  log.info(fields, 'Task scheduled');
-  return `scheduled as ${id}; first run ${formatLocalTime(nextRun.toISOString(), config.timezone)} (${config.timezone})`;
-}
-
-function resumeTask({ taskId }: { taskId: string }, { config, store, source, effects }: IpcActionContext): string {
-  const task = store.getTask(taskId)!;
-  // A removed group's task stays paused until the group is registered again (the CLI too).
-  if (!store.groupByFolder(task.groupFolder))
-    throw new ScheduleError(
-      `task ${task.id} belongs to group "${task.groupFolder}", which is not registered: register it again first`,
-    );
-  const nextRun = computeNextRun(task.scheduleType, task.scheduleValue, config.timezone);
-  if (!nextRun) throw new ScheduleError(`task ${task.id} has no future run left (once, ${task.scheduleValue})`);
-  store.updateTask(task.id, { status: 'active', nextRun: nextRun.toISOString(), pausedReason: null });
-  effects.afterwards(effects.tasksChanged);
-  log.info({ group: source.folder, taskId: task.id, nextRun: nextRun.toISOString() }, 'Task resumed');
-  return `resumed; next run ${formatLocalTime(nextRun.toISOString(), config.timezone)} (${config.timezone})`;
-}
-
 const updatedSchedule = (task: ScheduledTask, request: { schedule_type?: ScheduleType; schedule_value?: string }) => ({
   ...task,
   scheduleType: request.schedule_type ?? task.scheduleType,
   scheduleValue: request.schedule_value ?? task.scheduleValue,
 });
 
-function updateTask(
-  request: { taskId: string; prompt?: string; schedule_type?: ScheduleType; schedule_value?: string },
-  { config, store, source, effects }: IpcActionContext,
-): void {
-  const task = store.getTask(request.taskId)!;
-  const { scheduleType, scheduleValue } = updatedSchedule(task, request);
-  const scheduleChanged = scheduleType !== task.scheduleType || scheduleValue !== task.scheduleValue;
-  const nextRun = scheduleChanged ? computeNextRun(scheduleType, scheduleValue, config.timezone) : undefined;
-  if (scheduleChanged && !nextRun) throw new ScheduleError(`"${scheduleValue}" is in the past`);
-  store.updateTask(task.id, {
-    prompt: request.prompt,
-    scheduleType,
-    scheduleValue,
-    ...(nextRun ? { nextRun: nextRun.toISOString() } : {}),
-  });
-  effects.afterwards(effects.tasksChanged);
-  log.info({ group: source.folder, taskId: task.id }, 'Task updated');
-}
-
 /** The table of actions; built on first use, since loading zod costs every CLI command ~18 ms. */
 function defineIpcActions(z: Zod) {
   const nonEmpty = z.string().refine((text) => text.trim() !== '', 'must be a non-empty string');
   const scheduleTypes = z.enum(['cron', 'interval', 'once']);
   const taskRef = { taskId: nonEmpty };
+  const request = <T extends string, F extends z.ZodRawShape>(type: T, fields: F) =>
+    z.object({ type: z.literal(type), ...fields });
   return {
     message: ipcAction({
       kind: 'messages',
       // expectsReply: the runner relays a question of the agent's; the chat's next message answers it.
-      schema: z.object({
-        type: z.literal('message'),
-        chatJid: nonEmpty,
-        text: nonEmpty,
-        expectsReply: z.boolean().optional(),
-      }),
+      schema: request('message', { chatJid: nonEmpty, text: nonEmpty, expectsReply: z.boolean().optional() }),
       refusal: (request, source, store) => ownChatOnly(source, request.chatJid, store, 'message'),
       apply: ({ chatJid, text, expectsReply = false }, { config, effects, source }) => {
         const words = formatAsSaid(text, config);
@@ -4858,19 +4702,24 @@ function defineIpcActions(z: Zod) {
     }),
     send_file: ipcAction({
       kind: 'messages',
-      schema: z.object({
-        type: z.literal('send_file'),
-        chatJid: nonEmpty,
-        path: nonEmpty,
-        caption: z.string().optional(),
-      }),
+      schema: request('send_file', { chatJid: nonEmpty, path: nonEmpty, caption: z.string().optional() }),
       refusal: (request, source, store) => ownChatOnly(source, request.chatJid, store, 'send files to'),
-      apply: sendFile,
+      apply: (request, { config, effects, source }) => {
+        const caption = request.caption ? formatAsSaid(request.caption, config) : null;
+        const file = fileToSend(config, source.folder, request.path, caption);
+        effects.sayFile(request.chatJid, file);
+        effects.afterwards(() => {
+          effects.sendSoon(request.chatJid);
+          const { fileName, kind, data } = file;
+          const fields = { group: source.folder, chatJid: request.chatJid, file: fileName, kind, bytes: data.length };
+          log.info(fields, 'File sent for the agent');
+        });
+        return `${file.kind === 'image' ? 'an image' : `a document (${file.mimetype})`}, ${formatBytes(file.data.length)}`;
+      },
     }),
     schedule_task: ipcAction({
       kind: 'tasks',
-      schema: z.object({
-        type: z.literal('schedule_task'),
+      schema: request('schedule_task', {
         prompt: nonEmpty,
         schedule_type: scheduleTypes,
         schedule_value: nonEmpty,
@@ -4884,11 +4733,34 @@ function defineIpcActions(z: Zod) {
         const task = { groupFolder, scheduleType: request.schedule_type, scheduleValue: request.schedule_value };
         return scheduleLimit(config, store, source, task, true);
       },
-      apply: scheduleTask,
+      apply: (request, { config, store, source, effects }) => {
+        const target = store.groupByJid(request.targetJid ?? source.jid)!;
+        const nextRun = computeNextRun(request.schedule_type, request.schedule_value, config.timezone);
+        if (!nextRun) throw new ScheduleError(`"${request.schedule_value}" is in the past`);
+        const id = `task-${randomUUID()}`;
+        store.createTask({
+          id,
+          groupFolder: target.folder,
+          chatJid: target.jid,
+          prompt: request.prompt,
+          scheduleType: request.schedule_type,
+          scheduleValue: request.schedule_value,
+          contextMode: request.context_mode,
+          nextRun: nextRun.toISOString(),
+          lastRun: null,
+          lastResult: null,
+          status: 'active',
+          createdAt: new Date().toISOString(),
+        });
+        effects.afterwards(effects.tasksChanged);
+        const fields = { group: source.folder, taskId: id, target: target.folder, nextRun: nextRun.toISOString() };
+        log.info(fields, 'Task scheduled');
+        return `scheduled as ${id}; first run ${formatLocalTime(nextRun.toISOString(), config.timezone)} (${config.timezone})`;
+      },
     }),
     pause_task: ipcAction({
       kind: 'tasks',
-      schema: z.object({ type: z.literal('pause_task'), ...taskRef }),
+      schema: request('pause_task', taskRef),
       refusal: ownTaskOnly,
       apply: ({ taskId }, { store, source, effects }) => {
         store.updateTask(taskId, { status: 'paused', pausedReason: null });
@@ -4898,17 +4770,30 @@ function defineIpcActions(z: Zod) {
     }),
     resume_task: ipcAction({
       kind: 'tasks',
-      schema: z.object({ type: z.literal('resume_task'), ...taskRef }),
+      schema: request('resume_task', taskRef),
       refusal: ownTaskOnly,
       limit: (request, source, store, config) => {
         const task = store.getTask(request.taskId);
         return task ? scheduleLimit(config, store, source, task, task.status !== 'active') : null;
       },
-      apply: resumeTask,
+      apply: ({ taskId }, { config, store, source, effects }) => {
+        const task = store.getTask(taskId)!;
+        // A removed group's task stays paused until the group is registered again (the CLI too).
+        if (!store.groupByFolder(task.groupFolder))
+          throw new ScheduleError(
+            `task ${task.id} belongs to group "${task.groupFolder}", which is not registered: register it again first`,
+          );
+        const nextRun = computeNextRun(task.scheduleType, task.scheduleValue, config.timezone);
+        if (!nextRun) throw new ScheduleError(`task ${task.id} has no future run left (once, ${task.scheduleValue})`);
+        store.updateTask(task.id, { status: 'active', nextRun: nextRun.toISOString(), pausedReason: null });
+        effects.afterwards(effects.tasksChanged);
+        log.info({ group: source.folder, taskId: task.id, nextRun: nextRun.toISOString() }, 'Task resumed');
+        return `resumed; next run ${formatLocalTime(nextRun.toISOString(), config.timezone)} (${config.timezone})`;
+      },
     }),
     cancel_task: ipcAction({
       kind: 'tasks',
-      schema: z.object({ type: z.literal('cancel_task'), ...taskRef }),
+      schema: request('cancel_task', taskRef),
       refusal: ownTaskOnly,
       apply: ({ taskId }, { store, source, effects }) => {
         store.deleteTask(taskId);
@@ -4918,8 +4803,7 @@ function defineIpcActions(z: Zod) {
     }),
     update_task: ipcAction({
       kind: 'tasks',
-      schema: z.object({
-        type: z.literal('update_task'),
+      schema: request('update_task', {
         ...taskRef,
         prompt: nonEmpty.optional(),
         schedule_type: scheduleTypes.optional(),
@@ -4931,11 +4815,25 @@ function defineIpcActions(z: Zod) {
         if (!task || (!request.schedule_type && !request.schedule_value)) return null;
         return scheduleLimit(config, store, source, updatedSchedule(task, request), false);
       },
-      apply: updateTask,
+      apply: (request, { config, store, source, effects }) => {
+        const task = store.getTask(request.taskId)!;
+        const { scheduleType, scheduleValue } = updatedSchedule(task, request);
+        const scheduleChanged = scheduleType !== task.scheduleType || scheduleValue !== task.scheduleValue;
+        const nextRun = scheduleChanged ? computeNextRun(scheduleType, scheduleValue, config.timezone) : undefined;
+        if (scheduleChanged && !nextRun) throw new ScheduleError(`"${scheduleValue}" is in the past`);
+        store.updateTask(task.id, {
+          prompt: request.prompt,
+          scheduleType,
+          scheduleValue,
+          ...(nextRun ? { nextRun: nextRun.toISOString() } : {}),
+        });
+        effects.afterwards(effects.tasksChanged);
+        log.info({ group: source.folder, taskId: task.id }, 'Task updated');
+      },
     }),
     refresh_groups: ipcAction({
       kind: 'tasks',
-      schema: z.object({ type: z.literal('refresh_groups') }),
+      schema: request('refresh_groups', {}),
       refusal: mainOnly('refresh_groups'),
       apply: (_request, { config, store, source, effects }) => {
         effects.afterwards(() => {
@@ -4952,8 +4850,7 @@ function defineIpcActions(z: Zod) {
     }),
     register_group: ipcAction({
       kind: 'tasks',
-      schema: z.object({
-        type: z.literal('register_group'),
+      schema: request('register_group', {
         jid: nonEmpty,
         name: nonEmpty,
         folder: nonEmpty,
@@ -4981,12 +4878,6 @@ export type IpcRequest = { [K in IpcActionName]: z.infer<ReturnType<typeof ipcAc
 /** The table entry for a request, typed loosely: each entry's functions take what its own schema produced. */
 const actionFor = (type: IpcActionName) => ipcActions()[type] as unknown as IpcAction<z.ZodType<object>>;
 
-function zodProblem(error: z.ZodError): string {
-  return error.issues
-    .map((issue) => (issue.path.length ? `"${issue.path.join('.')}" ${issue.message}` : issue.message))
-    .join('; ');
-}
-
 export function parseIpcRequest(kind: IpcKind, raw: unknown): IpcRequest {
   if (typeof raw !== 'object' || raw === null || Array.isArray(raw)) throw new IpcFormatError('expected a JSON object');
   const type = (raw as { type?: unknown }).type;
@@ -4998,16 +4889,17 @@ export function parseIpcRequest(kind: IpcKind, raw: unknown): IpcRequest {
     throw new IpcFormatError(`"type" ${JSON.stringify(type)} is unknown in ${kind}/; use one of ${known.join(', ')}`);
   }
   const parsed = entry.schema.safeParse(raw);
-  if (!parsed.success) throw new IpcFormatError(zodProblem(parsed.error));
+  if (!parsed.success) {
+    const problem = (issue: z.core.$ZodIssue) =>
+      (issue.path.length ? `"${issue.path.join('.')}" ` : '') + issue.message;
+    throw new IpcFormatError(parsed.error.issues.map(problem).join('; '));
+  }
   return parsed.data as IpcRequest;
 }
 
 export function refusal(source: RegisteredGroup, request: IpcRequest, store: Store, config?: Config): string | null {
   const entry = actionFor(request.type);
-  return (
-    entry.refusal(request, source, store) ??
-    (config && entry.limit ? entry.limit(request, source, store, config) : null)
-  );
+  return entry.refusal(request, source, store) ?? (config && entry.limit?.(request, source, store, config)) ?? null;
 }
 
 /** Call inside a transaction. */
@@ -5127,20 +5019,6 @@ export const IPC_FILES_PER_PASS = 25;
 /** claimed/<folder>.<kind>.<claim id>/<name>: the name one level down always fits; the parts contain no dot. */
 const CLAIM_DIR = /^([a-z0-9][a-z0-9_-]*)\.(messages|tasks)\.([0-9a-f-]{36})$/;
 
-function parseClaimDir(dir: string): { folder: string; kind: IpcKind; claimId: string } | null {
-  const match = CLAIM_DIR.exec(dir);
-  return match ? { folder: match[1]!, kind: match[2] as IpcKind, claimId: match[3]! } : null;
-}
-
-/** A claim left flat (<dir>.<name>) by a host before 2026-12, moved into its folder; the name of the claim. */
-function upgradedClaim(claimedDir: string, claim: string): string {
-  const flat = /^([^.]+\.[^.]+\.[^.]+)\.(.+)$/.exec(claim);
-  if (!flat || !CLAIM_DIR.test(flat[1]!)) return claim;
-  mkdirSync(join(claimedDir, flat[1]!), { recursive: true });
-  renameSync(join(claimedDir, claim), join(claimedDir, flat[1]!, flat[2]!));
-  return flat[1]!;
-}
-
 /**
  * A file is renamed out of the agent's reach (data/ipc/claimed/) before it is read, so it cannot be swapped; a link,
  * FIFO or folder is removed unread, a file over MAX_AGENT_FILE_BYTES refused unread; a crash's claims are redone.
@@ -5200,19 +5078,16 @@ export class IpcWatcher {
     mkdirSync(this.claimedDir, { recursive: true });
     // First what was claimed but not finished (a crash, or a database that was unavailable).
     for (const claim of readdirSync(this.claimedDir).sort()) {
-      if (!(await this.handleClaimed(upgradedClaim(this.claimedDir, claim)))) return false;
+      if (!(await this.handleClaimed(claim))) return false;
     }
     let more = false;
     for (const entry of readdirSync(this.ipcDir, { withFileTypes: true })) {
       if (!entry.isDirectory() || !isValidFolder(entry.name)) continue;
       const tree = new AgentTree(join(this.ipcDir, entry.name));
       for (const kind of ['messages', 'tasks'] as const) {
-        let taken = 0;
-        for (const name of this.pending(tree, entry.name, kind)) {
-          if (taken++ >= IPC_FILES_PER_PASS) {
-            more = true;
-            break;
-          }
+        const names = this.pending(tree, entry.name, kind);
+        if (names.length > IPC_FILES_PER_PASS) more = true;
+        for (const name of names.slice(0, IPC_FILES_PER_PASS)) {
           const claimed = this.claim(tree, entry.name, kind, name);
           if (claimed) {
             crashPoint('ipc-claimed');
@@ -5255,14 +5130,10 @@ export class IpcWatcher {
     const names: string[] = [];
     for (const entry of entries) {
       if (entry.name.startsWith('.') || !entry.name.endsWith('.json')) continue;
-      if (entry.kind === 'file') {
-        names.push(entry.name);
-      } else {
+      if (entry.kind === 'file') names.push(entry.name);
+      else {
         tree.remove(`${kind}/${entry.name}`);
-        log.warn(
-          { group: folder, file: entry.name },
-          'IPC file refused: not a regular file (a link, FIFO or folder); removed unread',
-        );
+        log.warn({ group: folder, file: entry.name }, 'IPC file refused: not a regular file; removed unread');
       }
     }
     return names.sort();
@@ -5270,7 +5141,8 @@ export class IpcWatcher {
 
   /** False when the database was unavailable (the claim stays for the next pass). */
   private async handleClaimed(dir: string): Promise<boolean> {
-    const source = parseClaimDir(dir);
+    const claim = CLAIM_DIR.exec(dir);
+    const source = claim ? { folder: claim[1]!, kind: claim[2] as IpcKind, claimId: claim[3]! } : null;
     const [name] = source ? readdirSync(join(this.claimedDir, dir)) : [];
     const path = join(this.claimedDir, dir, name ?? '');
     try {
@@ -5284,10 +5156,7 @@ export class IpcWatcher {
       const reason = errorText(err);
       const file = name ?? dir;
       if (isStoreUnavailable(err)) {
-        log.warn(
-          { group: source?.folder, file, reason },
-          'The database is unavailable; the IPC request waits for the next pass',
-        );
+        log.warn({ group: source?.folder, file, reason }, 'Database unavailable; IPC request kept for the next pass');
         this.clock.after(1_000, () => void this.scan());
         return false;
       }
@@ -5319,10 +5188,7 @@ export class IpcWatcher {
     try {
       new AgentTree(join(this.ipcDir, folder), containerOwner()).replace(`responses/${name}`, JSON.stringify(decision));
     } catch (err) {
-      log.warn(
-        { group: folder, file: name, reason: errorText(err) },
-        'Could not tell the agent what became of its request',
-      );
+      log.warn({ group: folder, file: name, reason: errorText(err) }, 'Could not answer the agent’s request');
     }
   }
 

@@ -4,7 +4,6 @@ import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import {
   groupMounts,
   installId,
-  LineSplitter,
   MAX_RUN_OUTPUT,
   ModelProxy,
   preflight,
@@ -20,6 +19,7 @@ import {
   type ContainerResult,
   type RegisteredGroup,
   engineSocket,
+  readLines,
 } from '../nanoclaw.ts';
 import { fakeDocker, tempDir, tempProject, type FakeDocker } from './helpers.ts';
 
@@ -163,11 +163,16 @@ describe('runContainer with a fake docker', () => {
     expect(readFileSync(join(config.logsDir, 'nanoclaw.log'), 'utf8')).toContain('Container output over the limit');
   });
 
-  it('splits a line-less flood in one pass, keeping one cut line', () => {
-    const lines = new LineSplitter(16);
+  it('splits a line-less flood in one pass, keeping one cut line', async () => {
+    const chunks = [...Array.from({ length: 10_000 }, () => 'y'.repeat(1000)), '\nnext\r\n'];
+    const stream = new ReadableStream<Uint8Array>({
+      start(controller) {
+        for (const chunk of chunks) controller.enqueue(new TextEncoder().encode(chunk));
+        controller.close();
+      },
+    });
     const seen: string[] = [];
-    for (let i = 0; i < 10_000; i++) seen.push(...lines.push('y'.repeat(1000)));
-    seen.push(...lines.push('\nnext\r\n'));
+    await readLines(stream, 16, (line) => void seen.push(line));
     expect(seen).toEqual(['y'.repeat(16), 'next']);
   });
 

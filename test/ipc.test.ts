@@ -364,15 +364,16 @@ describe('IpcWatcher', () => {
     expect(order.indexOf('zzz-quiet')).toBe(IPC_FILES_PER_PASS);
   });
 
-  it('handles a request claimed by a host that died before handling it, at the next start (an older host’s flat claim too)', async () => {
+  it('handles a request claimed by a host that died before handling it, at the next start', async () => {
     const seen: unknown[] = [];
     const { dir, watcher } = watched(async (folder, kind, data) => {
       seen.push({ folder, kind, data });
     });
     mkdirSync(join(dir, 'claimed', 'work.messages.1b2c3d4e-5f60-4a5b-8c6d-7e8f90a1b2c3'), { recursive: true });
     writeFileSync(join(dir, 'claimed', 'work.messages.1b2c3d4e-5f60-4a5b-8c6d-7e8f90a1b2c3', '1-x.json'), '{"n":2}');
+    mkdirSync(join(dir, 'claimed', 'family.tasks.0c1a1d2e-3f40-4a5b-8c6d-7e8f90a1b2c3'), { recursive: true });
     writeFileSync(
-      join(dir, 'claimed', 'family.tasks.0c1a1d2e-3f40-4a5b-8c6d-7e8f90a1b2c3.1700000000000-abc.json'),
+      join(dir, 'claimed', 'family.tasks.0c1a1d2e-3f40-4a5b-8c6d-7e8f90a1b2c3', '1700000000000-abc.json'),
       '{"n":1}',
     );
     watcher.start();

@@ -13,11 +13,13 @@ import {
   loadConfig,
   loadMountAllowlist,
   MODEL_SOCKET_IN_CONTAINER,
-  ResultParser,
+  readLines,
+  resultLines,
   RESULT_END,
   RESULT_START,
   validateExtraMounts,
   type RegisteredGroup,
+  type ContainerResult,
 } from '../nanoclaw.ts';
 import { tempDir, tempProject } from './helpers.ts';
 
@@ -253,24 +255,38 @@ describe('extra mounts through the allowlist', () => {
   });
 });
 
-describe('ResultParser', () => {
+describe('resultLines', () => {
   const wrap = (json: string) => `${RESULT_START}\n${json}\n${RESULT_END}\n`;
+  const resultsIn = async (chunks: string[]) => {
+    const stream = new ReadableStream<Uint8Array>({
+      start(controller) {
+        for (const chunk of chunks) controller.enqueue(new TextEncoder().encode(chunk));
+        controller.close();
+      },
+    });
+    const found: ContainerResult[] = [];
+    await readLines(
+      stream,
+      1024,
+      resultLines((result) => void found.push(result)),
+    );
+    return found;
+  };
 
-  it('finds results whatever the chunking, and keeps other output aside', () => {
+  it('finds results whatever the chunking, and keeps other output aside', async () => {
     const stream = `booting\n${wrap('{"status":"success","result":"one","sessionId":"s"}')}noise\n${wrap('{"status":"error","result":null,"error":"bad"}')}`;
-    const byChar = new ResultParser();
-    const found = [...stream].flatMap((ch) => byChar.push(ch));
+    const found = await resultsIn([...stream]);
     expect(found).toEqual([
       { status: 'success', result: 'one', sessionId: 's' },
       { status: 'error', result: null, error: 'bad' },
     ]);
-    expect(new ResultParser().push(stream)).toEqual(found);
+    expect(await resultsIn([stream])).toEqual(found);
   });
 
-  it('turns an unreadable result into an error result', () => {
-    expect(new ResultParser().push(wrap('{"status": "success", "result": '))).toEqual([
+  it('turns an unreadable result into an error result', async () => {
+    expect(await resultsIn([wrap('{"status": "success", "result": ')])).toEqual([
       expect.objectContaining({ status: 'error', error: expect.stringContaining('Unreadable result') }),
     ]);
-    expect(new ResultParser().push(wrap('{"result": "no status"}'))[0]!.status).toBe('error');
+    expect((await resultsIn([wrap('{"result": "no status"}')]))[0]!.status).toBe('error');
   });
 });
