@@ -6092,13 +6092,9 @@ class AgentLauncher {
   }
 }
 
+/** A task run under way: the wall time it is logged under, and clock.monotonic() for its duration (no jumps). */
 interface TaskTurn {
   task: ScheduledTask;
-  started: RunStart;
-}
-
-/** When a task run started: the wall time it is logged under, and clock.monotonic() for its duration (no jumps). */
-interface RunStart {
   at: Date;
   mono: number;
 }
@@ -6109,12 +6105,12 @@ interface TaskOutcome {
   error: string | null;
 }
 
-type TaskClaim = ReturnType<Store['taskClaims']>[number];
-
-function interruptedTwiceText(task: ScheduledTask): string {
-  const preview = task.prompt.length > 80 ? `${task.prompt.slice(0, 80)}…` : task.prompt;
-  const when = task.scheduleType === 'once' ? 'It will not run again.' : 'It runs again at its next time.';
-  return `A scheduled task ("${preview}") was interrupted twice as NanoClaw stopped, and I gave up on this run. ${when}`;
+/** Why a run that ended without a result failed. */
+function noResultError(outcome: RunOutcome): string {
+  if (outcome.timedOut) return 'the agent timed out';
+  return outcome.exitCode === 0
+    ? 'the agent container ended without an answer'
+    : `the agent container exited with code ${outcome.exitCode}`;
 }
 
 /**
@@ -6154,21 +6150,31 @@ class TaskRuns {
 
   /** The chat's turn answered a task handed to it: recorded here (true), or not a task's answer (false). */
   answered(group: RegisteredGroup, answer: ContainerResult): boolean {
-    const turn = this.turns.get(group.jid);
-    if (!turn || !answer.task) return false;
-    this.turns.delete(group.jid);
-    this.recordTurn(turn, this.outcomeOf(answer));
+    if (!this.turns.has(group.jid) || !answer.task) return false;
+    this.endTurn(group.jid, this.outcomeOf(answer));
     this.host.queue.markIdle(group.jid);
     if (!this.forwardHeld(group)) this.host.queue.enqueueMessages(group.jid);
     return true;
   }
 
-  /** The chat's container ended: a task still handed to it is recorded as failed. */
-  endTurn(chatJid: string): void {
-    const orphan = this.turns.get(chatJid);
-    if (!orphan) return;
+  /**
+   * The task handed to the chat's container is recorded (by default: failed, as the container ended first). A database
+   * that cannot take it leaves the claim, which the sweep recovers.
+   */
+  endTurn(chatJid: string, outcome?: TaskOutcome): void {
+    const turn = this.turns.get(chatJid);
+    if (!turn) return;
     this.turns.delete(chatJid);
-    this.recordTurn(orphan, { result: null, said: [], error: 'the container stopped before the task was answered' });
+    const stopped = 'the container stopped before the task was answered';
+    try {
+      this.record(turn, outcome ?? { result: null, said: [], error: stopped });
+    } catch (err) {
+      const { groupFolder: group, id: taskId } = turn.task;
+      log.error(
+        { group, taskId, err: errorText(err) },
+        'Could not record a task run; it is run again once the database is back',
+      );
+    }
   }
 
   /** The task, if it is to run now (active, or `force`); otherwise it is released and logged as skipped. */
@@ -6182,14 +6188,13 @@ class TaskRuns {
   }
 
   private runInLive(taskId: string, chatJid: string): void {
-    const { store, queue } = this.host;
+    const { queue } = this.host;
     const task = this.runnable(taskId);
     if (!task) {
       queue.markIdle(chatJid);
       return;
     }
-    store.markTaskStarted(task.id);
-    this.turns.set(task.chatJid, { task, started: this.startNow() });
+    this.turns.set(task.chatJid, this.start(task));
     if (!queue.sendFollowUp(task.chatJid, task.prompt, 'task')) {
       // The container is going away after all: queued again, the task gets a container of its own.
       this.turns.delete(task.chatJid);
@@ -6212,7 +6217,11 @@ class TaskRuns {
     }
   }
 
-  private recoverInterrupted(task: ScheduledTask, claim: TaskClaim, startedAt: string): void {
+  private recoverInterrupted(
+    task: ScheduledTask,
+    claim: { dueAt: string | null; attempt: number },
+    startedAt: string,
+  ): void {
     const { store, voice } = this.host;
     const error = `interrupted: NanoClaw stopped during the run that started ${startedAt}`;
     const again = claim.attempt < 2 && task.status === 'active';
@@ -6227,7 +6236,12 @@ class TaskRuns {
             nextRun: null,
             lastResult: `Error: ${error} (twice; not run again)`,
           });
-        voice.announce(task.chatJid, interruptedTwiceText(task));
+        const preview = task.prompt.length > 80 ? `${task.prompt.slice(0, 80)}…` : task.prompt;
+        const when = task.scheduleType === 'once' ? 'It will not run again.' : 'It runs again at its next time.';
+        voice.announce(
+          task.chatJid,
+          `A scheduled task ("${preview}") was interrupted twice as NanoClaw stopped, and I gave up on this run. ${when}`,
+        );
       }
     });
     if (!again) voice.sendSoon(task.chatJid);
@@ -6243,13 +6257,12 @@ class TaskRuns {
     const task = this.runnable(taskId, force);
     if (!task) return null;
     const group = this.host.store.groupByFolder(task.groupFolder);
-    const started = this.startNow();
-    this.host.store.markTaskStarted(task.id);
+    const turn = this.start(task);
     const outcome: TaskOutcome = { result: null, said: [], error: null };
     if (!group) outcome.error = `group "${task.groupFolder}" is no longer registered`;
     else if (this.disk.isOver(group.folder)) outcome.error = 'the group is over its disk budget (GROUP_DISK_BUDGET)';
     else await this.runInContainer(task, group, outcome);
-    return this.record(task, started, outcome);
+    return this.record(turn, outcome);
   }
 
   private async runInContainer(task: ScheduledTask, group: RegisteredGroup, outcome: TaskOutcome): Promise<void> {
@@ -6266,8 +6279,7 @@ class TaskRuns {
           this.host.queue.closeContainer(lane);
         },
       });
-      if (!outcome.error && run.results === 0)
-        outcome.error = run.timedOut ? 'the agent timed out' : `the agent container exited with code ${run.exitCode}`;
+      if (!outcome.error && run.results === 0) outcome.error = noResultError(run);
     } catch (err) {
       outcome.error = errorText(err);
     }
@@ -6279,30 +6291,19 @@ class TaskRuns {
     return { result: ok ? answer.result : null, said: ok ? this.host.voice.words(answer) : [], error };
   }
 
-  private startNow(): RunStart {
-    return { at: new Date(this.host.clock.now()), mono: this.host.clock.monotonic() };
-  }
-
-  /** record() for a task turn: a database that cannot take it leaves the claim, which the sweep recovers. */
-  private recordTurn(turn: TaskTurn, outcome: TaskOutcome): void {
-    try {
-      this.record(turn.task, turn.started, outcome);
-    } catch (err) {
-      log.error(
-        { group: turn.task.groupFolder, taskId: turn.task.id, err: errorText(err) },
-        'Could not record a task run; it is run again once the database is back',
-      );
-    }
+  private start(task: ScheduledTask): TaskTurn {
+    this.host.store.markTaskStarted(task.id);
+    return { task, at: new Date(this.host.clock.now()), mono: this.host.clock.monotonic() };
   }
 
   /** A task run's end, in one transaction: its log, the task's state, what it said, the claim released. */
-  private record(task: ScheduledTask, started: RunStart, outcome: TaskOutcome): TaskRunLog {
+  private record({ task, at, mono }: TaskTurn, outcome: TaskOutcome): TaskRunLog {
     const { store, voice } = this.host;
     const { result, error } = outcome;
     const run: TaskRunLog = {
       taskId: task.id,
-      runAt: started.at.toISOString(),
-      durationMs: Math.round(this.host.clock.monotonic() - started.mono),
+      runAt: at.toISOString(),
+      durationMs: Math.round(this.host.clock.monotonic() - mono),
       status: error ? 'error' : 'success',
       result,
       error,
@@ -6346,13 +6347,6 @@ type AfterTurn = 'done' | 'retry' | 'queue-more' | 'key-refused' | 'bad-request'
 /** A container that ends, however it ends, while messages it was given are unanswered has failed. */
 function turnFailed(outcome: RunOutcome, upToSeq: number, cursor: number): boolean {
   return outcome.exitCode !== 0 || outcome.timedOut || outcome.oversized === true || upToSeq > cursor;
-}
-
-function noResultError(outcome: RunOutcome): string {
-  if (outcome.timedOut) return 'the agent timed out';
-  return outcome.exitCode === 0
-    ? 'the agent container ended without an answer'
-    : `the agent container exited with code ${outcome.exitCode}`;
 }
 
 function afterTurn(outcome: RunOutcome | null, failed: boolean, unanswered: number, stopped: boolean): AfterTurn {
