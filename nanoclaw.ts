@@ -5794,7 +5794,7 @@ class Voice {
     private readonly config: Config,
     private readonly store: Store,
     readonly channels: Channel[],
-    clock: Clock,
+    private readonly clock: Clock,
     sendRetryMs?: number,
   ) {
     for (const channel of channels)
@@ -5858,6 +5858,15 @@ class Voice {
     this.say(chatJid, this.format(text)!);
   }
 
+  /** announce(), unless the notice under `onceKey` was given within six hours; true when it was given now. */
+  announceOnce(chatJid: string, text: string, onceKey?: string): boolean {
+    const now = this.clock.now();
+    if (onceKey && now - Number(this.store.getState(onceKey) ?? 0) < NOTICE_EVERY_MS) return false;
+    this.announce(chatJid, text);
+    if (onceKey) this.store.setState(onceKey, String(now));
+    return true;
+  }
+
   sendSoon(chatJid: string): void {
     const channel = this.channelFor(chatJid);
     if (channel) this.senders.get(channel.name)?.kick();
@@ -5906,7 +5915,7 @@ interface HostParts {
 
 /** Each sweep: the disk reserve released when space runs short, each group against GROUP_DISK_BUDGET, a daily backup. */
 class DiskWatch {
-  private readonly overBudget = new Map<string, number>();
+  private readonly overBudget = new Set<string>();
   private readonly reserve: DiskReserve;
 
   constructor(
@@ -5939,46 +5948,33 @@ class DiskWatch {
     }
   }
 
-  /** After each turn and run: what the agent wrote counts at once, before the group gets another turn. */
-  checkGroupNow(group: RegisteredGroup): void {
+  /** Also after each turn and run: what the agent wrote counts at once, before the group gets another turn. */
+  checkGroup(group: RegisteredGroup): void {
+    const { config, queue, store, voice } = this.host;
     try {
-      this.checkGroup(group);
+      const used = groupDiskUsage(config, group.folder);
+      const wasOver = this.overBudget.has(group.folder);
+      if (used <= config.disk.groupBudget) {
+        if (!wasOver) return;
+        this.overBudget.delete(group.folder);
+        log.info({ group: group.folder, used }, 'Group back under its disk budget; answering again');
+        queue.enqueueMessages(group.jid);
+        return;
+      }
+      this.overBudget.add(group.folder);
+      if (wasOver) return;
+      const size = Number.isFinite(used) ? formatBytes(used) : `over ${MAX_COUNTED_ENTRIES} files`;
+      const budget = formatBytes(config.disk.groupBudget);
+      log.warn({ group: group.folder, used: size, budget }, 'Group over its disk budget; its agent is stopped');
+      void queue.kill(group.jid);
+      const text = `This group's files take ${size}, over its ${budget} disk budget, so I have stopped. Ask the owner to free space in groups/${group.folder} (or raise GROUP_DISK_BUDGET); I answer again once it is under.`;
+      if (!store.transaction(() => voice.announceOnce(group.jid, text, `disk-told:${group.folder}`))) return;
+      voice.sendSoon(group.jid);
+      if (!group.isMain)
+        voice.tellMain(`The group ${group.name} went over its disk budget (${size}); its agent is stopped.`);
     } catch (err) {
       log.warn({ group: group.folder, err: errorText(err) }, 'Could not check the group’s disk use');
     }
-  }
-
-  private checkGroup(group: RegisteredGroup): void {
-    const used = groupDiskUsage(this.host.config, group.folder);
-    const budget = this.host.config.disk.groupBudget;
-    const wasOver = this.overBudget.has(group.folder);
-    if (used <= budget) {
-      if (!wasOver) return;
-      this.overBudget.delete(group.folder);
-      log.info({ group: group.folder, used }, 'Group back under its disk budget; answering again');
-      this.host.queue.enqueueMessages(group.jid);
-      return;
-    }
-    this.overBudget.set(group.folder, used);
-    if (wasOver) return;
-    const size = Number.isFinite(used) ? formatBytes(used) : `over ${MAX_COUNTED_ENTRIES} files`;
-    log.warn({ group: group.folder, used: size, budget }, 'Group over its disk budget; its agent is stopped');
-    void this.host.queue.kill(group.jid);
-    this.tellOverBudget(group, size, budget);
-  }
-
-  private tellOverBudget(group: RegisteredGroup, size: string, budget: number): void {
-    const { store, voice, clock } = this.host;
-    const onceKey = `disk-told:${group.folder}`;
-    if (clock.now() - Number(store.getState(onceKey) ?? 0) < NOTICE_EVERY_MS) return;
-    const text = `This group's files take ${size}, over its ${formatBytes(budget)} disk budget, so I have stopped. Ask the owner to free space in groups/${group.folder} (or raise GROUP_DISK_BUDGET); I answer again once it is under.`;
-    store.transaction(() => {
-      voice.announce(group.jid, text);
-      store.setState(onceKey, String(clock.now()));
-    });
-    voice.sendSoon(group.jid);
-    if (!group.isMain)
-      voice.tellMain(`The group ${group.name} went over its disk budget (${size}); its agent is stopped.`);
   }
 
   backUpWhenDue(): void {
@@ -6052,10 +6048,10 @@ class AgentLauncher {
         if (result.status === 'error')
           log.error({ group: group.folder, error: result.error }, 'Agent reported an error');
         await run.onResult(result);
-        this.disk.checkGroupNow(group);
+        this.disk.checkGroup(group);
       },
     });
-    void outcome.finally(() => this.disk.checkGroupNow(group));
+    void outcome.finally(() => this.disk.checkGroup(group));
     return outcome;
   }
 
@@ -6505,20 +6501,17 @@ class ChatTurns {
    * `onceKey`, at most once in six hours). Messages that came after them get a run of their own.
    */
   private giveUp(chatJid: string, notice: string, upToSeq: number, onceKey?: string): void {
-    const { store, voice, clock } = this.host;
+    const { store, voice } = this.host;
     const group = store.groupByJid(chatJid);
     if (!group) return;
     const pending = store.messagesSince(chatJid, store.getCursor(chatJid)).filter((m) => m.seq <= upToSeq);
     if (pending.length === 0) return;
-    const toldAt = onceKey ? Number(store.getState(onceKey) ?? 0) : 0;
-    const tell = !onceKey || clock.now() - toldAt > NOTICE_EVERY_MS;
-    store.transaction(() => {
+    const told = store.transaction(() => {
       store.setCursor(chatJid, pending.at(-1)!.seq);
-      if (tell) voice.announce(chatJid, notice);
-      if (tell && onceKey) store.setState(onceKey, String(clock.now()));
+      return voice.announceOnce(chatJid, notice, onceKey);
     });
     voice.sendSoon(chatJid);
-    log.error({ group: group.folder, messages: pending.length, told: tell }, 'Gave up on messages; told the chat');
+    log.error({ group: group.folder, messages: pending.length, told }, 'Gave up on messages; told the chat');
     if (store.messagesSince(chatJid, pending.at(-1)!.seq).length > 0 && !this.host.stopped())
       this.host.queue.enqueueMessages(chatJid);
   }
