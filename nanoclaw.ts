@@ -5718,7 +5718,7 @@ class SpillBuffer {
   private timer: (() => void) | null = null;
 
   constructor(
-    private readonly dataDir: string,
+    private readonly file: string,
     private readonly clock: Clock,
     private readonly store: Store,
     private readonly storeInbound: (message: NewMessage, chat: ChatMeta) => void,
@@ -5729,14 +5729,10 @@ class SpillBuffer {
     return this.waiting.length > 0;
   }
 
-  private get file(): string {
-    return join(this.dataDir, 'spill.jsonl');
-  }
-
   add(message: NewMessage, chat: ChatMeta): void {
     this.waiting.push({ message, chat });
     try {
-      mkdirSync(this.dataDir, { recursive: true });
+      mkdirSync(dirname(this.file), { recursive: true });
       appendFileSync(this.file, `${JSON.stringify({ message, chat })}\n`);
     } catch {
       // the disk is the trouble: memory holds it until the database is back
@@ -5761,28 +5757,27 @@ class SpillBuffer {
     this.timer?.();
   }
 
+  /** Whatever the database says, a message not stored stays spilled and is tried again: nothing is dropped. */
   private drain(): void {
     this.timer = null;
-    while (this.waiting.length > 0 && this.storedOldest()) this.waiting.shift();
+    while (this.waiting.length > 0) {
+      const { message, chat } = this.waiting[0]!;
+      try {
+        if (!this.store.canWrite()) break;
+        this.storeInbound(message, chat);
+      } catch (err) {
+        if (!isStoreUnavailable(err))
+          log.error({ err: errorText(err) }, 'Could not store a spilled message; trying again in a second');
+        break;
+      }
+      this.waiting.shift();
+    }
     if (this.waiting.length > 0) {
       this.timer = this.clock.after(1_000, () => this.drain());
       return;
     }
     rmSync(this.file, { force: true });
     log.info('The database takes messages again; every spilled message is stored');
-  }
-
-  /** Whatever the database says, a message not stored stays spilled and is tried again: nothing is dropped. */
-  private storedOldest(): boolean {
-    if (!this.store.canWrite()) return false;
-    try {
-      this.storeInbound(this.waiting[0]!.message, this.waiting[0]!.chat);
-      return true;
-    } catch (err) {
-      if (!isStoreUnavailable(err))
-        log.error({ err: errorText(err) }, 'Could not store a spilled message; trying again in a second');
-      return false;
-    }
   }
 }
 
@@ -6029,12 +6024,25 @@ class AgentLauncher {
   run(group: RegisteredGroup, prompt: string, run: AgentRun): Promise<RunOutcome> {
     const { config, store, queue } = this.host;
     const resetsAtStart = this.sessionResets.get(group.folder) ?? 0;
+    const sessionId = run.sessionId === undefined ? store.getSession(group.folder) : run.sessionId;
+    const extra = groupExtraMounts(config, group);
+    for (const rejected of extra.rejected) log.warn({ group: group.folder, ...rejected }, 'Extra mount refused');
     writeSnapshots(config, store, group, this.host.snapshotsWritten);
     const outcome = runContainer({
       config,
       group,
-      input: this.input(group, prompt, run),
-      mounts: groupMounts(config, group, this.extraMounts(group)),
+      input: {
+        prompt,
+        groupFolder: group.folder,
+        chatJid: group.jid,
+        isMain: group.isMain,
+        ...(sessionId ? { sessionId } : {}),
+        isScheduledTask: run.isScheduledTask,
+        ...(run.warm ? { warm: true } : {}),
+        ...(run.upTo === undefined ? {} : { upTo: run.upTo }),
+        assistantName: config.assistantName,
+      },
+      mounts: groupMounts(config, group, extra.mounts),
       acceptsFollowUps: run.acceptsFollowUps,
       proxy: this.proxy,
       onStart: (live) => {
@@ -6055,35 +6063,11 @@ class AgentLauncher {
     return outcome;
   }
 
-  private input(group: RegisteredGroup, prompt: string, run: AgentRun): ContainerInput {
-    const sessionId = run.sessionId === undefined ? this.host.store.getSession(group.folder) : run.sessionId;
-    return {
-      prompt,
-      groupFolder: group.folder,
-      chatJid: group.jid,
-      isMain: group.isMain,
-      ...(sessionId ? { sessionId } : {}),
-      isScheduledTask: run.isScheduledTask,
-      ...(run.warm ? { warm: true } : {}),
-      ...(run.upTo === undefined ? {} : { upTo: run.upTo }),
-      assistantName: this.host.config.assistantName,
-    };
-  }
-
-  private extraMounts(group: RegisteredGroup): Mount[] {
-    const extra = groupExtraMounts(this.host.config, group);
-    for (const rejected of extra.rejected) log.warn({ group: group.folder, ...rejected }, 'Extra mount refused');
-    return extra.mounts;
-  }
-
   private saveSession(group: RegisteredGroup, sessionId: string): void {
     try {
       this.host.store.setSession(group.folder, sessionId);
     } catch (err) {
-      log.warn(
-        { group: group.folder, err: errorText(err) },
-        'Could not save the session id; the next run may start a new session',
-      );
+      log.warn({ group: group.folder, err: errorText(err) }, 'Could not save the session id; the next run starts anew');
     }
   }
 }
@@ -6648,7 +6632,9 @@ export class Host {
     const maxRetries = options.maxRetries ?? 5;
     this.clock = clock;
     this.voice = new Voice(config, store, channels, clock, options.sendRetryMs);
-    this.spill = new SpillBuffer(config.dataDir, clock, store, (message, chat) => this.storeInbound(message, chat));
+    this.spill = new SpillBuffer(join(config.dataDir, 'spill.jsonl'), clock, store, (message, chat) =>
+      this.storeInbound(message, chat),
+    );
     this.queue = new GroupQueue({
       maxConcurrent: config.maxConcurrentContainers,
       idleTimeoutMs: config.idleTimeoutMs,
@@ -6730,7 +6716,10 @@ export class Host {
   }
 
   async start(): Promise<void> {
-    const recent = this.recentlyActiveGroups(); // before this start's own messages come in
+    // Groups active within IDLE_TIMEOUT before this start (their warm agents went with the old host), newest first;
+    // read before this start's own messages come in.
+    const since = new Date(this.clock.now() - this.config.idleTimeoutMs).toISOString();
+    const recent = this.store.recentGroups(since, this.config.warmPool.size);
     this.spill.replay();
     for (const channel of this.channels) await channel.connect(this.channelHandlers(channel));
     for (const sender of this.voice.senders.values()) sender.kick(); // what a previous run left unsent
@@ -6786,17 +6775,6 @@ export class Host {
     const started = this.queue.prewarm(chatJid);
     if (started) log.debug({ chatJid }, 'Activity in the chat; readying its agent ahead of the message');
     return started;
-  }
-
-  /** Groups active within IDLE_TIMEOUT before this start (their warm agents went with the old host), newest first. */
-  private recentlyActiveGroups(): RegisteredGroup[] {
-    const since = new Date(this.clock.now() - this.config.idleTimeoutMs).toISOString();
-    try {
-      return this.store.recentGroups(since, this.config.warmPool.size);
-    } catch (err) {
-      log.warn({ err: errorText(err) }, 'Could not read which groups were active; none is warmed at start-up');
-      return [];
-    }
   }
 
   handleInbound(message: NewMessage, chat: ChatMeta): void {
@@ -7059,22 +7037,22 @@ function ranHereBefore(config: Config): string | null {
 
 class StoreMissingError extends Error {}
 
-async function openStoreWhenFree(path: string, waitMs = 60_000): Promise<Store> {
-  const deadline = Date.now() + waitMs;
-  for (let attempt = 1; ; attempt++) {
+/**
+ * Waits up to a minute for a locked database. One missing or empty where NanoClaw ran before is not quietly started
+ * afresh: every group would be gone.
+ */
+async function openProjectStore(config: Config): Promise<Store> {
+  const deadline = Date.now() + 60_000;
+  let store: Store | null = null;
+  for (let attempt = 1; !store; attempt++) {
     try {
-      return new Store(path);
+      store = new Store(config.dbPath);
     } catch (err) {
       if (!isStoreUnavailable(err) || Date.now() > deadline) throw err;
       if (attempt === 1) log.warn({ err: errorText(err) }, 'The database is locked or unavailable; waiting for it');
       await Bun.sleep(1_000);
     }
   }
-}
-
-/** A database missing or empty where NanoClaw ran before is not quietly started afresh: every group would be gone. */
-async function openProjectStore(config: Config): Promise<Store> {
-  const store = await openStoreWhenFree(config.dbPath);
   const onPurpose = /^(1|true|yes)$/i.test(process.env.NANOCLAW_NEW_DATABASE ?? '');
   const before = store.createdNow && !onPurpose ? ranHereBefore(config) : null;
   if (before) {
