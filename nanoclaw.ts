@@ -6316,12 +6316,6 @@ interface ChatTurn {
   messages: StoredMessage[];
 }
 
-interface EndedTurn {
-  group: RegisteredGroup;
-  outcome: RunOutcome | null;
-  upToSeq: number;
-}
-
 type AfterTurn = 'done' | 'retry' | 'queue-more' | 'key-refused' | 'bad-request';
 
 /** A container that ends, however it ends, while messages it was given are unanswered has failed. */
@@ -6359,9 +6353,7 @@ class ChatTurns {
   /** One turn: true when the chat's messages are done with (answered, given up, or queued anew), false to retry. */
   async processMessages(chatJid: string, warm = false): Promise<boolean> {
     const turn = this.turnToRun(chatJid, warm);
-    const ended = turn ? await this.runTurn(turn) : null;
-    const next = ended ? this.afterRun(ended) : 'done';
-    return next !== 'retry';
+    return !turn || this.afterRun(turn.group, await this.runTurn(turn)) !== 'retry';
   }
 
   private turnToRun(chatJid: string, warm: boolean): ChatTurn | null {
@@ -6374,7 +6366,8 @@ class ChatTurns {
     return asked || warm ? { group, cursor, messages: asked ? messages : [] } : null;
   }
 
-  private async runTurn({ group, cursor, messages }: ChatTurn): Promise<EndedTurn> {
+  /** The turn's outcome (null: the container could not run); lastGiven holds the newest message it was given. */
+  private async runTurn({ group, cursor, messages }: ChatTurn): Promise<RunOutcome | null> {
     const { queue, voice, config } = this.host;
     const chatJid = group.jid;
     const upTo = messages.at(-1)?.seq;
@@ -6406,7 +6399,7 @@ class ChatTurns {
       this.tasks.endTurn(chatJid);
       await voice.typing(chatJid, false);
     }
-    return { group, outcome, upToSeq: this.lastGiven.get(chatJid)! };
+    return outcome;
   }
 
   /** A result of the turn (a follow-up may bring more than one), unless it answers a task handed to the container. */
@@ -6454,9 +6447,10 @@ class ChatTurns {
     if ((queue.givenUpTo(chatJid) ?? 0) <= answeredUpTo) queue.markIdle(chatJid);
   }
 
-  private afterRun({ group, outcome, upToSeq }: EndedTurn): AfterTurn {
+  private afterRun(group: RegisteredGroup, outcome: RunOutcome | null): AfterTurn {
     const { store, config } = this.host;
     const chatJid = group.jid;
+    const upToSeq = this.lastGiven.get(chatJid)!;
     const cursor = store.getCursor(chatJid);
     const unanswered = store.messagesSince(chatJid, cursor).length;
     const failed = outcome !== null && turnFailed(outcome, upToSeq, cursor);
