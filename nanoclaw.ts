@@ -5691,16 +5691,11 @@ function statusText(
   const lines = groups.map((group) => {
     const waiting = store.messagesSince(group.jid, store.getCursor(group.jid)).length;
     const tasks = store.listTasks(group.folder);
-    const active = tasks.filter((task) => task.status === 'active' && task.nextRun).map((task) => task.nextRun!);
+    const due = tasks.flatMap((task) => (task.status === 'active' && task.nextRun ? [task.nextRun] : [])).sort();
     const paused = tasks.filter((task) => task.status === 'paused').length;
-    const next = active.sort()[0];
-    const parts = [
-      `agent ${agentState(queue, group, isOver(group.folder))}`,
-      `${counted(waiting, 'message')} waiting`,
-      `${counted(active.length, 'task')} scheduled${next ? ` (next ${formatLocalTime(next, config.timezone)})` : ''}`,
-      ...(paused ? [`${paused} paused`] : []),
-    ];
-    return `${group.name}: ${parts.join(', ')}`;
+    const next = due[0] ? ` (next ${formatLocalTime(due[0], config.timezone)})` : '';
+    const agent = agentState(queue, group, isOver(group.folder));
+    return `${group.name}: agent ${agent}, ${counted(waiting, 'message')} waiting, ${counted(due.length, 'task')} scheduled${next}${paused ? `, ${paused} paused` : ''}`;
   });
   if (asker.isMain)
     lines.push(
@@ -5792,14 +5787,11 @@ class Voice {
     private readonly clock: Clock,
     sendRetryMs?: number,
   ) {
+    const onAbandoned = (part: OutboundMessage) => this.tellAbandoned(part);
     for (const channel of channels)
       this.senders.set(
         channel.name,
-        new OutboxSender(store, channel, {
-          retryBaseMs: sendRetryMs,
-          clock,
-          onAbandoned: (part) => this.tellAbandoned(part),
-        }),
+        new OutboxSender(store, channel, { retryBaseMs: sendRetryMs, clock, onAbandoned }),
       );
   }
 
@@ -6224,12 +6216,9 @@ class TaskRuns {
         );
       }
     });
-    if (!again) voice.sendSoon(task.chatJid);
-    log.warn(
-      { group: task.groupFolder, taskId: task.id, runAgain: again },
-      again ? 'A task run was interrupted; running it again' : 'A task run was interrupted twice; giving up on it',
-    );
+    log.warn({ group: task.groupFolder, taskId: task.id, runAgain: again }, 'A task run was interrupted');
     if (again) this.enqueue(task);
+    else voice.sendSoon(task.chatJid);
   }
 
   /** The answer goes to the group's chat, then the container closes; paused or deleted tasks run only with `force`. */
