@@ -6142,10 +6142,7 @@ class TaskRuns {
       this.record(turn, outcome ?? { result: null, said: [], error: stopped });
     } catch (err) {
       const { groupFolder: group, id: taskId } = turn.task;
-      log.error(
-        { group, taskId, err: errorText(err) },
-        'Could not record a task run; it is run again once the database is back',
-      );
+      log.error({ group, taskId, err: errorText(err) }, 'Could not record a task run; the sweep runs it again');
     }
   }
 
@@ -6416,10 +6413,7 @@ class ChatTurns {
       });
     } catch (err) {
       // Not recorded, so not sent: the run ends and the retry answers (once) when the database is back.
-      log.error(
-        { group: group.folder, err: errorText(err) },
-        'Could not record the answer; the messages will be answered again',
-      );
+      log.error({ group: group.folder, err: errorText(err) }, 'Could not record the answer; retrying');
       queue.closeContainer(chatJid);
       const error = `could not record the answer (${errorText(err)})`;
       return { chatJid, status: 'error', sent: null, error, upToSeq };
@@ -6452,10 +6446,7 @@ class ChatTurns {
     else if (next === 'bad-request') this.giveUp(chatJid, badRequestNotice(refused.error), refused.upTo);
     else if (next === 'queue-more') this.host.queue.enqueueMessages(chatJid);
     else if (next === 'retry' && outcome)
-      log.warn(
-        { group: group.folder, unanswered, logFile: outcome.logFile },
-        'Run failed; cursor left before the unanswered messages, will retry',
-      );
+      log.warn({ group: group.folder, unanswered, logFile: outcome.logFile }, 'Run failed; will retry');
     return next;
   }
 
@@ -6506,62 +6497,54 @@ class ChatTurns {
 }
 
 /** Agent requests, authorised by their IPC folder; each done in one transaction with its done-mark, so never twice. */
-class IpcRequests {
-  private readonly sendWindow: SendWindow;
-
-  constructor(
-    private readonly host: HostParts,
-    private readonly tasksChanged: () => void,
-  ) {
-    this.sendWindow = new SendWindow(host.clock);
-  }
-
-  async handle(folder: string, kind: IpcKind, data: unknown, claimId: string): Promise<IpcDecision> {
-    const { store, config } = this.host;
-    if (store.isIpcDone(claimId)) return { ok: true };
-    const source = store.groupByFolder(folder);
-    if (!source) throw new IpcFormatError(`no registered group uses the folder "${folder}"`);
-    const request = parseIpcRequest(kind, data);
-    const refused = refusal(source, request, store, config) ?? this.overSendWindow(source, request);
-    if (refused) {
-      log.warn({ group: folder, type: request.type, reason: refused }, 'IPC request refused');
-      return { ok: false, reason: refused };
-    }
-    crashPoint('ipc-handling');
-    const afterwards: (() => void)[] = [];
-    const detail = store.transaction(() => {
-      const done = applyIpcRequest(request, { config, store, source, effects: this.ipcEffects(afterwards) });
-      store.markIpcDone(claimId);
-      return done;
-    });
-    crashPoint('ipc-recorded');
-    for (const effect of afterwards) effect();
-    if (kind === 'tasks') writeSnapshots(config, store, source, this.host.snapshotsWritten);
-    return { ok: true, ...(detail ? { detail } : {}) };
-  }
+function ipcRequests(host: HostParts, tasksChanged: () => void): IpcHandlers {
+  const { config, store, queue, voice } = host;
+  const sendWindow = new SendWindow(host.clock);
 
   /** Messages and files an agent sends count against its group's send window; the reason when it is full. */
-  private overSendWindow(source: RegisteredGroup, request: IpcRequest): string | null {
-    if (request.type === 'send_file') return this.sendWindow.take(this.host.config, source, 1);
+  const overSendWindow = (source: RegisteredGroup, request: IpcRequest): string | null => {
+    if (request.type === 'send_file') return sendWindow.take(config, source, 1);
     if (request.type !== 'message') return null;
-    const words = this.host.voice.format(request.text);
-    const parts = words ? (this.host.voice.channelFor(request.chatJid)?.layout(words).length ?? 1) : 0;
-    return this.sendWindow.take(this.host.config, source, parts);
-  }
+    const words = voice.format(request.text);
+    const parts = words ? (voice.channelFor(request.chatJid)?.layout(words).length ?? 1) : 0;
+    return sendWindow.take(config, source, parts);
+  };
 
-  private ipcEffects(afterwards: (() => void)[]): IpcEffects {
-    return {
-      say: (chatJid, text) => this.host.voice.say(chatJid, text),
-      sayFile: (chatJid, file) => this.host.voice.sayFile(chatJid, file),
-      afterwards: (effect) => afterwards.push(effect),
-      awaitAnswer: (chatJid) => this.host.queue.expectAnswer(chatJid),
-      sendSoon: (chatJid) => this.host.voice.sendSoon(chatJid),
-      syncGroups: async () => {
-        await Promise.all(this.host.voice.channels.map((channel) => channel.syncGroups?.()));
-      },
-      tasksChanged: this.tasksChanged,
-    };
-  }
+  return {
+    async handle(folder, kind, data, claimId) {
+      if (store.isIpcDone(claimId)) return { ok: true };
+      const source = store.groupByFolder(folder);
+      if (!source) throw new IpcFormatError(`no registered group uses the folder "${folder}"`);
+      const request = parseIpcRequest(kind, data);
+      const refused = refusal(source, request, store, config) ?? overSendWindow(source, request);
+      if (refused) {
+        log.warn({ group: folder, type: request.type, reason: refused }, 'IPC request refused');
+        return { ok: false, reason: refused };
+      }
+      crashPoint('ipc-handling');
+      const afterwards: (() => void)[] = [];
+      const effects: IpcEffects = {
+        say: (chatJid, text) => voice.say(chatJid, text),
+        sayFile: (chatJid, file) => voice.sayFile(chatJid, file),
+        afterwards: (effect) => afterwards.push(effect),
+        awaitAnswer: (chatJid) => queue.expectAnswer(chatJid),
+        sendSoon: (chatJid) => voice.sendSoon(chatJid),
+        syncGroups: async () => {
+          await Promise.all(voice.channels.map((channel) => channel.syncGroups?.()));
+        },
+        tasksChanged,
+      };
+      const detail = store.transaction(() => {
+        const done = applyIpcRequest(request, { config, store, source, effects });
+        store.markIpcDone(claimId);
+        return done;
+      });
+      crashPoint('ipc-recorded');
+      for (const effect of afterwards) effect();
+      if (kind === 'tasks') writeSnapshots(config, store, source, host.snapshotsWritten);
+      return { ok: true, ...(detail ? { detail } : {}) };
+    },
+  };
 }
 
 /** The model proxy's count of each group's model use, by day in the user's timezone (`usage`). */
@@ -6656,7 +6639,7 @@ export class Host {
     });
     this.ipc = new IpcWatcher(
       config.ipcDir,
-      new IpcRequests(parts, () => this.scheduler.arm()),
+      ipcRequests(parts, () => this.scheduler.arm()),
       options.ipcSweepMs ?? 30_000,
       clock,
     );
@@ -6680,8 +6663,7 @@ export class Host {
       onChange: (change) => this.handleChange(change),
       onChatMetadata: (chat) => {
         try {
-          const channelName = this.voice.channelFor(chat.jid)?.name ?? 'unknown';
-          this.store.upsertChat({ jid: chat.jid, name: chat.name, channel: channelName, isGroup: chat.isGroup });
+          this.store.upsertChat({ jid: chat.jid, name: chat.name, channel: channel.name, isGroup: chat.isGroup });
         } catch (err) {
           log.warn({ err: errorText(err) }, 'Could not store a chat name');
         }
@@ -6800,10 +6782,7 @@ export class Host {
       const seq = this.store.storeAsNewest(stored, content);
       if (!this.stopped) this.wake(group, { ...stored, seq, content });
     } catch (err) {
-      log.warn(
-        { err: errorText(err), chatJid: change.chatJid, messageId: change.id },
-        'Could not apply an edit or deletion',
-      );
+      log.warn({ err: errorText(err), chatJid: change.chatJid }, 'Could not apply an edit or deletion');
     }
   }
 
@@ -6880,10 +6859,7 @@ export class Host {
       this.store.pruneIpcDone(new Date(now - 86_400_000).toISOString());
       this.store.pruneOutbox(new Date(now - 7 * 86_400_000).toISOString());
     } catch (err) {
-      log.warn(
-        { err: errorText(err) },
-        'The safety sweep could not read the database; it tries again at the next sweep',
-      );
+      log.warn({ err: errorText(err) }, 'The safety sweep could not read the database; trying again next sweep');
     }
   }
 
