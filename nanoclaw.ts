@@ -5901,54 +5901,24 @@ interface HostParts {
 }
 
 /** Each sweep: the disk reserve released when space runs short, each group against GROUP_DISK_BUDGET, a daily backup. */
-class DiskWatch {
-  private readonly overBudget = new Set<string>();
-  private readonly reserve: DiskReserve;
-
-  constructor(
-    private readonly host: HostParts,
-    freeDiskBytes?: () => number,
-  ) {
-    this.reserve = new DiskReserve(join(host.config.storeDir, 'disk-reserve'), host.config.disk.reserve, freeDiskBytes);
-  }
-
-  isOver(folder: string): boolean {
-    return this.overBudget.has(folder);
-  }
-
-  /** One group per turn of the event loop, so walking many groups' trees does not hold up the rest. */
-  async check(): Promise<void> {
-    const { config, store, voice } = this.host;
-    try {
-      if (this.reserve.check() === 'released') {
-        const text = `The disk is almost full: NanoClaw released its ${formatBytes(config.disk.reserve)} reserve (${this.reserve.path}) so its database and logs keep working. Free some space; the reserve is made again once there is room.`;
-        log.error(text);
-        voice.tellMain(text);
-      }
-      for (const group of store.listGroups()) {
-        if (this.host.stopped()) return;
-        this.checkGroup(group);
-        await new Promise((resolve) => setImmediate(resolve));
-      }
-    } catch (err) {
-      log.warn({ err: errorText(err) }, 'Could not check disk use; trying again at the next sweep');
-    }
-  }
+function diskWatch(host: HostParts, freeDiskBytes?: () => number) {
+  const { config, store, queue, voice, clock } = host;
+  const overBudget = new Set<string>();
+  const reserve = new DiskReserve(join(config.storeDir, 'disk-reserve'), config.disk.reserve, freeDiskBytes);
 
   /** Also after each turn and run: what the agent wrote counts at once, before the group gets another turn. */
-  checkGroup(group: RegisteredGroup): void {
-    const { config, queue, store, voice } = this.host;
+  const checkGroup = (group: RegisteredGroup): void => {
     try {
       const used = groupDiskUsage(config, group.folder);
-      const wasOver = this.overBudget.has(group.folder);
+      const wasOver = overBudget.has(group.folder);
       if (used <= config.disk.groupBudget) {
         if (!wasOver) return;
-        this.overBudget.delete(group.folder);
+        overBudget.delete(group.folder);
         log.info({ group: group.folder, used }, 'Group back under its disk budget; answering again');
         queue.enqueueMessages(group.jid);
         return;
       }
-      this.overBudget.add(group.folder);
+      overBudget.add(group.folder);
       if (wasOver) return;
       const size = Number.isFinite(used) ? formatBytes(used) : `over ${MAX_COUNTED_ENTRIES} files`;
       const budget = formatBytes(config.disk.groupBudget);
@@ -5962,25 +5932,49 @@ class DiskWatch {
     } catch (err) {
       log.warn({ group: group.folder, err: errorText(err) }, 'Could not check the group’s disk use');
     }
-  }
+  };
 
-  backUpWhenDue(): void {
-    const dir = join(this.host.config.storeDir, 'backups');
-    const newest = existsSync(dir)
-      ? readdirSync(dir)
-          .filter((file) => /^messages-.*\.db$/.test(file))
-          .map((file) => statSync(join(dir, file)).mtimeMs)
-          .reduce((a, b) => Math.max(a, b), 0)
-      : 0;
-    if (this.host.clock.now() - newest < BACKUP_EVERY_MS) return;
-    try {
-      const file = this.host.store.backup(dir, BACKUPS_KEPT, new Date(this.host.clock.now()));
-      log.info({ file }, 'Database backed up');
-    } catch (err) {
-      log.warn({ err: errorText(err) }, 'Could not back up the database; trying again at the next sweep');
-    }
-  }
+  return {
+    isOver: (folder: string): boolean => overBudget.has(folder),
+    checkGroup,
+
+    /** One group per turn of the event loop, so walking many groups' trees does not hold up the rest. */
+    async check(): Promise<void> {
+      try {
+        if (reserve.check() === 'released') {
+          const text = `The disk is almost full: NanoClaw released its ${formatBytes(config.disk.reserve)} reserve (${reserve.path}) so its database and logs keep working. Free some space; the reserve is made again once there is room.`;
+          log.error(text);
+          voice.tellMain(text);
+        }
+        for (const group of store.listGroups()) {
+          if (host.stopped()) return;
+          checkGroup(group);
+          await new Promise((resolve) => setImmediate(resolve));
+        }
+      } catch (err) {
+        log.warn({ err: errorText(err) }, 'Could not check disk use; trying again at the next sweep');
+      }
+    },
+
+    backUpWhenDue(): void {
+      const dir = join(config.storeDir, 'backups');
+      const newest = existsSync(dir)
+        ? readdirSync(dir)
+            .filter((file) => /^messages-.*\.db$/.test(file))
+            .map((file) => statSync(join(dir, file)).mtimeMs)
+            .reduce((a, b) => Math.max(a, b), 0)
+        : 0;
+      if (clock.now() - newest < BACKUP_EVERY_MS) return;
+      try {
+        const file = store.backup(dir, BACKUPS_KEPT, new Date(clock.now()));
+        log.info({ file }, 'Database backed up');
+      } catch (err) {
+        log.warn({ err: errorText(err) }, 'Could not back up the database; trying again at the next sweep');
+      }
+    },
+  };
 }
+type DiskWatch = ReturnType<typeof diskWatch>;
 
 interface AgentRun {
   isScheduledTask: boolean;
@@ -5999,70 +5993,68 @@ interface AgentRun {
 }
 
 /** Starts agent containers: the group's mounts, its session, and a proxy token on stdin. */
-class AgentLauncher {
+function agentLauncher(host: HostParts, disk: DiskWatch, proxy: ModelProxy) {
+  const { config, store, queue } = host;
   /** How often each group's session was reset (/reset): a run started before a reset does not save its session. */
-  private readonly sessionResets = new Map<string, number>();
+  const sessionResets = new Map<string, number>();
+  const resets = (folder: string): number => sessionResets.get(folder) ?? 0;
 
-  constructor(
-    private readonly host: HostParts,
-    private readonly disk: DiskWatch,
-    private readonly proxy: ModelProxy,
-  ) {}
-
-  resetSession(folder: string): void {
-    this.sessionResets.set(folder, (this.sessionResets.get(folder) ?? 0) + 1);
-  }
-
-  run(group: RegisteredGroup, prompt: string, run: AgentRun): Promise<RunOutcome> {
-    const { config, store, queue } = this.host;
-    const resetsAtStart = this.sessionResets.get(group.folder) ?? 0;
-    const sessionId = run.sessionId === undefined ? store.getSession(group.folder) : run.sessionId;
-    const extra = groupExtraMounts(config, group);
-    for (const rejected of extra.rejected) log.warn({ group: group.folder, ...rejected }, 'Extra mount refused');
-    writeSnapshots(config, store, group, this.host.snapshotsWritten);
-    const outcome = runContainer({
-      config,
-      group,
-      input: {
-        prompt,
-        groupFolder: group.folder,
-        chatJid: group.jid,
-        isMain: group.isMain,
-        ...(sessionId ? { sessionId } : {}),
-        isScheduledTask: run.isScheduledTask,
-        ...(run.warm ? { warm: true } : {}),
-        ...(run.upTo === undefined ? {} : { upTo: run.upTo }),
-        assistantName: config.assistantName,
-      },
-      mounts: groupMounts(config, group, extra.mounts),
-      acceptsFollowUps: run.acceptsFollowUps,
-      proxy: this.proxy,
-      onStart: (live) => {
-        queue.attach(run.lane ?? group.jid, live);
-        run.onLive?.();
-      },
-      onReady: () => run.onReady?.(),
-      onResult: async (result) => {
-        if (result.sessionId && run.saveSession && (this.sessionResets.get(group.folder) ?? 0) === resetsAtStart)
-          this.saveSession(group, result.sessionId);
-        if (result.status === 'error')
-          log.error({ group: group.folder, error: result.error }, 'Agent reported an error');
-        await run.onResult(result);
-        this.disk.checkGroup(group);
-      },
-    });
-    void outcome.finally(() => this.disk.checkGroup(group));
-    return outcome;
-  }
-
-  private saveSession(group: RegisteredGroup, sessionId: string): void {
+  const saveSession = (group: RegisteredGroup, sessionId: string): void => {
     try {
-      this.host.store.setSession(group.folder, sessionId);
+      store.setSession(group.folder, sessionId);
     } catch (err) {
       log.warn({ group: group.folder, err: errorText(err) }, 'Could not save the session id; the next run starts anew');
     }
-  }
+  };
+
+  return {
+    resetSession(folder: string): void {
+      sessionResets.set(folder, resets(folder) + 1);
+    },
+
+    run(group: RegisteredGroup, prompt: string, run: AgentRun): Promise<RunOutcome> {
+      const resetsAtStart = resets(group.folder);
+      const sessionId = run.sessionId === undefined ? store.getSession(group.folder) : run.sessionId;
+      const extra = groupExtraMounts(config, group);
+      for (const rejected of extra.rejected) log.warn({ group: group.folder, ...rejected }, 'Extra mount refused');
+      writeSnapshots(config, store, group, host.snapshotsWritten);
+      const outcome = runContainer({
+        config,
+        group,
+        input: {
+          prompt,
+          groupFolder: group.folder,
+          chatJid: group.jid,
+          isMain: group.isMain,
+          ...(sessionId ? { sessionId } : {}),
+          isScheduledTask: run.isScheduledTask,
+          ...(run.warm ? { warm: true } : {}),
+          ...(run.upTo === undefined ? {} : { upTo: run.upTo }),
+          assistantName: config.assistantName,
+        },
+        mounts: groupMounts(config, group, extra.mounts),
+        acceptsFollowUps: run.acceptsFollowUps,
+        proxy,
+        onStart: (live) => {
+          queue.attach(run.lane ?? group.jid, live);
+          run.onLive?.();
+        },
+        onReady: () => run.onReady?.(),
+        onResult: async (result) => {
+          if (result.sessionId && run.saveSession && resets(group.folder) === resetsAtStart)
+            saveSession(group, result.sessionId);
+          if (result.status === 'error')
+            log.error({ group: group.folder, error: result.error }, 'Agent reported an error');
+          await run.onResult(result);
+          disk.checkGroup(group);
+        },
+      });
+      void outcome.finally(() => disk.checkGroup(group));
+      return outcome;
+    },
+  };
 }
+type AgentLauncher = ReturnType<typeof agentLauncher>;
 
 /** A task run under way: the wall time it is logged under, and clock.monotonic() for its duration (no jumps). */
 interface TaskTurn {
@@ -6623,7 +6615,7 @@ export class Host {
       snapshotsWritten: new Map(),
       stopped: () => this.stopped,
     };
-    this.disk = new DiskWatch(parts, options.freeDiskBytes);
+    this.disk = diskWatch(parts, options.freeDiskBytes);
     this.proxy = new ModelProxy({
       mode: config.modelProxy,
       dir: join(config.dataDir, 'proxy'),
@@ -6632,7 +6624,7 @@ export class Host {
       keyRequired: usesKimiProvider(config),
       record: modelUsageRecorder(config, store),
     });
-    this.agents = new AgentLauncher(parts, this.disk, this.proxy);
+    this.agents = agentLauncher(parts, this.disk, this.proxy);
     this.tasks = new TaskRuns(parts, this.disk, this.agents, (group) => this.chats.forward(group));
     this.chats = new ChatTurns(parts, this.disk, this.agents, this.tasks, (event) => {
       for (const listener of this.turnListeners) listener(event);
