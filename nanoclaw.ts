@@ -5708,72 +5708,69 @@ export const GIVE_UP_TEXT =
   'Sorry, I could not answer that: something went wrong on my side (the details are in the logs). Send it again, or something new, and I will start fresh.';
 
 /** Inbound messages the database cannot take yet, in order, in memory and data/spill.jsonl (replayed at next start). */
-class SpillBuffer {
-  private readonly waiting: { message: NewMessage; chat: ChatMeta }[] = [];
-  private timer: (() => void) | null = null;
+function spillBuffer(
+  file: string,
+  clock: Clock,
+  store: Store,
+  storeInbound: (message: NewMessage, chat: ChatMeta) => void,
+) {
+  const waiting: { message: NewMessage; chat: ChatMeta }[] = [];
+  let timer: (() => void) | null = null;
 
-  constructor(
-    private readonly file: string,
-    private readonly clock: Clock,
-    private readonly store: Store,
-    private readonly storeInbound: (message: NewMessage, chat: ChatMeta) => void,
-  ) {}
-
-  /** A new message must wait behind these, to keep the order. */
-  get holding(): boolean {
-    return this.waiting.length > 0;
-  }
-
-  add(message: NewMessage, chat: ChatMeta): void {
-    this.waiting.push({ message, chat });
+  function add(message: NewMessage, chat: ChatMeta): void {
+    waiting.push({ message, chat });
     try {
-      mkdirSync(dirname(this.file), { recursive: true });
-      appendFileSync(this.file, `${JSON.stringify({ message, chat })}\n`);
+      mkdirSync(dirname(file), { recursive: true });
+      appendFileSync(file, `${JSON.stringify({ message, chat })}\n`);
     } catch {
       // the disk is the trouble: memory holds it until the database is back
     }
-    this.timer ??= this.clock.after(1_000, () => this.drain());
+    timer ??= clock.after(1_000, () => drain());
   }
 
-  replay(): void {
-    if (!existsSync(this.file)) return;
-    for (const line of readFileSync(this.file, 'utf8').split('\n').filter(Boolean)) {
+  function replay(): void {
+    if (!existsSync(file)) return;
+    for (const line of readFileSync(file, 'utf8').split('\n').filter(Boolean)) {
       try {
-        this.waiting.push(JSON.parse(line) as { message: NewMessage; chat: ChatMeta });
+        waiting.push(JSON.parse(line) as { message: NewMessage; chat: ChatMeta });
       } catch {
         log.warn('Skipped an unreadable line of data/spill.jsonl');
       }
     }
-    log.info({ messages: this.waiting.length }, 'Storing messages spilled while the database was unavailable');
-    this.drain();
-  }
-
-  stop(): void {
-    this.timer?.();
+    log.info({ messages: waiting.length }, 'Storing messages spilled while the database was unavailable');
+    drain();
   }
 
   /** Whatever the database says, a message not stored stays spilled and is tried again: nothing is dropped. */
-  private drain(): void {
-    this.timer = null;
-    while (this.waiting.length > 0) {
-      const { message, chat } = this.waiting[0]!;
+  function drain(): void {
+    timer = null;
+    while (waiting.length > 0) {
+      const { message, chat } = waiting[0]!;
       try {
-        if (!this.store.canWrite()) break;
-        this.storeInbound(message, chat);
+        if (!store.canWrite()) break;
+        storeInbound(message, chat);
       } catch (err) {
         if (!isStoreUnavailable(err))
           log.error({ err: errorText(err) }, 'Could not store a spilled message; trying again in a second');
         break;
       }
-      this.waiting.shift();
+      waiting.shift();
     }
-    if (this.waiting.length > 0) {
-      this.timer = this.clock.after(1_000, () => this.drain());
+    if (waiting.length > 0) {
+      timer = clock.after(1_000, () => drain());
       return;
     }
-    rmSync(this.file, { force: true });
+    rmSync(file, { force: true });
     log.info('The database takes messages again; every spilled message is stored');
   }
+
+  return {
+    /** A new message must wait behind these, to keep the order. */
+    holding: (): boolean => waiting.length > 0,
+    add,
+    replay,
+    stop: () => timer?.(),
+  };
 }
 
 /** The bot's words: into the outbox and the chat's history, then sent by each channel's OutboxSender. */
@@ -5787,12 +5784,12 @@ class Voice {
     private readonly clock: Clock,
     sendRetryMs?: number,
   ) {
-    const onAbandoned = (part: OutboundMessage) => this.tellAbandoned(part);
-    for (const channel of channels)
-      this.senders.set(
-        channel.name,
-        new OutboxSender(store, channel, { retryBaseMs: sendRetryMs, clock, onAbandoned }),
-      );
+    const options = {
+      retryBaseMs: sendRetryMs,
+      clock,
+      onAbandoned: (part: OutboundMessage) => this.tellAbandoned(part),
+    };
+    for (const channel of channels) this.senders.set(channel.name, new OutboxSender(store, channel, options));
   }
 
   channelFor(jid: string): Channel | undefined {
@@ -6560,7 +6557,7 @@ export class Host {
   readonly proxy: ModelProxy;
   private readonly clock: Clock;
   private readonly voice: Voice;
-  private readonly spill: SpillBuffer;
+  private readonly spill: ReturnType<typeof spillBuffer>;
   private readonly disk: DiskWatch;
   private readonly agents: AgentLauncher;
   private readonly tasks: TaskRuns;
@@ -6582,7 +6579,7 @@ export class Host {
     const maxRetries = options.maxRetries ?? 5;
     this.clock = clock;
     this.voice = new Voice(config, store, channels, clock, options.sendRetryMs);
-    this.spill = new SpillBuffer(join(config.dataDir, 'spill.jsonl'), clock, store, (message, chat) =>
+    this.spill = spillBuffer(join(config.dataDir, 'spill.jsonl'), clock, store, (message, chat) =>
       this.storeInbound(message, chat),
     );
     this.queue = new GroupQueue({
@@ -6727,7 +6724,7 @@ export class Host {
   }
 
   handleInbound(message: NewMessage, chat: ChatMeta): void {
-    if (this.spill.holding) {
+    if (this.spill.holding()) {
       this.spill.add(message, chat); // keep the order: behind what is already waiting
       return;
     }
