@@ -7040,13 +7040,10 @@ export async function startHost(
   if (problems.length)
     throw new UsageError(`NanoClaw cannot start yet:\n\n${problems.map((p) => `• ${p}`).join('\n\n')}`);
   const release = acquireHostLock(config);
-  let store: Store;
-  try {
-    store = await openProjectStore(config);
-  } catch (err) {
+  const store = await openProjectStore(config).catch((err: unknown) => {
     release();
     throw err;
-  }
+  });
   removeLeftoverContainers(config);
   // Inboxes of runs that a host which died never cleaned up (their containers are gone too).
   const inboxes = new AgentTree(inboxRoot(config));
