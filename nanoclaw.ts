@@ -6184,18 +6184,17 @@ function taskRuns(
       store.releaseTask(task.id);
       if (again) store.claimTask(task.id, claim.dueAt, claim.attempt + 1);
       else {
-        if (task.scheduleType === 'once')
+        const once = task.scheduleType === 'once';
+        if (once)
           store.updateTask(task.id, {
             status: 'completed',
             nextRun: null,
             lastResult: `Error: ${error} (twice; not run again)`,
           });
         const preview = task.prompt.length > 80 ? `${task.prompt.slice(0, 80)}…` : task.prompt;
-        const when = task.scheduleType === 'once' ? 'It will not run again.' : 'It runs again at its next time.';
-        voice.announce(
-          task.chatJid,
-          `A scheduled task ("${preview}") was interrupted twice as NanoClaw stopped, and I gave up on this run. ${when}`,
-        );
+        const when = once ? 'It will not run again.' : 'It runs again at its next time.';
+        const text = `A scheduled task ("${preview}") was interrupted twice as NanoClaw stopped, and I gave up on this run. ${when}`;
+        voice.announce(task.chatJid, text);
       }
     });
     log.warn({ group: task.groupFolder, taskId: task.id, runAgain: again }, 'A task run was interrupted');
@@ -6675,10 +6674,8 @@ export class Host {
       for (const group of recent) if (!this.disk.isOver(group.folder)) this.queue.prewarm(group.jid);
     });
     this.stopSweep = every(this.clock, this.options.recoverySweepMs ?? 60_000, () => void this.recover());
-    log.info(
-      { groups: this.store.listGroups().length, channels: this.channels.map((c) => c.name) },
-      'NanoClaw is running',
-    );
+    const channels = this.channels.map((c) => c.name);
+    log.info({ groups: this.store.listGroups().length, channels }, 'NanoClaw is running');
   }
 
   async stop(): Promise<void> {
