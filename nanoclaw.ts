@@ -6078,42 +6078,43 @@ function noResultError(outcome: RunOutcome): string {
  * A claimed run goes into its group's queue: a group-context task is a turn of the chat's live container when there is
  * one; an isolated task gets its own container in its own lane. Its end is recorded in one transaction with its claim.
  */
-function taskRuns(
-  host: HostParts,
-  disk: DiskWatch,
-  agents: AgentLauncher,
-  forwardHeld: (group: RegisteredGroup) => boolean,
-) {
-  const { store, queue, voice, clock } = host;
+class TaskRuns {
   /** Task runs this process has queued or runs (their claims are not leftovers). */
-  const inHand = new Set<string>();
-  const turns = new Map<string, TaskTurn>();
+  private readonly inHand = new Set<string>();
+  private readonly turns = new Map<string, TaskTurn>();
 
-  function enqueue(task: ScheduledTask): void {
-    inHand.add(task.id);
-    const runNow = () => run(task.id).then(() => {});
-    if (task.contextMode === 'isolated') queue.enqueueTask(laneOf(task), task.id, runNow);
-    else queue.enqueueTask(task.chatJid, task.id, runNow, () => runInLive(task.id, task.chatJid));
+  constructor(
+    private readonly host: HostParts,
+    private readonly disk: DiskWatch,
+    private readonly agents: AgentLauncher,
+    private readonly forwardHeld: (group: RegisteredGroup) => boolean,
+  ) {}
+
+  enqueue(task: ScheduledTask): void {
+    this.inHand.add(task.id);
+    const run = () => this.run(task.id).then(() => {});
+    if (task.contextMode === 'isolated') this.host.queue.enqueueTask(laneOf(task), task.id, run);
+    else this.host.queue.enqueueTask(task.chatJid, task.id, run, () => this.runInLive(task.id, task.chatJid));
   }
 
   /** A task in a chat's context is due soon: its agent is started now, and the task becomes a turn of it. */
-  function warmFor(task: ScheduledTask): void {
-    if (task.contextMode === 'isolated' || host.stopped()) return;
-    const group = store.groupByJid(task.chatJid);
-    if (group && !disk.isOver(group.folder) && queue.prewarm(task.chatJid))
+  warmFor(task: ScheduledTask): void {
+    if (task.contextMode === 'isolated' || this.host.stopped()) return;
+    const group = this.host.store.groupByJid(task.chatJid);
+    if (group && !this.disk.isOver(group.folder) && this.host.queue.prewarm(task.chatJid))
       log.debug({ group: group.folder, taskId: task.id }, 'Task due soon; readying its agent');
   }
 
-  function isTurnOf(chatJid: string): boolean {
-    return turns.has(chatJid);
+  isTurnOf(chatJid: string): boolean {
+    return this.turns.has(chatJid);
   }
 
   /** The chat's turn answered a task handed to it: recorded here (true), or not a task's answer (false). */
-  function answered(group: RegisteredGroup, answer: ContainerResult): boolean {
-    if (!turns.has(group.jid) || !answer.task) return false;
-    endTurn(group.jid, outcomeOf(answer));
-    queue.markIdle(group.jid);
-    if (!forwardHeld(group)) queue.enqueueMessages(group.jid);
+  answered(group: RegisteredGroup, answer: ContainerResult): boolean {
+    if (!this.turns.has(group.jid) || !answer.task) return false;
+    this.endTurn(group.jid, this.outcomeOf(answer));
+    this.host.queue.markIdle(group.jid);
+    if (!this.forwardHeld(group)) this.host.queue.enqueueMessages(group.jid);
     return true;
   }
 
@@ -6121,13 +6122,13 @@ function taskRuns(
    * The task handed to the chat's container is recorded (by default: failed, as the container ended first). A database
    * that cannot take it leaves the claim, which the sweep recovers.
    */
-  function endTurn(chatJid: string, outcome?: TaskOutcome): void {
-    const turn = turns.get(chatJid);
+  endTurn(chatJid: string, outcome?: TaskOutcome): void {
+    const turn = this.turns.get(chatJid);
     if (!turn) return;
-    turns.delete(chatJid);
+    this.turns.delete(chatJid);
     const stopped = 'the container stopped before the task was answered';
     try {
-      record(turn, outcome ?? { result: null, said: [], error: stopped });
+      this.record(turn, outcome ?? { result: null, said: [], error: stopped });
     } catch (err) {
       const { groupFolder: group, id: taskId } = turn.task;
       log.error({ group, taskId, err: errorText(err) }, 'Could not record a task run; the sweep runs it again');
@@ -6135,48 +6136,51 @@ function taskRuns(
   }
 
   /** The task, if it is to run now (active, or `force`); otherwise it is released and logged as skipped. */
-  function runnable(taskId: string, force = false): ScheduledTask | null {
-    const task = store.getTask(taskId);
+  private runnable(taskId: string, force = false): ScheduledTask | null {
+    const task = this.host.store.getTask(taskId);
     if (task && (force || task.status === 'active')) return task;
     log.info({ taskId, status: task?.status ?? 'deleted' }, 'Task skipped');
-    if (task) store.releaseTask(task.id);
-    inHand.delete(taskId);
+    if (task) this.host.store.releaseTask(task.id);
+    this.inHand.delete(taskId);
     return null;
   }
 
-  function runInLive(taskId: string, chatJid: string): void {
-    const task = runnable(taskId);
+  private runInLive(taskId: string, chatJid: string): void {
+    const { queue } = this.host;
+    const task = this.runnable(taskId);
     if (!task) {
       queue.markIdle(chatJid);
       return;
     }
-    turns.set(task.chatJid, start(task));
+    this.turns.set(task.chatJid, this.start(task));
     if (!queue.sendFollowUp(task.chatJid, task.prompt, 'task')) {
       // The container is going away after all: queued again, the task gets a container of its own.
-      turns.delete(task.chatJid);
-      enqueue(task);
+      this.turns.delete(task.chatJid);
+      this.enqueue(task);
       return;
     }
     log.info({ group: task.groupFolder, taskId: task.id }, 'Scheduled task handed to the chat’s running container');
   }
 
   /** Runs claimed but never finished (the host died) are logged as interrupted and run once more; twice, given up. */
-  function recover(): void {
+  recover(): void {
+    const { store } = this.host;
     for (const claim of store.taskClaims()) {
-      if (inHand.has(claim.taskId)) continue;
+      if (this.inHand.has(claim.taskId)) continue;
       const task = store.getTask(claim.taskId);
       if (!task) store.releaseTask(claim.taskId);
       // Owed but never started (it waited in the queue when the host stopped): just run it.
-      else if (claim.startedAt === null) enqueue(task);
-      else recoverInterrupted(task, claim, claim.startedAt);
+      else if (claim.startedAt === null) this.enqueue(task);
+      else this.recoverInterrupted(task, claim, claim.startedAt);
     }
   }
 
-  function recoverInterrupted(
+  private recoverInterrupted(
     task: ScheduledTask,
     claim: { dueAt: string | null; attempt: number },
     startedAt: string,
   ): void {
+    const { store, voice } = this.host;
     const error = `interrupted: NanoClaw stopped during the run that started ${startedAt}`;
     const again = claim.attempt < 2 && task.status === 'active';
     store.transaction(() => {
@@ -6198,35 +6202,35 @@ function taskRuns(
       }
     });
     log.warn({ group: task.groupFolder, taskId: task.id, runAgain: again }, 'A task run was interrupted');
-    if (again) enqueue(task);
+    if (again) this.enqueue(task);
     else voice.sendSoon(task.chatJid);
   }
 
   /** The answer goes to the group's chat, then the container closes; paused or deleted tasks run only with `force`. */
-  async function run(taskId: string, force = false): Promise<TaskRunLog | null> {
-    const task = runnable(taskId, force);
+  async run(taskId: string, force = false): Promise<TaskRunLog | null> {
+    const task = this.runnable(taskId, force);
     if (!task) return null;
-    const group = store.groupByFolder(task.groupFolder);
-    const turn = start(task);
+    const group = this.host.store.groupByFolder(task.groupFolder);
+    const turn = this.start(task);
     const outcome: TaskOutcome = { result: null, said: [], error: null };
     if (!group) outcome.error = `group "${task.groupFolder}" is no longer registered`;
-    else if (disk.isOver(group.folder)) outcome.error = 'the group is over its disk budget (GROUP_DISK_BUDGET)';
-    else await runInContainer(task, group, outcome);
-    return record(turn, outcome);
+    else if (this.disk.isOver(group.folder)) outcome.error = 'the group is over its disk budget (GROUP_DISK_BUDGET)';
+    else await this.runInContainer(task, group, outcome);
+    return this.record(turn, outcome);
   }
 
-  async function runInContainer(task: ScheduledTask, group: RegisteredGroup, outcome: TaskOutcome): Promise<void> {
+  private async runInContainer(task: ScheduledTask, group: RegisteredGroup, outcome: TaskOutcome): Promise<void> {
     const lane = laneOf(task);
     try {
-      const run = await agents.run(group, task.prompt, {
+      const run = await this.agents.run(group, task.prompt, {
         isScheduledTask: true,
         acceptsFollowUps: false,
         sessionId: task.contextMode === 'group' ? undefined : null,
         saveSession: task.contextMode === 'group',
         lane,
         onResult: async (answer) => {
-          Object.assign(outcome, outcomeOf(answer));
-          queue.closeContainer(lane);
+          Object.assign(outcome, this.outcomeOf(answer));
+          this.host.queue.closeContainer(lane);
         },
       });
       if (!outcome.error && run.results === 0) outcome.error = noResultError(run);
@@ -6235,30 +6239,31 @@ function taskRuns(
     }
   }
 
-  function outcomeOf(answer: ContainerResult): TaskOutcome {
+  private outcomeOf(answer: ContainerResult): TaskOutcome {
     const ok = answer.status === 'success';
     const error = ok ? null : (answer.error ?? 'unknown error');
-    return { result: ok ? answer.result : null, said: ok ? voice.words(answer) : [], error };
+    return { result: ok ? answer.result : null, said: ok ? this.host.voice.words(answer) : [], error };
   }
 
-  function start(task: ScheduledTask): TaskTurn {
-    store.markTaskStarted(task.id);
-    return { task, at: new Date(clock.now()), mono: clock.monotonic() };
+  private start(task: ScheduledTask): TaskTurn {
+    this.host.store.markTaskStarted(task.id);
+    return { task, at: new Date(this.host.clock.now()), mono: this.host.clock.monotonic() };
   }
 
   /** A task run's end, in one transaction: its log, the task's state, what it said, the claim released. */
-  function record({ task, at, mono }: TaskTurn, outcome: TaskOutcome): TaskRunLog {
+  private record({ task, at, mono }: TaskTurn, outcome: TaskOutcome): TaskRunLog {
+    const { store, voice } = this.host;
     const { result, error } = outcome;
     const run: TaskRunLog = {
       taskId: task.id,
       runAt: at.toISOString(),
-      durationMs: Math.round(clock.monotonic() - mono),
+      durationMs: Math.round(this.host.clock.monotonic() - mono),
       status: error ? 'error' : 'success',
       result,
       error,
     };
     const words = error ? [] : outcome.said;
-    inHand.delete(task.id); // from here on, a claim left behind is the sweep's to recover
+    this.inHand.delete(task.id); // from here on, a claim left behind is the sweep's to recover
     store.transaction(() => {
       if (store.getTask(task.id)) {
         store.logTaskRun(run);
@@ -6277,10 +6282,7 @@ function taskRuns(
     else log.info({ group: task.groupFolder, taskId: task.id, durationMs: run.durationMs }, 'Scheduled task finished');
     return run;
   }
-
-  return { enqueue, warmFor, isTurnOf, answered, endTurn, recover, run };
 }
-type TaskRuns = ReturnType<typeof taskRuns>;
 
 interface ChatTurn {
   group: RegisteredGroup;
@@ -6310,26 +6312,28 @@ function afterTurn(outcome: RunOutcome | null, failed: boolean, unanswered: numb
  * One container run for a chat's unanswered messages, follow-ups handed to it. The cursor moves in the transaction that
  * records the answer: a failed run leaves the messages to be retried, and an answer recorded is never made again.
  */
-function chatTurns(
-  host: HostParts,
-  disk: DiskWatch,
-  agents: AgentLauncher,
-  tasks: TaskRuns,
-  onTurn: (event: TurnEvent) => void,
-) {
-  const { config, store, queue, voice } = host;
+class ChatTurns {
   /** The newest message each chat's last run was given: what a give-up covers. */
-  const lastGiven = new Map<string, number>();
+  private readonly lastGiven = new Map<string, number>();
+
+  constructor(
+    private readonly host: HostParts,
+    private readonly disk: DiskWatch,
+    private readonly agents: AgentLauncher,
+    private readonly tasks: TaskRuns,
+    private readonly onTurn: (event: TurnEvent) => void,
+  ) {}
 
   /** One turn: true when the chat's messages are done with (answered, given up, or queued anew), false to retry. */
-  async function processMessages(chatJid: string, warm = false): Promise<boolean> {
-    const turn = turnToRun(chatJid, warm);
-    return !turn || afterRun(turn.group, await runTurn(turn)) !== 'retry';
+  async processMessages(chatJid: string, warm = false): Promise<boolean> {
+    const turn = this.turnToRun(chatJid, warm);
+    return !turn || this.afterRun(turn.group, await this.runTurn(turn)) !== 'retry';
   }
 
-  function turnToRun(chatJid: string, warm: boolean): ChatTurn | null {
+  private turnToRun(chatJid: string, warm: boolean): ChatTurn | null {
+    const { store } = this.host;
     const group = store.groupByJid(chatJid);
-    if (!group || disk.isOver(group.folder)) return null; // over its disk budget: answered once under
+    if (!group || this.disk.isOver(group.folder)) return null; // over its disk budget: answered once under
     const cursor = store.getCursor(chatJid);
     const messages = store.messagesSince(chatJid, cursor);
     const asked = needsAgent(group, messages);
@@ -6337,7 +6341,8 @@ function chatTurns(
   }
 
   /** The turn's outcome (null: the container could not run); lastGiven holds the newest message it was given. */
-  async function runTurn({ group, cursor, messages }: ChatTurn): Promise<RunOutcome | null> {
+  private async runTurn({ group, cursor, messages }: ChatTurn): Promise<RunOutcome | null> {
+    const { queue, voice, config } = this.host;
     const chatJid = group.jid;
     const upTo = messages.at(-1)?.seq;
     // Warm (nothing asked yet): the container starts with no prompt and takes the chat's next message as a follow-up.
@@ -6345,47 +6350,48 @@ function chatTurns(
     if (upTo !== undefined) await voice.typing(chatJid, true);
     let outcome: RunOutcome | null = null;
     try {
-      outcome = await agents.run(group, upTo === undefined ? '' : formatMessages(messages, config.timezone), {
+      outcome = await this.agents.run(group, upTo === undefined ? '' : formatMessages(messages, config.timezone), {
         isScheduledTask: false,
         acceptsFollowUps: true,
         saveSession: true,
         warm: upTo === undefined,
         ...(upTo === undefined ? {} : { upTo }),
         // Messages that came while docker was starting found no container to take them: hand them over now.
-        onLive: () => forward(group),
+        onLive: () => this.forward(group),
         // Up with nothing to answer (a warm start nothing was handed to yet): it waits in the pool, its slot
         // free. Not before: a start holds its slot until its agent is up, so warming cannot outrun the limit.
-        onReady: () => waitUnlessGiven(chatJid, cursor),
-        onResult: async (result) => recordResult(group, result),
+        onReady: () => this.waitUnlessGiven(chatJid, cursor),
+        onResult: async (result) => this.recordResult(group, result),
       });
     } catch (err) {
       const error = errorText(err);
       log.error({ group: group.folder, error }, 'Could not run the agent container');
-      onTurn({ chatJid, status: 'error', sent: null, error, upToSeq: queue.givenUpTo(chatJid) ?? 0 });
+      this.onTurn({ chatJid, status: 'error', sent: null, error, upToSeq: queue.givenUpTo(chatJid) ?? 0 });
     } finally {
-      lastGiven.set(chatJid, queue.givenUpTo(chatJid) ?? 0);
+      this.lastGiven.set(chatJid, queue.givenUpTo(chatJid) ?? 0);
       queue.give(chatJid, null);
-      tasks.endTurn(chatJid);
+      this.tasks.endTurn(chatJid);
       await voice.typing(chatJid, false);
     }
     return outcome;
   }
 
   /** A result of the turn (a follow-up may bring more than one), unless it answers a task handed to the container. */
-  function recordResult(group: RegisteredGroup, result: ContainerResult): void {
-    if (tasks.answered(group, result)) return;
+  private recordResult(group: RegisteredGroup, result: ContainerResult): void {
+    if (this.tasks.answered(group, result)) return;
     const chatJid = group.jid;
-    void voice.typing(chatJid, false); // the turn is over; a follow-up sets it again
+    void this.host.voice.typing(chatJid, false); // the turn is over; a follow-up sets it again
     // The cursor passes only what this turn answered: a follow-up queued behind it is not.
-    const upToSeq = result.upTo ?? store.getCursor(chatJid);
-    onTurn(
+    const upToSeq = result.upTo ?? this.host.store.getCursor(chatJid);
+    this.onTurn(
       result.status === 'success'
-        ? recordAnswer(group, result, upToSeq)
+        ? this.recordAnswer(group, result, upToSeq)
         : { chatJid, status: 'error', sent: null, error: result.error, upToSeq },
     );
   }
 
-  function recordAnswer(group: RegisteredGroup, result: ContainerResult, upToSeq: number): TurnEvent {
+  private recordAnswer(group: RegisteredGroup, result: ContainerResult, upToSeq: number): TurnEvent {
+    const { store, queue, voice } = this.host;
     const chatJid = group.jid;
     const said = voice.words(result);
     try {
@@ -6402,43 +6408,46 @@ function chatTurns(
     }
     crashPoint('reply-recorded');
     voice.sendSoon(chatJid);
-    waitUnlessGiven(chatJid, upToSeq);
+    this.waitUnlessGiven(chatJid, upToSeq);
     return { chatJid, status: 'success', sent: said.at(-1) ?? null, upToSeq };
   }
 
   /** The agent waits for the chat's next message, unless one handed over past `answeredUpTo` is still unanswered. */
-  function waitUnlessGiven(chatJid: string, answeredUpTo: number): void {
+  private waitUnlessGiven(chatJid: string, answeredUpTo: number): void {
+    const { queue } = this.host;
     if ((queue.givenUpTo(chatJid) ?? 0) <= answeredUpTo) queue.markIdle(chatJid);
   }
 
-  function afterRun(group: RegisteredGroup, outcome: RunOutcome | null): AfterTurn {
+  private afterRun(group: RegisteredGroup, outcome: RunOutcome | null): AfterTurn {
+    const { store, config } = this.host;
     const chatJid = group.jid;
-    const upToSeq = lastGiven.get(chatJid)!;
+    const upToSeq = this.lastGiven.get(chatJid)!;
     const cursor = store.getCursor(chatJid);
     const unanswered = store.messagesSince(chatJid, cursor).length;
     const failed = outcome !== null && turnFailed(outcome, upToSeq, cursor);
     if (outcome && failed && outcome.results === 0)
-      onTurn({ chatJid, status: 'error', sent: null, error: noResultError(outcome), upToSeq });
-    const next = afterTurn(outcome, failed, unanswered, host.stopped());
+      this.onTurn({ chatJid, status: 'error', sent: null, error: noResultError(outcome), upToSeq });
+    const next = afterTurn(outcome, failed, unanswered, this.host.stopped());
     const refused = { error: outcome?.lastError ?? '', upTo: outcome?.lastErrorUpTo ?? upToSeq };
     if (next === 'key-refused')
-      giveUp(chatJid, keyRefusedNotice(config, refused.error), refused.upTo, `notice:key-refused:${chatJid}`);
-    else if (next === 'bad-request') giveUp(chatJid, badRequestNotice(refused.error), refused.upTo);
-    else if (next === 'queue-more') queue.enqueueMessages(chatJid);
+      this.giveUp(chatJid, keyRefusedNotice(config, refused.error), refused.upTo, `notice:key-refused:${chatJid}`);
+    else if (next === 'bad-request') this.giveUp(chatJid, badRequestNotice(refused.error), refused.upTo);
+    else if (next === 'queue-more') this.host.queue.enqueueMessages(chatJid);
     else if (next === 'retry' && outcome)
       log.warn({ group: group.folder, unanswered, logFile: outcome.logFile }, 'Run failed; will retry');
     return next;
   }
 
-  function giveUpAfterRetries(chatJid: string): void {
-    giveUp(chatJid, GIVE_UP_TEXT, lastGiven.get(chatJid) ?? 0);
+  giveUpAfterRetries(chatJid: string): void {
+    this.giveUp(chatJid, GIVE_UP_TEXT, this.lastGiven.get(chatJid) ?? 0);
   }
 
   /**
    * A failed run's messages (up to `upToSeq`) that cannot be answered are marked answered and the chat is told (with
    * `onceKey`, at most once in six hours). Messages that came after them get a run of their own.
    */
-  function giveUp(chatJid: string, notice: string, upToSeq: number, onceKey?: string): void {
+  private giveUp(chatJid: string, notice: string, upToSeq: number, onceKey?: string): void {
+    const { store, voice } = this.host;
     const group = store.groupByJid(chatJid);
     if (!group) return;
     const pending = store.messagesSince(chatJid, store.getCursor(chatJid)).filter((m) => m.seq <= upToSeq);
@@ -6449,16 +6458,18 @@ function chatTurns(
     });
     voice.sendSoon(chatJid);
     log.error({ group: group.folder, messages: pending.length, told }, 'Gave up on messages; told the chat');
-    if (store.messagesSince(chatJid, pending.at(-1)!.seq).length > 0 && !host.stopped()) queue.enqueueMessages(chatJid);
+    if (store.messagesSince(chatJid, pending.at(-1)!.seq).length > 0 && !this.host.stopped())
+      this.host.queue.enqueueMessages(chatJid);
   }
 
   /** New messages go to the group's live container; only the one that just arrived is checked for the trigger. */
-  function forward(group: RegisteredGroup, arrived?: StoredMessage): boolean {
+  forward(group: RegisteredGroup, arrived?: StoredMessage): boolean {
+    const { store, queue, config } = this.host;
     const givenUpTo = queue.givenUpTo(group.jid);
     if (givenUpTo === null) return false;
     const answering = queue.answerExpected(group.jid);
     // A scheduled task is the container's turn now: the chat's messages follow once it answered.
-    if (tasks.isTurnOf(group.jid) && !answering) return true;
+    if (this.tasks.isTurnOf(group.jid) && !answering) return true;
     // Messages that do not wake the agent are kept for the next batch.
     if (arrived && !(answering ? mayWake(group, arrived) : needsAgent(group, [arrived]))) return true;
     const messages = store.messagesSince(group.jid, givenUpTo);
@@ -6467,14 +6478,11 @@ function chatTurns(
     const upTo = messages.at(-1)!.seq;
     if (!queue.sendFollowUp(group.jid, formatMessages(messages, config.timezone), 'message', upTo)) return false;
     queue.give(group.jid, upTo);
-    void voice.typing(group.jid, true);
+    void this.host.voice.typing(group.jid, true);
     log.debug({ group: group.folder, count: messages.length }, 'Follow-up handed to the running container');
     return true;
   }
-
-  return { processMessages, giveUpAfterRetries, forward };
 }
-type ChatTurns = ReturnType<typeof chatTurns>;
 
 /** Agent requests, authorised by their IPC folder; each done in one transaction with its done-mark, so never twice. */
 function ipcRequests(host: HostParts, tasksChanged: () => void): IpcHandlers {
@@ -6613,8 +6621,8 @@ export class Host {
       record: modelUsageRecorder(config, store),
     });
     this.agents = agentLauncher(parts, this.disk, this.proxy);
-    this.tasks = taskRuns(parts, this.disk, this.agents, (group) => this.chats.forward(group));
-    this.chats = chatTurns(parts, this.disk, this.agents, this.tasks, (event) => {
+    this.tasks = new TaskRuns(parts, this.disk, this.agents, (group) => this.chats.forward(group));
+    this.chats = new ChatTurns(parts, this.disk, this.agents, this.tasks, (event) => {
       for (const listener of this.turnListeners) listener(event);
     });
     this.ipc = new IpcWatcher(
