@@ -5294,16 +5294,11 @@ function statusText(
   const lines = groups.map((group) => {
     const waiting = store.messagesSince(group.jid, store.getCursor(group.jid)).length;
     const tasks = store.listTasks(group.folder);
-    const active = tasks.filter((task) => task.status === 'active' && task.nextRun).map((task) => task.nextRun!);
+    const due = tasks.flatMap((task) => (task.status === 'active' && task.nextRun ? [task.nextRun] : [])).sort();
     const paused = tasks.filter((task) => task.status === 'paused').length;
-    const next = active.sort()[0];
-    const parts = [
-      `agent ${agentState(queue, group, isOver(group.folder))}`,
-      `${counted(waiting, 'message')} waiting`,
-      `${counted(active.length, 'task')} scheduled${next ? ` (next ${formatLocalTime(next, config.timezone)})` : ''}`,
-      ...(paused ? [`${paused} paused`] : []),
-    ];
-    return `${group.name}: ${parts.join(', ')}`;
+    const next = due[0] ? ` (next ${formatLocalTime(due[0], config.timezone)})` : '';
+    const agent = agentState(queue, group, isOver(group.folder));
+    return `${group.name}: agent ${agent}, ${counted(waiting, 'message')} waiting, ${counted(due.length, 'task')} scheduled${next}${paused ? `, ${paused} paused` : ''}`;
   });
   if (asker.isMain)
     lines.push(
@@ -5316,77 +5311,69 @@ export const GIVE_UP_TEXT =
   'Sorry, I could not answer that: something went wrong on my side (the details are in the logs). Send it again, or something new, and I will start fresh.';
 
 /** Inbound messages the database cannot take yet, in order, in memory and data/spill.jsonl (replayed at next start). */
-class SpillBuffer {
-  private readonly waiting: { message: NewMessage; chat: ChatMeta }[] = [];
-  private timer: (() => void) | null = null;
+function spillBuffer(
+  file: string,
+  clock: Clock,
+  store: Store,
+  storeInbound: (message: NewMessage, chat: ChatMeta) => void,
+) {
+  const waiting: { message: NewMessage; chat: ChatMeta }[] = [];
+  let timer: (() => void) | null = null;
 
-  constructor(
-    private readonly dataDir: string,
-    private readonly clock: Clock,
-    private readonly store: Store,
-    private readonly storeInbound: (message: NewMessage, chat: ChatMeta) => void,
-  ) {}
-
-  /** A new message must wait behind these, to keep the order. */
-  get holding(): boolean {
-    return this.waiting.length > 0;
-  }
-
-  private get file(): string {
-    return join(this.dataDir, 'spill.jsonl');
-  }
-
-  add(message: NewMessage, chat: ChatMeta): void {
-    this.waiting.push({ message, chat });
+  function add(message: NewMessage, chat: ChatMeta): void {
+    waiting.push({ message, chat });
     try {
-      mkdirSync(this.dataDir, { recursive: true });
-      appendFileSync(this.file, `${JSON.stringify({ message, chat })}\n`);
+      mkdirSync(dirname(file), { recursive: true });
+      appendFileSync(file, `${JSON.stringify({ message, chat })}\n`);
     } catch {
       // the disk is the trouble: memory holds it until the database is back
     }
-    this.timer ??= this.clock.after(1_000, () => this.drain());
+    timer ??= clock.after(1_000, () => drain());
   }
 
-  replay(): void {
-    if (!existsSync(this.file)) return;
-    for (const line of readFileSync(this.file, 'utf8').split('\n').filter(Boolean)) {
+  function replay(): void {
+    if (!existsSync(file)) return;
+    for (const line of readFileSync(file, 'utf8').split('\n').filter(Boolean)) {
       try {
-        this.waiting.push(JSON.parse(line) as { message: NewMessage; chat: ChatMeta });
+        waiting.push(JSON.parse(line) as { message: NewMessage; chat: ChatMeta });
       } catch {
         log.warn('Skipped an unreadable line of data/spill.jsonl');
       }
     }
-    log.info({ messages: this.waiting.length }, 'Storing messages spilled while the database was unavailable');
-    this.drain();
-  }
-
-  stop(): void {
-    this.timer?.();
-  }
-
-  private drain(): void {
-    this.timer = null;
-    while (this.waiting.length > 0 && this.storedOldest()) this.waiting.shift();
-    if (this.waiting.length > 0) {
-      this.timer = this.clock.after(1_000, () => this.drain());
-      return;
-    }
-    rmSync(this.file, { force: true });
-    log.info('The database takes messages again; every spilled message is stored');
+    log.info({ messages: waiting.length }, 'Storing messages spilled while the database was unavailable');
+    drain();
   }
 
   /** Whatever the database says, a message not stored stays spilled and is tried again: nothing is dropped. */
-  private storedOldest(): boolean {
-    if (!this.store.canWrite()) return false;
-    try {
-      this.storeInbound(this.waiting[0]!.message, this.waiting[0]!.chat);
-      return true;
-    } catch (err) {
-      if (!isStoreUnavailable(err))
-        log.error({ err: errorText(err) }, 'Could not store a spilled message; trying again in a second');
-      return false;
+  function drain(): void {
+    timer = null;
+    while (waiting.length > 0) {
+      const { message, chat } = waiting[0]!;
+      try {
+        if (!store.canWrite()) break;
+        storeInbound(message, chat);
+      } catch (err) {
+        if (!isStoreUnavailable(err))
+          log.error({ err: errorText(err) }, 'Could not store a spilled message; trying again in a second');
+        break;
+      }
+      waiting.shift();
     }
+    if (waiting.length > 0) {
+      timer = clock.after(1_000, () => drain());
+      return;
+    }
+    rmSync(file, { force: true });
+    log.info('The database takes messages again; every spilled message is stored');
   }
+
+  return {
+    /** A new message must wait behind these, to keep the order. */
+    holding: (): boolean => waiting.length > 0,
+    add,
+    replay,
+    stop: () => timer?.(),
+  };
 }
 
 /** The bot's words: into the outbox and the chat's history, then sent by each channel's OutboxSender. */
@@ -5397,18 +5384,15 @@ class Voice {
     private readonly config: Config,
     private readonly store: Store,
     readonly channels: Channel[],
-    clock: Clock,
+    private readonly clock: Clock,
     sendRetryMs?: number,
   ) {
-    for (const channel of channels)
-      this.senders.set(
-        channel.name,
-        new OutboxSender(store, channel, {
-          retryBaseMs: sendRetryMs,
-          clock,
-          onAbandoned: (part) => this.tellAbandoned(part),
-        }),
-      );
+    const options = {
+      retryBaseMs: sendRetryMs,
+      clock,
+      onAbandoned: (part: OutboundMessage) => this.tellAbandoned(part),
+    };
+    for (const channel of channels) this.senders.set(channel.name, new OutboxSender(store, channel, options));
   }
 
   channelFor(jid: string): Channel | undefined {
@@ -5461,6 +5445,15 @@ class Voice {
     this.say(chatJid, this.format(text)!);
   }
 
+  /** announce(), unless the notice under `onceKey` was given within six hours; true when it was given now. */
+  announceOnce(chatJid: string, text: string, onceKey?: string): boolean {
+    const now = this.clock.now();
+    if (onceKey && now - Number(this.store.getState(onceKey) ?? 0) < NOTICE_EVERY_MS) return false;
+    this.announce(chatJid, text);
+    if (onceKey) this.store.setState(onceKey, String(now));
+    return true;
+  }
+
   sendSoon(chatJid: string): void {
     const channel = this.channelFor(chatJid);
     if (channel) this.senders.get(channel.name)?.kick();
@@ -5508,99 +5501,80 @@ interface HostParts {
 }
 
 /** Each sweep: the disk reserve released when space runs short, each group against GROUP_DISK_BUDGET, a daily backup. */
-class DiskWatch {
-  private readonly overBudget = new Map<string, number>();
-  private readonly reserve: DiskReserve;
+function diskWatch(host: HostParts, freeDiskBytes?: () => number) {
+  const { config, store, queue, voice, clock } = host;
+  const overBudget = new Set<string>();
+  const reserve = new DiskReserve(join(config.storeDir, 'disk-reserve'), config.disk.reserve, freeDiskBytes);
 
-  constructor(
-    private readonly host: HostParts,
-    freeDiskBytes?: () => number,
-  ) {
-    this.reserve = new DiskReserve(join(host.config.storeDir, 'disk-reserve'), host.config.disk.reserve, freeDiskBytes);
-  }
-
-  isOver(folder: string): boolean {
-    return this.overBudget.has(folder);
-  }
-
-  /** One group per turn of the event loop, so walking many groups' trees does not hold up the rest. */
-  async check(): Promise<void> {
-    const { config, store, voice } = this.host;
+  /** Also after each turn and run: what the agent wrote counts at once, before the group gets another turn. */
+  const checkGroup = (group: RegisteredGroup): void => {
     try {
-      if (this.reserve.check() === 'released') {
-        const text = `The disk is almost full: NanoClaw released its ${formatBytes(config.disk.reserve)} reserve (${this.reserve.path}) so its database and logs keep working. Free some space; the reserve is made again once there is room.`;
-        log.error(text);
-        voice.tellMain(text);
+      const used = groupDiskUsage(config, group.folder);
+      const wasOver = overBudget.has(group.folder);
+      if (used <= config.disk.groupBudget) {
+        if (!wasOver) return;
+        overBudget.delete(group.folder);
+        log.info({ group: group.folder, used }, 'Group back under its disk budget; answering again');
+        queue.enqueueMessages(group.jid);
+        return;
       }
-      for (const group of store.listGroups()) {
-        if (this.host.stopped()) return;
-        this.checkGroup(group);
-        await new Promise((resolve) => setImmediate(resolve));
-      }
-    } catch (err) {
-      log.warn({ err: errorText(err) }, 'Could not check disk use; trying again at the next sweep');
-    }
-  }
-
-  /** After each turn and run: what the agent wrote counts at once, before the group gets another turn. */
-  checkGroupNow(group: RegisteredGroup): void {
-    try {
-      this.checkGroup(group);
+      overBudget.add(group.folder);
+      if (wasOver) return;
+      const size = Number.isFinite(used) ? formatBytes(used) : `over ${MAX_COUNTED_ENTRIES} files`;
+      const budget = formatBytes(config.disk.groupBudget);
+      log.warn({ group: group.folder, used: size, budget }, 'Group over its disk budget; its agent is stopped');
+      void queue.kill(group.jid);
+      const text = `This group's files take ${size}, over its ${budget} disk budget, so I have stopped. Ask the owner to free space in groups/${group.folder} (or raise GROUP_DISK_BUDGET); I answer again once it is under.`;
+      if (!store.transaction(() => voice.announceOnce(group.jid, text, `disk-told:${group.folder}`))) return;
+      voice.sendSoon(group.jid);
+      if (!group.isMain)
+        voice.tellMain(`The group ${group.name} went over its disk budget (${size}); its agent is stopped.`);
     } catch (err) {
       log.warn({ group: group.folder, err: errorText(err) }, 'Could not check the group’s disk use');
     }
-  }
+  };
 
-  private checkGroup(group: RegisteredGroup): void {
-    const used = groupDiskUsage(this.host.config, group.folder);
-    const budget = this.host.config.disk.groupBudget;
-    const wasOver = this.overBudget.has(group.folder);
-    if (used <= budget) {
-      if (!wasOver) return;
-      this.overBudget.delete(group.folder);
-      log.info({ group: group.folder, used }, 'Group back under its disk budget; answering again');
-      this.host.queue.enqueueMessages(group.jid);
-      return;
-    }
-    this.overBudget.set(group.folder, used);
-    if (wasOver) return;
-    const size = Number.isFinite(used) ? formatBytes(used) : `over ${MAX_COUNTED_ENTRIES} files`;
-    log.warn({ group: group.folder, used: size, budget }, 'Group over its disk budget; its agent is stopped');
-    void this.host.queue.kill(group.jid);
-    this.tellOverBudget(group, size, budget);
-  }
+  return {
+    isOver: (folder: string): boolean => overBudget.has(folder),
+    checkGroup,
 
-  private tellOverBudget(group: RegisteredGroup, size: string, budget: number): void {
-    const { store, voice, clock } = this.host;
-    const onceKey = `disk-told:${group.folder}`;
-    if (clock.now() - Number(store.getState(onceKey) ?? 0) < NOTICE_EVERY_MS) return;
-    const text = `This group's files take ${size}, over its ${formatBytes(budget)} disk budget, so I have stopped. Ask the owner to free space in groups/${group.folder} (or raise GROUP_DISK_BUDGET); I answer again once it is under.`;
-    store.transaction(() => {
-      voice.announce(group.jid, text);
-      store.setState(onceKey, String(clock.now()));
-    });
-    voice.sendSoon(group.jid);
-    if (!group.isMain)
-      voice.tellMain(`The group ${group.name} went over its disk budget (${size}); its agent is stopped.`);
-  }
+    /** One group per turn of the event loop, so walking many groups' trees does not hold up the rest. */
+    async check(): Promise<void> {
+      try {
+        if (reserve.check() === 'released') {
+          const text = `The disk is almost full: NanoClaw released its ${formatBytes(config.disk.reserve)} reserve (${reserve.path}) so its database and logs keep working. Free some space; the reserve is made again once there is room.`;
+          log.error(text);
+          voice.tellMain(text);
+        }
+        for (const group of store.listGroups()) {
+          if (host.stopped()) return;
+          checkGroup(group);
+          await new Promise((resolve) => setImmediate(resolve));
+        }
+      } catch (err) {
+        log.warn({ err: errorText(err) }, 'Could not check disk use; trying again at the next sweep');
+      }
+    },
 
-  backUpWhenDue(): void {
-    const dir = join(this.host.config.storeDir, 'backups');
-    const newest = existsSync(dir)
-      ? readdirSync(dir)
-          .filter((file) => /^messages-.*\.db$/.test(file))
-          .map((file) => statSync(join(dir, file)).mtimeMs)
-          .reduce((a, b) => Math.max(a, b), 0)
-      : 0;
-    if (this.host.clock.now() - newest < BACKUP_EVERY_MS) return;
-    try {
-      const file = this.host.store.backup(dir, BACKUPS_KEPT, new Date(this.host.clock.now()));
-      log.info({ file }, 'Database backed up');
-    } catch (err) {
-      log.warn({ err: errorText(err) }, 'Could not back up the database; trying again at the next sweep');
-    }
-  }
+    backUpWhenDue(): void {
+      const dir = join(config.storeDir, 'backups');
+      const newest = existsSync(dir)
+        ? readdirSync(dir)
+            .filter((file) => /^messages-.*\.db$/.test(file))
+            .map((file) => statSync(join(dir, file)).mtimeMs)
+            .reduce((a, b) => Math.max(a, b), 0)
+        : 0;
+      if (clock.now() - newest < BACKUP_EVERY_MS) return;
+      try {
+        const file = store.backup(dir, BACKUPS_KEPT, new Date(clock.now()));
+        log.info({ file }, 'Database backed up');
+      } catch (err) {
+        log.warn({ err: errorText(err) }, 'Could not back up the database; trying again at the next sweep');
+      }
+    },
+  };
 }
+type DiskWatch = ReturnType<typeof diskWatch>;
 
 interface AgentRun {
   isScheduledTask: boolean;
@@ -5619,89 +5593,72 @@ interface AgentRun {
 }
 
 /** Starts agent containers: the group's mounts, its session, and a proxy token on stdin. */
-class AgentLauncher {
+function agentLauncher(host: HostParts, disk: DiskWatch, proxy: ModelProxy) {
+  const { config, store, queue } = host;
   /** How often each group's session was reset (/reset): a run started before a reset does not save its session. */
-  private readonly sessionResets = new Map<string, number>();
+  const sessionResets = new Map<string, number>();
+  const resets = (folder: string): number => sessionResets.get(folder) ?? 0;
 
-  constructor(
-    private readonly host: HostParts,
-    private readonly disk: DiskWatch,
-    private readonly proxy: ModelProxy,
-  ) {}
-
-  resetSession(folder: string): void {
-    this.sessionResets.set(folder, (this.sessionResets.get(folder) ?? 0) + 1);
-  }
-
-  run(group: RegisteredGroup, prompt: string, run: AgentRun): Promise<RunOutcome> {
-    const { config, store, queue } = this.host;
-    const resetsAtStart = this.sessionResets.get(group.folder) ?? 0;
-    writeSnapshots(config, store, group, this.host.snapshotsWritten);
-    const outcome = runContainer({
-      config,
-      group,
-      input: this.input(group, prompt, run),
-      mounts: groupMounts(config, group, this.extraMounts(group)),
-      acceptsFollowUps: run.acceptsFollowUps,
-      proxy: this.proxy,
-      onStart: (live) => {
-        queue.attach(run.lane ?? group.jid, live);
-        run.onLive?.();
-      },
-      onReady: () => run.onReady?.(),
-      onResult: async (result) => {
-        if (result.sessionId && run.saveSession && (this.sessionResets.get(group.folder) ?? 0) === resetsAtStart)
-          this.saveSession(group, result.sessionId);
-        if (result.status === 'error')
-          log.error({ group: group.folder, error: result.error }, 'Agent reported an error');
-        await run.onResult(result);
-        this.disk.checkGroupNow(group);
-      },
-    });
-    void outcome.finally(() => this.disk.checkGroupNow(group));
-    return outcome;
-  }
-
-  private input(group: RegisteredGroup, prompt: string, run: AgentRun): ContainerInput {
-    const sessionId = run.sessionId === undefined ? this.host.store.getSession(group.folder) : run.sessionId;
-    return {
-      prompt,
-      groupFolder: group.folder,
-      chatJid: group.jid,
-      isMain: group.isMain,
-      ...(sessionId ? { sessionId } : {}),
-      isScheduledTask: run.isScheduledTask,
-      ...(run.warm ? { warm: true } : {}),
-      ...(run.upTo === undefined ? {} : { upTo: run.upTo }),
-      assistantName: this.host.config.assistantName,
-    };
-  }
-
-  private extraMounts(group: RegisteredGroup): Mount[] {
-    const extra = groupExtraMounts(this.host.config, group);
-    for (const rejected of extra.rejected) log.warn({ group: group.folder, ...rejected }, 'Extra mount refused');
-    return extra.mounts;
-  }
-
-  private saveSession(group: RegisteredGroup, sessionId: string): void {
+  const saveSession = (group: RegisteredGroup, sessionId: string): void => {
     try {
-      this.host.store.setSession(group.folder, sessionId);
+      store.setSession(group.folder, sessionId);
     } catch (err) {
-      log.warn(
-        { group: group.folder, err: errorText(err) },
-        'Could not save the session id; the next run may start a new session',
-      );
+      log.warn({ group: group.folder, err: errorText(err) }, 'Could not save the session id; the next run starts anew');
     }
-  }
-}
+  };
 
+  return {
+    resetSession(folder: string): void {
+      sessionResets.set(folder, resets(folder) + 1);
+    },
+
+    run(group: RegisteredGroup, prompt: string, run: AgentRun): Promise<RunOutcome> {
+      const resetsAtStart = resets(group.folder);
+      const sessionId = run.sessionId === undefined ? store.getSession(group.folder) : run.sessionId;
+      const extra = groupExtraMounts(config, group);
+      for (const rejected of extra.rejected) log.warn({ group: group.folder, ...rejected }, 'Extra mount refused');
+      writeSnapshots(config, store, group, host.snapshotsWritten);
+      const outcome = runContainer({
+        config,
+        group,
+        input: {
+          prompt,
+          groupFolder: group.folder,
+          chatJid: group.jid,
+          isMain: group.isMain,
+          ...(sessionId ? { sessionId } : {}),
+          isScheduledTask: run.isScheduledTask,
+          ...(run.warm ? { warm: true } : {}),
+          ...(run.upTo === undefined ? {} : { upTo: run.upTo }),
+          assistantName: config.assistantName,
+        },
+        mounts: groupMounts(config, group, extra.mounts),
+        acceptsFollowUps: run.acceptsFollowUps,
+        proxy,
+        onStart: (live) => {
+          queue.attach(run.lane ?? group.jid, live);
+          run.onLive?.();
+        },
+        onReady: () => run.onReady?.(),
+        onResult: async (result) => {
+          if (result.sessionId && run.saveSession && resets(group.folder) === resetsAtStart)
+            saveSession(group, result.sessionId);
+          if (result.status === 'error')
+            log.error({ group: group.folder, error: result.error }, 'Agent reported an error');
+          await run.onResult(result);
+          disk.checkGroup(group);
+        },
+      });
+      void outcome.finally(() => disk.checkGroup(group));
+      return outcome;
+    },
+  };
+}
+type AgentLauncher = ReturnType<typeof agentLauncher>;
+
+/** A task run under way: the wall time it is logged under, and clock.monotonic() for its duration (no jumps). */
 interface TaskTurn {
   task: ScheduledTask;
-  started: RunStart;
-}
-
-/** When a task run started: the wall time it is logged under, and clock.monotonic() for its duration (no jumps). */
-interface RunStart {
   at: Date;
   mono: number;
 }
@@ -5712,12 +5669,12 @@ interface TaskOutcome {
   error: string | null;
 }
 
-type TaskClaim = ReturnType<Store['taskClaims']>[number];
-
-function interruptedTwiceText(task: ScheduledTask): string {
-  const preview = task.prompt.length > 80 ? `${task.prompt.slice(0, 80)}…` : task.prompt;
-  const when = task.scheduleType === 'once' ? 'It will not run again.' : 'It runs again at its next time.';
-  return `A scheduled task ("${preview}") was interrupted twice as NanoClaw stopped, and I gave up on this run. ${when}`;
+/** Why a run that ended without a result failed. */
+function noResultError(outcome: RunOutcome): string {
+  if (outcome.timedOut) return 'the agent timed out';
+  return outcome.exitCode === 0
+    ? 'the agent container ended without an answer'
+    : `the agent container exited with code ${outcome.exitCode}`;
 }
 
 /**
@@ -5757,21 +5714,28 @@ class TaskRuns {
 
   /** The chat's turn answered a task handed to it: recorded here (true), or not a task's answer (false). */
   answered(group: RegisteredGroup, answer: ContainerResult): boolean {
-    const turn = this.turns.get(group.jid);
-    if (!turn || !answer.task) return false;
-    this.turns.delete(group.jid);
-    this.recordTurn(turn, this.outcomeOf(answer));
+    if (!this.turns.has(group.jid) || !answer.task) return false;
+    this.endTurn(group.jid, this.outcomeOf(answer));
     this.host.queue.markIdle(group.jid);
     if (!this.forwardHeld(group)) this.host.queue.enqueueMessages(group.jid);
     return true;
   }
 
-  /** The chat's container ended: a task still handed to it is recorded as failed. */
-  endTurn(chatJid: string): void {
-    const orphan = this.turns.get(chatJid);
-    if (!orphan) return;
+  /**
+   * The task handed to the chat's container is recorded (by default: failed, as the container ended first). A database
+   * that cannot take it leaves the claim, which the sweep recovers.
+   */
+  endTurn(chatJid: string, outcome?: TaskOutcome): void {
+    const turn = this.turns.get(chatJid);
+    if (!turn) return;
     this.turns.delete(chatJid);
-    this.recordTurn(orphan, { result: null, said: [], error: 'the container stopped before the task was answered' });
+    const stopped = 'the container stopped before the task was answered';
+    try {
+      this.record(turn, outcome ?? { result: null, said: [], error: stopped });
+    } catch (err) {
+      const { groupFolder: group, id: taskId } = turn.task;
+      log.error({ group, taskId, err: errorText(err) }, 'Could not record a task run; the sweep runs it again');
+    }
   }
 
   /** The task, if it is to run now (active, or `force`); otherwise it is released and logged as skipped. */
@@ -5785,14 +5749,13 @@ class TaskRuns {
   }
 
   private runInLive(taskId: string, chatJid: string): void {
-    const { store, queue } = this.host;
+    const { queue } = this.host;
     const task = this.runnable(taskId);
     if (!task) {
       queue.markIdle(chatJid);
       return;
     }
-    store.markTaskStarted(task.id);
-    this.turns.set(task.chatJid, { task, started: this.startNow() });
+    this.turns.set(task.chatJid, this.start(task));
     if (!queue.sendFollowUp(task.chatJid, task.prompt, 'task')) {
       // The container is going away after all: queued again, the task gets a container of its own.
       this.turns.delete(task.chatJid);
@@ -5815,7 +5778,11 @@ class TaskRuns {
     }
   }
 
-  private recoverInterrupted(task: ScheduledTask, claim: TaskClaim, startedAt: string): void {
+  private recoverInterrupted(
+    task: ScheduledTask,
+    claim: { dueAt: string | null; attempt: number },
+    startedAt: string,
+  ): void {
     const { store, voice } = this.host;
     const error = `interrupted: NanoClaw stopped during the run that started ${startedAt}`;
     const again = claim.attempt < 2 && task.status === 'active';
@@ -5824,21 +5791,22 @@ class TaskRuns {
       store.releaseTask(task.id);
       if (again) store.claimTask(task.id, claim.dueAt, claim.attempt + 1);
       else {
-        if (task.scheduleType === 'once')
+        const once = task.scheduleType === 'once';
+        if (once)
           store.updateTask(task.id, {
             status: 'completed',
             nextRun: null,
             lastResult: `Error: ${error} (twice; not run again)`,
           });
-        voice.announce(task.chatJid, interruptedTwiceText(task));
+        const preview = task.prompt.length > 80 ? `${task.prompt.slice(0, 80)}…` : task.prompt;
+        const when = once ? 'It will not run again.' : 'It runs again at its next time.';
+        const text = `A scheduled task ("${preview}") was interrupted twice as NanoClaw stopped, and I gave up on this run. ${when}`;
+        voice.announce(task.chatJid, text);
       }
     });
-    if (!again) voice.sendSoon(task.chatJid);
-    log.warn(
-      { group: task.groupFolder, taskId: task.id, runAgain: again },
-      again ? 'A task run was interrupted; running it again' : 'A task run was interrupted twice; giving up on it',
-    );
+    log.warn({ group: task.groupFolder, taskId: task.id, runAgain: again }, 'A task run was interrupted');
     if (again) this.enqueue(task);
+    else voice.sendSoon(task.chatJid);
   }
 
   /** The answer goes to the group's chat, then the container closes; paused or deleted tasks run only with `force`. */
@@ -5846,13 +5814,12 @@ class TaskRuns {
     const task = this.runnable(taskId, force);
     if (!task) return null;
     const group = this.host.store.groupByFolder(task.groupFolder);
-    const started = this.startNow();
-    this.host.store.markTaskStarted(task.id);
+    const turn = this.start(task);
     const outcome: TaskOutcome = { result: null, said: [], error: null };
     if (!group) outcome.error = `group "${task.groupFolder}" is no longer registered`;
     else if (this.disk.isOver(group.folder)) outcome.error = 'the group is over its disk budget (GROUP_DISK_BUDGET)';
     else await this.runInContainer(task, group, outcome);
-    return this.record(task, started, outcome);
+    return this.record(turn, outcome);
   }
 
   private async runInContainer(task: ScheduledTask, group: RegisteredGroup, outcome: TaskOutcome): Promise<void> {
@@ -5869,8 +5836,7 @@ class TaskRuns {
           this.host.queue.closeContainer(lane);
         },
       });
-      if (!outcome.error && run.results === 0)
-        outcome.error = run.timedOut ? 'the agent timed out' : `the agent container exited with code ${run.exitCode}`;
+      if (!outcome.error && run.results === 0) outcome.error = noResultError(run);
     } catch (err) {
       outcome.error = errorText(err);
     }
@@ -5882,30 +5848,19 @@ class TaskRuns {
     return { result: ok ? answer.result : null, said: ok ? this.host.voice.words(answer) : [], error };
   }
 
-  private startNow(): RunStart {
-    return { at: new Date(this.host.clock.now()), mono: this.host.clock.monotonic() };
-  }
-
-  /** record() for a task turn: a database that cannot take it leaves the claim, which the sweep recovers. */
-  private recordTurn(turn: TaskTurn, outcome: TaskOutcome): void {
-    try {
-      this.record(turn.task, turn.started, outcome);
-    } catch (err) {
-      log.error(
-        { group: turn.task.groupFolder, taskId: turn.task.id, err: errorText(err) },
-        'Could not record a task run; it is run again once the database is back',
-      );
-    }
+  private start(task: ScheduledTask): TaskTurn {
+    this.host.store.markTaskStarted(task.id);
+    return { task, at: new Date(this.host.clock.now()), mono: this.host.clock.monotonic() };
   }
 
   /** A task run's end, in one transaction: its log, the task's state, what it said, the claim released. */
-  private record(task: ScheduledTask, started: RunStart, outcome: TaskOutcome): TaskRunLog {
+  private record({ task, at, mono }: TaskTurn, outcome: TaskOutcome): TaskRunLog {
     const { store, voice } = this.host;
     const { result, error } = outcome;
     const run: TaskRunLog = {
       taskId: task.id,
-      runAt: started.at.toISOString(),
-      durationMs: Math.round(this.host.clock.monotonic() - started.mono),
+      runAt: at.toISOString(),
+      durationMs: Math.round(this.host.clock.monotonic() - mono),
       status: error ? 'error' : 'success',
       result,
       error,
@@ -5938,24 +5893,11 @@ interface ChatTurn {
   messages: StoredMessage[];
 }
 
-interface EndedTurn {
-  group: RegisteredGroup;
-  outcome: RunOutcome | null;
-  upToSeq: number;
-}
-
 type AfterTurn = 'done' | 'retry' | 'queue-more' | 'key-refused' | 'bad-request';
 
 /** A container that ends, however it ends, while messages it was given are unanswered has failed. */
 function turnFailed(outcome: RunOutcome, upToSeq: number, cursor: number): boolean {
   return outcome.exitCode !== 0 || outcome.timedOut || outcome.oversized === true || upToSeq > cursor;
-}
-
-function noResultError(outcome: RunOutcome): string {
-  if (outcome.timedOut) return 'the agent timed out';
-  return outcome.exitCode === 0
-    ? 'the agent container ended without an answer'
-    : `the agent container exited with code ${outcome.exitCode}`;
 }
 
 function afterTurn(outcome: RunOutcome | null, failed: boolean, unanswered: number, stopped: boolean): AfterTurn {
@@ -5988,9 +5930,7 @@ class ChatTurns {
   /** One turn: true when the chat's messages are done with (answered, given up, or queued anew), false to retry. */
   async processMessages(chatJid: string, warm = false): Promise<boolean> {
     const turn = this.turnToRun(chatJid, warm);
-    const ended = turn ? await this.runTurn(turn) : null;
-    const next = ended ? this.afterRun(ended) : 'done';
-    return next !== 'retry';
+    return !turn || this.afterRun(turn.group, await this.runTurn(turn)) !== 'retry';
   }
 
   private turnToRun(chatJid: string, warm: boolean): ChatTurn | null {
@@ -6003,7 +5943,8 @@ class ChatTurns {
     return asked || warm ? { group, cursor, messages: asked ? messages : [] } : null;
   }
 
-  private async runTurn({ group, cursor, messages }: ChatTurn): Promise<EndedTurn> {
+  /** The turn's outcome (null: the container could not run); lastGiven holds the newest message it was given. */
+  private async runTurn({ group, cursor, messages }: ChatTurn): Promise<RunOutcome | null> {
     const { queue, voice, config } = this.host;
     const chatJid = group.jid;
     const upTo = messages.at(-1)?.seq;
@@ -6035,7 +5976,7 @@ class ChatTurns {
       this.tasks.endTurn(chatJid);
       await voice.typing(chatJid, false);
     }
-    return { group, outcome, upToSeq: this.lastGiven.get(chatJid)! };
+    return outcome;
   }
 
   /** A result of the turn (a follow-up may bring more than one), unless it answers a task handed to the container. */
@@ -6063,10 +6004,7 @@ class ChatTurns {
       });
     } catch (err) {
       // Not recorded, so not sent: the run ends and the retry answers (once) when the database is back.
-      log.error(
-        { group: group.folder, err: errorText(err) },
-        'Could not record the answer; the messages will be answered again',
-      );
+      log.error({ group: group.folder, err: errorText(err) }, 'Could not record the answer; retrying');
       queue.closeContainer(chatJid);
       const error = `could not record the answer (${errorText(err)})`;
       return { chatJid, status: 'error', sent: null, error, upToSeq };
@@ -6083,9 +6021,10 @@ class ChatTurns {
     if ((queue.givenUpTo(chatJid) ?? 0) <= answeredUpTo) queue.markIdle(chatJid);
   }
 
-  private afterRun({ group, outcome, upToSeq }: EndedTurn): AfterTurn {
+  private afterRun(group: RegisteredGroup, outcome: RunOutcome | null): AfterTurn {
     const { store, config } = this.host;
     const chatJid = group.jid;
+    const upToSeq = this.lastGiven.get(chatJid)!;
     const cursor = store.getCursor(chatJid);
     const unanswered = store.messagesSince(chatJid, cursor).length;
     const failed = outcome !== null && turnFailed(outcome, upToSeq, cursor);
@@ -6098,10 +6037,7 @@ class ChatTurns {
     else if (next === 'bad-request') this.giveUp(chatJid, badRequestNotice(refused.error), refused.upTo);
     else if (next === 'queue-more') this.host.queue.enqueueMessages(chatJid);
     else if (next === 'retry' && outcome)
-      log.warn(
-        { group: group.folder, unanswered, logFile: outcome.logFile },
-        'Run failed; cursor left before the unanswered messages, will retry',
-      );
+      log.warn({ group: group.folder, unanswered, logFile: outcome.logFile }, 'Run failed; will retry');
     return next;
   }
 
@@ -6114,20 +6050,17 @@ class ChatTurns {
    * `onceKey`, at most once in six hours). Messages that came after them get a run of their own.
    */
   private giveUp(chatJid: string, notice: string, upToSeq: number, onceKey?: string): void {
-    const { store, voice, clock } = this.host;
+    const { store, voice } = this.host;
     const group = store.groupByJid(chatJid);
     if (!group) return;
     const pending = store.messagesSince(chatJid, store.getCursor(chatJid)).filter((m) => m.seq <= upToSeq);
     if (pending.length === 0) return;
-    const toldAt = onceKey ? Number(store.getState(onceKey) ?? 0) : 0;
-    const tell = !onceKey || clock.now() - toldAt > NOTICE_EVERY_MS;
-    store.transaction(() => {
+    const told = store.transaction(() => {
       store.setCursor(chatJid, pending.at(-1)!.seq);
-      if (tell) voice.announce(chatJid, notice);
-      if (tell && onceKey) store.setState(onceKey, String(clock.now()));
+      return voice.announceOnce(chatJid, notice, onceKey);
     });
     voice.sendSoon(chatJid);
-    log.error({ group: group.folder, messages: pending.length, told: tell }, 'Gave up on messages; told the chat');
+    log.error({ group: group.folder, messages: pending.length, told }, 'Gave up on messages; told the chat');
     if (store.messagesSince(chatJid, pending.at(-1)!.seq).length > 0 && !this.host.stopped())
       this.host.queue.enqueueMessages(chatJid);
   }
@@ -6155,62 +6088,54 @@ class ChatTurns {
 }
 
 /** Agent requests, authorised by their IPC folder; each done in one transaction with its done-mark, so never twice. */
-class IpcRequests {
-  private readonly sendWindow: SendWindow;
-
-  constructor(
-    private readonly host: HostParts,
-    private readonly tasksChanged: () => void,
-  ) {
-    this.sendWindow = new SendWindow(host.clock);
-  }
-
-  async handle(folder: string, kind: IpcKind, data: unknown, claimId: string): Promise<IpcDecision> {
-    const { store, config } = this.host;
-    if (store.isIpcDone(claimId)) return { ok: true };
-    const source = store.groupByFolder(folder);
-    if (!source) throw new IpcFormatError(`no registered group uses the folder "${folder}"`);
-    const request = parseIpcRequest(kind, data);
-    const refused = refusal(source, request, store, config) ?? this.overSendWindow(source, request);
-    if (refused) {
-      log.warn({ group: folder, type: request.type, reason: refused }, 'IPC request refused');
-      return { ok: false, reason: refused };
-    }
-    crashPoint('ipc-handling');
-    const afterwards: (() => void)[] = [];
-    const detail = store.transaction(() => {
-      const done = applyIpcRequest(request, { config, store, source, effects: this.ipcEffects(afterwards) });
-      store.markIpcDone(claimId);
-      return done;
-    });
-    crashPoint('ipc-recorded');
-    for (const effect of afterwards) effect();
-    if (kind === 'tasks') writeSnapshots(config, store, source, this.host.snapshotsWritten);
-    return { ok: true, ...(detail ? { detail } : {}) };
-  }
+function ipcRequests(host: HostParts, tasksChanged: () => void): IpcHandlers {
+  const { config, store, queue, voice } = host;
+  const sendWindow = new SendWindow(host.clock);
 
   /** Messages and files an agent sends count against its group's send window; the reason when it is full. */
-  private overSendWindow(source: RegisteredGroup, request: IpcRequest): string | null {
-    if (request.type === 'send_file') return this.sendWindow.take(this.host.config, source, 1);
+  const overSendWindow = (source: RegisteredGroup, request: IpcRequest): string | null => {
+    if (request.type === 'send_file') return sendWindow.take(config, source, 1);
     if (request.type !== 'message') return null;
-    const words = this.host.voice.format(request.text);
-    const parts = words ? (this.host.voice.channelFor(request.chatJid)?.layout(words).length ?? 1) : 0;
-    return this.sendWindow.take(this.host.config, source, parts);
-  }
+    const words = voice.format(request.text);
+    const parts = words ? (voice.channelFor(request.chatJid)?.layout(words).length ?? 1) : 0;
+    return sendWindow.take(config, source, parts);
+  };
 
-  private ipcEffects(afterwards: (() => void)[]): IpcEffects {
-    return {
-      say: (chatJid, text) => this.host.voice.say(chatJid, text),
-      sayFile: (chatJid, file) => this.host.voice.sayFile(chatJid, file),
-      afterwards: (effect) => afterwards.push(effect),
-      awaitAnswer: (chatJid) => this.host.queue.expectAnswer(chatJid),
-      sendSoon: (chatJid) => this.host.voice.sendSoon(chatJid),
-      syncGroups: async () => {
-        await Promise.all(this.host.voice.channels.map((channel) => channel.syncGroups?.()));
-      },
-      tasksChanged: this.tasksChanged,
-    };
-  }
+  return {
+    async handle(folder, kind, data, claimId) {
+      if (store.isIpcDone(claimId)) return { ok: true };
+      const source = store.groupByFolder(folder);
+      if (!source) throw new IpcFormatError(`no registered group uses the folder "${folder}"`);
+      const request = parseIpcRequest(kind, data);
+      const refused = refusal(source, request, store, config) ?? overSendWindow(source, request);
+      if (refused) {
+        log.warn({ group: folder, type: request.type, reason: refused }, 'IPC request refused');
+        return { ok: false, reason: refused };
+      }
+      crashPoint('ipc-handling');
+      const afterwards: (() => void)[] = [];
+      const effects: IpcEffects = {
+        say: (chatJid, text) => voice.say(chatJid, text),
+        sayFile: (chatJid, file) => voice.sayFile(chatJid, file),
+        afterwards: (effect) => afterwards.push(effect),
+        awaitAnswer: (chatJid) => queue.expectAnswer(chatJid),
+        sendSoon: (chatJid) => voice.sendSoon(chatJid),
+        syncGroups: async () => {
+          await Promise.all(voice.channels.map((channel) => channel.syncGroups?.()));
+        },
+        tasksChanged,
+      };
+      const detail = store.transaction(() => {
+        const done = applyIpcRequest(request, { config, store, source, effects });
+        store.markIpcDone(claimId);
+        return done;
+      });
+      crashPoint('ipc-recorded');
+      for (const effect of afterwards) effect();
+      if (kind === 'tasks') writeSnapshots(config, store, source, host.snapshotsWritten);
+      return { ok: true, ...(detail ? { detail } : {}) };
+    },
+  };
 }
 
 /** The model proxy's count of each group's model use, by day in the user's timezone (`usage`). */
@@ -6242,7 +6167,7 @@ export class Host {
   readonly proxy: ModelProxy;
   private readonly clock: Clock;
   private readonly voice: Voice;
-  private readonly spill: SpillBuffer;
+  private readonly spill: ReturnType<typeof spillBuffer>;
   private readonly disk: DiskWatch;
   private readonly agents: AgentLauncher;
   private readonly tasks: TaskRuns;
@@ -6264,7 +6189,9 @@ export class Host {
     const maxRetries = options.maxRetries ?? 5;
     this.clock = clock;
     this.voice = new Voice(config, store, channels, clock, options.sendRetryMs);
-    this.spill = new SpillBuffer(config.dataDir, clock, store, (message, chat) => this.storeInbound(message, chat));
+    this.spill = spillBuffer(join(config.dataDir, 'spill.jsonl'), clock, store, (message, chat) =>
+      this.storeInbound(message, chat),
+    );
     this.queue = new GroupQueue({
       maxConcurrent: config.maxConcurrentContainers,
       idleTimeoutMs: config.idleTimeoutMs,
@@ -6287,7 +6214,7 @@ export class Host {
       snapshotsWritten: new Map(),
       stopped: () => this.stopped,
     };
-    this.disk = new DiskWatch(parts, options.freeDiskBytes);
+    this.disk = diskWatch(parts, options.freeDiskBytes);
     this.proxy = new ModelProxy({
       mode: config.modelProxy,
       dir: join(config.dataDir, 'proxy'),
@@ -6296,14 +6223,14 @@ export class Host {
       keyRequired: usesKimiProvider(config),
       record: modelUsageRecorder(config, store),
     });
-    this.agents = new AgentLauncher(parts, this.disk, this.proxy);
+    this.agents = agentLauncher(parts, this.disk, this.proxy);
     this.tasks = new TaskRuns(parts, this.disk, this.agents, (group) => this.chats.forward(group));
     this.chats = new ChatTurns(parts, this.disk, this.agents, this.tasks, (event) => {
       for (const listener of this.turnListeners) listener(event);
     });
     this.ipc = new IpcWatcher(
       config.ipcDir,
-      new IpcRequests(parts, () => this.scheduler.arm()),
+      ipcRequests(parts, () => this.scheduler.arm()),
       options.ipcSweepMs ?? 30_000,
       clock,
     );
@@ -6327,8 +6254,7 @@ export class Host {
       onChange: (change) => this.handleChange(change),
       onChatMetadata: (chat) => {
         try {
-          const channelName = this.voice.channelFor(chat.jid)?.name ?? 'unknown';
-          this.store.upsertChat({ jid: chat.jid, name: chat.name, channel: channelName, isGroup: chat.isGroup });
+          this.store.upsertChat({ jid: chat.jid, name: chat.name, channel: channel.name, isGroup: chat.isGroup });
         } catch (err) {
           log.warn({ err: errorText(err) }, 'Could not store a chat name');
         }
@@ -6346,7 +6272,10 @@ export class Host {
   }
 
   async start(): Promise<void> {
-    const recent = this.recentlyActiveGroups(); // before this start's own messages come in
+    // Groups active within IDLE_TIMEOUT before this start (their warm agents went with the old host), newest first;
+    // read before this start's own messages come in.
+    const since = new Date(this.clock.now() - this.config.idleTimeoutMs).toISOString();
+    const recent = this.store.recentGroups(since, this.config.warmPool.size);
     this.spill.replay();
     for (const channel of this.channels) await channel.connect(this.channelHandlers(channel));
     for (const sender of this.voice.senders.values()) sender.kick(); // what a previous run left unsent
@@ -6356,10 +6285,8 @@ export class Host {
       for (const group of recent) if (!this.disk.isOver(group.folder)) this.queue.prewarm(group.jid);
     });
     this.stopSweep = every(this.clock, this.options.recoverySweepMs ?? 60_000, () => void this.recover());
-    log.info(
-      { groups: this.store.listGroups().length, channels: this.channels.map((c) => c.name) },
-      'NanoClaw is running',
-    );
+    const channels = this.channels.map((c) => c.name);
+    log.info({ groups: this.store.listGroups().length, channels }, 'NanoClaw is running');
   }
 
   async stop(): Promise<void> {
@@ -6404,19 +6331,8 @@ export class Host {
     return started;
   }
 
-  /** Groups active within IDLE_TIMEOUT before this start (their warm agents went with the old host), newest first. */
-  private recentlyActiveGroups(): RegisteredGroup[] {
-    const since = new Date(this.clock.now() - this.config.idleTimeoutMs).toISOString();
-    try {
-      return this.store.recentGroups(since, this.config.warmPool.size);
-    } catch (err) {
-      log.warn({ err: errorText(err) }, 'Could not read which groups were active; none is warmed at start-up');
-      return [];
-    }
-  }
-
   handleInbound(message: NewMessage, chat: ChatMeta): void {
-    if (this.spill.holding) {
+    if (this.spill.holding()) {
       this.spill.add(message, chat); // keep the order: behind what is already waiting
       return;
     }
@@ -6455,10 +6371,7 @@ export class Host {
       const seq = this.store.storeAsNewest(stored, content);
       if (!this.stopped) this.wake(group, { ...stored, seq, content });
     } catch (err) {
-      log.warn(
-        { err: errorText(err), chatJid: change.chatJid, messageId: change.id },
-        'Could not apply an edit or deletion',
-      );
+      log.warn({ err: errorText(err), chatJid: change.chatJid }, 'Could not apply an edit or deletion');
     }
   }
 
@@ -6535,10 +6448,7 @@ export class Host {
       this.store.pruneIpcDone(new Date(now - 86_400_000).toISOString());
       this.store.pruneOutbox(new Date(now - 7 * 86_400_000).toISOString());
     } catch (err) {
-      log.warn(
-        { err: errorText(err) },
-        'The safety sweep could not read the database; it tries again at the next sweep',
-      );
+      log.warn({ err: errorText(err) }, 'The safety sweep could not read the database; trying again next sweep');
     }
   }
 
@@ -6675,22 +6585,22 @@ function ranHereBefore(config: Config): string | null {
 
 class StoreMissingError extends Error {}
 
-async function openStoreWhenFree(path: string, waitMs = 60_000): Promise<Store> {
-  const deadline = Date.now() + waitMs;
-  for (let attempt = 1; ; attempt++) {
+/**
+ * Waits up to a minute for a locked database. One missing or empty where NanoClaw ran before is not quietly started
+ * afresh: every group would be gone.
+ */
+async function openProjectStore(config: Config): Promise<Store> {
+  const deadline = Date.now() + 60_000;
+  let store: Store | null = null;
+  for (let attempt = 1; !store; attempt++) {
     try {
-      return new Store(path);
+      store = new Store(config.dbPath);
     } catch (err) {
       if (!isStoreUnavailable(err) || Date.now() > deadline) throw err;
       if (attempt === 1) log.warn({ err: errorText(err) }, 'The database is locked or unavailable; waiting for it');
       await Bun.sleep(1_000);
     }
   }
-}
-
-/** A database missing or empty where NanoClaw ran before is not quietly started afresh: every group would be gone. */
-async function openProjectStore(config: Config): Promise<Store> {
-  const store = await openStoreWhenFree(config.dbPath);
   const onPurpose = /^(1|true|yes)$/i.test(process.env.NANOCLAW_NEW_DATABASE ?? '');
   const before = store.createdNow && !onPurpose ? ranHereBefore(config) : null;
   if (before) {
@@ -6738,13 +6648,10 @@ export async function startHost(
   if (problems.length)
     throw new UsageError(`NanoClaw cannot start yet:\n\n${problems.map((p) => `• ${p}`).join('\n\n')}`);
   const release = acquireHostLock(config);
-  let store: Store;
-  try {
-    store = await openProjectStore(config);
-  } catch (err) {
+  const store = await openProjectStore(config).catch((err: unknown) => {
     release();
     throw err;
-  }
+  });
   removeLeftoverContainers(config);
   // Inboxes of runs that a host which died never cleaned up (their containers are gone too).
   const inboxes = new AgentTree(inboxRoot(config));
