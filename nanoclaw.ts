@@ -7391,20 +7391,22 @@ async function runChat(config: Config): Promise<number> {
   return failures > 0 ? 1 : 0;
 }
 
+/** Why store/auth/ holds no link, where there is more to say than that. */
+const NOT_LINKED_WHY: Partial<Record<LinkState, string>> = {
+  pending: 'a pairing was started but never finished',
+  damaged: 'store/auth/creds.json is damaged and has no whole backup',
+};
+const linkFix = (state: LinkState) => `bun nanoclaw.ts auth${state === 'damaged' ? ' --relink' : ''}`;
+
 async function runService(config: Config): Promise<number> {
   const link = WhatsAppChannel.linkState(whatsAppAuthDir(config));
-  if (link !== 'linked') {
-    const why = {
-      pending: ' (a pairing was started but never finished)',
-      damaged: ' (store/auth/creds.json is damaged and has no whole backup)',
-      none: '',
-    }[link];
+  const why = NOT_LINKED_WHY[link];
+  if (link !== 'linked')
     throw new UsageError(
-      `WhatsApp is not linked on this machine yet${why}.\n` +
-        `  Fix: bun nanoclaw.ts auth${link === 'damaged' ? ' --relink' : ''}   (shows a QR code; or add --pairing-code <your phone number>)\n` +
+      `WhatsApp is not linked on this machine yet${why ? ` (${why})` : ''}.\n` +
+        `  Fix: ${linkFix(link)}   (shows a QR code; or add --pairing-code <your phone number>)\n` +
         '  Meanwhile you can talk to your assistant from this terminal: bun nanoclaw.ts chat',
     );
-  }
   keepRunningThroughErrors();
   let unlinked: (why: string) => void = () => {};
   const whenUnlinked = new Promise<string>((resolve) => (unlinked = resolve));
@@ -7435,14 +7437,9 @@ async function askYes(question: string): Promise<boolean> {
 
 /** `auth --check`: one line, and the exit status a script can test. */
 function authCheck(state: LinkState): number {
-  console.log(
-    {
-      linked: 'linked: store/auth/ holds a linked WhatsApp device',
-      pending: 'not linked: a pairing was started but never finished (run auth)',
-      damaged: 'not linked: store/auth/creds.json is damaged and has no whole backup (run auth --relink)',
-      none: 'not linked (run auth to link WhatsApp)',
-    }[state],
-  );
+  const why = NOT_LINKED_WHY[state];
+  if (state === 'linked') console.log('linked: store/auth/ holds a linked WhatsApp device');
+  else console.log(`not linked${why ? `: ${why}` : ''} (run ${linkFix(state)})`);
   return { linked: 0, none: 3, pending: 4, damaged: 5 }[state];
 }
 
@@ -7452,18 +7449,14 @@ function authCheck(state: LinkState): number {
  */
 async function clearForLink(authDir: string, state: LinkState, relink: boolean): Promise<number | null> {
   const plan = authPlan(state, relink);
-  const what =
-    state === 'linked'
-      ? 'WhatsApp is already linked (store/auth/).'
-      : 'store/auth/creds.json is damaged (empty or cut short) and has no whole backup.';
+  const what = state === 'linked' ? 'WhatsApp is already linked (store/auth/)' : NOT_LINKED_WHY.damaged;
   if (plan === 'ask' && !process.stdin.isTTY) {
-    const line = `${what} To link again (this deletes store/auth/): bun nanoclaw.ts auth --relink`;
-    if (state === 'linked')
-      console.log(line); // nothing wrong: nothing to do
-    else console.error(line);
+    // A linked device is nothing wrong (stdout, exit 0); damaged credentials are (stderr, exit 2).
+    const say = state === 'linked' ? console.log : console.error;
+    say(`${what}. To link again (this deletes store/auth/): ${linkFix('damaged')}`);
     return state === 'linked' ? 0 : 2;
   }
-  if (plan === 'ask' && !(await askYes(`${what} Delete store/auth/ and link this machine again?`))) {
+  if (plan === 'ask' && !(await askYes(`${what}. Delete store/auth/ and link this machine again?`))) {
     console.log('Nothing changed.');
     return 0;
   }
