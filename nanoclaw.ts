@@ -7201,12 +7201,6 @@ export function makeSelfChatMain(config: Config, store: Store, selfJid: string):
 
 // ───────────────────────────── 13. CLI: the command table, its runner, main() ──────────
 
-class HelpRequested extends Error {
-  constructor(readonly command: string) {
-    super(`help for ${command}`);
-  }
-}
-
 function parseArgsMistake(err: unknown): string {
   const message = errorText(err);
   const quoted = /'([^']+)'/.exec(message)?.[1] ?? '';
@@ -7221,12 +7215,12 @@ function parseArgsMistake(err: unknown): string {
 type CommandOptions = Record<string, { type: 'string' | 'boolean'; multiple?: boolean }>;
 type OptionValues = Record<string, string | boolean | string[] | undefined>;
 
-/** Strict parseArgs: a mistake becomes a UsageError naming the command; `--help`/`-h` anywhere shows its usage. */
+/** Strict parseArgs: a mistake becomes a UsageError naming the command; null for `--help`/`-h` anywhere. */
 function commandArgs(
   command: string,
   args: string[],
-  options: CommandOptions = {},
-): { values: OptionValues; positionals: string[] } {
+  options: CommandOptions,
+): { values: OptionValues; positionals: string[] } | null {
   try {
     const parsed = parseArgs({
       args,
@@ -7238,7 +7232,7 @@ function commandArgs(
   } catch (err) {
     if (!args.includes('--help') && !args.includes('-h')) throw new UsageError(parseArgsMistake(err), command);
   }
-  throw new HelpRequested(command);
+  return null;
 }
 
 function positiveOption(command: string, name: string, raw: OptionValues[string], fallback: number): number {
@@ -8086,76 +8080,67 @@ interface Runs {
   /** Its arguments, for "… needs <this>." (one argument unless `count` says); none when absent. */
   needs?: string;
   count?: number | 'one or more';
-  takes?: string[];
+  options?: CommandOptions;
   run: (call: CommandCall) => number | Promise<number>;
 }
 
 interface Command {
-  /** Its lines of usage (synopsis, what it does): shown after its mistakes, for --help, and in the overall usage. */
-  usage: [string, string][];
-  options?: CommandOptions;
+  /** Its lines of usage, "synopsis — what it does": shown after its mistakes, for --help, and in the overall usage. */
+  usage: string[];
   actions?: Record<string, Runs>;
   defaultAction?: string;
 }
 
-const json = { json: { type: 'boolean' } } as const;
+const flag = { type: 'boolean' } as const;
+const takesValue = { type: 'string' } as const;
+const json = { json: flag };
 const taskId = 'one task id (see: bun nanoclaw.ts tasks list)';
 const register: Runs = {
   needs: 'a chat id and a folder name',
   count: 2,
-  takes: ['name', 'trigger', 'no-trigger', 'main', 'network', 'allow', 'mount'],
+  options: {
+    name: takesValue,
+    trigger: takesValue,
+    'no-trigger': flag,
+    main: flag,
+    network: takesValue,
+    allow: takesValue,
+    mount: { ...takesValue, multiple: true },
+  },
   run: ({ config, values, positionals: [jid, folder], store }) => {
     const request = registration(config, values, jid!, folder!); // checked before the store is opened
     return groupsRegister(config, store(), request);
   },
 };
-const service: Runs = { takes: ['dry-run', 'platform'], run: serviceCommand };
+const service: Runs = { options: { 'dry-run': flag, platform: takesValue }, run: serviceCommand };
 
 const COMMANDS: Record<string, Command & Partial<Runs>> = {
   start: {
-    usage: [['(none), start', 'run the assistant service (WhatsApp)']],
+    usage: ['(none), start — run the assistant service (WhatsApp)'],
     run: ({ config }) => runService(config),
   },
   auth: {
     usage: [
-      ['auth [--pairing-code <phone>]', 'link this machine to your WhatsApp (QR code, or a code typed on the phone)'],
-      ['auth --relink [--pairing-code <phone>]', "replace this machine's link: deletes store/auth/, then links again"],
-      [
-        'auth --check',
-        'is this machine linked? (exit 0 linked, 3 not linked, 4 a pairing left unfinished, 5 credentials damaged)',
-      ],
+      'auth [--pairing-code <phone>] — link this machine to your WhatsApp (QR code, or a code typed on the phone)',
+      "auth --relink [--pairing-code <phone>] — replace this machine's link: deletes store/auth/, then links again",
+      'auth --check — is this machine linked? (exit 0 linked, 3 not linked, 4 a pairing left unfinished, 5 credentials damaged)',
     ],
-    options: { 'pairing-code': { type: 'string' }, check: { type: 'boolean' }, relink: { type: 'boolean' } },
+    options: { 'pairing-code': takesValue, check: flag, relink: flag },
     run: authCommand,
   },
   chat: {
     usage: [
-      [
-        'chat',
-        "talk to the main group's agent from this terminal (piped stdin: one message per line; Ctrl-C stops the turn, exit 130)",
-      ],
+      "chat — talk to the main group's agent from this terminal (piped stdin: one message per line; Ctrl-C stops the turn, exit 130)",
     ],
     run: ({ config }) => runChat(config),
   },
   groups: {
     usage: [
-      ['groups list', 'registered groups'],
-      ['groups discover', 'the WhatsApp chats this machine knows (id, name, members), to register one'],
-      [
-        'groups register|add <jid> <folder> [--name N] [--trigger @Word] [--no-trigger] [--main] [--network egress|none|bridge|NAME] [--allow <jid>[,<jid>…]] [--mount <hostPath>[:<name>][:ro|rw]]…',
-        'only the owner and these senders wake the agent (default: everyone; in main, only the owner); --mount adds a folder under /workspace/extra/ if the mount allowlist allows it (read-only unless rw)',
-      ],
-      ['groups remove <jid|folder>', 'unregister (its folder and memory stay on disk; its active tasks are paused)'],
+      'groups list — registered groups',
+      'groups discover — the WhatsApp chats this machine knows (id, name, members), to register one',
+      'groups register|add <jid> <folder> [--name N] [--trigger @Word] [--no-trigger] [--main] [--network egress|none|bridge|NAME] [--allow <jid>[,<jid>…]] [--mount <hostPath>[:<name>][:ro|rw]]… — only the owner and these senders wake the agent (default: everyone; in main, only the owner); --mount adds a folder under /workspace/extra/ if the mount allowlist allows it (read-only unless rw)',
+      'groups remove <jid|folder> — unregister (its folder and memory stay on disk; its active tasks are paused)',
     ],
-    options: {
-      name: { type: 'string' },
-      trigger: { type: 'string' },
-      'no-trigger': { type: 'boolean' },
-      main: { type: 'boolean' },
-      network: { type: 'string' },
-      allow: { type: 'string' },
-      mount: { type: 'string', multiple: true },
-    },
     defaultAction: 'list',
     actions: {
       list: { run: ({ store }) => groupsList(store()) },
@@ -8167,16 +8152,15 @@ const COMMANDS: Record<string, Command & Partial<Runs>> = {
   },
   tasks: {
     usage: [
-      ['tasks list [--json]', 'scheduled tasks, next runs in your timezone'],
-      ['tasks show <id> [--json]', 'one task and its recent runs'],
-      ['tasks run <id>', 'run a task now; what it sends goes to its chat (WhatsApp: through the outbox)'],
-      ['tasks pause|resume|cancel <id>', ''],
+      'tasks list [--json] — scheduled tasks, next runs in your timezone',
+      'tasks show <id> [--json] — one task and its recent runs',
+      'tasks run <id> — run a task now; what it sends goes to its chat (WhatsApp: through the outbox)',
+      'tasks pause|resume|cancel <id>',
     ],
-    options: json,
     defaultAction: 'list',
     actions: {
-      list: { takes: ['json'], run: tasksList },
-      show: { needs: taskId, takes: ['json'], run: onTask(tasksShow) },
+      list: { options: json, run: tasksList },
+      show: { needs: taskId, options: json, run: onTask(tasksShow) },
       run: { needs: taskId, run: onTask(({ config, store }, task) => runTaskNow(config, store(), task)) },
       pause: { needs: taskId, run: changeTask('pause') },
       resume: { needs: taskId, run: changeTask('resume') },
@@ -8185,58 +8169,47 @@ const COMMANDS: Record<string, Command & Partial<Runs>> = {
   },
   logs: {
     usage: [
-      [
-        'logs [--group <folder>] [--lines N]',
-        "recent host log, or a group's latest container runs (live: tail -f logs/nanoclaw.log)",
-      ],
+      "logs [--group <folder>] [--lines N] — recent host log, or a group's latest container runs (live: tail -f logs/nanoclaw.log)",
     ],
-    options: { group: { type: 'string' }, lines: { type: 'string' } },
+    options: { group: takesValue, lines: takesValue },
     run: logsCommand,
   },
   mounts: {
-    usage: [['mounts <folder> [--docker-args]', "what a group's container gets mounted where"]],
-    options: { 'docker-args': { type: 'boolean' } },
+    usage: ["mounts <folder> [--docker-args] — what a group's container gets mounted where"],
+    options: { 'docker-args': flag },
     needs: 'one group folder (see: bun nanoclaw.ts groups list)',
     run: mountsCommand,
   },
   service: {
     usage: [
-      [
-        'service install|uninstall|status [--dry-run] [--platform linux|macos]',
-        "run NanoClaw in the background (this install's own systemd user unit / launchd agent; scripts/service.sh)",
-      ],
+      "service install|uninstall|status [--dry-run] [--platform linux|macos] — run NanoClaw in the background (this install's own systemd user unit / launchd agent; scripts/service.sh)",
     ],
-    options: { 'dry-run': { type: 'boolean' }, platform: { type: 'string' } },
     actions: { install: service, uninstall: service, status: service },
   },
   sessions: {
     usage: [
-      ['sessions list', 'the Kimi session of each group'],
-      ['sessions clear <folder>', "forget a group's session (files and database row)"],
+      'sessions list — the Kimi session of each group',
+      "sessions clear <folder> — forget a group's session (files and database row)",
     ],
     defaultAction: 'list',
     actions: { list: { run: sessionsList }, clear: { needs: 'one group folder', run: sessionsClear } },
   },
   usage: {
     usage: [
-      [
-        'usage [--days N] [--group F] [--json]',
-        'model requests and tokens by group and day (counted by the model proxy)',
-      ],
+      'usage [--days N] [--group F] [--json] — model requests and tokens by group and day (counted by the model proxy)',
     ],
-    options: { days: { type: 'string' }, group: { type: 'string' }, ...json },
+    options: { days: takesValue, group: takesValue, ...json },
     run: usageCommand,
   },
   model: {
-    usage: [['model check [--json]', 'does the endpoint take the key? (one cheap request through the proxy)']],
-    options: json,
-    actions: { check: { takes: ['json'], run: modelCheck } },
+    usage: ['model check [--json] — does the endpoint take the key? (one cheap request through the proxy)'],
+    actions: { check: { options: json, run: modelCheck } },
   },
   config: {
     usage: [
-      ['config get <KEY>…', 'the value NanoClaw uses for each setting (one per line; the key only as "set")'],
-      ['config list', 'every setting, its value, and where it comes from'],
-      ['config docs', 'the settings table of docs/configuration.md, in Markdown'],
+      'config get <KEY>… — the value NanoClaw uses for each setting (one per line; the key only as "set")',
+      'config list — every setting, its value, and where it comes from',
+      'config docs — the settings table of docs/configuration.md, in Markdown',
     ],
     actions: {
       get: {
@@ -8249,22 +8222,22 @@ const COMMANDS: Record<string, Command & Partial<Runs>> = {
     },
   },
   diagnose: {
-    usage: [['diagnose [--json]', 'check the whole setup (runs scripts/diagnose.sh)']],
+    usage: ['diagnose [--json] — check the whole setup (runs scripts/diagnose.sh)'],
     options: json,
     run: diagnoseCommand,
   },
   help: {
-    usage: [['help [command], --help', "this text, or one command's"]], // main() answers it: it needs no settings
+    usage: ["help [command], --help — this text, or one command's"], // main() answers it: it needs no settings
   },
 };
 
-function usageLines(lines: [string, string][]): string {
-  const line = ([synopsis, what]: [string, string]) =>
-    !what
-      ? synopsis
-      : synopsis.length < 36
-        ? `${synopsis.padEnd(36)}${what}`
-        : `${synopsis}\n  ${''.padEnd(36)}${what}`;
+/** Each "synopsis — what" as two columns; a synopsis too long for the first puts what it does on the next line. */
+function usageLines(lines: string[]): string {
+  const line = (entry: string) => {
+    const [synopsis, what] = entry.split(' — ') as [string, string?];
+    if (!what) return synopsis;
+    return synopsis.length < 36 ? `${synopsis.padEnd(36)}${what}` : `${synopsis}\n  ${''.padEnd(36)}${what}`;
+  };
   return lines.map((entry) => `  ${line(entry)}`).join('\n');
 }
 
@@ -8292,13 +8265,11 @@ function chooseAction(name: string, command: Command, values: OptionValues, give
   if (given === undefined) throw new UsageError(`${name} needs a command: ${Object.keys(actions).join(', ')}.`, name);
   const action = Object.hasOwn(actions, given) ? actions[given]! : null;
   if (!action) throw new UsageError(`Unknown ${name} command "${given}".`, name);
-  const misplaced = Object.keys(command.options ?? {}).find(
-    (o) => values[o] !== undefined && !action.takes?.includes(o),
-  );
+  const misplaced = Object.keys(values).find((option) => !Object.hasOwn(action.options ?? {}, option));
   if (misplaced) {
     const owners = new Map<Runs, string>(); // an alias (groups add) is not named twice
     for (const [actionName, runs] of Object.entries(actions))
-      if (runs.takes?.includes(misplaced) && !owners.has(runs)) owners.set(runs, `${name} ${actionName}`);
+      if (Object.hasOwn(runs.options ?? {}, misplaced) && !owners.has(runs)) owners.set(runs, `${name} ${actionName}`);
     throw new UsageError(`--${misplaced} belongs to ${[...owners.values()].join(' and ')}.`, name);
   }
   return action;
@@ -8327,12 +8298,15 @@ async function runCommand(config: Config, name: string, args: string[]): Promise
     throw new UsageError(
       `Unknown command "${name}".${name.startsWith('-') ? '' : ' The commands are below.'}\n\n${overallUsage()}`,
     );
-  const { values, positionals } = commandArgs(name, args, command.options);
-  const { runs, action, positionals: rest } = chooseRun(name, command, values, positionals);
+  // A command's options are its own and all its actions'; chooseAction then refuses one its action does not take.
+  const options = Object.assign({}, command.options, ...Object.values(command.actions ?? {}).map((a) => a.options));
+  const parsed = commandArgs(name, args, options);
+  if (!parsed) return help(name);
+  const { runs, action, positionals } = chooseRun(name, command, parsed.values, parsed.positionals);
   const opened = { store: null as Store | null };
   const store = () => (opened.store ??= new Store(config.dbPath));
   try {
-    return await runs.run({ config, action, values, positionals: rest, store });
+    return await runs.run({ config, action, values: parsed.values, positionals, store });
   } finally {
     opened.store?.close();
   }
@@ -8340,10 +8314,6 @@ async function runCommand(config: Config, name: string, args: string[]): Promise
 
 /** The one place an error becomes an exit status: 2 when the user must act (with the fix), 1 otherwise. */
 function exitStatusOf(err: unknown): number {
-  if (err instanceof HelpRequested) {
-    console.log(commandUsage(err.command));
-    return 0;
-  }
   if (err instanceof UsageError) {
     console.error(err.command ? `${err.message}\n\n${commandUsage(err.command)}` : err.message);
     return 2;
