@@ -7290,19 +7290,13 @@ async function mainForChat(config: Config): Promise<{ main: RegisteredGroup; lef
 }
 
 /** Piped input: one message per line, each answered before the next is sent. */
-async function chatPiped(
-  host: Host,
-  store: Store,
-  terminal: ChatTerminal,
-  local: LocalChannel,
-  stopped: () => boolean,
-) {
+async function chatPiped(host: Host, terminal: ChatTerminal, local: LocalChannel, stopped: () => boolean) {
   const jid = local.chatJid;
   for await (const line of terminal.lines) {
     if (stopped()) break;
     if (!line.trim()) continue;
     local.submit(line.trim());
-    const turn = await waitForTurn(host, jid, store.latestSeq(jid));
+    const turn = await waitForTurn(host, jid, host.store.latestSeq(jid));
     // A failed run is still ending: let it say whether it will be retried before the next line (or the end).
     while (turn.status === 'error' && host.queue.isRunning(jid) && !stopped()) await Bun.sleep(20);
   }
@@ -7337,7 +7331,7 @@ async function runChat(config: Config): Promise<number> {
     undefined,
     (busy) => terminal.working(busy),
   );
-  const { host, store, ...started } = await startHost(config, () => [local]);
+  const { host, ...started } = await startHost(config, () => [local]);
   terminal.onLineBegun(() => local.typing()); // the agent starts while the person types
   const finish = () => {
     terminal.close();
@@ -7379,7 +7373,7 @@ async function runChat(config: Config): Promise<number> {
       `Talking to ${config.assistantName} (main group, folder groups/${main.folder}). Ctrl-D to leave, Ctrl-C to stop.\n`,
     );
     await chatOnTerminal(terminal, local, stopped);
-  } else await chatPiped(host, store, terminal, local, stopped);
+  } else await chatPiped(host, terminal, local, stopped);
   if (interruption) return await interruption;
   await finish();
   return failures > 0 ? 1 : 0;
@@ -7553,6 +7547,12 @@ async function authCommand({ config, values, store }: CommandCall): Promise<numb
   );
 }
 
+/** Prints each line: what a command that only reports does before its exit status 0. */
+function report(lines: string[]): number {
+  for (const line of lines) console.log(line);
+  return 0;
+}
+
 /** A name someone else chose, safe to print on a terminal (no control characters or escape sequences). */
 const printable = (name: string) => name.replace(/[\p{Cc}\p{Cf}]/gu, ' ').trim();
 
@@ -7642,20 +7642,16 @@ function registration(config: Config, values: OptionValues, jid: string, folder:
   };
 }
 
-function groupsDiscover(store: Store): number {
-  for (const line of discoverLines(store)) console.log(line);
-  return 0;
-}
-
 function groupsList(store: Store): number {
-  const groups = store.listGroups();
-  if (groups.length === 0)
-    console.log('No groups registered. `bun nanoclaw.ts chat` registers the main group for the terminal.');
-  for (const g of groups) {
+  const groups = store.listGroups().map((g) => {
     const wakes = g.isMain ? 'main' : g.requiresTrigger ? `trigger ${g.trigger}` : 'no trigger';
-    console.log(`${g.folder.padEnd(16)} ${g.jid.padEnd(32)} ${wakes}  ${g.name}  (wakes it: ${allowedText(g)})`);
-  }
-  return 0;
+    return `${g.folder.padEnd(16)} ${g.jid.padEnd(32)} ${wakes}  ${g.name}  (wakes it: ${allowedText(g)})`;
+  });
+  return report(
+    groups.length
+      ? groups
+      : ['No groups registered. `bun nanoclaw.ts chat` registers the main group for the terminal.'],
+  );
 }
 
 function groupsRegister(config: Config, store: Store, request: ReturnType<typeof registration>): number {
@@ -7927,10 +7923,10 @@ function serviceCommand({ config, values, action }: CommandCall): number {
 }
 
 function sessionsList({ store }: CommandCall): number {
-  const sessions = store().listSessions();
-  if (sessions.length === 0) console.log('No sessions yet.');
-  for (const s of sessions) console.log(`${s.groupFolder.padEnd(16)} ${s.sessionId}  (updated ${s.updatedAt})`);
-  return 0;
+  const sessions = store()
+    .listSessions()
+    .map((s) => `${s.groupFolder.padEnd(16)} ${s.sessionId}  (updated ${s.updatedAt})`);
+  return report(sessions.length ? sessions : ['No sessions yet.']);
 }
 
 function sessionsClear({ config, positionals: [folder], store }: CommandCall): number {
@@ -8046,19 +8042,13 @@ function configGet({ config, positionals: keys }: CommandCall): number {
   const unknown = keys.find((key) => !SETTING_NAMES.includes(key));
   if (unknown)
     throw new UsageError(`"${unknown}" is not a NanoClaw setting (see: bun nanoclaw.ts config list).`, 'config');
-  for (const key of keys) console.log(settingValue(config, key).replace(/\n/g, '\\n')); // one line per key, always
-  return 0;
+  return report(keys.map((key) => settingValue(config, key).replace(/\n/g, '\\n'))); // one line per key, always
 }
 
 function configList({ config }: CommandCall): number {
-  for (const key of SETTING_NAMES)
-    console.log(`${key.padEnd(26)} ${settingValue(config, key).padEnd(40)} (${settingSource(config, key)})`);
-  return 0;
-}
-
-function configDocs(): number {
-  console.log(settingsMarkdown());
-  return 0;
+  const line = (key: string) =>
+    `${key.padEnd(26)} ${settingValue(config, key).padEnd(40)} (${settingSource(config, key)})`;
+  return report(SETTING_NAMES.map(line));
 }
 
 function diagnoseCommand({ config, values }: CommandCall): number {
@@ -8144,7 +8134,7 @@ const COMMANDS: Record<string, Command & Partial<Runs>> = {
     defaultAction: 'list',
     actions: {
       list: { run: ({ store }) => groupsList(store()) },
-      discover: { run: ({ store }) => groupsDiscover(store()) },
+      discover: { run: ({ store }) => report(discoverLines(store())) },
       register,
       add: register,
       remove: { needs: 'one chat id or folder', run: ({ positionals: [key], store }) => groupsRemove(store(), key!) },
@@ -8218,7 +8208,7 @@ const COMMANDS: Record<string, Command & Partial<Runs>> = {
         run: configGet,
       },
       list: { run: configList },
-      docs: { run: configDocs },
+      docs: { run: () => report([settingsMarkdown()]) },
     },
   },
   diagnose: {
