@@ -7559,12 +7559,7 @@ const printable = (name: string) => name.replace(/[\p{Cc}\p{Cf}]/gu, ' ').trim()
 /** `groups discover`: the WhatsApp chats the last group sync and the messages told of, with their ids, to register one. */
 export function discoverLines(store: Store): string[] {
   const folders = new Map(store.listGroups().map((group) => [group.jid, group.folder]));
-  let members: Record<string, number> = {};
-  try {
-    members = JSON.parse(store.getState(GROUP_MEMBERS_STATE) ?? '{}');
-  } catch {
-    // an older or damaged record: the counts are only missing
-  }
+  const members: Record<string, number> = JSON.parse(store.getState(GROUP_MEMBERS_STATE) ?? '{}'); // only the host writes it
   const chats = store
     .listChats()
     .filter((chat) => /@(g\.us|s\.whatsapp\.net)$/.test(chat.jid))
@@ -7736,25 +7731,18 @@ async function runTaskNow(config: Config, store: Store, task: ScheduledTask): Pr
 
 /** Exactly what the agent's requests do (ipcActions()), as the task's group; the scheduling limits bind agents, not you. */
 function applyTaskCommand(config: Config, store: Store, task: ScheduledTask, request: IpcRequest): void {
-  const source = store.groupByFolder(task.groupFolder) ?? {
-    jid: task.chatJid,
-    name: task.groupFolder,
-    folder: task.groupFolder,
-    trigger: '',
-    requiresTrigger: true,
-    isMain: false,
-    allow: [],
-    addedAt: '',
-  };
-  const afterwards: (() => void)[] = [];
+  // The task actions read their source only to name it in their log line; a removed group's task keeps its folder.
+  const source = store.groupByFolder(task.groupFolder) ?? ({ folder: task.groupFolder } as RegisteredGroup);
+  // No host runs here to tell: a running service sees the change at its next look (within a second).
+  const ignore = () => {};
   const effects: IpcEffects = {
-    say: () => {},
-    sayFile: () => {},
-    afterwards: (e) => afterwards.push(e),
-    awaitAnswer: () => {},
-    sendSoon: () => {},
+    say: ignore,
+    sayFile: ignore,
+    afterwards: ignore,
+    awaitAnswer: ignore,
+    sendSoon: ignore,
     syncGroups: async () => {},
-    tasksChanged: () => {},
+    tasksChanged: ignore,
   };
   try {
     store.transaction(() => applyIpcRequest(request, { config, store, source, effects }));
@@ -7762,7 +7750,6 @@ function applyTaskCommand(config: Config, store: Store, task: ScheduledTask, req
     if (err instanceof ScheduleError) throw new UsageError(`${err.message.replace(/^task/, 'Task')}.`);
     throw err;
   }
-  for (const effect of afterwards) effect();
 }
 
 const localTime = (config: Config) => (iso: string | null) =>
@@ -7941,10 +7928,7 @@ function sessionsClear({ config, positionals: [folder], store }: CommandCall): n
   return 0;
 }
 
-interface ModelCheck {
-  status: 'ok' | 'refused' | 'offline' | 'error';
-  detail: string;
-}
+type ModelCheck = { status: 'ok' | 'refused' | 'offline' | 'error'; detail: string };
 
 async function modelAnswer(config: Config, response: Response): Promise<ModelCheck> {
   const { baseUrl, modelName } = config.kimi;
