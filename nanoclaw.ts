@@ -7758,16 +7758,12 @@ const localTime = (config: Config) => (iso: string | null) =>
 function tasksList({ config, values, store }: CommandCall): number {
   const tasks = store().listTasks();
   const when = localTime(config);
-  if (values.json) console.log(JSON.stringify(tasks, null, 2));
-  else if (tasks.length === 0)
-    console.log('No scheduled tasks. Ask your assistant: "remind me every weekday at 9 to …"');
-  for (const t of values.json ? [] : tasks) {
-    const paused = t.pausedReason ? `  (paused: ${t.pausedReason})` : '';
-    console.log(
-      `${t.id}  ${t.groupFolder.padEnd(12)} ${t.status.padEnd(9)} next ${when(t.nextRun).padEnd(34)} ${describeSchedule(t).padEnd(22)} ${t.prompt.slice(0, 50)}${paused}`,
-    );
-  }
-  return 0;
+  if (values.json) return report([JSON.stringify(tasks, null, 2)]);
+  if (tasks.length === 0)
+    return report(['No scheduled tasks. Ask your assistant: "remind me every weekday at 9 to …"']);
+  const line = (t: ScheduledTask) =>
+    `${t.id}  ${t.groupFolder.padEnd(12)} ${t.status.padEnd(9)} next ${when(t.nextRun).padEnd(34)} ${describeSchedule(t).padEnd(22)} ${t.prompt.slice(0, 50)}${t.pausedReason ? `  (paused: ${t.pausedReason})` : ''}`;
+  return report(tasks.map(line));
 }
 
 function onTask(run: (call: CommandCall, task: ScheduledTask) => number | Promise<number>) {
@@ -7782,25 +7778,20 @@ function onTask(run: (call: CommandCall, task: ScheduledTask) => number | Promis
 function tasksShow({ config, values, store }: CommandCall, task: ScheduledTask): number {
   const runs = store().taskRuns(task.id);
   const when = localTime(config);
-  if (values.json) {
-    console.log(JSON.stringify({ ...task, runs }, null, 2));
-    return 0;
-  }
-  console.log(
-    `Task ${task.id} (${task.status}${task.pausedReason ? `: ${task.pausedReason}` : ''})\n  group:    ${task.groupFolder} (${task.chatJid})\n  schedule: ${describeSchedule(task)}, context ${task.contextMode}`,
-  );
+  if (values.json) return report([JSON.stringify({ ...task, runs }, null, 2)]);
   // The prompt and results are the agent's words: shown, never obeyed by the terminal.
-  console.log(
-    visibleText(
-      `  next run: ${when(task.nextRun)}\n  last run: ${when(task.lastRun)}\n  prompt:   ${task.prompt}\n  last:     ${task.lastResult ?? '—'}`,
-    ),
-  );
-  if (runs.length) console.log('  recent runs:');
-  for (const r of runs)
-    console.log(
-      `    ${when(r.runAt)}  ${r.status.padEnd(7)} ${r.durationMs} ms  ${visibleText((r.error ?? r.result ?? '').slice(0, 60))}`,
-    );
-  return 0;
+  const result = (r: TaskRunLog) => visibleText((r.error ?? r.result ?? '').slice(0, 60));
+  return report([
+    `Task ${task.id} (${task.status}${task.pausedReason ? `: ${task.pausedReason}` : ''})`,
+    `  group:    ${task.groupFolder} (${task.chatJid})`,
+    `  schedule: ${describeSchedule(task)}, context ${task.contextMode}`,
+    `  next run: ${when(task.nextRun)}`,
+    `  last run: ${when(task.lastRun)}`,
+    `  prompt:   ${visibleText(task.prompt)}`,
+    `  last:     ${visibleText(task.lastResult ?? '—')}`,
+    ...(runs.length ? ['  recent runs:'] : []),
+    ...runs.map((r) => `    ${when(r.runAt)}  ${r.status.padEnd(7)} ${r.durationMs} ms  ${result(r)}`),
+  ]);
 }
 
 function changeTask(action: 'pause' | 'resume' | 'cancel') {
@@ -7829,15 +7820,13 @@ function mountsCommand({ config, values, positionals: [folder], store }: Command
     ...groupMounts(config, group, extra.mounts),
     ...runMounts(join(inboxRoot(config), '<run>'), proxySocket, egressSocket),
   ];
-  if (values['docker-args']) {
-    for (const m of mounts) console.log(`-v\n${formatMount(m, 'docker')}`);
-    return 0;
-  }
-  for (const m of mounts) console.log(`${formatMount(m, 'human')}${MOUNT_NOTES[m.containerPath] ?? ''}`);
-  if (!proxySocket) console.log('model proxy: host.docker.internal:<port> (tcp mode)');
-  console.log(`network: ${network}`);
-  for (const r of extra.rejected) console.log(`refused: ${r.hostPath} (${r.reason})`);
-  return 0;
+  if (values['docker-args']) return report(mounts.map((m) => `-v\n${formatMount(m, 'docker')}`));
+  return report([
+    ...mounts.map((m) => `${formatMount(m, 'human')}${MOUNT_NOTES[m.containerPath] ?? ''}`),
+    ...(proxySocket ? [] : ['model proxy: host.docker.internal:<port> (tcp mode)']),
+    `network: ${network}`,
+    ...extra.rejected.map((r) => `refused: ${r.hostPath} (${r.reason})`),
+  ]);
 }
 
 /** Log text as the terminal may show it: control characters but newline and tab written out (ESC as \x1b). */
@@ -7855,36 +7844,35 @@ function lastLines(text: string, count: number): string {
   return visibleText(text.replace(/\n$/, '').split('\n').slice(-count).join('\n'));
 }
 
+/** `logs --group`: the group's recent run logs, the latest one's end; read through its tree (the agent can write there). */
+function groupRunLog(config: Config, folder: string, count: number): string[] {
+  if (!isValidFolder(folder)) throw new UsageError(`"${folder}" is not a group folder name.`, 'logs');
+  const { group: tree } = groupTrees(config, folder);
+  const dir = relative(config.projectRoot, tree.path('logs'));
+  const runs = tree
+    .entries('logs')
+    .filter((e) => e.kind === 'file' && RUN_LOG_NAME.test(e.name))
+    .map((e) => e.name)
+    .sort();
+  if (runs.length === 0) return [`No container runs logged for "${folder}" yet (${dir}/).`];
+  const recent = runs.slice(-5).map((f) => `  ${dir}/${f}\n`);
+  return [
+    `Recent runs of ${folder}:\n${recent.join('')}`,
+    lastLines(tree.tail(`logs/${runs.at(-1)!}`, 256 * 1024), count),
+  ];
+}
+
 /** To follow the host live: tail -f logs/nanoclaw.log; to check the whole setup: diagnose. */
 function logsCommand({ config, values }: CommandCall): number {
   const count = positiveOption('logs', 'lines', values.lines, 40);
-  const folder = values.group;
-  if (typeof folder === 'string') {
-    if (!isValidFolder(folder)) throw new UsageError(`"${folder}" is not a group folder name.`, 'logs');
-    const { group: tree } = groupTrees(config, folder);
-    const dir = relative(config.projectRoot, tree.path('logs'));
-    const runs = tree
-      .entries('logs')
-      .filter((e) => e.kind === 'file' && RUN_LOG_NAME.test(e.name))
-      .map((e) => e.name)
-      .sort();
-    if (runs.length === 0) console.log(`No container runs logged for "${folder}" yet (${dir}/).`);
-    else {
-      const recent = runs.slice(-5).map((f) => `  ${dir}/${f}\n`);
-      console.log(`Recent runs of ${folder}:\n${recent.join('')}`);
-      console.log(lastLines(tree.tail(`logs/${runs.at(-1)!}`, 256 * 1024), count));
-    }
-    return 0;
-  }
+  if (typeof values.group === 'string') return report(groupRunLog(config, values.group, count));
   const [main, errors] = ['nanoclaw.log', 'nanoclaw.error.log'].map((name) => join(config.logsDir, name));
-  if (!existsSync(main!)) {
-    console.log('No host log yet (logs/nanoclaw.log appears once NanoClaw has run).');
-    return 0;
-  }
-  console.log(`== logs/nanoclaw.log (last ${count} lines) ==\n${lastLines(readFileSync(main!, 'utf8'), count)}`);
+  if (!existsSync(main!)) return report(['No host log yet (logs/nanoclaw.log appears once NanoClaw has run).']);
   const recentErrors = existsSync(errors!) ? lastLines(readFileSync(errors!, 'utf8'), Math.min(count, 10)) : '';
-  if (recentErrors) console.log(`\n== logs/nanoclaw.error.log (latest) ==\n${recentErrors}`);
-  return 0;
+  return report([
+    `== logs/nanoclaw.log (last ${count} lines) ==\n${lastLines(readFileSync(main!, 'utf8'), count)}`,
+    ...(recentErrors ? [`\n== logs/nanoclaw.error.log (latest) ==\n${recentErrors}`] : []),
+  ]);
 }
 
 /** A script next to this file, run for this project with the settings in effect; its exit status is the command's. */
@@ -7984,24 +7972,21 @@ function usageCommand({ config, values, store }: CommandCall): number {
   const groupFilter = values.group as string | undefined;
   const from = new Date(Date.now() - (days - 1) * 86_400_000).toISOString();
   const rows = store().modelUsage(formatLocalTime(from, config.timezone).slice(0, 10), groupFilter);
-  if (values.json) {
-    console.log(JSON.stringify(rows, null, 2));
-    return 0;
-  }
-  if (rows.length === 0) {
-    console.log(`No model requests in the last ${days} days${groupFilter ? ` for "${groupFilter}"` : ''}.`);
-    return 0;
-  }
+  if (values.json) return report([JSON.stringify(rows, null, 2)]);
+  if (rows.length === 0)
+    return report([`No model requests in the last ${days} days${groupFilter ? ` for "${groupFilter}"` : ''}.`]);
   // Day and group to the left, the counts to the right; the total row leaves group and failed empty.
   const row = (...cells: (string | number)[]) =>
-    cells.map((c, i) => (i < 2 ? String(c).padEnd([11, 16][i]!) : String(c).padStart([8, 6, 14, 14][i - 2]!)));
+    cells
+      .map((c, i) => (i < 2 ? String(c).padEnd([11, 16][i]!) : String(c).padStart([8, 6, 14, 14][i - 2]!)))
+      .join(' ');
   const sum = (count: (r: (typeof rows)[number]) => number) => rows.reduce((n, r) => n + count(r), 0);
-  console.log(row('day', 'group', 'requests', 'failed', 'prompt tokens', 'output tokens').join(' '));
-  for (const r of rows)
-    console.log(row(r.day, r.groupFolder, r.requests, r.failed, r.promptTokens, r.completionTokens).join(' '));
   const total = [sum((r) => r.requests), '', sum((r) => r.promptTokens), sum((r) => r.completionTokens)];
-  console.log(row('total', '', ...total).join(' '));
-  return 0;
+  return report([
+    row('day', 'group', 'requests', 'failed', 'prompt tokens', 'output tokens'),
+    ...rows.map((r) => row(r.day, r.groupFolder, r.requests, r.failed, r.promptTokens, r.completionTokens)),
+    row('total', '', ...total),
+  ]);
 }
 
 /** Where a setting's value comes from, as loadConfig reads it: the environment wins over .env. */
