@@ -7214,13 +7214,10 @@ function parseArgsMistake(err: unknown): string {
 
 type CommandOptions = Record<string, { type: 'string' | 'boolean'; multiple?: boolean }>;
 type OptionValues = Record<string, string | boolean | string[] | undefined>;
+type ParsedArgs = { values: OptionValues; positionals: string[] };
 
 /** Strict parseArgs: a mistake becomes a UsageError naming the command; null for `--help`/`-h` anywhere. */
-function commandArgs(
-  command: string,
-  args: string[],
-  options: CommandOptions,
-): { values: OptionValues; positionals: string[] } | null {
+function commandArgs(command: string, args: string[], options: CommandOptions): ParsedArgs | null {
   try {
     const parsed = parseArgs({
       args,
@@ -7469,13 +7466,12 @@ async function linkWhatsApp(config: Config, store: Store, phone: string | undefi
     const open = async () => {
       await versions.resolveVersion();
       const { state: auth, saveCreds } = await credentials;
-      const version = versions.version;
       const sock = baileys().default({
         auth,
         logger: pino()({ level: 'silent' }) as unknown as ILogger,
         markOnlineOnConnect: false,
         syncFullHistory: false,
-        ...(version ? { version } : {}),
+        ...(versions.version ? { version: versions.version } : {}),
         ...(config.whatsappServerUrl ? { waWebSocketUrl: config.whatsappServerUrl } : {}),
       });
       const done = async (code: number) => {
@@ -7486,11 +7482,10 @@ async function linkWhatsApp(config: Config, store: Store, phone: string | undefi
       let codeRequested = false; // a pairing code belongs to the socket that asked for it
       sock.ev.on('creds.update', saveCreds);
       sock.ev.on('connection.update', async (update) => {
-        if (update.qr && !phone) {
+        if (update.qr && !phone)
           generate(update.qr, { small: true }, (qr) =>
             console.log(`\nOn your phone: WhatsApp → Settings → Linked devices → Link a device, then scan:\n\n${qr}`),
           );
-        }
         if (update.qr && phone && !codeRequested) {
           codeRequested = true;
           const code = await sock.requestPairingCode(phone);
@@ -7547,10 +7542,22 @@ async function authCommand({ config, values, store }: CommandCall): Promise<numb
   );
 }
 
-/** Prints each line: what a command that only reports does before its exit status 0. */
-function report(lines: string[]): number {
+/** Prints each line (`whenNone` if there are none): what a command that only reports does before its exit status 0. */
+function report(lines: string[], whenNone?: string): number {
+  if (lines.length === 0 && whenNone) console.log(whenNone);
   for (const line of lines) console.log(line);
   return 0;
+}
+
+/** Log text as the terminal may show it: control characters but newline and tab written out (ESC as \x1b). */
+export function visibleText(text: string): string {
+  // Control characters, and the bidi controls that reorder a line, written out as escapes.
+  // biome-ignore lint/suspicious/noControlCharactersInRegex: finding them is the point
+  const hidden = /[\x00-\x08\x0b-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]/g;
+  return text.replace(hidden, (c) => {
+    const code = c.charCodeAt(0);
+    return code > 0xff ? `\\u${code.toString(16)}` : `\\x${code.toString(16).padStart(2, '0')}`;
+  });
 }
 
 /** A name someone else chose, safe to print on a terminal (no control characters or escape sequences). */
@@ -7642,11 +7649,7 @@ function groupsList(store: Store): number {
     const wakes = g.isMain ? 'main' : g.requiresTrigger ? `trigger ${g.trigger}` : 'no trigger';
     return `${g.folder.padEnd(16)} ${g.jid.padEnd(32)} ${wakes}  ${g.name}  (wakes it: ${allowedText(g)})`;
   });
-  return report(
-    groups.length
-      ? groups
-      : ['No groups registered. `bun nanoclaw.ts chat` registers the main group for the terminal.'],
-  );
+  return report(groups, 'No groups registered. `bun nanoclaw.ts chat` registers the main group for the terminal.');
 }
 
 function groupsRegister(config: Config, store: Store, request: ReturnType<typeof registration>): number {
@@ -7759,11 +7762,9 @@ function tasksList({ config, values, store }: CommandCall): number {
   const tasks = store().listTasks();
   const when = localTime(config);
   if (values.json) return report([JSON.stringify(tasks, null, 2)]);
-  if (tasks.length === 0)
-    return report(['No scheduled tasks. Ask your assistant: "remind me every weekday at 9 to …"']);
   const line = (t: ScheduledTask) =>
     `${t.id}  ${t.groupFolder.padEnd(12)} ${t.status.padEnd(9)} next ${when(t.nextRun).padEnd(34)} ${describeSchedule(t).padEnd(22)} ${t.prompt.slice(0, 50)}${t.pausedReason ? `  (paused: ${t.pausedReason})` : ''}`;
-  return report(tasks.map(line));
+  return report(tasks.map(line), 'No scheduled tasks. Ask your assistant: "remind me every weekday at 9 to …"');
 }
 
 function onTask(run: (call: CommandCall, task: ScheduledTask) => number | Promise<number>) {
@@ -7829,17 +7830,6 @@ function mountsCommand({ config, values, positionals: [folder], store }: Command
   ]);
 }
 
-/** Log text as the terminal may show it: control characters but newline and tab written out (ESC as \x1b). */
-export function visibleText(text: string): string {
-  // Control characters, and the bidi controls that reorder a line, written out as escapes.
-  // biome-ignore lint/suspicious/noControlCharactersInRegex: finding them is the point
-  const hidden = /[\x00-\x08\x0b-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]/g;
-  return text.replace(hidden, (c) => {
-    const code = c.charCodeAt(0);
-    return code > 0xff ? `\\u${code.toString(16)}` : `\\x${code.toString(16).padStart(2, '0')}`;
-  });
-}
-
 function lastLines(text: string, count: number): string {
   return visibleText(text.replace(/\n$/, '').split('\n').slice(-count).join('\n'));
 }
@@ -7901,7 +7891,7 @@ function sessionsList({ store }: CommandCall): number {
   const sessions = store()
     .listSessions()
     .map((s) => `${s.groupFolder.padEnd(16)} ${s.sessionId}  (updated ${s.updatedAt})`);
-  return report(sessions.length ? sessions : ['No sessions yet.']);
+  return report(sessions, 'No sessions yet.');
 }
 
 function sessionsClear({ config, positionals: [folder], store }: CommandCall): number {
@@ -8050,28 +8040,22 @@ interface Command {
   defaultAction?: string;
 }
 
+// What an option takes: nothing (a flag), a text, or texts (the option repeated).
 const flag = { type: 'boolean' } as const;
-const takesValue = { type: 'string' } as const;
+const text = { type: 'string' } as const;
+const texts = { type: 'string', multiple: true } as const;
 const json = { json: flag };
 const taskId = 'one task id (see: bun nanoclaw.ts tasks list)';
 const register: Runs = {
   needs: 'a chat id and a folder name',
   count: 2,
-  options: {
-    name: takesValue,
-    trigger: takesValue,
-    'no-trigger': flag,
-    main: flag,
-    network: takesValue,
-    allow: takesValue,
-    mount: { ...takesValue, multiple: true },
-  },
+  options: { name: text, trigger: text, 'no-trigger': flag, main: flag, network: text, allow: text, mount: texts },
   run: ({ config, values, positionals: [jid, folder], store }) => {
     const request = registration(config, values, jid!, folder!); // checked before the store is opened
     return groupsRegister(config, store(), request);
   },
 };
-const service: Runs = { options: { 'dry-run': flag, platform: takesValue }, run: serviceCommand };
+const service: Runs = { options: { 'dry-run': flag, platform: text }, run: serviceCommand };
 
 const COMMANDS: Record<string, Command & Partial<Runs>> = {
   start: {
@@ -8084,7 +8068,7 @@ const COMMANDS: Record<string, Command & Partial<Runs>> = {
       "auth --relink [--pairing-code <phone>] — replace this machine's link: deletes store/auth/, then links again",
       'auth --check — is this machine linked? (exit 0 linked, 3 not linked, 4 a pairing left unfinished, 5 credentials damaged)',
     ],
-    options: { 'pairing-code': takesValue, check: flag, relink: flag },
+    options: { 'pairing-code': text, check: flag, relink: flag },
     run: authCommand,
   },
   chat: {
@@ -8130,7 +8114,7 @@ const COMMANDS: Record<string, Command & Partial<Runs>> = {
     usage: [
       "logs [--group <folder>] [--lines N] — recent host log, or a group's latest container runs (live: tail -f logs/nanoclaw.log)",
     ],
-    options: { group: takesValue, lines: takesValue },
+    options: { group: text, lines: text },
     run: logsCommand,
   },
   mounts: {
@@ -8157,7 +8141,7 @@ const COMMANDS: Record<string, Command & Partial<Runs>> = {
     usage: [
       'usage [--days N] [--group F] [--json] — model requests and tokens by group and day (counted by the model proxy)',
     ],
-    options: { days: takesValue, group: takesValue, ...json },
+    options: { days: text, group: text, ...json },
     run: usageCommand,
   },
   model: {
