@@ -8034,8 +8034,8 @@ interface Runs {
 }
 
 interface Command {
-  /** Its lines of usage, "synopsis — what it does": shown after its mistakes, for --help, and in the overall usage. */
-  usage: string[];
+  /** Its lines of usage, "synopsis — what it does", one a line: shown after its mistakes, for --help, and in the overall usage. */
+  usage: string;
   actions?: Record<string, Runs>;
   defaultAction?: string;
 }
@@ -8059,31 +8059,28 @@ const service: Runs = { options: { 'dry-run': flag, platform: text }, run: servi
 
 const COMMANDS: Record<string, Command & Partial<Runs>> = {
   start: {
-    usage: ['(none), start — run the assistant service (WhatsApp)'],
+    usage: '(none), start — run the assistant service (WhatsApp)',
     run: ({ config }) => runService(config),
   },
   auth: {
-    usage: [
-      'auth [--pairing-code <phone>] — link this machine to your WhatsApp (QR code, or a code typed on the phone)',
-      "auth --relink [--pairing-code <phone>] — replace this machine's link: deletes store/auth/, then links again",
-      'auth --check — is this machine linked? (exit 0 linked, 3 not linked, 4 a pairing left unfinished, 5 credentials damaged)',
-    ],
+    usage: `
+      auth [--pairing-code <phone>] — link this machine to your WhatsApp (QR code, or a code typed on the phone)
+      auth --relink [--pairing-code <phone>] — replace this machine's link: deletes store/auth/, then links again
+      auth --check — is this machine linked? (exit 0 linked, 3 not linked, 4 a pairing left unfinished, 5 credentials damaged)`,
     options: { 'pairing-code': text, check: flag, relink: flag },
     run: authCommand,
   },
   chat: {
-    usage: [
+    usage:
       "chat — talk to the main group's agent from this terminal (piped stdin: one message per line; Ctrl-C stops the turn, exit 130)",
-    ],
     run: ({ config }) => runChat(config),
   },
   groups: {
-    usage: [
-      'groups list — registered groups',
-      'groups discover — the WhatsApp chats this machine knows (id, name, members), to register one',
-      'groups register|add <jid> <folder> [--name N] [--trigger @Word] [--no-trigger] [--main] [--network egress|none|bridge|NAME] [--allow <jid>[,<jid>…]] [--mount <hostPath>[:<name>][:ro|rw]]… — only the owner and these senders wake the agent (default: everyone; in main, only the owner); --mount adds a folder under /workspace/extra/ if the mount allowlist allows it (read-only unless rw)',
-      'groups remove <jid|folder> — unregister (its folder and memory stay on disk; its active tasks are paused)',
-    ],
+    usage: `
+      groups list — registered groups
+      groups discover — the WhatsApp chats this machine knows (id, name, members), to register one
+      groups register|add <jid> <folder> [--name N] [--trigger @Word] [--no-trigger] [--main] [--network egress|none|bridge|NAME] [--allow <jid>[,<jid>…]] [--mount <hostPath>[:<name>][:ro|rw]]… — only the owner and these senders wake the agent (default: everyone; in main, only the owner); --mount adds a folder under /workspace/extra/ if the mount allowlist allows it (read-only unless rw)
+      groups remove <jid|folder> — unregister (its folder and memory stay on disk; its active tasks are paused)`,
     defaultAction: 'list',
     actions: {
       list: { run: ({ store }) => groupsList(store()) },
@@ -8094,12 +8091,11 @@ const COMMANDS: Record<string, Command & Partial<Runs>> = {
     },
   },
   tasks: {
-    usage: [
-      'tasks list [--json] — scheduled tasks, next runs in your timezone',
-      'tasks show <id> [--json] — one task and its recent runs',
-      'tasks run <id> — run a task now; what it sends goes to its chat (WhatsApp: through the outbox)',
-      'tasks pause|resume|cancel <id>',
-    ],
+    usage: `
+      tasks list [--json] — scheduled tasks, next runs in your timezone
+      tasks show <id> [--json] — one task and its recent runs
+      tasks run <id> — run a task now; what it sends goes to its chat (WhatsApp: through the outbox)
+      tasks pause|resume|cancel <id>`,
     defaultAction: 'list',
     actions: {
       list: { options: json, run: tasksList },
@@ -8111,49 +8107,44 @@ const COMMANDS: Record<string, Command & Partial<Runs>> = {
     },
   },
   logs: {
-    usage: [
+    usage:
       "logs [--group <folder>] [--lines N] — recent host log, or a group's latest container runs (live: tail -f logs/nanoclaw.log)",
-    ],
     options: { group: text, lines: text },
     run: logsCommand,
   },
   mounts: {
-    usage: ["mounts <folder> [--docker-args] — what a group's container gets mounted where"],
+    usage: "mounts <folder> [--docker-args] — what a group's container gets mounted where",
     options: { 'docker-args': flag },
     needs: 'one group folder (see: bun nanoclaw.ts groups list)',
     run: mountsCommand,
   },
   service: {
-    usage: [
+    usage:
       "service install|uninstall|status [--dry-run] [--platform linux|macos] — run NanoClaw in the background (this install's own systemd user unit / launchd agent; scripts/service.sh)",
-    ],
     actions: { install: service, uninstall: service, status: service },
   },
   sessions: {
-    usage: [
-      'sessions list — the Kimi session of each group',
-      "sessions clear <folder> — forget a group's session (files and database row)",
-    ],
+    usage: `
+      sessions list — the Kimi session of each group
+      sessions clear <folder> — forget a group's session (files and database row)`,
     defaultAction: 'list',
     actions: { list: { run: sessionsList }, clear: { needs: 'one group folder', run: sessionsClear } },
   },
   usage: {
-    usage: [
+    usage:
       'usage [--days N] [--group F] [--json] — model requests and tokens by group and day (counted by the model proxy)',
-    ],
     options: { days: text, group: text, ...json },
     run: usageCommand,
   },
   model: {
-    usage: ['model check [--json] — does the endpoint take the key? (one cheap request through the proxy)'],
+    usage: 'model check [--json] — does the endpoint take the key? (one cheap request through the proxy)',
     actions: { check: { options: json, run: modelCheck } },
   },
   config: {
-    usage: [
-      'config get <KEY>… — the value NanoClaw uses for each setting (one per line; the key only as "set")',
-      'config list — every setting, its value, and where it comes from',
-      'config docs — the settings table of docs/configuration.md, in Markdown',
-    ],
+    usage: `
+      config get <KEY>… — the value NanoClaw uses for each setting (one per line; the key only as "set")
+      config list — every setting, its value, and where it comes from
+      config docs — the settings table of docs/configuration.md, in Markdown`,
     actions: {
       get: {
         needs: 'at least one setting name, e.g. config get CONTAINER_IMAGE',
@@ -8165,17 +8156,18 @@ const COMMANDS: Record<string, Command & Partial<Runs>> = {
     },
   },
   diagnose: {
-    usage: ['diagnose [--json] — check the whole setup (runs scripts/diagnose.sh)'],
+    usage: 'diagnose [--json] — check the whole setup (runs scripts/diagnose.sh)',
     options: json,
     run: diagnoseCommand,
   },
   help: {
-    usage: ["help [command], --help — this text, or one command's"], // main() answers it: it needs no settings
+    usage: "help [command], --help — this text, or one command's", // main() answers it: it needs no settings
   },
 };
 
 /** Each "synopsis — what" as two columns; a synopsis too long for the first puts what it does on the next line. */
-function usageLines(lines: string[]): string {
+function usageLines(usage: string): string {
+  const lines = usage.trim().split(/\s*\n\s*/);
   const line = (entry: string) => {
     const [synopsis, what] = entry.split(' — ') as [string, string?];
     if (!what) return synopsis;
@@ -8257,13 +8249,10 @@ async function runCommand(config: Config, name: string, args: string[]): Promise
 
 /** The one place an error becomes an exit status: 2 when the user must act (with the fix), 1 otherwise. */
 function exitStatusOf(err: unknown): number {
-  if (err instanceof UsageError) {
-    console.error(err.command ? `${err.message}\n\n${commandUsage(err.command)}` : err.message);
-    return 2;
-  }
   const forUser = [ConfigError, IpcFormatError, GroupError, WhatsAppNotLinked, StoreCorruptError, StoreMissingError];
-  if (err instanceof Error && forUser.some((kind) => err instanceof kind)) {
-    console.error(err.message);
+  if (err instanceof UsageError || (err instanceof Error && forUser.some((kind) => err instanceof kind))) {
+    const usage = err instanceof UsageError && err.command ? `\n\n${commandUsage(err.command)}` : '';
+    console.error(`${err.message}${usage}`);
     return 2;
   }
   if (isStoreUnavailable(err)) {
