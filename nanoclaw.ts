@@ -7267,10 +7267,8 @@ function waitForTurn(host: Host, chatJid: string, seq: number): Promise<TurnEven
   });
 }
 
-/**
- * The main group for the terminal. What an earlier chat left (lines unanswered, answers unprinted) is left out: it would
- * print before this chat's own answers. Returns the main group and a note of what was left out.
- */
+/** The main group for the terminal, and a note of what an earlier chat left (lines unanswered, answers unprinted): it
+ *  is left out, as it would print before this chat's own answers. */
 async function mainForChat(config: Config): Promise<{ main: RegisteredGroup; leftOut: string | null }> {
   const store = await openProjectStore(config);
   try {
@@ -7299,9 +7297,7 @@ async function chatPiped(host: Host, terminal: ChatTerminal, local: LocalChannel
   }
   // Input is over: a line still waiting for a retry is not answered behind the person's back later.
   if (!stopped() && (await host.abandon(jid)))
-    terminal.problem(
-      'Not answered: the agent failed and the input ended before a retry. Send it again to try once more.',
-    );
+    terminal.problem('Not answered: the agent failed and the input ended before a retry. Send it again.');
 }
 
 /** On a terminal: each line is stored as it is read (not queued behind an iterator), so a Ctrl-C right after Enter finds it. */
@@ -7357,11 +7353,9 @@ async function runChat(config: Config): Promise<number> {
     failures++;
     terminal.problem(`The agent failed: ${event.error ?? 'unknown error'} (details: groups/${main.folder}/logs/)`);
   });
-  host.onRetry((event) => {
-    if (event.chatJid === main.jid)
-      terminal.problem(
-        `Retrying in ${Math.round(event.delayMs / 1000)} s (attempt ${event.attempt} of ${event.maxRetries}).`,
-      );
+  host.onRetry(({ chatJid, delayMs, attempt, maxRetries }) => {
+    const seconds = Math.round(delayMs / 1000);
+    if (chatJid === main.jid) terminal.problem(`Retrying in ${seconds} s (attempt ${attempt} of ${maxRetries}).`);
   });
   if (leftOut) terminal.problem(leftOut);
   const stopped = () => interruption !== null;
@@ -7393,14 +7387,13 @@ async function runService(config: Config): Promise<number> {
         '  Meanwhile you can talk to your assistant from this terminal: bun nanoclaw.ts chat',
     );
   keepRunningThroughErrors();
-  let unlinked: (why: string) => void = () => {};
-  const whenUnlinked = new Promise<string>((resolve) => (unlinked = resolve));
+  const unlinked = Promise.withResolvers<string>();
   const { host, finish } = await startHost(config, (store) => [
-    whatsAppChannel(config, store, { onStopped: unlinked }),
+    whatsAppChannel(config, store, { onStopped: unlinked.resolve }),
   ]);
   onShutdownSignal(finish);
   await host.start();
-  console.error(await whenUnlinked); // otherwise runs until a signal
+  console.error(await unlinked.promise); // otherwise runs until a signal
   await finish();
   return 2; // the user must act: the service unit does not restart on 2
 }
@@ -7529,9 +7522,8 @@ async function authCommand({ config, values, store }: CommandCall): Promise<numb
       throw new UsageError('--check takes no other option.', 'auth');
     return authCheck(state);
   }
-  const rawPhone = values['pairing-code'] as string | undefined;
-  const phone = rawPhone?.replace(/[\s+()-]/g, '');
-  if (rawPhone !== undefined && !/^\d{8,15}$/.test(phone ?? ''))
+  const phone = (values['pairing-code'] as string | undefined)?.replace(/[\s+()-]/g, '');
+  if (phone !== undefined && !/^\d{8,15}$/.test(phone))
     throw new UsageError(
       '--pairing-code takes your phone number with its country code, digits only, e.g. --pairing-code 4915123456789',
       'auth',
