@@ -7239,11 +7239,8 @@ function positiveOption(command: string, name: string, raw: OptionValues[string]
   return Number(raw);
 }
 
-/**
- * SIGTERM (a service manager) lets running turns finish and delivers them; so does SIGINT,
- * unless `interrupt` is given (the terminal chat: Ctrl-C stops the turn at once). Either is
- * an orderly stop, logged at info.
- */
+/** SIGTERM (a service manager) and SIGINT let running turns finish and deliver them (an orderly stop, logged at info);
+ *  with `interrupt` (the terminal chat), Ctrl-C goes to it and stops the turn at once. */
 function onShutdownSignal(stop: () => Promise<void>, interrupt?: () => void): void {
   let stopping = false;
   const handler = (signal: string) => {
@@ -8202,20 +8199,14 @@ function chooseAction(name: string, command: Command, values: OptionValues, give
   return action;
 }
 
-function checkArgumentCount(name: string, called: string, runs: Partial<Runs>, given: string[]): void {
-  const count = runs.needs ? (runs.count ?? 1) : 0;
-  if (count === 'one or more' ? given.length === 0 : given.length !== count)
-    throw new UsageError(count ? `${called} needs ${runs.needs}.` : `${called} takes no arguments.`, name);
-}
-
+/** What runs: the command, or the action its first argument names (else its default); its arguments counted. */
 function chooseRun(name: string, command: Command & Partial<Runs>, values: OptionValues, positionals: string[]) {
-  if (!command.actions) {
-    checkArgumentCount(name, name, command, positionals);
-    return { runs: command as Runs, action: '', positionals };
-  }
-  const [action = command.defaultAction, ...rest] = positionals;
-  const runs = chooseAction(name, command, values, action);
-  checkArgumentCount(name, `${name} ${action}`, runs, rest);
+  const [action = command.defaultAction, ...rest] = command.actions ? positionals : ['', ...positionals];
+  const runs = command.actions ? chooseAction(name, command, values, action) : (command as Runs);
+  const called = command.actions ? `${name} ${action}` : name;
+  const count = runs.needs ? (runs.count ?? 1) : 0;
+  if (count === 'one or more' ? rest.length === 0 : rest.length !== count)
+    throw new UsageError(count ? `${called} needs ${runs.needs}.` : `${called} takes no arguments.`, name);
   return { runs, action: action!, positionals: rest };
 }
 
@@ -8259,26 +8250,21 @@ function exitStatusOf(err: unknown): number {
 }
 
 /** NANOCLAW_ROOT points the CLI at another project directory (tests, several assistants on one machine). */
-async function main(
-  argv: string[],
-  projectRoot = process.env.NANOCLAW_ROOT || dirname(fileURLToPath(import.meta.url)),
-): Promise<number> {
+async function main(argv: string[]): Promise<number> {
   takeSecretsOutOfEnvironment();
   const [given = 'start', ...args] = argv;
   const command = given === '--help' || given === '-h' ? 'help' : given;
   if (command === 'help') return help(args[0]); // needs no settings: it works where they are wrong
   try {
-    const config = loadConfig(projectRoot);
+    const config = loadConfig(process.env.NANOCLAW_ROOT || dirname(fileURLToPath(import.meta.url)));
     const verbose = config.logLevel === 'debug' || config.logLevel === 'trace';
     // In `chat` the terminal belongs to the conversation; under a service manager (no TTY)
     // stdout/stderr already go to the log files, so the terminal copy would double them.
     // Other commands print their own results; their log lines go to the files unless something is wrong.
     const quietTerminal = (command === 'chat' && !verbose) || (command === 'start' && !process.stderr.isTTY);
     const terminalLevel = quietTerminal ? 'silent' : command === 'start' || verbose ? config.logLevel : 'warn';
-    setupLogging(config, {
-      terminalLevel,
-      secrets: Object.values(readSecrets(config)).filter((v): v is string => Boolean(v)),
-    });
+    const secrets = Object.values(readSecrets(config)).filter((v): v is string => Boolean(v));
+    setupLogging(config, { terminalLevel, secrets });
     return await runCommand(config, command, args);
   } catch (err) {
     return exitStatusOf(err);
