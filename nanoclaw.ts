@@ -7567,8 +7567,7 @@ export function discoverLines(store: Store): string[] {
   const synced = store.getState(GROUPS_SYNCED_AT);
   return [
     ...chats.map((chat) => {
-      const count = members[chat.jid];
-      const size = chat.isGroup ? (count === undefined ? '? members' : `${count} members`) : 'person';
+      const size = chat.isGroup ? `${members[chat.jid] ?? '?'} members` : 'person';
       const registered = folders.has(chat.jid) ? `groups/${folders.get(chat.jid)}` : 'not registered';
       return `${chat.jid.padEnd(32)} ${size.padEnd(12)} ${registered.padEnd(20)} ${printable(chat.name ?? '')}`;
     }),
@@ -7797,10 +7796,7 @@ function changeTask(action: 'pause' | 'resume' | 'cancel') {
 function mountsCommand({ config, values, positionals: [folder], store }: CommandCall): number {
   const group = store().groupByFolder(folder!);
   if (!group)
-    throw new UsageError(
-      `No registered group uses the folder "${folder}" (see: bun nanoclaw.ts groups list).`,
-      'mounts',
-    );
+    throw new UsageError(`No registered group uses "${folder}" (see: bun nanoclaw.ts groups list).`, 'mounts');
   const extra = groupExtraMounts(config, group);
   // Exactly what a run mounts (the run's own paths shown as <run>); nothing is created or changed.
   const network = groupNetwork(config, group);
