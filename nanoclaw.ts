@@ -7640,7 +7640,9 @@ function groupsList(store: Store): number {
   return report(groups, 'No groups registered. `bun nanoclaw.ts chat` registers the main group for the terminal.');
 }
 
-function groupsRegister(config: Config, store: Store, request: ReturnType<typeof registration>): number {
+function groupsRegister({ config, values, positionals: [jid, folder], store: openStore }: CommandCall): number {
+  const request = registration(config, values, jid!, folder!); // checked before the store is opened
+  const store = openStore();
   const group = addGroup(config, store, request);
   const answers =
     group.requiresTrigger && !group.isMain ? `; it answers messages that say ${group.trigger} or reply to it` : '';
@@ -7976,8 +7978,7 @@ function settingValue(config: Config, key: string): string {
     const secret = readSecrets(config)[key];
     return secret ? `set (${secret.length} characters)` : '';
   }
-  const value = SETTINGS[key]!(config);
-  return value === undefined ? '' : String(value);
+  return String(SETTINGS[key]!(config) ?? '');
 }
 
 const SETTING_NAMES = [...Object.keys(SETTINGS), ...SECRET_KEYS];
@@ -8035,10 +8036,7 @@ const register: Runs = {
   needs: 'a chat id and a folder name',
   count: 2,
   options: { name: text, trigger: text, 'no-trigger': flag, main: flag, network: text, allow: text, mount: texts },
-  run: ({ config, values, positionals: [jid, folder], store }) => {
-    const request = registration(config, values, jid!, folder!); // checked before the store is opened
-    return groupsRegister(config, store(), request);
-  },
+  run: groupsRegister,
 };
 const service: Runs = { options: { 'dry-run': flag, platform: text }, run: serviceCommand };
 
