@@ -7418,10 +7418,7 @@ function authCheck(state: LinkState): number {
   return { linked: 0, none: 3, pending: 4, damaged: 5 }[state];
 }
 
-/**
- * Clears store/auth/ as the plan says; a linked device's keys never without the user's yes.
- * Returns an exit status when nothing is to be linked.
- */
+/** Clears store/auth/ as planned (a linked device's keys only on the user's yes); an exit status if nothing is to link. */
 async function clearForLink(authDir: string, state: LinkState, relink: boolean): Promise<number | null> {
   const plan = authPlan(state, relink);
   const what = state === 'linked' ? 'WhatsApp is already linked (store/auth/)' : NOT_LINKED_WHY.damaged;
@@ -7492,11 +7489,9 @@ async function linkWhatsApp(config: Config, store: Store, phone: string | undefi
           await done(0);
         }
         if (update.connection === 'close') {
+          for (const event of WHATSAPP_EVENTS) sock.ev.removeAllListeners(event); // this socket is over either way
           const { retry, message } = authCloseMessage(update.lastDisconnect?.error);
-          if (retry) {
-            for (const event of WHATSAPP_EVENTS) sock.ev.removeAllListeners(event);
-            return void open();
-          }
+          if (retry) return void open();
           // What an unfinished attempt left behind is no link; the next auth starts clean.
           if (WhatsAppChannel.linkState(authDir) !== 'linked') rmSync(authDir, { recursive: true, force: true });
           console.error(message);
@@ -7521,10 +7516,7 @@ async function authCommand({ config, values, store }: CommandCall): Promise<numb
   }
   const phone = (values['pairing-code'] as string | undefined)?.replace(/[\s+()-]/g, '');
   if (phone !== undefined && !/^\d{8,15}$/.test(phone))
-    throw new UsageError(
-      '--pairing-code takes your phone number with its country code, digits only, e.g. --pairing-code 4915123456789',
-      'auth',
-    );
+    throw new UsageError('--pairing-code takes your number: country code, digits only, e.g. 4915123456789', 'auth');
   return (
     (await clearForLink(whatsAppAuthDir(config), state, values.relink === true)) ??
     (await linkWhatsApp(config, store(), phone))
