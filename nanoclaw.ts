@@ -7694,10 +7694,9 @@ async function runTaskNow(config: Config, store: Store, task: ScheduledTask): Pr
         `Task ${task.id} is ${task.status}; the running NanoClaw (pid ${servicePid}) runs active tasks only. Resume it first: bun nanoclaw.ts tasks resume ${task.id}`,
       );
     store.updateTask(task.id, { nextRun: new Date().toISOString() });
-    console.log(
+    return report([
       `NanoClaw is running (pid ${servicePid}): it runs ${task.id} within a second or two, and sends what it says to ${task.chatJid}.`,
-    );
-    return 0;
+    ]);
   }
   const started = await startHost(config, (s) => [printingChannel(), whatsAppChannel(config, s)]);
   try {
@@ -7782,8 +7781,7 @@ function changeTask(action: 'pause' | 'resume' | 'cancel') {
   return onTask(({ config, store }, task) => {
     applyTaskCommand(config, store(), task, { type: `${action}_task`, taskId: task.id });
     const next = action === 'resume' ? `; next run ${localTime(config)(store().getTask(task.id)!.nextRun)}` : '';
-    console.log(`${done} ${task.id}${next}.`);
-    return 0;
+    return report([`${done} ${task.id}${next}.`]);
   });
 }
 
@@ -7877,12 +7875,8 @@ function sessionsClear({ config, positionals: [folder], store }: CommandCall): n
   if (!isValidFolder(folder!)) throw new UsageError(`"${folder}" is not a group folder name.`, 'sessions');
   const hadFiles = groupTrees(config, folder!).kimi.remove('sessions');
   const hadRow = store().deleteSession(folder!);
-  console.log(
-    hadFiles || hadRow
-      ? `Cleared the session of "${folder}": the next message starts a new one.`
-      : `"${folder}" had no session.`,
-  );
-  return 0;
+  const cleared = `Cleared the session of "${folder}": the next message starts a new one.`;
+  return report([hadFiles || hadRow ? cleared : `"${folder}" had no session.`]);
 }
 
 type ModelCheck = { status: 'ok' | 'refused' | 'offline' | 'error'; detail: string };
@@ -8164,10 +8158,8 @@ ${Object.values(COMMANDS)
 
 Settings come from the environment and .env (see .env.example).`;
 
-function help(about?: string): number {
-  console.log(about && Object.hasOwn(COMMANDS, about) ? commandUsage(about) : overallUsage());
-  return 0;
-}
+const help = (about?: string) =>
+  report([about && Object.hasOwn(COMMANDS, about) ? commandUsage(about) : overallUsage()]);
 
 /** The sub-command named by the first argument; options it does not take are a mistake naming who takes them. */
 function chooseAction(name: string, command: Command, values: OptionValues, given: string | undefined): Runs {
