@@ -7678,12 +7678,11 @@ function describeSchedule(task: ScheduledTask): string {
   return `${task.scheduleType} ${task.scheduleValue}`;
 }
 
-function queuedNote(config: Config, count: number): string {
-  const [waits, it] = count === 1 ? ['waits', 'it'] : ['wait', 'them'];
-  return WhatsAppChannel.linkState(whatsAppAuthDir(config)) === 'linked'
-    ? `${count === 1 ? 'It' : 'They'} ${waits} in the outbox: NanoClaw sends ${it} to WhatsApp as soon as the service runs (bun nanoclaw.ts, or service install).`
-    : `WhatsApp is not linked on this machine: ${count === 1 ? 'it' : 'they'} ${waits} in the outbox until you link it (bun nanoclaw.ts auth) and start NanoClaw.`;
-}
+/** What becomes of the messages a task run here queued for WhatsApp. */
+const queuedNote = (config: Config) =>
+  WhatsAppChannel.linkState(whatsAppAuthDir(config)) === 'linked'
+    ? 'Queued in the outbox, for WhatsApp as soon as the service runs (bun nanoclaw.ts, or service install).'
+    : 'WhatsApp is not linked on this machine: queued in the outbox until you link it (bun nanoclaw.ts auth) and start NanoClaw.';
 
 /** With the service running, it asks the service; else it runs here and what it says waits in the outbox. */
 async function runTaskNow(config: Config, store: Store, task: ScheduledTask): Promise<number> {
@@ -7704,7 +7703,7 @@ async function runTaskNow(config: Config, store: Store, task: ScheduledTask): Pr
     const run = await started.host.runTaskNow(task.id);
     const queued = started.store.unsent('whatsapp').filter((m) => !queuedBefore.has(m.id));
     for (const message of queued) console.log(`→ ${message.jid} (queued for WhatsApp): ${message.text}`);
-    if (queued.length) console.log(queuedNote(config, queued.length));
+    if (queued.length) console.log(queuedNote(config));
     if (run?.status === 'error') console.error(`The task failed: ${run.error}`);
     return run?.status === 'success' ? 0 : 1;
   } finally {

@@ -637,9 +637,7 @@ describe('settings, linking and tasks as a user meets them', () => {
     expect(unlinked.stdout).toContain('WhatsApp is not linked on this machine');
     renameSync(await linkedAuthDir(), join(root, 'store', 'auth'));
     const linked = await cli(['tasks', 'run', 'water']);
-    expect(linked.stdout).toContain(
-      'It waits in the outbox: NanoClaw sends it to WhatsApp as soon as the service runs',
-    );
+    expect(linked.stdout).toContain('Queued in the outbox, for WhatsApp as soon as the service runs');
     const service = new Store(join(root, 'store', 'messages.db'));
     const queued = service.unsent('whatsapp');
     expect(queued.map((m) => m.text)).toEqual(['Andy: echo: water the plants', 'Andy: echo: water the plants']);
