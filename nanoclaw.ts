@@ -8168,10 +8168,8 @@ function chooseAction(name: string, command: Command, values: OptionValues, give
   if (!action) throw new UsageError(`Unknown ${name} command "${given}".`, name);
   const misplaced = Object.keys(values).find((option) => !Object.hasOwn(action.options ?? {}, option));
   if (misplaced) {
-    const owners = new Map<Runs, string>(); // an alias (groups add) is not named twice
-    for (const [actionName, runs] of Object.entries(actions))
-      if (Object.hasOwn(runs.options ?? {}, misplaced) && !owners.has(runs)) owners.set(runs, `${name} ${actionName}`);
-    throw new UsageError(`--${misplaced} belongs to ${[...owners.values()].join(' and ')}.`, name);
+    const owners = Object.keys(actions).filter((owner) => Object.hasOwn(actions[owner]!.options ?? {}, misplaced));
+    throw new UsageError(`--${misplaced} belongs to ${name} ${owners.join('|')}.`, name); // as usage writes it
   }
   return action;
 }

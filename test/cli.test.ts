@@ -497,7 +497,7 @@ describe('bun nanoclaw.ts never crashes on a typo', () => {
     [['usage', '--json=yes'], '--json takes no value.'],
     [['groups', 'register', 'family-chat', 'family'], '"family-chat" is not a WhatsApp chat id'],
     [['groups', 'register', FAMILY, 'family', '--trigger', 'Bot'], 'trigger "Bot" must be @ and one word, e.g. @Andy.'],
-    [['groups', 'list', '--main'], '--main belongs to groups register.'],
+    [['groups', 'list', '--main'], '--main belongs to groups register|add.'],
     [
       ['groups', 'register', FAMILY, 'family', '--allow', '4915100000002@s.whatsapp.net,bob'],
       'allow: "bob" is not a WhatsApp sender id (<phone digits>@s.whatsapp.net or <digits>@lid).',
