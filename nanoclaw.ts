@@ -7553,9 +7553,7 @@ export function discoverLines(store: Store): string[] {
     .filter((chat) => /@(g\.us|s\.whatsapp\.net)$/.test(chat.jid))
     .sort((a, b) => Number(b.isGroup) - Number(a.isGroup) || (a.name ?? '').localeCompare(b.name ?? ''));
   if (chats.length === 0)
-    return [
-      'No WhatsApp chats known yet. The service learns your groups when it connects (bun nanoclaw.ts); run this again then.',
-    ];
+    return ['No WhatsApp chats known yet: the service learns them when it connects (bun nanoclaw.ts).'];
   const synced = store.getState(GROUPS_SYNCED_AT);
   return [
     ...chats.map((chat) => {
@@ -7569,10 +7567,8 @@ export function discoverLines(store: Store): string[] {
   ];
 }
 
-type ExtraMount = NonNullable<ContainerConfig['additionalMounts']>[number];
-
 /** `--mount <hostPath>[:<containerPath>][:ro|rw]`: read-only unless it says rw. */
-function parseMountOption(text: string): ExtraMount {
+function parseMountOption(text: string): NonNullable<ContainerConfig['additionalMounts']>[number] {
   const parts = text.split(':');
   const access = parts.length > 1 && /^(ro|rw)$/.test(parts.at(-1)!) ? parts.pop() : 'ro';
   if (parts.length > 2 || !parts[0])
