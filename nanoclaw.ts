@@ -7604,10 +7604,7 @@ function registration(config: Config, values: OptionValues, jid: string, folder:
     ? validateExtraMounts(additionalMounts, mountAllowlist(config), isMain).rejected[0]
     : undefined;
   if (refused) throw mistake(`--mount ${refused.hostPath}: refused (${refused.reason}).`);
-  const containerConfig: ContainerConfig = {
-    ...(network ? { network } : {}),
-    ...(additionalMounts.length ? { additionalMounts } : {}),
-  };
+  const containerConfig = { ...(network ? { network } : {}), ...(additionalMounts.length ? { additionalMounts } : {}) };
   return {
     jid,
     folder,
