@@ -8107,11 +8107,7 @@ const COMMANDS: Record<string, Command & Partial<Runs>> = {
       config list — every setting, its value, and where it comes from
       config docs — the settings table of docs/configuration.md, in Markdown`,
     actions: {
-      get: {
-        needs: 'at least one setting name, e.g. config get CONTAINER_IMAGE',
-        count: 'one or more',
-        run: configGet,
-      },
+      get: { needs: 'a setting name or more, e.g. CONTAINER_IMAGE', count: 'one or more', run: configGet },
       list: { run: configList },
       docs: { run: () => report([settingsMarkdown()]) },
     },
