@@ -7315,12 +7315,8 @@ async function runChat(config: Config): Promise<number> {
   keepRunningThroughErrors();
   const { main, leftOut } = await mainForChat(config);
   const terminal = new ChatTerminal(interactive, config.assistantName);
-  const local = new LocalChannel(
-    main.jid,
-    (text) => terminal.print(text),
-    undefined,
-    (busy) => terminal.working(busy),
-  );
+  const showWorking = (busy: boolean) => terminal.working(busy); // the spinner at the prompt
+  const local = new LocalChannel(main.jid, (text) => terminal.print(text), undefined, showWorking);
   const { host, ...started } = await startHost(config, () => [local]);
   terminal.onLineBegun(() => local.typing()); // the agent starts while the person types
   const finish = () => {
