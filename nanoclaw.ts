@@ -7381,9 +7381,8 @@ async function runService(config: Config): Promise<number> {
     );
   keepRunningThroughErrors();
   const unlinked = Promise.withResolvers<string>();
-  const { host, finish } = await startHost(config, (store) => [
-    whatsAppChannel(config, store, { onStopped: unlinked.resolve }),
-  ]);
+  const channels = (store: Store) => [whatsAppChannel(config, store, { onStopped: unlinked.resolve })];
+  const { host, finish } = await startHost(config, channels);
   onShutdownSignal(finish);
   await host.start();
   console.error(await unlinked.promise); // otherwise runs until a signal
@@ -8172,10 +8171,8 @@ function chooseRun(name: string, command: Command & Partial<Runs>, values: Optio
 
 async function runCommand(config: Config, name: string, args: string[]): Promise<number> {
   const command = Object.hasOwn(COMMANDS, name) ? COMMANDS[name]! : null;
-  if (!command)
-    throw new UsageError(
-      `Unknown command "${name}".${name.startsWith('-') ? '' : ' The commands are below.'}\n\n${overallUsage()}`,
-    );
+  const below = name.startsWith('-') ? '' : ' The commands are below.';
+  if (!command) throw new UsageError(`Unknown command "${name}".${below}\n\n${overallUsage()}`);
   // A command's options are its own and all its actions'; chooseAction then refuses one its action does not take.
   const options = Object.assign({}, command.options, ...Object.values(command.actions ?? {}).map((a) => a.options));
   const parsed = commandArgs(name, args, options);
