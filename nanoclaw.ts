@@ -7431,9 +7431,7 @@ async function clearForLink(authDir: string, state: LinkState, relink: boolean):
   if (plan === 'start-over') console.log('An earlier link was started but never finished; starting over.');
   if (plan !== 'link') rmSync(authDir, { recursive: true, force: true });
   if (plan === 'replace' || plan === 'ask')
-    console.log(
-      'Removed store/auth/. On your phone, remove the old device under Linked devices if it is still listed.',
-    );
+    console.log('Removed store/auth/. On your phone, remove the old device under Linked devices if listed.');
   return null;
 }
 
@@ -7512,10 +7510,8 @@ async function authCommand({ config, values, store }: CommandCall): Promise<numb
   const phone = (values['pairing-code'] as string | undefined)?.replace(/[\s+()-]/g, '');
   if (phone !== undefined && !/^\d{8,15}$/.test(phone))
     throw new UsageError('--pairing-code takes your number: country code, digits only, e.g. 4915123456789', 'auth');
-  return (
-    (await clearForLink(whatsAppAuthDir(config), state, values.relink === true)) ??
-    (await linkWhatsApp(config, store(), phone))
-  );
+  const cleared = await clearForLink(whatsAppAuthDir(config), state, values.relink === true);
+  return cleared ?? (await linkWhatsApp(config, store(), phone));
 }
 
 /** Prints each line (`whenNone` if there are none): what a command that only reports does before its exit status 0. */
