@@ -7218,13 +7218,9 @@ type ParsedArgs = { values: OptionValues; positionals: string[] };
 
 /** Strict parseArgs: a mistake becomes a UsageError naming the command; null for `--help`/`-h` anywhere. */
 function commandArgs(command: string, args: string[], options: CommandOptions): ParsedArgs | null {
+  const helpOption = { type: 'boolean', short: 'h' } as const;
   try {
-    const parsed = parseArgs({
-      args,
-      allowPositionals: true,
-      strict: true,
-      options: { ...options, help: { type: 'boolean', short: 'h' } },
-    });
+    const parsed = parseArgs({ args, allowPositionals: true, strict: true, options: { ...options, help: helpOption } });
     if (!parsed.values.help) return parsed;
   } catch (err) {
     if (!args.includes('--help') && !args.includes('-h')) throw new UsageError(parseArgsMistake(err), command);
