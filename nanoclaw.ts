@@ -7294,7 +7294,8 @@ async function chatPiped(host: Host, terminal: ChatTerminal, local: LocalChannel
 }
 
 /** On a terminal: each line is stored as it is read (not queued behind an iterator), so a Ctrl-C right after Enter finds it. */
-async function chatOnTerminal(terminal: ChatTerminal, local: LocalChannel, stopped: () => boolean) {
+async function chatOnTerminal(terminal: ChatTerminal, local: LocalChannel, stopped: () => boolean, greeting: string) {
+  process.stdout.write(greeting);
   terminal.lines.prompt();
   const closed = new Promise<void>((resolve) => terminal.lines.once('close', resolve));
   terminal.lines.on('line', (line) => {
@@ -7348,12 +7349,9 @@ async function runChat(config: Config): Promise<number> {
   });
   if (leftOut) terminal.problem(leftOut);
   const stopped = () => interruption !== null;
-  if (interactive) {
-    process.stdout.write(
-      `Talking to ${config.assistantName} (main group, folder groups/${main.folder}). Ctrl-D to leave, Ctrl-C to stop.\n`,
-    );
-    await chatOnTerminal(terminal, local, stopped);
-  } else await chatPiped(host, terminal, local, stopped);
+  const greeting = `Talking to ${config.assistantName} (main group, folder groups/${main.folder}). Ctrl-D to leave, Ctrl-C to stop.\n`;
+  if (interactive) await chatOnTerminal(terminal, local, stopped, greeting);
+  else await chatPiped(host, terminal, local, stopped);
   if (interruption) return await interruption;
   await finish();
   return failures > 0 ? 1 : 0;
