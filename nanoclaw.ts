@@ -7771,10 +7771,8 @@ function mountsCommand({ config, values, positionals: [folder], store }: Command
   const network = groupNetwork(config, group);
   const proxySocket = config.modelProxy === 'unix' ? join(config.dataDir, 'proxy', '<run>.sock') : null;
   const egressSocket = network === 'egress' ? join(config.dataDir, 'proxy', '<run>.egress.sock') : null;
-  const mounts = [
-    ...groupMounts(config, group, extra.mounts),
-    ...runMounts(join(inboxRoot(config), '<run>'), proxySocket, egressSocket),
-  ];
+  const perRun = runMounts(join(inboxRoot(config), '<run>'), proxySocket, egressSocket);
+  const mounts = [...groupMounts(config, group, extra.mounts), ...perRun];
   if (values['docker-args']) return report(mounts.map((m) => `-v\n${formatMount(m, 'docker')}`));
   return report([
     ...mounts.map((m) => `${formatMount(m, 'human')}${MOUNT_NOTES[m.containerPath] ?? ''}`),
