@@ -7823,9 +7823,7 @@ function runScript(config: Config, name: string, args: string[], env: Record<str
   const settings = Object.entries(process.env).filter(([key]) => Object.hasOwn(SETTINGS, key));
   const run = Bun.spawnSync(['bash', script, ...args], {
     env: { ...childProcessEnv(), NANOCLAW_ROOT: config.projectRoot, ...Object.fromEntries(settings), ...env },
-    stdin: 'inherit',
-    stdout: 'inherit',
-    stderr: 'inherit',
+    stdio: ['inherit', 'inherit', 'inherit'],
   });
   return run.exitCode ?? 1;
 }
