@@ -7448,11 +7448,6 @@ async function linkWhatsApp(config: Config, store: Store, phone: string | undefi
         ...(versions.version ? { version: versions.version } : {}),
         ...(config.whatsappServerUrl ? { waWebSocketUrl: config.whatsappServerUrl } : {}),
       });
-      const done = async (code: number) => {
-        for (const event of WHATSAPP_EVENTS) sock.ev.removeAllListeners(event);
-        if (code === 0) await sock.end(undefined);
-        resolveAuth(code);
-      };
       let codeRequested = false; // a pairing code belongs to the socket that asked for it
       sock.ev.on('creds.update', saveCreds);
       sock.ev.on('connection.update', async (update) => {
@@ -7473,7 +7468,9 @@ async function linkWhatsApp(config: Config, store: Store, phone: string | undefi
           console.log(
             `Linked as ${me.split('@')[0]}. Your own chat ("Message yourself") is the main group (groups/${main.folder}).\nStart the assistant: bun nanoclaw.ts`,
           );
-          await done(0);
+          for (const event of WHATSAPP_EVENTS) sock.ev.removeAllListeners(event); // its closing is no news
+          await sock.end(undefined);
+          resolveAuth(0);
         }
         if (update.connection === 'close') {
           for (const event of WHATSAPP_EVENTS) sock.ev.removeAllListeners(event); // this socket is over either way
@@ -7482,7 +7479,7 @@ async function linkWhatsApp(config: Config, store: Store, phone: string | undefi
           // What an unfinished attempt left behind is no link; the next auth starts clean.
           if (WhatsAppChannel.linkState(authDir) !== 'linked') rmSync(authDir, { recursive: true, force: true });
           console.error(message);
-          await done(1);
+          resolveAuth(1);
         }
       });
     };
