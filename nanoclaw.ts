@@ -7490,7 +7490,6 @@ async function linkWhatsApp(config: Config, store: Store, phone: string | undefi
   });
 }
 
-/** `auth`: links this machine to WhatsApp, or says whether it is linked. */
 async function authCommand({ config, values, store }: CommandCall): Promise<number> {
   const state = WhatsAppChannel.linkState(whatsAppAuthDir(config));
   if (values.check) {
@@ -7653,7 +7652,6 @@ function describeSchedule(task: ScheduledTask): string {
   return `${task.scheduleType} ${task.scheduleValue}`;
 }
 
-/** What becomes of the messages a task run here queued for WhatsApp. */
 const queuedNote = (config: Config) =>
   WhatsAppChannel.linkState(whatsAppAuthDir(config)) === 'linked'
     ? 'Queued in the outbox, for WhatsApp as soon as the service runs (bun nanoclaw.ts, or service install).'
