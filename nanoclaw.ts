@@ -6701,12 +6701,6 @@ export function makeSelfChatMain(config: Config, store: Store, selfJid: string):
 
 // ───────────────────────────── 13. CLI: the command table, its runner, main() ──────────
 
-class HelpRequested extends Error {
-  constructor(readonly command: string) {
-    super(`help for ${command}`);
-  }
-}
-
 function parseArgsMistake(err: unknown): string {
   const message = errorText(err);
   const quoted = /'([^']+)'/.exec(message)?.[1] ?? '';
@@ -6720,25 +6714,18 @@ function parseArgsMistake(err: unknown): string {
 
 type CommandOptions = Record<string, { type: 'string' | 'boolean'; multiple?: boolean }>;
 type OptionValues = Record<string, string | boolean | string[] | undefined>;
+type ParsedArgs = { values: OptionValues; positionals: string[] };
 
-/** Strict parseArgs: a mistake becomes a UsageError naming the command; `--help`/`-h` anywhere shows its usage. */
-function commandArgs(
-  command: string,
-  args: string[],
-  options: CommandOptions = {},
-): { values: OptionValues; positionals: string[] } {
+/** Strict parseArgs: a mistake becomes a UsageError naming the command; null for `--help`/`-h` anywhere. */
+function commandArgs(command: string, args: string[], options: CommandOptions): ParsedArgs | null {
+  const helpOption = { type: 'boolean', short: 'h' } as const;
   try {
-    const parsed = parseArgs({
-      args,
-      allowPositionals: true,
-      strict: true,
-      options: { ...options, help: { type: 'boolean', short: 'h' } },
-    });
+    const parsed = parseArgs({ args, allowPositionals: true, strict: true, options: { ...options, help: helpOption } });
     if (!parsed.values.help) return parsed;
   } catch (err) {
     if (!args.includes('--help') && !args.includes('-h')) throw new UsageError(parseArgsMistake(err), command);
   }
-  throw new HelpRequested(command);
+  return null;
 }
 
 function positiveOption(command: string, name: string, raw: OptionValues[string], fallback: number): number {
@@ -6748,11 +6735,8 @@ function positiveOption(command: string, name: string, raw: OptionValues[string]
   return Number(raw);
 }
 
-/**
- * SIGTERM (a service manager) lets running turns finish and delivers them; so does SIGINT,
- * unless `interrupt` is given (the terminal chat: Ctrl-C stops the turn at once). Either is
- * an orderly stop, logged at info.
- */
+/** SIGTERM (a service manager) and SIGINT let running turns finish and deliver them (an orderly stop, logged at info);
+ *  with `interrupt` (the terminal chat), Ctrl-C goes to it and stops the turn at once. */
 function onShutdownSignal(stop: () => Promise<void>, interrupt?: () => void): void {
   let stopping = false;
   const handler = (signal: string) => {
@@ -6776,10 +6760,8 @@ function waitForTurn(host: Host, chatJid: string, seq: number): Promise<TurnEven
   });
 }
 
-/**
- * The main group for the terminal. What an earlier chat left (lines unanswered, answers unprinted) is left out: it would
- * print before this chat's own answers. Returns the main group and a note of what was left out.
- */
+/** The main group for the terminal, and a note of what an earlier chat left (lines unanswered, answers unprinted): it
+ *  is left out, as it would print before this chat's own answers. */
 async function mainForChat(config: Config): Promise<{ main: RegisteredGroup; leftOut: string | null }> {
   const store = await openProjectStore(config);
   try {
@@ -6796,31 +6778,24 @@ async function mainForChat(config: Config): Promise<{ main: RegisteredGroup; lef
 }
 
 /** Piped input: one message per line, each answered before the next is sent. */
-async function chatPiped(
-  host: Host,
-  store: Store,
-  terminal: ChatTerminal,
-  local: LocalChannel,
-  stopped: () => boolean,
-) {
+async function chatPiped(host: Host, terminal: ChatTerminal, local: LocalChannel, stopped: () => boolean) {
   const jid = local.chatJid;
   for await (const line of terminal.lines) {
     if (stopped()) break;
     if (!line.trim()) continue;
     local.submit(line.trim());
-    const turn = await waitForTurn(host, jid, store.latestSeq(jid));
+    const turn = await waitForTurn(host, jid, host.store.latestSeq(jid));
     // A failed run is still ending: let it say whether it will be retried before the next line (or the end).
     while (turn.status === 'error' && host.queue.isRunning(jid) && !stopped()) await Bun.sleep(20);
   }
   // Input is over: a line still waiting for a retry is not answered behind the person's back later.
   if (!stopped() && (await host.abandon(jid)))
-    terminal.problem(
-      'Not answered: the agent failed and the input ended before a retry. Send it again to try once more.',
-    );
+    terminal.problem('Not answered: the agent failed and the input ended before a retry. Send it again.');
 }
 
 /** On a terminal: each line is stored as it is read (not queued behind an iterator), so a Ctrl-C right after Enter finds it. */
-async function chatOnTerminal(terminal: ChatTerminal, local: LocalChannel, stopped: () => boolean) {
+async function chatOnTerminal(terminal: ChatTerminal, local: LocalChannel, stopped: () => boolean, greeting: string) {
+  process.stdout.write(greeting);
   terminal.lines.prompt();
   const closed = new Promise<void>((resolve) => terminal.lines.once('close', resolve));
   terminal.lines.on('line', (line) => {
@@ -6866,48 +6841,43 @@ async function runChat(config: Config): Promise<number> {
     failures++;
     terminal.problem(`The agent failed: ${event.error ?? 'unknown error'} (details: groups/${main.folder}/logs/)`);
   });
-  host.onRetry((event) => {
-    if (event.chatJid === main.jid)
-      terminal.problem(
-        `Retrying in ${Math.round(event.delayMs / 1000)} s (attempt ${event.attempt} of ${event.maxRetries}).`,
-      );
+  host.onRetry(({ chatJid, delayMs, attempt, maxRetries }) => {
+    const seconds = Math.round(delayMs / 1000);
+    if (chatJid === main.jid) terminal.problem(`Retrying in ${seconds} s (attempt ${attempt} of ${maxRetries}).`);
   });
   if (leftOut) terminal.problem(leftOut);
   const stopped = () => interruption !== null;
-  if (interactive) {
-    process.stdout.write(
-      `Talking to ${config.assistantName} (main group, folder groups/${main.folder}). Ctrl-D to leave, Ctrl-C to stop.\n`,
-    );
-    await chatOnTerminal(terminal, local, stopped);
-  } else await chatPiped(host, store, terminal, local, stopped);
+  const greeting = `Talking to ${config.assistantName} (main group, folder groups/${main.folder}). Ctrl-D to leave, Ctrl-C to stop.\n`;
+  if (interactive) await chatOnTerminal(terminal, local, stopped, greeting);
+  else await chatPiped(host, terminal, local, stopped);
   if (interruption) return await interruption;
   await finish();
   return failures > 0 ? 1 : 0;
 }
 
+/** Why store/auth/ holds no link, where there is more to say than that. */
+const NOT_LINKED_WHY: Partial<Record<LinkState, string>> = {
+  pending: 'a pairing was started but never finished',
+  damaged: 'store/auth/creds.json is damaged and has no whole backup',
+};
+const linkFix = (state: LinkState) => `bun nanoclaw.ts auth${state === 'damaged' ? ' --relink' : ''}`;
+
 async function runService(config: Config): Promise<number> {
   const link = WhatsAppChannel.linkState(whatsAppAuthDir(config));
-  if (link !== 'linked') {
-    const why = {
-      pending: ' (a pairing was started but never finished)',
-      damaged: ' (store/auth/creds.json is damaged and has no whole backup)',
-      none: '',
-    }[link];
+  const why = NOT_LINKED_WHY[link];
+  if (link !== 'linked')
     throw new UsageError(
-      `WhatsApp is not linked on this machine yet${why}.\n` +
-        `  Fix: bun nanoclaw.ts auth${link === 'damaged' ? ' --relink' : ''}   (shows a QR code; or add --pairing-code <your phone number>)\n` +
+      `WhatsApp is not linked on this machine yet${why ? ` (${why})` : ''}.\n` +
+        `  Fix: ${linkFix(link)}   (shows a QR code; or add --pairing-code <your phone number>)\n` +
         '  Meanwhile you can talk to your assistant from this terminal: bun nanoclaw.ts chat',
     );
-  }
   keepRunningThroughErrors();
-  let unlinked: (why: string) => void = () => {};
-  const whenUnlinked = new Promise<string>((resolve) => (unlinked = resolve));
-  const { host, finish } = await startHost(config, (store) => [
-    whatsAppChannel(config, store, { onStopped: unlinked }),
-  ]);
+  const unlinked = Promise.withResolvers<string>();
+  const channels = (store: Store) => [whatsAppChannel(config, store, { onStopped: unlinked.resolve })];
+  const { host, finish } = await startHost(config, channels);
   onShutdownSignal(finish);
   await host.start();
-  console.error(await whenUnlinked); // otherwise runs until a signal
+  console.error(await unlinked.promise); // otherwise runs until a signal
   await finish();
   return 2; // the user must act: the service unit does not restart on 2
 }
@@ -6929,35 +6899,23 @@ async function askYes(question: string): Promise<boolean> {
 
 /** `auth --check`: one line, and the exit status a script can test. */
 function authCheck(state: LinkState): number {
-  console.log(
-    {
-      linked: 'linked: store/auth/ holds a linked WhatsApp device',
-      pending: 'not linked: a pairing was started but never finished (run auth)',
-      damaged: 'not linked: store/auth/creds.json is damaged and has no whole backup (run auth --relink)',
-      none: 'not linked (run auth to link WhatsApp)',
-    }[state],
-  );
+  const why = NOT_LINKED_WHY[state];
+  if (state === 'linked') console.log('linked: store/auth/ holds a linked WhatsApp device');
+  else console.log(`not linked${why ? `: ${why}` : ''} (run ${linkFix(state)})`);
   return { linked: 0, none: 3, pending: 4, damaged: 5 }[state];
 }
 
-/**
- * Clears store/auth/ as the plan says; a linked device's keys never without the user's yes.
- * Returns an exit status when nothing is to be linked.
- */
+/** Clears store/auth/ as planned (a linked device's keys only on the user's yes); an exit status if nothing is to link. */
 async function clearForLink(authDir: string, state: LinkState, relink: boolean): Promise<number | null> {
   const plan = authPlan(state, relink);
-  const what =
-    state === 'linked'
-      ? 'WhatsApp is already linked (store/auth/).'
-      : 'store/auth/creds.json is damaged (empty or cut short) and has no whole backup.';
+  const what = state === 'linked' ? 'WhatsApp is already linked (store/auth/)' : NOT_LINKED_WHY.damaged;
   if (plan === 'ask' && !process.stdin.isTTY) {
-    const line = `${what} To link again (this deletes store/auth/): bun nanoclaw.ts auth --relink`;
-    if (state === 'linked')
-      console.log(line); // nothing wrong: nothing to do
-    else console.error(line);
+    // A linked device is nothing wrong (stdout, exit 0); damaged credentials are (stderr, exit 2).
+    const say = state === 'linked' ? console.log : console.error;
+    say(`${what}. To link again (this deletes store/auth/): ${linkFix('damaged')}`);
     return state === 'linked' ? 0 : 2;
   }
-  if (plan === 'ask' && !(await askYes(`${what} Delete store/auth/ and link this machine again?`))) {
+  if (plan === 'ask' && !(await askYes(`${what}. Delete store/auth/ and link this machine again?`))) {
     console.log('Nothing changed.');
     return 0;
   }
@@ -6965,11 +6923,12 @@ async function clearForLink(authDir: string, state: LinkState, relink: boolean):
   if (plan === 'start-over') console.log('An earlier link was started but never finished; starting over.');
   if (plan !== 'link') rmSync(authDir, { recursive: true, force: true });
   if (plan === 'replace' || plan === 'ask')
-    console.log(
-      'Removed store/auth/. On your phone, remove the old device under Linked devices if it is still listed.',
-    );
+    console.log('Removed store/auth/. On your phone, remove the old device under Linked devices if listed.');
   return null;
 }
+
+/** The socket events `auth` listens to; dropped once the socket is over. */
+const LINK_EVENTS = ['creds.update', 'connection.update'] as const;
 
 /** Links this machine to WhatsApp (QR code, or a pairing code for `phone`); resolves with the exit status. */
 async function linkWhatsApp(config: Config, store: Store, phone: string | undefined): Promise<number> {
@@ -6982,28 +6941,21 @@ async function linkWhatsApp(config: Config, store: Store, phone: string | undefi
     const open = async () => {
       await versions.resolveVersion();
       const { state: auth, saveCreds } = await credentials;
-      const version = versions.version;
       const sock = baileys().default({
         auth,
         logger: pino()({ level: 'silent' }) as unknown as ILogger,
         markOnlineOnConnect: false,
         syncFullHistory: false,
-        ...(version ? { version } : {}),
+        ...(versions.version ? { version: versions.version } : {}),
         ...(config.whatsappServerUrl ? { waWebSocketUrl: config.whatsappServerUrl } : {}),
       });
-      const done = async (code: number) => {
-        for (const event of ['creds.update', 'connection.update'] as const) sock.ev.removeAllListeners(event);
-        if (code === 0) await sock.end(undefined);
-        resolveAuth(code);
-      };
       let codeRequested = false; // a pairing code belongs to the socket that asked for it
       sock.ev.on('creds.update', saveCreds);
       sock.ev.on('connection.update', async (update) => {
-        if (update.qr && !phone) {
+        if (update.qr && !phone)
           generate(update.qr, { small: true }, (qr) =>
             console.log(`\nOn your phone: WhatsApp → Settings → Linked devices → Link a device, then scan:\n\n${qr}`),
           );
-        }
         if (update.qr && phone && !codeRequested) {
           codeRequested = true;
           const code = await sock.requestPairingCode(phone);
@@ -7017,18 +6969,18 @@ async function linkWhatsApp(config: Config, store: Store, phone: string | undefi
           console.log(
             `Linked as ${me.split('@')[0]}. Your own chat ("Message yourself") is the main group (groups/${main.folder}).\nStart the assistant: bun nanoclaw.ts`,
           );
-          await done(0);
+          for (const event of LINK_EVENTS) sock.ev.removeAllListeners(event); // its closing is no news
+          await sock.end(undefined);
+          resolveAuth(0);
         }
         if (update.connection === 'close') {
+          for (const event of LINK_EVENTS) sock.ev.removeAllListeners(event); // this socket is over either way
           const { retry, message } = authCloseMessage(update.lastDisconnect?.error);
-          if (retry) {
-            for (const event of ['creds.update', 'connection.update'] as const) sock.ev.removeAllListeners(event);
-            return void open();
-          }
+          if (retry) return void open();
           // What an unfinished attempt left behind is no link; the next auth starts clean.
           if (WhatsAppChannel.linkState(authDir) !== 'linked') rmSync(authDir, { recursive: true, force: true });
           console.error(message);
-          await done(1);
+          resolveAuth(1);
         }
       });
     };
@@ -7039,7 +6991,6 @@ async function linkWhatsApp(config: Config, store: Store, phone: string | undefi
   });
 }
 
-/** `auth`: links this machine to WhatsApp, or says whether it is linked. */
 async function authCommand({ config, values, store }: CommandCall): Promise<number> {
   const state = WhatsAppChannel.linkState(whatsAppAuthDir(config));
   if (values.check) {
@@ -7047,17 +6998,29 @@ async function authCommand({ config, values, store }: CommandCall): Promise<numb
       throw new UsageError('--check takes no other option.', 'auth');
     return authCheck(state);
   }
-  const rawPhone = values['pairing-code'] as string | undefined;
-  const phone = rawPhone?.replace(/[\s+()-]/g, '');
-  if (rawPhone !== undefined && !/^\d{8,15}$/.test(phone ?? ''))
-    throw new UsageError(
-      '--pairing-code takes your phone number with its country code, digits only, e.g. --pairing-code 4915123456789',
-      'auth',
-    );
-  return (
-    (await clearForLink(whatsAppAuthDir(config), state, values.relink === true)) ??
-    (await linkWhatsApp(config, store(), phone))
-  );
+  const phone = (values['pairing-code'] as string | undefined)?.replace(/[\s+()-]/g, '');
+  if (phone !== undefined && !/^\d{8,15}$/.test(phone))
+    throw new UsageError('--pairing-code takes your number: country code, digits only, e.g. 4915123456789', 'auth');
+  const cleared = await clearForLink(whatsAppAuthDir(config), state, values.relink === true);
+  return cleared ?? (await linkWhatsApp(config, store(), phone));
+}
+
+/** Prints each line (`whenNone` if there are none): what a command that only reports does before its exit status 0. */
+function report(lines: string[], whenNone?: string): number {
+  if (lines.length === 0 && whenNone) console.log(whenNone);
+  for (const line of lines) console.log(line);
+  return 0;
+}
+
+/** Log text as the terminal may show it: control characters but newline and tab written out (ESC as \x1b). */
+export function visibleText(text: string): string {
+  // Control characters, and the bidi controls that reorder a line, written out as escapes.
+  // biome-ignore lint/suspicious/noControlCharactersInRegex: finding them is the point
+  const hidden = /[\x00-\x08\x0b-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]/g;
+  return text.replace(hidden, (c) => {
+    const code = c.charCodeAt(0);
+    return code > 0xff ? `\\u${code.toString(16)}` : `\\x${code.toString(16).padStart(2, '0')}`;
+  });
 }
 
 /** A name someone else chose, safe to print on a terminal (no control characters or escape sequences). */
@@ -7066,25 +7029,17 @@ const printable = (name: string) => name.replace(/[\p{Cc}\p{Cf}]/gu, ' ').trim()
 /** `groups discover`: the WhatsApp chats the last group sync and the messages told of, with their ids, to register one. */
 export function discoverLines(store: Store): string[] {
   const folders = new Map(store.listGroups().map((group) => [group.jid, group.folder]));
-  let members: Record<string, number> = {};
-  try {
-    members = JSON.parse(store.getState(GROUP_MEMBERS_STATE) ?? '{}');
-  } catch {
-    // an older or damaged record: the counts are only missing
-  }
+  const members: Record<string, number> = JSON.parse(store.getState(GROUP_MEMBERS_STATE) ?? '{}'); // only the host writes it
   const chats = store
     .listChats()
     .filter((chat) => /@(g\.us|s\.whatsapp\.net)$/.test(chat.jid))
     .sort((a, b) => Number(b.isGroup) - Number(a.isGroup) || (a.name ?? '').localeCompare(b.name ?? ''));
   if (chats.length === 0)
-    return [
-      'No WhatsApp chats known yet. The service learns your groups when it connects (bun nanoclaw.ts); run this again then.',
-    ];
+    return ['No WhatsApp chats known yet: the service learns them when it connects (bun nanoclaw.ts).'];
   const synced = store.getState(GROUPS_SYNCED_AT);
   return [
     ...chats.map((chat) => {
-      const count = members[chat.jid];
-      const size = chat.isGroup ? (count === undefined ? '? members' : `${count} members`) : 'person';
+      const size = chat.isGroup ? `${members[chat.jid] ?? '?'} members` : 'person';
       const registered = folders.has(chat.jid) ? `groups/${folders.get(chat.jid)}` : 'not registered';
       return `${chat.jid.padEnd(32)} ${size.padEnd(12)} ${registered.padEnd(20)} ${printable(chat.name ?? '')}`;
     }),
@@ -7094,10 +7049,8 @@ export function discoverLines(store: Store): string[] {
   ];
 }
 
-type ExtraMount = NonNullable<ContainerConfig['additionalMounts']>[number];
-
 /** `--mount <hostPath>[:<containerPath>][:ro|rw]`: read-only unless it says rw. */
-function parseMountOption(text: string): ExtraMount {
+function parseMountOption(text: string): NonNullable<ContainerConfig['additionalMounts']>[number] {
   const parts = text.split(':');
   const access = parts.length > 1 && /^(ro|rw)$/.test(parts.at(-1)!) ? parts.pop() : 'ro';
   if (parts.length > 2 || !parts[0])
@@ -7133,10 +7086,7 @@ function registration(config: Config, values: OptionValues, jid: string, folder:
     ? validateExtraMounts(additionalMounts, mountAllowlist(config), isMain).rejected[0]
     : undefined;
   if (refused) throw mistake(`--mount ${refused.hostPath}: refused (${refused.reason}).`);
-  const containerConfig: ContainerConfig = {
-    ...(network ? { network } : {}),
-    ...(additionalMounts.length ? { additionalMounts } : {}),
-  };
+  const containerConfig = { ...(network ? { network } : {}), ...(additionalMounts.length ? { additionalMounts } : {}) };
   return {
     jid,
     folder,
@@ -7149,23 +7099,17 @@ function registration(config: Config, values: OptionValues, jid: string, folder:
   };
 }
 
-function groupsDiscover(store: Store): number {
-  for (const line of discoverLines(store)) console.log(line);
-  return 0;
-}
-
 function groupsList(store: Store): number {
-  const groups = store.listGroups();
-  if (groups.length === 0)
-    console.log('No groups registered. `bun nanoclaw.ts chat` registers the main group for the terminal.');
-  for (const g of groups) {
+  const groups = store.listGroups().map((g) => {
     const wakes = g.isMain ? 'main' : g.requiresTrigger ? `trigger ${g.trigger}` : 'no trigger';
-    console.log(`${g.folder.padEnd(16)} ${g.jid.padEnd(32)} ${wakes}  ${g.name}  (wakes it: ${allowedText(g)})`);
-  }
-  return 0;
+    return `${g.folder.padEnd(16)} ${g.jid.padEnd(32)} ${wakes}  ${g.name}  (wakes it: ${allowedText(g)})`;
+  });
+  return report(groups, 'No groups registered. `bun nanoclaw.ts chat` registers the main group for the terminal.');
 }
 
-function groupsRegister(config: Config, store: Store, request: ReturnType<typeof registration>): number {
+function groupsRegister({ config, values, positionals: [jid, folder], store: openStore }: CommandCall): number {
+  const request = registration(config, values, jid!, folder!); // checked before the store is opened
+  const store = openStore();
   const group = addGroup(config, store, request);
   const answers =
     group.requiresTrigger && !group.isMain ? `; it answers messages that say ${group.trigger} or reply to it` : '';
@@ -7209,12 +7153,10 @@ function describeSchedule(task: ScheduledTask): string {
   return `${task.scheduleType} ${task.scheduleValue}`;
 }
 
-function queuedNote(config: Config, count: number): string {
-  const [waits, it] = count === 1 ? ['waits', 'it'] : ['wait', 'them'];
-  return WhatsAppChannel.linkState(whatsAppAuthDir(config)) === 'linked'
-    ? `${count === 1 ? 'It' : 'They'} ${waits} in the outbox: NanoClaw sends ${it} to WhatsApp as soon as the service runs (bun nanoclaw.ts, or service install).`
-    : `WhatsApp is not linked on this machine: ${count === 1 ? 'it' : 'they'} ${waits} in the outbox until you link it (bun nanoclaw.ts auth) and start NanoClaw.`;
-}
+const queuedNote = (config: Config) =>
+  WhatsAppChannel.linkState(whatsAppAuthDir(config)) === 'linked'
+    ? 'Queued in the outbox, for WhatsApp as soon as the service runs (bun nanoclaw.ts, or service install).'
+    : 'WhatsApp is not linked on this machine: queued in the outbox until you link it (bun nanoclaw.ts auth) and start NanoClaw.';
 
 /** With the service running, it asks the service; else it runs here and what it says waits in the outbox. */
 async function runTaskNow(config: Config, store: Store, task: ScheduledTask): Promise<number> {
@@ -7225,10 +7167,9 @@ async function runTaskNow(config: Config, store: Store, task: ScheduledTask): Pr
         `Task ${task.id} is ${task.status}; the running NanoClaw (pid ${servicePid}) runs active tasks only. Resume it first: bun nanoclaw.ts tasks resume ${task.id}`,
       );
     store.updateTask(task.id, { nextRun: new Date().toISOString() });
-    console.log(
+    return report([
       `NanoClaw is running (pid ${servicePid}): it runs ${task.id} within a second or two, and sends what it says to ${task.chatJid}.`,
-    );
-    return 0;
+    ]);
   }
   const started = await startHost(config, (s) => [printingChannel(), whatsAppChannel(config, s)]);
   try {
@@ -7236,7 +7177,7 @@ async function runTaskNow(config: Config, store: Store, task: ScheduledTask): Pr
     const run = await started.host.runTaskNow(task.id);
     const queued = started.store.unsent('whatsapp').filter((m) => !queuedBefore.has(m.id));
     for (const message of queued) console.log(`→ ${message.jid} (queued for WhatsApp): ${message.text}`);
-    if (queued.length) console.log(queuedNote(config, queued.length));
+    if (queued.length) console.log(queuedNote(config));
     if (run?.status === 'error') console.error(`The task failed: ${run.error}`);
     return run?.status === 'success' ? 0 : 1;
   } finally {
@@ -7247,25 +7188,18 @@ async function runTaskNow(config: Config, store: Store, task: ScheduledTask): Pr
 
 /** Exactly what the agent's requests do (ipcActions()), as the task's group; the scheduling limits bind agents, not you. */
 function applyTaskCommand(config: Config, store: Store, task: ScheduledTask, request: IpcRequest): void {
-  const source = store.groupByFolder(task.groupFolder) ?? {
-    jid: task.chatJid,
-    name: task.groupFolder,
-    folder: task.groupFolder,
-    trigger: '',
-    requiresTrigger: true,
-    isMain: false,
-    allow: [],
-    addedAt: '',
-  };
-  const afterwards: (() => void)[] = [];
+  // The task actions read their source only to name it in their log line; a removed group's task keeps its folder.
+  const source = store.groupByFolder(task.groupFolder) ?? ({ folder: task.groupFolder } as RegisteredGroup);
+  // No host runs here to tell: a running service sees the change at its next look (within a second).
+  const ignore = () => {};
   const effects: IpcEffects = {
-    say: () => {},
-    sayFile: () => {},
-    afterwards: (e) => afterwards.push(e),
-    awaitAnswer: () => {},
-    sendSoon: () => {},
+    say: ignore,
+    sayFile: ignore,
+    afterwards: ignore,
+    awaitAnswer: ignore,
+    sendSoon: ignore,
     syncGroups: async () => {},
-    tasksChanged: () => {},
+    tasksChanged: ignore,
   };
   try {
     store.transaction(() => applyIpcRequest(request, { config, store, source, effects }));
@@ -7273,7 +7207,6 @@ function applyTaskCommand(config: Config, store: Store, task: ScheduledTask, req
     if (err instanceof ScheduleError) throw new UsageError(`${err.message.replace(/^task/, 'Task')}.`);
     throw err;
   }
-  for (const effect of afterwards) effect();
 }
 
 const localTime = (config: Config) => (iso: string | null) =>
@@ -7282,16 +7215,10 @@ const localTime = (config: Config) => (iso: string | null) =>
 function tasksList({ config, values, store }: CommandCall): number {
   const tasks = store().listTasks();
   const when = localTime(config);
-  if (values.json) console.log(JSON.stringify(tasks, null, 2));
-  else if (tasks.length === 0)
-    console.log('No scheduled tasks. Ask your assistant: "remind me every weekday at 9 to …"');
-  for (const t of values.json ? [] : tasks) {
-    const paused = t.pausedReason ? `  (paused: ${t.pausedReason})` : '';
-    console.log(
-      `${t.id}  ${t.groupFolder.padEnd(12)} ${t.status.padEnd(9)} next ${when(t.nextRun).padEnd(34)} ${describeSchedule(t).padEnd(22)} ${t.prompt.slice(0, 50)}${paused}`,
-    );
-  }
-  return 0;
+  if (values.json) return report([JSON.stringify(tasks, null, 2)]);
+  const line = (t: ScheduledTask) =>
+    `${t.id}  ${t.groupFolder.padEnd(12)} ${t.status.padEnd(9)} next ${when(t.nextRun).padEnd(34)} ${describeSchedule(t).padEnd(22)} ${t.prompt.slice(0, 50)}${t.pausedReason ? `  (paused: ${t.pausedReason})` : ''}`;
+  return report(tasks.map(line), 'No scheduled tasks. Ask your assistant: "remind me every weekday at 9 to …"');
 }
 
 function onTask(run: (call: CommandCall, task: ScheduledTask) => number | Promise<number>) {
@@ -7306,25 +7233,20 @@ function onTask(run: (call: CommandCall, task: ScheduledTask) => number | Promis
 function tasksShow({ config, values, store }: CommandCall, task: ScheduledTask): number {
   const runs = store().taskRuns(task.id);
   const when = localTime(config);
-  if (values.json) {
-    console.log(JSON.stringify({ ...task, runs }, null, 2));
-    return 0;
-  }
-  console.log(
-    `Task ${task.id} (${task.status}${task.pausedReason ? `: ${task.pausedReason}` : ''})\n  group:    ${task.groupFolder} (${task.chatJid})\n  schedule: ${describeSchedule(task)}, context ${task.contextMode}`,
-  );
+  if (values.json) return report([JSON.stringify({ ...task, runs }, null, 2)]);
   // The prompt and results are the agent's words: shown, never obeyed by the terminal.
-  console.log(
-    visibleText(
-      `  next run: ${when(task.nextRun)}\n  last run: ${when(task.lastRun)}\n  prompt:   ${task.prompt}\n  last:     ${task.lastResult ?? '—'}`,
-    ),
-  );
-  if (runs.length) console.log('  recent runs:');
-  for (const r of runs)
-    console.log(
-      `    ${when(r.runAt)}  ${r.status.padEnd(7)} ${r.durationMs} ms  ${visibleText((r.error ?? r.result ?? '').slice(0, 60))}`,
-    );
-  return 0;
+  const result = (r: TaskRunLog) => visibleText((r.error ?? r.result ?? '').slice(0, 60));
+  return report([
+    `Task ${task.id} (${task.status}${task.pausedReason ? `: ${task.pausedReason}` : ''})`,
+    `  group:    ${task.groupFolder} (${task.chatJid})`,
+    `  schedule: ${describeSchedule(task)}, context ${task.contextMode}`,
+    `  next run: ${when(task.nextRun)}`,
+    `  last run: ${when(task.lastRun)}`,
+    `  prompt:   ${visibleText(task.prompt)}`,
+    `  last:     ${visibleText(task.lastResult ?? '—')}`,
+    ...(runs.length ? ['  recent runs:'] : []),
+    ...runs.map((r) => `    ${when(r.runAt)}  ${r.status.padEnd(7)} ${r.durationMs} ms  ${result(r)}`),
+  ]);
 }
 
 function changeTask(action: 'pause' | 'resume' | 'cancel') {
@@ -7332,83 +7254,63 @@ function changeTask(action: 'pause' | 'resume' | 'cancel') {
   return onTask(({ config, store }, task) => {
     applyTaskCommand(config, store(), task, { type: `${action}_task`, taskId: task.id });
     const next = action === 'resume' ? `; next run ${localTime(config)(store().getTask(task.id)!.nextRun)}` : '';
-    console.log(`${done} ${task.id}${next}.`);
-    return 0;
+    return report([`${done} ${task.id}${next}.`]);
   });
 }
 
 function mountsCommand({ config, values, positionals: [folder], store }: CommandCall): number {
   const group = store().groupByFolder(folder!);
   if (!group)
-    throw new UsageError(
-      `No registered group uses the folder "${folder}" (see: bun nanoclaw.ts groups list).`,
-      'mounts',
-    );
+    throw new UsageError(`No registered group uses "${folder}" (see: bun nanoclaw.ts groups list).`, 'mounts');
   const extra = groupExtraMounts(config, group);
   // Exactly what a run mounts (the run's own paths shown as <run>); nothing is created or changed.
   const network = groupNetwork(config, group);
   const proxySocket = config.modelProxy === 'unix' ? join(config.dataDir, 'proxy', '<run>.sock') : null;
   const egressSocket = network === 'egress' ? join(config.dataDir, 'proxy', '<run>.egress.sock') : null;
-  const mounts = [
-    ...groupMounts(config, group, extra.mounts),
-    ...runMounts(join(inboxRoot(config), '<run>'), proxySocket, egressSocket),
-  ];
-  if (values['docker-args']) {
-    for (const m of mounts) console.log(`-v\n${formatMount(m, 'docker')}`);
-    return 0;
-  }
-  for (const m of mounts) console.log(`${formatMount(m, 'human')}${MOUNT_NOTES[m.containerPath] ?? ''}`);
-  if (!proxySocket) console.log('model proxy: host.docker.internal:<port> (tcp mode)');
-  console.log(`network: ${network}`);
-  for (const r of extra.rejected) console.log(`refused: ${r.hostPath} (${r.reason})`);
-  return 0;
-}
-
-/** Log text as the terminal may show it: control characters but newline and tab written out (ESC as \x1b). */
-export function visibleText(text: string): string {
-  // Control characters, and the bidi controls that reorder a line, written out as escapes.
-  // biome-ignore lint/suspicious/noControlCharactersInRegex: finding them is the point
-  const hidden = /[\x00-\x08\x0b-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]/g;
-  return text.replace(hidden, (c) => {
-    const code = c.charCodeAt(0);
-    return code > 0xff ? `\\u${code.toString(16)}` : `\\x${code.toString(16).padStart(2, '0')}`;
-  });
+  const perRun = runMounts(join(inboxRoot(config), '<run>'), proxySocket, egressSocket);
+  const mounts = [...groupMounts(config, group, extra.mounts), ...perRun];
+  if (values['docker-args']) return report(mounts.map((m) => `-v\n${formatMount(m, 'docker')}`));
+  return report([
+    ...mounts.map((m) => `${formatMount(m, 'human')}${MOUNT_NOTES[m.containerPath] ?? ''}`),
+    ...(proxySocket ? [] : ['model proxy: host.docker.internal:<port> (tcp mode)']),
+    `network: ${network}`,
+    ...extra.rejected.map((r) => `refused: ${r.hostPath} (${r.reason})`),
+  ]);
 }
 
 function lastLines(text: string, count: number): string {
   return visibleText(text.replace(/\n$/, '').split('\n').slice(-count).join('\n'));
 }
 
+/** `logs --group`: the group's recent run logs, the latest one's end; read through its tree (the agent can write there). */
+function groupRunLog(config: Config, folder: string, count: number): string[] {
+  if (!isValidFolder(folder)) throw new UsageError(`"${folder}" is not a group folder name.`, 'logs');
+  const { group: tree } = groupTrees(config, folder);
+  const dir = relative(config.projectRoot, tree.path('logs'));
+  const runs = tree
+    .entries('logs')
+    .filter((e) => e.kind === 'file' && RUN_LOG_NAME.test(e.name))
+    .map((e) => e.name)
+    .sort();
+  if (runs.length === 0) return [`No container runs logged for "${folder}" yet (${dir}/).`];
+  const recent = runs.slice(-5).map((f) => `  ${dir}/${f}\n`);
+  return [
+    `Recent runs of ${folder}:\n${recent.join('')}`,
+    lastLines(tree.tail(`logs/${runs.at(-1)!}`, 256 * 1024), count),
+  ];
+}
+
 /** To follow the host live: tail -f logs/nanoclaw.log; to check the whole setup: diagnose. */
 function logsCommand({ config, values }: CommandCall): number {
   const count = positiveOption('logs', 'lines', values.lines, 40);
-  const folder = values.group;
-  if (typeof folder === 'string') {
-    if (!isValidFolder(folder)) throw new UsageError(`"${folder}" is not a group folder name.`, 'logs');
-    const { group: tree } = groupTrees(config, folder);
-    const dir = relative(config.projectRoot, tree.path('logs'));
-    const runs = tree
-      .entries('logs')
-      .filter((e) => e.kind === 'file' && RUN_LOG_NAME.test(e.name))
-      .map((e) => e.name)
-      .sort();
-    if (runs.length === 0) console.log(`No container runs logged for "${folder}" yet (${dir}/).`);
-    else {
-      const recent = runs.slice(-5).map((f) => `  ${dir}/${f}\n`);
-      console.log(`Recent runs of ${folder}:\n${recent.join('')}`);
-      console.log(lastLines(tree.tail(`logs/${runs.at(-1)!}`, 256 * 1024), count));
-    }
-    return 0;
-  }
+  if (typeof values.group === 'string') return report(groupRunLog(config, values.group, count));
   const [main, errors] = ['nanoclaw.log', 'nanoclaw.error.log'].map((name) => join(config.logsDir, name));
-  if (!existsSync(main!)) {
-    console.log('No host log yet (logs/nanoclaw.log appears once NanoClaw has run).');
-    return 0;
-  }
-  console.log(`== logs/nanoclaw.log (last ${count} lines) ==\n${lastLines(readFileSync(main!, 'utf8'), count)}`);
+  if (!existsSync(main!)) return report(['No host log yet (logs/nanoclaw.log appears once NanoClaw has run).']);
   const recentErrors = existsSync(errors!) ? lastLines(readFileSync(errors!, 'utf8'), Math.min(count, 10)) : '';
-  if (recentErrors) console.log(`\n== logs/nanoclaw.error.log (latest) ==\n${recentErrors}`);
-  return 0;
+  return report([
+    `== logs/nanoclaw.log (last ${count} lines) ==\n${lastLines(readFileSync(main!, 'utf8'), count)}`,
+    ...(recentErrors ? [`\n== logs/nanoclaw.error.log (latest) ==\n${recentErrors}`] : []),
+  ]);
 }
 
 /** A script next to this file, run for this project with the settings in effect; its exit status is the command's. */
@@ -7417,9 +7319,7 @@ function runScript(config: Config, name: string, args: string[], env: Record<str
   const settings = Object.entries(process.env).filter(([key]) => Object.hasOwn(SETTINGS, key));
   const run = Bun.spawnSync(['bash', script, ...args], {
     env: { ...childProcessEnv(), NANOCLAW_ROOT: config.projectRoot, ...Object.fromEntries(settings), ...env },
-    stdin: 'inherit',
-    stdout: 'inherit',
-    stderr: 'inherit',
+    stdio: ['inherit', 'inherit', 'inherit'],
   });
   return run.exitCode ?? 1;
 }
@@ -7434,28 +7334,21 @@ function serviceCommand({ config, values, action }: CommandCall): number {
 }
 
 function sessionsList({ store }: CommandCall): number {
-  const sessions = store().listSessions();
-  if (sessions.length === 0) console.log('No sessions yet.');
-  for (const s of sessions) console.log(`${s.groupFolder.padEnd(16)} ${s.sessionId}  (updated ${s.updatedAt})`);
-  return 0;
+  const sessions = store()
+    .listSessions()
+    .map((s) => `${s.groupFolder.padEnd(16)} ${s.sessionId}  (updated ${s.updatedAt})`);
+  return report(sessions, 'No sessions yet.');
 }
 
 function sessionsClear({ config, positionals: [folder], store }: CommandCall): number {
   if (!isValidFolder(folder!)) throw new UsageError(`"${folder}" is not a group folder name.`, 'sessions');
   const hadFiles = groupTrees(config, folder!).kimi.remove('sessions');
   const hadRow = store().deleteSession(folder!);
-  console.log(
-    hadFiles || hadRow
-      ? `Cleared the session of "${folder}": the next message starts a new one.`
-      : `"${folder}" had no session.`,
-  );
-  return 0;
+  const cleared = `Cleared the session of "${folder}": the next message starts a new one.`;
+  return report([hadFiles || hadRow ? cleared : `"${folder}" had no session.`]);
 }
 
-interface ModelCheck {
-  status: 'ok' | 'refused' | 'offline' | 'error';
-  detail: string;
-}
+type ModelCheck = { status: 'ok' | 'refused' | 'offline' | 'error'; detail: string };
 
 async function modelAnswer(config: Config, response: Response): Promise<ModelCheck> {
   const { baseUrl, modelName } = config.kimi;
@@ -7511,24 +7404,21 @@ function usageCommand({ config, values, store }: CommandCall): number {
   const groupFilter = values.group as string | undefined;
   const from = new Date(Date.now() - (days - 1) * 86_400_000).toISOString();
   const rows = store().modelUsage(formatLocalTime(from, config.timezone).slice(0, 10), groupFilter);
-  if (values.json) {
-    console.log(JSON.stringify(rows, null, 2));
-    return 0;
-  }
-  if (rows.length === 0) {
-    console.log(`No model requests in the last ${days} days${groupFilter ? ` for "${groupFilter}"` : ''}.`);
-    return 0;
-  }
+  if (values.json) return report([JSON.stringify(rows, null, 2)]);
+  if (rows.length === 0)
+    return report([`No model requests in the last ${days} days${groupFilter ? ` for "${groupFilter}"` : ''}.`]);
   // Day and group to the left, the counts to the right; the total row leaves group and failed empty.
   const row = (...cells: (string | number)[]) =>
-    cells.map((c, i) => (i < 2 ? String(c).padEnd([11, 16][i]!) : String(c).padStart([8, 6, 14, 14][i - 2]!)));
+    cells
+      .map((c, i) => (i < 2 ? String(c).padEnd([11, 16][i]!) : String(c).padStart([8, 6, 14, 14][i - 2]!)))
+      .join(' ');
   const sum = (count: (r: (typeof rows)[number]) => number) => rows.reduce((n, r) => n + count(r), 0);
-  console.log(row('day', 'group', 'requests', 'failed', 'prompt tokens', 'output tokens').join(' '));
-  for (const r of rows)
-    console.log(row(r.day, r.groupFolder, r.requests, r.failed, r.promptTokens, r.completionTokens).join(' '));
   const total = [sum((r) => r.requests), '', sum((r) => r.promptTokens), sum((r) => r.completionTokens)];
-  console.log(row('total', '', ...total).join(' '));
-  return 0;
+  return report([
+    row('day', 'group', 'requests', 'failed', 'prompt tokens', 'output tokens'),
+    ...rows.map((r) => row(r.day, r.groupFolder, r.requests, r.failed, r.promptTokens, r.completionTokens)),
+    row('total', '', ...total),
+  ]);
 }
 
 /** Where a setting's value comes from, as loadConfig reads it: the environment wins over .env. */
@@ -7543,8 +7433,7 @@ function settingValue(config: Config, key: string): string {
     const secret = readSecrets(config)[key];
     return secret ? `set (${secret.length} characters)` : '';
   }
-  const value = SETTINGS[key]!(config);
-  return value === undefined ? '' : String(value);
+  return String(SETTINGS[key]!(config) ?? '');
 }
 
 const SETTING_NAMES = [...Object.keys(SETTINGS), ...SECRET_KEYS];
@@ -7553,19 +7442,13 @@ function configGet({ config, positionals: keys }: CommandCall): number {
   const unknown = keys.find((key) => !SETTING_NAMES.includes(key));
   if (unknown)
     throw new UsageError(`"${unknown}" is not a NanoClaw setting (see: bun nanoclaw.ts config list).`, 'config');
-  for (const key of keys) console.log(settingValue(config, key).replace(/\n/g, '\\n')); // one line per key, always
-  return 0;
+  return report(keys.map((key) => settingValue(config, key).replace(/\n/g, '\\n'))); // one line per key, always
 }
 
 function configList({ config }: CommandCall): number {
-  for (const key of SETTING_NAMES)
-    console.log(`${key.padEnd(26)} ${settingValue(config, key).padEnd(40)} (${settingSource(config, key)})`);
-  return 0;
-}
-
-function configDocs(): number {
-  console.log(settingsMarkdown());
-  return 0;
+  const line = (key: string) =>
+    `${key.padEnd(26)} ${settingValue(config, key).padEnd(40)} (${settingSource(config, key)})`;
+  return report(SETTING_NAMES.map(line));
 }
 
 function diagnoseCommand({ config, values }: CommandCall): number {
@@ -7587,97 +7470,74 @@ interface Runs {
   /** Its arguments, for "… needs <this>." (one argument unless `count` says); none when absent. */
   needs?: string;
   count?: number | 'one or more';
-  takes?: string[];
+  options?: CommandOptions;
   run: (call: CommandCall) => number | Promise<number>;
 }
 
 interface Command {
-  /** Its lines of usage (synopsis, what it does): shown after its mistakes, for --help, and in the overall usage. */
-  usage: [string, string][];
-  options?: CommandOptions;
+  /** Its lines of usage, "synopsis — what it does", one a line: shown after its mistakes, for --help, and in the overall usage. */
+  usage: string;
   actions?: Record<string, Runs>;
   defaultAction?: string;
 }
 
-const json = { json: { type: 'boolean' } } as const;
+// What an option takes: nothing (a flag), a text, or texts (the option repeated).
+const flag = { type: 'boolean' } as const;
+const text = { type: 'string' } as const;
+const texts = { type: 'string', multiple: true } as const;
+const json = { json: flag };
 const taskId = 'one task id (see: bun nanoclaw.ts tasks list)';
 const register: Runs = {
   needs: 'a chat id and a folder name',
   count: 2,
-  takes: ['name', 'trigger', 'no-trigger', 'main', 'network', 'allow', 'mount'],
-  run: ({ config, values, positionals: [jid, folder], store }) => {
-    const request = registration(config, values, jid!, folder!); // checked before the store is opened
-    return groupsRegister(config, store(), request);
-  },
+  options: { name: text, trigger: text, 'no-trigger': flag, main: flag, network: text, allow: text, mount: texts },
+  run: groupsRegister,
 };
-const service: Runs = { takes: ['dry-run', 'platform'], run: serviceCommand };
+const service: Runs = { options: { 'dry-run': flag, platform: text }, run: serviceCommand };
 
 const COMMANDS: Record<string, Command & Partial<Runs>> = {
   start: {
-    usage: [['(none), start', 'run the assistant service (WhatsApp)']],
+    usage: '(none), start — run the assistant service (WhatsApp)',
     run: ({ config }) => runService(config),
   },
   auth: {
-    usage: [
-      ['auth [--pairing-code <phone>]', 'link this machine to your WhatsApp (QR code, or a code typed on the phone)'],
-      ['auth --relink [--pairing-code <phone>]', "replace this machine's link: deletes store/auth/, then links again"],
-      [
-        'auth --check',
-        'is this machine linked? (exit 0 linked, 3 not linked, 4 a pairing left unfinished, 5 credentials damaged)',
-      ],
-    ],
-    options: { 'pairing-code': { type: 'string' }, check: { type: 'boolean' }, relink: { type: 'boolean' } },
+    usage: `
+      auth [--pairing-code <phone>] — link this machine to your WhatsApp (QR code, or a code typed on the phone)
+      auth --relink [--pairing-code <phone>] — replace this machine's link: deletes store/auth/, then links again
+      auth --check — is this machine linked? (exit 0 linked, 3 not linked, 4 a pairing left unfinished, 5 credentials damaged)`,
+    options: { 'pairing-code': text, check: flag, relink: flag },
     run: authCommand,
   },
   chat: {
-    usage: [
-      [
-        'chat',
-        "talk to the main group's agent from this terminal (piped stdin: one message per line; Ctrl-C stops the turn, exit 130)",
-      ],
-    ],
+    usage:
+      "chat — talk to the main group's agent from this terminal (piped stdin: one message per line; Ctrl-C stops the turn, exit 130)",
     run: ({ config }) => runChat(config),
   },
   groups: {
-    usage: [
-      ['groups list', 'registered groups'],
-      ['groups discover', 'the WhatsApp chats this machine knows (id, name, members), to register one'],
-      [
-        'groups register|add <jid> <folder> [--name N] [--trigger @Word] [--no-trigger] [--main] [--network egress|none|bridge|NAME] [--allow <jid>[,<jid>…]] [--mount <hostPath>[:<name>][:ro|rw]]…',
-        'only the owner and these senders wake the agent (default: everyone; in main, only the owner); --mount adds a folder under /workspace/extra/ if the mount allowlist allows it (read-only unless rw)',
-      ],
-      ['groups remove <jid|folder>', 'unregister (its folder and memory stay on disk; its active tasks are paused)'],
-    ],
-    options: {
-      name: { type: 'string' },
-      trigger: { type: 'string' },
-      'no-trigger': { type: 'boolean' },
-      main: { type: 'boolean' },
-      network: { type: 'string' },
-      allow: { type: 'string' },
-      mount: { type: 'string', multiple: true },
-    },
+    usage: `
+      groups list — registered groups
+      groups discover — the WhatsApp chats this machine knows (id, name, members), to register one
+      groups register|add <jid> <folder> [--name N] [--trigger @Word] [--no-trigger] [--main] [--network egress|none|bridge|NAME] [--allow <jid>[,<jid>…]] [--mount <hostPath>[:<name>][:ro|rw]]… — only the owner and these senders wake the agent (default: everyone; in main, only the owner); --mount adds a folder under /workspace/extra/ if the mount allowlist allows it (read-only unless rw)
+      groups remove <jid|folder> — unregister (its folder and memory stay on disk; its active tasks are paused)`,
     defaultAction: 'list',
     actions: {
       list: { run: ({ store }) => groupsList(store()) },
-      discover: { run: ({ store }) => groupsDiscover(store()) },
+      discover: { run: ({ store }) => report(discoverLines(store())) },
       register,
       add: register,
       remove: { needs: 'one chat id or folder', run: ({ positionals: [key], store }) => groupsRemove(store(), key!) },
     },
   },
   tasks: {
-    usage: [
-      ['tasks list [--json]', 'scheduled tasks, next runs in your timezone'],
-      ['tasks show <id> [--json]', 'one task and its recent runs'],
-      ['tasks run <id>', 'run a task now; what it sends goes to its chat (WhatsApp: through the outbox)'],
-      ['tasks pause|resume|cancel <id>', ''],
-    ],
-    options: json,
+    usage: `
+      tasks list [--json] — scheduled tasks, next runs in your timezone
+      tasks show <id> [--json] — one task and its recent runs
+      tasks run <id> — run a task now; what it sends goes to its chat (WhatsApp: through the outbox)
+      tasks pause|resume|cancel <id>`,
     defaultAction: 'list',
     actions: {
-      list: { takes: ['json'], run: tasksList },
-      show: { needs: taskId, takes: ['json'], run: onTask(tasksShow) },
+      list: { options: json, run: tasksList },
+      show: { needs: taskId, options: json, run: onTask(tasksShow) },
       run: { needs: taskId, run: onTask(({ config, store }, task) => runTaskNow(config, store(), task)) },
       pause: { needs: taskId, run: changeTask('pause') },
       resume: { needs: taskId, run: changeTask('resume') },
@@ -7685,87 +7545,68 @@ const COMMANDS: Record<string, Command & Partial<Runs>> = {
     },
   },
   logs: {
-    usage: [
-      [
-        'logs [--group <folder>] [--lines N]',
-        "recent host log, or a group's latest container runs (live: tail -f logs/nanoclaw.log)",
-      ],
-    ],
-    options: { group: { type: 'string' }, lines: { type: 'string' } },
+    usage:
+      "logs [--group <folder>] [--lines N] — recent host log, or a group's latest container runs (live: tail -f logs/nanoclaw.log)",
+    options: { group: text, lines: text },
     run: logsCommand,
   },
   mounts: {
-    usage: [['mounts <folder> [--docker-args]', "what a group's container gets mounted where"]],
-    options: { 'docker-args': { type: 'boolean' } },
+    usage: "mounts <folder> [--docker-args] — what a group's container gets mounted where",
+    options: { 'docker-args': flag },
     needs: 'one group folder (see: bun nanoclaw.ts groups list)',
     run: mountsCommand,
   },
   service: {
-    usage: [
-      [
-        'service install|uninstall|status [--dry-run] [--platform linux|macos]',
-        "run NanoClaw in the background (this install's own systemd user unit / launchd agent; scripts/service.sh)",
-      ],
-    ],
-    options: { 'dry-run': { type: 'boolean' }, platform: { type: 'string' } },
+    usage:
+      "service install|uninstall|status [--dry-run] [--platform linux|macos] — run NanoClaw in the background (this install's own systemd user unit / launchd agent; scripts/service.sh)",
     actions: { install: service, uninstall: service, status: service },
   },
   sessions: {
-    usage: [
-      ['sessions list', 'the Kimi session of each group'],
-      ['sessions clear <folder>', "forget a group's session (files and database row)"],
-    ],
+    usage: `
+      sessions list — the Kimi session of each group
+      sessions clear <folder> — forget a group's session (files and database row)`,
     defaultAction: 'list',
     actions: { list: { run: sessionsList }, clear: { needs: 'one group folder', run: sessionsClear } },
   },
   usage: {
-    usage: [
-      [
-        'usage [--days N] [--group F] [--json]',
-        'model requests and tokens by group and day (counted by the model proxy)',
-      ],
-    ],
-    options: { days: { type: 'string' }, group: { type: 'string' }, ...json },
+    usage:
+      'usage [--days N] [--group F] [--json] — model requests and tokens by group and day (counted by the model proxy)',
+    options: { days: text, group: text, ...json },
     run: usageCommand,
   },
   model: {
-    usage: [['model check [--json]', 'does the endpoint take the key? (one cheap request through the proxy)']],
-    options: json,
-    actions: { check: { takes: ['json'], run: modelCheck } },
+    usage: 'model check [--json] — does the endpoint take the key? (one cheap request through the proxy)',
+    actions: { check: { options: json, run: modelCheck } },
   },
   config: {
-    usage: [
-      ['config get <KEY>…', 'the value NanoClaw uses for each setting (one per line; the key only as "set")'],
-      ['config list', 'every setting, its value, and where it comes from'],
-      ['config docs', 'the settings table of docs/configuration.md, in Markdown'],
-    ],
+    usage: `
+      config get <KEY>… — the value NanoClaw uses for each setting (one per line; the key only as "set")
+      config list — every setting, its value, and where it comes from
+      config docs — the settings table of docs/configuration.md, in Markdown`,
     actions: {
-      get: {
-        needs: 'at least one setting name, e.g. config get CONTAINER_IMAGE',
-        count: 'one or more',
-        run: configGet,
-      },
+      get: { needs: 'a setting name or more, e.g. CONTAINER_IMAGE', count: 'one or more', run: configGet },
       list: { run: configList },
-      docs: { run: configDocs },
+      docs: { run: () => report([settingsMarkdown()]) },
     },
   },
   diagnose: {
-    usage: [['diagnose [--json]', 'check the whole setup (runs scripts/diagnose.sh)']],
+    usage: 'diagnose [--json] — check the whole setup (runs scripts/diagnose.sh)',
     options: json,
     run: diagnoseCommand,
   },
   help: {
-    usage: [['help [command], --help', "this text, or one command's"]], // main() answers it: it needs no settings
+    usage: "help [command], --help — this text, or one command's", // main() answers it: it needs no settings
   },
 };
 
-function usageLines(lines: [string, string][]): string {
-  const line = ([synopsis, what]: [string, string]) =>
-    !what
-      ? synopsis
-      : synopsis.length < 36
-        ? `${synopsis.padEnd(36)}${what}`
-        : `${synopsis}\n  ${''.padEnd(36)}${what}`;
+/** Each "synopsis — what" as two columns; a synopsis too long for the first puts what it does on the next line. */
+function usageLines(usage: string): string {
+  const lines = usage.trim().split(/\s*\n\s*/);
+  const line = (entry: string) => {
+    const [synopsis, what] = entry.split(' — ') as [string, string?];
+    if (!what) return synopsis;
+    return synopsis.length < 36 ? `${synopsis.padEnd(36)}${what}` : `${synopsis}\n  ${''.padEnd(36)}${what}`;
+  };
   return lines.map((entry) => `  ${line(entry)}`).join('\n');
 }
 
@@ -7782,10 +7623,8 @@ ${Object.values(COMMANDS)
 
 Settings come from the environment and .env (see .env.example).`;
 
-function help(about?: string): number {
-  console.log(about && Object.hasOwn(COMMANDS, about) ? commandUsage(about) : overallUsage());
-  return 0;
-}
+const help = (about?: string) =>
+  report([about && Object.hasOwn(COMMANDS, about) ? commandUsage(about) : overallUsage()]);
 
 /** The sub-command named by the first argument; options it does not take are a mistake naming who takes them. */
 function chooseAction(name: string, command: Command, values: OptionValues, given: string | undefined): Runs {
@@ -7793,47 +7632,38 @@ function chooseAction(name: string, command: Command, values: OptionValues, give
   if (given === undefined) throw new UsageError(`${name} needs a command: ${Object.keys(actions).join(', ')}.`, name);
   const action = Object.hasOwn(actions, given) ? actions[given]! : null;
   if (!action) throw new UsageError(`Unknown ${name} command "${given}".`, name);
-  const misplaced = Object.keys(command.options ?? {}).find(
-    (o) => values[o] !== undefined && !action.takes?.includes(o),
-  );
+  const misplaced = Object.keys(values).find((option) => !Object.hasOwn(action.options ?? {}, option));
   if (misplaced) {
-    const owners = new Map<Runs, string>(); // an alias (groups add) is not named twice
-    for (const [actionName, runs] of Object.entries(actions))
-      if (runs.takes?.includes(misplaced) && !owners.has(runs)) owners.set(runs, `${name} ${actionName}`);
-    throw new UsageError(`--${misplaced} belongs to ${[...owners.values()].join(' and ')}.`, name);
+    const owners = Object.keys(actions).filter((owner) => Object.hasOwn(actions[owner]!.options ?? {}, misplaced));
+    throw new UsageError(`--${misplaced} belongs to ${name} ${owners.join('|')}.`, name); // as usage writes it
   }
   return action;
 }
 
-function checkArgumentCount(name: string, called: string, runs: Partial<Runs>, given: string[]): void {
-  const count = runs.needs ? (runs.count ?? 1) : 0;
-  if (count === 'one or more' ? given.length === 0 : given.length !== count)
-    throw new UsageError(count ? `${called} needs ${runs.needs}.` : `${called} takes no arguments.`, name);
-}
-
+/** What runs: the command, or the action its first argument names (else its default); its arguments counted. */
 function chooseRun(name: string, command: Command & Partial<Runs>, values: OptionValues, positionals: string[]) {
-  if (!command.actions) {
-    checkArgumentCount(name, name, command, positionals);
-    return { runs: command as Runs, action: '', positionals };
-  }
-  const [action = command.defaultAction, ...rest] = positionals;
-  const runs = chooseAction(name, command, values, action);
-  checkArgumentCount(name, `${name} ${action}`, runs, rest);
+  const [action = command.defaultAction, ...rest] = command.actions ? positionals : ['', ...positionals];
+  const runs = command.actions ? chooseAction(name, command, values, action) : (command as Runs);
+  const called = command.actions ? `${name} ${action}` : name;
+  const count = runs.needs ? (runs.count ?? 1) : 0;
+  if (count === 'one or more' ? rest.length === 0 : rest.length !== count)
+    throw new UsageError(count ? `${called} needs ${runs.needs}.` : `${called} takes no arguments.`, name);
   return { runs, action: action!, positionals: rest };
 }
 
 async function runCommand(config: Config, name: string, args: string[]): Promise<number> {
   const command = Object.hasOwn(COMMANDS, name) ? COMMANDS[name]! : null;
-  if (!command)
-    throw new UsageError(
-      `Unknown command "${name}".${name.startsWith('-') ? '' : ' The commands are below.'}\n\n${overallUsage()}`,
-    );
-  const { values, positionals } = commandArgs(name, args, command.options);
-  const { runs, action, positionals: rest } = chooseRun(name, command, values, positionals);
+  const below = name.startsWith('-') ? '' : ' The commands are below.';
+  if (!command) throw new UsageError(`Unknown command "${name}".${below}\n\n${overallUsage()}`);
+  // A command's options are its own and all its actions'; chooseAction then refuses one its action does not take.
+  const options = Object.assign({}, command.options, ...Object.values(command.actions ?? {}).map((a) => a.options));
+  const parsed = commandArgs(name, args, options);
+  if (!parsed) return help(name);
+  const { runs, action, positionals } = chooseRun(name, command, parsed.values, parsed.positionals);
   const opened = { store: null as Store | null };
   const store = () => (opened.store ??= new Store(config.dbPath));
   try {
-    return await runs.run({ config, action, values, positionals: rest, store });
+    return await runs.run({ config, action, values: parsed.values, positionals, store });
   } finally {
     opened.store?.close();
   }
@@ -7841,17 +7671,10 @@ async function runCommand(config: Config, name: string, args: string[]): Promise
 
 /** The one place an error becomes an exit status: 2 when the user must act (with the fix), 1 otherwise. */
 function exitStatusOf(err: unknown): number {
-  if (err instanceof HelpRequested) {
-    console.log(commandUsage(err.command));
-    return 0;
-  }
-  if (err instanceof UsageError) {
-    console.error(err.command ? `${err.message}\n\n${commandUsage(err.command)}` : err.message);
-    return 2;
-  }
   const forUser = [ConfigError, IpcFormatError, GroupError, WhatsAppNotLinked, StoreCorruptError, StoreMissingError];
-  if (err instanceof Error && forUser.some((kind) => err instanceof kind)) {
-    console.error(err.message);
+  if (err instanceof UsageError || (err instanceof Error && forUser.some((kind) => err instanceof kind))) {
+    const usage = err instanceof UsageError && err.command ? `\n\n${commandUsage(err.command)}` : '';
+    console.error(`${err.message}${usage}`);
     return 2;
   }
   if (isStoreUnavailable(err)) {
@@ -7866,26 +7689,21 @@ function exitStatusOf(err: unknown): number {
 }
 
 /** NANOCLAW_ROOT points the CLI at another project directory (tests, several assistants on one machine). */
-async function main(
-  argv: string[],
-  projectRoot = process.env.NANOCLAW_ROOT || dirname(fileURLToPath(import.meta.url)),
-): Promise<number> {
+async function main(argv: string[]): Promise<number> {
   takeSecretsOutOfEnvironment();
   const [given = 'start', ...args] = argv;
   const command = given === '--help' || given === '-h' ? 'help' : given;
   if (command === 'help') return help(args[0]); // needs no settings: it works where they are wrong
   try {
-    const config = loadConfig(projectRoot);
+    const config = loadConfig(process.env.NANOCLAW_ROOT || dirname(fileURLToPath(import.meta.url)));
     const verbose = config.logLevel === 'debug' || config.logLevel === 'trace';
     // In `chat` the terminal belongs to the conversation; under a service manager (no TTY)
     // stdout/stderr already go to the log files, so the terminal copy would double them.
     // Other commands print their own results; their log lines go to the files unless something is wrong.
     const quietTerminal = (command === 'chat' && !verbose) || (command === 'start' && !process.stderr.isTTY);
     const terminalLevel = quietTerminal ? 'silent' : command === 'start' || verbose ? config.logLevel : 'warn';
-    setupLogging(config, {
-      terminalLevel,
-      secrets: Object.values(readSecrets(config)).filter((v): v is string => Boolean(v)),
-    });
+    const secrets = Object.values(readSecrets(config)).filter((v): v is string => Boolean(v));
+    setupLogging(config, { terminalLevel, secrets });
     return await runCommand(config, command, args);
   } catch (err) {
     return exitStatusOf(err);

@@ -497,7 +497,7 @@ describe('bun nanoclaw.ts never crashes on a typo', () => {
     [['usage', '--json=yes'], '--json takes no value.'],
     [['groups', 'register', 'family-chat', 'family'], '"family-chat" is not a WhatsApp chat id'],
     [['groups', 'register', FAMILY, 'family', '--trigger', 'Bot'], 'trigger "Bot" must be @ and one word, e.g. @Andy.'],
-    [['groups', 'list', '--main'], '--main belongs to groups register.'],
+    [['groups', 'list', '--main'], '--main belongs to groups register|add.'],
     [
       ['groups', 'register', FAMILY, 'family', '--allow', '4915100000002@s.whatsapp.net,bob'],
       'allow: "bob" is not a WhatsApp sender id (<phone digits>@s.whatsapp.net or <digits>@lid).',
@@ -637,9 +637,7 @@ describe('settings, linking and tasks as a user meets them', () => {
     expect(unlinked.stdout).toContain('WhatsApp is not linked on this machine');
     renameSync(await linkedAuthDir(), join(root, 'store', 'auth'));
     const linked = await cli(['tasks', 'run', 'water']);
-    expect(linked.stdout).toContain(
-      'It waits in the outbox: NanoClaw sends it to WhatsApp as soon as the service runs',
-    );
+    expect(linked.stdout).toContain('Queued in the outbox, for WhatsApp as soon as the service runs');
     const service = new Store(join(root, 'store', 'messages.db'));
     const queued = service.unsent('whatsapp');
     expect(queued.map((m) => m.text)).toEqual(['Andy: echo: water the plants', 'Andy: echo: water the plants']);

@@ -417,7 +417,7 @@ describe('bun nanoclaw.ts tasks', () => {
     const run = await cli('run', t.id);
     expect(run.code).toBe(0);
     expect(run.stdout).toBe(
-      `→ ${FAMILY} (queued for WhatsApp): Andy: echo: water the plants\nWhatsApp is not linked on this machine: it waits in the outbox until you link it (bun nanoclaw.ts auth) and start NanoClaw.\n`,
+      `→ ${FAMILY} (queued for WhatsApp): Andy: echo: water the plants\nWhatsApp is not linked on this machine: queued in the outbox until you link it (bun nanoclaw.ts auth) and start NanoClaw.\n`,
     );
     expect((await cli('show', t.id)).stdout).toMatch(/recent runs:\n.*success/);
     expect((await cli('cancel', t.id)).code).toBe(0);

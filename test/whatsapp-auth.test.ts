@@ -144,7 +144,7 @@ describe('bun nanoclaw.ts auth and store/auth', () => {
     const asked = await cli(root, ['auth']);
     expect(asked.code).toBe(2);
     expect(asked.stderr.trim().split('\n')).toEqual([
-      'store/auth/creds.json is damaged (empty or cut short) and has no whole backup. To link again (this deletes store/auth/): bun nanoclaw.ts auth --relink',
+      'store/auth/creds.json is damaged and has no whole backup. To link again (this deletes store/auth/): bun nanoclaw.ts auth --relink',
     ]);
     expect(readFileSync(creds, 'utf8')).toBe('{"noiseKey": {"priv');
     const check = await cli(root, ['auth', '--check']);
