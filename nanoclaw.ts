@@ -6813,7 +6813,7 @@ async function runChat(config: Config): Promise<number> {
   const { main, leftOut } = await mainForChat(config);
   const terminal = new ChatTerminal(interactive, config.assistantName);
   const local = new LocalChannel(main.jid, terminal);
-  const { host, store, ...started } = await startHost(config, () => [local]);
+  const { host, ...started } = await startHost(config, () => [local]);
   const finish = () => {
     terminal.close();
     return started.finish();
