@@ -14,6 +14,8 @@
 # machine but the model check's one request.
 # Exit status = the number of failed checks (0 = healthy); 2 for an unknown option.
 set -uo pipefail
+# Text is searched with `grep … <<<"$TEXT"`, never `printf … | grep -q`: under pipefail a grep that stops at its
+# first match can kill printf with SIGPIPE and turn a match into a failure (it made the checks flaky under load).
 
 usage() {
   cat <<'USAGE'
@@ -216,7 +218,7 @@ elif [ $HOST_OK = 0 ]; then
   report info "Key delivery" "partly checked: Bun leaves .env alone (bunfig.toml: env = false); the mounts are not checked: the host could not run (see Settings)"
 elif [ -n "$MOUNTS_PROBLEM" ]; then
   report fail "Key delivery" "$MOUNTS_PROBLEM" "see the message; bun nanoclaw.ts mounts $MAIN_FOLDER shows what a run of the main group gets"
-elif [ -n "$MAIN_FOLDER" ] && ! printf '%s\n' "$MOUNTS" | grep -Eq '/run/nanoclaw/model\.sock|^model proxy:'; then
+elif [ -n "$MAIN_FOLDER" ] && ! grep -Eq '/run/nanoclaw/model\.sock|^model proxy:' <<<"$MOUNTS"; then
   report fail "Key delivery" "the host's mount table for $MAIN_FOLDER shows no model proxy, so its containers would need the key itself" "restore the model proxy in AgentLauncher.run (see SECURITY.md); check with: bun nanoclaw.ts mounts $MAIN_FOLDER"
 elif [ -n "$EXPOSED" ]; then
   report fail "Key delivery" "a container of $MAIN_FOLDER would see a file holding the key: $(printf '%s' "$EXPOSED" | paste -sd ';' - | sed 's/;/; /g')" "keep .env, store/ and data/ masked in the main group's project mount (groupMounts, HIDDEN_FROM_MAIN; see SECURITY.md)"
@@ -267,10 +269,10 @@ else
     report fail "Agent image" "$IMAGE exists but 'kimi info' fails inside it" "./container/build.sh --no-cache"
   elif [ -n "$PIN" ] && [ "$KIMI_VERSION" != "$PIN" ]; then
     report fail "Agent image" "$IMAGE runs Kimi Code CLI $KIMI_VERSION, but this checkout pins $PIN" "./container/build.sh (the image is older than the code)"
-  elif printf '%s\n' "$KIMI_INFO" | grep -q 'config files are valid'; then
+  elif grep -q 'config files are valid' <<<"$KIMI_INFO"; then
     report ok "Agent image" "$IMAGE, Kimi Code CLI $KIMI_VERSION; kimi doctor finds its files valid"
   else
-    report fail "Agent image" "kimi doctor in $IMAGE: $(printf '%s\n' "$KIMI_INFO" | grep -m1 -iE 'error|invalid|fail' || echo 'its files are not valid')" "bun nanoclaw.ts sessions clear $MAIN_FOLDER (the runner writes config.toml again at the next run)"
+    report fail "Agent image" "kimi doctor in $IMAGE: $(grep -m1 -iE 'error|invalid|fail' <<<"$KIMI_INFO" || echo 'its files are not valid')" "bun nanoclaw.ts sessions clear $MAIN_FOLDER (the runner writes config.toml again at the next run)"
   fi
 fi
 
@@ -283,7 +285,7 @@ elif [ -z "$MAIN_FOLDER" ]; then
   report info "Session mount" "not checked: no main group known yet (see Groups)"
 elif [ -n "$MOUNTS_PROBLEM" ]; then
   report fail "Session mount" "$MOUNTS_PROBLEM" "see the message; bun nanoclaw.ts mounts $MAIN_FOLDER shows what a run gets"
-elif [ "$SESSION_TARGET" = /home/node/.kimi ] && printf '%s\n' "$MOUNTS" | grep -qxF "$SESSIONS -> /home/node/.kimi (rw)"; then
+elif [ "$SESSION_TARGET" = /home/node/.kimi ] && grep -qxF "$SESSIONS -> /home/node/.kimi (rw)" <<<"$MOUNTS"; then
   report ok "Session mount" "data/sessions/$MAIN_FOLDER/.kimi -> /home/node/.kimi (rw)"
 elif [ "$SESSION_TARGET" = /home/node/.kimi ]; then
   report fail "Session mount" "the host mounts data/sessions/$MAIN_FOLDER/.kimi at /home/node/.kimi read-only; the CLI must write its sessions there" "in groupMounts(), mount the sessions at containerPath '/home/node/.kimi' with readonly: false"

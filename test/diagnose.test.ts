@@ -151,8 +151,8 @@ async function diagnose(
   f: Fixture,
 ): Promise<{ checks: Record<string, Check>; list: Check[]; code: number; text: string }> {
   const script = join(f.codeDir, 'scripts', 'diagnose.sh');
-  // One after the other, as a person runs them. Run at once they disagreed once in CI (one
-  // more check failed in one form), under load; not reproduced alone in 8 tries.
+  // One after the other, as a person runs them. (The two forms once disagreed under load: a
+  // `printf | grep -q` under pipefail, now gone from the script.)
   const json = await run(['bash', script, '--json'], f);
   const list = JSON.parse(json.out) as Check[];
   const human = await run(['bash', script], f, '/');
