@@ -1693,22 +1693,48 @@ const fileNote = (file: OutboundFile): string =>
 export const LOCAL_MAIN_JID = 'main@local';
 
 const SPINNER_FRAMES = ['⠋', '⠙', '⠹', '⠸', '⠼', '⠴', '⠦', '⠧', '⠇', '⠏'];
+const CHAT_PROMPT = 'you › ';
 
-/** The terminal side of `chat`: a spinner while the agent works, output never amid what is being typed. */
-class ChatTerminal {
-  readonly lines: ReturnType<typeof createInterface>;
+/** The terminal as the main chat's channel: each line typed or piped is an inbound message; on a terminal, a spinner
+ *  while the agent works and output never amid what is being typed. Ctrl-C stops the chat; a second one leaves at once. */
+class TerminalChannel implements Channel {
+  readonly name = 'local';
+  readonly ready = true;
+  readonly interactive = Boolean(process.stdin.isTTY && process.stdout.isTTY);
+  readonly lines = createInterface({
+    input: process.stdin,
+    terminal: this.interactive,
+    ...(this.interactive ? { output: process.stdout, prompt: CHAT_PROMPT } : {}),
+  });
+  readonly ctrlC = Promise.withResolvers<void>();
+  stopped = false;
+  private handlers: ChannelHandlers | null = null;
+  private sent = 0;
   private spinner: ReturnType<typeof setInterval> | null = null;
-  private frame = 0;
-  private readonly prompt = 'you › ';
 
   constructor(
-    readonly interactive: boolean,
+    readonly chatJid: string,
     private readonly assistantName: string,
-  ) {
-    this.lines = createInterface({
-      input: process.stdin,
-      terminal: interactive,
-      ...(interactive ? { output: process.stdout, prompt: this.prompt } : {}),
+  ) {}
+
+  ownsJid(jid: string): boolean {
+    return jid === this.chatJid;
+  }
+
+  async connect(handlers: ChannelHandlers): Promise<void> {
+    this.handlers = handlers;
+    const stop = () => {
+      if (this.stopped) process.exit(130);
+      this.stopped = true;
+      this.ctrlC.resolve();
+    };
+    process.on('SIGINT', stop);
+    this.lines.on('SIGINT', stop); // a terminal's Ctrl-C reaches readline, not the process
+    if (!this.interactive) return;
+    // The agent starts while one types. readline handles the key first (its listener came first), so a line one
+    // long has just begun.
+    process.stdin.on('keypress', () => {
+      if (this.lines.line.length === 1) this.handlers?.onActivity?.(this.chatJid);
     });
   }
 
@@ -1723,61 +1749,23 @@ class ChatTerminal {
     this.print(this.interactive ? `\x1b[31m${text}\x1b[0m` : text, process.stderr);
   }
 
-  working(busy: boolean): void {
-    if (!this.interactive) return;
-    if (busy && !this.spinner) {
+  /** The spinner: in the prompt while the agent works. */
+  async setTyping(_jid: string, typing: boolean): Promise<void> {
+    if (!this.interactive || typing === (this.spinner !== null)) return;
+    clearInterval(this.spinner ?? undefined);
+    this.spinner = null;
+    if (typing) {
+      let frame = 0;
       this.spinner = setInterval(() => {
-        this.frame = (this.frame + 1) % SPINNER_FRAMES.length;
-        this.lines.setPrompt(`${SPINNER_FRAMES[this.frame]} ${this.assistantName} is working… ${this.prompt}`);
+        frame = (frame + 1) % SPINNER_FRAMES.length;
+        this.lines.setPrompt(`${SPINNER_FRAMES[frame]} ${this.assistantName} is working… ${CHAT_PROMPT}`);
         this.lines.prompt(true);
       }, 120);
+      return;
     }
-    if (!busy && this.spinner) {
-      clearInterval(this.spinner);
-      this.spinner = null;
-      this.lines.setPrompt(this.prompt);
-      process.stdout.write('\r\x1b[2K');
-      this.lines.prompt(true);
-    }
-  }
-
-  onLineBegun(begun: () => void): void {
-    if (!this.interactive) return;
-    // readline handles the key first (its listener came first), so a line one long has just begun.
-    process.stdin.on('keypress', () => {
-      if (this.lines.line.length === 1) begun();
-    });
-  }
-
-  close(): void {
-    this.working(false);
-    this.lines.close();
-  }
-}
-
-/** The terminal as a channel: what the person types is an inbound message of the main chat. */
-class LocalChannel implements Channel {
-  readonly name = 'local';
-  readonly ready = true;
-  private handlers: ChannelHandlers | null = null;
-  private sent = 0;
-
-  constructor(
-    readonly chatJid: string,
-    private readonly terminal: ChatTerminal,
-  ) {}
-
-  ownsJid(jid: string): boolean {
-    return jid === this.chatJid;
-  }
-
-  async setTyping(_jid: string, typing: boolean): Promise<void> {
-    this.terminal.working(typing);
-  }
-
-  async connect(handlers: ChannelHandlers): Promise<void> {
-    this.handlers = handlers;
-    this.terminal.onLineBegun(() => this.handlers?.onActivity?.(this.chatJid)); // the agent starts while one types
+    this.lines.setPrompt(CHAT_PROMPT);
+    process.stdout.write('\r\x1b[2K');
+    this.lines.prompt(true);
   }
 
   layout(text: string): string[] {
@@ -1785,15 +1773,16 @@ class LocalChannel implements Channel {
   }
 
   async deliver(_jid: string, text: string): Promise<void> {
-    this.terminal.print(text);
+    this.print(text);
   }
 
   async sendFile(_jid: string, file: OutboundFile): Promise<void> {
-    this.terminal.print(`${fileNote(file)} (${file.mimetype}, ${file.data.length} bytes)`);
+    this.print(`${fileNote(file)} (${file.mimetype}, ${file.data.length} bytes)`);
   }
 
-  submit(text: string): void {
-    if (!this.handlers) throw new Error('LocalChannel.submit() before connect()');
+  /** A line read becomes a message of the main chat; false when it does not (a blank line, or after Ctrl-C). */
+  submit(line: string): boolean {
+    if (!line.trim() || this.stopped || !this.handlers) return false;
     const now = new Date();
     this.handlers.onMessage(
       {
@@ -1801,16 +1790,19 @@ class LocalChannel implements Channel {
         chatJid: this.chatJid,
         sender: 'local:user',
         senderName: process.env.USER || 'You',
-        content: text,
+        content: line.trim(),
         timestamp: now.toISOString(),
         isFromMe: true,
         isBotMessage: false,
       },
       { name: 'Terminal', isGroup: false },
     );
+    return true;
   }
 
   async disconnect(): Promise<void> {
+    await this.setTyping(this.chatJid, false);
+    this.lines.close();
     this.handlers = null;
   }
 }
@@ -6736,17 +6728,16 @@ function positiveOption(command: string, name: string, raw: OptionValues[string]
 }
 
 /** SIGTERM (a service manager) and SIGINT let running turns finish and deliver them (an orderly stop, logged at info);
- *  with `interrupt` (the terminal chat), Ctrl-C goes to it and stops the turn at once. */
-function onShutdownSignal(stop: () => Promise<void>, interrupt?: () => void): void {
+ *  a second signal leaves at once. The terminal chat takes Ctrl-C itself. */
+function onShutdownSignal(stop: () => Promise<void>, signals: NodeJS.Signals[] = ['SIGINT', 'SIGTERM']): void {
   let stopping = false;
-  const handler = (signal: string) => {
-    if (stopping) process.exit(130); // a second signal: leave now
-    stopping = true;
-    log.info({ signal }, 'Shutting down');
-    void stop().then(() => process.exit(0));
-  };
-  process.on('SIGINT', () => (interrupt ? interrupt() : handler('SIGINT')));
-  process.on('SIGTERM', () => handler('SIGTERM'));
+  for (const signal of signals)
+    process.on(signal, () => {
+      if (stopping) process.exit(130);
+      stopping = true;
+      log.info({ signal }, 'Shutting down');
+      void stop().then(() => process.exit(0));
+    });
 }
 
 /** Resolves with the first turn of the chat that covers message `seq`. */
@@ -6778,29 +6769,26 @@ async function mainForChat(config: Config): Promise<{ main: RegisteredGroup; lef
 }
 
 /** Piped input: one message per line, each answered before the next is sent. */
-async function chatPiped(host: Host, terminal: ChatTerminal, local: LocalChannel, stopped: () => boolean) {
-  const jid = local.chatJid;
+async function chatPiped(host: Host, terminal: TerminalChannel): Promise<void> {
+  const jid = terminal.chatJid;
   for await (const line of terminal.lines) {
-    if (stopped()) break;
-    if (!line.trim()) continue;
-    local.submit(line.trim());
+    if (!terminal.submit(line)) continue;
     const turn = await waitForTurn(host, jid, host.store.latestSeq(jid));
     // A failed run is still ending: let it say whether it will be retried before the next line (or the end).
-    while (turn.status === 'error' && host.queue.isRunning(jid) && !stopped()) await Bun.sleep(20);
+    while (turn.status === 'error' && host.queue.isRunning(jid) && !terminal.stopped) await Bun.sleep(20);
   }
   // Input is over: a line still waiting for a retry is not answered behind the person's back later.
-  if (!stopped() && (await host.abandon(jid)))
+  if (!terminal.stopped && (await host.abandon(jid)))
     terminal.problem('Not answered: the agent failed and the input ended before a retry. Send it again.');
 }
 
 /** On a terminal: each line is stored as it is read (not queued behind an iterator), so a Ctrl-C right after Enter finds it. */
-async function chatOnTerminal(terminal: ChatTerminal, local: LocalChannel, stopped: () => boolean, greeting: string) {
+async function chatOnTerminal(terminal: TerminalChannel, greeting: string): Promise<void> {
   process.stdout.write(greeting);
   terminal.lines.prompt();
   const closed = new Promise<void>((resolve) => terminal.lines.once('close', resolve));
   terminal.lines.on('line', (line) => {
-    if (stopped()) return;
-    if (line.trim()) local.submit(line.trim());
+    terminal.submit(line);
     terminal.lines.prompt(true);
   });
   await closed;
@@ -6808,36 +6796,17 @@ async function chatOnTerminal(terminal: ChatTerminal, local: LocalChannel, stopp
 
 /** `chat`: the terminal as the main group's channel. Ctrl-C stops the turn in progress and exits 130. */
 async function runChat(config: Config): Promise<number> {
-  const interactive = Boolean(process.stdin.isTTY && process.stdout.isTTY);
   keepRunningThroughErrors();
   const { main, leftOut } = await mainForChat(config);
-  const terminal = new ChatTerminal(interactive, config.assistantName);
-  const local = new LocalChannel(main.jid, terminal);
-  const { host, ...started } = await startHost(config, () => [local]);
-  const finish = () => {
-    terminal.close();
-    return started.finish();
-  };
-  // Ctrl-C: the turn in progress stops now and is not answered later. A second one leaves at once.
-  let interruption: Promise<number> | null = null;
-  const interrupt = () => {
-    if (interruption) process.exit(130);
-    log.info({ signal: 'SIGINT' }, 'Stopped by Ctrl-C');
-    interruption = (async () => {
-      if (await host.abandon(main.jid))
-        terminal.print('Stopped. That message will not be answered; send it again if you still want an answer.');
-      await finish();
-      return 130;
-    })();
-  };
-  onShutdownSignal(finish, interrupt);
-  terminal.lines.on('SIGINT', interrupt); // a terminal's Ctrl-C reaches readline, not the process
+  const terminal = new TerminalChannel(main.jid, config.assistantName);
+  const { host, finish } = await startHost(config, () => [terminal]);
+  onShutdownSignal(finish, ['SIGTERM']);
   await host.start();
 
   let failures = 0;
   host.onTurn((event) => {
     // After Ctrl-C the stopped turn ends in an error that is no news to the person who stopped it.
-    if (event.chatJid !== main.jid || event.status !== 'error' || interruption) return;
+    if (event.chatJid !== main.jid || event.status !== 'error' || terminal.stopped) return;
     failures++;
     terminal.problem(`The agent failed: ${event.error ?? 'unknown error'} (details: groups/${main.folder}/logs/)`);
   });
@@ -6845,13 +6814,20 @@ async function runChat(config: Config): Promise<number> {
     const seconds = Math.round(delayMs / 1000);
     if (chatJid === main.jid) terminal.problem(`Retrying in ${seconds} s (attempt ${attempt} of ${maxRetries}).`);
   });
+  // Ctrl-C: the turn in progress stops now and is not answered later.
+  const interrupted = terminal.ctrlC.promise.then(async () => {
+    log.info({ signal: 'SIGINT' }, 'Stopped by Ctrl-C');
+    if (await host.abandon(main.jid))
+      terminal.print('Stopped. That message will not be answered; send it again if you still want an answer.');
+  });
   if (leftOut) terminal.problem(leftOut);
-  const stopped = () => interruption !== null;
   const greeting = `Talking to ${config.assistantName} (main group, folder groups/${main.folder}). Ctrl-D to leave, Ctrl-C to stop.\n`;
-  if (interactive) await chatOnTerminal(terminal, local, stopped, greeting);
-  else await chatPiped(host, terminal, local, stopped);
-  if (interruption) return await interruption;
+  await Promise.race([
+    terminal.interactive ? chatOnTerminal(terminal, greeting) : chatPiped(host, terminal),
+    interrupted,
+  ]);
   await finish();
+  if (terminal.stopped) return 130;
   return failures > 0 ? 1 : 0;
 }
 
