@@ -1731,8 +1731,7 @@ class TerminalChannel implements Channel {
     process.on('SIGINT', stop);
     this.lines.on('SIGINT', stop); // a terminal's Ctrl-C reaches readline, not the process
     if (!this.interactive) return;
-    // The agent starts while one types. readline handles the key first (its listener came first), so a line one
-    // long has just begun.
+    // The agent starts while one types: readline took the key first, so a line one long has just begun.
     process.stdin.on('keypress', () => {
       if (this.lines.line.length === 1) this.handlers?.onActivity?.(this.chatJid);
     });
@@ -6740,17 +6739,6 @@ function onShutdownSignal(stop: () => Promise<void>, signals: NodeJS.Signals[] =
     });
 }
 
-/** Resolves with the first turn of the chat that covers message `seq`. */
-function waitForTurn(host: Host, chatJid: string, seq: number): Promise<TurnEvent> {
-  return new Promise((resolveTurn) => {
-    const stop = host.onTurn((event) => {
-      if (event.chatJid !== chatJid || event.upToSeq < seq) return;
-      stop();
-      resolveTurn(event);
-    });
-  });
-}
-
 /** The main group for the terminal, and a note of what an earlier chat left (lines unanswered, answers unprinted): it
  *  is left out, as it would print before this chat's own answers. */
 async function mainForChat(config: Config): Promise<{ main: RegisteredGroup; leftOut: string | null }> {
@@ -6768,30 +6756,33 @@ async function mainForChat(config: Config): Promise<{ main: RegisteredGroup; lef
   }
 }
 
-/** Piped input: one message per line, each answered before the next is sent. */
-async function chatPiped(host: Host, terminal: TerminalChannel): Promise<void> {
+/** Each line is a message; resolves when the input ends. Piped, each is answered before the next is sent. On a
+ *  terminal, each is stored as it is read (not queued behind an iterator), so a Ctrl-C right after Enter finds it. */
+async function chatInput(host: Host, terminal: TerminalChannel): Promise<void> {
+  if (terminal.interactive) {
+    terminal.lines.on('line', (line) => {
+      terminal.submit(line);
+      terminal.lines.prompt(true);
+    });
+    return new Promise((resolve) => terminal.lines.once('close', resolve));
+  }
   const jid = terminal.chatJid;
   for await (const line of terminal.lines) {
     if (!terminal.submit(line)) continue;
-    const turn = await waitForTurn(host, jid, host.store.latestSeq(jid));
+    const seq = host.store.latestSeq(jid);
+    const turn = await new Promise<TurnEvent>((resolveTurn) => {
+      const stop = host.onTurn((event) => {
+        if (event.chatJid !== jid || event.upToSeq < seq) return;
+        stop();
+        resolveTurn(event);
+      });
+    });
     // A failed run is still ending: let it say whether it will be retried before the next line (or the end).
     while (turn.status === 'error' && host.queue.isRunning(jid) && !terminal.stopped) await Bun.sleep(20);
   }
   // Input is over: a line still waiting for a retry is not answered behind the person's back later.
   if (!terminal.stopped && (await host.abandon(jid)))
     terminal.problem('Not answered: the agent failed and the input ended before a retry. Send it again.');
-}
-
-/** On a terminal: each line is stored as it is read (not queued behind an iterator), so a Ctrl-C right after Enter finds it. */
-async function chatOnTerminal(terminal: TerminalChannel, greeting: string): Promise<void> {
-  process.stdout.write(greeting);
-  terminal.lines.prompt();
-  const closed = new Promise<void>((resolve) => terminal.lines.once('close', resolve));
-  terminal.lines.on('line', (line) => {
-    terminal.submit(line);
-    terminal.lines.prompt(true);
-  });
-  await closed;
 }
 
 /** `chat`: the terminal as the main group's channel. Ctrl-C stops the turn in progress and exits 130. */
@@ -6821,11 +6812,11 @@ async function runChat(config: Config): Promise<number> {
       terminal.print('Stopped. That message will not be answered; send it again if you still want an answer.');
   });
   if (leftOut) terminal.problem(leftOut);
-  const greeting = `Talking to ${config.assistantName} (main group, folder groups/${main.folder}). Ctrl-D to leave, Ctrl-C to stop.\n`;
-  await Promise.race([
-    terminal.interactive ? chatOnTerminal(terminal, greeting) : chatPiped(host, terminal),
-    interrupted,
-  ]);
+  if (terminal.interactive)
+    terminal.print(
+      `Talking to ${config.assistantName} (main group, folder groups/${main.folder}). Ctrl-D to leave, Ctrl-C to stop.`,
+    );
+  await Promise.race([chatInput(host, terminal), interrupted]);
   await finish();
   if (terminal.stopped) return 130;
   return failures > 0 ? 1 : 0;
