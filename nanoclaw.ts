@@ -2877,10 +2877,6 @@ class GroupState {
   tasks: QueuedTask[] = [];
   retryCount = 0;
   cancelRetry: (() => void) | null = null;
-  /** The highest message seq the running message run was given (null: none runs). */
-  givenUpTo: number | null = null;
-  /** That run's agent asked the chat a question: the chat's next message is the answer. */
-  answerExpected = false;
   /** A message came while its container was closing: the group goes on at the front of the line, not the back. */
   keepPlace = false;
 
@@ -2982,26 +2978,6 @@ export class GroupQueue {
     state.live = live;
     if (state.stopWhenUp) void live.kill();
     else if (this.shuttingDown) live.close();
-  }
-
-  /** The running message run has the messages up to `seq` (null: it is over), an expected answer among them. */
-  give(jid: string, seq: number | null): void {
-    const state = this.state(jid);
-    state.givenUpTo = seq;
-    state.answerExpected = false;
-  }
-
-  givenUpTo(jid: string): number | null {
-    return this.state(jid).givenUpTo;
-  }
-
-  expectAnswer(jid: string): void {
-    const state = this.state(jid);
-    if (state.givenUpTo !== null) state.answerExpected = true;
-  }
-
-  answerExpected(jid: string): boolean {
-    return this.state(jid).answerExpected;
   }
 
   /** An agent from the pool holds a slot again, but never waits for one: that would only add latency. */
@@ -5916,8 +5892,11 @@ function afterTurn(outcome: RunOutcome | null, failed: boolean, unanswered: numb
  * records the answer: a failed run leaves the messages to be retried, and an answer recorded is never made again.
  */
 class ChatTurns {
-  /** The newest message each chat's last run was given: what a give-up covers. */
-  private readonly lastGiven = new Map<string, number>();
+  /**
+   * Per chat: the newest message its turn was given (kept after the turn: what a give-up covers), whether the turn still
+   * runs, and whether its agent asked the chat a question (the chat's next message is the answer).
+   */
+  private readonly given = new Map<string, { upTo: number; running: boolean; answering: boolean }>();
 
   constructor(
     private readonly host: HostParts,
@@ -5945,11 +5924,12 @@ class ChatTurns {
 
   /** The turn's outcome (null: the container could not run); lastGiven holds the newest message it was given. */
   private async runTurn({ group, cursor, messages }: ChatTurn): Promise<RunOutcome | null> {
-    const { queue, voice, config } = this.host;
+    const { voice, config } = this.host;
     const chatJid = group.jid;
     const upTo = messages.at(-1)?.seq;
     // Warm (nothing asked yet): the container starts with no prompt and takes the chat's next message as a follow-up.
-    queue.give(chatJid, upTo ?? cursor);
+    const given = { upTo: upTo ?? cursor, running: true, answering: false };
+    this.given.set(chatJid, given);
     if (upTo !== undefined) await voice.typing(chatJid, true);
     let outcome: RunOutcome | null = null;
     try {
@@ -5969,10 +5949,9 @@ class ChatTurns {
     } catch (err) {
       const error = errorText(err);
       log.error({ group: group.folder, error }, 'Could not run the agent container');
-      this.onTurn({ chatJid, status: 'error', sent: null, error, upToSeq: queue.givenUpTo(chatJid) ?? 0 });
+      this.onTurn({ chatJid, status: 'error', sent: null, error, upToSeq: given.upTo });
     } finally {
-      this.lastGiven.set(chatJid, queue.givenUpTo(chatJid) ?? 0);
-      queue.give(chatJid, null);
+      given.running = false;
       this.tasks.endTurn(chatJid);
       await voice.typing(chatJid, false);
     }
@@ -6017,14 +5996,14 @@ class ChatTurns {
 
   /** The agent waits for the chat's next message, unless one handed over past `answeredUpTo` is still unanswered. */
   private waitUnlessGiven(chatJid: string, answeredUpTo: number): void {
-    const { queue } = this.host;
-    if ((queue.givenUpTo(chatJid) ?? 0) <= answeredUpTo) queue.markIdle(chatJid);
+    const given = this.given.get(chatJid);
+    if (!given?.running || given.upTo <= answeredUpTo) this.host.queue.markIdle(chatJid);
   }
 
   private afterRun(group: RegisteredGroup, outcome: RunOutcome | null): AfterTurn {
     const { store, config } = this.host;
     const chatJid = group.jid;
-    const upToSeq = this.lastGiven.get(chatJid)!;
+    const upToSeq = this.given.get(chatJid)!.upTo;
     const cursor = store.getCursor(chatJid);
     const unanswered = store.messagesSince(chatJid, cursor).length;
     const failed = outcome !== null && turnFailed(outcome, upToSeq, cursor);
@@ -6042,7 +6021,13 @@ class ChatTurns {
   }
 
   giveUpAfterRetries(chatJid: string): void {
-    this.giveUp(chatJid, GIVE_UP_TEXT, this.lastGiven.get(chatJid) ?? 0);
+    this.giveUp(chatJid, GIVE_UP_TEXT, this.given.get(chatJid)?.upTo ?? 0);
+  }
+
+  /** The agent asked the chat a question (IPC `awaitAnswer`): the chat's next message goes to it as the answer. */
+  expectAnswer(chatJid: string): void {
+    const given = this.given.get(chatJid);
+    if (given?.running) given.answering = true;
   }
 
   /**
@@ -6068,19 +6053,19 @@ class ChatTurns {
   /** New messages go to the group's live container; only the one that just arrived is checked for the trigger. */
   forward(group: RegisteredGroup, arrived?: StoredMessage): boolean {
     const { store, queue, config } = this.host;
-    const givenUpTo = queue.givenUpTo(group.jid);
-    if (givenUpTo === null) return false;
-    const answering = queue.answerExpected(group.jid);
+    const given = this.given.get(group.jid);
+    if (!given?.running) return false;
+    const { answering } = given;
     // A scheduled task is the container's turn now: the chat's messages follow once it answered.
     if (this.tasks.isTurnOf(group.jid) && !answering) return true;
     // Messages that do not wake the agent are kept for the next batch.
     if (arrived && !(answering ? mayWake(group, arrived) : needsAgent(group, [arrived]))) return true;
-    const messages = store.messagesSince(group.jid, givenUpTo);
+    const messages = store.messagesSince(group.jid, given.upTo);
     if (messages.length === 0) return true;
     if (!arrived && !answering && !needsAgent(group, messages)) return true;
     const upTo = messages.at(-1)!.seq;
     if (!queue.sendFollowUp(group.jid, formatMessages(messages, config.timezone), 'message', upTo)) return false;
-    queue.give(group.jid, upTo);
+    Object.assign(given, { upTo, answering: false });
     void this.host.voice.typing(group.jid, true);
     log.debug({ group: group.folder, count: messages.length }, 'Follow-up handed to the running container');
     return true;
@@ -6088,8 +6073,8 @@ class ChatTurns {
 }
 
 /** Agent requests, authorised by their IPC folder; each done in one transaction with its done-mark, so never twice. */
-function ipcRequests(host: HostParts, tasksChanged: () => void): IpcHandlers {
-  const { config, store, queue, voice } = host;
+function ipcRequests(host: HostParts, chats: ChatTurns, tasksChanged: () => void): IpcHandlers {
+  const { config, store, voice } = host;
   const sendWindow = new SendWindow(host.clock);
 
   /** Messages and files an agent sends count against its group's send window; the reason when it is full. */
@@ -6118,7 +6103,7 @@ function ipcRequests(host: HostParts, tasksChanged: () => void): IpcHandlers {
         say: (chatJid, text) => voice.say(chatJid, text),
         sayFile: (chatJid, file) => voice.sayFile(chatJid, file),
         afterwards: (effect) => afterwards.push(effect),
-        awaitAnswer: (chatJid) => queue.expectAnswer(chatJid),
+        awaitAnswer: (chatJid) => chats.expectAnswer(chatJid),
         sendSoon: (chatJid) => voice.sendSoon(chatJid),
         syncGroups: async () => {
           await Promise.all(voice.channels.map((channel) => channel.syncGroups?.()));
@@ -6230,7 +6215,7 @@ export class Host {
     });
     this.ipc = new IpcWatcher(
       config.ipcDir,
-      ipcRequests(parts, () => this.scheduler.arm()),
+      ipcRequests(parts, this.chats, () => this.scheduler.arm()),
       options.ipcSweepMs ?? 30_000,
       clock,
     );
