@@ -5225,64 +5225,6 @@ function badRequestNotice(error: string): string {
   return `I could not answer that: the model refused the request (${error.slice(0, 200)}). Try saying it differently.`;
 }
 
-/** Answered by the host: a whole message `/word` (any case), alone or after the trigger; "/reset x" is for the agent. */
-const CHAT_COMMANDS = {
-  help: 'these commands',
-  status: "what is running, waiting and scheduled (in the main chat: every group's)",
-  reset: "start this chat's conversation over (the agent forgets the session; its memory, CLAUDE.md, stays)",
-} as const;
-type ChatCommand = keyof typeof CHAT_COMMANDS;
-
-export function chatCommand(content: string, trigger: string): ChatCommand | null {
-  const match = new RegExp(`^(?:${escapeRegExp(trigger)}\\s+)?/(\\w+)$`, 'i').exec(typedText(content));
-  const word = match?.[1]?.toLowerCase();
-  return word && Object.hasOwn(CHAT_COMMANDS, word) ? (word as ChatCommand) : null;
-}
-
-function chatCommandHelp(group: RegisteredGroup): string {
-  const lines = Object.entries(CHAT_COMMANDS).map(([word, what]) => `/${word}: ${what}`);
-  const wake =
-    group.isMain || !group.requiresTrigger
-      ? 'Anything else goes to the agent.'
-      : `Start anything else with ${group.trigger} to ask the agent.`;
-  return `${lines.join('\n')}\n${wake}`;
-}
-
-function counted(n: number, noun: string): string {
-  return `${n} ${noun}${n === 1 ? '' : 's'}`;
-}
-
-function agentState(queue: GroupQueue, group: RegisteredGroup, overBudget: boolean): string {
-  if (queue.poolMembers.includes(group.jid)) return 'ready (waiting for a message)';
-  if (queue.isRunning(group.jid)) return 'running';
-  if (queue.isBusy(group.jid)) return 'waiting to retry';
-  return overBudget ? 'stopped (over its disk budget)' : 'idle';
-}
-
-function statusText(
-  config: Config,
-  store: Store,
-  queue: GroupQueue,
-  asker: RegisteredGroup,
-  isOver: (folder: string) => boolean,
-): string {
-  const groups = asker.isMain ? store.listGroups() : [asker];
-  const lines = groups.map((group) => {
-    const waiting = store.messagesSince(group.jid, store.getCursor(group.jid)).length;
-    const tasks = store.listTasks(group.folder);
-    const due = tasks.flatMap((task) => (task.status === 'active' && task.nextRun ? [task.nextRun] : [])).sort();
-    const paused = tasks.filter((task) => task.status === 'paused').length;
-    const next = due[0] ? ` (next ${formatLocalTime(due[0], config.timezone)})` : '';
-    const agent = agentState(queue, group, isOver(group.folder));
-    return `${group.name}: agent ${agent}, ${counted(waiting, 'message')} waiting, ${counted(due.length, 'task')} scheduled${next}${paused ? `, ${paused} paused` : ''}`;
-  });
-  if (asker.isMain)
-    lines.push(
-      `Containers: ${queue.activeCount} of ${config.maxConcurrentContainers} working, ${queue.poolMembers.length} of ${config.warmPool.size} ready. Times in ${config.timezone}.`,
-    );
-  return lines.join('\n');
-}
-
 export const GIVE_UP_TEXT =
   'Sorry, I could not answer that: something went wrong on my side (the details are in the logs). Send it again, or something new, and I will start fresh.';
 
@@ -5474,10 +5416,11 @@ interface HostParts {
   /** What each group's snapshot files last held (writeSnapshots rewrites only what changed). */
   snapshotsWritten: Map<string, string>;
   stopped(): boolean;
+  disk: DiskWatch;
 }
 
 /** Each sweep: the disk reserve released when space runs short, each group against GROUP_DISK_BUDGET, a daily backup. */
-function diskWatch(host: HostParts, freeDiskBytes?: () => number) {
+function diskWatch(host: Omit<HostParts, 'disk'>, freeDiskBytes?: () => number) {
   const { config, store, queue, voice, clock } = host;
   const overBudget = new Set<string>();
   const reserve = new DiskReserve(join(config.storeDir, 'disk-reserve'), config.disk.reserve, freeDiskBytes);
@@ -5552,6 +5495,58 @@ function diskWatch(host: HostParts, freeDiskBytes?: () => number) {
 }
 type DiskWatch = ReturnType<typeof diskWatch>;
 
+/** Answered by the host: a whole message `/word` (any case), alone or after the trigger; "/reset x" is for the agent. */
+const CHAT_COMMANDS = {
+  help: 'these commands',
+  status: "what is running, waiting and scheduled (in the main chat: every group's)",
+  reset: "start this chat's conversation over (the agent forgets the session; its memory, CLAUDE.md, stays)",
+} as const;
+type ChatCommand = keyof typeof CHAT_COMMANDS;
+
+export function chatCommand(content: string, trigger: string): ChatCommand | null {
+  const match = new RegExp(`^(?:${escapeRegExp(trigger)}\\s+)?/(\\w+)$`, 'i').exec(typedText(content));
+  const word = match?.[1]?.toLowerCase();
+  return word && Object.hasOwn(CHAT_COMMANDS, word) ? (word as ChatCommand) : null;
+}
+
+function chatCommandHelp(group: RegisteredGroup): string {
+  const lines = Object.entries(CHAT_COMMANDS).map(([word, what]) => `/${word}: ${what}`);
+  const wake =
+    group.isMain || !group.requiresTrigger
+      ? 'Anything else goes to the agent.'
+      : `Start anything else with ${group.trigger} to ask the agent.`;
+  return `${lines.join('\n')}\n${wake}`;
+}
+
+function counted(n: number, noun: string): string {
+  return `${n} ${noun}${n === 1 ? '' : 's'}`;
+}
+
+function agentState(queue: GroupQueue, group: RegisteredGroup, overBudget: boolean): string {
+  if (queue.poolMembers.includes(group.jid)) return 'ready (waiting for a message)';
+  if (queue.isRunning(group.jid)) return 'running';
+  if (queue.isBusy(group.jid)) return 'waiting to retry';
+  return overBudget ? 'stopped (over its disk budget)' : 'idle';
+}
+
+function statusText({ config, store, queue, disk }: HostParts, asker: RegisteredGroup): string {
+  const groups = asker.isMain ? store.listGroups() : [asker];
+  const lines = groups.map((group) => {
+    const waiting = store.messagesSince(group.jid, store.getCursor(group.jid)).length;
+    const tasks = store.listTasks(group.folder);
+    const due = tasks.flatMap((task) => (task.status === 'active' && task.nextRun ? [task.nextRun] : [])).sort();
+    const paused = tasks.filter((task) => task.status === 'paused').length;
+    const next = due[0] ? ` (next ${formatLocalTime(due[0], config.timezone)})` : '';
+    const agent = agentState(queue, group, disk.isOver(group.folder));
+    return `${group.name}: agent ${agent}, ${counted(waiting, 'message')} waiting, ${counted(due.length, 'task')} scheduled${next}${paused ? `, ${paused} paused` : ''}`;
+  });
+  if (asker.isMain)
+    lines.push(
+      `Containers: ${queue.activeCount} of ${config.maxConcurrentContainers} working, ${queue.poolMembers.length} of ${config.warmPool.size} ready. Times in ${config.timezone}.`,
+    );
+  return lines.join('\n');
+}
+
 interface AgentRun {
   isScheduledTask: boolean;
   acceptsFollowUps: boolean;
@@ -5569,8 +5564,8 @@ interface AgentRun {
 }
 
 /** Starts agent containers: the group's mounts, its session, and a proxy token on stdin. */
-function agentLauncher(host: HostParts, disk: DiskWatch, proxy: ModelProxy) {
-  const { config, store, queue } = host;
+function agentLauncher(host: HostParts, proxy: ModelProxy) {
+  const { config, store, queue, disk } = host;
   /** How often each group's session was reset (/reset): a run started before a reset does not save its session. */
   const sessionResets = new Map<string, number>();
   const resets = (folder: string): number => sessionResets.get(folder) ?? 0;
@@ -5664,7 +5659,6 @@ class TaskRuns {
 
   constructor(
     private readonly host: HostParts,
-    private readonly disk: DiskWatch,
     private readonly agents: AgentLauncher,
     private readonly forwardHeld: (group: RegisteredGroup) => boolean,
   ) {}
@@ -5680,7 +5674,7 @@ class TaskRuns {
   warmFor(task: ScheduledTask): void {
     if (task.contextMode === 'isolated' || this.host.stopped()) return;
     const group = this.host.store.groupByJid(task.chatJid);
-    if (group && !this.disk.isOver(group.folder) && this.host.queue.prewarm(task.chatJid))
+    if (group && !this.host.disk.isOver(group.folder) && this.host.queue.prewarm(task.chatJid))
       log.debug({ group: group.folder, taskId: task.id }, 'Task due soon; readying its agent');
   }
 
@@ -5793,7 +5787,8 @@ class TaskRuns {
     const turn = this.start(task);
     const outcome: TaskOutcome = { result: null, said: [], error: null };
     if (!group) outcome.error = `group "${task.groupFolder}" is no longer registered`;
-    else if (this.disk.isOver(group.folder)) outcome.error = 'the group is over its disk budget (GROUP_DISK_BUDGET)';
+    else if (this.host.disk.isOver(group.folder))
+      outcome.error = 'the group is over its disk budget (GROUP_DISK_BUDGET)';
     else await this.runInContainer(task, group, outcome);
     return this.record(turn, outcome);
   }
@@ -5900,7 +5895,6 @@ class ChatTurns {
 
   constructor(
     private readonly host: HostParts,
-    private readonly disk: DiskWatch,
     private readonly agents: AgentLauncher,
     private readonly tasks: TaskRuns,
     private readonly onTurn: (event: TurnEvent) => void,
@@ -5915,7 +5909,7 @@ class ChatTurns {
   private turnToRun(chatJid: string, warm: boolean): ChatTurn | null {
     const { store } = this.host;
     const group = store.groupByJid(chatJid);
-    if (!group || this.disk.isOver(group.folder)) return null; // over its disk budget: answered once under
+    if (!group || this.host.disk.isOver(group.folder)) return null; // over its disk budget: answered once under
     const cursor = store.getCursor(chatJid);
     const messages = store.messagesSince(chatJid, cursor);
     const asked = needsAgent(group, messages);
@@ -6153,7 +6147,7 @@ export class Host {
   private readonly clock: Clock;
   private readonly voice: Voice;
   private readonly spill: ReturnType<typeof spillBuffer>;
-  private readonly disk: DiskWatch;
+  private readonly parts: HostParts;
   private readonly agents: AgentLauncher;
   private readonly tasks: TaskRuns;
   private readonly chats: ChatTurns;
@@ -6190,16 +6184,17 @@ export class Host {
       },
       clock,
     });
-    const parts: HostParts = {
+    const shared = {
       config,
       store,
       queue: this.queue,
       clock,
       voice: this.voice,
-      snapshotsWritten: new Map(),
+      snapshotsWritten: new Map<string, string>(),
       stopped: () => this.stopped,
     };
-    this.disk = diskWatch(parts, options.freeDiskBytes);
+    const parts: HostParts = { ...shared, disk: diskWatch(shared, options.freeDiskBytes) };
+    this.parts = parts;
     this.proxy = new ModelProxy({
       mode: config.modelProxy,
       dir: join(config.dataDir, 'proxy'),
@@ -6208,9 +6203,9 @@ export class Host {
       keyRequired: usesKimiProvider(config),
       record: modelUsageRecorder(config, store),
     });
-    this.agents = agentLauncher(parts, this.disk, this.proxy);
-    this.tasks = new TaskRuns(parts, this.disk, this.agents, (group) => this.chats.forward(group));
-    this.chats = new ChatTurns(parts, this.disk, this.agents, this.tasks, (event) => {
+    this.agents = agentLauncher(parts, this.proxy);
+    this.tasks = new TaskRuns(parts, this.agents, (group) => this.chats.forward(group));
+    this.chats = new ChatTurns(parts, this.agents, this.tasks, (event) => {
       for (const listener of this.turnListeners) listener(event);
     });
     this.ipc = new IpcWatcher(
@@ -6267,7 +6262,7 @@ export class Host {
     this.ipc.start();
     this.scheduler.start();
     void this.recover().finally(() => {
-      for (const group of recent) if (!this.disk.isOver(group.folder)) this.queue.prewarm(group.jid);
+      for (const group of recent) if (!this.parts.disk.isOver(group.folder)) this.queue.prewarm(group.jid);
     });
     this.stopSweep = every(this.clock, this.options.recoverySweepMs ?? 60_000, () => void this.recover());
     const channels = this.channels.map((c) => c.name);
@@ -6410,9 +6405,9 @@ export class Host {
 
   private commandAnswer(command: ChatCommand, group: RegisteredGroup): string {
     if (command === 'help') return chatCommandHelp(group);
-    if (command === 'status')
-      return statusText(this.config, this.store, this.queue, group, (folder) => this.disk.isOver(folder));
-    return `Done: the next message starts a new conversation.${this.queue.isRunning(group.jid) ? ' (The current one is closed first.)' : ''}`;
+    if (command === 'status') return statusText(this.parts, group);
+    const closing = this.queue.isRunning(group.jid) ? ' (The current one is closed first.)' : '';
+    return `Done: the next message starts a new conversation.${closing}`;
   }
 
   /** Unanswered messages and interrupted task runs get queued, after the disk watch (over-budget groups left alone). */
@@ -6423,7 +6418,7 @@ export class Host {
       void this.stop().then(() => this.options.onFatal?.(message));
       return;
     }
-    this.disk.backUpWhenDue();
+    this.parts.disk.backUpWhenDue();
     await this.checkDisk();
     if (this.stopped) return;
     try {
@@ -6439,7 +6434,7 @@ export class Host {
 
   private queueUnanswered(): void {
     for (const { group, cursor, newest } of this.store.groupsWithProgress()) {
-      if (this.queue.isBusy(group.jid) || this.disk.isOver(group.folder)) continue;
+      if (this.queue.isBusy(group.jid) || this.parts.disk.isOver(group.folder)) continue;
       const rule = JSON.stringify([group.isMain, group.requiresTrigger, group.trigger, group.allow]);
       const quiet = this.quietUpTo.get(group.jid);
       const from = Math.max(cursor, quiet?.rule === rule ? quiet.seq : 0);
@@ -6453,7 +6448,7 @@ export class Host {
   }
 
   checkDisk(): Promise<void> {
-    return this.disk.check();
+    return this.parts.disk.check();
   }
 
   /** `tasks run`: one task now, whatever its schedule or status; what it says waits in the outbox for absent channels. */
