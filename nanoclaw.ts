@@ -5334,28 +5334,22 @@ class Voice {
       log.error({ chatJid }, 'No channel owns this chat; message not sent');
       return;
     }
-    const now = new Date().toISOString();
-    for (const part of channel.layout(text)) {
-      const messageId = newMessageId();
-      this.store.addOutbound(channel.name, chatJid, part, messageId);
-      // The bot's message has the id it is sent under, so WhatsApp's echo of it is no second copy.
-      this.store.storeMessage(this.botMessage(chatJid, messageId, part, now));
-    }
+    for (const part of channel.layout(text)) this.record(channel, chatJid, part);
   }
 
   /** A file into the outbox (and a note of it into the chat's history); call inside the transaction that says why. */
   sayFile(chatJid: string, file: OutboundFile): void {
     const channel = this.channelFor(chatJid);
     if (!channel?.sendFile) throw new IpcFormatError(`${chatJid}'s channel cannot send files`);
-    const messageId = newMessageId();
-    const note = fileNote(file);
-    this.store.addOutbound(channel.name, chatJid, note, messageId, file);
-    this.store.storeMessage(this.botMessage(chatJid, messageId, note, new Date().toISOString()));
+    this.record(channel, chatJid, fileNote(file), file);
   }
 
-  private botMessage(chatJid: string, id: string, content: string, timestamp: string): NewMessage {
+  /** Into the outbox, and into the chat's history under the id it is sent with: WhatsApp's echo is no second copy. */
+  private record(channel: Channel, chatJid: string, content: string, file?: OutboundFile): void {
+    const id = newMessageId();
+    this.store.addOutbound(channel.name, chatJid, content, id, file);
     const bot = { sender: 'bot', senderName: this.config.assistantName, isFromMe: true, isBotMessage: true };
-    return { id, chatJid, content, timestamp, ...bot };
+    this.store.storeMessage({ id, chatJid, content, timestamp: new Date().toISOString(), ...bot });
   }
 
   /** The assistant's own text for a chat, as the chat sees it; call inside the transaction that says why. */
