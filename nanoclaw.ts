@@ -5542,11 +5542,10 @@ function statusText({ config, store, queue, disk }: HostParts, asker: Registered
 }
 
 interface AgentRun {
+  /** A scheduled task's run: its container takes no chat follow-ups. */
   isScheduledTask: boolean;
-  acceptsFollowUps: boolean;
-  /** undefined: resume the group's session; null: start a fresh one (isolated tasks). */
-  sessionId?: string | null;
-  saveSession: boolean;
+  /** Start a session of its own and keep none (isolated tasks); otherwise the group's session is resumed and saved. */
+  freshSession?: boolean;
   /** Started ahead of a message: no prompt yet, it waits in the warm pool for one. */
   warm?: boolean;
   lane?: string;
@@ -5579,7 +5578,7 @@ function agentLauncher(host: HostParts, proxy: ModelProxy) {
 
     run(group: RegisteredGroup, prompt: string, run: AgentRun): Promise<RunOutcome> {
       const resetsAtStart = resets(group.folder);
-      const sessionId = run.sessionId === undefined ? store.getSession(group.folder) : run.sessionId;
+      const sessionId = run.freshSession ? null : store.getSession(group.folder);
       const extra = groupExtraMounts(config, group);
       for (const rejected of extra.rejected) log.warn({ group: group.folder, ...rejected }, 'Extra mount refused');
       writeSnapshots(config, store, group, host.snapshotsWritten);
@@ -5598,7 +5597,7 @@ function agentLauncher(host: HostParts, proxy: ModelProxy) {
           assistantName: config.assistantName,
         },
         mounts: groupMounts(config, group, extra.mounts),
-        acceptsFollowUps: run.acceptsFollowUps,
+        acceptsFollowUps: !run.isScheduledTask,
         proxy,
         onStart: (live) => {
           queue.attach(run.lane ?? group.jid, live);
@@ -5606,7 +5605,7 @@ function agentLauncher(host: HostParts, proxy: ModelProxy) {
         },
         onReady: () => run.onReady?.(),
         onResult: async (result) => {
-          if (result.sessionId && run.saveSession && resets(group.folder) === resetsAtStart)
+          if (result.sessionId && !run.freshSession && resets(group.folder) === resetsAtStart)
             saveSession(group, result.sessionId);
           if (result.status === 'error')
             log.error({ group: group.folder, error: result.error }, 'Agent reported an error');
@@ -5792,9 +5791,7 @@ class TaskRuns {
     try {
       const run = await this.agents.run(group, task.prompt, {
         isScheduledTask: true,
-        acceptsFollowUps: false,
-        sessionId: task.contextMode === 'group' ? undefined : null,
-        saveSession: task.contextMode === 'group',
+        freshSession: task.contextMode === 'isolated',
         lane,
         onResult: async (answer) => {
           Object.assign(outcome, this.outcomeOf(answer));
@@ -5923,8 +5920,6 @@ class ChatTurns {
     try {
       outcome = await this.agents.run(group, upTo === undefined ? '' : formatMessages(messages, config.timezone), {
         isScheduledTask: false,
-        acceptsFollowUps: true,
-        saveSession: true,
         warm: upTo === undefined,
         ...(upTo === undefined ? {} : { upTo }),
         // Messages that came while docker was starting found no container to take them: hand them over now.
