@@ -5189,7 +5189,6 @@ interface RetryEvent {
 interface TurnEvent {
   chatJid: string;
   status: 'success' | 'error';
-  sent: string | null;
   error?: string;
   upToSeq: number;
 }
@@ -5932,7 +5931,7 @@ class ChatTurns {
     } catch (err) {
       const error = errorText(err);
       log.error({ group: group.folder, error }, 'Could not run the agent container');
-      this.onTurn({ chatJid, status: 'error', sent: null, error, upToSeq: given.upTo });
+      this.onTurn({ chatJid, status: 'error', error, upToSeq: given.upTo });
     } finally {
       given.running = false;
       this.tasks.endTurn(chatJid);
@@ -5951,7 +5950,7 @@ class ChatTurns {
     this.onTurn(
       result.status === 'success'
         ? this.recordAnswer(group, result, upToSeq)
-        : { chatJid, status: 'error', sent: null, error: result.error, upToSeq },
+        : { chatJid, status: 'error', error: result.error, upToSeq },
     );
   }
 
@@ -5969,12 +5968,12 @@ class ChatTurns {
       log.error({ group: group.folder, err: errorText(err) }, 'Could not record the answer; retrying');
       queue.closeContainer(chatJid);
       const error = `could not record the answer (${errorText(err)})`;
-      return { chatJid, status: 'error', sent: null, error, upToSeq };
+      return { chatJid, status: 'error', error, upToSeq };
     }
     crashPoint('reply-recorded');
     voice.sendSoon(chatJid);
     this.waitUnlessGiven(chatJid, upToSeq);
-    return { chatJid, status: 'success', sent: said.at(-1) ?? null, upToSeq };
+    return { chatJid, status: 'success', upToSeq };
   }
 
   /** The agent waits for the chat's next message, unless one handed over past `answeredUpTo` is still unanswered. */
@@ -5991,7 +5990,7 @@ class ChatTurns {
     const unanswered = store.messagesSince(chatJid, cursor).length;
     const failed = outcome !== null && turnFailed(outcome, upToSeq, cursor);
     if (outcome && failed && outcome.results === 0)
-      this.onTurn({ chatJid, status: 'error', sent: null, error: noResultError(outcome), upToSeq });
+      this.onTurn({ chatJid, status: 'error', error: noResultError(outcome), upToSeq });
     const next = afterTurn(outcome, failed, unanswered, this.host.stopped());
     const refused = { error: outcome?.lastError ?? '', upTo: outcome?.lastErrorUpTo ?? upToSeq };
     if (next === 'key-refused')
