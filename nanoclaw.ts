@@ -5854,22 +5854,9 @@ interface ChatTurn {
   messages: StoredMessage[];
 }
 
-type AfterTurn = 'done' | 'retry' | 'queue-more' | 'key-refused' | 'bad-request';
-
 /** A container that ends, however it ends, while messages it was given are unanswered has failed. */
 function turnFailed(outcome: RunOutcome, upToSeq: number, cursor: number): boolean {
   return outcome.exitCode !== 0 || outcome.timedOut || outcome.oversized === true || upToSeq > cursor;
-}
-
-function afterTurn(outcome: RunOutcome | null, failed: boolean, unanswered: number, stopped: boolean): AfterTurn {
-  if (stopped) return 'done';
-  if (!outcome) return 'retry';
-  if (unanswered === 0) return 'done';
-  // A refused key, or a request the model refuses (400), fails every retry alike: say once what to fix.
-  if (outcome.lastErrorKind === 'auth') return 'key-refused';
-  if (outcome.lastErrorKind === 'bad-request') return 'bad-request';
-  // Otherwise the unanswered messages came in as the container was closing: they go into the next run.
-  return failed || outcome.lastError ? 'retry' : 'queue-more';
 }
 
 /**
@@ -5893,7 +5880,7 @@ class ChatTurns {
   /** One turn: true when the chat's messages are done with (answered, given up, or queued anew), false to retry. */
   async processMessages(chatJid: string, warm = false): Promise<boolean> {
     const turn = this.turnToRun(chatJid, warm);
-    return !turn || this.afterRun(turn.group, await this.runTurn(turn)) !== 'retry';
+    return !turn || this.afterRun(turn.group, await this.runTurn(turn));
   }
 
   private turnToRun(chatJid: string, warm: boolean): ChatTurn | null {
@@ -5982,7 +5969,7 @@ class ChatTurns {
     if (!given?.running || given.upTo <= answeredUpTo) this.host.queue.markIdle(chatJid);
   }
 
-  private afterRun(group: RegisteredGroup, outcome: RunOutcome | null): AfterTurn {
+  private afterRun(group: RegisteredGroup, outcome: RunOutcome | null): boolean {
     const { store, config } = this.host;
     const chatJid = group.jid;
     const upToSeq = this.given.get(chatJid)!.upTo;
@@ -5991,15 +5978,22 @@ class ChatTurns {
     const failed = outcome !== null && turnFailed(outcome, upToSeq, cursor);
     if (outcome && failed && outcome.results === 0)
       this.onTurn({ chatJid, status: 'error', error: noResultError(outcome), upToSeq });
-    const next = afterTurn(outcome, failed, unanswered, this.host.stopped());
-    const refused = { error: outcome?.lastError ?? '', upTo: outcome?.lastErrorUpTo ?? upToSeq };
-    if (next === 'key-refused')
+    if (this.host.stopped()) return true;
+    if (!outcome) return false;
+    if (unanswered === 0) return true;
+    const refused = { error: outcome.lastError ?? '', upTo: outcome.lastErrorUpTo ?? upToSeq };
+    // A refused key, or a request the model refuses (400), fails every retry alike: say once what to fix.
+    if (outcome.lastErrorKind === 'auth')
       this.giveUp(chatJid, keyRefusedNotice(config, refused.error), refused.upTo, `notice:key-refused:${chatJid}`);
-    else if (next === 'bad-request') this.giveUp(chatJid, badRequestNotice(refused.error), refused.upTo);
-    else if (next === 'queue-more') this.host.queue.enqueueMessages(chatJid);
-    else if (next === 'retry' && outcome)
+    else if (outcome.lastErrorKind === 'bad-request')
+      this.giveUp(chatJid, badRequestNotice(refused.error), refused.upTo);
+    // Otherwise unanswered messages that came in as the container was closing go into the next run.
+    else if (!failed && !outcome.lastError) this.host.queue.enqueueMessages(chatJid);
+    else {
       log.warn({ group: group.folder, unanswered, logFile: outcome.logFile }, 'Run failed; will retry');
-    return next;
+      return false;
+    }
+    return true;
   }
 
   giveUpAfterRetries(chatJid: string): void {
