@@ -2868,10 +2868,6 @@ class GroupState {
   tasks: QueuedTask[] = [];
   retryCount = 0;
   cancelRetry: (() => void) | null = null;
-  /** The highest message seq the running message run was given (null: none runs). */
-  givenUpTo: number | null = null;
-  /** That run's agent asked the chat a question: the chat's next message is the answer. */
-  answerExpected = false;
   /** A message came while its container was closing: the group goes on at the front of the line, not the back. */
   keepPlace = false;
 
@@ -2973,26 +2969,6 @@ export class GroupQueue {
     state.live = live;
     if (state.stopWhenUp) void live.kill();
     else if (this.shuttingDown) live.close();
-  }
-
-  /** The running message run has the messages up to `seq` (null: it is over), an expected answer among them. */
-  give(jid: string, seq: number | null): void {
-    const state = this.state(jid);
-    state.givenUpTo = seq;
-    state.answerExpected = false;
-  }
-
-  givenUpTo(jid: string): number | null {
-    return this.state(jid).givenUpTo;
-  }
-
-  expectAnswer(jid: string): void {
-    const state = this.state(jid);
-    if (state.givenUpTo !== null) state.answerExpected = true;
-  }
-
-  answerExpected(jid: string): boolean {
-    return this.state(jid).answerExpected;
   }
 
   /** An agent from the pool holds a slot again, but never waits for one: that would only add latency. */
@@ -5204,7 +5180,6 @@ interface RetryEvent {
 interface TurnEvent {
   chatJid: string;
   status: 'success' | 'error';
-  sent: string | null;
   error?: string;
   upToSeq: number;
 }
@@ -5238,64 +5213,6 @@ export function keyRefusedNotice(config: Config, error: string): string {
 /** The model refused the request itself (HTTP 400): retrying would not help. */
 function badRequestNotice(error: string): string {
   return `I could not answer that: the model refused the request (${error.slice(0, 200)}). Try saying it differently.`;
-}
-
-/** Answered by the host: a whole message `/word` (any case), alone or after the trigger; "/reset x" is for the agent. */
-const CHAT_COMMANDS = {
-  help: 'these commands',
-  status: "what is running, waiting and scheduled (in the main chat: every group's)",
-  reset: "start this chat's conversation over (the agent forgets the session; its memory, CLAUDE.md, stays)",
-} as const;
-type ChatCommand = keyof typeof CHAT_COMMANDS;
-
-export function chatCommand(content: string, trigger: string): ChatCommand | null {
-  const match = new RegExp(`^(?:${escapeRegExp(trigger)}\\s+)?/(\\w+)$`, 'i').exec(typedText(content));
-  const word = match?.[1]?.toLowerCase();
-  return word && Object.hasOwn(CHAT_COMMANDS, word) ? (word as ChatCommand) : null;
-}
-
-function chatCommandHelp(group: RegisteredGroup): string {
-  const lines = Object.entries(CHAT_COMMANDS).map(([word, what]) => `/${word}: ${what}`);
-  const wake =
-    group.isMain || !group.requiresTrigger
-      ? 'Anything else goes to the agent.'
-      : `Start anything else with ${group.trigger} to ask the agent.`;
-  return `${lines.join('\n')}\n${wake}`;
-}
-
-function counted(n: number, noun: string): string {
-  return `${n} ${noun}${n === 1 ? '' : 's'}`;
-}
-
-function agentState(queue: GroupQueue, group: RegisteredGroup, overBudget: boolean): string {
-  if (queue.poolMembers.includes(group.jid)) return 'ready (waiting for a message)';
-  if (queue.isRunning(group.jid)) return 'running';
-  if (queue.isBusy(group.jid)) return 'waiting to retry';
-  return overBudget ? 'stopped (over its disk budget)' : 'idle';
-}
-
-function statusText(
-  config: Config,
-  store: Store,
-  queue: GroupQueue,
-  asker: RegisteredGroup,
-  isOver: (folder: string) => boolean,
-): string {
-  const groups = asker.isMain ? store.listGroups() : [asker];
-  const lines = groups.map((group) => {
-    const waiting = store.messagesSince(group.jid, store.getCursor(group.jid)).length;
-    const tasks = store.listTasks(group.folder);
-    const due = tasks.flatMap((task) => (task.status === 'active' && task.nextRun ? [task.nextRun] : [])).sort();
-    const paused = tasks.filter((task) => task.status === 'paused').length;
-    const next = due[0] ? ` (next ${formatLocalTime(due[0], config.timezone)})` : '';
-    const agent = agentState(queue, group, isOver(group.folder));
-    return `${group.name}: agent ${agent}, ${counted(waiting, 'message')} waiting, ${counted(due.length, 'task')} scheduled${next}${paused ? `, ${paused} paused` : ''}`;
-  });
-  if (asker.isMain)
-    lines.push(
-      `Containers: ${queue.activeCount} of ${config.maxConcurrentContainers} working, ${queue.poolMembers.length} of ${config.warmPool.size} ready. Times in ${config.timezone}.`,
-    );
-  return lines.join('\n');
 }
 
 export const GIVE_UP_TEXT =
@@ -5407,28 +5324,22 @@ class Voice {
       log.error({ chatJid }, 'No channel owns this chat; message not sent');
       return;
     }
-    const now = new Date().toISOString();
-    for (const part of channel.layout(text)) {
-      const messageId = newMessageId();
-      this.store.addOutbound(channel.name, chatJid, part, messageId);
-      // The bot's message has the id it is sent under, so WhatsApp's echo of it is no second copy.
-      this.store.storeMessage(this.botMessage(chatJid, messageId, part, now));
-    }
+    for (const part of channel.layout(text)) this.record(channel, chatJid, part);
   }
 
   /** A file into the outbox (and a note of it into the chat's history); call inside the transaction that says why. */
   sayFile(chatJid: string, file: OutboundFile): void {
     const channel = this.channelFor(chatJid);
     if (!channel?.sendFile) throw new IpcFormatError(`${chatJid}'s channel cannot send files`);
-    const messageId = newMessageId();
-    const note = fileNote(file);
-    this.store.addOutbound(channel.name, chatJid, note, messageId, file);
-    this.store.storeMessage(this.botMessage(chatJid, messageId, note, new Date().toISOString()));
+    this.record(channel, chatJid, fileNote(file), file);
   }
 
-  private botMessage(chatJid: string, id: string, content: string, timestamp: string): NewMessage {
+  /** Into the outbox, and into the chat's history under the id it is sent with: WhatsApp's echo is no second copy. */
+  private record(channel: Channel, chatJid: string, content: string, file?: OutboundFile): void {
+    const id = newMessageId();
+    this.store.addOutbound(channel.name, chatJid, content, id, file);
     const bot = { sender: 'bot', senderName: this.config.assistantName, isFromMe: true, isBotMessage: true };
-    return { id, chatJid, content, timestamp, ...bot };
+    this.store.storeMessage({ id, chatJid, content, timestamp: new Date().toISOString(), ...bot });
   }
 
   /** The assistant's own text for a chat, as the chat sees it; call inside the transaction that says why. */
@@ -5489,10 +5400,11 @@ interface HostParts {
   /** What each group's snapshot files last held (writeSnapshots rewrites only what changed). */
   snapshotsWritten: Map<string, string>;
   stopped(): boolean;
+  disk: DiskWatch;
 }
 
 /** Each sweep: the disk reserve released when space runs short, each group against GROUP_DISK_BUDGET, a daily backup. */
-function diskWatch(host: HostParts, freeDiskBytes?: () => number) {
+function diskWatch(host: Omit<HostParts, 'disk'>, freeDiskBytes?: () => number) {
   const { config, store, queue, voice, clock } = host;
   const overBudget = new Set<string>();
   const reserve = new DiskReserve(join(config.storeDir, 'disk-reserve'), config.disk.reserve, freeDiskBytes);
@@ -5567,12 +5479,63 @@ function diskWatch(host: HostParts, freeDiskBytes?: () => number) {
 }
 type DiskWatch = ReturnType<typeof diskWatch>;
 
+/** Answered by the host: a whole message `/word` (any case), alone or after the trigger; "/reset x" is for the agent. */
+const CHAT_COMMANDS = {
+  help: 'these commands',
+  status: "what is running, waiting and scheduled (in the main chat: every group's)",
+  reset: "start this chat's conversation over (the agent forgets the session; its memory, CLAUDE.md, stays)",
+} as const;
+type ChatCommand = keyof typeof CHAT_COMMANDS;
+
+export function chatCommand(content: string, trigger: string): ChatCommand | null {
+  const match = new RegExp(`^(?:${escapeRegExp(trigger)}\\s+)?/(\\w+)$`, 'i').exec(typedText(content));
+  const word = match?.[1]?.toLowerCase();
+  return word && Object.hasOwn(CHAT_COMMANDS, word) ? (word as ChatCommand) : null;
+}
+
+function chatCommandHelp(group: RegisteredGroup): string {
+  const lines = Object.entries(CHAT_COMMANDS).map(([word, what]) => `/${word}: ${what}`);
+  const wake =
+    group.isMain || !group.requiresTrigger
+      ? 'Anything else goes to the agent.'
+      : `Start anything else with ${group.trigger} to ask the agent.`;
+  return `${lines.join('\n')}\n${wake}`;
+}
+
+function counted(n: number, noun: string): string {
+  return `${n} ${noun}${n === 1 ? '' : 's'}`;
+}
+
+function agentState(queue: GroupQueue, group: RegisteredGroup, overBudget: boolean): string {
+  if (queue.poolMembers.includes(group.jid)) return 'ready (waiting for a message)';
+  if (queue.isRunning(group.jid)) return 'running';
+  if (queue.isBusy(group.jid)) return 'waiting to retry';
+  return overBudget ? 'stopped (over its disk budget)' : 'idle';
+}
+
+function statusText({ config, store, queue, disk }: HostParts, asker: RegisteredGroup): string {
+  const groups = asker.isMain ? store.listGroups() : [asker];
+  const lines = groups.map((group) => {
+    const waiting = store.messagesSince(group.jid, store.getCursor(group.jid)).length;
+    const tasks = store.listTasks(group.folder);
+    const due = tasks.flatMap((task) => (task.status === 'active' && task.nextRun ? [task.nextRun] : [])).sort();
+    const paused = tasks.filter((task) => task.status === 'paused').length;
+    const next = due[0] ? ` (next ${formatLocalTime(due[0], config.timezone)})` : '';
+    const agent = agentState(queue, group, disk.isOver(group.folder));
+    return `${group.name}: agent ${agent}, ${counted(waiting, 'message')} waiting, ${counted(due.length, 'task')} scheduled${next}${paused ? `, ${paused} paused` : ''}`;
+  });
+  if (asker.isMain)
+    lines.push(
+      `Containers: ${queue.activeCount} of ${config.maxConcurrentContainers} working, ${queue.poolMembers.length} of ${config.warmPool.size} ready. Times in ${config.timezone}.`,
+    );
+  return lines.join('\n');
+}
+
 interface AgentRun {
+  /** A scheduled task's run: its container takes no chat follow-ups. */
   isScheduledTask: boolean;
-  acceptsFollowUps: boolean;
-  /** undefined: resume the group's session; null: start a fresh one (isolated tasks). */
-  sessionId?: string | null;
-  saveSession: boolean;
+  /** Start a session of its own and keep none (isolated tasks); otherwise the group's session is resumed and saved. */
+  freshSession?: boolean;
   /** Started ahead of a message: no prompt yet, it waits in the warm pool for one. */
   warm?: boolean;
   lane?: string;
@@ -5584,8 +5547,8 @@ interface AgentRun {
 }
 
 /** Starts agent containers: the group's mounts, its session, and a proxy token on stdin. */
-function agentLauncher(host: HostParts, disk: DiskWatch, proxy: ModelProxy) {
-  const { config, store, queue } = host;
+function agentLauncher(host: HostParts, proxy: ModelProxy) {
+  const { config, store, queue, disk } = host;
   /** How often each group's session was reset (/reset): a run started before a reset does not save its session. */
   const sessionResets = new Map<string, number>();
   const resets = (folder: string): number => sessionResets.get(folder) ?? 0;
@@ -5605,7 +5568,7 @@ function agentLauncher(host: HostParts, disk: DiskWatch, proxy: ModelProxy) {
 
     run(group: RegisteredGroup, prompt: string, run: AgentRun): Promise<RunOutcome> {
       const resetsAtStart = resets(group.folder);
-      const sessionId = run.sessionId === undefined ? store.getSession(group.folder) : run.sessionId;
+      const sessionId = run.freshSession ? null : store.getSession(group.folder);
       const extra = groupExtraMounts(config, group);
       for (const rejected of extra.rejected) log.warn({ group: group.folder, ...rejected }, 'Extra mount refused');
       writeSnapshots(config, store, group, host.snapshotsWritten);
@@ -5624,7 +5587,7 @@ function agentLauncher(host: HostParts, disk: DiskWatch, proxy: ModelProxy) {
           assistantName: config.assistantName,
         },
         mounts: groupMounts(config, group, extra.mounts),
-        acceptsFollowUps: run.acceptsFollowUps,
+        acceptsFollowUps: !run.isScheduledTask,
         proxy,
         onStart: (live) => {
           queue.attach(run.lane ?? group.jid, live);
@@ -5632,7 +5595,7 @@ function agentLauncher(host: HostParts, disk: DiskWatch, proxy: ModelProxy) {
         },
         onReady: () => run.onReady?.(),
         onResult: async (result) => {
-          if (result.sessionId && run.saveSession && resets(group.folder) === resetsAtStart)
+          if (result.sessionId && !run.freshSession && resets(group.folder) === resetsAtStart)
             saveSession(group, result.sessionId);
           if (result.status === 'error')
             log.error({ group: group.folder, error: result.error }, 'Agent reported an error');
@@ -5679,7 +5642,6 @@ class TaskRuns {
 
   constructor(
     private readonly host: HostParts,
-    private readonly disk: DiskWatch,
     private readonly agents: AgentLauncher,
     private readonly forwardHeld: (group: RegisteredGroup) => boolean,
   ) {}
@@ -5695,7 +5657,7 @@ class TaskRuns {
   warmFor(task: ScheduledTask): void {
     if (task.contextMode === 'isolated' || this.host.stopped()) return;
     const group = this.host.store.groupByJid(task.chatJid);
-    if (group && !this.disk.isOver(group.folder) && this.host.queue.prewarm(task.chatJid))
+    if (group && !this.host.disk.isOver(group.folder) && this.host.queue.prewarm(task.chatJid))
       log.debug({ group: group.folder, taskId: task.id }, 'Task due soon; readying its agent');
   }
 
@@ -5808,7 +5770,8 @@ class TaskRuns {
     const turn = this.start(task);
     const outcome: TaskOutcome = { result: null, said: [], error: null };
     if (!group) outcome.error = `group "${task.groupFolder}" is no longer registered`;
-    else if (this.disk.isOver(group.folder)) outcome.error = 'the group is over its disk budget (GROUP_DISK_BUDGET)';
+    else if (this.host.disk.isOver(group.folder))
+      outcome.error = 'the group is over its disk budget (GROUP_DISK_BUDGET)';
     else await this.runInContainer(task, group, outcome);
     return this.record(turn, outcome);
   }
@@ -5818,9 +5781,7 @@ class TaskRuns {
     try {
       const run = await this.agents.run(group, task.prompt, {
         isScheduledTask: true,
-        acceptsFollowUps: false,
-        sessionId: task.contextMode === 'group' ? undefined : null,
-        saveSession: task.contextMode === 'group',
+        freshSession: task.contextMode === 'isolated',
         lane,
         onResult: async (answer) => {
           Object.assign(outcome, this.outcomeOf(answer));
@@ -5884,22 +5845,9 @@ interface ChatTurn {
   messages: StoredMessage[];
 }
 
-type AfterTurn = 'done' | 'retry' | 'queue-more' | 'key-refused' | 'bad-request';
-
 /** A container that ends, however it ends, while messages it was given are unanswered has failed. */
 function turnFailed(outcome: RunOutcome, upToSeq: number, cursor: number): boolean {
   return outcome.exitCode !== 0 || outcome.timedOut || outcome.oversized === true || upToSeq > cursor;
-}
-
-function afterTurn(outcome: RunOutcome | null, failed: boolean, unanswered: number, stopped: boolean): AfterTurn {
-  if (stopped) return 'done';
-  if (!outcome) return 'retry';
-  if (unanswered === 0) return 'done';
-  // A refused key, or a request the model refuses (400), fails every retry alike: say once what to fix.
-  if (outcome.lastErrorKind === 'auth') return 'key-refused';
-  if (outcome.lastErrorKind === 'bad-request') return 'bad-request';
-  // Otherwise the unanswered messages came in as the container was closing: they go into the next run.
-  return failed || outcome.lastError ? 'retry' : 'queue-more';
 }
 
 /**
@@ -5907,12 +5855,14 @@ function afterTurn(outcome: RunOutcome | null, failed: boolean, unanswered: numb
  * records the answer: a failed run leaves the messages to be retried, and an answer recorded is never made again.
  */
 class ChatTurns {
-  /** The newest message each chat's last run was given: what a give-up covers. */
-  private readonly lastGiven = new Map<string, number>();
+  /**
+   * Per chat: the newest message its turn was given (kept after the turn: what a give-up covers), whether the turn still
+   * runs, and whether its agent asked the chat a question (the chat's next message is the answer).
+   */
+  private readonly given = new Map<string, { upTo: number; running: boolean; answering: boolean }>();
 
   constructor(
     private readonly host: HostParts,
-    private readonly disk: DiskWatch,
     private readonly agents: AgentLauncher,
     private readonly tasks: TaskRuns,
     private readonly onTurn: (event: TurnEvent) => void,
@@ -5921,13 +5871,13 @@ class ChatTurns {
   /** One turn: true when the chat's messages are done with (answered, given up, or queued anew), false to retry. */
   async processMessages(chatJid: string, warm = false): Promise<boolean> {
     const turn = this.turnToRun(chatJid, warm);
-    return !turn || this.afterRun(turn.group, await this.runTurn(turn)) !== 'retry';
+    return !turn || this.afterRun(turn.group, await this.runTurn(turn));
   }
 
   private turnToRun(chatJid: string, warm: boolean): ChatTurn | null {
     const { store } = this.host;
     const group = store.groupByJid(chatJid);
-    if (!group || this.disk.isOver(group.folder)) return null; // over its disk budget: answered once under
+    if (!group || this.host.disk.isOver(group.folder)) return null; // over its disk budget: answered once under
     const cursor = store.getCursor(chatJid);
     const messages = store.messagesSince(chatJid, cursor);
     const asked = needsAgent(group, messages);
@@ -5936,18 +5886,17 @@ class ChatTurns {
 
   /** The turn's outcome (null: the container could not run); lastGiven holds the newest message it was given. */
   private async runTurn({ group, cursor, messages }: ChatTurn): Promise<RunOutcome | null> {
-    const { queue, voice, config } = this.host;
+    const { voice, config } = this.host;
     const chatJid = group.jid;
     const upTo = messages.at(-1)?.seq;
     // Warm (nothing asked yet): the container starts with no prompt and takes the chat's next message as a follow-up.
-    queue.give(chatJid, upTo ?? cursor);
+    const given = { upTo: upTo ?? cursor, running: true, answering: false };
+    this.given.set(chatJid, given);
     if (upTo !== undefined) await voice.typing(chatJid, true);
     let outcome: RunOutcome | null = null;
     try {
       outcome = await this.agents.run(group, upTo === undefined ? '' : formatMessages(messages, config.timezone), {
         isScheduledTask: false,
-        acceptsFollowUps: true,
-        saveSession: true,
         warm: upTo === undefined,
         ...(upTo === undefined ? {} : { upTo }),
         // Messages that came while docker was starting found no container to take them: hand them over now.
@@ -5960,10 +5909,9 @@ class ChatTurns {
     } catch (err) {
       const error = errorText(err);
       log.error({ group: group.folder, error }, 'Could not run the agent container');
-      this.onTurn({ chatJid, status: 'error', sent: null, error, upToSeq: queue.givenUpTo(chatJid) ?? 0 });
+      this.onTurn({ chatJid, status: 'error', error, upToSeq: given.upTo });
     } finally {
-      this.lastGiven.set(chatJid, queue.givenUpTo(chatJid) ?? 0);
-      queue.give(chatJid, null);
+      given.running = false;
       this.tasks.endTurn(chatJid);
       await voice.typing(chatJid, false);
     }
@@ -5980,7 +5928,7 @@ class ChatTurns {
     this.onTurn(
       result.status === 'success'
         ? this.recordAnswer(group, result, upToSeq)
-        : { chatJid, status: 'error', sent: null, error: result.error, upToSeq },
+        : { chatJid, status: 'error', error: result.error, upToSeq },
     );
   }
 
@@ -5998,42 +5946,55 @@ class ChatTurns {
       log.error({ group: group.folder, err: errorText(err) }, 'Could not record the answer; retrying');
       queue.closeContainer(chatJid);
       const error = `could not record the answer (${errorText(err)})`;
-      return { chatJid, status: 'error', sent: null, error, upToSeq };
+      return { chatJid, status: 'error', error, upToSeq };
     }
     crashPoint('reply-recorded');
     voice.sendSoon(chatJid);
     this.waitUnlessGiven(chatJid, upToSeq);
-    return { chatJid, status: 'success', sent: said.at(-1) ?? null, upToSeq };
+    return { chatJid, status: 'success', upToSeq };
   }
 
   /** The agent waits for the chat's next message, unless one handed over past `answeredUpTo` is still unanswered. */
   private waitUnlessGiven(chatJid: string, answeredUpTo: number): void {
-    const { queue } = this.host;
-    if ((queue.givenUpTo(chatJid) ?? 0) <= answeredUpTo) queue.markIdle(chatJid);
+    const given = this.given.get(chatJid);
+    if (!given?.running || given.upTo <= answeredUpTo) this.host.queue.markIdle(chatJid);
   }
 
-  private afterRun(group: RegisteredGroup, outcome: RunOutcome | null): AfterTurn {
+  private afterRun(group: RegisteredGroup, outcome: RunOutcome | null): boolean {
     const { store, config } = this.host;
     const chatJid = group.jid;
-    const upToSeq = this.lastGiven.get(chatJid)!;
+    const upToSeq = this.given.get(chatJid)!.upTo;
     const cursor = store.getCursor(chatJid);
     const unanswered = store.messagesSince(chatJid, cursor).length;
     const failed = outcome !== null && turnFailed(outcome, upToSeq, cursor);
     if (outcome && failed && outcome.results === 0)
-      this.onTurn({ chatJid, status: 'error', sent: null, error: noResultError(outcome), upToSeq });
-    const next = afterTurn(outcome, failed, unanswered, this.host.stopped());
-    const refused = { error: outcome?.lastError ?? '', upTo: outcome?.lastErrorUpTo ?? upToSeq };
-    if (next === 'key-refused')
+      this.onTurn({ chatJid, status: 'error', error: noResultError(outcome), upToSeq });
+    if (this.host.stopped()) return true;
+    if (!outcome) return false;
+    if (unanswered === 0) return true;
+    const refused = { error: outcome.lastError ?? '', upTo: outcome.lastErrorUpTo ?? upToSeq };
+    // A refused key, or a request the model refuses (400), fails every retry alike: say once what to fix.
+    if (outcome.lastErrorKind === 'auth')
       this.giveUp(chatJid, keyRefusedNotice(config, refused.error), refused.upTo, `notice:key-refused:${chatJid}`);
-    else if (next === 'bad-request') this.giveUp(chatJid, badRequestNotice(refused.error), refused.upTo);
-    else if (next === 'queue-more') this.host.queue.enqueueMessages(chatJid);
-    else if (next === 'retry' && outcome)
+    else if (outcome.lastErrorKind === 'bad-request')
+      this.giveUp(chatJid, badRequestNotice(refused.error), refused.upTo);
+    // Otherwise unanswered messages that came in as the container was closing go into the next run.
+    else if (!failed && !outcome.lastError) this.host.queue.enqueueMessages(chatJid);
+    else {
       log.warn({ group: group.folder, unanswered, logFile: outcome.logFile }, 'Run failed; will retry');
-    return next;
+      return false;
+    }
+    return true;
   }
 
   giveUpAfterRetries(chatJid: string): void {
-    this.giveUp(chatJid, GIVE_UP_TEXT, this.lastGiven.get(chatJid) ?? 0);
+    this.giveUp(chatJid, GIVE_UP_TEXT, this.given.get(chatJid)?.upTo ?? 0);
+  }
+
+  /** The agent asked the chat a question (IPC `awaitAnswer`): the chat's next message goes to it as the answer. */
+  expectAnswer(chatJid: string): void {
+    const given = this.given.get(chatJid);
+    if (given?.running) given.answering = true;
   }
 
   /**
@@ -6059,19 +6020,19 @@ class ChatTurns {
   /** New messages go to the group's live container; only the one that just arrived is checked for the trigger. */
   forward(group: RegisteredGroup, arrived?: StoredMessage): boolean {
     const { store, queue, config } = this.host;
-    const givenUpTo = queue.givenUpTo(group.jid);
-    if (givenUpTo === null) return false;
-    const answering = queue.answerExpected(group.jid);
+    const given = this.given.get(group.jid);
+    if (!given?.running) return false;
+    const { answering } = given;
     // A scheduled task is the container's turn now: the chat's messages follow once it answered.
     if (this.tasks.isTurnOf(group.jid) && !answering) return true;
     // Messages that do not wake the agent are kept for the next batch.
     if (arrived && !(answering ? mayWake(group, arrived) : needsAgent(group, [arrived]))) return true;
-    const messages = store.messagesSince(group.jid, givenUpTo);
+    const messages = store.messagesSince(group.jid, given.upTo);
     if (messages.length === 0) return true;
     if (!arrived && !answering && !needsAgent(group, messages)) return true;
     const upTo = messages.at(-1)!.seq;
     if (!queue.sendFollowUp(group.jid, formatMessages(messages, config.timezone), 'message', upTo)) return false;
-    queue.give(group.jid, upTo);
+    Object.assign(given, { upTo, answering: false });
     void this.host.voice.typing(group.jid, true);
     log.debug({ group: group.folder, count: messages.length }, 'Follow-up handed to the running container');
     return true;
@@ -6079,8 +6040,8 @@ class ChatTurns {
 }
 
 /** Agent requests, authorised by their IPC folder; each done in one transaction with its done-mark, so never twice. */
-function ipcRequests(host: HostParts, tasksChanged: () => void): IpcHandlers {
-  const { config, store, queue, voice } = host;
+function ipcRequests(host: HostParts, chats: ChatTurns, tasksChanged: () => void): IpcHandlers {
+  const { config, store, voice } = host;
   const sendWindow = new SendWindow(host.clock);
 
   /** Messages and files an agent sends count against its group's send window; the reason when it is full. */
@@ -6109,7 +6070,7 @@ function ipcRequests(host: HostParts, tasksChanged: () => void): IpcHandlers {
         say: (chatJid, text) => voice.say(chatJid, text),
         sayFile: (chatJid, file) => voice.sayFile(chatJid, file),
         afterwards: (effect) => afterwards.push(effect),
-        awaitAnswer: (chatJid) => queue.expectAnswer(chatJid),
+        awaitAnswer: (chatJid) => chats.expectAnswer(chatJid),
         sendSoon: (chatJid) => voice.sendSoon(chatJid),
         syncGroups: async () => {
           await Promise.all(voice.channels.map((channel) => channel.syncGroups?.()));
@@ -6159,7 +6120,7 @@ export class Host {
   private readonly clock: Clock;
   private readonly voice: Voice;
   private readonly spill: ReturnType<typeof spillBuffer>;
-  private readonly disk: DiskWatch;
+  private readonly parts: HostParts;
   private readonly agents: AgentLauncher;
   private readonly tasks: TaskRuns;
   private readonly chats: ChatTurns;
@@ -6196,16 +6157,17 @@ export class Host {
       },
       clock,
     });
-    const parts: HostParts = {
+    const shared = {
       config,
       store,
       queue: this.queue,
       clock,
       voice: this.voice,
-      snapshotsWritten: new Map(),
+      snapshotsWritten: new Map<string, string>(),
       stopped: () => this.stopped,
     };
-    this.disk = diskWatch(parts, options.freeDiskBytes);
+    const parts: HostParts = { ...shared, disk: diskWatch(shared, options.freeDiskBytes) };
+    this.parts = parts;
     this.proxy = new ModelProxy({
       mode: config.modelProxy,
       dir: join(config.dataDir, 'proxy'),
@@ -6214,14 +6176,14 @@ export class Host {
       keyRequired: usesKimiProvider(config),
       record: modelUsageRecorder(config, store),
     });
-    this.agents = agentLauncher(parts, this.disk, this.proxy);
-    this.tasks = new TaskRuns(parts, this.disk, this.agents, (group) => this.chats.forward(group));
-    this.chats = new ChatTurns(parts, this.disk, this.agents, this.tasks, (event) => {
+    this.agents = agentLauncher(parts, this.proxy);
+    this.tasks = new TaskRuns(parts, this.agents, (group) => this.chats.forward(group));
+    this.chats = new ChatTurns(parts, this.agents, this.tasks, (event) => {
       for (const listener of this.turnListeners) listener(event);
     });
     this.ipc = new IpcWatcher(
       config.ipcDir,
-      ipcRequests(parts, () => this.scheduler.arm()),
+      ipcRequests(parts, this.chats, () => this.scheduler.arm()),
       options.ipcSweepMs ?? 30_000,
       clock,
     );
@@ -6273,7 +6235,7 @@ export class Host {
     this.ipc.start();
     this.scheduler.start();
     void this.recover().finally(() => {
-      for (const group of recent) if (!this.disk.isOver(group.folder)) this.queue.prewarm(group.jid);
+      for (const group of recent) if (!this.parts.disk.isOver(group.folder)) this.queue.prewarm(group.jid);
     });
     this.stopSweep = every(this.clock, this.options.recoverySweepMs ?? 60_000, () => void this.recover());
     const channels = this.channels.map((c) => c.name);
@@ -6416,9 +6378,9 @@ export class Host {
 
   private commandAnswer(command: ChatCommand, group: RegisteredGroup): string {
     if (command === 'help') return chatCommandHelp(group);
-    if (command === 'status')
-      return statusText(this.config, this.store, this.queue, group, (folder) => this.disk.isOver(folder));
-    return `Done: the next message starts a new conversation.${this.queue.isRunning(group.jid) ? ' (The current one is closed first.)' : ''}`;
+    if (command === 'status') return statusText(this.parts, group);
+    const closing = this.queue.isRunning(group.jid) ? ' (The current one is closed first.)' : '';
+    return `Done: the next message starts a new conversation.${closing}`;
   }
 
   /** Unanswered messages and interrupted task runs get queued, after the disk watch (over-budget groups left alone). */
@@ -6429,7 +6391,7 @@ export class Host {
       void this.stop().then(() => this.options.onFatal?.(message));
       return;
     }
-    this.disk.backUpWhenDue();
+    this.parts.disk.backUpWhenDue();
     await this.checkDisk();
     if (this.stopped) return;
     try {
@@ -6445,7 +6407,7 @@ export class Host {
 
   private queueUnanswered(): void {
     for (const { group, cursor, newest } of this.store.groupsWithProgress()) {
-      if (this.queue.isBusy(group.jid) || this.disk.isOver(group.folder)) continue;
+      if (this.queue.isBusy(group.jid) || this.parts.disk.isOver(group.folder)) continue;
       const rule = JSON.stringify([group.isMain, group.requiresTrigger, group.trigger, group.allow]);
       const quiet = this.quietUpTo.get(group.jid);
       const from = Math.max(cursor, quiet?.rule === rule ? quiet.seq : 0);
@@ -6459,7 +6421,7 @@ export class Host {
   }
 
   checkDisk(): Promise<void> {
-    return this.disk.check();
+    return this.parts.disk.check();
   }
 
   /** `tasks run`: one task now, whatever its schedule or status; what it says waits in the outbox for absent channels. */

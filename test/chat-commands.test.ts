@@ -99,7 +99,8 @@ describe('chat commands through the host', () => {
     mkdirSync(sessions, { recursive: true });
     writeFileSync(join(sessions, 'context.jsonl'), '{}\n');
     w.channel.receive(MAIN, '!sleep 500'); // a turn of the live container, still going when /reset comes
-    await waitFor(() => w.host.queue.givenUpTo(MAIN) !== null, 60_000, 'the turn handed over');
+    const handedOver = () => w.docker.calls().some((call) => (call.text ?? call.stdin ?? '').includes('!sleep 500'));
+    await waitFor(handedOver, 60_000, 'the turn handed over');
     w.channel.receive(MAIN, '/reset');
     await waitFor(() => texts(w, MAIN).length === 2, 60_000, 'the reset answer');
     expect(texts(w, MAIN)[1]).toBe(

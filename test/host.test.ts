@@ -478,7 +478,7 @@ describe('failures', () => {
     w.host.onTurn((t) => turns.push(t));
     w.channel.receive(MAIN, '!fail LLM is not set');
     await waitFor(() => turns.length >= 1, 60_000, 'turn');
-    expect(turns[0]).toMatchObject({ chatJid: MAIN, status: 'error', sent: null, error: 'LLM is not set' });
+    expect(turns[0]).toMatchObject({ chatJid: MAIN, status: 'error', error: 'LLM is not set' });
   });
 
   it('processes messages stored before a crash when the host starts again', async () => {
