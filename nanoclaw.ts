@@ -4123,32 +4123,30 @@ class RunningContainer implements LiveContainer {
     return this.stopping;
   }
 
-  sendInput(text: string, kind: 'message' | 'task' = 'message', upTo?: number): boolean {
+  /** Into the inbox over whatever the agent put there (never through it), then the thaw: a paused agent finds it. */
+  private deliver(name: string, text: string, failure: string): boolean {
     try {
-      const request = { type: kind, text, ...(upTo === undefined ? {} : { upTo }) };
-      // <epoch-ms>-<counter>-<rand>.json: the runner reads its inbox in name order, so these sort as sent.
-      const name = `${Date.now()}-${String(++this.inputsSent).padStart(6, '0')}-${randomUUID().slice(0, 8)}.json`;
-      // Written before the thaw: the paused agent finds it the moment it wakes.
-      this.plan.inbox.replace(name, JSON.stringify(request));
+      this.plan.inbox.replace(name, text);
       void this.thaw();
       return true;
     } catch (err) {
-      this.groupLog.warn({ reason: errorText(err) }, 'Could not deliver a follow-up; stopping, the next run gets it');
+      this.groupLog.warn({ reason: errorText(err) }, failure);
       void this.kill(false);
       return false;
     }
   }
 
+  sendInput(text: string, kind: 'message' | 'task' = 'message', upTo?: number): boolean {
+    const request = { type: kind, text, ...(upTo === undefined ? {} : { upTo }) };
+    // <epoch-ms>-<counter>-<rand>.json: the runner reads its inbox in name order, so these sort as sent.
+    const name = `${Date.now()}-${String(++this.inputsSent).padStart(6, '0')}-${randomUUID().slice(0, 8)}.json`;
+    return this.deliver(name, JSON.stringify(request), 'Could not deliver a follow-up; stopping, the next run gets it');
+  }
+
   close(): void {
     if (this.closing) return;
     this.closing = true;
-    void this.thaw();
-    try {
-      this.plan.inbox.replace('_close', ''); // over whatever the agent may have put there, never through it
-    } catch (err) {
-      this.groupLog.warn({ reason: errorText(err) }, 'Could not ask the container to close; stopping it');
-      void this.kill(false);
-    }
+    this.deliver('_close', '', 'Could not ask the container to close; stopping it');
     const graceMs = this.config.container.closeGraceMs;
     this.graceTimer = setTimeout(() => {
       if (this.exited) return;
