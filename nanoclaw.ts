@@ -4295,12 +4295,8 @@ function writeRunLog(
   try {
     logs.create(`logs/${logName}`, maskSecrets(`${lines.join('\n')}\n`, plan.secretValues));
     // Regular files of the host's own names only: never a link, never followed.
-    const files = logs.entries('logs').filter((entry) => entry.kind === 'file');
-    for (const name of runLogsToPrune(
-      files.map((entry) => entry.name),
-      RUN_LOGS_KEPT,
-    ))
-      logs.remove(`logs/${name}`);
+    const files = logs.entries('logs').flatMap((entry) => (entry.kind === 'file' ? [entry.name] : []));
+    for (const name of runLogsToPrune(files, RUN_LOGS_KEPT)) logs.remove(`logs/${name}`);
     return join(logs.path('logs'), logName);
   } catch (err) {
     groupLog.warn({ reason: errorText(err) }, 'Could not write the run log');
