@@ -3549,40 +3549,37 @@ export function groupDiskUsage(config: Config, folder: string): number {
   return treeBytes(trees.group) + treeBytes(trees.ipc) + treeBytes(trees.kimi);
 }
 
-/** A file of DISK_RESERVE bytes, deleted when free space runs short so the database and logs outlive a full disk. */
-export class DiskReserve {
-  constructor(
-    readonly path: string,
-    private readonly bytes: number,
-    private readonly freeBytes = () => {
-      const stats = statfsSync(dirname(path));
-      return stats.bavail * stats.bsize;
-    },
-  ) {}
+function freeBytesAt(dir: string): number {
+  const stats = statfsSync(dir);
+  return stats.bavail * stats.bsize;
+}
 
-  check(): 'released' | 'made' | null {
-    if (this.bytes === 0) return null;
-    mkdirSync(dirname(this.path), { recursive: true });
-    const held = existsSync(this.path);
-    const free = this.freeBytes();
-    if (held && free < this.bytes) {
-      rmSync(this.path, { force: true });
+/** A file of DISK_RESERVE bytes, deleted when free space runs short so the database and logs outlive a full disk. */
+export function diskReserve(path: string, bytes: number, freeBytes = () => freeBytesAt(dirname(path))) {
+  const check = (): 'released' | 'made' | null => {
+    if (bytes === 0) return null;
+    mkdirSync(dirname(path), { recursive: true });
+    const held = existsSync(path);
+    const free = freeBytes();
+    if (held && free < bytes) {
+      rmSync(path, { force: true });
       return 'released';
     }
-    if (held || free < 3 * this.bytes) return null;
-    const chunk = Buffer.alloc(Math.min(this.bytes, 1024 * 1024));
-    const fd = openSync(this.path, 'w', 0o600);
+    if (held || free < 3 * bytes) return null;
+    const chunk = Buffer.alloc(Math.min(bytes, 1024 * 1024));
+    const fd = openSync(path, 'w', 0o600);
     try {
-      for (let written = 0; written < this.bytes; written += chunk.length)
-        writeSync(fd, chunk, 0, Math.min(chunk.length, this.bytes - written));
+      for (let written = 0; written < bytes; written += chunk.length)
+        writeSync(fd, chunk, 0, Math.min(chunk.length, bytes - written));
     } catch (err) {
-      rmSync(this.path, { force: true });
+      rmSync(path, { force: true });
       throw err;
     } finally {
       closeSync(fd);
     }
     return 'made';
-  }
+  };
+  return { path, check };
 }
 
 /** Project paths main's agent must not see: the key, WhatsApp's credentials and the database, other groups' sessions. */
@@ -5498,7 +5495,7 @@ interface HostParts {
 function diskWatch(host: HostParts, freeDiskBytes?: () => number) {
   const { config, store, queue, voice, clock } = host;
   const overBudget = new Set<string>();
-  const reserve = new DiskReserve(join(config.storeDir, 'disk-reserve'), config.disk.reserve, freeDiskBytes);
+  const reserve = diskReserve(join(config.storeDir, 'disk-reserve'), config.disk.reserve, freeDiskBytes);
 
   /** Also after each turn and run: what the agent wrote counts at once, before the group gets another turn. */
   const checkGroup = (group: RegisteredGroup): void => {
