@@ -4898,6 +4898,17 @@ function applyIpcRequest(request: IpcRequest, ctx: IpcActionContext): string | u
   return actionFor(request.type).apply(request, ctx) ?? undefined;
 }
 
+/** The CLI has no host to tell: a running service sees a change at its next look (within a second). */
+const NO_EFFECTS: IpcEffects = {
+  say() {},
+  sayFile() {},
+  afterwards() {},
+  awaitAnswer() {},
+  sendSoon() {},
+  async syncGroups() {},
+  tasksChanged() {},
+};
+
 /** Null: runs at most once. */
 export function shortestGap(type: ScheduleType, value: string, timezone: string, from = new Date()): number | null {
   if (type === 'interval') return Number(value);
@@ -7181,19 +7192,8 @@ async function runTaskNow(config: Config, store: Store, task: ScheduledTask): Pr
 function applyTaskCommand(config: Config, store: Store, task: ScheduledTask, request: IpcRequest): void {
   // The task actions read their source only to name it in their log line; a removed group's task keeps its folder.
   const source = store.groupByFolder(task.groupFolder) ?? ({ folder: task.groupFolder } as RegisteredGroup);
-  // No host runs here to tell: a running service sees the change at its next look (within a second).
-  const ignore = () => {};
-  const effects: IpcEffects = {
-    say: ignore,
-    sayFile: ignore,
-    afterwards: ignore,
-    awaitAnswer: ignore,
-    sendSoon: ignore,
-    syncGroups: async () => {},
-    tasksChanged: ignore,
-  };
   try {
-    store.transaction(() => applyIpcRequest(request, { config, store, source, effects }));
+    store.transaction(() => applyIpcRequest(request, { config, store, source, effects: NO_EFFECTS }));
   } catch (err) {
     if (err instanceof ScheduleError) throw new UsageError(`${err.message.replace(/^task/, 'Task')}.`);
     throw err;
