@@ -3860,18 +3860,27 @@ export interface ContainerInput {
   secrets?: Secrets;
 }
 
-export interface ContainerResult {
-  status: 'success' | 'error';
-  result: string | null;
-  /** What earlier steps of the turn said, each its own message before `result` (never glued to it). */
-  earlier?: string[];
-  /** For errors, the runner's reading of what failed: `auth` and `bad-request` are not retried. */
-  errorKind?: string;
-  sessionId?: string;
-  error?: string;
-  /** The newest message (its seq) this turn answered: its prompt's and every follow-up's in it. */
-  upTo?: number;
-  task?: boolean;
+/** CONTRACT.md's result: a field of the wrong type makes it unreadable; an absent or odd `result` is no text. */
+function defineResultSchema(z: typeof import('zod')) {
+  return z.object({
+    status: z.enum(['success', 'error']),
+    result: z.string().nullable().catch(null),
+    /** What earlier steps of the turn said, each its own message before `result` (never glued to it). */
+    earlier: z.array(z.string()).optional(),
+    /** For errors, the runner's reading of what failed: `auth` and `bad-request` are not retried. */
+    errorKind: z.string().optional(),
+    sessionId: z.string().optional(),
+    error: z.string().optional(),
+    /** The newest message (its seq) this turn answered: its prompt's and every follow-up's in it. */
+    upTo: z.int().optional(),
+    task: z.boolean().optional(),
+  });
+}
+export type ContainerResult = z.infer<ReturnType<typeof defineResultSchema>>;
+let resultSchema: ReturnType<typeof defineResultSchema> | null = null;
+function loadResultSchema() {
+  resultSchema ??= defineResultSchema(load('zod') as typeof import('zod'));
+  return resultSchema;
 }
 
 export const RESULT_START = '---NANOCLAW_RESULT_START---';
@@ -3942,22 +3951,12 @@ export function resultLines(onResult: (result: ContainerResult) => void | Promis
 
 function parseResult(json: string): ContainerResult {
   try {
-    const value = JSON.parse(json) as Partial<ContainerResult>;
-    if (value.status !== 'success' && value.status !== 'error') throw new Error('no status');
-    const parsed: ContainerResult = {
-      status: value.status,
-      result: typeof value.result === 'string' ? value.result : null,
-    };
-    if (Array.isArray(value.earlier) && value.earlier.every((t) => typeof t === 'string'))
-      parsed.earlier = value.earlier;
-    for (const key of ['errorKind', 'sessionId', 'error'] as const)
-      if (typeof value[key] === 'string') parsed[key] = value[key];
-    if (Number.isInteger(value.upTo)) parsed.upTo = value.upTo;
-    if (value.task === true) parsed.task = true;
-    return parsed;
+    const parsed = loadResultSchema().safeParse(JSON.parse(json));
+    if (parsed.success) return parsed.data;
   } catch {
-    return { status: 'error', result: null, error: `Unreadable result from the container: ${json.slice(0, 200)}` };
+    // not JSON: as unreadable as a wrong shape
   }
+  return { status: 'error', result: null, error: `Unreadable result from the container: ${json.slice(0, 200)}` };
 }
 
 interface RunOutcome {
@@ -4176,6 +4175,7 @@ async function streamContainer(plan: RunPlan, options: RunContainerOptions, grou
   });
   proc.stdin.write(JSON.stringify(plan.input));
   await proc.stdin.end();
+  loadResultSchema(); // zod loads (~18 ms) while the container starts, not on the first reply's path
   const live = new RunningContainer(config, plan, proc, groupLog, options.acceptsFollowUps);
   options.onStart?.(live);
   const result: RunResult = { exitCode: null, timedOut: false, results: 0, stdout: '', stderr: '' };
