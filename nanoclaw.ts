@@ -4099,7 +4099,7 @@ class RunningContainer implements LiveContainer {
     clearTimeout(this.graceTimer);
   }
 
-  private async thaw(): Promise<void> {
+  async wake(): Promise<void> {
     if (!this.paused) return;
     const pausing = this.paused;
     this.paused = null;
@@ -4112,7 +4112,7 @@ class RunningContainer implements LiveContainer {
     this.killed ||= onPurpose;
     this.closing = true; // a container being stopped takes no more input
     this.stopping ??= (async () => {
-      await this.thaw();
+      await this.wake();
       await runtimeCommand(this.config.containerRuntime, 'stop', '-t', '2', this.plan.name);
       this.proc.kill();
     })();
@@ -4123,7 +4123,7 @@ class RunningContainer implements LiveContainer {
   private deliver(name: string, text: string, failure: string): boolean {
     try {
       this.plan.inbox.replace(name, text);
-      void this.thaw();
+      void this.wake();
       return true;
     } catch (err) {
       this.groupLog.warn({ reason: errorText(err) }, failure);
@@ -4149,10 +4149,6 @@ class RunningContainer implements LiveContainer {
       this.groupLog.warn({ container: this.plan.name, graceMs }, 'Container ignored the close request; stopping it');
       void this.kill(false);
     }, graceMs);
-  }
-
-  wake(): void {
-    void this.thaw();
   }
 
   pause(): void {
