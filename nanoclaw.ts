@@ -4720,7 +4720,7 @@ function defineIpcActions(z: Zod) {
         const task = { groupFolder, scheduleType: request.schedule_type, scheduleValue: request.schedule_value };
         return scheduleLimit(config, store, source, task, true);
       },
-      apply: (request, { config, store, source, effects }) => {
+      apply: (request, { config, store, source }) => {
         const target = store.groupByJid(request.targetJid ?? source.jid)!;
         const nextRun = computeNextRun(request.schedule_type, request.schedule_value, config.timezone);
         if (!nextRun) throw new ScheduleError(`"${request.schedule_value}" is in the past`);
@@ -4739,7 +4739,6 @@ function defineIpcActions(z: Zod) {
           status: 'active',
           createdAt: new Date().toISOString(),
         });
-        effects.afterwards(effects.tasksChanged);
         const fields = { group: source.folder, taskId: id, target: target.folder, nextRun: nextRun.toISOString() };
         log.info(fields, 'Task scheduled');
         return `scheduled as ${id}; first run ${formatLocalTime(nextRun.toISOString(), config.timezone)} (${config.timezone})`;
@@ -4749,9 +4748,8 @@ function defineIpcActions(z: Zod) {
       kind: 'tasks',
       schema: request('pause_task', taskRef),
       refusal: ownTaskOnly,
-      apply: ({ taskId }, { store, source, effects }) => {
+      apply: ({ taskId }, { store, source }) => {
         store.updateTask(taskId, { status: 'paused', pausedReason: null });
-        effects.afterwards(effects.tasksChanged);
         log.info({ group: source.folder, taskId }, 'Task paused');
       },
     }),
@@ -4763,7 +4761,7 @@ function defineIpcActions(z: Zod) {
         const task = store.getTask(request.taskId);
         return task ? scheduleLimit(config, store, source, task, task.status !== 'active') : null;
       },
-      apply: ({ taskId }, { config, store, source, effects }) => {
+      apply: ({ taskId }, { config, store, source }) => {
         const task = store.getTask(taskId)!;
         // A removed group's task stays paused until the group is registered again (the CLI too).
         if (!store.groupByFolder(task.groupFolder))
@@ -4773,7 +4771,6 @@ function defineIpcActions(z: Zod) {
         const nextRun = computeNextRun(task.scheduleType, task.scheduleValue, config.timezone);
         if (!nextRun) throw new ScheduleError(`task ${task.id} has no future run left (once, ${task.scheduleValue})`);
         store.updateTask(task.id, { status: 'active', nextRun: nextRun.toISOString(), pausedReason: null });
-        effects.afterwards(effects.tasksChanged);
         log.info({ group: source.folder, taskId: task.id, nextRun: nextRun.toISOString() }, 'Task resumed');
         return `resumed; next run ${formatLocalTime(nextRun.toISOString(), config.timezone)} (${config.timezone})`;
       },
@@ -4782,9 +4779,8 @@ function defineIpcActions(z: Zod) {
       kind: 'tasks',
       schema: request('cancel_task', taskRef),
       refusal: ownTaskOnly,
-      apply: ({ taskId }, { store, source, effects }) => {
+      apply: ({ taskId }, { store, source }) => {
         store.deleteTask(taskId);
-        effects.afterwards(effects.tasksChanged);
         log.info({ group: source.folder, taskId }, 'Task cancelled');
       },
     }),
@@ -4802,7 +4798,7 @@ function defineIpcActions(z: Zod) {
         if (!task || (!request.schedule_type && !request.schedule_value)) return null;
         return scheduleLimit(config, store, source, updatedSchedule(task, request), false);
       },
-      apply: (request, { config, store, source, effects }) => {
+      apply: (request, { config, store, source }) => {
         const task = store.getTask(request.taskId)!;
         const { scheduleType, scheduleValue } = updatedSchedule(task, request);
         const scheduleChanged = scheduleType !== task.scheduleType || scheduleValue !== task.scheduleValue;
@@ -4814,7 +4810,6 @@ function defineIpcActions(z: Zod) {
           scheduleValue,
           ...(nextRun ? { nextRun: nextRun.toISOString() } : {}),
         });
-        effects.afterwards(effects.tasksChanged);
         log.info({ group: source.folder, taskId: task.id }, 'Task updated');
       },
     }),
@@ -4889,9 +4884,11 @@ export function refusal(source: RegisteredGroup, request: IpcRequest, store: Sto
   return entry.refusal(request, source, store) ?? (config && entry.limit?.(request, source, store, config)) ?? null;
 }
 
-/** Call inside a transaction. */
+/** Call inside a transaction. A request from tasks/ may change the tasks: the scheduler looks again after it. */
 function applyIpcRequest(request: IpcRequest, ctx: IpcActionContext): string | undefined {
-  return actionFor(request.type).apply(request, ctx) ?? undefined;
+  const entry = actionFor(request.type);
+  if (entry.kind === 'tasks') ctx.effects.afterwards(ctx.effects.tasksChanged);
+  return entry.apply(request, ctx) ?? undefined;
 }
 
 /** The CLI has no host to tell: a running service sees a change at its next look (within a second). */
