@@ -3905,16 +3905,14 @@ export async function readLines(
   const decoder = new TextDecoder();
   const emit = (line: string) => onLine(line.slice(0, maxLine).replace(/\r$/, ''));
   let tail = '';
-  let cutChars = 0;
+  let total = 0;
   let pending = '';
   let dropping = false;
   for await (const chunk of stream) {
     const text = decoder.decode(chunk, { stream: true });
+    total += text.length;
     tail += text;
-    if (tail.length > 2 * KEEP_OUTPUT_CHARS) {
-      cutChars += tail.length - KEEP_OUTPUT_CHARS;
-      tail = tail.slice(-KEEP_OUTPUT_CHARS);
-    }
+    if (tail.length > 2 * KEEP_OUTPUT_CHARS) tail = tail.slice(-KEEP_OUTPUT_CHARS);
     if (!onText(text)) continue;
     const pieces = text.split('\n');
     const rest = pieces.pop() ?? '';
@@ -3931,9 +3929,8 @@ export async function readLines(
       dropping = true;
     }
   }
-  cutChars += Math.max(0, tail.length - KEEP_OUTPUT_CHARS);
-  tail = tail.slice(-KEEP_OUTPUT_CHARS);
-  return cutChars > 0 ? `…(${cutChars} characters cut)\n${tail}` : tail;
+  const cut = total - KEEP_OUTPUT_CHARS;
+  return cut > 0 ? `…(${cut} characters cut)\n${tail.slice(-KEEP_OUTPUT_CHARS)}` : tail;
 }
 
 /** A line handler that hands on each result between RESULT_START and RESULT_END; other lines are the run log's only. */
