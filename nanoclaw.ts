@@ -4022,7 +4022,7 @@ function prepareRun(options: RunContainerOptions, startedAt: Date) {
     ...hardeningArgs(config, group),
   ]);
   const secretValues = [readSecrets(config).KIMI_API_KEY, proxyRun?.token].filter((v): v is string => Boolean(v));
-  return { id, name, args, trees, inbox, input, mounts, proxyRun, egressRun, secretValues };
+  return { id, name, args, trees, inbox, input, mounts, proxyRun, egressRun, secretValues, startedAt };
 }
 
 type RunResult = Omit<RunOutcome, 'logFile' | 'durationMs'> & { stdout: string; stderr: string };
@@ -4235,16 +4235,9 @@ export function runLogsToPrune(names: readonly string[], keep: number): string[]
   return logs.slice(0, Math.max(0, logs.length - keep));
 }
 
-function writeRunLog(
-  plan: RunPlan,
-  options: RunContainerOptions,
-  result: RunResult,
-  startedAt: Date,
-  durationMs: number,
-  groupLog: Logger,
-): string {
+function writeRunLog(plan: RunPlan, options: RunContainerOptions, result: RunResult, durationMs: number): string {
   const { config, group } = options;
-  const { input } = plan;
+  const { input, startedAt } = plan;
   const verbose = config.logLevel === 'debug' || config.logLevel === 'trace';
   const failed = result.exitCode !== 0 || result.timedOut || result.lastError !== undefined;
   const lines = [
@@ -4289,7 +4282,7 @@ function writeRunLog(
     for (const name of runLogsToPrune(files, RUN_LOGS_KEPT)) logs.remove(`logs/${name}`);
     return join(logs.path('logs'), logName);
   } catch (err) {
-    groupLog.warn({ reason: errorText(err) }, 'Could not write the run log');
+    log.warn({ group: group.folder, reason: errorText(err) }, 'Could not write the run log');
     return '(not written)';
   }
 }
@@ -4319,7 +4312,7 @@ export async function runContainer(options: RunContainerOptions): Promise<RunOut
     groupLog.warn({ reason: errorText(err) }, 'Could not remove the run’s inbox; the next start does');
   }
   const durationMs = Date.now() - startedAt.getTime();
-  const logFile = writeRunLog(plan, options, result, startedAt, durationMs, groupLog);
+  const logFile = writeRunLog(plan, options, result, durationMs);
   const { stdout: _stdout, stderr: _stderr, ...outcome } = result;
   const summary = { container: plan.name, exitCode: outcome.exitCode, durationMs, results: outcome.results, logFile };
   if (outcome.killed) groupLog.info(summary, 'Agent container stopped');
@@ -5046,7 +5039,6 @@ export class IpcWatcher {
   stop(): Promise<void> {
     this.watcher?.close();
     this.stopSweep?.();
-    this.watcher = null;
     return this.scanning;
   }
 
