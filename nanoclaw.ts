@@ -3516,40 +3516,37 @@ export function groupDiskUsage(config: Config, folder: string): number {
   return treeBytes(trees.group) + treeBytes(trees.ipc) + treeBytes(trees.kimi);
 }
 
-/** A file of DISK_RESERVE bytes, deleted when free space runs short so the database and logs outlive a full disk. */
-export class DiskReserve {
-  constructor(
-    readonly path: string,
-    private readonly bytes: number,
-    private readonly freeBytes = () => {
-      const stats = statfsSync(dirname(path));
-      return stats.bavail * stats.bsize;
-    },
-  ) {}
+function freeBytesAt(dir: string): number {
+  const stats = statfsSync(dir);
+  return stats.bavail * stats.bsize;
+}
 
-  check(): 'released' | 'made' | null {
-    if (this.bytes === 0) return null;
-    mkdirSync(dirname(this.path), { recursive: true });
-    const held = existsSync(this.path);
-    const free = this.freeBytes();
-    if (held && free < this.bytes) {
-      rmSync(this.path, { force: true });
+/** A file of DISK_RESERVE bytes, deleted when free space runs short so the database and logs outlive a full disk. */
+export function diskReserve(path: string, bytes: number, freeBytes = () => freeBytesAt(dirname(path))) {
+  const check = (): 'released' | 'made' | null => {
+    if (bytes === 0) return null;
+    mkdirSync(dirname(path), { recursive: true });
+    const held = existsSync(path);
+    const free = freeBytes();
+    if (held && free < bytes) {
+      rmSync(path, { force: true });
       return 'released';
     }
-    if (held || free < 3 * this.bytes) return null;
-    const chunk = Buffer.alloc(Math.min(this.bytes, 1024 * 1024));
-    const fd = openSync(this.path, 'w', 0o600);
+    if (held || free < 3 * bytes) return null;
+    const chunk = Buffer.alloc(Math.min(bytes, 1024 * 1024));
+    const fd = openSync(path, 'w', 0o600);
     try {
-      for (let written = 0; written < this.bytes; written += chunk.length)
-        writeSync(fd, chunk, 0, Math.min(chunk.length, this.bytes - written));
+      for (let written = 0; written < bytes; written += chunk.length)
+        writeSync(fd, chunk, 0, Math.min(chunk.length, bytes - written));
     } catch (err) {
-      rmSync(this.path, { force: true });
+      rmSync(path, { force: true });
       throw err;
     } finally {
       closeSync(fd);
     }
     return 'made';
-  }
+  };
+  return { path, check };
 }
 
 /** Project paths main's agent must not see: the key, WhatsApp's credentials and the database, other groups' sessions. */
@@ -3830,18 +3827,27 @@ export interface ContainerInput {
   secrets?: Secrets;
 }
 
-export interface ContainerResult {
-  status: 'success' | 'error';
-  result: string | null;
-  /** What earlier steps of the turn said, each its own message before `result` (never glued to it). */
-  earlier?: string[];
-  /** For errors, the runner's reading of what failed: `auth` and `bad-request` are not retried. */
-  errorKind?: string;
-  sessionId?: string;
-  error?: string;
-  /** The newest message (its seq) this turn answered: its prompt's and every follow-up's in it. */
-  upTo?: number;
-  task?: boolean;
+/** CONTRACT.md's result: a field of the wrong type makes it unreadable; an absent or odd `result` is no text. */
+function defineResultSchema(z: typeof import('zod')) {
+  return z.object({
+    status: z.enum(['success', 'error']),
+    result: z.string().nullable().catch(null),
+    /** What earlier steps of the turn said, each its own message before `result` (never glued to it). */
+    earlier: z.array(z.string()).optional(),
+    /** For errors, the runner's reading of what failed: `auth` and `bad-request` are not retried. */
+    errorKind: z.string().optional(),
+    sessionId: z.string().optional(),
+    error: z.string().optional(),
+    /** The newest message (its seq) this turn answered: its prompt's and every follow-up's in it. */
+    upTo: z.int().optional(),
+    task: z.boolean().optional(),
+  });
+}
+export type ContainerResult = z.infer<ReturnType<typeof defineResultSchema>>;
+let resultSchema: ReturnType<typeof defineResultSchema> | null = null;
+function loadResultSchema() {
+  resultSchema ??= defineResultSchema(load('zod') as typeof import('zod'));
+  return resultSchema;
 }
 
 export const RESULT_START = '---NANOCLAW_RESULT_START---';
@@ -3866,16 +3872,14 @@ export async function readLines(
   const decoder = new TextDecoder();
   const emit = (line: string) => onLine(line.slice(0, maxLine).replace(/\r$/, ''));
   let tail = '';
-  let cutChars = 0;
+  let total = 0;
   let pending = '';
   let dropping = false;
   for await (const chunk of stream) {
     const text = decoder.decode(chunk, { stream: true });
+    total += text.length;
     tail += text;
-    if (tail.length > 2 * KEEP_OUTPUT_CHARS) {
-      cutChars += tail.length - KEEP_OUTPUT_CHARS;
-      tail = tail.slice(-KEEP_OUTPUT_CHARS);
-    }
+    if (tail.length > 2 * KEEP_OUTPUT_CHARS) tail = tail.slice(-KEEP_OUTPUT_CHARS);
     if (!onText(text)) continue;
     const pieces = text.split('\n');
     const rest = pieces.pop() ?? '';
@@ -3892,9 +3896,8 @@ export async function readLines(
       dropping = true;
     }
   }
-  cutChars += Math.max(0, tail.length - KEEP_OUTPUT_CHARS);
-  tail = tail.slice(-KEEP_OUTPUT_CHARS);
-  return cutChars > 0 ? `…(${cutChars} characters cut)\n${tail}` : tail;
+  const cut = total - KEEP_OUTPUT_CHARS;
+  return cut > 0 ? `…(${cut} characters cut)\n${tail.slice(-KEEP_OUTPUT_CHARS)}` : tail;
 }
 
 /** A line handler that hands on each result between RESULT_START and RESULT_END; other lines are the run log's only. */
@@ -3912,22 +3915,12 @@ export function resultLines(onResult: (result: ContainerResult) => void | Promis
 
 function parseResult(json: string): ContainerResult {
   try {
-    const value = JSON.parse(json) as Partial<ContainerResult>;
-    if (value.status !== 'success' && value.status !== 'error') throw new Error('no status');
-    const parsed: ContainerResult = {
-      status: value.status,
-      result: typeof value.result === 'string' ? value.result : null,
-    };
-    if (Array.isArray(value.earlier) && value.earlier.every((t) => typeof t === 'string'))
-      parsed.earlier = value.earlier;
-    for (const key of ['errorKind', 'sessionId', 'error'] as const)
-      if (typeof value[key] === 'string') parsed[key] = value[key];
-    if (Number.isInteger(value.upTo)) parsed.upTo = value.upTo;
-    if (value.task === true) parsed.task = true;
-    return parsed;
+    const parsed = loadResultSchema().safeParse(JSON.parse(json));
+    if (parsed.success) return parsed.data;
   } catch {
-    return { status: 'error', result: null, error: `Unreadable result from the container: ${json.slice(0, 200)}` };
+    // not JSON: as unreadable as a wrong shape
   }
+  return { status: 'error', result: null, error: `Unreadable result from the container: ${json.slice(0, 200)}` };
 }
 
 interface RunOutcome {
@@ -3996,7 +3989,7 @@ function prepareRun(options: RunContainerOptions, startedAt: Date) {
     ...hardeningArgs(config, group),
   ]);
   const secretValues = [readSecrets(config).KIMI_API_KEY, proxyRun?.token].filter((v): v is string => Boolean(v));
-  return { id, name, args, trees, inbox, input, mounts, proxyRun, egressRun, secretValues };
+  return { id, name, args, trees, inbox, input, mounts, proxyRun, egressRun, secretValues, startedAt };
 }
 
 type RunResult = Omit<RunOutcome, 'logFile' | 'durationMs'> & { stdout: string; stderr: string };
@@ -4070,7 +4063,7 @@ class RunningContainer implements LiveContainer {
     clearTimeout(this.graceTimer);
   }
 
-  private async thaw(): Promise<void> {
+  async wake(): Promise<void> {
     if (!this.paused) return;
     const pausing = this.paused;
     this.paused = null;
@@ -4083,49 +4076,43 @@ class RunningContainer implements LiveContainer {
     this.killed ||= onPurpose;
     this.closing = true; // a container being stopped takes no more input
     this.stopping ??= (async () => {
-      await this.thaw();
+      await this.wake();
       await runtimeCommand(this.config.containerRuntime, 'stop', '-t', '2', this.plan.name);
       this.proc.kill();
     })();
     return this.stopping;
   }
 
-  sendInput(text: string, kind: 'message' | 'task' = 'message', upTo?: number): boolean {
+  /** Into the inbox over whatever the agent put there (never through it), then the thaw: a paused agent finds it. */
+  private deliver(name: string, text: string, failure: string): boolean {
     try {
-      const request = { type: kind, text, ...(upTo === undefined ? {} : { upTo }) };
-      // <epoch-ms>-<counter>-<rand>.json: the runner reads its inbox in name order, so these sort as sent.
-      const name = `${Date.now()}-${String(++this.inputsSent).padStart(6, '0')}-${randomUUID().slice(0, 8)}.json`;
-      // Written before the thaw: the paused agent finds it the moment it wakes.
-      this.plan.inbox.replace(name, JSON.stringify(request));
-      void this.thaw();
+      this.plan.inbox.replace(name, text);
+      void this.wake();
       return true;
     } catch (err) {
-      this.groupLog.warn({ reason: errorText(err) }, 'Could not deliver a follow-up; stopping, the next run gets it');
+      this.groupLog.warn({ reason: errorText(err) }, failure);
       void this.kill(false);
       return false;
     }
   }
 
+  sendInput(text: string, kind: 'message' | 'task' = 'message', upTo?: number): boolean {
+    const request = { type: kind, text, ...(upTo === undefined ? {} : { upTo }) };
+    // <epoch-ms>-<counter>-<rand>.json: the runner reads its inbox in name order, so these sort as sent.
+    const name = `${Date.now()}-${String(++this.inputsSent).padStart(6, '0')}-${randomUUID().slice(0, 8)}.json`;
+    return this.deliver(name, JSON.stringify(request), 'Could not deliver a follow-up; stopping, the next run gets it');
+  }
+
   close(): void {
     if (this.closing) return;
     this.closing = true;
-    void this.thaw();
-    try {
-      this.plan.inbox.replace('_close', ''); // over whatever the agent may have put there, never through it
-    } catch (err) {
-      this.groupLog.warn({ reason: errorText(err) }, 'Could not ask the container to close; stopping it');
-      void this.kill(false);
-    }
+    this.deliver('_close', '', 'Could not ask the container to close; stopping it');
     const graceMs = this.config.container.closeGraceMs;
     this.graceTimer = setTimeout(() => {
       if (this.exited) return;
       this.groupLog.warn({ container: this.plan.name, graceMs }, 'Container ignored the close request; stopping it');
       void this.kill(false);
     }, graceMs);
-  }
-
-  wake(): void {
-    void this.thaw();
   }
 
   pause(): void {
@@ -4148,6 +4135,7 @@ async function streamContainer(plan: RunPlan, options: RunContainerOptions, grou
   });
   proc.stdin.write(JSON.stringify(plan.input));
   await proc.stdin.end();
+  loadResultSchema(); // zod loads (~18 ms) while the container starts, not on the first reply's path
   const live = new RunningContainer(config, plan, proc, groupLog, options.acceptsFollowUps);
   options.onStart?.(live);
   const result: RunResult = { exitCode: null, timedOut: false, results: 0, stdout: '', stderr: '' };
@@ -4214,16 +4202,9 @@ export function runLogsToPrune(names: readonly string[], keep: number): string[]
   return logs.slice(0, Math.max(0, logs.length - keep));
 }
 
-function writeRunLog(
-  plan: RunPlan,
-  options: RunContainerOptions,
-  result: RunResult,
-  startedAt: Date,
-  durationMs: number,
-  groupLog: Logger,
-): string {
+function writeRunLog(plan: RunPlan, options: RunContainerOptions, result: RunResult, durationMs: number): string {
   const { config, group } = options;
-  const { input } = plan;
+  const { input, startedAt } = plan;
   const verbose = config.logLevel === 'debug' || config.logLevel === 'trace';
   const failed = result.exitCode !== 0 || result.timedOut || result.lastError !== undefined;
   const lines = [
@@ -4264,15 +4245,11 @@ function writeRunLog(
   try {
     logs.create(`logs/${logName}`, maskSecrets(`${lines.join('\n')}\n`, plan.secretValues));
     // Regular files of the host's own names only: never a link, never followed.
-    const files = logs.entries('logs').filter((entry) => entry.kind === 'file');
-    for (const name of runLogsToPrune(
-      files.map((entry) => entry.name),
-      RUN_LOGS_KEPT,
-    ))
-      logs.remove(`logs/${name}`);
+    const files = logs.entries('logs').flatMap((entry) => (entry.kind === 'file' ? [entry.name] : []));
+    for (const name of runLogsToPrune(files, RUN_LOGS_KEPT)) logs.remove(`logs/${name}`);
     return join(logs.path('logs'), logName);
   } catch (err) {
-    groupLog.warn({ reason: errorText(err) }, 'Could not write the run log');
+    log.warn({ group: group.folder, reason: errorText(err) }, 'Could not write the run log');
     return '(not written)';
   }
 }
@@ -4302,7 +4279,7 @@ export async function runContainer(options: RunContainerOptions): Promise<RunOut
     groupLog.warn({ reason: errorText(err) }, 'Could not remove the run’s inbox; the next start does');
   }
   const durationMs = Date.now() - startedAt.getTime();
-  const logFile = writeRunLog(plan, options, result, startedAt, durationMs, groupLog);
+  const logFile = writeRunLog(plan, options, result, durationMs);
   const { stdout: _stdout, stderr: _stderr, ...outcome } = result;
   const summary = { container: plan.name, exitCode: outcome.exitCode, durationMs, results: outcome.results, logFile };
   if (outcome.killed) groupLog.info(summary, 'Agent container stopped');
@@ -4700,7 +4677,7 @@ function defineIpcActions(z: Zod) {
         const task = { groupFolder, scheduleType: request.schedule_type, scheduleValue: request.schedule_value };
         return scheduleLimit(config, store, source, task, true);
       },
-      apply: (request, { config, store, source, effects }) => {
+      apply: (request, { config, store, source }) => {
         const target = store.groupByJid(request.targetJid ?? source.jid)!;
         const nextRun = computeNextRun(request.schedule_type, request.schedule_value, config.timezone);
         if (!nextRun) throw new ScheduleError(`"${request.schedule_value}" is in the past`);
@@ -4719,7 +4696,6 @@ function defineIpcActions(z: Zod) {
           status: 'active',
           createdAt: new Date().toISOString(),
         });
-        effects.afterwards(effects.tasksChanged);
         const fields = { group: source.folder, taskId: id, target: target.folder, nextRun: nextRun.toISOString() };
         log.info(fields, 'Task scheduled');
         return `scheduled as ${id}; first run ${formatLocalTime(nextRun.toISOString(), config.timezone)} (${config.timezone})`;
@@ -4729,9 +4705,8 @@ function defineIpcActions(z: Zod) {
       kind: 'tasks',
       schema: request('pause_task', taskRef),
       refusal: ownTaskOnly,
-      apply: ({ taskId }, { store, source, effects }) => {
+      apply: ({ taskId }, { store, source }) => {
         store.updateTask(taskId, { status: 'paused', pausedReason: null });
-        effects.afterwards(effects.tasksChanged);
         log.info({ group: source.folder, taskId }, 'Task paused');
       },
     }),
@@ -4743,7 +4718,7 @@ function defineIpcActions(z: Zod) {
         const task = store.getTask(request.taskId);
         return task ? scheduleLimit(config, store, source, task, task.status !== 'active') : null;
       },
-      apply: ({ taskId }, { config, store, source, effects }) => {
+      apply: ({ taskId }, { config, store, source }) => {
         const task = store.getTask(taskId)!;
         // A removed group's task stays paused until the group is registered again (the CLI too).
         if (!store.groupByFolder(task.groupFolder))
@@ -4753,7 +4728,6 @@ function defineIpcActions(z: Zod) {
         const nextRun = computeNextRun(task.scheduleType, task.scheduleValue, config.timezone);
         if (!nextRun) throw new ScheduleError(`task ${task.id} has no future run left (once, ${task.scheduleValue})`);
         store.updateTask(task.id, { status: 'active', nextRun: nextRun.toISOString(), pausedReason: null });
-        effects.afterwards(effects.tasksChanged);
         log.info({ group: source.folder, taskId: task.id, nextRun: nextRun.toISOString() }, 'Task resumed');
         return `resumed; next run ${formatLocalTime(nextRun.toISOString(), config.timezone)} (${config.timezone})`;
       },
@@ -4762,9 +4736,8 @@ function defineIpcActions(z: Zod) {
       kind: 'tasks',
       schema: request('cancel_task', taskRef),
       refusal: ownTaskOnly,
-      apply: ({ taskId }, { store, source, effects }) => {
+      apply: ({ taskId }, { store, source }) => {
         store.deleteTask(taskId);
-        effects.afterwards(effects.tasksChanged);
         log.info({ group: source.folder, taskId }, 'Task cancelled');
       },
     }),
@@ -4782,7 +4755,7 @@ function defineIpcActions(z: Zod) {
         if (!task || (!request.schedule_type && !request.schedule_value)) return null;
         return scheduleLimit(config, store, source, updatedSchedule(task, request), false);
       },
-      apply: (request, { config, store, source, effects }) => {
+      apply: (request, { config, store, source }) => {
         const task = store.getTask(request.taskId)!;
         const { scheduleType, scheduleValue } = updatedSchedule(task, request);
         const scheduleChanged = scheduleType !== task.scheduleType || scheduleValue !== task.scheduleValue;
@@ -4794,7 +4767,6 @@ function defineIpcActions(z: Zod) {
           scheduleValue,
           ...(nextRun ? { nextRun: nextRun.toISOString() } : {}),
         });
-        effects.afterwards(effects.tasksChanged);
         log.info({ group: source.folder, taskId: task.id }, 'Task updated');
       },
     }),
@@ -4869,10 +4841,23 @@ export function refusal(source: RegisteredGroup, request: IpcRequest, store: Sto
   return entry.refusal(request, source, store) ?? (config && entry.limit?.(request, source, store, config)) ?? null;
 }
 
-/** Call inside a transaction. */
+/** Call inside a transaction. A request from tasks/ may change the tasks: the scheduler looks again after it. */
 function applyIpcRequest(request: IpcRequest, ctx: IpcActionContext): string | undefined {
-  return actionFor(request.type).apply(request, ctx) ?? undefined;
+  const entry = actionFor(request.type);
+  if (entry.kind === 'tasks') ctx.effects.afterwards(ctx.effects.tasksChanged);
+  return entry.apply(request, ctx) ?? undefined;
 }
+
+/** The CLI has no host to tell: a running service sees a change at its next look (within a second). */
+const NO_EFFECTS: IpcEffects = {
+  say() {},
+  sayFile() {},
+  afterwards() {},
+  awaitAnswer() {},
+  sendSoon() {},
+  async syncGroups() {},
+  tasksChanged() {},
+};
 
 /** Null: runs at most once. */
 export function shortestGap(type: ScheduleType, value: string, timezone: string, from = new Date()): number | null {
@@ -5021,7 +5006,6 @@ export class IpcWatcher {
   stop(): Promise<void> {
     this.watcher?.close();
     this.stopSweep?.();
-    this.watcher = null;
     return this.scanning;
   }
 
@@ -5407,7 +5391,7 @@ interface HostParts {
 function diskWatch(host: Omit<HostParts, 'disk'>, freeDiskBytes?: () => number) {
   const { config, store, queue, voice, clock } = host;
   const overBudget = new Set<string>();
-  const reserve = new DiskReserve(join(config.storeDir, 'disk-reserve'), config.disk.reserve, freeDiskBytes);
+  const reserve = diskReserve(join(config.storeDir, 'disk-reserve'), config.disk.reserve, freeDiskBytes);
 
   /** Also after each turn and run: what the agent wrote counts at once, before the group gets another turn. */
   const checkGroup = (group: RegisteredGroup): void => {
@@ -7119,19 +7103,8 @@ async function runTaskNow(config: Config, store: Store, task: ScheduledTask): Pr
 function applyTaskCommand(config: Config, store: Store, task: ScheduledTask, request: IpcRequest): void {
   // The task actions read their source only to name it in their log line; a removed group's task keeps its folder.
   const source = store.groupByFolder(task.groupFolder) ?? ({ folder: task.groupFolder } as RegisteredGroup);
-  // No host runs here to tell: a running service sees the change at its next look (within a second).
-  const ignore = () => {};
-  const effects: IpcEffects = {
-    say: ignore,
-    sayFile: ignore,
-    afterwards: ignore,
-    awaitAnswer: ignore,
-    sendSoon: ignore,
-    syncGroups: async () => {},
-    tasksChanged: ignore,
-  };
   try {
-    store.transaction(() => applyIpcRequest(request, { config, store, source, effects }));
+    store.transaction(() => applyIpcRequest(request, { config, store, source, effects: NO_EFFECTS }));
   } catch (err) {
     if (err instanceof ScheduleError) throw new UsageError(`${err.message.replace(/^task/, 'Task')}.`);
     throw err;

@@ -7,7 +7,7 @@
 import { existsSync, mkdirSync, rmSync, statSync, symlinkSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { AgentTree, DiskReserve, groupDiskUsage, treeBytes } from '../nanoclaw.ts';
+import { AgentTree, diskReserve, groupDiskUsage, treeBytes } from '../nanoclaw.ts';
 import { fakeDocker, RecordingChannel, startWorld, tempDir, tempProject, texts, waitFor } from './helpers.ts';
 
 const MIB = 1024 * 1024;
@@ -35,7 +35,7 @@ describe('treeBytes', () => {
 describe('the reserve', () => {
   it('is made when there is room, released when free space runs short, and made again', () => {
     let free = 100 * MIB;
-    const reserve = new DiskReserve(join(tempDir(), 'store', 'disk-reserve'), 2 * MIB, () => free);
+    const reserve = diskReserve(join(tempDir(), 'store', 'disk-reserve'), 2 * MIB, () => free);
     expect(reserve.check()).toBe('made');
     expect(statSync(reserve.path).size).toBe(2 * MIB);
     expect(reserve.check()).toBeNull();
@@ -45,7 +45,7 @@ describe('the reserve', () => {
     expect(reserve.check()).toBeNull(); // no room yet to make it again
     free = 100 * MIB;
     expect(reserve.check()).toBe('made');
-    expect(new DiskReserve(join(tempDir(), 'r'), 0, () => 0).check()).toBeNull(); // DISK_RESERVE=0: none
+    expect(diskReserve(join(tempDir(), 'r'), 0, () => 0).check()).toBeNull(); // DISK_RESERVE=0: none
   });
 });
 
