@@ -2198,7 +2198,7 @@ const RELINK = 'Link this machine again: bun nanoclaw.ts auth --relink';
 /** The fix to stop with, for a refusal that retrying would only repeat (and risk the number); else undefined. */
 function stopReason(kind: DisconnectKind, status?: number): string | undefined {
   return {
-    'device-refused': `WhatsApp does not accept this device any more (${status}; a restricted number shows on the phone). ${RELINK}`,
+    'device-refused': `WhatsApp does not accept this device any more (${status}; if the number is restricted, the phone says so). ${RELINK}`,
     replaced:
       'Another NanoClaw (or another program with these credentials) took over this WhatsApp session (440). Stopped here so the two do not take it from each other: keep one running.',
   }[kind as string];

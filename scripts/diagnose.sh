@@ -219,7 +219,7 @@ elif [ $HOST_OK = 0 ]; then
 elif [ -n "$MOUNTS_PROBLEM" ]; then
   report fail "Key delivery" "$MOUNTS_PROBLEM" "see the message; bun nanoclaw.ts mounts $MAIN_FOLDER shows what a run of the main group gets"
 elif [ -n "$MAIN_FOLDER" ] && ! grep -Eq '/run/nanoclaw/model\.sock|^model proxy:' <<<"$MOUNTS"; then
-  report fail "Key delivery" "the host's mount table for $MAIN_FOLDER shows no model proxy, so its containers would need the key itself" "restore the model proxy in AgentLauncher.run (see SECURITY.md); check with: bun nanoclaw.ts mounts $MAIN_FOLDER"
+  report fail "Key delivery" "the host's mount table for $MAIN_FOLDER shows no model proxy, so its containers would need the key itself" "restore the model proxy in agentLauncher (see SECURITY.md); check with: bun nanoclaw.ts mounts $MAIN_FOLDER"
 elif [ -n "$EXPOSED" ]; then
   report fail "Key delivery" "a container of $MAIN_FOLDER would see a file holding the key: $(printf '%s' "$EXPOSED" | paste -sd ';' - | sed 's/;/; /g')" "keep .env, store/ and data/ masked in the main group's project mount (groupMounts, HIDDEN_FROM_MAIN; see SECURITY.md)"
 elif [ -n "$MAIN_FOLDER" ]; then
