@@ -896,13 +896,16 @@ const MIGRATIONS: string[] = [
    ALTER TABLE scheduled_tasks ADD COLUMN paused_reason TEXT;`,
 ];
 
-/** Columns whose field is not their camelCase name. */
+/** Columns whose field is not their camelCase name, and a cache of every column's (rows are mapped on hot paths). */
 const fieldNames = new Map([
   ['trigger_word', 'trigger'],
   ['allowed_senders', 'allow'],
 ]);
-const fieldName = (column: string) =>
-  fieldNames.get(column) ?? column.replace(/_(\w)/g, (_, c: string) => c.toUpperCase());
+const fieldName = (column: string) => {
+  const field = fieldNames.get(column) ?? column.replace(/_(\w)/g, (_, c: string) => c.toUpperCase());
+  fieldNames.set(column, field);
+  return field;
+};
 
 /** Flags are stored as 0 and 1, a group's lists and settings as JSON. */
 function fieldValue(column: string, value: unknown): unknown {
