@@ -1431,10 +1431,15 @@ const escapeXml = (text: string) =>
 
 const escapeRegExp = (text: string) => text.replace(/[.*+?^${}()|[\]\\]/g, '\\$&');
 
-/** `@Andy` anywhere, any case, as a whole word (not inside a@Andy). */
+const triggerPatterns = new Map<string, RegExp>();
+
+/** `@Andy` anywhere, any case, as a whole word (not inside a@Andy); cached: every inbound message is checked. */
 export function triggerPattern(trigger: string): RegExp {
-  const name = escapeRegExp(trigger.replace(/^@/, ''));
-  return new RegExp(`(?<![\\p{L}\\p{N}_@])@${name}(?![\\p{L}\\p{N}_])`, 'iu');
+  const pattern =
+    triggerPatterns.get(trigger) ??
+    new RegExp(`(?<![\\p{L}\\p{N}_@])@${escapeRegExp(trigger.replace(/^@/, ''))}(?![\\p{L}\\p{N}_])`, 'iu');
+  triggerPatterns.set(trigger, pattern);
+  return pattern;
 }
 
 /** The channel's note before a reply to one of the bot's own messages (it knows them by id). */
