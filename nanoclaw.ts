@@ -95,7 +95,7 @@ type Secrets = Partial<Record<SecretKey, string>>;
 export class ConfigError extends Error {}
 
 /** Provider types Kimi Code CLI 2.1.0 knows (KIMI_PROVIDER; its config schema's ProviderType). */
-export const PROVIDER_TYPES = ['kimi', 'openai', 'openai_responses', 'anthropic', 'google-genai', 'vertexai'] as const;
+const PROVIDER_TYPES = ['kimi', 'openai', 'openai_responses', 'anthropic', 'google-genai', 'vertexai'] as const;
 
 /** Each kind of Kimi key works on one platform (kimi-cli 1.49.0 auth/platforms.py lists the same three). */
 const KIMI_PLATFORMS = {
