@@ -2685,9 +2685,10 @@ export class WhatsAppChannel implements Channel {
 
   async onMessage(raw: WAMessage): Promise<void> {
     await this.learnPhonesFor(raw.key);
-    const change = parseWhatsAppChange(raw, this.identity());
+    const identity = this.identity();
+    const change = parseWhatsAppChange(raw, identity);
     if (change) return this.handlers?.onChange?.(change);
-    const inbound = parseWhatsAppMessage(raw, this.identity());
+    const inbound = parseWhatsAppMessage(raw, identity);
     if (!inbound) return;
     const { message, media, isGroup } = inbound;
     const tree = media ? this.options.mediaTreeFor(message.chatJid) : null;
