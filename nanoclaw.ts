@@ -2263,29 +2263,32 @@ async function writeFileDurably(path: string, text: string, keepPreviousAs?: str
 }
 
 /** creds.json as last written whole; a missing or cut-short one is restored from its backup. */
-function readCredsFile(authDir: string): { state: 'ok'; text: string } | { state: 'none' | 'damaged' } {
+function readCredsFile(
+  authDir: string,
+): { state: 'ok'; text: string; creds: Partial<AuthenticationCreds> } | { state: 'none' | 'damaged' } {
   const path = join(authDir, CREDS_FILE);
   const backup = join(authDir, CREDS_BACKUP);
   const whole = (file: string) => {
     const text = existsSync(file) ? readFileSync(file, 'utf8') : '';
     try {
       const creds = JSON.parse(text) as Partial<AuthenticationCreds> | null;
-      return creds?.noiseKey && creds.signedIdentityKey && Number.isInteger(creds.registrationId) ? text : null;
+      const valid = creds?.noiseKey && creds.signedIdentityKey && Number.isInteger(creds.registrationId);
+      return valid ? { text, creds } : null;
     } catch {
       return null; // empty or cut short
     }
   };
   const current = whole(path);
-  if (current) return { state: 'ok', text: current };
+  if (current) return { state: 'ok', ...current };
   if (!existsSync(path) && !existsSync(backup)) return { state: 'none' };
   const previous = whole(backup);
   if (!previous) return { state: 'damaged' };
-  writeFileSync(path, previous, { mode: 0o600, flush: true }); // cut short by a crash: the backup is still whole
+  writeFileSync(path, previous.text, { mode: 0o600, flush: true }); // cut short by a crash: the backup is still whole
   log.warn(
     { file: path },
     'WhatsApp credentials (creds.json) were missing, empty or cut short; restored their previous version from creds.json.bak',
   );
-  return { state: 'ok', text: previous };
+  return { state: 'ok', ...previous };
 }
 
 /** baileys' useMultiFileAuthState layout (an existing link keeps working), each file written whole, in order. */
@@ -2445,8 +2448,7 @@ export class WhatsAppChannel implements Channel {
   static linkState(authDir: string): LinkState {
     const file = readCredsFile(authDir);
     if (file.state !== 'ok') return file.state;
-    const creds = JSON.parse(file.text) as Partial<AuthenticationCreds>;
-    return creds.me?.id && creds.account ? 'linked' : 'pending';
+    return file.creds.me?.id && file.creds.account ? 'linked' : 'pending';
   }
 
   ownsJid(jid: string): boolean {
