@@ -2693,9 +2693,7 @@ export class WhatsAppChannel implements Channel {
     const inbound = parseWhatsAppMessage(raw, identity);
     if (!inbound) return;
     const { message, media, isGroup } = inbound;
-    const tree = media ? this.options.mediaTreeFor(message.chatJid) : null;
-    if (media && tree) message.content = await this.saveMedia(raw, inbound, tree);
-    else if (media) message.content = `[${media.kind}]${message.content ? ` ${message.content}` : ''}`;
+    if (media) message.content = await this.saveMedia(raw, inbound, this.options.mediaTreeFor(message.chatJid));
     this.handlers?.onMessage(message, { name: isGroup ? undefined : raw.pushName, isGroup });
   }
 
@@ -2724,9 +2722,11 @@ export class WhatsAppChannel implements Channel {
     }
   }
 
-  private async saveMedia(raw: WAMessage, { message, media }: WhatsAppInbound, tree: AgentTree): Promise<string> {
+  /** Not downloaded for a chat not registered (no tree). */
+  private async saveMedia(raw: WAMessage, { message, media }: WhatsAppInbound, tree: AgentTree | null) {
     const { kind, mimetype, fileName: original, bytes = 0 } = media!;
     const caption = message.content ? ` ${message.content}` : '';
+    if (!tree) return `[${kind}]${caption}`;
     const mb = (n: number) => n / 1024 / 1024;
     if (bytes > MAX_MEDIA_BYTES)
       return `[${kind} not downloaded: ${Math.round(mb(bytes))} MB is over the ${mb(MAX_MEDIA_BYTES)} MB limit]${caption}`;
