@@ -2420,7 +2420,8 @@ export class WhatsAppChannel implements Channel {
   private readonly subscribed = new Set<string>();
   private readonly typingRefresh = new Map<string, () => void>();
   private readonly clock: Clock;
-  private ownJids = new Set<string>();
+  /** Filled when a connection opens; the identity's own set, so the identity is built once. */
+  private readonly ownJids = new Set<string>();
   private readonly rateLimiter: RateLimiter;
   /** Outlives sockets, as baileys asks, so a message is not retried without end across reconnects. */
   private readonly retryCounts: TtlCache;
@@ -2428,6 +2429,7 @@ export class WhatsAppChannel implements Channel {
   readonly groupMetadata: TtlCache<GroupMetadata>;
   private readonly chatLanes = new Map<string, Promise<unknown>>();
   private readonly lidToPhone = new Map<string, string>();
+  private readonly identity: WhatsAppIdentity;
   /** The WhatsApp Web version sockets are opened with; undefined: baileys' own. */
   version: WAVersion | undefined;
   private lookUpVersion = true;
@@ -2438,6 +2440,13 @@ export class WhatsAppChannel implements Channel {
     this.rateLimiter = options.rateLimiter ?? new RateLimiter();
     this.retryCounts = new TtlCache(60 * 60_000, 10_000, this.clock);
     this.groupMetadata = new TtlCache<GroupMetadata>(5 * 60_000, 500, this.clock); // baileys' README suggests 5 min
+    this.identity = {
+      ...options,
+      triggerFor: (jid) => options.store?.groupByJid(jid)?.trigger,
+      sentByBot: (id) => Boolean(options.store?.outboundByMessageId(id)),
+      ownJids: this.ownJids,
+      phoneForLid: (lid) => this.lidToPhone.get(lid),
+    };
   }
 
   get ready(): boolean {
@@ -2518,7 +2527,7 @@ export class WhatsAppChannel implements Channel {
     const on = <E extends keyof BaileysEventMap>(event: E, handle: (data: BaileysEventMap[E]) => unknown) =>
       sock.ev.on(event, (data) => sock === this.sock && handle(data));
     on('creds.update', saveCreds);
-    const phoneForm = (jid: string) => canonicalJid(jid, null, this.identity());
+    const phoneForm = (jid: string) => canonicalJid(jid, null, this.identity);
     on('connection.update', (update) => this.onConnectionUpdate(sock, update));
     on('messages.upsert', ({ messages }) => {
       for (const message of messages) this.inChatOrder(message);
@@ -2609,7 +2618,8 @@ export class WhatsAppChannel implements Channel {
     this.versionRefusalLogged = false;
     const { jidNormalizedUser } = baileys();
     const own = [sock.user?.id, sock.user?.lid].filter((jid): jid is string => Boolean(jid));
-    this.ownJids = new Set(own.map((jid) => jidNormalizedUser(jid)));
+    this.ownJids.clear();
+    for (const jid of own) this.ownJids.add(jidNormalizedUser(jid));
     if (sock.user?.lid) this.lidToPhone.set(jidNormalizedUser(sock.user.lid), jidNormalizedUser(sock.user.id)); // own
     log.info({ me: [...this.ownJids] }, 'WhatsApp connected');
     this.handlers?.onReady?.();
@@ -2658,17 +2668,6 @@ export class WhatsAppChannel implements Channel {
     });
   }
 
-  private identity(): WhatsAppIdentity {
-    const options = this.options;
-    return {
-      ...options,
-      triggerFor: (jid) => options.store?.groupByJid(jid)?.trigger,
-      sentByBot: (id) => Boolean(options.store?.outboundByMessageId(id)),
-      ownJids: this.ownJids,
-      phoneForLid: (lid) => this.lidToPhone.get(lid),
-    };
-  }
-
   private async learnPhonesFor(key: WAMessageKey): Promise<void> {
     const { isLidUser, jidNormalizedUser } = baileys();
     for (const jid of [key.remoteJid, key.participant]) {
@@ -2687,10 +2686,9 @@ export class WhatsAppChannel implements Channel {
 
   async onMessage(raw: WAMessage): Promise<void> {
     await this.learnPhonesFor(raw.key);
-    const identity = this.identity();
-    const change = parseWhatsAppChange(raw, identity);
+    const change = parseWhatsAppChange(raw, this.identity);
     if (change) return this.handlers?.onChange?.(change);
-    const inbound = parseWhatsAppMessage(raw, identity);
+    const inbound = parseWhatsAppMessage(raw, this.identity);
     if (!inbound) return;
     const { message, media, isGroup } = inbound;
     if (media) message.content = await this.saveMedia(raw, inbound, this.options.mediaTreeFor(message.chatJid));
