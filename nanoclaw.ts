@@ -1631,9 +1631,9 @@ export class OutboxSender {
   private async send(part: OutboundMessage): Promise<void> {
     crashPoint('outbox-delivering');
     try {
-      if (part.file && !this.channel.sendFile) throw new Error(`the ${this.channel.name} channel cannot send files`);
-      if (part.file) await this.channel.sendFile!(part.jid, part.file, part.messageId);
-      else await this.channel.deliver(part.jid, part.text, part.messageId);
+      if (!part.file) await this.channel.deliver(part.jid, part.text, part.messageId);
+      else if (this.channel.sendFile) await this.channel.sendFile(part.jid, part.file, part.messageId);
+      else throw new Error(`the ${this.channel.name} channel cannot send files`);
     } catch (err) {
       return this.failed(part, errorText(err));
     }
