@@ -1631,9 +1631,9 @@ export class OutboxSender {
   private async send(part: OutboundMessage): Promise<void> {
     crashPoint('outbox-delivering');
     try {
-      if (part.file && !this.channel.sendFile) throw new Error(`the ${this.channel.name} channel cannot send files`);
-      if (part.file) await this.channel.sendFile!(part.jid, part.file, part.messageId);
-      else await this.channel.deliver(part.jid, part.text, part.messageId);
+      if (!part.file) await this.channel.deliver(part.jid, part.text, part.messageId);
+      else if (this.channel.sendFile) await this.channel.sendFile(part.jid, part.file, part.messageId);
+      else throw new Error(`the ${this.channel.name} channel cannot send files`);
     } catch (err) {
       return this.failed(part, errorText(err));
     }
@@ -2263,29 +2263,32 @@ async function writeFileDurably(path: string, text: string, keepPreviousAs?: str
 }
 
 /** creds.json as last written whole; a missing or cut-short one is restored from its backup. */
-function readCredsFile(authDir: string): { state: 'ok'; text: string } | { state: 'none' | 'damaged' } {
+function readCredsFile(
+  authDir: string,
+): { state: 'ok'; text: string; creds: Partial<AuthenticationCreds> } | { state: 'none' | 'damaged' } {
   const path = join(authDir, CREDS_FILE);
   const backup = join(authDir, CREDS_BACKUP);
   const whole = (file: string) => {
     const text = existsSync(file) ? readFileSync(file, 'utf8') : '';
     try {
       const creds = JSON.parse(text) as Partial<AuthenticationCreds> | null;
-      return creds?.noiseKey && creds.signedIdentityKey && Number.isInteger(creds.registrationId) ? text : null;
+      const valid = creds?.noiseKey && creds.signedIdentityKey && Number.isInteger(creds.registrationId);
+      return valid ? { text, creds } : null;
     } catch {
       return null; // empty or cut short
     }
   };
   const current = whole(path);
-  if (current) return { state: 'ok', text: current };
+  if (current) return { state: 'ok', ...current };
   if (!existsSync(path) && !existsSync(backup)) return { state: 'none' };
   const previous = whole(backup);
   if (!previous) return { state: 'damaged' };
-  writeFileSync(path, previous, { mode: 0o600, flush: true }); // cut short by a crash: the backup is still whole
+  writeFileSync(path, previous.text, { mode: 0o600, flush: true }); // cut short by a crash: the backup is still whole
   log.warn(
     { file: path },
     'WhatsApp credentials (creds.json) were missing, empty or cut short; restored their previous version from creds.json.bak',
   );
-  return { state: 'ok', text: previous };
+  return { state: 'ok', ...previous };
 }
 
 /** baileys' useMultiFileAuthState layout (an existing link keeps working), each file written whole, in order. */
@@ -2417,7 +2420,8 @@ export class WhatsAppChannel implements Channel {
   private readonly subscribed = new Set<string>();
   private readonly typingRefresh = new Map<string, () => void>();
   private readonly clock: Clock;
-  private ownJids = new Set<string>();
+  /** Filled when a connection opens; the identity's own set, so the identity is built once. */
+  private readonly ownJids = new Set<string>();
   private readonly rateLimiter: RateLimiter;
   /** Outlives sockets, as baileys asks, so a message is not retried without end across reconnects. */
   private readonly retryCounts: TtlCache;
@@ -2425,6 +2429,7 @@ export class WhatsAppChannel implements Channel {
   readonly groupMetadata: TtlCache<GroupMetadata>;
   private readonly chatLanes = new Map<string, Promise<unknown>>();
   private readonly lidToPhone = new Map<string, string>();
+  private readonly identity: WhatsAppIdentity;
   /** The WhatsApp Web version sockets are opened with; undefined: baileys' own. */
   version: WAVersion | undefined;
   private lookUpVersion = true;
@@ -2435,6 +2440,13 @@ export class WhatsAppChannel implements Channel {
     this.rateLimiter = options.rateLimiter ?? new RateLimiter();
     this.retryCounts = new TtlCache(60 * 60_000, 10_000, this.clock);
     this.groupMetadata = new TtlCache<GroupMetadata>(5 * 60_000, 500, this.clock); // baileys' README suggests 5 min
+    this.identity = {
+      ...options,
+      triggerFor: (jid) => options.store?.groupByJid(jid)?.trigger,
+      sentByBot: (id) => Boolean(options.store?.outboundByMessageId(id)),
+      ownJids: this.ownJids,
+      phoneForLid: (lid) => this.lidToPhone.get(lid),
+    };
   }
 
   get ready(): boolean {
@@ -2445,8 +2457,7 @@ export class WhatsAppChannel implements Channel {
   static linkState(authDir: string): LinkState {
     const file = readCredsFile(authDir);
     if (file.state !== 'ok') return file.state;
-    const creds = JSON.parse(file.text) as Partial<AuthenticationCreds>;
-    return creds.me?.id && creds.account ? 'linked' : 'pending';
+    return file.creds.me?.id && file.creds.account ? 'linked' : 'pending';
   }
 
   ownsJid(jid: string): boolean {
@@ -2516,7 +2527,7 @@ export class WhatsAppChannel implements Channel {
     const on = <E extends keyof BaileysEventMap>(event: E, handle: (data: BaileysEventMap[E]) => unknown) =>
       sock.ev.on(event, (data) => sock === this.sock && handle(data));
     on('creds.update', saveCreds);
-    const phoneForm = (jid: string) => canonicalJid(jid, null, this.identity());
+    const phoneForm = (jid: string) => canonicalJid(jid, null, this.identity);
     on('connection.update', (update) => this.onConnectionUpdate(sock, update));
     on('messages.upsert', ({ messages }) => {
       for (const message of messages) this.inChatOrder(message);
@@ -2607,7 +2618,8 @@ export class WhatsAppChannel implements Channel {
     this.versionRefusalLogged = false;
     const { jidNormalizedUser } = baileys();
     const own = [sock.user?.id, sock.user?.lid].filter((jid): jid is string => Boolean(jid));
-    this.ownJids = new Set(own.map((jid) => jidNormalizedUser(jid)));
+    this.ownJids.clear();
+    for (const jid of own) this.ownJids.add(jidNormalizedUser(jid));
     if (sock.user?.lid) this.lidToPhone.set(jidNormalizedUser(sock.user.lid), jidNormalizedUser(sock.user.id)); // own
     log.info({ me: [...this.ownJids] }, 'WhatsApp connected');
     this.handlers?.onReady?.();
@@ -2656,17 +2668,6 @@ export class WhatsAppChannel implements Channel {
     });
   }
 
-  private identity(): WhatsAppIdentity {
-    const options = this.options;
-    return {
-      ...options,
-      triggerFor: (jid) => options.store?.groupByJid(jid)?.trigger,
-      sentByBot: (id) => Boolean(options.store?.outboundByMessageId(id)),
-      ownJids: this.ownJids,
-      phoneForLid: (lid) => this.lidToPhone.get(lid),
-    };
-  }
-
   private async learnPhonesFor(key: WAMessageKey): Promise<void> {
     const { isLidUser, jidNormalizedUser } = baileys();
     for (const jid of [key.remoteJid, key.participant]) {
@@ -2685,14 +2686,12 @@ export class WhatsAppChannel implements Channel {
 
   async onMessage(raw: WAMessage): Promise<void> {
     await this.learnPhonesFor(raw.key);
-    const change = parseWhatsAppChange(raw, this.identity());
+    const change = parseWhatsAppChange(raw, this.identity);
     if (change) return this.handlers?.onChange?.(change);
-    const inbound = parseWhatsAppMessage(raw, this.identity());
+    const inbound = parseWhatsAppMessage(raw, this.identity);
     if (!inbound) return;
     const { message, media, isGroup } = inbound;
-    const tree = media ? this.options.mediaTreeFor(message.chatJid) : null;
-    if (media && tree) message.content = await this.saveMedia(raw, inbound, tree);
-    else if (media) message.content = `[${media.kind}]${message.content ? ` ${message.content}` : ''}`;
+    if (media) message.content = await this.saveMedia(raw, inbound, this.options.mediaTreeFor(message.chatJid));
     this.handlers?.onMessage(message, { name: isGroup ? undefined : raw.pushName, isGroup });
   }
 
@@ -2721,9 +2720,11 @@ export class WhatsAppChannel implements Channel {
     }
   }
 
-  private async saveMedia(raw: WAMessage, { message, media }: WhatsAppInbound, tree: AgentTree): Promise<string> {
+  /** Not downloaded for a chat not registered (no tree). */
+  private async saveMedia(raw: WAMessage, { message, media }: WhatsAppInbound, tree: AgentTree | null) {
     const { kind, mimetype, fileName: original, bytes = 0 } = media!;
     const caption = message.content ? ` ${message.content}` : '';
+    if (!tree) return `[${kind}]${caption}`;
     const mb = (n: number) => n / 1024 / 1024;
     if (bytes > MAX_MEDIA_BYTES)
       return `[${kind} not downloaded: ${Math.round(mb(bytes))} MB is over the ${mb(MAX_MEDIA_BYTES)} MB limit]${caption}`;
