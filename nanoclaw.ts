@@ -4944,7 +4944,7 @@ export function writeSnapshots(
   written?: Map<string, string>,
 ): void {
   const { ipc } = groupTrees(config, group.folder);
-  const file = join(groupPaths(config, group.folder).ipc, 'current_tasks.json');
+  const file = ipc.path('current_tasks.json');
   const version = `${group.isMain} ${store.tasksVersion()}`;
   const fileNow = () => {
     const stat = lstatSync(file, { throwIfNoEntry: false });
