@@ -3970,7 +3970,7 @@ const inboxRoot = (config: Config) => join(config.dataDir, 'input');
 
 type RunPlan = ReturnType<typeof prepareRun>;
 
-function prepareRun(options: RunContainerOptions, startedAt: Date) {
+function prepareRun(options: RunContainerOptions, startedAt: Date, groupLog: Logger) {
   const { config, group } = options;
   const trees = prepareGroupFolders(config, group);
   // Names the container (nanoclaw-<id>), its inbox and its proxy sockets.
@@ -3985,7 +3985,7 @@ function prepareRun(options: RunContainerOptions, startedAt: Date) {
   const egressRun =
     groupNetwork(config, group) === 'egress'
       ? openEgressProxy(join(config.dataDir, 'proxy', `${id}.egress.sock`), config.egressAllow, (reason) =>
-          log.child({ group: group.folder }).info({ run: id }, `Egress refused: ${reason}`),
+          groupLog.info({ run: id }, `Egress refused: ${reason}`),
         )
       : null;
   const mounts = [...options.mounts, ...runMounts(inbox.root, proxyRun?.socketPath ?? null, egressRun?.socketPath)];
@@ -4265,8 +4265,8 @@ function writeRunLog(plan: RunPlan, options: RunContainerOptions, result: RunRes
 export async function runContainer(options: RunContainerOptions): Promise<RunOutcome> {
   const { config, group } = options;
   const startedAt = new Date();
-  const plan = prepareRun(options, startedAt);
   const groupLog = log.child({ group: group.folder });
+  const plan = prepareRun(options, startedAt, groupLog);
   groupLog.debug({ mounts: plan.mounts.map((m) => formatMount(m, 'human')) }, 'Container mounts');
   groupLog.debug({ args: [config.containerRuntime, ...plan.args] }, 'Container command');
   groupLog.info(
