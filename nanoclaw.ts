@@ -3835,8 +3835,10 @@ export interface ContainerInput {
   secrets?: Secrets;
 }
 
+type Zod = typeof import('zod');
+
 /** CONTRACT.md's result: a field of the wrong type makes it unreadable; an absent or odd `result` is no text. */
-function defineResultSchema(z: typeof import('zod')) {
+function defineResultSchema(z: Zod) {
   return z.object({
     status: z.enum(['success', 'error']),
     result: z.string().nullable().catch(null),
@@ -3854,7 +3856,7 @@ function defineResultSchema(z: typeof import('zod')) {
 export type ContainerResult = z.infer<ReturnType<typeof defineResultSchema>>;
 let resultSchema: ReturnType<typeof defineResultSchema> | null = null;
 function loadResultSchema() {
-  resultSchema ??= defineResultSchema(load('zod') as typeof import('zod'));
+  resultSchema ??= defineResultSchema(load('zod') as Zod);
   return resultSchema;
 }
 
@@ -4813,7 +4815,6 @@ function defineIpcActions(z: Zod) {
   } as const;
 }
 
-type Zod = typeof import('zod');
 let ipcActionTable: ReturnType<typeof defineIpcActions> | null = null;
 export function ipcActions(): ReturnType<typeof defineIpcActions> {
   ipcActionTable ??= defineIpcActions(load('zod') as Zod);
