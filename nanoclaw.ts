@@ -6005,7 +6005,7 @@ class ChatTurns {
     });
     voice.sendSoon(chatJid);
     log.error({ group: group.folder, messages: pending.length, told }, 'Gave up on messages; told the chat');
-    if (store.messagesSince(chatJid, pending.at(-1)!.seq).length > 0 && !this.host.stopped())
+    if (store.messagesSince(chatJid, pending.at(-1)!.seq, 1).length > 0 && !this.host.stopped())
       this.host.queue.enqueueMessages(chatJid);
   }
 
