@@ -6486,8 +6486,11 @@ export function removeLeftoverContainers(config: Config): string[] {
   return names;
 }
 
+/** The running host's pid (scripts/diagnose.sh reads it too). */
+const hostLockFile = (config: Config) => join(config.dataDir, 'nanoclaw.pid');
+
 function runningHostPid(config: Config): number | null {
-  const lockFile = join(config.dataDir, 'nanoclaw.pid');
+  const lockFile = hostLockFile(config);
   if (!existsSync(lockFile)) return null;
   const pid = Number(readFileSync(lockFile, 'utf8').trim());
   try {
@@ -6499,7 +6502,7 @@ function runningHostPid(config: Config): number | null {
 
 /** One host per project: two would answer the same messages. Returns a release function. */
 function acquireHostLock(config: Config): () => void {
-  const lockFile = join(config.dataDir, 'nanoclaw.pid');
+  const lockFile = hostLockFile(config);
   mkdirSync(config.dataDir, { recursive: true });
   const pid = runningHostPid(config);
   if (pid)
