@@ -6007,7 +6007,7 @@ class ChatTurns {
     });
     voice.sendSoon(chatJid);
     log.error({ group: group.folder, messages: pending.length, told }, 'Gave up on messages; told the chat');
-    if (store.messagesSince(chatJid, pending.at(-1)!.seq).length > 0 && !this.host.stopped())
+    if (store.messagesSince(chatJid, pending.at(-1)!.seq, 1).length > 0 && !this.host.stopped())
       this.host.queue.enqueueMessages(chatJid);
   }
 
@@ -6488,8 +6488,11 @@ export function removeLeftoverContainers(config: Config): string[] {
   return names;
 }
 
+/** The running host's pid (scripts/diagnose.sh reads it too). */
+const hostLockFile = (config: Config) => join(config.dataDir, 'nanoclaw.pid');
+
 function runningHostPid(config: Config): number | null {
-  const lockFile = join(config.dataDir, 'nanoclaw.pid');
+  const lockFile = hostLockFile(config);
   if (!existsSync(lockFile)) return null;
   const pid = Number(readFileSync(lockFile, 'utf8').trim());
   try {
@@ -6501,7 +6504,7 @@ function runningHostPid(config: Config): number | null {
 
 /** One host per project: two would answer the same messages. Returns a release function. */
 function acquireHostLock(config: Config): () => void {
-  const lockFile = join(config.dataDir, 'nanoclaw.pid');
+  const lockFile = hostLockFile(config);
   mkdirSync(config.dataDir, { recursive: true });
   const pid = runningHostPid(config);
   if (pid)

@@ -28,13 +28,12 @@ IMAGE=$(env_value CONTAINER_IMAGE); IMAGE=${IMAGE:-nanoclaw-agent:latest}
 mount_args() {
   local folder=${1:-main} listed line source
   listed=$(bun nanoclaw.ts mounts "$folder" --docker-args) || exit 2 # it said why, on stderr
-  RUN_INBOX="$ROOT/data/input/script-$$"
   MOUNTS=()
   while IFS= read -r line; do
     [ "$line" = -v ] && continue
     case $line in
       *'<run>.sock:'* | *'<run>.egress.sock:'*) continue ;; # no proxy runs here: the key goes on stdin
-      *'<run>'*) line=${line//<run>/script-$$}; mkdir -p "$RUN_INBOX"; trap 'rm -rf "$RUN_INBOX"' EXIT ;;
+      *'<run>'*) line=${line//<run>/script-$$}; RUN_INBOX=${line%%:*}; mkdir -p "$RUN_INBOX"; trap 'rm -rf "$RUN_INBOX"' EXIT ;;
     esac
     source=${line%%:*}
     if [ ! -e "$source" ]; then

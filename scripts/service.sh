@@ -18,19 +18,20 @@ ROOT=${NANOCLAW_ROOT:-$CODE}
 BUN=${BUN:-$(command -v bun)}
 ACTION=${1:-}; shift || true
 DRY=0
+usage() { sed -n '4,6p' "$0" | sed 's/^# \{0,1\}//' >&2; }
 PLATFORM=$([ "$(uname)" = Darwin ] && echo macos || echo linux)
 while [ $# -gt 0 ]; do
   case $1 in
     --dry-run) DRY=1 ;;
     --platform) PLATFORM=${2:-}; shift ;;
     --platform=*) PLATFORM=${1#*=} ;;
-    *) echo "service.sh: unknown option '$1'" >&2; sed -n '4,6p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
+    *) echo "service.sh: unknown option '$1'" >&2; usage; exit 2 ;;
   esac
   shift
 done
 case "$ACTION:$PLATFORM" in
   install:linux | uninstall:linux | status:linux | install:macos | uninstall:macos | status:macos) ;;
-  *) sed -n '4,6p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
+  *) usage; exit 2 ;;
 esac
 
 # The install's id, as the host labels its containers (installId): sha256 of the real root path.
