@@ -97,8 +97,9 @@ else
 </plist>
 PLIST
   }
-  INSTALL=("launchctl load -w $FILE")
-  UNINSTALL=("launchctl unload -w $FILE")
+  printf -v QUOTED_FILE '%q' "$FILE" # a home folder with a space stays one word
+  INSTALL=("launchctl load -w $QUOTED_FILE")
+  UNINSTALL=("launchctl unload -w $QUOTED_FILE")
   STATUS=("launchctl list $NAME")
 fi
 
@@ -121,7 +122,7 @@ if [ "$ACTION" = install ]; then
   echo "Wrote $FILE"
 fi
 for command in "${COMMANDS[@]}"; do
-  output=$($command 2>&1) # each command is its words (split on spaces)
+  output=$(eval "$command" 2>&1) # each command is written shell-quoted, as the dry run shows it
   status=$?
   why=$(grep -m1 . <<<"$output"); why=${why:-no output}
   if [ $status = 0 ]; then

@@ -722,6 +722,21 @@ describe('settings, linking and tasks as a user meets them', () => {
     expect(removed.stdout).toContain(`Removed ${unit}`);
     expect(existsSync(unit)).toBe(false);
   });
+
+  it('service install on macOS hands launchctl the plist path as one argument, even with a space in the home folder', async () => {
+    const home = tempDir('home with space-');
+    const bin = tempDir();
+    const calls = join(bin, 'calls');
+    writeFileSync(join(bin, 'launchctl'), `#!/bin/sh\nfor a in "$@"; do echo "$a"; done >>'${calls}'\n`, {
+      mode: 0o755,
+    });
+    const env = { HOME: home, PATH: `${bin}:${process.env.PATH}` };
+    const installed = await cli(['service', 'install', '--platform', 'macos'], '', env);
+    expect(installed.code).toBe(0);
+    const plist = /^Wrote (.+)$/m.exec(installed.stdout)![1]!;
+    expect(plist.startsWith(home)).toBe(true);
+    expect(readFileSync(calls, 'utf8').split('\n').filter(Boolean)).toEqual(['load', '-w', plist]);
+  });
 });
 
 /** `chat` on a real terminal (a pty from util-linux `script`), as a person types into it. */
