@@ -2231,6 +2231,9 @@ function authCloseMessage(error: unknown): { retry: boolean; message: string } {
 export const WHATSAPP_STABLE_MS = 60_000;
 
 type LinkState = 'linked' | 'pending' | 'damaged' | 'none';
+/** baileys writes creds.json `me` when a pairing code is asked for; only a finished pairing adds `account`. */
+const linkOf = (creds: Partial<AuthenticationCreds>): LinkState =>
+  creds.me?.id && creds.account ? 'linked' : 'pending';
 
 const CREDS_FILE = 'creds.json';
 /** creds.json as it was before its last write: what a damaged creds.json is restored from. */
@@ -2283,7 +2286,11 @@ function readCredsFile(
   if (!existsSync(path) && !existsSync(backup)) return { state: 'none' };
   const previous = whole(backup);
   if (!previous) return { state: 'damaged' };
-  writeFileSync(path, previous.text, { mode: 0o600, flush: true }); // cut short by a crash: the backup is still whole
+  // Written beside it and renamed over: a crash mid-restore leaves the damaged file or the whole one, never half. No
+  // folder fsync: a rename lost to a power cut leaves the damaged file and its backup, restored again at next start.
+  const temp = `${path}.${randomUUID().slice(0, 8)}.tmp`;
+  writeFileSync(temp, previous.text, { mode: 0o600, flush: true });
+  renameSync(temp, path);
   log.warn(
     { file: path },
     'WhatsApp credentials (creds.json) were missing, empty or cut short; restored their previous version from creds.json.bak',
@@ -2416,7 +2423,7 @@ export class WhatsAppChannel implements Channel {
   private attempt = 0;
   private cancelReconnect: (() => void) | null = null;
   private stopDailySync: (() => void) | null = null;
-  private auth: ReturnType<typeof useDurableAuthState> | null = null;
+  private auth: Awaited<ReturnType<typeof useDurableAuthState>> | null = null;
   private readonly subscribed = new Set<string>();
   private readonly typingRefresh = new Map<string, () => void>();
   private readonly clock: Clock;
@@ -2453,11 +2460,9 @@ export class WhatsAppChannel implements Channel {
     return this.openedAt !== null;
   }
 
-  /** baileys writes creds.json `me` when a pairing code is asked for; only a finished pairing adds `account`. */
   static linkState(authDir: string): LinkState {
     const file = readCredsFile(authDir);
-    if (file.state !== 'ok') return file.state;
-    return file.creds.me?.id && file.creds.account ? 'linked' : 'pending';
+    return file.state === 'ok' ? linkOf(file.creds) : file.state;
   }
 
   ownsJid(jid: string): boolean {
@@ -2465,7 +2470,9 @@ export class WhatsAppChannel implements Channel {
   }
 
   async connect(handlers: ChannelHandlers): Promise<void> {
-    if (WhatsAppChannel.linkState(this.options.authDir) !== 'linked') {
+    // Read once, for this check and every socket: a reconnect right after pairing (515) must not read creds mid-write.
+    this.auth = await useDurableAuthState(this.options.authDir);
+    if (linkOf(this.auth.state.creds) !== 'linked') {
       throw new WhatsAppNotLinked(
         'WhatsApp is not linked on this machine yet.\n  Fix: bun nanoclaw.ts auth   (or: bun nanoclaw.ts auth --pairing-code <your phone number>)',
       );
@@ -2495,12 +2502,7 @@ export class WhatsAppChannel implements Channel {
 
   private async openSocket(): Promise<void> {
     await this.resolveVersion();
-    // One auth state for every socket: a reconnect right after pairing (515) must not read creds mid-write.
-    this.auth ??= useDurableAuthState(this.options.authDir).catch((err) => {
-      this.auth = null; // the next attempt reads again
-      throw err;
-    });
-    const { state, saveCreds } = await this.auth;
+    const { state, saveCreds } = this.auth!;
     // baileys wants its own pino; ours is pino too, just quieter for its chatter.
     const level = log.level === 'trace' ? 'debug' : 'warn';
     const logger = log.child({ module: 'baileys' }, { level }) as unknown as ILogger;
@@ -2822,7 +2824,7 @@ export class WhatsAppChannel implements Channel {
     const groups = Object.values(await this.sock.groupFetchAllParticipating());
     this.keepGroups(groups);
     const members = Object.fromEntries(groups.map((group) => [group.id, group.participants?.length ?? 0]));
-    this.options.store?.setState(GROUPS_SYNCED_AT, new Date().toISOString());
+    this.options.store?.setState(GROUPS_SYNCED_AT, new Date(this.clock.now()).toISOString()); // what opened() compares
     this.options.store?.setState(GROUP_MEMBERS_STATE, JSON.stringify(members));
     log.info({ groups: groups.length }, 'WhatsApp group names synced');
   }

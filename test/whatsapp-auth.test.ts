@@ -6,7 +6,16 @@
  * written in place and cut short (as baileys' own writer can leave it), a temp file.
  */
 import { BufferJSON, initAuthCreds, useMultiFileAuthState } from '@whiskeysockets/baileys';
-import { existsSync, mkdirSync, readdirSync, readFileSync, renameSync, truncateSync, writeFileSync } from 'node:fs';
+import {
+  existsSync,
+  mkdirSync,
+  readdirSync,
+  readFileSync,
+  renameSync,
+  statSync,
+  truncateSync,
+  writeFileSync,
+} from 'node:fs';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { describe, expect, it } from 'vitest';
@@ -82,7 +91,10 @@ describe('credentials written whole (store/auth)', () => {
     const whole = readFileSync(join(authDir, 'creds.json'), 'utf8');
     writeFileSync(join(authDir, 'creds.json'), whole.slice(0, Math.floor(whole.length / 2))); // half-written in place
     writeFileSync(join(authDir, 'creds.json.1a2b3c4d.tmp'), whole.slice(0, 10)); // a temp file a crash left
+    const damaged = statSync(join(authDir, 'creds.json')).ino;
     expect(WhatsAppChannel.linkState(authDir)).toBe('linked');
+    // Restored beside it and renamed over (a new file), never written in place: a crash mid-restore cannot cut it short.
+    expect(statSync(join(authDir, 'creds.json')).ino).not.toBe(damaged);
     expect(credsOf(join(authDir, 'creds.json')).nextPreKeyId).toBe(7);
     expect(readFileSync(join(config.logsDir, 'nanoclaw.log'), 'utf8')).toContain(
       'restored their previous version from creds.json.bak',

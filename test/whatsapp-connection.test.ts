@@ -272,6 +272,18 @@ describe('sends and group syncs wait on the channel’s clock', () => {
     await clock.advance(1);
     expect(syncs).toBe(2);
   });
+
+  it('the last sync is stamped with the channel’s clock, the one the check at connect compares with', async () => {
+    const store = new Store(tempProject().dbPath);
+    stops.push(() => store.close());
+    const { channel, clock } = await linkedChannel({ store });
+    await channel.connect({ onMessage: () => {} });
+    channel.socket!.groupFetchAllParticipating = async () => ({});
+    await clock.advance(1000);
+    openAsWhatsAppWould(channel.socket!);
+    await waitFor(() => store.getState(GROUPS_SYNCED_AT), 60_000, 'the group sync');
+    expect(store.getState(GROUPS_SYNCED_AT)).toBe(new Date(clock.now()).toISOString());
+  });
 });
 
 describe('group metadata, long replies, chat ids, discovering chats', () => {
