@@ -2832,10 +2832,6 @@ export class WhatsAppChannel implements Channel {
   private syncGroupsInBackground(): void {
     this.syncGroups().catch((err) => log.warn({ err }, 'Group sync failed'));
   }
-
-  get socket(): WASocket | null {
-    return this.sock;
-  }
 }
 
 const whatsAppAuthDir = (config: Config) => join(config.storeDir, 'auth');

@@ -15,7 +15,14 @@ import { join } from 'node:path';
 import { type AnyMessageContent, proto, type WAMessage } from '@whiskeysockets/baileys';
 import { startFakeModel } from '../scripts/scripted-model.ts';
 import { Host, installId, RateLimiter, addGroup, setupLogging, Store, type Config } from '../nanoclaw.ts';
-import { flakyServer, linkedAuthDir, openAsWhatsAppWould, RecordingWhatsApp, tempProject } from '../test/helpers.ts';
+import {
+  flakyServer,
+  linkedAuthDir,
+  openAsWhatsAppWould,
+  RecordingWhatsApp,
+  socketOf,
+  tempProject,
+} from '../test/helpers.ts';
 import {
   DrillHost,
   deliveries,
@@ -233,7 +240,7 @@ export async function whatsappDrops(drops = 50): Promise<Row> {
   const items: string[] = [];
   try {
     await host.start();
-    openAsWhatsAppWould(whatsapp.socket!);
+    openAsWhatsAppWould(socketOf(whatsapp));
     for (let i = 0; i < drops; i++) {
       const item = `w${i}`;
       items.push(item);
@@ -243,17 +250,17 @@ export async function whatsappDrops(drops = 50): Promise<Row> {
         messageTimestamp: Math.floor(Date.now() / 1000),
         pushName: 'Alice',
       }) as WAMessage;
-      whatsapp.socket!.ev.emit('messages.upsert', { messages: [inbound], type: 'notify' });
+      socketOf(whatsapp).ev.emit('messages.upsert', { messages: [inbound], type: 'notify' });
       // Drop the connection while the reply is on its way (or after a while, if none is).
       await until(() => whatsapp.inFlight > 0, 5_000);
       const before = whatsapp.socketsOpened;
-      whatsapp.socket!.ev.emit('connection.update', {
+      socketOf(whatsapp).ev.emit('connection.update', {
         connection: 'close',
         lastDisconnect: { error: new Error('drill drop'), date: new Date() },
       });
       await until(() => whatsapp.socketsOpened > before, 5_000);
-      openAsWhatsAppWould(whatsapp.socket!);
-      whatsapp.socket!.ev.emit('messages.upsert', { messages: [inbound], type: 'append' }); // WhatsApp delivers it again after a reconnect
+      openAsWhatsAppWould(socketOf(whatsapp));
+      socketOf(whatsapp).ev.emit('messages.upsert', { messages: [inbound], type: 'append' }); // WhatsApp delivers it again after a reconnect
     }
     const reached = () =>
       whatsapp.delivered.map((d) => ({ messageId: d.messageId, jid: d.jid, text: d.text.replace(/^Andy: /, '') }));

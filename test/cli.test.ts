@@ -27,6 +27,7 @@ import {
   tempProject,
   waitFor,
   type FakeDocker,
+  socketOf,
 } from './helpers.ts';
 
 const REPO = fileURLToPath(new URL('..', import.meta.url));
@@ -653,7 +654,7 @@ describe('settings, linking and tasks as a user meets them', () => {
     const sender = new OutboxSender(service, whatsapp, { retryBaseMs: 50 });
     try {
       await whatsapp.connect({ onMessage: () => {}, onReady: () => sender.kick() });
-      openAsWhatsAppWould(whatsapp.socket!);
+      openAsWhatsAppWould(socketOf(whatsapp));
       await waitFor(() => whatsapp.delivered.length === 2, 60_000, 'the queued task messages');
       await sender.settle();
       expect(whatsapp.delivered.map((d) => d.messageId)).toEqual(queued.map((m) => m.messageId));

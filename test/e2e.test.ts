@@ -45,6 +45,7 @@ import {
   tempProject,
   texts,
   waitFor,
+  socketOf,
 } from './helpers.ts';
 
 const IMAGE = process.env.NANOCLAW_TEST_IMAGE ?? 'nanoclaw-agent:test';
@@ -450,15 +451,15 @@ describe('WhatsApp and scheduled tasks with the real container', () => {
     const host = new Host(config, store, [whatsapp], QUIET_SWEEPS);
     try {
       await host.start();
-      openAsWhatsAppWould(whatsapp.socket!);
+      openAsWhatsAppWould(socketOf(whatsapp));
       const inbound = proto.WebMessageInfo.fromObject({
         key: { remoteJid: FAMILY, participant: '4915100000002@s.whatsapp.net', fromMe: false, id: '3EB0E2E0001' },
         message: { extendedTextMessage: { text: '@Andy are we on for sunday?' } },
         messageTimestamp: Math.floor(Date.now() / 1000),
         pushName: 'Alice',
       }) as WAMessage;
-      whatsapp.socket!.ev.emit('messages.upsert', { messages: [inbound], type: 'notify' });
-      whatsapp.socket!.ev.emit('messages.upsert', { messages: [inbound], type: 'append' }); // delivered twice
+      socketOf(whatsapp).ev.emit('messages.upsert', { messages: [inbound], type: 'notify' });
+      socketOf(whatsapp).ev.emit('messages.upsert', { messages: [inbound], type: 'append' }); // delivered twice
       await waitFor(() => whatsapp.delivered.length === 1, 60_000, 'reply');
       await Bun.sleep(1000);
       expect(whatsapp.delivered.map(({ jid, text }) => ({ jid, text }))).toEqual([
@@ -579,7 +580,7 @@ describe('what the real Kimi CLI does, through the host and the real image', () 
     const host = new Host(config, store, [whatsapp], QUIET_SWEEPS);
     try {
       await host.start();
-      openAsWhatsAppWould(whatsapp.socket!);
+      openAsWhatsAppWould(socketOf(whatsapp));
       const imageMessage = {
         url: `http://127.0.0.1:${media.port}/media/cat.enc`,
         mimetype: 'image/jpeg',
@@ -595,7 +596,7 @@ describe('what the real Kimi CLI does, through the host and the real image', () 
         messageTimestamp: Math.floor(Date.now() / 1000),
         pushName: 'Alice',
       }) as WAMessage;
-      whatsapp.socket!.ev.emit('messages.upsert', { messages: [inbound], type: 'notify' });
+      socketOf(whatsapp).ev.emit('messages.upsert', { messages: [inbound], type: 'notify' });
       await waitFor(() => whatsapp.delivered.length === 1, 60_000, 'reply');
       const hash = new Bun.CryptoHasher('sha256').update(photo).digest('hex').slice(0, 12);
       expect(whatsapp.delivered[0]!.text).toBe(`Andy: [stub] I see image/jpeg, ${photo.length} bytes, sha256 ${hash}`);

@@ -360,6 +360,9 @@ export class RecordingWhatsApp extends WhatsAppChannel {
   }
 }
 
+/** The channel's live socket (what WhatsApp's servers would talk to), for a test to drive its events. */
+export const socketOf = (channel: WhatsAppChannel): WASocket => channel['sock']!;
+
 /** A local WebSocket server that accepts connections and drops each after `holdMs`. */
 export function flakyServer(holdMs: number | ((connection: number) => number)) {
   let open = 0;

@@ -39,6 +39,7 @@ import {
   FAMILY,
   WORK,
   THREE_GROUPS,
+  socketOf,
 } from './helpers.ts';
 
 const SECRET = 'sk-send-file-test-abcdefghijkl';
@@ -252,7 +253,7 @@ describe('send_file on WhatsApp (baileys 7)', () => {
       store.close();
     });
     await channel.connect({ onMessage: () => {}, onReady: () => sender.kick() });
-    openAsWhatsAppWould(channel.socket!);
+    openAsWhatsAppWould(socketOf(channel));
     const GROUP = '120363000000000001@g.us';
     const imageId = newMessageId();
     const docId = newMessageId();

@@ -34,6 +34,7 @@ import {
   RecordingWhatsApp,
   tempProject,
   waitFor,
+  socketOf,
 } from './helpers.ts';
 
 const ENTRY = fileURLToPath(new URL('../nanoclaw.ts', import.meta.url));
@@ -70,7 +71,7 @@ async function linkedChannel(extra: Partial<WhatsAppOptions> = {}) {
 }
 
 const closeWith = (channel: RecordingWhatsApp, error: Error) =>
-  channel.socket!.ev.emit('connection.update', { connection: 'close', lastDisconnect: { error, date: new Date() } });
+  socketOf(channel).ev.emit('connection.update', { connection: 'close', lastDisconnect: { error, date: new Date() } });
 
 /** The reconnect the channel has scheduled (its delay), or null; the daily group sync is not one. */
 const reconnectIn = (clock: FakeClock) => clock.pending.find((ms) => ms < DAY) ?? null;
@@ -96,7 +97,7 @@ describe('every disconnect reason, as baileys 7 defines it', () => {
     const stopped: string[] = [];
     const { channel, clock } = await linkedChannel({ onStopped: (why) => stopped.push(why) });
     await channel.connect(noHandlers);
-    openAsWhatsAppWould(channel.socket!);
+    openAsWhatsAppWould(socketOf(channel));
     expect(disconnectKind(boom(code)).kind).toBe(kind);
     closeWith(channel, boom(code));
     if (then === 'stop') {
@@ -123,7 +124,7 @@ describe('every disconnect reason, as baileys 7 defines it', () => {
     );
     const { channel, clock } = await linkedChannel();
     await channel.connect(noHandlers);
-    openAsWhatsAppWould(channel.socket!);
+    openAsWhatsAppWould(socketOf(channel));
     closeWith(channel, boom(408, 'QR refs attempts ended'));
     expect(reconnectIn(clock)).toBeGreaterThanOrEqual(20); // the first backoff step, as for any other drop
   });
@@ -133,7 +134,7 @@ describe('every disconnect reason, as baileys 7 defines it', () => {
     await channel.connect({ onMessage: () => {} });
     const dropAfter = async (openForMs: number) => {
       const opened = channel.socketsOpened;
-      openAsWhatsAppWould(channel.socket!);
+      openAsWhatsAppWould(socketOf(channel));
       await clock.advance(openForMs);
       closeWith(channel, boom(428, 'Connection Terminated'));
       const delay = reconnectIn(clock)!;
@@ -157,15 +158,15 @@ describe('every disconnect reason, as baileys 7 defines it', () => {
     closeWith(channel, boom(428));
     await clock.advance(reconnectIn(clock)!);
     await waitFor(() => channel.socketsOpened === 2, 60_000, 'second connection');
-    const before = channel.socket!;
+    const before = socketOf(channel);
     before.ev.emit('creds.update', { routingInfo: Buffer.from('moved') }); // written in the background…
     closeWith(channel, boom(515, 'Stream Errored (restart required)'));
     expect(reconnectIn(clock)).toBe(0);
     await clock.advance(0);
     await waitFor(() => channel.socketsOpened === 3, 60_000, 'third connection');
     // …and the next socket has it without reading the file mid-write: the same credentials, in memory.
-    expect(channel.socket!.authState.creds).toBe(before.authState.creds);
-    expect(channel.socket!.authState.creds.routingInfo).toEqual(Buffer.from('moved'));
+    expect(socketOf(channel).authState.creds).toBe(before.authState.creds);
+    expect(socketOf(channel).authState.creds.routingInfo).toEqual(Buffer.from('moved'));
     closeWith(channel, boom(428));
     expect(reconnectIn(clock)).toBeLessThanOrEqual(80); // the second step, not the third
     expect(reconnectIn(clock)).toBeGreaterThanOrEqual(40);
@@ -179,7 +180,7 @@ describe('typing and presence', () => {
   it('"typing…" is said again every 8 s while a turn runs, and "paused" at the answer; nothing after', async () => {
     const { channel, clock } = await linkedChannel();
     await channel.connect({ onMessage: () => {} });
-    const sock = channel.socket!;
+    const sock = socketOf(channel);
     const said: string[] = [];
     const subscribed: string[] = [];
     sock.sendPresenceUpdate = async (state, jid) => void said.push(`${state} ${jid}`);
@@ -213,8 +214,8 @@ describe('typing and presence', () => {
       await channel.connect({ onMessage: () => {} });
       const online: boolean[] = [];
       // baileys says so as it sends the presence (lib/Socket/chats.js sendPresenceUpdate, at open).
-      channel.socket!.ev.on('connection.update', ({ isOnline }) => isOnline !== undefined && online.push(isOnline));
-      openAsWhatsAppWould(channel.socket!);
+      socketOf(channel).ev.on('connection.update', ({ isOnline }) => isOnline !== undefined && online.push(isOnline));
+      openAsWhatsAppWould(socketOf(channel));
       await waitFor(() => online.length === 1, 60_000, 'the presence sent at open');
       expect(online).toEqual([hasOwnNumber]);
     }
@@ -224,7 +225,7 @@ describe('typing and presence', () => {
     const activity: [string, string | undefined][] = [];
     const { channel } = await linkedChannel();
     await channel.connect({ onMessage: () => {}, onActivity: (chat, typist) => activity.push([chat, typist]) });
-    const sock = channel.socket!;
+    const sock = socketOf(channel);
     openAsWhatsAppWould(sock);
     const chatstate = (participant: string) =>
       sock.ws.emit('CB:chatstate', {
@@ -246,7 +247,7 @@ describe('sends and group syncs wait on the channel’s clock', () => {
     const rateLimiter = new RateLimiter({ count: 1, windowMs: 1000 }, { count: 10, windowMs: 1000 });
     const { channel, clock } = await linkedChannel({ rateLimiter });
     await channel.connect({ onMessage: () => {} });
-    openAsWhatsAppWould(channel.socket!);
+    openAsWhatsAppWould(socketOf(channel));
     await channel.deliver(ALICE, 'one', 'ID1');
     const second = channel.deliver(ALICE, 'two', 'ID2');
     await clock.advance(999);
@@ -260,11 +261,11 @@ describe('sends and group syncs wait on the channel’s clock', () => {
     const { channel, clock } = await linkedChannel();
     let syncs = 0;
     await channel.connect({ onMessage: () => {} });
-    channel.socket!.groupFetchAllParticipating = async () => {
+    socketOf(channel).groupFetchAllParticipating = async () => {
       syncs++;
       return {};
     };
-    openAsWhatsAppWould(channel.socket!);
+    openAsWhatsAppWould(socketOf(channel));
     await clock.advance(0);
     expect(syncs).toBe(1);
     await clock.advance(DAY - 1);
@@ -278,9 +279,9 @@ describe('sends and group syncs wait on the channel’s clock', () => {
     stops.push(() => store.close());
     const { channel, clock } = await linkedChannel({ store });
     await channel.connect({ onMessage: () => {} });
-    channel.socket!.groupFetchAllParticipating = async () => ({});
+    socketOf(channel).groupFetchAllParticipating = async () => ({});
     await clock.advance(1000);
-    openAsWhatsAppWould(channel.socket!);
+    openAsWhatsAppWould(socketOf(channel));
     await waitFor(() => store.getState(GROUPS_SYNCED_AT), 60_000, 'the group sync');
     expect(store.getState(GROUPS_SYNCED_AT)).toBe(new Date(clock.now()).toISOString());
   });
@@ -301,7 +302,7 @@ describe('group metadata, long replies, chat ids, discovering chats', () => {
     let members = 3;
     let lookups = 0;
     await channel.connect({ onMessage: () => {}, onChatMetadata: () => {} });
-    const sock = channel.socket!;
+    const sock = socketOf(channel);
     sock.groupFetchAllParticipating = async () => ({});
     sock.groupMetadata = async () => {
       lookups++;
@@ -369,7 +370,7 @@ describe('group metadata, long replies, chat ids, discovering chats', () => {
       onMessage: () => {},
       onChatMetadata: (chat) => store.upsertChat({ ...chat, channel: 'whatsapp' }),
     });
-    const sock = channel.socket!;
+    const sock = socketOf(channel);
     sock.groupFetchAllParticipating = async () => ({
       [GROUP]: { ...full(5), subject: 'Family \u001b[31m🏡' },
       '120363000000000002@g.us': { ...full(0), id: '120363000000000002@g.us', subject: 'Book club' },

@@ -35,6 +35,7 @@ import {
   RecordingWhatsApp,
   tempProject,
   waitFor,
+  socketOf,
 } from './helpers.ts';
 
 const ME = '4915100000001@s.whatsapp.net';
@@ -107,7 +108,7 @@ describe('WhatsApp inbound order', () => {
     const { channel } = await inboundSetup();
     const received: NewMessage[] = [];
     await channel.connect({ onMessage: (m) => received.push(m) });
-    const sock = channel.socket!;
+    const sock = socketOf(channel);
     openAsWhatsAppWould(sock);
     const upsert = (message: WAMessage) => {
       sock.ev.emit('messages.upsert', { messages: [message], type: 'notify' });
@@ -181,7 +182,7 @@ async function hostSetup(hasOwnNumber: boolean, dotEnv = '') {
     store.close();
   });
   await host.start();
-  const sock = channel.socket!;
+  const sock = socketOf(channel);
   Object.defineProperty(sock, 'user', { value: { id: '4915100000001:7@s.whatsapp.net', lid: '99887766:7@lid' } });
   openAsWhatsAppWould(sock);
   const upsert = (message: WAMessage, type: 'notify' | 'append' = 'notify') => {

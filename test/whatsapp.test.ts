@@ -46,6 +46,7 @@ import {
   tempProject,
   waitFor,
   writeJsonAtomic,
+  socketOf,
 } from './helpers.ts';
 
 const ME = '4915100000001@s.whatsapp.net';
@@ -359,7 +360,7 @@ describe('WhatsAppChannel connection', () => {
     );
     stops.push(() => channel.disconnect());
     await channel.connect({ onMessage: (m) => received.push(m) });
-    const retired = channel.socket!;
+    const retired = socketOf(channel);
     await waitFor(() => channel.socketsOpened >= 3, 60_000, 'three sockets');
     retired.ev.emit('messages.upsert', {
       messages: [waMessage({ remoteJid: ALICE, message: { conversation: 'from the past' } })],
@@ -369,7 +370,7 @@ describe('WhatsAppChannel connection', () => {
     await Bun.sleep(50);
     expect(received).toEqual([]);
     expect(channel.ready).toBe(false);
-    const live = channel.socket!;
+    const live = socketOf(channel);
     openAsWhatsAppWould(live);
     expect(channel.ready).toBe(true);
     live.ev.emit('messages.upsert', {
@@ -406,10 +407,10 @@ describe('WhatsAppChannel connection', () => {
     });
     await channel.connect({ ...noHandlers, onReady: () => sender.kick() });
     await waitFor(() => server.connectedAt.length === 1, 60_000, 'connection');
-    openAsWhatsAppWould(channel.socket!);
+    openAsWhatsAppWould(socketOf(channel));
     say(store, channel, sender, GROUP, 'one');
     await waitFor(() => channel.delivered.length === 1, 60_000, 'first delivery');
-    channel.socket!.ev.emit('connection.update', {
+    socketOf(channel).ev.emit('connection.update', {
       connection: 'close',
       lastDisconnect: { error: new Error('network down'), date: new Date() },
     });
@@ -418,7 +419,7 @@ describe('WhatsAppChannel connection', () => {
     await sender.settle();
     expect(store.unsent('whatsapp').length).toBe(2);
     await waitFor(() => channel.socketsOpened === 2, 60_000, 'reconnect');
-    openAsWhatsAppWould(channel.socket!);
+    openAsWhatsAppWould(socketOf(channel));
     await waitFor(() => channel.delivered.length === 3, 60_000, 'queued deliveries');
     await sender.settle();
     // Each chat in order (chats are lanes of their own, sent side by side).
@@ -455,7 +456,7 @@ describe('WhatsAppChannel connection', () => {
       store.close();
     });
     await second.connect({ ...noHandlers, onReady: () => secondSender.kick() });
-    openAsWhatsAppWould(second.socket!);
+    openAsWhatsAppWould(socketOf(second));
     await waitFor(() => second.delivered.length === 2, 60_000, 'stored replies');
     expect(second.delivered.map(({ jid, text }) => ({ jid, text }))).toEqual(
       expect.arrayContaining([
@@ -482,7 +483,10 @@ describe('WhatsAppChannel connection', () => {
     stops.push(() => channel.disconnect());
     await channel.connect(noHandlers);
     const error = Object.assign(new Error('logged out'), { output: { statusCode: 401 } });
-    channel.socket!.ev.emit('connection.update', { connection: 'close', lastDisconnect: { error, date: new Date() } });
+    socketOf(channel).ev.emit('connection.update', {
+      connection: 'close',
+      lastDisconnect: { error, date: new Date() },
+    });
     await Bun.sleep(300);
     expect(stopped).toHaveLength(1);
     expect(stopped[0]).toContain('(401'); // the status, and the fix
@@ -516,23 +520,23 @@ describe('WhatsApp through the host (fake docker)', () => {
       store.close();
     });
     await host.start();
-    openAsWhatsAppWould(channel.socket!);
+    openAsWhatsAppWould(socketOf(channel));
     const inbound = waMessage({
       remoteJid: GROUP,
       participant: ALICE,
       id: 'REPLAYED1',
       message: { conversation: '@Andy what is for dinner?' },
     });
-    channel.socket!.ev.emit('messages.upsert', { messages: [inbound], type: 'notify' });
+    socketOf(channel).ev.emit('messages.upsert', { messages: [inbound], type: 'notify' });
     await waitFor(() => channel.delivered.length === 1, 60_000, 'reply');
     for (let i = 0; i < 2; i++) {
-      channel.socket!.ev.emit('connection.update', {
+      socketOf(channel).ev.emit('connection.update', {
         connection: 'close',
         lastDisconnect: { error: new Error('drop'), date: new Date() },
       });
       await waitFor(() => channel.socketsOpened === i + 2, 60_000, 'reconnect');
-      openAsWhatsAppWould(channel.socket!);
-      channel.socket!.ev.emit('messages.upsert', { messages: [inbound], type: 'append' });
+      openAsWhatsAppWould(socketOf(channel));
+      socketOf(channel).ev.emit('messages.upsert', { messages: [inbound], type: 'append' });
     }
     await Bun.sleep(500);
     expect(channel.delivered.map(({ jid, text }) => ({ jid, text }))).toEqual([
@@ -627,21 +631,21 @@ describe('WhatsApp through the host (fake docker)', () => {
     const serverGroups = () => {
       fetches++;
       return Promise.resolve({ [GROUP]: { id: GROUP, subject: `Family (${fetches})` } } as unknown as Awaited<
-        ReturnType<NonNullable<typeof channel.socket>['groupFetchAllParticipating']>
+        ReturnType<ReturnType<typeof socketOf>['groupFetchAllParticipating']>
       >);
     };
-    channel.socket!.groupFetchAllParticipating = serverGroups;
-    openAsWhatsAppWould(channel.socket!);
+    socketOf(channel).groupFetchAllParticipating = serverGroups;
+    openAsWhatsAppWould(socketOf(channel));
     await waitFor(() => store.listChats().some((c) => c.jid === GROUP), 60_000, 'group synced');
     expect(store.listChats().find((c) => c.jid === GROUP)).toMatchObject({ name: 'Family (1)', isGroup: true });
     expect(store.getState('groups_synced_at')).not.toBeNull();
-    channel.socket!.ev.emit('connection.update', {
+    socketOf(channel).ev.emit('connection.update', {
       connection: 'close',
       lastDisconnect: { error: new Error('drop'), date: new Date() },
     });
     await waitFor(() => sockets === 2, 60_000, 'reconnect');
-    channel.socket!.groupFetchAllParticipating = serverGroups;
-    openAsWhatsAppWould(channel.socket!);
+    socketOf(channel).groupFetchAllParticipating = serverGroups;
+    openAsWhatsAppWould(socketOf(channel));
     await Bun.sleep(200);
     expect(fetches).toBe(1); // synced less than a day ago: not again
     writeJsonAtomic(join(config.ipcDir, 'main', 'tasks', '1-refresh.json'), { type: 'refresh_groups' });
@@ -694,11 +698,7 @@ describe('what real WhatsApp needs (baileys 7)', () => {
     });
     return channel;
   }
-  const closeWith = (
-    sock: NonNullable<WhatsAppChannel['socket']>,
-    statusCode: number,
-    message = 'Connection Failure',
-  ) =>
+  const closeWith = (sock: ReturnType<typeof socketOf>, statusCode: number, message = 'Connection Failure') =>
     sock.ev.emit('connection.update', {
       connection: 'close',
       lastDisconnect: { error: Object.assign(new Error(message), { output: { statusCode } }), date: new Date() },
@@ -737,11 +737,11 @@ describe('what real WhatsApp needs (baileys 7)', () => {
     expect(store.getState('whatsapp_web_version')).toBe('2.3000.1111111111');
     // The servers refuse the version; the lookup finds a newer one; refused once more, then it fails.
     answer = { version: [2, 3000, 2222222222], isLatest: true };
-    closeWith(channel.socket!, 405);
+    closeWith(socketOf(channel), 405);
     await waitFor(() => sockets === 2, 60_000, 'reconnect after 405');
     expect(channel.version).toEqual([2, 3000, 2222222222]);
     answer = { version: [2, 3000, 1], isLatest: false }; // baileys' own, as fetchLatestWaWebVersion gives it offline
-    closeWith(channel.socket!, 405);
+    closeWith(socketOf(channel), 405);
     await waitFor(() => sockets === 3, 60_000, 'second reconnect');
     expect(lookups).toHaveLength(3);
     expect(channel.version).toEqual([2, 3000, 2222222222]); // the last one that was looked up, from the store
@@ -778,7 +778,7 @@ describe('what real WhatsApp needs (baileys 7)', () => {
       store.close();
     });
     await channel.connect({ onMessage: () => {}, onReady: () => sender.kick() });
-    openAsWhatsAppWould(channel.socket!);
+    openAsWhatsAppWould(socketOf(channel));
     const id = newMessageId();
     store.addOutbound('whatsapp', GROUP, 'Andy: the *plan* for Sunday', id);
     sender.kick();
@@ -817,7 +817,7 @@ describe('what real WhatsApp needs (baileys 7)', () => {
     let notLinked = 0;
     const channel = await linkedChannel({ onStopped: () => notLinked++ });
     await channel.connect({ onMessage: () => {} });
-    channel.socket!.ev.emit('connection.update', { qr: '2@AbCdEf,GhIj,KlMn' });
+    socketOf(channel).ev.emit('connection.update', { qr: '2@AbCdEf,GhIj,KlMn' });
     await Bun.sleep(200);
     expect(notLinked).toBe(1);
     expect(channel.socketsOpened).toBe(1); // no reconnect loop
@@ -862,7 +862,7 @@ describe('what real WhatsApp needs (baileys 7)', () => {
     const names: { jid: string; name: string }[] = [];
     const channel = await linkedChannel();
     await channel.connect({ onMessage: () => {}, onChatMetadata: (c) => names.push(c) });
-    const sock = channel.socket!;
+    const sock = socketOf(channel);
     const full = (subject: string, members: string[]): GroupMetadata => ({
       id: GROUP,
       subject,
@@ -914,7 +914,7 @@ describe('what real WhatsApp needs (baileys 7)', () => {
     await channel.onMessage(
       waMessage({ remoteJid: GROUP, participant: stranger, id: 'BEFORE', message: { conversation: 'hi' } }),
     );
-    channel.socket!.ev.emit('lid-mapping.update', { lid: stranger, pn: '4915100000077@s.whatsapp.net' });
+    socketOf(channel).ev.emit('lid-mapping.update', { lid: stranger, pn: '4915100000077@s.whatsapp.net' });
     await channel.onMessage(
       waMessage({
         remoteJid: GROUP,
@@ -935,7 +935,7 @@ describe('what real WhatsApp needs (baileys 7)', () => {
       onActivity: (jid) => activity.push(jid),
       watchedChats: () => [GROUP, ALICE],
     });
-    const sock = channel.socket!;
+    const sock = socketOf(channel);
     const subscribed: string[] = [];
     sock.presenceSubscribe = async (jid: string) => void subscribed.push(jid);
     openAsWhatsAppWould(sock);
@@ -997,7 +997,7 @@ describe('what real WhatsApp needs (baileys 7)', () => {
     });
     const reuploads: string[] = [];
     // The phone's answer to the media-retry request, which only WhatsApp can relay: the message now points at fresh media.
-    channel.socket!.updateMediaMessage = async (message: WAMessage) => {
+    socketOf(channel).updateMediaMessage = async (message: WAMessage) => {
       reuploads.push(message.key.id!);
       message.message!.imageMessage!.url = `http://127.0.0.1:${media.port}/fresh.enc`;
       return message;
@@ -1005,7 +1005,7 @@ describe('what real WhatsApp needs (baileys 7)', () => {
     await channel.onMessage(
       waMessage({ remoteJid: GROUP, participant: ALICE, id: 'OLDPHOTO', message: { imageMessage: imageMessage() } }),
     );
-    channel.socket!.updateMediaMessage = () => new Promise<WAMessage>(() => {}); // a phone that is off
+    socketOf(channel).updateMediaMessage = () => new Promise<WAMessage>(() => {}); // a phone that is off
     await channel.onMessage(
       waMessage({ remoteJid: GROUP, participant: ALICE, id: 'LOSTPHOTO', message: { imageMessage: imageMessage() } }),
     );
@@ -1044,7 +1044,7 @@ describe('WhatsApp mentions and triggers through the host (fake docker)', () => 
       store.close();
     });
     await host.start();
-    const sock = channel.socket!;
+    const sock = socketOf(channel);
     Object.defineProperty(sock, 'user', { value: { id: '4915100000001:7@s.whatsapp.net', lid: '99887766:7@lid' } }); // what login tells baileys
     openAsWhatsAppWould(sock);
     // As baileys hands over a message node: emitted, then its event buffer flushed (Socket/messages-recv.js processNodeWithBuffer).
