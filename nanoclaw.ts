@@ -1548,14 +1548,11 @@ export interface Channel {
   disconnect(): Promise<void>;
 }
 
-function isValidJid(jid: string): boolean {
-  return /^\d{5,20}@s\.whatsapp\.net$|^\d{5,20}(-\d{5,20})?@g\.us$|^[a-z][a-z0-9-]{0,30}@local$/.test(jid);
-}
+const isValidJid = (jid: string): boolean =>
+  /^\d{5,20}@s\.whatsapp\.net$|^\d{5,20}(-\d{5,20})?@g\.us$|^[a-z][a-z0-9-]{0,30}@local$/.test(jid);
 
 /** A new message id in WhatsApp Web's own format (3EB0 + 36 hex digits). */
-export function newMessageId(): string {
-  return `3EB0${randomBytes(18).toString('hex').toUpperCase()}`;
-}
+export const newMessageId = (): string => `3EB0${randomBytes(18).toString('hex').toUpperCase()}`;
 
 interface OutboxOptions {
   /** A failing chat's first wait, doubled each time up to retryCapMs. */
@@ -1760,19 +1757,15 @@ class TerminalChannel implements Channel {
   async setTyping(_jid: string, typing: boolean): Promise<void> {
     if (!this.interactive || typing === (this.spinner !== null)) return;
     clearInterval(this.spinner ?? undefined);
-    this.spinner = null;
-    if (typing) {
-      let frame = 0;
-      this.spinner = setInterval(() => {
-        frame = (frame + 1) % SPINNER_FRAMES.length;
-        this.lines.setPrompt(`${SPINNER_FRAMES[frame]} ${this.assistantName} is working… ${CHAT_PROMPT}`);
-        this.lines.prompt(true);
-      }, 120);
-      return;
-    }
-    this.lines.setPrompt(CHAT_PROMPT);
-    process.stdout.write('\r\x1b[2K');
-    this.lines.prompt(true);
+    let frame = 0;
+    const draw = () => {
+      const spinner = `${SPINNER_FRAMES[++frame % SPINNER_FRAMES.length]} ${this.assistantName} is working… `;
+      this.lines.setPrompt(typing ? spinner + CHAT_PROMPT : CHAT_PROMPT);
+      process.stdout.write('\r\x1b[2K');
+      this.lines.prompt(true);
+    };
+    this.spinner = typing ? setInterval(draw, 120) : null;
+    if (!typing) draw();
   }
 
   layout(text: string): string[] {
@@ -1816,13 +1809,9 @@ class TerminalChannel implements Channel {
 
 // WhatsApp (baileys 7). Pure translation first, then the socket that uses it.
 
-type Baileys = typeof import('@whiskeysockets/baileys');
-let baileysModule: Baileys | null = null;
-/** baileys, loaded on first use: importing it costs ~0.2 s and ~60 MB, which no command but WhatsApp's should pay. */
-function baileys(): Baileys {
-  baileysModule ??= load('@whiskeysockets/baileys') as Baileys;
-  return baileysModule;
-}
+/** baileys, loaded on first use (then cached by require): importing it costs ~0.2 s and ~60 MB, which no command but
+ *  WhatsApp's should pay. */
+const baileys = () => load('@whiskeysockets/baileys') as typeof import('@whiskeysockets/baileys');
 
 /** Media larger than this is not downloaded (the agent is told it exists), nor sent. */
 export const MAX_MEDIA_BYTES = 25 * 1024 * 1024;
@@ -1969,27 +1958,16 @@ const contextInfoOf = ({ part }: WAContent) =>
   (part as { contextInfo?: proto.IContextInfo | null } | null | undefined)?.contextInfo;
 
 /** With its own number the bot is @mentioned as `@<digits>`: that reads as the chat's trigger. */
-function withMentionsAsTrigger(
-  text: string,
-  mentioned: readonly string[],
-  ownJids: ReadonlySet<string>,
-  trigger: string,
-): string {
-  const userOf = (jid: string) => jid.split('@')[0]!.split(':')[0]!;
-  const ownUsers = new Set([...ownJids].map(userOf));
-  const mentionedUsers = new Set(mentioned.map(userOf).filter((user) => ownUsers.has(user)));
-  if (mentionedUsers.size === 0) return text;
-  let rewritten = text;
-  for (const user of mentionedUsers) rewritten = rewritten.replace(new RegExp(`@${user}(?!\\d)`, 'g'), trigger);
-  return rewritten === text ? `${trigger} ${text}` : rewritten;
-}
-
 function wordsOf(found: WAContent, chatJid: string, identity: WhatsAppIdentity): string {
   const text = bodyOf(found, identity.timezone).trim();
-  const mentioned = contextInfoOf(found)?.mentionedJid;
-  if (!identity.hasOwnNumber || !mentioned?.length) return text;
+  const userOf = (jid: string) => jid.split('@')[0]!.split(':')[0]!;
+  const ownUsers = new Set([...identity.ownJids].map(userOf));
+  const mentioned = (contextInfoOf(found)?.mentionedJid ?? []).map(userOf).filter((user) => ownUsers.has(user));
+  if (!identity.hasOwnNumber || mentioned.length === 0) return text;
   const trigger = identity.triggerFor?.(chatJid) ?? `@${identity.assistantName}`;
-  return withMentionsAsTrigger(text, mentioned, identity.ownJids, trigger);
+  let rewritten = text;
+  for (const user of new Set(mentioned)) rewritten = rewritten.replace(new RegExp(`@${user}(?!\\d)`, 'g'), trigger);
+  return rewritten === text ? `${trigger} ${text}` : rewritten;
 }
 
 function quoteOf(found: WAContent, identity: WhatsAppIdentity): string {
@@ -2345,11 +2323,6 @@ export const GROUPS_SYNCED_AT = 'groups_synced_at';
 /** How many members each WhatsApp group had at the last sync (JSON: chat id → count), for `groups discover`. */
 const GROUP_MEMBERS_STATE = 'whatsapp_group_members';
 
-function parseWaVersion(text: string | null | undefined): WAVersion | null {
-  const parts = (text ?? '').split('.').map(Number);
-  return parts.length === 3 && parts.every((n) => Number.isInteger(n) && n >= 0) ? (parts as WAVersion) : null;
-}
-
 class WhatsAppNotLinked extends Error {}
 
 export interface WhatsAppOptions {
@@ -2376,14 +2349,6 @@ export interface WhatsAppOptions {
 }
 
 type BaileysEventMap = import('@whiskeysockets/baileys').BaileysEventMap;
-
-function typistOf(presences: Record<string, { lastKnownPresence?: string }>, ownJids: ReadonlySet<string>) {
-  const typist = Object.entries(presences).find(([who, presence]) => {
-    const typing = presence.lastKnownPresence === 'composing' || presence.lastKnownPresence === 'recording';
-    return typing && !ownJids.has(baileys().jidNormalizedUser(who));
-  });
-  return typist?.[0] ?? null;
-}
 
 /** WhatsApp shows "typing…" for about ten seconds unless it is said again. */
 export const WHATSAPP_TYPING_REFRESH_MS = 8_000;
@@ -2496,7 +2461,9 @@ export class WhatsAppChannel implements Channel {
     const found = lookup ? await lookup().catch(() => null) : null;
     const lookedUp = found?.isLatest ? found.version : null;
     if (lookedUp) this.options.store?.setState(WHATSAPP_VERSION_STATE, lookedUp.join('.'));
-    this.version = lookedUp ?? parseWaVersion(this.options.store?.getState(WHATSAPP_VERSION_STATE)) ?? this.version;
+    const kept = (this.options.store?.getState(WHATSAPP_VERSION_STATE) ?? '').split('.').map(Number);
+    const valid = kept.length === 3 && kept.every((n) => Number.isInteger(n) && n >= 0);
+    this.version = lookedUp ?? (valid ? (kept as WAVersion) : this.version);
     log.info({ version: this.version?.join('.') ?? 'built in', lookedUp: Boolean(lookedUp) }, 'WhatsApp Web version');
   }
 
@@ -2531,19 +2498,16 @@ export class WhatsAppChannel implements Channel {
     on('creds.update', saveCreds);
     const phoneForm = (jid: string) => canonicalJid(jid, null, this.identity);
     on('connection.update', (update) => this.onConnectionUpdate(sock, update));
+    // In WhatsApp's order per chat (a photo downloading holds back the question after it); chats side by side.
     on('messages.upsert', ({ messages }) => {
-      for (const message of messages) this.inChatOrder(message);
+      for (const raw of messages)
+        inLane(this.chatLanes, baileys().jidNormalizedUser(raw.key?.remoteJid ?? ''), () => this.onMessage(raw)).catch(
+          (err) =>
+            log.error({ err: errorText(err), messageId: raw.key?.id }, 'Could not take an inbound WhatsApp message'),
+        );
     });
     on('groups.upsert', (groups) => this.keepGroups(groups));
-    on('groups.update', (updates) => {
-      for (const group of updates.filter((update) => update.id)) {
-        // Full metadata (a group sync) replaces the entry; a one-field change makes it stale.
-        if (group.subject !== undefined && Array.isArray(group.participants))
-          this.groupMetadata.set(group.id!, group as GroupMetadata);
-        else this.groupMetadata.del(group.id!);
-        this.learnGroupName(group.id!, group.subject);
-      }
-    });
+    on('groups.update', (updates) => this.keepGroups(updates));
     on('group-participants.update', ({ id }) => this.groupMetadata.del(id)); // fetched again for the next send
     on('lid-mapping.update', ({ lid, pn }) => {
       const { jidNormalizedUser } = baileys();
@@ -2551,7 +2515,10 @@ export class WhatsAppChannel implements Channel {
     });
     // Typing (a "chatstate" from WhatsApp): the host may start the chat's agent before the message.
     on('presence.update', ({ id, presences }) => {
-      const typist = typistOf(presences, this.ownJids);
+      const typist = Object.keys(presences).find((who) => {
+        const typing = ['composing', 'recording'].includes(presences[who]!.lastKnownPresence);
+        return typing && !this.ownJids.has(baileys().jidNormalizedUser(who));
+      });
       if (typist) this.handlers?.onActivity?.(phoneForm(id), phoneForm(typist));
     });
   }
@@ -2565,16 +2532,16 @@ export class WhatsAppChannel implements Channel {
     return fresh;
   }
 
-  private keepGroups(groups: GroupMetadata[]): void {
-    for (const group of groups) {
-      this.groupMetadata.set(group.id, group);
-      this.learnGroupName(group.id, group.subject);
+  /** Full metadata (a sync, a new group) replaces the entry; a one-field change makes it stale. */
+  private keepGroups(groups: Partial<GroupMetadata>[]): void {
+    for (const { id, ...group } of groups) {
+      if (!id) continue;
+      if (group.subject !== undefined && Array.isArray(group.participants))
+        this.groupMetadata.set(id, { id, ...group } as GroupMetadata);
+      else this.groupMetadata.del(id);
+      const name = group.subject?.trim();
+      if (name) this.handlers?.onChatMetadata?.({ jid: id, name, isGroup: true });
     }
-  }
-
-  private learnGroupName(jid: string, subject: string | undefined | null): void {
-    if (typeof subject === 'string' && subject.trim())
-      this.handlers?.onChatMetadata?.({ jid, name: subject.trim(), isGroup: true });
   }
 
   /** baileys' getMessage: exactly what we sent, for a recipient's retry; never a placeholder. */
@@ -2677,13 +2644,6 @@ export class WhatsAppChannel implements Channel {
       const phone = await this.sock.signalRepository.lidMapping.getPNForLID(jid).catch(() => null);
       if (phone) this.lidToPhone.set(jidNormalizedUser(jid), jidNormalizedUser(phone));
     }
-  }
-
-  /** In WhatsApp's order per chat (a photo downloading holds back the question after it); chats side by side. */
-  private inChatOrder(raw: WAMessage): void {
-    inLane(this.chatLanes, baileys().jidNormalizedUser(raw.key?.remoteJid ?? ''), () => this.onMessage(raw)).catch(
-      (err) => log.error({ err: errorText(err), messageId: raw.key?.id }, 'Could not take an inbound WhatsApp message'),
-    );
   }
 
   async onMessage(raw: WAMessage): Promise<void> {
