@@ -1584,17 +1584,17 @@ export class OutboxSender {
     this.clock = options.clock ?? systemClock;
   }
 
+  /** One drain at a time; a kick during one makes it go round once more. */
   kick(): void {
-    if (this.stopped) return;
-    if (this.draining) this.again = true;
-    else
-      this.draining = this.drain().finally(() => {
-        this.draining = null;
-        if (this.again) {
-          this.again = false;
-          this.kick();
-        }
-      });
+    this.again = true;
+    this.draining ??= (async () => {
+      while (this.again && !this.stopped) {
+        this.again = false;
+        await this.drain();
+      }
+    })().finally(() => {
+      this.draining = null;
+    });
   }
 
   async settle(): Promise<void> {
@@ -2179,17 +2179,6 @@ export function disconnectKind(error: unknown) {
 }
 type DisconnectKind = ReturnType<typeof disconnectKind>['kind'];
 
-const RELINK = 'Link this machine again: bun nanoclaw.ts auth --relink';
-
-/** The fix to stop with, for a refusal that retrying would only repeat (and risk the number); else undefined. */
-function stopReason(kind: DisconnectKind, status?: number): string | undefined {
-  return {
-    'device-refused': `WhatsApp does not accept this device any more (${status}; if the number is restricted, the phone says so). ${RELINK}`,
-    replaced:
-      'Another NanoClaw (or another program with these credentials) took over this WhatsApp session (440). Stopped here so the two do not take it from each other: keep one running.',
-  }[kind as string];
-}
-
 /** What `auth` says when WhatsApp closes the linking connection, and whether to try again at once. */
 function authCloseMessage(error: unknown): { retry: boolean; message: string } {
   const { kind, status, detail } = disconnectKind(error);
@@ -2244,9 +2233,7 @@ async function writeFileDurably(path: string, text: string, keepPreviousAs?: str
 }
 
 /** creds.json as last written whole; a missing or cut-short one is restored from its backup. */
-function readCredsFile(
-  authDir: string,
-): { state: 'ok'; text: string; creds: Partial<AuthenticationCreds> } | { state: 'none' | 'damaged' } {
+function readCredsFile(authDir: string) {
   const path = join(authDir, CREDS_FILE);
   const backup = join(authDir, CREDS_BACKUP);
   const whole = (file: string) => {
@@ -2260,10 +2247,10 @@ function readCredsFile(
     }
   };
   const current = whole(path);
-  if (current) return { state: 'ok', ...current };
-  if (!existsSync(path) && !existsSync(backup)) return { state: 'none' };
+  if (current) return { state: 'ok' as const, ...current };
+  if (!existsSync(path) && !existsSync(backup)) return { state: 'none' as const };
   const previous = whole(backup);
-  if (!previous) return { state: 'damaged' };
+  if (!previous) return { state: 'damaged' as const };
   // Written beside it and renamed over: a crash mid-restore leaves the damaged file or the whole one, never half. No
   // folder fsync: a rename lost to a power cut leaves the damaged file and its backup, restored again at next start.
   const temp = `${path}.${randomUUID().slice(0, 8)}.tmp`;
@@ -2273,7 +2260,7 @@ function readCredsFile(
     { file: path },
     'WhatsApp credentials (creds.json) were missing, empty or cut short; restored their previous version from creds.json.bak',
   );
-  return { state: 'ok', ...previous };
+  return { state: 'ok' as const, ...previous };
 }
 
 /** baileys' useMultiFileAuthState layout (an existing link keeps working), each file written whole, in order. */
@@ -2297,15 +2284,11 @@ export async function useDurableAuthState(authDir: string) {
     saved.state === 'ok' ? JSON.parse(saved.text, BufferJSON.reviver) : initAuthCreds();
   const keys: SignalKeyStore = {
     get: async <T extends keyof SignalDataTypeMap>(type: T, ids: string[]) => {
-      const found: { [id: string]: SignalDataTypeMap[T] } = {};
-      await Promise.all(
-        ids.map(async (id) => {
-          const value = await read(`${type}-${id}.json`);
-          found[id] =
-            type === 'app-state-sync-key' && value ? waProto.Message.AppStateSyncKeyData.fromObject(value) : value;
-        }),
+      const values = await Promise.all(ids.map((id) => read(`${type}-${id}.json`)));
+      const typed = values.map((value) =>
+        type === 'app-state-sync-key' && value ? waProto.Message.AppStateSyncKeyData.fromObject(value) : value,
       );
-      return found;
+      return Object.fromEntries(ids.map((id, i) => [id, typed[i]]));
     },
     set: async (data) => {
       const jobs = Object.entries(data).flatMap(([category, values]) =>
@@ -2314,8 +2297,7 @@ export async function useDurableAuthState(authDir: string) {
       await Promise.all(jobs);
     },
   };
-  const state: AuthenticationState = { creds, keys };
-  return { state, saveCreds: () => write(CREDS_FILE, creds) };
+  return { state: { creds, keys } satisfies AuthenticationState, saveCreds: () => write(CREDS_FILE, creds) };
 }
 
 const WHATSAPP_VERSION_STATE = 'whatsapp_web_version';
@@ -2603,9 +2585,14 @@ export class WhatsAppChannel implements Channel {
     if (this.openedAt !== null && this.clock.monotonic() - this.openedAt >= WHATSAPP_STABLE_MS) this.attempt = 0;
     this.openedAt = null;
     const { kind, status, detail } = disconnectKind(error);
-    const says = stopReason(kind, status);
-    if (says) {
-      this.stopFor(says, { status, reason: detail });
+    // A refusal that retrying would only repeat (and risk the number): stopped, with the fix.
+    const stop = {
+      'device-refused': `WhatsApp does not accept this device any more (${status}; if the number is restricted, the phone says so). Link this machine again: bun nanoclaw.ts auth --relink`,
+      replaced:
+        'Another NanoClaw (or another program with these credentials) took over this WhatsApp session (440). Stopped here so the two do not take it from each other: keep one running.',
+    }[kind as string];
+    if (stop) {
+      this.stopFor(stop, { status, reason: detail });
       return;
     }
     if (kind !== 'version-refused') log.warn({ status, kind, reason: detail }, 'WhatsApp disconnected');
