@@ -2322,7 +2322,6 @@ export interface WhatsAppOptions {
   lookupVersion?(): Promise<{ version: WAVersion; isLatest: boolean }>;
   reconnectBaseMs?: number;
   reconnectCapMs?: number;
-  mediaReuploadTimeoutMs?: number;
   rateLimiter?: RateLimiter;
   /** Once, when the channel stops for good, with the line that says what to do. */
   onStopped?(why: string): void;
@@ -2568,9 +2567,8 @@ export class WhatsAppChannel implements Channel {
     this.openedAt = this.clock.monotonic();
     this.versionRefusalLogged = false;
     const { jidNormalizedUser } = baileys();
-    const own = [sock.user?.id, sock.user?.lid].filter((jid): jid is string => Boolean(jid));
     this.ownJids.clear();
-    for (const jid of own) this.ownJids.add(jidNormalizedUser(jid));
+    for (const jid of [sock.user?.id, sock.user?.lid]) if (jid) this.ownJids.add(jidNormalizedUser(jid));
     if (sock.user?.lid) this.lidToPhone.set(jidNormalizedUser(sock.user.lid), jidNormalizedUser(sock.user.id)); // own
     log.info({ me: [...this.ownJids] }, 'WhatsApp connected');
     this.handlers?.onReady?.();
@@ -2656,13 +2654,12 @@ export class WhatsAppChannel implements Channel {
         { messageId: raw.key?.id, status },
         'Media expired on WhatsApp’s servers; asking the sender’s phone to upload it again',
       );
-      const timeoutMs = this.options.mediaReuploadTimeoutMs ?? 30_000;
       let cancel = () => {};
       const fresh = await Promise.race([
         sock.updateMediaMessage(raw),
         new Promise<never>((_, reject) => {
-          const late = new Error(`the sender’s phone did not upload it again within ${timeoutMs / 1000} s`);
-          cancel = this.clock.after(timeoutMs, () => reject(late));
+          const late = new Error('the sender’s phone did not upload it again within 30 s');
+          cancel = this.clock.after(30_000, () => reject(late));
         }),
       ]).finally(() => cancel());
       return await baileys().downloadMediaMessage(fresh, 'buffer', {});
@@ -2747,12 +2744,13 @@ export class WhatsAppChannel implements Channel {
   async setTyping(jid: string, typing: boolean): Promise<void> {
     this.typingRefresh.get(jid)?.();
     this.typingRefresh.delete(jid);
+    const say = (state: 'composing' | 'paused') => (this.ready ? this.sock?.sendPresenceUpdate(state, jid) : undefined);
     if (typing) {
       if (this.ready) this.subscribe(jid); // a chat registered since the connection opened
-      const again = () => void this.sendChatState(jid, 'composing').catch(() => {});
+      const again = () => void say('composing')?.catch(() => {});
       this.typingRefresh.set(jid, every(this.clock, WHATSAPP_TYPING_REFRESH_MS, again));
     }
-    await this.sendChatState(jid, typing ? 'composing' : 'paused');
+    await say(typing ? 'composing' : 'paused');
   }
 
   /** WhatsApp tells who is typing only in chats subscribed to (per connection). */
@@ -2760,10 +2758,6 @@ export class WhatsAppChannel implements Channel {
     if (!this.sock || this.subscribed.has(jid)) return;
     this.subscribed.add(jid);
     void this.sock.presenceSubscribe(jid).catch(() => {});
-  }
-
-  private async sendChatState(jid: string, state: 'composing' | 'paused'): Promise<void> {
-    if (this.ready) await this.sock?.sendPresenceUpdate(state, jid);
   }
 
   async syncGroups(): Promise<void> {

@@ -35,6 +35,7 @@ import {
 } from '../nanoclaw.ts';
 import {
   encryptedStream,
+  FakeClock,
   fakeDocker,
   flakyServer,
   linkedAuthDir,
@@ -973,10 +974,11 @@ describe('what real WhatsApp needs (baileys 7)', () => {
           : new Response('gone', { status: 410 }),
     });
     const server = flakyServer(60_000);
+    const clock = new FakeClock();
     const channel = whatsAppChannel(config, store, {
       authDir: await linkedAuthDir(),
       waWebSocketUrl: server.url,
-      mediaReuploadTimeoutMs: 300,
+      clock,
     });
     stops.push(async () => {
       await channel.disconnect();
@@ -1006,9 +1008,14 @@ describe('what real WhatsApp needs (baileys 7)', () => {
       waMessage({ remoteJid: GROUP, participant: ALICE, id: 'OLDPHOTO', message: { imageMessage: imageMessage() } }),
     );
     socketOf(channel).updateMediaMessage = () => new Promise<WAMessage>(() => {}); // a phone that is off
-    await channel.onMessage(
+    const lost = channel.onMessage(
       waMessage({ remoteJid: GROUP, participant: ALICE, id: 'LOSTPHOTO', message: { imageMessage: imageMessage() } }),
     );
+    await waitFor(() => clock.pending.includes(30_000), 60_000, 'the wait for the phone');
+    await clock.advance(29_999);
+    expect(received).toHaveLength(1); // still waiting for the phone
+    await clock.advance(1);
+    await lost;
     expect(reuploads).toEqual(['OLDPHOTO']);
     expect(received.map((m) => m.content)).toEqual([
       '[image: /workspace/group/media/OLDPHOTO-image.jpeg] remember this?',
