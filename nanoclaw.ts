@@ -2149,13 +2149,8 @@ class TtlCache<V = unknown> {
     if (this.entries.size > this.maxEntries) this.entries.delete(this.entries.keys().next().value!); // the oldest
   }
 
-  del(key: string): void {
-    this.entries.delete(key);
-  }
-
-  flushAll(): void {
-    this.entries.clear();
-  }
+  del = (key: string) => void this.entries.delete(key);
+  flushAll = () => this.entries.clear();
 }
 
 /** baileys rc14 DisconnectReason; its UNAUTHORIZED_CODES add 403 and 419; 405 is the server refusing our version. */
