@@ -1584,17 +1584,17 @@ export class OutboxSender {
     this.clock = options.clock ?? systemClock;
   }
 
-  /** One drain at a time; a kick during one makes it go round once more. */
   kick(): void {
-    this.again = true;
-    this.draining ??= (async () => {
-      while (this.again && !this.stopped) {
-        this.again = false;
-        await this.drain();
-      }
-    })().finally(() => {
-      this.draining = null;
-    });
+    if (this.stopped) return;
+    if (this.draining) this.again = true;
+    else
+      this.draining = this.drain().finally(() => {
+        this.draining = null;
+        if (this.again) {
+          this.again = false;
+          this.kick();
+        }
+      });
   }
 
   async settle(): Promise<void> {
