@@ -1809,9 +1809,11 @@ class TerminalChannel implements Channel {
 
 // WhatsApp (baileys 7). Pure translation first, then the socket that uses it.
 
-/** baileys, loaded on first use (then cached by require): importing it costs ~0.2 s and ~60 MB, which no command but
- *  WhatsApp's should pay. */
-const baileys = () => load('@whiskeysockets/baileys') as typeof import('@whiskeysockets/baileys');
+type Baileys = typeof import('@whiskeysockets/baileys');
+let baileysModule: Baileys | undefined;
+/** baileys, loaded on first use: importing it costs ~0.2 s and ~60 MB, which no command but WhatsApp's should pay.
+ *  Kept here: it is asked for on every message, and require's own lookup costs ~6 µs a call. */
+const baileys = () => (baileysModule ??= load('@whiskeysockets/baileys') as Baileys);
 
 /** Media larger than this is not downloaded (the agent is told it exists), nor sent. */
 export const MAX_MEDIA_BYTES = 25 * 1024 * 1024;
