@@ -1990,7 +1990,7 @@ function chatAndSender(raw: WAMessage, identity: WhatsAppIdentity) {
     : baileys().isJidGroup(chatJid)
       ? canonicalJid(key.participant ?? '', key.participantAlt, identity)
       : chatJid;
-  return { id: key.id, fromMe: Boolean(key.fromMe), chatJid, sender };
+  return { id: key.id, chatJid, sender, isFromMe: Boolean(key.fromMe) };
 }
 
 /** What the host stores of a message, or null (statuses, reactions, votes, protocol, empty). */
@@ -2006,14 +2006,11 @@ export function parseWhatsAppMessage(raw: WAMessage, identity: WhatsAppIdentity)
     isGroup: Boolean(baileys().isJidGroup(from.chatJid)),
     media,
     message: {
-      id: from.id,
-      chatJid: from.chatJid,
-      sender: from.sender,
-      senderName: raw.pushName || (from.fromMe ? 'Me' : from.sender.split('@')[0]!),
+      ...from,
+      senderName: raw.pushName || (from.isFromMe ? 'Me' : from.sender.split('@')[0]!),
       content: text,
       timestamp: new Date(seconds * 1000).toISOString(),
-      isFromMe: from.fromMe,
-      isBotMessage: from.fromMe && Boolean(identity.sentByBot?.(from.id)),
+      isBotMessage: from.isFromMe && Boolean(identity.sentByBot?.(from.id)),
     },
   };
 }
@@ -2466,11 +2463,7 @@ export class WhatsAppChannel implements Channel {
     });
     this.sock = sock;
     this.options.onSocket?.(sock);
-    this.listen(sock, saveCreds);
-  }
-
-  /** What the channel does on a socket's events; a retired socket's last words are not heard. */
-  private listen(sock: WASocket, saveCreds: () => Promise<void>): void {
+    // What the channel does on the socket's events; a retired socket's last words are not heard.
     const on = <E extends keyof BaileysEventMap>(event: E, handle: (data: BaileysEventMap[E]) => unknown) =>
       sock.ev.on(event, (data) => sock === this.sock && handle(data));
     on('creds.update', saveCreds);
