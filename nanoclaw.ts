@@ -2411,8 +2411,9 @@ export class WhatsAppChannel implements Channel {
 
   async connect(handlers: ChannelHandlers): Promise<void> {
     // Read once, for this check and every socket: a reconnect right after pairing (515) must not read creds mid-write.
-    this.auth = await useDurableAuthState(this.options.authDir);
+    this.auth ??= await useDurableAuthState(this.options.authDir);
     if (linkOf(this.auth.state.creds) !== 'linked') {
+      this.auth = null; // read again at the next connect, after `auth`
       throw new WhatsAppNotLinked(
         'WhatsApp is not linked on this machine yet.\n  Fix: bun nanoclaw.ts auth   (or: bun nanoclaw.ts auth --pairing-code <your phone number>)',
       );
