@@ -361,6 +361,7 @@ export class RecordingWhatsApp extends WhatsAppChannel {
 }
 
 /** The channel's live socket (what WhatsApp's servers would talk to), for a test to drive its events. */
+// biome-ignore lint/complexity/useLiteralKeys: sock is private; element access is TypeScript's type-checked way in
 export const socketOf = (channel: WhatsAppChannel): WASocket => channel['sock']!;
 
 /** A local WebSocket server that accepts connections and drops each after `holdMs`. */
