@@ -6418,16 +6418,19 @@ export class Host {
     return this.parts.disk.check();
   }
 
-  /** `tasks run`: one task now, whatever its schedule or status; what it says waits in the outbox for absent channels. */
+  /**
+   * `tasks run`: one task now, whatever its schedule or status; what it says waits in the outbox for absent channels.
+   * The host is stopped after it, through stop() like any other.
+   */
   async runTaskNow(taskId: string): Promise<TaskRunLog | null> {
     this.ipc.start();
     try {
       const run = await this.tasks.run(taskId, true);
       await this.ipc.scan();
-      await this.settleOutbox();
+      await this.voice.settle();
       return run;
     } finally {
-      await this.ipc.stop();
+      await this.stop();
     }
   }
 }
