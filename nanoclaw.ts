@@ -5192,7 +5192,6 @@ export interface HostOptions {
   onFatal?(message: string): void;
 }
 
-const BACKUP_EVERY_MS = 24 * 3_600_000;
 const NOTICE_EVERY_MS = 6 * 3_600_000;
 
 export function keyRefusedNotice(config: Config, error: string): string {
@@ -5333,7 +5332,7 @@ class Voice {
     const id = newMessageId();
     this.store.addOutbound(channel.name, chatJid, content, id, file);
     const bot = { sender: 'bot', senderName: this.config.assistantName, isFromMe: true, isBotMessage: true };
-    this.store.storeMessage({ id, chatJid, content, timestamp: new Date().toISOString(), ...bot });
+    this.store.storeMessage({ id, chatJid, content, timestamp: now(), ...bot });
   }
 
   /** The assistant's own text for a chat, as the chat sees it; call inside the transaction that says why. */
@@ -5402,6 +5401,7 @@ function diskWatch(host: Omit<HostParts, 'disk'>, freeDiskBytes?: () => number) 
   const { config, store, queue, voice, clock } = host;
   const overBudget = new Set<string>();
   const reserve = diskReserve(join(config.storeDir, 'disk-reserve'), config.disk.reserve, freeDiskBytes);
+  let lastBackup: number | null = null;
 
   /** Also after each turn and run: what the agent wrote counts at once, before the group gets another turn. */
   const checkGroup = (group: RegisteredGroup): void => {
@@ -5453,17 +5453,19 @@ function diskWatch(host: Omit<HostParts, 'disk'>, freeDiskBytes?: () => number) 
       }
     },
 
+    /** Daily; store/backups/ is listed once, at the first sweep, and then the time of the backup made here is kept. */
     backUpWhenDue(): void {
       const dir = join(config.storeDir, 'backups');
-      const newest = existsSync(dir)
-        ? readdirSync(dir)
-            .filter((file) => /^messages-.*\.db$/.test(file))
-            .map((file) => statSync(join(dir, file)).mtimeMs)
-            .reduce((a, b) => Math.max(a, b), 0)
+      lastBackup ??= existsSync(dir)
+        ? Math.max(
+            0,
+            ...[...new Bun.Glob('messages-*.db').scanSync(dir)].map((file) => statSync(join(dir, file)).mtimeMs),
+          )
         : 0;
-      if (clock.now() - newest < BACKUP_EVERY_MS) return;
+      if (clock.now() - lastBackup < DAY_MS) return;
       try {
         const file = store.backup(dir, BACKUPS_KEPT, new Date(clock.now()));
+        lastBackup = clock.now();
         log.info({ file }, 'Database backed up');
       } catch (err) {
         log.warn({ err: errorText(err) }, 'Could not back up the database; trying again at the next sweep');
@@ -6087,7 +6089,7 @@ function ipcRequests(host: HostParts, chats: ChatTurns, tasksChanged: () => void
 /** The model proxy's count of each group's model use, by day in the user's timezone (`usage`). */
 function modelUsageRecorder(config: Config, store: Store): ModelProxyOptions['record'] {
   return (folder, entry) => {
-    const day = formatLocalTime(new Date().toISOString(), config.timezone).slice(0, 10);
+    const day = formatLocalTime(now(), config.timezone).slice(0, 10);
     try {
       store.addModelUsage(day, folder, {
         ok: entry.ok,
@@ -6391,9 +6393,9 @@ export class Host {
     try {
       this.queueUnanswered();
       this.tasks.recover();
-      const now = this.clock.now();
-      this.store.pruneIpcDone(new Date(now - 86_400_000).toISOString());
-      this.store.pruneOutbox(new Date(now - 7 * 86_400_000).toISOString());
+      const daysAgo = (days: number) => new Date(this.clock.now() - days * DAY_MS).toISOString();
+      this.store.pruneIpcDone(daysAgo(1));
+      this.store.pruneOutbox(daysAgo(7));
     } catch (err) {
       log.warn({ err: errorText(err) }, 'The safety sweep could not read the database; trying again next sweep');
     }
