@@ -6224,7 +6224,17 @@ export class Host {
     // Groups active within IDLE_TIMEOUT before this start (their warm agents went with the old host), newest first;
     // read before this start's own messages come in.
     const since = new Date(this.clock.now() - this.config.idleTimeoutMs).toISOString();
-    const recent = this.store.recentGroups(since, this.config.warmPool.size);
+    let recent: RegisteredGroup[];
+    try {
+      recent = this.store.recentGroups(since, this.config.warmPool.size);
+    } catch (err) {
+      // Damaged past what opening it read: the same one line as a database damaged at open, not a stack trace.
+      if (!/^SQLITE_(CORRUPT|NOTADB)/.test(String(errorCode(err)))) throw err;
+      const restore = 'cp "$(ls -t store/backups/*.db | head -n 1)" store/messages.db';
+      throw new StoreCorruptError(
+        `${this.store.path} is damaged (${errorCode(err)}). Restore the newest backup: ${restore}`,
+      );
+    }
     this.spill.replay();
     for (const channel of this.channels) await channel.connect(this.channelHandlers(channel));
     for (const sender of this.voice.senders.values()) sender.kick(); // what a previous run left unsent
