@@ -5203,11 +5203,6 @@ export function keyRefusedNotice(config: Config, error: string): string {
   return `I cannot answer: ${config.kimi.baseUrl} refused the Kimi key (${/Error code: (\d+)/.exec(error)?.[1] ?? '401'}). Check KIMI_API_KEY in .env; ${others.join('; ')}.`;
 }
 
-/** The model refused the request itself (HTTP 400): retrying would not help. */
-function badRequestNotice(error: string): string {
-  return `I could not answer that: the model refused the request (${error.slice(0, 200)}). Try saying it differently.`;
-}
-
 export const GIVE_UP_TEXT =
   'Sorry, I could not answer that: something went wrong on my side (the details are in the logs). Send it again, or something new, and I will start fresh.';
 
@@ -5229,7 +5224,7 @@ function spillBuffer(
     } catch {
       // the disk is the trouble: memory holds it until the database is back
     }
-    timer ??= clock.after(1_000, () => drain());
+    timer ??= clock.after(1_000, drain);
   }
 
   function replay(): void {
@@ -5248,20 +5243,16 @@ function spillBuffer(
   /** Whatever the database says, a message not stored stays spilled and is tried again: nothing is dropped. */
   function drain(): void {
     timer = null;
-    while (waiting.length > 0) {
-      const { message, chat } = waiting[0]!;
-      try {
-        if (!store.canWrite()) break;
-        storeInbound(message, chat);
-      } catch (err) {
-        if (!isStoreUnavailable(err))
-          log.error({ err: errorText(err) }, 'Could not store a spilled message; trying again in a second');
-        break;
+    try {
+      while (waiting.length > 0 && store.canWrite()) {
+        storeInbound(waiting[0]!.message, waiting[0]!.chat);
+        waiting.shift(); // only once it is stored
       }
-      waiting.shift();
+    } catch (err) {
+      if (!isStoreUnavailable(err)) log.error({ err: errorText(err) }, 'Could not store a spilled message');
     }
     if (waiting.length > 0) {
-      timer = clock.after(1_000, () => drain());
+      timer = clock.after(1_000, drain);
       return;
     }
     rmSync(file, { force: true });
@@ -5288,12 +5279,12 @@ class Voice {
     private readonly clock: Clock,
     sendRetryMs?: number,
   ) {
-    const options = {
-      retryBaseMs: sendRetryMs,
-      clock,
-      onAbandoned: (part: OutboundMessage) => this.tellAbandoned(part),
-    };
-    for (const channel of channels) this.senders.set(channel.name, new OutboxSender(store, channel, options));
+    const onAbandoned = (part: OutboundMessage) => this.tellAbandoned(part);
+    for (const channel of channels)
+      this.senders.set(
+        channel.name,
+        new OutboxSender(store, channel, { retryBaseMs: sendRetryMs, clock, onAbandoned }),
+      );
   }
 
   channelFor(jid: string): Channel | undefined {
@@ -5335,17 +5326,15 @@ class Voice {
     this.store.storeMessage({ id, chatJid, content, timestamp: now(), ...bot });
   }
 
-  /** The assistant's own text for a chat, as the chat sees it; call inside the transaction that says why. */
-  announce(chatJid: string, text: string): void {
+  /**
+   * The assistant's own text for a chat, as the chat sees it, unless the notice under `onceKey` was given within six
+   * hours; true when it was given now. Call inside the transaction that says why.
+   */
+  announce(chatJid: string, text: string, onceKey?: string): boolean {
+    const at = this.clock.now();
+    if (onceKey && at - Number(this.store.getState(onceKey) ?? 0) < NOTICE_EVERY_MS) return false;
     this.say(chatJid, this.format(text)!);
-  }
-
-  /** announce(), unless the notice under `onceKey` was given within six hours; true when it was given now. */
-  announceOnce(chatJid: string, text: string, onceKey?: string): boolean {
-    const now = this.clock.now();
-    if (onceKey && now - Number(this.store.getState(onceKey) ?? 0) < NOTICE_EVERY_MS) return false;
-    this.announce(chatJid, text);
-    if (onceKey) this.store.setState(onceKey, String(now));
+    if (onceKey) this.store.setState(onceKey, String(at));
     return true;
   }
 
@@ -5422,7 +5411,7 @@ function diskWatch(host: Omit<HostParts, 'disk'>, freeDiskBytes?: () => number) 
       log.warn({ group: group.folder, used: size, budget }, 'Group over its disk budget; its agent is stopped');
       void queue.kill(group.jid);
       const text = `This group's files take ${size}, over its ${budget} disk budget, so I have stopped. Ask the owner to free space in groups/${group.folder} (or raise GROUP_DISK_BUDGET); I answer again once it is under.`;
-      if (!store.transaction(() => voice.announceOnce(group.jid, text, `disk-told:${group.folder}`))) return;
+      if (!store.transaction(() => voice.announce(group.jid, text, `disk-told:${group.folder}`))) return;
       voice.sendSoon(group.jid);
       if (!group.isMain)
         voice.tellMain(`The group ${group.name} went over its disk budget (${size}); its agent is stopped.`);
@@ -5549,14 +5538,6 @@ function agentLauncher(host: HostParts, proxy: ModelProxy) {
   const sessionResets = new Map<string, number>();
   const resets = (folder: string): number => sessionResets.get(folder) ?? 0;
 
-  const saveSession = (group: RegisteredGroup, sessionId: string): void => {
-    try {
-      store.setSession(group.folder, sessionId);
-    } catch (err) {
-      log.warn({ group: group.folder, err: errorText(err) }, 'Could not save the session id; the next run starts anew');
-    }
-  };
-
   return {
     resetSession(folder: string): void {
       sessionResets.set(folder, resets(folder) + 1);
@@ -5591,8 +5572,15 @@ function agentLauncher(host: HostParts, proxy: ModelProxy) {
         },
         onReady: () => run.onReady?.(),
         onResult: async (result) => {
-          if (result.sessionId && !run.freshSession && resets(group.folder) === resetsAtStart)
-            saveSession(group, result.sessionId);
+          try {
+            if (result.sessionId && !run.freshSession && resets(group.folder) === resetsAtStart)
+              store.setSession(group.folder, result.sessionId);
+          } catch (err) {
+            log.warn(
+              { group: group.folder, err: errorText(err) },
+              'Could not save the session id; the next run starts anew',
+            );
+          }
           if (result.status === 'error')
             log.error({ group: group.folder, error: result.error }, 'Agent reported an error');
           await run.onResult(result);
@@ -5723,30 +5711,22 @@ class TaskRuns {
       if (!task) store.releaseTask(claim.taskId);
       // Owed but never started (it waited in the queue when the host stopped): just run it.
       else if (claim.startedAt === null) this.enqueue(task);
-      else this.recoverInterrupted(task, claim, claim.startedAt);
+      else this.recoverInterrupted(task, claim.startedAt, claim.dueAt, claim.attempt);
     }
   }
 
-  private recoverInterrupted(
-    task: ScheduledTask,
-    claim: { dueAt: string | null; attempt: number },
-    startedAt: string,
-  ): void {
+  private recoverInterrupted(task: ScheduledTask, startedAt: string, dueAt: string | null, attempt: number): void {
     const { store, voice } = this.host;
     const error = `interrupted: NanoClaw stopped during the run that started ${startedAt}`;
-    const again = claim.attempt < 2 && task.status === 'active';
+    const again = attempt < 2 && task.status === 'active';
     store.transaction(() => {
       store.logTaskRun({ taskId: task.id, runAt: startedAt, durationMs: 0, status: 'error', result: null, error });
       store.releaseTask(task.id);
-      if (again) store.claimTask(task.id, claim.dueAt, claim.attempt + 1);
+      if (again) store.claimTask(task.id, dueAt, attempt + 1);
       else {
         const once = task.scheduleType === 'once';
-        if (once)
-          store.updateTask(task.id, {
-            status: 'completed',
-            nextRun: null,
-            lastResult: `Error: ${error} (twice; not run again)`,
-          });
+        const lastResult = `Error: ${error} (twice; not run again)`;
+        if (once) store.updateTask(task.id, { status: 'completed', nextRun: null, lastResult });
         const preview = task.prompt.length > 80 ? `${task.prompt.slice(0, 80)}…` : task.prompt;
         const when = once ? 'It will not run again.' : 'It runs again at its next time.';
         const text = `A scheduled task ("${preview}") was interrupted twice as NanoClaw stopped, and I gave up on this run. ${when}`;
@@ -5765,16 +5745,10 @@ class TaskRuns {
     const group = this.host.store.groupByFolder(task.groupFolder);
     const turn = this.start(task);
     const outcome: TaskOutcome = { result: null, said: [], error: null };
-    if (!group) outcome.error = `group "${task.groupFolder}" is no longer registered`;
-    else if (this.host.disk.isOver(group.folder))
-      outcome.error = 'the group is over its disk budget (GROUP_DISK_BUDGET)';
-    else await this.runInContainer(task, group, outcome);
-    return this.record(turn, outcome);
-  }
-
-  private async runInContainer(task: ScheduledTask, group: RegisteredGroup, outcome: TaskOutcome): Promise<void> {
     const lane = laneOf(task);
     try {
+      if (!group) throw new Error(`group "${task.groupFolder}" is no longer registered`);
+      if (this.host.disk.isOver(group.folder)) throw new Error('the group is over its disk budget (GROUP_DISK_BUDGET)');
       const run = await this.agents.run(group, task.prompt, {
         isScheduledTask: true,
         freshSession: task.contextMode === 'isolated',
@@ -5788,6 +5762,7 @@ class TaskRuns {
     } catch (err) {
       outcome.error = errorText(err);
     }
+    return this.record(turn, outcome);
   }
 
   private outcomeOf(answer: ContainerResult): TaskOutcome {
@@ -5839,11 +5814,6 @@ interface ChatTurn {
   group: RegisteredGroup;
   cursor: number;
   messages: StoredMessage[];
-}
-
-/** A container that ends, however it ends, while messages it was given are unanswered has failed. */
-function turnFailed(outcome: RunOutcome, upToSeq: number, cursor: number): boolean {
-  return outcome.exitCode !== 0 || outcome.timedOut || outcome.oversized === true || upToSeq > cursor;
 }
 
 /**
@@ -5962,7 +5932,9 @@ class ChatTurns {
     const upToSeq = this.given.get(chatJid)!.upTo;
     const cursor = store.getCursor(chatJid);
     const unanswered = store.messagesSince(chatJid, cursor).length;
-    const failed = outcome !== null && turnFailed(outcome, upToSeq, cursor);
+    // A container that ends, however it ends, while messages it was given are unanswered has failed.
+    const failed =
+      outcome !== null && (outcome.exitCode !== 0 || outcome.timedOut || !!outcome.oversized || upToSeq > cursor);
     if (outcome && failed && outcome.results === 0)
       this.onTurn({ chatJid, status: 'error', error: noResultError(outcome), upToSeq });
     if (this.host.stopped()) return true;
@@ -5972,8 +5944,10 @@ class ChatTurns {
     // A refused key, or a request the model refuses (400), fails every retry alike: say once what to fix.
     if (outcome.lastErrorKind === 'auth')
       this.giveUp(chatJid, keyRefusedNotice(config, refused.error), refused.upTo, `notice:key-refused:${chatJid}`);
-    else if (outcome.lastErrorKind === 'bad-request')
-      this.giveUp(chatJid, badRequestNotice(refused.error), refused.upTo);
+    else if (outcome.lastErrorKind === 'bad-request') {
+      const notice = `I could not answer that: the model refused the request (${refused.error.slice(0, 200)}). Try saying it differently.`;
+      this.giveUp(chatJid, notice, refused.upTo);
+    }
     // Otherwise unanswered messages that came in as the container was closing go into the next run.
     else if (!failed && !outcome.lastError) this.host.queue.enqueueMessages(chatJid);
     else {
@@ -6005,7 +5979,7 @@ class ChatTurns {
     if (pending.length === 0) return;
     const told = store.transaction(() => {
       store.setCursor(chatJid, pending.at(-1)!.seq);
-      return voice.announceOnce(chatJid, notice, onceKey);
+      return voice.announce(chatJid, notice, onceKey);
     });
     voice.sendSoon(chatJid);
     log.error({ group: group.folder, messages: pending.length, told }, 'Gave up on messages; told the chat');
@@ -6232,7 +6206,7 @@ export class Host {
       if (!/^SQLITE_(CORRUPT|NOTADB)/.test(String(errorCode(err)))) throw err;
       const restore = 'cp "$(ls -t store/backups/*.db | head -n 1)" store/messages.db';
       throw new StoreCorruptError(
-        `${this.store.path} is damaged (${errorCode(err)}). Restore the newest backup: ${restore}`,
+        `${this.store.path} is damaged or not a database (${errorCode(err)}). Restore the newest backup: ${restore}`,
       );
     }
     this.spill.replay();

@@ -470,7 +470,7 @@ describe('the database kept safe', () => {
     closeSync(file);
     const { stderr, code } = await cli(['chat'], 'hello\n');
     expect(code).toBe(2);
-    expect(stderr).toContain('store/messages.db is damaged (SQLITE_CORRUPT)');
+    expect(stderr).toContain('store/messages.db is damaged or not a database (SQLITE_CORRUPT)');
     expect(stderr).toContain('ls -t');
     expect(stderr).not.toMatch(/\bat \S+ \(/);
   });
