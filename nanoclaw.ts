@@ -5279,12 +5279,8 @@ class Voice {
     private readonly clock: Clock,
     sendRetryMs?: number,
   ) {
-    const onAbandoned = (part: OutboundMessage) => this.tellAbandoned(part);
-    for (const channel of channels)
-      this.senders.set(
-        channel.name,
-        new OutboxSender(store, channel, { retryBaseMs: sendRetryMs, clock, onAbandoned }),
-      );
+    const options: OutboxOptions = { retryBaseMs: sendRetryMs, clock, onAbandoned: (part) => this.tellAbandoned(part) };
+    for (const channel of channels) this.senders.set(channel.name, new OutboxSender(store, channel, options));
   }
 
   channelFor(jid: string): Channel | undefined {
@@ -5386,7 +5382,7 @@ interface HostParts {
 }
 
 /** Each sweep: the disk reserve released when space runs short, each group against GROUP_DISK_BUDGET, a daily backup. */
-function diskWatch(host: Omit<HostParts, 'disk'>, freeDiskBytes?: () => number) {
+function diskWatch(host: Omit<HostParts, 'disk' | 'snapshotsWritten'>, freeDiskBytes?: () => number) {
   const { config, store, queue, voice, clock } = host;
   const overBudget = new Set<string>();
   const reserve = diskReserve(join(config.storeDir, 'disk-reserve'), config.disk.reserve, freeDiskBytes);
@@ -5445,11 +5441,9 @@ function diskWatch(host: Omit<HostParts, 'disk'>, freeDiskBytes?: () => number) 
     /** Daily; store/backups/ is listed once, at the first sweep, and then the time of the backup made here is kept. */
     backUpWhenDue(): void {
       const dir = join(config.storeDir, 'backups');
+      const mtimeOf = (file: string) => statSync(join(dir, file)).mtimeMs;
       lastBackup ??= existsSync(dir)
-        ? Math.max(
-            0,
-            ...[...new Bun.Glob('messages-*.db').scanSync(dir)].map((file) => statSync(join(dir, file)).mtimeMs),
-          )
+        ? Math.max(0, ...[...new Bun.Glob('messages-*.db').scanSync(dir)].map(mtimeOf))
         : 0;
       if (clock.now() - lastBackup < DAY_MS) return;
       try {
@@ -5576,10 +5570,7 @@ function agentLauncher(host: HostParts, proxy: ModelProxy) {
             if (result.sessionId && !run.freshSession && resets(group.folder) === resetsAtStart)
               store.setSession(group.folder, result.sessionId);
           } catch (err) {
-            log.warn(
-              { group: group.folder, err: errorText(err) },
-              'Could not save the session id; the next run starts anew',
-            );
+            log.warn({ group: group.folder, err: errorText(err) }, 'Could not save the session id');
           }
           if (result.status === 'error')
             log.error({ group: group.folder, error: result.error }, 'Agent reported an error');
@@ -5607,7 +5598,6 @@ interface TaskOutcome {
   error: string | null;
 }
 
-/** Why a run that ended without a result failed. */
 function noResultError(outcome: RunOutcome): string {
   if (outcome.timedOut) return 'the agent timed out';
   return outcome.exitCode === 0
@@ -5850,7 +5840,7 @@ class ChatTurns {
     return asked || warm ? { group, cursor, messages: asked ? messages : [] } : null;
   }
 
-  /** The turn's outcome (null: the container could not run); lastGiven holds the newest message it was given. */
+  /** The turn's outcome (null: the container could not run); `given` holds the newest message it was given. */
   private async runTurn({ group, cursor, messages }: ChatTurn): Promise<RunOutcome | null> {
     const { voice, config } = this.host;
     const chatJid = group.jid;
@@ -6065,11 +6055,7 @@ function modelUsageRecorder(config: Config, store: Store): ModelProxyOptions['re
   return (folder, entry) => {
     const day = formatLocalTime(now(), config.timezone).slice(0, 10);
     try {
-      store.addModelUsage(day, folder, {
-        ok: entry.ok,
-        promptTokens: entry.usage?.promptTokens ?? 0,
-        completionTokens: entry.usage?.completionTokens ?? 0,
-      });
+      store.addModelUsage(day, folder, { ok: entry.ok, ...(entry.usage ?? { promptTokens: 0, completionTokens: 0 }) });
     } catch (err) {
       log.warn({ err: errorText(err) }, 'Could not count model usage');
     }
@@ -6087,7 +6073,6 @@ export class Host {
   readonly ipc: IpcWatcher;
   readonly scheduler: Scheduler;
   readonly proxy: ModelProxy;
-  private readonly clock: Clock;
   private readonly voice: Voice;
   private readonly spill: ReturnType<typeof spillBuffer>;
   private readonly parts: HostParts;
@@ -6109,7 +6094,6 @@ export class Host {
   ) {
     const clock = options.clock ?? systemClock;
     const maxRetries = options.maxRetries ?? 5;
-    this.clock = clock;
     this.voice = new Voice(config, store, channels, clock, options.sendRetryMs);
     this.spill = spillBuffer(join(config.dataDir, 'spill.jsonl'), clock, store, (message, chat) =>
       this.storeInbound(message, chat),
@@ -6127,16 +6111,8 @@ export class Host {
       },
       clock,
     });
-    const shared = {
-      config,
-      store,
-      queue: this.queue,
-      clock,
-      voice: this.voice,
-      snapshotsWritten: new Map<string, string>(),
-      stopped: () => this.stopped,
-    };
-    const parts: HostParts = { ...shared, disk: diskWatch(shared, options.freeDiskBytes) };
+    const shared = { config, store, queue: this.queue, clock, voice: this.voice, stopped: () => this.stopped };
+    const parts: HostParts = { ...shared, snapshotsWritten: new Map(), disk: diskWatch(shared, options.freeDiskBytes) };
     this.parts = parts;
     this.proxy = new ModelProxy({
       mode: config.modelProxy,
@@ -6151,12 +6127,8 @@ export class Host {
     this.chats = new ChatTurns(parts, this.agents, this.tasks, (event) => {
       for (const listener of this.turnListeners) listener(event);
     });
-    this.ipc = new IpcWatcher(
-      config.ipcDir,
-      ipcRequests(parts, this.chats, () => this.scheduler.arm()),
-      options.ipcSweepMs ?? 30_000,
-      clock,
-    );
+    const ipcHandlers = ipcRequests(parts, this.chats, () => this.scheduler.arm());
+    this.ipc = new IpcWatcher(config.ipcDir, ipcHandlers, options.ipcSweepMs ?? 30_000, clock);
     const onDue = (task: ScheduledTask) => this.tasks.enqueue(task);
     this.scheduler = new Scheduler(store, config.timezone, onDue, 1000, clock, (task) => this.tasks.warmFor(task));
   }
@@ -6197,7 +6169,7 @@ export class Host {
   async start(): Promise<void> {
     // Groups active within IDLE_TIMEOUT before this start (their warm agents went with the old host), newest first;
     // read before this start's own messages come in.
-    const since = new Date(this.clock.now() - this.config.idleTimeoutMs).toISOString();
+    const since = new Date(this.parts.clock.now() - this.config.idleTimeoutMs).toISOString();
     let recent: RegisteredGroup[];
     try {
       recent = this.store.recentGroups(since, this.config.warmPool.size);
@@ -6217,7 +6189,7 @@ export class Host {
     void this.recover().finally(() => {
       for (const group of recent) if (!this.parts.disk.isOver(group.folder)) this.queue.prewarm(group.jid);
     });
-    this.stopSweep = every(this.clock, this.options.recoverySweepMs ?? 60_000, () => void this.recover());
+    this.stopSweep = every(this.parts.clock, this.options.recoverySweepMs ?? 60_000, () => void this.recover());
     const channels = this.channels.map((c) => c.name);
     log.info({ groups: this.store.listGroups().length, channels }, 'NanoClaw is running');
   }
@@ -6377,7 +6349,7 @@ export class Host {
     try {
       this.queueUnanswered();
       this.tasks.recover();
-      const daysAgo = (days: number) => new Date(this.clock.now() - days * DAY_MS).toISOString();
+      const daysAgo = (days: number) => new Date(this.parts.clock.now() - days * DAY_MS).toISOString();
       this.store.pruneIpcDone(daysAgo(1));
       this.store.pruneOutbox(daysAgo(7));
     } catch (err) {
@@ -6481,13 +6453,11 @@ export function removeLeftoverContainers(config: Config): string[] {
 const hostLockFile = (config: Config) => join(config.dataDir, 'nanoclaw.pid');
 
 function runningHostPid(config: Config): number | null {
-  const lockFile = hostLockFile(config);
-  if (!existsSync(lockFile)) return null;
-  const pid = Number(readFileSync(lockFile, 'utf8').trim());
   try {
+    const pid = Number(readFileSync(hostLockFile(config), 'utf8').trim());
     return Number.isInteger(pid) && pid > 0 && pid !== process.pid && process.kill(pid, 0) ? pid : null;
   } catch {
-    return null;
+    return null; // no lock file, or no such process
   }
 }
 
