@@ -5322,10 +5322,7 @@ class Voice {
     this.store.storeMessage({ id, chatJid, content, timestamp: now(), ...bot });
   }
 
-  /**
-   * The assistant's own text for a chat, as the chat sees it, unless the notice under `onceKey` was given within six
-   * hours; true when it was given now. Call inside the transaction that says why.
-   */
+  /** The assistant's own text; call inside the transaction that says why. With `onceKey`: false if said within 6 h. */
   announce(chatJid: string, text: string, onceKey?: string): boolean {
     const at = this.clock.now();
     if (onceKey && at - Number(this.store.getState(onceKey) ?? 0) < NOTICE_EVERY_MS) return false;
@@ -6249,7 +6246,7 @@ export class Host {
         { err: errorText(err) },
         'The database cannot take messages right now; keeping them in data/spill.jsonl until it can',
       );
-      if (errorCode(err)?.startsWith('SQLITE_FULL')) this.checkDisk(); // the reserve goes now, not at the next sweep
+      if (errorCode(err)?.startsWith('SQLITE_FULL')) void this.parts.disk.check(); // the reserve goes now, not at the next sweep
       this.spill.add(message, chat);
     }
   }
@@ -6344,7 +6341,7 @@ export class Host {
       return;
     }
     this.parts.disk.backUpWhenDue();
-    await this.checkDisk();
+    await this.parts.disk.check();
     if (this.stopped) return;
     try {
       this.queueUnanswered();
@@ -6370,10 +6367,6 @@ export class Host {
         this.queue.enqueueMessages(group.jid);
       } else this.quietUpTo.set(group.jid, { seq: newest, rule });
     }
-  }
-
-  checkDisk(): Promise<void> {
-    return this.parts.disk.check();
   }
 
   /**

@@ -95,11 +95,11 @@ describe('a group over its disk budget', () => {
     w.channel.receive(WORK, 'hello work');
     await waitFor(() => texts(w, WORK).includes('Andy: echo: hello work'), 60_000, 'work answered');
     await waitFor(() => !w.host.queue.isBusy(FAMILY), 60_000, 'family idle');
-    await w.host.checkDisk(); // a later sweep: still over, told no more
+    await w.host.recover(); // a later sweep: still over, told no more
     expect(w.runsOf('family')).toHaveLength(runs);
     expect(texts(w, FAMILY).filter((t) => t.includes('disk budget'))).toHaveLength(1);
     rmSync(join(w.config.groupsDir, 'family', 'fill.bin'));
-    await w.host.checkDisk();
+    await w.host.recover(); // the sweep
     await waitFor(() => texts(w, FAMILY).includes('Andy: echo: are you there?'), 60_000, 'answered once under');
   });
 
@@ -109,7 +109,7 @@ describe('a group over its disk budget', () => {
     await waitFor(() => existsSync(join(w.config.groupsDir, 'family', 'fill.bin')), 60_000, 'the fill');
     await waitFor(() => statSync(join(w.config.groupsDir, 'family', 'fill.bin')).size === 2 * MIB, 60_000, 'filled');
     expect(w.host.queue.isRunning(FAMILY)).toBe(true);
-    await w.host.checkDisk();
+    await w.host.recover(); // the sweep
     await waitFor(() => !w.host.queue.isRunning(FAMILY), 60_000, 'the container stopped');
     expect(texts(w, FAMILY).some((t) => t.includes('disk budget'))).toBe(true);
   });
@@ -120,11 +120,11 @@ describe('a group over its disk budget', () => {
     const reserve = join(w.config.storeDir, 'disk-reserve');
     expect(statSync(reserve).size).toBe(MIB); // made at start (tempProject: DISK_RESERVE=1m)
     free = MIB / 2;
-    await w.host.checkDisk();
+    await w.host.recover(); // the sweep
     expect(existsSync(reserve)).toBe(false);
     await waitFor(() => texts(w, MAIN).some((t) => t.includes('The disk is almost full')), 60_000, 'told');
     free = 100 * MIB;
-    await w.host.checkDisk();
+    await w.host.recover(); // the sweep
     expect(existsSync(reserve)).toBe(true);
   });
 });
