@@ -6283,16 +6283,12 @@ export class Host {
 
   private storeInbound(message: NewMessage, chat: ChatMeta): void {
     if (this.answerChatCommand(message)) return;
+    const { chatJid: jid, timestamp: lastMessageAt } = message;
+    const channel = this.voice.channelFor(jid)?.name ?? 'unknown';
     // One transaction, one commit: the chat's metadata and the message together.
     const stored = this.store.transaction(() => {
-      this.store.upsertChat({
-        jid: message.chatJid,
-        name: chat.name,
-        channel: this.voice.channelFor(message.chatJid)?.name ?? 'unknown',
-        isGroup: chat.isGroup,
-        lastMessageAt: message.timestamp,
-      });
-      const group = this.store.groupByJid(message.chatJid);
+      this.store.upsertChat({ jid, name: chat.name, channel, isGroup: chat.isGroup, lastMessageAt });
+      const group = this.store.groupByJid(jid);
       if (!group) return null; // only metadata for chats the user has not registered
       // The bot's own messages are stored by say() under the ids they are sent with, and the
       // channel marks any copy of them: neither a prefix nor fromMe makes a message the bot's.
