@@ -5897,8 +5897,7 @@ class ChatTurns {
       // Not recorded, so not sent: the run ends and the retry answers (once) when the database is back.
       log.error({ group: group.folder, err: errorText(err) }, 'Could not record the answer; retrying');
       queue.closeContainer(chatJid);
-      const error = `could not record the answer (${errorText(err)})`;
-      return { chatJid, status: 'error', error, upToSeq };
+      return { chatJid, status: 'error', error: `could not record the answer (${errorText(err)})`, upToSeq };
     }
     crashPoint('reply-recorded');
     voice.sendSoon(chatJid);
@@ -6520,9 +6519,9 @@ export function keepRunningThroughErrors(): void {
       { err: errorText(err), stack: err instanceof Error ? err.stack : undefined },
       `Unexpected ${kind}; NanoClaw keeps running`,
     );
-    const now = Date.now();
-    recent.push(now);
-    while (recent[0]! < now - 60_000) recent.shift();
+    const at = Date.now();
+    recent.push(at);
+    while (recent[0]! < at - 60_000) recent.shift();
     if (recent.length > 20) {
       console.error('NanoClaw stops: more than 20 unexpected errors within a minute. See logs/nanoclaw.error.log.');
       process.exit(1);
