@@ -6027,9 +6027,7 @@ function ipcRequests(host: HostParts, chats: ChatTurns, tasksChanged: () => void
         afterwards: (effect) => afterwards.push(effect),
         awaitAnswer: (chatJid) => chats.expectAnswer(chatJid),
         sendSoon: (chatJid) => voice.sendSoon(chatJid),
-        syncGroups: async () => {
-          await Promise.all(voice.channels.map((channel) => channel.syncGroups?.()));
-        },
+        syncGroups: () => Promise.all(voice.channels.map((channel) => channel.syncGroups?.())).then(() => {}),
         tasksChanged,
       };
       const detail = store.transaction(() => {
