@@ -5353,10 +5353,6 @@ class Voice {
       .catch(() => {});
   }
 
-  async settle(): Promise<void> {
-    await Promise.all([...this.senders.values()].map((s) => s.settle()));
-  }
-
   /** An undeliverable reply was abandoned: the main chat is told, unless it is the chat that fails. */
   private tellAbandoned(part: OutboundMessage): void {
     if (this.store.mainGroup()?.jid === part.jid) return;
@@ -5500,11 +5496,8 @@ function statusText({ config, store, queue, disk }: HostParts, asker: Registered
     const agent = agentState(queue, group, disk.isOver(group.folder));
     return `${group.name}: agent ${agent}, ${counted(waiting, 'message')} waiting, ${counted(due.length, 'task')} scheduled${next}${paused ? `, ${paused} paused` : ''}`;
   });
-  if (asker.isMain)
-    lines.push(
-      `Containers: ${queue.activeCount} of ${config.maxConcurrentContainers} working, ${queue.poolMembers.length} of ${config.warmPool.size} ready. Times in ${config.timezone}.`,
-    );
-  return lines.join('\n');
+  const containers = `Containers: ${queue.activeCount} of ${config.maxConcurrentContainers} working, ${queue.poolMembers.length} of ${config.warmPool.size} ready. Times in ${config.timezone}.`;
+  return (asker.isMain ? [...lines, containers] : lines).join('\n');
 }
 
 interface AgentRun {
@@ -6197,7 +6190,7 @@ export class Host {
     await this.ipc.stop();
     this.proxy.stop();
     // What can go out now goes; the rest stays in the outbox for the next start.
-    await Promise.race([this.voice.settle(), Bun.sleep(5_000)]);
+    await Promise.race([this.settleOutbox(), Bun.sleep(5_000)]);
     for (const sender of this.voice.senders.values()) sender.stop();
     for (const channel of this.channels) await channel.disconnect();
     log.info('NanoClaw stopped');
@@ -6212,7 +6205,7 @@ export class Host {
   }
 
   async settleOutbox(): Promise<void> {
-    await this.voice.settle();
+    await Promise.all([...this.voice.senders.values()].map((sender) => sender.settle()));
   }
 
   /** Someone types in a chat that may wake the agent: its container starts now, into a free slot only. */
@@ -6370,7 +6363,7 @@ export class Host {
     try {
       const run = await this.tasks.run(taskId, true);
       await this.ipc.scan();
-      await this.voice.settle();
+      await this.settleOutbox();
       return run;
     } finally {
       await this.stop();
