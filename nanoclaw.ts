@@ -5839,8 +5839,9 @@ class ChatTurns {
     const given = { upTo: upTo ?? cursor, running: true, answering: false };
     this.given.set(chatJid, given);
     if (upTo !== undefined) await voice.typing(chatJid, true);
+    let outcome: RunOutcome | null = null;
     try {
-      return await this.agents.run(group, upTo === undefined ? '' : formatMessages(messages, config.timezone), {
+      outcome = await this.agents.run(group, upTo === undefined ? '' : formatMessages(messages, config.timezone), {
         isScheduledTask: false,
         warm: upTo === undefined,
         upTo,
@@ -5855,12 +5856,12 @@ class ChatTurns {
       const error = errorText(err);
       log.error({ group: group.folder, error }, 'Could not run the agent container');
       this.onTurn({ chatJid, status: 'error', error, upToSeq: given.upTo });
-      return null;
     } finally {
       given.running = false;
       this.tasks.endTurn(chatJid);
       await voice.typing(chatJid, false);
     }
+    return outcome;
   }
 
   /** A result of the turn (a follow-up may bring more than one), unless it answers a task handed to the container. */
