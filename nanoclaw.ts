@@ -5122,7 +5122,6 @@ export interface HostOptions {
   onFatal?(message: string): void;
 }
 
-const BACKUP_EVERY_MS = 24 * 3_600_000;
 const NOTICE_EVERY_MS = 6 * 3_600_000;
 
 export function keyRefusedNotice(config: Config, error: string): string {
@@ -5132,11 +5131,6 @@ export function keyRefusedNotice(config: Config, error: string): string {
     .filter(([name]) => name !== config.kimi.platform)
     .map(([name, p]) => `${p.keys}: KIMI_PLATFORM=${name}`);
   return `I cannot answer: ${config.kimi.baseUrl} refused the Kimi key (${/Error code: (\d+)/.exec(error)?.[1] ?? '401'}). Check KIMI_API_KEY in .env; ${others.join('; ')}.`;
-}
-
-/** The model refused the request itself (HTTP 400): retrying would not help. */
-function badRequestNotice(error: string): string {
-  return `I could not answer that: the model refused the request (${error.slice(0, 200)}). Try saying it differently.`;
 }
 
 export const GIVE_UP_TEXT =
@@ -5160,7 +5154,7 @@ function spillBuffer(
     } catch {
       // the disk is the trouble: memory holds it until the database is back
     }
-    timer ??= clock.after(1_000, () => drain());
+    timer ??= clock.after(1_000, drain);
   }
 
   function replay(): void {
@@ -5179,20 +5173,16 @@ function spillBuffer(
   /** Whatever the database says, a message not stored stays spilled and is tried again: nothing is dropped. */
   function drain(): void {
     timer = null;
-    while (waiting.length > 0) {
-      const { message, chat } = waiting[0]!;
-      try {
-        if (!store.canWrite()) break;
-        storeInbound(message, chat);
-      } catch (err) {
-        if (!isStoreUnavailable(err))
-          log.error({ err: errorText(err) }, 'Could not store a spilled message; trying again in a second');
-        break;
+    try {
+      while (waiting.length > 0 && store.canWrite()) {
+        storeInbound(waiting[0]!.message, waiting[0]!.chat);
+        waiting.shift(); // only once it is stored
       }
-      waiting.shift();
+    } catch (err) {
+      if (!isStoreUnavailable(err)) log.error({ err: errorText(err) }, 'Could not store a spilled message');
     }
     if (waiting.length > 0) {
-      timer = clock.after(1_000, () => drain());
+      timer = clock.after(1_000, drain);
       return;
     }
     rmSync(file, { force: true });
@@ -5219,11 +5209,7 @@ class Voice {
     private readonly clock: Clock,
     sendRetryMs?: number,
   ) {
-    const options = {
-      retryBaseMs: sendRetryMs,
-      clock,
-      onAbandoned: (part: OutboundMessage) => this.tellAbandoned(part),
-    };
+    const options: OutboxOptions = { retryBaseMs: sendRetryMs, clock, onAbandoned: (part) => this.tellAbandoned(part) };
     for (const channel of channels) this.senders.set(channel.name, new OutboxSender(store, channel, options));
   }
 
@@ -5263,20 +5249,15 @@ class Voice {
     const id = newMessageId();
     this.store.addOutbound(channel.name, chatJid, content, id, file);
     const bot = { sender: 'bot', senderName: this.config.assistantName, isFromMe: true, isBotMessage: true };
-    this.store.storeMessage({ id, chatJid, content, timestamp: new Date().toISOString(), ...bot });
+    this.store.storeMessage({ id, chatJid, content, timestamp: now(), ...bot });
   }
 
-  /** The assistant's own text for a chat, as the chat sees it; call inside the transaction that says why. */
-  announce(chatJid: string, text: string): void {
+  /** The assistant's own text; call inside the transaction that says why. With `onceKey`: false if said within 6 h. */
+  announce(chatJid: string, text: string, onceKey?: string): boolean {
+    const at = this.clock.now();
+    if (onceKey && at - Number(this.store.getState(onceKey) ?? 0) < NOTICE_EVERY_MS) return false;
     this.say(chatJid, this.format(text)!);
-  }
-
-  /** announce(), unless the notice under `onceKey` was given within six hours; true when it was given now. */
-  announceOnce(chatJid: string, text: string, onceKey?: string): boolean {
-    const now = this.clock.now();
-    if (onceKey && now - Number(this.store.getState(onceKey) ?? 0) < NOTICE_EVERY_MS) return false;
-    this.announce(chatJid, text);
-    if (onceKey) this.store.setState(onceKey, String(now));
+    if (onceKey) this.store.setState(onceKey, String(at));
     return true;
   }
 
@@ -5302,10 +5283,6 @@ class Voice {
       .catch(() => {});
   }
 
-  async settle(): Promise<void> {
-    await Promise.all([...this.senders.values()].map((s) => s.settle()));
-  }
-
   /** An undeliverable reply was abandoned: the main chat is told, unless it is the chat that fails. */
   private tellAbandoned(part: OutboundMessage): void {
     if (this.store.mainGroup()?.jid === part.jid) return;
@@ -5328,10 +5305,11 @@ interface HostParts {
 }
 
 /** Each sweep: the disk reserve released when space runs short, each group against GROUP_DISK_BUDGET, a daily backup. */
-function diskWatch(host: Omit<HostParts, 'disk'>, freeDiskBytes?: () => number) {
+function diskWatch(host: Omit<HostParts, 'disk' | 'snapshotsWritten'>, freeDiskBytes?: () => number) {
   const { config, store, queue, voice, clock } = host;
   const overBudget = new Set<string>();
   const reserve = diskReserve(join(config.storeDir, 'disk-reserve'), config.disk.reserve, freeDiskBytes);
+  let lastBackup: number | null = null;
 
   /** Also after each turn and run: what the agent wrote counts at once, before the group gets another turn. */
   const checkGroup = (group: RegisteredGroup): void => {
@@ -5352,7 +5330,7 @@ function diskWatch(host: Omit<HostParts, 'disk'>, freeDiskBytes?: () => number) 
       log.warn({ group: group.folder, used: size, budget }, 'Group over its disk budget; its agent is stopped');
       void queue.kill(group.jid);
       const text = `This group's files take ${size}, over its ${budget} disk budget, so I have stopped. Ask the owner to free space in groups/${group.folder} (or raise GROUP_DISK_BUDGET); I answer again once it is under.`;
-      if (!store.transaction(() => voice.announceOnce(group.jid, text, `disk-told:${group.folder}`))) return;
+      if (!store.transaction(() => voice.announce(group.jid, text, `disk-told:${group.folder}`))) return;
       voice.sendSoon(group.jid);
       if (!group.isMain)
         voice.tellMain(`The group ${group.name} went over its disk budget (${size}); its agent is stopped.`);
@@ -5383,17 +5361,17 @@ function diskWatch(host: Omit<HostParts, 'disk'>, freeDiskBytes?: () => number) 
       }
     },
 
+    /** Daily; store/backups/ is listed once, at the first sweep, and then the time of the backup made here is kept. */
     backUpWhenDue(): void {
       const dir = join(config.storeDir, 'backups');
-      const newest = existsSync(dir)
-        ? readdirSync(dir)
-            .filter((file) => /^messages-.*\.db$/.test(file))
-            .map((file) => statSync(join(dir, file)).mtimeMs)
-            .reduce((a, b) => Math.max(a, b), 0)
+      const mtimeOf = (file: string) => statSync(join(dir, file)).mtimeMs;
+      lastBackup ??= existsSync(dir)
+        ? Math.max(0, ...[...new Bun.Glob('messages-*.db').scanSync(dir)].map(mtimeOf))
         : 0;
-      if (clock.now() - newest < BACKUP_EVERY_MS) return;
+      if (clock.now() - lastBackup < DAY_MS) return;
       try {
         const file = store.backup(dir, BACKUPS_KEPT, new Date(clock.now()));
+        lastBackup = clock.now();
         log.info({ file }, 'Database backed up');
       } catch (err) {
         log.warn({ err: errorText(err) }, 'Could not back up the database; trying again at the next sweep');
@@ -5448,11 +5426,8 @@ function statusText({ config, store, queue, disk }: HostParts, asker: Registered
     const agent = agentState(queue, group, disk.isOver(group.folder));
     return `${group.name}: agent ${agent}, ${counted(waiting, 'message')} waiting, ${counted(due.length, 'task')} scheduled${next}${paused ? `, ${paused} paused` : ''}`;
   });
-  if (asker.isMain)
-    lines.push(
-      `Containers: ${queue.activeCount} of ${config.maxConcurrentContainers} working, ${queue.poolMembers.length} of ${config.warmPool.size} ready. Times in ${config.timezone}.`,
-    );
-  return lines.join('\n');
+  const containers = `Containers: ${queue.activeCount} of ${config.maxConcurrentContainers} working, ${queue.poolMembers.length} of ${config.warmPool.size} ready. Times in ${config.timezone}.`;
+  return (asker.isMain ? [...lines, containers] : lines).join('\n');
 }
 
 interface AgentRun {
@@ -5476,14 +5451,6 @@ function agentLauncher(host: HostParts, proxy: ModelProxy) {
   /** How often each group's session was reset (/reset): a run started before a reset does not save its session. */
   const sessionResets = new Map<string, number>();
   const resets = (folder: string): number => sessionResets.get(folder) ?? 0;
-
-  const saveSession = (group: RegisteredGroup, sessionId: string): void => {
-    try {
-      store.setSession(group.folder, sessionId);
-    } catch (err) {
-      log.warn({ group: group.folder, err: errorText(err) }, 'Could not save the session id; the next run starts anew');
-    }
-  };
 
   return {
     resetSession(folder: string): void {
@@ -5519,8 +5486,12 @@ function agentLauncher(host: HostParts, proxy: ModelProxy) {
         },
         onReady: () => run.onReady?.(),
         onResult: async (result) => {
-          if (result.sessionId && !run.freshSession && resets(group.folder) === resetsAtStart)
-            saveSession(group, result.sessionId);
+          try {
+            if (result.sessionId && !run.freshSession && resets(group.folder) === resetsAtStart)
+              store.setSession(group.folder, result.sessionId);
+          } catch (err) {
+            log.warn({ group: group.folder, err: errorText(err) }, 'Could not save the session id');
+          }
           if (result.status === 'error')
             log.error({ group: group.folder, error: result.error }, 'Agent reported an error');
           await run.onResult(result);
@@ -5547,7 +5518,6 @@ interface TaskOutcome {
   error: string | null;
 }
 
-/** Why a run that ended without a result failed. */
 function noResultError(outcome: RunOutcome): string {
   if (outcome.timedOut) return 'the agent timed out';
   return outcome.exitCode === 0
@@ -5651,30 +5621,22 @@ class TaskRuns {
       if (!task) store.releaseTask(claim.taskId);
       // Owed but never started (it waited in the queue when the host stopped): just run it.
       else if (claim.startedAt === null) this.enqueue(task);
-      else this.recoverInterrupted(task, claim, claim.startedAt);
+      else this.recoverInterrupted(task, claim.startedAt, claim.dueAt, claim.attempt);
     }
   }
 
-  private recoverInterrupted(
-    task: ScheduledTask,
-    claim: { dueAt: string | null; attempt: number },
-    startedAt: string,
-  ): void {
+  private recoverInterrupted(task: ScheduledTask, startedAt: string, dueAt: string | null, attempt: number): void {
     const { store, voice } = this.host;
     const error = `interrupted: NanoClaw stopped during the run that started ${startedAt}`;
-    const again = claim.attempt < 2 && task.status === 'active';
+    const again = attempt < 2 && task.status === 'active';
     store.transaction(() => {
       store.logTaskRun({ taskId: task.id, runAt: startedAt, durationMs: 0, status: 'error', result: null, error });
       store.releaseTask(task.id);
-      if (again) store.claimTask(task.id, claim.dueAt, claim.attempt + 1);
+      if (again) store.claimTask(task.id, dueAt, attempt + 1);
       else {
         const once = task.scheduleType === 'once';
-        if (once)
-          store.updateTask(task.id, {
-            status: 'completed',
-            nextRun: null,
-            lastResult: `Error: ${error} (twice; not run again)`,
-          });
+        const lastResult = `Error: ${error} (twice; not run again)`;
+        if (once) store.updateTask(task.id, { status: 'completed', nextRun: null, lastResult });
         const preview = task.prompt.length > 80 ? `${task.prompt.slice(0, 80)}…` : task.prompt;
         const when = once ? 'It will not run again.' : 'It runs again at its next time.';
         const text = `A scheduled task ("${preview}") was interrupted twice as NanoClaw stopped, and I gave up on this run. ${when}`;
@@ -5693,16 +5655,10 @@ class TaskRuns {
     const group = this.host.store.groupByFolder(task.groupFolder);
     const turn = this.start(task);
     const outcome: TaskOutcome = { result: null, said: [], error: null };
-    if (!group) outcome.error = `group "${task.groupFolder}" is no longer registered`;
-    else if (this.host.disk.isOver(group.folder))
-      outcome.error = 'the group is over its disk budget (GROUP_DISK_BUDGET)';
-    else await this.runInContainer(task, group, outcome);
-    return this.record(turn, outcome);
-  }
-
-  private async runInContainer(task: ScheduledTask, group: RegisteredGroup, outcome: TaskOutcome): Promise<void> {
     const lane = laneOf(task);
     try {
+      if (!group) throw new Error(`group "${task.groupFolder}" is no longer registered`);
+      if (this.host.disk.isOver(group.folder)) throw new Error('the group is over its disk budget (GROUP_DISK_BUDGET)');
       const run = await this.agents.run(group, task.prompt, {
         isScheduledTask: true,
         freshSession: task.contextMode === 'isolated',
@@ -5716,6 +5672,7 @@ class TaskRuns {
     } catch (err) {
       outcome.error = errorText(err);
     }
+    return this.record(turn, outcome);
   }
 
   private outcomeOf(answer: ContainerResult): TaskOutcome {
@@ -5769,11 +5726,6 @@ interface ChatTurn {
   messages: StoredMessage[];
 }
 
-/** A container that ends, however it ends, while messages it was given are unanswered has failed. */
-function turnFailed(outcome: RunOutcome, upToSeq: number, cursor: number): boolean {
-  return outcome.exitCode !== 0 || outcome.timedOut || outcome.oversized === true || upToSeq > cursor;
-}
-
 /**
  * One container run for a chat's unanswered messages, follow-ups handed to it. The cursor moves in the transaction that
  * records the answer: a failed run leaves the messages to be retried, and an answer recorded is never made again.
@@ -5808,7 +5760,7 @@ class ChatTurns {
     return asked || warm ? { group, cursor, messages: asked ? messages : [] } : null;
   }
 
-  /** The turn's outcome (null: the container could not run); lastGiven holds the newest message it was given. */
+  /** The turn's outcome (null: the container could not run); `given` holds the newest message it was given. */
   private async runTurn({ group, cursor, messages }: ChatTurn): Promise<RunOutcome | null> {
     const { voice, config } = this.host;
     const chatJid = group.jid;
@@ -5822,7 +5774,7 @@ class ChatTurns {
       outcome = await this.agents.run(group, upTo === undefined ? '' : formatMessages(messages, config.timezone), {
         isScheduledTask: false,
         warm: upTo === undefined,
-        ...(upTo === undefined ? {} : { upTo }),
+        upTo,
         // Messages that came while docker was starting found no container to take them: hand them over now.
         onLive: () => this.forward(group),
         // Up with nothing to answer (a warm start nothing was handed to yet): it waits in the pool, its slot
@@ -5869,8 +5821,7 @@ class ChatTurns {
       // Not recorded, so not sent: the run ends and the retry answers (once) when the database is back.
       log.error({ group: group.folder, err: errorText(err) }, 'Could not record the answer; retrying');
       queue.closeContainer(chatJid);
-      const error = `could not record the answer (${errorText(err)})`;
-      return { chatJid, status: 'error', error, upToSeq };
+      return { chatJid, status: 'error', error: `could not record the answer (${errorText(err)})`, upToSeq };
     }
     crashPoint('reply-recorded');
     voice.sendSoon(chatJid);
@@ -5890,7 +5841,9 @@ class ChatTurns {
     const upToSeq = this.given.get(chatJid)!.upTo;
     const cursor = store.getCursor(chatJid);
     const unanswered = store.messagesSince(chatJid, cursor).length;
-    const failed = outcome !== null && turnFailed(outcome, upToSeq, cursor);
+    // A container that ends, however it ends, while messages it was given are unanswered has failed.
+    const failed =
+      outcome !== null && (outcome.exitCode !== 0 || outcome.timedOut || !!outcome.oversized || upToSeq > cursor);
     if (outcome && failed && outcome.results === 0)
       this.onTurn({ chatJid, status: 'error', error: noResultError(outcome), upToSeq });
     if (this.host.stopped()) return true;
@@ -5900,8 +5853,10 @@ class ChatTurns {
     // A refused key, or a request the model refuses (400), fails every retry alike: say once what to fix.
     if (outcome.lastErrorKind === 'auth')
       this.giveUp(chatJid, keyRefusedNotice(config, refused.error), refused.upTo, `notice:key-refused:${chatJid}`);
-    else if (outcome.lastErrorKind === 'bad-request')
-      this.giveUp(chatJid, badRequestNotice(refused.error), refused.upTo);
+    else if (outcome.lastErrorKind === 'bad-request') {
+      const notice = `I could not answer that: the model refused the request (${refused.error.slice(0, 200)}). Try saying it differently.`;
+      this.giveUp(chatJid, notice, refused.upTo);
+    }
     // Otherwise unanswered messages that came in as the container was closing go into the next run.
     else if (!failed && !outcome.lastError) this.host.queue.enqueueMessages(chatJid);
     else {
@@ -5933,7 +5888,7 @@ class ChatTurns {
     if (pending.length === 0) return;
     const told = store.transaction(() => {
       store.setCursor(chatJid, pending.at(-1)!.seq);
-      return voice.announceOnce(chatJid, notice, onceKey);
+      return voice.announce(chatJid, notice, onceKey);
     });
     voice.sendSoon(chatJid);
     log.error({ group: group.folder, messages: pending.length, told }, 'Gave up on messages; told the chat');
@@ -5996,9 +5951,7 @@ function ipcRequests(host: HostParts, chats: ChatTurns, tasksChanged: () => void
         afterwards: (effect) => afterwards.push(effect),
         awaitAnswer: (chatJid) => chats.expectAnswer(chatJid),
         sendSoon: (chatJid) => voice.sendSoon(chatJid),
-        syncGroups: async () => {
-          await Promise.all(voice.channels.map((channel) => channel.syncGroups?.()));
-        },
+        syncGroups: () => Promise.all(voice.channels.map((channel) => channel.syncGroups?.())).then(() => {}),
         tasksChanged,
       };
       const detail = store.transaction(() => {
@@ -6017,13 +5970,9 @@ function ipcRequests(host: HostParts, chats: ChatTurns, tasksChanged: () => void
 /** The model proxy's count of each group's model use, by day in the user's timezone (`usage`). */
 function modelUsageRecorder(config: Config, store: Store): ModelProxyOptions['record'] {
   return (folder, entry) => {
-    const day = formatLocalTime(new Date().toISOString(), config.timezone).slice(0, 10);
+    const day = formatLocalTime(now(), config.timezone).slice(0, 10);
     try {
-      store.addModelUsage(day, folder, {
-        ok: entry.ok,
-        promptTokens: entry.usage?.promptTokens ?? 0,
-        completionTokens: entry.usage?.completionTokens ?? 0,
-      });
+      store.addModelUsage(day, folder, { ok: entry.ok, ...(entry.usage ?? { promptTokens: 0, completionTokens: 0 }) });
     } catch (err) {
       log.warn({ err: errorText(err) }, 'Could not count model usage');
     }
@@ -6041,7 +5990,6 @@ export class Host {
   readonly ipc: IpcWatcher;
   readonly scheduler: Scheduler;
   readonly proxy: ModelProxy;
-  private readonly clock: Clock;
   private readonly voice: Voice;
   private readonly spill: ReturnType<typeof spillBuffer>;
   private readonly parts: HostParts;
@@ -6063,7 +6011,6 @@ export class Host {
   ) {
     const clock = options.clock ?? systemClock;
     const maxRetries = options.maxRetries ?? 5;
-    this.clock = clock;
     this.voice = new Voice(config, store, channels, clock, options.sendRetryMs);
     this.spill = spillBuffer(join(config.dataDir, 'spill.jsonl'), clock, store, (message, chat) =>
       this.storeInbound(message, chat),
@@ -6081,16 +6028,8 @@ export class Host {
       },
       clock,
     });
-    const shared = {
-      config,
-      store,
-      queue: this.queue,
-      clock,
-      voice: this.voice,
-      snapshotsWritten: new Map<string, string>(),
-      stopped: () => this.stopped,
-    };
-    const parts: HostParts = { ...shared, disk: diskWatch(shared, options.freeDiskBytes) };
+    const shared = { config, store, queue: this.queue, clock, voice: this.voice, stopped: () => this.stopped };
+    const parts: HostParts = { ...shared, snapshotsWritten: new Map(), disk: diskWatch(shared, options.freeDiskBytes) };
     this.parts = parts;
     this.proxy = new ModelProxy({
       mode: config.modelProxy,
@@ -6105,12 +6044,8 @@ export class Host {
     this.chats = new ChatTurns(parts, this.agents, this.tasks, (event) => {
       for (const listener of this.turnListeners) listener(event);
     });
-    this.ipc = new IpcWatcher(
-      config.ipcDir,
-      ipcRequests(parts, this.chats, () => this.scheduler.arm()),
-      options.ipcSweepMs ?? 30_000,
-      clock,
-    );
+    const ipcHandlers = ipcRequests(parts, this.chats, () => this.scheduler.arm());
+    this.ipc = new IpcWatcher(config.ipcDir, ipcHandlers, options.ipcSweepMs ?? 30_000, clock);
     const onDue = (task: ScheduledTask) => this.tasks.enqueue(task);
     this.scheduler = new Scheduler(store, config.timezone, onDue, 1000, clock, (task) => this.tasks.warmFor(task));
   }
@@ -6151,8 +6086,18 @@ export class Host {
   async start(): Promise<void> {
     // Groups active within IDLE_TIMEOUT before this start (their warm agents went with the old host), newest first;
     // read before this start's own messages come in.
-    const since = new Date(this.clock.now() - this.config.idleTimeoutMs).toISOString();
-    const recent = this.store.recentGroups(since, this.config.warmPool.size);
+    const since = new Date(this.parts.clock.now() - this.config.idleTimeoutMs).toISOString();
+    let recent: RegisteredGroup[];
+    try {
+      recent = this.store.recentGroups(since, this.config.warmPool.size);
+    } catch (err) {
+      // Damaged past what opening it read: the same one line as a database damaged at open, not a stack trace.
+      if (!/^SQLITE_(CORRUPT|NOTADB)/.test(String(errorCode(err)))) throw err;
+      const restore = 'cp "$(ls -t store/backups/*.db | head -n 1)" store/messages.db';
+      throw new StoreCorruptError(
+        `${this.store.path} is damaged or not a database (${errorCode(err)}). Restore the newest backup: ${restore}`,
+      );
+    }
     this.spill.replay();
     for (const channel of this.channels) await channel.connect(this.channelHandlers(channel));
     for (const sender of this.voice.senders.values()) sender.kick(); // what a previous run left unsent
@@ -6161,7 +6106,7 @@ export class Host {
     void this.recover().finally(() => {
       for (const group of recent) if (!this.parts.disk.isOver(group.folder)) this.queue.prewarm(group.jid);
     });
-    this.stopSweep = every(this.clock, this.options.recoverySweepMs ?? 60_000, () => void this.recover());
+    this.stopSweep = every(this.parts.clock, this.options.recoverySweepMs ?? 60_000, () => void this.recover());
     const channels = this.channels.map((c) => c.name);
     log.info({ groups: this.store.listGroups().length, channels }, 'NanoClaw is running');
   }
@@ -6176,7 +6121,7 @@ export class Host {
     await this.ipc.stop();
     this.proxy.stop();
     // What can go out now goes; the rest stays in the outbox for the next start.
-    await Promise.race([this.voice.settle(), Bun.sleep(5_000)]);
+    await Promise.race([this.settleOutbox(), Bun.sleep(5_000)]);
     for (const sender of this.voice.senders.values()) sender.stop();
     for (const channel of this.channels) await channel.disconnect();
     log.info('NanoClaw stopped');
@@ -6191,7 +6136,7 @@ export class Host {
   }
 
   async settleOutbox(): Promise<void> {
-    await this.voice.settle();
+    await Promise.all([...this.voice.senders.values()].map((sender) => sender.settle()));
   }
 
   /** Someone types in a chat that may wake the agent: its container starts now, into a free slot only. */
@@ -6221,7 +6166,7 @@ export class Host {
         { err: errorText(err) },
         'The database cannot take messages right now; keeping them in data/spill.jsonl until it can',
       );
-      if (errorCode(err)?.startsWith('SQLITE_FULL')) this.checkDisk(); // the reserve goes now, not at the next sweep
+      if (errorCode(err)?.startsWith('SQLITE_FULL')) void this.parts.disk.check(); // the reserve goes now, not at the next sweep
       this.spill.add(message, chat);
     }
   }
@@ -6258,16 +6203,12 @@ export class Host {
 
   private storeInbound(message: NewMessage, chat: ChatMeta): void {
     if (this.answerChatCommand(message)) return;
+    const { chatJid: jid, timestamp: lastMessageAt } = message;
+    const channel = this.voice.channelFor(jid)?.name ?? 'unknown';
     // One transaction, one commit: the chat's metadata and the message together.
     const stored = this.store.transaction(() => {
-      this.store.upsertChat({
-        jid: message.chatJid,
-        name: chat.name,
-        channel: this.voice.channelFor(message.chatJid)?.name ?? 'unknown',
-        isGroup: chat.isGroup,
-        lastMessageAt: message.timestamp,
-      });
-      const group = this.store.groupByJid(message.chatJid);
+      this.store.upsertChat({ jid, name: chat.name, channel, isGroup: chat.isGroup, lastMessageAt });
+      const group = this.store.groupByJid(jid);
       if (!group) return null; // only metadata for chats the user has not registered
       // The bot's own messages are stored by say() under the ids they are sent with, and the
       // channel marks any copy of them: neither a prefix nor fromMe makes a message the bot's.
@@ -6316,14 +6257,14 @@ export class Host {
       return;
     }
     this.parts.disk.backUpWhenDue();
-    await this.checkDisk();
+    await this.parts.disk.check();
     if (this.stopped) return;
     try {
       this.queueUnanswered();
       this.tasks.recover();
-      const now = this.clock.now();
-      this.store.pruneIpcDone(new Date(now - 86_400_000).toISOString());
-      this.store.pruneOutbox(new Date(now - 7 * 86_400_000).toISOString());
+      const daysAgo = (days: number) => new Date(this.parts.clock.now() - days * DAY_MS).toISOString();
+      this.store.pruneIpcDone(daysAgo(1));
+      this.store.pruneOutbox(daysAgo(7));
     } catch (err) {
       log.warn({ err: errorText(err) }, 'The safety sweep could not read the database; trying again next sweep');
     }
@@ -6344,11 +6285,10 @@ export class Host {
     }
   }
 
-  checkDisk(): Promise<void> {
-    return this.parts.disk.check();
-  }
-
-  /** `tasks run`: one task now, whatever its schedule or status; what it says waits in the outbox for absent channels. */
+  /**
+   * `tasks run`: one task now, whatever its schedule or status; what it says waits in the outbox for absent channels.
+   * The host is stopped after it, through stop() like any other.
+   */
   async runTaskNow(taskId: string): Promise<TaskRunLog | null> {
     this.ipc.start();
     try {
@@ -6357,7 +6297,7 @@ export class Host {
       await this.settleOutbox();
       return run;
     } finally {
-      await this.ipc.stop();
+      await this.stop();
     }
   }
 }
@@ -6422,13 +6362,11 @@ export function removeLeftoverContainers(config: Config): string[] {
 const hostLockFile = (config: Config) => join(config.dataDir, 'nanoclaw.pid');
 
 function runningHostPid(config: Config): number | null {
-  const lockFile = hostLockFile(config);
-  if (!existsSync(lockFile)) return null;
-  const pid = Number(readFileSync(lockFile, 'utf8').trim());
   try {
+    const pid = Number(readFileSync(hostLockFile(config), 'utf8').trim());
     return Number.isInteger(pid) && pid > 0 && pid !== process.pid && process.kill(pid, 0) ? pid : null;
   } catch {
-    return null;
+    return null; // no lock file, or no such process
   }
 }
 
@@ -6503,9 +6441,9 @@ export function keepRunningThroughErrors(): void {
       { err: errorText(err), stack: err instanceof Error ? err.stack : undefined },
       `Unexpected ${kind}; NanoClaw keeps running`,
     );
-    const now = Date.now();
-    recent.push(now);
-    while (recent[0]! < now - 60_000) recent.shift();
+    const at = Date.now();
+    recent.push(at);
+    while (recent[0]! < at - 60_000) recent.shift();
     if (recent.length > 20) {
       console.error('NanoClaw stops: more than 20 unexpected errors within a minute. See logs/nanoclaw.error.log.');
       process.exit(1);

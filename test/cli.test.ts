@@ -1,13 +1,16 @@
 import {
+  closeSync,
   copyFileSync,
   existsSync,
   mkdirSync,
+  openSync,
   readdirSync,
   readFileSync,
   realpathSync,
   renameSync,
   rmSync,
   writeFileSync,
+  writeSync,
 } from 'node:fs';
 import { availableParallelism } from 'node:os';
 import { basename, dirname, join } from 'node:path';
@@ -456,6 +459,21 @@ describe('the database kept safe', () => {
     expect(stderr).toContain('store/messages.db is damaged or not a database');
     expect(stderr).toContain('ls -t');
     expect(stderr).not.toMatch(/\bat \S+ \(/); // no stack trace
+  });
+
+  it('a database damaged past its first pages: the same one line at start-up, exit 2, no stack', async () => {
+    await cli(['chat'], 'hi\n');
+    const db = join(root, 'store', 'messages.db');
+    const sql = "PRAGMA wal_checkpoint(TRUNCATE); SELECT rootpage FROM sqlite_master WHERE name = 'chats'";
+    const page = Number(Bun.spawnSync(['sqlite3', db, sql]).stdout.toString().trim().split('\n').at(-1));
+    const file = openSync(db, 'r+');
+    writeSync(file, Buffer.alloc(4096, 0x41), 0, 4096, (page - 1) * 4096); // the chats table's page, overwritten
+    closeSync(file);
+    const { stderr, code } = await cli(['chat'], 'hello\n');
+    expect(code).toBe(2);
+    expect(stderr).toContain('store/messages.db is damaged or not a database (SQLITE_CORRUPT)');
+    expect(stderr).toContain('ls -t');
+    expect(stderr).not.toMatch(/\bat \S+ \(/);
   });
 
   it('a database gone where NanoClaw ran before is not silently started afresh; on purpose, it can be', async () => {

@@ -4,16 +4,26 @@
  * other groups answered), it answers again once under; and the host's reserve file is given
  * up when free space runs short and made again when there is room.
  */
-import { existsSync, mkdirSync, rmSync, statSync, symlinkSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, readdirSync, rmSync, statSync, symlinkSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { AgentTree, diskReserve, groupDiskUsage, treeBytes } from '../nanoclaw.ts';
-import { fakeDocker, RecordingChannel, startWorld, tempDir, tempProject, texts, waitFor } from './helpers.ts';
+import {
+  FakeClock,
+  fakeDocker,
+  RecordingChannel,
+  startWorld,
+  tempDir,
+  tempProject,
+  texts,
+  waitFor,
+} from './helpers.ts';
 
 const MIB = 1024 * 1024;
 const MAIN = 'me@s.whatsapp.net';
 const FAMILY = 'family@g.us';
 const WORK = 'work@g.us';
+const DAY = 24 * 3_600_000;
 
 describe('treeBytes', () => {
   it('counts what files take on disk, never what a link points to, and nothing of a tree that is not there', () => {
@@ -85,11 +95,11 @@ describe('a group over its disk budget', () => {
     w.channel.receive(WORK, 'hello work');
     await waitFor(() => texts(w, WORK).includes('Andy: echo: hello work'), 60_000, 'work answered');
     await waitFor(() => !w.host.queue.isBusy(FAMILY), 60_000, 'family idle');
-    await w.host.checkDisk(); // a later sweep: still over, told no more
+    await w.host.recover(); // a later sweep: still over, told no more
     expect(w.runsOf('family')).toHaveLength(runs);
     expect(texts(w, FAMILY).filter((t) => t.includes('disk budget'))).toHaveLength(1);
     rmSync(join(w.config.groupsDir, 'family', 'fill.bin'));
-    await w.host.checkDisk();
+    await w.host.recover(); // the sweep
     await waitFor(() => texts(w, FAMILY).includes('Andy: echo: are you there?'), 60_000, 'answered once under');
   });
 
@@ -99,7 +109,7 @@ describe('a group over its disk budget', () => {
     await waitFor(() => existsSync(join(w.config.groupsDir, 'family', 'fill.bin')), 60_000, 'the fill');
     await waitFor(() => statSync(join(w.config.groupsDir, 'family', 'fill.bin')).size === 2 * MIB, 60_000, 'filled');
     expect(w.host.queue.isRunning(FAMILY)).toBe(true);
-    await w.host.checkDisk();
+    await w.host.recover(); // the sweep
     await waitFor(() => !w.host.queue.isRunning(FAMILY), 60_000, 'the container stopped');
     expect(texts(w, FAMILY).some((t) => t.includes('disk budget'))).toBe(true);
   });
@@ -110,11 +120,38 @@ describe('a group over its disk budget', () => {
     const reserve = join(w.config.storeDir, 'disk-reserve');
     expect(statSync(reserve).size).toBe(MIB); // made at start (tempProject: DISK_RESERVE=1m)
     free = MIB / 2;
-    await w.host.checkDisk();
+    await w.host.recover(); // the sweep
     expect(existsSync(reserve)).toBe(false);
     await waitFor(() => texts(w, MAIN).some((t) => t.includes('The disk is almost full')), 60_000, 'told');
     free = 100 * MIB;
-    await w.host.checkDisk();
+    await w.host.recover(); // the sweep
     expect(existsSync(reserve)).toBe(true);
+  });
+});
+
+describe('the daily backup', () => {
+  it('is made at start, then once a day by the host’s clock, keeping the newest seven', async () => {
+    const clock = new FakeClock();
+    const w = await startWorld({
+      config: tempProject(),
+      channel: new RecordingChannel([MAIN]),
+      groups: [{ jid: MAIN, name: 'Me', folder: 'main', isMain: true }],
+      options: { clock, recoverySweepMs: 100 * DAY },
+    });
+    const backups = () =>
+      readdirSync(join(w.config.storeDir, 'backups'))
+        .filter((file) => file.endsWith('.db'))
+        .sort();
+    await w.host.recover(); // after the start's own sweep
+    expect(backups()).toEqual(['messages-2026-12-01T09-00-00-000Z.db']);
+    clock.jump(DAY - 60_000);
+    await w.host.recover();
+    expect(backups()).toHaveLength(1);
+    for (let day = 1; day <= 8; day++) {
+      clock.jump(day === 1 ? 60_000 : DAY);
+      await w.host.recover();
+    }
+    expect(backups()).toHaveLength(7);
+    expect(backups().at(-1)).toBe('messages-2026-12-09T09-00-00-000Z.db');
   });
 });

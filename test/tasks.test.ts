@@ -258,6 +258,25 @@ describe('tasks through the host (fake docker)', () => {
     expect(stdin.sessionId).toBeUndefined(); // isolated: a fresh session
   });
 
+  it('a task run now (tasks run) stops the host after it, through stop(): no send retry or other timer is left', async () => {
+    docker = fakeDocker();
+    config = tempProject({ CONTAINER_RUNTIME: docker.path }, 'KIMI_API_KEY=sk-tasks-test-123456\n');
+    setupLogging(config, { terminalLevel: 'silent' });
+    store = new Store(config.dbPath);
+    addGroup(config, store, { jid: FAMILY, name: 'Family', folder: 'family' });
+    channel = new RecordingChannel([FAMILY]);
+    channel.deliver = async () => {
+      throw new Error('offline'); // the part stays in the outbox, and its sender sets a retry
+    };
+    const clock = new FakeClock(Date.now());
+    host = new Host(config, store, [channel], { ...QUIET_SWEEPS, clock });
+    const t = task({ nextRun: null });
+    store.createTask(t);
+    expect(await host.runTaskNow(t.id)).toMatchObject({ status: 'success' });
+    expect(store.unsent('recording').map((m) => m.text)).toEqual(['Andy: echo: water the plants']);
+    expect(clock.pending).toEqual([]);
+  });
+
   it('a group-context task resumes the group’s session; a once task ends completed', async () => {
     await start();
     store.setSession('family', 'family-session-1');
