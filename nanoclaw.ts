@@ -6651,31 +6651,27 @@ export function makeSelfChatMain(config: Config, store: Store, selfJid: string):
 
 // ───────────────────────────── 13. CLI: the command table, its runner, main() ──────────
 
-function parseArgsMistake(err: unknown): string {
-  const message = errorText(err);
-  const quoted = /'([^']+)'/.exec(message)?.[1] ?? '';
-  if (errorCode(err) === 'ERR_PARSE_ARGS_UNKNOWN_OPTION') return `Unknown option ${quoted}.`;
-  if (errorCode(err) !== 'ERR_PARSE_ARGS_INVALID_OPTION_VALUE') return message;
-  const option = quoted.split(' ')[0]!;
-  if (/does not take an argument/.test(message)) return `${option} takes no value.`;
-  if (/ambiguous/.test(message)) return `${option} needs a value (one that starts with "-" goes as ${option}=-…).`;
-  return `${option} needs a value.`;
-}
-
 type CommandOptions = Record<string, { type: 'string' | 'boolean'; multiple?: boolean }>;
 type OptionValues = Record<string, string | boolean | string[] | undefined>;
-type ParsedArgs = { values: OptionValues; positionals: string[] };
 
 /** Strict parseArgs: a mistake becomes a UsageError naming the command; null for `--help`/`-h` anywhere. */
-function commandArgs(command: string, args: string[], options: CommandOptions): ParsedArgs | null {
+function commandArgs(command: string, args: string[], options: CommandOptions) {
   const helpOption = { type: 'boolean', short: 'h' } as const;
   try {
     const parsed = parseArgs({ args, allowPositionals: true, strict: true, options: { ...options, help: helpOption } });
-    if (!parsed.values.help) return parsed;
+    return parsed.values.help ? null : parsed;
   } catch (err) {
-    if (!args.includes('--help') && !args.includes('-h')) throw new UsageError(parseArgsMistake(err), command);
+    if (args.includes('--help') || args.includes('-h')) return null;
+    const message = errorText(err);
+    const option = /'([^' ]+)/.exec(message)?.[1] ?? ''; // as the user wrote it: '--lines <value>' is --lines
+    const mistake = (text: string) => new UsageError(text, command);
+    if (errorCode(err) === 'ERR_PARSE_ARGS_UNKNOWN_OPTION') throw mistake(`Unknown option ${option}.`);
+    if (errorCode(err) !== 'ERR_PARSE_ARGS_INVALID_OPTION_VALUE') throw mistake(message);
+    if (/does not take an argument/.test(message)) throw mistake(`${option} takes no value.`);
+    if (/ambiguous/.test(message))
+      throw mistake(`${option} needs a value (one that starts with "-" goes as ${option}=-…).`);
+    throw mistake(`${option} needs a value.`);
   }
-  return null;
 }
 
 function positiveOption(command: string, name: string, raw: OptionValues[string], fallback: number): number {
@@ -6696,23 +6692,6 @@ function onShutdownSignal(stop: () => Promise<void>, signals: NodeJS.Signals[] =
       log.info({ signal }, 'Shutting down');
       void stop().then(() => process.exit(0));
     });
-}
-
-/** The main group for the terminal, and a note of what an earlier chat left (lines unanswered, answers unprinted): it
- *  is left out, as it would print before this chat's own answers. */
-async function mainForChat(config: Config): Promise<{ main: RegisteredGroup; leftOut: string | null }> {
-  const store = await openProjectStore(config);
-  try {
-    const main = store.mainGroup() ?? addMainGroup(config, store, LOCAL_MAIN_JID);
-    const leftover = main.jid.endsWith('@local') ? store.messagesSince(main.jid, store.getCursor(main.jid)).length : 0;
-    if (leftover) store.setCursor(main.jid, store.latestSeq(main.jid));
-    const unprinted = store.dropUnsent('local', 'left by an earlier chat that ended before it was printed');
-    const parts = [leftover && `${leftover} line(s) unanswered`, unprinted && `${unprinted} answer part(s) unprinted`];
-    const what = parts.filter(Boolean).join(' and ');
-    return { main, leftOut: what ? `(An earlier chat ended with ${what}; they are left out here.)` : null };
-  } finally {
-    store.close();
-  }
 }
 
 /** Each line is a message; resolves when the input ends. Piped, each is answered before the next is sent. On a
@@ -6747,7 +6726,13 @@ async function chatInput(host: Host, terminal: TerminalChannel): Promise<void> {
 /** `chat`: the terminal as the main group's channel. Ctrl-C stops the turn in progress and exits 130. */
 async function runChat(config: Config): Promise<number> {
   keepRunningThroughErrors();
-  const { main, leftOut } = await mainForChat(config);
+  // What an earlier chat left (lines unanswered, answers unprinted) is left out: it would print before this chat's own.
+  const store = await openProjectStore(config);
+  const main = store.mainGroup() ?? addMainGroup(config, store, LOCAL_MAIN_JID);
+  const leftover = main.jid.endsWith('@local') ? store.messagesSince(main.jid, store.getCursor(main.jid)).length : 0;
+  if (leftover) store.setCursor(main.jid, store.latestSeq(main.jid));
+  const unprinted = store.dropUnsent('local', 'left by an earlier chat that ended before it was printed');
+  store.close();
   const terminal = new TerminalChannel(main.jid, config.assistantName);
   const { host, finish } = await startHost(config, () => [terminal]);
   onShutdownSignal(finish, ['SIGTERM']);
@@ -6770,7 +6755,9 @@ async function runChat(config: Config): Promise<number> {
     if (await host.abandon(main.jid))
       terminal.print('Stopped. That message will not be answered; send it again if you still want an answer.');
   });
-  if (leftOut) terminal.problem(leftOut);
+  const leftOut = [leftover && `${leftover} line(s) unanswered`, unprinted && `${unprinted} answer part(s) unprinted`];
+  if (leftover || unprinted)
+    terminal.problem(`(An earlier chat ended with ${leftOut.filter(Boolean).join(' and ')}; they are left out here.)`);
   if (terminal.interactive)
     terminal.print(
       `Talking to ${config.assistantName} (main group, folder groups/${main.folder}). Ctrl-D to leave, Ctrl-C to stop.`,
@@ -6815,24 +6802,8 @@ export function authPlan(state: LinkState, relink: boolean): 'link' | 'start-ove
   return relink ? 'replace' : 'ask';
 }
 
-/** A yes/no question on the terminal; anything but y or yes is no. */
-async function askYes(question: string): Promise<boolean> {
-  const terminal = createInterface({ input: process.stdin, output: process.stdout });
-  const answer = await new Promise<string>((answered) => terminal.question(`${question} [y/N] `, answered));
-  terminal.close();
-  return /^y(es)?$/i.test(answer.trim());
-}
-
-/** `auth --check`: one line, and the exit status a script can test. */
-function authCheck(state: LinkState): number {
-  const why = NOT_LINKED_WHY[state];
-  if (state === 'linked') console.log('linked: store/auth/ holds a linked WhatsApp device');
-  else console.log(`not linked${why ? `: ${why}` : ''} (run ${linkFix(state)})`);
-  return { linked: 0, none: 3, pending: 4, damaged: 5 }[state];
-}
-
 /** Clears store/auth/ as planned (a linked device's keys only on the user's yes); an exit status if nothing is to link. */
-async function clearForLink(authDir: string, state: LinkState, relink: boolean): Promise<number | null> {
+function clearForLink(authDir: string, state: LinkState, relink: boolean): number | null {
   const plan = authPlan(state, relink);
   const what = state === 'linked' ? 'WhatsApp is already linked (store/auth/)' : NOT_LINKED_WHY.damaged;
   if (plan === 'ask' && !process.stdin.isTTY) {
@@ -6841,7 +6812,9 @@ async function clearForLink(authDir: string, state: LinkState, relink: boolean):
     say(`${what}. To link again (this deletes store/auth/): ${linkFix('damaged')}`);
     return state === 'linked' ? 0 : 2;
   }
-  if (plan === 'ask' && !(await askYes(`${what}. Delete store/auth/ and link this machine again?`))) {
+  const yes = () =>
+    /^y(es)?$/i.test(prompt(`${what}. Delete store/auth/ and link this machine again? [y/N]`)?.trim() ?? '');
+  if (plan === 'ask' && !yes()) {
     console.log('Nothing changed.');
     return 0;
   }
@@ -6917,18 +6890,21 @@ async function linkWhatsApp(config: Config, store: Store, phone: string | undefi
   });
 }
 
+/** `auth --check` prints one line, with an exit status a script can test. */
 async function authCommand({ config, values, store }: CommandCall): Promise<number> {
   const state = WhatsAppChannel.linkState(whatsAppAuthDir(config));
   if (values.check) {
     if (values['pairing-code'] !== undefined || values.relink)
       throw new UsageError('--check takes no other option.', 'auth');
-    return authCheck(state);
+    const why = NOT_LINKED_WHY[state];
+    if (state === 'linked') console.log('linked: store/auth/ holds a linked WhatsApp device');
+    else console.log(`not linked${why ? `: ${why}` : ''} (run ${linkFix(state)})`);
+    return { linked: 0, none: 3, pending: 4, damaged: 5 }[state];
   }
   const phone = (values['pairing-code'] as string | undefined)?.replace(/[\s+()-]/g, '');
   if (phone !== undefined && !/^\d{8,15}$/.test(phone))
     throw new UsageError('--pairing-code takes your number: country code, digits only, e.g. 4915123456789', 'auth');
-  const cleared = await clearForLink(whatsAppAuthDir(config), state, values.relink === true);
-  return cleared ?? (await linkWhatsApp(config, store(), phone));
+  return clearForLink(whatsAppAuthDir(config), state, values.relink === true) ?? linkWhatsApp(config, store(), phone);
 }
 
 /** Prints each line (`whenNone` if there are none): what a command that only reports does before its exit status 0. */
@@ -6949,9 +6925,6 @@ export function visibleText(text: string): string {
   });
 }
 
-/** A name someone else chose, safe to print on a terminal (no control characters or escape sequences). */
-const printable = (name: string) => name.replace(/[\p{Cc}\p{Cf}]/gu, ' ').trim();
-
 /** `groups discover`: the WhatsApp chats the last group sync and the messages told of, with their ids, to register one. */
 export function discoverLines(store: Store): string[] {
   const folders = new Map(store.listGroups().map((group) => [group.jid, group.folder]));
@@ -6967,7 +6940,8 @@ export function discoverLines(store: Store): string[] {
     ...chats.map((chat) => {
       const size = chat.isGroup ? `${members[chat.jid] ?? '?'} members` : 'person';
       const registered = folders.has(chat.jid) ? `groups/${folders.get(chat.jid)}` : 'not registered';
-      return `${chat.jid.padEnd(32)} ${size.padEnd(12)} ${registered.padEnd(20)} ${printable(chat.name ?? '')}`;
+      // A name someone else chose: shown, never obeyed by the terminal.
+      return `${chat.jid.padEnd(32)} ${size.padEnd(12)} ${registered.padEnd(20)} ${visibleText(chat.name ?? '')}`;
     }),
     '',
     `Group names and members as of the last sync (${synced ?? 'never'}; the service syncs at start when older than a day, daily, and when main is asked to refresh).`,
@@ -6992,14 +6966,24 @@ function mountAllowlist(config: Config): MountAllowlist | null {
   }
 }
 
-/** What `groups register` is asked to keep, each option checked before anything is written. */
-function registration(config: Config, values: OptionValues, jid: string, folder: string) {
+function groupsList({ store }: CommandCall): number {
+  const groups = store()
+    .listGroups()
+    .map((g) => {
+      const wakes = g.isMain ? 'main' : g.requiresTrigger ? `trigger ${g.trigger}` : 'no trigger';
+      return `${g.folder.padEnd(16)} ${g.jid.padEnd(32)} ${wakes}  ${g.name}  (wakes it: ${allowedText(g)})`;
+    });
+  return report(groups, 'No groups registered. `bun nanoclaw.ts chat` registers the main group for the terminal.');
+}
+
+/** Each option is checked (as addGroup and a run would check it) before the store is opened. */
+function groupsRegister({ config, values, positionals: [jid, folder], store }: CommandCall): number {
   const { name, trigger, network } = values as Record<string, string | undefined>; // the string options
   const mistake = (message: string) => new UsageError(message, 'groups');
   const allow = typeof values.allow === 'string' ? values.allow.split(',').map((sender) => sender.trim()) : undefined;
-  const problem = groupRequestProblem(config, { jid, folder, trigger, allow }); // addGroup's rules, before the store opens
+  const problem = groupRequestProblem(config, { jid: jid!, folder: folder!, trigger, allow });
   if (problem) throw mistake(`${problem}.`);
-  if (!isValidJid(jid))
+  if (!isValidJid(jid!))
     throw mistake(
       `"${jid}" is not a WhatsApp chat id: a group is <digits>@g.us, a person <phone digits>@s.whatsapp.net (see \`groups discover\`).`,
     );
@@ -7007,40 +6991,28 @@ function registration(config: Config, values: OptionValues, jid: string, folder:
     throw mistake(`--network ${network}: use egress, none, bridge or the name of a Docker network (never host).`);
   const additionalMounts = ((values.mount as string[] | undefined) ?? []).map(parseMountOption);
   const isMain = values.main === true;
-  // The same check a run makes: a mount the allowlist refuses is refused now, not silently at every run.
+  // A mount the allowlist refuses is refused now, not silently at every run.
   const refused = additionalMounts.length
     ? validateExtraMounts(additionalMounts, mountAllowlist(config), isMain).rejected[0]
     : undefined;
   if (refused) throw mistake(`--mount ${refused.hostPath}: refused (${refused.reason}).`);
   const containerConfig = { ...(network ? { network } : {}), ...(additionalMounts.length ? { additionalMounts } : {}) };
-  return {
-    jid,
-    folder,
-    name: name ?? folder,
+  const group = addGroup(config, store(), {
+    jid: jid!,
+    folder: folder!,
+    name: name ?? folder!,
     trigger,
     isMain,
     requiresTrigger: values['no-trigger'] ? false : undefined,
     containerConfig: Object.keys(containerConfig).length ? containerConfig : undefined,
     allow,
-  };
-}
-
-function groupsList(store: Store): number {
-  const groups = store.listGroups().map((g) => {
-    const wakes = g.isMain ? 'main' : g.requiresTrigger ? `trigger ${g.trigger}` : 'no trigger';
-    return `${g.folder.padEnd(16)} ${g.jid.padEnd(32)} ${wakes}  ${g.name}  (wakes it: ${allowedText(g)})`;
   });
-  return report(groups, 'No groups registered. `bun nanoclaw.ts chat` registers the main group for the terminal.');
-}
-
-function groupsRegister({ config, values, positionals: [jid, folder], store: openStore }: CommandCall): number {
-  const request = registration(config, values, jid!, folder!); // checked before the store is opened
-  const store = openStore();
-  const group = addGroup(config, store, request);
   const answers =
     group.requiresTrigger && !group.isMain ? `; it answers messages that say ${group.trigger} or reply to it` : '';
   console.log(`Registered ${group.jid} as groups/${group.folder}${group.isMain ? ' (main)' : ''}${answers}.`);
-  const waiting = store.listTasks(group.folder).filter((task) => task.status === 'paused' && task.pausedReason);
+  const waiting = store()
+    .listTasks(group.folder)
+    .filter((task) => task.status === 'paused' && task.pausedReason);
   if (waiting.length)
     console.log(
       `Paused by NanoClaw, waiting for you: ${waiting.map((task) => `${task.id} (${task.pausedReason})`).join(', ')}. Resume each with: bun nanoclaw.ts tasks resume <id>.`,
@@ -7048,8 +7020,9 @@ function groupsRegister({ config, values, positionals: [jid, folder], store: ope
   return 0;
 }
 
-function groupsRemove(store: Store, key: string): number {
-  const group = store.groupByJid(key) ?? store.groupByFolder(key);
+function groupsRemove({ positionals: [key], store: openStore }: CommandCall): number {
+  const store = openStore();
+  const group = store.groupByJid(key!) ?? store.groupByFolder(key!);
   if (!group)
     throw new UsageError(`No registered group with chat id or folder "${key}" (see: bun nanoclaw.ts groups list).`);
   const active = store.listTasks(group.folder).filter((task) => task.status === 'active');
@@ -7085,14 +7058,14 @@ const queuedNote = (config: Config) =>
     : 'WhatsApp is not linked on this machine: queued in the outbox until you link it (bun nanoclaw.ts auth) and start NanoClaw.';
 
 /** With the service running, it asks the service; else it runs here and what it says waits in the outbox. */
-async function runTaskNow(config: Config, store: Store, task: ScheduledTask): Promise<number> {
+async function runTaskNow({ config, store }: CommandCall, task: ScheduledTask): Promise<number> {
   const servicePid = runningHostPid(config);
   if (servicePid) {
     if (task.status !== 'active')
       throw new UsageError(
         `Task ${task.id} is ${task.status}; the running NanoClaw (pid ${servicePid}) runs active tasks only. Resume it first: bun nanoclaw.ts tasks resume ${task.id}`,
       );
-    store.updateTask(task.id, { nextRun: new Date().toISOString() });
+    store().updateTask(task.id, { nextRun: new Date().toISOString() });
     return report([
       `NanoClaw is running (pid ${servicePid}): it runs ${task.id} within a second or two, and sends what it says to ${task.chatJid}.`,
     ]);
@@ -7109,18 +7082,6 @@ async function runTaskNow(config: Config, store: Store, task: ScheduledTask): Pr
   } finally {
     started.store.close();
     started.release();
-  }
-}
-
-/** Exactly what the agent's requests do (ipcActions()), as the task's group; the scheduling limits bind agents, not you. */
-function applyTaskCommand(config: Config, store: Store, task: ScheduledTask, request: IpcRequest): void {
-  // The task actions read their source only to name it in their log line; a removed group's task keeps its folder.
-  const source = store.groupByFolder(task.groupFolder) ?? ({ folder: task.groupFolder } as RegisteredGroup);
-  try {
-    store.transaction(() => applyIpcRequest(request, { config, store, source, effects: NO_EFFECTS }));
-  } catch (err) {
-    if (err instanceof ScheduleError) throw new UsageError(`${err.message.replace(/^task/, 'Task')}.`);
-    throw err;
   }
 }
 
@@ -7164,11 +7125,21 @@ function tasksShow({ config, values, store }: CommandCall, task: ScheduledTask):
   ]);
 }
 
+/** Exactly what the agent's requests do (ipcActions()), as the task's group; the scheduling limits bind agents, not you. */
 function changeTask(action: 'pause' | 'resume' | 'cancel') {
   const done = { pause: 'Paused', resume: 'Resumed', cancel: 'Cancelled' }[action];
-  return onTask(({ config, store }, task) => {
-    applyTaskCommand(config, store(), task, { type: `${action}_task`, taskId: task.id });
-    const next = action === 'resume' ? `; next run ${localTime(config)(store().getTask(task.id)!.nextRun)}` : '';
+  return onTask(({ config, store: openStore }, task) => {
+    const store = openStore();
+    // The task actions read their source only to name it in their log line; a removed group's task keeps its folder.
+    const source = store.groupByFolder(task.groupFolder) ?? ({ folder: task.groupFolder } as RegisteredGroup);
+    const request: IpcRequest = { type: `${action}_task`, taskId: task.id };
+    try {
+      store.transaction(() => applyIpcRequest(request, { config, store, source, effects: NO_EFFECTS }));
+    } catch (err) {
+      if (err instanceof ScheduleError) throw new UsageError(`${err.message.replace(/^task/, 'Task')}.`);
+      throw err;
+    }
+    const next = action === 'resume' ? `; next run ${localTime(config)(store.getTask(task.id)!.nextRun)}` : '';
     return report([`${done} ${task.id}${next}.`]);
   });
 }
@@ -7193,37 +7164,32 @@ function mountsCommand({ config, values, positionals: [folder], store }: Command
   ]);
 }
 
-function lastLines(text: string, count: number): string {
-  return visibleText(text.replace(/\n$/, '').split('\n').slice(-count).join('\n'));
-}
-
-/** `logs --group`: the group's recent run logs, the latest one's end; read through its tree (the agent can write there). */
-function groupRunLog(config: Config, folder: string, count: number): string[] {
-  if (!isValidFolder(folder)) throw new UsageError(`"${folder}" is not a group folder name.`, 'logs');
-  const { group: tree } = groupTrees(config, folder);
-  const dir = relative(config.projectRoot, tree.path('logs'));
-  const runs = tree
-    .entries('logs')
-    .filter((e) => e.kind === 'file' && RUN_LOG_NAME.test(e.name))
-    .map((e) => e.name)
-    .sort();
-  if (runs.length === 0) return [`No container runs logged for "${folder}" yet (${dir}/).`];
-  const recent = runs.slice(-5).map((f) => `  ${dir}/${f}\n`);
-  return [
-    `Recent runs of ${folder}:\n${recent.join('')}`,
-    lastLines(tree.tail(`logs/${runs.at(-1)!}`, 256 * 1024), count),
-  ];
-}
-
 /** To follow the host live: tail -f logs/nanoclaw.log; to check the whole setup: diagnose. */
-function logsCommand({ config, values }: CommandCall): number {
-  const count = positiveOption('logs', 'lines', values.lines, 40);
-  if (typeof values.group === 'string') return report(groupRunLog(config, values.group, count));
+function logsCommand({ config, values: { group: folder, lines } }: CommandCall): number {
+  const count = positiveOption('logs', 'lines', lines, 40);
+  const lastLines = (text: string, n = count) => visibleText(text.replace(/\n$/, '').split('\n').slice(-n).join('\n'));
+  if (typeof folder === 'string') {
+    // The group's recent run logs and the latest one's end, read through its tree (the agent can write there).
+    if (!isValidFolder(folder)) throw new UsageError(`"${folder}" is not a group folder name.`, 'logs');
+    const { group: tree } = groupTrees(config, folder);
+    const dir = relative(config.projectRoot, tree.path('logs'));
+    const runs = tree
+      .entries('logs')
+      .filter((e) => e.kind === 'file' && RUN_LOG_NAME.test(e.name))
+      .map((e) => e.name)
+      .sort();
+    if (runs.length === 0) return report([`No container runs logged for "${folder}" yet (${dir}/).`]);
+    const recent = runs.slice(-5).map((f) => `  ${dir}/${f}\n`);
+    return report([
+      `Recent runs of ${folder}:\n${recent.join('')}`,
+      lastLines(tree.tail(`logs/${runs.at(-1)!}`, 256 * 1024)),
+    ]);
+  }
   const [main, errors] = ['nanoclaw.log', 'nanoclaw.error.log'].map((name) => join(config.logsDir, name));
   if (!existsSync(main!)) return report(['No host log yet (logs/nanoclaw.log appears once NanoClaw has run).']);
   const recentErrors = existsSync(errors!) ? lastLines(readFileSync(errors!, 'utf8'), Math.min(count, 10)) : '';
   return report([
-    `== logs/nanoclaw.log (last ${count} lines) ==\n${lastLines(readFileSync(main!, 'utf8'), count)}`,
+    `== logs/nanoclaw.log (last ${count} lines) ==\n${lastLines(readFileSync(main!, 'utf8'))}`,
     ...(recentErrors ? [`\n== logs/nanoclaw.error.log (latest) ==\n${recentErrors}`] : []),
   ]);
 }
@@ -7281,34 +7247,29 @@ async function modelAnswer(config: Config, response: Response): Promise<ModelChe
 }
 
 /** GET {KIMI_BASE_URL}/models through a model proxy run, as a container would: key, endpoint and proxy all checked. */
-async function checkModel(config: Config, timeoutMs = 15_000): Promise<ModelCheck> {
+async function modelCheck({ config, values }: CommandCall): Promise<number> {
+  const { platform, baseUrl, modelName: model } = config.kimi;
   const proxy = new ModelProxy({
     mode: 'unix',
     dir: join(config.dataDir, 'proxy'),
-    upstream: config.kimi.baseUrl,
+    upstream: baseUrl,
     apiKey: () => readSecrets(config).KIMI_API_KEY,
     record: () => {},
   });
   const run = proxy.open('check', `check-${process.pid}-${Date.now()}`);
-  try {
-    const response = await fetch('http://proxy/models', {
-      unix: run.socketPath,
-      headers: { authorization: `Bearer ${run.token}` },
-      signal: AbortSignal.timeout(timeoutMs),
-    } as RequestInit);
-    return await modelAnswer(config, response);
-  } catch (err) {
-    const detail = `no answer from ${config.kimi.baseUrl} within ${timeoutMs / 1000} s (${errorText(err)})`;
-    return { status: 'offline', detail };
-  } finally {
-    run.close();
-    proxy.stop();
-  }
-}
-
-async function modelCheck({ config, values }: CommandCall): Promise<number> {
-  const check = await checkModel(config);
-  const { platform, baseUrl, modelName: model } = config.kimi;
+  const check = await fetch('http://proxy/models', {
+    unix: run.socketPath,
+    headers: { authorization: `Bearer ${run.token}` },
+    signal: AbortSignal.timeout(15_000),
+  } as RequestInit)
+    .then((response) => modelAnswer(config, response))
+    .catch(
+      (err): ModelCheck => ({ status: 'offline', detail: `no answer from ${baseUrl} within 15 s (${errorText(err)})` }),
+    )
+    .finally(() => {
+      run.close();
+      proxy.stop();
+    });
   const verdict = { ok: 'OK', offline: 'NOT CHECKED', refused: 'FAIL', error: 'FAIL' }[check.status];
   console.log(values.json ? JSON.stringify({ ...check, platform, baseUrl, model }) : `${verdict}: ${check.detail}`);
   return { ok: 0, refused: 1, error: 1, offline: 3 }[check.status];
@@ -7317,7 +7278,7 @@ async function modelCheck({ config, values }: CommandCall): Promise<number> {
 function usageCommand({ config, values, store }: CommandCall): number {
   const days = positiveOption('usage', 'days', values.days, 30);
   const groupFilter = values.group as string | undefined;
-  const from = new Date(Date.now() - (days - 1) * 86_400_000).toISOString();
+  const from = new Date(Date.now() - (days - 1) * DAY_MS).toISOString();
   const rows = store().modelUsage(formatLocalTime(from, config.timezone).slice(0, 10), groupFilter);
   if (values.json) return report([JSON.stringify(rows, null, 2)]);
   if (rows.length === 0)
@@ -7334,12 +7295,6 @@ function usageCommand({ config, values, store }: CommandCall): number {
     ...rows.map((r) => row(r.day, r.groupFolder, r.requests, r.failed, r.promptTokens, r.completionTokens)),
     row('total', '', ...total),
   ]);
-}
-
-/** Where a setting's value comes from, as loadConfig reads it: the environment wins over .env. */
-function settingSource(config: Config, key: string): 'environment' | '.env' | 'default' {
-  if (process.env[key]?.trim() || (isSecretKey(key) && secretsFromEnvironment[key])) return 'environment';
-  return readEnvFile(config.envFile)[key]?.trim() ? '.env' : 'default';
 }
 
 /** A setting as `config` prints it; the key itself never, only whether it is set. */
@@ -7361,9 +7316,17 @@ function configGet({ config, positionals: keys }: CommandCall): number {
 }
 
 function configList({ config }: CommandCall): number {
-  const line = (key: string) =>
-    `${key.padEnd(26)} ${settingValue(config, key).padEnd(40)} (${settingSource(config, key)})`;
-  return report(SETTING_NAMES.map(line));
+  const envFile = readEnvFile(config.envFile);
+  // Where each value comes from, as loadConfig reads it: the environment wins over .env.
+  const source = (key: string) =>
+    process.env[key]?.trim() || (isSecretKey(key) && secretsFromEnvironment[key])
+      ? 'environment'
+      : envFile[key]?.trim()
+        ? '.env'
+        : 'default';
+  return report(
+    SETTING_NAMES.map((key) => `${key.padEnd(26)} ${settingValue(config, key).padEnd(40)} (${source(key)})`),
+  );
 }
 
 function diagnoseCommand({ config, values }: CommandCall): number {
@@ -7371,7 +7334,6 @@ function diagnoseCommand({ config, values }: CommandCall): number {
   const key = secretsFromEnvironment.KIMI_API_KEY;
   return runScript(config, 'diagnose.sh', values.json ? ['--json'] : [], key ? { KIMI_API_KEY: key } : {});
 }
-
 /** What a command's run gets: its options and arguments, parsed; the store, opened at its first use and closed after the run. */
 interface CommandCall {
   config: Config;
@@ -7381,18 +7343,17 @@ interface CommandCall {
   store: () => Store;
 }
 
-interface Runs {
+/** A command, or one of its actions. */
+interface Command {
+  /** Its lines of usage, "synopsis — what it does", one a line: shown after its mistakes, for --help, and in the overall usage. */
+  usage?: string;
   /** Its arguments, for "… needs <this>." (one argument unless `count` says); none when absent. */
   needs?: string;
   count?: number | 'one or more';
   options?: CommandOptions;
-  run: (call: CommandCall) => number | Promise<number>;
-}
-
-interface Command {
-  /** Its lines of usage, "synopsis — what it does", one a line: shown after its mistakes, for --help, and in the overall usage. */
-  usage: string;
-  actions?: Record<string, Runs>;
+  run?: (call: CommandCall) => number | Promise<number>;
+  /** Its sub-commands, named by the first argument (else the default). */
+  actions?: Record<string, Command>;
   defaultAction?: string;
 }
 
@@ -7402,19 +7363,16 @@ const text = { type: 'string' } as const;
 const texts = { type: 'string', multiple: true } as const;
 const json = { json: flag };
 const taskId = 'one task id (see: bun nanoclaw.ts tasks list)';
-const register: Runs = {
+const register: Command = {
   needs: 'a chat id and a folder name',
   count: 2,
   options: { name: text, trigger: text, 'no-trigger': flag, main: flag, network: text, allow: text, mount: texts },
   run: groupsRegister,
 };
-const service: Runs = { options: { 'dry-run': flag, platform: text }, run: serviceCommand };
+const service: Command = { options: { 'dry-run': flag, platform: text }, run: serviceCommand };
 
-const COMMANDS: Record<string, Command & Partial<Runs>> = {
-  start: {
-    usage: '(none), start — run the assistant service (WhatsApp)',
-    run: ({ config }) => runService(config),
-  },
+const COMMANDS: Record<string, Command & { usage: string }> = {
+  start: { usage: '(none), start — run the assistant service (WhatsApp)', run: ({ config }) => runService(config) },
   auth: {
     usage: `
       auth [--pairing-code <phone>] — link this machine to your WhatsApp (QR code, or a code typed on the phone)
@@ -7424,8 +7382,7 @@ const COMMANDS: Record<string, Command & Partial<Runs>> = {
     run: authCommand,
   },
   chat: {
-    usage:
-      "chat — talk to the main group's agent from this terminal (piped stdin: one message per line; Ctrl-C stops the turn, exit 130)",
+    usage: "chat — talk to the main group's agent here (piped: a message a line; Ctrl-C stops the turn, exit 130)",
     run: ({ config }) => runChat(config),
   },
   groups: {
@@ -7436,11 +7393,11 @@ const COMMANDS: Record<string, Command & Partial<Runs>> = {
       groups remove <jid|folder> — unregister (its folder and memory stay on disk; its active tasks are paused)`,
     defaultAction: 'list',
     actions: {
-      list: { run: ({ store }) => groupsList(store()) },
+      list: { run: groupsList },
       discover: { run: ({ store }) => report(discoverLines(store())) },
       register,
       add: register,
-      remove: { needs: 'one chat id or folder', run: ({ positionals: [key], store }) => groupsRemove(store(), key!) },
+      remove: { needs: 'one chat id or folder', run: groupsRemove },
     },
   },
   tasks: {
@@ -7453,15 +7410,14 @@ const COMMANDS: Record<string, Command & Partial<Runs>> = {
     actions: {
       list: { options: json, run: tasksList },
       show: { needs: taskId, options: json, run: onTask(tasksShow) },
-      run: { needs: taskId, run: onTask(({ config, store }, task) => runTaskNow(config, store(), task)) },
+      run: { needs: taskId, run: onTask(runTaskNow) },
       pause: { needs: taskId, run: changeTask('pause') },
       resume: { needs: taskId, run: changeTask('resume') },
       cancel: { needs: taskId, run: changeTask('cancel') },
     },
   },
   logs: {
-    usage:
-      "logs [--group <folder>] [--lines N] — recent host log, or a group's latest container runs (live: tail -f logs/nanoclaw.log)",
+    usage: "logs [--group <folder>] [--lines N] — the host log's end, or a group's latest container runs",
     options: { group: text, lines: text },
     run: logsCommand,
   },
@@ -7472,8 +7428,7 @@ const COMMANDS: Record<string, Command & Partial<Runs>> = {
     run: mountsCommand,
   },
   service: {
-    usage:
-      "service install|uninstall|status [--dry-run] [--platform linux|macos] — run NanoClaw in the background (this install's own systemd user unit / launchd agent; scripts/service.sh)",
+    usage: 'service install|uninstall|status [--dry-run] [--platform linux|macos] — run NanoClaw in the background',
     actions: { install: service, uninstall: service, status: service },
   },
   sessions: {
@@ -7484,8 +7439,7 @@ const COMMANDS: Record<string, Command & Partial<Runs>> = {
     actions: { list: { run: sessionsList }, clear: { needs: 'one group folder', run: sessionsClear } },
   },
   usage: {
-    usage:
-      'usage [--days N] [--group F] [--json] — model requests and tokens by group and day (counted by the model proxy)',
+    usage: 'usage [--days N] [--group F] [--json] — model requests and tokens by group and day',
     options: { days: text, group: text, ...json },
     run: usageCommand,
   },
@@ -7509,21 +7463,16 @@ const COMMANDS: Record<string, Command & Partial<Runs>> = {
     options: json,
     run: diagnoseCommand,
   },
-  help: {
-    usage: "help [command], --help — this text, or one command's", // main() answers it: it needs no settings
-  },
+  // main() answers it: it needs no settings.
+  help: { usage: "help [command], --help — this text, or one command's" },
 };
 
-/** Each "synopsis — what" as two columns; a synopsis too long for the first puts what it does on the next line. */
-function usageLines(usage: string): string {
-  const lines = usage.trim().split(/\s*\n\s*/);
-  const line = (entry: string) => {
-    const [synopsis, what] = entry.split(' — ') as [string, string?];
-    if (!what) return synopsis;
-    return synopsis.length < 36 ? `${synopsis.padEnd(36)}${what}` : `${synopsis}\n  ${''.padEnd(36)}${what}`;
-  };
-  return lines.map((entry) => `  ${line(entry)}`).join('\n');
-}
+/** A command's usage, one "synopsis — what it does" a line, indented. */
+const usageLines = (usage: string) =>
+  usage
+    .trim()
+    .replace(/\s*\n\s*/g, '\n')
+    .replace(/^/gm, '  ');
 
 const commandUsage = (name: string) => `Usage: bun nanoclaw.ts …\n${usageLines(COMMANDS[name]!.usage)}`;
 
@@ -7541,44 +7490,34 @@ Settings come from the environment and .env (see .env.example).`;
 const help = (about?: string) =>
   report([about && Object.hasOwn(COMMANDS, about) ? commandUsage(about) : overallUsage()]);
 
-/** The sub-command named by the first argument; options it does not take are a mistake naming who takes them. */
-function chooseAction(name: string, command: Command, values: OptionValues, given: string | undefined): Runs {
-  const actions = command.actions!;
-  if (given === undefined) throw new UsageError(`${name} needs a command: ${Object.keys(actions).join(', ')}.`, name);
-  const action = Object.hasOwn(actions, given) ? actions[given]! : null;
-  if (!action) throw new UsageError(`Unknown ${name} command "${given}".`, name);
-  const misplaced = Object.keys(values).find((option) => !Object.hasOwn(action.options ?? {}, option));
-  if (misplaced) {
-    const owners = Object.keys(actions).filter((owner) => Object.hasOwn(actions[owner]!.options ?? {}, misplaced));
-    throw new UsageError(`--${misplaced} belongs to ${name} ${owners.join('|')}.`, name); // as usage writes it
-  }
-  return action;
-}
-
-/** What runs: the command, or the action its first argument names (else its default); its arguments counted. */
-function chooseRun(name: string, command: Command & Partial<Runs>, values: OptionValues, positionals: string[]) {
-  const [action = command.defaultAction, ...rest] = command.actions ? positionals : ['', ...positionals];
-  const runs = command.actions ? chooseAction(name, command, values, action) : (command as Runs);
-  const called = command.actions ? `${name} ${action}` : name;
-  const count = runs.needs ? (runs.count ?? 1) : 0;
-  if (count === 'one or more' ? rest.length === 0 : rest.length !== count)
-    throw new UsageError(count ? `${called} needs ${runs.needs}.` : `${called} takes no arguments.`, name);
-  return { runs, action: action!, positionals: rest };
-}
-
+/** Parses and checks the arguments, runs the command (or the action its first argument names), closes the store. */
 async function runCommand(config: Config, name: string, args: string[]): Promise<number> {
   const command = Object.hasOwn(COMMANDS, name) ? COMMANDS[name]! : null;
   const below = name.startsWith('-') ? '' : ' The commands are below.';
   if (!command) throw new UsageError(`Unknown command "${name}".${below}\n\n${overallUsage()}`);
-  // A command's options are its own and all its actions'; chooseAction then refuses one its action does not take.
-  const options = Object.assign({}, command.options, ...Object.values(command.actions ?? {}).map((a) => a.options));
+  const { actions = {} } = command;
+  // A command's options are its own and all its actions'; one its action does not take is refused below.
+  const options = Object.assign({}, command.options, ...Object.values(actions).map((a) => a.options));
   const parsed = commandArgs(name, args, options);
   if (!parsed) return help(name);
-  const { runs, action, positionals } = chooseRun(name, command, parsed.values, parsed.positionals);
+  const { values } = parsed;
+  const [action = command.defaultAction, ...rest] = command.actions ? parsed.positionals : ['', ...parsed.positionals];
+  if (action === undefined) throw new UsageError(`${name} needs a command: ${Object.keys(actions).join(', ')}.`, name);
+  const runs = !command.actions ? command : Object.hasOwn(actions, action) ? actions[action]! : null;
+  if (!runs) throw new UsageError(`Unknown ${name} command "${action}".`, name);
+  const misplaced = Object.keys(values).find((option) => !Object.hasOwn(runs.options ?? {}, option));
+  if (misplaced) {
+    const owners = Object.keys(actions).filter((owner) => Object.hasOwn(actions[owner]!.options ?? {}, misplaced));
+    throw new UsageError(`--${misplaced} belongs to ${name} ${owners.join('|')}.`, name); // as usage writes it
+  }
+  const called = command.actions ? `${name} ${action}` : name;
+  const count = runs.needs ? (runs.count ?? 1) : 0;
+  if (count === 'one or more' ? rest.length === 0 : rest.length !== count)
+    throw new UsageError(count ? `${called} needs ${runs.needs}.` : `${called} takes no arguments.`, name);
   const opened = { store: null as Store | null };
   const store = () => (opened.store ??= new Store(config.dbPath));
   try {
-    return await runs.run({ config, action, values: parsed.values, positionals, store });
+    return await runs.run!({ config, action, values, positionals: rest, store });
   } finally {
     opened.store?.close();
   }
@@ -7593,9 +7532,7 @@ function exitStatusOf(err: unknown): number {
     return 2;
   }
   if (isStoreUnavailable(err)) {
-    console.error(
-      `The database store/messages.db cannot be used right now (${errorText(err)}): another process may hold it, or it is read-only. Try again, or check its permissions.`,
-    );
+    console.error(`store/messages.db cannot be used now (${errorText(err)}): held by another process, or read-only?`);
     return 1;
   }
   log.fatal({ err }, 'NanoClaw crashed');
