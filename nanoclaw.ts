@@ -6724,7 +6724,7 @@ async function chatInput(host: Host, terminal: TerminalChannel): Promise<void> {
 }
 
 /** `chat`: the terminal as the main group's channel. Ctrl-C stops the turn in progress and exits 130. */
-async function runChat(config: Config): Promise<number> {
+async function runChat({ config }: CommandCall): Promise<number> {
   keepRunningThroughErrors();
   // What an earlier chat left (lines unanswered, answers unprinted) is left out: it would print before this chat's own.
   const store = await openProjectStore(config);
@@ -6760,12 +6760,11 @@ async function runChat(config: Config): Promise<number> {
     terminal.problem(`(An earlier chat ended with ${leftOut.filter(Boolean).join(' and ')}; they are left out here.)`);
   if (terminal.interactive)
     terminal.print(
-      `Talking to ${config.assistantName} (main group, folder groups/${main.folder}). Ctrl-D to leave, Ctrl-C to stop.`,
+      `Talking to ${config.assistantName} (main group, groups/${main.folder}). Ctrl-D leaves, Ctrl-C stops.`,
     );
   await Promise.race([chatInput(host, terminal), interrupted]);
   await finish();
-  if (terminal.stopped) return 130;
-  return failures > 0 ? 1 : 0;
+  return terminal.stopped ? 130 : failures > 0 ? 1 : 0;
 }
 
 /** Why store/auth/ holds no link, where there is more to say than that. */
@@ -6775,7 +6774,7 @@ const NOT_LINKED_WHY: Partial<Record<LinkState, string>> = {
 };
 const linkFix = (state: LinkState) => `bun nanoclaw.ts auth${state === 'damaged' ? ' --relink' : ''}`;
 
-async function runService(config: Config): Promise<number> {
+async function runService({ config }: CommandCall): Promise<number> {
   const link = WhatsAppChannel.linkState(whatsAppAuthDir(config));
   const why = NOT_LINKED_WHY[link];
   if (link !== 'linked')
@@ -6826,30 +6825,27 @@ function clearForLink(authDir: string, state: LinkState, relink: boolean): numbe
   return null;
 }
 
-/** The socket events `auth` listens to; dropped once the socket is over. */
-const LINK_EVENTS = ['creds.update', 'connection.update'] as const;
-
 /** Links this machine to WhatsApp (QR code, or a pairing code for `phone`); resolves with the exit status. */
 async function linkWhatsApp(config: Config, store: Store, phone: string | undefined): Promise<number> {
   const authDir = whatsAppAuthDir(config);
   mkdirSync(authDir, { recursive: true });
   const { generate } = await import('qrcode-terminal');
   const versions = whatsAppChannel(config, store); // never connected: its version lookup, as the service's
-  const credentials = useDurableAuthState(authDir); // kept for the reconnect after pairing (515): never re-read mid-write
-  return new Promise<number>((resolveAuth) => {
-    const open = async () => {
-      await versions.resolveVersion();
-      const { state: auth, saveCreds } = await credentials;
-      const sock = baileys().default({
-        auth,
-        logger: pino()({ level: 'silent' }) as unknown as ILogger,
-        markOnlineOnConnect: false,
-        syncFullHistory: false,
-        ...(versions.version ? { version: versions.version } : {}),
-        ...(config.whatsappServerUrl ? { waWebSocketUrl: config.whatsappServerUrl } : {}),
-      });
-      let codeRequested = false; // a pairing code belongs to the socket that asked for it
-      sock.ev.on('creds.update', saveCreds);
+  // Kept for the reconnect after pairing (515): never re-read mid-write.
+  const { state: auth, saveCreds } = await useDurableAuthState(authDir);
+  for (;;) {
+    await versions.resolveVersion();
+    const sock = baileys().default({
+      auth,
+      logger: pino()({ level: 'silent' }) as unknown as ILogger,
+      markOnlineOnConnect: false,
+      syncFullHistory: false,
+      ...(versions.version ? { version: versions.version } : {}),
+      ...(config.whatsappServerUrl ? { waWebSocketUrl: config.whatsappServerUrl } : {}),
+    });
+    let codeRequested = false; // a pairing code belongs to the socket that asked for it
+    sock.ev.on('creds.update', saveCreds);
+    const { connection, lastDisconnect } = await new Promise<Partial<ConnectionState>>((settle) =>
       sock.ev.on('connection.update', async (update) => {
         if (update.qr && !phone)
           generate(update.qr, { small: true }, (qr) =>
@@ -6862,32 +6858,27 @@ async function linkWhatsApp(config: Config, store: Store, phone: string | undefi
             `\nPairing code: ${code}\nOn your phone: WhatsApp → Settings → Linked devices → Link a device → "Link with phone number instead", then type the code.`,
           );
         }
-        if (update.connection === 'open') {
-          const me = baileys().jidNormalizedUser(sock.user!.id);
-          const main = makeSelfChatMain(config, store, me);
-          console.log(
-            `Linked as ${me.split('@')[0]}. Your own chat ("Message yourself") is the main group (groups/${main.folder}).\nStart the assistant: bun nanoclaw.ts`,
-          );
-          for (const event of LINK_EVENTS) sock.ev.removeAllListeners(event); // its closing is no news
-          await sock.end(undefined);
-          resolveAuth(0);
-        }
-        if (update.connection === 'close') {
-          for (const event of LINK_EVENTS) sock.ev.removeAllListeners(event); // this socket is over either way
-          const { retry, message } = authCloseMessage(update.lastDisconnect?.error);
-          if (retry) return void open();
-          // What an unfinished attempt left behind is no link; the next auth starts clean.
-          if (WhatsAppChannel.linkState(authDir) !== 'linked') rmSync(authDir, { recursive: true, force: true });
-          console.error(message);
-          resolveAuth(1);
-        }
-      });
-    };
-    open().catch((err) => {
-      console.error(`Could not start linking: ${errorText(err)}`);
-      resolveAuth(1);
-    });
-  });
+        if (update.connection === 'open' || update.connection === 'close') settle(update);
+      }),
+    );
+    // This socket is over either way (once open, its closing is no news).
+    for (const event of ['creds.update', 'connection.update'] as const) sock.ev.removeAllListeners(event);
+    if (connection === 'open') {
+      const me = baileys().jidNormalizedUser(sock.user!.id);
+      const main = makeSelfChatMain(config, store, me);
+      console.log(
+        `Linked as ${me.split('@')[0]}. Your own chat ("Message yourself") is the main group (groups/${main.folder}).\nStart the assistant: bun nanoclaw.ts`,
+      );
+      await sock.end(undefined);
+      return 0;
+    }
+    const { retry, message } = authCloseMessage(lastDisconnect?.error);
+    if (retry) continue;
+    // What an unfinished attempt left behind is no link; the next auth starts clean.
+    if (WhatsAppChannel.linkState(authDir) !== 'linked') rmSync(authDir, { recursive: true, force: true });
+    console.error(message);
+    return 1;
+  }
 }
 
 /** `auth --check` prints one line, with an exit status a script can test. */
@@ -6904,7 +6895,12 @@ async function authCommand({ config, values, store }: CommandCall): Promise<numb
   const phone = (values['pairing-code'] as string | undefined)?.replace(/[\s+()-]/g, '');
   if (phone !== undefined && !/^\d{8,15}$/.test(phone))
     throw new UsageError('--pairing-code takes your number: country code, digits only, e.g. 4915123456789', 'auth');
-  return clearForLink(whatsAppAuthDir(config), state, values.relink === true) ?? linkWhatsApp(config, store(), phone);
+  const cleared = clearForLink(whatsAppAuthDir(config), state, values.relink === true);
+  if (cleared !== null) return cleared;
+  return linkWhatsApp(config, store(), phone).catch((err) => {
+    console.error(`Could not start linking: ${errorText(err)}`);
+    return 1;
+  });
 }
 
 /** Prints each line (`whenNone` if there are none): what a command that only reports does before its exit status 0. */
@@ -6914,9 +6910,9 @@ function report(lines: string[], whenNone?: string): number {
   return 0;
 }
 
-/** Log text as the terminal may show it: control characters but newline and tab written out (ESC as \x1b). */
+/** Text as the terminal may show it: control characters but newline and tab, and the bidi controls that reorder a
+ *  line, written out as escapes (ESC as \x1b). */
 export function visibleText(text: string): string {
-  // Control characters, and the bidi controls that reorder a line, written out as escapes.
   // biome-ignore lint/suspicious/noControlCharactersInRegex: finding them is the point
   const hidden = /[\x00-\x08\x0b-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]/g;
   return text.replace(hidden, (c) => {
@@ -6966,13 +6962,11 @@ function mountAllowlist(config: Config): MountAllowlist | null {
   }
 }
 
-function groupsList({ store }: CommandCall): number {
-  const groups = store()
-    .listGroups()
-    .map((g) => {
-      const wakes = g.isMain ? 'main' : g.requiresTrigger ? `trigger ${g.trigger}` : 'no trigger';
-      return `${g.folder.padEnd(16)} ${g.jid.padEnd(32)} ${wakes}  ${g.name}  (wakes it: ${allowedText(g)})`;
-    });
+function groupsList(store: Store): number {
+  const groups = store.listGroups().map((g) => {
+    const wakes = g.isMain ? 'main' : g.requiresTrigger ? `trigger ${g.trigger}` : 'no trigger';
+    return `${g.folder.padEnd(16)} ${g.jid.padEnd(32)} ${wakes}  ${g.name}  (wakes it: ${allowedText(g)})`;
+  });
   return report(groups, 'No groups registered. `bun nanoclaw.ts chat` registers the main group for the terminal.');
 }
 
@@ -7010,9 +7004,8 @@ function groupsRegister({ config, values, positionals: [jid, folder], store }: C
   const answers =
     group.requiresTrigger && !group.isMain ? `; it answers messages that say ${group.trigger} or reply to it` : '';
   console.log(`Registered ${group.jid} as groups/${group.folder}${group.isMain ? ' (main)' : ''}${answers}.`);
-  const waiting = store()
-    .listTasks(group.folder)
-    .filter((task) => task.status === 'paused' && task.pausedReason);
+  const tasks = store().listTasks(group.folder);
+  const waiting = tasks.filter((task) => task.status === 'paused' && task.pausedReason);
   if (waiting.length)
     console.log(
       `Paused by NanoClaw, waiting for you: ${waiting.map((task) => `${task.id} (${task.pausedReason})`).join(', ')}. Resume each with: bun nanoclaw.ts tasks resume <id>.`,
@@ -7215,10 +7208,11 @@ function serviceCommand({ config, values, action }: CommandCall): number {
 }
 
 function sessionsList({ store }: CommandCall): number {
-  const sessions = store()
-    .listSessions()
-    .map((s) => `${s.groupFolder.padEnd(16)} ${s.sessionId}  (updated ${s.updatedAt})`);
-  return report(sessions, 'No sessions yet.');
+  const sessions = store().listSessions();
+  return report(
+    sessions.map((s) => `${s.groupFolder.padEnd(16)} ${s.sessionId}  (updated ${s.updatedAt})`),
+    'No sessions yet.',
+  );
 }
 
 function sessionsClear({ config, positionals: [folder], store }: CommandCall): number {
@@ -7264,7 +7258,7 @@ async function modelCheck({ config, values }: CommandCall): Promise<number> {
   } as RequestInit)
     .then((response) => modelAnswer(config, response))
     .catch(
-      (err): ModelCheck => ({ status: 'offline', detail: `no answer from ${baseUrl} within 15 s (${errorText(err)})` }),
+      (err): ModelCheck => ({ status: 'offline', detail: `no answer from ${baseUrl} in 15 s (${errorText(err)})` }),
     )
     .finally(() => {
       run.close();
@@ -7318,12 +7312,10 @@ function configGet({ config, positionals: keys }: CommandCall): number {
 function configList({ config }: CommandCall): number {
   const envFile = readEnvFile(config.envFile);
   // Where each value comes from, as loadConfig reads it: the environment wins over .env.
-  const source = (key: string) =>
-    process.env[key]?.trim() || (isSecretKey(key) && secretsFromEnvironment[key])
-      ? 'environment'
-      : envFile[key]?.trim()
-        ? '.env'
-        : 'default';
+  const source = (key: string) => {
+    if (process.env[key]?.trim() || (isSecretKey(key) && secretsFromEnvironment[key])) return 'environment';
+    return envFile[key]?.trim() ? '.env' : 'default';
+  };
   return report(
     SETTING_NAMES.map((key) => `${key.padEnd(26)} ${settingValue(config, key).padEnd(40)} (${source(key)})`),
   );
@@ -7372,7 +7364,7 @@ const register: Command = {
 const service: Command = { options: { 'dry-run': flag, platform: text }, run: serviceCommand };
 
 const COMMANDS: Record<string, Command & { usage: string }> = {
-  start: { usage: '(none), start — run the assistant service (WhatsApp)', run: ({ config }) => runService(config) },
+  start: { usage: '(none), start — run the assistant service (WhatsApp)', run: runService },
   auth: {
     usage: `
       auth [--pairing-code <phone>] — link this machine to your WhatsApp (QR code, or a code typed on the phone)
@@ -7381,10 +7373,7 @@ const COMMANDS: Record<string, Command & { usage: string }> = {
     options: { 'pairing-code': text, check: flag, relink: flag },
     run: authCommand,
   },
-  chat: {
-    usage: "chat — talk to the main group's agent here (piped: a message a line; Ctrl-C stops the turn, exit 130)",
-    run: ({ config }) => runChat(config),
-  },
+  chat: { usage: "chat — talk to the main group's agent here (Ctrl-C stops the turn, exit 130)", run: runChat },
   groups: {
     usage: `
       groups list — registered groups
@@ -7393,7 +7382,7 @@ const COMMANDS: Record<string, Command & { usage: string }> = {
       groups remove <jid|folder> — unregister (its folder and memory stay on disk; its active tasks are paused)`,
     defaultAction: 'list',
     actions: {
-      list: { run: groupsList },
+      list: { run: ({ store }) => groupsList(store()) },
       discover: { run: ({ store }) => report(discoverLines(store())) },
       register,
       add: register,
@@ -7549,9 +7538,8 @@ async function main(argv: string[]): Promise<number> {
   try {
     const config = loadConfig(process.env.NANOCLAW_ROOT || dirname(fileURLToPath(import.meta.url)));
     const verbose = config.logLevel === 'debug' || config.logLevel === 'trace';
-    // In `chat` the terminal belongs to the conversation; under a service manager (no TTY)
-    // stdout/stderr already go to the log files, so the terminal copy would double them.
-    // Other commands print their own results; their log lines go to the files unless something is wrong.
+    // In `chat` the terminal belongs to the conversation; under a service manager (no TTY) stdout/stderr already go
+    // to the log files. Other commands print their own results; their log lines go to the terminal only when wrong.
     const quietTerminal = (command === 'chat' && !verbose) || (command === 'start' && !process.stderr.isTTY);
     const terminalLevel = quietTerminal ? 'silent' : command === 'start' || verbose ? config.logLevel : 'warn';
     const secrets = Object.values(readSecrets(config)).filter((v): v is string => Boolean(v));
