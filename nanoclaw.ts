@@ -6759,9 +6759,7 @@ async function runChat({ config }: CommandCall): Promise<number> {
   if (leftover || unprinted)
     terminal.problem(`(An earlier chat ended with ${leftOut.filter(Boolean).join(' and ')}; they are left out here.)`);
   if (terminal.interactive)
-    terminal.print(
-      `Talking to ${config.assistantName} (main group, groups/${main.folder}). Ctrl-D leaves, Ctrl-C stops.`,
-    );
+    terminal.print(`Talking to ${config.assistantName} in groups/${main.folder} (main). Ctrl-D leaves, Ctrl-C stops.`);
   await Promise.race([chatInput(host, terminal), interrupted]);
   await finish();
   return terminal.stopped ? 130 : failures > 0 ? 1 : 0;
@@ -7040,10 +7038,8 @@ const printingChannel = (): Channel => ({
   disconnect: async () => {},
 });
 
-function describeSchedule(task: ScheduledTask): string {
-  if (task.scheduleType === 'interval') return `every ${Number(task.scheduleValue) / 1000} s`;
-  return `${task.scheduleType} ${task.scheduleValue}`;
-}
+const describeSchedule = ({ scheduleType: type, scheduleValue: value }: ScheduledTask) =>
+  type === 'interval' ? `every ${Number(value) / 1000} s` : `${type} ${value}`;
 
 const queuedNote = (config: Config) =>
   WhatsAppChannel.linkState(whatsAppAuthDir(config)) === 'linked'
@@ -7327,13 +7323,7 @@ function diagnoseCommand({ config, values }: CommandCall): number {
   return runScript(config, 'diagnose.sh', values.json ? ['--json'] : [], key ? { KIMI_API_KEY: key } : {});
 }
 /** What a command's run gets: its options and arguments, parsed; the store, opened at its first use and closed after the run. */
-interface CommandCall {
-  config: Config;
-  action: string;
-  values: OptionValues;
-  positionals: string[];
-  store: () => Store;
-}
+type CommandCall = { config: Config; action: string; values: OptionValues; positionals: string[]; store: () => Store };
 
 /** A command, or one of its actions. */
 interface Command {
