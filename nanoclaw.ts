@@ -6799,30 +6799,6 @@ export function authPlan(state: LinkState, relink: boolean): 'link' | 'start-ove
   return relink ? 'replace' : 'ask';
 }
 
-/** Clears store/auth/ as planned (a linked device's keys only on the user's yes); an exit status if nothing is to link. */
-function clearForLink(authDir: string, state: LinkState, relink: boolean): number | null {
-  const plan = authPlan(state, relink);
-  const what = state === 'linked' ? 'WhatsApp is already linked (store/auth/)' : NOT_LINKED_WHY.damaged;
-  if (plan === 'ask' && !process.stdin.isTTY) {
-    // A linked device is nothing wrong (stdout, exit 0); damaged credentials are (stderr, exit 2).
-    const say = state === 'linked' ? console.log : console.error;
-    say(`${what}. To link again (this deletes store/auth/): ${linkFix('damaged')}`);
-    return state === 'linked' ? 0 : 2;
-  }
-  const yes = () =>
-    /^y(es)?$/i.test(prompt(`${what}. Delete store/auth/ and link this machine again? [y/N]`)?.trim() ?? '');
-  if (plan === 'ask' && !yes()) {
-    console.log('Nothing changed.');
-    return 0;
-  }
-  // Credentials of a pairing that never finished would make WhatsApp treat us as a device it does not know.
-  if (plan === 'start-over') console.log('An earlier link was started but never finished; starting over.');
-  if (plan !== 'link') rmSync(authDir, { recursive: true, force: true });
-  if (plan === 'replace' || plan === 'ask')
-    console.log('Removed store/auth/. On your phone, remove the old device under Linked devices if listed.');
-  return null;
-}
-
 /** Links this machine to WhatsApp (QR code, or a pairing code for `phone`); resolves with the exit status. */
 async function linkWhatsApp(config: Config, store: Store, phone: string | undefined): Promise<number> {
   const authDir = whatsAppAuthDir(config);
@@ -6879,9 +6855,11 @@ async function linkWhatsApp(config: Config, store: Store, phone: string | undefi
   }
 }
 
-/** `auth --check` prints one line, with an exit status a script can test. */
+/** `auth`: links this machine, clearing store/auth/ as planned (a linked device's keys only on the user's yes).
+ *  `auth --check`: one line, and an exit status a script can test. */
 async function authCommand({ config, values, store }: CommandCall): Promise<number> {
-  const state = WhatsAppChannel.linkState(whatsAppAuthDir(config));
+  const authDir = whatsAppAuthDir(config);
+  const state = WhatsAppChannel.linkState(authDir);
   if (values.check) {
     if (values['pairing-code'] !== undefined || values.relink)
       throw new UsageError('--check takes no other option.', 'auth');
@@ -6893,8 +6871,25 @@ async function authCommand({ config, values, store }: CommandCall): Promise<numb
   const phone = (values['pairing-code'] as string | undefined)?.replace(/[\s+()-]/g, '');
   if (phone !== undefined && !/^\d{8,15}$/.test(phone))
     throw new UsageError('--pairing-code takes your number: country code, digits only, e.g. 4915123456789', 'auth');
-  const cleared = clearForLink(whatsAppAuthDir(config), state, values.relink === true);
-  if (cleared !== null) return cleared;
+  const plan = authPlan(state, values.relink === true);
+  const what = state === 'linked' ? 'WhatsApp is already linked (store/auth/)' : NOT_LINKED_WHY.damaged;
+  if (plan === 'ask' && !process.stdin.isTTY) {
+    // A linked device is nothing wrong (stdout, exit 0); damaged credentials are (stderr, exit 2).
+    const say = state === 'linked' ? console.log : console.error;
+    say(`${what}. To link again (this deletes store/auth/): ${linkFix('damaged')}`);
+    return state === 'linked' ? 0 : 2;
+  }
+  const yes = () =>
+    /^y(es)?$/i.test(prompt(`${what}. Delete store/auth/ and link this machine again? [y/N]`)?.trim() ?? '');
+  if (plan === 'ask' && !yes()) {
+    console.log('Nothing changed.');
+    return 0;
+  }
+  // Credentials of a pairing that never finished would make WhatsApp treat us as a device it does not know.
+  if (plan === 'start-over') console.log('An earlier link was started but never finished; starting over.');
+  if (plan !== 'link') rmSync(authDir, { recursive: true, force: true });
+  if (plan === 'replace' || plan === 'ask')
+    console.log('Removed store/auth/. On your phone, remove the old device under Linked devices if listed.');
   return linkWhatsApp(config, store(), phone).catch((err) => {
     console.error(`Could not start linking: ${errorText(err)}`);
     return 1;
