@@ -7317,6 +7317,7 @@ function diagnoseCommand({ config, values }: CommandCall): number {
   const key = secretsFromEnvironment.KIMI_API_KEY;
   return runScript(config, 'diagnose.sh', values.json ? ['--json'] : [], key ? { KIMI_API_KEY: key } : {});
 }
+
 /** What a command's run gets: its options and arguments, parsed; the store, opened at its first use and closed after the run. */
 type CommandCall = { config: Config; action: string; values: OptionValues; positionals: string[]; store: () => Store };
 
