@@ -6519,31 +6519,27 @@ export function makeSelfChatMain(config: Config, store: Store, selfJid: string):
 
 // ───────────────────────────── 13. CLI: the command table, its runner, main() ──────────
 
-function parseArgsMistake(err: unknown): string {
-  const message = errorText(err);
-  const quoted = /'([^']+)'/.exec(message)?.[1] ?? '';
-  if (errorCode(err) === 'ERR_PARSE_ARGS_UNKNOWN_OPTION') return `Unknown option ${quoted}.`;
-  if (errorCode(err) !== 'ERR_PARSE_ARGS_INVALID_OPTION_VALUE') return message;
-  const option = quoted.split(' ')[0]!;
-  if (/does not take an argument/.test(message)) return `${option} takes no value.`;
-  if (/ambiguous/.test(message)) return `${option} needs a value (one that starts with "-" goes as ${option}=-…).`;
-  return `${option} needs a value.`;
-}
-
 type CommandOptions = Record<string, { type: 'string' | 'boolean'; multiple?: boolean }>;
 type OptionValues = Record<string, string | boolean | string[] | undefined>;
-type ParsedArgs = { values: OptionValues; positionals: string[] };
 
 /** Strict parseArgs: a mistake becomes a UsageError naming the command; null for `--help`/`-h` anywhere. */
-function commandArgs(command: string, args: string[], options: CommandOptions): ParsedArgs | null {
+function commandArgs(command: string, args: string[], options: CommandOptions) {
   const helpOption = { type: 'boolean', short: 'h' } as const;
   try {
     const parsed = parseArgs({ args, allowPositionals: true, strict: true, options: { ...options, help: helpOption } });
-    if (!parsed.values.help) return parsed;
+    return parsed.values.help ? null : parsed;
   } catch (err) {
-    if (!args.includes('--help') && !args.includes('-h')) throw new UsageError(parseArgsMistake(err), command);
+    if (args.includes('--help') || args.includes('-h')) return null;
+    const message = errorText(err);
+    const option = /'([^' ]+)/.exec(message)?.[1] ?? ''; // as the user wrote it: '--lines <value>' is --lines
+    const mistake = (text: string) => new UsageError(text, command);
+    if (errorCode(err) === 'ERR_PARSE_ARGS_UNKNOWN_OPTION') throw mistake(`Unknown option ${option}.`);
+    if (errorCode(err) !== 'ERR_PARSE_ARGS_INVALID_OPTION_VALUE') throw mistake(message);
+    if (/does not take an argument/.test(message)) throw mistake(`${option} takes no value.`);
+    if (/ambiguous/.test(message))
+      throw mistake(`${option} needs a value (one that starts with "-" goes as ${option}=-…).`);
+    throw mistake(`${option} needs a value.`);
   }
-  return null;
 }
 
 function positiveOption(command: string, name: string, raw: OptionValues[string], fallback: number): number {
@@ -6564,23 +6560,6 @@ function onShutdownSignal(stop: () => Promise<void>, signals: NodeJS.Signals[] =
       log.info({ signal }, 'Shutting down');
       void stop().then(() => process.exit(0));
     });
-}
-
-/** The main group for the terminal, and a note of what an earlier chat left (lines unanswered, answers unprinted): it
- *  is left out, as it would print before this chat's own answers. */
-async function mainForChat(config: Config): Promise<{ main: RegisteredGroup; leftOut: string | null }> {
-  const store = await openProjectStore(config);
-  try {
-    const main = store.mainGroup() ?? addMainGroup(config, store, LOCAL_MAIN_JID);
-    const leftover = main.jid.endsWith('@local') ? store.messagesSince(main.jid, store.getCursor(main.jid)).length : 0;
-    if (leftover) store.setCursor(main.jid, store.latestSeq(main.jid));
-    const unprinted = store.dropUnsent('local', 'left by an earlier chat that ended before it was printed');
-    const parts = [leftover && `${leftover} line(s) unanswered`, unprinted && `${unprinted} answer part(s) unprinted`];
-    const what = parts.filter(Boolean).join(' and ');
-    return { main, leftOut: what ? `(An earlier chat ended with ${what}; they are left out here.)` : null };
-  } finally {
-    store.close();
-  }
 }
 
 /** Each line is a message; resolves when the input ends. Piped, each is answered before the next is sent. On a
@@ -6613,9 +6592,15 @@ async function chatInput(host: Host, terminal: TerminalChannel): Promise<void> {
 }
 
 /** `chat`: the terminal as the main group's channel. Ctrl-C stops the turn in progress and exits 130. */
-async function runChat(config: Config): Promise<number> {
+async function runChat({ config }: CommandCall): Promise<number> {
   keepRunningThroughErrors();
-  const { main, leftOut } = await mainForChat(config);
+  // What an earlier chat left (lines unanswered, answers unprinted) is left out: it would print before this chat's own.
+  const store = await openProjectStore(config);
+  const main = store.mainGroup() ?? addMainGroup(config, store, LOCAL_MAIN_JID);
+  const leftover = main.jid.endsWith('@local') ? store.messagesSince(main.jid, store.getCursor(main.jid)).length : 0;
+  if (leftover) store.setCursor(main.jid, store.latestSeq(main.jid));
+  const unprinted = store.dropUnsent('local', 'left by an earlier chat that ended before it was printed');
+  store.close();
   const terminal = new TerminalChannel(main.jid, config.assistantName);
   const { host, finish } = await startHost(config, () => [terminal]);
   onShutdownSignal(finish, ['SIGTERM']);
@@ -6638,15 +6623,14 @@ async function runChat(config: Config): Promise<number> {
     if (await host.abandon(main.jid))
       terminal.print('Stopped. That message will not be answered; send it again if you still want an answer.');
   });
-  if (leftOut) terminal.problem(leftOut);
+  const leftOut = [leftover && `${leftover} line(s) unanswered`, unprinted && `${unprinted} answer part(s) unprinted`];
+  if (leftover || unprinted)
+    terminal.problem(`(An earlier chat ended with ${leftOut.filter(Boolean).join(' and ')}; they are left out here.)`);
   if (terminal.interactive)
-    terminal.print(
-      `Talking to ${config.assistantName} (main group, folder groups/${main.folder}). Ctrl-D to leave, Ctrl-C to stop.`,
-    );
+    terminal.print(`Talking to ${config.assistantName} in groups/${main.folder} (main). Ctrl-D leaves, Ctrl-C stops.`);
   await Promise.race([chatInput(host, terminal), interrupted]);
   await finish();
-  if (terminal.stopped) return 130;
-  return failures > 0 ? 1 : 0;
+  return terminal.stopped ? 130 : failures > 0 ? 1 : 0;
 }
 
 /** Why store/auth/ holds no link, where there is more to say than that. */
@@ -6656,7 +6640,7 @@ const NOT_LINKED_WHY: Partial<Record<LinkState, string>> = {
 };
 const linkFix = (state: LinkState) => `bun nanoclaw.ts auth${state === 'damaged' ? ' --relink' : ''}`;
 
-async function runService(config: Config): Promise<number> {
+async function runService({ config }: CommandCall): Promise<number> {
   const link = WhatsAppChannel.linkState(whatsAppAuthDir(config));
   const why = NOT_LINKED_WHY[link];
   if (link !== 'linked')
@@ -6683,68 +6667,27 @@ export function authPlan(state: LinkState, relink: boolean): 'link' | 'start-ove
   return relink ? 'replace' : 'ask';
 }
 
-/** A yes/no question on the terminal; anything but y or yes is no. */
-async function askYes(question: string): Promise<boolean> {
-  const terminal = createInterface({ input: process.stdin, output: process.stdout });
-  const answer = await new Promise<string>((answered) => terminal.question(`${question} [y/N] `, answered));
-  terminal.close();
-  return /^y(es)?$/i.test(answer.trim());
-}
-
-/** `auth --check`: one line, and the exit status a script can test. */
-function authCheck(state: LinkState): number {
-  const why = NOT_LINKED_WHY[state];
-  if (state === 'linked') console.log('linked: store/auth/ holds a linked WhatsApp device');
-  else console.log(`not linked${why ? `: ${why}` : ''} (run ${linkFix(state)})`);
-  return { linked: 0, none: 3, pending: 4, damaged: 5 }[state];
-}
-
-/** Clears store/auth/ as planned (a linked device's keys only on the user's yes); an exit status if nothing is to link. */
-async function clearForLink(authDir: string, state: LinkState, relink: boolean): Promise<number | null> {
-  const plan = authPlan(state, relink);
-  const what = state === 'linked' ? 'WhatsApp is already linked (store/auth/)' : NOT_LINKED_WHY.damaged;
-  if (plan === 'ask' && !process.stdin.isTTY) {
-    // A linked device is nothing wrong (stdout, exit 0); damaged credentials are (stderr, exit 2).
-    const say = state === 'linked' ? console.log : console.error;
-    say(`${what}. To link again (this deletes store/auth/): ${linkFix('damaged')}`);
-    return state === 'linked' ? 0 : 2;
-  }
-  if (plan === 'ask' && !(await askYes(`${what}. Delete store/auth/ and link this machine again?`))) {
-    console.log('Nothing changed.');
-    return 0;
-  }
-  // Credentials of a pairing that never finished would make WhatsApp treat us as a device it does not know.
-  if (plan === 'start-over') console.log('An earlier link was started but never finished; starting over.');
-  if (plan !== 'link') rmSync(authDir, { recursive: true, force: true });
-  if (plan === 'replace' || plan === 'ask')
-    console.log('Removed store/auth/. On your phone, remove the old device under Linked devices if listed.');
-  return null;
-}
-
-/** The socket events `auth` listens to; dropped once the socket is over. */
-const LINK_EVENTS = ['creds.update', 'connection.update'] as const;
-
 /** Links this machine to WhatsApp (QR code, or a pairing code for `phone`); resolves with the exit status. */
 async function linkWhatsApp(config: Config, store: Store, phone: string | undefined): Promise<number> {
   const authDir = whatsAppAuthDir(config);
   mkdirSync(authDir, { recursive: true });
   const { generate } = await import('qrcode-terminal');
   const versions = whatsAppChannel(config, store); // never connected: its version lookup, as the service's
-  const credentials = useDurableAuthState(authDir); // kept for the reconnect after pairing (515): never re-read mid-write
-  return new Promise<number>((resolveAuth) => {
-    const open = async () => {
-      await versions.resolveVersion();
-      const { state: auth, saveCreds } = await credentials;
-      const sock = baileys().default({
-        auth,
-        logger: pino()({ level: 'silent' }) as unknown as ILogger,
-        markOnlineOnConnect: false,
-        syncFullHistory: false,
-        ...(versions.version ? { version: versions.version } : {}),
-        ...(config.whatsappServerUrl ? { waWebSocketUrl: config.whatsappServerUrl } : {}),
-      });
-      let codeRequested = false; // a pairing code belongs to the socket that asked for it
-      sock.ev.on('creds.update', saveCreds);
+  // Kept for the reconnect after pairing (515): never re-read mid-write.
+  const { state: auth, saveCreds } = await useDurableAuthState(authDir);
+  for (;;) {
+    await versions.resolveVersion();
+    const sock = baileys().default({
+      auth,
+      logger: pino()({ level: 'silent' }) as unknown as ILogger,
+      markOnlineOnConnect: false,
+      syncFullHistory: false,
+      ...(versions.version ? { version: versions.version } : {}),
+      ...(config.whatsappServerUrl ? { waWebSocketUrl: config.whatsappServerUrl } : {}),
+    });
+    let codeRequested = false; // a pairing code belongs to the socket that asked for it
+    sock.ev.on('creds.update', saveCreds);
+    const { connection, lastDisconnect } = await new Promise<Partial<ConnectionState>>((settle) =>
       sock.ev.on('connection.update', async (update) => {
         if (update.qr && !phone)
           generate(update.qr, { small: true }, (qr) =>
@@ -6757,46 +6700,68 @@ async function linkWhatsApp(config: Config, store: Store, phone: string | undefi
             `\nPairing code: ${code}\nOn your phone: WhatsApp → Settings → Linked devices → Link a device → "Link with phone number instead", then type the code.`,
           );
         }
-        if (update.connection === 'open') {
-          const me = baileys().jidNormalizedUser(sock.user!.id);
-          const main = makeSelfChatMain(config, store, me);
-          console.log(
-            `Linked as ${me.split('@')[0]}. Your own chat ("Message yourself") is the main group (groups/${main.folder}).\nStart the assistant: bun nanoclaw.ts`,
-          );
-          for (const event of LINK_EVENTS) sock.ev.removeAllListeners(event); // its closing is no news
-          await sock.end(undefined);
-          resolveAuth(0);
-        }
-        if (update.connection === 'close') {
-          for (const event of LINK_EVENTS) sock.ev.removeAllListeners(event); // this socket is over either way
-          const { retry, message } = authCloseMessage(update.lastDisconnect?.error);
-          if (retry) return void open();
-          // What an unfinished attempt left behind is no link; the next auth starts clean.
-          if (WhatsAppChannel.linkState(authDir) !== 'linked') rmSync(authDir, { recursive: true, force: true });
-          console.error(message);
-          resolveAuth(1);
-        }
-      });
-    };
-    open().catch((err) => {
-      console.error(`Could not start linking: ${errorText(err)}`);
-      resolveAuth(1);
-    });
-  });
+        if (update.connection === 'open' || update.connection === 'close') settle(update);
+      }),
+    );
+    // This socket is over either way (once open, its closing is no news).
+    for (const event of ['creds.update', 'connection.update'] as const) sock.ev.removeAllListeners(event);
+    if (connection === 'open') {
+      const me = baileys().jidNormalizedUser(sock.user!.id);
+      const main = makeSelfChatMain(config, store, me);
+      console.log(
+        `Linked as ${me.split('@')[0]}. Your own chat ("Message yourself") is the main group (groups/${main.folder}).\nStart the assistant: bun nanoclaw.ts`,
+      );
+      await sock.end(undefined);
+      return 0;
+    }
+    const { retry, message } = authCloseMessage(lastDisconnect?.error);
+    if (retry) continue;
+    // What an unfinished attempt left behind is no link; the next auth starts clean.
+    if (WhatsAppChannel.linkState(authDir) !== 'linked') rmSync(authDir, { recursive: true, force: true });
+    console.error(message);
+    return 1;
+  }
 }
 
+/** `auth`: links this machine, clearing store/auth/ as planned (a linked device's keys only on the user's yes).
+ *  `auth --check`: one line, and an exit status a script can test. */
 async function authCommand({ config, values, store }: CommandCall): Promise<number> {
-  const state = WhatsAppChannel.linkState(whatsAppAuthDir(config));
+  const authDir = whatsAppAuthDir(config);
+  const state = WhatsAppChannel.linkState(authDir);
   if (values.check) {
     if (values['pairing-code'] !== undefined || values.relink)
       throw new UsageError('--check takes no other option.', 'auth');
-    return authCheck(state);
+    const why = NOT_LINKED_WHY[state];
+    if (state === 'linked') console.log('linked: store/auth/ holds a linked WhatsApp device');
+    else console.log(`not linked${why ? `: ${why}` : ''} (run ${linkFix(state)})`);
+    return { linked: 0, none: 3, pending: 4, damaged: 5 }[state];
   }
   const phone = (values['pairing-code'] as string | undefined)?.replace(/[\s+()-]/g, '');
   if (phone !== undefined && !/^\d{8,15}$/.test(phone))
     throw new UsageError('--pairing-code takes your number: country code, digits only, e.g. 4915123456789', 'auth');
-  const cleared = await clearForLink(whatsAppAuthDir(config), state, values.relink === true);
-  return cleared ?? (await linkWhatsApp(config, store(), phone));
+  const plan = authPlan(state, values.relink === true);
+  const what = state === 'linked' ? 'WhatsApp is already linked (store/auth/)' : NOT_LINKED_WHY.damaged;
+  if (plan === 'ask' && !process.stdin.isTTY) {
+    // A linked device is nothing wrong (stdout, exit 0); damaged credentials are (stderr, exit 2).
+    const say = state === 'linked' ? console.log : console.error;
+    say(`${what}. To link again (this deletes store/auth/): ${linkFix('damaged')}`);
+    return state === 'linked' ? 0 : 2;
+  }
+  const yes = () =>
+    /^y(es)?$/i.test(prompt(`${what}. Delete store/auth/ and link this machine again? [y/N]`)?.trim() ?? '');
+  if (plan === 'ask' && !yes()) {
+    console.log('Nothing changed.');
+    return 0;
+  }
+  // Credentials of a pairing that never finished would make WhatsApp treat us as a device it does not know.
+  if (plan === 'start-over') console.log('An earlier link was started but never finished; starting over.');
+  if (plan !== 'link') rmSync(authDir, { recursive: true, force: true });
+  if (plan === 'replace' || plan === 'ask')
+    console.log('Removed store/auth/. On your phone, remove the old device under Linked devices if listed.');
+  return linkWhatsApp(config, store(), phone).catch((err) => {
+    console.error(`Could not start linking: ${errorText(err)}`);
+    return 1;
+  });
 }
 
 /** Prints each line (`whenNone` if there are none): what a command that only reports does before its exit status 0. */
@@ -6806,9 +6771,9 @@ function report(lines: string[], whenNone?: string): number {
   return 0;
 }
 
-/** Log text as the terminal may show it: control characters but newline and tab written out (ESC as \x1b). */
+/** Text as the terminal may show it: control characters but newline and tab, and the bidi controls that reorder a
+ *  line, written out as escapes (ESC as \x1b). */
 export function visibleText(text: string): string {
-  // Control characters, and the bidi controls that reorder a line, written out as escapes.
   // biome-ignore lint/suspicious/noControlCharactersInRegex: finding them is the point
   const hidden = /[\x00-\x08\x0b-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]/g;
   return text.replace(hidden, (c) => {
@@ -6816,9 +6781,6 @@ export function visibleText(text: string): string {
     return code > 0xff ? `\\u${code.toString(16)}` : `\\x${code.toString(16).padStart(2, '0')}`;
   });
 }
-
-/** A name someone else chose, safe to print on a terminal (no control characters or escape sequences). */
-const printable = (name: string) => name.replace(/[\p{Cc}\p{Cf}]/gu, ' ').trim();
 
 /** `groups discover`: the WhatsApp chats the last group sync and the messages told of, with their ids, to register one. */
 export function discoverLines(store: Store): string[] {
@@ -6835,7 +6797,8 @@ export function discoverLines(store: Store): string[] {
     ...chats.map((chat) => {
       const size = chat.isGroup ? `${members[chat.jid] ?? '?'} members` : 'person';
       const registered = folders.has(chat.jid) ? `groups/${folders.get(chat.jid)}` : 'not registered';
-      return `${chat.jid.padEnd(32)} ${size.padEnd(12)} ${registered.padEnd(20)} ${printable(chat.name ?? '')}`;
+      // A name someone else chose: shown, never obeyed by the terminal.
+      return `${chat.jid.padEnd(32)} ${size.padEnd(12)} ${registered.padEnd(20)} ${visibleText(chat.name ?? '')}`;
     }),
     '',
     `Group names and members as of the last sync (${synced ?? 'never'}; the service syncs at start when older than a day, daily, and when main is asked to refresh).`,
@@ -6860,39 +6823,6 @@ function mountAllowlist(config: Config): MountAllowlist | null {
   }
 }
 
-/** What `groups register` is asked to keep, each option checked before anything is written. */
-function registration(config: Config, values: OptionValues, jid: string, folder: string) {
-  const { name, trigger, network } = values as Record<string, string | undefined>; // the string options
-  const mistake = (message: string) => new UsageError(message, 'groups');
-  const allow = typeof values.allow === 'string' ? values.allow.split(',').map((sender) => sender.trim()) : undefined;
-  const problem = groupRequestProblem(config, { jid, folder, trigger, allow }); // addGroup's rules, before the store opens
-  if (problem) throw mistake(`${problem}.`);
-  if (!isValidJid(jid))
-    throw mistake(
-      `"${jid}" is not a WhatsApp chat id: a group is <digits>@g.us, a person <phone digits>@s.whatsapp.net (see \`groups discover\`).`,
-    );
-  if (network !== undefined && !isValidNetwork(network))
-    throw mistake(`--network ${network}: use egress, none, bridge or the name of a Docker network (never host).`);
-  const additionalMounts = ((values.mount as string[] | undefined) ?? []).map(parseMountOption);
-  const isMain = values.main === true;
-  // The same check a run makes: a mount the allowlist refuses is refused now, not silently at every run.
-  const refused = additionalMounts.length
-    ? validateExtraMounts(additionalMounts, mountAllowlist(config), isMain).rejected[0]
-    : undefined;
-  if (refused) throw mistake(`--mount ${refused.hostPath}: refused (${refused.reason}).`);
-  const containerConfig = { ...(network ? { network } : {}), ...(additionalMounts.length ? { additionalMounts } : {}) };
-  return {
-    jid,
-    folder,
-    name: name ?? folder,
-    trigger,
-    isMain,
-    requiresTrigger: values['no-trigger'] ? false : undefined,
-    containerConfig: Object.keys(containerConfig).length ? containerConfig : undefined,
-    allow,
-  };
-}
-
 function groupsList(store: Store): number {
   const groups = store.listGroups().map((g) => {
     const wakes = g.isMain ? 'main' : g.requiresTrigger ? `trigger ${g.trigger}` : 'no trigger';
@@ -6901,14 +6831,42 @@ function groupsList(store: Store): number {
   return report(groups, 'No groups registered. `bun nanoclaw.ts chat` registers the main group for the terminal.');
 }
 
-function groupsRegister({ config, values, positionals: [jid, folder], store: openStore }: CommandCall): number {
-  const request = registration(config, values, jid!, folder!); // checked before the store is opened
-  const store = openStore();
-  const group = addGroup(config, store, request);
+/** Each option is checked (as addGroup and a run would check it) before the store is opened. */
+function groupsRegister({ config, values, positionals: [jid, folder], store }: CommandCall): number {
+  const { name, trigger, network } = values as Record<string, string | undefined>; // the string options
+  const mistake = (message: string) => new UsageError(message, 'groups');
+  const allow = typeof values.allow === 'string' ? values.allow.split(',').map((sender) => sender.trim()) : undefined;
+  const problem = groupRequestProblem(config, { jid: jid!, folder: folder!, trigger, allow });
+  if (problem) throw mistake(`${problem}.`);
+  if (!isValidJid(jid!))
+    throw mistake(
+      `"${jid}" is not a WhatsApp chat id: a group is <digits>@g.us, a person <phone digits>@s.whatsapp.net (see \`groups discover\`).`,
+    );
+  if (network !== undefined && !isValidNetwork(network))
+    throw mistake(`--network ${network}: use egress, none, bridge or the name of a Docker network (never host).`);
+  const additionalMounts = ((values.mount as string[] | undefined) ?? []).map(parseMountOption);
+  const isMain = values.main === true;
+  // A mount the allowlist refuses is refused now, not silently at every run.
+  const refused = additionalMounts.length
+    ? validateExtraMounts(additionalMounts, mountAllowlist(config), isMain).rejected[0]
+    : undefined;
+  if (refused) throw mistake(`--mount ${refused.hostPath}: refused (${refused.reason}).`);
+  const containerConfig = { ...(network ? { network } : {}), ...(additionalMounts.length ? { additionalMounts } : {}) };
+  const group = addGroup(config, store(), {
+    jid: jid!,
+    folder: folder!,
+    name: name ?? folder!,
+    trigger,
+    isMain,
+    requiresTrigger: values['no-trigger'] ? false : undefined,
+    containerConfig: Object.keys(containerConfig).length ? containerConfig : undefined,
+    allow,
+  });
   const answers =
     group.requiresTrigger && !group.isMain ? `; it answers messages that say ${group.trigger} or reply to it` : '';
   console.log(`Registered ${group.jid} as groups/${group.folder}${group.isMain ? ' (main)' : ''}${answers}.`);
-  const waiting = store.listTasks(group.folder).filter((task) => task.status === 'paused' && task.pausedReason);
+  const tasks = store().listTasks(group.folder);
+  const waiting = tasks.filter((task) => task.status === 'paused' && task.pausedReason);
   if (waiting.length)
     console.log(
       `Paused by NanoClaw, waiting for you: ${waiting.map((task) => `${task.id} (${task.pausedReason})`).join(', ')}. Resume each with: bun nanoclaw.ts tasks resume <id>.`,
@@ -6916,8 +6874,9 @@ function groupsRegister({ config, values, positionals: [jid, folder], store: ope
   return 0;
 }
 
-function groupsRemove(store: Store, key: string): number {
-  const group = store.groupByJid(key) ?? store.groupByFolder(key);
+function groupsRemove({ positionals: [key], store: openStore }: CommandCall): number {
+  const store = openStore();
+  const group = store.groupByJid(key!) ?? store.groupByFolder(key!);
   if (!group)
     throw new UsageError(`No registered group with chat id or folder "${key}" (see: bun nanoclaw.ts groups list).`);
   const active = store.listTasks(group.folder).filter((task) => task.status === 'active');
@@ -6942,10 +6901,8 @@ const printingChannel = (): Channel => ({
   disconnect: async () => {},
 });
 
-function describeSchedule(task: ScheduledTask): string {
-  if (task.scheduleType === 'interval') return `every ${Number(task.scheduleValue) / 1000} s`;
-  return `${task.scheduleType} ${task.scheduleValue}`;
-}
+const describeSchedule = ({ scheduleType: type, scheduleValue: value }: ScheduledTask) =>
+  type === 'interval' ? `every ${Number(value) / 1000} s` : `${type} ${value}`;
 
 const queuedNote = (config: Config) =>
   WhatsAppChannel.linkState(whatsAppAuthDir(config)) === 'linked'
@@ -6953,14 +6910,14 @@ const queuedNote = (config: Config) =>
     : 'WhatsApp is not linked on this machine: queued in the outbox until you link it (bun nanoclaw.ts auth) and start NanoClaw.';
 
 /** With the service running, it asks the service; else it runs here and what it says waits in the outbox. */
-async function runTaskNow(config: Config, store: Store, task: ScheduledTask): Promise<number> {
+async function runTaskNow({ config, store }: CommandCall, task: ScheduledTask): Promise<number> {
   const servicePid = runningHostPid(config);
   if (servicePid) {
     if (task.status !== 'active')
       throw new UsageError(
         `Task ${task.id} is ${task.status}; the running NanoClaw (pid ${servicePid}) runs active tasks only. Resume it first: bun nanoclaw.ts tasks resume ${task.id}`,
       );
-    store.updateTask(task.id, { nextRun: new Date().toISOString() });
+    store().updateTask(task.id, { nextRun: new Date().toISOString() });
     return report([
       `NanoClaw is running (pid ${servicePid}): it runs ${task.id} within a second or two, and sends what it says to ${task.chatJid}.`,
     ]);
@@ -6977,18 +6934,6 @@ async function runTaskNow(config: Config, store: Store, task: ScheduledTask): Pr
   } finally {
     started.store.close();
     started.release();
-  }
-}
-
-/** Exactly what the agent's requests do (ipcActions()), as the task's group; the scheduling limits bind agents, not you. */
-function applyTaskCommand(config: Config, store: Store, task: ScheduledTask, request: IpcRequest): void {
-  // The task actions read their source only to name it in their log line; a removed group's task keeps its folder.
-  const source = store.groupByFolder(task.groupFolder) ?? ({ folder: task.groupFolder } as RegisteredGroup);
-  try {
-    store.transaction(() => applyIpcRequest(request, { config, store, source, effects: NO_EFFECTS }));
-  } catch (err) {
-    if (err instanceof ScheduleError) throw new UsageError(`${err.message.replace(/^task/, 'Task')}.`);
-    throw err;
   }
 }
 
@@ -7032,11 +6977,21 @@ function tasksShow({ config, values, store }: CommandCall, task: ScheduledTask):
   ]);
 }
 
+/** Exactly what the agent's requests do (ipcActions()), as the task's group; the scheduling limits bind agents, not you. */
 function changeTask(action: 'pause' | 'resume' | 'cancel') {
   const done = { pause: 'Paused', resume: 'Resumed', cancel: 'Cancelled' }[action];
-  return onTask(({ config, store }, task) => {
-    applyTaskCommand(config, store(), task, { type: `${action}_task`, taskId: task.id });
-    const next = action === 'resume' ? `; next run ${localTime(config)(store().getTask(task.id)!.nextRun)}` : '';
+  return onTask(({ config, store: openStore }, task) => {
+    const store = openStore();
+    // The task actions read their source only to name it in their log line; a removed group's task keeps its folder.
+    const source = store.groupByFolder(task.groupFolder) ?? ({ folder: task.groupFolder } as RegisteredGroup);
+    const request: IpcRequest = { type: `${action}_task`, taskId: task.id };
+    try {
+      store.transaction(() => applyIpcRequest(request, { config, store, source, effects: NO_EFFECTS }));
+    } catch (err) {
+      if (err instanceof ScheduleError) throw new UsageError(`${err.message.replace(/^task/, 'Task')}.`);
+      throw err;
+    }
+    const next = action === 'resume' ? `; next run ${localTime(config)(store.getTask(task.id)!.nextRun)}` : '';
     return report([`${done} ${task.id}${next}.`]);
   });
 }
@@ -7061,37 +7016,32 @@ function mountsCommand({ config, values, positionals: [folder], store }: Command
   ]);
 }
 
-function lastLines(text: string, count: number): string {
-  return visibleText(text.replace(/\n$/, '').split('\n').slice(-count).join('\n'));
-}
-
-/** `logs --group`: the group's recent run logs, the latest one's end; read through its tree (the agent can write there). */
-function groupRunLog(config: Config, folder: string, count: number): string[] {
-  if (!isValidFolder(folder)) throw new UsageError(`"${folder}" is not a group folder name.`, 'logs');
-  const { group: tree } = groupTrees(config, folder);
-  const dir = relative(config.projectRoot, tree.path('logs'));
-  const runs = tree
-    .entries('logs')
-    .filter((e) => e.kind === 'file' && RUN_LOG_NAME.test(e.name))
-    .map((e) => e.name)
-    .sort();
-  if (runs.length === 0) return [`No container runs logged for "${folder}" yet (${dir}/).`];
-  const recent = runs.slice(-5).map((f) => `  ${dir}/${f}\n`);
-  return [
-    `Recent runs of ${folder}:\n${recent.join('')}`,
-    lastLines(tree.tail(`logs/${runs.at(-1)!}`, 256 * 1024), count),
-  ];
-}
-
 /** To follow the host live: tail -f logs/nanoclaw.log; to check the whole setup: diagnose. */
-function logsCommand({ config, values }: CommandCall): number {
-  const count = positiveOption('logs', 'lines', values.lines, 40);
-  if (typeof values.group === 'string') return report(groupRunLog(config, values.group, count));
+function logsCommand({ config, values: { group: folder, lines } }: CommandCall): number {
+  const count = positiveOption('logs', 'lines', lines, 40);
+  const lastLines = (text: string, n = count) => visibleText(text.replace(/\n$/, '').split('\n').slice(-n).join('\n'));
+  if (typeof folder === 'string') {
+    // The group's recent run logs and the latest one's end, read through its tree (the agent can write there).
+    if (!isValidFolder(folder)) throw new UsageError(`"${folder}" is not a group folder name.`, 'logs');
+    const { group: tree } = groupTrees(config, folder);
+    const dir = relative(config.projectRoot, tree.path('logs'));
+    const runs = tree
+      .entries('logs')
+      .filter((e) => e.kind === 'file' && RUN_LOG_NAME.test(e.name))
+      .map((e) => e.name)
+      .sort();
+    if (runs.length === 0) return report([`No container runs logged for "${folder}" yet (${dir}/).`]);
+    const recent = runs.slice(-5).map((f) => `  ${dir}/${f}\n`);
+    return report([
+      `Recent runs of ${folder}:\n${recent.join('')}`,
+      lastLines(tree.tail(`logs/${runs.at(-1)!}`, 256 * 1024)),
+    ]);
+  }
   const [main, errors] = ['nanoclaw.log', 'nanoclaw.error.log'].map((name) => join(config.logsDir, name));
   if (!existsSync(main!)) return report(['No host log yet (logs/nanoclaw.log appears once NanoClaw has run).']);
   const recentErrors = existsSync(errors!) ? lastLines(readFileSync(errors!, 'utf8'), Math.min(count, 10)) : '';
   return report([
-    `== logs/nanoclaw.log (last ${count} lines) ==\n${lastLines(readFileSync(main!, 'utf8'), count)}`,
+    `== logs/nanoclaw.log (last ${count} lines) ==\n${lastLines(readFileSync(main!, 'utf8'))}`,
     ...(recentErrors ? [`\n== logs/nanoclaw.error.log (latest) ==\n${recentErrors}`] : []),
   ]);
 }
@@ -7117,10 +7067,11 @@ function serviceCommand({ config, values, action }: CommandCall): number {
 }
 
 function sessionsList({ store }: CommandCall): number {
-  const sessions = store()
-    .listSessions()
-    .map((s) => `${s.groupFolder.padEnd(16)} ${s.sessionId}  (updated ${s.updatedAt})`);
-  return report(sessions, 'No sessions yet.');
+  const sessions = store().listSessions();
+  return report(
+    sessions.map((s) => `${s.groupFolder.padEnd(16)} ${s.sessionId}  (updated ${s.updatedAt})`),
+    'No sessions yet.',
+  );
 }
 
 function sessionsClear({ config, positionals: [folder], store }: CommandCall): number {
@@ -7149,34 +7100,29 @@ async function modelAnswer(config: Config, response: Response): Promise<ModelChe
 }
 
 /** GET {KIMI_BASE_URL}/models through a model proxy run, as a container would: key, endpoint and proxy all checked. */
-async function checkModel(config: Config, timeoutMs = 15_000): Promise<ModelCheck> {
+async function modelCheck({ config, values }: CommandCall): Promise<number> {
+  const { platform, baseUrl, modelName: model } = config.kimi;
   const proxy = new ModelProxy({
     mode: 'unix',
     dir: join(config.dataDir, 'proxy'),
-    upstream: config.kimi.baseUrl,
+    upstream: baseUrl,
     apiKey: () => readSecrets(config).KIMI_API_KEY,
     record: () => {},
   });
   const run = proxy.open('check', `check-${process.pid}-${Date.now()}`);
-  try {
-    const response = await fetch('http://proxy/models', {
-      unix: run.socketPath,
-      headers: { authorization: `Bearer ${run.token}` },
-      signal: AbortSignal.timeout(timeoutMs),
-    } as RequestInit);
-    return await modelAnswer(config, response);
-  } catch (err) {
-    const detail = `no answer from ${config.kimi.baseUrl} within ${timeoutMs / 1000} s (${errorText(err)})`;
-    return { status: 'offline', detail };
-  } finally {
-    run.close();
-    proxy.stop();
-  }
-}
-
-async function modelCheck({ config, values }: CommandCall): Promise<number> {
-  const check = await checkModel(config);
-  const { platform, baseUrl, modelName: model } = config.kimi;
+  const check = await fetch('http://proxy/models', {
+    unix: run.socketPath,
+    headers: { authorization: `Bearer ${run.token}` },
+    signal: AbortSignal.timeout(15_000),
+  } as RequestInit)
+    .then((response) => modelAnswer(config, response))
+    .catch(
+      (err): ModelCheck => ({ status: 'offline', detail: `no answer from ${baseUrl} in 15 s (${errorText(err)})` }),
+    )
+    .finally(() => {
+      run.close();
+      proxy.stop();
+    });
   const verdict = { ok: 'OK', offline: 'NOT CHECKED', refused: 'FAIL', error: 'FAIL' }[check.status];
   console.log(values.json ? JSON.stringify({ ...check, platform, baseUrl, model }) : `${verdict}: ${check.detail}`);
   return { ok: 0, refused: 1, error: 1, offline: 3 }[check.status];
@@ -7185,7 +7131,7 @@ async function modelCheck({ config, values }: CommandCall): Promise<number> {
 function usageCommand({ config, values, store }: CommandCall): number {
   const days = positiveOption('usage', 'days', values.days, 30);
   const groupFilter = values.group as string | undefined;
-  const from = new Date(Date.now() - (days - 1) * 86_400_000).toISOString();
+  const from = new Date(Date.now() - (days - 1) * DAY_MS).toISOString();
   const rows = store().modelUsage(formatLocalTime(from, config.timezone).slice(0, 10), groupFilter);
   if (values.json) return report([JSON.stringify(rows, null, 2)]);
   if (rows.length === 0)
@@ -7202,12 +7148,6 @@ function usageCommand({ config, values, store }: CommandCall): number {
     ...rows.map((r) => row(r.day, r.groupFolder, r.requests, r.failed, r.promptTokens, r.completionTokens)),
     row('total', '', ...total),
   ]);
-}
-
-/** Where a setting's value comes from, as loadConfig reads it: the environment wins over .env. */
-function settingSource(config: Config, key: string): 'environment' | '.env' | 'default' {
-  if (process.env[key]?.trim() || (isSecretKey(key) && secretsFromEnvironment[key])) return 'environment';
-  return readEnvFile(config.envFile)[key]?.trim() ? '.env' : 'default';
 }
 
 /** A setting as `config` prints it; the key itself never, only whether it is set. */
@@ -7229,9 +7169,15 @@ function configGet({ config, positionals: keys }: CommandCall): number {
 }
 
 function configList({ config }: CommandCall): number {
-  const line = (key: string) =>
-    `${key.padEnd(26)} ${settingValue(config, key).padEnd(40)} (${settingSource(config, key)})`;
-  return report(SETTING_NAMES.map(line));
+  const envFile = readEnvFile(config.envFile);
+  // Where each value comes from, as loadConfig reads it: the environment wins over .env.
+  const source = (key: string) => {
+    if (process.env[key]?.trim() || (isSecretKey(key) && secretsFromEnvironment[key])) return 'environment';
+    return envFile[key]?.trim() ? '.env' : 'default';
+  };
+  return report(
+    SETTING_NAMES.map((key) => `${key.padEnd(26)} ${settingValue(config, key).padEnd(40)} (${source(key)})`),
+  );
 }
 
 function diagnoseCommand({ config, values }: CommandCall): number {
@@ -7241,26 +7187,19 @@ function diagnoseCommand({ config, values }: CommandCall): number {
 }
 
 /** What a command's run gets: its options and arguments, parsed; the store, opened at its first use and closed after the run. */
-interface CommandCall {
-  config: Config;
-  action: string;
-  values: OptionValues;
-  positionals: string[];
-  store: () => Store;
-}
+type CommandCall = { config: Config; action: string; values: OptionValues; positionals: string[]; store: () => Store };
 
-interface Runs {
+/** A command, or one of its actions. */
+interface Command {
+  /** Its lines of usage, "synopsis — what it does", one a line: shown after its mistakes, for --help, and in the overall usage. */
+  usage?: string;
   /** Its arguments, for "… needs <this>." (one argument unless `count` says); none when absent. */
   needs?: string;
   count?: number | 'one or more';
   options?: CommandOptions;
-  run: (call: CommandCall) => number | Promise<number>;
-}
-
-interface Command {
-  /** Its lines of usage, "synopsis — what it does", one a line: shown after its mistakes, for --help, and in the overall usage. */
-  usage: string;
-  actions?: Record<string, Runs>;
+  run?: (call: CommandCall) => number | Promise<number>;
+  /** Its sub-commands, named by the first argument (else the default). */
+  actions?: Record<string, Command>;
   defaultAction?: string;
 }
 
@@ -7270,19 +7209,16 @@ const text = { type: 'string' } as const;
 const texts = { type: 'string', multiple: true } as const;
 const json = { json: flag };
 const taskId = 'one task id (see: bun nanoclaw.ts tasks list)';
-const register: Runs = {
+const register: Command = {
   needs: 'a chat id and a folder name',
   count: 2,
   options: { name: text, trigger: text, 'no-trigger': flag, main: flag, network: text, allow: text, mount: texts },
   run: groupsRegister,
 };
-const service: Runs = { options: { 'dry-run': flag, platform: text }, run: serviceCommand };
+const service: Command = { options: { 'dry-run': flag, platform: text }, run: serviceCommand };
 
-const COMMANDS: Record<string, Command & Partial<Runs>> = {
-  start: {
-    usage: '(none), start — run the assistant service (WhatsApp)',
-    run: ({ config }) => runService(config),
-  },
+const COMMANDS: Record<string, Command & { usage: string }> = {
+  start: { usage: '(none), start — run the assistant service (WhatsApp)', run: runService },
   auth: {
     usage: `
       auth [--pairing-code <phone>] — link this machine to your WhatsApp (QR code, or a code typed on the phone)
@@ -7291,11 +7227,7 @@ const COMMANDS: Record<string, Command & Partial<Runs>> = {
     options: { 'pairing-code': text, check: flag, relink: flag },
     run: authCommand,
   },
-  chat: {
-    usage:
-      "chat — talk to the main group's agent from this terminal (piped stdin: one message per line; Ctrl-C stops the turn, exit 130)",
-    run: ({ config }) => runChat(config),
-  },
+  chat: { usage: "chat — talk to the main group's agent here (Ctrl-C stops the turn, exit 130)", run: runChat },
   groups: {
     usage: `
       groups list — registered groups
@@ -7308,7 +7240,7 @@ const COMMANDS: Record<string, Command & Partial<Runs>> = {
       discover: { run: ({ store }) => report(discoverLines(store())) },
       register,
       add: register,
-      remove: { needs: 'one chat id or folder', run: ({ positionals: [key], store }) => groupsRemove(store(), key!) },
+      remove: { needs: 'one chat id or folder', run: groupsRemove },
     },
   },
   tasks: {
@@ -7321,15 +7253,14 @@ const COMMANDS: Record<string, Command & Partial<Runs>> = {
     actions: {
       list: { options: json, run: tasksList },
       show: { needs: taskId, options: json, run: onTask(tasksShow) },
-      run: { needs: taskId, run: onTask(({ config, store }, task) => runTaskNow(config, store(), task)) },
+      run: { needs: taskId, run: onTask(runTaskNow) },
       pause: { needs: taskId, run: changeTask('pause') },
       resume: { needs: taskId, run: changeTask('resume') },
       cancel: { needs: taskId, run: changeTask('cancel') },
     },
   },
   logs: {
-    usage:
-      "logs [--group <folder>] [--lines N] — recent host log, or a group's latest container runs (live: tail -f logs/nanoclaw.log)",
+    usage: "logs [--group <folder>] [--lines N] — the host log's end, or a group's latest container runs",
     options: { group: text, lines: text },
     run: logsCommand,
   },
@@ -7340,8 +7271,7 @@ const COMMANDS: Record<string, Command & Partial<Runs>> = {
     run: mountsCommand,
   },
   service: {
-    usage:
-      "service install|uninstall|status [--dry-run] [--platform linux|macos] — run NanoClaw in the background (this install's own systemd user unit / launchd agent; scripts/service.sh)",
+    usage: 'service install|uninstall|status [--dry-run] [--platform linux|macos] — run NanoClaw in the background',
     actions: { install: service, uninstall: service, status: service },
   },
   sessions: {
@@ -7352,8 +7282,7 @@ const COMMANDS: Record<string, Command & Partial<Runs>> = {
     actions: { list: { run: sessionsList }, clear: { needs: 'one group folder', run: sessionsClear } },
   },
   usage: {
-    usage:
-      'usage [--days N] [--group F] [--json] — model requests and tokens by group and day (counted by the model proxy)',
+    usage: 'usage [--days N] [--group F] [--json] — model requests and tokens by group and day',
     options: { days: text, group: text, ...json },
     run: usageCommand,
   },
@@ -7377,21 +7306,16 @@ const COMMANDS: Record<string, Command & Partial<Runs>> = {
     options: json,
     run: diagnoseCommand,
   },
-  help: {
-    usage: "help [command], --help — this text, or one command's", // main() answers it: it needs no settings
-  },
+  // main() answers it: it needs no settings.
+  help: { usage: "help [command], --help — this text, or one command's" },
 };
 
-/** Each "synopsis — what" as two columns; a synopsis too long for the first puts what it does on the next line. */
-function usageLines(usage: string): string {
-  const lines = usage.trim().split(/\s*\n\s*/);
-  const line = (entry: string) => {
-    const [synopsis, what] = entry.split(' — ') as [string, string?];
-    if (!what) return synopsis;
-    return synopsis.length < 36 ? `${synopsis.padEnd(36)}${what}` : `${synopsis}\n  ${''.padEnd(36)}${what}`;
-  };
-  return lines.map((entry) => `  ${line(entry)}`).join('\n');
-}
+/** A command's usage, one "synopsis — what it does" a line, indented. */
+const usageLines = (usage: string) =>
+  usage
+    .trim()
+    .replace(/\s*\n\s*/g, '\n')
+    .replace(/^/gm, '  ');
 
 const commandUsage = (name: string) => `Usage: bun nanoclaw.ts …\n${usageLines(COMMANDS[name]!.usage)}`;
 
@@ -7409,44 +7333,34 @@ Settings come from the environment and .env (see .env.example).`;
 const help = (about?: string) =>
   report([about && Object.hasOwn(COMMANDS, about) ? commandUsage(about) : overallUsage()]);
 
-/** The sub-command named by the first argument; options it does not take are a mistake naming who takes them. */
-function chooseAction(name: string, command: Command, values: OptionValues, given: string | undefined): Runs {
-  const actions = command.actions!;
-  if (given === undefined) throw new UsageError(`${name} needs a command: ${Object.keys(actions).join(', ')}.`, name);
-  const action = Object.hasOwn(actions, given) ? actions[given]! : null;
-  if (!action) throw new UsageError(`Unknown ${name} command "${given}".`, name);
-  const misplaced = Object.keys(values).find((option) => !Object.hasOwn(action.options ?? {}, option));
-  if (misplaced) {
-    const owners = Object.keys(actions).filter((owner) => Object.hasOwn(actions[owner]!.options ?? {}, misplaced));
-    throw new UsageError(`--${misplaced} belongs to ${name} ${owners.join('|')}.`, name); // as usage writes it
-  }
-  return action;
-}
-
-/** What runs: the command, or the action its first argument names (else its default); its arguments counted. */
-function chooseRun(name: string, command: Command & Partial<Runs>, values: OptionValues, positionals: string[]) {
-  const [action = command.defaultAction, ...rest] = command.actions ? positionals : ['', ...positionals];
-  const runs = command.actions ? chooseAction(name, command, values, action) : (command as Runs);
-  const called = command.actions ? `${name} ${action}` : name;
-  const count = runs.needs ? (runs.count ?? 1) : 0;
-  if (count === 'one or more' ? rest.length === 0 : rest.length !== count)
-    throw new UsageError(count ? `${called} needs ${runs.needs}.` : `${called} takes no arguments.`, name);
-  return { runs, action: action!, positionals: rest };
-}
-
+/** Parses and checks the arguments, runs the command (or the action its first argument names), closes the store. */
 async function runCommand(config: Config, name: string, args: string[]): Promise<number> {
   const command = Object.hasOwn(COMMANDS, name) ? COMMANDS[name]! : null;
   const below = name.startsWith('-') ? '' : ' The commands are below.';
   if (!command) throw new UsageError(`Unknown command "${name}".${below}\n\n${overallUsage()}`);
-  // A command's options are its own and all its actions'; chooseAction then refuses one its action does not take.
-  const options = Object.assign({}, command.options, ...Object.values(command.actions ?? {}).map((a) => a.options));
+  const { actions = {} } = command;
+  // A command's options are its own and all its actions'; one its action does not take is refused below.
+  const options = Object.assign({}, command.options, ...Object.values(actions).map((a) => a.options));
   const parsed = commandArgs(name, args, options);
   if (!parsed) return help(name);
-  const { runs, action, positionals } = chooseRun(name, command, parsed.values, parsed.positionals);
+  const { values } = parsed;
+  const [action = command.defaultAction, ...rest] = command.actions ? parsed.positionals : ['', ...parsed.positionals];
+  if (action === undefined) throw new UsageError(`${name} needs a command: ${Object.keys(actions).join(', ')}.`, name);
+  const runs = !command.actions ? command : Object.hasOwn(actions, action) ? actions[action]! : null;
+  if (!runs) throw new UsageError(`Unknown ${name} command "${action}".`, name);
+  const misplaced = Object.keys(values).find((option) => !Object.hasOwn(runs.options ?? {}, option));
+  if (misplaced) {
+    const owners = Object.keys(actions).filter((owner) => Object.hasOwn(actions[owner]!.options ?? {}, misplaced));
+    throw new UsageError(`--${misplaced} belongs to ${name} ${owners.join('|')}.`, name); // as usage writes it
+  }
+  const called = command.actions ? `${name} ${action}` : name;
+  const count = runs.needs ? (runs.count ?? 1) : 0;
+  if (count === 'one or more' ? rest.length === 0 : rest.length !== count)
+    throw new UsageError(count ? `${called} needs ${runs.needs}.` : `${called} takes no arguments.`, name);
   const opened = { store: null as Store | null };
   const store = () => (opened.store ??= new Store(config.dbPath));
   try {
-    return await runs.run({ config, action, values: parsed.values, positionals, store });
+    return await runs.run!({ config, action, values, positionals: rest, store });
   } finally {
     opened.store?.close();
   }
@@ -7461,9 +7375,7 @@ function exitStatusOf(err: unknown): number {
     return 2;
   }
   if (isStoreUnavailable(err)) {
-    console.error(
-      `The database store/messages.db cannot be used right now (${errorText(err)}): another process may hold it, or it is read-only. Try again, or check its permissions.`,
-    );
+    console.error(`store/messages.db cannot be used now (${errorText(err)}): held by another process, or read-only?`);
     return 1;
   }
   log.fatal({ err }, 'NanoClaw crashed');
@@ -7480,9 +7392,8 @@ async function main(argv: string[]): Promise<number> {
   try {
     const config = loadConfig(process.env.NANOCLAW_ROOT || dirname(fileURLToPath(import.meta.url)));
     const verbose = config.logLevel === 'debug' || config.logLevel === 'trace';
-    // In `chat` the terminal belongs to the conversation; under a service manager (no TTY)
-    // stdout/stderr already go to the log files, so the terminal copy would double them.
-    // Other commands print their own results; their log lines go to the files unless something is wrong.
+    // In `chat` the terminal belongs to the conversation; under a service manager (no TTY) stdout/stderr already go
+    // to the log files. Other commands print their own results; their log lines go to the terminal only when wrong.
     const quietTerminal = (command === 'chat' && !verbose) || (command === 'start' && !process.stderr.isTTY);
     const terminalLevel = quietTerminal ? 'silent' : command === 'start' || verbose ? config.logLevel : 'warn';
     const secrets = Object.values(readSecrets(config)).filter((v): v is string => Boolean(v));

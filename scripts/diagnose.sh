@@ -412,8 +412,8 @@ fi
 PID=$(cat "$ROOT/data/nanoclaw.pid" 2>/dev/null)
 if [ -n "$PID" ] && kill -0 "$PID" 2>/dev/null; then
   report ok "Service" "running (pid $PID)"
-elif UNIT=nanoclaw-$(printf '%s' "$(cd "$ROOT" && pwd -P)" | sha256sum | cut -c1-12) && have systemctl && systemctl --user is-active --quiet "$UNIT" 2>/dev/null; then
-  report ok "Service" "systemd user unit $UNIT is active" # this install's own (scripts/service.sh names it)
+elif NANOCLAW_ROOT=$ROOT bash "$SCRIPT_DIR/service.sh" status >/dev/null 2>&1; then # it names this install's unit
+  report ok "Service" "this install's service unit is active (bun nanoclaw.ts service status)"
 elif [ $TERMINAL_USER = 1 ] && [ "$AUTH_CODE" != 0 ]; then
   report info "Service" "not running, and not needed for the terminal (bun nanoclaw.ts chat); once WhatsApp is linked: bun nanoclaw.ts service install"
 else

@@ -78,8 +78,14 @@ async function healthyProject(): Promise<Fixture> {
   const codeDir = tempDir('nanoclaw-code-');
   mkdirSync(join(codeDir, 'scripts'));
   mkdirSync(join(codeDir, 'container', 'agent-runner'), { recursive: true });
-  for (const file of ['nanoclaw.ts', 'bunfig.toml', 'scripts/diagnose.sh', 'container/agent-runner/package.json'])
-    copyFileSync(join(REPO, file), join(codeDir, file));
+  const files = [
+    'nanoclaw.ts',
+    'bunfig.toml',
+    'scripts/diagnose.sh',
+    'scripts/service.sh',
+    'container/agent-runner/package.json',
+  ];
+  for (const file of files) copyFileSync(join(REPO, file), join(codeDir, file));
   symlinkSync(join(REPO, 'node_modules'), join(codeDir, 'node_modules'));
   const store = new Store(config.dbPath);
   addGroup(config, store, { jid: OWN_JID, name: 'Me', folder: 'main', isMain: true });
@@ -420,6 +426,22 @@ describe('scripts/diagnose.sh', () => {
     expect(checks.Service).toMatchObject({ status: 'info', detail: expect.stringContaining('not running') });
     expect(text).toContain('INFO  WhatsApp: not linked: you use the terminal');
     expect(text).toContain('All checks passed.');
+  });
+
+  it('finds the service unit scripts/service.sh installed for this project, under the same install id', async () => {
+    const fixture = await terminalProject();
+    const dryRun = await run(
+      [process.execPath, join(REPO, 'nanoclaw.ts'), 'service', 'install', '--dry-run', '--platform', 'linux'],
+      fixture,
+    );
+    const id = /nanoclaw-([0-9a-f]{12})\.service$/m.exec(dryRun.out)![1];
+    // A service manager (systemd or launchd) that knows this install's unit, and only it, as active.
+    const bin = tempDir();
+    const manager = `#!/bin/sh\nfor a in "$@"; do case $a in nanoclaw-${id}|com.nanoclaw.${id}) exit 0;; esac; done\nexit 3\n`;
+    for (const name of ['systemctl', 'launchctl']) writeFileSync(join(bin, name), manager, { mode: 0o755 });
+    fixture.env.PATH = `${bin}:${fixture.env.PATH}`;
+    const { checks } = await diagnose(fixture);
+    expect(checks.Service).toMatchObject({ status: 'ok', detail: expect.stringContaining('service unit is active') });
   });
 
   it('a terminal user whose pairing never finished: WhatsApp fails, the service stays a note', async () => {

@@ -384,7 +384,7 @@ describe('group metadata, long replies, chat ids, discovering chats', () => {
     expect(out.code).toBe(0);
     const lines = out.stdout.split('\n');
     expect(lines[0]).toMatch(/^120363000000000002@g\.us\s+0 members\s+not registered\s+Book club$/);
-    expect(lines[1]).toMatch(/^120363000000000001@g\.us\s+5 members\s+groups\/family\s+Family\s+\[31m🏡$/);
+    expect(lines[1]).toMatch(/^120363000000000001@g\.us\s+5 members\s+groups\/family\s+Family \\x1b\[31m🏡$/);
     expect(lines[2]).toMatch(/^4915100000002@s\.whatsapp\.net\s+person\s+not registered\s+Alice$/);
     expect(out.stdout).not.toContain('main@local');
     expect(out.stdout).not.toContain('\u001b');
