@@ -3602,6 +3602,22 @@ const MOUNT_NOTES: Record<string, string> = {
   [EGRESS_SOCKET_IN_CONTAINER]: ' — the egress proxy (public internet only), one socket per run',
 };
 
+/** Where each run's follow-ups go: data/input/<run>/, mounted at /workspace/ipc/input for that run only. */
+const inboxRoot = (config: Config) => join(config.dataDir, 'input');
+
+/**
+ * A run's own host paths: its inbox and its proxies' sockets (null: it has none; the model's is where the host's
+ * proxy listens). The run opens them; the `mounts` command shows them for run "<run>".
+ */
+export function runPaths(config: Config, group: RegisteredGroup, runId: string) {
+  const proxyDir = join(config.dataDir, 'proxy');
+  return {
+    inbox: join(inboxRoot(config), runId),
+    modelSocket: config.modelProxy === 'unix' ? join(proxyDir, `${runId}.sock`) : null,
+    egressSocket: groupNetwork(config, group) === 'egress' ? join(proxyDir, `${runId}.egress.sock`) : null,
+  };
+}
+
 function runMounts(inboxDir: string, proxySocket: string | null, egressSocket: string | null = null): Mount[] {
   return [
     { hostPath: inboxDir, containerPath: '/workspace/ipc/input', readonly: false },
@@ -3738,14 +3754,6 @@ export function groupExtraMounts(config: Config, group: RegisteredGroup) {
   return validateExtraMounts(requested, allowlist, group.isMain);
 }
 
-/** A root host hands folders to uid 1000 (the image's node); another host user runs the container as itself. */
-export function containerUserArgs(
-  uid = process.getuid?.() ?? CONTAINER_UID,
-  gid = process.getgid?.() ?? CONTAINER_UID,
-): string[] {
-  return uid === 0 || uid === CONTAINER_UID ? [] : ['--user', `${uid}:${gid}`, '-e', 'HOME=/home/node'];
-}
-
 /** This project directory's id: its containers carry it, so no install touches another's. */
 export function installId(config: Config): string {
   // Not created yet: the configured path is the identity.
@@ -3777,8 +3785,9 @@ function groupNetwork(config: Config, group: RegisteredGroup): string {
 }
 
 /**
- * --init reaps orphans (Bun as PID 1 does not; zombies would use up the pids limit); no capabilities or privilege
- * gain; bounded pids, memory, CPU; a read-only image with small tmpfs scratch (it counts against the memory limit).
+ * The user: a root host hands folders to uid 1000 (the image's node), another host user runs the container as
+ * itself. --init reaps orphans (Bun as PID 1 does not; zombies would use up the pids limit); no capabilities or
+ * privilege gain; bounded pids, memory, CPU; a read-only image with small tmpfs scratch (it counts against memory).
  */
 export function hardeningArgs(
   config: Config,
@@ -3787,6 +3796,7 @@ export function hardeningArgs(
   gid = process.getgid?.() ?? CONTAINER_UID,
 ): string[] {
   const [home, homeGid] = uid === 0 ? [CONTAINER_UID, CONTAINER_UID] : [uid, gid];
+  const user = home === CONTAINER_UID ? [] : ['--user', `${uid}:${gid}`, '-e', 'HOME=/home/node'];
   const { memory, cpus, pids } = config.container;
   const network = groupNetwork(config, group);
   const options: [string, string][] = [
@@ -3803,7 +3813,7 @@ export function hardeningArgs(
     ['--label', `${INSTALL_LABEL}=${installId(config)}`],
     ['--label', `nanoclaw.group=${group.folder}`],
   ];
-  return ['--init', '--read-only', ...options.flat()];
+  return [...user, '--init', '--read-only', ...options.flat()];
 }
 
 export function buildDockerArgs(
@@ -3968,9 +3978,6 @@ const SESSION_LINE = /Session initialized: (\S+)/;
 const READY_LINE = /^\[agent-runner\] ready: /;
 export const MAX_RUN_OUTPUT = 64 * 1024 * 1024;
 
-/** Where each run's follow-ups go: data/input/<run>/, mounted at /workspace/ipc/input for that run only. */
-const inboxRoot = (config: Config) => join(config.dataDir, 'input');
-
 type RunPlan = ReturnType<typeof prepareRun>;
 
 function prepareRun(options: RunContainerOptions, startedAt: Date, groupLog: Logger) {
@@ -3978,27 +3985,24 @@ function prepareRun(options: RunContainerOptions, startedAt: Date, groupLog: Log
   const trees = prepareGroupFolders(config, group);
   // Names the container (nanoclaw-<id>), its inbox and its proxy sockets.
   const id = `${installId(config)}-${group.folder}-${startedAt.getTime()}`;
+  const paths = runPaths(config, group, id);
   // The run's own inbox: no container left from an earlier run (or host) can read its follow-ups.
-  const inbox = new AgentTree(join(inboxRoot(config), id), containerOwner());
+  const inbox = new AgentTree(paths.inbox, containerOwner());
   inbox.ensureDir('.');
   inbox.handOver();
   // Even without a key the run gets a token: the proxy then answers with what to put in .env.
   const proxyRun = options.proxy ? options.proxy.open(group.folder, id) : null;
   const input: ContainerInput = { ...options.input, secrets: proxyRun ? { KIMI_API_KEY: proxyRun.token } : {} };
-  const egressRun =
-    groupNetwork(config, group) === 'egress'
-      ? openEgressProxy(join(config.dataDir, 'proxy', `${id}.egress.sock`), config.egressAllow, (reason) =>
-          groupLog.info({ run: id }, `Egress refused: ${reason}`),
-        )
-      : null;
+  const egressRun = paths.egressSocket
+    ? openEgressProxy(paths.egressSocket, config.egressAllow, (reason) =>
+        groupLog.info({ run: id }, `Egress refused: ${reason}`),
+      )
+    : null;
   const mounts = [...options.mounts, ...runMounts(inbox.root, proxyRun?.socketPath ?? null, egressRun?.socketPath)];
   const name = `nanoclaw-${id}`;
   const env = containerEnvironment(config, proxyRun);
   if (egressRun) env.NANOCLAW_EGRESS_SOCKET = EGRESS_SOCKET_IN_CONTAINER;
-  const args = buildDockerArgs(name, config.containerImage, mounts, env, [
-    ...containerUserArgs(),
-    ...hardeningArgs(config, group),
-  ]);
+  const args = buildDockerArgs(name, config.containerImage, mounts, env, hardeningArgs(config, group));
   const secretValues = [readSecrets(config).KIMI_API_KEY, proxyRun?.token].filter((v): v is string => Boolean(v));
   return { id, name, args, trees, inbox, input, mounts, proxyRun, egressRun, secretValues, startedAt };
 }
