@@ -3980,8 +3980,10 @@ export const MAX_RUN_OUTPUT = 64 * 1024 * 1024;
 
 type RunPlan = ReturnType<typeof prepareRun>;
 
-function prepareRun(options: RunContainerOptions, startedAt: Date, groupLog: Logger) {
+function prepareRun(options: RunContainerOptions) {
   const { config, group } = options;
+  const startedAt = new Date();
+  const groupLog = log.child({ group: group.folder });
   const trees = prepareGroupFolders(config, group);
   // Names the container (nanoclaw-<id>), its inbox and its proxy sockets.
   const id = `${installId(config)}-${group.folder}-${startedAt.getTime()}`;
@@ -3998,13 +4000,13 @@ function prepareRun(options: RunContainerOptions, startedAt: Date, groupLog: Log
         groupLog.info({ run: id }, `Egress refused: ${reason}`),
       )
     : null;
-  const mounts = [...options.mounts, ...runMounts(inbox.root, proxyRun?.socketPath ?? null, egressRun?.socketPath)];
+  const mounts = [...options.mounts, ...runMounts(paths.inbox, proxyRun?.socketPath ?? null, paths.egressSocket)];
   const name = `nanoclaw-${id}`;
   const env = containerEnvironment(config, proxyRun);
   if (egressRun) env.NANOCLAW_EGRESS_SOCKET = EGRESS_SOCKET_IN_CONTAINER;
   const args = buildDockerArgs(name, config.containerImage, mounts, env, hardeningArgs(config, group));
   const secretValues = [readSecrets(config).KIMI_API_KEY, proxyRun?.token].filter((v): v is string => Boolean(v));
-  return { id, name, args, trees, inbox, input, mounts, proxyRun, egressRun, secretValues, startedAt };
+  return { id, name, args, trees, inbox, input, mounts, proxyRun, egressRun, secretValues, startedAt, groupLog };
 }
 
 type RunResult = Omit<RunOutcome, 'logFile' | 'durationMs'> & { stdout: string; stderr: string };
@@ -4037,7 +4039,6 @@ export async function unpauseContainer(runtime: string, name: string): Promise<'
 /** Follow-ups and _close go through its inbox; stopped when quiet for CONTAINER_TIMEOUT or when it ignores a close. */
 class RunningContainer implements LiveContainer {
   closing = false;
-  exited = false;
   timedOut = false;
   killed = false;
   stopping: Promise<void> | null = null;
@@ -4051,12 +4052,13 @@ class RunningContainer implements LiveContainer {
     private readonly config: Config,
     readonly plan: RunPlan,
     private readonly proc: { kill(): void; exited: Promise<number> },
-    private readonly groupLog: Logger,
     readonly acceptsFollowUps: boolean,
+    private readonly groupLog = plan.groupLog,
   ) {
+    // Exited: it takes no more input, and a close it answered needs no stop.
     void proc.exited.then(() => {
       this.closing = true;
-      this.exited = true;
+      clearTimeout(this.graceTimer);
     });
     this.armTimeout();
   }
@@ -4124,7 +4126,6 @@ class RunningContainer implements LiveContainer {
     this.deliver('_close', '', 'Could not ask the container to close; stopping it');
     const graceMs = this.config.container.closeGraceMs;
     this.graceTimer = setTimeout(() => {
-      if (this.exited) return;
       this.groupLog.warn({ container: this.plan.name, graceMs }, 'Container ignored the close request; stopping it');
       void this.kill(false);
     }, graceMs);
@@ -4139,8 +4140,9 @@ class RunningContainer implements LiveContainer {
 }
 
 /** Past MAX_RUN_OUTPUT the run is logged as oversized and stopped: what a container writes is bounded. */
-async function streamContainer(plan: RunPlan, options: RunContainerOptions, groupLog: Logger): Promise<RunResult> {
+async function streamContainer(plan: RunPlan, options: RunContainerOptions): Promise<RunResult> {
   const { config } = options;
+  const { groupLog } = plan;
   const proc = Bun.spawn([config.containerRuntime, ...plan.args], {
     stdin: 'pipe',
     stdout: 'pipe',
@@ -4151,7 +4153,7 @@ async function streamContainer(plan: RunPlan, options: RunContainerOptions, grou
   proc.stdin.write(JSON.stringify(plan.input));
   await proc.stdin.end();
   loadResultSchema(); // zod loads (~18 ms) while the container starts, not on the first reply's path
-  const live = new RunningContainer(config, plan, proc, groupLog, options.acceptsFollowUps);
+  const live = new RunningContainer(config, plan, proc, options.acceptsFollowUps);
   options.onStart?.(live);
   const result: RunResult = { exitCode: null, timedOut: false, results: 0, stdout: '', stderr: '' };
   let written = 0;
@@ -4270,10 +4272,9 @@ function writeRunLog(plan: RunPlan, options: RunContainerOptions, result: RunRes
 }
 
 export async function runContainer(options: RunContainerOptions): Promise<RunOutcome> {
-  const { config, group } = options;
-  const startedAt = new Date();
-  const groupLog = log.child({ group: group.folder });
-  const plan = prepareRun(options, startedAt, groupLog);
+  const { config } = options;
+  const plan = prepareRun(options);
+  const { groupLog } = plan;
   groupLog.debug({ mounts: plan.mounts.map((m) => formatMount(m, 'human')) }, 'Container mounts');
   groupLog.debug({ args: [config.containerRuntime, ...plan.args] }, 'Container command');
   groupLog.info(
@@ -4281,19 +4282,16 @@ export async function runContainer(options: RunContainerOptions): Promise<RunOut
     'Starting agent container',
   );
 
-  let result: RunResult;
-  try {
-    result = await streamContainer(plan, options, groupLog);
-  } finally {
+  const result = await streamContainer(plan, options).finally(() => {
     plan.proxyRun?.close(); // the token dies with the container
     plan.egressRun?.close();
-  }
+  });
   try {
     new AgentTree(inboxRoot(config)).remove(plan.id);
   } catch (err) {
     groupLog.warn({ reason: errorText(err) }, 'Could not remove the run’s inbox; the next start does');
   }
-  const durationMs = Date.now() - startedAt.getTime();
+  const durationMs = Date.now() - plan.startedAt.getTime();
   const logFile = writeRunLog(plan, options, result, durationMs);
   const { stdout: _stdout, stderr: _stderr, ...outcome } = result;
   const summary = { container: plan.name, exitCode: outcome.exitCode, durationMs, results: outcome.results, logFile };
