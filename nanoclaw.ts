@@ -3489,6 +3489,8 @@ export function openEgressProxy(
 // ───────────────────────────── 9. Container: mounts, docker run, results, run logs ───
 
 type Mount = { hostPath: string; containerPath: string; readonly: boolean };
+const ro = (hostPath: string, containerPath: string): Mount => ({ hostPath, containerPath, readonly: true });
+const rw = (hostPath: string, containerPath: string): Mount => ({ hostPath, containerPath, readonly: false });
 
 /** Millions of empty files fill a disk too: past this many entries a tree is over any budget. */
 const MAX_COUNTED_ENTRIES = 200_000;
@@ -3570,31 +3572,22 @@ function maskPaths(config: Config) {
 export function groupMounts(config: Config, group: RegisteredGroup, extra: readonly Mount[] = []): Mount[] {
   const paths = groupPaths(config, group.folder);
   const global = join(config.groupsDir, 'global');
-  const mounts: Mount[] = [
-    { hostPath: paths.group, containerPath: '/workspace/group', readonly: false },
-    // The run logs are the host's record of what the agent did: it may read them, never change them.
-    { hostPath: join(paths.group, 'logs'), containerPath: '/workspace/group/logs', readonly: true },
-  ];
+  // The run logs are the host's record of what the agent did: it may read them, never change them.
+  const mounts = [rw(paths.group, '/workspace/group'), ro(join(paths.group, 'logs'), '/workspace/group/logs')];
   if (group.isMain) {
-    mounts.push({ hostPath: config.projectRoot, containerPath: '/workspace/project', readonly: true });
-    mounts.push({ hostPath: global, containerPath: '/workspace/project/groups/global', readonly: false });
+    mounts.push(ro(config.projectRoot, '/workspace/project'), rw(global, '/workspace/project/groups/global'));
     const masks = maskPaths(config);
     for (const hidden of HIDDEN_FROM_MAIN) {
       const stats = lstatSync(join(config.projectRoot, hidden), { throwIfNoEntry: false });
       if (!stats) continue; // nothing to hide, and the read-only project cannot gain it
-      mounts.push({
-        hostPath: stats.isDirectory() ? masks.dir : masks.file,
-        containerPath: `/workspace/project/${hidden}`,
-        readonly: true,
-      });
+      mounts.push(ro(stats.isDirectory() ? masks.dir : masks.file, `/workspace/project/${hidden}`));
     }
   } else {
-    mounts.push({ hostPath: global, containerPath: '/workspace/global', readonly: true });
+    mounts.push(ro(global, '/workspace/global'));
   }
-  mounts.push({ hostPath: paths.ipc, containerPath: '/workspace/ipc', readonly: false });
+  mounts.push(rw(paths.ipc, '/workspace/ipc'));
   // Kimi sessions: HOME is /home/node in the image, so this is where the CLI looks.
-  mounts.push({ hostPath: paths.kimiHome, containerPath: '/home/node/.kimi', readonly: false });
-  return [...mounts, ...extra];
+  return [...mounts, rw(paths.kimiHome, '/home/node/.kimi'), ...extra];
 }
 
 const MOUNT_NOTES: Record<string, string> = {
@@ -3620,9 +3613,9 @@ export function runPaths(config: Config, group: RegisteredGroup, runId: string) 
 
 function runMounts(inboxDir: string, proxySocket: string | null, egressSocket: string | null = null): Mount[] {
   return [
-    { hostPath: inboxDir, containerPath: '/workspace/ipc/input', readonly: false },
-    ...(proxySocket ? [{ hostPath: proxySocket, containerPath: MODEL_SOCKET_IN_CONTAINER, readonly: false }] : []),
-    ...(egressSocket ? [{ hostPath: egressSocket, containerPath: EGRESS_SOCKET_IN_CONTAINER, readonly: false }] : []),
+    rw(inboxDir, '/workspace/ipc/input'),
+    ...(proxySocket ? [rw(proxySocket, MODEL_SOCKET_IN_CONTAINER)] : []),
+    ...(egressSocket ? [rw(egressSocket, EGRESS_SOCKET_IN_CONTAINER)] : []),
   ];
 }
 
@@ -3678,8 +3671,13 @@ const BLOCKED_MOUNT_PATTERNS = (
   'credentials id_rsa id_ed25519 id_ecdsa private_key .pem .key .p12 .pfx secrets .password-store .config/nanoclaw'
 ).split(' ');
 
-function expandHome(path: string): string {
-  return path === '~' ? homedir() : path.startsWith('~/') ? join(homedir(), path.slice(2)) : path;
+/** `~` expanded and every link resolved; null when nothing is there. */
+function realPathOf(path: string): string | null {
+  try {
+    return realpathSync(path === '~' ? homedir() : path.startsWith('~/') ? join(homedir(), path.slice(2)) : path);
+  } catch {
+    return null;
+  }
 }
 
 export function loadMountAllowlist(path: string): MountAllowlist | null {
@@ -3702,31 +3700,21 @@ function matchesBlockedPattern(realPath: string, patterns: readonly string[]): s
 type ExtraMountRequest = NonNullable<ContainerConfig['additionalMounts']>[number];
 
 function extraMount(request: ExtraMountRequest, allowlist: MountAllowlist, isMain: boolean): Mount | string {
-  let realPath: string;
-  try {
-    realPath = realpathSync(expandHome(request.hostPath));
-  } catch {
-    return 'path does not exist';
-  }
+  const realPath = realPathOf(request.hostPath);
+  if (!realPath) return 'path does not exist';
   const blocked = matchesBlockedPattern(realPath, [...BLOCKED_MOUNT_PATTERNS, ...(allowlist.blockedPatterns ?? [])]);
   if (blocked) return `matches blocked pattern "${blocked}"`;
   const root = allowlist.allowedRoots.find((candidate) => {
-    try {
-      const rel = relative(realpathSync(expandHome(candidate.path)), realPath);
-      return rel === '' || (!rel.startsWith('..') && !isAbsolute(rel));
-    } catch {
-      return false;
-    }
+    const rootPath = realPathOf(candidate.path);
+    const rel = rootPath === null ? null : relative(rootPath, realPath);
+    return rel === '' || (rel !== null && !rel.startsWith('..') && !isAbsolute(rel));
   });
   if (!root) return 'not under any allowed root';
   const name = request.containerPath ?? basename(realPath);
   if (!/^[A-Za-z0-9][A-Za-z0-9._-]*$/.test(name)) return `container name "${name}" must be a plain folder name`;
   const forcedReadOnly = !root.allowReadWrite || (!isMain && allowlist.nonMainReadOnly === true);
-  return {
-    hostPath: realPath,
-    containerPath: `/workspace/extra/${name}`,
-    readonly: forcedReadOnly || request.readonly !== false,
-  };
+  const readonly = forcedReadOnly || request.readonly !== false;
+  return { hostPath: realPath, containerPath: `/workspace/extra/${name}`, readonly };
 }
 
 /** The allowlist lives outside the project, so an agent that writes the project cannot widen its own reach. */
