@@ -4013,13 +4013,9 @@ const runtimeCommand = (runtime: string, ...args: string[]) =>
 /** On the reply's path: the Engine API (POST /containers/{name}/unpause, 204) saves the CLI's ~30 ms start. */
 export async function unpauseContainer(runtime: string, name: string): Promise<'engine' | 'cli'> {
   const socket = engineSocket(runtime);
-  if (socket) {
-    const answer = await fetch(`http://docker/containers/${encodeURIComponent(name)}/unpause`, {
-      method: 'POST',
-      unix: socket,
-    }).catch(() => null);
-    if (answer?.status === 204) return 'engine';
-  }
+  const url = `http://docker/containers/${encodeURIComponent(name)}/unpause`;
+  const answer = socket ? await fetch(url, { method: 'POST', unix: socket }).catch(() => null) : null;
+  if (answer?.status === 204) return 'engine';
   await runtimeCommand(runtime, 'unpause', name);
   return 'cli';
 }
