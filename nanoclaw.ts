@@ -4037,7 +4037,6 @@ class RunningContainer implements LiveContainer {
     readonly plan: RunPlan,
     private readonly proc: { kill(): void; exited: Promise<number> },
     readonly acceptsFollowUps: boolean,
-    private readonly groupLog = plan.groupLog,
   ) {
     // Exited: it takes no more input, and a close it answered needs no stop.
     void proc.exited.then(() => {
@@ -4051,7 +4050,7 @@ class RunningContainer implements LiveContainer {
     clearTimeout(this.hardTimer);
     this.hardTimer = setTimeout(() => {
       this.timedOut = true;
-      this.groupLog.error(
+      this.plan.groupLog.error(
         { container: this.plan.name, timeoutMs: this.config.containerTimeoutMs },
         'Container produced nothing within CONTAINER_TIMEOUT; stopping it',
       );
@@ -4091,7 +4090,7 @@ class RunningContainer implements LiveContainer {
       void this.wake();
       return true;
     } catch (err) {
-      this.groupLog.warn({ reason: errorText(err) }, failure);
+      this.plan.groupLog.warn({ reason: errorText(err) }, failure);
       void this.kill(false);
       return false;
     }
@@ -4109,8 +4108,9 @@ class RunningContainer implements LiveContainer {
     this.closing = true;
     this.deliver('_close', '', 'Could not ask the container to close; stopping it');
     const graceMs = this.config.container.closeGraceMs;
+    const { name, groupLog } = this.plan;
     this.graceTimer = setTimeout(() => {
-      this.groupLog.warn({ container: this.plan.name, graceMs }, 'Container ignored the close request; stopping it');
+      groupLog.warn({ container: name, graceMs }, 'Container ignored the close request; stopping it');
       void this.kill(false);
     }, graceMs);
   }
@@ -4119,7 +4119,7 @@ class RunningContainer implements LiveContainer {
     if (this.closing || this.paused) return;
     clearTimeout(this.hardTimer); // a paused agent produces nothing by design
     this.paused = runtimeCommand(this.config.containerRuntime, 'pause', this.plan.name);
-    this.groupLog.debug({ container: this.plan.name }, 'Agent waiting in the warm pool; paused');
+    this.plan.groupLog.debug({ container: this.plan.name }, 'Agent waiting in the warm pool; paused');
   }
 }
 
