@@ -3246,6 +3246,9 @@ async function boundedText(body: ReadableStream<Uint8Array>, limit: number): Pro
   return bytes.subarray(0, limit).toString();
 }
 
+/** A run's model proxy socket on the host (unix mode): where the proxy listens, and what the run's mounts name. */
+const modelSocketPath = (dir: string, runId: string) => join(dir, `${runId}.sock`);
+
 /** Listens on a run's socket: its folder (0700) keeps all but the host out, the socket (0666) lets the container in. */
 function listenOnRunSocket<Server>(socketPath: string, listen: () => Server): Server {
   mkdirSync(dirname(socketPath), { recursive: true, mode: 0o700 });
@@ -3285,7 +3288,7 @@ export class ModelProxy {
       this.tcp ??= Bun.serve({ hostname: '127.0.0.1', port: 0, ...SERVE, fetch: (req) => this.forward(req, null) });
       return { token, url: `http://host.docker.internal:${this.tcp.port}`, close: forget };
     }
-    const socketPath = join(this.options.dir, `${runId}.sock`);
+    const socketPath = modelSocketPath(this.options.dir, runId);
     const handle = (req: Request) => this.forward(req, token);
     const server = listenOnRunSocket(socketPath, () => Bun.serve({ unix: socketPath, ...SERVE, fetch: handle }));
     const close = () => {
@@ -3606,7 +3609,7 @@ export function runPaths(config: Config, group: RegisteredGroup, runId: string) 
   const proxyDir = join(config.dataDir, 'proxy');
   return {
     inbox: join(inboxRoot(config), runId),
-    modelSocket: config.modelProxy === 'unix' ? join(proxyDir, `${runId}.sock`) : null,
+    modelSocket: config.modelProxy === 'unix' ? modelSocketPath(proxyDir, runId) : null,
     egressSocket: groupNetwork(config, group) === 'egress' ? join(proxyDir, `${runId}.egress.sock`) : null,
   };
 }
