@@ -3857,10 +3857,7 @@ function defineResultSchema(z: Zod) {
 }
 export type ContainerResult = z.infer<ReturnType<typeof defineResultSchema>>;
 let resultSchema: ReturnType<typeof defineResultSchema> | null = null;
-function loadResultSchema() {
-  resultSchema ??= defineResultSchema(load('zod') as Zod);
-  return resultSchema;
-}
+const loadResultSchema = () => (resultSchema ??= defineResultSchema(load('zod') as Zod));
 
 export const RESULT_START = '---NANOCLAW_RESULT_START---';
 export const RESULT_END = '---NANOCLAW_RESULT_END---';
