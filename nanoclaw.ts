@@ -3176,6 +3176,9 @@ async function boundedText(body: ReadableStream<Uint8Array>, limit: number): Pro
   return bytes.subarray(0, limit).toString();
 }
 
+/** A run's model proxy socket on the host (unix mode): where the proxy listens, and what the run's mounts name. */
+const modelSocketPath = (dir: string, runId: string) => join(dir, `${runId}.sock`);
+
 /** Listens on a run's socket: its folder (0700) keeps all but the host out, the socket (0666) lets the container in. */
 function listenOnRunSocket<Server>(socketPath: string, listen: () => Server): Server {
   mkdirSync(dirname(socketPath), { recursive: true, mode: 0o700 });
@@ -3215,7 +3218,7 @@ export class ModelProxy {
       this.tcp ??= Bun.serve({ hostname: '127.0.0.1', port: 0, ...SERVE, fetch: (req) => this.forward(req, null) });
       return { token, url: `http://host.docker.internal:${this.tcp.port}`, close: forget };
     }
-    const socketPath = join(this.options.dir, `${runId}.sock`);
+    const socketPath = modelSocketPath(this.options.dir, runId);
     const handle = (req: Request) => this.forward(req, token);
     const server = listenOnRunSocket(socketPath, () => Bun.serve({ unix: socketPath, ...SERVE, fetch: handle }));
     const close = () => {
@@ -3419,6 +3422,8 @@ export function openEgressProxy(
 // ───────────────────────────── 9. Container: mounts, docker run, results, run logs ───
 
 type Mount = { hostPath: string; containerPath: string; readonly: boolean };
+const ro = (hostPath: string, containerPath: string): Mount => ({ hostPath, containerPath, readonly: true });
+const rw = (hostPath: string, containerPath: string): Mount => ({ hostPath, containerPath, readonly: false });
 
 /** Millions of empty files fill a disk too: past this many entries a tree is over any budget. */
 const MAX_COUNTED_ENTRIES = 200_000;
@@ -3500,31 +3505,22 @@ function maskPaths(config: Config) {
 export function groupMounts(config: Config, group: RegisteredGroup, extra: readonly Mount[] = []): Mount[] {
   const paths = groupPaths(config, group.folder);
   const global = join(config.groupsDir, 'global');
-  const mounts: Mount[] = [
-    { hostPath: paths.group, containerPath: '/workspace/group', readonly: false },
-    // The run logs are the host's record of what the agent did: it may read them, never change them.
-    { hostPath: join(paths.group, 'logs'), containerPath: '/workspace/group/logs', readonly: true },
-  ];
+  // The run logs are the host's record of what the agent did: it may read them, never change them.
+  const mounts = [rw(paths.group, '/workspace/group'), ro(join(paths.group, 'logs'), '/workspace/group/logs')];
   if (group.isMain) {
-    mounts.push({ hostPath: config.projectRoot, containerPath: '/workspace/project', readonly: true });
-    mounts.push({ hostPath: global, containerPath: '/workspace/project/groups/global', readonly: false });
+    mounts.push(ro(config.projectRoot, '/workspace/project'), rw(global, '/workspace/project/groups/global'));
     const masks = maskPaths(config);
     for (const hidden of HIDDEN_FROM_MAIN) {
       const stats = lstatSync(join(config.projectRoot, hidden), { throwIfNoEntry: false });
       if (!stats) continue; // nothing to hide, and the read-only project cannot gain it
-      mounts.push({
-        hostPath: stats.isDirectory() ? masks.dir : masks.file,
-        containerPath: `/workspace/project/${hidden}`,
-        readonly: true,
-      });
+      mounts.push(ro(stats.isDirectory() ? masks.dir : masks.file, `/workspace/project/${hidden}`));
     }
   } else {
-    mounts.push({ hostPath: global, containerPath: '/workspace/global', readonly: true });
+    mounts.push(ro(global, '/workspace/global'));
   }
-  mounts.push({ hostPath: paths.ipc, containerPath: '/workspace/ipc', readonly: false });
+  mounts.push(rw(paths.ipc, '/workspace/ipc'));
   // Kimi sessions: HOME is /home/node in the image, so this is where the CLI looks.
-  mounts.push({ hostPath: paths.kimiHome, containerPath: '/home/node/.kimi', readonly: false });
-  return [...mounts, ...extra];
+  return [...mounts, rw(paths.kimiHome, '/home/node/.kimi'), ...extra];
 }
 
 const MOUNT_NOTES: Record<string, string> = {
@@ -3532,11 +3528,27 @@ const MOUNT_NOTES: Record<string, string> = {
   [EGRESS_SOCKET_IN_CONTAINER]: ' — the egress proxy (public internet only), one socket per run',
 };
 
+/** Where each run's follow-ups go: data/input/<run>/, mounted at /workspace/ipc/input for that run only. */
+const inboxRoot = (config: Config) => join(config.dataDir, 'input');
+
+/**
+ * A run's own host paths: its inbox and its proxies' sockets (null: it has none; the model's is where the host's
+ * proxy listens). The run opens them; the `mounts` command shows them for run "<run>".
+ */
+export function runPaths(config: Config, group: RegisteredGroup, runId: string) {
+  const proxyDir = join(config.dataDir, 'proxy');
+  return {
+    inbox: join(inboxRoot(config), runId),
+    modelSocket: config.modelProxy === 'unix' ? modelSocketPath(proxyDir, runId) : null,
+    egressSocket: groupNetwork(config, group) === 'egress' ? join(proxyDir, `${runId}.egress.sock`) : null,
+  };
+}
+
 function runMounts(inboxDir: string, proxySocket: string | null, egressSocket: string | null = null): Mount[] {
   return [
-    { hostPath: inboxDir, containerPath: '/workspace/ipc/input', readonly: false },
-    ...(proxySocket ? [{ hostPath: proxySocket, containerPath: MODEL_SOCKET_IN_CONTAINER, readonly: false }] : []),
-    ...(egressSocket ? [{ hostPath: egressSocket, containerPath: EGRESS_SOCKET_IN_CONTAINER, readonly: false }] : []),
+    rw(inboxDir, '/workspace/ipc/input'),
+    ...(proxySocket ? [rw(proxySocket, MODEL_SOCKET_IN_CONTAINER)] : []),
+    ...(egressSocket ? [rw(egressSocket, EGRESS_SOCKET_IN_CONTAINER)] : []),
   ];
 }
 
@@ -3592,8 +3604,13 @@ const BLOCKED_MOUNT_PATTERNS = (
   'credentials id_rsa id_ed25519 id_ecdsa private_key .pem .key .p12 .pfx secrets .password-store .config/nanoclaw'
 ).split(' ');
 
-function expandHome(path: string): string {
-  return path === '~' ? homedir() : path.startsWith('~/') ? join(homedir(), path.slice(2)) : path;
+/** `~` expanded and every link resolved; null when nothing is there. */
+function realPathOf(path: string): string | null {
+  try {
+    return realpathSync(path === '~' ? homedir() : path.startsWith('~/') ? join(homedir(), path.slice(2)) : path);
+  } catch {
+    return null;
+  }
 }
 
 export function loadMountAllowlist(path: string): MountAllowlist | null {
@@ -3616,31 +3633,21 @@ function matchesBlockedPattern(realPath: string, patterns: readonly string[]): s
 type ExtraMountRequest = NonNullable<ContainerConfig['additionalMounts']>[number];
 
 function extraMount(request: ExtraMountRequest, allowlist: MountAllowlist, isMain: boolean): Mount | string {
-  let realPath: string;
-  try {
-    realPath = realpathSync(expandHome(request.hostPath));
-  } catch {
-    return 'path does not exist';
-  }
+  const realPath = realPathOf(request.hostPath);
+  if (!realPath) return 'path does not exist';
   const blocked = matchesBlockedPattern(realPath, [...BLOCKED_MOUNT_PATTERNS, ...(allowlist.blockedPatterns ?? [])]);
   if (blocked) return `matches blocked pattern "${blocked}"`;
   const root = allowlist.allowedRoots.find((candidate) => {
-    try {
-      const rel = relative(realpathSync(expandHome(candidate.path)), realPath);
-      return rel === '' || (!rel.startsWith('..') && !isAbsolute(rel));
-    } catch {
-      return false;
-    }
+    const rootPath = realPathOf(candidate.path);
+    const rel = rootPath === null ? null : relative(rootPath, realPath);
+    return rel === '' || (rel !== null && !rel.startsWith('..') && !isAbsolute(rel));
   });
   if (!root) return 'not under any allowed root';
   const name = request.containerPath ?? basename(realPath);
   if (!/^[A-Za-z0-9][A-Za-z0-9._-]*$/.test(name)) return `container name "${name}" must be a plain folder name`;
   const forcedReadOnly = !root.allowReadWrite || (!isMain && allowlist.nonMainReadOnly === true);
-  return {
-    hostPath: realPath,
-    containerPath: `/workspace/extra/${name}`,
-    readonly: forcedReadOnly || request.readonly !== false,
-  };
+  const readonly = forcedReadOnly || request.readonly !== false;
+  return { hostPath: realPath, containerPath: `/workspace/extra/${name}`, readonly };
 }
 
 /** The allowlist lives outside the project, so an agent that writes the project cannot widen its own reach. */
@@ -3666,14 +3673,6 @@ export function groupExtraMounts(config: Config, group: RegisteredGroup) {
   const requested = group.containerConfig?.additionalMounts;
   const allowlist = requested?.length ? loadMountAllowlist(config.mountAllowlistPath) : null;
   return validateExtraMounts(requested, allowlist, group.isMain);
-}
-
-/** A root host hands folders to uid 1000 (the image's node); another host user runs the container as itself. */
-export function containerUserArgs(
-  uid = process.getuid?.() ?? CONTAINER_UID,
-  gid = process.getgid?.() ?? CONTAINER_UID,
-): string[] {
-  return uid === 0 || uid === CONTAINER_UID ? [] : ['--user', `${uid}:${gid}`, '-e', 'HOME=/home/node'];
 }
 
 /** This project directory's id: its containers carry it, so no install touches another's. */
@@ -3707,8 +3706,9 @@ function groupNetwork(config: Config, group: RegisteredGroup): string {
 }
 
 /**
- * --init reaps orphans (Bun as PID 1 does not; zombies would use up the pids limit); no capabilities or privilege
- * gain; bounded pids, memory, CPU; a read-only image with small tmpfs scratch (it counts against the memory limit).
+ * The user: a root host hands folders to uid 1000 (the image's node), another host user runs the container as
+ * itself. --init reaps orphans (Bun as PID 1 does not; zombies would use up the pids limit); no capabilities or
+ * privilege gain; bounded pids, memory, CPU; a read-only image with small tmpfs scratch (it counts against memory).
  */
 export function hardeningArgs(
   config: Config,
@@ -3717,6 +3717,7 @@ export function hardeningArgs(
   gid = process.getgid?.() ?? CONTAINER_UID,
 ): string[] {
   const [home, homeGid] = uid === 0 ? [CONTAINER_UID, CONTAINER_UID] : [uid, gid];
+  const user = home === CONTAINER_UID ? [] : ['--user', `${uid}:${gid}`, '-e', 'HOME=/home/node'];
   const { memory, cpus, pids } = config.container;
   const network = groupNetwork(config, group);
   const options: [string, string][] = [
@@ -3733,7 +3734,7 @@ export function hardeningArgs(
     ['--label', `${INSTALL_LABEL}=${installId(config)}`],
     ['--label', `nanoclaw.group=${group.folder}`],
   ];
-  return ['--init', '--read-only', ...options.flat()];
+  return [...user, '--init', '--read-only', ...options.flat()];
 }
 
 export function buildDockerArgs(
@@ -3786,10 +3787,7 @@ function defineResultSchema(z: Zod) {
 }
 export type ContainerResult = z.infer<ReturnType<typeof defineResultSchema>>;
 let resultSchema: ReturnType<typeof defineResultSchema> | null = null;
-function loadResultSchema() {
-  resultSchema ??= defineResultSchema(load('zod') as Zod);
-  return resultSchema;
-}
+const loadResultSchema = () => (resultSchema ??= defineResultSchema(load('zod') as Zod));
 
 export const RESULT_START = '---NANOCLAW_RESULT_START---';
 export const RESULT_END = '---NANOCLAW_RESULT_END---';
@@ -3898,39 +3896,35 @@ const SESSION_LINE = /Session initialized: (\S+)/;
 const READY_LINE = /^\[agent-runner\] ready: /;
 export const MAX_RUN_OUTPUT = 64 * 1024 * 1024;
 
-/** Where each run's follow-ups go: data/input/<run>/, mounted at /workspace/ipc/input for that run only. */
-const inboxRoot = (config: Config) => join(config.dataDir, 'input');
-
 type RunPlan = ReturnType<typeof prepareRun>;
 
-function prepareRun(options: RunContainerOptions, startedAt: Date, groupLog: Logger) {
+function prepareRun(options: RunContainerOptions) {
   const { config, group } = options;
+  const startedAt = new Date();
+  const groupLog = log.child({ group: group.folder });
   const trees = prepareGroupFolders(config, group);
   // Names the container (nanoclaw-<id>), its inbox and its proxy sockets.
   const id = `${installId(config)}-${group.folder}-${startedAt.getTime()}`;
+  const paths = runPaths(config, group, id);
   // The run's own inbox: no container left from an earlier run (or host) can read its follow-ups.
-  const inbox = new AgentTree(join(inboxRoot(config), id), containerOwner());
+  const inbox = new AgentTree(paths.inbox, containerOwner());
   inbox.ensureDir('.');
   inbox.handOver();
   // Even without a key the run gets a token: the proxy then answers with what to put in .env.
   const proxyRun = options.proxy ? options.proxy.open(group.folder, id) : null;
   const input: ContainerInput = { ...options.input, secrets: proxyRun ? { KIMI_API_KEY: proxyRun.token } : {} };
-  const egressRun =
-    groupNetwork(config, group) === 'egress'
-      ? openEgressProxy(join(config.dataDir, 'proxy', `${id}.egress.sock`), config.egressAllow, (reason) =>
-          groupLog.info({ run: id }, `Egress refused: ${reason}`),
-        )
-      : null;
-  const mounts = [...options.mounts, ...runMounts(inbox.root, proxyRun?.socketPath ?? null, egressRun?.socketPath)];
+  const egressRun = paths.egressSocket
+    ? openEgressProxy(paths.egressSocket, config.egressAllow, (reason) =>
+        groupLog.info({ run: id }, `Egress refused: ${reason}`),
+      )
+    : null;
+  const mounts = [...options.mounts, ...runMounts(paths.inbox, proxyRun?.socketPath ?? null, paths.egressSocket)];
   const name = `nanoclaw-${id}`;
   const env = containerEnvironment(config, proxyRun);
   if (egressRun) env.NANOCLAW_EGRESS_SOCKET = EGRESS_SOCKET_IN_CONTAINER;
-  const args = buildDockerArgs(name, config.containerImage, mounts, env, [
-    ...containerUserArgs(),
-    ...hardeningArgs(config, group),
-  ]);
+  const args = buildDockerArgs(name, config.containerImage, mounts, env, hardeningArgs(config, group));
   const secretValues = [readSecrets(config).KIMI_API_KEY, proxyRun?.token].filter((v): v is string => Boolean(v));
-  return { id, name, args, trees, inbox, input, mounts, proxyRun, egressRun, secretValues, startedAt };
+  return { id, name, args, trees, inbox, input, mounts, proxyRun, egressRun, secretValues, startedAt, groupLog };
 }
 
 type RunResult = Omit<RunOutcome, 'logFile' | 'durationMs'> & { stdout: string; stderr: string };
@@ -3949,13 +3943,9 @@ const runtimeCommand = (runtime: string, ...args: string[]) =>
 /** On the reply's path: the Engine API (POST /containers/{name}/unpause, 204) saves the CLI's ~30 ms start. */
 export async function unpauseContainer(runtime: string, name: string): Promise<'engine' | 'cli'> {
   const socket = engineSocket(runtime);
-  if (socket) {
-    const answer = await fetch(`http://docker/containers/${encodeURIComponent(name)}/unpause`, {
-      method: 'POST',
-      unix: socket,
-    }).catch(() => null);
-    if (answer?.status === 204) return 'engine';
-  }
+  const url = `http://docker/containers/${encodeURIComponent(name)}/unpause`;
+  const answer = socket ? await fetch(url, { method: 'POST', unix: socket }).catch(() => null) : null;
+  if (answer?.status === 204) return 'engine';
   await runtimeCommand(runtime, 'unpause', name);
   return 'cli';
 }
@@ -3963,7 +3953,6 @@ export async function unpauseContainer(runtime: string, name: string): Promise<'
 /** Follow-ups and _close go through its inbox; stopped when quiet for CONTAINER_TIMEOUT or when it ignores a close. */
 class RunningContainer implements LiveContainer {
   closing = false;
-  exited = false;
   timedOut = false;
   killed = false;
   stopping: Promise<void> | null = null;
@@ -3977,12 +3966,12 @@ class RunningContainer implements LiveContainer {
     private readonly config: Config,
     readonly plan: RunPlan,
     private readonly proc: { kill(): void; exited: Promise<number> },
-    private readonly groupLog: Logger,
     readonly acceptsFollowUps: boolean,
   ) {
+    // Exited: it takes no more input, and a close it answered needs no stop.
     void proc.exited.then(() => {
       this.closing = true;
-      this.exited = true;
+      clearTimeout(this.graceTimer);
     });
     this.armTimeout();
   }
@@ -3991,7 +3980,7 @@ class RunningContainer implements LiveContainer {
     clearTimeout(this.hardTimer);
     this.hardTimer = setTimeout(() => {
       this.timedOut = true;
-      this.groupLog.error(
+      this.plan.groupLog.error(
         { container: this.plan.name, timeoutMs: this.config.containerTimeoutMs },
         'Container produced nothing within CONTAINER_TIMEOUT; stopping it',
       );
@@ -4031,7 +4020,7 @@ class RunningContainer implements LiveContainer {
       void this.wake();
       return true;
     } catch (err) {
-      this.groupLog.warn({ reason: errorText(err) }, failure);
+      this.plan.groupLog.warn({ reason: errorText(err) }, failure);
       void this.kill(false);
       return false;
     }
@@ -4049,9 +4038,9 @@ class RunningContainer implements LiveContainer {
     this.closing = true;
     this.deliver('_close', '', 'Could not ask the container to close; stopping it');
     const graceMs = this.config.container.closeGraceMs;
+    const { name, groupLog } = this.plan;
     this.graceTimer = setTimeout(() => {
-      if (this.exited) return;
-      this.groupLog.warn({ container: this.plan.name, graceMs }, 'Container ignored the close request; stopping it');
+      groupLog.warn({ container: name, graceMs }, 'Container ignored the close request; stopping it');
       void this.kill(false);
     }, graceMs);
   }
@@ -4060,13 +4049,14 @@ class RunningContainer implements LiveContainer {
     if (this.closing || this.paused) return;
     clearTimeout(this.hardTimer); // a paused agent produces nothing by design
     this.paused = runtimeCommand(this.config.containerRuntime, 'pause', this.plan.name);
-    this.groupLog.debug({ container: this.plan.name }, 'Agent waiting in the warm pool; paused');
+    this.plan.groupLog.debug({ container: this.plan.name }, 'Agent waiting in the warm pool; paused');
   }
 }
 
 /** Past MAX_RUN_OUTPUT the run is logged as oversized and stopped: what a container writes is bounded. */
-async function streamContainer(plan: RunPlan, options: RunContainerOptions, groupLog: Logger): Promise<RunResult> {
+async function streamContainer(plan: RunPlan, options: RunContainerOptions): Promise<RunResult> {
   const { config } = options;
+  const { groupLog } = plan;
   const proc = Bun.spawn([config.containerRuntime, ...plan.args], {
     stdin: 'pipe',
     stdout: 'pipe',
@@ -4077,7 +4067,7 @@ async function streamContainer(plan: RunPlan, options: RunContainerOptions, grou
   proc.stdin.write(JSON.stringify(plan.input));
   await proc.stdin.end();
   loadResultSchema(); // zod loads (~18 ms) while the container starts, not on the first reply's path
-  const live = new RunningContainer(config, plan, proc, groupLog, options.acceptsFollowUps);
+  const live = new RunningContainer(config, plan, proc, options.acceptsFollowUps);
   options.onStart?.(live);
   const result: RunResult = { exitCode: null, timedOut: false, results: 0, stdout: '', stderr: '' };
   let written = 0;
@@ -4196,10 +4186,9 @@ function writeRunLog(plan: RunPlan, options: RunContainerOptions, result: RunRes
 }
 
 export async function runContainer(options: RunContainerOptions): Promise<RunOutcome> {
-  const { config, group } = options;
-  const startedAt = new Date();
-  const groupLog = log.child({ group: group.folder });
-  const plan = prepareRun(options, startedAt, groupLog);
+  const { config } = options;
+  const plan = prepareRun(options);
+  const { groupLog } = plan;
   groupLog.debug({ mounts: plan.mounts.map((m) => formatMount(m, 'human')) }, 'Container mounts');
   groupLog.debug({ args: [config.containerRuntime, ...plan.args] }, 'Container command');
   groupLog.info(
@@ -4207,19 +4196,16 @@ export async function runContainer(options: RunContainerOptions): Promise<RunOut
     'Starting agent container',
   );
 
-  let result: RunResult;
-  try {
-    result = await streamContainer(plan, options, groupLog);
-  } finally {
+  const result = await streamContainer(plan, options).finally(() => {
     plan.proxyRun?.close(); // the token dies with the container
     plan.egressRun?.close();
-  }
+  });
   try {
     new AgentTree(inboxRoot(config)).remove(plan.id);
   } catch (err) {
     groupLog.warn({ reason: errorText(err) }, 'Could not remove the run’s inbox; the next start does');
   }
-  const durationMs = Date.now() - startedAt.getTime();
+  const durationMs = Date.now() - plan.startedAt.getTime();
   const logFile = writeRunLog(plan, options, result, durationMs);
   const { stdout: _stdout, stderr: _stderr, ...outcome } = result;
   const summary = { container: plan.name, exitCode: outcome.exitCode, durationMs, results: outcome.results, logFile };

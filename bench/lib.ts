@@ -770,8 +770,8 @@ export function hardening(b: Bench): string[] {
     allow: [],
     addedAt: '',
   };
-  // The bench's own label marks its containers; the network is each caller's.
-  const paired = new Set(['--label', '--network']);
+  // The bench's own label marks its containers; the network is each caller's; the user is the image's.
+  const paired = new Set(['--label', '--network', '--user', '-e']);
   return hardeningArgs(config, group).filter((arg, i, all) => !paired.has(arg) && !paired.has(all[i - 1]!));
 }
 

@@ -11,7 +11,6 @@ import { join } from 'node:path';
 import { beforeAll, describe, expect, it } from 'vitest';
 import {
   buildDockerArgs,
-  containerUserArgs,
   groupMounts,
   groupTrees,
   hardeningArgs,
@@ -207,10 +206,13 @@ describe('the image on its own', () => {
     const mountsFor = (group: RegisteredGroup) => groupMounts(w.config, group);
     const probe = (group: RegisteredGroup, script: string) => {
       prepareGroupFolders(w.config, group); // as runContainer prepares them
-      const args = buildDockerArgs(`nanoclaw-e2e-probe-${Date.now()}`, IMAGE, mountsFor(group), {}, [
-        ...containerUserArgs(),
-        ...hardeningArgs(w.config, group),
-      ]);
+      const args = buildDockerArgs(
+        `nanoclaw-e2e-probe-${Date.now()}`,
+        IMAGE,
+        mountsFor(group),
+        {},
+        hardeningArgs(w.config, group),
+      );
       args.splice(args.indexOf(IMAGE), 0, '--entrypoint', '/bin/bash');
       const run = Bun.spawnSync(['docker', ...args, '-c', script]);
       return run.stdout.toString().trim();

@@ -4,7 +4,6 @@ import { describe, expect, it } from 'vitest';
 import {
   buildDockerArgs,
   containerEnvironment,
-  containerUserArgs,
   defaultContainerCpus,
   groupMounts,
   hardeningArgs,
@@ -15,6 +14,7 @@ import {
   MODEL_SOCKET_IN_CONTAINER,
   readLines,
   resultLines,
+  runPaths,
   RESULT_END,
   RESULT_START,
   validateExtraMounts,
@@ -73,6 +73,22 @@ describe('groupMounts', () => {
   });
 });
 
+describe('runPaths', () => {
+  it('a run’s inbox and proxy sockets, each only when the run has that proxy', () => {
+    const config = tempProject({ MODEL_PROXY: 'unix', CONTAINER_NETWORK: 'egress' });
+    const root = config.projectRoot;
+    expect(runPaths(config, group('family'), 'r1')).toEqual({
+      inbox: `${root}/data/input/r1`,
+      modelSocket: `${root}/data/proxy/r1.sock`,
+      egressSocket: `${root}/data/proxy/r1.egress.sock`,
+    });
+    const offline = { ...group('family'), containerConfig: { network: 'none' } };
+    expect(runPaths(config, offline, 'r1').egressSocket).toBeNull();
+    const tcp = runPaths(tempProject({ MODEL_PROXY: 'tcp' }), group('family'), 'r1');
+    expect([tcp.modelSocket, tcp.egressSocket]).toEqual([null, null]);
+  });
+});
+
 describe('docker arguments', () => {
   it('run -i --rm --name, env pairs, volumes with :ro, image last', () => {
     const args = buildDockerArgs(
@@ -104,9 +120,13 @@ describe('docker arguments', () => {
   });
 
   it('runs as the image’s node user for root and uid 1000, as the host user otherwise', () => {
-    expect(containerUserArgs(0, 0)).toEqual([]);
-    expect(containerUserArgs(1000, 1000)).toEqual([]);
-    expect(containerUserArgs(501, 20)).toEqual(['--user', '501:20', '-e', 'HOME=/home/node']);
+    const userArgs = (uid: number, gid: number) => {
+      const args = hardeningArgs(tempProject(), group('family'), uid, gid);
+      return args.slice(0, args.indexOf('--init'));
+    };
+    expect(userArgs(0, 0)).toEqual([]);
+    expect(userArgs(1000, 1000)).toEqual([]);
+    expect(userArgs(501, 20)).toEqual(['--user', '501:20', '-e', 'HOME=/home/node']);
   });
 
   it('passes settings and where the proxy is, but never the key nor the real endpoint', () => {
