@@ -2859,22 +2859,17 @@ export interface LiveContainer {
   kill(): Promise<void>;
 }
 
-interface QueuedTask {
-  id: string;
-  run: () => Promise<void>;
-  /** Group-context tasks: runs it as a turn of the chat's live container instead. */
-  inLive?: (() => void) | undefined;
-}
-
 class GroupState {
-  running = false;
+  /** The group's container run (its cleanup included), while one goes. */
+  run: Promise<void> | null = null;
   /** Counts against maxConcurrent; false while its agent waits in the warm pool, or closes. */
   holdsSlot = false;
   live: LiveContainer | null = null;
   /** Killed while docker was still starting it: stopped as soon as it is up. */
   stopWhenUp = false;
   messagesPending = false;
-  tasks: QueuedTask[] = [];
+  /** `inLive` (group-context tasks): runs the task as a turn of the chat's live container instead. */
+  tasks: { id: string; run: () => Promise<void>; inLive?: (() => void) | undefined }[] = [];
   retryCount = 0;
   cancelRetry: (() => void) | null = null;
   /** A message came while its container was closing: the group goes on at the front of the line, not the back. */
@@ -2906,10 +2901,11 @@ export class GroupQueue {
   /** The warm pool, least recently used first: each waiting agent's pending pause and idle close. */
   private readonly pool = new Map<string, { cancelPause: () => void; cancelClose: () => void }>();
   private shuttingDown = false;
-  private readonly clock: Clock;
 
-  constructor(private readonly options: QueueOptions) {
-    this.clock = options.clock ?? systemClock;
+  constructor(private readonly options: QueueOptions) {}
+
+  private get clock(): Clock {
+    return this.options.clock ?? systemClock;
   }
 
   private state(jid: string): GroupState {
@@ -2927,13 +2923,12 @@ export class GroupQueue {
   }
 
   isRunning(jid: string): boolean {
-    return this.state(jid).running;
+    return this.state(jid).run !== null;
   }
 
   /** Running, or waiting out a retry backoff: either way the group needs nothing from a sweep. */
   isBusy(jid: string): boolean {
-    const state = this.state(jid);
-    return state.running || state.cancelRetry !== null;
+    return this.isRunning(jid) || this.state(jid).cancelRetry !== null;
   }
 
   /** There are messages for this group. A group backing off before a retry waits (the retry takes them along). */
@@ -2941,8 +2936,8 @@ export class GroupQueue {
     if (this.shuttingDown) return;
     const state = this.state(jid);
     state.messagesPending = true;
-    if (state.running && state.live?.closing) state.keepPlace = true;
-    if (!state.running && !state.cancelRetry) this.startOrWait(jid);
+    if (state.run && state.live?.closing) state.keepPlace = true;
+    if (!state.run && !state.cancelRetry) this.startOrWait(jid);
   }
 
   /** With `inLive`, the group's live chat container takes the task as its next turn; else its own container runs it. */
@@ -2952,7 +2947,7 @@ export class GroupQueue {
     state.tasks.push({ id: taskId, run, inLive: this.takesInput(state) ? inLive : undefined });
     // An agent waiting in the pool takes the task as its turn, or closes for it.
     if (this.pool.has(jid)) this.markIdle(jid);
-    else if (!state.running) this.startOrWait(jid);
+    else if (!state.run) this.startOrWait(jid);
   }
 
   /** Starts a container before its message, only into a free slot nobody waits for; a pooled agent is thawed instead. */
@@ -2964,7 +2959,7 @@ export class GroupQueue {
       seat.cancelPause = this.pauseLater(state.live!);
       state.live!.wake();
     } else {
-      const idle = !state.running && !state.cancelRetry && state.tasks.length === 0;
+      const idle = !state.run && !state.cancelRetry && state.tasks.length === 0;
       const free = this.activeCount < this.options.maxConcurrent && this.waiting.length === 0;
       if (this.shuttingDown || this.options.pool.size === 0 || !idle || !free) return false;
       this.start(jid, true);
@@ -2990,7 +2985,7 @@ export class GroupQueue {
   }
 
   private takesInput(state: GroupState): boolean {
-    return state.running && Boolean(state.live?.acceptsFollowUps) && !state.live!.closing;
+    return Boolean(state.run && state.live?.acceptsFollowUps && !state.live.closing);
   }
 
   /** The agent answered and waits: a task for this container is its next turn; else it joins the pool, or closes. */
@@ -3046,7 +3041,7 @@ export class GroupQueue {
     const state = this.state(jid);
     state.stopRetry();
     state.messagesPending = false;
-    if (state.running && !state.live) state.stopWhenUp = true; // docker has not started it yet
+    if (state.run && !state.live) state.stopWhenUp = true; // docker has not started it yet
     await state.live?.kill();
   }
 
@@ -3063,14 +3058,16 @@ export class GroupQueue {
 
   private start(jid: string, warm = false): void {
     const state = this.state(jid);
-    state.running = true;
+    const run = Promise.withResolvers<void>();
+    state.run = run.promise; // before the work starts: it may ask whether the group runs
     state.holdsSlot = true;
     const task = state.tasks.shift();
     const work = task
       ? task.run().catch((err) => log.error({ err, taskId: task.id }, 'Scheduled task failed'))
       : this.runMessages(jid, state, warm);
     void work.finally(() => {
-      state.running = false;
+      state.run = null;
+      run.resolve();
       state.live = null;
       state.stopWhenUp = false;
       this.leavePool(jid);
@@ -3126,10 +3123,11 @@ export class GroupQueue {
     while (!this.shuttingDown && this.activeCount < this.options.maxConcurrent && this.waiting.length > 0) {
       const jid = this.waiting.shift()!;
       const state = this.state(jid);
-      if (!state.running && (state.tasks.length > 0 || state.messagesPending)) this.start(jid);
+      if (!state.run && (state.tasks.length > 0 || state.messagesPending)) this.start(jid);
     }
   }
 
+  /** Closes every container; what has not exited after graceMs is killed and given 10 s more. */
   async shutdown(graceMs: number): Promise<void> {
     this.shuttingDown = true;
     for (const [jid, state] of this.groups) {
@@ -3137,12 +3135,15 @@ export class GroupQueue {
       this.leavePool(jid);
       state.live?.close();
     }
-    const running = () => [...this.groups.values()].some((state) => state.running);
-    const exited = async (withinMs: number) => {
-      const deadline = Date.now() + withinMs;
-      while (running() && Date.now() < deadline) await Bun.sleep(50);
-      return !running();
-    };
+    // Real time, as the process's own exit is: a test's fake clock does not hold it up.
+    const exited = (withinMs: number) =>
+      new Promise<boolean>((done) => {
+        const cancel = systemClock.after(withinMs, () => done(false));
+        void Promise.all([...this.groups.values()].map((state) => state.run)).then(() => {
+          cancel();
+          done(true);
+        });
+      });
     if (await exited(graceMs)) return;
     await Promise.all([...this.groups.values()].map((state) => state.live?.kill()));
     await exited(10_000);
