@@ -816,23 +816,6 @@ export interface OutboundFile {
   caption?: string;
 }
 
-interface UsageRow {
-  day: string;
-  groupFolder: string;
-  requests: number;
-  failed: number;
-  promptTokens: number;
-  completionTokens: number;
-}
-
-interface ChatInfo {
-  jid: string;
-  name: string | null;
-  channel: string | null;
-  isGroup: boolean;
-  lastMessageAt: string | null;
-}
-
 /** Schema history. Append only: a released migration is never edited (its meaning; the layout may change). */
 const MIGRATIONS: string[] = [
   `CREATE TABLE chats (
@@ -1053,7 +1036,7 @@ export class Store {
   }
 
   listChats = () =>
-    this.all<ChatInfo>(
+    this.all<{ jid: string; isGroup: boolean } & Record<'name' | 'channel' | 'lastMessageAt', string | null>>(
       `SELECT jid, name, channel, is_group, NULLIF(last_message_at, '') AS last_message_at
        FROM chats ORDER BY last_message_at DESC`,
     );
@@ -1139,6 +1122,9 @@ export class Store {
       { at: now(), why, channel },
     );
 
+  /** Whether a message id is one of the bot's own parts, read from the index alone. */
+  hasOutbound = (messageId: string) => this.one('SELECT 1 FROM outbox WHERE message_id = ?', messageId) !== null;
+
   /** What the bot sent under a message id (to answer a recipient's request to send it again). */
   outboundByMessageId = (messageId: string) =>
     this.one<{ chatJid: string; text: string; sentContent: Uint8Array | null }>(
@@ -1184,7 +1170,10 @@ export class Store {
   }
 
   modelUsage = (sinceDay: string, groupFolder?: string) =>
-    this.all<UsageRow>(
+    this.all<
+      Record<'day' | 'groupFolder', string> &
+        Record<'requests' | 'failed' | 'promptTokens' | 'completionTokens', number>
+    >(
       'SELECT * FROM model_usage WHERE day >= $since AND ($folder IS NULL OR group_folder = $folder) ORDER BY day, group_folder',
       { since: sinceDay, folder: groupFolder ?? null },
     );
@@ -1317,6 +1306,14 @@ export class Store {
     this.all<ScheduledTask>(
       "SELECT * FROM scheduled_tasks WHERE status = 'active' AND next_run <= $dueBy ORDER BY next_run LIMIT $limit",
       { dueBy, limit },
+    );
+
+  /** Active tasks due by `dueBy`, and the soonest even when later, soonest first: what a scheduler tick needs, at once. */
+  tasksDueByOrSoonest = (dueBy: string) =>
+    this.all<ScheduledTask>(
+      `SELECT * FROM scheduled_tasks WHERE status = 'active'
+       AND next_run <= MAX($dueBy, (SELECT MIN(next_run) FROM scheduled_tasks WHERE status = 'active')) ORDER BY next_run`,
+      { dueBy },
     );
 
   logTaskRun(run: TaskRunLog): void {
