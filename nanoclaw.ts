@@ -160,21 +160,14 @@ const readEnvFile = (path: string): NodeJS.Dict<string> =>
 /** bridge, none, egress or a user-defined Docker network name; never host nor container:… (they undo the isolation). */
 const isValidNetwork = (network: string) => /^(?!host$)[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$/.test(network);
 
+/** How a setting's text is read: `kind` in the docs, `expected` in the error when `read` finds it not valid. */
 interface Parser<T> {
   kind: string;
-  parse(raw: string, name: string): T;
+  expected: string;
+  read(raw: string): T | undefined;
 }
 
-function parser<T>(kind: string, expected: string, parse: (raw: string) => T | undefined): Parser<T> {
-  return {
-    kind,
-    parse(raw, name) {
-      const value = parse(raw);
-      if (value === undefined) throw new ConfigError(`${name}=${JSON.stringify(raw)} is not valid: ${expected}.`);
-      return value;
-    },
-  };
-}
+const parser = <T>(kind: string, expected: string, read: Parser<T>['read']): Parser<T> => ({ kind, expected, read });
 
 const anyText = parser('text', '', (raw) => raw);
 const textMatching = (kind: string, expected: string, valid: (raw: string) => boolean) =>
@@ -363,7 +356,9 @@ export function loadConfig(projectRoot: string, env: Record<string, string | und
   for (const { setting, path } of SETTING_LIST) {
     const { fallback } = setting;
     const raw = merged[setting.env]?.trim() || (typeof fallback === 'object' ? fallback.value(values) : fallback);
-    values[setting.env] = raw === undefined ? undefined : setting.parser.parse(raw, setting.env);
+    values[setting.env] = raw === undefined ? undefined : setting.parser.read(raw);
+    if (raw !== undefined && values[setting.env] === undefined)
+      throw new ConfigError(`${setting.env}=${JSON.stringify(raw)} is not valid: ${setting.parser.expected}.`);
     let parent = settings;
     for (const group of path.slice(0, -1)) {
       parent[group] ??= {};
@@ -606,18 +601,14 @@ export class AgentTree {
       return openDirAt(dir.at(name), shown);
     } catch (err) {
       if (errorCode(err) === 'ENOENT' && create) {
-        this.makeDir(dir.at(name));
+        mkdirSync(dir.at(name), { mode: 0o755 });
+        if (this.owner) lchownSync(dir.at(name), this.owner.uid, this.owner.gid);
         return openDirAt(dir.at(name), shown);
       }
       if (errorCode(err) === 'ENOTDIR' || errorCode(err) === 'ELOOP')
         throw new UnsafePathError(`${shown} is not a plain folder (a link or a file): refused`);
       throw err;
     }
-  }
-
-  private makeDir(at: string): void {
-    mkdirSync(at, { mode: 0o755 });
-    if (this.owner) lchownSync(at, this.owner.uid, this.owner.gid);
   }
 
   private withParent<T>(rel: string, create: boolean, use: (dir: OpenDir, name: string) => T): T {
@@ -916,9 +907,8 @@ const now = () => new Date().toISOString();
 const BUSY_TIMEOUT_MS = 1_000;
 
 /** Errors that mean "the database cannot take this now" (locked, read-only, I/O, full): worth retrying. */
-function isStoreUnavailable(err: unknown): boolean {
-  return /^SQLITE_(BUSY|LOCKED|READONLY|IOERR|CANTOPEN|FULL|PROTOCOL)/.test(String(errorCode(err) ?? ''));
-}
+const isStoreUnavailable = (err: unknown) =>
+  /^SQLITE_(BUSY|LOCKED|READONLY|IOERR|CANTOPEN|FULL|PROTOCOL)/.test(String(errorCode(err) ?? ''));
 
 class StoreCorruptError extends Error {}
 
@@ -1337,9 +1327,7 @@ export class Store {
 class GroupError extends Error {}
 
 /** What `groups register --trigger` and register_group take: @ and one word. */
-export function isValidTrigger(trigger: string): boolean {
-  return /^@[\p{L}\p{N}_][\p{L}\p{N}_-]{0,39}$/u.test(trigger);
-}
+export const isValidTrigger = (trigger: string) => /^@[\p{L}\p{N}_][\p{L}\p{N}_-]{0,39}$/u.test(trigger);
 
 /** The three roots are what the group's agent can write. */
 function groupPaths(config: Config, folder: string) {
@@ -1354,9 +1342,8 @@ function groupPaths(config: Config, folder: string) {
 const CONTAINER_UID = 1000;
 
 /** A root host gives what it creates in agent trees to the container's user; otherwise the container runs as us. */
-function containerOwner(uid = process.getuid?.() ?? CONTAINER_UID): { uid: number; gid: number } | null {
-  return uid === 0 ? { uid: CONTAINER_UID, gid: CONTAINER_UID } : null;
-}
+const containerOwner = (uid = process.getuid?.() ?? CONTAINER_UID) =>
+  uid === 0 ? { uid: CONTAINER_UID, gid: CONTAINER_UID } : null;
 
 export function groupTrees(config: Config, folder: string) {
   const { group, ipc, kimiHome } = groupPaths(config, folder);
@@ -1368,9 +1355,8 @@ export function groupTrees(config: Config, folder: string) {
 const RESERVED_FOLDERS = ['global', 'errors', 'claimed'];
 
 /** Folder names become paths and container names: keep them boring, and clear of NanoClaw's own. */
-export function isValidFolder(folder: string): boolean {
-  return /^[a-z0-9][a-z0-9_-]{0,63}$/.test(folder) && !RESERVED_FOLDERS.includes(folder);
-}
+export const isValidFolder = (folder: string) =>
+  /^[a-z0-9][a-z0-9_-]{0,63}$/.test(folder) && !RESERVED_FOLDERS.includes(folder);
 
 /** A group to add: its chat and folder, and whatever else is not the default. */
 type GroupRequest = Pick<RegisteredGroup, 'jid' | 'folder'> & Partial<Omit<RegisteredGroup, 'addedAt'>>;
@@ -1447,9 +1433,7 @@ const CHANNEL_NOTES =
   /^(\[replying to(?: you)?: "[\s\S]*?"\]\n)?(\[(?:image|video|video note|audio|voice note|document|sticker)\b[^\]\n]*\]\s*)?/;
 
 /** What a person typed, without the channel's notes (a trigger in a quoted message is someone else's). */
-export function typedText(content: string): string {
-  return content.slice(CHANNEL_NOTES.exec(content)![0].length).trim();
-}
+export const typedText = (content: string) => content.slice(CHANNEL_NOTES.exec(content)![0].length).trim();
 
 const DELETED_MESSAGE = '[deleted]';
 
@@ -1479,9 +1463,8 @@ function allowedText(group: RegisteredGroup): string {
   return `the owner and ${group.allow.join(', ')}`;
 }
 
-function callsAgent(group: RegisteredGroup, content: string): boolean {
-  return content.startsWith(REPLY_TO_BOT_NOTE) || triggerPattern(group.trigger).test(typedText(content));
-}
+const callsAgent = (group: RegisteredGroup, content: string) =>
+  content.startsWith(REPLY_TO_BOT_NOTE) || triggerPattern(group.trigger).test(typedText(content));
 
 /** Main and trigger-free groups answer all, others a trigger or a reply to the bot; only allowed senders wake it. */
 export function needsAgent(group: RegisteredGroup, messages: readonly StoredMessage[]): boolean {
@@ -1492,9 +1475,8 @@ export function needsAgent(group: RegisteredGroup, messages: readonly StoredMess
 }
 
 /** e.g. "2026-11-24 09:15" in the user's timezone; Swedish writes dates as ISO does. */
-export function formatLocalTime(iso: string, timezone: string): string {
-  return new Date(iso).toLocaleString('sv-SE', { timeZone: timezone }).slice(0, 16);
-}
+export const formatLocalTime = (iso: string, timezone: string) =>
+  new Date(iso).toLocaleString('sv-SE', { timeZone: timezone }).slice(0, 16);
 
 /** The prompt for a batch of messages, every value XML-escaped: a "</message>" or a fake sender stays text. */
 export function formatMessages(messages: readonly StoredMessage[], timezone: string): string {
@@ -2838,9 +2820,8 @@ const whatsAppAuthDir = (config: Config) => join(config.storeDir, 'auth');
 // ───────────────────────────── 7. Queue: one container per group, a limit for all ────
 
 /** The queue entry a task's own container runs in: an isolated task's lane beside its chat's, or the chat's. */
-function laneOf(task: Pick<ScheduledTask, 'chatJid' | 'contextMode'>): string {
-  return task.contextMode === 'isolated' ? `${task.chatJid}#isolated` : task.chatJid;
-}
+const laneOf = (task: Pick<ScheduledTask, 'chatJid' | 'contextMode'>) =>
+  task.contextMode === 'isolated' ? `${task.chatJid}#isolated` : task.chatJid;
 
 export interface LiveContainer {
   /** False for scheduled tasks: their container never takes chat follow-ups. */
