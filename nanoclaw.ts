@@ -920,7 +920,7 @@ type Bindings = import('bun:sqlite').SQLQueryBindings[];
 export class Store {
   readonly db: Database;
   /** Device and inode, to notice the file deleted or replaced under us. */
-  private readonly opened: { dev: number; ino: number };
+  private readonly opened: import('node:fs').Stats;
   readonly createdNow: boolean;
   private taskWrites = 0;
 
@@ -941,8 +941,7 @@ export class Store {
         );
       throw err;
     }
-    const stats = statSync(path);
-    this.opened = { dev: stats.dev, ino: stats.ino };
+    this.opened = statSync(path);
   }
 
   /** Returns the schema version found before migrating (0: a new database). */
@@ -961,10 +960,11 @@ export class Store {
     return current;
   }
 
-  private all<T>(sql: string, ...params: Bindings): T[] {
-    const rows = this.db.query<object, Bindings>(sql).all(...params);
-    return rows.map(fromRow<T>);
-  }
+  private all = <T>(sql: string, ...params: Bindings): T[] =>
+    this.db
+      .query<object, Bindings>(sql)
+      .all(...params)
+      .map(fromRow<T>);
   private one = <T>(sql: string, ...params: Bindings): T | null => this.all<T>(sql, ...params)[0] ?? null;
 
   /** Adds a row: each column (a space-separated list) bound from the field of its name (group_folder: groupFolder). */
@@ -1393,12 +1393,9 @@ export function addGroup(config: Config, store: Store, request: GroupRequest & {
     allow: [...new Set(request.allow ?? [])],
     addedAt: now(),
   };
-  const { group: tree } = groupTrees(config, group.folder);
+  const memory = `# ${group.name}\n\nMemory for this group. The assistant reads this file before every conversation.\n`;
   try {
-    tree.create(
-      'CLAUDE.md',
-      `# ${group.name}\n\nMemory for this group. The assistant reads this file before every conversation.\n`,
-    );
+    groupTrees(config, group.folder).group.create('CLAUDE.md', memory);
   } catch (err) {
     if (errorCode(err) !== 'EEXIST') throw err; // a memory that is already there stays as it is
   }
