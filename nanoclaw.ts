@@ -132,14 +132,10 @@ export const systemClock: Clock = {
 };
 
 export function every(clock: Clock, ms: number, fn: () => void): () => void {
-  let cancel = () => {};
-  const arm = () => {
-    cancel = clock.after(ms, () => {
-      arm();
-      fn();
-    });
-  };
-  arm();
+  let cancel = clock.after(ms, function tick() {
+    cancel = clock.after(ms, tick);
+    fn();
+  });
   return () => cancel();
 }
 
@@ -871,10 +867,7 @@ const MIGRATIONS: string[] = [
 ];
 
 /** Columns whose field is not their camelCase name, and a cache of every column's (rows are mapped on hot paths). */
-const fieldNames = new Map([
-  ['trigger_word', 'trigger'],
-  ['allowed_senders', 'allow'],
-]);
+const fieldNames = new Map(Object.entries({ trigger_word: 'trigger', allowed_senders: 'allow' }));
 const fieldName = (column: string) => {
   const field = fieldNames.get(column) ?? column.replace(/_(\w)/g, (_, c: string) => c.toUpperCase());
   fieldNames.set(column, field);
@@ -902,6 +895,7 @@ const PATCHABLE_TASK_FIELD =
   /^(groupFolder|chatJid|prompt|schedule(Type|Value)|contextMode|nextRun|last(Run|Result)|status|pausedReason)$/;
 
 const cursorKey = (chatJid: string) => `cursor:${chatJid}`;
+/** Now, as every time is stored: ISO 8601 in UTC, so text order is time order. */
 const now = () => new Date().toISOString();
 
 const BUSY_TIMEOUT_MS = 1_000;
