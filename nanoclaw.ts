@@ -954,11 +954,10 @@ export class Store {
     return current;
   }
 
-  private all = <T>(sql: string, ...params: Bindings): T[] =>
-    this.db
-      .query<object, Bindings>(sql)
-      .all(...params)
-      .map(fromRow<T>);
+  private all<T>(sql: string, ...params: Bindings): T[] {
+    const rows = this.db.query<object, Bindings>(sql).all(...params);
+    return rows.map(fromRow<T>);
+  }
   private one = <T>(sql: string, ...params: Bindings): T | null => this.all<T>(sql, ...params)[0] ?? null;
 
   /** Adds a row: each column (a space-separated list) bound from the field of its name (group_folder: groupFolder). */
