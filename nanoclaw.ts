@@ -616,13 +616,9 @@ export class AgentTree {
   }
 
   /** The absolute path of `rel` (for showing and for docker mounts; not for opening). */
-  path(rel = ''): string {
-    return join(this.root, ...treeNames(rel));
-  }
+  path = (rel = '') => join(this.root, ...treeNames(rel));
 
-  ensureDir(rel: string): void {
-    this.openDir(treeNames(rel), true)[Symbol.dispose]();
-  }
+  ensureDir = (rel: string) => this.openDir(treeNames(rel), true)[Symbol.dispose]();
 
   readBytes(rel: string, maxBytes = MAX_AGENT_FILE_BYTES, lastBytes = maxBytes): Buffer {
     return this.withParent(rel, false, (dir, name) =>
@@ -631,14 +627,11 @@ export class AgentTree {
   }
 
   /** The last maxBytes of a regular file of any size (to show a log). */
-  tail(rel: string, maxBytes: number): string {
-    return this.readBytes(rel, Number.MAX_SAFE_INTEGER, maxBytes).toString('utf8');
-  }
+  tail = (rel: string, maxBytes: number) => this.readBytes(rel, Number.MAX_SAFE_INTEGER, maxBytes).toString('utf8');
 
   /** Creates a new file; an existing name (file, link, anything) is never replaced or followed. */
-  create(rel: string, data: string | Uint8Array): void {
+  create = (rel: string, data: string | Uint8Array) =>
     this.withParent(rel, true, (dir, name) => this.createIn(dir, name, data));
-  }
 
   private createIn(dir: OpenDir, name: string, data: string | Uint8Array): void {
     const fd = openSync(dir.at(name), CREATE_FLAGS, 0o644);
@@ -676,9 +669,8 @@ export class AgentTree {
   }
 
   /** Deletes a name: a file, a link (never what it points to), or a folder and all in it. False when absent. */
-  remove(rel: string): boolean {
-    return ifMissing(false, () => this.withParent(rel, false, (dir, name) => this.removeIn(dir, name)));
-  }
+  remove = (rel: string) =>
+    ifMissing(false, () => this.withParent(rel, false, (dir, name) => this.removeIn(dir, name)));
 
   private removeIn(dir: OpenDir, name: string): boolean {
     let inner: OpenDir;
@@ -2890,14 +2882,10 @@ export class GroupQueue {
     return [...this.pool.keys()];
   }
 
-  isRunning(jid: string): boolean {
-    return this.state(jid).run !== null;
-  }
+  isRunning = (jid: string) => this.state(jid).run !== null;
 
   /** Running, or waiting out a retry backoff: either way the group needs nothing from a sweep. */
-  isBusy(jid: string): boolean {
-    return this.isRunning(jid) || this.state(jid).cancelRetry !== null;
-  }
+  isBusy = (jid: string) => this.isRunning(jid) || this.state(jid).cancelRetry !== null;
 
   /** There are messages for this group. A group backing off before a retry waits (the retry takes them along). */
   enqueueMessages(jid: string): void {
@@ -2952,9 +2940,7 @@ export class GroupQueue {
     return state.live!.sendInput(text, kind, upTo);
   }
 
-  private takesInput(state: GroupState): boolean {
-    return Boolean(state.run && state.live?.acceptsFollowUps && !state.live.closing);
-  }
+  private takesInput = (state: GroupState) => Boolean(state.run && state.live?.acceptsFollowUps && !state.live.closing);
 
   /** The agent answered and waits: a task for this container is its next turn; else it joins the pool, or closes. */
   markIdle(jid: string): void {
@@ -2985,9 +2971,7 @@ export class GroupQueue {
     }
   }
 
-  private pauseLater(live: LiveContainer): () => void {
-    return this.clock.after(this.options.pool.pauseAfterMs, () => live.pause());
-  }
+  private pauseLater = (live: LiveContainer) => this.clock.after(this.options.pool.pauseAfterMs, () => live.pause());
 
   private leavePool(jid: string): void {
     const seat = this.pool.get(jid);
