@@ -1037,15 +1037,14 @@ export class Store {
     });
   }
 
-  messagesSince(chatJid: string, afterSeq: number, limit = 500): StoredMessage[] {
-    return this.all(
+  messagesSince = (chatJid: string, afterSeq: number, limit = 500) =>
+    this.all<StoredMessage>(
       `SELECT * FROM (
          SELECT * FROM messages WHERE chat_jid = $chatJid AND seq > $afterSeq AND is_bot_message = 0
          ORDER BY seq DESC LIMIT $limit
        ) ORDER BY seq`,
       { chatJid, afterSeq, limit },
     );
-  }
 
   /** The router's position in a chat: every message up to this seq has been answered. */
   getCursor = (chatJid: string) => Number(this.getState(cursorKey(chatJid)) ?? 0);
@@ -1315,13 +1314,11 @@ class GroupError extends Error {}
 export const isValidTrigger = (trigger: string) => /^@[\p{L}\p{N}_][\p{L}\p{N}_-]{0,39}$/u.test(trigger);
 
 /** The three roots are what the group's agent can write. */
-function groupPaths(config: Config, folder: string) {
-  return {
-    group: join(config.groupsDir, folder),
-    ipc: join(config.ipcDir, folder),
-    kimiHome: join(config.sessionsDir, folder, '.kimi'),
-  };
-}
+const groupPaths = (config: Config, folder: string) => ({
+  group: join(config.groupsDir, folder),
+  ipc: join(config.ipcDir, folder),
+  kimiHome: join(config.sessionsDir, folder, '.kimi'),
+});
 
 /** The image's user (node). */
 const CONTAINER_UID = 1000;
