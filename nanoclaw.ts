@@ -221,10 +221,8 @@ interface Setting<T> {
   doc: string;
 }
 /** A default worked out at loading, from the machine or from settings above it in the table; `shown` in the docs. */
-interface Computed {
-  shown: string;
-  value(earlier: Record<string, unknown>): string;
-}
+const computed = (shown: string, value: (earlier: Record<string, unknown>) => string) => ({ shown, value });
+type Computed = ReturnType<typeof computed>;
 type SettingTable = { [key: string]: Setting<unknown> | SettingTable };
 
 function setting<T>(env: string, parser: Parser<T>, fallback: Setting<T>['fallback'], doc: string): Setting<T> {
@@ -234,7 +232,6 @@ const optional = <T>(env: string, parser: Parser<T>, doc: string) =>
   setting<T | undefined>(env, parser, undefined, doc);
 const LOG_LEVELS = ['error', 'warn', 'info', 'debug', 'trace', 'fatal', 'silent'] as const;
 const PLATFORM_NAMES = Object.keys(KIMI_PLATFORMS) as KimiPlatform[];
-const computed = (shown: string, value: Computed['value']): Computed => ({ shown, value });
 const DERIVED = {
   timezone: computed("this machine's", () => Intl.DateTimeFormat().resolvedOptions().timeZone || 'UTC'),
   concurrency: computed('CPU count, at least 2', () => String(defaultConcurrency())),
