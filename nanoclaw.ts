@@ -132,14 +132,10 @@ export const systemClock: Clock = {
 };
 
 export function every(clock: Clock, ms: number, fn: () => void): () => void {
-  let cancel = () => {};
-  const arm = () => {
-    cancel = clock.after(ms, () => {
-      arm();
-      fn();
-    });
-  };
-  arm();
+  let cancel = clock.after(ms, function tick() {
+    cancel = clock.after(ms, tick);
+    fn();
+  });
   return () => cancel();
 }
 
@@ -160,21 +156,14 @@ const readEnvFile = (path: string): NodeJS.Dict<string> =>
 /** bridge, none, egress or a user-defined Docker network name; never host nor container:… (they undo the isolation). */
 const isValidNetwork = (network: string) => /^(?!host$)[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$/.test(network);
 
+/** How a setting's text is read: `kind` in the docs, `expected` in the error when `read` finds it not valid. */
 interface Parser<T> {
   kind: string;
-  parse(raw: string, name: string): T;
+  expected: string;
+  read(raw: string): T | undefined;
 }
 
-function parser<T>(kind: string, expected: string, parse: (raw: string) => T | undefined): Parser<T> {
-  return {
-    kind,
-    parse(raw, name) {
-      const value = parse(raw);
-      if (value === undefined) throw new ConfigError(`${name}=${JSON.stringify(raw)} is not valid: ${expected}.`);
-      return value;
-    },
-  };
-}
+const parser = <T>(kind: string, expected: string, read: Parser<T>['read']): Parser<T> => ({ kind, expected, read });
 
 const anyText = parser('text', '', (raw) => raw);
 const textMatching = (kind: string, expected: string, valid: (raw: string) => boolean) =>
@@ -232,10 +221,8 @@ interface Setting<T> {
   doc: string;
 }
 /** A default worked out at loading, from the machine or from settings above it in the table; `shown` in the docs. */
-interface Computed {
-  shown: string;
-  value(earlier: Record<string, unknown>): string;
-}
+const computed = (shown: string, value: (earlier: Record<string, unknown>) => string) => ({ shown, value });
+type Computed = ReturnType<typeof computed>;
 type SettingTable = { [key: string]: Setting<unknown> | SettingTable };
 
 function setting<T>(env: string, parser: Parser<T>, fallback: Setting<T>['fallback'], doc: string): Setting<T> {
@@ -245,7 +232,6 @@ const optional = <T>(env: string, parser: Parser<T>, doc: string) =>
   setting<T | undefined>(env, parser, undefined, doc);
 const LOG_LEVELS = ['error', 'warn', 'info', 'debug', 'trace', 'fatal', 'silent'] as const;
 const PLATFORM_NAMES = Object.keys(KIMI_PLATFORMS) as KimiPlatform[];
-const computed = (shown: string, value: Computed['value']): Computed => ({ shown, value });
 const DERIVED = {
   timezone: computed("this machine's", () => Intl.DateTimeFormat().resolvedOptions().timeZone || 'UTC'),
   concurrency: computed('CPU count, at least 2', () => String(defaultConcurrency())),
@@ -363,7 +349,9 @@ export function loadConfig(projectRoot: string, env: Record<string, string | und
   for (const { setting, path } of SETTING_LIST) {
     const { fallback } = setting;
     const raw = merged[setting.env]?.trim() || (typeof fallback === 'object' ? fallback.value(values) : fallback);
-    values[setting.env] = raw === undefined ? undefined : setting.parser.parse(raw, setting.env);
+    values[setting.env] = raw === undefined ? undefined : setting.parser.read(raw);
+    if (raw !== undefined && values[setting.env] === undefined)
+      throw new ConfigError(`${setting.env}=${JSON.stringify(raw)} is not valid: ${setting.parser.expected}.`);
     let parent = settings;
     for (const group of path.slice(0, -1)) {
       parent[group] ??= {};
@@ -606,18 +594,14 @@ export class AgentTree {
       return openDirAt(dir.at(name), shown);
     } catch (err) {
       if (errorCode(err) === 'ENOENT' && create) {
-        this.makeDir(dir.at(name));
+        mkdirSync(dir.at(name), { mode: 0o755 });
+        if (this.owner) lchownSync(dir.at(name), this.owner.uid, this.owner.gid);
         return openDirAt(dir.at(name), shown);
       }
       if (errorCode(err) === 'ENOTDIR' || errorCode(err) === 'ELOOP')
         throw new UnsafePathError(`${shown} is not a plain folder (a link or a file): refused`);
       throw err;
     }
-  }
-
-  private makeDir(at: string): void {
-    mkdirSync(at, { mode: 0o755 });
-    if (this.owner) lchownSync(at, this.owner.uid, this.owner.gid);
   }
 
   private withParent<T>(rel: string, create: boolean, use: (dir: OpenDir, name: string) => T): T {
@@ -629,13 +613,9 @@ export class AgentTree {
   }
 
   /** The absolute path of `rel` (for showing and for docker mounts; not for opening). */
-  path(rel = ''): string {
-    return join(this.root, ...treeNames(rel));
-  }
+  path = (rel = '') => join(this.root, ...treeNames(rel));
 
-  ensureDir(rel: string): void {
-    this.openDir(treeNames(rel), true)[Symbol.dispose]();
-  }
+  ensureDir = (rel: string) => this.openDir(treeNames(rel), true)[Symbol.dispose]();
 
   readBytes(rel: string, maxBytes = MAX_AGENT_FILE_BYTES, lastBytes = maxBytes): Buffer {
     return this.withParent(rel, false, (dir, name) =>
@@ -644,14 +624,11 @@ export class AgentTree {
   }
 
   /** The last maxBytes of a regular file of any size (to show a log). */
-  tail(rel: string, maxBytes: number): string {
-    return this.readBytes(rel, Number.MAX_SAFE_INTEGER, maxBytes).toString('utf8');
-  }
+  tail = (rel: string, maxBytes: number) => this.readBytes(rel, Number.MAX_SAFE_INTEGER, maxBytes).toString('utf8');
 
   /** Creates a new file; an existing name (file, link, anything) is never replaced or followed. */
-  create(rel: string, data: string | Uint8Array): void {
+  create = (rel: string, data: string | Uint8Array) =>
     this.withParent(rel, true, (dir, name) => this.createIn(dir, name, data));
-  }
 
   private createIn(dir: OpenDir, name: string, data: string | Uint8Array): void {
     const fd = openSync(dir.at(name), CREATE_FLAGS, 0o644);
@@ -689,9 +666,8 @@ export class AgentTree {
   }
 
   /** Deletes a name: a file, a link (never what it points to), or a folder and all in it. False when absent. */
-  remove(rel: string): boolean {
-    return ifMissing(false, () => this.withParent(rel, false, (dir, name) => this.removeIn(dir, name)));
-  }
+  remove = (rel: string) =>
+    ifMissing(false, () => this.withParent(rel, false, (dir, name) => this.removeIn(dir, name)));
 
   private removeIn(dir: OpenDir, name: string): boolean {
     let inner: OpenDir;
@@ -816,23 +792,6 @@ export interface OutboundFile {
   caption?: string;
 }
 
-interface UsageRow {
-  day: string;
-  groupFolder: string;
-  requests: number;
-  failed: number;
-  promptTokens: number;
-  completionTokens: number;
-}
-
-interface ChatInfo {
-  jid: string;
-  name: string | null;
-  channel: string | null;
-  isGroup: boolean;
-  lastMessageAt: string | null;
-}
-
 /** Schema history. Append only: a released migration is never edited (its meaning; the layout may change). */
 const MIGRATIONS: string[] = [
   `CREATE TABLE chats (
@@ -897,10 +856,7 @@ const MIGRATIONS: string[] = [
 ];
 
 /** Columns whose field is not their camelCase name, and a cache of every column's (rows are mapped on hot paths). */
-const fieldNames = new Map([
-  ['trigger_word', 'trigger'],
-  ['allowed_senders', 'allow'],
-]);
+const fieldNames = new Map(Object.entries({ trigger_word: 'trigger', allowed_senders: 'allow' }));
 const fieldName = (column: string) => {
   const field = fieldNames.get(column) ?? column.replace(/_(\w)/g, (_, c: string) => c.toUpperCase());
   fieldNames.set(column, field);
@@ -928,14 +884,14 @@ const PATCHABLE_TASK_FIELD =
   /^(groupFolder|chatJid|prompt|schedule(Type|Value)|contextMode|nextRun|last(Run|Result)|status|pausedReason)$/;
 
 const cursorKey = (chatJid: string) => `cursor:${chatJid}`;
+/** Now, as every time is stored: ISO 8601 in UTC, so text order is time order. */
 const now = () => new Date().toISOString();
 
 const BUSY_TIMEOUT_MS = 1_000;
 
 /** Errors that mean "the database cannot take this now" (locked, read-only, I/O, full): worth retrying. */
-function isStoreUnavailable(err: unknown): boolean {
-  return /^SQLITE_(BUSY|LOCKED|READONLY|IOERR|CANTOPEN|FULL|PROTOCOL)/.test(String(errorCode(err) ?? ''));
-}
+const isStoreUnavailable = (err: unknown) =>
+  /^SQLITE_(BUSY|LOCKED|READONLY|IOERR|CANTOPEN|FULL|PROTOCOL)/.test(String(errorCode(err) ?? ''));
 
 class StoreCorruptError extends Error {}
 
@@ -947,7 +903,7 @@ type Bindings = import('bun:sqlite').SQLQueryBindings[];
 export class Store {
   readonly db: Database;
   /** Device and inode, to notice the file deleted or replaced under us. */
-  private readonly opened: { dev: number; ino: number };
+  private readonly opened: import('node:fs').Stats;
   readonly createdNow: boolean;
   private taskWrites = 0;
 
@@ -968,8 +924,7 @@ export class Store {
         );
       throw err;
     }
-    const stats = statSync(path);
-    this.opened = { dev: stats.dev, ino: stats.ino };
+    this.opened = statSync(path);
   }
 
   /** Returns the schema version found before migrating (0: a new database). */
@@ -1053,7 +1008,7 @@ export class Store {
   }
 
   listChats = () =>
-    this.all<ChatInfo>(
+    this.all<{ jid: string; isGroup: boolean } & Record<'name' | 'channel' | 'lastMessageAt', string | null>>(
       `SELECT jid, name, channel, is_group, NULLIF(last_message_at, '') AS last_message_at
        FROM chats ORDER BY last_message_at DESC`,
     );
@@ -1079,15 +1034,14 @@ export class Store {
     });
   }
 
-  messagesSince(chatJid: string, afterSeq: number, limit = 500): StoredMessage[] {
-    return this.all(
+  messagesSince = (chatJid: string, afterSeq: number, limit = 500) =>
+    this.all<StoredMessage>(
       `SELECT * FROM (
          SELECT * FROM messages WHERE chat_jid = $chatJid AND seq > $afterSeq AND is_bot_message = 0
          ORDER BY seq DESC LIMIT $limit
        ) ORDER BY seq`,
       { chatJid, afterSeq, limit },
     );
-  }
 
   /** The router's position in a chat: every message up to this seq has been answered. */
   getCursor = (chatJid: string) => Number(this.getState(cursorKey(chatJid)) ?? 0);
@@ -1139,6 +1093,9 @@ export class Store {
       { at: now(), why, channel },
     );
 
+  /** Whether a message id is one of the bot's own parts, read from the index alone. */
+  hasOutbound = (messageId: string) => this.one('SELECT 1 FROM outbox WHERE message_id = ?', messageId) !== null;
+
   /** What the bot sent under a message id (to answer a recipient's request to send it again). */
   outboundByMessageId = (messageId: string) =>
     this.one<{ chatJid: string; text: string; sentContent: Uint8Array | null }>(
@@ -1184,7 +1141,10 @@ export class Store {
   }
 
   modelUsage = (sinceDay: string, groupFolder?: string) =>
-    this.all<UsageRow>(
+    this.all<
+      Record<'day' | 'groupFolder', string> &
+        Record<'requests' | 'failed' | 'promptTokens' | 'completionTokens', number>
+    >(
       'SELECT * FROM model_usage WHERE day >= $since AND ($folder IS NULL OR group_folder = $folder) ORDER BY day, group_folder',
       { since: sinceDay, folder: groupFolder ?? null },
     );
@@ -1319,6 +1279,14 @@ export class Store {
       { dueBy, limit },
     );
 
+  /** Active tasks due by `dueBy`, and the soonest even when later, soonest first: what a scheduler tick needs, at once. */
+  tasksDueByOrSoonest = (dueBy: string) =>
+    this.all<ScheduledTask>(
+      `SELECT * FROM scheduled_tasks WHERE status = 'active'
+       AND next_run <= MAX($dueBy, (SELECT MIN(next_run) FROM scheduled_tasks WHERE status = 'active')) ORDER BY next_run`,
+      { dueBy },
+    );
+
   logTaskRun(run: TaskRunLog): void {
     this.taskWrites++;
     this.insert('task_run_logs', 'task_id run_at duration_ms status result error', run);
@@ -1340,26 +1308,21 @@ export class Store {
 class GroupError extends Error {}
 
 /** What `groups register --trigger` and register_group take: @ and one word. */
-export function isValidTrigger(trigger: string): boolean {
-  return /^@[\p{L}\p{N}_][\p{L}\p{N}_-]{0,39}$/u.test(trigger);
-}
+export const isValidTrigger = (trigger: string) => /^@[\p{L}\p{N}_][\p{L}\p{N}_-]{0,39}$/u.test(trigger);
 
 /** The three roots are what the group's agent can write. */
-function groupPaths(config: Config, folder: string) {
-  return {
-    group: join(config.groupsDir, folder),
-    ipc: join(config.ipcDir, folder),
-    kimiHome: join(config.sessionsDir, folder, '.kimi'),
-  };
-}
+const groupPaths = (config: Config, folder: string) => ({
+  group: join(config.groupsDir, folder),
+  ipc: join(config.ipcDir, folder),
+  kimiHome: join(config.sessionsDir, folder, '.kimi'),
+});
 
 /** The image's user (node). */
 const CONTAINER_UID = 1000;
 
 /** A root host gives what it creates in agent trees to the container's user; otherwise the container runs as us. */
-function containerOwner(uid = process.getuid?.() ?? CONTAINER_UID): { uid: number; gid: number } | null {
-  return uid === 0 ? { uid: CONTAINER_UID, gid: CONTAINER_UID } : null;
-}
+const containerOwner = (uid = process.getuid?.() ?? CONTAINER_UID) =>
+  uid === 0 ? { uid: CONTAINER_UID, gid: CONTAINER_UID } : null;
 
 export function groupTrees(config: Config, folder: string) {
   const { group, ipc, kimiHome } = groupPaths(config, folder);
@@ -1371,9 +1334,8 @@ export function groupTrees(config: Config, folder: string) {
 const RESERVED_FOLDERS = ['global', 'errors', 'claimed'];
 
 /** Folder names become paths and container names: keep them boring, and clear of NanoClaw's own. */
-export function isValidFolder(folder: string): boolean {
-  return /^[a-z0-9][a-z0-9_-]{0,63}$/.test(folder) && !RESERVED_FOLDERS.includes(folder);
-}
+export const isValidFolder = (folder: string) =>
+  /^[a-z0-9][a-z0-9_-]{0,63}$/.test(folder) && !RESERVED_FOLDERS.includes(folder);
 
 /** A group to add: its chat and folder, and whatever else is not the default. */
 type GroupRequest = Pick<RegisteredGroup, 'jid' | 'folder'> & Partial<Omit<RegisteredGroup, 'addedAt'>>;
@@ -1410,12 +1372,9 @@ export function addGroup(config: Config, store: Store, request: GroupRequest & {
     allow: [...new Set(request.allow ?? [])],
     addedAt: now(),
   };
-  const { group: tree } = groupTrees(config, group.folder);
+  const memory = `# ${group.name}\n\nMemory for this group. The assistant reads this file before every conversation.\n`;
   try {
-    tree.create(
-      'CLAUDE.md',
-      `# ${group.name}\n\nMemory for this group. The assistant reads this file before every conversation.\n`,
-    );
+    groupTrees(config, group.folder).group.create('CLAUDE.md', memory);
   } catch (err) {
     if (errorCode(err) !== 'EEXIST') throw err; // a memory that is already there stays as it is
   }
@@ -1450,9 +1409,7 @@ const CHANNEL_NOTES =
   /^(\[replying to(?: you)?: "[\s\S]*?"\]\n)?(\[(?:image|video|video note|audio|voice note|document|sticker)\b[^\]\n]*\]\s*)?/;
 
 /** What a person typed, without the channel's notes (a trigger in a quoted message is someone else's). */
-export function typedText(content: string): string {
-  return content.slice(CHANNEL_NOTES.exec(content)![0].length).trim();
-}
+export const typedText = (content: string) => content.slice(CHANNEL_NOTES.exec(content)![0].length).trim();
 
 const DELETED_MESSAGE = '[deleted]';
 
@@ -1482,9 +1439,8 @@ function allowedText(group: RegisteredGroup): string {
   return `the owner and ${group.allow.join(', ')}`;
 }
 
-function callsAgent(group: RegisteredGroup, content: string): boolean {
-  return content.startsWith(REPLY_TO_BOT_NOTE) || triggerPattern(group.trigger).test(typedText(content));
-}
+const callsAgent = (group: RegisteredGroup, content: string) =>
+  content.startsWith(REPLY_TO_BOT_NOTE) || triggerPattern(group.trigger).test(typedText(content));
 
 /** Main and trigger-free groups answer all, others a trigger or a reply to the bot; only allowed senders wake it. */
 export function needsAgent(group: RegisteredGroup, messages: readonly StoredMessage[]): boolean {
@@ -1495,9 +1451,8 @@ export function needsAgent(group: RegisteredGroup, messages: readonly StoredMess
 }
 
 /** e.g. "2026-11-24 09:15" in the user's timezone; Swedish writes dates as ISO does. */
-export function formatLocalTime(iso: string, timezone: string): string {
-  return new Date(iso).toLocaleString('sv-SE', { timeZone: timezone }).slice(0, 16);
-}
+export const formatLocalTime = (iso: string, timezone: string) =>
+  new Date(iso).toLocaleString('sv-SE', { timeZone: timezone }).slice(0, 16);
 
 /** The prompt for a batch of messages, every value XML-escaped: a "</message>" or a fake sender stays text. */
 export function formatMessages(messages: readonly StoredMessage[], timezone: string): string {
@@ -2771,9 +2726,8 @@ const whatsAppAuthDir = (config: Config) => join(config.storeDir, 'auth');
 // ───────────────────────────── 7. Queue: one container per group, a limit for all ────
 
 /** The queue entry a task's own container runs in: an isolated task's lane beside its chat's, or the chat's. */
-function laneOf(task: Pick<ScheduledTask, 'chatJid' | 'contextMode'>): string {
-  return task.contextMode === 'isolated' ? `${task.chatJid}#isolated` : task.chatJid;
-}
+const laneOf = (task: Pick<ScheduledTask, 'chatJid' | 'contextMode'>) =>
+  task.contextMode === 'isolated' ? `${task.chatJid}#isolated` : task.chatJid;
 
 export interface LiveContainer {
   /** False for scheduled tasks: their container never takes chat follow-ups. */
@@ -2789,22 +2743,17 @@ export interface LiveContainer {
   kill(): Promise<void>;
 }
 
-interface QueuedTask {
-  id: string;
-  run: () => Promise<void>;
-  /** Group-context tasks: runs it as a turn of the chat's live container instead. */
-  inLive?: (() => void) | undefined;
-}
-
 class GroupState {
-  running = false;
+  /** The group's container run (its cleanup included), while one goes. */
+  run: Promise<void> | null = null;
   /** Counts against maxConcurrent; false while its agent waits in the warm pool, or closes. */
   holdsSlot = false;
   live: LiveContainer | null = null;
   /** Killed while docker was still starting it: stopped as soon as it is up. */
   stopWhenUp = false;
   messagesPending = false;
-  tasks: QueuedTask[] = [];
+  /** `inLive` (group-context tasks): runs the task as a turn of the chat's live container instead. */
+  tasks: { id: string; run: () => Promise<void>; inLive?: (() => void) | undefined }[] = [];
   retryCount = 0;
   cancelRetry: (() => void) | null = null;
   /** A message came while its container was closing: the group goes on at the front of the line, not the back. */
@@ -2836,10 +2785,11 @@ export class GroupQueue {
   /** The warm pool, least recently used first: each waiting agent's pending pause and idle close. */
   private readonly pool = new Map<string, { cancelPause: () => void; cancelClose: () => void }>();
   private shuttingDown = false;
-  private readonly clock: Clock;
 
-  constructor(private readonly options: QueueOptions) {
-    this.clock = options.clock ?? systemClock;
+  constructor(private readonly options: QueueOptions) {}
+
+  private get clock(): Clock {
+    return this.options.clock ?? systemClock;
   }
 
   private state(jid: string): GroupState {
@@ -2856,23 +2806,18 @@ export class GroupQueue {
     return [...this.pool.keys()];
   }
 
-  isRunning(jid: string): boolean {
-    return this.state(jid).running;
-  }
+  isRunning = (jid: string) => this.state(jid).run !== null;
 
   /** Running, or waiting out a retry backoff: either way the group needs nothing from a sweep. */
-  isBusy(jid: string): boolean {
-    const state = this.state(jid);
-    return state.running || state.cancelRetry !== null;
-  }
+  isBusy = (jid: string) => this.isRunning(jid) || this.state(jid).cancelRetry !== null;
 
   /** There are messages for this group. A group backing off before a retry waits (the retry takes them along). */
   enqueueMessages(jid: string): void {
     if (this.shuttingDown) return;
     const state = this.state(jid);
     state.messagesPending = true;
-    if (state.running && state.live?.closing) state.keepPlace = true;
-    if (!state.running && !state.cancelRetry) this.startOrWait(jid);
+    if (state.run && state.live?.closing) state.keepPlace = true;
+    if (!state.run && !state.cancelRetry) this.startOrWait(jid);
   }
 
   /** With `inLive`, the group's live chat container takes the task as its next turn; else its own container runs it. */
@@ -2882,7 +2827,7 @@ export class GroupQueue {
     state.tasks.push({ id: taskId, run, inLive: this.takesInput(state) ? inLive : undefined });
     // An agent waiting in the pool takes the task as its turn, or closes for it.
     if (this.pool.has(jid)) this.markIdle(jid);
-    else if (!state.running) this.startOrWait(jid);
+    else if (!state.run) this.startOrWait(jid);
   }
 
   /** Starts a container before its message, only into a free slot nobody waits for; a pooled agent is thawed instead. */
@@ -2894,7 +2839,7 @@ export class GroupQueue {
       seat.cancelPause = this.pauseLater(state.live!);
       state.live!.wake();
     } else {
-      const idle = !state.running && !state.cancelRetry && state.tasks.length === 0;
+      const idle = !state.run && !state.cancelRetry && state.tasks.length === 0;
       const free = this.activeCount < this.options.maxConcurrent && this.waiting.length === 0;
       if (this.shuttingDown || this.options.pool.size === 0 || !idle || !free) return false;
       this.start(jid, true);
@@ -2919,9 +2864,7 @@ export class GroupQueue {
     return state.live!.sendInput(text, kind, upTo);
   }
 
-  private takesInput(state: GroupState): boolean {
-    return state.running && Boolean(state.live?.acceptsFollowUps) && !state.live!.closing;
-  }
+  private takesInput = (state: GroupState) => Boolean(state.run && state.live?.acceptsFollowUps && !state.live.closing);
 
   /** The agent answered and waits: a task for this container is its next turn; else it joins the pool, or closes. */
   markIdle(jid: string): void {
@@ -2952,9 +2895,7 @@ export class GroupQueue {
     }
   }
 
-  private pauseLater(live: LiveContainer): () => void {
-    return this.clock.after(this.options.pool.pauseAfterMs, () => live.pause());
-  }
+  private pauseLater = (live: LiveContainer) => this.clock.after(this.options.pool.pauseAfterMs, () => live.pause());
 
   private leavePool(jid: string): void {
     const seat = this.pool.get(jid);
@@ -2976,7 +2917,7 @@ export class GroupQueue {
     const state = this.state(jid);
     state.stopRetry();
     state.messagesPending = false;
-    if (state.running && !state.live) state.stopWhenUp = true; // docker has not started it yet
+    if (state.run && !state.live) state.stopWhenUp = true; // docker has not started it yet
     await state.live?.kill();
   }
 
@@ -2993,14 +2934,16 @@ export class GroupQueue {
 
   private start(jid: string, warm = false): void {
     const state = this.state(jid);
-    state.running = true;
+    const run = Promise.withResolvers<void>();
+    state.run = run.promise; // before the work starts: it may ask whether the group runs
     state.holdsSlot = true;
     const task = state.tasks.shift();
     const work = task
       ? task.run().catch((err) => log.error({ err, taskId: task.id }, 'Scheduled task failed'))
       : this.runMessages(jid, state, warm);
     void work.finally(() => {
-      state.running = false;
+      state.run = null;
+      run.resolve();
       state.live = null;
       state.stopWhenUp = false;
       this.leavePool(jid);
@@ -3056,10 +2999,11 @@ export class GroupQueue {
     while (!this.shuttingDown && this.activeCount < this.options.maxConcurrent && this.waiting.length > 0) {
       const jid = this.waiting.shift()!;
       const state = this.state(jid);
-      if (!state.running && (state.tasks.length > 0 || state.messagesPending)) this.start(jid);
+      if (!state.run && (state.tasks.length > 0 || state.messagesPending)) this.start(jid);
     }
   }
 
+  /** Closes every container; what has not exited after graceMs is killed and given 10 s more. */
   async shutdown(graceMs: number): Promise<void> {
     this.shuttingDown = true;
     for (const [jid, state] of this.groups) {
@@ -3067,12 +3011,15 @@ export class GroupQueue {
       this.leavePool(jid);
       state.live?.close();
     }
-    const running = () => [...this.groups.values()].some((state) => state.running);
-    const exited = async (withinMs: number) => {
-      const deadline = Date.now() + withinMs;
-      while (running() && Date.now() < deadline) await Bun.sleep(50);
-      return !running();
-    };
+    // Real time, as the process's own exit is: a test's fake clock does not hold it up.
+    const exited = (withinMs: number) =>
+      new Promise<boolean>((done) => {
+        const cancel = systemClock.after(withinMs, () => done(false));
+        void Promise.all([...this.groups.values()].map((state) => state.run)).then(() => {
+          cancel();
+          done(true);
+        });
+      });
     if (await exited(graceMs)) return;
     await Promise.all([...this.groups.values()].map((state) => state.live?.kill()));
     await exited(10_000);

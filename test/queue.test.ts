@@ -521,6 +521,23 @@ describe('GroupQueue', () => {
     expect(calls.kill).toBe(0);
   });
 
+  it('shutdown ends when the last run does, within the grace period, and kills nothing', async () => {
+    const runs = controlledRuns();
+    const queue = queueWith(runs);
+    queue.enqueueMessages('a');
+    const { live, calls } = liveContainer();
+    queue.attach('a', live);
+    let stopped = false;
+    const stopping = queue.shutdown(60_000).then(() => {
+      stopped = true;
+    });
+    await settle();
+    expect(stopped).toBe(false); // the run has not ended: shutdown waits for it
+    runs.finish('a');
+    await stopping;
+    expect(calls).toMatchObject({ close: 1, kill: 0 });
+  });
+
   it('shutdown closes live containers, then kills what did not exit in the grace period', async () => {
     const runs = controlledRuns();
     const queue = queueWith(runs);
