@@ -4410,31 +4410,25 @@ export class Scheduler {
     this.cancelTimer = null;
   }
 
-  /** Call after any change to tasks. */
+  /** Call after any change to tasks. One query: the soonest sets the timer; all due within the lead are told. */
   arm(): void {
     if (!this.running) return;
     this.cancelTimer?.();
     let delay = this.recheckMs;
     try {
       this.noticeClockJump();
-      const [soonest] = this.store.upcomingTasks(1);
-      if (soonest) delay = Math.max(0, Date.parse(soonest.nextRun!) - this.clock.now());
-      if (this.onSoon) this.tellSoon(this.onSoon);
+      const now = this.clock.now();
+      const inMs = (ms: number) => new Date(now + ms).toISOString();
+      const upcoming = this.store.upcomingTasks(-1, inMs(Math.max(this.recheckMs, TASK_WARM_LEAD_MS)));
+      if (upcoming[0]) delay = Math.max(0, Date.parse(upcoming[0].nextRun!) - now);
+      const soon = upcoming.filter((task) => task.nextRun! > inMs(0) && task.nextRun! <= inMs(TASK_WARM_LEAD_MS));
+      const told = this.toldSoon;
+      this.toldSoon = new Set(soon.map((task) => `${task.id}@${task.nextRun}`));
+      for (const task of soon) if (!told.has(`${task.id}@${task.nextRun}`)) this.onSoon?.(task);
     } catch (err) {
       log.warn({ err: errorText(err) }, 'Could not read the task schedule; trying again shortly');
     }
     this.cancelTimer = this.clock.after(Math.min(delay, this.recheckMs), () => this.fireDue());
-  }
-
-  /** Every task due within the lead, not only the soonest: an isolated task due first hides no other. */
-  private tellSoon(onSoon: (task: ScheduledTask) => void): void {
-    const now = this.clock.now();
-    const soon = this.store
-      .upcomingTasks(-1, new Date(now + TASK_WARM_LEAD_MS).toISOString())
-      .filter((task) => Date.parse(task.nextRun!) > now);
-    const told = this.toldSoon;
-    this.toldSoon = new Set(soon.map((task) => `${task.id}@${task.nextRun}`));
-    for (const task of soon) if (!told.has(`${task.id}@${task.nextRun}`)) onSoon(task);
   }
 
   /** After a jump back, next runs computed in the jumped-ahead time would stay silent that long: recompute them. */
@@ -4519,8 +4513,8 @@ interface IpcActionContext {
 interface IpcAction<S extends z.ZodType<object>> {
   kind: IpcKind;
   schema: S;
-  refusal(request: z.infer<S>, source: RegisteredGroup, store: Store): string | null;
-  limit?(request: z.infer<S>, source: RegisteredGroup, store: Store, config: Config): string | null;
+  /** Why the source may not, or null; with `config`, the scheduling limits too (they bind agents, not the CLI). */
+  refusal(request: z.infer<S>, source: RegisteredGroup, store: Store, config?: Config): string | null;
   /** Runs inside the transaction that marks the request done; returns what the agent is told, when more than "done". */
   apply(request: z.infer<S>, ctx: IpcActionContext): string | undefined | void;
 }
@@ -4533,11 +4527,18 @@ const ownChatOnly = (source: RegisteredGroup, chatJid: string, store: Store, wha
   return store.groupByJid(chatJid) ? null : `${chatJid} is not a registered chat`;
 };
 
-const ownTaskOnly = ({ taskId }: { taskId: string }, source: RegisteredGroup, store: Store): string | null => {
+/** `limit` is asked only about a task the source may manage, the one read of it. */
+const ownTaskOnly = (
+  { taskId }: { taskId: string },
+  source: RegisteredGroup,
+  store: Store,
+  limit?: (task: ScheduledTask) => string | null,
+): string | null => {
   const task = store.getTask(taskId);
   if (!task) return `no task with id ${taskId}`;
-  if (source.isMain || task.groupFolder === source.folder) return null;
-  return `group "${source.folder}" may only manage its own tasks`;
+  if (!source.isMain && task.groupFolder !== source.folder)
+    return `group "${source.folder}" may only manage its own tasks`;
+  return limit?.(task) ?? null;
 };
 
 const mainOnly = (type: string) => (_request: object, source: RegisteredGroup) =>
@@ -4545,9 +4546,16 @@ const mainOnly = (type: string) => (_request: object, source: RegisteredGroup) =
 
 type TaskSchedule = Pick<ScheduledTask, 'groupFolder' | 'scheduleType' | 'scheduleValue'>;
 
-function scheduleLimit(config: Config, store: Store, source: RegisteredGroup, task: TaskSchedule, addsActive: boolean) {
+/** The limits an agent's task must keep (TASK_MAX_ACTIVE, TASK_MIN_INTERVAL); none without a config (the CLI). */
+function scheduleLimit(
+  store: Store,
+  source: RegisteredGroup,
+  task: TaskSchedule,
+  addsActive: boolean,
+  config?: Config,
+) {
+  if (!config || (source.isMain && !config.tasks.limitMain)) return null;
   const limits = config.tasks;
-  if (source.isMain && !limits.limitMain) return null;
   if (addsActive) {
     const active = store.listTasks(task.groupFolder).filter((t) => t.status === 'active').length;
     if (active >= limits.maxActive)
@@ -4691,12 +4699,11 @@ function defineIpcActions(z: Zod) {
         context_mode: z.enum(['group', 'isolated']).default('group'),
         targetJid: nonEmpty.nullish(),
       }),
-      refusal: (request, source, store) =>
-        ownChatOnly(source, request.targetJid ?? source.jid, store, 'schedule tasks for'),
-      limit: (request, source, store, config) => {
+      refusal: (request, source, store, config) => {
         const groupFolder = store.groupByJid(request.targetJid ?? source.jid)?.folder ?? source.folder;
         const task = { groupFolder, scheduleType: request.schedule_type, scheduleValue: request.schedule_value };
-        return scheduleLimit(config, store, source, task, true);
+        const refused = ownChatOnly(source, request.targetJid ?? source.jid, store, 'schedule tasks for');
+        return refused ?? scheduleLimit(store, source, task, true, config);
       },
       apply: (request, { config, store, source }) => {
         const target = store.groupByJid(request.targetJid ?? source.jid)!;
@@ -4725,7 +4732,7 @@ function defineIpcActions(z: Zod) {
     pause_task: ipcAction({
       kind: 'tasks',
       schema: request('pause_task', taskRef),
-      refusal: ownTaskOnly,
+      refusal: (request, source, store) => ownTaskOnly(request, source, store),
       apply: ({ taskId }, { store, source }) => {
         store.updateTask(taskId, { status: 'paused', pausedReason: null });
         log.info({ group: source.folder, taskId }, 'Task paused');
@@ -4734,11 +4741,10 @@ function defineIpcActions(z: Zod) {
     resume_task: ipcAction({
       kind: 'tasks',
       schema: request('resume_task', taskRef),
-      refusal: ownTaskOnly,
-      limit: (request, source, store, config) => {
-        const task = store.getTask(request.taskId);
-        return task ? scheduleLimit(config, store, source, task, task.status !== 'active') : null;
-      },
+      refusal: (request, source, store, config) =>
+        ownTaskOnly(request, source, store, (task) =>
+          scheduleLimit(store, source, task, task.status !== 'active', config),
+        ),
       apply: ({ taskId }, { config, store, source }) => {
         const task = store.getTask(taskId)!;
         // A removed group's task stays paused until the group is registered again (the CLI too).
@@ -4756,7 +4762,7 @@ function defineIpcActions(z: Zod) {
     cancel_task: ipcAction({
       kind: 'tasks',
       schema: request('cancel_task', taskRef),
-      refusal: ownTaskOnly,
+      refusal: (request, source, store) => ownTaskOnly(request, source, store),
       apply: ({ taskId }, { store, source }) => {
         store.deleteTask(taskId);
         log.info({ group: source.folder, taskId }, 'Task cancelled');
@@ -4770,12 +4776,12 @@ function defineIpcActions(z: Zod) {
         schedule_type: scheduleTypes.optional(),
         schedule_value: nonEmpty.optional(),
       }),
-      refusal: ownTaskOnly,
-      limit: (request, source, store, config) => {
-        const task = store.getTask(request.taskId);
-        if (!task || (!request.schedule_type && !request.schedule_value)) return null;
-        return scheduleLimit(config, store, source, updatedSchedule(task, request), false);
-      },
+      refusal: (request, source, store, config) =>
+        ownTaskOnly(request, source, store, (task) =>
+          request.schedule_type || request.schedule_value
+            ? scheduleLimit(store, source, updatedSchedule(task, request), false, config)
+            : null,
+        ),
       apply: (request, { config, store, source }) => {
         const task = store.getTask(request.taskId)!;
         const { scheduleType, scheduleValue } = updatedSchedule(task, request);
@@ -4796,13 +4802,11 @@ function defineIpcActions(z: Zod) {
       schema: request('refresh_groups', {}),
       refusal: mainOnly('refresh_groups'),
       apply: (_request, { config, store, source, effects }) => {
+        // The channel's sync stamps groups_synced_at itself, and only when it synced.
         effects.afterwards(() => {
           effects
             .syncGroups()
-            .then(() => {
-              store.setState(GROUPS_SYNCED_AT, new Date().toISOString());
-              writeSnapshots(config, store, source);
-            })
+            .then(() => writeSnapshots(config, store, source))
             .catch((err) => log.warn({ err: errorText(err) }, 'Group refresh failed'));
         });
         log.info({ group: source.folder }, 'Group list refresh requested');
@@ -4856,9 +4860,9 @@ export function parseIpcRequest(kind: IpcKind, raw: unknown): IpcRequest {
   return parsed.data as IpcRequest;
 }
 
+/** Without `config`, who may only: the scheduling limits are left out. */
 export function refusal(source: RegisteredGroup, request: IpcRequest, store: Store, config?: Config): string | null {
-  const entry = actionFor(request.type);
-  return entry.refusal(request, source, store) ?? (config && entry.limit?.(request, source, store, config)) ?? null;
+  return actionFor(request.type).refusal(request, source, store, config);
 }
 
 /** Call inside a transaction. A request from tasks/ may change the tasks: the scheduler looks again after it. */
@@ -4891,7 +4895,10 @@ export function tasksSnapshot(store: Store, group: RegisteredGroup) {
   const ids = tasks.map((task) => task.id);
   const runsOf = Map.groupBy(store.taskRuns(ids, 5), (run) => run.taskId);
   return tasks.map((task) => {
-    const entry = {
+    const own = task.groupFolder === group.folder;
+    const words = (fields: Record<string, string | null>) =>
+      own ? fields : Object.fromEntries(Object.entries(fields).map(([name, text]) => [`${name}_untrusted`, text]));
+    return {
       id: task.id,
       groupFolder: task.groupFolder,
       chatJid: task.chatJid,
@@ -4902,22 +4909,14 @@ export function tasksSnapshot(store: Store, group: RegisteredGroup) {
       paused_reason: task.pausedReason ?? null,
       next_run: task.nextRun,
       last_run: task.lastRun,
-    };
-    const runs = runsOf.get(task.id) ?? [];
-    const runTimes = (run: TaskRunLog) => ({ run_at: run.runAt, duration_ms: run.durationMs, status: run.status });
-    if (task.groupFolder === group.folder)
-      return {
-        ...entry,
-        prompt: task.prompt,
-        last_result: task.lastResult,
-        recent_runs: runs.map((run) => ({ ...runTimes(run), result: run.result, error: run.error })),
-      };
-    return {
-      ...entry,
-      untrusted: true as const,
-      prompt_untrusted: task.prompt,
-      last_result_untrusted: task.lastResult,
-      recent_runs: runs.map((run) => ({ ...runTimes(run), result_untrusted: run.result, error_untrusted: run.error })),
+      ...(own ? {} : { untrusted: true }),
+      ...words({ prompt: task.prompt, last_result: task.lastResult }),
+      recent_runs: (runsOf.get(task.id) ?? []).map((run) => ({
+        run_at: run.runAt,
+        duration_ms: run.durationMs,
+        status: run.status,
+        ...words({ result: run.result, error: run.error }),
+      })),
     };
   });
 }
