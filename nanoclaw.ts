@@ -4368,10 +4368,8 @@ export function nextRunAfterFiring(task: ScheduledTask, timezone: string, now: D
 export function shortestGap(type: ScheduleType, value: string, timezone: string, from = new Date()): number | null {
   if (type === 'interval') return Number(value);
   if (type === 'once') return null;
-  const runs = new Cron(value, { timezone, paused: true }).nextRuns(12, from);
-  let gap: number | null = null;
-  for (let i = 1; i < runs.length; i++) gap = Math.min(gap ?? Infinity, runs[i]!.getTime() - runs[i - 1]!.getTime());
-  return gap;
+  const runs = new Cron(value, { timezone, paused: true }).nextRuns(12, from).map((run) => run.getTime());
+  return runs.length > 1 ? Math.min(...runs.slice(1).map((at, i) => at - runs[i]!)) : null;
 }
 
 /** A cold start takes a few seconds. */
@@ -4547,14 +4545,8 @@ const mainOnly = (type: string) => (_request: object, source: RegisteredGroup) =
 type TaskSchedule = Pick<ScheduledTask, 'groupFolder' | 'scheduleType' | 'scheduleValue'>;
 
 /** The limits an agent's task must keep (TASK_MAX_ACTIVE, TASK_MIN_INTERVAL); none without a config (the CLI). */
-function scheduleLimit(
-  store: Store,
-  source: RegisteredGroup,
-  task: TaskSchedule,
-  addsActive: boolean,
-  config?: Config,
-) {
-  if (!config || (source.isMain && !config.tasks.limitMain)) return null;
+function scheduleLimit(store: Store, from: RegisteredGroup, task: TaskSchedule, addsActive: boolean, config?: Config) {
+  if (!config || (from.isMain && !config.tasks.limitMain)) return null;
   const limits = config.tasks;
   if (addsActive) {
     const active = store.listTasks(task.groupFolder).filter((t) => t.status === 'active').length;
@@ -4606,18 +4598,14 @@ export function groupFilePath(path: string): string {
   return rel;
 }
 
+/** The first bytes (as latin1) of each image/… kind WhatsApp shows as an image. */
+const IMAGE_MAGIC = { jpeg: /^\xff\xd8\xff/, png: /^\x89PNG\r\n\x1a\n/, webp: /^RIFF.{4}WEBP/s };
+
 /** An image by its first bytes (JPEG, PNG, WebP), whatever the name says; else a document typed by extension. */
 export function fileKind(data: Uint8Array, fileName: string): { kind: 'image' | 'document'; mimetype: string } {
-  const head = Buffer.from(data.subarray(0, 12));
-  const image =
-    head[0] === 0xff && head[1] === 0xd8 && head[2] === 0xff
-      ? 'image/jpeg'
-      : head.subarray(0, 8).equals(Buffer.from([0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a]))
-        ? 'image/png'
-        : head.toString('latin1', 0, 4) === 'RIFF' && head.toString('latin1', 8, 12) === 'WEBP'
-          ? 'image/webp'
-          : null;
-  if (image) return { kind: 'image', mimetype: image };
+  const head = Buffer.from(data.subarray(0, 12)).toString('latin1');
+  const image = Object.entries(IMAGE_MAGIC).find(([, magic]) => magic.test(head))?.[0];
+  if (image) return { kind: 'image', mimetype: `image/${image}` };
   const byName = Bun.file(fileName).type.split(';')[0]!; // Bun's table of extensions; octet-stream when unknown
   return { kind: 'document', mimetype: byName.startsWith('image/') ? 'application/octet-stream' : byName };
 }
@@ -4938,12 +4926,7 @@ export function groupsSnapshot(store: Store, group: RegisteredGroup) {
 }
 
 /** With `written` (kept by the caller) the tasks file is rebuilt only when the tasks or the file changed. */
-export function writeSnapshots(
-  config: Config,
-  store: Store,
-  group: RegisteredGroup,
-  written?: Map<string, string>,
-): void {
+export function writeSnapshots(config: Config, store: Store, group: RegisteredGroup, written?: Map<string, string>) {
   const { ipc } = groupTrees(config, group.folder);
   const file = ipc.path('current_tasks.json');
   const version = `${group.isMain} ${store.tasksVersion()}`;
