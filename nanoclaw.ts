@@ -4774,14 +4774,10 @@ function defineIpcActions(z: Zod) {
         const task = store.getTask(request.taskId)!;
         const { scheduleType, scheduleValue } = updatedSchedule(task, request);
         const scheduleChanged = scheduleType !== task.scheduleType || scheduleValue !== task.scheduleValue;
-        const nextRun = scheduleChanged ? computeNextRun(scheduleType, scheduleValue, config.timezone) : undefined;
-        if (scheduleChanged && !nextRun) throw new ScheduleError(`"${scheduleValue}" is in the past`);
-        store.updateTask(task.id, {
-          prompt: request.prompt,
-          scheduleType,
-          scheduleValue,
-          ...(nextRun ? { nextRun: nextRun.toISOString() } : {}),
-        });
+        const next = scheduleChanged ? computeNextRun(scheduleType, scheduleValue, config.timezone) : undefined;
+        if (scheduleChanged && !next) throw new ScheduleError(`"${scheduleValue}" is in the past`);
+        // updateTask leaves what is undefined as it was: the prompt when not given, the next run when not moved.
+        store.updateTask(task.id, { prompt: request.prompt, scheduleType, scheduleValue, nextRun: next?.toJSON() });
         log.info({ group: source.folder, taskId: task.id }, 'Task updated');
       },
     }),
@@ -4961,7 +4957,7 @@ export const IPC_ERRORS_KEPT = 100;
 export const IPC_FILES_PER_PASS = 25;
 
 /** claimed/<folder>.<kind>.<claim id>/<name>: the name one level down always fits; the parts contain no dot. */
-const CLAIM_DIR = /^([a-z0-9][a-z0-9_-]*)\.(messages|tasks)\.([0-9a-f-]{36})$/;
+const CLAIM_DIR = /^(?<folder>[a-z0-9][a-z0-9_-]*)\.(?<kind>messages|tasks)\.(?<claimId>[0-9a-f-]{36})$/;
 
 /**
  * A file is renamed out of the agent's reach (data/ipc/claimed/) before it is read, so it cannot be swapped; a link,
@@ -5070,22 +5066,17 @@ export class IpcWatcher {
       log.warn({ group: folder, reason: err.message }, 'IPC folder was not a plain folder; removed');
       return [];
     }
-    const names: string[] = [];
-    for (const entry of entries) {
-      if (entry.name.startsWith('.') || !entry.name.endsWith('.json')) continue;
-      if (entry.kind === 'file') names.push(entry.name);
-      else {
-        tree.remove(`${kind}/${entry.name}`);
-        log.warn({ group: folder, file: entry.name }, 'IPC file refused: not a regular file; removed unread');
-      }
+    const requests = entries.filter((entry) => !entry.name.startsWith('.') && entry.name.endsWith('.json'));
+    for (const entry of requests.filter((entry) => entry.kind !== 'file')) {
+      tree.remove(`${kind}/${entry.name}`);
+      log.warn({ group: folder, file: entry.name }, 'IPC file refused: not a regular file; removed unread');
     }
-    return names.sort();
+    return requests.flatMap((entry) => (entry.kind === 'file' ? [entry.name] : [])).sort();
   }
 
   /** False when the database was unavailable (the claim stays for the next pass). */
   private async handleClaimed(dir: string): Promise<boolean> {
-    const claim = CLAIM_DIR.exec(dir);
-    const source = claim ? { folder: claim[1]!, kind: claim[2] as IpcKind, claimId: claim[3]! } : null;
+    const source = CLAIM_DIR.exec(dir)?.groups as { folder: string; kind: IpcKind; claimId: string } | undefined;
     const [name] = source ? readdirSync(join(this.claimedDir, dir)) : [];
     const path = join(this.claimedDir, dir, name ?? '');
     try {
