@@ -4405,7 +4405,6 @@ export class Scheduler {
   stop(): void {
     this.running = false;
     this.cancelTimer?.();
-    this.cancelTimer = null;
   }
 
   /** Call after any change to tasks. One query: the soonest sets the timer; all due within the lead are told. */
@@ -4815,10 +4814,7 @@ function defineIpcActions(z: Zod) {
 }
 
 let ipcActionTable: ReturnType<typeof defineIpcActions> | null = null;
-export function ipcActions(): ReturnType<typeof defineIpcActions> {
-  ipcActionTable ??= defineIpcActions(load('zod') as Zod);
-  return ipcActionTable;
-}
+export const ipcActions = () => (ipcActionTable ??= defineIpcActions(load('zod') as Zod));
 
 type IpcActionName = keyof ReturnType<typeof ipcActions>;
 export type IpcRequest = { [K in IpcActionName]: z.infer<ReturnType<typeof ipcActions>[K]['schema']> }[IpcActionName];
@@ -4830,9 +4826,7 @@ export function parseIpcRequest(kind: IpcKind, raw: unknown): IpcRequest {
   const type = (raw as { type?: unknown }).type;
   const entry = typeof type === 'string' && Object.hasOwn(ipcActions(), type) ? actionFor(type as IpcActionName) : null;
   if (!entry || entry.kind !== kind) {
-    const known = Object.entries(ipcActions())
-      .filter(([, a]) => a.kind === kind)
-      .map(([name]) => name);
+    const known = Object.keys(ipcActions()).filter((name) => actionFor(name as IpcActionName).kind === kind);
     throw new IpcFormatError(`"type" ${JSON.stringify(type)} is unknown in ${kind}/; use one of ${known.join(', ')}`);
   }
   const parsed = entry.schema.safeParse(raw);
