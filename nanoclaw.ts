@@ -4364,12 +4364,16 @@ export function nextRunAfterFiring(task: ScheduledTask, timezone: string, now: D
   return computeNextRun(task.scheduleType, task.scheduleValue, timezone, now);
 }
 
-/** Null: runs at most once. */
+/** Null: runs at most once, or an invalid cron (refused with its own message when applied). */
 export function shortestGap(type: ScheduleType, value: string, timezone: string, from = new Date()): number | null {
   if (type === 'interval') return Number(value);
   if (type === 'once') return null;
-  const runs = new Cron(value, { timezone, paused: true }).nextRuns(12, from).map((run) => run.getTime());
-  return runs.length > 1 ? Math.min(...runs.slice(1).map((at, i) => at - runs[i]!)) : null;
+  try {
+    const runs = new Cron(value, { timezone, paused: true }).nextRuns(12, from).map((run) => run.getTime());
+    return runs.length > 1 ? Math.min(...runs.slice(1).map((at, i) => at - runs[i]!)) : null;
+  } catch {
+    return null;
+  }
 }
 
 /** A cold start takes a few seconds. */
@@ -4552,12 +4556,7 @@ function scheduleLimit(store: Store, from: RegisteredGroup, task: TaskSchedule, 
     if (active >= limits.maxActive)
       return `group "${task.groupFolder}" already has ${active} active tasks (TASK_MAX_ACTIVE=${limits.maxActive})`;
   }
-  let gap: number | null;
-  try {
-    gap = shortestGap(task.scheduleType, task.scheduleValue, config.timezone);
-  } catch {
-    return null; // an invalid schedule is refused with its own message when applied
-  }
+  const gap = shortestGap(task.scheduleType, task.scheduleValue, config.timezone);
   return gap !== null && gap < limits.minIntervalMs
     ? `runs every ${Math.round(gap / 1000)} s, more often than allowed (TASK_MIN_INTERVAL=${limits.minIntervalMs} ms)`
     : null;
@@ -4576,9 +4575,8 @@ class SendWindow {
     const now = this.clock.monotonic();
     const recent = (this.sent.get(source.folder) ?? []).filter((at) => at > now - 60_000);
     this.sent.set(source.folder, recent);
-    const [cap, setting] = source.isMain
-      ? [maxPerMinuteMain, 'SEND_MAX_PER_MINUTE_MAIN']
-      : [maxPerMinute, 'SEND_MAX_PER_MINUTE'];
+    const cap = source.isMain ? maxPerMinuteMain : maxPerMinute;
+    const setting = `SEND_MAX_PER_MINUTE${source.isMain ? '_MAIN' : ''}`;
     if (recent.length >= cap) {
       const waitS = Math.ceil((recent[recent.length - cap]! + 60_000 - now) / 1000);
       return `group "${source.folder}" already sent ${recent.length} messages in the last minute (${setting}=${cap}); it may send again in ${waitS} s`;
@@ -5022,10 +5020,9 @@ export class IpcWatcher {
         if (names.length > IPC_FILES_PER_PASS) more = true;
         for (const name of names.slice(0, IPC_FILES_PER_PASS)) {
           const claimed = this.claim(tree, entry.name, kind, name);
-          if (claimed) {
-            crashPoint('ipc-claimed');
-            if (!(await this.handleClaimed(claimed))) return false;
-          }
+          if (!claimed) continue;
+          crashPoint('ipc-claimed');
+          if (!(await this.handleClaimed(claimed))) return false;
         }
       }
     }
@@ -5075,11 +5072,11 @@ export class IpcWatcher {
     const path = join(this.claimedDir, dir, name ?? '');
     try {
       if (!source) throw new IpcFormatError('not an IPC claim');
-      if (!name) return this.discard(dir); // claimed by a host that died before the move
-      const data = JSON.parse(readRegularFile(path)) as unknown;
-      const decision = await this.handlers.handle(source.folder, source.kind, data, source.claimId);
-      this.respond(source.folder, name, decision);
-      return this.discard(dir);
+      // No name: claimed by a host that died before the move.
+      if (name) {
+        const data = JSON.parse(readRegularFile(path)) as unknown;
+        this.respond(source.folder, name, await this.handlers.handle(source.folder, source.kind, data, source.claimId));
+      }
     } catch (err) {
       const reason = errorText(err);
       const file = name ?? dir;
@@ -5088,26 +5085,21 @@ export class IpcWatcher {
         this.clock.after(1_000, () => void this.scan());
         return false;
       }
-      if (err instanceof UnsafePathError) {
-        log.warn({ group: source?.folder, file, reason }, 'IPC file refused');
-        return this.discard(dir);
+      if (err instanceof UnsafePathError) log.warn({ group: source?.folder, file, reason }, 'IPC file refused');
+      else {
+        if (source && name) this.respond(source.folder, name, { ok: false, reason });
+        // Kept flat, errors/<claim>.<its name>, when that fits a file name.
+        const kept = name && Buffer.byteLength(`${dir}.${name}`) <= 255 ? `${dir}.${name}` : `${dir}.json`;
+        try {
+          mkdirSync(this.errorsDir, { recursive: true });
+          renameSync(name ? path : join(this.claimedDir, dir), join(this.errorsDir, kept));
+          this.pruneErrors();
+        } catch (moveErr) {
+          log.warn({ file, reason: errorText(moveErr) }, 'Could not keep a rejected IPC file; removed');
+        }
+        log.warn({ group: source?.folder, file, movedTo: join(this.errorsDir, kept), reason }, 'IPC file rejected');
       }
-      if (source && name) this.respond(source.folder, name, { ok: false, reason });
-      // Kept flat, errors/<claim>.<its name>, when that fits a file name.
-      const kept = name && Buffer.byteLength(`${dir}.${name}`) <= 255 ? `${dir}.${name}` : `${dir}.json`;
-      try {
-        mkdirSync(this.errorsDir, { recursive: true });
-        renameSync(name ? path : join(this.claimedDir, dir), join(this.errorsDir, kept));
-        this.pruneErrors();
-      } catch (moveErr) {
-        log.warn({ file, reason: errorText(moveErr) }, 'Could not keep a rejected IPC file; removed');
-      }
-      log.warn({ group: source?.folder, file, movedTo: join(this.errorsDir, kept), reason }, 'IPC file rejected');
-      return this.discard(dir);
     }
-  }
-
-  private discard(dir: string): true {
     rmSync(join(this.claimedDir, dir), { recursive: true, force: true });
     return true;
   }
