@@ -4528,19 +4528,15 @@ const ownChatOnly = (source: RegisteredGroup, chatJid: string, store: Store, wha
   return store.groupByJid(chatJid) ? null : `${chatJid} is not a registered chat`;
 };
 
-/** `limit` is asked only about a task the source may manage, the one read of it. */
-const ownTaskOnly = (
-  { taskId }: { taskId: string },
-  source: RegisteredGroup,
-  store: Store,
-  limit?: (task: ScheduledTask) => string | null,
-): string | null => {
+type TaskLimit = (task: ScheduledTask) => string | null;
+
+/** `limit` is asked only about a task the source may manage, with the same read of it. */
+function ownTaskOnly(source: RegisteredGroup, store: Store, taskId: string, limit?: TaskLimit): string | null {
   const task = store.getTask(taskId);
   if (!task) return `no task with id ${taskId}`;
-  if (!source.isMain && task.groupFolder !== source.folder)
-    return `group "${source.folder}" may only manage its own tasks`;
-  return limit?.(task) ?? null;
-};
+  if (source.isMain || task.groupFolder === source.folder) return limit?.(task) ?? null;
+  return `group "${source.folder}" may only manage its own tasks`;
+}
 
 const mainOnly = (type: string) => (_request: object, source: RegisteredGroup) =>
   source.isMain ? null : `${type} is only allowed from the main group`;
@@ -4692,7 +4688,7 @@ function defineIpcActions(z: Zod) {
       },
       apply: (request, { config, store, source }) => {
         const target = store.groupByJid(request.targetJid ?? source.jid)!;
-        const nextRun = computeNextRun(request.schedule_type, request.schedule_value, config.timezone);
+        const nextRun = computeNextRun(request.schedule_type, request.schedule_value, config.timezone)?.toISOString();
         if (!nextRun) throw new ScheduleError(`"${request.schedule_value}" is in the past`);
         const id = `task-${randomUUID()}`;
         store.createTask({
@@ -4703,21 +4699,20 @@ function defineIpcActions(z: Zod) {
           scheduleType: request.schedule_type,
           scheduleValue: request.schedule_value,
           contextMode: request.context_mode,
-          nextRun: nextRun.toISOString(),
+          nextRun,
           lastRun: null,
           lastResult: null,
           status: 'active',
           createdAt: new Date().toISOString(),
         });
-        const fields = { group: source.folder, taskId: id, target: target.folder, nextRun: nextRun.toISOString() };
-        log.info(fields, 'Task scheduled');
-        return `scheduled as ${id}; first run ${formatLocalTime(nextRun.toISOString(), config.timezone)} (${config.timezone})`;
+        log.info({ group: source.folder, taskId: id, target: target.folder, nextRun }, 'Task scheduled');
+        return `scheduled as ${id}; first run ${formatLocalTime(nextRun, config.timezone)} (${config.timezone})`;
       },
     }),
     pause_task: ipcAction({
       kind: 'tasks',
       schema: request('pause_task', taskRef),
-      refusal: (request, source, store) => ownTaskOnly(request, source, store),
+      refusal: ({ taskId }, source, store) => ownTaskOnly(source, store, taskId),
       apply: ({ taskId }, { store, source }) => {
         store.updateTask(taskId, { status: 'paused', pausedReason: null });
         log.info({ group: source.folder, taskId }, 'Task paused');
@@ -4727,7 +4722,7 @@ function defineIpcActions(z: Zod) {
       kind: 'tasks',
       schema: request('resume_task', taskRef),
       refusal: (request, source, store, config) =>
-        ownTaskOnly(request, source, store, (task) =>
+        ownTaskOnly(source, store, request.taskId, (task) =>
           scheduleLimit(store, source, task, task.status !== 'active', config),
         ),
       apply: ({ taskId }, { config, store, source }) => {
@@ -4737,17 +4732,17 @@ function defineIpcActions(z: Zod) {
           throw new ScheduleError(
             `task ${task.id} belongs to group "${task.groupFolder}", which is not registered: register it again first`,
           );
-        const nextRun = computeNextRun(task.scheduleType, task.scheduleValue, config.timezone);
+        const nextRun = computeNextRun(task.scheduleType, task.scheduleValue, config.timezone)?.toISOString();
         if (!nextRun) throw new ScheduleError(`task ${task.id} has no future run left (once, ${task.scheduleValue})`);
-        store.updateTask(task.id, { status: 'active', nextRun: nextRun.toISOString(), pausedReason: null });
-        log.info({ group: source.folder, taskId: task.id, nextRun: nextRun.toISOString() }, 'Task resumed');
-        return `resumed; next run ${formatLocalTime(nextRun.toISOString(), config.timezone)} (${config.timezone})`;
+        store.updateTask(task.id, { status: 'active', nextRun, pausedReason: null });
+        log.info({ group: source.folder, taskId: task.id, nextRun }, 'Task resumed');
+        return `resumed; next run ${formatLocalTime(nextRun, config.timezone)} (${config.timezone})`;
       },
     }),
     cancel_task: ipcAction({
       kind: 'tasks',
       schema: request('cancel_task', taskRef),
-      refusal: (request, source, store) => ownTaskOnly(request, source, store),
+      refusal: ({ taskId }, source, store) => ownTaskOnly(source, store, taskId),
       apply: ({ taskId }, { store, source }) => {
         store.deleteTask(taskId);
         log.info({ group: source.folder, taskId }, 'Task cancelled');
@@ -4762,7 +4757,7 @@ function defineIpcActions(z: Zod) {
         schedule_value: nonEmpty.optional(),
       }),
       refusal: (request, source, store, config) =>
-        ownTaskOnly(request, source, store, (task) =>
+        ownTaskOnly(source, store, request.taskId, (task) =>
           request.schedule_type || request.schedule_value
             ? scheduleLimit(store, source, updatedSchedule(task, request), false, config)
             : null,
