@@ -4658,14 +4658,13 @@ function defineIpcActions(z: Zod) {
       kind: 'messages',
       schema: request('send_file', { chatJid: nonEmpty, path: nonEmpty, caption: z.string().optional() }),
       refusal: (request, source, store) => ownChatOnly(source, request.chatJid, store, 'send files to'),
-      apply: (request, { config, effects, source }) => {
-        const caption = request.caption ? formatAsSaid(request.caption, config) : null;
-        const file = fileToSend(config, source.folder, request.path, caption);
-        effects.sayFile(request.chatJid, file);
+      apply: ({ chatJid, path, caption }, { config, effects, source }) => {
+        const file = fileToSend(config, source.folder, path, caption ? formatAsSaid(caption, config) : null);
+        effects.sayFile(chatJid, file);
         effects.afterwards(() => {
-          effects.sendSoon(request.chatJid);
+          effects.sendSoon(chatJid);
           const { fileName, kind, data } = file;
-          const fields = { group: source.folder, chatJid: request.chatJid, file: fileName, kind, bytes: data.length };
+          const fields = { group: source.folder, chatJid, file: fileName, kind, bytes: data.length };
           log.info(fields, 'File sent for the agent');
         });
         return `${file.kind === 'image' ? 'an image' : `a document (${file.mimetype})`}, ${formatBytes(file.data.length)}`;
