@@ -4411,25 +4411,33 @@ export class Scheduler {
     this.cancelTimer?.();
   }
 
-  /** Call after any change to tasks. One query: the soonest sets the timer; all due within the lead are told. */
-  arm(): void {
+  /**
+   * Call after any change to tasks. One query of what is due before the timer looks again or within the lead (a
+   * second only when the timer's look, `fire`, fired some: they moved on). The soonest sets the timer; all within the
+   * lead are told.
+   */
+  arm(fire = false): void {
     if (!this.running) return;
-    this.cancelTimer?.();
     let delay = this.recheckMs;
     try {
       this.noticeClockJump();
       const now = this.clock.now();
       const inMs = (ms: number) => new Date(now + ms).toISOString();
-      const upcoming = this.store.upcomingTasks(-1, inMs(Math.max(this.recheckMs, TASK_WARM_LEAD_MS)));
-      if (upcoming[0]) delay = Math.max(0, Date.parse(upcoming[0].nextRun!) - now);
+      const upcomingTasks = () => this.store.upcomingTasks(-1, inMs(Math.max(this.recheckMs, TASK_WARM_LEAD_MS)));
+      let upcoming = upcomingTasks();
+      const due = fire ? upcoming.filter((task) => task.nextRun! <= inMs(0)) : [];
+      for (const task of due) if (this.claim(task, new Date(now))) this.onDue(task);
+      if (due.length) upcoming = upcomingTasks();
+      if (upcoming[0]) delay = Math.max(0, Date.parse(upcoming[0].nextRun!) - this.clock.now());
       const soon = upcoming.filter((task) => task.nextRun! > inMs(0) && task.nextRun! <= inMs(TASK_WARM_LEAD_MS));
       const told = this.toldSoon;
       this.toldSoon = new Set(soon.map((task) => `${task.id}@${task.nextRun}`));
       for (const task of soon) if (!told.has(`${task.id}@${task.nextRun}`)) this.onSoon?.(task);
     } catch (err) {
-      log.warn({ err: errorText(err) }, 'Could not read the task schedule; trying again shortly');
+      log.warn({ err: errorText(err) }, 'Could not read or fire the due tasks; trying again shortly');
     }
-    this.cancelTimer = this.clock.after(Math.min(delay, this.recheckMs), () => this.fireDue());
+    this.cancelTimer?.();
+    if (this.running) this.cancelTimer = this.clock.after(Math.min(delay, this.recheckMs), () => this.arm(true));
   }
 
   /** After a jump back, next runs computed in the jumped-ahead time would stay silent that long: recompute them. */
@@ -4450,16 +4458,6 @@ export class Scheduler {
       this.store.updateTask(task.id, { nextRun });
       log.info({ group: task.groupFolder, taskId: task.id, nextRun }, 'Next run moved earlier: the clock jumped back');
     }
-  }
-
-  private fireDue(): void {
-    const now = new Date(this.clock.now());
-    try {
-      for (const task of this.store.upcomingTasks(-1, now.toISOString())) if (this.claim(task, now)) this.onDue(task);
-    } catch (err) {
-      log.warn({ err: errorText(err) }, 'Could not fire due tasks; trying again shortly');
-    }
-    this.arm();
   }
 
   private claim(task: ScheduledTask, now: Date): boolean {
