@@ -4820,11 +4820,8 @@ export function parseIpcRequest(kind: IpcKind, raw: unknown): IpcRequest {
     throw new IpcFormatError(`"type" ${JSON.stringify(type)} is unknown in ${kind}/; use one of ${known.join(', ')}`);
   }
   const parsed = entry.schema.safeParse(raw);
-  if (!parsed.success) {
-    const problem = (issue: z.core.$ZodIssue) =>
-      (issue.path.length ? `"${issue.path.join('.')}" ` : '') + issue.message;
-    throw new IpcFormatError(parsed.error.issues.map(problem).join('; '));
-  }
+  const problem = (issue: z.core.$ZodIssue) => (issue.path.length ? `"${issue.path.join('.')}" ` : '') + issue.message;
+  if (!parsed.success) throw new IpcFormatError(parsed.error.issues.map(problem).join('; '));
   return parsed.data as IpcRequest;
 }
 
