@@ -4763,10 +4763,10 @@ function defineIpcActions(z: Zod) {
         const task = store.getTask(request.taskId)!;
         const { scheduleType, scheduleValue } = updatedSchedule(task, request);
         const scheduleChanged = scheduleType !== task.scheduleType || scheduleValue !== task.scheduleValue;
-        const next = scheduleChanged ? computeNextRun(scheduleType, scheduleValue, config.timezone) : undefined;
-        if (scheduleChanged && !next) throw new ScheduleError(`"${scheduleValue}" is in the past`);
+        const at = scheduleChanged ? computeNextRun(scheduleType, scheduleValue, config.timezone) : undefined;
+        if (scheduleChanged && !at) throw new ScheduleError(`"${scheduleValue}" is in the past`);
         // updateTask leaves what is undefined as it was: the prompt when not given, the next run when not moved.
-        store.updateTask(task.id, { prompt: request.prompt, scheduleType, scheduleValue, nextRun: next?.toJSON() });
+        store.updateTask(task.id, { prompt: request.prompt, scheduleType, scheduleValue, nextRun: at?.toISOString() });
         log.info({ group: source.folder, taskId: task.id }, 'Task updated');
       },
     }),
