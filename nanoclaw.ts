@@ -4304,9 +4304,6 @@ export async function runContainer(options: RunContainerOptions): Promise<RunOut
 
 export class ScheduleError extends Error {}
 
-/** A difference between wall and monotonic time bigger than this is the wall clock jumping, not drift. */
-const CLOCK_JUMP_MS = 60_000;
-
 /** "2026-12-01 17:00" in the user's timezone (croner places it, DST included); an explicit offset or Z is respected as given. */
 export function parseOnceTime(value: string, timezone: string): Date {
   const text = value.trim();
@@ -4386,7 +4383,6 @@ export const TASK_WARM_LEAD_MS = 15_000;
 export class Scheduler {
   private cancelTimer: (() => void) | null = null;
   private running = false;
-  /** Their difference moving is the wall clock jumping. */
   private lastLook: { wall: number; mono: number } | null = null;
 
   constructor(
@@ -4447,7 +4443,7 @@ export class Scheduler {
     this.lastLook = look;
     if (!last) return;
     const jump = look.wall - last.wall - (look.mono - last.mono);
-    if (Math.abs(jump) < CLOCK_JUMP_MS) return;
+    if (Math.abs(jump) < 60_000) return; // under a minute is drift, not a jump
     log.warn({ jumpMs: Math.round(jump) }, 'The wall clock jumped; checking the next runs of recurring tasks');
     if (jump > 0) return;
     for (const task of this.store.upcomingTasks()) {
