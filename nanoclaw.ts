@@ -4993,9 +4993,7 @@ export class IpcWatcher {
   private async processAll(): Promise<boolean> {
     mkdirSync(this.claimedDir, { recursive: true });
     // First what was claimed but not finished (a crash, or a database that was unavailable).
-    for (const claim of readdirSync(this.claimedDir).sort()) {
-      if (!(await this.handleClaimed(claim))) return false;
-    }
+    for (const claim of readdirSync(this.claimedDir).sort()) if (!(await this.handleClaimed(claim))) return false;
     let more = false;
     for (const entry of readdirSync(this.ipcDir, { withFileTypes: true })) {
       if (!entry.isDirectory() || !isValidFolder(entry.name)) continue;
