@@ -4167,9 +4167,6 @@ export async function runContainer(options: RunContainerOptions): Promise<RunOut
 
 export class ScheduleError extends Error {}
 
-/** A difference between wall and monotonic time bigger than this is the wall clock jumping, not drift. */
-const CLOCK_JUMP_MS = 60_000;
-
 /** "2026-12-01 17:00" in the user's timezone (croner places it, DST included); an explicit offset or Z is respected as given. */
 export function parseOnceTime(value: string, timezone: string): Date {
   const text = value.trim();
@@ -4227,14 +4224,16 @@ export function nextRunAfterFiring(task: ScheduledTask, timezone: string, now: D
   return computeNextRun(task.scheduleType, task.scheduleValue, timezone, now);
 }
 
-/** Null: runs at most once. */
+/** Null: runs at most once, or an invalid cron (refused with its own message when applied). */
 export function shortestGap(type: ScheduleType, value: string, timezone: string, from = new Date()): number | null {
   if (type === 'interval') return Number(value);
   if (type === 'once') return null;
-  const runs = new Cron(value, { timezone, paused: true }).nextRuns(12, from);
-  let gap: number | null = null;
-  for (let i = 1; i < runs.length; i++) gap = Math.min(gap ?? Infinity, runs[i]!.getTime() - runs[i - 1]!.getTime());
-  return gap;
+  try {
+    const runs = new Cron(value, { timezone, paused: true }).nextRuns(12, from).map((run) => run.getTime());
+    return runs.length > 1 ? Math.min(...runs.slice(1).map((at, i) => at - runs[i]!)) : null;
+  } catch {
+    return null;
+  }
 }
 
 /** A cold start takes a few seconds. */
@@ -4247,7 +4246,6 @@ export const TASK_WARM_LEAD_MS = 15_000;
 export class Scheduler {
   private cancelTimer: (() => void) | null = null;
   private running = false;
-  /** Their difference moving is the wall clock jumping. */
   private lastLook: { wall: number; mono: number } | null = null;
 
   constructor(
@@ -4270,34 +4268,35 @@ export class Scheduler {
   stop(): void {
     this.running = false;
     this.cancelTimer?.();
-    this.cancelTimer = null;
   }
 
-  /** Call after any change to tasks. */
-  arm(): void {
+  /**
+   * Call after any change to tasks. One query of what is due before the timer looks again or within the lead (a
+   * second only when the timer's look, `fire`, fired some: they moved on). The soonest sets the timer; all within the
+   * lead are told.
+   */
+  arm(fire = false): void {
     if (!this.running) return;
-    this.cancelTimer?.();
     let delay = this.recheckMs;
     try {
       this.noticeClockJump();
-      const [soonest] = this.store.upcomingTasks(1);
-      if (soonest) delay = Math.max(0, Date.parse(soonest.nextRun!) - this.clock.now());
-      if (this.onSoon) this.tellSoon(this.onSoon);
+      const now = this.clock.now();
+      const inMs = (ms: number) => new Date(now + ms).toISOString();
+      const upcomingTasks = () => this.store.upcomingTasks(-1, inMs(Math.max(this.recheckMs, TASK_WARM_LEAD_MS)));
+      let upcoming = upcomingTasks();
+      const due = fire ? upcoming.filter((task) => task.nextRun! <= inMs(0)) : [];
+      for (const task of due) if (this.claim(task, new Date(now))) this.onDue(task);
+      if (due.length) upcoming = upcomingTasks();
+      if (upcoming[0]) delay = Math.max(0, Date.parse(upcoming[0].nextRun!) - this.clock.now());
+      const soon = upcoming.filter((task) => task.nextRun! > inMs(0) && task.nextRun! <= inMs(TASK_WARM_LEAD_MS));
+      const told = this.toldSoon;
+      this.toldSoon = new Set(soon.map((task) => `${task.id}@${task.nextRun}`));
+      for (const task of soon) if (!told.has(`${task.id}@${task.nextRun}`)) this.onSoon?.(task);
     } catch (err) {
-      log.warn({ err: errorText(err) }, 'Could not read the task schedule; trying again shortly');
+      log.warn({ err: errorText(err) }, 'Could not read or fire the due tasks; trying again shortly');
     }
-    this.cancelTimer = this.clock.after(Math.min(delay, this.recheckMs), () => this.fireDue());
-  }
-
-  /** Every task due within the lead, not only the soonest: an isolated task due first hides no other. */
-  private tellSoon(onSoon: (task: ScheduledTask) => void): void {
-    const now = this.clock.now();
-    const soon = this.store
-      .upcomingTasks(-1, new Date(now + TASK_WARM_LEAD_MS).toISOString())
-      .filter((task) => Date.parse(task.nextRun!) > now);
-    const told = this.toldSoon;
-    this.toldSoon = new Set(soon.map((task) => `${task.id}@${task.nextRun}`));
-    for (const task of soon) if (!told.has(`${task.id}@${task.nextRun}`)) onSoon(task);
+    this.cancelTimer?.();
+    if (this.running) this.cancelTimer = this.clock.after(Math.min(delay, this.recheckMs), () => this.arm(true));
   }
 
   /** After a jump back, next runs computed in the jumped-ahead time would stay silent that long: recompute them. */
@@ -4307,7 +4306,7 @@ export class Scheduler {
     this.lastLook = look;
     if (!last) return;
     const jump = look.wall - last.wall - (look.mono - last.mono);
-    if (Math.abs(jump) < CLOCK_JUMP_MS) return;
+    if (Math.abs(jump) < 60_000) return; // under a minute is drift, not a jump
     log.warn({ jumpMs: Math.round(jump) }, 'The wall clock jumped; checking the next runs of recurring tasks');
     if (jump > 0) return;
     for (const task of this.store.upcomingTasks()) {
@@ -4318,16 +4317,6 @@ export class Scheduler {
       this.store.updateTask(task.id, { nextRun });
       log.info({ group: task.groupFolder, taskId: task.id, nextRun }, 'Next run moved earlier: the clock jumped back');
     }
-  }
-
-  private fireDue(): void {
-    const now = new Date(this.clock.now());
-    try {
-      for (const task of this.store.upcomingTasks(-1, now.toISOString())) if (this.claim(task, now)) this.onDue(task);
-    } catch (err) {
-      log.warn({ err: errorText(err) }, 'Could not fire due tasks; trying again shortly');
-    }
-    this.arm();
   }
 
   private claim(task: ScheduledTask, now: Date): boolean {
@@ -4382,8 +4371,8 @@ interface IpcActionContext {
 interface IpcAction<S extends z.ZodType<object>> {
   kind: IpcKind;
   schema: S;
-  refusal(request: z.infer<S>, source: RegisteredGroup, store: Store): string | null;
-  limit?(request: z.infer<S>, source: RegisteredGroup, store: Store, config: Config): string | null;
+  /** Why the source may not, or null; with `config`, the scheduling limits too (they bind agents, not the CLI). */
+  refusal(request: z.infer<S>, source: RegisteredGroup, store: Store, config?: Config): string | null;
   /** Runs inside the transaction that marks the request done; returns what the agent is told, when more than "done". */
   apply(request: z.infer<S>, ctx: IpcActionContext): string | undefined | void;
 }
@@ -4396,32 +4385,31 @@ const ownChatOnly = (source: RegisteredGroup, chatJid: string, store: Store, wha
   return store.groupByJid(chatJid) ? null : `${chatJid} is not a registered chat`;
 };
 
-const ownTaskOnly = ({ taskId }: { taskId: string }, source: RegisteredGroup, store: Store): string | null => {
+type TaskLimit = (task: ScheduledTask) => string | null;
+
+/** `limit` is asked only about a task the source may manage, with the same read of it. */
+function ownTaskOnly(source: RegisteredGroup, store: Store, taskId: string, limit?: TaskLimit): string | null {
   const task = store.getTask(taskId);
   if (!task) return `no task with id ${taskId}`;
-  if (source.isMain || task.groupFolder === source.folder) return null;
+  if (source.isMain || task.groupFolder === source.folder) return limit?.(task) ?? null;
   return `group "${source.folder}" may only manage its own tasks`;
-};
+}
 
 const mainOnly = (type: string) => (_request: object, source: RegisteredGroup) =>
   source.isMain ? null : `${type} is only allowed from the main group`;
 
 type TaskSchedule = Pick<ScheduledTask, 'groupFolder' | 'scheduleType' | 'scheduleValue'>;
 
-function scheduleLimit(config: Config, store: Store, source: RegisteredGroup, task: TaskSchedule, addsActive: boolean) {
+/** The limits an agent's task must keep (TASK_MAX_ACTIVE, TASK_MIN_INTERVAL); none without a config (the CLI). */
+function scheduleLimit(store: Store, from: RegisteredGroup, task: TaskSchedule, addsActive: boolean, config?: Config) {
+  if (!config || (from.isMain && !config.tasks.limitMain)) return null;
   const limits = config.tasks;
-  if (source.isMain && !limits.limitMain) return null;
   if (addsActive) {
     const active = store.listTasks(task.groupFolder).filter((t) => t.status === 'active').length;
     if (active >= limits.maxActive)
       return `group "${task.groupFolder}" already has ${active} active tasks (TASK_MAX_ACTIVE=${limits.maxActive})`;
   }
-  let gap: number | null;
-  try {
-    gap = shortestGap(task.scheduleType, task.scheduleValue, config.timezone);
-  } catch {
-    return null; // an invalid schedule is refused with its own message when applied
-  }
+  const gap = shortestGap(task.scheduleType, task.scheduleValue, config.timezone);
   return gap !== null && gap < limits.minIntervalMs
     ? `runs every ${Math.round(gap / 1000)} s, more often than allowed (TASK_MIN_INTERVAL=${limits.minIntervalMs} ms)`
     : null;
@@ -4440,9 +4428,8 @@ class SendWindow {
     const now = this.clock.monotonic();
     const recent = (this.sent.get(source.folder) ?? []).filter((at) => at > now - 60_000);
     this.sent.set(source.folder, recent);
-    const [cap, setting] = source.isMain
-      ? [maxPerMinuteMain, 'SEND_MAX_PER_MINUTE_MAIN']
-      : [maxPerMinute, 'SEND_MAX_PER_MINUTE'];
+    const cap = source.isMain ? maxPerMinuteMain : maxPerMinute;
+    const setting = `SEND_MAX_PER_MINUTE${source.isMain ? '_MAIN' : ''}`;
     if (recent.length >= cap) {
       const waitS = Math.ceil((recent[recent.length - cap]! + 60_000 - now) / 1000);
       return `group "${source.folder}" already sent ${recent.length} messages in the last minute (${setting}=${cap}); it may send again in ${waitS} s`;
@@ -4461,18 +4448,14 @@ export function groupFilePath(path: string): string {
   return rel;
 }
 
+/** The first bytes (as latin1) of each image/… kind WhatsApp shows as an image. */
+const IMAGE_MAGIC = { jpeg: /^\xff\xd8\xff/, png: /^\x89PNG\r\n\x1a\n/, webp: /^RIFF.{4}WEBP/s };
+
 /** An image by its first bytes (JPEG, PNG, WebP), whatever the name says; else a document typed by extension. */
 export function fileKind(data: Uint8Array, fileName: string): { kind: 'image' | 'document'; mimetype: string } {
-  const head = Buffer.from(data.subarray(0, 12));
-  const image =
-    head[0] === 0xff && head[1] === 0xd8 && head[2] === 0xff
-      ? 'image/jpeg'
-      : head.subarray(0, 8).equals(Buffer.from([0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a]))
-        ? 'image/png'
-        : head.toString('latin1', 0, 4) === 'RIFF' && head.toString('latin1', 8, 12) === 'WEBP'
-          ? 'image/webp'
-          : null;
-  if (image) return { kind: 'image', mimetype: image };
+  const head = Buffer.from(data.subarray(0, 12)).toString('latin1');
+  const image = Object.entries(IMAGE_MAGIC).find(([, magic]) => magic.test(head))?.[0];
+  if (image) return { kind: 'image', mimetype: `image/${image}` };
   const byName = Bun.file(fileName).type.split(';')[0]!; // Bun's table of extensions; octet-stream when unknown
   return { kind: 'document', mimetype: byName.startsWith('image/') ? 'application/octet-stream' : byName };
 }
@@ -4532,14 +4515,13 @@ function defineIpcActions(z: Zod) {
       kind: 'messages',
       schema: request('send_file', { chatJid: nonEmpty, path: nonEmpty, caption: z.string().optional() }),
       refusal: (request, source, store) => ownChatOnly(source, request.chatJid, store, 'send files to'),
-      apply: (request, { config, effects, source }) => {
-        const caption = request.caption ? formatAsSaid(request.caption, config) : null;
-        const file = fileToSend(config, source.folder, request.path, caption);
-        effects.sayFile(request.chatJid, file);
+      apply: ({ chatJid, path, caption }, { config, effects, source }) => {
+        const file = fileToSend(config, source.folder, path, caption ? formatAsSaid(caption, config) : null);
+        effects.sayFile(chatJid, file);
         effects.afterwards(() => {
-          effects.sendSoon(request.chatJid);
+          effects.sendSoon(chatJid);
           const { fileName, kind, data } = file;
-          const fields = { group: source.folder, chatJid: request.chatJid, file: fileName, kind, bytes: data.length };
+          const fields = { group: source.folder, chatJid, file: fileName, kind, bytes: data.length };
           log.info(fields, 'File sent for the agent');
         });
         return `${file.kind === 'image' ? 'an image' : `a document (${file.mimetype})`}, ${formatBytes(file.data.length)}`;
@@ -4554,16 +4536,15 @@ function defineIpcActions(z: Zod) {
         context_mode: z.enum(['group', 'isolated']).default('group'),
         targetJid: nonEmpty.nullish(),
       }),
-      refusal: (request, source, store) =>
-        ownChatOnly(source, request.targetJid ?? source.jid, store, 'schedule tasks for'),
-      limit: (request, source, store, config) => {
+      refusal: (request, source, store, config) => {
         const groupFolder = store.groupByJid(request.targetJid ?? source.jid)?.folder ?? source.folder;
         const task = { groupFolder, scheduleType: request.schedule_type, scheduleValue: request.schedule_value };
-        return scheduleLimit(config, store, source, task, true);
+        const refused = ownChatOnly(source, request.targetJid ?? source.jid, store, 'schedule tasks for');
+        return refused ?? scheduleLimit(store, source, task, true, config);
       },
       apply: (request, { config, store, source }) => {
         const target = store.groupByJid(request.targetJid ?? source.jid)!;
-        const nextRun = computeNextRun(request.schedule_type, request.schedule_value, config.timezone);
+        const nextRun = computeNextRun(request.schedule_type, request.schedule_value, config.timezone)?.toISOString();
         if (!nextRun) throw new ScheduleError(`"${request.schedule_value}" is in the past`);
         const id = `task-${randomUUID()}`;
         store.createTask({
@@ -4574,21 +4555,20 @@ function defineIpcActions(z: Zod) {
           scheduleType: request.schedule_type,
           scheduleValue: request.schedule_value,
           contextMode: request.context_mode,
-          nextRun: nextRun.toISOString(),
+          nextRun,
           lastRun: null,
           lastResult: null,
           status: 'active',
           createdAt: new Date().toISOString(),
         });
-        const fields = { group: source.folder, taskId: id, target: target.folder, nextRun: nextRun.toISOString() };
-        log.info(fields, 'Task scheduled');
-        return `scheduled as ${id}; first run ${formatLocalTime(nextRun.toISOString(), config.timezone)} (${config.timezone})`;
+        log.info({ group: source.folder, taskId: id, target: target.folder, nextRun }, 'Task scheduled');
+        return `scheduled as ${id}; first run ${formatLocalTime(nextRun, config.timezone)} (${config.timezone})`;
       },
     }),
     pause_task: ipcAction({
       kind: 'tasks',
       schema: request('pause_task', taskRef),
-      refusal: ownTaskOnly,
+      refusal: ({ taskId }, source, store) => ownTaskOnly(source, store, taskId),
       apply: ({ taskId }, { store, source }) => {
         store.updateTask(taskId, { status: 'paused', pausedReason: null });
         log.info({ group: source.folder, taskId }, 'Task paused');
@@ -4597,11 +4577,10 @@ function defineIpcActions(z: Zod) {
     resume_task: ipcAction({
       kind: 'tasks',
       schema: request('resume_task', taskRef),
-      refusal: ownTaskOnly,
-      limit: (request, source, store, config) => {
-        const task = store.getTask(request.taskId);
-        return task ? scheduleLimit(config, store, source, task, task.status !== 'active') : null;
-      },
+      refusal: (request, source, store, config) =>
+        ownTaskOnly(source, store, request.taskId, (task) =>
+          scheduleLimit(store, source, task, task.status !== 'active', config),
+        ),
       apply: ({ taskId }, { config, store, source }) => {
         const task = store.getTask(taskId)!;
         // A removed group's task stays paused until the group is registered again (the CLI too).
@@ -4609,17 +4588,17 @@ function defineIpcActions(z: Zod) {
           throw new ScheduleError(
             `task ${task.id} belongs to group "${task.groupFolder}", which is not registered: register it again first`,
           );
-        const nextRun = computeNextRun(task.scheduleType, task.scheduleValue, config.timezone);
+        const nextRun = computeNextRun(task.scheduleType, task.scheduleValue, config.timezone)?.toISOString();
         if (!nextRun) throw new ScheduleError(`task ${task.id} has no future run left (once, ${task.scheduleValue})`);
-        store.updateTask(task.id, { status: 'active', nextRun: nextRun.toISOString(), pausedReason: null });
-        log.info({ group: source.folder, taskId: task.id, nextRun: nextRun.toISOString() }, 'Task resumed');
-        return `resumed; next run ${formatLocalTime(nextRun.toISOString(), config.timezone)} (${config.timezone})`;
+        store.updateTask(task.id, { status: 'active', nextRun, pausedReason: null });
+        log.info({ group: source.folder, taskId: task.id, nextRun }, 'Task resumed');
+        return `resumed; next run ${formatLocalTime(nextRun, config.timezone)} (${config.timezone})`;
       },
     }),
     cancel_task: ipcAction({
       kind: 'tasks',
       schema: request('cancel_task', taskRef),
-      refusal: ownTaskOnly,
+      refusal: ({ taskId }, source, store) => ownTaskOnly(source, store, taskId),
       apply: ({ taskId }, { store, source }) => {
         store.deleteTask(taskId);
         log.info({ group: source.folder, taskId }, 'Task cancelled');
@@ -4633,24 +4612,20 @@ function defineIpcActions(z: Zod) {
         schedule_type: scheduleTypes.optional(),
         schedule_value: nonEmpty.optional(),
       }),
-      refusal: ownTaskOnly,
-      limit: (request, source, store, config) => {
-        const task = store.getTask(request.taskId);
-        if (!task || (!request.schedule_type && !request.schedule_value)) return null;
-        return scheduleLimit(config, store, source, updatedSchedule(task, request), false);
-      },
+      refusal: (request, source, store, config) =>
+        ownTaskOnly(source, store, request.taskId, (task) =>
+          request.schedule_type || request.schedule_value
+            ? scheduleLimit(store, source, updatedSchedule(task, request), false, config)
+            : null,
+        ),
       apply: (request, { config, store, source }) => {
         const task = store.getTask(request.taskId)!;
         const { scheduleType, scheduleValue } = updatedSchedule(task, request);
         const scheduleChanged = scheduleType !== task.scheduleType || scheduleValue !== task.scheduleValue;
-        const nextRun = scheduleChanged ? computeNextRun(scheduleType, scheduleValue, config.timezone) : undefined;
-        if (scheduleChanged && !nextRun) throw new ScheduleError(`"${scheduleValue}" is in the past`);
-        store.updateTask(task.id, {
-          prompt: request.prompt,
-          scheduleType,
-          scheduleValue,
-          ...(nextRun ? { nextRun: nextRun.toISOString() } : {}),
-        });
+        const at = scheduleChanged ? computeNextRun(scheduleType, scheduleValue, config.timezone) : undefined;
+        if (scheduleChanged && !at) throw new ScheduleError(`"${scheduleValue}" is in the past`);
+        // updateTask leaves what is undefined as it was: the prompt when not given, the next run when not moved.
+        store.updateTask(task.id, { prompt: request.prompt, scheduleType, scheduleValue, nextRun: at?.toISOString() });
         log.info({ group: source.folder, taskId: task.id }, 'Task updated');
       },
     }),
@@ -4659,13 +4634,11 @@ function defineIpcActions(z: Zod) {
       schema: request('refresh_groups', {}),
       refusal: mainOnly('refresh_groups'),
       apply: (_request, { config, store, source, effects }) => {
+        // The channel's sync stamps groups_synced_at itself, and only when it synced.
         effects.afterwards(() => {
           effects
             .syncGroups()
-            .then(() => {
-              store.setState(GROUPS_SYNCED_AT, new Date().toISOString());
-              writeSnapshots(config, store, source);
-            })
+            .then(() => writeSnapshots(config, store, source))
             .catch((err) => log.warn({ err: errorText(err) }, 'Group refresh failed'));
         });
         log.info({ group: source.folder }, 'Group list refresh requested');
@@ -4690,10 +4663,7 @@ function defineIpcActions(z: Zod) {
 }
 
 let ipcActionTable: ReturnType<typeof defineIpcActions> | null = null;
-export function ipcActions(): ReturnType<typeof defineIpcActions> {
-  ipcActionTable ??= defineIpcActions(load('zod') as Zod);
-  return ipcActionTable;
-}
+export const ipcActions = () => (ipcActionTable ??= defineIpcActions(load('zod') as Zod));
 
 type IpcActionName = keyof ReturnType<typeof ipcActions>;
 export type IpcRequest = { [K in IpcActionName]: z.infer<ReturnType<typeof ipcActions>[K]['schema']> }[IpcActionName];
@@ -4705,23 +4675,18 @@ export function parseIpcRequest(kind: IpcKind, raw: unknown): IpcRequest {
   const type = (raw as { type?: unknown }).type;
   const entry = typeof type === 'string' && Object.hasOwn(ipcActions(), type) ? actionFor(type as IpcActionName) : null;
   if (!entry || entry.kind !== kind) {
-    const known = Object.entries(ipcActions())
-      .filter(([, a]) => a.kind === kind)
-      .map(([name]) => name);
+    const known = Object.keys(ipcActions()).filter((name) => actionFor(name as IpcActionName).kind === kind);
     throw new IpcFormatError(`"type" ${JSON.stringify(type)} is unknown in ${kind}/; use one of ${known.join(', ')}`);
   }
   const parsed = entry.schema.safeParse(raw);
-  if (!parsed.success) {
-    const problem = (issue: z.core.$ZodIssue) =>
-      (issue.path.length ? `"${issue.path.join('.')}" ` : '') + issue.message;
-    throw new IpcFormatError(parsed.error.issues.map(problem).join('; '));
-  }
+  const problem = (issue: z.core.$ZodIssue) => (issue.path.length ? `"${issue.path.join('.')}" ` : '') + issue.message;
+  if (!parsed.success) throw new IpcFormatError(parsed.error.issues.map(problem).join('; '));
   return parsed.data as IpcRequest;
 }
 
+/** Without `config`, who may only: the scheduling limits are left out. */
 export function refusal(source: RegisteredGroup, request: IpcRequest, store: Store, config?: Config): string | null {
-  const entry = actionFor(request.type);
-  return entry.refusal(request, source, store) ?? (config && entry.limit?.(request, source, store, config)) ?? null;
+  return actionFor(request.type).refusal(request, source, store, config);
 }
 
 /** Call inside a transaction. A request from tasks/ may change the tasks: the scheduler looks again after it. */
@@ -4754,7 +4719,10 @@ export function tasksSnapshot(store: Store, group: RegisteredGroup) {
   const ids = tasks.map((task) => task.id);
   const runsOf = Map.groupBy(store.taskRuns(ids, 5), (run) => run.taskId);
   return tasks.map((task) => {
-    const entry = {
+    const own = task.groupFolder === group.folder;
+    const words = (fields: Record<string, string | null>) =>
+      own ? fields : Object.fromEntries(Object.entries(fields).map(([name, text]) => [`${name}_untrusted`, text]));
+    return {
       id: task.id,
       groupFolder: task.groupFolder,
       chatJid: task.chatJid,
@@ -4765,22 +4733,14 @@ export function tasksSnapshot(store: Store, group: RegisteredGroup) {
       paused_reason: task.pausedReason ?? null,
       next_run: task.nextRun,
       last_run: task.lastRun,
-    };
-    const runs = runsOf.get(task.id) ?? [];
-    const runTimes = (run: TaskRunLog) => ({ run_at: run.runAt, duration_ms: run.durationMs, status: run.status });
-    if (task.groupFolder === group.folder)
-      return {
-        ...entry,
-        prompt: task.prompt,
-        last_result: task.lastResult,
-        recent_runs: runs.map((run) => ({ ...runTimes(run), result: run.result, error: run.error })),
-      };
-    return {
-      ...entry,
-      untrusted: true as const,
-      prompt_untrusted: task.prompt,
-      last_result_untrusted: task.lastResult,
-      recent_runs: runs.map((run) => ({ ...runTimes(run), result_untrusted: run.result, error_untrusted: run.error })),
+      ...(own ? {} : { untrusted: true }),
+      ...words({ prompt: task.prompt, last_result: task.lastResult }),
+      recent_runs: (runsOf.get(task.id) ?? []).map((run) => ({
+        run_at: run.runAt,
+        duration_ms: run.durationMs,
+        status: run.status,
+        ...words({ result: run.result, error: run.error }),
+      })),
     };
   });
 }
@@ -4802,12 +4762,7 @@ export function groupsSnapshot(store: Store, group: RegisteredGroup) {
 }
 
 /** With `written` (kept by the caller) the tasks file is rebuilt only when the tasks or the file changed. */
-export function writeSnapshots(
-  config: Config,
-  store: Store,
-  group: RegisteredGroup,
-  written?: Map<string, string>,
-): void {
+export function writeSnapshots(config: Config, store: Store, group: RegisteredGroup, written?: Map<string, string>) {
   const { ipc } = groupTrees(config, group.folder);
   const file = ipc.path('current_tasks.json');
   const version = `${group.isMain} ${store.tasksVersion()}`;
@@ -4842,7 +4797,7 @@ export const IPC_ERRORS_KEPT = 100;
 export const IPC_FILES_PER_PASS = 25;
 
 /** claimed/<folder>.<kind>.<claim id>/<name>: the name one level down always fits; the parts contain no dot. */
-const CLAIM_DIR = /^([a-z0-9][a-z0-9_-]*)\.(messages|tasks)\.([0-9a-f-]{36})$/;
+const CLAIM_DIR = /^(?<folder>[a-z0-9][a-z0-9_-]*)\.(?<kind>messages|tasks)\.(?<claimId>[0-9a-f-]{36})$/;
 
 /**
  * A file is renamed out of the agent's reach (data/ipc/claimed/) before it is read, so it cannot be swapped; a link,
@@ -4901,9 +4856,7 @@ export class IpcWatcher {
   private async processAll(): Promise<boolean> {
     mkdirSync(this.claimedDir, { recursive: true });
     // First what was claimed but not finished (a crash, or a database that was unavailable).
-    for (const claim of readdirSync(this.claimedDir).sort()) {
-      if (!(await this.handleClaimed(claim))) return false;
-    }
+    for (const claim of readdirSync(this.claimedDir).sort()) if (!(await this.handleClaimed(claim))) return false;
     let more = false;
     for (const entry of readdirSync(this.ipcDir, { withFileTypes: true })) {
       if (!entry.isDirectory() || !isValidFolder(entry.name)) continue;
@@ -4913,10 +4866,9 @@ export class IpcWatcher {
         if (names.length > IPC_FILES_PER_PASS) more = true;
         for (const name of names.slice(0, IPC_FILES_PER_PASS)) {
           const claimed = this.claim(tree, entry.name, kind, name);
-          if (claimed) {
-            crashPoint('ipc-claimed');
-            if (!(await this.handleClaimed(claimed))) return false;
-          }
+          if (!claimed) continue;
+          crashPoint('ipc-claimed');
+          if (!(await this.handleClaimed(claimed))) return false;
         }
       }
     }
@@ -4951,31 +4903,26 @@ export class IpcWatcher {
       log.warn({ group: folder, reason: err.message }, 'IPC folder was not a plain folder; removed');
       return [];
     }
-    const names: string[] = [];
-    for (const entry of entries) {
-      if (entry.name.startsWith('.') || !entry.name.endsWith('.json')) continue;
-      if (entry.kind === 'file') names.push(entry.name);
-      else {
-        tree.remove(`${kind}/${entry.name}`);
-        log.warn({ group: folder, file: entry.name }, 'IPC file refused: not a regular file; removed unread');
-      }
+    const requests = entries.filter((entry) => !entry.name.startsWith('.') && entry.name.endsWith('.json'));
+    for (const entry of requests.filter((entry) => entry.kind !== 'file')) {
+      tree.remove(`${kind}/${entry.name}`);
+      log.warn({ group: folder, file: entry.name }, 'IPC file refused: not a regular file; removed unread');
     }
-    return names.sort();
+    return requests.flatMap((entry) => (entry.kind === 'file' ? [entry.name] : [])).sort();
   }
 
   /** False when the database was unavailable (the claim stays for the next pass). */
   private async handleClaimed(dir: string): Promise<boolean> {
-    const claim = CLAIM_DIR.exec(dir);
-    const source = claim ? { folder: claim[1]!, kind: claim[2] as IpcKind, claimId: claim[3]! } : null;
+    const source = CLAIM_DIR.exec(dir)?.groups as { folder: string; kind: IpcKind; claimId: string } | undefined;
     const [name] = source ? readdirSync(join(this.claimedDir, dir)) : [];
     const path = join(this.claimedDir, dir, name ?? '');
     try {
       if (!source) throw new IpcFormatError('not an IPC claim');
-      if (!name) return this.discard(dir); // claimed by a host that died before the move
-      const data = JSON.parse(readRegularFile(path)) as unknown;
-      const decision = await this.handlers.handle(source.folder, source.kind, data, source.claimId);
-      this.respond(source.folder, name, decision);
-      return this.discard(dir);
+      // No name: claimed by a host that died before the move.
+      if (name) {
+        const data = JSON.parse(readRegularFile(path)) as unknown;
+        this.respond(source.folder, name, await this.handlers.handle(source.folder, source.kind, data, source.claimId));
+      }
     } catch (err) {
       const reason = errorText(err);
       const file = name ?? dir;
@@ -4984,26 +4931,21 @@ export class IpcWatcher {
         this.clock.after(1_000, () => void this.scan());
         return false;
       }
-      if (err instanceof UnsafePathError) {
-        log.warn({ group: source?.folder, file, reason }, 'IPC file refused');
-        return this.discard(dir);
+      if (err instanceof UnsafePathError) log.warn({ group: source?.folder, file, reason }, 'IPC file refused');
+      else {
+        if (source && name) this.respond(source.folder, name, { ok: false, reason });
+        // Kept flat, errors/<claim>.<its name>, when that fits a file name.
+        const kept = name && Buffer.byteLength(`${dir}.${name}`) <= 255 ? `${dir}.${name}` : `${dir}.json`;
+        try {
+          mkdirSync(this.errorsDir, { recursive: true });
+          renameSync(name ? path : join(this.claimedDir, dir), join(this.errorsDir, kept));
+          this.pruneErrors();
+        } catch (moveErr) {
+          log.warn({ file, reason: errorText(moveErr) }, 'Could not keep a rejected IPC file; removed');
+        }
+        log.warn({ group: source?.folder, file, movedTo: join(this.errorsDir, kept), reason }, 'IPC file rejected');
       }
-      if (source && name) this.respond(source.folder, name, { ok: false, reason });
-      // Kept flat, errors/<claim>.<its name>, when that fits a file name.
-      const kept = name && Buffer.byteLength(`${dir}.${name}`) <= 255 ? `${dir}.${name}` : `${dir}.json`;
-      try {
-        mkdirSync(this.errorsDir, { recursive: true });
-        renameSync(name ? path : join(this.claimedDir, dir), join(this.errorsDir, kept));
-        this.pruneErrors();
-      } catch (moveErr) {
-        log.warn({ file, reason: errorText(moveErr) }, 'Could not keep a rejected IPC file; removed');
-      }
-      log.warn({ group: source?.folder, file, movedTo: join(this.errorsDir, kept), reason }, 'IPC file rejected');
-      return this.discard(dir);
     }
-  }
-
-  private discard(dir: string): true {
     rmSync(join(this.claimedDir, dir), { recursive: true, force: true });
     return true;
   }

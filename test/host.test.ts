@@ -2,7 +2,15 @@ import { existsSync, mkdirSync, readdirSync, readFileSync, rmSync, writeFileSync
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { describe, expect, it } from 'vitest';
-import { addGroup, splitForWhatsApp, Store, TASK_WARM_LEAD_MS, type Config, type HostOptions } from '../nanoclaw.ts';
+import {
+  addGroup,
+  GROUPS_SYNCED_AT,
+  splitForWhatsApp,
+  Store,
+  TASK_WARM_LEAD_MS,
+  type Config,
+  type HostOptions,
+} from '../nanoclaw.ts';
 import {
   FakeClock,
   fakeDocker,
@@ -603,6 +611,18 @@ describe('IPC from the agent', () => {
     drop(w, 'main', 'messages', { type: 'message', chatJid: WORK, text: 'from main' });
     await waitFor(() => texts(w).length === 1, 60_000, 'ipc message');
     expect(w.channel.sent.map(({ jid, text }) => ({ jid, text }))).toEqual([{ jid: WORK, text: 'Andy: from main' }]);
+  });
+
+  it('refresh_groups that no channel could sync leaves groups_synced_at unset: the stamp records only a real sync', async () => {
+    const w = await world(); // the recording channel has no group list to sync
+    const ipc = join(w.config.ipcDir, 'main');
+    writeJsonAtomic(join(ipc, 'tasks', '1-refresh.json'), { type: 'refresh_groups' });
+    const response = join(ipc, 'responses', '1-refresh.json');
+    await waitFor(() => existsSync(response), 60_000, 'the decision');
+    expect(JSON.parse(readFileSync(response, 'utf8'))).toEqual({ ok: true });
+    await Bun.sleep(100); // the refresh runs after the request is answered
+    expect(w.store.getState(GROUPS_SYNCED_AT)).toBeNull();
+    expect(JSON.parse(readFileSync(join(ipc, 'available_groups.json'), 'utf8')).lastSync).toBeNull();
   });
 
   it('moves a malformed file to data/ipc/errors and keeps going', async () => {
