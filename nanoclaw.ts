@@ -1069,11 +1069,14 @@ export class Store {
       'JOIN (SELECT MIN(id) AS id FROM outbox WHERE channel = ? AND sent_at IS NULL GROUP BY chat_jid) head ON o.id = head.id',
       channel,
     );
-  unsent = (channel: string) => this.unsentParts('WHERE channel = ? AND sent_at IS NULL', channel);
-  private unsentParts = (where: string, channel: string) =>
+  /** Unsent parts of a channel; `afterId`: only those queued after that part (lastOutboxId). */
+  unsent = (channel: string, afterId = 0) =>
+    this.unsentParts('WHERE channel = ? AND sent_at IS NULL AND o.id > ?', channel, afterId);
+  lastOutboxId = () => this.one<{ id: number | null }>('SELECT MAX(id) AS id FROM outbox')?.id ?? 0;
+  private unsentParts = (where: string, ...params: Bindings) =>
     this.all<OutboundRow>(
       `SELECT o.id, o.chat_jid AS jid, o.text, o.message_id, o.attempts, o.file, o.file_meta FROM outbox o ${where} ORDER BY o.id`,
-      channel,
+      ...params,
     ).map(toOutbound);
 
   markSent = (id: number) => this.run('UPDATE outbox SET sent_at = ?, file = NULL WHERE id = ?', now(), id);
@@ -1273,18 +1276,10 @@ export class Store {
   }
 
   /** Soonest first from the tasks_due index: next_run is always a toISOString() time, so text order is time order. */
-  upcomingTasks = (limit = -1, dueBy = '~') =>
+  upcomingTasks = (dueBy = '~') =>
     this.all<ScheduledTask>(
-      "SELECT * FROM scheduled_tasks WHERE status = 'active' AND next_run <= $dueBy ORDER BY next_run LIMIT $limit",
-      { dueBy, limit },
-    );
-
-  /** Active tasks due by `dueBy`, and the soonest even when later, soonest first: what a scheduler tick needs, at once. */
-  tasksDueByOrSoonest = (dueBy: string) =>
-    this.all<ScheduledTask>(
-      `SELECT * FROM scheduled_tasks WHERE status = 'active'
-       AND next_run <= MAX($dueBy, (SELECT MIN(next_run) FROM scheduled_tasks WHERE status = 'active')) ORDER BY next_run`,
-      { dueBy },
+      "SELECT * FROM scheduled_tasks WHERE status = 'active' AND next_run <= ? ORDER BY next_run",
+      dueBy,
     );
 
   logTaskRun(run: TaskRunLog): void {
@@ -2345,7 +2340,7 @@ export class WhatsAppChannel implements Channel {
     this.identity = {
       ...options,
       triggerFor: (jid) => options.store?.groupByJid(jid)?.trigger,
-      sentByBot: (id) => Boolean(options.store?.outboundByMessageId(id)),
+      sentByBot: (id) => options.store?.hasOutbound(id) ?? false,
       ownJids: this.ownJids,
       phoneForLid: (lid) => this.lidToPhone.get(lid),
     };
@@ -4282,7 +4277,7 @@ export class Scheduler {
       this.noticeClockJump();
       const now = this.clock.now();
       const inMs = (ms: number) => new Date(now + ms).toISOString();
-      const upcomingTasks = () => this.store.upcomingTasks(-1, inMs(Math.max(this.recheckMs, TASK_WARM_LEAD_MS)));
+      const upcomingTasks = () => this.store.upcomingTasks(inMs(Math.max(this.recheckMs, TASK_WARM_LEAD_MS)));
       let upcoming = upcomingTasks();
       const due = fire ? upcoming.filter((task) => task.nextRun! <= inMs(0)) : [];
       for (const task of due) if (this.claim(task, new Date(now))) this.onDue(task);
@@ -4449,6 +4444,7 @@ export function groupFilePath(path: string): string {
 }
 
 /** The first bytes (as latin1) of each image/… kind WhatsApp shows as an image. */
+// biome-ignore lint/suspicious/noControlCharactersInRegex: PNG's signature holds the byte 0x1a.
 const IMAGE_MAGIC = { jpeg: /^\xff\xd8\xff/, png: /^\x89PNG\r\n\x1a\n/, webp: /^RIFF.{4}WEBP/s };
 
 /** An image by its first bytes (JPEG, PNG, WebP), whatever the name says; else a document typed by extension. */
@@ -6792,23 +6788,22 @@ async function runTaskNow({ config, store }: CommandCall, task: ScheduledTask): 
       throw new UsageError(
         `Task ${task.id} is ${task.status}; the running NanoClaw (pid ${servicePid}) runs active tasks only. Resume it first: bun nanoclaw.ts tasks resume ${task.id}`,
       );
-    store().updateTask(task.id, { nextRun: new Date().toISOString() });
+    store().updateTask(task.id, { nextRun: now() });
     return report([
       `NanoClaw is running (pid ${servicePid}): it runs ${task.id} within a second or two, and sends what it says to ${task.chatJid}.`,
     ]);
   }
   const started = await startHost(config, (s) => [printingChannel(), whatsAppChannel(config, s)]);
   try {
-    const queuedBefore = new Set(started.store.unsent('whatsapp').map((m) => m.id));
+    const lastBefore = started.store.lastOutboxId();
     const run = await started.host.runTaskNow(task.id);
-    const queued = started.store.unsent('whatsapp').filter((m) => !queuedBefore.has(m.id));
+    const queued = started.store.unsent('whatsapp', lastBefore);
     for (const message of queued) console.log(`→ ${message.jid} (queued for WhatsApp): ${message.text}`);
     if (queued.length) console.log(queuedNote(config));
     if (run?.status === 'error') console.error(`The task failed: ${run.error}`);
     return run?.status === 'success' ? 0 : 1;
   } finally {
-    started.store.close();
-    started.release();
+    await started.finish();
   }
 }
 
@@ -6877,16 +6872,14 @@ function mountsCommand({ config, values, positionals: [folder], store }: Command
     throw new UsageError(`No registered group uses "${folder}" (see: bun nanoclaw.ts groups list).`, 'mounts');
   const extra = groupExtraMounts(config, group);
   // Exactly what a run mounts (the run's own paths shown as <run>); nothing is created or changed.
-  const network = groupNetwork(config, group);
-  const proxySocket = config.modelProxy === 'unix' ? join(config.dataDir, 'proxy', '<run>.sock') : null;
-  const egressSocket = network === 'egress' ? join(config.dataDir, 'proxy', '<run>.egress.sock') : null;
-  const perRun = runMounts(join(inboxRoot(config), '<run>'), proxySocket, egressSocket);
+  const paths = runPaths(config, group, '<run>');
+  const perRun = runMounts(paths.inbox, paths.modelSocket, paths.egressSocket);
   const mounts = [...groupMounts(config, group, extra.mounts), ...perRun];
   if (values['docker-args']) return report(mounts.map((m) => `-v\n${formatMount(m, 'docker')}`));
   return report([
     ...mounts.map((m) => `${formatMount(m, 'human')}${MOUNT_NOTES[m.containerPath] ?? ''}`),
-    ...(proxySocket ? [] : ['model proxy: host.docker.internal:<port> (tcp mode)']),
-    `network: ${network}`,
+    ...(paths.modelSocket ? [] : ['model proxy: host.docker.internal:<port> (tcp mode)']),
+    `network: ${groupNetwork(config, group)}`,
     ...extra.rejected.map((r) => `refused: ${r.hostPath} (${r.reason})`),
   ]);
 }
