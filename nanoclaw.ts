@@ -2802,6 +2802,8 @@ export class GroupQueue {
   }
 
   isRunning = (jid: string) => this.state(jid).run !== null;
+  /** Settles when the group's current run (its retry decision included) has ended; at once when none runs. */
+  runEnded = (jid: string) => this.state(jid).run ?? Promise.resolve();
 
   /** Running, or waiting out a retry backoff: either way the group needs nothing from a sweep. */
   isBusy = (jid: string) => this.isRunning(jid) || this.state(jid).cancelRetry !== null;
@@ -6455,7 +6457,7 @@ async function chatInput(host: Host, terminal: TerminalChannel): Promise<void> {
       });
     });
     // A failed run is still ending: let it say whether it will be retried before the next line (or the end).
-    while (turn.status === 'error' && host.queue.isRunning(jid) && !terminal.stopped) await Bun.sleep(20);
+    if (turn.status === 'error') await Promise.race([host.queue.runEnded(jid), terminal.ctrlC.promise]);
   }
   // Input is over: a line still waiting for a retry is not answered behind the person's back later.
   if (!terminal.stopped && (await host.abandon(jid)))
