@@ -895,6 +895,15 @@ const isStoreUnavailable = (err: unknown) =>
 
 class StoreCorruptError extends Error {}
 
+/** A database damaged past reading, at open or at any read: one line with the fix, not a stack trace. */
+function asCorrupt(err: unknown, path: string): unknown {
+  if (!/^SQLITE_(CORRUPT|NOTADB)/.test(String(errorCode(err) ?? ''))) return err;
+  const restore = `cp "$(ls -t ${join(dirname(path), 'backups')}/*.db | head -n 1)" ${path}`;
+  return new StoreCorruptError(
+    `${path} is damaged or not a database (${errorCode(err)}). Restore the newest backup: ${restore} (see docs/troubleshooting.md).`,
+  );
+}
+
 /** Backups of store/messages.db kept in store/backups/ (the newest; one a day). */
 const BACKUPS_KEPT = 7;
 
@@ -918,11 +927,7 @@ export class Store {
       );
       this.createdNow = this.migrate() === 0;
     } catch (err) {
-      if (/^SQLITE_(CORRUPT|NOTADB)/.test(String(errorCode(err) ?? '')))
-        throw new StoreCorruptError(
-          `${path} is damaged or not a database (${errorCode(err)}). Restore the newest backup: cp "$(ls -t ${join(dirname(path), 'backups')}/*.db | head -n 1)" ${path} (see README, Troubleshooting).`,
-        );
-      throw err;
+      throw asCorrupt(err, path);
     }
     this.opened = statSync(path);
   }
@@ -944,8 +949,14 @@ export class Store {
   }
 
   private all<T>(sql: string, ...params: Bindings): T[] {
-    const rows = this.db.query<object, Bindings>(sql).all(...params);
-    return rows.map(fromRow<T>);
+    try {
+      return this.db
+        .query<object, Bindings>(sql)
+        .all(...params)
+        .map(fromRow<T>);
+    } catch (err) {
+      throw asCorrupt(err, this.path);
+    }
   }
   private one = <T>(sql: string, ...params: Bindings): T | null => this.all<T>(sql, ...params)[0] ?? null;
 
@@ -5960,17 +5971,7 @@ export class Host {
     // Groups active within IDLE_TIMEOUT before this start (their warm agents went with the old host), newest first;
     // read before this start's own messages come in.
     const since = new Date(this.parts.clock.now() - this.config.idleTimeoutMs).toISOString();
-    let recent: RegisteredGroup[];
-    try {
-      recent = this.store.recentGroups(since, this.config.warmPool.size);
-    } catch (err) {
-      // Damaged past what opening it read: the same one line as a database damaged at open, not a stack trace.
-      if (!/^SQLITE_(CORRUPT|NOTADB)/.test(String(errorCode(err)))) throw err;
-      const restore = 'cp "$(ls -t store/backups/*.db | head -n 1)" store/messages.db';
-      throw new StoreCorruptError(
-        `${this.store.path} is damaged or not a database (${errorCode(err)}). Restore the newest backup: ${restore}`,
-      );
-    }
+    const recent = this.store.recentGroups(since, this.config.warmPool.size);
     this.spill.replay();
     for (const channel of this.channels) await channel.connect(this.channelHandlers(channel));
     for (const sender of this.voice.senders.values()) sender.kick(); // what a previous run left unsent
@@ -6124,7 +6125,7 @@ export class Host {
   /** Unanswered messages and interrupted task runs get queued, after the disk watch (over-budget groups left alone). */
   async recover(): Promise<void> {
     if (!this.store.stillAtPath()) {
-      const message = `${this.store.path} was deleted or replaced while NanoClaw was running: stopping, so nothing more is written to a file nobody will read. Restore it (store/backups/ has copies; see README, Troubleshooting), then start NanoClaw again.`;
+      const message = `${this.store.path} was deleted or replaced while NanoClaw was running: stopping, so nothing more is written to a file nobody will read. Restore it (store/backups/ has copies; see docs/troubleshooting.md), then start NanoClaw again.`;
       log.fatal(message);
       void this.stop().then(() => this.options.onFatal?.(message));
       return;
