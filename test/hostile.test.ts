@@ -676,9 +676,11 @@ describe('a hostile agent, round two', () => {
 
 describe('the network', () => {
   /** The Docker bridge's gateway: an address of this host that a container on the bridge could reach. */
-  const gateway = execFileSync('docker', ['network', 'inspect', 'bridge', '-f', '{{(index .IPAM.Config 0).Gateway}}'])
-    .toString()
-    .trim();
+  const ipam = JSON.parse(
+    execFileSync('docker', ['network', 'inspect', 'bridge', '-f', '{{json (index .IPAM.Config 0)}}']).toString(),
+  ) as { Subnet: string; Gateway?: string };
+  // An engine that found docker0 already up may list no Gateway: the bridge then has its subnet's first address.
+  const gateway = ipam.Gateway || ipam.Subnet.replace(/\.0\/\d+$/, '.1');
   const page = '<html><body><h1>Hello</h1><button>Press me</button></body></html>';
   let hits: string[] = [];
   let server: ReturnType<typeof Bun.serve>;
