@@ -4868,13 +4868,6 @@ export class IpcWatcher {
 
 // ───────────────────────────── 12. Host: inbound → queue → container → outbound; start-up ─
 
-interface RetryEvent {
-  chatJid: string;
-  attempt: number;
-  maxRetries: number;
-  delayMs: number;
-}
-
 interface TurnEvent {
   chatJid: string;
   status: 'success' | 'error';
@@ -5772,7 +5765,7 @@ export class Host {
   private readonly chats: ChatTurns;
   /** Told when a chat turn ends and when a failed run will be retried (the terminal chat prints them). */
   onTurn: (event: TurnEvent) => void = () => {};
-  onRetry: (event: RetryEvent) => void = () => {};
+  onRetry: (retry: { chatJid: string; attempt: number; maxRetries: number; delayMs: number }) => void = () => {};
   private stopSweep: (() => void) | null = null;
   private stopped = false;
   /** By chat: up to which seq (under which wake rule) the sweep found nothing to wake the agent; an edit that calls it comes anew. */
@@ -6341,9 +6334,11 @@ class TerminalChat implements Channel {
     private readonly main: RegisteredGroup,
   ) {}
 
-  ownsJid(jid: string): boolean {
-    return jid === this.main.jid;
-  }
+  readonly ownsJid = (jid: string) => jid === this.main.jid;
+  readonly layout = (text: string) => [text];
+  readonly deliver = async (_jid: string, text: string) => this.print(text);
+  readonly sendFile = async (_jid: string, file: OutboundFile) =>
+    this.print(`${fileNote(file)} (${file.mimetype}, ${file.data.length} bytes)`);
 
   async connect(handlers: ChannelHandlers): Promise<void> {
     this.handlers = handlers;
@@ -6385,18 +6380,6 @@ class TerminalChat implements Channel {
     };
     this.spinner = typing ? setInterval(draw, 120) : null;
     if (!typing) draw();
-  }
-
-  layout(text: string): string[] {
-    return [text];
-  }
-
-  async deliver(_jid: string, text: string): Promise<void> {
-    this.print(text);
-  }
-
-  async sendFile(_jid: string, file: OutboundFile): Promise<void> {
-    this.print(`${fileNote(file)} (${file.mimetype}, ${file.data.length} bytes)`);
   }
 
   async disconnect(): Promise<void> {
