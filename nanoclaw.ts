@@ -1658,116 +1658,6 @@ const fileNote = (file: OutboundFile): string =>
 /** The chat id the terminal uses for the main group until WhatsApp gives it a real one. */
 export const LOCAL_MAIN_JID = 'main@local';
 
-const SPINNER_FRAMES = ['⠋', '⠙', '⠹', '⠸', '⠼', '⠴', '⠦', '⠧', '⠇', '⠏'];
-const CHAT_PROMPT = 'you › ';
-
-/** The terminal as the main chat's channel: each line typed or piped is an inbound message; on a terminal, a spinner
- *  while the agent works and output never amid what is being typed. Ctrl-C stops the chat; a second one leaves at once. */
-class TerminalChannel implements Channel {
-  readonly name = 'local';
-  readonly ready = true;
-  readonly interactive = Boolean(process.stdin.isTTY && process.stdout.isTTY);
-  readonly lines = createInterface({
-    input: process.stdin,
-    terminal: this.interactive,
-    ...(this.interactive ? { output: process.stdout, prompt: CHAT_PROMPT } : {}),
-  });
-  readonly ctrlC = Promise.withResolvers<void>();
-  stopped = false;
-  private handlers: ChannelHandlers | null = null;
-  private sent = 0;
-  private spinner: ReturnType<typeof setInterval> | null = null;
-
-  constructor(
-    readonly chatJid: string,
-    private readonly assistantName: string,
-  ) {}
-
-  ownsJid(jid: string): boolean {
-    return jid === this.chatJid;
-  }
-
-  async connect(handlers: ChannelHandlers): Promise<void> {
-    this.handlers = handlers;
-    const stop = () => {
-      if (this.stopped) process.exit(130);
-      this.stopped = true;
-      this.ctrlC.resolve();
-    };
-    process.on('SIGINT', stop);
-    this.lines.on('SIGINT', stop); // a terminal's Ctrl-C reaches readline, not the process
-    if (!this.interactive) return;
-    // The agent starts while one types: readline took the key first, so a line one long has just begun.
-    process.stdin.on('keypress', () => {
-      if (this.lines.line.length === 1) this.handlers?.onActivity?.(this.chatJid);
-    });
-  }
-
-  /** Above the prompt, which is drawn again with what was typed. */
-  print(text: string, stream: NodeJS.WriteStream = process.stdout): void {
-    if (this.interactive) process.stdout.write('\r\x1b[2K');
-    stream.write(`${text}\n`);
-    if (this.interactive) this.lines.prompt(true);
-  }
-
-  problem(text: string): void {
-    this.print(this.interactive ? `\x1b[31m${text}\x1b[0m` : text, process.stderr);
-  }
-
-  /** The spinner: in the prompt while the agent works. */
-  async setTyping(_jid: string, typing: boolean): Promise<void> {
-    if (!this.interactive || typing === (this.spinner !== null)) return;
-    clearInterval(this.spinner ?? undefined);
-    let frame = 0;
-    const draw = () => {
-      const spinner = `${SPINNER_FRAMES[++frame % SPINNER_FRAMES.length]} ${this.assistantName} is working… `;
-      this.lines.setPrompt(typing ? spinner + CHAT_PROMPT : CHAT_PROMPT);
-      process.stdout.write('\r\x1b[2K');
-      this.lines.prompt(true);
-    };
-    this.spinner = typing ? setInterval(draw, 120) : null;
-    if (!typing) draw();
-  }
-
-  layout(text: string): string[] {
-    return [text];
-  }
-
-  async deliver(_jid: string, text: string): Promise<void> {
-    this.print(text);
-  }
-
-  async sendFile(_jid: string, file: OutboundFile): Promise<void> {
-    this.print(`${fileNote(file)} (${file.mimetype}, ${file.data.length} bytes)`);
-  }
-
-  /** A line read becomes a message of the main chat; false when it does not (a blank line, or after Ctrl-C). */
-  submit(line: string): boolean {
-    if (!line.trim() || this.stopped || !this.handlers) return false;
-    const now = new Date();
-    this.handlers.onMessage(
-      {
-        id: `local-${now.getTime()}-${++this.sent}`,
-        chatJid: this.chatJid,
-        sender: 'local:user',
-        senderName: process.env.USER || 'You',
-        content: line.trim(),
-        timestamp: now.toISOString(),
-        isFromMe: true,
-        isBotMessage: false,
-      },
-      { name: 'Terminal', isGroup: false },
-    );
-    return true;
-  }
-
-  async disconnect(): Promise<void> {
-    await this.setTyping(this.chatJid, false);
-    this.lines.close();
-    this.handlers = null;
-  }
-}
-
 // WhatsApp (baileys 7). Pure translation first, then the socket that uses it.
 
 type Baileys = typeof import('@whiskeysockets/baileys');
@@ -4978,13 +4868,6 @@ export class IpcWatcher {
 
 // ───────────────────────────── 12. Host: inbound → queue → container → outbound; start-up ─
 
-interface RetryEvent {
-  chatJid: string;
-  attempt: number;
-  maxRetries: number;
-  delayMs: number;
-}
-
 interface TurnEvent {
   chatJid: string;
   status: 'success' | 'error';
@@ -5880,8 +5763,9 @@ export class Host {
   private readonly agents: AgentLauncher;
   private readonly tasks: TaskRuns;
   private readonly chats: ChatTurns;
-  private readonly turnListeners = new Set<(event: TurnEvent) => void>();
-  private readonly retryListeners = new Set<(event: RetryEvent) => void>();
+  /** Told when a chat turn ends and when a failed run will be retried (the terminal chat prints them). */
+  onTurn: (event: TurnEvent) => void = () => {};
+  onRetry: (retry: { chatJid: string; attempt: number; maxRetries: number; delayMs: number }) => void = () => {};
   private stopSweep: (() => void) | null = null;
   private stopped = false;
   /** By chat: up to which seq (under which wake rule) the sweep found nothing to wake the agent; an edit that calls it comes anew. */
@@ -5907,9 +5791,7 @@ export class Host {
       maxRetries,
       processMessages: (jid, warm) => this.chats.processMessages(jid, warm),
       onGiveUp: (jid) => this.chats.giveUpAfterRetries(jid),
-      onRetry: (chatJid, attempt, delayMs) => {
-        for (const listener of this.retryListeners) listener({ chatJid, attempt, delayMs, maxRetries });
-      },
+      onRetry: (chatJid, attempt, delayMs) => this.onRetry({ chatJid, attempt, delayMs, maxRetries }),
       clock,
     });
     const shared = { config, store, queue: this.queue, clock, voice: this.voice, stopped: () => this.stopped };
@@ -5925,23 +5807,11 @@ export class Host {
     });
     this.agents = agentLauncher(parts, this.proxy);
     this.tasks = new TaskRuns(parts, this.agents, (group) => this.chats.forward(group));
-    this.chats = new ChatTurns(parts, this.agents, this.tasks, (event) => {
-      for (const listener of this.turnListeners) listener(event);
-    });
+    this.chats = new ChatTurns(parts, this.agents, this.tasks, (event) => this.onTurn(event));
     const ipcHandlers = ipcRequests(parts, this.chats, () => this.scheduler.arm());
     this.ipc = new IpcWatcher(config.ipcDir, ipcHandlers, options.ipcSweepMs ?? 30_000, clock);
     const onDue = (task: ScheduledTask) => this.tasks.enqueue(task);
     this.scheduler = new Scheduler(store, config.timezone, onDue, 1000, clock, (task) => this.tasks.warmFor(task));
-  }
-
-  onTurn(listener: (event: TurnEvent) => void): () => void {
-    this.turnListeners.add(listener);
-    return () => this.turnListeners.delete(listener);
-  }
-
-  onRetry(listener: (event: RetryEvent) => void): () => void {
-    this.retryListeners.add(listener);
-    return () => this.retryListeners.delete(listener);
   }
 
   private channelHandlers(channel: Channel): ChannelHandlers {
@@ -6436,36 +6306,161 @@ function onShutdownSignal(stop: () => Promise<void>, signals: NodeJS.Signals[] =
     });
 }
 
-/** Each line is a message; resolves when the input ends. Piped, each is answered before the next is sent. On a
- *  terminal, each is stored as it is read (not queued behind an iterator), so a Ctrl-C right after Enter finds it. */
-async function chatInput(host: Host, terminal: TerminalChannel): Promise<void> {
-  if (terminal.interactive) {
-    terminal.lines.on('line', (line) => {
-      terminal.submit(line);
-      terminal.lines.prompt(true);
+const SPINNER_FRAMES = ['⠋', '⠙', '⠹', '⠸', '⠼', '⠴', '⠦', '⠧', '⠇', '⠏'];
+const CHAT_PROMPT = 'you › ';
+
+/** `chat`: the terminal as the main chat's channel. Each line typed or piped is an inbound message; on a terminal, a
+ *  spinner while the agent works and output never amid what is being typed. Ctrl-C stops the turn in progress (it is
+ *  not answered later) and exits 130; a second one leaves at once. */
+class TerminalChat implements Channel {
+  readonly name = 'local';
+  readonly ready = true;
+  private readonly interactive = Boolean(process.stdin.isTTY && process.stdout.isTTY);
+  private readonly lines = createInterface({
+    input: process.stdin,
+    terminal: this.interactive,
+    ...(this.interactive ? { output: process.stdout, prompt: CHAT_PROMPT } : {}),
+  });
+  private readonly ctrlC = Promise.withResolvers<void>();
+  private stopped = false;
+  private handlers: ChannelHandlers | null = null;
+  private sent = 0;
+  private spinner: ReturnType<typeof setInterval> | null = null;
+  /** Piped: the line waiting for its answer, the turn that reaches its seq. */
+  private waiting: { seq: number; answered: (turn: TurnEvent) => void } | null = null;
+
+  constructor(
+    private readonly config: Config,
+    private readonly main: RegisteredGroup,
+  ) {}
+
+  readonly ownsJid = (jid: string) => jid === this.main.jid;
+  readonly layout = (text: string) => [text];
+  readonly deliver = async (_jid: string, text: string) => this.print(text);
+  readonly sendFile = async (_jid: string, file: OutboundFile) =>
+    this.print(`${fileNote(file)} (${file.mimetype}, ${file.data.length} bytes)`);
+
+  async connect(handlers: ChannelHandlers): Promise<void> {
+    this.handlers = handlers;
+    const stop = () => {
+      if (this.stopped) process.exit(130);
+      this.stopped = true;
+      this.ctrlC.resolve();
+    };
+    process.on('SIGINT', stop);
+    this.lines.on('SIGINT', stop); // a terminal's Ctrl-C reaches readline, not the process
+    if (!this.interactive) return;
+    // The agent starts while one types: readline took the key first, so a line one long has just begun.
+    process.stdin.on('keypress', () => {
+      if (this.lines.line.length === 1) this.handlers?.onActivity?.(this.main.jid);
     });
-    return new Promise((resolve) => terminal.lines.once('close', resolve));
   }
-  const jid = terminal.chatJid;
-  for await (const line of terminal.lines) {
-    if (!terminal.submit(line)) continue;
-    const seq = host.store.latestSeq(jid);
-    const turn = await new Promise<TurnEvent>((resolveTurn) => {
-      const stop = host.onTurn((event) => {
-        if (event.chatJid !== jid || event.upToSeq < seq) return;
-        stop();
-        resolveTurn(event);
+
+  /** Above the prompt, which is drawn again with what was typed. */
+  private print(text: string, stream: NodeJS.WriteStream = process.stdout): void {
+    if (this.interactive) process.stdout.write('\r\x1b[2K');
+    stream.write(`${text}\n`);
+    if (this.interactive) this.lines.prompt(true);
+  }
+
+  problem(text: string): void {
+    this.print(this.interactive ? `\x1b[31m${text}\x1b[0m` : text, process.stderr);
+  }
+
+  /** The spinner: in the prompt while the agent works. */
+  async setTyping(_jid: string, typing: boolean): Promise<void> {
+    if (!this.interactive || typing === (this.spinner !== null)) return;
+    clearInterval(this.spinner ?? undefined);
+    let frame = 0;
+    const draw = () => {
+      const spinner = `${SPINNER_FRAMES[++frame % SPINNER_FRAMES.length]} ${this.config.assistantName} is working… `;
+      this.lines.setPrompt(typing ? spinner + CHAT_PROMPT : CHAT_PROMPT);
+      process.stdout.write('\r\x1b[2K');
+      this.lines.prompt(true);
+    };
+    this.spinner = typing ? setInterval(draw, 120) : null;
+    if (!typing) draw();
+  }
+
+  async disconnect(): Promise<void> {
+    await this.setTyping(this.main.jid, false);
+    this.lines.close();
+    this.handlers = null;
+  }
+
+  /** The chat, with the host started: 130 after Ctrl-C, 1 when a turn failed, else 0. */
+  async talk(host: Host): Promise<number> {
+    const { jid, folder } = this.main;
+    let failures = 0;
+    host.onTurn = (turn) => {
+      if (turn.chatJid !== jid) return;
+      // After Ctrl-C the stopped turn ends in an error that is no news to the person who stopped it.
+      if (turn.status === 'error' && !this.stopped) {
+        failures++;
+        this.problem(`The agent failed: ${turn.error ?? 'unknown error'} (details: groups/${folder}/logs/)`);
+      }
+      if (this.waiting && turn.upToSeq >= this.waiting.seq) this.waiting.answered(turn);
+    };
+    host.onRetry = ({ chatJid, delayMs, attempt, maxRetries }) => {
+      const seconds = Math.round(delayMs / 1000);
+      if (chatJid === jid) this.problem(`Retrying in ${seconds} s (attempt ${attempt} of ${maxRetries}).`);
+    };
+    // Ctrl-C: the turn in progress stops now and is not answered later.
+    const interrupted = this.ctrlC.promise.then(async () => {
+      log.info({ signal: 'SIGINT' }, 'Stopped by Ctrl-C');
+      if (await host.abandon(jid))
+        this.print('Stopped. That message will not be answered; send it again if you still want an answer.');
+    });
+    if (this.interactive)
+      this.print(`Talking to ${this.config.assistantName} in groups/${folder} (main). Ctrl-D leaves, Ctrl-C stops.`);
+    await Promise.race([this.read(host), interrupted]);
+    return this.stopped ? 130 : failures > 0 ? 1 : 0;
+  }
+
+  /** Each line is a message; resolves when the input ends. Piped, each is answered before the next is sent. On a
+   *  terminal, each is stored as it is read (not queued behind an iterator), so a Ctrl-C right after Enter finds it. */
+  private async read(host: Host): Promise<void> {
+    if (this.interactive) {
+      this.lines.on('line', (line) => {
+        this.submit(line);
+        this.lines.prompt(true);
       });
-    });
-    // A failed run is still ending: let it say whether it will be retried before the next line (or the end).
-    if (turn.status === 'error') await Promise.race([host.queue.runEnded(jid), terminal.ctrlC.promise]);
+      return new Promise((resolve) => this.lines.once('close', resolve));
+    }
+    const { jid } = this.main;
+    for await (const line of this.lines) {
+      if (!this.submit(line)) continue;
+      const turn = Promise.withResolvers<TurnEvent>();
+      this.waiting = { seq: host.store.latestSeq(jid), answered: turn.resolve };
+      // A failed run is still ending: let it say whether it will be retried before the next line (or the end).
+      if ((await turn.promise).status === 'error') await Promise.race([host.queue.runEnded(jid), this.ctrlC.promise]);
+    }
+    // Input is over: a line still waiting for a retry is not answered behind the person's back later.
+    if (!this.stopped && (await host.abandon(jid)))
+      this.problem('Not answered: the agent failed and the input ended before a retry. Send it again.');
   }
-  // Input is over: a line still waiting for a retry is not answered behind the person's back later.
-  if (!terminal.stopped && (await host.abandon(jid)))
-    terminal.problem('Not answered: the agent failed and the input ended before a retry. Send it again.');
+
+  /** A line read becomes a message of the main chat; false when it does not (a blank line, or after Ctrl-C). */
+  private submit(line: string): boolean {
+    if (!line.trim() || this.stopped || !this.handlers) return false;
+    const now = new Date();
+    this.handlers.onMessage(
+      {
+        id: `local-${now.getTime()}-${++this.sent}`,
+        chatJid: this.main.jid,
+        sender: 'local:user',
+        senderName: process.env.USER || 'You',
+        content: line.trim(),
+        timestamp: now.toISOString(),
+        isFromMe: true,
+        isBotMessage: false,
+      },
+      { name: 'Terminal', isGroup: false },
+    );
+    return true;
+  }
 }
 
-/** `chat`: the terminal as the main group's channel. Ctrl-C stops the turn in progress and exits 130. */
 async function runChat({ config }: CommandCall): Promise<number> {
   keepRunningThroughErrors();
   // What an earlier chat left (lines unanswered, answers unprinted) is left out: it would print before this chat's own.
@@ -6475,36 +6470,16 @@ async function runChat({ config }: CommandCall): Promise<number> {
   if (leftover) store.setCursor(main.jid, store.latestSeq(main.jid));
   const unprinted = store.dropUnsent('local', 'left by an earlier chat that ended before it was printed');
   store.close();
-  const terminal = new TerminalChannel(main.jid, config.assistantName);
+  const terminal = new TerminalChat(config, main);
   const { host, finish } = await startHost(config, () => [terminal]);
   onShutdownSignal(finish, ['SIGTERM']);
   await host.start();
-
-  let failures = 0;
-  host.onTurn((event) => {
-    // After Ctrl-C the stopped turn ends in an error that is no news to the person who stopped it.
-    if (event.chatJid !== main.jid || event.status !== 'error' || terminal.stopped) return;
-    failures++;
-    terminal.problem(`The agent failed: ${event.error ?? 'unknown error'} (details: groups/${main.folder}/logs/)`);
-  });
-  host.onRetry(({ chatJid, delayMs, attempt, maxRetries }) => {
-    const seconds = Math.round(delayMs / 1000);
-    if (chatJid === main.jid) terminal.problem(`Retrying in ${seconds} s (attempt ${attempt} of ${maxRetries}).`);
-  });
-  // Ctrl-C: the turn in progress stops now and is not answered later.
-  const interrupted = terminal.ctrlC.promise.then(async () => {
-    log.info({ signal: 'SIGINT' }, 'Stopped by Ctrl-C');
-    if (await host.abandon(main.jid))
-      terminal.print('Stopped. That message will not be answered; send it again if you still want an answer.');
-  });
   const leftOut = [leftover && `${leftover} line(s) unanswered`, unprinted && `${unprinted} answer part(s) unprinted`];
   if (leftover || unprinted)
     terminal.problem(`(An earlier chat ended with ${leftOut.filter(Boolean).join(' and ')}; they are left out here.)`);
-  if (terminal.interactive)
-    terminal.print(`Talking to ${config.assistantName} in groups/${main.folder} (main). Ctrl-D leaves, Ctrl-C stops.`);
-  await Promise.race([chatInput(host, terminal), interrupted]);
+  const code = await terminal.talk(host);
   await finish();
-  return terminal.stopped ? 130 : failures > 0 ? 1 : 0;
+  return code;
 }
 
 /** Why store/auth/ holds no link, where there is more to say than that. */

@@ -1465,9 +1465,9 @@ async function rowSlot(b: Bench, runs: number): Promise<Row[]> {
     for (let i = 1; i <= runs; i++) {
       teardown.push((await floorRun(b)).teardown);
       let result = 0;
-      const stop = host.onTurn((event) => {
+      host.onTurn = (event) => {
         if (event.chatJid === a && event.status === 'success' && !result) result = wall();
-      });
+      };
       const textA = marker('slot-a', i);
       const textC = marker('slot-c', i);
       const sent = wall();
@@ -1475,7 +1475,7 @@ async function rowSlot(b: Bench, runs: number): Promise<Row[]> {
       const runA = await b.waitRun(sent, prefixA, 60_000);
       channel.receive(c, textC); // waits: the limit is 1
       await new Signal().until(() => result, 180_000, 'the answer', 1);
-      stop();
+      host.onTurn = () => {};
       while (host.queue.isRunning(a)) await Bun.sleep(1);
       const free = wall();
       const next = await b.waitRun(result, prefixC, 60_000);

@@ -375,7 +375,7 @@ describe('containers per group', () => {
   it('respects MAX_CONCURRENT_CONTAINERS and still answers every group', async () => {
     const w = await world({ MAX_CONCURRENT_CONTAINERS: '1' });
     const runsAtEachTurn: number[] = [];
-    w.host.onTurn(() => runsAtEachTurn.push(w.docker.runs().length));
+    w.host.onTurn = () => runsAtEachTurn.push(w.docker.runs().length);
     w.channel.receive(FAMILY, '@Andy one');
     w.channel.receive(WORK, '@Andy two');
     await waitFor(() => texts(w).length === 2, 60_000, 'both replies');
@@ -462,7 +462,7 @@ describe('failures', () => {
   it('a container that ends without answering (exit 0, no result) has failed: retried with backoff, then given up and told', async () => {
     const w = await world({}, { maxRetries: 2, retryBaseMs: 50 });
     const turns: { status: string; error?: string }[] = [];
-    w.host.onTurn((t) => turns.push(t));
+    w.host.onTurn = (t) => turns.push(t);
     w.channel.receive(MAIN, '!exit0');
     await waitFor(() => texts(w).length === 1, 60_000, 'the give-up notice');
     expect(w.docker.runs()).toHaveLength(3); // the run and two retries, not one a second forever
@@ -486,7 +486,7 @@ describe('failures', () => {
   it('emits an error turn so a waiting user hears about it', async () => {
     const w = await world({}, { maxRetries: 0 });
     const turns: unknown[] = [];
-    w.host.onTurn((t) => turns.push(t));
+    w.host.onTurn = (t) => turns.push(t);
     w.channel.receive(MAIN, '!fail LLM is not set');
     await waitFor(() => turns.length >= 1, 60_000, 'turn');
     expect(turns[0]).toMatchObject({ chatJid: MAIN, status: 'error', error: 'LLM is not set' });
