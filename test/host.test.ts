@@ -728,6 +728,33 @@ describe('IPC from the agent', () => {
     drop(w, 'work', 'tasks', { type: 'cancel_task', taskId: task.id });
     await waitFor(() => w.store.getTask(task.id) === null, 60_000, 'cancelled');
   });
+
+  it('a task the CLI cancels right after an agent’s request was checked is not changed: the request is refused as gone', async () => {
+    const w = await world();
+    w.store.createTask(
+      taskRow({ id: 'doomed', groupFolder: 'family', chatJid: FAMILY, scheduleValue: '3600000', status: 'paused' }),
+    );
+    const cli = new Store(w.config.dbPath); // the CLI's own connection, as its process has
+    const read = w.store.getTask;
+    let cancelled = false;
+    w.store.getTask = (id) => {
+      const task = read(id);
+      if (id === 'doomed' && !cancelled) {
+        cancelled = true; // the first read of it, the check's: the CLI cancels it just then
+        cli.deleteTask(id);
+      }
+      return task;
+    };
+    writeJsonAtomic(join(w.config.ipcDir, 'family', 'tasks', 'resume.json'), { type: 'resume_task', taskId: 'doomed' });
+    const response = join(w.config.ipcDir, 'family', 'responses', 'resume.json');
+    await waitFor(() => existsSync(response), 60_000, 'the decision');
+    // The check shares the transaction of the change: SQLite refuses that write (the database changed since the
+    // check), and the request's next pass finds the task gone.
+    expect(JSON.parse(readFileSync(response, 'utf8'))).toEqual({ ok: false, reason: 'no task with id doomed' });
+    expect(cancelled).toBe(true);
+    expect(w.store.getTask('doomed')).toBeNull();
+    cli.close();
+  });
 });
 
 describe('send caps and who may wake the agent', () => {

@@ -103,7 +103,8 @@ describe('authorisation by folder', () => {
     store.createTask(taskRow({ id: 'work-task', groupFolder: 'work', chatJid: 'work@g.us' }));
     return { config, store, main, family, work };
   }
-  const allowed = (g: RegisteredGroup, request: IpcRequest, store: Store) => refusal(g, request, store) === null;
+  const allowed = (g: RegisteredGroup, request: IpcRequest, store: Store) =>
+    refusal(request, { source: g, store }) === null;
 
   it('a group acts only on its own chat and tasks, never on groups', () => {
     const { store, family } = groups();
@@ -141,7 +142,7 @@ describe('authorisation by folder', () => {
     expect(allowed(family, { type: 'update_task', taskId: 'work-task', prompt: 'mine now' }, store)).toBe(false);
     expect(allowed(family, { type: 'refresh_groups' }, store)).toBe(false);
     expect(allowed(family, { type: 'register_group', jid: 'n@g.us', name: 'N', folder: 'n' }, store)).toBe(false);
-    expect(refusal(family, { type: 'pause_task', taskId: 'nope' }, store)).toContain('no task');
+    expect(refusal({ type: 'pause_task', taskId: 'nope' }, { source: family, store })).toContain('no task');
     store.close();
   });
 
@@ -433,23 +434,27 @@ describe('scheduling limits', () => {
 
   it('refuses schedules more frequent than TASK_MIN_INTERVAL and more than TASK_MAX_ACTIVE active tasks per group', () => {
     const { config, store, family } = setup();
-    expect(refusal(family, schedule('interval', '1000'), store, config)).toContain('TASK_MIN_INTERVAL=300000');
-    expect(refusal(family, schedule('cron', '* * * * *'), store, config)).toContain('runs every 60 s');
-    expect(refusal(family, schedule('interval', '300000'), store, config)).toBeNull();
+    expect(refusal(schedule('interval', '1000'), { source: family, store, config })).toContain(
+      'TASK_MIN_INTERVAL=300000',
+    );
+    expect(refusal(schedule('cron', '* * * * *'), { source: family, store, config })).toContain('runs every 60 s');
+    expect(refusal(schedule('interval', '300000'), { source: family, store, config })).toBeNull();
     for (const id of ['t1', 't2']) {
       store.createTask(taskRow({ id, groupFolder: 'family', chatJid: 'fam@g.us', scheduleValue: '600000' }));
     }
-    expect(refusal(family, schedule('once', '2030-01-01 10:00'), store, config)).toContain(
+    expect(refusal(schedule('once', '2030-01-01 10:00'), { source: family, store, config })).toContain(
       'already has 2 active tasks (TASK_MAX_ACTIVE=2)',
     );
     store.updateTask('t2', { status: 'paused' });
-    expect(refusal(family, schedule('once', '2030-01-01 10:00'), store, config)).toBeNull();
-    expect(refusal(family, { type: 'update_task', taskId: 't1', schedule_value: '2000' }, store, config)).toContain(
-      'TASK_MIN_INTERVAL',
-    );
-    expect(refusal(family, { type: 'update_task', taskId: 't1', prompt: 'only the words' }, store, config)).toBeNull();
+    expect(refusal(schedule('once', '2030-01-01 10:00'), { source: family, store, config })).toBeNull();
+    expect(
+      refusal({ type: 'update_task', taskId: 't1', schedule_value: '2000' }, { source: family, store, config }),
+    ).toContain('TASK_MIN_INTERVAL');
+    expect(
+      refusal({ type: 'update_task', taskId: 't1', prompt: 'only the words' }, { source: family, store, config }),
+    ).toBeNull();
     store.createTask(taskRow({ id: 't3', groupFolder: 'family', chatJid: 'fam@g.us', scheduleValue: '600000' }));
-    expect(refusal(family, { type: 'resume_task', taskId: 't2' }, store, config)).toContain(
+    expect(refusal({ type: 'resume_task', taskId: 't2' }, { source: family, store, config })).toContain(
       'already has 2 active tasks',
     );
     store.close();
@@ -457,11 +462,17 @@ describe('scheduling limits', () => {
 
   it('holds main to the limits too, unless TASK_LIMITS_MAIN=false', () => {
     const held = setup();
-    expect(refusal(held.main, schedule('interval', '1000'), held.store, held.config)).toContain('TASK_MIN_INTERVAL');
+    expect(
+      refusal(schedule('interval', '1000'), { source: held.main, store: held.store, config: held.config }),
+    ).toContain('TASK_MIN_INTERVAL');
     held.store.close();
     const free = setup({ TASK_LIMITS_MAIN: 'false' });
-    expect(refusal(free.main, schedule('interval', '1000'), free.store, free.config)).toBeNull();
-    expect(refusal(free.family, schedule('interval', '1000'), free.store, free.config)).toContain('TASK_MIN_INTERVAL');
+    expect(
+      refusal(schedule('interval', '1000'), { source: free.main, store: free.store, config: free.config }),
+    ).toBeNull();
+    expect(
+      refusal(schedule('interval', '1000'), { source: free.family, store: free.store, config: free.config }),
+    ).toContain('TASK_MIN_INTERVAL');
     free.store.close();
   });
 });
