@@ -2275,13 +2275,10 @@ export interface WhatsAppOptions {
   /** Another WhatsApp Web socket than WhatsApp's own; no version lookup then unless lookupVersion is given. */
   waWebSocketUrl?: string;
   lookupVersion?(): Promise<{ version: WAVersion; isLatest: boolean }>;
-  reconnectBaseMs?: number;
-  reconnectCapMs?: number;
   rateLimiter?: RateLimiter;
   /** Once, when the channel stops for good, with the line that says what to do. */
   onStopped?(why: string): void;
   clock?: Clock;
-  onSocket?(sock: WASocket): void;
 }
 
 type BaileysEventMap = import('@whiskeysockets/baileys').BaileysEventMap;
@@ -2424,7 +2421,6 @@ export class WhatsAppChannel implements Channel {
       ...(this.options.waWebSocketUrl ? { waWebSocketUrl: this.options.waWebSocketUrl } : {}),
     });
     this.sock = sock;
-    this.options.onSocket?.(sock);
     // What the channel does on the socket's events; a retired socket's last words are not heard.
     const on = <E extends keyof BaileysEventMap>(event: E, handle: (data: BaileysEventMap[E]) => unknown) =>
       sock.ev.on(event, (data) => sock === this.sock && handle(data));
@@ -2560,8 +2556,7 @@ export class WhatsAppChannel implements Channel {
 
   private scheduleReconnect(now = false): void {
     if (this.closed || this.cancelReconnect) return;
-    const { reconnectBaseMs: baseMs = 1000, reconnectCapMs: capMs = 60_000 } = this.options;
-    const delay = now ? 0 : backoff(++this.attempt, { baseMs, capMs, jitter: true }); // a restart WhatsApp asks for is no failure
+    const delay = now ? 0 : backoff(++this.attempt, { baseMs: 1000, capMs: 60_000, jitter: true }); // a restart WhatsApp asks for is no failure
     log.info({ attempt: this.attempt, delayMs: delay }, 'Reconnecting to WhatsApp');
     this.cancelReconnect = this.clock.after(delay, () => {
       this.cancelReconnect = null;

@@ -16,6 +16,7 @@ import { type AnyMessageContent, proto, type WAMessage } from '@whiskeysockets/b
 import { startFakeModel } from '../scripts/scripted-model.ts';
 import { Host, installId, RateLimiter, addGroup, setupLogging, Store, type Config } from '../nanoclaw.ts';
 import {
+  fastClock,
   flakyServer,
   linkedAuthDir,
   openAsWhatsAppWould,
@@ -232,8 +233,7 @@ export async function whatsappDrops(drops = 50): Promise<Row> {
     hasOwnNumber: false,
     waWebSocketUrl: server.url,
     mediaTreeFor: () => null,
-    reconnectBaseMs: 20,
-    reconnectCapMs: 60,
+    clock: fastClock(200), // the reconnects' backoff 200 times fast: 5 ms at first, 300 ms at most
     rateLimiter: unlimited,
   });
   const host = new Host(config, store, [whatsapp], { recoverySweepMs: 60_000, ipcSweepMs: 60_000, sendRetryMs: 50 });

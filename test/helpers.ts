@@ -29,6 +29,7 @@ import {
   loadConfig,
   setupLogging,
   Store,
+  systemClock,
   WhatsAppChannel,
   type Channel,
   type ChannelHandlers,
@@ -39,7 +40,6 @@ import {
   type OutboundFile,
   type RegisteredGroup,
   type ScheduledTask,
-  type WhatsAppOptions,
 } from '../nanoclaw.ts';
 
 const made: string[] = [];
@@ -317,19 +317,8 @@ export async function waitFor<T>(
  * (generateWAMessageContent, prepareWAMessageMedia).
  */
 export class RecordingWhatsApp extends WhatsAppChannel {
-  /** Every socket it opened, in order (counted through the onSocket option). */
-  readonly sockets: WASocket[];
-  constructor(options: WhatsAppOptions) {
-    const sockets: WASocket[] = [];
-    super({
-      ...options,
-      onSocket: (sock) => {
-        sockets.push(sock);
-        options.onSocket?.(sock);
-      },
-    });
-    this.sockets = sockets;
-  }
+  /** Every socket it opened, in order. */
+  readonly sockets = watchSockets(this);
   get socketsOpened(): number {
     return this.sockets.length;
   }
@@ -363,6 +352,21 @@ export class RecordingWhatsApp extends WhatsAppChannel {
 /** The channel's live socket (what WhatsApp's servers would talk to), for a test to drive its events. */
 // biome-ignore lint/complexity/useLiteralKeys: sock is private; element access is TypeScript's type-checked way in
 export const socketOf = (channel: WhatsAppChannel): WASocket => channel['sock']!;
+
+/** Every socket the channel opens from now on, in order: its private `sock`, watched as it is set. */
+export function watchSockets(channel: WhatsAppChannel): WASocket[] {
+  const sockets: WASocket[] = [];
+  // biome-ignore lint/complexity/useLiteralKeys: sock is private; element access is TypeScript's type-checked way in
+  let current = channel['sock'];
+  Object.defineProperty(channel, 'sock', {
+    get: () => current,
+    set: (sock: WASocket | null) => {
+      current = sock;
+      if (sock) sockets.push(sock);
+    },
+  });
+  return sockets;
+}
 
 /** A local WebSocket server that accepts connections and drops each after `holdMs`. */
 export function flakyServer(holdMs: number | ((connection: number) => number)) {
@@ -501,6 +505,21 @@ export class FakeClock implements Clock {
     this.time = end;
     await settle();
   }
+}
+
+/**
+ * The system clock run `factor` times fast: a wait of `ms` fires after ms / factor, and now() and monotonic() move
+ * as fast, so what the code measures agrees with what it waited. For production delays (WhatsApp's reconnect
+ * backoff) against real sockets, where a FakeClock would hold everything else up.
+ */
+export function fastClock(factor: number): Clock {
+  const wall = Date.now();
+  const mono = performance.now();
+  return {
+    now: () => wall + (Date.now() - wall) * factor,
+    monotonic: () => mono + (performance.now() - mono) * factor,
+    after: (ms, fn) => systemClock.after(ms / factor, fn),
+  };
 }
 
 /** Lets every promise and callback already started run to its next real wait. */
