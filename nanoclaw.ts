@@ -2275,7 +2275,6 @@ export interface WhatsAppOptions {
   /** Another WhatsApp Web socket than WhatsApp's own; no version lookup then unless lookupVersion is given. */
   waWebSocketUrl?: string;
   lookupVersion?(): Promise<{ version: WAVersion; isLatest: boolean }>;
-  rateLimiter?: RateLimiter;
   /** Once, when the channel stops for good, with the line that says what to do. */
   onStopped?(why: string): void;
   clock?: Clock;
@@ -2327,7 +2326,7 @@ export class WhatsAppChannel implements Channel {
   private readonly clock: Clock;
   /** Filled when a connection opens; the identity's own set, so the identity is built once. */
   private readonly ownJids = new Set<string>();
-  private readonly rateLimiter: RateLimiter;
+  private readonly rateLimiter = new RateLimiter();
   /** Outlives sockets, as baileys asks, so a message is not retried without end across reconnects. */
   private readonly retryCounts: TtlCache;
   /** For sends (baileys' cachedGroupMetadata), kept current by group events. */
@@ -2342,7 +2341,6 @@ export class WhatsAppChannel implements Channel {
 
   constructor(private readonly options: WhatsAppOptions) {
     this.clock = options.clock ?? systemClock;
-    this.rateLimiter = options.rateLimiter ?? new RateLimiter();
     this.retryCounts = new TtlCache(60 * 60_000, 10_000, this.clock);
     this.groupMetadata = new TtlCache<GroupMetadata>(5 * 60_000, 500, this.clock); // baileys' README suggests 5 min
     this.identity = {

@@ -15,7 +15,6 @@ import {
   disconnectKind,
   GROUPS_SYNCED_AT,
   openCodeAt,
-  RateLimiter,
   splitForWhatsApp,
   Store,
   toWhatsAppFormat,
@@ -241,18 +240,17 @@ describe('typing and presence', () => {
 describe('sends and group syncs wait on the channel’s clock', () => {
   const ALICE = '4915100000002@s.whatsapp.net';
 
-  it('a send over the rate limit waits until its window has room, then goes', async () => {
-    const rateLimiter = new RateLimiter({ count: 1, windowMs: 1000 }, { count: 10, windowMs: 1000 });
-    const { channel, clock } = await linkedChannel({ rateLimiter });
+  it('a send over the rate limit (20 a minute per chat) waits until its window has room, then goes', async () => {
+    const { channel, clock } = await linkedChannel();
     await channel.connect({ onMessage: () => {} });
     openAsWhatsAppWould(socketOf(channel));
-    await channel.deliver(ALICE, 'one', 'ID1');
-    const second = channel.deliver(ALICE, 'two', 'ID2');
-    await clock.advance(999);
-    expect(channel.delivered.map((d) => d.text)).toEqual(['one']);
-    await clock.advance(1); // no real second passes
-    expect(channel.delivered.map((d) => d.text)).toEqual(['one', 'two']);
-    await second;
+    for (let i = 1; i <= 20; i++) await channel.deliver(ALICE, `${i}`, `ID${i}`);
+    const over = channel.deliver(ALICE, 'over', 'ID21');
+    await clock.advance(59_999);
+    expect(channel.delivered).toHaveLength(20);
+    await clock.advance(1); // no real minute passes
+    expect(channel.delivered.map((d) => d.text).at(-1)).toBe('over');
+    await over;
   });
 
   it('group names are synced at connect when never synced, then once a day', async () => {
