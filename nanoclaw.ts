@@ -105,7 +105,7 @@ const KIMI_PLATFORMS = {
 } as const;
 type KimiPlatform = keyof typeof KIMI_PLATFORMS;
 
-export const errorText = (err: unknown): string => (err instanceof Error ? err.message : String(err));
+const errorText = (err: unknown): string => (err instanceof Error ? err.message : String(err));
 const errorCode = (err: unknown) => (err as NodeJS.ErrnoException | null)?.code;
 
 /** drills/crash.ts names a point to kill the host at, as `kill -9` would; outside the drills a no-op. */
@@ -131,7 +131,7 @@ export const systemClock: Clock = {
   },
 };
 
-export function every(clock: Clock, ms: number, fn: () => void): () => void {
+function every(clock: Clock, ms: number, fn: () => void): () => void {
   let cancel = clock.after(ms, function tick() {
     cancel = clock.after(ms, tick);
     fn();
@@ -1426,7 +1426,7 @@ function withEditedWords(stored: string, edited: string): string {
 }
 
 /** The owner always; others when the list names them or is empty outside main (a direct-chat main: only the owner). */
-export function mayWake(group: RegisteredGroup, message: StoredMessage): boolean {
+function mayWake(group: RegisteredGroup, message: StoredMessage): boolean {
   if (message.isFromMe) return true;
   if (group.allow.length > 0) return group.allow.includes(message.sender);
   return !group.isMain || !group.jid.endsWith('@g.us');
@@ -3442,7 +3442,7 @@ export function diskReserve(path: string, bytes: number, freeBytes = () => freeB
 }
 
 /** Project paths main's agent must not see: the key, WhatsApp's credentials and the database, other groups' sessions. */
-export const HIDDEN_FROM_MAIN = ['.env', 'store', 'data'] as const;
+const HIDDEN_FROM_MAIN = ['.env', 'store', 'data'] as const;
 
 /** A host-only empty file and folder that hide HIDDEN_FROM_MAIN inside /workspace/project. */
 function maskPaths(config: Config) {
@@ -3617,7 +3617,7 @@ export function validateExtraMounts(
 }
 
 /** A group's extra folders as a run gets them: its requests checked against the allowlist (read only if it asks). */
-export function groupExtraMounts(config: Config, group: RegisteredGroup) {
+function groupExtraMounts(config: Config, group: RegisteredGroup) {
   const requested = group.containerConfig?.additionalMounts;
   const allowlist = requested?.length ? loadMountAllowlist(config.mountAllowlistPath) : null;
   return validateExtraMounts(requested, allowlist, group.isMain);
