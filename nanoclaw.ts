@@ -1516,11 +1516,8 @@ const isValidJid = (jid: string): boolean =>
 export const newMessageId = (): string => `3EB0${randomBytes(18).toString('hex').toUpperCase()}`;
 
 interface OutboxOptions {
-  /** A failing chat's first wait, doubled each time up to retryCapMs. */
+  /** A failing chat's first wait (default 5 s), doubled each time up to 5 min. */
   retryBaseMs?: number;
-  retryCapMs?: number;
-  /** A part that keeps failing this long while its channel is up is abandoned (default 6 h). */
-  giveUpAfterMs?: number;
   clock?: Clock;
   onAbandoned?(part: OutboundMessage, error: string): void;
 }
@@ -1612,7 +1609,8 @@ export class OutboxSender {
     const outage = !this.channel.ready;
     if (outage) lane.since = lane.retryAt = now;
     else lane.failures++;
-    const abandon = !outage && now - lane.since >= (this.options.giveUpAfterMs ?? 6 * 3_600_000);
+    // A part that keeps failing this long while its channel is up is abandoned.
+    const abandon = !outage && now - lane.since >= 6 * 3_600_000;
     try {
       this.store.markSendFailed(part.id, error, abandon);
     } catch {
@@ -1628,8 +1626,8 @@ export class OutboxSender {
       this.options.onAbandoned?.(part, error);
       return;
     }
-    const { retryBaseMs: baseMs = 5_000, retryCapMs: capMs = 5 * 60_000 } = this.options;
-    lane.retryAt = now + backoff(lane.failures, { baseMs, capMs, jitter: true });
+    const baseMs = this.options.retryBaseMs ?? 5_000;
+    lane.retryAt = now + backoff(lane.failures, { baseMs, capMs: 5 * 60_000, jitter: true });
     log.warn(
       { chatJid: part.jid, attempt: lane.failures, retryInMs: lane.retryAt - now, reason: error },
       'Sending to this chat failed; the outbox tries again (other chats go on)',
