@@ -4237,9 +4237,10 @@ export function shortestGap(type: ScheduleType, value: string, timezone: string,
 
 /** A cold start takes a few seconds. */
 export const TASK_WARM_LEAD_MS = 15_000;
+const SCHEDULER_RECHECK_MS = 1000;
 
 /**
- * One timer for the soonest next_run, never longer than `recheckMs` (the `tasks` command writes the database too).
+ * One timer for the soonest next_run, never longer than a second (the `tasks` command writes the database too).
  * next_run advances and the run is claimed in one transaction: no double firing, and a crash is recovered.
  */
 export class Scheduler {
@@ -4251,7 +4252,6 @@ export class Scheduler {
     private readonly store: Store,
     private readonly timezone: string,
     private readonly onDue: (task: ScheduledTask) => void,
-    private readonly recheckMs = 1000,
     private readonly clock: Clock = systemClock,
     /** Told once per due time, TASK_WARM_LEAD_MS ahead. */
     private readonly onSoon?: (task: ScheduledTask) => void,
@@ -4276,12 +4276,12 @@ export class Scheduler {
    */
   arm(fire = false): void {
     if (!this.running) return;
-    let delay = this.recheckMs;
+    let delay = SCHEDULER_RECHECK_MS;
     try {
       this.noticeClockJump();
       const now = this.clock.now();
       const inMs = (ms: number) => new Date(now + ms).toISOString();
-      const upcomingTasks = () => this.store.upcomingTasks(inMs(Math.max(this.recheckMs, TASK_WARM_LEAD_MS)));
+      const upcomingTasks = () => this.store.upcomingTasks(inMs(Math.max(SCHEDULER_RECHECK_MS, TASK_WARM_LEAD_MS)));
       let upcoming = upcomingTasks();
       const due = fire ? upcoming.filter((task) => task.nextRun! <= inMs(0)) : [];
       for (const task of due) if (this.claim(task, new Date(now))) this.onDue(task);
@@ -4295,7 +4295,7 @@ export class Scheduler {
       log.warn({ err: errorText(err) }, 'Could not read or fire the due tasks; trying again shortly');
     }
     this.cancelTimer?.();
-    if (this.running) this.cancelTimer = this.clock.after(Math.min(delay, this.recheckMs), () => this.arm(true));
+    if (this.running) this.cancelTimer = this.clock.after(Math.min(delay, SCHEDULER_RECHECK_MS), () => this.arm(true));
   }
 
   /** After a jump back, next runs computed in the jumped-ahead time would stay silent that long: recompute them. */
@@ -5922,7 +5922,7 @@ export class Host {
     const ipcHandlers = ipcRequests(parts, this.chats, () => this.scheduler.arm());
     this.ipc = new IpcWatcher(config.ipcDir, ipcHandlers, options.ipcSweepMs ?? 30_000, clock);
     const onDue = (task: ScheduledTask) => this.tasks.enqueue(task);
-    this.scheduler = new Scheduler(store, config.timezone, onDue, 1000, clock, (task) => this.tasks.warmFor(task));
+    this.scheduler = new Scheduler(store, config.timezone, onDue, clock, (task) => this.tasks.warmFor(task));
   }
 
   onTurn(listener: (event: TurnEvent) => void): () => void {
