@@ -2328,7 +2328,7 @@ export class WhatsAppChannel implements Channel {
   /** Outlives sockets, as baileys asks, so a message is not retried without end across reconnects. */
   private readonly retryCounts: TtlCache;
   /** For sends (baileys' cachedGroupMetadata), kept current by group events. */
-  readonly groupMetadata: TtlCache<GroupMetadata>;
+  private readonly groupMetadata: TtlCache<GroupMetadata>;
   private readonly chatLanes = new Map<string, Promise<unknown>>();
   private readonly lidToPhone = new Map<string, string>();
   private readonly identity: WhatsAppIdentity;

@@ -353,6 +353,10 @@ export class RecordingWhatsApp extends WhatsAppChannel {
 // biome-ignore lint/complexity/useLiteralKeys: sock is private; element access is TypeScript's type-checked way in
 export const socketOf = (channel: WhatsAppChannel): WASocket => channel['sock']!;
 
+/** The channel's group metadata cache (what its sends read), for a test to look into. */
+// biome-ignore lint/complexity/useLiteralKeys: groupMetadata is private; element access is TypeScript's type-checked way in
+export const groupMetadataOf = (channel: WhatsAppChannel) => channel['groupMetadata'];
+
 /** Every socket the channel opens from now on, in order: its private `sock`, watched as it is set. */
 export function watchSockets(channel: WhatsAppChannel): WASocket[] {
   const sockets: WASocket[] = [];

@@ -38,6 +38,7 @@ import {
   fakeDocker,
   fastClock,
   flakyServer,
+  groupMetadataOf,
   linkedAuthDir,
   openAsWhatsAppWould,
   pendingPairingAuthDir,
@@ -872,8 +873,8 @@ describe('what real WhatsApp needs (baileys 7)', () => {
       return { ...full('Family', [ALICE_LID, '55555@lid']), id: jid };
     };
     openAsWhatsAppWould(sock);
-    await waitFor(() => channel.groupMetadata.get(GROUP), 60_000, 'metadata at connect');
-    expect(channel.groupMetadata.get(GROUP)).toMatchObject({
+    await waitFor(() => groupMetadataOf(channel).get(GROUP), 60_000, 'metadata at connect');
+    expect(groupMetadataOf(channel).get(GROUP)).toMatchObject({
       subject: 'Family',
       addressingMode: 'lid',
       participants: [{ id: ALICE_LID }],
@@ -884,12 +885,12 @@ describe('what real WhatsApp needs (baileys 7)', () => {
       participants: [{ id: '55555@lid' }],
       action: 'add',
     });
-    await waitFor(() => channel.groupMetadata.get(GROUP) === undefined, 60_000, 'dropped once a member joined');
+    await waitFor(() => groupMetadataOf(channel).get(GROUP) === undefined, 60_000, 'dropped once a member joined');
     expect((await channel.cachedGroupMetadata(GROUP))?.participants).toHaveLength(2); // the next send fetches it again
     expect(fetched).toBe(1);
     sock.ev.emit('groups.update', [{ id: GROUP, announce: true }]); // a one-field change: the cached copy is stale
     sock.ev.flush();
-    await waitFor(() => channel.groupMetadata.get(GROUP) === undefined, 60_000, 'stale entry dropped');
+    await waitFor(() => groupMetadataOf(channel).get(GROUP) === undefined, 60_000, 'stale entry dropped');
     sock.ev.emit('groups.update', [{ id: GROUP, subject: '' }]);
     sock.ev.emit('groups.update', [{ id: GROUP, subject: 'Family 🏡' }]);
     sock.ev.flush();
@@ -897,7 +898,7 @@ describe('what real WhatsApp needs (baileys 7)', () => {
     expect(names.map((n) => n.name)).toEqual(['Family', 'Family 🏡']);
     sock.ev.emit('groups.upsert', [full('New group', [ALICE_LID])]);
     sock.ev.flush();
-    await waitFor(() => channel.groupMetadata.get(GROUP)?.subject === 'New group', 60_000, 'a new group');
+    await waitFor(() => groupMetadataOf(channel).get(GROUP)?.subject === 'New group', 60_000, 'a new group');
   });
 
   it('group senders by LID get their phone number from lid-mapping.update', async () => {
