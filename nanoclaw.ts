@@ -2265,7 +2265,7 @@ export interface WhatsAppOptions {
   assistantName: string;
   hasOwnNumber: boolean;
   /** Triggers, the outbox (the bot's own messages; what was sent, for a recipient's retry), group sync, version. */
-  store?: Store;
+  store: Store;
   /** Null for a chat not registered (its media is not downloaded). */
   mediaTreeFor(chatJid: string): AgentTree | null;
   timezone?: string;
@@ -2343,8 +2343,8 @@ export class WhatsAppChannel implements Channel {
     this.groupMetadata = new TtlCache<GroupMetadata>(5 * 60_000, 500, this.clock); // baileys' README suggests 5 min
     this.identity = {
       ...options,
-      triggerFor: (jid) => options.store?.groupByJid(jid)?.trigger,
-      sentByBot: (id) => options.store?.hasOutbound(id) ?? false,
+      triggerFor: (jid) => options.store.groupByJid(jid)?.trigger,
+      sentByBot: (id) => options.store.hasOutbound(id),
       ownJids: this.ownJids,
       phoneForLid: (lid) => this.lidToPhone.get(lid),
     };
@@ -2390,8 +2390,8 @@ export class WhatsAppChannel implements Channel {
     // fetchLatestWaWebVersion never throws: isLatest false means it fell back to baileys' own.
     const found = lookup ? await lookup().catch(() => null) : null;
     const lookedUp = found?.isLatest ? found.version : null;
-    if (lookedUp) this.options.store?.setState(WHATSAPP_VERSION_STATE, lookedUp.join('.'));
-    const kept = (this.options.store?.getState(WHATSAPP_VERSION_STATE) ?? '').split('.').map(Number);
+    if (lookedUp) this.options.store.setState(WHATSAPP_VERSION_STATE, lookedUp.join('.'));
+    const kept = (this.options.store.getState(WHATSAPP_VERSION_STATE) ?? '').split('.').map(Number);
     const valid = kept.length === 3 && kept.every((n) => Number.isInteger(n) && n >= 0);
     this.version = lookedUp ?? (valid ? (kept as WAVersion) : this.version);
     log.info({ version: this.version?.join('.') ?? 'built in', lookedUp: Boolean(lookedUp) }, 'WhatsApp Web version');
@@ -2471,7 +2471,7 @@ export class WhatsAppChannel implements Channel {
 
   /** baileys' getMessage: exactly what we sent, for a recipient's retry; never a placeholder. */
   async getMessage(key: WAMessageKey): Promise<proto.IMessage | undefined> {
-    const content = key.id ? this.options.store?.outboundByMessageId(key.id)?.sentContent : null;
+    const content = key.id ? this.options.store.outboundByMessageId(key.id)?.sentContent : null;
     return content ? baileys().proto.Message.decode(content) : undefined;
   }
 
@@ -2518,7 +2518,7 @@ export class WhatsAppChannel implements Channel {
     this.handlers?.onReady?.();
     this.subscribed.clear();
     for (const jid of this.handlers?.watchedChats?.() ?? []) this.subscribe(jid);
-    const last = this.options.store?.getState(GROUPS_SYNCED_AT);
+    const last = this.options.store.getState(GROUPS_SYNCED_AT);
     if (!last || this.clock.now() - new Date(last).getTime() > DAY_MS) this.syncGroupsInBackground();
   }
 
@@ -2672,7 +2672,7 @@ export class WhatsAppChannel implements Channel {
     this.rateLimiter.record(jid, this.clock.now());
     if (!sent) return;
     try {
-      this.options.store?.recordSentContent(messageId, baileys().proto.Message.encode(sent).finish());
+      this.options.store.recordSentContent(messageId, baileys().proto.Message.encode(sent).finish());
     } catch (err) {
       log.warn({ err: errorText(err), messageId }, 'Sent, but could not keep a copy for resends');
     }
@@ -2708,8 +2708,8 @@ export class WhatsAppChannel implements Channel {
     const groups = Object.values(await this.sock.groupFetchAllParticipating());
     this.keepGroups(groups);
     const members = Object.fromEntries(groups.map((group) => [group.id, group.participants?.length ?? 0]));
-    this.options.store?.setState(GROUPS_SYNCED_AT, new Date(this.clock.now()).toISOString()); // what opened() compares
-    this.options.store?.setState(GROUP_MEMBERS_STATE, JSON.stringify(members));
+    this.options.store.setState(GROUPS_SYNCED_AT, new Date(this.clock.now()).toISOString()); // what opened() compares
+    this.options.store.setState(GROUP_MEMBERS_STATE, JSON.stringify(members));
     log.info({ groups: groups.length }, 'WhatsApp group names synced');
   }
 

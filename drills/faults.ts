@@ -231,6 +231,7 @@ export async function whatsappDrops(drops = 50): Promise<Row> {
     hasOwnNumber: false,
     waWebSocketUrl: server.url,
     mediaTreeFor: () => null,
+    store,
     // The drill is about drops, not WhatsApp's pace: its clock runs 200 times fast, so the reconnects' backoff starts
     // at 5 ms (300 ms at most) and the rate limit's minute is 300 ms.
     clock: fastClock(200),

@@ -43,7 +43,9 @@ import {
 } from '../nanoclaw.ts';
 
 const made: string[] = [];
+const stores: Store[] = [];
 const removeMade = () => {
+  for (const store of stores.splice(0)) store.close();
   for (const dir of made.splice(0)) rmSync(dir, { recursive: true, force: true });
 };
 // No temp folder is left behind: a test file removes its own when it is done (its children
@@ -56,6 +58,13 @@ export function tempDir(prefix = 'nanoclaw-test-'): string {
   const dir = mkdtempSync(join(tmpdir(), prefix));
   made.push(dir);
   return dir;
+}
+
+/** An empty database in a temp folder, closed when the test file is done. */
+export function tempStore(): Store {
+  const store = new Store(join(tempDir(), 'messages.db'));
+  stores.push(store);
+  return store;
 }
 
 /** Media encrypted as WhatsApp's servers hold it (baileys' own code); its temp file is removed with the test file's folders. */

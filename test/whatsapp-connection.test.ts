@@ -32,6 +32,7 @@ import {
   openAsWhatsAppWould,
   RecordingWhatsApp,
   tempProject,
+  tempStore,
   waitFor,
   socketOf,
 } from './helpers.ts';
@@ -58,6 +59,7 @@ async function linkedChannel(extra: Partial<WhatsAppOptions> = {}) {
     mediaTreeFor: () => null,
     waWebSocketUrl: server.url,
     clock,
+    store: tempStore(),
     ...extra,
   });
   stops.push(async () => {

@@ -46,6 +46,7 @@ import {
   RecordingWhatsApp,
   tempDir,
   tempProject,
+  tempStore,
   waitFor,
   watchSockets,
   writeJsonAtomic,
@@ -316,6 +317,7 @@ function channelOptions(authDir: string, url: string, extra: Partial<WhatsAppOpt
     mediaTreeFor: () => null,
     waWebSocketUrl: url,
     clock: fastClock(25),
+    store: tempStore(),
     ...extra,
   };
 }
@@ -401,7 +403,7 @@ describe('WhatsAppChannel connection', () => {
     const store = new Store(config.dbPath);
     const server = flakyServer(60_000);
     stops.push(server.stop);
-    const channel = new RecordingWhatsApp(channelOptions(await linkedAuthDir(), server.url));
+    const channel = new RecordingWhatsApp(channelOptions(await linkedAuthDir(), server.url, { store }));
     const sender = new OutboxSender(store, channel, { retryBaseMs: 50 });
     stops.push(async () => {
       sender.stop();
@@ -440,7 +442,7 @@ describe('WhatsAppChannel connection', () => {
     const server = flakyServer(60_000);
     stops.push(server.stop);
     const authDir = await linkedAuthDir();
-    const first = new RecordingWhatsApp(channelOptions(authDir, server.url));
+    const first = new RecordingWhatsApp(channelOptions(authDir, server.url, { store }));
     const firstSender = new OutboxSender(store, first, { retryBaseMs: 50 });
     await first.connect(noHandlers);
     say(store, first, firstSender, GROUP, 'written while offline');
@@ -451,7 +453,7 @@ describe('WhatsAppChannel connection', () => {
     expect(store.unsent('whatsapp').length).toBe(2);
     // As if a crash came after a part reached WhatsApp but before it was marked sent:
     const unsentId = store.unsentHeads('whatsapp')[0]!.messageId;
-    const second = new RecordingWhatsApp(channelOptions(authDir, server.url));
+    const second = new RecordingWhatsApp(channelOptions(authDir, server.url, { store }));
     const secondSender = new OutboxSender(store, second, { retryBaseMs: 50 });
     stops.push(async () => {
       secondSender.stop();
@@ -514,6 +516,7 @@ describe('WhatsApp through the host (fake docker)', () => {
       hasOwnNumber: false,
       waWebSocketUrl: server.url,
       clock: fastClock(25),
+      store,
       mediaTreeFor: (jid) => (store.groupByJid(jid) ? new AgentTree(join(config.groupsDir, 'family')) : null),
     });
     const host = new Host(config, store, [channel], QUIET_SWEEPS);
