@@ -105,7 +105,7 @@ const KIMI_PLATFORMS = {
 } as const;
 type KimiPlatform = keyof typeof KIMI_PLATFORMS;
 
-export const errorText = (err: unknown): string => (err instanceof Error ? err.message : String(err));
+const errorText = (err: unknown): string => (err instanceof Error ? err.message : String(err));
 const errorCode = (err: unknown) => (err as NodeJS.ErrnoException | null)?.code;
 
 /** drills/crash.ts names a point to kill the host at, as `kill -9` would; outside the drills a no-op. */
@@ -131,7 +131,7 @@ export const systemClock: Clock = {
   },
 };
 
-export function every(clock: Clock, ms: number, fn: () => void): () => void {
+function every(clock: Clock, ms: number, fn: () => void): () => void {
   let cancel = clock.after(ms, function tick() {
     cancel = clock.after(ms, tick);
     fn();
@@ -1426,7 +1426,7 @@ function withEditedWords(stored: string, edited: string): string {
 }
 
 /** The owner always; others when the list names them or is empty outside main (a direct-chat main: only the owner). */
-export function mayWake(group: RegisteredGroup, message: StoredMessage): boolean {
+function mayWake(group: RegisteredGroup, message: StoredMessage): boolean {
   if (message.isFromMe) return true;
   if (group.allow.length > 0) return group.allow.includes(message.sender);
   return !group.isMain || !group.jid.endsWith('@g.us');
@@ -1516,11 +1516,8 @@ const isValidJid = (jid: string): boolean =>
 export const newMessageId = (): string => `3EB0${randomBytes(18).toString('hex').toUpperCase()}`;
 
 interface OutboxOptions {
-  /** A failing chat's first wait, doubled each time up to retryCapMs. */
+  /** A failing chat's first wait (default 5 s), doubled each time up to 5 min. */
   retryBaseMs?: number;
-  retryCapMs?: number;
-  /** A part that keeps failing this long while its channel is up is abandoned (default 6 h). */
-  giveUpAfterMs?: number;
   clock?: Clock;
   onAbandoned?(part: OutboundMessage, error: string): void;
 }
@@ -1612,7 +1609,8 @@ export class OutboxSender {
     const outage = !this.channel.ready;
     if (outage) lane.since = lane.retryAt = now;
     else lane.failures++;
-    const abandon = !outage && now - lane.since >= (this.options.giveUpAfterMs ?? 6 * 3_600_000);
+    // A part that keeps failing this long while its channel is up is abandoned.
+    const abandon = !outage && now - lane.since >= 6 * 3_600_000;
     try {
       this.store.markSendFailed(part.id, error, abandon);
     } catch {
@@ -1628,8 +1626,8 @@ export class OutboxSender {
       this.options.onAbandoned?.(part, error);
       return;
     }
-    const { retryBaseMs: baseMs = 5_000, retryCapMs: capMs = 5 * 60_000 } = this.options;
-    lane.retryAt = now + backoff(lane.failures, { baseMs, capMs, jitter: true });
+    const baseMs = this.options.retryBaseMs ?? 5_000;
+    lane.retryAt = now + backoff(lane.failures, { baseMs, capMs: 5 * 60_000, jitter: true });
     log.warn(
       { chatJid: part.jid, attempt: lane.failures, retryInMs: lane.retryAt - now, reason: error },
       'Sending to this chat failed; the outbox tries again (other chats go on)',
@@ -2157,7 +2155,7 @@ export interface WhatsAppOptions {
   assistantName: string;
   hasOwnNumber: boolean;
   /** Triggers, the outbox (the bot's own messages; what was sent, for a recipient's retry), group sync, version. */
-  store?: Store;
+  store: Store;
   /** Null for a chat not registered (its media is not downloaded). */
   mediaTreeFor(chatJid: string): AgentTree | null;
   timezone?: string;
@@ -2165,13 +2163,9 @@ export interface WhatsAppOptions {
   /** Another WhatsApp Web socket than WhatsApp's own; no version lookup then unless lookupVersion is given. */
   waWebSocketUrl?: string;
   lookupVersion?(): Promise<{ version: WAVersion; isLatest: boolean }>;
-  reconnectBaseMs?: number;
-  reconnectCapMs?: number;
-  rateLimiter?: RateLimiter;
   /** Once, when the channel stops for good, with the line that says what to do. */
   onStopped?(why: string): void;
   clock?: Clock;
-  onSocket?(sock: WASocket): void;
 }
 
 type BaileysEventMap = import('@whiskeysockets/baileys').BaileysEventMap;
@@ -2220,11 +2214,11 @@ export class WhatsAppChannel implements Channel {
   private readonly clock: Clock;
   /** Filled when a connection opens; the identity's own set, so the identity is built once. */
   private readonly ownJids = new Set<string>();
-  private readonly rateLimiter: RateLimiter;
+  private readonly rateLimiter = new RateLimiter();
   /** Outlives sockets, as baileys asks, so a message is not retried without end across reconnects. */
   private readonly retryCounts: TtlCache;
   /** For sends (baileys' cachedGroupMetadata), kept current by group events. */
-  readonly groupMetadata: TtlCache<GroupMetadata>;
+  private readonly groupMetadata: TtlCache<GroupMetadata>;
   private readonly chatLanes = new Map<string, Promise<unknown>>();
   private readonly lidToPhone = new Map<string, string>();
   private readonly identity: WhatsAppIdentity;
@@ -2235,13 +2229,12 @@ export class WhatsAppChannel implements Channel {
 
   constructor(private readonly options: WhatsAppOptions) {
     this.clock = options.clock ?? systemClock;
-    this.rateLimiter = options.rateLimiter ?? new RateLimiter();
     this.retryCounts = new TtlCache(60 * 60_000, 10_000, this.clock);
     this.groupMetadata = new TtlCache<GroupMetadata>(5 * 60_000, 500, this.clock); // baileys' README suggests 5 min
     this.identity = {
       ...options,
-      triggerFor: (jid) => options.store?.groupByJid(jid)?.trigger,
-      sentByBot: (id) => options.store?.hasOutbound(id) ?? false,
+      triggerFor: (jid) => options.store.groupByJid(jid)?.trigger,
+      sentByBot: (id) => options.store.hasOutbound(id),
       ownJids: this.ownJids,
       phoneForLid: (lid) => this.lidToPhone.get(lid),
     };
@@ -2287,8 +2280,8 @@ export class WhatsAppChannel implements Channel {
     // fetchLatestWaWebVersion never throws: isLatest false means it fell back to baileys' own.
     const found = lookup ? await lookup().catch(() => null) : null;
     const lookedUp = found?.isLatest ? found.version : null;
-    if (lookedUp) this.options.store?.setState(WHATSAPP_VERSION_STATE, lookedUp.join('.'));
-    const kept = (this.options.store?.getState(WHATSAPP_VERSION_STATE) ?? '').split('.').map(Number);
+    if (lookedUp) this.options.store.setState(WHATSAPP_VERSION_STATE, lookedUp.join('.'));
+    const kept = (this.options.store.getState(WHATSAPP_VERSION_STATE) ?? '').split('.').map(Number);
     const valid = kept.length === 3 && kept.every((n) => Number.isInteger(n) && n >= 0);
     this.version = lookedUp ?? (valid ? (kept as WAVersion) : this.version);
     log.info({ version: this.version?.join('.') ?? 'built in', lookedUp: Boolean(lookedUp) }, 'WhatsApp Web version');
@@ -2314,7 +2307,6 @@ export class WhatsAppChannel implements Channel {
       ...(this.options.waWebSocketUrl ? { waWebSocketUrl: this.options.waWebSocketUrl } : {}),
     });
     this.sock = sock;
-    this.options.onSocket?.(sock);
     // What the channel does on the socket's events; a retired socket's last words are not heard.
     const on = <E extends keyof BaileysEventMap>(event: E, handle: (data: BaileysEventMap[E]) => unknown) =>
       sock.ev.on(event, (data) => sock === this.sock && handle(data));
@@ -2369,7 +2361,7 @@ export class WhatsAppChannel implements Channel {
 
   /** baileys' getMessage: exactly what we sent, for a recipient's retry; never a placeholder. */
   async getMessage(key: WAMessageKey): Promise<proto.IMessage | undefined> {
-    const content = key.id ? this.options.store?.outboundByMessageId(key.id)?.sentContent : null;
+    const content = key.id ? this.options.store.outboundByMessageId(key.id)?.sentContent : null;
     return content ? baileys().proto.Message.decode(content) : undefined;
   }
 
@@ -2416,7 +2408,7 @@ export class WhatsAppChannel implements Channel {
     this.handlers?.onReady?.();
     this.subscribed.clear();
     for (const jid of this.handlers?.watchedChats?.() ?? []) this.subscribe(jid);
-    const last = this.options.store?.getState(GROUPS_SYNCED_AT);
+    const last = this.options.store.getState(GROUPS_SYNCED_AT);
     if (!last || this.clock.now() - new Date(last).getTime() > DAY_MS) this.syncGroupsInBackground();
   }
 
@@ -2450,8 +2442,7 @@ export class WhatsAppChannel implements Channel {
 
   private scheduleReconnect(now = false): void {
     if (this.closed || this.cancelReconnect) return;
-    const { reconnectBaseMs: baseMs = 1000, reconnectCapMs: capMs = 60_000 } = this.options;
-    const delay = now ? 0 : backoff(++this.attempt, { baseMs, capMs, jitter: true }); // a restart WhatsApp asks for is no failure
+    const delay = now ? 0 : backoff(++this.attempt, { baseMs: 1000, capMs: 60_000, jitter: true }); // a restart WhatsApp asks for is no failure
     log.info({ attempt: this.attempt, delayMs: delay }, 'Reconnecting to WhatsApp');
     this.cancelReconnect = this.clock.after(delay, () => {
       this.cancelReconnect = null;
@@ -2571,7 +2562,7 @@ export class WhatsAppChannel implements Channel {
     this.rateLimiter.record(jid, this.clock.now());
     if (!sent) return;
     try {
-      this.options.store?.recordSentContent(messageId, baileys().proto.Message.encode(sent).finish());
+      this.options.store.recordSentContent(messageId, baileys().proto.Message.encode(sent).finish());
     } catch (err) {
       log.warn({ err: errorText(err), messageId }, 'Sent, but could not keep a copy for resends');
     }
@@ -2607,8 +2598,8 @@ export class WhatsAppChannel implements Channel {
     const groups = Object.values(await this.sock.groupFetchAllParticipating());
     this.keepGroups(groups);
     const members = Object.fromEntries(groups.map((group) => [group.id, group.participants?.length ?? 0]));
-    this.options.store?.setState(GROUPS_SYNCED_AT, new Date(this.clock.now()).toISOString()); // what opened() compares
-    this.options.store?.setState(GROUP_MEMBERS_STATE, JSON.stringify(members));
+    this.options.store.setState(GROUPS_SYNCED_AT, new Date(this.clock.now()).toISOString()); // what opened() compares
+    this.options.store.setState(GROUP_MEMBERS_STATE, JSON.stringify(members));
     log.info({ groups: groups.length }, 'WhatsApp group names synced');
   }
 
@@ -3339,7 +3330,7 @@ export function diskReserve(path: string, bytes: number, freeBytes = () => freeB
 }
 
 /** Project paths main's agent must not see: the key, WhatsApp's credentials and the database, other groups' sessions. */
-export const HIDDEN_FROM_MAIN = ['.env', 'store', 'data'] as const;
+const HIDDEN_FROM_MAIN = ['.env', 'store', 'data'] as const;
 
 /** A host-only empty file and folder that hide HIDDEN_FROM_MAIN inside /workspace/project. */
 function maskPaths(config: Config) {
@@ -3514,7 +3505,7 @@ export function validateExtraMounts(
 }
 
 /** A group's extra folders as a run gets them: its requests checked against the allowlist (read only if it asks). */
-export function groupExtraMounts(config: Config, group: RegisteredGroup) {
+function groupExtraMounts(config: Config, group: RegisteredGroup) {
   const requested = group.containerConfig?.additionalMounts;
   const allowlist = requested?.length ? loadMountAllowlist(config.mountAllowlistPath) : null;
   return validateExtraMounts(requested, allowlist, group.isMain);
@@ -4136,9 +4127,10 @@ export function shortestGap(type: ScheduleType, value: string, timezone: string,
 
 /** A cold start takes a few seconds. */
 export const TASK_WARM_LEAD_MS = 15_000;
+const SCHEDULER_RECHECK_MS = 1000;
 
 /**
- * One timer for the soonest next_run, never longer than `recheckMs` (the `tasks` command writes the database too).
+ * One timer for the soonest next_run, never longer than a second (the `tasks` command writes the database too).
  * next_run advances and the run is claimed in one transaction: no double firing, and a crash is recovered.
  */
 export class Scheduler {
@@ -4150,7 +4142,6 @@ export class Scheduler {
     private readonly store: Store,
     private readonly timezone: string,
     private readonly onDue: (task: ScheduledTask) => void,
-    private readonly recheckMs = 1000,
     private readonly clock: Clock = systemClock,
     /** Told once per due time, TASK_WARM_LEAD_MS ahead. */
     private readonly onSoon?: (task: ScheduledTask) => void,
@@ -4175,12 +4166,12 @@ export class Scheduler {
    */
   arm(fire = false): void {
     if (!this.running) return;
-    let delay = this.recheckMs;
+    let delay = SCHEDULER_RECHECK_MS;
     try {
       this.noticeClockJump();
       const now = this.clock.now();
       const inMs = (ms: number) => new Date(now + ms).toISOString();
-      const upcomingTasks = () => this.store.upcomingTasks(inMs(Math.max(this.recheckMs, TASK_WARM_LEAD_MS)));
+      const upcomingTasks = () => this.store.upcomingTasks(inMs(Math.max(SCHEDULER_RECHECK_MS, TASK_WARM_LEAD_MS)));
       let upcoming = upcomingTasks();
       const due = fire ? upcoming.filter((task) => task.nextRun! <= inMs(0)) : [];
       for (const task of due) if (this.claim(task, new Date(now))) this.onDue(task);
@@ -4194,7 +4185,7 @@ export class Scheduler {
       log.warn({ err: errorText(err) }, 'Could not read or fire the due tasks; trying again shortly');
     }
     this.cancelTimer?.();
-    if (this.running) this.cancelTimer = this.clock.after(Math.min(delay, this.recheckMs), () => this.arm(true));
+    if (this.running) this.cancelTimer = this.clock.after(Math.min(delay, SCHEDULER_RECHECK_MS), () => this.arm(true));
   }
 
   /** After a jump back, next runs computed in the jumped-ahead time would stay silent that long: recompute them. */
@@ -5810,7 +5801,7 @@ export class Host {
     const ipcHandlers = ipcRequests(parts, this.chats, () => this.scheduler.arm());
     this.ipc = new IpcWatcher(config.ipcDir, ipcHandlers, options.ipcSweepMs ?? 30_000, clock);
     const onDue = (task: ScheduledTask) => this.tasks.enqueue(task);
-    this.scheduler = new Scheduler(store, config.timezone, onDue, 1000, clock, (task) => this.tasks.warmFor(task));
+    this.scheduler = new Scheduler(store, config.timezone, onDue, clock, (task) => this.tasks.warmFor(task));
   }
 
   private channelHandlers(channel: Channel): ChannelHandlers {

@@ -14,8 +14,9 @@ import { existsSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { type AnyMessageContent, proto, type WAMessage } from '@whiskeysockets/baileys';
 import { startFakeModel } from '../scripts/scripted-model.ts';
-import { Host, installId, RateLimiter, addGroup, setupLogging, Store, type Config } from '../nanoclaw.ts';
+import { Host, installId, addGroup, setupLogging, Store, type Config } from '../nanoclaw.ts';
 import {
+  fastClock,
   flakyServer,
   linkedAuthDir,
   openAsWhatsAppWould,
@@ -224,17 +225,16 @@ export async function whatsappDrops(drops = 50): Promise<Row> {
       return { extendedTextMessage: { text } };
     }
   }
-  // The drill is about drops, not WhatsApp's pace: a limiter that never makes a send wait.
-  const unlimited = new RateLimiter({ count: 10_000, windowMs: 60_000 }, { count: 10_000, windowMs: 60_000 });
   const whatsapp = new DroppingWhatsApp({
     authDir: await linkedAuthDir(),
     assistantName: 'Andy',
     hasOwnNumber: false,
     waWebSocketUrl: server.url,
     mediaTreeFor: () => null,
-    reconnectBaseMs: 20,
-    reconnectCapMs: 60,
-    rateLimiter: unlimited,
+    store,
+    // The drill is about drops, not WhatsApp's pace: its clock runs 200 times fast, so the reconnects' backoff starts
+    // at 5 ms (300 ms at most) and the rate limit's minute is 300 ms.
+    clock: fastClock(200),
   });
   const host = new Host(config, store, [whatsapp], { recoverySweepMs: 60_000, ipcSweepMs: 60_000, sendRetryMs: 50 });
   const items: string[] = [];

@@ -668,6 +668,7 @@ describe('settings, linking and tasks as a user meets them', () => {
       hasOwnNumber: false,
       mediaTreeFor: () => null,
       waWebSocketUrl: server.url,
+      store: service,
     });
     const sender = new OutboxSender(service, whatsapp, { retryBaseMs: 50 });
     try {

@@ -449,6 +449,7 @@ describe('WhatsApp and scheduled tasks with the real container', () => {
       hasOwnNumber: false,
       waWebSocketUrl: server.url,
       mediaTreeFor: () => null,
+      store,
     });
     const host = new Host(config, store, [whatsapp], QUIET_SWEEPS);
     try {
@@ -578,6 +579,7 @@ describe('what the real Kimi CLI does, through the host and the real image', () 
       hasOwnNumber: false,
       waWebSocketUrl: server.url,
       mediaTreeFor: (jid) => (store.groupByJid(jid) ? groupTrees(config, 'family').group : null),
+      store,
     });
     const host = new Host(config, store, [whatsapp], QUIET_SWEEPS);
     try {

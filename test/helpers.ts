@@ -29,6 +29,7 @@ import {
   loadConfig,
   setupLogging,
   Store,
+  systemClock,
   WhatsAppChannel,
   type Channel,
   type ChannelHandlers,
@@ -39,11 +40,12 @@ import {
   type OutboundFile,
   type RegisteredGroup,
   type ScheduledTask,
-  type WhatsAppOptions,
 } from '../nanoclaw.ts';
 
 const made: string[] = [];
+const stores: Store[] = [];
 const removeMade = () => {
+  for (const store of stores.splice(0)) store.close();
   for (const dir of made.splice(0)) rmSync(dir, { recursive: true, force: true });
 };
 // No temp folder is left behind: a test file removes its own when it is done (its children
@@ -56,6 +58,13 @@ export function tempDir(prefix = 'nanoclaw-test-'): string {
   const dir = mkdtempSync(join(tmpdir(), prefix));
   made.push(dir);
   return dir;
+}
+
+/** An empty database in a temp folder, closed when the test file is done. */
+export function tempStore(): Store {
+  const store = new Store(join(tempDir(), 'messages.db'));
+  stores.push(store);
+  return store;
 }
 
 /** Media encrypted as WhatsApp's servers hold it (baileys' own code); its temp file is removed with the test file's folders. */
@@ -317,19 +326,8 @@ export async function waitFor<T>(
  * (generateWAMessageContent, prepareWAMessageMedia).
  */
 export class RecordingWhatsApp extends WhatsAppChannel {
-  /** Every socket it opened, in order (counted through the onSocket option). */
-  readonly sockets: WASocket[];
-  constructor(options: WhatsAppOptions) {
-    const sockets: WASocket[] = [];
-    super({
-      ...options,
-      onSocket: (sock) => {
-        sockets.push(sock);
-        options.onSocket?.(sock);
-      },
-    });
-    this.sockets = sockets;
-  }
+  /** Every socket it opened, in order. */
+  readonly sockets = watchSockets(this);
   get socketsOpened(): number {
     return this.sockets.length;
   }
@@ -363,6 +361,25 @@ export class RecordingWhatsApp extends WhatsAppChannel {
 /** The channel's live socket (what WhatsApp's servers would talk to), for a test to drive its events. */
 // biome-ignore lint/complexity/useLiteralKeys: sock is private; element access is TypeScript's type-checked way in
 export const socketOf = (channel: WhatsAppChannel): WASocket => channel['sock']!;
+
+/** The channel's group metadata cache (what its sends read), for a test to look into. */
+// biome-ignore lint/complexity/useLiteralKeys: groupMetadata is private; element access is TypeScript's type-checked way in
+export const groupMetadataOf = (channel: WhatsAppChannel) => channel['groupMetadata'];
+
+/** Every socket the channel opens from now on, in order: its private `sock`, watched as it is set. */
+export function watchSockets(channel: WhatsAppChannel): WASocket[] {
+  const sockets: WASocket[] = [];
+  // biome-ignore lint/complexity/useLiteralKeys: sock is private; element access is TypeScript's type-checked way in
+  let current = channel['sock'];
+  Object.defineProperty(channel, 'sock', {
+    get: () => current,
+    set: (sock: WASocket | null) => {
+      current = sock;
+      if (sock) sockets.push(sock);
+    },
+  });
+  return sockets;
+}
 
 /** A local WebSocket server that accepts connections and drops each after `holdMs`. */
 export function flakyServer(holdMs: number | ((connection: number) => number)) {
@@ -501,6 +518,21 @@ export class FakeClock implements Clock {
     this.time = end;
     await settle();
   }
+}
+
+/**
+ * The system clock run `factor` times fast: a wait of `ms` fires after ms / factor, and now() and monotonic() move
+ * as fast, so what the code measures agrees with what it waited. For production delays (WhatsApp's reconnect
+ * backoff) against real sockets, where a FakeClock would hold everything else up.
+ */
+export function fastClock(factor: number): Clock {
+  const wall = Date.now();
+  const mono = performance.now();
+  return {
+    now: () => wall + (Date.now() - wall) * factor,
+    monotonic: () => mono + (performance.now() - mono) * factor,
+    after: (ms, fn) => systemClock.after(ms / factor, fn),
+  };
 }
 
 /** Lets every promise and callback already started run to its next real wait. */

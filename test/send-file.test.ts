@@ -241,8 +241,6 @@ describe('send_file on WhatsApp (baileys 7)', () => {
       hasOwnNumber: false,
       mediaTreeFor: () => null,
       waWebSocketUrl: server.url,
-      reconnectBaseMs: 40,
-      reconnectCapMs: 400,
       store,
     });
     const sender = new OutboxSender(store, channel, { retryBaseMs: 50 });

@@ -15,7 +15,6 @@ import {
   disconnectKind,
   GROUPS_SYNCED_AT,
   openCodeAt,
-  RateLimiter,
   splitForWhatsApp,
   Store,
   toWhatsAppFormat,
@@ -33,6 +32,7 @@ import {
   openAsWhatsAppWould,
   RecordingWhatsApp,
   tempProject,
+  tempStore,
   waitFor,
   socketOf,
 } from './helpers.ts';
@@ -58,9 +58,8 @@ async function linkedChannel(extra: Partial<WhatsAppOptions> = {}) {
     hasOwnNumber: false,
     mediaTreeFor: () => null,
     waWebSocketUrl: server.url,
-    reconnectBaseMs: 40,
-    reconnectCapMs: 400,
     clock,
+    store: tempStore(),
     ...extra,
   });
   stops.push(async () => {
@@ -112,7 +111,7 @@ describe('every disconnect reason, as baileys 7 defines it', () => {
     expect(stopped).toEqual([]);
     const delay = reconnectIn(clock)!;
     if (then === 'now') expect(delay).toBe(0);
-    else expect(delay).toBeGreaterThanOrEqual(20); // the first backoff step: 40 ms, jittered down to half
+    else expect(delay).toBeGreaterThanOrEqual(500); // the first backoff step: 1 s, jittered down to half
     await clock.advance(delay);
     await waitFor(() => channel.socketsOpened === 2, 60_000, 'the next connection');
   });
@@ -126,7 +125,7 @@ describe('every disconnect reason, as baileys 7 defines it', () => {
     await channel.connect(noHandlers);
     openAsWhatsAppWould(socketOf(channel));
     closeWith(channel, boom(408, 'QR refs attempts ended'));
-    expect(reconnectIn(clock)).toBeGreaterThanOrEqual(20); // the first backoff step, as for any other drop
+    expect(reconnectIn(clock)).toBeGreaterThanOrEqual(500); // the first backoff step, as for any other drop
   });
 
   it('backs off exponentially up to the cap; a connection that drops at once never resets it, one that held does', async () => {
@@ -143,13 +142,13 @@ describe('every disconnect reason, as baileys 7 defines it', () => {
       return delay;
     };
     const quick: number[] = [];
-    for (let i = 0; i < 6; i++) quick.push(await dropAfter(1_000));
-    const ceilings = [40, 80, 160, 320, 400, 400]; // base 40 ms, doubled, capped at 400 ms
+    for (let i = 0; i < 8; i++) quick.push(await dropAfter(1_000));
+    const ceilings = [1, 2, 4, 8, 16, 32, 60, 60].map((s) => s * 1000); // base 1 s, doubled, capped at a minute
     quick.forEach((delay, i) => {
       expect(delay).toBeGreaterThanOrEqual(ceilings[i]! / 2);
       expect(delay).toBeLessThanOrEqual(ceilings[i]!);
     });
-    expect(await dropAfter(WHATSAPP_STABLE_MS)).toBeLessThanOrEqual(40); // it held: back to the first step
+    expect(await dropAfter(WHATSAPP_STABLE_MS)).toBeLessThanOrEqual(1000); // it held: back to the first step
   });
 
   it('a restart WhatsApp asks for (515) does not count as a failure', async () => {
@@ -168,8 +167,8 @@ describe('every disconnect reason, as baileys 7 defines it', () => {
     expect(socketOf(channel).authState.creds).toBe(before.authState.creds);
     expect(socketOf(channel).authState.creds.routingInfo).toEqual(Buffer.from('moved'));
     closeWith(channel, boom(428));
-    expect(reconnectIn(clock)).toBeLessThanOrEqual(80); // the second step, not the third
-    expect(reconnectIn(clock)).toBeGreaterThanOrEqual(40);
+    expect(reconnectIn(clock)).toBeLessThanOrEqual(2000); // the second step, not the third
+    expect(reconnectIn(clock)).toBeGreaterThanOrEqual(1000);
   });
 });
 
@@ -243,18 +242,17 @@ describe('typing and presence', () => {
 describe('sends and group syncs wait on the channel’s clock', () => {
   const ALICE = '4915100000002@s.whatsapp.net';
 
-  it('a send over the rate limit waits until its window has room, then goes', async () => {
-    const rateLimiter = new RateLimiter({ count: 1, windowMs: 1000 }, { count: 10, windowMs: 1000 });
-    const { channel, clock } = await linkedChannel({ rateLimiter });
+  it('a send over the rate limit (20 a minute per chat) waits until its window has room, then goes', async () => {
+    const { channel, clock } = await linkedChannel();
     await channel.connect({ onMessage: () => {} });
     openAsWhatsAppWould(socketOf(channel));
-    await channel.deliver(ALICE, 'one', 'ID1');
-    const second = channel.deliver(ALICE, 'two', 'ID2');
-    await clock.advance(999);
-    expect(channel.delivered.map((d) => d.text)).toEqual(['one']);
-    await clock.advance(1); // no real second passes
-    expect(channel.delivered.map((d) => d.text)).toEqual(['one', 'two']);
-    await second;
+    for (let i = 1; i <= 20; i++) await channel.deliver(ALICE, `${i}`, `ID${i}`);
+    const over = channel.deliver(ALICE, 'over', 'ID21');
+    await clock.advance(59_999);
+    expect(channel.delivered).toHaveLength(20);
+    await clock.advance(1); // no real minute passes
+    expect(channel.delivered.map((d) => d.text).at(-1)).toBe('over');
+    await over;
   });
 
   it('group names are synced at connect when never synced, then once a day', async () => {

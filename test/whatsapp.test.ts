@@ -24,7 +24,6 @@ import {
   toWhatsAppFormat,
   WhatsAppChannel,
   whatsAppChannel,
-  systemClock,
   type Clock,
   makeSelfChatMain,
   LOCAL_MAIN_JID,
@@ -37,7 +36,9 @@ import {
   encryptedStream,
   FakeClock,
   fakeDocker,
+  fastClock,
   flakyServer,
+  groupMetadataOf,
   linkedAuthDir,
   openAsWhatsAppWould,
   pendingPairingAuthDir,
@@ -45,7 +46,9 @@ import {
   RecordingWhatsApp,
   tempDir,
   tempProject,
+  tempStore,
   waitFor,
+  watchSockets,
   writeJsonAtomic,
   socketOf,
 } from './helpers.ts';
@@ -293,13 +296,14 @@ afterEach(async () => {
   for (const stop of stops.splice(0)) await stop();
 });
 
-/** The system clock, keeping every delay it is asked to wait (the reconnects'; the daily group sync's is a day). */
+/** Time 25 times fast (a reconnect's first second passes in 40 ms), keeping every delay it is asked to wait (the reconnects'; the daily group sync's is a day). */
 function recordingClock(waits: number[]): Clock {
+  const clock = fastClock(25);
   return {
-    ...systemClock,
+    ...clock,
     after: (ms, fn) => {
       waits.push(ms);
-      return systemClock.after(ms, fn);
+      return clock.after(ms, fn);
     },
   };
 }
@@ -312,8 +316,8 @@ function channelOptions(authDir: string, url: string, extra: Partial<WhatsAppOpt
     hasOwnNumber: false,
     mediaTreeFor: () => null,
     waWebSocketUrl: url,
-    reconnectBaseMs: 40,
-    reconnectCapMs: 400,
+    clock: fastClock(25),
+    store: tempStore(),
     ...extra,
   };
 }
@@ -341,7 +345,7 @@ describe('WhatsAppChannel connection', () => {
     expect(channel.socketsOpened).toBeGreaterThanOrEqual(6);
     const delays = reconnects(waits).slice(0, 5);
     expect(delays).toHaveLength(5);
-    const ceilings = delays.map((_, i) => Math.min(400, 40 * 2 ** i));
+    const ceilings = delays.map((_, i) => Math.min(60_000, 1000 * 2 ** i));
     delays.forEach((delay, i) => {
       expect(delay).toBeGreaterThanOrEqual(ceilings[i]! / 2);
       expect(delay).toBeLessThanOrEqual(ceilings[i]!);
@@ -384,7 +388,7 @@ describe('WhatsAppChannel connection', () => {
       connection: 'close',
       lastDisconnect: { error: new Error('drop'), date: new Date() },
     });
-    expect(reconnects(waits).at(-1)!).toBeGreaterThan(40); // not attempt 1 again: it did not hold (test/whatsapp-connection.test.ts)
+    expect(reconnects(waits).at(-1)!).toBeGreaterThan(1000); // not attempt 1 again: it did not hold (test/whatsapp-connection.test.ts)
   });
 
   /** What the host does when the bot speaks: the parts go into the store's outbox, then the sender sends them. */
@@ -399,7 +403,7 @@ describe('WhatsAppChannel connection', () => {
     const store = new Store(config.dbPath);
     const server = flakyServer(60_000);
     stops.push(server.stop);
-    const channel = new RecordingWhatsApp(channelOptions(await linkedAuthDir(), server.url));
+    const channel = new RecordingWhatsApp(channelOptions(await linkedAuthDir(), server.url, { store }));
     const sender = new OutboxSender(store, channel, { retryBaseMs: 50 });
     stops.push(async () => {
       sender.stop();
@@ -438,7 +442,7 @@ describe('WhatsAppChannel connection', () => {
     const server = flakyServer(60_000);
     stops.push(server.stop);
     const authDir = await linkedAuthDir();
-    const first = new RecordingWhatsApp(channelOptions(authDir, server.url));
+    const first = new RecordingWhatsApp(channelOptions(authDir, server.url, { store }));
     const firstSender = new OutboxSender(store, first, { retryBaseMs: 50 });
     await first.connect(noHandlers);
     say(store, first, firstSender, GROUP, 'written while offline');
@@ -449,7 +453,7 @@ describe('WhatsAppChannel connection', () => {
     expect(store.unsent('whatsapp').length).toBe(2);
     // As if a crash came after a part reached WhatsApp but before it was marked sent:
     const unsentId = store.unsentHeads('whatsapp')[0]!.messageId;
-    const second = new RecordingWhatsApp(channelOptions(authDir, server.url));
+    const second = new RecordingWhatsApp(channelOptions(authDir, server.url, { store }));
     const secondSender = new OutboxSender(store, second, { retryBaseMs: 50 });
     stops.push(async () => {
       secondSender.stop();
@@ -511,8 +515,8 @@ describe('WhatsApp through the host (fake docker)', () => {
       assistantName: 'Andy',
       hasOwnNumber: false,
       waWebSocketUrl: server.url,
-      reconnectBaseMs: 30,
-      reconnectCapMs: 100,
+      clock: fastClock(25),
+      store,
       mediaTreeFor: (jid) => (store.groupByJid(jid) ? new AgentTree(join(config.groupsDir, 'family')) : null),
     });
     const host = new Host(config, store, [channel], QUIET_SWEEPS);
@@ -615,12 +619,8 @@ describe('WhatsApp through the host (fake docker)', () => {
     addGroup(config, store, { jid: ME, name: 'Me', folder: 'main', isMain: true });
     const server = flakyServer(60_000);
     stops.push(server.stop);
-    let sockets = 0;
-    const channel = whatsAppChannel(config, store, {
-      authDir: await linkedAuthDir(),
-      waWebSocketUrl: server.url,
-      onSocket: () => sockets++,
-    });
+    const channel = whatsAppChannel(config, store, { authDir: await linkedAuthDir(), waWebSocketUrl: server.url });
+    const sockets = watchSockets(channel);
     const host = new Host(config, store, [channel], QUIET_SWEEPS);
     stops.push(async () => {
       await host.stop();
@@ -644,7 +644,7 @@ describe('WhatsApp through the host (fake docker)', () => {
       connection: 'close',
       lastDisconnect: { error: new Error('drop'), date: new Date() },
     });
-    await waitFor(() => sockets === 2, 60_000, 'reconnect');
+    await waitFor(() => sockets.length === 2, 60_000, 'reconnect');
     socketOf(channel).groupFetchAllParticipating = serverGroups;
     openAsWhatsAppWould(socketOf(channel));
     await Bun.sleep(200);
@@ -688,7 +688,7 @@ describe('WhatsApp through the host (fake docker)', () => {
  */
 describe('what real WhatsApp needs (baileys 7)', () => {
   const options = (authDir: string, url: string, extra: Partial<WhatsAppOptions> = {}) =>
-    channelOptions(authDir, url, { reconnectBaseMs: 20, reconnectCapMs: 60, ...extra });
+    channelOptions(authDir, url, { clock: fastClock(50), ...extra });
   /** A channel with linked credentials on a local server that keeps the connection; both stopped after the test. */
   async function linkedChannel(extra: Partial<WhatsAppOptions> = {}): Promise<RecordingWhatsApp> {
     const server = flakyServer(60_000);
@@ -715,7 +715,6 @@ describe('what real WhatsApp needs (baileys 7)', () => {
       version: [2, 3000, 1111111111],
       isLatest: true,
     };
-    let sockets = 0;
     const lookupVersion = async () => {
       lookups.push(answer.version.join('.'));
       return answer;
@@ -724,10 +723,9 @@ describe('what real WhatsApp needs (baileys 7)', () => {
       authDir: await linkedAuthDir(),
       waWebSocketUrl: server.url,
       lookupVersion,
-      reconnectBaseMs: 20,
-      reconnectCapMs: 60,
-      onSocket: () => sockets++,
+      clock: fastClock(50),
     });
+    const sockets = watchSockets(channel);
     stops.push(async () => {
       await channel.disconnect();
       server.stop();
@@ -739,11 +737,11 @@ describe('what real WhatsApp needs (baileys 7)', () => {
     // The servers refuse the version; the lookup finds a newer one; refused once more, then it fails.
     answer = { version: [2, 3000, 2222222222], isLatest: true };
     closeWith(socketOf(channel), 405);
-    await waitFor(() => sockets === 2, 60_000, 'reconnect after 405');
+    await waitFor(() => sockets.length === 2, 60_000, 'reconnect after 405');
     expect(channel.version).toEqual([2, 3000, 2222222222]);
     answer = { version: [2, 3000, 1], isLatest: false }; // baileys' own, as fetchLatestWaWebVersion gives it offline
     closeWith(socketOf(channel), 405);
-    await waitFor(() => sockets === 3, 60_000, 'second reconnect');
+    await waitFor(() => sockets.length === 3, 60_000, 'second reconnect');
     expect(lookups).toHaveLength(3);
     expect(channel.version).toEqual([2, 3000, 2222222222]); // the last one that was looked up, from the store
     const refusals = readFileSync(join(config.logsDir, 'nanoclaw.log'), 'utf8')
@@ -878,8 +876,8 @@ describe('what real WhatsApp needs (baileys 7)', () => {
       return { ...full('Family', [ALICE_LID, '55555@lid']), id: jid };
     };
     openAsWhatsAppWould(sock);
-    await waitFor(() => channel.groupMetadata.get(GROUP), 60_000, 'metadata at connect');
-    expect(channel.groupMetadata.get(GROUP)).toMatchObject({
+    await waitFor(() => groupMetadataOf(channel).get(GROUP), 60_000, 'metadata at connect');
+    expect(groupMetadataOf(channel).get(GROUP)).toMatchObject({
       subject: 'Family',
       addressingMode: 'lid',
       participants: [{ id: ALICE_LID }],
@@ -890,12 +888,12 @@ describe('what real WhatsApp needs (baileys 7)', () => {
       participants: [{ id: '55555@lid' }],
       action: 'add',
     });
-    await waitFor(() => channel.groupMetadata.get(GROUP) === undefined, 60_000, 'dropped once a member joined');
+    await waitFor(() => groupMetadataOf(channel).get(GROUP) === undefined, 60_000, 'dropped once a member joined');
     expect((await channel.cachedGroupMetadata(GROUP))?.participants).toHaveLength(2); // the next send fetches it again
     expect(fetched).toBe(1);
     sock.ev.emit('groups.update', [{ id: GROUP, announce: true }]); // a one-field change: the cached copy is stale
     sock.ev.flush();
-    await waitFor(() => channel.groupMetadata.get(GROUP) === undefined, 60_000, 'stale entry dropped');
+    await waitFor(() => groupMetadataOf(channel).get(GROUP) === undefined, 60_000, 'stale entry dropped');
     sock.ev.emit('groups.update', [{ id: GROUP, subject: '' }]);
     sock.ev.emit('groups.update', [{ id: GROUP, subject: 'Family 🏡' }]);
     sock.ev.flush();
@@ -903,7 +901,7 @@ describe('what real WhatsApp needs (baileys 7)', () => {
     expect(names.map((n) => n.name)).toEqual(['Family', 'Family 🏡']);
     sock.ev.emit('groups.upsert', [full('New group', [ALICE_LID])]);
     sock.ev.flush();
-    await waitFor(() => channel.groupMetadata.get(GROUP)?.subject === 'New group', 60_000, 'a new group');
+    await waitFor(() => groupMetadataOf(channel).get(GROUP)?.subject === 'New group', 60_000, 'a new group');
   });
 
   it('group senders by LID get their phone number from lid-mapping.update', async () => {
