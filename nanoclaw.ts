@@ -6875,11 +6875,11 @@ function logsCommand({ config, values: { group: folder, lines } }: CommandCall):
       lastLines(tree.tail(`logs/${runs.at(-1)!}`, 256 * 1024)),
     ]);
   }
-  const [main, errors] = ['nanoclaw.log', 'nanoclaw.error.log'].map((name) => join(config.logsDir, name));
-  if (!existsSync(main!)) return report(['No host log yet (logs/nanoclaw.log appears once NanoClaw has run).']);
+  const [hostLog, errors] = ['nanoclaw.log', 'nanoclaw.error.log'].map((name) => join(config.logsDir, name));
+  if (!existsSync(hostLog!)) return report(['No host log yet (logs/nanoclaw.log appears once NanoClaw has run).']);
   const recentErrors = existsSync(errors!) ? lastLines(readFileSync(errors!, 'utf8'), Math.min(count, 10)) : '';
   return report([
-    `== logs/nanoclaw.log (last ${count} lines) ==\n${lastLines(readFileSync(main!, 'utf8'))}`,
+    `== logs/nanoclaw.log (last ${count} lines) ==\n${lastLines(readFileSync(hostLog!, 'utf8'))}`,
     ...(recentErrors ? [`\n== logs/nanoclaw.error.log (latest) ==\n${recentErrors}`] : []),
   ]);
 }
