@@ -3726,6 +3726,8 @@ interface RunContainerOptions {
   onStart?(live: LiveContainer): void;
   /** Once, when the runner says it is up (its `ready:` line): the CLI, its session and its tools. */
   onReady?(): void;
+  /** What CONTAINER_TIMEOUT, the close grace and the run's duration are measured on; systemClock unless given. */
+  clock?: Clock;
 }
 
 const SESSION_LINE = /Session initialized: (\S+)/;
@@ -3736,11 +3738,13 @@ type RunPlan = ReturnType<typeof prepareRun>;
 
 function prepareRun(options: RunContainerOptions) {
   const { config, group } = options;
-  const startedAt = new Date();
+  const clock = options.clock ?? systemClock;
+  // `at` is real time, not the clock's: it names the container, inbox and run log, which must differ run to run.
+  const started = { at: new Date(), mono: clock.monotonic() };
   const groupLog = log.child({ group: group.folder });
   const trees = prepareGroupFolders(config, group);
   // Names the container (nanoclaw-<id>), its inbox and its proxy sockets.
-  const id = `${installId(config)}-${group.folder}-${startedAt.getTime()}`;
+  const id = `${installId(config)}-${group.folder}-${started.at.getTime()}`;
   const paths = runPaths(config, group, id);
   // The run's own inbox: no container left from an earlier run (or host) can read its follow-ups.
   const inbox = new AgentTree(paths.inbox, containerOwner());
@@ -3760,7 +3764,7 @@ function prepareRun(options: RunContainerOptions) {
   if (egressRun) env.NANOCLAW_EGRESS_SOCKET = EGRESS_SOCKET_IN_CONTAINER;
   const args = buildDockerArgs(name, config.containerImage, mounts, env, hardeningArgs(config, group));
   const secretValues = [readSecrets(config).KIMI_API_KEY, proxyRun?.token].filter((v): v is string => Boolean(v));
-  return { id, name, args, trees, inbox, input, mounts, proxyRun, egressRun, secretValues, startedAt, groupLog };
+  return { id, name, args, trees, inbox, input, mounts, proxyRun, egressRun, secretValues, clock, started, groupLog };
 }
 
 type RunResult = Omit<RunOutcome, 'logFile' | 'durationMs'> & { stdout: string; stderr: string };
@@ -3794,8 +3798,8 @@ class RunningContainer implements LiveContainer {
   stopping: Promise<void> | null = null;
   // While the agent waits in the warm pool it may be paused: the `docker pause` call in flight or done.
   private paused: Promise<number> | null = null;
-  private hardTimer: ReturnType<typeof setTimeout> | undefined;
-  private graceTimer: ReturnType<typeof setTimeout> | undefined;
+  private cancelTimeout = (): void => {};
+  private cancelGrace = (): void => {};
   private inputsSent = 0;
 
   constructor(
@@ -3807,26 +3811,26 @@ class RunningContainer implements LiveContainer {
     // Exited: it takes no more input, and a close it answered needs no stop.
     void proc.exited.then(() => {
       this.closing = true;
-      clearTimeout(this.graceTimer);
+      this.cancelGrace();
     });
     this.armTimeout();
   }
 
   armTimeout(): void {
-    clearTimeout(this.hardTimer);
-    this.hardTimer = setTimeout(() => {
+    this.cancelTimeout();
+    this.cancelTimeout = this.plan.clock.after(this.config.containerTimeoutMs, () => {
       this.timedOut = true;
       this.plan.groupLog.error(
         { container: this.plan.name, timeoutMs: this.config.containerTimeoutMs },
         'Container produced nothing within CONTAINER_TIMEOUT; stopping it',
       );
       void this.kill(false);
-    }, this.config.containerTimeoutMs);
+    });
   }
 
   clearTimers(): void {
-    clearTimeout(this.hardTimer);
-    clearTimeout(this.graceTimer);
+    this.cancelTimeout();
+    this.cancelGrace();
   }
 
   async wake(): Promise<void> {
@@ -3875,15 +3879,15 @@ class RunningContainer implements LiveContainer {
     this.deliver('_close', '', 'Could not ask the container to close; stopping it');
     const graceMs = this.config.container.closeGraceMs;
     const { name, groupLog } = this.plan;
-    this.graceTimer = setTimeout(() => {
+    this.cancelGrace = this.plan.clock.after(graceMs, () => {
       groupLog.warn({ container: name, graceMs }, 'Container ignored the close request; stopping it');
       void this.kill(false);
-    }, graceMs);
+    });
   }
 
   pause(): void {
     if (this.closing || this.paused) return;
-    clearTimeout(this.hardTimer); // a paused agent produces nothing by design
+    this.cancelTimeout(); // a paused agent produces nothing by design
     this.paused = runtimeCommand(this.config.containerRuntime, 'pause', this.plan.name);
     this.plan.groupLog.debug({ container: this.plan.name }, 'Agent waiting in the warm pool; paused');
   }
@@ -3971,12 +3975,12 @@ export function runLogsToPrune(names: readonly string[], keep: number): string[]
 
 function writeRunLog(plan: RunPlan, options: RunContainerOptions, result: RunResult, durationMs: number): string {
   const { config, group } = options;
-  const { input, startedAt } = plan;
+  const { input, started } = plan;
   const verbose = config.logLevel === 'debug' || config.logLevel === 'trace';
   const failed = result.exitCode !== 0 || result.timedOut || result.lastError !== undefined;
   const lines = [
     '=== NanoClaw container run ===',
-    `Started:    ${startedAt.toISOString()}`,
+    `Started:    ${started.at.toISOString()}`,
     `Container:  ${plan.name}`,
     `Image:      ${config.containerImage}`,
     `Group:      ${group.folder} (${group.isMain ? 'main' : 'not main'}), chat ${input.chatJid}`,
@@ -4007,7 +4011,7 @@ function writeRunLog(plan: RunPlan, options: RunContainerOptions, result: RunRes
       result.stdout.trimEnd(),
     );
   }
-  const logName = `container-${startedAt.toISOString().replace(/[:.]/g, '-')}.log`;
+  const logName = `container-${started.at.toISOString().replace(/[:.]/g, '-')}.log`;
   const logs = plan.trees.group;
   try {
     logs.create(`logs/${logName}`, maskSecrets(`${lines.join('\n')}\n`, plan.secretValues));
@@ -4041,7 +4045,7 @@ export async function runContainer(options: RunContainerOptions): Promise<RunOut
   } catch (err) {
     groupLog.warn({ reason: errorText(err) }, 'Could not remove the run’s inbox; the next start does');
   }
-  const durationMs = Date.now() - plan.startedAt.getTime();
+  const durationMs = Math.round(plan.clock.monotonic() - plan.started.mono);
   const logFile = writeRunLog(plan, options, result, durationMs);
   const { stdout: _stdout, stderr: _stderr, ...outcome } = result;
   const summary = { container: plan.name, exitCode: outcome.exitCode, durationMs, results: outcome.results, logFile };
@@ -5238,6 +5242,7 @@ function agentLauncher(host: HostParts, proxy: ModelProxy) {
           run.onLive?.();
         },
         onReady: () => run.onReady?.(),
+        clock: host.clock,
         onResult: async (result) => {
           try {
             if (result.sessionId && !run.freshSession && resets(group.folder) === resetsAtStart)

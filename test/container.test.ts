@@ -21,7 +21,7 @@ import {
   engineSocket,
   readLines,
 } from '../nanoclaw.ts';
-import { fakeDocker, tempDir, tempProject, type FakeDocker } from './helpers.ts';
+import { FakeClock, fakeDocker, tempDir, tempProject, type FakeDocker } from './helpers.ts';
 
 const SECRET = 'sk-container-test-0123456789';
 
@@ -51,6 +51,7 @@ async function run(
   extra: Partial<ContainerInput> = {},
   onStart?: Parameters<typeof runContainer>[0]['onStart'],
   proxy?: ModelProxy,
+  clock?: FakeClock,
 ) {
   const results: ContainerResult[] = [];
   const outcome = await runContainer({
@@ -64,6 +65,7 @@ async function run(
       results.push(result);
     },
     onStart,
+    clock,
   });
   return { outcome, results };
 }
@@ -338,10 +340,19 @@ describe('runContainer with a fake docker', () => {
     expect(hostLog).not.toContain(SECRET);
   });
 
-  it('stops a container that produces nothing within CONTAINER_TIMEOUT', async () => {
-    config = { ...config, containerTimeoutMs: 300 };
-    const { outcome, results } = await run(message('!sleep 20000'));
+  it('stops a container that produces nothing within CONTAINER_TIMEOUT, to the millisecond', async () => {
+    const clock = new FakeClock();
+    let started!: () => void;
+    const live = new Promise<void>((resolve) => (started = resolve));
+    const running = run(message('!sleep 20000'), {}, () => started(), undefined, clock);
+    await live;
+    expect(clock.pending).toEqual([config.containerTimeoutMs]);
+    await clock.advance(config.containerTimeoutMs - 1);
+    expect(docker.calls().filter((c) => c.command === 'stop')).toEqual([]);
+    await clock.advance(1);
+    const { outcome, results } = await running;
     expect(outcome.timedOut).toBe(true);
+    expect(outcome.durationMs).toBe(config.containerTimeoutMs);
     expect(results).toEqual([]);
     // Named as runs are named (on a busy machine the fake may be stopped before it records its own run).
     const stopped = docker.calls().filter((c) => c.command === 'stop');
