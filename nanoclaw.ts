@@ -1784,18 +1784,13 @@ const DESCRIBE: {
   },
 };
 
-/** Wrappers (ephemeral, view once, edited) removed. */
-interface WAContent {
-  content: proto.IMessage;
-  type: keyof proto.IMessage;
-  part: proto.IMessage[keyof proto.IMessage];
-}
-
-function contentWithType(message: proto.IMessage | null | undefined): WAContent | null {
+/** The message with its wrappers (ephemeral, view once, edited) removed, its type and that type's part. */
+function contentWithType(message: proto.IMessage | null | undefined) {
   const content = baileys().normalizeMessageContent(message);
   const type = content ? baileys().getContentType(content) : undefined;
   return content && type ? { content, type, part: content[type] } : null;
 }
+type WAContent = NonNullable<ReturnType<typeof contentWithType>>;
 
 function bodyOf({ content, type, part }: WAContent, timezone: string | undefined): string {
   if (type === 'conversation') return content.conversation ?? '';
@@ -1864,7 +1859,6 @@ export function parseWhatsAppMessage(raw: WAMessage, identity: WhatsAppIdentity)
   };
 }
 
-/** An edit (the message's new words) or a deletion (content null) of the message `id`, by `sender`. */
 type WhatsAppChange = Pick<NewMessage, 'chatJid' | 'id' | 'sender'> & { content: string | null };
 
 /** An edit (MESSAGE_EDIT) or a delete for everyone (REVOKE); null for anything else. */
@@ -2134,10 +2128,11 @@ export async function useDurableAuthState(authDir: string) {
       return Object.fromEntries(ids.map((id, i) => [id, typed[i]]));
     },
     set: async (data) => {
-      const jobs = Object.entries(data).flatMap(([category, values]) =>
-        Object.entries(values ?? {}).map(([id, value]) => (value ? write : remove)(`${category}-${id}.json`, value)),
+      await Promise.all(
+        Object.entries(data).flatMap(([category, values]) =>
+          Object.entries(values ?? {}).map(([id, value]) => (value ? write : remove)(`${category}-${id}.json`, value)),
+        ),
       );
-      await Promise.all(jobs);
     },
   };
   return { state: { creds, keys } satisfies AuthenticationState, saveCreds: () => write(CREDS_FILE, creds) };
@@ -2338,7 +2333,6 @@ export class WhatsAppChannel implements Channel {
     });
   }
 
-  /** baileys' cachedGroupMetadata. */
   async cachedGroupMetadata(jid: string): Promise<GroupMetadata | undefined> {
     const cached = this.groupMetadata.get(jid);
     if (cached || !this.sock) return cached;
@@ -2499,7 +2493,6 @@ export class WhatsAppChannel implements Channel {
     }
   }
 
-  /** Not downloaded for a chat not registered (no tree). */
   private async saveMedia(raw: WAMessage, { message, media }: WhatsAppInbound, tree: AgentTree | null) {
     const { kind, mimetype, fileName: original, bytes = 0 } = media!;
     const caption = message.content ? ` ${message.content}` : '';
