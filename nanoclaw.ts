@@ -2014,13 +2014,12 @@ export function disconnectKind(error: unknown) {
   };
   return { kind: kindOf(), status, detail } as const;
 }
-type DisconnectKind = ReturnType<typeof disconnectKind>['kind'];
 
 /** What `auth` says when WhatsApp closes the linking connection, and whether to try again at once. */
 function authCloseMessage(error: unknown): { retry: boolean; message: string } {
   const { kind, status, detail } = disconnectKind(error);
   if (kind === 'restart') return { retry: true, message: '' }; // WhatsApp asks for a fresh connection right after pairing
-  const messages: Partial<Record<DisconnectKind, string>> = {
+  const messages: Partial<Record<typeof kind, string>> = {
     network: `No network: WhatsApp cannot be reached (${detail}). Check this machine's internet connection, then run auth again.`,
     'qr-expired': 'The code expired before it was used. Run auth again and scan (or type) the new one within a minute.',
     'version-refused':
@@ -2306,8 +2305,14 @@ export class WhatsAppChannel implements Channel {
     const on = <E extends keyof BaileysEventMap>(event: E, handle: (data: BaileysEventMap[E]) => unknown) =>
       sock.ev.on(event, (data) => sock === this.sock && handle(data));
     on('creds.update', saveCreds);
-    const phoneForm = (jid: string) => canonicalJid(jid, null, this.identity);
-    on('connection.update', (update) => this.onConnectionUpdate(sock, update));
+    on('connection.update', (update) => {
+      if (update.qr)
+        this.stopFor(
+          'Not linked: WhatsApp offers a QR code, so it does not know the device in store/auth/. Run `bun nanoclaw.ts auth --relink`, then start NanoClaw again.',
+        );
+      else if (update.connection === 'open') this.opened(sock);
+      if (update.connection === 'close') this.closedBy(update.lastDisconnect?.error);
+    });
     // In WhatsApp's order per chat (a photo downloading holds back the question after it); chats side by side.
     on('messages.upsert', ({ messages }) => {
       for (const raw of messages)
@@ -2324,6 +2329,7 @@ export class WhatsAppChannel implements Channel {
       if (lid && pn) this.lidToPhone.set(jidNormalizedUser(lid), jidNormalizedUser(pn));
     });
     // Typing (a "chatstate" from WhatsApp): the host may start the chat's agent before the message.
+    const phoneForm = (jid: string) => canonicalJid(jid, null, this.identity);
     on('presence.update', ({ id, presences }) => {
       const typist = Object.keys(presences).find((who) => {
         const typing = ['composing', 'recording'].includes(presences[who]!.lastKnownPresence);
@@ -2380,15 +2386,6 @@ export class WhatsAppChannel implements Channel {
     for (const stop of this.typingRefresh.values()) stop();
     this.typingRefresh.clear();
     this.retire();
-  }
-
-  private onConnectionUpdate(sock: WASocket, update: Partial<ConnectionState>): void {
-    if (update.qr)
-      this.stopFor(
-        'Not linked: WhatsApp offers a QR code, so it does not know the device in store/auth/. Run `bun nanoclaw.ts auth --relink`, then start NanoClaw again.',
-      );
-    else if (update.connection === 'open') this.opened(sock);
-    if (update.connection === 'close') this.closedBy(update.lastDisconnect?.error);
   }
 
   private opened(sock: WASocket): void {
@@ -2477,10 +2474,7 @@ export class WhatsAppChannel implements Channel {
       const status = (err as { output?: { statusCode?: number } }).output?.statusCode;
       const sock = this.sock;
       if ((status !== 404 && status !== 410) || !sock) throw err;
-      log.info(
-        { messageId: raw.key?.id, status },
-        'Media expired on WhatsApp’s servers; asking the sender’s phone to upload it again',
-      );
+      log.info({ messageId: raw.key?.id, status }, 'Media expired; asking the sender’s phone to upload it again');
       let cancel = () => {};
       const fresh = await Promise.race([
         sock.updateMediaMessage(raw),
@@ -2561,10 +2555,9 @@ export class WhatsAppChannel implements Channel {
     }
   }
 
+  /** Called only when ready, so with a socket. */
   protected async send(jid: string, content: AnyMessageContent, messageId: string) {
-    if (!this.sock) throw new Error('no WhatsApp connection');
-    const sent = await this.sock.sendMessage(jid, content, { messageId });
-    return sent?.message ?? undefined;
+    return (await this.sock!.sendMessage(jid, content, { messageId }))?.message ?? undefined;
   }
 
   async setTyping(jid: string, typing: boolean): Promise<void> {
