@@ -1575,8 +1575,7 @@ export class OutboxSender {
       const retryAt = (part: OutboundMessage) => this.failing.get(part.jid)?.retryAt;
       const due = heads.filter((part) => (retryAt(part) ?? 0) <= this.clock.now());
       if (due.length === 0) {
-        const next = Math.min(...heads.map((part) => retryAt(part) ?? Infinity));
-        if (Number.isFinite(next)) this.retryAt(next);
+        if (heads.length) this.retryAt(Math.min(...heads.map((part) => retryAt(part)!))); // none due: each has a time
         return;
       }
       await Promise.all(due.map((part) => this.send(part)));
@@ -2073,13 +2072,13 @@ function readCredsFile(authDir: string) {
   const path = join(authDir, CREDS_FILE);
   const backup = join(authDir, CREDS_BACKUP);
   const whole = (file: string) => {
-    const text = existsSync(file) ? readFileSync(file, 'utf8') : '';
     try {
+      const text = readFileSync(file, 'utf8');
       const creds = JSON.parse(text) as Partial<AuthenticationCreds> | null;
       const valid = creds?.noiseKey && creds.signedIdentityKey && Number.isInteger(creds.registrationId);
       return valid ? { text, creds } : null;
     } catch {
-      return null; // empty or cut short
+      return null; // missing, empty or cut short
     }
   };
   const current = whole(path);
