@@ -2526,10 +2526,6 @@ export class WhatsAppChannel implements Channel {
     return splitForWhatsApp(toWhatsAppFormat(text));
   }
 
-  async deliver(jid: string, text: string, messageId: string): Promise<void> {
-    await this.deliverContent(jid, { text }, messageId);
-  }
-
   async sendFile(jid: string, file: OutboundFile, messageId: string): Promise<void> {
     const data = Buffer.from(file.data);
     const caption = file.caption ? { caption: file.caption } : {};
@@ -2537,10 +2533,11 @@ export class WhatsAppChannel implements Channel {
       file.kind === 'image'
         ? { image: data, mimetype: file.mimetype, ...caption }
         : { document: data, mimetype: file.mimetype, fileName: file.fileName, ...caption };
-    await this.deliverContent(jid, content, messageId);
+    await this.deliver(jid, content, messageId);
   }
 
-  private async deliverContent(jid: string, content: AnyMessageContent, messageId: string): Promise<void> {
+  async deliver(jid: string, text: string | AnyMessageContent, messageId: string): Promise<void> {
+    const content = typeof text === 'string' ? { text } : text;
     const wait = this.rateLimiter.delayFor(jid, this.clock.now());
     if (wait > 0) await new Promise<void>((resolve) => this.clock.after(wait, resolve));
     if (!this.ready) throw new Error('WhatsApp is not connected');
