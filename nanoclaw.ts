@@ -2195,8 +2195,7 @@ export class WhatsAppChannel implements Channel {
   readonly name = 'whatsapp';
   private handlers: ChannelHandlers | null = null;
   private sock: WASocket | null = null;
-  /** Monotonic. */
-  private openedAt: number | null = null;
+  private openedAt: number | null = null; // clock.monotonic()
   private closed = false;
   private attempt = 0;
   private cancelReconnect: (() => void) | null = null;
