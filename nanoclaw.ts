@@ -1953,13 +1953,12 @@ export class RateLimiter {
   ) {}
 
   delayFor(jid: string, now: number): number {
-    return Math.max(0, this.wait(jid, this.perChat, now), this.wait('', this.overall, now));
-  }
-
-  private wait(key: string, limit: { count: number; windowMs: number }, now: number): number {
-    const times = (this.sent.get(key) ?? []).filter((t) => t > now - limit.windowMs);
-    this.sent.set(key, times);
-    return times.length >= limit.count ? times[times.length - limit.count]! + limit.windowMs - now : 0;
+    const wait = (key: string, limit: { count: number; windowMs: number }) => {
+      const times = (this.sent.get(key) ?? []).filter((t) => t > now - limit.windowMs);
+      this.sent.set(key, times);
+      return times.length >= limit.count ? times[times.length - limit.count]! + limit.windowMs - now : 0;
+    };
+    return Math.max(0, wait(jid, this.perChat), wait('', this.overall));
   }
 
   record(jid: string, now: number): void {
@@ -2444,17 +2443,14 @@ export class WhatsAppChannel implements Channel {
     });
   }
 
-  private async learnPhonesFor(key: WAMessageKey): Promise<void> {
+  async onMessage(raw: WAMessage): Promise<void> {
     const { isLidUser, jidNormalizedUser } = baileys();
-    for (const jid of [key.remoteJid, key.participant]) {
+    // The phone form of a LID chat or sender, learnt first, so the message is filed under it.
+    for (const jid of [raw.key.remoteJid, raw.key.participant]) {
       if (!this.sock || !jid || !isLidUser(jid) || this.lidToPhone.has(jidNormalizedUser(jid))) continue;
       const phone = await this.sock.signalRepository.lidMapping.getPNForLID(jid).catch(() => null);
       if (phone) this.lidToPhone.set(jidNormalizedUser(jid), jidNormalizedUser(phone));
     }
-  }
-
-  async onMessage(raw: WAMessage): Promise<void> {
-    await this.learnPhonesFor(raw.key);
     const change = parseWhatsAppChange(raw, this.identity);
     if (change) return this.handlers?.onChange?.(change);
     const inbound = parseWhatsAppMessage(raw, this.identity);
