@@ -1666,7 +1666,7 @@ const baileys = () => (baileysModule ??= load('@whiskeysockets/baileys') as Bail
 /** Media larger than this is not downloaded (the agent is told it exists), nor sent. */
 export const MAX_MEDIA_BYTES = 25 * 1024 * 1024;
 
-type MediaKind = 'image' | 'video' | 'video note' | 'audio' | 'voice note' | 'document' | 'sticker';
+type MediaKind = (typeof MEDIA_FIELDS)[number][1] | 'voice note'; // an audioMessage with ptt set
 
 interface WhatsAppInbound {
   message: NewMessage;
