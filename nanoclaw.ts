@@ -1612,9 +1612,7 @@ export class OutboxSender {
     const abandon = !outage && now - lane.since >= 6 * 3_600_000;
     try {
       this.store.markSendFailed(part.id, error, abandon);
-    } catch {
-      // the database is down too: the part stays unsent and is tried again
-    }
+    } catch {} // the database is down too: the part stays unsent and is tried again
     if (outage) return;
     if (abandon) {
       this.failing.delete(part.jid);
