@@ -5290,12 +5290,12 @@ function noResultError(outcome: RunOutcome): string {
 class TaskRuns {
   /** Task runs this process has queued or runs (their claims are not leftovers). */
   private readonly inHand = new Set<string>();
-  private readonly turns = new Map<string, TaskTurn>();
 
   constructor(
     private readonly host: HostParts,
     private readonly agents: AgentLauncher,
-    private readonly forwardHeld: (group: RegisteredGroup) => boolean,
+    /** Hands a task to the chat's live container as its turn; false when that container is going away. */
+    private readonly giveToLive: (task: ScheduledTask) => boolean,
   ) {}
 
   enqueue(task: ScheduledTask): void {
@@ -5313,27 +5313,11 @@ class TaskRuns {
       log.debug({ group: group.folder, taskId: task.id }, 'Task due soon; readying its agent');
   }
 
-  isTurnOf(chatJid: string): boolean {
-    return this.turns.has(chatJid);
-  }
-
-  /** The chat's turn answered a task handed to it: recorded here (true), or not a task's answer (false). */
-  answered(group: RegisteredGroup, answer: ContainerResult): boolean {
-    if (!this.turns.has(group.jid) || !answer.task) return false;
-    this.endTurn(group.jid, this.outcomeOf(answer));
-    this.host.queue.markIdle(group.jid);
-    if (!this.forwardHeld(group)) this.host.queue.enqueueMessages(group.jid);
-    return true;
-  }
-
   /**
-   * The task handed to the chat's container is recorded (by default: failed, as the container ended first). A database
+   * A task handed to a chat's container is recorded (by default: failed, as the container ended first). A database
    * that cannot take it leaves the claim, which the sweep recovers.
    */
-  endTurn(chatJid: string, outcome?: TaskOutcome): void {
-    const turn = this.turns.get(chatJid);
-    if (!turn) return;
-    this.turns.delete(chatJid);
+  endTurn(turn: TaskTurn, outcome?: TaskOutcome): void {
     const stopped = 'the container stopped before the task was answered';
     try {
       this.record(turn, outcome ?? { result: null, said: [], error: stopped });
@@ -5354,20 +5338,12 @@ class TaskRuns {
   }
 
   private runInLive(taskId: string, chatJid: string): void {
-    const { queue } = this.host;
     const task = this.runnable(taskId);
-    if (!task) {
-      queue.markIdle(chatJid);
-      return;
-    }
-    this.turns.set(task.chatJid, this.start(task));
-    if (!queue.sendFollowUp(task.chatJid, task.prompt, 'task')) {
-      // The container is going away after all: queued again, the task gets a container of its own.
-      this.turns.delete(task.chatJid);
-      this.enqueue(task);
-      return;
-    }
-    log.info({ group: task.groupFolder, taskId: task.id }, 'Scheduled task handed to the chat’s running container');
+    if (!task) this.host.queue.markIdle(chatJid);
+    else if (this.giveToLive(task))
+      log.info({ group: task.groupFolder, taskId: task.id }, 'Scheduled task handed to the chat’s running container');
+    // The container is going away after all: queued again, the task gets a container of its own.
+    else this.enqueue(task);
   }
 
   /** Runs claimed but never finished (the host died) are logged as interrupted and run once more; twice, given up. */
@@ -5433,13 +5409,13 @@ class TaskRuns {
     return this.record(turn, outcome);
   }
 
-  private outcomeOf(answer: ContainerResult): TaskOutcome {
+  outcomeOf(answer: ContainerResult): TaskOutcome {
     const ok = answer.status === 'success';
     const error = ok ? null : (answer.error ?? 'unknown error');
     return { result: ok ? answer.result : null, said: ok ? this.host.voice.words(answer) : [], error };
   }
 
-  private start(task: ScheduledTask): TaskTurn {
+  start(task: ScheduledTask): TaskTurn {
     this.host.store.markTaskStarted(task.id);
     return { task, at: new Date(this.host.clock.now()), mono: this.host.clock.monotonic() };
   }
@@ -5478,6 +5454,18 @@ class TaskRuns {
   }
 }
 
+/**
+ * What a chat's live container was given: the newest message (kept after the turn: what a give-up covers), whether the
+ * turn still runs, whether its agent asked the chat a question (the chat's next message is the answer), and the
+ * scheduled task handed to it as its turn now (the chat's messages follow once it is answered).
+ */
+interface Given {
+  upTo: number;
+  running: boolean;
+  answering: boolean;
+  task?: TaskTurn;
+}
+
 interface ChatTurn {
   group: RegisteredGroup;
   cursor: number;
@@ -5489,11 +5477,7 @@ interface ChatTurn {
  * records the answer: a failed run leaves the messages to be retried, and an answer recorded is never made again.
  */
 class ChatTurns {
-  /**
-   * Per chat: the newest message its turn was given (kept after the turn: what a give-up covers), whether the turn still
-   * runs, and whether its agent asked the chat a question (the chat's next message is the answer).
-   */
-  private readonly given = new Map<string, { upTo: number; running: boolean; answering: boolean }>();
+  private readonly given = new Map<string, Given>();
 
   constructor(
     private readonly host: HostParts,
@@ -5524,7 +5508,7 @@ class ChatTurns {
     const chatJid = group.jid;
     const upTo = messages.at(-1)?.seq;
     // Warm (nothing asked yet): the container starts with no prompt and takes the chat's next message as a follow-up.
-    const given = { upTo: upTo ?? cursor, running: true, answering: false };
+    const given: Given = { upTo: upTo ?? cursor, running: true, answering: false };
     this.given.set(chatJid, given);
     if (upTo !== undefined) await voice.typing(chatJid, true);
     let outcome: RunOutcome | null = null;
@@ -5546,16 +5530,22 @@ class ChatTurns {
       this.onTurn({ chatJid, status: 'error', error, upToSeq: given.upTo });
     } finally {
       given.running = false;
-      this.tasks.endTurn(chatJid);
+      this.endTask(given);
       await voice.typing(chatJid, false);
     }
     return outcome;
   }
 
-  /** A result of the turn (a follow-up may bring more than one), unless it answers a task handed to the container. */
+  /** A result of the turn (a follow-up may bring more than one), or of a task handed to the container. */
   private recordResult(group: RegisteredGroup, result: ContainerResult): void {
-    if (this.tasks.answered(group, result)) return;
     const chatJid = group.jid;
+    const given = this.given.get(chatJid);
+    if (given?.task && result.task) {
+      this.endTask(given, this.tasks.outcomeOf(result));
+      this.host.queue.markIdle(chatJid);
+      if (!this.forward(group)) this.host.queue.enqueueMessages(chatJid);
+      return;
+    }
     void this.host.voice.typing(chatJid, false); // the turn is over; a follow-up sets it again
     // The cursor passes only what this turn answered: a follow-up queued behind it is not.
     const upToSeq = result.upTo ?? this.host.store.getCursor(chatJid);
@@ -5654,14 +5644,29 @@ class ChatTurns {
       this.host.queue.enqueueMessages(chatJid);
   }
 
+  /** A task as the turn of the chat's live container; false when that container is going away after all. */
+  giveTask(task: ScheduledTask): boolean {
+    const given = this.given.get(task.chatJid);
+    if (!given) return false;
+    given.task = this.tasks.start(task);
+    if (this.host.queue.sendFollowUp(task.chatJid, task.prompt, 'task')) return true;
+    given.task = undefined;
+    return false;
+  }
+
+  private endTask(given: Given, outcome?: TaskOutcome): void {
+    const { task } = given;
+    given.task = undefined;
+    if (task) this.tasks.endTurn(task, outcome);
+  }
+
   /** New messages go to the group's live container; only the one that just arrived is checked for the trigger. */
   forward(group: RegisteredGroup, arrived?: StoredMessage): boolean {
     const { store, queue, config } = this.host;
     const given = this.given.get(group.jid);
     if (!given?.running) return false;
     const { answering } = given;
-    // A scheduled task is the container's turn now: the chat's messages follow once it answered.
-    if (this.tasks.isTurnOf(group.jid) && !answering) return true;
+    if (given.task && !answering) return true;
     // Messages that do not wake the agent are kept for the next batch.
     if (arrived && !(answering ? mayWake(group, arrived) : needsAgent(group, [arrived]))) return true;
     const messages = store.messagesSince(group.jid, given.upTo);
@@ -5801,7 +5806,7 @@ export class Host {
       record: modelUsageRecorder(config, store),
     });
     this.agents = agentLauncher(parts, this.proxy);
-    this.tasks = new TaskRuns(parts, this.agents, (group) => this.chats.forward(group));
+    this.tasks = new TaskRuns(parts, this.agents, (task) => this.chats.giveTask(task));
     this.chats = new ChatTurns(parts, this.agents, this.tasks, (event) => this.onTurn(event));
     const ipcHandlers = ipcRequests(parts, this.chats, () => this.scheduler.arm());
     this.ipc = new IpcWatcher(config.ipcDir, ipcHandlers, options.ipcSweepMs ?? 30_000, clock);
