@@ -4899,11 +4899,22 @@ function spillBuffer(
   clock: Clock,
   store: Store,
   storeInbound: (message: NewMessage, chat: ChatMeta) => void,
+  onUnavailable: (err: unknown) => void,
 ) {
   const waiting: { message: NewMessage; chat: ChatMeta }[] = [];
   let timer: (() => void) | null = null;
 
-  function add(message: NewMessage, chat: ChatMeta): void {
+  /** Stored now, unless the database cannot take it or others wait before it (a new message keeps the order). */
+  function take(message: NewMessage, chat: ChatMeta): void {
+    if (waiting.length === 0) {
+      try {
+        storeInbound(message, chat);
+        return;
+      } catch (err) {
+        if (!isStoreUnavailable(err)) throw err;
+        onUnavailable(err);
+      }
+    }
     waiting.push({ message, chat });
     try {
       mkdirSync(dirname(file), { recursive: true });
@@ -4947,9 +4958,7 @@ function spillBuffer(
   }
 
   return {
-    /** A new message must wait behind these, to keep the order. */
-    holding: (): boolean => waiting.length > 0,
-    add,
+    take,
     replay,
     stop: () => timer?.(),
   };
@@ -4966,7 +4975,14 @@ class Voice {
     private readonly clock: Clock,
     sendRetryMs?: number,
   ) {
-    const options: OutboxOptions = { retryBaseMs: sendRetryMs, clock, onAbandoned: (part) => this.tellAbandoned(part) };
+    // An undeliverable reply was abandoned: the main chat is told, unless it is the chat that fails.
+    const onAbandoned = (part: OutboundMessage) => {
+      if (this.store.mainGroup()?.jid === part.jid) return;
+      const chat = this.store.groupByJid(part.jid)?.name ?? part.jid;
+      const preview = part.text.length > 120 ? `${part.text.slice(0, 120)}…` : part.text;
+      this.tellMain(`I could not deliver a message to ${chat} for hours and gave up on it: "${preview}"`);
+    };
+    const options: OutboxOptions = { retryBaseMs: sendRetryMs, clock, onAbandoned };
     for (const channel of channels) this.senders.set(channel.name, new OutboxSender(store, channel, options));
   }
 
@@ -5039,14 +5055,6 @@ class Voice {
       ?.setTyping?.(chatJid, on)
       .catch(() => {});
   }
-
-  /** An undeliverable reply was abandoned: the main chat is told, unless it is the chat that fails. */
-  private tellAbandoned(part: OutboundMessage): void {
-    if (this.store.mainGroup()?.jid === part.jid) return;
-    const chat = this.store.groupByJid(part.jid)?.name ?? part.jid;
-    const preview = part.text.length > 120 ? `${part.text.slice(0, 120)}…` : part.text;
-    this.tellMain(`I could not deliver a message to ${chat} for hours and gave up on it: "${preview}"`);
-  }
 }
 
 interface HostParts {
@@ -5072,16 +5080,15 @@ function diskWatch(host: Omit<HostParts, 'disk' | 'snapshotsWritten'>, freeDiskB
   const checkGroup = (group: RegisteredGroup): void => {
     try {
       const used = groupDiskUsage(config, group.folder);
-      const wasOver = overBudget.has(group.folder);
-      if (used <= config.disk.groupBudget) {
-        if (!wasOver) return;
+      const over = used > config.disk.groupBudget;
+      if (over === overBudget.has(group.folder)) return;
+      if (!over) {
         overBudget.delete(group.folder);
         log.info({ group: group.folder, used }, 'Group back under its disk budget; answering again');
         queue.enqueueMessages(group.jid);
         return;
       }
       overBudget.add(group.folder);
-      if (wasOver) return;
       const size = Number.isFinite(used) ? formatBytes(used) : `over ${MAX_COUNTED_ENTRIES} files`;
       const budget = formatBytes(config.disk.groupBudget);
       log.warn({ group: group.folder, used: size, budget }, 'Group over its disk budget; its agent is stopped');
@@ -5586,24 +5593,22 @@ class ChatTurns {
   private afterRun(group: RegisteredGroup, outcome: RunOutcome | null): boolean {
     const { store, config } = this.host;
     const chatJid = group.jid;
+    if (!outcome) return this.host.stopped();
     const upToSeq = this.given.get(chatJid)!.upTo;
     const cursor = store.getCursor(chatJid);
-    const unanswered = store.messagesSince(chatJid, cursor).length;
     // A container that ends, however it ends, while messages it was given are unanswered has failed.
-    const failed =
-      outcome !== null && (outcome.exitCode !== 0 || outcome.timedOut || !!outcome.oversized || upToSeq > cursor);
-    if (outcome && failed && outcome.results === 0)
+    const failed = outcome.exitCode !== 0 || outcome.timedOut || !!outcome.oversized || upToSeq > cursor;
+    if (failed && outcome.results === 0)
       this.onTurn({ chatJid, status: 'error', error: noResultError(outcome), upToSeq });
-    if (this.host.stopped()) return true;
-    if (!outcome) return false;
-    if (unanswered === 0) return true;
-    const refused = { error: outcome.lastError ?? '', upTo: outcome.lastErrorUpTo ?? upToSeq };
+    const unanswered = store.messagesSince(chatJid, cursor).length;
+    if (this.host.stopped() || unanswered === 0) return true;
+    const { lastError = '', lastErrorUpTo = upToSeq, lastErrorKind } = outcome;
     // A refused key, or a request the model refuses (400), fails every retry alike: say once what to fix.
-    if (outcome.lastErrorKind === 'auth')
-      this.giveUp(chatJid, keyRefusedNotice(config, refused.error), refused.upTo, `notice:key-refused:${chatJid}`);
-    else if (outcome.lastErrorKind === 'bad-request') {
-      const notice = `I could not answer that: the model refused the request (${refused.error.slice(0, 200)}). Try saying it differently.`;
-      this.giveUp(chatJid, notice, refused.upTo);
+    if (lastErrorKind === 'auth')
+      this.giveUp(chatJid, keyRefusedNotice(config, lastError), lastErrorUpTo, `notice:key-refused:${chatJid}`);
+    else if (lastErrorKind === 'bad-request') {
+      const notice = `I could not answer that: the model refused the request (${lastError.slice(0, 200)}). Try saying it differently.`;
+      this.giveUp(chatJid, notice, lastErrorUpTo);
     }
     // Otherwise unanswered messages that came in as the container was closing go into the next run.
     else if (!failed && !outcome.lastError) this.host.queue.enqueueMessages(chatJid);
@@ -5734,19 +5739,6 @@ function ipcRequests(host: HostParts, chats: ChatTurns, tasksChanged: () => void
   };
 }
 
-/** The model proxy's count of each group's model use, by day in the user's timezone (`usage`). */
-function modelUsageRecorder(config: Config, store: Store): ModelProxyOptions['record'] {
-  return (folder, entry) => {
-    const day = formatLocalTime(now(), config.timezone).slice(0, 10);
-    try {
-      store.addModelUsage(day, folder, { ok: entry.ok, ...(entry.usage ?? { promptTokens: 0, completionTokens: 0 }) });
-    } catch (err) {
-      log.warn({ err: errorText(err) }, 'Could not count model usage');
-    }
-    if (!entry.ok) log.warn({ group: folder, status: entry.status }, 'The model answered with an error');
-  };
-}
-
 /**
  * The running assistant. Exactly once, under crashes: whatever the bot says is recorded in the outbox in the same
  * transaction as the state that made it say so (cursor, IPC done-mark, task run), and only then sent. A crash before
@@ -5780,9 +5772,14 @@ export class Host {
     const clock = options.clock ?? systemClock;
     const maxRetries = options.maxRetries ?? 5;
     this.voice = new Voice(config, store, channels, clock, options.sendRetryMs);
-    this.spill = spillBuffer(join(config.dataDir, 'spill.jsonl'), clock, store, (message, chat) =>
-      this.storeInbound(message, chat),
-    );
+    const spillFile = join(config.dataDir, 'spill.jsonl');
+    this.spill = spillBuffer(spillFile, clock, store, this.storeInbound.bind(this), (err) => {
+      log.error(
+        { err: errorText(err) },
+        'The database cannot take messages right now; keeping them in data/spill.jsonl until it can',
+      );
+      if (errorCode(err)?.startsWith('SQLITE_FULL')) void this.parts.disk.check(); // the reserve goes now, not at the next sweep
+    });
     this.queue = new GroupQueue({
       maxConcurrent: config.maxConcurrentContainers,
       idleTimeoutMs: config.idleTimeoutMs,
@@ -5803,7 +5800,19 @@ export class Host {
       upstream: config.kimi.baseUrl,
       apiKey: () => readSecrets(config).KIMI_API_KEY,
       keyRequired: usesKimiProvider(config),
-      record: modelUsageRecorder(config, store),
+      // Each group's model use, by day in the user's timezone (`usage`).
+      record: (folder, entry) => {
+        const day = formatLocalTime(now(), config.timezone).slice(0, 10);
+        try {
+          store.addModelUsage(day, folder, {
+            ok: entry.ok,
+            ...(entry.usage ?? { promptTokens: 0, completionTokens: 0 }),
+          });
+        } catch (err) {
+          log.warn({ err: errorText(err) }, 'Could not count model usage');
+        }
+        if (!entry.ok) log.warn({ group: folder, status: entry.status }, 'The model answered with an error');
+      },
     });
     this.agents = agentLauncher(parts, this.proxy);
     this.tasks = new TaskRuns(parts, this.agents, (task) => this.chats.giveTask(task));
@@ -5898,21 +5907,7 @@ export class Host {
   }
 
   handleInbound(message: NewMessage, chat: ChatMeta): void {
-    if (this.spill.holding()) {
-      this.spill.add(message, chat); // keep the order: behind what is already waiting
-      return;
-    }
-    try {
-      this.storeInbound(message, chat);
-    } catch (err) {
-      if (!isStoreUnavailable(err)) throw err;
-      log.error(
-        { err: errorText(err) },
-        'The database cannot take messages right now; keeping them in data/spill.jsonl until it can',
-      );
-      if (errorCode(err)?.startsWith('SQLITE_FULL')) void this.parts.disk.check(); // the reserve goes now, not at the next sweep
-      this.spill.add(message, chat);
-    }
+    this.spill.take(message, chat);
   }
 
   /**
