@@ -5159,15 +5159,6 @@ export function chatCommand(content: string, trigger: string): ChatCommand | nul
   return word && Object.hasOwn(CHAT_COMMANDS, word) ? (word as ChatCommand) : null;
 }
 
-function chatCommandHelp(group: RegisteredGroup): string {
-  const lines = Object.entries(CHAT_COMMANDS).map(([word, what]) => `/${word}: ${what}`);
-  const wake =
-    group.isMain || !group.requiresTrigger
-      ? 'Anything else goes to the agent.'
-      : `Start anything else with ${group.trigger} to ask the agent.`;
-  return `${lines.join('\n')}\n${wake}`;
-}
-
 function counted(n: number, noun: string): string {
   return `${n} ${noun}${n === 1 ? '' : 's'}`;
 }
@@ -5652,11 +5643,10 @@ class ChatTurns {
   /** A task as the turn of the chat's live container; false when that container is going away after all. */
   giveTask(task: ScheduledTask): boolean {
     const given = this.given.get(task.chatJid);
-    if (!given) return false;
+    if (!given?.running) return false;
     given.task = this.tasks.start(task);
-    if (this.host.queue.sendFollowUp(task.chatJid, task.prompt, 'task')) return true;
-    given.task = undefined;
-    return false;
+    if (!this.host.queue.sendFollowUp(task.chatJid, task.prompt, 'task')) given.task = undefined;
+    return given.task !== undefined;
   }
 
   private endTask(given: Given, outcome?: TaskOutcome): void {
@@ -5981,10 +5971,17 @@ export class Host {
   }
 
   private commandAnswer(command: ChatCommand, group: RegisteredGroup): string {
-    if (command === 'help') return chatCommandHelp(group);
     if (command === 'status') return statusText(this.parts, group);
-    const closing = this.queue.isRunning(group.jid) ? ' (The current one is closed first.)' : '';
-    return `Done: the next message starts a new conversation.${closing}`;
+    if (command === 'reset') {
+      const closing = this.queue.isRunning(group.jid) ? ' (The current one is closed first.)' : '';
+      return `Done: the next message starts a new conversation.${closing}`;
+    }
+    const lines = Object.entries(CHAT_COMMANDS).map(([word, what]) => `/${word}: ${what}`);
+    const wake =
+      group.isMain || !group.requiresTrigger
+        ? 'Anything else goes to the agent.'
+        : `Start anything else with ${group.trigger} to ask the agent.`;
+    return `${lines.join('\n')}\n${wake}`;
   }
 
   /** Unanswered messages and interrupted task runs get queued, after the disk watch (over-budget groups left alone). */
