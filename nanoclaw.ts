@@ -5509,9 +5509,8 @@ class ChatTurns {
     const given: Given = { upTo: upTo ?? cursor, running: true, answering: false };
     this.given.set(chatJid, given);
     if (upTo !== undefined) await voice.typing(chatJid, true);
-    let outcome: RunOutcome | null = null;
     try {
-      outcome = await this.agents.run(group, upTo === undefined ? '' : formatMessages(messages, config.timezone), {
+      return await this.agents.run(group, upTo === undefined ? '' : formatMessages(messages, config.timezone), {
         isScheduledTask: false,
         warm: upTo === undefined,
         upTo,
@@ -5526,12 +5525,12 @@ class ChatTurns {
       const error = errorText(err);
       log.error({ group: group.folder, error }, 'Could not run the agent container');
       this.onTurn({ chatJid, status: 'error', error, upToSeq: given.upTo });
+      return null;
     } finally {
       given.running = false;
       this.endTask(given);
       await voice.typing(chatJid, false);
     }
-    return outcome;
   }
 
   /** A result of the turn (a follow-up may bring more than one), or of a task handed to the container. */
