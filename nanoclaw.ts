@@ -5761,8 +5761,7 @@ export class Host {
     const clock = options.clock ?? systemClock;
     const maxRetries = options.maxRetries ?? 5;
     this.voice = new Voice(config, store, channels, clock, options.sendRetryMs);
-    const spillFile = join(config.dataDir, 'spill.jsonl');
-    this.spill = spillBuffer(spillFile, clock, store, this.storeInbound.bind(this), (err) => {
+    this.spill = spillBuffer(join(config.dataDir, 'spill.jsonl'), clock, store, this.storeInbound.bind(this), (err) => {
       log.error(
         { err: errorText(err) },
         'The database cannot take messages right now; keeping them in data/spill.jsonl until it can',
