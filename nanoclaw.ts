@@ -4874,11 +4874,22 @@ function spillBuffer(
   clock: Clock,
   store: Store,
   storeInbound: (message: NewMessage, chat: ChatMeta) => void,
+  onUnavailable: (err: unknown) => void,
 ) {
   const waiting: { message: NewMessage; chat: ChatMeta }[] = [];
   let timer: (() => void) | null = null;
 
-  function add(message: NewMessage, chat: ChatMeta): void {
+  /** Stored now, unless the database cannot take it or others wait before it (a new message keeps the order). */
+  function take(message: NewMessage, chat: ChatMeta): void {
+    if (waiting.length === 0) {
+      try {
+        storeInbound(message, chat);
+        return;
+      } catch (err) {
+        if (!isStoreUnavailable(err)) throw err;
+        onUnavailable(err);
+      }
+    }
     waiting.push({ message, chat });
     try {
       mkdirSync(dirname(file), { recursive: true });
@@ -4922,9 +4933,7 @@ function spillBuffer(
   }
 
   return {
-    /** A new message must wait behind these, to keep the order. */
-    holding: (): boolean => waiting.length > 0,
-    add,
+    take,
     replay,
     stop: () => timer?.(),
   };
@@ -4941,7 +4950,14 @@ class Voice {
     private readonly clock: Clock,
     sendRetryMs?: number,
   ) {
-    const options: OutboxOptions = { retryBaseMs: sendRetryMs, clock, onAbandoned: (part) => this.tellAbandoned(part) };
+    // An undeliverable reply was abandoned: the main chat is told, unless it is the chat that fails.
+    const onAbandoned = (part: OutboundMessage) => {
+      if (this.store.mainGroup()?.jid === part.jid) return;
+      const chat = this.store.groupByJid(part.jid)?.name ?? part.jid;
+      const preview = part.text.length > 120 ? `${part.text.slice(0, 120)}…` : part.text;
+      this.tellMain(`I could not deliver a message to ${chat} for hours and gave up on it: "${preview}"`);
+    };
+    const options: OutboxOptions = { retryBaseMs: sendRetryMs, clock, onAbandoned };
     for (const channel of channels) this.senders.set(channel.name, new OutboxSender(store, channel, options));
   }
 
@@ -5014,14 +5030,6 @@ class Voice {
       ?.setTyping?.(chatJid, on)
       .catch(() => {});
   }
-
-  /** An undeliverable reply was abandoned: the main chat is told, unless it is the chat that fails. */
-  private tellAbandoned(part: OutboundMessage): void {
-    if (this.store.mainGroup()?.jid === part.jid) return;
-    const chat = this.store.groupByJid(part.jid)?.name ?? part.jid;
-    const preview = part.text.length > 120 ? `${part.text.slice(0, 120)}…` : part.text;
-    this.tellMain(`I could not deliver a message to ${chat} for hours and gave up on it: "${preview}"`);
-  }
 }
 
 interface HostParts {
@@ -5047,16 +5055,15 @@ function diskWatch(host: Omit<HostParts, 'disk' | 'snapshotsWritten'>, freeDiskB
   const checkGroup = (group: RegisteredGroup): void => {
     try {
       const used = groupDiskUsage(config, group.folder);
-      const wasOver = overBudget.has(group.folder);
-      if (used <= config.disk.groupBudget) {
-        if (!wasOver) return;
+      const over = used > config.disk.groupBudget;
+      if (over === overBudget.has(group.folder)) return;
+      if (!over) {
         overBudget.delete(group.folder);
         log.info({ group: group.folder, used }, 'Group back under its disk budget; answering again');
         queue.enqueueMessages(group.jid);
         return;
       }
       overBudget.add(group.folder);
-      if (wasOver) return;
       const size = Number.isFinite(used) ? formatBytes(used) : `over ${MAX_COUNTED_ENTRIES} files`;
       const budget = formatBytes(config.disk.groupBudget);
       log.warn({ group: group.folder, used: size, budget }, 'Group over its disk budget; its agent is stopped');
@@ -5125,15 +5132,6 @@ export function chatCommand(content: string, trigger: string): ChatCommand | nul
   const match = new RegExp(`^(?:${escapeRegExp(trigger)}\\s+)?/(\\w+)$`, 'i').exec(typedText(content));
   const word = match?.[1]?.toLowerCase();
   return word && Object.hasOwn(CHAT_COMMANDS, word) ? (word as ChatCommand) : null;
-}
-
-function chatCommandHelp(group: RegisteredGroup): string {
-  const lines = Object.entries(CHAT_COMMANDS).map(([word, what]) => `/${word}: ${what}`);
-  const wake =
-    group.isMain || !group.requiresTrigger
-      ? 'Anything else goes to the agent.'
-      : `Start anything else with ${group.trigger} to ask the agent.`;
-  return `${lines.join('\n')}\n${wake}`;
 }
 
 function counted(n: number, noun: string): string {
@@ -5265,12 +5263,12 @@ function noResultError(outcome: RunOutcome): string {
 class TaskRuns {
   /** Task runs this process has queued or runs (their claims are not leftovers). */
   private readonly inHand = new Set<string>();
-  private readonly turns = new Map<string, TaskTurn>();
 
   constructor(
     private readonly host: HostParts,
     private readonly agents: AgentLauncher,
-    private readonly forwardHeld: (group: RegisteredGroup) => boolean,
+    /** Hands a task to the chat's live container as its turn; false when that container is going away. */
+    private readonly giveToLive: (task: ScheduledTask) => boolean,
   ) {}
 
   enqueue(task: ScheduledTask): void {
@@ -5288,27 +5286,11 @@ class TaskRuns {
       log.debug({ group: group.folder, taskId: task.id }, 'Task due soon; readying its agent');
   }
 
-  isTurnOf(chatJid: string): boolean {
-    return this.turns.has(chatJid);
-  }
-
-  /** The chat's turn answered a task handed to it: recorded here (true), or not a task's answer (false). */
-  answered(group: RegisteredGroup, answer: ContainerResult): boolean {
-    if (!this.turns.has(group.jid) || !answer.task) return false;
-    this.endTurn(group.jid, this.outcomeOf(answer));
-    this.host.queue.markIdle(group.jid);
-    if (!this.forwardHeld(group)) this.host.queue.enqueueMessages(group.jid);
-    return true;
-  }
-
   /**
-   * The task handed to the chat's container is recorded (by default: failed, as the container ended first). A database
+   * A task handed to a chat's container is recorded (by default: failed, as the container ended first). A database
    * that cannot take it leaves the claim, which the sweep recovers.
    */
-  endTurn(chatJid: string, outcome?: TaskOutcome): void {
-    const turn = this.turns.get(chatJid);
-    if (!turn) return;
-    this.turns.delete(chatJid);
+  endTurn(turn: TaskTurn, outcome?: TaskOutcome): void {
     const stopped = 'the container stopped before the task was answered';
     try {
       this.record(turn, outcome ?? { result: null, said: [], error: stopped });
@@ -5329,20 +5311,12 @@ class TaskRuns {
   }
 
   private runInLive(taskId: string, chatJid: string): void {
-    const { queue } = this.host;
     const task = this.runnable(taskId);
-    if (!task) {
-      queue.markIdle(chatJid);
-      return;
-    }
-    this.turns.set(task.chatJid, this.start(task));
-    if (!queue.sendFollowUp(task.chatJid, task.prompt, 'task')) {
-      // The container is going away after all: queued again, the task gets a container of its own.
-      this.turns.delete(task.chatJid);
-      this.enqueue(task);
-      return;
-    }
-    log.info({ group: task.groupFolder, taskId: task.id }, 'Scheduled task handed to the chat’s running container');
+    if (!task) this.host.queue.markIdle(chatJid);
+    else if (this.giveToLive(task))
+      log.info({ group: task.groupFolder, taskId: task.id }, 'Scheduled task handed to the chat’s running container');
+    // The container is going away after all: queued again, the task gets a container of its own.
+    else this.enqueue(task);
   }
 
   /** Runs claimed but never finished (the host died) are logged as interrupted and run once more; twice, given up. */
@@ -5408,13 +5382,13 @@ class TaskRuns {
     return this.record(turn, outcome);
   }
 
-  private outcomeOf(answer: ContainerResult): TaskOutcome {
+  outcomeOf(answer: ContainerResult): TaskOutcome {
     const ok = answer.status === 'success';
     const error = ok ? null : (answer.error ?? 'unknown error');
     return { result: ok ? answer.result : null, said: ok ? this.host.voice.words(answer) : [], error };
   }
 
-  private start(task: ScheduledTask): TaskTurn {
+  start(task: ScheduledTask): TaskTurn {
     this.host.store.markTaskStarted(task.id);
     return { task, at: new Date(this.host.clock.now()), mono: this.host.clock.monotonic() };
   }
@@ -5453,6 +5427,18 @@ class TaskRuns {
   }
 }
 
+/**
+ * What a chat's live container was given: the newest message (kept after the turn: what a give-up covers), whether the
+ * turn still runs, whether its agent asked the chat a question (the chat's next message is the answer), and the
+ * scheduled task handed to it as its turn now (the chat's messages follow once it is answered).
+ */
+interface Given {
+  upTo: number;
+  running: boolean;
+  answering: boolean;
+  task?: TaskTurn;
+}
+
 interface ChatTurn {
   group: RegisteredGroup;
   cursor: number;
@@ -5464,11 +5450,7 @@ interface ChatTurn {
  * records the answer: a failed run leaves the messages to be retried, and an answer recorded is never made again.
  */
 class ChatTurns {
-  /**
-   * Per chat: the newest message its turn was given (kept after the turn: what a give-up covers), whether the turn still
-   * runs, and whether its agent asked the chat a question (the chat's next message is the answer).
-   */
-  private readonly given = new Map<string, { upTo: number; running: boolean; answering: boolean }>();
+  private readonly given = new Map<string, Given>();
 
   constructor(
     private readonly host: HostParts,
@@ -5499,12 +5481,11 @@ class ChatTurns {
     const chatJid = group.jid;
     const upTo = messages.at(-1)?.seq;
     // Warm (nothing asked yet): the container starts with no prompt and takes the chat's next message as a follow-up.
-    const given = { upTo: upTo ?? cursor, running: true, answering: false };
+    const given: Given = { upTo: upTo ?? cursor, running: true, answering: false };
     this.given.set(chatJid, given);
     if (upTo !== undefined) await voice.typing(chatJid, true);
-    let outcome: RunOutcome | null = null;
     try {
-      outcome = await this.agents.run(group, upTo === undefined ? '' : formatMessages(messages, config.timezone), {
+      return await this.agents.run(group, upTo === undefined ? '' : formatMessages(messages, config.timezone), {
         isScheduledTask: false,
         warm: upTo === undefined,
         upTo,
@@ -5519,18 +5500,24 @@ class ChatTurns {
       const error = errorText(err);
       log.error({ group: group.folder, error }, 'Could not run the agent container');
       this.onTurn({ chatJid, status: 'error', error, upToSeq: given.upTo });
+      return null;
     } finally {
       given.running = false;
-      this.tasks.endTurn(chatJid);
+      this.endTask(given);
       await voice.typing(chatJid, false);
     }
-    return outcome;
   }
 
-  /** A result of the turn (a follow-up may bring more than one), unless it answers a task handed to the container. */
+  /** A result of the turn (a follow-up may bring more than one), or of a task handed to the container. */
   private recordResult(group: RegisteredGroup, result: ContainerResult): void {
-    if (this.tasks.answered(group, result)) return;
     const chatJid = group.jid;
+    const given = this.given.get(chatJid);
+    if (given?.task && result.task) {
+      this.endTask(given, this.tasks.outcomeOf(result));
+      this.host.queue.markIdle(chatJid);
+      if (!this.forward(group)) this.host.queue.enqueueMessages(chatJid);
+      return;
+    }
     void this.host.voice.typing(chatJid, false); // the turn is over; a follow-up sets it again
     // The cursor passes only what this turn answered: a follow-up queued behind it is not.
     const upToSeq = result.upTo ?? this.host.store.getCursor(chatJid);
@@ -5571,24 +5558,22 @@ class ChatTurns {
   private afterRun(group: RegisteredGroup, outcome: RunOutcome | null): boolean {
     const { store, config } = this.host;
     const chatJid = group.jid;
+    if (!outcome) return this.host.stopped();
     const upToSeq = this.given.get(chatJid)!.upTo;
     const cursor = store.getCursor(chatJid);
-    const unanswered = store.messagesSince(chatJid, cursor).length;
     // A container that ends, however it ends, while messages it was given are unanswered has failed.
-    const failed =
-      outcome !== null && (outcome.exitCode !== 0 || outcome.timedOut || !!outcome.oversized || upToSeq > cursor);
-    if (outcome && failed && outcome.results === 0)
+    const failed = outcome.exitCode !== 0 || outcome.timedOut || !!outcome.oversized || upToSeq > cursor;
+    if (failed && outcome.results === 0)
       this.onTurn({ chatJid, status: 'error', error: noResultError(outcome), upToSeq });
-    if (this.host.stopped()) return true;
-    if (!outcome) return false;
-    if (unanswered === 0) return true;
-    const refused = { error: outcome.lastError ?? '', upTo: outcome.lastErrorUpTo ?? upToSeq };
+    const unanswered = store.messagesSince(chatJid, cursor).length;
+    if (this.host.stopped() || unanswered === 0) return true;
+    const { lastError = '', lastErrorUpTo = upToSeq, lastErrorKind } = outcome;
     // A refused key, or a request the model refuses (400), fails every retry alike: say once what to fix.
-    if (outcome.lastErrorKind === 'auth')
-      this.giveUp(chatJid, keyRefusedNotice(config, refused.error), refused.upTo, `notice:key-refused:${chatJid}`);
-    else if (outcome.lastErrorKind === 'bad-request') {
-      const notice = `I could not answer that: the model refused the request (${refused.error.slice(0, 200)}). Try saying it differently.`;
-      this.giveUp(chatJid, notice, refused.upTo);
+    if (lastErrorKind === 'auth')
+      this.giveUp(chatJid, keyRefusedNotice(config, lastError), lastErrorUpTo, `notice:key-refused:${chatJid}`);
+    else if (lastErrorKind === 'bad-request') {
+      const notice = `I could not answer that: the model refused the request (${lastError.slice(0, 200)}). Try saying it differently.`;
+      this.giveUp(chatJid, notice, lastErrorUpTo);
     }
     // Otherwise unanswered messages that came in as the container was closing go into the next run.
     else if (!failed && !outcome.lastError) this.host.queue.enqueueMessages(chatJid);
@@ -5629,14 +5614,28 @@ class ChatTurns {
       this.host.queue.enqueueMessages(chatJid);
   }
 
+  /** A task as the turn of the chat's live container; false when that container is going away after all. */
+  giveTask(task: ScheduledTask): boolean {
+    const given = this.given.get(task.chatJid);
+    if (!given?.running) return false;
+    given.task = this.tasks.start(task);
+    if (!this.host.queue.sendFollowUp(task.chatJid, task.prompt, 'task')) given.task = undefined;
+    return given.task !== undefined;
+  }
+
+  private endTask(given: Given, outcome?: TaskOutcome): void {
+    const { task } = given;
+    given.task = undefined;
+    if (task) this.tasks.endTurn(task, outcome);
+  }
+
   /** New messages go to the group's live container; only the one that just arrived is checked for the trigger. */
   forward(group: RegisteredGroup, arrived?: StoredMessage): boolean {
     const { store, queue, config } = this.host;
     const given = this.given.get(group.jid);
     if (!given?.running) return false;
     const { answering } = given;
-    // A scheduled task is the container's turn now: the chat's messages follow once it answered.
-    if (this.tasks.isTurnOf(group.jid) && !answering) return true;
+    if (given.task && !answering) return true;
     // Messages that do not wake the agent are kept for the next batch.
     if (arrived && !(answering ? mayWake(group, arrived) : needsAgent(group, [arrived]))) return true;
     const messages = store.messagesSince(group.jid, given.upTo);
@@ -5704,19 +5703,6 @@ function ipcRequests(host: HostParts, chats: ChatTurns, tasksChanged: () => void
   };
 }
 
-/** The model proxy's count of each group's model use, by day in the user's timezone (`usage`). */
-function modelUsageRecorder(config: Config, store: Store): ModelProxyOptions['record'] {
-  return (folder, entry) => {
-    const day = formatLocalTime(now(), config.timezone).slice(0, 10);
-    try {
-      store.addModelUsage(day, folder, { ok: entry.ok, ...(entry.usage ?? { promptTokens: 0, completionTokens: 0 }) });
-    } catch (err) {
-      log.warn({ err: errorText(err) }, 'Could not count model usage');
-    }
-    if (!entry.ok) log.warn({ group: folder, status: entry.status }, 'The model answered with an error');
-  };
-}
-
 /**
  * The running assistant. Exactly once, under crashes: whatever the bot says is recorded in the outbox in the same
  * transaction as the state that made it say so (cursor, IPC done-mark, task run), and only then sent. A crash before
@@ -5750,9 +5736,13 @@ export class Host {
     const clock = options.clock ?? systemClock;
     const maxRetries = options.maxRetries ?? 5;
     this.voice = new Voice(config, store, channels, clock, options.sendRetryMs);
-    this.spill = spillBuffer(join(config.dataDir, 'spill.jsonl'), clock, store, (message, chat) =>
-      this.storeInbound(message, chat),
-    );
+    this.spill = spillBuffer(join(config.dataDir, 'spill.jsonl'), clock, store, this.storeInbound.bind(this), (err) => {
+      log.error(
+        { err: errorText(err) },
+        'The database cannot take messages right now; keeping them in data/spill.jsonl until it can',
+      );
+      if (errorCode(err)?.startsWith('SQLITE_FULL')) void this.parts.disk.check(); // the reserve goes now, not at the next sweep
+    });
     this.queue = new GroupQueue({
       maxConcurrent: config.maxConcurrentContainers,
       idleTimeoutMs: config.idleTimeoutMs,
@@ -5773,10 +5763,22 @@ export class Host {
       upstream: config.kimi.baseUrl,
       apiKey: () => readSecrets(config).KIMI_API_KEY,
       keyRequired: usesKimiProvider(config),
-      record: modelUsageRecorder(config, store),
+      // Each group's model use, by day in the user's timezone (`usage`).
+      record: (folder, entry) => {
+        const day = formatLocalTime(now(), config.timezone).slice(0, 10);
+        try {
+          store.addModelUsage(day, folder, {
+            ok: entry.ok,
+            ...(entry.usage ?? { promptTokens: 0, completionTokens: 0 }),
+          });
+        } catch (err) {
+          log.warn({ err: errorText(err) }, 'Could not count model usage');
+        }
+        if (!entry.ok) log.warn({ group: folder, status: entry.status }, 'The model answered with an error');
+      },
     });
     this.agents = agentLauncher(parts, this.proxy);
-    this.tasks = new TaskRuns(parts, this.agents, (group) => this.chats.forward(group));
+    this.tasks = new TaskRuns(parts, this.agents, (task) => this.chats.giveTask(task));
     this.chats = new ChatTurns(parts, this.agents, this.tasks, (event) => this.onTurn(event));
     const ipcHandlers = ipcRequests(parts, this.chats, () => this.scheduler.arm());
     this.ipc = new IpcWatcher(config.ipcDir, ipcHandlers, options.ipcSweepMs ?? 30_000, clock);
@@ -5868,21 +5870,7 @@ export class Host {
   }
 
   handleInbound(message: NewMessage, chat: ChatMeta): void {
-    if (this.spill.holding()) {
-      this.spill.add(message, chat); // keep the order: behind what is already waiting
-      return;
-    }
-    try {
-      this.storeInbound(message, chat);
-    } catch (err) {
-      if (!isStoreUnavailable(err)) throw err;
-      log.error(
-        { err: errorText(err) },
-        'The database cannot take messages right now; keeping them in data/spill.jsonl until it can',
-      );
-      if (errorCode(err)?.startsWith('SQLITE_FULL')) void this.parts.disk.check(); // the reserve goes now, not at the next sweep
-      this.spill.add(message, chat);
-    }
+    this.spill.take(message, chat);
   }
 
   /**
@@ -5956,10 +5944,17 @@ export class Host {
   }
 
   private commandAnswer(command: ChatCommand, group: RegisteredGroup): string {
-    if (command === 'help') return chatCommandHelp(group);
     if (command === 'status') return statusText(this.parts, group);
-    const closing = this.queue.isRunning(group.jid) ? ' (The current one is closed first.)' : '';
-    return `Done: the next message starts a new conversation.${closing}`;
+    if (command === 'reset') {
+      const closing = this.queue.isRunning(group.jid) ? ' (The current one is closed first.)' : '';
+      return `Done: the next message starts a new conversation.${closing}`;
+    }
+    const lines = Object.entries(CHAT_COMMANDS).map(([word, what]) => `/${word}: ${what}`);
+    const wake =
+      group.isMain || !group.requiresTrigger
+        ? 'Anything else goes to the agent.'
+        : `Start anything else with ${group.trigger} to ask the agent.`;
+    return `${lines.join('\n')}\n${wake}`;
   }
 
   /** Unanswered messages and interrupted task runs get queued, after the disk watch (over-budget groups left alone). */
