@@ -6362,7 +6362,6 @@ class TerminalChat implements Channel {
     this.print(this.interactive ? `\x1b[31m${text}\x1b[0m` : text, process.stderr);
   }
 
-  /** The spinner: in the prompt while the agent works. */
   async setTyping(_jid: string, typing: boolean): Promise<void> {
     if (!this.interactive || typing === (this.spinner !== null)) return;
     clearInterval(this.spinner ?? undefined);
@@ -6396,11 +6395,9 @@ class TerminalChat implements Channel {
       }
       if (this.waiting && turn.upToSeq >= this.waiting.seq) this.waiting.answered(turn);
     };
-    host.onRetry = ({ chatJid, delayMs, attempt, maxRetries }) => {
-      const seconds = Math.round(delayMs / 1000);
-      if (chatJid === jid) this.problem(`Retrying in ${seconds} s (attempt ${attempt} of ${maxRetries}).`);
-    };
-    // Ctrl-C: the turn in progress stops now and is not answered later.
+    host.onRetry = ({ chatJid, delayMs, attempt, maxRetries }) =>
+      chatJid === jid &&
+      this.problem(`Retrying in ${Math.round(delayMs / 1000)} s (attempt ${attempt} of ${maxRetries}).`);
     const interrupted = this.ctrlC.promise.then(async () => {
       log.info({ signal: 'SIGINT' }, 'Stopped by Ctrl-C');
       if (await host.abandon(jid))
@@ -6748,11 +6745,6 @@ const printingChannel = (): Channel => ({
 const describeSchedule = ({ scheduleType: type, scheduleValue: value }: ScheduledTask) =>
   type === 'interval' ? `every ${Number(value) / 1000} s` : `${type} ${value}`;
 
-const queuedNote = (config: Config) =>
-  WhatsAppChannel.linkState(whatsAppAuthDir(config)) === 'linked'
-    ? 'Queued in the outbox, for WhatsApp as soon as the service runs (bun nanoclaw.ts, or service install).'
-    : 'WhatsApp is not linked on this machine: queued in the outbox until you link it (bun nanoclaw.ts auth) and start NanoClaw.';
-
 /** With the service running, it asks the service; else it runs here and what it says waits in the outbox. */
 async function runTaskNow({ config, store }: CommandCall, task: ScheduledTask): Promise<number> {
   const servicePid = runningHostPid(config);
@@ -6772,7 +6764,12 @@ async function runTaskNow({ config, store }: CommandCall, task: ScheduledTask): 
     const run = await started.host.runTaskNow(task.id);
     const queued = started.store.unsent('whatsapp', lastBefore);
     for (const message of queued) console.log(`→ ${message.jid} (queued for WhatsApp): ${message.text}`);
-    if (queued.length) console.log(queuedNote(config));
+    if (queued.length)
+      console.log(
+        WhatsAppChannel.linkState(whatsAppAuthDir(config)) === 'linked'
+          ? 'Queued in the outbox, for WhatsApp as soon as the service runs (bun nanoclaw.ts, or service install).'
+          : 'WhatsApp is not linked on this machine: queued in the outbox until you link it (bun nanoclaw.ts auth) and start NanoClaw.',
+      );
     if (run?.status === 'error') console.error(`The task failed: ${run.error}`);
     return run?.status === 'success' ? 0 : 1;
   } finally {
@@ -6927,24 +6924,22 @@ function sessionsClear({ config, positionals: [folder], store }: CommandCall): n
 
 type ModelCheck = { status: 'ok' | 'refused' | 'offline' | 'error'; detail: string };
 
-async function modelAnswer(config: Config, response: Response): Promise<ModelCheck> {
-  const { baseUrl, modelName } = config.kimi;
-  const body = await response.text();
-  if (response.ok) {
-    const ids = ((JSON.parse(body) as { data?: { id?: string }[] }).data ?? []).map((m) => m.id).filter(Boolean);
-    const listed = ids.includes(modelName) ? 'is listed' : `is not among its models (${ids.slice(0, 6).join(', ')})`;
-    return { status: 'ok', detail: `${baseUrl} accepts the key; ${modelName} ${listed}` };
-  }
-  if (response.status === 401 || response.status === 403)
-    return { status: 'refused', detail: keyRefusedNotice(config, `Error code: ${response.status} - ${body}`) };
-  if (response.status === 502)
-    return { status: 'offline', detail: `no network to ${baseUrl} (${JSON.parse(body).error?.message ?? body})` };
-  return { status: 'error', detail: `${baseUrl} answered ${response.status}: ${body.slice(0, 200)}` };
-}
-
 /** GET {KIMI_BASE_URL}/models through a model proxy run, as a container would: key, endpoint and proxy all checked. */
 async function modelCheck({ config, values }: CommandCall): Promise<number> {
   const { platform, baseUrl, modelName: model } = config.kimi;
+  const answer = async (response: Response): Promise<ModelCheck> => {
+    const body = await response.text();
+    if (response.ok) {
+      const ids = ((JSON.parse(body) as { data?: { id?: string }[] }).data ?? []).map((m) => m.id).filter(Boolean);
+      const listed = ids.includes(model) ? 'is listed' : `is not among its models (${ids.slice(0, 6).join(', ')})`;
+      return { status: 'ok', detail: `${baseUrl} accepts the key; ${model} ${listed}` };
+    }
+    if (response.status === 401 || response.status === 403)
+      return { status: 'refused', detail: keyRefusedNotice(config, `Error code: ${response.status} - ${body}`) };
+    if (response.status === 502)
+      return { status: 'offline', detail: `no network to ${baseUrl} (${JSON.parse(body).error?.message ?? body})` };
+    return { status: 'error', detail: `${baseUrl} answered ${response.status}: ${body.slice(0, 200)}` };
+  };
   const proxy = new ModelProxy({
     mode: 'unix',
     dir: join(config.dataDir, 'proxy'),
@@ -6958,7 +6953,7 @@ async function modelCheck({ config, values }: CommandCall): Promise<number> {
     headers: { authorization: `Bearer ${run.token}` },
     signal: AbortSignal.timeout(15_000),
   } as RequestInit)
-    .then((response) => modelAnswer(config, response))
+    .then(answer)
     .catch(
       (err): ModelCheck => ({ status: 'offline', detail: `no answer from ${baseUrl} in 15 s (${errorText(err)})` }),
     )
@@ -7154,11 +7149,7 @@ const COMMANDS: Record<string, Command & { usage: string }> = {
 };
 
 /** A command's usage, one "synopsis — what it does" a line, indented. */
-const usageLines = (usage: string) =>
-  usage
-    .trim()
-    .replace(/\s*\n\s*/g, '\n')
-    .replace(/^/gm, '  ');
+const usageLines = (usage: string) => usage.trim().replace(/^\s*/gm, '  ');
 
 const commandUsage = (name: string) => `Usage: bun nanoclaw.ts …\n${usageLines(COMMANDS[name]!.usage)}`;
 
