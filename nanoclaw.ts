@@ -6508,7 +6508,6 @@ export function authPlan(state: LinkState, relink: boolean): 'link' | 'start-ove
   return relink ? 'replace' : 'ask';
 }
 
-/** Links this machine to WhatsApp (QR code, or a pairing code for `phone`); resolves with the exit status. */
 async function linkWhatsApp(config: Config, store: Store, phone: string | undefined): Promise<number> {
   const authDir = whatsAppAuthDir(config);
   mkdirSync(authDir, { recursive: true });
@@ -6605,7 +6604,6 @@ async function authCommand({ config, values, store }: CommandCall): Promise<numb
   });
 }
 
-/** Prints each line (`whenNone` if there are none): what a command that only reports does before its exit status 0. */
 function report(lines: string[], whenNone?: string): number {
   if (lines.length === 0 && whenNone) console.log(whenNone);
   for (const line of lines) console.log(line);
@@ -6647,7 +6645,6 @@ export function discoverLines(store: Store): string[] {
   ];
 }
 
-/** `--mount <hostPath>[:<containerPath>][:ro|rw]`: read-only unless it says rw. */
 function parseMountOption(text: string): NonNullable<ContainerConfig['additionalMounts']>[number] {
   const parts = text.split(':');
   const access = parts.length > 1 && /^(ro|rw)$/.test(parts.at(-1)!) ? parts.pop() : 'ro';
@@ -6856,7 +6853,6 @@ function mountsCommand({ config, values, positionals: [folder], store }: Command
   ]);
 }
 
-/** To follow the host live: tail -f logs/nanoclaw.log; to check the whole setup: diagnose. */
 function logsCommand({ config, values: { group: folder, lines } }: CommandCall): number {
   const count = positiveOption('logs', 'lines', lines, 40);
   const lastLines = (text: string, n = count) => visibleText(text.replace(/\n$/, '').split('\n').slice(-n).join('\n'));
@@ -6897,7 +6893,6 @@ function runScript(config: Config, name: string, args: string[], env: Record<str
   return run.exitCode ?? 1;
 }
 
-/** `service`: scripts/service.sh writes and drives this install's own unit (named after its folder). */
 function serviceCommand({ config, values, action }: CommandCall): number {
   const platform = values.platform;
   if (platform !== undefined && platform !== 'linux' && platform !== 'macos')
@@ -6974,7 +6969,6 @@ function usageCommand({ config, values, store }: CommandCall): number {
   if (values.json) return report([JSON.stringify(rows, null, 2)]);
   if (rows.length === 0)
     return report([`No model requests in the last ${days} days${groupFilter ? ` for "${groupFilter}"` : ''}.`]);
-  // Day and group to the left, the counts to the right; the total row leaves group and failed empty.
   const row = (...cells: (string | number)[]) =>
     cells
       .map((c, i) => (i < 2 ? String(c).padEnd([11, 16][i]!) : String(c).padStart([8, 6, 14, 14][i - 2]!)))
@@ -7027,7 +7021,6 @@ function diagnoseCommand({ config, values }: CommandCall): number {
 /** What a command's run gets: its options and arguments, parsed; the store, opened at its first use and closed after the run. */
 type CommandCall = { config: Config; action: string; values: OptionValues; positionals: string[]; store: () => Store };
 
-/** A command, or one of its actions. */
 interface Command {
   /** Its lines of usage, "synopsis — what it does", one a line: shown after its mistakes, for --help, and in the overall usage. */
   usage?: string;
@@ -7041,7 +7034,6 @@ interface Command {
   defaultAction?: string;
 }
 
-// What an option takes: nothing (a flag), a text, or texts (the option repeated).
 const flag = { type: 'boolean' } as const;
 const text = { type: 'string' } as const;
 const texts = { type: 'string', multiple: true } as const;
@@ -7148,7 +7140,6 @@ const COMMANDS: Record<string, Command & { usage: string }> = {
   help: { usage: "help [command], --help — this text, or one command's" },
 };
 
-/** A command's usage, one "synopsis — what it does" a line, indented. */
 const usageLines = (usage: string) => usage.trim().replace(/^\s*/gm, '  ');
 
 const commandUsage = (name: string) => `Usage: bun nanoclaw.ts …\n${usageLines(COMMANDS[name]!.usage)}`;
@@ -7167,7 +7158,6 @@ Settings come from the environment and .env (see .env.example).`;
 const help = (about?: string) =>
   report([about && Object.hasOwn(COMMANDS, about) ? commandUsage(about) : overallUsage()]);
 
-/** Parses and checks the arguments, runs the command (or the action its first argument names), closes the store. */
 async function runCommand(config: Config, name: string, args: string[]): Promise<number> {
   const command = Object.hasOwn(COMMANDS, name) ? COMMANDS[name]! : null;
   const below = name.startsWith('-') ? '' : ' The commands are below.';
