@@ -6510,7 +6510,6 @@ export function authPlan(state: LinkState, relink: boolean): 'link' | 'start-ove
 
 async function linkWhatsApp(config: Config, store: Store, phone: string | undefined): Promise<number> {
   const authDir = whatsAppAuthDir(config);
-  mkdirSync(authDir, { recursive: true });
   const { generate } = await import('qrcode-terminal');
   const versions = whatsAppChannel(config, store); // never connected: its version lookup, as the service's
   // Kept for the reconnect after pairing (515): never re-read mid-write.
