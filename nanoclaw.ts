@@ -6258,7 +6258,8 @@ export function makeSelfChatMain(config: Config, store: Store, selfJid: string):
 
 // ───────────────────────────── 13. CLI: the command table, its runner, main() ──────────
 
-type CommandOptions = Record<string, { type: 'string' | 'boolean'; multiple?: boolean }>;
+/** `whole`: a whole number above 0, checked by the runner. */
+type CommandOptions = Record<string, { type: 'string' | 'boolean'; multiple?: boolean; whole?: boolean }>;
 type OptionValues = Record<string, string | boolean | string[] | undefined>;
 
 /** Strict parseArgs: a mistake becomes a UsageError naming the command; null for `--help`/`-h` anywhere. */
@@ -6279,13 +6280,6 @@ function commandArgs(command: string, args: string[], options: CommandOptions) {
       throw mistake(`${option} needs a value (one that starts with "-" goes as ${option}=-…).`);
     throw mistake(`${option} needs a value.`);
   }
-}
-
-function positiveOption(command: string, name: string, raw: OptionValues[string], fallback: number): number {
-  if (raw === undefined) return fallback;
-  if (typeof raw !== 'string' || !/^\d+$/.test(raw.trim()) || Number(raw) <= 0)
-    throw new UsageError(`--${name} takes a whole number above 0, not "${raw}".`, command);
-  return Number(raw);
 }
 
 /** SIGTERM (a service manager) and SIGINT let running turns finish and deliver them (an orderly stop, logged at info);
@@ -6853,7 +6847,7 @@ function mountsCommand({ config, values, positionals: [folder], store }: Command
 }
 
 function logsCommand({ config, values: { group: folder, lines } }: CommandCall): number {
-  const count = positiveOption('logs', 'lines', lines, 40);
+  const count = Number(lines ?? 40);
   const lastLines = (text: string, n = count) => visibleText(text.replace(/\n$/, '').split('\n').slice(-n).join('\n'));
   if (typeof folder === 'string') {
     // The group's recent run logs and the latest one's end, read through its tree (the agent can write there).
@@ -6961,7 +6955,7 @@ async function modelCheck({ config, values }: CommandCall): Promise<number> {
 }
 
 function usageCommand({ config, values, store }: CommandCall): number {
-  const days = positiveOption('usage', 'days', values.days, 30);
+  const days = Number(values.days ?? 30);
   const groupFilter = values.group as string | undefined;
   const from = new Date(Date.now() - (days - 1) * DAY_MS).toISOString();
   const rows = store().modelUsage(formatLocalTime(from, config.timezone).slice(0, 10), groupFilter);
@@ -7036,6 +7030,7 @@ interface Command {
 const flag = { type: 'boolean' } as const;
 const text = { type: 'string' } as const;
 const texts = { type: 'string', multiple: true } as const;
+const whole = { type: 'string', whole: true } as const;
 const json = { json: flag };
 const taskId = 'one task id (see: bun nanoclaw.ts tasks list)';
 const register: Command = {
@@ -7090,7 +7085,7 @@ const COMMANDS: Record<string, Command & { usage: string }> = {
   },
   logs: {
     usage: "logs [--group <folder>] [--lines N] — the host log's end, or a group's latest container runs",
-    options: { group: text, lines: text },
+    options: { group: text, lines: whole },
     run: logsCommand,
   },
   mounts: {
@@ -7112,7 +7107,7 @@ const COMMANDS: Record<string, Command & { usage: string }> = {
   },
   usage: {
     usage: 'usage [--days N] [--group F] [--json] — model requests and tokens by group and day',
-    options: { days: text, group: text, ...json },
+    options: { days: whole, group: text, ...json },
     run: usageCommand,
   },
   model: {
@@ -7176,6 +7171,9 @@ async function runCommand(config: Config, name: string, args: string[]): Promise
     const owners = Object.keys(actions).filter((owner) => Object.hasOwn(actions[owner]!.options ?? {}, misplaced));
     throw new UsageError(`--${misplaced} belongs to ${name} ${owners.join('|')}.`, name); // as usage writes it
   }
+  for (const [option, value] of Object.entries(values))
+    if (options[option]?.whole && !(/^\d+$/.test(String(value).trim()) && Number(value) > 0))
+      throw new UsageError(`--${option} takes a whole number above 0, not "${value}".`, name);
   const called = command.actions ? `${name} ${action}` : name;
   const count = runs.needs ? (runs.count ?? 1) : 0;
   if (count === 'one or more' ? rest.length === 0 : rest.length !== count)
