@@ -6966,12 +6966,11 @@ function usageCommand({ config, values, store }: CommandCall): number {
     cells
       .map((c, i) => (i < 2 ? String(c).padEnd([11, 16][i]!) : String(c).padStart([8, 6, 14, 14][i - 2]!)))
       .join(' ');
-  const sum = (count: (r: (typeof rows)[number]) => number) => rows.reduce((n, r) => n + count(r), 0);
-  const total = [sum((r) => r.requests), '', sum((r) => r.promptTokens), sum((r) => r.completionTokens)];
+  const sum = (count: 'requests' | 'promptTokens' | 'completionTokens') => rows.reduce((n, r) => n + r[count], 0);
   return report([
     row('day', 'group', 'requests', 'failed', 'prompt tokens', 'output tokens'),
     ...rows.map((r) => row(r.day, r.groupFolder, r.requests, r.failed, r.promptTokens, r.completionTokens)),
-    row('total', '', ...total),
+    row('total', '', sum('requests'), '', sum('promptTokens'), sum('completionTokens')),
   ]);
 }
 
