@@ -6258,7 +6258,6 @@ export function makeSelfChatMain(config: Config, store: Store, selfJid: string):
 
 // ───────────────────────────── 13. CLI: the command table, its runner, main() ──────────
 
-/** `whole`: a whole number above 0, checked by the runner. */
 type CommandOptions = Record<string, { type: 'string' | 'boolean'; multiple?: boolean; whole?: boolean }>;
 type OptionValues = Record<string, string | boolean | string[] | undefined>;
 
@@ -7029,7 +7028,7 @@ interface Command {
 const flag = { type: 'boolean' } as const;
 const text = { type: 'string' } as const;
 const texts = { type: 'string', multiple: true } as const;
-const whole = { type: 'string', whole: true } as const;
+const whole = { type: 'string', whole: true } as const; // a whole number above 0: the runner checks it
 const json = { json: flag };
 const taskId = 'one task id (see: bun nanoclaw.ts tasks list)';
 const register: Command = {
