@@ -6228,7 +6228,7 @@ export function makeSelfChatMain(config: Config, store: Store, selfJid: string):
 
 // ───────────────────────────── 13. CLI: the command table, its runner, main() ──────────
 
-type CommandOptions = Record<string, { type: 'string' | 'boolean'; multiple?: boolean }>;
+type CommandOptions = Record<string, { type: 'string' | 'boolean'; multiple?: boolean; whole?: boolean }>;
 type OptionValues = Record<string, string | boolean | string[] | undefined>;
 
 /** Strict parseArgs: a mistake becomes a UsageError naming the command; null for `--help`/`-h` anywhere. */
@@ -6249,13 +6249,6 @@ function commandArgs(command: string, args: string[], options: CommandOptions) {
       throw mistake(`${option} needs a value (one that starts with "-" goes as ${option}=-…).`);
     throw mistake(`${option} needs a value.`);
   }
-}
-
-function positiveOption(command: string, name: string, raw: OptionValues[string], fallback: number): number {
-  if (raw === undefined) return fallback;
-  if (typeof raw !== 'string' || !/^\d+$/.test(raw.trim()) || Number(raw) <= 0)
-    throw new UsageError(`--${name} takes a whole number above 0, not "${raw}".`, command);
-  return Number(raw);
 }
 
 /** SIGTERM (a service manager) and SIGINT let running turns finish and deliver them (an orderly stop, logged at info);
@@ -6332,7 +6325,6 @@ class TerminalChat implements Channel {
     this.print(this.interactive ? `\x1b[31m${text}\x1b[0m` : text, process.stderr);
   }
 
-  /** The spinner: in the prompt while the agent works. */
   async setTyping(_jid: string, typing: boolean): Promise<void> {
     if (!this.interactive || typing === (this.spinner !== null)) return;
     clearInterval(this.spinner ?? undefined);
@@ -6366,11 +6358,9 @@ class TerminalChat implements Channel {
       }
       if (this.waiting && turn.upToSeq >= this.waiting.seq) this.waiting.answered(turn);
     };
-    host.onRetry = ({ chatJid, delayMs, attempt, maxRetries }) => {
-      const seconds = Math.round(delayMs / 1000);
-      if (chatJid === jid) this.problem(`Retrying in ${seconds} s (attempt ${attempt} of ${maxRetries}).`);
-    };
-    // Ctrl-C: the turn in progress stops now and is not answered later.
+    host.onRetry = ({ chatJid, delayMs, attempt, maxRetries }) =>
+      chatJid === jid &&
+      this.problem(`Retrying in ${Math.round(delayMs / 1000)} s (attempt ${attempt} of ${maxRetries}).`);
     const interrupted = this.ctrlC.promise.then(async () => {
       log.info({ signal: 'SIGINT' }, 'Stopped by Ctrl-C');
       if (await host.abandon(jid))
@@ -6481,10 +6471,8 @@ export function authPlan(state: LinkState, relink: boolean): 'link' | 'start-ove
   return relink ? 'replace' : 'ask';
 }
 
-/** Links this machine to WhatsApp (QR code, or a pairing code for `phone`); resolves with the exit status. */
 async function linkWhatsApp(config: Config, store: Store, phone: string | undefined): Promise<number> {
   const authDir = whatsAppAuthDir(config);
-  mkdirSync(authDir, { recursive: true });
   const { generate } = await import('qrcode-terminal');
   const versions = whatsAppChannel(config, store); // never connected: its version lookup, as the service's
   // Kept for the reconnect after pairing (515): never re-read mid-write.
@@ -6578,7 +6566,6 @@ async function authCommand({ config, values, store }: CommandCall): Promise<numb
   });
 }
 
-/** Prints each line (`whenNone` if there are none): what a command that only reports does before its exit status 0. */
 function report(lines: string[], whenNone?: string): number {
   if (lines.length === 0 && whenNone) console.log(whenNone);
   for (const line of lines) console.log(line);
@@ -6620,7 +6607,6 @@ export function discoverLines(store: Store): string[] {
   ];
 }
 
-/** `--mount <hostPath>[:<containerPath>][:ro|rw]`: read-only unless it says rw. */
 function parseMountOption(text: string): NonNullable<ContainerConfig['additionalMounts']>[number] {
   const parts = text.split(':');
   const access = parts.length > 1 && /^(ro|rw)$/.test(parts.at(-1)!) ? parts.pop() : 'ro';
@@ -6718,11 +6704,6 @@ const printingChannel = (): Channel => ({
 const describeSchedule = ({ scheduleType: type, scheduleValue: value }: ScheduledTask) =>
   type === 'interval' ? `every ${Number(value) / 1000} s` : `${type} ${value}`;
 
-const queuedNote = (config: Config) =>
-  WhatsAppChannel.linkState(whatsAppAuthDir(config)) === 'linked'
-    ? 'Queued in the outbox, for WhatsApp as soon as the service runs (bun nanoclaw.ts, or service install).'
-    : 'WhatsApp is not linked on this machine: queued in the outbox until you link it (bun nanoclaw.ts auth) and start NanoClaw.';
-
 /** With the service running, it asks the service; else it runs here and what it says waits in the outbox. */
 async function runTaskNow({ config, store }: CommandCall, task: ScheduledTask): Promise<number> {
   const servicePid = runningHostPid(config);
@@ -6742,7 +6723,12 @@ async function runTaskNow({ config, store }: CommandCall, task: ScheduledTask): 
     const run = await started.host.runTaskNow(task.id);
     const queued = started.store.unsent('whatsapp', lastBefore);
     for (const message of queued) console.log(`→ ${message.jid} (queued for WhatsApp): ${message.text}`);
-    if (queued.length) console.log(queuedNote(config));
+    if (queued.length)
+      console.log(
+        WhatsAppChannel.linkState(whatsAppAuthDir(config)) === 'linked'
+          ? 'Queued in the outbox, for WhatsApp as soon as the service runs (bun nanoclaw.ts, or service install).'
+          : 'WhatsApp is not linked on this machine: queued in the outbox until you link it (bun nanoclaw.ts auth) and start NanoClaw.',
+      );
     if (run?.status === 'error') console.error(`The task failed: ${run.error}`);
     return run?.status === 'success' ? 0 : 1;
   } finally {
@@ -6829,9 +6815,8 @@ function mountsCommand({ config, values, positionals: [folder], store }: Command
   ]);
 }
 
-/** To follow the host live: tail -f logs/nanoclaw.log; to check the whole setup: diagnose. */
 function logsCommand({ config, values: { group: folder, lines } }: CommandCall): number {
-  const count = positiveOption('logs', 'lines', lines, 40);
+  const count = Number(lines ?? 40);
   const lastLines = (text: string, n = count) => visibleText(text.replace(/\n$/, '').split('\n').slice(-n).join('\n'));
   if (typeof folder === 'string') {
     // The group's recent run logs and the latest one's end, read through its tree (the agent can write there).
@@ -6870,7 +6855,6 @@ function runScript(config: Config, name: string, args: string[], env: Record<str
   return run.exitCode ?? 1;
 }
 
-/** `service`: scripts/service.sh writes and drives this install's own unit (named after its folder). */
 function serviceCommand({ config, values, action }: CommandCall): number {
   const platform = values.platform;
   if (platform !== undefined && platform !== 'linux' && platform !== 'macos')
@@ -6897,24 +6881,22 @@ function sessionsClear({ config, positionals: [folder], store }: CommandCall): n
 
 type ModelCheck = { status: 'ok' | 'refused' | 'offline' | 'error'; detail: string };
 
-async function modelAnswer(config: Config, response: Response): Promise<ModelCheck> {
-  const { baseUrl, modelName } = config.kimi;
-  const body = await response.text();
-  if (response.ok) {
-    const ids = ((JSON.parse(body) as { data?: { id?: string }[] }).data ?? []).map((m) => m.id).filter(Boolean);
-    const listed = ids.includes(modelName) ? 'is listed' : `is not among its models (${ids.slice(0, 6).join(', ')})`;
-    return { status: 'ok', detail: `${baseUrl} accepts the key; ${modelName} ${listed}` };
-  }
-  if (response.status === 401 || response.status === 403)
-    return { status: 'refused', detail: keyRefusedNotice(config, `Error code: ${response.status} - ${body}`) };
-  if (response.status === 502)
-    return { status: 'offline', detail: `no network to ${baseUrl} (${JSON.parse(body).error?.message ?? body})` };
-  return { status: 'error', detail: `${baseUrl} answered ${response.status}: ${body.slice(0, 200)}` };
-}
-
 /** GET {KIMI_BASE_URL}/models through a model proxy run, as a container would: key, endpoint and proxy all checked. */
 async function modelCheck({ config, values }: CommandCall): Promise<number> {
   const { platform, baseUrl, modelName: model } = config.kimi;
+  const answer = async (response: Response): Promise<ModelCheck> => {
+    const body = await response.text();
+    if (response.ok) {
+      const ids = ((JSON.parse(body) as { data?: { id?: string }[] }).data ?? []).map((m) => m.id).filter(Boolean);
+      const listed = ids.includes(model) ? 'is listed' : `is not among its models (${ids.slice(0, 6).join(', ')})`;
+      return { status: 'ok', detail: `${baseUrl} accepts the key; ${model} ${listed}` };
+    }
+    if (response.status === 401 || response.status === 403)
+      return { status: 'refused', detail: keyRefusedNotice(config, `Error code: ${response.status} - ${body}`) };
+    if (response.status === 502)
+      return { status: 'offline', detail: `no network to ${baseUrl} (${JSON.parse(body).error?.message ?? body})` };
+    return { status: 'error', detail: `${baseUrl} answered ${response.status}: ${body.slice(0, 200)}` };
+  };
   const proxy = new ModelProxy({
     mode: 'unix',
     dir: join(config.dataDir, 'proxy'),
@@ -6928,7 +6910,7 @@ async function modelCheck({ config, values }: CommandCall): Promise<number> {
     headers: { authorization: `Bearer ${run.token}` },
     signal: AbortSignal.timeout(15_000),
   } as RequestInit)
-    .then((response) => modelAnswer(config, response))
+    .then(answer)
     .catch(
       (err): ModelCheck => ({ status: 'offline', detail: `no answer from ${baseUrl} in 15 s (${errorText(err)})` }),
     )
@@ -6942,24 +6924,22 @@ async function modelCheck({ config, values }: CommandCall): Promise<number> {
 }
 
 function usageCommand({ config, values, store }: CommandCall): number {
-  const days = positiveOption('usage', 'days', values.days, 30);
+  const days = Number(values.days ?? 30);
   const groupFilter = values.group as string | undefined;
   const from = new Date(Date.now() - (days - 1) * DAY_MS).toISOString();
   const rows = store().modelUsage(formatLocalTime(from, config.timezone).slice(0, 10), groupFilter);
   if (values.json) return report([JSON.stringify(rows, null, 2)]);
   if (rows.length === 0)
     return report([`No model requests in the last ${days} days${groupFilter ? ` for "${groupFilter}"` : ''}.`]);
-  // Day and group to the left, the counts to the right; the total row leaves group and failed empty.
   const row = (...cells: (string | number)[]) =>
     cells
       .map((c, i) => (i < 2 ? String(c).padEnd([11, 16][i]!) : String(c).padStart([8, 6, 14, 14][i - 2]!)))
       .join(' ');
-  const sum = (count: (r: (typeof rows)[number]) => number) => rows.reduce((n, r) => n + count(r), 0);
-  const total = [sum((r) => r.requests), '', sum((r) => r.promptTokens), sum((r) => r.completionTokens)];
+  const sum = (count: 'requests' | 'promptTokens' | 'completionTokens') => rows.reduce((n, r) => n + r[count], 0);
   return report([
     row('day', 'group', 'requests', 'failed', 'prompt tokens', 'output tokens'),
     ...rows.map((r) => row(r.day, r.groupFolder, r.requests, r.failed, r.promptTokens, r.completionTokens)),
-    row('total', '', ...total),
+    row('total', '', sum('requests'), '', sum('promptTokens'), sum('completionTokens')),
   ]);
 }
 
@@ -7002,7 +6982,6 @@ function diagnoseCommand({ config, values }: CommandCall): number {
 /** What a command's run gets: its options and arguments, parsed; the store, opened at its first use and closed after the run. */
 type CommandCall = { config: Config; action: string; values: OptionValues; positionals: string[]; store: () => Store };
 
-/** A command, or one of its actions. */
 interface Command {
   /** Its lines of usage, "synopsis — what it does", one a line: shown after its mistakes, for --help, and in the overall usage. */
   usage?: string;
@@ -7016,10 +6995,10 @@ interface Command {
   defaultAction?: string;
 }
 
-// What an option takes: nothing (a flag), a text, or texts (the option repeated).
 const flag = { type: 'boolean' } as const;
 const text = { type: 'string' } as const;
 const texts = { type: 'string', multiple: true } as const;
+const whole = { type: 'string', whole: true } as const; // a whole number above 0: the runner checks it
 const json = { json: flag };
 const taskId = 'one task id (see: bun nanoclaw.ts tasks list)';
 const register: Command = {
@@ -7074,7 +7053,7 @@ const COMMANDS: Record<string, Command & { usage: string }> = {
   },
   logs: {
     usage: "logs [--group <folder>] [--lines N] — the host log's end, or a group's latest container runs",
-    options: { group: text, lines: text },
+    options: { group: text, lines: whole },
     run: logsCommand,
   },
   mounts: {
@@ -7096,7 +7075,7 @@ const COMMANDS: Record<string, Command & { usage: string }> = {
   },
   usage: {
     usage: 'usage [--days N] [--group F] [--json] — model requests and tokens by group and day',
-    options: { days: text, group: text, ...json },
+    options: { days: whole, group: text, ...json },
     run: usageCommand,
   },
   model: {
@@ -7123,12 +7102,7 @@ const COMMANDS: Record<string, Command & { usage: string }> = {
   help: { usage: "help [command], --help — this text, or one command's" },
 };
 
-/** A command's usage, one "synopsis — what it does" a line, indented. */
-const usageLines = (usage: string) =>
-  usage
-    .trim()
-    .replace(/\s*\n\s*/g, '\n')
-    .replace(/^/gm, '  ');
+const usageLines = (usage: string) => usage.trim().replace(/^\s*/gm, '  ');
 
 const commandUsage = (name: string) => `Usage: bun nanoclaw.ts …\n${usageLines(COMMANDS[name]!.usage)}`;
 
@@ -7146,7 +7120,6 @@ Settings come from the environment and .env (see .env.example).`;
 const help = (about?: string) =>
   report([about && Object.hasOwn(COMMANDS, about) ? commandUsage(about) : overallUsage()]);
 
-/** Parses and checks the arguments, runs the command (or the action its first argument names), closes the store. */
 async function runCommand(config: Config, name: string, args: string[]): Promise<number> {
   const command = Object.hasOwn(COMMANDS, name) ? COMMANDS[name]! : null;
   const below = name.startsWith('-') ? '' : ' The commands are below.';
@@ -7166,6 +7139,9 @@ async function runCommand(config: Config, name: string, args: string[]): Promise
     const owners = Object.keys(actions).filter((owner) => Object.hasOwn(actions[owner]!.options ?? {}, misplaced));
     throw new UsageError(`--${misplaced} belongs to ${name} ${owners.join('|')}.`, name); // as usage writes it
   }
+  for (const [option, value] of Object.entries(values))
+    if (options[option]?.whole && !(/^\d+$/.test(String(value).trim()) && Number(value) > 0))
+      throw new UsageError(`--${option} takes a whole number above 0, not "${value}".`, name);
   const called = command.actions ? `${name} ${action}` : name;
   const count = runs.needs ? (runs.count ?? 1) : 0;
   if (count === 'one or more' ? rest.length === 0 : rest.length !== count)
