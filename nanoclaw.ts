@@ -3544,8 +3544,8 @@ export function hardeningArgs(
   uid = process.getuid?.() ?? CONTAINER_UID,
   gid = process.getgid?.() ?? CONTAINER_UID,
 ): string[] {
-  const [home, homeGid] = uid === 0 ? [CONTAINER_UID, CONTAINER_UID] : [uid, gid];
-  const user = home === CONTAINER_UID ? [] : ['--user', `${uid}:${gid}`, '-e', 'HOME=/home/node'];
+  const home = containerOwner(uid) ?? { uid, gid };
+  const user = home.uid === CONTAINER_UID ? [] : ['--user', `${uid}:${gid}`, '-e', 'HOME=/home/node'];
   const { memory, cpus, pids } = config.container;
   const network = groupNetwork(config, group);
   const options: [string, string][] = [
@@ -3557,7 +3557,7 @@ export function hardeningArgs(
     ['--cpus', cpus],
     ['--log-driver', 'none'], // what it prints comes to the host (bounded there), never to the engine's disk as well
     ['--tmpfs', '/tmp:rw,exec,nosuid,nodev,size=1g'],
-    ['--tmpfs', `/home/node:rw,exec,nosuid,nodev,uid=${home},gid=${homeGid},size=512m`],
+    ['--tmpfs', `/home/node:rw,exec,nosuid,nodev,uid=${home.uid},gid=${home.gid},size=512m`],
     ['--network', network === 'egress' ? 'none' : network], // egress: the web only through the host's egress proxy
     ['--label', `${INSTALL_LABEL}=${installId(config)}`],
     ['--label', `nanoclaw.group=${group.folder}`],
@@ -3733,7 +3733,6 @@ function prepareRun(options: RunContainerOptions) {
   const started = { at: new Date(), mono: clock.monotonic() };
   const groupLog = log.child({ group: group.folder });
   const trees = prepareGroupFolders(config, group);
-  // Names the container (nanoclaw-<id>), its inbox and its proxy sockets.
   const id = `${installId(config)}-${group.folder}-${started.at.getTime()}`;
   const paths = runPaths(config, group, id);
   // The run's own inbox: no container left from an earlier run (or host) can read its follow-ups.
