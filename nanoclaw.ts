@@ -1316,13 +1316,6 @@ class GroupError extends Error {}
 /** What `groups register --trigger` and register_group take: @ and one word. */
 export const isValidTrigger = (trigger: string) => /^@[\p{L}\p{N}_][\p{L}\p{N}_-]{0,39}$/u.test(trigger);
 
-/** The three roots are what the group's agent can write. */
-const groupPaths = (config: Config, folder: string) => ({
-  group: join(config.groupsDir, folder),
-  ipc: join(config.ipcDir, folder),
-  kimiHome: join(config.sessionsDir, folder, '.kimi'),
-});
-
 /** The image's user (node). */
 const CONTAINER_UID = 1000;
 
@@ -1330,10 +1323,11 @@ const CONTAINER_UID = 1000;
 const containerOwner = (uid = process.getuid?.() ?? CONTAINER_UID) =>
   uid === 0 ? { uid: CONTAINER_UID, gid: CONTAINER_UID } : null;
 
+/** The three roots the group's agent can write. */
 export function groupTrees(config: Config, folder: string) {
-  const { group, ipc, kimiHome } = groupPaths(config, folder);
-  const owner = containerOwner();
-  return { group: new AgentTree(group, owner), ipc: new AgentTree(ipc, owner), kimi: new AgentTree(kimiHome, owner) };
+  const tree = (root: string) => new AgentTree(root, containerOwner());
+  const kimi = tree(join(config.sessionsDir, folder, '.kimi'));
+  return { group: tree(join(config.groupsDir, folder)), ipc: tree(join(config.ipcDir, folder)), kimi };
 }
 
 /** Names NanoClaw uses itself inside groups/ or data/ipc/: no group may take them. */
@@ -3266,10 +3260,8 @@ export function treeBytes(tree: AgentTree): number {
 }
 
 /** What a group's writable trees (its folder, IPC folder and Kimi home) take together; GROUP_DISK_BUDGET limits it. */
-export function groupDiskUsage(config: Config, folder: string): number {
-  const trees = groupTrees(config, folder);
-  return treeBytes(trees.group) + treeBytes(trees.ipc) + treeBytes(trees.kimi);
-}
+export const groupDiskUsage = (config: Config, folder: string): number =>
+  Object.values(groupTrees(config, folder)).reduce((sum, tree) => sum + treeBytes(tree), 0);
 
 function freeBytesAt(dir: string): number {
   const stats = statfsSync(dir);
@@ -3314,10 +3306,10 @@ function maskPaths(config: Config) {
 
 /** container/CONTRACT.md's mounts, in that order. Main sees the project read-only, secrets hidden; writes only global. */
 export function groupMounts(config: Config, group: RegisteredGroup, extra: readonly Mount[] = []): Mount[] {
-  const paths = groupPaths(config, group.folder);
+  const { group: groupDir, ipc, kimi } = groupTrees(config, group.folder);
   const global = join(config.groupsDir, 'global');
   // The run logs are the host's record of what the agent did: it may read them, never change them.
-  const mounts = [rw(paths.group, '/workspace/group'), ro(join(paths.group, 'logs'), '/workspace/group/logs')];
+  const mounts = [rw(groupDir.root, '/workspace/group'), ro(join(groupDir.root, 'logs'), '/workspace/group/logs')];
   if (group.isMain) {
     mounts.push(ro(config.projectRoot, '/workspace/project'), rw(global, '/workspace/project/groups/global'));
     const masks = maskPaths(config);
@@ -3329,9 +3321,9 @@ export function groupMounts(config: Config, group: RegisteredGroup, extra: reado
   } else {
     mounts.push(ro(global, '/workspace/global'));
   }
-  mounts.push(rw(paths.ipc, '/workspace/ipc'));
+  mounts.push(rw(ipc.root, '/workspace/ipc'));
   // Kimi sessions: HOME is /home/node in the image, so this is where the CLI looks.
-  return [...mounts, rw(paths.kimiHome, '/home/node/.kimi'), ...extra];
+  return [...mounts, rw(kimi.root, '/home/node/.kimi'), ...extra];
 }
 
 const MOUNT_NOTES: Record<string, string> = {
@@ -3527,8 +3519,8 @@ export function hardeningArgs(
   uid = process.getuid?.() ?? CONTAINER_UID,
   gid = process.getgid?.() ?? CONTAINER_UID,
 ): string[] {
-  const [home, homeGid] = uid === 0 ? [CONTAINER_UID, CONTAINER_UID] : [uid, gid];
-  const user = home === CONTAINER_UID ? [] : ['--user', `${uid}:${gid}`, '-e', 'HOME=/home/node'];
+  const home = containerOwner(uid) ?? { uid, gid };
+  const user = home.uid === CONTAINER_UID ? [] : ['--user', `${uid}:${gid}`, '-e', 'HOME=/home/node'];
   const { memory, cpus, pids } = config.container;
   const network = groupNetwork(config, group);
   const options: [string, string][] = [
@@ -3540,7 +3532,7 @@ export function hardeningArgs(
     ['--cpus', cpus],
     ['--log-driver', 'none'], // what it prints comes to the host (bounded there), never to the engine's disk as well
     ['--tmpfs', '/tmp:rw,exec,nosuid,nodev,size=1g'],
-    ['--tmpfs', `/home/node:rw,exec,nosuid,nodev,uid=${home},gid=${homeGid},size=512m`],
+    ['--tmpfs', `/home/node:rw,exec,nosuid,nodev,uid=${home.uid},gid=${home.gid},size=512m`],
     ['--network', network === 'egress' ? 'none' : network], // egress: the web only through the host's egress proxy
     ['--label', `${INSTALL_LABEL}=${installId(config)}`],
     ['--label', `nanoclaw.group=${group.folder}`],
@@ -3555,11 +3547,9 @@ export function buildDockerArgs(
   env: Record<string, string>,
   extraArgs: string[] = [],
 ): string[] {
-  const args = ['run', '-i', '--rm', '--name', name, ...extraArgs];
-  for (const [key, value] of Object.entries(env)) args.push('-e', `${key}=${value}`);
-  for (const mount of mounts) args.push('-v', formatMount(mount, 'docker'));
-  args.push(image);
-  return args;
+  const envArgs = Object.entries(env).flatMap(([key, value]) => ['-e', `${key}=${value}`]);
+  const mountArgs = mounts.flatMap((mount) => ['-v', formatMount(mount, 'docker')]);
+  return ['run', '-i', '--rm', '--name', name, ...extraArgs, ...envArgs, ...mountArgs, image];
 }
 
 export interface ContainerInput {
@@ -3718,7 +3708,6 @@ function prepareRun(options: RunContainerOptions) {
   const started = { at: new Date(), mono: clock.monotonic() };
   const groupLog = log.child({ group: group.folder });
   const trees = prepareGroupFolders(config, group);
-  // Names the container (nanoclaw-<id>), its inbox and its proxy sockets.
   const id = `${installId(config)}-${group.folder}-${started.at.getTime()}`;
   const paths = runPaths(config, group, id);
   // The run's own inbox: no container left from an earlier run (or host) can read its follow-ups.
