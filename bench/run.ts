@@ -1476,7 +1476,7 @@ async function rowSlot(b: Bench, runs: number): Promise<Row[]> {
       channel.receive(c, textC); // waits: the limit is 1
       await new Signal().until(() => result, 180_000, 'the answer', 1);
       host.onTurn = () => {};
-      while (host.queue.isRunning(a)) await Bun.sleep(1);
+      await host.queue.runEnded(a);
       const free = wall();
       const next = await b.waitRun(result, prefixC, 60_000);
       const gone = await b.waitEvent(runA.name, 'destroy', 60_000);
