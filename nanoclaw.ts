@@ -3984,7 +3984,7 @@ function writeRunLog(plan: RunPlan, options: RunContainerOptions, result: RunRes
     for (const name of runLogsToPrune(files, RUN_LOGS_KEPT)) logs.remove(`logs/${name}`);
     return join(logs.path('logs'), logName);
   } catch (err) {
-    log.warn({ group: group.folder, reason: errorText(err) }, 'Could not write the run log');
+    plan.groupLog.warn({ reason: errorText(err) }, 'Could not write the run log');
     return '(not written)';
   }
 }
