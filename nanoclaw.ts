@@ -2068,8 +2068,10 @@ function readCredsFile(authDir: string) {
       const creds = JSON.parse(text) as Partial<AuthenticationCreds> | null;
       const valid = creds?.noiseKey && creds.signedIdentityKey && Number.isInteger(creds.registrationId);
       return valid ? { text, creds } : null;
-    } catch {
-      return null; // missing, empty or cut short
+    } catch (err) {
+      // missing, empty or cut short (JSON.parse has no code); unreadable (EACCES, EISDIR) is not a reason to restore
+      if (errorCode(err) && errorCode(err) !== 'ENOENT') throw err;
+      return null;
     }
   };
   const current = whole(path);
