@@ -858,8 +858,9 @@ const MIGRATIONS: string[] = [
 /** Columns whose field is not their camelCase name, and a cache of every column's (rows are mapped on hot paths). */
 const fieldNames = new Map(Object.entries({ trigger_word: 'trigger', allowed_senders: 'allow' }));
 const fieldName = (column: string) => {
-  const field = fieldNames.get(column) ?? column.replace(/_(\w)/g, (_, c: string) => c.toUpperCase());
-  fieldNames.set(column, field);
+  let field = fieldNames.get(column);
+  if (field === undefined)
+    fieldNames.set(column, (field = column.replace(/_(\w)/g, (_, c: string) => c.toUpperCase())));
   return field;
 };
 
@@ -1394,9 +1395,9 @@ const triggerPatterns = new Map<string, RegExp>();
 
 /** `@Andy` anywhere, any case, as a whole word (not inside a@Andy); cached: every inbound message is checked. */
 export function triggerPattern(trigger: string): RegExp {
-  const pattern =
-    triggerPatterns.get(trigger) ??
-    new RegExp(`(?<![\\p{L}\\p{N}_@])@${escapeRegExp(trigger.replace(/^@/, ''))}(?![\\p{L}\\p{N}_])`, 'iu');
+  let pattern = triggerPatterns.get(trigger);
+  if (pattern) return pattern;
+  pattern = new RegExp(`(?<![\\p{L}\\p{N}_@])@${escapeRegExp(trigger.replace(/^@/, ''))}(?![\\p{L}\\p{N}_])`, 'iu');
   triggerPatterns.set(trigger, pattern);
   return pattern;
 }
