@@ -1798,10 +1798,11 @@ const contextInfoOf = ({ part }: WAContent) =>
 /** With its own number the bot is @mentioned as `@<digits>`: that reads as the chat's trigger. */
 function wordsOf(found: WAContent, chatJid: string, identity: WhatsAppIdentity): string {
   const text = bodyOf(found, identity.timezone).trim();
+  if (!identity.hasOwnNumber || !contextInfoOf(found)?.mentionedJid?.length) return text;
   const userOf = (jid: string) => jid.split('@')[0]!.split(':')[0]!;
   const ownUsers = new Set([...identity.ownJids].map(userOf));
   const mentioned = (contextInfoOf(found)?.mentionedJid ?? []).map(userOf).filter((user) => ownUsers.has(user));
-  if (!identity.hasOwnNumber || mentioned.length === 0) return text;
+  if (mentioned.length === 0) return text;
   const trigger = identity.triggerFor?.(chatJid) ?? `@${identity.assistantName}`;
   let rewritten = text;
   for (const user of new Set(mentioned)) rewritten = rewritten.replace(new RegExp(`@${user}(?!\\d)`, 'g'), trigger);
