@@ -1326,7 +1326,8 @@ const containerOwner = (uid = process.getuid?.() ?? CONTAINER_UID) =>
 
 /** The three roots the group's agent can write. */
 export function groupTrees(config: Config, folder: string) {
-  const tree = (root: string) => new AgentTree(root, containerOwner());
+  const owner = containerOwner();
+  const tree = (root: string) => new AgentTree(root, owner);
   const kimi = tree(join(config.sessionsDir, folder, '.kimi'));
   return { group: tree(join(config.groupsDir, folder)), ipc: tree(join(config.ipcDir, folder)), kimi };
 }
