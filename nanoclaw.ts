@@ -2403,11 +2403,12 @@ export class WhatsAppChannel implements Channel {
     this.openedAt = null;
     const { kind, status, detail } = disconnectKind(error);
     // A refusal that retrying would only repeat (and risk the number): stopped, with the fix.
-    const stop = {
+    const stops: Partial<Record<typeof kind, string>> = {
       'device-refused': `WhatsApp does not accept this device any more (${status}; if the number is restricted, the phone says so). Link this machine again: bun nanoclaw.ts auth --relink`,
       replaced:
         'Another NanoClaw (or another program with these credentials) took over this WhatsApp session (440). Stopped here so the two do not take it from each other: keep one running.',
-    }[kind as string];
+    };
+    const stop = stops[kind];
     if (stop) {
       this.stopFor(stop, { status, reason: detail });
       return;
