@@ -6581,7 +6581,12 @@ export function visibleText(text: string): string {
 /** `groups discover`: the WhatsApp chats the last group sync and the messages told of, with their ids, to register one. */
 export function discoverLines(store: Store): string[] {
   const folders = new Map(store.listGroups().map((group) => [group.jid, group.folder]));
-  const members: Record<string, number> = JSON.parse(store.getState(GROUP_MEMBERS_STATE) ?? '{}'); // only the host writes it
+  let members: Record<string, number> = {};
+  try {
+    members = JSON.parse(store.getState(GROUP_MEMBERS_STATE) ?? '{}');
+  } catch {
+    // a damaged record: the counts show as unknown
+  }
   const chats = store
     .listChats()
     .filter((chat) => /@(g\.us|s\.whatsapp\.net)$/.test(chat.jid))
