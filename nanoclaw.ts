@@ -2987,6 +2987,9 @@ async function boundedText(body: ReadableStream<Uint8Array>, limit: number): Pro
   return bytes.subarray(0, limit).toString();
 }
 
+/** Where the host's proxies keep their per-run sockets (a folder only the host can enter). */
+const modelProxyDir = (config: Config) => join(config.dataDir, 'proxy');
+
 /** A run's model proxy socket on the host (unix mode): where the proxy listens, and what the run's mounts name. */
 const modelSocketPath = (dir: string, runId: string) => join(dir, `${runId}.sock`);
 
@@ -3345,7 +3348,7 @@ const inboxRoot = (config: Config) => join(config.dataDir, 'input');
  * proxy listens). The run opens them; the `mounts` command shows them for run "<run>".
  */
 export function runPaths(config: Config, group: RegisteredGroup, runId: string) {
-  const proxyDir = join(config.dataDir, 'proxy');
+  const proxyDir = modelProxyDir(config);
   return {
     inbox: join(inboxRoot(config), runId),
     modelSocket: config.modelProxy === 'unix' ? modelSocketPath(proxyDir, runId) : null,
@@ -5754,7 +5757,7 @@ export class Host {
     this.parts = parts;
     this.proxy = new ModelProxy({
       mode: config.modelProxy,
-      dir: join(config.dataDir, 'proxy'),
+      dir: modelProxyDir(config),
       upstream: config.kimi.baseUrl,
       apiKey: () => readSecrets(config).KIMI_API_KEY,
       keyRequired: usesKimiProvider(config),
@@ -6899,7 +6902,7 @@ async function modelCheck({ config, values }: CommandCall): Promise<number> {
   };
   const proxy = new ModelProxy({
     mode: 'unix',
-    dir: join(config.dataDir, 'proxy'),
+    dir: modelProxyDir(config),
     upstream: baseUrl,
     apiKey: () => readSecrets(config).KIMI_API_KEY,
     record: () => {},
