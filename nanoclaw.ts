@@ -858,9 +858,10 @@ const MIGRATIONS: string[] = [
 /** Columns whose field is not their camelCase name, and a cache of every column's (rows are mapped on hot paths). */
 const fieldNames = new Map(Object.entries({ trigger_word: 'trigger', allowed_senders: 'allow' }));
 const fieldName = (column: string) => {
-  let field = fieldNames.get(column);
-  if (field === undefined)
-    fieldNames.set(column, (field = column.replace(/_(\w)/g, (_, c: string) => c.toUpperCase())));
+  const cached = fieldNames.get(column);
+  if (cached !== undefined) return cached;
+  const field = column.replace(/_(\w)/g, (_, c: string) => c.toUpperCase());
+  fieldNames.set(column, field);
   return field;
 };
 
