@@ -226,11 +226,11 @@ describe('container/build.sh: no network for the CLI', () => {
   const failures: [string, string][] = [
     [
       'the Kimi Code CLI could not be installed',
-      '#11 4.1 no network to install the Kimi CLI: https://registry.npmjs.org is unreachable (behind a proxy? see README, Troubleshooting)\n',
+      '#11 4.1 no network to install the Kimi CLI: https://registry.npmjs.org is unreachable (behind a proxy? see docs/troubleshooting.md)\n',
     ],
     [
       'Bun could not be downloaded',
-      '#7 0.9 no network to install Bun: https://registry.npmjs.org is unreachable (behind a proxy? see README, Troubleshooting)\n',
+      '#7 0.9 no network to install Bun: https://registry.npmjs.org is unreachable (behind a proxy? see docs/troubleshooting.md)\n',
     ],
   ];
   for (const [name, output] of failures) {
